@@ -1,0 +1,1 @@
+"""Blackwell (sm100) NVFP4 kernels in CuTe DSL."""

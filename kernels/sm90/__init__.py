@@ -1,0 +1,1 @@
+"""Hopper (sm90) NVFP4 kernels in Triton."""
