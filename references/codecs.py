@@ -100,26 +100,35 @@ def round_f32_to_minifloat_magnitude(abs_bits_i32: Tensor, *, mant_bits: int, bi
 # ----------------------------------------------------------------------------- E2M1
 
 
-def f32_to_e2m1_codes(x_f32: Tensor) -> Tensor:
+def f32_to_e2m1_codes(x_f32: Tensor, *, sign_rule: str = "signbit") -> Tensor:
     """float32 -> E2M1 codes (uint8 in 0..15), round to nearest, ties to even code.
 
     Code layout: bit 3 sign, bits 2-1 exponent (bias 1), bit 0 mantissa;
     magnitudes 0, 0.5, 1, 1.5, 2, 3, 4, 6. |x| > 6 saturates to 6 (the ties
-    5 -> 4, 3.5 -> 4, 2.5 -> 2 follow RNE). The sign bit is the input's sign
-    bit, so -0.0 and small negatives give code 0x8 (-0); recipes that derive
-    the sign from `x < 0` apply that rule themselves (references.recipes).
+    5 -> 4, 3.5 -> 4, 2.5 -> 2 follow RNE).
+    sign_rule: "signbit" keeps the input's sign bit (-0.0 and small negatives
+    give 0x8, as ml_dtypes and torchao do); "lt_zero" takes the sign from
+    x < 0, so -0.0 gives +0 (0x0) while small negatives still give 0x8
+    (TE, vLLM, ModelOpt).
 
     Policy (E2M1 has no Inf or NaN): +-Inf saturates to +-6 like any overflow;
-    NaN gives +6 (code 0x7), the documented result of PTX
-    `cvt.rn.satfinite.e2m1x2.f32` for a NaN input.
+    NaN gives +6 (code 0x7) under both rules, the documented result of PTX
+    `cvt.rn.satfinite.e2m1x2.f32` for a NaN input (ml_dtypes gives 0x8: the
+    exhaustive test asserts that difference).
     """
+    if sign_rule not in ("signbit", "lt_zero"):
+        raise ValueError(f"sign_rule={sign_rule!r}: expected 'signbit' or 'lt_zero'")
     bits = f32_bits(x_f32)
-    sign = ((bits >> 31) & 1).to(torch.uint8) << 3
     a = bits & _ABS_MASK
-    mag = round_f32_to_minifloat_magnitude(a, mant_bits=1, bias=1)
-    mag = torch.clamp(mag, max=0x7).to(torch.uint8)  # also covers Inf: its code is far past 7
-    codes = sign | mag
-    return torch.where(a > _F32_INF_BITS, torch.full_like(codes, 0x7), codes)
+    # Inf's code lands far past 7, so the clamp is the saturation.
+    mag = torch.clamp(round_f32_to_minifloat_magnitude(a, mant_bits=1, bias=1), max=0x7)
+    is_nan = a > _F32_INF_BITS
+    negative = bits < 0
+    if sign_rule == "lt_zero":
+        negative = negative & (a != 0)
+    negative = negative & ~is_nan
+    mag = torch.where(is_nan, torch.full_like(mag, 0x7), mag)
+    return (mag | (negative.to(torch.int32) << 3)).to(torch.uint8)
 
 
 def _e2m1_table_f32(device: torch.device) -> Tensor:

@@ -1,0 +1,254 @@
+"""NVFP4 quantize / dequantize emulator (E2M1 values, E4M3 block scales over 16 elements).
+
+Blocks run along the last dimension. Activations [M, K] and checkpoint weights
+[N, K] (K-packed: [N, K/2] uint8 codes and [N, K/16] E4M3 scales) are the same
+math; stacked experts [E, N, K] work too. Packing puts element 2i in the LOW
+nibble: byte = (code[2i+1] << 4) | code[2i].
+
+Global scale conventions (never a bare "global scale"):
+  global_enc_scale_f32 = 2688 / amax   multiplies values into the format (te, vllm)
+  global_dec_scale_f32 = amax / 2688   multiplies values out of it     (modelopt, torchao,
+                                       and the checkpoint's weight_scale_2 / input_scale)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from references.codecs import (
+    E4M3_MAX,
+    e2m1_codes_to_f32,
+    e4m3_bytes_to_f32,
+    f32_to_e2m1_codes,
+    f32_to_e4m3_bytes,
+)
+from references.recipes import Recipe
+
+__all__ = [
+    "BLOCK",
+    "FP4_X_FP8_MAX",
+    "Nvfp4Quantized",
+    "te_global_enc_scale",
+    "global_dec_scale_from_amax",
+    "global_enc_scale_from_dec",
+    "quantize_nvfp4",
+    "dequantize_nvfp4",
+    "decode_nvfp4_block_scaled",
+    "pack_e2m1x2_low_first",
+    "unpack_e2m1x2_low_first",
+    "quantize_nvfp4_weight_checkpoint",
+]
+
+BLOCK = 16
+FP4_X_FP8_MAX = 2688.0  # 6 * 448, exact in float32
+_FLT_MAX = torch.finfo(torch.float32).max
+_ONE_SIXTH_F32 = 1.0 / 6.0  # rounded to float32 where it is used: 0x3E2AAAAB
+
+
+@dataclass(frozen=True)
+class Nvfp4Quantized:
+    """An NVFP4 tensor in checkpoint layout.
+
+    packed_u8: [..., K // 2] uint8, element 2i in the low nibble.
+    sf_u8: [..., K // 16] uint8 E4M3 block-scale bytes, linear (row-major) layout.
+    global_enc_scale_f32 / global_dec_scale_f32: 0-d float32; exactly one is set,
+        the one the recipe takes.
+    recipe_name: the recipe that produced it.
+    """
+
+    packed_u8: Tensor
+    sf_u8: Tensor
+    global_enc_scale_f32: Tensor | None
+    global_dec_scale_f32: Tensor | None
+    recipe_name: str
+
+    @property
+    def k(self) -> int:
+        return self.packed_u8.shape[-1] * 2
+
+    def global_dec_scale(self) -> Tensor:
+        """The float32 decode multiplier: D as given, or 1/S (float32 reciprocal) for enc recipes."""
+        if self.global_dec_scale_f32 is not None:
+            return self.global_dec_scale_f32
+        return torch.reciprocal(self.global_enc_scale_f32)
+
+
+def te_global_enc_scale(amax_f32: Tensor) -> Tensor:
+    """S = 2688 / amax in float32, guarded as TransformerEngine does.
+
+    min(S, FLT_MAX) for tiny amax; S = 1.0 when amax == 0 or S == 0 (amax inf).
+    NaN amax gives NaN (a NaN tensor is a finding, not something to hide).
+    """
+    amax_f32 = amax_f32.to(torch.float32)
+    s = torch.clamp(FP4_X_FP8_MAX / amax_f32, max=_FLT_MAX)
+    return torch.where((amax_f32 == 0) | (s == 0), torch.ones_like(s), s)
+
+
+def global_dec_scale_from_amax(amax_f32: Tensor) -> Tensor:
+    """D = amax / 2688 in float32 (ModelOpt's weight_scale_2 and input_scale)."""
+    return amax_f32.to(torch.float32) / FP4_X_FP8_MAX
+
+
+def global_enc_scale_from_dec(global_dec_scale_f32: Tensor) -> Tensor:
+    """S = 1 / D in float32: what a loader passes to an enc-convention quantizer for a
+    checkpoint's input_scale. A lossy conversion (one rounding), so it is explicit."""
+    return torch.reciprocal(global_dec_scale_f32.to(torch.float32))
+
+
+# ----------------------------------------------------------------------------- packing
+
+
+def pack_e2m1x2_low_first(codes_u8: Tensor) -> Tensor:
+    """[..., C] codes (0..15) -> [..., C // 2] bytes, element 2i in the low nibble."""
+    if codes_u8.dtype != torch.uint8:
+        raise TypeError(f"codes_u8: expected torch.uint8, got {codes_u8.dtype}")
+    if codes_u8.shape[-1] % 2:
+        raise ValueError(f"codes_u8: last dim {codes_u8.shape[-1]} must be even to pack two codes per byte")
+    pairs = codes_u8.reshape(*codes_u8.shape[:-1], -1, 2)
+    return pairs[..., 0] | (pairs[..., 1] << 4)
+
+
+def unpack_e2m1x2_low_first(packed_u8: Tensor) -> Tensor:
+    """[..., C // 2] bytes -> [..., C] codes, low nibble first."""
+    if packed_u8.dtype != torch.uint8:
+        raise TypeError(f"packed_u8: expected torch.uint8, got {packed_u8.dtype}")
+    return torch.stack((packed_u8 & 0xF, packed_u8 >> 4), dim=-1).reshape(*packed_u8.shape[:-1], -1)
+
+
+# ----------------------------------------------------------------------------- quantize
+
+
+def _check_global(recipe: Recipe, enc: Tensor | None, dec: Tensor | None) -> Tensor:
+    if (enc is None) == (dec is None):
+        raise ValueError("pass exactly one of global_enc_scale_f32 and global_dec_scale_f32")
+    if recipe.global_convention == "enc" and enc is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} takes global_enc_scale_f32 (2688/amax); convert a decode "
+            "scale explicitly with global_enc_scale_from_dec(...)")
+    if recipe.global_convention == "dec" and dec is None:
+        raise ValueError(
+            f"recipe {recipe.name!r} takes global_dec_scale_f32 (amax/2688); it has no encode-scale "
+            "form (1/S is not bit-identical to amax/2688)")
+    g = enc if enc is not None else dec
+    name = "global_enc_scale_f32" if enc is not None else "global_dec_scale_f32"
+    if g.dtype != torch.float32 or g.numel() != 1:
+        raise ValueError(f"{name}: expected a 1-element float32 tensor, got {g.dtype} {tuple(g.shape)}")
+    return g.reshape(())
+
+
+def _block_amax(xb_f32: Tensor, nan_rule: str) -> Tensor:
+    a = xb_f32.abs()
+    if nan_rule == "ignore":
+        a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
+    return torch.amax(a, dim=-1)
+
+
+def _block_scale_f32(v_f32: Tensor, g_f32: Tensor, recipe: Recipe) -> Tensor:
+    """The float32 block scale before E4M3 rounding (association per recipe)."""
+    sixth = torch.tensor(_ONE_SIXTH_F32, dtype=torch.float32, device=v_f32.device)
+    rule = recipe.block_scale_rule
+    if rule == "te":
+        s = torch.clamp(v_f32 * (g_f32 * sixth), max=_FLT_MAX)
+    elif rule == "vllm":
+        s = g_f32 * (v_f32 * sixth)
+    elif rule == "modelopt":
+        s = v_f32 / (torch.tensor(6.0, dtype=torch.float32, device=v_f32.device) * g_f32)
+    else:  # torchao
+        s = (v_f32 / 6.0) / g_f32
+    if recipe.zero_block_scale_to_one:
+        s = torch.where(s == 0, torch.ones_like(s), s)
+    if recipe.block_scale_lower_clamp is not None:
+        s = torch.clamp(s, min=recipe.block_scale_lower_clamp, max=E4M3_MAX)
+    return s
+
+
+def _scaled_for_grid(xb_f32: Tensor, s_f32: Tensor, g_f32: Tensor, recipe: Recipe) -> Tensor:
+    """x mapped onto the E2M1 grid (before clamping and rounding); s_f32 is the decoded scale."""
+    s = s_f32.unsqueeze(-1)
+    rule = recipe.encode_rule
+    if rule == "recip_clamped":
+        enc = torch.clamp(1.0 / (s * torch.reciprocal(g_f32)), max=_FLT_MAX)
+        return xb_f32 * enc
+    if rule == "recip_or_zero":
+        enc = torch.where(s != 0, 1.0 / (s * torch.reciprocal(g_f32)), torch.zeros_like(s))
+        return xb_f32 * enc
+    if rule == "divide":
+        return xb_f32 / (s * g_f32)
+    return xb_f32 * (torch.reciprocal(g_f32) / s)  # quotient (torchao)
+
+
+def quantize_nvfp4(
+    x: Tensor,
+    *,
+    recipe: Recipe,
+    global_enc_scale_f32: Tensor | None = None,
+    global_dec_scale_f32: Tensor | None = None,
+) -> Nvfp4Quantized:
+    """[..., K] bf16/fp16/fp32 -> NVFP4 (packed codes + linear E4M3 block scales).
+
+    K must be a multiple of 16. Pass the global scale in the recipe's convention
+    (te/vllm: global_enc_scale_f32 = 2688/amax; modelopt/torchao:
+    global_dec_scale_f32 = amax/2688); the other raises ValueError.
+    Source: NVFP4_FACTS.md section 2 (see references.recipes for the table).
+    """
+    if not x.dtype.is_floating_point or x.dtype.itemsize > 4:
+        raise TypeError(f"x: expected bfloat16, float16 or float32, got {x.dtype}")
+    if x.dim() == 0 or x.shape[-1] % BLOCK:
+        raise ValueError(f"x: last dim (K) must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
+    g = _check_global(recipe, global_enc_scale_f32, global_dec_scale_f32).to(x.device)
+    xb = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    v = _block_amax(xb, recipe.block_amax_nan)
+    sf_u8 = f32_to_e4m3_bytes(_block_scale_f32(v, g, recipe), saturate=True)
+    y = _scaled_for_grid(xb, e4m3_bytes_to_f32(sf_u8), g, recipe)
+    # the codec saturates at +-6, which is the recipes' clamp to [-6, 6]
+    codes = f32_to_e2m1_codes(y, sign_rule=recipe.sign_rule).reshape(x.shape)
+    return Nvfp4Quantized(
+        packed_u8=pack_e2m1x2_low_first(codes),
+        sf_u8=sf_u8,
+        global_enc_scale_f32=global_enc_scale_f32.reshape(()) if global_enc_scale_f32 is not None else None,
+        global_dec_scale_f32=global_dec_scale_f32.reshape(()) if global_dec_scale_f32 is not None else None,
+        recipe_name=recipe.name,
+    )
+
+
+def decode_nvfp4_block_scaled(packed_u8: Tensor, sf_u8: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """e2m1(code) * e4m3(block scale), without the global scale: exact in float32
+    (and in bf16: at most 6 significant bits). [..., K/2], [..., K/16] -> [..., K]."""
+    if sf_u8.dtype == torch.float8_e4m3fn:
+        sf_u8 = sf_u8.view(torch.uint8)
+    k = packed_u8.shape[-1] * 2
+    if sf_u8.shape[:-1] != packed_u8.shape[:-1] or sf_u8.shape[-1] * BLOCK != k:
+        raise ValueError(
+            f"sf_u8 shape {tuple(sf_u8.shape)} does not match packed_u8 {tuple(packed_u8.shape)}: "
+            f"expected [..., {k // BLOCK}] scales for K={k}")
+    vals = e2m1_codes_to_f32(unpack_e2m1x2_low_first(packed_u8)).reshape(*sf_u8.shape, BLOCK)
+    out = vals * e4m3_bytes_to_f32(sf_u8).unsqueeze(-1)
+    return out.reshape(*packed_u8.shape[:-1], k).to(dtype)
+
+
+def dequantize_nvfp4(q: Nvfp4Quantized, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """NVFP4 -> values: (e2m1 * block scale) * global decode scale, in float32, then `dtype`.
+
+    One float32 rounding (the global multiply); the decode multiplier is D or 1/S.
+    """
+    g = q.global_dec_scale().to(q.packed_u8.device)
+    return (decode_nvfp4_block_scaled(q.packed_u8, q.sf_u8) * g).to(dtype)
+
+
+def quantize_nvfp4_weight_checkpoint(w: Tensor, *, recipe: Recipe, amax_f32: Tensor | None = None) -> dict[str, Tensor]:
+    """A weight [..., N, K] -> the ModelOpt checkpoint tensors of one NVFP4 linear.
+
+    Returns {"weight": uint8 [..., N, K/2], "weight_scale": float8_e4m3fn [..., N, K/16]
+    (bytes reinterpreted, never value-cast), "weight_scale_2": float32 0-d = amax/2688}.
+    amax defaults to max |w| (NaN-propagating). Enc-convention recipes get 1/weight_scale_2.
+    """
+    amax = torch.amax(w.abs()).to(torch.float32) if amax_f32 is None else amax_f32.to(torch.float32).reshape(())
+    dec = global_dec_scale_from_amax(amax)
+    if recipe.global_convention == "dec":
+        q = quantize_nvfp4(w, recipe=recipe, global_dec_scale_f32=dec)
+    else:
+        q = quantize_nvfp4(w, recipe=recipe, global_enc_scale_f32=global_enc_scale_from_dec(dec))
+    return {"weight": q.packed_u8, "weight_scale": q.sf_u8.view(torch.float8_e4m3fn), "weight_scale_2": dec}
