@@ -1,0 +1,187 @@
+"""Contract-named assertions with readable failure messages. Does not import pytest.
+
+Every function takes a `label` saying what is compared ("act_quant codes [sm90 vs
+emulator:te]"). A failure message gives the count of mismatches, the first
+mismatching flat index and its coordinate, both bytes in hex and both decoded
+values, e.g.
+
+  act_quant codes [sm100 vs emulator:te] (4096, 3584) uint8: 3/14680064 bytes differ
+    first at flat 40961 = (11, 1537): got 0x2b (lo -1.5, hi +1.0)  expected 0x3b (lo -1.5, hi +1.5)
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "describe_e2m1x2",
+    "describe_e4m3",
+    "describe_raw",
+    "assert_bytes_equal",
+    "assert_codes_equal_as_values",
+    "assert_bits_equal",
+    "assert_within_gemm_bound",
+    "assert_within_ulps",
+    "first_mismatch",
+]
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+
+
+def _e2m1_value(code: int) -> str:
+    v = _E2M1[code & 7]
+    return f"{'-' if code & 8 else '+'}{v}"
+
+
+def describe_e2m1x2(byte: int) -> str:
+    """'0x3b (lo -1.5, hi +1.5)': a packed byte, low nibble first."""
+    return f"0x{byte:02x} (lo {_e2m1_value(byte & 0xF)}, hi {_e2m1_value(byte >> 4)})"
+
+
+def describe_e4m3(byte: int) -> str:
+    """'0x38 (1.0)': an E4M3 byte and its value (decoded here independently of references/)."""
+    sign = -1.0 if byte & 0x80 else 1.0
+    e, m = (byte >> 3) & 0xF, byte & 7
+    if e == 0xF and m == 7:
+        val = "nan"
+    elif e == 0:
+        val = repr(sign * m * 2.0**-9)
+    else:
+        val = repr(sign * (1 + m / 8) * 2.0 ** (e - 7))
+    return f"0x{byte:02x} ({val})"
+
+
+def describe_raw(byte: int) -> str:
+    return f"0x{byte:02x}"
+
+
+def first_mismatch(mask: Tensor) -> tuple[int, tuple[int, ...]] | None:
+    """(flat index, coordinate) of the first True in `mask`, or None."""
+    flat = mask.reshape(-1)
+    idx = torch.nonzero(flat, as_tuple=False)
+    if idx.numel() == 0:
+        return None
+    i = int(idx[0, 0])
+    coord = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), mask.shape)) if mask.dim() else ()
+    return i, coord
+
+
+def _check_same_shape(label: str, got: Tensor, expected: Tensor) -> None:
+    if got.shape != expected.shape:
+        raise AssertionError(f"{label}: shape {tuple(got.shape)} != expected {tuple(expected.shape)}")
+
+
+def assert_bytes_equal(got_u8: Tensor, expected_u8: Tensor, *, label: str,
+                       describe: Callable[[int], str] = describe_raw) -> None:
+    """Every byte equal. `describe` renders a byte (describe_e2m1x2, describe_e4m3, ...)."""
+    __tracebackhide__ = True
+    _check_same_shape(label, got_u8, expected_u8)
+    got_u8 = got_u8.detach().to("cpu").view(torch.uint8) if got_u8.dtype != torch.uint8 else got_u8.detach().cpu()
+    expected_u8 = expected_u8.detach().cpu()
+    expected_u8 = expected_u8.view(torch.uint8) if expected_u8.dtype != torch.uint8 else expected_u8
+    mask = got_u8 != expected_u8
+    hit = first_mismatch(mask)
+    if hit is None:
+        return
+    i, coord = hit
+    g, e = int(got_u8.reshape(-1)[i]), int(expected_u8.reshape(-1)[i])
+    raise AssertionError(
+        f"{label} {tuple(got_u8.shape)} uint8: {int(mask.sum())}/{mask.numel()} bytes differ\n"
+        f"  first at flat {i} = {coord}: got {describe(g)}  expected {describe(e)}")
+
+
+def assert_codes_equal_as_values(got_u8: Tensor, expected_u8: Tensor, *, label: str) -> None:
+    """Packed E2M1 bytes equal as values, +0 == -0 (DESIGN "Formats and recipes");
+    the strict byte diff is reported separately with assert_bytes_equal."""
+    __tracebackhide__ = True
+    _check_same_shape(label, got_u8, expected_u8)
+    g, e = got_u8.detach().cpu(), expected_u8.detach().cpu()
+
+    def canon(b: Tensor) -> Tensor:
+        lo, hi = b & 0xF, b >> 4
+        lo = torch.where(lo == 8, torch.zeros_like(lo), lo)
+        hi = torch.where(hi == 8, torch.zeros_like(hi), hi)
+        return lo | (hi << 4)
+
+    mask = canon(g) != canon(e)
+    hit = first_mismatch(mask)
+    if hit is None:
+        return
+    i, coord = hit
+    raise AssertionError(
+        f"{label} {tuple(g.shape)} e2m1x2 (as values, +0 == -0): {int(mask.sum())}/{mask.numel()} bytes differ\n"
+        f"  first at flat {i} = {coord}: got {describe_e2m1x2(int(g.reshape(-1)[i]))}  "
+        f"expected {describe_e2m1x2(int(e.reshape(-1)[i]))}")
+
+
+def assert_bits_equal(got: Tensor, expected: Tensor, *, label: str) -> None:
+    """Floating tensors bit-identical (NaN == NaN only if the bits match)."""
+    __tracebackhide__ = True
+    _check_same_shape(label, got, expected)
+    if got.dtype != expected.dtype:
+        raise AssertionError(f"{label}: dtype {got.dtype} != expected {expected.dtype}")
+    int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    gb, eb = got.detach().cpu().contiguous().view(int_dtype), expected.detach().cpu().contiguous().view(int_dtype)
+    mask = gb != eb
+    hit = first_mismatch(mask)
+    if hit is None:
+        return
+    i, coord = hit
+    width = got.element_size() * 2
+    gi, ei = int(gb.reshape(-1)[i]) & ((1 << width * 4) - 1), int(eb.reshape(-1)[i]) & ((1 << width * 4) - 1)
+    raise AssertionError(
+        f"{label} {tuple(got.shape)} {got.dtype}: {int(mask.sum())}/{mask.numel()} elements differ in bits\n"
+        f"  first at flat {i} = {coord}: got {float(got.reshape(-1)[i])!r} (0x{gi:0{width}x})  "
+        f"expected {float(expected.reshape(-1)[i])!r} (0x{ei:0{width}x})")
+
+
+def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label: str) -> float:
+    """|y - y64| <= bound everywhere (DESIGN "Verdicts"); returns max(|y - y64| / bound).
+
+    NaN in y fails. The message names the worst element, both values and the bound.
+    """
+    __tracebackhide__ = True
+    _check_same_shape(label, y, y64)
+    err = (y.detach().to(torch.float64) - y64).abs()
+    err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)
+    ratio = err / bound_f64
+    if ratio.numel() == 0:
+        return 0.0
+    worst = float(ratio.max())
+    if worst <= 1.0:
+        return worst
+    over = ratio > 1.0
+    i, coord = first_mismatch(over)
+    j = int(torch.argmax(ratio.reshape(-1)))
+    jc = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), ratio.shape))
+    raise AssertionError(
+        f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound; "
+        f"max |y - y64| / bound = {worst:.4g}\n"
+        f"  first at flat {i} = {coord}: got {float(y.reshape(-1)[i])!r}  expected {float(y64.reshape(-1)[i])!r}  "
+        f"bound {float(bound_f64.reshape(-1)[i]):.4g}\n"
+        f"  worst at {jc}: got {float(y.reshape(-1)[j])!r}  expected {float(y64.reshape(-1)[j])!r}")
+
+
+def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label: str) -> None:
+    """|got - expected| <= ulps * ulp(got.dtype at |expected|), for elementwise stages."""
+    __tracebackhide__ = True
+    _check_same_shape(label, got, expected_f64)
+    info = torch.finfo(got.dtype)
+    e = expected_f64.to(torch.float64)
+    ax = e.abs()
+    exp = torch.floor(torch.log2(torch.where(ax > 0, ax, torch.ones_like(ax))))
+    p = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[got.dtype]
+    ulp = torch.exp2(torch.clamp(exp - p + 1, min=torch.log2(torch.tensor(info.smallest_normal, dtype=torch.float64)) - p + 1))
+    err = (got.detach().to(torch.float64) - e).abs()
+    both_nan = torch.isnan(got.detach().to(torch.float64)) & torch.isnan(e)
+    bad = ~both_nan & ~(err <= ulps * ulp)
+    hit = first_mismatch(bad)
+    if hit is None:
+        return
+    i, coord = hit
+    raise AssertionError(
+        f"{label} {tuple(got.shape)} {got.dtype}: {int(bad.sum())}/{bad.numel()} elements beyond {ulps} ulp\n"
+        f"  first at flat {i} = {coord}: got {float(got.reshape(-1)[i])!r}  expected {float(e.reshape(-1)[i])!r}")
