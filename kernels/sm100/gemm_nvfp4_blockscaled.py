@@ -1,0 +1,527 @@
+"""Block-scaled NVFP4 x NVFP4 GEMM for Blackwell (sm100a), written in CuTe DSL.
+
+One kernel body, three variants (fields of CompileKey):
+
+- dense:          out_bf16[M, N] = (A_e2m1 * SFA_e4m3) @ (B_e2m1 * SFB_e4m3)^T
+                  * a_dec_scale_f32[0] * b_dec_scale_f32[0]
+- grouped:        the same per expert. A holds the expert's rows concatenated,
+                  each expert's rows padded to a multiple of 128 (so one 128-row
+                  M tile never straddles two experts); B is [E, N, K/2]; a device
+                  table tile_expert_i32[m_tile] names the expert of each M tile
+                  (-1: the tile is padding and does nothing). The global decode
+                  scale of B is per expert: b_dec_scale_f32[E].
+- grouped_swiglu: the grouped GEMM on B = w1|w3 interleaved along N with
+                  granularity tile_n/2 (see kernels.sm100.host_bridge.
+                  interleave_gate_up_rows) so that one tile holds gate columns
+                  [0, tile_n/2) and the matching up columns [tile_n/2, tile_n);
+                  the epilogue applies the per-expert decode scales of w1 and w3
+                  separately, the clamp (gate <= limit, -limit <= up <= limit)
+                  and silu(gate) * up, and writes out_bf16[M, N/2].
+
+Math: tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.scale_vec::4X (E2M1
+operands, one E4M3 scale per 16 K elements, fp32 accumulation in tensor memory).
+Tiles: 128 x tile_n x 256 per pipeline stage (four K=64 MMAs). Warp roles:
+warps 0-3 epilogue (TMEM -> registers -> global), warp 4 MMA, warp 5 TMA.
+
+Operand layouts (all produced by kernels.sm100.host_bridge):
+- A: uint8 [M, K/2] viewed as packed E2M1, K-major, element 2i in the low nibble.
+- B: uint8 [L, N, K/2], K-major, L = 1 (dense) or E (grouped).
+- SFA / SFB: the cuBLAS/CUTLASS 128x4 swizzled E4M3 bytes, rows padded to 128,
+  scale columns padded to 4, per batch (expert) back to back; padding bytes 0.
+- out: bf16 [ceil(M/128)*128, N_out] row-major; the caller returns the [:M] view,
+  so the epilogue needs no predication (rows past M are computed on TMA's zero
+  fill and never read).
+
+Constraints checked by launch(): N % tile_n == 0, K % 64 == 0 (a multiple of the
+16-element block and of the 4-column scale atom), 16-byte aligned pointers.
+M, N, K, E and the number of M tiles are runtime values: one compiled kernel
+serves every shape.
+
+The global decode scales are read from device buffers inside the epilogue, so
+the launch never syncs and a CUDA graph replays with new scales.
+"""
+
+
+
+import functools
+from dataclasses import dataclass
+
+TILE_M = 128
+MMA_K = 64  # K consumed by one tcgen05 block-scaled E2M1 MMA
+K_PER_STAGE = 256  # four MMAs per pipeline stage
+SF_VEC_SIZE = 16
+EPI_N = 32  # columns per epilogue sub-tile (one tcgen05.ld 32x32b.x32 per thread)
+NUM_THREADS = 192  # 4 epilogue warps, 1 MMA warp, 1 TMA warp
+EPILOGUE_WARPS = (0, 1, 2, 3)
+MMA_WARP = 4
+TMA_WARP = 5
+TMEM_COLS = 512
+
+VARIANTS = ("dense", "grouped", "grouped_swiglu")
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything code generation reads.
+
+    Deliberately not in the key: M, N, K, the number of experts and of M tiles,
+    the swiglu limit, the pointers and the CUDA stream (all runtime arguments),
+    so one compiled kernel serves every shape and every call.
+    """
+
+    variant: str = "dense"
+    tile_n: int = 128
+    num_stages: int = 5
+    arch: str = "sm_100a"
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise ValueError(f"CompileKey.variant={self.variant!r} is not one of {VARIANTS}")
+        if self.tile_n not in (128, 256):
+            raise ValueError(f"CompileKey.tile_n={self.tile_n} must be 128 or 256")
+        if self.variant == "grouped_swiglu" and self.tile_n != 256:
+            raise ValueError("CompileKey: grouped_swiglu needs tile_n=256 (128 gate + 128 up columns)")
+        if not 2 <= self.num_stages <= 8:
+            raise ValueError(f"CompileKey.num_stages={self.num_stages} must be in [2, 8]")
+        if self.smem_bytes() > 227 * 1024:
+            raise ValueError(f"CompileKey {self}: {self.smem_bytes()} bytes of shared memory exceed 227 KiB")
+
+    @property
+    def grouped(self) -> bool:
+        return self.variant != "dense"
+
+    @property
+    def out_tile_n(self) -> int:
+        return self.tile_n // 2 if self.variant == "grouped_swiglu" else self.tile_n
+
+    @property
+    def interleave_granularity(self) -> int:
+        """Rows of w1, then of w3, per group in the interleaved weight (grouped_swiglu)."""
+        return self.tile_n // 2
+
+    def smem_bytes(self) -> int:
+        per_stage = (TILE_M + self.tile_n) * K_PER_STAGE // 2 + (TILE_M + self.tile_n) * K_PER_STAGE // SF_VEC_SIZE
+        return per_stage * self.num_stages + 1024
+
+
+# The shipped configurations: what CI compiles and what the backend launches.
+SHIPPED_KEYS = (
+    CompileKey(variant="dense", tile_n=128, num_stages=5),
+    CompileKey(variant="grouped", tile_n=128, num_stages=5),
+    CompileKey(variant="grouped_swiglu", tile_n=256, num_stages=4),
+)
+
+
+# --------------------------------------------------------------------------------------
+# body
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=1)
+def _kernel_class():
+    """The CuTe DSL kernel class; built on first use so that cutlass is imported lazily."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+    import cutlass.cute as cute
+    import cutlass.pipeline as pipeline
+    import cutlass.utils as utils
+    import cutlass.utils.blackwell_helpers as sm100_utils
+    import cutlass.utils.blockscaled_layout as blockscaled_utils
+    from cutlass.cute.nvgpu import cpasync, tcgen05
+
+    e2m1 = cutlass.Float4E2M1FN
+    e4m3 = cutlass.Float8E4M3FN
+    bf16 = cutlass.BFloat16
+    f32 = cutlass.Float32
+
+    class BlockScaledGemmNvfp4:
+        def __init__(self, key: CompileKey):
+            self.key = key
+            self.grouped = key.grouped
+            self.swiglu = key.variant == "grouped_swiglu"
+            self.tile_n = key.tile_n
+            self.out_tile_n = key.out_tile_n
+            self.num_stages = key.num_stages
+            self.mma_tiler = (TILE_M, key.tile_n, K_PER_STAGE)
+
+        @cute.jit
+        def __call__(
+            self,
+            a_ptr: cute.Pointer,
+            b_ptr: cute.Pointer,
+            sfa_ptr: cute.Pointer,
+            sfb_ptr: cute.Pointer,
+            out_ptr: cute.Pointer,
+            a_dec_scale_ptr: cute.Pointer,
+            b_dec_scale_ptr: cute.Pointer,
+            b2_dec_scale_ptr: cute.Pointer,
+            tile_expert_ptr: cute.Pointer,
+            m: cutlass.Int32,
+            n: cutlass.Int32,
+            k: cutlass.Int32,
+            num_batches: cutlass.Int32,
+            swiglu_limit: cutlass.Float32,
+            stream: cuda.CUstream,
+        ):
+            # Global tensors. Strides carry divisibility hints so TMA descriptors are legal.
+            k_h = cute.assume(k, 64)
+            a = cute.make_tensor(a_ptr, cute.make_layout((m, k_h, 1), stride=(k_h, 1, m * k_h)))
+            b = cute.make_tensor(
+                b_ptr,
+                cute.make_layout((cute.assume(n, 128), k_h, num_batches),
+                                 stride=(k_h, 1, cute.assume(n * k_h, 128))),
+            )
+            sfa = cute.make_tensor(sfa_ptr, blockscaled_utils.tile_atom_to_shape_SF(a.shape, SF_VEC_SIZE))
+            sfb = cute.make_tensor(sfb_ptr, blockscaled_utils.tile_atom_to_shape_SF(b.shape, SF_VEC_SIZE))
+            n_out = n // 2 if cutlass.const_expr(self.swiglu) else n
+            n_out_h = cute.assume(n_out, 64)
+            out = cute.make_tensor(out_ptr, cute.make_layout((m, n_out_h), stride=(n_out_h, 1)))
+            a_dec_scale = cute.make_tensor(a_dec_scale_ptr, cute.make_layout(1))
+            b_dec_scale = cute.make_tensor(b_dec_scale_ptr, cute.make_layout(num_batches))
+            b2_dec_scale = cute.make_tensor(b2_dec_scale_ptr, cute.make_layout(num_batches))
+            num_m_tiles = (m + TILE_M - 1) // TILE_M
+            tile_expert = cute.make_tensor(tile_expert_ptr, cute.make_layout(num_m_tiles))
+
+            mma_op = tcgen05.MmaMXF4NVF4Op(
+                e4m3, (TILE_M, self.tile_n, MMA_K), tcgen05.CtaGroup.ONE, tcgen05.OperandSource.SMEM
+            )
+            tiled_mma = cute.make_tiled_mma(mma_op)
+            cluster_vmnk = cute.tiled_divide(cute.make_layout((1, 1, 1)), (tiled_mma.thr_id.shape,))
+
+            a_smem_staged = sm100_utils.make_smem_layout_a(tiled_mma, self.mma_tiler, e2m1, self.num_stages)
+            b_smem_staged = sm100_utils.make_smem_layout_b(tiled_mma, self.mma_tiler, e2m1, self.num_stages)
+            sfa_smem_staged = blockscaled_utils.make_smem_layout_sfa(
+                tiled_mma, self.mma_tiler, SF_VEC_SIZE, self.num_stages)
+            sfb_smem_staged = blockscaled_utils.make_smem_layout_sfb(
+                tiled_mma, self.mma_tiler, SF_VEC_SIZE, self.num_stages)
+            a_smem = cute.slice_(a_smem_staged, (None, None, None, 0))
+            b_smem = cute.slice_(b_smem_staged, (None, None, None, 0))
+            sfa_smem = cute.slice_(sfa_smem_staged, (None, None, None, 0))
+            sfb_smem = cute.slice_(sfb_smem_staged, (None, None, None, 0))
+
+            g2s = cpasync.CopyBulkTensorTileG2SOp(tcgen05.CtaGroup.ONE)
+            tma_a, tma_a_tensor = cute.nvgpu.make_tiled_tma_atom_A(
+                g2s, a, a_smem, self.mma_tiler, tiled_mma, cluster_vmnk.shape)
+            tma_b, tma_b_tensor = cute.nvgpu.make_tiled_tma_atom_B(
+                g2s, b, b_smem, self.mma_tiler, tiled_mma, cluster_vmnk.shape)
+            # Scale bytes travel as 16-bit TMA elements (the swizzled atom is 2-byte aligned).
+            tma_sfa, tma_sfa_tensor = cute.nvgpu.make_tiled_tma_atom_A(
+                g2s, sfa, sfa_smem, self.mma_tiler, tiled_mma, cluster_vmnk.shape, internal_type=cutlass.Int16)
+            tma_sfb, tma_sfb_tensor = cute.nvgpu.make_tiled_tma_atom_B(
+                g2s, sfb, sfb_smem, self.mma_tiler, tiled_mma, cluster_vmnk.shape, internal_type=cutlass.Int16)
+            self.tma_bytes_per_stage = (
+                cute.size_in_bytes(e2m1, a_smem) + cute.size_in_bytes(e2m1, b_smem)
+                + cute.size_in_bytes(e4m3, sfa_smem) + cute.size_in_bytes(e4m3, sfb_smem)
+            )
+
+            grid = (num_m_tiles, n // self.tile_n, 1)
+            self.kernel(
+                tiled_mma,
+                tma_a, tma_a_tensor, tma_b, tma_b_tensor,
+                tma_sfa, tma_sfa_tensor, tma_sfb, tma_sfb_tensor,
+                out, a_dec_scale, b_dec_scale, b2_dec_scale, tile_expert, swiglu_limit,
+                a_smem_staged, b_smem_staged, sfa_smem_staged, sfb_smem_staged,
+            ).launch(grid=grid, block=[NUM_THREADS, 1, 1], cluster=(1, 1, 1), stream=stream)
+
+        @cute.kernel
+        def kernel(
+            self,
+            tiled_mma: cute.TiledMma,
+            tma_a: cute.CopyAtom, mA: cute.Tensor,
+            tma_b: cute.CopyAtom, mB: cute.Tensor,
+            tma_sfa: cute.CopyAtom, mSFA: cute.Tensor,
+            tma_sfb: cute.CopyAtom, mSFB: cute.Tensor,
+            mOut: cute.Tensor,
+            a_dec_scale: cute.Tensor,
+            b_dec_scale: cute.Tensor,
+            b2_dec_scale: cute.Tensor,
+            tile_expert: cute.Tensor,
+            swiglu_limit: cutlass.Float32,
+            a_smem_staged: cute.ComposedLayout,
+            b_smem_staged: cute.ComposedLayout,
+            sfa_smem_staged: cute.Layout,
+            sfb_smem_staged: cute.Layout,
+        ):
+            warp_idx = cute.arch.make_warp_uniform(cute.arch.warp_idx())
+            tidx, _, _ = cute.arch.thread_idx()
+            tile_m, tile_n, _ = cute.arch.block_idx()
+
+            # Which batch (expert) this M tile belongs to; -1 marks a padding tile.
+            batch = cutlass.Int32(0)
+            if cutlass.const_expr(self.grouped):
+                batch = tile_expert[tile_m]
+            tile_valid = batch >= 0
+
+            if warp_idx == TMA_WARP:
+                cpasync.prefetch_descriptor(tma_a)
+                cpasync.prefetch_descriptor(tma_b)
+                cpasync.prefetch_descriptor(tma_sfa)
+                cpasync.prefetch_descriptor(tma_sfb)
+
+            @cute.struct
+            class SharedStorage:
+                ab_mbar: cute.struct.MemRange[cutlass.Int64, self.num_stages * 2]
+                acc_mbar: cute.struct.MemRange[cutlass.Int64, 2]
+                tmem_base: cutlass.Int32
+
+            smem = utils.SmemAllocator()
+            storage = smem.allocate(SharedStorage)
+            sA = smem.allocate_tensor(e2m1, a_smem_staged.outer, byte_alignment=128, swizzle=a_smem_staged.inner)
+            sB = smem.allocate_tensor(e2m1, b_smem_staged.outer, byte_alignment=128, swizzle=b_smem_staged.inner)
+            sSFA = smem.allocate_tensor(e4m3, sfa_smem_staged, byte_alignment=128)
+            sSFB = smem.allocate_tensor(e4m3, sfb_smem_staged, byte_alignment=128)
+
+            ab_producer, ab_consumer = pipeline.PipelineTmaUmma.create(
+                barrier_storage=storage.ab_mbar.data_ptr(),
+                num_stages=self.num_stages,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 1),
+                tx_count=self.tma_bytes_per_stage,
+            ).make_participants()
+            acc_producer, acc_consumer = pipeline.PipelineUmmaAsync.create(
+                barrier_storage=storage.acc_mbar.data_ptr(),
+                num_stages=1,
+                producer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread),
+                consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32 * len(EPILOGUE_WARPS)),
+            ).make_participants()
+
+            tmem = utils.TmemAllocator(
+                storage.tmem_base.ptr,
+                barrier_for_retrieve=pipeline.NamedBarrier(
+                    barrier_id=1, num_threads=32 * (len(EPILOGUE_WARPS) + 1)),
+                allocator_warp_id=EPILOGUE_WARPS[0],
+            )
+            epilogue_barrier = pipeline.NamedBarrier(barrier_id=2, num_threads=32 * len(EPILOGUE_WARPS))
+
+            # Tiles of this CTA: (bM, bK, RestK), (bN, bK, RestK)
+            gA = cute.local_tile(mA, cute.slice_(self.mma_tiler, (None, 0, None)), (None, None, None))
+            gB = cute.local_tile(mB, cute.slice_(self.mma_tiler, (0, None, None)), (None, None, None))
+            gSFA = cute.local_tile(mSFA, cute.slice_(self.mma_tiler, (None, 0, None)), (None, None, None))
+            gSFB = cute.local_tile(mSFB, cute.slice_(self.mma_tiler, (0, None, None)), (None, None, None))
+            k_tile_cnt = cute.size(gA, mode=[3])
+
+            thr_mma = tiled_mma.get_slice(0)
+            tCgA = thr_mma.partition_A(gA)
+            tCgB = thr_mma.partition_B(gB)
+            tCgSFA = thr_mma.partition_A(gSFA)
+            tCgSFB = thr_mma.partition_B(gSFB)
+
+            one = cute.make_layout(1)
+            tAsA, tAgA = cpasync.tma_partition(tma_a, 0, one, cute.group_modes(sA, 0, 3), cute.group_modes(tCgA, 0, 3))
+            tBsB, tBgB = cpasync.tma_partition(tma_b, 0, one, cute.group_modes(sB, 0, 3), cute.group_modes(tCgB, 0, 3))
+            tAsSFA, tAgSFA = cpasync.tma_partition(
+                tma_sfa, 0, one, cute.group_modes(sSFA, 0, 3), cute.group_modes(tCgSFA, 0, 3))
+            tBsSFB, tBgSFB = cpasync.tma_partition(
+                tma_sfb, 0, one, cute.group_modes(sSFB, 0, 3), cute.group_modes(tCgSFB, 0, 3))
+            tAsSFA = cute.filter_zeros(tAsSFA)
+            tAgSFA = cute.filter_zeros(tAgSFA)
+            tBsSFB = cute.filter_zeros(tBsSFB)
+            tBgSFB = cute.filter_zeros(tBgSFB)
+
+            # Accumulator layout in tensor memory: (MMA, MMA_M, MMA_N)
+            acc_shape = tiled_mma.partition_shape_C(self.mma_tiler[:2])
+            tCtAcc_fake = tiled_mma.make_fragment_C(acc_shape)
+
+            # ---------------- TMA warp ----------------
+            if warp_idx == TMA_WARP:
+                if tile_valid:
+                    tAgA_t = tAgA[(None, tile_m, None, 0)]
+                    tBgB_t = tBgB[(None, tile_n, None, batch)]
+                    tAgSFA_t = tAgSFA[(None, tile_m, None, 0)]
+                    tBgSFB_t = tBgSFB[(None, tile_n, None, batch)]
+                    for kt in cutlass.range(k_tile_cnt):
+                        slot = ab_producer.acquire_and_advance()
+                        cute.copy(tma_a, tAgA_t[(None, kt)], tAsA[(None, slot.index)], tma_bar_ptr=slot.barrier)
+                        cute.copy(tma_b, tBgB_t[(None, kt)], tBsB[(None, slot.index)], tma_bar_ptr=slot.barrier)
+                        cute.copy(tma_sfa, tAgSFA_t[(None, kt)], tAsSFA[(None, slot.index)], tma_bar_ptr=slot.barrier)
+                        cute.copy(tma_sfb, tBgSFB_t[(None, kt)], tBsSFB[(None, slot.index)], tma_bar_ptr=slot.barrier)
+                    ab_producer.tail()
+
+            # ---------------- MMA warp ----------------
+            if warp_idx == MMA_WARP:
+                tmem.wait_for_alloc()
+                acc_tmem_ptr = tmem.retrieve_ptr(f32)
+                tCtAcc = cute.make_tensor(acc_tmem_ptr, tCtAcc_fake.layout)
+                sfa_tmem_ptr = cute.recast_ptr(
+                    acc_tmem_ptr + tcgen05.find_tmem_tensor_col_offset(tCtAcc), dtype=e4m3)
+                tCtSFA = cute.make_tensor(
+                    sfa_tmem_ptr,
+                    blockscaled_utils.make_tmem_layout_sfa(
+                        tiled_mma, self.mma_tiler, SF_VEC_SIZE, cute.slice_(sfa_smem_staged, (None, None, None, 0))),
+                )
+                sfb_tmem_ptr = cute.recast_ptr(
+                    acc_tmem_ptr + tcgen05.find_tmem_tensor_col_offset(tCtAcc)
+                    + tcgen05.find_tmem_tensor_col_offset(tCtSFA),
+                    dtype=e4m3,
+                )
+                tCtSFB = cute.make_tensor(
+                    sfb_tmem_ptr,
+                    blockscaled_utils.make_tmem_layout_sfb(
+                        tiled_mma, self.mma_tiler, SF_VEC_SIZE, cute.slice_(sfb_smem_staged, (None, None, None, 0))),
+                )
+
+                # Scale factors go smem -> tmem with tcgen05.cp before each stage's MMAs.
+                s2t_atom = cute.make_copy_atom(tcgen05.Cp4x32x128bOp(tcgen05.CtaGroup.ONE), e4m3)
+                tCtSFA_c = cute.filter_zeros(tCtSFA)
+                s2t_sfa = tcgen05.make_s2t_copy(s2t_atom, tCtSFA_c)
+                thr_s2t_sfa = s2t_sfa.get_slice(0)
+                tSsSFA = tcgen05.get_s2t_smem_desc_tensor(s2t_sfa, thr_s2t_sfa.partition_S(cute.filter_zeros(sSFA)))
+                tStSFA = thr_s2t_sfa.partition_D(tCtSFA_c)
+                tCtSFB_c = cute.filter_zeros(tCtSFB)
+                s2t_sfb = tcgen05.make_s2t_copy(s2t_atom, tCtSFB_c)
+                thr_s2t_sfb = s2t_sfb.get_slice(0)
+                tSsSFB = tcgen05.get_s2t_smem_desc_tensor(s2t_sfb, thr_s2t_sfb.partition_S(cute.filter_zeros(sSFB)))
+                tStSFB = thr_s2t_sfb.partition_D(tCtSFB_c)
+
+                tCrA = tiled_mma.make_fragment_A(sA)
+                tCrB = tiled_mma.make_fragment_B(sB)
+                num_k_blocks = cute.size(tCrA, mode=[2])
+
+                if tile_valid:
+                    acc_slot = acc_producer.acquire_and_advance()
+                    tiled_mma.set(tcgen05.Field.ACCUMULATE, False)
+                    for kt in cutlass.range(k_tile_cnt):
+                        stage = ab_consumer.wait_and_advance()
+                        cute.copy(s2t_sfa, tSsSFA[(None, None, None, None, stage.index)], tStSFA)
+                        cute.copy(s2t_sfb, tSsSFB[(None, None, None, None, stage.index)], tStSFB)
+                        for kb in cutlass.range(num_k_blocks, unroll_full=True):
+                            tiled_mma.set(tcgen05.Field.SFA, tCtSFA[(None, None, kb)].iterator)
+                            tiled_mma.set(tcgen05.Field.SFB, tCtSFB[(None, None, kb)].iterator)
+                            cute.gemm(tiled_mma, tCtAcc, tCrA[(None, None, kb, stage.index)],
+                                      tCrB[(None, None, kb, stage.index)], tCtAcc)
+                            tiled_mma.set(tcgen05.Field.ACCUMULATE, True)
+                        stage.release()
+                    acc_slot.commit()
+
+            # ---------------- epilogue warps ----------------
+            if warp_idx < MMA_WARP:
+                tmem.allocate(TMEM_COLS)
+                tmem.wait_for_alloc()
+                acc_tmem_ptr = tmem.retrieve_ptr(f32)
+                tCtAcc = cute.make_tensor(acc_tmem_ptr, tCtAcc_fake.layout)
+
+                # (128, EPI_N, 1, tile_n / EPI_N) sub-tiles of the accumulator
+                tAcc_epi = cute.flat_divide(tCtAcc[((None, None), 0, 0)], (TILE_M, EPI_N))
+                t2r_atom = cute.make_copy_atom(tcgen05.Ld32x32bOp(tcgen05.Repetition.x32, tcgen05.Pack.NONE), f32)
+                t2r = tcgen05.make_tmem_copy(t2r_atom, tAcc_epi[(None, None, 0, 0)])
+                thr_t2r = t2r.get_slice(tidx)
+                tTR_tAcc = thr_t2r.partition_S(tAcc_epi)
+
+                gOut = cute.local_tile(mOut, (TILE_M, self.out_tile_n), (tile_m, tile_n))
+                gOut_epi = cute.flat_divide(gOut, (TILE_M, EPI_N))
+                tTR_gOut = thr_t2r.partition_D(gOut_epi)
+
+                r_acc = cute.make_rmem_tensor(tTR_gOut[(None, None, None, 0, 0)].shape, f32)
+                r_acc2 = cute.make_rmem_tensor(tTR_gOut[(None, None, None, 0, 0)].shape, f32)
+                r_out = cute.make_rmem_tensor(tTR_gOut[(None, None, None, 0, 0)].shape, bf16)
+                store_atom = cute.make_copy_atom(cute.nvgpu.CopyUniversalOp(), bf16)
+
+                if tile_valid:
+                    # alpha = a_dec_scale * b_dec_scale, read on the device (no host sync).
+                    alpha = a_dec_scale[0] * b_dec_scale[batch]
+                    alpha_up = a_dec_scale[0] * b2_dec_scale[batch]
+                    acc_full = acc_consumer.wait_and_advance()
+                    num_out_subtiles = self.out_tile_n // EPI_N
+                    for j in cutlass.range(num_out_subtiles, unroll_full=True):
+                        cute.copy(t2r, tTR_tAcc[(None, None, None, 0, j)], r_acc)
+                        if cutlass.const_expr(self.swiglu):
+                            cute.copy(t2r, tTR_tAcc[(None, None, None, 0, j + num_out_subtiles)], r_acc2)
+                        # tcgen05.ld is asynchronous: wait before the registers are read.
+                        cute.arch.fence_view_async_tmem_load()
+                        if cutlass.const_expr(self.swiglu):
+                            for i in cutlass.range_constexpr(cute.size(r_acc)):
+                                gate = cute.arch.fmin(r_acc[i] * alpha, swiglu_limit)
+                                up = cute.arch.fmax(cute.arch.fmin(r_acc2[i] * alpha_up, swiglu_limit), -swiglu_limit)
+                                silu = gate / (cutlass.Float32(1.0) + cute.math.exp(-gate, fastmath=False))
+                                r_out[i] = (silu * up).to(bf16)
+                        else:
+                            for i in cutlass.range_constexpr(cute.size(r_acc)):
+                                r_out[i] = (r_acc[i] * alpha).to(bf16)
+                        cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
+                    acc_full.release()
+
+                tmem.relinquish_alloc_permit()
+                epilogue_barrier.arrive_and_wait()
+                tmem.free(acc_tmem_ptr)
+
+    return BlockScaledGemmNvfp4
+
+
+# --------------------------------------------------------------------------------------
+# compile
+# --------------------------------------------------------------------------------------
+
+
+def _fake_ptr(dtype, align: int):
+    from cutlass.cute.runtime import make_ptr
+    import cutlass.cute as cute
+
+    # A non-null, suitably aligned address: compile never dereferences it.
+    return make_ptr(dtype, 1 << 20, cute.AddressSpace.gmem, assumed_align=align)
+
+
+def _compile_args(key: CompileKey):
+    """Placeholder arguments with the types (and alignment assumptions) the kernel is compiled for."""
+    import cuda.bindings.driver as cuda
+    import cutlass
+
+    return (
+        _fake_ptr(cutlass.Float4E2M1FN, 16),  # a
+        _fake_ptr(cutlass.Float4E2M1FN, 16),  # b
+        _fake_ptr(cutlass.Float8E4M3FN, 16),  # sfa
+        _fake_ptr(cutlass.Float8E4M3FN, 16),  # sfb
+        _fake_ptr(cutlass.BFloat16, 16),  # out
+        _fake_ptr(cutlass.Float32, 4),  # a_dec_scale
+        _fake_ptr(cutlass.Float32, 4),  # b_dec_scale
+        _fake_ptr(cutlass.Float32, 4),  # b2_dec_scale
+        _fake_ptr(cutlass.Int32, 4),  # tile_expert
+        cutlass.Int32(128),
+        cutlass.Int32(key.tile_n),
+        cutlass.Int32(256),
+        cutlass.Int32(1),
+        cutlass.Float32(10.0),
+        cuda.CUstream(0),
+    )
+
+
+@functools.lru_cache(maxsize=16)
+def _compile(key: CompileKey):
+    """Compile the kernel for `key` (no GPU needed; the target is key.arch).
+
+    Returns the JIT-compiled function; its `__ptx__` holds the PTX when compiled
+    with keep_ptx (see compile_with_ptx).
+    """
+    return _compile_impl(key, dump_dir=None)
+
+
+def _compile_impl(key: CompileKey, *, dump_dir):
+    import os
+
+    arch_env = os.environ.get("CUTE_DSL_ARCH")
+    if arch_env is not None and arch_env != key.arch:
+        raise ValueError(
+            f"CUTE_DSL_ARCH={arch_env!r} but CompileKey.arch={key.arch!r}: set CUTE_DSL_ARCH before importing cutlass"
+        )
+    import cutlass.cute as cute
+
+    kernel = _kernel_class()(key)
+    if dump_dir is not None:
+        return cute.compile(kernel, *_compile_args(key), options=f"--keep-ptx --dump-dir={dump_dir}")
+    return cute.compile(kernel, *_compile_args(key))
+
+
+def compile_with_ptx(key: CompileKey, dump_dir: str):
+    """Compile `key` (uncached), keeping the PTX in `dump_dir`; returns (compiled, ptx_text).
+
+    For CI inspection: the caller asserts on the tcgen05 instructions in the text.
+    """
+    import os
+
+    os.makedirs(dump_dir, exist_ok=True)
+    compiled = _compile_impl(key, dump_dir=dump_dir)
+    ptx = compiled.__ptx__
+    # With --keep-ptx this DSL version returns the path of the dumped file.
+    if ptx is not None and "\n" not in ptx and os.path.isfile(ptx):
+        with open(ptx) as f:
+            ptx = f.read()
+    return compiled, ptx
