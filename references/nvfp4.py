@@ -107,7 +107,7 @@ def pack_e2m1x2_low_first(codes_u8: Tensor) -> Tensor:
         raise TypeError(f"codes_u8: expected torch.uint8, got {codes_u8.dtype}")
     if codes_u8.shape[-1] % 2:
         raise ValueError(f"codes_u8: last dim {codes_u8.shape[-1]} must be even to pack two codes per byte")
-    pairs = codes_u8.reshape(*codes_u8.shape[:-1], -1, 2)
+    pairs = codes_u8.reshape(*codes_u8.shape[:-1], codes_u8.shape[-1] // 2, 2)  # explicit: rows may be 0
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
@@ -115,7 +115,7 @@ def unpack_e2m1x2_low_first(packed_u8: Tensor) -> Tensor:
     """[..., C // 2] bytes -> [..., C] codes, low nibble first."""
     if packed_u8.dtype != torch.uint8:
         raise TypeError(f"packed_u8: expected torch.uint8, got {packed_u8.dtype}")
-    return torch.stack((packed_u8 & 0xF, packed_u8 >> 4), dim=-1).reshape(*packed_u8.shape[:-1], -1)
+    return torch.stack((packed_u8 & 0xF, packed_u8 >> 4), dim=-1).reshape(*packed_u8.shape[:-1], packed_u8.shape[-1] * 2)
 
 
 # ----------------------------------------------------------------------------- quantize
