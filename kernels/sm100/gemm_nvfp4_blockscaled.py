@@ -123,6 +123,7 @@ def _kernel_class():
     import cuda.bindings.driver as cuda
     import cutlass
     import cutlass.cute as cute
+    import cutlass.memory
     import cutlass.pipeline as pipeline
     import cutlass.utils as utils
     import cutlass.utils.blackwell_helpers as sm100_utils
@@ -264,7 +265,7 @@ def _kernel_class():
                 acc_mbar: cute.struct.MemRange[cutlass.Int64, 2]
                 tmem_base: cutlass.Int32
 
-            smem = utils.SmemAllocator()
+            smem = cutlass.memory.SmemAllocator()
             storage = smem.allocate(SharedStorage)
             sA = smem.allocate_tensor(e2m1, a_smem_staged.outer, byte_alignment=128, swizzle=a_smem_staged.inner)
             sB = smem.allocate_tensor(e2m1, b_smem_staged.outer, byte_alignment=128, swizzle=b_smem_staged.inner)
@@ -285,7 +286,7 @@ def _kernel_class():
                 consumer_group=pipeline.CooperativeGroup(pipeline.Agent.Thread, 32 * len(EPILOGUE_WARPS)),
             ).make_participants()
 
-            tmem = utils.TmemAllocator(
+            tmem = cutlass.memory.TmemAllocator(
                 storage.tmem_base.ptr,
                 barrier_for_retrieve=pipeline.NamedBarrier(
                     barrier_id=1, num_threads=32 * (len(EPILOGUE_WARPS) + 1)),
@@ -525,3 +526,160 @@ def compile_with_ptx(key: CompileKey, dump_dir: str):
         with open(ptx) as f:
             ptx = f.read()
     return compiled, ptx
+
+
+# --------------------------------------------------------------------------------------
+# launch
+# --------------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _unused_i32(device_str: str):
+    """One-element int32 workspace standing in for the tile->expert table of the dense variant.
+
+    Allocated once per device (outside any graph capture, at warm-up).
+    """
+    import torch
+
+    return torch.zeros(1, dtype=torch.int32, device=device_str)
+
+
+def _ptr(t, dtype_name: str, align: int = 16):
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(getattr(cutlass, dtype_name), t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+
+
+def _stream():
+    """The current CUDA stream, read at call time (never cached: graph capture uses its own)."""
+    import cuda.bindings.driver as cuda
+    import torch
+
+    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def _check_device_tensor(t, name: str, dtype, device, align: int = 16) -> None:
+    import torch
+
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        raise TypeError(f"{name}: expected {dtype}, got {t.dtype}")
+    if t.device != device:
+        raise ValueError(f"{name}: on {t.device}, expected {device} (same device as the activations)")
+    if not t.is_contiguous():
+        raise ValueError(f"{name}: must be contiguous, got strides {t.stride()}")
+    if t.data_ptr() % align:
+        raise ValueError(f"{name}: data pointer must be {align}-byte aligned")
+
+
+def _check_operands(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, key: CompileKey, *, rows_align: int):
+    import torch
+
+    from kernels.sm100.host_bridge import SF_BLOCK, check_packed_e2m1, round_up
+
+    if not isinstance(a_packed_u8, torch.Tensor):
+        raise TypeError(f"a_packed_u8: expected a torch.Tensor, got {type(a_packed_u8).__name__}")
+    dev = a_packed_u8.device
+    if dev.type != "cuda":
+        raise ValueError(f"a_packed_u8: the sm100 kernels run on a CUDA device, got {dev}")
+    k = check_packed_e2m1(a_packed_u8, "a_packed_u8", k=weight.k)
+    if a_packed_u8.dim() != 2:
+        raise ValueError(f"a_packed_u8: expected [M, K/2], got shape {tuple(a_packed_u8.shape)}")
+    m = a_packed_u8.shape[0]
+    if m % rows_align:
+        raise ValueError(f"a_packed_u8: {m} rows must be a multiple of {rows_align} (padded-per-expert layout)")
+    _check_device_tensor(a_packed_u8, "a_packed_u8", torch.uint8, dev)
+    want_sf = (round_up(max(m, 1), 128), round_up(k // SF_BLOCK, 4))
+    if tuple(a_sf_swizzled_u8.shape) != want_sf:
+        raise ValueError(
+            f"a_sf_swizzled_u8: expected 128x4 swizzled scales of shape {want_sf} for A {tuple(a_packed_u8.shape)}, "
+            f"got {tuple(a_sf_swizzled_u8.shape)}"
+        )
+    _check_device_tensor(a_sf_swizzled_u8, "a_sf_swizzled_u8", torch.uint8, dev)
+    _check_device_tensor(a_dec_scale_f32, "a_dec_scale_f32", torch.float32, dev, align=4)
+    if a_dec_scale_f32.numel() != 1:
+        raise ValueError(f"a_dec_scale_f32: expected one element, got shape {tuple(a_dec_scale_f32.shape)}")
+    if weight.n % key.tile_n:
+        raise ValueError(f"weight: N={weight.n} must be a multiple of the tile N={key.tile_n}")
+    _check_device_tensor(weight.packed_u8, "weight.packed_u8", torch.uint8, dev)
+    _check_device_tensor(weight.sf_swizzled_u8, "weight.sf_swizzled_u8", torch.uint8, dev)
+    _check_device_tensor(weight.dec_scale_f32, "weight.dec_scale_f32", torch.float32, dev, align=4)
+    return m, k
+
+
+def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32, limit: float):
+    import cutlass
+    import torch
+
+    m, k = a_packed_u8.shape[0], 2 * a_packed_u8.shape[1]
+    n = weight.n
+    n_out = n // 2 if key.variant == "grouped_swiglu" else n
+    out_rows = (m + TILE_M - 1) // TILE_M * TILE_M
+    out_bf16 = torch.empty(out_rows, n_out, dtype=torch.bfloat16, device=a_packed_u8.device)
+    up = weight.up_dec_scale_f32 if weight.up_dec_scale_f32 is not None else weight.dec_scale_f32
+    if m > 0:
+        _compile(key)(
+            _ptr(a_packed_u8, "Float4E2M1FN"), _ptr(weight.packed_u8, "Float4E2M1FN"),
+            _ptr(a_sf_swizzled_u8, "Float8E4M3FN"), _ptr(weight.sf_swizzled_u8, "Float8E4M3FN"),
+            _ptr(out_bf16, "BFloat16"),
+            _ptr(a_dec_scale_f32, "Float32", 4), _ptr(weight.dec_scale_f32, "Float32", 4), _ptr(up, "Float32", 4),
+            _ptr(tile_expert_i32, "Int32", 4),
+            cutlass.Int32(m), cutlass.Int32(n), cutlass.Int32(k), cutlass.Int32(weight.num_batches),
+            cutlass.Float32(limit), _stream(),
+        )
+    return out_bf16[:m]
+
+
+def launch_dense(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, *, key: CompileKey = SHIPPED_KEYS[0]):
+    """out_bf16 [M, N] = a_dec * b_dec * (A * SFA) @ (B * SFB)^T.
+
+    a_packed_u8 [M, K/2] K-major; a_sf_swizzled_u8 [round_up(M,128), round_up(K/16,4)]
+    (host_bridge.sf_linear_to_swizzled_128x4 of the linear scales); a_dec_scale_f32
+    [1] on the device; weight: host_bridge.prepare_nvfp4_weight of one linear.
+    """
+    if key.variant != "dense":
+        raise ValueError(f"key.variant={key.variant!r}: launch_dense needs a 'dense' key")
+    if weight.num_batches != 1:
+        raise ValueError(f"weight: launch_dense takes one linear, got {weight.num_batches} batches")
+    _check_operands(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, key, rows_align=1)
+    dummy = _unused_i32(str(a_packed_u8.device))
+    return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, dummy, 0.0)
+
+
+def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
+                   *, swiglu_limit: float | None = None, key: CompileKey | None = None):
+    """MoE grouped GEMM on padded-per-expert rows (graph-safe, no host sync).
+
+    a_packed_u8 [R, K/2] with R a multiple of 128 (each expert's rows padded to 128,
+    padding rows zero); a_sf_swizzled_u8 [R, round_up(K/16,4)]; tile_expert_i32
+    [R/128] from host_bridge.tile_expert_table (-1 = unused tile, its output rows
+    are left unwritten); weight: [E, N, K/2] experts (prepare_nvfp4_weight), or the
+    gate/up fused experts (prepare_gate_up_weight) when swiglu_limit is given.
+    Returns bf16 [R, N] or, with SwiGLU, [R, N/2] = silu(min(g, L)) * clamp(u, -L, L).
+    """
+    import torch
+
+    if key is None:
+        key = SHIPPED_KEYS[2] if swiglu_limit is not None else SHIPPED_KEYS[1]
+    if (swiglu_limit is not None) != (key.variant == "grouped_swiglu"):
+        raise ValueError(f"swiglu_limit={swiglu_limit!r} does not match key.variant={key.variant!r}")
+    if key.variant == "grouped_swiglu":
+        if weight.up_dec_scale_f32 is None or weight.interleave_granularity != key.interleave_granularity:
+            raise ValueError(
+                f"weight: the SwiGLU GEMM needs w1|w3 interleaved with granularity {key.interleave_granularity} "
+                "(host_bridge.prepare_gate_up_weight)"
+            )
+        if not swiglu_limit > 0:
+            raise ValueError(f"swiglu_limit={swiglu_limit!r} must be positive")
+    elif key.variant != "grouped":
+        raise ValueError(f"key.variant={key.variant!r}: launch_grouped needs a grouped key")
+    m, _ = _check_operands(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, key, rows_align=TILE_M)
+    _check_device_tensor(tile_expert_i32, "tile_expert_i32", torch.int32, a_packed_u8.device, align=4)
+    if tile_expert_i32.numel() != m // TILE_M:
+        raise ValueError(f"tile_expert_i32: expected {m // TILE_M} entries (one per 128-row tile), "
+                         f"got {tile_expert_i32.numel()}")
+    return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
+                   float(swiglu_limit or 0.0))
