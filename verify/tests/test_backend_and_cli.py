@@ -1,0 +1,80 @@
+"""The emulator backend through the backend interface, backend selection, and the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from references.gemm import gemm_error_bound, nvfp4_gemm_f64
+from references.layouts import sf_swizzled_128x4_to_linear
+from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
+from references.recipes import TE
+from verify.assertions import assert_bytes_equal, assert_within_gemm_bound, describe_e4m3
+from verify.backend import EmulatorBackend, Op, get_backend
+from verify.config import RunConfig, parse_layers
+from verify.metrics import stage_metrics
+
+
+def test_auto_backend_on_this_machine_is_named_and_declares_recipe_and_accumulator():
+    b = get_backend("auto")
+    if not torch.cuda.is_available():
+        assert b.name == "emulator"
+    assert b.recipe.name == "te" and 0 < b.u_acc < 2**-10
+    assert b.unsupported_reason(Op.QUANTIZE, torch.device("cpu")) is None or b.name != "emulator"
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match="backend='sm80'"):
+        get_backend("sm80")
+
+
+def test_emulator_backend_quantize_returns_swizzled_scales_of_the_reference():
+    x = torch.randn(130, 64).to(torch.bfloat16)
+    enc = te_global_enc_scale(x.float().abs().max())
+    packed, sf_swz = EmulatorBackend().quantize_nvfp4(x, enc)
+    ref = quantize_nvfp4(x, recipe=TE, global_enc_scale_f32=enc)
+    assert sf_swz.shape == (256, 4)
+    assert_bytes_equal(packed, ref.packed_u8, label="emulator backend codes")
+    assert_bytes_equal(sf_swizzled_128x4_to_linear(sf_swz, rows=130, cols=4), ref.sf_u8,
+                       label="emulator backend scales", describe=describe_e4m3)
+
+
+def test_emulator_backend_gemm_within_bound():
+    b = EmulatorBackend()
+    x, w = torch.randn(5, 128).to(torch.bfloat16), torch.randn(40, 128).to(torch.bfloat16)
+    ex, ew = te_global_enc_scale(x.float().abs().max()), te_global_enc_scale(w.float().abs().max())
+    (xp, xs), (wp, ws) = b.quantize_nvfp4(x, ex), b.quantize_nvfp4(w, ew)
+    alpha = (1 / ex) * (1 / ew)
+    y = b.gemm_nvfp4(xp, xs, wp, ws, alpha)
+    qx = quantize_nvfp4(x, recipe=TE, global_enc_scale_f32=ex)
+    qw = quantize_nvfp4(w, recipe=TE, global_enc_scale_f32=ew)
+    y64, absdot = nvfp4_gemm_f64(qx.packed_u8, qx.sf_u8, qw.packed_u8, qw.sf_u8, alpha)
+    assert_within_gemm_bound(y, y64, gemm_error_bound(absdot, y64, alpha, k=128, u_acc=b.u_acc), label="emulator gemm")
+
+
+def test_metrics_of_identical_tensors_and_of_noise():
+    x = torch.randn(1000, dtype=torch.float64)
+    m = stage_metrics(x, x)
+    assert m["cosine"] == pytest.approx(1.0) and m["calc_diff"] == pytest.approx(0.0, abs=1e-15) and m["sqnr_db"] == float("inf")
+    m = stage_metrics(x + 0.1 * torch.randn(1000, dtype=torch.float64), x)
+    assert 15 < m["sqnr_db"] < 25 and m["frac_bit_exact"] == 0.0
+
+
+def test_run_config_and_layer_parsing():
+    assert parse_layers("0,3,5-7") == (0, 3, 5, 6, 7)
+    with pytest.raises(ValueError, match="cannot parse 'x'"):
+        parse_layers("1,x")
+    with pytest.raises(ValueError, match="backend='nope'"):
+        RunConfig(backend="nope")
+
+
+def test_cli_demo_passes_and_writes_json(tmp_path):
+    out = tmp_path / "demo.json"
+    proc = subprocess.run([sys.executable, "-m", "verify", "demo", "--rows", "64", "--k", "256", "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "emulator self-check" in proc.stdout and "FAIL" not in proc.stdout
+    assert out.exists() and '"ok": true' in out.read_text()
