@@ -146,3 +146,62 @@ def test_gemm_ptx_assembles_with_ptxas_without_spills(compiled_gemms, key, tmp_p
     regs = re.search(r"Used (\d+) registers", info)
     record_property("registers", int(regs.group(1)) if regs else None)
     assert "0 bytes spill stores" in info, f"{key}: register spills:\n{info}"
+
+
+# ----------------------------------------------------------------------------- activation quantizer
+
+
+@pytest.fixture(scope="module")
+def compiled_quant(tmp_path_factory):
+    _ensure_arch()
+    if importlib.util.find_spec("cutlass") is None:
+        pytest.skip("nvidia-cutlass-dsl is not installed")
+    from kernels.sm100.quantize_nvfp4_1x16 import SHIPPED_KEYS, compile_with_ptx
+
+    out = {}
+    for key in SHIPPED_KEYS:
+        t0 = time.perf_counter()
+        _, ptx = compile_with_ptx(key, str(tmp_path_factory.mktemp(f"quant_{key.recipe}")))
+        out[key] = (time.perf_counter() - t0, ptx)
+    return out
+
+
+def _quant_keys():
+    from kernels.sm100.quantize_nvfp4_1x16 import SHIPPED_KEYS
+
+    return [pytest.param(k, id=f"quant-{k.recipe}") for k in SHIPPED_KEYS]
+
+
+@pytest.mark.parametrize("key", _quant_keys())
+def test_quantizer_compiles_for_sm100a_within_budget(compiled_quant, key, record_property):
+    seconds, ptx = compiled_quant[key]
+    record_property("compile_seconds", round(seconds, 2))
+    assert re.search(r"^\.target\s+sm_100a\b", ptx, re.M), f"{key}: PTX is not for sm_100a"
+    assert seconds <= COMPILE_BUDGET_S, f"{key}: compile took {seconds:.1f} s > {COMPILE_BUDGET_S} s"
+
+
+@pytest.mark.parametrize("key", _quant_keys())
+def test_quantizer_ptx_uses_hardware_conversions_in_te_order(compiled_quant, key):
+    _, ptx = compiled_quant[key]
+    assert len(re.findall(r"cvt\.rn\.satfinite\.e2m1x2\.f32", ptx)) == 8, "16 elements = 8 e2m1x2 conversions"
+    assert "cvt.rn.satfinite.e4m3x2.f32" in ptx, "block scale is not rounded by the hardware E4M3 conversion"
+    assert "cvt.rn.f16x2.e4m3x2" in ptx, "the encode multiplier must use the decoded (rounded) block scale"
+    assert "0f3E2AAAAB" in ptx, "te: v * (S * (1/6)) with 1/6 rounded to float32 0x3E2AAAAB"
+    assert "0f7F7FFFFF" in ptx, "te: clamps at FLT_MAX"
+    assert re.search(r"\brcp\.rn\.f32|\bdiv\.rn\.f32", ptx), "te: 1/S and 1/(s/S) must be correctly rounded"
+    assert not re.search(r"\bfma\.", ptx), "x*enc must not be contracted into an FMA (sign of zero)"
+    assert "ex2.approx" not in ptx and "rcp.approx" not in ptx, "approximate math changes bytes"
+
+
+@pytest.mark.parametrize("key", _quant_keys())
+def test_quantizer_ptx_assembles_with_ptxas(compiled_quant, key, tmp_path):
+    ptxas = _ptxas()
+    if ptxas is None:
+        pytest.skip("ptxas (CUDA toolkit) not found")
+    _, ptx = compiled_quant[key]
+    src = tmp_path / "q.ptx"
+    src.write_text(ptx)
+    r = subprocess.run([ptxas, f"-arch={ARCH}", "-v", str(src), "-o", str(tmp_path / "q.cubin")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"{key}: ptxas rejected the PTX:\n{r.stderr[-4000:]}"
+    assert "0 bytes spill stores" in r.stderr + r.stdout
