@@ -754,8 +754,7 @@ class Checkpoint:
                 for j, info in sorted(items, key=lambda t: t[1].start):
                     buf = dst_u8[j] if on_cpu else staging
                     f.seek(info.start)
-                    view = memoryview(buf.numpy()) if buf.numel() else memoryview(b"")
-                    got = f.readinto(view) if buf.numel() else 0
+                    got = _readinto_full(f, buf)
                     if got != info.nbytes:
                         raise TruncatedShardError(f"read {got} of {info.nbytes} bytes", file=path, tensor=info.name)
                     self.io.tensor_bytes += got
@@ -900,6 +899,20 @@ class LayerPlan:
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
+
+
+def _readinto_full(f, buf_u8: Tensor) -> int:
+    """readinto until the buffer is full or EOF (a raw read may return fewer bytes)."""
+    if buf_u8.numel() == 0:
+        return 0
+    view = memoryview(buf_u8.numpy())
+    got = 0
+    while got < len(view):
+        n = f.readinto(view[got:])
+        if not n:
+            break
+        got += n
+    return got
 
 
 def _check_tensor(info: TensorInfo, spec: TensorSpec) -> None:

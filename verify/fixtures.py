@@ -41,7 +41,7 @@ from references.recipes import MODELOPT
 
 __all__ = [
     "FixturePreset", "PRESETS", "make_checkpoint", "make_heavy_tailed_weight", "make_fp8_block128_tensors",
-    "make_mxfp4_tensors", "make_nvfp4_tensors", "write_safetensors", "checkpoint_digests",
+    "make_mxfp4_tensors", "make_channel_gains", "make_nvfp4_tensors", "write_safetensors", "checkpoint_digests",
     "add_fixture_arguments", "cli_fixture",
 ]
 
@@ -104,16 +104,35 @@ PRESETS: dict[str, FixturePreset] = {
 
 
 def make_heavy_tailed_weight(n: int, k: int, *, gen: torch.Generator, outlier_frac: float = 1 / 64,
-                             outlier_gain: float = 12.0) -> Tensor:
-    """[n, k] float32 test weights: Gaussian times a log-normal scale (heavy tails), with a few
-    whole input channels (columns) amplified as outlier channels; std about 1/sqrt(k)."""
+                             outlier_gain: float = 12.0, row_gain: Tensor | None = None,
+                             col_gain: Tensor | None = None) -> Tensor:
+    """[n, k] float32 test weights: Gaussian times a log-normal scale (heavy tails), std about
+    1/sqrt(k). Input channels (columns) are scaled by col_gain when given, else a few random whole
+    columns are amplified by outlier_gain (outlier channels); rows are scaled by row_gain if given."""
     dev = gen.device
     w = torch.randn(n, k, generator=gen, device=dev)
     w.mul_(torch.randn(n, k, generator=gen, device=dev).mul_(0.5).exp_())
-    n_out = max(1, int(k * outlier_frac))
-    cols = torch.randperm(k, generator=gen, device=dev)[:n_out]
-    w[:, cols] *= outlier_gain
+    if col_gain is None:
+        n_out = max(1, int(k * outlier_frac))
+        cols = torch.randperm(k, generator=gen, device=dev)[:n_out]
+        w[:, cols] *= outlier_gain
+    else:
+        w.mul_(col_gain.reshape(1, k))
+    if row_gain is not None:
+        w.mul_(row_gain.reshape(n, 1))
     return w.mul_(1.0 / math.sqrt(k))
+
+
+def make_channel_gains(k: int, *, gen: torch.Generator, outlier_frac: float = 1 / 64,
+                       outlier_gain: float = 12.0, sigma: float = 0.5) -> Tensor:
+    """[k] float32 per-channel gains: log-normal(0, sigma) with a few outlier channels x outlier_gain.
+    One hidden-channel vector is shared by a layer's MLPs (the residual stream's outlier features,
+    read by w1/w3 columns and written by w2 rows); each expert draws its own neuron gains (w1/w3
+    rows, w2 columns). This cross-tensor structure is what the nibble-order lint keys on."""
+    g = torch.randn(k, generator=gen, device=gen.device).mul_(sigma).exp_()
+    n_out = max(1, int(k * outlier_frac))
+    g[torch.randperm(k, generator=gen, device=gen.device)[:n_out]] *= outlier_gain
+    return g
 
 
 def make_input_scale(gen: torch.Generator) -> Tensor:
@@ -181,12 +200,17 @@ def make_linear_tensors(fmt: str, w_f32: Tensor, gen: torch.Generator, *, schema
 
 
 def make_gated_mlp_tensors(prefix: str, names: tuple[str, str, str], hidden: int, inter: int, fmt: str,
-                           gen: torch.Generator, *, schema: str) -> dict[str, Tensor]:
+                           gen: torch.Generator, *, schema: str, hidden_gain: Tensor | None = None) -> dict[str, Tensor]:
     """w1/w3/w2 of one (expert) MLP. NVFP4 w1 and w3 share weight_scale_2 (amax over both, as the
-    official DeepSeek-V4 export does) and input_scale (same input)."""
-    w1 = make_heavy_tailed_weight(inter, hidden, gen=gen)
-    w3 = make_heavy_tailed_weight(inter, hidden, gen=gen)
-    w2 = make_heavy_tailed_weight(hidden, inter, gen=gen)
+    official DeepSeek-V4 export does) and input_scale (same input). Neuron gains (one per
+    intermediate channel) scale w1/w3 rows and w2 columns; hidden_gain (shared by the layer)
+    scales w1/w3 columns and w2 rows."""
+    if hidden_gain is None:
+        hidden_gain = make_channel_gains(hidden, gen=gen)
+    neuron_gain = make_channel_gains(inter, gen=gen, outlier_frac=0.0, sigma=0.6)
+    w1 = make_heavy_tailed_weight(inter, hidden, gen=gen, row_gain=neuron_gain, col_gain=hidden_gain)
+    w3 = make_heavy_tailed_weight(inter, hidden, gen=gen, row_gain=neuron_gain, col_gain=hidden_gain)
+    w2 = make_heavy_tailed_weight(hidden, inter, gen=gen, row_gain=hidden_gain, col_gain=neuron_gain)
     shared_amax = torch.maximum(w1.abs().amax(), w3.abs().amax())
     x_scale = make_input_scale(gen)
     out: dict[str, Tensor] = {}
@@ -225,19 +249,22 @@ def _v4_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
             .argsort(dim=1)[:, :k_top].to(torch.int64).contiguous()
     else:
         t[f"{p}.ffn.gate.bias"] = 0.01 * torch.randn(e_n, generator=gen, device=dev)
+    hidden_gain = make_channel_gains(h, gen=gen)
     t.update(make_gated_mlp_tensors(f"{p}.ffn.shared_experts", ("w1", "w3", "w2"), h,
-                                    c["moe_intermediate_size"] * c["n_shared_experts"], fmt, gen, schema=preset.schema))
+                                    c["moe_intermediate_size"] * c["n_shared_experts"], fmt, gen, schema=preset.schema,
+                                    hidden_gain=hidden_gain))
     yield t
-    yield from _experts(preset, f"{p}.ffn.experts", ("w1", "w3", "w2"), "nvfp4", gen)
+    yield from _experts(preset, f"{p}.ffn.experts", ("w1", "w3", "w2"), "nvfp4", gen, hidden_gain)
 
 
-def _experts(preset: FixturePreset, prefix: str, names, fmt: str, gen: torch.Generator) -> Iterator[dict[str, Tensor]]:
+def _experts(preset: FixturePreset, prefix: str, names, fmt: str, gen: torch.Generator,
+             hidden_gain: Tensor | None = None) -> Iterator[dict[str, Tensor]]:
     c = preset.config
     chunk = preset.experts_per_shard or c["n_routed_experts"]
     t: dict[str, Tensor] = {}
     for e in range(c["n_routed_experts"]):
         t.update(make_gated_mlp_tensors(f"{prefix}.{e}", names, c["hidden_size"], c["moe_intermediate_size"], fmt,
-                                        gen, schema=preset.schema))
+                                        gen, schema=preset.schema, hidden_gain=hidden_gain))
         if (e + 1) % chunk == 0:
             yield t
             t = {}
@@ -271,10 +298,12 @@ def _v3_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
     t[f"{p}.mlp.gate.weight"] = (torch.randn(e_n, h, generator=gen, device=dev) / math.sqrt(h)).to(torch.bfloat16)
     t[f"{p}.mlp.gate.e_score_correction_bias"] = 0.01 * torch.randn(e_n, generator=gen, device=dev)
     shared_fmt = "nvfp4" if fmt == "bf16" else fmt
+    hidden_gain = make_channel_gains(h, gen=gen)
     t.update(make_gated_mlp_tensors(f"{p}.mlp.shared_experts", names, h, c["moe_intermediate_size"] *
-                                    c["n_shared_experts"], shared_fmt, gen, schema=preset.schema))
+                                    c["n_shared_experts"], shared_fmt, gen, schema=preset.schema,
+                                    hidden_gain=hidden_gain))
     yield t
-    yield from _experts(preset, f"{p}.mlp.experts", names, "nvfp4", gen)
+    yield from _experts(preset, f"{p}.mlp.experts", names, "nvfp4", gen, hidden_gain)
 
 
 def _globals(preset: FixturePreset, gen: torch.Generator) -> dict[str, Tensor]:

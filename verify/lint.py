@@ -1,0 +1,342 @@
+"""Checkpoint lint: `python -m verify lint --checkpoint DIR [--json PATH]` and the `lint` marker.
+
+Findings are data (severity, code, tensor, message, numbers), rendered as a rich table
+and as JSON; any `error` finding makes the exit status non-zero.
+
+Checks, per layer:
+  schema      every tensor's dtype and shape against the schema (each defect is one finding)
+  scales      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
+              weight_scale_2, input_scale, weight_scale_inv
+  fused       w1/w3 weight_scale_2 and input_scale mismatch (count, max relative difference)
+  saturation  fraction of NVFP4 block scales at 448 (0x7E) and at 0 (0x00/0x80)
+  nibbles     nibble-order statistic (below)
+  exclude     exclude_modules consistency: an excluded module stored as NVFP4, or a
+              non-NVFP4 linear that an NVFP4 config does not exclude; patterns matching nothing
+
+Nibble-order statistic. Swapping the two nibbles of every byte exchanges columns 2i and 2i+1
+of a weight; the block scales (16 columns) do not move, so no statistic of one block or of one
+tensor can see it. What does see it is structure shared across tensors along an axis whose
+order is unambiguous in one tensor and packed in the other. In an MLP, intermediate channel j
+is row j of w1/w3 (rows are never packed) and column j of w2 (packed); hidden channel c is row c
+of w2 and column c of w1/w3. Trained MLPs (and the fixtures, by construction) carry per-channel
+gains on both sides: neuron norms of w1/w3 rows track w2 column norms, and the residual stream's
+outlier channels show in both w2 rows and w1/w3 columns. Per expert we take log row energies
+(reference order) and log column energies (decoded low nibble first), and compute the Pearson
+correlation r_id with the columns as decoded and r_sw with each column pair exchanged. The
+score is the mean of (r_id - r_sw) over experts and both axes, with a z value over experts:
+score > 0 with z >= Z_DECIDE: order is low-first (ok); score < 0 with z <= -Z_DECIDE: swapped
+(error); otherwise inconclusive (info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import torch
+from torch import Tensor
+
+from references.nvfp4 import decode_nvfp4_block_scaled
+from verify.checkpoint import (
+    Checkpoint, CheckpointError, GatedMlp, LayerWeights, Nvfp4Linear, _check_tensor, _check_k,
+    _linear_tensor_specs, iter_linears, layer_schema, linear_format_of, scale_defects,
+)
+
+__all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
+           "Z_DECIDE", "SATURATION_WARN_FRACTION"]
+
+Z_DECIDE = 4.0
+SATURATION_WARN_FRACTION = 0.01
+NIBBLE_MAX_EXPERTS = 16
+SEVERITIES = ("error", "warning", "info")
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One lint result. severity: error | warning | info; code: stable identifier;
+    tensor: the tensor (or module / layer) it concerns; numbers: the measured values."""
+
+    severity: str
+    code: str
+    tensor: str
+    message: str
+    numbers: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LintReport:
+    checkpoint: str
+    schema: str
+    findings: tuple[Finding, ...]
+
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == "error"]
+
+    def codes(self, severity: str | None = None) -> set[str]:
+        return {f.code for f in self.findings if severity is None or f.severity == severity}
+
+    def to_json(self) -> dict:
+        return {"checkpoint": self.checkpoint, "schema": self.schema,
+                "counts": {s: sum(f.severity == s for f in self.findings) for s in SEVERITIES},
+                "findings": [asdict(f) | {"numbers": dict(f.numbers)} for f in self.findings]}
+
+
+# ============================================================================= checks
+
+
+def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
+    """Every dtype/shape/missing defect of layer i, one finding each (headers only)."""
+    out: list[Finding] = []
+    schema = layer_schema(ck.config, i)
+    names = ck.layer_names(i)
+    try:
+        infos = ck.headers_for(names)
+    except CheckpointError as e:
+        return [Finding("error", type(e).__name__, e.tensor or f"layer {i}", str(e))]
+    for spec in schema.linear_specs():
+        try:
+            fmt = linear_format_of(spec.module, infos)
+            _check_k(spec, fmt, infos[f"{spec.module}.weight"].file)
+            tspecs = _linear_tensor_specs(fmt, spec.module, spec.n, spec.k, infos)
+        except CheckpointError as e:
+            out.append(Finding("error", type(e).__name__, e.tensor or spec.module, str(e)))
+            continue
+        for t in tspecs:
+            out.extend(_check_one(ck, infos, t))
+    for t in list(schema.norms) + list(schema.router):
+        out.extend(_check_one(ck, infos, t))
+    return out
+
+
+def _check_one(ck: Checkpoint, infos, tspec) -> list[Finding]:
+    info = infos.get(tspec.name)
+    if info is None:
+        return [Finding("error", "MissingTensorError", tspec.name, f"required by the schema, not in the weight_map "
+                                                                   f"[file {ck.index_path or ck.directory}]")]
+    try:
+        _check_tensor(info, tspec)
+    except CheckpointError as e:
+        return [Finding("error", type(e).__name__, tspec.name, str(e))]
+    return []
+
+
+def _scale_findings(layer: LayerWeights) -> list[Finding]:
+    out = []
+    for _, lin in iter_linears(layer):
+        for tensor, msg in scale_defects(lin):
+            code = "nan_scale_bytes" if "NaN" in msg and "bytes" in msg else "bad_global_scale"
+            out.append(Finding("error", code, tensor, msg))
+    return out
+
+
+def _fused_findings(mlp: GatedMlp | None) -> list[Finding]:
+    if mlp is None or not (isinstance(mlp.w1, Nvfp4Linear) and isinstance(mlp.w3, Nvfp4Linear)):
+        return []
+    out = []
+    for role in ("weight_scale_2", "input_scale"):
+        a = getattr(mlp.w1, f"{role}_f32").reshape(-1).double()
+        b = getattr(mlp.w3, f"{role}_f32").reshape(-1).double()
+        diff = a != b
+        n = int(diff.sum())
+        if n:
+            rel = ((a - b).abs() / torch.maximum(a.abs(), b.abs())).nan_to_num(nan=float("inf"))
+            j = int(rel.argmax())
+            out.append(Finding(
+                "warning", f"w1_w3_{role}_mismatch", f"{mlp.w1.module}|w3.{role}",
+                f"w1 and w3 {role} differ in {n} of {a.numel()} (max relative difference {float(rel[j]):.3g} at "
+                f"index {j}: {float(a[j]):.6g} vs {float(b[j]):.6g}); a fused w1|w3 GEMM with one scale (vLLM, "
+                "SGLang) is then wrong by that factor for w3", {"count": n, "max_rel_diff": float(rel[j])}))
+    return out
+
+
+def _saturation_findings(layer: LayerWeights) -> list[Finding]:
+    out = []
+    for module, lin in iter_linears(layer):
+        if not isinstance(lin, Nvfp4Linear):
+            continue
+        b = lin.weight_scale_e4m3.view(torch.uint8)
+        n = b.numel()
+        f448 = float(((b & 0x7F) == 0x7E).sum()) / n
+        f0 = float(((b & 0x7F) == 0x00).sum()) / n
+        sev = "warning" if max(f448, f0) > SATURATION_WARN_FRACTION else "info"
+        out.append(Finding(sev, "block_scale_saturation", f"{module}.weight_scale",
+                           f"{f448:.2%} of block scales at 448, {f0:.2%} at 0",
+                           {"frac_448": f448, "frac_0": f0, "count": n}))
+    return out
+
+
+def _log_energy(x: Tensor, dim: int) -> Tensor:
+    e = x.double().square().sum(dim)
+    return torch.log(e + e.mean() * 1e-12 + 1e-300)
+
+
+def _corr(a: Tensor, b: Tensor) -> float:
+    a = a - a.mean()
+    b = b - b.mean()
+    d = math.sqrt(float(a.square().sum() * b.square().sum()))
+    return float((a * b).sum()) / d if d > 0 else 0.0
+
+
+def _pair_swap(v: Tensor) -> Tensor:
+    return v.reshape(-1, 2).flip(-1).reshape(-1)
+
+
+def nibble_order_score(mlp: GatedMlp, *, max_experts: int = NIBBLE_MAX_EXPERTS) -> dict[str, float]:
+    """The nibble-order statistic of an NVFP4 (stacked or single) MLP: score, z, experts used.
+
+    See the module docstring. Decoding is e2m1 * block scale (global scales do not matter:
+    correlations are scale-free)."""
+    w1, w3, w2 = mlp.w1, mlp.w3, mlp.w2
+    stacked = w1.weight_u8.dim() == 3
+    n_e = w1.weight_u8.shape[0] if stacked else 1
+    diffs = []
+    for e in range(min(n_e, max_experts)):
+        pick = (lambda t: t[e]) if stacked else (lambda t: t)
+        d1, d3, d2 = (decode_nvfp4_block_scaled(pick(w.weight_u8), pick(w.weight_scale_e4m3).view(torch.uint8))
+                      for w in (w1, w3, w2))
+        d1, d3, d2 = (torch.nan_to_num(d, nan=0.0) for d in (d1, d3, d2))
+        # neuron axis: rows of w1/w3 (reference) vs columns of w2 (packed)
+        a_ref = torch.logaddexp(_log_energy(d1, 1), _log_energy(d3, 1))
+        a_col = _log_energy(d2, 0)
+        # hidden axis: rows of w2 (reference) vs columns of w1/w3 (packed)
+        b_ref = _log_energy(d2, 1)
+        b_col = torch.logaddexp(_log_energy(d1, 0), _log_energy(d3, 0))
+        for ref, col in ((a_ref, a_col), (b_ref, b_col)):
+            diffs.append(_corr(ref, col) - _corr(ref, _pair_swap(col)))
+    t = torch.tensor(diffs, dtype=torch.float64)
+    mean = float(t.mean())
+    sd = float(t.std()) if t.numel() > 1 else 0.0
+    z = mean / (sd / math.sqrt(t.numel())) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
+    return {"score": mean, "z": z, "samples": float(t.numel()), "experts": float(min(n_e, max_experts))}
+
+
+def _nibble_findings(layer: LayerWeights) -> list[Finding]:
+    out = []
+    for label, mlp in (("experts", layer.experts), ("shared_experts", layer.shared_experts),
+                       ("dense_mlp", layer.dense_mlp)):
+        if mlp is None or not all(isinstance(w, Nvfp4Linear) for w in (mlp.w1, mlp.w3, mlp.w2)):
+            continue
+        s = nibble_order_score(mlp)
+        where = mlp.w2.module
+        if s["score"] > 0 and s["z"] >= Z_DECIDE:
+            out.append(Finding("info", "nibble_order_ok", where,
+                               f"low-nibble-first order confirmed (score {s['score']:.3f}, z {s['z']:.1f})", s))
+        elif s["score"] < 0 and s["z"] <= -Z_DECIDE:
+            out.append(Finding("error", "nibble_order_swapped", where,
+                               f"nibbles appear swapped: columns match the reference better with each pair "
+                               f"exchanged (score {s['score']:.3f}, z {s['z']:.1f})", s))
+        else:
+            out.append(Finding("info", "nibble_order_inconclusive", where,
+                               f"nibble order statistic inconclusive (score {s['score']:.3f}, z {s['z']:.1f})", s))
+    return out
+
+
+def _exclude_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Finding]:
+    q = ck.quant
+    if q is None:
+        return []
+    out = []
+    for module, fmt in sorted(formats.items()):
+        excluded = q.is_excluded(module)
+        if excluded and fmt == "nvfp4":
+            out.append(Finding("error", "excluded_but_nvfp4", module,
+                               f"matches exclude_modules of {q.source} but is stored as NVFP4"))
+        elif not excluded and fmt != "nvfp4" and q.quant_algo == "NVFP4":
+            out.append(Finding("error", "not_excluded_but_" + fmt, module,
+                               f"stored as {fmt} but quant_algo NVFP4 in {q.source} does not exclude it: "
+                               "a loader would expect NVFP4 tensors"))
+    all_modules = {n.rsplit(".", 1)[0] for n in ck.weight_map} | set(ck.weight_map)
+    for pat in q.exclude_modules:
+        if not any(fnmatch.fnmatchcase(m, pat) for m in all_modules):
+            out.append(Finding("info", "exclude_pattern_unused", pat, "exclude_modules pattern matches no module"))
+    return out
+
+
+# ============================================================================= driver
+
+
+def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = None) -> LintReport:
+    """Lint a checkpoint directory; never raises for checkpoint defects (they become findings)."""
+    try:
+        ck = Checkpoint.open(directory)
+    except CheckpointError as e:
+        return LintReport(str(directory), "?", (Finding("error", type(e).__name__, e.tensor or str(directory),
+                                                        str(e)),))
+    findings: list[Finding] = []
+    formats: dict[str, str] = {}
+    todo = list(layers) if layers is not None else list(range(ck.config.num_layers))
+    for i in todo:
+        if not ck.layer_names(i):
+            findings.append(Finding("warning", "layer_absent", layer_schema(ck.config, i).prefix,
+                                    "no tensor of this layer is in the weight_map"))
+            continue
+        schema_f = _schema_findings(ck, i)
+        findings.extend(schema_f)
+        if any(f.severity == "error" for f in schema_f):
+            continue
+        try:
+            plan = ck.plan_layer(i)
+            layer = ck.load_layer(i, check_scales=False)
+        except CheckpointError as e:
+            findings.append(Finding("error", type(e).__name__, e.tensor or f"layer {i}", str(e)))
+            continue
+        formats.update({m: fmt for m, (_, fmt, _) in plan.linears.items()})
+        for n in plan.extras:
+            findings.append(Finding("info", "unknown_tensor", n, "not in the schema; loaded as stored"))
+        findings.extend(_scale_findings(layer))
+        for mlp in (layer.experts, layer.shared_experts, layer.dense_mlp):
+            findings.extend(_fused_findings(mlp))
+        findings.extend(_saturation_findings(layer))
+        findings.extend(_nibble_findings(layer))
+    findings.extend(_exclude_findings(ck, formats))
+    order = {s: j for j, s in enumerate(SEVERITIES)}
+    findings.sort(key=lambda f: (order[f.severity], f.code, f.tensor))
+    return LintReport(str(directory), ck.config.schema, tuple(findings))
+
+
+def render_report(report: LintReport, *, console=None, show_info: bool = False) -> None:
+    """A rich table of the findings (info rows only with show_info, else counted)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    table = Table(title=f"lint {report.checkpoint} ({report.schema})")
+    for col in ("severity", "code", "tensor", "message"):
+        table.add_column(col, overflow="fold")
+    style = {"error": "bold red", "warning": "yellow", "info": "dim"}
+    hidden = 0
+    for f in report.findings:
+        if f.severity == "info" and not show_info:
+            hidden += 1
+            continue
+        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, f.tensor, f.message)
+    console.print(table)
+    counts = report.to_json()["counts"]
+    console.print(f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} info"
+                  + (f" ({hidden} info rows hidden; --show-info)" if hidden else ""))
+
+
+def add_lint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, help="Checkpoint directory to lint.")
+    parser.add_argument("--json", default=None, help="Also write the findings as JSON here. Default: %(default)r.")
+    parser.add_argument("--layers", default=None, help="Layers to lint, e.g. '0,3,5-7'. Default: %(default)r (all).")
+    parser.add_argument("--show-info", action="store_true", default=False,
+                        help="Show info findings in the table too. Default: %(default)r.")
+
+
+def cli_lint(args: argparse.Namespace) -> int:
+    """`python -m verify lint --checkpoint DIR [--json PATH]`: exit status 1 on any error finding."""
+    from verify.config import parse_layers
+
+    layers = parse_layers(args.layers) or None
+    report = lint_checkpoint(args.checkpoint, layers=layers)
+    render_report(report, show_info=getattr(args, "show_info", False))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    return 1 if report.errors else 0
