@@ -1,0 +1,167 @@
+"""Dense NVFP4 GEMM on Hopper (Triton): y_bf16[M, N] = alpha * A[M, K] @ B[N, K]^T.
+
+A and B are NVFP4 in checkpoint layout: packed E2M1 [rows, K/2] uint8 (element 2i in
+the low nibble) and E4M3 block scales (one per 16 elements along K) in the 128x4
+swizzled layout ([Rp, Cp] uint8, Rp = rows rounded up to 128, Cp = K/16 rounded up to
+4). alpha_f32 is a 1-element float32 GPU tensor (the product of the two global decode
+scales); it is read on the device, never on the host.
+
+Hopper has no FP4 tensor cores: E2M1 codes are decoded in registers and multiplied by
+their E4M3 block scale (exact in fp16), then fp16 wgmma with fp32 accumulation; alpha
+is applied to the fp32 accumulator in the epilogue, then one rounding to bf16. This is
+the W4A4 math of a Blackwell block-scaled MMA up to the accumulation order.
+
+Configs (see CompileKey.for_shape): M <= 64 is decode-sized and weight-bandwidth
+bound: "swap-AB" puts N on the MMA's M side (128-row tiles) and the few tokens on its
+N side (16/32/64), with a deterministic split-K when there are too few N tiles to
+fill the GPU (fp32 partials, reduced by a second kernel in a fixed order). Larger M
+uses 128x128 tiles.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.sm90._consts import BLOCK
+
+__all__ = ["CompileKey", "launch"]
+
+_NUM_SMS_H200 = 132
+_REDUCE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything codegen reads. M, N, K, strides and the per-split iteration count are
+    runtime arguments; `split` is in the key because the reduce kernel unrolls over it."""
+
+    swap_ab: bool
+    block_x: int
+    block_y: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    split: int
+    use_asm: bool
+
+    @staticmethod
+    def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True) -> "CompileKey":
+        # Chosen from ptxas reports (no register spills at these sizes; bigger K tiles spill
+        # because Triton keeps the decoded tiles in registers) and H200 timings.
+        if m <= 64:
+            block_x, block_y, block_k = {16: (128, 16, 128), 32: (128, 32, 128), 64: (128, 64, 64)}[
+                16 if m <= 16 else (32 if m <= 32 else 64)]
+            warps, stages = 8, 4
+            tiles = -(-n // block_x)
+        else:
+            block_x, block_y, block_k, warps, stages = 128, 128, 64, 8, 3
+            tiles = -(-m // block_x) * -(-n // block_y)
+        k_iters = -(-k // block_k)
+        split = 1
+        if tiles < num_sms:
+            want = min(-(-2 * num_sms // tiles), k_iters)
+            per = -(-k_iters // want)
+            split = -(-k_iters // per)
+        return CompileKey(swap_ab=m <= 64, block_x=block_x, block_y=block_y, block_k=block_k,
+                          num_warps=warps, num_stages=stages, split=split, use_asm=use_asm)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(key: CompileKey):
+    """The launcher for `key` (Triton compiles each kernel on its first launch: warm up
+    before CUDA-graph capture)."""
+    import triton
+
+    from kernels.sm90._gemm_nvfp4_jit import gemm_nvfp4_kernel, splitk_reduce_kernel
+
+    def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
+        m, n = out_bf16.shape
+        k = a_packed_u8.shape[1] * 2
+        cp4 = a_sf_u8.shape[1] // 4
+        if key.swap_ab:
+            x, xsf, y, ysf, rx, ry, sox, soy = b_packed_u8, b_sf_u8, a_packed_u8, a_sf_u8, n, m, 1, n
+        else:
+            x, xsf, y, ysf, rx, ry, sox, soy = a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, m, n, n, 1
+        k_iters = triton.cdiv(k, key.block_k)
+        per = triton.cdiv(k_iters, key.split)
+        ws = out_bf16
+        if key.split > 1:
+            ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+        grid = (triton.cdiv(rx, key.block_x), triton.cdiv(ry, key.block_y), key.split)
+        gemm_nvfp4_kernel[grid](
+            x, xsf, y, ysf, alpha_f32, out_bf16, ws,
+            rx, ry, k, cp4, sox, soy, per,
+            BLOCK_X=key.block_x, BLOCK_Y=key.block_y, BLOCK_K=key.block_k,
+            USE_WS=key.split > 1, USE_ASM=key.use_asm,
+            num_warps=key.num_warps, num_stages=key.num_stages,
+        )
+        if key.split > 1:
+            numel = m * n
+            splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+                ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+
+    return run
+
+
+def _check_operand(name: str, packed: Tensor, sf: Tensor, k: int | None) -> int:
+    if not isinstance(packed, Tensor) or packed.dtype != torch.uint8 or packed.dim() != 2:
+        raise ValueError(f"{name}_packed_u8: expected a 2-d torch.uint8 tensor [rows, K/2], got "
+                         f"{getattr(packed, 'dtype', type(packed))} {tuple(getattr(packed, 'shape', ()))}")
+    if not packed.is_contiguous():
+        raise ValueError(f"{name}_packed_u8: must be contiguous (K-major), got strides {packed.stride()}")
+    rows, kk = packed.shape[0], packed.shape[1] * 2
+    if kk == 0 or kk % BLOCK:
+        raise ValueError(f"{name}_packed_u8: K = 2 * {packed.shape[1]} = {kk} must be a positive multiple of {BLOCK}")
+    if k is not None and kk != k:
+        raise ValueError(f"{name}_packed_u8: K = {kk} does not match A's K = {k}")
+    if isinstance(sf, Tensor) and sf.dtype == torch.float8_e4m3fn:
+        sf = sf.view(torch.uint8)
+    rp, cp = (rows + 127) // 128 * 128, (kk // BLOCK + 3) // 4 * 4
+    if not isinstance(sf, Tensor) or sf.dtype != torch.uint8 or sf.numel() != rp * cp or not sf.is_contiguous():
+        raise ValueError(f"{name}_sf_swizzled_u8: expected a contiguous uint8 128x4-swizzled buffer of "
+                         f"{rp}x{cp} bytes for {rows} rows and K={kk}, got "
+                         f"{getattr(sf, 'dtype', type(sf))} {tuple(getattr(sf, 'shape', ()))}")
+    return kk
+
+
+def _check_device(name: str, packed: Tensor, sf: Tensor) -> None:
+    if packed.device != sf.device or not packed.is_cuda:
+        raise ValueError(f"{name}: packed on {packed.device}, scales on {sf.device}; both must be on one CUDA device")
+
+
+def launch(a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor, b_sf_swizzled_u8: Tensor,
+           alpha_f32: Tensor, *, use_asm: bool = True, check: bool = True,
+           key: CompileKey | None = None) -> Tensor:
+    """y_bf16 [M, N] = alpha * dec(A) @ dec(B)^T. Any M >= 0; K a multiple of 16 (ValueError otherwise)."""
+    if check:
+        k = _check_operand("a", a_packed_u8, a_sf_swizzled_u8, None)
+        _check_operand("b", b_packed_u8, b_sf_swizzled_u8, k)
+        _check_device("a", a_packed_u8, a_sf_swizzled_u8)
+        _check_device("b", b_packed_u8, b_sf_swizzled_u8)
+        if (not isinstance(alpha_f32, Tensor) or alpha_f32.dtype != torch.float32 or alpha_f32.numel() != 1
+                or alpha_f32.device != a_packed_u8.device):
+            raise ValueError("alpha_f32: expected a 1-element torch.float32 tensor on the operands' device")
+        if b_packed_u8.device != a_packed_u8.device:
+            raise ValueError(f"b_packed_u8: on {b_packed_u8.device}, A on {a_packed_u8.device}")
+    m, n, k = a_packed_u8.shape[0], b_packed_u8.shape[0], a_packed_u8.shape[1] * 2
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=a_packed_u8.device)
+    if m == 0 or n == 0:
+        return out
+    a_sf = a_sf_swizzled_u8.view(torch.uint8).reshape((m + 127) // 128 * 128, -1)
+    b_sf = b_sf_swizzled_u8.view(torch.uint8).reshape((n + 127) // 128 * 128, -1)
+    if key is None:  # an explicit key is for benchmarks exploring configs
+        key = CompileKey.for_shape(m, n, k, num_sms=_num_sms(a_packed_u8.device), use_asm=use_asm)
+    _compile(key)(
+        a_packed_u8, a_sf, b_packed_u8, b_sf, alpha_f32.reshape(()), out)
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _NUM_SMS_H200
+    return torch.cuda.get_device_properties(device).multi_processor_count

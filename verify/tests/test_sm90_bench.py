@@ -1,0 +1,136 @@
+"""Benchmarks of the sm90 kernels on the GPU (marker `bench`: run with -m bench).
+
+Timing: each measured op is captured K times into one CUDA graph (inputs rotating over
+enough copies to defeat the 60 MB L2 where the op is memory-bound), the graph replayed
+and timed with CUDA events; the median over replays, divided by K, is reported. Ratios
+are against baselines measured in the same process: the device copy bandwidth
+(torch copy_ of 1 GiB, bytes read + written) and torch.matmul in bf16.
+Results are printed and, when NVFP4V_REPORT_DIR is set, written to sm90_bench.json there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
+
+L2_BYTES = 60 * 2**20
+_RESULTS: dict[str, list] = {"copy": [], "quantize": [], "gemm": []}
+
+
+def _time_graph(fn_list, reps: int = 10) -> float:
+    """Seconds per call of the callables in fn_list (one graph holding them all)."""
+    for f in fn_list[:2]:
+        f()  # compile outside capture
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for f in fn_list:
+            f()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e) / 1e3 / len(fn_list))
+    return statistics.median(times)
+
+
+@pytest.fixture(scope="module")
+def copy_bw():
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    t = _time_graph([lambda: dst.copy_(src)] * 5)
+    bw = 2 * src.numel() / t
+    _RESULTS["copy"].append({"bytes": 2 * src.numel(), "seconds": t, "GBps": bw / 1e9})
+    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+    del src, dst
+    return bw
+
+
+def _dump():
+    d = os.environ.get("NVFP4V_REPORT_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "sm90_bench.json"), "w") as f:
+            json.dump(_RESULTS, f, indent=1, sort_keys=True)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+@pytest.mark.parametrize("m", [1, 64, 4096, 16384])
+def test_sm90_bench_quantize(copy_bw, m, mode):
+    from kernels.sm90.backend import Sm90Backend
+
+    be = Sm90Backend()
+    k = 7168
+    nbytes_in = m * k * 2
+    copies = max(1, min(16, -(-3 * L2_BYTES // nbytes_in)))
+    xs = [torch.randn(m, k, device="cuda").to(torch.bfloat16) for _ in range(copies)]
+    s = be.amax_global_enc_scale(xs[0])
+    calls = max(copies, 20 if m <= 64 else 4)
+    if mode == "static":
+        fns = [(lambda x=xs[i % copies]: be.quantize_nvfp4(x, s)) for i in range(calls)]
+    else:
+        fns = [(lambda x=xs[i % copies]: be.quantize_nvfp4_dynamic(x)) for i in range(calls)]
+    t = _time_graph(fns)
+    rp, cp = (m + 127) // 128 * 128, (k // 16 + 3) // 4 * 4
+    moved = nbytes_in + m * k // 2 + rp * cp + (nbytes_in if mode == "dynamic" else 0)
+    bw = moved / t
+    row = {"mode": mode, "M": m, "K": k, "us": t * 1e6, "GBps": bw / 1e9, "ratio_to_copy": bw / copy_bw}
+    _RESULTS["quantize"].append(row)
+    _dump()
+    print(f"\nquantize {mode:7s} M={m:6d} K={k}: {t * 1e6:8.2f} us  {bw / 1e9:7.0f} GB/s  "
+          f"{100 * bw / copy_bw:5.1f}% of copy")
+
+
+GEMM_NK = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384)]
+
+
+def _nvfp4_weight(n, k, seed):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randint(0, 256, (n, k // 2), generator=g, device="cuda", dtype=torch.uint8)
+    sf = torch.randint(0x20, 0x48, ((n + 127) // 128 * 128, (k // 16 + 3) // 4 * 4), generator=g,
+                       device="cuda", dtype=torch.uint8)
+    return packed, sf
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 4096])
+@pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
+def test_sm90_bench_gemm(copy_bw, n, k, m):
+    from kernels.sm90 import gemm_nvfp4
+
+    w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
+    copies = max(1, min(24, -(-3 * L2_BYTES // w_bytes))) if m <= 64 else 1
+    ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
+    a_p, a_sf = _nvfp4_weight(m, k, 99)
+    alpha = torch.tensor(1e-3, device="cuda")
+    calls = max(copies, 8 if m <= 64 else 3)
+    key = gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    fns = [(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key)) for i in range(calls)]
+    t = _time_graph(fns)
+    del ws
+    # torch.matmul bf16 with the same shapes, rotating its (4x larger) weights too
+    bcopies = max(1, min(8, -(-3 * L2_BYTES // (n * k * 2)))) if m <= 64 else 1
+    wb = [torch.randn(n, k, device="cuda").to(torch.bfloat16) for _ in range(bcopies)]
+    xb = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    t_bf16 = _time_graph([(lambda w=wb[i % bcopies]: torch.matmul(xb, w.T)) for i in range(max(bcopies, calls))])
+    del wb
+    flops = 2 * m * n * k
+    roofline_t = w_bytes / copy_bw
+    row = {"M": m, "N": n, "K": k, "us": t * 1e6, "TFLOPs": flops / t / 1e12, "weight_GBps": w_bytes / t / 1e9,
+           "torch_bf16_us": t_bf16 * 1e6, "speedup_vs_torch_bf16": t_bf16 / t,
+           "roofline_fraction": roofline_t / t, "key": str(key)}
+    _RESULTS["gemm"].append(row)
+    _dump()
+    print(f"\ngemm M={m:5d} N={n:5d} K={k:5d}: {t * 1e6:8.2f} us {flops / t / 1e12:7.1f} TFLOP/s "
+          f"{w_bytes / t / 1e9:6.0f} GB/s(w)  bf16 {t_bf16 * 1e6:8.2f} us  x{t_bf16 / t:5.2f}  "
+          f"roofline {100 * roofline_t / t:5.1f}%  [{key.block_x}x{key.block_y}x{key.block_k} s{key.split}]")
