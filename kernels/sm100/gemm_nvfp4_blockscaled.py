@@ -8,7 +8,7 @@ One kernel body, three variants (fields of CompileKey):
                   each expert's rows padded to a multiple of 128 (so one 128-row
                   M tile never straddles two experts); B is [E, N, K/2]; a device
                   table tile_expert_i32[m_tile] names the expert of each M tile
-                  (-1: the tile is padding and does nothing). The global decode
+                  (-1: a padding tile; it skips the MMA and writes zeros). The global decode
                   scale of B is per expert: b_dec_scale_f32[E].
 - grouped_swiglu: the grouped GEMM on B = w1|w3 interleaved along N with
                   granularity tile_n/2 (see kernels.sm100.host_bridge.
@@ -440,6 +440,12 @@ def _kernel_class():
                                 r_out[i] = (r_acc[i] * alpha).to(bf16)
                         cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
                     acc_full.release()
+                else:
+                    # A padding tile of the grouped layout: write zeros, so the next stage
+                    # (requantization with a dynamic amax) never reads uninitialised rows.
+                    r_out.fill(0.0)
+                    for j in cutlass.range(self.out_tile_n // EPI_N, unroll_full=True):
+                        cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
 
                 tmem.relinquish_alloc_permit()
                 epilogue_barrier.arrive_and_wait()
@@ -656,7 +662,7 @@ def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_
     a_packed_u8 [R, K/2] with R a multiple of 128 (each expert's rows padded to 128,
     padding rows zero); a_sf_swizzled_u8 [R, round_up(K/16,4)]; tile_expert_i32
     [R/128] from host_bridge.tile_expert_table (-1 = unused tile, its output rows
-    are left unwritten); weight: [E, N, K/2] experts (prepare_nvfp4_weight), or the
+    are written as zeros); weight: [E, N, K/2] experts (prepare_nvfp4_weight), or the
     gate/up fused experts (prepare_gate_up_weight) when swiglu_limit is given.
     Returns bf16 [R, N] or, with SwiGLU, [R, N/2] = silu(min(g, L)) * clamp(u, -L, L).
     """

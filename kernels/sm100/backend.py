@@ -1,0 +1,140 @@
+"""The sm100 backend: Blackwell NVFP4 kernels (CuTe DSL) behind one object for the harness.
+
+verify/backend.py adapts this plain class to the suite's Backend protocol; nothing
+here imports references/ or verify/. cutlass is imported only when a kernel compiles.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+from torch import Tensor
+
+from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
+from kernels.sm100 import host_bridge, moe_routing
+from kernels.sm100 import quantize_nvfp4_1x16 as quant
+
+__all__ = ["Sm100Backend", "OPS"]
+
+OPS = (
+    "quantize_nvfp4", "quantize_nvfp4_dynamic", "quantize_nvfp4_static", "gemm_nvfp4",
+    "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "router", "combine",
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _ones_f32(device_str: str) -> Tensor:
+    """A [1] float32 1.0 per device, allocated once (the B decode scale when alpha is passed whole)."""
+    return torch.ones(1, dtype=torch.float32, device=device_str)
+
+
+class Sm100Backend:
+    """NVFP4 on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
+
+    recipe_name: the activation quantizer's recipe ("te", references.recipes.TE).
+    u_acc: unit roundoff declared for the GEMM accumulator: tcgen05.mma kind::mxf4nvf4
+        accumulates in fp32 in tensor memory; declared 2**-24 and to be confirmed on a
+        B200 by the exact-arithmetic and bound tests (verify/tests/test_sm100_kernels.py).
+        If a measurement shows fewer bits this number changes, never a test tolerance.
+    gate_up_granularity: the w1|w3 interleave the SwiGLU GEMM needs (rows of N).
+    """
+
+    name = "sm100"
+    recipe_name = "te"
+    u_acc = 2.0**-24
+    accumulator = "fp32 (tcgen05.mma kind::mxf4nvf4 block_scale, tensor memory)"
+    gate_up_granularity = host_bridge.GATE_UP_GRANULARITY
+
+    def unsupported_reason(self, op: str, device: torch.device | str | None = None) -> str | None:
+        """None when `op` can run on `device`, else a sentence saying why not."""
+        if op not in OPS:
+            return f"sm100: op {op!r} is not provided (has {', '.join(OPS)})"
+        if op in ("router", "combine"):
+            return None if torch.cuda.is_available() else "sm100: no CUDA device"
+        if importlib.util.find_spec("cutlass") is None:
+            return "sm100: nvidia-cutlass-dsl is not installed"
+        if not torch.cuda.is_available():
+            return "sm100: no CUDA device"
+        dev = torch.device(device) if device is not None else torch.device("cuda")
+        if dev.type != "cuda":
+            return f"sm100: needs a CUDA device, got {dev}"
+        major, minor = torch.cuda.get_device_capability(dev)
+        if major != 10:
+            return f"sm100: needs compute capability 10.x (B200/GB200), this is sm_{major}{minor}"
+        return None
+
+    # ---------------------------------------------------------------- quantize
+
+    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
+        """bf16 [M, K] -> (packed_u8 [M, K/2], sf_swizzled_u8 [Mp, Cp]), recipe te, given S."""
+        packed, sf, _ = quant.launch(x_bf16, global_enc_scale_f32=global_enc_scale_f32.reshape(1))
+        return packed, sf
+
+    def quantize_nvfp4_dynamic(self, x_bf16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """S = 2688/amax(x) on the device, then quantize: (packed_u8, sf_swizzled_u8, S [1])."""
+        return quant.launch(x_bf16)
+
+    def quantize_nvfp4_static(self, x_bf16: Tensor, input_dec_scale_f32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Checkpoint input_scale D (amax/2688): S = 1/D on the device, then quantize."""
+        return quant.launch(x_bf16, input_dec_scale_f32=input_dec_scale_f32)
+
+    # ---------------------------------------------------------------- GEMMs
+
+    def gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor,
+                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
+        """bf16 [M, N] = alpha * A @ B^T (A [M, K], B [N, K] NVFP4, 128x4 swizzled scales)."""
+        if b_packed_u8.dim() != 2 or b_sf_swizzled_u8.dim() != 2:
+            raise ValueError(f"b_packed_u8 {tuple(b_packed_u8.shape)} / b_sf_swizzled_u8 "
+                             f"{tuple(b_sf_swizzled_u8.shape)}: expected [N, K/2] and [Np, Cp]")
+        ones = _ones_f32(str(a_packed_u8.device))
+        weight = host_bridge.Sm100Nvfp4Weight(b_packed_u8.unsqueeze(0), b_sf_swizzled_u8.unsqueeze(0), ones)
+        return gemm.launch_dense(a_packed_u8, a_sf_swizzled_u8, alpha_f32.reshape(1), weight)
+
+    def grouped_gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
+                           weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor) -> Tensor:
+        """Padded-per-expert rows [R, K/2] x experts [E, N, K/2] -> bf16 [R, N]."""
+        return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight, tile_expert_i32)
+
+    def grouped_gemm_swiglu(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
+                            weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor,
+                            swiglu_limit: float) -> Tensor:
+        """L1 with the clamped SwiGLU epilogue -> bf16 [R, N/2] (weight from prepare_gate_up_weight)."""
+        return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight,
+                                   tile_expert_i32, swiglu_limit=swiglu_limit)
+
+    # ---------------------------------------------------------------- routing
+
+    def router(self, x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scaling_factor: float,
+               bias_f32: Tensor | None = None, tid2eid_i64: Tensor | None = None,
+               token_ids_i64: Tensor | None = None) -> moe_routing.Routing:
+        logits = moe_routing.router_logits_f32(x_bf16, gate_weight_bf16)
+        return moe_routing.route(logits, top_k=top_k, routed_scaling_factor=routed_scaling_factor,
+                                 bias_f32=bias_f32, tid2eid_i64=tid2eid_i64, token_ids_i64=token_ids_i64)
+
+    def combine(self, expert_out_bf16: Tensor, perm: moe_routing.Permutation, weights_f32: Tensor) -> Tensor:
+        return moe_routing.combine_bf16(expert_out_bf16, perm, weights_f32)
+
+    def moe_experts(self, x_bf16: Tensor, routing: moe_routing.Routing, w13: host_bridge.Sm100Nvfp4Weight,
+                    w2: host_bridge.Sm100Nvfp4Weight, *, swiglu_limit: float,
+                    l1_input_dec_scale_f32: Tensor | None = None,
+                    l2_input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """Routed experts of one MoE layer: permute, quantize, L1+SwiGLU, requantize, L2, combine.
+
+        Static activation scales when the checkpoint's input_scale tensors are given,
+        dynamic (amax on the device) otherwise. No host sync anywhere.
+        """
+        num_experts = w13.num_batches
+        perm = moe_routing.permute(routing.ids_i64, num_experts)
+        xp = moe_routing.gather_rows_bf16(x_bf16, perm, routing.ids_i64.shape[1])
+        a, a_sf, s1 = quant.launch(xp, input_dec_scale_f32=l1_input_dec_scale_f32)
+        h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit)
+        a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32)
+        y = self.grouped_gemm_nvfp4(a2, a2_sf, torch.reciprocal(s2), w2, perm.tile_expert_i32)
+        return self.combine(y, perm, routing.weights_f32)
+
+    def cache_clear(self) -> None:
+        """Forget compiled kernels (tests' fresh-cache fixture)."""
+        gemm._compile.cache_clear()
+        quant._compile.cache_clear()
