@@ -515,3 +515,32 @@ def cli_fixture(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2))
     return 0
+
+
+def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit) -> Path:
+    """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor or None
+    (None drops it from its shard and the index). For making defective fixtures in tests."""
+    import shutil
+
+    from verify.checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
+
+    src, dst = Path(src), Path(dst)
+    shutil.copytree(src, dst)
+    index_path = dst / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        data = bytearray((dst / shard).read_bytes())
+        infos = sorted(read_safetensors_header(dst / shard).items(), key=lambda kv: kv[1].start)
+        out: dict[str, Tensor] = {}
+        for name, i in infos:
+            t = torch.frombuffer(data, dtype=torch.uint8, offset=i.start, count=i.nbytes) \
+                .view(SAFETENSORS_DTYPES[i.dtype]).reshape(i.shape).clone() if i.nbytes else \
+                torch.empty(i.shape, dtype=SAFETENSORS_DTYPES[i.dtype])
+            new = edit(name, t)
+            if new is None:
+                index["weight_map"].pop(name, None)
+            else:
+                out[name] = new
+        write_safetensors(dst / shard, out)
+    index_path.write_text(json.dumps(index, indent=2))
+    return dst
