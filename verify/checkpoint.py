@@ -837,7 +837,8 @@ class Checkpoint:
             for module, lin in iter_linears(layer):
                 bad = scale_defects(lin)
                 if bad:
-                    raise NanScaleError(bad[0][1], file=plan.infos[f"{module}.weight"].file, tensor=bad[0][0])
+                    info = plan.infos.get(bad[0][0])
+                    raise NanScaleError(bad[0][1], file=info.file if info else None, tensor=bad[0][0])
         return layer
 
     def _load_stack(self, trios: list[tuple[LinearSpec, LinearSpec, LinearSpec]], plan: "LayerPlan",
@@ -946,29 +947,39 @@ def iter_linears(layer: LayerWeights) -> list[tuple[str, Linear]]:
     return out
 
 
+def _named(module: str, role: str, bad: Tensor) -> str:
+    """The tensor name of the first bad element: an expert stack's `*` becomes that expert's index."""
+    if ".*." in module and bad.dim() >= 1:
+        e = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
+        module = module.replace(".*.", f".{e}.")
+    return f"{module}.{role}"
+
+
 def scale_defects(lin: Linear) -> list[tuple[str, str]]:
-    """(tensor, message) for NaN scale bytes and bad global scales of one linear (or stack)."""
+    """(tensor, message) for NaN scale bytes and bad global scales of one linear (or stack);
+    for a stack the tensor names the first defective expert and the message counts all."""
     out: list[tuple[str, str]] = []
     m = lin.module
     if isinstance(lin, Nvfp4Linear):
         b = lin.weight_scale_e4m3.view(torch.uint8)
-        nan = int(((b & 0x7F) == 0x7F).sum())
-        if nan:
-            out.append((f"{m}.weight_scale", f"{nan} NaN E4M3 scale bytes (0x7F/0xFF) of {b.numel()}"))
+        bad = (b & 0x7F) == 0x7F
+        if bool(bad.any()):
+            out.append((_named(m, "weight_scale", bad),
+                        f"{int(bad.sum())} NaN E4M3 scale bytes (0x7F/0xFF) of {b.numel()}"))
         for role, t in (("weight_scale_2", lin.weight_scale_2_f32), ("input_scale", lin.input_scale_f32)):
             bad = ~(torch.isfinite(t) & (t > 0))
             if bool(bad.any()):
-                out.append((f"{m}.{role}", f"{int(bad.sum())} of {t.numel()} values are zero, negative, NaN or Inf "
-                                           f"(first {float(t.flatten()[bad.flatten()][0])})"))
+                out.append((_named(m, role, bad), f"{int(bad.sum())} of {t.numel()} values are zero, negative, NaN "
+                                                  f"or Inf (first {float(t[bad].flatten()[0])})"))
     elif isinstance(lin, (Mxfp4Linear, Fp8BlockLinear)) and getattr(lin, "scale_ue8m0", None) is not None:
         b = lin.scale_ue8m0.view(torch.uint8)
-        nan = int((b == 0xFF).sum())
-        if nan:
-            out.append((f"{m}.scale", f"{nan} NaN E8M0 scale bytes (0xFF) of {b.numel()}"))
+        bad = b == 0xFF
+        if bool(bad.any()):
+            out.append((_named(m, "scale", bad), f"{int(bad.sum())} NaN E8M0 scale bytes (0xFF) of {b.numel()}"))
     elif isinstance(lin, Fp8BlockLinear):
         t = lin.scale_inv_f32
         bad = ~(torch.isfinite(t) & (t > 0))
         if bool(bad.any()):
-            out.append((f"{m}.weight_scale_inv", f"{int(bad.sum())} of {t.numel()} block scales are zero, negative, "
-                                                 "NaN or Inf"))
+            out.append((_named(m, "weight_scale_inv", bad), f"{int(bad.sum())} of {t.numel()} block scales are zero, "
+                                                            "negative, NaN or Inf"))
     return out
