@@ -99,9 +99,8 @@ def _e2m1_nibbles_to_f16_asm(b_u8):
 
 
 @triton.jit
-def _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4,
-                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """Rows `rows` and K tile starting at byte column kb // 2 -> (even, odd) fp16 [ROWS, BLOCK_K/2]."""
+def _load_raw(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_K: tl.constexpr):
+    """Packed bytes [ROWS, BLOCK_K/2] and scale bytes [ROWS, BLOCK_K/16] of a K tile (masked: 0)."""
     pcols = kb // 2 + tl.arange(0, BLOCK_K // 2)
     row_ok = rows < R
     b = tl.load(p_ptr + rows.to(tl.int64)[:, None] * (K // 2) + pcols[None, :],
@@ -110,6 +109,12 @@ def _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4,
     soff = (((rows // 128) * CP4)[:, None] + (c // 4)[None, :]) * 512 \
         + ((rows % 32) * 16 + ((rows // 32) % 4) * 4)[:, None] + (c % 4)[None, :]
     s = tl.load(sf_ptr + soff, mask=row_ok[:, None] & (c < K // 16)[None, :], other=0)
+    return b, s
+
+
+@triton.jit
+def _decode(b, s, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """-> (even-k, odd-k) fp16 [ROWS, BLOCK_K/2]: e2m1 value * e4m3 block scale, exact."""
     s16 = e4m3_u8_to_f32(s.to(tl.int32)).to(tl.float16)
     s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (ROWS, BLOCK_K // 16, 8)), (ROWS, BLOCK_K // 2))
     if USE_ASM:
@@ -117,6 +122,13 @@ def _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4,
     else:
         lo, hi = _e2m1_nibbles_to_f16_arith(b)
     return lo * s16, hi * s16
+
+
+@triton.jit
+def _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4,
+                  ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    b, s = _load_raw(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_K)
+    return _decode(b, s, ROWS, BLOCK_K, USE_ASM)
 
 
 @triton.jit
@@ -135,10 +147,21 @@ def gemm_nvfp4_kernel(
     k_iters = tl.cdiv(K, BLOCK_K)
     it0 = pid_s * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, k_iters)
-    for it in range(it0, it1):
+    for it in range(it0, it1, 2):
+        # two K sub-tiles per trip, raw bytes of both requested before either is decoded:
+        # doubles the bytes in flight (Triton does not stage these loads through shared memory)
         kb = it * BLOCK_K
-        x_lo, x_hi = _load_decoded(x_ptr, xsf_ptr, rx, RX, kb, K, CP4, BLOCK_X, BLOCK_K, USE_ASM)
-        y_lo, y_hi = _load_decoded(y_ptr, ysf_ptr, ry, RY, kb, K, CP4, BLOCK_Y, BLOCK_K, USE_ASM)
+        kb2 = tl.where(it + 1 < it1, kb + BLOCK_K, K)  # past the split's end: fully masked
+        xb0, xs0 = _load_raw(x_ptr, xsf_ptr, rx, RX, kb, K, CP4, BLOCK_K)
+        yb0, ys0 = _load_raw(y_ptr, ysf_ptr, ry, RY, kb, K, CP4, BLOCK_K)
+        xb1, xs1 = _load_raw(x_ptr, xsf_ptr, rx, RX, kb2, K, CP4, BLOCK_K)
+        yb1, ys1 = _load_raw(y_ptr, ysf_ptr, ry, RY, kb2, K, CP4, BLOCK_K)
+        x_lo, x_hi = _decode(xb0, xs0, BLOCK_X, BLOCK_K, USE_ASM)
+        y_lo, y_hi = _decode(yb0, ys0, BLOCK_Y, BLOCK_K, USE_ASM)
+        acc = tl.dot(x_lo, tl.trans(y_lo), acc)
+        acc = tl.dot(x_hi, tl.trans(y_hi), acc)
+        x_lo, x_hi = _decode(xb1, xs1, BLOCK_X, BLOCK_K, USE_ASM)
+        y_lo, y_hi = _decode(yb1, ys1, BLOCK_Y, BLOCK_K, USE_ASM)
         acc = tl.dot(x_lo, tl.trans(y_lo), acc)
         acc = tl.dot(x_hi, tl.trans(y_hi), acc)
     mask = (rx < RX)[:, None] & (ry < RY)[None, :]
@@ -160,3 +183,47 @@ def splitk_reduce_kernel(ws_ptr, alpha_ptr, out_ptr, numel, SPLIT: tl.constexpr,
         acc += tl.load(ws_ptr + s * numel + offs, mask=mask, other=0.0)
     alpha = tl.load(alpha_ptr)
     tl.store(out_ptr + offs, (acc * alpha).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, K, CP4,
+                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Large-M path, step 1: e2m1 * e4m3 block scale -> fp16 [R, K] (exact), natural k order."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * BLOCK_K
+    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+    vals = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K))
+    cols = kb + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], vals,
+             mask=(rows < R)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
+def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                          GROUP_M: tl.constexpr):
+    """Large-M path, step 2: out_bf16 = alpha * A16 @ B16^T, fp32 accumulation (wgmma)."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm.to(tl.int64)[:, None] * K + rk[None, :]
+    b_ptrs = b_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, K, BLOCK_K):
+        kmask = (kb + rk) < K
+        a = tl.load(a_ptrs, mask=(rm < M)[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=(rn < N)[:, None] & kmask[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(b), acc)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K
+    alpha = tl.load(alpha_ptr)
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], (acc * alpha).to(tl.bfloat16),
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
