@@ -171,8 +171,9 @@ def _saturation_findings(layer: LayerWeights) -> list[Finding]:
     return out
 
 
-def _log_energy(x: Tensor, dim: int) -> Tensor:
-    e = x.double().square().sum(dim)
+def _log_energy(x_f32: Tensor, dim: int) -> Tensor:
+    """log of the sum of squares along dim (float64 logs; a tiny floor keeps all-zero channels finite)."""
+    e = x_f32.square().sum(dim).double()
     return torch.log(e + e.mean() * 1e-12 + 1e-300)
 
 
@@ -194,26 +195,29 @@ def nibble_order_score(mlp: GatedMlp, *, max_experts: int = NIBBLE_MAX_EXPERTS) 
     correlations are scale-free)."""
     w1, w3, w2 = mlp.w1, mlp.w3, mlp.w2
     stacked = w1.weight_u8.dim() == 3
-    n_e = w1.weight_u8.shape[0] if stacked else 1
+    n_e = min(w1.weight_u8.shape[0] if stacked else 1, max_experts)
+
+    def decoded(w: Nvfp4Linear) -> Tensor:  # [n_e, N, K] float32, NaN scales zeroed
+        q, sf = w.weight_u8, w.weight_scale_e4m3.view(torch.uint8)
+        q, sf = (q[:n_e], sf[:n_e]) if stacked else (q[None], sf[None])
+        return torch.nan_to_num(decode_nvfp4_block_scaled(q, sf), nan=0.0)
+
+    d1, d3, d2 = decoded(w1), decoded(w3), decoded(w2)
+    # neuron axis: rows of w1/w3 (reference order) vs columns of w2 (packed order)
+    a_ref = torch.logaddexp(_log_energy(d1, 2), _log_energy(d3, 2))
+    a_col = _log_energy(d2, 1)
+    # hidden axis: rows of w2 (reference order) vs columns of w1/w3 (packed order)
+    b_ref = _log_energy(d2, 2)
+    b_col = torch.logaddexp(_log_energy(d1, 1), _log_energy(d3, 1))
     diffs = []
-    for e in range(min(n_e, max_experts)):
-        pick = (lambda t: t[e]) if stacked else (lambda t: t)
-        d1, d3, d2 = (decode_nvfp4_block_scaled(pick(w.weight_u8), pick(w.weight_scale_e4m3).view(torch.uint8))
-                      for w in (w1, w3, w2))
-        d1, d3, d2 = (torch.nan_to_num(d, nan=0.0) for d in (d1, d3, d2))
-        # neuron axis: rows of w1/w3 (reference) vs columns of w2 (packed)
-        a_ref = torch.logaddexp(_log_energy(d1, 1), _log_energy(d3, 1))
-        a_col = _log_energy(d2, 0)
-        # hidden axis: rows of w2 (reference) vs columns of w1/w3 (packed)
-        b_ref = _log_energy(d2, 1)
-        b_col = torch.logaddexp(_log_energy(d1, 0), _log_energy(d3, 0))
-        for ref, col in ((a_ref, a_col), (b_ref, b_col)):
+    for e in range(n_e):
+        for ref, col in ((a_ref[e], a_col[e]), (b_ref[e], b_col[e])):
             diffs.append(_corr(ref, col) - _corr(ref, _pair_swap(col)))
     t = torch.tensor(diffs, dtype=torch.float64)
     mean = float(t.mean())
     sd = float(t.std()) if t.numel() > 1 else 0.0
     z = mean / (sd / math.sqrt(t.numel())) if sd > 0 else math.copysign(math.inf, mean) if mean else 0.0
-    return {"score": mean, "z": z, "samples": float(t.numel()), "experts": float(min(n_e, max_experts))}
+    return {"score": mean, "z": z, "samples": float(t.numel()), "experts": float(n_e)}
 
 
 def _nibble_findings(layer: LayerWeights) -> list[Finding]:
