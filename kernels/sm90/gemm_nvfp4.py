@@ -56,9 +56,9 @@ class CompileKey:
         # Chosen from ptxas reports (no register spills at these sizes; bigger K tiles spill
         # because Triton keeps the decoded tiles in registers) and H200 timings.
         if m <= 64:
-            block_x, block_y, block_k = {16: (128, 16, 128), 32: (128, 32, 128), 64: (128, 64, 64)}[
-                16 if m <= 16 else (32 if m <= 32 else 64)]
-            warps, stages = 8, 4
+            block_x, block_y, block_k, warps = {16: (64, 16, 128, 4), 32: (128, 32, 128, 8),
+                                                64: (128, 64, 64, 8)}[16 if m <= 16 else (32 if m <= 32 else 64)]
+            stages = 4
             tiles = -(-n // block_x)
         else:
             block_x, block_y, block_k, warps, stages = 128, 128, 64, 8, 3
