@@ -18,7 +18,7 @@ MARKERS = {
     "gpu": "needs a CUDA device; skipped with the reason when none is present",
     "sm90": "needs a Hopper (compute capability 9.x) GPU",
     "sm100": "needs a Blackwell datacenter (compute capability 10.x) GPU",
-    "fuzz": "hypothesis property test (profile from HYPOTHESIS_PROFILE: dev, ci, nightly)",
+    "fuzz": "hypothesis property test; profile HYPOTHESIS_PROFILE (dev, ci, nightly), default ci under -m fuzz, dev otherwise",
     "golden": "compares against golden/<fixture>/<backend>.json",
     "lint": "checkpoint lint findings",
     "slow": "long-running; not run by default (select with -m slow or --run-slow)",
@@ -48,14 +48,19 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # CuTe DSL reads its target at import: SM100 kernels then compile on any machine.
+    os.environ.setdefault("CUTE_DSL_ARCH", "sm_100a")
     for name, text in MARKERS.items():
         config.addinivalue_line("markers", f"{name}: {text}")
     for i in range(MAX_LAYERS):
         config.addinivalue_line("markers", f"layer{i}: verifies decoder layer {i}")
-    _load_hypothesis_profiles()
+    # The full fuzz budget runs when fuzz tests are selected (-m fuzz); the default run
+    # keeps them as quick smoke tests. HYPOTHESIS_PROFILE always wins.
+    default_profile = "ci" if "fuzz" in (config.getoption("-m") or "") else "dev"
+    _load_hypothesis_profiles(os.environ.get("HYPOTHESIS_PROFILE", default_profile))
 
 
-def _load_hypothesis_profiles() -> None:
+def _load_hypothesis_profiles(profile: str) -> None:
     try:
         from hypothesis import HealthCheck, settings
     except ImportError:  # hypothesis is a dependency; tolerate its absence for collection only
@@ -64,7 +69,7 @@ def _load_hypothesis_profiles() -> None:
     settings.register_profile("dev", max_examples=100, **common)
     settings.register_profile("ci", max_examples=800, **common)
     settings.register_profile("nightly", max_examples=20_000, **common)
-    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+    settings.load_profile(profile)
 
 
 def run_config(config: pytest.Config) -> RunConfig:

@@ -78,3 +78,11 @@ def test_cli_demo_passes_and_writes_json(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "emulator self-check" in proc.stdout and "FAIL" not in proc.stdout
     assert out.exists() and '"ok": true' in out.read_text()
+
+
+@pytest.mark.parametrize("name", ["sm90", "sm100"])
+def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
+    b = get_backend(name)
+    assert b.name == name and b.recipe.name == "te" and b.u_acc > 0
+    reason = b.unsupported_reason(Op.DENSE_GEMM, torch.device("cpu"))
+    assert isinstance(reason, str) and reason, f"{name} must say why it cannot run a GEMM on the CPU"
