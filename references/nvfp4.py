@@ -48,6 +48,13 @@ _FLT_MAX = torch.finfo(torch.float32).max
 _ONE_SIXTH_F32 = 1.0 / 6.0  # rounded to float32 where it is used: 0x3E2AAAAB
 
 
+def _const_like(t: Tensor, value: float) -> Tensor:
+    """A float32 0-d constant on t's device. Divisions are always tensor / tensor on one
+    device: torch evaluates `python_scalar / t` as reciprocal(t) * scalar and, on CUDA,
+    `t / python_scalar` as t * (1 / scalar), both of which round twice."""
+    return torch.tensor(value, dtype=torch.float32, device=t.device)
+
+
 @dataclass(frozen=True)
 class Nvfp4Quantized:
     """An NVFP4 tensor in checkpoint layout.
@@ -83,13 +90,13 @@ def te_global_enc_scale(amax_f32: Tensor) -> Tensor:
     NaN amax gives NaN (a NaN tensor is a finding, not something to hide).
     """
     amax_f32 = amax_f32.to(torch.float32)
-    s = torch.clamp(FP4_X_FP8_MAX / amax_f32, max=_FLT_MAX)
+    s = torch.clamp(_const_like(amax_f32, FP4_X_FP8_MAX) / amax_f32, max=_FLT_MAX)
     return torch.where((amax_f32 == 0) | (s == 0), torch.ones_like(s), s)
 
 
 def global_dec_scale_from_amax(amax_f32: Tensor) -> Tensor:
     """D = amax / 2688 in float32 (ModelOpt's weight_scale_2 and input_scale)."""
-    return amax_f32.to(torch.float32) / FP4_X_FP8_MAX
+    return amax_f32.to(torch.float32) / _const_like(amax_f32, FP4_X_FP8_MAX)
 
 
 def global_enc_scale_from_dec(global_dec_scale_f32: Tensor) -> Tensor:
@@ -148,16 +155,16 @@ def _block_amax(xb_f32: Tensor, nan_rule: str) -> Tensor:
 
 def _block_scale_f32(v_f32: Tensor, g_f32: Tensor, recipe: Recipe) -> Tensor:
     """The float32 block scale before E4M3 rounding (association per recipe)."""
-    sixth = torch.tensor(_ONE_SIXTH_F32, dtype=torch.float32, device=v_f32.device)
+    sixth = _const_like(v_f32, _ONE_SIXTH_F32)
     rule = recipe.block_scale_rule
     if rule == "te":
         s = torch.clamp(v_f32 * (g_f32 * sixth), max=_FLT_MAX)
     elif rule == "vllm":
         s = g_f32 * (v_f32 * sixth)
     elif rule == "modelopt":
-        s = v_f32 / (torch.tensor(6.0, dtype=torch.float32, device=v_f32.device) * g_f32)
+        s = v_f32 / (_const_like(v_f32, 6.0) * g_f32)
     else:  # torchao
-        s = (v_f32 / 6.0) / g_f32
+        s = (v_f32 / _const_like(v_f32, 6.0)) / g_f32
     if recipe.zero_block_scale_to_one:
         s = torch.where(s == 0, torch.ones_like(s), s)
     if recipe.block_scale_lower_clamp is not None:
@@ -170,10 +177,10 @@ def _scaled_for_grid(xb_f32: Tensor, s_f32: Tensor, g_f32: Tensor, recipe: Recip
     s = s_f32.unsqueeze(-1)
     rule = recipe.encode_rule
     if rule == "recip_clamped":
-        enc = torch.clamp(1.0 / (s * torch.reciprocal(g_f32)), max=_FLT_MAX)
+        enc = torch.clamp(torch.reciprocal(s * torch.reciprocal(g_f32)), max=_FLT_MAX)
         return xb_f32 * enc
     if rule == "recip_or_zero":
-        enc = torch.where(s != 0, 1.0 / (s * torch.reciprocal(g_f32)), torch.zeros_like(s))
+        enc = torch.where(s != 0, torch.reciprocal(s * torch.reciprocal(g_f32)), torch.zeros_like(s))
         return xb_f32 * enc
     if rule == "divide":
         return xb_f32 / (s * g_f32)
