@@ -185,15 +185,17 @@ def is_k_major(w: Tensor) -> bool:
 
 
 def k_major_view(w: Tensor) -> Tensor:
-    """Same shape [..., N, K/2], K-contiguous strides.
+    """Same shape [..., N, K/2], K-contiguous strides (a copy when w is not K-major).
 
-    A stacked or transposed weight that is N-major needs
-    permute(..., -1, -2).contiguous().permute(..., -1, -2): a single permute
-    would change the shape (NVFP4_FACTS.md section 3).
+    A weight stacked or transposed into N-major strides (stride(-2) == 1) must be
+    copied K-contiguous: for a tensor *shaped* [E, K, N] that is
+    permute(0,2,1).contiguous().permute(0,2,1) (NVFP4_FACTS section 3); for one
+    already shaped [..., N, K/2] it is .contiguous(). Transposing the view, making
+    that contiguous and transposing back returns the N-major layout unchanged.
     """
-    if is_k_major(w):
+    if is_k_major(w) and w.is_contiguous():
         return w
-    return w.transpose(-1, -2).contiguous().transpose(-1, -2)
+    return w.contiguous()
 
 
 def interleave_gate_up(gate: Tensor, up: Tensor, *, granularity: int) -> Tensor:
