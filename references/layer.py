@@ -1,0 +1,221 @@
+"""One DeepSeek-V4 decoder layer's verified parts, run stage by stage in either reference mode.
+
+`moe_block` and `attention_projections` return every named stage tensor (an ordered
+dict), in "emulated" mode (what a faithful NVFP4 kernel computes, references.linear) or
+"high" mode (unquantized activations, dequantized weights, float64). Comparing the two
+per stage is the format's own loss (DESIGN.md "Stages", way 3).
+
+Stage names (values comparable across modes; emulated mode adds the quantized bytes
+under "<stage>.<tensor>"):
+  router.logits router.scores router.ids router.weights
+  moe.act_quant moe.l1.gate moe.l1.up moe.swiglu moe.requant moe.l2 moe.combine
+  shared.act_quant shared.l1.gate shared.l1.up shared.swiglu shared.requant shared.l2 moe.out
+  attn.wq_a attn.wkv attn.q_norm attn.kv_norm attn.wq_b attn.wo_a attn.wo_b
+
+The attention core (sparse attention, indexer, compressor, rotary) is not emulated:
+wo_a consumes `attn_core_out` when given, else q (same shape [T, heads * head_dim]) as
+a stand-in, so the output projections see realistic operands.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from references import moe
+from references.linear import (
+    MODES,
+    Nvfp4Weight,
+    Weight,
+    decode_weight_f64,
+    dequantize_weight_f64,
+    linear,
+    quantize_act_for,
+    rms_norm,
+)
+from references.recipes import TE, Recipe
+from references.router import route
+
+__all__ = ["MoeSpec", "MoeWeights", "AttnSpec", "AttnWeights", "RunOptions", "moe_block", "attention_projections"]
+
+
+@dataclass(frozen=True)
+class MoeSpec:
+    """Hyper-parameters of one MoE block. renormalize None: DeepSeek's rule (all but softmax).
+    shared_swiglu_limit: the shared expert's clamp ("routed" = the same as swiglu_limit)."""
+
+    top_k: int
+    scoring: str
+    routed_scaling_factor: float
+    swiglu_limit: float | None
+    renormalize: bool | None = None
+    n_group: int | None = None
+    topk_group: int | None = None
+    shared_swiglu_limit: float | None | str = "routed"
+
+
+@dataclass(frozen=True)
+class MoeWeights:
+    """gate_weight [E, H] (bf16); gate_bias_f32 [E] or None; tid2eid [vocab, k] or None (hash
+    layer); experts: the routed stack; shared: (w1, w3, w2) or None."""
+
+    gate_weight: Tensor
+    gate_bias_f32: Tensor | None
+    tid2eid: Tensor | None
+    experts: moe.ExpertStack
+    shared: tuple[Weight, Weight, Weight] | None
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    n_heads: int
+    head_dim: int
+    o_groups: int
+    o_lora_rank: int
+    eps: float = 1e-6
+
+
+@dataclass(frozen=True)
+class AttnWeights:
+    wq_a: Weight
+    wkv: Weight
+    wq_b: Weight
+    wo_a: Weight
+    wo_b: Weight
+    q_norm: Tensor
+    kv_norm: Tensor
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """recipe: the NVFP4 activation quantizer; act_scale: "dynamic" (amax on the fly) or "static"
+    (the checkpoint's input_scale); weight_placement: "after_w2" (kernels) or "before_w2"
+    (DeepSeek's reference); fp8_scale_fmt: the FP8 activation block-scale format."""
+
+    recipe: Recipe = field(default=TE)
+    act_scale: str = "dynamic"
+    weight_placement: str = "after_w2"
+    fp8_scale_fmt: str = "ue8m0"
+
+    def __post_init__(self) -> None:
+        if self.act_scale not in ("dynamic", "static"):
+            raise ValueError(f"act_scale={self.act_scale!r}: expected 'dynamic' or 'static'")
+        if self.weight_placement not in moe.PLACEMENTS:
+            raise ValueError(f"weight_placement={self.weight_placement!r}: expected one of {moe.PLACEMENTS}")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+
+
+def _stack_input_scale(w: Weight) -> Tensor | None:
+    return w.input_scale_f32 if isinstance(w, Nvfp4Weight) else None
+
+
+def _per_expert_static(ws: list[Weight], name: str) -> Tensor:
+    scales = [_stack_input_scale(w) for w in ws]
+    if any(s is None for s in scales):
+        raise ValueError(f"act_scale='static' needs {name}.input_scale, which the checkpoint lacks")
+    return torch.stack(scales).amax(0).to(torch.float32)
+
+
+def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: RunOptions = RunOptions(),
+              token_ids_i64: Tensor | None = None) -> dict[str, Tensor]:
+    """The MoE block of one layer on x [T, H] (bf16, the ffn_norm output). Every stage tensor.
+
+    Routing is computed once from x (identical in both modes: the router is not quantized),
+    so the modes differ only by quantization. Hash layers (w.tid2eid) need token_ids_i64.
+    """
+    _check_mode(mode)
+    r = route(x, w.gate_weight, scoring=spec.scoring, top_k=spec.top_k,
+              routed_scaling_factor=spec.routed_scaling_factor, bias_f32=w.gate_bias_f32, tid2eid=w.tid2eid,
+              token_ids_i64=token_ids_i64, renormalize=spec.renormalize, n_group=spec.n_group,
+              topk_group=spec.topk_group)
+    out: dict[str, Tensor] = {"router.logits": r.logits_f32, "router.scores": r.scores_f32,
+                              "router.ids": r.ids_i64, "router.weights": r.weights_f32}
+    ex = w.experts
+    d = moe.dispatch(r.ids_i64, ex.num_experts)
+    rows = x[d.token_of_row_i64]
+    before = options.weight_placement == "before_w2"
+    row_weight = r.weights_f32[d.token_of_row_i64, d.slot_of_row_i64] if before else None
+    static = options.act_scale == "static"
+    if mode == "emulated":
+        s1 = _per_expert_static([ex.w1, ex.w3], "experts.w1/w3") if static else None
+        a = moe.act_quant(rows, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s1)
+        out.update({"moe.act_quant": a.value(), "moe.act_quant.packed_u8": a.packed_u8,
+                    "moe.act_quant.sf_u8": a.sf_u8, "moe.act_quant.global_dec_f32": a.global_dec_f32})
+    else:
+        a = rows.double()
+        out["moe.act_quant"] = a
+    gate, up = moe.l1(a, d.offsets_i64, ex, mode=mode)
+    h = moe.swiglu(gate, up, limit=spec.swiglu_limit, row_weight_f32=row_weight, mode=mode)
+    out.update({"moe.l1.gate": gate, "moe.l1.up": up, "moe.swiglu": h})
+    if mode == "emulated":
+        s2 = _per_expert_static([ex.w2], "experts.w2") if static else None
+        a2 = moe.requant(h, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s2)
+        out.update({"moe.requant": a2.value(), "moe.requant.packed_u8": a2.packed_u8,
+                    "moe.requant.sf_u8": a2.sf_u8, "moe.requant.global_dec_f32": a2.global_dec_f32})
+    else:
+        a2 = h
+        out["moe.requant"] = h
+    y_rows = moe.l2(a2, d.offsets_i64, ex, mode=mode)
+    routed = moe.combine(y_rows, d, None if before else r.weights_f32, mode=mode)
+    out.update({"moe.l2": y_rows, "moe.combine": routed})
+    total = routed.double()
+    if w.shared is not None:
+        limit = spec.swiglu_limit if spec.shared_swiglu_limit == "routed" else spec.shared_swiglu_limit
+        sh = moe.shared_expert(x, *w.shared, mode=mode, recipe=options.recipe, act_scale=options.act_scale,
+                               swiglu_limit=limit, fp8_scale_fmt=options.fp8_scale_fmt)
+        out.update({f"shared.{k}": v for k, v in sh.items()})
+        total = total + sh["l2"].double()
+    out["moe.out"] = total if mode == "high" else total.to(torch.bfloat16)
+    return out
+
+
+def _static_shared(ws: list[Weight], options: RunOptions) -> Tensor | None:
+    """max input_scale of linears sharing one activation quantization (fused GEMM), static mode."""
+    if options.act_scale != "static" or not all(isinstance(w, Nvfp4Weight) for w in ws):
+        return None
+    return _per_expert_static(ws, "attn.wq_a/wkv")
+
+
+def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: str,
+                          options: RunOptions = RunOptions(), attn_core_out: Tensor | None = None) -> dict[str, Tensor]:
+    """The attention projections on x [T, H] (bf16, the attn_norm output). Every stage tensor.
+
+    wq_a and wkv share one activation quantization (the fused GEMM: static scale = the max
+    of their input_scales); q = wq_b(q_norm(wq_a(x))); kv = kv_norm(wkv(x)); wo_a is applied
+    per output group (einsum "tgd,grd->tgr") on one quantization of the whole [T, heads*hd]
+    input; wo_b maps the [T, groups*rank] result to [T, H].
+    """
+    _check_mode(mode)
+    kw = dict(mode=mode, recipe=options.recipe, act_scale=options.act_scale, fp8_scale_fmt=options.fp8_scale_fmt)
+    fused_scale = _static_shared([w.wq_a, w.wkv], options)
+    qr, acts = linear(x, w.wq_a, input_scale_f32=fused_scale, **kw)
+    kv, _ = linear(x, w.wkv, input_scale_f32=fused_scale, **kw)
+    out: dict[str, Tensor] = {"attn.wq_a": qr, "attn.wkv": kv}
+    out.update({f"attn.act_quant.{k}": v for k, v in acts.items()})
+    qn = rms_norm(qr, w.q_norm, eps=spec.eps, mode=mode)
+    kvn = rms_norm(kv, w.kv_norm, eps=spec.eps, mode=mode)
+    q, _ = linear(qn, w.wq_b, **kw)
+    out.update({"attn.q_norm": qn, "attn.kv_norm": kvn, "attn.wq_b": q})
+    o = q if attn_core_out is None else attn_core_out
+    t, g, r = o.shape[0], spec.o_groups, spec.o_lora_rank
+    if o.shape[1] != spec.n_heads * spec.head_dim or o.shape[1] % g:
+        raise ValueError(f"attn_core_out {tuple(o.shape)}: expected [T, {spec.n_heads * spec.head_dim}]")
+    if mode == "high":
+        wa = dequantize_weight_f64(w.wo_a).view(g, r, -1)
+        oa = torch.einsum("tgd,grd->tgr", o.double().view(t, g, -1), wa).reshape(t, g * r)
+    else:
+        a, alpha, acts = quantize_act_for(o, w.wo_a, recipe=options.recipe, act_scale=options.act_scale,
+                                          fp8_scale_fmt=options.fp8_scale_fmt)
+        out.update({f"attn.wo_a.act_quant.{k}": v for k, v in acts.items()})
+        b = decode_weight_f64(w.wo_a).view(g, r, -1)
+        oa = torch.einsum("tgd,grd->tgr", a.view(t, g, -1), b).reshape(t, g * r)
+        oa = (oa if alpha is None else oa * alpha.double()).to(torch.bfloat16)
+    y, _ = linear(oa, w.wo_b, **kw)
+    out.update({"attn.wo_a": oa, "attn.wo_b": y})
+    return out

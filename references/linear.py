@@ -1,0 +1,283 @@
+"""Linear layers of a DeepSeek layer, in the two reference modes, for NVFP4, FP8 block-128 and BF16 weights.
+
+Modes (DESIGN.md "Stages", ways 2 and 3):
+- "emulated": what a faithful production kernel computes. The activation is quantized
+  to the weight's format (NVFP4 with a recipe and a global scale; FP8 1x128 blocks for
+  FP8 weights; none for BF16), every product of decoded operands is exact, the dot
+  products are taken in float64 (exact up to ~2^-53) and the result is rounded ONCE to
+  the output dtype. A kernel differs from this only by its accumulation order/width,
+  which the GEMM verdict bounds.
+- "high": unquantized activations (float64), dequantized weights (float64), no
+  rounding to a storage dtype: the format's own loss is emulated - high.
+
+Weights are plain tensors in checkpoint layout (bytes as stored); verify/ builds these
+from its loader. Nothing here picks a device: tensors stay where they are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from references.codecs import e4m3_bytes_to_f32, f32_to_e4m3_bytes, f32_to_ue8m0_bytes, ue8m0_bytes_to_f32
+from references.nvfp4 import (
+    Nvfp4Quantized,
+    decode_nvfp4_block_scaled,
+    global_dec_scale_from_amax,
+    global_enc_scale_from_dec,
+    quantize_nvfp4,
+    te_global_enc_scale,
+)
+from references.recipes import Recipe
+
+__all__ = [
+    "MODES",
+    "ACT_SCALE_MODES",
+    "Nvfp4Weight",
+    "Fp8Block128Weight",
+    "Bf16Weight",
+    "Weight",
+    "Fp8Block128Act",
+    "nvfp4_global_scale_for",
+    "quantize_act_nvfp4",
+    "quantize_act_fp8_block128",
+    "dequantize_weight_f64",
+    "decode_weight_f64",
+    "quantize_act_for",
+    "quantized_operands",
+    "linear",
+    "rms_norm",
+]
+
+MODES = ("emulated", "high")
+ACT_SCALE_MODES = ("dynamic", "static")
+FP8_BLOCK = 128
+FP8_MAX = 448.0
+FP8_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant clamps the block amax from below
+
+
+@dataclass(frozen=True)
+class Nvfp4Weight:
+    """ModelOpt NVFP4 weight (or a stack: every tensor with a leading [E]).
+
+    packed_u8 [..., N, K/2] (element 2i low nibble); sf_u8 [..., N, K/16] E4M3 bytes, linear;
+    global_dec_f32 [...] weight_scale_2; input_scale_f32 [...] static activation decode
+    scale (amax_x / 2688) or None.
+    """
+
+    packed_u8: Tensor
+    sf_u8: Tensor
+    global_dec_f32: Tensor
+    input_scale_f32: Tensor | None = None
+
+    @property
+    def n(self) -> int:
+        return self.packed_u8.shape[-2]
+
+    @property
+    def k(self) -> int:
+        return self.packed_u8.shape[-1] * 2
+
+    def expert(self, e: int) -> "Nvfp4Weight":
+        return Nvfp4Weight(self.packed_u8[e], self.sf_u8[e], self.global_dec_f32[e],
+                           None if self.input_scale_f32 is None else self.input_scale_f32[e])
+
+
+@dataclass(frozen=True)
+class Fp8Block128Weight:
+    """E4M3 weight bytes [..., N, K] with float32 128x128 block decode scales [..., ceil(N/128), ceil(K/128)]."""
+
+    e4m3_u8: Tensor
+    block_dec_f32: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.e4m3_u8.shape[-2]
+
+    @property
+    def k(self) -> int:
+        return self.e4m3_u8.shape[-1]
+
+    def expert(self, e: int) -> "Fp8Block128Weight":
+        return Fp8Block128Weight(self.e4m3_u8[e], self.block_dec_f32[e])
+
+
+@dataclass(frozen=True)
+class Bf16Weight:
+    """An unquantized weight [..., N, K] (bf16, or float32 as stored)."""
+
+    w: Tensor
+
+    @property
+    def n(self) -> int:
+        return self.w.shape[-2]
+
+    @property
+    def k(self) -> int:
+        return self.w.shape[-1]
+
+    def expert(self, e: int) -> "Bf16Weight":
+        return Bf16Weight(self.w[e])
+
+
+Weight = Nvfp4Weight | Fp8Block128Weight | Bf16Weight
+
+
+# ----------------------------------------------------------------------------- weights
+
+
+def _expand_blocks(scale: Tensor, n: int, k: int) -> Tensor:
+    return scale.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :].repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]
+
+
+def decode_weight_f64(w: Weight) -> Tensor:
+    """The weight without its per-tensor global scale, float64 [..., N, K] (exact):
+    NVFP4 e2m1 * block scale; FP8 e4m3 * block scale (the whole value); BF16 as is."""
+    if isinstance(w, Nvfp4Weight):
+        return decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64)
+    if isinstance(w, Fp8Block128Weight):
+        vals = e4m3_bytes_to_f32(w.e4m3_u8).double()
+        return vals * _expand_blocks(w.block_dec_f32.double(), w.n, w.k)
+    return w.w.double()
+
+
+def dequantize_weight_f64(w: Weight) -> Tensor:
+    """The weight's real values in float64 (NVFP4: decode * weight_scale_2, exact in float64)."""
+    d = decode_weight_f64(w)
+    if isinstance(w, Nvfp4Weight):
+        d = d * w.global_dec_f32.double()[..., None, None]
+    return d
+
+
+# ----------------------------------------------------------------------------- activations
+
+
+def nvfp4_global_scale_for(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor | None) -> dict[str, Tensor]:
+    """The activation global scale in the recipe's convention, as a quantize_nvfp4 keyword.
+
+    Static (input_scale_f32 given, a decode scale amax/2688 from the checkpoint): enc
+    recipes get S = 1/input_scale (float32 reciprocal), dec recipes D = input_scale.
+    Dynamic (None): amax over all of x; enc recipes S = te_global_enc_scale(amax), dec
+    recipes D = amax/2688.
+    """
+    if input_scale_f32 is not None:
+        d = input_scale_f32.to(torch.float32).reshape(())
+        if recipe.global_convention == "enc":
+            return {"global_enc_scale_f32": global_enc_scale_from_dec(d)}
+        return {"global_dec_scale_f32": d}
+    amax = torch.amax(x.abs()).to(torch.float32) if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+    if recipe.global_convention == "enc":
+        return {"global_enc_scale_f32": te_global_enc_scale(amax)}
+    return {"global_dec_scale_f32": global_dec_scale_from_amax(amax)}
+
+
+def quantize_act_nvfp4(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor | None) -> Nvfp4Quantized:
+    """bf16 [M, K] -> NVFP4 with a static (input_scale) or dynamic (amax) global scale."""
+    return quantize_nvfp4(x, recipe=recipe, **nvfp4_global_scale_for(x, recipe=recipe, input_scale_f32=input_scale_f32))
+
+
+@dataclass(frozen=True)
+class Fp8Block128Act:
+    """FP8 activation: e4m3_u8 [M, K]; block_dec_f32 [M, ceil(K/128)] (one scale per 1x128 block)."""
+
+    e4m3_u8: Tensor
+    block_dec_f32: Tensor
+
+    def decode_f64(self) -> Tensor:
+        k = self.e4m3_u8.shape[-1]
+        return e4m3_bytes_to_f32(self.e4m3_u8).double() * self.block_dec_f32.double().repeat_interleave(FP8_BLOCK, -1)[..., :k]
+
+
+def quantize_act_fp8_block128(x: Tensor, *, scale_fmt: str = "ue8m0") -> Fp8Block128Act:
+    """DeepSeek's act_quant: per 1x128 block, s = max(amax, 1e-4) / 448 (float32), rounded up to a
+    power of two for scale_fmt "ue8m0" (V4's FP8 path) or kept for "f32"; codes = E4M3(x / s)
+    (RNE, saturating; |x / s| <= 448 by construction)."""
+    if scale_fmt not in ("ue8m0", "f32"):
+        raise ValueError(f"scale_fmt={scale_fmt!r}: expected 'ue8m0' or 'f32'")
+    m, k = x.shape
+    pad = (-k) % FP8_BLOCK
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, -1, FP8_BLOCK)
+    amax = torch.clamp(xf.abs().amax(-1), min=FP8_AMAX_FLOOR)
+    s = amax / torch.tensor(FP8_MAX, dtype=torch.float32, device=x.device)
+    if scale_fmt == "ue8m0":
+        s = ue8m0_bytes_to_f32(f32_to_ue8m0_bytes(s, rounding="ceil"))
+    codes = f32_to_e4m3_bytes(xf / s.unsqueeze(-1), saturate=True).view(m, -1)[:, :k]
+    return Fp8Block128Act(codes, s)
+
+
+# ----------------------------------------------------------------------------- linear
+
+
+def _act_scale_for(w: Nvfp4Weight, act_scale: str) -> Tensor | None:
+    if act_scale not in ACT_SCALE_MODES:
+        raise ValueError(f"act_scale={act_scale!r}: expected one of {ACT_SCALE_MODES}")
+    if act_scale == "dynamic":
+        return None
+    if w.input_scale_f32 is None:
+        raise ValueError("act_scale='static' needs the weight's input_scale, which is missing")
+    return w.input_scale_f32
+
+
+def quantize_act_for(x: Tensor, w: Weight, *, recipe: Recipe, act_scale: str = "dynamic",
+                     input_scale_f32: Tensor | None = None,
+                     fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor | None, dict[str, Tensor]]:
+    """x [M, K'] quantized to what weight w's GEMM takes: (a_f64, alpha_f32 or None, activation tensors).
+
+    NVFP4: `recipe`, global scale static from input_scale_f32 (else the weight's input_scale
+    when act_scale="static", else dynamic from amax over x); a_f64 = decoded values without
+    the global scale; alpha = float32(a_dec * w_dec), as a kernel forms it.
+    FP8: per 1x128 block (DeepSeek's act_quant), a_f64 fully decoded, alpha None. BF16: x as bf16.
+    K' may differ from w.k (grouped projections quantize their whole input once).
+    """
+    if isinstance(w, Nvfp4Weight):
+        scale = input_scale_f32 if input_scale_f32 is not None else _act_scale_for(w, act_scale)
+        q = quantize_act_nvfp4(x, recipe=recipe, input_scale_f32=scale)
+        a_dec = q.global_dec_scale().to(torch.float32)
+        acts = {"packed_u8": q.packed_u8, "sf_u8": q.sf_u8, "global_dec_f32": a_dec.reshape(1)}
+        return (decode_nvfp4_block_scaled(q.packed_u8, q.sf_u8, dtype=torch.float64),
+                a_dec * w.global_dec_f32.to(torch.float32), acts)
+    if isinstance(w, Fp8Block128Weight):
+        a = quantize_act_fp8_block128(x, scale_fmt=fp8_scale_fmt)
+        return a.decode_f64(), None, {"e4m3_u8": a.e4m3_u8, "block_dec_f32": a.block_dec_f32}
+    return x.to(torch.bfloat16).double(), None, {}
+
+
+def quantized_operands(x: Tensor, w: Weight, *, recipe: Recipe, act_scale: str = "dynamic",
+                       input_scale_f32: Tensor | None = None,
+                       fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor, Tensor | None, dict[str, Tensor]]:
+    """What an emulated GEMM multiplies: (a_f64 [M, K], w_f64 [N, K], alpha_f32 or None, activation
+    tensors); see quantize_act_for. w_f64 is decode_weight_f64(w) (no global scale)."""
+    if x.shape[-1] != w.k:
+        raise ValueError(f"x {tuple(x.shape)}: last dim must be the weight's K={w.k}")
+    a, alpha, acts = quantize_act_for(x, w, recipe=recipe, act_scale=act_scale, input_scale_f32=input_scale_f32,
+                                      fp8_scale_fmt=fp8_scale_fmt)
+    return a, decode_weight_f64(w), alpha, acts
+
+
+def linear(x: Tensor, w: Weight, *, mode: str, recipe: Recipe, act_scale: str = "dynamic",
+           input_scale_f32: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+           fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, dict[str, Tensor]]:
+    """y = x @ W^T in `mode`. Returns (y, quantized-activation tensors keyed by name).
+
+    emulated: y = round_{out_dtype}(a_f64 @ w_f64^T * alpha) with the operands of
+    quantized_operands (one rounding of the exact result). high: float64 x @ dequantized W.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    if mode == "high":
+        if x.shape[-1] != w.k:
+            raise ValueError(f"x {tuple(x.shape)}: last dim must be the weight's K={w.k}")
+        return x.double() @ dequantize_weight_f64(w).T, {}
+    a, b, alpha, acts = quantized_operands(x, w, recipe=recipe, act_scale=act_scale, input_scale_f32=input_scale_f32,
+                                           fp8_scale_fmt=fp8_scale_fmt)
+    y = a @ b.T
+    return (y if alpha is None else y * alpha.double()).to(out_dtype), acts
+
+
+def rms_norm(x: Tensor, weight: Tensor, *, eps: float, mode: str) -> Tensor:
+    """weight * x / sqrt(mean(x^2) + eps) over the last dim, in float64; emulated rounds once to bf16."""
+    x64 = x.double()
+    y = weight.double() * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
+    return y if mode == "high" else y.to(torch.bfloat16)
