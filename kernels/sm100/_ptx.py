@@ -8,10 +8,21 @@ imported on first use only).
 - cvt_e4m3_u32(s): f32 -> E4M3 byte (RNE, satfinite to 448) in the low byte of a u32.
 - e4m3_u32_to_f32(b): the E4M3 byte's exact value as f32.
 - mul_rn_plus_zero(x, m): RN(RN(x*m) + 0), never contracted into an FMA.
+- te_quantize_block16_f32(y, global_enc): one 16-element block, recipe te (below);
+  returns (scale byte as i32, codes 0..7 as u32, codes 8..15 as u32). Shared by the
+  activation quantizer and the L1 SwiGLU epilogue's NVFP4 output.
+
+Recipe te for a block y[0..15] (f32) and the global encode scale S (2688/amax):
+  v      = max |y_i|                           (fmax: NaN elements ignored)
+  s      = e4m3_rne_satfinite(min(v * (S * (1/6)), FLT_MAX))
+  enc    = min(1 / (float(s) * (1/S)), FLT_MAX)
+  code_i = e2m1_rne_satfinite(RN(y_i * enc) + 0)
 """
 
 import functools
 from types import SimpleNamespace
+
+FLT_MAX = 3.4028234663852886e38
 
 
 @functools.lru_cache(maxsize=1)
@@ -66,5 +77,19 @@ def ptx_ops() -> SimpleNamespace:
         return Float32(_asm(T.f32(), [Float32(x).ir_value(loc=loc, ip=ip), Float32(m).ir_value(loc=loc, ip=ip)],
                             text, "=f,f,f"))
 
+    def te_quantize_block16_f32(y, global_enc):
+        # Traced inside a kernel: the Python loops unroll at trace time.
+        import cutlass.cute as cute
+
+        v = Float32(0.0)
+        for i in range(16):
+            v = cute.arch.fmax(v, cute.arch.fmax(y[i], -y[i]))
+        s_f32 = cute.arch.fmin(v * (global_enc * Float32(1.0 / 6.0)), Float32(FLT_MAX))
+        sf_byte = cvt_e4m3_u32(s_f32)
+        s_dec = e4m3_u32_to_f32(sf_byte)
+        mult = cute.arch.fmin(Float32(1.0) / (s_dec * (Float32(1.0) / global_enc)), Float32(FLT_MAX))
+        q = [mul_rn_plus_zero(y[i], mult) for i in range(16)]
+        return sf_byte, cvt_e2m1x8_u32(*q[:8]), cvt_e2m1x8_u32(*q[8:])
+
     return SimpleNamespace(cvt_e2m1x8_u32=cvt_e2m1x8_u32, cvt_e4m3_u32=cvt_e4m3_u32, e4m3_u32_to_f32=e4m3_u32_to_f32,
-                           mul_rn_plus_zero=mul_rn_plus_zero)
+                           mul_rn_plus_zero=mul_rn_plus_zero, te_quantize_block16_f32=te_quantize_block16_f32)

@@ -2,6 +2,13 @@
 
 verify/backend.py adapts this plain class to the suite's Backend protocol; nothing
 here imports references/ or verify/. cutlass is imported only when a kernel compiles.
+
+CUDA graphs with a changing token count: every forward op takes an optional
+`num_valid_rows_i32` / `num_valid_tokens_i32`, an int32 [1] tensor on the device that
+the caller mutates in place before replay. Buffers keep the captured (maximum) number
+of rows; the kernels read the count at run time and write zeros for rows past it;
+the MoE path drops the routing of tokens past it (moe_routing). Nothing reads it on
+the host, so eager, capture and replay launch the same kernels with the same shapes.
 """
 
 from __future__ import annotations
@@ -20,7 +27,7 @@ __all__ = ["Sm100Backend", "OPS"]
 
 OPS = (
     "quantize_nvfp4", "quantize_nvfp4_dynamic", "quantize_nvfp4_static", "gemm_nvfp4",
-    "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "router", "combine",
+    "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "linear_nvfp4", "moe_experts", "router", "combine",
 )
 
 
@@ -67,51 +74,76 @@ class Sm100Backend:
 
     # ---------------------------------------------------------------- quantize
 
-    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
-        """bf16 [M, K] -> (packed_u8 [M, K/2], sf_swizzled_u8 [Mp, Cp]), recipe te, given S."""
-        packed, sf, _ = quant.launch(x_bf16, global_enc_scale_f32=global_enc_scale_f32.reshape(1))
+    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor, *,
+                       num_valid_rows_i32: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """bf16 [M, K] -> (packed_u8 [M, K/2], sf_swizzled_u8 [Mp, Cp]), recipe te, given S.
+
+        Rows >= num_valid_rows_i32 (int32 [1] on the device) come out as zero bytes.
+        """
+        packed, sf, _ = quant.launch(x_bf16, global_enc_scale_f32=global_enc_scale_f32.reshape(1),
+                                     num_valid_rows_i32=num_valid_rows_i32)
         return packed, sf
 
-    def quantize_nvfp4_dynamic(self, x_bf16: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """S = 2688/amax(x) on the device, then quantize: (packed_u8, sf_swizzled_u8, S [1])."""
-        return quant.launch(x_bf16)
+    def quantize_nvfp4_dynamic(self, x_bf16: Tensor, *,
+                               num_valid_rows_i32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """S = 2688/amax(x) on the device (over the valid rows), then quantize: (packed_u8, sf_swizzled_u8, S [1])."""
+        return quant.launch(x_bf16, num_valid_rows_i32=num_valid_rows_i32)
 
-    def quantize_nvfp4_static(self, x_bf16: Tensor, input_dec_scale_f32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def quantize_nvfp4_static(self, x_bf16: Tensor, input_dec_scale_f32: Tensor, *,
+                              num_valid_rows_i32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """Checkpoint input_scale D (amax/2688): S = 1/D on the device, then quantize."""
-        return quant.launch(x_bf16, input_dec_scale_f32=input_dec_scale_f32)
+        return quant.launch(x_bf16, input_dec_scale_f32=input_dec_scale_f32, num_valid_rows_i32=num_valid_rows_i32)
 
     # ---------------------------------------------------------------- GEMMs
 
     def gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor,
-                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
-        """bf16 [M, N] = alpha * A @ B^T (A [M, K], B [N, K] NVFP4, 128x4 swizzled scales)."""
+                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor, *,
+                   num_valid_rows_i32: Tensor | None = None) -> Tensor:
+        """bf16 [M, N] = alpha * A @ B^T (A [M, K], B [N, K] NVFP4, 128x4 swizzled scales).
+
+        Rows >= num_valid_rows_i32 (int32 [1] on the device) are zero; their tiles do no MMA.
+        """
         if b_packed_u8.dim() != 2 or b_sf_swizzled_u8.dim() != 2:
             raise ValueError(f"b_packed_u8 {tuple(b_packed_u8.shape)} / b_sf_swizzled_u8 "
                              f"{tuple(b_sf_swizzled_u8.shape)}: expected [N, K/2] and [Np, Cp]")
         ones = _ones_f32(str(a_packed_u8.device))
         weight = host_bridge.Sm100Nvfp4Weight(b_packed_u8.unsqueeze(0), b_sf_swizzled_u8.unsqueeze(0), ones)
-        return gemm.launch_dense(a_packed_u8, a_sf_swizzled_u8, alpha_f32.reshape(1), weight)
+        return gemm.launch_dense(a_packed_u8, a_sf_swizzled_u8, alpha_f32.reshape(1), weight,
+                                 num_valid_rows_i32=num_valid_rows_i32)
+
+    def linear_nvfp4(self, x_bf16: Tensor, weight: host_bridge.Sm100Nvfp4Weight, *,
+                     input_dec_scale_f32: Tensor | None = None,
+                     num_valid_rows_i32: Tensor | None = None) -> Tensor:
+        """The dense path of one NVFP4 linear: quantize x (static scale if given, else dynamic
+        over the valid rows), then the dense GEMM -> bf16 [M, N]; rows >= n are zero."""
+        a, a_sf, s = quant.launch(x_bf16, input_dec_scale_f32=input_dec_scale_f32,
+                                  num_valid_rows_i32=num_valid_rows_i32)
+        return gemm.launch_dense(a, a_sf, torch.reciprocal(s), weight, num_valid_rows_i32=num_valid_rows_i32)
 
     def grouped_gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
-                           weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor) -> Tensor:
+                           weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor, *,
+                           num_valid_rows_i32: Tensor | None = None) -> Tensor:
         """Padded-per-expert rows [R, K/2] x experts [E, N, K/2] -> bf16 [R, N]."""
-        return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight, tile_expert_i32)
+        return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight, tile_expert_i32,
+                                   num_valid_rows_i32=num_valid_rows_i32)
 
     def grouped_gemm_swiglu(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
                             weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor,
-                            swiglu_limit: float) -> Tensor:
+                            swiglu_limit: float, *, num_valid_rows_i32: Tensor | None = None) -> Tensor:
         """L1 with the clamped SwiGLU epilogue -> bf16 [R, N/2] (weight from prepare_gate_up_weight)."""
         return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight,
-                                   tile_expert_i32, swiglu_limit=swiglu_limit)
+                                   tile_expert_i32, swiglu_limit=swiglu_limit, num_valid_rows_i32=num_valid_rows_i32)
 
     # ---------------------------------------------------------------- routing
 
     def router(self, x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scaling_factor: float,
                bias_f32: Tensor | None = None, tid2eid_i64: Tensor | None = None,
-               token_ids_i64: Tensor | None = None) -> moe_routing.Routing:
+               token_ids_i64: Tensor | None = None,
+               num_valid_tokens_i32: Tensor | None = None) -> moe_routing.Routing:
         logits = moe_routing.router_logits_f32(x_bf16, gate_weight_bf16)
         return moe_routing.route(logits, top_k=top_k, routed_scaling_factor=routed_scaling_factor,
-                                 bias_f32=bias_f32, tid2eid_i64=tid2eid_i64, token_ids_i64=token_ids_i64)
+                                 bias_f32=bias_f32, tid2eid_i64=tid2eid_i64, token_ids_i64=token_ids_i64,
+                                 num_valid_tokens_i32=num_valid_tokens_i32)
 
     def combine(self, expert_out_bf16: Tensor, perm: moe_routing.Permutation, weights_f32: Tensor) -> Tensor:
         return moe_routing.combine_bf16(expert_out_bf16, perm, weights_f32)
@@ -119,19 +151,27 @@ class Sm100Backend:
     def moe_experts(self, x_bf16: Tensor, routing: moe_routing.Routing, w13: host_bridge.Sm100Nvfp4Weight,
                     w2: host_bridge.Sm100Nvfp4Weight, *, swiglu_limit: float,
                     l1_input_dec_scale_f32: Tensor | None = None,
-                    l2_input_dec_scale_f32: Tensor | None = None) -> Tensor:
+                    l2_input_dec_scale_f32: Tensor | None = None,
+                    num_valid_tokens_i32: Tensor | None = None) -> Tensor:
         """Routed experts of one MoE layer: permute, quantize, L1+SwiGLU, requantize, L2, combine.
 
         Static activation scales when the checkpoint's input_scale tensors are given,
         dynamic (amax on the device) otherwise. No host sync anywhere.
+        num_valid_tokens_i32: optional int32 [1] on the device, n <= T: tokens t >= n reach
+        no expert and their output rows are zero; the valid tokens' bytes equal those of
+        a call on the first n tokens alone. The quantizers and GEMMs stop at the padded
+        row total of the real experts (perm.valid_rows_i32), read on the device.
         """
         num_experts = w13.num_batches
-        perm = moe_routing.permute(routing.ids_i64, num_experts)
+        perm = moe_routing.permute(routing.ids_i64, num_experts, num_valid_tokens_i32)
+        rows = perm.valid_rows_i32
         xp = moe_routing.gather_rows_bf16(x_bf16, perm, routing.ids_i64.shape[1])
-        a, a_sf, s1 = quant.launch(xp, input_dec_scale_f32=l1_input_dec_scale_f32)
-        h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit)
-        a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32)
-        y = self.grouped_gemm_nvfp4(a2, a2_sf, torch.reciprocal(s2), w2, perm.tile_expert_i32)
+        a, a_sf, s1 = quant.launch(xp, input_dec_scale_f32=l1_input_dec_scale_f32, num_valid_rows_i32=rows)
+        h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit,
+                                     num_valid_rows_i32=rows)
+        a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32, num_valid_rows_i32=rows)
+        y = self.grouped_gemm_nvfp4(a2, a2_sf, torch.reciprocal(s2), w2, perm.tile_expert_i32,
+                                    num_valid_rows_i32=rows)
         return self.combine(y, perm, routing.weights_f32)
 
     def cache_clear(self) -> None:

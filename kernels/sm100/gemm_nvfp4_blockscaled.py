@@ -157,6 +157,7 @@ def _kernel_class():
             b_dec_scale_ptr: cute.Pointer,
             b2_dec_scale_ptr: cute.Pointer,
             tile_expert_ptr: cute.Pointer,
+            valid_rows_ptr: cute.Pointer,
             m: cutlass.Int32,
             n: cutlass.Int32,
             k: cutlass.Int32,
@@ -182,6 +183,7 @@ def _kernel_class():
             b2_dec_scale = cute.make_tensor(b2_dec_scale_ptr, cute.make_layout(num_batches))
             num_m_tiles = (m + TILE_M - 1) // TILE_M
             tile_expert = cute.make_tensor(tile_expert_ptr, cute.make_layout(num_m_tiles))
+            valid_rows = cute.make_tensor(valid_rows_ptr, cute.make_layout(1))
 
             mma_op = tcgen05.MmaMXF4NVF4Op(
                 e4m3, (TILE_M, self.tile_n, MMA_K), tcgen05.CtaGroup.ONE, tcgen05.OperandSource.SMEM
@@ -220,7 +222,7 @@ def _kernel_class():
                 tiled_mma,
                 tma_a, tma_a_tensor, tma_b, tma_b_tensor,
                 tma_sfa, tma_sfa_tensor, tma_sfb, tma_sfb_tensor,
-                out, a_dec_scale, b_dec_scale, b2_dec_scale, tile_expert, swiglu_limit,
+                out, a_dec_scale, b_dec_scale, b2_dec_scale, tile_expert, valid_rows, swiglu_limit,
                 a_smem_staged, b_smem_staged, sfa_smem_staged, sfb_smem_staged,
             ).launch(grid=grid, block=[NUM_THREADS, 1, 1], cluster=(1, 1, 1), stream=stream)
 
@@ -237,6 +239,7 @@ def _kernel_class():
             b_dec_scale: cute.Tensor,
             b2_dec_scale: cute.Tensor,
             tile_expert: cute.Tensor,
+            valid_rows: cute.Tensor,
             swiglu_limit: cutlass.Float32,
             a_smem_staged: cute.ComposedLayout,
             b_smem_staged: cute.ComposedLayout,
@@ -251,7 +254,11 @@ def _kernel_class():
             batch = cutlass.Int32(0)
             if cutlass.const_expr(self.grouped):
                 batch = tile_expert[tile_m]
-            tile_valid = batch >= 0
+            # Rows of this tile below the device-side valid-row count (read here, at run time,
+            # so a captured graph replays with fewer tokens). A tile with none is skipped
+            # like a padding tile: no TMA, no MMA, zeros written.
+            rows_in_tile = valid_rows[0] - tile_m * TILE_M
+            tile_valid = (batch >= 0) & (rows_in_tile > 0)
 
             if warp_idx == TMA_WARP:
                 cpasync.prefetch_descriptor(tma_a)
@@ -411,6 +418,9 @@ def _kernel_class():
                 gOut = cute.local_tile(mOut, (TILE_M, self.out_tile_n), (tile_m, tile_n))
                 gOut_epi = cute.flat_divide(gOut, (TILE_M, EPI_N))
                 tTR_gOut = thr_t2r.partition_D(gOut_epi)
+                # Tile-local (row, col) of each register, to zero rows at or past the valid count.
+                cOut_epi = cute.flat_divide(cute.make_identity_tensor((TILE_M, self.out_tile_n)), (TILE_M, EPI_N))
+                tTR_cOut = thr_t2r.partition_D(cOut_epi)
 
                 r_acc = cute.make_rmem_tensor(tTR_gOut[(None, None, None, 0, 0)].shape, f32)
                 r_acc2 = cute.make_rmem_tensor(tTR_gOut[(None, None, None, 0, 0)].shape, f32)
@@ -438,6 +448,11 @@ def _kernel_class():
                         else:
                             for i in cutlass.range_constexpr(cute.size(r_acc)):
                                 r_out[i] = (r_acc[i] * alpha).to(bf16)
+                        # Rows past the valid count are defined as zero (their A rows may hold stale data).
+                        tTR_cOut_j = tTR_cOut[(None, None, None, 0, j)]
+                        for i in cutlass.range_constexpr(cute.size(r_out)):
+                            if tTR_cOut_j[i][0] >= rows_in_tile:
+                                r_out[i] = bf16(0.0)
                         cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
                     acc_full.release()
                 else:
@@ -459,62 +474,38 @@ def _kernel_class():
 # --------------------------------------------------------------------------------------
 
 
-def _fake_ptr(dtype, align: int):
-    from cutlass.cute.runtime import make_ptr
-    import cutlass.cute as cute
-
-    # A non-null, suitably aligned address: compile never dereferences it.
-    return make_ptr(dtype, 1 << 20, cute.AddressSpace.gmem, assumed_align=align)
-
-
 def _compile_args(key: CompileKey):
     """Placeholder arguments with the types (and alignment assumptions) the kernel is compiled for."""
-    import cuda.bindings.driver as cuda
     import cutlass
 
+    from kernels.sm100._launch import fake_ptr, fake_stream
+
     return (
-        _fake_ptr(cutlass.Float4E2M1FN, 16),  # a
-        _fake_ptr(cutlass.Float4E2M1FN, 16),  # b
-        _fake_ptr(cutlass.Float8E4M3FN, 16),  # sfa
-        _fake_ptr(cutlass.Float8E4M3FN, 16),  # sfb
-        _fake_ptr(cutlass.BFloat16, 16),  # out
-        _fake_ptr(cutlass.Float32, 4),  # a_dec_scale
-        _fake_ptr(cutlass.Float32, 4),  # b_dec_scale
-        _fake_ptr(cutlass.Float32, 4),  # b2_dec_scale
-        _fake_ptr(cutlass.Int32, 4),  # tile_expert
+        fake_ptr("Float4E2M1FN", 16),  # a
+        fake_ptr("Float4E2M1FN", 16),  # b
+        fake_ptr("Float8E4M3FN", 16),  # sfa
+        fake_ptr("Float8E4M3FN", 16),  # sfb
+        fake_ptr("BFloat16", 16),  # out
+        fake_ptr("Float32", 4),  # a_dec_scale
+        fake_ptr("Float32", 4),  # b_dec_scale
+        fake_ptr("Float32", 4),  # b2_dec_scale
+        fake_ptr("Int32", 4),  # tile_expert
+        fake_ptr("Int32", 4),  # valid_rows
         cutlass.Int32(128),
         cutlass.Int32(key.tile_n),
         cutlass.Int32(256),
         cutlass.Int32(1),
         cutlass.Float32(10.0),
-        cuda.CUstream(0),
+        fake_stream(),
     )
 
 
 @functools.lru_cache(maxsize=16)
 def _compile(key: CompileKey):
-    """Compile the kernel for `key` (no GPU needed; the target is key.arch).
+    """Compile the kernel for `key` (no GPU needed; the target is key.arch)."""
+    from kernels.sm100._launch import compile_for_arch
 
-    Returns the JIT-compiled function; its `__ptx__` holds the PTX when compiled
-    with keep_ptx (see compile_with_ptx).
-    """
-    return _compile_impl(key, dump_dir=None)
-
-
-def _compile_impl(key: CompileKey, *, dump_dir):
-    import os
-
-    arch_env = os.environ.get("CUTE_DSL_ARCH")
-    if arch_env is not None and arch_env != key.arch:
-        raise ValueError(
-            f"CUTE_DSL_ARCH={arch_env!r} but CompileKey.arch={key.arch!r}: set CUTE_DSL_ARCH before importing cutlass"
-        )
-    import cutlass.cute as cute
-
-    kernel = _kernel_class()(key)
-    if dump_dir is not None:
-        return cute.compile(kernel, *_compile_args(key), options=f"--keep-ptx --dump-dir={dump_dir}")
-    return cute.compile(kernel, *_compile_args(key))
+    return compile_for_arch(_kernel_class()(key), _compile_args(key), arch=key.arch)
 
 
 def compile_with_ptx(key: CompileKey, dump_dir: str):
@@ -522,48 +513,14 @@ def compile_with_ptx(key: CompileKey, dump_dir: str):
 
     For CI inspection: the caller asserts on the tcgen05 instructions in the text.
     """
-    import os
+    from kernels.sm100._launch import compile_keeping_ptx
 
-    os.makedirs(dump_dir, exist_ok=True)
-    compiled = _compile_impl(key, dump_dir=dump_dir)
-    ptx = compiled.__ptx__
-    # With --keep-ptx this DSL version returns the path of the dumped file.
-    if ptx is not None and "\n" not in ptx and os.path.isfile(ptx):
-        with open(ptx) as f:
-            ptx = f.read()
-    return compiled, ptx
+    return compile_keeping_ptx(_kernel_class()(key), _compile_args(key), arch=key.arch, dump_dir=dump_dir)
 
 
 # --------------------------------------------------------------------------------------
 # launch
 # --------------------------------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=8)
-def _unused_i32(device_str: str):
-    """One-element int32 workspace standing in for the tile->expert table of the dense variant.
-
-    Allocated once per device (outside any graph capture, at warm-up).
-    """
-    import torch
-
-    return torch.zeros(1, dtype=torch.int32, device=device_str)
-
-
-def _ptr(t, dtype_name: str, align: int = 16):
-    import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_ptr
-
-    return make_ptr(getattr(cutlass, dtype_name), t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
-
-
-def _stream():
-    """The current CUDA stream, read at call time (never cached: graph capture uses its own)."""
-    import cuda.bindings.driver as cuda
-    import torch
-
-    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
 
 
 def _check_device_tensor(t, name: str, dtype, device, align: int = 16) -> None:
@@ -616,9 +573,21 @@ def _check_operands(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, key:
     return m, k
 
 
-def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32, limit: float):
+def check_valid_rows_i32(t, name: str, device) -> None:
+    """A device-side row count: int32 [1] (any 1-element shape) on `device`, read only by kernels."""
+    import torch
+
+    _check_device_tensor(t, name, torch.int32, device, align=4)
+    if t.numel() != 1:
+        raise ValueError(f"{name}: expected one int32 element (the number of valid rows), got shape {tuple(t.shape)}")
+
+
+def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
+            valid_rows_i32, limit: float):
     import cutlass
     import torch
+
+    from kernels.sm100._launch import INT32_MAX, device_i32_constant, device_ptr, launch_on_current_stream
 
     m, k = a_packed_u8.shape[0], 2 * a_packed_u8.shape[1]
     n = weight.n
@@ -626,37 +595,50 @@ def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, wei
     out_rows = (m + TILE_M - 1) // TILE_M * TILE_M
     out_bf16 = torch.empty(out_rows, n_out, dtype=torch.bfloat16, device=a_packed_u8.device)
     up = weight.up_dec_scale_f32 if weight.up_dec_scale_f32 is not None else weight.dec_scale_f32
+    if valid_rows_i32 is None:  # every row valid (rows past M are never returned)
+        valid_rows_i32 = device_i32_constant(INT32_MAX, str(a_packed_u8.device))
     if m > 0:
-        _compile(key)(
-            _ptr(a_packed_u8, "Float4E2M1FN"), _ptr(weight.packed_u8, "Float4E2M1FN"),
-            _ptr(a_sf_swizzled_u8, "Float8E4M3FN"), _ptr(weight.sf_swizzled_u8, "Float8E4M3FN"),
-            _ptr(out_bf16, "BFloat16"),
-            _ptr(a_dec_scale_f32, "Float32", 4), _ptr(weight.dec_scale_f32, "Float32", 4), _ptr(up, "Float32", 4),
-            _ptr(tile_expert_i32, "Int32", 4),
+        launch_on_current_stream(
+            _compile(key),
+            device_ptr(a_packed_u8, "Float4E2M1FN"), device_ptr(weight.packed_u8, "Float4E2M1FN"),
+            device_ptr(a_sf_swizzled_u8, "Float8E4M3FN"), device_ptr(weight.sf_swizzled_u8, "Float8E4M3FN"),
+            device_ptr(out_bf16, "BFloat16"),
+            device_ptr(a_dec_scale_f32, "Float32", 4), device_ptr(weight.dec_scale_f32, "Float32", 4),
+            device_ptr(up, "Float32", 4),
+            device_ptr(tile_expert_i32, "Int32", 4), device_ptr(valid_rows_i32, "Int32", 4),
             cutlass.Int32(m), cutlass.Int32(n), cutlass.Int32(k), cutlass.Int32(weight.num_batches),
-            cutlass.Float32(limit), _stream(),
+            cutlass.Float32(limit),
         )
     return out_bf16[:m]
 
 
-def launch_dense(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, *, key: CompileKey = SHIPPED_KEYS[0]):
+def launch_dense(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, *, key: CompileKey = SHIPPED_KEYS[0],
+                 num_valid_rows_i32=None):
     """out_bf16 [M, N] = a_dec * b_dec * (A * SFA) @ (B * SFB)^T.
 
     a_packed_u8 [M, K/2] K-major; a_sf_swizzled_u8 [round_up(M,128), round_up(K/16,4)]
     (host_bridge.sf_linear_to_swizzled_128x4 of the linear scales); a_dec_scale_f32
     [1] on the device; weight: host_bridge.prepare_nvfp4_weight of one linear.
+    num_valid_rows_i32: optional int32 [1] on the device, n. Rows >= n of the output
+    are zero and M tiles starting at or past n do no MMA; the kernel reads n at run
+    time, so a graph captured for M rows replays with any n <= M (CUDA-graph token count).
     """
+    from kernels.sm100._launch import device_i32_constant
+
     if key.variant != "dense":
         raise ValueError(f"key.variant={key.variant!r}: launch_dense needs a 'dense' key")
     if weight.num_batches != 1:
         raise ValueError(f"weight: launch_dense takes one linear, got {weight.num_batches} batches")
     _check_operands(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, key, rows_align=1)
-    dummy = _unused_i32(str(a_packed_u8.device))
-    return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, dummy, 0.0)
+    if num_valid_rows_i32 is not None:
+        check_valid_rows_i32(num_valid_rows_i32, "num_valid_rows_i32", a_packed_u8.device)
+    unused_table = device_i32_constant(0, str(a_packed_u8.device))
+    return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, unused_table, num_valid_rows_i32,
+                   0.0)
 
 
 def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
-                   *, swiglu_limit: float | None = None, key: CompileKey | None = None):
+                   *, swiglu_limit: float | None = None, key: CompileKey | None = None, num_valid_rows_i32=None):
     """MoE grouped GEMM on padded-per-expert rows (graph-safe, no host sync).
 
     a_packed_u8 [R, K/2] with R a multiple of 128 (each expert's rows padded to 128,
@@ -664,6 +646,9 @@ def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_
     [R/128] from host_bridge.tile_expert_table (-1 = unused tile, its output rows
     are written as zeros); weight: [E, N, K/2] experts (prepare_nvfp4_weight), or the
     gate/up fused experts (prepare_gate_up_weight) when swiglu_limit is given.
+    num_valid_rows_i32: optional int32 [1] on the device (the MoE path passes the padded
+    row total, moe_routing.Permutation.valid_rows_i32): rows at or past it are zero and
+    their tiles are skipped, like tiles marked -1.
     Returns bf16 [R, N] or, with SwiGLU, [R, N/2] = silu(min(g, L)) * clamp(u, -L, L).
     """
     import torch
@@ -687,5 +672,7 @@ def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_
     if tile_expert_i32.numel() != m // TILE_M:
         raise ValueError(f"tile_expert_i32: expected {m // TILE_M} entries (one per 128-row tile), "
                          f"got {tile_expert_i32.numel()}")
+    if num_valid_rows_i32 is not None:
+        check_valid_rows_i32(num_valid_rows_i32, "num_valid_rows_i32", a_packed_u8.device)
     return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
-                   float(swiglu_limit or 0.0))
+                   num_valid_rows_i32, float(swiglu_limit or 0.0))

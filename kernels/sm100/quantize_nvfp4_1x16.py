@@ -17,6 +17,11 @@ buffer is zero-filled on the device before the kernel runs).
 Global scale: dynamic (S = 2688/amax(x) computed on the device by torch ops,
 guarded as TE does) or static (S = 1/input_scale of the checkpoint). Neither
 reads a device value on the host, so the launch is CUDA-graph safe.
+
+Valid rows: an optional int32 device buffer n (rows, i.e. tokens). The kernel reads it
+at run time; rows >= n are never read and their codes and scale bytes are written as
+zero, and the dynamic amax covers rows < n only. A graph captured for M rows then
+replays for any n <= M with the same bytes as an eager call on the first n rows.
 """
 
 import functools
@@ -62,7 +67,6 @@ def _kernel_class():
 
     ops = ptx_ops()
     f32 = cutlass.Float32
-    flt_max = 3.4028234663852886e38
 
     class QuantizeNvfp4_1x16:
         def __init__(self, key: CompileKey):
@@ -75,6 +79,7 @@ def _kernel_class():
             packed_ptr: cute.Pointer,
             sf_ptr: cute.Pointer,
             global_enc_scale_ptr: cute.Pointer,
+            valid_rows_ptr: cute.Pointer,
             m: cutlass.Int32,
             k: cutlass.Int32,
             stream: cuda.CUstream,
@@ -87,8 +92,9 @@ def _kernel_class():
             packed = cute.make_tensor(packed_ptr, cute.make_layout((num_blocks, 2), stride=(2, 1)))
             sf = cute.make_tensor(sf_ptr, cute.make_layout(rows_padded * sf_col_groups * 4))
             enc = cute.make_tensor(global_enc_scale_ptr, cute.make_layout(1))
+            valid_rows = cute.make_tensor(valid_rows_ptr, cute.make_layout(1))
             grid = ((num_blocks + THREADS - 1) // THREADS, 1, 1)
-            self.kernel(x, packed, sf, enc, k_blocks, sf_col_groups, num_blocks).launch(
+            self.kernel(x, packed, sf, enc, valid_rows, k_blocks, sf_col_groups, num_blocks).launch(
                 grid=grid, block=[THREADS, 1, 1], stream=stream)
 
         @cute.kernel
@@ -98,6 +104,7 @@ def _kernel_class():
             packed: cute.Tensor,
             sf: cute.Tensor,
             enc: cute.Tensor,
+            valid_rows: cute.Tensor,
             k_blocks: cutlass.Int32,
             sf_col_groups: cutlass.Int32,
             num_blocks: cutlass.Int32,
@@ -106,27 +113,25 @@ def _kernel_class():
             bidx, _, _ = cute.arch.block_idx()
             blk = bidx * THREADS + tidx
             if blk < num_blocks:
-                r_x = cute.make_rmem_tensor((BLOCK,), x.element_type)
-                cute.autovec_copy(x[(blk, None)], r_x)
-                r_y = cute.make_rmem_tensor((BLOCK,), f32)
-                v = f32(0.0)
-                for i in cutlass.range_constexpr(BLOCK):
-                    r_y[i] = r_x[i].to(f32)
-                    v = cute.arch.fmax(v, cute.arch.fmax(r_y[i], -r_y[i]))
-                global_enc = enc[0]
-                s_f32 = cute.arch.fmin(v * (global_enc * f32(1.0 / 6.0)), f32(flt_max))
-                sf_byte = ops.cvt_e4m3_u32(s_f32)
-                s_dec = ops.e4m3_u32_to_f32(sf_byte)
-                mult = cute.arch.fmin(f32(1.0) / (s_dec * (f32(1.0) / global_enc)), f32(flt_max))
-                for i in cutlass.range_constexpr(BLOCK):
-                    r_y[i] = ops.mul_rn_plus_zero(r_y[i], mult)
-                packed[(blk, 0)] = ops.cvt_e2m1x8_u32(r_y[0], r_y[1], r_y[2], r_y[3], r_y[4], r_y[5], r_y[6], r_y[7])
-                packed[(blk, 1)] = ops.cvt_e2m1x8_u32(
-                    r_y[8], r_y[9], r_y[10], r_y[11], r_y[12], r_y[13], r_y[14], r_y[15])
                 row = blk // k_blocks
                 col = blk - row * k_blocks
                 off = ((row // 128) * sf_col_groups + col // 4) * 512 + (row % 32) * 16 + ((row // 32) % 4) * 4 + col % 4
-                sf[off] = sf_byte.to(cutlass.Uint8)
+                # Rows at or past the device-side valid count (read at run time: a captured graph
+                # replays with fewer tokens) are not read and come out as zero codes, scale 0.
+                if row < valid_rows[0]:
+                    r_x = cute.make_rmem_tensor((BLOCK,), x.element_type)
+                    cute.autovec_copy(x[(blk, None)], r_x)
+                    r_y = cute.make_rmem_tensor((BLOCK,), f32)
+                    for i in cutlass.range_constexpr(BLOCK):
+                        r_y[i] = r_x[i].to(f32)
+                    sf_byte, lo, hi = ops.te_quantize_block16_f32(r_y, enc[0])
+                    packed[(blk, 0)] = lo
+                    packed[(blk, 1)] = hi
+                    sf[off] = sf_byte.to(cutlass.Uint8)
+                else:
+                    packed[(blk, 0)] = cutlass.Int32(0)
+                    packed[(blk, 1)] = cutlass.Int32(0)
+                    sf[off] = cutlass.Uint8(0)
 
     return QuantizeNvfp4_1x16
 
@@ -137,49 +142,27 @@ def _kernel_class():
 
 
 def _compile_args():
-    import cuda.bindings.driver as cuda
     import cutlass
-    import cutlass.cute as cute
-    from cutlass.cute.runtime import make_ptr
 
-    def fake(dtype, align):
-        return make_ptr(dtype, 1 << 20, cute.AddressSpace.gmem, assumed_align=align)
+    from kernels.sm100._launch import fake_ptr, fake_stream
 
-    return (fake(cutlass.BFloat16, 16), fake(cutlass.Int32, 8), fake(cutlass.Uint8, 4), fake(cutlass.Float32, 4),
-            cutlass.Int32(128), cutlass.Int32(256), cuda.CUstream(0))
-
-
-def _compile_impl(key: CompileKey, *, dump_dir):
-    import os
-
-    arch_env = os.environ.get("CUTE_DSL_ARCH")
-    if arch_env is not None and arch_env != key.arch:
-        raise ValueError(f"CUTE_DSL_ARCH={arch_env!r} but CompileKey.arch={key.arch!r}")
-    import cutlass.cute as cute
-
-    kernel = _kernel_class()(key)
-    if dump_dir is not None:
-        return cute.compile(kernel, *_compile_args(), options=f"--keep-ptx --dump-dir={dump_dir}")
-    return cute.compile(kernel, *_compile_args())
+    return (fake_ptr("BFloat16", 16), fake_ptr("Int32", 8), fake_ptr("Uint8", 4), fake_ptr("Float32", 4),
+            fake_ptr("Int32", 4), cutlass.Int32(128), cutlass.Int32(256), fake_stream())
 
 
 @functools.lru_cache(maxsize=4)
 def _compile(key: CompileKey):
-    """The compiled quantizer for `key` (M and K are runtime arguments)."""
-    return _compile_impl(key, dump_dir=None)
+    """The compiled quantizer for `key` (M, K and the valid row count are runtime arguments)."""
+    from kernels.sm100._launch import compile_for_arch
+
+    return compile_for_arch(_kernel_class()(key), _compile_args(), arch=key.arch)
 
 
 def compile_with_ptx(key: CompileKey, dump_dir: str):
     """Compile `key` (uncached) keeping the PTX; returns (compiled, ptx_text)."""
-    import os
+    from kernels.sm100._launch import compile_keeping_ptx
 
-    os.makedirs(dump_dir, exist_ok=True)
-    compiled = _compile_impl(key, dump_dir=dump_dir)
-    ptx = compiled.__ptx__
-    if ptx is not None and "\n" not in ptx and os.path.isfile(ptx):
-        with open(ptx) as f:
-            ptx = f.read()
-    return compiled, ptx
+    return compile_keeping_ptx(_kernel_class()(key), _compile_args(), arch=key.arch, dump_dir=dump_dir)
 
 
 # --------------------------------------------------------------------------------------
@@ -196,17 +179,38 @@ def te_global_enc_scale_device(amax_f32):
     return torch.where((amax_f32 == 0) | (s == 0), torch.ones_like(s), s).reshape(1)
 
 
+def amax_of_valid_rows(x_bf16, num_valid_rows_i32=None):
+    """max |x| over the rows r < n of x [M, K] (n an int32 device tensor, or None: all rows).
+
+    0-d tensor of x's dtype; 0 when no row is valid. Graph-safe: the mask is a device-side
+    comparison, never a slice by n, so rows past n (stale or NaN) cannot reach the result.
+    """
+    import torch
+
+    if x_bf16.numel() == 0:
+        return x_bf16.new_zeros(())
+    if num_valid_rows_i32 is None:
+        return x_bf16.abs().amax()
+    rows = torch.arange(x_bf16.shape[0], device=x_bf16.device)
+    valid = rows < num_valid_rows_i32.reshape(()).to(device=x_bf16.device)
+    return torch.where(valid, x_bf16.abs().amax(dim=1), x_bf16.new_zeros(())).amax()
+
+
 def launch(x_bf16, *, global_enc_scale_f32=None, input_dec_scale_f32=None, recipe: str = "te",
-           key: CompileKey | None = None):
+           key: CompileKey | None = None, num_valid_rows_i32=None):
     """bf16 [M, K] -> (packed_u8 [M, K/2], sf_swizzled_u8 [Mp, Cp], global_enc_scale_f32 [1]).
 
     Global scale: pass global_enc_scale_f32 (S, [1] f32 on the device), or
     input_dec_scale_f32 (the checkpoint's static input_scale D; S = 1/D), or
     neither for the dynamic S = 2688/amax(x). All on the device, no host sync.
+    num_valid_rows_i32: optional int32 [1] on the device, n: rows >= n are not read,
+    their codes and scale bytes are zero, and the dynamic amax covers rows < n only.
+    The kernel reads n at run time (a graph captured for M rows replays with any n).
     """
     import torch
 
-    from kernels.sm100.gemm_nvfp4_blockscaled import _ptr, _stream
+    from kernels.sm100._launch import INT32_MAX, device_i32_constant, device_ptr, launch_on_current_stream
+    from kernels.sm100.gemm_nvfp4_blockscaled import check_valid_rows_i32
     from kernels.sm100.host_bridge import round_up
 
     key = key or CompileKey(recipe=recipe)
@@ -224,22 +228,28 @@ def launch(x_bf16, *, global_enc_scale_f32=None, input_dec_scale_f32=None, recip
         raise ValueError("x_bf16: must be contiguous and 16-byte aligned")
     if global_enc_scale_f32 is not None and input_dec_scale_f32 is not None:
         raise ValueError("pass at most one of global_enc_scale_f32 and input_dec_scale_f32")
+    if num_valid_rows_i32 is not None:
+        check_valid_rows_i32(num_valid_rows_i32, "num_valid_rows_i32", x_bf16.device)
     if global_enc_scale_f32 is None:
         if input_dec_scale_f32 is not None:
             _check_scalar(input_dec_scale_f32, "input_dec_scale_f32", x_bf16.device)
             global_enc_scale_f32 = torch.reciprocal(input_dec_scale_f32.reshape(1))
         else:
-            global_enc_scale_f32 = te_global_enc_scale_device(x_bf16.abs().amax())
+            global_enc_scale_f32 = te_global_enc_scale_device(amax_of_valid_rows(x_bf16, num_valid_rows_i32))
     _check_scalar(global_enc_scale_f32, "global_enc_scale_f32", x_bf16.device)
     global_enc_scale_f32 = global_enc_scale_f32.reshape(1).contiguous()
     m, k = x_bf16.shape
     packed_u8 = torch.empty(m, k // 2, dtype=torch.uint8, device=x_bf16.device)
     sf_u8 = torch.zeros(round_up(max(m, 1), 128), round_up(k // BLOCK, 4), dtype=torch.uint8, device=x_bf16.device)
+    if num_valid_rows_i32 is None:
+        num_valid_rows_i32 = device_i32_constant(INT32_MAX, str(x_bf16.device))
     if m > 0 and k > 0:
         import cutlass
 
-        _compile(key)(_ptr(x_bf16, "BFloat16"), _ptr(packed_u8, "Int32", 8), _ptr(sf_u8, "Uint8", 4),
-                      _ptr(global_enc_scale_f32, "Float32", 4), cutlass.Int32(m), cutlass.Int32(k), _stream())
+        launch_on_current_stream(
+            _compile(key), device_ptr(x_bf16, "BFloat16"), device_ptr(packed_u8, "Int32", 8),
+            device_ptr(sf_u8, "Uint8", 4), device_ptr(global_enc_scale_f32, "Float32", 4),
+            device_ptr(num_valid_rows_i32, "Int32", 4), cutlass.Int32(m), cutlass.Int32(k))
     return packed_u8, sf_u8, global_enc_scale_f32
 
 

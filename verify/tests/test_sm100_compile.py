@@ -96,6 +96,19 @@ def test_gemm_ptx_waits_for_tmem_loads_before_storing(compiled_gemms, key):
     assert "tcgen05.ld" in events, f"{key}: no TMEM loads in the epilogue"
 
 
+@pytest.mark.parametrize("key", _gemm_keys())
+def test_gemm_ptx_zeroes_rows_past_the_device_valid_count(compiled_gemms, key):
+    """CUDA-graph token count: the epilogue selects zero for rows at or past the valid-row count
+    read from a device buffer, so every store after a TMEM load is preceded by a selp."""
+    _, ptx = compiled_gemms[key]
+    events = re.findall(r"^\s*(tcgen05\.wait::ld|st\.global|selp\.b32)", ptx, re.M)
+    waits = [i for i, ev in enumerate(events) if ev == "tcgen05.wait::ld"]
+    assert waits, f"{key}: no TMEM loads"
+    for i in waits:
+        j = next((j for j in range(i + 1, len(events)) if events[j] == "st.global"), len(events))
+        assert "selp.b32" in events[i + 1:j], f"{key}: the store after TMEM load #{waits.index(i)} is not row-masked"
+
+
 def test_gemm_swiglu_epilogue_has_activation(compiled_gemms):
     from kernels.sm100.gemm_nvfp4_blockscaled import CompileKey
 
@@ -191,6 +204,17 @@ def test_quantizer_ptx_uses_hardware_conversions_in_te_order(compiled_quant, key
     assert re.search(r"\brcp\.rn\.f32|\bdiv\.rn\.f32", ptx), "te: 1/S and 1/(s/S) must be correctly rounded"
     assert not re.search(r"\bfma\.", ptx), "x*enc must not be contracted into an FMA (sign of zero)"
     assert "ex2.approx" not in ptx and "rcp.approx" not in ptx, "approximate math changes bytes"
+
+
+@pytest.mark.parametrize("key", _quant_keys())
+def test_quantizer_ptx_writes_zeros_past_the_device_valid_count(compiled_quant, key):
+    """Rows at or past the valid-row count (a device buffer) are not read: zero codes, zero scale byte."""
+    _, ptx = compiled_quant[key]
+    assert re.search(r"st\.global\.v2\.b32\s+\[[^\]]+\],\s*\{0, 0\}", ptx), "no zero-code store for invalid rows"
+    assert re.search(r"st\.global\.b8\s+\[[^\]]+\],\s*0;", ptx), "no zero scale byte for invalid rows"
+    first_x_load = ptx.index("ld.global.v4.b32")
+    assert re.search(r"ld\.global\.b32[^\n]*\n\s*setp\.ge\.s32[^\n]*\n\s*@%p\d+ bra", ptx[:first_x_load]), \
+        "the valid-row count is not loaded and compared before x is read"
 
 
 @pytest.mark.parametrize("key", _quant_keys())

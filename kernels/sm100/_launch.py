@@ -1,0 +1,99 @@
+"""Compile and launch plumbing shared by the sm100 CuTe DSL kernels (cutlass imported lazily).
+
+Every kernel module (gemm_nvfp4_blockscaled, quantize_nvfp4_1x16) keeps its own
+body, CompileKey and argument checks; what was the same in each lives here:
+
+- device_ptr(t, dtype_name, align): a torch tensor's address as a typed cute gmem pointer.
+- fake_ptr(dtype_name, align): a placeholder pointer for compiling without a GPU.
+- compile_for_arch(kernel, args, arch=..., dump_dir=None): cute.compile after checking
+  that CUTE_DSL_ARCH (read once, when cutlass is imported) matches the key's arch.
+- compile_keeping_ptx(kernel, args, arch=..., dump_dir=...): the same, returning the PTX text.
+- launch_on_current_stream(compiled, *args): calls the compiled kernel with the CUDA
+  stream read at call time. Never cached: a stream cached at compile time (or at the
+  first call) breaks CUDA-graph capture, which records on its own side stream.
+- device_i32_constant(value, device_str): a [1] int32 device buffer allocated once per
+  (value, device), at warm-up, for "no limit" / "unused" pointer arguments.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+INT32_MAX = 2**31 - 1
+
+
+def device_ptr(t, dtype_name: str, align: int = 16):
+    """cute gmem pointer of dtype `cutlass.<dtype_name>` at t.data_ptr(), assuming `align` bytes."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(getattr(cutlass, dtype_name), t.data_ptr(), cute.AddressSpace.gmem, assumed_align=align)
+
+
+def fake_ptr(dtype_name: str, align: int):
+    """A non-null, `align`-aligned placeholder pointer: compile never dereferences it."""
+    import cutlass
+    import cutlass.cute as cute
+    from cutlass.cute.runtime import make_ptr
+
+    return make_ptr(getattr(cutlass, dtype_name), 1 << 20, cute.AddressSpace.gmem, assumed_align=align)
+
+
+def fake_stream():
+    import cuda.bindings.driver as cuda
+
+    return cuda.CUstream(0)
+
+
+def current_stream():
+    """torch's current CUDA stream as a CUstream, read now (under capture: the capture stream)."""
+    import cuda.bindings.driver as cuda
+    import torch
+
+    return cuda.CUstream(torch.cuda.current_stream().cuda_stream)
+
+
+def launch_on_current_stream(compiled, *args) -> None:
+    """Launch a compiled kernel whose last parameter is the stream, on the current stream."""
+    compiled(*args, current_stream())
+
+
+def _check_arch(arch: str) -> None:
+    arch_env = os.environ.get("CUTE_DSL_ARCH")
+    if arch_env is not None and arch_env != arch:
+        raise ValueError(
+            f"CUTE_DSL_ARCH={arch_env!r} but CompileKey.arch={arch!r}: set CUTE_DSL_ARCH before importing cutlass"
+        )
+
+
+def compile_for_arch(kernel, args, *, arch: str, dump_dir: str | None = None):
+    """cute.compile(kernel, *args) for `arch` (no GPU needed); with dump_dir the PTX is kept there."""
+    _check_arch(arch)
+    import cutlass.cute as cute
+
+    if dump_dir is not None:
+        return cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={dump_dir}")
+    return cute.compile(kernel, *args)
+
+
+def compile_keeping_ptx(kernel, args, *, arch: str, dump_dir: str):
+    """Compile uncached, keeping the PTX in dump_dir; returns (compiled, ptx_text). For CI inspection."""
+    os.makedirs(dump_dir, exist_ok=True)
+    compiled = compile_for_arch(kernel, args, arch=arch, dump_dir=dump_dir)
+    ptx = compiled.__ptx__
+    # With --keep-ptx this DSL version returns the path of the dumped file.
+    if ptx is not None and "\n" not in ptx and os.path.isfile(ptx):
+        with open(ptx) as f:
+            ptx = f.read()
+    return compiled, ptx
+
+
+@functools.lru_cache(maxsize=32)
+def device_i32_constant(value: int, device_str: str):
+    """A [1] int32 tensor holding `value` on `device_str`, allocated once (call it at warm-up,
+    outside any graph capture): the kernels read it where no device-side count is given."""
+    import torch
+
+    return torch.full((1,), value, dtype=torch.int32, device=device_str)
