@@ -1,4 +1,4 @@
-"""`python -m verify <command>`: demo (emulator self-check), lint, fixture.
+"""`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer.
 
 Each command's arguments and body live in its own module; this file only dispatches.
 """
@@ -15,6 +15,8 @@ COMMANDS = {
              "emulator self-check on embedded data (rich table; exit 1 on any failure)"),
     "lint": ("verify.lint", "add_lint_arguments", "cli_lint", "lint a checkpoint directory"),
     "fixture": ("verify.fixtures", "add_fixture_arguments", "cli_fixture", "write a fixture checkpoint"),
+    "layer": ("verify.layer_report", "add_layer_arguments", "cli_layer",
+              "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
 }
 
 

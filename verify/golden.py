@@ -1,0 +1,107 @@
+"""Golden files: per-stage metrics and byte digests, compared with explicit per-metric tolerances.
+
+A golden file is JSON: {"environment": {...} (informational, never compared),
+"runs": {run_id: {"metrics": {stage: {metric: value}}, "digests": {tensor: sha256}}}}.
+Digests must match exactly (deterministic byte outputs); metrics within
+METRIC_TOLERANCES (absolute, relative). `--update-golden` rewrites the file and the
+test then fails showing the diff, so a change is always reviewed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+__all__ = ["METRIC_TOLERANCES", "tensor_digest", "environment", "compare_golden", "load_golden", "write_golden",
+           "check_or_update_golden"]
+
+# (abs, rel): the emulated tensors are pinned bit-exactly by their digests, so metrics can move
+# only through the float64 high-precision path and float64 metric arithmetic (~1e-15 relative).
+METRIC_TOLERANCES: dict[str, tuple[float, float]] = {
+    "cosine": (1e-12, 1e-9),
+    "calc_diff": (1e-15, 1e-9),
+    "sqnr_db": (1e-9, 1e-9),
+    "rel_l2": (1e-15, 1e-9),
+    "max_abs": (1e-12, 1e-9),
+    "frac_bit_exact": (0.0, 0.0),
+    "nan_count": (0.0, 0.0),
+    "inf_count": (0.0, 0.0),
+}
+
+
+def tensor_digest(t: Tensor) -> str:
+    """sha256 of the tensor's bytes (contiguous, on the CPU), prefixed by dtype and shape."""
+    t = t.detach().contiguous().cpu()
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def environment() -> dict[str, str]:
+    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
+    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return env
+
+
+def _close(metric: str, golden: float, got: float) -> bool:
+    if golden is None or got is None:
+        return golden is got
+    if math.isinf(golden) or math.isinf(got) or math.isnan(golden) or math.isnan(got):
+        return (golden == got) or (math.isnan(golden) and math.isnan(got))
+    abs_tol, rel_tol = METRIC_TOLERANCES.get(metric, (0.0, 0.0))
+    return abs(got - golden) <= abs_tol + rel_tol * abs(golden)
+
+
+def compare_golden(golden: dict, got: dict) -> list[str]:
+    """Human-readable differences between two golden documents' runs (empty: equal)."""
+    diffs = []
+    g_runs, n_runs = golden.get("runs", {}), got.get("runs", {})
+    for run_id in sorted(set(g_runs) | set(n_runs)):
+        if run_id not in n_runs or run_id not in g_runs:
+            diffs.append(f"{run_id}: {'missing from this run' if run_id not in n_runs else 'not in the golden file'}")
+            continue
+        g, n = g_runs[run_id], n_runs[run_id]
+        for stage in sorted(set(g["metrics"]) | set(n["metrics"])):
+            gm, nm = g["metrics"].get(stage), n["metrics"].get(stage)
+            if gm is None or nm is None:
+                diffs.append(f"{run_id} {stage}: {'missing from this run' if nm is None else 'not in the golden file'}")
+                continue
+            for metric in sorted(set(gm) | set(nm)):
+                if not _close(metric, gm.get(metric), nm.get(metric)):
+                    diffs.append(f"{run_id} {stage} {metric}: golden {gm.get(metric)!r}, got {nm.get(metric)!r} "
+                                 f"(tolerance abs, rel = {METRIC_TOLERANCES.get(metric, (0.0, 0.0))})")
+        for name in sorted(set(g["digests"]) | set(n["digests"])):
+            if g["digests"].get(name) != n["digests"].get(name):
+                diffs.append(f"{run_id} {name}: bytes differ (sha256 golden {str(g['digests'].get(name))[:16]}..., "
+                             f"got {str(n['digests'].get(name))[:16]}...)")
+    return diffs
+
+
+def load_golden(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def write_golden(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
+
+
+def check_or_update_golden(path: Path, got: dict, *, update: bool) -> list[str]:
+    """Compare `got` with the golden file at `path`; with update, rewrite it first and return
+    the differences from the old content (so the caller fails and shows them)."""
+    if not path.exists():
+        if update:
+            write_golden(path, got)
+            return [f"{path}: created (no golden file existed)"]
+        return [f"{path}: no golden file; run with --update-golden to create it"]
+    diffs = compare_golden(load_golden(path), got)
+    if update and diffs:
+        write_golden(path, got)
+        diffs = [f"{path}: rewritten; differences from the old file:"] + diffs
+    return diffs

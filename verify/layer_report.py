@@ -1,0 +1,154 @@
+"""`python -m verify layer`: the reference layer's quantization loss, stage by stage, and its golden file.
+
+For each layer and each run configuration (activation scale dynamic/static, routing
+weight after/before w2) both reference modes run on the same inputs; the report holds,
+per stage, emulated-vs-high metrics (cosine, SQNR dB, calc_diff, rel-L2, max abs) and
+the sha256 of every emulated tensor. golden/mini-v4/emulator.json pins it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from references.layer import RunOptions
+from references.linear import rms_norm
+from references.recipes import RECIPES, recipe_by_name
+from verify.checkpoint import Checkpoint, LayerWeights
+from verify.config import GOLDEN_DIR
+from verify.golden import environment, tensor_digest
+from verify.reference_layer import (
+    RMS_EPS,
+    LayerInputs,
+    default_token_ids,
+    inputs_from_safetensors,
+    inputs_from_token_ids,
+    quantization_loss,
+    run_reference_layer,
+)
+
+__all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "add_layer_arguments",
+           "cli_layer"]
+
+GOLDEN_CONFIGS: dict[str, RunOptions] = {
+    "dynamic-after_w2": RunOptions(act_scale="dynamic", weight_placement="after_w2"),
+    "static-after_w2": RunOptions(act_scale="static", weight_placement="after_w2"),
+    "dynamic-before_w2": RunOptions(act_scale="dynamic", weight_placement="before_w2"),
+}
+GOLDEN_TOKENS = 64
+GOLDEN_METRICS = ("cosine", "sqnr_db", "calc_diff", "rel_l2", "max_abs", "nan_count", "inf_count")
+GOLDEN_PATH = GOLDEN_DIR / "mini-v4" / "emulator.json"
+
+
+def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: int, device: str | torch.device,
+                 inputs_path: str | None = None) -> LayerInputs:
+    """Token ids -> embed -> RMSNorm when the checkpoint has embed.weight; a safetensors file when
+    given; else (a single-layer checkpoint) seeded Gaussian hidden states through the layer's norms."""
+    if inputs_path:
+        return inputs_from_safetensors(inputs_path, device=device)
+    ids = default_token_ids(ckpt.config.vocab_size, tokens, seed=seed, device=device)
+    if "embed.weight" in ckpt.weight_map or "model.embed_tokens.weight" in ckpt.weight_map:
+        return inputs_from_token_ids(ckpt, layer, ids)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    h = torch.randn(tokens, ckpt.config.hidden_size, generator=g).to(device=device, dtype=torch.bfloat16)
+    n = layer.norms
+    return LayerInputs(ids, rms_norm(h, n["attn_norm"], eps=RMS_EPS, mode="emulated"),
+                       rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
+
+
+def run_id(layer: int, config_name: str) -> str:
+    return f"layer{layer}/{config_name}"
+
+
+def layer_report(ckpt: Checkpoint, layers: list[int], *, tokens: int = GOLDEN_TOKENS, seed: int = 0,
+                 configs: dict[str, RunOptions] = GOLDEN_CONFIGS, device: str | torch.device = "cpu",
+                 progress=None) -> dict:
+    """The golden document for `layers` x `configs` (see verify.golden), plus per-run timings."""
+    runs, timings = {}, {}
+    for i in layers:
+        layer = ckpt.load_layer(i, device=device)
+        inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=seed, device=device)
+        for name, options in configs.items():
+            t0 = time.perf_counter()
+            emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
+            high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
+            loss = quantization_loss(emulated, high)
+            runs[run_id(i, name)] = {
+                "metrics": {s: {m: v[m] for m in GOLDEN_METRICS} for s, v in loss.items()},
+                "digests": {k: tensor_digest(v) for k, v in emulated.items()},
+            }
+            timings[run_id(i, name)] = time.perf_counter() - t0
+            if progress is not None:
+                progress()
+    return {"environment": environment(), "tokens": tokens, "seed": seed, "runs": runs, "timings_s": timings}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_layer_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
+                   help="Checkpoint directory. Default: the committed mini-v4 fixture.")
+    p.add_argument("--layers", default=None, help="Layers, e.g. '0,3,5-7'. Default: every layer.")
+    p.add_argument("--tokens", type=int, default=GOLDEN_TOKENS, help="Tokens per layer. Default: %(default)r.")
+    p.add_argument("--seed", type=int, default=0, help="Seed of the token ids / inputs. Default: %(default)r.")
+    p.add_argument("--inputs", default=None,
+                   help="safetensors with x_ffn [T, H] (and x_attn, token_ids) instead of embeddings.")
+    p.add_argument("--act-scale", choices=("dynamic", "static"), default="dynamic",
+                   help="NVFP4 activation global scale. Default: %(default)r.")
+    p.add_argument("--placement", choices=("after_w2", "before_w2"), default="after_w2",
+                   help="Where the routing weight is applied. Default: %(default)r.")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default="te", help="Activation recipe. Default: %(default)r.")
+    p.add_argument("--device", default="cpu", help="Where the references run. Default: %(default)r.")
+    p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
+
+
+def cli_layer(args: argparse.Namespace) -> int:
+    """Print per layer a rich table of the quantization loss per stage; optional JSON report."""
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from verify.config import parse_layers
+
+    console = Console()
+    if not console.is_terminal:  # a log file or pipe: do not truncate stage names to 80 columns
+        console = Console(width=140)
+    ckpt = Checkpoint.open(args.checkpoint)
+    layers = list(parse_layers(args.layers)) or list(range(ckpt.config.num_layers))
+    options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
+                         weight_placement=args.placement)
+    name = f"{args.act_scale}-{args.placement}-{args.recipe}"
+    runs, timings = {}, {}
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("layers", total=len(layers))
+        for i in layers:
+            layer = ckpt.load_layer(i, device=args.device)
+            inputs = layer_inputs(ckpt, layer, tokens=args.tokens, seed=args.seed, device=args.device,
+                                  inputs_path=args.inputs)
+            t0 = time.perf_counter()
+            emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
+            t_emu = time.perf_counter() - t0
+            high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
+            loss = quantization_loss(emulated, high)
+            runs[run_id(i, name)] = {"metrics": loss, "digests": {k: tensor_digest(v) for k, v in emulated.items()}}
+            timings[run_id(i, name)] = {"emulated_s": t_emu, "total_s": time.perf_counter() - t0}
+            table = Table(title=f"layer {i}: emulated NVFP4 vs high precision ({name}, {args.tokens} tokens)")
+            for col in ("stage", "shape", "cosine", "SQNR dB", "calc_diff", "rel-L2", "max abs", "NaN/Inf"):
+                table.add_column(col, justify="left" if col in ("stage", "shape") else "right")
+            for stage, m in loss.items():
+                table.add_row(stage, "x".join(map(str, emulated[stage].shape)), f"{m['cosine']:.6f}",
+                              f"{m['sqnr_db']:.2f}", f"{m['calc_diff']:.3e}", f"{m['rel_l2']:.3e}",
+                              f"{m['max_abs']:.3e}", f"{m['nan_count']}/{m['inf_count']}")
+            bar.advance(task)
+            console.print(table)
+            console.print(f"emulated {t_emu:.2f} s, both modes {timings[run_id(i, name)]['total_s']:.2f} s")
+    if args.json:
+        doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,
+               "runs": runs, "timings": timings}
+        Path(args.json).write_text(json.dumps(doc, indent=1))
+    return 0

@@ -1,0 +1,147 @@
+"""The reference DeepSeek-V4 layer (references.layer) on the mini-v4 fixture: invariants,
+routing-weight placement, zero-token experts, and the golden quantization-loss report.
+
+Per-stage checks against separately written torch code are in test_reference_stages.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from references.layer import MoeWeights, RunOptions, moe_block
+from references.linear import Nvfp4Weight
+from references.moe import ExpertStack
+from verify.assertions import assert_bits_equal
+from verify.checkpoint import Checkpoint
+from verify.config import GOLDEN_DIR
+from verify.golden import check_or_update_golden
+from verify.layer_report import GOLDEN_CONFIGS, GOLDEN_PATH, GOLDEN_TOKENS, layer_inputs, layer_report
+from verify.metrics import stage_metrics
+from verify.reference_layer import moe_spec_from, moe_weights_from
+
+LAYERS = [pytest.param(i, id=f"layer{i}", marks=getattr(pytest.mark, f"layer{i}")) for i in range(4)]
+OPTIONS = [pytest.param(o, id=n) for n, o in GOLDEN_CONFIGS.items()]
+
+
+@pytest.fixture(scope="module")
+def ckpt():
+    return Checkpoint.open(GOLDEN_DIR / "mini-v4")
+
+
+@pytest.fixture(scope="module")
+def layers(ckpt):
+    return {i: ckpt.load_layer(i) for i in range(ckpt.config.num_layers)}
+
+
+def _moe(ckpt, layers, i, tokens=GOLDEN_TOKENS, seed=0):
+    layer = layers[i]
+    inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=seed, device="cpu")
+    ids = inputs.token_ids_i64 if layer.router.tid2eid_i64 is not None else None
+    return moe_weights_from(layer), moe_spec_from(ckpt.config), inputs.x_ffn, ids
+
+
+def _permute_stack(w: Nvfp4Weight, perm: torch.Tensor) -> Nvfp4Weight:
+    return Nvfp4Weight(w.packed_u8[perm], w.sf_u8[perm], w.global_dec_f32[perm], w.input_scale_f32[perm])
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("i", LAYERS)
+def test_permuting_experts_leaves_the_output_unchanged(ckpt, layers, i, options):
+    """Relabel experts e -> inv[e]: stacks, gate rows, bias and tid2eid all permuted together."""
+    w, spec, x, ids = _moe(ckpt, layers, i)
+    e_n = w.experts.num_experts
+    perm = torch.randperm(e_n, generator=torch.Generator().manual_seed(i + 1))  # new expert j is old perm[j]
+    inv = torch.argsort(perm)
+    wp = MoeWeights(
+        w.gate_weight[perm], None if w.gate_bias_f32 is None else w.gate_bias_f32[perm],
+        None if w.tid2eid is None else inv[w.tid2eid],
+        ExpertStack(*(_permute_stack(s, perm) for s in (w.experts.w1, w.experts.w3, w.experts.w2))), w.shared)
+    ref = moe_block(x, w, spec, mode="emulated", options=options, token_ids_i64=ids)
+    got = moe_block(x, wp, spec, mode="emulated", options=options, token_ids_i64=ids)
+    assert torch.equal(perm[got["router.ids"]], ref["router.ids"]), "routing did not follow the relabelling"
+    assert_bits_equal(got["moe.out"], ref["moe.out"], label=f"layer{i} moe.out with permuted experts")
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("i", LAYERS)
+def test_permuting_tokens_permutes_the_output(ckpt, layers, i, options):
+    w, spec, x, ids = _moe(ckpt, layers, i)
+    perm = torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(7))
+    ref = moe_block(x, w, spec, mode="emulated", options=options, token_ids_i64=ids)
+    got = moe_block(x[perm], w, spec, mode="emulated", options=options,
+                    token_ids_i64=None if ids is None else ids[perm])
+    for stage in ("router.ids", "router.weights", "moe.combine", "moe.out"):
+        assert_bits_equal(got[stage], ref[stage][perm], label=f"layer{i} {stage} with permuted tokens")
+
+
+@pytest.mark.parametrize("i", [p for p in LAYERS if p.values[0] < 3])
+def test_hash_layers_route_by_tid2eid(ckpt, layers, i):
+    w, spec, x, ids = _moe(ckpt, layers, i)
+    assert ids is not None and w.tid2eid is not None and w.gate_bias_f32 is None
+    out = moe_block(x, w, spec, mode="emulated", token_ids_i64=ids)
+    assert torch.equal(out["router.ids"], w.tid2eid[ids])
+    # the weights come from the unbiased scores at those ids, renormalised, times the scale
+    s = out["router.scores"].double().gather(1, w.tid2eid[ids])
+    expected = (s / s.sum(1, keepdim=True) * spec.routed_scaling_factor).float()
+    assert_bits_equal(out["router.weights"], expected, label=f"layer{i} router.weights")
+
+
+def test_score_layer_routes_by_biased_top_k(ckpt, layers):
+    w, spec, x, ids = _moe(ckpt, layers, 3)
+    assert ids is None and w.tid2eid is None and w.gate_bias_f32 is not None
+    out = moe_block(x, w, spec, mode="emulated")
+    biased = out["router.scores"] + w.gate_bias_f32
+    chosen = biased.gather(1, out["router.ids"])
+    assert (chosen.min(1).values >= biased.topk(spec.top_k, 1).values[:, -1]).all()
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+@pytest.mark.parametrize("mode", ["emulated", "high"])
+def test_zero_token_experts_contribute_nothing(ckpt, layers, mode, options):
+    """4 tokens x top-6 reach at most 24 of 16 experts' slots; the unrouted experts' weights are
+    replaced by NaN scale bytes (0x7F) and NaN global scales: the output must not change."""
+    w, spec, x, _ = _moe(ckpt, layers, 3, tokens=4)
+    ref = moe_block(x, w, spec, mode=mode, options=options)
+    unused = torch.ones(w.experts.num_experts, dtype=torch.bool)
+    unused[ref["router.ids"].unique()] = False
+    assert unused.any(), "the test needs at least one zero-token expert"
+
+    def poison(s: Nvfp4Weight) -> Nvfp4Weight:
+        sf, g = s.sf_u8.clone(), s.global_dec_f32.clone()
+        sf[unused], g[unused] = 0x7F, float("nan")
+        return dataclasses.replace(s, sf_u8=sf, global_dec_f32=g)
+
+    wp = dataclasses.replace(w, experts=ExpertStack(*(poison(s) for s in (w.experts.w1, w.experts.w3, w.experts.w2))))
+    got = moe_block(x, wp, spec, mode=mode, options=options)
+    assert_bits_equal(got["moe.out"], ref["moe.out"], label=f"moe.out with {int(unused.sum())} poisoned idle experts")
+
+
+@pytest.mark.parametrize("i", LAYERS)
+def test_weight_placement_differs_only_by_the_requant_of_h(ckpt, layers, i):
+    """Before vs after w2 agree in exact arithmetic (high mode: to float64 rounding) and up to
+    l1 bit for bit; emulated, h * w and h are requantized differently, so the outputs differ:
+    non-zero on the fixture, and smaller than the routed output's own quantization loss."""
+    w, spec, x, ids = _moe(ckpt, layers, i)
+    run = {(mode, p): moe_block(x, w, spec, mode=mode, options=RunOptions(weight_placement=p), token_ids_i64=ids)
+           for mode in ("emulated", "high") for p in ("after_w2", "before_w2")}
+    hi_a, hi_b = run["high", "after_w2"]["moe.combine"], run["high", "before_w2"]["moe.combine"]
+    assert stage_metrics(hi_b, hi_a)["rel_l2"] < 1e-13
+    em_a, em_b = run["emulated", "after_w2"], run["emulated", "before_w2"]
+    for stage in ("moe.act_quant.packed_u8", "moe.act_quant.sf_u8", "moe.l1.gate", "moe.l1.up"):
+        assert_bits_equal(em_b[stage], em_a[stage], label=f"layer{i} {stage} (placement must not matter yet)")
+    diff = stage_metrics(em_b["moe.combine"], em_a["moe.combine"])["rel_l2"]
+    loss = stage_metrics(em_a["moe.combine"], hi_a)["rel_l2"]
+    assert diff > 0, f"layer{i}: before/after w2 gave identical bytes; the requant of h*w should differ"
+    assert diff < loss, f"layer{i}: placement difference rel-L2 {diff:.3e} >= quantization loss {loss:.3e}"
+
+
+def test_golden_quantization_loss_report(ckpt, run_cfg):
+    """Every stage's emulated-vs-high metrics and every emulated tensor's bytes on the 4 mini-v4
+    layers x 3 configurations equal golden/mini-v4/emulator.json (tolerances in verify.golden)."""
+    doc = layer_report(ckpt, list(range(ckpt.config.num_layers)))
+    doc.pop("timings_s")
+    diffs = check_or_update_golden(GOLDEN_PATH, doc, update=run_cfg.update_golden)
+    assert not diffs, "golden report differs:\n  " + "\n  ".join(diffs[:40])
