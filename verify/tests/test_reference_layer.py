@@ -145,3 +145,47 @@ def test_golden_quantization_loss_report(ckpt, run_cfg):
     doc.pop("timings_s")
     diffs = check_or_update_golden(GOLDEN_PATH, doc, update=run_cfg.update_golden)
     assert not diffs, "golden report differs:\n  " + "\n  ".join(diffs[:40])
+
+
+def test_activations_from_a_safetensors_file(ckpt, layers, tmp_path):
+    """Captured activations (x_ffn, x_attn, token_ids in a safetensors file) drive the same
+    runner and give the same stages as the embedding path on the same tensors."""
+    from safetensors.torch import save_file
+
+    from verify.reference_layer import inputs_from_safetensors, run_reference_layer
+
+    inputs = layer_inputs(ckpt, layers[0], tokens=16, seed=3, device="cpu")
+    path = tmp_path / "acts.safetensors"
+    save_file({"x_ffn": inputs.x_ffn, "x_attn": inputs.x_attn, "token_ids": inputs.token_ids_i64}, str(path))
+    loaded = inputs_from_safetensors(path)
+    ref = run_reference_layer(ckpt, layers[0], inputs, mode="emulated")
+    got = run_reference_layer(ckpt, layers[0], loaded, mode="emulated")
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert_bits_equal(got[k], ref[k], label=f"layer0 {k} from safetensors inputs")
+
+
+def test_safetensors_inputs_without_x_ffn_name_the_missing_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from verify.reference_layer import inputs_from_safetensors
+
+    path = tmp_path / "acts.safetensors"
+    save_file({"hidden": torch.zeros(2, 4)}, str(path))
+    with pytest.raises(KeyError, match="x_ffn"):
+        inputs_from_safetensors(path)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(act_scale="sometimes"), "act_scale"),
+    (dict(weight_placement="inside"), "weight_placement"),
+], ids=["bad-act_scale", "bad-placement"])
+def test_run_options_reject_unknown_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        RunOptions(**kwargs)
+
+
+def test_hash_layer_without_token_ids_is_a_clear_error(ckpt, layers):
+    w, spec, x, _ = _moe(ckpt, layers, 0)
+    with pytest.raises(ValueError, match="token_ids_i64"):
+        moe_block(x, w, spec, mode="emulated")
