@@ -152,7 +152,8 @@ class Sm100Backend:
                     w2: host_bridge.Sm100Nvfp4Weight, *, swiglu_limit: float,
                     l1_input_dec_scale_f32: Tensor | None = None,
                     l2_input_dec_scale_f32: Tensor | None = None,
-                    num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+                    num_valid_tokens_i32: Tensor | None = None,
+                    fuse_l2_quant: bool = False) -> Tensor:
         """Routed experts of one MoE layer: permute, quantize, L1+SwiGLU, requantize, L2, combine.
 
         Static activation scales when the checkpoint's input_scale tensors are given,
@@ -161,15 +162,27 @@ class Sm100Backend:
         no expert and their output rows are zero; the valid tokens' bytes equal those of
         a call on the first n tokens alone. The quantizers and GEMMs stop at the padded
         row total of the real experts (perm.valid_rows_i32), read on the device.
+        fuse_l2_quant (needs the static l2_input_dec_scale_f32): the L1 SwiGLU epilogue writes
+        h as NVFP4 directly (grouped_swiglu_nvfp4), skipping the bf16 h and its requantization;
+        the same bytes by construction. Opt-in until confirmed on a B200.
         """
         num_experts = w13.num_batches
         perm = moe_routing.permute(routing.ids_i64, num_experts, num_valid_tokens_i32)
         rows = perm.valid_rows_i32
         xp = moe_routing.gather_rows_bf16(x_bf16, perm, routing.ids_i64.shape[1])
         a, a_sf, s1 = quant.launch(xp, input_dec_scale_f32=l1_input_dec_scale_f32, num_valid_rows_i32=rows)
-        h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit,
-                                     num_valid_rows_i32=rows)
-        a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32, num_valid_rows_i32=rows)
+        if fuse_l2_quant:
+            if l2_input_dec_scale_f32 is None:
+                raise ValueError("fuse_l2_quant: needs the static l2_input_dec_scale_f32 (a dynamic amax of h "
+                                 "cannot be known inside the L1 epilogue)")
+            s2 = torch.reciprocal(l2_input_dec_scale_f32.reshape(1))  # as quant.launch forms S from input_scale
+            a2, a2_sf = gemm.launch_grouped(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32,
+                                            swiglu_limit=swiglu_limit, num_valid_rows_i32=rows,
+                                            h_global_enc_scale_f32=s2)
+        else:
+            h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit,
+                                         num_valid_rows_i32=rows)
+            a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32, num_valid_rows_i32=rows)
         y = self.grouped_gemm_nvfp4(a2, a2_sf, torch.reciprocal(s2), w2, perm.tile_expert_i32,
                                     num_valid_rows_i32=rows)
         return self.combine(y, perm, routing.weights_f32)

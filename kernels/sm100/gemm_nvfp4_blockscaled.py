@@ -17,6 +17,13 @@ One kernel body, three variants (fields of CompileKey):
                   the epilogue applies the per-expert decode scales of w1 and w3
                   separately, the clamp (gate <= limit, -limit <= up <= limit)
                   and silu(gate) * up, and writes out_bf16[M, N/2].
+- grouped_swiglu_nvfp4: the same L1, but h goes out as NVFP4 for L2 (recipe te):
+                  h is rounded to bf16 (the bytes the unfused path would store),
+                  each thread quantizes its row's 16-column blocks with the global
+                  encode scale S read from a device buffer (static: 1/input_scale of
+                  w2) and writes packed E2M1 [M, N/4] and the E4M3 block scales straight
+                  into the 128x4 swizzled layout [M, round_up(N/32, 4)] that the L2
+                  GEMM reads. Same bytes as quantize_nvfp4_1x16 on the bf16 h with S.
 
 Math: tcgen05.mma.cta_group::1.kind::mxf4nvf4.block_scale.scale_vec::4X (E2M1
 operands, one E4M3 scale per 16 K elements, fp32 accumulation in tensor memory).
@@ -39,6 +46,13 @@ serves every shape.
 
 The global decode scales are read from device buffers inside the epilogue, so
 the launch never syncs and a CUDA graph replays with new scales.
+
+Valid rows (CUDA-graph replay with fewer tokens than captured): every variant reads
+an int32 row count n from a device buffer at run time (launch's num_valid_rows_i32;
+INT32_MAX when not given). An M tile starting at or past n is handled like a padding
+tile (no TMA, no MMA, zeros written); in a tile that straddles n the epilogue writes
+zeros for rows >= n (a select on the row coordinate before each store). The grid
+stays ceil(M/128) x N/tile_n, fixed at capture.
 """
 
 
@@ -57,7 +71,7 @@ MMA_WARP = 4
 TMA_WARP = 5
 TMEM_COLS = 512
 
-VARIANTS = ("dense", "grouped", "grouped_swiglu")
+VARIANTS = ("dense", "grouped", "grouped_swiglu", "grouped_swiglu_nvfp4")
 
 
 @dataclass(frozen=True)
@@ -79,8 +93,8 @@ class CompileKey:
             raise ValueError(f"CompileKey.variant={self.variant!r} is not one of {VARIANTS}")
         if self.tile_n not in (128, 256):
             raise ValueError(f"CompileKey.tile_n={self.tile_n} must be 128 or 256")
-        if self.variant == "grouped_swiglu" and self.tile_n != 256:
-            raise ValueError("CompileKey: grouped_swiglu needs tile_n=256 (128 gate + 128 up columns)")
+        if self.swiglu and self.tile_n != 256:
+            raise ValueError(f"CompileKey: {self.variant} needs tile_n=256 (128 gate + 128 up columns)")
         if not 2 <= self.num_stages <= 8:
             raise ValueError(f"CompileKey.num_stages={self.num_stages} must be in [2, 8]")
         if self.smem_bytes() > 227 * 1024:
@@ -91,8 +105,16 @@ class CompileKey:
         return self.variant != "dense"
 
     @property
+    def swiglu(self) -> bool:
+        return self.variant.startswith("grouped_swiglu")
+
+    @property
+    def nvfp4_out(self) -> bool:
+        return self.variant == "grouped_swiglu_nvfp4"
+
+    @property
     def out_tile_n(self) -> int:
-        return self.tile_n // 2 if self.variant == "grouped_swiglu" else self.tile_n
+        return self.tile_n // 2 if self.swiglu else self.tile_n
 
     @property
     def interleave_granularity(self) -> int:
@@ -109,6 +131,7 @@ SHIPPED_KEYS = (
     CompileKey(variant="dense", tile_n=128, num_stages=5),
     CompileKey(variant="grouped", tile_n=128, num_stages=5),
     CompileKey(variant="grouped_swiglu", tile_n=256, num_stages=4),
+    CompileKey(variant="grouped_swiglu_nvfp4", tile_n=256, num_stages=4),
 )
 
 
@@ -130,6 +153,10 @@ def _kernel_class():
     import cutlass.utils.blockscaled_layout as blockscaled_utils
     from cutlass.cute.nvgpu import cpasync, tcgen05
 
+    from kernels.sm100._ptx import ptx_ops
+
+    ops = ptx_ops()
+
     e2m1 = cutlass.Float4E2M1FN
     e4m3 = cutlass.Float8E4M3FN
     bf16 = cutlass.BFloat16
@@ -139,7 +166,8 @@ def _kernel_class():
         def __init__(self, key: CompileKey):
             self.key = key
             self.grouped = key.grouped
-            self.swiglu = key.variant == "grouped_swiglu"
+            self.swiglu = key.swiglu
+            self.nvfp4_out = key.nvfp4_out
             self.tile_n = key.tile_n
             self.out_tile_n = key.out_tile_n
             self.num_stages = key.num_stages
@@ -158,6 +186,9 @@ def _kernel_class():
             b2_dec_scale_ptr: cute.Pointer,
             tile_expert_ptr: cute.Pointer,
             valid_rows_ptr: cute.Pointer,
+            q_packed_ptr: cute.Pointer,
+            q_sf_ptr: cute.Pointer,
+            q_enc_scale_ptr: cute.Pointer,
             m: cutlass.Int32,
             n: cutlass.Int32,
             k: cutlass.Int32,
@@ -184,6 +215,12 @@ def _kernel_class():
             num_m_tiles = (m + TILE_M - 1) // TILE_M
             tile_expert = cute.make_tensor(tile_expert_ptr, cute.make_layout(num_m_tiles))
             valid_rows = cute.make_tensor(valid_rows_ptr, cute.make_layout(1))
+            # NVFP4 output of h (grouped_swiglu_nvfp4; placeholders otherwise): packed codes as
+            # u32 words [M, N_out/8], swizzled scale bytes, the global encode scale S.
+            q_packed = cute.make_tensor(q_packed_ptr, cute.make_layout((m, n_out_h // 8), stride=(n_out_h // 8, 1)))
+            q_sf_col_groups = (n_out_h // SF_VEC_SIZE + 3) // 4
+            q_sf = cute.make_tensor(q_sf_ptr, cute.make_layout(num_m_tiles * TILE_M * q_sf_col_groups * 4))
+            q_enc_scale = cute.make_tensor(q_enc_scale_ptr, cute.make_layout(1))
 
             mma_op = tcgen05.MmaMXF4NVF4Op(
                 e4m3, (TILE_M, self.tile_n, MMA_K), tcgen05.CtaGroup.ONE, tcgen05.OperandSource.SMEM
@@ -223,6 +260,7 @@ def _kernel_class():
                 tma_a, tma_a_tensor, tma_b, tma_b_tensor,
                 tma_sfa, tma_sfa_tensor, tma_sfb, tma_sfb_tensor,
                 out, a_dec_scale, b_dec_scale, b2_dec_scale, tile_expert, valid_rows, swiglu_limit,
+                q_packed, q_sf, q_enc_scale, q_sf_col_groups,
                 a_smem_staged, b_smem_staged, sfa_smem_staged, sfb_smem_staged,
             ).launch(grid=grid, block=[NUM_THREADS, 1, 1], cluster=(1, 1, 1), stream=stream)
 
@@ -241,6 +279,10 @@ def _kernel_class():
             tile_expert: cute.Tensor,
             valid_rows: cute.Tensor,
             swiglu_limit: cutlass.Float32,
+            q_packed: cute.Tensor,
+            q_sf: cute.Tensor,
+            q_enc_scale: cute.Tensor,
+            q_sf_col_groups: cutlass.Int32,
             a_smem_staged: cute.ComposedLayout,
             b_smem_staged: cute.ComposedLayout,
             sfa_smem_staged: cute.Layout,
@@ -453,18 +495,56 @@ def _kernel_class():
                         for i in cutlass.range_constexpr(cute.size(r_out)):
                             if tTR_cOut_j[i][0] >= rows_in_tile:
                                 r_out[i] = bf16(0.0)
-                        cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
+                        if cutlass.const_expr(self.nvfp4_out):
+                            # h as stored by the unfused path (bf16), quantized here for L2.
+                            self._store_nvfp4(r_out, tTR_cOut_j, tile_m, tile_n, q_packed, q_sf, q_sf_col_groups,
+                                              q_enc_scale[0], False)
+                        else:
+                            cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
                     acc_full.release()
                 else:
                     # A padding tile of the grouped layout: write zeros, so the next stage
                     # (requantization with a dynamic amax) never reads uninitialised rows.
                     r_out.fill(0.0)
                     for j in cutlass.range(self.out_tile_n // EPI_N, unroll_full=True):
-                        cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
+                        if cutlass.const_expr(self.nvfp4_out):
+                            self._store_nvfp4(r_out, tTR_cOut[(None, None, None, 0, j)], tile_m, tile_n, q_packed,
+                                              q_sf, q_sf_col_groups, f32(1.0), True)
+                        else:
+                            cute.copy(store_atom, r_out, tTR_gOut[(None, None, None, 0, j)])
 
                 tmem.relinquish_alloc_permit()
                 epilogue_barrier.arrive_and_wait()
                 tmem.free(acc_tmem_ptr)
+
+        def _store_nvfp4(self, r_h, t_coord, tile_m, tile_n, q_packed, q_sf, q_sf_col_groups, enc, zeros: bool):
+            """Quantize (recipe te) and store one thread's EPI_N consecutive h values of one row.
+
+            Traced inside the kernel (no dynamic control flow here). Register i of r_h is
+            column t_coord[0][1] + i of row t_coord[0][0] (tcgen05.ld 32x32b: one row per
+            thread, consecutive columns; checked at trace time below). zeros=True writes zero
+            codes and zero scale bytes (padding tiles), as the quantizer does past its count.
+            """
+            assert cute.size(r_h) == EPI_N, "one row of EPI_N columns per thread expected"
+            # Register i <-> column +i of one row: stride 1 along the column mode (1@1), 0 along rows.
+            if str(t_coord.layout) != f"(({EPI_N},1),1,1):((1@1,0),0,0)":
+                raise NotImplementedError(f"epilogue register layout {t_coord.layout}: expected one row of "
+                                          f"{EPI_N} consecutive columns per thread")
+            row = tile_m * TILE_M + t_coord[0][0]
+            col0 = tile_n * self.out_tile_n + t_coord[0][1]
+            for b in range(EPI_N // SF_VEC_SIZE):
+                col = col0 + b * SF_VEC_SIZE
+                if zeros:
+                    sf_byte, lo, hi = cutlass.Int32(0), cutlass.Int32(0), cutlass.Int32(0)
+                else:
+                    y = [r_h[b * SF_VEC_SIZE + i].to(f32) for i in range(SF_VEC_SIZE)]
+                    sf_byte, lo, hi = ops.te_quantize_block16_f32(y, enc)
+                q_packed[(row, col // 8)] = lo
+                q_packed[(row, col // 8 + 1)] = hi
+                c = col // SF_VEC_SIZE
+                off = (((row // TILE_M) * q_sf_col_groups + c // 4) * 512 + (row % 32) * 16
+                       + ((row // 32) % 4) * 4 + c % 4)
+                q_sf[off] = sf_byte.to(cutlass.Uint8)
 
     return BlockScaledGemmNvfp4
 
@@ -491,6 +571,9 @@ def _compile_args(key: CompileKey):
         fake_ptr("Float32", 4),  # b2_dec_scale
         fake_ptr("Int32", 4),  # tile_expert
         fake_ptr("Int32", 4),  # valid_rows
+        fake_ptr("Int32", 16),  # q_packed (u32 words)
+        fake_ptr("Uint8", 4),  # q_sf
+        fake_ptr("Float32", 4),  # q_enc_scale
         cutlass.Int32(128),
         cutlass.Int32(key.tile_n),
         cutlass.Int32(256),
@@ -583,7 +666,7 @@ def check_valid_rows_i32(t, name: str, device) -> None:
 
 
 def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
-            valid_rows_i32, limit: float):
+            valid_rows_i32, limit: float, h_enc_scale_f32=None):
     import cutlass
     import torch
 
@@ -591,12 +674,21 @@ def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, wei
 
     m, k = a_packed_u8.shape[0], 2 * a_packed_u8.shape[1]
     n = weight.n
-    n_out = n // 2 if key.variant == "grouped_swiglu" else n
+    n_out = n // 2 if key.swiglu else n
     out_rows = (m + TILE_M - 1) // TILE_M * TILE_M
-    out_bf16 = torch.empty(out_rows, n_out, dtype=torch.bfloat16, device=a_packed_u8.device)
+    dev = str(a_packed_u8.device)
+    placeholder = device_i32_constant(0, dev)
+    if key.nvfp4_out:  # h as NVFP4 for L2: packed [M, N_out/2] and 128x4 swizzled scales
+        out_bf16 = placeholder
+        q_packed_u8 = torch.empty(m, n_out // 2, dtype=torch.uint8, device=a_packed_u8.device)
+        q_sf_u8 = torch.zeros(out_rows, (n_out // SF_VEC_SIZE + 3) // 4 * 4, dtype=torch.uint8,
+                              device=a_packed_u8.device)
+    else:
+        out_bf16 = torch.empty(out_rows, n_out, dtype=torch.bfloat16, device=a_packed_u8.device)
+        q_packed_u8 = q_sf_u8 = h_enc_scale_f32 = placeholder
     up = weight.up_dec_scale_f32 if weight.up_dec_scale_f32 is not None else weight.dec_scale_f32
     if valid_rows_i32 is None:  # every row valid (rows past M are never returned)
-        valid_rows_i32 = device_i32_constant(INT32_MAX, str(a_packed_u8.device))
+        valid_rows_i32 = device_i32_constant(INT32_MAX, dev)
     if m > 0:
         launch_on_current_stream(
             _compile(key),
@@ -606,9 +698,13 @@ def _launch(key: CompileKey, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, wei
             device_ptr(a_dec_scale_f32, "Float32", 4), device_ptr(weight.dec_scale_f32, "Float32", 4),
             device_ptr(up, "Float32", 4),
             device_ptr(tile_expert_i32, "Int32", 4), device_ptr(valid_rows_i32, "Int32", 4),
+            device_ptr(q_packed_u8, "Int32", 16), device_ptr(q_sf_u8, "Uint8", 4),
+            device_ptr(h_enc_scale_f32, "Float32", 4),
             cutlass.Int32(m), cutlass.Int32(n), cutlass.Int32(k), cutlass.Int32(weight.num_batches),
             cutlass.Float32(limit),
         )
+    if key.nvfp4_out:
+        return q_packed_u8, q_sf_u8
     return out_bf16[:m]
 
 
@@ -638,7 +734,8 @@ def launch_dense(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, *, key:
 
 
 def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
-                   *, swiglu_limit: float | None = None, key: CompileKey | None = None, num_valid_rows_i32=None):
+                   *, swiglu_limit: float | None = None, key: CompileKey | None = None, num_valid_rows_i32=None,
+                   h_global_enc_scale_f32=None):
     """MoE grouped GEMM on padded-per-expert rows (graph-safe, no host sync).
 
     a_packed_u8 [R, K/2] with R a multiple of 128 (each expert's rows padded to 128,
@@ -650,14 +747,24 @@ def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_
     row total, moe_routing.Permutation.valid_rows_i32): rows at or past it are zero and
     their tiles are skipped, like tiles marked -1.
     Returns bf16 [R, N] or, with SwiGLU, [R, N/2] = silu(min(g, L)) * clamp(u, -L, L).
+    h_global_enc_scale_f32 (SwiGLU only): the L2 input's global encode scale S ([1] f32 on
+    the device, e.g. 1/input_scale of w2); then h leaves the epilogue as NVFP4 (recipe te,
+    the bytes quantize_nvfp4_1x16.launch gives for the bf16 h and S): returns
+    (packed_u8 [R, N/4], sf_swizzled_u8 [R, round_up(N/32, 4)]), zero past the valid rows.
     """
     import torch
 
     if key is None:
-        key = SHIPPED_KEYS[2] if swiglu_limit is not None else SHIPPED_KEYS[1]
-    if (swiglu_limit is not None) != (key.variant == "grouped_swiglu"):
+        if swiglu_limit is None:
+            key = SHIPPED_KEYS[1]
+        else:
+            key = SHIPPED_KEYS[3] if h_global_enc_scale_f32 is not None else SHIPPED_KEYS[2]
+    if (swiglu_limit is not None) != key.swiglu:
         raise ValueError(f"swiglu_limit={swiglu_limit!r} does not match key.variant={key.variant!r}")
-    if key.variant == "grouped_swiglu":
+    if (h_global_enc_scale_f32 is not None) != key.nvfp4_out:
+        raise ValueError(f"h_global_enc_scale_f32 {'given' if h_global_enc_scale_f32 is not None else 'missing'}: "
+                         f"key.variant={key.variant!r} (NVFP4 output of h needs grouped_swiglu_nvfp4 and S)")
+    if key.swiglu:
         if weight.up_dec_scale_f32 is None or weight.interleave_granularity != key.interleave_granularity:
             raise ValueError(
                 f"weight: the SwiGLU GEMM needs w1|w3 interleaved with granularity {key.interleave_granularity} "
@@ -674,5 +781,10 @@ def launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_
                          f"got {tile_expert_i32.numel()}")
     if num_valid_rows_i32 is not None:
         check_valid_rows_i32(num_valid_rows_i32, "num_valid_rows_i32", a_packed_u8.device)
+    if h_global_enc_scale_f32 is not None:
+        _check_device_tensor(h_global_enc_scale_f32, "h_global_enc_scale_f32", torch.float32, a_packed_u8.device,
+                             align=4)
+        if h_global_enc_scale_f32.numel() != 1:
+            raise ValueError(f"h_global_enc_scale_f32: expected one element, got {tuple(h_global_enc_scale_f32.shape)}")
     return _launch(key, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32,
-                   num_valid_rows_i32, float(swiglu_limit or 0.0))
+                   num_valid_rows_i32, float(swiglu_limit or 0.0), h_global_enc_scale_f32)

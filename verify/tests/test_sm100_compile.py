@@ -119,6 +119,25 @@ def test_gemm_swiglu_epilogue_has_activation(compiled_gemms):
     assert isinstance(key, CompileKey)
 
 
+def test_gemm_swiglu_nvfp4_epilogue_quantizes_h_for_l2_with_te_math(compiled_gemms):
+    """grouped_swiglu_nvfp4: h is rounded to bf16, then quantized in the epilogue (recipe te) with
+    the hardware conversions; only packed codes (b32) and scale bytes (b8) are stored, no bf16 h."""
+    key = next(k for k in compiled_gemms if k.variant == "grouped_swiglu_nvfp4")
+    _, ptx = compiled_gemms[key]
+    per_thread_blocks = (key.out_tile_n // 32) * 2  # 4 sub-tiles of 32 columns, 2 blocks of 16 each
+    assert len(re.findall(r"cvt\.rn\.satfinite\.e2m1x2\.f32", ptx)) == 8 * per_thread_blocks, \
+        "16 elements per block = 8 e2m1x2 conversions"
+    assert len(re.findall(r"cvt\.rn\.satfinite\.e4m3x2\.f32", ptx)) == per_thread_blocks, "one E4M3 scale per block"
+    assert len(re.findall(r"cvt\.rn\.f16x2\.e4m3x2", ptx)) == per_thread_blocks, \
+        "the encode multiplier must use the decoded (rounded) block scale"
+    assert len(re.findall(r"cvt\.rn\.bf16x2\.f32", ptx)) == key.out_tile_n // 2, "h must be rounded to bf16 first"
+    assert "0f3E2AAAAB" in ptx and "0f7F7FFFFF" in ptx, "te: v * (S * (1/6)), clamp at FLT_MAX"
+    assert len(re.findall(r"mul\.rn\.f32", ptx)) == 16 * per_thread_blocks, "x*enc as an explicit mul.rn (no FMA)"
+    stores = set(re.findall(r"^\s*(st\.global\.[\w.]+)", ptx, re.M))
+    assert stores == {"st.global.b32", "st.global.b8"}, f"unexpected stores {stores}: h must not be stored as bf16"
+    assert "rcp.approx" not in ptx, "approximate reciprocal changes bytes"
+
+
 def test_kernels_sm100_import_without_cutlass():
     """`import kernels.sm100.<module>` needs torch alone: cutlass is imported lazily by the compile."""
     code = (

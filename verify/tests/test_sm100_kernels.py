@@ -176,6 +176,39 @@ def test_grouped_swiglu_within_propagated_bound(counts):
     assert_within_gemm_bound(h, h64, bound, label=f"grouped swiglu [sm100] counts={counts}")
 
 
+@pytest.mark.parametrize("counts", list(COUNTS.values()), ids=list(COUNTS))
+def test_grouped_swiglu_nvfp4_output_equals_quantized_bf16_h(counts):
+    """The fused L2 quantization (grouped_swiglu_nvfp4) writes the bytes the unfused path gives:
+    the sm100 quantizer and the emulator (recipe te) on the bf16 h with the same global scale."""
+    n, k, limit = 256, 512, 10.0
+    _, _, (_, _, a_d), (g_p, g_sf, g_d), (a_pad, a_sf_sw, table) = _grouped_inputs(counts, n, k, 25)
+    u_p, u_sf, u_d = _grouped_inputs(counts, n, k, 45)[3]
+    w13 = hb.prepare_gate_up_weight(g_p.to(DEV), g_sf.to(DEV), g_d.to(DEV), u_p.to(DEV), u_sf.to(DEV), u_d.to(DEV))
+    args = (a_pad.to(DEV), a_sf_sw.to(DEV), a_d.to(DEV), w13, table.to(DEV))
+    h = gemm.launch_grouped(*args, swiglu_limit=limit)
+    s2 = te_global_enc_scale(h.float().abs().amax().cpu()).reshape(1) * 0.75  # a static S that is not h's own
+    packed, sf = gemm.launch_grouped(*args, swiglu_limit=limit, h_global_enc_scale_f32=s2.to(DEV))
+    want_p, want_sf, _ = quant.launch(h, global_enc_scale_f32=s2.to(DEV))
+    assert_bytes_equal(packed, want_p, label=f"fused h codes [sm100 epilogue vs sm100 quantizer] counts={counts}")
+    assert_bytes_equal(sf, want_sf, label=f"fused h scales [sm100 epilogue vs sm100 quantizer] counts={counts}")
+    q = quantize_nvfp4(h.cpu(), recipe=TE, global_enc_scale_f32=s2)
+    assert_bytes_equal(packed, q.packed_u8, label=f"fused h codes [sm100 vs emulator:te] counts={counts}")
+    assert_bytes_equal(sf, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8),
+                       label=f"fused h scales [sm100 vs emulator:te] counts={counts}")
+
+
+def test_moe_path_fused_l2_quant_equals_unfused():
+    x, gate, w13, w2 = _moe_case(100, 8, 2, 256, 256, seed=75)
+    d1 = torch.tensor([x.float().abs().amax().item() / 2688.0], device=DEV)
+    d2 = torch.tensor([0.004], device=DEV)
+    nv = torch.tensor([77], dtype=torch.int32, device=DEV)
+    r = BACKEND.router(x, gate, top_k=2, routed_scaling_factor=2.5, num_valid_tokens_i32=nv)
+    kw = dict(swiglu_limit=10.0, l1_input_dec_scale_f32=d1, l2_input_dec_scale_f32=d2, num_valid_tokens_i32=nv)
+    y_fused = BACKEND.moe_experts(x, r, w13, w2, fuse_l2_quant=True, **kw)
+    y_unfused = BACKEND.moe_experts(x, r, w13, w2, **kw)
+    assert torch.equal(y_fused.view(torch.int16), y_unfused.view(torch.int16)), "fused L2 quantization changed bytes"
+
+
 # ----------------------------------------------------------------------------- CUDA graphs
 
 

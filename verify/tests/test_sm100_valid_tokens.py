@@ -267,3 +267,26 @@ def test_linear_nvfp4_threads_the_count_to_quantizer_and_gemm(fake_kernels):
     y = b.linear_nvfp4(x, _W(1), num_valid_rows_i32=n)
     assert [c[0] for c in fk.calls] == ["quant", "dense"] and all(c[1] is n for c in fk.calls)
     assert int(y[4:].count_nonzero()) == 0
+
+
+# ----------------------------------------------------------------------------- fused L2 quantization: argument checks
+
+
+def test_fused_l2_quant_needs_a_static_l2_scale(fake_kernels):
+    fk, e, h = fake_kernels
+    r = mr.route(torch.randn(4, e), top_k=2, routed_scaling_factor=1.0)
+    with pytest.raises(ValueError, match="fuse_l2_quant: needs the static l2_input_dec_scale_f32"):
+        Sm100Backend().moe_experts(torch.randn(4, h).to(torch.bfloat16), r, _W(e), _W(e), swiglu_limit=10.0,
+                                   fuse_l2_quant=True)
+
+
+def test_nvfp4_output_of_h_needs_the_swiglu_nvfp4_variant():
+    a = torch.zeros(128, 32, dtype=torch.uint8)
+    s = torch.ones(1)
+    with pytest.raises(ValueError, match="h_global_enc_scale_f32 given"):
+        gemm.launch_grouped(a, a, s, None, torch.zeros(1, dtype=torch.int32), h_global_enc_scale_f32=s)
+    with pytest.raises(ValueError, match="h_global_enc_scale_f32 missing"):
+        gemm.launch_grouped(a, a, s, None, torch.zeros(1, dtype=torch.int32), swiglu_limit=10.0,
+                            key=gemm.CompileKey(variant="grouped_swiglu_nvfp4", tile_n=256, num_stages=4))
+    with pytest.raises(ValueError, match="needs tile_n=256"):
+        gemm.CompileKey(variant="grouped_swiglu_nvfp4", tile_n=128)
