@@ -32,7 +32,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, ClassVar, Iterable, Mapping, Union
 
 import torch
 from torch import Tensor
@@ -385,8 +385,23 @@ def layer_schema(cfg: ModelConfig, i: int) -> LayerSchema:
 # ============================================================================= typed weights
 
 
+class _LinearShape:
+    """n and k (logical, unpacked) of a linear, from its weight tensor's last two dims."""
+
+    _weight_attr: ClassVar[str]
+    _elements_per_stored: ClassVar[int] = 1
+
+    @property
+    def n(self) -> int:
+        return getattr(self, self._weight_attr).shape[-2]
+
+    @property
+    def k(self) -> int:
+        return getattr(self, self._weight_attr).shape[-1] * self._elements_per_stored
+
+
 @dataclass(frozen=True)
-class Nvfp4Linear:
+class Nvfp4Linear(_LinearShape):
     """ModelOpt NVFP4 linear (or a stack of E of them: every tensor gets a leading [E]).
 
     weight_u8: [..., N, K/2] packed E2M1, element 2i in the low nibble.
@@ -401,18 +416,12 @@ class Nvfp4Linear:
     weight_scale_2_f32: Tensor
     input_scale_f32: Tensor
     format: str = field(default="nvfp4", init=False)
-
-    @property
-    def n(self) -> int:
-        return self.weight_u8.shape[-2]
-
-    @property
-    def k(self) -> int:
-        return self.weight_u8.shape[-1] * 2
+    _weight_attr: ClassVar[str] = "weight_u8"
+    _elements_per_stored: ClassVar[int] = 2
 
 
 @dataclass(frozen=True)
-class Fp8BlockLinear:
+class Fp8BlockLinear(_LinearShape):
     """FP8 E4M3 weight with 128x128 block scales: W = fp8 * scale[n//128, k//128].
 
     weight_e4m3: [..., N, K] float8_e4m3fn.
@@ -425,14 +434,7 @@ class Fp8BlockLinear:
     scale_ue8m0: Tensor | None
     scale_inv_f32: Tensor | None
     format: str = field(default="fp8_block128", init=False)
-
-    @property
-    def n(self) -> int:
-        return self.weight_e4m3.shape[-2]
-
-    @property
-    def k(self) -> int:
-        return self.weight_e4m3.shape[-1]
+    _weight_attr: ClassVar[str] = "weight_e4m3"
 
     def block_dec_scale_f32(self) -> Tensor:
         """The block scales as float32 (exact for both storages)."""
@@ -443,7 +445,7 @@ class Fp8BlockLinear:
 
 
 @dataclass(frozen=True)
-class Mxfp4Linear:
+class Mxfp4Linear(_LinearShape):
     """MXFP4 linear (DeepSeek-V4 `mtp.*` experts): packed E2M1 [..., N, K/2] (stored I8 or U8,
     exposed as uint8 bytes), UE8M0 scales [..., N, K/32] float8_e8m0fnu, no global scale."""
 
@@ -451,31 +453,18 @@ class Mxfp4Linear:
     weight_u8: Tensor
     scale_ue8m0: Tensor
     format: str = field(default="mxfp4", init=False)
-
-    @property
-    def n(self) -> int:
-        return self.weight_u8.shape[-2]
-
-    @property
-    def k(self) -> int:
-        return self.weight_u8.shape[-1] * 2
+    _weight_attr: ClassVar[str] = "weight_u8"
+    _elements_per_stored: ClassVar[int] = 2
 
 
 @dataclass(frozen=True)
-class Bf16Linear:
+class Bf16Linear(_LinearShape):
     """An unquantized linear: weight_bf16 [..., N, K] (BF16, or F32 stored weights kept as is)."""
 
     module: str
     weight_bf16: Tensor
     format: str = field(default="bf16", init=False)
-
-    @property
-    def n(self) -> int:
-        return self.weight_bf16.shape[-2]
-
-    @property
-    def k(self) -> int:
-        return self.weight_bf16.shape[-1]
+    _weight_attr: ClassVar[str] = "weight_bf16"
 
 
 Linear = Union[Nvfp4Linear, Fp8BlockLinear, Mxfp4Linear, Bf16Linear]
