@@ -31,6 +31,13 @@ OPS = (
 )
 
 
+# The harness's op names (verify.backend.Op values) -> the op here that serves them.
+OP_ALIASES = {
+    "quantize": "quantize_nvfp4", "dense_gemm": "gemm_nvfp4", "grouped_gemm": "grouped_gemm_nvfp4",
+    "swiglu_requant": "grouped_gemm_swiglu",
+}
+
+
 @functools.lru_cache(maxsize=8)
 def _ones_f32(device_str: str) -> Tensor:
     """A [1] float32 1.0 per device, allocated once (the B decode scale when alpha is passed whole)."""
@@ -55,7 +62,11 @@ class Sm100Backend:
     gate_up_granularity = host_bridge.GATE_UP_GRANULARITY
 
     def unsupported_reason(self, op: str, device: torch.device | str | None = None) -> str | None:
-        """None when `op` can run on `device`, else a sentence saying why not."""
+        """None when `op` can run on `device`, else a sentence saying why not.
+
+        `op` is one of OPS or one of the harness's Op values (verify.backend.Op), mapped by OP_ALIASES.
+        """
+        op = OP_ALIASES.get(op, op)
         if op not in OPS:
             return f"sm100: op {op!r} is not provided (has {', '.join(OPS)})"
         if op in ("router", "combine"):

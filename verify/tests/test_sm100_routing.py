@@ -86,5 +86,8 @@ def test_backend_declares_recipe_accumulator_and_limits():
     assert b.name == "sm100" and b.recipe_name == "te" and b.u_acc == 2.0**-24
     assert b.gate_up_granularity == 128
     assert "not provided" in b.unsupported_reason("fp8_gemm")
+    for harness_op in ("quantize", "dense_gemm", "grouped_gemm", "swiglu_requant", "router", "combine"):
+        reason = b.unsupported_reason(harness_op)
+        assert reason is None or "not provided" not in reason, f"harness op {harness_op!r}: {reason}"
     if not torch.cuda.is_available():
         assert b.unsupported_reason("gemm_nvfp4") is not None
