@@ -37,6 +37,8 @@ __all__ = [
     "f32_to_ue8m0_bytes",
     "ue8m0_bytes_to_f32",
     "round_f32_to_minifloat_magnitude",
+    "f64_to_f32_round_to_odd",
+    "round_f64_to",
 ]
 
 E2M1_MAX = 6.0
@@ -62,6 +64,35 @@ def bits_to_f32(bits_i32: Tensor) -> Tensor:
     if bits_i32.dtype != torch.int32:
         raise TypeError(f"bits_i32: expected torch.int32, got {bits_i32.dtype}")
     return bits_i32.contiguous().view(torch.float32)
+
+
+def f64_to_f32_round_to_odd(x_f64: Tensor) -> Tensor:
+    """float64 -> float32 rounded to odd: truncate toward zero, then set the last mantissa bit
+    if anything was lost. Rounding that result once more to a format with at least 2 fewer
+    significand bits (bf16: 8, fp16: 11; float32 has 24) is the correctly rounded (RNE)
+    float64 -> that format (Boldo & Melquiond, "Emulation of FMA and correctly rounded sums:
+    proved algorithms using rounding to odd", IEEE TC 2008). Subnormals: float32's subnormal
+    grid is 2^16 finer than bf16's. Past FLT_MAX it gives FLT_MAX with the sticky bit (which
+    then rounds to inf in bf16, as the exact value does); +-inf, NaN and signed zeros pass through.
+    """
+    if x_f64.dtype != torch.float64:
+        raise TypeError(f"x_f64: expected torch.float64, got {x_f64.dtype}")
+    t = x_f64.to(torch.float32)  # RNE; stepped back toward zero below where it rounded up in magnitude
+    t = torch.where(t.double().abs() > x_f64.abs(), torch.nextafter(t, torch.zeros_like(t)), t)
+    sticky = (t.double() != x_f64) & ~torch.isnan(x_f64)
+    return bits_to_f32(f32_bits(t) | sticky.to(torch.int32))
+
+
+def round_f64_to(x_f64: Tensor, dtype: torch.dtype) -> Tensor:
+    """float64 -> dtype with ONE round-to-nearest-even. torch's float64 -> bfloat16 cast goes
+    through float32 and rounds twice (1 + 2^-8 + 2^-30 gives 1.0 instead of 1 + 2^-7)."""
+    if dtype == torch.float64:
+        return x_f64
+    if dtype == torch.float32:
+        return x_f64.to(torch.float32)
+    if dtype in (torch.bfloat16, torch.float16):
+        return f64_to_f32_round_to_odd(x_f64).to(dtype)
+    raise ValueError(f"dtype={dtype}: expected float64, float32, bfloat16 or float16")
 
 
 def round_f32_to_minifloat_magnitude(abs_bits_i32: Tensor, *, mant_bits: int, bias: int) -> Tensor:

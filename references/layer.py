@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from references import moe
+from references.codecs import round_f64_to
 from references.linear import (
     MODES,
     Nvfp4Weight,
@@ -171,7 +172,7 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
                                swiglu_limit=limit, fp8_scale_fmt=options.fp8_scale_fmt)
         out.update({f"shared.{k}": v for k, v in sh.items()})
         total = total + sh["l2"].double()
-    out["moe.out"] = total if mode == "high" else total.to(torch.bfloat16)
+    out["moe.out"] = total if mode == "high" else round_f64_to(total, torch.bfloat16)
     return out
 
 
@@ -215,7 +216,7 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
         out.update({f"attn.wo_a.act_quant.{k}": v for k, v in acts.items()})
         b = decode_weight_f64(w.wo_a).view(g, r, -1)
         oa = torch.einsum("tgd,grd->tgr", a.view(t, g, -1), b).reshape(t, g * r)
-        oa = (oa if alpha is None else oa * alpha.double()).to(torch.bfloat16)
+        oa = round_f64_to(oa if alpha is None else oa * alpha.double(), torch.bfloat16)
     y, _ = linear(oa, w.wo_b, **kw)
     out.update({"attn.wo_a": oa, "attn.wo_b": y})
     return out

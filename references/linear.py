@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from references.codecs import e4m3_bytes_to_f32, f32_to_e4m3_bytes, f32_to_ue8m0_bytes, ue8m0_bytes_to_f32
+from references.codecs import (
+    e4m3_bytes_to_f32,
+    f32_to_e4m3_bytes,
+    f32_to_ue8m0_bytes,
+    round_f64_to,
+    ue8m0_bytes_to_f32,
+)
 from references.nvfp4 import (
     Nvfp4Quantized,
     decode_nvfp4_block_scaled,
@@ -273,11 +279,11 @@ def linear(x: Tensor, w: Weight, *, mode: str, recipe: Recipe, act_scale: str = 
     a, b, alpha, acts = quantized_operands(x, w, recipe=recipe, act_scale=act_scale, input_scale_f32=input_scale_f32,
                                            fp8_scale_fmt=fp8_scale_fmt)
     y = a @ b.T
-    return (y if alpha is None else y * alpha.double()).to(out_dtype), acts
+    return round_f64_to(y if alpha is None else y * alpha.double(), out_dtype), acts
 
 
 def rms_norm(x: Tensor, weight: Tensor, *, eps: float, mode: str) -> Tensor:
     """weight * x / sqrt(mean(x^2) + eps) over the last dim, in float64; emulated rounds once to bf16."""
     x64 = x.double()
     y = weight.double() * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
-    return y if mode == "high" else y.to(torch.bfloat16)
+    return y if mode == "high" else round_f64_to(y, torch.bfloat16)

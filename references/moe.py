@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from references.codecs import round_f64_to
 from references.linear import (
     ACT_SCALE_MODES,
     Nvfp4Weight,
@@ -224,7 +225,7 @@ def swiglu(gate: Tensor, up: Tensor, *, limit: float | None, row_weight_f32: Ten
     h = g * torch.sigmoid(g) * u
     if row_weight_f32 is not None:
         h = h * row_weight_f32.double()[:, None]
-    return h if mode == "high" else h.to(torch.bfloat16)
+    return h if mode == "high" else round_f64_to(h, torch.bfloat16)
 
 
 def requant(h_bf16: Tensor, offsets_i64: Tensor, *, recipe: Recipe, act_scale: str,
@@ -239,7 +240,7 @@ def l2(a: ActQuant | Tensor, offsets_i64: Tensor, experts: ExpertStack, *, mode:
         return _grouped_gemm(a.double(), offsets_i64, experts.w2, alpha_f32=None, dequantize=True)
     y = _grouped_gemm(a.decoded_f64(), offsets_i64, experts.w2, alpha_f32=_alpha(a.global_dec_f32, experts.w2),
                       dequantize=False)
-    return y.to(torch.bfloat16)
+    return round_f64_to(y, torch.bfloat16)
 
 
 def combine(y_rows: Tensor, d: Dispatch, weights_f32: Tensor | None, *, mode: str) -> Tensor:
@@ -249,7 +250,7 @@ def combine(y_rows: Tensor, d: Dispatch, weights_f32: Tensor | None, *, mode: st
     if weights_f32 is not None:
         y = y * weights_f32.double()[..., None]
     out = y.sum(1)
-    return out if mode == "high" else out.to(torch.bfloat16)
+    return out if mode == "high" else round_f64_to(out, torch.bfloat16)
 
 
 def shared_expert(x: Tensor, w1: Weight, w3: Weight, w2: Weight, *, mode: str, recipe: Recipe,

@@ -57,9 +57,6 @@ from verify.reference_layer import (
 )
 
 MINI_V4 = "golden/mini-v4"
-_DOUBLE_ROUNDING = ("references round float64 -> bf16 with torch's .to(torch.bfloat16), which converts through "
-                    "float32 (two roundings), not once as documented: linear.py linear() and rms_norm(), "
-                    "moe.py swiglu(), l2(), combine(), layer.py moe.out and attn.wo_a")
 U64 = 2.0**-53
 HIGH_REL = 1e-12
 E2M1_F64 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
@@ -673,24 +670,16 @@ def _one_torch_thread():
     torch.set_num_threads(n)
 
 
-# Items where the reference's torch float64 -> bfloat16 cast (through float32) rounds twice and lands
-# one bf16 ulp from the single rounding it documents; the exact value (the dot product is exact, the
-# alpha multiply is the only float64 rounding) is given with its float32 rounding, a bf16 midpoint.
-DOUBLE_ROUNDED = {
-    "layer0-static-emulated-attn.wo_b":
-        "(10, 92): exact -0x1.310000f59p-2 -> f32 -0x1.31p-2 (midpoint) -> bf16 -0.296875; single RNE -0.298828125",
-    "layer2-static-emulated-moe.l2":
-        "(47, 153): exact -0x1.bd0000c88p+4 -> f32 -0x1.bdp+4 (midpoint) -> bf16 -27.75; single RNE -27.875",
-    "layer3-static-before-emulated-moe.l2":
-        "(26, 123): exact 0x1.090000b1fap-1 -> f32 0x1.09p-1 (midpoint) -> bf16 0.515625; single RNE 0.51953125",
-}
+# Regression cases: the references once rounded float64 -> bf16 through float32 (twice), landing one
+# bf16 ulp off here (found by this file; fixed by references.codecs.round_f64_to):
+#   layer0-static-emulated-attn.wo_b (10, 92): exact -0x1.310000f59p-2, single RNE -0.298828125
+#   layer2-static-emulated-moe.l2 (47, 153): exact -0x1.bd0000c88p+4, single RNE -27.875
+#   layer3-static-before-emulated-moe.l2 (26, 123): exact 0x1.090000b1fap-1, single RNE 0.51953125
 
 
 def _stage_param(name: str, mode: str, stage: str):
     pid = f"{name}-{mode}-{stage}"
-    marks = ([pytest.mark.xfail(strict=True, reason=f"{_DOUBLE_ROUNDING}; {DOUBLE_ROUNDED[pid]}")]
-             if pid in DOUBLE_ROUNDED else [])
-    return pytest.param(name, mode, stage, id=pid, marks=marks)
+    return pytest.param(name, mode, stage, id=pid)
 
 
 STAGE_PARAMS = [_stage_param(name, mode, stage)
@@ -767,7 +756,6 @@ def test_swiglu_clamp_is_asymmetric():
 _ABOVE_MIDPOINT = [1.0, 2.0**-8, 2.0**-30]  # exact sum 1 + 2^-8 + 2^-30
 
 
-@pytest.mark.xfail(strict=True, reason=_DOUBLE_ROUNDING)
 def test_bf16_outputs_are_rounded_once_linear():
     """BF16 weight [[1, 1, 1]] times x = [1, 2^-8, 2^-30]: the exact dot 1 + 2^-8 + 2^-30 must round
     to bf16 1.0078125 (above the midpoint), not 1.0."""
@@ -776,7 +764,6 @@ def test_bf16_outputs_are_rounded_once_linear():
     assert_bits_equal(y, torch.tensor([[1.0078125]], dtype=torch.bfloat16), label="linear bf16 out, exact 1+2^-8+2^-30")
 
 
-@pytest.mark.xfail(strict=True, reason=_DOUBLE_ROUNDING)
 def test_bf16_outputs_are_rounded_once_combine():
     """Before-w2 placement: combine sums bf16 rows 1, 2^-8, 2^-30 of one token exactly -> 1.0078125."""
     ids = torch.tensor([[0, 1, 2]])
