@@ -441,12 +441,17 @@ def _move_layer1_attention(p: FixturePreset, out: Path, weight_map: dict[str, st
     weight_map.update({k: dst for k in moving})
 
 
+CHECKPOINT_FILES = ("config.json", "hf_quant_config.json", "model.safetensors.index.json")
+
+
 def checkpoint_digests(directory: str | os.PathLike) -> dict[str, str]:
-    """sha256 of every file of a checkpoint directory, by file name (sorted)."""
+    """sha256 of every checkpoint file of a directory (config, quant config, index, *.safetensors), by
+    file name (sorted). Golden reports kept beside a fixture (golden/<fixture>/<backend>.json) are not
+    part of the checkpoint."""
     d = Path(directory)
     out = {}
     for f in sorted(d.iterdir()):
-        if f.is_file() and not f.name.startswith(".") and f.name != "SHA256SUMS":
+        if f.is_file() and (f.name in CHECKPOINT_FILES or f.suffix == ".safetensors"):
             out[f.name] = hashlib.sha256(f.read_bytes()).hexdigest()
     return out
 
