@@ -1,0 +1,109 @@
+"""Stage verdicts that need more than byte equality (DESIGN.md "Verdicts").
+
+Router: a backend's expert ids must equal the reference's except at near-ties, i.e. tokens
+whose k-th and (k+1)-th biased scores are closer than the backend's score error can
+explain; near-ties are reported, not failed. Its weights must lie within the error bound
+of an fp32 computation of the same formula.
+
+Score error bound (per token, expert), for a backend computing in float32:
+    logits: |l - l_ref| <= gamma(H + 1, 2^-24) * sum_h |x_h w_h|          (fp32 GEMM, one final rounding)
+    scores: |s - s_ref| <= |ds/dl| * logit bound + SCORE_ULPS ulp(s)       (elementwise fp32 math)
+    weights: |w - w_ref| <= w_ref * (rel_s[k] + max_j rel_s[j] + (k + 4) u) (sum of k, divide, scale)
+with ds/dl = sigmoid(l) / (2 sqrt(softplus(l))) for sqrtsoftplus and s (1 - s) for sigmoid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from references.gemm import gamma
+from references.router import Routing
+
+__all__ = ["SCORE_ULPS", "RouterVerdict", "router_score_error_bound", "router_verdict"]
+
+U32 = 2.0**-24
+SCORE_ULPS = 4  # softplus/log1p/exp/sqrt or sigmoid in fp32: a few ulps each, 4 in total is generous for CUDA libm
+
+
+@dataclass
+class RouterVerdict:
+    """tokens; identical: tokens whose id sets are equal; near_ties: tokens whose sets differ within
+    the bound; mismatched_tokens: differing beyond it (first 16); weight_violations: weights outside
+    the bound on identical tokens; max_weight_ratio: max |w - w_ref| / bound; topk_overlap: mean
+    fraction of shared ids."""
+
+    tokens: int
+    identical: int
+    near_ties: int
+    mismatched_tokens: list[int] = field(default_factory=list)
+    weight_violations: int = 0
+    max_weight_ratio: float = 0.0
+    topk_overlap: float = 1.0
+
+    @property
+    def passed(self) -> bool:
+        return not self.mismatched_tokens and self.weight_violations == 0
+
+    def summary(self) -> str:
+        return (f"router: {self.identical}/{self.tokens} tokens identical, {self.near_ties} near-ties, "
+                f"{len(self.mismatched_tokens)} mismatched (first: {self.mismatched_tokens[:4]}), "
+                f"{self.weight_violations} weights outside the bound (max ratio {self.max_weight_ratio:.3g}), "
+                f"top-k overlap {self.topk_overlap:.4f}")
+
+
+def router_score_error_bound(x: Tensor, gate_weight: Tensor, ref: Routing, *, scoring: str) -> Tensor:
+    """[T, E] float64 bound on |s_backend - s_ref| for an fp32 backend (module docstring)."""
+    abs_dot = x.double().abs() @ gate_weight.double().abs().T
+    logit_bound = gamma(x.shape[1] + 1, U32) * abs_dot
+    l64, s64 = ref.logits_f32.double(), ref.scores_f32.double()
+    if scoring == "sqrtsoftplus":
+        sp = torch.clamp(l64, min=0) + torch.log1p(torch.exp(-l64.abs()))
+        deriv = torch.sigmoid(l64) / (2 * torch.sqrt(sp).clamp_min(1e-300))
+    elif scoring == "sigmoid":
+        deriv = s64 * (1 - s64)
+    else:
+        raise ValueError(f"scoring={scoring!r}: the router verdict covers 'sqrtsoftplus' and 'sigmoid'")
+    ulp = torch.exp2(torch.floor(torch.log2(s64.abs().clamp_min(2.0**-126)))) * 2.0**-23
+    return deriv * logit_bound + SCORE_ULPS * ulp
+
+
+def router_verdict(ref: Routing, got_ids_i64: Tensor, got_weights_f32: Tensor, *, x: Tensor, gate_weight: Tensor,
+                   bias_f32: Tensor | None, scoring: str) -> RouterVerdict:
+    """Compare a backend's routing with the reference's on the same x (module docstring)."""
+    t, k = ref.ids_i64.shape
+    if got_ids_i64.shape != (t, k) or got_weights_f32.shape != (t, k):
+        raise ValueError(f"got ids {tuple(got_ids_i64.shape)} / weights {tuple(got_weights_f32.shape)}: "
+                         f"expected [{t}, {k}] like the reference")
+    err = router_score_error_bound(x, gate_weight, ref, scoring=scoring)
+    ref_ids, got_ids = ref.ids_i64.cpu(), got_ids_i64.cpu()
+    ref_sorted, ref_order = torch.sort(ref_ids, dim=1)
+    got_sorted, got_order = torch.sort(got_ids, dim=1)
+    same = (ref_sorted == got_sorted).all(1)
+    overlap = torch.tensor([len(set(a.tolist()) & set(b.tolist())) / k for a, b in zip(ref_ids, got_ids)])
+    v = RouterVerdict(tokens=t, identical=int(same.sum()), near_ties=0, topk_overlap=float(overlap.mean()) if t else 1.0)
+    if not ref.hashed:
+        biased = ref.scores_f32.double() + (0 if bias_f32 is None else bias_f32.double())
+        top = torch.sort(biased, dim=1, descending=True).values
+        e_max = err.amax(1) + (top[:, k - 1].abs() * U32 if bias_f32 is not None else 0)  # + the fp32 add
+        gap = top[:, k - 1] - top[:, k] if k < biased.shape[1] else torch.full((t,), float("inf"), dtype=torch.float64)
+        tie = (gap <= 2 * e_max).cpu()
+    else:
+        tie = torch.zeros(t, dtype=torch.bool)  # hash ids are a table lookup: no ties
+    differing = (~same).nonzero().flatten()
+    v.near_ties = int(tie[differing].sum())
+    v.mismatched_tokens = [int(i) for i in differing if not tie[i]][:16]
+    # weights on identical tokens, in the reference's sorted-id order
+    if bool(same.any()):
+        rows = same.nonzero().flatten()
+        w_ref = ref.weights_f32.double().cpu().gather(1, ref_order)[rows]
+        w_got = got_weights_f32.double().cpu().gather(1, got_order)[rows]
+        s_sel = ref.scores_f32.double().cpu().gather(1, ref_sorted)[rows]
+        rel = err.cpu().gather(1, ref_sorted)[rows] / s_sel.clamp_min(1e-300)
+        bound = w_ref * (rel + rel.amax(1, keepdim=True) + (k + 4) * U32)  # k-term sum, divide, scale, ref rounding
+        ratio = (w_got - w_ref).abs() / bound.clamp_min(1e-300)
+        v.weight_violations = int((ratio > 1).sum())
+        v.max_weight_ratio = float(ratio.max())
+    return v
