@@ -8,114 +8,109 @@ for small M ("swap-AB"), where the output is written transposed through its stri
 Decode in registers: each byte's low nibble is element 2j, high nibble element 2j+1.
 Instead of interleaving them, the kernel runs two MMAs per K tile, one over the even
 and one over the odd elements (the same permutation of k on both operands, so only
-the accumulation order changes). Values are decoded to fp16 (e2m1 * e4m3 is exact
-in fp16: at most 6 significant bits, magnitudes 2^-10 .. 2688), fp16 MMA with fp32
-accumulation, alpha (a GPU scalar) in the epilogue.
+the accumulation order changes). Values are decoded to fp16 as e2m1 * e4m3 * 2^-7
+(exact in fp16: at most 6 significant bits, magnitudes 2^-17 .. 21), fp16 MMA with
+fp32 accumulation, 2^14 (exact) and alpha (a GPU scalar) in the epilogue.
 """
 
 import triton
 import triton.language as tl
 
-from kernels.sm90._te_math import e4m3_u8_to_f32
-
-# fp16 high bytes of the E2M1 magnitudes 0, .5, 1, 1.5 | 2, 3, 4, 6 (their low bytes are 0)
-_E2M1_F16_HI_0123 = 0x3E3C3800
-_E2M1_F16_HI_4567 = 0x46444240
+# Decode (exact, in fp16): the E2M1 code's 3 magnitude bits go to fp16 bits 9-11 and its
+# sign to bit 15, which reads as e2m1 * 2^-14 (0.5 lands on the fp16 subnormal 2^-15);
+# the E4M3 scale is converted to fp16 as scale * 2^7 (<= 57344). Their product is
+# e2m1 * scale * 2^-7, exact (at most 6 significant bits, 2^-17 .. 21), so a product of
+# two operands is the true product * 2^-14 and the fp32 accumulator is the true sum *
+# 2^-14, with the same roundings (a power-of-2 factor far from under/overflow): the
+# epilogue multiplies by 2^14, exactly, before alpha.
+DECODE_UNSCALE = tl.constexpr(16384.0)
 
 
 @triton.jit
 def _e2m1_nibbles_to_f16_arith(b_u8):
-    """(low nibble, high nibble) of each byte -> two fp16 tensors (portable path)."""
+    """(low nibble, high nibble) of each byte -> two fp16 tensors of e2m1 * 2^-14 (portable path)."""
     b = b_u8.to(tl.int32)
-    lo = b & 0xF
-    hi = b >> 4
-    mlo = lo & 7
-    mhi = hi & 7
-    blo = tl.where(mlo >= 2, (mlo << 9) + (14 << 10), tl.where(mlo == 1, 0x3800, 0)) | ((lo & 8) << 12)
-    bhi = tl.where(mhi >= 2, (mhi << 9) + (14 << 10), tl.where(mhi == 1, 0x3800, 0)) | ((hi & 8) << 12)
-    return (blo.to(tl.int16).to(tl.float16, bitcast=True), bhi.to(tl.int16).to(tl.float16, bitcast=True))
+    lo = ((b & 7) << 9) | ((b & 8) << 12)
+    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    return lo.to(tl.int16).to(tl.float16, bitcast=True), hi.to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def _e2m1_nibbles_to_f16_asm(b_u8):
-    """Same as the arithmetic path, 4 bytes per instance: prmt table lookup of the fp16
-    high byte (magnitude) and the sign moved from bit 3 / bit 7 of each byte to bit 15."""
-    lo = tl.inline_asm_elementwise(
+    """Same values as the arithmetic path, 4 bytes per instance, both nibbles in one asm
+    block. prmt puts byte 2j in bits 8-15 and byte 2j+1 in bits 24-31 of t: the high
+    nibbles then sit in bits 12-15 and 28-31, the top of each fp16 half, and t << 4 moves
+    the low nibbles there; (x & 0x70007000) >> 3 | (x & 0x80008000) is then the pair of
+    fp16 e2m1 * 2^-14 (sign kept in place, magnitude bits moved to 9-11)."""
+    return tl.inline_asm_elementwise(
         asm="""
         {
-        .reg .b32 w, sel, t, sg, ta, tb;
-        mov.b32 w, $2;
-        mov.b32 ta, 0x3E3C3800;
-        mov.b32 tb, 0x46444240;
-        shl.b32 sel, w, 4;
-        and.b32 sel, sel, 0x7070;
-        prmt.b32 $0, ta, tb, sel;
-        prmt.b32 t, w, 0, 0x1404;
-        shl.b32 sg, t, 4;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 $0, $0, sg;
-        shr.b32 sel, w, 12;
-        and.b32 sel, sel, 0x7070;
-        prmt.b32 $1, ta, tb, sel;
-        prmt.b32 t, w, 0, 0x3424;
-        shl.b32 sg, t, 4;
-        and.b32 sg, sg, 0x80008000;
-        or.b32 $1, $1, sg;
+        .reg .b32 t, u, m;
+        prmt.b32 t, $4, 0, 0x1404;
+        shl.b32 u, t, 4;
+        and.b32 m, u, 0x70007000;
+        shr.b32 m, m, 3;
+        and.b32 u, u, 0x80008000;
+        or.b32 $0, m, u;
+        and.b32 m, t, 0x70007000;
+        shr.b32 m, m, 3;
+        and.b32 t, t, 0x80008000;
+        or.b32 $2, m, t;
+        prmt.b32 t, $4, 0, 0x3424;
+        shl.b32 u, t, 4;
+        and.b32 m, u, 0x70007000;
+        shr.b32 m, m, 3;
+        and.b32 u, u, 0x80008000;
+        or.b32 $1, m, u;
+        and.b32 m, t, 0x70007000;
+        shr.b32 m, m, 3;
+        and.b32 t, t, 0x80008000;
+        or.b32 $3, m, t;
         }
         """,
-        constraints="=r,=r,r",
+        constraints="=r,=r,=r,=r,r",
         args=[b_u8],
-        dtype=tl.float16,
+        dtype=(tl.float16, tl.float16),
         is_pure=True,
         pack=4,
     )
-    hi = tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 w, sel, t, sg, ta, tb;
-        mov.b32 w, $2;
-        mov.b32 ta, 0x3E3C3800;
-        mov.b32 tb, 0x46444240;
-        and.b32 sel, w, 0x7070;
-        prmt.b32 $0, ta, tb, sel;
-        prmt.b32 t, w, 0, 0x1404;
-        and.b32 sg, t, 0x80008000;
-        or.b32 $0, $0, sg;
-        shr.b32 sel, w, 16;
-        and.b32 sel, sel, 0x7070;
-        prmt.b32 $1, ta, tb, sel;
-        prmt.b32 t, w, 0, 0x3424;
-        and.b32 sg, t, 0x80008000;
-        or.b32 $1, $1, sg;
-        }
-        """,
-        constraints="=r,=r,r",
-        args=[b_u8],
-        dtype=tl.float16,
-        is_pure=True,
-        pack=4,
-    )
-    return lo, hi
 
 
 @triton.jit
-def _load_raw(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_K: tl.constexpr):
-    """Packed bytes [ROWS, BLOCK_K/2] and scale bytes [ROWS, BLOCK_K/16] of a K tile (masked: 0)."""
+def _e4m3_u8_to_f16_x128(s):
+    """E4M3 byte (int32 0..255) -> fp16 equal to its value * 2^7 (exact, <= 57344); 0x7F/0xFF -> NaN.
+    The byte shifted into fp16's exponent/mantissa fields reads as value * 2^-8
+    (subnormals included); the multiply by 2^15 is exact."""
+    h = ((s & 0x80) << 8) | ((s & 0x7F) << 7)
+    f = h.to(tl.int16).to(tl.float16, bitcast=True) * 32768.0
+    return tl.where((s & 0x7F) == 0x7F, float("nan"), f)
+
+
+@triton.jit
+def _load_raw(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_K: tl.constexpr):
+    """Packed bytes [ROWS, BLOCK_K/2] and scale bytes [ROWS, BLOCK_K/16] (int32) of a K tile
+    (masked: 0). HALF_K (= K/2, the row stride) is an argument so that Triton sees its
+    divisibility and loads 16 bytes per access; scales are loaded as the little-endian
+    int32 words of four consecutive blocks of a row (the 128x4 layout keeps c % 4 in the
+    low two address bits), one word per 64 elements. BLOCK_K is a multiple of 64."""
     pcols = kb // 2 + tl.arange(0, BLOCK_K // 2)
     row_ok = rows < R
-    b = tl.load(p_ptr + rows.to(tl.int64)[:, None] * (K // 2) + pcols[None, :],
-                mask=row_ok[:, None] & (pcols < K // 2)[None, :], other=0)
+    b = tl.load(p_ptr + rows.to(tl.int64)[:, None] * HALF_K + pcols[None, :],
+                mask=row_ok[:, None] & (pcols < HALF_K)[None, :], other=0)
+    c4 = kb // 64 + tl.arange(0, BLOCK_K // 64)
+    woff = (((rows // 128) * CP4)[:, None] + c4[None, :]) * 128 + ((rows % 32) * 4 + (rows // 32) % 4)[:, None]
+    w = tl.load(sf_ptr + woff, mask=row_ok[:, None] & (c4 < CP4)[None, :], other=0)
+    s = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+    s = tl.reshape(s, (rows.shape[0], BLOCK_K // 16))
     c = kb // 16 + tl.arange(0, BLOCK_K // 16)
-    soff = (((rows // 128) * CP4)[:, None] + (c // 4)[None, :]) * 512 \
-        + ((rows % 32) * 16 + ((rows // 32) % 4) * 4)[:, None] + (c % 4)[None, :]
-    s = tl.load(sf_ptr + soff, mask=row_ok[:, None] & (c < K // 16)[None, :], other=0)
+    s = tl.where((c < HALF_K // 8)[None, :], s, 0)  # blocks past K (scale padding): 0
     return b, s
 
 
 @triton.jit
 def _decode(b, s, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """-> (even-k, odd-k) fp16 [ROWS, BLOCK_K/2]: e2m1 value * e4m3 block scale, exact."""
-    s16 = e4m3_u8_to_f32(s.to(tl.int32)).to(tl.float16)
+    """-> (even-k, odd-k) fp16 [ROWS, BLOCK_K/2]: e2m1 value * e4m3 block scale * 2^-7, exact."""
+    s16 = _e4m3_u8_to_f16_x128(s)
     s16 = tl.reshape(tl.broadcast_to(s16[:, :, None], (ROWS, BLOCK_K // 16, 8)), (ROWS, BLOCK_K // 2))
     if USE_ASM:
         lo, hi = _e2m1_nibbles_to_f16_asm(b)
@@ -125,16 +120,16 @@ def _decode(b, s, ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constex
 
 
 @triton.jit
-def _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4,
+def _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4,
                   ROWS: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    b, s = _load_raw(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_K)
+    b, s = _load_raw(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_K)
     return _decode(b, s, ROWS, BLOCK_K, USE_ASM)
 
 
 @triton.jit
 def gemm_nvfp4_kernel(
     x_ptr, xsf_ptr, y_ptr, ysf_ptr, alpha_ptr, out_ptr, ws_ptr,
-    RX, RY, K, CP4, stride_ox, stride_oy, iters_per_split,
+    RX, RY, HALF_K, CP4, stride_ox, stride_oy, iters_per_split,
     BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_K: tl.constexpr,
     USE_WS: tl.constexpr, USE_ASM: tl.constexpr,
 ):
@@ -144,26 +139,19 @@ def gemm_nvfp4_kernel(
     rx = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
     ry = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
     acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+    K = HALF_K * 2
     k_iters = tl.cdiv(K, BLOCK_K)
     it0 = pid_s * iters_per_split
     it1 = tl.minimum(it0 + iters_per_split, k_iters)
-    for it in range(it0, it1, 2):
-        # two K sub-tiles per trip, raw bytes of both requested before either is decoded:
-        # doubles the bytes in flight (Triton does not stage these loads through shared memory)
+    for it in range(it0, it1):
+        # the packed bytes are 16-byte loads that Triton pipelines through shared memory
+        # (cp.async, num_stages deep); decode in registers, two MMAs (even / odd k)
         kb = it * BLOCK_K
-        kb2 = tl.where(it + 1 < it1, kb + BLOCK_K, K)  # past the split's end: fully masked
-        xb0, xs0 = _load_raw(x_ptr, xsf_ptr, rx, RX, kb, K, CP4, BLOCK_K)
-        yb0, ys0 = _load_raw(y_ptr, ysf_ptr, ry, RY, kb, K, CP4, BLOCK_K)
-        xb1, xs1 = _load_raw(x_ptr, xsf_ptr, rx, RX, kb2, K, CP4, BLOCK_K)
-        yb1, ys1 = _load_raw(y_ptr, ysf_ptr, ry, RY, kb2, K, CP4, BLOCK_K)
-        x_lo, x_hi = _decode(xb0, xs0, BLOCK_X, BLOCK_K, USE_ASM)
-        y_lo, y_hi = _decode(yb0, ys0, BLOCK_Y, BLOCK_K, USE_ASM)
+        x_lo, x_hi = _load_decoded(x_ptr, xsf_ptr, rx, RX, kb, HALF_K, CP4, BLOCK_X, BLOCK_K, USE_ASM)
+        y_lo, y_hi = _load_decoded(y_ptr, ysf_ptr, ry, RY, kb, HALF_K, CP4, BLOCK_Y, BLOCK_K, USE_ASM)
         acc = tl.dot(x_lo, tl.trans(y_lo), acc)
         acc = tl.dot(x_hi, tl.trans(y_hi), acc)
-        x_lo, x_hi = _decode(xb1, xs1, BLOCK_X, BLOCK_K, USE_ASM)
-        y_lo, y_hi = _decode(yb1, ys1, BLOCK_Y, BLOCK_K, USE_ASM)
-        acc = tl.dot(x_lo, tl.trans(y_lo), acc)
-        acc = tl.dot(x_hi, tl.trans(y_hi), acc)
+    acc = acc * DECODE_UNSCALE  # exact: see _decode
     mask = (rx < RX)[:, None] & (ry < RY)[None, :]
     off = rx.to(tl.int64)[:, None] * stride_ox + ry.to(tl.int64)[None, :] * stride_oy
     if not USE_WS:
@@ -186,12 +174,13 @@ def splitk_reduce_kernel(ws_ptr, alpha_ptr, out_ptr, numel, SPLIT: tl.constexpr,
 
 
 @triton.jit
-def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, K, CP4,
+def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
-    """Large-M path, step 1: e2m1 * e4m3 block scale -> fp16 [R, K] (exact), natural k order."""
+    """Large-M path, step 1: e2m1 * e4m3 block scale * 2^-7 -> fp16 [R, K] (exact), natural k order."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * BLOCK_K
-    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+    K = HALF_K * 2
     vals = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K))
     cols = kb + tl.arange(0, BLOCK_K)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], vals,
@@ -202,7 +191,8 @@ def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, K, CP4,
 def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):
-    """Large-M path, step 2: out_bf16 = alpha * A16 @ B16^T, fp32 accumulation (wgmma)."""
+    """Large-M path, step 2: out_bf16 = alpha * 2^14 * A16 @ B16^T, fp32 accumulation (wgmma);
+    A16 and B16 are decoded operands (value * 2^-7 each, see _decode)."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
@@ -224,6 +214,7 @@ def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
         acc = tl.dot(a, tl.trans(b), acc)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K
+    acc = acc * DECODE_UNSCALE  # exact
     alpha = tl.load(alpha_ptr)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], (acc * alpha).to(tl.bfloat16),
              mask=(rm < M)[:, None] & (rn < N)[None, :])

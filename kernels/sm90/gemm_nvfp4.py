@@ -52,24 +52,28 @@ class CompileKey:
     predecode: bool = False
 
     @staticmethod
-    def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True) -> "CompileKey":
-        # Chosen from ptxas reports (no register spills at these sizes; bigger K tiles spill
-        # because Triton keeps the decoded tiles in registers) and H200 timings.
-        if m <= 64:
-            block_x, block_y, block_k, warps = {16: (64, 16, 128, 4), 32: (128, 32, 128, 8),
-                                                64: (128, 64, 64, 8)}[16 if m <= 16 else (32 if m <= 32 else 64)]
-            stages = 4
-            tiles = -(-n // block_x)
-        else:
-            block_x, block_y, block_k, warps, stages = 128, 128, 64, 8, 3
-            tiles = -(-m // block_x) * -(-n // block_y)
+    def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
+                  ctas_per_sm: int | None = None) -> "CompileKey":
+        # Tiles from ptxas reports (no spills; 80-110 registers, 38-76 KB of shared memory
+        # for the cp.async stages, so 3-5 CTAs per SM) and an H200 sweep (NOTES.md).
         if m >= _PREDECODE_MIN_M:
             return CompileKey(swap_ab=False, block_x=128, block_y=256, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
+        if m <= 64:
+            block_x, block_y, block_k, warps, stages, per_sm = {
+                16: (64, 16, 128, 4, 4, 4), 32: (64, 32, 128, 4, 4, 4), 64: (64, 64, 128, 4, 4, 2),
+            }[16 if m <= 16 else (32 if m <= 32 else 64)]
+            tiles = -(-n // block_x)
+        else:
+            block_x, block_y, block_k, warps, stages, per_sm = 128, 128, 64, 8, 3, 2
+            tiles = -(-m // block_x) * -(-n // block_y)
+        per_sm = ctas_per_sm or per_sm
+        # Decode-sized GEMMs read each weight byte once: the GPU is kept busy (and enough
+        # bytes in flight) by splitting K until about per_sm CTAs per SM exist.
         k_iters = -(-k // block_k)
         split = 1
-        if tiles < num_sms:
-            want = min(-(-2 * num_sms // tiles), k_iters)
+        if tiles < per_sm * num_sms:
+            want = min(-(-per_sm * num_sms // tiles), k_iters)
             per = -(-k_iters // want)
             split = -(-k_iters // per)
         return CompileKey(swap_ab=m <= 64, block_x=block_x, block_y=block_y, block_k=block_k,
@@ -93,7 +97,8 @@ def _compile(key: CompileKey):
         out = torch.empty((rows, k), dtype=torch.float16, device=p.device)
         br, bk = _DECODE_TILE
         decode_nvfp4_to_f16_kernel[(triton.cdiv(rows, br), triton.cdiv(k, bk))](
-            p, sf, out, rows, k, cp4, BLOCK_R=br, BLOCK_K=bk, USE_ASM=key.use_asm, num_warps=4)
+            p, sf.view(torch.int32), out, rows, k // 2, cp4, BLOCK_R=br, BLOCK_K=bk, USE_ASM=key.use_asm,
+            num_warps=4)
         return out
 
     def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
@@ -122,8 +127,8 @@ def _compile(key: CompileKey):
             ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
         grid = (triton.cdiv(rx, key.block_x), triton.cdiv(ry, key.block_y), key.split)
         gemm_nvfp4_kernel[grid](
-            x, xsf, y, ysf, alpha_f32, out_bf16, ws,
-            rx, ry, k, cp4, sox, soy, per,
+            x, xsf.view(torch.int32), y, ysf.view(torch.int32), alpha_f32, out_bf16, ws,
+            rx, ry, k // 2, cp4, sox, soy, per,
             BLOCK_X=key.block_x, BLOCK_Y=key.block_y, BLOCK_K=key.block_k,
             USE_WS=key.split > 1, USE_ASM=key.use_asm,
             num_warps=key.num_warps, num_stages=key.num_stages,

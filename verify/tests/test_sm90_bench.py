@@ -138,26 +138,31 @@ def test_sm90_bench_gemm(copy_bw, n, k, m):
           f"roofline {100 * roofline_t / t:5.1f}%  [{key.block_x}x{key.block_y}x{key.block_k} s{key.split}]")
 
 
-@pytest.mark.parametrize("bx,by,bk,warps,split_mult", [
-    (128, 16, 128, 8, 1), (128, 16, 128, 8, 2), (64, 16, 128, 4, 1), (64, 16, 256, 4, 1),
-    (128, 16, 64, 4, 1), (64, 16, 64, 4, 2), (128, 16, 256, 8, 1)], ids=lambda v: str(v))
-def test_sm90_bench_gemm_decode_configs(copy_bw, bx, by, bk, warps, split_mult):
-    """Config exploration for M = 1 (weight-bandwidth bound): which tile feeds HBM best."""
+@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("bx,by,bk,warps,stages,per_sm", [
+    (64, 16, 128, 4, 4, 2), (64, 16, 128, 4, 4, 4), (64, 16, 128, 4, 4, 8), (64, 16, 128, 4, 3, 6),
+    (128, 16, 128, 8, 4, 4), (64, 64, 128, 4, 4, 2), (64, 64, 128, 4, 4, 4), (128, 64, 128, 8, 3, 2)],
+    ids=lambda v: str(v))
+def test_sm90_bench_gemm_decode_configs(copy_bw, m, bx, by, bk, warps, stages, per_sm):
+    """Config exploration for decode sizes (weight-bandwidth bound) at N = 7168, K = 16384:
+    tile, pipeline depth and the split-K target of CTAs per SM."""
     from kernels.sm90 import gemm_nvfp4
 
-    m, n, k = 1, 7168, 16384
+    if (m <= 16) != (by == 16):
+        pytest.skip("tile is for the other M")
+    n, k = 7168, 16384
     w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
     copies = 3
     ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
     a_p, a_sf = _nvfp4_weight(m, k, 99)
     alpha = torch.tensor(1e-3, device="cuda")
-    tiles = -(-n // bx)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
     k_iters = -(-k // bk)
-    want = min(-(-2 * 132 * split_mult // tiles), k_iters)
+    want = min(-(-per_sm * sms // -(-n // bx)), k_iters)
     per = -(-k_iters // want)
-    key = gemm_nvfp4.CompileKey(swap_ab=True, block_x=bx, block_y=by, block_k=bk, num_warps=warps, num_stages=4,
-                                split=-(-k_iters // per), use_asm=True)
+    key = gemm_nvfp4.CompileKey(swap_ab=True, block_x=bx, block_y=by, block_k=bk, num_warps=warps,
+                                num_stages=stages, split=-(-k_iters // per), use_asm=True)
     t = _time_graph([(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key))
                      for i in range(6)])
-    print(f"\ndecode cfg {bx}x{by}x{bk} w{warps} split{key.split}: {t * 1e6:8.2f} us "
+    print(f"\ndecode cfg M={m} {bx}x{by}x{bk} w{warps} st{stages} split{key.split}: {t * 1e6:8.2f} us "
           f"{w_bytes / t / 1e9:6.0f} GB/s  roofline {100 * w_bytes / copy_bw / t:5.1f}%")
