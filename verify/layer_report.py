@@ -60,6 +60,16 @@ def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: in
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
 
 
+E4M3_MAX_BYTE = 0x7E  # block scale 448: the block amax did not fit (static global scale too small)
+
+
+def saturated_block_fractions(emulated: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Per NVFP4 quantization stage, the fraction of 16-element blocks whose E4M3 scale byte is 448
+    (0x7E): with a static input_scale those blocks are clipped at 6 * 448 * D."""
+    return {k[: -len(".sf_u8")]: float((v == E4M3_MAX_BYTE).double().mean()) if v.numel() else 0.0
+            for k, v in emulated.items() if k.endswith(".sf_u8")}
+
+
 def run_id(layer: int, config_name: str) -> str:
     return f"layer{layer}/{config_name}"
 
@@ -146,6 +156,10 @@ def cli_layer(args: argparse.Namespace) -> int:
                               f"{m['max_abs']:.3e}", f"{m['nan_count']}/{m['inf_count']}")
             bar.advance(task)
             console.print(table)
+            sat = saturated_block_fractions(emulated)
+            runs[run_id(i, name)]["saturated_block_fraction"] = sat
+            console.print("blocks with scale 448 (saturated): " +
+                          ", ".join(f"{k} {100 * v:.2f}%" for k, v in sat.items()))
             console.print(f"emulated {t_emu:.2f} s, both modes {timings[run_id(i, name)]['total_s']:.2f} s")
     if args.json:
         doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,

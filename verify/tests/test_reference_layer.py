@@ -7,6 +7,7 @@ Per-stage checks against separately written torch code are in test_reference_sta
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -143,6 +144,13 @@ def test_golden_quantization_loss_report(ckpt, run_cfg):
     layers x 3 configurations equal golden/mini-v4/emulator.json (tolerances in verify.golden)."""
     doc = layer_report(ckpt, list(range(ckpt.config.num_layers)))
     doc.pop("timings_s")
+    for rid, run in doc["runs"].items():  # shown with -s, and on failure
+        for stage, m in run["metrics"].items():
+            print(f"{rid:24s} {stage:16s} cosine {m['cosine']:.6f}  SQNR {m['sqnr_db']:6.2f} dB  "
+                  f"calc_diff {m['calc_diff']:.3e}")
+    if run_cfg.report_dir:
+        run_cfg.report_dir.mkdir(parents=True, exist_ok=True)
+        (run_cfg.report_dir / "mini-v4-emulator.json").write_text(json.dumps(doc, indent=1))
     diffs = check_or_update_golden(GOLDEN_PATH, doc, update=run_cfg.update_golden)
     assert not diffs, "golden report differs:\n  " + "\n  ".join(diffs[:40])
 
