@@ -61,7 +61,7 @@ class CompileKey:
                               split=1, use_asm=use_asm, predecode=True)
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
-                16: (64, 16, 128, 4, 4, 4), 32: (64, 32, 128, 4, 4, 4), 64: (64, 64, 128, 4, 4, 2),
+                16: (64, 16, 128, 4, 3, 6), 32: (64, 32, 128, 4, 3, 6), 64: (64, 64, 128, 4, 4, 2),
             }[16 if m <= 16 else (32 if m <= 32 else 64)]
             tiles = -(-n // block_x)
         else:
