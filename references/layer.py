@@ -9,12 +9,17 @@ Stage names (values comparable across modes; emulated mode adds the quantized by
 under "<stage>.<tensor>"):
   router.logits router.scores router.ids router.weights
   moe.act_quant moe.l1.gate moe.l1.up moe.swiglu moe.requant moe.l2 moe.combine
-  shared.act_quant shared.l1.gate shared.l1.up shared.swiglu shared.requant shared.l2 moe.out
+  shared.l1.gate shared.l1.up shared.swiglu shared.l2 moe.out
   attn.wq_a attn.wkv attn.q_norm attn.kv_norm attn.wq_b attn.wo_a attn.wo_b
 
 The attention core (sparse attention, indexer, compressor, rotary) is not emulated:
 wo_a consumes `attn_core_out` when given, else q (same shape [T, heads * head_dim]) as
-a stand-in, so the output projections see realistic operands.
+a stand-in, so the output projections see realistic operands. The emulated wo_a quantizes
+its input to the weight's format (what a kernel with an NVFP4/FP8 wo_a does); DeepSeek's
+own code runs that einsum on unquantized bf16 o, which a BF16 wo_a weight reproduces.
+
+moe.out follows DeepSeek's MoE.forward: routed sum and shared expert accumulated in fp32,
+rounded once (emulated: the exact sum of the bf16 expert outputs, rounded once to bf16).
 """
 
 from __future__ import annotations
@@ -27,7 +32,9 @@ from torch import Tensor
 from references import moe
 from references.codecs import round_f64_to
 from references.linear import (
+    FP8_SCALE_FMTS,
     MODES,
+    Fp8Block128Weight,
     Nvfp4Weight,
     Weight,
     decode_weight_f64,
@@ -105,22 +112,13 @@ class RunOptions:
             raise ValueError(f"act_scale={self.act_scale!r}: expected 'dynamic' or 'static'")
         if self.weight_placement not in moe.PLACEMENTS:
             raise ValueError(f"weight_placement={self.weight_placement!r}: expected one of {moe.PLACEMENTS}")
+        if self.fp8_scale_fmt not in FP8_SCALE_FMTS:
+            raise ValueError(f"fp8_scale_fmt={self.fp8_scale_fmt!r}: expected one of {FP8_SCALE_FMTS}")
 
 
 def _check_mode(mode: str) -> None:
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}: expected one of {MODES}")
-
-
-def _stack_input_scale(w: Weight) -> Tensor | None:
-    return w.input_scale_f32 if isinstance(w, Nvfp4Weight) else None
-
-
-def _per_expert_static(ws: list[Weight], name: str) -> Tensor:
-    scales = [_stack_input_scale(w) for w in ws]
-    if any(s is None for s in scales):
-        raise ValueError(f"act_scale='static' needs {name}.input_scale, which the checkpoint lacks")
-    return torch.stack(scales).amax(0).to(torch.float32)
 
 
 def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: RunOptions = RunOptions(),
@@ -144,7 +142,7 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
     row_weight = r.weights_f32[d.token_of_row_i64, d.slot_of_row_i64] if before else None
     static = options.act_scale == "static"
     if mode == "emulated":
-        s1 = _per_expert_static([ex.w1, ex.w3], "experts.w1/w3") if static else None
+        s1 = moe.max_input_dec_scale_f32([ex.w1, ex.w3], "experts.w1/w3") if static else None
         a = moe.act_quant(rows, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s1)
         out.update({"moe.act_quant": a.value(), "moe.act_quant.packed_u8": a.packed_u8,
                     "moe.act_quant.sf_u8": a.sf_u8, "moe.act_quant.global_dec_f32": a.global_dec_f32})
@@ -155,7 +153,7 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
     h = moe.swiglu(gate, up, limit=spec.swiglu_limit, row_weight_f32=row_weight, mode=mode)
     out.update({"moe.l1.gate": gate, "moe.l1.up": up, "moe.swiglu": h})
     if mode == "emulated":
-        s2 = _per_expert_static([ex.w2], "experts.w2") if static else None
+        s2 = moe.max_input_dec_scale_f32([ex.w2], "experts.w2") if static else None
         a2 = moe.requant(h, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s2)
         out.update({"moe.requant": a2.value(), "moe.requant.packed_u8": a2.packed_u8,
                     "moe.requant.sf_u8": a2.sf_u8, "moe.requant.global_dec_f32": a2.global_dec_f32})
@@ -163,9 +161,11 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
         a2 = h
         out["moe.requant"] = h
     y_rows = moe.l2(a2, d.offsets_i64, ex, mode=mode)
-    routed = moe.combine(y_rows, d, None if before else r.weights_f32, mode=mode)
-    out.update({"moe.l2": y_rows, "moe.combine": routed})
-    total = routed.double()
+    routed_f64 = moe.combine(y_rows, d, None if before else r.weights_f32, mode="high")  # exact sum
+    out.update({"moe.l2": y_rows, "moe.combine": routed_f64 if mode == "high" else round_f64_to(routed_f64, torch.bfloat16)})
+    # DeepSeek accumulates the routed sum and the shared expert in fp32 and rounds once (y.type_as(x)):
+    # moe.out is the exact routed sum plus the shared expert's bf16 output, rounded once
+    total = routed_f64
     if w.shared is not None:
         limit = spec.swiglu_limit if spec.shared_swiglu_limit == "routed" else spec.shared_swiglu_limit
         sh = moe.shared_expert(x, *w.shared, mode=mode, recipe=options.recipe, act_scale=options.act_scale,
@@ -180,7 +180,7 @@ def _static_shared(ws: list[Weight], options: RunOptions) -> Tensor | None:
     """max input_scale of linears sharing one activation quantization (fused GEMM), static mode."""
     if options.act_scale != "static" or not all(isinstance(w, Nvfp4Weight) for w in ws):
         return None
-    return _per_expert_static(ws, "attn.wq_a/wkv")
+    return moe.max_input_dec_scale_f32(ws, "attn.wq_a/wkv")
 
 
 def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: str,
@@ -201,22 +201,32 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
     out.update({f"attn.act_quant.{k}": v for k, v in acts.items()})
     qn = rms_norm(qr, w.q_norm, eps=spec.eps, mode=mode)
     kvn = rms_norm(kv, w.kv_norm, eps=spec.eps, mode=mode)
-    q, _ = linear(qn, w.wq_b, **kw)
+    q, acts_b = linear(qn, w.wq_b, **kw)
     out.update({"attn.q_norm": qn, "attn.kv_norm": kvn, "attn.wq_b": q})
+    out.update({f"attn.wq_b.act_quant.{k}": v for k, v in acts_b.items()})
     o = q if attn_core_out is None else attn_core_out
     t, g, r = o.shape[0], spec.o_groups, spec.o_lora_rank
-    if o.shape[1] != spec.n_heads * spec.head_dim or o.shape[1] % g:
-        raise ValueError(f"attn_core_out {tuple(o.shape)}: expected [T, {spec.n_heads * spec.head_dim}]")
+    d = spec.n_heads * spec.head_dim // g
+    if o.dim() != 2 or o.shape[1] != g * d:
+        raise ValueError(f"attn_core_out {tuple(o.shape)}: expected [T, {g * d}] (heads * head_dim)")
+    if (w.wo_a.n, w.wo_a.k) != (g * r, d):
+        raise ValueError(f"wo_a [{w.wo_a.n}, {w.wo_a.k}]: expected [o_groups * o_lora_rank, heads * head_dim / "
+                         f"o_groups] = [{g * r}, {d}]")
+    block = 128 if isinstance(w.wo_a, Fp8Block128Weight) else 16
+    if isinstance(w.wo_a, (Fp8Block128Weight, Nvfp4Weight)) and d % block:
+        raise ValueError(f"wo_a: the group width {d} must be a multiple of the {block}-element activation "
+                         "block, else one block would straddle two groups")
     if mode == "high":
-        wa = dequantize_weight_f64(w.wo_a).view(g, r, -1)
-        oa = torch.einsum("tgd,grd->tgr", o.double().view(t, g, -1), wa).reshape(t, g * r)
+        wa = dequantize_weight_f64(w.wo_a).view(g, r, d)
+        oa = torch.einsum("tgd,grd->tgr", o.double().view(t, g, d), wa).reshape(t, g * r)
     else:
         a, alpha, acts = quantize_act_for(o, w.wo_a, recipe=options.recipe, act_scale=options.act_scale,
                                           fp8_scale_fmt=options.fp8_scale_fmt)
         out.update({f"attn.wo_a.act_quant.{k}": v for k, v in acts.items()})
-        b = decode_weight_f64(w.wo_a).view(g, r, -1)
-        oa = torch.einsum("tgd,grd->tgr", a.view(t, g, -1), b).reshape(t, g * r)
+        b = decode_weight_f64(w.wo_a).view(g, r, d)
+        oa = torch.einsum("tgd,grd->tgr", a.view(t, g, d), b).reshape(t, g * r)
         oa = round_f64_to(oa if alpha is None else oa * alpha.double(), torch.bfloat16)
-    y, _ = linear(oa, w.wo_b, **kw)
+    y, acts_o = linear(oa, w.wo_b, **kw)
     out.update({"attn.wo_a": oa, "attn.wo_b": y})
+    out.update({f"attn.wo_b.act_quant.{k}": v for k, v in acts_o.items()})
     return out

@@ -48,6 +48,7 @@ __all__ = [
     "Fp8Block128Act",
     "nvfp4_global_scale_for",
     "quantize_act_nvfp4",
+    "act_global_dec_f32",
     "quantize_act_fp8_block128",
     "dequantize_weight_f64",
     "decode_weight_f64",
@@ -60,6 +61,7 @@ __all__ = [
 MODES = ("emulated", "high")
 ACT_SCALE_MODES = ("dynamic", "static")
 FP8_BLOCK = 128
+FP8_SCALE_FMTS = ("ue8m0", "f32")
 FP8_MAX = 448.0
 FP8_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant clamps the block amax from below
 
@@ -179,6 +181,15 @@ def nvfp4_global_scale_for(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor
     return {"global_dec_scale_f32": global_dec_scale_from_amax(amax)}
 
 
+def act_global_dec_f32(q: Nvfp4Quantized, input_scale_f32: Tensor | None) -> Tensor:
+    """The activation decode multiplier a GEMM's alpha uses: static, the checkpoint's input_scale
+    itself (alpha = input_scale * weight_scale_2, as loaders form it; NVFP4_FACTS section 4), never
+    1/(1/input_scale), which differs by an ulp for some values; dynamic, q's D or 1/S (float32)."""
+    if input_scale_f32 is not None:
+        return input_scale_f32.to(torch.float32).reshape(())
+    return q.global_dec_scale().to(torch.float32).reshape(())
+
+
 def quantize_act_nvfp4(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor | None) -> Nvfp4Quantized:
     """bf16 [M, K] -> NVFP4 with a static (input_scale) or dynamic (amax) global scale."""
     return quantize_nvfp4(x, recipe=recipe, **nvfp4_global_scale_for(x, recipe=recipe, input_scale_f32=input_scale_f32))
@@ -200,16 +211,16 @@ def quantize_act_fp8_block128(x: Tensor, *, scale_fmt: str = "ue8m0") -> Fp8Bloc
     """DeepSeek's act_quant: per 1x128 block, s = max(amax, 1e-4) / 448 (float32), rounded up to a
     power of two for scale_fmt "ue8m0" (V4's FP8 path) or kept for "f32"; codes = E4M3(x / s)
     (RNE, saturating; |x / s| <= 448 by construction)."""
-    if scale_fmt not in ("ue8m0", "f32"):
+    if scale_fmt not in FP8_SCALE_FMTS:
         raise ValueError(f"scale_fmt={scale_fmt!r}: expected 'ue8m0' or 'f32'")
     m, k = x.shape
     pad = (-k) % FP8_BLOCK
-    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, -1, FP8_BLOCK)
+    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, (k + pad) // FP8_BLOCK, FP8_BLOCK)
     amax = torch.clamp(xf.abs().amax(-1), min=FP8_AMAX_FLOOR)
     s = amax / torch.tensor(FP8_MAX, dtype=torch.float32, device=x.device)
     if scale_fmt == "ue8m0":
         s = ue8m0_bytes_to_f32(f32_to_ue8m0_bytes(s, rounding="ceil"))
-    codes = f32_to_e4m3_bytes(xf / s.unsqueeze(-1), saturate=True).view(m, -1)[:, :k]
+    codes = f32_to_e4m3_bytes(xf / s.unsqueeze(-1), saturate=True).view(m, k + pad)[:, :k]
     return Fp8Block128Act(codes, s)
 
 
@@ -233,14 +244,14 @@ def quantize_act_for(x: Tensor, w: Weight, *, recipe: Recipe, act_scale: str = "
 
     NVFP4: `recipe`, global scale static from input_scale_f32 (else the weight's input_scale
     when act_scale="static", else dynamic from amax over x); a_f64 = decoded values without
-    the global scale; alpha = float32(a_dec * w_dec), as a kernel forms it.
+    the global scale; alpha = float32(a_dec * w_dec) with a_dec from act_global_dec_f32.
     FP8: per 1x128 block (DeepSeek's act_quant), a_f64 fully decoded, alpha None. BF16: x as bf16.
     K' may differ from w.k (grouped projections quantize their whole input once).
     """
     if isinstance(w, Nvfp4Weight):
         scale = input_scale_f32 if input_scale_f32 is not None else _act_scale_for(w, act_scale)
         q = quantize_act_nvfp4(x, recipe=recipe, input_scale_f32=scale)
-        a_dec = q.global_dec_scale().to(torch.float32)
+        a_dec = act_global_dec_f32(q, scale)
         acts = {"packed_u8": q.packed_u8, "sf_u8": q.sf_u8, "global_dec_f32": a_dec.reshape(1)}
         return (decode_nvfp4_block_scaled(q.packed_u8, q.sf_u8, dtype=torch.float64),
                 a_dec * w.global_dec_f32.to(torch.float32), acts)

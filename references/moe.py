@@ -31,6 +31,7 @@ from torch import Tensor
 from references.codecs import round_f64_to
 from references.linear import (
     ACT_SCALE_MODES,
+    act_global_dec_f32,
     Nvfp4Weight,
     Weight,
     decode_weight_f64,
@@ -54,6 +55,7 @@ __all__ = [
     "l2",
     "combine",
     "shared_expert",
+    "max_input_dec_scale_f32",
 ]
 
 PLACEMENTS = ("after_w2", "before_w2")
@@ -76,9 +78,6 @@ class Dispatch:
     @property
     def num_experts(self) -> int:
         return self.offsets_i64.numel() - 1
-
-    def rows_of(self, e: int) -> slice:
-        return slice(int(self.offsets_i64[e]), int(self.offsets_i64[e + 1]))
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,8 @@ class ActQuant:
     """NVFP4 activations of the grouped rows.
 
     packed_u8 [R, K/2]; sf_u8 [R, K/16] (linear); global_dec_f32 [E] (the decode multiplier
-    each expert's GEMM uses: D, or 1/S for enc recipes). value(): the dequantized rows, float64.
+    each expert's GEMM uses: static, the input_scale itself; dynamic, D or 1/S for enc recipes).
+    value(): the dequantized rows, float64.
     """
 
     packed_u8: Tensor
@@ -137,10 +137,13 @@ class ActQuant:
         return self.decoded_f64() * g[:, None]
 
 
-def _static_scales(stack_input_scales: list[Tensor | None], name: str) -> Tensor:
-    if any(s is None for s in stack_input_scales):
+def max_input_dec_scale_f32(ws: list[Weight], name: str) -> Tensor:
+    """The static activation decode scale of linears sharing one quantization of their input (a fused
+    GEMM: w1|w3, wq_a|wkv): the elementwise max of their input_scales ([E] for stacks), as vLLM does."""
+    scales = [w.input_scale_f32 if isinstance(w, Nvfp4Weight) else None for w in ws]
+    if any(s is None for s in scales):
         raise ValueError(f"act_scale='static' needs {name}.input_scale, which the checkpoint lacks")
-    return torch.stack(stack_input_scales).amax(0).float()
+    return torch.stack(scales).amax(0).to(torch.float32)
 
 
 def act_quant(rows: Tensor, offsets_i64: Tensor, *, recipe: Recipe, act_scale: str,
@@ -168,7 +171,7 @@ def act_quant(rows: Tensor, offsets_i64: Tensor, *, recipe: Recipe, act_scale: s
     for e in range(e_n):
         q = quantize_act_nvfp4(rows[bounds[e]:bounds[e + 1]], recipe=recipe, input_scale_f32=input_scale_f32[e])
         packed[bounds[e]:bounds[e + 1]], sf[bounds[e]:bounds[e + 1]] = q.packed_u8, q.sf_u8
-        g[e] = q.global_dec_scale()
+        g[e] = act_global_dec_f32(q, input_scale_f32[e])
     return ActQuant(packed, sf, g, offsets_i64)
 
 
@@ -264,7 +267,7 @@ def shared_expert(x: Tensor, w1: Weight, w3: Weight, w2: Weight, *, mode: str, r
     """
     scale = None
     if isinstance(w1, Nvfp4Weight) and act_scale == "static":
-        scale = _static_scales([w1.input_scale_f32, w3.input_scale_f32], "shared_experts.w1/w3")
+        scale = max_input_dec_scale_f32([w1, w3], "shared_experts.w1/w3")
     kw = dict(mode=mode, recipe=recipe, act_scale=act_scale, fp8_scale_fmt=fp8_scale_fmt)
     gate, qa = linear(x, w1, input_scale_f32=scale, out_dtype=torch.float32, **kw)
     up, _ = linear(x, w3, input_scale_f32=scale, out_dtype=torch.float32, **kw)

@@ -10,9 +10,9 @@ NVFP4_FACTS.md section 5 (DeepSeek's reference inference code):
     largest biased scores; only the topk_group best groups compete.
     w      = s gathered at ids (unbiased), / their sum (renormalise), * routed_scaling_factor
 
-Every float32 here is the correctly rounded value of the exact result (computed in
-float64, rounded once), so the reference is the same on every device and is what a
-kernel "should" produce; a kernel's own fp32 rounding shows up only at near-ties,
+Every float32 here is the float64 result (within ~1e-15 relative of the exact value)
+rounded once, so the reference is the same on every device and is what a kernel
+"should" produce; a kernel's own fp32 rounding shows up only at near-ties,
 which the harness reports. Ties in the selection go to the lower expert id (stable).
 """
 
@@ -145,6 +145,8 @@ def route(x: Tensor, gate_weight: Tensor, *, scoring: str, top_k: int, routed_sc
             raise ValueError("token_ids_i64: required for hash routing (tid2eid given)")
         if bias_f32 is not None:
             raise ValueError("bias_f32: hash-routed layers have no selection bias")
+        if token_ids_i64.shape != (x.shape[0],):
+            raise ValueError(f"token_ids_i64 {tuple(token_ids_i64.shape)}: expected one id per token [T={x.shape[0]}]")
         ids = select_experts_hash(token_ids_i64, tid2eid, top_k=top_k)
     else:
         ids = select_experts_topk(scores, top_k=top_k, bias_f32=bias_f32, n_group=n_group, topk_group=topk_group)

@@ -10,7 +10,6 @@ measured.
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 
 import torch
@@ -94,11 +93,21 @@ def attn_weights_from(layer: LayerWeights) -> AttnWeights:
 
 @dataclass(frozen=True)
 class LayerInputs:
-    """token_ids_i64 [T]; x_attn / x_ffn bf16 [T, H]: the attn_norm / ffn_norm outputs."""
+    """token_ids_i64 [T] (None: unknown, then hash layers refuse to run); x_attn_bf16 / x_ffn_bf16
+    [T, H]: the attn_norm / ffn_norm outputs."""
 
-    token_ids_i64: Tensor
-    x_attn: Tensor
-    x_ffn: Tensor
+    token_ids_i64: Tensor | None
+    x_attn_bf16: Tensor
+    x_ffn_bf16: Tensor
+
+    def __post_init__(self) -> None:
+        t = self.x_ffn_bf16.shape[0]
+        for name, x in (("x_attn_bf16", self.x_attn_bf16), ("x_ffn_bf16", self.x_ffn_bf16)):
+            if x.dtype != torch.bfloat16 or x.dim() != 2 or x.shape[0] != t:
+                raise ValueError(f"{name}: expected bfloat16 [T={t}, H], got {x.dtype} {tuple(x.shape)}")
+        ids = self.token_ids_i64
+        if ids is not None and (ids.dtype != torch.int64 or ids.shape != (t,)):
+            raise ValueError(f"token_ids_i64: expected int64 [T={t}], got {ids.dtype} {tuple(ids.shape)}")
 
 
 def default_token_ids(vocab: int, t: int, *, seed: int = 0, device: str | torch.device = "cpu") -> Tensor:
@@ -112,11 +121,12 @@ def inputs_from_token_ids(ckpt: Checkpoint, layer: LayerWeights, token_ids_i64: 
     (emulated: the exact result rounded once to bf16). The attention core and hyper-connections
     are not emulated, so the MoE input is ffn_norm(h) of the embedding itself."""
     device = token_ids_i64.device
-    embed = ckpt.get_tensor("embed.weight" if ckpt.config.schema == "deepseek_v4" else "model.embed_tokens.weight",
-                            device=device)
-    if token_ids_i64.numel() and (int(token_ids_i64.min()) < 0 or int(token_ids_i64.max()) >= embed.shape[0]):
+    # gathered on the CPU: only the T rows travel to the device, not the whole [vocab, H] table
+    embed = ckpt.get_tensor("embed.weight" if ckpt.config.schema == "deepseek_v4" else "model.embed_tokens.weight")
+    ids_cpu = token_ids_i64.cpu()
+    if ids_cpu.numel() and (int(ids_cpu.min()) < 0 or int(ids_cpu.max()) >= embed.shape[0]):
         raise ValueError(f"token_ids_i64: values must be in [0, {embed.shape[0]})")
-    h = embed[token_ids_i64].to(torch.bfloat16)
+    h = embed[ids_cpu].to(device=device, dtype=torch.bfloat16)
     n = layer.norms
     return LayerInputs(token_ids_i64, rms_norm(h, n["attn_norm"], eps=RMS_EPS, mode="emulated"),
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
@@ -124,7 +134,7 @@ def inputs_from_token_ids(ckpt: Checkpoint, layer: LayerWeights, token_ids_i64: 
 
 def inputs_from_safetensors(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> LayerInputs:
     """Activations captured elsewhere: a safetensors file with `x_ffn` (required, [T, H]),
-    `x_attn` (defaults to x_ffn) and `token_ids` ([T], needed by hash layers; defaults to zeros)."""
+    `x_attn` (defaults to x_ffn) and `token_ids` ([T]; without it hash layers refuse to run)."""
     from safetensors.torch import load_file  # noqa: PLC0415
 
     t = load_file(str(path), device=str(device))
@@ -133,7 +143,7 @@ def inputs_from_safetensors(path: str | os.PathLike, *, device: str | torch.devi
     x_ffn = t["x_ffn"].to(torch.bfloat16)
     if x_ffn.dim() != 2:
         raise ValueError(f"{path}: x_ffn {tuple(x_ffn.shape)}: expected [T, H]")
-    ids = t.get("token_ids", torch.zeros(x_ffn.shape[0], dtype=torch.int64, device=x_ffn.device)).to(torch.int64)
+    ids = t["token_ids"].to(torch.int64) if "token_ids" in t else None
     return LayerInputs(ids, t.get("x_attn", x_ffn).to(torch.bfloat16), x_ffn)
 
 
@@ -143,11 +153,14 @@ def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInpu
     cfg = ckpt.config
     out: dict[str, Tensor] = {}
     if cfg.schema == "deepseek_v4":
-        out.update(attention_projections(inputs.x_attn, attn_weights_from(layer), attn_spec_from(cfg), mode=mode,
+        out.update(attention_projections(inputs.x_attn_bf16, attn_weights_from(layer), attn_spec_from(cfg), mode=mode,
                                          options=options))
     if layer.experts is not None:
-        out.update(moe_block(inputs.x_ffn, moe_weights_from(layer), moe_spec_from(cfg), mode=mode, options=options,
-                             token_ids_i64=inputs.token_ids_i64 if layer.router.tid2eid_i64 is not None else None))
+        hashed = layer.router.tid2eid_i64 is not None
+        if hashed and inputs.token_ids_i64 is None:
+            raise ValueError(f"token_ids: layer {layer.index} is hash-routed (tid2eid) and the inputs carry no token ids")
+        out.update(moe_block(inputs.x_ffn_bf16, moe_weights_from(layer), moe_spec_from(cfg), mode=mode,
+                             options=options, token_ids_i64=inputs.token_ids_i64 if hashed else None))
     return out
 
 
@@ -161,14 +174,3 @@ LOSS_STAGES = (
 def quantization_loss(emulated: dict[str, Tensor], high: dict[str, Tensor]) -> dict[str, dict[str, float]]:
     """Per stage present in both: stage_metrics(emulated, high) (cosine, calc_diff, SQNR dB, ...)."""
     return {s: stage_metrics(emulated[s], high[s]) for s in LOSS_STAGES if s in emulated and s in high}
-
-
-def timed(fn, *args, **kwargs):
-    """(result, seconds) with a device sync around the call when CUDA is in use."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    out = fn(*args, **kwargs)
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - t0

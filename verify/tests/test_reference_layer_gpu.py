@@ -42,12 +42,12 @@ def test_v4_pro_moe_block_512_tokens_emulated_within_10_s(tmp_path_factory, run_
     inputs = layer_inputs(ckpt, layer, tokens=512, seed=0, device="cuda")
     w, spec = moe_weights_from(layer), moe_spec_from(ckpt.config)
     options = RunOptions(act_scale=act_scale)
-    moe_block(inputs.x_ffn[:8], w, spec, mode="emulated", options=options)  # warm-up: kernels loaded, not timed
+    moe_block(inputs.x_ffn_bf16[:8], w, spec, mode="emulated", options=options)  # warm-up: kernels loaded, not timed
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
-    out = moe_block(inputs.x_ffn, w, spec, mode="emulated", options=options)
+    out = moe_block(inputs.x_ffn_bf16, w, spec, mode="emulated", options=options)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     peak = torch.cuda.max_memory_allocated() - base

@@ -182,7 +182,8 @@ def nvfp4_act_quant(x: torch.Tensor, recipe: Recipe, input_scale: torch.Tensor |
     """NVFP4 activation quantization with the global scale formed here:
     static: the checkpoint's input_scale D (enc recipes: S = 1/D in float32);
     dynamic: amax over x, S = 2688/amax (enc) or D = amax/2688 (dec), float32 divisions.
-    -> (packed_u8, sf_u8, decode multiplier float32: D, or 1/S for enc recipes)."""
+    -> (packed_u8, sf_u8, decode multiplier float32: static, D itself (alpha = input_scale *
+    weight_scale_2, as loaders form it); dynamic, D, or 1/S for enc recipes)."""
     one, c2688 = torch.tensor(1.0), torch.tensor(2688.0)
     if input_scale is None:
         amax = x.abs().amax().float()
@@ -192,7 +193,7 @@ def nvfp4_act_quant(x: torch.Tensor, recipe: Recipe, input_scale: torch.Tensor |
         g = one / d if recipe.global_convention == "enc" else d
     if recipe.global_convention == "enc":
         q = quantize_nvfp4(x, recipe=recipe, global_enc_scale_f32=g)
-        return q.packed_u8, q.sf_u8, one / g
+        return q.packed_u8, q.sf_u8, (one / g if input_scale is None else input_scale.float().reshape(()))
     q = quantize_nvfp4(x, recipe=recipe, global_dec_scale_f32=g)
     return q.packed_u8, q.sf_u8, g
 
@@ -424,7 +425,8 @@ def expected_moe(x, mw: MoeWeights, spec: MoeSpec, opt: RunOptions, token_ids, m
     else:
         out.update({"moe.act_quant": cat("aq.v"), "moe.l1.gate": cat("g"), "moe.l1.up": cat("u"),
                     "moe.swiglu": cat("h"), "moe.requant": cat("h"), "moe.l2": cat("yraw"), "moe.combine": combine})
-    total = feed("moe.combine", lambda: round_f64_to(combine, torch.bfloat16) if emu else combine).double()
+    # DeepSeek's MoE.forward: routed sum and shared expert accumulated in fp32, one final rounding
+    total, total_err = combine.double(), cerr
     if mw.shared is not None:
         w1, w3, w2 = mw.shared
         limit = spec.swiglu_limit if spec.shared_swiglu_limit == "routed" else spec.shared_swiglu_limit
@@ -450,7 +452,7 @@ def expected_moe(x, mw: MoeWeights, spec: MoeSpec, opt: RunOptions, token_ids, m
                                       input_scale=None)
             out.update({"shared.l1.gate": g, "shared.l1.up": u, "shared.swiglu": h, "shared.l2": y})
             total = total + feed("shared.l2", lambda: y)
-    out["moe.out"] = (total, total.abs() * U64) if emu else total
+    out["moe.out"] = (total, total_err + total.abs() * U64) if emu else total
     return out
 
 
@@ -610,8 +612,8 @@ def case_inputs(name: str):
     mw = moe_weights_from(lw)
     opt = RunOptions(act_scale=act, weight_placement=placement)
     # the attention projections do not depend on the routing-weight placement: run them once
-    attn = (inputs.x_attn, attn_weights_from(lw), attn_spec_from(ckpt.config)) if placement == "after_w2" else None
-    return (inputs.x_ffn, mw, moe_spec_from(ckpt.config), opt,
+    attn = (inputs.x_attn_bf16, attn_weights_from(lw), attn_spec_from(ckpt.config)) if placement == "after_w2" else None
+    return (inputs.x_ffn_bf16, mw, moe_spec_from(ckpt.config), opt,
             inputs.token_ids_i64 if mw.tid2eid is not None else None, attn)
 
 
@@ -715,7 +717,7 @@ def test_input_rms_norm_matches_independent(i, norm):
     """The adapter's layer inputs: RMSNorm of the embedding rows, one rounding to bf16."""
     _, lw, inputs, embed = mini_layer(i)
     value, err = rms_norm_f64(embed, lw.norms[norm], RMS_EPS)
-    got = inputs.x_attn if norm == "attn_norm" else inputs.x_ffn
+    got = inputs.x_attn_bf16 if norm == "attn_norm" else inputs.x_ffn_bf16
     assert_rounded_once(got, value, err, label=f"layer{i}-{norm} [reference rms_norm vs independent]")
 
 
