@@ -44,6 +44,15 @@ def _ones_f32(device_str: str) -> Tensor:
     return torch.ones(1, dtype=torch.float32, device=device_str)
 
 
+def _act_dec_scale(input_dec_scale_f32: Tensor | None, global_enc_scale_f32: Tensor) -> Tensor:
+    """The activation decode multiplier for alpha: a static input_scale as given (alpha =
+    input_scale * weight_scale_2, as checkpoint loaders form it; 1/(1/D) can differ by an ulp),
+    else 1/S of the dynamic encode scale."""
+    if input_dec_scale_f32 is not None:
+        return input_dec_scale_f32.reshape(1).to(torch.float32)
+    return torch.reciprocal(global_enc_scale_f32)
+
+
 class Sm100Backend:
     """NVFP4 on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
 
@@ -129,7 +138,8 @@ class Sm100Backend:
         over the valid rows), then the dense GEMM -> bf16 [M, N]; rows >= n are zero."""
         a, a_sf, s = quant.launch(x_bf16, input_dec_scale_f32=input_dec_scale_f32,
                                   num_valid_rows_i32=num_valid_rows_i32)
-        return gemm.launch_dense(a, a_sf, torch.reciprocal(s), weight, num_valid_rows_i32=num_valid_rows_i32)
+        return gemm.launch_dense(a, a_sf, _act_dec_scale(input_dec_scale_f32, s), weight,
+                                 num_valid_rows_i32=num_valid_rows_i32)
 
     def grouped_gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
                            weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor, *,
@@ -187,14 +197,16 @@ class Sm100Backend:
                 raise ValueError("fuse_l2_quant: needs the static l2_input_dec_scale_f32 (a dynamic amax of h "
                                  "cannot be known inside the L1 epilogue)")
             s2 = torch.reciprocal(l2_input_dec_scale_f32.reshape(1))  # as quant.launch forms S from input_scale
-            a2, a2_sf = gemm.launch_grouped(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32,
+            a2, a2_sf = gemm.launch_grouped(a, a_sf, _act_dec_scale(l1_input_dec_scale_f32, s1), w13,
+                                            perm.tile_expert_i32,
                                             swiglu_limit=swiglu_limit, num_valid_rows_i32=rows,
                                             h_global_enc_scale_f32=s2)
         else:
-            h = self.grouped_gemm_swiglu(a, a_sf, torch.reciprocal(s1), w13, perm.tile_expert_i32, swiglu_limit,
+            h = self.grouped_gemm_swiglu(a, a_sf, _act_dec_scale(l1_input_dec_scale_f32, s1), w13,
+                                         perm.tile_expert_i32, swiglu_limit,
                                          num_valid_rows_i32=rows)
             a2, a2_sf, s2 = quant.launch(h, input_dec_scale_f32=l2_input_dec_scale_f32, num_valid_rows_i32=rows)
-        y = self.grouped_gemm_nvfp4(a2, a2_sf, torch.reciprocal(s2), w2, perm.tile_expert_i32,
+        y = self.grouped_gemm_nvfp4(a2, a2_sf, _act_dec_scale(l2_input_dec_scale_f32, s2), w2, perm.tile_expert_i32,
                                     num_valid_rows_i32=rows)
         return self.combine(y, perm, routing.weights_f32)
 
