@@ -218,3 +218,183 @@ def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
     alpha = tl.load(alpha_ptr)
     tl.store(out_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], (acc * alpha).to(tl.bfloat16),
              mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+# ---------------------------------------------------------------------------------------
+# CUDA-core path for M <= 4 tokens (GEMV-like): no tensor cores, no shared memory.
+#
+# Each 64-bit word of packed E2M1 is one 16-element block (one E4M3 scale). Its nibbles
+# are decoded to 8 fp16 pairs (e2m1 * 2^-14, the same bit placement as above); the
+# activation block is decoded the same way, times 2^14 (exact: e2m1 * 1). Eight packed
+# fp16 FMAs give per lane the sum of 8 products e2m1_w * e2m1_x * 2^-14: every product
+# is a multiple of 2^-16 (0.5 * 0.5 * 2^-14) of magnitude <= 36 * 2^-14 and every
+# partial sum a multiple of 2^-16 below 288 * 2^-14 (at most 1152 units of 2^-16 < 2^11),
+# so all of it is exact in fp16 (subnormals included; f16x2 FMA does not flush). The two
+# lanes are added in fp32 (exact): the block's exact dot product of E2M1 codes, times
+# 2^-14. Times the product of the two E4M3 scales (exact in fp32: 4 + 4 significant
+# bits) it stays exact (<= 12 + 8 bits), so the one rounding per block is the fp32
+# accumulation over K/16 block terms: within gamma(K, 2^-24) * sum |a_k b_k|.
+# ---------------------------------------------------------------------------------------
+
+_E2M1_BLOCK_TO_F16X2_ASM = tl.constexpr("""
+{
+.reg .b32 q, t, u, lo, hi;
+mov.b64 {lo, hi}, $8;
+and.b32 u, lo, 0x80008000; shr.b32 t, lo, 3; and.b32 t, t, 0x0E000E00; or.b32 $0, u, t;
+shl.b32 q, lo, 4; and.b32 u, q, 0x80008000; shl.b32 t, lo, 1; and.b32 t, t, 0x0E000E00; or.b32 $1, u, t;
+shl.b32 q, lo, 8; and.b32 u, q, 0x80008000; shl.b32 t, lo, 5; and.b32 t, t, 0x0E000E00; or.b32 $2, u, t;
+shl.b32 q, lo, 12; and.b32 u, q, 0x80008000; shl.b32 t, lo, 9; and.b32 t, t, 0x0E000E00; or.b32 $3, u, t;
+and.b32 u, hi, 0x80008000; shr.b32 t, hi, 3; and.b32 t, t, 0x0E000E00; or.b32 $4, u, t;
+shl.b32 q, hi, 4; and.b32 u, q, 0x80008000; shl.b32 t, hi, 1; and.b32 t, t, 0x0E000E00; or.b32 $5, u, t;
+shl.b32 q, hi, 8; and.b32 u, q, 0x80008000; shl.b32 t, hi, 5; and.b32 t, t, 0x0E000E00; or.b32 $6, u, t;
+shl.b32 q, hi, 12; and.b32 u, q, 0x80008000; shl.b32 t, hi, 9; and.b32 t, t, 0x0E000E00; or.b32 $7, u, t;
+}
+""")
+
+# the same, then each pair times 2^14 (fp16 0x7400): activation values e2m1 * 1, exact
+_E2M1_BLOCK_TO_F16X2_X1_ASM = tl.constexpr("""
+{
+.reg .b32 q, t, u, lo, hi, c;
+mov.b32 c, 0x74007400;
+mov.b64 {lo, hi}, $8;
+and.b32 u, lo, 0x80008000; shr.b32 t, lo, 3; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $0, t, c;
+shl.b32 q, lo, 4; and.b32 u, q, 0x80008000; shl.b32 t, lo, 1; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $1, t, c;
+shl.b32 q, lo, 8; and.b32 u, q, 0x80008000; shl.b32 t, lo, 5; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $2, t, c;
+shl.b32 q, lo, 12; and.b32 u, q, 0x80008000; shl.b32 t, lo, 9; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $3, t, c;
+and.b32 u, hi, 0x80008000; shr.b32 t, hi, 3; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $4, t, c;
+shl.b32 q, hi, 4; and.b32 u, q, 0x80008000; shl.b32 t, hi, 1; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $5, t, c;
+shl.b32 q, hi, 8; and.b32 u, q, 0x80008000; shl.b32 t, hi, 5; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $6, t, c;
+shl.b32 q, hi, 12; and.b32 u, q, 0x80008000; shl.b32 t, hi, 9; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $7, t, c;
+}
+""")
+
+_BLOCK_DOT_F16X2_ASM = tl.constexpr("""
+{
+.reg .b32 a;
+.reg .f16 l, h;
+.reg .f32 fl, fh;
+mul.rn.f16x2 a, $1, $9;
+fma.rn.f16x2 a, $2, $10, a;
+fma.rn.f16x2 a, $3, $11, a;
+fma.rn.f16x2 a, $4, $12, a;
+fma.rn.f16x2 a, $5, $13, a;
+fma.rn.f16x2 a, $6, $14, a;
+fma.rn.f16x2 a, $7, $15, a;
+fma.rn.f16x2 a, $8, $16, a;
+mov.b32 {l, h}, a;
+cvt.f32.f16 fl, l;
+cvt.f32.f16 fh, h;
+add.rn.f32 $0, fl, fh;
+}
+""")
+
+
+@triton.jit
+def _e2m1_block_to_f16x2(blk_i64):
+    """int64 block (16 E2M1 codes) -> 8 int32 fp16 pairs of e2m1 * 2^-14 (a fixed pairing of k)."""
+    return tl.inline_asm_elementwise(
+        asm=_E2M1_BLOCK_TO_F16X2_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,l", args=[blk_i64],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _e2m1_block_to_f16x2_x1(blk_i64):
+    """As _e2m1_block_to_f16x2, values e2m1 * 1 (the activation side)."""
+    return tl.inline_asm_elementwise(
+        asm=_E2M1_BLOCK_TO_F16X2_X1_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,l", args=[blk_i64],
+        dtype=(tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32, tl.int32),
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _block_dot(w0, w1, w2, w3, w4, w5, w6, w7, x0, x1, x2, x3, x4, x5, x6, x7):
+    """fp32 sum of the 16 products of one block (exact, see above)."""
+    return tl.inline_asm_elementwise(
+        asm=_BLOCK_DOT_F16X2_ASM, constraints="=r," + "r," * 15 + "r",
+        args=[w0, w1, w2, w3, w4, w5, w6, w7, x0, x1, x2, x3, x4, x5, x6, x7],
+        dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_token(acc, w0, w1, w2, w3, w4, w5, w6, w7, sw, x_ptr, xsf_ptr, t, M, KB, CP4, cols, col_ok,
+                BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr):
+    tok_ok = t < M
+    xb = tl.load(x_ptr + t * KB + cols, mask=col_ok & tok_ok, other=0)
+    soff = ((t // 128) * CP4 + cols // 4) * 512 + (t % 32) * 16 + ((t // 32) % 4) * 4 + cols % 4
+    soff = tl.max_contiguous(tl.multiple_of(soff, 2), 2)  # pairs of bytes: the weights' layout
+    sx = tl.load(xsf_ptr + soff, mask=col_ok & tok_ok, other=0).to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    x0, x1, x2, x3, x4, x5, x6, x7 = _e2m1_block_to_f16x2_x1(xb)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_KB)
+    d = _block_dot(w0, w1, w2, w3, w4, w5, w6, w7,
+                   tl.broadcast_to(x0[None, :], shape), tl.broadcast_to(x1[None, :], shape),
+                   tl.broadcast_to(x2[None, :], shape), tl.broadcast_to(x3[None, :], shape),
+                   tl.broadcast_to(x4[None, :], shape), tl.broadcast_to(x5[None, :], shape),
+                   tl.broadcast_to(x6[None, :], shape), tl.broadcast_to(x7[None, :], shape))
+    return acc + d * (sw * sx[None, :])
+
+
+@triton.jit
+def _gemv_store(acc, t, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS: tl.constexpr):
+    y = tl.sum(acc, axis=1) * DECODE_UNSCALE  # fixed reduction tree: deterministic
+    mask = (rows < N) & (t < M)
+    off = t * N + rows
+    if USE_WS:
+        tl.store(ws_ptr + pid_s * M * N + off, y, mask=mask)
+    else:
+        alpha = tl.load(alpha_ptr)
+        tl.store(out_ptr + off, (y * alpha).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
+def gemv_nvfp4_kernel(
+    w_ptr, wsf_ptr, x_ptr, xsf_ptr, alpha_ptr, out_ptr, ws_ptr,
+    N, M, KB, CP4, iters_per_split,
+    T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_KB: tl.constexpr, USE_WS: tl.constexpr,
+):
+    """out[t, n] = alpha * sum_k X[t, k] W[n, k] for t < M <= T (T <= 4). w_ptr / x_ptr:
+    packed E2M1 viewed as int64 (one 16-element block per word, KB = K/16 words per
+    row); wsf_ptr / xsf_ptr: 128x4-swizzled E4M3 bytes. Grid (cdiv(N, BLOCK_N), split)."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    wrow = rows.to(tl.int64) * KB
+    srow = (rows // 128) * CP4 * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4
+    acc0 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N, BLOCK_KB), dtype=tl.float32)
+    k_iters = tl.cdiv(KB, BLOCK_KB)
+    it0 = pid_s * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, k_iters)
+    for it in range(it0, it1):
+        cols = it * BLOCK_KB + tl.arange(0, BLOCK_KB)
+        col_ok = cols < KB
+        m2 = row_ok[:, None] & col_ok[None, :]
+        wb = tl.load(w_ptr + wrow[:, None] + cols[None, :], mask=m2, other=0)
+        # 2 columns per thread (16 bytes of weights), 32 threads and all warps along K: the
+        # contiguity hints keep the scale bytes and the activation (1-d) in that layout too
+        soff = tl.max_contiguous(tl.multiple_of(srow[:, None] + ((cols // 4) * 512 + cols % 4)[None, :], [1, 2]),
+                                 [1, 2])
+        sw = tl.load(wsf_ptr + soff, mask=m2, other=0)
+        sw = sw.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        w0, w1, w2, w3, w4, w5, w6, w7 = _e2m1_block_to_f16x2(wb)
+        acc0 = _gemv_token(acc0, w0, w1, w2, w3, w4, w5, w6, w7, sw, x_ptr, xsf_ptr, 0, M, KB, CP4, cols, col_ok,
+                           BLOCK_N, BLOCK_KB)
+        if T > 1:
+            acc1 = _gemv_token(acc1, w0, w1, w2, w3, w4, w5, w6, w7, sw, x_ptr, xsf_ptr, 1, M, KB, CP4, cols,
+                               col_ok, BLOCK_N, BLOCK_KB)
+        if T > 2:
+            acc2 = _gemv_token(acc2, w0, w1, w2, w3, w4, w5, w6, w7, sw, x_ptr, xsf_ptr, 2, M, KB, CP4, cols,
+                               col_ok, BLOCK_N, BLOCK_KB)
+        if T > 3:
+            acc3 = _gemv_token(acc3, w0, w1, w2, w3, w4, w5, w6, w7, sw, x_ptr, xsf_ptr, 3, M, KB, CP4, cols,
+                               col_ok, BLOCK_N, BLOCK_KB)
+    _gemv_store(acc0, 0, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS)
+    if T > 1:
+        _gemv_store(acc1, 1, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS)
+    if T > 2:
+        _gemv_store(acc2, 2, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS)
+    if T > 3:
+        _gemv_store(acc3, 3, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS)

@@ -33,6 +33,7 @@ __all__ = ["CompileKey", "launch"]
 _NUM_SMS_H200 = 132
 _REDUCE_BLOCK = 1024
 _PREDECODE_MIN_M = 256
+_GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
 
 
@@ -50,14 +51,19 @@ class CompileKey:
     split: int
     use_asm: bool
     predecode: bool = False
+    gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
                   ctas_per_sm: int | None = None) -> "CompileKey":
         # Tiles from ptxas reports (no spills; 80-110 registers, 38-76 KB of shared memory
         # for the cp.async stages, so 3-5 CTAs per SM) and an H200 sweep (NOTES.md).
+        if m <= _GEMV_MAX_M and use_asm:
+            return CompileKey._gemv(m, n, k, num_sms, ctas_per_sm)
         if m >= _PREDECODE_MIN_M:
-            return CompileKey(swap_ab=False, block_x=128, block_y=256, block_k=64, num_warps=8, num_stages=3,
+            # H200 sweep at M = 4096, N = 2048: 256x128 236 us, 128x256 253, 128x128 265
+            bx, by = (256, 128) if n <= 2048 else (128, 256)
+            return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
@@ -80,6 +86,32 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm)
 
 
+    @staticmethod
+    def _gemv(m: int, n: int, k: int, num_sms: int, ctas_per_sm: int | None,
+              block_n: int | None = None, block_kb: int = 256) -> "CompileKey":
+        # one int64 word (16 elements) per column; 2 words (16 bytes) per thread and 32
+        # threads along K per warp, warps along K too, so each thread holds all BLOCK_N
+        # rows of its columns and decodes each activation block once per BLOCK_N weights
+        kb = k // BLOCK
+        if block_n is None:  # 3-4 tokens: 4 rows per thread keep it under 255 registers
+            block_n = 8 if m <= 2 and n > 2048 else 4
+        while block_kb > 64 and block_kb // 2 >= kb:
+            block_kb //= 2
+        warps = max(1, block_kb // 64)
+        # H200 sweep (NOTES.md): 2-4 CTAs of 4 warps per SM are enough (more splits only
+        # add partials); a split also costs the reduce kernel, so split only small grids
+        per_sm = ctas_per_sm or max(1, 8 // warps)
+        tiles = -(-n // block_n)
+        k_iters = -(-kb // block_kb)
+        split = 1
+        if tiles < per_sm * num_sms:
+            want = min(-(-per_sm * num_sms // tiles), k_iters)
+            per = -(-k_iters // want)
+            split = -(-k_iters // per)
+        return CompileKey(swap_ab=True, block_x=block_n, block_y=1, block_k=block_kb * BLOCK, num_warps=warps,
+                          num_stages=1, split=split, use_asm=True, gemv_tokens=m if m <= 2 else 4)
+
+
 @functools.lru_cache(maxsize=64)
 def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles each kernel on its first launch: warm up
@@ -90,6 +122,7 @@ def _compile(key: CompileKey):
         decode_nvfp4_to_f16_kernel,
         gemm_f16_alpha_kernel,
         gemm_nvfp4_kernel,
+        gemv_nvfp4_kernel,
         splitk_reduce_kernel,
     )
 
@@ -105,6 +138,24 @@ def _compile(key: CompileKey):
         m, n = out_bf16.shape
         k = a_packed_u8.shape[1] * 2
         cp4 = a_sf_u8.shape[1] // 4
+        if key.gemv_tokens:
+            # CUDA-core path (M <= 4): fp16x2 block dot products, fp32 accumulation
+            block_kb = key.block_k // BLOCK
+            k_iters = triton.cdiv(k // BLOCK, block_kb)
+            per = triton.cdiv(k_iters, key.split)
+            ws = out_bf16
+            if key.split > 1:
+                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            gemv_nvfp4_kernel[(triton.cdiv(n, key.block_x), key.split)](
+                b_packed_u8.view(torch.int64), b_sf_u8, a_packed_u8.view(torch.int64), a_sf_u8, alpha_f32,
+                out_bf16, ws, n, m, k // BLOCK, cp4, per,
+                T=key.gemv_tokens, BLOCK_N=key.block_x, BLOCK_KB=block_kb, USE_WS=key.split > 1,
+                num_warps=key.num_warps, num_stages=key.num_stages)
+            if key.split > 1:
+                numel = m * n
+                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            return
         if key.predecode:
             # Large M is MMA-bound: decode each operand once (exact fp16, 4 bytes per
             # element of traffic, small next to the 2*M*N*K MMA work), then a pipelined

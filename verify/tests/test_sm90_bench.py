@@ -166,3 +166,44 @@ def test_sm90_bench_gemm_decode_configs(copy_bw, m, bx, by, bk, warps, stages, p
                      for i in range(6)])
     print(f"\ndecode cfg M={m} {bx}x{by}x{bk} w{warps} st{stages} split{key.split}: {t * 1e6:8.2f} us "
           f"{w_bytes / t / 1e9:6.0f} GB/s  roofline {100 * w_bytes / copy_bw / t:5.1f}%")
+
+
+@pytest.mark.parametrize("m", [1, 4])
+@pytest.mark.parametrize("block_n,per_sm", [(4, 4), (4, 8), (8, 2), (8, 4), (8, 8), (16, 2), (16, 4)],
+                         ids=lambda v: str(v))
+@pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
+def test_sm90_bench_gemv_configs(copy_bw, n, k, m, block_n, per_sm):
+    """Config exploration for the CUDA-core path (M <= 4): rows per CTA and the split-K
+    target of CTAs per SM."""
+    from kernels.sm90 import gemm_nvfp4
+
+    if m > 2 and block_n > 8:
+        pytest.skip("over 255 registers")
+    w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
+    copies = max(1, min(24, -(-3 * L2_BYTES // w_bytes)))
+    ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
+    a_p, a_sf = _nvfp4_weight(m, k, 99)
+    alpha = torch.tensor(1e-3, device="cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    key = gemm_nvfp4.CompileKey._gemv(m, n, k, sms, per_sm, block_n=block_n)
+    t = _time_graph([(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key))
+                     for i in range(max(copies, 8))])
+    print(f"\ngemv cfg M={m} N={n} K={k} bn{block_n} per_sm{per_sm} split{key.split} bkb{key.block_k // 16} "
+          f"w{key.num_warps}: {t * 1e6:8.2f} us {w_bytes / t / 1e9:6.0f} GB/s  roofline {100 * w_bytes / copy_bw / t:5.1f}%")
+
+
+@pytest.mark.parametrize("bm,bn,bk,warps,stages", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
+                                                   (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4)],
+                         ids=lambda v: str(v))
+def test_sm90_bench_gemm_large_m_tiles(copy_bw, bm, bn, bk, warps, stages):
+    """Tile exploration for M = 4096, N = 2048, K = 7168 (the predecode path's fp16 GEMM)."""
+    from kernels.sm90 import gemm_nvfp4
+
+    m, n, k = 4096, 2048, 7168
+    w_p, w_sf = _nvfp4_weight(n, k, 1)
+    a_p, a_sf = _nvfp4_weight(m, k, 99)
+    alpha = torch.tensor(1e-3, device="cuda")
+    key = gemm_nvfp4.CompileKey(swap_ab=False, block_x=bm, block_y=bn, block_k=bk, num_warps=warps,
+                                num_stages=stages, split=1, use_asm=True, predecode=True)
+    t = _time_graph([(lambda: gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key))] * 3)
+    print(f"\nlarge-M tile {bm}x{bn}x{bk} w{warps} st{stages}: {t * 1e6:8.2f} us {2 * m * n * k / t / 1e12:6.1f} TFLOP/s")

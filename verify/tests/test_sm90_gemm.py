@@ -61,6 +61,8 @@ PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
 SHAPES = [(m, n, k) for m in (1, 3, 16, 127, 128) for (n, k) in PROJ]
 SHAPES += [(4096, 2048, 7168), (4096, 7168, 3072), (40, 6144, 7168), (64, 7168, 3072)]
 SHAPES += [(5, 200, 48), (33, 130, 1040), (1, 16, 16), (129, 257, 272), (70, 129, 2064)]
+# the CUDA-core path (M <= 4): every token count, row and K tails
+SHAPES += [(2, 7168, 3072), (4, 2048, 7168), (4, 130, 1040), (2, 129, 2064), (3, 200, 48), (4, 7168, 16384)]
 
 
 @pytest.mark.parametrize("m,n,k", SHAPES, ids=lambda v: str(v))
@@ -81,6 +83,19 @@ def test_sm90_gemm_decode_paths_agree(m, n, k, use_asm):
     assert_within_gemm_bound(y, y64, bound, label=f"gemm sm90 use_asm={use_asm} {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("m,n,k", [(3, 7168, 3072), (4, 2048, 7168), (4, 130, 1040), (3, 200, 48), (2, 16, 16)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemv_path_up_to_4_tokens_within_bound(m, n, k):
+    """The CUDA-core path with an explicit key (for_shape picks it for M <= 2 only)."""
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    key = CompileKey._gemv(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count, None)
+    y, y64, bound = _run_and_bound(m, n, k, seed=11, heavy=True, key=key)
+    assert_within_gemm_bound(y, y64, bound, label=f"gemv sm90 {m}x{n}x{k}")
+
+
 def _exact_operand(rows, k, seed):
     """Codes with small magnitudes and block scales in {0.5, 1, 2}: every partial sum is a
     multiple of 2^-4 below 2^20, so fp32 accumulation is exact in any order."""
@@ -93,8 +108,8 @@ def _exact_operand(rows, k, seed):
     return packed, sf, sf_linear_to_swizzled_128x4(sf)
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 2048, 7168), (16, 7168, 3072), (128, 1024, 7168), (4096, 512, 4096)],
-                         ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 7168), (3, 7168, 3072), (16, 7168, 3072), (128, 1024, 7168),
+                                   (4096, 512, 4096)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_sm90_gemm_exact_data_has_zero_error(m, n, k):
@@ -106,7 +121,8 @@ def test_sm90_gemm_exact_data_has_zero_error(m, n, k):
     assert_bits_equal(y, y64.to(torch.bfloat16), label=f"exact-data gemm {m}x{n}x{k} (one rounding to bf16)")
 
 
-@pytest.mark.parametrize("m,n,k", [(1, 2048, 7168), (64, 6144, 7168), (4096, 2048, 7168)], ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k", [(1, 2048, 7168), (4, 7168, 16384), (64, 6144, 7168), (4096, 2048, 7168)],
+                         ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_sm90_gemm_is_deterministic_and_graph_replay_bit_identical(m, n, k):
