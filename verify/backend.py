@@ -88,8 +88,13 @@ class KernelBackend:
         self.recipe: Recipe = recipe_by_name(impl.recipe_name)
         self.u_acc: float = float(impl.u_acc)
 
+    # the harness's op -> the kernels/ backend method that serves it
+    KERNEL_OP_NAMES = {Op.QUANTIZE: "quantize_nvfp4", Op.DENSE_GEMM: "gemm_nvfp4",
+                       Op.GROUPED_GEMM: "grouped_gemm_nvfp4", Op.SWIGLU_REQUANT: "grouped_gemm_swiglu",
+                       Op.ROUTER: "router", Op.COMBINE: "combine"}
+
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        return self._impl.unsupported_reason(op.value, device)
+        return self._impl.unsupported_reason(self.KERNEL_OP_NAMES[op], device)
 
     def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
         return self._impl.quantize_nvfp4(x_bf16, global_enc_scale_f32)

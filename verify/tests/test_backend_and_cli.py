@@ -86,3 +86,29 @@ def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
     assert b.name == name and b.recipe.name == "te" and b.u_acc > 0
     reason = b.unsupported_reason(Op.DENSE_GEMM, torch.device("cpu"))
     assert isinstance(reason, str) and reason, f"{name} must say why it cannot run a GEMM on the CPU"
+
+
+def test_kernel_backend_asks_the_kernels_by_their_method_names():
+    """The adapter translates the harness's ops to the kernels/ backend's op names (a mismatch once
+    made every sm90 stage report 'op not provided')."""
+    from verify.backend import KernelBackend, Op
+
+    asked = []
+
+    class Fake:
+        name, recipe_name, u_acc = "fake", "te", 2.0**-24
+
+        def unsupported_reason(self, op, device):
+            asked.append(op)
+            return None if hasattr(self, op) else f"no {op}"
+
+        def quantize_nvfp4(self, *a):
+            pass
+
+        def gemm_nvfp4(self, *a):
+            pass
+
+    kb = KernelBackend(Fake())
+    assert kb.unsupported_reason(Op.QUANTIZE, torch.device("cpu")) is None
+    assert kb.unsupported_reason(Op.DENSE_GEMM, torch.device("cpu")) is None
+    assert asked == ["quantize_nvfp4", "gemm_nvfp4"]
