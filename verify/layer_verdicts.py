@@ -10,6 +10,8 @@ layer's own input to that stage (teacher forcing), so a verdict blames exactly o
   gemm      the backend's bf16 output on ITS OWN quantized activation is within the rigorous
             accumulation bound of the float64 product (bound ratio <= 1, u_acc declared by the
             backend);
+  sync      (CUDA) an eager quantize + GEMM under torch.cuda.set_sync_debug_mode("error"): any
+            host synchronization in the stage raises and is reported with the stage's name;
   graph     (CUDA) quantize + GEMM captured in a CUDA graph, inputs mutated in place (new
             values, new global scale and alpha), replayed: bit-equal to eager on the new inputs.
             A capture error is a failed verdict carrying the error, never a crash.
@@ -46,7 +48,7 @@ DENSE_STAGES: dict[str, tuple[str, str]] = {
     "shared.l1.up": ("input.x_ffn", "shared.w3"),
     "shared.l2": ("shared.swiglu", "shared.w2"),
 }
-CHECKS = ("quantize", "gemm", "graph")
+CHECKS = ("quantize", "gemm", "sync", "graph")
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,28 @@ def _graph_check(backend: Backend, st: DenseStage) -> Verdict:
     return Verdict(st.name, "graph", ok, msg, {"differing_elements": diff})
 
 
+def _sync_check(backend: Backend, st: DenseStage) -> Verdict:
+    if st.x_bf16.device.type != "cuda":
+        return Verdict(st.name, "sync", True, "skipped: needs a CUDA device", {"skipped": True})
+    _gemm_once(backend, st)  # compile and cache outside the probe
+    torch.cuda.synchronize()
+    s, d = _enc_and_dec_scale(st.x_bf16, st.input_scale_f32)
+    alpha = (d * st.weight.global_dec_f32.to(torch.float32).reshape(1)).reshape(())
+    w_packed, w_sf = _weight_operands(st.weight)
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        a, a_sf = backend.quantize_nvfp4(st.x_bf16, s)
+        backend.gemm_nvfp4(a, a_sf, w_packed, w_sf, alpha)
+    except RuntimeError as exc:
+        return Verdict(st.name, "sync", False, f"{st.name}: the forward path synchronizes with the host: {exc}")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return Verdict(st.name, "sync", True, "no host synchronization in quantize + GEMM")
+
+
 _CHECKS = {"quantize": (_quantize_check, Op.QUANTIZE), "gemm": (_gemm_check, Op.DENSE_GEMM),
+           "sync": (_sync_check, Op.DENSE_GEMM),
            "graph": (_graph_check, Op.DENSE_GEMM)}
 
 

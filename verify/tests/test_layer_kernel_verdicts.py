@@ -71,8 +71,8 @@ def test_dense_stage_verdict(ckpt, backend, device, i, act, stage, check):
     reason = backend.unsupported_reason(Op.DENSE_GEMM if check != "quantize" else Op.QUANTIZE, torch.device(device))
     if reason:
         pytest.skip(reason)
-    if check == "graph" and device != "cuda":
-        pytest.skip("graph: CUDA graphs need a CUDA device")
+    if check in ("graph", "sync") and device != "cuda":
+        pytest.skip(f"{check}: needs a CUDA device")
     v = run_check(backend, stages[stage], check)
     print(f"layer{i} {act} {stage} {check}: {'PASS' if v.passed else 'FAIL'} {v.message}")
     assert v.passed, v.message
@@ -93,6 +93,8 @@ class _Broken(EmulatorBackend):
         packed, sf = super().quantize_nvfp4(x_bf16, global_enc_scale_f32)
         if self.bug == "swapped-nibbles":
             packed = (packed >> 4) | ((packed & 0xF) << 4)
+        if self.bug == "host-sync":  # reads the scale on the host: a sync, and not capturable
+            global_enc_scale_f32 = torch.full_like(global_enc_scale_f32, float(global_enc_scale_f32.reshape(-1)[0]))
         if self.bug == "scale-layout":
             sf = sf.reshape(-1, 4).flip(1).reshape(sf.shape)  # the 4 scales of a 128x4 atom column reversed
         return packed, sf
@@ -133,3 +135,13 @@ def test_unsupported_backend_gives_a_failed_verdict_with_the_reason(ckpt):
     b.unsupported_reason = lambda op, device: f"{op.value}: not here"
     v = run_check(b, st, "gemm")
     assert not v.passed and "not here" in v.message
+
+
+@pytest.mark.gpu
+@pytest.mark.layer0
+@pytest.mark.parametrize("check", ["sync", "graph"])
+def test_a_host_sync_fails_the_sync_and_graph_verdicts(ckpt, check):
+    stages = _stages(ckpt, 0, "dynamic", "cuda")
+    st = stages["attn.wq_a"]
+    v = run_check(_Broken("host-sync"), st, check)
+    assert not v.passed, f"host-sync backend passed {check}: {v.message}"
