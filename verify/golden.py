@@ -4,7 +4,8 @@ A golden file is JSON: {"environment": {...} (informational, never compared),
 "runs": {run_id: {"metrics": {stage: {metric: value}}, "digests": {tensor: sha256}}}}.
 Digests must match exactly (deterministic byte outputs); metrics within
 METRIC_TOLERANCES (absolute, relative). `--update-golden` rewrites the file and the
-test then fails showing the diff, so a change is always reviewed.
+test then fails showing the diff, so a change is always reviewed; a mismatch leaves
+`<name>.obtained.json` beside the golden, a missing golden is written and fails.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["METRIC_TOLERANCES", "tensor_digest", "environment", "compare_golden", "load_golden", "write_golden",
-           "check_or_update_golden"]
+           "check_or_update_golden", "obtained_path"]
 
 # (abs, rel): the emulated tensors are pinned bit-exactly by their digests, so metrics can move
 # only through the float64 high-precision path and float64 metric arithmetic (~1e-15 relative).
@@ -43,10 +44,32 @@ def tensor_digest(t: Tensor) -> str:
     return h.hexdigest()
 
 
-def environment() -> dict[str, str]:
-    env = {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
-    env["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return env
+def _version(dist: str) -> str | None:
+    from importlib import metadata  # noqa: PLC0415
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _git_commit() -> str | None:
+    import subprocess  # noqa: PLC0415
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment() -> dict[str, str | None]:
+    """Informational block of a golden/report file (never compared): versions, device, commit."""
+    return {"torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "triton": _version("triton"), "nvidia-cutlass-dsl": _version("nvidia-cutlass-dsl"),
+            "commit": _git_commit()}
 
 
 def _close(metric: str, golden: float, got: float) -> bool:
@@ -92,16 +115,24 @@ def write_golden(path: Path, doc: dict) -> None:
     path.write_text(json.dumps(doc, indent=1, sort_keys=True) + "\n")
 
 
+def obtained_path(path: Path) -> Path:
+    return path.with_suffix(".obtained.json")
+
+
 def check_or_update_golden(path: Path, got: dict, *, update: bool) -> list[str]:
-    """Compare `got` with the golden file at `path`; with update, rewrite it first and return
-    the differences from the old content (so the caller fails and shows them)."""
+    """Compare `got` with the golden file at `path` (STYLE section 8). Returns the problems (empty:
+    equal). A missing golden is written and reported (review and commit it); a mismatch writes
+    `<name>.obtained.json` beside it; with update the golden is rewritten and the differences from
+    the old content are returned, so the caller still fails and shows them."""
     if not path.exists():
-        if update:
-            write_golden(path, got)
-            return [f"{path}: created (no golden file existed)"]
-        return [f"{path}: no golden file; run with --update-golden to create it"]
-    diffs = compare_golden(load_golden(path), got)
-    if update and diffs:
         write_golden(path, got)
-        diffs = [f"{path}: rewritten; differences from the old file:"] + diffs
-    return diffs
+        return [f"{path}: created (no golden file existed); review and commit it"]
+    diffs = compare_golden(load_golden(path), got)
+    if not diffs:
+        obtained_path(path).unlink(missing_ok=True)
+        return []
+    if update:
+        write_golden(path, got)
+        return [f"{path}: rewritten; differences from the old file:"] + diffs
+    write_golden(obtained_path(path), got)
+    return [f"{path}: differs; this run's document is in {obtained_path(path)}"] + diffs
