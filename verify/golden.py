@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["METRIC_TOLERANCES", "tensor_digest", "environment", "compare_golden", "load_golden", "write_golden",
-           "check_or_update_golden", "obtained_path"]
+           "check_or_update_golden", "check_or_update_golden_run", "obtained_path"]
 
 # (abs, rel): the emulated tensors are pinned bit-exactly by their digests, so metrics can move
 # only through the float64 high-precision path and float64 metric arithmetic (~1e-15 relative).
@@ -136,3 +136,25 @@ def check_or_update_golden(path: Path, got: dict, *, update: bool) -> list[str]:
         return [f"{path}: rewritten; differences from the old file:"] + diffs
     write_golden(obtained_path(path), got)
     return [f"{path}: differs; this run's document is in {obtained_path(path)}"] + diffs
+
+
+def check_or_update_golden_run(path: Path, run_id: str, got_run: dict, *, update: bool) -> list[str]:
+    """check_or_update_golden for ONE run of a golden file, so each test item (one layer, one
+    configuration) checks and updates only its own entry. A run missing from the file is added
+    and reported; a mismatch records this run in `<name>.obtained.json`."""
+    doc = load_golden(path) if path.exists() else {"environment": environment(), "runs": {}}
+    golden_run = doc["runs"].get(run_id)
+    updated = {**doc, "environment": environment(), "runs": {**doc["runs"], run_id: got_run}}
+    if golden_run is None:
+        write_golden(path, updated)
+        return [f"{path} {run_id}: created (not in the golden file); review and commit it"]
+    diffs = compare_golden({"runs": {run_id: golden_run}}, {"runs": {run_id: got_run}})
+    if not diffs:
+        return []
+    if update:
+        write_golden(path, updated)
+        return [f"{path} {run_id}: rewritten; differences from the old entry:"] + diffs
+    obtained = obtained_path(path)
+    base = load_golden(obtained) if obtained.exists() else doc
+    write_golden(obtained, {**base, "runs": {**base["runs"], run_id: got_run}})
+    return [f"{path} {run_id}: differs; this run is recorded in {obtained}"] + diffs

@@ -43,3 +43,22 @@ def test_a_mismatch_leaves_an_obtained_file_and_update_rewrites(tmp_path):
     problems = check_or_update_golden(path, _doc(25.0), update=True)
     assert "rewritten" in problems[0] and check_or_update_golden(path, _doc(25.0), update=False) == []
     assert not obtained_path(path).exists()
+
+
+def test_one_run_is_checked_and_updated_without_touching_the_others(tmp_path):
+    from verify.golden import check_or_update_golden_run, load_golden
+
+    path = tmp_path / "g.json"
+    doc = _doc(20.0)
+    doc["runs"]["layer1/a"] = _doc(30.0)["runs"]["layer0/a"]
+    write_golden(path, doc)
+    assert check_or_update_golden_run(path, "layer1/a", doc["runs"]["layer1/a"], update=False) == []
+    changed = _doc(21.0)["runs"]["layer0/a"]
+    problems = check_or_update_golden_run(path, "layer0/a", changed, update=False)
+    assert problems and "layer0/a" in problems[0] and obtained_path(path).exists()
+    check_or_update_golden_run(path, "layer0/a", changed, update=True)
+    after = load_golden(path)["runs"]
+    assert after["layer0/a"]["metrics"]["moe.l1.gate"]["sqnr_db"] == 21.0
+    assert after["layer1/a"]["metrics"]["moe.l1.gate"]["sqnr_db"] == 30.0
+    problems = check_or_update_golden_run(path, "layer2/a", changed, update=False)
+    assert "created" in problems[0] and "layer2/a" in load_golden(path)["runs"]

@@ -18,8 +18,8 @@ from references.moe import ExpertStack
 from verify.assertions import assert_bits_equal
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
-from verify.golden import check_or_update_golden
-from verify.layer_report import GOLDEN_CONFIGS, GOLDEN_PATH, GOLDEN_TOKENS, layer_inputs, layer_report
+from verify.golden import check_or_update_golden_run
+from verify.layer_report import GOLDEN_CONFIGS, GOLDEN_PATH, GOLDEN_TOKENS, layer_inputs, layer_report, run_id
 from verify.metrics import stage_metrics
 from verify.reference_layer import moe_spec_from, moe_weights_from
 
@@ -142,19 +142,21 @@ def test_weight_placement_differs_only_by_the_requant_of_h(ckpt, layers, i):
     assert diff < loss, f"layer{i}: placement difference rel-L2 {diff:.3e} >= quantization loss {loss:.3e}"
 
 
-def test_golden_quantization_loss_report(ckpt, run_cfg):
-    """Every stage's emulated-vs-high metrics and every emulated tensor's bytes on the 4 mini-v4
-    layers x 3 configurations equal golden/mini-v4/emulator.json (tolerances in verify.golden)."""
-    doc = layer_report(ckpt, list(range(ckpt.config.num_layers)))
-    doc.pop("timings_s")
-    for rid, run in doc["runs"].items():  # shown with -s, and on failure
-        for stage, m in run["metrics"].items():
-            print(f"{rid:24s} {stage:16s} cosine {m['cosine']:.6f}  SQNR {m['sqnr_db']:6.2f} dB  "
-                  f"calc_diff {m['calc_diff']:.3e}")
+@pytest.mark.golden
+@pytest.mark.parametrize("config", list(GOLDEN_CONFIGS))
+@pytest.mark.parametrize("i", LAYERS)
+def test_golden_quantization_loss(ckpt, run_cfg, i, config):
+    """Every stage's emulated-vs-high metrics and every emulated tensor's bytes of one mini-v4 layer
+    and configuration equal its entry in golden/mini-v4/emulator.json (tolerances in verify.golden)."""
+    doc = layer_report(ckpt, [i], configs={config: GOLDEN_CONFIGS[config]})
+    rid = run_id(i, config)
+    for stage, m in doc["runs"][rid]["metrics"].items():  # shown with -s, and on failure
+        print(f"{rid:24s} {stage:16s} cosine {m['cosine']:.6f}  SQNR {m['sqnr_db']:6.2f} dB  "
+              f"calc_diff {m['calc_diff']:.3e}")
     if run_cfg.report_dir:
         run_cfg.report_dir.mkdir(parents=True, exist_ok=True)
-        (run_cfg.report_dir / "mini-v4-emulator.json").write_text(json.dumps(doc, indent=1))
-    diffs = check_or_update_golden(GOLDEN_PATH, doc, update=run_cfg.update_golden)
+        (run_cfg.report_dir / f"mini-v4-emulator-{rid.replace('/', '-')}.json").write_text(json.dumps(doc, indent=1))
+    diffs = check_or_update_golden_run(GOLDEN_PATH, rid, doc["runs"][rid], update=run_cfg.update_golden)
     assert not diffs, "golden report differs:\n  " + "\n  ".join(diffs[:40])
 
 
