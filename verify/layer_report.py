@@ -20,7 +20,9 @@ from references.linear import rms_norm
 from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.config import GOLDEN_DIR
+from verify.backend import get_backend
 from verify.golden import environment, tensor_digest
+from verify.layer_verdicts import CHECKS, layer_dense_stages, run_check
 from verify.reference_layer import (
     RMS_EPS,
     LayerInputs,
@@ -114,6 +116,9 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
                    help="Where the routing weight is applied. Default: %(default)r.")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="te", help="Activation recipe. Default: %(default)r.")
     p.add_argument("--device", default="cpu", help="Where the references run. Default: %(default)r.")
+    p.add_argument("--backend", default=None, choices=("auto", "emulator", "sm90", "sm100"),
+                   help="Also run the backend's verdicts on every dense NVFP4 stage (quantize bytes, GEMM "
+                        "bound, host sync, CUDA-graph replay); exit 1 if any fails. Default: %(default)r.")
     p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
 
 
@@ -133,7 +138,7 @@ def cli_layer(args: argparse.Namespace) -> int:
     options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
                          weight_placement=args.placement)
     name = f"{args.act_scale}-{args.placement}-{args.recipe}"
-    runs, timings = {}, {}
+    runs, timings, failed = {}, {}, 0
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("layers", total=len(layers))
         for i in layers:
@@ -161,8 +166,49 @@ def cli_layer(args: argparse.Namespace) -> int:
             console.print("blocks with scale 448 (saturated): " +
                           ", ".join(f"{k} {100 * v:.2f}%" for k, v in sat.items()))
             console.print(f"emulated {t_emu:.2f} s, both modes {timings[run_id(i, name)]['total_s']:.2f} s")
+            if args.backend:
+                stages = layer_dense_stages(ckpt, layer, inputs, options, emulated=emulated, high=high)
+                verdicts = backend_verdicts(get_backend(args.backend), stages)
+                runs[run_id(i, name)]["verdicts"] = verdicts
+                failed += sum(not v["passed"] for per in verdicts.values() for v in per.values())
+                console.print(verdict_table(i, args.backend, verdicts))
     if args.json:
         doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,
                "runs": runs, "timings": timings}
-        Path(args.json).write_text(json.dumps(doc, indent=1))
-    return 0
+        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    if failed:
+        console.print(f"[bold red]{failed} verdict(s) failed[/]")
+    return 1 if failed else 0
+
+
+def backend_verdicts(backend, stages: dict) -> dict[str, dict[str, dict]]:
+    """stage -> check -> {passed, message, metrics} for every dense NVFP4 stage (verify.layer_verdicts)."""
+    out: dict[str, dict[str, dict]] = {}
+    for name, st in stages.items():
+        out[name] = {}
+        for check in CHECKS:
+            v = run_check(backend, st, check)
+            out[name][check] = {"passed": v.passed, "message": v.message, "metrics": v.metrics}
+    return out
+
+
+def verdict_table(layer: int, backend_name: str, verdicts: dict[str, dict[str, dict]]):
+    from rich.table import Table
+
+    table = Table(title=f"layer {layer}: {backend_name} verdicts on the dense NVFP4 stages (teacher-forced)")
+    for col in ("stage", "quantize", "gemm bound ratio", "sync", "graph", "cos vs emulator", "SQNR vs high"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+
+    def mark(v: dict) -> str:
+        if v["metrics"].get("skipped"):
+            return "[dim]n/a[/]"
+        return "[green]pass[/]" if v["passed"] else "[bold red]FAIL[/]"
+
+    for stage, per in verdicts.items():
+        g = per["gemm"]["metrics"]
+        ratio = f"{g['bound_ratio']:.3f}" if "bound_ratio" in g else "-"
+        ratio = ratio if per["gemm"]["passed"] else f"[bold red]{ratio}[/]"
+        cos = f"{g['vs_emulator']['cosine']:.6f}" if "vs_emulator" in g else "-"
+        sqnr = f"{g['loss_vs_high']['sqnr_db']:.2f}" if "loss_vs_high" in g else "-"
+        table.add_row(stage, mark(per["quantize"]), ratio, mark(per["sync"]), mark(per["graph"]), cos, sqnr)
+    return table

@@ -36,7 +36,7 @@ from verify.assertions import assert_bytes_equal, assert_codes_equal_as_values, 
 from verify.backend import Backend, Op
 from verify.metrics import stage_metrics
 
-__all__ = ["DENSE_STAGES", "CHECKS", "DenseStage", "Verdict", "dense_nvfp4_stages", "layer_dense_stages", "run_check"]
+__all__ = ["DENSE_STAGES", "CHECKS", "DenseStage", "Verdict", "dense_nvfp4_stages", "layer_dense_stages", "layer_dense_weights", "run_check"]
 
 # stage -> (input stage in the reference run, weight role)
 DENSE_STAGES: dict[str, tuple[str, str]] = {
@@ -94,12 +94,10 @@ def dense_nvfp4_stages(weights: dict[str, object], inputs: dict[str, Tensor], em
     return out
 
 
-def layer_dense_stages(ckpt, layer, inputs, options) -> dict[str, DenseStage]:
-    """Run the reference layer (both modes) and collect its dense NVFP4 stages with their inputs."""
-    from verify.reference_layer import attn_weights_from, run_reference_layer, to_reference_weight  # noqa: PLC0415
+def layer_dense_weights(ckpt, layer) -> dict[str, object]:
+    """role -> references weight for the layer's attention projections and shared expert."""
+    from verify.reference_layer import attn_weights_from, to_reference_weight  # noqa: PLC0415
 
-    emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
-    high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
     weights: dict[str, object] = {}
     if ckpt.config.schema == "deepseek_v4":
         a = attn_weights_from(layer)
@@ -108,8 +106,22 @@ def layer_dense_stages(ckpt, layer, inputs, options) -> dict[str, DenseStage]:
         m = layer.shared_experts
         weights.update({"shared.w1": to_reference_weight(m.w1), "shared.w3": to_reference_weight(m.w3),
                         "shared.w2": to_reference_weight(m.w2)})
+    return weights
+
+
+def layer_dense_stages(ckpt, layer, inputs, options, *, emulated: dict[str, Tensor] | None = None,
+                       high: dict[str, Tensor] | None = None) -> dict[str, DenseStage]:
+    """The layer's dense NVFP4 stages with their inputs; runs the reference layer (both modes) unless
+    its outputs are given."""
+    from verify.reference_layer import run_reference_layer  # noqa: PLC0415
+
+    if emulated is None:
+        emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
+    if high is None:
+        high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
     x = {"input.x_attn": inputs.x_attn_bf16, "input.x_ffn": inputs.x_ffn_bf16}
-    return dense_nvfp4_stages(weights, x, emulated, high, static=options.act_scale == "static")
+    return dense_nvfp4_stages(layer_dense_weights(ckpt, layer), x, emulated, high,
+                              static=options.act_scale == "static")
 
 
 def _enc_and_dec_scale(x_bf16: Tensor, input_scale_f32: Tensor | None) -> tuple[Tensor, Tensor]:

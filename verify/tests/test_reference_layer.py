@@ -236,3 +236,17 @@ def test_layer_inputs_reject_mismatched_token_counts():
         LayerInputs(None, torch.zeros(2, 8, dtype=torch.bfloat16), x)
     with pytest.raises(ValueError, match="token_ids_i64"):
         LayerInputs(torch.zeros(5, dtype=torch.int64), x, x)
+
+
+def test_cli_layer_prints_loss_and_backend_verdicts_and_writes_json(tmp_path, capsys):
+    from verify.__main__ import main
+
+    out = tmp_path / "layer0.json"
+    rc = main(["layer", "--layers", "0", "--tokens", "8", "--backend", "emulator", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "emulated NVFP4 vs high precision" in text and "verdicts on the dense NVFP4 stages" in text
+    doc = json.loads(out.read_text())
+    run = doc["runs"]["layer0/dynamic-after_w2-te"]
+    assert run["verdicts"]["attn.wq_a"]["gemm"]["passed"] is True
+    assert run["metrics"]["moe.out"]["sqnr_db"] > 0
