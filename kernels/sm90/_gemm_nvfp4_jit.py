@@ -163,6 +163,59 @@ def gemm_nvfp4_kernel(
 
 
 @triton.jit
+def decode_nvfp4_to_f16_planes_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4, PLANE, HALF_KP,
+                                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Decode-size path, step 1: the activations [R, K] -> two fp16 planes [Rp, Kp/2] (even k,
+    odd k) of e2m1 * e4m3 block scale * 2^-7 (exact), zero past R and K (the grid covers
+    Rp x Kp, the padded sizes, so the GEMM loads them unmasked)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * BLOCK_K
+    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+    off = rows.to(tl.int64)[:, None] * HALF_KP + (kb // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    tl.store(out_ptr + off, lo)
+    tl.store(out_ptr + PLANE + off, hi)
+
+
+@triton.jit
+def gemm_nvfp4_f16act_kernel(
+    w_ptr, wsf_ptr, xp_ptr, alpha_ptr, out_ptr, ws_ptr,
+    N, M, HALF_K, CP4, PLANE, HALF_KP, stride_on, stride_om, iters_per_split,
+    BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_WS: tl.constexpr, USE_ASM: tl.constexpr,
+):
+    """Decode-size path, step 2 (swap-AB): acc[n, m] = sum_k W[n, k] * X[m, k], the weights
+    decoded in registers per K tile (as in gemm_nvfp4_kernel), the activations read from the
+    planes of decode_nvfp4_to_f16_planes_kernel (pipelined fp16 loads straight into the
+    MMA's shared-memory operand: no per-CTA activation decode)."""
+    pid_x = tl.program_id(0)
+    pid_y = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    rx = pid_x * BLOCK_X + tl.arange(0, BLOCK_X)
+    ry = pid_y * BLOCK_Y + tl.arange(0, BLOCK_Y)
+    y_ptrs = xp_ptr + ry.to(tl.int64)[:, None] * HALF_KP + tl.arange(0, BLOCK_K // 2)[None, :]
+    acc = tl.zeros((BLOCK_X, BLOCK_Y), dtype=tl.float32)
+    K = HALF_K * 2
+    k_iters = tl.cdiv(K, BLOCK_K)
+    it0 = pid_s * iters_per_split
+    it1 = tl.minimum(it0 + iters_per_split, k_iters)
+    for it in range(it0, it1):
+        kb = it * BLOCK_K
+        x_lo, x_hi = _load_decoded(w_ptr, wsf_ptr, rx, N, kb, HALF_K, CP4, BLOCK_X, BLOCK_K, USE_ASM)
+        y_lo = tl.load(y_ptrs + kb // 2)
+        y_hi = tl.load(y_ptrs + PLANE + kb // 2)
+        acc = tl.dot(x_lo, tl.trans(y_lo), acc)
+        acc = tl.dot(x_hi, tl.trans(y_hi), acc)
+    acc = acc * DECODE_UNSCALE  # exact: see _decode
+    mask = (rx < N)[:, None] & (ry < M)[None, :]
+    off = rx.to(tl.int64)[:, None] * stride_on + ry.to(tl.int64)[None, :] * stride_om
+    if not USE_WS:
+        alpha = tl.load(alpha_ptr)
+        tl.store(out_ptr + off, (acc * alpha).to(tl.bfloat16), mask=mask)
+    else:
+        tl.store(ws_ptr + pid_s.to(tl.int64) * N * M + off, acc, mask=mask)
+
+
+@triton.jit
 def splitk_reduce_kernel(ws_ptr, alpha_ptr, out_ptr, numel, SPLIT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel

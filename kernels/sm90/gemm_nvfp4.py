@@ -14,8 +14,11 @@ the W4A4 math of a Blackwell block-scaled MMA up to the accumulation order.
 Configs (see CompileKey.for_shape): M <= 64 is decode-sized and weight-bandwidth
 bound: "swap-AB" puts N on the MMA's M side (128-row tiles) and the few tokens on its
 N side (16/32/64), with a deterministic split-K when there are too few N tiles to
-fill the GPU (fp32 partials, reduced by a second kernel in a fixed order). Larger M
-uses 128x128 tiles.
+fill the GPU (fp32 partials, reduced by a second kernel in a fixed order). Where K is
+large enough (act_f16), the activations are decoded once per GEMM into two fp16 planes
+(even / odd k, zero-padded to the tiles, allocated per call like the split-K partials so
+CUDA-graph capture takes them from its pool) and the MMA kernel decodes only the
+weights. Larger M uses 128x128 tiles.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ class CompileKey:
     use_asm: bool
     predecode: bool = False
     gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
+    act_f16: bool = False  # swap-AB: decode the activations once per GEMM into fp16 planes
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -65,10 +69,20 @@ class CompileKey:
             bx, by = (256, 128) if n <= 2048 else (128, 256)
             return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
+        act_f16 = False
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
                 16: (64, 16, 128, 4, 3, 6), 32: (64, 32, 128, 4, 3, 6), 64: (64, 64, 128, 4, 4, 2),
             }[16 if m <= 16 else (32 if m <= 32 else 64)]
+            # Activations decoded once per GEMM (fp16 planes) instead of in every CTA: the
+            # extra launch costs ~1 us, the saved per-CTA decode grows with K (H200 sweep,
+            # NOTES.md: M = 16, K = 16384 52 -> 46 us; M = 64, N = 6144 44 -> 33 us with
+            # 128-row weight tiles on 8 warps; M = 64, K = 3072 was slower, 22 -> 24 us)
+            if m <= 16 and k >= 8192:
+                act_f16 = True
+            elif 32 < m and k >= 4096:
+                act_f16 = True
+                block_x, warps, stages = 128, 8, 3
             tiles = -(-n // block_x)
         else:
             block_x, block_y, block_k, warps, stages, per_sm = 128, 128, 64, 8, 3, 2
@@ -83,7 +97,8 @@ class CompileKey:
             per = -(-k_iters // want)
             split = -(-k_iters // per)
         return CompileKey(swap_ab=m <= 64, block_x=block_x, block_y=block_y, block_k=block_k,
-                          num_warps=warps, num_stages=stages, split=split, use_asm=use_asm)
+                          num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
+                          act_f16=m <= 64 and act_f16)
 
 
     @staticmethod
@@ -120,7 +135,9 @@ def _compile(key: CompileKey):
 
     from kernels.sm90._gemm_nvfp4_jit import (
         decode_nvfp4_to_f16_kernel,
+        decode_nvfp4_to_f16_planes_kernel,
         gemm_f16_alpha_kernel,
+        gemm_nvfp4_f16act_kernel,
         gemm_nvfp4_kernel,
         gemv_nvfp4_kernel,
         splitk_reduce_kernel,
@@ -166,6 +183,32 @@ def _compile(key: CompileKey):
             gemm_f16_alpha_kernel[grid](a16, b16, alpha_f32, out_bf16, m, n, k,
                                         BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
                                         GROUP_M=8, num_warps=key.num_warps, num_stages=key.num_stages)
+            return
+        if key.act_f16:
+            # decode the M activation rows once (fp16 planes, zero-padded to the tiles),
+            # then the weights-decoding MMA kernel reads them as plain fp16 tiles
+            mp = triton.cdiv(m, key.block_y) * key.block_y
+            kp = triton.cdiv(k, key.block_k) * key.block_k
+            planes = torch.empty((2, mp, kp // 2), dtype=torch.float16, device=out_bf16.device)
+            decode_nvfp4_to_f16_planes_kernel[(mp // 16, kp // key.block_k)](
+                a_packed_u8, a_sf_u8.view(torch.int32), planes, m, k // 2, cp4, mp * kp // 2, kp // 2,
+                BLOCK_R=16, BLOCK_K=key.block_k, USE_ASM=key.use_asm, num_warps=4)
+            k_iters = triton.cdiv(k, key.block_k)
+            per = triton.cdiv(k_iters, key.split)
+            ws = out_bf16
+            if key.split > 1:
+                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            grid = (triton.cdiv(n, key.block_x), mp // key.block_y, key.split)
+            gemm_nvfp4_f16act_kernel[grid](
+                b_packed_u8, b_sf_u8.view(torch.int32), planes, alpha_f32, out_bf16, ws,
+                n, m, k // 2, cp4, mp * kp // 2, kp // 2, 1, n, per,
+                BLOCK_X=key.block_x, BLOCK_Y=key.block_y, BLOCK_K=key.block_k,
+                USE_WS=key.split > 1, USE_ASM=key.use_asm,
+                num_warps=key.num_warps, num_stages=key.num_stages)
+            if key.split > 1:
+                numel = m * n
+                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
             return
         if key.swap_ab:
             x, xsf, y, ysf, rx, ry, sox, soy = b_packed_u8, b_sf_u8, a_packed_u8, a_sf_u8, n, m, 1, n

@@ -96,6 +96,29 @@ def test_sm90_gemv_path_up_to_4_tokens_within_bound(m, n, k):
     assert_within_gemm_bound(y, y64, bound, label=f"gemv sm90 {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("use_asm", [True, False], ids=["prmt_decode", "arith_decode"])
+@pytest.mark.parametrize("m,n,k,bx,by,split", [(5, 200, 48, 64, 16, 1), (16, 7168, 16384, 64, 16, 8),
+                                               (33, 130, 1040, 128, 64, 3), (64, 6144, 7168, 128, 64, 6),
+                                               (64, 129, 2064, 64, 64, 1), (3, 7168, 3072, 64, 16, 4)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_f16_activation_planes_within_bound_and_equal_to_fused(m, n, k, bx, by, split, use_asm):
+    """The decode-size path with activations decoded once into fp16 planes (explicit key,
+    row / K tails, split-K) is within the bound and bit-equal to the per-CTA-decode kernel
+    with the same tiles (same products, same accumulation order)."""
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    warps = 8 if bx == 128 else 4
+    key = CompileKey(swap_ab=True, block_x=bx, block_y=by, block_k=128, num_warps=warps, num_stages=3,
+                     split=split, use_asm=use_asm, act_f16=True)
+    y, y64, bound = _run_and_bound(m, n, k, seed=13, heavy=True, key=key)
+    assert_within_gemm_bound(y, y64, bound, label=f"f16-planes gemm sm90 {m}x{n}x{k}")
+    y_fused, _, _ = _run_and_bound(m, n, k, seed=13, heavy=True,
+                                   key=CompileKey(**{**key.__dict__, "act_f16": False}))
+    assert_bits_equal(y, y_fused, label=f"f16 planes vs per-CTA decode {m}x{n}x{k}")
+
+
 def _exact_operand(rows, k, seed):
     """Codes with small magnitudes and block scales in {0.5, 1, 2}: every partial sum is a
     multiple of 2^-4 below 2^20, so fp32 accumulation is exact in any order."""
