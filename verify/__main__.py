@@ -1,4 +1,4 @@
-"""`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer.
+"""`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer, model.
 
 Each command's arguments and body live in its own module; this file only dispatches.
 """
@@ -17,6 +17,8 @@ COMMANDS = {
     "fixture": ("verify.fixtures", "add_fixture_arguments", "cli_fixture", "write a fixture checkpoint"),
     "layer": ("verify.layer_report", "add_layer_arguments", "cli_layer",
               "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
+    "model": ("verify.layer_report", "add_model_arguments", "cli_model",
+              "every layer of a checkpoint (the layer command over all layers, with a progress bar)"),
 }
 
 

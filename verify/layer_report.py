@@ -34,7 +34,7 @@ from verify.reference_layer import (
 )
 
 __all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "add_layer_arguments",
-           "cli_layer"]
+           "cli_layer", "add_model_arguments", "cli_model"]
 
 GOLDEN_CONFIGS: dict[str, RunOptions] = {
     "dynamic-after_w2": RunOptions(act_scale="dynamic", weight_placement="after_w2"),
@@ -120,6 +120,16 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
                    help="Also run the backend's verdicts on every dense NVFP4 stage (quantize bytes, GEMM "
                         "bound, host sync, CUDA-graph replay); exit 1 if any fails. Default: %(default)r.")
     p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    add_layer_arguments(p)
+    p.set_defaults(layers=None)
+
+
+def cli_model(args: argparse.Namespace) -> int:
+    """`python -m verify model`: `layer` over every layer of the checkpoint (--layers still narrows it)."""
+    return cli_layer(args)
 
 
 def cli_layer(args: argparse.Namespace) -> int:

@@ -250,3 +250,11 @@ def test_cli_layer_prints_loss_and_backend_verdicts_and_writes_json(tmp_path, ca
     run = doc["runs"]["layer0/dynamic-after_w2-te"]
     assert run["verdicts"]["attn.wq_a"]["gemm"]["passed"] is True
     assert run["metrics"]["moe.out"]["sqnr_db"] > 0
+
+
+def test_cli_model_runs_every_layer(capsys):
+    from verify.__main__ import main
+
+    assert main(["model", "--tokens", "4"]) == 0
+    text = capsys.readouterr().out
+    assert all(f"layer {i}: emulated NVFP4" in text for i in range(4)), text[-2000:]
