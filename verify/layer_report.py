@@ -115,6 +115,8 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--placement", choices=("after_w2", "before_w2"), default="after_w2",
                    help="Where the routing weight is applied. Default: %(default)r.")
     p.add_argument("--recipe", choices=sorted(RECIPES), default="te", help="Activation recipe. Default: %(default)r.")
+    p.add_argument("--fp8-scale-fmt", choices=("auto", "ue8m0", "f32"), default="auto",
+                   help="FP8 activation block-scale format (auto: ue8m0 for V4, f32 for V3). Default: %(default)r.")
     p.add_argument("--device", default="cpu", help="Where the references run. Default: %(default)r.")
     p.add_argument("--backend", default=None, choices=("auto", "emulator", "sm90", "sm100"),
                    help="Also run the backend's verdicts on every dense NVFP4 stage (quantize bytes, GEMM "
@@ -145,8 +147,10 @@ def cli_layer(args: argparse.Namespace) -> int:
         console = Console(width=140)
     ckpt = Checkpoint.open(args.checkpoint)
     layers = list(parse_layers(args.layers)) or list(range(ckpt.config.num_layers))
+    fp8_fmt = args.fp8_scale_fmt if args.fp8_scale_fmt != "auto" else \
+        ("ue8m0" if ckpt.config.schema == "deepseek_v4" else "f32")  # V4 FP8 uses E8M0 scales, V3 float32
     options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
-                         weight_placement=args.placement)
+                         weight_placement=args.placement, fp8_scale_fmt=fp8_fmt)
     name = f"{args.act_scale}-{args.placement}-{args.recipe}"
     runs, timings, failed = {}, {}, 0
     with Progress(console=console, transient=True) as bar:
