@@ -17,6 +17,7 @@ from torch import Tensor
 
 from references.layer import AttnSpec, AttnWeights, MoeSpec, MoeWeights, RunOptions, attention_projections, moe_block
 from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, rms_norm
+from references import moe
 from references.moe import ExpertStack
 from verify.checkpoint import (
     Bf16Linear,
@@ -149,12 +150,17 @@ def inputs_from_safetensors(path: str | os.PathLike, *, device: str | torch.devi
 
 def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, mode: str,
                         options: RunOptions = RunOptions()) -> dict[str, Tensor]:
-    """Every stage of the layer's MoE block and (V4) attention projections in `mode`."""
+    """Every stage of the layer's MoE block (or V3 dense MLP, stages "dense.*") and (V4) attention
+    projections in `mode`."""
     cfg = ckpt.config
     out: dict[str, Tensor] = {}
     if cfg.schema == "deepseek_v4":
         out.update(attention_projections(inputs.x_attn_bf16, attn_weights_from(layer), attn_spec_from(cfg), mode=mode,
                                          options=options))
+    if layer.dense_mlp is not None:  # V3/R1 first_k_dense_replace layers: a plain gated MLP, no clamp
+        mlp = moe.shared_expert(inputs.x_ffn_bf16, *_mlp(layer.dense_mlp), mode=mode, recipe=options.recipe,
+                                act_scale=options.act_scale, swiglu_limit=None, fp8_scale_fmt=options.fp8_scale_fmt)
+        out.update({f"dense.{k}": v for k, v in mlp.items()})
     if layer.experts is not None:
         hashed = layer.router.tid2eid_i64 is not None
         if hashed and inputs.token_ids_i64 is None:
@@ -168,6 +174,7 @@ LOSS_STAGES = (
     "attn.wq_a", "attn.wkv", "attn.q_norm", "attn.kv_norm", "attn.wq_b", "attn.wo_a", "attn.wo_b",
     "moe.act_quant", "moe.l1.gate", "moe.l1.up", "moe.swiglu", "moe.requant", "moe.l2", "moe.combine",
     "shared.l1.gate", "shared.l1.up", "shared.swiglu", "shared.l2", "moe.out",
+    "dense.l1.gate", "dense.l1.up", "dense.swiglu", "dense.l2",
 )
 
 
