@@ -88,7 +88,8 @@ def dense_nvfp4_stages(weights: dict[str, object], inputs: dict[str, Tensor], em
         if static:
             partner = {"attn.wq_a": "attn.wkv", "attn.wkv": "attn.wq_a", "shared.w1": "shared.w3",
                        "shared.w3": "shared.w1"}.get(role)
-            scales = [w.input_scale_f32] + ([weights[partner].input_scale_f32] if partner else [])
+            fused = partner is not None and isinstance(weights.get(partner), Nvfp4Weight)
+            scales = [w.input_scale_f32] + ([weights[partner].input_scale_f32] if fused else [])
             scale = torch.stack(scales).amax(0)  # a fused GEMM shares one activation scale (max)
         out[name] = DenseStage(name, x.to(torch.bfloat16), w, scale, emulated[name], high[name])
     return out
