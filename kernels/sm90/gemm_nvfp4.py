@@ -38,6 +38,7 @@ _REDUCE_BLOCK = 1024
 _PREDECODE_MIN_M = 256
 _GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
+_MMA_V2_MAX_M = 8  # H200 run 8: the Gluon mma.sync path wins at M = 3..8, ties or loses at 16
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class CompileKey:
     predecode: bool = False
     gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
     act_f16: bool = False  # swap-AB: decode the activations once per GEMM into fp16 planes
+    mma_v2: int = 0  # 1..: the Gluon mma.sync path for M <= 16, K % 128 == 0 (value = rows per warp / 16)
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -69,6 +71,10 @@ class CompileKey:
             bx, by = (256, 128) if n <= 2048 else (128, 256)
             return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
+        if 3 <= m <= _MMA_V2_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None:
+            # Gluon mma.sync path, H200 run 8 (NOTES.md): 3-12% faster than the wgmma path at
+            # M = 3 and 8 on all four projection shapes, not at M = 16
+            return CompileKey._mma_v2(m, n, k, num_sms, per_sm=6 if n <= 2048 else 8)
         act_f16 = False
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
@@ -100,6 +106,22 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
 
+
+    @staticmethod
+    def _mma_v2(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
+                per_sm: int = 6) -> "CompileKey":
+        # weights decoded in registers straight into the mma.sync A fragment (Gluon, no shared
+        # memory); BN = 16 * warps * reps rows per CTA, 128 K per tile, split-K to ~per_sm CTAs/SM
+        bn = 16 * warps * reps
+        tiles = -(-n // bn) * -(-m // 16)
+        k_iters = k // 128
+        split = 1
+        if tiles < per_sm * num_sms:
+            want = min(-(-per_sm * num_sms // tiles), k_iters)
+            per = -(-k_iters // want)
+            split = -(-k_iters // per)
+        return CompileKey(swap_ab=True, block_x=bn, block_y=16, block_k=128, num_warps=warps, num_stages=1,
+                          split=split, use_asm=True, mma_v2=reps)
 
     @staticmethod
     def _gemv(m: int, n: int, k: int, num_sms: int, ctas_per_sm: int | None,
@@ -151,10 +173,36 @@ def _compile(key: CompileKey):
             num_warps=4)
         return out
 
+    if key.mma_v2:
+        from kernels.sm90._gemm_nvfp4_gluon import gemm_nvfp4_mma_v2_kernel, layouts
+        from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
+
+        w_words, w_split, x_f16, mma = layouts(key.num_warps, key.mma_v2)
+
     def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
         m, n = out_bf16.shape
         k = a_packed_u8.shape[1] * 2
         cp4 = a_sf_u8.shape[1] // 4
+        if key.mma_v2:
+            # activations decoded once (fp16, mma order), then the Gluon mma.sync kernel
+            x16 = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
+            decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
+                a_packed_u8, a_sf_u8.view(torch.int32), x16, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
+                num_warps=4)
+            k_iters = k // 128
+            per = triton.cdiv(k_iters, key.split)
+            ws = out_bf16
+            if key.split > 1:
+                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            gemm_nvfp4_mma_v2_kernel[(triton.cdiv(n, key.block_x), triton.cdiv(m, 16), key.split)](
+                b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4, per,
+                W_WORDS=w_words, W_SPLIT=w_split, X_F16=x_f16, MMA=mma, BN=key.block_x, USE_WS=key.split > 1,
+                num_warps=key.num_warps)
+            if key.split > 1:
+                numel = m * n
+                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            return
         if key.gemv_tokens:
             # CUDA-core path (M <= 4): fp16x2 block dot products, fp32 accumulation
             block_kb = key.block_k // BLOCK

@@ -220,3 +220,54 @@ def test_sm90_compute_sanitizer_clean(tool):
     tail = (r.stdout + r.stderr)[-3000:]
     assert r.returncode == 0, f"compute-sanitizer {tool} exit {r.returncode}:\n{tail}"
     assert "ERROR SUMMARY: 0 errors" in tail or "RACECHECK SUMMARY: 0 hazards" in tail, tail
+
+
+_MMA_V2 = [(3, 7168, 3072, 4, 1), (16, 7168, 16384, 4, 1), (16, 2048, 7168, 4, 2), (9, 200, 384, 4, 1),
+           (16, 129, 1024, 2, 1), (5, 1536, 7168, 8, 1)]
+
+
+@pytest.mark.parametrize("m,n,k,warps,reps", _MMA_V2, ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_mma_v2_gluon_path_within_bound(m, n, k, warps, reps):
+    """The Gluon mma.sync path (weights decoded straight into the A fragment), explicit key:
+    row tails, split-K, several tile shapes; within the fp32 accumulation bound."""
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    key = CompileKey._mma_v2(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count,
+                             warps=warps, reps=reps)
+    y, y64, bound = _run_and_bound(m, n, k, seed=17, heavy=True, key=key)
+    assert_within_gemm_bound(y, y64, bound, label=f"mma_v2 gemm sm90 {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n,k", [(3, 7168, 3072), (16, 2048, 7168)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_mma_v2_exact_data_deterministic_and_graph_replay(m, n, k):
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    key = CompileKey._mma_v2(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    a_p, a_sf, a_sw = _exact_operand(m, k, 1)
+    b_p, b_sf, b_sw = _exact_operand(n, k, 2)
+    alpha = torch.tensor(0.5, device="cuda")
+    y = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    y64, _ = nvfp4_gemm_f64(a_p, a_sf, b_p, b_sf, alpha)
+    assert_bits_equal(y, y64.to(torch.bfloat16), label=f"mma_v2 exact-data gemm {m}x{n}x{k}")
+    a_p, _, a_sw, _ = _operand(m, k, 3)
+    y1 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    y2 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    assert_bits_equal(y1, y2, label=f"mma_v2 two runs {m}x{n}x{k}")
+    a2_p, _, a2_sw, _ = _operand(m, k, 5)
+    src_p, src_sw = a_p.clone(), a_sw.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = gemm_nvfp4.launch(src_p, src_sw, b_p, b_sw, alpha, key=key)
+    src_p.copy_(a2_p)
+    src_sw.copy_(a2_sw)
+    alpha.fill_(7.0e-4)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_eager = gemm_nvfp4.launch(a2_p, a2_sw, b_p, b_sw, alpha, key=key)
+    assert_bits_equal(y_graph, y_eager, label=f"mma_v2 graph replay vs eager {m}x{n}x{k}")
