@@ -25,7 +25,7 @@ exact fp16 products, fp32 accumulation (u_acc 2^-24), 2^14 and alpha in the epil
 
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
 DECODE_UNSCALE = gl.constexpr(16384.0)
 
@@ -175,6 +175,110 @@ def gemm_nvfp4_mma_v2_kernel(
         acc = mma_v2(_decode_w(w1, s1, BN, A_OP), _x_to_b(x1, B_OP), acc)
     if (it1 - it0) % 2 == 1:
         acc = mma_v2(_decode_w(w, s, BN, A_OP), _x_to_b(x, B_OP), acc)
+    acc = acc * DECODE_UNSCALE  # exact: see _gemm_nvfp4_jit._decode
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    tm = pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
+    mask = (rn < N)[:, None] & (tm < M)[None, :]
+    off = rn.to(gl.int64)[:, None] + tm.to(gl.int64)[None, :] * N
+    if USE_WS:
+        gl.store(ws_ptr + pid_s.to(gl.int64) * N * M + off, acc, mask=mask)
+    else:
+        alpha = gl.load(alpha_ptr)
+        gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared-memory ring variant: the raw weight words, their scale bytes and the 16-token fp16
+# activation tile of each K tile are copied with cp.async into an NS-stage ring by all threads
+# of the CTA (the activation tile once per CTA instead of once per warp), then every warp reads
+# its rows' words / scales from shared memory (no bank conflicts: a warp reads 8 whole 64-byte
+# rows) and the activation tile as the B operand (ldmatrix from a swizzled tile). The
+# activations are stored in logical k order (decode_nvfp4_to_f16_mma_order_kernel, LOGICAL),
+# so the B tile is a plain [16, 128] K-major tile. Same values, products and fp32 accumulation
+# as gemm_nvfp4_mma_v2_kernel.
+
+
+def smem_layouts(num_warps: int, reps: int):
+    """(words [BN, 16] int32, scale bytes [BN, 8] uint8, copy layouts, shared layouts) of the ring kernel."""
+    lw = num_warps.bit_length() - 1
+    lr = reps.bit_length() - 1
+    w_rd = gl.DistributedLinearLayout(  # w_words flattened: (row, 4c + q)
+        reg_bases=[[0, 1], [0, 2], [8, 0]] + [[16 * num_warps << i, 0] for i in range(lr)],
+        lane_bases=[[0, 4], [0, 8], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 << i, 0] for i in range(lw)],
+        block_bases=[], shape=[16 * num_warps * reps, 16])
+    s_rd = gl.DistributedLinearLayout(  # L3 of w_split flattened: (row, 2c + i)
+        reg_bases=[[0, 1], [8, 0]] + [[16 * num_warps << i, 0] for i in range(lr)],
+        lane_bases=[[0, 2], [0, 4], [1, 0], [2, 0], [4, 0]],
+        warp_bases=[[16 << i, 0] for i in range(lw)],
+        block_bases=[], shape=[16 * num_warps * reps, 8])
+    w_cp = gl.BlockedLayout([1, 4], [8, 4], [num_warps, 1], [1, 0])      # 16-byte copies of word rows
+    s_cp = gl.BlockedLayout([1, 4], [32, 1], [num_warps, 1], [1, 0])     # 4-byte copies of scale words
+    x_cp = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])     # 16-byte copies of fp16 rows
+    w_sh = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
+    x_sh = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    return w_rd, s_rd, w_cp, s_cp, x_cp, w_sh, x_sh
+
+
+@gluon.jit
+def _issue(w_smem, s_smem, x_smem, stage, w_base, s_base, x_base, kt):
+    """cp.async of K tile kt (raw words, scale bytes, activation tile) into ring stage `stage`."""
+    async_copy.async_copy_global_to_shared(w_smem.index(stage), w_base + kt * 16)
+    sblk = kt * 8  # first of the tile's 8 scale blocks; 4 per 4-byte word, the next word 512 B on
+    async_copy.async_copy_global_to_shared(s_smem.index(stage), s_base + (sblk // 4) * 512)
+    async_copy.async_copy_global_to_shared(x_smem.index(stage), x_base + kt * 128)
+    async_copy.commit_group()
+
+
+@gluon.jit
+def gemm_nvfp4_mma_v2_smem_kernel(
+    w_ptr, wsf_ptr, x_ptr, alpha_ptr, out_ptr, ws_ptr,
+    N, M, K, KW, CP4, iters_per_split,
+    W_SPLIT: gl.constexpr, MMA: gl.constexpr, W_RD: gl.constexpr, S_RD: gl.constexpr,
+    W_CP: gl.constexpr, S_CP: gl.constexpr, X_CP: gl.constexpr, W_SH: gl.constexpr, X_SH: gl.constexpr,
+    BN: gl.constexpr, NS: gl.constexpr, USE_WS: gl.constexpr,
+):
+    """As gemm_nvfp4_mma_v2_kernel, through an NS-stage cp.async ring. x_ptr: fp16 activations
+    [M, K] in logical mma order (kl = 16r + 8i + 2c + e of each 128-K tile)."""
+    pid_n = gl.program_id(0)
+    pid_m = gl.program_id(1)
+    pid_s = gl.program_id(2)
+    # copy addresses (rows / tokens past the end are clamped: their results are masked at the store)
+    wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
+    wq = gl.arange(0, 16, layout=gl.SliceLayout(0, W_CP))
+    w_base = w_ptr + gl.max_contiguous(gl.multiple_of((wr.to(gl.int64) * KW)[:, None] + wq[None, :], [1, 16]), [1, 16])
+    sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
+    sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
+    soff = ((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None] + ((sb // 4) * 512 + sb % 4)[None, :]
+    s_base = wsf_ptr + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
+    xt = gl.minimum(pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(1, X_CP)), M - 1)
+    xk = gl.arange(0, 128, layout=gl.SliceLayout(0, X_CP))
+    x_base = x_ptr + gl.max_contiguous(gl.multiple_of((xt.to(gl.int64) * K)[:, None] + xk[None, :], [1, 128]), [1, 128])
+    w_smem = gl.allocate_shared_memory(gl.int32, [NS, BN, 16], W_SH)
+    s_smem = gl.allocate_shared_memory(gl.uint8, [NS, BN, 8], W_SH)
+    x_smem = gl.allocate_shared_memory(gl.float16, [NS, 16, 128], X_SH)
+    A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+    B_OP: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=MMA, k_width=2)
+    L3: gl.constexpr = gl.SliceLayout(3, W_SPLIT)
+    acc = gl.zeros([BN, 16], gl.float32, layout=MMA)
+    k_iters = K // 128
+    it0 = pid_s * iters_per_split
+    it1 = gl.minimum(it0 + iters_per_split, k_iters)
+    for j in gl.static_range(NS - 1):  # prologue (tiles past it1 re-read the last one: harmless)
+        _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, gl.minimum(it0 + j, it1 - 1))
+    for it in range(it0, it1):
+        async_copy.wait_group(NS - 2)
+        gl.thread_barrier()  # tile it landed for every thread; stage (it - 1) % NS is free
+        st = (it - it0) % NS
+        w = w_smem.index(st).load(W_RD)
+        s = s_smem.index(st).load(S_RD)
+        xb = x_smem.index(st).permute([1, 0]).load(B_OP)
+        _issue(w_smem, s_smem, x_smem, (it - it0 + NS - 1) % NS, w_base, s_base, x_base,
+               gl.minimum(it + NS - 1, it1 - 1))
+        w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
+        s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3, assert_trivial=True)
+        acc = mma_v2(_decode_w(w, s, BN, A_OP), xb, acc)
+    async_copy.wait_group(0)
     acc = acc * DECODE_UNSCALE  # exact: see _gemm_nvfp4_jit._decode
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     tm = pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))

@@ -39,6 +39,7 @@ _PREDECODE_MIN_M = 256
 _GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
 _MMA_V2_MAX_M = 8  # H200 run 8: the Gluon mma.sync path wins at M = 3..8, ties or loses at 16
+_MMA_V2_RING_MIN_N = 2048  # H200 run 9: the ring variant wins above N = 2048 (M = 3..16), not at 2048
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,11 @@ class CompileKey:
             bx, by = (256, 128) if n <= 2048 else (128, 256)
             return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
+        if 3 <= m <= 16 and k % 128 == 0 and use_asm and ctas_per_sm is None and n > _MMA_V2_RING_MIN_N:
+            # Gluon mma.sync path, cp.async ring (weights, scales, one shared activation tile per
+            # CTA), 128 rows (4 warps x 2) per CTA; H200 run 9 (NOTES.md): 2-18% faster than the
+            # run-8 routing (register variant / wgmma) at M = 3, 8, 16 on N = 6144 and 7168
+            return CompileKey._mma_v2(m, n, k, num_sms, reps=2, per_sm=4, stages=3)
         if 3 <= m <= _MMA_V2_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None:
             # Gluon mma.sync path, H200 run 8 (NOTES.md): 3-12% faster than the wgmma path at
             # M = 3 and 8 on all four projection shapes, not at M = 16
@@ -109,9 +115,10 @@ class CompileKey:
 
     @staticmethod
     def _mma_v2(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
-                per_sm: int = 6) -> "CompileKey":
+                per_sm: int = 6, stages: int = 1) -> "CompileKey":
         # weights decoded in registers straight into the mma.sync A fragment (Gluon, no shared
-        # memory); BN = 16 * warps * reps rows per CTA, 128 K per tile, split-K to ~per_sm CTAs/SM
+        # memory); BN = 16 * warps * reps rows per CTA, 128 K per tile, split-K to ~per_sm CTAs/SM;
+        # stages >= 2: the cp.async ring variant (weights, scales and the shared activation tile)
         bn = 16 * warps * reps
         tiles = -(-n // bn) * -(-m // 16)
         k_iters = k // 128
@@ -120,7 +127,7 @@ class CompileKey:
             want = min(-(-per_sm * num_sms // tiles), k_iters)
             per = -(-k_iters // want)
             split = -(-k_iters // per)
-        return CompileKey(swap_ab=True, block_x=bn, block_y=16, block_k=128, num_warps=warps, num_stages=1,
+        return CompileKey(swap_ab=True, block_x=bn, block_y=16, block_k=128, num_warps=warps, num_stages=stages,
                           split=split, use_asm=True, mma_v2=reps)
 
     @staticmethod
@@ -174,10 +181,18 @@ def _compile(key: CompileKey):
         return out
 
     if key.mma_v2:
-        from kernels.sm90._gemm_nvfp4_gluon import gemm_nvfp4_mma_v2_kernel, layouts
+        from kernels.sm90._gemm_nvfp4_gluon import (
+            gemm_nvfp4_mma_v2_kernel,
+            gemm_nvfp4_mma_v2_smem_kernel,
+            layouts,
+            smem_layouts,
+        )
         from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
 
         w_words, w_split, x_f16, mma = layouts(key.num_warps, key.mma_v2)
+        ring = key.num_stages > 1
+        if ring:
+            w_rd, s_rd, w_cp, s_cp, x_cp, w_sh, x_sh = smem_layouts(key.num_warps, key.mma_v2)
 
     def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
         m, n = out_bf16.shape
@@ -188,16 +203,23 @@ def _compile(key: CompileKey):
             x16 = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
             decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
                 a_packed_u8, a_sf_u8.view(torch.int32), x16, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
-                num_warps=4)
+                LOGICAL=ring, num_warps=4)
             k_iters = k // 128
             per = triton.cdiv(k_iters, key.split)
             ws = out_bf16
             if key.split > 1:
                 ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
-            gemm_nvfp4_mma_v2_kernel[(triton.cdiv(n, key.block_x), triton.cdiv(m, 16), key.split)](
-                b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4, per,
-                W_WORDS=w_words, W_SPLIT=w_split, X_F16=x_f16, MMA=mma, BN=key.block_x, USE_WS=key.split > 1,
-                num_warps=key.num_warps)
+            grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, 16), key.split)
+            if ring:
+                gemm_nvfp4_mma_v2_smem_kernel[grid](
+                    b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4, per,
+                    W_SPLIT=w_split, MMA=mma, W_RD=w_rd, S_RD=s_rd, W_CP=w_cp, S_CP=s_cp, X_CP=x_cp, W_SH=w_sh,
+                    X_SH=x_sh, BN=key.block_x, NS=key.num_stages, USE_WS=key.split > 1, num_warps=key.num_warps)
+            else:
+                gemm_nvfp4_mma_v2_kernel[grid](
+                    b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4,
+                    per, W_WORDS=w_words, W_SPLIT=w_split, X_F16=x_f16, MMA=mma, BN=key.block_x,
+                    USE_WS=key.split > 1, num_warps=key.num_warps)
             if key.split > 1:
                 numel = m * n
                 splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](

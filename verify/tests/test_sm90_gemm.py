@@ -222,32 +222,38 @@ def test_sm90_compute_sanitizer_clean(tool):
     assert "ERROR SUMMARY: 0 errors" in tail or "RACECHECK SUMMARY: 0 hazards" in tail, tail
 
 
-_MMA_V2 = [(3, 7168, 3072, 4, 1), (16, 7168, 16384, 4, 1), (16, 2048, 7168, 4, 2), (9, 200, 384, 4, 1),
-           (16, 129, 1024, 2, 1), (5, 1536, 7168, 8, 1)]
+# (m, n, k, warps, reps, stages); stages >= 2: the cp.async ring variant
+_MMA_V2 = [(3, 7168, 3072, 4, 1, 1), (16, 7168, 16384, 4, 1, 1), (16, 2048, 7168, 4, 2, 1), (9, 200, 384, 4, 1, 1),
+           (16, 129, 1024, 2, 1, 1), (5, 1536, 7168, 8, 1, 1),
+           (3, 7168, 3072, 4, 2, 3), (16, 7168, 16384, 4, 2, 3), (13, 200, 384, 4, 1, 2), (16, 129, 1024, 2, 2, 4),
+           (5, 1536, 7168, 8, 1, 3), (1, 300, 256, 4, 2, 3)]
 
 
-@pytest.mark.parametrize("m,n,k,warps,reps", _MMA_V2, ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k,warps,reps,stages", _MMA_V2, ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_gemm_mma_v2_gluon_path_within_bound(m, n, k, warps, reps):
+def test_sm90_gemm_mma_v2_gluon_path_within_bound(m, n, k, warps, reps, stages):
     """The Gluon mma.sync path (weights decoded straight into the A fragment), explicit key:
-    row tails, split-K, several tile shapes; within the fp32 accumulation bound."""
+    row tails, token tails, split-K, several tile shapes, register and cp.async-ring variants;
+    within the fp32 accumulation bound."""
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
     key = CompileKey._mma_v2(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count,
-                             warps=warps, reps=reps)
+                             warps=warps, reps=reps, stages=stages)
     y, y64, bound = _run_and_bound(m, n, k, seed=17, heavy=True, key=key)
     assert_within_gemm_bound(y, y64, bound, label=f"mma_v2 gemm sm90 {m}x{n}x{k}")
 
 
+@pytest.mark.parametrize("stages", [1, 3])
 @pytest.mark.parametrize("m,n,k", [(3, 7168, 3072), (16, 2048, 7168)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_gemm_mma_v2_exact_data_deterministic_and_graph_replay(m, n, k):
+def test_sm90_gemm_mma_v2_exact_data_deterministic_and_graph_replay(m, n, k, stages):
     from kernels.sm90 import gemm_nvfp4
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
-    key = CompileKey._mma_v2(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count)
+    key = CompileKey._mma_v2(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count, reps=2,
+                             stages=stages)
     a_p, a_sf, a_sw = _exact_operand(m, k, 1)
     b_p, b_sf, b_sw = _exact_operand(n, k, 2)
     alpha = torch.tensor(0.5, device="cuda")
@@ -271,3 +277,23 @@ def test_sm90_gemm_mma_v2_exact_data_deterministic_and_graph_replay(m, n, k):
     torch.cuda.synchronize()
     y_eager = gemm_nvfp4.launch(a2_p, a2_sw, b_p, b_sw, alpha, key=key)
     assert_bits_equal(y_graph, y_eager, label=f"mma_v2 graph replay vs eager {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 7168, 3072), (5, 1000, 1024)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_mma_v2_ring_matches_register_variant(m, n, k):
+    """The cp.async ring variant feeds the same A / B fragments to the same MMAs in the same
+    order as the register variant (same tiles and split): identical bits."""
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    a_p, _, a_sw, _ = _operand(m, k, 11)
+    b_p, _, b_sw, _ = _operand(n, k, 12)
+    alpha = torch.tensor(1.0e-3, device="cuda")
+    y0 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=CompileKey._mma_v2(m, n, k, sms, reps=2, per_sm=4))
+    for stages in (2, 3, 4):
+        key = CompileKey._mma_v2(m, n, k, sms, reps=2, per_sm=4, stages=stages)
+        y1 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+        assert_bits_equal(y1, y0, label=f"mma_v2 ring ({stages} stages) vs register {m}x{n}x{k}")
