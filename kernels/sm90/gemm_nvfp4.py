@@ -180,6 +180,20 @@ def _compile(key: CompileKey):
             num_warps=4)
         return out
 
+    def splitk_workspace(m: int, n: int, out_bf16: Tensor) -> Tensor:
+        """fp32 partials [split, M, N] when K is split (allocated per call, so a CUDA graph takes them
+        from its pool), else the output itself."""
+        if key.split > 1:
+            return torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+        return out_bf16
+
+    def splitk_finish(ws: Tensor, alpha_f32: Tensor, out_bf16: Tensor) -> None:
+        """Sum the split-K partials in a fixed order (deterministic), times alpha, into out."""
+        if key.split > 1:
+            numel = out_bf16.numel()
+            splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
+                ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+
     if key.mma_v2:
         from kernels.sm90._gemm_nvfp4_gluon import (
             gemm_nvfp4_mma_v2_kernel,
@@ -206,9 +220,7 @@ def _compile(key: CompileKey):
                 LOGICAL=ring, num_warps=4)
             k_iters = k // 128
             per = triton.cdiv(k_iters, key.split)
-            ws = out_bf16
-            if key.split > 1:
-                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            ws = splitk_workspace(m, n, out_bf16)
             grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, 16), key.split)
             if ring:
                 gemm_nvfp4_mma_v2_smem_kernel[grid](
@@ -220,28 +232,20 @@ def _compile(key: CompileKey):
                     b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4,
                     per, W_WORDS=w_words, W_SPLIT=w_split, X_F16=x_f16, MMA=mma, BN=key.block_x,
                     USE_WS=key.split > 1, num_warps=key.num_warps)
-            if key.split > 1:
-                numel = m * n
-                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            splitk_finish(ws, alpha_f32, out_bf16)
             return
         if key.gemv_tokens:
             # CUDA-core path (M <= 4): fp16x2 block dot products, fp32 accumulation
             block_kb = key.block_k // BLOCK
             k_iters = triton.cdiv(k // BLOCK, block_kb)
             per = triton.cdiv(k_iters, key.split)
-            ws = out_bf16
-            if key.split > 1:
-                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            ws = splitk_workspace(m, n, out_bf16)
             gemv_nvfp4_kernel[(triton.cdiv(n, key.block_x), key.split)](
                 b_packed_u8.view(torch.int64), b_sf_u8, a_packed_u8.view(torch.int64), a_sf_u8, alpha_f32,
                 out_bf16, ws, n, m, k // BLOCK, cp4, per,
                 T=key.gemv_tokens, BLOCK_N=key.block_x, BLOCK_KB=block_kb, USE_WS=key.split > 1,
                 num_warps=key.num_warps, num_stages=key.num_stages)
-            if key.split > 1:
-                numel = m * n
-                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            splitk_finish(ws, alpha_f32, out_bf16)
             return
         if key.predecode:
             # Large M is MMA-bound: decode each operand once (exact fp16, 4 bytes per
@@ -265,9 +269,7 @@ def _compile(key: CompileKey):
                 BLOCK_R=16, BLOCK_K=key.block_k, USE_ASM=key.use_asm, num_warps=4)
             k_iters = triton.cdiv(k, key.block_k)
             per = triton.cdiv(k_iters, key.split)
-            ws = out_bf16
-            if key.split > 1:
-                ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+            ws = splitk_workspace(m, n, out_bf16)
             grid = (triton.cdiv(n, key.block_x), mp // key.block_y, key.split)
             gemm_nvfp4_f16act_kernel[grid](
                 b_packed_u8, b_sf_u8.view(torch.int32), planes, alpha_f32, out_bf16, ws,
@@ -275,10 +277,7 @@ def _compile(key: CompileKey):
                 BLOCK_X=key.block_x, BLOCK_Y=key.block_y, BLOCK_K=key.block_k,
                 USE_WS=key.split > 1, USE_ASM=key.use_asm,
                 num_warps=key.num_warps, num_stages=key.num_stages)
-            if key.split > 1:
-                numel = m * n
-                splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-                    ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+            splitk_finish(ws, alpha_f32, out_bf16)
             return
         if key.swap_ab:
             x, xsf, y, ysf, rx, ry, sox, soy = b_packed_u8, b_sf_u8, a_packed_u8, a_sf_u8, n, m, 1, n
@@ -286,9 +285,7 @@ def _compile(key: CompileKey):
             x, xsf, y, ysf, rx, ry, sox, soy = a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, m, n, n, 1
         k_iters = triton.cdiv(k, key.block_k)
         per = triton.cdiv(k_iters, key.split)
-        ws = out_bf16
-        if key.split > 1:
-            ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+        ws = splitk_workspace(m, n, out_bf16)
         grid = (triton.cdiv(rx, key.block_x), triton.cdiv(ry, key.block_y), key.split)
         gemm_nvfp4_kernel[grid](
             x, xsf.view(torch.int32), y, ysf.view(torch.int32), alpha_f32, out_bf16, ws,
@@ -297,10 +294,7 @@ def _compile(key: CompileKey):
             USE_WS=key.split > 1, USE_ASM=key.use_asm,
             num_warps=key.num_warps, num_stages=key.num_stages,
         )
-        if key.split > 1:
-            numel = m * n
-            splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
-                ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        splitk_finish(ws, alpha_f32, out_bf16)
 
     return run
 
