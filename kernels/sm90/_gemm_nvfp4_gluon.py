@@ -123,6 +123,23 @@ def _x_to_b(x, B_OP: gl.constexpr):
 
 
 @gluon.jit
+def _store_mma_tile(acc, pid_n, pid_m, pid_s, N, M, alpha_ptr, out_ptr, ws_ptr, BN: gl.constexpr,
+                    MMA: gl.constexpr, USE_WS: gl.constexpr):
+    """Epilogue of both mma.sync kernels: the [BN weight rows, 16 tokens] tile (decode scale undone,
+    exact: see _gemm_nvfp4_jit._decode) as bf16(acc * alpha) into out [M, N], or, split over K, the
+    fp32 partial into its workspace slice for the fixed-order reduce."""
+    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
+    tm = pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
+    mask = (rn < N)[:, None] & (tm < M)[None, :]
+    off = rn.to(gl.int64)[:, None] + tm.to(gl.int64)[None, :] * N
+    if USE_WS:
+        gl.store(ws_ptr + pid_s.to(gl.int64) * N * M + off, acc, mask=mask)
+    else:
+        alpha = gl.load(alpha_ptr)
+        gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
+
+
+@gluon.jit
 def gemm_nvfp4_mma_v2_kernel(
     w_ptr, wsf_ptr, x_ptr, alpha_ptr, out_ptr, ws_ptr,
     N, M, K, KW, CP4, iters_per_split,
@@ -175,16 +192,7 @@ def gemm_nvfp4_mma_v2_kernel(
         acc = mma_v2(_decode_w(w1, s1, BN, A_OP), _x_to_b(x1, B_OP), acc)
     if (it1 - it0) % 2 == 1:
         acc = mma_v2(_decode_w(w, s, BN, A_OP), _x_to_b(x, B_OP), acc)
-    acc = acc * DECODE_UNSCALE  # exact: see _gemm_nvfp4_jit._decode
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    tm = pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
-    mask = (rn < N)[:, None] & (tm < M)[None, :]
-    off = rn.to(gl.int64)[:, None] + tm.to(gl.int64)[None, :] * N
-    if USE_WS:
-        gl.store(ws_ptr + pid_s.to(gl.int64) * N * M + off, acc, mask=mask)
-    else:
-        alpha = gl.load(alpha_ptr)
-        gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
+    _store_mma_tile(acc * DECODE_UNSCALE, pid_n, pid_m, pid_s, N, M, alpha_ptr, out_ptr, ws_ptr, BN, MMA, USE_WS)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,13 +287,4 @@ def gemm_nvfp4_mma_v2_smem_kernel(
         s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3, assert_trivial=True)
         acc = mma_v2(_decode_w(w, s, BN, A_OP), xb, acc)
     async_copy.wait_group(0)
-    acc = acc * DECODE_UNSCALE  # exact: see _gemm_nvfp4_jit._decode
-    rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
-    tm = pid_m * 16 + gl.arange(0, 16, layout=gl.SliceLayout(0, MMA))
-    mask = (rn < N)[:, None] & (tm < M)[None, :]
-    off = rn.to(gl.int64)[:, None] + tm.to(gl.int64)[None, :] * N
-    if USE_WS:
-        gl.store(ws_ptr + pid_s.to(gl.int64) * N * M + off, acc, mask=mask)
-    else:
-        alpha = gl.load(alpha_ptr)
-        gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
+    _store_mma_tile(acc * DECODE_UNSCALE, pid_n, pid_m, pid_s, N, M, alpha_ptr, out_ptr, ws_ptr, BN, MMA, USE_WS)

@@ -127,6 +127,18 @@ def _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4,
 
 
 @triton.jit
+def _store_acc(acc, off, mask, split_off, alpha_ptr, out_ptr, ws_ptr, USE_WS: tl.constexpr):
+    """Epilogue of every GEMM here: bf16(acc * alpha) into out, or, split over K, the fp32 partial
+    into its workspace slice (split_off elements in), which splitk_reduce_kernel sums in a fixed order.
+    acc has the decode scale already undone (exact: see _decode)."""
+    if USE_WS:
+        tl.store(ws_ptr + split_off + off, acc, mask=mask)
+    else:
+        alpha = tl.load(alpha_ptr)
+        tl.store(out_ptr + off, (acc * alpha).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def gemm_nvfp4_kernel(
     x_ptr, xsf_ptr, y_ptr, ysf_ptr, alpha_ptr, out_ptr, ws_ptr,
     RX, RY, HALF_K, CP4, stride_ox, stride_oy, iters_per_split,
@@ -151,15 +163,9 @@ def gemm_nvfp4_kernel(
         y_lo, y_hi = _load_decoded(y_ptr, ysf_ptr, ry, RY, kb, HALF_K, CP4, BLOCK_Y, BLOCK_K, USE_ASM)
         acc = tl.dot(x_lo, tl.trans(y_lo), acc)
         acc = tl.dot(x_hi, tl.trans(y_hi), acc)
-    acc = acc * DECODE_UNSCALE  # exact: see _decode
     mask = (rx < RX)[:, None] & (ry < RY)[None, :]
     off = rx.to(tl.int64)[:, None] * stride_ox + ry.to(tl.int64)[None, :] * stride_oy
-    if not USE_WS:
-        alpha = tl.load(alpha_ptr)
-        tl.store(out_ptr + off, (acc * alpha).to(tl.bfloat16), mask=mask)
-    else:
-        # fp32 partial in output orientation; the reduce kernel sums splits in a fixed order
-        tl.store(ws_ptr + pid_s.to(tl.int64) * RX * RY + off, acc, mask=mask)
+    _store_acc(acc * DECODE_UNSCALE, off, mask, pid_s.to(tl.int64) * RX * RY, alpha_ptr, out_ptr, ws_ptr, USE_WS)
 
 
 @triton.jit
@@ -205,14 +211,9 @@ def gemm_nvfp4_f16act_kernel(
         y_hi = tl.load(y_ptrs + PLANE + kb // 2)
         acc = tl.dot(x_lo, tl.trans(y_lo), acc)
         acc = tl.dot(x_hi, tl.trans(y_hi), acc)
-    acc = acc * DECODE_UNSCALE  # exact: see _decode
     mask = (rx < N)[:, None] & (ry < M)[None, :]
     off = rx.to(tl.int64)[:, None] * stride_on + ry.to(tl.int64)[None, :] * stride_om
-    if not USE_WS:
-        alpha = tl.load(alpha_ptr)
-        tl.store(out_ptr + off, (acc * alpha).to(tl.bfloat16), mask=mask)
-    else:
-        tl.store(ws_ptr + pid_s.to(tl.int64) * N * M + off, acc, mask=mask)
+    _store_acc(acc * DECODE_UNSCALE, off, mask, pid_s.to(tl.int64) * N * M, alpha_ptr, out_ptr, ws_ptr, USE_WS)
 
 
 @triton.jit
@@ -392,11 +393,7 @@ def _gemv_store(acc, t, rows, N, M, alpha_ptr, out_ptr, ws_ptr, pid_s, USE_WS: t
     y = tl.sum(acc, axis=1) * DECODE_UNSCALE  # fixed reduction tree: deterministic
     mask = (rows < N) & (t < M)
     off = t * N + rows
-    if USE_WS:
-        tl.store(ws_ptr + pid_s * M * N + off, y, mask=mask)
-    else:
-        alpha = tl.load(alpha_ptr)
-        tl.store(out_ptr + off, (y * alpha).to(tl.bfloat16), mask=mask)
+    _store_acc(y, off, mask, pid_s * M * N, alpha_ptr, out_ptr, ws_ptr, USE_WS)
 
 
 @triton.jit
