@@ -15,11 +15,10 @@ import torch
 
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge as hb
-from kernels.sm100 import moe_routing as mr
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
 from kernels.sm100.backend import Sm100Backend
 from references import layouts as ref_layouts
-from references.gemm import (bound_ratio, gemm_error_bound, grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
+from references.gemm import (gemm_error_bound, grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
                              nvfp4_grouped_gemm_f64)
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
