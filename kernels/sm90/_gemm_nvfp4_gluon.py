@@ -27,6 +27,8 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
+from kernels.sm90._e2m1_ptx import word_pair_to_f16x2_ptx
+
 DECODE_UNSCALE = gl.constexpr(16384.0)
 
 
@@ -58,21 +60,7 @@ def layouts(num_warps: int, reps: int):
 # prmt pairs the words' 16-bit halves, then per nibble the sign goes to bit 15 and the three
 # magnitude bits to bits 9-11 of each half (the shifts stay below 16, the masks keep the
 # halves apart)
-_PAIR_ASM = gl.constexpr("""
-{
-.reg .b32 lo, hi, t, u;
-prmt.b32 lo, $8, $9, 0x5410;
-prmt.b32 hi, $8, $9, 0x7632;
-shl.b32 t, lo, 12; and.b32 u, t, 0x80008000; shl.b32 t, lo, 9; and.b32 t, t, 0x0E000E00; or.b32 $0, u, t;
-shl.b32 t, lo, 8; and.b32 u, t, 0x80008000; shl.b32 t, lo, 5; and.b32 t, t, 0x0E000E00; or.b32 $1, u, t;
-shl.b32 t, lo, 4; and.b32 u, t, 0x80008000; shl.b32 t, lo, 1; and.b32 t, t, 0x0E000E00; or.b32 $2, u, t;
-and.b32 u, lo, 0x80008000; shr.b32 t, lo, 3; and.b32 t, t, 0x0E000E00; or.b32 $3, u, t;
-shl.b32 t, hi, 12; and.b32 u, t, 0x80008000; shl.b32 t, hi, 9; and.b32 t, t, 0x0E000E00; or.b32 $4, u, t;
-shl.b32 t, hi, 8; and.b32 u, t, 0x80008000; shl.b32 t, hi, 5; and.b32 t, t, 0x0E000E00; or.b32 $5, u, t;
-shl.b32 t, hi, 4; and.b32 u, t, 0x80008000; shl.b32 t, hi, 1; and.b32 t, t, 0x0E000E00; or.b32 $6, u, t;
-and.b32 u, hi, 0x80008000; shr.b32 t, hi, 3; and.b32 t, t, 0x0E000E00; or.b32 $7, u, t;
-}
-""")
+_PAIR_ASM = gl.constexpr(word_pair_to_f16x2_ptx())
 
 
 @gluon.jit

@@ -16,6 +16,8 @@ fp32 accumulation, 2^14 (exact) and alpha (a GPU scalar) in the epilogue.
 import triton
 import triton.language as tl
 
+from kernels.sm90._e2m1_ptx import block_to_f16x2_ptx, bytes_to_f16x2_ptx
+
 # Decode (exact, in fp16): the E2M1 code's 3 magnitude bits go to fp16 bits 9-11 and its
 # sign to bit 15, which reads as e2m1 * 2^-14 (0.5 lands on the fp16 subnormal 2^-15);
 # the E4M3 scale is converted to fp16 as scale * 2^7 (<= 57344). Their product is
@@ -35,39 +37,16 @@ def _e2m1_nibbles_to_f16_arith(b_u8):
     return lo.to(tl.int16).to(tl.float16, bitcast=True), hi.to(tl.int16).to(tl.float16, bitcast=True)
 
 
+_BYTES_TO_F16X2_ASM = tl.constexpr(bytes_to_f16x2_ptx())
+
+
 @triton.jit
 def _e2m1_nibbles_to_f16_asm(b_u8):
     """Same values as the arithmetic path, 4 bytes per instance, both nibbles in one asm
-    block. prmt puts byte 2j in bits 8-15 and byte 2j+1 in bits 24-31 of t: the high
-    nibbles then sit in bits 12-15 and 28-31, the top of each fp16 half, and t << 4 moves
-    the low nibbles there; (x & 0x70007000) >> 3 | (x & 0x80008000) is then the pair of
-    fp16 e2m1 * 2^-14 (sign kept in place, magnitude bits moved to 9-11)."""
+    block (kernels/sm90/_e2m1_ptx.bytes_to_f16x2_ptx: prmt puts byte 2j in bits 8-15 and
+    byte 2j+1 in bits 24-31, then each nibble at the top of an fp16 half becomes e2m1 * 2^-14)."""
     return tl.inline_asm_elementwise(
-        asm="""
-        {
-        .reg .b32 t, u, m;
-        prmt.b32 t, $4, 0, 0x1404;
-        shl.b32 u, t, 4;
-        and.b32 m, u, 0x70007000;
-        shr.b32 m, m, 3;
-        and.b32 u, u, 0x80008000;
-        or.b32 $0, m, u;
-        and.b32 m, t, 0x70007000;
-        shr.b32 m, m, 3;
-        and.b32 t, t, 0x80008000;
-        or.b32 $2, m, t;
-        prmt.b32 t, $4, 0, 0x3424;
-        shl.b32 u, t, 4;
-        and.b32 m, u, 0x70007000;
-        shr.b32 m, m, 3;
-        and.b32 u, u, 0x80008000;
-        or.b32 $1, m, u;
-        and.b32 m, t, 0x70007000;
-        shr.b32 m, m, 3;
-        and.b32 t, t, 0x80008000;
-        or.b32 $3, m, t;
-        }
-        """,
+        asm=_BYTES_TO_F16X2_ASM,
         constraints="=r,=r,=r,=r,r",
         args=[b_u8],
         dtype=(tl.float16, tl.float16),
@@ -290,37 +269,9 @@ def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
 # accumulation over K/16 block terms: within gamma(K, 2^-24) * sum |a_k b_k|.
 # ---------------------------------------------------------------------------------------
 
-_E2M1_BLOCK_TO_F16X2_ASM = tl.constexpr("""
-{
-.reg .b32 q, t, u, lo, hi;
-mov.b64 {lo, hi}, $8;
-and.b32 u, lo, 0x80008000; shr.b32 t, lo, 3; and.b32 t, t, 0x0E000E00; or.b32 $0, u, t;
-shl.b32 q, lo, 4; and.b32 u, q, 0x80008000; shl.b32 t, lo, 1; and.b32 t, t, 0x0E000E00; or.b32 $1, u, t;
-shl.b32 q, lo, 8; and.b32 u, q, 0x80008000; shl.b32 t, lo, 5; and.b32 t, t, 0x0E000E00; or.b32 $2, u, t;
-shl.b32 q, lo, 12; and.b32 u, q, 0x80008000; shl.b32 t, lo, 9; and.b32 t, t, 0x0E000E00; or.b32 $3, u, t;
-and.b32 u, hi, 0x80008000; shr.b32 t, hi, 3; and.b32 t, t, 0x0E000E00; or.b32 $4, u, t;
-shl.b32 q, hi, 4; and.b32 u, q, 0x80008000; shl.b32 t, hi, 1; and.b32 t, t, 0x0E000E00; or.b32 $5, u, t;
-shl.b32 q, hi, 8; and.b32 u, q, 0x80008000; shl.b32 t, hi, 5; and.b32 t, t, 0x0E000E00; or.b32 $6, u, t;
-shl.b32 q, hi, 12; and.b32 u, q, 0x80008000; shl.b32 t, hi, 9; and.b32 t, t, 0x0E000E00; or.b32 $7, u, t;
-}
-""")
-
+_E2M1_BLOCK_TO_F16X2_ASM = tl.constexpr(block_to_f16x2_ptx())
 # the same, then each pair times 2^14 (fp16 0x7400): activation values e2m1 * 1, exact
-_E2M1_BLOCK_TO_F16X2_X1_ASM = tl.constexpr("""
-{
-.reg .b32 q, t, u, lo, hi, c;
-mov.b32 c, 0x74007400;
-mov.b64 {lo, hi}, $8;
-and.b32 u, lo, 0x80008000; shr.b32 t, lo, 3; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $0, t, c;
-shl.b32 q, lo, 4; and.b32 u, q, 0x80008000; shl.b32 t, lo, 1; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $1, t, c;
-shl.b32 q, lo, 8; and.b32 u, q, 0x80008000; shl.b32 t, lo, 5; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $2, t, c;
-shl.b32 q, lo, 12; and.b32 u, q, 0x80008000; shl.b32 t, lo, 9; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $3, t, c;
-and.b32 u, hi, 0x80008000; shr.b32 t, hi, 3; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $4, t, c;
-shl.b32 q, hi, 4; and.b32 u, q, 0x80008000; shl.b32 t, hi, 1; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $5, t, c;
-shl.b32 q, hi, 8; and.b32 u, q, 0x80008000; shl.b32 t, hi, 5; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $6, t, c;
-shl.b32 q, hi, 12; and.b32 u, q, 0x80008000; shl.b32 t, hi, 9; and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 $7, t, c;
-}
-""")
+_E2M1_BLOCK_TO_F16X2_X1_ASM = tl.constexpr(block_to_f16x2_ptx(times_2_14=True))
 
 _BLOCK_DOT_F16X2_ASM = tl.constexpr("""
 {
