@@ -34,20 +34,24 @@ def _gemm_keys():
     return [pytest.param(k, id=f"{k.variant}-n{k.tile_n}-s{k.num_stages}") for k in SHIPPED_KEYS]
 
 
-@pytest.fixture(scope="module")
-def compiled_gemms(tmp_path_factory):
-    """Compile each shipped GEMM configuration once per session: key -> (seconds, ptx)."""
+def _compile_shipped(module_name: str, tmp_path_factory, dir_of) -> dict:
+    """Compile every SHIPPED_KEYS configuration of a kernels.sm100 module once: key -> (seconds, ptx)."""
     _ensure_arch()
     if importlib.util.find_spec("cutlass") is None:
         pytest.skip("nvidia-cutlass-dsl is not installed")
-    from kernels.sm100.gemm_nvfp4_blockscaled import SHIPPED_KEYS, compile_with_ptx
-
+    module = importlib.import_module(module_name)
     out = {}
-    for key in SHIPPED_KEYS:
+    for key in module.SHIPPED_KEYS:
         t0 = time.perf_counter()
-        _, ptx = compile_with_ptx(key, str(tmp_path_factory.mktemp(key.variant)))
+        _, ptx = module.compile_with_ptx(key, str(tmp_path_factory.mktemp(dir_of(key))))
         out[key] = (time.perf_counter() - t0, ptx)
     return out
+
+
+@pytest.fixture(scope="module")
+def compiled_gemms(tmp_path_factory):
+    """Compile each shipped GEMM configuration once per session: key -> (seconds, ptx)."""
+    return _compile_shipped("kernels.sm100.gemm_nvfp4_blockscaled", tmp_path_factory, lambda k: k.variant)
 
 
 @pytest.mark.parametrize("key", _gemm_keys())
@@ -185,17 +189,7 @@ def test_gemm_ptx_assembles_with_ptxas_without_spills(compiled_gemms, key, tmp_p
 
 @pytest.fixture(scope="module")
 def compiled_quant(tmp_path_factory):
-    _ensure_arch()
-    if importlib.util.find_spec("cutlass") is None:
-        pytest.skip("nvidia-cutlass-dsl is not installed")
-    from kernels.sm100.quantize_nvfp4_1x16 import SHIPPED_KEYS, compile_with_ptx
-
-    out = {}
-    for key in SHIPPED_KEYS:
-        t0 = time.perf_counter()
-        _, ptx = compile_with_ptx(key, str(tmp_path_factory.mktemp(f"quant_{key.recipe}")))
-        out[key] = (time.perf_counter() - t0, ptx)
-    return out
+    return _compile_shipped("kernels.sm100.quantize_nvfp4_1x16", tmp_path_factory, lambda k: f"quant_{k.recipe}")
 
 
 def _quant_keys():
