@@ -59,6 +59,8 @@ class CompileKey:
     gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
     act_f16: bool = False  # swap-AB: decode the activations once per GEMM into fp16 planes
     mma_v2: int = 0  # 1..: the Gluon mma.sync path for M <= 16, K % 128 == 0 (value = rows per warp / 16)
+    wgmma: int = 0  # 1..: the one-launch Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
+    # block_y = BT tokens per CTA, split-K reduced in-kernel)
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -129,6 +131,24 @@ class CompileKey:
             split = -(-k_iters // per)
         return CompileKey(swap_ab=True, block_x=bn, block_y=16, block_k=128, num_warps=warps, num_stages=stages,
                           split=split, use_asm=True, mma_v2=reps)
+
+    @staticmethod
+    def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
+               per_sm: int = 4, stages: int = 3, max_split: int = 32, act_f16: bool = False) -> "CompileKey":
+        # weights decoded in registers into the wgmma A operand (64 rows per warpgroup, reps tiles),
+        # activations decoded in-kernel into the B tile (BT tokens), split-K reduced in-kernel;
+        # split K until ~per_sm CTAs per SM
+        bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
+        bn = 16 * warps * reps
+        tiles = -(-n // bn) * -(-m // bt)
+        k_iters = k // 128
+        split = 1
+        if tiles < per_sm * num_sms:
+            want = min(-(-per_sm * num_sms // tiles), k_iters, max_split)
+            per = -(-k_iters // want)
+            split = -(-k_iters // per)
+        return CompileKey(swap_ab=True, block_x=bn, block_y=bt, block_k=128, num_warps=warps, num_stages=stages,
+                          split=split, use_asm=True, act_f16=act_f16, wgmma=reps)
 
     @staticmethod
     def _gemv(m: int, n: int, k: int, num_sms: int, ctas_per_sm: int | None,
@@ -208,10 +228,35 @@ def _compile(key: CompileKey):
         if ring:
             w_rd, s_rd, w_cp, s_cp, x_cp, w_sh, x_sh = smem_layouts(key.num_warps, key.mma_v2)
 
+    if key.wgmma:
+        from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
+        from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
+
+        wg_layouts = wgmma_layouts(key.num_warps, key.wgmma, key.block_y)
+
     def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
         m, n = out_bf16.shape
         k = a_packed_u8.shape[1] * 2
         cp4 = a_sf_u8.shape[1] // 4
+        if key.wgmma:
+            # one launch: activation decode, weight decode + wgmma, split-K reduce (in-kernel tickets)
+            k_iters = k // 128
+            per = triton.cdiv(k_iters, key.split)
+            grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, key.block_y), key.split)
+            ws = splitk_workspace(m, n, out_bf16)
+            ctr = _tile_tickets(out_bf16.device, grid[0] * grid[1]) if key.split > 1 else ws
+            x = a_packed_u8.view(torch.int32)
+            if key.act_f16:  # activations decoded once (fp16, logical mma order), copied into the ring
+                x = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
+                decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
+                    a_packed_u8, a_sf_u8.view(torch.int32), x, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
+                    LOGICAL=True, num_warps=4)
+            gemm_nvfp4_wgmma_kernel[grid](
+                b_packed_u8.view(torch.int32), b_sf_u8, x, a_sf_u8, alpha_f32, out_bf16,
+                ws, ctr, n, m, k // 8, cp4, k_iters, per, **wg_layouts,
+                BN=key.block_x, BT=key.block_y, NS=key.num_stages, SPLIT=key.split, X_F16=key.act_f16,
+                num_warps=key.num_warps)
+            return
         if key.mma_v2:
             # activations decoded once (fp16, mma order), then the Gluon mma.sync kernel
             x16 = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
@@ -297,6 +342,36 @@ def _compile(key: CompileKey):
         splitk_finish(ws, alpha_f32, out_bf16)
 
     return run
+
+
+_TICKET_SLOTS = 1 << 20
+_tickets: dict[torch.device, list] = {}
+
+
+def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
+    """`tiles` zeroed int32 split-K ticket counters for one launch of the wgmma path.
+
+    One zeroed buffer per device, created on the first call (outside CUDA-graph capture); every
+    launch takes the next 256-byte-aligned slice of it, round robin, so launches that may run
+    at the same time (two streams, two captured graphs) use different counters unless more
+    than 2^20 counters' worth of launches lie between them. The kernel's last CTA of each tile
+    resets its counter to zero, so a slice is zero again whenever its launch has finished
+    (and after every graph replay)."""
+    entry = _tickets.get(device)
+    if entry is None:
+        if torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                f"gemm_nvfp4: the split-K ticket buffer of {device} is created by the first launch; make one "
+                "launch outside CUDA-graph capture first (the kernels are compiled there too)")
+        entry = _tickets[device] = [torch.zeros(_TICKET_SLOTS, dtype=torch.int32, device=device), 0]
+    span = -(-tiles // 64) * 64
+    if span > _TICKET_SLOTS:
+        raise ValueError(f"gemm_nvfp4: {tiles} output tiles exceed the {_TICKET_SLOTS} split-K tickets")
+    if entry[1] + span > _TICKET_SLOTS:
+        entry[1] = 0
+    start = entry[1]
+    entry[1] += span
+    return entry[0][start:start + tiles]
 
 
 def _check_operand(name: str, packed: Tensor, sf: Tensor, k: int | None) -> int:

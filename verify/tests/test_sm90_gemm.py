@@ -297,3 +297,93 @@ def test_sm90_gemm_mma_v2_ring_matches_register_variant(m, n, k):
         key = CompileKey._mma_v2(m, n, k, sms, reps=2, per_sm=4, stages=stages)
         y1 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
         assert_bits_equal(y1, y0, label=f"mma_v2 ring ({stages} stages) vs register {m}x{n}x{k}")
+
+
+# (m, n, k, warps, reps, stages, per_sm, act_f16): the wgmma path (BT = 8..64 tokens per CTA, split-K
+# tickets in-kernel; activations decoded in-kernel, or once per GEMM when act_f16): token / row / K tails,
+# M > 64 (two token tiles), split 1 and large splits, one and two 64-row tiles per warpgroup, two warpgroups
+_WGMMA = [(3, 7168, 3072, 4, 1, 3, 4, False), (16, 2048, 7168, 4, 1, 3, 4, False), (16, 7168, 16384, 4, 2, 3, 4, False),
+          (64, 6144, 7168, 4, 1, 3, 4, False), (33, 130, 1024, 4, 1, 3, 4, False), (9, 200, 384, 4, 2, 4, 4, False),
+          (64, 7168, 3072, 8, 1, 3, 2, False), (40, 129, 2048, 4, 1, 2, 6, False), (1, 300, 256, 4, 1, 3, 4, False),
+          (70, 2048, 1024, 4, 1, 3, 4, False), (5, 1536, 7168, 4, 1, 3, 1, False), (16, 7168, 128, 4, 1, 3, 4, False),
+          (24, 7168, 7168, 4, 2, 4, 8, False),
+          (16, 2048, 7168, 4, 1, 3, 4, True), (64, 6144, 7168, 4, 1, 3, 2, True), (33, 130, 1024, 4, 1, 3, 4, True),
+          (70, 2048, 1024, 4, 1, 3, 4, True), (3, 7168, 3072, 4, 2, 4, 4, True), (64, 7168, 16384, 8, 1, 4, 2, True)]
+
+
+def _wgmma_key(m, n, k, warps=4, reps=1, stages=3, per_sm=4, act_f16=False):
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    return CompileKey._wgmma(m, n, k, torch.cuda.get_device_properties(0).multi_processor_count,
+                             warps=warps, reps=reps, stages=stages, per_sm=per_sm, act_f16=act_f16)
+
+
+@pytest.mark.parametrize("m,n,k,warps,reps,stages,per_sm,act_f16", _WGMMA, ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_path_within_bound(m, n, k, warps, reps, stages, per_sm, act_f16):
+    """The wgmma path, explicit key: within the fp32 accumulation bound, and the split-K tickets it
+    used are back to zero afterwards."""
+    from kernels.sm90 import gemm_nvfp4
+
+    key = _wgmma_key(m, n, k, warps, reps, stages, per_sm, act_f16)
+    y, y64, bound = _run_and_bound(m, n, k, seed=23, heavy=True, key=key)
+    assert_within_gemm_bound(y, y64, bound, label=f"wgmma gemm sm90 {m}x{n}x{k} split {key.split}")
+    if key.split > 1:
+        left = int(gemm_nvfp4._tickets[y.device][0].count_nonzero())
+        assert left == 0, f"{left} split-K tickets left non-zero after the launch (split {key.split})"
+
+
+@pytest.mark.parametrize("m,n,k", [(16, 7168, 3072), (64, 2048, 1024), (5, 200, 384)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_act_f16_matches_in_kernel_decode(m, n, k):
+    """Activations decoded once per GEMM (act_f16) or in every CTA: the same B tiles reach the same
+    wgmma in the same order, so the bits are identical."""
+    from kernels.sm90 import gemm_nvfp4
+
+    a_p, _, a_sw, _ = _operand(m, k, 31)
+    b_p, _, b_sw, _ = _operand(n, k, 32)
+    alpha = torch.tensor(1.0e-3, device="cuda")
+    y0 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=_wgmma_key(m, n, k))
+    y1 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=_wgmma_key(m, n, k, act_f16=True))
+    assert_bits_equal(y1, y0, label=f"wgmma act_f16 vs in-kernel decode {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n,k,per_sm,act_f16", [(3, 7168, 3072, 4, False), (16, 2048, 7168, 4, False),
+                                                  (64, 6144, 7168, 4, False), (16, 2048, 7168, 1000, False),
+                                                  (64, 6144, 7168, 2, True), (8, 2048, 7168, 1000, True)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_exact_data_deterministic_and_graph_replay(m, n, k, per_sm, act_f16):
+    """Exact-arithmetic data gives the float64 result rounded once; two runs and CUDA-graph replays
+    with new inputs and alpha are bit-identical to eager runs, replayed twice (the in-kernel split-K
+    tickets reset themselves); per_sm 1000 forces the largest split."""
+    from kernels.sm90 import gemm_nvfp4
+
+    key = _wgmma_key(m, n, k, per_sm=per_sm, act_f16=act_f16)
+    a_p, a_sf, a_sw = _exact_operand(m, k, 1)
+    b_p, b_sf, b_sw = _exact_operand(n, k, 2)
+    alpha = torch.tensor(0.5, device="cuda")
+    y = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    y64, _ = nvfp4_gemm_f64(a_p, a_sf, b_p, b_sf, alpha)
+    assert_bits_equal(y, y64.to(torch.bfloat16), label=f"wgmma exact-data gemm {m}x{n}x{k} split {key.split}")
+    a_p, _, a_sw, _ = _operand(m, k, 3)
+    y1 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    y2 = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+    assert_bits_equal(y1, y2, label=f"wgmma two runs {m}x{n}x{k}")
+    src_p, src_sw = a_p.clone(), a_sw.clone()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = gemm_nvfp4.launch(src_p, src_sw, b_p, b_sw, alpha, key=key)
+    for seed, a in ((5, 7.0e-4), (6, 3.0)):
+        a2_p, _, a2_sw, _ = _operand(m, k, seed)
+        src_p.copy_(a2_p)
+        src_sw.copy_(a2_sw)
+        alpha.fill_(a)
+        graph.replay()
+        torch.cuda.synchronize()
+        y_eager = gemm_nvfp4.launch(a2_p, a2_sw, b_p, b_sw, alpha, key=key)
+        assert_bits_equal(y_graph, y_eager, label=f"wgmma graph replay (seed {seed}) vs eager {m}x{n}x{k}")
