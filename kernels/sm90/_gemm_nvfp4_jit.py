@@ -403,19 +403,15 @@ def gemv_nvfp4_kernel(
 
 @triton.jit
 def decode_nvfp4_to_f16_mma_order_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
-                                         BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr,
-                                         LOGICAL: tl.constexpr = False):
-    """Gluon mma_v2 path, step 1: the activations [R, K] (K % 128 == 0) -> fp16 [R, K] of
-    e2m1 * e4m3 block scale * 2^-7 (exact), each 128-element K tile stored in the order the
-    Gluon kernel's B operand loads it: natural k = 32c + 16i + 8e + r goes to 32c + 16i + 2r + e
-    (see _gemm_nvfp4_gluon); LOGICAL: to 16r + 8i + 2c + e instead (the ring kernel's order)."""
+                                         BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr):
+    """Step 1 of the Gluon wgmma path with X_F16: the activations [R, K] (K % 128 == 0) -> fp16
+    [R, K] of e2m1 * e4m3 block scale * 2^-7 (exact), each 128-element K tile stored in the
+    kernel's logical MMA order: natural k = 32c + 16i + 8e + r goes to 16r + 8i + 2c + e (see
+    _gemm_nvfp4_wgmma), so the B tile is a plain K-major copy."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * 128
     lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, 128, USE_ASM)
     v = tl.reshape(tl.join(lo, hi), (BLOCK_R, 4, 2, 2, 8))  # (row, c, i, e, r)
-    if LOGICAL:  # the ring kernel's B tile: logical k = 16r + 8i + 2c + e
-        v = tl.reshape(tl.permute(v, (0, 4, 2, 1, 3)), (BLOCK_R, 128))
-    else:
-        v = tl.reshape(tl.permute(v, (0, 1, 2, 4, 3)), (BLOCK_R, 128))
+    v = tl.reshape(tl.permute(v, (0, 4, 2, 1, 3)), (BLOCK_R, 128))
     cols = kb + tl.arange(0, 128)
     tl.store(out_ptr + rows.to(tl.int64)[:, None] * (HALF_K * 2) + cols[None, :], v, mask=(rows < R)[:, None])

@@ -1,27 +1,35 @@
-"""Gluon body of the small-M (3 <= M <= 64) path of kernels.sm90.gemm_nvfp4: one kernel per GEMM.
+"""Gluon body of the small-M (3 <= M <= 64) path of kernels.sm90.gemm_nvfp4: one GEMM kernel.
 
-acc[n, t] = sum_k W[n, k] X[t, k] with wgmma (fp16 x fp16 -> fp32), the weights as the
-register A operand (64 rows of N per warpgroup), the BT tokens as the shared-memory B
-operand. Everything happens in this one launch:
+acc[n, t] = sum_k W[n, k] X[t, k] with wgmma (fp16 x fp16 -> fp32): the weights are the
+register A operand (64 rows of N per warpgroup), the BT tokens the shared-memory B operand
+("swap AB": the decode-sized M sits on the MMA's N side, 8..64 wide).
 
 - Weights: per 128-K tile, the raw words (BN x 64 B) and their scale bytes go through an
-  NS-stage cp.async ring; each warp reads its rows back in the mma.sync / wgmma A-fragment
-  layout and decodes them in registers (the k permutation of _gemm_nvfp4_gluon: physical
-  32c + 16i + 8e + r -> logical 16r + 8i + 2c + e), so the decoded tile reaches the wgmma
-  without a shared-memory round trip.
-- Activations: the packed E2M1 words and scales of tile it + 1 are loaded into registers
-  while tile it runs, decoded with the same permutation and stored into a double-buffered
-  [BT, 128] fp16 B tile (NVMMA swizzled). The B tile of a tile is written one iteration
-  ahead, so one barrier per K tile covers the ring, the B tile and the previous wgmma.
+  NS-stage cp.async ring; each thread reads back the 16 bytes of each of its two rows
+  (rows r and r + 8 of its warp's 16, lane c = lane % 4 of a quad holds bytes
+  [16c, 16c + 16)) and decodes them in registers. Physical element 32c + 16i + 8e + r of
+  the tile (word 4c + 2i + e, nibble r) gets the logical MMA index kl = 16r + 8i + 2c + e,
+  which is exactly where the wgmma / mma.sync A fragment (k_width 2) keeps lane c's
+  values, so the decoded tile is the A operand without a shared-memory round trip (the
+  converts are register renamings, asserted trivial at compile time). The activations
+  get the same permutation of k, so every product W[n, k] X[t, k] meets its partner and
+  only the fp32 accumulation order changes.
+- Activations (B tile, [BT, 128] fp16, NVMMA swizzled): either decoded once per GEMM by
+  _gemm_nvfp4_jit.decode_nvfp4_to_f16_mma_order_kernel and copied through the ring
+  (X_F16), or decoded in every CTA from the packed words loaded one tile ahead into a
+  double-buffered B tile. Either way one barrier per K tile covers the ring, the B tile
+  and the previous wgmma.
 - Split K: each CTA of a split writes its fp32 partial to the workspace, then takes a
   ticket on its output tile's counter (acq_rel, gpu scope, after a CTA barrier); the CTA
   drawing the last ticket sums the SPLIT partials in split order 0..SPLIT-1 (the same
   order whichever CTA is last: deterministic), applies alpha, writes bf16 and resets the
   counter to zero for the next launch (CUDA-graph replay included). No reduce kernel.
 
-Values and exactness are those of _gemm_nvfp4_gluon: weights e2m1 * e4m3 * 2^-7 and
-activations e2m1 * e4m3 * 2^-7 in fp16 (exact), exact fp16 products, fp32 accumulation
-(u_acc = 2^-24), 2^14 and alpha in the epilogue.
+Values: E2M1 codes become fp16 e2m1 * 2^-14 by bit moves (_e2m1_ptx), times the block
+scale as fp16 e4m3 * 2^7, so both operands hold e2m1 * e4m3 * 2^-7 (exact in fp16: at
+most 2 + 4 significant bits, within fp16's range); their products are exact, the wgmma
+accumulates in fp32 (u_acc = 2^-24), and 2^14 (exact) and alpha are applied in the
+epilogue, then one rounding to bf16.
 """
 
 from triton.experimental import gluon
@@ -29,7 +37,29 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from kernels.sm90._gemm_nvfp4_gluon import DECODE_UNSCALE, _e2m1_words_to_f16, _e4m3_to_f16_x128
+from kernels.sm90._e2m1_ptx import word_pair_to_f16x2_ptx
+
+DECODE_UNSCALE = gl.constexpr(16384.0)
+# nibble r of two words -> one fp16x2 of e2m1 * 2^-14 (word 0 low half, word 1 high half): prmt pairs
+# the words' 16-bit halves, then per nibble the sign goes to bit 15 and the magnitude to bits 9-11
+_PAIR_ASM = gl.constexpr(word_pair_to_f16x2_ptx())
+
+
+@gluon.jit
+def _e2m1_words_to_f16(w_i32):
+    """int32 words (8 E2M1 codes, code r in bits 4r..4r+3) -> 8 fp16 tensors (nibble r) of
+    e2m1 * 2^-14; pack=2 puts the values of two neighbouring words in one register."""
+    return gl.inline_asm_elementwise(
+        asm=_PAIR_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r,r", args=[w_i32],
+        dtype=(gl.float16,) * 8, is_pure=True, pack=2)
+
+
+@gluon.jit
+def _e4m3_to_f16_x128(s):
+    """E4M3 byte (int32) -> fp16 value * 2^7 (exact); 0x7F / 0xFF -> NaN."""
+    h = ((s & 0x80) << 8) | ((s & 0x7F) << 7)
+    f = h.to(gl.int16).to(gl.float16, bitcast=True) * 32768.0
+    return gl.where((s & 0x7F) == 0x7F, float("nan"), f)
 
 
 def wgmma_layouts(num_warps: int, reps: int, bt: int):
@@ -144,20 +174,6 @@ def gemm_nvfp4_wgmma_kernel(
         x_base = xp_ptr + gl.max_contiguous(gl.multiple_of((xt.to(gl.int64) * KW * 8)[:, None] + xk[None, :],
                                                            [1, 128]), [1, 128])
         x_smem = gl.allocate_shared_memory(gl.float16, [NS, BT, 128], X_SH)
-        for j in gl.static_range(NS - 1):  # prologue
-            _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, it0 + j, it1, X_F16)
-        for it in range(it0, it1):
-            async_copy.wait_group(NS - 2)
-            fence_async_shared()  # cp.async data, before the wgmma (async proxy) reads the B tile
-            gl.thread_barrier()  # ring tile it is in for every thread; the last wgmma is done everywhere
-            st = (it - it0) % NS
-            w = w_smem.index(st).load(W_RD)
-            s = s_smem.index(st).load(S_RD)
-            _issue(w_smem, s_smem, x_smem, (it - it0 + NS - 1) % NS, w_base, s_base, x_base, it + NS - 1, it1, X_F16)
-            w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
-            s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3W, assert_trivial=True)
-            a = gl.convert_layout(_decode_tile(w, s, BN), A_OP, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index(st).permute([1, 0]), acc)
     else:
         # packed activations, decoded here: word 4c + 2i + e of token t's tile row, scale byte of block 2c + i
         L3: gl.constexpr = gl.SliceLayout(3, X_SPLIT)
@@ -170,26 +186,32 @@ def gemm_nvfp4_wgmma_kernel(
         xoff = gl.max_contiguous(gl.multiple_of(xoff, [1, 1, 1, 2]), [1, 1, 1, 2])
         xsoff = ((xt // 128) * CP4 * 512 + (xt % 32) * 16 + ((xt // 32) % 4) * 4)[:, None, None] \
             + ((xblk // 4) * 512 + xblk % 4)[None, :, :]
-        x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)
-        for j in gl.static_range(NS - 1):  # prologue
-            _issue(w_smem, s_smem, x_smem, j, w_base, s_base, w_base, it0 + j, it1, X_F16)
+        x_base = w_base  # unused
+        x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)  # B tiles it and it + 1
+    for j in gl.static_range(NS - 1):  # prologue: tiles it0 .. it0 + NS - 2
+        _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, it0 + j, it1, X_F16)
+    if not X_F16:
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, it0)
         x_smem.index(0).store(_decode_tile(xw, xs, BT))
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0 + 1, it1 - 1))
-        for it in range(it0, it1):
-            async_copy.wait_group(NS - 2)
-            fence_async_shared()  # this thread's B-tile stores, before the wgmma (async proxy) reads them
-            gl.thread_barrier()  # ring tile it and B tile it are in; the last wgmma is done everywhere
-            st = (it - it0) % NS
-            w = w_smem.index(st).load(W_RD)
-            s = s_smem.index(st).load(S_RD)
-            _issue(w_smem, s_smem, x_smem, (it - it0 + NS - 1) % NS, w_base, s_base, w_base, it + NS - 1, it1, X_F16)
-            x_smem.index((it - it0 + 1) % 2).store(_decode_tile(xw, xs, BT))  # B tile it + 1 (past it1: unused)
+    for it in range(it0, it1):
+        i = it - it0
+        async_copy.wait_group(NS - 2)
+        fence_async_shared()  # cp.async data and this thread's B-tile stores, before the wgmma (async proxy)
+        gl.thread_barrier()  # ring tile it (and B tile it) in for every thread; the last wgmma done everywhere
+        w = w_smem.index(i % NS).load(W_RD)
+        s = s_smem.index(i % NS).load(S_RD)
+        _issue(w_smem, s_smem, x_smem, (i + NS - 1) % NS, w_base, s_base, x_base, it + NS - 1, it1, X_F16)
+        if X_F16:
+            b = x_smem.index(i % NS)
+        else:  # B tile it + 1 (past it1: unused), from the words loaded one tile ahead
+            x_smem.index((i + 1) % 2).store(_decode_tile(xw, xs, BT))
             xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it + 2, it1 - 1))
-            w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
-            s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3W, assert_trivial=True)
-            a = gl.convert_layout(_decode_tile(w, s, BN), A_OP, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index((it - it0) % 2).permute([1, 0]), acc)
+            b = x_smem.index(i % 2)
+        w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
+        s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3W, assert_trivial=True)
+        a = gl.convert_layout(_decode_tile(w, s, BN), A_OP, assert_trivial=True)
+        acc = warpgroup_mma(a, b.permute([1, 0]), acc)
     async_copy.wait_group(0)
 
     acc = acc * DECODE_UNSCALE

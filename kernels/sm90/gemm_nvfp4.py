@@ -11,14 +11,20 @@ their E4M3 block scale (exact in fp16), then fp16 wgmma with fp32 accumulation; 
 is applied to the fp32 accumulator in the epilogue, then one rounding to bf16. This is
 the W4A4 math of a Blackwell block-scaled MMA up to the accumulation order.
 
-Configs (see CompileKey.for_shape): M <= 64 is decode-sized and weight-bandwidth
-bound: "swap-AB" puts N on the MMA's M side (128-row tiles) and the few tokens on its
-N side (16/32/64), with a deterministic split-K when there are too few N tiles to
-fill the GPU (fp32 partials, reduced by a second kernel in a fixed order). Where K is
-large enough (act_f16), the activations are decoded once per GEMM into two fp16 planes
-(even / odd k, zero-padded to the tiles, allocated per call like the split-K partials so
-CUDA-graph capture takes them from its pool) and the MMA kernel decodes only the
-weights. Larger M uses 128x128 tiles.
+Configs (see CompileKey.for_shape):
+- M <= 2: a CUDA-core GEMV (fp16x2 block dot products, fp32 accumulation).
+- 3 <= M <= 64, K % 128 == 0 (M <= 32, or N > 2048): the Gluon wgmma kernel
+  (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
+  wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide);
+  split K over CTAs until the GPU is full, the partials reduced in the same kernel in a
+  fixed order (tickets). The activations are decoded once per GEMM into fp16 by a small
+  Triton kernel first.
+- Other M <= 64 (K % 128 != 0, or 33 <= M <= 64 at N <= 2048): the Triton swap-AB kernel
+  (the weights' decoded tile reaches wgmma through shared memory), a fixed-order split-K
+  reduce kernel; for large K the activations are decoded once into two fp16 planes.
+- M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM.
+Per-call buffers (split-K partials, decoded activations) come from torch.empty, so under
+CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 """
 
 from __future__ import annotations
@@ -38,8 +44,7 @@ _REDUCE_BLOCK = 1024
 _PREDECODE_MIN_M = 256
 _GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
-_MMA_V2_MAX_M = 8  # H200 run 8: the Gluon mma.sync path wins at M = 3..8, ties or loses at 16
-_MMA_V2_RING_MIN_N = 2048  # H200 run 9: the ring variant wins above N = 2048 (M = 3..16), not at 2048
+_WGMMA_MAX_M = 64
 
 
 @dataclass(frozen=True)
@@ -58,9 +63,8 @@ class CompileKey:
     predecode: bool = False
     gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
     act_f16: bool = False  # swap-AB: decode the activations once per GEMM into fp16 planes
-    mma_v2: int = 0  # 1..: the Gluon mma.sync path for M <= 16, K % 128 == 0 (value = rows per warp / 16)
-    wgmma: int = 0  # 1..: the one-launch Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
-    # block_y = BT tokens per CTA, split-K reduced in-kernel)
+    wgmma: int = 0  # 1..: the Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
+    # block_y = BT tokens per CTA, split-K reduced in-kernel; act_f16: activations decoded once per GEMM)
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -74,15 +78,18 @@ class CompileKey:
             bx, by = (256, 128) if n <= 2048 else (128, 256)
             return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
                               split=1, use_asm=use_asm, predecode=True)
-        if 3 <= m <= 16 and k % 128 == 0 and use_asm and ctas_per_sm is None and n > _MMA_V2_RING_MIN_N:
-            # Gluon mma.sync path, cp.async ring (weights, scales, one shared activation tile per
-            # CTA), 128 rows (4 warps x 2) per CTA; H200 run 9 (NOTES.md): 2-18% faster than the
-            # run-8 routing (register variant / wgmma) at M = 3, 8, 16 on N = 6144 and 7168
-            return CompileKey._mma_v2(m, n, k, num_sms, reps=2, per_sm=4, stages=3)
-        if 3 <= m <= _MMA_V2_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None:
-            # Gluon mma.sync path, H200 run 8 (NOTES.md): 3-12% faster than the wgmma path at
-            # M = 3 and 8 on all four projection shapes, not at M = 16
-            return CompileKey._mma_v2(m, n, k, num_sms, per_sm=6 if n <= 2048 else 8)
+        if 3 <= m <= _WGMMA_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None and (m <= 32 or n > 2048):
+            # Gluon wgmma path: weights decoded into the register A operand, split-K reduced in-kernel.
+            # Split-K target (CTAs per SM) from the H200 sweeps of NOTES.md (run 10): M <= 16 best at 4
+            # (N <= 2048) / 6; M = 32 at 2 (N <= 2048 or K <= 4096) / 4; M = 64 at 1 (2 for K >= 8192),
+            # where the Triton path below still wins at N = 2048.
+            if m <= 16:
+                per_sm = 4 if n <= 2048 else 6
+            elif m <= 32:
+                per_sm = 2 if n <= 2048 or k <= 4096 else 4
+            else:
+                per_sm = 2 if k >= 8192 else 1
+            return CompileKey._wgmma(m, n, k, num_sms, per_sm=per_sm, act_f16=True)
         act_f16 = False
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
@@ -114,23 +121,6 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
 
-
-    @staticmethod
-    def _mma_v2(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
-                per_sm: int = 6, stages: int = 1) -> "CompileKey":
-        # weights decoded in registers straight into the mma.sync A fragment (Gluon, no shared
-        # memory); BN = 16 * warps * reps rows per CTA, 128 K per tile, split-K to ~per_sm CTAs/SM;
-        # stages >= 2: the cp.async ring variant (weights, scales and the shared activation tile)
-        bn = 16 * warps * reps
-        tiles = -(-n // bn) * -(-m // 16)
-        k_iters = k // 128
-        split = 1
-        if tiles < per_sm * num_sms:
-            want = min(-(-per_sm * num_sms // tiles), k_iters)
-            per = -(-k_iters // want)
-            split = -(-k_iters // per)
-        return CompileKey(swap_ab=True, block_x=bn, block_y=16, block_k=128, num_warps=warps, num_stages=stages,
-                          split=split, use_asm=True, mma_v2=reps)
 
     @staticmethod
     def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
@@ -214,20 +204,6 @@ def _compile(key: CompileKey):
             splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
                 ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
-    if key.mma_v2:
-        from kernels.sm90._gemm_nvfp4_gluon import (
-            gemm_nvfp4_mma_v2_kernel,
-            gemm_nvfp4_mma_v2_smem_kernel,
-            layouts,
-            smem_layouts,
-        )
-        from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
-
-        w_words, w_split, x_f16, mma = layouts(key.num_warps, key.mma_v2)
-        ring = key.num_stages > 1
-        if ring:
-            w_rd, s_rd, w_cp, s_cp, x_cp, w_sh, x_sh = smem_layouts(key.num_warps, key.mma_v2)
-
     if key.wgmma:
         from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
         from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
@@ -250,34 +226,12 @@ def _compile(key: CompileKey):
                 x = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
                 decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
                     a_packed_u8, a_sf_u8.view(torch.int32), x, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
-                    LOGICAL=True, num_warps=4)
+                    num_warps=4)
             gemm_nvfp4_wgmma_kernel[grid](
                 b_packed_u8.view(torch.int32), b_sf_u8, x, a_sf_u8, alpha_f32, out_bf16,
                 ws, ctr, n, m, k // 8, cp4, k_iters, per, **wg_layouts,
                 BN=key.block_x, BT=key.block_y, NS=key.num_stages, SPLIT=key.split, X_F16=key.act_f16,
                 num_warps=key.num_warps)
-            return
-        if key.mma_v2:
-            # activations decoded once (fp16, mma order), then the Gluon mma.sync kernel
-            x16 = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
-            decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
-                a_packed_u8, a_sf_u8.view(torch.int32), x16, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
-                LOGICAL=ring, num_warps=4)
-            k_iters = k // 128
-            per = triton.cdiv(k_iters, key.split)
-            ws = splitk_workspace(m, n, out_bf16)
-            grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, 16), key.split)
-            if ring:
-                gemm_nvfp4_mma_v2_smem_kernel[grid](
-                    b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4, per,
-                    W_SPLIT=w_split, MMA=mma, W_RD=w_rd, S_RD=s_rd, W_CP=w_cp, S_CP=s_cp, X_CP=x_cp, W_SH=w_sh,
-                    X_SH=x_sh, BN=key.block_x, NS=key.num_stages, USE_WS=key.split > 1, num_warps=key.num_warps)
-            else:
-                gemm_nvfp4_mma_v2_kernel[grid](
-                    b_packed_u8.view(torch.int32), b_sf_u8, x16, alpha_f32, out_bf16, ws, n, m, k, k // 8, cp4,
-                    per, W_WORDS=w_words, W_SPLIT=w_split, X_F16=x_f16, MMA=mma, BN=key.block_x,
-                    USE_WS=key.split > 1, num_warps=key.num_warps)
-            splitk_finish(ws, alpha_f32, out_bf16)
             return
         if key.gemv_tokens:
             # CUDA-core path (M <= 4): fp16x2 block dot products, fp32 accumulation

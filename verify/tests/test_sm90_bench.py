@@ -208,20 +208,22 @@ def test_sm90_bench_gemm_large_m_tiles(copy_bw, bm, bn, bk, warps, stages):
     print(f"\nlarge-M tile {bm}x{bn}x{bk} w{warps} st{stages}: {t * 1e6:8.2f} us {2 * m * n * k / t / 1e12:6.1f} TFLOP/s")
 
 
-@pytest.mark.parametrize("m", [3, 8, 16])
-@pytest.mark.parametrize("cfg", ["for_shape", "w4r1p6", "w4r1p8", "w4r2p4", "w8r1p4", "w2r2p8"])
+@pytest.mark.parametrize("m", [3, 16, 32, 64])
+@pytest.mark.parametrize("cfg", ["for_shape", "p1x1", "p2x1", "p4x1", "p6x1", "p4x0", "r2p4x1"])
 @pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
-def test_sm90_bench_gemm_mma_v2_configs(copy_bw, n, k, m, cfg):
-    """The Gluon mma.sync path (warps w, 16-row reps r, split-K target p CTAs/SM) against the
-    for_shape key, same shapes and weight rotation as test_sm90_bench_gemm."""
+def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
+    """The Gluon wgmma path (split-K target p CTAs/SM, x1: activations decoded once per GEMM, x0: in
+    every CTA, r2: two 64-row tiles per warpgroup) against the for_shape key, same shapes and weight
+    rotation as test_sm90_bench_gemm."""
     from kernels.sm90 import gemm_nvfp4
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if cfg == "for_shape":
         key = gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=sms)
     else:
-        w, r, p = (int(cfg[1]), int(cfg[3]), int(cfg[5:]))
-        key = gemm_nvfp4.CompileKey._mma_v2(m, n, k, sms, warps=w, reps=r, per_sm=p)
+        reps = 2 if cfg.startswith("r2") else 1
+        per_sm, act = cfg.removeprefix("r2").removeprefix("p").split("x")
+        key = gemm_nvfp4.CompileKey._wgmma(m, n, k, sms, reps=reps, per_sm=int(per_sm), act_f16=act == "1")
     w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
     copies = max(1, min(24, -(-3 * L2_BYTES // w_bytes)))
     ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
@@ -231,5 +233,5 @@ def test_sm90_bench_gemm_mma_v2_configs(copy_bw, n, k, m, cfg):
                      for i in range(max(copies, 8))])
     _RESULTS["gemm"].append({"M": m, "N": n, "K": k, "cfg": cfg, "us": t * 1e6, "key": str(key)})
     _dump()
-    print(f"\nmma_v2 cfg M={m} N={n} K={k} {cfg} split{key.split}: {t * 1e6:8.2f} us "
+    print(f"\nwgmma cfg M={m} N={n} K={k} {cfg} split{key.split}: {t * 1e6:8.2f} us "
           f"roofline {100 * w_bytes / copy_bw / t:5.1f}%")
