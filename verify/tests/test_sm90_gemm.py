@@ -61,6 +61,8 @@ PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
 SHAPES = [(m, n, k) for m in (1, 3, 16, 127, 128) for (n, k) in PROJ]
 SHAPES += [(4096, 2048, 7168), (4096, 7168, 3072), (40, 6144, 7168), (64, 7168, 3072)]
 SHAPES += [(5, 200, 48), (33, 130, 1040), (1, 16, 16), (129, 257, 272), (70, 129, 2064)]
+# the wgmma path's token tiles: 17..32 tokens (BT = 32) at N = 2048 and elsewhere
+SHAPES += [(24, 2048, 7168), (32, 7168, 3072), (20, 1536, 7168)]
 # the CUDA-core path (M <= 4): every token count, row and K tails
 SHAPES += [(2, 7168, 3072), (4, 2048, 7168), (4, 130, 1040), (2, 129, 2064), (3, 200, 48), (4, 7168, 16384)]
 
@@ -310,3 +312,34 @@ def test_sm90_gemm_wgmma_exact_data_deterministic_and_graph_replay(m, n, k, per_
         torch.cuda.synchronize()
         y_eager = gemm_nvfp4.launch(a2_p, a2_sw, b_p, b_sw, alpha, key=key)
         assert_bits_equal(y_graph, y_eager, label=f"wgmma graph replay (seed {seed}) vs eager {m}x{n}x{k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_tickets_created_outside_capture_only():
+    """The split-K ticket buffer is made by a device's first wgmma launch; a first launch inside
+    CUDA-graph capture (where a zero-filled buffer would live in the graph's pool) is refused with a
+    message saying what to do, and the same launch outside capture then works."""
+    from kernels.sm90 import gemm_nvfp4
+
+    m, n, k = 16, 2048, 1024
+    key = _wgmma_key(m, n, k)
+    assert key.split > 1, key
+    a_p, a_sf, a_sw, a_dec = _operand(m, k, 41)
+    b_p, b_sf, b_sw, b_dec = _operand(n, k, 42)
+    alpha = (a_dec * b_dec).reshape(()).float()
+    saved = gemm_nvfp4._tickets.pop(a_p.device, None)
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with pytest.raises(RuntimeError, match="outside CUDA-graph capture"):
+            with torch.cuda.graph(graph):
+                gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+        torch.cuda.synchronize()
+        y = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=key)
+        assert a_p.device in gemm_nvfp4._tickets
+        y64, abs_dot = nvfp4_gemm_f64(a_p, a_sf, b_p, b_sf, alpha)
+        bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=_backend().u_acc)
+        assert_within_gemm_bound(y, y64, bound, label=f"wgmma first launch after a refused capture {m}x{n}x{k}")
+    finally:
+        if saved is not None:
+            gemm_nvfp4._tickets[a_p.device] = saved
