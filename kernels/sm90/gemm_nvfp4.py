@@ -83,13 +83,15 @@ class CompileKey:
             # Split-K target (CTAs per SM) from the H200 sweeps of NOTES.md (run 10): M <= 16 best at 4
             # (N <= 2048) / 6; M = 32 at 2 (N <= 2048 or K <= 4096) / 4; M = 64 at 1 (2 for K >= 8192),
             # where the Triton path below still wins at N = 2048.
+            # Activations decoded once per GEMM (act_f16) except at M <= 16, N <= 2048 (in-kernel decode
+            # 10.5 against 11.0 us at M = 16, tied at M = 3).
             if m <= 16:
                 per_sm = 4 if n <= 2048 else 6
             elif m <= 32:
                 per_sm = 2 if n <= 2048 or k <= 4096 else 4
             else:
                 per_sm = 2 if k >= 8192 else 1
-            return CompileKey._wgmma(m, n, k, num_sms, per_sm=per_sm, act_f16=True)
+            return CompileKey._wgmma(m, n, k, num_sms, per_sm=per_sm, act_f16=m > 16 or n > 2048)
         act_f16 = False
         if m <= 64:
             block_x, block_y, block_k, warps, stages, per_sm = {
