@@ -217,7 +217,10 @@ def _compile(key: CompileKey):
         k = a_packed_u8.shape[1] * 2
         cp4 = a_sf_u8.shape[1] // 4
         if key.wgmma:
-            # one launch: activation decode, weight decode + wgmma, split-K reduce (in-kernel tickets)
+            # weight decode + wgmma + split-K reduce (in-kernel tickets) in one kernel, after the
+            # activation decode kernel when act_f16
+            if k % 128:
+                raise ValueError(f"gemm_nvfp4: the wgmma key {key} needs K % 128 == 0, got K = {k}")
             k_iters = k // 128
             per = triton.cdiv(k_iters, key.split)
             grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, key.block_y), key.split)
