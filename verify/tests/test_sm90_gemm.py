@@ -343,3 +343,15 @@ def test_sm90_gemm_wgmma_tickets_created_outside_capture_only():
     finally:
         if saved is not None:
             gemm_nvfp4._tickets[a_p.device] = saved
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_key_refuses_k_not_multiple_of_128():
+    from kernels.sm90 import gemm_nvfp4
+
+    a_p, _, a_sw, _ = _operand(16, 1040, 43)
+    b_p, _, b_sw, _ = _operand(256, 1040, 44)
+    alpha = torch.tensor(1.0, device="cuda")
+    with pytest.raises(ValueError, match="K % 128 == 0, got K = 1040"):
+        gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=_wgmma_key(16, 256, 1024))
