@@ -72,11 +72,15 @@ class CompileKey:
         # Tiles from ptxas reports (no spills; 80-110 registers, 38-76 KB of shared memory
         # for the cp.async stages, so 3-5 CTAs per SM) and an H200 sweep (NOTES.md).
         if m <= _GEMV_MAX_M and use_asm:
+            if m == 1 and n > 2048 and k <= 8192 and ctas_per_sm is None:
+                # one-warp CTAs of 4 rows (H200 sweep, NOTES.md: N = 7168, K = 3072 8.7 -> 7.1 us,
+                # N = 6144, K = 7168 12.2 -> 11.4; N = 2048 and K = 16384 keep the 4-warp CTAs)
+                return CompileKey._gemv(m, n, k, num_sms, 4, block_n=4, block_kb=64)
             return CompileKey._gemv(m, n, k, num_sms, ctas_per_sm)
         if m >= _PREDECODE_MIN_M:
-            # H200 sweep at M = 4096, N = 2048: 256x128 236 us, 128x256 253, 128x128 265
-            bx, by = (256, 128) if n <= 2048 else (128, 256)
-            return CompileKey(swap_ab=False, block_x=bx, block_y=by, block_k=64, num_warps=8, num_stages=3,
+            # H200 sweep at M = 4096 (NOTES.md), x torch bf16: 256x128x64, 4 stages 0.63-0.67 on the four
+            # projection shapes, 128x256 (3 or 4 stages) 0.56-0.62, 128x128 0.58-0.60
+            return CompileKey(swap_ab=False, block_x=256, block_y=128, block_k=64, num_warps=8, num_stages=4,
                               split=1, use_asm=use_asm, predecode=True)
         if 3 <= m <= _WGMMA_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None and (m <= 32 or n > 2048):
             # Gluon wgmma path: weights decoded into the register A operand, split-K reduced in-kernel.
