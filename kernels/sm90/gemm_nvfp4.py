@@ -18,7 +18,7 @@ Configs (see CompileKey.for_shape):
   wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide);
   split K over CTAs until the GPU is full, the partials reduced in the same kernel in a
   fixed order (tickets). The activations are decoded once per GEMM into fp16 by a small
-  Triton kernel first.
+  Triton kernel first (act_f16), except at M <= 16, N <= 2048, where each CTA decodes its own.
 - Other M <= 64 (K % 128 != 0, or 33 <= M <= 64 at N <= 2048): the Triton swap-AB kernel
   (the weights' decoded tile reaches wgmma through shared memory), a fixed-order split-K
   reduce kernel; for large K the activations are decoded once into two fp16 planes.
@@ -62,7 +62,7 @@ class CompileKey:
     use_asm: bool
     predecode: bool = False
     gemv_tokens: int = 0  # 1..4: the CUDA-core path for M <= gemv_tokens (block_k = K elements per trip)
-    act_f16: bool = False  # swap-AB: decode the activations once per GEMM into fp16 planes
+    act_f16: bool = False  # decode the activations once per GEMM into fp16 (Triton path: two planes; wgmma: mma order)
     wgmma: int = 0  # 1..: the Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
     # block_y = BT tokens per CTA, split-K reduced in-kernel; act_f16: activations decoded once per GEMM)
 
@@ -84,7 +84,7 @@ class CompileKey:
                               split=1, use_asm=use_asm, predecode=True)
         if 3 <= m <= _WGMMA_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None and (m <= 32 or n > 2048):
             # Gluon wgmma path: weights decoded into the register A operand, split-K reduced in-kernel.
-            # Split-K target (CTAs per SM) from the H200 sweeps of NOTES.md (run 10): M <= 16 best at 4
+            # Split-K target (CTAs per SM) from the H200 sweeps in NOTES.md (current status): M <= 16 best at 4
             # (N <= 2048) / 6; M = 32 at 2 (N <= 2048 or K <= 4096) / 4; M = 64 at 1 (2 for K >= 8192),
             # where the Triton path below still wins at N = 2048.
             # Activations decoded once per GEMM (act_f16) except at M <= 16, N <= 2048 (in-kernel decode
@@ -131,9 +131,9 @@ class CompileKey:
     @staticmethod
     def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
                per_sm: int = 4, stages: int = 3, max_split: int = 32, act_f16: bool = False) -> "CompileKey":
-        # weights decoded in registers into the wgmma A operand (64 rows per warpgroup, reps tiles),
-        # activations decoded in-kernel into the B tile (BT tokens), split-K reduced in-kernel;
-        # split K until ~per_sm CTAs per SM
+        # weights decoded in registers into the wgmma A operand (64 rows per warpgroup, reps tiles), the
+        # BT tokens the B tile (decoded in every CTA, or once per GEMM when act_f16), split-K reduced
+        # in-kernel; split K until ~per_sm CTAs per SM (at most max_split)
         bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
         bn = 16 * warps * reps
         tiles = -(-n // bn) * -(-m // bt)
