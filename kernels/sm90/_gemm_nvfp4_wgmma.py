@@ -190,8 +190,8 @@ def gemm_nvfp4_wgmma_kernel(
         x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)  # B tiles it and it + 1
     for j in gl.static_range(NS - 1):  # prologue: tiles it0 .. it0 + NS - 2
         _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, it0 + j, it1, X_F16)
-    if not X_F16:
-        xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, it0)
+    if not X_F16:  # (an empty split, it0 >= it1, loads the last tile and adds nothing)
+        xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0, it1 - 1))
         x_smem.index(0).store(_decode_tile(xw, xs, BT))
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0 + 1, it1 - 1))
     for it in range(it0, it1):
@@ -223,13 +223,14 @@ def gemm_nvfp4_wgmma_kernel(
     if SPLIT == 1:
         gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
     else:
-        gl.store(ws_ptr + pid_s.to(gl.int64) * N * M + off, acc, mask=mask)
+        nm = N.to(gl.int64) * M  # one split's partials
+        gl.store(ws_ptr + pid_s * nm + off, acc, mask=mask)
         gl.thread_barrier()  # every thread's partial is written before the ticket releases them
         tile = ctr_ptr + pid_n * gl.num_programs(1) + pid_m
         ticket = gl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the last CTA of this tile: all partials are visible
             total = gl.load(ws_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
             for sp in gl.static_range(1, SPLIT):
-                total += gl.load(ws_ptr + sp * N * M + off, mask=mask, other=0.0, cache_modifier=".cg")
+                total += gl.load(ws_ptr + sp * nm + off, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(out_ptr + off, (total * alpha).to(gl.bfloat16), mask=mask)
             gl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")

@@ -30,6 +30,7 @@ CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -134,6 +135,8 @@ class CompileKey:
         # weights decoded in registers into the wgmma A operand (64 rows per warpgroup, reps tiles), the
         # BT tokens the B tile (decoded in every CTA, or once per GEMM when act_f16), split-K reduced
         # in-kernel; split K until ~per_sm CTAs per SM (at most max_split)
+        if stages < 2:
+            raise ValueError(f"CompileKey._wgmma: stages = {stages}, the cp.async ring needs >= 2")
         bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
         bn = 16 * warps * reps
         tiles = -(-n // bn) * -(-m // bt)
@@ -307,34 +310,68 @@ def _compile(key: CompileKey):
     return run
 
 
-_TICKET_SLOTS = 1 << 20
-_tickets: dict[torch.device, list] = {}
+class _Tickets:
+    """Split-K ticket counters of one device for the wgmma path (int32, zero between launches: the
+    kernel's last CTA of each output tile resets its counter).
+
+    Made by the first launch on the device, outside CUDA-graph capture; that launch waits once for
+    the zero fill (one host synchronisation, like the first launch's compile), so no stream can use
+    a counter before it is zero. Launches outside capture take 256-byte slices of `eager` round
+    robin; a launch being captured takes a slice of `captured` that no other launch ever gets
+    (a graph keeps its slice for its lifetime), and running out of those is an error, never reuse.
+    So two launches share counters only if both run eagerly with more than 2^20 counters' worth
+    of eager launches issued between them and still overlap in time."""
+
+    EAGER = 1 << 20
+    CAPTURED = 1 << 22
+
+    def __init__(self, device: torch.device):
+        self.eager = torch.zeros(self.EAGER, dtype=torch.int32, device=device)
+        self.captured = torch.zeros(self.CAPTURED, dtype=torch.int32, device=device)
+        torch.cuda.current_stream(device).synchronize()
+        self.eager_next = 0
+        self.captured_next = 0
+        self.lock = threading.Lock()
+
+    def take(self, tiles: int, capturing: bool) -> Tensor:
+        span = -(-tiles // 64) * 64
+        with self.lock:
+            if capturing:
+                if self.captured_next + span > self.CAPTURED:
+                    raise RuntimeError(
+                        f"gemm_nvfp4: captured wgmma launches on {self.captured.device} need more than "
+                        f"{self.CAPTURED} split-K tickets (graph slices are never reused); capture fewer GEMMs "
+                        "or raise _Tickets.CAPTURED")
+                start = self.captured_next
+                self.captured_next += span
+                return self.captured[start:start + tiles]
+            if span > self.EAGER:
+                raise ValueError(f"gemm_nvfp4: {tiles} output tiles exceed the {self.EAGER} split-K tickets")
+            if self.eager_next + span > self.EAGER:
+                self.eager_next = 0
+            start = self.eager_next
+            self.eager_next += span
+            return self.eager[start:start + tiles]
+
+    def nonzero(self) -> int:
+        """Counters not back at zero (tests; synchronises)."""
+        return int(self.eager.count_nonzero()) + int(self.captured.count_nonzero())
+
+
+_tickets: dict[torch.device, _Tickets] = {}
 
 
 def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
-    """`tiles` zeroed int32 split-K ticket counters for one launch of the wgmma path.
-
-    One zeroed buffer per device, created on the first call (outside CUDA-graph capture); every
-    launch takes the next 256-byte-aligned slice of it, round robin, so launches that may run
-    at the same time (two streams, two captured graphs) use different counters unless more
-    than 2^20 counters' worth of launches lie between them. The kernel's last CTA of each tile
-    resets its counter to zero, so a slice is zero again whenever its launch has finished
-    (and after every graph replay)."""
+    """`tiles` zeroed split-K ticket counters for one launch of the wgmma path (see _Tickets)."""
+    capturing = torch.cuda.is_current_stream_capturing()
     entry = _tickets.get(device)
     if entry is None:
-        if torch.cuda.is_current_stream_capturing():
+        if capturing:
             raise RuntimeError(
                 f"gemm_nvfp4: the split-K ticket buffer of {device} is created by the first launch; make one "
                 "launch outside CUDA-graph capture first (the kernels are compiled there too)")
-        entry = _tickets[device] = [torch.zeros(_TICKET_SLOTS, dtype=torch.int32, device=device), 0]
-    span = -(-tiles // 64) * 64
-    if span > _TICKET_SLOTS:
-        raise ValueError(f"gemm_nvfp4: {tiles} output tiles exceed the {_TICKET_SLOTS} split-K tickets")
-    if entry[1] + span > _TICKET_SLOTS:
-        entry[1] = 0
-    start = entry[1]
-    entry[1] += span
-    return entry[0][start:start + tiles]
+        entry = _tickets[device] = _Tickets(device)
+    return entry.take(tiles, capturing)
 
 
 def _check_operand(name: str, packed: Tensor, sf: Tensor, k: int | None) -> int:
