@@ -48,6 +48,16 @@ _DECODE_TILE = (64, 256)
 _WGMMA_MAX_M = 64
 
 
+def _split_k(tiles: int, k_iters: int, ctas: int, max_split: int | None = None) -> int:
+    """How many K splits bring `tiles` output tiles to about `ctas` CTAs (at most k_iters, and
+    max_split): 1 when the tiles alone fill the GPU. Every split gets at least one K tile."""
+    if tiles >= ctas:
+        return 1
+    want = min(-(-ctas // tiles), k_iters, max_split or k_iters)
+    per = -(-k_iters // want)
+    return -(-k_iters // per)
+
+
 @dataclass(frozen=True)
 class CompileKey:
     """Everything codegen reads. M, N, K, strides and the per-split iteration count are
@@ -118,12 +128,7 @@ class CompileKey:
         per_sm = ctas_per_sm or per_sm
         # Decode-sized GEMMs read each weight byte once: the GPU is kept busy (and enough
         # bytes in flight) by splitting K until about per_sm CTAs per SM exist.
-        k_iters = -(-k // block_k)
-        split = 1
-        if tiles < per_sm * num_sms:
-            want = min(-(-per_sm * num_sms // tiles), k_iters)
-            per = -(-k_iters // want)
-            split = -(-k_iters // per)
+        split = _split_k(tiles, -(-k // block_k), per_sm * num_sms)
         return CompileKey(swap_ab=m <= 64, block_x=block_x, block_y=block_y, block_k=block_k,
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
@@ -140,12 +145,7 @@ class CompileKey:
         bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
         bn = 16 * warps * reps
         tiles = -(-n // bn) * -(-m // bt)
-        k_iters = k // 128
-        split = 1
-        if tiles < per_sm * num_sms:
-            want = min(-(-per_sm * num_sms // tiles), k_iters, max_split)
-            per = -(-k_iters // want)
-            split = -(-k_iters // per)
+        split = _split_k(tiles, k // 128, per_sm * num_sms, max_split)
         return CompileKey(swap_ab=True, block_x=bn, block_y=bt, block_k=128, num_warps=warps, num_stages=stages,
                           split=split, use_asm=True, act_f16=act_f16, wgmma=reps)
 
@@ -165,12 +165,7 @@ class CompileKey:
         # add partials); a split also costs the reduce kernel, so split only small grids
         per_sm = ctas_per_sm or max(1, 8 // warps)
         tiles = -(-n // block_n)
-        k_iters = -(-kb // block_kb)
-        split = 1
-        if tiles < per_sm * num_sms:
-            want = min(-(-per_sm * num_sms // tiles), k_iters)
-            per = -(-k_iters // want)
-            split = -(-k_iters // per)
+        split = _split_k(tiles, -(-kb // block_kb), per_sm * num_sms)
         return CompileKey(swap_ab=True, block_x=block_n, block_y=1, block_k=block_kb * BLOCK, num_warps=warps,
                           num_stages=1, split=split, use_asm=True, gemv_tokens=m if m <= 2 else 4)
 
@@ -359,6 +354,7 @@ class _Tickets:
 
 
 _tickets: dict[torch.device, _Tickets] = {}
+_tickets_made = threading.Lock()
 
 
 def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
@@ -370,7 +366,8 @@ def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
             raise RuntimeError(
                 f"gemm_nvfp4: the split-K ticket buffer of {device} is created by the first launch; make one "
                 "launch outside CUDA-graph capture first (the kernels are compiled there too)")
-        entry = _tickets[device] = _Tickets(device)
+        with _tickets_made:  # two threads' first launches make one buffer
+            entry = _tickets.get(device) or _tickets.setdefault(device, _Tickets(device))
     return entry.take(tiles, capturing)
 
 
