@@ -43,8 +43,8 @@ from torch import Tensor
 
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.checkpoint import (
-    Checkpoint, CheckpointError, GatedMlp, LayerWeights, Nvfp4Linear, _check_tensor, _check_k,
-    _linear_tensor_specs, iter_linears, layer_schema, linear_format_of, scale_defects,
+    Checkpoint, CheckpointError, GatedMlp, LayerWeights, Nvfp4Linear, check_linear_k, check_tensor, iter_linears,
+    layer_schema, linear_format_of, linear_tensor_specs, scale_defects,
 )
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
@@ -102,8 +102,8 @@ def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
     for spec in schema.linear_specs():
         try:
             fmt = linear_format_of(spec.module, infos)
-            _check_k(spec, fmt, infos[f"{spec.module}.weight"].file)
-            tspecs = _linear_tensor_specs(fmt, spec.module, spec.n, spec.k, infos)
+            check_linear_k(spec, fmt, infos[f"{spec.module}.weight"].file)
+            tspecs = linear_tensor_specs(fmt, spec.module, spec.n, spec.k, infos)
         except CheckpointError as e:
             out.append(Finding("error", type(e).__name__, e.tensor or spec.module, str(e)))
             continue
@@ -120,7 +120,7 @@ def _check_one(ck: Checkpoint, infos, tspec) -> list[Finding]:
         return [Finding("error", "MissingTensorError", tspec.name, f"required by the schema, not in the weight_map "
                                                                    f"[file {ck.index_path or ck.directory}]")]
     try:
-        _check_tensor(info, tspec)
+        check_tensor(info, tspec)
     except CheckpointError as e:
         return [Finding("error", type(e).__name__, tspec.name, str(e))]
     return []

@@ -1,0 +1,66 @@
+"""Checkpoint loading: Hugging Face style NVFP4 checkpoints of DeepSeek-V4 and DeepSeek-V3/R1.
+
+A checkpoint directory holds `config.json`, the quantization config
+(`hf_quant_config.json`, or `quantization_config` inside config.json), and either
+`model.safetensors.index.json` with its shards or one `*.safetensors` file.
+`Checkpoint.open(dir)` reads only the JSON files; `Checkpoint.load_layer(i)` opens only the
+shards that hold layer i, validates headers against the schema, then reads exactly those bytes.
+Any defect raises one `CheckpointError` subclass naming the file and the tensor.
+
+One module per concern; this package re-exports their public names:
+  errors       CheckpointError and its subclasses
+  config       ModelConfig, QuantConfig and their parsers (config.json, hf_quant_config.json)
+  schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks
+  weights      typed linears (Nvfp4Linear, Fp8BlockLinear, Mxfp4Linear, Bf16Linear), GatedMlp,
+               Router, LayerWeights, iter_linears
+  safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header parser and the raw reader
+  loader       Checkpoint, LayerPlan
+  defects      scale_defects and the other defect checks
+
+Source of names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5.
+"""
+
+from verify.checkpoint.config import (
+    FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelConfig, QuantConfig, model_config_from_json, quant_config_from_dir,
+    read_json_object,
+)
+from verify.checkpoint.defects import scale_defects
+from verify.checkpoint.errors import (
+    CheckpointError, DtypeMismatchError, MalformedConfigError, MalformedShardError, MissingIndexError,
+    MissingTensorError, NanScaleError, NotACheckpointError, ShapeMismatchError, TruncatedShardError,
+    UnsupportedSchemaError,
+)
+from verify.checkpoint.loader import INDEX_FILE, Checkpoint, LayerPlan
+from verify.checkpoint.safetensors import (
+    SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
+)
+from verify.checkpoint.schema import (
+    LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
+    linear_tensor_specs,
+)
+from verify.checkpoint.weights import (
+    Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
+    make_linear,
+)
+
+__all__ = [
+    # errors
+    "CheckpointError", "NotACheckpointError", "MissingIndexError", "MalformedConfigError",
+    "TruncatedShardError", "MalformedShardError", "MissingTensorError", "DtypeMismatchError",
+    "ShapeMismatchError", "NanScaleError", "UnsupportedSchemaError",
+    # config
+    "ModelConfig", "QuantConfig", "model_config_from_json", "quant_config_from_dir", "read_json_object",
+    "NVFP4_BLOCK", "MXFP4_BLOCK", "FP8_BLOCK",
+    # schema
+    "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
+    "check_linear_k", "check_tensor",
+    # weights
+    "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
+    "iter_linears", "make_linear",
+    # safetensors
+    "SAFETENSORS_DTYPES", "TensorInfo", "IoStats", "read_safetensors_header", "read_tensor_bytes",
+    # loader
+    "Checkpoint", "LayerPlan", "INDEX_FILE",
+    # defects
+    "scale_defects",
+]

@@ -1,0 +1,189 @@
+"""What a layer must hold: `LinearSpec`, `TensorSpec`, `LayerSchema` and `layer_schema`, and the
+per-format tensor specs of a linear, checked against safetensors header entries (no data read).
+
+Names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5. Shapes are logical
+(unpacked) [n, k]; a packed 4-bit weight stores [n, k/2].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from verify.checkpoint.config import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelConfig
+from verify.checkpoint.errors import DtypeMismatchError, MissingTensorError, ShapeMismatchError
+from verify.checkpoint.safetensors import TensorInfo
+
+__all__ = ["LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
+           "check_linear_k", "check_tensor"]
+
+
+@dataclass(frozen=True)
+class LinearSpec:
+    """A linear module the schema expects: logical weight [n, k] (unpacked), role name."""
+
+    module: str  # full name without ".weight", e.g. "layers.3.attn.wq_a"
+    role: str  # "wq_a", "w1", ... (V3 gate/up/down are mapped to w1/w3/w2)
+    n: int
+    k: int
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A plain tensor the schema expects: allowed safetensors dtypes and shape."""
+
+    name: str
+    role: str
+    dtypes: tuple[str, ...]
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerSchema:
+    """Everything layer i must hold. experts: per expert e, its w1/w3/w2 LinearSpecs."""
+
+    prefix: str
+    attention: tuple[LinearSpec, ...]
+    norms: tuple[TensorSpec, ...]
+    router: tuple[TensorSpec, ...]
+    experts: tuple[tuple[LinearSpec, LinearSpec, LinearSpec], ...]
+    shared: tuple[LinearSpec, LinearSpec, LinearSpec] | None
+    dense: tuple[LinearSpec, LinearSpec, LinearSpec] | None
+
+    def linear_specs(self) -> list[LinearSpec]:
+        out = list(self.attention)
+        for trio in self.experts:
+            out.extend(trio)
+        for trio in (self.shared, self.dense):
+            if trio:
+                out.extend(trio)
+        return out
+
+
+def _mlp(prefix: str, hidden: int, inter: int, names: tuple[str, str, str]) -> tuple[LinearSpec, LinearSpec, LinearSpec]:
+    g, u, d = names
+    return (LinearSpec(f"{prefix}.{g}", "w1", inter, hidden), LinearSpec(f"{prefix}.{u}", "w3", inter, hidden),
+            LinearSpec(f"{prefix}.{d}", "w2", hidden, inter))
+
+
+def layer_schema(cfg: ModelConfig, i: int) -> LayerSchema:
+    """The tensors layer i must hold, with logical shapes from config.json."""
+    if not 0 <= i < cfg.num_layers:
+        raise IndexError(f"layer {i} out of range: the model has {cfg.num_layers} layers")
+    h, e_n, inter = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size
+    if cfg.schema == "deepseek_v4":
+        p = f"layers.{i}"
+        hd, nh, g, r = cfg.head_dim, cfg.n_heads, cfg.o_groups, cfg.o_lora_rank
+        attention = (
+            LinearSpec(f"{p}.attn.wq_a", "wq_a", cfg.q_lora_rank, h),
+            LinearSpec(f"{p}.attn.wq_b", "wq_b", nh * hd, cfg.q_lora_rank),
+            LinearSpec(f"{p}.attn.wkv", "wkv", hd, h),
+            LinearSpec(f"{p}.attn.wo_a", "wo_a", g * r, nh * hd // g),
+            LinearSpec(f"{p}.attn.wo_b", "wo_b", h, g * r),
+        )
+        norms = (
+            TensorSpec(f"{p}.attn_norm.weight", "attn_norm", ("BF16",), (h,)),
+            TensorSpec(f"{p}.ffn_norm.weight", "ffn_norm", ("BF16",), (h,)),
+            TensorSpec(f"{p}.attn.q_norm.weight", "q_norm", ("BF16",), (cfg.q_lora_rank,)),
+            TensorSpec(f"{p}.attn.kv_norm.weight", "kv_norm", ("BF16",), (hd,)),
+            TensorSpec(f"{p}.attn.attn_sink", "attn_sink", ("F32",), (nh,)),
+        )
+        router = [TensorSpec(f"{p}.ffn.gate.weight", "gate_weight", ("BF16",), (e_n, h))]
+        if cfg.is_hash_layer(i):
+            router.append(TensorSpec(f"{p}.ffn.gate.tid2eid", "tid2eid", ("I64", "I32"), (cfg.vocab_size, cfg.top_k)))
+        else:
+            router.append(TensorSpec(f"{p}.ffn.gate.bias", "gate_bias", ("F32",), (e_n,)))
+        experts = tuple(_mlp(f"{p}.ffn.experts.{e}", h, inter, ("w1", "w3", "w2")) for e in range(e_n))
+        shared = _mlp(f"{p}.ffn.shared_experts", h, inter * cfg.n_shared_experts, ("w1", "w3", "w2"))
+        return LayerSchema(p, attention, norms, tuple(router), experts, shared, None)
+
+    p = f"model.layers.{i}"
+    nh, nope, rope, v = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    attention = (
+        LinearSpec(f"{p}.self_attn.q_a_proj", "q_a_proj", cfg.q_lora_rank, h),
+        LinearSpec(f"{p}.self_attn.q_b_proj", "q_b_proj", nh * (nope + rope), cfg.q_lora_rank),
+        LinearSpec(f"{p}.self_attn.kv_a_proj_with_mqa", "kv_a_proj_with_mqa", cfg.kv_lora_rank + rope, h),
+        LinearSpec(f"{p}.self_attn.kv_b_proj", "kv_b_proj", nh * (nope + v), cfg.kv_lora_rank),
+        LinearSpec(f"{p}.self_attn.o_proj", "o_proj", h, nh * v),
+    )
+    norms = (
+        TensorSpec(f"{p}.input_layernorm.weight", "attn_norm", ("BF16",), (h,)),
+        TensorSpec(f"{p}.post_attention_layernorm.weight", "ffn_norm", ("BF16",), (h,)),
+        TensorSpec(f"{p}.self_attn.q_a_layernorm.weight", "q_norm", ("BF16",), (cfg.q_lora_rank,)),
+        TensorSpec(f"{p}.self_attn.kv_a_layernorm.weight", "kv_norm", ("BF16",), (cfg.kv_lora_rank,)),
+    )
+    names = ("gate_proj", "up_proj", "down_proj")
+    if not cfg.is_moe_layer(i):
+        dense = _mlp(f"{p}.mlp", h, cfg.intermediate_size, names)
+        return LayerSchema(p, attention, norms, (), (), None, dense)
+    router = (TensorSpec(f"{p}.mlp.gate.weight", "gate_weight", ("BF16", "F32"), (e_n, h)),
+              TensorSpec(f"{p}.mlp.gate.e_score_correction_bias", "gate_bias", ("F32", "BF16"), (e_n,)))
+    experts = tuple(_mlp(f"{p}.mlp.experts.{e}", h, inter, names) for e in range(e_n))
+    shared = _mlp(f"{p}.mlp.shared_experts", h, inter * cfg.n_shared_experts, names)
+    return LayerSchema(p, attention, norms, router, experts, shared, None)
+
+
+def linear_format_of(module: str, infos: Mapping[str, TensorInfo]) -> str:
+    """Which format a linear is stored in, from the dtypes of `module.*` in the headers:
+    nvfp4 (U8 + F8_E4M3 weight_scale), mxfp4 (I8/U8 + F8_E8M0 scale, block 32),
+    fp8_block128 (F8_E4M3 + F8_E8M0 scale or F32 weight_scale_inv), bf16 (BF16/F32 weight)."""
+    w = infos.get(f"{module}.weight")
+    if w is None:
+        raise MissingTensorError("linear has no weight", tensor=f"{module}.weight")
+    if w.dtype in ("U8", "I8"):
+        if f"{module}.weight_scale" in infos:
+            return "nvfp4"
+        s = infos.get(f"{module}.scale")
+        if s is not None and s.dtype == "F8_E8M0":
+            return "mxfp4"
+        raise MissingTensorError(f"packed 4-bit weight ({w.dtype}) has neither an NVFP4 weight_scale nor an "
+                                 "MXFP4 E8M0 scale", file=w.file, tensor=f"{module}.weight_scale")
+    if w.dtype == "F8_E4M3":
+        return "fp8_block128"
+    if w.dtype in ("BF16", "F32", "F16"):
+        return "bf16"
+    raise DtypeMismatchError(f"weight dtype {w.dtype} is not U8/I8 (NVFP4/MXFP4), F8_E4M3 (FP8) or BF16",
+                             file=w.file, tensor=f"{module}.weight")
+
+
+def linear_tensor_specs(fmt: str, module: str, n: int, k: int, infos: Mapping[str, TensorInfo]) -> list[TensorSpec]:
+    """The tensors (dtype, shape) a linear of logical [n, k] must have in format `fmt`
+    (`infos` decides only between FP8's F32 weight_scale_inv and E8M0 scale)."""
+    if fmt == "nvfp4":
+        return [TensorSpec(f"{module}.weight", "weight", ("U8",), (n, k // 2)),
+                TensorSpec(f"{module}.weight_scale", "weight_scale", ("F8_E4M3",), (n, k // NVFP4_BLOCK)),
+                TensorSpec(f"{module}.weight_scale_2", "weight_scale_2", ("F32",), ()),
+                TensorSpec(f"{module}.input_scale", "input_scale", ("F32",), ())]
+    if fmt == "mxfp4":
+        return [TensorSpec(f"{module}.weight", "weight", ("I8", "U8"), (n, k // 2)),
+                TensorSpec(f"{module}.scale", "scale", ("F8_E8M0",), (n, k // MXFP4_BLOCK))]
+    if fmt == "fp8_block128":
+        sshape = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
+        if f"{module}.weight_scale_inv" in infos:
+            s = TensorSpec(f"{module}.weight_scale_inv", "scale_inv", ("F32",), sshape)
+        else:
+            s = TensorSpec(f"{module}.scale", "scale", ("F8_E8M0",), sshape)
+        return [TensorSpec(f"{module}.weight", "weight", ("F8_E4M3",), (n, k)), s]
+    return [TensorSpec(f"{module}.weight", "weight", ("BF16", "F32"), (n, k))]
+
+
+def check_linear_k(spec: LinearSpec, fmt: str, file: Path) -> None:
+    """ShapeMismatchError (naming `file` and the weight) unless the linear's K is a multiple of
+    its format's block (16 for NVFP4, 32 for MXFP4, 1 otherwise)."""
+    block = {"nvfp4": NVFP4_BLOCK, "mxfp4": MXFP4_BLOCK}.get(fmt, 1)
+    if spec.k % block:
+        raise ShapeMismatchError(f"K={spec.k} is not a multiple of the {fmt} block {block}", file=file,
+                                 tensor=f"{spec.module}.weight")
+
+
+def check_tensor(info: TensorInfo, spec: TensorSpec) -> None:
+    """DtypeMismatchError or ShapeMismatchError (naming the file and tensor) when a header entry's
+    dtype is not one `spec` allows or its shape is not `spec.shape`."""
+    if info.dtype not in spec.dtypes:
+        raise DtypeMismatchError(f"stored {info.dtype}, expected {' or '.join(spec.dtypes)}", file=info.file,
+                                 tensor=info.name)
+    if info.shape != spec.shape:
+        raise ShapeMismatchError(f"stored shape {list(info.shape)}, expected {list(spec.shape)}", file=info.file,
+                                 tensor=info.name)
