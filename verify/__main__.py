@@ -1,6 +1,26 @@
 """`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer, model.
 
-Each command's arguments and body live in its own module; this file only dispatches.
+Each command's arguments and body live in its own module; this file only dispatches, and
+turns user errors into one line on stderr.
+
+Exit status:
+  0  success
+  1  a verdict failed (demo, layer, model) or lint found an error finding
+  2  a usage or input error, printed as one line `verify <command>: error: <message>`:
+       UsageError              bad argument value (argparse's errors too: unknown option,
+                               invalid choice, --tokens 0, --layers 3-1 or x, a missing --inputs)
+       LayerRangeError         --layers names a layer past num_hidden_layers or one the
+                               checkpoint does not hold
+       DeviceUnavailableError  --device this machine lacks; --backend that cannot run here
+                               (the backend's own reason: no triton, no CUDA device, wrong arch)
+       CheckpointError         a defective checkpoint, printed with its subclass name:
+                               NotACheckpointError, MalformedConfigError, MissingIndexError,
+                               UnsupportedSchemaError, MalformedShardError, TruncatedShardError,
+                               MissingTensorError, DtypeMismatchError, ShapeMismatchError,
+                               NanScaleError; the message names the file and the tensor
+     (verify.errors defines the first three; verify.checkpoint the checkpoint errors.)
+Any other exception is a bug: its traceback is printed and the status is 1. `--debug` (before
+or after the command) prints the traceback of the errors above too, then their line.
 """
 
 from __future__ import annotations
@@ -8,6 +28,13 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
+
+from verify.errors import CliError, UsageError, one_line
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+PROG = "python -m verify"
 
 # command -> (module, add-arguments function, run function, help)
 COMMANDS = {
@@ -18,15 +45,29 @@ COMMANDS = {
     "layer": ("verify.layer_report", "add_layer_arguments", "cli_layer",
               "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
     "model": ("verify.layer_report", "add_model_arguments", "cli_model",
-              "every layer of a checkpoint (the layer command over all layers, with a progress bar)"),
+              "every layer the checkpoint holds (the layer command over them, with a progress bar)"),
 }
+DEBUG_HELP = "On a usage or input error, print the traceback too. Default: %(default)r."
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors raise UsageError (one line from main) instead of printing the usage."""
+
+    def error(self, message: str):
+        command = self.prog[len(PROG):].strip() or None
+        raise UsageError(f"{message}; see {self.prog} --help", command=command)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m verify", description=__doc__.splitlines()[0])
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0],
+                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                     epilog="\n".join(__doc__.splitlines()[5:]))
+    parser.add_argument("--debug", action="store_true", default=False, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module, add_args, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
+        # SUPPRESS: a subcommand's default must not overwrite a top-level --debug
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         try:
             getattr(importlib.import_module(module), add_args)(p)
         except (ImportError, AttributeError) as exc:  # a command whose module is absent stays listed
@@ -34,16 +75,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["demo", *(argv or [])])
+def _dispatch(args: argparse.Namespace) -> int:
     if getattr(args, "unavailable", None):
-        print(args.unavailable, file=sys.stderr)
-        return 2
+        raise UsageError(args.unavailable)
+    if getattr(args, "device", "auto") != "auto":  # every command's --device, before any work
+        from verify.config import check_device
+
+        check_device(args.device)
     module, _, run, _ = COMMANDS[args.command]
     return int(getattr(importlib.import_module(module), run)(args))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one command; return its exit status (see the module docstring)."""
+    from verify.checkpoint import CheckpointError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = None
+    try:
+        parser = build_parser()
+        args, extra = parser.parse_known_args(argv)
+        if args.command is None:
+            args, extra = parser.parse_known_args(["demo", *argv])
+        command = args.command
+        if extra:  # argparse's own message would not name the command
+            raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see {PROG} {command} --help")
+        return _dispatch(args)
+    except (CliError, CheckpointError) as exc:
+        if "--debug" in argv:  # also when argparse failed before it could parse --debug
+            traceback.print_exc()
+        print(one_line(exc, command or getattr(exc, "command", None)), file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from references.layer import RunOptions
 from references.linear import rms_norm
 from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
-from verify.config import GOLDEN_DIR
-from verify.backend import get_backend
+from verify.backend import Op, get_backend
+from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
+from verify.errors import DeviceUnavailableError, LayerRangeError, UsageError
 from verify.golden import environment, tensor_digest
 from verify.layer_verdicts import CHECKS, layer_dense_stages, run_check
 from verify.reference_layer import (
@@ -33,8 +35,8 @@ from verify.reference_layer import (
     run_reference_layer,
 )
 
-__all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "add_layer_arguments",
-           "cli_layer", "add_model_arguments", "cli_model"]
+__all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
+           "select_layers", "add_layer_arguments", "cli_layer", "add_model_arguments", "cli_model"]
 
 GOLDEN_CONFIGS: dict[str, RunOptions] = {
     "dynamic-after_w2": RunOptions(act_scale="dynamic", weight_placement="after_w2"),
@@ -99,14 +101,82 @@ def layer_report(ckpt: Checkpoint, layers: list[int], *, tokens: int = GOLDEN_TO
     return {"environment": environment(), "tokens": tokens, "seed": seed, "runs": runs, "timings_s": timings}
 
 
+def held_layers(ckpt: Checkpoint) -> tuple[int, ...]:
+    """The decoder layers with at least one tensor in the checkpoint's weight_map: `layers.{i}.`
+    (V4 naming) or `model.layers.{i}.` (V3), i < num_hidden_layers. A full model holds them all,
+    a single-layer fixture (v4-pro-layer) only its one; V3's MTP layer (model.layers.{num_hidden_layers})
+    and V4's (mtp.{j}) are not decoder layers."""
+    pattern = re.compile(r"layers\.(\d+)\." if ckpt.config.schema == "deepseek_v4" else r"model\.layers\.(\d+)\.")
+    held = {int(m.group(1)) for name in ckpt.weight_map if (m := pattern.match(name))}
+    return tuple(sorted(i for i in held if i < ckpt.config.num_layers))
+
+
+def select_layers(ckpt: Checkpoint, layers_arg: str | None, *, label: str) -> tuple[tuple[int, ...], str]:
+    """(layers, console line) for --layers: the parsed list, each checked against config.json's
+    layer count and against the layers the checkpoint holds (LayerRangeError naming both); with no
+    --layers, every held layer. `label` names the checkpoint in messages."""
+    held = held_layers(ckpt)
+    n = ckpt.config.num_layers
+    if not layers_arg:
+        if not held:
+            prefix = "layers." if ckpt.config.schema == "deepseek_v4" else "model.layers."
+            raise LayerRangeError(f"--checkpoint {label}: no decoder layer (its weight_map has no "
+                                  f"'{prefix}{{i}}.' tensor with i < {n})", argument="--checkpoint")
+        return held, f"layers: {format_layers(held)} (the layers this checkpoint holds)"
+    asked = parse_layers(layers_arg)
+    for bad, problem, context in (
+            ([i for i in asked if i >= n], "out of range", f"checkpoint {label} has layers {format_layers(range(n))}"),
+            ([i for i in asked if i not in held], "not in the checkpoint",
+             f"checkpoint {label} holds {_layers_noun(held)} {format_layers(held) or 'none'} of "
+             f"{format_layers(range(n))}")):
+        if bad:
+            which = _layers_noun(bad) + ("" if len(bad) == len(asked) else f" {format_layers(bad)}")
+            raise LayerRangeError(f"--layers {layers_arg}: {which} {problem} ({context})", argument="--layers")
+    return asked, f"layers: {format_layers(asked)} (--layers {layers_arg})"
+
+
+def _layers_noun(layers) -> str:
+    return "layer" if len(layers) == 1 else "layers"
+
+
+# the ops the verdicts of verify.layer_verdicts run (quantize; GEMM, host sync and graph replay of the GEMM)
+VERDICT_OPS = (Op.QUANTIZE, Op.DENSE_GEMM)
+
+
+def backend_for_verdicts(name: str, device: torch.device):
+    """The --backend that runs the verdicts on `device` (where the references run), or
+    DeviceUnavailableError carrying the backend's own unsupported_reason."""
+    try:
+        backend = get_backend(name, device if device.type == "cuda" else None)
+    except ImportError as e:
+        raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({e})", argument="--backend") from None
+    for op in VERDICT_OPS:
+        reason = backend.unsupported_reason(op, device)
+        if reason:
+            hint = f"; the references run on --device {device}, pass --device cuda" \
+                if device.type != "cuda" and torch.cuda.is_available() else ""
+            raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reason}{hint})",
+                                         argument="--backend")
+    return backend
+
+
+def display_path(path: str | Path) -> str:
+    """`path` relative to the working directory when below it (golden/mini-v4), else as given."""
+    try:
+        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
+    except (ValueError, OSError):
+        return str(path)
+
+
 # ----------------------------------------------------------------------------- CLI
 
 
 def add_layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
                    help="Checkpoint directory. Default: the committed mini-v4 fixture.")
-    p.add_argument("--layers", default=None, help="Layers, e.g. '0,3,5-7'. Default: every layer.")
-    p.add_argument("--tokens", type=int, default=GOLDEN_TOKENS, help="Tokens per layer. Default: %(default)r.")
+    p.add_argument("--layers", default=None,
+                   help="Layers, e.g. '0,3,5-7'. Default: every layer the checkpoint holds.")
+    p.add_argument("--tokens", type=positive_int, default=GOLDEN_TOKENS, help="Tokens per layer. Default: %(default)r.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the token ids / inputs. Default: %(default)r.")
     p.add_argument("--inputs", default=None,
                    help="safetensors with x_ffn [T, H] (and x_attn, token_ids) instead of embeddings.")
@@ -130,23 +200,32 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_model(args: argparse.Namespace) -> int:
-    """`python -m verify model`: `layer` over every layer of the checkpoint (--layers still narrows it)."""
+    """`python -m verify model`: `layer` over every layer the checkpoint holds (--layers still narrows it)."""
     return cli_layer(args)
 
 
 def cli_layer(args: argparse.Namespace) -> int:
-    """Print per layer a rich table of the quantization loss per stage; optional JSON report."""
+    """Print per layer a rich table of the quantization loss per stage; optional JSON report.
+
+    Every user error (bad --layers / --inputs / --json, a device or backend this machine lacks, a
+    checkpoint defect) is raised before any layer runs where it can be: verify.errors and
+    verify.checkpoint's classes, which `python -m verify` prints as one line (exit status 2)."""
     from rich.console import Console
     from rich.progress import Progress
     from rich.table import Table
 
-    from verify.config import parse_layers
-
+    if args.inputs and not Path(args.inputs).is_file():
+        raise UsageError(f"--inputs {args.inputs}: invalid value (no such file)", argument="--inputs")
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        raise UsageError(f"--json {args.json}: invalid value (directory {Path(args.json).parent} does not exist)",
+                         argument="--json")
+    backend = backend_for_verdicts(args.backend, torch.device(args.device)) if args.backend else None
     console = Console()
     if not console.is_terminal:  # a log file or pipe: do not truncate stage names to 80 columns
         console = Console(width=140)
     ckpt = Checkpoint.open(args.checkpoint)
-    layers = list(parse_layers(args.layers)) or list(range(ckpt.config.num_layers))
+    layers, layers_line = select_layers(ckpt, args.layers, label=display_path(args.checkpoint))
+    console.print(layers_line)
     fp8_fmt = args.fp8_scale_fmt if args.fp8_scale_fmt != "auto" else \
         ("ue8m0" if ckpt.config.schema == "deepseek_v4" else "f32")  # V4 FP8 uses E8M0 scales, V3 float32
     options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
@@ -182,7 +261,7 @@ def cli_layer(args: argparse.Namespace) -> int:
             console.print(f"emulated {t_emu:.2f} s, both modes {timings[run_id(i, name)]['total_s']:.2f} s")
             if args.backend:
                 stages = layer_dense_stages(ckpt, layer, inputs, options, emulated=emulated, high=high)
-                verdicts = backend_verdicts(get_backend(args.backend), stages)
+                verdicts = backend_verdicts(backend, stages)
                 runs[run_id(i, name)]["verdicts"] = verdicts
                 failed += sum(not v["passed"] for per in verdicts.values() for v in per.values())
                 console.print(verdict_table(i, args.backend, verdicts))

@@ -3,7 +3,15 @@
 Findings are data (severity, code, tensor, message, numbers), rendered as a rich table
 and as JSON; any `error` finding makes the exit status non-zero.
 
-Checks, per layer:
+Checks, first for the whole checkpoint (headers and file sizes only, no tensor data):
+  structure   every file the index names and every *.safetensors file: the header against the file
+              size (truncated, padded, offsets that overlap / leave gaps / do not start at 0 / are not
+              in header order, byte count != prod(shape) * itemsize, unknown dtype, malformed header),
+              and the index against the headers (missing file, a tensor the named file lacks, a
+              tensor or file the index does not list); codes in STRUCTURE_DEFECT_CODES, each an error
+              naming the file and the tensor. A layer with a tensor in a file with structural errors
+              is not checked further (one `layer_not_checked` warning).
+then per layer:
   schema      every tensor's dtype and shape against the schema (each defect is one finding)
   scales      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
               weight_scale_2, input_scale, weight_scale_inv
@@ -43,8 +51,8 @@ from torch import Tensor
 
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.checkpoint import (
-    Checkpoint, CheckpointError, GatedMlp, LayerWeights, Nvfp4Linear, check_linear_k, check_tensor, iter_linears,
-    layer_schema, linear_format_of, linear_tensor_specs, scale_defects,
+    Checkpoint, CheckpointError, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear, check_linear_k,
+    check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs, scale_defects, structure_defects,
 )
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
@@ -59,13 +67,15 @@ SEVERITIES = ("error", "warning", "info")
 @dataclass(frozen=True)
 class Finding:
     """One lint result. severity: error | warning | info; code: stable identifier;
-    tensor: the tensor (or module / layer) it concerns; numbers: the measured values."""
+    tensor: the tensor (or module / layer) it concerns ("" for a whole file); numbers: the
+    measured values; file: the checkpoint file it concerns, where one is known."""
 
     severity: str
     code: str
     tensor: str
     message: str
     numbers: Mapping[str, float] = field(default_factory=dict)
+    file: str | None = None
 
 
 @dataclass(frozen=True)
@@ -98,14 +108,14 @@ def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
     try:
         infos = ck.headers_for(names)
     except CheckpointError as e:
-        return [Finding("error", type(e).__name__, e.tensor or f"layer {i}", str(e))]
+        return [_error_finding(e, f"layer {i}")]
     for spec in schema.linear_specs():
         try:
             fmt = linear_format_of(spec.module, infos)
             check_linear_k(spec, fmt, infos[f"{spec.module}.weight"].file)
             tspecs = linear_tensor_specs(fmt, spec.module, spec.n, spec.k, infos)
         except CheckpointError as e:
-            out.append(Finding("error", type(e).__name__, e.tensor or spec.module, str(e)))
+            out.append(_error_finding(e, spec.module))
             continue
         for t in tspecs:
             out.extend(_check_one(ck, infos, t))
@@ -117,13 +127,24 @@ def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
 def _check_one(ck: Checkpoint, infos, tspec) -> list[Finding]:
     info = infos.get(tspec.name)
     if info is None:
+        where = ck.index_path or ck.directory
         return [Finding("error", "MissingTensorError", tspec.name, f"required by the schema, not in the weight_map "
-                                                                   f"[file {ck.index_path or ck.directory}]")]
+                                                                   f"[file {where}]", file=str(where))]
     try:
         check_tensor(info, tspec)
     except CheckpointError as e:
-        return [Finding("error", type(e).__name__, tspec.name, str(e))]
+        return [_error_finding(e, tspec.name)]
     return []
+
+
+def _error_finding(e: CheckpointError, default_tensor: str) -> Finding:
+    """A CheckpointError as an error finding: its class name is the code."""
+    return Finding("error", type(e).__name__, e.tensor or default_tensor, str(e), file=e.file)
+
+
+def _structure_findings(directory: str | Path) -> list[Finding]:
+    """Every structural defect of the checkpoint's files and index (headers and sizes only)."""
+    return [Finding("error", d.code, d.tensor or "", d.message, file=str(d.file)) for d in structure_defects(directory)]
 
 
 def _scale_findings(layer: LayerWeights) -> list[Finding]:
@@ -267,18 +288,28 @@ def _exclude_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Findin
 
 def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = None) -> LintReport:
     """Lint a checkpoint directory; never raises for checkpoint defects (they become findings)."""
+    structure = _structure_findings(directory)
     try:
         ck = Checkpoint.open(directory)
     except CheckpointError as e:
-        return LintReport(str(directory), "?", (Finding("error", type(e).__name__, e.tensor or str(directory),
-                                                        str(e)),))
-    findings: list[Finding] = []
+        # A shard defect that stops open (one shard, no index) is already among the structure findings.
+        opened = [] if structure and isinstance(e, MalformedShardError) else [_error_finding(e, str(directory))]
+        return LintReport(str(directory), "?", tuple(_sorted(structure + opened)))
+    findings: list[Finding] = list(structure)
+    broken = {f.file for f in structure}
     formats: dict[str, str] = {}
     todo = list(layers) if layers is not None else list(range(ck.config.num_layers))
     for i in todo:
-        if not ck.layer_names(i):
+        names = ck.layer_names(i)
+        if not names:
             findings.append(Finding("warning", "layer_absent", layer_schema(ck.config, i).prefix,
                                     "no tensor of this layer is in the weight_map"))
+            continue
+        bad = sorted({str(ck.directory / ck.weight_map[n]) for n in names} & broken)
+        if bad:
+            findings.append(Finding("warning", "layer_not_checked", layer_schema(ck.config, i).prefix,
+                                    f"not checked: {len(bad)} of its files have structural errors (first "
+                                    f"{Path(bad[0]).name})", file=bad[0]))
             continue
         schema_f = _schema_findings(ck, i)
         findings.extend(schema_f)
@@ -288,7 +319,7 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
             plan = ck.plan_layer(i)
             layer = ck.load_layer(i, check_scales=False)
         except CheckpointError as e:
-            findings.append(Finding("error", type(e).__name__, e.tensor or f"layer {i}", str(e)))
+            findings.append(_error_finding(e, f"layer {i}"))
             continue
         formats.update({m: fmt for m, (_, fmt, _) in plan.linears.items()})
         for n in plan.extras:
@@ -299,9 +330,12 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
         findings.extend(_saturation_findings(layer))
         findings.extend(_nibble_findings(layer))
     findings.extend(_exclude_findings(ck, formats))
+    return LintReport(str(directory), ck.config.schema, tuple(_sorted(findings)))
+
+
+def _sorted(findings: list[Finding]) -> list[Finding]:
     order = {s: j for j, s in enumerate(SEVERITIES)}
-    findings.sort(key=lambda f: (order[f.severity], f.code, f.tensor))
-    return LintReport(str(directory), ck.config.schema, tuple(findings))
+    return sorted(findings, key=lambda f: (order[f.severity], f.code, f.tensor, f.file or ""))
 
 
 def render_report(report: LintReport, *, console=None, show_info: bool = False) -> None:
@@ -311,7 +345,7 @@ def render_report(report: LintReport, *, console=None, show_info: bool = False) 
 
     console = console or Console()
     table = Table(title=f"lint {report.checkpoint} ({report.schema})")
-    for col in ("severity", "code", "tensor", "message"):
+    for col in ("severity", "code", "file", "tensor", "message"):
         table.add_column(col, overflow="fold")
     style = {"error": "bold red", "warning": "yellow", "info": "dim"}
     hidden = 0
@@ -319,7 +353,8 @@ def render_report(report: LintReport, *, console=None, show_info: bool = False) 
         if f.severity == "info" and not show_info:
             hidden += 1
             continue
-        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, f.tensor, f.message)
+        table.add_row(f"[{style[f.severity]}]{f.severity}[/]", f.code, Path(f.file).name if f.file else "", f.tensor,
+                      f.message)
     console.print(table)
     counts = report.to_json()["counts"]
     console.print(f"{counts['error']} errors, {counts['warning']} warnings, {counts['info']} info"

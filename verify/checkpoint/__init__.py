@@ -13,9 +13,9 @@ One module per concern; this package re-exports their public names:
   schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks
   weights      typed linears (Nvfp4Linear, Fp8BlockLinear, Mxfp4Linear, Bf16Linear), GatedMlp,
                Router, LayerWeights, iter_linears
-  safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header parser and the raw reader
+  safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header scan and parser, the raw reader
   loader       Checkpoint, LayerPlan
-  defects      scale_defects and the other defect checks
+  defects      structure_defects (every file and the index, headers only), scale_defects
 
 Source of names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5.
 """
@@ -24,15 +24,16 @@ from verify.checkpoint.config import (
     FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelConfig, QuantConfig, model_config_from_json, quant_config_from_dir,
     read_json_object,
 )
-from verify.checkpoint.defects import scale_defects
+from verify.checkpoint.defects import INDEX_DEFECT_CODES, STRUCTURE_DEFECT_CODES, scale_defects, structure_defects
 from verify.checkpoint.errors import (
     CheckpointError, DtypeMismatchError, MalformedConfigError, MalformedShardError, MissingIndexError,
     MissingTensorError, NanScaleError, NotACheckpointError, ShapeMismatchError, TruncatedShardError,
     UnsupportedSchemaError,
 )
-from verify.checkpoint.loader import INDEX_FILE, Checkpoint, LayerPlan
+from verify.checkpoint.loader import Checkpoint, LayerPlan
 from verify.checkpoint.safetensors import (
-    SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
+    INDEX_FILE, SAFETENSORS_DTYPES, SHARD_DEFECT_CODES, IoStats, ShardDefect, ShardScan, TensorInfo,
+    read_safetensors_header, read_tensor_bytes, scan_safetensors_header,
 )
 from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
@@ -58,9 +59,10 @@ __all__ = [
     "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
     "iter_linears", "make_linear",
     # safetensors
-    "SAFETENSORS_DTYPES", "TensorInfo", "IoStats", "read_safetensors_header", "read_tensor_bytes",
+    "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
+    "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",
     # loader
-    "Checkpoint", "LayerPlan", "INDEX_FILE",
+    "Checkpoint", "LayerPlan",
     # defects
-    "scale_defects",
+    "structure_defects", "scale_defects", "INDEX_DEFECT_CODES", "STRUCTURE_DEFECT_CODES",
 ]

@@ -28,7 +28,7 @@ from verify.checkpoint.errors import (
     NotACheckpointError,
 )
 from verify.checkpoint.safetensors import (
-    SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
+    INDEX_FILE, SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
 )
 from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
@@ -36,9 +36,7 @@ from verify.checkpoint.schema import (
 )
 from verify.checkpoint.weights import GatedMlp, LayerWeights, Linear, Router, iter_linears, make_linear
 
-__all__ = ["Checkpoint", "LayerPlan", "INDEX_FILE"]
-
-INDEX_FILE = "model.safetensors.index.json"
+__all__ = ["Checkpoint", "LayerPlan"]
 
 
 class Checkpoint:
@@ -79,6 +77,10 @@ class Checkpoint:
             wm = idx.get("weight_map")
             if not isinstance(wm, dict) or not wm:
                 raise MissingIndexError("index has no (or an empty) weight_map", file=index_path)
+            bad = next((n for n, shard in wm.items() if not isinstance(shard, str) or not shard), None)
+            if bad is not None:
+                raise MissingIndexError(f"weight_map maps it to {wm[bad]!r}, not a file name", file=index_path,
+                                        tensor=bad)
             ck = cls(d, config, raw, quant, wm, index_path)
         else:
             shards = sorted(p for p in d.glob("*.safetensors"))

@@ -1,5 +1,6 @@
 """The safetensors file format, read by hand: header entries (`TensorInfo`), what was read
-(`IoStats`), the header parser and the raw byte reader.
+(`IoStats`), the header scan (`scan_safetensors_header`: every structural defect of one file,
+from its header and size alone), the strict header parser and the raw byte reader.
 
 Why not `safetensors.safe_open`: parsing the 8-byte-length + JSON header here lets the loader
 (1) report truncation and header/offset defects with the file and tensor name before any byte of
@@ -20,7 +21,10 @@ from torch import Tensor
 
 from verify.checkpoint.errors import MalformedShardError, MissingTensorError, TruncatedShardError
 
-__all__ = ["SAFETENSORS_DTYPES", "TensorInfo", "IoStats", "read_safetensors_header", "read_tensor_bytes"]
+__all__ = ["SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan",
+           "SHARD_DEFECT_CODES", "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes"]
+
+INDEX_FILE = "model.safetensors.index.json"
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
@@ -63,51 +67,189 @@ class IoStats:
 _MAX_HEADER = 100 * 1024 * 1024
 
 
-def read_safetensors_header(path: Path, stats: IoStats | None = None) -> dict[str, TensorInfo]:
-    """Parse one safetensors file's header; validate offsets against the file size."""
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
-        raise MissingTensorError("shard named by the index does not exist", file=path) from None
-    with f:
+# Structural defects of one safetensors file, by code; each is found from the header and the file
+# size alone. The loader refuses all but offsets_out_of_order (which safetensors itself accepts).
+SHARD_DEFECT_CODES: dict[str, str] = {
+    "header_malformed": "the 8-byte header length is implausible, the header is not a JSON object, or an entry "
+                        "lacks dtype / shape / data_offsets or holds non-integers or a descending offset pair",
+    "dtype_unknown": "an entry's dtype is not a safetensors dtype",
+    "byte_count_mismatch": "an entry's data_offsets span != prod(shape) * itemsize of its dtype",
+    "offsets_not_from_zero": "the first tensor's bytes do not start at data offset 0",
+    "offsets_gap": "bytes between two tensors belong to no tensor",
+    "offsets_overlap": "two tensors share bytes",
+    "offsets_out_of_order": "the data is not in header order (every writer lays it out in header order; an entry "
+                            "listed later whose bytes come first has had its offsets edited or swapped)",
+    "shard_truncated": "the file ends before its header, or before the last tensor's bytes",
+    "shard_padded": "bytes after the last tensor's data",
+}
+
+
+@dataclass(frozen=True)
+class ShardDefect:
+    """One structural defect of a checkpoint file. code: a key of SHARD_DEFECT_CODES (or of
+    verify.checkpoint.defects.INDEX_DEFECT_CODES); tensor: the entry it concerns, None for the file."""
+
+    code: str
+    file: Path
+    tensor: str | None
+    message: str
+
+
+@dataclass(frozen=True)
+class ShardScan:
+    """A safetensors file read up to the end of its header.
+
+    names: every entry of the header, in header order (empty when the header did not parse:
+    header_read is False); infos: the entries that are usable (parsed, known dtype, matching
+    byte count), in header order; defects: every structural defect found."""
+
+    file: Path
+    size: int
+    header_read: bool
+    names: tuple[str, ...]
+    infos: dict[str, TensorInfo]
+    defects: tuple[ShardDefect, ...]
+
+
+def scan_safetensors_header(path: Path, stats: IoStats | None = None) -> ShardScan:
+    """Parse one safetensors file's header and check it against the file size; never raises for a
+    defect (FileNotFoundError for a missing file). Reads 8 + header-length bytes, no tensor data.
+
+    Layout rule (the safetensors format): the data section starts right after the header; the
+    tensors' [begin, end) data_offsets tile it from 0 to its end, without gaps or overlaps, in
+    header order."""
+    defects: list[ShardDefect] = []
+
+    def found(code: str, message: str, tensor: str | None = None) -> None:
+        defects.append(ShardDefect(code, path, tensor, message))
+
+    def scan(header_read: bool, names=(), infos=None) -> ShardScan:
+        return ShardScan(path, size, header_read, tuple(names), infos or {}, tuple(defects))
+
+    with open(path, "rb") as f:
         if stats is not None:
             stats.files_opened.append(path.name)
         size = os.fstat(f.fileno()).st_size
         head = f.read(8)
         if len(head) < 8:
-            raise TruncatedShardError(f"file is {size} bytes, shorter than the 8-byte header length", file=path)
+            found("shard_truncated", f"file is {size} bytes, shorter than the 8-byte header length")
+            return scan(False)
         n = int.from_bytes(head, "little")
         if n > _MAX_HEADER:
-            raise MalformedShardError(f"header length {n} is implausible", file=path)
+            found("header_malformed", f"header length {n} is implausible")
+            return scan(False)
         if 8 + n > size:
-            raise TruncatedShardError(f"header says {n} header bytes but the file has {size - 8}", file=path)
+            found("shard_truncated", f"header says {n} header bytes but the file has {size - 8}")
+            return scan(False)
         raw = f.read(n)
         if stats is not None:
             stats.header_bytes += 8 + n
     try:
         header = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MalformedShardError(f"header is not valid JSON ({e})", file=path) from None
+        found("header_malformed", f"header is not valid JSON ({e})")
+        return scan(False)
+    if not isinstance(header, dict):
+        found("header_malformed", f"header is a JSON {type(header).__name__}, not an object")
+        return scan(False)
     data_start, data_size = 8 + n, size - 8 - n
-    out: dict[str, TensorInfo] = {}
+    names: list[str] = []
+    infos: dict[str, TensorInfo] = {}
+    placed: list[tuple[int, int, str]] = []  # (begin, end, name) of entries with a valid offset pair, header order
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype, shape, (lo, hi) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError):
-            raise MalformedShardError(f"bad header entry {entry!r}", file=path, tensor=name) from None
+        names.append(name)
+        parsed = _parse_entry(entry)
+        if parsed is None:
+            found("header_malformed", f"bad header entry {entry!r}", name)
+            continue
+        dtype, shape, lo, hi = parsed
+        if not 0 <= lo <= hi:
+            found("header_malformed", f"data_offsets [{lo}, {hi}) are not an ascending pair of non-negative "
+                                      "offsets", name)
+            continue
+        placed.append((lo, hi, name))
         if dtype not in SAFETENSORS_DTYPES:
-            raise MalformedShardError(f"unknown dtype {dtype!r}", file=path, tensor=name)
+            found("dtype_unknown", f"unknown dtype {dtype!r}", name)
+            continue
         want = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
-        if hi - lo != want or lo < 0:
-            raise MalformedShardError(f"data_offsets [{lo}, {hi}) hold {hi - lo} bytes, {dtype}{list(shape)} "
-                                      f"needs {want}", file=path, tensor=name)
-        if hi > data_size:
-            raise TruncatedShardError(f"tensor bytes [{lo}, {hi}) run past the end of the data "
-                                      f"({data_size} bytes): the file is truncated", file=path, tensor=name)
-        out[name] = TensorInfo(name, path, dtype, shape, data_start + lo, data_start + hi)
+        if hi - lo != want:
+            found("byte_count_mismatch", f"data_offsets [{lo}, {hi}) hold {hi - lo} bytes, {dtype}{list(shape)} "
+                                         f"needs {want}", name)
+            continue
+        infos[name] = TensorInfo(name, path, dtype, shape, data_start + lo, data_start + hi)
+    defects.extend(_layout_defects(path, placed, size, data_size))
+    return scan(True, names, infos)
+
+
+def _parse_entry(entry) -> tuple[str, tuple[int, ...], int, int] | None:
+    """(dtype, shape, begin, end) of a header entry, or None when it is not
+    {"dtype": str, "shape": [int >= 0, ...], "data_offsets": [int, int]}."""
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if not isinstance(entry, dict):
+        return None
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(dtype, str) and isinstance(shape, list) and all(is_int(d) and d >= 0 for d in shape)
+            and isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) for o in offsets)):
+        return None
+    return dtype, tuple(shape), offsets[0], offsets[1]
+
+
+def _layout_defects(path: Path, placed: list[tuple[int, int, str]], size: int, data_size: int) -> list[ShardDefect]:
+    """Gaps, overlaps, a late start, truncation, padding and header-order violations of the data
+    section, from the entries' [begin, end) pairs (header order) and the data section's size."""
+    out: list[ShardDefect] = []
+    cursor, last = 0, None  # end of the bytes covered so far, and the tensor that ends there
+    for lo, hi, name in sorted(placed):
+        if lo > cursor and last is None:
+            out.append(ShardDefect("offsets_not_from_zero", path, name,
+                                   f"the first tensor's bytes start at data offset {lo}, not 0: {lo} bytes after the "
+                                   "header belong to no tensor"))
+        elif lo > cursor:
+            out.append(ShardDefect("offsets_gap", path, name, f"{lo - cursor} bytes [{cursor}, {lo}) between "
+                                                              f"{last!r} and this tensor belong to no tensor"))
+        elif lo < cursor and hi > lo:
+            out.append(ShardDefect("offsets_overlap", path, name, f"its bytes [{lo}, {hi}) overlap "
+                                                                  f"[{lo}, {min(hi, cursor)}) of {last!r}"))
+        if hi >= cursor:
+            cursor, last = hi, name
+    past = sorted(p for p in placed if p[1] > data_size)
+    if past:
+        lo, hi, name = past[0]
+        out.append(ShardDefect("shard_truncated", path, name,
+                               f"tensor bytes [{lo}, {hi}) run past the end of the data ({data_size} bytes): the file "
+                               f"is truncated ({size} bytes, {cursor - data_size} short; {len(past)} tensor(s) cut)"))
+    elif cursor < data_size:
+        out.append(ShardDefect("shard_padded", path, last,
+                               f"{data_size - cursor} bytes after the last tensor's data (the tensors end at data "
+                               f"offset {cursor}, the file holds {data_size} data bytes)"))
+    late = [(prev, cur) for prev, cur in zip(placed, placed[1:]) if cur[0] < prev[0]]
+    if late:
+        (plo, phi, prev), (lo, hi, name) = late[0]
+        out.append(ShardDefect("offsets_out_of_order", path, name,
+                               f"listed after {prev!r} but its bytes [{lo}, {hi}) come before that tensor's "
+                               f"[{plo}, {phi}): the data is not in header order ({len(late)} such pair(s))"))
     return out
+
+
+def read_safetensors_header(path: Path, stats: IoStats | None = None) -> dict[str, TensorInfo]:
+    """Parse one safetensors file's header; validate it against the file size (scan_safetensors_header).
+
+    Raises the first structural defect other than offsets_out_of_order: TruncatedShardError for
+    shard_truncated, MalformedShardError for the others (both naming the file and the tensor);
+    MissingTensorError when the file does not exist."""
+    try:
+        scan = scan_safetensors_header(path, stats)
+    except FileNotFoundError:
+        raise MissingTensorError("shard named by the index does not exist", file=path) from None
+    for d in scan.defects:
+        if d.code != "offsets_out_of_order":
+            error = TruncatedShardError if d.code == "shard_truncated" else MalformedShardError
+            raise error(d.message, file=path, tensor=d.tensor)
+    return scan.infos
 
 
 def read_tensor_bytes(infos: list[TensorInfo], dst_u8: Tensor, stats: IoStats | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -14,7 +15,8 @@ from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
 from verify.assertions import assert_bytes_equal, assert_within_gemm_bound, describe_e4m3
 from verify.backend import EmulatorBackend, Op, get_backend
-from verify.config import RunConfig, parse_layers
+from verify.config import RunConfig, check_device, format_layers, parse_layers, positive_int
+from verify.errors import DeviceUnavailableError, UsageError
 from verify.metrics import stage_metrics
 
 
@@ -65,10 +67,34 @@ def test_metrics_of_identical_tensors_and_of_noise():
 
 def test_run_config_and_layer_parsing():
     assert parse_layers("0,3,5-7") == (0, 3, 5, 6, 7)
+    assert format_layers(parse_layers("7,0-3,5")) == "0-3,5,7"
     with pytest.raises(ValueError, match="cannot parse 'x'"):
         parse_layers("1,x")
     with pytest.raises(ValueError, match="backend='nope'"):
         RunConfig(backend="nope")
+
+
+@pytest.mark.parametrize("text,problem", [("3-1", "runs backwards"), ("-1", "cannot parse '-1'"),
+                                          ("0,,2", "cannot parse ''")], ids=["backwards", "negative", "empty-token"])
+def test_bad_layers_are_usage_errors_naming_the_argument(text, problem):
+    with pytest.raises(UsageError, match=problem) as e:
+        parse_layers(text)
+    assert str(e.value).startswith(f"--layers {text}: invalid value") and e.value.argument == "--layers"
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "x", "1.5"])
+def test_counts_must_be_positive_integers(text):
+    with pytest.raises(argparse.ArgumentTypeError, match=f"invalid value '{text}'"):
+        positive_int(text)
+
+
+def test_device_check_names_the_device_this_machine_lacks():
+    assert check_device("cpu") == torch.device("cpu")
+    with pytest.raises(UsageError, match="--device nodevice: invalid value"):
+        check_device("nodevice")
+    absent = f"cuda:{torch.cuda.device_count()}"
+    with pytest.raises(DeviceUnavailableError, match=f"--device {absent}: device unavailable"):
+        check_device(absent)
 
 
 def test_cli_demo_passes_and_writes_json(tmp_path):

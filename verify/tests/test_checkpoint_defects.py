@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from verify.checkpoint import (
-    Checkpoint, CheckpointError, DtypeMismatchError, MissingIndexError, MissingTensorError, NanScaleError,
-    NotACheckpointError, ShapeMismatchError, TruncatedShardError,
+    Checkpoint, CheckpointError, DtypeMismatchError, MalformedShardError, MissingIndexError, MissingTensorError,
+    NanScaleError, NotACheckpointError, ShapeMismatchError, TruncatedShardError, read_safetensors_header,
 )
 from verify.config import GOLDEN_DIR
 from verify.fixtures import make_edited_checkpoint
@@ -37,6 +37,29 @@ def test_truncated_shard(tmp_path):
     with pytest.raises(TruncatedShardError) as e:
         Checkpoint.open(d).load_layer(3)
     assert shard.name in str(e.value) and e.value.tensor and e.value.tensor.startswith("layers.3.")
+
+
+def test_truncated_globals_shard_names_norm_weight(tmp_path):
+    d = make_edited_checkpoint(MINI_V4, tmp_path / "ck", lambda n, t: t)
+    shard = d / _shard_of(d, "norm.weight")
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size - 100)
+    with pytest.raises(TruncatedShardError) as e:
+        Checkpoint.open(d).get_tensor("norm.weight")
+    assert e.value.tensor == "norm.weight" and shard.name in str(e.value)
+
+
+def test_padded_shard_is_refused(tmp_path):
+    """Bytes after the last tensor: safetensors itself refuses such a file, and so does the loader."""
+    d = make_edited_checkpoint(MINI_V4, tmp_path / "ck", lambda n, t: t)
+    shard = d / _shard_of(d, T)
+    last = max(read_safetensors_header(shard).values(), key=lambda i: i.end).name
+    with open(shard, "ab") as f:
+        f.write(bytes(64))
+    with pytest.raises(MalformedShardError) as e:
+        Checkpoint.open(d).load_layer(3)
+    assert not isinstance(e.value, TruncatedShardError)
+    assert e.value.tensor == last and shard.name in str(e.value) and "64 bytes after the last tensor" in str(e.value)
 
 
 @pytest.mark.parametrize("name,where", [(T, ".safetensors"), ("layers.3.ffn.gate.bias", "model.safetensors.index.json"),

@@ -1,0 +1,48 @@
+"""The command-line errors `python -m verify` reports as one line on stderr, with exit status 2.
+
+A defective checkpoint raises verify.checkpoint.CheckpointError (and its subclasses); the
+classes here are the other user errors: a bad argument value, a layer the checkpoint does
+not have, a device or backend this machine cannot run. Each message starts with the
+argument and its value, then says what is wrong, e.g.
+    --layers 7: layer out of range (checkpoint golden/mini-v4 has layers 0-3)
+    --device cuda: device unavailable (torch 2.5.0+cpu is built without CUDA)
+A bug is none of these: it keeps its traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "one_line"]
+
+
+class CliError(Exception):
+    """A user error of the command line. `argument` is the option at fault (e.g. "--layers"), or
+    None; `command` the subcommand, where known before dispatch (argparse errors)."""
+
+    def __init__(self, message: str, *, argument: str | None = None, command: str | None = None):
+        super().__init__(message)
+        self.argument = argument
+        self.command = command
+
+
+class UsageError(CliError, ValueError):
+    """An argument value that cannot be used: unparsable, empty range, a missing input file,
+    or anything argparse rejects. A ValueError too, so parse_layers keeps its contract."""
+
+
+class LayerRangeError(UsageError):
+    """--layers names a layer past config.json's num_hidden_layers, or one the checkpoint does
+    not hold (a single-layer checkpoint); or the checkpoint holds no decoder layer at all."""
+
+
+class DeviceUnavailableError(CliError):
+    """--device names a device this machine lacks, or --backend cannot run here (the message
+    carries the backend's own unsupported_reason)."""
+
+
+def one_line(exc: BaseException, command: str | None) -> str:
+    """`verify <command>: error: <message>` on one line; checkpoint errors (whose messages name
+    the file and tensor, not their kind) are prefixed with their class name."""
+    text = " ".join(str(exc).split())
+    if not isinstance(exc, CliError):
+        text = f"{type(exc).__name__}: {text}"
+    return f"verify {command}: error: {text}" if command else f"verify: error: {text}"
