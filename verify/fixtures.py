@@ -15,8 +15,10 @@ Presets:
   v4-pro-layer  layer 3 of DeepSeek-V4-Pro at full size (hidden 7168, 384 experts x 3072),
                 generated on the GPU; never committed.
 
-Generation is deterministic per device: one seeded torch.Generator on that device,
-drawn in a fixed order. Everything runs the same on CPU and CUDA.
+Generation is bit-reproducible everywhere: one seeded verify.rng.CounterRng (integer hashing,
+then correctly rounded float ops only; log-normal gains from a table of correctly rounded
+exp values), drawn in a fixed order. The same bytes come out on any CPU vector path
+(ATEN_CPU_CAPABILITY), on CUDA and with any torch release.
 Data generators are named make_*; they are not emulators.
 """
 
@@ -38,6 +40,7 @@ from torch import Tensor
 from references.codecs import f32_to_e2m1_codes, f32_to_e4m3_bytes, f32_to_ue8m0_bytes
 from references.nvfp4 import global_dec_scale_from_amax, pack_e2m1x2_low_first, quantize_nvfp4_weight_checkpoint
 from references.recipes import MODELOPT
+from verify.rng import CounterRng
 
 __all__ = [
     "FixturePreset", "PRESETS", "make_checkpoint", "make_heavy_tailed_weight", "make_fp8_block128_tensors",
@@ -103,18 +106,17 @@ PRESETS: dict[str, FixturePreset] = {
 # ============================================================================= data generators
 
 
-def make_heavy_tailed_weight(n: int, k: int, *, gen: torch.Generator, outlier_frac: float = 1 / 64,
+def make_heavy_tailed_weight(n: int, k: int, *, gen: CounterRng, outlier_frac: float = 1 / 64,
                              outlier_gain: float = 12.0, row_gain: Tensor | None = None,
                              col_gain: Tensor | None = None) -> Tensor:
     """[n, k] float32 test weights: Gaussian times a log-normal scale (heavy tails), std about
     1/sqrt(k). Input channels (columns) are scaled by col_gain when given, else a few random whole
     columns are amplified by outlier_gain (outlier channels); rows are scaled by row_gain if given."""
-    dev = gen.device
-    w = torch.randn(n, k, generator=gen, device=dev)
-    w.mul_(torch.randn(n, k, generator=gen, device=dev).mul_(0.5).exp_())
+    w = gen.normal((n, k))
+    w.mul_(gen.lognormal((n, k), sigma=0.5))
     if col_gain is None:
         n_out = max(1, int(k * outlier_frac))
-        cols = torch.randperm(k, generator=gen, device=dev)[:n_out]
+        cols = gen.permutation(k)[:n_out]
         w[:, cols] *= outlier_gain
     else:
         w.mul_(col_gain.reshape(1, k))
@@ -123,21 +125,21 @@ def make_heavy_tailed_weight(n: int, k: int, *, gen: torch.Generator, outlier_fr
     return w.mul_(1.0 / math.sqrt(k))
 
 
-def make_channel_gains(k: int, *, gen: torch.Generator, outlier_frac: float = 1 / 64,
+def make_channel_gains(k: int, *, gen: CounterRng, outlier_frac: float = 1 / 64,
                        outlier_gain: float = 12.0, sigma: float = 0.5) -> Tensor:
     """[k] float32 per-channel gains: log-normal(0, sigma) with a few outlier channels x outlier_gain.
     One hidden-channel vector is shared by a layer's MLPs (the residual stream's outlier features,
     read by w1/w3 columns and written by w2 rows); each expert draws its own neuron gains (w1/w3
     rows, w2 columns). This cross-tensor structure is what the nibble-order lint keys on."""
-    g = torch.randn(k, generator=gen, device=gen.device).mul_(sigma).exp_()
+    g = gen.lognormal(k, sigma=sigma)
     n_out = max(1, int(k * outlier_frac))
-    g[torch.randperm(k, generator=gen, device=gen.device)[:n_out]] *= outlier_gain
+    g[gen.permutation(k)[:n_out]] *= outlier_gain
     return g
 
 
-def make_input_scale(gen: torch.Generator) -> Tensor:
+def make_input_scale(gen: CounterRng) -> Tensor:
     """A plausible static activation decode scale amax_x / 2688 (amax_x in [2, 40)), 0-d float32."""
-    amax = torch.rand((), generator=gen, device=gen.device) * 38 + 2
+    amax = (gen.uniform(()) * 38 + 2).to(torch.float32)
     return global_dec_scale_from_amax(amax)
 
 
@@ -185,7 +187,7 @@ def make_mxfp4_tensors(w_f32: Tensor) -> dict[str, Tensor]:
     return {"weight": pack_e2m1x2_low_first(codes).view(torch.int8), "scale": s_u8.view(torch.float8_e8m0fnu)}
 
 
-def make_linear_tensors(fmt: str, w_f32: Tensor, gen: torch.Generator, *, schema: str,
+def make_linear_tensors(fmt: str, w_f32: Tensor, gen: CounterRng, *, schema: str,
                         amax_f32: Tensor | None = None, input_scale_f32: Tensor | None = None) -> dict[str, Tensor]:
     """The checkpoint tensors (suffix -> tensor) of one linear in format fmt."""
     if fmt == "nvfp4":
@@ -200,7 +202,7 @@ def make_linear_tensors(fmt: str, w_f32: Tensor, gen: torch.Generator, *, schema
 
 
 def make_gated_mlp_tensors(prefix: str, names: tuple[str, str, str], hidden: int, inter: int, fmt: str,
-                           gen: torch.Generator, *, schema: str, hidden_gain: Tensor | None = None) -> dict[str, Tensor]:
+                           gen: CounterRng, *, schema: str, hidden_gain: Tensor | None = None) -> dict[str, Tensor]:
     """w1/w3/w2 of one (expert) MLP. NVFP4 w1 and w3 share weight_scale_2 (amax over both, as the
     official DeepSeek-V4 export does) and input_scale (same input). Neuron gains (one per
     intermediate channel) scale w1/w3 rows and w2 columns; hidden_gain (shared by the layer)
@@ -224,13 +226,12 @@ def make_gated_mlp_tensors(prefix: str, names: tuple[str, str, str], hidden: int
 # ============================================================================= layer tensors
 
 
-def _v4_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[dict[str, Tensor]]:
+def _v4_layer(preset: FixturePreset, i: int, gen: CounterRng) -> Iterator[dict[str, Tensor]]:
     """Yields the tensors of V4 layer i in groups (attention+norms+router, then expert chunks)."""
     c = preset.config
     h, nh, hd, g, r, ql = (c["hidden_size"], c["num_attention_heads"], c["head_dim"], c["o_groups"],
                            c["o_lora_rank"], c["q_lora_rank"])
     fmt = preset.formats[i]
-    dev = gen.device
     p = f"layers.{i}"
     t: dict[str, Tensor] = {}
     for name, n, k in (("wq_a", ql, h), ("wq_b", nh * hd, ql), ("wkv", hd, h), ("wo_a", g * r, nh * hd // g),
@@ -240,15 +241,14 @@ def _v4_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
             t[f"{p}.attn.{name}.{suffix}"] = x
     for name, n in (("attn_norm.weight", h), ("ffn_norm.weight", h), ("attn.q_norm.weight", ql),
                     ("attn.kv_norm.weight", hd)):
-        t[f"{p}.{name}"] = (1 + 0.1 * torch.randn(n, generator=gen, device=dev)).to(torch.bfloat16)
-    t[f"{p}.attn.attn_sink"] = torch.randn(nh, generator=gen, device=dev)
+        t[f"{p}.{name}"] = (1 + 0.1 * gen.normal(n)).to(torch.bfloat16)
+    t[f"{p}.attn.attn_sink"] = gen.normal(nh)
     e_n, k_top = c["n_routed_experts"], c["num_experts_per_tok"]
-    t[f"{p}.ffn.gate.weight"] = (torch.randn(e_n, h, generator=gen, device=dev) / math.sqrt(h)).to(torch.bfloat16)
+    t[f"{p}.ffn.gate.weight"] = (gen.normal((e_n, h)) / math.sqrt(h)).to(torch.bfloat16)
     if i < c["num_hash_layers"]:
-        t[f"{p}.ffn.gate.tid2eid"] = torch.rand(c["vocab_size"], e_n, generator=gen, device=dev) \
-            .argsort(dim=1)[:, :k_top].to(torch.int64).contiguous()
+        t[f"{p}.ffn.gate.tid2eid"] = gen.argsort_rows(c["vocab_size"], e_n)[:, :k_top].contiguous()
     else:
-        t[f"{p}.ffn.gate.bias"] = 0.01 * torch.randn(e_n, generator=gen, device=dev)
+        t[f"{p}.ffn.gate.bias"] = 0.01 * gen.normal(e_n)
     hidden_gain = make_channel_gains(h, gen=gen)
     t.update(make_gated_mlp_tensors(f"{p}.ffn.shared_experts", ("w1", "w3", "w2"), h,
                                     c["moe_intermediate_size"] * c["n_shared_experts"], fmt, gen, schema=preset.schema,
@@ -257,7 +257,7 @@ def _v4_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
     yield from _experts(preset, f"{p}.ffn.experts", ("w1", "w3", "w2"), "nvfp4", gen, hidden_gain)
 
 
-def _experts(preset: FixturePreset, prefix: str, names, fmt: str, gen: torch.Generator,
+def _experts(preset: FixturePreset, prefix: str, names, fmt: str, gen: CounterRng,
              hidden_gain: Tensor | None = None) -> Iterator[dict[str, Tensor]]:
     c = preset.config
     chunk = preset.experts_per_shard or c["n_routed_experts"]
@@ -272,12 +272,11 @@ def _experts(preset: FixturePreset, prefix: str, names, fmt: str, gen: torch.Gen
         yield t
 
 
-def _v3_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[dict[str, Tensor]]:
+def _v3_layer(preset: FixturePreset, i: int, gen: CounterRng) -> Iterator[dict[str, Tensor]]:
     c = preset.config
     h, nh, ql, kl = c["hidden_size"], c["num_attention_heads"], c["q_lora_rank"], c["kv_lora_rank"]
     nope, rope, v = c["qk_nope_head_dim"], c["qk_rope_head_dim"], c["v_head_dim"]
     fmt = preset.formats[i]
-    dev = gen.device
     p = f"model.layers.{i}"
     t: dict[str, Tensor] = {}
     for name, n, k in (("q_a_proj", ql, h), ("q_b_proj", nh * (nope + rope), ql),
@@ -287,7 +286,7 @@ def _v3_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
             t[f"{p}.self_attn.{name}.{suffix}"] = x
     for name, n in (("input_layernorm.weight", h), ("post_attention_layernorm.weight", h),
                     ("self_attn.q_a_layernorm.weight", ql), ("self_attn.kv_a_layernorm.weight", kl)):
-        t[f"{p}.{name}"] = (1 + 0.1 * torch.randn(n, generator=gen, device=dev)).to(torch.bfloat16)
+        t[f"{p}.{name}"] = (1 + 0.1 * gen.normal(n)).to(torch.bfloat16)
     names = ("gate_proj", "up_proj", "down_proj")
     if i < c["first_k_dense_replace"]:
         t.update(make_gated_mlp_tensors(f"{p}.mlp", names, h, c["intermediate_size"], preset.dense_format, gen,
@@ -295,8 +294,8 @@ def _v3_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
         yield t
         return
     e_n = c["n_routed_experts"]
-    t[f"{p}.mlp.gate.weight"] = (torch.randn(e_n, h, generator=gen, device=dev) / math.sqrt(h)).to(torch.bfloat16)
-    t[f"{p}.mlp.gate.e_score_correction_bias"] = 0.01 * torch.randn(e_n, generator=gen, device=dev)
+    t[f"{p}.mlp.gate.weight"] = (gen.normal((e_n, h)) / math.sqrt(h)).to(torch.bfloat16)
+    t[f"{p}.mlp.gate.e_score_correction_bias"] = 0.01 * gen.normal(e_n)
     shared_fmt = "nvfp4" if fmt == "bf16" else fmt
     hidden_gain = make_channel_gains(h, gen=gen)
     t.update(make_gated_mlp_tensors(f"{p}.mlp.shared_experts", names, h, c["moe_intermediate_size"] *
@@ -306,18 +305,17 @@ def _v3_layer(preset: FixturePreset, i: int, gen: torch.Generator) -> Iterator[d
     yield from _experts(preset, f"{p}.mlp.experts", names, "nvfp4", gen, hidden_gain)
 
 
-def _globals(preset: FixturePreset, gen: torch.Generator) -> dict[str, Tensor]:
+def _globals(preset: FixturePreset, gen: CounterRng) -> dict[str, Tensor]:
     c = preset.config
-    dev = gen.device
     h, v = c["hidden_size"], c["vocab_size"]
-    emb = lambda: (0.02 * torch.randn(v, h, generator=gen, device=dev)).to(torch.bfloat16)  # noqa: E731
-    nrm = (1 + 0.1 * torch.randn(h, generator=gen, device=dev)).to(torch.bfloat16)
+    emb = lambda: (0.02 * gen.normal((v, h))).to(torch.bfloat16)  # noqa: E731
+    nrm = (1 + 0.1 * gen.normal(h)).to(torch.bfloat16)
     if preset.schema == "deepseek_v4":
         return {"embed.weight": emb(), "head.weight": emb(), "norm.weight": nrm}
     return {"model.embed_tokens.weight": emb(), "lm_head.weight": emb(), "model.norm.weight": nrm}
 
 
-def _mtp(preset: FixturePreset, gen: torch.Generator) -> Iterator[dict[str, Tensor]]:
+def _mtp(preset: FixturePreset, gen: CounterRng) -> Iterator[dict[str, Tensor]]:
     """Two of the MTP block's routed experts, MXFP4 as DeepSeek-V4 keeps them (I8 + E8M0 block 32).
     Only two, to keep the committed fixture small: the loader reads `mtp.*` without a schema."""
     c = preset.config
@@ -379,7 +377,7 @@ def make_checkpoint(out: str | os.PathLike, preset: str | FixturePreset, *, devi
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    gen = torch.Generator(device=device).manual_seed(p.seed if seed is None else seed)
+    gen = CounterRng(p.seed if seed is None else seed, device=device)
     groups: list[tuple[str, Iterator[dict[str, Tensor]]]] = []
     if p.with_globals:
         groups.append(("globals", iter([_globals(p, gen)])))

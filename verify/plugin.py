@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from verify.config import BACKEND_NAMES, RunConfig, env_default, parse_layers
+from verify.oracles import OracleVersionError, require_oracle
 
 MAX_LAYERS = 64  # DeepSeek-V4-Pro has 61 decoder layers plus MTP
 
@@ -24,6 +25,8 @@ MARKERS = {
     "slow": "long-running; not run by default (select with -m slow or --run-slow)",
     "bench": "benchmark; not run by default (select with -m bench or --run-bench)",
     "cpu_compile": "compiles production kernels on the CPU (no GPU needed)",
+    "oracle": "oracle(*names): compares with these third-party oracles; fails unless each installed version is "
+              "the one verify/oracles.py documents",
 }
 
 
@@ -103,6 +106,17 @@ def _device_skip_reason(marker: str) -> str | None:
     if marker == "sm100" and major != 10:
         return f"sm100: needs compute capability 10.x (B200/GB200), this is {name} (sm_{major}{minor})"
     return None
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """`@pytest.mark.oracle("ml_dtypes", "torch")`: the test compares with those libraries, so each
+    must be a documented version (verify.oracles); a mismatch fails the test naming both versions."""
+    for mark in item.iter_markers("oracle"):
+        for name in mark.args:
+            try:
+                require_oracle(name)
+            except OracleVersionError as e:
+                pytest.fail(str(e), pytrace=False)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -28,6 +28,7 @@ from references.nvfp4 import (
 )
 from references.recipes import RECIPES
 from verify.metrics import stage_metrics
+from verify.oracles import ORACLE_VERSIONS, installed_version, matches
 
 
 @dataclass(frozen=True)
@@ -60,8 +61,11 @@ def _codec_rows() -> list[CheckRow]:
             e2 = torch.from_numpy(x.numpy().astype(ml_dtypes.float4_e2m1fn).view(np.uint8).copy())
         n4 = int((f32_to_e4m3_bytes(x, saturate=False) != e4).sum())
         n2 = int((f32_to_e2m1_codes(x)[~torch.isnan(x)] != e2[~torch.isnan(x)]).sum())
-        rows.append(CheckRow("e4m3 encode, all bf16 vs ml_dtypes", n4 == 0, f"{n4} / 65536 differ"))
-        rows.append(CheckRow("e2m1 encode, all non-NaN bf16 vs ml_dtypes", n2 == 0, f"{n2} differ"))
+        version = installed_version("ml_dtypes")
+        note = "" if any(matches(version, d) for d in ORACLE_VERSIONS["ml_dtypes"]) else \
+            f" (ml_dtypes {version} is not the documented {ORACLE_VERSIONS['ml_dtypes'][0]})"
+        rows.append(CheckRow(f"e4m3 encode, all bf16 vs ml_dtypes {version}", n4 == 0, f"{n4} / 65536 differ{note}"))
+        rows.append(CheckRow(f"e2m1 encode, all non-NaN bf16 vs ml_dtypes {version}", n2 == 0, f"{n2} differ{note}"))
     except ImportError:
         rows.append(CheckRow("ml_dtypes oracle", True, "not installed (pip install '.[test]'); skipped"))
     t = x[finite].to(torch.float8_e4m3fn).view(torch.uint8)

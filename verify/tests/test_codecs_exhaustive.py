@@ -23,6 +23,9 @@ from references.codecs import (
 )
 from verify.assertions import assert_bits_equal, assert_bytes_equal, describe_e4m3
 
+# the oracles this module compares with; verify/oracles.py documents their versions
+pytestmark = pytest.mark.oracle("ml_dtypes", "torch")
+
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is the third-party oracle (pip install '.[test]')")
 
 E2M1_VALUES = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]

@@ -4,23 +4,83 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from verify.checkpoint import Checkpoint, Nvfp4Linear
-from verify.config import GOLDEN_DIR
+from verify.config import GOLDEN_DIR, REPO_ROOT
 from verify.fixtures import PRESETS, add_fixture_arguments, checkpoint_digests, cli_fixture, make_checkpoint
+from verify.rng import CounterRng
 
 
 def _sums(path: Path) -> dict[str, str]:
     return {name: h for h, name in (line.split("  ", 1) for line in path.read_text().splitlines())}
 
 
-@pytest.mark.parametrize("preset", ["mini-v4", "mini-v3"])
-def test_fixture_regenerates_to_committed_digests(tmp_path, preset):
-    out = make_checkpoint(tmp_path / preset, preset)["out"]
-    assert checkpoint_digests(out) == _sums(GOLDEN_DIR / preset / "SHA256SUMS")
+# Regenerates both presets in a fresh interpreter and prints the CPU vector path torch used and
+# the digests. ATEN_CPU_CAPABILITY only takes effect at torch's import, hence the subprocess.
+_REGENERATE = """
+import json, sys, tempfile, torch
+from pathlib import Path
+from verify.fixtures import checkpoint_digests, make_checkpoint
+out = {"capability": torch.backends.cpu.get_cpu_capability()}
+with tempfile.TemporaryDirectory() as d:
+    for preset in sys.argv[1:]:
+        out[preset] = checkpoint_digests(make_checkpoint(Path(d) / preset, preset)["out"])
+print(json.dumps(out))
+"""
+
+
+def _native_capability() -> str:
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    return subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                          env=env, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.mark.parametrize("capability", ["default", "native"], ids=lambda c: f"ATEN_CPU_CAPABILITY={c}")
+def test_fixture_regenerates_to_committed_digests_on_every_cpu_vector_path(capability):
+    """Fixture bytes do not depend on the CPU's vector path: the generator draws integers
+    (verify.rng.CounterRng) and uses only correctly rounded float operations."""
+    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
+    expected_capability = "DEFAULT" if capability == "default" else _native_capability()
+    if capability == "default":
+        env["ATEN_CPU_CAPABILITY"] = "default"
+    proc = subprocess.run([sys.executable, "-c", _REGENERATE, "mini-v4", "mini-v3"], env=env, cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["capability"] == expected_capability, f"torch ran {got['capability']}, not {expected_capability}"
+    for preset in ("mini-v4", "mini-v3"):
+        want = _sums(GOLDEN_DIR / preset / "SHA256SUMS")
+        diff = {f: (got[preset].get(f), h) for f, h in want.items() if got[preset].get(f) != h}
+        assert got[preset] == want, (f"{preset} under {got['capability']}: {len(diff)} files differ from "
+                                     f"golden/{preset}/SHA256SUMS (got, committed): {diff}")
+
+
+def test_counter_rng_bits_do_not_depend_on_the_sizes_drawn_before():
+    """Element i of a draw depends on (seed, call number, i) only: the same call sequence with
+    different earlier sizes gives the same later values."""
+    a, b = CounterRng(7), CounterRng(7)
+    a.u32(3), b.u32((5, 11))
+    assert torch.equal(a.normal(64), b.normal(64))
+    assert torch.equal(CounterRng(7).u32(10), CounterRng(7).u32(20)[:10])
+    assert not torch.equal(CounterRng(7).u32(10), CounterRng(8).u32(10))
+
+
+def test_counter_rng_normal_and_lognormal_moments():
+    g = CounterRng(1)
+    z = g.normal(200_000).double()
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01, (z.mean(), z.std())
+    ln = g.lognormal(200_000, sigma=0.5).double().log()
+    assert abs(ln.mean()) < 0.01 and abs(ln.std() - 0.5) < 0.01, (ln.mean(), ln.std())
+    p = g.permutation(1000)
+    assert torch.equal(p.sort().values, torch.arange(1000))
 
 
 def test_committed_mini_v4_matches_its_digests():

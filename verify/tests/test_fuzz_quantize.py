@@ -36,6 +36,9 @@ from references.codecs import f32_to_e2m1_codes, f32_to_e4m3_bytes
 from verify.assertions import assert_bits_equal, assert_bytes_equal, describe_e2m1x2, describe_e4m3
 from verify.tests import wrong_quantizers as wq
 
+# the oracles this module compares with; verify/oracles.py documents their versions
+pytestmark = pytest.mark.oracle("ml_dtypes", "torch")
+
 ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is the E4M3 oracle (pip install '.[test]')")
 
 F32 = np.float32

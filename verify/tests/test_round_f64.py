@@ -14,6 +14,9 @@ from hypothesis import strategies as st
 from references.codecs import round_f64_to
 from verify.assertions import assert_bits_equal
 
+# the oracles this module compares with; verify/oracles.py documents their versions
+pytestmark = pytest.mark.oracle("torch")
+
 INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
