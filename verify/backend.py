@@ -1,55 +1,144 @@
-"""The one interface through which verify/ sees both references/ and kernels/.
+"""The backend protocol: the one door through which verify/ sees both references/ and kernels/.
 
-A backend computes the production ops; the emulator backend computes them with the
-bit-accurate references. Each backend declares its recipe and its accumulator's unit
-roundoff (used in the GEMM bound), and says itself which ops it cannot run where
-(`unsupported_reason`), so tests never restate a backend's limits.
+A backend serves the ops of the stage table (references.stages.Op). Its own host code turns
+checkpoint bytes into its operands (`prepare_*`, once per layer, outside any graph); the
+harness never prepares a kernel's operands with references/ code, so a wrong prepare shows up
+as a failed verdict of the stage that uses it (DESIGN "Backend protocol").
+
+Boundary tensors have one representation in every backend, so verdicts can read them:
+- `QuantizedAct`: packed E2M1 [R, K/2] (low nibble first) + E4M3 block scales in the 128x4
+  swizzled layout ([Rp, Cp]; grouped: each expert's rows padded to 128 with zero bytes, then
+  swizzled) + the float32 decode multiplier of each global scale (`global_dec_f32`, [1] dense,
+  [E] grouped) that the GEMM folds into its alpha;
+- `Dispatched`: expert-sorted rows (stable: within an expert, token-major order) with int32
+  offsets [E+1];
+- outputs: bf16 (L1 halves float32 or bf16, as the backend computes them).
+
+One argument name means one scale direction everywhere: `input_dec_scale_f32` is a checkpoint
+`input_scale` (amax/2688, a decode scale: static activation scaling); None means dynamic (the
+backend computes amax and S = 2688/amax on the device).
+
+`emulator` (references/, any device) serves every op; `sm90` and `sm100` serve what they have
+and say why not for the rest (`unsupported_reason(op, device)`).
 """
 
 from __future__ import annotations
 
-import enum
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 from references import layouts as ref_layouts
+from references import moe as ref_moe
 from references.gemm import U_FP32
-from references.nvfp4 import decode_nvfp4_block_scaled, quantize_nvfp4
+from references.layer import MoeSpec
+from references.linear import Nvfp4Weight, Weight, linear as ref_linear
+from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
+from references.router import route
+from references.stages import Op
+from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "Backend", "EmulatorBackend", "KernelBackend", "get_backend", "registered_backend_names"]
+__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "EmulatorBackend", "get_backend",
+           "registered_backend_names", "FORWARD_OPS"]
 
-
-class Op(enum.Enum):
-    QUANTIZE = "quantize"
-    DENSE_GEMM = "dense_gemm"
-    GROUPED_GEMM = "grouped_gemm"
-    SWIGLU_REQUANT = "swiglu_requant"
-    ROUTER = "router"
-    COMBINE = "combine"
+FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
 
 
+@dataclass(frozen=True)
+class QuantizedAct:
+    """NVFP4 activations at a stage boundary (see the module docstring)."""
+
+    packed_u8: Tensor
+    sf_swizzled_u8: Tensor
+    global_dec_f32: Tensor
+
+    @property
+    def k(self) -> int:
+        return 2 * self.packed_u8.shape[-1]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """row_token_i64 [R] (token of each expert-sorted row), row_slot_i64 [R] (its top-k slot),
+    offsets_i32 [E+1]. R = T * top_k."""
+
+    row_token_i64: Tensor
+    row_slot_i64: Tensor
+    offsets_i32: Tensor
+
+
+@dataclass(frozen=True)
+class RoutingOut:
+    """ids_i64 [T, k] expert ids; weights_f32 [T, k] routing weights (renormalised x scaling)."""
+
+    ids_i64: Tensor
+    weights_f32: Tensor
+
+
+@runtime_checkable
 class Backend(Protocol):
+    """What every backend provides; ops it cannot run raise NotImplementedError with the same
+    sentence unsupported_reason returns."""
+
     name: str
     recipe: Recipe
-    u_acc: float  # accumulator unit roundoff declared for the GEMM bound
+    u_acc: float  # unit roundoff of the GEMM accumulator (the bound's u_acc)
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None: ...
 
-    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
-        """bf16 [M, K] -> (packed_u8 [M, K/2], sf_u8 swizzled 128x4 [Mp, Kp/16])."""
-        ...
+    # ---- prepare (host, once per layer)
+    def prepare_linear(self, lin: Linear) -> object: ...
+    def prepare_experts(self, experts: GatedMlp) -> object: ...
+    def prepare_router(self, router: Router, spec: MoeSpec) -> object: ...
 
-    def gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor,
-                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
-        """NVFP4 A [M, K] x NVFP4 B [N, K] (swizzled scales) x alpha -> bf16 [M, N]."""
-        ...
+    # ---- forward ops (graph-capturable in production backends)
+    def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
+                         input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor: ...
+    def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
+                     layer: str) -> Tensor | tuple[Tensor, Tensor]: ...
+    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None,
+                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]: ...
+    def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *, swiglu_limit: float | None,
+                 input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def router(self, x_bf16: Tensor, router: object, *, token_ids_i64: Tensor | None = None) -> RoutingOut: ...
+    def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched: ...
+    def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor: ...
+    def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor: ...
+    def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
+                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None) -> Tensor: ...
+
+
+# ============================================================================= emulator
+
+
+def to_reference_weight(lin: Linear) -> Weight:
+    """A loader linear (bytes as stored) -> the references' weight record (the same bytes)."""
+    from verify.reference_layer import to_reference_weight as convert  # noqa: PLC0415 (one conversion)
+
+    return convert(lin)
+
+
+@dataclass(frozen=True)
+class _EmulatorRouter:
+    gate_weight_bf16: Tensor
+    gate_bias_f32: Tensor | None
+    tid2eid_i64: Tensor | None
+    spec: MoeSpec
+
+
+def _offsets_i64(offsets_i32: Tensor) -> Tensor:
+    return offsets_i32.to(torch.int64)
 
 
 class EmulatorBackend:
-    """The references, served through the backend interface (any device, fp32 accumulation)."""
+    """The references served through the protocol: every op, any device, exact float64 products
+    rounded once (u_acc = 2^-24 declares an fp32 accumulator, which the exact result satisfies)."""
 
     name = "emulator"
     u_acc = U_FP32
@@ -58,53 +147,158 @@ class EmulatorBackend:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        if op in (Op.QUANTIZE, Op.DENSE_GEMM):
-            return None
-        return f"emulator backend: {op.value} is served by the layer reference (references.moe), not this interface yet"
+        return None if op is not Op.REFERENCE else "emulator: reference-only stages have no backend op"
 
-    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
-        q = quantize_nvfp4(x_bf16, recipe=self.recipe, global_enc_scale_f32=global_enc_scale_f32)
-        return q.packed_u8, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8)
+    # ---------------------------------------------------------------- prepare
 
-    def gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor,
-                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
-        k = a_packed_u8.shape[-1] * 2
-        a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a_sf_swizzled_u8, rows=a_packed_u8.shape[0], cols=k // 16)
-        b_sf = ref_layouts.sf_swizzled_128x4_to_linear(b_sf_swizzled_u8, rows=b_packed_u8.shape[0], cols=k // 16)
-        a = decode_nvfp4_block_scaled(a_packed_u8, a_sf)
-        b = decode_nvfp4_block_scaled(b_packed_u8, b_sf)
-        return ((a @ b.T) * alpha_f32).to(torch.bfloat16)
+    def prepare_linear(self, lin: Linear) -> Weight:
+        return to_reference_weight(lin)
+
+    def prepare_experts(self, experts: GatedMlp) -> ref_moe.ExpertStack:
+        return ref_moe.ExpertStack(*(to_reference_weight(w) for w in (experts.w1, experts.w3, experts.w2)))
+
+    def prepare_router(self, router: Router, spec: MoeSpec) -> _EmulatorRouter:
+        return _EmulatorRouter(router.gate_weight_bf16, router.gate_bias_f32, router.tid2eid_i64, spec)
+
+    # ---------------------------------------------------------------- quantization
+
+    def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        offsets = torch.tensor([0, x_bf16.shape[0]], dtype=torch.int64, device=x_bf16.device)
+        scale = None if input_dec_scale_f32 is None else input_dec_scale_f32.reshape(1)
+        a = ref_moe.act_quant(x_bf16, offsets, recipe=self.recipe, act_scale="dynamic" if scale is None else "static",
+                              input_scale_f32=scale)
+        return QuantizedAct(a.packed_u8, ref_layouts.sf_linear_to_swizzled_128x4(a.sf_u8), a.global_dec_f32)
+
+    def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
+                         input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        off = _offsets_i64(offsets_i32)
+        a = ref_moe.act_quant(rows_bf16, off, recipe=self.recipe,
+                              act_scale="dynamic" if input_dec_scale_f32 is None else "static",
+                              input_scale_f32=input_dec_scale_f32)
+        sf, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(a.sf_u8, off)
+        return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
+
+    # ---------------------------------------------------------------- GEMMs
+
+    @staticmethod
+    def _act(a: QuantizedAct, offsets_i64: Tensor) -> ref_moe.ActQuant:
+        sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i64, cols=a.k // 16)
+        return ref_moe.ActQuant(a.packed_u8, sf, a.global_dec_f32, offsets_i64)
+
+    def dense_gemm(self, a: QuantizedAct, w: Weight) -> Tensor:
+        if not isinstance(w, Nvfp4Weight):
+            raise TypeError(f"dense_gemm: weight must be NVFP4, got {type(w).__name__}")
+        m = a.packed_u8.shape[0]
+        sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=a.k // 16)
+        x = decode_nvfp4_block_scaled(a.packed_u8, sf, dtype=torch.float64)
+        b = decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64)
+        alpha = a.global_dec_f32.to(torch.float32).reshape(()) * w.global_dec_f32.to(torch.float32).reshape(())
+        return ((x @ b.T) * alpha.double()).to(torch.bfloat16)
+
+    def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: ref_moe.ExpertStack, *,
+                     layer: str) -> Tensor | tuple[Tensor, Tensor]:
+        off = _offsets_i64(offsets_i32)
+        act = self._act(a, off)
+        if layer == "l1":
+            return ref_moe.l1(act, off, experts, mode="emulated")
+        if layer == "l2":
+            return ref_moe.l2(act, off, experts, mode="emulated")
+        raise ValueError(f"layer={layer!r}: expected 'l1' or 'l2'")
+
+    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None,
+                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]:
+        h = ref_moe.swiglu(gate, up, limit=swiglu_limit, row_weight_f32=row_weight_f32, mode="emulated")
+        return h, self.grouped_quantize(h, offsets_i32, input_dec_scale_f32=input_dec_scale_f32)
+
+    def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: ref_moe.ExpertStack, *,
+                 swiglu_limit: float | None, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        gate, up = self.grouped_gemm(a, offsets_i32, experts, layer="l1")
+        return self.swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit,
+                                   input_dec_scale_f32=input_dec_scale_f32)[1]
+
+    # ---------------------------------------------------------------- routing
+
+    def router(self, x_bf16: Tensor, router: _EmulatorRouter, *, token_ids_i64: Tensor | None = None) -> RoutingOut:
+        s = router.spec
+        r = route(x_bf16, router.gate_weight_bf16, scoring=s.scoring, top_k=s.top_k,
+                  routed_scaling_factor=s.routed_scaling_factor, bias_f32=router.gate_bias_f32,
+                  tid2eid=router.tid2eid_i64, token_ids_i64=token_ids_i64 if router.tid2eid_i64 is not None else None,
+                  renormalize=s.renormalize, n_group=s.n_group, topk_group=s.topk_group)
+        return RoutingOut(r.ids_i64, r.weights_f32)
+
+    def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched:
+        d = ref_moe.dispatch(ids_i64, num_experts)
+        return Dispatched(d.token_of_row_i64, d.slot_of_row_i64, d.offsets_i64.to(torch.int32))
+
+    def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
+        t, k = _pairs_shape(d)
+        ref_d = _reference_dispatch(d, t, k)
+        return ref_moe.combine(y_rows_bf16, ref_d, weights_f32, mode="emulated")
+
+    # ---------------------------------------------------------------- whole calls
+
+    def dense_linear(self, x_bf16: Tensor, w: Weight, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32)
+        return y
+
+    def moe_block(self, x_bf16: Tensor, router: _EmulatorRouter, experts: ref_moe.ExpertStack, *,
+                  swiglu_limit: float | None, weight_placement: str, act_scale: str,
+                  token_ids_i64: Tensor | None = None) -> Tensor:
+        return run_moe_block(self, x_bf16, router, experts, swiglu_limit=swiglu_limit,
+                             weight_placement=weight_placement, act_scale=act_scale,
+                             static_scales=_emulator_static_scales(experts) if act_scale == "static" else None,
+                             token_ids_i64=token_ids_i64)
 
 
-class KernelBackend:
-    """Adapts a kernels/ backend object (plain class: `name`, `recipe_name`, `u_acc`,
-    `unsupported_reason(op: str, device)`, ops) to the Backend protocol. The recipe name
-    becomes the references' Recipe the harness checks its bytes against; unknown
-    attributes (grouped GEMM, router, ...) pass through to the kernel object."""
+def _emulator_static_scales(experts: ref_moe.ExpertStack) -> tuple[Tensor, Tensor]:
+    return (ref_moe.max_input_dec_scale_f32([experts.w1, experts.w3], "experts.w1/w3"),
+            ref_moe.max_input_dec_scale_f32([experts.w2], "experts.w2"))
 
-    def __init__(self, impl: object) -> None:
-        self._impl = impl
-        self.name: str = impl.name
-        self.recipe: Recipe = recipe_by_name(impl.recipe_name)
-        self.u_acc: float = float(impl.u_acc)
 
-    # the harness's op -> the kernels/ backend method that serves it
-    KERNEL_OP_NAMES = {Op.QUANTIZE: "quantize_nvfp4", Op.DENSE_GEMM: "gemm_nvfp4",
-                       Op.GROUPED_GEMM: "grouped_gemm_nvfp4", Op.SWIGLU_REQUANT: "grouped_gemm_swiglu",
-                       Op.ROUTER: "router", Op.COMBINE: "combine"}
+def _pairs_shape(d: Dispatched) -> tuple[int, int]:
+    k = int(d.row_slot_i64.max()) + 1 if d.row_slot_i64.numel() else 1
+    return d.row_token_i64.numel() // k, k
 
-    def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        return self._impl.unsupported_reason(self.KERNEL_OP_NAMES[op], device)
 
-    def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor]:
-        return self._impl.quantize_nvfp4(x_bf16, global_enc_scale_f32)
+def _reference_dispatch(d: Dispatched, t: int, k: int) -> ref_moe.Dispatch:
+    """The references' Dispatch record of a boundary Dispatched (row_of_pair rebuilt)."""
+    row_of_pair = torch.empty(t * k, dtype=torch.int64, device=d.row_token_i64.device)
+    row_of_pair[d.row_token_i64 * k + d.row_slot_i64] = torch.arange(t * k, device=d.row_token_i64.device)
+    counts = d.offsets_i32[1:] - d.offsets_i32[:-1]
+    expert_of_row = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts.to(torch.int64))
+    return ref_moe.Dispatch(d.row_token_i64, d.row_slot_i64, expert_of_row, d.offsets_i32.to(torch.int64),
+                            row_of_pair.view(t, k))
 
-    def gemm_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, b_packed_u8: Tensor,
-                   b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
-        return self._impl.gemm_nvfp4(a_packed_u8, a_sf_swizzled_u8, b_packed_u8, b_sf_swizzled_u8, alpha_f32)
 
-    def __getattr__(self, attr: str):
-        return getattr(self._impl, attr)
+def run_moe_block(backend: Backend, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
+                  weight_placement: str, act_scale: str, static_scales: tuple[Tensor, Tensor] | None,
+                  token_ids_i64: Tensor | None = None) -> Tensor:
+    """The routed MoE block composed from a backend's stage ops: router -> dispatch -> act_quant
+    -> l1 -> swiglu+requant -> l2 -> combine. static_scales: (l1, l2) per-expert decode scales."""
+    r = backend.router(x_bf16, router, token_ids_i64=token_ids_i64)
+    num_experts = _num_experts(experts)
+    d = backend.dispatch(r.ids_i64, num_experts)
+    rows = x_bf16[d.row_token_i64]
+    s1, s2 = static_scales if static_scales is not None else (None, None)
+    a = backend.grouped_quantize(rows, d.offsets_i32, input_dec_scale_f32=s1)
+    gate, up = backend.grouped_gemm(a, d.offsets_i32, experts, layer="l1")
+    before = weight_placement == "before_w2"
+    row_w = r.weights_f32[d.row_token_i64, d.row_slot_i64] if before else None
+    _, a2 = backend.swiglu_requant(gate, up, d.offsets_i32, swiglu_limit=swiglu_limit, row_weight_f32=row_w,
+                                   input_dec_scale_f32=s2)
+    y = backend.grouped_gemm(a2, d.offsets_i32, experts, layer="l2")
+    return backend.combine(y, d, None if before else r.weights_f32)
+
+
+def _num_experts(experts: object) -> int:
+    n = getattr(experts, "num_experts", None)
+    if n is None:
+        raise TypeError(f"{type(experts).__name__}: prepared experts must expose num_experts")
+    return int(n)
+
+
+# ============================================================================= registry
 
 
 def registered_backend_names() -> tuple[str, ...]:
@@ -123,11 +317,11 @@ def get_backend(name: str, device: torch.device | None = None) -> Backend:
     if name == "emulator":
         return EmulatorBackend()
     if name == "sm90":
-        from kernels.sm90.backend import Sm90Backend  # noqa: PLC0415 (lazy: needs triton)
+        from verify.backend_sm90 import Sm90Adapter  # noqa: PLC0415 (lazy: needs triton)
 
-        return KernelBackend(Sm90Backend())
+        return Sm90Adapter()
     if name == "sm100":
-        from kernels.sm100.backend import Sm100Backend  # noqa: PLC0415 (lazy: needs cutlass)
+        from verify.backend_sm100 import Sm100Adapter  # noqa: PLC0415 (lazy: needs cutlass)
 
-        return KernelBackend(Sm100Backend())
+        return Sm100Adapter()
     raise ValueError(f"backend={name!r}: expected 'auto' or one of {registered_backend_names()}")

@@ -20,20 +20,12 @@ from references.layer import RunOptions
 from references.linear import rms_norm
 from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
-from verify.backend import Op, get_backend
+from verify.backend import FORWARD_OPS, get_backend
 from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
 from verify.errors import DeviceUnavailableError, LayerRangeError, UsageError
-from verify.golden import environment, tensor_digest
-from verify.layer_verdicts import CHECKS, layer_dense_stages, run_check
-from verify.reference_layer import (
-    RMS_EPS,
-    LayerInputs,
-    default_token_ids,
-    inputs_from_safetensors,
-    inputs_from_token_ids,
-    quantization_loss,
-    run_reference_layer,
-)
+from verify.golden import environment
+from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_safetensors, inputs_from_token_ids
+from verify.run import LayerRun, run_layer, verdict_counts
 
 __all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
            "select_layers", "add_layer_arguments", "cli_layer", "add_model_arguments", "cli_model"]
@@ -64,16 +56,6 @@ def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: in
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
 
 
-E4M3_MAX_BYTE = 0x7E  # block scale 448: the block amax did not fit (static global scale too small)
-
-
-def saturated_block_fractions(emulated: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Per NVFP4 quantization stage, the fraction of 16-element blocks whose E4M3 scale byte is 448
-    (0x7E): with a static input_scale those blocks are clipped at 6 * 448 * D."""
-    return {k[: -len(".sf_u8")]: float((v == E4M3_MAX_BYTE).double().mean()) if v.numel() else 0.0
-            for k, v in emulated.items() if k.endswith(".sf_u8")}
-
-
 def run_id(layer: int, config_name: str) -> str:
     return f"layer{layer}/{config_name}"
 
@@ -88,12 +70,10 @@ def layer_report(ckpt: Checkpoint, layers: list[int], *, tokens: int = GOLDEN_TO
         inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=seed, device=device)
         for name, options in configs.items():
             t0 = time.perf_counter()
-            emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
-            high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
-            loss = quantization_loss(emulated, high)
+            run = run_layer(ckpt, layer, inputs, options=options)
             runs[run_id(i, name)] = {
-                "metrics": {s: {m: v[m] for m in GOLDEN_METRICS} for s, v in loss.items()},
-                "digests": {k: tensor_digest(v) for k, v in emulated.items()},
+                "metrics": {s: {m: v[m] for m in GOLDEN_METRICS} for s, v in run.loss.items()},
+                "digests": run.digests,
             }
             timings[run_id(i, name)] = time.perf_counter() - t0
             if progress is not None:
@@ -139,8 +119,8 @@ def _layers_noun(layers) -> str:
     return "layer" if len(layers) == 1 else "layers"
 
 
-# the ops the verdicts of verify.layer_verdicts run (quantize; GEMM, host sync and graph replay of the GEMM)
-VERDICT_OPS = (Op.QUANTIZE, Op.DENSE_GEMM)
+# a backend that serves none of these ops on the device cannot run there
+VERDICT_OPS = FORWARD_OPS
 
 
 def backend_for_verdicts(name: str, device: torch.device):
@@ -150,13 +130,12 @@ def backend_for_verdicts(name: str, device: torch.device):
         backend = get_backend(name, device if device.type == "cuda" else None)
     except ImportError as e:
         raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({e})", argument="--backend") from None
-    for op in VERDICT_OPS:
-        reason = backend.unsupported_reason(op, device)
-        if reason:
-            hint = f"; the references run on --device {device}, pass --device cuda" \
-                if device.type != "cuda" and torch.cuda.is_available() else ""
-            raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reason}{hint})",
-                                         argument="--backend")
+    reasons = [backend.unsupported_reason(op, device) for op in VERDICT_OPS]
+    if all(reasons):
+        hint = f"; the references run on --device {device}, pass --device cuda" \
+            if device.type != "cuda" and torch.cuda.is_available() else ""
+        raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reasons[0]}{hint})",
+                                     argument="--backend")
     return backend
 
 
@@ -235,36 +214,23 @@ def cli_layer(args: argparse.Namespace) -> int:
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("layers", total=len(layers))
         for i in layers:
+            t0 = time.perf_counter()
             layer = ckpt.load_layer(i, device=args.device)
             inputs = layer_inputs(ckpt, layer, tokens=args.tokens, seed=args.seed, device=args.device,
                                   inputs_path=args.inputs)
-            t0 = time.perf_counter()
-            emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
-            t_emu = time.perf_counter() - t0
-            high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
-            loss = quantization_loss(emulated, high)
-            runs[run_id(i, name)] = {"metrics": loss, "digests": {k: tensor_digest(v) for k, v in emulated.items()}}
-            timings[run_id(i, name)] = {"emulated_s": t_emu, "total_s": time.perf_counter() - t0}
-            table = Table(title=f"layer {i}: emulated NVFP4 vs high precision ({name}, {args.tokens} tokens)")
-            for col in ("stage", "shape", "cosine", "SQNR dB", "calc_diff", "rel-L2", "max abs", "NaN/Inf"):
-                table.add_column(col, justify="left" if col in ("stage", "shape") else "right")
-            for stage, m in loss.items():
-                table.add_row(stage, "x".join(map(str, emulated[stage].shape)), f"{m['cosine']:.6f}",
-                              f"{m['sqnr_db']:.2f}", f"{m['calc_diff']:.3e}", f"{m['rel_l2']:.3e}",
-                              f"{m['max_abs']:.3e}", f"{m['nan_count']}/{m['inf_count']}")
+            t_load = time.perf_counter() - t0
+            run = run_layer(ckpt, layer, inputs, options=options, backend=backend)
+            runs[run_id(i, name)] = run.as_dict()
+            timings[run_id(i, name)] = {"load_s": t_load, **{f"{k}_s": v for k, v in run.timings_s.items()},
+                                        "total_s": time.perf_counter() - t0}
             bar.advance(task)
-            console.print(table)
-            sat = saturated_block_fractions(emulated)
-            runs[run_id(i, name)]["saturated_block_fraction"] = sat
+            console.print(loss_table(i, name, args.tokens, run))
             console.print("blocks with scale 448 (saturated): " +
-                          ", ".join(f"{k} {100 * v:.2f}%" for k, v in sat.items()))
-            console.print(f"emulated {t_emu:.2f} s, both modes {timings[run_id(i, name)]['total_s']:.2f} s")
-            if args.backend:
-                stages = layer_dense_stages(ckpt, layer, inputs, options, emulated=emulated, high=high)
-                verdicts = backend_verdicts(backend, stages)
-                runs[run_id(i, name)]["verdicts"] = verdicts
-                failed += sum(not v["passed"] for per in verdicts.values() for v in per.values())
-                console.print(verdict_table(i, args.backend, verdicts))
+                          ", ".join(f"{k} {100 * v:.2f}%" for k, v in run.saturated.items()))
+            console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings[run_id(i, name)].items()))
+            if backend is not None:
+                failed += len(run.failed)
+                console.print(verdict_table(i, backend.name, run))
     if args.json:
         doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,
                "runs": runs, "timings": timings}
@@ -274,34 +240,48 @@ def cli_layer(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
-def backend_verdicts(backend, stages: dict) -> dict[str, dict[str, dict]]:
-    """stage -> check -> {passed, message, metrics} for every dense NVFP4 stage (verify.layer_verdicts)."""
-    out: dict[str, dict[str, dict]] = {}
-    for name, st in stages.items():
-        out[name] = {}
-        for check in CHECKS:
-            v = run_check(backend, st, check)
-            out[name][check] = {"passed": v.passed, "message": v.message, "metrics": v.metrics}
-    return out
-
-
-def verdict_table(layer: int, backend_name: str, verdicts: dict[str, dict[str, dict]]):
+def loss_table(layer: int, name: str, tokens: int, run: LayerRun):
     from rich.table import Table
 
-    table = Table(title=f"layer {layer}: {backend_name} verdicts on the dense NVFP4 stages (teacher-forced)")
-    for col in ("stage", "quantize", "gemm bound ratio", "sync", "graph", "cos vs emulator", "SQNR vs high"):
-        table.add_column(col, justify="left" if col == "stage" else "right")
+    table = Table(title=f"layer {layer}: emulated NVFP4 vs high precision ({name}, {tokens} tokens)")
+    for col in ("stage", "shape", "cosine", "SQNR dB", "calc_diff", "rel-L2", "max abs", "NaN/Inf"):
+        table.add_column(col, justify="left" if col in ("stage", "shape") else "right")
+    for stage, m in run.loss.items():
+        table.add_row(stage, "x".join(map(str, run.emulated[stage].shape)), f"{m['cosine']:.6f}",
+                      f"{m['sqnr_db']:.2f}", f"{m['calc_diff']:.3e}", f"{m['rel_l2']:.3e}",
+                      f"{m['max_abs']:.3e}", f"{m['nan_count']}/{m['inf_count']}")
+    return table
 
-    def mark(v: dict) -> str:
-        if v["metrics"].get("skipped"):
-            return "[dim]n/a[/]"
-        return "[green]pass[/]" if v["passed"] else "[bold red]FAIL[/]"
 
-    for stage, per in verdicts.items():
-        g = per["gemm"]["metrics"]
-        ratio = f"{g['bound_ratio']:.3f}" if "bound_ratio" in g else "-"
-        ratio = ratio if per["gemm"]["passed"] else f"[bold red]{ratio}[/]"
-        cos = f"{g['vs_emulator']['cosine']:.6f}" if "vs_emulator" in g else "-"
-        sqnr = f"{g['loss_vs_high']['sqnr_db']:.2f}" if "loss_vs_high" in g else "-"
-        table.add_row(stage, mark(per["quantize"]), ratio, mark(per["sync"]), mark(per["graph"]), cos, sqnr)
+_STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "not served": "[yellow]not served[/]",
+                 "skipped": "[dim]n/a[/]"}
+
+
+def verdict_table(layer: int, backend_name: str, run: LayerRun):
+    """One row per kernel stage of the layer (table order), one column per check; the last column
+    holds the worst bound ratio and, for a failure or a stage not served, the first message."""
+    from rich.table import Table
+
+    from references.stages import Check
+
+    checks = [c.value for c in Check]
+    present = [c for c in checks if any(v.check == c for v in run.verdicts)]
+    counts = verdict_counts(run.verdicts)
+    table = Table(title=f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; "
+                        f"{counts['pass']} pass, {counts['fail']} fail, {counts['not served']} not served, "
+                        f"{counts['skipped']} n/a)")
+    table.add_column("stage")
+    for c in present:
+        table.add_column(c, justify="center")
+    table.add_column("bound ratio", justify="right")
+    table.add_column("note", overflow="fold")
+    stages = list(dict.fromkeys(v.stage for v in run.verdicts))
+    for stage in stages:
+        per = {v.check: v for v in run.verdicts if v.stage == stage}
+        ratios = [x for v in per.values() for k, x in v.metrics.items()
+                  if k.startswith("bound_ratio") and isinstance(x, float)]
+        note = next((v.message for v in per.values() if v.status == "fail"), "") or \
+            next((v.message for v in per.values() if v.status == "not served"), "")
+        table.add_row(stage, *[_STATUS_STYLE[per[c].status] if c in per else "" for c in present],
+                      f"{max(ratios):.3g}" if ratios else "-", note.split("\n")[0][:160])
     return table

@@ -25,17 +25,15 @@ from kernels.sm100 import quantize_nvfp4_1x16 as quant
 
 __all__ = ["Sm100Backend", "OPS"]
 
-OPS = (
+# The methods below, by what they need: host code (torch only, any device), torch ops on a
+# CUDA device (routing, permutation, combine), and CuTe DSL kernels (cutlass and a B200).
+HOST_OPS = ("prepare_nvfp4_weight", "prepare_gate_up_weight")
+TORCH_OPS = ("router", "permute", "combine")
+KERNEL_OPS = (
     "quantize_nvfp4", "quantize_nvfp4_dynamic", "quantize_nvfp4_static", "gemm_nvfp4",
-    "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "linear_nvfp4", "moe_experts", "router", "combine",
+    "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "grouped_gemm_swiglu_nvfp4", "linear_nvfp4", "moe_experts",
 )
-
-
-# The harness's op names (verify.backend.Op values) -> the op here that serves them.
-OP_ALIASES = {
-    "quantize": "quantize_nvfp4", "dense_gemm": "gemm_nvfp4", "grouped_gemm": "grouped_gemm_nvfp4",
-    "swiglu_requant": "grouped_gemm_swiglu",
-}
+OPS = HOST_OPS + TORCH_OPS + KERNEL_OPS
 
 
 @functools.lru_cache(maxsize=8)
@@ -71,14 +69,14 @@ class Sm100Backend:
     gate_up_granularity = host_bridge.GATE_UP_GRANULARITY
 
     def unsupported_reason(self, op: str, device: torch.device | str | None = None) -> str | None:
-        """None when `op` can run on `device`, else a sentence saying why not.
-
-        `op` is one of OPS or one of the harness's Op values (verify.backend.Op), mapped by OP_ALIASES.
-        """
-        op = OP_ALIASES.get(op, op)
+        """None when `op` (one of OPS, the method names of this class) can run on `device`, else a
+        sentence saying why not. Host preparation runs anywhere; the routing ops need a CUDA device;
+        the kernels need nvidia-cutlass-dsl and compute capability 10.x."""
         if op not in OPS:
             return f"sm100: op {op!r} is not provided (has {', '.join(OPS)})"
-        if op in ("router", "combine"):
+        if op in HOST_OPS:
+            return None
+        if op in TORCH_OPS:
             return None if torch.cuda.is_available() else "sm100: no CUDA device"
         if importlib.util.find_spec("cutlass") is None:
             return "sm100: nvidia-cutlass-dsl is not installed"

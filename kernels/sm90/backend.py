@@ -12,10 +12,12 @@ import torch
 from torch import Tensor
 
 from kernels.sm90 import amax_global_enc_scale, gemm_nvfp4, quantize_nvfp4_1x16
+from kernels.sm90.host_prepare import Sm90Nvfp4Weight, prepare_nvfp4_weight
 
 __all__ = ["Sm90Backend", "OPS"]
 
-OPS = ("quantize_nvfp4", "amax_global_enc_scale", "gemm_nvfp4")
+OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "amax_global_enc_scale", "gemm_nvfp4",
+       "quantize_act", "gemm_act", "linear_nvfp4", "prepare_nvfp4_weight")
 
 
 class Sm90Backend:
@@ -53,10 +55,12 @@ class Sm90Backend:
         """bf16 [M, K] -> (packed_u8 [M, K/2], sf_swizzled_u8 [Rp, Cp]), recipe te."""
         return quantize_nvfp4_1x16.launch(x_bf16, global_enc_scale_f32)
 
-    def quantize_nvfp4_static(self, x_bf16: Tensor, global_enc_scale_f32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Static mode: as quantize_nvfp4, plus a 0-d int32 GPU count of blocks whose scale
-        saturated at 448 (v * S / 6 > 448)."""
-        return quantize_nvfp4_1x16.launch(x_bf16, global_enc_scale_f32, count_saturated=True)
+    def quantize_nvfp4_static(self, x_bf16: Tensor, input_dec_scale_f32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Static mode from a checkpoint input_scale D (a decode scale, amax/2688): S = 1/D (float32,
+        on the device), then quantize_nvfp4; returns (packed_u8, sf_swizzled_u8, a 0-d int32 GPU count
+        of blocks whose scale saturated at 448, v * S / 6 > 448)."""
+        s = torch.reciprocal(input_dec_scale_f32.to(torch.float32).reshape(()))
+        return quantize_nvfp4_1x16.launch(x_bf16, s, count_saturated=True)
 
     def amax_global_enc_scale(self, x_bf16: Tensor) -> Tensor:
         """0-d float32 GPU tensor S = te_global_enc_scale(max |x|) (NaN ignored), no host sync."""
@@ -72,6 +76,31 @@ class Sm90Backend:
                    b_sf_swizzled_u8: Tensor, alpha_f32: Tensor) -> Tensor:
         """bf16 [M, N] = alpha * A @ B^T (A [M, K], B [N, K] NVFP4, swizzled scales)."""
         return gemm_nvfp4.launch(a_packed_u8, a_sf_swizzled_u8, b_packed_u8, b_sf_swizzled_u8, alpha_f32)
+
+    # ---------------------------------------------------------------- typed ops (the harness's protocol)
+
+    prepare_nvfp4_weight = staticmethod(prepare_nvfp4_weight)
+
+    def quantize_act(self, x_bf16: Tensor, input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """(packed_u8, sf_swizzled_u8, a_dec_f32 [1]): static from input_scale D (a_dec = D itself, as
+        loaders form alpha), or dynamic (S = 2688/amax on the device, a_dec = 1/S). No host sync."""
+        if input_dec_scale_f32 is None:
+            packed, sf, s = self.quantize_nvfp4_dynamic(x_bf16)
+            return packed, sf, torch.reciprocal(s.reshape(1))
+        d = input_dec_scale_f32.to(torch.float32).reshape(1)
+        packed, sf = quantize_nvfp4_1x16.launch(x_bf16, torch.reciprocal(d).reshape(()))
+        return packed, sf, d
+
+    def gemm_act(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_f32: Tensor,
+                 weight: Sm90Nvfp4Weight) -> Tensor:
+        """bf16 [M, N]: alpha = a_dec x weight_scale_2 (one float32 product on the device)."""
+        alpha = (a_dec_f32.reshape(1) * weight.dec_scale_f32).reshape(1)
+        return gemm_nvfp4.launch(a_packed_u8, a_sf_swizzled_u8, weight.packed_u8, weight.sf_swizzled_u8, alpha)
+
+    def linear_nvfp4(self, x_bf16: Tensor, weight: Sm90Nvfp4Weight, input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """quantize_act + gemm_act: one NVFP4 linear, graph-capturable."""
+        packed, sf, dec = self.quantize_act(x_bf16, input_dec_scale_f32)
+        return self.gemm_act(packed, sf, dec, weight)
 
     def cache_clear(self) -> None:
         """Forget compiled launchers (tests' fresh-cache fixture)."""

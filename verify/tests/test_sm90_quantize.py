@@ -147,8 +147,9 @@ def test_sm90_dynamic_quantize_matches_emulator():
 def test_sm90_static_quantize_counts_saturated_blocks():
     x = _make("normal", 256, 1024, seed=5)
     x[3, :16] *= 1000.0  # one block far above the calibrated range
-    s = torch.tensor(2688.0 / 4.0)  # static input scale calibrated for amax 4
-    packed, sf, count = _backend().quantize_nvfp4_static(x.cuda(), s.cuda())
+    d = torch.tensor(4.0 / 2688.0)  # static input_scale (a decode scale) calibrated for amax 4
+    s = torch.reciprocal(d)  # the encode scale the kernel forms from it
+    packed, sf, count = _backend().quantize_nvfp4_static(x.cuda(), d.cuda())
     v = x.float().abs().view(256, 64, 16).amax(-1)
     expected = int((v * (s * torch.tensor(1 / 6, dtype=torch.float32)) > 448).sum())
     assert expected >= 1

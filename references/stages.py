@@ -1,0 +1,167 @@
+"""The stage table: every stage of a DeepSeek-V4 (and V3) decoder layer, in one place.
+
+The stage is the unit of the suite (DESIGN.md "Stages"). Each row names a stage, the backend
+op that computes it, the stage whose output feeds it (teacher forcing: a kernel gets the
+reference's input to its stage), the checkpoint weight roles it reads, the checks that judge
+it, and the reference tensors it produces. The reference layer (references.layer), the backend
+adapters and verdicts (verify.backend, verify.stage_verdicts), reports, golden files and pytest
+ids all take stage names from here; nothing else spells them.
+
+Reference tensors: a stage without `parts` produces the tensor named like the stage; with parts,
+one tensor per part, `f"{stage}.{part}"` (moe.l1 -> moe.l1.gate, moe.l1.up). Emulated mode adds
+the quantized bytes of a quantization stage under `f"{stage}.{field}"` (QUANT_FIELDS).
+
+Inputs named `input.*` are the layer's inputs: the attn_norm / ffn_norm outputs.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+__all__ = [
+    "Op", "Check", "Stage", "STAGES", "stage", "stage_names", "QUANT_FIELDS", "INPUT_ATTN", "INPUT_FFN",
+    "LOSS_STAGES", "MOE_STAGES", "DENSE_LINEAR_STAGES", "ATTN_STAGES", "SHARED_STAGES", "DENSE_MLP_STAGES",
+    "ROUTER", "DISPATCH", "MOE_ACT_QUANT", "MOE_L1", "MOE_SWIGLU", "MOE_REQUANT", "MOE_L1_FUSED", "MOE_L2",
+    "MOE_COMBINE", "MOE_OUT", "MOE_BLOCK",
+]
+
+
+class Op(enum.Enum):
+    """The backend protocol's ops (verify.backend), one name per computation."""
+
+    PREPARE = "prepare"                    # checkpoint bytes -> the backend's operands (host, once per layer)
+    QUANTIZE = "quantize"                  # dense activation quantization (static or dynamic global scale)
+    GROUPED_QUANTIZE = "grouped_quantize"  # expert-sorted rows, one global scale per expert
+    DENSE_GEMM = "dense_gemm"              # NVFP4 x NVFP4 -> bf16
+    GROUPED_GEMM = "grouped_gemm"          # expert-sorted NVFP4 rows x expert stack
+    SWIGLU_REQUANT = "swiglu_requant"      # clamped SwiGLU -> bf16 h, then NVFP4 requantization of h
+    L1_FUSED = "l1_fused"                  # grouped L1 GEMM + SwiGLU + requant in one kernel
+    ROUTER = "router"                      # logits, score, top-k / hash, renormalised weights
+    DISPATCH = "dispatch"                  # token-expert pairs -> expert-sorted rows + offsets
+    COMBINE = "combine"                    # routing-weighted sum of L2 rows per token
+    DENSE_LINEAR = "dense_linear"          # quantize + dense GEMM, one capturable call
+    MOE_BLOCK = "moe_block"                # router -> ... -> combine, one capturable call
+    REFERENCE = "reference"                # computed by the reference layer only (norms, sums)
+
+
+class Check(enum.Enum):
+    """What a verdict compares (DESIGN "Verdicts")."""
+
+    BYTES = "bytes"            # quantized bytes equal the emulator's (codes, scales, global scale)
+    BOUND = "bound"            # every element within the rigorous accumulation bound (ratio <= 1)
+    ROUNDING = "rounding"      # elementwise: within the output dtype's rounding of the exact result
+    IDS = "ids"                # router expert ids equal, near-ties reported
+    WEIGHTS = "weights"        # router weights within the fp32 bound
+    EXACT = "exact"            # integer outputs identical (dispatch)
+    INTERVAL = "interval"      # fused stage: each code from some value the upstream bound allows
+    BATCH = "batch"            # a token's bits do not depend on the other tokens or on M
+    SYNC = "sync"              # no host synchronization in the stage
+    GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
+
+
+INPUT_ATTN = "input.x_attn"
+INPUT_FFN = "input.x_ffn"
+QUANT_FIELDS = ("packed_u8", "sf_u8", "global_dec_f32")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One row of the table. `weights`: checkpoint roles relative to the layer (attn.wq_a,
+    experts.w1, shared.w2, router.gate ...). `loss`: emulated-vs-high metrics are reported for
+    its reference tensors. `kernel`: a backend verdict judges it (else the reference only)."""
+
+    name: str
+    op: Op
+    input: str
+    weights: tuple[str, ...] = ()
+    checks: tuple[Check, ...] = ()
+    parts: tuple[str, ...] = ()
+    loss: bool = True
+    kernel: bool = True
+    schemas: tuple[str, ...] = ("deepseek_v4", "deepseek_v3")
+
+    def tensor(self, part: str | None = None) -> str:
+        """The reference tensor name of this stage (or of one of its parts / quantized fields)."""
+        return self.name if part is None else f"{self.name}.{part}"
+
+    @property
+    def tensors(self) -> tuple[str, ...]:
+        return tuple(self.tensor(p) for p in self.parts) if self.parts else (self.name,)
+
+
+_B, _R, _Q = (Check.BOUND,), (Check.ROUNDING,), (Check.BYTES,)
+_V4 = ("deepseek_v4",)
+# a dense linear: its activation quantization's bytes, the GEMM's bound, batch invariance, graph safety
+_GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.SYNC, Check.GRAPH)
+
+
+def _linear(name: str, input_: str, role: str, *, schemas=_V4) -> Stage:
+    return Stage(name, Op.DENSE_LINEAR, input_, (role,), _GEMM, schemas=schemas)
+
+
+STAGES: tuple[Stage, ...] = (
+    # ---- attention projections (DeepSeek-V4)
+    _linear("attn.wq_a", INPUT_ATTN, "attn.wq_a"),
+    _linear("attn.wkv", INPUT_ATTN, "attn.wkv"),
+    Stage("attn.q_norm", Op.REFERENCE, "attn.wq_a", ("attn.q_norm",), kernel=False, schemas=_V4),
+    Stage("attn.kv_norm", Op.REFERENCE, "attn.wkv", ("attn.kv_norm",), kernel=False, schemas=_V4),
+    _linear("attn.wq_b", "attn.q_norm", "attn.wq_b"),
+    Stage("attn.wo_a", Op.REFERENCE, "attn.wq_b", ("attn.wo_a",), kernel=False, schemas=_V4),
+    _linear("attn.wo_b", "attn.wo_a", "attn.wo_b"),
+    # ---- routed experts
+    Stage("router", Op.ROUTER, INPUT_FFN, ("router.gate",), (Check.IDS, Check.WEIGHTS),
+          parts=("logits", "scores", "ids", "weights"), loss=False),
+    Stage("moe.dispatch", Op.DISPATCH, "router", (), (Check.EXACT,), loss=False),
+    Stage("moe.act_quant", Op.GROUPED_QUANTIZE, INPUT_FFN, ("experts.w1", "experts.w3"), _Q),
+    Stage("moe.l1", Op.GROUPED_GEMM, "moe.act_quant", ("experts.w1", "experts.w3"), _B, parts=("gate", "up")),
+    Stage("moe.swiglu", Op.SWIGLU_REQUANT, "moe.l1", (), _R),
+    Stage("moe.requant", Op.SWIGLU_REQUANT, "moe.swiglu", ("experts.w2",), _Q),
+    Stage("moe.l1_fused", Op.L1_FUSED, "moe.act_quant", ("experts.w1", "experts.w3", "experts.w2"),
+          (Check.INTERVAL,), loss=False),
+    Stage("moe.l2", Op.GROUPED_GEMM, "moe.requant", ("experts.w2",), _B),
+    Stage("moe.combine", Op.COMBINE, "moe.l2", (), _B),
+    # ---- shared expert (a dense gated MLP on x_ffn)
+    Stage("shared.l1", Op.DENSE_LINEAR, INPUT_FFN, ("shared.w1", "shared.w3"), _GEMM, parts=("gate", "up")),
+    Stage("shared.swiglu", Op.REFERENCE, "shared.l1", (), kernel=False),
+    Stage("shared.l2", Op.DENSE_LINEAR, "shared.swiglu", ("shared.w2",), _GEMM),
+    Stage("moe.out", Op.REFERENCE, "moe.combine", (), kernel=False),
+    # ---- the whole MoE block as one call
+    Stage("moe.block", Op.MOE_BLOCK, INPUT_FFN, ("router.gate", "experts.w1", "experts.w3", "experts.w2"),
+          (Check.BATCH, Check.SYNC, Check.GRAPH), loss=False),
+    # ---- DeepSeek-V3 first_k_dense_replace layers: a plain gated MLP
+    Stage("dense.l1", Op.DENSE_LINEAR, INPUT_FFN, ("dense.w1", "dense.w3"), _GEMM, parts=("gate", "up"),
+          schemas=("deepseek_v3",)),
+    Stage("dense.swiglu", Op.REFERENCE, "dense.l1", (), kernel=False, schemas=("deepseek_v3",)),
+    Stage("dense.l2", Op.DENSE_LINEAR, "dense.swiglu", ("dense.w2",), _GEMM, schemas=("deepseek_v3",)),
+)
+
+_BY_NAME = {s.name: s for s in STAGES}
+if len(_BY_NAME) != len(STAGES):
+    raise RuntimeError("references.stages: duplicate stage names")
+
+
+def stage(name: str) -> Stage:
+    """The table row of `name`; KeyError naming the known stages otherwise."""
+    try:
+        return _BY_NAME[name]
+    except KeyError:
+        raise KeyError(f"stage {name!r}: not in the stage table ({', '.join(_BY_NAME)})") from None
+
+
+def stage_names() -> tuple[str, ...]:
+    return tuple(_BY_NAME)
+
+
+ROUTER, DISPATCH = stage("router"), stage("moe.dispatch")
+MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT = (stage(n) for n in ("moe.act_quant", "moe.l1", "moe.swiglu",
+                                                                      "moe.requant"))
+MOE_L1_FUSED, MOE_L2, MOE_COMBINE, MOE_OUT, MOE_BLOCK = (stage(n) for n in ("moe.l1_fused", "moe.l2", "moe.combine",
+                                                                           "moe.out", "moe.block"))
+ATTN_STAGES = tuple(s for s in STAGES if s.name.startswith("attn."))
+SHARED_STAGES = tuple(s for s in STAGES if s.name.startswith("shared."))
+DENSE_MLP_STAGES = tuple(s for s in STAGES if s.name.startswith("dense."))
+MOE_STAGES = (ROUTER, DISPATCH, MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT, MOE_L1_FUSED, MOE_L2, MOE_COMBINE)
+DENSE_LINEAR_STAGES = tuple(s for s in STAGES if s.op is Op.DENSE_LINEAR)
+# reference tensors whose emulated-vs-high loss is reported, in table order
+LOSS_STAGES = tuple(t for s in STAGES if s.loss for t in s.tensors)

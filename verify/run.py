@@ -1,0 +1,86 @@
+"""One run per layer, for every entry point: `python -m verify layer|model`, `pytest -m layerN` and the
+golden-file writer all call `run_layer`.
+
+A run loads nothing itself beyond what it is given: the caller opens the checkpoint and (optionally)
+passes an already loaded layer and its inputs, so several run configurations can share one load.
+It runs the reference layer in both modes (emulated NVFP4 and float64 high precision), measures the
+quantization loss per stage of the stage table, digests every emulated tensor, and, with a backend,
+judges every kernel stage of the layer through the backend protocol (verify.stage_verdicts).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from references.layer import RunOptions
+from verify.backend import Backend
+from verify.checkpoint import Checkpoint, LayerWeights
+from verify.golden import tensor_digest
+from verify.reference_layer import LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
+from verify.stage_verdicts import LayerCase, Verdict, stage_verdicts
+
+__all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions"]
+
+E4M3_MAX_BYTE = 0x7E  # block scale 448: the block amax did not fit (static global scale too small)
+
+
+def saturated_block_fractions(emulated: dict[str, Tensor]) -> dict[str, float]:
+    """Per NVFP4 quantization stage, the fraction of 16-element blocks whose E4M3 scale byte is 448
+    (0x7E): with a static input_scale those blocks are clipped at 6 * 448 * D."""
+    return {k[: -len(".sf_u8")]: float((v == E4M3_MAX_BYTE).double().mean()) if v.numel() else 0.0
+            for k, v in emulated.items() if k.endswith(".sf_u8")}
+
+
+@dataclass
+class LayerRun:
+    """The result of one layer under one run configuration."""
+
+    layer: int
+    emulated: dict[str, Tensor]
+    high: dict[str, Tensor]
+    loss: dict[str, dict[str, float]]
+    digests: dict[str, str]
+    saturated: dict[str, float]
+    verdicts: list[Verdict] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+    def verdict(self, stage: str, check: str) -> Verdict | None:
+        return next((v for v in self.verdicts if v.stage == stage and v.check == check), None)
+
+    @property
+    def failed(self) -> list[Verdict]:
+        return [v for v in self.verdicts if v.status == "fail"]
+
+    def as_dict(self) -> dict:
+        return {"metrics": self.loss, "digests": self.digests, "saturated_block_fraction": self.saturated,
+                "verdicts": [v.as_dict() for v in self.verdicts], "timings_s": self.timings_s}
+
+
+def verdict_counts(verdicts: list[Verdict]) -> dict[str, int]:
+    out = {"pass": 0, "fail": 0, "not served": 0, "skipped": 0}
+    for v in verdicts:
+        out[v.status] += 1
+    return out
+
+
+def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, options: RunOptions,
+              backend: Backend | None = None) -> LayerRun:
+    """Reference layer (both modes), loss per stage, digests and (with a backend) every stage's verdicts."""
+    t0 = time.perf_counter()
+    emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
+    t1 = time.perf_counter()
+    high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
+    t2 = time.perf_counter()
+    run = LayerRun(layer.index, emulated, high, quantization_loss(emulated, high),
+                   {k: tensor_digest(v) for k, v in emulated.items()}, saturated_block_fractions(emulated),
+                   timings_s={"emulated": t1 - t0, "high": t2 - t1})
+    if backend is not None:
+        case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
+                         emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
+        run.verdicts = stage_verdicts(backend, case)
+        run.timings_s["verdicts"] = time.perf_counter() - t2
+    return run

@@ -1,0 +1,675 @@
+"""Kernel verdicts for every stage of the stage table, through the backend protocol.
+
+Teacher forcing (DESIGN "Stages"): each stage's op gets the reference layer's own input to that
+stage (its emulated output of the stage before, the reference routing), so a failed verdict
+blames exactly one stage. The backend prepares its weights from the checkpoint's bytes with its
+own host code (`prepare_*`); the expected results come from references/ on the same bytes.
+
+Checks (references.stages.Check; DESIGN "Verdicts"):
+  bytes     quantized activations: codes equal as values (+0 == -0), swizzled scale bytes equal
+            (padding included: it must be zero), global decode scale bit-equal;
+  bound     GEMMs / combine: every element within the rigorous accumulation bound of the float64
+            result on the same quantized operands (ratio <= 1, the backend's declared u_acc);
+  rounding  SwiGLU h: within one bf16 ulp of the exact value (a faithful rounding);
+  ids       router: expert ids equal; where the reference's k-th and (k+1)-th selection values are
+            closer than their fp32 error bound the difference is a near-tie, reported, not failed
+            (an exact tie is not a near-tie: the lower expert id wins, as in the reference);
+  weights   router: weights within the fp32 error bound of the reference's, on tokens whose ids agree;
+  exact     dispatch: rows, slots and offsets identical;
+  batch     a token's output bits do not depend on the other tokens (its row alone vs in the batch);
+  sync      (CUDA) the stage under torch.cuda.set_sync_debug_mode("error");
+  graph     (CUDA) captured once, replayed after new values and scales were written in place:
+            bit-equal to eager on the new inputs; a capture error is a failed verdict.
+A stage the backend does not serve is a verdict with status "not served" and the backend's reason.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from references import layouts as ref_layouts
+from references import moe as ref_moe
+from references.gemm import (
+    U_FP32, bound_ratio, gamma, gemm_error_bound, grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
+    nvfp4_grouped_gemm_f64,
+)
+from references.layer import RunOptions
+from references.linear import Nvfp4Weight
+from references.nvfp4 import quantize_nvfp4
+from references.linear import nvfp4_global_scale_for, act_global_dec_f32
+from references.stages import (
+    INPUT_ATTN, INPUT_FFN, Check, Op, Stage, STAGES, MOE_ACT_QUANT, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED,
+    MOE_L2, MOE_REQUANT, MOE_SWIGLU, ROUTER, DISPATCH,
+)
+from verify.assertions import (
+    assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, assert_within_gemm_bound,
+    assert_within_ulps, describe_e4m3, first_mismatch,
+)
+from verify.backend import Backend, Dispatched, QuantizedAct
+from verify.metrics import stage_metrics
+
+__all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages"]
+
+STATUSES = ("pass", "fail", "not served", "skipped")
+
+
+@dataclass
+class Verdict:
+    """One (stage, check) verdict. status: pass / fail / not served (the backend lacks the op here)
+    / skipped (the check does not apply: no CUDA device, a non-NVFP4 weight, ...)."""
+
+    stage: str
+    check: str
+    status: str
+    message: str = ""
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "pass"
+
+    def as_dict(self) -> dict:
+        return {"stage": self.stage, "check": self.check, "status": self.status, "message": self.message,
+                "metrics": self.metrics}
+
+
+@dataclass
+class LayerCase:
+    """Everything a layer's verdicts need: the checkpoint layer (loader types), its inputs, the
+    reference layer's emulated and high-precision stage tensors, the run options and the MoE spec."""
+
+    layer: object            # verify.checkpoint.LayerWeights
+    schema: str
+    x_attn: Tensor
+    x_ffn: Tensor
+    token_ids_i64: Tensor | None
+    emulated: dict[str, Tensor]
+    high: dict[str, Tensor]
+    options: RunOptions
+    moe_spec: object | None  # references.layer.MoeSpec
+    prepared: dict = field(default_factory=dict)
+
+    @property
+    def static(self) -> bool:
+        return self.options.act_scale == "static"
+
+    @property
+    def device(self) -> torch.device:
+        return self.x_ffn.device
+
+
+def applicable_stages(case: LayerCase) -> list[Stage]:
+    """The kernel stages of the table that this layer has (schema, MoE or dense MLP, shared expert)."""
+    lw = case.layer
+    out = []
+    for s in STAGES:
+        if not s.kernel or case.schema not in s.schemas:
+            continue
+        if s.name.startswith(("router", "moe.")) and lw.experts is None:
+            continue
+        if s.name.startswith("shared.") and lw.shared_experts is None:
+            continue
+        if s.name.startswith("dense.") and lw.dense_mlp is None:
+            continue
+        out.append(s)
+    return out
+
+
+# ============================================================================= helpers
+
+
+def _fail_or_pass(stage: str, check: Check, fn: Callable[[], str], metrics: dict | None = None) -> Verdict:
+    """Run an assertion block; its AssertionError message becomes a failed verdict."""
+    metrics = {} if metrics is None else metrics
+    try:
+        msg = fn()
+    except AssertionError as exc:
+        return Verdict(stage, check.value, "fail", f"{stage} {check.value}: {exc}", metrics)
+    return Verdict(stage, check.value, "pass", msg, metrics)
+
+
+def _quant_act_from_reference(case: LayerCase, stage: Stage, offsets_i64: Tensor) -> QuantizedAct:
+    """The reference's quantized activations of `stage` in the boundary representation."""
+    e = case.emulated
+    sf, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(e[stage.tensor("sf_u8")], offsets_i64)
+    return QuantizedAct(e[stage.tensor("packed_u8")], sf, e[stage.tensor("global_dec_f32")].to(torch.float32))
+
+
+def _reference_dispatch(case: LayerCase) -> ref_moe.Dispatch:
+    return ref_moe.dispatch(case.emulated[ROUTER.tensor("ids")], case.layer.experts.w1.weight_u8.shape[0])
+
+
+def _static_expert_scales(case: LayerCase) -> tuple[Tensor | None, Tensor | None]:
+    if not case.static:
+        return None, None
+    ex = case.layer.experts
+    s1 = torch.stack([ex.w1.input_scale_f32, ex.w3.input_scale_f32]).amax(0).to(torch.float32)
+    return s1, ex.w2.input_scale_f32.to(torch.float32)
+
+
+def _check_quantized(stage: str, got: QuantizedAct, exp: QuantizedAct) -> str:
+    __tracebackhide__ = True
+    assert_codes_equal_as_values(got.packed_u8, exp.packed_u8, label=f"{stage} codes")
+    assert_bytes_equal(got.sf_swizzled_u8, exp.sf_swizzled_u8, label=f"{stage} swizzled scales (padding included)",
+                       describe=describe_e4m3)
+    assert_bits_equal(got.global_dec_f32.reshape(-1).to(torch.float32).cpu(),
+                      exp.global_dec_f32.reshape(-1).to(torch.float32).cpu(), label=f"{stage} global decode scale")
+    return "codes, scale bytes and global scale equal the emulator's"
+
+
+def _expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor, scale: Tensor | None) -> QuantizedAct:
+    """references' grouped quantization (the backend's recipe) in the boundary representation."""
+    a = ref_moe.act_quant(rows, offsets_i64, recipe=backend.recipe, act_scale="static" if scale is not None else "dynamic",
+                          input_scale_f32=scale)
+    sf, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(a.sf_u8, offsets_i64)
+    return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
+
+
+def _grouped_bound_check(stage: str, backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, y: Tensor,
+                         label: str) -> tuple[str, dict]:
+    """y (one grouped GEMM's output) against the float64 product of the same quantized operands."""
+    __tracebackhide__ = True
+    k = a.k
+    a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i64, cols=k // 16)
+    alpha = (a.global_dec_f32.to(torch.float32).reshape(-1) * w.weight_scale_2_f32.to(torch.float32).reshape(-1))
+    y64, abs_dot = nvfp4_grouped_gemm_f64(a.packed_u8, a_sf, w.weight_u8, w.weight_scale_e4m3.view(torch.uint8),
+                                          offsets_i64, alpha)
+    bound = grouped_gemm_error_bound(abs_dot, y64, alpha, offsets_i64, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+    ratio = assert_within_gemm_bound(y, y64, bound, label=f"{stage} {label}")
+    return f"{label}: max |y - y64| / bound = {ratio:.3g}", {f"bound_ratio_{label}": ratio}
+
+
+def _unsupported(backend: Backend, stage: Stage, op: Op, device: torch.device) -> Verdict | None:
+    reason = backend.unsupported_reason(op, device)
+    if reason:
+        return Verdict(stage.name, "*", "not served", reason, {"unsupported": reason})
+    return None
+
+
+def _expand(v: Verdict, stage: Stage) -> list[Verdict]:
+    """One 'not served' / 'skipped' verdict per check of the stage."""
+    return [Verdict(stage.name, c.value, v.status, v.message, dict(v.metrics)) for c in stage.checks]
+
+
+def _cuda_only(stage: str, check: Check, case: LayerCase, backend: Backend) -> Verdict | None:
+    if case.device.type != "cuda":
+        return Verdict(stage, check.value, "skipped", f"{check.value}: needs a CUDA device (running on {case.device})")
+    if not getattr(backend, "graph_safe", True):
+        return Verdict(stage, check.value, "skipped",
+                       f"{check.value}: the {backend.name} backend is a reference with host syncs by design")
+    return None
+
+
+def _graph_probe(stage: str, forward: Callable[[], Tensor], mutate: Callable[[], None]) -> Verdict:
+    """Warm up, capture forward() once, mutate the inputs in place, replay: bit-equal to eager."""
+    try:
+        forward()
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            y_graph = forward()
+        mutate()
+        graph.replay()
+        torch.cuda.synchronize()
+        y_eager = forward()
+        diff = int((y_graph.view(torch.int16) != y_eager.view(torch.int16)).sum())
+    except Exception as exc:  # noqa: BLE001 - a capture failure is a verdict, not a crash
+        return Verdict(stage, "graph", "fail", f"{stage} graph: capture/replay failed: {type(exc).__name__}: {exc}",
+                       {"traceback": traceback.format_exc(limit=3)})
+    if diff:
+        return Verdict(stage, "graph", "fail", f"{stage} graph: replay differs from eager in {diff} of "
+                       f"{y_eager.numel()} elements after new values and scales", {"differing_elements": diff})
+    return Verdict(stage, "graph", "pass", "replay with new values and scales is bit-equal to eager")
+
+
+def _sync_probe(stage: str, forward: Callable[[], object]) -> Verdict:
+    forward()  # compile and cache outside the probe
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    try:
+        torch.cuda.set_sync_debug_mode("error")
+        forward()
+    except RuntimeError as exc:
+        return Verdict(stage, "sync", "fail", f"{stage} sync: the forward path synchronizes with the host: {exc}")
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return Verdict(stage, "sync", "pass", "no host synchronization")
+
+
+def _batch_check(stage: str, run: Callable[[Tensor], Tensor], x: Tensor, rows: tuple[int, ...] = (0, -1)) -> Verdict:
+    """Rows verified alone must have the bits they have inside the batch."""
+    def check() -> str:
+        __tracebackhide__ = True
+        full = run(x)
+        for r in rows:
+            r = r % x.shape[0]
+            alone = run(x[r:r + 1].contiguous())
+            assert_bits_equal(alone.cpu(), full[r:r + 1].cpu(), label=f"{stage} row {r} alone vs in a batch of "
+                                                                       f"{x.shape[0]}")
+        return f"rows {sorted({r % x.shape[0] for r in rows})} alone are bit-equal to the batch of {x.shape[0]}"
+
+    return _fail_or_pass(stage, Check.BATCH, check)
+
+
+# ============================================================================= dense linears
+
+
+def _dense_roles(stage: Stage) -> list[tuple[str | None, str]]:
+    """(part, weight role) of a dense linear stage: shared.l1 -> [("gate", "shared.w1"), ("up", "shared.w3")]."""
+    if stage.parts:
+        return list(zip(stage.parts, stage.weights))
+    return [(None, stage.weights[0])]
+
+
+def _linear_of(case: LayerCase, role: str):
+    group, name = role.split(".", 1)
+    lw = case.layer
+    if group == "attn":
+        return lw.attention[name]
+    mlp = {"shared": lw.shared_experts, "dense": lw.dense_mlp}[group]
+    return getattr(mlp, name)
+
+
+def _fused_partner(role: str) -> str | None:
+    return {"attn.wq_a": "attn.wkv", "attn.wkv": "attn.wq_a", "shared.w1": "shared.w3", "shared.w3": "shared.w1",
+            "dense.w1": "dense.w3", "dense.w3": "dense.w1"}.get(role)
+
+
+def _dense_input(case: LayerCase, stage: Stage) -> Tensor:
+    if stage.input == INPUT_ATTN:
+        return case.x_attn
+    if stage.input == INPUT_FFN:
+        return case.x_ffn
+    return case.emulated[stage.input].to(torch.bfloat16)
+
+
+def _static_dense_scale(case: LayerCase, role: str) -> Tensor | None:
+    """The static activation decode scale of a dense linear: its input_scale, the max with its fused
+    partner's (one quantization feeds both GEMMs)."""
+    if not case.static:
+        return None
+    lin = _linear_of(case, role)
+    partner = _fused_partner(role)
+    scales = [lin.input_scale_f32]
+    if partner is not None:
+        other = _linear_of(case, partner)
+        if getattr(other, "format", None) == "nvfp4":
+            scales.append(other.input_scale_f32)
+    return torch.stack([s.to(torch.float32).reshape(()) for s in scales]).amax().reshape(1)
+
+
+def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdict]:
+    roles = _dense_roles(stage)
+    lins = [_linear_of(case, role) for _, role in roles]
+    not_nvfp4 = [lin for lin in lins if getattr(lin, "format", None) != "nvfp4"]
+    if not_nvfp4:
+        lin = not_nvfp4[0]
+        return _expand(Verdict(stage.name, "*", "skipped", f"{lin.module} is {lin.format}: the kernel verdicts "
+                               "cover NVFP4 weights (its loss vs high precision is in the loss table)"), stage)
+    for op in (Op.PREPARE, Op.QUANTIZE, Op.DENSE_GEMM):
+        v = _unsupported(backend, stage, op, case.device)
+        if v:
+            return _expand(v, stage)
+    x = _dense_input(case, stage).contiguous()
+    verdicts: list[Verdict] = []
+    metrics: dict = {}
+    msgs: list[str] = []
+    prepared = [backend.prepare_linear(lin) for lin in lins]
+    scale = _static_dense_scale(case, roles[0][1])
+
+    def bytes_check() -> str:
+        __tracebackhide__ = True
+        got = backend.quantize(x, input_dec_scale_f32=scale)
+        q = quantize_nvfp4(x, recipe=backend.recipe,
+                           **nvfp4_global_scale_for(x, recipe=backend.recipe, input_scale_f32=scale))
+        exp = QuantizedAct(q.packed_u8, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8),
+                           act_global_dec_f32(q, scale).reshape(1))
+        return _check_quantized(stage.name, got, exp)
+
+    verdicts.append(_fail_or_pass(stage.name, Check.BYTES, bytes_check))
+
+    def bound_check() -> str:
+        __tracebackhide__ = True
+        a = backend.quantize(x, input_dec_scale_f32=scale)
+        m, k = x.shape
+        a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
+        for (part, _), lin, w in zip(roles, lins, prepared):
+            y = backend.dense_gemm(a, w)
+            alpha = (a.global_dec_f32.to(torch.float32).reshape(()) * lin.weight_scale_2_f32.to(torch.float32).reshape(()))
+            y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
+            bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+            label = stage.tensor(part)
+            ratio = assert_within_gemm_bound(y, y64, bound, label=label)
+            metrics[f"bound_ratio_{part or 'y'}"] = ratio
+            metrics[f"vs_high_{part or 'y'}"] = stage_metrics(y.double(), case.high[label].double())
+            msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
+        return f"{'; '.join(msgs)} (u_acc {backend.u_acc:.3g}, K={k})"
+
+    verdicts.append(_fail_or_pass(stage.name, Check.BOUND, bound_check, metrics))
+
+    def run(xx: Tensor) -> Tensor:
+        return backend.dense_gemm(backend.quantize(xx, input_dec_scale_f32=batch_scale), prepared[0])
+
+    batch_scale = scale if scale is not None else _batch_static_scale(x)
+
+    verdicts.append(_batch_check(stage.name, run, x))
+    verdicts += _dense_cuda_probes(backend, case, stage, x, prepared[0], scale)
+    return verdicts
+
+
+def _batch_static_scale(x: Tensor) -> Tensor:
+    """For the batch check in dynamic mode: the whole batch's global scale as a static decode scale,
+    so a row alone is quantized with the same scale it has inside the batch (dynamic amax over a
+    different batch would legitimately change the bits)."""
+    amax = torch.amax(x.abs()).to(torch.float32)
+    return (amax / 2688.0).reshape(1).to(torch.float32)
+
+
+def _dense_cuda_probes(backend: Backend, case: LayerCase, stage: Stage, x: Tensor, w, scale: Tensor | None) -> list[Verdict]:
+    out = []
+    for check in (Check.SYNC, Check.GRAPH):
+        skip = _cuda_only(stage.name, check, case, backend)
+        if skip:
+            out.append(skip)
+            continue
+        x_buf = x.clone()
+        s_buf = None if scale is None else scale.clone()
+
+        def forward() -> Tensor:
+            return backend.dense_linear(x_buf, w, input_dec_scale_f32=s_buf)
+
+        if check is Check.SYNC:
+            out.append(_sync_probe(stage.name, forward))
+        else:
+            def mutate() -> None:
+                x_buf.copy_((x.roll(1, 0) * -0.75).to(torch.bfloat16))
+                if s_buf is not None:
+                    s_buf.mul_(1.5)
+
+            out.append(_graph_probe(stage.name, forward, mutate))
+    return out
+
+
+# ============================================================================= MoE stages
+
+
+def _router_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
+    v = _unsupported(backend, ROUTER, Op.ROUTER, case.device)
+    if v:
+        return _expand(v, ROUTER)
+    lw = case.layer
+    prep = backend.prepare_router(lw.router, case.moe_spec)
+    hashed = lw.router.tid2eid_i64 is not None
+    r = backend.router(case.x_ffn, prep, token_ids_i64=case.token_ids_i64 if hashed else None)
+    e = case.emulated
+    ref_ids, ref_w = e[ROUTER.tensor("ids")], e[ROUTER.tensor("weights")]
+    scores, logits = e[ROUTER.tensor("scores")], e[ROUTER.tensor("logits")]
+    k = ref_ids.shape[1]
+    # fp32 error bound of each score: the logit's accumulation bound through |d score / d logit|,
+    # plus the roundings of the score itself (a few fp32 ulps)
+    h = case.x_ffn.shape[1]
+    abs_dot = case.x_ffn.double().abs() @ lw.router.gate_weight_bf16.double().abs().T
+    e_logit = gamma(h + 1, U_FP32) * abs_dot + half_ulp(logits.double().abs(), torch.float32)
+    slope = _score_slope(logits.double(), case.moe_spec.scoring)
+    e_score = slope * e_logit + 4 * half_ulp(scores.double().abs(), torch.float32)
+    sel = scores.double() + (lw.router.gate_bias_f32.double() if lw.router.gate_bias_f32 is not None and not hashed else 0)
+    got_sorted = r.ids_i64.sort(1).values
+    ref_sorted = ref_ids.sort(1).values
+    differ = (got_sorted != ref_sorted).any(1)
+    metrics = {"tokens": int(ref_ids.shape[0]), "tokens_with_other_ids": int(differ.sum())}
+    near_tie = torch.zeros_like(differ)
+    if not hashed and differ.any():
+        top = sel.topk(k + 1, dim=1)
+        kth, nxt = top.values[:, k - 1], top.values[:, k]
+        err = e_score.gather(1, top.indices[:, k - 1:k]).squeeze(1) + e_score.gather(1, top.indices[:, k:k + 1]).squeeze(1)
+        gap = kth - nxt
+        near_tie = differ & (gap > 0) & (gap <= err)
+    metrics["near_ties"] = int(near_tie.sum())
+    hard = differ & ~near_tie
+
+    def ids_check() -> str:
+        __tracebackhide__ = True
+        if hard.any():
+            t = int(torch.nonzero(hard)[0, 0])
+            raise AssertionError(f"{int(hard.sum())} of {ref_ids.shape[0]} tokens select other experts; first token "
+                                 f"{t}: got ids {r.ids_i64[t].tolist()}, expected {ref_ids[t].tolist()} "
+                                 f"(selection values {[f'{float(sel[t, i]):.9g}' for i in ref_ids[t].tolist()]})")
+        return (f"expert ids equal on {int((~differ).sum())} tokens; {metrics['near_ties']} near-ties (score gap below "
+                "the fp32 error bound) reported")
+
+    verdicts = [_fail_or_pass(ROUTER.name, Check.IDS, ids_check, metrics)]
+
+    def weights_check() -> str:
+        __tracebackhide__ = True
+        ok = ~differ
+        # reorder the backend's weights to the reference's slot order (same id set)
+        order_got = r.ids_i64.argsort(1)
+        order_ref = ref_ids.argsort(1)
+        w_got = r.weights_f32.gather(1, order_got)[ok].double()
+        w_ref = ref_w.gather(1, order_ref)[ok].double()
+        s_at = scores.double().gather(1, ref_ids).gather(1, order_ref)[ok]
+        e_at = e_score.gather(1, ref_ids).gather(1, order_ref)[ok]
+        rel = (e_at / s_at.abs().clamp_min(1e-30)).amax(1, keepdim=True) * 2 + 8 * 2.0**-24
+        bound = rel * w_ref.abs() + half_ulp(w_ref.abs(), torch.float32)
+        ratio = assert_within_gemm_bound(w_got, w_ref, bound, label="router weights")
+        metrics["weights_bound_ratio"] = ratio
+        return f"routing weights within the fp32 bound (max ratio {ratio:.3g}) on {int(ok.sum())} tokens"
+
+    verdicts.append(_fail_or_pass(ROUTER.name, Check.WEIGHTS, weights_check, metrics))
+    return verdicts
+
+
+def _score_slope(logits: Tensor, scoring: str) -> Tensor:
+    """|d score / d logit| at the reference logits (float64)."""
+    if scoring == "sqrtsoftplus":
+        sp = torch.nn.functional.softplus(logits)
+        return torch.sigmoid(logits) / (2 * sp.sqrt().clamp_min(1e-30))
+    if scoring == "sigmoid":
+        s = torch.sigmoid(logits)
+        return s * (1 - s)
+    return torch.ones_like(logits)  # softmax: bounded by 1/4 per logit; 1 is a safe over-estimate
+
+
+def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
+    lw, spec, e = case.layer, case.moe_spec, case.emulated
+    d = _reference_dispatch(case)
+    off_i64, off_i32 = d.offsets_i64, d.offsets_i64.to(torch.int32)
+    s1, s2 = _static_expert_scales(case)
+    out: list[Verdict] = []
+    # ---- dispatch
+    v = _unsupported(backend, DISPATCH, Op.DISPATCH, case.device)
+    if v:
+        out += _expand(v, DISPATCH)
+    else:
+        got = backend.dispatch(e[ROUTER.tensor("ids")], d.num_experts)
+
+        def dispatch_check() -> str:
+            __tracebackhide__ = True
+            assert_bytes_equal(got.offsets_i32.to(torch.int32).view(torch.uint8).cpu(),
+                               off_i32.view(torch.uint8).cpu(), label="moe.dispatch offsets (int32 bytes)")
+            for name, g, x in (("token", got.row_token_i64, d.token_of_row_i64), ("slot", got.row_slot_i64,
+                                                                                  d.slot_of_row_i64)):
+                bad = first_mismatch(g.to(torch.int64).cpu() != x.cpu())
+                if bad:
+                    raise AssertionError(f"row {bad[0]}: {name} {int(g.reshape(-1)[bad[0]])}, expected {int(x[bad[0]])}")
+            return f"{d.token_of_row_i64.numel()} rows and {d.num_experts + 1} offsets identical"
+
+        out.append(_fail_or_pass(DISPATCH.name, Check.EXACT, dispatch_check))
+    # ---- prepare the experts once (the backend's own host code)
+    experts = None
+    if backend.unsupported_reason(Op.GROUPED_GEMM, case.device) is None:
+        experts = backend.prepare_experts(lw.experts)
+    rows = case.x_ffn[d.token_of_row_i64]
+    # ---- act_quant
+    v = _unsupported(backend, MOE_ACT_QUANT, Op.GROUPED_QUANTIZE, case.device)
+    if v:
+        out += _expand(v, MOE_ACT_QUANT)
+    else:
+        out.append(_fail_or_pass(MOE_ACT_QUANT.name, Check.BYTES, lambda: _check_quantized(
+            MOE_ACT_QUANT.name, backend.grouped_quantize(rows, off_i32, input_dec_scale_f32=s1),
+            _expected_grouped_quant(backend, rows, off_i64, s1))))
+    # ---- l1
+    a1 = _quant_act_from_reference(case, MOE_ACT_QUANT, off_i64)
+    v = _unsupported(backend, MOE_L1, Op.GROUPED_GEMM, case.device)
+    if v:
+        out += _expand(v, MOE_L1)
+    else:
+        metrics: dict = {}
+
+        def l1_check() -> str:
+            __tracebackhide__ = True
+            gate, up = backend.grouped_gemm(a1, off_i32, experts, layer="l1")
+            m1, x1 = _grouped_bound_check(MOE_L1.name, backend, a1, off_i64, lw.experts.w1, gate, "gate")
+            m2, x2 = _grouped_bound_check(MOE_L1.name, backend, a1, off_i64, lw.experts.w3, up, "up")
+            metrics.update(x1, **x2)
+            return f"{m1}; {m2} (u_acc {backend.u_acc:.3g}, K={a1.k})"
+
+        out.append(_fail_or_pass(MOE_L1.name, Check.BOUND, l1_check, metrics))
+    # ---- swiglu + requant (one op, two verdicts: h, then the bytes of h's quantization)
+    v = _unsupported(backend, MOE_SWIGLU, Op.SWIGLU_REQUANT, case.device)
+    if v:
+        out += _expand(v, MOE_SWIGLU) + _expand(Verdict(MOE_REQUANT.name, "*", v.status, v.message), MOE_REQUANT)
+    else:
+        gate, up = e[MOE_L1.tensor("gate")], e[MOE_L1.tensor("up")]
+        before = case.options.weight_placement == "before_w2"
+        row_w = e[ROUTER.tensor("weights")][d.token_of_row_i64, d.slot_of_row_i64] if before else None
+        h, a2 = backend.swiglu_requant(gate, up, off_i32, swiglu_limit=spec.swiglu_limit, row_weight_f32=row_w,
+                                       input_dec_scale_f32=s2)
+        h64 = ref_moe.swiglu(gate, up, limit=spec.swiglu_limit, row_weight_f32=row_w, mode="high")
+
+        def swiglu_check() -> str:
+            __tracebackhide__ = True
+            assert_within_ulps(h, h64, ulps=1.0, label=f"{MOE_SWIGLU.name} h ({h.dtype}) vs exact")
+            return f"h within one {h.dtype} ulp of the exact clamped SwiGLU ({h.numel()} elements)"
+
+        out.append(_fail_or_pass(MOE_SWIGLU.name, Check.ROUNDING, swiglu_check))
+        out.append(_fail_or_pass(MOE_REQUANT.name, Check.BYTES, lambda: _check_quantized(
+            MOE_REQUANT.name, a2, _expected_grouped_quant(backend, h.to(torch.bfloat16), off_i64, s2))))
+    # ---- l1_fused: only backends that have a fused L1 (the interval rule needs a static h scale)
+    v = _unsupported(backend, MOE_L1_FUSED, Op.L1_FUSED, case.device)
+    if v:
+        out += _expand(v, MOE_L1_FUSED)
+    else:
+        out.append(Verdict(MOE_L1_FUSED.name, Check.INTERVAL.value, "skipped",
+                           "interval rule for fused L1 + SwiGLU + requant: not implemented in the harness yet"))
+    # ---- l2
+    a2_ref = _quant_act_from_reference(case, MOE_REQUANT, off_i64)
+    v = _unsupported(backend, MOE_L2, Op.GROUPED_GEMM, case.device)
+    if v:
+        out += _expand(v, MOE_L2)
+    else:
+        metrics2: dict = {}
+
+        def l2_check() -> str:
+            __tracebackhide__ = True
+            y = backend.grouped_gemm(a2_ref, off_i32, experts, layer="l2")
+            msg, x = _grouped_bound_check(MOE_L2.name, backend, a2_ref, off_i64, lw.experts.w2, y, "y")
+            metrics2.update(x)
+            return f"{msg} (u_acc {backend.u_acc:.3g}, K={a2_ref.k})"
+
+        out.append(_fail_or_pass(MOE_L2.name, Check.BOUND, l2_check, metrics2))
+    # ---- combine
+    v = _unsupported(backend, MOE_COMBINE, Op.COMBINE, case.device)
+    if v:
+        out += _expand(v, MOE_COMBINE)
+    else:
+        before = case.options.weight_placement == "before_w2"
+        weights = None if before else e[ROUTER.tensor("weights")]
+        y_rows = e[MOE_L2.name]
+        got = backend.combine(y_rows, Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32), weights)
+
+        def combine_check() -> str:
+            __tracebackhide__ = True
+            terms = y_rows.double()[d.row_of_pair_i64]  # [T, k, H]
+            if weights is not None:
+                terms = terms * weights.double()[..., None]
+            exact = terms.sum(1)
+            acc = gamma(d.row_of_pair_i64.shape[1] + 1, backend.u_acc) * terms.abs().sum(1)
+            bound = acc + half_ulp(exact.abs() + acc, got.dtype)
+            ratio = assert_within_gemm_bound(got, exact, bound, label=f"{MOE_COMBINE.name} output")
+            return f"max |y - exact| / bound = {ratio:.3g} (k={d.row_of_pair_i64.shape[1]})"
+
+        out.append(_fail_or_pass(MOE_COMBINE.name, Check.BOUND, combine_check))
+    # ---- the whole block as one call
+    out += _moe_block_verdicts(backend, case)
+    return out
+
+
+def _moe_block_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
+    v = _unsupported(backend, MOE_BLOCK, Op.MOE_BLOCK, case.device)
+    if v:
+        return _expand(v, MOE_BLOCK)
+    lw, spec = case.layer, case.moe_spec
+    router = backend.prepare_router(lw.router, spec)
+    experts = backend.prepare_experts(lw.experts)
+    hashed = lw.router.tid2eid_i64 is not None
+    kw = dict(swiglu_limit=spec.swiglu_limit, weight_placement=case.options.weight_placement,
+              act_scale=case.options.act_scale)
+
+    def run(x: Tensor, ids: Tensor | None) -> Tensor:
+        return backend.moe_block(x, router, experts, token_ids_i64=ids if hashed else None, **kw)
+
+    out = []
+    if case.static:
+        ids = case.token_ids_i64
+
+        def batch_check() -> str:
+            __tracebackhide__ = True
+            full = run(case.x_ffn, ids)
+            alone = run(case.x_ffn[:1].contiguous(), None if ids is None else ids[:1])
+            assert_bits_equal(alone.cpu(), full[:1].cpu(), label=f"{MOE_BLOCK.name} token 0 alone vs in a batch of "
+                                                                 f"{case.x_ffn.shape[0]}")
+            return f"token 0 alone is bit-equal to token 0 in the batch of {case.x_ffn.shape[0]}"
+
+        out.append(_fail_or_pass(MOE_BLOCK.name, Check.BATCH, batch_check))
+    else:
+        out.append(Verdict(MOE_BLOCK.name, Check.BATCH.value, "skipped",
+                           "batch: with a dynamic per-tensor global scale a token's bits depend on the batch's amax "
+                           "by design; verified in the static runs"))
+    y = run(case.x_ffn, case.token_ids_i64)
+    drift = stage_metrics(y.double(), case.emulated[MOE_COMBINE.name].double())
+    out[-1].metrics["drift_vs_reference_combine"] = drift
+    for check in (Check.SYNC, Check.GRAPH):
+        skip = _cuda_only(MOE_BLOCK.name, check, case, backend)
+        if skip:
+            out.append(skip)
+            continue
+        x_buf = case.x_ffn.clone()
+        if check is Check.SYNC:
+            out.append(_sync_probe(MOE_BLOCK.name, lambda: run(x_buf, case.token_ids_i64)))
+        else:
+            out.append(_graph_probe(MOE_BLOCK.name, lambda: run(x_buf, case.token_ids_i64),
+                                    lambda: x_buf.copy_((case.x_ffn.roll(1, 0) * -0.75).to(torch.bfloat16))))
+    return out
+
+
+# ============================================================================= the layer
+
+
+def stage_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
+    """Every verdict of the layer's kernel stages, in table order; each verdict's time is in its metrics."""
+    out: list[Verdict] = []
+    has_moe = case.layer.experts is not None
+    for stage in applicable_stages(case):
+        t0 = time.perf_counter()
+        if stage.op is Op.DENSE_LINEAR:
+            vs = _dense_stage(backend, case, stage)
+        elif stage is ROUTER and has_moe:
+            vs = _router_verdicts(backend, case)
+        elif stage is DISPATCH and has_moe:
+            vs = _moe_verdicts(backend, case)  # dispatch .. moe.block: one pass (shared dispatch and experts)
+        else:
+            continue
+        dt = time.perf_counter() - t0
+        for v in vs:
+            v.metrics.setdefault("seconds", dt / max(1, len(vs)))
+        out += vs
+    order = {s.name: i for i, s in enumerate(STAGES)}
+    return sorted(out, key=lambda v: order.get(v.stage, len(order)))

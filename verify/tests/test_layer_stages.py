@@ -1,0 +1,285 @@
+"""Every kernel stage of every layer, judged through the backend chosen by --backend (verify.run.run_layer).
+
+`pytest -m layer0 --backend sm90 --checkpoint DIR` on an H200 runs layer 0's stages through the sm90
+kernels; on the CPU (--backend auto) the emulator backend runs the same verdicts. Test ids name the
+layer, stage, check and activation scaling: `layer3-moe.l1-bound-static`. A stage the backend does not
+serve, or a check that needs a CUDA device, is a skip whose reason says so.
+
+The second half proves the verdicts can fail: the emulator with one planted bug per class must fail
+exactly the expected (stage, check) verdicts and no other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from references import layouts as ref_layouts
+from references import moe as ref_moe
+from references.layer import RunOptions
+from references.linear import Nvfp4Weight
+from references.router import Routing, router_logits_f32, routing_weights_f32, select_experts_topk
+from references.stages import STAGES
+from verify.backend import EmulatorBackend, QuantizedAct, RoutingOut, get_backend
+from verify.checkpoint import Checkpoint
+from verify.config import GOLDEN_DIR
+from verify.layer_report import held_layers, layer_inputs
+from verify.run import run_layer
+from verify.stage_verdicts import LayerCase, applicable_stages
+
+ACT = ("dynamic", "static")
+TOKENS = 48
+SEED = 11
+
+
+def _checkpoint_dir(config) -> str:
+    return config.getoption("--checkpoint") or str(GOLDEN_DIR / "mini-v4")
+
+
+def pytest_generate_tests(metafunc):
+    if "stage_check" not in metafunc.fixturenames:
+        return
+    ckpt = Checkpoint.open(_checkpoint_dir(metafunc.config))
+    params = []
+    for i in held_layers(ckpt):
+        for stage in STAGES:
+            if not stage.kernel or ckpt.config.schema not in stage.schemas:
+                continue
+            for check in stage.checks:
+                for act in ACT:
+                    params.append(pytest.param((i, stage.name, check.value, act),
+                                               id=f"layer{i}-{stage.name}-{check.value}-{act}",
+                                               marks=getattr(pytest.mark, f"layer{i}")))
+    metafunc.parametrize("stage_check", params)
+
+
+@pytest.fixture(scope="module")
+def ckpt(run_cfg):
+    return Checkpoint.open(run_cfg.checkpoint or GOLDEN_DIR / "mini-v4")
+
+
+@pytest.fixture(scope="module")
+def backend(run_cfg):
+    return get_backend(run_cfg.backend)
+
+
+@pytest.fixture(scope="module")
+def device(backend):
+    return "cuda" if backend.name != "emulator" or torch.cuda.is_available() else "cpu"
+
+
+_RUNS: dict = {}
+
+
+def _run(ckpt, backend, i: int, act: str, device: str):
+    key = (id(ckpt), backend.name, i, act, device)
+    if key not in _RUNS:
+        layer = ckpt.load_layer(i, device=device)
+        inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device=device)
+        _RUNS[key] = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=act), backend=backend)
+    return _RUNS[key]
+
+
+def test_stage_verdict(ckpt, backend, device, stage_check):
+    i, stage, check, act = stage_check
+    run = _run(ckpt, backend, i, act, device)
+    v = run.verdict(stage, check)
+    if v is None:
+        pytest.skip(f"layer{i} has no {stage} (not in this layer: dense MLP, no shared expert, ...)")
+    if v.status in ("not served", "skipped"):
+        pytest.skip(f"{v.status}: {v.message}")
+    assert v.status == "pass", v.message
+
+
+def test_every_applicable_stage_has_a_verdict_per_check(ckpt):
+    """No stage is dropped silently: each (stage, check) of the layer's table rows has a verdict."""
+    run = _run(ckpt, EmulatorBackend(), 0, "static", "cpu")
+    layer = ckpt.load_layer(0)
+    case = LayerCase(layer, ckpt.config.schema, *([None] * 3), {}, {}, RunOptions(), None)
+    expected = {(s.name, c.value) for s in applicable_stages(case) for c in s.checks}
+    assert {(v.stage, v.check) for v in run.verdicts} == expected
+
+
+def test_verdict_stage_names_come_from_the_table(ckpt):
+    run = _run(ckpt, EmulatorBackend(), 3, "dynamic", "cpu")
+    names = {s.name for s in STAGES}
+    assert {v.stage for v in run.verdicts} <= names
+
+
+# ============================================================================= planted bugs
+
+
+def _swap_nibbles(p: torch.Tensor) -> torch.Tensor:
+    return (p >> 4) | ((p & 0xF) << 4)
+
+
+def _transposed_scales(w: Nvfp4Weight) -> Nvfp4Weight:
+    """The scale matrix [.., N, K/16] laid out as if transposed (K/16 x N read back row-major)."""
+    sf = w.sf_u8
+    bad = sf.transpose(-1, -2).contiguous().reshape(sf.shape)
+    return dataclasses.replace(w, sf_u8=bad)
+
+
+class Planted(EmulatorBackend):
+    """The emulator with one planted bug, at the backend boundary where real kernels have had it."""
+
+    def __init__(self, bug: str) -> None:
+        super().__init__("te")
+        self.bug = bug
+        self.name = f"planted-{bug}"
+
+    # ---- prepare
+    def prepare_linear(self, lin):
+        w = super().prepare_linear(lin)
+        if self.bug == "scale-not-transposed" and isinstance(w, Nvfp4Weight):
+            w = _transposed_scales(w)
+        return w
+
+    def prepare_experts(self, experts):
+        st = super().prepare_experts(experts)
+        if self.bug == "scale-not-transposed":
+            st = ref_moe.ExpertStack(*(_transposed_scales(w) for w in (st.w1, st.w3, st.w2)))
+        if self.bug == "gate-up-granularity-halved":
+            # prepare interleaves w1|w3 per expert in groups of 32 rows, the GEMM splits them in groups of 64
+            def split(field):
+                halves = [ref_layouts.deinterleave_gate_up(ref_layouts.interleave_gate_up(
+                    getattr(st.w1, field)[e], getattr(st.w3, field)[e], granularity=32), granularity=64)
+                    for e in range(st.num_experts)]
+                return torch.stack([h[0] for h in halves]), torch.stack([h[1] for h in halves])
+
+            (p1, p3), (s1, s3) = split("packed_u8"), split("sf_u8")
+            st = ref_moe.ExpertStack(dataclasses.replace(st.w1, packed_u8=p1, sf_u8=s1),
+                                     dataclasses.replace(st.w3, packed_u8=p3, sf_u8=s3), st.w2)
+        return st
+
+    # ---- quantization
+    def quantize(self, x_bf16, *, input_dec_scale_f32=None):
+        a = super().quantize(x_bf16, input_dec_scale_f32=input_dec_scale_f32)
+        if self.bug == "swapped-nibbles":
+            a = QuantizedAct(_swap_nibbles(a.packed_u8), a.sf_swizzled_u8, a.global_dec_f32)
+        return a
+
+    def grouped_quantize(self, rows_bf16, offsets_i32, *, input_dec_scale_f32=None):
+        a = super().grouped_quantize(rows_bf16, offsets_i32, input_dec_scale_f32=input_dec_scale_f32)
+        if self.bug == "garbage-in-grouped-padding":
+            sf = a.sf_swizzled_u8.clone()
+            off = offsets_i32.to(torch.int64)
+            real = ref_layouts.sf_grouped_linear_to_swizzled_128x4(
+                torch.ones(int(off[-1]), a.k // 16, dtype=torch.uint8), off)[0].bool()
+            sf[~real] = 0xFF
+            a = QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
+        return a
+
+    # ---- GEMMs
+    def dense_gemm(self, a, w):
+        if self.bug == "alpha-global-scale-inverted":
+            w = dataclasses.replace(w, global_dec_f32=torch.reciprocal(w.global_dec_f32))
+        return super().dense_gemm(a, w)
+
+    def grouped_gemm(self, a, offsets_i32, experts, *, layer):
+        if self.bug == "alpha-global-scale-inverted":
+            inv = lambda w: dataclasses.replace(w, global_dec_f32=torch.reciprocal(w.global_dec_f32))  # noqa: E731
+            experts = ref_moe.ExpertStack(inv(experts.w1), inv(experts.w3), inv(experts.w2))
+        return super().grouped_gemm(a, offsets_i32, experts, layer=layer)
+
+    def swiglu_requant(self, gate, up, offsets_i32, *, swiglu_limit, row_weight_f32=None, input_dec_scale_f32=None):
+        if self.bug == "swiglu-clamp-dropped":
+            swiglu_limit = None
+        return super().swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit, row_weight_f32=row_weight_f32,
+                                      input_dec_scale_f32=input_dec_scale_f32)
+
+    # ---- routing
+    def router(self, x_bf16, router, *, token_ids_i64=None):
+        s = router.spec
+        if self.bug == "router-ties-to-higher-id" and router.tid2eid_i64 is None:
+            flipped = dataclasses.replace(router, gate_weight_bf16=router.gate_weight_bf16.flip(0),
+                                          gate_bias_f32=router.gate_bias_f32.flip(0))
+            r = super().router(x_bf16, flipped, token_ids_i64=token_ids_i64)
+            return RoutingOut(router.gate_weight_bf16.shape[0] - 1 - r.ids_i64, r.weights_f32)
+        if self.bug == "sqrt-dropped-from-sqrtsoftplus" and router.tid2eid_i64 is None:
+            logits = router_logits_f32(x_bf16, router.gate_weight_bf16)
+            scores = torch.nn.functional.softplus(logits.double()).float()  # sqrt(softplus) without the sqrt
+            ids = select_experts_topk(scores, top_k=s.top_k, bias_f32=router.gate_bias_f32)
+            return RoutingOut(ids, routing_weights_f32(scores, ids, routed_scaling_factor=s.routed_scaling_factor,
+                                                       renormalize=True))
+        return super().router(x_bf16, router, token_ids_i64=token_ids_i64)
+
+    def combine(self, y_rows_bf16, d, weights_f32):
+        if self.bug == "routing-weight-before-w2-declared-after":
+            weights_f32 = None  # assumes the weights were applied in the SwiGLU epilogue
+        return super().combine(y_rows_bf16, d, weights_f32)
+
+
+def _tied_layer(layer):
+    """Experts 4 and 5 get identical gate rows and biases: their scores tie exactly on every token."""
+    r = layer.router
+    g = r.gate_weight_bf16.clone()
+    g[5] = g[4]
+    b = r.gate_bias_f32.clone()
+    b[5] = b[4]
+    return dataclasses.replace(layer, router=dataclasses.replace(r, gate_weight_bf16=g, gate_bias_f32=b))
+
+
+PLANTED = {
+    # bug: (layer, failing (stage, check) verdicts; nothing else may fail)
+    "swapped-nibbles": (0, {(s, "bytes") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
+                                                   "shared.l1", "shared.l2")}),
+    "scale-not-transposed": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
+                                                        "shared.l1", "shared.l2", "moe.l1", "moe.l2")}),
+    "alpha-global-scale-inverted": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
+                                                               "shared.l1", "shared.l2", "moe.l1", "moe.l2")}),
+    "gate-up-granularity-halved": (0, {("moe.l1", "bound")}),
+    "garbage-in-grouped-padding": (0, {("moe.act_quant", "bytes"), ("moe.requant", "bytes")}),
+    "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding")}),
+    "routing-weight-before-w2-declared-after": (0, {("moe.combine", "bound")}),
+    "router-ties-to-higher-id": ("tied", {("router", "ids")}),  # weights are judged where the ids agree
+    "sqrt-dropped-from-sqrtsoftplus": (3, {("router", "ids"), ("router", "weights")}),
+}
+
+
+@pytest.mark.layer0
+@pytest.mark.parametrize("bug", sorted(PLANTED))
+def test_planted_bug_fails_exactly_its_stage_and_check(ckpt, bug):
+    which, expected = PLANTED[bug]
+    layer = ckpt.load_layer(3 if which == "tied" else which)
+    if which == "tied":
+        layer = _tied_layer(layer)
+    inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"), backend=Planted(bug))
+    failed = {(v.stage, v.check) for v in run.failed}
+    assert failed == expected, (f"{bug}: failed {sorted(failed)}, expected exactly {sorted(expected)}\n" +
+                                "\n".join(f"  {v.stage} {v.check}: {v.message[:300]}" for v in run.failed))
+    for v in run.failed:
+        assert v.message.startswith(f"{v.stage} {v.check}:"), v.message  # the message names stage and check
+
+
+def test_a_bound_failure_names_the_element_both_values_and_the_bound(ckpt):
+    layer = ckpt.load_layer(0)
+    inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"),
+                    backend=Planted("alpha-global-scale-inverted"))
+    msg = run.verdict("moe.l1", "bound").message
+    for word in ("moe.l1 bound:", "first at", "got", "expected", "bound"):
+        assert word in msg, msg
+
+
+def test_a_bytes_failure_names_the_index_and_both_bytes(ckpt):
+    layer = ckpt.load_layer(0)
+    inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"),
+                    backend=Planted("garbage-in-grouped-padding"))
+    msg = run.verdict("moe.act_quant", "bytes").message
+    assert "first at" in msg and "got 0xff" in msg and "expected 0x00" in msg, msg
+
+
+def test_the_tie_fixture_really_ties(ckpt):
+    """The router tie bug is only caught on exact ties: the tied layer must put both experts at the
+    k-th / (k+1)-th boundary on some tokens."""
+    layer = _tied_layer(ckpt.load_layer(3))
+    inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"))
+    ids = run.emulated["router.ids"]
+    has4, has5 = (ids == 4).any(1), (ids == 5).any(1)
+    assert bool((has4 & ~has5).any()), "no token where the tie between experts 4 and 5 decides the k-th slot"
