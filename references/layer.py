@@ -5,12 +5,8 @@ dict), in "emulated" mode (what a faithful NVFP4 kernel computes, references.lin
 "high" mode (unquantized activations, dequantized weights, float64). Comparing the two
 per stage is the format's own loss (DESIGN.md "Stages", way 3).
 
-Stage names (values comparable across modes; emulated mode adds the quantized bytes
-under "<stage>.<tensor>"):
-  router.logits router.scores router.ids router.weights
-  moe.act_quant moe.l1.gate moe.l1.up moe.swiglu moe.requant moe.l2 moe.combine
-  shared.l1.gate shared.l1.up shared.swiglu shared.l2 moe.out
-  attn.wq_a attn.wkv attn.q_norm attn.kv_norm attn.wq_b attn.wo_a attn.wo_b
+Stage names come from references.stages (the stage table); emulated mode adds the quantized
+bytes of each quantization under the table's names.
 
 The attention core (sparse attention, indexer, compressor, rotary) is not emulated:
 wo_a consumes `attn_core_out` when given, else q (same shape [T, heads * head_dim]) as
@@ -45,6 +41,10 @@ from references.linear import (
 )
 from references.recipes import TE, Recipe
 from references.router import route
+from references.stages import (
+    ATTN_KV_NORM, ATTN_Q_NORM, ATTN_WKV, ATTN_WO_A, ATTN_WO_B, ATTN_WQ_A, ATTN_WQ_B, MOE_ACT_QUANT, MOE_COMBINE, MOE_L1,
+    MOE_L2, MOE_OUT, MOE_REQUANT, MOE_SWIGLU, ROUTER, SHARED_EXPERT,
+)
 
 __all__ = ["MoeSpec", "MoeWeights", "AttnSpec", "AttnWeights", "RunOptions", "moe_block", "attention_projections"]
 
@@ -133,8 +133,8 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
               routed_scaling_factor=spec.routed_scaling_factor, bias_f32=w.gate_bias_f32, tid2eid=w.tid2eid,
               token_ids_i64=token_ids_i64, renormalize=spec.renormalize, n_group=spec.n_group,
               topk_group=spec.topk_group)
-    out: dict[str, Tensor] = {"router.logits": r.logits_f32, "router.scores": r.scores_f32,
-                              "router.ids": r.ids_i64, "router.weights": r.weights_f32}
+    out: dict[str, Tensor] = {ROUTER.tensor("logits"): r.logits_f32, ROUTER.tensor("scores"): r.scores_f32,
+                              ROUTER.tensor("ids"): r.ids_i64, ROUTER.tensor("weights"): r.weights_f32}
     ex = w.experts
     d = moe.dispatch(r.ids_i64, ex.num_experts)
     rows = x[d.token_of_row_i64]
@@ -144,25 +144,24 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
     if mode == "emulated":
         s1 = moe.max_input_dec_scale_f32([ex.w1, ex.w3], "experts.w1/w3") if static else None
         a = moe.act_quant(rows, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s1)
-        out.update({"moe.act_quant": a.value(), "moe.act_quant.packed_u8": a.packed_u8,
-                    "moe.act_quant.sf_u8": a.sf_u8, "moe.act_quant.global_dec_f32": a.global_dec_f32})
+        out.update(_quant_tensors(MOE_ACT_QUANT, a))
     else:
         a = rows.double()
-        out["moe.act_quant"] = a
+        out[MOE_ACT_QUANT.name] = a
     gate, up = moe.l1(a, d.offsets_i64, ex, mode=mode)
     h = moe.swiglu(gate, up, limit=spec.swiglu_limit, row_weight_f32=row_weight, mode=mode)
-    out.update({"moe.l1.gate": gate, "moe.l1.up": up, "moe.swiglu": h})
+    out.update({MOE_L1.tensor("gate"): gate, MOE_L1.tensor("up"): up, MOE_SWIGLU.name: h})
     if mode == "emulated":
         s2 = moe.max_input_dec_scale_f32([ex.w2], "experts.w2") if static else None
         a2 = moe.requant(h, d.offsets_i64, recipe=options.recipe, act_scale=options.act_scale, input_scale_f32=s2)
-        out.update({"moe.requant": a2.value(), "moe.requant.packed_u8": a2.packed_u8,
-                    "moe.requant.sf_u8": a2.sf_u8, "moe.requant.global_dec_f32": a2.global_dec_f32})
+        out.update(_quant_tensors(MOE_REQUANT, a2))
     else:
         a2 = h
-        out["moe.requant"] = h
+        out[MOE_REQUANT.name] = h
     y_rows = moe.l2(a2, d.offsets_i64, ex, mode=mode)
     routed_f64 = moe.combine(y_rows, d, None if before else r.weights_f32, mode="high")  # exact sum
-    out.update({"moe.l2": y_rows, "moe.combine": routed_f64 if mode == "high" else round_f64_to(routed_f64, torch.bfloat16)})
+    out.update({MOE_L2.name: y_rows,
+                MOE_COMBINE.name: routed_f64 if mode == "high" else round_f64_to(routed_f64, torch.bfloat16)})
     # DeepSeek accumulates the routed sum and the shared expert in fp32 and rounds once (y.type_as(x)):
     # moe.out is the exact routed sum plus the shared expert's bf16 output, rounded once
     total = routed_f64
@@ -170,17 +169,23 @@ def moe_block(x: Tensor, w: MoeWeights, spec: MoeSpec, *, mode: str, options: Ru
         limit = spec.swiglu_limit if spec.shared_swiglu_limit == "routed" else spec.shared_swiglu_limit
         sh = moe.shared_expert(x, *w.shared, mode=mode, recipe=options.recipe, act_scale=options.act_scale,
                                swiglu_limit=limit, fp8_scale_fmt=options.fp8_scale_fmt)
-        out.update({f"shared.{k}": v for k, v in sh.items()})
+        out.update({f"{SHARED_EXPERT}.{k}": v for k, v in sh.items()})
         total = total + sh["l2"].double()
-    out["moe.out"] = total if mode == "high" else round_f64_to(total, torch.bfloat16)
+    out[MOE_OUT.name] = total if mode == "high" else round_f64_to(total, torch.bfloat16)
     return out
+
+
+def _quant_tensors(stage, a: moe.ActQuant) -> dict[str, Tensor]:
+    """A quantization stage's value (dequantized, float64) and its bytes under the QUANT_FIELDS names."""
+    return {stage.name: a.value(), stage.tensor("packed_u8"): a.packed_u8, stage.tensor("sf_u8"): a.sf_u8,
+            stage.tensor("global_dec_f32"): a.global_dec_f32}
 
 
 def _static_shared(ws: list[Weight], options: RunOptions) -> Tensor | None:
     """max input_scale of linears sharing one activation quantization (fused GEMM), static mode."""
     if options.act_scale != "static" or not all(isinstance(w, Nvfp4Weight) for w in ws):
         return None
-    return moe.max_input_dec_scale_f32(ws, "attn.wq_a/wkv")
+    return moe.max_input_dec_scale_f32(ws, f"{ATTN_WQ_A.name}/{ATTN_WKV.name}")
 
 
 def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: str,
@@ -197,13 +202,13 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
     fused_scale = _static_shared([w.wq_a, w.wkv], options)
     qr, acts = linear(x, w.wq_a, input_scale_f32=fused_scale, **kw)
     kv, _ = linear(x, w.wkv, input_scale_f32=fused_scale, **kw)
-    out: dict[str, Tensor] = {"attn.wq_a": qr, "attn.wkv": kv}
-    out.update({f"attn.act_quant.{k}": v for k, v in acts.items()})
+    out: dict[str, Tensor] = {ATTN_WQ_A.name: qr, ATTN_WKV.name: kv}
+    out.update({ATTN_WQ_A.act_quant(k): v for k, v in acts.items()})  # one quantization feeds wq_a and wkv
     qn = rms_norm(qr, w.q_norm, eps=spec.eps, mode=mode)
     kvn = rms_norm(kv, w.kv_norm, eps=spec.eps, mode=mode)
     q, acts_b = linear(qn, w.wq_b, **kw)
-    out.update({"attn.q_norm": qn, "attn.kv_norm": kvn, "attn.wq_b": q})
-    out.update({f"attn.wq_b.act_quant.{k}": v for k, v in acts_b.items()})
+    out.update({ATTN_Q_NORM.name: qn, ATTN_KV_NORM.name: kvn, ATTN_WQ_B.name: q})
+    out.update({ATTN_WQ_B.act_quant(k): v for k, v in acts_b.items()})
     o = q if attn_core_out is None else attn_core_out
     t, g, r = o.shape[0], spec.o_groups, spec.o_lora_rank
     d = spec.n_heads * spec.head_dim // g
@@ -222,11 +227,11 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
     else:
         a, alpha, acts = quantize_act_for(o, w.wo_a, recipe=options.recipe, act_scale=options.act_scale,
                                           fp8_scale_fmt=options.fp8_scale_fmt)
-        out.update({f"attn.wo_a.act_quant.{k}": v for k, v in acts.items()})
+        out.update({ATTN_WO_A.act_quant(k): v for k, v in acts.items()})
         b = decode_weight_f64(w.wo_a).view(g, r, d)
         oa = torch.einsum("tgd,grd->tgr", a.view(t, g, d), b).reshape(t, g * r)
         oa = round_f64_to(oa if alpha is None else oa * alpha.double(), torch.bfloat16)
     y, acts_o = linear(oa, w.wo_b, **kw)
-    out.update({"attn.wo_a": oa, "attn.wo_b": y})
-    out.update({f"attn.wo_b.act_quant.{k}": v for k, v in acts_o.items()})
+    out.update({ATTN_WO_A.name: oa, ATTN_WO_B.name: y})
+    out.update({ATTN_WO_B.act_quant(k): v for k, v in acts_o.items()})
     return out

@@ -262,8 +262,8 @@ def shared_expert(x: Tensor, w1: Weight, w3: Weight, w2: Weight, *, mode: str, r
 
     l1 quantizes x once for both halves (static NVFP4: max of the w1/w3 input_scales, as a
     fused w1|w3 GEMM needs one); l1 outputs float32 (emulated), h bf16, l2 bf16.
-    Returns {"l1.gate", "l1.up", "swiglu", "l2"} and, emulated, the quantized activations
-    under "act_quant.*" and "requant.*".
+    Returns {"l1.gate", "l1.up", "swiglu", "l2"} (parts of the gated-MLP stages, relative to their
+    prefix) and, emulated, the quantized activations under "l1.act_quant.*" and "l2.act_quant.*".
     """
     scale = None
     if isinstance(w1, Nvfp4Weight) and act_scale == "static":
@@ -274,6 +274,6 @@ def shared_expert(x: Tensor, w1: Weight, w3: Weight, w2: Weight, *, mode: str, r
     h = swiglu(gate, up, limit=swiglu_limit, row_weight_f32=None, mode=mode)
     y, qh = linear(h, w2, **kw)
     out = {"l1.gate": gate, "l1.up": up, "swiglu": h, "l2": y}
-    out.update({f"act_quant.{k}": v for k, v in qa.items()})
-    out.update({f"requant.{k}": v for k, v in qh.items()})
+    out.update({f"l1.act_quant.{k}": v for k, v in qa.items()})
+    out.update({f"l2.act_quant.{k}": v for k, v in qh.items()})
     return out

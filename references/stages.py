@@ -23,7 +23,8 @@ __all__ = [
     "Op", "Check", "Stage", "STAGES", "stage", "stage_names", "QUANT_FIELDS", "INPUT_ATTN", "INPUT_FFN",
     "LOSS_STAGES", "MOE_STAGES", "DENSE_LINEAR_STAGES", "ATTN_STAGES", "SHARED_STAGES", "DENSE_MLP_STAGES",
     "ROUTER", "DISPATCH", "MOE_ACT_QUANT", "MOE_L1", "MOE_SWIGLU", "MOE_REQUANT", "MOE_L1_FUSED", "MOE_L2",
-    "MOE_COMBINE", "MOE_OUT", "MOE_BLOCK",
+    "MOE_COMBINE", "MOE_OUT", "MOE_BLOCK", "SHARED_EXPERT", "DENSE_MLP", "ATTN_WQ_A", "ATTN_WKV", "ATTN_Q_NORM",
+    "ATTN_KV_NORM", "ATTN_WQ_B", "ATTN_WO_A", "ATTN_WO_B", "MOE_BLOCK_STAGES", "FUSED_INPUT_ROLES",
 ]
 
 
@@ -60,6 +61,7 @@ class Check(enum.Enum):
     GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
 
 
+SHARED_EXPERT, DENSE_MLP = "shared", "dense"  # name prefixes of the gated-MLP stages (same stages, two places)
 INPUT_ATTN = "input.x_attn"
 INPUT_FFN = "input.x_ffn"
 QUANT_FIELDS = ("packed_u8", "sf_u8", "global_dec_f32")
@@ -84,6 +86,10 @@ class Stage:
     def tensor(self, part: str | None = None) -> str:
         """The reference tensor name of this stage (or of one of its parts / quantized fields)."""
         return self.name if part is None else f"{self.name}.{part}"
+
+    def act_quant(self, field: str) -> str:
+        """The emulated quantized activations a dense linear stage feeds its GEMM (QUANT_FIELDS)."""
+        return f"{self.name}.act_quant.{field}"
 
     @property
     def tensors(self) -> tuple[str, ...]:
@@ -122,18 +128,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("moe.l2", Op.GROUPED_GEMM, "moe.requant", ("experts.w2",), _B),
     Stage("moe.combine", Op.COMBINE, "moe.l2", (), _B),
     # ---- shared expert (a dense gated MLP on x_ffn)
-    Stage("shared.l1", Op.DENSE_LINEAR, INPUT_FFN, ("shared.w1", "shared.w3"), _GEMM, parts=("gate", "up")),
-    Stage("shared.swiglu", Op.REFERENCE, "shared.l1", (), kernel=False),
-    Stage("shared.l2", Op.DENSE_LINEAR, "shared.swiglu", ("shared.w2",), _GEMM),
+    Stage(f"{SHARED_EXPERT}.l1", Op.DENSE_LINEAR, INPUT_FFN, ("shared.w1", "shared.w3"), _GEMM, parts=("gate", "up")),
+    Stage(f"{SHARED_EXPERT}.swiglu", Op.REFERENCE, f"{SHARED_EXPERT}.l1", (), kernel=False),
+    Stage(f"{SHARED_EXPERT}.l2", Op.DENSE_LINEAR, f"{SHARED_EXPERT}.swiglu", ("shared.w2",), _GEMM),
     Stage("moe.out", Op.REFERENCE, "moe.combine", (), kernel=False),
     # ---- the whole MoE block as one call
     Stage("moe.block", Op.MOE_BLOCK, INPUT_FFN, ("router.gate", "experts.w1", "experts.w3", "experts.w2"),
           (Check.BATCH, Check.SYNC, Check.GRAPH), loss=False),
     # ---- DeepSeek-V3 first_k_dense_replace layers: a plain gated MLP
-    Stage("dense.l1", Op.DENSE_LINEAR, INPUT_FFN, ("dense.w1", "dense.w3"), _GEMM, parts=("gate", "up"),
+    Stage(f"{DENSE_MLP}.l1", Op.DENSE_LINEAR, INPUT_FFN, ("dense.w1", "dense.w3"), _GEMM, parts=("gate", "up"),
           schemas=("deepseek_v3",)),
-    Stage("dense.swiglu", Op.REFERENCE, "dense.l1", (), kernel=False, schemas=("deepseek_v3",)),
-    Stage("dense.l2", Op.DENSE_LINEAR, "dense.swiglu", ("dense.w2",), _GEMM, schemas=("deepseek_v3",)),
+    Stage(f"{DENSE_MLP}.swiglu", Op.REFERENCE, f"{DENSE_MLP}.l1", (), kernel=False, schemas=("deepseek_v3",)),
+    Stage(f"{DENSE_MLP}.l2", Op.DENSE_LINEAR, f"{DENSE_MLP}.swiglu", ("dense.w2",), _GEMM, schemas=("deepseek_v3",)),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}
@@ -159,9 +165,17 @@ MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT = (stage(n) for n in ("moe.act_qu
 MOE_L1_FUSED, MOE_L2, MOE_COMBINE, MOE_OUT, MOE_BLOCK = (stage(n) for n in ("moe.l1_fused", "moe.l2", "moe.combine",
                                                                            "moe.out", "moe.block"))
 ATTN_STAGES = tuple(s for s in STAGES if s.name.startswith("attn."))
-SHARED_STAGES = tuple(s for s in STAGES if s.name.startswith("shared."))
-DENSE_MLP_STAGES = tuple(s for s in STAGES if s.name.startswith("dense."))
+SHARED_STAGES = tuple(s for s in STAGES if s.name.startswith(f"{SHARED_EXPERT}."))
+DENSE_MLP_STAGES = tuple(s for s in STAGES if s.name.startswith(f"{DENSE_MLP}."))
+ATTN_WQ_A, ATTN_WKV, ATTN_Q_NORM, ATTN_KV_NORM, ATTN_WQ_B, ATTN_WO_A, ATTN_WO_B = (
+    stage(f"attn.{n}") for n in ("wq_a", "wkv", "q_norm", "kv_norm", "wq_b", "wo_a", "wo_b"))
 MOE_STAGES = (ROUTER, DISPATCH, MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT, MOE_L1_FUSED, MOE_L2, MOE_COMBINE)
 DENSE_LINEAR_STAGES = tuple(s for s in STAGES if s.op is Op.DENSE_LINEAR)
+MOE_BLOCK_STAGES = (*MOE_STAGES, MOE_BLOCK)
+# weight roles whose linears share one activation quantization (a fused GEMM: one static scale, the max)
+FUSED_INPUT_ROLES: tuple[tuple[str, ...], ...] = (
+    ATTN_WQ_A.weights + ATTN_WKV.weights,
+    *(s.weights for s in DENSE_LINEAR_STAGES if len(s.weights) > 1),
+)
 # reference tensors whose emulated-vs-high loss is reported, in table order
 LOSS_STAGES = tuple(t for s in STAGES if s.loss for t in s.tensors)

@@ -42,7 +42,8 @@ from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
 __all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "EmulatorBackend", "get_backend",
-           "registered_backend_names", "FORWARD_OPS"]
+           "registered_backend_names", "FORWARD_OPS",
+           "fp8_act_scale_fmt"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
 
@@ -239,7 +240,10 @@ class EmulatorBackend:
     # ---------------------------------------------------------------- whole calls
 
     def dense_linear(self, x_bf16: Tensor, w: Weight, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
-        y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32)
+        """NVFP4 (static / dynamic), FP8 block-128 (activation scales as the weight stores its own:
+        E8M0 for V4, float32 for V3) or BF16 weight -> bf16 [M, N]."""
+        y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32,
+                          fp8_scale_fmt=fp8_act_scale_fmt(w))
         return y
 
     def moe_block(self, x_bf16: Tensor, router: _EmulatorRouter, experts: ref_moe.ExpertStack, *,
@@ -249,6 +253,16 @@ class EmulatorBackend:
                              weight_placement=weight_placement, act_scale=act_scale,
                              static_scales=_emulator_static_scales(experts) if act_scale == "static" else None,
                              token_ids_i64=token_ids_i64)
+
+
+def fp8_act_scale_fmt(w: object) -> str:
+    """The FP8 activation block-scale format that goes with an FP8 weight: power-of-two (E8M0) when
+    its block scales are powers of two (DeepSeek-V4's `.scale`), float32 otherwise (V3)."""
+    scales = getattr(w, "block_dec_f32", None)
+    if scales is None:
+        return "ue8m0"
+    mant = scales.view(torch.int32) & 0x7FFFFF
+    return "ue8m0" if bool((mant == 0).all()) else "f32"
 
 
 def _emulator_static_scales(experts: ref_moe.ExpertStack) -> tuple[Tensor, Tensor]:

@@ -281,7 +281,9 @@ def verdict_table(layer: int, backend_name: str, run: LayerRun):
         ratios = [x for v in per.values() for k, x in v.metrics.items()
                   if k.startswith("bound_ratio") and isinstance(x, float)]
         note = next((v.message for v in per.values() if v.status == "fail"), "") or \
-            next((v.message for v in per.values() if v.status == "not served"), "")
+            next((v.message for v in per.values() if v.status == "not served"), "") or \
+            "; ".join(dict.fromkeys(f"[dim]{v.message}[/]" for v in per.values()
+                                    if v.status == "skipped" and "CUDA device" not in v.message))
         table.add_row(stage, *[_STATUS_STYLE[per[c].status] if c in per else "" for c in present],
                       f"{max(ratios):.3g}" if ratios else "-", note.split("\n")[0][:160])
     return table

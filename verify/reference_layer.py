@@ -19,6 +19,7 @@ from references.layer import AttnSpec, AttnWeights, MoeSpec, MoeWeights, RunOpti
 from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, rms_norm
 from references import moe
 from references.moe import ExpertStack
+from references.stages import DENSE_MLP, LOSS_STAGES
 from verify.checkpoint import (
     Bf16Linear,
     Checkpoint,
@@ -150,7 +151,7 @@ def inputs_from_safetensors(path: str | os.PathLike, *, device: str | torch.devi
 
 def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, mode: str,
                         options: RunOptions = RunOptions()) -> dict[str, Tensor]:
-    """Every stage of the layer's MoE block (or V3 dense MLP, stages "dense.*") and (V4) attention
+    """Every stage of the layer's MoE block (or V3 dense MLP) and (V4) attention
     projections in `mode`."""
     cfg = ckpt.config
     out: dict[str, Tensor] = {}
@@ -160,7 +161,7 @@ def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInpu
     if layer.dense_mlp is not None:  # V3/R1 first_k_dense_replace layers: a plain gated MLP, no clamp
         mlp = moe.shared_expert(inputs.x_ffn_bf16, *_mlp(layer.dense_mlp), mode=mode, recipe=options.recipe,
                                 act_scale=options.act_scale, swiglu_limit=None, fp8_scale_fmt=options.fp8_scale_fmt)
-        out.update({f"dense.{k}": v for k, v in mlp.items()})
+        out.update({f"{DENSE_MLP}.{k}": v for k, v in mlp.items()})
     if layer.experts is not None:
         hashed = layer.router.tid2eid_i64 is not None
         if hashed and inputs.token_ids_i64 is None:
@@ -168,14 +169,6 @@ def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInpu
         out.update(moe_block(inputs.x_ffn_bf16, moe_weights_from(layer), moe_spec_from(cfg), mode=mode,
                              options=options, token_ids_i64=inputs.token_ids_i64 if hashed else None))
     return out
-
-
-LOSS_STAGES = (
-    "attn.wq_a", "attn.wkv", "attn.q_norm", "attn.kv_norm", "attn.wq_b", "attn.wo_a", "attn.wo_b",
-    "moe.act_quant", "moe.l1.gate", "moe.l1.up", "moe.swiglu", "moe.requant", "moe.l2", "moe.combine",
-    "shared.l1.gate", "shared.l1.up", "shared.swiglu", "shared.l2", "moe.out",
-    "dense.l1.gate", "dense.l1.up", "dense.swiglu", "dense.l2",
-)
 
 
 def quantization_loss(emulated: dict[str, Tensor], high: dict[str, Tensor]) -> dict[str, dict[str, float]]:

@@ -43,16 +43,16 @@ from references.gemm import (
 from references.layer import RunOptions
 from references.linear import Nvfp4Weight
 from references.nvfp4 import quantize_nvfp4
-from references.linear import nvfp4_global_scale_for, act_global_dec_f32
+from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
 from references.stages import (
-    INPUT_ATTN, INPUT_FFN, Check, Op, Stage, STAGES, MOE_ACT_QUANT, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED,
+    DENSE_MLP_STAGES, FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, MOE_BLOCK_STAGES, SHARED_STAGES, Check, Op, Stage, STAGES, MOE_ACT_QUANT, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED,
     MOE_L2, MOE_REQUANT, MOE_SWIGLU, ROUTER, DISPATCH,
 )
 from verify.assertions import (
     assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, assert_within_gemm_bound,
     assert_within_ulps, describe_e4m3, first_mismatch,
 )
-from verify.backend import Backend, Dispatched, QuantizedAct
+from verify.backend import Backend, Dispatched, QuantizedAct, fp8_act_scale_fmt, to_reference_weight
 from verify.metrics import stage_metrics
 
 __all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages"]
@@ -112,11 +112,11 @@ def applicable_stages(case: LayerCase) -> list[Stage]:
     for s in STAGES:
         if not s.kernel or case.schema not in s.schemas:
             continue
-        if s.name.startswith(("router", "moe.")) and lw.experts is None:
+        if s in MOE_BLOCK_STAGES and lw.experts is None:
             continue
-        if s.name.startswith("shared.") and lw.shared_experts is None:
+        if s in SHARED_STAGES and lw.shared_experts is None:
             continue
-        if s.name.startswith("dense.") and lw.dense_mlp is None:
+        if s in DENSE_MLP_STAGES and lw.dense_mlp is None:
             continue
         out.append(s)
     return out
@@ -278,8 +278,8 @@ def _linear_of(case: LayerCase, role: str):
 
 
 def _fused_partner(role: str) -> str | None:
-    return {"attn.wq_a": "attn.wkv", "attn.wkv": "attn.wq_a", "shared.w1": "shared.w3", "shared.w3": "shared.w1",
-            "dense.w1": "dense.w3", "dense.w3": "dense.w1"}.get(role)
+    group = next((g for g in FUSED_INPUT_ROLES if role in g), ())
+    return next((r for r in group if r != role), None)
 
 
 def _dense_input(case: LayerCase, stage: Stage) -> Tensor:
@@ -308,22 +308,33 @@ def _static_dense_scale(case: LayerCase, role: str) -> Tensor | None:
 def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdict]:
     roles = _dense_roles(stage)
     lins = [_linear_of(case, role) for _, role in roles]
-    not_nvfp4 = [lin for lin in lins if getattr(lin, "format", None) != "nvfp4"]
-    if not_nvfp4:
-        lin = not_nvfp4[0]
-        return _expand(Verdict(stage.name, "*", "skipped", f"{lin.module} is {lin.format}: the kernel verdicts "
-                               "cover NVFP4 weights (its loss vs high precision is in the loss table)"), stage)
-    for op in (Op.PREPARE, Op.QUANTIZE, Op.DENSE_GEMM):
+    for op in (Op.PREPARE, Op.DENSE_LINEAR):
         v = _unsupported(backend, stage, op, case.device)
         if v:
             return _expand(v, stage)
+    try:
+        prepared = [backend.prepare_linear(lin) for lin in lins]
+    except NotImplementedError as exc:
+        return _expand(Verdict(stage.name, "*", "not served", str(exc), {"unsupported": str(exc)}), stage)
     x = _dense_input(case, stage).contiguous()
+    nvfp4 = all(getattr(lin, "format", None) == "nvfp4" for lin in lins)
+    scale = _static_dense_scale(case, roles[0][1]) if nvfp4 else None
     verdicts: list[Verdict] = []
-    metrics: dict = {}
-    msgs: list[str] = []
-    prepared = [backend.prepare_linear(lin) for lin in lins]
-    scale = _static_dense_scale(case, roles[0][1])
+    if nvfp4:
+        verdicts.append(_dense_bytes(backend, stage, x, scale))
+    else:
+        verdicts.append(Verdict(stage.name, Check.BYTES.value, "skipped", f"bytes: {lins[0].module} is "
+                                f"{lins[0].format}; only NVFP4 activations are a boundary tensor (its product is "
+                                "judged by the bound)"))
+    verdicts.append(_dense_bound(backend, case, stage, x, roles, lins, prepared, scale, nvfp4))
+    batch_scale = scale if scale is not None or not nvfp4 else _batch_static_scale(x)
+    verdicts.append(_batch_check(stage.name, lambda xx: backend.dense_linear(xx, prepared[0],
+                                                                             input_dec_scale_f32=batch_scale), x))
+    verdicts += _dense_cuda_probes(backend, case, stage, x, prepared[0], scale)
+    return verdicts
 
+
+def _dense_bytes(backend: Backend, stage: Stage, x: Tensor, scale: Tensor | None) -> Verdict:
     def bytes_check() -> str:
         __tracebackhide__ = True
         got = backend.quantize(x, input_dec_scale_f32=scale)
@@ -333,35 +344,45 @@ def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdic
                            act_global_dec_f32(q, scale).reshape(1))
         return _check_quantized(stage.name, got, exp)
 
-    verdicts.append(_fail_or_pass(stage.name, Check.BYTES, bytes_check))
+    if backend.unsupported_reason(Op.QUANTIZE, x.device):
+        return Verdict(stage.name, Check.BYTES.value, "not served", backend.unsupported_reason(Op.QUANTIZE, x.device))
+    return _fail_or_pass(stage.name, Check.BYTES, bytes_check)
+
+
+def _dense_bound(backend: Backend, case: LayerCase, stage: Stage, x: Tensor, roles, lins, prepared,
+                 scale: Tensor | None, nvfp4: bool) -> Verdict:
+    """NVFP4: the backend's dense GEMM on its own quantized activations vs their float64 product.
+    FP8 / BF16: the backend's dense linear vs the float64 product of the references' quantized
+    activations (DeepSeek's 1x128 act_quant) and the decoded weight, with the same bound."""
+    metrics: dict = {}
 
     def bound_check() -> str:
         __tracebackhide__ = True
-        a = backend.quantize(x, input_dec_scale_f32=scale)
         m, k = x.shape
-        a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
+        msgs = []
+        a = backend.quantize(x, input_dec_scale_f32=scale) if nvfp4 else None
         for (part, _), lin, w in zip(roles, lins, prepared):
-            y = backend.dense_gemm(a, w)
-            alpha = (a.global_dec_f32.to(torch.float32).reshape(()) * lin.weight_scale_2_f32.to(torch.float32).reshape(()))
-            y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
-            bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
             label = stage.tensor(part)
+            if nvfp4:
+                y = backend.dense_gemm(a, w)
+                a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
+                alpha = a.global_dec_f32.to(torch.float32).reshape(()) * lin.weight_scale_2_f32.to(torch.float32).reshape(())
+                y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
+                                              alpha)
+            else:
+                y = backend.dense_linear(x, w)
+                ref_w = to_reference_weight(lin)
+                a64, w64, _, _ = quantized_operands(x, ref_w, recipe=backend.recipe, fp8_scale_fmt=fp8_act_scale_fmt(ref_w))
+                y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
+                alpha = torch.ones((), dtype=torch.float32)
+            bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
             ratio = assert_within_gemm_bound(y, y64, bound, label=label)
             metrics[f"bound_ratio_{part or 'y'}"] = ratio
             metrics[f"vs_high_{part or 'y'}"] = stage_metrics(y.double(), case.high[label].double())
             msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
-        return f"{'; '.join(msgs)} (u_acc {backend.u_acc:.3g}, K={k})"
+        return f"{'; '.join(msgs)} (u_acc {backend.u_acc:.3g}, K={k}, {lins[0].format})"
 
-    verdicts.append(_fail_or_pass(stage.name, Check.BOUND, bound_check, metrics))
-
-    def run(xx: Tensor) -> Tensor:
-        return backend.dense_gemm(backend.quantize(xx, input_dec_scale_f32=batch_scale), prepared[0])
-
-    batch_scale = scale if scale is not None else _batch_static_scale(x)
-
-    verdicts.append(_batch_check(stage.name, run, x))
-    verdicts += _dense_cuda_probes(backend, case, stage, x, prepared[0], scale)
-    return verdicts
+    return _fail_or_pass(stage.name, Check.BOUND, bound_check, metrics)
 
 
 def _batch_static_scale(x: Tensor) -> Tensor:
@@ -493,7 +514,7 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         def dispatch_check() -> str:
             __tracebackhide__ = True
             assert_bytes_equal(got.offsets_i32.to(torch.int32).view(torch.uint8).cpu(),
-                               off_i32.view(torch.uint8).cpu(), label="moe.dispatch offsets (int32 bytes)")
+                               off_i32.view(torch.uint8).cpu(), label=f"{DISPATCH.name} offsets (int32 bytes)")
             for name, g, x in (("token", got.row_token_i64, d.token_of_row_i64), ("slot", got.row_slot_i64,
                                                                                   d.slot_of_row_i64)):
                 bad = first_mismatch(g.to(torch.int64).cpu() != x.cpu())

@@ -443,8 +443,8 @@ def expected_moe(x, mw: MoeWeights, spec: MoeSpec, opt: RunOptions, token_ids, m
             y, yerr, acts2 = expected_linear(hr, w2, mode=mode, recipe=opt.recipe, input_scale=s2)
             out.update({"shared.l1.gate": (g, gerr), "shared.l1.up": (u, uerr), "shared.swiglu": (h, h.abs() * 2.0**-48),
                         "shared.l2": (y, yerr)})
-            out.update({f"shared.act_quant.{k}": v for k, v in acts.items()})
-            out.update({f"shared.requant.{k}": v for k, v in acts2.items()})
+            out.update({f"shared.l1.act_quant.{k}": v for k, v in acts.items()})
+            out.update({f"shared.l2.act_quant.{k}": v for k, v in acts2.items()})
             total = total + feed("shared.l2", lambda: round_f64_to(y, torch.bfloat16)).double()
         else:
             h = silu_glu_f64(feed("shared.l1.gate", lambda: g), feed("shared.l1.up", lambda: u), limit)
@@ -465,7 +465,7 @@ def expected_attention(x, aw: AttnWeights, spec: AttnSpec, opt: RunOptions, mode
     out = {}
     qr, qr_err, acts = expected_linear(x, aw.wq_a, mode=mode, recipe=opt.recipe, input_scale=fused)
     kv, kv_err, _ = expected_linear(x, aw.wkv, mode=mode, recipe=opt.recipe, input_scale=fused)
-    out.update({f"attn.act_quant.{k}": v for k, v in acts.items()})
+    out.update({f"attn.wq_a.act_quant.{k}": v for k, v in acts.items()})
     if emu:
         qr_r = feed("attn.wq_a", lambda: round_f64_to(qr, torch.bfloat16))
         kv_r = feed("attn.wkv", lambda: round_f64_to(kv, torch.bfloat16))
@@ -656,9 +656,9 @@ def _stages(name: str, mode: str) -> list[str]:
         if _has_shared(name):
             kind = SYNTHETIC[name][3] if name in SYNTHETIC else ("fp8" if fp8 else "nvfp4")
             acts = {"nvfp4": NVFP4_ACT, "fp8": FP8_ACT, "bf16": ()}[kind]
-            s += [f"shared.{q}.{t}" for q in ("act_quant", "requant") for t in acts]
+            s += [f"shared.{q}.act_quant.{t}" for q in ("l1", "l2") for t in acts]
         if attn:
-            s += [f"attn.{q}.{t}" for q in ("act_quant", "wo_a.act_quant") for t in (FP8_ACT if fp8 else NVFP4_ACT)]
+            s += [f"attn.{q}.act_quant.{t}" for q in ("wq_a", "wo_a") for t in (FP8_ACT if fp8 else NVFP4_ACT)]
     return s
 
 
