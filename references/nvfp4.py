@@ -36,6 +36,8 @@ __all__ = [
     "global_enc_scale_from_dec",
     "quantize_nvfp4",
     "dequantize_nvfp4",
+    "block_scale_bytes",
+    "e2m1_codes_with_scale",
     "decode_nvfp4_block_scaled",
     "pack_e2m1x2_low_first",
     "unpack_e2m1x2_low_first",
@@ -219,6 +221,22 @@ def quantize_nvfp4(
         global_dec_scale_f32=global_dec_scale_f32.reshape(()) if global_dec_scale_f32 is not None else None,
         recipe_name=recipe.name,
     )
+
+
+def block_scale_bytes(block_amax_f32: Tensor, *, recipe: Recipe, global_scale_f32: Tensor) -> Tensor:
+    """E4M3 block-scale bytes the recipe gives blocks whose amax is `block_amax_f32` (any shape),
+    with the recipe's global scale (S for enc recipes, D for dec). Monotone non-decreasing in the
+    amax: the interval rule of fused stages bounds a kernel's byte by the bytes of its amax bounds."""
+    g = global_scale_f32.to(torch.float32).reshape(())
+    return f32_to_e4m3_bytes(_block_scale_f32(block_amax_f32.to(torch.float32), g, recipe), saturate=True)
+
+
+def e2m1_codes_with_scale(xb_f32: Tensor, sf_u8: Tensor, *, recipe: Recipe, global_scale_f32: Tensor) -> Tensor:
+    """E2M1 codes of blocks xb_f32 [..., 16] under GIVEN block-scale bytes sf_u8 [...] (the recipe's
+    encode rule and sign rule): what a quantizer that chose those scale bytes writes for x."""
+    g = global_scale_f32.to(torch.float32).reshape(())
+    y = _scaled_for_grid(xb_f32.to(torch.float32), e4m3_bytes_to_f32(sf_u8), g, recipe)
+    return f32_to_e2m1_codes(y, sign_rule=recipe.sign_rule)
 
 
 def decode_nvfp4_block_scaled(packed_u8: Tensor, sf_u8: Tensor, *, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -210,7 +210,7 @@ def cli_layer(args: argparse.Namespace) -> int:
     options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
                          weight_placement=args.placement, fp8_scale_fmt=fp8_fmt)
     name = f"{args.act_scale}-{args.placement}-{args.recipe}"
-    runs, timings, failed = {}, {}, 0
+    runs, timings, failed, totals = {}, {}, 0, {}
     with Progress(console=console, transient=True) as bar:
         task = bar.add_task("layers", total=len(layers))
         for i in layers:
@@ -231,12 +231,17 @@ def cli_layer(args: argparse.Namespace) -> int:
             if backend is not None:
                 failed += len(run.failed)
                 console.print(verdict_table(i, backend.name, run))
+                for k, v in verdict_counts(run.verdicts).items():
+                    totals[k] = totals.get(k, 0) + v
     if args.json:
         doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,
                "runs": runs, "timings": timings}
         Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
-    if failed:
-        console.print(f"[bold red]{failed} verdict(s) failed[/]")
+    if backend is not None:
+        style = "bold red" if failed else "bold green"
+        console.print(f"[{style}]{backend.name} on {format_layers(layers)}: " +
+                      ", ".join(f"{v} {k}" for k, v in totals.items()) + "[/]" +
+                      ("" if failed else " (every verdict the backend serves here passes)"))
     return 1 if failed else 0
 
 
@@ -270,11 +275,12 @@ def verdict_table(layer: int, backend_name: str, run: LayerRun):
     table = Table(title=f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; "
                         f"{counts['pass']} pass, {counts['fail']} fail, {counts['not served']} not served, "
                         f"{counts['skipped']} n/a)")
-    table.add_column("stage")
+    table.add_column("stage", no_wrap=True, min_width=max(len(v.stage) for v in run.verdicts))
     for c in present:
-        table.add_column(c, justify="center")
-    table.add_column("bound ratio", justify="right")
-    table.add_column("note", overflow="fold")
+        table.add_column(c, justify="center", no_wrap=True, min_width=max(len(c), 10 if "not served" in
+                                                                          {v.status for v in run.verdicts} else 4))
+    table.add_column("bound ratio", justify="right", no_wrap=True, min_width=11)
+    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=48)
     stages = list(dict.fromkeys(v.stage for v in run.verdicts))
     for stage in stages:
         per = {v.check: v for v in run.verdicts if v.stage == stage}

@@ -42,7 +42,8 @@ from references.gemm import (
 )
 from references.layer import RunOptions
 from references.linear import Nvfp4Weight
-from references.nvfp4 import quantize_nvfp4
+from references.codecs import e2m1_codes_to_f32
+from references.nvfp4 import block_scale_bytes, e2m1_codes_with_scale, quantize_nvfp4, unpack_e2m1x2_low_first
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
 from references.stages import (
     DENSE_MLP_STAGES, FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, MOE_BLOCK_STAGES, SHARED_STAGES, Check, Op, Stage, STAGES, MOE_ACT_QUANT, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED,
@@ -172,16 +173,21 @@ def _expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor,
     return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
 
 
-def _grouped_bound_check(stage: str, backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, y: Tensor,
-                         label: str) -> tuple[str, dict]:
-    """y (one grouped GEMM's output) against the float64 product of the same quantized operands."""
-    __tracebackhide__ = True
+def _grouped_f64(backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, out_dtype) -> tuple[Tensor, Tensor]:
+    """(y64, bound) of one grouped GEMM on the boundary activations a and the checkpoint weight w."""
     k = a.k
     a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i64, cols=k // 16)
     alpha = (a.global_dec_f32.to(torch.float32).reshape(-1) * w.weight_scale_2_f32.to(torch.float32).reshape(-1))
     y64, abs_dot = nvfp4_grouped_gemm_f64(a.packed_u8, a_sf, w.weight_u8, w.weight_scale_e4m3.view(torch.uint8),
                                           offsets_i64, alpha)
-    bound = grouped_gemm_error_bound(abs_dot, y64, alpha, offsets_i64, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+    return y64, grouped_gemm_error_bound(abs_dot, y64, alpha, offsets_i64, k=k, u_acc=backend.u_acc, out_dtype=out_dtype)
+
+
+def _grouped_bound_check(stage: str, backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, y: Tensor,
+                         label: str) -> tuple[str, dict]:
+    """y (one grouped GEMM's output) against the float64 product of the same quantized operands."""
+    __tracebackhide__ = True
+    y64, bound = _grouped_f64(backend, a, offsets_i64, w, y.dtype)
     ratio = assert_within_gemm_bound(y, y64, bound, label=f"{stage} {label}")
     return f"{label}: max |y - y64| / bound = {ratio:.3g}", {f"bound_ratio_{label}": ratio}
 
@@ -577,9 +583,12 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
     v = _unsupported(backend, MOE_L1_FUSED, Op.L1_FUSED, case.device)
     if v:
         out += _expand(v, MOE_L1_FUSED)
-    else:
+    elif not case.static:
         out.append(Verdict(MOE_L1_FUSED.name, Check.INTERVAL.value, "skipped",
-                           "interval rule for fused L1 + SwiGLU + requant: not implemented in the harness yet"))
+                           "interval: a fused L1 quantizes h with the static w2 input_scale (a dynamic amax of h is "
+                           "not known inside the L1 epilogue); judged in the static runs"))
+    else:
+        out.append(_l1_fused_verdict(backend, case, experts, a1, off_i64, off_i32, s2))
     # ---- l2
     a2_ref = _quant_act_from_reference(case, MOE_REQUANT, off_i64)
     v = _unsupported(backend, MOE_L2, Op.GROUPED_GEMM, case.device)
@@ -621,6 +630,101 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
     # ---- the whole block as one call
     out += _moe_block_verdicts(backend, case)
     return out
+
+
+_SILU_ARGMIN = -1.2784645427610738  # silu(g) = g * sigmoid(g) is smallest here (silu' = 0)
+
+
+def _swiglu_interval(g_lo: Tensor, g_hi: Tensor, u_lo: Tensor, u_hi: Tensor, limit: float | None) -> tuple[Tensor, Tensor]:
+    """[h_lo, h_hi] of silu(min(g, L)) * clamp(u, -L, L) over g in [g_lo, g_hi], u in [u_lo, u_hi] (float64)."""
+    def silu(g):
+        g = torch.clamp(g, max=limit) if limit else g
+        return g * torch.sigmoid(g)
+
+    s_cand = [silu(g_lo), silu(g_hi)]
+    inside = (g_lo < _SILU_ARGMIN) & (g_hi > _SILU_ARGMIN)
+    s_min = torch.where(inside, silu(torch.full_like(g_lo, _SILU_ARGMIN)), torch.minimum(*s_cand))
+    s_lo, s_hi = s_min, torch.maximum(*s_cand)
+    if limit:
+        u_lo, u_hi = torch.clamp(u_lo, -limit, limit), torch.clamp(u_hi, -limit, limit)
+    corners = torch.stack([s_lo * u_lo, s_lo * u_hi, s_hi * u_lo, s_hi * u_hi])
+    return corners.amin(0), corners.amax(0)
+
+
+def _l1_fused_verdict(backend: Backend, case: LayerCase, experts, a1: QuantizedAct, off_i64: Tensor, off_i32: Tensor,
+                      s2: Tensor) -> Verdict:
+    """The interval rule (DESIGN "Verdicts"): the fused kernel's h is not visible, so each scale byte must
+    lie between the bytes of the smallest and largest block amax the L1 bound allows, and each code
+    between the codes (under the kernel's own scale byte) of the interval's ends; codes whose interval
+    straddles a rounding boundary are counted and reported."""
+    lw, spec = case.layer, case.moe_spec
+    got = backend.l1_fused(a1, off_i32, experts, swiglu_limit=spec.swiglu_limit, input_dec_scale_f32=s2)
+    g64, bg = _grouped_f64(backend, a1, off_i64, lw.experts.w1, torch.float32)
+    u64, bu = _grouped_f64(backend, a1, off_i64, lw.experts.w3, torch.float32)
+    h_lo, h_hi = _swiglu_interval(g64 - bg, g64 + bg, u64 - bu, u64 + bu, spec.swiglu_limit)
+    # the kernel may round h to bf16 before quantizing it: widen by one bf16 ulp
+    h_lo = h_lo - 2 * half_ulp(h_lo.abs(), torch.bfloat16)
+    h_hi = h_hi + 2 * half_ulp(h_hi.abs(), torch.bfloat16)
+    r, n = h_lo.shape
+    blocks_lo, blocks_hi = h_lo.view(r, n // 16, 16), h_hi.view(r, n // 16, 16)
+    straddles_zero = (blocks_lo <= 0) & (blocks_hi >= 0)
+    amax_lo = torch.where(straddles_zero, 0.0, torch.minimum(blocks_lo.abs(), blocks_hi.abs())).amax(-1)
+    amax_hi = torch.maximum(blocks_lo.abs(), blocks_hi.abs()).amax(-1)
+    sf_got = ref_layouts.sf_grouped_swizzled_128x4_to_linear(got.sf_swizzled_u8, off_i64, cols=n // 16)
+    codes_got = unpack_e2m1x2_low_first(got.packed_u8).view(r, n // 16, 16)
+    byte_lo = torch.empty_like(sf_got)
+    byte_hi = torch.empty_like(sf_got)
+    val_lo = torch.empty(r, n // 16, 16, dtype=torch.float32, device=h_lo.device)
+    val_hi = torch.empty_like(val_lo)
+    bounds = off_i64.tolist()
+    for e in range(len(bounds) - 1):
+        lo, hi = bounds[e], bounds[e + 1]
+        if lo == hi:
+            continue
+        g = nvfp4_global_scale_for(h_lo[lo:lo + 1].float(), recipe=backend.recipe, input_scale_f32=s2[e])
+        gs = next(iter(g.values()))
+        kw = dict(recipe=backend.recipe, global_scale_f32=gs)
+        byte_lo[lo:hi] = block_scale_bytes(amax_lo[lo:hi].float(), **kw)
+        byte_hi[lo:hi] = block_scale_bytes(amax_hi[lo:hi].float(), **kw)
+        # codes of the interval's ends under the kernel's own scale bytes (round toward the end: the
+        # float32 end may round; the exact interval is inside [lo rounded down, hi rounded up])
+        val_lo[lo:hi] = e2m1_codes_to_f32(e2m1_codes_with_scale(_f32_down(blocks_lo[lo:hi]), sf_got[lo:hi], **kw))
+        val_hi[lo:hi] = e2m1_codes_to_f32(e2m1_codes_with_scale(_f32_up(blocks_hi[lo:hi]), sf_got[lo:hi], **kw))
+    val_got = e2m1_codes_to_f32(codes_got)
+    metrics = {"codes_in_straddling_intervals": int((val_lo != val_hi).sum()),
+               "scale_bytes_with_two_choices": int((byte_lo != byte_hi).sum())}
+
+    def check() -> str:
+        __tracebackhide__ = True
+        bad_s = (sf_got < byte_lo) | (sf_got > byte_hi)
+        if bad_s.any():
+            i, idx = first_mismatch(bad_s)
+            raise AssertionError(f"scale byte at (row, block) {idx}: got {describe_e4m3(int(sf_got[idx]))}, allowed "
+                                 f"{describe_e4m3(int(byte_lo[idx]))} .. {describe_e4m3(int(byte_hi[idx]))} "
+                                 f"({int(bad_s.sum())} of {bad_s.numel()} outside)")
+        bad_c = (val_got < val_lo) | (val_got > val_hi)
+        if bad_c.any():
+            i, idx = first_mismatch(bad_c)
+            raise AssertionError(f"code at (row, block, element) {idx}: got value {float(val_got[idx])}, allowed "
+                                 f"{float(val_lo[idx])} .. {float(val_hi[idx])} (h in [{float(blocks_lo[idx]):.6g}, "
+                                 f"{float(blocks_hi[idx]):.6g}]; {int(bad_c.sum())} of {bad_c.numel()} outside)")
+        assert_bits_equal(got.global_dec_f32.reshape(-1).float().cpu(), s2.reshape(-1).float().cpu(),
+                          label="global decode scale (the w2 input_scale)")
+        return (f"every scale byte and code is one a value inside the L1 bound gives; {metrics['codes_in_straddling_intervals']} "
+                f"codes and {metrics['scale_bytes_with_two_choices']} scale bytes had two choices")
+
+    return _fail_or_pass(MOE_L1_FUSED.name, Check.INTERVAL, check, metrics)
+
+
+def _f32_down(x64: Tensor) -> Tensor:
+    """float64 -> the largest float32 <= x."""
+    f = x64.float()
+    return torch.where(f.double() > x64, torch.nextafter(f, torch.full_like(f, -float("inf"))), f)
+
+
+def _f32_up(x64: Tensor) -> Tensor:
+    f = x64.float()
+    return torch.where(f.double() < x64, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
 
 
 def _moe_block_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:

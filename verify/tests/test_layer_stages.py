@@ -226,13 +226,17 @@ PLANTED = {
     # bug: (layer, failing (stage, check) verdicts; nothing else may fail)
     "swapped-nibbles": (0, {(s, "bytes") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
                                                    "shared.l1", "shared.l2")}),
+    # a wrong weight operand fails every GEMM that reads it, the fused L1 included
     "scale-not-transposed": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                        "shared.l1", "shared.l2", "moe.l1", "moe.l2")}),
+                                                        "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
+                             | {("moe.l1_fused", "interval")}),
     "alpha-global-scale-inverted": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                               "shared.l1", "shared.l2", "moe.l1", "moe.l2")}),
-    "gate-up-granularity-halved": (0, {("moe.l1", "bound")}),
+                                                               "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
+                                    | {("moe.l1_fused", "interval")}),
+    "gate-up-granularity-halved": (0, {("moe.l1", "bound"), ("moe.l1_fused", "interval")}),
     "garbage-in-grouped-padding": (0, {("moe.act_quant", "bytes"), ("moe.requant", "bytes")}),
-    "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding")}),
+    # the emulator's fused L1 uses the same SwiGLU: both stages must see the dropped clamp
+    "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding"), ("moe.l1_fused", "interval")}),
     "routing-weight-before-w2-declared-after": (0, {("moe.combine", "bound")}),
     "router-ties-to-higher-id": ("tied", {("router", "ids")}),  # weights are judged where the ids agree
     "sqrt-dropped-from-sqrtsoftplus": (3, {("router", "ids"), ("router", "weights")}),
