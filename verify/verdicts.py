@@ -77,7 +77,8 @@ def router_verdict(ref: Routing, got_ids_i64: Tensor, got_weights_f32: Tensor, *
 
     A token whose id set differs is a near-tie only if every expert the backend chose instead
     scores within the error of the reference's k-th biased score and every reference expert it
-    dropped scores within the error of the (k+1)-th: any other difference is a mismatch. Weights
+    dropped scores within the error of the (k+1)-th, and no exact tie was resolved to the higher
+    expert id (the reference's rule): any other difference is a mismatch. Weights
     are checked on identical and near-tie tokens against the reference scores at the backend's ids.
     """
     if n_group and n_group > 1:
@@ -104,6 +105,9 @@ def router_verdict(ref: Routing, got_ids_i64: Tensor, got_weights_f32: Tensor, *
             added, dropped = list(g - r), list(r - g)
             ok = all(0 <= e < biased.shape[1] for e in added) and \
                 bool((biased[i, added] >= kth[i] - slack[i]).all()) and bool((biased[i, dropped] <= next_[i] + slack[i]).all())
+            # an EXACT tie (equal biased scores in the reference) is decided by the tie rule, not by
+            # rounding: the lower expert id wins, so picking the higher one is a mismatch
+            ok = ok and not any(float(biased[i, a]) == float(biased[i, d]) and a > d for a in added for d in dropped)
             explained[i] = ok
     v.near_ties = int((explained & ~same).sum())
     v.mismatched_tokens = [int(i) for i in (~explained).nonzero().flatten()][:16]

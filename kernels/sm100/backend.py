@@ -1,7 +1,8 @@
 """The sm100 backend: Blackwell NVFP4 kernels (CuTe DSL) behind one object for the harness.
 
-verify/backend.py adapts this plain class to the suite's Backend protocol; nothing
-here imports references/ or verify/. cutlass is imported only when a kernel compiles.
+verify/backend_sm100.py adapts this plain class to the suite's Backend protocol; the op
+names here are this class's own method names (OPS), and nothing here imports references/
+or verify/. cutlass is imported only when a kernel compiles.
 
 CUDA graphs with a changing token count: every forward op takes an optional
 `num_valid_rows_i32` / `num_valid_tokens_i32`, an int32 [1] tensor on the device that
@@ -23,7 +24,7 @@ from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge, moe_routing
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
 
-__all__ = ["Sm100Backend", "OPS"]
+__all__ = ["Sm100Backend", "OPS", "HOST_OPS", "TORCH_OPS", "KERNEL_OPS"]
 
 # The methods below, by what they need: host code (torch only, any device), torch ops on a
 # CUDA device (routing, permutation, combine), and CuTe DSL kernels (cutlass and a B200).
@@ -90,6 +91,22 @@ class Sm100Backend:
             return f"sm100: needs compute capability 10.x (B200/GB200), this is sm_{major}{minor}"
         return None
 
+    # ---------------------------------------------------------------- prepare (host, any device)
+
+    def prepare_nvfp4_weight(self, weight_u8: Tensor, weight_scale_e4m3: Tensor,
+                             weight_scale_2_f32: Tensor) -> host_bridge.Sm100Nvfp4Weight:
+        """Checkpoint bytes of one linear [N, K/2] or of stacked experts [E, N, K/2] -> kernel operands
+        (host_bridge.prepare_nvfp4_weight: K-major packed, 128x4 swizzled scales, [L] decode scales)."""
+        return host_bridge.prepare_nvfp4_weight(weight_u8, weight_scale_e4m3, weight_scale_2_f32)
+
+    def prepare_gate_up_weight(self, w1_u8: Tensor, w1_scale_e4m3: Tensor, w1_scale_2_f32: Tensor,
+                               w3_u8: Tensor, w3_scale_e4m3: Tensor,
+                               w3_scale_2_f32: Tensor) -> host_bridge.Sm100Nvfp4Weight:
+        """w1 (gate) and w3 (up) stacks [E, I, K/2] -> the w1|w3 operand of the SwiGLU GEMM, interleaved
+        along N with gate_up_granularity (host_bridge.prepare_gate_up_weight)."""
+        return host_bridge.prepare_gate_up_weight(w1_u8, w1_scale_e4m3, w1_scale_2_f32, w3_u8, w3_scale_e4m3,
+                                                  w3_scale_2_f32, granularity=self.gate_up_granularity)
+
     # ---------------------------------------------------------------- quantize
 
     def quantize_nvfp4(self, x_bf16: Tensor, global_enc_scale_f32: Tensor, *,
@@ -153,6 +170,17 @@ class Sm100Backend:
         return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight,
                                    tile_expert_i32, swiglu_limit=swiglu_limit, num_valid_rows_i32=num_valid_rows_i32)
 
+    def grouped_gemm_swiglu_nvfp4(self, a_packed_u8: Tensor, a_sf_swizzled_u8: Tensor, a_dec_scale_f32: Tensor,
+                                  weight: host_bridge.Sm100Nvfp4Weight, tile_expert_i32: Tensor,
+                                  swiglu_limit: float, h_global_enc_scale_f32: Tensor, *,
+                                  num_valid_rows_i32: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """L1 + SwiGLU with h written as NVFP4 for L2 (recipe te, global encode scale S [1] on the
+        device, static): (packed_u8 [R, N/4], sf_swizzled_u8 [R, round_up(N/32, 4)]), the bytes
+        quantize_nvfp4 gives for the bf16 h and S; rows past the valid count and tiles marked -1 are zero."""
+        return gemm.launch_grouped(a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32.reshape(1), weight,
+                                   tile_expert_i32, swiglu_limit=swiglu_limit, num_valid_rows_i32=num_valid_rows_i32,
+                                   h_global_enc_scale_f32=h_global_enc_scale_f32)
+
     # ---------------------------------------------------------------- routing
 
     def router(self, x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scaling_factor: float,
@@ -163,6 +191,11 @@ class Sm100Backend:
         return moe_routing.route(logits, top_k=top_k, routed_scaling_factor=routed_scaling_factor,
                                  bias_f32=bias_f32, tid2eid_i64=tid2eid_i64, token_ids_i64=token_ids_i64,
                                  num_valid_tokens_i32=num_valid_tokens_i32)
+
+    def permute(self, ids_i64: Tensor, num_experts: int, *,
+                num_valid_tokens_i32: Tensor | None = None) -> moe_routing.Permutation:
+        """[T, k] expert ids -> the padded-per-expert row of every (token, slot) pair, stable (moe_routing.permute)."""
+        return moe_routing.permute(ids_i64, num_experts, num_valid_tokens_i32)
 
     def combine(self, expert_out_bf16: Tensor, perm: moe_routing.Permutation, weights_f32: Tensor) -> Tensor:
         return moe_routing.combine_bf16(expert_out_bf16, perm, weights_f32)
@@ -195,10 +228,9 @@ class Sm100Backend:
                 raise ValueError("fuse_l2_quant: needs the static l2_input_dec_scale_f32 (a dynamic amax of h "
                                  "cannot be known inside the L1 epilogue)")
             s2 = torch.reciprocal(l2_input_dec_scale_f32.reshape(1))  # as quant.launch forms S from input_scale
-            a2, a2_sf = gemm.launch_grouped(a, a_sf, _act_dec_scale(l1_input_dec_scale_f32, s1), w13,
-                                            perm.tile_expert_i32,
-                                            swiglu_limit=swiglu_limit, num_valid_rows_i32=rows,
-                                            h_global_enc_scale_f32=s2)
+            a2, a2_sf = self.grouped_gemm_swiglu_nvfp4(a, a_sf, _act_dec_scale(l1_input_dec_scale_f32, s1), w13,
+                                                       perm.tile_expert_i32, swiglu_limit, s2,
+                                                       num_valid_rows_i32=rows)
         else:
             h = self.grouped_gemm_swiglu(a, a_sf, _act_dec_scale(l1_input_dec_scale_f32, s1), w13,
                                          perm.tile_expert_i32, swiglu_limit,

@@ -180,11 +180,18 @@ def combine_bf16(expert_out_bf16: Tensor, perm: Permutation, weights_f32: Tensor
     so a token's bytes do not depend on how many tokens share the call. Tokens t >= n
     (perm.token_valid) are zero.
     """
+    return combine_rows_bf16(expert_out_bf16, perm.row_of_pair_i64, weights_f32, token_valid=perm.token_valid)
+
+
+def combine_rows_bf16(rows_bf16: Tensor, row_of_pair_i64: Tensor, weights_f32: Tensor, *,
+                      token_valid: Tensor | None = None) -> Tensor:
+    """combine_bf16 on any row layout: rows_bf16 [R, H], row_of_pair_i64 [T*k] (the row of pair
+    p = t*k + slot), weights_f32 [T, k], token_valid bool [T] or None -> bf16 [T, H] (graph-safe)."""
     t, k = weights_f32.shape
-    rows = expert_out_bf16[perm.row_of_pair_i64].float().reshape(t, k, -1)
+    rows = rows_bf16[row_of_pair_i64].float().reshape(t, k, -1)
     acc = rows[:, 0] * weights_f32[:, 0:1]
     for slot in range(1, k):
         acc = acc + rows[:, slot] * weights_f32[:, slot:slot + 1]
-    if perm.token_valid is not None:
-        acc = torch.where(perm.token_valid.unsqueeze(1), acc, torch.zeros_like(acc))
+    if token_valid is not None:
+        acc = torch.where(token_valid.unsqueeze(1), acc, torch.zeros_like(acc))
     return acc.to(torch.bfloat16)

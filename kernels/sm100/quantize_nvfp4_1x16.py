@@ -175,7 +175,9 @@ def te_global_enc_scale_device(amax_f32):
     import torch
 
     amax_f32 = amax_f32.to(torch.float32)
-    s = torch.clamp(FP4_X_FP8_MAX / amax_f32, max=torch.finfo(torch.float32).max)
+    # tensor / tensor: torch evaluates `python_float / t` as reciprocal(t) * python_float, which
+    # rounds twice (2688/26 came out one ulp high); one correctly rounded division is TE's S.
+    s = torch.clamp(torch.full_like(amax_f32, FP4_X_FP8_MAX) / amax_f32, max=torch.finfo(torch.float32).max)
     return torch.where((amax_f32 == 0) | (s == 0), torch.ones_like(s), s).reshape(1)
 
 

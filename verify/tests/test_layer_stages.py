@@ -22,7 +22,7 @@ from references.layer import RunOptions
 from references.linear import Nvfp4Weight
 from references.router import Routing, router_logits_f32, routing_weights_f32, select_experts_topk
 from references.stages import STAGES
-from verify.backend import EmulatorBackend, QuantizedAct, RoutingOut, get_backend
+from verify.backend import FORWARD_OPS, EmulatorBackend, QuantizedAct, RoutingOut, get_backend, registered_backend_names
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import held_layers, layer_inputs
@@ -38,20 +38,28 @@ def _checkpoint_dir(config) -> str:
     return config.getoption("--checkpoint") or str(GOLDEN_DIR / "mini-v4")
 
 
+def _backend_names(config) -> tuple[str, ...]:
+    """--backend NAME: that backend; auto (the default): every registered backend, each skipping with
+    its own reason where it cannot run (correctness is parametrised over backends, STYLE 5)."""
+    name = config.getoption("--backend")
+    return registered_backend_names() if name == "auto" else (name,)
+
+
 def pytest_generate_tests(metafunc):
     if "stage_check" not in metafunc.fixturenames:
         return
     ckpt = Checkpoint.open(_checkpoint_dir(metafunc.config))
     params = []
-    for i in held_layers(ckpt):
-        for stage in STAGES:
-            if not stage.kernel or ckpt.config.schema not in stage.schemas:
-                continue
-            for check in stage.checks:
-                for act in ACT:
-                    params.append(pytest.param((i, stage.name, check.value, act),
-                                               id=f"layer{i}-{stage.name}-{check.value}-{act}",
-                                               marks=getattr(pytest.mark, f"layer{i}")))
+    for backend in _backend_names(metafunc.config):
+        for i in held_layers(ckpt):
+            for stage in STAGES:
+                if not stage.kernel or ckpt.config.schema not in stage.schemas:
+                    continue
+                for check in stage.checks:
+                    for act in ACT:
+                        params.append(pytest.param((backend, i, stage.name, check.value, act),
+                                                   id=f"layer{i}-{stage.name}-{check.value}-{act}-{backend}",
+                                                   marks=getattr(pytest.mark, f"layer{i}")))
     metafunc.parametrize("stage_check", params)
 
 
@@ -60,14 +68,23 @@ def ckpt(run_cfg):
     return Checkpoint.open(run_cfg.checkpoint or GOLDEN_DIR / "mini-v4")
 
 
-@pytest.fixture(scope="module")
-def backend(run_cfg):
-    return get_backend(run_cfg.backend)
+_BACKENDS: dict = {}
 
 
-@pytest.fixture(scope="module")
-def device(backend):
-    return "cuda" if backend.name != "emulator" or torch.cuda.is_available() else "cpu"
+def _backend_here(name: str):
+    """(backend, device) or pytest.skip with the backend's reason when it serves nothing here."""
+    if name not in _BACKENDS:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            b = get_backend(name, device if device.type == "cuda" else None)
+            reasons = [b.unsupported_reason(op, device) for op in FORWARD_OPS]
+            _BACKENDS[name] = (b, str(device), reasons[0] if all(reasons) else None)
+        except ImportError as e:
+            _BACKENDS[name] = (None, str(device), f"{name}: {e}")
+    b, device, reason = _BACKENDS[name]
+    if reason:
+        pytest.skip(f"not served here: {reason}")
+    return b, device
 
 
 _RUNS: dict = {}
@@ -82,8 +99,9 @@ def _run(ckpt, backend, i: int, act: str, device: str):
     return _RUNS[key]
 
 
-def test_stage_verdict(ckpt, backend, device, stage_check):
-    i, stage, check, act = stage_check
+def test_stage_verdict(ckpt, stage_check):
+    name, i, stage, check, act = stage_check
+    backend, device = _backend_here(name)
     run = _run(ckpt, backend, i, act, device)
     v = run.verdict(stage, check)
     if v is None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.sm100 import moe_routing as mr
-from kernels.sm100.backend import Sm100Backend
+from kernels.sm100.backend import OPS, Sm100Backend
 
 
 def _logits(t, e, seed=0):
@@ -86,8 +86,10 @@ def test_backend_declares_recipe_accumulator_and_limits():
     assert b.name == "sm100" and b.recipe_name == "te" and b.u_acc == 2.0**-24
     assert b.gate_up_granularity == 128
     assert "not provided" in b.unsupported_reason("fp8_gemm")
-    for harness_op in ("quantize", "dense_gemm", "grouped_gemm", "swiglu_requant", "router", "combine"):
-        reason = b.unsupported_reason(harness_op)
-        assert reason is None or "not provided" not in reason, f"harness op {harness_op!r}: {reason}"
+    for op in OPS:  # its own method names only; verify/backend_sm100.py maps the harness's ops to them
+        reason = b.unsupported_reason(op)
+        assert reason is None or "not provided" not in reason, f"op {op!r}: {reason}"
+        assert callable(getattr(b, op)), f"OPS names {op!r}, which is not a method"
+    assert "not provided" in b.unsupported_reason("quantize"), "the harness's op names are not spelled here"
     if not torch.cuda.is_available():
         assert b.unsupported_reason("gemm_nvfp4") is not None
