@@ -8,7 +8,8 @@ as a failed verdict of the stage that uses it (DESIGN "Backend protocol").
 Boundary tensors have one representation in every backend, so verdicts can read them:
 - `QuantizedAct`: packed E2M1 [R, K/2] (low nibble first) + E4M3 block scales in the 128x4
   swizzled layout ([Rp, Cp]; grouped: each expert's rows padded to 128 with zero bytes, then
-  swizzled) + the float32 decode multiplier of each global scale (`global_dec_f32`, [1] dense,
+  swizzled; a backend whose buffers are sized for capacity may append rows, which must be zero) +
+  the float32 decode multiplier of each global scale (`global_dec_f32`, [1] dense,
   [E] grouped) that the GEMM folds into its alpha;
 - `Dispatched`: expert-sorted rows (stable: within an expert, token-major order) with int32
   offsets [E+1];

@@ -241,7 +241,8 @@ def cli_layer(args: argparse.Namespace) -> int:
         style = "bold red" if failed else "bold green"
         console.print(f"[{style}]{backend.name} on {format_layers(layers)}: " +
                       ", ".join(f"{v} {k}" for k, v in totals.items()) + "[/]" +
-                      ("" if failed else " (every verdict the backend serves here passes)"))
+                      ("" if failed or not totals.get("pass") else " (every verdict the backend serves here passes)")
+                      + ("" if totals.get("pass") else f" ({backend.name} serves none of these stages here)"))
     return 1 if failed else 0
 
 
