@@ -113,7 +113,12 @@ class Backend(Protocol):
     def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor: ...
     def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor: ...
     def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
-                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None) -> Tensor: ...
+                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
+                  num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+        """The routed MoE block. num_valid_tokens_i32 (int32 [1] on the device, backends with
+        `supports_valid_tokens`): tokens t >= n reach no expert and their rows are zero, so a graph
+        captured at capacity replays any smaller token count."""
+        ...
 
 
 # ============================================================================= emulator
@@ -144,6 +149,8 @@ class EmulatorBackend:
 
     name = "emulator"
     u_acc = U_FP32
+    graph_safe = False  # a reference: host reads (offsets, counts) by design, never captured
+    supports_valid_tokens = True
 
     def __init__(self, recipe: Recipe | str = "te") -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
@@ -249,7 +256,15 @@ class EmulatorBackend:
 
     def moe_block(self, x_bf16: Tensor, router: _EmulatorRouter, experts: ref_moe.ExpertStack, *,
                   swiglu_limit: float | None, weight_placement: str, act_scale: str,
-                  token_ids_i64: Tensor | None = None) -> Tensor:
+                  token_ids_i64: Tensor | None = None, num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+        if num_valid_tokens_i32 is not None:  # the reference reads the count on the host (not graph-safe)
+            n = int(num_valid_tokens_i32.reshape(-1)[0])
+            out = torch.zeros_like(x_bf16)
+            if n:
+                out[:n] = self.moe_block(x_bf16[:n], router, experts, swiglu_limit=swiglu_limit,
+                                         weight_placement=weight_placement, act_scale=act_scale,
+                                         token_ids_i64=None if token_ids_i64 is None else token_ids_i64[:n])
+            return out
         return run_moe_block(self, x_bf16, router, experts, swiglu_limit=swiglu_limit,
                              weight_placement=weight_placement, act_scale=act_scale,
                              static_scales=_emulator_static_scales(experts) if act_scale == "static" else None,

@@ -409,13 +409,15 @@ class Sm100Adapter:
         r = self._route(x_bf16, router, token_ids_i64)
         return RoutingOut(r.ids_i64, r.weights_f32)
 
-    def _route(self, x_bf16: Tensor, router: Sm100Router, token_ids_i64: Tensor | None) -> moe_routing.Routing:
+    def _route(self, x_bf16: Tensor, router: Sm100Router, token_ids_i64: Tensor | None,
+               num_valid_tokens_i32: Tensor | None = None) -> moe_routing.Routing:
         if not isinstance(router, Sm100Router):
             raise TypeError(f"router: expected prepare_router's Sm100Router, got {type(router).__name__}")
         return self._impl.router(x_bf16, router.gate_weight_bf16, top_k=router.top_k,
                                  routed_scaling_factor=router.routed_scaling_factor, bias_f32=router.bias_f32,
                                  tid2eid_i64=router.tid2eid_i64,
-                                 token_ids_i64=token_ids_i64 if router.tid2eid_i64 is not None else None)
+                                 token_ids_i64=token_ids_i64 if router.tid2eid_i64 is not None else None,
+                                 num_valid_tokens_i32=num_valid_tokens_i32)
 
     def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched:
         """ids [T, k] int64 -> expert-sorted rows (stable: token-major within an expert): row_token [T*k],
@@ -454,9 +456,11 @@ class Sm100Adapter:
         """x [M, K] bf16 -> bf16 [M, N]: quantize (static input_scale, else dynamic) + dense GEMM."""
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
 
+    supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
+
     def moe_block(self, x_bf16: Tensor, router: Sm100Router, experts: Sm100Experts, *,
                   swiglu_limit: float | None, weight_placement: str, act_scale: str,
-                  token_ids_i64: Tensor | None = None) -> Tensor:
+                  token_ids_i64: Tensor | None = None, num_valid_tokens_i32: Tensor | None = None) -> Tensor:
         """x [T, H] bf16 -> routed experts' output bf16 [T, H]: Sm100Backend.router, then moe_experts
         (permute, quantize, L1 + SwiGLU, requantize, L2, combine after w2). Static: the one input_scale
         all experts share (moe_experts takes one)."""
@@ -473,10 +477,11 @@ class Sm100Adapter:
             if experts.l1_shared_dec_f32 is None or experts.l2_shared_dec_f32 is None:
                 raise NotImplementedError(experts.static_reason)
             s1, s2 = experts.l1_shared_dec_f32, experts.l2_shared_dec_f32
-        routing = self._route(x_bf16, router, token_ids_i64)
+        routing = self._route(x_bf16, router, token_ids_i64, num_valid_tokens_i32)
         return self._impl.moe_experts(x_bf16, routing, experts.w13, experts.w2,
                                       swiglu_limit=_swiglu_limit(swiglu_limit),
-                                      l1_input_dec_scale_f32=s1, l2_input_dec_scale_f32=s2)
+                                      l1_input_dec_scale_f32=s1, l2_input_dec_scale_f32=s2,
+                                      num_valid_tokens_i32=num_valid_tokens_i32)
 
 
 def _nvfp4(lin: Linear) -> Nvfp4Linear:

@@ -87,5 +87,6 @@ class Sm90Adapter:
     def combine(self, y_rows_bf16, d, weights_f32):
         self._refuse(Op.COMBINE)
 
-    def moe_block(self, x_bf16, router, experts, *, swiglu_limit, weight_placement, act_scale, token_ids_i64=None):
+    def moe_block(self, x_bf16, router, experts, *, swiglu_limit, weight_placement, act_scale, token_ids_i64=None,
+                  num_valid_tokens_i32=None):
         self._refuse(Op.MOE_BLOCK)

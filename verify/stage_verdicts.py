@@ -731,20 +731,48 @@ def _moe_block_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         out.append(Verdict(MOE_BLOCK.name, Check.BATCH.value, "skipped",
                            "batch: with a dynamic per-tensor global scale a token's bits depend on the batch's amax "
                            "by design; verified in the static runs"))
-    y = run(case.x_ffn, case.token_ids_i64)
-    drift = stage_metrics(y.double(), case.emulated[MOE_COMBINE.name].double())
-    out[-1].metrics["drift_vs_reference_combine"] = drift
+    try:
+        y = run(case.x_ffn, case.token_ids_i64)
+    except NotImplementedError as exc:  # e.g. a static case the block call cannot express
+        return [Verdict(MOE_BLOCK.name, c.value, "not served", str(exc), {"unsupported": str(exc)})
+                for c in MOE_BLOCK.checks]
+    out[-1].metrics["drift_vs_reference_combine"] = stage_metrics(y.double(), case.emulated[MOE_COMBINE.name].double())
     for check in (Check.SYNC, Check.GRAPH):
         skip = _cuda_only(MOE_BLOCK.name, check, case, backend)
         if skip:
             out.append(skip)
             continue
         x_buf = case.x_ffn.clone()
+        t = x_buf.shape[0]
+        valid = getattr(backend, "supports_valid_tokens", False)
+        n_buf = torch.full((1,), t, dtype=torch.int32, device=x_buf.device) if valid else None
+
+        def forward() -> Tensor:
+            return backend.moe_block(x_buf, router, experts, token_ids_i64=case.token_ids_i64 if hashed else None,
+                                     num_valid_tokens_i32=n_buf, **kw)
+
         if check is Check.SYNC:
-            out.append(_sync_probe(MOE_BLOCK.name, lambda: run(x_buf, case.token_ids_i64)))
-        else:
-            out.append(_graph_probe(MOE_BLOCK.name, lambda: run(x_buf, case.token_ids_i64),
-                                    lambda: x_buf.copy_((case.x_ffn.roll(1, 0) * -0.75).to(torch.bfloat16))))
+            out.append(_sync_probe(MOE_BLOCK.name, forward))
+            continue
+
+        def new_values() -> None:  # new values and so a new routing
+            x_buf.copy_((case.x_ffn.roll(1, 0) * -0.75).to(torch.bfloat16))
+
+        def one_hot_expert() -> None:  # every token alike: top-k experts take all rows, the rest none
+            x_buf.copy_(case.x_ffn[:1].expand_as(x_buf))
+
+        def one_token() -> None:
+            x_buf.copy_(case.x_ffn)
+            n_buf.fill_(1)
+
+        muts = [("new values (new routing)", new_values),
+                ("every token alike (one hot expert set, zero-token experts)", one_hot_expert)]
+        if valid:
+            muts.append((f"a token count of 1 (captured at {t})", one_token))
+        v = _graph_probe(MOE_BLOCK.name, forward, muts)
+        if not valid and v.status == "pass":
+            v.message += "; token-count replay not probed: the backend's MoE block takes no valid-token count"
+        out.append(v)
     return out
 
 

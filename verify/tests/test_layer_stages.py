@@ -305,3 +305,43 @@ def test_the_tie_fixture_really_ties(ckpt):
     ids = run.emulated["router.ids"]
     has4, has5 = (ids == 4).any(1), (ids == 5).any(1)
     assert bool((has4 & ~has5).any()), "no token where the tie between experts 4 and 5 decides the k-th slot"
+
+
+def test_emulator_moe_block_valid_token_count_zeroes_the_rest(ckpt):
+    """The valid-token count's contract, on the reference: rows < n as a call on the first n tokens
+    alone, rows >= n zero (what a graph captured at capacity must replay)."""
+    layer = ckpt.load_layer(3)
+    inputs = layer_inputs(ckpt, layer, tokens=8, seed=SEED, device="cpu")
+    b = EmulatorBackend()
+    from verify.reference_layer import moe_spec_from
+
+    spec = moe_spec_from(ckpt.config)
+    router, experts = b.prepare_router(layer.router, spec), b.prepare_experts(layer.experts)
+    kw = dict(swiglu_limit=spec.swiglu_limit, weight_placement="after_w2", act_scale="static")
+    y3 = b.moe_block(inputs.x_ffn_bf16, router, experts, num_valid_tokens_i32=torch.tensor([3], dtype=torch.int32), **kw)
+    alone = b.moe_block(inputs.x_ffn_bf16[:3], router, experts, **kw)
+    assert torch.equal(y3[:3], alone) and not y3[3:].any()
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.layer0
+def test_planted_host_sync_fails_only_the_sync_and_graph_checks(ckpt):
+    """A `.item()` inside a stage (sm90's dense linear reads the activation amax on the host): the
+    sync probe names the stage, the graph probe fails its capture; the numbers stay right."""
+    from verify.backend_sm90 import Sm90Adapter
+
+    class HostSync(Sm90Adapter):
+        def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+            if float(x_bf16.abs().amax().item()) < 0:  # the host read is the bug; the branch never runs
+                raise AssertionError("unreachable")
+            return super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+
+    layer = ckpt.load_layer(0, device="cuda")
+    inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device="cuda")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"), backend=HostSync())
+    dense = ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b", "shared.l1", "shared.l2")
+    expected = {(s, c) for s in dense for c in ("sync", "graph")}
+    failed = {(v.stage, v.check) for v in run.failed}
+    assert failed == expected, "\n".join(f"{v.stage} {v.check}: {v.message[:200]}" for v in run.failed)
+    assert all("synchronizes with the host" in run.verdict(s, "sync").message for s in dense)
