@@ -100,6 +100,8 @@ _B, _R, _Q = (Check.BOUND,), (Check.ROUNDING,), (Check.BYTES,)
 _V4 = ("deepseek_v4",)
 # a dense linear: its activation quantization's bytes, the GEMM's bound, batch invariance, graph safety
 _GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.SYNC, Check.GRAPH)
+_PROBES = (Check.SYNC, Check.GRAPH)  # on CUDA: host-sync probe and CUDA-graph replay of the stage's op
+_GROUPED = (Check.BOUND, Check.BATCH, *_PROBES)
 
 
 def _linear(name: str, input_: str, role: str, *, schemas=_V4) -> Stage:
@@ -116,17 +118,18 @@ STAGES: tuple[Stage, ...] = (
     Stage("attn.wo_a", Op.REFERENCE, "attn.wq_b", ("attn.wo_a",), kernel=False, schemas=_V4),
     _linear("attn.wo_b", "attn.wo_a", "attn.wo_b"),
     # ---- routed experts
-    Stage("router", Op.ROUTER, INPUT_FFN, ("router.gate",), (Check.IDS, Check.WEIGHTS),
+    Stage("router", Op.ROUTER, INPUT_FFN, ("router.gate",), (Check.IDS, Check.WEIGHTS, *_PROBES),
           parts=("logits", "scores", "ids", "weights"), loss=False),
-    Stage("moe.dispatch", Op.DISPATCH, "router", (), (Check.EXACT,), loss=False),
-    Stage("moe.act_quant", Op.GROUPED_QUANTIZE, INPUT_FFN, ("experts.w1", "experts.w3"), _Q),
-    Stage("moe.l1", Op.GROUPED_GEMM, "moe.act_quant", ("experts.w1", "experts.w3"), _B, parts=("gate", "up")),
-    Stage("moe.swiglu", Op.SWIGLU_REQUANT, "moe.l1", (), _R),
-    Stage("moe.requant", Op.SWIGLU_REQUANT, "moe.swiglu", ("experts.w2",), _Q),
+    Stage("moe.dispatch", Op.DISPATCH, "router", (), (Check.EXACT, *_PROBES), loss=False),
+    Stage("moe.act_quant", Op.GROUPED_QUANTIZE, INPUT_FFN, ("experts.w1", "experts.w3"), (*_Q, *_PROBES)),
+    Stage("moe.l1", Op.GROUPED_GEMM, "moe.act_quant", ("experts.w1", "experts.w3"), _GROUPED,
+          parts=("gate", "up")),
+    Stage("moe.swiglu", Op.SWIGLU_REQUANT, "moe.l1", (), _R),  # one op with moe.requant: probed there
+    Stage("moe.requant", Op.SWIGLU_REQUANT, "moe.swiglu", ("experts.w2",), (*_Q, *_PROBES)),
     Stage("moe.l1_fused", Op.L1_FUSED, "moe.act_quant", ("experts.w1", "experts.w3", "experts.w2"),
-          (Check.INTERVAL,), loss=False),
-    Stage("moe.l2", Op.GROUPED_GEMM, "moe.requant", ("experts.w2",), _B),
-    Stage("moe.combine", Op.COMBINE, "moe.l2", (), _B),
+          (Check.INTERVAL, *_PROBES), loss=False),
+    Stage("moe.l2", Op.GROUPED_GEMM, "moe.requant", ("experts.w2",), _GROUPED),
+    Stage("moe.combine", Op.COMBINE, "moe.l2", (), (*_B, *_PROBES)),
     # ---- shared expert (a dense gated MLP on x_ffn)
     Stage(f"{SHARED_EXPERT}.l1", Op.DENSE_LINEAR, INPUT_FFN, ("shared.w1", "shared.w3"), _GEMM, parts=("gate", "up")),
     Stage(f"{SHARED_EXPERT}.swiglu", Op.REFERENCE, f"{SHARED_EXPERT}.l1", (), kernel=False),

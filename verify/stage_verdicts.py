@@ -135,6 +135,8 @@ def _fail_or_pass(stage: str, check: Check, fn: Callable[[], str], metrics: dict
         msg = fn()
     except AssertionError as exc:
         return Verdict(stage, check.value, "fail", f"{stage} {check.value}: {exc}", metrics)
+    except NotImplementedError as exc:  # the backend refuses this case (its reason), e.g. a router it lacks
+        return Verdict(stage, check.value, "not served", str(exc), {"unsupported": str(exc)})
     return Verdict(stage, check.value, "pass", msg, metrics)
 
 
@@ -223,26 +225,62 @@ def _cuda_only(stage: str, check: Check, case: LayerCase, backend: Backend) -> V
     return None
 
 
-def _graph_probe(stage: str, forward: Callable[[], Tensor], mutate: Callable[[], None]) -> Verdict:
-    """Warm up, capture forward() once, mutate the inputs in place, replay: bit-equal to eager."""
+def _bits(out: object) -> Tensor:
+    """Every output tensor of an op (tensor, tuple, boundary dataclass) as one flat uint8 tensor."""
+    if isinstance(out, Tensor):
+        return out.contiguous().reshape(-1).view(torch.uint8)
+    if isinstance(out, (tuple, list)):
+        return torch.cat([_bits(o) for o in out])
+    if hasattr(out, "__dataclass_fields__"):
+        return torch.cat([_bits(getattr(out, f)) for f in out.__dataclass_fields__])
+    raise TypeError(f"cannot compare op output of type {type(out).__name__}")
+
+
+def _probes(stage: Stage, backend: Backend, case: LayerCase, forward: Callable[[], object],
+            mutations: list[tuple[str, Callable[[], None]]]) -> list[Verdict]:
+    """The stage's sync and graph verdicts (CUDA only): forward() reads its inputs from buffers that
+    the mutations rewrite in place."""
+    out = []
+    for check in (Check.SYNC, Check.GRAPH):
+        if check not in stage.checks:
+            continue
+        skip = _cuda_only(stage.name, check, case, backend)
+        if skip:
+            out.append(skip)
+        elif check is Check.SYNC:
+            out.append(_sync_probe(stage.name, forward))
+        else:
+            out.append(_graph_probe(stage.name, forward, mutations))
+    return out
+
+
+def _graph_probe(stage: str, forward: Callable[[], object], mutations: list[tuple[str, Callable[[], None]]]) -> Verdict:
+    """Warm up, capture forward() once (at capacity), then for each mutation: write the new inputs in
+    place, replay, and require the graph's outputs bit-equal to an eager call on the same inputs."""
+    done: list[str] = []
     try:
         forward()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
             y_graph = forward()
-        mutate()
-        graph.replay()
-        torch.cuda.synchronize()
-        y_eager = forward()
-        diff = int((y_graph.view(torch.int16) != y_eager.view(torch.int16)).sum())
+        for name, mutate in mutations:
+            mutate()
+            graph.replay()
+            torch.cuda.synchronize()
+            y_eager = forward()
+            g_bits, e_bits = _bits(y_graph), _bits(y_eager)
+            diff = int((g_bits != e_bits).sum()) if g_bits.shape == e_bits.shape else -1
+            if diff:
+                return Verdict(stage, "graph", "fail", f"{stage} graph: after {name}, replay differs from eager in "
+                               f"{diff} of {e_bits.numel()} output bytes (replays before it matched: {done or 'none'})",
+                               {"differing_bytes": diff, "mutation": name})
+            done.append(name)
     except Exception as exc:  # noqa: BLE001 - a capture failure is a verdict, not a crash
-        return Verdict(stage, "graph", "fail", f"{stage} graph: capture/replay failed: {type(exc).__name__}: {exc}",
-                       {"traceback": traceback.format_exc(limit=3)})
-    if diff:
-        return Verdict(stage, "graph", "fail", f"{stage} graph: replay differs from eager in {diff} of "
-                       f"{y_eager.numel()} elements after new values and scales", {"differing_elements": diff})
-    return Verdict(stage, "graph", "pass", "replay with new values and scales is bit-equal to eager")
+        return Verdict(stage, "graph", "fail", f"{stage} graph: capture/replay failed after {done or 'capture'}: "
+                       f"{type(exc).__name__}: {exc}", {"traceback": traceback.format_exc(limit=3)})
+    return Verdict(stage, "graph", "pass", f"captured once; replays bit-equal to eager after {', '.join(done)}",
+                   {"mutations": done})
 
 
 def _sync_probe(stage: str, forward: Callable[[], object]) -> Verdict:
@@ -425,12 +463,14 @@ def _dense_cuda_probes(backend: Backend, case: LayerCase, stage: Stage, x: Tenso
         if check is Check.SYNC:
             out.append(_sync_probe(stage.name, forward))
         else:
-            def mutate() -> None:
+            def new_values() -> None:
                 x_buf.copy_((x.roll(1, 0) * -0.75).to(torch.bfloat16))
-                if s_buf is not None:
-                    s_buf.mul_(1.5)
 
-            out.append(_graph_probe(stage.name, forward, mutate))
+            def new_scale() -> None:
+                s_buf.mul_(1.5)
+
+            muts = [("new values", new_values)] + ([("a new static scale", new_scale)] if s_buf is not None else [])
+            out.append(_graph_probe(stage.name, forward, muts))
     return out
 
 
@@ -445,8 +485,9 @@ def _router_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         return _expand(v, ROUTER)
     lw, spec, e = case.layer, case.moe_spec, case.emulated
     hashed = lw.router.tid2eid_i64 is not None
-    r = backend.router(case.x_ffn, backend.prepare_router(lw.router, spec),
-                       token_ids_i64=case.token_ids_i64 if hashed else None)
+    prep = backend.prepare_router(lw.router, spec)
+    tok = case.token_ids_i64 if hashed else None
+    r = backend.router(case.x_ffn, prep, token_ids_i64=tok)
     ref = Routing(e[ROUTER.tensor("logits")], e[ROUTER.tensor("scores")], e[ROUTER.tensor("ids")],
                   e[ROUTER.tensor("weights")], hashed=hashed)
     rv = router_verdict(ref, r.ids_i64, r.weights_f32, x=case.x_ffn, gate_weight=lw.router.gate_weight_bf16,
@@ -473,8 +514,12 @@ def _router_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
                                  f"{rv.max_weight_ratio:.3g}); {rv.summary()}")
         return f"routing weights within the fp32 bound (max ratio {rv.max_weight_ratio:.3g})"
 
+    x_buf = case.x_ffn.clone()
+    probes = _probes(ROUTER, backend, case, lambda: backend.router(x_buf, prep, token_ids_i64=tok), [
+        ("new values", lambda: x_buf.copy_((case.x_ffn.roll(1, 0) * -0.75).to(torch.bfloat16))),
+        ("every token alike", lambda: x_buf.copy_(case.x_ffn[:1].expand_as(x_buf)))])
     return [_fail_or_pass(ROUTER.name, Check.IDS, ids_check, metrics),
-            _fail_or_pass(ROUTER.name, Check.WEIGHTS, weights_check, dict(metrics))]
+            _fail_or_pass(ROUTER.name, Check.WEIGHTS, weights_check, dict(metrics)), *probes]
 
 
 def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
@@ -502,6 +547,11 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             return f"{d.token_of_row_i64.numel()} rows and {d.num_experts + 1} offsets identical"
 
         out.append(_fail_or_pass(DISPATCH.name, Check.EXACT, dispatch_check))
+        ids = e[ROUTER.tensor("ids")]
+        ids_buf = ids.clone()
+        out += _probes(DISPATCH, backend, case, lambda: backend.dispatch(ids_buf, d.num_experts), [
+            ("a new routing", lambda: ids_buf.copy_(ids.roll(1, 0))),
+            ("every token to the same experts (zero-token experts)", lambda: ids_buf.copy_(ids[:1].expand_as(ids)))])
     # ---- prepare the experts once (the backend's own host code)
     experts = None
     if backend.unsupported_reason(Op.GROUPED_GEMM, case.device) is None:
@@ -515,6 +565,10 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         out.append(_fail_or_pass(MOE_ACT_QUANT.name, Check.BYTES, lambda: _check_quantized(
             MOE_ACT_QUANT.name, backend.grouped_quantize(rows, off_i32, input_dec_scale_f32=s1),
             _expected_grouped_quant(backend, rows, off_i64, s1))))
+        rows_buf = rows.clone()
+        out += _probes(MOE_ACT_QUANT, backend, case,
+                       lambda: backend.grouped_quantize(rows_buf, off_i32, input_dec_scale_f32=s1),
+                       [("new values", lambda: rows_buf.copy_((rows.roll(1, 0) * -0.75).to(torch.bfloat16)))])
     # ---- l1
     a1 = _quant_act_from_reference(case, MOE_ACT_QUANT, off_i64)
     v = _unsupported(backend, MOE_L1, Op.GROUPED_GEMM, case.device)
@@ -532,6 +586,7 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             return f"{m1}; {m2} (u_acc {backend.u_acc:.3g}, K={a1.k})"
 
         out.append(_fail_or_pass(MOE_L1.name, Check.BOUND, l1_check, metrics))
+        out += _grouped_gemm_extras(MOE_L1, backend, case, experts, a1, off_i64, "l1")
     # ---- swiglu + requant (one op, two verdicts: h, then the bytes of h's quantization)
     v = _unsupported(backend, MOE_SWIGLU, Op.SWIGLU_REQUANT, case.device)
     if v:
@@ -552,6 +607,10 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         out.append(_fail_or_pass(MOE_SWIGLU.name, Check.ROUNDING, swiglu_check))
         out.append(_fail_or_pass(MOE_REQUANT.name, Check.BYTES, lambda: _check_quantized(
             MOE_REQUANT.name, a2, _expected_grouped_quant(backend, h.to(torch.bfloat16), off_i64, s2))))
+        g_buf, u_buf = gate.clone(), up.clone()
+        out += _probes(MOE_REQUANT, backend, case, lambda: backend.swiglu_requant(
+            g_buf, u_buf, off_i32, swiglu_limit=spec.swiglu_limit, row_weight_f32=row_w, input_dec_scale_f32=s2),
+            [("new values", lambda: (g_buf.mul_(-0.5), u_buf.mul_(1.5)))])
     # ---- l1_fused: only backends that have a fused L1 (the interval rule needs a static h scale)
     v = _unsupported(backend, MOE_L1_FUSED, Op.L1_FUSED, case.device)
     if v:
@@ -562,6 +621,10 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
                            "not known inside the L1 epilogue); judged in the static runs"))
     else:
         out.append(_l1_fused_verdict(backend, case, experts, a1, off_i64, off_i32, s2))
+        a1_buf = _clone_act(a1)
+        out += _probes(MOE_L1_FUSED, backend, case, lambda: backend.l1_fused(
+            a1_buf, off_i32, experts, swiglu_limit=spec.swiglu_limit, input_dec_scale_f32=s2),
+            [("new values (every code negated)", lambda: a1_buf.packed_u8.copy_(a1.packed_u8 ^ 0x88))])
     # ---- l2
     a2_ref = _quant_act_from_reference(case, MOE_REQUANT, off_i64)
     v = _unsupported(backend, MOE_L2, Op.GROUPED_GEMM, case.device)
@@ -578,6 +641,7 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             return f"{msg} (u_acc {backend.u_acc:.3g}, K={a2_ref.k})"
 
         out.append(_fail_or_pass(MOE_L2.name, Check.BOUND, l2_check, metrics2))
+        out += _grouped_gemm_extras(MOE_L2, backend, case, experts, a2_ref, off_i64, "l2")
     # ---- combine
     v = _unsupported(backend, MOE_COMBINE, Op.COMBINE, case.device)
     if v:
@@ -600,8 +664,57 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             return f"max |y - exact| / bound = {ratio:.3g} (k={d.row_of_pair_i64.shape[1]})"
 
         out.append(_fail_or_pass(MOE_COMBINE.name, Check.BOUND, combine_check))
+        y_buf = y_rows.clone()
+        w_buf = None if weights is None else weights.clone()
+        disp = Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32)
+
+        def new_weights() -> None:
+            if w_buf is not None:
+                w_buf.copy_(weights.flip(1))
+
+        out += _probes(MOE_COMBINE, backend, case, lambda: backend.combine(y_buf, disp, w_buf), [
+            ("new values", lambda: y_buf.mul_(-0.5)), ("new routing weights", new_weights)])
     # ---- the whole block as one call
     out += _moe_block_verdicts(backend, case)
+    return out
+
+
+def _clone_act(a: QuantizedAct) -> QuantizedAct:
+    return QuantizedAct(a.packed_u8.clone(), a.sf_swizzled_u8.clone(), a.global_dec_f32.clone())
+
+
+def _grouped_gemm_extras(stage: Stage, backend: Backend, case: LayerCase, experts, a: QuantizedAct, off_i64: Tensor,
+                         layer: str) -> list[Verdict]:
+    """Batch invariance (one expert's rows alone give the bits they have among all experts' rows) and
+    the sync / graph probes (new codes, new global scales) of a grouped GEMM stage."""
+    off_i32 = off_i64.to(torch.int32)
+
+    def run(act: QuantizedAct, off: Tensor):
+        return backend.grouped_gemm(act, off, experts, layer=layer)
+
+    def batch_check() -> str:
+        __tracebackhide__ = True
+        counts = (off_i64[1:] - off_i64[:-1]).tolist()
+        e = max(range(len(counts)), key=lambda i: (counts[i] > 0, -i if counts[i] > 0 else 0))
+        lo, hi = int(off_i64[e]), int(off_i64[e + 1])
+        sub_off = torch.zeros_like(off_i64)
+        sub_off[e + 1:] = hi - lo
+        sf_lin = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, off_i64, cols=a.k // 16)
+        sub = QuantizedAct(a.packed_u8[lo:hi].contiguous(),
+                           ref_layouts.sf_grouped_linear_to_swizzled_128x4(sf_lin[lo:hi], sub_off)[0], a.global_dec_f32)
+        full, alone = run(a, off_i32), run(sub, sub_off.to(torch.int32))
+        full = full if isinstance(full, tuple) else (full,)
+        alone = alone if isinstance(alone, tuple) else (alone,)
+        for f, s_ in zip(full, alone):
+            assert_bits_equal(s_.cpu(), f[lo:hi].cpu(), label=f"{stage.name} expert {e}'s {hi - lo} rows alone vs among "
+                                                               f"{int(off_i64[-1])} rows")
+        return f"expert {e}'s {hi - lo} rows alone are bit-equal to the same rows among all {int(off_i64[-1])}"
+
+    out = [_fail_or_pass(stage.name, Check.BATCH, batch_check)]
+    a_buf = _clone_act(a)
+    out += _probes(stage, backend, case, lambda: run(a_buf, off_i32), [
+        ("new values (every code negated)", lambda: a_buf.packed_u8.copy_(a.packed_u8 ^ 0x88)),
+        ("new global scales", lambda: a_buf.global_dec_f32.mul_(2.0))])
     return out
 
 
