@@ -1,0 +1,164 @@
+"""Op-level correctness of every backend through the protocol (verify.backend), on synthetic data.
+
+One test per (op, data, shape), parametrised over the backends: the emulator everywhere, sm90 on a
+Hopper, sm100 on a B200 (each skips with its own reason elsewhere). The expected bytes and the
+float64 products come from references/ on the same inputs; weights reach the backend as checkpoint
+tensors (verify.checkpoint.Nvfp4Linear) and go through ITS prepare. Family-specific tests (PTX,
+split-K tickets, decode paths, sanitizer, valid-row masking) stay in test_sm90_* / test_sm100_*.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from references import layouts as ref_layouts
+from references.gemm import gemm_error_bound, grouped_gemm_error_bound, nvfp4_gemm_f64, nvfp4_grouped_gemm_f64
+from references.linear import act_global_dec_f32, nvfp4_global_scale_for
+from references.nvfp4 import quantize_nvfp4, quantize_nvfp4_weight_checkpoint
+from references.recipes import MODELOPT
+from references.stages import Op
+from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
+    assert_within_gemm_bound, describe_e4m3
+from verify.backend import get_backend, registered_backend_names
+from verify.checkpoint import GatedMlp, Nvfp4Linear
+from verify.rng import CounterRng
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+_BACKENDS: dict = {}
+
+
+def _backend(name: str, *ops: Op):
+    """The backend, or a skip with its reason when it cannot run `ops` here."""
+    if name not in _BACKENDS:
+        try:
+            _BACKENDS[name] = get_backend(name, DEVICE if CUDA else None)
+        except ImportError as e:
+            _BACKENDS[name] = e
+    b = _BACKENDS[name]
+    if isinstance(b, ImportError):
+        pytest.skip(f"{name}: {b}")
+    for op in ops:
+        reason = b.unsupported_reason(op, DEVICE)
+        if reason:
+            pytest.skip(f"not served here: {reason}")
+    return b
+
+
+def _data(kind: str, m: int, k: int, seed: int) -> torch.Tensor:
+    g = CounterRng(seed)
+    if kind == "normal":
+        x = g.normal((m, k))
+    elif kind == "heavy_tailed":
+        x = g.normal((m, k)) * g.lognormal((m, k), sigma=2.0)
+    elif kind == "tiny":
+        x = g.normal((m, k)) * 1e-30
+    elif kind == "zero_blocks":
+        x = g.normal((m, k))
+        x.view(m, k // 16, 16)[:, ::3] = 0.0
+        x.view(m, k // 16, 16)[:, 1::5] = -0.0
+    elif kind == "saturating":
+        x = g.normal((m, k)) * 1e4
+    elif kind == "special":
+        x = g.normal((m, k))
+        flat = x.view(-1)
+        flat[::37] = float("nan")
+        flat[5::101] = float("inf")
+        flat[9::103] = float("-inf")
+        x.view(m, k // 16, 16)[0, 0] = float("nan")  # an all-NaN block
+    else:
+        raise ValueError(kind)
+    return x.to(torch.bfloat16).to(DEVICE)
+
+
+KINDS = ["normal", "heavy_tailed", "tiny", "zero_blocks", "saturating", "special"]
+# small shapes everywhere; DeepSeek-V4-Pro sizes only where a GPU runs them
+SHAPES = [(1, 16), (3, 48), (127, 272), (130, 1040)] + ([(1, 7168), (64, 7168), (300, 7168)] if CUDA else [])
+BACKENDS = registered_backend_names()
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("m,k", SHAPES, ids=lambda v: str(v))
+@pytest.mark.parametrize("scale", ["dynamic", "static"])
+def test_quantize_bytes_equal_the_emulator(backend_name, kind, m, k, scale):
+    b = _backend(backend_name, Op.QUANTIZE)
+    x = _data(kind, m, k, seed=m * 7919 + k)
+    d = None if scale == "dynamic" else torch.tensor([0.0123], dtype=torch.float32, device=DEVICE)
+    got = b.quantize(x, input_dec_scale_f32=d)
+    q = quantize_nvfp4(x, recipe=b.recipe, **nvfp4_global_scale_for(x, recipe=b.recipe, input_scale_f32=d))
+    label = f"{b.name} {kind} {m}x{k} {scale}"
+    assert_codes_equal_as_values(got.packed_u8, q.packed_u8, label=f"{label} codes")
+    assert_bytes_equal(got.sf_swizzled_u8, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8),
+                       label=f"{label} swizzled scales (padding included)", describe=describe_e4m3)
+    assert_bits_equal(got.global_dec_f32.reshape(-1).cpu(), act_global_dec_f32(q, d).reshape(-1).cpu(),
+                      label=f"{label} global decode scale")
+
+
+def _linear(n: int, k: int, seed: int, *, experts: int | None = None) -> Nvfp4Linear:
+    """A checkpoint-format NVFP4 linear (ModelOpt recipe, as exported), or a stack of `experts`."""
+    g = CounterRng(seed, device=DEVICE)
+    parts = []
+    for _ in range(experts or 1):
+        w = (g.normal((n, k)) * g.lognormal((n, k), sigma=0.5)).to(torch.bfloat16).float()
+        parts.append(quantize_nvfp4_weight_checkpoint(w, recipe=MODELOPT))
+    t = {key: torch.stack([p[key] for p in parts]) if experts else parts[0][key] for key in parts[0]}
+    inp = torch.full((experts,) if experts else (), 0.01, dtype=torch.float32, device=DEVICE)
+    return Nvfp4Linear("synthetic", t["weight"].view(torch.uint8), t["weight_scale"], t["weight_scale_2"].float(), inp)
+
+
+GEMM_SHAPES = [(1, 16, 16), (5, 200, 48), (33, 130, 1040), (129, 257, 272)]
+GEMM_SHAPES += [(m, n, k) for m in (1, 3, 16, 128) for (n, k) in ((2048, 7168), (7168, 3072))] if CUDA else []
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("m,n,k", GEMM_SHAPES, ids=lambda v: str(v))
+def test_dense_gemm_within_the_accumulation_bound(backend_name, m, n, k):
+    b = _backend(backend_name, Op.PREPARE, Op.QUANTIZE, Op.DENSE_GEMM)
+    lin = _linear(n, k, seed=m + n + k)
+    a = b.quantize(_data("heavy_tailed", m, k, seed=n))
+    y = b.dense_gemm(a, b.prepare_linear(lin))
+    a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
+    alpha = a.global_dec_f32.reshape(()) * lin.weight_scale_2_f32.reshape(())
+    y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
+    assert_within_gemm_bound(y, y64, gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype),
+                             label=f"{b.name} dense gemm {m}x{n}x{k}")
+
+
+# rows per expert; zero-token experts and one hot expert included
+COUNTS = [(3, 0, 130, 1), (0, 0, 257, 0), (1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("scale", ["dynamic", "static"])
+def test_grouped_quantize_and_gemms_through_prepare_experts(backend_name, counts, scale):
+    b = _backend(backend_name, Op.PREPARE, Op.GROUPED_QUANTIZE, Op.GROUPED_GEMM)
+    e, inter, hidden = len(counts), 128, 256
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=DEVICE)
+    rows = _data("heavy_tailed", int(offsets[-1]), hidden, seed=sum(counts))
+    mlp = GatedMlp(_linear(inter, hidden, 1, experts=e), _linear(inter, hidden, 2, experts=e),
+                   _linear(hidden, inter, 3, experts=e))
+    d = None if scale == "dynamic" else torch.linspace(0.005, 0.02, e, dtype=torch.float32, device=DEVICE)
+    a = b.grouped_quantize(rows, offsets.to(torch.int32), input_dec_scale_f32=d)
+    # bytes: references' grouped quantization of the same rows
+    from references import moe as ref_moe
+
+    ref = ref_moe.act_quant(rows, offsets, recipe=b.recipe, act_scale=scale, input_scale_f32=d)
+    sf_ref, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(ref.sf_u8, offsets)
+    assert_codes_equal_as_values(a.packed_u8, ref.packed_u8, label=f"{b.name} grouped codes")
+    assert_bytes_equal(a.sf_swizzled_u8[:sf_ref.shape[0]], sf_ref, label=f"{b.name} grouped scales",
+                       describe=describe_e4m3)
+    assert not a.sf_swizzled_u8[sf_ref.shape[0]:].any(), "rows past the experts' tiles must be zero"
+    # L1 halves and L2 within the grouped bound, on the backend's own quantized rows
+    experts = b.prepare_experts(mlp)
+    gate, up = b.grouped_gemm(a, offsets.to(torch.int32), experts, layer="l1")
+    a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8[:sf_ref.shape[0]], offsets, cols=hidden // 16)
+    for half, lin in (("gate", mlp.w1), ("up", mlp.w3)):
+        y = gate if half == "gate" else up
+        alpha = a.global_dec_f32.reshape(-1) * lin.weight_scale_2_f32.reshape(-1)
+        y64, abs_dot = nvfp4_grouped_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
+                                              offsets, alpha)
+        bound = grouped_gemm_error_bound(abs_dot, y64, alpha, offsets, k=hidden, u_acc=b.u_acc, out_dtype=y.dtype)
+        assert_within_gemm_bound(y, y64, bound, label=f"{b.name} grouped l1 {half} {counts}")
