@@ -191,7 +191,6 @@ def cli_layer(args: argparse.Namespace) -> int:
     verify.checkpoint's classes, which `python -m verify` prints as one line (exit status 2)."""
     from rich.console import Console
     from rich.progress import Progress
-    from rich.table import Table
 
     if args.inputs and not Path(args.inputs).is_file():
         raise UsageError(f"--inputs {args.inputs}: invalid value (no such file)", argument="--inputs")

@@ -25,7 +25,6 @@ A stage the backend does not serve is a verdict with status "not served" and the
 
 from __future__ import annotations
 
-import math
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -37,12 +36,11 @@ from torch import Tensor
 from references import layouts as ref_layouts
 from references import moe as ref_moe
 from references.gemm import (
-    U_FP32, bound_ratio, gamma, gemm_error_bound, grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
+    gamma, gemm_error_bound, grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
     nvfp4_grouped_gemm_f64,
 )
 from references.layer import RunOptions
 from references.router import Routing
-from references.linear import Nvfp4Weight
 from references.codecs import e2m1_codes_to_f32
 from references.nvfp4 import block_scale_bytes, e2m1_codes_with_scale, quantize_nvfp4, unpack_e2m1x2_low_first
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands

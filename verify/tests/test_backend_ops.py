@@ -58,6 +58,11 @@ def _data(kind: str, m: int, k: int, seed: int) -> torch.Tensor:
         x = g.normal((m, k))
         x.view(m, k // 16, 16)[:, ::3] = 0.0
         x.view(m, k // 16, 16)[:, 1::5] = -0.0
+    elif kind == "midpoints":
+        # each block: one element 6 (the block max), the rest on E2M1 midpoints and zeros
+        mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -0.25, -0.75, -1.25, -1.75, -2.5, -3.5, -5.0, 0.0])
+        x = mids[(g.u32((m, k)) % mids.numel())]
+        x.view(m, k // 16, 16)[:, :, 0] = 6.0
     elif kind == "saturating":
         x = g.normal((m, k)) * 1e4
     elif kind == "special":
@@ -72,20 +77,23 @@ def _data(kind: str, m: int, k: int, seed: int) -> torch.Tensor:
     return x.to(torch.bfloat16).to(DEVICE)
 
 
-KINDS = ["normal", "heavy_tailed", "tiny", "zero_blocks", "saturating", "special"]
+KINDS = ["normal", "heavy_tailed", "tiny", "zero_blocks", "midpoints", "saturating", "special"]
 # small shapes everywhere; DeepSeek-V4-Pro sizes only where a GPU runs them
 SHAPES = [(1, 16), (3, 48), (127, 272), (130, 1040)] + ([(1, 7168), (64, 7168), (300, 7168)] if CUDA else [])
+# static decode scales: a plausible input_scale, 1/448 (S = 448: scale bytes near 1 for the midpoints),
+# and one far too large (S = 3e-3: every block scale underflows)
+STATIC = {"static": 0.0123, "static_1/448": 1 / 448, "static_S3e-3": 1 / 3.0e-3}
 BACKENDS = registered_backend_names()
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,k", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("scale", ["dynamic", "static"])
+@pytest.mark.parametrize("scale", ["dynamic", *STATIC])
 def test_quantize_bytes_equal_the_emulator(backend_name, kind, m, k, scale):
     b = _backend(backend_name, Op.QUANTIZE)
     x = _data(kind, m, k, seed=m * 7919 + k)
-    d = None if scale == "dynamic" else torch.tensor([0.0123], dtype=torch.float32, device=DEVICE)
+    d = None if scale == "dynamic" else torch.tensor([STATIC[scale]], dtype=torch.float32, device=DEVICE)
     got = b.quantize(x, input_dec_scale_f32=d)
     q = quantize_nvfp4(x, recipe=b.recipe, **nvfp4_global_scale_for(x, recipe=b.recipe, input_scale_f32=d))
     label = f"{b.name} {kind} {m}x{k} {scale}"
@@ -109,7 +117,12 @@ def _linear(n: int, k: int, seed: int, *, experts: int | None = None) -> Nvfp4Li
 
 
 GEMM_SHAPES = [(1, 16, 16), (5, 200, 48), (33, 130, 1040), (129, 257, 272)]
-GEMM_SHAPES += [(m, n, k) for m in (1, 3, 16, 128) for (n, k) in ((2048, 7168), (7168, 3072))] if CUDA else []
+if CUDA:  # DeepSeek-V4-Pro projections (N, K): wq_a, fused wq_a|wkv, shared w1|w3, w2, wo_b; every GEMM path
+    _PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
+    GEMM_SHAPES += [(m, n, k) for m in (1, 3, 16, 127, 128) for (n, k) in _PROJ]
+    GEMM_SHAPES += [(4096, 2048, 7168), (4096, 7168, 3072), (40, 6144, 7168), (64, 7168, 3072), (70, 129, 2064),
+                    (24, 2048, 7168), (32, 7168, 3072), (20, 1536, 7168), (2, 7168, 3072), (4, 2048, 7168),
+                    (4, 130, 1040), (2, 129, 2064), (3, 200, 48), (4, 7168, 16384)]
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)

@@ -20,7 +20,7 @@ from references import layouts as ref_layouts
 from references import moe as ref_moe
 from references.layer import RunOptions
 from references.linear import Nvfp4Weight
-from references.router import Routing, router_logits_f32, routing_weights_f32, select_experts_topk
+from references.router import router_logits_f32, routing_weights_f32, select_experts_topk
 from references.stages import STAGES
 from verify.backend import FORWARD_OPS, EmulatorBackend, QuantizedAct, RoutingOut, get_backend, registered_backend_names
 from verify.checkpoint import Checkpoint

@@ -55,25 +55,8 @@ def _run_and_bound(m, n, k, seed=0, heavy=False, **launch_kwargs):
     return y, y64, bound
 
 
-# DeepSeek-V4-Pro projections (N, K): wq_a (1536, 7168), fused wq_a|wkv (2048, 7168),
-# shared-expert w1|w3 (6144, 7168) and w2 (7168, 3072), wo_b (7168, 16384)
-PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
-SHAPES = [(m, n, k) for m in (1, 3, 16, 127, 128) for (n, k) in PROJ]
-SHAPES += [(4096, 2048, 7168), (4096, 7168, 3072), (40, 6144, 7168), (64, 7168, 3072)]
-SHAPES += [(5, 200, 48), (33, 130, 1040), (1, 16, 16), (129, 257, 272), (70, 129, 2064)]
-# the wgmma path's token tiles: 17..32 tokens (BT = 32) at N = 2048 and elsewhere
-SHAPES += [(24, 2048, 7168), (32, 7168, 3072), (20, 1536, 7168)]
-# the CUDA-core path (M <= 4): every token count, row and K tails
-SHAPES += [(2, 7168, 3072), (4, 2048, 7168), (4, 130, 1040), (2, 129, 2064), (3, 200, 48), (4, 7168, 16384)]
-
-
-@pytest.mark.parametrize("m,n,k", SHAPES, ids=lambda v: str(v))
-@pytest.mark.gpu
-@pytest.mark.sm90
-def test_sm90_gemm_within_accumulation_bound(m, n, k):
-    y, y64, bound = _run_and_bound(m, n, k, seed=m + n + k)
-    ratio = assert_within_gemm_bound(y, y64, bound, label=f"gemm sm90 {m}x{n}x{k}")
-    print(f"bound ratio {m}x{n}x{k}: {ratio:.4f}")
+# The shape sweep of the bound (every GEMM path at DeepSeek-V4-Pro sizes) runs for every backend in
+# test_backend_ops.py through the protocol; the path-specific checks stay here.
 
 
 @pytest.mark.parametrize("use_asm", [True, False], ids=["prmt_decode", "arith_decode"])

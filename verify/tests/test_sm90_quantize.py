@@ -13,7 +13,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from references.layouts import sf_linear_to_swizzled_128x4
-from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
+from references.nvfp4 import quantize_nvfp4
 from references.recipes import TE
 from verify.assertions import assert_bits_equal, assert_bytes_equal
 
@@ -85,24 +85,8 @@ def _check(x_bf16: torch.Tensor, s_f32: torch.Tensor, label: str) -> None:
     assert_bytes_equal(sf.cpu(), ref_sf, label=f"{label} swizzled scales [sm90 vs emulator:te]")
 
 
-KINDS = ["normal", "heavy_tailed", "tiny", "zero_blocks", "midpoints", "saturating", "special"]
-SHAPES = [(1, 16), (1, 7168), (3, 48), (64, 7168), (127, 272), (130, 1040), (300, 7168)]
-
-
-@pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("m,k", SHAPES, ids=lambda v: str(v))
-@pytest.mark.parametrize("scale_from", ["amax", "fixed_448", "fixed_small"])
-@pytest.mark.gpu
-@pytest.mark.sm90
-def test_sm90_quantize_bytes_match_emulator(kind, m, k, scale_from):
-    x = _make(kind, m, k, seed=m * 7919 + k)
-    if scale_from == "amax":
-        s = te_global_enc_scale(_amax_nan_ignored(x))
-    elif scale_from == "fixed_448":
-        s = torch.tensor(448.0)
-    else:
-        s = torch.tensor(3.0e-3)
-    _check(x, s.float(), f"{kind} {m}x{k} S={float(s):.6g}")
+# The kinds x shapes x scales byte comparison runs for every backend in test_backend_ops.py; the
+# fuzzed search below stays here (it drives the Triton kernel's grid shapes directly).
 
 
 @settings(max_examples=150, deadline=None)
