@@ -167,15 +167,19 @@ def nvfp4_global_scale_for(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor
 
     Static (input_scale_f32 given, a decode scale amax/2688 from the checkpoint): enc
     recipes get S = 1/input_scale (float32 reciprocal), dec recipes D = input_scale.
-    Dynamic (None): amax over all of x; enc recipes S = te_global_enc_scale(amax), dec
-    recipes D = amax/2688.
+    Dynamic (None): amax over all of x, NaN elements by the recipe's NaN rule (te / vllm ignore
+    them, fmaxf semantics, as they do in the block max; modelopt / torchao propagate them); enc
+    recipes S = te_global_enc_scale(amax), dec recipes D = amax/2688.
     """
     if input_scale_f32 is not None:
         d = input_scale_f32.to(torch.float32).reshape(())
         if recipe.global_convention == "enc":
             return {"global_enc_scale_f32": global_enc_scale_from_dec(d)}
         return {"global_dec_scale_f32": d}
-    amax = torch.amax(x.abs()).to(torch.float32) if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+    a = x.abs()
+    if recipe.block_amax_nan == "ignore":
+        a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
+    amax = torch.amax(a).to(torch.float32) if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
     if recipe.global_convention == "enc":
         return {"global_enc_scale_f32": te_global_enc_scale(amax)}
     return {"global_dec_scale_f32": global_dec_scale_from_amax(amax)}

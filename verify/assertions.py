@@ -11,6 +11,8 @@ values, e.g.
 
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -174,7 +176,8 @@ def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label:
     ax = e.abs()
     exp = torch.floor(torch.log2(torch.where(ax > 0, ax, torch.ones_like(ax))))
     p = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[got.dtype]
-    ulp = torch.exp2(torch.clamp(exp - p + 1, min=torch.log2(torch.tensor(info.smallest_normal, dtype=torch.float64)) - p + 1))
+    min_exp = math.log2(info.smallest_normal) - p + 1  # a Python float: works on any device
+    ulp = torch.exp2(torch.clamp(exp - p + 1, min=min_exp))
     err = (got.detach().to(torch.float64) - e).abs()
     both_nan = torch.isnan(got.detach().to(torch.float64)) & torch.isnan(e)
     bad = ~both_nan & ~(err <= ulps * ulp)

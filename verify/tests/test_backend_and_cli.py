@@ -148,3 +148,13 @@ def test_emulator_serves_every_forward_op_and_sm90_names_what_it_lacks():
     sm90 = get_backend("sm90")
     for op in (Op.GROUPED_GEMM, Op.ROUTER, Op.MOE_BLOCK):
         assert "not provided by kernels/sm90" in sm90.unsupported_reason(op, cpu)
+
+
+def test_te_dynamic_global_scale_ignores_nan_like_its_block_max():
+    """Recipe te takes fmaxf semantics for the tensor amax too (the sm90 kernel does): a NaN element
+    does not make the global scale NaN. An all-NaN tensor has amax 0, hence S = 1."""
+    x = torch.tensor([[float("nan")] + [0.5] * 15, [2.0] + [float("nan")] * 15], dtype=torch.bfloat16)
+    a = EmulatorBackend().quantize(x)
+    assert torch.equal(a.global_dec_f32.reshape(()), torch.reciprocal(te_global_enc_scale(torch.tensor(2.0))))
+    all_nan = EmulatorBackend().quantize(torch.full((1, 16), float("nan"), dtype=torch.bfloat16))
+    assert float(all_nan.global_dec_f32) == 1.0
