@@ -198,8 +198,14 @@ def _grouped_bound_check(stage: str, backend: Backend, a: QuantizedAct, offsets_
     """y (one grouped GEMM's output) against the float64 product of the same quantized operands."""
     __tracebackhide__ = True
     y64, bound = _grouped_f64(backend, a, offsets_i64, w, y.dtype)
+    counts = _nan_inf(y, label)
     ratio = assert_within_gemm_bound(y, y64, bound, label=f"{stage} {label}")
-    return f"{label}: max |y - y64| / bound = {ratio:.3g}", {f"bound_ratio_{label}": ratio}
+    return f"{label}: max |y - y64| / bound = {ratio:.3g}", {f"bound_ratio_{label}": ratio, **counts}
+
+
+def _nan_inf(y: Tensor, label: str) -> dict[str, int]:
+    """NaN / Inf counts of a stage output (a NaN also fails the bound; both are reported)."""
+    return {f"nan_count_{label}": int(torch.isnan(y).sum()), f"inf_count_{label}": int(torch.isinf(y).sum())}
 
 
 def _unsupported(backend: Backend, stage: Stage, op: Op, device: torch.device) -> Verdict | None:
@@ -428,6 +434,7 @@ def _dense_bound(backend: Backend, case: LayerCase, stage: Stage, x: Tensor, rol
                 y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
                 alpha = torch.ones((), dtype=torch.float32)
             bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+            metrics.update(_nan_inf(y, part or "y"))
             ratio = assert_within_gemm_bound(y, y64, bound, label=label)
             metrics[f"bound_ratio_{part or 'y'}"] = ratio
             metrics[f"vs_high_{part or 'y'}"] = stage_metrics(y.double(), case.high[label].double())
@@ -876,7 +883,7 @@ def _moe_block_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             x_buf.copy_(case.x_ffn)
             n_buf.fill_(1)
 
-        muts = [("new values (new routing)", new_values),
+        muts = [("new values (a new routing; in dynamic runs new global scales)", new_values),
                 ("every token alike (one hot expert set, zero-token experts)", one_hot_expert)]
         if valid:
             muts.append((f"a token count of 1 (captured at {t})", one_token))
