@@ -1,0 +1,327 @@
+"""`python -m verify selftest`: the suite catches each bug class that has shipped elsewhere, on YOUR backend.
+
+Each injector wraps the chosen backend (any backend: it only transforms what crosses the protocol,
+the checkpoint tensors going into `prepare_*` or the boundary tensors coming out of an op) with one
+bug from NVFP4_FACTS.md section 6, runs every stage's verdicts on the checkpoint's layers (the
+same run_layer as `verify layer`), and checks two things:
+  caught   at least one verdict fails;
+  blamed   every failing verdict belongs to a stage that uses the corrupted op (the stage table's
+           ops), so the report points at the right place.
+A bug whose stages the backend does not serve on this device is "not applicable" (reported).
+Prints a table (bug -> stage/check that caught it -> first line of the message); exit 1 when an
+injected bug passes or is blamed on another stage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from references import layouts as ref_layouts
+from references.layer import RunOptions
+from references.nvfp4 import pack_e2m1x2_low_first, unpack_e2m1x2_low_first
+from references.stages import STAGES, Op, Stage
+from verify.backend import Backend, QuantizedAct, RoutingOut, get_backend
+from verify.checkpoint import Checkpoint, GatedMlp, Nvfp4Linear
+from verify.config import GOLDEN_DIR, positive_int
+from verify.run import run_layer
+
+__all__ = ["INJECTORS", "Injector", "Bugged", "SelftestRow", "selftest", "add_selftest_arguments", "cli_selftest"]
+
+
+# ============================================================================= corrupting checkpoint tensors
+
+
+def _transpose_scales(lin):
+    """The block-scale matrix laid out transposed ([K/16, N] bytes read back as [N, K/16])."""
+    if not isinstance(lin, Nvfp4Linear):
+        return lin
+    sf = lin.weight_scale_e4m3
+    return dataclasses.replace(lin, weight_scale_e4m3=sf.transpose(-1, -2).contiguous().reshape(sf.shape))
+
+
+def _n_major(lin):
+    """An N-major weight passed as K-major: the [N, K] codes stored transposed, read back row-major."""
+    if not isinstance(lin, Nvfp4Linear):
+        return lin
+    codes = unpack_e2m1x2_low_first(lin.weight_u8)
+    n, k = codes.shape[-2:]
+    bad = codes.transpose(-1, -2).contiguous().reshape(codes.shape)
+    return dataclasses.replace(lin, weight_u8=pack_e2m1x2_low_first(bad).reshape(lin.weight_u8.shape))
+
+
+def _global_scale(fn: Callable):
+    def apply(lin):
+        if not isinstance(lin, Nvfp4Linear):
+            return lin
+        return dataclasses.replace(lin, weight_scale_2_f32=fn(lin.weight_scale_2_f32))
+    return apply
+
+
+def _mlp(experts: GatedMlp, fn) -> GatedMlp:
+    return GatedMlp(fn(experts.w1), fn(experts.w3), fn(experts.w2))
+
+
+def _gate_up_halved(experts: GatedMlp) -> GatedMlp:
+    """w1 | w3 interleaved per expert in groups of G/2 rows and split again in groups of G."""
+    w1, w3 = experts.w1, experts.w3
+    if not isinstance(w1, Nvfp4Linear):
+        return experts
+    n = w1.weight_u8.shape[-2]
+    g = max(2, n // 4)
+
+    def split(a, b):
+        out = [ref_layouts.deinterleave_gate_up(ref_layouts.interleave_gate_up(a[e], b[e], granularity=g // 2),
+                                                granularity=g) for e in range(a.shape[0])]
+        return torch.stack([o[0] for o in out]), torch.stack([o[1] for o in out])
+
+    p1, p3 = split(w1.weight_u8, w3.weight_u8)
+    s1, s3 = split(w1.weight_scale_e4m3.view(torch.uint8), w3.weight_scale_e4m3.view(torch.uint8))
+    e4 = w1.weight_scale_e4m3.dtype
+    return GatedMlp(dataclasses.replace(w1, weight_u8=p1, weight_scale_e4m3=s1.view(e4)),
+                    dataclasses.replace(w3, weight_u8=p3, weight_scale_e4m3=s3.view(e4)), experts.w2)
+
+
+def _fill_padding(a: QuantizedAct, offsets_i32: torch.Tensor, byte: int) -> QuantizedAct:
+    off = offsets_i32.to(torch.int64)
+    real, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(
+        torch.ones(int(off[-1]), a.k // 16, dtype=torch.uint8, device=off.device), off)
+    sf = a.sf_swizzled_u8.clone()
+    pad = torch.ones_like(sf, dtype=torch.bool)
+    pad[:real.shape[0]] = real == 0
+    sf[pad] = byte
+    return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
+
+
+# ============================================================================= the wrapper
+
+
+class Bugged:
+    """A backend with one injected bug; every other op is the wrapped backend's, called explicitly."""
+
+    def __init__(self, inner: Backend, bug: str) -> None:
+        self.inner, self.bug = inner, bug
+        self.name = f"{inner.name}+{bug}"
+        self.recipe, self.u_acc = inner.recipe, inner.u_acc
+        self.graph_safe = getattr(inner, "graph_safe", True)
+        self.supports_valid_tokens = getattr(inner, "supports_valid_tokens", False)
+
+    def unsupported_reason(self, op, device):
+        return self.inner.unsupported_reason(op, device)
+
+    # ---- prepare: corrupt the checkpoint tensors on their way in
+    _LINEAR_BUGS = {"untransposed-scale-matrix": _transpose_scales, "n-major-weight-as-k-major": _n_major,
+                    "global-scale-inverted": _global_scale(torch.reciprocal),
+                    "global-scale-dropped": _global_scale(torch.ones_like)}
+
+    def prepare_linear(self, lin):
+        return self.inner.prepare_linear(self._LINEAR_BUGS.get(self.bug, lambda x: x)(lin))
+
+    def prepare_experts(self, experts):
+        if self.bug in self._LINEAR_BUGS:
+            experts = _mlp(experts, self._LINEAR_BUGS[self.bug])
+        if self.bug == "gate-up-interleave-halved":
+            experts = _gate_up_halved(experts)
+        return self.inner.prepare_experts(experts)
+
+    def prepare_router(self, router, spec):
+        if self.bug == "router-ties-to-higher-id" and router.tid2eid_i64 is None:
+            router = dataclasses.replace(router, gate_weight_bf16=router.gate_weight_bf16.flip(0),
+                                         gate_bias_f32=None if router.gate_bias_f32 is None else router.gate_bias_f32.flip(0))
+        return self.inner.prepare_router(router, spec)
+
+    # ---- forward ops
+    def quantize(self, x_bf16, *, input_dec_scale_f32=None):
+        if self.bug == "static-scale-used-as-dynamic":
+            input_dec_scale_f32 = None
+        a = self.inner.quantize(x_bf16, input_dec_scale_f32=input_dec_scale_f32)
+        if self.bug == "swapped-nibbles":
+            a = QuantizedAct((a.packed_u8 >> 4) | ((a.packed_u8 & 0xF) << 4), a.sf_swizzled_u8, a.global_dec_f32)
+        return a
+
+    def grouped_quantize(self, rows_bf16, offsets_i32, *, input_dec_scale_f32=None):
+        a = self.inner.grouped_quantize(rows_bf16, offsets_i32, input_dec_scale_f32=input_dec_scale_f32)
+        if self.bug in ("garbage-in-scale-padding", "nan-in-scale-padding"):
+            a = _fill_padding(a, offsets_i32, 0xFF if self.bug.startswith("garbage") else 0x7F)
+        return a
+
+    def dense_gemm(self, a, w):
+        return self.inner.dense_gemm(a, w)
+
+    def grouped_gemm(self, a, offsets_i32, experts, *, layer):
+        return self.inner.grouped_gemm(a, offsets_i32, experts, layer=layer)
+
+    def swiglu_requant(self, gate, up, offsets_i32, *, swiglu_limit, row_weight_f32=None, input_dec_scale_f32=None):
+        if self.bug == "swiglu-clamp-dropped":
+            swiglu_limit = None
+        return self.inner.swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit, row_weight_f32=row_weight_f32,
+                                         input_dec_scale_f32=input_dec_scale_f32)
+
+    def l1_fused(self, a, offsets_i32, experts, *, swiglu_limit, input_dec_scale_f32=None):
+        if self.bug == "swiglu-clamp-dropped":
+            swiglu_limit = None
+        return self.inner.l1_fused(a, offsets_i32, experts, swiglu_limit=swiglu_limit,
+                                   input_dec_scale_f32=input_dec_scale_f32)
+
+    def router(self, x_bf16, router, *, token_ids_i64=None):
+        r = self.inner.router(x_bf16, router, token_ids_i64=token_ids_i64)
+        if self.bug == "router-ties-to-higher-id" and token_ids_i64 is None:
+            e = getattr(router, "gate_weight_bf16", None)
+            n = e.shape[0] if e is not None else int(r.ids_i64.max()) + 1
+            r = RoutingOut(n - 1 - r.ids_i64, r.weights_f32)
+        return r
+
+    def dispatch(self, ids_i64, num_experts):
+        return self.inner.dispatch(ids_i64, num_experts)
+
+    def combine(self, y_rows_bf16, d, weights_f32):
+        if self.bug == "routing-weight-at-the-wrong-place":
+            weights_f32 = None  # as if applied before w2 although the run declares after
+        return self.inner.combine(y_rows_bf16, d, weights_f32)
+
+    def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+        return self.inner.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+
+    def moe_block(self, x_bf16, router, experts, **kw):
+        return self.inner.moe_block(x_bf16, router, experts, **kw)
+
+
+# ============================================================================= the injectors
+
+
+def _ops(*ops: Op) -> Callable[[Stage], bool]:
+    return lambda s: s.op in ops
+
+
+_WEIGHTS = _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
+
+
+@dataclass(frozen=True)
+class Injector:
+    """bug: name; facts: the NVFP4_FACTS.md section 6 class; blame: stages allowed to fail (the ones
+    using the corrupted op); act: the run configuration it needs (static for scale bugs)."""
+
+    bug: str
+    facts: str
+    blame: Callable[[Stage], bool]
+    act: str = "static"
+
+
+INJECTORS: tuple[Injector, ...] = (
+    Injector("swapped-nibbles", "nibble order (element 2i in the low nibble)", _ops(Op.DENSE_LINEAR)),
+    Injector("untransposed-scale-matrix", "scale matrix layout", _WEIGHTS),
+    Injector("n-major-weight-as-k-major", "K vs N major / packing", _WEIGHTS),
+    Injector("global-scale-inverted", "global-scale direction (encode vs decode)", _WEIGHTS),
+    Injector("global-scale-dropped", "weight_scale_2 dropped from alpha", _WEIGHTS),
+    Injector("static-scale-used-as-dynamic", "static input_scale vs dynamic amax", _ops(Op.DENSE_LINEAR)),
+    Injector("gate-up-interleave-halved", "gate/up interleave granularity", _ops(Op.GROUPED_GEMM, Op.L1_FUSED)),
+    Injector("garbage-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE)),
+    Injector("nan-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE)),
+    Injector("swiglu-clamp-dropped", "SwiGLU clamp (swiglu_limit)", _ops(Op.SWIGLU_REQUANT, Op.L1_FUSED)),
+    Injector("routing-weight-at-the-wrong-place", "routing weight before vs after w2", _ops(Op.COMBINE)),
+    Injector("router-ties-to-higher-id", "router tie rule", _ops(Op.ROUTER)),
+)
+
+
+@dataclass
+class SelftestRow:
+    bug: str
+    facts: str
+    status: str          # caught / MISSED / MISBLAMED / not applicable
+    caught_by: list[str]
+    misblamed: list[str]
+    message: str
+
+
+def _tied(layer):
+    """Two experts with identical gate rows and biases: exact ties decide some tokens' k-th slot."""
+    r = layer.router
+    if r is None or r.tid2eid_i64 is not None or r.gate_bias_f32 is None:
+        return layer
+    g, b = r.gate_weight_bf16.clone(), r.gate_bias_f32.clone()
+    e = g.shape[0] // 2
+    g[e + 1], b[e + 1] = g[e], b[e]
+    return dataclasses.replace(layer, router=dataclasses.replace(r, gate_weight_bf16=g, gate_bias_f32=b))
+
+
+def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: int, device: str,
+             injectors: tuple[Injector, ...] = INJECTORS, progress=None) -> list[SelftestRow]:
+    from verify.layer_report import layer_inputs  # noqa: PLC0415 (layer_report imports the CLI machinery)
+
+    loaded = {i: ckpt.load_layer(i, device=device) for i in layers}
+    rows = []
+    for inj in injectors:
+        bugged = Bugged(backend, inj.bug)
+        failed, served = [], False
+        for i, layer in loaded.items():
+            if inj.bug == "router-ties-to-higher-id":
+                layer = _tied(layer)
+            inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=11, device=device)
+            run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged)
+            served |= any(v.status in ("pass", "fail") and inj.blame(_stage(v.stage)) for v in run.verdicts)
+            failed += [(i, v) for v in run.failed]
+        caught = sorted({f"{v.stage} {v.check}" for _, v in failed if inj.blame(_stage(v.stage))})
+        wrong = sorted({f"layer{i} {v.stage} {v.check}" for i, v in failed if not inj.blame(_stage(v.stage))})
+        status = "MISBLAMED" if wrong else "caught" if caught else "MISSED" if served else "not applicable"
+        first = next((v.message for _, v in failed), "" if served else
+                     f"{backend.name} serves none of the stages this bug corrupts here")
+        rows.append(SelftestRow(inj.bug, inj.facts, status, caught, wrong, first.splitlines()[0] if first else ""))
+        if progress is not None:
+            progress()
+    return rows
+
+
+def _stage(name: str) -> Stage:
+    return next(s for s in STAGES if s.name == name)
+
+
+# ============================================================================= CLI
+
+
+def add_selftest_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=("auto", "emulator", "sm90", "sm100"),
+                   help="Backend to wrap with the bug injectors. Default: %(default)r.")
+    p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
+                   help="Checkpoint whose layers the injected runs verify. Default: the committed mini-v4 fixture.")
+    p.add_argument("--layers", default=None, help="Layers, e.g. '0,3'. Default: every layer the checkpoint holds.")
+    p.add_argument("--tokens", type=positive_int, default=32, help="Tokens per layer. Default: %(default)r.")
+    p.add_argument("--device", default="auto", help="Where to run: auto (cuda when present, else cpu), cpu, cuda. "
+                                                     "Default: %(default)r.")
+
+
+def cli_selftest(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from verify.layer_report import backend_for_verdicts, display_path, select_layers  # noqa: PLC0415
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    backend = backend_for_verdicts(args.backend, device)
+    ckpt = Checkpoint.open(args.checkpoint)
+    layers, line = select_layers(ckpt, args.layers, label=display_path(args.checkpoint))
+    console = Console() if Console().is_terminal else Console(width=160)
+    console.print(f"{line}; backend {backend.name} on {device}")
+    t0 = time.perf_counter()
+    with Progress(console=console, transient=True) as bar:
+        task = bar.add_task("injected bugs", total=len(INJECTORS))
+        rows = selftest(ckpt, backend, list(layers), tokens=args.tokens, device=str(device),
+                        progress=lambda: bar.advance(task))
+    table = Table(title=f"selftest: {backend.name}, {len(INJECTORS)} injected bugs ({time.perf_counter() - t0:.1f} s)")
+    for col in ("bug", "class (NVFP4_FACTS 6)", "verdict", "caught by (stage check)", "first line of the verdict"):
+        table.add_column(col, overflow="fold")
+    style = {"caught": "[green]caught[/]", "MISSED": "[bold red]MISSED[/]", "MISBLAMED": "[bold red]MISBLAMED[/]",
+             "not applicable": "[yellow]not applicable[/]"}
+    for r in rows:
+        table.add_row(r.bug, r.facts, style[r.status], ", ".join(r.caught_by + [f"WRONG: {w}" for w in r.misblamed]),
+                      r.message[:140])
+    console.print(table)
+    bad = [r for r in rows if r.status in ("MISSED", "MISBLAMED")]
+    console.print(f"[{'bold red' if bad else 'bold green'}]{len(bad)} of {len(rows)} injected bugs missed or "
+                  f"misblamed[/]")
+    return 1 if bad else 0
