@@ -81,29 +81,46 @@ def _close(metric: str, golden: float, got: float) -> bool:
     return abs(got - golden) <= abs_tol + rel_tol * abs(golden)
 
 
+def _relative_change(golden, got) -> float:
+    """|got - golden| / |golden| (inf for a change from 0, from a missing value or to/from NaN)."""
+    try:
+        g, n = float(golden), float(got)
+    except (TypeError, ValueError):
+        return math.inf
+    if math.isnan(g) or math.isnan(n):
+        return 0.0 if math.isnan(g) and math.isnan(n) else math.inf
+    if g == n:
+        return 0.0
+    return abs(n - g) / abs(g) if g else math.inf
+
+
 def compare_golden(golden: dict, got: dict) -> list[str]:
-    """Human-readable differences between two golden documents' runs (empty: equal)."""
-    diffs = []
+    """Human-readable differences between two golden documents' runs (empty: equal). Missing runs and
+    stages come first, then metric changes with the LARGEST relative change first (a stage that moved
+    by a factor 2 is the first line, not the hundredth after 8th-digit drifts), then byte digests."""
+    missing, metrics, digests = [], [], []
     g_runs, n_runs = golden.get("runs", {}), got.get("runs", {})
     for run_id in sorted(set(g_runs) | set(n_runs)):
         if run_id not in n_runs or run_id not in g_runs:
-            diffs.append(f"{run_id}: {'missing from this run' if run_id not in n_runs else 'not in the golden file'}")
+            missing.append(f"{run_id}: {'missing from this run' if run_id not in n_runs else 'not in the golden file'}")
             continue
         g, n = g_runs[run_id], n_runs[run_id]
         for stage in sorted(set(g["metrics"]) | set(n["metrics"])):
             gm, nm = g["metrics"].get(stage), n["metrics"].get(stage)
             if gm is None or nm is None:
-                diffs.append(f"{run_id} {stage}: {'missing from this run' if nm is None else 'not in the golden file'}")
+                missing.append(f"{run_id} {stage}: {'missing from this run' if nm is None else 'not in the golden file'}")
                 continue
             for metric in sorted(set(gm) | set(nm)):
                 if not _close(metric, gm.get(metric), nm.get(metric)):
-                    diffs.append(f"{run_id} {stage} {metric}: golden {gm.get(metric)!r}, got {nm.get(metric)!r} "
-                                 f"(tolerance abs, rel = {METRIC_TOLERANCES.get(metric, (0.0, 0.0))})")
+                    rel = _relative_change(gm.get(metric), nm.get(metric))
+                    metrics.append((rel, f"{run_id} {stage} {metric}: golden {gm.get(metric)!r}, got {nm.get(metric)!r} "
+                                         f"(relative change {rel:.3g}; tolerance abs, rel = "
+                                         f"{METRIC_TOLERANCES.get(metric, (0.0, 0.0))})"))
         for name in sorted(set(g["digests"]) | set(n["digests"])):
             if g["digests"].get(name) != n["digests"].get(name):
-                diffs.append(f"{run_id} {name}: bytes differ (sha256 golden {str(g['digests'].get(name))[:16]}..., "
-                             f"got {str(n['digests'].get(name))[:16]}...)")
-    return diffs
+                digests.append(f"{run_id} {name}: bytes differ (sha256 golden {str(g['digests'].get(name))[:16]}..., "
+                               f"got {str(n['digests'].get(name))[:16]}...)")
+    return missing + [m for _, m in sorted(metrics, key=lambda t: -t[0])] + digests
 
 
 def load_golden(path: Path) -> dict:

@@ -62,3 +62,16 @@ def test_one_run_is_checked_and_updated_without_touching_the_others(tmp_path):
     assert after["layer1/a"]["metrics"]["moe.l1.gate"]["sqnr_db"] == 30.0
     problems = check_or_update_golden_run(path, "layer2/a", changed, update=False)
     assert "created" in problems[0] and "layer2/a" in load_golden(path)["runs"]
+
+
+def test_golden_diff_lists_the_largest_relative_change_first():
+    from verify.golden import compare_golden
+
+    golden = {"runs": {"r": {"metrics": {"a": {"sqnr_db": 20.0}, "b": {"sqnr_db": 30.0}, "c": {"cosine": 0.99}},
+                             "digests": {"x": "00"}}}}
+    got = {"runs": {"r": {"metrics": {"a": {"sqnr_db": 20.001}, "b": {"sqnr_db": 15.0}, "c": {"cosine": 0.98}},
+                          "digests": {"x": "11"}}}}
+    diffs = compare_golden(golden, got)
+    assert diffs[0].startswith("r b sqnr_db: golden 30.0, got 15.0 (relative change 0.5"), diffs
+    assert any(d.startswith("r a sqnr_db") for d in diffs[1:]), diffs  # the 8th-digit drift comes later
+    assert diffs[-1].startswith("r x: bytes differ"), diffs
