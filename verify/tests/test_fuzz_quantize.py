@@ -343,6 +343,52 @@ def test_quantize_bytes_match_independent_rederivation(recipe, c):
     _record_coverage(rederive(c.x, recipe, c.g(recipe)))
 
 
+# E4M3 block-scale rounding midpoints: every adjacent pair of positive E4M3 values (subnormal and
+# normal), exactly representable in float32. Near them the recipes' float32 associations
+# (te v*(S*(1/6)), vllm S*(v*(1/6)), modelopt v/(6*D), torchao (v/6)/D) round to different bytes.
+_E4M3_POS = np.arange(1, 0x7F, dtype=np.uint8).view(ml_dtypes.float8_e4m3fn).astype(np.float64)  # ascending
+E4M3_MIDPOINTS = (_E4M3_POS[:-1] + _E4M3_POS[1:]) / 2
+_GLOBAL_FACTORS = (1.0, 2688.0 / 7.0, 2688.0 / 0.37, 1.0 / 3.0, 0.6180339887)
+
+
+@st.composite
+def e4m3_midpoint_cases(draw) -> QuantCase:
+    """Blocks whose block amax v puts v * S / 6 within a few float32 ulps of an E4M3 rounding
+    midpoint, at several global scales (powers of two and amax-derived ones); D = fl(1 / S), so the
+    dec recipes' v / (6 D) lands there too. The other 15 elements are random within [-v, v]."""
+    k = draw(st.integers(-12, 12))
+    g_enc = float(F32(2.0**k * draw(st.sampled_from(_GLOBAL_FACTORS))))
+    g_dec = float(F32(1.0) / F32(g_enc))
+    rows, nblk = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    seed = draw(_SEED)
+    rng = np.random.default_rng(seed)
+    x = np.empty((rows, nblk * 16), dtype=np.float32)
+    for b in range(rows * nblk):
+        m = float(draw(st.sampled_from(E4M3_MIDPOINTS)))
+        v = F32(m * 6.0 / g_enc)
+        for _ in range(abs(draw(st.integers(-4, 4)))):
+            v = np.nextafter(v, F32(np.inf) if rng.random() < 0.5 else F32(0))
+        blk = (rng.uniform(-1.0, 1.0, 16) * float(v)).astype(np.float32)
+        blk[draw(_POS)] = v if rng.random() < 0.5 else -v
+        r, c = divmod(b, nblk)
+        x[r, c * 16:(c + 1) * 16] = blk
+    return QuantCase(x=x, g_enc=g_enc, g_dec=g_dec)
+
+
+@pytest.mark.fuzz
+@pytest.mark.parametrize("recipe", RECIPE_PARAMS)
+@given(c=e4m3_midpoint_cases())
+def test_block_scale_near_e4m3_midpoints_matches_rederivation(recipe, c):
+    """Each recipe's own float32 association of the block scale, where it matters: near an E4M3
+    rounding midpoint a re-associated product rounds to the neighbouring byte."""
+    check_matches_rederivation(emulate, recipe, c)
+    ref = rederive(c.x, recipe, c.g(recipe))
+    s = np.abs(ref.s_pre.astype(np.float64))
+    near = np.abs(s[..., None] - E4M3_MIDPOINTS) <= 4 * U * np.maximum(s[..., None], 2.0**-9)
+    if near.any():
+        event("block scale within 4 ulps of an E4M3 midpoint")
+
+
 def _record_coverage(ref: Rederived) -> None:
     """Hypothesis events (shown by --hypothesis-show-statistics): proof the search reaches the
     regions that matter: exact E2M1 ties, the half-step table's wrong intervals, every class of
