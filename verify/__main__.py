@@ -46,6 +46,8 @@ COMMANDS = {
               "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
     "model": ("verify.layer_report", "add_model_arguments", "cli_model",
               "every layer the checkpoint holds (the layer command over them, with a progress bar)"),
+    "accumulator": ("verify.accumulator", "add_accumulator_arguments", "cli_accumulator",
+                    "measure each GEMM path's accumulator bits and rounding; exit 1 if the declared u_acc is looser"),
     "selftest": ("verify.selftest", "add_selftest_arguments", "cli_selftest",
                  "inject one known bug class at a time into a backend; every one must fail its own stage"),
 }

@@ -11,7 +11,7 @@ A bug is none of these: it keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "one_line"]
+__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "BackendRefusedError", "one_line"]
 
 
 class CliError(Exception):
@@ -37,6 +37,11 @@ class LayerRangeError(UsageError):
 class DeviceUnavailableError(CliError):
     """--device names a device this machine lacks, or --backend cannot run here (the message
     carries the backend's own unsupported_reason)."""
+
+
+class BackendRefusedError(CliError):
+    """--backend declares a looser accumulator (u_acc) than verify.accumulator measures on it: its
+    bound verdicts would pass bugs, so the harness refuses to judge with it."""
 
 
 def one_line(exc: BaseException, command: str | None) -> str:

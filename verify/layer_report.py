@@ -22,7 +22,7 @@ from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.backend import FORWARD_OPS, get_backend
 from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
-from verify.errors import DeviceUnavailableError, LayerRangeError, UsageError
+from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError, UsageError
 from verify.golden import environment
 from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_safetensors, inputs_from_token_ids
 from verify.run import LayerRun, run_layer, verdict_counts
@@ -136,6 +136,12 @@ def backend_for_verdicts(name: str, device: torch.device):
             if device.type != "cuda" and torch.cuda.is_available() else ""
         raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reasons[0]}{hint})",
                                      argument="--backend")
+    from verify.accumulator import AccumulatorRefused, check_declared_u_acc, probe_accumulator  # noqa: PLC0415
+
+    try:
+        check_declared_u_acc(backend, probe_accumulator(backend, device))
+    except AccumulatorRefused as e:
+        raise BackendRefusedError(f"--backend {name}: refused ({e})", argument="--backend") from None
     return backend
 
 

@@ -28,6 +28,7 @@ from verify.config import GOLDEN_DIR
 from verify.layer_report import held_layers, layer_inputs
 from verify.run import run_layer
 from verify.stage_verdicts import LayerCase, applicable_stages
+from verify.accumulator import check_declared_u_acc, probe_accumulator
 
 ACT = ("dynamic", "static")
 TOKENS = 48
@@ -79,6 +80,8 @@ def _backend_here(name: str):
             b = get_backend(name, device if device.type == "cuda" else None)
             reasons = [b.unsupported_reason(op, device) for op in FORWARD_OPS]
             _BACKENDS[name] = (b, str(device), reasons[0] if all(reasons) else None)
+            if not all(reasons):  # a looser declared u_acc than measured fails here, loudly
+                check_declared_u_acc(b, probe_accumulator(b, device))
         except ImportError as e:
             _BACKENDS[name] = (None, str(device), f"{name}: {e}")
     b, device, reason = _BACKENDS[name]

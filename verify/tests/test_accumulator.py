@@ -1,0 +1,70 @@
+"""The measured accumulator (verify.accumulator): the probe tells an exact, an fp32-nearest and an
+fp32-truncating accumulator apart, and a backend declaring a looser u_acc than measured is refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from references import layouts as ref_layouts
+from references.nvfp4 import decode_nvfp4_block_scaled
+from verify.accumulator import GAPS, PROBE_PATHS, AccumulatorRefused, check_declared_u_acc, probe_accumulator
+from verify.backend import EmulatorBackend
+
+
+def _truncate(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """float64 -> `bits`-bit mantissa, rounded toward zero."""
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.trunc(m * 2.0**bits) / 2.0**bits, e)
+
+
+class SequentialAccumulator(EmulatorBackend):
+    """The emulator's operands, accumulated one product at a time in a p-bit register."""
+
+    def __init__(self, bits: int, rounding: str, declared: float) -> None:
+        super().__init__()
+        self.bits, self.rounding, self.u_acc = bits, rounding, declared
+        self.name = f"sequential-{bits}-{rounding}"
+
+    def dense_gemm(self, a, w):
+        m = a.packed_u8.shape[0]
+        a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=a.k // 16)
+        x = decode_nvfp4_block_scaled(a.packed_u8, a_sf, dtype=torch.float64)
+        b = decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64)
+        acc = torch.zeros(m, b.shape[0], dtype=torch.float64)
+        for k in range(x.shape[1]):
+            s = acc + x[:, k:k + 1] * b[:, k][None, :]
+            acc = s.float().double() if self.rounding == "nearest" else _truncate(s, self.bits)
+        return acc.to(torch.bfloat16)
+
+
+def test_the_emulator_is_exact_at_every_probed_gap_and_declares_so():
+    b = EmulatorBackend()
+    readings = probe_accumulator(b, "cpu")
+    assert [r.path for r in readings] == list(PROBE_PATHS)
+    assert all(r.exact_up_to and r.effective_bits == GAPS[-1] + 1 for r in readings), readings
+    check_declared_u_acc(b, readings)  # 2^-53 is not looser than 2^-39
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "truncation"])
+def test_an_fp32_accumulator_measures_24_bits_and_its_rounding(rounding):
+    b = SequentialAccumulator(24, rounding, declared=2.0**-24)
+    (r,) = probe_accumulator(b, "cpu", paths={"M=1": 1})
+    assert (r.effective_bits, r.rounding, r.exact_up_to) == (24, rounding, False), r
+    check_declared_u_acc(b, [r])
+
+
+def test_a_backend_declaring_a_looser_u_acc_than_measured_is_refused():
+    b = SequentialAccumulator(24, "nearest", declared=2.0**-16)  # claims a bf16-ish accumulator
+    readings = probe_accumulator(b, "cpu", paths={"M=1": 1})
+    with pytest.raises(AccumulatorRefused, match=r"declares u_acc = 2\^-16 but its M=1 accumulator keeps 24 bits"):
+        check_declared_u_acc(b, readings)
+
+
+def test_the_cli_refuses_such_a_backend_with_one_line(monkeypatch):
+    import verify.layer_report as lr
+    from verify.errors import BackendRefusedError
+
+    monkeypatch.setattr(lr, "get_backend", lambda name, device=None: SequentialAccumulator(24, "nearest", 2.0**-16))
+    with pytest.raises(BackendRefusedError, match=r"--backend emulator: refused \(sequential-24-nearest: declares"):
+        lr.backend_for_verdicts("emulator", torch.device("cpu"))
