@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from references.codecs import f32_to_e4m3_bytes
+from references.gemm import U_FP32
 from references.nvfp4 import pack_e2m1x2_low_first
 from references.stages import Op
 from verify.backend import Backend, QuantizedAct
@@ -150,10 +151,12 @@ def probe_accumulator(backend: Backend, device: torch.device | str,
 
 
 def check_declared_u_acc(backend: Backend, readings: list[AccumulatorReading]) -> None:
-    """Refuse (AccumulatorRefused) a backend whose declared u_acc is looser than any path's measured
-    unit roundoff: its bound would be wider than its arithmetic needs, and a loose bound passes bugs."""
+    """Refuse (AccumulatorRefused) a backend whose declared u_acc is looser than a path's measured unit
+    roundoff and than fp32's 2^-24: its bound would be wider than its arithmetic needs, and a loose bound
+    passes bugs. Declaring fp32 is always allowed (a path that sums a tile's products exactly before
+    adding them measures MORE bits than 24, and fp32's gamma(K) still bounds it rigorously)."""
     for r in readings:
-        if backend.u_acc > r.u_measured * (1 + 1e-12):
+        if backend.u_acc > max(r.u_measured, U_FP32) * (1 + 1e-12):
             raise AccumulatorRefused(
                 f"{backend.name}: declares u_acc = 2^{_log2(backend.u_acc):.0f} but its {r.path} accumulator keeps "
                 f"{r.effective_bits}{'+' if r.exact_up_to else ''} bits (u = 2^-{r.effective_bits}); a declaration "

@@ -68,3 +68,14 @@ def test_the_cli_refuses_such_a_backend_with_one_line(monkeypatch):
     monkeypatch.setattr(lr, "get_backend", lambda name, device=None: SequentialAccumulator(24, "nearest", 2.0**-16))
     with pytest.raises(BackendRefusedError, match=r"--backend emulator: refused \(sequential-24-nearest: declares"):
         lr.backend_for_verdicts("emulator", torch.device("cpu"))
+
+
+def test_declaring_fp32_is_allowed_when_a_path_keeps_more_bits():
+    """A tile that sums products exactly before adding measures more than 24 bits; an fp32 declaration
+    still bounds it rigorously and is not refused (the emulator measures 39+ bits)."""
+    readings = probe_accumulator(EmulatorBackend(), "cpu", paths={"M=1": 1})
+    b = SequentialAccumulator(24, "nearest", declared=2.0**-24)
+    check_declared_u_acc(b, readings)
+    b.u_acc = 2.0**-23
+    with pytest.raises(AccumulatorRefused):
+        check_declared_u_acc(b, readings)
