@@ -35,6 +35,7 @@ from references import layouts as ref_layouts
 from references import moe as ref_moe
 from references.layer import MoeSpec
 from references.linear import Nvfp4Weight, Weight, linear as ref_linear
+from references.codecs import round_f64_to
 from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
@@ -203,7 +204,7 @@ class EmulatorBackend:
         x = decode_nvfp4_block_scaled(a.packed_u8, sf, dtype=torch.float64)
         b = decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64)
         alpha = a.global_dec_f32.to(torch.float32).reshape(()) * w.global_dec_f32.to(torch.float32).reshape(())
-        return ((x @ b.T) * alpha.double()).to(torch.bfloat16)
+        return round_f64_to((x @ b.T) * alpha.double(), torch.bfloat16)  # one rounding (torch's cast rounds twice)
 
     def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: ref_moe.ExpertStack, *,
                      layer: str) -> Tensor | tuple[Tensor, Tensor]:

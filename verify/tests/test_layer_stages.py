@@ -348,3 +348,12 @@ def test_planted_host_sync_fails_only_the_sync_and_graph_checks(ckpt):
     failed = {(v.stage, v.check) for v in run.failed}
     assert failed == expected, "\n".join(f"{v.stage} {v.check}: {v.message[:200]}" for v in run.failed)
     assert all("synchronizes with the host" in run.verdict(s, "sync").message for s in dense)
+
+
+def test_the_readme_main_command_passes_on_the_fixture(capsys):
+    """`python -m verify layer --backend auto` (the README's main job) on a CPU: every emulator verdict
+    passes. It once failed on attn.wo_b: the emulator's GEMM cast float64 -> bf16 with torch's double
+    rounding (through float32), caught once the emulator declared its true accumulator (2^-53)."""
+    from verify.__main__ import main
+
+    assert main(["layer", "--backend", "auto", "--device", "cpu"]) == 0, capsys.readouterr().out[-3000:]
