@@ -57,6 +57,7 @@ class Check(enum.Enum):
     EXACT = "exact"            # integer outputs identical (dispatch)
     INTERVAL = "interval"      # fused stage: each code from some value the upstream bound allows
     BATCH = "batch"            # a token's bits do not depend on the other tokens or on M
+    PADDING = "padding"        # the GEMM never reads scale padding: 0xFF / 0x7F there change no output bit
     SYNC = "sync"              # no host synchronization in the stage
     GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
 
@@ -99,9 +100,9 @@ class Stage:
 _B, _R, _Q = (Check.BOUND,), (Check.ROUNDING,), (Check.BYTES,)
 _V4 = ("deepseek_v4",)
 # a dense linear: its activation quantization's bytes, the GEMM's bound, batch invariance, graph safety
-_GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.SYNC, Check.GRAPH)
+_GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
 _PROBES = (Check.SYNC, Check.GRAPH)  # on CUDA: host-sync probe and CUDA-graph replay of the stage's op
-_GROUPED = (Check.BOUND, Check.BATCH, *_PROBES)
+_GROUPED = (Check.BOUND, Check.BATCH, Check.PADDING, *_PROBES)
 
 
 def _linear(name: str, input_: str, role: str, *, schemas=_V4) -> Stage:

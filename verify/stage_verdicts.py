@@ -388,6 +388,14 @@ def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdic
     batch_scale = scale if scale is not None or not nvfp4 else _batch_static_scale(x)
     verdicts.append(_batch_check(stage.name, lambda xx: backend.dense_linear(xx, prepared[0],
                                                                              input_dec_scale_f32=batch_scale), x))
+    if nvfp4:
+        a = backend.quantize(x, input_dec_scale_f32=scale)
+        m, k = x.shape
+        real = ref_layouts.sf_linear_to_swizzled_128x4(torch.ones(m, k // 16, dtype=torch.uint8, device=x.device))
+        verdicts.append(_padding_check(stage, lambda act: backend.dense_gemm(act, prepared[0]), a, real == 0))
+    else:
+        verdicts.append(Verdict(stage.name, Check.PADDING.value, "skipped",
+                                f"padding: {lins[0].module} is {lins[0].format}; no NVFP4 scale padding"))
     verdicts += _dense_cuda_probes(backend, case, stage, x, prepared[0], scale)
     return verdicts
 
@@ -684,6 +692,29 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
     return out
 
 
+def _padding_check(stage: Stage, run: Callable[[QuantizedAct], object], a: QuantizedAct, pad: Tensor) -> Verdict:
+    """Kernels never read scale padding (DESIGN "Non-negotiables"): the activations' swizzled scale
+    padding filled with 0xFF, then 0x7F (E4M3 NaN), must leave every output bit unchanged."""
+    def check() -> str:
+        __tracebackhide__ = True
+        n_pad = int(pad.sum())
+        if n_pad == 0:
+            return "no padding in this shape (rows a multiple of 128, K/16 of 4): nothing to read"
+        clean = _bits(run(a))
+        for byte in (0xFF, 0x7F):
+            sf = a.sf_swizzled_u8.clone()
+            sf[pad] = byte
+            dirty = _bits(run(QuantizedAct(a.packed_u8, sf, a.global_dec_f32)))
+            bad = torch.nonzero(dirty != clean)
+            if bad.numel():
+                raise AssertionError(f"0x{byte:02X} in the {n_pad} padding bytes of the scale buffer changed "
+                                     f"{bad.shape[0]} output bytes (first at byte {int(bad[0, 0])}): the kernel "
+                                     "reads scale padding")
+        return f"0xFF and 0x7F in the {n_pad} padding bytes change no output bit"
+
+    return _fail_or_pass(stage.name, Check.PADDING, check)
+
+
 def _clone_act(a: QuantizedAct) -> QuantizedAct:
     return QuantizedAct(a.packed_u8.clone(), a.sf_swizzled_u8.clone(), a.global_dec_f32.clone())
 
@@ -716,6 +747,11 @@ def _grouped_gemm_extras(stage: Stage, backend: Backend, case: LayerCase, expert
         return f"expert {e}'s {hi - lo} rows alone are bit-equal to the same rows among all {int(off_i64[-1])}"
 
     out = [_fail_or_pass(stage.name, Check.BATCH, batch_check)]
+    real, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(
+        torch.ones(int(off_i64[-1]), a.k // 16, dtype=torch.uint8, device=off_i64.device), off_i64)
+    pad = torch.ones_like(a.sf_swizzled_u8, dtype=torch.bool)
+    pad[:real.shape[0]] = real == 0
+    out.append(_padding_check(stage, lambda act: run(act, off_i32), a, pad))
     a_buf = _clone_act(a)
     out += _probes(stage, backend, case, lambda: run(a_buf, off_i32), [
         ("new values (every code negated)", lambda: a_buf.packed_u8.copy_(a.packed_u8 ^ 0x88)),

@@ -194,16 +194,26 @@ class Planted(EmulatorBackend):
         return a
 
     # ---- GEMMs
+    def _reads_padding(self, a, y):
+        """A kernel that folds a tile-wide max of the scale buffer (padding included) into its output."""
+        if self.bug != "reads-scale-padding":
+            return y
+        from references.codecs import e4m3_bytes_to_f32
+
+        tile_max = e4m3_bytes_to_f32(a.sf_swizzled_u8).amax()  # NaN once 0x7F / 0xFF sit in the padding
+        fix = lambda t: (t.float() + 0.0 * tile_max).to(t.dtype)  # noqa: E731
+        return tuple(fix(t) for t in y) if isinstance(y, tuple) else fix(y)
+
     def dense_gemm(self, a, w):
         if self.bug == "alpha-global-scale-inverted":
             w = dataclasses.replace(w, global_dec_f32=torch.reciprocal(w.global_dec_f32))
-        return super().dense_gemm(a, w)
+        return self._reads_padding(a, super().dense_gemm(a, w))
 
     def grouped_gemm(self, a, offsets_i32, experts, *, layer):
         if self.bug == "alpha-global-scale-inverted":
             inv = lambda w: dataclasses.replace(w, global_dec_f32=torch.reciprocal(w.global_dec_f32))  # noqa: E731
             experts = ref_moe.ExpertStack(inv(experts.w1), inv(experts.w3), inv(experts.w2))
-        return super().grouped_gemm(a, offsets_i32, experts, layer=layer)
+        return self._reads_padding(a, super().grouped_gemm(a, offsets_i32, experts, layer=layer))
 
     def swiglu_requant(self, gate, up, offsets_i32, *, swiglu_limit, row_weight_f32=None, input_dec_scale_f32=None):
         if self.bug == "swiglu-clamp-dropped":
@@ -259,6 +269,8 @@ PLANTED = {
     # the emulator's fused L1 uses the same SwiGLU: both stages must see the dropped clamp
     "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding"), ("moe.l1_fused", "interval")}),
     "routing-weight-before-w2-declared-after": (0, {("moe.combine", "bound")}),
+    "reads-scale-padding": (0, {(s, "padding") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b", "shared.l1",
+                                                         "shared.l2", "moe.l1", "moe.l2")}),
     "router-ties-to-higher-id": ("tied", {("router", "ids")}),  # weights are judged where the ids agree
     "sqrt-dropped-from-sqrtsoftplus": (3, {("router", "ids"), ("router", "weights")}),
 }
