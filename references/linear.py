@@ -30,6 +30,7 @@ from references.codecs import (
 )
 from references.nvfp4 import (
     Nvfp4Quantized,
+    amax_by_recipe,
     decode_nvfp4_block_scaled,
     global_dec_scale_from_amax,
     global_enc_scale_from_dec,
@@ -176,10 +177,8 @@ def nvfp4_global_scale_for(x: Tensor, *, recipe: Recipe, input_scale_f32: Tensor
         if recipe.global_convention == "enc":
             return {"global_enc_scale_f32": global_enc_scale_from_dec(d)}
         return {"global_dec_scale_f32": d}
-    a = x.abs()
-    if recipe.block_amax_nan == "ignore":
-        a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
-    amax = torch.amax(a).to(torch.float32) if x.numel() else torch.zeros((), dtype=torch.float32, device=x.device)
+    amax = amax_by_recipe(x, recipe).to(torch.float32) if x.numel() else \
+        torch.zeros((), dtype=torch.float32, device=x.device)
     if recipe.global_convention == "enc":
         return {"global_enc_scale_f32": te_global_enc_scale(amax)}
     return {"global_dec_scale_f32": global_dec_scale_from_amax(amax)}

@@ -36,6 +36,7 @@ __all__ = [
     "global_enc_scale_from_dec",
     "quantize_nvfp4",
     "dequantize_nvfp4",
+    "amax_by_recipe",
     "block_scale_bytes",
     "e2m1_codes_with_scale",
     "decode_nvfp4_block_scaled",
@@ -148,11 +149,14 @@ def _check_global(recipe: Recipe, enc: Tensor | None, dec: Tensor | None) -> Ten
     return g.reshape(())
 
 
-def _block_amax(xb_f32: Tensor, nan_rule: str) -> Tensor:
-    a = xb_f32.abs()
-    if nan_rule == "ignore":
+def amax_by_recipe(x: Tensor, recipe: Recipe, *, dim: int | None = None) -> Tensor:
+    """max |x| (over `dim`, or all of x) under the recipe's NaN rule: "ignore" (te, vllm: fmaxf, a NaN
+    element does not raise the max) or "propagate" (modelopt, torchao). The block max and the dynamic
+    tensor max use this one rule."""
+    a = x.abs()
+    if recipe.block_amax_nan == "ignore":
         a = torch.where(torch.isnan(a), torch.zeros((), dtype=a.dtype, device=a.device), a)
-    return torch.amax(a, dim=-1)
+    return torch.amax(a) if dim is None else torch.amax(a, dim=dim)
 
 
 def _block_scale_f32(v_f32: Tensor, g_f32: Tensor, recipe: Recipe) -> Tensor:
@@ -209,7 +213,7 @@ def quantize_nvfp4(
         raise ValueError(f"x: last dim (K) must be a multiple of {BLOCK}, got shape {tuple(x.shape)}")
     g = _check_global(recipe, global_enc_scale_f32, global_dec_scale_f32).to(x.device)
     xb = x.to(torch.float32).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
-    v = _block_amax(xb, recipe.block_amax_nan)
+    v = amax_by_recipe(xb, recipe, dim=-1)
     sf_u8 = f32_to_e4m3_bytes(_block_scale_f32(v, g, recipe), saturate=True)
     y = _scaled_for_grid(xb, e4m3_bytes_to_f32(sf_u8), g, recipe)
     # the codec saturates at +-6, which is the recipes' clamp to [-6, 6]

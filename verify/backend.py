@@ -41,6 +41,7 @@ from references.recipes import Recipe, recipe_by_name
 from references.router import route
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
+from verify.reference_layer import to_reference_weight
 
 __all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "EmulatorBackend", "get_backend",
            "registered_backend_names", "FORWARD_OPS",
@@ -123,13 +124,6 @@ class Backend(Protocol):
 
 
 # ============================================================================= emulator
-
-
-def to_reference_weight(lin: Linear) -> Weight:
-    """A loader linear (bytes as stored) -> the references' weight record (the same bytes)."""
-    from verify.reference_layer import to_reference_weight as convert  # noqa: PLC0415 (one conversion)
-
-    return convert(lin)
 
 
 @dataclass(frozen=True)

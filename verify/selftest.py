@@ -26,7 +26,7 @@ from references import layouts as ref_layouts
 from references.layer import RunOptions
 from references.nvfp4 import pack_e2m1x2_low_first, unpack_e2m1x2_low_first
 from references.stages import STAGES, Op, Stage
-from verify.backend import Backend, QuantizedAct, RoutingOut, get_backend
+from verify.backend import Backend, QuantizedAct, RoutingOut
 from verify.checkpoint import Checkpoint, GatedMlp, Nvfp4Linear
 from verify.config import GOLDEN_DIR, positive_int
 from verify.run import run_layer
@@ -148,6 +148,10 @@ class Bugged:
 
     def grouped_quantize(self, rows_bf16, offsets_i32, *, input_dec_scale_f32=None):
         a = self.inner.grouped_quantize(rows_bf16, offsets_i32, input_dec_scale_f32=input_dec_scale_f32)
+        return self._padding(a, offsets_i32)
+
+    def _padding(self, a: QuantizedAct, offsets_i32) -> QuantizedAct:
+        """The padding bugs: a grouped quantizer (act_quant or requant) writing 0xFF / 0x7F into padding."""
         if self.bug in ("garbage-in-scale-padding", "nan-in-scale-padding"):
             a = _fill_padding(a, offsets_i32, 0xFF if self.bug.startswith("garbage") else 0x7F)
         return a
@@ -170,8 +174,9 @@ class Bugged:
     def swiglu_requant(self, gate, up, offsets_i32, *, swiglu_limit, row_weight_f32=None, input_dec_scale_f32=None):
         if self.bug == "swiglu-clamp-dropped":
             swiglu_limit = None
-        return self.inner.swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit, row_weight_f32=row_weight_f32,
-                                         input_dec_scale_f32=input_dec_scale_f32)
+        h, a = self.inner.swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit,
+                                         row_weight_f32=row_weight_f32, input_dec_scale_f32=input_dec_scale_f32)
+        return h, self._padding(a, offsets_i32)
 
     def l1_fused(self, a, offsets_i32, experts, *, swiglu_limit, input_dec_scale_f32=None):
         if self.bug == "swiglu-clamp-dropped":
@@ -236,8 +241,8 @@ INJECTORS: tuple[Injector, ...] = (
     Injector("global-scale-dropped", "weight_scale_2 dropped from alpha", _WEIGHTS),
     Injector("static-scale-used-as-dynamic", "static input_scale vs dynamic amax", _ops(Op.DENSE_LINEAR)),
     Injector("gate-up-interleave-halved", "gate/up interleave granularity", _ops(Op.GROUPED_GEMM, Op.L1_FUSED)),
-    Injector("garbage-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE)),
-    Injector("nan-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE)),
+    Injector("garbage-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE, Op.SWIGLU_REQUANT)),
+    Injector("nan-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE, Op.SWIGLU_REQUANT)),
     Injector("swiglu-clamp-dropped", "SwiGLU clamp (swiglu_limit)", _ops(Op.SWIGLU_REQUANT, Op.L1_FUSED)),
     Injector("routing-weight-at-the-wrong-place", "routing weight before vs after w2", _ops(Op.COMBINE)),
     Injector("router-ties-to-higher-id", "router tie rule", _ops(Op.ROUTER)),

@@ -410,8 +410,9 @@ def _dense_bytes(backend: Backend, stage: Stage, x: Tensor, scale: Tensor | None
                            act_global_dec_f32(q, scale).reshape(1))
         return _check_quantized(stage.name, got, exp)
 
-    if backend.unsupported_reason(Op.QUANTIZE, x.device):
-        return Verdict(stage.name, Check.BYTES.value, "not served", backend.unsupported_reason(Op.QUANTIZE, x.device))
+    reason = backend.unsupported_reason(Op.QUANTIZE, x.device)
+    if reason:
+        return Verdict(stage.name, Check.BYTES.value, "not served", reason)
     return _fail_or_pass(stage.name, Check.BYTES, bytes_check)
 
 
@@ -688,7 +689,7 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         out += _probes(MOE_COMBINE, backend, case, lambda: backend.combine(y_buf, disp, w_buf), [
             ("new values", lambda: y_buf.mul_(-0.5)), ("new routing weights", new_weights)])
     # ---- the whole block as one call
-    out += _moe_block_verdicts(backend, case)
+    out += _moe_block_verdicts(backend, case, experts)
     return out
 
 
@@ -854,13 +855,14 @@ def _f32_up(x64: Tensor) -> Tensor:
     return torch.where(f.double() < x64, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
 
 
-def _moe_block_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
+def _moe_block_verdicts(backend: Backend, case: LayerCase, experts=None) -> list[Verdict]:
+    """experts: the stack the stage verdicts already prepared (prepared once per layer), or None."""
     v = _unsupported(backend, MOE_BLOCK, Op.MOE_BLOCK, case.device)
     if v:
         return _expand(v, MOE_BLOCK)
     lw, spec = case.layer, case.moe_spec
     router = backend.prepare_router(lw.router, spec)
-    experts = backend.prepare_experts(lw.experts)
+    experts = experts if experts is not None else backend.prepare_experts(lw.experts)
     hashed = lw.router.tid2eid_i64 is not None
     kw = dict(swiglu_limit=spec.swiglu_limit, weight_placement=case.options.weight_placement,
               act_scale=case.options.act_scale)
