@@ -20,6 +20,7 @@ from torch import Tensor
 
 from references.codecs import (
     E4M3_MAX,
+    round_f64_to,
     e2m1_codes_to_f32,
     e4m3_bytes_to_f32,
     f32_to_e2m1_codes,
@@ -36,6 +37,9 @@ __all__ = [
     "global_enc_scale_from_dec",
     "quantize_nvfp4",
     "dequantize_nvfp4",
+    "DEQUANT_ORDERS",
+    "block_scale_f32",
+    "e2m1_grid_values",
     "amax_by_recipe",
     "block_scale_bytes",
     "e2m1_codes_with_scale",
@@ -235,6 +239,21 @@ def block_scale_bytes(block_amax_f32: Tensor, *, recipe: Recipe, global_scale_f3
     return f32_to_e4m3_bytes(_block_scale_f32(block_amax_f32.to(torch.float32), g, recipe), saturate=True)
 
 
+def block_scale_f32(block_amax_f32: Tensor, *, recipe: Recipe, global_scale_f32: Tensor) -> Tensor:
+    """The float32 block scale the recipe forms before its E4M3 rounding (association and clamps per
+    recipe): where a value lies between two E4M3 bytes, e.g. exactly on a midpoint (a tie)."""
+    g = global_scale_f32.to(torch.float32).reshape(())
+    return _block_scale_f32(block_amax_f32.to(torch.float32), g, recipe)
+
+
+def e2m1_grid_values(xb_f32: Tensor, sf_u8: Tensor, *, recipe: Recipe, global_scale_f32: Tensor) -> Tensor:
+    """Blocks xb_f32 [..., 16] mapped onto the E2M1 grid under the block-scale bytes sf_u8 [...] (the
+    recipe's encode rule), before clamping and rounding: an element whose value is 0.25, 0.75, ... 5 is
+    an E2M1 tie."""
+    g = global_scale_f32.to(torch.float32).reshape(())
+    return _scaled_for_grid(xb_f32.to(torch.float32), e4m3_bytes_to_f32(sf_u8), g, recipe)
+
+
 def e2m1_codes_with_scale(xb_f32: Tensor, sf_u8: Tensor, *, recipe: Recipe, global_scale_f32: Tensor) -> Tensor:
     """E2M1 codes of blocks xb_f32 [..., 16] under GIVEN block-scale bytes sf_u8 [...] (the recipe's
     encode rule and sign rule): what a quantizer that chose those scale bytes writes for x."""
@@ -258,13 +277,63 @@ def decode_nvfp4_block_scaled(packed_u8: Tensor, sf_u8: Tensor, *, dtype: torch.
     return out.reshape(*packed_u8.shape[:-1], k).to(dtype)
 
 
-def dequantize_nvfp4(q: Nvfp4Quantized, *, dtype: torch.dtype = torch.float32) -> Tensor:
-    """NVFP4 -> values: (e2m1 * block scale) * global decode scale, in float32, then `dtype`.
+DEQUANT_ORDERS = ("exact", "torchao", "modelopt", "vllm")
 
-    One float32 rounding (the global multiply); the decode multiplier is D or 1/S.
+
+def _order_name(order) -> str:
+    name = getattr(order, "name", order)
+    if name not in DEQUANT_ORDERS:
+        raise ValueError(f"order={name!r}: expected one of {DEQUANT_ORDERS} (or a Recipe of those names); recipe "
+                         "'te' documents no dequantize of its own: use 'exact'")
+    return name
+
+
+def dequantize_nvfp4(q: Nvfp4Quantized, *, dtype: torch.dtype = torch.float32, order="exact") -> Tensor:
+    """NVFP4 -> values in `dtype`, in one of four documented float orders (c = E2M1 code value,
+    s = decoded E4M3 block scale, D = the float32 decode scale, S = the float32 encode scale):
+
+      exact     round_dtype(c * s * D): ONE rounding of the exact product into `dtype`, D being the decode
+                multiplier the suite's GEMMs fold into alpha (q.global_dec_scale(): D as given, or the
+                float32 1/S of enc recipes); what the verdicts use (no library's order is privileged).
+      torchao   round_dtype(fl32(c * fl32(D * s))): NVFP4Tensor.dequantize with get_hp_scales in
+                torchao/prototype/mx_formats/nvfp4_tensor.py, torchao 0.18 (per_tensor_scale *
+                scale_e4m3.to(torch.float) first, then data_f32 * that, then .to(output_dtype)).
+      modelopt  round_dtype(fl32(c * fl32(s * D))): NVFP4QTensor.dequantize (fast=False) in
+                modelopt/torch/quantization/qtensor/nvfp4_tensor.py (per_block_scale = scale.float() *
+                double_scale, then values * per_block_scale, then .to(dtype)).
+      vllm      round_dtype(fl32(c * fl32(s / S))): dequantize_nvfp4_to_dtype in vLLM's
+                tests/kernels/quantization/nvfp4_utils.py (tensor_sf.float() / global_scale with the
+                ENCODE scale, then codes * that, then .to(dtype)).
+
+    The library orders round twice (the scale product, then the code product; then the cast), so they
+    differ from `exact` by an ulp on some elements (test_dequant_libraries); torchao and modelopt form
+    the same float32 product (D * s = s * D), vllm divides by S instead.
+    torchao and modelopt take D; vllm takes S: a tensor holding the other direction is refused with a
+    ValueError (converting silently would be a third order). `order` may be a Recipe (its name).
+    Each step is computed as an exact float64 product (or a float64 quotient, whose double rounding
+    to float32 / bf16 is innocuous: 53 >= 2 * 24 + 2) rounded once to float32 with round_f64_to.
     """
-    g = q.global_dec_scale().to(q.packed_u8.device)
-    return (decode_nvfp4_block_scaled(q.packed_u8, q.sf_u8) * g).to(dtype)
+    name = _order_name(order)
+    codes = e2m1_codes_to_f32(unpack_e2m1x2_low_first(q.packed_u8)).double()
+    c = codes.reshape(*q.sf_u8.shape, BLOCK)
+    s = e4m3_bytes_to_f32(q.sf_u8.view(torch.uint8) if q.sf_u8.dtype != torch.uint8 else q.sf_u8).double()[..., None]
+    enc = q.global_enc_scale_f32
+    dec = q.global_dec_scale_f32
+    shape = q.packed_u8.shape[:-1] + (q.k,)
+    if name == "exact":  # c * s * D is exact in float64 (3 + 4 + 24 significant bits)
+        return round_f64_to((c * s) * q.global_dec_scale().double(), dtype).reshape(shape)
+    if name in ("torchao", "modelopt"):
+        if dec is None:
+            raise ValueError(f"q: order={name!r} multiplies by the DECODE scale (amax/2688), but q holds an encode "
+                             "scale (recipe te/vllm); dequantize it with order='exact' or 'vllm'")
+        scale = round_f64_to(s * dec.double(), torch.float32).double()
+    else:  # vllm
+        if enc is None:
+            raise ValueError("q: order='vllm' divides by the ENCODE scale (2688/amax), but q holds a decode scale "
+                             "(recipe modelopt/torchao); dequantize it with order='exact', 'torchao' or 'modelopt'")
+        scale = round_f64_to(s / enc.double(), torch.float32).double()
+    out_f32 = round_f64_to(c * scale, torch.float32)
+    return round_f64_to(out_f32.double(), dtype).reshape(shape)
 
 
 def quantize_nvfp4_weight_checkpoint(w: Tensor, *, recipe: Recipe, amax_f32: Tensor | None = None) -> dict[str, Tensor]:
