@@ -1,0 +1,243 @@
+"""Grouped (MoE) NVFP4 GEMM on Hopper (Triton), with the L1 variants: gate/up halves, and the fused
+clamped SwiGLU + NVFP4 requantization epilogue.
+
+API (A2's MoE block calls these; shapes are static, everything else is read on the device):
+
+  prepare_experts(w_u8 [E, N, K/2] u8, w_scale_e4m3 [E, N, K/16] (linear), w_scale_2_f32 [E] | [E, 1])
+      -> Sm90GroupedWeight                                         (host, once per layer; L2)
+  prepare_gate_up(w1_u8, w1_scale_e4m3, w1_scale_2_f32, w3_u8, w3_scale_e4m3, w3_scale_2_f32)
+      -> Sm90GroupedWeight (gate_up)                               (host, once per layer; L1)
+  grouped_gemm(a_packed_u8 [Rcap, K/2], a_sf_u8 [Rs, Cp], a_dec_f32 [E] | [1], offsets_i32 [E+1], w, *, out=None)
+      -> bf16 [Rcap, N]
+  grouped_gemm_l1(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13) -> (gate, up) float32 [Rcap, I] each
+  grouped_l1_swiglu_requant(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, *, swiglu_limit,
+                            h_input_dec_scale_f32 [E] | [1])
+      -> (h_packed_u8 [Rcap, I/2], h_sf_u8 [grouped_sf_rows(Rcap, E), round_up(I/16, 4)], h_dec_f32 [E])
+  grouped_sf_rows(rcap, num_experts) -> the row count of a grouped scale buffer that holds any routing
+      of rcap rows over num_experts experts (what grouped_l1_swiglu_requant allocates).
+
+Semantics: rows off[e] .. off[e+1] of A belong to expert e (offsets int32 on the device, non-decreasing,
+off[0] = 0, off[E] <= Rcap; zero-token experts are legal): y[r] = a_dec[e] * w_dec[e] * sum_k a[r, k]
+w_e[:, k], alpha a float32 product, fp32 accumulation, one rounding to the output dtype. Rows >= off[E]
+(capacity rows) get zeros. a_sf_u8 is the grouped 128x4-swizzled scale buffer: expert e's scale rows
+start at row sum_{j<e} ceil(cnt_j/128)*128 of [Rs, round_up(K/16, 4)] (Rs a multiple of 128 and at least
+that total); padding is never read. K need only be a multiple of 16 (the last 128-wide K tile is masked).
+
+The L1 halves are float32 (the accumulator times alpha, rounded once to float32, as the reference's l1
+emulation holds them). The fused epilogue computes per element, in float32: u = clamp(up, -L, L), g =
+min(gate, L) (L = swiglu_limit; None or 0: no clamp), h = g / (1 + exp(-g)) * u, rounds h to bf16 (the
+stage-boundary dtype of the unfused path), then quantizes it with recipe te and the static global scale
+S_e = 1 / h_input_dec_scale_f32[e] (float32 division; the w2 input_scale): block max over 16 columns
+(NaN ignored), s = e4m3(min(v * (S * f32(1/6)), FLT_MAX)), enc = min(1 / (f32(s) * (1/S)), FLT_MAX),
+codes e2m1_rne(h * enc). h_dec_f32 is the input scale itself ([E], expanded from [1]), the decode
+multiplier L2's alpha uses. h_sf_u8 comes from torch.zeros: padding and extra rows are zero.
+
+No host sync, no .item(), no CPU->GPU copy: a call is CUDA-graph capturable once its key has been
+compiled (make one eager call first); the grid depends only on Rcap, E, N (see CompileKey) and a
+device-side tile schedule maps programs to (expert, row tile) (_grouped_gemm_nvfp4_jit). Deterministic
+(no atomics). With TRITON_INTERPRET=1 the kernels run on CPU tensors (use_asm=False: portable decode).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.sm90._consts import BLOCK, FLT_MAX, ONE_SIXTH_F32
+from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, prepare_experts, prepare_gate_up
+
+__all__ = ["CompileKey", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
+           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows"]
+
+EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT = 0, 1, 2
+
+
+def grouped_sf_rows(rcap: int, num_experts: int) -> int:
+    """Rows of a grouped 128x4 scale buffer that fits any routing of rcap rows over num_experts experts:
+    sum_e ceil(cnt_e/128) <= rcap/128 + (experts with rows) <= ceil(rcap/128) + min(E, rcap)."""
+    return 128 * (-(-rcap // 128) + min(num_experts, rcap))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything codegen reads: epilogue, tile (BN weight rows x BT tokens x 128 K), warps, stages,
+    decode path, the expert-count padding E_P and whether the SwiGLU clamps."""
+
+    epi: int
+    block_n: int
+    block_t: int
+    num_warps: int
+    num_stages: int
+    e_pad: int
+    use_asm: bool = True
+    clamp: bool = False
+
+    @staticmethod
+    def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
+                  clamp: bool = False) -> "CompileKey":
+        # Token tile from the mean rows per expert (swap AB: BT tokens are the MMA's narrow side): decode
+        # sizes (<= 16 rows per expert) read every active expert's weights once with 16-token tiles.
+        mean = rcap / max(num_experts, 1)
+        bt = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 64 else 128
+        warps = 4 if bt <= 32 else 8
+        stages = 4 if bt <= 32 else 3
+        e_pad = max(16, 1 << (num_experts - 1).bit_length())
+        return CompileKey(epi=epi, block_n=128, block_t=bt, num_warps=warps, num_stages=stages, e_pad=e_pad,
+                          use_asm=use_asm, clamp=clamp)
+
+    def grid(self, rcap: int, num_experts: int, n: int) -> int:
+        """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
+        R/BT + (experts with rows), zero tiles ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1."""
+        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
+        return tiles * -(-n // self.block_n)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(key: CompileKey):
+    """The launcher for `key` (Triton compiles on the first launch: warm up before graph capture)."""
+    import triton
+
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_gemm_nvfp4_kernel
+
+    def run(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2, hsf, hdec,
+            limit: float) -> None:
+        rcap = a_packed_u8.shape[0]
+        e, n = w.num_experts, w.n
+        grid = (key.grid(rcap, e, n),)
+        if grid[0] == 0:
+            return
+        grouped_gemm_nvfp4_kernel[grid](
+            w.packed_u8, w.sf_swizzled_u8.view(torch.int32), a_packed_u8, a_sf_u8.view(torch.int32),
+            a_dec_f32, w.dec_scale_f32, offsets_i32, out, out2, hsf, hdec,
+            e, n, w.k // 2, w.sf_swizzled_u8.shape[2] // 4, rcap, w.sf_swizzled_u8.shape[1],
+            0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
+            hsf.shape[1] if hsf.dim() == 2 else 4,
+            K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, BLOCK_K=128, E_P=key.e_pad, USE_ASM=key.use_asm,
+            CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
+            num_warps=key.num_warps, num_stages=key.num_stages)
+
+    return run
+
+
+def _check(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor, w: Sm90GroupedWeight,
+           *, gate_up: bool) -> None:
+    if not isinstance(w, Sm90GroupedWeight):
+        raise ValueError(f"w: expected an Sm90GroupedWeight (prepare_experts / prepare_gate_up), got {type(w).__name__}")
+    if w.gate_up != gate_up:
+        raise ValueError("w: " + ("the L1 ops need the interleaved gate/up stack of prepare_gate_up" if gate_up
+                                  else "grouped_gemm takes a plain stack (prepare_experts), got a gate/up stack"))
+    if not isinstance(a_packed_u8, Tensor) or a_packed_u8.dtype != torch.uint8 or a_packed_u8.dim() != 2:
+        raise ValueError(f"a_packed_u8: expected a 2-d torch.uint8 tensor [Rcap, K/2], got "
+                         f"{getattr(a_packed_u8, 'dtype', type(a_packed_u8))} {tuple(getattr(a_packed_u8, 'shape', ()))}")
+    k = 2 * a_packed_u8.shape[1]
+    if k != w.k:
+        raise ValueError(f"a_packed_u8: K = {k} does not match the experts' K = {w.k}")
+    if k % BLOCK:
+        raise ValueError(f"a_packed_u8: K = {k} must be a multiple of {BLOCK}")
+    if not a_packed_u8.is_contiguous():
+        raise ValueError(f"a_packed_u8: must be contiguous (K-major), got strides {a_packed_u8.stride()}")
+    if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
+        a_sf_u8 = a_sf_u8.view(torch.uint8)
+    cp = -(-(k // BLOCK) // 4) * 4
+    if (not isinstance(a_sf_u8, Tensor) or a_sf_u8.dtype != torch.uint8 or a_sf_u8.dim() != 2
+            or a_sf_u8.shape[1] != cp or a_sf_u8.shape[0] % 128 or not a_sf_u8.is_contiguous()):
+        raise ValueError(f"a_sf_u8: expected a contiguous grouped 128x4-swizzled uint8 buffer [Rs, {cp}] (Rs a "
+                         f"multiple of 128) for K = {k}, got {getattr(a_sf_u8, 'dtype', type(a_sf_u8))} "
+                         f"{tuple(getattr(a_sf_u8, 'shape', ()))}")
+    e = w.num_experts
+    if (not isinstance(offsets_i32, Tensor) or offsets_i32.dtype != torch.int32 or offsets_i32.numel() != e + 1
+            or not offsets_i32.is_contiguous()):
+        raise ValueError(f"offsets_i32: expected a contiguous torch.int32 tensor of E+1 = {e + 1} offsets, got "
+                         f"{getattr(offsets_i32, 'dtype', type(offsets_i32))} {tuple(getattr(offsets_i32, 'shape', ()))}")
+    if (not isinstance(a_dec_f32, Tensor) or a_dec_f32.dtype != torch.float32 or a_dec_f32.numel() not in (1, e)
+            or not a_dec_f32.is_contiguous()):
+        raise ValueError(f"a_dec_f32: expected float32 [{e}] or [1] (activation global decode scale per expert), "
+                         f"got {getattr(a_dec_f32, 'dtype', type(a_dec_f32))} {tuple(getattr(a_dec_f32, 'shape', ()))}")
+    dev = w.packed_u8.device
+    for name, t in (("a_packed_u8", a_packed_u8), ("a_sf_u8", a_sf_u8), ("a_dec_f32", a_dec_f32),
+                    ("offsets_i32", offsets_i32)):
+        if t.device != dev:
+            raise ValueError(f"{name}: on {t.device}, the experts on {dev}")
+    if dev.type != "cuda" and not _interpreting():
+        raise ValueError(f"a_packed_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {dev}")
+
+
+def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | None, clamp: bool = False,
+         key: CompileKey | None = None) -> CompileKey:
+    if key is not None:
+        return key
+    asm = (not _interpreting()) if use_asm is None else use_asm
+    return CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm, clamp=clamp)
+
+
+def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
+                 w: Sm90GroupedWeight, *, out: Tensor | None = None, use_asm: bool | None = None,
+                 key: CompileKey | None = None) -> Tensor:
+    """bf16 [Rcap, N]: expert e's rows times alpha_e * W_e^T; capacity rows zero (see the module docstring)."""
+    _check(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w, gate_up=False)
+    rcap = a_packed_u8.shape[0]
+    if out is None:
+        out = torch.empty((rcap, w.n), dtype=torch.bfloat16, device=a_packed_u8.device)
+    elif (not isinstance(out, Tensor) or out.dtype != torch.bfloat16 or tuple(out.shape) != (rcap, w.n)
+          or not out.is_contiguous() or out.device != a_packed_u8.device):
+        raise ValueError(f"out: expected a contiguous bfloat16 [{rcap}, {w.n}] on {a_packed_u8.device}, got "
+                         f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
+    if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
+        a_sf_u8 = a_sf_u8.view(torch.uint8)
+    _compile(_key(EPI_PLAIN, a_packed_u8, w, use_asm, key=key))(
+        a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w, out, out, out, a_dec_f32, 0.0)
+    return out
+
+
+def grouped_gemm_l1(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
+                    w13: Sm90GroupedWeight, *, use_asm: bool | None = None,
+                    key: CompileKey | None = None) -> tuple[Tensor, Tensor]:
+    """(gate, up) float32 [Rcap, I] each from the interleaved gate/up stack (alpha per half)."""
+    _check(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, gate_up=True)
+    rcap, i = a_packed_u8.shape[0], w13.n // 2
+    gate = torch.empty((rcap, i), dtype=torch.float32, device=a_packed_u8.device)
+    up = torch.empty((rcap, i), dtype=torch.float32, device=a_packed_u8.device)
+    if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
+        a_sf_u8 = a_sf_u8.view(torch.uint8)
+    _compile(_key(EPI_GATE_UP, a_packed_u8, w13, use_asm, key=key))(
+        a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, gate, up, gate, a_dec_f32, 0.0)
+    return gate, up
+
+
+def grouped_l1_swiglu_requant(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
+                              w13: Sm90GroupedWeight, *, swiglu_limit: float | None, h_input_dec_scale_f32: Tensor,
+                              use_asm: bool | None = None,
+                              key: CompileKey | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """L1 + clamped SwiGLU + NVFP4 (te, static S = 1/h_input_dec_scale) in one kernel ->
+    (h_packed_u8 [Rcap, I/2], h_sf_u8 grouped swizzled [grouped_sf_rows(Rcap, E), Cp], h_dec_f32 [E])."""
+    _check(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, gate_up=True)
+    e = w13.num_experts
+    s = h_input_dec_scale_f32
+    if (not isinstance(s, Tensor) or s.dtype != torch.float32 or s.numel() not in (1, e) or not s.is_contiguous()
+            or s.device != a_packed_u8.device):
+        raise ValueError(f"h_input_dec_scale_f32: expected a contiguous float32 [{e}] or [1] on {a_packed_u8.device} "
+                         f"(the w2 input_scale: a static decode scale), got {getattr(s, 'dtype', type(s))} "
+                         f"{tuple(getattr(s, 'shape', ()))}")
+    if swiglu_limit is not None and not (float(swiglu_limit) >= 0.0):
+        raise ValueError(f"swiglu_limit: expected None or a float >= 0, got {swiglu_limit!r}")
+    rcap, i = a_packed_u8.shape[0], w13.n // 2
+    if i % BLOCK:
+        raise ValueError(f"w13: the intermediate size I = {i} must be a multiple of {BLOCK} to requantize h")
+    dev = a_packed_u8.device
+    h_packed = torch.empty((rcap, i // 2), dtype=torch.uint8, device=dev)
+    h_sf = torch.zeros((grouped_sf_rows(rcap, e), -(-(i // BLOCK) // 4) * 4), dtype=torch.uint8, device=dev)
+    h_dec = s.reshape(-1).expand(e).clone() if s.numel() == 1 else s.reshape(-1).clone()
+    limit = float(swiglu_limit or 0.0)
+    if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
+        a_sf_u8 = a_sf_u8.view(torch.uint8)
+    _compile(_key(EPI_SWIGLU_REQUANT, a_packed_u8, w13, use_asm, clamp=limit > 0.0, key=key))(
+        a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, h_packed, h_packed, h_sf, s, limit)
+    return h_packed, h_sf, h_dec
