@@ -83,7 +83,7 @@ def _split_gate_up(acc, BN: tl.constexpr, BT: tl.constexpr):
     return tl.split(a)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
 def grouped_gemm_nvfp4_kernel(
     w_ptr, wsf_ptr, x_ptr, xsf_ptr, adec_ptr, wdec_ptr, off_ptr,
     out_ptr, out2_ptr, hsf_ptr, hdec_ptr,

@@ -58,8 +58,9 @@ EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT = 0, 1, 2
 
 def grouped_sf_rows(rcap: int, num_experts: int) -> int:
     """Rows of a grouped 128x4 scale buffer that fits any routing of rcap rows over num_experts experts:
-    sum_e ceil(cnt_e/128) <= rcap/128 + (experts with rows) <= ceil(rcap/128) + min(E, rcap)."""
-    return 128 * (-(-rcap // 128) + min(num_experts, rcap))
+    each expert with rows pads at most 127, at most min(E, rcap) experts have rows, and the total is a
+    multiple of 128 (the same count as kernels.sm90.quantize_grouped.sf_capacity_rows)."""
+    return (rcap + 127 * min(num_experts, rcap) + 127) // 128 * 128
 
 
 def _interpreting() -> bool:

@@ -1,0 +1,197 @@
+"""Benchmark of the sm90 grouped NVFP4 GEMMs at DeepSeek-V4-Pro MoE sizes (marker `bench`: run with -m bench).
+
+384 experts, top-6, hidden 7168, intermediate 3072; uniform random routing (each token's 6 distinct experts
+drawn uniformly), T in {1, 16, 256, 4096, 32768} tokens, R = 6T expert rows. Measured in one process:
+- ours: L1 (fused SwiGLU + te requant epilogue) + L2 (grouped_gemm on the L1's h); the unfused L1 (gate/up
+  float32) + the unfused SwiGLU + requant kernel (kernels.sm90.swiglu_requant, when present) + L2; each GEMM
+  alone;
+- torch bf16 on the same routing: torch._grouped_mm for L1 (w1|w3, [E, 7168, 6144]) and L2 ([E, 3072, 7168]),
+  silu(gate) * up between them;
+- copy bandwidth (torch copy_ of 1 GiB, read + write) in the same run.
+Timing: each op captured several times into one CUDA graph, replayed, CUDA events, median per call. GB/s
+counts the weight bytes of the active experts (NVFP4: packed + E4M3 scales; bf16: 2 bytes per element);
+TFLOP/s counts 2 * R * (7168 * 6144 + 3072 * 7168). Printed, and written to sm90_moe_bench.json under
+NVFP4V_REPORT_DIR when set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
+
+E, TOPK, H, I = 384, 6, 7168, 3072
+TOKENS = (1, 16, 256, 4096, 32768)
+
+
+def _time(fn, calls: int = 3, reps: int = 7) -> float:
+    """Seconds per call (fn captured `calls` times in one graph, median over replays)."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(reps):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        g.replay()
+        e.record()
+        e.synchronize()
+        ts.append(s.elapsed_time(e) / 1e3 / calls)
+    del g
+    return statistics.median(ts)
+
+
+def _copy_bw() -> float:
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(20):
+        dst.copy_(src)
+    t = _time(lambda: dst.copy_(src), calls=5)
+    return 2 * src.numel() / t
+
+
+def test_moe_grouped_gemm_bench():
+    from kernels.sm90 import grouped_gemm_nvfp4 as gg
+
+    try:
+        from kernels.sm90 import swiglu_requant
+    except ImportError:  # the unfused kernel lands separately
+        swiglu_requant = None
+    torch.manual_seed(0)
+    dev = torch.device("cuda")
+    bw = _copy_bw()
+    report: dict = {"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": []}
+    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+
+    # ---- weights: NVFP4 from checkpoint-format bytes (our host prep), bf16 for torch
+    def nvfp4_stack(n, k):
+        return (torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev),
+                torch.randint(0x28, 0x38, (E, n, k // 16), dtype=torch.uint8, device=dev),
+                torch.full((E,), 1e-3, dtype=torch.float32, device=dev))
+
+    w1, w3 = nvfp4_stack(I, H), nvfp4_stack(I, H)
+    w13 = gg.prepare_gate_up(*w1, *w3)
+    del w1, w3
+    w2 = gg.prepare_experts(*nvfp4_stack(H, I))
+    w13_bf16 = torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device=dev) * 0.02  # [E, N, K]; passed as [E, K, N]
+    w2_bf16 = torch.randn(E, H, I, dtype=torch.bfloat16, device=dev) * 0.02
+    l1_bytes = 2 * I * (H // 2 + H // 16)
+    l2_bytes = H * (I // 2 + I // 16)
+    flop_per_row = 2 * (H * 2 * I + I * H)
+    s2 = torch.full((E,), 0.05, dtype=torch.float32, device=dev)
+    torch.cuda.synchronize()
+
+    rows_out = []
+    for t in TOKENS:
+        ids = torch.rand(t, E, device=dev).topk(TOPK, dim=1).indices
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        off = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+        off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        r = t * TOPK
+        active = int((counts > 0).sum())
+        a_packed = torch.randint(0, 256, (r, H // 2), dtype=torch.uint8, device=dev)
+        a_sf = torch.randint(0x30, 0x3A, (gg.grouped_sf_rows(r, E), H // 16), dtype=torch.uint8, device=dev)
+        a_dec = torch.full((E,), 0.02, dtype=torch.float32, device=dev)
+        hp, hsf, hdec = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                     h_input_dec_scale_f32=s2)
+        res: dict = {"T": t, "rows": r, "active_experts": active}
+        res["l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13,
+                                                                      swiglu_limit=10.0, h_input_dec_scale_f32=s2))
+        res["l1_gate_up_s"] = _time(lambda: gg.grouped_gemm_l1(a_packed, a_sf, a_dec, off, w13))
+        res["l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2))
+        res["ours_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
+            a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2), off, w2))
+        if swiglu_requant is not None:
+            def unfused():
+                gate, up = gg.grouped_gemm_l1(a_packed, a_sf, a_dec, off, w13)
+                _, (p, sf, dec) = swiglu_requant.launch(gate, up, off, swiglu_limit=10.0, input_dec_scale_f32=s2)
+                return gg.grouped_gemm(p, sf, dec, off, w2)
+            try:
+                res["ours_unfused_s"] = _time(unfused)
+            except Exception as exc:  # the unfused kernel is another engineer's work in progress
+                res["unfused_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
+        # torch bf16, same routing
+        x = torch.randn(r, H, dtype=torch.bfloat16, device=dev)
+        offs = off[1:]
+
+        def torch_moe():
+            y1 = torch._grouped_mm(x, w13_bf16.transpose(-2, -1), offs=offs)
+            h = torch.nn.functional.silu(y1[:, :I]) * y1[:, I:]
+            return torch._grouped_mm(h, w2_bf16.transpose(-2, -1), offs=offs)
+
+        res["torch_l1_s"] = _time(lambda: torch._grouped_mm(x, w13_bf16.transpose(-2, -1), offs=offs))
+        res["torch_moe_s"] = _time(torch_moe)
+        ours = res["ours_fused_s"]
+        res["ours_weight_GBps"] = active * (l1_bytes + l2_bytes) / ours / 1e9
+        res["ours_pct_copy"] = 100 * active * (l1_bytes + l2_bytes) / ours / bw
+        res["ours_TFLOPs"] = r * flop_per_row / ours / 1e12
+        res["torch_weight_GBps"] = active * 2 * (2 * I * H + H * I) / res["torch_moe_s"] / 1e9
+        res["torch_TFLOPs"] = r * flop_per_row / res["torch_moe_s"] / 1e12
+        res["x_torch"] = res["torch_moe_s"] / ours
+        res["key_l1"] = str(gg.CompileKey.for_shape(2, r, E, 2 * I, H))
+        rows_out.append(res)
+        print(f"T={t:6d} R={r:6d} active={active:3d} | fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
+              f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f} | ours L1f+L2 {ours * 1e6:9.1f} us "
+              f"({res['ours_weight_GBps']:.0f} GB/s, {res['ours_pct_copy']:.0f}% copy, {res['ours_TFLOPs']:.0f} TFLOP/s)"
+              + (f", unfused {res['ours_unfused_s'] * 1e6:9.1f}" if "ours_unfused_s" in res else "")
+              + f" | torch bf16 {res['torch_moe_s'] * 1e6:9.1f} us (L1 {res['torch_l1_s'] * 1e6:.1f}; "
+              f"{res['torch_TFLOPs']:.0f} TFLOP/s) | x torch {res['x_torch']:.2f}", flush=True)
+        del x, a_packed, a_sf, hp, hsf
+        torch.cuda.empty_cache()
+    report["rows"] = rows_out
+    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, "sm90_moe_bench.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    assert all(r_["ours_fused_s"] > 0 for r_ in rows_out)
+
+
+@pytest.mark.parametrize("t", [16, 4096, 32768])
+def test_moe_tile_sweep(t):
+    """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md)."""
+    from kernels.sm90 import grouped_gemm_nvfp4 as gg
+
+    torch.manual_seed(1)
+    dev = torch.device("cuda")
+    e_small = E  # full expert count: the schedule and the weight traffic are what is measured
+    w13 = gg.prepare_gate_up(*[torch.randint(0, 256, (e_small, I, H // 2), dtype=torch.uint8, device=dev),
+                               torch.randint(0x28, 0x38, (e_small, I, H // 16), dtype=torch.uint8, device=dev),
+                               torch.full((e_small,), 1e-3, device=dev)] * 2)
+    ids = torch.rand(t, E, device=dev).topk(TOPK, dim=1).indices
+    counts = torch.bincount(ids.reshape(-1), minlength=E)
+    off = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+    off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    r = t * TOPK
+    a_packed = torch.randint(0, 256, (r, H // 2), dtype=torch.uint8, device=dev)
+    a_sf = torch.randint(0x30, 0x3A, (gg.grouped_sf_rows(r, E), H // 16), dtype=torch.uint8, device=dev)
+    a_dec = torch.full((E,), 0.02, dtype=torch.float32, device=dev)
+    s2 = torch.full((E,), 0.05, dtype=torch.float32, device=dev)
+    out = []
+    configs = {16: [(16, 4, 3), (16, 4, 4), (32, 4, 3)],
+               4096: [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)],
+               32768: [(64, 8, 3), (128, 8, 3), (128, 8, 4), (128, 4, 3)]}[t]
+    for bt, warps, stages in configs:
+        key = gg.CompileKey(epi=2, block_n=128, block_t=bt, num_warps=warps, num_stages=stages, e_pad=512, clamp=True)
+        try:
+            s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5)
+        except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
+            print(f"T={t} BT={bt} warps={warps} stages={stages}: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        out.append({"T": t, "BT": bt, "warps": warps, "stages": stages, "us": s * 1e6})
+        print(f"sweep fused L1 T={t} BT={bt} warps={warps} stages={stages}: {s * 1e6:.1f} us", flush=True)
+    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, f"sm90_moe_sweep_T{t}.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    assert out
