@@ -27,6 +27,7 @@ __all__ = [
     "assert_bits_equal",
     "assert_within_gemm_bound",
     "assert_within_ulps",
+    "assert_all_zero",
     "first_mismatch",
 ]
 
@@ -140,31 +141,63 @@ def assert_bits_equal(got: Tensor, expected: Tensor, *, label: str) -> None:
         f"expected {float(expected.reshape(-1)[i])!r} (0x{ei:0{width}x})")
 
 
-def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label: str) -> float:
-    """|y - y64| <= bound everywhere (DESIGN "Verdicts"); returns max(|y - y64| / bound).
+def _special_mismatch(y: Tensor, y64: Tensor, bound_f64: Tensor) -> Tensor:
+    """Where the expected value or its bound is not finite (a NaN scale byte in a real block, an Inf
+    product): the element must be the same special (NaN where NaN, the same infinity); True = violated."""
+    yd = y.detach().to(torch.float64)
+    special = ~torch.isfinite(y64) | ~torch.isfinite(bound_f64)
+    same = (torch.isnan(yd) & torch.isnan(y64)) | (torch.isinf(y64) & (yd == y64))
+    return special & ~same
 
-    NaN in y fails. The message names the worst element, both values and the bound.
+
+def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label: str) -> float:
+    """|y - y64| <= bound everywhere (DESIGN "Verdicts"); returns max(|y - y64| / bound) over the finite
+    elements (0.0 when there are none).
+
+    NaN-aware: where y64 (or its bound) is NaN or +-Inf, y must be the same special value and the element
+    is judged by that, not by the bound; anywhere else a NaN or Inf in y fails. The message names the
+    tensor, the first violating index, both values and the bound, and the worst element.
     """
     __tracebackhide__ = True
     _check_same_shape(label, y, y64)
+    y64 = y64.to(torch.float64)
+    bound_f64 = bound_f64.to(torch.float64).expand_as(y64) if bound_f64.dim() == 0 else bound_f64.to(torch.float64)
+    special_bad = _special_mismatch(y, y64, bound_f64)
+    finite = torch.isfinite(y64) & torch.isfinite(bound_f64)
     err = (y.detach().to(torch.float64) - y64).abs()
-    err = torch.where(torch.isnan(err), torch.full_like(err, float("inf")), err)
-    ratio = err / bound_f64
-    if ratio.numel() == 0:
-        return 0.0
-    worst = float(ratio.max())
-    if worst <= 1.0:
+    err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))  # NaN / Inf in y: over
+    ratio = torch.where(finite & (err > 0), err / bound_f64, torch.zeros_like(err))  # an exact element: 0
+    over = (finite & (ratio > 1.0)) | special_bad
+    worst = float(ratio.max()) if ratio.numel() else 0.0
+    hit = first_mismatch(over)
+    if hit is None:
         return worst
-    over = ratio > 1.0
-    i, coord = first_mismatch(over)
+    i, coord = hit
     j = int(torch.argmax(ratio.reshape(-1)))
     jc = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), ratio.shape))
+    n_special = int(special_bad.sum())
     raise AssertionError(
-        f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound; "
+        f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound "
+        f"({n_special} of them where the expected value is NaN/Inf and y is not the same); "
         f"max |y - y64| / bound = {worst:.4g}\n"
         f"  first at flat {i} = {coord}: got {float(y.reshape(-1)[i])!r}  expected {float(y64.reshape(-1)[i])!r}  "
         f"bound {float(bound_f64.reshape(-1)[i]):.4g}\n"
         f"  worst at {jc}: got {float(y.reshape(-1)[j])!r}  expected {float(y64.reshape(-1)[j])!r}")
+
+
+def assert_all_zero(t: Tensor, *, label: str) -> None:
+    """Every element zero (padding, rows past a valid count); the message names the first nonzero."""
+    __tracebackhide__ = True
+    flat = t.detach().cpu()
+    mask = flat != 0
+    hit = first_mismatch(mask)
+    if hit is None:
+        return
+    i, coord = hit
+    v = flat.reshape(-1)[i]
+    shown = f"0x{int(v):02x}" if flat.dtype == torch.uint8 else repr(v.item())
+    raise AssertionError(f"{label} {tuple(flat.shape)} {flat.dtype}: {int(mask.sum())}/{mask.numel()} elements "
+                         f"are not zero\n  first at flat {i} = {coord}: got {shown}  expected 0")
 
 
 def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label: str) -> None:
@@ -179,8 +212,9 @@ def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label:
     min_exp = math.log2(info.smallest_normal) - p + 1  # a Python float: works on any device
     ulp = torch.exp2(torch.clamp(exp - p + 1, min=min_exp))
     err = (got.detach().to(torch.float64) - e).abs()
-    both_nan = torch.isnan(got.detach().to(torch.float64)) & torch.isnan(e)
-    bad = ~both_nan & ~(err <= ulps * ulp)
+    g64 = got.detach().to(torch.float64)
+    same_special = (torch.isnan(g64) & torch.isnan(e)) | (torch.isinf(e) & (g64 == e))
+    bad = ~same_special & ~(err <= ulps * ulp)
     hit = first_mismatch(bad)
     if hit is None:
         return

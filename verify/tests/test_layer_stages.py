@@ -27,6 +27,7 @@ from verify.run import run_layer
 from verify.selftest import Bugged
 from verify.stage_verdicts import LayerCase, applicable_stages
 from verify.accumulator import check_declared_u_acc, probe_accumulator
+from verify.assertions import assert_all_zero, assert_bits_equal
 
 ACT = ("dynamic", "static")
 TOKENS = 48
@@ -261,7 +262,8 @@ def test_emulator_moe_block_valid_token_count_zeroes_the_rest(ckpt):
     kw = dict(swiglu_limit=spec.swiglu_limit, weight_placement="after_w2", act_scale="static")
     y3 = b.moe_block(inputs.x_ffn_bf16, router, experts, num_valid_tokens_i32=torch.tensor([3], dtype=torch.int32), **kw)
     alone = b.moe_block(inputs.x_ffn_bf16[:3], router, experts, **kw)
-    assert torch.equal(y3[:3], alone) and not y3[3:].any()
+    assert_bits_equal(y3[:3], alone, label="three tokens of a 5-token call with 3 valid vs the 3-token call")
+    assert_all_zero(y3[3:], label="rows of the 2 tokens past the valid count")
 
 
 @pytest.mark.gpu

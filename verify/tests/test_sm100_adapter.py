@@ -29,7 +29,7 @@ from references import moe as ref_moe
 from references.nvfp4 import decode_nvfp4_block_scaled, quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
 from references.stages import Op
-from verify.assertions import assert_bits_equal, assert_bytes_equal, describe_e4m3
+from verify.assertions import assert_all_zero, assert_bits_equal, assert_bytes_equal, describe_e4m3
 from verify.backend import EmulatorBackend, QuantizedAct, get_backend
 from verify.backend_sm100 import NOT_SERVED, SERVED, Sm100Adapter, padded_to_rows, rows_to_padded
 from verify.checkpoint import Bf16Linear, Checkpoint, Nvfp4Linear, Router
@@ -211,8 +211,8 @@ def test_grouped_rows_round_trip_through_the_padded_layout(counts):
     for x in range(e):  # expert x starts at its padded offset; its padding rows are zero
         lo, n = int(p_off[x]), counts[x]
         assert_bytes_equal(padded[lo:lo + n], rows[int(off[x]):int(off[x + 1])], label=f"expert {x} rows")
-        assert int(padded[lo + n:int(p_off[x + 1])].count_nonzero()) == 0, f"expert {x} padding rows"
-    assert int(padded[int(p_off[-1]):].count_nonzero()) == 0, "rows past the padded total"
+        assert_all_zero(padded[lo + n:int(p_off[x + 1])], label=f"expert {x} padding rows")
+    assert_all_zero(padded[int(p_off[-1]):], label="rows past the padded total")
 
 
 @pytest.mark.parametrize("counts", list(GROUPED_COUNTS.values()), ids=list(GROUPED_COUNTS))
@@ -227,7 +227,7 @@ def test_swizzled_scales_of_the_padded_rows_are_the_boundary_layout(counts):
     want, p_off = ref_layouts.sf_grouped_linear_to_swizzled_128x4(sf, off.to(torch.int64))
     p = int(p_off[-1])
     assert_bytes_equal(got[:p], want, label="grouped 128x4 scales", describe=describe_e4m3)
-    assert int(got[p:].count_nonzero()) == 0, "scale rows past the padded total must be zero"
+    assert_all_zero(got[p:], label="scale rows past the padded total must be zero")
 
 
 # ============================================================================= stand-in kernels (CPU)
@@ -333,7 +333,8 @@ def _assert_same_quantized(got: QuantizedAct, want: QuantizedAct, label: str, *,
     sf = got.sf_swizzled_u8
     if grouped_offsets is not None:
         p = _grouped_padded_total(grouped_offsets)
-        assert sf.shape[0] >= p and int(sf[p:].count_nonzero()) == 0, f"{label}: scale rows past the padded total"
+        assert sf.shape[0] >= p, f"{label}: {sf.shape[0]} scale rows, fewer than the padded total {p}"
+        assert_all_zero(sf[p:], label=f"{label}: scale rows past the padded total")
         sf = sf[:p]
     assert_bytes_equal(sf, want.sf_swizzled_u8, label=f"{label} swizzled scales", describe=describe_e4m3)
     assert_bits_equal(got.global_dec_f32, want.global_dec_f32, label=f"{label} global decode scale")
@@ -406,8 +407,10 @@ def test_moe_block_with_stand_in_kernels_is_sm100s_moe_experts(adapter, stand_in
 
 def test_dispatch_equals_the_emulators(adapter, moe_case):
     got, want = adapter.dispatch(moe_case["ids"], 16), moe_case["d"]
-    assert torch.equal(got.offsets_i32, want.offsets_i32) and got.offsets_i32.dtype == torch.int32
-    assert torch.equal(got.row_token_i64, want.row_token_i64) and torch.equal(got.row_slot_i64, want.row_slot_i64)
+    assert_bits_equal(got.offsets_i32, want.offsets_i32, label='adapter dispatch vs emulator: offsets_i32')
+    assert got.offsets_i32.dtype == torch.int32
+    assert_bits_equal(got.row_token_i64, want.row_token_i64, label='adapter dispatch vs emulator: row_token_i64')
+    assert_bits_equal(got.row_slot_i64, want.row_slot_i64, label='adapter dispatch vs emulator: row_slot_i64')
 
 
 @pytest.mark.parametrize("hashed", [True, False], ids=["hash", "topk_bias"])
@@ -418,7 +421,7 @@ def test_router_matches_the_emulator(adapter, fixture_layer, moe_case, hashed):
     got = adapter.router(x, adapter.prepare_router(router, spec), token_ids_i64=tokens)
     emu = EmulatorBackend()
     want = emu.router(x, emu.prepare_router(router, spec), token_ids_i64=tokens)
-    assert torch.equal(got.ids_i64, want.ids_i64), "expert ids (no near-ties in this data)"
+    assert_bits_equal(got.ids_i64, want.ids_i64, label="expert ids (no near-ties in this data)")
     torch.testing.assert_close(got.weights_f32, want.weights_f32, rtol=2**-20, atol=0)  # fp32 formula vs exact
 
 
@@ -594,8 +597,9 @@ def test_served_ops_on_the_fixture_layer_against_the_emulator(fixture_layer, act
     ex = b.prepare_experts(ex_dev)
     ids = torch.stack([torch.randperm(12, generator=g)[:6] for _ in range(40)]).to(dev)
     disp, disp_emu = b.dispatch(ids, 16), emu.dispatch(ids, 16)
-    assert torch.equal(disp.row_token_i64, disp_emu.row_token_i64)
-    assert torch.equal(disp.row_slot_i64, disp_emu.row_slot_i64) and torch.equal(disp.offsets_i32, disp_emu.offsets_i32)
+    assert_bits_equal(disp.row_token_i64, disp_emu.row_token_i64, label='sm100 dispatch vs emulator: row_token_i64')
+    assert_bits_equal(disp.row_slot_i64, disp_emu.row_slot_i64, label='sm100 dispatch vs emulator: row_slot_i64')
+    assert_bits_equal(disp.offsets_i32, disp_emu.offsets_i32, label='sm100 dispatch vs emulator: offsets_i32')
     off, rows = disp.offsets_i32, x[disp.row_token_i64]
     s1 = torch.maximum(ex_dev.w1.input_scale_f32, ex_dev.w3.input_scale_f32).float() if static else None
     s2 = ex_dev.w2.input_scale_f32.float()

@@ -170,7 +170,7 @@ def test_moe_path_graph_replays_with_fewer_tokens_new_values_and_routing(routing
         graph.replay()
         r_eager, y_eager = forward()
         assert_bits_equal(y_graph, y_eager, label=f"moe replay {step} (n={n}) vs eager, same buffers")
-        assert torch.equal(r_graph.ids_i64[:n], r_eager.ids_i64[:n]), f"replay {step}: routing differs from eager"
+        assert_bits_equal(r_graph.ids_i64[:n], r_eager.ids_i64[:n], label=f"replay {step}: routing differs from eager")
         seen_ids.add(tuple(r_eager.ids_i64[:n].reshape(-1).tolist()[:8]))
         if n:
             prefix = mr.Routing(r_eager.ids_i64[:n], r_eager.weights_f32[:n], r_eager.scores_f32[:n])

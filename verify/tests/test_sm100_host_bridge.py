@@ -9,6 +9,7 @@ import torch
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge as hb
 from references import layouts as ref_layouts
+from verify.assertions import assert_all_zero
 
 
 def _rand_bytes(*shape, seed=0):
@@ -86,7 +87,7 @@ def test_grouped_sf_with_capacity_is_reference_then_zero(counts):
     got, _ = hb.sf_grouped_linear_to_swizzled_128x4(sf, offsets, capacity_rows=cap)
     assert got.shape == (cap, 8)
     _assert_bytes_equal(got[: want.shape[0]], want, "grouped swizzle (capacity) head")
-    assert int(got[want.shape[0]:].count_nonzero()) == 0, "capacity tail must be zero"
+    assert_all_zero(got[want.shape[0]:], label="capacity tail must be zero")
 
 
 @pytest.mark.parametrize("counts", list(GROUPED_COUNTS.values()), ids=list(GROUPED_COUNTS))

@@ -23,7 +23,7 @@ from references.gemm import (grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
                              nvfp4_grouped_gemm_f64)
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
-from verify.assertions import assert_bytes_equal, assert_within_gemm_bound
+from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_within_gemm_bound
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm100]
 
@@ -83,8 +83,7 @@ def test_dense_gemm_exact_arithmetic_data_is_exact():
     w = hb.prepare_nvfp4_weight(b_p.to(DEV), b_sf.to(DEV), one.to(DEV))
     y = gemm.launch_dense(a_p.to(DEV), hb.sf_linear_to_swizzled_128x4(a_sf).to(DEV), one.to(DEV), w)
     y64, _ = nvfp4_gemm_f64(a_p, a_sf, b_p, b_sf, one.reshape(()))
-    assert torch.equal(y.cpu().view(torch.int16), y64.to(torch.bfloat16).view(torch.int16)), \
-        "exact-arithmetic data must give zero accumulation error"
+    assert_bits_equal(y.cpu(), y64.to(torch.bfloat16), label="exact-arithmetic data must give zero accumulation error")
 
 
 def test_dense_gemm_is_deterministic():
@@ -92,7 +91,7 @@ def test_dense_gemm_is_deterministic():
     b_p, b_sf, _, b_d = _q(_rand(256, 1024, seed=7))
     w = hb.prepare_nvfp4_weight(b_p.to(DEV), b_sf.to(DEV), b_d.to(DEV))
     args = (a_p.to(DEV), hb.sf_linear_to_swizzled_128x4(a_sf).to(DEV), a_d.to(DEV), w)
-    assert torch.equal(gemm.launch_dense(*args).view(torch.int16), gemm.launch_dense(*args).view(torch.int16))
+    assert_bits_equal(gemm.launch_dense(*args), gemm.launch_dense(*args), label="two launches of the same dense GEMM (determinism)")
 
 
 # ----------------------------------------------------------------------------- grouped GEMMs
@@ -169,7 +168,7 @@ def test_moe_path_fused_l2_quant_equals_unfused():
     kw = dict(swiglu_limit=10.0, l1_input_dec_scale_f32=d1, l2_input_dec_scale_f32=d2, num_valid_tokens_i32=nv)
     y_fused = BACKEND.moe_experts(x, r, w13, w2, fuse_l2_quant=True, **kw)
     y_unfused = BACKEND.moe_experts(x, r, w13, w2, **kw)
-    assert torch.equal(y_fused.view(torch.int16), y_unfused.view(torch.int16)), "fused L2 quantization changed bytes"
+    assert_bits_equal(y_fused, y_unfused, label="fused L2 quantization changed bytes")
 
 
 # ----------------------------------------------------------------------------- CUDA graphs
@@ -211,7 +210,7 @@ def test_moe_path_graph_capture_replays_with_new_values_and_routing():
         gate.copy_(torch.randn_like(gate, dtype=torch.float32).to(torch.bfloat16) * 0.05)  # new routing
         graph.replay()
         y_eager = forward()
-        assert torch.equal(y_graph.view(torch.int16), y_eager.view(torch.int16)), f"replay {step} != eager"
+        assert_bits_equal(y_graph, y_eager, label=f"replay {step} != eager")
 
 
 def test_moe_path_has_no_host_sync():
@@ -233,5 +232,5 @@ def test_moe_path_is_deterministic():
     for _ in range(2):
         r = BACKEND.router(x, gate, top_k=2, routed_scaling_factor=2.5)
         outs.append(BACKEND.moe_experts(x, r, w13, w2, swiglu_limit=10.0))
-    assert torch.equal(outs[0].view(torch.int16), outs[1].view(torch.int16))
+    assert_bits_equal(outs[0], outs[1], label="run 1 vs run 0 (determinism)")
     assert not math.isnan(float(outs[0].float().abs().max()))

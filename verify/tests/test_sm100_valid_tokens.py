@@ -18,6 +18,7 @@ from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import moe_routing as mr
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
 from kernels.sm100.backend import Sm100Backend
+from verify.assertions import assert_all_zero, assert_bits_equal
 
 
 def _n(v: int) -> torch.Tensor:
@@ -82,12 +83,13 @@ def test_permute_with_valid_count_equals_permute_of_the_prefix(t, k, e, n):
     ids = _ids(t, k, e, seed=3 * t + n)
     p = mr.permute(ids, e, _n(n))
     q = mr.permute(ids[:n], e)
-    assert torch.equal(p.offsets_i64, q.offsets_i64) and torch.equal(p.padded_offsets_i64, q.padded_offsets_i64)
-    assert torch.equal(p.row_of_pair_i64[: n * k], q.row_of_pair_i64)
+    assert_bits_equal(p.offsets_i64, q.offsets_i64, label='permute with a valid count vs the prefix: offsets_i64')
+    assert_bits_equal(p.padded_offsets_i64, q.padded_offsets_i64, label='permute with a valid count vs the prefix: padded_offsets_i64')
+    assert_bits_equal(p.row_of_pair_i64[: n * k], q.row_of_pair_i64, label='permute with a valid count vs the prefix: row_of_pair_i64[: n * k]')
     nt = q.tile_expert_i32.numel()
-    assert torch.equal(p.tile_expert_i32[:nt], q.tile_expert_i32)
+    assert_bits_equal(p.tile_expert_i32[:nt], q.tile_expert_i32, label='permute with a valid count vs the prefix: tile_expert_i32[:nt]')
     assert bool((p.tile_expert_i32[nt:] == -1).all())
-    assert torch.equal(p.valid_rows_i32, q.valid_rows_i32)
+    assert_bits_equal(p.valid_rows_i32, q.valid_rows_i32, label='permute with a valid count vs the prefix: valid_rows_i32')
 
 
 def test_permute_without_count_is_unchanged_and_all_valid():
@@ -108,8 +110,8 @@ def test_gather_drops_invalid_tokens_even_when_their_rows_hold_nan():
     xp = mr.gather_rows_bf16(x, p, k)
     q = mr.permute(ids[:n], e)
     xq = mr.gather_rows_bf16(x[:n], q, k)
-    assert torch.equal(xp[: xq.shape[0]].view(torch.int16), xq.view(torch.int16))
-    assert int(xp[xq.shape[0]:].count_nonzero()) == 0 and not bool(xp.isnan().any())
+    assert_bits_equal(xp[: xq.shape[0]], xq, label="gathered rows of the valid tokens vs the prefix call")
+    assert_all_zero(xp[xq.shape[0]:], label="gathered rows past the valid tokens")
 
 
 def test_combine_zeroes_invalid_tokens_and_keeps_valid_bytes():
@@ -122,8 +124,8 @@ def test_combine_zeroes_invalid_tokens_and_keeps_valid_bytes():
     got = mr.combine_bf16(y_rows, p, w)
     q = mr.permute(ids[:n], e)
     want = mr.combine_bf16(y_rows[: q.capacity_rows], q, w[:n])
-    assert torch.equal(got[:n].view(torch.int16), want.view(torch.int16)), "valid tokens changed"
-    assert int(got[n:].count_nonzero()) == 0 and not bool(got.isnan().any())
+    assert_bits_equal(got[:n], want, label="valid tokens changed")
+    assert_all_zero(got[n:], label="rows past the valid count")
 
 
 def test_combine_adds_slots_in_order_in_float32():
@@ -137,7 +139,7 @@ def test_combine_adds_slots_in_order_in_float32():
     acc = rows[:, 0] * w[:, :1]
     for s in range(1, k):
         acc = acc + rows[:, s] * w[:, s:s + 1]
-    assert torch.equal(got.view(torch.int16), acc.to(torch.bfloat16).view(torch.int16))
+    assert_bits_equal(got, acc.to(torch.bfloat16), label="rows past the valid count vs the float32 accumulation")
 
 
 def test_hash_routing_reads_stale_token_ids_of_invalid_tokens_as_zero():
@@ -167,7 +169,7 @@ def test_amax_of_valid_rows_ignores_the_stale_tail(n):
     assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), want.view(torch.int16))
     s = quant.te_global_enc_scale_device(got)
     s_want = quant.te_global_enc_scale_device(want)
-    assert torch.equal(s.view(torch.int32), s_want.view(torch.int32))
+    assert_bits_equal(s, s_want, label="dynamic S over the valid rows")
 
 
 # ----------------------------------------------------------------------------- backend threading
@@ -251,12 +253,13 @@ def test_moe_experts_threads_the_count_and_matches_the_prefix_call(fake_kernels,
     assert [c[0] for c in calls] == ["quant", "swiglu", "quant", "grouped"]
     want_rows = mr.permute(r.ids_i64, e, _n(n)).valid_rows_i32
     for name, got_rows in calls:
-        assert torch.equal(got_rows, want_rows), f"{name}: got valid rows {got_rows}, want the padded total"
-    assert y.shape == (t, h) and int(y[n:].count_nonzero()) == 0 and not bool(y.isnan().any())
+        assert_bits_equal(got_rows, want_rows, label=f"{name}: got valid rows {got_rows}, want the padded total")
+    assert y.shape == (t, h), f"y shape {tuple(y.shape)}, expected {(t, h)}"
+    assert_all_zero(y[n:], label="output rows of tokens past the valid count")
     if n > 0:
         prefix = mr.Routing(r.ids_i64[:n], r.weights_f32[:n], r.scores_f32[:n])
         y_prefix = b.moe_experts(x[:n], prefix, _W(e), _W(e), swiglu_limit=10.0)
-        assert torch.equal(y[:n].view(torch.int16), y_prefix.view(torch.int16)), "valid tokens differ from the prefix call"
+        assert_bits_equal(y[:n], y_prefix, label="valid tokens differ from the prefix call")
 
 
 def test_linear_nvfp4_threads_the_count_to_quantizer_and_gemm(fake_kernels):
@@ -266,7 +269,7 @@ def test_linear_nvfp4_threads_the_count_to_quantizer_and_gemm(fake_kernels):
     n = _n(4)
     y = b.linear_nvfp4(x, _W(1), num_valid_rows_i32=n)
     assert [c[0] for c in fk.calls] == ["quant", "dense"] and all(c[1] is n for c in fk.calls)
-    assert int(y[4:].count_nonzero()) == 0
+    assert_all_zero(y[4:], label="output rows of tokens past the valid count (4)")
 
 
 # ----------------------------------------------------------------------------- fused L2 quantization: argument checks
