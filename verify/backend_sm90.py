@@ -1,10 +1,24 @@
 """The sm90 backend (kernels/sm90, Triton on Hopper) behind the backend protocol (verify.backend).
 
-Served: prepare (its own host code: kernels.sm90.host_prepare), dense activation quantization
-(static / dynamic, recipe te), the dense NVFP4 GEMM and the dense linear. The MoE ops (grouped
-quantize and GEMM, SwiGLU + requant, router, dispatch, combine, the MoE block) are not in
-kernels/sm90 yet: unsupported_reason says so, and the harness reports those stages as not
-served by sm90.
+Served, each by the kernels.sm90.backend.Sm90Backend method named in _SERVED (its availability is
+the op's): prepare (its own host code: kernels.sm90.host_prepare for dense linears, the grouped GEMM's
+prepare_gate_up / prepare_experts for expert stacks), dense quantize / GEMM / linear, and the MoE block:
+grouped quantize (static per expert / dynamic, te), grouped GEMM (l1: gate and up float32 from one
+interleaved w1|w3 stack; l2: bf16), unfused SwiGLU + requant, the fused L1 + SwiGLU + requant (static
+h scale only), router (sqrtsoftplus / sigmoid, bias, hash, V3 group-limited top-k), dispatch, combine
+and the whole MoE block as one capturable call with a device valid-token count.
+
+Boundary representation: sm90's grouped kernels use the protocol's layout as it is (unpadded
+expert-sorted rows, per-expert 128-row padded 128x4 scales), so nothing is converted; grouped
+quantizations return a scale buffer sized for any routing of their rows (extra rows zero).
+
+Refused (NotImplementedError with a sentence): l1_fused with a dynamic h scale (the fused epilogue
+quantizes h as it computes it); softmax scoring and group-limited top-k over a non-power-of-two expert
+count (prepare_router); expert or dense weights that are not NVFP4 (prepare_*).
+
+One host read by design: combine with weights_f32=None (the before-w2 placement) reads top_k from
+the boundary Dispatched on the host (it carries no top_k, and the output's row count T = R / top_k is a
+shape), so that boundary op is not graph-capturable; moe_block knows top_k and never syncs.
 """
 
 from __future__ import annotations
@@ -12,19 +26,30 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
-from verify.backend import QuantizedAct
-from verify.checkpoint import Linear, Nvfp4Linear
+from verify.backend import Dispatched, QuantizedAct, RoutingOut
+from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
 __all__ = ["Sm90Adapter"]
 
 # the protocol's op -> the kernels/sm90 method whose availability decides it
 _SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.DENSE_GEMM: "gemm_act",
-           Op.DENSE_LINEAR: "linear_nvfp4"}
+           Op.DENSE_LINEAR: "linear_nvfp4", Op.GROUPED_QUANTIZE: "grouped_quantize", Op.GROUPED_GEMM: "grouped_gemm",
+           Op.SWIGLU_REQUANT: "swiglu_requant", Op.L1_FUSED: "l1_swiglu_requant", Op.ROUTER: "router",
+           Op.DISPATCH: "dispatch", Op.COMBINE: "combine", Op.MOE_BLOCK: "moe_block"}
+_DYNAMIC_L1_FUSED = ("sm90: l1_fused needs a static h scale (input_dec_scale_f32, w2's input_scale per expert): the "
+                     "fused epilogue quantizes h as it computes it, so a dynamic amax of h cannot exist yet")
+_PLACEMENTS = ("after_w2", "before_w2")
+_ACT_SCALES = ("dynamic", "static")
 
 
 class Sm90Adapter:
+    """kernels.sm90.backend.Sm90Backend as a verify.backend.Backend."""
+
+    supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
+
     def __init__(self) -> None:
         from kernels.sm90.backend import Sm90Backend  # noqa: PLC0415 (imports triton lazily itself)
 
@@ -35,58 +60,124 @@ class Sm90Adapter:
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
         if op not in _SERVED:
-            return f"sm90: {op.value} is not provided by kernels/sm90 (it has quantize, dense GEMM, dense linear)"
+            return f"sm90: {op.value} is not a kernel op (reference-only stages have no backend op)"
         return self._impl.unsupported_reason(_SERVED[op], device)
 
-    def _refuse(self, op: Op):
-        raise NotImplementedError(self.unsupported_reason(op, torch.device("cuda")) or f"sm90: {op.value}")
+    def cache_clear(self) -> None:
+        self._impl.cache_clear()
 
-    # ---------------------------------------------------------------- served
+    # ---------------------------------------------------------------- prepare (host, once per layer)
     def prepare_linear(self, lin: Linear) -> object:
         if not isinstance(lin, Nvfp4Linear):
             raise NotImplementedError(f"sm90: {lin.module} is {lin.format}; the sm90 GEMM takes NVFP4 weights only")
         return self._impl.prepare_nvfp4_weight(lin.weight_u8, lin.weight_scale_e4m3, lin.weight_scale_2_f32)
 
+    def prepare_experts(self, experts: GatedMlp) -> object:
+        """Stacked routed experts (w1, w3 [E, I, H/2]; w2 [E, H, I/2], NVFP4) -> kernels.sm90.moe_block.MoeExperts:
+        w1|w3 interleaved by row for the L1 kernels, w2 as a plain stack, per-expert static scales."""
+        parts = []
+        for lin in (experts.w1, experts.w3, experts.w2):
+            if not isinstance(lin, Nvfp4Linear):
+                raise NotImplementedError(f"sm90: {getattr(lin, 'module', '?')} is {getattr(lin, 'format', '?')}; the "
+                                          "sm90 grouped GEMM takes NVFP4 expert stacks only")
+            if lin.weight_u8.dim() != 3:
+                raise ValueError(f"experts: {lin.module} has shape {tuple(lin.weight_u8.shape)}, expected a stack "
+                                 "[E, N, K/2]")
+            parts.append((lin.weight_u8, lin.weight_scale_e4m3, lin.weight_scale_2_f32, lin.input_scale_f32))
+        return self._impl.prepare_moe_experts(*parts)
+
+    def prepare_router(self, router: Router, spec: MoeSpec) -> object:
+        """-> kernels.sm90.moe_block.MoeRouter (NotImplementedError naming what moe_router lacks)."""
+        renormalize = spec.renormalize if spec.renormalize is not None else spec.scoring != "softmax"
+        return self._impl.prepare_moe_router(router.gate_weight_bf16, router.gate_bias_f32, router.tid2eid_i64,
+                                             top_k=spec.top_k, routed_scaling_factor=spec.routed_scaling_factor,
+                                             scoring=spec.scoring, renormalize=renormalize, n_group=spec.n_group,
+                                             topk_group=spec.topk_group)
+
+    # ---------------------------------------------------------------- quantize and GEMMs
     def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
         return QuantizedAct(*self._impl.quantize_act(x_bf16, input_dec_scale_f32))
+
+    def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
+                         input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        """Expert-sorted rows [R, K] -> packed [R, K/2], scales [sf_capacity_rows(R, E), Cp] (each expert padded
+        to 128 rows, swizzled, extra rows zero), global_dec [E]: D (static) or 1/S for every expert (dynamic)."""
+        return QuantizedAct(*self._impl.grouped_quantize(rows_bf16, offsets_i32, input_dec_scale_f32))
 
     def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor:
         return self._impl.gemm_act(a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, w)
 
+    def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
+                     layer: str) -> Tensor | tuple[Tensor, Tensor]:
+        """l1: (gate, up) float32 [R, I] (one kernel over the interleaved w1|w3 stack, each half with its own
+        alpha); l2: y bf16 [R, H]. Rows in the boundary's order."""
+        if layer == "l1":
+            return self._impl.grouped_gemm_l1(a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, offsets_i32,
+                                              experts.w13)
+        if layer == "l2":
+            return self._impl.grouped_gemm(a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, offsets_i32, experts.w2)
+        raise ValueError(f"layer={layer!r}: expected 'l1' or 'l2'")
+
+    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None,
+                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]:
+        h, q = self._impl.swiglu_requant(gate, up, offsets_i32, swiglu_limit=swiglu_limit,
+                                         row_weight_f32=row_weight_f32, input_dec_scale_f32=input_dec_scale_f32)
+        return h, QuantizedAct(*q)
+
+    def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *, swiglu_limit: float | None,
+                 input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        """The grouped L1 GEMM with the clamped SwiGLU + te requant epilogue (static h scale only)."""
+        if input_dec_scale_f32 is None:
+            raise NotImplementedError(_DYNAMIC_L1_FUSED)
+        packed, sf, dec = self._impl.l1_swiglu_requant(a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, offsets_i32,
+                                                       experts.w13, swiglu_limit=swiglu_limit,
+                                                       h_input_dec_scale_f32=input_dec_scale_f32)
+        # h's experts pad exactly as a's (same offsets): a's scale rows hold h's padded total, so a buffer
+        # sized for capacity is cut to a's row count (exact when a is exact, as the stage verdict needs)
+        return QuantizedAct(packed, sf[:min(sf.shape[0], a.sf_swizzled_u8.shape[0])], dec)
+
+    # ---------------------------------------------------------------- routing
+    def router(self, x_bf16: Tensor, router: object, *, token_ids_i64: Tensor | None = None) -> RoutingOut:
+        return RoutingOut(*self._impl.router(x_bf16, router, token_ids_i64))
+
+    def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched:
+        """ids [T, k] int64 -> row_token, row_slot int64 [T*k] (stable: token-major within an expert), offsets
+        int32 [E+1] (moe_dispatch's counting sort)."""
+        if not isinstance(ids_i64, Tensor) or ids_i64.dtype != torch.int64 or ids_i64.dim() != 2:
+            raise ValueError(f"ids_i64: expected int64 [T, k], got {getattr(ids_i64, 'dtype', type(ids_i64).__name__)} "
+                             f"{tuple(getattr(ids_i64, 'shape', ()))}")
+        d = self._impl.dispatch(ids_i64, int(num_experts))
+        return Dispatched(d.row_token_i64, d.row_slot_i64, d.offsets_i32)
+
+    def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
+        """y rows [R, H] bf16 (expert order) -> bf16 [T, H]: per token the float32 sum in slot order of
+        weight * row (weights None: the plain sum; top_k is then read from d on the host, see the module)."""
+        r = d.row_token_i64.numel()
+        if weights_f32 is not None:
+            t, k = weights_f32.shape
+            if t * k != r:
+                raise ValueError(f"d: {r} rows, but weights_f32 {tuple(weights_f32.shape)} has T*k = {t * k} pairs")
+            weights_f32 = weights_f32.to(torch.float32).contiguous()
+        else:
+            k = int(d.row_slot_i64.max()) + 1 if r else 1  # the one host read (before_w2 boundary op only)
+            t = r // k
+        return self._impl.combine(y_rows_bf16.contiguous(), d.row_token_i64, d.row_slot_i64, weights_f32,
+                                  num_tokens=t, top_k=k)
+
+    # ---------------------------------------------------------------- whole calls
     def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32)
 
-    def cache_clear(self) -> None:
-        self._impl.cache_clear()
-
-    # ---------------------------------------------------------------- not served (issue: Hopper MoE)
-    def prepare_experts(self, experts):
-        self._refuse(Op.GROUPED_GEMM)
-
-    def prepare_router(self, router, spec):
-        self._refuse(Op.ROUTER)
-
-    def grouped_quantize(self, rows_bf16, offsets_i32, *, input_dec_scale_f32=None):
-        self._refuse(Op.GROUPED_QUANTIZE)
-
-    def grouped_gemm(self, a, offsets_i32, experts, *, layer):
-        self._refuse(Op.GROUPED_GEMM)
-
-    def swiglu_requant(self, gate, up, offsets_i32, *, swiglu_limit, row_weight_f32=None, input_dec_scale_f32=None):
-        self._refuse(Op.SWIGLU_REQUANT)
-
-    def l1_fused(self, a, offsets_i32, experts, *, swiglu_limit, input_dec_scale_f32=None):
-        self._refuse(Op.L1_FUSED)
-
-    def router(self, x_bf16, router, *, token_ids_i64=None):
-        self._refuse(Op.ROUTER)
-
-    def dispatch(self, ids_i64, num_experts):
-        self._refuse(Op.DISPATCH)
-
-    def combine(self, y_rows_bf16, d, weights_f32):
-        self._refuse(Op.COMBINE)
-
-    def moe_block(self, x_bf16, router, experts, *, swiglu_limit, weight_placement, act_scale, token_ids_i64=None,
-                  num_valid_tokens_i32=None):
-        self._refuse(Op.MOE_BLOCK)
+    def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
+                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
+                  num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+        """x [T, H] bf16 -> routed experts' output bf16 [T, H], one capturable call (kernels.sm90.moe_block):
+        static scales per expert (the fused L1 epilogue for after_w2), dynamic on the device."""
+        if weight_placement not in _PLACEMENTS:
+            raise ValueError(f"weight_placement={weight_placement!r}: expected one of {_PLACEMENTS}")
+        if act_scale not in _ACT_SCALES:
+            raise ValueError(f"act_scale={act_scale!r}: expected one of {_ACT_SCALES}")
+        return self._impl.moe_block(x_bf16, router, experts, swiglu_limit=swiglu_limit,
+                                    weight_placement=weight_placement, act_scale=act_scale,
+                                    token_ids_i64=token_ids_i64, num_valid_tokens_i32=num_valid_tokens_i32)

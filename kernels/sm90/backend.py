@@ -17,7 +17,10 @@ from kernels.sm90.host_prepare import Sm90Nvfp4Weight, prepare_nvfp4_weight
 __all__ = ["Sm90Backend", "OPS"]
 
 OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "amax_global_enc_scale", "gemm_nvfp4",
-       "quantize_act", "gemm_act", "linear_nvfp4", "prepare_nvfp4_weight")
+       "quantize_act", "gemm_act", "linear_nvfp4", "prepare_nvfp4_weight",
+       # the MoE block (kernels.sm90.moe_*, quantize_grouped, swiglu_requant, grouped_gemm_nvfp4)
+       "prepare_moe_experts", "prepare_moe_router", "grouped_quantize", "grouped_gemm", "grouped_gemm_l1",
+       "swiglu_requant", "l1_swiglu_requant", "router", "dispatch", "combine", "moe_block")
 
 
 class Sm90Backend:
@@ -102,8 +105,103 @@ class Sm90Backend:
         packed, sf, dec = self.quantize_act(x_bf16, input_dec_scale_f32)
         return self.gemm_act(packed, sf, dec, weight)
 
+    # ---------------------------------------------------------------- the MoE block (issue 13)
+
+    @staticmethod
+    def prepare_moe_experts(w1: tuple, w3: tuple, w2: tuple):
+        """Checkpoint expert stacks (weight_u8, weight_scale_e4m3, weight_scale_2_f32, input_scale_f32 | None)
+        -> moe_block.MoeExperts (host, once per layer)."""
+        from kernels.sm90 import moe_block  # noqa: PLC0415
+
+        return moe_block.prepare_moe_experts(w1, w3, w2)
+
+    @staticmethod
+    def prepare_moe_router(gate_weight_bf16: Tensor, bias_f32: Tensor | None, tid2eid: Tensor | None, **spec):
+        """-> moe_block.MoeRouter; NotImplementedError naming what moe_router lacks."""
+        from kernels.sm90 import moe_block  # noqa: PLC0415
+
+        return moe_block.prepare_router(gate_weight_bf16, bias_f32, tid2eid, **spec)
+
+    @staticmethod
+    def grouped_quantize(rows_bf16: Tensor, offsets_i32: Tensor,
+                         input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """Expert-sorted rows -> (packed [R, K/2], grouped swizzled scales, global_dec [E]) (quantize_grouped)."""
+        from kernels.sm90 import quantize_grouped  # noqa: PLC0415
+
+        return quantize_grouped.launch(rows_bf16, offsets_i32, input_dec_scale_f32=input_dec_scale_f32)
+
+    @staticmethod
+    def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor, w) -> Tensor:
+        from kernels.sm90 import grouped_gemm_nvfp4  # noqa: PLC0415
+
+        return grouped_gemm_nvfp4.grouped_gemm(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w)
+
+    @staticmethod
+    def grouped_gemm_l1(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
+                        w13) -> tuple[Tensor, Tensor]:
+        from kernels.sm90 import grouped_gemm_nvfp4  # noqa: PLC0415
+
+        return grouped_gemm_nvfp4.grouped_gemm_l1(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13)
+
+    @staticmethod
+    def l1_swiglu_requant(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor, w13, *,
+                          swiglu_limit: float | None, h_input_dec_scale_f32: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        from kernels.sm90 import grouped_gemm_nvfp4  # noqa: PLC0415
+
+        return grouped_gemm_nvfp4.grouped_l1_swiglu_requant(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13,
+                                                            swiglu_limit=swiglu_limit,
+                                                            h_input_dec_scale_f32=h_input_dec_scale_f32)
+
+    @staticmethod
+    def swiglu_requant(gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None, input_dec_scale_f32: Tensor | None = None):
+        """-> (h bf16, (packed, grouped swizzled scales, global_dec [E])) (swiglu_requant)."""
+        from kernels.sm90 import swiglu_requant  # noqa: PLC0415
+
+        return swiglu_requant.launch(gate, up, offsets_i32, swiglu_limit=swiglu_limit, row_weight_f32=row_weight_f32,
+                                     input_dec_scale_f32=input_dec_scale_f32)
+
+    @staticmethod
+    def router(x_bf16: Tensor, router, token_ids_i64: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """-> (ids int64 [T, k], weights float32 [T, k]) (moe_router)."""
+        from kernels.sm90 import moe_block  # noqa: PLC0415
+
+        return moe_block.route(x_bf16, router, token_ids_i64)
+
+    @staticmethod
+    def dispatch(ids: Tensor, num_experts: int, num_valid_tokens_i32: Tensor | None = None):
+        """-> moe_dispatch.Dispatch (stable expert-sorted rows, device offsets)."""
+        from kernels.sm90 import moe_dispatch  # noqa: PLC0415
+
+        return moe_dispatch.dispatch(ids, num_experts, num_valid_tokens_i32=num_valid_tokens_i32)
+
+    @staticmethod
+    def combine(y_rows_bf16: Tensor, row_token_i64: Tensor, row_slot_i64: Tensor, weights_f32: Tensor | None, *,
+                num_tokens: int, top_k: int) -> Tensor:
+        """Expert-sorted rows -> bf16 [T, H], weighted sum per token in slot order (moe_dispatch.combine)."""
+        from kernels.sm90 import moe_dispatch  # noqa: PLC0415
+
+        rop = moe_dispatch.row_of_pair_from_rows(row_token_i64, row_slot_i64, top_k)
+        return moe_dispatch.combine(y_rows_bf16, rop, weights_f32, num_tokens=num_tokens, top_k=top_k)
+
+    @staticmethod
+    def moe_block(x_bf16: Tensor, router, experts, **kw) -> Tensor:
+        """The whole routed MoE block, one capturable call (moe_block.launch)."""
+        from kernels.sm90 import moe_block  # noqa: PLC0415
+
+        return moe_block.launch(x_bf16, router, experts, **kw)
+
     def cache_clear(self) -> None:
         """Forget compiled launchers (tests' fresh-cache fixture)."""
         quantize_nvfp4_1x16._compile.cache_clear()
         amax_global_enc_scale._compile.cache_clear()
         gemm_nvfp4._compile.cache_clear()
+        import sys  # noqa: PLC0415 (only the MoE modules already imported)
+
+        for mod, fns in (("kernels.sm90.quantize_grouped", ("_compile", "_compile_amax")),
+                         ("kernels.sm90.swiglu_requant", ("_compile",)), ("kernels.sm90.moe_router", ("_compile",)),
+                         ("kernels.sm90.moe_dispatch", ("_compile_dispatch", "_compile_combine")),
+                         ("kernels.sm90.grouped_gemm_nvfp4", ("_compile",))):
+            m = sys.modules.get(mod)
+            for fn in fns if m is not None else ():
+                getattr(m, fn).cache_clear()

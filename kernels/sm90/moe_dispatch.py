@@ -12,7 +12,8 @@ Integer arithmetic only: deterministic, and every pair's row is fixed by the ids
 Capacity: buffers are sized by T * k (the caller's capacity), never by counts; the valid-token count
 num_valid_tokens_i32 (int32 [1] on the device) and the ids are read only on the device. Pairs of
 tokens t >= n, and ids outside [0, E), reach no expert: their row_of_pair is -1 and offsets[E]
-counts only the routed pairs; rows past offsets[E] are left unspecified (nothing reads them).
+counts only the routed pairs; those pairs fill the rows past offsets[E] (in pair order), so row_token
+and row_slot always hold a permutation of all T*k pairs (every index valid).
 Zero-token experts are legal (equal offsets). No host sync, graph-capturable.
 
 Combine: out[t] = sum over slots s = 0..k-1 (in slot order) of w[t, s] * y[row_of_pair[t, s]], float32,
@@ -40,8 +41,8 @@ _SCAN_EXPERTS = 32
 @dataclass(frozen=True)
 class Dispatch:
     """row_token_i64 [T*k], row_slot_i64 [T*k] (token and slot of each expert-sorted row; rows past
-    offsets[E] unspecified); offsets_i32 [E+1]; row_of_pair_i32 [T*k] (the row of pair t*k + s, -1 when
-    the pair reaches no expert)."""
+    offsets[E] hold the unrouted pairs); offsets_i32 [E+1]; row_of_pair_i32 [T*k] (the row of pair
+    t*k + s, -1 when the pair reaches no expert)."""
 
     row_token_i64: Tensor
     row_slot_i64: Tensor
@@ -67,13 +68,13 @@ def _compile_dispatch(key: _DispatchKey):
         p = ids.numel()
         n_chunks = triton.cdiv(p, _CHUNK)
         dev = ids.device
-        counts = torch.empty((n_chunks, e), dtype=torch.int32, device=dev)
-        base = torch.empty((n_chunks, e), dtype=torch.int32, device=dev)
-        total = torch.empty((e,), dtype=torch.int32, device=dev)
+        counts = torch.empty((n_chunks, e + 1), dtype=torch.int32, device=dev)  # bucket E: no expert
+        base = torch.empty((n_chunks, e + 1), dtype=torch.int32, device=dev)
+        total = torch.empty((e + 1,), dtype=torch.int32, device=dev)
         n_arg = n_i32 if n_i32 is not None else total
         dispatch_count_kernel[(n_chunks,)](ids, n_arg, counts, p, e, K=key.k, HAS_N=key.has_n, CH=_CHUNK,
                                            E_PAD=key.e_pad, num_warps=4)
-        dispatch_scan_kernel[(triton.cdiv(e, _SCAN_EXPERTS),)](counts, base, total, n_chunks, e, C_ITERS=key.c_iters,
+        dispatch_scan_kernel[(triton.cdiv(e + 1, _SCAN_EXPERTS),)](counts, base, total, n_chunks, e + 1, C_ITERS=key.c_iters,
                                                                CB=_SCAN_CHUNKS, BE=_SCAN_EXPERTS, num_warps=4)
         dispatch_scatter_kernel[(n_chunks,)](ids, n_arg, base, total, out.offsets_i32, out.row_token_i64,
                                              out.row_slot_i64, out.row_of_pair_i32, p, e, K=key.k, HAS_N=key.has_n,
@@ -104,7 +105,7 @@ def dispatch(ids: Tensor, num_experts: int, *, num_valid_tokens_i32: Tensor | No
         out.offsets_i32.zero_()
         return out
     n_chunks = (p + _CHUNK - 1) // _CHUNK
-    key = _DispatchKey(k, num_valid_tokens_i32 is not None, max(16, next_pow2(num_experts)),
+    key = _DispatchKey(k, num_valid_tokens_i32 is not None, max(16, next_pow2(num_experts + 1)),
                        (n_chunks + _SCAN_CHUNKS - 1) // _SCAN_CHUNKS)
     _compile_dispatch(key)(ids, num_valid_tokens_i32, num_experts, out)
     return out
