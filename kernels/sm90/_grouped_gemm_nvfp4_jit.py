@@ -164,17 +164,15 @@ def grouped_gemm_nvfp4_kernel(
         zr = off_end + z * BT + tl.arange(0, BT)
         zok = (zr < RCAP) & (z * BT < RCAP - off_end)
         if EPI == 0:
-            o = zr.to(tl.int64)[None, :] * N + wr[:, None]
-            tl.store(out_ptr + o, tl.zeros((BN, BT), dtype=tl.bfloat16), mask=(wr < N)[:, None] & zok[None, :])
+            zo = zr.to(tl.int64)[None, :] * N + wr[:, None]
+            tl.store(out_ptr + zo, tl.zeros((BN, BT), dtype=tl.bfloat16), mask=(wr < N)[:, None] & zok[None, :])
         elif EPI == 1:
-            I = N // 2
-            ic = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-            o = zr.to(tl.int64)[None, :] * I + ic[:, None]
-            m = (ic < I)[:, None] & zok[None, :]
-            tl.store(out_ptr + o, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=m)
-            tl.store(out2_ptr + o, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=m)
+            zic = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+            zo = zr.to(tl.int64)[None, :] * (N // 2) + zic[:, None]
+            zm = (zic < N // 2)[:, None] & zok[None, :]
+            tl.store(out_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
+            tl.store(out2_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
         else:
-            I = N // 2
-            col = pid_n * (BN // 4) + tl.arange(0, BN // 4)
-            o = zr.to(tl.int64)[None, :] * (I // 2) + col[:, None]
-            tl.store(out_ptr + o, tl.zeros((BN // 4, BT), dtype=tl.uint8), mask=(col < I // 2)[:, None] & zok[None, :])
+            zcol = pid_n * (BN // 4) + tl.arange(0, BN // 4)
+            zo = zr.to(tl.int64)[None, :] * (N // 4) + zcol[:, None]
+            tl.store(out_ptr + zo, tl.zeros((BN // 4, BT), dtype=tl.uint8), mask=(zcol < N // 4)[:, None] & zok[None, :])
