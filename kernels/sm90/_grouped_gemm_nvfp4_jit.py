@@ -31,7 +31,7 @@ experts' rows or any scale padding.
 import triton
 import triton.language as tl
 
-from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _load_decoded
+from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _decode, _load_decoded
 from kernels.sm90._te_math import e2m1_code_lt_zero_bits, e4m3_rne_satfinite_u8, e4m3_u8_to_f32
 
 
@@ -83,12 +83,12 @@ def _split_gate_up(acc, BN: tl.constexpr, BT: tl.constexpr):
     return tl.split(a)
 
 
-@triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
+@triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit", "PLANE"])
 def grouped_gemm_nvfp4_kernel(
     w_ptr, wsf_ptr, x_ptr, xsf_ptr, adec_ptr, wdec_ptr, off_ptr,
-    out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
-    E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
-    K_ITERS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr, E_P: tl.constexpr,
+    out_ptr, out2_ptr, hsf_ptr, hdec_ptr, planes_ptr,
+    E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP, PLANE,
+    K_ITERS: tl.constexpr, X_F16: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr, E_P: tl.constexpr,
     USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
 ):
     NT = tl.cdiv(N, BN)
@@ -108,7 +108,12 @@ def grouped_gemm_nvfp4_kernel(
         for it in range(0, K_ITERS):
             kb = it * BLOCK_K
             w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, kb, HALF_K, CP4, BN, BLOCK_K, USE_ASM)
-            x_lo, x_hi = _load_decoded(x_e, xsf_e, loc, cnt_e, kb, HALF_K, CP4, BT, BLOCK_K, USE_ASM)
+            if X_F16:  # the same fp16 values, decoded once per GEMM (grouped_act_decode_planes_kernel)
+                xo = (off_e + loc).to(tl.int64)[:, None] * (K_ITERS * BLOCK_K // 2) + (kb // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+                x_lo = tl.load(planes_ptr + xo, mask=(loc < cnt_e)[:, None], other=0.0)
+                x_hi = tl.load(planes_ptr + PLANE + xo, mask=(loc < cnt_e)[:, None], other=0.0)
+            else:
+                x_lo, x_hi = _load_decoded(x_e, xsf_e, loc, cnt_e, kb, HALF_K, CP4, BT, BLOCK_K, USE_ASM)
             acc = tl.dot(w_lo, tl.trans(x_lo), acc)
             acc = tl.dot(w_hi, tl.trans(x_hi), acc)
         acc = acc * DECODE_UNSCALE  # exact
@@ -176,3 +181,43 @@ def grouped_gemm_nvfp4_kernel(
             zcol = pid_n * (BN // 4) + tl.arange(0, BN // 4)
             zo = zr.to(tl.int64)[None, :] * (N // 4) + zcol[:, None]
             tl.store(out_ptr + zo, tl.zeros((BN // 4, BT), dtype=tl.uint8), mask=(zcol < N // 4)[:, None] & zok[None, :])
+
+
+@triton.jit(do_not_specialize=["PLANE"])
+def grouped_act_decode_planes_kernel(x_ptr, xsf_ptr, off_ptr, planes_ptr, E, HALF_K, CP4, PLANE,
+                                     K_ITERS: tl.constexpr, BLOCK_R: tl.constexpr, E_P: tl.constexpr,
+                                     USE_ASM: tl.constexpr):
+    """Large-count path, step 1: the grouped activations [Rcap, K] -> two fp16 planes [Rcap, K_ITERS*64]
+    (even k, odd k of each 128-wide K tile) of e2m1 * e4m3 * 2^-7 (exact), exactly the values the GEMM
+    would decode per tile, so X_F16 gives the same bits. Row r of expert e (off[e] <= r < off[e+1]) reads
+    its scales at row pad_e + r - off[e]; rows past off[E] and K past the end are zero."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * 128
+    idx = tl.arange(0, E_P)
+    lo = tl.load(off_ptr + idx, mask=idx < E, other=0)
+    hi = tl.load(off_ptr + idx + 1, mask=idx < E, other=0)
+    cnt = tl.maximum(hi - lo, 0)
+    pads = (cnt + 127) // 128 * 128
+    pstart = tl.cumsum(pads, axis=0) - pads
+    off_end = tl.load(off_ptr + E)
+    # expert of each row: the number of experts whose rows end at or before it
+    e_r = tl.sum(((hi[None, :] <= rows[:, None]) & (idx < E)[None, :]).to(tl.int32), axis=1)
+    sel = idx[None, :] == e_r[:, None]
+    off_r = tl.sum(tl.where(sel, lo[None, :], 0), axis=1)
+    pad_r = tl.sum(tl.where(sel, pstart[None, :], 0), axis=1)
+    ok = rows < off_end
+    srow = tl.where(ok, pad_r + rows - off_r, 0)
+    pcols = kb // 2 + tl.arange(0, 64)
+    b = tl.load(x_ptr + rows.to(tl.int64)[:, None] * HALF_K + pcols[None, :],
+                mask=ok[:, None] & (pcols < HALF_K)[None, :], other=0)
+    c4 = kb // 64 + tl.arange(0, 2)
+    woff = (((srow // 128) * CP4)[:, None] + c4[None, :]) * 128 + ((srow % 32) * 4 + (srow // 32) % 4)[:, None]
+    w = tl.load(xsf_ptr + woff, mask=ok[:, None] & (c4 < CP4)[None, :], other=0)
+    sc = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+    sc = tl.reshape(sc, (BLOCK_R, 8))
+    c = kb // 16 + tl.arange(0, 8)
+    sc = tl.where((c < HALF_K // 8)[None, :], sc, 0)
+    x_lo, x_hi = _decode(b, sc, BLOCK_R, 128, USE_ASM)
+    o = rows.to(tl.int64)[:, None] * (K_ITERS * 64) + (kb // 2 + tl.arange(0, 64))[None, :]
+    tl.store(planes_ptr + o, x_lo)
+    tl.store(planes_ptr + PLANE + o, x_hi)

@@ -80,6 +80,7 @@ class CompileKey:
     e_pad: int
     use_asm: bool = True
     clamp: bool = False
+    act_f16: bool = False  # decode the activations once per GEMM into fp16 planes (same values, same bits)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
@@ -91,8 +92,9 @@ class CompileKey:
         warps = 4 if bt <= 32 else 8
         stages = 4 if bt <= 32 else 3
         e_pad = max(16, 1 << (num_experts - 1).bit_length())
+        # Large counts: the activations are decoded once (fp16 planes) instead of once per column tile.
         return CompileKey(epi=epi, block_n=128, block_t=bt, num_warps=warps, num_stages=stages, e_pad=e_pad,
-                          use_asm=use_asm, clamp=clamp)
+                          use_asm=use_asm, clamp=clamp, act_f16=bt >= 64)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
@@ -106,7 +108,7 @@ def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles on the first launch: warm up before graph capture)."""
     import triton
 
-    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_gemm_nvfp4_kernel
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel, grouped_gemm_nvfp4_kernel
 
     def run(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2, hsf, hdec,
             limit: float) -> None:
@@ -115,13 +117,22 @@ def _compile(key: CompileKey):
         grid = (key.grid(rcap, e, n),)
         if grid[0] == 0:
             return
+        k_iters = -(-w.k // 128)
+        cp4 = w.sf_swizzled_u8.shape[2] // 4
+        planes, plane = a_packed_u8, 0
+        if key.act_f16:  # fp16 planes [2, Rcap, k_iters * 64] (from the graph pool under capture)
+            plane = -(-rcap // 16) * 16 * k_iters * 64  # rows padded to the decode tile: every store in bounds
+            planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
+            grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
+                a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, e, w.k // 2, cp4, plane,
+                K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, num_warps=4)
         grouped_gemm_nvfp4_kernel[grid](
             w.packed_u8, w.sf_swizzled_u8.view(torch.int32), a_packed_u8, a_sf_u8.view(torch.int32),
-            a_dec_f32, w.dec_scale_f32, offsets_i32, out, out2, hsf, hdec,
-            e, n, w.k // 2, w.sf_swizzled_u8.shape[2] // 4, rcap, w.sf_swizzled_u8.shape[1],
+            a_dec_f32, w.dec_scale_f32, offsets_i32, out, out2, hsf, hdec, planes,
+            e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
             0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
-            hsf.shape[1] if hsf.dim() == 2 else 4,
-            K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, BLOCK_K=128, E_P=key.e_pad, USE_ASM=key.use_asm,
+            hsf.shape[1] if hsf.dim() == 2 else 4, plane,
+            K_ITERS=k_iters, X_F16=key.act_f16, EPI=key.epi, BN=key.block_n, BT=key.block_t, BLOCK_K=128, E_P=key.e_pad, USE_ASM=key.use_asm,
             CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
             num_warps=key.num_warps, num_stages=key.num_stages)
 

@@ -173,8 +173,10 @@ _INTERP_CASES = {
     "plain_zero_token_experts_capacity_rows_k_tail": (check_plain, dict(counts=[3, 0, 20, 1, 0], rcap=30, n=48, k=160)),
     "plain_one_hot_expert_two_column_tiles": (check_plain, dict(counts=[0, 0, 37, 0], rcap=40, n=130, k=96, seed=3)),
     "plain_tokens_tile_32": (check_plain, dict(counts=[40, 0, 30], rcap=80, n=64, k=64, seed=5)),
+    "plain_tokens_tile_64_act_f16": (check_plain, dict(counts=[70, 0, 60], rcap=140, n=64, k=160, seed=6)),
     "l1_gate_up_own_scales": (check_l1, dict(counts=[5, 0, 17], rcap=25, i=32, k=64, seed=7)),
     "fused_swiglu_requant_clamped": (check_fused, dict(counts=[5, 0, 17, 2], rcap=26, i=64, k=64, seed=9)),
+    "fused_swiglu_requant_tile_64_act_f16": (check_fused, dict(counts=[60, 0, 55], rcap=120, i=32, k=64, seed=10)),
     "fused_swiglu_requant_no_limit": (check_fused, dict(counts=[0, 12, 3], rcap=16, i=32, k=48, seed=11, clamp=False)),
 }
 
@@ -279,11 +281,14 @@ def test_gpu_token_tiles_bit_identical_and_deterministic():
     off = a["off"].to(torch.int32)
     args = (a["packed"], a["sf_sw"], a["dec"], off, w)
     outs = {}
-    for bt in (16, 32, 64, 128):
-        key = gg.CompileKey(epi=0, block_n=128, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3, e_pad=16)
-        outs[bt] = gg.grouped_gemm(*args, key=key)
-    for bt in (32, 64, 128):
-        assert_bits_equal(outs[bt].cpu(), outs[16].cpu(), label=f"token tile {bt} vs 16")
+    for bn, bt, act_f16 in ((128, 16, False), (128, 32, False), (128, 64, False), (128, 128, False), (128, 64, True),
+                            (128, 128, True), (64, 16, False), (64, 64, True)):
+        key = gg.CompileKey(epi=0, block_n=bn, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3, e_pad=16,
+                            act_f16=act_f16)
+        outs[bn, bt, act_f16] = gg.grouped_gemm(*args, key=key)
+    for cfg, y in outs.items():
+        assert_bits_equal(y.cpu(), outs[128, 16, False].cpu(), label=f"tile (BN, BT, act_f16) {cfg} vs (128, 16, False)")
+    outs[16] = outs[128, 16, False]
     assert_bits_equal(gg.grouped_gemm(*args).cpu(), gg.grouped_gemm(*args).cpu(), label="two runs")
     # expert 2 alone (its own buffers, other experts empty) vs among all
     lo, hi = int(a["off"][2]), int(a["off"][3])

@@ -156,7 +156,7 @@ def test_moe_grouped_gemm_bench():
     assert all(r_["ours_fused_s"] > 0 for r_ in rows_out)
 
 
-@pytest.mark.parametrize("t", [16, 4096, 32768])
+@pytest.mark.parametrize("t", [1, 16, 4096, 32768])
 def test_moe_tile_sweep(t):
     """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md)."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
@@ -177,19 +177,24 @@ def test_moe_tile_sweep(t):
     a_dec = torch.full((E,), 0.02, dtype=torch.float32, device=dev)
     s2 = torch.full((E,), 0.05, dtype=torch.float32, device=dev)
     out = []
-    configs = {16: [(16, 4, 3), (16, 4, 4), (32, 4, 3)],
-               4096: [(32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)],
-               32768: [(64, 8, 3), (128, 8, 3), (128, 8, 4), (128, 4, 3)]}[t]
-    for bt, warps, stages in configs:
-        key = gg.CompileKey(epi=2, block_n=128, block_t=bt, num_warps=warps, num_stages=stages, e_pad=512, clamp=True)
+    # (BN, BT, warps, stages, act_f16)
+    configs = {1: [(64, 16, 4, 3, False), (128, 16, 4, 3, False), (64, 16, 4, 4, False)],
+               16: [(128, 16, 4, 3, False), (128, 16, 4, 4, False), (64, 16, 4, 4, False)],
+               4096: [(128, 64, 4, 3, True), (128, 64, 8, 3, True), (128, 64, 4, 3, False), (128, 128, 8, 3, True)],
+               32768: [(128, 128, 8, 3, True), (128, 128, 8, 3, False), (128, 128, 8, 4, True), (128, 64, 8, 3, True)]}[t]
+    for bn, bt, warps, stages, act_f16 in configs:
+        key = gg.CompileKey(epi=2, block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, e_pad=512, clamp=True,
+                            act_f16=act_f16)
         try:
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5)
         except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
-            print(f"T={t} BT={bt} warps={warps} stages={stages}: {type(exc).__name__}: {str(exc)[:120]}")
+            print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {type(exc).__name__}: "
+                  f"{str(exc)[:120]}")
             continue
-        out.append({"T": t, "BT": bt, "warps": warps, "stages": stages, "us": s * 1e6})
-        print(f"sweep fused L1 T={t} BT={bt} warps={warps} stages={stages}: {s * 1e6:.1f} us", flush=True)
+        out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "us": s * 1e6})
+        print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {s * 1e6:.1f} us",
+              flush=True)
     out_dir = os.environ.get("NVFP4V_REPORT_DIR")
     if out_dir:
         with open(os.path.join(out_dir, f"sm90_moe_sweep_T{t}.json"), "w") as f:
