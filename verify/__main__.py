@@ -1,11 +1,11 @@
-"""`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer, model.
+"""`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer, model, report.
 
 Each command's arguments and body live in its own module; this file only dispatches, and
 turns user errors into one line on stderr.
 
 Exit status:
   0  success
-  1  a verdict failed (demo, layer, model) or lint found an error finding
+  1  a verdict failed (demo, layer, model, report) or lint found an error finding
   2  a usage or input error, printed as one line `verify <command>: error: <message>`:
        UsageError              bad argument value (argparse's errors too: unknown option,
                                invalid choice, --tokens 0, --layers 3-1 or x, a missing --inputs)
@@ -44,8 +44,11 @@ COMMANDS = {
     "fixture": ("verify.fixtures", "add_fixture_arguments", "cli_fixture", "write a fixture checkpoint"),
     "layer": ("verify.layer_report", "add_layer_arguments", "cli_layer",
               "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
-    "model": ("verify.layer_report", "add_model_arguments", "cli_model",
-              "every layer the checkpoint holds (the layer command over them, with a progress bar)"),
+    "model": ("verify.sweep", "add_model_arguments", "cli_model",
+              "streaming sweep over every layer (and MTP block) the checkpoint holds: one layer at a time, "
+              "resumable with --report-dir, many GPUs under torchrun; JSON + HTML report"),
+    "report": ("verify.report.cli", "add_report_arguments", "cli_report",
+               "re-render a model sweep's report (rich summary, HTML) from its JSON"),
     "accumulator": ("verify.accumulator", "add_accumulator_arguments", "cli_accumulator",
                     "measure each GEMM path's accumulator bits and rounding; exit 1 if the declared u_acc is looser"),
     "selftest": ("verify.selftest", "add_selftest_arguments", "cli_selftest",
@@ -71,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (module, add_args, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text)
         # SUPPRESS: a subcommand's default must not overwrite a top-level --debug
-        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+        # (its help cannot show %(default)r: a suppressed default is not a value, and --help would crash)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="On a usage or input error, print the traceback too. Default: False.")
         try:
             getattr(importlib.import_module(module), add_args)(p)
         except (ImportError, AttributeError) as exc:  # a command whose module is absent stays listed

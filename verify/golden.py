@@ -1,9 +1,12 @@
 """Golden files: per-stage metrics and byte digests, compared with explicit per-metric tolerances.
 
-A golden file is JSON: {"environment": {...} (informational, never compared),
-"runs": {run_id: {"metrics": {stage: {metric: value}}, "digests": {tensor: sha256}}}}.
-Digests must match exactly (deterministic byte outputs); metrics within
-METRIC_TOLERANCES (absolute, relative). `--update-golden` rewrites the file and the
+A golden file is `golden/<fixture>/<backend>.json`: {"environment": {...} (informational, never
+compared), "runs": {run_id: {"metrics": {stage: {metric: value}}, "digests": {tensor: sha256},
+"verdicts": {"<stage> <check>": status} (backend runs only)}}}.
+Digests and verdict statuses must match exactly (deterministic bytes, pass/fail); metrics within
+METRIC_TOLERANCES (absolute, relative), looked up by the metric's own name (a backend run's
+`bound.vs_high_y.cosine` uses "cosine", `bound.bound_ratio_gate` uses "bound_ratio"); a metric
+with no entry must be equal. `--update-golden` rewrites the file and the
 test then fails showing the diff, so a change is always reviewed; a mismatch leaves
 `<name>.obtained.json` beside the golden, a missing golden is written and fails.
 """
@@ -19,8 +22,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["METRIC_TOLERANCES", "tensor_digest", "environment", "compare_golden", "load_golden", "write_golden",
-           "check_or_update_golden", "check_or_update_golden_run", "obtained_path"]
+__all__ = ["METRIC_TOLERANCES", "tolerance_for", "tensor_digest", "environment", "compare_golden", "load_golden", "write_golden",
+           "check_or_update_golden", "check_or_update_golden_run", "obtained_path", "backend_golden_run"]
 
 # (abs, rel): the emulated tensors are pinned bit-exactly by their digests, so metrics can move
 # only through the float64 high-precision path and float64 metric arithmetic (~1e-15 relative).
@@ -33,7 +36,20 @@ METRIC_TOLERANCES: dict[str, tuple[float, float]] = {
     "frac_bit_exact": (0.0, 0.0),
     "nan_count": (0.0, 0.0),
     "inf_count": (0.0, 0.0),
+    # backend verdict metrics computed in float64 from bit-exact operands (verify.stage_verdicts)
+    "bound_ratio": (1e-12, 1e-9),
+    "max_weight_ratio": (1e-12, 1e-9),
 }
+
+
+def tolerance_for(metric: str) -> tuple[float, float]:
+    """(abs, rel) of a metric: its name, else its last dotted component, else that component without a
+    trailing _<output> (bound_ratio_gate -> bound_ratio); (0, 0) when none has an entry."""
+    last = metric.rsplit(".", 1)[-1]
+    for key in (metric, last, last.rsplit("_", 1)[0]):
+        if key in METRIC_TOLERANCES:
+            return METRIC_TOLERANCES[key]
+    return (0.0, 0.0)
 
 
 def tensor_digest(t: Tensor) -> str:
@@ -77,7 +93,9 @@ def _close(metric: str, golden: float, got: float) -> bool:
         return golden is got
     if math.isinf(golden) or math.isinf(got) or math.isnan(golden) or math.isnan(got):
         return (golden == got) or (math.isnan(golden) and math.isnan(got))
-    abs_tol, rel_tol = METRIC_TOLERANCES.get(metric, (0.0, 0.0))
+    if isinstance(golden, str) or isinstance(got, str):
+        return golden == got
+    abs_tol, rel_tol = tolerance_for(metric)
     return abs(got - golden) <= abs_tol + rel_tol * abs(golden)
 
 
@@ -96,15 +114,19 @@ def _relative_change(golden, got) -> float:
 
 def compare_golden(golden: dict, got: dict) -> list[str]:
     """Human-readable differences between two golden documents' runs (empty: equal). Missing runs and
-    stages come first, then metric changes with the LARGEST relative change first (a stage that moved
+    stages come first, then changed verdict statuses, then metric changes with the LARGEST relative change first (a stage that moved
     by a factor 2 is the first line, not the hundredth after 8th-digit drifts), then byte digests."""
-    missing, metrics, digests = [], [], []
+    missing, verdicts, metrics, digests = [], [], [], []
     g_runs, n_runs = golden.get("runs", {}), got.get("runs", {})
     for run_id in sorted(set(g_runs) | set(n_runs)):
         if run_id not in n_runs or run_id not in g_runs:
             missing.append(f"{run_id}: {'missing from this run' if run_id not in n_runs else 'not in the golden file'}")
             continue
         g, n = g_runs[run_id], n_runs[run_id]
+        gv, nv = g.get("verdicts", {}), n.get("verdicts", {})
+        for key in sorted(set(gv) | set(nv)):
+            if gv.get(key) != nv.get(key):
+                verdicts.append(f"{run_id} {key}: verdict golden {gv.get(key)!r}, got {nv.get(key)!r}")
         for stage in sorted(set(g["metrics"]) | set(n["metrics"])):
             gm, nm = g["metrics"].get(stage), n["metrics"].get(stage)
             if gm is None or nm is None:
@@ -115,12 +137,12 @@ def compare_golden(golden: dict, got: dict) -> list[str]:
                     rel = _relative_change(gm.get(metric), nm.get(metric))
                     metrics.append((rel, f"{run_id} {stage} {metric}: golden {gm.get(metric)!r}, got {nm.get(metric)!r} "
                                          f"(relative change {rel:.3g}; tolerance abs, rel = "
-                                         f"{METRIC_TOLERANCES.get(metric, (0.0, 0.0))})"))
+                                         f"{tolerance_for(metric)})"))
         for name in sorted(set(g["digests"]) | set(n["digests"])):
             if g["digests"].get(name) != n["digests"].get(name):
                 digests.append(f"{run_id} {name}: bytes differ (sha256 golden {str(g['digests'].get(name))[:16]}..., "
                                f"got {str(n['digests'].get(name))[:16]}...)")
-    return missing + [m for _, m in sorted(metrics, key=lambda t: -t[0])] + digests
+    return missing + verdicts + [m for _, m in sorted(metrics, key=lambda t: -t[0])] + digests
 
 
 def load_golden(path: Path) -> dict:
@@ -143,7 +165,7 @@ def check_or_update_golden(path: Path, got: dict, *, update: bool) -> list[str]:
     the old content are returned, so the caller still fails and shows them."""
     if not path.exists():
         write_golden(path, got)
-        return [f"{path}: created (no golden file existed); review and commit it"]
+        return [f"missing golden {path}: written to {path} (created); review and commit it"]
     diffs = compare_golden(load_golden(path), got)
     if not diffs:
         obtained_path(path).unlink(missing_ok=True)
@@ -155,16 +177,46 @@ def check_or_update_golden(path: Path, got: dict, *, update: bool) -> list[str]:
     return [f"{path}: differs; this run's document is in {obtained_path(path)}"] + diffs
 
 
-def check_or_update_golden_run(path: Path, run_id: str, got_run: dict, *, update: bool) -> list[str]:
+def backend_golden_run(digests: dict[str, str], verdicts: list) -> dict:
+    """One backend run of a golden file from a layer run's emulated-tensor digests (the inputs the
+    teacher-forced verdicts judged) and its verdicts: every numeric verdict metric per stage as
+    "<check>.<metric>" (nested dicts flattened one level, e.g. "bound.vs_high_y.sqnr_db"; timings and
+    tracebacks left out), any verdict metric named "sha256_*" as a digest of the backend's output
+    bytes, and every verdict's status as "<stage> <check>"."""
+    metrics: dict[str, dict] = {}
+    out_digests = dict(digests)
+    statuses = {}
+    for v in verdicts:
+        statuses[f"{v.stage} {v.check}"] = v.status
+        for key, value in v.metrics.items():
+            if key == "seconds":
+                continue
+            if key.startswith("sha256_") and isinstance(value, str):
+                out_digests[f"{v.stage}.{v.check}.{key}"] = value
+            elif isinstance(value, dict):
+                for sub, x in value.items():
+                    if isinstance(x, (int, float)) and not isinstance(x, bool):
+                        metrics.setdefault(v.stage, {})[f"{v.check}.{key}.{sub}"] = x
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                metrics.setdefault(v.stage, {})[f"{v.check}.{key}"] = value
+    return {"metrics": metrics, "digests": out_digests, "verdicts": statuses}
+
+
+def check_or_update_golden_run(path: Path, run_id: str, got_run: dict, *, update: bool,
+                               env: dict | None = None) -> list[str]:
     """check_or_update_golden for ONE run of a golden file, so each test item (one layer, one
     configuration) checks and updates only its own entry. A run missing from the file is added
-    and reported; a mismatch records this run in `<name>.obtained.json`."""
-    doc = load_golden(path) if path.exists() else {"environment": environment(), "runs": {}}
+    and reported; a mismatch records this run in `<name>.obtained.json`. `env` adds to the
+    environment block (e.g. the backend's declarations)."""
+    existed = path.exists()
+    doc = load_golden(path) if existed else {"environment": environment(), "runs": {}}
     golden_run = doc["runs"].get(run_id)
-    updated = {**doc, "environment": environment(), "runs": {**doc["runs"], run_id: got_run}}
+    updated = {**doc, "environment": {**environment(), **(env or {})}, "runs": {**doc["runs"], run_id: got_run}}
     if golden_run is None:
         write_golden(path, updated)
-        return [f"{path} {run_id}: created (not in the golden file); review and commit it"]
+        if not existed:
+            return [f"missing golden {path}: written to {path} with {run_id} (created); review and commit it"]
+        return [f"missing golden entry {run_id}: written to {path} (created); review and commit it"]
     diffs = compare_golden({"runs": {run_id: golden_run}}, {"runs": {run_id: got_run}})
     if not diffs:
         return []

@@ -1,5 +1,8 @@
 """`python -m verify layer`: the reference layer's quantization loss, stage by stage, and its golden file.
 
+(`python -m verify model`, the streaming sweep over every layer, is verify.sweep; it reuses the
+arguments, layer selection, inputs and tables defined here.)
+
 For each layer and each run configuration (activation scale dynamic/static, routing
 weight after/before w2) both reference modes run on the same inputs; the report holds,
 per stage, emulated-vs-high metrics (cosine, SQNR dB, calc_diff, rel-L2, max abs) and
@@ -28,7 +31,7 @@ from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inpu
 from verify.run import LayerRun, run_layer, verdict_counts
 
 __all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
-           "select_layers", "add_layer_arguments", "cli_layer", "add_model_arguments", "cli_model"]
+           "select_layers", "add_layer_arguments", "cli_layer", "loss_table", "verdict_table", "backend_for_verdicts"]
 
 GOLDEN_CONFIGS: dict[str, RunOptions] = {
     "dynamic-after_w2": RunOptions(act_scale="dynamic", weight_placement="after_w2"),
@@ -179,16 +182,6 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
-    add_layer_arguments(p)
-    p.set_defaults(layers=None)
-
-
-def cli_model(args: argparse.Namespace) -> int:
-    """`python -m verify model`: `layer` over every layer the checkpoint holds (--layers still narrows it)."""
-    return cli_layer(args)
-
-
 def cli_layer(args: argparse.Namespace) -> int:
     """Print per layer a rich table of the quantization loss per stage; optional JSON report.
 
@@ -226,7 +219,8 @@ def cli_layer(args: argparse.Namespace) -> int:
             t_load = time.perf_counter() - t0
             run = run_layer(ckpt, layer, inputs, options=options, backend=backend)
             runs[run_id(i, name)] = run.as_dict()
-            timings[run_id(i, name)] = {"load_s": t_load, **{f"{k}_s": v for k, v in run.timings_s.items()},
+            timings[run_id(i, name)] = {"load_s": t_load, **{f"{k}_s": v for k, v in run.timings_s.items()
+                                                             if isinstance(v, float)},
                                         "total_s": time.perf_counter() - t0}
             bar.advance(task)
             console.print(loss_table(i, name, args.tokens, run))

@@ -25,6 +25,9 @@ MARKERS = {
     "slow": "long-running; not run by default (select with -m slow or --run-slow)",
     "bench": "benchmark; not run by default (select with -m bench or --run-bench)",
     "cpu_compile": "compiles production kernels on the CPU (no GPU needed)",
+    "browser": "loads an HTML report in headless Chromium (NVFP4V_CHROMIUM or /usr/bin/chromium); runs by default "
+               "where it is installed, skipped with the reason elsewhere",
+    "distributed": "launches torchrun (torch.distributed, gloo on the CPU) in a subprocess",
     "oracle": "oracle(*names): compares with these third-party oracles; fails unless each installed version is "
               "the one verify/oracles.py documents",
 }
@@ -108,6 +111,19 @@ def _device_skip_reason(marker: str) -> str | None:
     return None
 
 
+def chromium_path() -> str:
+    """The Chromium the `browser` tests drive: NVFP4V_CHROMIUM, else Debian's /usr/bin/chromium."""
+    return env_default("CHROMIUM", "/usr/bin/chromium")
+
+
+def _browser_skip_reason() -> str | None:
+    path = chromium_path()
+    if not os.access(path, os.X_OK):
+        return (f"browser: no Chromium at {path} (install Debian's: apt-get install -y chromium; "
+                "or set NVFP4V_CHROMIUM)")
+    return None
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """`@pytest.mark.oracle("ml_dtypes", "torch")`: the test compares with those libraries, so each
     must be a documented version (verify.oracles); a mismatch fails the test naming both versions."""
@@ -138,6 +154,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         for name, enabled in opt_in.items():
             if not enabled and item.get_closest_marker(name):
                 item.add_marker(pytest.mark.skip(reason=f"{name}: not run by default; use -m {name} or --run-{name}"))
+        if item.get_closest_marker("browser"):
+            if "browser" not in reasons:
+                reasons["browser"] = _browser_skip_reason()
+            if reasons["browser"]:
+                item.add_marker(pytest.mark.skip(reason=reasons["browser"]))
         for hw in ("gpu", "sm90", "sm100"):
             if item.get_closest_marker(hw):
                 if hw not in reasons:

@@ -11,7 +11,9 @@ judges every kernel stage of the layer through the backend protocol (verify.stag
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Callable, Iterator
 
 from torch import Tensor
 
@@ -22,7 +24,14 @@ from verify.golden import tensor_digest
 from verify.reference_layer import LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
 from verify.stage_verdicts import LayerCase, Verdict, stage_verdicts
 
-__all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions"]
+__all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
+           "stage_seconds"]
+
+# The phases of one layer's run, in order, as run_layer reports them to `on_phase` and in timings_s
+# (the caller adds "load"; "graph_probe" is the part of "verdicts" spent in the sync and CUDA-graph
+# probes, so it is not added to the total twice).
+PHASES = ("emulated", "high", "verdicts", "graph_probe")
+
 
 E4M3_MAX_BYTE = 0x7E  # block scale 448: the block amax did not fit (static global scale too small)
 
@@ -66,12 +75,66 @@ def verdict_counts(verdicts: list[Verdict]) -> dict[str, int]:
     return out
 
 
+def stage_seconds(verdicts: list[Verdict]) -> dict[str, float]:
+    """Seconds spent on each stage's verdicts (the sum of its verdicts' `seconds`), in table order."""
+    out: dict[str, float] = {}
+    for v in verdicts:
+        out[v.stage] = out.get(v.stage, 0.0) + float(v.metrics.get("seconds", 0.0))
+    return out
+
+
+@contextmanager
+def _timed_probes(sink: dict[str, float], on_phase: Callable[[str], None] | None) -> Iterator[None]:
+    """Time the sync and CUDA-graph probes of verify.stage_verdicts (they run inside the stages'
+    verdicts, on CUDA only) into sink["graph_probe"], and report "graph probe <stage>" to on_phase.
+
+    stage_verdicts has no timing hook of its own for its probes, so its two probe functions are
+    wrapped for the duration of one layer's verdicts and restored afterwards; each probe's first
+    argument is the stage name."""
+    import verify.stage_verdicts as sv  # noqa: PLC0415
+
+    names = ("_sync_probe", "_graph_probe")
+    originals = {n: getattr(sv, n, None) for n in names}
+
+    def timed(fn, label):
+        def wrapper(stage, *args, **kwargs):
+            if on_phase is not None:
+                on_phase(f"{label} {stage}")
+            t = time.perf_counter()
+            try:
+                return fn(stage, *args, **kwargs)
+            finally:
+                sink["graph_probe"] = sink.get("graph_probe", 0.0) + time.perf_counter() - t
+        return wrapper
+
+    sink.setdefault("graph_probe", 0.0)
+    for n, label in zip(names, ("sync probe", "graph probe")):
+        if originals[n] is not None:
+            setattr(sv, n, timed(originals[n], label))
+    try:
+        yield
+    finally:
+        for n, fn in originals.items():
+            if fn is not None:
+                setattr(sv, n, fn)
+
+
 def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, options: RunOptions,
-              backend: Backend | None = None) -> LayerRun:
-    """Reference layer (both modes), loss per stage, digests and (with a backend) every stage's verdicts."""
+              backend: Backend | None = None, on_phase: Callable[[str], None] | None = None) -> LayerRun:
+    """Reference layer (both modes), loss per stage, digests and (with a backend) every stage's verdicts.
+
+    on_phase(name) is called as each phase starts ("emulated", "high", "verdicts", and on CUDA
+    "sync probe <stage>" / "graph probe <stage>"), for progress bars. timings_s holds the seconds of
+    each phase (PHASES) and, with a backend, "stages": the verdict seconds per stage."""
+    def phase(name: str) -> None:
+        if on_phase is not None:
+            on_phase(name)
+
     t0 = time.perf_counter()
+    phase("emulated")
     emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
     t1 = time.perf_counter()
+    phase("high")
     high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
     t2 = time.perf_counter()
     run = LayerRun(layer.index, emulated, high, quantization_loss(emulated, high),
@@ -80,6 +143,9 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
     if backend is not None:
         case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
                          emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
-        run.verdicts = stage_verdicts(backend, case)
+        phase("verdicts")
+        with _timed_probes(run.timings_s, on_phase):
+            run.verdicts = stage_verdicts(backend, case)
         run.timings_s["verdicts"] = time.perf_counter() - t2
+        run.timings_s["stages"] = stage_seconds(run.verdicts)
     return run

@@ -1,0 +1,72 @@
+"""The rich summary of a model report (end of a sweep, and `python -m verify report`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from verify.report.document import as_float
+
+__all__ = ["print_summary", "timing_line", "projection_line"]
+
+
+def timing_line(doc: dict) -> str:
+    """One line: wall time and the seconds of each phase, summed over units (and ranks)."""
+    t = doc["timings"]
+    phases = t.get("phases_s", {})
+    order = ("startup", "load", "emulated", "high", "verdicts", "graph_probe", "report")
+    parts = [f"{k} {phases[k]:.2f} s" for k in order if isinstance(phases.get(k), (int, float))]
+    wall = t.get("wall_s")
+    return (f"time: wall {wall:.2f} s; " if isinstance(wall, (int, float)) else "time: ") + ", ".join(parts) + \
+        " (per phase, summed over units; graph_probe is part of verdicts)"
+
+
+def projection_line(doc: dict) -> str | None:
+    p = doc["timings"].get("projection")
+    if not p:
+        return None
+    gpus = ", ".join(f"{n} GPU{'s' if n != '1' else ''} {s / 60:.1f} min" for n, s in p["gpus"].items())
+    return (f"projected {p['layers']}-layer sweep: {gpus} (median {p['per_layer_s']:.2f} s per layer over "
+            f"{p['measured_layers']} layer(s), start-up {p['startup_s']:.2f} s)")
+
+
+def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: bool = True) -> None:
+    """Units x verdict counts table, the worst stages, failures, timings and projections."""
+    from rich.table import Table  # noqa: PLC0415
+
+    s = doc["summary"]
+    backend = doc.get("backend")
+    table = Table(title=f"model sweep: {doc['run']['checkpoint']} "
+                        f"({backend['name'] if backend else 'reference only'}, {doc['run']['options']['tokens']} tokens)")
+    for col in ("unit", "pass", "fail", "not served", "n/a", "worst SQNR dB (stage)", "max bound ratio (stage)",
+                "time s", "rank"):
+        table.add_column(col, justify="left" if col in ("unit",) or "(" in col else "right")
+    for u in doc["units"]:
+        c = u["counts"]
+        worst = min(((as_float(m.get("sqnr_db")), st) for st, m in u["metrics"].items()
+                     if as_float(m.get("sqnr_db")) is not None), default=None)
+        from verify.report.document import stage_bound_ratios  # noqa: PLC0415
+
+        ratios = stage_bound_ratios(u)
+        top = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
+        fail = f"[bold red]{c['fail']}[/]" if c["fail"] else "0"
+        table.add_row(u["unit"]["name"], str(c["pass"]), fail, str(c["not served"]), str(c["skipped"]),
+                      f"{worst[0]:.2f} ({worst[1]})" if worst else ("-" if u["verified"] else "not verified"),
+                      (f"[bold red]{top[1]:.3g}[/]" if top[1] > 1 else f"{top[1]:.3g}") + f" ({top[0]})" if top else "-",
+                      f"{u['timings_s'].get('total', 0):.2f}", str(u.get("rank", "")))
+    console.print(table)
+    for f in s["failures"][:20]:
+        console.print(f"[bold red]FAIL[/] {f['unit']} {f['stage']} {f['check']}: {f['message'][:200]}")
+    if len(s["failures"]) > 20:
+        console.print(f"... and {len(s['failures']) - 20} more failures (report.json)")
+    for name, note in s.get("not_verified", {}).items():
+        console.print(f"[yellow]{name}[/]: {note}")
+    v = s["verdicts"]
+    style = {"pass": "bold green", "fail": "bold red"}.get(s["status"], "yellow")
+    console.print(f"[{style}]{s['status'].upper()}[/]: {v['pass']} pass, {v['fail']} fail, {v['not served']} not served, "
+                  f"{v['skipped']} n/a over {len(doc['units'])} unit(s)")
+    console.print(timing_line(doc))
+    line = projection_line(doc)
+    if line:
+        console.print(line)
+    if report_dir is not None:
+        console.print(f"report: {report_dir / 'report.json'}" + (f", {report_dir / 'report.html'}" if html else ""))

@@ -1,0 +1,46 @@
+"""`python -m verify model` under torchrun (torch.distributed, gloo on the CPU): the ranks split the
+units and rank 0's merged report equals the single-process one, ranks and timings aside."""
+
+from __future__ import annotations
+
+import pytest
+
+from verify.report.document import load_json, normalized, validate
+from verify.tests.sweep_runs import SWEEP_ARGS, UNITS, baseline_run_dir, run, torchrun_command
+
+pytestmark = pytest.mark.distributed
+
+
+def test_two_torchrun_ranks_merge_the_report_of_one_process(tmp_path):
+    out = tmp_path / "run"
+    proc = run(torchrun_command(2, "model", *SWEEP_ARGS, "--no-html", "--report-dir", str(out)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 ranks (gloo)" in proc.stdout, proc.stdout[-3000:]
+    doc = load_json(out / "report.json")
+    validate(doc)
+    dist = doc["distributed"]
+    assert dist["world_size"] == 2 and dist["backend"] == "gloo"
+    assert sorted(u for names in dist["assignment"].values() for u in names) == sorted(UNITS)
+    assert {u["rank"] for u in doc["units"]} == {0, 1}, "both ranks must have verified units"
+    assert normalized(doc) == normalized(load_json(baseline_run_dir() / "report.json"))
+
+
+def test_one_torchrun_rank_works(tmp_path):
+    out = tmp_path / "run"
+    proc = run(torchrun_command(1, "model", *SWEEP_ARGS, "--layers", "3", "--no-html", "--report-dir", str(out)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = load_json(out / "report.json")
+    assert doc["distributed"]["world_size"] == 1 and doc["distributed"]["backend"] == "gloo"
+    baseline = load_json(baseline_run_dir() / "report.json")
+    assert [normalized(u) for u in doc["units"]] == [normalized(baseline["units"][3])]
+
+
+def test_under_torchrun_a_missing_report_dir_is_a_one_line_error(monkeypatch, capsys):
+    """torch.distributed.is_torchelastic_launched() reads TORCHELASTIC_RUN_ID, which torchrun sets."""
+    from verify.__main__ import main
+
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")
+    assert main(["model", *SWEEP_ARGS, "--layers", "3"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "verify model: error: --report-dir: required under torchrun (the ranks write their units there and rank 0 "
+        "merges them; on several nodes it must be on a shared filesystem)")
