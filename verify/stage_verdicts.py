@@ -56,7 +56,8 @@ from verify.backend import Backend, Dispatched, QuantizedAct, fp8_act_scale_fmt,
 from verify.metrics import stage_metrics
 from verify.verdicts import router_verdict
 
-__all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages"]
+__all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages", "check_quantized",
+           "expected_grouped_quant", "grouped_f64"]
 
 STATUSES = ("pass", "fail", "not served", "skipped")
 
@@ -157,7 +158,7 @@ def _static_expert_scales(case: LayerCase) -> tuple[Tensor | None, Tensor | None
     return s1, ex.w2.input_scale_f32.to(torch.float32)
 
 
-def _check_quantized(stage: str, got: QuantizedAct, exp: QuantizedAct) -> str:
+def check_quantized(stage: str, got: QuantizedAct, exp: QuantizedAct) -> str:
     __tracebackhide__ = True
     assert_codes_equal_as_values(got.packed_u8, exp.packed_u8, label=f"{stage} codes")
     sf = got.sf_swizzled_u8
@@ -175,7 +176,7 @@ def _check_quantized(stage: str, got: QuantizedAct, exp: QuantizedAct) -> str:
     return "codes, scale bytes and global scale equal the emulator's"
 
 
-def _expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor, scale: Tensor | None) -> QuantizedAct:
+def expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor, scale: Tensor | None) -> QuantizedAct:
     """references' grouped quantization (the backend's recipe) in the boundary representation."""
     a = ref_moe.act_quant(rows, offsets_i64, recipe=backend.recipe, act_scale="static" if scale is not None else "dynamic",
                           input_scale_f32=scale)
@@ -183,7 +184,7 @@ def _expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor,
     return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
 
 
-def _grouped_f64(backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, out_dtype) -> tuple[Tensor, Tensor]:
+def grouped_f64(backend: Backend, a: QuantizedAct, offsets_i64: Tensor, w, out_dtype) -> tuple[Tensor, Tensor]:
     """(y64, bound) of one grouped GEMM on the boundary activations a and the checkpoint weight w."""
     k = a.k
     a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i64, cols=k // 16)
@@ -197,7 +198,7 @@ def _grouped_bound_check(stage: str, backend: Backend, a: QuantizedAct, offsets_
                          label: str) -> tuple[str, dict]:
     """y (one grouped GEMM's output) against the float64 product of the same quantized operands."""
     __tracebackhide__ = True
-    y64, bound = _grouped_f64(backend, a, offsets_i64, w, y.dtype)
+    y64, bound = grouped_f64(backend, a, offsets_i64, w, y.dtype)
     counts = _nan_inf(y, label)
     ratio = assert_within_gemm_bound(y, y64, bound, label=f"{stage} {label}")
     return f"{label}: max |y - y64| / bound = {ratio:.3g}", {f"bound_ratio_{label}": ratio, **counts}
@@ -408,7 +409,7 @@ def _dense_bytes(backend: Backend, stage: Stage, x: Tensor, scale: Tensor | None
                            **nvfp4_global_scale_for(x, recipe=backend.recipe, input_scale_f32=scale))
         exp = QuantizedAct(q.packed_u8, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8),
                            act_global_dec_f32(q, scale).reshape(1))
-        return _check_quantized(stage.name, got, exp)
+        return check_quantized(stage.name, got, exp)
 
     reason = backend.unsupported_reason(Op.QUANTIZE, x.device)
     if reason:
@@ -576,9 +577,9 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
     if v:
         out += _expand(v, MOE_ACT_QUANT)
     else:
-        out.append(_fail_or_pass(MOE_ACT_QUANT.name, Check.BYTES, lambda: _check_quantized(
+        out.append(_fail_or_pass(MOE_ACT_QUANT.name, Check.BYTES, lambda: check_quantized(
             MOE_ACT_QUANT.name, backend.grouped_quantize(rows, off_i32, input_dec_scale_f32=s1),
-            _expected_grouped_quant(backend, rows, off_i64, s1))))
+            expected_grouped_quant(backend, rows, off_i64, s1))))
         rows_buf = rows.clone()
         out += _probes(MOE_ACT_QUANT, backend, case,
                        lambda: backend.grouped_quantize(rows_buf, off_i32, input_dec_scale_f32=s1),
@@ -619,8 +620,8 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
             return f"h within one {h.dtype} ulp of the exact clamped SwiGLU ({h.numel()} elements)"
 
         out.append(_fail_or_pass(MOE_SWIGLU.name, Check.ROUNDING, swiglu_check))
-        out.append(_fail_or_pass(MOE_REQUANT.name, Check.BYTES, lambda: _check_quantized(
-            MOE_REQUANT.name, a2, _expected_grouped_quant(backend, h.to(torch.bfloat16), off_i64, s2))))
+        out.append(_fail_or_pass(MOE_REQUANT.name, Check.BYTES, lambda: check_quantized(
+            MOE_REQUANT.name, a2, expected_grouped_quant(backend, h.to(torch.bfloat16), off_i64, s2))))
         g_buf, u_buf = gate.clone(), up.clone()
         out += _probes(MOE_REQUANT, backend, case, lambda: backend.swiglu_requant(
             g_buf, u_buf, off_i32, swiglu_limit=spec.swiglu_limit, row_weight_f32=row_w, input_dec_scale_f32=s2),
@@ -787,8 +788,8 @@ def _l1_fused_verdict(backend: Backend, case: LayerCase, experts, a1: QuantizedA
     straddles a rounding boundary are counted and reported."""
     lw, spec = case.layer, case.moe_spec
     got = backend.l1_fused(a1, off_i32, experts, swiglu_limit=spec.swiglu_limit, input_dec_scale_f32=s2)
-    g64, bg = _grouped_f64(backend, a1, off_i64, lw.experts.w1, torch.float32)
-    u64, bu = _grouped_f64(backend, a1, off_i64, lw.experts.w3, torch.float32)
+    g64, bg = grouped_f64(backend, a1, off_i64, lw.experts.w1, torch.float32)
+    u64, bu = grouped_f64(backend, a1, off_i64, lw.experts.w3, torch.float32)
     h_lo, h_hi = _swiglu_interval(g64 - bg, g64 + bg, u64 - bu, u64 + bu, spec.swiglu_limit)
     # the kernel may round h to bf16 before quantizing it: widen by one bf16 ulp
     h_lo = h_lo - 2 * half_ulp(h_lo.abs(), torch.bfloat16)
