@@ -75,3 +75,95 @@ def test_golden_diff_lists_the_largest_relative_change_first():
     assert diffs[0].startswith("r b sqnr_db: golden 30.0, got 15.0 (relative change 0.5"), diffs
     assert any(d.startswith("r a sqnr_db") for d in diffs[1:]), diffs  # the 8th-digit drift comes later
     assert diffs[-1].startswith("r x: bytes differ"), diffs
+
+
+# ----------------------------------------------------------------------------- backend goldens
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from verify.checkpoint import Checkpoint  # noqa: E402
+from verify.config import GOLDEN_DIR  # noqa: E402
+from verify.golden import backend_golden_run, check_or_update_golden_run, tolerance_for  # noqa: E402
+from verify.layer_report import GOLDEN_CONFIGS, backend_for_verdicts, layer_inputs  # noqa: E402
+from verify.run import run_layer  # noqa: E402
+
+BACKEND_GOLDEN_TOKENS = 16
+BACKENDS = [
+    pytest.param("emulator", "cpu", id="emulator"),
+    pytest.param("sm90", "cuda", id="sm90", marks=[pytest.mark.gpu, pytest.mark.sm90]),
+    pytest.param("sm100", "cuda", id="sm100", marks=[pytest.mark.gpu, pytest.mark.sm100]),
+]
+LAYERS = [pytest.param(i, id=f"layer{i}", marks=getattr(pytest.mark, f"layer{i}")) for i in range(4)]
+
+
+def backend_run_id(layer: int, config: str) -> str:
+    return f"layer{layer}/{config}/verdicts"
+
+
+@pytest.fixture(scope="module")
+def backends():
+    cache = {}
+
+    def get(name: str, device: str):
+        if name not in cache:  # the accumulator probe runs once per backend
+            cache[name] = backend_for_verdicts(name, torch.device(device))
+        return cache[name]
+    return get
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("config", list(GOLDEN_CONFIGS))
+@pytest.mark.parametrize("i", LAYERS)
+@pytest.mark.parametrize("backend_name, device", BACKENDS)
+def test_backend_golden(backend_name, device, i, config, backends, run_cfg):
+    """golden/mini-v4/<backend>.json: every verdict's status and metrics (bound ratios, vs-high loss
+    of the backend's outputs, router statistics) and the digests of the teacher-forcing tensors of one
+    layer and configuration. A backend without a golden file gets it written and the test fails
+    ('missing golden ..., written to ...'): run once on the hardware, review, commit."""
+    backend = backends(backend_name, device)
+    ckpt = Checkpoint.open(GOLDEN_DIR / "mini-v4")
+    layer = ckpt.load_layer(i, device=device)
+    inputs = layer_inputs(ckpt, layer, tokens=BACKEND_GOLDEN_TOKENS, seed=0, device=device)
+    run = run_layer(ckpt, layer, inputs, options=GOLDEN_CONFIGS[config], backend=backend)
+    got = backend_golden_run(run.digests, run.verdicts)
+    declared = {"backend": {"name": backend.name, "recipe": backend.recipe.name, "u_acc": backend.u_acc},
+                "tokens": BACKEND_GOLDEN_TOKENS}
+    path = GOLDEN_DIR / "mini-v4" / f"{backend_name}.json"
+    diffs = check_or_update_golden_run(path, backend_run_id(i, config), got, update=run_cfg.update_golden, env=declared)
+    assert not diffs, "backend golden differs:\n  " + "\n  ".join(diffs[:40])
+
+
+def test_backend_golden_runs_hold_statuses_metrics_and_output_digests():
+    from verify.stage_verdicts import Verdict
+
+    verdicts = [Verdict("moe.l1", "bound", "pass", "ok", {"bound_ratio_gate": 0.5, "seconds": 3.0,
+                                                         "vs_high_gate": {"cosine": 0.99, "note": "x"}}),
+                Verdict("moe.l1", "graph", "fail", "replay differs", {"mutations": ["new values"],
+                                                                       "sha256_y": "ab" * 32})]
+    run = backend_golden_run({"moe.l1.gate": "cd" * 32}, verdicts)
+    assert run == {"metrics": {"moe.l1": {"bound.bound_ratio_gate": 0.5, "bound.vs_high_gate.cosine": 0.99}},
+                   "digests": {"moe.l1.gate": "cd" * 32, "moe.l1.graph.sha256_y": "ab" * 32},
+                   "verdicts": {"moe.l1 bound": "pass", "moe.l1 graph": "fail"}}
+
+
+def test_a_changed_verdict_status_is_a_golden_difference_listed_before_metrics():
+    g = {"runs": {"r": {"metrics": {"s": {"bound.bound_ratio_y": 0.5}}, "digests": {}, "verdicts": {"s bound": "pass"}}}}
+    n = {"runs": {"r": {"metrics": {"s": {"bound.bound_ratio_y": 0.7}}, "digests": {}, "verdicts": {"s bound": "fail"}}}}
+    diffs = compare_golden(g, n)
+    assert diffs[0] == "r s bound: verdict golden 'pass', got 'fail'" and "bound_ratio_y" in diffs[1], diffs
+
+
+def test_metric_tolerances_are_found_by_the_metrics_own_name():
+    assert tolerance_for("cosine") == tolerance_for("bound.vs_high_y.cosine") == (1e-12, 1e-9)
+    assert tolerance_for("bound.bound_ratio_gate") == tolerance_for("bound_ratio")
+    assert tolerance_for("ids.near_ties") == (0.0, 0.0)  # counts: exact
+    assert compare_golden(*({"runs": {"r": {"metrics": {"s": {"bound.bound_ratio_y": x}}, "digests": {}}}}
+                            for x in (0.5, 0.5 * (1 + 1e-12)))) == []
+
+
+def test_a_missing_backend_golden_file_fails_saying_where_it_was_written(tmp_path):
+    path = tmp_path / "sm100.json"
+    problems = check_or_update_golden_run(path, "layer0/a/verdicts", {"metrics": {}, "digests": {}}, update=False)
+    assert problems == [f"missing golden {path}: written to {path} with layer0/a/verdicts (created); "
+                        "review and commit it"] and path.exists()

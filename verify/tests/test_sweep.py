@@ -102,3 +102,23 @@ def test_without_report_dir_the_sweep_writes_nothing_and_still_summarizes(tmp_pa
     text = capsys.readouterr().out
     assert "model sweep:" in text and "projected 61-layer sweep" in text and "time: wall" in text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_probe_timer_times_each_sync_and_graph_probe_and_restores_them(monkeypatch):
+    """run_layer's graph_probe phase: stage_verdicts' two probe functions, wrapped for one layer."""
+    import verify.stage_verdicts as sv
+    from verify.run import _timed_probes
+
+    def fake_probe(stage, *args):
+        time.sleep(0.02)
+        return f"verdict of {stage}"
+
+    monkeypatch.setattr(sv, "_sync_probe", fake_probe)
+    monkeypatch.setattr(sv, "_graph_probe", fake_probe)
+    sink, phases = {}, []
+    with _timed_probes(sink, phases.append):
+        assert sv._sync_probe("moe.l1", None) == "verdict of moe.l1"
+        assert sv._graph_probe("moe.l2", None, []) == "verdict of moe.l2"
+    assert phases == ["sync probe moe.l1", "graph probe moe.l2"]
+    assert sink["graph_probe"] >= 0.04
+    assert sv._sync_probe is fake_probe and sv._graph_probe is fake_probe
