@@ -34,7 +34,7 @@ th,td{border:1px solid #dde1e6;padding:3px 7px;text-align:right} th{background:#
 td.l,th.l{text-align:left} td.bad{color:#c62828;font-weight:600}
 figure{margin:8px 0 18px} figure img{max-width:100%;height:auto;display:block}
 figcaption{font-size:13px;color:#444;margin-bottom:4px;font-weight:600}
-code{background:#eef1f4;padding:1px 4px;border-radius:3px}
+code{background:#eef1f4;color:#16202c;padding:1px 4px;border-radius:3px}
 .muted{color:#6a737d}
 """
 

@@ -44,3 +44,32 @@ def test_under_torchrun_a_missing_report_dir_is_a_one_line_error(monkeypatch, ca
     assert capsys.readouterr().err.strip() == (
         "verify model: error: --report-dir: required under torchrun (the ranks write their units there and rank 0 "
         "merges them; on several nodes it must be on a shared filesystem)")
+
+
+def test_a_rank_that_fails_stops_every_rank_with_its_message(tmp_path):
+    """A NaN scale byte in layer 2 (found when that layer is loaded, not in the plan): the rank that
+    loads it exits with the one-line NanScaleError, the other with 'rank R failed at layer2', nobody
+    hangs at the barrier, no report is merged, and the units both ranks finished stay for a resume."""
+    import torch
+
+    from verify.config import GOLDEN_DIR
+    from verify.fixtures import make_edited_checkpoint
+
+    bad = "layers.2.ffn.experts.0.w1.weight_scale"
+
+    def nan_scale(name, t):
+        if name != bad:
+            return t
+        u8 = t.view(torch.uint8).clone()
+        u8[0, 0] = 0x7F  # E4M3 NaN
+        return u8.view(t.dtype)
+
+    ckpt = make_edited_checkpoint(GOLDEN_DIR / "mini-v4", tmp_path / "ck", nan_scale)
+    out = tmp_path / "run"
+    proc = run(torchrun_command(2, "model", *SWEEP_ARGS, "--no-html", "--checkpoint", str(ckpt), "--report-dir", str(out)),
+               timeout=180)
+    assert proc.returncode != 0
+    assert "verify model: error: NanScaleError" in proc.stderr and bad in proc.stderr, proc.stderr[-3000:]
+    assert "failed at layer2: NanScaleError" in proc.stderr, proc.stderr[-3000:]
+    assert not (out / "report.json").exists()
+    assert "layer2.json" not in {p.name for p in (out / "units").glob("*.json")}
