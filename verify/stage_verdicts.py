@@ -41,8 +41,10 @@ from references.gemm import (
 )
 from references.layer import RunOptions
 from references.router import Routing
-from references.codecs import e2m1_codes_to_f32
-from references.nvfp4 import block_scale_bytes, e2m1_codes_with_scale, quantize_nvfp4, unpack_e2m1x2_low_first
+from references.codecs import e2m1_codes_to_f32, e4m3_bytes_to_f32
+from references.nvfp4 import (
+    block_scale_bytes, decode_nvfp4_block_scaled, e2m1_codes_with_scale, quantize_nvfp4, unpack_e2m1x2_low_first,
+)
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
 from references.stages import (
     DENSE_MLP_STAGES, FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, MOE_BLOCK_STAGES, SHARED_STAGES, Check, Op, Stage, STAGES, MOE_ACT_QUANT, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED,
@@ -57,7 +59,7 @@ from verify.metrics import stage_metrics
 from verify.verdicts import router_verdict
 
 __all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages", "check_quantized",
-           "expected_grouped_quant", "grouped_f64"]
+           "expected_grouped_quant", "grouped_f64", "moe_block_bound"]
 
 STATUSES = ("pass", "fail", "not served", "skipped")
 
@@ -449,9 +451,33 @@ def _dense_bound(backend: Backend, case: LayerCase, stage: Stage, x: Tensor, rol
             metrics[f"bound_ratio_{part or 'y'}"] = ratio
             metrics[f"vs_high_{part or 'y'}"] = stage_metrics(y.double(), case.high[label].double())
             msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
+            if nvfp4:  # the one-call path (quantize + GEMM, its own alpha) against the references' operands
+                msgs.append(_dense_linear_bound(backend, x, lin, w, scale, f"{label} (dense_linear)", metrics,
+                                                part or "y"))
         return f"{'; '.join(msgs)} (u_acc {backend.u_acc:.3g}, K={k}, {lins[0].format})"
 
     return _fail_or_pass(stage.name, Check.BOUND, bound_check, metrics)
+
+
+def _dense_linear_bound(backend: Backend, x: Tensor, lin, w, scale: Tensor | None, label: str, metrics: dict,
+                        key: str) -> str:
+    """dense_linear (the backend's single call: its own quantization, alpha and GEMM) within the bound of the
+    float64 product of the references' quantization of x (the recipe's bytes, which the bytes verdict
+    requires of the backend's quantize) and the checkpoint weight, alpha = the activation decode scale (the
+    input_scale itself when static) x weight_scale_2. A wrong alpha inside the call (global-scale
+    direction, the wrong input_scale) fails here even when dense_gemm on the boundary is right."""
+    __tracebackhide__ = True
+    m, k = x.shape
+    q = quantize_nvfp4(x, recipe=backend.recipe, **nvfp4_global_scale_for(x, recipe=backend.recipe,
+                                                                            input_scale_f32=scale))
+    alpha = act_global_dec_f32(q, scale).to(torch.float32).reshape(()) * \
+        lin.weight_scale_2_f32.to(torch.float32).reshape(())
+    y64, abs_dot = nvfp4_gemm_f64(q.packed_u8, q.sf_u8, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
+    y = backend.dense_linear(x, w, input_dec_scale_f32=scale)
+    bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+    ratio = assert_within_gemm_bound(y, y64, bound, label=label)
+    metrics[f"bound_ratio_linear_{key}"] = ratio
+    return f"{label}: {ratio:.3g}"
 
 
 def _batch_static_scale(x: Tensor) -> Tensor:
@@ -856,6 +882,112 @@ def _f32_up(x64: Tensor) -> Tensor:
     return torch.where(f.double() < x64, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
 
 
+def _deq_interval(h_lo: Tensor, h_hi: Tensor, recipe, g_lo: Tensor, g_hi: Tensor) -> tuple[Tensor, Tensor]:
+    """[lo, hi] of the dequantized value (code x block scale x 1/S) that an enc-recipe quantizer gives h
+    [R, N] for any h inside [h_lo, h_hi] and any encode scale S inside [g_lo, g_hi] (float32 0-d): the block
+    scale byte lies between the bytes of the block amax bounds at the S ends (monotone in both), the code
+    is monotone in h and, for a fixed byte, in h * S (non-decreasing in S for h > 0, non-increasing for
+    h < 0), and 1/S is monotone; every candidate byte between the two ends is tried."""
+    r, n = h_lo.shape
+    b_lo, b_hi = h_lo.view(r, n // 16, 16), h_hi.view(r, n // 16, 16)
+    straddles_zero = (b_lo <= 0) & (b_hi >= 0)
+    amax_lo = torch.where(straddles_zero, 0.0, torch.minimum(b_lo.abs(), b_hi.abs())).amax(-1).float()
+    amax_hi = torch.maximum(b_lo.abs(), b_hi.abs()).amax(-1).float()
+    byte_lo = block_scale_bytes(amax_lo, recipe=recipe, global_scale_f32=g_lo).to(torch.int16)
+    byte_hi = block_scale_bytes(amax_hi, recipe=recipe, global_scale_f32=g_hi).to(torch.int16)
+    d_lo = torch.reciprocal(g_hi.float()).double()  # the float32 1/S the GEMM folds into alpha
+    d_hi = torch.reciprocal(g_lo.float()).double()
+    x_lo, x_hi = _f32_down(b_lo), _f32_up(b_hi)
+    lo = torch.full_like(b_lo, float("inf"))
+    hi = torch.full_like(b_hi, float("-inf"))
+    for step in range(int((byte_hi - byte_lo).max()) + 1 if byte_lo.numel() else 0):
+        byte = torch.minimum(byte_lo + step, byte_hi).to(torch.uint8)
+        sc = e4m3_bytes_to_f32(byte).double()[..., None]
+        vals = [e2m1_codes_to_f32(e2m1_codes_with_scale(xx, byte, recipe=recipe, global_scale_f32=gg)).double()
+                for xx in (x_lo, x_hi) for gg in (g_lo, g_hi)]
+        v_min, v_max = torch.minimum(vals[0], vals[1]), torch.maximum(vals[2], vals[3])
+        corners = torch.stack([v * sc * d for v in (v_min, v_max) for d in (d_lo, d_hi)])
+        lo, hi = torch.minimum(lo, corners.amin(0)), torch.maximum(hi, corners.amax(0))
+    return lo.view(r, n), hi.view(r, n)
+
+
+def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor) -> str:
+    """The whole MoE block against the emulator's operands (teacher forced on the reference routing): its
+    hidden intermediates (L1 output, h, the requantized h) are not visible, so each output element must lie
+    in the interval the format and the bounds allow: L1 within its accumulation bound, h the clamped SwiGLU
+    of that (and one bf16 rounding), the requantization of h any choice an interval of h and of its global
+    scale allows (the interval rule), L2 within its bound on that interval, the combine within its bound
+    with the fp32 router weights' error. A wrong alpha, a wrong global scale or the wrong input_scale
+    anywhere in the block moves outputs far outside. Tokens whose experts the backend chose differently
+    (near-ties) are not expected to match; the router verdict reports them."""
+    __tracebackhide__ = True
+    lw, spec, e = case.layer, case.moe_spec, case.emulated
+    if backend.recipe.global_convention != "enc":
+        raise NotImplementedError(f"moe.block bound: recipe {backend.recipe.name} takes a decode global scale; "
+                                  "the block interval is written for encode-scale recipes (te, vllm)")
+    d = _reference_dispatch(case)
+    off64 = d.offsets_i64
+    rows = case.x_ffn[d.token_of_row_i64]
+    ex = lw.experts
+    s1, s2 = _static_expert_scales(case)  # per expert, as the emulator's moe_block (None: dynamic)
+    a1 = expected_grouped_quant(backend, rows, off64, s1)
+    g64, bg = grouped_f64(backend, a1, off64, ex.w1, torch.float32)
+    u64, bu = grouped_f64(backend, a1, off64, ex.w3, torch.float32)
+    h_lo, h_hi = _swiglu_interval(g64 - bg, g64 + bg, u64 - bu, u64 + bu, spec.swiglu_limit)
+    h_lo = h_lo - 2 * half_ulp(h_lo.abs(), torch.bfloat16)
+    h_hi = h_hi + 2 * half_ulp(h_hi.abs(), torch.bfloat16)
+    if s2 is not None:  # static: expert e's h quantized with S = 1/s2[e]
+        q_lo, q_hi = torch.empty_like(h_lo), torch.empty_like(h_hi)
+        bounds = off64.tolist()
+        for x in range(len(bounds) - 1):
+            lo, hi = bounds[x], bounds[x + 1]
+            if lo == hi:
+                continue
+            g = next(iter(nvfp4_global_scale_for(h_lo[:1].float(), recipe=backend.recipe,
+                                                 input_scale_f32=s2[x]).values())).reshape(())
+            q_lo[lo:hi], q_hi[lo:hi] = _deq_interval(h_lo[lo:hi], h_hi[lo:hi], backend.recipe, g, g)
+    else:  # dynamic: S = 2688/amax(h) over all rows, amax somewhere inside the interval's amax bounds
+        amax_lo = torch.where((h_lo <= 0) & (h_hi >= 0), 0.0, torch.minimum(h_lo.abs(), h_hi.abs())).max()
+        amax_hi = torch.maximum(h_lo.abs(), h_hi.abs()).max()
+        g_at = [next(iter(nvfp4_global_scale_for(_f32_up(a.reshape(1)) if i else _f32_down(a.reshape(1)),
+                                                 recipe=backend.recipe, input_scale_f32=None).values()))
+                for i, a in enumerate((amax_lo, amax_hi))]
+        g_lo, g_hi = torch.minimum(*g_at), torch.maximum(*g_at)  # S falls as amax grows
+        q_lo, q_hi = _deq_interval(h_lo, h_hi, backend.recipe, g_lo.reshape(()), g_hi.reshape(()))
+    # L2 on the interval (per expert), its accumulation bound and alpha's float32 rounding
+    w2 = ex.w2
+    mid, rad, mag = (q_lo + q_hi) / 2, (q_hi - q_lo) / 2, torch.maximum(q_lo.abs(), q_hi.abs())
+    k2 = mid.shape[1]
+    y_mid = torch.zeros(mid.shape[0], w2.weight_u8.shape[-2], dtype=torch.float64, device=mid.device)
+    y_rad = torch.zeros_like(y_mid)
+    bounds = off64.tolist()
+    for x in range(len(bounds) - 1):
+        lo, hi = bounds[x], bounds[x + 1]
+        if lo == hi:
+            continue
+        wd = decode_nvfp4_block_scaled(w2.weight_u8[x], w2.weight_scale_e4m3[x].view(torch.uint8),
+                                       dtype=torch.float64) * w2.weight_scale_2_f32[x].double()
+        y_mid[lo:hi] = mid[lo:hi] @ wd.T
+        # accumulation, plus alpha's float32 rounding and the epilogue's float32 product (2 x 2^-24)
+        y_rad[lo:hi] = rad[lo:hi] @ wd.abs().T + (gamma(k2, backend.u_acc) + 2.0**-23) * (mag[lo:hi] @ wd.abs().T)
+    y_rad = y_rad + half_ulp(y_mid.abs() + y_rad, torch.bfloat16)  # the L2 output in bf16
+    # combine (after w2) with the reference routing weights; the kernel's fp32 weights are within
+    # gamma(k + 4, 2^-24) of them (s / sum(s) * scale: k adds, a divide, a multiply)
+    w = e[ROUTER.tensor("weights")].double()
+    k = w.shape[1]
+    pair_mid, pair_rad = y_mid[d.row_of_pair_i64], y_rad[d.row_of_pair_i64]  # [T, k, H]
+    w_err = gamma(k + 4, 2.0**-24) * w.abs()
+    out_mid = (pair_mid * w[..., None]).sum(1)
+    mag_terms = (pair_mid.abs() + pair_rad) * (w.abs() + w_err)[..., None]
+    out_rad = (pair_rad * w.abs()[..., None]).sum(1) + (pair_mid.abs() * w_err[..., None]).sum(1) \
+        + gamma(k + 1, backend.u_acc) * mag_terms.sum(1)
+    out_rad = out_rad + half_ulp(out_mid.abs() + out_rad, y_block.dtype)
+    ratio = assert_within_gemm_bound(y_block, out_mid, out_rad, label=f"{MOE_BLOCK.name} output vs the interval of "
+                                     "the emulator's operands")
+    return (f"every output within the block interval (max |y - mid| / radius = {ratio:.3g}; "
+            f"{'static' if case.static else 'dynamic'} scales, K1={a1.k}, K2={k2})")
+
+
 def _moe_block_verdicts(backend: Backend, case: LayerCase, experts=None) -> list[Verdict]:
     """experts: the stack the stage verdicts already prepared (prepared once per layer), or None."""
     v = _unsupported(backend, MOE_BLOCK, Op.MOE_BLOCK, case.device)
@@ -894,6 +1026,12 @@ def _moe_block_verdicts(backend: Backend, case: LayerCase, experts=None) -> list
         return [Verdict(MOE_BLOCK.name, c.value, "not served", str(exc), {"unsupported": str(exc)})
                 for c in MOE_BLOCK.checks]
     out[-1].metrics["drift_vs_reference_combine"] = stage_metrics(y.double(), case.emulated[MOE_COMBINE.name].double())
+    if Check.BOUND in MOE_BLOCK.checks:
+        if case.options.weight_placement != "after_w2":
+            out.append(Verdict(MOE_BLOCK.name, Check.BOUND.value, "skipped", "bound: the block interval is written "
+                               "for the after_w2 placement (routing weights in the combine)"))
+        else:
+            out.append(_fail_or_pass(MOE_BLOCK.name, Check.BOUND, lambda: moe_block_bound(backend, case, y)))
     for check in (Check.SYNC, Check.GRAPH):
         skip = _cuda_only(MOE_BLOCK.name, check, case, backend)
         if skip:

@@ -234,8 +234,8 @@ def test_swizzled_scales_of_the_padded_rows_are_the_boundary_layout(counts):
 
 
 class _StandInKernels:
-    """quant.launch and gemm.launch_grouped on the CPU, built from references/, honouring the kernels'
-    documented contracts (padding and rows past the valid count zero, tiles marked -1 zero, alpha =
+    """quant.launch, gemm.launch_dense and gemm.launch_grouped on the CPU, built from references/, honouring
+    the kernels' documented contracts (padding and rows past the valid count zero, tiles marked -1 zero, alpha =
     a_dec[0] * b_dec[e] in float32, h rounded to bf16 before its quantization)."""
 
     def __init__(self):
@@ -265,6 +265,21 @@ class _StandInKernels:
                  quant.te_global_enc_scale_device(quant.amax_of_valid_rows(x_bf16, num_valid_rows_i32)))
         packed, sf = self._quantize(x_bf16, s, self._valid(x_bf16.shape[0], num_valid_rows_i32))
         return packed, sf, s.reshape(1)
+
+    def launch_dense(self, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, *, key=None,
+                     num_valid_rows_i32=None):
+        """bf16 [M, N] = (a_dec[0] * b_dec[0], a float32 product) * A @ B^T; rows past the valid count zero."""
+        self.launches.append("dense")
+        m, k, n = a_packed_u8.shape[0], 2 * a_packed_u8.shape[1], weight.n
+        assert tuple(a_sf_swizzled_u8.shape) == (hb.round_up(max(m, 1), 128), hb.round_up(k // 16, 4))
+        assert a_dec_scale_f32.numel() == 1 and weight.num_batches == 1
+        x = decode_nvfp4_block_scaled(a_packed_u8, ref_layouts.sf_swizzled_128x4_to_linear(
+            a_sf_swizzled_u8, rows=m, cols=k // 16), dtype=torch.float64)
+        w = decode_nvfp4_block_scaled(weight.packed_u8[0], ref_layouts.sf_swizzled_128x4_to_linear(
+            weight.sf_swizzled_u8[0], rows=n, cols=k // 16), dtype=torch.float64)
+        alpha = (a_dec_scale_f32.reshape(()) * weight.dec_scale_f32[0]).double()
+        out = ((x @ w.T) * alpha).float().to(torch.bfloat16)
+        return torch.where(self._valid(m, num_valid_rows_i32)[:, None], out, torch.zeros_like(out))
 
     def launch_grouped(self, a_packed_u8, a_sf_swizzled_u8, a_dec_scale_f32, weight, tile_expert_i32, *,
                        swiglu_limit=None, key=None, num_valid_rows_i32=None, h_global_enc_scale_f32=None):
@@ -304,6 +319,7 @@ def stand_in(monkeypatch):
     k = _StandInKernels()
     monkeypatch.setattr(quant, "launch", k.quant_launch)
     monkeypatch.setattr(gemm, "launch_grouped", k.launch_grouped)
+    monkeypatch.setattr(gemm, "launch_dense", k.launch_dense)
     return k
 
 
