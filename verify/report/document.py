@@ -75,6 +75,17 @@ def as_float(value) -> float | None:
     return None
 
 
+def _plain(value):
+    """JSON for what a verdict's metrics may hold beyond plain types: numpy / torch scalars by value
+    (non-finite ones as strings), anything else as its str()."""
+    if hasattr(value, "item") and callable(value.item):
+        try:
+            return finite_json(value.item())
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    return str(value)
+
+
 def load_json(path: str | os.PathLike) -> dict:
     return json.loads(Path(path).read_text())
 
@@ -85,7 +96,7 @@ def write_json(path: str | os.PathLike, doc: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(finite_json(doc), indent=1, sort_keys=True, allow_nan=False) + "\n")
+    tmp.write_text(json.dumps(finite_json(doc), indent=1, sort_keys=True, allow_nan=False, default=_plain) + "\n")
     os.replace(tmp, path)
 
 

@@ -121,3 +121,14 @@ def test_report_of_a_directory_without_results_is_a_one_line_error(tmp_path, cap
     assert main(["report", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("verify report: error: RUN_DIR") and "not a" in err[0], err
+
+
+def test_unit_files_hold_numpy_and_torch_scalars_as_plain_json(tmp_path):
+    import numpy as np
+
+    from verify.report.document import write_json
+
+    path = tmp_path / "u.json"
+    write_json(path, {"a": np.int64(3), "b": torch.tensor(2.5), "c": np.float32("inf"), "d": torch.Size([2, 3])})
+    assert load_json(path) == {"a": 3, "b": 2.5, "c": "inf", "d": [2, 3]}
+    assert not list(tmp_path.glob(".*.tmp")), "the temporary file of the atomic write was left behind"
