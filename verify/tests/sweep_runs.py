@@ -3,6 +3,7 @@ per test session (a cached temporary directory), so the tests compare against th
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -24,6 +25,7 @@ def baseline_run_dir() -> Path:
     from verify.__main__ import main
 
     out = Path(tempfile.mkdtemp(prefix="nvfp4v-sweep-baseline-"))
+    atexit.register(shutil.rmtree, out, True)  # removed when the test session's process exits
     rc = main(["model", *SWEEP_ARGS, "--report-dir", str(out)])
     assert rc == 0, f"baseline sweep exit status {rc}"
     return out
