@@ -35,7 +35,19 @@ __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "P
 K = 1024
 BLOCKS = K // 16
 GAPS = tuple(range(4, 39))  # t = 20 + b - s, b in [-8, 8], s in [-10, 8]: the big term's exponent over the small's
-PROBE_PATHS = {"M=1 (GEMV)": 1, "M=16 (swap-AB / wgmma)": 16, "M=64": 64, "M=256 (fp16 GEMM)": 256}
+# path -> (M, N, K): the shape selects the kernel variant (sm90 routing, kernels/sm90/gemm_nvfp4.py for_shape:
+# M <= 2 GEMV (one-warp CTAs when N > 2048; split-K when K is long), 3 <= M <= 32 Gluon wgmma with in-kernel
+# split-K, M = 64 Triton swap-AB with split-K, 65 <= M < 256 Triton 128x128 with split-K, M >= 256 the fp16
+# GEMM on predecoded weights). N counts columns (gap columns first, zero weights after); a plain int is M.
+PROBE_PATHS = {
+    "M=1 (GEMV)": (1, 0, K),
+    "M=1, N=4096 (one-warp GEMV)": (1, 4096, K),
+    "M=1, K=8192 (GEMV, split-K)": (1, 0, 8192),
+    "M=16 (wgmma, split-K)": (16, 0, K),
+    "M=64 (Triton swap-AB, split-K)": (64, 0, K),
+    "M=128 (Triton 128x128, split-K)": (128, 0, K),
+    "M=256 (fp16 GEMM)": (256, 0, K),
+}
 _CODE = {0.5: 1, 1.0: 2, 1.5: 3, 2.0: 4, 3.0: 5, 4.0: 6, 6.0: 7}
 
 
@@ -75,22 +87,22 @@ def _rows(values_per_block: list[tuple[float, list[float]]]) -> tuple[Tensor, Te
     return pack_e2m1x2_low_first(c), s
 
 
-def _a_row() -> tuple[Tensor, Tensor]:
+def _a_row(k: int = K) -> tuple[Tensor, Tensor]:
     big_c, big_s = _pow2_split(10)
     small_c, small_s = _pow2_split(-10)
     blocks = [(big_s, [big_c * big_s] + [0.0] * 15)]
-    blocks += [(small_s, [small_c * small_s] * 16) for _ in range(BLOCKS - 2)]
+    blocks += [(small_s, [small_c * small_s] * 16) for _ in range(k // 16 - 2)]
     blocks += [(big_s, [0.0] * 15 + [-big_c * big_s])]
     return _rows(blocks)
 
 
-def _b_row(b: int, s: int, frac: float = 1.0) -> tuple[Tensor, Tensor]:
+def _b_row(b: int, s: int, frac: float = 1.0, k: int = K) -> tuple[Tensor, Tensor]:
     """Big 2^b (first and last element), small frac x 2^s in between (frac 1.5 for the rounding columns:
     1.5 x 2^(s-10) x ... lands at 0.75 ulp of the big term when t = p_eff)."""
     big_c, big_s = _pow2_split(b)
     small_c, small_s = _pow2_split(s)
     blocks = [(big_s, [big_c * big_s] + [0.0] * 15)]
-    blocks += [(small_s, [frac * small_c * small_s] * 16) for _ in range(BLOCKS - 2)]
+    blocks += [(small_s, [frac * small_c * small_s] * 16) for _ in range(k // 16 - 2)]
     blocks += [(big_s, [0.0] * 15 + [big_c * big_s])]
     return _rows(blocks)
 
@@ -104,10 +116,15 @@ def _gap_columns(gaps, frac: float = 1.0) -> list[tuple[int, int, float]]:
     return out
 
 
-def _weights(cols: list[tuple[int, int, float]], device) -> Nvfp4Linear:
-    rows = [_b_row(b, s, frac) for b, s, frac in cols]
-    w = torch.cat([r[0] for r in rows]).to(device)
-    sf = torch.cat([r[1] for r in rows]).to(device)
+def _weights(cols: list[tuple[int, int, float]], device, *, n: int = 0, k: int = K) -> Nvfp4Linear:
+    """The gap columns, then zero columns up to n (codes 0, scale bytes 0) to reach the path's N."""
+    rows = [_b_row(b, s, frac, k) for b, s, frac in cols]
+    w = torch.cat([r[0] for r in rows])
+    sf = torch.cat([r[1] for r in rows])
+    if n > w.shape[0]:
+        w = torch.cat([w, w.new_zeros(n - w.shape[0], w.shape[1])])
+        sf = torch.cat([sf, sf.new_zeros(n - sf.shape[0], sf.shape[1])])
+    w, sf = w.to(device), sf.to(device)
     one = torch.ones((), dtype=torch.float32, device=device)
     return Nvfp4Linear("accumulator-probe", w, sf.view(torch.float8_e4m3fn), one, one)
 
@@ -115,23 +132,26 @@ def _weights(cols: list[tuple[int, int, float]], device) -> Nvfp4Linear:
 def _run(backend: Backend, m: int, lin: Nvfp4Linear, device) -> Tensor:
     from references.layouts import sf_linear_to_swizzled_128x4  # noqa: PLC0415 (the boundary layout)
 
-    a_p, a_s = _a_row()
+    a_p, a_s = _a_row(lin.k)
     a = QuantizedAct(a_p.repeat(m, 1).to(device), sf_linear_to_swizzled_128x4(a_s.repeat(m, 1)).to(device),
                      torch.ones(1, dtype=torch.float32, device=device))
     return backend.dense_gemm(a, backend.prepare_linear(lin)).float().cpu()
 
 
 def probe_accumulator(backend: Backend, device: torch.device | str,
-                      paths: dict[str, int] = PROBE_PATHS) -> list[AccumulatorReading]:
-    """One reading per GEMM path (token count) the backend serves on `device`."""
+                      paths: dict[str, int | tuple[int, int, int]] = PROBE_PATHS) -> list[AccumulatorReading]:
+    """One reading per GEMM path ((M, N, K), or M with N = the gap columns and K = 1024) the backend serves on
+    `device`. Under split-K the big terms sit in different splits and the small terms meet them as partial
+    sums, so a split path may measure more bits than its accumulator has (allowed: see check_declared_u_acc)."""
     device = torch.device(device)
     if backend.unsupported_reason(Op.DENSE_GEMM, device) or backend.unsupported_reason(Op.PREPARE, device):
         return []
-    n_small = 16 * (BLOCKS - 2)
     cols = _gap_columns(GAPS)
     out = []
-    for path, m in paths.items():
-        y = _run(backend, m, _weights(cols, device), device)
+    for path, shape in paths.items():
+        m, n, k = (shape, 0, K) if isinstance(shape, int) else shape
+        n_small = 16 * (k // 16 - 2)
+        y = _run(backend, m, _weights(cols, device, n=n, k=k), device)[:, :len(cols)]
         exact = [bool((y[:, j] == n_small * 2.0 ** (s - 10)).all()) for j, (b, s, _) in enumerate(cols)]
         ok = [t for t, e in zip(GAPS, exact) if e]
         # the first gap that fails ends the exact range (every smaller gap must be exact too)
@@ -142,7 +162,7 @@ def probe_accumulator(backend: Backend, device: torch.device | str,
         rounding = "n/a"
         if first_bad is not None:
             try:  # small terms of 0.75 ulp of the big one: nearest rounds each up to an ulp, truncation drops it
-                yr = _run(backend, m, _weights(_gap_columns([first_bad], frac=1.5), device), device)
+                yr = _run(backend, m, _weights(_gap_columns([first_bad], frac=1.5), device, n=n, k=k), device)
                 rounding = "nearest" if bool((yr[:, 0] != 0).all()) else "truncation"
             except KeyError:  # 1.5 x the small term is not an E2M1 code at this gap
                 rounding = "unprobed"
