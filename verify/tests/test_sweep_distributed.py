@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from verify.report.document import load_json, normalized, validate
-from verify.tests.sweep_runs import SWEEP_ARGS, UNITS, baseline_run_dir, run, torchrun_command
+from verify.tests.sweep_runs import SWEEP_ARGS, UNITS, baseline_run_dir, copy_run, run, torchrun_command
 
 pytestmark = pytest.mark.distributed
 
@@ -25,14 +25,20 @@ def test_two_torchrun_ranks_merge_the_report_of_one_process(tmp_path):
     assert normalized(doc) == normalized(load_json(baseline_run_dir() / "report.json"))
 
 
-def test_one_torchrun_rank_works(tmp_path):
-    out = tmp_path / "run"
-    proc = run(torchrun_command(1, "model", *SWEEP_ARGS, "--layers", "3", "--no-html", "--report-dir", str(out)))
+def test_one_torchrun_rank_resumes_a_partial_sweep(tmp_path):
+    """N = 1 under torchrun, on a sweep that lost two units and its report: rank 0's plan holds only
+    the two, and the merged report equals the uninterrupted single-process one."""
+    out = copy_run(baseline_run_dir(), tmp_path / "run")
+    for name in ("layer1.json", "layer3.json"):
+        (out / "units" / name).unlink()
+    (out / "report.json").unlink()
+    proc = run(torchrun_command(1, "model", *SWEEP_ARGS, "--no-html", "--report-dir", str(out)))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "resuming: 3 of 5 units already in" in proc.stdout, proc.stdout[-3000:]
     doc = load_json(out / "report.json")
     assert doc["distributed"]["world_size"] == 1 and doc["distributed"]["backend"] == "gloo"
-    baseline = load_json(baseline_run_dir() / "report.json")
-    assert [normalized(u) for u in doc["units"]] == [normalized(baseline["units"][3])]
+    assert doc["distributed"]["assignment"] == {"0": ["layer1", "layer3"]}
+    assert normalized(doc) == normalized(load_json(baseline_run_dir() / "report.json"))
 
 
 def test_under_torchrun_a_missing_report_dir_is_a_one_line_error(monkeypatch, capsys):
