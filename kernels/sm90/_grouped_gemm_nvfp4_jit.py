@@ -15,7 +15,7 @@ plus zero tiles) times ceil(N / BN) column tiles, N-tile fastest (an activation 
 L2 by all N tiles while it is hot; the row tiles of one expert run together, so its weights come
 from DRAM about once).
 
-Math per tile ("swap AB": the weight rows are the MMA's M side, BN = 128 of them, the BT tokens its
+Math per tile ("swap AB": the weight rows are the MMA's M side, BN = 64 or 128 of them, the BT tokens its
 N side): weight and activation K tiles (128 elements) decoded to fp16 in registers by the dense
 kernel's helpers (_gemm_nvfp4_jit._load_decoded: e2m1 * e4m3 * 2^-7, exact), two fp16 MMAs per K
 tile (even / odd k) with fp32 accumulation, in a fixed K order; 2^14 (exact) and alpha = a_dec[e] *

@@ -80,21 +80,28 @@ class CompileKey:
     e_pad: int
     use_asm: bool = True
     clamp: bool = False
-    act_f16: bool = False  # decode the activations once per GEMM into fp16 planes (same values, same bits)
+    act_f16: bool = False  # decode the activations once per GEMM into fp16 planes (same values, same bits;
+    # slower on the H200 at every size measured, so for_shape leaves it off)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
                   clamp: bool = False) -> "CompileKey":
         # Token tile from the mean rows per expert (swap AB: BT tokens are the MMA's narrow side): decode
         # sizes (<= 16 rows per expert) read every active expert's weights once with 16-token tiles.
+        # Every (BN, BT, act_f16) gives the same bits (the per-element MMA sequence is fixed by BLOCK_K = 128;
+        # a GPU test checks it), so the choice follows the H200 sweeps in NOTES.md only:
+        # - BN 64 when only a few experts are active (rcap <= 16: T = 1 at top-6, 288 -> 576 CTAs; fused
+        #   L1 130 -> 117 us), else 128 (T = 16: 1264 us against 1292 with BN 64);
+        # - BT from the mean rows per expert (4 warps up to 32 tokens, 8 warps for 64 / 128);
+        # - act_f16 (activations decoded once into fp16 planes) off: it was slower at every size measured
+        #   (T = 4096 fused L1 20.6 ms against 12.0 ms, T = 32768 111.7 against 69.2 ms).
         mean = rcap / max(num_experts, 1)
         bt = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 64 else 128
         warps = 4 if bt <= 32 else 8
         stages = 4 if bt <= 32 else 3
         e_pad = max(16, 1 << (num_experts - 1).bit_length())
-        # Large counts: the activations are decoded once (fp16 planes) instead of once per column tile.
-        return CompileKey(epi=epi, block_n=128, block_t=bt, num_warps=warps, num_stages=stages, e_pad=e_pad,
-                          use_asm=use_asm, clamp=clamp, act_f16=bt >= 64)
+        return CompileKey(epi=epi, block_n=64 if rcap <= 16 else 128, block_t=bt, num_warps=warps, num_stages=stages,
+                          e_pad=e_pad, use_asm=use_asm, clamp=clamp, act_f16=False)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
