@@ -38,7 +38,7 @@ def expert_of_padded_rows(p, off_ptr, E, E_PAD: tl.constexpr):
     pcnt = (cnt + 127) // 128 * 128
     pend = tl.cumsum(pcnt, axis=0)
     pstart = pend - pcnt
-    e = tl.sum((pend[None, :] <= p[:, None]).to(tl.int32), axis=1)  # experts whose tiles end at or before p
+    e = tl.sum(((pend[None, :] <= p[:, None]) & in_e[None, :]).to(tl.int32), axis=1)  # experts ending <= p
     sel = ei[None, :] == e[:, None]
     total = tl.sum(pcnt, axis=0)
     start = tl.where(e < E, tl.sum(tl.where(sel, pstart[None, :], 0), axis=1), total)
