@@ -6,8 +6,8 @@ interpreter must be chosen before triton decorates the kernels, and this process
 compiled ones); each case below is one test item reading that run's JSON. Expected values come from
 references/ (router, dispatch, combine, quantize bytes), from the emulator's stage composition on the
 same backend ops (verify.backend.run_moe_block: the block equals its own stages, bit for bit), and
-from the block itself on fewer tokens (valid-token count). The `slow` test runs the harness's MoE stage
-verdicts of mini-v4 through the sm90 adapter under the interpreter.
+from the block itself on fewer tokens (valid-token count). `slow` (minutes each under the interpreter):
+the block cases, and the harness's MoE stage verdicts of mini-v4 through the sm90 adapter.
 
 GPU (markers gpu, sm90): CUDA graph of the whole block captured once at capacity and replayed after
 new values, a new routing (one hot expert set: zero-token experts), fewer tokens (down to 1), new
@@ -249,16 +249,17 @@ CASES = {
        for s in (False, True)},
     **{f"swiglu-requant-{'static' if s else 'dynamic'}-L{lim}{'-w' if w else ''}": (_case_swiglu_requant, (s, lim, w))
        for s in (False, True) for lim in (None, 10.0) for w in (False, True)},
-    **{f"block-layer{i}-{a}-{p}": (_case_block, (i, a, p))
-       for (i, a, p) in ((3, "static", "after_w2"), (3, "dynamic", "after_w2"), (0, "dynamic", "before_w2"),
-                         (0, "static", "before_w2"))},
 }
+# the whole block under the interpreter takes about two minutes a case (the grouped GEMMs): `slow`
+BLOCK_CASES = {f"block-layer{i}-{a}-{p}": (_case_block, (i, a, p))
+               for (i, a, p) in ((3, "static", "after_w2"), (3, "dynamic", "after_w2"), (0, "dynamic", "before_w2"),
+                                 (0, "static", "before_w2"))}
 
 
 def _run_cases(names: list[str]) -> dict[str, dict]:
     out = {}
     for name in names:
-        fn, args = CASES[name]
+        fn, args = {**CASES, **BLOCK_CASES}[name]
         try:
             out[name] = {"ok": True, "message": fn(*args)}
         except Exception as exc:  # noqa: BLE001 - reported per case to the parent test
@@ -266,21 +267,41 @@ def _run_cases(names: list[str]) -> dict[str, dict]:
     return out
 
 
-@pytest.fixture(scope="module")
-def interpreter_results(tmp_path_factory):
+def _interpret(tmp_path_factory, names) -> dict[str, dict]:
     path = tmp_path_factory.mktemp("sm90_moe") / "results.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, "--cases", str(path)], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=1500)
+    proc = subprocess.run([sys.executable, __file__, "--cases", str(path), *names], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=2400)
     if proc.returncode != 0 or not path.exists():
         pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(path.read_text())
 
 
-@pytest.mark.skipif(CUDA, reason="CPU interpreter cases (on a GPU the kernels run natively in the GPU tests)")
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    return _interpret(tmp_path_factory, list(CASES))
+
+
+@pytest.fixture(scope="module")
+def interpreter_block_results(tmp_path_factory):
+    return _interpret(tmp_path_factory, list(BLOCK_CASES))
+
+
+_ON_GPU = "CPU interpreter cases (on a GPU the kernels run natively in the GPU tests)"
+
+
+@pytest.mark.skipif(CUDA, reason=_ON_GPU)
 @pytest.mark.parametrize("case", list(CASES))
 def test_interpreted_case(interpreter_results, case):
     r = interpreter_results[case]
+    assert r["ok"], r["message"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CUDA, reason=_ON_GPU)
+@pytest.mark.parametrize("case", list(BLOCK_CASES))
+def test_interpreted_block_case(interpreter_block_results, case):
+    r = interpreter_block_results[case]
     assert r["ok"], r["message"]
 
 
@@ -433,6 +454,6 @@ def _verdicts_main(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--cases":
-        Path(sys.argv[2]).write_text(json.dumps(_run_cases(list(CASES))))
+        Path(sys.argv[2]).write_text(json.dumps(_run_cases(sys.argv[3:])))
     elif sys.argv[1] == "--verdicts":
         _verdicts_main(sys.argv[2])
