@@ -24,7 +24,9 @@ OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "ama
 
 
 class Sm90Backend:
-    """NVFP4 on Hopper: `te` activation quantizer (byte-exact), dense W4A4 GEMM.
+    """NVFP4 on Hopper: `te` activation quantizer (byte-exact), dense W4A4 GEMM, and the MoE block
+    (router, dispatch, grouped quantize, grouped GEMM + L1 epilogues, SwiGLU + requant, combine, the
+    whole block as one capturable call: kernels.sm90.moe_block).
 
     recipe_name: the quantizer's recipe ("te", references.recipes.TE).
     u_acc: unit roundoff of the GEMM accumulator: fp16 wgmma with fp32 accumulation,
