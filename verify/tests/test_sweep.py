@@ -122,3 +122,16 @@ def test_the_probe_timer_times_each_sync_and_graph_probe_and_restores_them(monke
     assert phases == ["sync probe moe.l1", "graph probe moe.l2"]
     assert sink["graph_probe"] >= 0.04
     assert sv._sync_probe is fake_probe and sv._graph_probe is fake_probe
+
+
+def test_every_command_prints_its_help(capsys):
+    """A subcommand's --help used to crash on the suppressed default of its --debug option."""
+    import pytest
+
+    from verify.__main__ import COMMANDS
+
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0, command
+        assert "--debug" in capsys.readouterr().out, command
