@@ -8,7 +8,9 @@ import signal
 import subprocess
 import time
 
-from verify.__main__ import main
+import pytest
+
+from verify.__main__ import COMMANDS, main
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR, REPO_ROOT
 from verify.report.document import load_json, normalized, validate
@@ -124,14 +126,9 @@ def test_the_probe_timer_times_each_sync_and_graph_probe_and_restores_them(monke
     assert sv._sync_probe is fake_probe and sv._graph_probe is fake_probe
 
 
-def test_every_command_prints_its_help(capsys):
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_every_command_prints_its_help(command, capsys):
     """A subcommand's --help used to crash on the suppressed default of its --debug option."""
-    import pytest
-
-    from verify.__main__ import COMMANDS
-
-    for command in COMMANDS:
-        with pytest.raises(SystemExit) as e:
-            main([command, "--help"])
-        assert e.value.code == 0, command
-        assert "--debug" in capsys.readouterr().out, command
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0 and "--debug" in capsys.readouterr().out
