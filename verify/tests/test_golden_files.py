@@ -1,10 +1,21 @@
-"""verify.golden: exact digests, metric tolerances, the missing / mismatch / update paths (STYLE section 8)."""
+"""verify.golden: exact digests, metric tolerances, the missing / mismatch / update paths (STYLE section 8),
+and the golden files per backend (golden/mini-v4/<backend>.json: emulator in CI, sm90 / sm100 on their GPUs)."""
 
 from __future__ import annotations
 
 import json
 
-from verify.golden import check_or_update_golden, compare_golden, obtained_path, write_golden
+import pytest
+import torch
+
+from verify.checkpoint import Checkpoint
+from verify.config import GOLDEN_DIR
+from verify.golden import (
+    backend_golden_run, check_or_update_golden, check_or_update_golden_run, compare_golden, obtained_path,
+    tolerance_for, write_golden,
+)
+from verify.layer_report import GOLDEN_CONFIGS, backend_for_verdicts, layer_inputs
+from verify.run import run_layer
 
 
 def _doc(sqnr=20.0, digest="ab"):
@@ -78,15 +89,6 @@ def test_golden_diff_lists_the_largest_relative_change_first():
 
 
 # ----------------------------------------------------------------------------- backend goldens
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from verify.checkpoint import Checkpoint  # noqa: E402
-from verify.config import GOLDEN_DIR  # noqa: E402
-from verify.golden import backend_golden_run, check_or_update_golden_run, tolerance_for  # noqa: E402
-from verify.layer_report import GOLDEN_CONFIGS, backend_for_verdicts, layer_inputs  # noqa: E402
-from verify.run import run_layer  # noqa: E402
 
 BACKEND_GOLDEN_TOKENS = 16
 BACKENDS = [
