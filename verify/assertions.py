@@ -177,9 +177,9 @@ def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label
     jc = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), ratio.shape))
     n_special = int(special_bad.sum())
     raise AssertionError(
-        f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound "
-        f"({n_special} of them where the expected value is NaN/Inf and y is not the same); "
-        f"max |y - y64| / bound = {worst:.4g}\n"
+        f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound"
+        + (f" ({n_special} of them where the expected value is NaN/Inf and y is not the same)" if n_special else "")
+        + f"; max |y - y64| / bound = {worst:.4g}\n"
         f"  first at flat {i} = {coord}: got {float(y.reshape(-1)[i])!r}  expected {float(y64.reshape(-1)[i])!r}  "
         f"bound {float(bound_f64.reshape(-1)[i]):.4g}\n"
         f"  worst at {jc}: got {float(y.reshape(-1)[j])!r}  expected {float(y64.reshape(-1)[j])!r}")
