@@ -26,7 +26,6 @@ Input classes (DESIGN "Non-negotiables", NVFP4_FACTS 2-3):
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from dataclasses import dataclass
 from typing import Callable
