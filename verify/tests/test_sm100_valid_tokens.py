@@ -253,7 +253,7 @@ def test_moe_experts_threads_the_count_and_matches_the_prefix_call(fake_kernels,
     assert [c[0] for c in calls] == ["quant", "swiglu", "quant", "grouped"]
     want_rows = mr.permute(r.ids_i64, e, _n(n)).valid_rows_i32
     for name, got_rows in calls:
-        assert_bits_equal(got_rows, want_rows, label=f"{name}: got valid rows {got_rows}, want the padded total")
+        assert_bits_equal(got_rows, want_rows, label=f"{name}: valid rows passed to the launch vs the padded total")
     assert y.shape == (t, h), f"y shape {tuple(y.shape)}, expected {(t, h)}"
     assert_all_zero(y[n:], label="output rows of tokens past the valid count")
     if n > 0:
