@@ -138,7 +138,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("moe.out", Op.REFERENCE, "moe.combine", (), kernel=False),
     # ---- the whole MoE block as one call
     Stage("moe.block", Op.MOE_BLOCK, INPUT_FFN, ("router.gate", "experts.w1", "experts.w3", "experts.w2"),
-          (Check.BATCH, Check.SYNC, Check.GRAPH), loss=False),
+          (Check.BATCH, Check.BOUND, Check.SYNC, Check.GRAPH), loss=False),
     # ---- DeepSeek-V3 first_k_dense_replace layers: a plain gated MLP
     Stage(f"{DENSE_MLP}.l1", Op.DENSE_LINEAR, INPUT_FFN, ("dense.w1", "dense.w3"), _GEMM, parts=("gate", "up"),
           schemas=("deepseek_v3",)),
