@@ -190,4 +190,5 @@ def test_sm90_modules_import_without_triton_or_gpu():
     assert be.name == "sm90" and be.recipe_name == "te" and be.u_acc == 2.0**-24
     if not torch.cuda.is_available():
         assert be.unsupported_reason("gemm_nvfp4", "cpu") is not None
-    assert "not provided" in be.unsupported_reason("grouped_gemm", None)
+    assert "not provided" in be.unsupported_reason("no_such_op", None)
+    assert "not provided" not in (be.unsupported_reason("grouped_gemm", "cpu") or "")
