@@ -911,15 +911,17 @@ def _deq_interval(h_lo: Tensor, h_hi: Tensor, recipe, g_lo: Tensor, g_hi: Tensor
     return lo.view(r, n), hi.view(r, n)
 
 
-def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor) -> str:
+def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor, backend_ids: Tensor | None = None) -> str:
     """The whole MoE block against the emulator's operands (teacher forced on the reference routing): its
     hidden intermediates (L1 output, h, the requantized h) are not visible, so each output element must lie
     in the interval the format and the bounds allow: L1 within its accumulation bound, h the clamped SwiGLU
     of that (and one bf16 rounding), the requantization of h any choice an interval of h and of its global
     scale allows (the interval rule), L2 within its bound on that interval, the combine within its bound
     with the fp32 router weights' error. A wrong alpha, a wrong global scale or the wrong input_scale
-    anywhere in the block moves outputs far outside. Tokens whose experts the backend chose differently
-    (near-ties) are not expected to match; the router verdict reports them."""
+    anywhere in the block moves outputs far outside. Tokens whose experts the backend's own router (the
+    router op on the same input, `backend_ids`) chose differently from the reference are not expected to
+    match and are left out, counted in the message; the router verdict judges them (near-ties allowed).
+    Every token left out is a failure: the bound would then judge nothing."""
     __tracebackhide__ = True
     lw, spec, e = case.layer, case.moe_spec, case.emulated
     if backend.recipe.global_convention != "enc":
@@ -982,10 +984,19 @@ def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor) -> str:
     out_rad = (pair_rad * w.abs()[..., None]).sum(1) + (pair_mid.abs() * w_err[..., None]).sum(1) \
         + gamma(k + 1, backend.u_acc) * mag_terms.sum(1)
     out_rad = out_rad + half_ulp(out_mid.abs() + out_rad, y_block.dtype)
-    ratio = assert_within_gemm_bound(y_block, out_mid, out_rad, label=f"{MOE_BLOCK.name} output vs the interval of "
-                                     "the emulator's operands")
+    ref_ids = e[ROUTER.tensor("ids")].to(y_block.device)
+    keep = torch.ones(y_block.shape[0], dtype=torch.bool, device=y_block.device)
+    if backend_ids is not None:
+        keep = (backend_ids.to(ref_ids).sort(dim=1).values == ref_ids.sort(dim=1).values).all(dim=1)
+    left_out = int((~keep).sum())
+    if left_out == y_block.shape[0]:
+        raise AssertionError(f"{MOE_BLOCK.name} bound: the backend's router chose other experts than the reference "
+                             f"for all {left_out} tokens; nothing left to judge (see the router verdict)")
+    ratio = assert_within_gemm_bound(y_block[keep], out_mid[keep], out_rad[keep],
+                                     label=f"{MOE_BLOCK.name} output vs the interval of the emulator's operands")
+    skipped = f"; {left_out} token(s) the backend's router routed otherwise left out" if left_out else ""
     return (f"every output within the block interval (max |y - mid| / radius = {ratio:.3g}; "
-            f"{'static' if case.static else 'dynamic'} scales, K1={a1.k}, K2={k2})")
+            f"{'static' if case.static else 'dynamic'} scales, K1={a1.k}, K2={k2}{skipped})")
 
 
 def _moe_block_verdicts(backend: Backend, case: LayerCase, experts=None) -> list[Verdict]:
@@ -1031,7 +1042,8 @@ def _moe_block_verdicts(backend: Backend, case: LayerCase, experts=None) -> list
             out.append(Verdict(MOE_BLOCK.name, Check.BOUND.value, "skipped", "bound: the block interval is written "
                                "for the after_w2 placement (routing weights in the combine)"))
         else:
-            out.append(_fail_or_pass(MOE_BLOCK.name, Check.BOUND, lambda: moe_block_bound(backend, case, y)))
+            ids_b = backend.router(case.x_ffn, router, token_ids_i64=case.token_ids_i64 if hashed else None).ids_i64
+            out.append(_fail_or_pass(MOE_BLOCK.name, Check.BOUND, lambda: moe_block_bound(backend, case, y, ids_b)))
     for check in (Check.SYNC, Check.GRAPH):
         skip = _cuda_only(MOE_BLOCK.name, check, case, backend)
         if skip:

@@ -183,25 +183,27 @@ def _tied_layer(layer):
 
 
 PLANTED = {
-    # bug: (layer, failing (stage, check) verdicts; nothing else may fail)
+    # bug: (layer, failing (stage, check) verdicts; nothing else may fail). A bug in an op the MoE block
+    # runs (router, grouped GEMM weights) also fails the block's bound (moe.block runs the backend's own
+    # block, so a bug planted only in a stage-level op the block does not call leaves it passing)
     "swapped-nibbles": (0, {(s, "bytes") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
                                                    "shared.l1", "shared.l2")}),
     # a wrong weight operand fails every GEMM that reads it, the fused L1 included
     "untransposed-scale-matrix": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
                                                         "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
-                                  | {("moe.l1_fused", "interval")}),
+                                  | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
     "global-scale-inverted": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
                                                                "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
-                              | {("moe.l1_fused", "interval")}),
-    "gate-up-interleave-halved": (0, {("moe.l1", "bound"), ("moe.l1_fused", "interval")}),
+                              | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
+    "gate-up-interleave-halved": (0, {("moe.l1", "bound"), ("moe.l1_fused", "interval"), ("moe.block", "bound")}),
     "garbage-in-scale-padding": (0, {("moe.act_quant", "bytes"), ("moe.requant", "bytes")}),
     # the emulator's fused L1 uses the same SwiGLU: both stages must see the dropped clamp
     "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding"), ("moe.l1_fused", "interval")}),
     "routing-weight-at-the-wrong-place": (0, {("moe.combine", "bound")}),
     "reads-scale-padding": (0, {(s, "padding") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b", "shared.l1",
                                                          "shared.l2", "moe.l1", "moe.l2")}),
-    "router-ties-to-higher-id": ("tied", {("router", "ids")}),  # weights are judged where the ids agree
-    "sqrt-dropped-from-sqrtsoftplus": (3, {("router", "ids"), ("router", "weights")}),
+    "router-ties-to-higher-id": ("tied", {("router", "ids"), ("moe.block", "bound")}),  # weights are judged where the ids agree
+    "sqrt-dropped-from-sqrtsoftplus": (3, {("router", "ids"), ("router", "weights"), ("moe.block", "bound")}),
 }
 
 

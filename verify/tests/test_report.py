@@ -88,7 +88,7 @@ def test_report_rerenders_from_json(tmp_path, capsys):
     out = tmp_path / "again.html"
     assert main(["report", str(baseline_run_dir()), "--html", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "PASS: 112 pass, 0 fail" in text and "projected 61-layer sweep" in text
+    assert "PASS: 116 pass, 0 fail" in text and "projected 61-layer sweep" in text
     assert out.read_text() == render_html(load_json(baseline_run_dir() / "report.json"))
 
 
