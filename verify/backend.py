@@ -67,11 +67,13 @@ class QuantizedAct:
 @dataclass(frozen=True)
 class Dispatched:
     """row_token_i64 [R] (token of each expert-sorted row), row_slot_i64 [R] (its top-k slot),
-    offsets_i32 [E+1]. R = T * top_k."""
+    offsets_i32 [E+1]. R = T * top_k. top_k: the routing's k as a host int (known from the ids' shape, so
+    a combine without routing weights needs no device read to size its output); None = not given."""
 
     row_token_i64: Tensor
     row_slot_i64: Tensor
     offsets_i32: Tensor
+    top_k: int | None = None
 
 
 @dataclass(frozen=True)
@@ -234,7 +236,7 @@ class EmulatorBackend:
 
     def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched:
         d = ref_moe.dispatch(ids_i64, num_experts)
-        return Dispatched(d.token_of_row_i64, d.slot_of_row_i64, d.offsets_i64.to(torch.int32))
+        return Dispatched(d.token_of_row_i64, d.slot_of_row_i64, d.offsets_i64.to(torch.int32), ids_i64.shape[1])
 
     def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
         t, k = _pairs_shape(d)
@@ -283,6 +285,8 @@ def _emulator_static_scales(experts: ref_moe.ExpertStack) -> tuple[Tensor, Tenso
 
 
 def _pairs_shape(d: Dispatched) -> tuple[int, int]:
+    if d.top_k is not None:
+        return d.row_token_i64.numel() // d.top_k, d.top_k
     k = int(d.row_slot_i64.max()) + 1 if d.row_slot_i64.numel() else 1
     return d.row_token_i64.numel() // k, k
 

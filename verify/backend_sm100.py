@@ -434,7 +434,7 @@ class Sm100Adapter:
         row_slot = torch.empty_like(pair)
         row_token[row_of_pair] = pair // k
         row_slot[row_of_pair] = pair % k
-        return Dispatched(row_token, row_slot, perm.offsets_i64.to(torch.int32))
+        return Dispatched(row_token, row_slot, perm.offsets_i64.to(torch.int32), k)
 
     def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
         """y rows [R, H] bf16 (the boundary's expert-sorted order) -> bf16 [T, H]: per token the float32 sum,

@@ -148,19 +148,23 @@ class Sm90Adapter:
             raise ValueError(f"ids_i64: expected int64 [T, k], got {getattr(ids_i64, 'dtype', type(ids_i64).__name__)} "
                              f"{tuple(getattr(ids_i64, 'shape', ()))}")
         d = self._impl.dispatch(ids_i64, int(num_experts))
-        return Dispatched(d.row_token_i64, d.row_slot_i64, d.offsets_i32)
+        return Dispatched(d.row_token_i64, d.row_slot_i64, d.offsets_i32, ids_i64.shape[1])
 
     def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
         """y rows [R, H] bf16 (expert order) -> bf16 [T, H]: per token the float32 sum in slot order of
-        weight * row (weights None: the plain sum; top_k is then read from d on the host, see the module)."""
+        weight * row (weights None: the plain sum; top_k from d.top_k, or, when a caller left it None, read
+        from d's slots on the host)."""
         r = d.row_token_i64.numel()
         if weights_f32 is not None:
             t, k = weights_f32.shape
             if t * k != r:
                 raise ValueError(f"d: {r} rows, but weights_f32 {tuple(weights_f32.shape)} has T*k = {t * k} pairs")
             weights_f32 = weights_f32.to(torch.float32).contiguous()
+        elif d.top_k is not None:
+            k = d.top_k
+            t = r // k
         else:
-            k = int(d.row_slot_i64.max()) + 1 if r else 1  # the one host read (before_w2 boundary op only)
+            k = int(d.row_slot_i64.max()) + 1 if r else 1  # a host read: only when the caller gave no top_k
             t = r // k
         return self._impl.combine(y_rows_bf16.contiguous(), d.row_token_i64, d.row_slot_i64, weights_f32,
                                   num_tokens=t, top_k=k)

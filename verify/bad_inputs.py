@@ -298,7 +298,7 @@ def _combine_case(cls: str) -> Callable[[Backend, torch.device], str]:
                                                          "must have no rows"
         y = _x(t * k, 64, 8, device)
         w = torch.rand(t, k, generator=torch.Generator().manual_seed(9)).to(device)
-        got = backend.combine(y, Dispatched(d.row_token_i64, d.row_slot_i64, d.offsets_i32), w)
+        got = backend.combine(y, Dispatched(d.row_token_i64, d.row_slot_i64, d.offsets_i32, k), w)
         row_of_pair = torch.empty(t * k, dtype=torch.int64, device=device)
         row_of_pair[d.row_token_i64 * k + d.row_slot_i64] = torch.arange(t * k, device=device)
         terms = y.double()[row_of_pair.view(t, k)] * w.double()[..., None]

@@ -691,7 +691,8 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         before = case.options.weight_placement == "before_w2"
         weights = None if before else e[ROUTER.tensor("weights")]
         y_rows = e[MOE_L2.name]
-        got = backend.combine(y_rows, Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32), weights)
+        top_k = d.row_of_pair_i64.shape[1]
+        got = backend.combine(y_rows, Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32, top_k), weights)
 
         def combine_check() -> str:
             __tracebackhide__ = True
@@ -707,7 +708,7 @@ def _moe_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
         out.append(_fail_or_pass(MOE_COMBINE.name, Check.BOUND, combine_check))
         y_buf = y_rows.clone()
         w_buf = None if weights is None else weights.clone()
-        disp = Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32)
+        disp = Dispatched(d.token_of_row_i64, d.slot_of_row_i64, off_i32, top_k)
 
         def new_weights() -> None:
             if w_buf is not None:
