@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 import pytest
 import torch
+
+from verify.tests._cuda_timing import copy_bandwidth, time_graph
 
 pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
 
@@ -23,39 +24,14 @@ L2_BYTES = 60 * 2**20
 _RESULTS: dict[str, list] = {"copy": [], "quantize": [], "gemm": []}
 
 
-def _time_graph(fn_list, reps: int = 10) -> float:
-    """Seconds per call of the callables in fn_list (one graph holding them all)."""
-    for f in fn_list[:2]:
-        f()  # compile outside capture
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for f in fn_list:
-            f()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) / 1e3 / len(fn_list))
-    return statistics.median(times)
+_time_graph = time_graph
 
 
 @pytest.fixture(scope="module")
 def copy_bw():
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(50):  # clocks up before the measurement
-        dst.copy_(src)
-    t = _time_graph([lambda: dst.copy_(src)] * 5)
-    bw = 2 * src.numel() / t
-    _RESULTS["copy"].append({"bytes": 2 * src.numel(), "seconds": t, "GBps": bw / 1e9})
+    bw, t = copy_bandwidth()
+    _RESULTS["copy"].append({"bytes": 2 * 2**30, "seconds": t, "GBps": bw / 1e9})
     print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
-    del src, dst
     return bw
 
 

@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 
 import pytest
 import torch
+
+from verify.tests._cuda_timing import copy_bandwidth, time_graph
 
 pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
 
@@ -31,33 +32,11 @@ TOKENS = tuple(int(t) for t in os.environ.get("NVFP4V_MOE_TOKENS", "1,16,256,409
 
 def _time(fn, calls: int = 3, reps: int = 7) -> float:
     """Seconds per call (fn captured `calls` times in one graph, median over replays)."""
-    fn()
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        ts.append(s.elapsed_time(e) / 1e3 / calls)
-    del g
-    return statistics.median(ts)
+    return time_graph([fn] * calls, reps)
 
 
 def _copy_bw() -> float:
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    for _ in range(20):
-        dst.copy_(src)
-    t = _time(lambda: dst.copy_(src), calls=5)
-    return 2 * src.numel() / t
+    return copy_bandwidth(warmup=20)[0]
 
 
 def test_moe_grouped_gemm_bench():
