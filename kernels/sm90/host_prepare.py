@@ -18,22 +18,24 @@ __all__ = ["Sm90Nvfp4Weight", "prepare_nvfp4_weight", "swizzle_128x4"]
 
 
 def swizzle_128x4(sf_u8: Tensor) -> Tensor:
-    """Linear block scales [R, C] (uint8 or float8_e4m3fn bytes) -> the 128x4 swizzled buffer
-    [Rp, Cp] (R up to 128, C up to 4, zero padding): scale (r, c) lands at byte
+    """Linear block scales [R, C] or a stack [E, R, C] (uint8 or float8_e4m3fn bytes) -> the 128x4
+    swizzled buffer [Rp, Cp] (stack: [E, Rp, Cp], each [R, C] swizzled on its own) (R up to 128, C up
+    to 4, zero padding): scale (r, c) lands at byte
     ((r // 128) * (Cp // 4) + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4 + c % 4."""
     if sf_u8.dtype == torch.float8_e4m3fn:
         sf_u8 = sf_u8.view(torch.uint8)
-    if sf_u8.dtype != torch.uint8 or sf_u8.dim() != 2:
-        raise ValueError(f"weight_scale: expected [N, K/16] uint8/float8_e4m3fn bytes, got {sf_u8.dtype} "
-                         f"{tuple(sf_u8.shape)}")
-    r, c = sf_u8.shape
+    if sf_u8.dtype != torch.uint8 or sf_u8.dim() not in (2, 3):
+        raise ValueError(f"weight_scale: expected [N, K/16] or [E, N, K/16] uint8/float8_e4m3fn bytes, got "
+                         f"{sf_u8.dtype} {tuple(sf_u8.shape)}")
+    stack = sf_u8 if sf_u8.dim() == 3 else sf_u8.unsqueeze(0)
+    e, r, c = stack.shape
     rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
     rows = torch.arange(r, device=sf_u8.device).view(r, 1)
     cols = torch.arange(c, device=sf_u8.device).view(1, c)
     offset = ((rows // 128) * (cp // 4) + cols // 4) * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4 + cols % 4
-    out = torch.zeros(rp * cp, dtype=torch.uint8, device=sf_u8.device)
-    out[offset.reshape(-1)] = sf_u8.reshape(-1)
-    return out.view(rp, cp)
+    out = torch.zeros(e, rp * cp, dtype=torch.uint8, device=sf_u8.device)
+    out[:, offset.reshape(-1)] = stack.reshape(e, r * c)
+    return out.view(e, rp, cp) if sf_u8.dim() == 3 else out.view(rp, cp)
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.sm90.host_prepare import swizzle_128x4
+
 __all__ = ["Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "swizzle_128x4_stack"]
 
 _BLOCK = 16
@@ -31,19 +33,10 @@ _BLOCK = 16
 
 def swizzle_128x4_stack(sf_u8: Tensor) -> Tensor:
     """Linear block scales [E, R, C] (uint8 or float8_e4m3fn bytes) -> [E, Rp, Cp] uint8, each expert's
-    [R, C] in the 128x4 swizzled layout (R up to 128, C up to 4, zero padding): scale (r, c) of an
-    expert lands at byte ((r // 128) * (Cp // 4) + c // 4) * 512 + (r % 32) * 16 + ((r // 32) % 4) * 4
-    + c % 4 of its [Rp, Cp] block."""
-    if sf_u8.dtype == torch.float8_e4m3fn:
-        sf_u8 = sf_u8.view(torch.uint8)
-    e, r, c = sf_u8.shape
-    rp, cp = -(-r // 128) * 128, -(-c // 4) * 4
-    rows = torch.arange(r, device=sf_u8.device).view(r, 1)
-    cols = torch.arange(c, device=sf_u8.device).view(1, c)
-    offset = ((rows // 128) * (cp // 4) + cols // 4) * 512 + (rows % 32) * 16 + ((rows // 32) % 4) * 4 + cols % 4
-    out = torch.zeros(e, rp * cp, dtype=torch.uint8, device=sf_u8.device)
-    out[:, offset.reshape(-1)] = sf_u8.reshape(e, r * c)
-    return out.view(e, rp, cp)
+    [R, C] in the 128x4 swizzled layout (the dense weights' swizzle, host_prepare.swizzle_128x4)."""
+    if sf_u8.dim() != 3:
+        raise ValueError(f"weight_scale: expected an expert stack [E, N, K/16], got {tuple(sf_u8.shape)}")
+    return swizzle_128x4(sf_u8)
 
 
 @dataclass(frozen=True)

@@ -365,3 +365,20 @@ def test_gpu_cuda_graph_replay_new_routing_equals_eager():
         eager = step()
         for name, got, want in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager):
             assert_bits_equal(got.cpu(), want.cpu(), label=f"graph replay vs eager, {name}, counts {counts}")
+
+
+@pytest.mark.parametrize("e,r,c", [(3, 130, 7), (2, 64, 4), (1, 256, 9)], ids=lambda v: str(v))
+def test_host_swizzle_of_dense_and_stack_equals_the_references_layout(e, r, c):
+    """kernels/sm90's one 128x4 swizzle (host_prepare.swizzle_128x4: [R, C] or a stack [E, R, C]) against
+    the references' independent layout code, padding rows/columns included."""
+    from kernels.sm90.host_prepare import swizzle_128x4
+    from kernels.sm90.host_prepare_experts import swizzle_128x4_stack
+    from references.layouts import sf_linear_to_swizzled_128x4
+    from verify.assertions import assert_bytes_equal
+
+    x = torch.randint(0, 256, (e, r, c), dtype=torch.uint8, generator=torch.Generator().manual_seed(e * r + c))
+    stack = swizzle_128x4_stack(x)
+    for i in range(e):
+        expected = sf_linear_to_swizzled_128x4(x[i])
+        assert_bytes_equal(stack[i], expected, label=f"swizzle_128x4_stack expert {i}")
+        assert_bytes_equal(swizzle_128x4(x[i]), expected, label=f"swizzle_128x4 expert {i}")
