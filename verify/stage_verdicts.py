@@ -807,6 +807,12 @@ def _swiglu_interval(g_lo: Tensor, g_hi: Tensor, u_lo: Tensor, u_hi: Tensor, lim
     return corners.amin(0), corners.amax(0)
 
 
+def _nonempty_experts(offsets: Tensor):
+    """(expert, first row, end row) of every expert that has rows, from int offsets [E+1] (read once)."""
+    bounds = offsets.tolist()
+    return [(e, lo, hi) for e, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])) if lo != hi]
+
+
 def _l1_fused_verdict(backend: Backend, case: LayerCase, experts, a1: QuantizedAct, off_i64: Tensor, off_i32: Tensor,
                       s2: Tensor) -> Verdict:
     """The interval rule (DESIGN "Verdicts"): the fused kernel's h is not visible, so each scale byte must
@@ -832,11 +838,7 @@ def _l1_fused_verdict(backend: Backend, case: LayerCase, experts, a1: QuantizedA
     byte_hi = torch.empty_like(sf_got)
     val_lo = torch.empty(r, n // 16, 16, dtype=torch.float32, device=h_lo.device)
     val_hi = torch.empty_like(val_lo)
-    bounds = off_i64.tolist()
-    for e in range(len(bounds) - 1):
-        lo, hi = bounds[e], bounds[e + 1]
-        if lo == hi:
-            continue
+    for e, lo, hi in _nonempty_experts(off_i64):
         g = nvfp4_global_scale_for(h_lo[lo:lo + 1].float(), recipe=backend.recipe, input_scale_f32=s2[e])
         gs = next(iter(g.values()))
         kw = dict(recipe=backend.recipe, global_scale_f32=gs)
@@ -941,11 +943,7 @@ def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor, backend_
     h_hi = h_hi + 2 * half_ulp(h_hi.abs(), torch.bfloat16)
     if s2 is not None:  # static: expert e's h quantized with S = 1/s2[e]
         q_lo, q_hi = torch.empty_like(h_lo), torch.empty_like(h_hi)
-        bounds = off64.tolist()
-        for x in range(len(bounds) - 1):
-            lo, hi = bounds[x], bounds[x + 1]
-            if lo == hi:
-                continue
+        for x, lo, hi in _nonempty_experts(off64):
             g = next(iter(nvfp4_global_scale_for(h_lo[:1].float(), recipe=backend.recipe,
                                                  input_scale_f32=s2[x]).values())).reshape(())
             q_lo[lo:hi], q_hi[lo:hi] = _deq_interval(h_lo[lo:hi], h_hi[lo:hi], backend.recipe, g, g)
@@ -963,11 +961,7 @@ def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor, backend_
     k2 = mid.shape[1]
     y_mid = torch.zeros(mid.shape[0], w2.weight_u8.shape[-2], dtype=torch.float64, device=mid.device)
     y_rad = torch.zeros_like(y_mid)
-    bounds = off64.tolist()
-    for x in range(len(bounds) - 1):
-        lo, hi = bounds[x], bounds[x + 1]
-        if lo == hi:
-            continue
+    for x, lo, hi in _nonempty_experts(off64):
         wd = decode_nvfp4_block_scaled(w2.weight_u8[x], w2.weight_scale_e4m3[x].view(torch.uint8),
                                        dtype=torch.float64) * w2.weight_scale_2_f32[x].double()
         y_mid[lo:hi] = mid[lo:hi] @ wd.T
