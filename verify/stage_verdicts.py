@@ -238,8 +238,9 @@ def _bits(out: object) -> Tensor:
         return out.contiguous().reshape(-1).view(torch.uint8)
     if isinstance(out, (tuple, list)):
         return torch.cat([_bits(o) for o in out])
-    if hasattr(out, "__dataclass_fields__"):
-        return torch.cat([_bits(getattr(out, f)) for f in out.__dataclass_fields__])
+    if hasattr(out, "__dataclass_fields__"):  # its tensors; plain Python fields (top_k, ...) are not device output
+        return torch.cat([_bits(v) for v in (getattr(out, f) for f in out.__dataclass_fields__)
+                          if not isinstance(v, (int, float, str, type(None)))])
     raise TypeError(f"cannot compare op output of type {type(out).__name__}")
 
 

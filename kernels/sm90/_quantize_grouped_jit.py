@@ -1,9 +1,10 @@
 """Triton bodies of kernels.sm90.quantize_grouped (imported lazily by its _compile).
 
 The te math per 16-element block is the one of _quantize_nvfp4_1x16_jit (same helpers from
-_te_math); what differs is where a row comes from and which global scale it takes: the grid
-runs over the rows of the padded-per-expert scale buffer, so every byte of that buffer
-(padding included) is written exactly once and the buffer can come from torch.empty.
+_te_math); what differs is where a row comes from and which global scale it takes. The grid
+runs over the capacity rows (expert order), not over the padded scale rows: the work is
+proportional to the routed rows, never to the E * 127 rows of per-expert padding (which the
+caller's zero-filled scale buffer already holds).
 """
 
 import triton
@@ -26,52 +27,51 @@ def _enc_from_amax(amax, FMAX: tl.constexpr, NUM: tl.constexpr):
 
 
 @triton.jit
-def expert_of_padded_rows(p, off_ptr, E, E_PAD: tl.constexpr):
-    """For padded rows p [BM] (int32) of the grouped scale layout: (expert e in [0, E], the
-    row's index inside its expert, that expert's first row in the unpadded order, its row
-    count). e == E: p lies past the last expert's padded tiles (count 0, first row = off[E])."""
+def padded_starts_kernel(off_ptr, pstart_ptr, E, E_PAD: tl.constexpr):
+    """One program: pstart[e] = sum_{j<e} ceil(cnt_j / 128) * 128 for e in [0, E] (expert e's first row
+    of the padded-per-expert scale layout; pstart[E] is the padded total)."""
     ei = tl.arange(0, E_PAD)
     in_e = ei < E
     lo = tl.load(off_ptr + ei, mask=in_e, other=0)
     hi = tl.load(off_ptr + ei + 1, mask=in_e, other=0)
-    cnt = hi - lo
-    pcnt = (cnt + 127) // 128 * 128
+    pcnt = (hi - lo + 127) // 128 * 128
     pend = tl.cumsum(pcnt, axis=0)
-    pstart = pend - pcnt
-    e = tl.sum(((pend[None, :] <= p[:, None]) & in_e[None, :]).to(tl.int32), axis=1)  # experts ending <= p
-    sel = ei[None, :] == e[:, None]
-    total = tl.sum(pcnt, axis=0)
-    start = tl.where(e < E, tl.sum(tl.where(sel, pstart[None, :], 0), axis=1), total)
-    first = tl.where(e < E, tl.sum(tl.where(sel, lo[None, :], 0), axis=1), tl.load(off_ptr + E))
-    count = tl.sum(tl.where(sel, cnt[None, :], 0), axis=1)
-    return e, p - start, first, count
+    tl.store(pstart_ptr + ei, pend - pcnt, mask=in_e)
+    tl.store(pstart_ptr + E + tl.arange(0, 1), tl.zeros([1], tl.int32) + tl.sum(pcnt, axis=0))
 
 
 @triton.jit
 def grouped_quantize_te_kernel(
-    x_ptr, stride_xm, row_map_ptr, off_ptr, scale_ptr, packed_ptr, sf_i32_ptr,
+    x_ptr, stride_xm, row_map_ptr, off_ptr, pstart_ptr, scale_ptr, packed_ptr, sf_i32_ptr,
     R_CAP, K, CP4, E,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, E_PAD: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, LOG2_E: tl.constexpr,
     GATHER: tl.constexpr, STATIC: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
 ):
-    # program (pid_m, pid_k): BLOCK_M padded rows x BLOCK_K columns. Row p of the padded layout
-    # holds unpadded row r = first[e] + local (local < count[e]) or padding (zero bytes).
+    # program (pid_m, pid_k): BLOCK_M rows of the capacity R_CAP (expert order) x BLOCK_K columns.
+    # Row r < offsets[E] belongs to the expert e with offsets[e] <= r < offsets[e+1] (a binary search
+    # over the offsets) and lands on padded scale row pstart[e] + r - offsets[e]; rows past offsets[E]
+    # get zero codes and no scale bytes (the scale buffer arrives zeroed: padding stays zero).
     NB: tl.constexpr = BLOCK_K // 16
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    p = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    e, local, first, count = expert_of_padded_rows(p, off_ptr, E, E_PAD)
-    r = first + local
-    valid = (e < E) & (local < count)
-    # rows past the last expert's rows (capacity rows) get zero codes: written by the padded rows
-    # past the last expert's tiles, which map one to one onto them
-    tail = (e == E) & (r < R_CAP)
+    r = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_cap = r < R_CAP
+    valid = in_cap & (r >= tl.load(off_ptr)) & (r < tl.load(off_ptr + E))
+    lo = tl.zeros([BLOCK_M], tl.int32)
+    hi = tl.zeros([BLOCK_M], tl.int32) + (E - 1)
+    for _ in tl.static_range(LOG2_E + 1):  # largest e in [0, E-1] with offsets[e] <= r
+        mid = (lo + hi + 1) // 2
+        go = tl.load(off_ptr + mid, mask=valid, other=0) <= r
+        lo = tl.where(go, mid, lo)
+        hi = tl.where(go, hi, mid - 1)
+    e = lo
+    p = tl.load(pstart_ptr + e, mask=valid, other=0) + r - tl.load(off_ptr + e, mask=valid, other=0)
     if GATHER:
         src = tl.load(row_map_ptr + r, mask=valid, other=0).to(tl.int64)
     else:
         src = r.to(tl.int64)
     if STATIC:
-        d = tl.load(scale_ptr + e, mask=e < E, other=1.0)
+        d = tl.load(scale_ptr + e, mask=valid, other=1.0)
         s_enc = tl.div_rn(tl.full([BLOCK_M], 1.0, tl.float32), d)  # S = 1/D, IEEE (as the emulator forms it)
     else:
         s_enc = tl.load(scale_ptr + tl.zeros([BLOCK_M], tl.int32))
@@ -95,16 +95,16 @@ def grouped_quantize_te_kernel(
     p1 = _pack_e2m1x2_low_first(tl.where(keep, e2m1_code_lt_zero_bits(x1 * enc), 0))
     e4 = tl.arange(0, 4)
     poff = r.to(tl.int64)[:, None, None] * (K // 2) + (blk * 8)[None, :, None] + e4[None, None, :]
-    pmask = (valid | tail)[:, None, None] & col_ok[None, :, None]
+    pmask = in_cap[:, None, None] & col_ok[None, :, None]
     tl.store(packed_ptr + poff, p0, mask=pmask)
     tl.store(packed_ptr + poff + 4, p1, mask=pmask)
-    # padding rows / columns and rows of no expert: zero scale bytes (never NaN, whatever S is)
+    # scale words of the valid rows (block columns past K/16 inside the last word are zero)
     sf_u8 = tl.where(valid[:, None] & col_ok[None, :], sf_u8, 0)
     sf4 = tl.reshape(sf_u8, (BLOCK_M, NB // 4, 4))
     words = tl.sum(sf4 << (tl.arange(0, 4) * 8)[None, None, :], axis=2)
     c4 = pid_k * (NB // 4) + tl.arange(0, NB // 4)
     woff = (((p // 128) * CP4)[:, None] + c4[None, :]).to(tl.int64) * 128 + ((p % 32) * 4 + (p // 32) % 4)[:, None]
-    tl.store(sf_i32_ptr + woff, words, mask=(c4 < CP4)[None, :] & (p >= 0)[:, None])
+    tl.store(sf_i32_ptr + woff, words, mask=(c4 < CP4)[None, :] & valid[:, None])
 
 
 @triton.jit

@@ -24,7 +24,8 @@ e4m3_rne_satfinite(min(v * (S * f32(1/6)), FLT_MAX)), enc = min(1 / (f32(byte) *
 so the bytes equal references' te quantization of each expert's rows with its scale.
 
 Capacity: every buffer is sized by R_cap (the caller's T * top_k), never by the routed counts, and
-the grid covers the capacity scale rows; the counts are read on the device. Any routing and any
+the grid covers the R_cap capacity rows (the scale buffer is zero-filled by a memset, so the
+per-expert padding costs no kernel work); the counts are read on the device. Any routing and any
 row count up to R_cap runs in the same launches: no host sync, no recompilation, graph-capturable.
 """
 
@@ -65,6 +66,10 @@ class CompileKey:
     static: bool
     num_warps: int = 4
 
+    @property
+    def log2_e(self) -> int:
+        return self.e_pad.bit_length() - 1
+
     @staticmethod
     def for_shape(k: int, num_experts: int, *, gather: bool, static: bool) -> "CompileKey":
         block_k = 512 if k >= 512 else max(64, next_pow2(k))
@@ -77,16 +82,21 @@ def _compile(key: CompileKey):
     """The Triton launch for `key` (Triton compiles on the first launch, outside any capture)."""
     import triton
 
-    from kernels.sm90._quantize_grouped_jit import grouped_quantize_te_kernel
+    from kernels.sm90._quantize_grouped_jit import grouped_quantize_te_kernel, padded_starts_kernel
 
     def run(x_bf16, row_map, offsets_i32, scale_f32, packed_u8, sf_u8) -> None:
+        """sf_u8 must arrive zero-filled: the kernel writes only the routed rows' scale bytes."""
         k = x_bf16.shape[1]
-        sf_rows, cp = sf_u8.shape
-        grid = (sf_rows // key.block_m, triton.cdiv(cp * BLOCK, key.block_k))
+        cp = sf_u8.shape[1]
+        r_cap = packed_u8.shape[0]
+        e = offsets_i32.numel() - 1
+        pstart = torch.empty((e + 1,), dtype=torch.int32, device=x_bf16.device)
+        padded_starts_kernel[(1,)](offsets_i32, pstart, e, E_PAD=key.e_pad, num_warps=4)
+        grid = (triton.cdiv(r_cap, key.block_m), triton.cdiv(cp * BLOCK, key.block_k))
         grouped_quantize_te_kernel[grid](
-            x_bf16, x_bf16.stride(0), row_map if row_map is not None else offsets_i32, offsets_i32, scale_f32,
-            packed_u8, sf_u8.view(torch.int32), packed_u8.shape[0], k, cp // 4, offsets_i32.numel() - 1,
-            BLOCK_M=key.block_m, BLOCK_K=key.block_k, E_PAD=key.e_pad, GATHER=key.gather, STATIC=key.static,
+            x_bf16, x_bf16.stride(0), row_map if row_map is not None else offsets_i32, offsets_i32, pstart,
+            scale_f32, packed_u8, sf_u8.view(torch.int32), r_cap, k, cp // 4, e,
+            BLOCK_M=key.block_m, BLOCK_K=key.block_k, LOG2_E=key.log2_e, GATHER=key.gather, STATIC=key.static,
             ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps)
 
     return run
@@ -190,7 +200,7 @@ def launch(x_bf16: Tensor, offsets_i32: Tensor, *, input_dec_scale_f32: Tensor |
     dev = x_bf16.device
     cp = (k // BLOCK + 3) // 4 * 4
     packed = torch.empty((rows_cap, k // 2), dtype=torch.uint8, device=dev)
-    sf = torch.empty((sf_capacity_rows(rows_cap, e), cp), dtype=torch.uint8, device=dev)
+    sf = torch.zeros((sf_capacity_rows(rows_cap, e), cp), dtype=torch.uint8, device=dev)  # padding stays 0
     if input_dec_scale_f32 is None and enc_dec_f32 is not None:
         enc, dec = enc_dec_f32
         scale = enc
@@ -205,7 +215,7 @@ def launch(x_bf16: Tensor, offsets_i32: Tensor, *, input_dec_scale_f32: Tensor |
     else:
         scale = input_dec_scale_f32.reshape(e).contiguous()
         dec = scale.clone()
-    if sf.shape[0]:
+    if rows_cap:
         _compile(CompileKey.for_shape(k, e, gather=row_token is not None, static=input_dec_scale_f32 is not None))(
             x_bf16, row_token, offsets_i32, scale, packed, sf)
     return packed, sf, dec

@@ -299,3 +299,18 @@ def test_the_readme_main_command_passes_on_the_fixture(capsys):
     from verify.__main__ import main
 
     assert main(["layer", "--backend", "auto", "--device", "cpu"]) == 0, capsys.readouterr().out[-3000:]
+
+
+def test_graph_probe_bytes_cover_every_tensor_of_a_boundary_dataclass():
+    """The graph probe compares op outputs as bytes: a Dispatched (three tensors and the host int top_k)
+    gives every tensor's bytes and skips the host field (an int once made every moe.dispatch graph probe
+    fail on the H200 with 'cannot compare op output of type int')."""
+    from verify.backend import Dispatched
+    from verify.stage_verdicts import _bits
+
+    d = Dispatched(torch.arange(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64),
+                   torch.tensor([0, 2, 4], dtype=torch.int32), top_k=2)
+    b = _bits(d)
+    assert b.numel() == 4 * 8 + 4 * 8 + 3 * 4, f"Dispatched bytes: {b.numel()}, expected 76 (row_token, row_slot, offsets)"
+    d2 = dataclasses.replace(d, offsets_i32=torch.tensor([0, 3, 4], dtype=torch.int32))
+    assert int((_bits(d2) != b).sum()) == 1, "a changed offset must change exactly one compared byte"

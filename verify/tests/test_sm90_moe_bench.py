@@ -179,3 +179,163 @@ def test_moe_tile_sweep(t):
         with open(os.path.join(out_dir, f"sm90_moe_sweep_T{t}.json"), "w") as f:
             json.dump(out, f, indent=1)
     assert out
+
+
+def test_moe_block_bench():
+    """The whole block, one capturable call (kernels.sm90.moe_block.launch): router + dispatch + act_quant +
+    L1 (+ SwiGLU + requant) + L2 + combine, static (fused L1 epilogue) and dynamic scales, against torch bf16
+    on the same routing: the GEMMs alone (torch._grouped_mm L1, silu * up, L2: the issue's baseline) and a
+    whole torch block (fp32 router logits, sqrt(softplus), biased top-k, stable sort by expert, row gather,
+    the two grouped GEMMs, weighted combine). Routing: the V4 router on random x and a random gate (close to
+    uniform; the active-expert count is printed)."""
+    from kernels.sm90 import moe_block
+
+    torch.manual_seed(2)
+    dev = torch.device("cuda")
+    bw = _copy_bw()
+    report: dict = {"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": []}
+    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+
+    def stack(n, k):
+        return (torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev),
+                torch.randint(0x28, 0x38, (E, n, k // 16), dtype=torch.uint8, device=dev),
+                torch.full((E,), 1e-3, dtype=torch.float32, device=dev),
+                torch.full((E,), 0.02, dtype=torch.float32, device=dev))
+
+    experts = moe_block.prepare_moe_experts(stack(I, H), stack(I, H), stack(H, I))
+    torch.cuda.empty_cache()
+    gate = (torch.randn(E, H, device=dev) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(E, device=dev) * 0.01
+    router = moe_block.prepare_router(gate, bias, None, top_k=TOPK, routed_scaling_factor=2.5,
+                                      scoring="sqrtsoftplus", renormalize=True, n_group=None, topk_group=None)
+    w13_bf16 = torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device=dev) * 0.02
+    w2_bf16 = torch.randn(E, H, I, dtype=torch.bfloat16, device=dev) * 0.02
+    l1_bytes, l2_bytes = 2 * I * (H // 2 + H // 16), H * (I // 2 + I // 16)
+    flop_per_row = 2 * (H * 2 * I + I * H)
+    rows_out = []
+    for t in TOKENS:
+        x = torch.randn(t, H, device=dev).to(torch.bfloat16)
+        ids, _ = moe_block.route(x, router, None)
+        counts = torch.bincount(ids.reshape(-1), minlength=E)
+        active = int((counts > 0).sum())
+        r = t * TOPK
+        res: dict = {"T": t, "rows": r, "active_experts": active, "max_rows_per_expert": int(counts.max())}
+        for act in ("static", "dynamic"):
+            res[f"ours_{act}_s"] = _time(lambda: moe_block.launch(x, router, experts, swiglu_limit=10.0,
+                                                                 weight_placement="after_w2", act_scale=act))
+
+        # torch bf16, the GEMMs alone on this routing (the issue's baseline)
+        off = torch.zeros(E + 1, dtype=torch.int32, device=dev)
+        off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        offs = off[1:]
+        xr = torch.randn(r, H, dtype=torch.bfloat16, device=dev)
+
+        def torch_gemms():
+            y1 = torch._grouped_mm(xr, w13_bf16.transpose(-2, -1), offs=offs)
+            h = torch.nn.functional.silu(y1[:, :I]) * y1[:, I:]
+            return torch._grouped_mm(h, w2_bf16.transpose(-2, -1), offs=offs)
+
+        def torch_block():
+            logits = x.float() @ gate.float().t()
+            scores = torch.sqrt(torch.nn.functional.softplus(logits))
+            sel = (scores + bias).topk(TOPK, dim=1).indices
+            w = scores.gather(1, sel)
+            w = w / w.sum(1, keepdim=True) * 2.5
+            flat = sel.reshape(-1)
+            order = torch.sort(flat, stable=True).indices
+            cnt = torch.zeros(E, dtype=torch.int32, device=dev).index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+            o = torch.cumsum(cnt, 0, dtype=torch.int32)
+            xs = x[order // TOPK]
+            y1 = torch._grouped_mm(xs, w13_bf16.transpose(-2, -1), offs=o)
+            h = torch.nn.functional.silu(y1[:, :I]) * y1[:, I:]
+            y2 = torch._grouped_mm(h, w2_bf16.transpose(-2, -1), offs=o)
+            y = torch.empty_like(y2)
+            y[order] = y2
+            return (y.view(t, TOPK, H).float() * w.unsqueeze(-1)).sum(1).to(torch.bfloat16)
+
+        res["torch_gemms_s"] = _time(torch_gemms)
+        res["torch_block_s"] = _time(torch_block)
+        wbytes = active * (l1_bytes + l2_bytes)
+        for act in ("static", "dynamic"):
+            s = res[f"ours_{act}_s"]
+            res[f"ours_{act}_weight_GBps"] = wbytes / s / 1e9
+            res[f"ours_{act}_pct_copy"] = 100 * wbytes / s / bw
+            res[f"ours_{act}_TFLOPs"] = r * flop_per_row / s / 1e12
+            res[f"x_torch_gemms_{act}"] = res["torch_gemms_s"] / s
+            res[f"x_torch_block_{act}"] = res["torch_block_s"] / s
+        res["torch_block_TFLOPs"] = r * flop_per_row / res["torch_block_s"] / 1e12
+        rows_out.append(res)
+        print(f"block T={t:6d} active={active:3d} max/expert={res['max_rows_per_expert']:5d} | ours static "
+              f"{res['ours_static_s'] * 1e6:9.1f} us ({res['ours_static_weight_GBps']:.0f} GB/s, "
+              f"{res['ours_static_pct_copy']:.0f}% copy, {res['ours_static_TFLOPs']:.0f} TFLOP/s), dynamic "
+              f"{res['ours_dynamic_s'] * 1e6:9.1f} us | torch bf16 GEMMs {res['torch_gemms_s'] * 1e6:9.1f} us, block "
+              f"{res['torch_block_s'] * 1e6:9.1f} us ({res['torch_block_TFLOPs']:.0f} TFLOP/s) | x torch GEMMs "
+              f"{res['x_torch_gemms_static']:.2f} / {res['x_torch_gemms_dynamic']:.2f}, x torch block "
+              f"{res['x_torch_block_static']:.2f} / {res['x_torch_block_dynamic']:.2f} (static / dynamic)", flush=True)
+        del x, xr
+        torch.cuda.empty_cache()
+    report["rows"] = rows_out
+    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, "sm90_moe_block_bench.json"), "w") as f:
+            json.dump(report, f, indent=1)
+    assert all(r_["ours_static_s"] > 0 and r_["ours_dynamic_s"] > 0 for r_ in rows_out)
+
+
+def test_moe_block_breakdown():
+    """Each step of the static-scale block timed alone at each T (same router, experts and routing as
+    test_moe_block_bench): where the block's time goes beyond its two GEMMs."""
+    from kernels.sm90 import grouped_gemm_nvfp4 as gg
+    from kernels.sm90 import moe_block, moe_dispatch, quantize_grouped
+
+    torch.manual_seed(2)
+    dev = torch.device("cuda")
+
+    def stack(n, k):
+        return (torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev),
+                torch.randint(0x28, 0x38, (E, n, k // 16), dtype=torch.uint8, device=dev),
+                torch.full((E,), 1e-3, dtype=torch.float32, device=dev),
+                torch.full((E,), 0.02, dtype=torch.float32, device=dev))
+
+    ex = moe_block.prepare_moe_experts(stack(I, H), stack(I, H), stack(H, I))
+    torch.cuda.empty_cache()
+    gate = (torch.randn(E, H, device=dev) * 0.02).to(torch.bfloat16)
+    bias = torch.randn(E, device=dev) * 0.01
+    router = moe_block.prepare_router(gate, bias, None, top_k=TOPK, routed_scaling_factor=2.5,
+                                      scoring="sqrtsoftplus", renormalize=True, n_group=None, topk_group=None)
+    s1, s2 = ex.l1_input_dec_scale_f32, ex.l2_input_dec_scale_f32
+    out = []
+    for t in TOKENS:
+        x = torch.randn(t, H, device=dev).to(torch.bfloat16)
+        ids, w = moe_block.route(x, router, None)
+        d = moe_dispatch.dispatch(ids, E)
+        a = quantize_grouped.launch(x, d.offsets_i32, input_dec_scale_f32=s1, row_token=d.row_token_i64,
+                                    rows_cap=t * TOPK)
+        h = gg.grouped_l1_swiglu_requant(*a, d.offsets_i32, ex.w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2)
+        y = gg.grouped_gemm(*h, d.offsets_i32, ex.w2)
+        steps = {
+            "router": lambda: moe_block.route(x, router, None),
+            "dispatch": lambda: moe_dispatch.dispatch(ids, E),
+            "act_quant_static": lambda: quantize_grouped.launch(x, d.offsets_i32, input_dec_scale_f32=s1,
+                                                                row_token=d.row_token_i64, rows_cap=t * TOPK),
+            "act_quant_dynamic": lambda: quantize_grouped.launch(x, d.offsets_i32, row_token=d.row_token_i64,
+                                                                 rows_cap=t * TOPK),
+            "l1_fused": lambda: gg.grouped_l1_swiglu_requant(*a, d.offsets_i32, ex.w13, swiglu_limit=10.0,
+                                                             h_input_dec_scale_f32=s2),
+            "l2": lambda: gg.grouped_gemm(*h, d.offsets_i32, ex.w2),
+            "combine": lambda: moe_dispatch.combine(y, d.row_of_pair_i32, w, num_tokens=t, top_k=TOPK),
+            "block_static": lambda: moe_block.launch(x, router, ex, swiglu_limit=10.0, act_scale="static"),
+        }
+        row = {"T": t}
+        for name, fn in steps.items():
+            row[name + "_us"] = _time(fn) * 1e6
+        out.append(row)
+        print(f"breakdown T={t:6d} | " + " | ".join(f"{k[:-3]} {v:8.1f}" for k, v in row.items() if k != "T"),
+              flush=True)
+        del x, a, h, y
+        torch.cuda.empty_cache()
+    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, "sm90_moe_block_breakdown.json"), "w") as f:
+            json.dump(out, f, indent=1)
+    assert all(r["block_static_us"] > 0 for r in out)
