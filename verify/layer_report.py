@@ -128,7 +128,10 @@ VERDICT_OPS = FORWARD_OPS
 
 def backend_for_verdicts(name: str, device: torch.device):
     """The --backend that runs the verdicts on `device` (where the references run), or
-    DeviceUnavailableError carrying the backend's own unsupported_reason."""
+    DeviceUnavailableError carrying the backend's own unsupported_reason. "auto" picks for `device`:
+    the GPU's backend on cuda, the emulator on the CPU (also on a machine that has a GPU)."""
+    if name == "auto" and device.type != "cuda":
+        name = "emulator"
     try:
         backend = get_backend(name, device if device.type == "cuda" else None)
     except ImportError as e:

@@ -266,12 +266,19 @@ def _graph_probe(stage: str, forward: Callable[[], object], mutations: list[tupl
     """Warm up, capture forward() once (at capacity), then for each mutation: write the new inputs in
     place, replay, and require the graph's outputs bit-equal to an eager call on the same inputs."""
     done: list[str] = []
+    stream = torch.cuda.current_stream()
     try:
         forward()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            y_graph = forward()
+        try:
+            with torch.cuda.graph(graph):
+                y_graph = forward()
+        finally:
+            # torch.cuda.graph's __exit__ leaves its capture stream current when capture_end raises (a
+            # capture the forward invalidated): every later "eager" call would then run on the shared
+            # capture stream, and a stream-escaping bug in a later probe would go unseen
+            torch.cuda.set_stream(stream)
         for name, mutate in mutations:
             mutate()
             graph.replay()

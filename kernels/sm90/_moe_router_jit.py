@@ -6,27 +6,37 @@ import triton.language as tl
 
 @triton.jit
 def router_logits_kernel(x_ptr, stride_x, w_ptr, stride_w, out_ptr, T, E, H,
-                         K_TILES: tl.constexpr, BT: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr,
-                         F32_OPERANDS: tl.constexpr):
-    """logits[t, e] = sum_h x[t, h] w[e, h]: bf16 x bf16 products (exact), float32 accumulation in
-    K order (tiles of BK); one tile shape for every T, so a token's logits do not depend on T."""
+                         CHUNK_TILES: tl.constexpr, CHUNKS_PER_PROG: tl.constexpr, BT: tl.constexpr,
+                         BE: tl.constexpr, BK: tl.constexpr, F32_OPERANDS: tl.constexpr):
+    """logits[t, e] = sum_h x[t, h] w[e, h]: bf16 x bf16 products (exact), float32 accumulation in one
+    fixed order for every T and every launch shape: H is cut into chunks of CHUNK_TILES tiles of BK;
+    each chunk is summed from zero in K order (tl.dot), and the chunk sums are added in chunk order,
+    ((p0 + p1) + p2) + ... Program (e tile, t tile, c) sums chunks c * CHUNKS_PER_PROG onwards: with
+    every chunk in one program it writes the logits; with one chunk per program it writes the chunk
+    sum p_c to out[c] (split-K for small T, where the expert x token tiles alone leave SMs idle) and
+    router_topk_kernel adds them in chunk order: the same float32 operations, so the same bits."""
     pid_e = tl.program_id(0)
     pid_t = tl.program_id(1)
+    pid_c = tl.program_id(2)
     t = pid_t * BT + tl.arange(0, BT)
     e = pid_e * BE + tl.arange(0, BE)
-    acc = tl.zeros((BT, BE), dtype=tl.float32)
-    for kt in range(K_TILES):
-        k = kt * BK + tl.arange(0, BK)
-        k_ok = k < H
-        a = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + k[None, :], mask=(t < T)[:, None] & k_ok[None, :],
-                    other=0.0)
-        b = tl.load(w_ptr + e.to(tl.int64)[None, :] * stride_w + k[:, None], mask=(e < E)[None, :] & k_ok[:, None],
-                    other=0.0)
-        if F32_OPERANDS:
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
-    tl.store(out_ptr + t.to(tl.int64)[:, None] * E + e[None, :], acc, mask=(t < T)[:, None] & (e < E)[None, :])
+    total = tl.zeros((BT, BE), dtype=tl.float32)
+    for c in range(CHUNKS_PER_PROG):
+        acc = tl.zeros((BT, BE), dtype=tl.float32)
+        for kt in range(CHUNK_TILES):
+            k = ((pid_c * CHUNKS_PER_PROG + c) * CHUNK_TILES + kt) * BK + tl.arange(0, BK)
+            k_ok = k < H
+            a = tl.load(x_ptr + t.to(tl.int64)[:, None] * stride_x + k[None, :],
+                        mask=(t < T)[:, None] & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptr + e.to(tl.int64)[None, :] * stride_w + k[:, None],
+                        mask=(e < E)[None, :] & k_ok[:, None], other=0.0)
+            if F32_OPERANDS:
+                acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(a, b, acc)
+        total += acc
+    out = out_ptr + pid_c.to(tl.int64) * T * E + t.to(tl.int64)[:, None] * E + e[None, :]
+    tl.store(out, total, mask=(t < T)[:, None] & (e < E)[None, :])
 
 
 @triton.jit
@@ -46,11 +56,11 @@ def _scores_f32(logits, SCORING: tl.constexpr):
 
 
 @triton.jit
-def router_topk_kernel(logits_ptr, bias_ptr, tid2eid_ptr, tok_ptr, ids_ptr, w_ptr, T, E, vocab, rsf,
+def router_topk_kernel(logits_ptr, part_ptr, bias_ptr, tid2eid_ptr, tok_ptr, ids_ptr, w_ptr, T, E, vocab, rsf,
                        TOP_K: tl.constexpr, SCORING: tl.constexpr, HAS_BIAS: tl.constexpr, HASH: tl.constexpr,
                        RENORM: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr,
-                       BT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr):
-    """Per token: scores, then ids = top-k of scores + bias (ties to the lower expert id: each step takes
+                       BT: tl.constexpr, E_PAD: tl.constexpr, K_PAD: tl.constexpr, N_PART: tl.constexpr):
+    """Per token (logits from logits_ptr, or, N_PART > 0, the sum of N_PART chunk sums at part_ptr): scores, then ids = top-k of scores + bias (ties to the lower expert id: each step takes
     the largest value and, among equal ones, the smallest id, as a stable descending sort does),
     optionally limited to the TOPK_GROUP best of N_GROUP groups (group score: sum of the group's two
     largest biased scores, float64; its max without a bias), or ids = tid2eid[token id] (HASH);
@@ -59,7 +69,14 @@ def router_topk_kernel(logits_ptr, bias_ptr, tid2eid_ptr, tok_ptr, ids_ptr, w_pt
     t_ok = t < T
     ei = tl.arange(0, E_PAD)
     e_ok = ei < E
-    l = tl.load(logits_ptr + t.to(tl.int64)[:, None] * E + ei[None, :], mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+    lidx = t.to(tl.int64)[:, None] * E + ei[None, :]
+    if N_PART > 0:  # split-K logits: the chunk sums in chunk order (router_logits_kernel), then stored
+        l = tl.zeros((BT, E_PAD), dtype=tl.float32)  # 0 + p0 + ...: as the one-program sum (-0 included)
+        for c in range(N_PART):
+            l += tl.load(part_ptr + c * T * E + lidx, mask=t_ok[:, None] & e_ok[None, :], other=0.0)
+        tl.store(logits_ptr + lidx, l, mask=t_ok[:, None] & e_ok[None, :])
+    else:
+        l = tl.load(logits_ptr + lidx, mask=t_ok[:, None] & e_ok[None, :], other=0.0)
     s = _scores_f32(l, SCORING)
     neg_inf = float("-inf")
     if HASH:

@@ -12,9 +12,12 @@
                                       (dispatch routes such pairs nowhere)
     weights = s at the ids, / their float32 sum in slot order (renormalize), * routed_scaling_factor
 
-Two launches: the logits GEMM (one tile shape for every T: 64 tokens x 64 experts x 64 of H, so a
-token's logits, and so its ids and weights, do not depend on the other tokens), then one program per
-4 tokens for scores, selection and weights. Deterministic, no host sync, graph-capturable; every T
+Two launches: the logits GEMM, then one program per 4 tokens for scores, selection and weights. The
+logits GEMM has one tile shape (64 tokens x 64 experts x 64 of H) and one float32 summation order
+for every T: H in chunks of CHUNK_TILES tiles, each chunk summed from zero, the chunk sums added in
+chunk order. When the token x expert tiles alone would leave most SMs idle (small T), each chunk is
+its own program (split-K) and the top-k launch adds the chunk sums in the same order; the bits are
+the same either way, so a token's logits, ids and weights never depend on the other tokens or on T. Deterministic, no host sync, graph-capturable; every T
 reuses the compiled kernels (T is a runtime argument). Softmax scoring is not provided
 (unsupported_reason).
 """
@@ -35,6 +38,8 @@ __all__ = ["SCORINGS", "CompileKey", "launch", "unsupported_reason"]
 SCORINGS = {"sqrtsoftplus": 0, "sigmoid": 1}
 _BT, _BE, _BK = 64, 64, 64
 _TOPK_TOKENS = 4
+_CHUNKS = 16        # H is summed in (at most) this many chunks of whole BK tiles
+_SPLIT_BELOW = 132  # split-K when the token x expert tiles are fewer than the H200's SMs
 
 
 def unsupported_reason(*, scoring: str, num_experts: int, top_k: int, n_group: int | None,
@@ -56,8 +61,8 @@ def unsupported_reason(*, scoring: str, num_experts: int, top_k: int, n_group: i
 
 @dataclass(frozen=True)
 class CompileKey:
-    """Codegen inputs of the top-k kernel (T, E, H, vocab and the scaling factor are runtime arguments;
-    the logits GEMM's K trip count is a constexpr of H)."""
+    """Codegen inputs (T, E, H, vocab and the scaling factor are runtime arguments; the logits GEMM's
+    chunking of H is a constexpr of H; split: one program per chunk, the top-k launch adds them)."""
 
     top_k: int
     scoring: int
@@ -67,7 +72,9 @@ class CompileKey:
     n_group: int
     topk_group: int
     e_pad: int
-    k_tiles: int
+    chunk_tiles: int
+    n_chunks: int
+    split: bool
 
 
 def _interpreted() -> bool:
@@ -84,15 +91,18 @@ def _compile(key: CompileKey):
     def run(x, w, bias, tid2eid, tok, rsf: float, logits, ids, weights) -> None:
         t, h = x.shape
         e = w.shape[0]
-        router_logits_kernel[(triton.cdiv(e, _BE), triton.cdiv(t, _BT))](
-            x, x.stride(0), w, w.stride(0), logits, t, e, h, K_TILES=key.k_tiles, BT=_BT, BE=_BE, BK=_BK,
+        n_part = key.n_chunks if key.split else 0
+        part = torch.empty((key.n_chunks, t, e), dtype=torch.float32, device=x.device) if key.split else logits
+        router_logits_kernel[(triton.cdiv(e, _BE), triton.cdiv(t, _BT), key.n_chunks if key.split else 1)](
+            x, x.stride(0), w, w.stride(0), part, t, e, h, CHUNK_TILES=key.chunk_tiles,
+            CHUNKS_PER_PROG=1 if key.split else key.n_chunks, BT=_BT, BE=_BE, BK=_BK,
             F32_OPERANDS=_interpreted(), num_warps=4)
         router_topk_kernel[(triton.cdiv(t, _TOPK_TOKENS),)](
-            logits, bias if bias is not None else logits, tid2eid if tid2eid is not None else ids,
+            logits, part, bias if bias is not None else logits, tid2eid if tid2eid is not None else ids,
             tok if tok is not None else ids, ids, weights, t, e, tid2eid.shape[0] if tid2eid is not None else 0, rsf,
             TOP_K=key.top_k, SCORING=key.scoring, HAS_BIAS=key.has_bias, HASH=key.hashed, RENORM=key.renormalize,
             N_GROUP=key.n_group, TOPK_GROUP=key.topk_group, BT=_TOPK_TOKENS, E_PAD=key.e_pad,
-            K_PAD=next_pow2(key.top_k), num_warps=4)
+            K_PAD=next_pow2(key.top_k), N_PART=n_part, num_warps=4)
 
     return run
 
@@ -100,9 +110,10 @@ def _compile(key: CompileKey):
 def launch(x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scaling_factor: float,
            scoring: str = "sqrtsoftplus", bias_f32: Tensor | None = None, tid2eid: Tensor | None = None,
            token_ids_i64: Tensor | None = None, renormalize: bool = True, n_group: int | None = None,
-           topk_group: int | None = None) -> tuple[Tensor, Tensor, Tensor]:
+           topk_group: int | None = None, split_k: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """x [T, H] bf16, gate [E, H] bf16 -> (ids int64 [T, k], weights float32 [T, k], logits float32 [T, E])
-    (module docstring). Hash routing when tid2eid [vocab, k] (int32/int64) is given, with token_ids_i64 [T]."""
+    (module docstring). Hash routing when tid2eid [vocab, k] (int32/int64) is given, with token_ids_i64 [T].
+    split_k: None chooses by shape; True / False force it (tests: both give the same bits)."""
     for name, t in (("x_bf16", x_bf16), ("gate_weight_bf16", gate_weight_bf16)):
         if not isinstance(t, Tensor) or t.dtype != torch.bfloat16 or t.dim() != 2 or t.stride(1) != 1:
             raise ValueError(f"{name}: expected a bf16 2-d tensor contiguous along H, got "
@@ -134,9 +145,14 @@ def launch(x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scali
     if t == 0:
         return ids, weights, logits
     grouped = bool(n_group and n_group > 1) and tid2eid is None
+    k_tiles = (h + _BK - 1) // _BK
+    chunk_tiles = (k_tiles + _CHUNKS - 1) // _CHUNKS
+    n_chunks = (k_tiles + chunk_tiles - 1) // chunk_tiles
+    if split_k is None:
+        split_k = n_chunks > 1 and ((t + _BT - 1) // _BT) * ((e + _BE - 1) // _BE) < _SPLIT_BELOW
     key = CompileKey(top_k, SCORINGS[scoring], bias_f32 is not None, tid2eid is not None, bool(renormalize),
                      int(n_group) if grouped else 1, int(topk_group) if grouped else 1, max(16, next_pow2(e)),
-                     (h + _BK - 1) // _BK)
+                     chunk_tiles, n_chunks, bool(split_k))
     _compile(key)(x_bf16, gate_weight_bf16, None if bias_f32 is None else bias_f32.contiguous(), tid2eid,
                   token_ids_i64.contiguous() if token_ids_i64 is not None else None, float(routed_scaling_factor),
                   logits, ids, weights)

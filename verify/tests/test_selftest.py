@@ -140,3 +140,18 @@ def test_graph_killers_are_caught_on_cuda(ckpt, bug):
     if row.status == "not applicable":
         pytest.skip(f"{backend.name}: {row.message}")
     assert row.status == "caught" and not row.misblamed, row
+
+
+@pytest.mark.gpu
+def test_a_failed_capture_leaves_the_current_stream_as_it_was():
+    """torch.cuda.graph leaves its capture stream current when the capture fails; the graph probe puts the
+    caller's stream back, so a later probe's 'eager' calls do not run on the shared capture stream (where
+    a stream cached at the first call would be the capture stream itself, and go unseen)."""
+    from verify.stage_verdicts import _graph_probe
+
+    before = torch.cuda.current_stream()
+    x = torch.ones(4, device="cuda")
+    v = _graph_probe("attn.wq_a", lambda: x * x.sum().item(), [("nothing", lambda: None)])
+    assert v.status == "fail", f"a host read inside capture must fail the graph probe: {v.message}"
+    assert torch.cuda.current_stream() == before, \
+        f"current stream after a failed capture: {torch.cuda.current_stream()}, before: {before}"

@@ -76,6 +76,25 @@ def _case_router(kind: str) -> str:
     return v.summary()
 
 
+def _case_router_split_k() -> str:
+    """The split-K logits (small T) and the one-program logits give the same bits, for the batch and for
+    each token alone: H = 1088 is 17 tiles, 9 chunks of 2 (the last one short)."""
+    from kernels.sm90 import moe_router
+
+    g = torch.Generator().manual_seed(3)
+    t, e, h, k = 5, 80, 1088, 6
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    w = (torch.randn(e, h, generator=g) * 0.05).to(torch.bfloat16)
+    b = torch.randn(e, generator=g) * 0.1
+    outs = {s: moe_router.launch(x, w, top_k=k, routed_scaling_factor=2.5, bias_f32=b, split_k=s) for s in (False, True)}
+    for name, a, c in zip(("ids", "weights", "logits"), outs[False], outs[True]):
+        assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                           c.view(torch.int32) if c.is_floating_point() else c), f"split-K {name} differ from one program"
+    alone = moe_router.launch(x[2:3].contiguous(), w, top_k=k, routed_scaling_factor=2.5, bias_f32=b, split_k=True)
+    assert torch.equal(alone[2].view(torch.int32), outs[False][2][2:3].view(torch.int32)), "token 2 alone differs"
+    return f"{t} tokens x {e} experts, H={h}: split-K and one-program logits, ids and weights bit-equal"
+
+
 def _case_router_hash_out_of_range() -> str:
     from kernels.sm90 import moe_router
 
@@ -238,6 +257,7 @@ CASES = {
     **{f"router-{k}": (_case_router, (k,)) for k in ("bias", "ties", "sigmoid", "hash", "sigmoid-grouped",
                                                       "sigmoid-grouped-nobias")},
     "router-hash-out-of-range": (_case_router_hash_out_of_range, ()),
+    "router-split-k": (_case_router_split_k, ()),
     **{f"dispatch-T{t}-k{k}-E{e}{'-hot' if hot else ''}{'' if n is None else f'-n{n}'}": (_case_dispatch,
                                                                                         (t, k, e, hot, n))
        for (t, k, e, hot, n) in ((1, 6, 16, False, None), (48, 6, 16, False, None), (48, 6, 16, True, None),
@@ -379,6 +399,30 @@ def test_moe_block_and_ops_are_deterministic():
     s = run_moe_block(b, x, router, experts, static_scales=None, **kw)
     assert torch.equal(s.view(torch.int16), run_moe_block(b, x, router, experts, static_scales=None,
                                                           **kw).view(torch.int16))
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_router_split_k_is_bit_equal_to_one_program():
+    """V4-Pro router shape (E=384, H=7168): split-K logits (chosen for small T) and one-program logits
+    agree bit for bit on the H200's tensor cores, and a token alone equals the token inside a large batch
+    (which runs without split-K)."""
+    from kernels.sm90 import moe_router
+
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(3000, 7168, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(384, 7168, device="cuda", generator=g) * 0.02).to(torch.bfloat16)
+    b = torch.randn(384, device="cuda", generator=g) * 0.01
+    kw = dict(top_k=6, routed_scaling_factor=2.5, bias_f32=b)
+    for t in (1, 16, 256):
+        one, split = (moe_router.launch(x[:t], w, split_k=s, **kw) for s in (False, True))
+        for name, a, c in zip(("ids", "weights", "logits"), one, split):
+            assert torch.equal(a.view(torch.int32) if a.is_floating_point() else a,
+                               c.view(torch.int32) if c.is_floating_point() else c), f"T={t}: split-K {name} differ"
+    big = moe_router.launch(x, w, **kw)  # 47 x 6 tiles: no split-K
+    alone = moe_router.launch(x[1234:1235].contiguous(), w, **kw)  # split-K
+    assert torch.equal(alone[2].view(torch.int32), big[2][1234:1235].view(torch.int32)), "token 1234 alone differs"
+    assert torch.equal(alone[0], big[0][1234:1235])
 
 
 _SANITIZER_SCRIPT = """
