@@ -33,11 +33,16 @@ METRIC_TOLERANCES: dict[str, tuple[float, float]] = {
     "sqnr_db": (1e-9, 1e-9),
     "rel_l2": (1e-15, 1e-9),
     "max_abs": (1e-12, 1e-9),
+    # max |y - y_high| / |y_high|: y_high near 0 comes out of a float64 BLAS dot whose summation order
+    # is MKL's per CPU (measured: 1.15e-12 relative between an AVX-512 and an AVX2 host, 2.6e-12 with
+    # MKL_ENABLE_INSTRUCTIONS=SSE4_2), so it is not bit-stable across machines
+    "max_rel": (1e-15, 1e-9),
     "frac_bit_exact": (0.0, 0.0),
     "nan_count": (0.0, 0.0),
     "inf_count": (0.0, 0.0),
     # backend verdict metrics computed in float64 from bit-exact operands (verify.stage_verdicts)
     "bound_ratio": (1e-12, 1e-9),
+    "bound_ratio_linear": (1e-12, 1e-9),
     "max_weight_ratio": (1e-12, 1e-9),
 }
 

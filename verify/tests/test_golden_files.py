@@ -169,3 +169,14 @@ def test_a_missing_backend_golden_file_fails_saying_where_it_was_written(tmp_pat
     problems = check_or_update_golden_run(path, "layer0/a/verdicts", {"metrics": {}, "digests": {}}, update=False)
     assert problems == [f"missing golden {path}: written to {path} with layer0/a/verdicts (created); "
                         "review and commit it"] and path.exists()
+
+
+def test_max_rel_tolerates_the_cross_cpu_blas_drift_and_nothing_larger():
+    """vs_high max_rel on an AVX-512 host vs an AVX2 host (MKL picks the float64 dot's summation order per
+    CPU): 3070.1429585070373 vs 3070.1429585035066. That drift passes; a 1e-6 relative change does not."""
+    def doc(x):
+        return {"runs": {"r": {"metrics": {"attn.wo_b": {"bound.vs_high_y.max_rel": x}}, "digests": {}}}}
+
+    assert compare_golden(doc(3070.1429585070373), doc(3070.1429585035066)) == []
+    moved = compare_golden(doc(3070.1429585070373), doc(3070.1429585070373 * (1 + 1e-6)))
+    assert moved and "max_rel" in moved[0], moved
