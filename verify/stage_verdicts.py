@@ -271,9 +271,17 @@ def _graph_probe(stage: str, forward: Callable[[], object], mutations: list[tupl
         forward()
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
+        rng = torch.cuda.default_generators[torch.cuda.current_device()]
+        rng_before = rng.clone_state()
         try:
             with torch.cuda.graph(graph):
                 y_graph = forward()
+        except BaseException:
+            # a capture that never ended leaves the default CUDA generator registered as capturing: every
+            # later torch.randn(device="cuda") outside capture raises ("Offset increment outside graph
+            # capture encountered unexpectedly"); its state from before the capture is put back
+            rng.graphsafe_set_state(rng_before)
+            raise
         finally:
             # torch.cuda.graph's __exit__ leaves its capture stream current when capture_end raises (a
             # capture the forward invalidated): every later "eager" call would then run on the shared

@@ -144,8 +144,8 @@ def test_graph_killers_are_caught_on_cuda(ckpt, bug):
 
 @pytest.mark.gpu
 def test_a_failed_capture_leaves_the_current_stream_as_it_was():
-    """torch.cuda.graph leaves its capture stream current when the capture fails; the graph probe puts the
-    caller's stream back, so a later probe's 'eager' calls do not run on the shared capture stream (where
+    """torch.cuda.graph leaves its capture stream current (and the default CUDA generator in capture mode)
+    when the capture fails; the graph probe puts the caller's stream and generator state back, so a later probe's 'eager' calls do not run on the shared capture stream (where
     a stream cached at the first call would be the capture stream itself, and go unseen)."""
     from verify.stage_verdicts import _graph_probe
 
@@ -155,3 +155,4 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     assert v.status == "fail", f"a host read inside capture must fail the graph probe: {v.message}"
     assert torch.cuda.current_stream() == before, \
         f"current stream after a failed capture: {torch.cuda.current_stream()}, before: {before}"
+    torch.randn(4, device="cuda")  # the default generator is not left registered with the dead capture
