@@ -181,20 +181,12 @@ def test_moe_tile_sweep(t):
     assert out
 
 
-def test_moe_block_bench():
-    """The whole block, one capturable call (kernels.sm90.moe_block.launch): router + dispatch + act_quant +
-    L1 (+ SwiGLU + requant) + L2 + combine, static (fused L1 epilogue) and dynamic scales, against torch bf16
-    on the same routing: the GEMMs alone (torch._grouped_mm L1, silu * up, L2: the issue's baseline) and a
-    whole torch block (fp32 router logits, sqrt(softplus), biased top-k, stable sort by expert, row gather,
-    the two grouped GEMMs, weighted combine). Routing: the V4 router on random x and a random gate (close to
-    uniform; the active-expert count is printed)."""
+def _v4pro_block(dev):
+    """(experts, gate bf16 [E, H], bias [E], router) of one V4-Pro MoE layer: random NVFP4 stacks with
+    input scales (static and dynamic both run), a random gate and bias (seed 2)."""
     from kernels.sm90 import moe_block
 
     torch.manual_seed(2)
-    dev = torch.device("cuda")
-    bw = _copy_bw()
-    report: dict = {"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": []}
-    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
 
     def stack(n, k):
         return (torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev),
@@ -208,6 +200,23 @@ def test_moe_block_bench():
     bias = torch.randn(E, device=dev) * 0.01
     router = moe_block.prepare_router(gate, bias, None, top_k=TOPK, routed_scaling_factor=2.5,
                                       scoring="sqrtsoftplus", renormalize=True, n_group=None, topk_group=None)
+    return experts, gate, bias, router
+
+
+def test_moe_block_bench():
+    """The whole block, one capturable call (kernels.sm90.moe_block.launch): router + dispatch + act_quant +
+    L1 (+ SwiGLU + requant) + L2 + combine, static (fused L1 epilogue) and dynamic scales, against torch bf16
+    on the same routing: the GEMMs alone (torch._grouped_mm L1, silu * up, L2: the issue's baseline) and a
+    whole torch block (fp32 router logits, sqrt(softplus), biased top-k, stable sort by expert, row gather,
+    the two grouped GEMMs, weighted combine). Routing: the V4 router on random x and a random gate (close to
+    uniform; the active-expert count is printed)."""
+    from kernels.sm90 import moe_block
+
+    dev = torch.device("cuda")
+    bw = _copy_bw()
+    report: dict = {"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name(), "rows": []}
+    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+    experts, gate, bias, router = _v4pro_block(dev)
     w13_bf16 = torch.randn(E, 2 * I, H, dtype=torch.bfloat16, device=dev) * 0.02
     w2_bf16 = torch.randn(E, H, I, dtype=torch.bfloat16, device=dev) * 0.02
     l1_bytes, l2_bytes = 2 * I * (H // 2 + H // 16), H * (I // 2 + I // 16)
@@ -288,21 +297,8 @@ def test_moe_block_breakdown():
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
     from kernels.sm90 import moe_block, moe_dispatch, quantize_grouped
 
-    torch.manual_seed(2)
     dev = torch.device("cuda")
-
-    def stack(n, k):
-        return (torch.randint(0, 256, (E, n, k // 2), dtype=torch.uint8, device=dev),
-                torch.randint(0x28, 0x38, (E, n, k // 16), dtype=torch.uint8, device=dev),
-                torch.full((E,), 1e-3, dtype=torch.float32, device=dev),
-                torch.full((E,), 0.02, dtype=torch.float32, device=dev))
-
-    ex = moe_block.prepare_moe_experts(stack(I, H), stack(I, H), stack(H, I))
-    torch.cuda.empty_cache()
-    gate = (torch.randn(E, H, device=dev) * 0.02).to(torch.bfloat16)
-    bias = torch.randn(E, device=dev) * 0.01
-    router = moe_block.prepare_router(gate, bias, None, top_k=TOPK, routed_scaling_factor=2.5,
-                                      scoring="sqrtsoftplus", renormalize=True, n_group=None, topk_group=None)
+    ex, _, _, router = _v4pro_block(dev)
     s1, s2 = ex.l1_input_dec_scale_f32, ex.l2_input_dec_scale_f32
     out = []
     for t in TOKENS:
