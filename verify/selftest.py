@@ -294,9 +294,10 @@ class Bugged:
             n = e.shape[0] if e is not None else int(r.ids_i64.max()) + 1
             r = RoutingOut(n - 1 - r.ids_i64, r.weights_f32)
         if self.bug == "one-clear-winner-swapped" and r.ids_i64.shape[0]:
-            ids = r.ids_i64.clone()  # token 0's top expert replaced by one it did not choose
-            chosen = set(ids[0].tolist())
-            ids[0, 0] = next(e for e in range(ids.shape[1] + len(chosen) + 1) if e not in chosen)
+            ids = r.ids_i64.clone()  # token 0's top expert replaced by the lowest id it did not choose
+            cand = torch.arange(ids.shape[1] + 1, device=ids.device)  # k + 1 ids: one is not chosen
+            free = (cand[:, None] != ids[0][None, :]).all(dim=1)
+            ids[0, 0] = cand[free.to(torch.int32).argmax()]  # on the device: no host sync, graph-safe
             r = RoutingOut(ids, r.weights_f32)
         return r
 
