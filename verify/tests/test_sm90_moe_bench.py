@@ -39,6 +39,14 @@ def _copy_bw() -> float:
     return copy_bandwidth(warmup=20)[0]
 
 
+def _dump(name: str, obj) -> None:
+    """obj as JSON to NVFP4V_REPORT_DIR/name when that variable is set (the H200 runs collect these)."""
+    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
+    if out_dir:
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=1)
+
+
 def test_moe_grouped_gemm_bench():
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
@@ -128,10 +136,7 @@ def test_moe_grouped_gemm_bench():
         del x, a_packed, a_sf, hp, hsf
         torch.cuda.empty_cache()
     report["rows"] = rows_out
-    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, "sm90_moe_bench.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    _dump("sm90_moe_bench.json", report)
     assert all(r_["ours_fused_s"] > 0 for r_ in rows_out)
 
 
@@ -174,10 +179,7 @@ def test_moe_tile_sweep(t):
         out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "us": s * 1e6})
         print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {s * 1e6:.1f} us",
               flush=True)
-    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, f"sm90_moe_sweep_T{t}.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    _dump(f"sm90_moe_sweep_T{t}.json", out)
     assert out
 
 
@@ -284,10 +286,7 @@ def test_moe_block_bench():
         del x, xr
         torch.cuda.empty_cache()
     report["rows"] = rows_out
-    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, "sm90_moe_block_bench.json"), "w") as f:
-            json.dump(report, f, indent=1)
+    _dump("sm90_moe_block_bench.json", report)
     assert all(r_["ours_static_s"] > 0 and r_["ours_dynamic_s"] > 0 for r_ in rows_out)
 
 
@@ -330,8 +329,5 @@ def test_moe_block_breakdown():
               flush=True)
         del x, a, h, y
         torch.cuda.empty_cache()
-    out_dir = os.environ.get("NVFP4V_REPORT_DIR")
-    if out_dir:
-        with open(os.path.join(out_dir, "sm90_moe_block_breakdown.json"), "w") as f:
-            json.dump(out, f, indent=1)
+    _dump("sm90_moe_block_breakdown.json", out)
     assert all(r["block_static_us"] > 0 for r in out)
