@@ -4,7 +4,7 @@ The stage is the unit of the suite (DESIGN.md "Stages"). Each row names a stage,
 op that computes it, the stage whose output feeds it (teacher forcing: a kernel gets the
 reference's input to its stage), the checkpoint weight roles it reads, the checks that judge
 it, and the reference tensors it produces. The reference layer (references.layer), the backend
-adapters and verdicts (verify.backend, verify.stage_verdicts), reports, golden files and pytest
+adapters and verdicts (verify.backends, verify.verdicts), reports, golden files and pytest
 ids all take stage names from here; nothing else spells them.
 
 Reference tensors: a stage without `parts` produces the tensor named like the stage; with parts,
@@ -29,7 +29,7 @@ __all__ = [
 
 
 class Op(enum.Enum):
-    """The backend protocol's ops (verify.backend), one name per computation."""
+    """The backend protocol's ops (verify.backends), one name per computation."""
 
     PREPARE = "prepare"                    # checkpoint bytes -> the backend's operands (host, once per layer)
     QUANTIZE = "quantize"                  # dense activation quantization (static or dynamic global scale)

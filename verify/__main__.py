@@ -38,10 +38,10 @@ PROG = "python -m verify"
 
 # command -> (module, add-arguments function, run function, help)
 COMMANDS = {
-    "demo": ("verify.selfcheck", "add_demo_arguments", "cli_demo",
+    "demo": ("verify.demo", "add_demo_arguments", "cli_demo",
              "emulator self-check on embedded data (rich table; exit 1 on any failure)"),
-    "lint": ("verify.lint", "add_lint_arguments", "cli_lint", "lint a checkpoint directory"),
-    "fixture": ("verify.fixtures", "add_fixture_arguments", "cli_fixture", "write a fixture checkpoint"),
+    "lint": ("verify.checkpoint.lint", "add_lint_arguments", "cli_lint", "lint a checkpoint directory"),
+    "fixture": ("verify.checkpoint.writer", "add_fixture_arguments", "cli_fixture", "write a fixture checkpoint"),
     "layer": ("verify.layer_report", "add_layer_arguments", "cli_layer",
               "reference layer, stage by stage: emulated NVFP4 vs high precision (rich table, JSON)"),
     "model": ("verify.sweep", "add_model_arguments", "cli_model",

@@ -27,7 +27,7 @@ from references.codecs import f32_to_e4m3_bytes
 from references.gemm import U_FP32
 from references.nvfp4 import pack_e2m1x2_low_first
 from references.stages import Op
-from verify.backend import Backend, QuantizedAct
+from verify.backends import Backend, QuantizedAct
 from verify.checkpoint import Nvfp4Linear
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused"]
@@ -204,7 +204,7 @@ def cli_accumulator(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from verify.backend import get_backend  # noqa: PLC0415
+    from verify.backends import get_backend  # noqa: PLC0415
     from verify.errors import DeviceUnavailableError  # noqa: PLC0415
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

@@ -41,9 +41,9 @@ from references.nvfp4 import quantize_nvfp4, quantize_nvfp4_weight_checkpoint
 from references.recipes import MODELOPT
 from references.stages import Op
 from verify.assertions import assert_bits_equal, assert_within_gemm_bound, assert_within_ulps
-from verify.backend import Backend, Dispatched, QuantizedAct
+from verify.backends import Backend, Dispatched, QuantizedAct
 from verify.checkpoint import GatedMlp, Nvfp4Linear
-from verify.stage_verdicts import check_quantized, expected_grouped_quant, grouped_f64
+from verify.verdicts import check_quantized, expected_grouped_quant, grouped_f64
 
 __all__ = ["BadCase", "BadVerdict", "BAD_CASES", "run_bad_case", "INPUT_CLASSES"]
 

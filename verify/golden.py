@@ -40,7 +40,7 @@ METRIC_TOLERANCES: dict[str, tuple[float, float]] = {
     "frac_bit_exact": (0.0, 0.0),
     "nan_count": (0.0, 0.0),
     "inf_count": (0.0, 0.0),
-    # backend verdict metrics computed in float64 from bit-exact operands (verify.stage_verdicts)
+    # backend verdict metrics computed in float64 from bit-exact operands (verify.verdicts)
     "bound_ratio": (1e-12, 1e-9),
     "bound_ratio_linear": (1e-12, 1e-9),
     "max_weight_ratio": (1e-12, 1e-9),

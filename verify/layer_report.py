@@ -23,7 +23,7 @@ from references.layer import RunOptions
 from references.linear import rms_norm
 from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
-from verify.backend import FORWARD_OPS, get_backend
+from verify.backends import FORWARD_OPS, get_backend
 from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
 from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError, UsageError
 from verify.golden import environment

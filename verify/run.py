@@ -5,7 +5,7 @@ A run loads nothing itself beyond what it is given: the caller opens the checkpo
 passes an already loaded layer and its inputs, so several run configurations can share one load.
 It runs the reference layer in both modes (emulated NVFP4 and float64 high precision), measures the
 quantization loss per stage of the stage table, digests every emulated tensor, and, with a backend,
-judges every kernel stage of the layer through the backend protocol (verify.stage_verdicts).
+judges every kernel stage of the layer through the backend protocol (verify.verdicts).
 """
 
 from __future__ import annotations
@@ -18,11 +18,11 @@ from typing import Callable, Iterator
 from torch import Tensor
 
 from references.layer import RunOptions
-from verify.backend import Backend
+from verify.backends import Backend
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.golden import tensor_digest
 from verify.reference_layer import LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
-from verify.stage_verdicts import LayerCase, Verdict, stage_verdicts
+from verify.verdicts import LayerCase, Verdict, stage_verdicts
 
 __all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
            "stage_seconds"]
@@ -85,13 +85,13 @@ def stage_seconds(verdicts: list[Verdict]) -> dict[str, float]:
 
 @contextmanager
 def _timed_probes(sink: dict[str, float], on_phase: Callable[[str], None] | None) -> Iterator[None]:
-    """Time the sync and CUDA-graph probes of verify.stage_verdicts (they run inside the stages'
+    """Time the sync and CUDA-graph probes of verify.verdicts (they run inside the stages'
     verdicts, on CUDA only) into sink["graph_probe"], and report "graph probe <stage>" to on_phase.
 
     stage_verdicts has no timing hook of its own for its probes, so its two probe functions are
     wrapped for the duration of one layer's verdicts and restored afterwards; each probe's first
     argument is the stage name."""
-    import verify.stage_verdicts as sv  # noqa: PLC0415
+    import verify.verdicts.judges as sv  # noqa: PLC0415
 
     names = ("_sync_probe", "_graph_probe")
     originals = {n: getattr(sv, n, None) for n in names}

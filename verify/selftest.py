@@ -32,7 +32,7 @@ from references.nvfp4 import (
     unpack_e2m1x2_low_first,
 )
 from references.stages import STAGES, Op, Stage
-from verify.backend import Backend, QuantizedAct, RoutingOut
+from verify.backends import Backend, QuantizedAct, RoutingOut
 from verify.checkpoint import Checkpoint, GatedMlp, Nvfp4Linear
 from verify.config import GOLDEN_DIR, positive_int
 from verify.reference_layer import LayerInputs

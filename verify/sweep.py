@@ -277,7 +277,7 @@ def _scan_done(units_dir: Path, units: list[Unit], fingerprint: str, *, fresh: b
 def _backend_declaration(backend, device: torch.device) -> dict | None:
     if backend is None:
         return None
-    from verify.backend import FORWARD_OPS  # noqa: PLC0415
+    from verify.backends import FORWARD_OPS  # noqa: PLC0415
 
     recipe = getattr(backend, "recipe", None)
     return {"name": backend.name, "recipe": getattr(recipe, "name", str(recipe)), "u_acc": float(backend.u_acc),

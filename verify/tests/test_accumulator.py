@@ -9,7 +9,7 @@ import torch
 from references import layouts as ref_layouts
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.accumulator import GAPS, PROBE_PATHS, AccumulatorRefused, check_declared_u_acc, probe_accumulator
-from verify.backend import EmulatorBackend
+from verify.backends import EmulatorBackend
 
 
 def _truncate(x: torch.Tensor, bits: int) -> torch.Tensor:

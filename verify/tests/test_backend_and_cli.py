@@ -14,7 +14,7 @@ from references.layouts import sf_swizzled_128x4_to_linear
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
 from verify.assertions import assert_bytes_equal, assert_within_gemm_bound, describe_e4m3
-from verify.backend import EmulatorBackend, Op, get_backend
+from verify.backends import EmulatorBackend, Op, get_backend
 from verify.config import RunConfig, check_device, format_layers, parse_layers, positive_int
 from verify.errors import DeviceUnavailableError, UsageError
 from verify.metrics import stage_metrics
@@ -129,8 +129,8 @@ def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
 
 def test_backends_are_typed_no_attribute_pass_through():
     """The protocol is the whole interface: no adapter forwards unknown attributes to its kernels."""
-    import verify.backend as vb
-    import verify.backend_sm90 as v90
+    import verify.backends as vb
+    import verify.backends.sm90 as v90
 
     for cls in (vb.EmulatorBackend, v90.Sm90Adapter):
         assert "__getattr__" not in vars(cls), cls
@@ -144,7 +144,7 @@ def test_emulator_serves_every_forward_op_and_sm90_names_why_not_here():
     """The emulator serves every forward op anywhere; sm90 provides every forward op too (the dense
     path and the MoE block), and on a machine without a Hopper GPU (or triton) each op's reason says
     which of the two is missing, never that the op is absent."""
-    from verify.backend import FORWARD_OPS
+    from verify.backends import FORWARD_OPS
 
     cpu = torch.device("cpu")
     assert all(EmulatorBackend().unsupported_reason(op, cpu) is None for op in FORWARD_OPS)

@@ -1,4 +1,4 @@
-"""Op-level correctness of every backend through the protocol (verify.backend), on synthetic data.
+"""Op-level correctness of every backend through the protocol (verify.backends), on synthetic data.
 
 One test per (op, data, shape), parametrised over the backends: the emulator everywhere, sm90 on a
 Hopper, sm100 on a B200 (each skips with its own reason elsewhere). The expected bytes and the
@@ -20,7 +20,7 @@ from references.recipes import MODELOPT
 from references.stages import Op
 from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
     assert_within_gemm_bound, describe_e4m3
-from verify.backend import get_backend, registered_backend_names
+from verify.backends import get_backend, registered_backend_names
 from verify.checkpoint import GatedMlp, Nvfp4Linear
 from verify.rng import CounterRng
 

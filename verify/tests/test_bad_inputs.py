@@ -17,7 +17,7 @@ import torch
 
 from references.stages import Op
 from verify.assertions import assert_within_gemm_bound
-from verify.backend import EmulatorBackend, get_backend, registered_backend_names
+from verify.backends import EmulatorBackend, get_backend, registered_backend_names
 from verify.bad_inputs import BAD_CASES, BadCase, run_bad_case
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -14,7 +14,7 @@ from verify.checkpoint import (
     NanScaleError, NotACheckpointError, ShapeMismatchError, TruncatedShardError, read_safetensors_header,
 )
 from verify.config import GOLDEN_DIR
-from verify.fixtures import make_edited_checkpoint
+from verify.checkpoint.writer import make_edited_checkpoint
 
 MINI_V4 = GOLDEN_DIR / "mini-v4"
 T = "layers.3.ffn.experts.2.w1.weight_scale"

@@ -13,7 +13,7 @@ from verify.checkpoint import (
     Bf16Linear, Checkpoint, Fp8BlockLinear, Mxfp4Linear, Nvfp4Linear, read_safetensors_header,
 )
 from verify.config import GOLDEN_DIR
-from verify.fixtures import make_checkpoint
+from verify.checkpoint.writer import make_checkpoint
 
 MINI_V4 = GOLDEN_DIR / "mini-v4"
 

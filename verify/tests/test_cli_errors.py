@@ -20,9 +20,9 @@ import pytest
 import torch
 
 from verify.__main__ import main
-from verify.backend import get_backend
+from verify.backends import get_backend
 from verify.config import GOLDEN_DIR
-from verify.fixtures import PRESETS, make_checkpoint, make_edited_checkpoint
+from verify.checkpoint.writer import PRESETS, make_checkpoint, make_edited_checkpoint
 from verify.layer_report import VERDICT_OPS, held_layers, select_layers
 
 MINI_V4 = GOLDEN_DIR / "mini-v4"

@@ -15,7 +15,7 @@ import torch
 
 from verify.checkpoint import Checkpoint, Nvfp4Linear
 from verify.config import GOLDEN_DIR, REPO_ROOT
-from verify.fixtures import PRESETS, add_fixture_arguments, checkpoint_digests, cli_fixture, make_checkpoint
+from verify.checkpoint.writer import PRESETS, add_fixture_arguments, checkpoint_digests, cli_fixture, make_checkpoint
 from verify.rng import CounterRng
 
 
@@ -28,7 +28,7 @@ def _sums(path: Path) -> dict[str, str]:
 _REGENERATE = """
 import json, sys, tempfile, torch
 from pathlib import Path
-from verify.fixtures import checkpoint_digests, make_checkpoint
+from verify.checkpoint.writer import checkpoint_digests, make_checkpoint
 out = {"capability": torch.backends.cpu.get_cpu_capability()}
 with tempfile.TemporaryDirectory() as d:
     for preset in sys.argv[1:]:

@@ -137,7 +137,7 @@ def test_backend_golden(backend_name, device, i, config, backends, run_cfg):
 
 
 def test_backend_golden_runs_hold_statuses_metrics_and_output_digests():
-    from verify.stage_verdicts import Verdict
+    from verify.verdicts import Verdict
 
     verdicts = [Verdict("moe.l1", "bound", "pass", "ok", {"bound_ratio_gate": 0.5, "seconds": 3.0,
                                                          "vs_high_gate": {"cosine": 0.99, "note": "x"}}),

@@ -19,13 +19,13 @@ import torch
 from references.layer import RunOptions
 from references.router import router_logits_f32, routing_weights_f32, select_experts_topk
 from references.stages import STAGES
-from verify.backend import FORWARD_OPS, EmulatorBackend, RoutingOut, get_backend, registered_backend_names
+from verify.backends import FORWARD_OPS, EmulatorBackend, RoutingOut, get_backend, registered_backend_names
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import held_layers, layer_inputs
 from verify.run import run_layer
 from verify.selftest import Bugged
-from verify.stage_verdicts import LayerCase, applicable_stages
+from verify.verdicts import LayerCase, applicable_stages
 from verify.accumulator import check_declared_u_acc, probe_accumulator
 from verify.assertions import assert_all_zero, assert_bits_equal
 
@@ -274,7 +274,7 @@ def test_emulator_moe_block_valid_token_count_zeroes_the_rest(ckpt):
 def test_planted_host_sync_fails_only_the_sync_and_graph_checks(ckpt):
     """A `.item()` inside a stage (sm90's dense linear reads the activation amax on the host): the
     sync probe names the stage, the graph probe fails its capture; the numbers stay right."""
-    from verify.backend_sm90 import Sm90Adapter
+    from verify.backends.sm90 import Sm90Adapter
 
     class HostSync(Sm90Adapter):
         def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
@@ -305,8 +305,8 @@ def test_graph_probe_bytes_cover_every_tensor_of_a_boundary_dataclass():
     """The graph probe compares op outputs as bytes: a Dispatched (three tensors and the host int top_k)
     gives every tensor's bytes and skips the host field (an int once made every moe.dispatch graph probe
     fail on the H200 with 'cannot compare op output of type int')."""
-    from verify.backend import Dispatched
-    from verify.stage_verdicts import _bits
+    from verify.backends import Dispatched
+    from verify.verdicts.judges import _bits
 
     d = Dispatched(torch.arange(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64),
                    torch.tensor([0, 2, 4], dtype=torch.int32), top_k=2)

@@ -13,8 +13,8 @@ import torch
 
 from verify.checkpoint import INDEX_FILE, STRUCTURE_DEFECT_CODES, structure_defects
 from verify.config import GOLDEN_DIR
-from verify.fixtures import make_checkpoint, make_edited_checkpoint
-from verify.lint import Z_DECIDE, add_lint_arguments, cli_lint, lint_checkpoint
+from verify.checkpoint.writer import make_checkpoint, make_edited_checkpoint
+from verify.checkpoint.lint import Z_DECIDE, add_lint_arguments, cli_lint, lint_checkpoint
 
 pytestmark = pytest.mark.lint
 MINI_V4 = GOLDEN_DIR / "mini-v4"

@@ -12,7 +12,7 @@ import torch
 from references.layer import RunOptions, moe_block
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
-from verify.fixtures import make_checkpoint
+from verify.checkpoint.writer import make_checkpoint
 from verify.golden import compare_golden, load_golden
 from verify.layer_report import GOLDEN_PATH, layer_inputs, layer_report
 from verify.reference_layer import moe_spec_from, moe_weights_from

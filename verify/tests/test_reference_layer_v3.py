@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from verify.checkpoint import Checkpoint
-from verify.fixtures import make_checkpoint
+from verify.checkpoint.writer import make_checkpoint
 from verify.layer_report import layer_inputs
 from verify.reference_layer import run_reference_layer
 

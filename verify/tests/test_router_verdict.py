@@ -12,7 +12,7 @@ from references.router import route
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
-from verify.verdicts import router_verdict
+from verify.verdicts.routing import router_verdict
 
 
 def _sm100(x, gate_weight, *, top_k, rsf, bias=None, tid2eid=None, token_ids=None, weights_from="scores"):

@@ -16,7 +16,7 @@ from references.linear import nvfp4_global_scale_for
 from references.nvfp4 import amax_by_recipe, block_scale_f32, e2m1_grid_values, quantize_nvfp4
 from references.stages import Op
 from verify.__main__ import main
-from verify.backend import EmulatorBackend
+from verify.backends import EmulatorBackend
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
@@ -77,7 +77,7 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
 
 
 def test_a_verdict_that_cannot_fail_shows_up_as_missed(ckpt, monkeypatch):
-    import verify.stage_verdicts as sv
+    import verify.verdicts.judges as sv
 
     monkeypatch.setattr(sv, "assert_within_gemm_bound", lambda *a, **k: 0.0)  # the bound check neutered
     inj = next(i for i in INJECTORS if i.bug == "routing-weight-at-the-wrong-place")
@@ -132,7 +132,7 @@ def test_the_data_the_injectors_need_passes_the_clean_emulator(ckpt, data):
 def test_graph_killers_are_caught_on_cuda(ckpt, bug):
     """On a CUDA device with a graph-safe backend (sm90 on an H200, sm100 on a B200) each CUDA-graph killer
     fails the sync / graph probe of its stage; where the backend does not serve that stage the row says so."""
-    from verify.backend import get_backend
+    from verify.backends import get_backend
 
     backend = get_backend("auto", torch.device("cuda"))
     inj = next(i for i in INJECTORS if i.bug == bug)
@@ -147,7 +147,7 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     """torch.cuda.graph leaves its capture stream current (and the default CUDA generator in capture mode)
     when the capture fails; the graph probe puts the caller's stream and generator state back, so a later probe's 'eager' calls do not run on the shared capture stream (where
     a stream cached at the first call would be the capture stream itself, and go unseen)."""
-    from verify.stage_verdicts import _graph_probe
+    from verify.verdicts.judges import _graph_probe
 
     before = torch.cuda.current_stream()
     x = torch.ones(4, device="cuda")

@@ -1,4 +1,4 @@
-"""The sm100 adapter (verify/backend_sm100.py): protocol plumbing on the CPU, numerics on a B200.
+"""The sm100 adapter (verify/backends/sm100.py): protocol plumbing on the CPU, numerics on a B200.
 
 CPU (no marker): every protocol op is served by a named kernels/sm100 method or refused with a
 sentence; unsupported_reason says why nothing runs here; the prepare methods run on the committed
@@ -20,7 +20,7 @@ import dataclasses
 import pytest
 import torch
 
-from kernels.sm100 import backend as sm100_backend
+from kernels.sm100 import api as sm100_backend
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge as hb
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
@@ -30,8 +30,8 @@ from references.nvfp4 import decode_nvfp4_block_scaled, quantize_nvfp4, te_globa
 from references.recipes import TE
 from references.stages import Op
 from verify.assertions import assert_all_zero, assert_bits_equal, assert_bytes_equal, describe_e4m3
-from verify.backend import EmulatorBackend, QuantizedAct, get_backend
-from verify.backend_sm100 import NOT_SERVED, SERVED, Sm100Adapter, padded_to_rows, rows_to_padded
+from verify.backends import EmulatorBackend, QuantizedAct, get_backend
+from verify.backends.sm100 import NOT_SERVED, SERVED, Sm100Adapter, padded_to_rows, rows_to_padded
 from verify.checkpoint import Bf16Linear, Checkpoint, Nvfp4Linear, Router
 from verify.config import GOLDEN_DIR
 from verify.reference_layer import moe_spec_from
@@ -62,8 +62,8 @@ def test_every_op_is_served_by_a_named_method_or_refused_with_a_reason(op):
     assert (op in SERVED) != (op in NOT_SERVED), f"{op}: must be in exactly one of SERVED / NOT_SERVED"
     if op in SERVED:
         name = SERVED[op]
-        assert name in sm100_backend.OPS, f"{op.value} -> {name!r}: not an op of kernels.sm100.backend"
-        assert callable(getattr(sm100_backend.Sm100Backend, name, None)), f"Sm100Backend has no method {name}"
+        assert name in sm100_backend.OPS, f"{op.value} -> {name!r}: not an op of kernels.sm100.api"
+        assert callable(getattr(sm100_backend.Sm100Kernels, name, None)), f"Sm100Kernels has no method {name}"
     else:
         assert NOT_SERVED[op].startswith("sm100: ") and len(NOT_SERVED[op]) > 30
 
@@ -89,7 +89,7 @@ def test_unsupported_reason_names_a_missing_cutlass(adapter, monkeypatch):
 
 
 def test_kernels_backend_takes_only_its_own_op_names():
-    b = sm100_backend.Sm100Backend()
+    b = sm100_backend.Sm100Kernels()
     assert not hasattr(sm100_backend, "OP_ALIASES"), "kernels/ must not spell the harness's op names"
     for harness_name in ("quantize", "dense_gemm", "grouped_gemm", "swiglu_requant", "grouped_quantize"):
         assert "not provided" in b.unsupported_reason(harness_name)
@@ -592,7 +592,7 @@ def _linear_on(lin, dev):
 @pytest.mark.parametrize("act_scale", ["dynamic", "static"])
 def test_served_ops_on_the_fixture_layer_against_the_emulator(fixture_layer, act_scale):
     """Every served op runs on the fixture layer; quantized bytes equal the emulator's (the GEMM, router and
-    combine verdicts are the harness's, verify/stage_verdicts.py)."""
+    combine verdicts are the harness's, verify/verdicts/)."""
     ck, layer = fixture_layer
     dev = torch.device("cuda")
     b, emu = Sm100Adapter(), EmulatorBackend()

@@ -21,7 +21,7 @@ from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge as hb
 from kernels.sm100 import moe_routing as mr
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
-from kernels.sm100.backend import Sm100Backend
+from kernels.sm100.api import Sm100Kernels
 from references import layouts as ref_layouts
 from references.nvfp4 import quantize_nvfp4
 from references.recipes import TE
@@ -30,7 +30,7 @@ from verify.tests.test_sm100_kernels import _grouped_inputs, _moe_case, _q, _ran
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm100]
 
-BACKEND = Sm100Backend()
+BACKEND = Sm100Kernels()
 DEV = "cuda"
 
 

@@ -17,7 +17,7 @@ import torch
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge as hb
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
-from kernels.sm100.backend import Sm100Backend
+from kernels.sm100.api import Sm100Kernels
 from references import layouts as ref_layouts
 from references.gemm import (grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
                              nvfp4_grouped_gemm_f64)
@@ -27,7 +27,7 @@ from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_with
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm100]
 
-BACKEND = Sm100Backend()
+BACKEND = Sm100Kernels()
 DEV = "cuda"
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.sm100 import moe_routing as mr
-from kernels.sm100.backend import OPS, Sm100Backend
+from kernels.sm100.api import OPS, Sm100Kernels
 from verify.assertions import assert_all_zero
 
 
@@ -83,11 +83,11 @@ def test_gather_then_combine_is_weighted_sum():
 
 
 def test_backend_declares_recipe_accumulator_and_limits():
-    b = Sm100Backend()
+    b = Sm100Kernels()
     assert b.name == "sm100" and b.recipe_name == "te" and b.u_acc == 2.0**-24
     assert b.gate_up_granularity == 128
     assert "not provided" in b.unsupported_reason("fp8_gemm")
-    for op in OPS:  # its own method names only; verify/backend_sm100.py maps the harness's ops to them
+    for op in OPS:  # its own method names only; verify/backends/sm100.py maps the harness's ops to them
         reason = b.unsupported_reason(op)
         assert reason is None or "not provided" not in reason, f"op {op!r}: {reason}"
         assert callable(getattr(b, op)), f"OPS names {op!r}, which is not a method"

@@ -1,4 +1,4 @@
-"""sm100's one-call paths (Sm100Backend.linear_nvfp4 behind dense_linear, Sm100Backend.moe_experts behind
+"""sm100's one-call paths (Sm100Kernels.linear_nvfp4 behind dense_linear, Sm100Kernels.moe_experts behind
 moe_block) judged against the emulator through the stage protocol, on the CPU.
 
 The CuTe DSL launches are replaced by the CPU stand-ins of test_sm100_adapter (built from references/,
@@ -6,7 +6,7 @@ applying alpha = a_dec * b_dec as the kernels document); everything else is kern
 host preparation, the quantizer's global scale, _act_dec_scale (which decode scale goes into each alpha:
 the static input_scale, or 1/S of the dynamic scale, L1's and L2's each), permute, combine. run_layer
 then judges every stage: dense stages by the bound of dense_linear against the references' operands,
-the MoE block by the block interval (verify.stage_verdicts.moe_block_bound). A deliberately wrong alpha
+the MoE block by the block interval (verify.verdicts.moe_block_bound). A deliberately wrong alpha
 fails here; on a B200 the same verdicts run on the real kernels (test_layer_stages, --backend sm100).
 """
 
@@ -17,17 +17,17 @@ import dataclasses
 import pytest
 import torch
 
-import kernels.sm100.backend as sm100_backend
-import verify.stage_verdicts as sv
+import kernels.sm100.api as sm100_backend
+import verify.verdicts.judges as sv
 from references.layer import RunOptions
 from references.stages import MOE_BLOCK, Check
-from verify.backend_sm100 import Sm100Adapter
+from verify.backends.sm100 import Sm100Adapter
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
 from verify.reference_layer import moe_spec_from, run_reference_layer
 from verify.run import run_layer
-from verify.stage_verdicts import LayerCase
+from verify.verdicts import LayerCase
 from verify.tests.test_sm100_adapter import stand_in  # noqa: F401 (the stand-in kernels fixture)
 
 
@@ -40,7 +40,7 @@ def ckpt():
 def sm100_on_cpu(monkeypatch, stand_in):  # noqa: F811
     """The sm100 adapter with every op served on the CPU (stand-in launches), and moe.block judged by its
     bound (the stage table's moe.block row gains Check.BOUND here if it lacks it)."""
-    monkeypatch.setattr(sm100_backend.Sm100Backend, "unsupported_reason", lambda self, op, device=None: None)
+    monkeypatch.setattr(sm100_backend.Sm100Kernels, "unsupported_reason", lambda self, op, device=None: None)
     if Check.BOUND not in MOE_BLOCK.checks:
         monkeypatch.setattr(sv, "MOE_BLOCK", dataclasses.replace(MOE_BLOCK, checks=MOE_BLOCK.checks + (Check.BOUND,)))
     return Sm100Adapter()
@@ -133,14 +133,14 @@ def test_l2_alpha_from_the_l1_scale_fails_moe_block(case0, sm100_on_cpu, monkeyp
         calls.append(global_enc_scale_f32)
         return real(input_dec_scale_f32, calls[0] if len(calls) == 2 else global_enc_scale_f32)
 
-    real_moe = sm100_backend.Sm100Backend.moe_experts
+    real_moe = sm100_backend.Sm100Kernels.moe_experts
 
     def moe_experts(self, *a, **k):
         calls.clear()
         return real_moe(self, *a, **k)
 
     monkeypatch.setattr(sm100_backend, "_act_dec_scale", l2_gets_l1)
-    monkeypatch.setattr(sm100_backend.Sm100Backend, "moe_experts", moe_experts)
+    monkeypatch.setattr(sm100_backend.Sm100Kernels, "moe_experts", moe_experts)
     run = _one_call_stages(sm100_on_cpu, case0)
     failed = {(v.stage, v.check) for v in run.failed}
     assert ("moe.block", "bound") in failed, _failures(run)

@@ -3,7 +3,7 @@
 The buffers keep T_max rows; an int32 [1] device tensor n says how many tokens are real.
 The torch side of the mechanism (permutation with a sentinel expert, masked gather and
 combine, masked dynamic amax, hash-id sanitising, the threading of the count through
-Sm100Backend) runs on any device, so it is checked here on the CPU against a plain
+Sm100Kernels) runs on any device, so it is checked here on the CPU against a plain
 Python reference and against a call on the first n tokens alone. The kernels' side
 (reading n on the device) is checked by PTX inspection in test_sm100_compile.py and
 by graph replay on a B200 in test_sm100_graph_token_count.py.
@@ -17,7 +17,7 @@ import torch
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import moe_routing as mr
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
-from kernels.sm100.backend import Sm100Backend
+from kernels.sm100.api import Sm100Kernels
 from verify.assertions import assert_all_zero, assert_bits_equal
 
 
@@ -177,7 +177,7 @@ def test_amax_of_valid_rows_ignores_the_stale_tail(n):
 # The kernels cannot run here, so quant.launch / gemm.launch_* are replaced by float
 # stand-ins that honour the kernels' documented contract (rows >= the device count and
 # tiles marked -1 are zero) and record what they were given. What is tested is the
-# torch-side path of Sm100Backend: which count reaches which kernel, and that the
+# torch-side path of Sm100Kernels: which count reaches which kernel, and that the
 # valid tokens' bytes equal a call on the first n tokens alone.
 
 
@@ -243,7 +243,7 @@ def fake_kernels(monkeypatch):
 def test_moe_experts_threads_the_count_and_matches_the_prefix_call(fake_kernels, n):
     fk, e, h = fake_kernels
     t, k = 20, 2
-    b = Sm100Backend()
+    b = Sm100Kernels()
     x = torch.randn(t, h).to(torch.bfloat16)
     x[n:] = float("nan")  # stale rows of the captured buffer
     logits = torch.randn(t, e)
@@ -264,7 +264,7 @@ def test_moe_experts_threads_the_count_and_matches_the_prefix_call(fake_kernels,
 
 def test_linear_nvfp4_threads_the_count_to_quantizer_and_gemm(fake_kernels):
     fk, e, h = fake_kernels
-    b = Sm100Backend()
+    b = Sm100Kernels()
     x = torch.randn(10, 16).to(torch.bfloat16)
     n = _n(4)
     y = b.linear_nvfp4(x, _W(1), num_valid_rows_i32=n)
@@ -279,7 +279,7 @@ def test_fused_l2_quant_needs_a_static_l2_scale(fake_kernels):
     fk, e, h = fake_kernels
     r = mr.route(torch.randn(4, e), top_k=2, routed_scaling_factor=1.0)
     with pytest.raises(ValueError, match="fuse_l2_quant: needs the static l2_input_dec_scale_f32"):
-        Sm100Backend().moe_experts(torch.randn(4, h).to(torch.bfloat16), r, _W(e), _W(e), swiglu_limit=10.0,
+        Sm100Kernels().moe_experts(torch.randn(4, h).to(torch.bfloat16), r, _W(e), _W(e), swiglu_limit=10.0,
                                    fuse_l2_quant=True)
 
 

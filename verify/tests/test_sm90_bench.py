@@ -46,9 +46,9 @@ def _dump():
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
 @pytest.mark.parametrize("m", [1, 64, 4096, 16384])
 def test_sm90_bench_quantize(copy_bw, m, mode):
-    from kernels.sm90.backend import Sm90Backend
+    from kernels.sm90.api import Sm90Kernels
 
-    be = Sm90Backend()
+    be = Sm90Kernels()
     k = 7168
     nbytes_in = m * k * 2
     copies = max(1, min(16, -(-3 * L2_BYTES // nbytes_in)))

@@ -27,9 +27,9 @@ GPU = [pytest.mark.gpu, pytest.mark.sm90]
 
 
 def _backend():
-    from kernels.sm90.backend import Sm90Backend
+    from kernels.sm90.api import Sm90Kernels
 
-    return Sm90Backend()
+    return Sm90Kernels()
 
 
 def _operand(rows: int, k: int, seed: int, *, heavy: bool = False):
@@ -176,8 +176,8 @@ def test_sm90_gemm_rejects_bad_shapes_without_gpu():
 
 _SANITIZER_SCRIPT = """
 import torch
-from kernels.sm90.backend import Sm90Backend
-be = Sm90Backend()
+from kernels.sm90.api import Sm90Kernels
+be = Sm90Kernels()
 x = torch.randn(70, 272, device="cuda").to(torch.bfloat16)
 w = torch.randn(200, 272, device="cuda").to(torch.bfloat16)
 xp, xsf, s = be.quantize_nvfp4_dynamic(x)

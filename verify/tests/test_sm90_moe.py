@@ -5,7 +5,7 @@ CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in ONE 
 interpreter must be chosen before triton decorates the kernels, and this process may already hold
 compiled ones); each case below is one test item reading that run's JSON. Expected values come from
 references/ (router, dispatch, combine, quantize bytes), from the emulator's stage composition on the
-same backend ops (verify.backend.run_moe_block: the block equals its own stages, bit for bit), and
+same backend ops (verify.backends.run_moe_block: the block equals its own stages, bit for bit), and
 from the block itself on fewer tokens (valid-token count). `slow` (minutes each under the interpreter):
 the block cases, and the harness's MoE stage verdicts of mini-v4 through the sm90 adapter.
 
@@ -39,7 +39,7 @@ def _t(x):
 
 def _case_router(kind: str) -> str:
     from references.router import route
-    from verify.verdicts import router_verdict
+    from verify.verdicts.routing import router_verdict
     from kernels.sm90 import moe_router
 
     g = torch.Generator().manual_seed(len(kind))
@@ -219,8 +219,8 @@ def _case_block(layer_i: int, act: str, placement: str) -> str:
     """launch(fused_l1=False) equals the emulator's composition of the same backend's stage ops, bit for
     bit; the fused path equals it where the fused requant picks the same codes (counted); a valid-token
     count n gives the rows of a call on x[:n] (static) and zeros past n."""
-    from verify.backend import run_moe_block
-    from verify.backend_sm90 import Sm90Adapter
+    from verify.backends import run_moe_block
+    from verify.backends.sm90 import Sm90Adapter
     from kernels.sm90 import moe_block
 
     layer, spec, vocab = _mini_layer(layer_i)
@@ -331,7 +331,7 @@ def test_interpreted_block_case(interpreter_block_results, case):
 
 
 def _gpu_block(layer_i: int, tokens: int):
-    from verify.backend_sm90 import Sm90Adapter
+    from verify.backends.sm90 import Sm90Adapter
 
     layer, spec, vocab = _mini_layer(layer_i)
     b = Sm90Adapter()
@@ -389,7 +389,7 @@ def test_moe_block_graph_replays_bit_identical(layer_i, act, placement):
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_moe_block_and_ops_are_deterministic():
-    from verify.backend import run_moe_block
+    from verify.backends import run_moe_block
 
     b, spec, router, experts, x, tok, _ = _gpu_block(3, 256)
     kw = dict(swiglu_limit=spec.swiglu_limit, weight_placement="after_w2", act_scale="dynamic")
@@ -474,7 +474,7 @@ def test_moe_stage_verdicts_pass_under_the_interpreter(tmp_path):
 def _verdicts_main(path: str) -> None:
     from references.layer import RunOptions
     from references.stages import Op
-    from verify.backend_sm90 import Sm90Adapter
+    from verify.backends.sm90 import Sm90Adapter
     from verify.checkpoint import Checkpoint
     from verify.config import GOLDEN_DIR
     from verify.layer_report import layer_inputs

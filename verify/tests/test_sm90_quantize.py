@@ -21,9 +21,9 @@ GPU = [pytest.mark.gpu, pytest.mark.sm90]
 
 
 def _backend():
-    from kernels.sm90.backend import Sm90Backend
+    from kernels.sm90.api import Sm90Kernels
 
-    return Sm90Backend()
+    return Sm90Kernels()
 
 
 def _make(kind: str, m: int, k: int, seed: int) -> torch.Tensor:
@@ -182,7 +182,7 @@ def test_sm90_modules_import_without_triton_or_gpu():
     from verify.config import REPO_ROOT
 
     code = ("import sys\n"
-            "import kernels.sm90.backend, kernels.sm90.quantize_nvfp4_1x16, kernels.sm90.amax_global_enc_scale\n"
+            "import kernels.sm90.api, kernels.sm90.quantize_nvfp4_1x16, kernels.sm90.amax_global_enc_scale\n"
             "import kernels.sm90.gemm_nvfp4\n"
             "assert 'triton' not in sys.modules, 'a kernels.sm90 module imported triton at import time'\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT)

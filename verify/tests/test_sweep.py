@@ -109,7 +109,7 @@ def test_without_report_dir_the_sweep_writes_nothing_and_still_summarizes(tmp_pa
 
 def test_the_probe_timer_times_each_sync_and_graph_probe_and_restores_them(monkeypatch):
     """run_layer's graph_probe phase: stage_verdicts' two probe functions, wrapped for one layer."""
-    import verify.stage_verdicts as sv
+    import verify.verdicts.judges as sv
     from verify.run import _timed_probes
 
     def fake_probe(stage, *args):

@@ -60,7 +60,7 @@ def test_a_rank_that_fails_stops_every_rank_with_its_message(tmp_path):
     import torch
 
     from verify.config import GOLDEN_DIR
-    from verify.fixtures import make_edited_checkpoint
+    from verify.checkpoint.writer import make_edited_checkpoint
 
     bad = "layers.2.ffn.experts.0.w1.weight_scale"
 

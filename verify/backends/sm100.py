@@ -1,14 +1,14 @@
 """The sm100 backend (kernels/sm100: CuTe DSL kernels on Blackwell, torch routing ops) behind
-the backend protocol (verify.backend).
+the backend protocol (verify.backends).
 
 Served, each by the kernels/sm100 method named in _SERVED (its availability is the op's):
-- prepare: kernels.sm100's own host code (host_bridge through Sm100Backend.prepare_*), any device;
+- prepare: kernels.sm100's own host code (host_bridge through Sm100Kernels.prepare_*), any device;
 - quantize, grouped_quantize: the te quantizer (static or dynamic global scale);
 - dense_gemm, dense_linear, grouped_gemm (l1: w1 and w3 as two plain grouped GEMMs; l2: w2);
 - l1_fused: the L1 GEMM whose SwiGLU epilogue writes h as NVFP4 (sm100's fuse_l2_quant path),
   static h scale only;
 - router, dispatch (permute), combine: moe_routing's torch ops;
-- moe_block: Sm100Backend.moe_experts on the routing of Sm100Backend.router.
+- moe_block: Sm100Kernels.moe_experts on the routing of Sm100Kernels.router.
 
 Refused with a sentence (unsupported_reason, or NotImplementedError where the refusal depends
 on the arguments rather than on the op):
@@ -45,16 +45,16 @@ from torch import Tensor
 
 from kernels.sm100 import host_bridge as hb
 from kernels.sm100 import moe_routing
-from kernels.sm100.backend import Sm100Backend
+from kernels.sm100.api import Sm100Kernels
 from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
-from verify.backend import Dispatched, QuantizedAct, RoutingOut
+from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
 __all__ = ["Sm100Adapter", "Sm100Experts", "Sm100Router", "rows_to_padded", "padded_to_rows", "SERVED", "NOT_SERVED"]
 
-# The protocol's op -> the kernels/sm100 method (Sm100Backend.OPS) whose availability decides it.
+# The protocol's op -> the kernels/sm100 method (Sm100Kernels.OPS) whose availability decides it.
 SERVED: dict[Op, str] = {
     Op.PREPARE: "prepare_nvfp4_weight",
     Op.QUANTIZE: "quantize_nvfp4",
@@ -123,7 +123,7 @@ class Sm100Experts:
 
 @dataclass(frozen=True)
 class Sm100Router:
-    """What Sm100Backend.router takes: gate_weight_bf16 [E, H]; bias_f32 [E] or None; tid2eid_i64
+    """What Sm100Kernels.router takes: gate_weight_bf16 [E, H]; bias_f32 [E] or None; tid2eid_i64
     [vocab, top_k] or None (hash layer); top_k; routed_scaling_factor."""
 
     gate_weight_bf16: Tensor
@@ -227,10 +227,10 @@ def _ones_f32(device: torch.device) -> Tensor:
 
 
 class Sm100Adapter:
-    """kernels.sm100.backend.Sm100Backend (plus its host_bridge and moe_routing) as a verify.backend.Backend."""
+    """kernels.sm100.api.Sm100Kernels (plus its host_bridge and moe_routing) as a verify.backends.Backend."""
 
     def __init__(self) -> None:
-        self._impl = Sm100Backend()
+        self._impl = Sm100Kernels()
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
@@ -461,7 +461,7 @@ class Sm100Adapter:
     def moe_block(self, x_bf16: Tensor, router: Sm100Router, experts: Sm100Experts, *,
                   swiglu_limit: float | None, weight_placement: str, act_scale: str,
                   token_ids_i64: Tensor | None = None, num_valid_tokens_i32: Tensor | None = None) -> Tensor:
-        """x [T, H] bf16 -> routed experts' output bf16 [T, H]: Sm100Backend.router, then moe_experts
+        """x [T, H] bf16 -> routed experts' output bf16 [T, H]: Sm100Kernels.router, then moe_experts
         (permute, quantize, L1 + SwiGLU, requantize, L2, combine after w2). Static: the one input_scale
         all experts share (moe_experts takes one)."""
         if weight_placement not in _PLACEMENTS:

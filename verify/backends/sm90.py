@@ -1,6 +1,6 @@
-"""The sm90 backend (kernels/sm90, Triton on Hopper) behind the backend protocol (verify.backend).
+"""The sm90 backend (kernels/sm90, Triton on Hopper) behind the backend protocol (verify.backends).
 
-Served, each by the kernels.sm90.backend.Sm90Backend method named in _SERVED (its availability is
+Served, each by the kernels.sm90.api.Sm90Kernels method named in _SERVED (its availability is
 the op's): prepare (its own host code: kernels.sm90.host_prepare for dense linears, the grouped GEMM's
 prepare_gate_up / prepare_experts for expert stacks), dense quantize / GEMM / linear, and the MoE block:
 grouped quantize (static per expert / dynamic, te), grouped GEMM (l1: gate and up float32 from one
@@ -29,7 +29,7 @@ from torch import Tensor
 from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
-from verify.backend import Dispatched, QuantizedAct, RoutingOut
+from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
 __all__ = ["Sm90Adapter"]
@@ -46,14 +46,14 @@ _ACT_SCALES = ("dynamic", "static")
 
 
 class Sm90Adapter:
-    """kernels.sm90.backend.Sm90Backend as a verify.backend.Backend."""
+    """kernels.sm90.api.Sm90Kernels as a verify.backends.Backend."""
 
     supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
 
     def __init__(self) -> None:
-        from kernels.sm90.backend import Sm90Backend  # noqa: PLC0415 (imports triton lazily itself)
+        from kernels.sm90.api import Sm90Kernels  # noqa: PLC0415 (imports triton lazily itself)
 
-        self._impl = Sm90Backend()
+        self._impl = Sm90Kernels()
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)

@@ -1,6 +1,6 @@
 """The sm100 backend: Blackwell NVFP4 kernels (CuTe DSL) behind one object for the harness.
 
-verify/backend_sm100.py adapts this plain class to the suite's Backend protocol; the op
+verify/backends/sm100.py adapts this plain class to the suite's Backend protocol; the op
 names here are this class's own method names (OPS), and nothing here imports references/
 or verify/. cutlass is imported only when a kernel compiles.
 
@@ -24,7 +24,7 @@ from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
 from kernels.sm100 import host_bridge, moe_routing
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
 
-__all__ = ["Sm100Backend", "OPS", "HOST_OPS", "TORCH_OPS", "KERNEL_OPS"]
+__all__ = ["Sm100Kernels", "OPS", "HOST_OPS", "TORCH_OPS", "KERNEL_OPS"]
 
 # The methods below, by what they need: host code (torch only, any device), torch ops on a
 # CUDA device (routing, permutation, combine), and CuTe DSL kernels (cutlass and a B200).
@@ -52,7 +52,7 @@ def _act_dec_scale(input_dec_scale_f32: Tensor | None, global_enc_scale_f32: Ten
     return torch.reciprocal(global_enc_scale_f32)
 
 
-class Sm100Backend:
+class Sm100Kernels:
     """NVFP4 on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
 
     recipe_name: the activation quantizer's recipe ("te", references.recipes.TE).

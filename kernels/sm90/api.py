@@ -1,6 +1,6 @@
 """The sm90 backend: Hopper NVFP4 kernels (Triton) behind one object for the harness.
 
-verify/backend.py adapts this plain class to the suite's Backend protocol; nothing here
+verify/backends/ adapts this plain class to the suite's Backend protocol; nothing here
 imports references/ or verify/. Triton is imported only when a kernel is compiled.
 """
 
@@ -14,7 +14,7 @@ from torch import Tensor
 from kernels.sm90 import amax_global_enc_scale, gemm_nvfp4, quantize_nvfp4_1x16
 from kernels.sm90.host_prepare import Sm90Nvfp4Weight, prepare_nvfp4_weight
 
-__all__ = ["Sm90Backend", "OPS"]
+__all__ = ["Sm90Kernels", "OPS"]
 
 OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "amax_global_enc_scale", "gemm_nvfp4",
        "quantize_act", "gemm_act", "linear_nvfp4", "prepare_nvfp4_weight",
@@ -23,7 +23,7 @@ OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "ama
        "swiglu_requant", "l1_swiglu_requant", "router", "dispatch", "combine", "moe_block")
 
 
-class Sm90Backend:
+class Sm90Kernels:
     """NVFP4 on Hopper: `te` activation quantizer (byte-exact), dense W4A4 GEMM, and the MoE block
     (router, dispatch, grouped quantize, grouped GEMM + L1 epilogues, SwiGLU + requant, combine, the
     whole block as one capturable call: kernels.sm90.moe_block).

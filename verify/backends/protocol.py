@@ -1,0 +1,115 @@
+"""The backend protocol: the one door through which verify/ sees both references/ and kernels/.
+
+A backend serves the ops of the stage table (references.stages.Op). Its own host code turns
+checkpoint bytes into its operands (`prepare_*`, once per layer, outside any graph); the
+harness never prepares a kernel's operands with references/ code, so a wrong prepare shows up
+as a failed verdict of the stage that uses it (DESIGN "Backend protocol").
+
+Boundary tensors have one representation in every backend, so verdicts can read them:
+- `QuantizedAct`: packed E2M1 [R, K/2] (low nibble first) + E4M3 block scales in the 128x4
+  swizzled layout ([Rp, Cp]; grouped: each expert's rows padded to 128 with zero bytes, then
+  swizzled; a backend whose buffers are sized for capacity may append rows, which must be zero) +
+  the float32 decode multiplier of each global scale (`global_dec_f32`, [1] dense,
+  [E] grouped) that the GEMM folds into its alpha;
+- `Dispatched`: expert-sorted rows (stable: within an expert, token-major order) with int32
+  offsets [E+1];
+- outputs: bf16 (L1 halves float32 or bf16, as the backend computes them).
+
+One argument name means one scale direction everywhere: `input_dec_scale_f32` is a checkpoint
+`input_scale` (amax/2688, a decode scale: static activation scaling); None means dynamic (the
+backend computes amax and S = 2688/amax on the device).
+
+`emulator` (references/, any device) serves every op; `sm90` and `sm100` serve what they have
+and say why not for the rest (`unsupported_reason(op, device)`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+from references.layer import MoeSpec
+from references.recipes import Recipe
+from references.stages import Op
+from verify.checkpoint import GatedMlp, Linear, Router
+
+__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "FORWARD_OPS"]
+
+FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
+
+
+@dataclass(frozen=True)
+class QuantizedAct:
+    """NVFP4 activations at a stage boundary (see the module docstring)."""
+
+    packed_u8: Tensor
+    sf_swizzled_u8: Tensor
+    global_dec_f32: Tensor
+
+    @property
+    def k(self) -> int:
+        return 2 * self.packed_u8.shape[-1]
+
+
+@dataclass(frozen=True)
+class Dispatched:
+    """row_token_i64 [R] (token of each expert-sorted row), row_slot_i64 [R] (its top-k slot),
+    offsets_i32 [E+1]. R = T * top_k. top_k: the routing's k as a host int (known from the ids' shape, so
+    a combine without routing weights needs no device read to size its output); None = not given."""
+
+    row_token_i64: Tensor
+    row_slot_i64: Tensor
+    offsets_i32: Tensor
+    top_k: int | None = None
+
+
+@dataclass(frozen=True)
+class RoutingOut:
+    """ids_i64 [T, k] expert ids; weights_f32 [T, k] routing weights (renormalised x scaling)."""
+
+    ids_i64: Tensor
+    weights_f32: Tensor
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What every backend provides; ops it cannot run raise NotImplementedError with the same
+    sentence unsupported_reason returns."""
+
+    name: str
+    recipe: Recipe
+    u_acc: float  # unit roundoff of the GEMM accumulator (the bound's u_acc)
+
+    def unsupported_reason(self, op: Op, device: torch.device) -> str | None: ...
+
+    # ---- prepare (host, once per layer)
+    def prepare_linear(self, lin: Linear) -> object: ...
+    def prepare_experts(self, experts: GatedMlp) -> object: ...
+    def prepare_router(self, router: Router, spec: MoeSpec) -> object: ...
+
+    # ---- forward ops (graph-capturable in production backends)
+    def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
+                         input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor: ...
+    def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
+                     layer: str) -> Tensor | tuple[Tensor, Tensor]: ...
+    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None,
+                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]: ...
+    def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *, swiglu_limit: float | None,
+                 input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def router(self, x_bf16: Tensor, router: object, *, token_ids_i64: Tensor | None = None) -> RoutingOut: ...
+    def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched: ...
+    def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor: ...
+    def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor: ...
+    def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
+                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
+                  num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+        """The routed MoE block. num_valid_tokens_i32 (int32 [1] on the device, backends with
+        `supports_valid_tokens`): tokens t >= n reach no expert and their rows are zero, so a graph
+        captured at capacity replays any smaller token count."""
+        ...
