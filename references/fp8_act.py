@@ -12,14 +12,14 @@ it is zero-padded, which changes no amax), E4M3 values and one decode scale per 
 
 Which engine does what (the recipes below; every byte-changing choice is a field):
 
-| recipe                | scale rule | storage      | floor | encode          | used by                                   |
-|-----------------------|------------|--------------|-------|-----------------|-------------------------------------------|
-| FP8_ACT_UE8M0         | ue8m0_ceil | UE8M0 bytes  | 1e-4  | divide          | DeepSeek's reference act_quant (V4,       |
-|                       |            |              |       |                 | scale_fmt "ue8m0"); DeepGEMM on Blackwell |
-| FP8_ACT_F32           | f32        | float32      | 1e-4  | divide          | DeepSeek's reference without scale_fmt;   |
-|                       |            |              |       |                 | DeepGEMM on Hopper (plain amax/448)       |
-| FP8_ACT_F32_RECIP     | f32        | float32      | 1e-4  | mul_reciprocal  | DeepGEMM's per_token_cast_to_fp8 test     |
-|                       |            |              |       |                 | helper (x * (1/sf))                       |
+| recipe            | scale rule | stored as   | floor | encode         | used by                                 |
+|-------------------|------------|-------------|-------|----------------|-----------------------------------------|
+| FP8_ACT_UE8M0     | ue8m0_ceil | UE8M0 bytes | 1e-4  | divide         | DeepSeek's reference act_quant (V4,     |
+|                   |            |             |       |                | "ue8m0"); DeepGEMM on Blackwell         |
+| FP8_ACT_F32       | f32        | float32     | 1e-4  | divide         | DeepSeek's reference, no scale_fmt;     |
+|                   |            |             |       |                | DeepGEMM on Hopper (plain amax/448)     |
+| FP8_ACT_F32_RECIP | f32        | float32     | 1e-4  | mul_reciprocal | DeepGEMM's per_token_cast_to_fp8 test   |
+|                   |            |             |       |                | helper (x * (1/sf))                     |
 
 Under ue8m0_ceil, 1/s is a power of two, so "divide" and "mul_reciprocal" give the same bytes;
 under f32 they differ by an ulp of y on some inputs (then, rarely, by one E4M3 code).
@@ -203,16 +203,17 @@ def f32_to_e4m3_bytes_group_scaled(x_groups_f32: Tensor, s_f32: Tensor, *, encod
 
 
 def quantize_act_fp8_1x128(x: Tensor, *, recipe: Fp8ActRecipe) -> Fp8Act1x128:
-    """x [M, K] (bf16, fp16 or float32; float64 is rounded to float32 first) -> E4M3 bytes [M, K] and one decode scale per 1x128 group,
-    [M, ceil(K/128)], in the recipe's storage form (module docstring: formula, zero groups, NaN/Inf)."""
+    """x [M, K] (bf16, fp16 or float32; float64 is rounded to float32 first) -> E4M3 bytes [M, K] and
+    one decode scale per 1x128 group, [M, ceil(K/128)], in the recipe's storage form (module
+    docstring: formula, zero groups, NaN/Inf)."""
     if not isinstance(recipe, Fp8ActRecipe):
         raise TypeError(f"recipe: expected an Fp8ActRecipe, got {type(recipe).__name__}")
     if x.dim() != 2:
         raise ValueError(f"x: expected [M, K], got shape {tuple(x.shape)}")
     if not x.is_floating_point() or x.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
         raise ValueError(f"x: expected bfloat16, float16, float32 or float64, got {x.dtype}")
-    m, k = x.shape
+    k = x.shape[1]
     xg = _groups_f32(x)
     s = group_dec_scale_f32_from_amax(group_amax_f32_1x128(xg, amax_nan=recipe.amax_nan), recipe=recipe)
-    codes = f32_to_e4m3_bytes_group_scaled(xg, s, encode_rule=recipe.encode_rule).view(m, xg.shape[1] * FP8_ACT_GROUP)[:, :k]
+    codes = f32_to_e4m3_bytes_group_scaled(xg, s, encode_rule=recipe.encode_rule).flatten(1)[:, :k]
     return Fp8Act1x128(codes.contiguous(), group_dec_scale_to_storage(s, recipe=recipe), recipe.scale_storage)

@@ -80,14 +80,15 @@ def fp8_block_gemm_f64(act: Fp8Act1x128, w: Fp8BlockScaledWeight) -> Tensor:
     return y
 
 
-def abs_dot_by_chunk_f64(act: Fp8Act1x128, w: Fp8BlockScaledWeight, *, promotion_interval: int) -> list[tuple[int, Tensor]]:
+def abs_dot_by_chunk_f64(act: Fp8Act1x128, w: Fp8BlockScaledWeight, *,
+                         promotion_interval: int) -> list[tuple[int, Tensor]]:
     """[(L_c, P_c [M, N])] per promotion chunk: P_c = sum over the chunk's k of |a_k b_k| (decoded)."""
     a, sa, b, sb = fp8_block_operands(act, w)
     k = a.shape[1]
     a_dec = a.abs() * sa.double().abs().repeat_interleave(FP8_ACT_GROUP, -1)[:, :k]
     b_dec = b.abs() * sb.double().abs().repeat_interleave(FP8_ACT_GROUP, -1)[:, :k]
-    return [(min(promotion_interval, k - lo), a_dec[:, lo:lo + promotion_interval] @ b_dec[:, lo:lo + promotion_interval].T)
-            for lo in range(0, k, promotion_interval)]
+    chunks = [slice(lo, lo + promotion_interval) for lo in range(0, k, promotion_interval)]
+    return [(min(promotion_interval, k - c.start), a_dec[:, c] @ b_dec[:, c].T) for c in chunks]
 
 
 def fp8_block_gemm_error_bound(act: Fp8Act1x128, w: Fp8BlockScaledWeight, y64: Tensor, *, u_acc: float,
@@ -100,8 +101,9 @@ def fp8_block_gemm_error_bound(act: Fp8Act1x128, w: Fp8BlockScaledWeight, y64: T
     chunks = abs_dot_by_chunk_f64(act, w, promotion_interval=promotion_interval)
     n_chunks, n_groups = len(chunks), -(-k // FP8_ACT_GROUP)
     g = gamma(n_chunks + 1, U_FP32)
-    p_total = sum((p for _, p in chunks), torch.zeros_like(y64)) * (1 + gamma(k + 2, U_FP64))
-    narrow = sum((gamma(length, u_acc) * p for length, p in chunks), torch.zeros_like(y64)) * (1 + gamma(k + 2, U_FP64))
+    f64_slack = 1 + gamma(k + 2, U_FP64)   # P_c themselves are float64 dot products (each within gamma(k))
+    p_total = sum((p for _, p in chunks), torch.zeros_like(y64)) * f64_slack
+    narrow = sum((gamma(length, u_acc) * p for length, p in chunks), torch.zeros_like(y64)) * f64_slack
     acc = ((1 + g) * (1 + U_FP32) * narrow + (g + gamma(n_groups + 2, U_FP64)) * p_total
            + (1 + g) * n_chunks * _F32_UNDERFLOW)
     return acc + half_ulp(y64.abs() + acc, out_dtype)
@@ -131,6 +133,8 @@ def fp8_block_gemm_narrow_acc_model(act: Fp8Act1x128, w: Fp8BlockScaledWeight, *
     the chunk, then acc_f32 += t. A model for testing bounds, not a reference of any one kernel:
     sums run sequentially in k (hardware uses trees; the bound allows any order).
     """
+    if not 1 <= acc_bits <= 24:
+        raise ValueError(f"acc_bits={acc_bits}: expected 1..24 (the partial sum must fit a float32)")
     a, sa, b, sb = fp8_block_operands(act, w)
     m, k = a.shape
     sigma = (sa[:, None, :] * sb[None, :, :]).double()        # [M, N, G], float32 products

@@ -2,14 +2,13 @@
 
 W[n, k] = e4m3(weight[n, k]) * decode_scale[n // block_n, k // block_k]   (NVFP4_FACTS.md 5b)
 
-| encoding             | checkpoint tensors                                  | scale storage | scale shape                       |
-|----------------------|-----------------------------------------------------|---------------|-----------------------------------|
-| v4_e8m0_scale        | weight F8_E4M3, scale F8_E8M0 (DeepSeek-V4)         | UE8M0 bytes   | [ceil(N/128), ceil(K/128)]        |
-| v3_weight_scale_inv  | weight F8_E4M3, weight_scale_inv F32 (DeepSeek-V3)  | float32       | [ceil(N/128), ceil(K/128)]        |
-| ct_fp8_block         | weight F8_E4M3, weight_scale BF16 or F32            | bf16 / f32    | [ceil(N/128), ceil(K/128)]        |
-|                      | (compressed-tensors FP8_BLOCK)                      |               |                                   |
-| modelopt_fp8_pb_wo   | weight F8_E4M3, weight_scale F32 (ModelOpt FP8_PB_WO)| float32      | [out_blk, 1, in_blk, 1] -> 2-D    |
-| per_tensor           | weight F8_E4M3, weight_scale F32 [] + input_scale   | float32       | [] -> [1, 1], one N x K block     |
+| encoding            | checkpoint scale tensor (weight: F8_E4M3 [N, K])     | stored as   | shape             |
+|---------------------|------------------------------------------------------|-------------|-------------------|
+| v4_e8m0_scale       | `scale` F8_E8M0 (DeepSeek-V4)                        | UE8M0 bytes | [ceil(N/128),     |
+| v3_weight_scale_inv | `weight_scale_inv` F32 (DeepSeek-V3)                 | float32     |  ceil(K/128)]     |
+| ct_fp8_block        | `weight_scale` BF16 or F32 (compressed-tensors)      | bf16 / f32  |  for these three  |
+| modelopt_fp8_pb_wo  | `weight_scale` F32 (ModelOpt FP8_PB_WO)              | float32     | [ob, 1, ib, 1]    |
+| per_tensor          | `weight_scale` F32 [] + `input_scale` F32 []         | float32     | [] -> [1, 1]      |
 
 Every encoding is the same Fp8BlockScaledWeight: E4M3 bytes [N, K] plus the decode scales kept in
 their storage dtype (uint8 UE8M0 bytes, float32 or bfloat16), 2-D [ceil(N/block_n), ceil(K/block_k)],

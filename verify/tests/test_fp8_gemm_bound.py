@@ -74,9 +74,11 @@ def test_reference_product_with_f32_scales_is_within_its_own_float64_error():
 
 
 def test_round_f64_to_bits_is_nearest_even_and_truncation():
-    x = torch.tensor([1 + 2.0**-14, 1 + 3 * 2.0**-14, 1 + 2.0**-13 + 2.0**-20, -(1 + 3 * 2.0**-14)], dtype=torch.float64)
-    assert round_f64_to_bits(x, bits=14, rounding="nearest").tolist() == [1.0, 1 + 2.0**-12, 1 + 2.0**-13, -(1 + 2.0**-12)]
-    assert round_f64_to_bits(x, bits=14, rounding="truncate").tolist() == [1.0, 1 + 2.0**-13, 1 + 2.0**-13, -(1 + 2.0**-13)]
+    """14 bits: the ulp of 1 is 2^-13; 1 + 2^-14 is a tie (to even: 1), 1 + 3 * 2^-14 a tie to 1 + 2^-12."""
+    e = 2.0**-14
+    x = torch.tensor([1 + e, 1 + 3 * e, 1 + 2 * e + 2.0**-20, -(1 + 3 * e)], dtype=torch.float64)
+    assert round_f64_to_bits(x, bits=14, rounding="nearest").tolist() == [1.0, 1 + 4 * e, 1 + 2 * e, -(1 + 4 * e)]
+    assert round_f64_to_bits(x, bits=14, rounding="truncate").tolist() == [1.0, 1 + 2 * e, 1 + 2 * e, -(1 + 2 * e)]
 
 
 # ----------------------------------------------------------------------------- the bound holds for honest declarations
@@ -93,7 +95,8 @@ ACCUMULATORS = [  # (bits, rounding, declared u_acc)
                          ids=["ue8m0", "f32"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "f32"])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_bound_holds_for_a_promoting_narrow_accumulator(bits, rounding, u_acc, act_recipe, weight_scales, out_dtype, seed):
+def test_bound_holds_for_a_promoting_narrow_accumulator(bits, rounding, u_acc, act_recipe, weight_scales,
+                                                        out_dtype, seed):
     act, w = random_operands(6, 130, 1024 + 64, seed=seed, act_recipe=act_recipe, weight_scales=weight_scales)
     y = fp8_block_gemm_narrow_acc_model(act, w, acc_bits=bits, rounding=rounding, promotion_interval=128)
     y64 = fp8_block_gemm_f64(act, w)
@@ -154,7 +157,7 @@ def test_per_tensor_weight_goes_through_the_same_reference():
                       label="per-tensor weight of 0.5")
 
 
-# ----------------------------------------------------------------------------- a declaration looser than the hardware is caught
+# ----------------------------------------------------------------------------- a declaration looser than the kernel
 
 
 def big_then_small_in_one_group(small_code: int) -> tuple[Fp8Act1x128, object]:

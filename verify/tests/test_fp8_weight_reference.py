@@ -77,7 +77,8 @@ def test_each_block_encoding_decodes_to_the_same_weight(encoding, shape):
     w = checkpoint_tensors(encoding, weight, exps)
     expected = expected_decode_f64(weight, torch.ldexp(torch.ones_like(exps, dtype=torch.float64), exps))
     assert_bits_equal(w.decode_f64(), expected, label=f"{encoding} decode")
-    assert_bits_equal(decode_weight_f64(w.to_fp8_block128_weight()), expected, label=f"{encoding} as Fp8Block128Weight")
+    assert_bits_equal(decode_weight_f64(w.to_fp8_block128_weight()), expected,
+                      label=f"{encoding} as Fp8Block128Weight")
 
 
 def test_float_scales_that_are_not_powers_of_two_decode_exactly():
@@ -95,7 +96,8 @@ def test_per_tensor_is_one_block_and_equals_a_uniform_block_grid():
     uniform = fp8_weight_from_v4_e8m0_scale(weight, torch.full((2, 3), 127 - 9, dtype=torch.uint8), module=MODULE)
     assert (w.block_n, w.block_k, tuple(w.block_dec_scale.shape)) == (N, K, (1, 1))
     assert_bits_equal(w.decode_f64(), uniform.decode_f64(), label="per-tensor vs uniform V4 grid")
-    assert_bits_equal(decode_weight_f64(w.to_fp8_block128_weight()), uniform.decode_f64(), label="per-tensor as 128x128")
+    assert_bits_equal(decode_weight_f64(w.to_fp8_block128_weight()), uniform.decode_f64(),
+                      label="per-tensor as 128x128")
     assert float(w.input_dec_scale_f32) == float(np.float32(0.0125))
 
 
@@ -129,56 +131,50 @@ def _v4_bytes(exps: torch.Tensor) -> torch.Tensor:
     return (exps + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
-def _mistake(kind: str):
-    """(constructor call, tensor name the error must carry, message fragment) for one known mistake."""
-    weight, exps = random_e4m3_weight(N, K, seed=11), pow2_exponents(N, K, seed=12)
-    pow2 = torch.ldexp(torch.ones_like(exps, dtype=torch.float32), exps)
-    e8m0_as_numbers = (exps + 127).to(torch.uint8).float()    # the shipped bug: bytes read as numbers
-    nan_byte = _v4_bytes(exps).view(torch.uint8).clone()
-    nan_byte[1, 2] = 0xFF
-    nan_weight = weight.view(torch.uint8).clone()
-    nan_weight[5, 7] = 0xFF
-    square_w = random_e4m3_weight(256, 384, seed=13)
-    square_s = _v4_bytes(pow2_exponents(256, 384, seed=14))
-    cases = {
-        "e8m0_bytes_read_as_numbers_v3": (lambda: fp8_weight_from_v3_weight_scale_inv(weight, e8m0_as_numbers, module=MODULE),
-                                          "weight_scale_inv", "integers 0..255"),
-        "e8m0_bytes_read_as_numbers_ct": (lambda: fp8_weight_from_ct_fp8_block(weight, e8m0_as_numbers.bfloat16(), module=MODULE),
-                                          "weight_scale", "E8M0 bytes read as numbers"),
-        "e8m0_float_copy_for_v4": (lambda: fp8_weight_from_v4_e8m0_scale(weight, pow2, module=MODULE),
-                                   "scale", "expected F8_E8M0"),
-        "transposed_v4": (lambda: fp8_weight_from_v4_e8m0_scale(square_w, square_s.T.contiguous(), module=MODULE),
-                          "scale", "transposed"),
-        "transposed_modelopt": (lambda: fp8_weight_from_modelopt_fp8_pb_wo(square_w, pow2[:, None, :, None].new_ones(3, 1, 2, 1),
-                                                                           module=MODULE), "weight_scale", "transposed"),
-        "floor_division": (lambda: fp8_weight_from_v3_weight_scale_inv(weight, pow2[:1, :2].contiguous(), module=MODULE),
-                           "weight_scale_inv", "floor division"),
-        "nan_0xff_scale": (lambda: fp8_weight_from_v4_e8m0_scale(weight, nan_byte, module=MODULE),
-                           "scale", "1 NaN E8M0 scale bytes"),
-        "nan_f32_scale": (lambda: fp8_weight_from_v3_weight_scale_inv(weight, pow2.masked_fill(exps == exps[0, 0], float("nan")),
-                                                                      module=MODULE), "weight_scale_inv", "NaN, Inf or negative"),
-        "nan_weight_byte": (lambda: fp8_weight_from_v4_e8m0_scale(nan_weight, _v4_bytes(exps), module=MODULE),
-                            "weight", "1 NaN E4M3 bytes"),
-        "modelopt_2d_scale": (lambda: fp8_weight_from_modelopt_fp8_pb_wo(weight, pow2, module=MODULE),
-                              "weight_scale", "4-D"),
-        "per_tensor_two_values": (lambda: fp8_weight_from_per_tensor(weight, torch.ones(2), None, module=MODULE),
-                                  "weight_scale", "one F32 value"),
-        "per_tensor_negative_input_scale": (lambda: fp8_weight_from_per_tensor(weight, torch.tensor(1.0), torch.tensor(-1.0),
-                                                                               module=MODULE), "input_scale", "negative"),
-        "e5m2_weight": (lambda: fp8_weight_from_v4_e8m0_scale(weight.view(torch.uint8).view(torch.float8_e5m2),
-                                                              _v4_bytes(exps), module=MODULE), "weight", "F8_E4M3"),
-    }
-    return cases[kind]
+W = random_e4m3_weight(N, K, seed=11)
+EXPS = pow2_exponents(N, K, seed=12)
+POW2 = torch.ldexp(torch.ones_like(EXPS, dtype=torch.float32), EXPS)
+E8M0_AS_NUMBERS = (EXPS + 127).to(torch.uint8).float()          # the shipped bug: bytes read as numbers
+W_SQ, EXPS_SQ = random_e4m3_weight(256, 384, seed=13), pow2_exponents(256, 384, seed=14)   # 2 x 3 blocks
 
 
-MISTAKES = ["e8m0_bytes_read_as_numbers_v3", "e8m0_bytes_read_as_numbers_ct", "e8m0_float_copy_for_v4", "transposed_v4",
-            "transposed_modelopt", "floor_division", "nan_0xff_scale", "nan_f32_scale", "nan_weight_byte",
-            "modelopt_2d_scale", "per_tensor_two_values", "per_tensor_negative_input_scale", "e5m2_weight"]
+def _with_byte(t: torch.Tensor, at: tuple[int, int], value: int) -> torch.Tensor:
+    b = t.view(torch.uint8).clone()
+    b[at] = value
+    return b
 
 
-@pytest.mark.parametrize("kind", MISTAKES)
+v4, v3 = fp8_weight_from_v4_e8m0_scale, fp8_weight_from_v3_weight_scale_inv
+ct, mo, pt = fp8_weight_from_ct_fp8_block, fp8_weight_from_modelopt_fp8_pb_wo, fp8_weight_from_per_tensor
+
+# kind -> (call, suffix of the tensor the error must name, fragment of the message)
+MISTAKES = {
+    "e8m0_bytes_read_as_numbers_v3": (lambda: v3(W, E8M0_AS_NUMBERS, module=MODULE), "weight_scale_inv",
+                                      "integers 0..255"),
+    "e8m0_bytes_read_as_numbers_ct": (lambda: ct(W, E8M0_AS_NUMBERS.bfloat16(), module=MODULE), "weight_scale",
+                                      "E8M0 bytes read as numbers"),
+    "e8m0_float_copy_for_v4": (lambda: v4(W, POW2, module=MODULE), "scale", "expected F8_E8M0"),
+    "transposed_v4": (lambda: v4(W_SQ, _v4_bytes(EXPS_SQ).T.contiguous(), module=MODULE), "scale", "transposed"),
+    "transposed_modelopt": (lambda: mo(W_SQ, torch.ones(3, 1, 2, 1), module=MODULE), "weight_scale", "transposed"),
+    "floor_division": (lambda: v3(W, POW2[:1, :2].contiguous(), module=MODULE), "weight_scale_inv", "floor division"),
+    "nan_0xff_scale": (lambda: v4(W, _with_byte(_v4_bytes(EXPS), (1, 2), 0xFF), module=MODULE), "scale",
+                       "1 NaN E8M0 scale bytes"),
+    "nan_f32_scale": (lambda: v3(W, POW2.masked_fill(EXPS == EXPS[0, 0], float("nan")), module=MODULE),
+                      "weight_scale_inv", "NaN, Inf or negative"),
+    "nan_weight_byte": (lambda: v4(_with_byte(W, (5, 7), 0xFF), _v4_bytes(EXPS), module=MODULE), "weight",
+                        "1 NaN E4M3 bytes"),
+    "modelopt_2d_scale": (lambda: mo(W, POW2, module=MODULE), "weight_scale", "4-D"),
+    "per_tensor_two_values": (lambda: pt(W, torch.ones(2), None, module=MODULE), "weight_scale", "one F32 value"),
+    "per_tensor_negative_input_scale": (lambda: pt(W, torch.tensor(1.0), torch.tensor(-1.0), module=MODULE),
+                                        "input_scale", "negative"),
+    "e5m2_weight": (lambda: v4(W.view(torch.uint8).view(torch.float8_e5m2), _v4_bytes(EXPS), module=MODULE),
+                    "weight", "F8_E4M3"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MISTAKES))
 def test_known_mistake_is_refused_in_one_line_naming_the_tensor(kind):
-    call, suffix, fragment = _mistake(kind)
+    call, suffix, fragment = MISTAKES[kind]
     with pytest.raises(ValueError) as e:
         call()
     msg = str(e.value)
@@ -191,4 +187,4 @@ def test_genuine_float_scales_are_not_taken_for_e8m0_bytes():
     values, and power-of-two scales that happen to be integers (1.0, 2.0, 128.0)."""
     weight = random_e4m3_weight(N, K, seed=15)
     for s in (torch.tensor([[1.0, 2.0, 128.0], [4.0, 1.0, 0.5]]), torch.full((2, 3), 0.0123), torch.zeros(2, 3)):
-        fp8_weight_from_v3_weight_scale_inv(weight, s, module=MODULE)
+        assert fp8_weight_from_v3_weight_scale_inv(weight, s, module=MODULE).block_dec_scale is s
