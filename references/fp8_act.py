@@ -76,6 +76,7 @@ __all__ = [
     "group_dec_scale_to_storage",
     "f32_to_e4m3_bytes_group_scaled",
     "quantize_act_fp8_1x128",
+    "quantize_act_fp8_per_tensor_static",
 ]
 
 FP8_ACT_GROUP = 128
@@ -217,3 +218,22 @@ def quantize_act_fp8_1x128(x: Tensor, *, recipe: Fp8ActRecipe) -> Fp8Act1x128:
     s = group_dec_scale_f32_from_amax(group_amax_f32_1x128(xg, amax_nan=recipe.amax_nan), recipe=recipe)
     codes = f32_to_e4m3_bytes_group_scaled(xg, s, encode_rule=recipe.encode_rule).flatten(1)[:, :k]
     return Fp8Act1x128(codes.contiguous(), group_dec_scale_to_storage(s, recipe=recipe), recipe.scale_storage)
+
+
+def quantize_act_fp8_per_tensor_static(x: Tensor, input_dec_scale_f32: Tensor, *,
+                                       encode_rule: str = "mul_reciprocal") -> Fp8Act1x128:
+    """Per-tensor FP8 with the checkpoint's static `input_scale` D (a decode scale): codes =
+    E4M3(clamp(x * (1/D), +-448)) ("mul_reciprocal": vLLM's scaled_fp8_quant multiplies by the
+    float32 reciprocal) or x / D ("divide"); NaN codes 0x7F. Returned as Fp8Act1x128 with D in every
+    group (float32 storage), which decodes and multiplies exactly like the per-tensor scale."""
+    if encode_rule not in ("divide", "mul_reciprocal"):
+        raise ValueError(f"encode_rule={encode_rule!r}: expected 'divide' or 'mul_reciprocal'")
+    if input_dec_scale_f32.dtype != torch.float32 or input_dec_scale_f32.numel() != 1:
+        raise ValueError(f"input_dec_scale_f32: expected one float32 value, got {input_dec_scale_f32.dtype} "
+                         f"{list(input_dec_scale_f32.shape)}")
+    if x.dim() != 2 or not x.is_floating_point():
+        raise ValueError(f"x: expected a floating [M, K] tensor, got {x.dtype} {tuple(x.shape)}")
+    xg = _groups_f32(x)
+    s = input_dec_scale_f32.reshape(1, 1).expand(xg.shape[0], xg.shape[1]).contiguous()
+    codes = f32_to_e4m3_bytes_group_scaled(xg, s, encode_rule=encode_rule).flatten(1)[:, :x.shape[1]]
+    return Fp8Act1x128(codes.contiguous(), s, "f32")

@@ -23,6 +23,7 @@ from references.fp8_act import (
     Fp8ActRecipe,
     fp8_act_recipe_by_name,
     quantize_act_fp8_1x128,
+    quantize_act_fp8_per_tensor_static,
 )
 from references.linear import quantize_act_fp8_block128
 from verify.assertions import assert_bits_equal, assert_bytes_equal, describe_e4m3
@@ -237,3 +238,15 @@ def act_rows(draw) -> np.ndarray:
 @example(x=_row(413.5601501464844, 125.54505157470703))   # divide / reciprocal tie split
 def test_act_quant_matches_oracle_fuzz(recipe, x):
     assert_matches_oracle(x, recipe)
+
+
+@pytest.mark.parametrize("encode_rule", ["mul_reciprocal", "divide"])
+def test_per_tensor_static_act_quant_matches_torch_cast(encode_rule):
+    x = (torch.randn(4, 200, generator=torch.Generator().manual_seed(9)) * 30).bfloat16()
+    d = torch.tensor(0.0123, dtype=torch.float32)
+    q = quantize_act_fp8_per_tensor_static(x, d, encode_rule=encode_rule)
+    y = x.float() * (1.0 / d) if encode_rule == "mul_reciprocal" else x.float() / d
+    expected = torch.clamp(y, -448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    assert_bytes_equal(q.e4m3_u8, expected, label=f"per-tensor act quant ({encode_rule})", describe=describe_e4m3)
+    assert q.block_dec_scale.shape == (4, 2) and bool((q.block_dec_scale == d).all())
+    assert bool((q.e4m3_u8 == 0x7E).any() | (q.e4m3_u8 == 0xFE).any())     # some saturate at 448
