@@ -1,7 +1,8 @@
 """FP8 block-scaled GEMM reference: float64 product and a rigorous bound for a declared accumulator.
 
 Operands: activation E4M3 codes a_k with 1x128 group decode scales sa (references.fp8_act), weight
-E4M3 codes b_k with 128x128 block decode scales sb (references.fp8_weight). Element (m, n):
+E4M3 codes b_k with 128x128 block decode scales sb (references.fp8_weight; a per-tensor weight
+scale is the same sb for every block). Element (m, n):
 
     y = sum_g sigma_g * T_g,   T_g = sum_{k in group g} a_k b_k (codes),   sigma_g = sa[m, g] * sb[n // 128, g]
 
@@ -23,8 +24,9 @@ Derivation (Higham, Accuracy and Stability of Numerical Algorithms, 2nd ed., 3.1
 3. y_kernel - y = sum_c [sigma_c T_c theta_c + e_c (1 + theta_c)], so
        |y_kernel - y| <= (1 + g)(1 + u) * sum_c gamma(L_c, u_acc) P_c  +  g * P  +  (1 + g) n_chunks 2^-149
    (the last term: the absolute error of float32 multiplications that underflow, <= 2^-150 each).
-4. The float64 reference below is not exact when scales are float32 (T_g * sigma_g has up to 68
-   bits): it adds at most gamma(n_groups + 2, 2^-53) * P, folded into the bound.
+4. The float64 reference below is not exact when scales are float32 (T_g has up to 44 significant
+   bits, sigma_g 48): it adds at most gamma(n_groups + 2, 2^-53) * P, folded into the bound; so is
+   the float64 rounding of the P_c themselves (a factor 1 + gamma(K + 2, 2^-53)).
 5. Output rounding: half an ulp of the output dtype at |y64| + the accumulation bound.
 With promotion skipped (one chunk of all K in the narrow accumulator), the bound above with the
 declared interval no longer holds: a large running sum swallows small products (tested).
