@@ -21,13 +21,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from references.codecs import (
-    e4m3_bytes_to_f32,
-    f32_to_e4m3_bytes,
-    f32_to_ue8m0_bytes,
-    round_f64_to,
-    ue8m0_bytes_to_f32,
-)
+from references.codecs import e4m3_bytes_to_f32, round_f64_to
+from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.nvfp4 import (
     Nvfp4Quantized,
     amax_by_recipe,
@@ -63,8 +58,6 @@ MODES = ("emulated", "high")
 ACT_SCALE_MODES = ("dynamic", "static")
 FP8_BLOCK = 128
 FP8_SCALE_FMTS = ("ue8m0", "f32")
-FP8_MAX = 448.0
-FP8_AMAX_FLOOR = 1e-4  # DeepSeek's act_quant clamps the block amax from below
 
 
 @dataclass(frozen=True)
@@ -213,18 +206,12 @@ class Fp8Block128Act:
 def quantize_act_fp8_block128(x: Tensor, *, scale_fmt: str = "ue8m0") -> Fp8Block128Act:
     """DeepSeek's act_quant: per 1x128 block, s = max(amax, 1e-4) / 448 (float32), rounded up to a
     power of two for scale_fmt "ue8m0" (V4's FP8 path) or kept for "f32"; codes = E4M3(x / s)
-    (RNE, saturating; |x / s| <= 448 by construction)."""
+    (RNE, saturating). The recipe FP8_ACT_UE8M0 / FP8_ACT_F32 of references.fp8_act, with the
+    scales decoded to float32 (exact)."""
     if scale_fmt not in FP8_SCALE_FMTS:
         raise ValueError(f"scale_fmt={scale_fmt!r}: expected 'ue8m0' or 'f32'")
-    m, k = x.shape
-    pad = (-k) % FP8_BLOCK
-    xf = torch.nn.functional.pad(x.float(), (0, pad)).view(m, (k + pad) // FP8_BLOCK, FP8_BLOCK)
-    amax = torch.clamp(xf.abs().amax(-1), min=FP8_AMAX_FLOOR)
-    s = amax / torch.tensor(FP8_MAX, dtype=torch.float32, device=x.device)
-    if scale_fmt == "ue8m0":
-        s = ue8m0_bytes_to_f32(f32_to_ue8m0_bytes(s, rounding="ceil"))
-    codes = f32_to_e4m3_bytes(xf / s.unsqueeze(-1), saturate=True).view(m, k + pad)[:, :k]
-    return Fp8Block128Act(codes, s)
+    q = quantize_act_fp8_1x128(x, recipe=FP8_ACT_UE8M0 if scale_fmt == "ue8m0" else FP8_ACT_F32)
+    return Fp8Block128Act(q.e4m3_u8, q.block_dec_scale_f32())
 
 
 # ----------------------------------------------------------------------------- linear
