@@ -39,7 +39,7 @@ def calc_diff(x: Tensor, y: Tensor) -> float:
 
 
 def _specials(t: Tensor) -> str:
-    return f"{int(torch.isnan(t).sum())} NaN, {int(torch.isinf(t).sum())} Inf"
+    return f"{int(torch.isnan(t).sum())} NaN {int(torch.isinf(t).sum())} Inf"
 
 
 def comparison_problem(got_f64: Tensor, ref_f64: Tensor, *, got_name: str = "got", ref_name: str = "ref") -> str:
