@@ -89,7 +89,8 @@ def stage_metrics(got: Tensor, ref: Tensor) -> dict[str, float | int | str]:
     out = {
         "cosine": math.nan if both_zero else float((g * r).sum()) / (norm_g * norm_r) if norm_g and norm_r else 0.0,
         "calc_diff": math.nan if both_zero else calc_diff(g, r),
-        "sqnr_db": math.nan if both_zero else math.inf if noise == 0 else (10 * math.log10(sig / noise) if sig else -math.inf),
+        "sqnr_db": math.nan if both_zero else math.inf if noise == 0 else
+        (10 * math.log10(sig / noise) if sig else -math.inf),
         "rel_l2": math.nan if both_zero else math.sqrt(noise / sig) if sig else math.inf,
         "max_abs": float(err.abs().max()),
         "max_rel": float((err.abs() / r.abs().clamp_min(1e-30)).max()),

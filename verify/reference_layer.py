@@ -56,6 +56,8 @@ __all__ = [
 ]
 
 RMS_EPS = 1e-6
+# the norm weights the reference reads (attn_norm / ffn_norm make the inputs from token ids); not attn_sink
+REFERENCE_NORMS = ("attn_norm", "ffn_norm", "q_norm", "kv_norm")
 # the table stage of each loss tensor ("moe.l1.gate" -> "moe.l1"), to blame a failing loss row
 LOSS_STAGE_OF: dict[str, str] = {t: s.name for s in STAGES for t in s.tensors if t in LOSS_STAGES}
 
@@ -134,13 +136,13 @@ def inputs_from_token_ids(ckpt: Checkpoint, layer: LayerWeights, token_ids_i64: 
     are not emulated, so the MoE input is ffn_norm(h) of the embedding itself."""
     device = token_ids_i64.device
     # gathered on the CPU: only the T rows travel to the device, not the whole [vocab, H] table
-    embed = ckpt.get_tensor("embed.weight" if ckpt.config.schema == "deepseek_v4" else "model.embed_tokens.weight")
+    embed_name = "embed.weight" if ckpt.config.schema == "deepseek_v4" else "model.embed_tokens.weight"
+    embed = ckpt.get_tensor(embed_name)
     ids_cpu = token_ids_i64.cpu()
     if ids_cpu.numel() and (int(ids_cpu.min()) < 0 or int(ids_cpu.max()) >= embed.shape[0]):
         raise ValueError(f"token_ids_i64: values must be in [0, {embed.shape[0]})")
     h = embed[ids_cpu].to(device=device, dtype=torch.bfloat16)
-    _refuse_nonfinite(h, f"{'embed.weight' if ckpt.config.schema == 'deepseek_v4' else 'model.embed_tokens.weight'} "
-                         f"(the rows of the {ids_cpu.numel()} token ids)")
+    _refuse_nonfinite(h, f"{embed_name} (the rows of the {ids_cpu.numel()} token ids)")
     n = layer.norms
     return LayerInputs(token_ids_i64, rms_norm(h, n["attn_norm"], eps=RMS_EPS, mode="emulated"),
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
@@ -194,7 +196,8 @@ def check_reference_finite(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerI
     schema = layer_schema(cfg, layer.index)
     names = {t.role: t.name for t in (*schema.norms, *schema.router)}
     for role, t in layer.norms.items():
-        _refuse_nonfinite(t, names.get(role, f"layer {layer.index} {role}"))
+        if role in REFERENCE_NORMS:
+            _refuse_nonfinite(t, names.get(role, f"layer {layer.index} {role}"))
     if layer.router is not None:
         _refuse_nonfinite(layer.router.gate_weight_bf16, names.get("gate_weight", "router gate weight"))
         if layer.router.gate_bias_f32 is not None:
@@ -203,8 +206,9 @@ def check_reference_finite(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerI
         bad = scale_defects(lin)
         if bad:
             raise NanScaleError(bad[0][1], tensor=bad[0][0])
-        if isinstance(lin, Fp8BlockLinear) and bool(((lin.weight_e4m3.view(torch.uint8) & 0x7F) == 0x7F).any()):
-            nan_bytes = int(((lin.weight_e4m3.view(torch.uint8) & 0x7F) == 0x7F).sum())
+        nan_bytes = int(((lin.weight_e4m3.view(torch.uint8) & 0x7F) == 0x7F).sum()) \
+            if isinstance(lin, Fp8BlockLinear) else 0
+        if nan_bytes:
             raise NonFiniteTensorError(f"{module}.weight: {nan_bytes} NaN E4M3 bytes (0x7F/0xFF) of "
                                        f"{lin.weight_e4m3.numel()}; the reference layer cannot run on it")
         if isinstance(lin, Bf16Linear):
@@ -236,7 +240,8 @@ def run_reference_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInpu
     return out
 
 
-def quantization_loss(emulated: dict[str, Tensor], high: dict[str, Tensor]) -> dict[str, dict[str, float | str]]:
+def quantization_loss(emulated: dict[str, Tensor],
+                      high: dict[str, Tensor]) -> dict[str, dict[str, float | str]]:
     """Per stage present in both: stage_metrics(emulated, high): cosine, calc_diff, SQNR dB, ..., the norm
     ratio ||emulated|| / ||high||, NaN / Inf counts of both sides, and status / problem: a row whose
     comparison is garbage (NaN / Inf, empty, all zero, a gain > 1) fails (LayerRun.loss_failures)."""

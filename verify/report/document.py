@@ -134,7 +134,8 @@ def unit_document(*, unit: dict, fingerprint: str, run=None, timings_s: dict, ra
     if run is not None:
         doc.update(metrics=run.loss, digests=run.digests, saturated_block_fraction=run.saturated,
                    histograms={s: error_histogram(run.emulated[s], run.high[s]) for s in run.loss},
-                   verdicts=[v.as_dict() for v in run.verdicts], counts=verdict_counts(run.verdicts))
+                   verdicts=[v.as_dict() for v in run.verdicts + run.loss_failures],  # a garbage loss row fails
+                   counts=verdict_counts(run.verdicts + run.loss_failures))
     return finite_json(doc)
 
 

@@ -188,6 +188,18 @@ def test_a_garbage_loss_row_fails_the_layer_run():
     assert "scale factor" in run.failed[1].message
 
 
+def test_a_garbage_loss_row_fails_the_unit_document_of_a_sweep():
+    from verify.report.document import unit_document
+
+    ref = _ref().reshape(8, 8)
+    emulated, high = {"moe.l2": 2 * ref, "moe.combine": ref.clone()}, {"moe.l2": ref, "moe.combine": ref}
+    run = LayerRun(0, emulated, high, quantization_loss(emulated, high), {}, {})
+    doc = unit_document(unit={"name": "layer0", "kind": "decoder", "index": 0, "nbytes": 0}, fingerprint="f",
+                        run=run, timings_s={}, rank=0, host="h", device="cpu")
+    assert doc["counts"]["fail"] == 1 and doc["metrics"]["moe.l2"]["status"] == "fail"
+    assert [(v["stage"], v["check"], v["status"]) for v in doc["verdicts"]] == [("moe.l2", "loss", "fail")]
+
+
 @pytest.fixture(scope="module")
 def fixture_run():
     from verify.layer_report import GOLDEN_CONFIGS, layer_inputs
