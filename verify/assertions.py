@@ -7,6 +7,18 @@ values, e.g.
 
   act_quant codes [sm100 vs emulator:te] (4096, 3584) uint8: 3/14680064 bytes differ
     first at flat 40961 = (11, 1537): got 0x2b (lo -1.5, hi +1.0)  expected 0x3b (lo -1.5, hi +1.5)
+
+Garbage never passes (DESIGN "Verdicts"). The value verdicts (assert_within_gemm_bound,
+assert_within_ulps) count NaN / Inf on BOTH sides and fail, saying so, when either side holds one
+(nonfinite="fail", the default), when nothing is compared (empty), or when both sides are all zero
+(a stage that carries no signal verified nothing, e.g. all-zero block scales); a result that is all
+zero where the expected value is not fails its bound and the message says so. nonfinite="match" is
+the NaN-aware defined result (NaN where the exact value is NaN, the same infinity), for tests that
+feed bad inputs on purpose (verify.bad_inputs). The identity checks (assert_bytes_equal,
+assert_codes_equal_as_values, assert_bits_equal, assert_all_zero) compare bits: a NaN or Inf on one
+side only is a bit difference and fails; identical special bits pass, since identity of the same
+computation (batch invariance, graph replay, an exhaustive codec table whose NaN and overflow-to-Inf
+entries are the contract) is what they state; their messages count NaN / Inf on both sides.
 """
 
 from __future__ import annotations
@@ -29,7 +41,10 @@ __all__ = [
     "assert_within_ulps",
     "assert_all_zero",
     "first_mismatch",
+    "NONFINITE_MODES",
 ]
+
+NONFINITE_MODES = ("fail", "match")
 
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 
@@ -121,7 +136,8 @@ def assert_codes_equal_as_values(got_u8: Tensor, expected_u8: Tensor, *, label: 
 
 
 def assert_bits_equal(got: Tensor, expected: Tensor, *, label: str) -> None:
-    """Floating tensors bit-identical (NaN == NaN only if the bits match)."""
+    """Floating (or integer) tensors bit-identical: an identity check (NaN == NaN only if the bits match;
+    see the module docstring); the message counts NaN / Inf on both sides."""
     __tracebackhide__ = True
     _check_same_shape(label, got, expected)
     if got.dtype != expected.dtype:
@@ -136,39 +152,85 @@ def assert_bits_equal(got: Tensor, expected: Tensor, *, label: str) -> None:
     width = got.element_size() * 2
     gi, ei = int(gb.reshape(-1)[i]) & ((1 << width * 4) - 1), int(eb.reshape(-1)[i]) & ((1 << width * 4) - 1)
     raise AssertionError(
-        f"{label} {tuple(got.shape)} {got.dtype}: {int(mask.sum())}/{mask.numel()} elements differ in bits\n"
+        f"{label} {tuple(got.shape)} {got.dtype}: {int(mask.sum())}/{mask.numel()} elements differ in bits"
+        f"{_special_counts(got, expected, 'got', 'expected')}\n"
         f"  first at flat {i} = {coord}: got {float(got.reshape(-1)[i])!r} (0x{gi:0{width}x})  "
         f"expected {float(expected.reshape(-1)[i])!r} (0x{ei:0{width}x})")
 
 
-def _special_mismatch(y: Tensor, y64: Tensor, bound_f64: Tensor) -> Tensor:
-    """Where the expected value or its bound is not finite (a NaN scale byte in a real block, an Inf
-    product): the element must be the same special (NaN where NaN, the same infinity); True = violated."""
+def _special_counts(got: Tensor, expected: Tensor, got_name: str, exp_name: str) -> str:
+    """' (NaN/Inf: got 1 NaN 0 Inf, expected 0 NaN 0 Inf)' when either side holds one, else ''."""
+    if not (got.is_floating_point() or expected.is_floating_point()):
+        return ""
+    g, e = got.detach().to(torch.float64), expected.detach().to(torch.float64)
+    ng, ig, ne, ie = (int(f(t).sum()) for t in (g, e) for f in (torch.isnan, torch.isinf))
+    if not (ng or ig or ne or ie):
+        return ""
+    return f" (NaN/Inf: {got_name} {ng} NaN {ig} Inf, {exp_name} {ne} NaN {ie} Inf)"
+
+
+def _check_nonfinite_mode(nonfinite: str) -> None:
+    if nonfinite not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite={nonfinite!r}: expected one of {NONFINITE_MODES}")
+
+
+def _no_signal(label: str, got: Tensor, expected_f64: Tensor, got_name: str) -> None:
+    """AssertionError for a comparison that verifies nothing: an empty set, or both sides all zero."""
+    __tracebackhide__ = True
+    if got.numel() == 0:
+        raise AssertionError(f"{label} {tuple(got.shape)}: empty: no elements compared (nothing verified)")
+    if not bool(got.detach().to(torch.float64).any()) and not bool(expected_f64.any()):
+        raise AssertionError(f"{label} {tuple(got.shape)}: {got_name} and the expected value are both all zero "
+                             f"({got.numel()} elements): the stage carries no signal, nothing verified")
+
+
+def _zero_note(got: Tensor, expected_f64: Tensor, got_name: str) -> str:
+    """'; <got_name> is all zero where the expected value is not' (or the other way round), else ''."""
+    zg, ze = not bool(got.detach().to(torch.float64).any()), not bool(expected_f64.any())
+    if zg and not ze:
+        return f"; {got_name} is all zero where the expected value is not"
+    if ze and not zg:
+        return f"; the expected value is all zero where {got_name} is not"
+    return ""
+
+
+def _special_violations(y: Tensor, y64: Tensor, bound_f64: Tensor, nonfinite: str) -> Tensor:
+    """True where a NaN / Inf decides the element's verdict against it. nonfinite="fail": any NaN or Inf in
+    y, the expected value or its bound. "match": where the expected value (or its bound) is NaN or +-Inf,
+    y must be the same special (NaN where NaN, the same infinity); a NaN / Inf in y elsewhere fails by
+    the bound itself."""
     yd = y.detach().to(torch.float64)
     special = ~torch.isfinite(y64) | ~torch.isfinite(bound_f64)
+    if nonfinite == "fail":
+        return special | ~torch.isfinite(yd)
     same = (torch.isnan(yd) & torch.isnan(y64)) | (torch.isinf(y64) & (yd == y64))
     return special & ~same
 
 
-def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label: str) -> float:
+def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label: str,
+                             nonfinite: str = "fail") -> float:
     """|y - y64| <= bound everywhere (DESIGN "Verdicts"); returns max(|y - y64| / bound) over the finite
-    elements (0.0 when there are none).
+    elements.
 
-    NaN-aware: where y64 (or its bound) is NaN or +-Inf, y must be the same special value and the element
-    is judged by that, not by the bound; anywhere else a NaN or Inf in y fails. The message names the
-    tensor, the first violating index, both values and the bound, and the worst element.
+    Garbage never passes: an empty comparison, y and y64 both all zero, and (nonfinite="fail") any NaN or
+    Inf in y, y64 or the bound fail, the message counting NaN / Inf on both sides. nonfinite="match"
+    (bad-input tests): where y64 (or its bound) is NaN or +-Inf, y must be the same special value and
+    the element is judged by that, not by the bound; anywhere else a NaN or Inf in y fails. The message
+    names the tensor, the first violating index, both values and the bound, and the worst element.
     """
     __tracebackhide__ = True
     _check_same_shape(label, y, y64)
+    _check_nonfinite_mode(nonfinite)
     y64 = y64.to(torch.float64)
     bound_f64 = bound_f64.to(torch.float64).expand_as(y64) if bound_f64.dim() == 0 else bound_f64.to(torch.float64)
-    special_bad = _special_mismatch(y, y64, bound_f64)
+    _no_signal(label, y, y64, "y")
+    special_bad = _special_violations(y, y64, bound_f64, nonfinite)
     finite = torch.isfinite(y64) & torch.isfinite(bound_f64)
     err = (y.detach().to(torch.float64) - y64).abs()
     err = torch.where(torch.isfinite(err), err, torch.full_like(err, float("inf")))  # NaN / Inf in y: over
     ratio = torch.where(finite & (err > 0), err / bound_f64, torch.zeros_like(err))  # an exact element: 0
     over = (finite & (ratio > 1.0)) | special_bad
-    worst = float(ratio.max()) if ratio.numel() else 0.0
+    worst = float(ratio.max())
     hit = first_mismatch(over)
     if hit is None:
         return worst
@@ -176,10 +238,16 @@ def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label
     j = int(torch.argmax(ratio.reshape(-1)))
     jc = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), ratio.shape))
     n_special = int(special_bad.sum())
+    if nonfinite == "fail":
+        specials = (f" ({n_special} of them NaN/Inf: y {int(torch.isnan(y).sum())} NaN {int(torch.isinf(y).sum())} "
+                    f"Inf, expected {int(torch.isnan(y64).sum())} NaN {int(torch.isinf(y64).sum())} Inf, bound "
+                    f"{int((~torch.isfinite(bound_f64)).sum())} non-finite; garbage never passes)") if n_special else ""
+    else:
+        specials = (f" ({n_special} of them where the expected value is NaN/Inf and y is not the same)"
+                    if n_special else "")
     raise AssertionError(
         f"{label} {tuple(y.shape)}: {int(over.sum())}/{over.numel()} elements exceed the accumulation bound"
-        + (f" ({n_special} of them where the expected value is NaN/Inf and y is not the same)" if n_special else "")
-        + f"; max |y - y64| / bound = {worst:.4g}\n"
+        + specials + _zero_note(y, y64, "y") + f"; max |y - y64| / bound = {worst:.4g}\n"
         f"  first at flat {i} = {coord}: got {float(y.reshape(-1)[i])!r}  expected {float(y64.reshape(-1)[i])!r}  "
         f"bound {float(bound_f64.reshape(-1)[i]):.4g}\n"
         f"  worst at {jc}: got {float(y.reshape(-1)[j])!r}  expected {float(y64.reshape(-1)[j])!r}")
@@ -200,10 +268,14 @@ def assert_all_zero(t: Tensor, *, label: str) -> None:
                          f"are not zero\n  first at flat {i} = {coord}: got {shown}  expected 0")
 
 
-def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label: str) -> None:
-    """|got - expected| <= ulps * ulp(got.dtype at |expected|), for elementwise stages."""
+def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label: str, nonfinite: str = "fail") -> None:
+    """|got - expected| <= ulps * ulp(got.dtype at |expected|), for elementwise stages. Garbage never
+    passes: empty, both all zero, and (nonfinite="fail") any NaN / Inf on either side fail;
+    nonfinite="match" (bad-input tests) requires the same special where the expected value is NaN / Inf."""
     __tracebackhide__ = True
     _check_same_shape(label, got, expected_f64)
+    _check_nonfinite_mode(nonfinite)
+    _no_signal(label, got, expected_f64.to(torch.float64), "got")
     info = torch.finfo(got.dtype)
     e = expected_f64.to(torch.float64)
     ax = e.abs()
@@ -213,12 +285,17 @@ def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label:
     ulp = torch.exp2(torch.clamp(exp - p + 1, min=min_exp))
     err = (got.detach().to(torch.float64) - e).abs()
     g64 = got.detach().to(torch.float64)
-    same_special = (torch.isnan(g64) & torch.isnan(e)) | (torch.isinf(e) & (g64 == e))
-    bad = ~same_special & ~(err <= ulps * ulp)
+    if nonfinite == "fail":
+        bad = ~(err <= ulps * ulp) | ~torch.isfinite(g64) | ~torch.isfinite(e)
+    else:
+        same_special = (torch.isnan(g64) & torch.isnan(e)) | (torch.isinf(e) & (g64 == e))
+        bad = ~same_special & ~(err <= ulps * ulp)
     hit = first_mismatch(bad)
     if hit is None:
         return
     i, coord = hit
+    garbage = "; garbage never passes" if nonfinite == "fail" and _special_counts(got, e, "", "") else ""
     raise AssertionError(
-        f"{label} {tuple(got.shape)} {got.dtype}: {int(bad.sum())}/{bad.numel()} elements beyond {ulps} ulp\n"
+        f"{label} {tuple(got.shape)} {got.dtype}: {int(bad.sum())}/{bad.numel()} elements beyond {ulps} ulp"
+        f"{_special_counts(got, e, 'got', 'expected')}{garbage}{_zero_note(got, e, 'got')}\n"
         f"  first at flat {i} = {coord}: got {float(got.reshape(-1)[i])!r}  expected {float(e.reshape(-1)[i])!r}")

@@ -3,7 +3,8 @@
 Each case pushes one input class through one op of the backend protocol and judges the result the way
 the stage verdicts do: quantizers by bytes against the emulator (same recipe; padding included), GEMMs by
 the rigorous accumulation bound of the float64 product of the same operands, NaN-aware (where the exact
-result is NaN or Inf the kernel must give the same special; verify.assertions.assert_within_gemm_bound),
+result is NaN or Inf the kernel must give the same special; verify.assertions.assert_within_gemm_bound with
+nonfinite="match", the explicit opt-in: every other verdict fails on NaN / Inf),
 and, where garbage sits in scale padding, bit-equality with the clean call. A backend may instead refuse
 the input with a clear error before launching: a ValueError / TypeError / NotImplementedError whose
 message names the argument at fault. Anything else (an IndexError, a CUDA error, a message naming
@@ -198,7 +199,7 @@ def _dense_gemm_case(cls: str) -> Callable[[Backend, torch.device], str]:
         alpha = a.global_dec_f32.float().reshape(()) * lin.weight_scale_2_f32.float().reshape(())
         y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
         bound = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
-        ratio = assert_within_gemm_bound(y, y64, bound, label=f"dense_gemm[{cls}] y")
+        ratio = assert_within_gemm_bound(y, y64, bound, label=f"dense_gemm[{cls}] y", nonfinite="match")
         msg = f"within the bound (max ratio {ratio:.3g})"
         if cls == "nan-scale-byte":
             assert bool(torch.isnan(y[1]).all()), (f"dense_gemm[{cls}] row 1 (a 0x7F scale in block 2): "
@@ -254,7 +255,8 @@ def _grouped_gemm_case(cls: str) -> Callable[[Backend, torch.device], str]:
         msgs = []
         for part, w, y in (("gate", ex.w1, gate), ("up", ex.w3, up)):
             y64, bound = grouped_f64(backend, a, off64, w, y.dtype)
-            ratio = assert_within_gemm_bound(y, y64, bound, label=f"grouped_gemm[{cls}] l1 {part}")
+            ratio = assert_within_gemm_bound(y, y64, bound, label=f"grouped_gemm[{cls}] l1 {part}",
+                                             nonfinite="match")
             msgs.append(f"{part} within the bound (max ratio {ratio:.3g})")
         if cls == "nan-scale-byte":
             assert bool(torch.isnan(gate[7]).all()), f"grouped_gemm[{cls}] gate row 7 (a 0x7F scale): not all NaN"
@@ -281,7 +283,7 @@ def _swiglu_case(cls: str) -> Callable[[Backend, torch.device], str]:
         up = _with(_x(r, 128, 6, device).float(), cls if cls != "inf-activations" else "none")
         h, a = backend.swiglu_requant(gate, up, off, swiglu_limit=10.0)
         h64 = ref_moe.swiglu(gate, up, limit=10.0, row_weight_f32=None, mode="high")
-        assert_within_ulps(h, h64, ulps=1.0, label=f"swiglu_requant[{cls}] h ({h.dtype}) vs exact")
+        assert_within_ulps(h, h64, ulps=1.0, label=f"swiglu_requant[{cls}] h ({h.dtype}) vs exact", nonfinite="match")
         return check_quantized(f"swiglu_requant[{cls}] requant", a, expected_grouped_quant(
             backend, h.to(torch.bfloat16), off.to(torch.int64), None))
 

@@ -11,7 +11,8 @@ A bug is none of these: it keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "BackendRefusedError", "one_line"]
+__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "BackendRefusedError",
+           "NonFiniteTensorError", "one_line"]
 
 
 class CliError(Exception):
@@ -42,6 +43,13 @@ class DeviceUnavailableError(CliError):
 class BackendRefusedError(CliError):
     """--backend declares a looser accumulator (u_acc) than verify.accumulator measures on it: its
     bound verdicts would pass bugs, so the harness refuses to judge with it."""
+
+
+class NonFiniteTensorError(CliError):
+    """A tensor or config value the reference layer reads holds NaN or Inf (a norm or router weight, a
+    config scalar, the layer's inputs): the reference itself would be garbage, so the run refuses to
+    start. The message names the tensor (or the --inputs file and tensor, or config.json's key).
+    Scales have their own checkpoint error (verify.checkpoint.NanScaleError)."""
 
 
 def one_line(exc: BaseException, command: str | None) -> str:

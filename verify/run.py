@@ -21,7 +21,7 @@ from references.layer import RunOptions
 from verify.backends import Backend
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.golden import tensor_digest
-from verify.reference_layer import LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
+from verify.reference_layer import LOSS_STAGE_OF, LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
 from verify.verdicts import LayerCase, Verdict, stage_verdicts
 
 __all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
@@ -60,8 +60,17 @@ class LayerRun:
         return next((v for v in self.verdicts if v.stage == stage and v.check == check), None)
 
     @property
+    def loss_failures(self) -> list[Verdict]:
+        """A "loss" verdict per quantization-loss row whose comparison is garbage (status "fail": NaN / Inf,
+        empty, all zero, a gain > 1; verify.metrics), blamed on the row's table stage."""
+        return [Verdict(LOSS_STAGE_OF.get(t, t), "loss", "fail", f"{LOSS_STAGE_OF.get(t, t)} loss: {t} emulated vs "
+                        f"high: {m['problem']}", dict(m))
+                for t, m in self.loss.items() if m.get("status") == "fail"]
+
+    @property
     def failed(self) -> list[Verdict]:
-        return [v for v in self.verdicts if v.status == "fail"]
+        """Every failed verdict, then every failed loss row: the run fails when this is not empty."""
+        return [v for v in self.verdicts if v.status == "fail"] + self.loss_failures
 
     def as_dict(self) -> dict:
         return {"metrics": self.loss, "digests": self.digests, "saturated_block_fraction": self.saturated,

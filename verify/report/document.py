@@ -33,7 +33,7 @@ __all__ = [
     "bound_ratio", "stage_bound_ratios",
 ]
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"
 SCHEMA_PATH = Path(__file__).with_name("model_report.schema.json")
 REPORT_KIND = "nvfp4-verify.model-report"
 UNIT_KIND = "nvfp4-verify.unit"
@@ -134,7 +134,8 @@ def unit_document(*, unit: dict, fingerprint: str, run=None, timings_s: dict, ra
     if run is not None:
         doc.update(metrics=run.loss, digests=run.digests, saturated_block_fraction=run.saturated,
                    histograms={s: error_histogram(run.emulated[s], run.high[s]) for s in run.loss},
-                   verdicts=[v.as_dict() for v in run.verdicts], counts=verdict_counts(run.verdicts))
+                   verdicts=[v.as_dict() for v in run.verdicts + run.loss_failures],  # a garbage loss row fails
+                   counts=verdict_counts(run.verdicts + run.loss_failures))
     return finite_json(doc)
 
 

@@ -122,10 +122,13 @@ def test_the_nan_aware_bound_judges_special_positions_explicitly():
     y64 = torch.tensor([1.0, float("nan"), float("inf"), 2.0], dtype=torch.float64)
     bound = torch.tensor([0.01, float("nan"), float("nan"), 0.01], dtype=torch.float64)
     ok = torch.tensor([1.0, float("nan"), float("inf"), 2.0])
-    assert assert_within_gemm_bound(ok, y64, bound, label="y") == 0.0
+    assert assert_within_gemm_bound(ok, y64, bound, label="y", nonfinite="match") == 0.0
     for bad, at in ((torch.tensor([1.0, 5.0, float("inf"), 2.0]), "(1,)"),        # finite where NaN is exact
                     (torch.tensor([1.0, float("nan"), -float("inf"), 2.0]), "(2,)"),  # the wrong infinity
                     (torch.tensor([1.0, float("nan"), float("inf"), float("nan")]), "(3,)")):  # NaN where finite
         with pytest.raises(AssertionError, match=rf"first at flat \d = {re.escape(at)}: got"):
-            assert_within_gemm_bound(bad, y64, bound, label="y")
-    assert assert_within_gemm_bound(torch.zeros(0), y64[:0], bound[:0], label="empty") == 0.0
+            assert_within_gemm_bound(bad, y64, bound, label="y", nonfinite="match")
+    with pytest.raises(AssertionError, match="garbage never passes"):  # without the opt-in, NaN vs NaN fails
+        assert_within_gemm_bound(ok, y64, bound, label="y")
+    with pytest.raises(AssertionError, match="empty"):  # nothing compared passes nothing
+        assert_within_gemm_bound(torch.zeros(0), y64[:0], bound[:0], label="empty", nonfinite="match")
