@@ -27,7 +27,7 @@ _NOTE_LIMIT = 300  # characters of a verdict message shown under the table (the 
 def format_ratio(x: float | None) -> str:
     """A bound ratio (pass <= 1) with enough digits that a failing value never reads as a passing one:
     4 decimals in [0.001, 10) (0.9999 vs 1.0001), more when rounding would put it on the other side of
-    1 (1.00000012 -> "1.00000012", never "1.0000"), 2 significant digits in exponent form below, 4
+    1 (1 + 2^-23 -> "1.0000001", never "1.0000"), 2 significant digits in exponent form below, 4
     significant digits above."""
     if x is None or math.isnan(x):
         return "nan"

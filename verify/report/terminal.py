@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from verify.report.document import as_float
+from verify.report.tables import format_ratio
 
 __all__ = ["print_summary", "timing_line", "projection_line"]
 
@@ -51,7 +52,8 @@ def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: b
         fail = f"[bold red]{c['fail']}[/]" if c["fail"] else "0"
         table.add_row(u["unit"]["name"], str(c["pass"]), fail, str(c["not served"]), str(c["skipped"]),
                       f"{worst[0]:.2f} ({worst[1]})" if worst else ("-" if u["verified"] else "not verified"),
-                      (f"[bold red]{top[1]:.3g}[/]" if top[1] > 1 else f"{top[1]:.3g}") + f" ({top[0]})" if top else "-",
+                      (f"[bold red]{format_ratio(top[1])}[/]" if not top[1] <= 1 else format_ratio(top[1])) +
+                      f" ({top[0]})" if top else "-",
                       f"{u['timings_s'].get('total', 0):.2f}", str(u.get("rank", "")))
     console.print(table)
     for f in s["failures"][:20]:
