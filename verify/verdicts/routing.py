@@ -5,6 +5,11 @@ whose k-th and (k+1)-th biased scores are closer than the backend's score error 
 explain; near-ties are reported, not failed. Its weights must lie within the error bound
 of an fp32 computation of the same formula.
 
+DeepSeek-V3 group-limited top-k (n_group, topk_group) is judged at both levels: a token's ids may
+come from other groups only where the group scores (sum of each group's two largest biased
+scores) are within the group slack, and other experts only where the expert scores are within the
+expert slack; exact ties, in either, must go to the lower id as in the reference.
+
 Score error bound (per token, expert), for a backend computing in float32:
     logits: |l - l_ref| <= gamma(H + 1, 2^-24) * sum_h |x_h w_h|          (fp32 GEMM, one final rounding)
     scores: |s - s_ref| <= |ds/dl| * logit bound + SCORE_ULPS ulp(s)       (elementwise fp32 math)
