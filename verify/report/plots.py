@@ -12,8 +12,8 @@ import math
 from verify.report.document import HIST_EDGES_LOG10, as_float, stage_bound_ratios
 from verify.report.tables import format_ratio
 
-__all__ = ["STATUS_COLORS", "LINE_COLORS", "stage_family", "figures", "loss_figure", "bound_ratio_figure", "verdict_heatmap", "probe_grid",
-           "error_histograms"]
+__all__ = ["STATUS_COLORS", "LINE_COLORS", "stage_family", "figures", "loss_figure", "bound_ratio_figure",
+           "verdict_heatmap", "probe_grid", "error_histograms"]
 
 STATUS_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "not served": "#f9a825", "skipped": "#cfd8dc", "": "#ffffff"}
 STATUS_ORDER = ("", "skipped", "pass", "not served", "fail")  # a cell shows its worst status

@@ -12,7 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-__all__ = ["format_ratio", "loss_table", "verdict_table", "render_text", "CHECK_ABBREVIATIONS", "STATUS_TEXT"]
+__all__ = ["format_ratio", "loss_table", "verdict_table", "render_text", "new_table", "Adaptive", "first_line",
+           "CHECK_ABBREVIATIONS", "STATUS_TEXT"]
 
 # check -> header of the narrow layout (at most 4 characters, the width of "FAIL")
 CHECK_ABBREVIATIONS = {"bytes": "byte", "bound": "bnd", "rounding": "rnd", "ids": "ids", "weights": "wts",
@@ -49,6 +50,12 @@ def _ratio_cell(x: float | None) -> str:
     return f"[bold red]{text}[/]" if x is not None and not x <= 1 else text
 
 
+def escape(text: str) -> str:
+    from rich.markup import escape as rich_escape  # noqa: PLC0415
+
+    return rich_escape(text)
+
+
 def render_text(renderable, width: int) -> str:
     """`renderable` as plain text at `width` columns (what a log or a terminal of that width shows)."""
     import io  # noqa: PLC0415
@@ -60,7 +67,7 @@ def render_text(renderable, width: int) -> str:
     return buf.getvalue()
 
 
-def _new_table(title: str, narrow: bool):
+def new_table(title: str, narrow: bool):
     """The wide layout: boxed, one space of padding. The narrow one: no vertical rules, one space
     between columns, cells that fold (wrap inside the cell) rather than lose characters when even
     this does not fit."""
@@ -71,6 +78,17 @@ def _new_table(title: str, narrow: bool):
         return Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 0), pad_edge=False, show_edge=False,
                      title_justify="left")
     return Table(title=title, box=box.HEAVY_HEAD, padding=(0, 1))
+
+
+class Adaptive:
+    """A table drawn by `build(narrow)`: the wide layout where it fits the width given, else the narrow."""
+
+    def __init__(self, build):
+        self.build = build
+
+    def __rich_console__(self, console, options):
+        wide = self.build(False)
+        yield wide if _fits(console, options, wide) else self.build(True)
 
 
 def _fits(console, options, table) -> bool:
@@ -94,7 +112,7 @@ class _LossTable:
     statuses: list[tuple[str, str]] | None  # (status, problem) per row when the loss rows carry one
 
     def _table(self, narrow: bool):
-        table = _new_table(self.title, narrow)
+        table = new_table(self.title, narrow)
         for wide, short in _LOSS_COLUMNS:
             table.add_column(short if narrow else wide, justify="left" if wide in ("stage", "shape") else "right",
                              no_wrap=not narrow, overflow="fold")
@@ -114,7 +132,7 @@ class _LossTable:
         yield wide if _fits(console, options, wide) else self._table(narrow=True)
         for k, (status, problem) in enumerate(self.statuses or []):
             if status == "fail" and problem:
-                yield f"[bold red]FAIL[/] {self.rows[k][0]}: {problem}"
+                yield f"[bold red]FAIL[/] {self.rows[k][0]}: {escape(problem)}"
 
 
 def loss_table(layer: int, name: str, tokens: int, run):
@@ -151,7 +169,7 @@ class _VerdictTable:
     notes: list[tuple[str, str, str]]   # (stage, status, message)
 
     def _table(self, narrow: bool):
-        table = _new_table(self.title, narrow)
+        table = new_table(self.title, narrow)
         fold = dict(no_wrap=not narrow, overflow="fold")
         table.add_column("stage", **fold)
         for c in self.checks:
@@ -178,8 +196,8 @@ class _VerdictTable:
                 "; ok pass, n/s not served, n/a not applicable; ratio: max |error| / bound (pass <= 1)[/]"
         for stage, status, message in self.notes:
             style = STATUS_TEXT[status][2]
-            yield f"[{style}]{STATUS_TEXT[status][0]}[/] {stage}: " + (f"[dim]{message}[/]" if status == "skipped"
-                                                                       else message)
+            text = escape(message)  # messages quote tensors and labels in brackets: never markup
+            yield f"[{style}]{STATUS_TEXT[status][0]}[/] {stage}: " + (f"[dim]{text}[/]" if status == "skipped" else text)
 
 
 def verdict_table(layer: int, backend_name: str, run):
@@ -200,9 +218,9 @@ def verdict_table(layer: int, backend_name: str, run):
         if found:
             ratios[stage] = math.nan if any(map(math.isnan, found)) else max(found)  # NaN never hides
         for status in ("fail", "not served"):
-            notes += [(stage, status, _first_line(v.message if v.message.startswith(f"{v.check}:")
+            notes += [(stage, status, first_line(v.message if v.message.startswith(f"{v.check}:")
                                                   else f"{v.check}: {v.message}")) for v in per if v.status == status]
-        skipped = dict.fromkeys(_first_line(v.message) for v in per
+        skipped = dict.fromkeys(first_line(v.message) for v in per
                                 if v.status == "skipped" and v.message and "CUDA device" not in v.message)
         notes += [(stage, "skipped", m) for m in skipped]
     title = (f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; {counts['pass']} pass, "
@@ -210,6 +228,7 @@ def verdict_table(layer: int, backend_name: str, run):
     return _VerdictTable(title, present, stages, cells, ratios, notes)
 
 
-def _first_line(message: str) -> str:
+def first_line(message: str) -> str:
+    """The first line of a message, at most _NOTE_LIMIT characters (then " ...")."""
     line = message.split("\n")[0]
     return line if len(line) <= _NOTE_LIMIT else line[:_NOTE_LIMIT] + " ..."

@@ -65,4 +65,5 @@ def test_every_emulator_verdict_passes_on_mini_v3(ckpt, i):
                     backend=backend_for_verdicts("auto", torch.device("cpu")))
     assert not run.failed, [f"{v.stage} {v.check}: {v.message}" for v in run.failed]
     router = {v.check: v.status for v in run.verdicts if v.stage == "router"}
-    assert router == ({} if i == 0 else {"ids": "pass", "weights": "pass", "sync": "skipped", "graph": "skipped"}), router
+    expected = {} if i == 0 else {"ids": "pass", "weights": "pass", "sync": "skipped", "graph": "skipped"}
+    assert router == expected, router

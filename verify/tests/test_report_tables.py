@@ -126,3 +126,14 @@ def test_bound_ratios_tell_a_pass_from_a_fail(x, text):
     assert format_ratio(x) == text
     if math.isfinite(x) and x != 0:
         assert (float(format_ratio(x)) > 1) == (x > 1), "the printed ratio is on the other side of the bound"
+
+
+def test_messages_in_brackets_are_printed_not_read_as_markup(run_with_a_late_fail):
+    import copy
+
+    run = copy.copy(run_with_a_late_fail)
+    run.verdicts = [copy.copy(v) for v in run.verdicts]
+    v = next(v for v in run.verdicts if v.status == "fail")
+    v.message = "act_quant codes [sm100 vs emulator:te] (4096, 3584) uint8: 3/14680064 bytes differ [/bold]"
+    text = " ".join(render_text(verdict_table(0, "emulator", run), 140).split())
+    assert "[sm100 vs emulator:te] (4096, 3584) uint8: 3/14680064 bytes differ [/bold]" in text
