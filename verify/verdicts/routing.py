@@ -182,12 +182,18 @@ def _grouped_near_tie(biased: Tensor, got: list[int], *, k: int, n_group: int, t
     if len(need) > topk_group:
         return False
     chosen = set(got)
-    rest = [h for h in range(n_group) if h not in need]
+    lowest = min(b[c] for c in chosen)
+    highest_id_at = {}  # chosen score -> the highest chosen id with it (an exact tie must not lose to a lower id)
+    for c in chosen:
+        highest_id_at[b[c]] = max(c, highest_id_at.get(b[c], -1))
+    # groups that could be among the topk_group best at all (fewer than topk_group certainly above them)
+    rest = [h for h in range(n_group) if h not in need and
+            sum(certainly_above(o, h) for o in range(n_group) if o != h) < topk_group]
     for extra in itertools.combinations(rest, topk_group - len(need)):
         groups = need | set(extra)
         if any(certainly_above(h, a) for h in range(n_group) if h not in groups for a in groups):
             continue
         left_out = [j for grp in groups for j in range(grp * size, (grp + 1) * size) if j not in chosen]
-        if not any(_outranks(b[u], b[c], u, c, slack) for u in left_out for c in chosen):
+        if not any(b[u] - lowest > slack or u < highest_id_at.get(b[u], -1) for u in left_out):
             return True
     return False
