@@ -192,7 +192,8 @@ class _VerdictTable:
         narrow = not _fits(console, options, wide)
         yield self._table(narrow=True) if narrow else wide
         if narrow:
-            yield "[dim]" + ", ".join(f"{CHECK_ABBREVIATIONS.get(c, c[:4])} {c}" for c in self.checks) + \
+            yield "[dim]" + ", ".join(f"{CHECK_ABBREVIATIONS.get(c, c[:4])} {c}" for c in self.checks
+                                      if CHECK_ABBREVIATIONS.get(c, c[:4]) != c) + \
                 "; ok pass, n/s not served, n/a not applicable; ratio: max |error| / bound (pass <= 1)[/]"
         for stage, status, message in self.notes:
             style = STATUS_TEXT[status][2]
