@@ -28,7 +28,8 @@ from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
 from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError, UsageError
 from verify.golden import environment
 from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_safetensors, inputs_from_token_ids
-from verify.run import LayerRun, run_layer, verdict_counts
+from verify.report.tables import loss_table, verdict_table
+from verify.run import run_layer, verdict_counts
 
 __all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
            "select_layers", "add_layer_arguments", "cli_layer", "loss_table", "verdict_table", "backend_for_verdicts"]
@@ -246,53 +247,3 @@ def cli_layer(args: argparse.Namespace) -> int:
                       ("" if failed or not totals.get("pass") else " (every verdict the backend serves here passes)")
                       + ("" if totals.get("pass") else f" ({backend.name} serves none of these stages here)"))
     return 1 if failed else 0
-
-
-def loss_table(layer: int, name: str, tokens: int, run: LayerRun):
-    from rich.table import Table
-
-    table = Table(title=f"layer {layer}: emulated NVFP4 vs high precision ({name}, {tokens} tokens)")
-    for col in ("stage", "shape", "cosine", "SQNR dB", "calc_diff", "rel-L2", "max abs", "NaN/Inf"):
-        table.add_column(col, justify="left" if col in ("stage", "shape") else "right")
-    for stage, m in run.loss.items():
-        table.add_row(stage, "x".join(map(str, run.emulated[stage].shape)), f"{m['cosine']:.6f}",
-                      f"{m['sqnr_db']:.2f}", f"{m['calc_diff']:.3e}", f"{m['rel_l2']:.3e}",
-                      f"{m['max_abs']:.3e}", f"{m['nan_count']}/{m['inf_count']}")
-    return table
-
-
-_STATUS_STYLE = {"pass": "[green]pass[/]", "fail": "[bold red]FAIL[/]", "not served": "[yellow]not served[/]",
-                 "skipped": "[dim]n/a[/]"}
-
-
-def verdict_table(layer: int, backend_name: str, run: LayerRun):
-    """One row per kernel stage of the layer (table order), one column per check; the last column
-    holds the worst bound ratio and, for a failure or a stage not served, the first message."""
-    from rich.table import Table
-
-    from references.stages import Check
-
-    checks = [c.value for c in Check]
-    present = [c for c in checks if any(v.check == c for v in run.verdicts)]
-    counts = verdict_counts(run.verdicts)
-    table = Table(title=f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; "
-                        f"{counts['pass']} pass, {counts['fail']} fail, {counts['not served']} not served, "
-                        f"{counts['skipped']} n/a)")
-    table.add_column("stage", no_wrap=True, min_width=max(len(v.stage) for v in run.verdicts))
-    for c in present:
-        table.add_column(c, justify="center", no_wrap=True, min_width=max(len(c), 10 if "not served" in
-                                                                          {v.status for v in run.verdicts} else 4))
-    table.add_column("bound ratio", justify="right", no_wrap=True, min_width=11)
-    table.add_column("note", no_wrap=True, overflow="ellipsis", max_width=48)
-    stages = list(dict.fromkeys(v.stage for v in run.verdicts))
-    for stage in stages:
-        per = {v.check: v for v in run.verdicts if v.stage == stage}
-        ratios = [x for v in per.values() for k, x in v.metrics.items()
-                  if k.startswith("bound_ratio") and isinstance(x, float)]
-        note = next((v.message for v in per.values() if v.status == "fail"), "") or \
-            next((v.message for v in per.values() if v.status == "not served"), "") or \
-            "; ".join(dict.fromkeys(f"[dim]{v.message}[/]" for v in per.values()
-                                    if v.status == "skipped" and "CUDA device" not in v.message))
-        table.add_row(stage, *[_STATUS_STYLE[per[c].status] if c in per else "" for c in present],
-                      f"{max(ratios):.3g}" if ratios else "-", note.split("\n")[0][:160])
-    return table

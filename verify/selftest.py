@@ -428,7 +428,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
     loaded = {i: ckpt.load_layer(i, device=device) for i in layers}
     rows = []
     for inj in injectors:
-        why = _cannot_express(inj, backend, device)
+        why = _cannot_express(inj, backend, device, ckpt.config)
         if why:
             rows.append(SelftestRow(inj.bug, inj.facts, "not applicable", [], [], f"not applicable on {backend.name}: "
                                     f"{why}"))
@@ -466,7 +466,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
     return rows
 
 
-def _cannot_express(inj: Injector, backend: Backend, device: str) -> str | None:
+def _cannot_express(inj: Injector, backend: Backend, device: str, config=None) -> str | None:
     """Why this bug cannot be seen here at all: checks that cannot run on this device or backend (the same
     reasons the stage verdicts give), or a backend that cannot carry the bug."""
     if inj.checks is not None and set(inj.checks) <= {"sync", "graph"}:
@@ -474,6 +474,8 @@ def _cannot_express(inj: Injector, backend: Backend, device: str) -> str | None:
             return f"the {'/'.join(inj.checks)} checks need a CUDA device (running on {device})"
         if not getattr(backend, "graph_safe", True):
             return f"the {backend.name} backend is a reference with host syncs by design (never captured)"
+    if inj.bug == "swiglu-clamp-dropped" and config is not None and config.swiglu_limit is None:
+        return "the checkpoint has no swiglu_limit (DeepSeek-V3 naming): there is no clamp to drop"
     if inj.bug == "replay-breaks-when-token-count-changes" and not getattr(backend, "supports_valid_tokens", False):
         return ("its moe_block takes no valid-token count, so a graph is never replayed with fewer tokens than "
                 "captured (the moe.block graph probe says so in its message)")

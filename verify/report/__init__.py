@@ -6,6 +6,7 @@ rendered from it.
   plots      matplotlib figures of a report, as inline SVG
   html       one self-contained HTML file (inline CSS, SVG and JS; no network)
   terminal   the rich summary printed at the end of a sweep and by `python -m verify report`
+  tables     the per-layer loss and verdict tables of `python -m verify layer` and the sweep (fit 80 columns)
   cli        `python -m verify report RUN_DIR [--html OUT.html]`
 
 Nothing here imports matplotlib until a plot is drawn.

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from verify.report.document import as_float, stage_bound_ratios
 from verify.report.plots import STATUS_COLORS, figures
+from verify.report.tables import format_ratio
 from verify.report.terminal import projection_line, timing_line
 
 __all__ = ["render_html", "write_html"]
@@ -86,7 +87,8 @@ def _units_table(doc: dict) -> str:
         rows.append([u["unit"]["name"], f"{u['unit']['nbytes'] / 2**20:.1f}", c["pass"],
                      (c["fail"], "bad") if c["fail"] else 0, c["not served"], c["skipped"],
                      f"{worst[0]:.2f} ({worst[1]})" if worst else ("-" if u["verified"] else "not verified"),
-                     ((f"{top[1]:.3g} ({top[0]})", "bad") if top[1] > 1 else f"{top[1]:.3g} ({top[0]})") if top else "-",
+                     ((f"{format_ratio(top[1])} ({top[0]})", "bad") if not top[1] <= 1
+                      else f"{format_ratio(top[1])} ({top[0]})") if top else "-",
                      _fmt(u["timings_s"].get("total"), ".2f"), u.get("rank", ""), u.get("device", "")])
     return _table(["unit", "MiB", "pass", "fail", "not served", "n/a", "worst SQNR dB (stage)",
                    "max bound ratio (stage)", "time s", "rank", "device"], rows)

@@ -10,9 +10,10 @@ import io
 import math
 
 from verify.report.document import HIST_EDGES_LOG10, as_float, stage_bound_ratios
+from verify.report.tables import format_ratio
 
-__all__ = ["STATUS_COLORS", "figures", "loss_figure", "bound_ratio_figure", "verdict_heatmap", "probe_grid",
-           "error_histograms"]
+__all__ = ["STATUS_COLORS", "LINE_COLORS", "stage_family", "figures", "loss_figure", "bound_ratio_figure",
+           "verdict_heatmap", "probe_grid", "error_histograms"]
 
 STATUS_COLORS = {"pass": "#2e7d32", "fail": "#c62828", "not served": "#f9a825", "skipped": "#cfd8dc", "": "#ffffff"}
 STATUS_ORDER = ("", "skipped", "pass", "not served", "fail")  # a cell shows its worst status
@@ -47,55 +48,112 @@ def _x(units: list[dict]) -> tuple[list[int], list[str]]:
     return list(range(len(units))), [u["unit"]["name"] for u in units]
 
 
+# line colours of passing lines: no red, so the fail colour means only "fails"
+LINE_COLORS = ("#1565c0", "#00897b", "#6a1b9a", "#ef6c00", "#5d4037", "#546e7a", "#7cb342", "#00acc1", "#8e24aa")
+BOUND_LINE_COLOR = "#37474f"  # the bound (ratio 1) itself: a dark dashed line, not the fail colour
+
+
+def stage_family(stage: str) -> str:
+    """The panel a stage is drawn in: its name up to the first dot (attn, moe, shared, dense, router)."""
+    return stage.split(".", 1)[0]
+
+
+def _families(stages: list[str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for s in stages:
+        out.setdefault(stage_family(s), []).append(s)
+    return out
+
+
+def _loss_failed(m: dict) -> bool:
+    """A loss row that fails: marked so by its metrics (`status` fail or a `problem`), or holding a
+    NaN / Inf count or a non-finite cosine."""
+    cos = as_float(m.get("cosine"))
+    return m.get("status") == "fail" or bool(m.get("problem")) or bool(m.get("nan_count")) or \
+        bool(m.get("inf_count")) or (cos is not None and not math.isfinite(cos))
+
+
+def _draw_lines(ax, xs, series: dict[str, list[float]], failed: set[str], family: str):
+    """One line per stage of a family, labelled with the stage's name less the family prefix; a failing
+    stage in the fail colour, thicker, with cross markers, drawn on top."""
+    for k, (stage, ys) in enumerate(series.items()):
+        bad = stage in failed
+        short = stage[len(family) + 1:] if stage.startswith(family + ".") else stage
+        ax.plot(xs, ys, marker="X" if bad else "o", markersize=5 if bad else 3, linewidth=2.2 if bad else 1,
+                color=STATUS_COLORS["fail"] if bad else LINE_COLORS[k % len(LINE_COLORS)],
+                label=short + (" (FAIL)" if bad else ""), zorder=3 if bad else 2)
+
+
+def _panels(n_rows: int, families: dict[str, list[str]], row_height: float):
+    fig = _figure(max(6.0, 3.0 * len(families)), row_height * n_rows + 0.6)
+    axes = fig.subplots(n_rows, len(families), squeeze=False)
+    return fig, axes
+
+
+def _x_axis(ax, xs, labels):
+    ax.set_xticks(xs, labels, rotation=90 if len(xs) > 6 else 0, fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.grid(alpha=0.3)
+
+
 def loss_figure(doc: dict) -> str | None:
-    """Quantization loss per stage across layers: SQNR dB and 1 - cosine (log scale)."""
+    """Quantization loss across layers, one column of panels per stage family (attn, moe, shared,
+    dense): SQNR dB on top, 1 - cosine (log) below, each line labelled by its stage; a failing stage
+    (see `_loss_failed`) in the fail colour."""
     units = _verified(doc)
     if not units:
         return None
-    stages = _ordered(s for u in units for s in u["metrics"])
+    families = _families(_ordered(s for u in units for s in u["metrics"]))
     xs, labels = _x(units)
-    fig = _figure(11, 4.2)
-    ax_s, ax_c = fig.subplots(1, 2)
-    cmap = _cmap(len(stages))
-    for k, stage in enumerate(stages):
-        sq = [as_float(u["metrics"].get(stage, {}).get("sqnr_db")) for u in units]
-        co = [as_float(u["metrics"].get(stage, {}).get("cosine")) for u in units]
-        one_minus = [None if c is None else max(1.0 - c, 1e-16) for c in co]
-        style = dict(marker="o", markersize=3, linewidth=1, color=cmap(k), label=stage)
-        ax_s.plot(xs, [math.nan if v is None or math.isinf(v) else v for v in sq], **style)
-        ax_c.plot(xs, [math.nan if v is None else v for v in one_minus], **style)
-    ax_s.set_title("SQNR (emulated NVFP4 vs float64), dB")
-    ax_c.set_title("1 - cosine (log)")
-    ax_c.set_yscale("log")
-    for ax in (ax_s, ax_c):
-        ax.set_xticks(xs, labels, rotation=90 if len(xs) > 12 else 0, fontsize=7)
-        ax.grid(alpha=0.3)
-    ax_c.legend(fontsize=6, ncol=1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig, axes = _panels(2, families, 2.6)
+    for col, (family, stages) in enumerate(families.items()):
+        failed = {s for s in stages for u in units if _loss_failed(u["metrics"].get(s, {}))}
+        sq, one_minus = {}, {}
+        for stage in stages:
+            ms = [u["metrics"].get(stage, {}) for u in units]
+            sq[stage] = [_finite(as_float(m.get("sqnr_db"))) for m in ms]
+            cos = [as_float(m.get("cosine")) for m in ms]
+            one_minus[stage] = [math.nan if c is None or not math.isfinite(c) else max(1.0 - c, 1e-16) for c in cos]
+        _draw_lines(axes[0][col], xs, sq, failed, family)
+        _draw_lines(axes[1][col], xs, one_minus, failed, family)
+        axes[0][col].set_title(f"{family}: SQNR dB", fontsize=9)
+        axes[1][col].set_title(f"{family}: 1 - cosine (log)", fontsize=9)
+        axes[1][col].set_yscale("log")
+        axes[0][col].legend(fontsize=6, loc="best")
+        for row in (0, 1):
+            _x_axis(axes[row][col], xs, labels)
     return _svg(fig)
 
 
+def _finite(x: float | None) -> float:
+    return math.nan if x is None or not math.isfinite(x) else x
+
+
 def bound_ratio_figure(doc: dict) -> str | None:
-    """Largest accumulation-bound ratio per kernel stage across layers (a pass is <= 1)."""
+    """Largest accumulation-bound ratio per kernel stage across layers (a pass is <= 1), one panel per
+    stage family; a stage whose ratio exceeds 1 or whose verdict failed in some layer is drawn in the
+    fail colour."""
     units = _verified(doc)
     ratios = [stage_bound_ratios(u) for u in units]
     stages = _ordered(s for r in ratios for s in r)
     if not stages:
         return None
+    families = _families(stages)
     xs, labels = _x(units)
-    fig = _figure(11, 3.6)
-    ax = fig.subplots()
-    cmap = _cmap(len(stages))
-    for k, stage in enumerate(stages):
-        ax.plot(xs, [r.get(stage, math.nan) for r in ratios], marker="o", markersize=3, linewidth=1, color=cmap(k),
-                label=stage)
-    ax.axhline(1.0, color=STATUS_COLORS["fail"], linestyle="--", linewidth=1, label="bound (1)")
-    values = [v for r in ratios for v in r.values() if v > 0]
-    if values and max(values) / min(values) > 100:  # orders of magnitude apart (a misplaced scale): log
-        ax.set_yscale("log")
-    ax.set_title("max |y - y64| / bound per stage (<= 1 passes)")
-    ax.set_xticks(xs, labels, rotation=90 if len(xs) > 12 else 0, fontsize=7)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    failed = {s for r in ratios for s, x in r.items() if not x <= 1} | \
+        {v["stage"] for u in units for v in u["verdicts"] if v["status"] == "fail" and v["stage"] in stages}
+    values = [v for r in ratios for v in r.values() if v > 0 and math.isfinite(v)]
+    log = bool(values) and max(values) / min(values) > 100  # orders of magnitude apart (a misplaced scale)
+    fig, axes = _panels(1, families, 3.0)
+    for col, (family, fam_stages) in enumerate(families.items()):
+        ax = axes[0][col]
+        _draw_lines(ax, xs, {s: [r.get(s, math.nan) for r in ratios] for s in fam_stages}, failed, family)
+        ax.axhline(1.0, color=BOUND_LINE_COLOR, linestyle="--", linewidth=1, label="bound (1)")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(f"{family}: max |y - y64| / bound", fontsize=9)
+        ax.legend(fontsize=6, loc="best")
+        _x_axis(ax, xs, labels)
     return _svg(fig)
 
 
@@ -150,7 +208,7 @@ def verdict_heatmap(doc: dict) -> str | None:
     if not stages:
         return None
     ratios = [stage_bound_ratios(u) for u in units]
-    notes = [[f"{r[s]:.2g}" if s in r else "" for s in stages] for r in ratios]
+    notes = [[format_ratio(r[s]) if s in r else "" for s in stages] for r in ratios]
     fig = _figure(max(6.0, 0.55 * len(stages) + 2), max(2.4, 0.32 * len(units) + 1.8))
     _draw_grid(fig.subplots(), units, stages, grid, notes, "verdicts per layer and stage (cell: worst status; "
                                                              "number: max bound ratio)")
@@ -201,13 +259,6 @@ def error_histograms(doc: dict, worst: int = 4) -> str | None:
         ax.set_xlabel("log10(|err| / rms)", fontsize=7)
         ax.tick_params(labelsize=7)
     return _svg(fig)
-
-
-def _cmap(n: int):
-    from matplotlib import colormaps  # noqa: PLC0415
-
-    base = colormaps["tab20"]
-    return lambda k: base(k % 20)
 
 
 def figures(doc: dict) -> list[tuple[str, str, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from verify.report.document import as_float
+from verify.report.tables import Adaptive, escape, first_line, format_ratio, new_table
 
 __all__ = ["print_summary", "timing_line", "projection_line"]
 
@@ -29,33 +30,41 @@ def projection_line(doc: dict) -> str | None:
             f"{p['measured_layers']} layer(s), start-up {p['startup_s']:.2f} s)")
 
 
-def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: bool = True) -> None:
-    """Units x verdict counts table, the worst stages, failures, timings and projections."""
-    from rich.table import Table  # noqa: PLC0415
+def _units_table(doc: dict, narrow: bool):
+    """Units x verdict counts, the worst SQNR and the largest bound ratio with their stages; narrow:
+    shorter headers, no vertical rules, cells that fold instead of losing characters."""
+    from verify.report.document import stage_bound_ratios  # noqa: PLC0415
 
-    s = doc["summary"]
     backend = doc.get("backend")
-    table = Table(title=f"model sweep: {doc['run']['checkpoint']} "
-                        f"({backend['name'] if backend else 'reference only'}, {doc['run']['options']['tokens']} tokens)")
-    for col in ("unit", "pass", "fail", "not served", "n/a", "worst SQNR dB (stage)", "max bound ratio (stage)",
-                "time s", "rank"):
-        table.add_column(col, justify="left" if col in ("unit",) or "(" in col else "right")
+    table = new_table(f"model sweep: {doc['run']['checkpoint']} "
+                      f"({backend['name'] if backend else 'reference only'}, {doc['run']['options']['tokens']} tokens)",
+                      narrow)
+    for col, short in (("unit", "unit"), ("pass", "pass"), ("fail", "fail"), ("not served", "n/s"), ("n/a", "n/a"),
+                       ("worst SQNR dB (stage)", "worst SQNR dB"), ("max bound ratio (stage)", "max bound ratio"),
+                       ("time s", "s"), ("rank", "rank")):
+        table.add_column(short if narrow else col, justify="left" if col == "unit" or "(" in col else "right",
+                         overflow="fold")
     for u in doc["units"]:
         c = u["counts"]
         worst = min(((as_float(m.get("sqnr_db")), st) for st, m in u["metrics"].items()
                      if as_float(m.get("sqnr_db")) is not None), default=None)
-        from verify.report.document import stage_bound_ratios  # noqa: PLC0415
-
         ratios = stage_bound_ratios(u)
         top = max(ratios.items(), key=lambda kv: kv[1]) if ratios else None
         fail = f"[bold red]{c['fail']}[/]" if c["fail"] else "0"
         table.add_row(u["unit"]["name"], str(c["pass"]), fail, str(c["not served"]), str(c["skipped"]),
                       f"{worst[0]:.2f} ({worst[1]})" if worst else ("-" if u["verified"] else "not verified"),
-                      (f"[bold red]{top[1]:.3g}[/]" if top[1] > 1 else f"{top[1]:.3g}") + f" ({top[0]})" if top else "-",
+                      (f"[bold red]{format_ratio(top[1])}[/]" if not top[1] <= 1 else format_ratio(top[1])) +
+                      f" ({top[0]})" if top else "-",
                       f"{u['timings_s'].get('total', 0):.2f}", str(u.get("rank", "")))
-    console.print(table)
+    return table
+
+
+def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: bool = True) -> None:
+    """Units x verdict counts table, the worst stages, failures, timings and projections."""
+    s = doc["summary"]
+    console.print(Adaptive(lambda narrow: _units_table(doc, narrow)))
     for f in s["failures"][:20]:
-        console.print(f"[bold red]FAIL[/] {f['unit']} {f['stage']} {f['check']}: {f['message'][:200]}")
+        console.print(f"[bold red]FAIL[/] {f['unit']} {f['stage']} {f['check']}: {escape(first_line(f['message']))}")
     if len(s["failures"]) > 20:
         console.print(f"... and {len(s['failures']) - 20} more failures (report.json)")
     for name, note in s.get("not_verified", {}).items():

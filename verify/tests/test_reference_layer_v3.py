@@ -49,3 +49,21 @@ def test_moe_layers_route_within_the_top_groups(ckpt, i):
         extra = set(chosen_groups[t].tolist()) - set(allowed[t].tolist())
         assert not extra, f"layer{i} token {t}: experts from groups {sorted(extra)} outside the top {allowed[t].tolist()}"
     assert torch.isfinite(out["moe.out"].float()).all()
+
+
+@pytest.mark.parametrize("i", [0, 1, 2, 3], ids=lambda i: f"layer{i}")
+def test_every_emulator_verdict_passes_on_mini_v3(ckpt, i):
+    """`python -m verify layer --backend auto` on the V3 fixture: the router is judged (group-limited
+    top-k, issue 22 item 7), and nothing fails."""
+    from references.layer import RunOptions
+    from verify.layer_report import backend_for_verdicts
+    from verify.run import run_layer
+
+    layer = ckpt.load_layer(i)
+    inputs = layer_inputs(ckpt, layer, tokens=24, seed=2, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(fp8_scale_fmt="f32"),
+                    backend=backend_for_verdicts("auto", torch.device("cpu")))
+    assert not run.failed, [f"{v.stage} {v.check}: {v.message}" for v in run.failed]
+    router = {v.check: v.status for v in run.verdicts if v.stage == "router"}
+    expected = {} if i == 0 else {"ids": "pass", "weights": "pass", "sync": "skipped", "graph": "skipped"}
+    assert router == expected, router

@@ -134,3 +134,45 @@ def test_unit_files_hold_numpy_and_torch_scalars_as_plain_json(tmp_path):
     write_json(path, {"a": np.int64(3), "b": torch.tensor(2.5), "c": np.float32("inf"), "d": torch.Size([2, 3])})
     assert load_json(path) == {"a": 3, "b": 2.5, "c": "inf", "d": [2, 3]}
     assert not list(tmp_path.glob(".*.tmp")), "the temporary file of the atomic write was left behind"
+
+
+def _svg_of(page: str, fid: str) -> str:
+    import base64
+
+    m = re.search(rf'<figure id="fig-{fid}">.*?src="data:image/svg\+xml;base64,([^"]+)"', page)
+    assert m, f"no figure {fid}"
+    return base64.b64decode(m.group(1)).decode()
+
+
+def _fail_strokes(svg: str) -> int:
+    from verify.report.plots import STATUS_COLORS
+
+    return len(re.findall(rf"stroke: {STATUS_COLORS['fail']}", svg))
+
+
+def test_a_failing_line_is_drawn_in_the_fail_colour_and_only_then(report):
+    """The bound and loss plots: every line of a passing report in other colours (the bound itself
+    included); a stage whose bound ratio exceeds 1 in one layer, or whose loss row fails, in the fail
+    colour, named '(FAIL)' in its panel's legend."""
+    page = render_html(report)
+    assert _fail_strokes(_svg_of(page, "bound")) == 0 and _fail_strokes(_svg_of(page, "loss")) == 0
+    doc = copy.deepcopy(report)
+    unit = doc["units"][2]
+    v = next(v for v in unit["verdicts"] if v["stage"] == "moe.l2" and v["check"] == "bound")
+    v.update(status="fail", metrics={**v["metrics"], "bound_ratio": 1.0001})
+    unit["metrics"]["shared.l2"].update(status="fail", problem="all-zero result (planted)")
+    page = render_html(doc)
+    bound, loss = _svg_of(page, "bound"), _svg_of(page, "loss")
+    assert _fail_strokes(bound) > 0 and "l2 (FAIL)" in bound, "the failing bound line is not in the fail colour"
+    assert _fail_strokes(loss) > 0 and "l2 (FAIL)" in loss, "the failing loss line is not in the fail colour"
+    assert "1.0001 (moe.l2)" in page  # the units table: four decimals, not "1"
+
+
+def test_the_loss_plot_has_one_panel_per_stage_family(report):
+    from verify.report.plots import loss_figure, stage_family
+
+    svg = loss_figure(report)
+    families = list(dict.fromkeys(stage_family(s) for u in report["units"] if u["verified"] for s in u["metrics"]))
+    assert len(families) >= 3
+    for family in families:
+        assert f"{family}: SQNR dB" in svg and f"{family}: 1 - cosine (log)" in svg

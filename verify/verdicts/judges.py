@@ -553,7 +553,7 @@ def _router_verdicts(backend: Backend, case: LayerCase) -> list[Verdict]:
                         bias_f32=None if hashed else lw.router.gate_bias_f32, scoring=spec.scoring,
                         routed_scaling_factor=spec.routed_scaling_factor,
                         renormalize=spec.renormalize if spec.renormalize is not None else spec.scoring != "softmax",
-                        n_group=spec.n_group)
+                        n_group=spec.n_group, topk_group=spec.topk_group)
     metrics = {"tokens": rv.tokens, "identical": rv.identical, "near_ties": rv.near_ties,
                "topk_overlap": rv.topk_overlap, "max_weight_ratio": rv.max_weight_ratio}
 
