@@ -284,9 +284,9 @@ def plausibility_warnings(layer: LayerWeights) -> list[ValueDefect]:
     for module, lin in iter_linears(layer):
         if not isinstance(lin, Nvfp4Linear):
             continue
-        for role, t, (lo, hi), code, what in (
-                ("weight_scale_2", lin.weight_scale_2_f32, WEIGHT_AMAX_PLAUSIBLE, PLAUSIBILITY_CODES[0], "weight"),
-                ("input_scale", lin.input_scale_f32, ACT_AMAX_PLAUSIBLE, PLAUSIBILITY_CODES[1], "activation")):
+        for role, t, (lo, hi), code, amax_name in (
+                ("weight_scale_2", lin.weight_scale_2_f32, WEIGHT_AMAX_PLAUSIBLE, PLAUSIBILITY_CODES[0], "amax_w"),
+                ("input_scale", lin.input_scale_f32, ACT_AMAX_PLAUSIBLE, PLAUSIBILITY_CODES[1], "amax_x")):
             amax = t.double() * GLOBAL_SCALE_DIVISOR
             bad = torch.isfinite(t) & (t > 0) & ((amax < lo) | (amax > hi))
             if not bool(bad.any()):
@@ -299,6 +299,6 @@ def plausibility_warnings(layer: LayerWeights) -> list[ValueDefect]:
             count = f"{int(bad.sum())} of {t.numel()} values; " if t.numel() > 1 else ""
             out.append(ValueDefect(
                 code, _named(module, role, bad),
-                f"implausible {role} {v:.6g}: {count}implies a {what} amax of {v * GLOBAL_SCALE_DIVISOR:.4g} "
+                f"implausible {role} {v:.6g}: {count}implies {amax_name} = {v * GLOBAL_SCALE_DIVISOR:.4g} "
                 f"(value x 2688), outside the plausible [{lo:g}, {hi:g}]{hint}", v))
     return out

@@ -45,6 +45,8 @@ from verify.checkpoint.weights import GatedMlp, LayerWeights, Linear, Router, ma
 
 __all__ = ["Checkpoint", "LayerPlan"]
 
+_SCALE_SUFFIXES = (".weight_scale", ".scale", ".weight_scale_inv", ".input_scale")
+
 
 class Checkpoint:
     """An opened checkpoint directory. Cheap to open: only JSON files are read.
@@ -174,8 +176,10 @@ class Checkpoint:
             out.append(ConfigMismatchError("group_size disagrees: " + both.format(a.group_size, b.group_size),
                                            file=a.source, key="group_size"))
         ea, eb = a.excluded_matcher(), b.excluded_matcher()
-        modules = sorted({n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight")})
-        differ = [m for m in modules if ea(m) != eb(m)]
+        modules = {n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight")}
+        quantized = {n.rsplit(".", 1)[0] for n in self.weight_map if n.endswith(_SCALE_SUFFIXES)}
+        # linears stored with a scale first (they are what an exclusion decides), then the rest
+        differ = sorted((m for m in modules if ea(m) != eb(m)), key=lambda m: (m not in quantized, m))
         if differ:
             m = differ[0]
             which = (f"{a.exclude_key} of {Path(a.source).name}" if ea(m) else
