@@ -83,7 +83,8 @@ class ModelConfig:
 class QuantConfig:
     """The quantization config: quant_algo (NVFP4, MIXED_PRECISION, FP8 ...), group_size,
     exclude_modules (fnmatch patterns; config.json's `ignore` is the same list), source file
-    (config.json's block is named `.../config.json:quantization_config`) and `path` (the file)."""
+    (config.json's block is named `.../config.json:quantization_config`), `path` (the file), which
+    key held the patterns and whether the block had one at all."""
 
     quant_algo: str
     group_size: int
@@ -91,6 +92,7 @@ class QuantConfig:
     source: str
     path: str = ""
     exclude_key: str = "exclude_modules"
+    exclude_given: bool = True  # False: the block has neither exclude_modules nor ignore
 
     def is_excluded(self, module: str) -> bool:
         return any(fnmatch.fnmatchcase(module, p) for p in self.exclude_modules)
@@ -283,7 +285,7 @@ def _quant_from_block(q: Mapping, source: str, path: Path) -> QuantConfig:
                                f"elements (weight_scale [N, K/{NVFP4_BLOCK}]); a loader that trusts {group} "
                                "applies every scale to the wrong elements", file=source, key="group_size")
     return QuantConfig(quant_algo=algo, group_size=group, exclude_modules=tuple(exclude), source=source,
-                       path=str(path), exclude_key=key)
+                       path=str(path), exclude_key=key, exclude_given=key in q)
 
 
 def quant_configs_from_dir(directory: Path, config_raw: Mapping) -> tuple[QuantConfig | None, QuantConfig | None]:

@@ -133,8 +133,8 @@ class Checkpoint:
           ConfigMismatchError  a decoder layer past num_hidden_layers (+ num_nextn_predict_layers
                                for V3, whose MTP layers continue the decoder numbering); an expert
                                past n_routed_experts; config.json's quantization_config and
-                               hf_quant_config.json disagreeing on quant_algo, group_size or which
-                               stored module they exclude."""
+                               hf_quant_config.json disagreeing on quant_algo, group_size or (where
+                               both list exclusions) which stored module they exclude."""
         out: list[CheckpointError] = []
         cfg = self.config
         cfg_path = self.directory / "config.json"
@@ -175,10 +175,14 @@ class Checkpoint:
         if a.group_size != b.group_size:
             out.append(ConfigMismatchError("group_size disagrees: " + both.format(a.group_size, b.group_size),
                                            file=a.source, key="group_size"))
+        if not (a.exclude_given and b.exclude_given):  # a block without a list defers to the other file
+            return out
         ea, eb = a.excluded_matcher(), b.excluded_matcher()
-        modules = {n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight")}
+        # what an exclusion decides: linears (every `.weight` but the norms': attn_norm, q_a_layernorm, enorm ...)
+        modules = {n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight")
+                   and "norm" not in n.rsplit(".", 2)[-2]}
         quantized = {n.rsplit(".", 1)[0] for n in self.weight_map if n.endswith(_SCALE_SUFFIXES)}
-        # linears stored with a scale first (they are what an exclusion decides), then the rest
+        # the quantized linears first in the message, then the others
         differ = sorted((m for m in modules if ea(m) != eb(m)), key=lambda m: (m not in quantized, m))
         if differ:
             m = differ[0]

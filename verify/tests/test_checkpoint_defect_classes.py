@@ -368,3 +368,22 @@ def test_defect_cases_cover_every_value_defect_code():
     missing = (set(VALUE_DEFECT_ERRORS) | set(PLAUSIBILITY_CODES)) - covered - {"nan_scale_bytes", "bad_global_scale"}
     assert not missing, f"no defect case for {sorted(missing)} (nan_scale_bytes / bad_global_scale: " \
                         "test_lint_findings and test_checkpoint_defects)"
+
+
+@pytest.mark.parametrize("quantization_config", [
+    pytest.param({"quant_method": "modelopt"}, id="config-json-stub-without-algo-or-list"),
+    pytest.param(lambda q: dict(q, exclude_modules=None, ignore=[p.replace("attn*", "attn.*") for p in
+                                                                 q["exclude_modules"]]),
+                 id="ignore-list-spelled-differently-same-modules"),
+])
+def test_agreeing_quantization_configs_are_not_a_mismatch(quantization_config, tmp_path):
+    """Only a real disagreement is refused: a stub block that defers to hf_quant_config.json, or a
+    list spelled differently that excludes the same stored modules, opens and loads."""
+    def edit(c):
+        q = quantization_config(c["quantization_config"]) if callable(quantization_config) else quantization_config
+        return dict(c, quantization_config={k: v for k, v in q.items() if v is not None})
+
+    d = make_edited_checkpoint(MINI_V4, tmp_path / "ck", edit_json={"config.json": edit})
+    ck = Checkpoint.open(d)
+    assert ck.consistency_errors() == [] and ck.quant_in_config_json is not None
+    assert not lint_checkpoint(d, layers=[1]).errors
