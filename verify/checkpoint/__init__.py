@@ -16,8 +16,9 @@ One module per concern; this package re-exports their public names:
                Router, LayerWeights, iter_linears
   safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header scan and parser, the raw reader
   loader       Checkpoint, LayerPlan
-  defects      structure_defects (every file and the index, headers only), value_defects,
-               scale_defects, plausibility_warnings (tensor values, after a layer is loaded)
+  defects      structure_defects (every file and the index, headers only)
+  values       value_defects, scale_defects, plausibility_warnings (tensor values, after a layer
+               is loaded)
 
 Source of names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5.
 """
@@ -26,10 +27,7 @@ from verify.checkpoint.config import (
     FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, SCORING_FUNCS, ModelConfig, QuantConfig, model_config_from_json,
     quant_config_from_dir, quant_configs_from_dir, read_json_object,
 )
-from verify.checkpoint.defects import (
-    INDEX_DEFECT_CODES, PLAUSIBILITY_CODES, STRUCTURE_DEFECT_CODES, VALUE_DEFECT_ERRORS, ValueDefect,
-    plausibility_warnings, scale_defects, structure_defects, value_defects,
-)
+from verify.checkpoint.defects import INDEX_DEFECT_CODES, STRUCTURE_DEFECT_CODES, structure_defects
 from verify.checkpoint.errors import (
     CheckpointError, CheckpointWarning, ConfigMismatchError, ConfigValueError, DtypeMismatchError,
     MalformedConfigError, MalformedShardError, MissingIndexError, MissingTensorError, NanScaleError,
@@ -40,6 +38,9 @@ from verify.checkpoint.loader import Checkpoint, LayerPlan
 from verify.checkpoint.safetensors import (
     INDEX_FILE, SAFETENSORS_DTYPES, SHARD_DEFECT_CODES, IoStats, ShardDefect, ShardScan, TensorInfo,
     read_safetensors_header, read_tensor_bytes, scan_safetensors_header,
+)
+from verify.checkpoint.values import (
+    PLAUSIBILITY_CODES, VALUE_DEFECT_ERRORS, ValueDefect, plausibility_warnings, scale_defects, value_defects,
 )
 from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
@@ -71,6 +72,8 @@ __all__ = [
     # loader
     "Checkpoint", "LayerPlan",
     # defects
-    "structure_defects", "scale_defects", "value_defects", "plausibility_warnings", "ValueDefect",
-    "INDEX_DEFECT_CODES", "STRUCTURE_DEFECT_CODES", "VALUE_DEFECT_ERRORS", "PLAUSIBILITY_CODES",
+    "structure_defects", "INDEX_DEFECT_CODES", "STRUCTURE_DEFECT_CODES",
+    # values
+    "scale_defects", "value_defects", "plausibility_warnings", "ValueDefect", "VALUE_DEFECT_ERRORS",
+    "PLAUSIBILITY_CODES",
 ]

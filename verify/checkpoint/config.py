@@ -14,6 +14,7 @@ value raises ConfigValueError naming the file and the key; nothing is truncated 
 from __future__ import annotations
 
 import fnmatch
+import json
 import math
 import re
 from dataclasses import dataclass
@@ -108,8 +109,6 @@ class QuantConfig:
 def read_json_object(path: Path, error: type[CheckpointError]) -> dict:
     """The JSON object in `path`; `error` (naming the file) when it is not valid JSON or not an
     object; UnreadableFileError when the file cannot be read (permission, a directory, a loop)."""
-    import json
-
     with open_checkpoint_file(path, path.name, missing=error) as f:
         try:
             data = json.load(f)
@@ -138,7 +137,7 @@ class _Reader:
     def _bad(self, key: str, value: Any, problem: str) -> ConfigValueError:
         return ConfigValueError(f"{key}={value!r} {problem}", file=self.path, key=key)
 
-    def int(self, *keys: str, default: Any = ..., minimum: int = 1, maximum: int | None = None,
+    def integer(self, *keys: str, default: Any = ..., minimum: int = 1, maximum: int | None = None,
             maximum_key: str = "") -> Any:
         found = self._find(keys)
         if found is None:
@@ -158,7 +157,7 @@ class _Reader:
             raise self._bad(k, v, f"is above {maximum_key}={maximum}")
         return v
 
-    def float(self, *keys: str, default: Any = ..., positive: bool = True) -> Any:
+    def number(self, *keys: str, default: Any = ..., positive: bool = True) -> Any:
         found = self._find(keys)
         if found is None:
             if default is ...:
@@ -183,7 +182,7 @@ class _Reader:
             raise self._bad(k, v, f"is not one of {', '.join(choices)}")
         return v
 
-    def bool(self, *keys: str, default: bool) -> bool:
+    def flag(self, *keys: str, default: bool) -> bool:
         found = self._find(keys)
         if found is None:
             return default
@@ -209,52 +208,52 @@ def model_config_from_json(raw: Mapping, path: Path) -> ModelConfig:
             f"model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')!r}: "
             "expected a DeepSeek-V4 or DeepSeek-V3/R1 config", file=path)
     r = _Reader(raw, path)
-    num_layers = r.int("num_hidden_layers", "n_layers")
-    n_experts = r.int("n_routed_experts")
+    num_layers = r.integer("num_hidden_layers", "n_layers")
+    n_experts = r.integer("n_routed_experts")
     common = dict(
         schema=schema,
-        hidden_size=r.int("hidden_size", "dim"),
+        hidden_size=r.integer("hidden_size", "dim"),
         num_layers=num_layers,
-        vocab_size=r.int("vocab_size"),
+        vocab_size=r.integer("vocab_size"),
         n_routed_experts=n_experts,
-        n_shared_experts=r.int("n_shared_experts", default=1),
-        top_k=r.int("num_experts_per_tok", "n_activated_experts", maximum=n_experts, maximum_key="n_routed_experts"),
-        moe_intermediate_size=r.int("moe_intermediate_size", "moe_inter_dim"),
-        routed_scaling_factor=r.float("routed_scaling_factor", "route_scale", default=1.0),
-        n_heads=r.int("num_attention_heads", "n_heads"),
-        q_lora_rank=r.int("q_lora_rank"),
-        num_nextn_predict_layers=r.int("num_nextn_predict_layers", "n_mtp_layers", default=0, minimum=0),
+        n_shared_experts=r.integer("n_shared_experts", default=1),
+        top_k=r.integer("num_experts_per_tok", "n_activated_experts", maximum=n_experts, maximum_key="n_routed_experts"),
+        moe_intermediate_size=r.integer("moe_intermediate_size", "moe_inter_dim"),
+        routed_scaling_factor=r.number("routed_scaling_factor", "route_scale", default=1.0),
+        n_heads=r.integer("num_attention_heads", "n_heads"),
+        q_lora_rank=r.integer("q_lora_rank"),
+        num_nextn_predict_layers=r.integer("num_nextn_predict_layers", "n_mtp_layers", default=0, minimum=0),
     )
     if schema == "deepseek_v4":
         cfg = ModelConfig(
             **common,
             scoring_func=r.choice("scoring_func", "score_func", choices=SCORING_FUNCS, default="sqrtsoftplus"),
-            num_hash_layers=r.int("num_hash_layers", "n_hash_layers", default=0, minimum=0, maximum=num_layers,
+            num_hash_layers=r.integer("num_hash_layers", "n_hash_layers", default=0, minimum=0, maximum=num_layers,
                                   maximum_key="num_hidden_layers"),
-            swiglu_limit=r.float("swiglu_limit", default=None),
-            head_dim=r.int("head_dim"),
-            o_groups=r.int("o_groups"),
-            o_lora_rank=r.int("o_lora_rank"),
+            swiglu_limit=r.number("swiglu_limit", default=None),
+            head_dim=r.integer("head_dim"),
+            o_groups=r.integer("o_groups"),
+            o_lora_rank=r.integer("o_lora_rank"),
         )
         if (cfg.n_heads * cfg.head_dim) % cfg.o_groups:
             raise ConfigValueError(f"o_groups={cfg.o_groups} does not divide num_attention_heads * head_dim = "
                                    f"{cfg.n_heads * cfg.head_dim}", file=path, key="o_groups")
         return cfg
-    n_group = r.int("n_group", "n_expert_groups", default=None)
+    n_group = r.integer("n_group", "n_expert_groups", default=None)
     cfg = ModelConfig(
         **common,
         scoring_func=r.choice("scoring_func", "score_func", choices=SCORING_FUNCS, default="sigmoid"),
-        first_k_dense_replace=r.int("first_k_dense_replace", "n_dense_layers", default=0, minimum=0,
+        first_k_dense_replace=r.integer("first_k_dense_replace", "n_dense_layers", default=0, minimum=0,
                                     maximum=num_layers, maximum_key="num_hidden_layers"),
-        intermediate_size=r.int("intermediate_size", "inter_dim"),
-        kv_lora_rank=r.int("kv_lora_rank"),
-        qk_nope_head_dim=r.int("qk_nope_head_dim"),
-        qk_rope_head_dim=r.int("qk_rope_head_dim"),
-        v_head_dim=r.int("v_head_dim"),
+        intermediate_size=r.integer("intermediate_size", "inter_dim"),
+        kv_lora_rank=r.integer("kv_lora_rank"),
+        qk_nope_head_dim=r.integer("qk_nope_head_dim"),
+        qk_rope_head_dim=r.integer("qk_rope_head_dim"),
+        v_head_dim=r.integer("v_head_dim"),
         n_group=n_group,
-        topk_group=r.int("topk_group", "n_limited_groups", default=None,
+        topk_group=r.integer("topk_group", "n_limited_groups", default=None,
                          maximum=n_group, maximum_key="n_group"),
-        norm_topk_prob=r.bool("norm_topk_prob", default=True),
+        norm_topk_prob=r.flag("norm_topk_prob", default=True),
     )
     if n_group is not None and n_experts % n_group:
         raise ConfigValueError(f"n_group={n_group} does not divide n_routed_experts={n_experts}", file=path,
@@ -279,7 +278,7 @@ def _quant_from_block(q: Mapping, source: str, path: Path) -> QuantConfig:
                                "would be one pattern per character)", file=source, key=key)
     if not isinstance(exclude, list) or not all(isinstance(p, str) for p in exclude):
         raise ConfigValueError(f"{key}={exclude!r} is not a list of module patterns (strings)", file=source, key=key)
-    group = _Reader(q, source).int("group_size", default=NVFP4_BLOCK)
+    group = _Reader(q, source).integer("group_size", default=NVFP4_BLOCK)
     if algo == "NVFP4" and group != NVFP4_BLOCK:
         raise ConfigValueError(f"group_size={group} with quant_algo NVFP4: NVFP4 block scales cover {NVFP4_BLOCK} "
                                f"elements (weight_scale [N, K/{NVFP4_BLOCK}]); a loader that trusts {group} "

@@ -16,7 +16,8 @@ __all__ = [
     "CheckpointError", "NotACheckpointError", "UnreadableFileError", "MalformedConfigError", "ConfigValueError",
     "ConfigMismatchError", "MissingIndexError", "UnsupportedSchemaError", "MalformedShardError",
     "TruncatedShardError", "MissingTensorError", "DtypeMismatchError", "ShapeMismatchError", "NanScaleError",
-    "ZeroScaleError", "TensorValueError", "CheckpointWarning", "open_checkpoint_file", "checkpoint_warnings_as_lines",
+    "ZeroScaleError", "TensorValueError", "CheckpointWarning", "open_checkpoint_file", "os_error_text",
+    "checkpoint_warnings_as_lines",
 ]
 
 
@@ -125,6 +126,11 @@ _ERRNO_TEXT = {errno.EACCES: "permission denied", errno.EPERM: "permission denie
                errno.ELOOP: "symlink loop"}
 
 
+def os_error_text(e: OSError) -> str:
+    """Why the OS refused a path, in the words the one-line errors use ("permission denied", "symlink loop")."""
+    return _ERRNO_TEXT.get(e.errno, e.strerror or str(e))
+
+
 @contextlib.contextmanager
 def open_checkpoint_file(path: Path, what: str, missing: type[CheckpointError] | None = None) -> Iterator[IO[bytes]]:
     """open(path, "rb"), with the OS's refusals as one CheckpointError naming the file: permission
@@ -138,8 +144,7 @@ def open_checkpoint_file(path: Path, what: str, missing: type[CheckpointError] |
             raise
         raise missing(f"{what} does not exist", file=path) from None
     except OSError as e:
-        raise UnreadableFileError(f"cannot read the {what}: {_ERRNO_TEXT.get(e.errno, e.strerror or str(e))}",
-                                  file=path) from None
+        raise UnreadableFileError(f"cannot read the {what}: {os_error_text(e)}", file=path) from None
     with f:
         yield f
 

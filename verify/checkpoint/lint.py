@@ -22,9 +22,9 @@ then per layer:
   values      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
               weight_scale_2, input_scale, weight_scale_inv; a weight whose block scales are all
               zero; NaN/Inf in norm, router, unquantized and FP8 weights; hash-routing expert ids
-              out of [0, n_routed_experts) (defects.value_defects: the errors the loader raises)
+              out of [0, n_routed_experts) (values.value_defects: the errors the loader raises)
   plausible   weight_scale_2 / input_scale whose implied amax is implausible (an inverted scale,
-              1e30, 1e-42): warnings with the value (defects.plausibility_warnings)
+              1e30, 1e-42): warnings with the value (values.plausibility_warnings)
   fused       w1/w3 weight_scale_2 and input_scale mismatch (count, max relative difference)
   saturation  fraction of NVFP4 block scales at 448 (0x7E) and at 0 (0x00/0x80)
   nibbles     nibble-order statistic (below)

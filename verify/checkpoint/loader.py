@@ -8,8 +8,8 @@ experts past n_routed_experts, config.json's quantization_config against hf_quan
 hold them, parses those shards' safetensors headers (every structural defect refused),
 validates every dtype and shape against the schema of the model (chosen from config.json) and
 the quant_algo against the stored formats, and only then reads exactly the bytes of those
-tensors (counted in `Checkpoint.io`); then it checks their values (defects.value_defects) and
-warns about implausible global scales (defects.plausibility_warnings, CheckpointWarning).
+tensors (counted in `Checkpoint.io`); then it checks their values (values.value_defects) and
+warns about implausible global scales (values.plausibility_warnings, CheckpointWarning).
 Any defect raises one `CheckpointError` subclass naming the file, the tensor or the config
 key; nothing is returned half-loaded. Every entry point (layer, model, selftest, pytest
 -m layerN) goes through here, so each refuses a defective checkpoint with the same line.
@@ -29,10 +29,10 @@ import torch
 from torch import Tensor
 
 from verify.checkpoint.config import ModelConfig, QuantConfig, model_config_from_json, quant_configs_from_dir, read_json_object
-from verify.checkpoint.defects import ValueDefect, plausibility_warnings, scale_defects, value_defects
+from verify.checkpoint.values import ValueDefect, plausibility_warnings, scale_defects, value_defects
 from verify.checkpoint.errors import (
     CheckpointError, CheckpointWarning, ConfigMismatchError, DtypeMismatchError, MalformedConfigError,
-    MissingIndexError, MissingTensorError, NotACheckpointError, UnreadableFileError, _ERRNO_TEXT,
+    MissingIndexError, MissingTensorError, NotACheckpointError, UnreadableFileError, os_error_text,
 )
 from verify.checkpoint.safetensors import (
     INDEX_FILE, SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
@@ -286,9 +286,9 @@ class Checkpoint:
     def load_layer(self, i: int, *, device: torch.device | str = "cpu", check_values: bool = True) -> LayerWeights:
         """Layer i as typed objects. Opens only the shards that hold `layers.{i}.` tensors.
 
-        check_values: raise the first of defects.value_defects (NanScaleError, ZeroScaleError,
+        check_values: raise the first of values.value_defects (NanScaleError, ZeroScaleError,
         TensorValueError, naming the tensor and its file) and warn (CheckpointWarning, also kept in
-        self.warnings) for each of defects.plausibility_warnings. lint passes False and reports
+        self.warnings) for each of values.plausibility_warnings. lint passes False and reports
         both as findings instead.
         """
         plan = self.plan_layer(i)
@@ -408,7 +408,7 @@ class LayerPlan:
 def _os_error(path: Path, e: OSError, what: str) -> CheckpointError:
     if isinstance(e, FileNotFoundError):
         return NotACheckpointError(f"{what}: no such file or directory", file=path)
-    return UnreadableFileError(f"{what}: {_ERRNO_TEXT.get(e.errno, e.strerror or str(e))}", file=path)
+    return UnreadableFileError(f"{what}: {os_error_text(e)}", file=path)
 
 
 def _require_directory(d: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from verify.checkpoint.errors import (
-    MalformedShardError, MissingTensorError, TruncatedShardError, UnreadableFileError, open_checkpoint_file,
+    MalformedShardError, MissingTensorError, TruncatedShardError, UnreadableFileError, open_checkpoint_file, os_error_text,
 )
 
 __all__ = ["SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan",
@@ -272,7 +272,7 @@ def read_tensor_bytes(infos: list[TensorInfo], dst_u8: Tensor, stats: IoStats | 
         try:
             f = open(path, "rb", buffering=0)
         except OSError as e:
-            raise UnreadableFileError(f"cannot read the safetensors file ({e.strerror or e})", file=path,
+            raise UnreadableFileError(f"cannot read the safetensors file: {os_error_text(e)}", file=path,
                                       tensor=items[0][1].name) from None
         with f:
             for j, info in sorted(items, key=lambda t: t[1].start):
