@@ -158,7 +158,7 @@ class Checkpoint:
             e, name = beyond[0]
             out.append(ConfigMismatchError(
                 f"n_routed_experts={cfg.n_routed_experts}, but the checkpoint holds expert {e} "
-                f"({len({n.rsplit('.experts.', 1)[0] + str(j) for j, n in beyond})} expert(s) past the config)",
+                f"({len({(n.rsplit('.experts.', 1)[0], j) for j, n in beyond})} expert(s) past the config)",
                 file=self.directory / self.weight_map[name], tensor=name, key="n_routed_experts"))
         out.extend(self._quant_disagreements())
         return out
