@@ -14,10 +14,14 @@ Exit status:
        DeviceUnavailableError  --device this machine lacks; --backend that cannot run here
                                (the backend's own reason: no triton, no CUDA device, wrong arch)
        CheckpointError         a defective checkpoint, printed with its subclass name:
-                               NotACheckpointError, MalformedConfigError, MissingIndexError,
+                               NotACheckpointError, UnreadableFileError, MalformedConfigError,
+                               ConfigValueError, ConfigMismatchError, MissingIndexError,
                                UnsupportedSchemaError, MalformedShardError, TruncatedShardError,
                                MissingTensorError, DtypeMismatchError, ShapeMismatchError,
-                               NanScaleError; the message names the file and the tensor
+                               NanScaleError, ZeroScaleError, TensorValueError; the message names
+                               the file, the tensor or the config key
+  An implausible checkpoint value (verify.checkpoint.CheckpointWarning) prints one line
+  `verify <command>: warning: <message>` on stderr and does not change the exit status.
      (verify.errors defines the first three; verify.checkpoint the checkpoint errors.)
 Any other exception is a bug: its traceback is printed and the status is 1. `--debug` (before
 or after the command) prints the traceback of the errors above too, then their line.
@@ -97,7 +101,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; return its exit status (see the module docstring)."""
-    from verify.checkpoint import CheckpointError
+    from verify.checkpoint import CheckpointError, checkpoint_warnings_as_lines
 
     argv = list(sys.argv[1:] if argv is None else argv)
     command = None
@@ -109,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command
         if extra:  # argparse's own message would not name the command
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see {PROG} {command} --help")
-        return _dispatch(args)
+        with checkpoint_warnings_as_lines(command):
+            return _dispatch(args)
     except (CliError, CheckpointError) as exc:
         if "--debug" in argv:  # also when argparse failed before it could parse --debug
             traceback.print_exc()

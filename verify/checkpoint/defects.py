@@ -1,12 +1,8 @@
-"""Defect checks beyond one layer's schema.
+"""Structural defects of a whole checkpoint (the checks of tensor values are in values.py).
 
 `structure_defects(dir)`: the whole checkpoint's file structure, from the index, every shard's
 header and every file's size (no tensor data read): each shard's layout (SHARD_DEFECT_CODES) and
 the index against the shards (INDEX_DEFECT_CODES).
-
-`scale_defects(linear)`: NaN scale bytes and bad global scales. These read tensor values, so they
-run after a layer is loaded; the loader raises the first as a NanScaleError, lint reports each as
-a finding.
 """
 
 from __future__ import annotations
@@ -15,17 +11,16 @@ import json
 import os
 from pathlib import Path
 
-import torch
-from torch import Tensor
-
+from verify.checkpoint.errors import CheckpointError, UnreadableFileError
 from verify.checkpoint.safetensors import INDEX_FILE, SHARD_DEFECT_CODES, ShardDefect, scan_safetensors_header
-from verify.checkpoint.weights import Fp8BlockLinear, Linear, Mxfp4Linear, Nvfp4Linear
 
-__all__ = ["structure_defects", "scale_defects", "INDEX_DEFECT_CODES", "STRUCTURE_DEFECT_CODES"]
+__all__ = ["structure_defects", "INDEX_DEFECT_CODES", "STRUCTURE_DEFECT_CODES"]
 
 INDEX_DEFECT_CODES: dict[str, str] = {
     "index_malformed": "the index is not a JSON object with a non-empty weight_map of tensor -> file name",
     "shard_missing": "the index maps tensors to a file that does not exist",
+    "shard_unreadable": "a checkpoint file exists but cannot be read: permission denied, a directory where the "
+                        "file should be, a symlink loop",
     "index_tensor_not_in_shard": "the index maps a tensor to a file whose header does not list it",
     "tensor_not_in_index": "a file's header lists a tensor that the index does not map to that file",
     "shard_not_in_index": "a *.safetensors file that no entry of the index names",
@@ -52,12 +47,19 @@ def structure_defects(directory: str | os.PathLike) -> list[ShardDefect]:
     for shard in sorted(set(by_shard) | {p.name for p in d.glob("*.safetensors")}):
         path = d / shard
         mapped = by_shard.get(shard, [])
-        if not path.is_file():
-            if mapped:  # (a directory named *.safetensors that nothing maps to is not a checkpoint file)
+        if not (path.exists() or path.is_symlink()):
+            if mapped:
                 out.append(ShardDefect("shard_missing", path, mapped[0], f"the index maps {len(mapped)} tensor(s) "
                                                                          "to this file, which does not exist"))
             continue
-        scan = scan_safetensors_header(path)
+        if path.is_dir() and not mapped:  # a directory named *.safetensors that nothing maps to is no file of ours
+            continue
+        try:
+            scan = scan_safetensors_header(path)
+        except (UnreadableFileError, FileNotFoundError) as e:
+            out.append(ShardDefect("shard_unreadable", path, mapped[0] if mapped else None,
+                                   str(e).split(" [file ")[0] if isinstance(e, CheckpointError) else str(e)))
+            continue
         out.extend(scan.defects)
         if weight_map is None or not scan.header_read:
             continue
@@ -83,6 +85,9 @@ def _index_weight_map(path: Path, out: list[ShardDefect]) -> tuple[dict[str, str
     (already reported: no shard is blamed for them); defects go to `out`. None for no weight_map."""
     try:
         index = json.loads(path.read_bytes())
+    except OSError as e:
+        out.append(ShardDefect("index_malformed", path, None, f"cannot be read ({e.strerror or e})"))
+        return None, set()
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         out.append(ShardDefect("index_malformed", path, None, f"not valid JSON ({e})"))
         return None, set()
@@ -98,41 +103,3 @@ def _index_weight_map(path: Path, out: list[ShardDefect]) -> tuple[dict[str, str
             bad.add(name)
             out.append(ShardDefect("index_malformed", path, name, f"maps the tensor to {shard!r}, not a file name"))
     return good, bad
-
-
-def _named(module: str, role: str, bad: Tensor) -> str:
-    """The tensor name of the first bad element: an expert stack's `*` becomes that expert's index."""
-    if ".*." in module and bad.dim() >= 1:
-        e = int(bad.reshape(bad.shape[0], -1).any(dim=1).nonzero()[0, 0])
-        module = module.replace(".*.", f".{e}.")
-    return f"{module}.{role}"
-
-
-def scale_defects(lin: Linear) -> list[tuple[str, str]]:
-    """(tensor, message) for NaN scale bytes and bad global scales of one linear (or stack);
-    for a stack the tensor names the first defective expert and the message counts all."""
-    out: list[tuple[str, str]] = []
-    m = lin.module
-    if isinstance(lin, Nvfp4Linear):
-        b = lin.weight_scale_e4m3.view(torch.uint8)
-        bad = (b & 0x7F) == 0x7F
-        if bool(bad.any()):
-            out.append((_named(m, "weight_scale", bad),
-                        f"{int(bad.sum())} NaN E4M3 scale bytes (0x7F/0xFF) of {b.numel()}"))
-        for role, t in (("weight_scale_2", lin.weight_scale_2_f32), ("input_scale", lin.input_scale_f32)):
-            bad = ~(torch.isfinite(t) & (t > 0))
-            if bool(bad.any()):
-                out.append((_named(m, role, bad), f"{int(bad.sum())} of {t.numel()} values are zero, negative, NaN "
-                                                  f"or Inf (first {float(t[bad].flatten()[0])})"))
-    elif isinstance(lin, (Mxfp4Linear, Fp8BlockLinear)) and getattr(lin, "scale_ue8m0", None) is not None:
-        b = lin.scale_ue8m0.view(torch.uint8)
-        bad = b == 0xFF
-        if bool(bad.any()):
-            out.append((_named(m, "scale", bad), f"{int(bad.sum())} NaN E8M0 scale bytes (0xFF) of {b.numel()}"))
-    elif isinstance(lin, Fp8BlockLinear):
-        t = lin.scale_inv_f32
-        bad = ~(torch.isfinite(t) & (t > 0))
-        if bool(bad.any()):
-            out.append((_named(m, "weight_scale_inv", bad), f"{int(bad.sum())} of {t.numel()} block scales are zero, "
-                                                            "negative, NaN or Inf"))
-    return out

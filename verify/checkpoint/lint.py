@@ -3,7 +3,12 @@
 Findings are data (severity, code, tensor, message, numbers), rendered as a rich table
 and as JSON; any `error` finding makes the exit status non-zero.
 
-Checks, first for the whole checkpoint (headers and file sizes only, no tensor data):
+Checks, first for the whole checkpoint (config values, names, headers and file sizes only, no
+tensor data):
+  config      every config value (Checkpoint.open: ConfigValueError, one error finding, nothing
+              else checked) and the config against the tensor names and the other config file
+              (Checkpoint.consistency_errors: layers past num_hidden_layers, experts past
+              n_routed_experts, config.json's quantization_config vs hf_quant_config.json)
   structure   every file the index names and every *.safetensors file: the header against the file
               size (truncated, padded, offsets that overlap / leave gaps / do not start at 0 / are not
               in header order, byte count != prod(shape) * itemsize, unknown dtype, malformed header),
@@ -12,9 +17,14 @@ Checks, first for the whole checkpoint (headers and file sizes only, no tensor d
               naming the file and the tensor. A layer with a tensor in a file with structural errors
               is not checked further (one `layer_not_checked` warning).
 then per layer:
-  schema      every tensor's dtype and shape against the schema (each defect is one finding)
-  scales      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
-              weight_scale_2, input_scale, weight_scale_inv
+  schema      every tensor's dtype and shape against the schema (each defect is one finding);
+              quant_algo against the stored formats (NVFP4 weights under quant_algo FP8)
+  values      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
+              weight_scale_2, input_scale, weight_scale_inv; a weight whose block scales are all
+              zero; NaN/Inf in norm, router, unquantized and FP8 weights; hash-routing expert ids
+              out of [0, n_routed_experts) (values.value_defects: the errors the loader raises)
+  plausible   weight_scale_2 / input_scale whose implied amax is implausible (an inverted scale,
+              1e30, 1e-42): warnings with the value (values.plausibility_warnings)
   fused       w1/w3 weight_scale_2 and input_scale mismatch (count, max relative difference)
   saturation  fraction of NVFP4 block scales at 448 (0x7E) and at 0 (0x00/0x80)
   nibbles     nibble-order statistic (below)
@@ -52,7 +62,8 @@ from torch import Tensor
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.checkpoint import (
     Checkpoint, CheckpointError, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear, check_linear_k,
-    check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs, scale_defects, structure_defects,
+    check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs, plausibility_warnings,
+    structure_defects, value_defects,
 )
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
@@ -138,8 +149,9 @@ def _check_one(ck: Checkpoint, infos, tspec) -> list[Finding]:
 
 
 def _error_finding(e: CheckpointError, default_tensor: str) -> Finding:
-    """A CheckpointError as an error finding: its class name is the code."""
-    return Finding("error", type(e).__name__, e.tensor or default_tensor, str(e), file=e.file)
+    """A CheckpointError as an error finding: its class name is the code; tensor names the tensor,
+    else the config key."""
+    return Finding("error", type(e).__name__, e.tensor or e.key or default_tensor, str(e), file=e.file)
 
 
 def _structure_findings(directory: str | Path) -> list[Finding]:
@@ -147,12 +159,16 @@ def _structure_findings(directory: str | Path) -> list[Finding]:
     return [Finding("error", d.code, d.tensor or "", d.message, file=str(d.file)) for d in structure_defects(directory)]
 
 
-def _scale_findings(layer: LayerWeights) -> list[Finding]:
-    out = []
-    for _, lin in iter_linears(layer):
-        for tensor, msg in scale_defects(lin):
-            code = "nan_scale_bytes" if "NaN" in msg and "bytes" in msg else "bad_global_scale"
-            out.append(Finding("error", code, tensor, msg))
+def _value_findings(ck: Checkpoint, layer: LayerWeights, prefix: str) -> list[Finding]:
+    """The loader's value defects (errors) and plausibility warnings of a loaded layer."""
+    def file_of(tensor: str) -> str | None:
+        shard = ck.weight_map.get(tensor)
+        return str(ck.directory / shard) if shard else None
+
+    out = [Finding("error", d.code, d.tensor, d.message, {} if d.value is None else {"value": d.value},
+                   file=file_of(d.tensor)) for d in value_defects(layer, ck.config, prefix)]
+    out += [Finding("warning", d.code, d.tensor, d.message, {"value": d.value}, file=file_of(d.tensor))
+            for d in plausibility_warnings(layer)]
     return out
 
 
@@ -287,18 +303,26 @@ def _exclude_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Findin
 
 
 def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = None) -> LintReport:
-    """Lint a checkpoint directory; never raises for checkpoint defects (they become findings)."""
+    """Lint a checkpoint directory; never raises for checkpoint defects (they become findings).
+    LayerRangeError (naming --layers) when `layers` holds an index past num_hidden_layers."""
     structure = _structure_findings(directory)
     try:
-        ck = Checkpoint.open(directory)
+        ck = Checkpoint.open(directory, check=False)
     except CheckpointError as e:
         # A shard defect that stops open (one shard, no index) is already among the structure findings.
         opened = [] if structure and isinstance(e, MalformedShardError) else [_error_finding(e, str(directory))]
         return LintReport(str(directory), "?", tuple(_sorted(structure + opened)))
-    findings: list[Finding] = list(structure)
+    findings: list[Finding] = list(structure) + [_error_finding(e, str(directory)) for e in ck.consistency_errors()]
     broken = {f.file for f in structure}
     formats: dict[str, str] = {}
     todo = list(layers) if layers is not None else list(range(ck.config.num_layers))
+    past = [i for i in todo if i >= ck.config.num_layers]
+    if past:
+        from verify.config import format_layers
+        from verify.errors import LayerRangeError
+
+        raise LayerRangeError(f"--layers {format_layers(past)}: layer out of range (checkpoint {directory} has "
+                              f"layers {format_layers(range(ck.config.num_layers))})", argument="--layers")
     for i in todo:
         names = ck.layer_names(i)
         if not names:
@@ -317,14 +341,14 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
             continue
         try:
             plan = ck.plan_layer(i)
-            layer = ck.load_layer(i, check_scales=False)
+            layer = ck.load_layer(i, check_values=False)
         except CheckpointError as e:
             findings.append(_error_finding(e, f"layer {i}"))
             continue
         formats.update({m: fmt for m, (_, fmt, _) in plan.linears.items()})
         for n in plan.extras:
             findings.append(Finding("info", "unknown_tensor", n, "not in the schema; loaded as stored"))
-        findings.extend(_scale_findings(layer))
+        findings.extend(_value_findings(ck, layer, plan.schema.prefix))
         for mlp in (layer.experts, layer.shared_experts, layer.dense_mlp):
             findings.extend(_fused_findings(mlp))
         findings.extend(_saturation_findings(layer))
@@ -362,7 +386,12 @@ def render_report(report: LintReport, *, console=None, show_info: bool = False) 
 
 
 def add_lint_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="Checkpoint directory to lint.")
+    from verify.config import env_default
+
+    default = env_default("CHECKPOINT", None)
+    parser.add_argument("--checkpoint", required=default is None, default=default,
+                        help="Checkpoint directory to lint (env NVFP4V_CHECKPOINT, as pytest reads it). "
+                             "Default: %(default)r.")
     parser.add_argument("--json", default=None, help="Also write the findings as JSON here. Default: %(default)r.")
     parser.add_argument("--layers", default=None, help="Layers to lint, e.g. '0,3,5-7'. Default: %(default)r (all).")
     parser.add_argument("--show-info", action="store_true", default=False,
@@ -370,12 +399,32 @@ def add_lint_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cli_lint(args: argparse.Namespace) -> int:
-    """`python -m verify lint --checkpoint DIR [--json PATH]`: exit status 1 on any error finding."""
+    """`python -m verify lint --checkpoint DIR [--json PATH]`: exit status 1 on any error finding.
+    A bad --layers / --json is a UsageError (LayerRangeError) before any work."""
+    from rich.console import Console
+
     from verify.config import parse_layers
 
     layers = parse_layers(args.layers) or None
+    if args.json:
+        check_output_file_argument("--json", args.json)
+    console = Console()
+    console.print(f"checkpoint: {args.checkpoint}")
     report = lint_checkpoint(args.checkpoint, layers=layers)
-    render_report(report, show_info=getattr(args, "show_info", False))
+    render_report(report, console=console, show_info=getattr(args, "show_info", False))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))
     return 1 if report.errors else 0
+
+
+def check_output_file_argument(argument: str, path: str | Path) -> None:
+    """UsageError (one line naming the argument) unless `path` can be written as a file: not a
+    directory, its parent an existing directory."""
+    from verify.errors import UsageError
+
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{argument} {path}: invalid value (a directory; expected a file path)", argument=argument)
+    if not p.parent.is_dir():
+        what = "is not a directory" if p.parent.exists() else "does not exist"
+        raise UsageError(f"{argument} {path}: invalid value (directory {p.parent} {what})", argument=argument)

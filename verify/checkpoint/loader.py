@@ -1,17 +1,26 @@
 """The checkpoint loader: `Checkpoint` (an opened directory) and `LayerPlan` (a layer
 validated from headers).
 
-`Checkpoint.open(dir)` reads only the JSON files. `Checkpoint.load_layer(i)` finds the tensors
-of layer i in the index, opens only the shards that hold them, parses those shards' safetensors
-headers, validates every dtype and shape against the schema of the model (chosen from
-config.json), and only then reads exactly the bytes of those tensors (counted in
-`Checkpoint.io`). Any defect raises one `CheckpointError` subclass naming the file and the
-tensor; nothing is returned half-loaded.
+`Checkpoint.open(dir)` reads only the JSON files, checks every config value (config.py) and
+the config against the tensor names (`consistency_errors`: layers past num_hidden_layers,
+experts past n_routed_experts, config.json's quantization_config against hf_quant_config.json).
+`Checkpoint.load_layer(i)` finds the tensors of layer i in the index, opens only the shards that
+hold them, parses those shards' safetensors headers (every structural defect refused),
+validates every dtype and shape against the schema of the model (chosen from config.json) and
+the quant_algo against the stored formats, and only then reads exactly the bytes of those
+tensors (counted in `Checkpoint.io`); then it checks their values (values.value_defects) and
+warns about implausible global scales (values.plausibility_warnings, CheckpointWarning).
+Any defect raises one `CheckpointError` subclass naming the file, the tensor or the config
+key; nothing is returned half-loaded. Every entry point (layer, model, selftest, pytest
+-m layerN) goes through here, so each refuses a defective checkpoint with the same line.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import stat
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -19,13 +28,11 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from verify.checkpoint.config import (
-    ModelConfig, QuantConfig, model_config_from_json, quant_config_from_dir, read_json_object,
-)
-from verify.checkpoint.defects import scale_defects
+from verify.checkpoint.config import ModelConfig, QuantConfig, model_config_from_json, quant_configs_from_dir, read_json_object
+from verify.checkpoint.values import ValueDefect, plausibility_warnings, scale_defects, value_defects
 from verify.checkpoint.errors import (
-    DtypeMismatchError, MalformedConfigError, MissingIndexError, MissingTensorError, NanScaleError,
-    NotACheckpointError,
+    CheckpointError, CheckpointWarning, ConfigMismatchError, DtypeMismatchError, MalformedConfigError,
+    MissingIndexError, MissingTensorError, NotACheckpointError, UnreadableFileError, os_error_text,
 )
 from verify.checkpoint.safetensors import (
     INDEX_FILE, SAFETENSORS_DTYPES, IoStats, TensorInfo, read_safetensors_header, read_tensor_bytes,
@@ -34,45 +41,55 @@ from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
     linear_tensor_specs,
 )
-from verify.checkpoint.weights import GatedMlp, LayerWeights, Linear, Router, iter_linears, make_linear
+from verify.checkpoint.weights import GatedMlp, LayerWeights, Linear, Router, make_linear
 
 __all__ = ["Checkpoint", "LayerPlan"]
+
+_SCALE_SUFFIXES = (".weight_scale", ".scale", ".weight_scale_inv", ".input_scale")
 
 
 class Checkpoint:
     """An opened checkpoint directory. Cheap to open: only JSON files are read.
 
-    Attributes: directory, config (ModelConfig), quant (QuantConfig | None),
-    weight_map (tensor name -> shard file name), io (IoStats of every read since open).
+    Attributes: directory, config (ModelConfig), quant (QuantConfig | None: hf_quant_config.json's,
+    else config.json's), quant_in_config_json (config.json's quantization_config, when
+    hf_quant_config.json is the one used; else None), weight_map (tensor name -> shard file name),
+    io (IoStats of every read since open), warnings (every CheckpointWarning since open).
     """
 
     def __init__(self, directory: Path, config: ModelConfig, config_raw: Mapping, quant: QuantConfig | None,
-                 weight_map: Mapping[str, str], index_path: Path | None):
+                 weight_map: Mapping[str, str], index_path: Path | None,
+                 quant_in_config_json: QuantConfig | None = None):
         self.directory = directory
         self.config = config
         self.config_raw = config_raw
         self.quant = quant
+        self.quant_in_config_json = quant_in_config_json
         self.weight_map = dict(weight_map)
         self.index_path = index_path
         self.io = IoStats()
+        self.warnings: list[CheckpointWarning] = []
         self._headers: dict[str, dict[str, TensorInfo]] = {}
 
     # ------------------------------------------------------------------ open
 
     @classmethod
-    def open(cls, directory: str | os.PathLike) -> "Checkpoint":
+    def open(cls, directory: str | os.PathLike, *, check: bool = True) -> "Checkpoint":
+        """Open a checkpoint directory (JSON files only; one shard's header when there is no index).
+
+        check: raise the first of consistency_errors() (lint passes False and reports them all)."""
         d = Path(directory)
-        if not d.is_dir():
-            raise NotACheckpointError("not a directory", file=d)
+        _require_directory(d)
         cfg_path = d / "config.json"
-        if not cfg_path.exists():
+        if not _lexists(cfg_path):
             raise NotACheckpointError("no config.json: not a Hugging Face checkpoint directory", file=d)
         raw = read_json_object(cfg_path, MalformedConfigError)
         config = model_config_from_json(raw, cfg_path)
-        quant = quant_config_from_dir(d, raw)
+        hf_quant, cj_quant = quant_configs_from_dir(d, raw)
+        quant, other = (hf_quant, cj_quant) if hf_quant is not None else (cj_quant, None)
         index_path = d / INDEX_FILE
         stats = IoStats()
-        if index_path.exists():
+        if _lexists(index_path):
             idx = read_json_object(index_path, MissingIndexError)
             wm = idx.get("weight_map")
             if not isinstance(wm, dict) or not wm:
@@ -81,20 +98,100 @@ class Checkpoint:
             if bad is not None:
                 raise MissingIndexError(f"weight_map maps it to {wm[bad]!r}, not a file name", file=index_path,
                                         tensor=bad)
-            ck = cls(d, config, raw, quant, wm, index_path)
+            ck = cls(d, config, raw, quant, wm, index_path, other)
         else:
-            shards = sorted(p for p in d.glob("*.safetensors"))
+            shards = sorted(p for p in _listdir(d) if p.name.endswith(".safetensors"))
             if not shards:
                 raise NotACheckpointError("no *.safetensors files and no index", file=d)
             if len(shards) > 1:
                 raise MissingIndexError(f"{len(shards)} safetensors shards but no {INDEX_FILE}: cannot tell which "
                                         "shard holds which tensor", file=index_path)
             infos = read_safetensors_header(shards[0], stats)
-            ck = cls(d, config, raw, quant, {n: shards[0].name for n in infos}, None)
+            ck = cls(d, config, raw, quant, {n: shards[0].name for n in infos}, None, other)
             ck._headers[shards[0].name] = infos
         ck.io.files_opened.extend(stats.files_opened)
         ck.io.header_bytes += stats.header_bytes
+        if check:
+            problems = ck.consistency_errors()
+            if problems:
+                raise problems[0]
         return ck
+
+    def describe(self) -> str:
+        """One line naming what was opened: directory, schema, layers, quantization, files."""
+        shards = len(set(self.weight_map.values()))
+        q = f"{self.quant.quant_algo} ({Path(self.quant.path).name})" if self.quant else "no quantization config"
+        return (f"checkpoint {self.directory}: {self.config.schema}, {self.config.num_layers} layers, "
+                f"{self.config.n_routed_experts} experts, {q}, {len(self.weight_map)} tensors in {shards} "
+                f"file{'s' if shards != 1 else ''}")
+
+    # ------------------------------------------------------------------ config vs names
+
+    def consistency_errors(self) -> list[CheckpointError]:
+        """The config against the tensor names and the other config file (names only, no header
+        read), as errors (not raised), in this order:
+          ConfigMismatchError  a decoder layer past num_hidden_layers (+ num_nextn_predict_layers
+                               for V3, whose MTP layers continue the decoder numbering); an expert
+                               past n_routed_experts; config.json's quantization_config and
+                               hf_quant_config.json disagreeing on quant_algo, group_size or (where
+                               both list exclusions) which stored module they exclude."""
+        out: list[CheckpointError] = []
+        cfg = self.config
+        cfg_path = self.directory / "config.json"
+        v4 = cfg.schema == "deepseek_v4"
+        layer_rx = re.compile(r"layers\.(\d+)\." if v4 else r"model\.layers\.(\d+)\.")
+        limit = cfg.num_layers if v4 else cfg.num_layers + cfg.num_nextn_predict_layers
+        past = sorted(((int(m.group(1)), n) for n in self.weight_map if (m := layer_rx.match(n))
+                       and int(m.group(1)) >= limit))
+        if past:
+            i, name = past[0]
+            n_past = len({j for j, _ in past})
+            extra = "" if v4 else f" + num_nextn_predict_layers={cfg.num_nextn_predict_layers}"
+            out.append(ConfigMismatchError(
+                f"num_hidden_layers={cfg.num_layers}{extra}, but the checkpoint holds layer {i} "
+                f"({n_past} layer(s) past the config: they would be silently skipped)", file=cfg_path,
+                tensor=name, key="num_hidden_layers"))
+        expert_rx = re.compile(r"(?:^|\.)(?:ffn|mlp)\.experts\.(\d+)\.")
+        beyond = sorted(((int(m.group(1)), n) for n in self.weight_map if (m := expert_rx.search(n))
+                         and int(m.group(1)) >= cfg.n_routed_experts), key=lambda t: (t[0], t[1]))
+        if beyond:
+            e, name = beyond[0]
+            out.append(ConfigMismatchError(
+                f"n_routed_experts={cfg.n_routed_experts}, but the checkpoint holds expert {e} "
+                f"({len({(n.rsplit('.experts.', 1)[0], j) for j, n in beyond})} expert(s) past the config)",
+                file=self.directory / self.weight_map[name], tensor=name, key="n_routed_experts"))
+        out.extend(self._quant_disagreements())
+        return out
+
+    def _quant_disagreements(self) -> list[CheckpointError]:
+        a, b = self.quant, self.quant_in_config_json
+        if a is None or b is None:
+            return []
+        out: list[CheckpointError] = []
+        both = f"{Path(a.source).name} says {{}}, {Path(b.path).name}'s quantization_config says {{}}"
+        if b.quant_algo != "MODELOPT" and a.quant_algo != b.quant_algo:  # "MODELOPT": quant_method without algo
+            out.append(ConfigMismatchError("quant_algo disagrees: " + both.format(a.quant_algo, b.quant_algo),
+                                           file=a.source, key="quant_algo"))
+        if a.group_size != b.group_size:
+            out.append(ConfigMismatchError("group_size disagrees: " + both.format(a.group_size, b.group_size),
+                                           file=a.source, key="group_size"))
+        if not (a.exclude_given and b.exclude_given):  # a block without a list defers to the other file
+            return out
+        ea, eb = a.excluded_matcher(), b.excluded_matcher()
+        # what an exclusion decides: linears (every `.weight` but the norms': attn_norm, q_a_layernorm, enorm ...)
+        modules = {n[: -len(".weight")] for n in self.weight_map if n.endswith(".weight")
+                   and "norm" not in n.rsplit(".", 2)[-2]}
+        quantized = {n.rsplit(".", 1)[0] for n in self.weight_map if n.endswith(_SCALE_SUFFIXES)}
+        # the quantized linears first in the message, then the others
+        differ = sorted((m for m in modules if ea(m) != eb(m)), key=lambda m: (m not in quantized, m))
+        if differ:
+            m = differ[0]
+            which = (f"{a.exclude_key} of {Path(a.source).name}" if ea(m) else
+                     f"{b.exclude_key} of {Path(b.path).name}'s quantization_config")
+            out.append(ConfigMismatchError(
+                f"the two quantization configs exclude different modules ({len(differ)} stored module(s) differ); "
+                f"{m} is excluded only by {which}", file=a.source, tensor=m + ".weight", key=a.exclude_key))
+        return out
 
     # ------------------------------------------------------------------ headers
 
@@ -166,15 +263,33 @@ class Checkpoint:
                 raise MissingTensorError("required by the schema, not in the weight_map",
                                          file=self._where(tspec.name), tensor=tspec.name)
             check_tensor(info, tspec)
+        self._check_quant_algo(linears, infos)
         used = {t.name for t in plain} | {t.name for (_, _, ts) in linears.values() for t in ts}
         extras = [n for n in present if n not in used]
         return LayerPlan(i, schema, infos, linears, plain, extras)
 
-    def load_layer(self, i: int, *, device: torch.device | str = "cpu", check_scales: bool = True) -> LayerWeights:
+    def _check_quant_algo(self, linears: Mapping[str, tuple[LinearSpec, str, list[TensorSpec]]],
+                          infos: Mapping[str, TensorInfo]) -> None:
+        """ConfigMismatchError when NVFP4 weights are stored under a quant_algo that is not NVFP4
+        (e.g. FP8): a loader that trusts the config reads packed E2M1 bytes as FP8."""
+        q = self.quant
+        if q is None or "NVFP4" in q.quant_algo or q.quant_algo in ("MIXED_PRECISION", "MODELOPT"):
+            return
+        nvfp4 = [m for m, (_, fmt, _) in linears.items() if fmt == "nvfp4"]
+        if nvfp4:
+            w = infos[f"{nvfp4[0]}.weight"]
+            raise ConfigMismatchError(
+                f"quant_algo {q.quant_algo} in {Path(q.source).name}, but {len(nvfp4)} linear(s) of this layer are "
+                f"stored as NVFP4 (U8 weight + F8_E4M3 weight_scale, first in {w.file.name})", file=q.source,
+                tensor=w.name, key="quant_algo")
+
+    def load_layer(self, i: int, *, device: torch.device | str = "cpu", check_values: bool = True) -> LayerWeights:
         """Layer i as typed objects. Opens only the shards that hold `layers.{i}.` tensors.
 
-        check_scales: raise NanScaleError for NaN scale bytes or non-finite / non-positive
-        global scales (lint passes False and reports them as findings instead).
+        check_values: raise the first of values.value_defects (NanScaleError, ZeroScaleError,
+        TensorValueError, naming the tensor and its file) and warn (CheckpointWarning, also kept in
+        self.warnings) for each of values.plausibility_warnings. lint passes False and reports
+        both as findings instead.
         """
         plan = self.plan_layer(i)
         schema = plan.schema
@@ -196,13 +311,32 @@ class Checkpoint:
                             tid.to(torch.int64) if tid is not None else None)
         extras = {n[len(schema.prefix) + 1:]: self.read_tensor(plan.infos[n], device=device) for n in plan.extras}
         layer = LayerWeights(i, self.config.schema, attention, norms, router, experts, shared, dense, extras)
-        if check_scales:
-            for module, lin in iter_linears(layer):
-                bad = scale_defects(lin)
-                if bad:
-                    info = plan.infos.get(bad[0][0])
-                    raise NanScaleError(bad[0][1], file=info.file if info else None, tensor=bad[0][0])
+        if check_values:
+            bad = value_defects(layer, self.config, schema.prefix)
+            if bad:
+                raise self._value_error(bad[0], plan.infos)
+            for w in plausibility_warnings(layer):
+                self.warn(w, plan.infos)
         return layer
+
+    def _file_of(self, tensor: str, infos: Mapping[str, TensorInfo]) -> Path | None:
+        info = infos.get(tensor)
+        if info is not None:
+            return info.file
+        shard = self.weight_map.get(tensor)
+        return self.directory / shard if shard else None
+
+    def _value_error(self, d: ValueDefect, infos: Mapping[str, TensorInfo]) -> CheckpointError:
+        key = "n_routed_experts" if d.code == "expert_id_out_of_range" else None
+        return d.error(d.message, file=self._file_of(d.tensor, infos), tensor=d.tensor, key=key)
+
+    def warn(self, d: ValueDefect, infos: Mapping[str, TensorInfo] | None = None) -> CheckpointWarning:
+        """Record and emit (warnings.warn) one plausibility warning; returns it."""
+        w = CheckpointWarning(d.message, code=d.code, file=self._file_of(d.tensor, infos or {}), tensor=d.tensor,
+                              value=d.value)
+        self.warnings.append(w)
+        warnings.warn(w, stacklevel=3)
+        return w
 
     def _load_stack(self, trios: list[tuple[LinearSpec, LinearSpec, LinearSpec]], plan: "LayerPlan",
                     device, stacked: bool = True) -> GatedMlp:
@@ -245,6 +379,9 @@ class Checkpoint:
                 check_tensor(infos[s.name], s)
             out[module] = make_linear(fmt, module, {s.role: self.read_tensor(infos[s.name], device=device)
                                                     for s in specs})
+            bad = scale_defects(out[module])
+            if bad:
+                raise self._value_error(bad[0], infos)
         return out
 
 
@@ -263,3 +400,42 @@ class LayerPlan:
     @property
     def nbytes(self) -> int:
         return sum(i.nbytes for i in self.infos.values())
+
+
+# ============================================================================= paths
+
+
+def _os_error(path: Path, e: OSError, what: str) -> CheckpointError:
+    if isinstance(e, FileNotFoundError):
+        return NotACheckpointError(f"{what}: no such file or directory", file=path)
+    return UnreadableFileError(f"{what}: {os_error_text(e)}", file=path)
+
+
+def _require_directory(d: Path) -> None:
+    """NotACheckpointError unless `d` is a directory; UnreadableFileError for a symlink loop or a
+    directory that cannot be searched."""
+    try:
+        st = os.stat(d)
+    except OSError as e:
+        raise _os_error(d, e, "cannot open the checkpoint directory") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotACheckpointError("not a directory", file=d)
+
+
+def _lexists(path: Path) -> bool:
+    """Whether a directory entry exists (a symlink counts, even a looping one: reading it then says
+    why); UnreadableFileError when the directory cannot be searched."""
+    try:
+        os.lstat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise _os_error(path, e, "cannot look for the file") from None
+    return True
+
+
+def _listdir(d: Path) -> list[Path]:
+    try:
+        return [d / n for n in os.listdir(d)]
+    except OSError as e:
+        raise _os_error(d, e, "cannot list the checkpoint directory") from None

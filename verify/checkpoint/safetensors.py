@@ -19,7 +19,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from verify.checkpoint.errors import MalformedShardError, MissingTensorError, TruncatedShardError
+from verify.checkpoint.errors import (
+    MalformedShardError, MissingTensorError, TruncatedShardError, UnreadableFileError, open_checkpoint_file, os_error_text,
+)
 
 __all__ = ["SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan",
            "SHARD_DEFECT_CODES", "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes"]
@@ -68,7 +70,8 @@ _MAX_HEADER = 100 * 1024 * 1024
 
 
 # Structural defects of one safetensors file, by code; each is found from the header and the file
-# size alone. The loader refuses all but offsets_out_of_order (which safetensors itself accepts).
+# size alone. The loader refuses every one (offsets_out_of_order too, which safetensors itself
+# accepts: swapped offsets of two equal-sized tensors read each tensor's bytes as the other's).
 SHARD_DEFECT_CODES: dict[str, str] = {
     "header_malformed": "the 8-byte header length is implausible, the header is not a JSON object, or an entry "
                         "lacks dtype / shape / data_offsets or holds non-integers or a descending offset pair",
@@ -113,7 +116,8 @@ class ShardScan:
 
 def scan_safetensors_header(path: Path, stats: IoStats | None = None) -> ShardScan:
     """Parse one safetensors file's header and check it against the file size; never raises for a
-    defect (FileNotFoundError for a missing file). Reads 8 + header-length bytes, no tensor data.
+    defect (FileNotFoundError for a missing file, UnreadableFileError for one that cannot be read:
+    permission denied, a directory, a symlink loop). Reads 8 + header-length bytes, no tensor data.
 
     Layout rule (the safetensors format): the data section starts right after the header; the
     tensors' [begin, end) data_offsets tile it from 0 to its end, without gaps or overlaps, in
@@ -126,7 +130,7 @@ def scan_safetensors_header(path: Path, stats: IoStats | None = None) -> ShardSc
     def scan(header_read: bool, names=(), infos=None) -> ShardScan:
         return ShardScan(path, size, header_read, tuple(names), infos or {}, tuple(defects))
 
-    with open(path, "rb") as f:
+    with open_checkpoint_file(path, "safetensors file") as f:
         if stats is not None:
             stats.files_opened.append(path.name)
         size = os.fstat(f.fileno()).st_size
@@ -238,17 +242,16 @@ def _layout_defects(path: Path, placed: list[tuple[int, int, str]], size: int, d
 def read_safetensors_header(path: Path, stats: IoStats | None = None) -> dict[str, TensorInfo]:
     """Parse one safetensors file's header; validate it against the file size (scan_safetensors_header).
 
-    Raises the first structural defect other than offsets_out_of_order: TruncatedShardError for
-    shard_truncated, MalformedShardError for the others (both naming the file and the tensor);
-    MissingTensorError when the file does not exist."""
+    Raises the first structural defect: TruncatedShardError for shard_truncated, MalformedShardError
+    for the others (both naming the file and the tensor); MissingTensorError when the file does not
+    exist; UnreadableFileError when it cannot be read."""
     try:
         scan = scan_safetensors_header(path, stats)
     except FileNotFoundError:
         raise MissingTensorError("shard named by the index does not exist", file=path) from None
     for d in scan.defects:
-        if d.code != "offsets_out_of_order":
-            error = TruncatedShardError if d.code == "shard_truncated" else MalformedShardError
-            raise error(d.message, file=path, tensor=d.tensor)
+        error = TruncatedShardError if d.code == "shard_truncated" else MalformedShardError
+        raise error(d.message, file=path, tensor=d.tensor)
     return scan.infos
 
 
@@ -266,7 +269,12 @@ def read_tensor_bytes(infos: list[TensorInfo], dst_u8: Tensor, stats: IoStats | 
     for j, info in enumerate(infos):
         by_file.setdefault(info.file, []).append((j, info))
     for path, items in by_file.items():
-        with open(path, "rb", buffering=0) as f:
+        try:
+            f = open(path, "rb", buffering=0)
+        except OSError as e:
+            raise UnreadableFileError(f"cannot read the safetensors file: {os_error_text(e)}", file=path,
+                                      tensor=items[0][1].name) from None
+        with f:
             for j, info in sorted(items, key=lambda t: t[1].start):
                 buf = dst_u8[j] if on_cpu else staging
                 f.seek(info.start)

@@ -25,6 +25,7 @@ Data generators are named make_*; they are not emulators.
 from __future__ import annotations
 
 import argparse
+import errno
 import hashlib
 import json
 import math
@@ -497,11 +498,50 @@ def time_layer_load(directory: str | os.PathLike, layer: int, *, device: str, re
     return out
 
 
+def _check_out_directory(out: str) -> None:
+    """UsageError (one line naming --out) unless `out` is, or can be created as, a writable
+    directory: not a file, no file on its path, no symlink loop, permission to write. Creates it."""
+    from verify.errors import UsageError
+
+    p = Path(out)
+    if p.is_symlink() and not p.exists():
+        why = "symlink loop" if _stat_errno(p) == errno.ELOOP else "a dangling symlink"
+        raise UsageError(f"--out {out}: invalid value ({why})", argument="--out")
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {out}: invalid value (a file; expected a directory to write the checkpoint into)",
+                         argument="--out")
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        why = {errno.EEXIST: "a file is in the way", errno.ENOTDIR: "a path component is a file, not a directory",
+               errno.ELOOP: "symlink loop"}.get(e.errno, e.strerror or str(e))
+        raise UsageError(f"--out {out}: invalid value (cannot create the directory: {why})",
+                         argument="--out") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: invalid value (directory is not writable)", argument="--out")
+    clash = [n for n in CHECKPOINT_FILES if (p / n).exists() and not (p / n).is_file()]
+    if clash:
+        raise UsageError(f"--out {out}: invalid value ({clash[0]} in it is a directory, not a file)", argument="--out")
+
+
+def _stat_errno(p: Path) -> int:
+    try:
+        os.stat(p)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
 def cli_fixture(args: argparse.Namespace) -> int:
     """`python -m verify fixture --out DIR --preset NAME`: write the fixture, print a summary."""
     from rich.console import Console
 
     console = Console()
+    if args.json:
+        from verify.checkpoint.lint import check_output_file_argument
+
+        check_output_file_argument("--json", args.json)
+    _check_out_directory(args.out)
     device = _resolve_device(args.device, args.preset)
     summary = make_checkpoint(args.out, args.preset, device=device, seed=args.seed)
     summary["device"] = device
@@ -520,15 +560,22 @@ def cli_fixture(args: argparse.Namespace) -> int:
     return 0
 
 
-def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit) -> Path:
+def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit=None, *,
+                           edit_json: dict | None = None) -> Path:
     """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor or None
-    (None drops it from its shard and the index). For making defective fixtures in tests."""
+    (None drops it from its shard and the index; edit None copies the shards as they are), and each
+    JSON file named in edit_json through its function (file name -> fn(dict) -> dict, e.g.
+    {"config.json": lambda c: dict(c, hidden_size=256.7)}). For making defective fixtures in tests."""
     import shutil
 
     from verify.checkpoint import SAFETENSORS_DTYPES, read_safetensors_header
 
     src, dst = Path(src), Path(dst)
     shutil.copytree(src, dst)
+    for name, fn in (edit_json or {}).items():
+        (dst / name).write_text(json.dumps(fn(json.loads((dst / name).read_text())), indent=2))
+    if edit is None:
+        return dst
     index_path = dst / "model.safetensors.index.json"
     index = json.loads(index_path.read_text())
     for shard in sorted(set(index["weight_map"].values())):

@@ -183,3 +183,10 @@ def test_loader_bytes_equal_the_raw_safetensors_bytes_for_every_linear(request, 
                                               f"stored 0x{int(b[bad[0, 0]]):02x}")
                     checked.add(lin.format)
     assert {"nvfp4", "fp8_block128"} <= checked, checked
+
+
+def test_describe_names_what_was_opened():
+    """The one line a run can print first: which checkpoint, schema, layers, quantization, files."""
+    line = Checkpoint.open(MINI_V4).describe()
+    assert line == (f"checkpoint {MINI_V4}: deepseek_v4, 4 layers, 16 experts, NVFP4 (hf_quant_config.json), "
+                    "891 tensors in 10 files")

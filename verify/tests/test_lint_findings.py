@@ -279,6 +279,12 @@ def _delete_shard(d: Path) -> tuple[str, str]:
     return shard, first
 
 
+def _shard_is_a_directory(d: Path) -> tuple[str, str]:
+    (d / GLOBALS_SHARD).unlink()
+    (d / GLOBALS_SHARD).mkdir()
+    return GLOBALS_SHARD, "embed.weight"  # the first tensor the index maps to it
+
+
 def _drop_tensor_from_shard(d: Path) -> tuple[str, str]:
     def drop(h: dict, data: bytearray) -> bytearray:
         lo, hi = h.pop(T_SCALE)["data_offsets"]
@@ -323,6 +329,7 @@ STRUCTURE_DEFECTS = [
     pytest.param("dtype_unknown", _unknown_dtype, id="unknown-dtype"),
     pytest.param("header_malformed", _header_not_json, id="header-not-json"),
     pytest.param("shard_missing", _delete_shard, id="index-names-missing-shard"),
+    pytest.param("shard_unreadable", _shard_is_a_directory, id="shard-is-a-directory"),
     pytest.param("index_tensor_not_in_shard", _drop_tensor_from_shard, id="index-tensor-missing-from-shard"),
     pytest.param("tensor_not_in_index", _drop_tensor_from_index, id="shard-tensor-missing-from-index"),
     pytest.param("shard_not_in_index", _unindexed_shard, id="shard-not-in-index"),
