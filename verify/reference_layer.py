@@ -205,7 +205,7 @@ def check_reference_finite(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerI
     for module, lin in iter_linears(layer):
         bad = scale_defects(lin)
         if bad:
-            raise NanScaleError(bad[0][1], tensor=bad[0][0])
+            raise bad[0].error(bad[0].message, tensor=bad[0].tensor)
         nan_bytes = int(((lin.weight_e4m3.view(torch.uint8) & 0x7F) == 0x7F).sum()) \
             if isinstance(lin, Fp8BlockLinear) else 0
         if nan_bytes:
