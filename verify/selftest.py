@@ -33,6 +33,7 @@ from references.nvfp4 import (
 )
 from references.stages import STAGES, Op, Stage
 from verify.backends import Backend, QuantizedAct, RoutingOut
+from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.checkpoint import Checkpoint, GatedMlp, Nvfp4Linear
 from verify.config import GOLDEN_DIR, positive_int
 from verify.reference_layer import LayerInputs
@@ -504,8 +505,8 @@ def _stage(name: str) -> Stage:
 
 
 def add_selftest_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backend", default="auto", choices=("auto", "emulator", "sm90", "sm100"),
-                   help="Backend to wrap with the bug injectors. Default: %(default)r.")
+    p.add_argument("--backend", default="auto", type=backend_arg,
+                   help=f"Backend to wrap with the bug injectors: {BACKEND_HELP}. Default: %(default)r.")
     p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
                    help="Checkpoint whose layers the injected runs verify. Default: the committed mini-v4 fixture.")
     p.add_argument("--layers", default=None, help="Layers, e.g. '0,3'. Default: every layer the checkpoint holds.")

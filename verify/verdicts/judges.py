@@ -54,8 +54,9 @@ from verify.assertions import (
     assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, assert_within_gemm_bound,
     assert_within_ulps, describe_e4m3, first_mismatch,
 )
+from verify.backends.base import Backend
 from verify.backends.emulator import fp8_act_scale_fmt
-from verify.backends.protocol import Backend, Dispatched, QuantizedAct
+from verify.backends.protocol import Dispatched, QuantizedAct
 from verify.reference_layer import to_reference_weight
 from verify.metrics import stage_metrics
 from verify.verdicts.routing import router_verdict
