@@ -29,9 +29,10 @@ def add_backends_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def describe_backend(spec: str, device: torch.device) -> dict:
-    """What the listing shows of one backend spec: name, origin, version, recipe, u_acc, accumulator,
-    graph_safe, ops ({op: None or the reason it is not served on `device}), or error (why it cannot be
-    loaded here; then nothing else is known)."""
+    """What the listing shows of one backend spec: spec, name (the backend's own), origin, version (its
+    declared one, then its provider's in parentheses), recipe, u_acc, accumulator, graph_safe, ops
+    ({op: None or why it is not served on `device`}), or error (why it cannot be loaded here; then
+    nothing else is known)."""
     entry = resolve_backend_spec(spec, device)
     row = {"spec": spec, "name": entry.name, "origin": entry.origin, "version": _version(entry)}
     try:
@@ -39,7 +40,9 @@ def describe_backend(spec: str, device: torch.device) -> dict:
     except Exception as e:  # noqa: BLE001 (a listing shows a broken backend with its reason and goes on)
         return {**row, "error": f"{type(e).__name__}: {' '.join(str(e).split())}"}
     recipe = getattr(b, "recipe", None)
-    return {**row, "name": b.name, "version": getattr(b, "version", None) or row["version"],
+    declared = getattr(b, "version", None)
+    version = f"{declared} ({row['version']})" if declared and row["version"] else declared or row["version"]
+    return {**row, "name": b.name, "version": version,
             "recipe": getattr(recipe, "name", str(recipe)), "u_acc": float(b.u_acc),
             "accumulator": getattr(b, "accumulator", "undeclared"), "graph_safe": getattr(b, "graph_safe", True),
             "ops": {op.value: b.unsupported_reason(op, device) for op in FORWARD_OPS}}
@@ -64,18 +67,19 @@ def cli_backends(args: argparse.Namespace) -> int:
     for col in ("backend", "from", "version", "recipe", "u_acc", "accumulator", "graph-safe", "forward ops here"):
         summary.add_column(col, overflow="fold")
     for r in rows:
+        label = r["spec"] if r["spec"] == r["name"] else f"{r['spec']} ({r['name']})"
         if "error" in r:
-            summary.add_row(r["name"], r["origin"], r["version"] or "-", "", "", "", "",
+            summary.add_row(label, r["origin"], r["version"] or "-", "", "", "", "",
                             f"[bold red]not loadable[/]: {r['error']}")
             continue
         served = sum(reason is None for reason in r["ops"].values())
-        summary.add_row(r["name"], r["origin"], r["version"] or "-", r["recipe"], f"2^{_log2(r['u_acc'])}",
+        summary.add_row(label, r["origin"], r["version"] or "-", r["recipe"], f"2^{_log2(r['u_acc'])}",
                         r["accumulator"], "yes" if r["graph_safe"] else "no", f"{served}/{len(r['ops'])} served")
     console.print(summary)
     for r in rows:
         if "error" in r:
             continue
-        table = Table(title=f"{r['name']}: forward ops on {device}")
+        table = Table(title=f"{r['spec']}: forward ops on {device}")
         table.add_column("op", no_wrap=True)
         table.add_column("here", no_wrap=True)
         table.add_column("reason", overflow="fold")
