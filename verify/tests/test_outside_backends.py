@@ -201,3 +201,13 @@ def test_backends_command_lists_builtins_entry_points_and_module_attr(outside, c
     assert main(["backends", "--device", "cpu", "--backend", f"{MODULE}:QuantOnly"]) == 0
     listing = capsys.readouterr().out
     assert "module:attr" in listing and "sm90" not in listing
+
+
+def test_pytest_runs_the_stage_tests_on_an_outside_backend(outside):
+    """`pytest --backend module:attr`: the stage tests of what it serves pass, the rest skip with its reason."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(outside), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           "verify/tests/test_layer_stages.py", "--backend", f"{MODULE}:QuantOnly",
+                           "-k", "layer0 and wq_a"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "quant-only has no prepare" in proc.stdout, proc.stdout[-3000:]
