@@ -92,7 +92,7 @@ def backend_spec(text: str) -> str:
 
 def backend_arg(text: str) -> str:
     """backend_spec as argparse's `type=` of every --backend (CLI and pytest): argparse shows an
-    ArgumentTypeError's own message ("argument --backend: unknown backend 'x' (known: ...)")."""
+    ArgumentTypeError's own message ("argument --backend: invalid choice: 'x' (known backends: ...)")."""
     why = _spec_problem(text)
     if why:
         raise argparse.ArgumentTypeError(why)
@@ -107,8 +107,8 @@ def _spec_problem(text: str) -> str | None:
     names = registered_backend_names()
     if text in names:
         return None
-    return (f"unknown backend {text!r} (known: {AUTO}, {', '.join(names)}; or module:attr, a Backend subclass or "
-            "a factory returning one)")
+    return (f"invalid choice: {text!r} (known backends: {AUTO}, {', '.join(names)}; or module:attr, a Backend "
+            "subclass or a factory returning one)")
 
 
 def auto_backend_name(device: torch.device | str | None = None) -> str:

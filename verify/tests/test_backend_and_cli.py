@@ -33,8 +33,8 @@ def test_auto_backend_on_this_machine_is_named_and_declares_recipe_and_accumulat
 
 
 def test_unknown_backend_is_a_usage_error_listing_the_registered_ones():
-    with pytest.raises(UsageError, match=r"^--backend sm80: unknown backend 'sm80' \(known: auto, emulator, sm90, "
-                                         r"sm100[,;]") as e:
+    with pytest.raises(UsageError, match=r"^--backend sm80: invalid choice: 'sm80' \(known backends: auto, emulator, "
+                                         r"sm90, sm100[,;]") as e:
         get_backend("sm80")
     assert e.value.argument == "--backend"
 
@@ -94,7 +94,7 @@ def test_run_config_and_layer_parsing():
     assert format_layers(parse_layers("7,0-3,5")) == "0-3,5,7"
     with pytest.raises(ValueError, match="cannot parse 'x'"):
         parse_layers("1,x")
-    with pytest.raises(UsageError, match="--backend nope: unknown backend 'nope'"):
+    with pytest.raises(UsageError, match="--backend nope: invalid choice: 'nope'"):
         RunConfig(backend="nope")
     assert RunConfig(backend="mypkg.kernels:MyBackend").backend == "mypkg.kernels:MyBackend"  # imported when used
 

@@ -118,7 +118,7 @@ def test_only_the_overridden_op_is_served_the_rest_say_why(outside):
 
 
 @pytest.mark.parametrize("spec,message", [
-    ("sm80", r"--backend sm80: unknown backend 'sm80' \(known: auto, emulator, sm90, sm100"),
+    ("sm80", r"--backend sm80: invalid choice: 'sm80' \(known backends: auto, emulator, sm90, sm100"),
     ("no_such_module_xyz:Thing", r"--backend no_such_module_xyz:Thing: module 'no_such_module_xyz' is not importable "
                                  r"\(ModuleNotFoundError"),
     (f"{MODULE}:Missing", rf"--backend {MODULE}:Missing: module '{MODULE}' has no attribute 'Missing'"),
@@ -137,7 +137,7 @@ def test_bad_specs_are_one_line_usage_errors_naming_the_spec(outside, spec, mess
 def test_every_cli_backend_option_takes_module_attr_and_refuses_unknown_names(outside, command, capsys):
     assert main([command, "--backend", "sm80"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"verify {command}: error: argument --backend: unknown backend 'sm80' (known: auto,") \
+    assert err.startswith(f"verify {command}: error: argument --backend: invalid choice: 'sm80' (known backends: auto,") \
         and "\n" not in err
     assert main([command, "--backend", f"{MODULE}:Missing"]) == 2
     assert capsys.readouterr().err.strip() == (f"verify {command}: error: --backend {MODULE}:Missing: module "
@@ -150,7 +150,7 @@ def test_pytest_backend_option_takes_registered_names_and_module_attr():
     assert _backend_arg("sm100") == "sm100" and _backend_arg("mypkg.mod:make") == "mypkg.mod:make"
     import argparse
 
-    with pytest.raises(argparse.ArgumentTypeError, match="unknown backend 'sm80'"):
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid choice: 'sm80'"):
         _backend_arg("sm80")
 
 
