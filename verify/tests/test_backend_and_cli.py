@@ -19,6 +19,7 @@ from verify.assertions import assert_bytes_equal, assert_within_gemm_bound, desc
 from verify.backends import Backend, BackendProtocol, EmulatorBackend, Op, get_backend, registered_backend_names, \
     registered_backends
 from verify.backends.base import OPS_OF_METHOD
+from verify.backends.registry import BUILTINS
 from verify.config import RunConfig, check_device, format_layers, parse_layers, positive_int
 from verify.errors import DeviceUnavailableError, UsageError
 from verify.metrics import stage_metrics
@@ -131,7 +132,7 @@ def test_cli_demo_passes_and_writes_json(tmp_path):
     assert out.exists() and '"ok": true' in out.read_text()
 
 
-@pytest.mark.parametrize("name", ["sm90", "sm100"])
+@pytest.mark.parametrize("name", [name for name, (_, needs) in BUILTINS.items() if needs])  # the kernel adapters
 def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
     b = get_backend(name)
     assert b.name == name and b.recipe.name == "te" and b.u_acc > 0
