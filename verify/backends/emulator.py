@@ -200,9 +200,9 @@ def _reference_dispatch(d: Dispatched, t: int, k: int) -> ref_moe.Dispatch:
                             row_of_pair.view(t, k))
 
 
-def run_moe_block(backend: BackendProtocol, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
-                  weight_placement: str, act_scale: str, static_scales: tuple[Tensor, Tensor] | None,
-                  token_ids_i64: Tensor | None = None) -> Tensor:
+def run_moe_block(backend: BackendProtocol, x_bf16: Tensor, router: object, experts: object, *,
+                  swiglu_limit: float | None, weight_placement: str, act_scale: str,
+                  static_scales: tuple[Tensor, Tensor] | None, token_ids_i64: Tensor | None = None) -> Tensor:
     """The routed MoE block composed from a backend's stage ops: router -> dispatch -> act_quant
     -> l1 -> swiglu+requant -> l2 -> combine. static_scales: (l1, l2) per-expert decode scales."""
     r = backend.router(x_bf16, router, token_ids_i64=token_ids_i64)

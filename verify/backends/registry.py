@@ -25,6 +25,7 @@ import argparse
 import importlib
 import importlib.metadata
 import inspect
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -33,8 +34,9 @@ from verify.backends.base import Backend
 from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
-__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BackendEntry", "registered_backends", "registered_backend_names",
-           "backend_spec", "backend_arg", "BACKEND_HELP", "auto_backend_name", "module_version", "resolve_backend_spec", "get_backend"]
+__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
+           "registered_backend_names", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
+           "get_backend", "module_version"]
 
 AUTO = "auto"
 ENTRY_POINT_GROUP = "nvfp4_verify.backends"
@@ -208,7 +210,5 @@ def module_version(module_name: str) -> str:
     dists = importlib.metadata.packages_distributions().get(top, [])
     if dists:
         return f"{dists[0]} {_dist_version(dists[0])}".strip()
-    import sys  # noqa: PLC0415
-
     mod = sys.modules.get(top)
     return str(getattr(mod, "__version__", "")) if mod is not None else ""

@@ -186,7 +186,8 @@ def test_the_conformance_check_sees_a_changed_signature():
                       token_ids_i64=None, num_valid_tokens=None):
             raise AssertionError("never called")
 
-    with pytest.raises(AssertionError, match=r"Renamed\.moe_block\(.*num_valid_tokens=None\) differs from Backend\.moe_block"):
+    with pytest.raises(AssertionError,
+                       match=r"Renamed\.moe_block\(.*num_valid_tokens=None\) differs from Backend\.moe_block"):
         assert_conforms_to_the_base_class(Renamed)
 
     class Positional(Sm100Adapter):

@@ -137,8 +137,8 @@ def test_bad_specs_are_one_line_usage_errors_naming_the_spec(outside, spec, mess
 def test_every_cli_backend_option_takes_module_attr_and_refuses_unknown_names(outside, command, capsys):
     assert main([command, "--backend", "sm80"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith(f"verify {command}: error: argument --backend: invalid choice: 'sm80' (known backends: auto,") \
-        and "\n" not in err
+    assert err.startswith(f"verify {command}: error: argument --backend: invalid choice: 'sm80' "
+                          "(known backends: auto,") and "\n" not in err
     assert main([command, "--backend", f"{MODULE}:Missing"]) == 2
     assert capsys.readouterr().err.strip() == (f"verify {command}: error: --backend {MODULE}:Missing: module "
                                                f"'{MODULE}' has no attribute 'Missing'")

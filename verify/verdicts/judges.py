@@ -397,8 +397,8 @@ def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdic
         bytes_verdict = Verdict(stage.name, Check.BYTES.value, "skipped", f"bytes: {lins[0].module} is "
                                 f"{lins[0].format}; only NVFP4 activations are a boundary tensor (its product is "
                                 "judged by the bound)")
-    not_served = next((v for op in (Op.PREPARE, Op.DENSE_LINEAR) if (v := _unsupported(backend, stage, op, case.device))),
-                      None)
+    not_served = next((v for op in (Op.PREPARE, Op.DENSE_LINEAR)
+                       if (v := _unsupported(backend, stage, op, case.device))), None)
     if not_served is None:
         try:
             prepared = [backend.prepare_linear(lin) for lin in lins]
