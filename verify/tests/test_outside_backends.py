@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -211,3 +212,12 @@ def test_pytest_runs_the_stage_tests_on_an_outside_backend(outside):
                            "-k", "layer0 and wq_a"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert " passed" in proc.stdout and "quant-only has no prepare" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_selftest_through_an_outside_backend_catches_what_it_serves(outside):
+    """The bug classes in its quantize are caught; those in ops it lacks are 'not applicable', never MISSED."""
+    proc = _verify(["selftest", "--backend", f"{MODULE}:QuantOnly", "--layers", "0", "--tokens", "8"], outside)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = " ".join(proc.stdout.split())
+    assert re.search(r"\b0 of \d+ injected bugs missed or misblamed", out), proc.stdout[-3000:]
+    assert "caught" in out and "not applicable" in out
