@@ -162,8 +162,10 @@ def _parameters(fn) -> str:
 
 
 def _registered_class(name: str) -> type:
+    """The class a registered entry names, or the class of what its factory returns."""
     module, _, attr = registered_backends()[name].target.partition(":")
-    return getattr(importlib.import_module(module), attr)
+    obj = getattr(importlib.import_module(module), attr)
+    return obj if inspect.isclass(obj) else type(get_backend(name))
 
 
 @pytest.mark.parametrize("name", registered_backend_names())
