@@ -57,6 +57,8 @@ COMMANDS = {
                     "measure each GEMM path's accumulator bits and rounding; exit 1 if the declared u_acc is looser"),
     "selftest": ("verify.selftest", "add_selftest_arguments", "cli_selftest",
                  "inject one known bug class at a time into a backend; every one must fail its own stage"),
+    "backends": ("verify.backends.cli", "add_backends_arguments", "cli_backends",
+                 "list the backends (built-in, entry points, module:attr): origin, version, and each op served here"),
 }
 DEBUG_HELP = "On a usage or input error, print the traceback too. Default: %(default)r."
 

@@ -28,6 +28,7 @@ from references.gemm import U_FP32
 from references.nvfp4 import pack_e2m1x2_low_first
 from references.stages import Op
 from verify.backends import Backend, QuantizedAct
+from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.checkpoint import Nvfp4Linear
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused"]
@@ -193,8 +194,8 @@ def _log2(x: float) -> float:
 
 
 def add_accumulator_arguments(p) -> None:
-    p.add_argument("--backend", default="auto", choices=("auto", "emulator", "sm90", "sm100"),
-                   help="Backend whose GEMM paths to probe. Default: %(default)r.")
+    p.add_argument("--backend", default="auto", type=backend_arg,
+                   help=f"Backend whose GEMM paths to probe: {BACKEND_HELP}. Default: %(default)r.")
     p.add_argument("--device", default="auto", help="auto (cuda when present), cpu or cuda. Default: %(default)r.")
 
 
@@ -208,7 +209,7 @@ def cli_accumulator(args) -> int:
     from verify.errors import DeviceUnavailableError  # noqa: PLC0415
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    backend = get_backend(args.backend, device if device.type == "cuda" else None)
+    backend = get_backend(args.backend, device)
     reason = backend.unsupported_reason(Op.DENSE_GEMM, device)
     if reason:
         raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({reason})", argument="--backend")

@@ -15,7 +15,6 @@ from pathlib import Path
 
 from verify.errors import DeviceUnavailableError, UsageError
 
-BACKEND_NAMES = ("auto", "emulator", "sm90", "sm100")
 REPO_ROOT = Path(__file__).resolve().parent.parent
 GOLDEN_DIR = REPO_ROOT / "golden"
 
@@ -31,7 +30,7 @@ class RunConfig:
     """What to verify and where to put the results.
 
     checkpoint: a Hugging Face style checkpoint directory, or None for the committed fixture.
-    backend: one of BACKEND_NAMES.
+    backend: a backend spec (verify.backends.registry: a registered name, 'auto', or module:attr).
     layers: layer indices to verify; empty means every layer the entry point defaults to.
     update_golden: rewrite golden files (the run then fails with the diff, for review).
     report_dir: where JSON reports go; None disables them.
@@ -44,8 +43,9 @@ class RunConfig:
     report_dir: Path | None = None
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKEND_NAMES:
-            raise ValueError(f"backend={self.backend!r} is not one of {BACKEND_NAMES}")
+        from verify.backends.registry import backend_spec  # noqa: PLC0415 (the registry imports torch)
+
+        backend_spec(self.backend)  # UsageError naming it and the registered names
         if any(i < 0 for i in self.layers):
             raise ValueError(f"layers={self.layers!r}: layer indices must be >= 0")
 

@@ -24,6 +24,7 @@ from references.linear import rms_norm
 from references.recipes import RECIPES, recipe_by_name
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.backends import FORWARD_OPS, get_backend
+from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
 from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError, UsageError
 from verify.golden import environment
@@ -131,10 +132,8 @@ def backend_for_verdicts(name: str, device: torch.device):
     """The --backend that runs the verdicts on `device` (where the references run), or
     DeviceUnavailableError carrying the backend's own unsupported_reason. "auto" picks for `device`:
     the GPU's backend on cuda, the emulator on the CPU (also on a machine that has a GPU)."""
-    if name == "auto" and device.type != "cuda":
-        name = "emulator"
     try:
-        backend = get_backend(name, device if device.type == "cuda" else None)
+        backend = get_backend(name, device)  # "auto": the GPU's backend on cuda, the emulator on the CPU
     except ImportError as e:
         raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({e})", argument="--backend") from None
     reasons = [backend.unsupported_reason(op, device) for op in VERDICT_OPS]
@@ -180,9 +179,9 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8-scale-fmt", choices=("auto", "ue8m0", "f32"), default="auto",
                    help="FP8 activation block-scale format (auto: ue8m0 for V4, f32 for V3). Default: %(default)r.")
     p.add_argument("--device", default="cpu", help="Where the references run. Default: %(default)r.")
-    p.add_argument("--backend", default=None, choices=("auto", "emulator", "sm90", "sm100"),
-                   help="Also run the backend's verdicts on every dense NVFP4 stage (quantize bytes, GEMM "
-                        "bound, host sync, CUDA-graph replay); exit 1 if any fails. Default: %(default)r.")
+    p.add_argument("--backend", default=None, type=backend_arg,
+                   help=f"Also run this backend's verdicts on every stage it serves (quantize bytes, GEMM bound, "
+                        f"host sync, CUDA-graph replay); exit 1 if any fails: {BACKEND_HELP}. Default: %(default)r.")
     p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
 
 

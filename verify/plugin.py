@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from verify.config import BACKEND_NAMES, RunConfig, env_default, parse_layers
+from verify.config import RunConfig, env_default, parse_layers
 from verify.oracles import OracleVersionError, require_oracle
 
 MAX_LAYERS = 64  # DeepSeek-V4-Pro has 61 decoder layers plus MTP
@@ -38,8 +38,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--checkpoint", default=env_default("CHECKPOINT", None),
                 help="Checkpoint directory to verify (env NVFP4V_CHECKPOINT). "
                      "Default: %(default)r (the committed fixture).")
-    g.addoption("--backend", default=env_default("BACKEND", "auto"), choices=BACKEND_NAMES,
-                help="Backend under test. Default: %(default)r.")
+    g.addoption("--backend", default=env_default("BACKEND", "auto"), type=_backend_arg,
+                help="Backend under test (env NVFP4V_BACKEND): a registered name (`python -m verify backends` "
+                     "lists them), 'auto', or module:attr. Default: %(default)r.")
     g.addoption("--layers", default=None,
                 help="Layers to verify, e.g. '0,3,5-7'; each test also carries a "
                      "marker layerN, so -m layer0 works too. Default: %(default)r (all).")
@@ -51,6 +52,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                 help="Run `bench` tests even without -m bench. Default: %(default)r.")
     g.addoption("--run-slow", action="store_true", default=False,
                 help="Run `slow` tests even without -m slow. Default: %(default)r.")
+
+
+def _backend_arg(text: str) -> str:
+    """--backend's type: verify.backends.registry.backend_arg, imported when the option is parsed (the
+    registry imports torch; loading the plugin does not)."""
+    from verify.backends.registry import backend_arg  # noqa: PLC0415
+
+    return backend_arg(text)
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -19,8 +19,8 @@ from references.linear import Nvfp4Weight, Weight, linear as ref_linear
 from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
-from references.stages import Op
-from verify.backends.protocol import Backend, Dispatched, QuantizedAct, RoutingOut
+from verify.backends.base import Backend
+from verify.backends.protocol import BackendProtocol, Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
 from verify.reference_layer import to_reference_weight
 
@@ -41,21 +41,19 @@ def _offsets_i64(offsets_i32: Tensor) -> Tensor:
     return offsets_i32.to(torch.int64)
 
 
-class EmulatorBackend:
+class EmulatorBackend(Backend):
     """The references served through the protocol: every op, any device. GEMMs are exact products
     summed in float64 and rounded once: u_acc = 2^-53, what verify.accumulator measures (a looser
     declaration would be refused)."""
 
     name = "emulator"
     u_acc = U_FP64
+    accumulator = "float64 (exact products summed in float64, rounded once to the output dtype)"
     graph_safe = False  # a reference: host reads (offsets, counts) by design, never captured
     supports_valid_tokens = True
 
     def __init__(self, recipe: Recipe | str = "te") -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
-
-    def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        return None if op is not Op.REFERENCE else "emulator: reference-only stages have no backend op"
 
     # ---------------------------------------------------------------- prepare
 
@@ -202,9 +200,9 @@ def _reference_dispatch(d: Dispatched, t: int, k: int) -> ref_moe.Dispatch:
                             row_of_pair.view(t, k))
 
 
-def run_moe_block(backend: Backend, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
-                  weight_placement: str, act_scale: str, static_scales: tuple[Tensor, Tensor] | None,
-                  token_ids_i64: Tensor | None = None) -> Tensor:
+def run_moe_block(backend: BackendProtocol, x_bf16: Tensor, router: object, experts: object, *,
+                  swiglu_limit: float | None, weight_placement: str, act_scale: str,
+                  static_scales: tuple[Tensor, Tensor] | None, token_ids_i64: Tensor | None = None) -> Tensor:
     """The routed MoE block composed from a backend's stage ops: router -> dispatch -> act_quant
     -> l1 -> swiglu+requant -> l2 -> combine. static_scales: (l1, l2) per-expert decode scales."""
     r = backend.router(x_bf16, router, token_ids_i64=token_ids_i64)

@@ -1,4 +1,6 @@
-"""The backend protocol: the one door through which verify/ sees both references/ and kernels/.
+"""The backend protocol: the boundary types every backend speaks, and `BackendProtocol`, the
+typing Protocol of a backend (verify.backends.base.Backend is the base class that implements it
+with every op "not served"; the registry, verify.backends.registry, finds backends by name).
 
 A backend serves the ops of the stage table (references.stages.Op). Its own host code turns
 checkpoint bytes into its operands (`prepare_*`, once per layer, outside any graph); the
@@ -20,7 +22,8 @@ One argument name means one scale direction everywhere: `input_dec_scale_f32` is
 backend computes amax and S = 2688/amax on the device).
 
 `emulator` (references/, any device) serves every op; `sm90` and `sm100` serve what they have
-and say why not for the rest (`unsupported_reason(op, device)`).
+and say why not for the rest (`unsupported_reason(op, device)`); an outside backend subclasses
+verify.backends.Backend and overrides what it has.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from references.recipes import Recipe
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "FORWARD_OPS"]
+__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "BackendProtocol", "FORWARD_OPS"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
 
@@ -75,9 +78,10 @@ class RoutingOut:
 
 
 @runtime_checkable
-class Backend(Protocol):
-    """What every backend provides; ops it cannot run raise NotImplementedError with the same
-    sentence unsupported_reason returns."""
+class BackendProtocol(Protocol):
+    """What the harness calls on a backend (verify.backends.base.Backend documents each op; its
+    subclasses and any object with these members qualify). Ops it cannot run raise
+    NotImplementedError with the same sentence unsupported_reason returns."""
 
     name: str
     recipe: Recipe

@@ -49,6 +49,7 @@ from kernels.sm100.api import Sm100Kernels
 from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
+from verify.backends.base import Backend
 from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
@@ -226,21 +227,22 @@ def _ones_f32(device: torch.device) -> Tensor:
 # ============================================================================= the adapter
 
 
-class Sm100Adapter:
-    """kernels.sm100.api.Sm100Kernels (plus its host_bridge and moe_routing) as a verify.backends.Backend."""
+class Sm100Adapter(Backend):
+    """kernels.sm100.api.Sm100Kernels (plus its host_bridge and moe_routing) as a verify.backends.Backend.
+    The ops in NOT_SERVED are left to the base class, which refuses them with NOT_SERVED's sentence."""
+
+    not_served = NOT_SERVED
+    supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
 
     def __init__(self) -> None:
         self._impl = Sm100Kernels()
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
+        self.accumulator = self._impl.accumulator
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        if op in NOT_SERVED:
-            return NOT_SERVED[op]
-        if op not in SERVED:
-            raise ValueError(f"op={op!r}: not an op of references.stages.Op")
-        return self._impl.unsupported_reason(SERVED[op], device)
+        return super().unsupported_reason(op, device) or self._impl.unsupported_reason(SERVED[op], device)
 
     def cache_clear(self) -> None:
         self._impl.cache_clear()
@@ -368,11 +370,6 @@ class Sm100Adapter:
             return run(experts.w1), run(experts.w3)
         return run(experts.w2)
 
-    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
-                       row_weight_f32: Tensor | None = None,
-                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]:
-        raise NotImplementedError(NOT_SERVED[Op.SWIGLU_REQUANT])
-
     def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: Sm100Experts, *, swiglu_limit: float | None,
                  input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
         """Grouped L1 GEMM + clamped SwiGLU + NVFP4 quantization of h in one kernel (static only).
@@ -455,8 +452,6 @@ class Sm100Adapter:
                      input_dec_scale_f32: Tensor | None = None) -> Tensor:
         """x [M, K] bf16 -> bf16 [M, N]: quantize (static input_scale, else dynamic) + dense GEMM."""
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
-
-    supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
 
     def moe_block(self, x_bf16: Tensor, router: Sm100Router, experts: Sm100Experts, *,
                   swiglu_limit: float | None, weight_placement: str, act_scale: str,

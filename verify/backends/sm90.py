@@ -29,6 +29,7 @@ from torch import Tensor
 from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
+from verify.backends.base import Backend
 from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
@@ -45,7 +46,7 @@ _PLACEMENTS = ("after_w2", "before_w2")
 _ACT_SCALES = ("dynamic", "static")
 
 
-class Sm90Adapter:
+class Sm90Adapter(Backend):
     """kernels.sm90.api.Sm90Kernels as a verify.backends.Backend."""
 
     supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
@@ -57,11 +58,10 @@ class Sm90Adapter:
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
+        self.accumulator = self._impl.accumulator
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
-        if op not in _SERVED:
-            return f"sm90: {op.value} is not a kernel op (reference-only stages have no backend op)"
-        return self._impl.unsupported_reason(_SERVED[op], device)
+        return super().unsupported_reason(op, device) or self._impl.unsupported_reason(_SERVED[op], device)
 
     def cache_clear(self) -> None:
         self._impl.cache_clear()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
 import subprocess
 import sys
 
@@ -14,7 +16,10 @@ from references.layouts import sf_swizzled_128x4_to_linear
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
 from verify.assertions import assert_bytes_equal, assert_within_gemm_bound, describe_e4m3
-from verify.backends import EmulatorBackend, Op, get_backend
+from verify.backends import Backend, BackendProtocol, EmulatorBackend, Op, get_backend, registered_backend_names, \
+    registered_backends
+from verify.backends.base import OPS_OF_METHOD
+from verify.backends.registry import BUILTINS
 from verify.config import RunConfig, check_device, format_layers, parse_layers, positive_int
 from verify.errors import DeviceUnavailableError, UsageError
 from verify.metrics import stage_metrics
@@ -28,9 +33,16 @@ def test_auto_backend_on_this_machine_is_named_and_declares_recipe_and_accumulat
     assert b.unsupported_reason(Op.QUANTIZE, torch.device("cpu")) is None or b.name != "emulator"
 
 
-def test_unknown_backend_is_a_clear_error():
-    with pytest.raises(ValueError, match="backend='sm80'"):
+def test_unknown_backend_is_a_usage_error_listing_the_registered_ones():
+    with pytest.raises(UsageError, match=r"^--backend sm80: invalid choice: 'sm80' \(known backends: auto, emulator, "
+                                         r"sm90, sm100[,;]") as e:
         get_backend("sm80")
+    assert e.value.argument == "--backend"
+
+
+def test_auto_on_a_cpu_device_is_the_emulator_even_where_a_gpu_is():
+    assert get_backend("auto", torch.device("cpu")).name == "emulator"
+    assert get_backend("auto", "cpu").name == "emulator"
 
 
 def test_emulator_backend_quantize_returns_swizzled_scales_of_the_reference():
@@ -83,8 +95,9 @@ def test_run_config_and_layer_parsing():
     assert format_layers(parse_layers("7,0-3,5")) == "0-3,5,7"
     with pytest.raises(ValueError, match="cannot parse 'x'"):
         parse_layers("1,x")
-    with pytest.raises(ValueError, match="backend='nope'"):
+    with pytest.raises(UsageError, match="--backend nope: invalid choice: 'nope'"):
         RunConfig(backend="nope")
+    assert RunConfig(backend="mypkg.kernels:MyBackend").backend == "mypkg.kernels:MyBackend"  # imported when used
 
 
 @pytest.mark.parametrize("text,problem", [("3-1", "runs backwards"), ("-1", "cannot parse '-1'"),
@@ -119,7 +132,7 @@ def test_cli_demo_passes_and_writes_json(tmp_path):
     assert out.exists() and '"ok": true' in out.read_text()
 
 
-@pytest.mark.parametrize("name", ["sm90", "sm100"])
+@pytest.mark.parametrize("name", [name for name, (_, needs) in BUILTINS.items() if needs])  # the kernel adapters
 def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
     b = get_backend(name)
     assert b.name == name and b.recipe.name == "te" and b.u_acc > 0
@@ -127,17 +140,64 @@ def test_kernel_backends_adapt_and_state_why_they_cannot_run_here(name):
     assert isinstance(reason, str) and reason, f"{name} must say why it cannot run a GEMM on the CPU"
 
 
-def test_backends_are_typed_no_attribute_pass_through():
-    """The protocol is the whole interface: no adapter forwards unknown attributes to its kernels."""
-    import verify.backends as vb
-    import verify.backends.sm90 as v90
+def assert_conforms_to_the_base_class(cls: type) -> None:
+    """cls is a Backend, forwards no unknown attribute to its kernels, and every op it overrides (and
+    unsupported_reason) keeps the base class's parameters: names, kinds (positional / keyword-only) and
+    defaults. The typing Protocol (BackendProtocol) states the same signatures."""
+    __tracebackhide__ = True
+    assert issubclass(cls, Backend), f"{cls.__qualname__} does not subclass verify.backends.Backend"
+    for klass in cls.__mro__[:-1]:
+        assert "__getattr__" not in vars(klass), f"{klass.__qualname__} forwards unknown attributes (__getattr__)"
+    for method in (*OPS_OF_METHOD, "unsupported_reason"):
+        got, want = _parameters(getattr(cls, method)), _parameters(getattr(Backend, method))
+        assert got == want, f"{cls.__qualname__}.{method}{got} differs from Backend.{method}{want}"
 
-    for cls in (vb.EmulatorBackend, v90.Sm90Adapter):
-        assert "__getattr__" not in vars(cls), cls
-        for name in ("prepare_linear", "prepare_experts", "prepare_router", "quantize", "grouped_quantize",
-                     "dense_gemm", "grouped_gemm", "swiglu_requant", "l1_fused", "router", "dispatch", "combine",
-                     "dense_linear", "moe_block"):
-            assert callable(getattr(cls, name, None)), f"{cls.__name__}.{name}"
+
+def _parameters(fn) -> str:
+    """The signature without annotations, e.g. "(self, x_bf16, *, input_dec_scale_f32=None)": the part
+    callers depend on (names, positional / keyword-only, defaults)."""
+    sig = inspect.signature(fn)
+    bare = [p.replace(annotation=inspect.Parameter.empty) for p in sig.parameters.values()]
+    return str(sig.replace(parameters=bare, return_annotation=inspect.Signature.empty))
+
+
+def _registered_class(name: str) -> type:
+    """The class a registered entry names, or the class of what its factory returns."""
+    module, _, attr = registered_backends()[name].target.partition(":")
+    obj = getattr(importlib.import_module(module), attr)
+    return obj if inspect.isclass(obj) else type(get_backend(name))
+
+
+@pytest.mark.parametrize("name", registered_backend_names())
+def test_every_registered_backend_conforms_to_the_base_class(name):
+    """Every adapter the registry lists (sm100's too), op by op, against the base class's signatures."""
+    assert_conforms_to_the_base_class(_registered_class(name))
+
+
+def test_the_protocol_states_the_base_class_signatures():
+    for method in (*OPS_OF_METHOD, "unsupported_reason"):
+        assert _parameters(getattr(BackendProtocol, method)) == _parameters(getattr(Backend, method)), method
+
+
+def test_the_conformance_check_sees_a_changed_signature():
+    """A deliberately broken sm100 adapter (moe_block's valid-token count renamed) fails the check."""
+    from verify.backends.sm100 import Sm100Adapter
+
+    class Renamed(Sm100Adapter):
+        def moe_block(self, x_bf16, router, experts, *, swiglu_limit, weight_placement, act_scale,
+                      token_ids_i64=None, num_valid_tokens=None):
+            raise AssertionError("never called")
+
+    with pytest.raises(AssertionError,
+                       match=r"Renamed\.moe_block\(.*num_valid_tokens=None\) differs from Backend\.moe_block"):
+        assert_conforms_to_the_base_class(Renamed)
+
+    class Positional(Sm100Adapter):
+        def quantize(self, x_bf16, input_dec_scale_f32=None):  # no longer keyword-only
+            raise AssertionError("never called")
+
+    with pytest.raises(AssertionError, match=r"Positional\.quantize"):
+        assert_conforms_to_the_base_class(Positional)
 
 
 def test_emulator_serves_every_forward_op_and_sm90_names_why_not_here():

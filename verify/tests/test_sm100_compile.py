@@ -113,14 +113,26 @@ def test_gemm_ptx_zeroes_rows_past_the_device_valid_count(compiled_gemms, key):
         assert "selp.b32" in events[i + 1:j], f"{key}: the store after TMEM load #{waits.index(i)} is not row-masked"
 
 
-def test_gemm_swiglu_epilogue_has_activation(compiled_gemms):
-    from kernels.sm100.gemm_nvfp4_blockscaled import CompileKey
+def _epilogue_math(ptx: str) -> dict[str, int]:
+    """How many exp2, f32 min, f32 max and f32 division instructions the PTX holds."""
+    return {name: len(re.findall(pattern, ptx, re.M)) for name, pattern in (
+        ("ex2", r"^\s*ex2\.approx"), ("min", r"^\s*min\.(?:ftz\.)?f32"), ("max", r"^\s*max\.(?:ftz\.)?f32"),
+        ("div", r"^\s*div\.[\w.]*f32"))}
 
+
+def test_gemm_swiglu_epilogue_has_activation(compiled_gemms):
+    """h = silu(min(g, L)) * clamp(u, -L, L), silu(g) = g / (1 + exp(-g)): each epilogue thread holds
+    one row of the out_tile_n-column h tile, and each of its h elements takes one exp, one division,
+    two mins (the gate's and the up clamp's upper side) and one max (the up clamp's lower side). The
+    plain grouped GEMM has none of these, so the counts are the SwiGLU's (a dropped clamp side, a
+    sigmoid gone, or an activation applied twice changes them)."""
     key = next(k for k in compiled_gemms if k.variant == "grouped_swiglu")
-    _, ptx = compiled_gemms[key]
-    assert "ex2.approx" in ptx, "SwiGLU epilogue: no exp in the PTX"
-    assert re.search(r"\bmin\.f32|\bmin\.ftz\.f32|\bmax\.f32", ptx), "SwiGLU epilogue: the clamp is missing"
-    assert isinstance(key, CompileKey)
+    plain = next(k for k in compiled_gemms if k.variant == "grouped")
+    n = key.out_tile_n
+    assert _epilogue_math(compiled_gemms[plain][1]) == {"ex2": 0, "min": 0, "max": 0, "div": 0}, \
+        f"{plain}: the plain grouped GEMM's epilogue computes an activation"
+    assert _epilogue_math(compiled_gemms[key][1]) == {"ex2": n, "min": 2 * n, "max": n, "div": n}, \
+        f"{key}: SwiGLU epilogue math per thread (expected per h element: 1 exp, 2 min, 1 max, 1 div, x {n})"
 
 
 def test_gemm_swiglu_nvfp4_epilogue_quantizes_h_for_l2_with_te_math(compiled_gemms):

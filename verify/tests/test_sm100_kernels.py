@@ -6,7 +6,7 @@ with the reason). Verdicts per DESIGN "Verdicts":
   of the float64 result on the same quantized inputs; exact-arithmetic data: zero error;
 - SwiGLU epilogue: within the propagated GEMM bound plus the bf16 rounding;
 - CUDA graphs: capture, mutate values / routing / scales in place, replay == eager;
-- determinism: two runs give the same bytes.
+- determinism: the same bytes in new buffers over garbage, after other work, on another stream.
 """
 
 import math
@@ -24,6 +24,7 @@ from references.gemm import (grouped_gemm_error_bound, half_ulp, nvfp4_gemm_f64,
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
 from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_within_gemm_bound
+from verify.tests._determinism import assert_deterministic
 
 pytestmark = [pytest.mark.gpu, pytest.mark.sm100]
 
@@ -86,12 +87,6 @@ def test_dense_gemm_exact_arithmetic_data_is_exact():
     assert_bits_equal(y.cpu(), y64.to(torch.bfloat16), label="exact-arithmetic data must give zero accumulation error")
 
 
-def test_dense_gemm_is_deterministic():
-    a_p, a_sf, _, a_d = _q(_rand(300, 1024, seed=6))
-    b_p, b_sf, _, b_d = _q(_rand(256, 1024, seed=7))
-    w = hb.prepare_nvfp4_weight(b_p.to(DEV), b_sf.to(DEV), b_d.to(DEV))
-    args = (a_p.to(DEV), hb.sf_linear_to_swizzled_128x4(a_sf).to(DEV), a_d.to(DEV), w)
-    assert_bits_equal(gemm.launch_dense(*args), gemm.launch_dense(*args), label="two launches of the same dense GEMM (determinism)")
 
 
 # ----------------------------------------------------------------------------- grouped GEMMs
@@ -234,3 +229,63 @@ def test_moe_path_is_deterministic():
         outs.append(BACKEND.moe_experts(x, r, w13, w2, swiglu_limit=10.0))
     assert_bits_equal(outs[0], outs[1], label="run 1 vs run 0 (determinism)")
     assert not math.isnan(float(outs[0].float().abs().max()))
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def _dense_case(m, n, k, seed):
+    """make_inputs of a dense GEMM: new device buffers (activations and prepared weight) on each call."""
+    a_p, a_sf, _, a_d = _q(_rand(m, k, seed=seed))
+    b_p, b_sf, _, b_d = _q(_rand(n, k, seed=seed + 1))
+    a_sf_sw = hb.sf_linear_to_swizzled_128x4(a_sf)
+
+    def make():
+        w = hb.prepare_nvfp4_weight(b_p.to(DEV), b_sf.to(DEV), b_d.to(DEV))
+        return a_p.to(DEV), a_sf_sw.to(DEV), a_d.to(DEV), w
+
+    return make
+
+
+def _grouped_case(counts, n, k, seed, *, swiglu):
+    """make_inputs of a grouped GEMM on padded-per-expert rows (w1|w3 interleaved when swiglu)."""
+    _, _, (_, _, a_d), (b_p, b_sf, b_d), (a_pad, a_sf_sw, table) = _grouped_inputs(counts, n, k, seed)
+    u_p, u_sf, u_d = _grouped_inputs(counts, n, k, seed + 20)[3]
+
+    def make():
+        if swiglu:
+            w = hb.prepare_gate_up_weight(b_p.to(DEV), b_sf.to(DEV), b_d.to(DEV), u_p.to(DEV), u_sf.to(DEV),
+                                          u_d.to(DEV))
+        else:
+            w = hb.prepare_nvfp4_weight(b_p.to(DEV), b_sf.to(DEV), b_d.to(DEV))
+        return a_pad.to(DEV), a_sf_sw.to(DEV), a_d.to(DEV), w, table.to(DEV)
+
+    return make
+
+
+def _launch_swiglu_nvfp4(a_pad, a_sf_sw, a_d, w13, table):
+    h_enc = torch.tensor([20.0], device=DEV)  # a static S for h (any S: determinism is the question here)
+    return gemm.launch_grouped(a_pad, a_sf_sw, a_d, w13, table, swiglu_limit=10.0, h_global_enc_scale_f32=h_enc)
+
+
+def _other_work():
+    """Other shapes and kernels between two launches: a dense GEMM, a grouped GEMM with one expert."""
+    gemm.launch_dense(*_dense_case(256, 256, 1024, seed=91)())
+    gemm.launch_grouped(*_grouped_case(COUNTS["one_expert"], 256, 512, 93, swiglu=False)())
+
+
+DETERMINISM = {
+    "dense": lambda: (gemm.launch_dense, _dense_case(300, 256, 1024, seed=6)),
+    "grouped_ragged_with_empty": lambda: (gemm.launch_grouped,
+                                          _grouped_case(COUNTS["ragged_with_empty"], 256, 512, 60, swiglu=False)),
+    "grouped_swiglu_nvfp4_ragged_with_empty": lambda: (
+        _launch_swiglu_nvfp4, _grouped_case(COUNTS["ragged_with_empty"], 256, 512, 70, swiglu=True)),
+}
+
+
+@pytest.mark.parametrize("case", list(DETERMINISM))
+def test_gemm_is_deterministic(case):
+    """The same inputs give the same bytes in new buffers over garbage (every output byte and padding row
+    written), after other work in between, and on another stream (verify/tests/_determinism.py)."""
+    launch, make_inputs = DETERMINISM[case]()
+    assert_deterministic(launch, make_inputs, other_work=_other_work, label=f"{case} [sm100]", device=DEV)

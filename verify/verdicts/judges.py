@@ -54,8 +54,9 @@ from verify.assertions import (
     assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, assert_within_gemm_bound,
     assert_within_ulps, describe_e4m3, first_mismatch,
 )
+from verify.backends.base import Backend
 from verify.backends.emulator import fp8_act_scale_fmt
-from verify.backends.protocol import Backend, Dispatched, QuantizedAct
+from verify.backends.protocol import Dispatched, QuantizedAct
 from verify.reference_layer import to_reference_weight
 from verify.metrics import stage_metrics
 from verify.verdicts.routing import router_verdict
@@ -387,24 +388,25 @@ def _static_dense_scale(case: LayerCase, role: str) -> Tensor | None:
 def _dense_stage(backend: Backend, case: LayerCase, stage: Stage) -> list[Verdict]:
     roles = _dense_roles(stage)
     lins = [_linear_of(case, role) for _, role in roles]
-    for op in (Op.PREPARE, Op.DENSE_LINEAR):
-        v = _unsupported(backend, stage, op, case.device)
-        if v:
-            return _expand(v, stage)
-    try:
-        prepared = [backend.prepare_linear(lin) for lin in lins]
-    except NotImplementedError as exc:
-        return _expand(Verdict(stage.name, "*", "not served", str(exc), {"unsupported": str(exc)}), stage)
     x = _dense_input(case, stage).contiguous()
     nvfp4 = all(getattr(lin, "format", None) == "nvfp4" for lin in lins)
     scale = _static_dense_scale(case, roles[0][1]) if nvfp4 else None
-    verdicts: list[Verdict] = []
-    if nvfp4:
-        verdicts.append(_dense_bytes(backend, stage, x, scale))
+    if nvfp4:  # judged whenever the backend quantizes, also one without a GEMM
+        bytes_verdict = _dense_bytes(backend, stage, x, scale)
     else:
-        verdicts.append(Verdict(stage.name, Check.BYTES.value, "skipped", f"bytes: {lins[0].module} is "
+        bytes_verdict = Verdict(stage.name, Check.BYTES.value, "skipped", f"bytes: {lins[0].module} is "
                                 f"{lins[0].format}; only NVFP4 activations are a boundary tensor (its product is "
-                                "judged by the bound)"))
+                                "judged by the bound)")
+    not_served = next((v for op in (Op.PREPARE, Op.DENSE_LINEAR)
+                       if (v := _unsupported(backend, stage, op, case.device))), None)
+    if not_served is None:
+        try:
+            prepared = [backend.prepare_linear(lin) for lin in lins]
+        except NotImplementedError as exc:
+            not_served = Verdict(stage.name, "*", "not served", str(exc), {"unsupported": str(exc)})
+    if not_served is not None:
+        return [bytes_verdict if v.check == Check.BYTES.value else v for v in _expand(not_served, stage)]
+    verdicts: list[Verdict] = [bytes_verdict]
     verdicts.append(_dense_bound(backend, case, stage, x, roles, lins, prepared, scale, nvfp4))
     batch_scale = scale if scale is not None or not nvfp4 else _batch_static_scale(x)
     verdicts.append(_batch_check(stage.name, lambda xx: backend.dense_linear(xx, prepared[0],

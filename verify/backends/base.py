@@ -1,0 +1,163 @@
+"""The `Backend` base class: every op "not served" until a subclass overrides it.
+
+A backend (ours or anyone's) subclasses `Backend` and overrides only the ops it has; the others
+raise NotImplementedError("not served: <backend> has no <op>") and `unsupported_reason(op, device)`
+answers the same sentence for them, so the harness reports them as "not served" verdicts instead
+of failing. A subclass refines `unsupported_reason` with its device reasons (no CUDA device, wrong
+compute capability, a package missing) and calls `super().unsupported_reason(op, device)` first.
+
+Which methods serve which op (OP_METHODS): each forward op of references.stages.Op is the method of
+the same name; Op.PREPARE is served when any of prepare_linear / prepare_experts / prepare_router is
+overridden (a backend that has dense GEMMs only needs prepare_linear); Op.REFERENCE never has a
+backend op (norms and residual sums are the reference layer's).
+
+What a backend declares (shown by `python -m verify backends`):
+- name: how reports and verdicts name it;
+- recipe: the activation quantizer's references.recipes.Recipe (its bytes are compared with the
+  emulator's of the same recipe);
+- u_acc: the unit roundoff of its GEMM accumulator (the bound's u_acc; 2^-24 for fp32). It is
+  measured too (verify.accumulator), and a declaration looser than the measurement is refused;
+- accumulator: that accumulator in words, e.g. "fp32 (fp16 wgmma, fp32 accumulate)";
+- graph_safe: its forward ops are CUDA-graph capturable (no host sync, no CPU->GPU copy), so the
+  sync and graph probes run on it (True by default: only a reference that syncs by design, like the
+  emulator, declares False, and its probes are then skipped with that reason);
+- supports_valid_tokens: moe_block takes num_valid_tokens_i32 (int32 [1] on the device);
+- version: a version string of its own, or None (the registry then reports the version of the
+  distribution that provides it);
+- not_served: op -> the sentence saying why this backend leaves the op out (instead of the generic
+  "not served: <name> has no <op>").
+
+The method signatures here are the protocol (verify.backends.protocol.BackendProtocol repeats them
+as a typing Protocol; a test compares every registered backend's signatures with these).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+from torch import Tensor
+
+from references.layer import MoeSpec
+from references.recipes import TE, Recipe
+from references.stages import Op
+from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
+from verify.checkpoint import GatedMlp, Linear, Router
+
+__all__ = ["Backend", "OP_METHODS", "OPS_OF_METHOD"]
+
+# The protocol's op -> the Backend methods that serve it (any one overridden serves the op).
+OP_METHODS: dict[Op, tuple[str, ...]] = {
+    Op.PREPARE: ("prepare_linear", "prepare_experts", "prepare_router"),
+    **{op: (op.value,) for op in Op if op not in (Op.PREPARE, Op.REFERENCE)},
+    Op.REFERENCE: (),
+}
+# Each method -> its op (prepare_linear -> Op.PREPARE, quantize -> Op.QUANTIZE, ...).
+OPS_OF_METHOD: dict[str, Op] = {m: op for op, methods in OP_METHODS.items() for m in methods}
+
+
+class Backend:
+    """The base class of every backend; see the module docstring."""
+
+    name: str = "unnamed"
+    recipe: Recipe = TE
+    u_acc: float = 2.0**-24
+    accumulator: str = "undeclared"
+    graph_safe: bool = True
+    supports_valid_tokens: bool = False
+    version: str | None = None
+    not_served: Mapping[Op, str] = MappingProxyType({})  # op -> why not, for ops a subclass leaves out
+
+    # ---------------------------------------------------------------- what it serves
+
+    def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
+        """None when this backend has `op`, else why not (not_served_reason). Subclasses call this
+        first, then add their device reasons (no CUDA device, wrong compute capability, ...)."""
+        return None if self.serves(op) else self.not_served_reason(op)
+
+    def serves(self, op: Op) -> bool:
+        """Whether this backend has `op`: a subclass overrides (one of) its method(s) (OP_METHODS) and
+        does not list it in not_served."""
+        return op not in self.not_served and any(
+            getattr(type(self), m) is not getattr(Backend, m) for m in OP_METHODS[op])
+
+    def not_served_reason(self, op: Op) -> str:
+        """The subclass's own sentence (not_served[op]) or "not served: <name> has no <op>"."""
+        return self.not_served.get(op) or f"not served: {self.name} has no {op.value}"
+
+    def _refuse(self, method: str):
+        """The NotImplementedError of a method nobody overrode: the op's not_served_reason."""
+        raise NotImplementedError(self.not_served_reason(OPS_OF_METHOD[method]))
+
+    # ---------------------------------------------------------------- prepare (host, once per layer)
+
+    def prepare_linear(self, lin: Linear) -> object:
+        """One checkpoint linear (verify.checkpoint.Linear) -> the backend's operand for dense_gemm /
+        dense_linear."""
+        self._refuse("prepare_linear")
+
+    def prepare_experts(self, experts: GatedMlp) -> object:
+        """The routed experts' stacks (w1, w3, w2) -> the backend's operand for the grouped ops."""
+        self._refuse("prepare_experts")
+
+    def prepare_router(self, router: Router, spec: MoeSpec) -> object:
+        """The router's gate (and bias or hash table) with the layer's MoeSpec -> the backend's router."""
+        self._refuse("prepare_router")
+
+    # ---------------------------------------------------------------- forward ops (graph-capturable where graph_safe)
+
+    def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        """x [M, K] bf16 -> NVFP4 (protocol.QuantizedAct); input_dec_scale_f32: a checkpoint input_scale
+        (static), None: dynamic (amax on the device)."""
+        self._refuse("quantize")
+
+    def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
+                         input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        """Expert-sorted rows [R, K] bf16 with offsets int32 [E+1] -> grouped NVFP4 (per-expert 128-row
+        padded 128x4 scales); input_dec_scale_f32: float32 [E] static, None: dynamic."""
+        self._refuse("grouped_quantize")
+
+    def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor:
+        """a x prepare_linear(w)^T -> bf16 [M, N]."""
+        self._refuse("dense_gemm")
+
+    def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
+                     layer: str) -> Tensor | tuple[Tensor, Tensor]:
+        """Grouped NVFP4 rows x expert stack: layer "l1" -> (gate, up) [R, I]; "l2" -> y bf16 [R, H]."""
+        self._refuse("grouped_gemm")
+
+    def swiglu_requant(self, gate: Tensor, up: Tensor, offsets_i32: Tensor, *, swiglu_limit: float | None,
+                       row_weight_f32: Tensor | None = None,
+                       input_dec_scale_f32: Tensor | None = None) -> tuple[Tensor, QuantizedAct]:
+        """Clamped SwiGLU -> bf16 h [R, I] (times row_weight_f32 when given), and h requantized to NVFP4."""
+        self._refuse("swiglu_requant")
+
+    def l1_fused(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *, swiglu_limit: float | None,
+                 input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
+        """Grouped L1 GEMM + SwiGLU + requantization of h in one call -> h as grouped NVFP4."""
+        self._refuse("l1_fused")
+
+    def router(self, x_bf16: Tensor, router: object, *, token_ids_i64: Tensor | None = None) -> RoutingOut:
+        """x [T, H] bf16 -> expert ids int64 [T, k] and routing weights float32 [T, k]."""
+        self._refuse("router")
+
+    def dispatch(self, ids_i64: Tensor, num_experts: int) -> Dispatched:
+        """ids [T, k] -> expert-sorted rows (stable, token-major within an expert) with offsets int32 [E+1]."""
+        self._refuse("dispatch")
+
+    def combine(self, y_rows_bf16: Tensor, d: Dispatched, weights_f32: Tensor | None) -> Tensor:
+        """Expert-sorted rows [R, H] -> bf16 [T, H]: per token the sum over its slots (weighted when given)."""
+        self._refuse("combine")
+
+    def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """x [M, K] bf16 -> bf16 [M, N]: quantize + dense GEMM as one call."""
+        self._refuse("dense_linear")
+
+    def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
+                  weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
+                  num_valid_tokens_i32: Tensor | None = None) -> Tensor:
+        """The routed MoE block as one call: x [T, H] bf16 -> bf16 [T, H]. num_valid_tokens_i32 (int32 [1]
+        on the device, backends with supports_valid_tokens): tokens t >= n reach no expert and their rows
+        are zero, so a graph captured at capacity replays any smaller token count."""
+        self._refuse("moe_block")
