@@ -306,11 +306,11 @@ def test_graph_probe_bytes_cover_every_tensor_of_a_boundary_dataclass():
     gives every tensor's bytes and skips the host field (an int once made every moe.dispatch graph probe
     fail on the H200 with 'cannot compare op output of type int')."""
     from verify.backends import Dispatched
-    from verify.verdicts.judges import _bits
+    from verify.verdicts.probes import bits
 
     d = Dispatched(torch.arange(4, dtype=torch.int64), torch.zeros(4, dtype=torch.int64),
                    torch.tensor([0, 2, 4], dtype=torch.int32), top_k=2)
-    b = _bits(d)
+    b = bits(d)
     assert b.numel() == 4 * 8 + 4 * 8 + 3 * 4, f"Dispatched bytes: {b.numel()}, expected 76 (row_token, row_slot, offsets)"
     d2 = dataclasses.replace(d, offsets_i32=torch.tensor([0, 3, 4], dtype=torch.int32))
-    assert int((_bits(d2) != b).sum()) == 1, "a changed offset must change exactly one compared byte"
+    assert int((bits(d2) != b).sum()) == 1, "a changed offset must change exactly one compared byte"
