@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 from references import layouts as ref_layouts
 from references.codecs import e2m1_codes_to_f32
