@@ -48,5 +48,8 @@ def judge_stage(ctx: JudgeContext, stage: Stage) -> list[Verdict]:
         return [not_served(stage.name, c, str(exc)) for c in stage.checks]
     except SkipStage as skip:
         return [Verdict(stage.name, skip.check.value, "skipped", skip.reason)]
-    return [verdict_of(stage.name, check, lambda metrics, fn=judge.check(check, stage):
-                       fn(ctx, stage, outputs, metrics)) for check in stage.checks]
+    verdicts = []
+    for check in stage.checks:
+        fn = judge.check(check, stage)
+        verdicts.append(verdict_of(stage.name, check, lambda metrics: fn(ctx, stage, outputs, metrics)))
+    return verdicts

@@ -37,19 +37,12 @@ class BlockOutputs(Outputs):
     case: LayerCase
     router: object                 # the backend's prepared router
     experts: object                # the backend's prepared experts
-    hashed: bool
     y: Tensor                      # moe_block(x_ffn)
-    backend_ids: Tensor | None     # the backend's router ids on x_ffn (after_w2 runs: the bound leaves out
-    #                                the tokens it routes otherwise)
-
-    def kwargs(self) -> dict:
-        o = self.case.options
-        return dict(swiglu_limit=self.case.moe_spec.swiglu_limit, weight_placement=o.weight_placement,
-                    act_scale=o.act_scale)
+    backend_ids: Tensor | None     # after_w2 runs: the backend's router ids on x_ffn (the bound leaves out the
+    #                                tokens it routes otherwise)
 
     def run(self, x: Tensor, ids: Tensor | None, **kw) -> Tensor:
-        return self.backend.moe_block(x, self.router, self.experts, token_ids_i64=ids if self.hashed else None,
-                                      **self.kwargs(), **kw)
+        return _moe_block(self.backend, self.case, self.router, self.experts, x, ids, **kw)
 
     def batch(self, metrics: dict) -> Batch:
         case = self.case
@@ -85,15 +78,24 @@ class BlockOutputs(Outputs):
         return Replay(lambda: self.run(x_buf, self.case.token_ids_i64, num_valid_tokens_i32=n_buf), tuple(muts), note)
 
 
+def _moe_block(backend: Backend, case: LayerCase, router, experts, x: Tensor, ids: Tensor | None, **kw) -> Tensor:
+    """The backend's MoE block on x with the run's options (token ids only for a hash-routed layer)."""
+    o = case.options
+    hashed = case.layer.router.tid2eid_i64 is not None
+    return backend.moe_block(x, router, experts, token_ids_i64=ids if hashed else None,
+                             swiglu_limit=case.moe_spec.swiglu_limit, weight_placement=o.weight_placement,
+                             act_scale=o.act_scale, **kw)
+
+
 def collect(ctx: JudgeContext, stage: Stage) -> BlockOutputs:
     case, b = ctx.case, ctx.backend
-    lw = case.layer
-    router = b.prepare_router(lw.router, case.moe_spec)
-    out = BlockOutputs(b, case, router, ctx.experts, lw.router.tid2eid_i64 is not None, None, None)
-    out.y = out.run(case.x_ffn, case.token_ids_i64)
+    router = b.prepare_router(case.layer.router, case.moe_spec)
+    y = _moe_block(b, case, router, ctx.experts, case.x_ffn, case.token_ids_i64)
+    ids = None
     if case.options.weight_placement == "after_w2":
-        out.backend_ids = b.router(case.x_ffn, router, token_ids_i64=case.token_ids_i64 if out.hashed else None).ids_i64
-    return out
+        hashed = case.layer.router.tid2eid_i64 is not None
+        ids = b.router(case.x_ffn, router, token_ids_i64=case.token_ids_i64 if hashed else None).ids_i64
+    return BlockOutputs(b, case, router, ctx.experts, y, ids)
 
 
 def bound(ctx: JudgeContext, stage: Stage, out: BlockOutputs, metrics: dict) -> str:

@@ -20,6 +20,12 @@ from verify.verdicts.context import JudgeContext, MoeOperands
 __all__ = ["JUDGE"]
 
 
+def _dispatched(moe: MoeOperands) -> Dispatched:
+    """The reference dispatch in the boundary representation (top_k known on the host)."""
+    d = moe.dispatch
+    return Dispatched(d.token_of_row_i64, d.slot_of_row_i64, moe.offsets_i32, d.row_of_pair_i64.shape[1])
+
+
 @dataclass
 class CombineOutputs(Outputs):
     backend: Backend
@@ -28,15 +34,11 @@ class CombineOutputs(Outputs):
     weights_f32: Tensor | None   # the reference routing's weights; None: applied before w2
     got: Tensor
 
-    def dispatched(self) -> Dispatched:
-        d = self.moe.dispatch
-        return Dispatched(d.token_of_row_i64, d.slot_of_row_i64, self.moe.offsets_i32, d.row_of_pair_i64.shape[1])
-
     def replay(self) -> Replay:
         weights = self.weights_f32
         y_buf = self.y_rows.clone()
         w_buf = None if weights is None else weights.clone()
-        disp = self.dispatched()
+        disp = _dispatched(self.moe)
 
         def new_weights() -> None:
             if w_buf is not None:
@@ -51,9 +53,8 @@ def collect(ctx: JudgeContext, stage: Stage) -> CombineOutputs:
     before = case.options.weight_placement == "before_w2"
     weights = None if before else case.emulated[ROUTER.tensor("weights")]
     y_rows = case.emulated[stage.input]
-    out = CombineOutputs(ctx.backend, ctx.moe, y_rows, weights, None)
-    out.got = ctx.backend.combine(y_rows, out.dispatched(), weights)
-    return out
+    return CombineOutputs(ctx.backend, ctx.moe, y_rows, weights,
+                          ctx.backend.combine(y_rows, _dispatched(ctx.moe), weights))
 
 
 def bound(ctx: JudgeContext, stage: Stage, out: CombineOutputs, metrics: dict) -> str:
