@@ -45,7 +45,7 @@ class BlockOutputs(Outputs):
         return _moe_block(self.backend, self.case, self.router, self.experts, x, ids, **kw)
 
     def batch(self, metrics: dict) -> Batch:
-        case = self.case
+        case = self.case  # the output's drift from the reference combine is reported with the batch verdict
         metrics["drift_vs_reference_combine"] = stage_metrics(self.y.double(),
                                                               case.emulated[MOE_COMBINE.name].double())
         if not case.static:
