@@ -11,9 +11,8 @@ judges every kernel stage of the layer through the backend protocol (verify.verd
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 from torch import Tensor
 
@@ -22,7 +21,7 @@ from verify.backends import Backend
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.golden import tensor_digest
 from verify.reference_layer import LOSS_STAGE_OF, LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
-from verify.verdicts import LayerCase, Verdict, stage_verdicts
+from verify.verdicts import LayerCase, Verdict, judge_layer
 
 __all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
            "stage_seconds"]
@@ -92,42 +91,6 @@ def stage_seconds(verdicts: list[Verdict]) -> dict[str, float]:
     return out
 
 
-@contextmanager
-def _timed_probes(sink: dict[str, float], on_phase: Callable[[str], None] | None) -> Iterator[None]:
-    """Time the sync and CUDA-graph probes of verify.verdicts (they run inside the stages'
-    verdicts, on CUDA only) into sink["graph_probe"], and report "graph probe <stage>" to on_phase.
-
-    stage_verdicts has no timing hook of its own for its probes, so its two probe functions are
-    wrapped for the duration of one layer's verdicts and restored afterwards; each probe's first
-    argument is the stage name."""
-    import verify.verdicts.judges as sv  # noqa: PLC0415
-
-    names = ("_sync_probe", "_graph_probe")
-    originals = {n: getattr(sv, n, None) for n in names}
-
-    def timed(fn, label):
-        def wrapper(stage, *args, **kwargs):
-            if on_phase is not None:
-                on_phase(f"{label} {stage}")
-            t = time.perf_counter()
-            try:
-                return fn(stage, *args, **kwargs)
-            finally:
-                sink["graph_probe"] = sink.get("graph_probe", 0.0) + time.perf_counter() - t
-        return wrapper
-
-    sink.setdefault("graph_probe", 0.0)
-    for n, label in zip(names, ("sync probe", "graph probe")):
-        if originals[n] is not None:
-            setattr(sv, n, timed(originals[n], label))
-    try:
-        yield
-    finally:
-        for n, fn in originals.items():
-            if fn is not None:
-                setattr(sv, n, fn)
-
-
 def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, options: RunOptions,
               backend: Backend | None = None, on_phase: Callable[[str], None] | None = None) -> LayerRun:
     """Reference layer (both modes), loss per stage, digests and (with a backend) every stage's verdicts.
@@ -153,8 +116,7 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
         case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
                          emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
         phase("verdicts")
-        with _timed_probes(run.timings_s, on_phase):
-            run.verdicts = stage_verdicts(backend, case)
+        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase)
         run.timings_s["verdicts"] = time.perf_counter() - t2
         run.timings_s["stages"] = stage_seconds(run.verdicts)
     return run

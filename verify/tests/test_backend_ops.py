@@ -13,12 +13,13 @@ import pytest
 import torch
 
 from references import layouts as ref_layouts
+from references import moe as ref_moe
 from references.gemm import gemm_error_bound, grouped_gemm_error_bound, nvfp4_gemm_f64, nvfp4_grouped_gemm_f64
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for
 from references.nvfp4 import quantize_nvfp4, quantize_nvfp4_weight_checkpoint
 from references.recipes import MODELOPT
 from references.stages import Op
-from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
+from verify.assertions import assert_all_zero, assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
     assert_within_gemm_bound, describe_e4m3
 from verify.backends import get_backend, registered_backend_names
 from verify.checkpoint import GatedMlp, Nvfp4Linear
@@ -141,37 +142,92 @@ def test_dense_gemm_within_the_accumulation_bound(backend_name, m, n, k):
 
 # rows per expert; zero-token experts and one hot expert included
 COUNTS = [(3, 0, 130, 1), (0, 0, 257, 0), (1, 1, 1, 1)]
+INTER, HIDDEN = 128, 256
+
+
+def _grouped(backend_name: str, counts: tuple[int, ...], scale: str, *, k: int = HIDDEN):
+    """(backend, offsets [E+1] int64, expert-sorted rows [R, k] bf16, static decode scales [E] or None, the
+    backend's grouped_quantize of the rows)."""
+    b = _backend(backend_name, Op.PREPARE, Op.GROUPED_QUANTIZE, Op.GROUPED_GEMM)
+    e = len(counts)
+    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=DEVICE)
+    rows = _data("heavy_tailed", int(offsets[-1]), k, seed=sum(counts))
+    d = None if scale == "dynamic" else torch.linspace(0.005, 0.02, e, dtype=torch.float32, device=DEVICE)
+    return b, offsets, rows, d, b.grouped_quantize(rows, offsets.to(torch.int32), input_dec_scale_f32=d)
+
+
+def _tile_rows(offsets: torch.Tensor, k: int) -> int:
+    """Rows of the grouped swizzled scales: every expert's rows padded to 128 (a capacity buffer may hold more)."""
+    real, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(
+        torch.ones(int(offsets[-1]), k // 16, dtype=torch.uint8, device=offsets.device), offsets)
+    return real.shape[0]
+
+
+def _experts(e: int) -> GatedMlp:
+    return GatedMlp(_linear(INTER, HIDDEN, 1, experts=e), _linear(INTER, HIDDEN, 2, experts=e),
+                    _linear(HIDDEN, INTER, 3, experts=e))
+
+
+def _assert_grouped_within_bound(b, a, offsets, lin, y, label: str) -> None:
+    """y (one grouped GEMM's output on the backend's own quantized rows a) within the accumulation bound of
+    the float64 product of the same operands."""
+    __tracebackhide__ = True
+    k = a.k
+    a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8[:_tile_rows(offsets, k)], offsets,
+                                                           cols=k // 16)
+    alpha = a.global_dec_f32.reshape(-1) * lin.weight_scale_2_f32.reshape(-1)
+    y64, abs_dot = nvfp4_grouped_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
+                                          offsets, alpha)
+    bound = grouped_gemm_error_bound(abs_dot, y64, alpha, offsets, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
+    assert_within_gemm_bound(y, y64, bound, label=label)
 
 
 @pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("scale", ["dynamic", "static"])
-def test_grouped_quantize_and_gemms_through_prepare_experts(backend_name, counts, scale):
-    b = _backend(backend_name, Op.PREPARE, Op.GROUPED_QUANTIZE, Op.GROUPED_GEMM)
-    e, inter, hidden = len(counts), 128, 256
-    offsets = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int64, device=DEVICE)
-    rows = _data("heavy_tailed", int(offsets[-1]), hidden, seed=sum(counts))
-    mlp = GatedMlp(_linear(inter, hidden, 1, experts=e), _linear(inter, hidden, 2, experts=e),
-                   _linear(hidden, inter, 3, experts=e))
-    d = None if scale == "dynamic" else torch.linspace(0.005, 0.02, e, dtype=torch.float32, device=DEVICE)
-    a = b.grouped_quantize(rows, offsets.to(torch.int32), input_dec_scale_f32=d)
-    # bytes: references' grouped quantization of the same rows
-    from references import moe as ref_moe
-
+def test_grouped_quantize_bytes_equal_the_references(backend_name, counts, scale):
+    """Codes, each expert's swizzled scales (its rows padded to 128, padding zero) and the global decode
+    scale per expert equal references' grouped quantization of the same rows."""
+    b, offsets, rows, d, a = _grouped(backend_name, counts, scale)
     ref = ref_moe.act_quant(rows, offsets, recipe=b.recipe, act_scale=scale, input_scale_f32=d)
     sf_ref, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(ref.sf_u8, offsets)
-    assert_codes_equal_as_values(a.packed_u8, ref.packed_u8, label=f"{b.name} grouped codes")
-    assert_bytes_equal(a.sf_swizzled_u8[:sf_ref.shape[0]], sf_ref, label=f"{b.name} grouped scales",
+    label = f"{b.name} grouped_quantize {counts} {scale}"
+    assert_codes_equal_as_values(a.packed_u8, ref.packed_u8, label=f"{label} codes")
+    assert_bytes_equal(a.sf_swizzled_u8[:sf_ref.shape[0]], sf_ref, label=f"{label} swizzled scales (padding included)",
                        describe=describe_e4m3)
-    assert not a.sf_swizzled_u8[sf_ref.shape[0]:].any(), "rows past the experts' tiles must be zero"
-    # L1 halves and L2 within the grouped bound, on the backend's own quantized rows
-    experts = b.prepare_experts(mlp)
-    gate, up = b.grouped_gemm(a, offsets.to(torch.int32), experts, layer="l1")
-    a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8[:sf_ref.shape[0]], offsets, cols=hidden // 16)
-    for half, lin in (("gate", mlp.w1), ("up", mlp.w3)):
-        y = gate if half == "gate" else up
-        alpha = a.global_dec_f32.reshape(-1) * lin.weight_scale_2_f32.reshape(-1)
-        y64, abs_dot = nvfp4_grouped_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
-                                              offsets, alpha)
-        bound = grouped_gemm_error_bound(abs_dot, y64, alpha, offsets, k=hidden, u_acc=b.u_acc, out_dtype=y.dtype)
-        assert_within_gemm_bound(y, y64, bound, label=f"{b.name} grouped l1 {half} {counts}")
+    assert_bits_equal(a.global_dec_f32.reshape(-1).float().cpu(), ref.global_dec_f32.reshape(-1).float().cpu(),
+                      label=f"{label} global decode scale per expert")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("scale", ["dynamic", "static"])
+def test_grouped_quantize_scale_rows_past_the_experts_tiles_are_zero(backend_name, counts, scale):
+    """A scale buffer sized for capacity (more rows than the experts' padded tiles) holds zeros past them."""
+    b, offsets, rows, d, a = _grouped(backend_name, counts, scale)
+    tiles = _tile_rows(offsets, HIDDEN)
+    assert_all_zero(a.sf_swizzled_u8[tiles:], label=f"{b.name} grouped_quantize {counts} {scale}: scale rows past the "
+                    f"experts' {tiles} padded rows")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("scale", ["dynamic", "static"])
+def test_grouped_gemm_l1_within_the_accumulation_bound(backend_name, counts, scale):
+    """L1 through prepare_experts: gate (w1) and up (w3), each within its bound on the backend's own rows."""
+    b, offsets, rows, d, a = _grouped(backend_name, counts, scale)
+    mlp = _experts(len(counts))
+    gate, up = b.grouped_gemm(a, offsets.to(torch.int32), b.prepare_experts(mlp), layer="l1")
+    _assert_grouped_within_bound(b, a, offsets, mlp.w1, gate, f"{b.name} grouped l1 gate {counts} {scale}")
+    _assert_grouped_within_bound(b, a, offsets, mlp.w3, up, f"{b.name} grouped l1 up {counts} {scale}")
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
+@pytest.mark.parametrize("scale", ["dynamic", "static"])
+def test_grouped_gemm_l2_within_the_accumulation_bound(backend_name, counts, scale):
+    """L2 through prepare_experts: rows of width I (the requantized h's shape) x w2, within its bound."""
+    b, offsets, rows, d, a = _grouped(backend_name, counts, scale, k=INTER)
+    mlp = _experts(len(counts))
+    y = b.grouped_gemm(a, offsets.to(torch.int32), b.prepare_experts(mlp), layer="l2")
+    _assert_grouped_within_bound(b, a, offsets, mlp.w2, y, f"{b.name} grouped l2 {counts} {scale}")

@@ -77,9 +77,10 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
 
 
 def test_a_verdict_that_cannot_fail_shows_up_as_missed(ckpt, monkeypatch):
-    import verify.verdicts.judges as sv
+    from verify.verdicts.judges import block, combine, dense
 
-    monkeypatch.setattr(sv, "assert_within_gemm_bound", lambda *a, **k: 0.0)  # the bound check neutered
+    for judge in (block, combine, dense):  # the bound checks that could see it, neutered
+        monkeypatch.setattr(judge, "assert_within_gemm_bound", lambda *a, **k: 0.0)
     inj = next(i for i in INJECTORS if i.bug == "routing-weight-at-the-wrong-place")
     (row,) = selftest(ckpt, EmulatorBackend(), [3], tokens=16, device="cpu", injectors=(inj,))
     assert row.status == "MISSED", row
@@ -147,12 +148,12 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     """torch.cuda.graph leaves its capture stream current (and the default CUDA generator in capture mode)
     when the capture fails; the graph probe puts the caller's stream and generator state back, so a later probe's 'eager' calls do not run on the shared capture stream (where
     a stream cached at the first call would be the capture stream itself, and go unseen)."""
-    from verify.verdicts.judges import _graph_probe
+    from verify.verdicts.probes import graph_probe
 
     before = torch.cuda.current_stream()
     x = torch.ones(4, device="cuda")
-    v = _graph_probe("attn.wq_a", lambda: x * x.sum().item(), [("nothing", lambda: None)])
-    assert v.status == "fail", f"a host read inside capture must fail the graph probe: {v.message}"
+    with pytest.raises(AssertionError, match="capture/replay failed"):  # a host read inside capture fails it
+        graph_probe(lambda: x * x.sum().item(), [("nothing", lambda: None)], {})
     assert torch.cuda.current_stream() == before, \
         f"current stream after a failed capture: {torch.cuda.current_stream()}, before: {before}"
     torch.randn(4, device="cuda")  # the default generator is not left registered with the dead capture

@@ -10,7 +10,7 @@ the adapter's grouped quantization, grouped GEMM and fused L1 give the emulator'
 tested there is the adapter's padding, per-expert tile selection and alpha folding, not a kernel).
 
 B200 (markers gpu + sm100): every served op on the fixture layer, bytes of quantize and
-grouped_quantize equal to the emulator's; the GEMM verdicts are the harness's (stage_verdicts).
+grouped_quantize equal to the emulator's; the GEMM verdicts are the harness's (verify.verdicts.judge_layer).
 """
 
 from __future__ import annotations

@@ -12,22 +12,19 @@ fails here; on a B200 the same verdicts run on the real kernels (test_layer_stag
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
 import kernels.sm100.api as sm100_backend
-import verify.verdicts.judges as sv
 from references.layer import RunOptions
-from references.stages import MOE_BLOCK, Check
+from references.stages import ATTN_WQ_A, MOE_BLOCK, Check
 from verify.backends.sm100 import Sm100Adapter
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
 from verify.reference_layer import moe_spec_from, run_reference_layer
 from verify.run import run_layer
-from verify.verdicts import LayerCase
+from verify.verdicts import LayerCase, judge_layer
 from verify.tests.test_sm100_adapter import stand_in  # noqa: F401 (the stand-in kernels fixture)
 
 
@@ -38,11 +35,10 @@ def ckpt():
 
 @pytest.fixture
 def sm100_on_cpu(monkeypatch, stand_in):  # noqa: F811
-    """The sm100 adapter with every op served on the CPU (stand-in launches), and moe.block judged by its
-    bound (the stage table's moe.block row gains Check.BOUND here if it lacks it)."""
+    """The sm100 adapter with every op served on the CPU (stand-in launches); moe.block is judged by its
+    bound (the stage table's moe.block row lists Check.BOUND)."""
     monkeypatch.setattr(sm100_backend.Sm100Kernels, "unsupported_reason", lambda self, op, device=None: None)
-    if Check.BOUND not in MOE_BLOCK.checks:
-        monkeypatch.setattr(sv, "MOE_BLOCK", dataclasses.replace(MOE_BLOCK, checks=MOE_BLOCK.checks + (Check.BOUND,)))
+    assert Check.BOUND in MOE_BLOCK.checks, "these tests judge moe.block by its bound: the table row must list it"
     return Sm100Adapter()
 
 
@@ -90,8 +86,7 @@ def _case0(act: str) -> LayerCase:
 
 
 def _one_call_stages(backend, case):
-    from references.stages import ATTN_WQ_A  # noqa: PLC0415
-    return _Verdicts(sv._dense_stage(backend, case, ATTN_WQ_A) + sv._moe_block_verdicts(backend, case))
+    return _Verdicts(judge_layer(backend, case, stages=(ATTN_WQ_A, MOE_BLOCK)))
 
 
 @pytest.mark.parametrize("act", ["dynamic", "static"])

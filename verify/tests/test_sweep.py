@@ -107,24 +107,30 @@ def test_without_report_dir_the_sweep_writes_nothing_and_still_summarizes(tmp_pa
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_probe_timer_times_each_sync_and_graph_probe_and_restores_them(monkeypatch):
-    """run_layer's graph_probe phase: stage_verdicts' two probe functions, wrapped for one layer."""
-    import verify.verdicts.judges as sv
-    from verify.run import _timed_probes
+def test_the_judge_context_times_each_sync_and_graph_probe(monkeypatch):
+    """run_layer's graph_probe phase: the sync and graph checks run their probes inside JudgeContext.probe,
+    which adds each probe's seconds to the caller's sink and reports it to on_phase."""
+    import verify.verdicts.checks as checks
+    from references.stages import stage
+    from verify.verdicts.context import JudgeContext
 
-    def fake_probe(stage, *args):
+    def slow_probe(*args):
         time.sleep(0.02)
-        return f"verdict of {stage}"
+        return "probed"
 
-    monkeypatch.setattr(sv, "_sync_probe", fake_probe)
-    monkeypatch.setattr(sv, "_graph_probe", fake_probe)
-    sink, phases = {}, []
-    with _timed_probes(sink, phases.append):
-        assert sv._sync_probe("moe.l1", None) == "verdict of moe.l1"
-        assert sv._graph_probe("moe.l2", None, []) == "verdict of moe.l2"
+    class Forward(checks.Outputs):
+        def replay(self):
+            return checks.Replay(lambda: None, ())
+
+    monkeypatch.setattr(checks, "needs_cuda", lambda ctx, check: None)  # the probes themselves need a GPU
+    monkeypatch.setattr(checks, "sync_probe", slow_probe)
+    monkeypatch.setattr(checks, "graph_probe", slow_probe)
+    sink, phases = {"emulated": 1.0}, []
+    ctx = JudgeContext(None, None, sink, phases.append)
+    assert checks.no_host_sync(ctx, stage("moe.l1"), Forward(), {}) == "probed"
+    assert checks.graph_replay(ctx, stage("moe.l2"), Forward(), {}) == "probed"
     assert phases == ["sync probe moe.l1", "graph probe moe.l2"]
-    assert sink["graph_probe"] >= 0.04
-    assert sv._sync_probe is fake_probe and sv._graph_probe is fake_probe
+    assert sink["graph_probe"] >= 0.04 and sink["emulated"] == 1.0, sink
 
 
 @pytest.mark.parametrize("command", list(COMMANDS))

@@ -1,9 +1,59 @@
-"""Verdicts: every kernel stage of the stage table judged through the backend protocol."""
+"""Kernel verdicts for every stage of the stage table, through the backend protocol.
 
-from verify.verdicts.judges import (
-    STATUSES, LayerCase, Verdict, applicable_stages, check_quantized, expected_grouped_quant, grouped_f64,
-    moe_block_bound, stage_verdicts,
-)
+Teacher forcing (DESIGN "Stages"): each stage's op gets the reference layer's own input to that
+stage (its emulated output of the stage before, the reference routing), so a failed verdict
+blames exactly one stage. The backend prepares its weights from the checkpoint's bytes with its
+own host code (`prepare_*`; the routed experts once per layer, shared by every MoE stage); the
+expected results come from references/ on the same bytes.
 
-__all__ = ["Verdict", "LayerCase", "STATUSES", "stage_verdicts", "applicable_stages", "check_quantized",
+How a verdict is produced (judge_layer, verify/verdicts/layer.py): for each row of the stage table
+that the layer has (applicable_stages, table order), the judge of the row's op (judges/: one per
+stage kind)
+  1. answers "not served" for every check of the row when the backend lacks an op the stage needs
+     (the backend's reason), or when collecting raises NotImplementedError (its sentence);
+  2. collects the backend's outputs for the stage, once (judges/<kind>.collect);
+  3. judges each Check the row lists, in the row's order, by the check function of that name: the
+     kind's own (bound, ids, weights, exact, interval, rounding) or a generic one written once
+     (checks.py: bytes, batch, padding, sync, graph). A check passes (its message), fails
+     (AssertionError: "<stage> <check>: <what differs, where>"), is not served or is skipped (the
+     reason it does not apply in this run).
+A new check is one function and one word in the table (references.stages.Check and the rows that
+list it); a new stage is one table row (plus a judge only for a new kind of op).
+
+Checks (references.stages.Check; DESIGN "Verdicts"):
+  bytes     quantized activations: codes equal as values (+0 == -0), swizzled scale bytes equal
+            (padding included: it must be zero), global decode scale bit-equal;
+  bound     GEMMs / combine: every element within the rigorous accumulation bound of the float64
+            result on the same quantized operands (ratio <= 1, the backend's declared u_acc);
+            dense linears: also the one-call dense_linear against the references' quantization;
+            moe.block: within the block interval (moe_block_bound);
+  rounding  SwiGLU h: within one ulp of its dtype of the exact value (a faithful rounding);
+  ids       router: expert ids equal; where the reference's k-th and (k+1)-th selection values are
+            closer than their fp32 error bound the difference is a near-tie, reported, not failed
+            (an exact tie is not a near-tie: the lower expert id wins, as in the reference);
+  weights   router: weights within the fp32 error bound of the reference's, on tokens whose ids agree;
+  exact     dispatch: rows, slots and offsets identical;
+  interval  moe.l1_fused (static runs): each scale byte and code one that some h inside the L1
+            bound gives (the interval rule);
+  batch     a token's output bits do not depend on the other tokens (its row alone vs in the batch;
+            grouped GEMMs: one expert's rows alone);
+  padding   0xFF, then 0x7F in the activations' scale padding change no output bit;
+  sync      (CUDA) the stage under torch.cuda.set_sync_debug_mode("error");
+  graph     (CUDA) captured once, replayed after new values and scales were written in place:
+            bit-equal to eager on the new inputs; a capture error is a failed verdict.
+The sync and graph probes are timed through the JudgeContext (context.py) into the caller's timing
+sink ("graph_probe"); each verdict's metrics hold "seconds", its stage's time shared among its verdicts.
+
+Modules: model (Verdict, LayerCase, applicable_stages), context (JudgeContext, MoeOperands), layer
+(judge_layer), checks (the check machinery and the generic checks), probes (sync / graph probes),
+quantized (bytes comparison, expected grouped quantization, grouped float64 GEMM), intervals (the
+interval rule's arithmetic), routing (router_verdict), judges/ (one module per stage kind).
+"""
+
+from verify.verdicts.judges.block import moe_block_bound
+from verify.verdicts.layer import judge_layer
+from verify.verdicts.model import STATUSES, LayerCase, Verdict, applicable_stages
+from verify.verdicts.quantized import check_quantized, expected_grouped_quant, grouped_f64
+
+__all__ = ["Verdict", "LayerCase", "STATUSES", "judge_layer", "applicable_stages", "check_quantized",
            "expected_grouped_quant", "grouped_f64", "moe_block_bound"]

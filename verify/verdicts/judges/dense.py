@@ -1,0 +1,230 @@
+"""The dense linear stages (attention projections, shared expert, dense MLP): quantize + dense GEMM.
+
+Collected: the backend's quantized activations of the stage's input (NVFP4 weights), its dense GEMM on
+them and its one-call dense_linear, per part of the stage (shared.l1: gate, up). Own check: bound.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from references import layouts as ref_layouts
+from references.gemm import gemm_error_bound, nvfp4_gemm_f64
+from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
+from references.nvfp4 import quantize_nvfp4
+from references.stages import FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, Check, Op, Stage
+from verify.assertions import assert_within_gemm_bound
+from verify.backends.emulator import fp8_act_scale_fmt
+from verify.backends.base import Backend
+from verify.backends.protocol import QuantizedAct
+from verify.metrics import stage_metrics
+from verify.reference_layer import to_reference_weight
+from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
+from verify.verdicts.context import JudgeContext
+from verify.verdicts.model import LayerCase
+from verify.verdicts.quantized import nan_inf
+
+__all__ = ["JUDGE"]
+
+
+def _roles(stage: Stage) -> list[tuple[str | None, str]]:
+    """(part, weight role) of a dense linear stage: shared.l1 -> [("gate", "shared.w1"), ("up", "shared.w3")]."""
+    if stage.parts:
+        return list(zip(stage.parts, stage.weights))
+    return [(None, stage.weights[0])]
+
+
+def _linear_of(case: LayerCase, role: str):
+    group, name = role.split(".", 1)
+    lw = case.layer
+    if group == "attn":
+        return lw.attention[name]
+    mlp = {"shared": lw.shared_experts, "dense": lw.dense_mlp}[group]
+    return getattr(mlp, name)
+
+
+def _fused_partner(role: str) -> str | None:
+    group = next((g for g in FUSED_INPUT_ROLES if role in g), ())
+    return next((r for r in group if r != role), None)
+
+
+def _input(case: LayerCase, stage: Stage) -> Tensor:
+    if stage.input == INPUT_ATTN:
+        return case.x_attn
+    if stage.input == INPUT_FFN:
+        return case.x_ffn
+    return case.emulated[stage.input].to(torch.bfloat16)
+
+
+def _static_scale(case: LayerCase, role: str) -> Tensor | None:
+    """The static activation decode scale of a dense linear: its input_scale, the max with its fused
+    partner's (one quantization feeds both GEMMs)."""
+    if not case.static:
+        return None
+    lin = _linear_of(case, role)
+    partner = _fused_partner(role)
+    scales = [lin.input_scale_f32]
+    if partner is not None:
+        other = _linear_of(case, partner)
+        if getattr(other, "format", None) == "nvfp4":
+            scales.append(other.input_scale_f32)
+    return torch.stack([s.to(torch.float32).reshape(()) for s in scales]).amax().reshape(1)
+
+
+def _batch_static_scale(x: Tensor) -> Tensor:
+    """For the batch check in dynamic mode: the whole batch's global scale as a static decode scale,
+    so a row alone is quantized with the same scale it has inside the batch (dynamic amax over a
+    different batch would legitimately change the bits)."""
+    amax = torch.amax(x.abs()).to(torch.float32)
+    return (amax / 2688.0).reshape(1).to(torch.float32)
+
+
+def _is_nvfp4(lins: list) -> bool:
+    return all(getattr(lin, "format", None) == "nvfp4" for lin in lins)
+
+
+@dataclass
+class DenseOutputs(Outputs):
+    backend: Backend
+    case: LayerCase
+    stage: Stage
+    x: Tensor                     # the stage's input, bf16 [M, K]
+    lins: list                    # the checkpoint linears, one per part
+    prepared: list                # the backend's prepare_linear of each
+    scale: Tensor | None          # the static activation decode scale (None: dynamic, or not NVFP4)
+    a: QuantizedAct | None        # NVFP4: the backend's quantize(x)
+    y_gemm: list[Tensor]          # NVFP4: dense_gemm(a, w) per part
+    y_linear: list[Tensor]        # dense_linear(x, w) per part (NVFP4: with the static scale)
+
+    @property
+    def nvfp4(self) -> bool:
+        return self.a is not None
+
+    def quantized(self) -> tuple[QuantizedAct, QuantizedAct]:
+        if not self.nvfp4:
+            lin = self.lins[0]
+            raise Skipped(f"bytes: {lin.module} is {lin.format}; only NVFP4 activations are a boundary tensor "
+                          "(its product is judged by the bound)")
+        x, recipe = self.x, self.backend.recipe
+        q = quantize_nvfp4(x, recipe=recipe, **nvfp4_global_scale_for(x, recipe=recipe, input_scale_f32=self.scale))
+        return self.a, QuantizedAct(q.packed_u8, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8),
+                                    act_global_dec_f32(q, self.scale).reshape(1))
+
+    def batch(self, metrics: dict) -> Batch:
+        x, w = self.x, self.prepared[0]
+        scale = self.scale if self.scale is not None or not self.nvfp4 else _batch_static_scale(x)
+
+        def run(xx: Tensor) -> Tensor:
+            return self.backend.dense_linear(xx, w, input_dec_scale_f32=scale)
+
+        m = x.shape[0]
+        rows = [r % m for r in (0, -1)]
+        return Batch(lambda: run(x), tuple(
+            Subset(f"{self.stage.name} row {r} alone vs in a batch of {m}", lambda r=r: run(x[r:r + 1].contiguous()),
+                   lambda full, r=r: full[r:r + 1]) for r in rows),
+            f"rows {sorted(set(rows))} alone are bit-equal to the batch of {m}")
+
+    def padding(self) -> Padding:
+        if not self.nvfp4:
+            lin = self.lins[0]
+            raise Skipped(f"padding: {lin.module} is {lin.format}; no NVFP4 scale padding")
+        m, k = self.x.shape
+        real = ref_layouts.sf_linear_to_swizzled_128x4(torch.ones(m, k // 16, dtype=torch.uint8, device=self.x.device))
+        return Padding(lambda act: self.backend.dense_gemm(act, self.prepared[0]), self.a, real == 0)
+
+    def replay(self) -> Replay:
+        x, w = self.x, self.prepared[0]
+        x_buf = x.clone()
+        s_buf = None if self.scale is None else self.scale.clone()
+        muts = [("new values", lambda: x_buf.copy_((x.roll(1, 0) * -0.75).to(torch.bfloat16)))]
+        if s_buf is not None:
+            muts.append(("a new static scale", lambda: s_buf.mul_(1.5)))
+        return Replay(lambda: self.backend.dense_linear(x_buf, w, input_dec_scale_f32=s_buf), tuple(muts))
+
+
+_LINEAR_OPS = (Op.PREPARE, Op.DENSE_LINEAR)
+
+
+def _ops(ctx: JudgeContext, stage: Stage, check: Check) -> tuple[Op, ...]:
+    """bytes needs only the quantizer (judged on a backend that has nothing else); every other check needs
+    the backend's prepare and dense_linear, and with NVFP4 weights its dense GEMM on its own quantized
+    activations too."""
+    nvfp4 = _is_nvfp4([_linear_of(ctx.case, role) for _, role in _roles(stage)])
+    if check is Check.BYTES:
+        return (Op.QUANTIZE,) if nvfp4 else ()
+    return _LINEAR_OPS + ((Op.QUANTIZE, Op.DENSE_GEMM) if nvfp4 else ())
+
+
+def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
+    """The ops the backend serves here (_ops); without prepare / dense_linear only the quantization."""
+    b, case = ctx.backend, ctx.case
+    roles = _roles(stage)
+    lins = [_linear_of(case, role) for _, role in roles]
+    linear = all(b.unsupported_reason(op, ctx.device) is None for op in _LINEAR_OPS)
+    prepared = [b.prepare_linear(lin) for lin in lins] if linear else []
+    x = _input(case, stage).contiguous()
+    if not _is_nvfp4(lins):  # FP8 / BF16: the one-call path only
+        return DenseOutputs(b, case, stage, x, lins, prepared, None, None, [], [b.dense_linear(x, w) for w in prepared])
+    scale = _static_scale(case, roles[0][1])
+    a = b.quantize(x, input_dec_scale_f32=scale)
+    return DenseOutputs(b, case, stage, x, lins, prepared, scale, a, [b.dense_gemm(a, w) for w in prepared],
+                        [b.dense_linear(x, w, input_dec_scale_f32=scale) for w in prepared])
+
+
+def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> str:
+    """NVFP4: the backend's dense GEMM on its own quantized activations vs their float64 product, and its
+    dense_linear (_linear_bound). FP8 / BF16: the backend's dense linear vs the float64 product of the
+    references' quantized activations (DeepSeek's 1x128 act_quant) and the decoded weight, same bound."""
+    __tracebackhide__ = True
+    b, x, a = ctx.backend, out.x, out.a
+    m, k = x.shape
+    msgs = []
+    for i, ((part, _), lin) in enumerate(zip(_roles(stage), out.lins)):
+        label, key = stage.tensor(part), part or "y"
+        if out.nvfp4:
+            y = out.y_gemm[i]
+            a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
+            alpha = a.global_dec_f32.to(torch.float32).reshape(()) * lin.weight_scale_2_f32.to(torch.float32).reshape(())
+            y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
+                                          alpha)
+        else:
+            y = out.y_linear[i]
+            ref_w = to_reference_weight(lin)
+            a64, w64, _, _ = quantized_operands(x, ref_w, recipe=b.recipe, fp8_scale_fmt=fp8_act_scale_fmt(ref_w))
+            y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
+            alpha = torch.ones((), dtype=torch.float32)
+        bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
+        metrics.update(nan_inf(y, key))
+        ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
+        metrics[f"bound_ratio_{key}"] = ratio
+        metrics[f"vs_high_{key}"] = stage_metrics(y.double(), ctx.case.high[label].double())
+        msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
+        if out.nvfp4:  # the one-call path (quantize + GEMM, its own alpha) against the references' operands
+            msgs.append(_linear_bound(b, out, lin, out.y_linear[i], f"{label} (dense_linear)", metrics, key))
+    return f"{'; '.join(msgs)} (u_acc {b.u_acc:.3g}, K={k}, {out.lins[0].format})"
+
+
+def _linear_bound(backend: Backend, out: DenseOutputs, lin, y: Tensor, label: str, metrics: dict, key: str) -> str:
+    """dense_linear (the backend's single call: its own quantization, alpha and GEMM) within the bound of the
+    float64 product of the references' quantization of x (the recipe's bytes, which the bytes verdict
+    requires of the backend's quantize) and the checkpoint weight, alpha = the activation decode scale (the
+    input_scale itself when static) x weight_scale_2. A wrong alpha inside the call (global-scale
+    direction, the wrong input_scale) fails here even when dense_gemm on the boundary is right."""
+    __tracebackhide__ = True
+    x, scale = out.x, out.scale
+    m, k = x.shape
+    q = quantize_nvfp4(x, recipe=backend.recipe, **nvfp4_global_scale_for(x, recipe=backend.recipe,
+                                                                            input_scale_f32=scale))
+    alpha = act_global_dec_f32(q, scale).to(torch.float32).reshape(()) * \
+        lin.weight_scale_2_f32.to(torch.float32).reshape(())
+    y64, abs_dot = nvfp4_gemm_f64(q.packed_u8, q.sf_u8, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
+    bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
+    ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
+    metrics[f"bound_ratio_linear_{key}"] = ratio
+    return f"{label}: {ratio:.3g}"
+
+
+JUDGE = Judge(collect, {Check.BOUND: bound}, _ops)

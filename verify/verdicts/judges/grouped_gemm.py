@@ -1,0 +1,98 @@
+"""The grouped GEMM stages (moe.l1: gate and up; moe.l2): expert-sorted NVFP4 rows x the expert stack.
+
+Collected: the backend's grouped_gemm on the reference's quantized activations of the stage's input
+(teacher forcing: moe.act_quant for l1, moe.requant for l2) with the experts it prepared once per layer.
+Own check: bound (each part within the accumulation bound of the float64 product of the same operands).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from references import layouts as ref_layouts
+from references.stages import Check, Stage, stage as table_row
+from verify.backends.base import Backend
+from verify.backends.protocol import QuantizedAct
+from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Subset
+from verify.verdicts.context import JudgeContext
+from verify.verdicts.quantized import clone_act, grouped_bound
+
+__all__ = ["JUDGE"]
+
+
+@dataclass
+class GroupedGemmOutputs(Outputs):
+    backend: Backend
+    stage: Stage
+    layer: str                 # "l1" / "l2": grouped_gemm's argument
+    experts: object            # the backend's prepared experts
+    a: QuantizedAct            # the teacher-forced activations
+    offsets_i64: Tensor
+    ys: tuple[Tensor, ...]     # one output per part (l1: gate, up; l2: y)
+
+    def run(self, act: QuantizedAct, offsets_i32: Tensor):
+        return self.backend.grouped_gemm(act, offsets_i32, self.experts, layer=self.layer)
+
+    def batch(self, metrics: dict) -> Batch:
+        """The first expert that has rows: its rows alone give the bits they have among all experts' rows."""
+        a, off_i64 = self.a, self.offsets_i64
+        counts = (off_i64[1:] - off_i64[:-1]).tolist()
+        e = max(range(len(counts)), key=lambda i: (counts[i] > 0, -i if counts[i] > 0 else 0))
+        lo, hi = int(off_i64[e]), int(off_i64[e + 1])
+        sub_off = torch.zeros_like(off_i64)
+        sub_off[e + 1:] = hi - lo
+        sf_lin = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, off_i64, cols=a.k // 16)
+        sub = QuantizedAct(a.packed_u8[lo:hi].contiguous(),
+                           ref_layouts.sf_grouped_linear_to_swizzled_128x4(sf_lin[lo:hi], sub_off)[0], a.global_dec_f32)
+        total = int(off_i64[-1])
+        return Batch(lambda: self.run(a, off_i64.to(torch.int32)), (Subset(
+            f"{self.stage.name} expert {e}'s {hi - lo} rows alone vs among {total} rows",
+            lambda: self.run(sub, sub_off.to(torch.int32)),
+            lambda full: tuple(f[lo:hi] for f in (full if isinstance(full, tuple) else (full,)))),),
+            f"expert {e}'s {hi - lo} rows alone are bit-equal to the same rows among all {total}")
+
+    def padding(self) -> Padding:
+        a, off_i64 = self.a, self.offsets_i64
+        real, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(
+            torch.ones(int(off_i64[-1]), a.k // 16, dtype=torch.uint8, device=off_i64.device), off_i64)
+        pad = torch.ones_like(a.sf_swizzled_u8, dtype=torch.bool)
+        pad[:real.shape[0]] = real == 0
+        off_i32 = off_i64.to(torch.int32)
+        return Padding(lambda act: self.run(act, off_i32), a, pad)
+
+    def replay(self) -> Replay:
+        a, off_i32 = self.a, self.offsets_i64.to(torch.int32)
+        a_buf = clone_act(a)
+        return Replay(lambda: self.run(a_buf, off_i32), (
+            ("new values (every code negated)", lambda: a_buf.packed_u8.copy_(a.packed_u8 ^ 0x88)),
+            ("new global scales", lambda: a_buf.global_dec_f32.mul_(2.0))))
+
+
+def collect(ctx: JudgeContext, stage: Stage) -> GroupedGemmOutputs:
+    m = ctx.moe
+    a = m.boundary(table_row(stage.input))
+    layer = stage.name.removeprefix("moe.")
+    y = ctx.backend.grouped_gemm(a, m.offsets_i32, ctx.experts, layer=layer)
+    return GroupedGemmOutputs(ctx.backend, stage, layer, ctx.experts, a, m.offsets_i64,
+                              y if isinstance(y, tuple) else (y,))
+
+
+def bound(ctx: JudgeContext, stage: Stage, out: GroupedGemmOutputs, metrics: dict) -> str:
+    """Each part (l1: gate with w1, up with w3; l2: y with w2) within the grouped GEMM's accumulation bound;
+    the metrics are kept only when every part passes."""
+    __tracebackhide__ = True
+    experts = ctx.case.layer.experts
+    msgs, found = [], {}
+    for label, role, y in zip(stage.parts or ("y",), stage.weights, out.ys):
+        w = getattr(experts, role.removeprefix("experts."))
+        msg, m = grouped_bound(stage.name, ctx.backend, out.a, out.offsets_i64, w, y, label)
+        msgs.append(msg)
+        found.update(m)
+    metrics.update(found)
+    return f"{'; '.join(msgs)} (u_acc {ctx.backend.u_acc:.3g}, K={out.a.k})"
+
+
+JUDGE = Judge(collect, {Check.BOUND: bound})

@@ -1,0 +1,62 @@
+"""judge_layer: every verdict of a layer, by the stage table's rows and each row's checks."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+from references.stages import Check, Stage
+from verify.backends.base import Backend
+from verify.verdicts.checks import SkipStage, not_served, verdict_of
+from verify.verdicts.context import JudgeContext
+from verify.verdicts.judges import JUDGES
+from verify.verdicts.model import LayerCase, Verdict, applicable_stages
+
+__all__ = ["judge_layer", "judge_stage"]
+
+
+def judge_layer(backend: Backend, case: LayerCase, *, stages: Iterable[Stage] | None = None,
+                timings: dict[str, float] | None = None,
+                on_phase: Callable[[str], None] | None = None) -> list[Verdict]:
+    """Every verdict of the layer's kernel stages (or of `stages` only), in table order, one per check
+    each row lists. Each verdict's metrics hold "seconds": its stage's seconds shared among its verdicts.
+    `timings` (the caller's sink) gets "graph_probe", the seconds spent in the sync and graph probes;
+    on_phase is told as each probe starts (verify.verdicts.context.JudgeContext)."""
+    ctx = JudgeContext(backend, case, {} if timings is None else timings, on_phase)
+    out: list[Verdict] = []
+    for stage in applicable_stages(case) if stages is None else stages:
+        with ctx.timed_stage(stage):
+            verdicts = judge_stage(ctx, stage)
+        for v in verdicts:
+            v.metrics.setdefault("seconds", ctx.stage_seconds[stage.name] / max(1, len(verdicts)))
+        out += verdicts
+    return out
+
+
+def judge_stage(ctx: JudgeContext, stage: Stage) -> list[Verdict]:
+    """One row of the stage table: its judge first collects the backend's outputs for the stage, then each
+    check the row lists is looked up (the judge's own checks, else the generic ones) and judged."""
+    judge = JUDGES.get(stage.op)
+    if judge is None:
+        raise KeyError(f"stage {stage.name}: no judge for op {stage.op.value!r} (verify.verdicts.judges.JUDGES)")
+    unserved: dict[Check, str] = {}
+    for check in stage.checks:
+        reason = next((r for op in judge.ops(ctx, stage, check) if (r := ctx.backend.unsupported_reason(op, ctx.device))),
+                      None)
+        if reason:
+            unserved[check] = reason
+    if len(unserved) == len(stage.checks):
+        return [not_served(stage.name, c, unserved[c]) for c in stage.checks]
+    try:
+        outputs = judge.collect(ctx, stage)
+    except NotImplementedError as exc:  # the backend refuses this case (prepare, a static scale it lacks, ...)
+        return [not_served(stage.name, c, str(exc)) for c in stage.checks]
+    except SkipStage as skip:
+        return [Verdict(stage.name, skip.check.value, "skipped", skip.reason)]
+    verdicts = []
+    for check in stage.checks:
+        if check in unserved:
+            verdicts.append(not_served(stage.name, check, unserved[check]))
+            continue
+        fn = judge.check(check, stage)
+        verdicts.append(verdict_of(stage.name, check, lambda metrics: fn(ctx, stage, outputs, metrics)))
+    return verdicts
