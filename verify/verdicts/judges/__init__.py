@@ -9,19 +9,26 @@ from __future__ import annotations
 
 from references.stages import Op
 from verify.verdicts.checks import Judge
-from verify.verdicts.judges import act_quant, block, combine, dense, dispatch, grouped_gemm, l1_fused, router, \
-    swiglu_requant
+from verify.verdicts.judges.act_quant import JUDGE as ACT_QUANT
+from verify.verdicts.judges.block import JUDGE as BLOCK
+from verify.verdicts.judges.combine import JUDGE as COMBINE
+from verify.verdicts.judges.dense import JUDGE as DENSE
+from verify.verdicts.judges.dispatch import JUDGE as DISPATCH
+from verify.verdicts.judges.grouped_gemm import JUDGE as GROUPED_GEMM
+from verify.verdicts.judges.l1_fused import JUDGE as L1_FUSED
+from verify.verdicts.judges.router import JUDGE as ROUTER
+from verify.verdicts.judges.swiglu_requant import JUDGE as SWIGLU_REQUANT
 
 __all__ = ["JUDGES"]
 
 JUDGES: dict[Op, Judge] = {
-    Op.DENSE_LINEAR: dense.JUDGE,
-    Op.ROUTER: router.JUDGE,
-    Op.DISPATCH: dispatch.JUDGE,
-    Op.GROUPED_QUANTIZE: act_quant.JUDGE,
-    Op.GROUPED_GEMM: grouped_gemm.JUDGE,
-    Op.SWIGLU_REQUANT: swiglu_requant.JUDGE,
-    Op.L1_FUSED: l1_fused.JUDGE,
-    Op.COMBINE: combine.JUDGE,
-    Op.MOE_BLOCK: block.JUDGE,
+    Op.DENSE_LINEAR: DENSE,
+    Op.ROUTER: ROUTER,
+    Op.DISPATCH: DISPATCH,
+    Op.GROUPED_QUANTIZE: ACT_QUANT,
+    Op.GROUPED_GEMM: GROUPED_GEMM,
+    Op.SWIGLU_REQUANT: SWIGLU_REQUANT,
+    Op.L1_FUSED: L1_FUSED,
+    Op.COMBINE: COMBINE,
+    Op.MOE_BLOCK: BLOCK,
 }
