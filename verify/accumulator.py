@@ -200,18 +200,31 @@ def add_accumulator_arguments(p) -> None:
 
 def cli_accumulator(args) -> int:
     """`python -m verify accumulator`: effective accumulator bits and rounding per GEMM path; exit 1
-    when the backend's declared u_acc is looser than measured."""
+    when the backend's declared u_acc is looser than measured. The first line names the backend and
+    device (no checkpoint: the probe data are synthetic)."""
     from rich.console import Console
     from rich.table import Table
 
     from verify.backends import get_backend  # noqa: PLC0415
-    from verify.errors import DeviceUnavailableError  # noqa: PLC0415
+    from verify.config import BACKEND_NAMES, target_line  # noqa: PLC0415
+    from verify.errors import DeviceUnavailableError, UsageError  # noqa: PLC0415
 
+    if args.backend not in BACKEND_NAMES:  # only an NVFP4V_BACKEND value gets here (argparse checks the rest)
+        raise UsageError(f"--backend {args.backend}: invalid value from NVFP4V_BACKEND (choose from "
+                         f"{', '.join(BACKEND_NAMES)})", argument="--backend")
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    backend = get_backend(args.backend, device if device.type == "cuda" else None)
+    try:
+        backend = get_backend(args.backend, device if device.type == "cuda" else None)
+    except ImportError as e:
+        raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({e})", argument="--backend") \
+            from None
     reason = backend.unsupported_reason(Op.DENSE_GEMM, device)
     if reason:
         raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({reason})", argument="--backend")
+    console = Console()
+    console.print(target_line("accumulator", checkpoint=None, backend=backend.name, device=device,
+                              threads_note=getattr(args, "threads_note", None)).replace(
+        "checkpoint (none)", "no checkpoint (synthetic probe data)"), highlight=False, soft_wrap=True)
     readings = probe_accumulator(backend, device)
     table = Table(title=f"{backend.name} on {device}: measured GEMM accumulator (declared u_acc = "
                         f"2^{_log2(backend.u_acc):.0f})")
@@ -220,7 +233,6 @@ def cli_accumulator(args) -> int:
     for r in readings:
         table.add_row(r.path, f"{r.effective_bits}{'+ (exact at every probed gap)' if r.exact_up_to else ''}",
                       r.rounding, f"2^-{r.effective_bits}")
-    console = Console()
     console.print(table)
     try:
         check_declared_u_acc(backend, readings)

@@ -159,9 +159,22 @@ class DistContext:
             r, msg, at = failed[0]
             raise RankFailedError(f"rank {r} failed at {at}: {msg}")
 
+    def finish(self) -> None:
+        """The end every rank reached: a last barrier, then the teardown. Without the barrier a rank
+        that got rank 0's result (on_main's broadcast) tore its process group down and exited while
+        rank 0 was still inside that broadcast or its own teardown; rank 0's gloo connections then
+        closed under it, and it aborted at exit ("terminate called without an active exception",
+        torchrun exit 1) after writing a PASS report."""
+        if self.launched and self.dist.is_initialized():
+            self.dist.barrier(group=self.ctrl)
+        self.close()
+
     def close(self) -> None:
+        """Destroy the process group (every group: WORLD and ctrl). Also on an error path, where no
+        barrier is possible (a failed rank may never reach one)."""
         if self.launched and self.dist.is_initialized():
             self.dist.destroy_process_group()
+            self.ctrl = None
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -415,7 +428,9 @@ def _sweep(args, config, ctx: DistContext, t_start: float, created: str) -> int:
             console.print(NO_BACKEND_LINE, highlight=False)
         return exit_status(doc)
 
-    return ctx.on_main(merge)
+    status = ctx.on_main(merge)
+    ctx.finish()
+    return status
 
 
 # The exit status of `model` (and of `report` on its JSON); README "Exit status" and `model --help` quote it.
