@@ -544,7 +544,7 @@ def cli_selftest(args: argparse.Namespace) -> int:
     console.print(f"{line}; {len(INJECTORS)} injected bugs")
     t0 = time.perf_counter()
     with StepProgress(console, len(INJECTORS), what="injected bugs", log_steps=True) as bar:
-        rows = selftest(ckpt, backend, list(layers), tokens=args.tokens, device=str(device),
+        rows = selftest(ckpt, backend, list(layers), tokens=args.tokens, device=str(device), injectors=INJECTORS,
                         progress=lambda row: bar.advance(row.bug, row.status),
                         on_phase=bar.phase)
     table = Table(title=f"selftest: {backend.name}, {len(INJECTORS)} injected bugs ({time.perf_counter() - t0:.1f} s)")
