@@ -160,21 +160,32 @@ class DistContext:
             raise RankFailedError(f"rank {r} failed at {at}: {msg}")
 
     def finish(self) -> None:
-        """The end every rank reached: a last barrier, then the teardown. Without the barrier a rank
-        that got rank 0's result (on_main's broadcast) tore its process group down and exited while
-        rank 0 was still inside that broadcast or its own teardown; rank 0's gloo connections then
-        closed under it, and it aborted at exit ("terminate called without an active exception",
-        torchrun exit 1) after writing a PASS report."""
+        """The end every rank reached: a last barrier, then the teardown (close).
+
+        Rank 0 aborted in 3 of 9 two-rank CPU sweeps after writing a PASS report ("terminate called
+        without an active exception", torchrun exit 1; not reproduced in 46 runs of that code on a
+        2-core machine, 2026-12-06). Without this barrier the teardown was unsynchronized: a rank that
+        had received on_main's broadcast destroyed its gloo group and exited, closing its connections,
+        while rank 0 could still be completing that broadcast or tearing down its own group. After
+        the barrier no collective is in flight on any rank when the groups go."""
         if self.launched and self.dist.is_initialized():
             self.dist.barrier(group=self.ctrl)
         self.close()
 
     def close(self) -> None:
-        """Destroy the process group (every group: WORLD and ctrl). Also on an error path, where no
-        barrier is possible (a failed rank may never reach one)."""
+        """Destroy the process groups (WORLD and ctrl) and free them now. Also on an error path, where
+        no barrier is possible (a failed rank may never reach one).
+
+        destroy_process_group() shuts a gloo group down but does not join its worker threads: the C++
+        object's destructor does, when the last Python reference goes (this context holds one in
+        `ctrl`; an exception's traceback can hold the context). Left to the interpreter's exit, that
+        destructor runs while Python finalizes, where a thread that needs the GIL is terminated: the
+        same abort. So the references are dropped and collected here, and the threads are joined
+        before `main` returns (test_sweep_distributed checks the thread count)."""
         if self.launched and self.dist.is_initialized():
             self.dist.destroy_process_group()
-            self.ctrl = None
+        self.ctrl = None
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- CLI
