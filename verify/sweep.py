@@ -179,8 +179,8 @@ class DistContext:
         destroy_process_group() shuts a gloo group down but does not join its worker threads: the C++
         object's destructor does, when the last Python reference goes (this context holds one in
         `ctrl`; an exception's traceback can hold the context). Left to the interpreter's exit, that
-        destructor runs while Python finalizes, where a thread that needs the GIL is terminated: the
-        same abort. So the references are dropped and collected here, and the threads are joined
+        destructor runs while Python finalizes, where a thread that needs the GIL is terminated, which can
+        end in the same abort (pytorch issue 190489 reports it for a gloo group never destroyed). So the references are dropped and collected here, and the threads are joined
         before `main` returns (test_sweep_distributed checks the thread count)."""
         if self.launched and self.dist.is_initialized():
             self.dist.destroy_process_group()
