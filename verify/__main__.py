@@ -1,14 +1,27 @@
 """`python -m verify <command>`: demo (emulator self-check), lint, fixture, layer, model, report.
 
-Each command's arguments and body live in its own module; this file only dispatches, and
-turns user errors into one line on stderr.
+Each command's arguments and body live in its own module; this file only dispatches, applies the
+NVFP4V_ environment defaults (NVFP4V_CHECKPOINT, NVFP4V_BACKEND, NVFP4V_REPORT_DIR: a command line
+option wins over the variable), picks the torch thread count, and turns user errors into one line
+on stderr. `python -m verify` without a command prints this help and exits 2.
+
+Threads (CPU): OMP_NUM_THREADS when set; else the physical cores not busy with other processes
+(cores minus the 1-minute load average, at least 1, at most 8). More threads than idle cores make
+torch's OpenMP threads wait on each other (61-83 s instead of 5 s for `layer` on a busy 2-core
+machine). The first line of layer, model, selftest and accumulator names the count.
 
 Exit status:
   0  success
-  1  a verdict failed (demo, layer, model, report) or lint found an error finding
+  1  a verdict failed (demo, layer, model, report), lint found an error finding, or `report`
+     read a sweep that did not finish (units missing: it lists them, never PASS)
   2  a usage or input error, printed as one line `verify <command>: error: <message>`:
        UsageError              bad argument value (argparse's errors too: unknown option,
-                               invalid choice, --tokens 0, --layers 3-1 or x, a missing --inputs)
+                               invalid choice, --tokens 0, --layers 3-1 or x, --device meta,
+                               --json / --report-dir naming the wrong kind of path)
+       InputsError             --inputs: missing, not a file, not safetensors, no x_ffn, a tensor
+                               of the wrong shape or dtype, NaN / Inf values (names the tensor)
+       ResourceError           --tokens more than this machine's free memory holds (the estimate)
+       UnreadableReportError   `report` on a truncated or foreign unit / report file
        LayerRangeError         --layers names a layer past num_hidden_layers or one the
                                checkpoint does not hold
        DeviceUnavailableError  --device this machine lacks; --backend that cannot run here
@@ -23,6 +36,8 @@ Exit status:
   An implausible checkpoint value (verify.checkpoint.CheckpointWarning) prints one line
   `verify <command>: warning: <message>` on stderr and does not change the exit status.
      (verify.errors defines the first three; verify.checkpoint the checkpoint errors.)
+130  interrupted (Ctrl-C): one line; a `model` sweep with --report-dir names the command that
+     resumes it
 Any other exception is a bug: its traceback is printed and the status is 1. `--debug` (before
 or after the command) prints the traceback of the errors above too, then their line.
 """
@@ -87,7 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
             getattr(importlib.import_module(module), add_args)(p)
         except (ImportError, AttributeError) as exc:  # a command whose module is absent stays listed
             p.set_defaults(unavailable=f"{name}: not available in this checkout ({exc})")
+        _apply_env_defaults(p)
     return parser
+
+
+def _apply_env_defaults(p: argparse.ArgumentParser) -> None:
+    """The NVFP4V_ variable of each option in config.ENV_OPTIONS becomes that option's default (and
+    its --help shows it), as pytest's addoption defaults do: the command line still wins."""
+    from verify.config import ENV_OPTIONS, env_default  # noqa: PLC0415
+
+    for action in p._actions:  # noqa: SLF001 - argparse has no public accessor for an option's action
+        for option, var in ENV_OPTIONS.items():
+            if option in action.option_strings and (value := env_default(var, None)) is not None:
+                action.default = value
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -97,6 +124,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         from verify.config import check_device
 
         check_device(args.device)
+    from verify.config import configure_torch_threads  # noqa: PLC0415
+
+    args.threads_note = configure_torch_threads()
     module, _, run, _ = COMMANDS[args.command]
     return int(getattr(importlib.import_module(module), run)(args))
 
@@ -110,8 +140,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         parser = build_parser()
         args, extra = parser.parse_known_args(argv)
-        if args.command is None:
-            args, extra = parser.parse_known_args(["demo", *argv])
+        if args.command is None:  # no command: the help (a usage error, so exit 2)
+            parser.print_help()
+            return 2
         command = args.command
         if extra:  # argparse's own message would not name the command
             raise UsageError(f"unrecognized arguments: {' '.join(extra)}; see {PROG} {command} --help")
@@ -122,6 +153,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(one_line(exc, command or getattr(exc, "command", None)), file=sys.stderr)
         return 2
+    except KeyboardInterrupt as exc:  # Ctrl-C: one line (a sweep's says how to resume), status 130
+        if "--debug" in argv:
+            traceback.print_exc()
+        where = f"verify {command}" if command else "verify"
+        print(f"{where}: interrupted" + (f": {' '.join(str(exc).split())}" if str(exc) else ""), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -201,18 +201,29 @@ def add_accumulator_arguments(p) -> None:
 
 def cli_accumulator(args) -> int:
     """`python -m verify accumulator`: effective accumulator bits and rounding per GEMM path; exit 1
-    when the backend's declared u_acc is looser than measured."""
+    when the backend's declared u_acc is looser than measured. The first line names the backend and
+    device (no checkpoint: the probe data are synthetic)."""
     from rich.console import Console
     from rich.table import Table
 
     from verify.backends import get_backend  # noqa: PLC0415
-    from verify.errors import DeviceUnavailableError  # noqa: PLC0415
+    from verify.config import check_env_backend, target_line  # noqa: PLC0415
+    from verify.errors import DeviceUnavailableError, UsageError  # noqa: PLC0415
 
+    check_env_backend(args.backend)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    backend = get_backend(args.backend, device)
+    try:
+        backend = get_backend(args.backend, device)
+    except ImportError as e:
+        raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({e})", argument="--backend") \
+            from None
     reason = backend.unsupported_reason(Op.DENSE_GEMM, device)
     if reason:
         raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({reason})", argument="--backend")
+    console = Console()
+    console.print(target_line("accumulator", checkpoint=None, backend=backend.name, device=device,
+                              threads_note=getattr(args, "threads_note", None)).replace(
+        "checkpoint (none)", "no checkpoint (synthetic probe data)"), highlight=False, soft_wrap=True)
     readings = probe_accumulator(backend, device)
     table = Table(title=f"{backend.name} on {device}: measured GEMM accumulator (declared u_acc = "
                         f"2^{_log2(backend.u_acc):.0f})")
@@ -221,7 +232,6 @@ def cli_accumulator(args) -> int:
     for r in readings:
         table.add_row(r.path, f"{r.effective_bits}{'+ (exact at every probed gap)' if r.exact_up_to else ''}",
                       r.rounding, f"2^-{r.effective_bits}")
-    console = Console()
     console.print(table)
     try:
         check_declared_u_acc(backend, readings)

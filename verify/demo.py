@@ -154,18 +154,40 @@ def print_selfcheck(results: list[CheckRow]) -> None:
 def cli_demo(args) -> int:
     from rich.progress import Progress
 
+    from verify.preflight import writable_file  # noqa: PLC0415
+
+    if args.json:
+        writable_file(args.json, "--json")
+
     with Progress(transient=True) as progress:
         progress.add_task("emulator self-check", total=None)
         results = run_selfcheck(rows=args.rows, k=args.k, seed=args.seed)
     print_selfcheck(results)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps([asdict(r) for r in results], indent=2, sort_keys=True, default=str))
     return 0 if all(r.ok for r in results) else 1
 
 
+def multiple_of_16(text: str) -> int:
+    """argparse type of --k: a multiple of the NVFP4 block (16 elements), at least two blocks (the
+    misplaced-block-scale check swaps blocks 0 and 1)."""
+    import argparse  # noqa: PLC0415
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 32 or value % 16:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r} (must be a multiple of 16, the NVFP4 block, "
+                                         ">= 32: two blocks)")
+    return value
+
+
 def add_demo_arguments(parser) -> None:
-    parser.add_argument("--rows", type=int, default=256, help="Activation rows. Default: %(default)r.")
-    parser.add_argument("--k", type=int, default=1024, help="Activation K (multiple of 16). Default: %(default)r.")
+    from verify.config import positive_int  # noqa: PLC0415
+
+    parser.add_argument("--rows", type=positive_int, default=256, help="Activation rows. Default: %(default)r.")
+    parser.add_argument("--k", type=multiple_of_16, default=1024,
+                        help="Activation K (a multiple of 16, the NVFP4 block; at least 32). Default: %(default)r.")
     parser.add_argument("--seed", type=int, default=0, help="Data seed. Default: %(default)r.")
     parser.add_argument("--json", default=None, help="Write the results as JSON here. Default: %(default)r.")

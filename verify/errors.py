@@ -11,8 +11,8 @@ A bug is none of these: it keeps its traceback.
 
 from __future__ import annotations
 
-__all__ = ["CliError", "UsageError", "LayerRangeError", "DeviceUnavailableError", "BackendRefusedError",
-           "NonFiniteTensorError", "one_line"]
+__all__ = ["CliError", "UsageError", "LayerRangeError", "InputsError", "DeviceUnavailableError", "BackendRefusedError",
+           "ResourceError", "UnreadableReportError", "NonFiniteTensorError", "one_line"]
 
 
 class CliError(Exception):
@@ -33,6 +33,22 @@ class UsageError(CliError, ValueError):
 class LayerRangeError(UsageError):
     """--layers names a layer past config.json's num_hidden_layers, or one the checkpoint does
     not hold (a single-layer checkpoint); or the checkpoint holds no decoder layer at all."""
+
+
+class InputsError(UsageError):
+    """An --inputs file that cannot drive the layer: not a safetensors file, x_ffn missing, a tensor
+    of the wrong shape or dtype, NaN / Inf values, token ids outside the vocabulary or missing for a
+    hash-routed layer. The message names the file and the tensor."""
+
+
+class ResourceError(UsageError):
+    """An argument whose run cannot fit this machine (e.g. --tokens 10000000): the message gives the
+    estimated memory, the free memory and what would fit. Raised before any layer is loaded."""
+
+
+class UnreadableReportError(UsageError):
+    """`python -m verify report` on a file that is not a complete report or unit document (truncated
+    by a kill, not JSON, another kind of document): the message names the file."""
 
 
 class DeviceUnavailableError(CliError):

@@ -12,28 +12,31 @@ the sha256 of every emulated tensor. golden/mini-v4/emulator.json pins it.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import time
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
+from rich.markup import escape
 
 from references.layer import RunOptions
 from references.linear import rms_norm
-from references.recipes import RECIPES, recipe_by_name
+from references.recipes import RECIPES
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.backends import FORWARD_OPS, get_backend
 from verify.backends.registry import BACKEND_HELP, backend_arg
-from verify.config import GOLDEN_DIR, format_layers, parse_layers, positive_int
-from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError, UsageError
+from verify.config import (DEFAULT_CHECKPOINT, GOLDEN_DIR, RunConfig, display_path, format_layers, parse_layers,
+                           positive_int, run_config_from_args, target_line)
+from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError
 from verify.golden import environment
-from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_safetensors, inputs_from_token_ids
+from verify.preflight import check_inputs_for_layers, check_memory, read_inputs_file
+from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_token_ids
 from verify.report.tables import loss_table, verdict_table
 from verify.run import run_layer, verdict_counts
 
 __all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
-           "select_layers", "add_layer_arguments", "cli_layer", "loss_table", "verdict_table", "backend_for_verdicts"]
+           "select_layers", "add_layer_arguments", "cli_layer", "loss_table", "verdict_table", "backend_for_verdicts",
+           "OpenedRun", "open_run", "display_path", "console_for_run"]
 
 GOLDEN_CONFIGS: dict[str, RunOptions] = {
     "dynamic-after_w2": RunOptions(act_scale="dynamic", weight_placement="after_w2"),
@@ -46,11 +49,15 @@ GOLDEN_PATH = GOLDEN_DIR / "mini-v4" / "emulator.json"
 
 
 def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: int, device: str | torch.device,
-                 inputs_path: str | None = None) -> LayerInputs:
-    """Token ids -> embed -> RMSNorm when the checkpoint has embed.weight; a safetensors file when
-    given; else (a single-layer checkpoint) seeded Gaussian hidden states through the layer's norms."""
-    if inputs_path:
-        return inputs_from_safetensors(inputs_path, device=device)
+                 inputs_file: dict | None = None) -> LayerInputs:
+    """Token ids -> embed -> RMSNorm when the checkpoint has embed.weight; the tensors of an --inputs
+    file when given (verify.preflight.read_inputs_file, already checked); else (a single-layer
+    checkpoint) seeded Gaussian hidden states through the layer's norms."""
+    if inputs_file is not None:
+        ids = inputs_file["token_ids"]
+        return LayerInputs(None if ids is None else ids.to(device),
+                           inputs_file["x_attn"].to(device=device, dtype=torch.bfloat16),
+                           inputs_file["x_ffn"].to(device=device, dtype=torch.bfloat16))
     ids = default_token_ids(ckpt.config.vocab_size, tokens, seed=seed, device=device)
     if "embed.weight" in ckpt.weight_map or "model.embed_tokens.weight" in ckpt.weight_map:
         return inputs_from_token_ids(ckpt, layer, ids)
@@ -151,26 +158,57 @@ def backend_for_verdicts(name: str, device: torch.device):
     return backend
 
 
-def display_path(path: str | Path) -> str:
-    """`path` relative to the working directory when below it (golden/mini-v4), else as given."""
-    try:
-        return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
-        return str(path)
+@dataclass(frozen=True)
+class OpenedRun:
+    """What a `layer` / `model` run verifies, every check that needs the checkpoint done, no layer
+    loaded yet: the checkpoint (headers), the selected layers and their console line, the --inputs
+    tensors (checked; None without --inputs), the references' RunOptions and the token count."""
+
+    ckpt: Checkpoint
+    layers: tuple[int, ...]
+    layers_line: str
+    inputs_file: dict | None
+    options: RunOptions
+    tokens: int
+
+
+def open_run(config: RunConfig, device: torch.device) -> OpenedRun:
+    """Open config's checkpoint and check what needs it, before any work: --layers against the layers
+    it holds, the --inputs tensors against its hidden size and vocabulary (and token ids for
+    hash-routed layers), and the memory one layer's run needs against the device's free memory
+    (--tokens 10000000 is refused with the estimate, not after allocating)."""
+    ckpt = Checkpoint.open(config.checkpoint_dir)
+    layers, layers_line = select_layers(ckpt, config.layers_arg, label=display_path(config.checkpoint_dir))
+    inputs_file, tokens = None, config.tokens
+    if config.inputs is not None:
+        inputs_file = read_inputs_file(config.inputs, hidden_size=ckpt.config.hidden_size,
+                                       vocab_size=ckpt.config.vocab_size)
+        check_inputs_for_layers(config.inputs, inputs_file, ckpt.config, layers)
+        tokens = int(inputs_file["x_ffn"].shape[0])
+    nbytes = max(ckpt.plan_layer(i).nbytes for i in layers)
+    check_memory(ckpt.config, tokens=tokens, layer_nbytes=nbytes, device=device,
+                 what=f"--tokens {tokens}" if config.inputs is None else f"--inputs {config.inputs} ({tokens} tokens)",
+                 argument="--tokens" if config.inputs is None else "--inputs")
+    return OpenedRun(ckpt, layers, layers_line, inputs_file, config.run_options(ckpt.config.schema), tokens)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 
 def add_layer_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
-                   help="Checkpoint directory. Default: the committed mini-v4 fixture.")
+    p.add_argument("--checkpoint", default=str(DEFAULT_CHECKPOINT),
+                   help="Checkpoint directory (env NVFP4V_CHECKPOINT). Default: %(default)r (the committed "
+                        "mini-v4 fixture unless NVFP4V_CHECKPOINT is set).")
     p.add_argument("--layers", default=None,
                    help="Layers, e.g. '0,3,5-7'. Default: every layer the checkpoint holds.")
-    p.add_argument("--tokens", type=positive_int, default=GOLDEN_TOKENS, help="Tokens per layer. Default: %(default)r.")
+    p.add_argument("--tokens", type=positive_int, default=GOLDEN_TOKENS,
+                   help="Tokens per layer (refused before any work when the run's estimated memory exceeds "
+                        "the free memory). Default: %(default)r.")
     p.add_argument("--seed", type=int, default=0, help="Seed of the token ids / inputs. Default: %(default)r.")
     p.add_argument("--inputs", default=None,
-                   help="safetensors with x_ffn [T, H] (and x_attn, token_ids) instead of embeddings.")
+                   help="safetensors file with x_ffn [T, hidden_size] float (and x_attn of the same shape, "
+                        "token_ids [T] integer, required by hash-routed layers) instead of embeddings; every "
+                        "value must be finite. Default: %(default)r.")
     p.add_argument("--act-scale", choices=("dynamic", "static"), default="dynamic",
                    help="NVFP4 activation global scale. Default: %(default)r.")
     p.add_argument("--placement", choices=("after_w2", "before_w2"), default="after_w2",
@@ -178,71 +216,85 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", choices=sorted(RECIPES), default="te", help="Activation recipe. Default: %(default)r.")
     p.add_argument("--fp8-scale-fmt", choices=("auto", "ue8m0", "f32"), default="auto",
                    help="FP8 activation block-scale format (auto: ue8m0 for V4, f32 for V3). Default: %(default)r.")
-    p.add_argument("--device", default="cpu", help="Where the references run. Default: %(default)r.")
+    p.add_argument("--device", default="cpu", help="Where the references run: cpu, cuda, cuda:N. Default: %(default)r.")
     p.add_argument("--backend", default=None, type=backend_arg,
                    help=f"Also run this backend's verdicts on every stage it serves (quantize bytes, GEMM bound, "
                         f"host sync, CUDA-graph replay); exit 1 if any fails: {BACKEND_HELP}. Default: %(default)r.")
-    p.add_argument("--json", default=None, help="Write the report (metrics, digests, timings) here.")
+    p.add_argument("--json", default=None,
+                   help="Write the report here: each layer's result as a sweep's unit document, under \"runs\" "
+                        "(schema verify/report/model_report.schema.json, $defs/layer_report). Default: %(default)r.")
+
+
+def console_for_run():
+    """A rich console; in a log file or pipe 140 columns wide (80 would truncate stage names)."""
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console()
+    return console if console.is_terminal else Console(width=140)
 
 
 def cli_layer(args: argparse.Namespace) -> int:
     """Print per layer a rich table of the quantization loss per stage; optional JSON report.
 
-    Every user error (bad --layers / --inputs / --json, a device or backend this machine lacks, a
-    checkpoint defect) is raised before any layer runs where it can be: verify.errors and
-    verify.checkpoint's classes, which `python -m verify` prints as one line (exit status 2)."""
-    from rich.console import Console
-    from rich.progress import Progress
+    Every user error (bad --layers / --inputs / --json / --tokens, a device or backend this machine
+    lacks, a checkpoint defect) is raised before any layer runs: verify.errors and verify.checkpoint's
+    classes, which `python -m verify` prints as one line (exit status 2). The first line names the
+    checkpoint, backend and device; a progress bar shows the layer and its phase."""
+    from verify.progress import StepProgress  # noqa: PLC0415
+    from verify.units import layer_report_document, layer_result, plan_units, run_fingerprint  # noqa: PLC0415
 
-    if args.inputs and not Path(args.inputs).is_file():
-        raise UsageError(f"--inputs {args.inputs}: invalid value (no such file)", argument="--inputs")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json {args.json}: invalid value (directory {Path(args.json).parent} does not exist)",
-                         argument="--json")
-    backend = backend_for_verdicts(args.backend, torch.device(args.device)) if args.backend else None
-    console = Console()
-    if not console.is_terminal:  # a log file or pipe: do not truncate stage names to 80 columns
-        console = Console(width=140)
-    ckpt = Checkpoint.open(args.checkpoint)
-    layers, layers_line = select_layers(ckpt, args.layers, label=display_path(args.checkpoint))
-    console.print(layers_line)
-    fp8_fmt = args.fp8_scale_fmt if args.fp8_scale_fmt != "auto" else \
-        ("ue8m0" if ckpt.config.schema == "deepseek_v4" else "f32")  # V4 FP8 uses E8M0 scales, V3 float32
-    options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
-                         weight_placement=args.placement, fp8_scale_fmt=fp8_fmt)
-    name = f"{args.act_scale}-{args.placement}-{args.recipe}"
-    runs, timings, failed, totals = {}, {}, 0, {}
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("layers", total=len(layers))
-        for i in layers:
+    config = run_config_from_args(args)
+    device = torch.device(config.device)
+    console = console_for_run()
+    backend = backend_for_verdicts(config.backend, device) if config.backend else None
+    console.print(target_line("layer", checkpoint=config.checkpoint_dir, backend=backend.name if backend else None,
+                              device=device, threads_note=getattr(args, "threads_note", None)), highlight=False)
+    opened = open_run(config, device)
+    ckpt, layers = opened.ckpt, opened.layers
+    console.print(opened.layers_line)
+    fingerprint, _ = run_fingerprint(ckpt, config, backend.name if backend else None, device)
+    name = config.config_name
+    results, failed, totals = {}, 0, {}
+    with StepProgress(console, len(layers), what="layers") as progress:
+        for unit in plan_units(ckpt, layers, include_mtp=False):
+            i = unit.index
             t0 = time.perf_counter()
-            layer = ckpt.load_layer(i, device=args.device)
-            inputs = layer_inputs(ckpt, layer, tokens=args.tokens, seed=args.seed, device=args.device,
-                                  inputs_path=args.inputs)
+            progress.phase(unit.name, "load")
+            layer = ckpt.load_layer(i, device=device)
+            inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
+                                  inputs_file=opened.inputs_file)
             t_load = time.perf_counter() - t0
-            run = run_layer(ckpt, layer, inputs, options=options, backend=backend)
-            runs[run_id(i, name)] = run.as_dict()
-            timings[run_id(i, name)] = {"load_s": t_load, **{f"{k}_s": v for k, v in run.timings_s.items()
-                                                             if isinstance(v, float)},
-                                        "total_s": time.perf_counter() - t0}
-            bar.advance(task)
-            console.print(loss_table(i, name, args.tokens, run))
+            run = run_layer(ckpt, layer, inputs, options=opened.options, backend=backend,
+                            on_phase=lambda phase, u=unit.name: progress.phase(u, phase))
+            timings = {"load": t_load, **run.timings_s, "total": time.perf_counter() - t0}
+            results[run_id(i, name)] = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings,
+                                                    device=device)
+            progress.advance(unit.name)
+            console.print(loss_table(i, name, opened.tokens, run))
             console.print("blocks with scale 448 (saturated): " +
                           ", ".join(f"{k} {100 * v:.2f}%" for k, v in run.saturated.items()))
-            console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings[run_id(i, name)].items()))
+            console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float)))
+            loss_failed = run.loss_failures  # a garbage loss row (NaN, empty, all zero, a gain) fails the run
+            failed += len(loss_failed)
+            for v in loss_failed:
+                console.print(f"[bold red]FAIL[/] {escape(v.message)}")
             if backend is not None:
-                failed += len(run.failed)
+                failed += sum(v.status == "fail" for v in run.verdicts)
                 console.print(verdict_table(i, backend.name, run))
                 for k, v in verdict_counts(run.verdicts).items():
                     totals[k] = totals.get(k, 0) + v
-    if args.json:
-        doc = {"environment": environment(), "checkpoint": str(args.checkpoint), "tokens": args.tokens,
-               "runs": runs, "timings": timings}
-        Path(args.json).write_text(json.dumps(doc, indent=1, default=str))
+    if config.json is not None:
+        from verify.report.document import write_json  # noqa: PLC0415
+
+        write_json(config.json, layer_report_document(results, environment=environment(), checkpoint=config.checkpoint_dir,
+                                                      tokens=opened.tokens, backend=backend.name if backend else None,
+                                                      fingerprint=fingerprint))
     if backend is not None:
         style = "bold red" if failed else "bold green"
         console.print(f"[{style}]{backend.name} on {format_layers(layers)}: " +
                       ", ".join(f"{v} {k}" for k, v in totals.items()) + "[/]" +
                       ("" if failed or not totals.get("pass") else " (every verdict the backend serves here passes)")
                       + ("" if totals.get("pass") else f" ({backend.name} serves none of these stages here)"))
+    elif failed:
+        console.print(f"[bold red]{failed} loss row(s) failed on {format_layers(layers)}[/]")
     return 1 if failed else 0

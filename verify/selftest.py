@@ -428,7 +428,9 @@ def _tied(layer):
 
 
 def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: int, device: str,
-             injectors: tuple[Injector, ...] = INJECTORS, progress=None) -> list[SelftestRow]:
+             injectors: tuple[Injector, ...] = INJECTORS, progress=None, on_phase=None) -> list[SelftestRow]:
+    """One SelftestRow per injector. progress(row) is called as each injector finishes, on_phase(bug,
+    text) as each of its layer runs goes through a phase (for a progress bar)."""
     from verify.layer_report import layer_inputs  # noqa: PLC0415 (layer_report imports the CLI machinery)
 
     loaded = {i: ckpt.load_layer(i, device=device) for i in layers}
@@ -439,7 +441,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
             rows.append(SelftestRow(inj.bug, inj.facts, "not applicable", [], [], f"not applicable on {backend.name}: "
                                     f"{why}"))
             if progress is not None:
-                progress()
+                progress(rows[-1])
             continue
         bugged = Bugged(backend, inj.bug)
         failed, served, reasons = [], False, []
@@ -451,7 +453,8 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
             inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=11, device=device)
             if inj.data == "ties":
                 inputs = with_tie_rows(inputs)
-            run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged)
+            run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged,
+                            on_phase=None if on_phase is None else lambda ph, b=inj.bug, i=i: on_phase(b, f"layer{i} {ph}"))
             seen = [v for v in run.verdicts if _visible(inj, v)]
             served |= any(v.status in ("pass", "fail") for v in seen)
             reasons += [f"layer{i} {v.stage} {v.check}: {v.message}" for v in seen if v.status not in ("pass", "fail")]
@@ -468,7 +471,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
                      f"{backend.name} serves none of the stages this bug corrupts here")
         rows.append(SelftestRow(inj.bug, inj.facts, status, caught, wrong, first.splitlines()[0] if first else ""))
         if progress is not None:
-            progress()
+            progress(rows[-1])
     return rows
 
 
@@ -515,7 +518,8 @@ def add_selftest_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="auto", type=backend_arg,
                    help=f"Backend to wrap with the bug injectors: {BACKEND_HELP}. Default: %(default)r.")
     p.add_argument("--checkpoint", default=str(GOLDEN_DIR / "mini-v4"),
-                   help="Checkpoint whose layers the injected runs verify. Default: the committed mini-v4 fixture.")
+                   help="Checkpoint whose layers the injected runs verify (env NVFP4V_CHECKPOINT). Default: "
+                        "%(default)r.")
     p.add_argument("--layers", default=None, help="Layers, e.g. '0,3'. Default: every layer the checkpoint holds.")
     p.add_argument("--tokens", type=positive_int, default=32, help="Tokens per layer. Default: %(default)r.")
     p.add_argument("--device", default="auto", help="Where to run: auto (cuda when present, else cpu), cpu, cuda. "
@@ -523,23 +527,32 @@ def add_selftest_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def cli_selftest(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.progress import Progress
+    """The first line names the checkpoint, backend and device; a progress bar (a line per injected bug
+    in a log) shows the bug and the layer phase now running; then the table."""
     from rich.table import Table
 
-    from verify.layer_report import backend_for_verdicts, display_path, select_layers  # noqa: PLC0415
+    from verify.config import check_env_backend, target_line  # noqa: PLC0415
+    from verify.errors import UsageError  # noqa: PLC0415
+    from verify.layer_report import backend_for_verdicts, console_for_run, display_path, select_layers  # noqa: PLC0415
+    from verify.preflight import check_memory  # noqa: PLC0415
+    from verify.progress import StepProgress  # noqa: PLC0415
 
+    check_env_backend(args.backend)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    console = console_for_run()
     backend = backend_for_verdicts(args.backend, device)
+    console.print(target_line("selftest", checkpoint=args.checkpoint, backend=backend.name, device=device,
+                              threads_note=getattr(args, "threads_note", None)), highlight=False, soft_wrap=True)
     ckpt = Checkpoint.open(args.checkpoint)
     layers, line = select_layers(ckpt, args.layers, label=display_path(args.checkpoint))
-    console = Console() if Console().is_terminal else Console(width=160)
-    console.print(f"{line}; backend {backend.name} on {device}")
+    check_memory(ckpt.config, tokens=args.tokens, layer_nbytes=sum(ckpt.plan_layer(i).nbytes for i in layers),
+                 device=device, what=f"--tokens {args.tokens}")
+    console.print(f"{line}; {len(INJECTORS)} injected bugs")
     t0 = time.perf_counter()
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("injected bugs", total=len(INJECTORS))
-        rows = selftest(ckpt, backend, list(layers), tokens=args.tokens, device=str(device),
-                        progress=lambda: bar.advance(task))
+    with StepProgress(console, len(INJECTORS), what="injected bugs", log_steps=True) as bar:
+        rows = selftest(ckpt, backend, list(layers), tokens=args.tokens, device=str(device), injectors=INJECTORS,
+                        progress=lambda row: bar.advance(row.bug, row.status),
+                        on_phase=bar.phase)
     table = Table(title=f"selftest: {backend.name}, {len(INJECTORS)} injected bugs ({time.perf_counter() - t0:.1f} s)")
     table.add_column("bug", no_wrap=True)
     for col in ("class (NVFP4_FACTS 6)", "verdict", "caught by (stage check)", "first line of the verdict"):

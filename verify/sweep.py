@@ -30,28 +30,31 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import gc
-import hashlib
 import json
 import os
-import re
 import shutil
-import socket
 import sys
+import textwrap
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from verify.config import env_default, format_layers, positive_int
 from verify.errors import CliError, UsageError
+from verify.units import Unit, mtp_prefixes, plan_units
 
-__all__ = ["Unit", "plan_units", "assign_units", "DistContext", "add_model_arguments", "cli_model",
-           "RankFailedError", "UNITS_DIR", "REPORT_JSON", "REPORT_HTML"]
+__all__ = ["Unit", "plan_units", "mtp_prefixes", "assign_units", "DistContext", "add_model_arguments", "cli_model",
+           "RankFailedError", "UNITS_DIR", "REPORT_JSON", "REPORT_HTML", "PLAN_JSON", "PLAN_KIND", "EXIT_POLICY",
+           "exit_status"]
 
 UNITS_DIR = "units"
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
+# written by rank 0 before any unit runs: the units the sweep will hold, its backend and command, so
+# `python -m verify report` on a killed sweep can say which units are missing
+PLAN_JSON = "sweep.json"
+PLAN_KIND = "nvfp4-verify.sweep-plan"
 
 
 class RankFailedError(CliError):
@@ -59,50 +62,6 @@ class RankFailedError(CliError):
 
 
 # ----------------------------------------------------------------------------- units and the plan
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One piece of work: a decoder layer (kind "decoder", index = layer) or an MTP block (kind
-    "mtp", index = its number; tensors under `prefix`). nbytes: its tensors' stored bytes."""
-
-    name: str
-    kind: str
-    index: int
-    nbytes: int
-    prefix: str
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "index": self.index, "nbytes": self.nbytes,
-                "prefix": self.prefix}
-
-
-def mtp_prefixes(ckpt) -> list[tuple[int, str]]:
-    """(j, prefix) of every MTP block in the weight_map: V4 `mtp.{j}.`, V3 `model.layers.{n + j}.`
-    (the layers past num_hidden_layers)."""
-    n = ckpt.config.num_layers
-    found: set[int] = set()
-    if ckpt.config.schema == "deepseek_v4":
-        pattern, offset, fmt = re.compile(r"mtp\.(\d+)\."), 0, "mtp.{}."
-    else:
-        pattern, offset, fmt = re.compile(r"model\.layers\.(\d+)\."), n, "model.layers.{}."
-    for name in ckpt.weight_map:
-        m = pattern.match(name)
-        if m and int(m.group(1)) >= offset:
-            found.add(int(m.group(1)) - offset)
-    return [(j, fmt.format(j + offset)) for j in sorted(found)]
-
-
-def plan_units(ckpt, layers, *, include_mtp: bool) -> list[Unit]:
-    """The units of a sweep, in model order, each with its size. Every decoder layer is validated
-    against the schema from its headers here (no tensor data read), so a structural defect stops
-    the sweep before any work."""
-    units = [Unit(f"layer{i}", "decoder", i, ckpt.plan_layer(i).nbytes, f"layers.{i}.") for i in layers]
-    if include_mtp:
-        for j, prefix in mtp_prefixes(ckpt):
-            infos = ckpt.headers_for(ckpt.names_with_prefix(prefix))
-            units.append(Unit(f"mtp.{j}", "mtp", j, sum(i.nbytes for i in infos.values()), prefix))
-    return units
 
 
 def assign_units(units: list[Unit], world_size: int) -> list[list[Unit]]:
@@ -200,9 +159,33 @@ class DistContext:
             r, msg, at = failed[0]
             raise RankFailedError(f"rank {r} failed at {at}: {msg}")
 
+    def finish(self) -> None:
+        """The end every rank reached: a last barrier, then the teardown (close).
+
+        Rank 0 aborted in 3 of 9 two-rank CPU sweeps after writing a PASS report ("terminate called
+        without an active exception", torchrun exit 1; not reproduced in 46 runs of that code on a
+        2-core machine, 2026-12-06). Without this barrier the teardown was unsynchronized: a rank that
+        had received on_main's broadcast destroyed its gloo group and exited, closing its connections,
+        while rank 0 could still be completing that broadcast or tearing down its own group. After
+        the barrier no collective is in flight on any rank when the groups go."""
+        if self.launched and self.dist.is_initialized():
+            self.dist.barrier(group=self.ctrl)
+        self.close()
+
     def close(self) -> None:
+        """Destroy the process groups (WORLD and ctrl) and free them now. Also on an error path, where
+        no barrier is possible (a failed rank may never reach one).
+
+        destroy_process_group() shuts a gloo group down but does not join its worker threads: the C++
+        object's destructor does, when the last Python reference goes (this context holds one in
+        `ctrl`; an exception's traceback can hold the context). Left to the interpreter's exit, that
+        destructor runs while Python finalizes, where a thread that needs the GIL is terminated, which can
+        end in the same abort (pytorch issue 190489 reports it for a gloo group never destroyed). So the references are dropped and collected here, and the threads are joined
+        before `main` returns (test_sweep_distributed checks the thread count)."""
         if self.launched and self.dist.is_initialized():
             self.dist.destroy_process_group()
+        self.ctrl = None
+        gc.collect()
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -213,6 +196,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
     add_layer_arguments(p)
     p.set_defaults(layers=None)
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = "\n".join(textwrap.wrap(EXIT_POLICY, 100))
     p.add_argument("--report-dir", default=env_default("REPORT_DIR", None),
                    help="Directory of the sweep: units/<unit>.json as each finishes (a sweep started again "
                         "resumes from them), report.json and report.html at the end (env NVFP4V_REPORT_DIR). "
@@ -233,20 +218,6 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "barrier). Default: %(default)r.")
 
 
-def _fingerprint(ckpt, args, backend_name: str | None, device: torch.device) -> tuple[str, dict]:
-    """What makes two sweeps' unit results interchangeable (resume only reuses a matching one)."""
-    cfg_bytes = (Path(ckpt.directory) / "config.json").read_bytes()
-    wm = json.dumps(sorted(ckpt.weight_map.items())).encode()
-    inputs = None
-    if args.inputs:
-        inputs = hashlib.sha256(Path(args.inputs).read_bytes()).hexdigest()
-    fields = {"config_sha256": hashlib.sha256(cfg_bytes).hexdigest(), "weight_map_sha256": hashlib.sha256(wm).hexdigest(),
-              "tokens": args.tokens, "seed": args.seed, "inputs_sha256": inputs, "act_scale": args.act_scale,
-              "placement": args.placement, "recipe": args.recipe, "fp8_scale_fmt": args.fp8_scale_fmt,
-              "backend": backend_name, "device_type": device.type}
-    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16], fields
-
-
 def _scan_done(units_dir: Path, units: list[Unit], fingerprint: str, *, fresh: bool) -> list[str]:
     """Names of the units whose documents are already in units_dir with this fingerprint. A
     document of another configuration is a UsageError (pass --fresh or another --report-dir); an
@@ -264,7 +235,7 @@ def _scan_done(units_dir: Path, units: list[Unit], fingerprint: str, *, fresh: b
             doc = load_json(path)
         except (OSError, ValueError):
             continue
-        if doc.get("kind") != UNIT_KIND:
+        if not isinstance(doc, dict) or doc.get("kind") != UNIT_KIND:
             continue
         if doc.get("fingerprint") != fingerprint:
             raise UsageError(f"--report-dir {units_dir.parent}: invalid value ({path.name} holds results of another "
@@ -284,50 +255,16 @@ def _backend_declaration(backend, device: torch.device) -> dict | None:
             "ops": {op.value: backend.unsupported_reason(op, device) for op in FORWARD_OPS}}
 
 
-class _Progress:
-    """A rich progress bar on rank 0 (unit, phase or stage, ETA over this rank's units by bytes)."""
-
-    def __init__(self, console, units: list[Unit], enabled: bool):
-        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn  # noqa: PLC0415
-
-        self.enabled = enabled and bool(units)
-        self.progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                                 TextColumn("{task.fields[done]}/{task.fields[count]} units"),
-                                 TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-                                 console=console, transient=True) if self.enabled else None
-        self.units = units
-        self.task = None
-
-    def __enter__(self):
-        if self.enabled:
-            self.progress.__enter__()
-            self.task = self.progress.add_task("starting", total=sum(u.nbytes for u in self.units) or 1,
-                                               done=0, count=len(self.units))
-        return self
-
-    def __exit__(self, *exc):
-        if self.enabled:
-            self.progress.__exit__(*exc)
-
-    def phase(self, unit: Unit, text: str) -> None:
-        if self.enabled:
-            self.progress.update(self.task, description=f"{unit.name} · {text}")
-
-    def finished(self, unit: Unit, done: int) -> None:
-        if self.enabled:
-            self.progress.update(self.task, advance=unit.nbytes, done=done)
-
-
-def _verify_unit(ckpt, unit: Unit, *, args, options, backend, device, fingerprint: str, ctx: DistContext,
-                 progress: _Progress, console, tables: bool) -> dict:
-    """Load, verify and free one unit; its document."""
+def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: str, ctx: DistContext,
+                 progress, console, tables: bool) -> dict:
+    """Load, verify and free one unit; its document (verify.units.layer_result, as `layer --json`'s)."""
     from verify.layer_report import layer_inputs, loss_table, verdict_table  # noqa: PLC0415
-    from verify.report.document import unit_document  # noqa: PLC0415
     from verify.run import run_layer  # noqa: PLC0415
+    from verify.units import layer_result  # noqa: PLC0415
 
-    host = socket.gethostname()
+    ckpt = opened.ckpt
     t0 = time.perf_counter()
-    progress.phase(unit, "load")
+    progress.phase(unit.name, "load")
     if unit.kind == "mtp":
         linears = ckpt.load_prefix_linears(unit.prefix, device=device)
         formats = sorted({type(lin).__name__ for lin in linears.values()})
@@ -335,22 +272,21 @@ def _verify_unit(ckpt, unit: Unit, *, args, options, backend, device, fingerprin
         del linears
         note = (f"{unit.prefix}*: loaded and checked against its formats ({', '.join(formats) or 'no linears'}); "
                 "not verified: the stage table has no MTP stages")
-        return unit_document(unit=unit.as_dict(), fingerprint=fingerprint, timings_s={"load": t_load, "total": t_load},
-                             rank=ctx.rank, host=host, device=str(device), note=note)
+        return layer_result(unit, fingerprint=fingerprint, timings_s={"load": t_load, "total": t_load},
+                            rank=ctx.rank, device=device, note=note)
     layer = ckpt.load_layer(unit.index, device=device)
-    inputs = layer_inputs(ckpt, layer, tokens=args.tokens, seed=args.seed, device=device, inputs_path=args.inputs)
+    inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
+                          inputs_file=opened.inputs_file)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_load = time.perf_counter() - t0
-    run = run_layer(ckpt, layer, inputs, options=options, backend=backend,
-                    on_phase=lambda name: progress.phase(unit, name))
+    run = run_layer(ckpt, layer, inputs, options=opened.options, backend=backend,
+                    on_phase=lambda name: progress.phase(unit.name, name))
     timings = {"load": t_load, **run.timings_s}
     timings["total"] = time.perf_counter() - t0
-    doc = unit_document(unit=unit.as_dict(), fingerprint=fingerprint, run=run, timings_s=timings, rank=ctx.rank,
-                        host=host, device=str(device))
+    doc = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings, rank=ctx.rank, device=device)
     if tables:
-        name = f"{args.act_scale}-{args.placement}-{args.recipe}"
-        console.print(loss_table(unit.index, name, args.tokens, run))
+        console.print(loss_table(unit.index, config.config_name, opened.tokens, run))
         if backend is not None:
             console.print(verdict_table(unit.index, backend.name, run))
     del layer, inputs, run
@@ -361,61 +297,79 @@ def _verify_unit(ckpt, unit: Unit, *, args, options, backend, device, fingerprin
 
 
 def cli_model(args: argparse.Namespace) -> int:
-    """The sweep (see the module docstring). Exit 1 when a verdict fails."""
+    """The sweep (see the module docstring and EXIT_POLICY)."""
+    from verify.config import run_config_from_args  # noqa: PLC0415
+
     t_start = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    if args.inputs and not Path(args.inputs).is_file():
-        raise UsageError(f"--inputs {args.inputs}: invalid value (no such file)", argument="--inputs")
-    if args.json and not Path(args.json).resolve().parent.is_dir():
-        raise UsageError(f"--json {args.json}: invalid value (directory {Path(args.json).parent} does not exist)",
-                         argument="--json")
-    report_dir = Path(args.report_dir) if args.report_dir else None
+    config = run_config_from_args(args)
     import torch.distributed as dist  # noqa: PLC0415
 
-    if dist.is_torchelastic_launched() and report_dir is None:
+    if dist.is_torchelastic_launched() and config.report_dir is None:
         raise UsageError("--report-dir: required under torchrun (the ranks write their units there and rank 0 "
                          "merges them; on several nodes it must be on a shared filesystem)", argument="--report-dir")
-    ctx = DistContext(args.device, args.dist_timeout_min)
+    ctx = DistContext(config.device, args.dist_timeout_min)
     try:
-        return _sweep(args, ctx, report_dir, t_start, created)
+        return _sweep(args, config, ctx, t_start, created)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_resume_hint(config.report_dir)) from None
     finally:
         ctx.close()
 
 
-def _sweep(args, ctx: DistContext, report_dir: Path | None, t_start: float, created: str) -> int:
-    from rich.console import Console  # noqa: PLC0415
+def _resume_hint(report_dir: Path | None) -> str:
+    """The one line a Ctrl-C prints: what was kept and how to go on."""
+    command = " ".join(["python -m verify model", *sys.argv[2:]]) if sys.argv[1:2] == ["model"] else \
+        "the same `python -m verify model` command"
+    if report_dir is None:
+        return "nothing was kept (no --report-dir); pass --report-dir DIR to make a sweep resumable"
+    done = sorted(p.stem for p in (report_dir / UNITS_DIR).glob("*.json")) if (report_dir / UNITS_DIR).is_dir() else []
+    return (f"{len(done)} finished unit(s) kept in {report_dir / UNITS_DIR}; resume with: {command} "
+            "(without --fresh)")
 
-    from references.layer import RunOptions  # noqa: PLC0415
-    from references.recipes import recipe_by_name  # noqa: PLC0415
-    from verify.checkpoint import Checkpoint  # noqa: PLC0415
+
+def _sweep(args, config, ctx: DistContext, t_start: float, created: str) -> int:
+    from verify.config import target_line  # noqa: PLC0415
     from verify.golden import environment  # noqa: PLC0415
-    from verify.layer_report import backend_for_verdicts, display_path, select_layers  # noqa: PLC0415
+    from verify.layer_report import backend_for_verdicts, console_for_run, open_run  # noqa: PLC0415
+    from verify.progress import StepProgress  # noqa: PLC0415
     from verify.report.document import load_json, merge_report, write_json  # noqa: PLC0415
+    from verify.units import run_fingerprint  # noqa: PLC0415
 
     device = ctx.device
-    console = Console() if sys.stdout.isatty() else Console(width=140)
-    backend = backend_for_verdicts(args.backend, device) if args.backend else None
-    ckpt = Checkpoint.open(args.checkpoint)
-    layers, layers_line = select_layers(ckpt, args.layers, label=display_path(args.checkpoint))
-    units = plan_units(ckpt, layers, include_mtp=args.mtp and not args.layers)
-    fp8_fmt = args.fp8_scale_fmt if args.fp8_scale_fmt != "auto" else \
-        ("ue8m0" if ckpt.config.schema == "deepseek_v4" else "f32")
-    options = RunOptions(recipe=recipe_by_name(args.recipe), act_scale=args.act_scale,
-                         weight_placement=args.placement, fp8_scale_fmt=fp8_fmt)
-    fingerprint, fp_fields = _fingerprint(ckpt, args, backend.name if backend else None, device)
+    report_dir = config.report_dir
+    console = console_for_run()
+    backend = backend_for_verdicts(config.backend, device) if config.backend else None
+    if ctx.is_main:
+        console.print(target_line("model", checkpoint=config.checkpoint_dir, backend=backend.name if backend else None,
+                                  device=device, threads_note=getattr(args, "threads_note", None)), highlight=False,
+                      soft_wrap=True)
+    opened = open_run(config, device)
+    ckpt, layers = opened.ckpt, opened.layers
+    units = plan_units(ckpt, layers, include_mtp=args.mtp and not config.layers_arg)
+    fingerprint, fp_fields = run_fingerprint(ckpt, config, backend.name if backend else None, device)
     units_dir = report_dir / UNITS_DIR if report_dir else None
     t_startup = time.perf_counter() - t_start
+    run_info = {"checkpoint": str(config.checkpoint_dir), "checkpoint_schema": ckpt.config.schema,
+                "num_layers": ckpt.config.num_layers, "layers": format_layers(layers),
+                "units": [u.as_dict() for u in units], "fingerprint": fingerprint, "options": fp_fields,
+                "device": str(device.type)}
+    command = " ".join(["python -m verify model", *sys.argv[2:]]) if sys.argv[1:2] == ["model"] \
+        else "python -m verify model"
 
     def make_plan():
         done = _scan_done(units_dir, units, fingerprint, fresh=args.fresh) if units_dir else []
         todo = [u for u in units if u.name not in done]
+        if report_dir is not None:  # what `report` needs to tell a killed sweep from a finished one
+            write_json(report_dir / PLAN_JSON, {"kind": PLAN_KIND, "created": created, "command": command,
+                                                "run": run_info, "backend": _backend_declaration(backend, device)})
         return done, assign_units(todo, ctx.world_size)
 
     done, assignment = ctx.on_main(make_plan)
     mine = assignment[ctx.rank]
     if ctx.is_main:
         mtp = [u.name for u in units if u.kind == "mtp"]
-        console.print(layers_line + (f"; MTP: {', '.join(mtp)}" if mtp else ""))
+        console.print(opened.layers_line + (f"; MTP: {', '.join(mtp)}" if mtp else ""))
         if done:
             console.print(f"resuming: {len(done)} of {len(units)} units already in {units_dir} "
                           f"({', '.join(done)}); {len(units) - len(done)} to do")
@@ -427,15 +381,16 @@ def _sweep(args, ctx: DistContext, report_dir: Path | None, t_start: float, crea
     docs: dict[str, dict] = {}
     error, where = None, "start"
     try:
-        with _Progress(console, mine, enabled=ctx.is_main) as progress:
-            for k, unit in enumerate(mine):
+        with StepProgress(console, len(mine), what="units", enabled=ctx.is_main,
+                          total_weight=sum(u.nbytes for u in mine)) as progress:
+            for unit in mine:
                 where = unit.name
-                doc = _verify_unit(ckpt, unit, args=args, options=options, backend=backend, device=device,
+                doc = _verify_unit(opened, unit, config=config, backend=backend, device=device,
                                    fingerprint=fingerprint, ctx=ctx, progress=progress, console=console, tables=tables)
                 if units_dir is not None:
                     write_json(units_dir / f"{unit.name}.json", doc)
                 docs[unit.name] = doc
-                progress.finished(unit, k + 1)
+                progress.advance(unit.name, weight=unit.nbytes)
                 c = doc["counts"]
                 console.print(f"{'rank ' + str(ctx.rank) + ': ' if ctx.world_size > 1 else ''}{unit.name} done in "
                               f"{doc['timings_s']['total']:.2f} s: " +
@@ -458,19 +413,14 @@ def _sweep(args, ctx: DistContext, report_dir: Path | None, t_start: float, crea
                                  "on several nodes --report-dir must be on a filesystem every node sees)",
                                  argument="--report-dir")
             all_docs.append(load_json(path))
-        run = {"checkpoint": str(args.checkpoint), "checkpoint_schema": ckpt.config.schema,
-               "num_layers": ckpt.config.num_layers, "layers": format_layers(layers),
-               "units": [u.as_dict() for u in units], "fingerprint": fingerprint, "options": fp_fields,
-               "device": str(device.type)}
         distributed = {"world_size": ctx.world_size, "backend": ctx.backend_name, "resumed": done,
                        "assignment": {str(r): [u.name for u in a] for r, a in enumerate(assignment)}}
         timings = {"phases_s": {"startup": t_startup}, "wall_s": None}
-        doc = merge_report(all_docs, run=run, backend=_backend_declaration(backend, device),
+        doc = merge_report(all_docs, run=run_info, backend=_backend_declaration(backend, device),
                            environment=environment(), distributed=distributed, timings=timings,
-                           command=" ".join(["python -m verify model", *sys.argv[2:]]) if sys.argv[1:2] == ["model"]
-                           else "python -m verify model", created=created)
-        if args.json:
-            _write_legacy_json(Path(args.json), doc, args)
+                           command=command, created=created)
+        if config.json is not None:
+            _write_layer_json(config, doc, fingerprint)
         if report_dir is not None:
             if args.html:
                 from verify.report.html import write_html  # noqa: PLC0415
@@ -485,18 +435,37 @@ def _sweep(args, ctx: DistContext, report_dir: Path | None, t_start: float, crea
         from verify.report.terminal import print_summary  # noqa: PLC0415
 
         print_summary(console, doc, report_dir=report_dir, html=args.html)
-        return 1 if doc["summary"]["status"] == "fail" else 0
+        if backend is None:
+            console.print(NO_BACKEND_LINE, highlight=False)
+        return exit_status(doc)
 
-    return ctx.on_main(merge)
+    status = ctx.on_main(merge)
+    ctx.finish()
+    return status
 
 
-def _write_legacy_json(path: Path, doc: dict, args) -> None:
-    """--json: the `layer` command's document (runs keyed layer<i>/<config>) for the decoder layers."""
-    name = f"{args.act_scale}-{args.placement}-{args.recipe}"
-    runs = {f"layer{u['unit']['index']}/{name}": {k: u[k] for k in ("metrics", "digests", "saturated_block_fraction",
-                                                                       "verdicts", "timings_s")}
-            for u in doc["units"] if u["unit"]["kind"] == "decoder"}
-    path.write_text(json.dumps({"environment": doc["environment"], "checkpoint": str(args.checkpoint),
-                                "tokens": args.tokens, "runs": runs,
-                                "timings": {r: v["timings_s"] for r, v in runs.items()}}, indent=1))
+# The exit status of `model` (and of `report` on its JSON); README "Exit status" and `model --help` quote it.
+EXIT_POLICY = ("Exit status: 1 when any verdict failed; 0 when none failed, including a sweep without "
+               "--backend (references only: it runs no kernel verdict, and its summary says so); 1 from "
+               "`report` on a sweep that did not finish (units missing); 2 on a usage or input error; 130 "
+               "on Ctrl-C (the line names the command that resumes it).")
+NO_BACKEND_LINE = ("[yellow]no kernel backend: 0 kernel verdicts ran (a references-only sweep: quantization loss "
+                   "only); pass --backend auto|emulator|sm90|sm100 to judge kernels. Exit status 0 by policy "
+                   "(model --help).[/]")
 
+
+def exit_status(doc: dict) -> int:
+    """EXIT_POLICY for a merged report: 1 when a verdict failed or units are missing, else 0."""
+    return 1 if doc["summary"]["status"] in ("fail", "incomplete") else 0
+
+
+def _write_layer_json(config, doc: dict, fingerprint: str) -> None:
+    """--json: `layer --json`'s document (verify.units.layer_report_document) for the decoder layers."""
+    from verify.units import layer_report_document  # noqa: PLC0415
+
+    runs = {f"layer{u['unit']['index']}/{config.config_name}": u for u in doc["units"] if u["unit"]["kind"] == "decoder"}
+    from verify.report.document import write_json  # noqa: PLC0415
+
+    write_json(config.json, layer_report_document(runs, environment=doc["environment"], checkpoint=config.checkpoint_dir,
+                                                  tokens=doc["run"]["options"]["tokens"],
+                                                  backend=(doc["backend"] or {}).get("name"), fingerprint=fingerprint))

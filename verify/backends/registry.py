@@ -34,7 +34,7 @@ from verify.backends.base import Backend
 from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
-__all__ = ["BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
+__all__ = ["backend_spec_problem", "BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
            "registered_backend_names", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
            "get_backend", "module_version"]
 
@@ -86,7 +86,7 @@ def registered_backend_names() -> tuple[str, ...]:
 def backend_spec(text: str) -> str:
     """`text` when it is "auto", a registered name or of the form module:attr (imported later, by
     get_backend); else UsageError naming it and listing the known names."""
-    why = _spec_problem(text)
+    why = backend_spec_problem(text)
     if why:
         raise UsageError(f"--backend {text}: {why}", argument="--backend")
     return text
@@ -95,13 +95,13 @@ def backend_spec(text: str) -> str:
 def backend_arg(text: str) -> str:
     """backend_spec as argparse's `type=` of every --backend (CLI and pytest): argparse shows an
     ArgumentTypeError's own message ("argument --backend: invalid choice: 'x' (known backends: ...)")."""
-    why = _spec_problem(text)
+    why = backend_spec_problem(text)
     if why:
         raise argparse.ArgumentTypeError(why)
     return text
 
 
-def _spec_problem(text: str) -> str | None:
+def backend_spec_problem(text: str) -> str | None:
     if text == AUTO:
         return None
     if ":" in text:

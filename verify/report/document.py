@@ -33,7 +33,7 @@ __all__ = [
     "bound_ratio", "stage_bound_ratios",
 ]
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.1"  # model_report.schema.json: 1.1 readers accept 1.0 documents
 SCHEMA_PATH = Path(__file__).with_name("model_report.schema.json")
 REPORT_KIND = "nvfp4-verify.model-report"
 UNIT_KIND = "nvfp4-verify.unit"

@@ -35,12 +35,13 @@ def verify_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "verify", *args]
 
 
-def torchrun_command(nproc: int, *args: str) -> list[str]:
+def torchrun_command(nproc: int, *args: str, script: str | None = None) -> list[str]:
     """The torchrun CLI (the console script beside this python, else `python -m torch.distributed.run`,
-    the same entry point) on `python -m verify`, one node, rendezvous on a free local port."""
+    the same entry point) on `python -m verify` (or on `script`), one node, rendezvous on a free local port."""
     exe = Path(sys.executable).with_name("torchrun")
     launcher = [str(exe)] if exe.exists() else [sys.executable, "-m", "torch.distributed.run"]
-    return [*launcher, "--standalone", "--nproc-per-node", str(nproc), "-m", "verify", *args]
+    target = [script] if script else ["-m", "verify"]
+    return [*launcher, "--standalone", "--nproc-per-node", str(nproc), *target, *args]
 
 
 def run(cmd: list[str], *, timeout: float = 120) -> subprocess.CompletedProcess:

@@ -150,6 +150,124 @@ def inputs_missing(tmp_path, request):
     return ["layer", "--inputs", str(tmp_path / "x.safetensors")], ["--inputs", "x.safetensors", "no such file"]
 
 
+def _inputs_file(tmp_path, **tensors) -> Path:
+    from safetensors.torch import save_file
+
+    path = tmp_path / "acts.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    return path
+
+
+def _x(tokens=4, hidden=256, dtype=torch.bfloat16):
+    return torch.randn(tokens, hidden, generator=torch.Generator().manual_seed(0)).to(dtype)
+
+
+def inputs_is_a_directory(tmp_path, request):
+    return ["layer", "--inputs", str(tmp_path)], ["--inputs", str(tmp_path), "a directory"]
+
+
+def inputs_not_safetensors(tmp_path, request):
+    path = tmp_path / "acts.safetensors"
+    path.write_bytes(b"\x00not a safetensors header at all")
+    return ["layer", "--inputs", str(path)], ["--inputs", "acts.safetensors", "not a safetensors file"]
+
+
+def inputs_without_x_ffn(tmp_path, request):
+    path = _inputs_file(tmp_path, hidden=_x())
+    return ["layer", "--inputs", str(path)], ["acts.safetensors", "no tensor x_ffn", "hidden"]
+
+
+def inputs_wrong_hidden_size(tmp_path, request):
+    path = _inputs_file(tmp_path, x_ffn=_x(hidden=100), token_ids=torch.arange(4))
+    return ["layer", "--inputs", str(path)], ["acts.safetensors", "x_ffn", "[4, 100]", "[T, 256]"]
+
+
+def inputs_integer_dtype(tmp_path, request):
+    path = _inputs_file(tmp_path, x_ffn=torch.ones(4, 256, dtype=torch.int32), token_ids=torch.arange(4))
+    return ["layer", "--inputs", str(path)], ["x_ffn", "dtype torch.int32"]
+
+
+def inputs_x_attn_other_shape(tmp_path, request):
+    path = _inputs_file(tmp_path, x_ffn=_x(), x_attn=_x(tokens=3), token_ids=torch.arange(4))
+    return ["layer", "--inputs", str(path)], ["x_attn", "[3, 256]", "x_ffn [4, 256]"]
+
+
+def inputs_nan_in_x_ffn(tmp_path, request):
+    x = _x()
+    x[1, 7] = float("nan")
+    path = _inputs_file(tmp_path, x_ffn=x, token_ids=torch.arange(4))
+    return ["layer", "--inputs", str(path)], ["acts.safetensors", "tensor x_ffn", "1 NaN", "[1, 7]"]
+
+
+def inputs_inf_in_x_attn(tmp_path, request):
+    x = _x()
+    x[2, 0] = float("-inf")
+    path = _inputs_file(tmp_path, x_ffn=_x(), x_attn=x, token_ids=torch.arange(4))
+    return ["layer", "--inputs", str(path)], ["tensor x_attn", "1 Inf", "[2, 0]"]
+
+
+def inputs_token_id_outside_vocab(tmp_path, request):
+    path = _inputs_file(tmp_path, x_ffn=_x(), token_ids=torch.tensor([0, 1, 256, 3]))
+    return ["layer", "--inputs", str(path)], ["token_ids", "256 at [2]", "[0, 256)"]
+
+
+def inputs_without_token_ids_for_hash_layers(tmp_path, request):
+    path = _inputs_file(tmp_path, x_ffn=_x())
+    return ["layer", "--inputs", str(path)], ["no tensor token_ids", "0-2", "hash routing"]
+
+
+def json_is_a_directory(tmp_path, request):
+    return ["layer", "--json", str(tmp_path)], ["--json", str(tmp_path), "a directory"]
+
+
+def json_parent_is_a_file(tmp_path, request):
+    (tmp_path / "f").write_text("x")
+    return ["layer", "--json", str(tmp_path / "f" / "r.json")], ["--json", "is a file, not a directory"]
+
+
+def report_dir_is_a_file(tmp_path, request):
+    (tmp_path / "f").write_text("x")
+    return ["model", "--report-dir", str(tmp_path / "f")], ["--report-dir", str(tmp_path / "f"), "a file, not a directory"]
+
+
+def report_on_a_truncated_unit(tmp_path, request):
+    units = tmp_path / "run" / "units"
+    units.mkdir(parents=True)
+    (units / "layer0.json").write_text('{"kind": "nvfp4-verify.unit", "schema_version": "1.0", "unit": {"na')
+    return ["report", str(tmp_path / "run")], ["layer0.json", "not a complete JSON document"]
+
+
+def report_on_a_foreign_json(tmp_path, request):
+    (tmp_path / "report.json").write_text('{"kind": "something else"}')
+    return ["report", str(tmp_path / "report.json")], ["report.json", "'something else'"]
+
+
+def tokens_beyond_memory(tmp_path, request):
+    return ["layer", "--tokens", "10000000"], ["--tokens 10000000", "needs about", "free", "tokens fit"]
+
+
+def layers_beyond_any_model(tmp_path, request):
+    return ["layer", "--layers", "0-999999999"], ["--layers 0-999999999", "out of range"]
+
+
+def device_meta(tmp_path, request):
+    return ["layer", "--device", "meta"], ["--device meta", "invalid value", "no data"]
+
+
+def demo_k_not_a_block_multiple(tmp_path, request):
+    return ["demo", "--k", "17"], ["argument --k", "invalid value '17'", "multiple of 16"]
+
+
+def backend_from_environment_unknown(tmp_path, request):
+    request.getfixturevalue("monkeypatch").setenv("NVFP4V_BACKEND", "sm80")
+    return ["layer"], ["--backend sm80", "NVFP4V_BACKEND"]
+
+
+def checkpoint_from_environment_absent(tmp_path, request):
+    request.getfixturevalue("monkeypatch").setenv("NVFP4V_CHECKPOINT", str(tmp_path / "elsewhere"))
+    return ["layer"], ["NotACheckpointError", "elsewhere"]
+
+
 def lint_layers_unparsable(tmp_path, request):
     return ["lint", "--checkpoint", str(MINI_V4), "--layers", "1-x"], ["verify lint:", "--layers 1-x"]
 
@@ -193,6 +311,27 @@ CASES = [
     pytest.param(backend_unknown, id="UsageError-backend-sm80"),
     pytest.param(option_unknown, id="UsageError-unknown-option"),
     pytest.param(inputs_missing, id="UsageError-inputs-missing"),
+    pytest.param(inputs_is_a_directory, id="UsageError-inputs-is-a-directory"),
+    pytest.param(inputs_not_safetensors, id="InputsError-inputs-not-safetensors"),
+    pytest.param(inputs_without_x_ffn, id="InputsError-inputs-without-x_ffn"),
+    pytest.param(inputs_wrong_hidden_size, id="InputsError-inputs-x_ffn-wrong-hidden-size"),
+    pytest.param(inputs_integer_dtype, id="InputsError-inputs-x_ffn-int32"),
+    pytest.param(inputs_x_attn_other_shape, id="InputsError-inputs-x_attn-shape-differs"),
+    pytest.param(inputs_nan_in_x_ffn, id="InputsError-inputs-nan-in-x_ffn"),
+    pytest.param(inputs_inf_in_x_attn, id="InputsError-inputs-inf-in-x_attn"),
+    pytest.param(inputs_token_id_outside_vocab, id="InputsError-inputs-token-id-outside-vocab"),
+    pytest.param(inputs_without_token_ids_for_hash_layers, id="InputsError-inputs-no-token_ids-for-hash-layers"),
+    pytest.param(json_is_a_directory, id="UsageError-json-is-a-directory"),
+    pytest.param(json_parent_is_a_file, id="UsageError-json-parent-is-a-file"),
+    pytest.param(report_dir_is_a_file, id="UsageError-report-dir-is-a-file"),
+    pytest.param(report_on_a_truncated_unit, id="UnreadableReportError-report-truncated-unit"),
+    pytest.param(report_on_a_foreign_json, id="UnreadableReportError-report-foreign-json"),
+    pytest.param(tokens_beyond_memory, id="ResourceError-tokens-10000000"),
+    pytest.param(layers_beyond_any_model, id="LayerRangeError-layers-0-999999999"),
+    pytest.param(device_meta, id="UsageError-device-meta"),
+    pytest.param(demo_k_not_a_block_multiple, id="UsageError-demo-k-17"),
+    pytest.param(backend_from_environment_unknown, id="UsageError-NVFP4V_BACKEND-sm80"),
+    pytest.param(checkpoint_from_environment_absent, id="NotACheckpointError-NVFP4V_CHECKPOINT-absent"),
     pytest.param(lint_layers_unparsable, id="UsageError-lint-layers-1-x"),
     pytest.param(layer_out_of_range, id="LayerRangeError-layers-7-of-4"),
     pytest.param(layer_not_held, id="LayerRangeError-layer-0-of-single-layer-ckpt"),

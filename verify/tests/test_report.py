@@ -97,8 +97,10 @@ def test_report_rerenders_from_json(tmp_path, capsys):
 def test_report_of_a_sweep_killed_before_its_merge_merges_the_units(tmp_path, capsys):
     run = copy_run(baseline_run_dir(), tmp_path / "run")
     (run / "report.json").unlink()
-    assert main(["report", str(run)]) == 0
-    assert "over 5 unit(s)" in capsys.readouterr().out and (run / "report.html").exists()
+    assert main(["report", str(run)]) == 1  # not finished (never merged): incomplete, never PASS
+    out = capsys.readouterr().out
+    assert "over 5 unit(s)" in out and (run / "report.html").exists()
+    assert "INCOMPLETE" in out and "report was never merged" in " ".join(out.split()) and "PASS" not in out
 
 
 def test_a_failed_verdict_makes_the_report_fail(report, tmp_path, capsys):
