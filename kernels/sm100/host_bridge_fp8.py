@@ -163,3 +163,16 @@ def prepare_fp8_block_weight(weight_e4m3: Tensor, scale_e8m0: Tensor) -> Sm100Fp
         r, c = nan[0].tolist()
         raise ValueError(f"scale_e8m0: {nan.shape[0]} NaN byte(s) 0xFF, first at block [{r}, {c}]")
     return Sm100Fp8BlockWeight(w.contiguous(), ue8m0_block128x128_to_swizzled_128x4_per32(s, n=n, k=k))
+
+
+@dataclass(frozen=True)
+class Fp8ActSm100:
+    """A 1x128 FP8 activation as the sm100 quantizer leaves it.
+
+    e4m3_u8 [M, K] E4M3 bytes; sf_ue8m0_u8 [M, ceil(K/128)] group scale bytes (value 2^(b-127));
+    sf_swizzled_u8 [round_up(M,128), 4*ceil(K/128)] the same bytes in the MMA's per-32 layout.
+    """
+
+    e4m3_u8: Tensor
+    sf_ue8m0_u8: Tensor
+    sf_swizzled_u8: Tensor
