@@ -88,10 +88,12 @@ SHIPPED_KEYS = (
 )
 
 
-def select_config(m: int, n: int, k: int) -> CompileKey:
-    """The shipped key for a shape: tile_n 256 only when M fills tiles and N gives every SM work at
-    256 (148 SMs on a B200); small M (decode) keeps 128 for twice the CTAs over N."""
-    if m >= 512 and (n + 255) // 256 * ((m + TILE_M - 1) // TILE_M) >= 148:
+def select_config(n: int) -> CompileKey:
+    """The shipped key for a weight of N rows. By N only, never by M: the key decides the MMA
+    shape, so a token's output must not depend on how many tokens share the call (batch
+    invariance). tile_n 256 when even 256-wide tiles give every SM of a B200 (148) a column of
+    tiles; otherwise 128, twice the CTAs over N (decode: M <= 128 is one M tile)."""
+    if (n + 255) // 256 >= 148:
         return SHIPPED_KEYS[1]
     return SHIPPED_KEYS[0]
 
@@ -178,20 +180,21 @@ def check_operands(act_e4m3_u8, act_sf_swizzled_u8, weight, num_valid_rows_i32=N
     if k != weight.k:
         raise ValueError(f"act_e4m3_u8: K={k} does not match the weight's K={weight.k}")
     check_fp8_shape(weight.n, k, "weight", row_align=N_ALIGN)
-    dev = a.device
-    if dev.type != "cuda":
-        raise ValueError(f"act_e4m3_u8: the sm100 kernels run on a CUDA device, got {dev}")
-    _check_device_tensor(a, "act_e4m3_u8", torch.uint8, dev)
+    # Shapes first (checkable anywhere), then device, dtype, contiguity and alignment.
     want_sf = (round_up(max(m, 1), SF_ROW_ALIGN), SF_PER_BLOCK * ceil_div(k, 128))
     if tuple(act_sf_swizzled_u8.shape) != want_sf:
         raise ValueError(f"act_sf_swizzled_u8: expected 128x4 swizzled per-32 scales {list(want_sf)} for act "
                          f"[{m}, {k}], got {list(act_sf_swizzled_u8.shape)}")
-    _check_device_tensor(act_sf_swizzled_u8, "act_sf_swizzled_u8", torch.uint8, dev)
-    _check_device_tensor(weight.e4m3_u8, "weight.e4m3_u8", torch.uint8, dev)
     want_w_sf = (round_up(weight.n, SF_ROW_ALIGN), SF_PER_BLOCK * ceil_div(k, 128))
     if tuple(weight.sf_swizzled_u8.shape) != want_w_sf:
         raise ValueError(f"weight.sf_swizzled_u8: expected {list(want_w_sf)}, got "
                          f"{list(weight.sf_swizzled_u8.shape)}")
+    dev = a.device
+    if dev.type != "cuda":
+        raise ValueError(f"act_e4m3_u8: the sm100 kernels run on a CUDA device, got {dev}")
+    _check_device_tensor(a, "act_e4m3_u8", torch.uint8, dev)
+    _check_device_tensor(act_sf_swizzled_u8, "act_sf_swizzled_u8", torch.uint8, dev)
+    _check_device_tensor(weight.e4m3_u8, "weight.e4m3_u8", torch.uint8, dev)
     _check_device_tensor(weight.sf_swizzled_u8, "weight.sf_swizzled_u8", torch.uint8, dev)
     if num_valid_rows_i32 is not None:
         _check_device_tensor(num_valid_rows_i32, "num_valid_rows_i32", torch.int32, dev, align=4)
@@ -208,7 +211,7 @@ def launch(act_e4m3_u8, act_sf_swizzled_u8, weight, *, num_valid_rows_i32=None, 
     4*ceil(K/128)] from quantize_fp8_1x128.launch (or host_bridge_fp8.ue8m0_1x128_to_swizzled_
     128x4_per32 of [M, ceil(K/128)] scales); weight: host_bridge_fp8.prepare_fp8_block_weight.
     num_valid_rows_i32: optional int32 [1] on the device, n: rows >= n of the output are zero.
-    key: None picks select_config(M, N, K); compile happens on the first call for a key (do it
+    key: None picks select_config(N); compile happens on the first call for a key (do it
     at warm-up, outside graph capture).
     """
     import cutlass
@@ -217,7 +220,7 @@ def launch(act_e4m3_u8, act_sf_swizzled_u8, weight, *, num_valid_rows_i32=None, 
     from kernels.sm100._launch import INT32_MAX, device_i32_constant, device_ptr, launch_on_current_stream
 
     m, n, k = check_operands(act_e4m3_u8, act_sf_swizzled_u8, weight, num_valid_rows_i32)
-    key = key or select_config(m, n, k)
+    key = key or select_config(n)
     a = act_e4m3_u8.view(torch.uint8)
     out_bf16 = torch.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if num_valid_rows_i32 is None:

@@ -65,11 +65,14 @@ class BlockScaledGemmFp8:
         k_h = cute.assume(k, K_ALIGN)
         a = cute.make_tensor(a_ptr, cute.make_layout((m, k_h, 1), stride=(k_h, 1, m * k_h)))
         b = cute.make_tensor(b_ptr, cute.make_layout((n, k_h, 1), stride=(k_h, 1, n * k_h)))
-        # Scale factors: the 128x4 atom per (128 rows, 4 scale columns = 128 of K); K rounded
-        # up to whole 128-blocks (a partial last block has its full atom, replicated).
+        # Scale factors: the 128x4 atom per (128 rows, 4 scale columns = 128 of K), over the
+        # buffers' padded extents (rows to 128, K to whole 128-blocks: a partial last K block has
+        # its full atom, replicated), so every atom the tiles touch is in bounds.
         k_sf = (k + K_PER_STAGE - 1) // K_PER_STAGE * K_PER_STAGE
-        sfa = cute.make_tensor(sfa_ptr, blockscaled_utils.tile_atom_to_shape_SF((m, k_sf, 1), SF_VEC_SIZE))
-        sfb = cute.make_tensor(sfb_ptr, blockscaled_utils.tile_atom_to_shape_SF((n, k_sf, 1), SF_VEC_SIZE))
+        m_sf = (m + TILE_M - 1) // TILE_M * TILE_M
+        n_sf = (n + TILE_M - 1) // TILE_M * TILE_M
+        sfa = cute.make_tensor(sfa_ptr, blockscaled_utils.tile_atom_to_shape_SF((m_sf, k_sf, 1), SF_VEC_SIZE))
+        sfb = cute.make_tensor(sfb_ptr, blockscaled_utils.tile_atom_to_shape_SF((n_sf, k_sf, 1), SF_VEC_SIZE))
         n_h = cute.assume(n, 8)
         out = cute.make_tensor(out_ptr, cute.make_layout((m, n_h), stride=(n_h, 1)))
         valid_rows = cute.make_tensor(valid_rows_ptr, cute.make_layout(1))
