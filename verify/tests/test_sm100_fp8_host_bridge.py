@@ -245,3 +245,30 @@ def test_gemm_compile_key_is_validated(kwargs, name):
 def test_shipped_keys_fit_shared_memory():
     for key in gemm.SHIPPED_KEYS:
         assert key.smem_bytes() <= 227 * 1024
+
+
+# ----------------------------------------------------------------------------- the declared accumulator
+
+
+@pytest.mark.parametrize("acc_bits,admitted", [(24, True), (14, False)], ids=["fp32", "hopper-14-bit"])
+def test_declared_float32_accumulator_bound_admits_fp32_and_rejects_14_bits(acc_bits, admitted):
+    """The bound the sm100 numerics tests apply (u_acc = 2^-24, one promotion chunk of all K) admits
+    a model kernel that sums every product in float32 (truncating: the worst rounding) and refuses
+    one that keeps Hopper's ~14 bits over all of K: the declaration is a claim the B200 test can
+    refute, not a tolerance."""
+    from references.fp8_act import FP8_ACT_UE8M0, quantize_act_fp8_1x128
+    from references.fp8_gemm import fp8_block_gemm_error_bound, fp8_block_gemm_f64, fp8_block_gemm_narrow_acc_model
+
+    m, n, k = 16, 256, 1040
+    g = torch.Generator().manual_seed(4)
+    act = quantize_act_fp8_1x128((torch.randn(m, k, generator=g) * 3).to(torch.bfloat16), recipe=FP8_ACT_UE8M0)
+    w_u8 = torch.randint(0, 256, (n, k), generator=g, dtype=torch.uint8)
+    w_u8[(w_u8 & 0x7F) == 0x7F] = 0x38
+    scale = torch.randint(118, 125, (_ceil(n, 128), _ceil(k, 128)), generator=g, dtype=torch.uint8)
+    w = fp8_weight_from_v4_e8m0_scale(w_u8.view(torch.float8_e4m3fn), scale.view(torch.float8_e8m0fnu), module="t")
+    y64 = fp8_block_gemm_f64(act, w)
+    bound = fp8_block_gemm_error_bound(act, w, y64, u_acc=gemm.ACCUMULATOR_U, promotion_interval=k)
+    y = fp8_block_gemm_narrow_acc_model(act, w, acc_bits=acc_bits, rounding="truncate",
+                                        promotion_interval=None).to(torch.bfloat16)
+    within = bool(((y.double() - y64).abs() <= bound).all())
+    assert within == admitted
