@@ -137,6 +137,14 @@ def _compile(key: CompileKey):
     return compile_for_arch(_kernel(key), _compile_args(key), arch=key.arch)
 
 
+def warm_up(n: int) -> CompileKey:
+    """Compile the key launch() will pick for a weight of N rows (call it when the weight is prepared,
+    before any CUDA-graph capture); returns that key."""
+    key = select_config(n)
+    _compile(key)
+    return key
+
+
 def compile_with_ptx(key: CompileKey, dump_dir: str):
     """Compile `key` (uncached), keeping the PTX in `dump_dir`; returns (compiled, ptx_text)."""
     from kernels.sm100._launch import compile_keeping_ptx

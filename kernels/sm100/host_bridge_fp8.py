@@ -143,7 +143,7 @@ def check_fp8_shape(n_or_m: int, k: int, name: str, *, row_align: int) -> None:
 
 def prepare_fp8_block_weight(weight_e4m3: Tensor, scale_e8m0: Tensor) -> Sm100Fp8BlockWeight:
     """DeepSeek-V4 checkpoint tensors of one FP8 linear -> kernel operands (load time, not graph-safe:
-    the NaN-scale check reads the scales).
+    the NaN checks read the weight and the scales; NaN E4M3 bytes or 0xFF scales are refused).
 
     weight_e4m3 [N, K] (float8_e4m3fn or its uint8 bytes); scale_e8m0 [ceil(N/128), ceil(K/128)]
     (float8_e8m0fnu or uint8 bytes, value 2^(b-127)).
@@ -158,6 +158,10 @@ def prepare_fp8_block_weight(weight_e4m3: Tensor, scale_e8m0: Tensor) -> Sm100Fp
         raise ValueError(f"scale_e8m0: expected [ceil(N/128), ceil(K/128)] = "
                          f"{[ceil_div(n, SCALE_BLOCK), ceil_div(k, SCALE_BLOCK)]} for weight [{n}, {k}], "
                          f"got {list(s.shape)}")
+    nan_w = ((w & 0x7F) == 0x7F).nonzero()
+    if nan_w.numel():
+        r, c = nan_w[0].tolist()
+        raise ValueError(f"weight_e4m3: {nan_w.shape[0]} NaN byte(s) (0x7F/0xFF), first at [{r}, {c}]")
     nan = (s == UE8M0_NAN_BYTE).nonzero()
     if nan.numel():
         r, c = nan[0].tolist()

@@ -83,6 +83,13 @@ def _compile(key: CompileKey):
     return compile_for_arch(_kernel(key), _compile_args(), arch=key.arch)
 
 
+def warm_up(recipe: str = "fp8_ue8m0") -> CompileKey:
+    """Compile the quantizer for `recipe` (before any CUDA-graph capture); returns its key."""
+    key = CompileKey(recipe=recipe)
+    _compile(key)
+    return key
+
+
 def compile_with_ptx(key: CompileKey, dump_dir: str):
     """Compile `key` (uncached) keeping the PTX; returns (compiled, ptx_text)."""
     from kernels.sm100._launch import compile_keeping_ptx

@@ -144,7 +144,8 @@ def _weight(n=256, k=256):
                                        torch.full((_ceil(n, 128), _ceil(k, 128)), 127, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("case", ["transposed", "floor_div", "nan_byte", "float_scale", "k_not_16", "n_not_8", "3d"])
+@pytest.mark.parametrize("case", ["transposed", "floor_div", "nan_byte", "float_scale", "k_not_16", "n_not_8", "3d",
+                                  "nan_weight"])
 def test_prepare_weight_refuses_with_one_line_naming_the_tensor(case):
     w = torch.zeros(256, 384, dtype=torch.uint8)
     s = torch.full((2, 3), 127, dtype=torch.uint8)
@@ -165,6 +166,8 @@ def test_prepare_weight_refuses_with_one_line_naming_the_tensor(case):
         s = torch.full((2, 3), 127, dtype=torch.uint8)
     elif case == "3d":
         w, name = torch.zeros(1, 256, 384, dtype=torch.uint8), "weight_e4m3"
+    elif case == "nan_weight":
+        w[3, 5], name = 0xFF, "weight_e4m3"
     with pytest.raises((ValueError, TypeError)) as e:
         hb.prepare_fp8_block_weight(w, s)
     _one_line(e, name)
@@ -240,6 +243,15 @@ def test_gemm_compile_key_is_validated(kwargs, name):
     with pytest.raises(ValueError) as e:
         gemm.CompileKey(**kwargs)
     _one_line(e, name)
+
+
+def test_warm_up_compiles_the_key_launch_picks():
+    """warm_up(n) compiles select_config(n) (CPU: compiles for sm_100a without a GPU), so a later
+    launch inside graph capture finds it cached."""
+    pytest.importorskip("cutlass")
+    assert gemm.warm_up(1536) == gemm.select_config(1536)
+    assert gemm._compile.cache_info().currsize >= 1
+    assert quant.warm_up() == quant.SHIPPED_KEYS[0]
 
 
 def test_shipped_keys_fit_shared_memory():
