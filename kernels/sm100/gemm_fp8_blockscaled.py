@@ -10,8 +10,8 @@ Operands (kernels.sm100.host_bridge_fp8 builds the weight's; quantize_fp8_1x128 
   4*ceil(K/128)] (each 128x128 block scale over its 128 rows and four 32-columns). Exact:
   the MMA multiplies each 32-block by the same power of two the 128-block carries.
 
-Math: tcgen05.mma.cta_group::1.kind::mxf8f6f4.block_scale.scale_vec::1X (E4M3 operands,
-UE8M0 scales per 32 of K, fp32 accumulation in tensor memory over all of K; no separate
+Math: tcgen05.mma.cta_group::1.kind::mxf8f6f4.block_scale.scale_vec::1X (the PTX this DSL
+version emits spells it `.block_scale.block32`; E4M3 operands, UE8M0 scales per 32 of K, fp32 accumulation in tensor memory over all of K; no separate
 promotion step: the scales are applied inside the MMA). Tiles 128 x tile_n x 128 per
 pipeline stage (four K=32 MMAs = one checkpoint scale block).
 
@@ -29,6 +29,12 @@ Shapes: M, N, K are runtime values (one compiled kernel per CompileKey serves al
 - K: any multiple of 16 (a TMA row is a multiple of 16 bytes); a partial last K block is
   zero fill for A and B (its scale, replicated in full, multiplies zeros).
 Refused with one-line errors naming the argument otherwise (launch()).
+
+Batch invariance: the CompileKey (hence the MMA shape) is picked from N alone (select_config),
+and every output element is one CTA's full-K accumulation in the same K order whatever M is.
+
+Performance: not measured (no B200 here). Small M with small N launches few CTAs (M = 1,
+N = 1536: 12 CTAs of 148 SMs); a split-K decode variant is not written.
 
 Valid rows (CUDA-graph replay with fewer tokens): the kernel reads an int32 row count n from
 a device buffer at run time; output rows in [n, M) are written as zero and M tiles at or past
