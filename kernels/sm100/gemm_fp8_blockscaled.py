@@ -11,8 +11,9 @@ Operands (kernels.sm100.host_bridge_fp8 builds the weight's; quantize_fp8_1x128 
   the MMA multiplies each 32-block by the same power of two the 128-block carries.
 
 Math: tcgen05.mma.cta_group::1.kind::mxf8f6f4.block_scale.scale_vec::1X (the PTX this DSL
-version emits spells it `.block_scale.block32`; E4M3 operands, UE8M0 scales per 32 of K, fp32 accumulation in tensor memory over all of K; no separate
-promotion step: the scales are applied inside the MMA). Tiles 128 x tile_n x 128 per
+version emits spells it `.block_scale.block32`; E4M3 operands, UE8M0 scales per 32 of K,
+fp32 accumulation in tensor memory over all of K; no separate promotion step: the scales are
+applied inside the MMA). Tiles 128 x tile_n x 128 per
 pipeline stage (four K=32 MMAs = one checkpoint scale block).
 
 Accumulator declared to the verdicts: float32 (u_acc = 2^-24) with a promotion interval of

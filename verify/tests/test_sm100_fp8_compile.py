@@ -142,7 +142,8 @@ def test_fp8_gemm_ptx_stores_full_subtiles_as_vectors_and_the_n_edge_by_element(
     assert set(stores) == {"st.global.v4.b32", "st.global.b16"}, f"{key}: unexpected stores {set(stores)}"
     subtiles = key.tile_n // EPI_N
     # Two epilogue paths (computed tile, tile past the valid rows), 4 x 16 bytes per 32 bf16 columns.
-    assert stores.count("st.global.v4.b32") == 2 * subtiles * 4, f"{key}: {stores.count('st.global.v4.b32')} vector stores"
+    vectors = stores.count("st.global.v4.b32")
+    assert vectors == 2 * subtiles * 4, f"{key}: {vectors} vector stores, expected {2 * subtiles * 4}"
     assert stores.count("st.global.b16") >= subtiles, f"{key}: no element-wise stores for the N edge"
 
 

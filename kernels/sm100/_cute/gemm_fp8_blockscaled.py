@@ -243,7 +243,8 @@ class BlockScaledGemmFp8:
                     sfa_smem_staged)),
             )
             sfb_tmem_ptr = cute.recast_ptr(
-                acc_tmem_ptr + tcgen05.find_tmem_tensor_col_offset(tCtAcc) + tcgen05.find_tmem_tensor_col_offset(tCtSFA),
+                acc_tmem_ptr + tcgen05.find_tmem_tensor_col_offset(tCtAcc)
+                + tcgen05.find_tmem_tensor_col_offset(tCtSFA),
                 dtype=UE8M0,
             )
             tCtSFB = cute.make_tensor(
