@@ -92,8 +92,6 @@ def _check_inputs(x: Tensor, scale_rule: str, encode_rule: str, amax_nan: str, a
         raise ValueError("x: K = 0 (no groups to quantize)")
     if x.stride(1) != 1:
         raise ValueError(f"x: rows must be contiguous along K (stride(1) == 1), got strides {x.stride()}")
-    if not x.is_cuda and not _interpreting():
-        raise ValueError(f"x: expected a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
     if scale_rule not in SCALE_RULES:
         raise ValueError(f"scale_rule={scale_rule!r}: expected one of {SCALE_RULES}")
     if encode_rule not in ("divide", "mul_reciprocal"):
@@ -102,6 +100,8 @@ def _check_inputs(x: Tensor, scale_rule: str, encode_rule: str, amax_nan: str, a
         raise ValueError(f"amax_nan={amax_nan!r}: expected 'propagate' or 'ignore'")
     if not amax_floor_f32 > 0:
         raise ValueError(f"amax_floor_f32={amax_floor_f32!r}: must be > 0 (a zero group would code 0 / 0)")
+    if not x.is_cuda and not _interpreting():
+        raise ValueError(f"x: expected a CUDA tensor (or TRITON_INTERPRET=1), got device {x.device}")
 
 
 def launch(x: Tensor, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
