@@ -87,16 +87,18 @@ class CompileKey:
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
-        # Tiles from the shapes' needs, not a sweep (no H100/H200 sweep yet): 64 weight rows x 16..64
-        # tokens on one warpgroup for decode sizes; 128 x 128 (x 64 when two accumulators are live) on
-        # two warpgroups for batches. Every choice keeps the summation order (module docstring).
+        # Tiles from CPU compiles for sm_90a (ptxas register reports; no GPU sweep yet): 64 weight rows x
+        # 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227 registers, no spills); 128 x 64 on
+        # two warpgroups for batches (194 registers, 222 with two accumulators; 128 x 128 spilled: the
+        # per-token scales of the swapped layout sit along the wgmma's N, 32 of them per thread).
+        # Every choice keeps the summation order (module docstring).
         chunk_blocks, n_chunks = chunk_plan(n, k)
         chunked = n_chunks > 1
         if m <= 64:
             bt = 16 if m <= 16 else (32 if m <= 32 else 64)
             bn, warps, stages = 64, 4, 4
         else:
-            bn, bt, warps, stages = 128, 64 if chunked else 128, 8, 3
+            bn, bt, warps, stages = 128, 64, 8, 4
         split = chunked and -(-n // bn) * -(-m // bt) < num_sms
         return CompileKey(block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, split=split,
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
