@@ -29,9 +29,10 @@ def gemm_fp8_block_kernel(
     w_ptr, a_ptr, ws_ptr, as_ptr, out_ptr,
     M, N, K, G, stride_wn, stride_am, stride_as, stride_om, stride_oc,
     BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
-    AS_UE8M0: tl.constexpr,
+    AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr,
 ):
-    """out^T tile [BN weight rows, BT tokens] = sum over the 128-K groups g of
+    """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
+    [BT, BN], tokens the M side) = sum over the 128-K groups g of
     dot(W[n, g], A[t, g]) * (sa[t, g] * sw[n // 128, g]), in float32.
 
     Summation order, the same for every M, tile and split: the groups are cut into chunks of
@@ -41,8 +42,15 @@ def gemm_fp8_block_kernel(
     the one chunk program_id(2) and writes its float32 sum to out (the partials [chunks, M, N]); the
     reduce kernel adds them in chunk order. Otherwise the program walks all chunks and writes bf16.
     """
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
+    # grouped raster (bits unchanged, L2 reuse): programs walk GROUP_T token tiles x all weight tiles,
+    # so a wave re-reads each weight tile from L2 instead of HBM for up to GROUP_T token tiles
+    num_n = tl.cdiv(N, BN)
+    pid = tl.program_id(1) * num_n + tl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = tl.minimum(tl.cdiv(M, BT) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
     n = pid_n * BN + tl.arange(0, BN)
     t = pid_t * BT + tl.arange(0, BT)
     n_ok = n < N
@@ -55,8 +63,11 @@ def gemm_fp8_block_kernel(
     # N_ITER (CHUNK_BLOCKS when SPLIT, else all G groups) is a constexpr: the interpreter cannot run a
     # loop bounded by a runtime scalar. In SPLIT mode the last chunk's groups past G are masked off.
     g_lo = tl.program_id(2) * CHUNK_BLOCKS if SPLIT else 0
-    total = tl.zeros((BN, BT), dtype=tl.float32)
-    part = tl.zeros((BN, BT), dtype=tl.float32)
+    if SWAP:
+        total = tl.zeros((BN, BT), dtype=tl.float32)
+    else:
+        total = tl.zeros((BT, BN), dtype=tl.float32)
+    part = tl.zeros_like(total)
     for i in range(0, N_ITER):
         g = g_lo + i
         k0 = g * 128
@@ -71,21 +82,33 @@ def gemm_fp8_block_kernel(
             a_ok = a_ok & (g < G)
         w = tl.load(w_rows + k0, mask=w_ok, other=0)
         a = tl.load(a_rows + k0, mask=a_ok, other=0)
-        d = tl.dot(w.to(tl.float8e4nv, bitcast=True), tl.trans(a.to(tl.float8e4nv, bitcast=True)))
+        w8 = w.to(tl.float8e4nv, bitcast=True)
+        a8 = a.to(tl.float8e4nv, bitcast=True)
+        if SWAP:
+            d = tl.dot(w8, tl.trans(a8))
+        else:
+            d = tl.dot(a8, tl.trans(w8))
         sw = tl.load(sw_row + g, mask=g < G, other=0.0)
         sa = tl.load(sa_row + g, mask=t_ok & (g < G), other=0)
         if AS_UE8M0:
             sa = ue8m0_u8_to_f32(sa)
-        sigma = sa * sw
+        if SWAP:
+            sigma = (sa * sw)[None, :]
+        else:
+            sigma = (sa * sw)[:, None]
         if CHUNKED:
-            part += d * sigma[None, :]
+            part += d * sigma
             end = ((g + 1) % CHUNK_BLOCKS == 0) | (g + 1 == G)
             total = tl.where(end, total + part, total)
             part = tl.where(end, 0.0, part)
         else:
-            total += d * sigma[None, :]
-    o = out_ptr + t.to(tl.int64)[None, :] * stride_om + n[:, None]
-    o_ok = n_ok[:, None] & t_ok[None, :]
+            total += d * sigma
+    if SWAP:
+        o = out_ptr + t.to(tl.int64)[None, :] * stride_om + n[:, None]
+        o_ok = n_ok[:, None] & t_ok[None, :]
+    else:
+        o = out_ptr + t.to(tl.int64)[:, None] * stride_om + n[None, :]
+        o_ok = t_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(o + tl.program_id(2).to(tl.int64) * stride_oc, total, mask=o_ok)
     else:

@@ -48,6 +48,7 @@ GROUP = 128
 _NUM_SMS_H200 = 132
 _CHUNK_TARGET_CTAS = 2 * _NUM_SMS_H200  # a constant, not the device's SM count: the bits stay device-independent
 _REDUCE_BLOCK = 1024
+_GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the bits do not depend on it)
 
 
 def _interpreting() -> bool:
@@ -80,6 +81,7 @@ class CompileKey:
     n_chunks: int
     even_k: bool
     act_scale_ue8m0: bool
+    swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
 
     @property
     def chunked(self) -> bool:
@@ -123,7 +125,8 @@ def _compile(key: CompileKey):
             m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
             BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
             CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
-            AS_UE8M0=key.act_scale_ue8m0, num_warps=key.num_warps, num_stages=key.num_stages,
+            AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T, num_warps=key.num_warps,
+            num_stages=key.num_stages,
         )
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](

@@ -233,9 +233,10 @@ def _case_gemm_batch_invariance(n, k) -> str:
     part = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
     assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
     base = CompileKey.for_shape(3, n, k, act_scale_ue8m0=False)
-    for bt, bn, split in ((16, 64, True), (16, 64, False), (64, 128, True), (128, 128, False)):
+    for bt, bn, split, swap in ((16, 64, True, True), (16, 64, False, True), (64, 128, True, True),
+                                (128, 128, False, True), (64, 64, True, False), (128, 128, False, False)):
         key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
-                            "num_warps": 8 if bn == 128 else 4})
+                            "num_warps": 8 if bn == 128 else 4, "swap": swap})
         assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
 
@@ -404,6 +405,38 @@ def test_gpu_gemm_batch_invariant(n, k):
     assert_bits_equal(_gemm(last, wt.e4m3_u8, w_dec)[0], y[-1], label=f"row 4095 alone vs in M=4096 ({n}x{k})")
 
 
+def _token_major_key(m: int, n: int, k: int, *, split: bool | None = None):
+    """The token-major layout (swap=False: 128 tokens on two warpgroups x 128 weight rows) for M = m."""
+    import dataclasses
+
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    split = key.split if split is None else split
+    return dataclasses.replace(key, block_n=128, block_t=128, num_warps=8, num_stages=4, swap=False,
+                               split=split and key.chunked)
+
+
+@pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
+    """Tokens on the wgmma's M side (the layout for large M) give the same bits as the weight-major
+    (swap AB) layout of decode sizes, unsplit at M = 4096 and split at M = 128."""
+    wt, w_dec = _weight(n, k, 21, "v4", "cuda")
+    big = _cuda_act(4096, k, 22, FP8_ACT_UE8M0)
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    swap_key = CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key if swap_key.swap else None)
+    assert_bits_equal(_gemm(big, wt.e4m3_u8, w_dec, key=_token_major_key(4096, n, k, split=False)), y,
+                      label=f"token-major vs weight-major M=4096 ({n}x{k})")
+    sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
+    assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=_token_major_key(128, n, k, split=True)), y[:128],
+                      label=f"token-major split M=128 vs M=4096 ({n}x{k})")
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
@@ -489,19 +522,25 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
             except Exception as exc:  # noqa: BLE001 - M = 1 is not supported by cuBLASLt: reported
                 why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
                 torch.cuda.synchronize()
+        tm = None
+        if m >= 128:  # the token-major layout (swap=False), timed beside the routed one
+            tkey = _token_major_key(m, n, k)
+            tm = time_graph([(lambda w=ws[i % copies]: gemm_fp8_block.launch(act.e4m3_u8, act.block_dec_scale, w, w_dec,
+                                                                             key=tkey)) for i in range(calls)])
         key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True,
                                                   num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
         row = {"name": name, "M": m, "N": n, "K": k, "ours_us": ours * 1e6, "bf16_us": bf16 * 1e6,
                "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": why,
-               "x_bf16": bf16 / ours, "x_blockwise": None if blk is None else blk / ours,
+               "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours, "x_blockwise": None if blk is None else blk / ours,
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
                "path": f"BN{key.block_n} BT{key.block_t} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"}
         _BENCH_ROWS.append(row)
         blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
+        tm_s = f"{tm * 1e6:9.2f} {bf16 / tm:6.2f} {'-' if blk is None else f'{blk / tm:6.2f}'}" if tm else " " * 21
         lines.append(f"{name:6} {m:5} {n:6} {k:6} {row['ours_us']:9.2f} {row['bf16_us']:9.2f} {row['x_bf16']:6.2f} "
-                     f"{blk_s}  {row['TFLOPs']:7.1f} {row['weight_GBps']:7.0f}  {row['path']}")
+                     f"{blk_s}  {row['TFLOPs']:7.1f} {row['weight_GBps']:7.0f}  {row['path']} | token-major: {tm_s}")
     print(f"\n[{torch.cuda.get_device_name()}] name       M      N      K   ours_us   bf16_us x_bf16  blkw_us x_blkw"
-          f"   TFLOP/s  wGB/s  path")
+          f"   TFLOP/s  wGB/s  path | token-major: us x_bf16 x_blkw")
     print("\n".join(lines))
     _dump_bench()
 
