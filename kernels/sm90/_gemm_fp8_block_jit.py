@@ -28,7 +28,8 @@ def ue8m0_u8_to_f32(b):
 def gemm_fp8_block_kernel(
     w_ptr, a_ptr, ws_ptr, as_ptr, out_ptr,
     M, N, K, G, stride_wn, stride_am, stride_as, stride_om, stride_oc,
-    BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr, CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
+    BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+    CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
     AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr,
 ):
     """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile

@@ -36,7 +36,8 @@ class Sm90Fp8Weight:
         return self.e4m3_u8.shape[1]
 
 
-def prepare_fp8_weight(e4m3_u8: Tensor, block_dec_f32: Tensor, device: torch.device | str | None = None) -> Sm90Fp8Weight:
+def prepare_fp8_weight(e4m3_u8: Tensor, block_dec_f32: Tensor,
+                       device: torch.device | str | None = None) -> Sm90Fp8Weight:
     """Validate and place an FP8 block-scaled weight (host side, once per layer; may copy)."""
     if e4m3_u8.dtype not in (torch.uint8, torch.float8_e4m3fn) or e4m3_u8.dim() != 2:
         raise ValueError(f"e4m3_u8: expected 2-d E4M3 bytes [N, K], got {e4m3_u8.dtype} {tuple(e4m3_u8.shape)}")

@@ -180,7 +180,8 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if m == 0 or n == 0:
         return out
     if key is not None and (key.groups, key.chunk_blocks, key.n_chunks) != (-(-k // GROUP), *chunk_plan(n, k)):
-        raise ValueError(f"key: groups/chunk_blocks/n_chunks {key.groups}/{key.chunk_blocks}/{key.n_chunks} do not match "
+        raise ValueError(f"key: groups/chunk_blocks/n_chunks {key.groups}/{key.chunk_blocks}/{key.n_chunks} do not "
+                         f"match "
                          f"N={n}, K={k} (chunk_plan gives {chunk_plan(n, k)})")
     if key is None:
         sms = _num_sms(a_u8.device.index or 0) if a_u8.is_cuda else _NUM_SMS_H200

@@ -253,7 +253,8 @@ CASES = {
                                (5, 130, 1024, "v3", "fp8_f32"), (70, 256, 384, "v4", "fp8_f32"),
                                (3, 64, 200, "v3", "fp8_ue8m0"), (17, 576, 576, "v4", "fp8_ue8m0"))},
     **{f"gemm-exact-{m}x{n}x{k}": (_case_gemm_exact, (m, n, k)) for (m, n, k) in ((1, 200, 576), (40, 130, 1024))},
-    **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k)) for (n, k) in ((4224, 1024), (192, 576))},
+    **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k))
+       for (n, k) in ((4224, 1024), (192, 576))},
 }
 
 
@@ -365,7 +366,8 @@ def test_gpu_quantize_bytes_equal_reference(m, k, recipe):
     _assert_scales_equal(scale, ref.block_dec_scale, label=f"fp8 act scales sm90 {recipe} {m}x{k}")
 
 
-_GPU_BOUND = ([(1, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES] + [(64, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES]
+_GPU_BOUND = ([(1, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES]
+              + [(64, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES]
               + [(1, n, k, f"flash-{s}") for s, n, k in V4_FLASH_SHAPES]
               + [(m, n, k, s) for s, n, k in PARTIAL_SHAPES for m in (1, 300)]
               + [(300, 3072, 7168, "pro-w1_w3"), (200, 7168, 3072, "pro-w2")])
@@ -531,7 +533,8 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
                                                   num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
         row = {"name": name, "M": m, "N": n, "K": k, "ours_us": ours * 1e6, "bf16_us": bf16 * 1e6,
                "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": why,
-               "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours, "x_blockwise": None if blk is None else blk / ours,
+               "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours,
+               "x_blockwise": None if blk is None else blk / ours,
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
                "path": f"BN{key.block_n} BT{key.block_t} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"}
         _BENCH_ROWS.append(row)
