@@ -83,6 +83,15 @@ class CompileKey:
     act_scale_ue8m0: bool
     swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
 
+    def __post_init__(self) -> None:
+        # one 128-row weight scale per tile, and a wgmma M side of 64 rows per warpgroup
+        if 128 % self.block_n or self.block_n < 16:
+            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 (one weight scale row per tile)")
+        m_side = self.block_n if self.swap else self.block_t
+        if m_side % 64 or m_side // 64 > self.num_warps // 4:
+            raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
+                             f"64 rows per warpgroup of num_warps={self.num_warps}")
+
     @property
     def chunked(self) -> bool:
         return self.n_chunks > 1
