@@ -1,0 +1,130 @@
+"""Triton body of kernels.sm90.gemm_fp8_block (imported lazily by its _compile)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_f32_to_bf16_bits(y):
+    """float32 -> the float32 value of its bf16 rounding (RNE on the bit pattern; NaN stays a quiet NaN),
+    so the following .to(tl.bfloat16) is exact: the same bits on the GPU and in the interpreter (whose
+    own float32 -> bf16 cast truncates)."""
+    b = y.to(tl.uint32, bitcast=True)
+    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+    r = tl.where(y != y, b | 0x00400000, r)
+    return r.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def ue8m0_u8_to_f32(b):
+    """UE8M0 byte -> float32 2^(b-127) (byte 0 the subnormal 2^-127, 0xFF NaN), exact."""
+    e = b.to(tl.int32)
+    bits = tl.where(e > 0, e << 23, 0x00400000)
+    bits = tl.where(e == 0xFF, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def gemm_fp8_block_kernel(
+    w_ptr, a_ptr, ws_ptr, as_ptr, out_ptr,
+    M, N, K, G, stride_wn, stride_am, stride_as, stride_om, stride_oc,
+    BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
+    CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
+    AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr,
+):
+    """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
+    [BT, BN], tokens the M side) = sum over the 128-K groups g of
+    dot(W[n, g], A[t, g]) * (sa[t, g] * sw[n // 128, g]), in float32.
+
+    Summation order, the same for every M, tile and split: the groups are cut into chunks of
+    CHUNK_BLOCKS consecutive groups (a function of N and K only); inside a chunk the scaled group
+    dots are added from zero in group order (one tensor-core dot per group: the promotion to float32
+    every 128 of K), and the chunk sums are added from zero in chunk order. SPLIT: this program owns
+    the one chunk program_id(2) and writes its float32 sum to out (the partials [chunks, M, N]); the
+    reduce kernel adds them in chunk order. Otherwise the program walks all chunks and writes bf16.
+    """
+    # grouped raster (bits unchanged, L2 reuse): programs walk GROUP_T token tiles x all weight tiles,
+    # so a wave re-reads each weight tile from L2 instead of HBM for up to GROUP_T token tiles
+    num_n = tl.cdiv(N, BN)
+    pid = tl.program_id(1) * num_n + tl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = tl.minimum(tl.cdiv(M, BT) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
+    n = pid_n * BN + tl.arange(0, BN)
+    t = pid_t * BT + tl.arange(0, BT)
+    n_ok = n < N
+    t_ok = t < M
+    kk = tl.arange(0, 128)
+    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn + kk[None, :]
+    a_rows = a_ptr + t.to(tl.int64)[:, None] * stride_am + kk[None, :]
+    sw_row = ws_ptr + ((pid_n * BN) // 128) * G
+    sa_row = as_ptr + t.to(tl.int64) * stride_as
+    # N_ITER (CHUNK_BLOCKS when SPLIT, else all G groups) is a constexpr: the interpreter cannot run a
+    # loop bounded by a runtime scalar. In SPLIT mode the last chunk's groups past G are masked off.
+    g_lo = tl.program_id(2) * CHUNK_BLOCKS if SPLIT else 0
+    if SWAP:
+        total = tl.zeros((BN, BT), dtype=tl.float32)
+    else:
+        total = tl.zeros((BT, BN), dtype=tl.float32)
+    part = tl.zeros_like(total)
+    for i in range(0, N_ITER):
+        g = g_lo + i
+        k0 = g * 128
+        w_ok = n_ok[:, None]
+        a_ok = t_ok[:, None]
+        if not EVEN_K:
+            k_ok = (k0 + kk) < K
+            w_ok = w_ok & k_ok[None, :]
+            a_ok = a_ok & k_ok[None, :]
+        if SPLIT:
+            w_ok = w_ok & (g < G)
+            a_ok = a_ok & (g < G)
+        w = tl.load(w_rows + k0, mask=w_ok, other=0)
+        a = tl.load(a_rows + k0, mask=a_ok, other=0)
+        w8 = w.to(tl.float8e4nv, bitcast=True)
+        a8 = a.to(tl.float8e4nv, bitcast=True)
+        if SWAP:
+            d = tl.dot(w8, tl.trans(a8))
+        else:
+            d = tl.dot(a8, tl.trans(w8))
+        sw = tl.load(sw_row + g, mask=g < G, other=0.0)
+        sa = tl.load(sa_row + g, mask=t_ok & (g < G), other=0)
+        if AS_UE8M0:
+            sa = ue8m0_u8_to_f32(sa)
+        if SWAP:
+            sigma = (sa * sw)[None, :]
+        else:
+            sigma = (sa * sw)[:, None]
+        if CHUNKED:
+            part += d * sigma
+            end = ((g + 1) % CHUNK_BLOCKS == 0) | (g + 1 == G)
+            total = tl.where(end, total + part, total)
+            part = tl.where(end, 0.0, part)
+        else:
+            total += d * sigma
+    if SWAP:
+        o = out_ptr + t.to(tl.int64)[None, :] * stride_om + n[:, None]
+        o_ok = n_ok[:, None] & t_ok[None, :]
+    else:
+        o = out_ptr + t.to(tl.int64)[:, None] * stride_om + n[None, :]
+        o_ok = t_ok[:, None] & n_ok[None, :]
+    if SPLIT:
+        tl.store(o + tl.program_id(2).to(tl.int64) * stride_oc, total, mask=o_ok)
+    else:
+        tl.store(o, round_f32_to_bf16_bits(total).to(tl.bfloat16), mask=o_ok)
+
+
+@triton.jit
+def chunk_reduce_kernel(part_ptr, out_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    """out_bf16[i] = bf16(((0 + p[0, i]) + p[1, i]) + ...): the chunk sums in chunk order, as the
+    unsplit kernel adds them."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = i < numel
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    off = i
+    for _ in range(0, N_CHUNKS):
+        total += tl.load(part_ptr + off, mask=ok, other=0.0)
+        off += numel
+    tl.store(out_ptr + i, round_f32_to_bf16_bits(total).to(tl.bfloat16), mask=ok)

@@ -1,0 +1,199 @@
+"""Dense FP8 block-scaled GEMM on Hopper (Triton): y_bf16[M, N] = A[M, K] @ W[N, K]^T with
+
+    A = E4M3 codes a_u8 [M, K] x a decode scale per 1x128 group, a_scale [M, ceil(K/128)]
+        (uint8 UE8M0 bytes, value 2^(b-127), or float32: kernels.sm90.quantize_fp8_1x128's output);
+    W = E4M3 codes w_u8 [N, K] x a float32 decode scale per 128x128 block, w_block_dec_f32
+        [ceil(N/128), ceil(K/128)] (prepared on the host from the checkpoint's encoding:
+        kernels.sm90.fp8_linear.prepare_fp8_weight).
+
+Math (DeepGEMM's structure on Hopper; written here from the idea): for every 128-K group g the
+FP8 tensor cores (wgmma on float8e4nv) compute the group's code dot product T_g from zero; it is
+promoted at once: acc_f32 += T_g * f32(sa[m, g] * sw[n // 128, g]). So the narrow tensor-core
+accumulator (about 14 bits on Hopper, NVFP4_FACTS 5b) only ever sums 128 products; U_ACC and
+PROMOTION_INTERVAL below are what the bound (references.fp8_gemm.fp8_block_gemm_error_bound)
+must be told. The float32 sum is rounded once to bf16 (RNE).
+
+Summation order (deterministic and batch-invariant): the groups are cut into chunks by
+chunk_plan(N, K), a function of N and K only; the scaled group dots of a chunk are added from zero
+in group order, and the chunk sums from zero in chunk order. Small grids (few tokens) run one
+program per chunk and add the chunk partials in a second kernel in chunk order; large grids walk
+the chunks in one program. Both give the same bits, so a row's result depends neither on M nor on
+the split. The kernel is "swap AB": the weights are the MMA's M side (64 rows per warpgroup, so
+every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero rows). Partial K
+(K % 128 != 0, e.g. 576) is masked in the loads; no scale beyond ceil(K/128) is read.
+
+Per-call buffers (the chunk partials) come from torch.empty, so under CUDA-graph capture they come
+from the graph's pool; nothing syncs with the host. With TRITON_INTERPRET=1 it runs on CPU tensors.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "launch"]
+
+# The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
+# FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
+# declared. The accumulator probe (verify/accumulator.py) measures what the kernel keeps.
+U_ACC = 2.0**-13
+PROMOTION_INTERVAL = 128
+ACCUMULATOR = "fp8 wgmma (~14 bits) per 128 of K, promoted to fp32"
+
+GROUP = 128
+_NUM_SMS_H200 = 132
+_CHUNK_TARGET_CTAS = 2 * _NUM_SMS_H200  # a constant, not the device's SM count: the bits stay device-independent
+_REDUCE_BLOCK = 1024
+_GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the bits do not depend on it)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def chunk_plan(n: int, k: int) -> tuple[int, int]:
+    """(chunk_blocks, n_chunks): the 128-K groups cut into chunks so that a single token's GEMM has
+    about 264 programs of 64 weight rows x one chunk. Depends on N and K only (batch invariance)."""
+    groups = -(-k // GROUP)
+    want = max(1, min(groups, -(-_CHUNK_TARGET_CTAS // -(-n // 64))))
+    chunk_blocks = -(-groups // want)
+    return chunk_blocks, -(-groups // chunk_blocks)
+
+
+@dataclass(frozen=True)
+class CompileKey:
+    """Everything codegen reads. M, N and strides are runtime arguments, so not here. The group loop's
+    trip count is a constexpr (the interpreter cannot run a loop bounded by a runtime scalar), so K's
+    chunk plan is in the key: `chunk_blocks` and `n_chunks` from chunk_plan(N, K), `groups` =
+    ceil(K/128); `chunked` (more than one chunk: two accumulators) and `even_k` (no K mask) follow."""
+
+    block_n: int
+    block_t: int
+    num_warps: int
+    num_stages: int
+    split: bool
+    groups: int
+    chunk_blocks: int
+    n_chunks: int
+    even_k: bool
+    act_scale_ue8m0: bool
+    swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
+
+    def __post_init__(self) -> None:
+        # one 128-row weight scale per tile, and a wgmma M side of 64 rows per warpgroup
+        if 128 % self.block_n or self.block_n < 16:
+            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 (one weight scale row per tile)")
+        m_side = self.block_n if self.swap else self.block_t
+        if m_side % 64 or m_side // 64 > self.num_warps // 4:
+            raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
+                             f"64 rows per warpgroup of num_warps={self.num_warps}")
+
+    @property
+    def chunked(self) -> bool:
+        return self.n_chunks > 1
+
+    @staticmethod
+    def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
+        # Tiles from CPU compiles for sm_90a (ptxas register reports; no GPU sweep yet): 64 weight rows x
+        # 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227 registers, no spills); 128 x 64 on
+        # two warpgroups for batches (194 registers, 222 with two accumulators; 128 x 128 spilled: the
+        # per-token scales of the swapped layout sit along the wgmma's N, 32 of them per thread).
+        # Every choice keeps the summation order (module docstring).
+        chunk_blocks, n_chunks = chunk_plan(n, k)
+        chunked = n_chunks > 1
+        if m <= 64:
+            bt = 16 if m <= 16 else (32 if m <= 32 else 64)
+            bn, warps, stages = 64, 4, 4
+        else:
+            bn, bt, warps, stages = 128, 64, 8, 4
+        split = chunked and -(-n // bn) * -(-m // bt) < num_sms
+        return CompileKey(block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, split=split,
+                          groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
+                          act_scale_ue8m0=act_scale_ue8m0)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile(key: CompileKey):
+    """The launcher for `key` (Triton compiles each kernel on its first launch: warm up before
+    CUDA-graph capture)."""
+    import triton
+
+    from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel, gemm_fp8_block_kernel
+
+    def run(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_dec_f32: Tensor, out_bf16: Tensor) -> None:
+        m, k = a_u8.shape
+        n = w_u8.shape[0]
+        grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
+        dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
+        gemm_fp8_block_kernel[grid](
+            w_u8, a_u8, w_dec_f32, a_scale, dst,
+            m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
+            BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
+            CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
+            AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T, num_warps=key.num_warps,
+            num_stages=key.num_stages,
+        )
+        if key.split:
+            chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+
+    return run
+
+
+@functools.lru_cache(maxsize=16)
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _check_inputs(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor) -> None:
+    for name, t in (("a_u8", a_u8), ("w_u8", w_u8)):
+        if not isinstance(t, Tensor) or t.dtype not in (torch.uint8, torch.float8_e4m3fn) or t.dim() != 2:
+            raise ValueError(f"{name}: expected 2-d E4M3 bytes (uint8 or float8_e4m3fn), got "
+                             f"{getattr(t, 'dtype', type(t))} {tuple(getattr(t, 'shape', ()))}")
+        if t.stride(1) != 1:
+            raise ValueError(f"{name}: rows must be contiguous along K (stride(1) == 1), got strides {t.stride()}")
+    m, k = a_u8.shape
+    n, kw = w_u8.shape
+    if k != kw or k == 0:
+        raise ValueError(f"w_u8: K={kw} does not match a_u8's K={k} (or K = 0)")
+    g = -(-k // GROUP)
+    if a_scale.dtype not in (torch.uint8, torch.float32) or tuple(a_scale.shape) != (m, g) or a_scale.stride(1) != 1:
+        raise ValueError(f"a_scale: expected uint8 (UE8M0) or float32 [{m}, {g}] with stride(1) == 1, got "
+                         f"{a_scale.dtype} {tuple(a_scale.shape)}")
+    if (w_block_dec_f32.dtype != torch.float32 or tuple(w_block_dec_f32.shape) != (-(-n // GROUP), g)
+            or not w_block_dec_f32.is_contiguous()):
+        raise ValueError(f"w_block_dec_f32: expected contiguous float32 [{-(-n // GROUP)}, {g}], got "
+                         f"{w_block_dec_f32.dtype} {tuple(w_block_dec_f32.shape)}")
+    devs = {t.device for t in (a_u8, a_scale, w_u8, w_block_dec_f32)}
+    if len(devs) != 1:
+        raise ValueError(f"a_u8, a_scale, w_u8, w_block_dec_f32: on different devices {sorted(map(str, devs))}")
+    if a_u8.device.type != "cuda" and not _interpreting():
+        raise ValueError(f"a_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {a_u8.device}")
+
+
+def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, key: CompileKey | None = None,
+           check: bool = True) -> Tensor:
+    """bf16 [M, N] = (a codes x 1x128 scales) @ (w codes x 128x128 scales)^T (module docstring).
+
+    key: an explicit CompileKey (tests); by default CompileKey.for_shape. M may be 0.
+    """
+    if check:
+        _check_inputs(a_u8, a_scale, w_u8, w_block_dec_f32)
+    m, k = a_u8.shape
+    n = w_u8.shape[0]
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=a_u8.device)
+    if m == 0 or n == 0:
+        return out
+    if key is not None and (key.groups, key.chunk_blocks, key.n_chunks) != (-(-k // GROUP), *chunk_plan(n, k)):
+        raise ValueError(f"key: groups/chunk_blocks/n_chunks {key.groups}/{key.chunk_blocks}/{key.n_chunks} do not "
+                         f"match "
+                         f"N={n}, K={k} (chunk_plan gives {chunk_plan(n, k)})")
+    if key is None:
+        sms = _num_sms(a_u8.device.index or 0) if a_u8.is_cuda else _NUM_SMS_H200
+        key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=a_scale.dtype == torch.uint8, num_sms=sms)
+    _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
+    return out

@@ -1,0 +1,83 @@
+"""The sm90 FP8 block-scaled GEMM compiles for sm_90a on any machine with triton (no GPU needed).
+
+Every key CompileKey.for_shape routes to on the DeepSeek-V4-Pro FP8 shapes (M = 1, 16, 64, 128,
+4096), and the token-major layout (swap=False) at M = 4096, is compiled for sm_90 (Triton's bundled
+ptxas) and its SASS checked: no register spills, and the group dot is the FP8 wgmma
+(QGMMA ...E4M3.E4M3, the tokens or weight rows on the right side), not an fp16 upcast or mma.sync.
+GPU numerics are in test_sm90_fp8_gemm.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
+
+from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
+
+V4_PRO = [(1536, 7168), (65536, 1536), (512, 7168), (16384, 4096), (7168, 16384), (3072, 7168), (7168, 3072)]
+_SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out_ptr": "*bf16", "M": "i32",
+        "N": "i32", "K": "i32", "G": "i32", "stride_wn": "i32", "stride_am": "i32", "stride_as": "i32",
+        "stride_om": "i32", "stride_oc": "i32"}
+
+
+def _keys() -> list[CompileKey]:
+    keys = {CompileKey.for_shape(m, n, k, act_scale_ue8m0=True) for m in (1, 16, 64, 128, 4096) for n, k in V4_PRO}
+    keys |= {dataclasses.replace(CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True), block_n=128, block_t=128,
+                                 num_warps=8, num_stages=4, swap=False) for n, k in V4_PRO}
+    # keys differing only in the loop's trip count compile to the same code: one per layout is enough
+    by_layout = {}
+    for key in sorted(keys, key=str):
+        by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap), key)
+    return list(by_layout.values())
+
+
+def _compile(key: CompileKey):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.sm90._gemm_fp8_block_jit import gemm_fp8_block_kernel
+    from kernels.sm90.gemm_fp8_block import _GROUP_T
+
+    sig = dict(_SIG, out_ptr="*fp32" if key.split else "*bf16")
+    const = dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
+                 CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
+                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # pointers: torch allocations are aligned
+    for name in ("N", "K", "stride_wn", "stride_am", "stride_om"):  # V4 shapes: multiples of 16
+        attrs[(names.index(name),)] = [["tt.divisibility", 16]]
+    src = ASTSource(gemm_fp8_block_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": key.num_warps, "num_stages": key.num_stages})
+
+
+def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([str(tool), *flags, str(path)], check=True, capture_output=True, text=True).stdout
+
+
+@pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"
+                         f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}")
+def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
+    ck = _compile(key)
+    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    wide = key.block_t if key.swap else key.block_n  # the wgmma's N: tokens (swap AB) or weight rows
+    shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
+    assert shapes == {str(wide)}, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64x{wide}x32 E4M3)"
+    assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"

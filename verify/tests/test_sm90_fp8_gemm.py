@@ -1,0 +1,553 @@
+"""sm90 FP8 block-scaled linears (issue 23 item 5): the 1x128 activation quantizer
+(kernels.sm90.quantize_fp8_1x128) and the block-scaled GEMM (kernels.sm90.gemm_fp8_block).
+
+Expected values come from references/: the activation bytes and scales from
+references.fp8_act.quantize_act_fp8_1x128 (both scale rules, the reciprocal encode, NaN ignored or
+propagated); the GEMM from references.fp8_gemm (float64 product and fp8_block_gemm_error_bound with
+the kernel module's declared U_ACC and PROMOTION_INTERVAL); weights from the checkpoint encodings of
+references.fp8_weight (V4 UE8M0 `scale`, V3 `weight_scale_inv`), decoded to float32 block scales as
+the sm90 adapter does.
+
+CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in ONE subprocess (the
+interpreter must be chosen before triton decorates the kernels); each case is one test item reading
+that run's JSON. GPU (markers gpu, sm90): the same checks at DeepSeek-V4-Pro / V4-Flash FP8 shapes,
+batch invariance (a row alone, in a batch of 64 and of 4096: bit-equal), CUDA-graph replay
+bit-equal to eager, determinism. Bench (marker bench, never in the default run): ours vs torch bf16
+matmul vs torch._scaled_mm blockwise (1x128 x 128x128) at M = 1, 16, 64, 128, 4096.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from references.fp8_act import (
+    FP8_ACT_F32,
+    FP8_ACT_F32_RECIP,
+    FP8_ACT_UE8M0,
+    Fp8Act1x128,
+    Fp8ActRecipe,
+    quantize_act_fp8_1x128,
+)
+from references.fp8_gemm import fp8_block_gemm_error_bound, fp8_block_gemm_f64
+from references.fp8_weight import fp8_weight_from_v3_weight_scale_inv, fp8_weight_from_v4_e8m0_scale
+from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_within_gemm_bound
+
+CUDA = torch.cuda.is_available()
+REPO = Path(__file__).resolve().parents[2]
+GPU = [pytest.mark.gpu, pytest.mark.sm90]
+
+# every recipe the kernel can express: the three shipped ones, NaN ignored (fmaxf kernels), vLLM's floor
+RECIPES = {r.name: r for r in (
+    FP8_ACT_UE8M0, FP8_ACT_F32, FP8_ACT_F32_RECIP,
+    Fp8ActRecipe(name="fp8_ue8m0_nan_ignore", scale_rule="ue8m0_ceil", amax_floor_f32=1e-4, encode_rule="divide",
+                 amax_nan="ignore"),
+    Fp8ActRecipe(name="fp8_f32_floor1e-10", scale_rule="f32", amax_floor_f32=1e-10, encode_rule="divide",
+                 amax_nan="ignore"),
+)}
+
+# (name, N, K) of every FP8 linear of a DeepSeek-V4 layer (verify/checkpoint/writer.py _v4_layer: wq_a
+# [q_lora, H], wq_b [heads * head_dim, q_lora], wkv [head_dim, H], wo_a [o_groups * o_lora, heads *
+# head_dim / o_groups] (a grouped linear; here the dense GEMM of that shape), wo_b [H, o_groups * o_lora],
+# shared experts w1 = w3 [I, H], w2 [H, I]), V4-Pro (H 7168, q_lora 1536, 128 heads x 512, 16 x 1024,
+# I 3072) and V4-Flash (H 4096, q_lora 1024, 64 heads x 512, 8 x 1024, I 2048), plus K or N = 576
+# (512 + 64: partial blocks at real size).
+V4_PRO_SHAPES = [("wq_a", 1536, 7168), ("wq_b", 65536, 1536), ("wkv", 512, 7168), ("wo_a", 16384, 4096),
+                 ("wo_b", 7168, 16384), ("w1_w3", 3072, 7168), ("w2", 7168, 3072)]
+V4_FLASH_SHAPES = [("wq_a", 1024, 4096), ("wq_b", 32768, 1024), ("wkv", 512, 4096), ("wo_a", 8192, 4096),
+                   ("wo_b", 4096, 8192), ("w1_w3", 2048, 4096), ("w2", 4096, 2048)]
+PARTIAL_SHAPES = [("n576", 576, 7168), ("k576", 7168, 576)]
+
+
+# ============================================================================= shared helpers
+
+
+def _quantize_kernel(x, recipe: Fp8ActRecipe):
+    from kernels.sm90 import quantize_fp8_1x128
+
+    return quantize_fp8_1x128.launch(x, scale_rule=recipe.scale_rule, encode_rule=recipe.encode_rule,
+                                     amax_nan=recipe.amax_nan, amax_floor_f32=recipe.amax_floor_f32)
+
+
+def _assert_scales_equal(got, expected, *, label: str) -> None:
+    """UE8M0 bytes equal, or float32 scales bit-equal where finite and NaN exactly where expected NaN
+    (the NaN payload is the GPU's canonical one, not torch's)."""
+    if expected.dtype == torch.uint8:
+        assert_bytes_equal(got, expected, label=label)
+        return
+    got, expected = got.cpu(), expected.cpu()
+    assert got.dtype == torch.float32 and got.shape == expected.shape, f"{label}: {got.dtype} {tuple(got.shape)}"
+    nan_g, nan_e = torch.isnan(got), torch.isnan(expected)
+    assert torch.equal(nan_g, nan_e), f"{label}: NaN scales at {(nan_g != nan_e).nonzero()[:4].tolist()}"
+    keep = ~nan_e
+    assert_bits_equal(got[keep], expected[keep], label=label)
+
+
+def _special_input(m: int, k: int, seed: int, dtype: torch.dtype, device: str = "cpu") -> torch.Tensor:
+    """Heavy-tailed rows plus, where the shape has room: an all-zero group, an all -0.0 group, a group
+    below the amax floor, values in E4M3's subnormal range, a NaN, +Inf, -Inf, and a huge value."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(2 * torch.randn(m, k, generator=g))
+    groups = [(r, c) for r in range(m) for c in range(0, k, 128)]
+    specials = ["zero", "negzero", "below_floor", "subnormal", "nan", "inf", "neginf", "huge"]
+    for (r, c), kind in zip(groups[1:], specials):  # the first group stays ordinary
+        end = min(c + 128, k)
+        if kind == "zero":
+            x[r, c:end] = 0.0
+        elif kind == "negzero":
+            x[r, c:end] = -0.0
+        elif kind == "below_floor":
+            x[r, c:end] = torch.randn(end - c, generator=g) * 1e-7
+        elif kind == "subnormal":
+            x[r, c:end] = torch.randn(end - c, generator=g) * 1e-3
+            x[r, c] = 1.0  # amax 1: everything else lands in E4M3's subnormal range
+        elif kind == "nan":
+            x[r, c + (end - c) // 2] = float("nan")
+        elif kind == "inf":
+            x[r, c] = float("inf")
+        elif kind == "neginf":
+            x[r, end - 1] = float("-inf")
+        elif kind == "huge":
+            x[r, c + 1] = 3.0e38
+    return x.to(dtype).to(device)
+
+
+def _weight(n: int, k: int, seed: int, encoding: str, device: str = "cpu"):
+    """An FP8 block-scaled weight in a checkpoint encoding (references.fp8_weight) and its float32
+    block decode scales as the adapter hands them to the kernel."""
+    return _weight_cached(n, k, seed, encoding, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _weight_cached(n: int, k: int, seed: int, encoding: str, device: str):
+    from verify.checkpoint.writer import make_fp8_block128_tensors
+
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(n, k, generator=g, device=device) * torch.exp(0.5 * torch.randn(n, k, generator=g, device=device))
+    w[:, torch.randperm(k, generator=g, device=device)[: max(1, k // 64)]] *= 12.0  # outlier input channels
+    t = make_fp8_block128_tensors(w / k**0.5, scale_storage="e8m0" if encoding == "v4" else "f32")
+    if encoding == "v4":
+        wt = fp8_weight_from_v4_e8m0_scale(t["weight"], t["scale"], module="t")
+    else:
+        wt = fp8_weight_from_v3_weight_scale_inv(t["weight"], t["weight_scale_inv"], module="t")
+    return wt, wt.to_fp8_block128_weight().block_dec_f32.contiguous()
+
+
+def _activation(m: int, k: int, seed: int, recipe: Fp8ActRecipe, device: str = "cpu") -> Fp8Act1x128:
+    """Heavy-tailed bf16 activations with outlier channels, quantized by the KERNEL (its bytes are
+    checked against the reference elsewhere; here they are the GEMM's operand)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(m, k, generator=g) * torch.exp(torch.randn(m, k, generator=g))
+    x[:, torch.randperm(k, generator=g)[: max(1, k // 64)]] *= 20.0
+    codes, scale = _quantize_kernel(x.to(torch.bfloat16).to(device), recipe)
+    return Fp8Act1x128(codes, scale, recipe.scale_storage)
+
+
+def _gemm(act: Fp8Act1x128, w_u8, w_dec_f32, key=None):
+    from kernels.sm90 import gemm_fp8_block
+
+    return gemm_fp8_block.launch(act.e4m3_u8, act.block_dec_scale, w_u8, w_dec_f32, key=key)
+
+
+def _bound_check(m: int, n: int, k: int, seed: int, encoding: str, recipe: Fp8ActRecipe, device: str) -> str:
+    from kernels.sm90 import gemm_fp8_block
+
+    wt, w_dec = _weight(n, k, seed, encoding, device)
+    act = _activation(m, k, seed + 1, recipe, device)
+    y = _gemm(act, wt.e4m3_u8, w_dec)
+    y64 = fp8_block_gemm_f64(act, wt)
+    bound = fp8_block_gemm_error_bound(act, wt, y64, u_acc=gemm_fp8_block.U_ACC,
+                                       promotion_interval=gemm_fp8_block.PROMOTION_INTERVAL)
+    assert torch.isfinite(y64).all() and y64.abs().max() > 0, "degenerate reference (all zero or not finite)"
+    worst = assert_within_gemm_bound(y, y64, bound, label=f"fp8 gemm sm90 {m}x{n}x{k} {encoding} {recipe.name}")
+    return f"max |err| / bound = {worst:.3g}"
+
+
+def _exact_operands(m: int, n: int, k: int, seed: int, device: str):
+    """Codes in {0, +-0.5, +-1, +-1.5, +-2} and power-of-two scales in 2^-2..2^1: every partial sum of a
+    128-group is a multiple of 2^-2 below 2^9 (exact in 12 bits, so in the ~14-bit tensor-core
+    accumulator), every promoted term a multiple of 2^-6 below 2^11 and every float32 sum of at most
+    128 of them exact, so the kernel must return the float64 result rounded once to bf16."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    vals = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, -0.5, -1.0, -1.5, -2.0])
+    a = vals[torch.randint(0, len(vals), (m, k), generator=g)].to(torch.float8_e4m3fn).view(torch.uint8)
+    b = vals[torch.randint(0, len(vals), (n, k), generator=g)].to(torch.float8_e4m3fn).view(torch.uint8)
+    sa = torch.randint(125, 129, (m, -(-k // 128)), generator=g, dtype=torch.uint8)   # 2^-2 .. 2^1
+    sb = torch.randint(125, 129, (-(-n // 128), -(-k // 128)), generator=g, dtype=torch.uint8)
+    act = Fp8Act1x128(a.to(device), sa.to(device), "ue8m0")
+    wt = fp8_weight_from_v4_e8m0_scale(b.to(device), sb.to(device), module="exact")
+    return act, wt, wt.to_fp8_block128_weight().block_dec_f32.contiguous()
+
+
+# ============================================================================= interpreter cases
+
+
+def _case_quant(recipe_name: str, m: int, k: int, dtype_name: str) -> str:
+    recipe = RECIPES[recipe_name]
+    x = _special_input(m, k, seed=m * 1000 + k, dtype=getattr(torch, dtype_name))
+    codes, scale = _quantize_kernel(x, recipe)
+    ref = quantize_act_fp8_1x128(x, recipe=recipe)
+    assert_bytes_equal(codes, ref.e4m3_u8, label=f"fp8 act codes {recipe_name} {m}x{k} {dtype_name}")
+    _assert_scales_equal(scale, ref.block_dec_scale, label=f"fp8 act scales {recipe_name} {m}x{k} {dtype_name}")
+    sat = int(((codes & 0x7F) == 0x7E).sum())
+    if recipe.scale_rule == "f32":  # every finite group's max lands on 448 (clamped when x / s rounds above it)
+        assert sat > 0, "no code reached 448: the case does not exercise saturation"
+    return f"{codes.numel()} codes, {scale.numel()} scales equal; {sat} codes at +-448"
+
+
+def _case_quant_empty() -> str:
+    codes, scale = _quantize_kernel(torch.zeros(0, 576, dtype=torch.bfloat16), FP8_ACT_UE8M0)
+    assert codes.shape == (0, 576) and scale.shape == (0, 5) and scale.dtype == torch.uint8
+    return "M = 0: empty outputs"
+
+
+def _case_gemm_bound(m, n, k, encoding, recipe_name) -> str:
+    return _bound_check(m, n, k, seed=m + n + k, encoding=encoding, recipe=RECIPES[recipe_name], device="cpu")
+
+
+def _case_gemm_exact(m, n, k) -> str:
+    act, wt, w_dec = _exact_operands(m, n, k, seed=3, device="cpu")
+    y = _gemm(act, wt.e4m3_u8, w_dec)
+    assert_bits_equal(y, fp8_block_gemm_f64(act, wt).to(torch.bfloat16), label=f"exact fp8 gemm {m}x{n}x{k}")
+    return "bit-equal to the float64 result rounded once"
+
+
+def _case_gemm_batch_invariance(n, k) -> str:
+    """Rows alone (M = 1: 16-token tiles, split into chunks) equal the same rows in a batch of 70
+    (128 x 64 tiles) and of 20; and explicit keys (split or not, other token tiles) give the same bits."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    wt, w_dec = _weight(n, k, 5, "v4", "cpu")
+    act = _activation(70, k, 6, FP8_ACT_F32, "cpu")
+    y = _gemm(act, wt.e4m3_u8, w_dec)
+    for r in (0, 33, 69):
+        one = Fp8Act1x128(act.e4m3_u8[r:r + 1], act.block_dec_scale[r:r + 1], "f32")
+        assert_bits_equal(_gemm(one, wt.e4m3_u8, w_dec)[0], y[r], label=f"row {r} alone vs in M=70 ({n}x{k})")
+    part = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
+    assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
+    base = CompileKey.for_shape(3, n, k, act_scale_ue8m0=False)
+    for bt, bn, split, swap in ((16, 64, True, True), (16, 64, False, True), (64, 128, True, True),
+                                (128, 128, False, True), (64, 64, True, False), (128, 128, False, False)):
+        key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
+                            "num_warps": 8 if bn == 128 else 4, "swap": swap})
+        assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
+    return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
+
+
+CASES = {
+    **{f"quant-{r}-{m}x{k}-{d}": (_case_quant, (r, m, k, d))
+       for r in RECIPES for (m, k, d) in ((3, 576, "bfloat16"), (9, 1024, "bfloat16"))},
+    **{f"quant-{r}-{m}x{k}-{d}": (_case_quant, (r, m, k, d))
+       for r in ("fp8_ue8m0", "fp8_f32") for (m, k, d) in ((1, 7168, "bfloat16"), (4, 200, "float16"),
+                                                           (2, 1100, "float32"))},
+    "quant-empty": (_case_quant_empty, ()),
+    **{f"gemm-bound-{m}x{n}x{k}-{e}-{r}": (_case_gemm_bound, (m, n, k, e, r))
+       for (m, n, k, e, r) in ((1, 192, 576, "v4", "fp8_ue8m0"), (1, 130, 1024, "v3", "fp8_f32"),
+                               (5, 130, 1024, "v3", "fp8_f32"), (70, 256, 384, "v4", "fp8_f32"),
+                               (3, 64, 200, "v3", "fp8_ue8m0"), (17, 576, 576, "v4", "fp8_ue8m0"))},
+    **{f"gemm-exact-{m}x{n}x{k}": (_case_gemm_exact, (m, n, k)) for (m, n, k) in ((1, 200, 576), (40, 130, 1024))},
+    **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k))
+       for (n, k) in ((4224, 1024), (192, 576))},
+}
+
+
+def _run_cases(names: list[str]) -> dict[str, dict]:
+    out = {}
+    for name in names:
+        fn, args = CASES[name]
+        try:
+            out[name] = {"ok": True, "message": fn(*args)}
+        except Exception as exc:  # noqa: BLE001 - reported per case to the parent test
+            out[name] = {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
+    return out
+
+
+@pytest.fixture(scope="module")
+def interpreter_results(tmp_path_factory):
+    pytest.importorskip("triton", reason="the CPU cases run the kernels under the Triton interpreter: "
+                                         "pip install triton==3.6.0 (.ci/run does)")
+    path = tmp_path_factory.mktemp("sm90_fp8") / "results.json"
+    # this checkout first on the path: the child runs this file as a script
+    path_env = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path_env)
+    proc = subprocess.run([sys.executable, __file__, "--cases", str(path), *CASES], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=2400)
+    if proc.returncode != 0 or not path.exists():
+        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(path.read_text())
+
+
+@pytest.mark.skipif(CUDA, reason="CPU interpreter cases (on a GPU the kernels run natively in the GPU tests)")
+@pytest.mark.parametrize("case", list(CASES))
+def test_interpreted_case(interpreter_results, case):
+    r = interpreter_results[case]
+    assert r["ok"], r["message"]
+
+
+# ============================================================================= bad input (no kernel runs)
+
+
+@pytest.mark.parametrize("bad", ["x_int", "x_3d", "scale_rule", "floor"])
+def test_quantize_refuses_bad_input_naming_it(bad):
+    from kernels.sm90 import quantize_fp8_1x128
+
+    x = torch.zeros(2, 256, dtype=torch.bfloat16)
+    kw = {"scale_rule": "f32"}
+    name = {"x_int": "x", "x_3d": "x", "scale_rule": "scale_rule", "floor": "amax_floor_f32"}[bad]
+    if bad == "x_int":
+        x = torch.zeros(2, 256, dtype=torch.int32)
+    elif bad == "x_3d":
+        x = torch.zeros(2, 2, 128, dtype=torch.bfloat16)
+    elif bad == "scale_rule":
+        kw = {"scale_rule": "ue8m0_floor"}
+    else:
+        kw["amax_floor_f32"] = 0.0
+    with pytest.raises(ValueError, match=name):
+        quantize_fp8_1x128.launch(x, **kw)
+
+
+@pytest.mark.parametrize("bad", ["k_mismatch", "a_scale_shape", "w_scale_dtype", "w_scale_transposed"])
+def test_gemm_refuses_bad_input_naming_it(bad):
+    from kernels.sm90 import gemm_fp8_block
+
+    a, sa = torch.zeros(2, 576, dtype=torch.uint8), torch.ones(2, 5)
+    w, sw = torch.zeros(256, 576, dtype=torch.uint8), torch.ones(2, 5)
+    name = {"k_mismatch": "w_u8", "a_scale_shape": "a_scale", "w_scale_dtype": "w_block_dec_f32",
+            "w_scale_transposed": "w_block_dec_f32"}[bad]
+    if bad == "k_mismatch":
+        w = torch.zeros(256, 512, dtype=torch.uint8)
+    elif bad == "a_scale_shape":
+        sa = torch.ones(2, 4)
+    elif bad == "w_scale_dtype":
+        sw = torch.ones(2, 5, dtype=torch.bfloat16)
+    else:
+        sw = torch.ones(5, 2)
+    with pytest.raises(ValueError, match=name):
+        gemm_fp8_block.launch(a, sa, w, sw)
+
+
+def test_chunk_plan_depends_on_n_and_k_only_and_covers_k():
+    """The summation order's only parameters: every group in exactly one chunk, for every V4 shape."""
+    from kernels.sm90.gemm_fp8_block import CompileKey, chunk_plan
+
+    for _, n, k in V4_PRO_SHAPES + V4_FLASH_SHAPES + PARTIAL_SHAPES:
+        cb, nc = chunk_plan(n, k)
+        groups = -(-k // 128)
+        assert (nc - 1) * cb < groups <= nc * cb, (n, k, cb, nc)
+        keys = {CompileKey.for_shape(m, n, k, act_scale_ue8m0=True, num_sms=s) for m in (1, 16, 64, 128, 4096)
+                for s in (78, 114, 132)}
+        assert {(key.groups, key.chunk_blocks, key.n_chunks) for key in keys} == {(groups, cb, nc)}
+
+
+# ============================================================================= GPU
+
+
+def _cuda_act(m, k, seed, recipe):
+    return _activation(m, k, seed, recipe, "cuda")
+
+
+@pytest.mark.parametrize("recipe", ["fp8_ue8m0", "fp8_f32", "fp8_f32_recip", "fp8_ue8m0_nan_ignore"])
+@pytest.mark.parametrize("m,k", [(1, 7168), (4096, 7168), (64, 576), (33, 1536)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_quantize_bytes_equal_reference(m, k, recipe):
+    r = RECIPES[recipe]
+    x = _special_input(m, k, seed=m + k, dtype=torch.bfloat16, device="cuda")
+    codes, scale = _quantize_kernel(x, r)
+    ref = quantize_act_fp8_1x128(x, recipe=r)
+    assert_bytes_equal(codes, ref.e4m3_u8, label=f"fp8 act codes sm90 {recipe} {m}x{k}")
+    _assert_scales_equal(scale, ref.block_dec_scale, label=f"fp8 act scales sm90 {recipe} {m}x{k}")
+
+
+_GPU_BOUND = ([(1, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES]
+              + [(64, n, k, f"pro-{s}") for s, n, k in V4_PRO_SHAPES]
+              + [(1, n, k, f"flash-{s}") for s, n, k in V4_FLASH_SHAPES]
+              + [(m, n, k, s) for s, n, k in PARTIAL_SHAPES for m in (1, 300)]
+              + [(300, 3072, 7168, "pro-w1_w3"), (200, 7168, 3072, "pro-w2")])
+
+
+@pytest.mark.parametrize("m,n,k,name", _GPU_BOUND, ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gemm_within_bound_at_v4_shapes(m, n, k, name):
+    recipe = FP8_ACT_F32 if name.startswith(("n576", "k576")) else FP8_ACT_UE8M0  # f32 act scales: partial shapes
+    enc = "v4" if name.startswith("pro") else "v3"
+    print(f"{name} M={m}: {_bound_check(m, n, k, seed=n + k, encoding=enc, recipe=recipe, device='cuda')}")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (64, 7168, 3072), (4096, 512, 7168)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gemm_exact_data(m, n, k):
+    act, wt, w_dec = _exact_operands(m, n, k, seed=9, device="cuda")
+    y = _gemm(act, wt.e4m3_u8, w_dec)
+    assert_bits_equal(y, fp8_block_gemm_f64(act, wt).to(torch.bfloat16), label=f"exact fp8 gemm sm90 {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gemm_batch_invariant(n, k):
+    """Rows alone (M = 1), in M = 16, 64, 128 and 4096: the same bits (tiles and splits differ by M)."""
+    wt, w_dec = _weight(n, k, 21, "v4", "cuda")
+    big = _cuda_act(4096, k, 22, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec)
+    for m in (1, 16, 64, 128):
+        sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), "ue8m0")
+        assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec), y[:m], label=f"rows 0..{m - 1} in M={m} vs M=4096 ({n}x{k})")
+    last = Fp8Act1x128(big.e4m3_u8[-1:].clone(), big.block_dec_scale[-1:].clone(), "ue8m0")
+    assert_bits_equal(_gemm(last, wt.e4m3_u8, w_dec)[0], y[-1], label=f"row 4095 alone vs in M=4096 ({n}x{k})")
+
+
+def _token_major_key(m: int, n: int, k: int, *, split: bool | None = None):
+    """The token-major layout (swap=False: 128 tokens on two warpgroups x 128 weight rows) for M = m."""
+    import dataclasses
+
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    split = key.split if split is None else split
+    return dataclasses.replace(key, block_n=128, block_t=128, num_warps=8, num_stages=4, swap=False,
+                               split=split and key.chunked)
+
+
+@pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
+    """Tokens on the wgmma's M side (the layout for large M) give the same bits as the weight-major
+    (swap AB) layout of decode sizes, unsplit at M = 4096 and split at M = 128."""
+    wt, w_dec = _weight(n, k, 21, "v4", "cuda")
+    big = _cuda_act(4096, k, 22, FP8_ACT_UE8M0)
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    swap_key = CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key if swap_key.swap else None)
+    assert_bits_equal(_gemm(big, wt.e4m3_u8, w_dec, key=_token_major_key(4096, n, k, split=False)), y,
+                      label=f"token-major vs weight-major M=4096 ({n}x{k})")
+    sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
+    assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=_token_major_key(128, n, k, split=True)), y[:128],
+                      label=f"token-major split M=128 vs M=4096 ({n}x{k})")
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_linear_graph_replay_bit_equal_and_deterministic(m, n, k):
+    """quantize + GEMM captured once, replayed on new activations: bit-equal to eager; eager twice equal."""
+    from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
+
+    wt, w_dec = _weight(n, k, 31, "v4", "cuda")
+    weight = prepare_fp8_weight(wt.e4m3_u8, w_dec)
+    g = torch.Generator(device="cuda").manual_seed(32)
+    x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    x.copy_(torch.randn(m, k, generator=g, device="cuda"))
+    eager = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]           # compiles (warm-up)
+    assert_bits_equal(linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], eager, label="eager twice")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    for i in range(3):
+        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"graph replay {i}")
+
+
+# ============================================================================= bench
+
+_BENCH_M = [1, 16, 64, 128, 4096]
+_BENCH_ROWS: list[dict] = []
+_L2_BYTES = 60 * 2**20
+
+
+def _scaled_mm_blockwise(a_fp8, a_dec_f32, w_fp8, w_dec_f32):
+    """torch._scaled_mm with DeepSeek blockwise scales (1x128 activations, 128x128 weights; cuBLASLt),
+    or the one-line reason it is not available."""
+    if not hasattr(torch, "_scaled_mm"):
+        return None, "torch._scaled_mm missing"
+    try:
+        return (lambda: torch._scaled_mm(a_fp8, w_fp8.t(), scale_a=a_dec_f32.t().contiguous().t(),
+                                         scale_b=w_dec_f32.t(), out_dtype=torch.bfloat16)), None
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}"
+
+
+def _dump_bench():
+    d = os.environ.get("NVFP4V_REPORT_DIR")
+    if d:
+        os.makedirs(d, exist_ok=True)
+        with open(os.path.join(d, "sm90_fp8_bench.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "rows": _BENCH_ROWS}, f, indent=1)
+
+
+@pytest.mark.bench
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("name,n,k", V4_PRO_SHAPES, ids=[s for s, _, _ in V4_PRO_SHAPES])
+def test_bench_fp8_gemm_v4_pro(name, n, k):
+    from kernels.sm90 import gemm_fp8_block
+    from verify.tests._cuda_timing import time_graph
+
+    wt, w_dec = _weight(n, k, 41, "v4", "cuda")
+    w_fp8 = wt.e4m3_u8.view(torch.float8_e4m3fn)
+    w_bf16 = (wt.decode_f64().to(torch.bfloat16))
+    copies = max(1, min(8, -(-2 * _L2_BYTES // (n * k))))
+    ws = [wt.e4m3_u8.clone() for _ in range(copies)]
+    wbs = [w_bf16.clone() for _ in range(max(1, min(4, -(-2 * _L2_BYTES // (2 * n * k)))))]
+    lines = []
+    for m in _BENCH_M:
+        act = _cuda_act(m, k, 42, FP8_ACT_UE8M0)
+        x_bf16 = act.decode_f64().to(torch.bfloat16)
+        calls = max(copies, 10 if m <= 128 else 3)
+        ours = time_graph([(lambda w=ws[i % copies]: gemm_fp8_block.launch(act.e4m3_u8, act.block_dec_scale, w, w_dec))
+                           for i in range(calls)])
+        bf16 = time_graph([(lambda w=wbs[i % len(wbs)]: x_bf16 @ w.t()) for i in range(calls)])
+        fn, why = _scaled_mm_blockwise(act.e4m3_u8.view(torch.float8_e4m3fn), act.block_dec_scale_f32(), w_fp8, w_dec)
+        blk = None
+        if fn is not None:
+            try:
+                fn()
+                torch.cuda.synchronize()
+                blk = time_graph([fn] * calls)
+            except Exception as exc:  # noqa: BLE001 - M = 1 is not supported by cuBLASLt: reported
+                why = f"{type(exc).__name__}: {str(exc).splitlines()[0][:70]}"
+                torch.cuda.synchronize()
+        tm = None
+        if m >= 128:  # the token-major layout (swap=False), timed beside the routed one
+            tkey = _token_major_key(m, n, k)
+            tm = time_graph([(lambda w=ws[i % copies]: gemm_fp8_block.launch(act.e4m3_u8, act.block_dec_scale, w, w_dec,
+                                                                             key=tkey)) for i in range(calls)])
+        key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True,
+                                                  num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+        row = {"name": name, "M": m, "N": n, "K": k, "ours_us": ours * 1e6, "bf16_us": bf16 * 1e6,
+               "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": why,
+               "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours,
+               "x_blockwise": None if blk is None else blk / ours,
+               "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
+               "path": f"BN{key.block_n} BT{key.block_t} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"}
+        _BENCH_ROWS.append(row)
+        blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
+        tm_s = f"{tm * 1e6:9.2f} {bf16 / tm:6.2f} {'-' if blk is None else f'{blk / tm:6.2f}'}" if tm else " " * 21
+        lines.append(f"{name:6} {m:5} {n:6} {k:6} {row['ours_us']:9.2f} {row['bf16_us']:9.2f} {row['x_bf16']:6.2f} "
+                     f"{blk_s}  {row['TFLOPs']:7.1f} {row['weight_GBps']:7.0f}  {row['path']} | token-major: {tm_s}")
+    print(f"\n[{torch.cuda.get_device_name()}] name       M      N      K   ours_us   bf16_us x_bf16  blkw_us x_blkw"
+          f"   TFLOP/s  wGB/s  path | token-major: us x_bf16 x_blkw")
+    print("\n".join(lines))
+    _dump_bench()
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "--cases":
+        Path(sys.argv[2]).write_text(json.dumps(_run_cases(sys.argv[3:])))
