@@ -114,10 +114,35 @@ def _apply_env_defaults(p: argparse.ArgumentParser) -> None:
     for action in p._actions:  # noqa: SLF001 - argparse has no public accessor for an option's action
         for option, var in ENV_OPTIONS.items():
             if option in action.option_strings and (value := env_default(var, None)) is not None:
-                action.default = value
+                # argparse would run the option's `type` on a string default itself and blame the command
+                # line; the value is checked in _dispatch instead, naming the variable it came from
+                action.default = _FromEnv(value, f"NVFP4V_{var}", option, action.type)
+
+
+class _FromEnv:
+    """An option's default taken from an NVFP4V_ variable, converted by the option's `type` only when the
+    command runs (_dispatch), so a bad value is a one-line error naming the variable."""
+
+    def __init__(self, value: str, var: str, option: str, convert) -> None:
+        self.value, self.var, self.option, self.convert = value, var, option, convert
+
+    def __repr__(self) -> str:  # --help: "Default: 'sm90'"
+        return repr(self.value)
+
+    def resolve(self):
+        if self.convert is None:
+            return self.value
+        try:
+            return self.convert(self.value)
+        except (argparse.ArgumentTypeError, ValueError) as e:
+            raise UsageError(f"{self.option} {self.value}: invalid value from {self.var} ({e})",
+                             argument=self.option) from None
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    for name, value in vars(args).items():
+        if isinstance(value, _FromEnv):
+            setattr(args, name, value.resolve())
     if getattr(args, "unavailable", None):
         raise UsageError(args.unavailable)
     if getattr(args, "device", "auto") != "auto":  # every command's --device, before any work

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from verify.layer_ranges import format_layers
 from verify.errors import DeviceUnavailableError, LayerRangeError, UsageError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -167,17 +168,6 @@ def parse_layers(text: str | None) -> tuple[int, ...]:
     return tuple(sorted({i for lo, hi in parse_layer_ranges(text) for i in range(lo, hi + 1)}))
 
 
-def format_layers(layers) -> str:
-    """(0, 1, 2, 3, 7) -> '0-3,7': the inverse of parse_layers, for messages."""
-    runs: list[list[int]] = []
-    for i in sorted(set(layers)):
-        if runs and i == runs[-1][1] + 1:
-            runs[-1][1] = i
-        else:
-            runs.append([i, i])
-    return ",".join(str(lo) if lo == hi else f"{lo}-{hi}" for lo, hi in runs)
-
-
 def positive_int(text: str) -> int:
     """argparse type of counts such as --tokens: an integer >= 1."""
     try:
@@ -283,5 +273,5 @@ def display_path(path: str | Path) -> str:
     """`path` relative to the working directory when below it (golden/mini-v4), else as given."""
     try:
         return str(Path(path).resolve().relative_to(Path.cwd().resolve()))
-    except (ValueError, OSError):
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a symlink loop (pathlib before 3.13)
         return str(path)

@@ -11,9 +11,14 @@ why) when:
   - got is all zero where ref is not, ref is all zero where got is not, or both are all zero (every
     stage compared here carries signal from a non-zero input: a zero-vs-zero stage, e.g. all-zero
     block scales, verified nothing);
-  - the difference is a gain above 1: ||got|| - ||ref|| >= GAIN_SHARE_MAX * ||got - ref|| (a pure factor
-    x2 gives 1). Rounding error uncorrelated with ref gives (sqrt(1 + r^2) - 1) / r < r / 2 for
-    rel-L2 r, and clipping (saturated scales) makes ||got|| smaller, so no rounding reaches it.
+  - the difference is a gain above 1 that rounding cannot make: ||got|| - ||ref|| >= GAIN_SHARE_MAX *
+    ||got - ref|| (a pure factor x2 gives 1) AND ||got|| / ||ref|| > 1 + ROUNDING_GAIN_MAX. Rounding
+    error uncorrelated with ref gives a share (sqrt(1 + r^2) - 1) / r < r / 2 for rel-L2 r, but rounding
+    can be correlated with ref (one token through power-of-two FP8 scales rounded up: norm ratio 1.021
+    with a 91 % share, measured on the fixture), so the share alone is not evidence. The size is:
+    round-to-nearest moves a normal E2M1 code by at most a quarter of its value (the half step 0.25 at
+    1.0; E4M3 1/16), and clipping (saturated scales) makes ||got|| smaller, so no rounding of these
+    formats raises a norm by more than 25 %.
     A gain below 1 is reported (norm_ratio), not failed: a static activation scale that clips
     (golden static runs: norm ratio 0.23 .. 0.30, the difference 95 % gain) looks the same.
 """
@@ -25,10 +30,12 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["stage_metrics", "calc_diff", "comparison_problem", "GAIN_SHARE_MAX"]
+__all__ = ["stage_metrics", "calc_diff", "comparison_problem", "GAIN_SHARE_MAX", "ROUNDING_GAIN_MAX"]
 
 # (||got|| - ||ref||) / ||got - ref|| at or above this: the difference is a scale factor > 1, not rounding
 GAIN_SHARE_MAX = 0.9
+# the largest relative change round-to-nearest makes to a normal E2M1 value (0.25 at 1.0); E4M3's is 1/16
+ROUNDING_GAIN_MAX = 0.25
 
 
 def calc_diff(x: Tensor, y: Tensor) -> float:
@@ -98,7 +105,8 @@ def stage_metrics(got: Tensor, ref: Tensor) -> dict[str, float | int | str]:
         **counts,
         "norm_ratio": math.nan if both_zero else norm_g / norm_r if norm_r else math.inf,
     }
-    if not problem and noise and (norm_g - norm_r) >= GAIN_SHARE_MAX * math.sqrt(noise):
+    if not problem and noise and (norm_g - norm_r) >= GAIN_SHARE_MAX * math.sqrt(noise) \
+            and norm_g > (1 + ROUNDING_GAIN_MAX) * norm_r:
         problem = (f"norm ratio ||got|| / ||ref|| = {out['norm_ratio']:.6g} with cosine {out['cosine']:.6f}: "
                    f"the difference is a scale factor (||got|| - ||ref|| = {(norm_g - norm_r) / math.sqrt(noise):.0%} "
                    "of ||got - ref||), not rounding")

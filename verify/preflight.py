@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from verify.errors import InputsError, ResourceError, UsageError
+from verify.layer_ranges import format_layers
 
 __all__ = ["existing_file", "writable_file", "writable_dir", "read_inputs_file", "check_inputs_for_layers",
            "estimate_run_bytes", "free_memory_bytes", "check_memory", "human_bytes", "INPUT_TENSORS"]
@@ -162,7 +163,6 @@ def check_inputs_for_layers(path, inputs: dict, config, layers) -> None:
     """An --inputs file without token_ids cannot drive a hash-routed layer (V4's first num_hash_layers)."""
     hashed = [i for i in layers if config.is_hash_layer(i)]
     if hashed and inputs["token_ids"] is None:
-        from verify.config import format_layers  # noqa: PLC0415
 
         raise _inputs_error(path, f"no tensor token_ids {INPUT_TENSORS['token_ids']}: layer(s) "
                                   f"{format_layers(hashed)} route by token id (hash routing)")

@@ -266,7 +266,7 @@ def _bad_routed_scaling_factor(tmp_path):
 @pytest.mark.parametrize("make, named", [
     (_bad_attn_norm, "layers.0.attn_norm.weight"),
     (_bad_router_gate, "layers.0.ffn.gate.weight"),
-    (_bad_inputs, "'x_ffn'"),
+    (_bad_inputs, "x_ffn"),
     (_bad_routed_scaling_factor, "routed_scaling_factor"),
 ], ids=["nan-in-attn_norm", "nan-in-router-gate", "nan-in-inputs", "routed_scaling_factor-nan"])
 def test_a_nan_the_reference_would_read_fails_the_layer_command(capsys, tmp_path, make, named):
