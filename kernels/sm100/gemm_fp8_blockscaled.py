@@ -144,11 +144,17 @@ def _compile(key: CompileKey):
     return compile_for_arch(_kernel(key), _compile_args(key), arch=key.arch)
 
 
-def warm_up(n: int) -> CompileKey:
+def warm_up(n: int, device=None) -> CompileKey:
     """Compile the key launch() will pick for a weight of N rows (call it when the weight is prepared,
-    before any CUDA-graph capture); returns that key."""
+    before any CUDA-graph capture); returns that key. With `device` (a CUDA device), also allocate the
+    default valid-row count launch() reads when none is given: allocated lazily at a first launch inside
+    a capture, it would come from the graph's pool and be filled only on replay."""
     key = select_config(n)
     _compile(key)
+    if device is not None:
+        from kernels.sm100._launch import INT32_MAX, device_i32_constant
+
+        device_i32_constant(INT32_MAX, str(device))
     return key
 
 

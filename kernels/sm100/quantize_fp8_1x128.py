@@ -83,10 +83,16 @@ def _compile(key: CompileKey):
     return compile_for_arch(_kernel(key), _compile_args(), arch=key.arch)
 
 
-def warm_up(recipe: str = "fp8_ue8m0") -> CompileKey:
-    """Compile the quantizer for `recipe` (before any CUDA-graph capture); returns its key."""
+def warm_up(recipe: str = "fp8_ue8m0", device=None) -> CompileKey:
+    """Compile the quantizer for `recipe` (before any CUDA-graph capture); returns its key. With `device`
+    (a CUDA device), also allocate the default valid-row count launch() reads when none is given (lazily,
+    at a first launch inside a capture, it would come from the graph's pool)."""
     key = CompileKey(recipe=recipe)
     _compile(key)
+    if device is not None:
+        from kernels.sm100._launch import INT32_MAX, device_i32_constant
+
+        device_i32_constant(INT32_MAX, str(device))
     return key
 
 

@@ -74,6 +74,19 @@ def test_weights_from_biased_scores_fail_the_verdict():
     assert not v.passed and v.weight_violations > 0, v.summary()
 
 
+@pytest.mark.parametrize("special", [float("nan"), float("inf")], ids=["nan-weight", "inf-weight"])
+def test_a_non_finite_routing_weight_fails_the_verdict(special):
+    """Garbage never passes: a NaN / Inf weight compares false with any bound, so it must be counted as a
+    violation (not read as 'max ratio nan' and passed)."""
+    x, w, bias = _wide_router(4, t=32)
+    ref = route(x, w, scoring="sqrtsoftplus", top_k=6, routed_scaling_factor=2.5, bias_f32=bias)
+    weights = ref.weights_f32.clone()
+    weights[5, 2] = special
+    v = router_verdict(ref, ref.ids_i64, weights, x=x, gate_weight=w, bias_f32=bias, scoring="sqrtsoftplus",
+                       routed_scaling_factor=2.5)
+    assert not v.passed and v.weight_violations == 1 and v.max_weight_ratio == float("inf"), v.summary()
+
+
 def test_selection_without_bias_fails_the_verdict():
     x, w, bias = _wide_router(4, t=64)
     bias = bias * 20  # large enough to change most selections

@@ -9,9 +9,10 @@ expected results come from references/ on the same bytes.
 How a verdict is produced (judge_layer, verify/verdicts/layer.py): for each row of the stage table
 that the layer has (applicable_stages, table order), the judge of the row's op (judges/: one per
 stage kind)
-  1. answers "not served" for every check of the row when the backend lacks an op the stage needs
-     (the backend's reason), or when collecting raises NotImplementedError (its sentence);
-  2. collects the backend's outputs for the stage, once (judges/<kind>.collect);
+  1. answers "not served" for each check whose ops (Judge.ops(ctx, stage, check)) the backend lacks (the
+     backend's reason: a backend with only a quantizer still gets its bytes judged); when no check is
+     left, or collecting raises NotImplementedError (its sentence), every check of the row;
+  2. collects the backend's outputs for the stage, once, with the ops it serves (judges/<kind>.collect);
   3. judges each Check the row lists, in the row's order, by the check function of that name: the
      kind's own (bound, ids, weights, exact, interval, rounding) or a generic one written once
      (checks.py: bytes, batch, padding, sync, graph). A check passes (its message), fails

@@ -139,6 +139,8 @@ def router_verdict(ref: Routing, got_ids_i64: Tensor, got_weights_f32: Tensor, *
         rel = err[rows].gather(1, ids) / s_sel.clamp_min(1e-300)
         bound = w_exp * (rel + rel.amax(1, keepdim=True) + (k + 4) * U32)  # k-term sum, divide, scale, roundings
         ratio = (got_weights_f32.double().cpu()[rows] - w_exp).abs() / bound.clamp_min(1e-300)
+        # a NaN / Inf weight compares false with any bound: counted as a violation (garbage never passes)
+        ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float("inf")))
         v.weight_violations = int((ratio > 1).sum())
         v.max_weight_ratio = float(ratio.max())
     return v

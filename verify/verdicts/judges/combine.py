@@ -41,12 +41,10 @@ class CombineOutputs(Outputs):
         w_buf = None if weights is None else weights.clone()
         disp = _dispatched(self.moe)
 
-        def new_weights() -> None:
-            if w_buf is not None:
-                w_buf.copy_(weights.flip(1))
-
-        return Replay(lambda: self.backend.combine(y_buf, disp, w_buf),
-                      (("new values", lambda: y_buf.mul_(-0.5)), ("new routing weights", new_weights)))
+        mutations = [("new values", lambda: y_buf.mul_(-0.5))]
+        if w_buf is not None:  # before_w2: the combine takes no weights, there is nothing to rewrite
+            mutations.append(("new routing weights", lambda: w_buf.copy_(weights.flip(1))))
+        return Replay(lambda: self.backend.combine(y_buf, disp, w_buf), tuple(mutations))
 
 
 def collect(ctx: JudgeContext, stage: Stage) -> CombineOutputs:

@@ -155,7 +155,9 @@ def _ops(ctx: JudgeContext, stage: Stage, check: Check) -> tuple[Op, ...]:
     nvfp4 = _is_nvfp4([_linear_of(ctx.case, role) for _, role in _roles(stage)])
     if check is Check.BYTES:
         return (Op.QUANTIZE,) if nvfp4 else ()
-    return _LINEAR_OPS + ((Op.QUANTIZE, Op.DENSE_GEMM) if nvfp4 else ())
+    if check in (Check.BOUND, Check.PADDING) and nvfp4:  # both run the GEMM on the quantized boundary
+        return _LINEAR_OPS + (Op.QUANTIZE, Op.DENSE_GEMM)
+    return _LINEAR_OPS  # batch, sync, graph: the one-call dense_linear
 
 
 def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
@@ -165,12 +167,13 @@ def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
     lins = [_linear_of(case, role) for _, role in roles]
     linear = all(b.unsupported_reason(op, ctx.device) is None for op in _LINEAR_OPS)
     prepared = [b.prepare_linear(lin) for lin in lins] if linear else []
+    gemm = b.unsupported_reason(Op.DENSE_GEMM, ctx.device) is None
     x = _input(case, stage).contiguous()
     if not _is_nvfp4(lins):  # FP8 / BF16: the one-call path only
         return DenseOutputs(b, case, stage, x, lins, prepared, None, None, [], [b.dense_linear(x, w) for w in prepared])
     scale = _static_scale(case, roles[0][1])
     a = b.quantize(x, input_dec_scale_f32=scale)
-    return DenseOutputs(b, case, stage, x, lins, prepared, scale, a, [b.dense_gemm(a, w) for w in prepared],
+    return DenseOutputs(b, case, stage, x, lins, prepared, scale, a, [b.dense_gemm(a, w) for w in prepared] if gemm else [],
                         [b.dense_linear(x, w, input_dec_scale_f32=scale) for w in prepared])
 
 

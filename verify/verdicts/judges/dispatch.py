@@ -47,9 +47,15 @@ def exact(ctx: JudgeContext, stage: Stage, out: DispatchOutputs, metrics: dict) 
     assert_bytes_equal(got.offsets_i32.to(torch.int32).view(torch.uint8).cpu(),
                        ctx.moe.offsets_i32.view(torch.uint8).cpu(), label=f"{stage.name} offsets (int32 bytes)")
     for name, g, x in (("token", got.row_token_i64, d.token_of_row_i64), ("slot", got.row_slot_i64, d.slot_of_row_i64)):
+        if tuple(g.shape) != tuple(x.shape):  # compared element by element, never broadcast
+            raise AssertionError(f"row_{name}: shape {tuple(g.shape)}, expected {tuple(x.shape)} (one per "
+                                 "token-expert pair)")
         bad = first_mismatch(g.to(torch.int64).cpu() != x.cpu())
         if bad:
             raise AssertionError(f"row {bad[0]}: {name} {int(g.reshape(-1)[bad[0]])}, expected {int(x[bad[0]])}")
+    k = d.row_of_pair_i64.shape[1]
+    if got.top_k is not None and got.top_k != k:
+        raise AssertionError(f"top_k {got.top_k}, expected {k} (the routing's k: the combine sizes its output by it)")
     return f"{d.token_of_row_i64.numel()} rows and {d.num_experts + 1} offsets identical"
 
 

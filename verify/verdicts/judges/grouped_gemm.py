@@ -82,16 +82,13 @@ def collect(ctx: JudgeContext, stage: Stage) -> GroupedGemmOutputs:
 
 def bound(ctx: JudgeContext, stage: Stage, out: GroupedGemmOutputs, metrics: dict) -> str:
     """Each part (l1: gate with w1, up with w3; l2: y with w2) within the grouped GEMM's accumulation bound;
-    the metrics are kept only when every part passes."""
+    each part's NaN / Inf counts are in the metrics also when its bound fails."""
     __tracebackhide__ = True
     experts = ctx.case.layer.experts
-    msgs, found = [], {}
+    msgs = []
     for label, role, y in zip(stage.parts or ("y",), stage.weights, out.ys):
         w = getattr(experts, role.removeprefix("experts."))
-        msg, m = grouped_bound(stage.name, ctx.backend, out.a, out.offsets_i64, w, y, label)
-        msgs.append(msg)
-        found.update(m)
-    metrics.update(found)
+        msgs.append(grouped_bound(stage.name, ctx.backend, out.a, out.offsets_i64, w, y, label, metrics))
     return f"{'; '.join(msgs)} (u_acc {ctx.backend.u_acc:.3g}, K={out.a.k})"
 
 
