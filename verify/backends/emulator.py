@@ -49,6 +49,10 @@ class EmulatorBackend(Backend):
     name = "emulator"
     u_acc = U_FP64
     accumulator = "float64 (exact products summed in float64, rounded once to the output dtype)"
+    # its FP8 GEMMs too: float64 over all of K, rounded once (no float32 promotion), so the FP8 bound
+    # stays gemm_error_bound over K with 2^-53 (verify.verdicts.judges.dense)
+    fp8_u_acc = U_FP64
+    fp8_promotion_interval = None
     graph_safe = False  # a reference: host reads (offsets, counts) by design, never captured
     supports_valid_tokens = True
 
