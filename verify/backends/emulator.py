@@ -174,12 +174,15 @@ class EmulatorBackend(Backend):
 
 def fp8_act_scale_fmt(w: object) -> str:
     """The FP8 activation block-scale format that goes with an FP8 weight: power-of-two (E8M0) when
-    its block scales are powers of two (DeepSeek-V4's `.scale`), float32 otherwise (V3)."""
+    its block scales are powers of two (DeepSeek-V4's `.scale`; E8M0 byte 0 is the float32 subnormal
+    2^-127, one mantissa bit), float32 otherwise (V3)."""
     scales = getattr(w, "block_dec_f32", None)
     if scales is None:
         return "ue8m0"
-    mant = scales.view(torch.int32) & 0x7FFFFF
-    return "ue8m0" if bool((mant == 0).all()) else "f32"
+    bits = scales.view(torch.int32)
+    mant, subnormal = bits & 0x7FFFFF, (bits & 0x7F800000) == 0
+    pow2 = (mant == 0) | (subnormal & ((mant & (mant - 1)) == 0))
+    return "ue8m0" if bool(pow2.all()) else "f32"
 
 
 def _emulator_static_scales(experts: ref_moe.ExpertStack) -> tuple[Tensor, Tensor]:
