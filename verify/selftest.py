@@ -202,6 +202,8 @@ class Bugged:
         self.inner, self.bug = inner, bug
         self.name = f"{inner.name}+{bug}"
         self.recipe, self.u_acc = inner.recipe, inner.u_acc
+        self.fp8_u_acc = getattr(inner, "fp8_u_acc", None)  # its FP8 GEMMs' accumulator (Backend docstring)
+        self.fp8_promotion_interval = getattr(inner, "fp8_promotion_interval", None)
         self.graph_safe = getattr(inner, "graph_safe", True)
         self.supports_valid_tokens = getattr(inner, "supports_valid_tokens", False)
 

@@ -1,4 +1,4 @@
-"""The sm90 backend: Hopper NVFP4 kernels (Triton) behind one object for the harness.
+"""The sm90 backend: Hopper NVFP4 and FP8 block-scaled kernels (Triton) behind one object for the harness.
 
 verify/backends/ adapts this plain class to the suite's Backend protocol; nothing here
 imports references/ or verify/. Triton is imported only when a kernel is compiled.
@@ -11,7 +11,8 @@ import importlib.util
 import torch
 from torch import Tensor
 
-from kernels.sm90 import amax_global_enc_scale, gemm_nvfp4, quantize_nvfp4_1x16
+from kernels.sm90 import (amax_global_enc_scale, fp8_linear, gemm_fp8_block, gemm_nvfp4, quantize_fp8_1x128,
+                          quantize_nvfp4_1x16)
 from kernels.sm90.host_prepare import Sm90Nvfp4Weight, prepare_nvfp4_weight
 
 __all__ = ["Sm90Kernels", "OPS"]
@@ -20,25 +21,36 @@ OPS = ("quantize_nvfp4", "quantize_nvfp4_static", "quantize_nvfp4_dynamic", "ama
        "quantize_act", "gemm_act", "linear_nvfp4", "prepare_nvfp4_weight",
        # the MoE block (kernels.sm90.moe_*, quantize_grouped, swiglu_requant, grouped_gemm_nvfp4)
        "prepare_moe_experts", "prepare_moe_router", "grouped_quantize", "grouped_gemm", "grouped_gemm_l1",
-       "swiglu_requant", "l1_swiglu_requant", "router", "dispatch", "combine", "moe_block")
+       "swiglu_requant", "l1_swiglu_requant", "router", "dispatch", "combine", "moe_block",
+       # FP8 block-scaled linears (kernels.sm90.fp8_linear, quantize_fp8_1x128, gemm_fp8_block)
+       "prepare_fp8_weight", "quantize_act_fp8", "gemm_fp8", "linear_fp8")
 
 
 class Sm90Kernels:
     """NVFP4 on Hopper: `te` activation quantizer (byte-exact), dense W4A4 GEMM, and the MoE block
     (router, dispatch, grouped quantize, grouped GEMM + L1 epilogues, SwiGLU + requant, combine, the
-    whole block as one capturable call: kernels.sm90.moe_block).
+    whole block as one capturable call: kernels.sm90.moe_block). FP8 block-scaled linears (DeepSeek's
+    attention and shared-expert linears): per-token 1x128 E4M3 activation quantization and the
+    128x128 block-scaled GEMM (kernels.sm90.fp8_linear; NOTES_FP8.md).
 
     recipe_name: the quantizer's recipe ("te", references.recipes.TE).
     u_acc: unit roundoff of the GEMM accumulator: fp16 wgmma with fp32 accumulation,
         declared 2**-24 (true fp32) and checked on the H200 by the bound tests
         (verify/tests/test_sm90_gemm.py); if a future measurement shows fewer bits, this
         is the number to change, never a test tolerance.
+    fp8_u_acc, fp8_promotion_interval: the FP8 GEMM's accumulator (kernels.sm90.gemm_fp8_block): the
+        FP8 wgmma keeps about 14 bits inside one 128-K group (truncation assumed: U_ACC = 2**-13), and
+        each group's sum is promoted to float32 at once (PROMOTION_INTERVAL = 128 of K). The FP8 bound
+        (references.fp8_gemm.fp8_block_gemm_error_bound) must be told these, not u_acc.
     """
 
     name = "sm90"
     recipe_name = "te"
     u_acc = 2.0**-24
     accumulator = "fp32 (fp16 wgmma, fp32 accumulate)"
+    fp8_u_acc = gemm_fp8_block.U_ACC
+    fp8_promotion_interval = gemm_fp8_block.PROMOTION_INTERVAL
+    fp8_accumulator = gemm_fp8_block.ACCUMULATOR
 
     def unsupported_reason(self, op: str, device: torch.device | str | None = None) -> str | None:
         """None when `op` can run on `device`, else a sentence saying why not."""
@@ -106,6 +118,31 @@ class Sm90Kernels:
         """quantize_act + gemm_act: one NVFP4 linear, graph-capturable."""
         packed, sf, dec = self.quantize_act(x_bf16, input_dec_scale_f32)
         return self.gemm_act(packed, sf, dec, weight)
+
+    # ---------------------------------------------------------------- FP8 block-scaled linears (issue 23)
+
+    prepare_fp8_weight = staticmethod(fp8_linear.prepare_fp8_weight)
+
+    @staticmethod
+    def quantize_act_fp8(x_bf16: Tensor, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
+                         amax_floor_f32: float = 1e-4) -> tuple[Tensor, Tensor]:
+        """x [M, K] -> (E4M3 codes u8 [M, K], decode scales [M, ceil(K/128)]: UE8M0 bytes for scale_rule
+        "ue8m0_ceil", float32 for "f32"), per token in 1x128 groups (quantize_fp8_1x128). No host sync."""
+        return quantize_fp8_1x128.launch(x_bf16, scale_rule=scale_rule, encode_rule=encode_rule, amax_nan=amax_nan,
+                                         amax_floor_f32=amax_floor_f32)
+
+    @staticmethod
+    def gemm_fp8(a_u8: Tensor, a_scale: Tensor, weight: fp8_linear.Sm90Fp8Weight) -> Tensor:
+        """bf16 [M, N] = (codes x 1x128 scales) @ (weight codes x 128x128 float32 scales)^T (gemm_fp8_block)."""
+        return gemm_fp8_block.launch(a_u8, a_scale, weight.e4m3_u8, weight.block_dec_f32)
+
+    @staticmethod
+    def linear_fp8(x_bf16: Tensor, weight: fp8_linear.Sm90Fp8Weight, *, scale_rule: str, encode_rule: str = "divide",
+                   amax_nan: str = "propagate", amax_floor_f32: float = 1e-4) -> Tensor:
+        """quantize_act_fp8 + gemm_fp8: one FP8 block-scaled linear -> bf16 [M, N], graph-capturable."""
+        y, _, _ = fp8_linear.linear_fp8(x_bf16, weight, scale_rule=scale_rule, encode_rule=encode_rule,
+                                        amax_nan=amax_nan, amax_floor_f32=amax_floor_f32)
+        return y
 
     # ---------------------------------------------------------------- the MoE block (issue 13)
 
@@ -198,6 +235,8 @@ class Sm90Kernels:
         quantize_nvfp4_1x16._compile.cache_clear()
         amax_global_enc_scale._compile.cache_clear()
         gemm_nvfp4._compile.cache_clear()
+        quantize_fp8_1x128._compile.cache_clear()
+        gemm_fp8_block._compile.cache_clear()
         import sys  # noqa: PLC0415 (only the MoE modules already imported)
 
         for mod, fns in (("kernels.sm90.quantize_grouped", ("_compile", "_compile_amax")),

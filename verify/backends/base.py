@@ -18,6 +18,12 @@ What a backend declares (shown by `python -m verify backends`):
 - u_acc: the unit roundoff of its GEMM accumulator (the bound's u_acc; 2^-24 for fp32). It is
   measured too (verify.accumulator), and a declaration looser than the measurement is refused;
 - accumulator: that accumulator in words, e.g. "fp32 (fp16 wgmma, fp32 accumulate)";
+- fp8_u_acc, fp8_promotion_interval: the accumulator of its FP8 block-scaled GEMMs, which need not
+  be the NVFP4 one (Hopper's FP8 tensor cores keep about 14 bits inside a K block, NVFP4_FACTS 5b):
+  products are summed with unit roundoff fp8_u_acc over `fp8_promotion_interval` consecutive k, then
+  promoted to a float32 accumulator (e.g. 2^-13 and 128: DeepGEMM's promotion every scale group).
+  Defaults: fp8_u_acc None = u_acc; fp8_promotion_interval None = one chunk: all of K summed in that
+  accumulator, no float32 promotion (declared_fp8_accumulator reads both, for any backend);
 - graph_safe: its forward ops are CUDA-graph capturable (no host sync, no CPU->GPU copy), so the
   sync and graph probes run on it (True by default: only a reference that syncs by design, like the
   emulator, declares False, and its probes are then skipped with that reason);
@@ -45,7 +51,7 @@ from references.stages import Op
 from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Backend", "OP_METHODS", "OPS_OF_METHOD"]
+__all__ = ["Backend", "OP_METHODS", "OPS_OF_METHOD", "declared_fp8_accumulator"]
 
 # The protocol's op -> the Backend methods that serve it (any one overridden serves the op).
 OP_METHODS: dict[Op, tuple[str, ...]] = {
@@ -57,6 +63,21 @@ OP_METHODS: dict[Op, tuple[str, ...]] = {
 OPS_OF_METHOD: dict[str, Op] = {m: op for op, methods in OP_METHODS.items() for m in methods}
 
 
+def declared_fp8_accumulator(backend: object) -> tuple[float, int | None]:
+    """(unit roundoff, promotion interval or None) of a backend's FP8 GEMMs: its fp8_u_acc (None or
+    absent: its u_acc) and fp8_promotion_interval (None or absent: one chunk). Read with getattr, so a
+    backend that only satisfies BackendProtocol gets the defaults."""
+    u = getattr(backend, "fp8_u_acc", None)
+    interval = getattr(backend, "fp8_promotion_interval", None)
+    u = float(backend.u_acc if u is None else u)
+    if not 0 < u < 1:
+        raise ValueError(f"{getattr(backend, 'name', type(backend).__name__)}: fp8_u_acc={u!r} must be in (0, 1)")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        raise ValueError(f"{getattr(backend, 'name', type(backend).__name__)}: fp8_promotion_interval={interval!r} "
+                         "must be a positive int or None")
+    return u, interval
+
+
 class Backend:
     """The base class of every backend; see the module docstring."""
 
@@ -64,6 +85,8 @@ class Backend:
     recipe: Recipe = TE
     u_acc: float = 2.0**-24
     accumulator: str = "undeclared"
+    fp8_u_acc: float | None = None            # None: u_acc (module docstring)
+    fp8_promotion_interval: int | None = None  # None: one chunk, all of K, no float32 promotion
     graph_safe: bool = True
     supports_valid_tokens: bool = False
     version: str | None = None

@@ -1,12 +1,23 @@
 """The sm90 backend (kernels/sm90, Triton on Hopper) behind the backend protocol (verify.backends).
 
 Served, each by the kernels.sm90.api.Sm90Kernels method named in _SERVED (its availability is
-the op's): prepare (its own host code: kernels.sm90.host_prepare for dense linears, the grouped GEMM's
-prepare_gate_up / prepare_experts for expert stacks), dense quantize / GEMM / linear, and the MoE block:
+the op's): prepare (its own host code: kernels.sm90.host_prepare for NVFP4 dense linears,
+kernels.sm90.fp8_linear for FP8 block-128 ones, the grouped GEMM's prepare_gate_up / prepare_experts
+for expert stacks), dense quantize / GEMM / linear, and the MoE block:
 grouped quantize (static per expert / dynamic, te), grouped GEMM (l1: gate and up float32 from one
 interleaved w1|w3 stack; l2: bf16), unfused SwiGLU + requant, the fused L1 + SwiGLU + requant (static
 h scale only), router (sqrtsoftplus / sigmoid, bias, hash, V3 group-limited top-k), dispatch, combine
 and the whole MoE block as one capturable call with a device valid-token count.
+
+FP8 block-128 dense linears (DeepSeek's attention and shared-expert linears; prepare_linear of a
+verify.checkpoint.Fp8BlockLinear): the block scales are decoded here to float32 exactly (a V4 `.scale`
+E8M0 byte b is built into the float32 bits of 2^(b-127), never converted as a number; V3
+weight_scale_inv is float32 already) and placed by the kernels' own prepare_fp8_weight; dense_linear
+runs linear_fp8 (dynamic per-token 1x128 E4M3 activations, then the block-scaled GEMM) with the
+activation scale rule the weight's scales imply (verify.backends.emulator.fp8_act_scale_fmt: UE8M0
+rounded up when every block scale is a power of two, as V4's are; float32 otherwise), decided once at
+prepare (no host read in the forward). The FP8 GEMM's own accumulator is declared as fp8_u_acc /
+fp8_promotion_interval (about 14 bits per 128-K group, promoted to float32 every 128 of K).
 
 Boundary representation: sm90's grouped kernels use the protocol's layout as it is (unpadded
 expert-sorted rows, per-expert 128-row padded 128x4 scales), so nothing is converted; grouped
@@ -14,7 +25,9 @@ quantizations return a scale buffer sized for any routing of their rows (extra r
 
 Refused (NotImplementedError with a sentence): l1_fused with a dynamic h scale (the fused epilogue
 quantizes h as it computes it); softmax scoring and group-limited top-k over a non-power-of-two expert
-count (prepare_router); expert or dense weights that are not NVFP4 (prepare_*).
+count (prepare_router); expert weights that are not NVFP4 and dense weights that are neither NVFP4 nor
+FP8 block-128 (prepare_*); a static per-tensor FP8 input_scale (dense_linear of an FP8 weight); an FP8
+weight given to dense_gemm (its activations are no NVFP4 boundary tensor: dense_linear is the path).
 
 One host read by design: combine with weights_f32=None (the before-w2 placement) reads top_k from
 the boundary Dispatched on the host (it carries no top_k, and the output's row count T = R / top_k is a
@@ -23,6 +36,8 @@ shape), so that boundary op is not graph-capturable; moe_block knows top_k and n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -30,10 +45,11 @@ from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
 from verify.backends.base import Backend
+from verify.backends.emulator import fp8_act_scale_fmt
 from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
-from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
+from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router
 
-__all__ = ["Sm90Adapter"]
+__all__ = ["Sm90Adapter", "Sm90Fp8Linear", "fp8_block_dec_f32"]
 
 # the protocol's op -> the kernels/sm90 method whose availability decides it
 _SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.DENSE_GEMM: "gemm_act",
@@ -43,6 +59,49 @@ _SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.D
 _DYNAMIC_L1_FUSED = ("sm90: l1_fused needs a static h scale (input_dec_scale_f32, w2's input_scale per expert): the "
                      "fused epilogue quantizes h as it computes it, so a dynamic amax of h cannot exist yet")
 _PLACEMENTS = ("after_w2", "before_w2")
+_FP8_SCALE_RULES = {"ue8m0": "ue8m0_ceil", "f32": "f32"}  # fp8_act_scale_fmt -> the quantizer's scale_rule
+_F32_MANT_BITS = 23
+_E8M0_NAN = 0xFF
+
+
+@dataclass(frozen=True)
+class Sm90Fp8Linear:
+    """An FP8 block-128 checkpoint linear prepared for kernels.sm90: `weight` (kernels.sm90.fp8_linear.
+    Sm90Fp8Weight: E4M3 bytes [N, K], float32 block decode scales [ceil(N/128), ceil(K/128)]) and
+    `scale_rule`, the activation quantizer's scale rule ("ue8m0_ceil" or "f32") its scales imply."""
+
+    module: str
+    weight: object
+    scale_rule: str
+
+
+def fp8_block_dec_f32(lin: Fp8BlockLinear) -> Tensor:
+    """The block decode scales of an FP8 block-128 linear as float32, exactly: V4 `.scale` E8M0 bytes b
+    built into the float32 bits of 2^(b-127) (byte 0 is the subnormal 2^-127; 0xFF is NaN: refused),
+    V3 `.weight_scale_inv` as stored (float32; NaN, Inf and negative scales refused). ValueError naming
+    the tensor for a float copy of E8M0 bytes, a wrong dtype, or both / neither scale present."""
+    if (lin.scale_ue8m0 is None) == (lin.scale_inv_f32 is None):
+        raise ValueError(f"{lin.module}: expected exactly one of .scale (F8_E8M0) and .weight_scale_inv (F32)")
+    if lin.scale_inv_f32 is not None:
+        s = lin.scale_inv_f32
+        if s.dtype != torch.float32:
+            raise ValueError(f"{lin.module}.weight_scale_inv: expected F32, got {s.dtype}")
+        bad = int((~torch.isfinite(s) | (s < 0)).sum())
+        if bad:
+            raise ValueError(f"{lin.module}.weight_scale_inv: {bad} of {s.numel()} block scales are NaN, Inf or "
+                             "negative")
+        return s
+    b = lin.scale_ue8m0
+    if b.dtype not in (torch.float8_e8m0fnu, torch.uint8):
+        raise ValueError(f"{lin.module}.scale: expected F8_E8M0 bytes (float8_e8m0fnu), got {b.dtype} (a float "
+                         "copy of E8M0 bytes reads each byte as a number)")
+    e = b.view(torch.uint8).to(torch.int32)
+    nan = int((e == _E8M0_NAN).sum())
+    if nan:
+        raise ValueError(f"{lin.module}.scale: {nan} NaN E8M0 scale bytes (0xFF) of {e.numel()}")
+    bits = torch.where(e > 0, e << _F32_MANT_BITS, torch.full_like(e, 1 << (_F32_MANT_BITS - 1)))
+    return bits.view(torch.float32)
+
 _ACT_SCALES = ("dynamic", "static")
 
 
@@ -59,6 +118,8 @@ class Sm90Adapter(Backend):
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
         self.accumulator = self._impl.accumulator
+        self.fp8_u_acc = float(self._impl.fp8_u_acc)
+        self.fp8_promotion_interval = int(self._impl.fp8_promotion_interval)
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
         return super().unsupported_reason(op, device) or self._impl.unsupported_reason(_SERVED[op], device)
@@ -68,9 +129,20 @@ class Sm90Adapter(Backend):
 
     # ---------------------------------------------------------------- prepare (host, once per layer)
     def prepare_linear(self, lin: Linear) -> object:
+        """NVFP4 -> kernels.sm90.host_prepare.Sm90Nvfp4Weight; FP8 block-128 -> Sm90Fp8Linear (module docstring)."""
+        if isinstance(lin, Fp8BlockLinear):
+            return self._prepare_fp8(lin)
         if not isinstance(lin, Nvfp4Linear):
-            raise NotImplementedError(f"sm90: {lin.module} is {lin.format}; the sm90 GEMM takes NVFP4 weights only")
+            raise NotImplementedError(f"sm90: {lin.module} is {lin.format}; the sm90 dense GEMMs take NVFP4 and FP8 "
+                                      "block-128 weights only")
         return self._impl.prepare_nvfp4_weight(lin.weight_u8, lin.weight_scale_e4m3, lin.weight_scale_2_f32)
+
+    def _prepare_fp8(self, lin: Fp8BlockLinear) -> Sm90Fp8Linear:
+        if lin.weight_e4m3.dim() != 2:
+            raise ValueError(f"{lin.module}.weight: expected a 2-D [N, K] dense weight, got shape "
+                             f"{tuple(lin.weight_e4m3.shape)}")
+        w = self._impl.prepare_fp8_weight(lin.weight_e4m3, fp8_block_dec_f32(lin))
+        return Sm90Fp8Linear(lin.module, w, _FP8_SCALE_RULES[fp8_act_scale_fmt(w)])
 
     def prepare_experts(self, experts: GatedMlp) -> object:
         """Stacked routed experts (w1, w3 [E, I, H/2]; w2 [E, H, I/2], NVFP4) -> kernels.sm90.moe_block.MoeExperts:
@@ -105,6 +177,9 @@ class Sm90Adapter(Backend):
         return QuantizedAct(*self._impl.grouped_quantize(rows_bf16, offsets_i32, input_dec_scale_f32))
 
     def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor:
+        if isinstance(w, Sm90Fp8Linear):
+            raise NotImplementedError(f"sm90: {w.module} is FP8 block-128: dense_gemm takes NVFP4 activations; its "
+                                      "FP8 activations and GEMM run through dense_linear")
         return self._impl.gemm_act(a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, w)
 
     def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
@@ -171,6 +246,13 @@ class Sm90Adapter(Backend):
 
     # ---------------------------------------------------------------- whole calls
     def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """NVFP4: linear_nvfp4 (static or dynamic). FP8 block-128: linear_fp8 with dynamic per-token 1x128
+        activation scales under the weight's scale rule; a static FP8 input_scale is refused."""
+        if isinstance(w, Sm90Fp8Linear):
+            if input_dec_scale_f32 is not None:
+                raise NotImplementedError(f"sm90: {w.module} is FP8 block-128 with dynamic per-token 1x128 activation "
+                                          "scales; a static per-tensor FP8 input_scale is not served")
+            return self._impl.linear_fp8(x_bf16, w.weight, scale_rule=w.scale_rule)
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32)
 
     def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,

@@ -2,6 +2,14 @@
 
 Collected: the backend's quantized activations of the stage's input (NVFP4 weights), its dense GEMM on
 them and its one-call dense_linear, per part of the stage (shared.l1: gate, up). Own check: bound.
+
+FP8 block-128 weights are judged with the backend's declared FP8 accumulator
+(verify.backends.base.declared_fp8_accumulator), not its NVFP4 u_acc: with a promotion interval (sm90:
+about 14 bits, u = 2^-13, inside each 128-K group, promoted to float32 every 128) the bound is
+references.fp8_gemm.fp8_block_gemm_error_bound on the references' 1x128 activations and the checkpoint
+weight; without one (one chunk: all of K in one accumulator, rounded once, as the emulator's float64
+GEMM) it is gemm_error_bound over K with that unit roundoff (the FP8 block bound would add a float32
+promotion such a kernel does not do).
 """
 
 from __future__ import annotations
@@ -12,13 +20,17 @@ import torch
 from torch import Tensor
 
 from references import layouts as ref_layouts
+from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
+from references.fp8_gemm import fp8_block_gemm_error_bound, fp8_block_gemm_f64
+from references.fp8_weight import (Fp8BlockScaledWeight, fp8_weight_from_v3_weight_scale_inv,
+                                   fp8_weight_from_v4_e8m0_scale)
 from references.gemm import gemm_error_bound, nvfp4_gemm_f64
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
 from references.nvfp4 import quantize_nvfp4
 from references.stages import FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, Check, Op, Stage
 from verify.assertions import assert_within_gemm_bound
 from verify.backends.emulator import fp8_act_scale_fmt
-from verify.backends.base import Backend
+from verify.backends.base import Backend, declared_fp8_accumulator
 from verify.backends.protocol import QuantizedAct
 from verify.metrics import stage_metrics
 from verify.reference_layer import to_reference_weight
@@ -180,7 +192,8 @@ def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
 def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> str:
     """NVFP4: the backend's dense GEMM on its own quantized activations vs their float64 product, and its
     dense_linear (_linear_bound). FP8 / BF16: the backend's dense linear vs the float64 product of the
-    references' quantized activations (DeepSeek's 1x128 act_quant) and the decoded weight, same bound."""
+    references' quantized activations (DeepSeek's 1x128 act_quant) and the decoded weight, FP8 with the
+    backend's declared FP8 accumulator (_unquantized_act_bound)."""
     __tracebackhide__ = True
     b, x, a = ctx.backend, out.x, out.a
     m, k = x.shape
@@ -193,13 +206,10 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
             alpha = a.global_dec_f32.to(torch.float32).reshape(()) * lin.weight_scale_2_f32.to(torch.float32).reshape(())
             y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
                                           alpha)
+            bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
         else:
             y = out.y_linear[i]
-            ref_w = to_reference_weight(lin)
-            a64, w64, _, _ = quantized_operands(x, ref_w, recipe=b.recipe, fp8_scale_fmt=fp8_act_scale_fmt(ref_w))
-            y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
-            alpha = torch.ones((), dtype=torch.float32)
-        bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
+            y64, bnd = _unquantized_act_bound(b, x, lin, y.dtype)
         metrics.update(nan_inf(y, key))
         ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
         metrics[f"bound_ratio_{key}"] = ratio
@@ -207,7 +217,45 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
         msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
         if out.nvfp4:  # the one-call path (quantize + GEMM, its own alpha) against the references' operands
             msgs.append(_linear_bound(b, out, lin, out.y_linear[i], f"{label} (dense_linear)", metrics, key))
-    return f"{'; '.join(msgs)} (u_acc {b.u_acc:.3g}, K={k}, {out.lins[0].format})"
+    return f"{'; '.join(msgs)} ({_accumulator_words(b, out.lins[0])}, K={k}, {out.lins[0].format})"
+
+
+def _accumulator_words(backend: Backend, lin) -> str:
+    if getattr(lin, "format", None) != "fp8_block128":
+        return f"u_acc {backend.u_acc:.3g}"
+    u, interval = declared_fp8_accumulator(backend)
+    return f"u_acc {u:.3g}" + ("" if interval is None else f" promoted to fp32 every {interval} of K")
+
+
+def _unquantized_act_bound(backend: Backend, x: Tensor, lin, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """(y64, bound) of a dense linear whose activations are no boundary tensor (FP8 block-128, BF16): the
+    float64 product of the references' quantization of x (DeepSeek's 1x128 act_quant under the scale
+    rule the weight's scales imply) and the decoded weight. FP8 with a declared promotion interval:
+    fp8_block_gemm_error_bound with the backend's FP8 accumulator; otherwise gemm_error_bound over K
+    with u_acc (FP8: its fp8_u_acc; module docstring)."""
+    ref_w = to_reference_weight(lin)
+    fmt = fp8_act_scale_fmt(ref_w)
+    u = backend.u_acc
+    if getattr(lin, "format", None) == "fp8_block128":
+        u, interval = declared_fp8_accumulator(backend)
+        if interval is not None:
+            act = quantize_act_fp8_1x128(x, recipe=FP8_ACT_UE8M0 if fmt == "ue8m0" else FP8_ACT_F32)
+            w = _fp8_block_weight(lin)
+            y64 = fp8_block_gemm_f64(act, w)
+            return y64, fp8_block_gemm_error_bound(act, w, y64, u_acc=u, promotion_interval=interval,
+                                                   out_dtype=out_dtype)
+    a64, w64, _, _ = quantized_operands(x, ref_w, recipe=backend.recipe, fp8_scale_fmt=fmt)
+    y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
+    return y64, gemm_error_bound(abs_dot, y64, torch.ones((), dtype=torch.float32), k=x.shape[1], u_acc=u,
+                                 out_dtype=out_dtype)
+
+
+def _fp8_block_weight(lin) -> Fp8BlockScaledWeight:
+    """The checkpoint's FP8 block-128 linear as the references' typed weight (V4 E8M0 `.scale` or V3
+    weight_scale_inv), validated by its constructor."""
+    if lin.scale_ue8m0 is not None:
+        return fp8_weight_from_v4_e8m0_scale(lin.weight_e4m3, lin.scale_ue8m0, module=lin.module)
+    return fp8_weight_from_v3_weight_scale_inv(lin.weight_e4m3, lin.scale_inv_f32, module=lin.module)
 
 
 def _linear_bound(backend: Backend, out: DenseOutputs, lin, y: Tensor, label: str, metrics: dict, key: str) -> str:
