@@ -237,11 +237,12 @@ _N_SMALL = len(_SMALL_POS)
 # and K, one program per chunk plus a chunk reduce when the grid is small ("split"), the chunks walked in
 # one program otherwise).
 FP8_PROBE_PATHS = {
-    "M=1 (swap-AB 64x16, split: one program per group)": (1, 256, 1024),
-    "M=1, N=4096, K=7168 (swap-AB 64x16, split: chunks of 12 groups)": (1, 4096, 7168),
+    "M=1 (swap-AB 64x16, split: a program per group)": (1, 256, 1024),
+    "M=1, N=4096, K=7168 (split: chunks of 12 groups)": (1, 4096, 7168),
     "M=32 (swap-AB 64x32, split)": (32, 256, 1024),
     "M=64 (swap-AB 64x64, split)": (64, 256, 1024),
-    "M=4096, N=2048 (128x64 tiles, chunks walked in one program)": (4096, 2048, 1024),
+    "M=128, N=16896 (128x64, one chunk)": (128, 16896, 1024),
+    "M=4096, N=2048 (128x64, chunks in one program)": (4096, 2048, 1024),
 }
 
 
@@ -291,13 +292,12 @@ class Fp8AccumulatorReading:
 
     def promotion_text(self) -> str:
         if not self.promotion_observable:
-            return (f"n/a (the block accumulator keeps {self.effective_bits}"
-                    f"{'+' if self.exact_up_to else ''} bits: a float32 promotion is not observable)")
+            return f"n/a ({self.effective_bits}{'+' if self.exact_up_to else ''} bits in a block: not observable)"
         d = self.promotion_interval
         if d is None:
-            return f"none within K={self.k} (or an interval >= K/2)"
+            return f"none within K={self.k} (or every >= K/2)"
         if d == -1:
-            return f"irregular (products kept per group: {list(self.promotion_kept)})"
+            return f"irregular (kept per group: {[int(v) if v == int(v) else v for v in self.promotion_kept]})"
         return f"float32 every {d} of K"
 
 
@@ -472,7 +472,9 @@ def add_accumulator_arguments(p) -> None:
 
 def cli_accumulator(args) -> int:
     """`python -m verify accumulator`: effective accumulator bits and rounding per GEMM path; exit 1
-    when the backend's declared u_acc is looser than measured. The first line names the backend and
+    when the backend's declared u_acc is looser than measured. Then the FP8 block-scaled paths (when
+    the backend serves FP8 dense_linear): bits and rounding inside a 128-K block and the float32
+    promotion interval; exit 1 when the declared fp8_u_acc / promotion interval is not what they measure. The first line names the backend and
     device (no checkpoint: the probe data are synthetic)."""
     from rich.console import Console
     from rich.table import Table
@@ -510,4 +512,33 @@ def cli_accumulator(args) -> int:
         console.print(f"[bold red]{e}[/]")
         return 1
     console.print("[green]the declared u_acc is not looser than any measured path[/]")
+    return _print_fp8_accumulator(console, backend, device)
+
+
+def _print_fp8_accumulator(console, backend: Backend, device: torch.device) -> int:
+    """The FP8 block-scaled table (when the backend serves FP8 dense_linear) and its check: 0, or 1
+    with one red line when the declared FP8 accumulator is not what a path measures."""
+    from rich.table import Table
+
+    readings = probe_fp8_accumulator(backend, device)
+    if not readings:
+        console.print(f"{backend.name} serves no FP8 block-128 dense_linear on {device}: no FP8 paths probed")
+        return 0
+    u_dec, interval = declared_fp8_accumulator(backend)
+    said = "none" if interval is None else f"every {interval} of K"
+    table = Table(title=f"{backend.name} on {device}: measured FP8 block-scaled GEMM accumulator (declared "
+                        f"fp8_u_acc = 2^{_log2(u_dec):.0f}, float32 promotion {said})")
+    for col in ("path", "M x N x K", "bits in a 128-K block", "rounding", "u measured", "float32 promotion"):
+        table.add_column(col)
+    for r in readings:
+        table.add_row(r.path, " x ".join(map(str, r.shape)),
+                      f"{r.effective_bits}{'+ (exact at every gap)' if r.exact_up_to else ''}",
+                      r.rounding, f"2^{_log2(r.u_measured):.0f}", r.promotion_text())
+    console.print(table)
+    try:
+        check_declared_fp8_accumulator(backend, readings)
+    except AccumulatorRefused as e:
+        console.print(f"[bold red]{e}[/]", soft_wrap=True)
+        return 1
+    console.print("[green]the declared FP8 accumulator (fp8_u_acc, promotion interval) is what every path measures[/]")
     return 0

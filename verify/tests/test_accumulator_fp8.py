@@ -12,7 +12,7 @@ import torch
 
 from references.fp8_act import FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.fp8_gemm import fp8_block_gemm_narrow_acc_model
-from references.fp8_weight import fp8_weight_from_v4_e8m0_scale
+from references.fp8_weight import Fp8BlockScaledWeight, fp8_weight_from_v4_e8m0_scale
 from verify.accumulator import (
     FP8_GAPS,
     FP8_PROBE_PATHS,
@@ -40,9 +40,13 @@ class NarrowFp8Accumulator(EmulatorBackend):
         self.name = f"narrow-{bits}-{rounding}-every-{interval}"
 
     def prepare_linear(self, lin):
+        if lin.format != "fp8_block128":
+            return super().prepare_linear(lin)  # the NVFP4 probe: the emulator's exact GEMM
         return fp8_weight_from_v4_e8m0_scale(lin.weight_e4m3, lin.scale_ue8m0, module=lin.module)
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+        if not isinstance(w, Fp8BlockScaledWeight):
+            return super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
         act = quantize_act_fp8_1x128(x_bf16, recipe=FP8_ACT_UE8M0)
         y = fp8_block_gemm_narrow_acc_model(act, w, acc_bits=self.bits, rounding=self.rounding,
                                             promotion_interval=self.interval)
@@ -161,3 +165,42 @@ def test_a_path_shape_the_probe_cannot_build_is_refused_by_name():
         probe_fp8_accumulator(EmulatorBackend(), "cpu", paths={"short": (1, 128, 256)})
     with pytest.raises(ValueError, match=r"N=16: the FP8 probe needs at least"):
         probe_fp8_accumulator(EmulatorBackend(), "cpu", paths={"narrow": (1, 16, 1024)})
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _cli(monkeypatch, capsys, backend) -> tuple[int, str]:
+    import argparse
+
+    import verify.accumulator as acc
+    import verify.backends as backends
+
+    nvfp4_probe, fp8_probe = acc.probe_accumulator, acc.probe_fp8_accumulator
+    monkeypatch.setattr(backends, "get_backend", lambda name, device=None: backend)
+    monkeypatch.setattr(acc, "probe_accumulator", lambda b, d: nvfp4_probe(b, d, paths={"M=1": 1}))
+    monkeypatch.setattr(acc, "probe_fp8_accumulator", lambda b, d: fp8_probe(b, d, paths=SMALL))
+    monkeypatch.setenv("COLUMNS", "200")
+    rc = acc.cli_accumulator(argparse.Namespace(backend="emulator", device="cpu"))
+    return rc, capsys.readouterr().out
+
+
+def test_the_cli_prints_the_fp8_table_after_the_nvfp4_one(monkeypatch, capsys):
+    rc, out = _cli(monkeypatch, capsys, _hopper_like())
+    assert rc == 0, out
+    nvfp4, fp8 = out.index("measured GEMM accumulator"), out.index("measured FP8 block-scaled GEMM accumulator")
+    assert nvfp4 < out.index("the declared u_acc is not looser than any measured path") < fp8, out
+    assert "declared fp8_u_acc = 2^-13, float32 promotion every 128 of K" in " ".join(out.split()), out
+    row = next(ln for ln in out.splitlines() if "1 x 128 x 1024" in ln)
+    assert all(w in row for w in ("M=1, K=1024", "14", "truncation", "2^-13", "float32 every 128 of K")), row
+    assert out.rstrip().endswith("is what every path measures"), out
+
+
+@pytest.mark.parametrize("backend,message", [
+    (_hopper_like(declared_u=2.0**-24), "declares fp8_u_acc = 2^-24 but its FP8 M=1, K=1024 accumulator keeps 14 bits"),
+    (_hopper_like(interval=None), "declares float32 promotion every 128 of K but its FP8 M=1, K=1024 path measures none"),
+], ids=["fp32-claimed", "promotion-skipped"])
+def test_the_cli_refuses_a_wrong_fp8_declaration_with_exit_1_and_one_line(monkeypatch, capsys, backend, message):
+    rc, out = _cli(monkeypatch, capsys, backend)
+    last = out.rstrip().splitlines()[-1]
+    assert rc == 1 and message in last and last.startswith(backend.name), out
