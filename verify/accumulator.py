@@ -338,8 +338,8 @@ def _fp8_act_row(k: int) -> Tensor:
 
 
 def _fp8_weights(k: int, n: int) -> tuple[Tensor, list[tuple[int, int, float]], list[int]]:
-    """float32 [N, K] weights: the in-block columns (gap, frac) in FP8_GAPS order (frac 1.0, then 1.5
-    where it is an E4M3 value), then one promotion column per group 1..G-2, then zero columns up to n.
+    """float32 [columns, K] weights (_fp8_linear pads zero columns up to n): the in-block columns (gap, frac) in FP8_GAPS order (frac 1.0, then 1.5
+    where it is an E4M3 value), then one promotion column per group 1..G-2.
     Returns (weights, [(column, gap, frac)], [promotion columns])."""
     groups = k // FP8_GROUP
     rows, inblock, promo = [], [], []
@@ -363,16 +363,16 @@ def _fp8_weights(k: int, n: int) -> tuple[Tensor, list[tuple[int, int, float]], 
         rows.append(r)
     if len(rows) > n:
         raise ValueError(f"N={n}: the FP8 probe needs at least {len(rows)} columns at K={k}")
-    w = torch.cat([torch.stack(rows), torch.zeros(n - len(rows), k)])
-    return w, inblock, promo
+    return torch.stack(rows), inblock, promo
 
 
-def _fp8_linear(w_f32: Tensor, device) -> Fp8BlockLinear:
-    """E4M3 bytes of w (exact: every value is on the grid) with E8M0 block scales 1 (byte 127)."""
-    n, k = w_f32.shape
-    w_e4m3 = f32_to_e4m3_bytes(w_f32, saturate=True).view(torch.float8_e4m3fn)
-    if not torch.equal(w_e4m3.float(), w_f32):
+def _fp8_linear(w_f32: Tensor, n: int, device) -> Fp8BlockLinear:
+    """E4M3 bytes of w (exact: every value is on the grid), zero rows up to n, E8M0 block scales 1 (byte 127)."""
+    k = w_f32.shape[1]
+    w_u8 = f32_to_e4m3_bytes(w_f32, saturate=True)
+    if not torch.equal(w_u8.view(torch.float8_e4m3fn).float(), w_f32):
         raise AssertionError("FP8 probe weights: not on the E4M3 grid")  # a probe bug, not a backend's
+    w_e4m3 = torch.cat([w_u8, w_u8.new_zeros(n - w_u8.shape[0], k)]).view(torch.float8_e4m3fn)
     scale = torch.full((-(-n // FP8_GROUP), -(-k // FP8_GROUP)), 127, dtype=torch.uint8)
     return Fp8BlockLinear("accumulator-probe-fp8", w_e4m3.to(device), scale.view(torch.float8_e8m0fnu).to(device),
                           None)
@@ -397,7 +397,7 @@ def probe_fp8_accumulator(backend: Backend, device: torch.device | str,
         w, inblock, promo = _fp8_weights(k, n)
         x = _fp8_act_row(k).to(torch.bfloat16).repeat(m, 1).to(device)
         try:
-            y = backend.dense_linear(x, backend.prepare_linear(_fp8_linear(w, device))).double().cpu()
+            y = backend.dense_linear(x, backend.prepare_linear(_fp8_linear(w, n, device))).double().cpu()
         except NotImplementedError:
             if out:
                 raise
