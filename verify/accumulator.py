@@ -14,6 +14,11 @@ too): the largest gap whose column comes out exact gives the effective bits p_ef
 second set of columns puts small terms of 0.75 ulp at the measured width: round-to-nearest keeps
 each (rounded up to an ulp), truncation drops them. Each path is probed with its own token count
 (M selects the kernel path on sm90: GEMV, swap-AB wgmma, fp16 GEMM), K = 1024.
+
+FP8 block-scaled paths (section "FP8 block-scaled paths" below: probe_fp8_accumulator,
+check_declared_fp8_accumulator): through the backend's own FP8 dense_linear, the narrow accumulator's
+bits and rounding inside one 128-K block and whether (and how often) it promotes to float32; a
+backend whose declared fp8_u_acc or fp8_promotion_interval is not what a path measures is refused.
 """
 
 from __future__ import annotations
@@ -56,7 +61,8 @@ _CODE = {0.5: 1, 1.0: 2, 1.5: 3, 2.0: 4, 3.0: 5, 4.0: 6, 6.0: 7}
 
 
 class AccumulatorRefused(RuntimeError):
-    """The backend declares a looser u_acc than its measured accumulator (it could pass anything)."""
+    """The backend declares a looser u_acc than its measured accumulator (it could pass anything), or an
+    FP8 accumulator (fp8_u_acc, promotion interval) that is not what its FP8 paths measure."""
 
 
 @dataclass(frozen=True)
@@ -338,9 +344,9 @@ def _fp8_act_row(k: int) -> Tensor:
 
 
 def _fp8_weights(k: int, n: int) -> tuple[Tensor, list[tuple[int, int, float]], list[int]]:
-    """float32 [columns, K] weights (_fp8_linear pads zero columns up to n): the in-block columns (gap, frac) in FP8_GAPS order (frac 1.0, then 1.5
-    where it is an E4M3 value), then one promotion column per group 1..G-2.
-    Returns (weights, [(column, gap, frac)], [promotion columns])."""
+    """float32 [columns, K] weights (_fp8_linear pads zero columns up to n): the in-block columns
+    (gap, frac) in FP8_GAPS order (frac 1.0, then 1.5 where it is an E4M3 value), then one promotion
+    column per group 1..G-2. Returns (weights, [(column, gap, frac)], [promotion columns])."""
     groups = k // FP8_GROUP
     rows, inblock, promo = [], [], []
     for frac in (1.0, 1.5):
@@ -474,8 +480,8 @@ def cli_accumulator(args) -> int:
     """`python -m verify accumulator`: effective accumulator bits and rounding per GEMM path; exit 1
     when the backend's declared u_acc is looser than measured. Then the FP8 block-scaled paths (when
     the backend serves FP8 dense_linear): bits and rounding inside a 128-K block and the float32
-    promotion interval; exit 1 when the declared fp8_u_acc / promotion interval is not what they measure. The first line names the backend and
-    device (no checkpoint: the probe data are synthetic)."""
+    promotion interval; exit 1 when the declared fp8_u_acc / promotion interval is not what they
+    measure. The first line names the backend and device (no checkpoint: the probe data are synthetic)."""
     from rich.console import Console
     from rich.table import Table
 

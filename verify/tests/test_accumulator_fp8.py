@@ -115,8 +115,9 @@ def test_a_longer_promotion_interval_is_measured():
 def test_a_backend_declaring_fp32_but_keeping_14_bits_is_refused():
     b = _hopper_like(declared_u=2.0**-24)
     readings = probe_fp8_accumulator(b, "cpu", paths=SMALL)
-    with pytest.raises(AccumulatorRefused, match=r"narrow-14-truncate-every-128: declares fp8_u_acc = 2\^-24 but its "
-                                                 r"FP8 M=1, K=1024 accumulator keeps 14 bits \(truncation, u = 2\^-13\)"):
+    with pytest.raises(AccumulatorRefused, match=r"narrow-14-truncate-every-128: declares fp8_u_acc = 2\^-24 but "
+                                                 r"its FP8 M=1, K=1024 accumulator keeps 14 bits "
+                                                 r"\(truncation, u = 2\^-13\)"):
         check_declared_fp8_accumulator(b, readings)
 
 
@@ -197,8 +198,10 @@ def test_the_cli_prints_the_fp8_table_after_the_nvfp4_one(monkeypatch, capsys):
 
 
 @pytest.mark.parametrize("backend,message", [
-    (_hopper_like(declared_u=2.0**-24), "declares fp8_u_acc = 2^-24 but its FP8 M=1, K=1024 accumulator keeps 14 bits"),
-    (_hopper_like(interval=None), "declares float32 promotion every 128 of K but its FP8 M=1, K=1024 path measures none"),
+    (_hopper_like(declared_u=2.0**-24),
+     "declares fp8_u_acc = 2^-24 but its FP8 M=1, K=1024 accumulator keeps 14 bits"),
+    (_hopper_like(interval=None),
+     "declares float32 promotion every 128 of K but its FP8 M=1, K=1024 path measures none"),
 ], ids=["fp32-claimed", "promotion-skipped"])
 def test_the_cli_refuses_a_wrong_fp8_declaration_with_exit_1_and_one_line(monkeypatch, capsys, backend, message):
     rc, out = _cli(monkeypatch, capsys, backend)
