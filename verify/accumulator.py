@@ -225,7 +225,8 @@ def _log2(x: float) -> float:
 #   last group, 2^ws on group j's small positions, gap 22 (FP8_PROMOTION_GAP): +big, 125 products
 #   2^-22 below it in group j, -big at the very end. A narrow accumulator (p_eff <= 22) that the
 #   small products meet together with a big term in the same chunk (summed from zero, then promoted)
-#   loses them; in a chunk of their own they are summed exactly, promoted, and kept by float32 (the
+#   loses them (or, truncating, rounds -big + their sum to -(big - ulp): 256 products, not 125); in a
+#   chunk of their own they are summed exactly, promoted, and kept by float32 (the
 #   sum needs 23 bits). So the groups whose products survive show where the promotions are: every
 #   j with promotion every 128 of K, none without promotion (or with an interval >= K / 2).
 # A backend serves the probe when it serves FP8 block-128 dense_linear (prepare_linear of an
