@@ -31,7 +31,7 @@ from verify.checkpoint.defects import INDEX_DEFECT_CODES, STRUCTURE_DEFECT_CODES
 from verify.checkpoint.errors import (
     CheckpointError, CheckpointWarning, ConfigMismatchError, ConfigValueError, DtypeMismatchError,
     MalformedConfigError, MalformedShardError, MissingIndexError, MissingTensorError, NanScaleError,
-    NotACheckpointError, ShapeMismatchError, TensorValueError, TruncatedShardError, UnreadableFileError,
+    NotACheckpointError, ScaleEncodingError, ShapeMismatchError, TensorValueError, TruncatedShardError, UnreadableFileError,
     UnsupportedSchemaError, ZeroScaleError, checkpoint_warnings_as_lines,
 )
 from verify.checkpoint.loader import Checkpoint, LayerPlan
@@ -44,11 +44,11 @@ from verify.checkpoint.values import (
 )
 from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
-    linear_tensor_specs,
+    linear_tensor_specs, fp8_scale_encoding,
 )
 from verify.checkpoint.weights import (
     Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
-    make_linear,
+    make_linear, FP8_SCALE_SUFFIX,
 )
 
 __all__ = [
@@ -56,16 +56,16 @@ __all__ = [
     "CheckpointError", "NotACheckpointError", "UnreadableFileError", "MissingIndexError", "MalformedConfigError",
     "ConfigValueError", "ConfigMismatchError", "TruncatedShardError", "MalformedShardError", "MissingTensorError",
     "DtypeMismatchError", "ShapeMismatchError", "NanScaleError", "ZeroScaleError", "TensorValueError",
-    "UnsupportedSchemaError", "CheckpointWarning", "checkpoint_warnings_as_lines",
+    "ScaleEncodingError", "UnsupportedSchemaError", "CheckpointWarning", "checkpoint_warnings_as_lines",
     # config
     "ModelConfig", "QuantConfig", "model_config_from_json", "quant_config_from_dir", "quant_configs_from_dir",
     "read_json_object", "NVFP4_BLOCK", "MXFP4_BLOCK", "FP8_BLOCK", "SCORING_FUNCS",
     # schema
     "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
-    "check_linear_k", "check_tensor",
+    "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
     "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
-    "iter_linears", "make_linear",
+    "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
     "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",
