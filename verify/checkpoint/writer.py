@@ -562,8 +562,10 @@ def cli_fixture(args: argparse.Namespace) -> int:
 
 def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit=None, *,
                            edit_json: dict | None = None) -> Path:
-    """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor or None
-    (None drops it from its shard and the index; edit None copies the shards as they are), and each
+    """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor, None or a
+    dict {name: tensor} (None drops it from its shard and the index; a dict replaces it by those tensors,
+    in its shard, e.g. a rename or a scale re-encoded as two tensors; edit None copies the shards as
+    they are), and each
     JSON file named in edit_json through its function (file name -> fn(dict) -> dict, e.g.
     {"config.json": lambda c: dict(c, hidden_size=256.7)}). For making defective fixtures in tests."""
     import shutil
@@ -587,9 +589,12 @@ def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit=
                 .view(SAFETENSORS_DTYPES[i.dtype]).reshape(i.shape).clone() if i.nbytes else \
                 torch.empty(i.shape, dtype=SAFETENSORS_DTYPES[i.dtype])
             new = edit(name, t)
-            if new is None:
+            if new is None or isinstance(new, dict):
                 index["weight_map"].pop(name, None)
-            else:
+            if isinstance(new, dict):
+                out.update(new)
+                index["weight_map"].update({n: shard for n in new})
+            elif new is not None:
                 out[name] = new
         write_safetensors(dst / shard, out)
     index_path.write_text(json.dumps(index, indent=2))
