@@ -119,12 +119,12 @@ class LintReport:
 def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
     """Every dtype/shape/missing defect of layer i, one finding each (headers only)."""
     out: list[Finding] = []
-    schema = layer_schema(ck.config, i)
     names = ck.layer_names(i)
     try:
         infos = ck.headers_for(names)
     except CheckpointError as e:
         return [_error_finding(e, f"layer {i}")]
+    schema = layer_schema(ck.config, i).with_present(infos)
     for spec in schema.linear_specs():
         try:
             fmt = linear_format_of(spec.module, infos)

@@ -8,7 +8,7 @@ Names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5. Shapes are log
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -16,8 +16,13 @@ from verify.checkpoint.config import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelC
 from verify.checkpoint.errors import DtypeMismatchError, MissingTensorError, ShapeMismatchError
 from verify.checkpoint.safetensors import TensorInfo
 
-__all__ = ["LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
+__all__ = ["OPTIONAL_N_AS_STORED", "INDEXER_WQ_B", "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
            "check_linear_k", "check_tensor", "fp8_scale_encoding"]
+
+
+OPTIONAL_N_AS_STORED = -1
+# V4's indexer query projection: q_lora_rank -> index heads x index head dim (N as stored)
+INDEXER_WQ_B = "indexer.wq_b"
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,9 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class LayerSchema:
-    """Everything layer i must hold. experts: per expert e, its w1/w3/w2 LinearSpecs."""
+    """Everything layer i must hold. experts: per expert e, its w1/w3/w2 LinearSpecs. optional:
+    attention linears a layer may hold (V4's indexer wq_b): loaded where stored (with_present);
+    n = OPTIONAL_N_AS_STORED takes N from the stored weight (the config does not give it)."""
 
     prefix: str
     attention: tuple[LinearSpec, ...]
@@ -51,6 +58,19 @@ class LayerSchema:
     experts: tuple[tuple[LinearSpec, LinearSpec, LinearSpec], ...]
     shared: tuple[LinearSpec, LinearSpec, LinearSpec] | None
     dense: tuple[LinearSpec, LinearSpec, LinearSpec] | None
+    optional: tuple[LinearSpec, ...] = ()
+
+    def with_present(self, infos: Mapping[str, TensorInfo]) -> "LayerSchema":
+        """This schema with the optional linears whose `.weight` is in `infos` moved into attention
+        (N resolved from the stored weight's rows), the others dropped."""
+        found = []
+        for spec in self.optional:
+            w = infos.get(f"{spec.module}.weight")
+            if w is None:
+                continue
+            n = w.shape[0] if spec.n == OPTIONAL_N_AS_STORED and w.shape else spec.n
+            found.append(LinearSpec(spec.module, spec.role, n, spec.k))
+        return replace(self, attention=self.attention + tuple(found), optional=())
 
     def linear_specs(self) -> list[LinearSpec]:
         out = list(self.attention)
@@ -97,7 +117,8 @@ def layer_schema(cfg: ModelConfig, i: int) -> LayerSchema:
             router.append(TensorSpec(f"{p}.ffn.gate.bias", "gate_bias", ("F32",), (e_n,)))
         experts = tuple(_mlp(f"{p}.ffn.experts.{e}", h, inter, ("w1", "w3", "w2")) for e in range(e_n))
         shared = _mlp(f"{p}.ffn.shared_experts", h, inter * cfg.n_shared_experts, ("w1", "w3", "w2"))
-        return LayerSchema(p, attention, norms, tuple(router), experts, shared, None)
+        optional = (LinearSpec(f"{p}.attn.indexer.wq_b", INDEXER_WQ_B, OPTIONAL_N_AS_STORED, cfg.q_lora_rank),)
+        return LayerSchema(p, attention, norms, tuple(router), experts, shared, None, optional)
 
     p = f"model.layers.{i}"
     nh, nope, rope, v = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
