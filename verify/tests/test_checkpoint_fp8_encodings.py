@@ -219,3 +219,53 @@ def test_each_fp8_encoding_mistake_is_refused_by_lint_and_layer_naming_the_tenso
         assert "transposed" in lines[0], lines[0]
     if mistake.startswith("modelopt"):
         assert "[out_blk, 1, in_blk, 1]" in lines[0], lines[0]
+
+
+# ----------------------------------------------------------------------------- the indexer's wq_b
+
+
+INDEXER = "layers.1.attn.indexer.wq_b"
+
+
+def _with_indexer(rows: int = 128, k_cols: int | None = None) -> Callable:
+    """An edit adding layer 1's indexer wq_b (FP8, V4 encoding): the first `rows` rows of attn.wq_b
+    (q_lora_rank -> rows), or a K cut to `k_cols` columns (a wrong shape)."""
+    def edit(name: str, t: torch.Tensor):
+        if name == "layers.1.attn.wq_b.weight":
+            w = t[:rows] if k_cols is None else t[:rows, :k_cols]
+            return {name: t, f"{INDEXER}.weight": w.contiguous()}
+        if name == "layers.1.attn.wq_b.scale":
+            return {name: t, f"{INDEXER}.scale": t[: -(-rows // 128)].contiguous()}
+        return t
+    return edit
+
+
+def test_indexer_wq_b_is_loaded_verified_and_linted_where_stored(original, tmp_path, capsys):
+    ck_dir = make_edited_checkpoint(MINI_V4, tmp_path / "idx", _with_indexer())
+    lin = Checkpoint.open(ck_dir).load_layer(LAYER).attention["indexer.wq_b"]
+    assert isinstance(lin, Fp8BlockLinear) and (lin.n, lin.k, lin.encoding) == (128, 128, "v4_e8m0_scale")
+
+    rc, report, text = _layer_json(tmp_path, ck_dir, capsys)
+    assert rc == 0, text
+    statuses, digests = _statuses_and_digests(report)
+    idx = {check: s for (stage, check), s in statuses.items() if stage == "indexer.wq_b"}
+    assert idx["bytes"] in ("pass", "skipped") and idx["bound"] == "pass", idx
+    assert {k: v for k, v in statuses.items() if k[0] != "indexer.wq_b"} == original[0]
+    assert {k: v for k, v in digests.items() if not k.startswith("indexer.wq_b")} == original[1]
+    assert "indexer.wq_b" in digests
+
+    lint_rc, j = _lint(ck_dir, tmp_path)
+    assert lint_rc == 0 and any(f["code"] == "fp8_encoding" and f["tensor"] == INDEXER for f in j["findings"])
+
+
+def test_the_fixture_without_an_indexer_skips_its_stage(original):
+    assert not any(stage == "indexer.wq_b" for stage, _ in original[0])
+
+
+def test_an_indexer_wq_b_whose_k_is_not_q_lora_rank_is_refused(tmp_path, capsys):
+    ck_dir = make_edited_checkpoint(MINI_V4, tmp_path / "idx", _with_indexer(k_cols=64))
+    rc, j = _lint(ck_dir, tmp_path)
+    errors = [(f["code"], f["tensor"]) for f in j["findings"] if f["severity"] == "error"]
+    assert rc == 1 and errors == [("ShapeMismatchError", f"{INDEXER}.weight")], errors
+    rc, _, text = _layer_json(tmp_path, ck_dir, capsys)
+    assert rc == 2 and f"tensor '{INDEXER}.weight'" in text, text
