@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from references.codecs import e4m3_bytes_to_f32, f32_to_e4m3_bytes
+from verify.backends.sm90 import fp8_block_dec_f32
 from verify.checkpoint import Checkpoint, Fp8BlockLinear, iter_linears
 from verify.checkpoint.lint import add_lint_arguments, cli_lint
 from verify.checkpoint.writer import make_edited_checkpoint
 from verify.config import GOLDEN_DIR
+from verify.verdicts.judges.dense import _fp8_block_weight
 
 MINI_V4 = GOLDEN_DIR / "mini-v4"
 LAYER = 1
@@ -134,6 +136,9 @@ def test_each_fp8_encoding_loads_and_verifies_like_the_v4_original(encoding, ori
     for m, lin in fp8.items():  # the same weight, to the bit, in the form the backends consume
         assert m in kept or (lin.scale_ue8m0 is None and lin.scale_inv_f32.dtype == torch.float32)
         assert torch.equal(_decoded(lin.weight_e4m3.view(torch.uint8), lin.block_dec_scale_f32()), ref[m]), m
+        # the sm90 adapter's decode and the dense judge's typed weight (the FP8 bound on a GPU backend)
+        assert torch.equal(_decoded(lin.weight_e4m3.view(torch.uint8), fp8_block_dec_f32(lin)), ref[m]), m
+        assert torch.equal(_fp8_block_weight(lin).decode_f64(), ref[m]), m
     if want == "per_tensor":
         assert all(float(lin.input_scale_f32) == 0.03125 for m, lin in fp8.items() if m not in kept)
 
