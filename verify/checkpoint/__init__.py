@@ -11,9 +11,10 @@ an implausible value emits a `CheckpointWarning` (printed, not fatal).
 One module per concern; this package re-exports their public names:
   errors       CheckpointError and its subclasses, CheckpointWarning, open_checkpoint_file
   config       ModelConfig, QuantConfig and their parsers (config.json, hf_quant_config.json)
-  schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks
-  weights      typed linears (Nvfp4Linear, Fp8BlockLinear, Mxfp4Linear, Bf16Linear), GatedMlp,
-               Router, LayerWeights, iter_linears
+  schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks;
+               fp8_scale_encoding (which shipped FP8 scale encoding a linear's tensors are in)
+  weights      typed linears (Nvfp4Linear, Fp8BlockLinear: every FP8 encoding, Mxfp4Linear,
+               Bf16Linear), GatedMlp, Router, LayerWeights, iter_linears
   safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header scan and parser, the raw reader
   loader       Checkpoint, LayerPlan
   defects      structure_defects (every file and the index, headers only)
@@ -31,8 +32,8 @@ from verify.checkpoint.defects import INDEX_DEFECT_CODES, STRUCTURE_DEFECT_CODES
 from verify.checkpoint.errors import (
     CheckpointError, CheckpointWarning, ConfigMismatchError, ConfigValueError, DtypeMismatchError,
     MalformedConfigError, MalformedShardError, MissingIndexError, MissingTensorError, NanScaleError,
-    NotACheckpointError, ScaleEncodingError, ShapeMismatchError, TensorValueError, TruncatedShardError, UnreadableFileError,
-    UnsupportedSchemaError, ZeroScaleError, checkpoint_warnings_as_lines,
+    NotACheckpointError, ScaleEncodingError, ShapeMismatchError, TensorValueError, TruncatedShardError,
+    UnreadableFileError, UnsupportedSchemaError, ZeroScaleError, checkpoint_warnings_as_lines,
 )
 from verify.checkpoint.loader import Checkpoint, LayerPlan
 from verify.checkpoint.safetensors import (

@@ -66,9 +66,9 @@ from torch import Tensor
 
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.checkpoint import (
-    Checkpoint, CheckpointError, Fp8BlockLinear, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear, check_linear_k,
-    check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs, plausibility_warnings,
-    structure_defects, value_defects,
+    Checkpoint, CheckpointError, Fp8BlockLinear, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear,
+    check_linear_k, check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs,
+    plausibility_warnings, structure_defects, value_defects,
 )
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",

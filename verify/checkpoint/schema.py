@@ -16,7 +16,8 @@ from verify.checkpoint.config import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelC
 from verify.checkpoint.errors import DtypeMismatchError, MissingTensorError, ShapeMismatchError
 from verify.checkpoint.safetensors import TensorInfo
 
-__all__ = ["OPTIONAL_N_AS_STORED", "INDEXER_WQ_B", "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
+__all__ = ["OPTIONAL_N_AS_STORED", "INDEXER_WQ_B", "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema",
+           "linear_format_of", "linear_tensor_specs",
            "check_linear_k", "check_tensor", "fp8_scale_encoding"]
 
 

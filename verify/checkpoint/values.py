@@ -1,7 +1,8 @@
 """Checks of a loaded layer's tensor values (the structural checks of files are in defects.py).
 
 `value_defects(layer, config, prefix)`: values no layer can be verified with (NaN scale bytes,
-bad global scales, FP8 float block scales that are E8M0 bytes stored as numbers, all-zero block scales, NaN/Inf in norm, router, unquantized or FP8 weights,
+bad global scales, FP8 float block scales that are E8M0 bytes stored as numbers, all-zero block
+scales, NaN/Inf in norm, router, unquantized or FP8 weights,
 hash-routing expert ids out of range); `plausibility_warnings(layer)`: legal but implausible NVFP4
 global scales (an inverted weight_scale_2, input_scale 1e30 or 1e-42). They read tensor values, so
 they run after a layer is loaded: the loader raises the first defect as its `error` class and
@@ -118,8 +119,8 @@ def scale_defects(lin: Linear) -> list[ValueDefect]:
             try:
                 check_float_scale_is_not_e8m0_bytes(t, name=f"{lin.encoding} {role}")
             except ValueError as e:
-                out.append(ValueDefect("e8m0_bytes_as_numbers", _named(m, role, torch.ones_like(t, dtype=torch.bool)),
-                                       str(e), _first(t, torch.ones_like(t, dtype=torch.bool))))
+                every = torch.ones_like(t, dtype=torch.bool)  # the check is of the whole grid
+                out.append(ValueDefect("e8m0_bytes_as_numbers", _named(m, role, every), str(e), _first(t, every)))
         x = lin.input_scale_f32
         if x is not None and not bool((torch.isfinite(x) & (x > 0)).all()):
             bad = ~(torch.isfinite(x) & (x > 0))

@@ -5,8 +5,10 @@ Each encoding is the mini-v4 fixture with layer 1's FP8 linears (attention and s
 re-encoded to decode to exactly the same weights: the E8M0 scale 2^(b-127) as V3 `weight_scale_inv`
 F32, compressed-tensors `weight_scale` BF16 / F32, ModelOpt FP8_PB_WO 4-D [ob, 1, ib, 1], or one
 per-tensor `weight_scale` (+ `input_scale`) with the E4M3 bytes re-quantized to it (exactness
-asserted; only the 7 linears whose block scales are all equal: wq_a stays V4, see _per_tensor). `python -m verify layer --backend emulator --layers 1` must then give the same verdict
-statuses and the same emulated digests as the V4-encoded original.
+asserted; only the 7 linears whose block scales are all equal: wq_a stays V4, see _per_tensor).
+`python -m verify layer --backend emulator --layers 1` must then give the same verdict statuses and
+the same emulated digests as the V4-encoded original. A layer that stores the indexer's wq_b gets
+its stage (indexer.wq_b); the fixture, without it, skips the stage.
 """
 
 from __future__ import annotations
