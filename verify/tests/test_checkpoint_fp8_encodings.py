@@ -276,3 +276,26 @@ def test_an_indexer_wq_b_whose_k_is_not_q_lora_rank_is_refused(tmp_path, capsys)
     assert rc == 1 and errors == [("ShapeMismatchError", f"{INDEXER}.weight")], errors
     rc, _, text = _layer_json(tmp_path, ck_dir, capsys)
     assert rc == 2 and f"tensor '{INDEXER}.weight'" in text, text
+
+
+def test_the_v4_pro_layer_preset_stores_the_indexer_wq_b_and_keeps_every_other_tensor(tmp_path):
+    """At the reduced size of test_fixture_generation: layer 3 holds attn.indexer.wq_b (FP8, V4 encoding,
+    [index_n_heads * index_head_dim, q_lora_rank]); without it, every other tensor has the same bytes."""
+    import dataclasses
+
+    from verify.checkpoint.writer import PRESETS, make_checkpoint
+
+    p = PRESETS["v4-pro-layer"]
+    small = dataclasses.replace(p, config=dict(p.config, hidden_size=256, n_routed_experts=6, moe_intermediate_size=128,
+                                               vocab_size=512, num_attention_heads=4, head_dim=64, q_lora_rank=128,
+                                               o_groups=2, o_lora_rank=64), experts_per_shard=2)
+    make_checkpoint(tmp_path / "with", small)
+    make_checkpoint(tmp_path / "without", dataclasses.replace(small, with_indexer=False))
+    a, b = Checkpoint.open(tmp_path / "with"), Checkpoint.open(tmp_path / "without")
+    lin = a.load_layer(3).attention["indexer.wq_b"]
+    assert isinstance(lin, Fp8BlockLinear) and (lin.n, lin.k, lin.encoding) == (64 * 128, 128, "v4_e8m0_scale")
+    assert set(a.weight_map) - set(b.weight_map) == {"layers.3.attn.indexer.wq_b.weight",
+                                                     "layers.3.attn.indexer.wq_b.scale"}
+    for name in b.weight_map:
+        assert torch.equal(a.get_tensor(name).reshape(-1).view(torch.uint8),
+                           b.get_tensor(name).reshape(-1).view(torch.uint8)), name
