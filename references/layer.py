@@ -42,8 +42,8 @@ from references.linear import (
 from references.recipes import TE, Recipe
 from references.router import route
 from references.stages import (
-    ATTN_KV_NORM, ATTN_Q_NORM, ATTN_WKV, ATTN_WO_A, ATTN_WO_B, ATTN_WQ_A, ATTN_WQ_B, MOE_ACT_QUANT, MOE_COMBINE, MOE_L1,
-    MOE_L2, MOE_OUT, MOE_REQUANT, MOE_SWIGLU, ROUTER, SHARED_EXPERT,
+    ATTN_KV_NORM, ATTN_Q_NORM, ATTN_WKV, ATTN_WO_A, ATTN_WO_B, ATTN_WQ_A, ATTN_WQ_B, INDEXER_WQ_B, MOE_ACT_QUANT,
+    MOE_COMBINE, MOE_L1, MOE_L2, MOE_OUT, MOE_REQUANT, MOE_SWIGLU, ROUTER, SHARED_EXPERT,
 )
 
 __all__ = ["MoeSpec", "MoeWeights", "AttnSpec", "AttnWeights", "RunOptions", "moe_block", "attention_projections"]
@@ -94,6 +94,7 @@ class AttnWeights:
     wo_b: Weight
     q_norm: Tensor
     kv_norm: Tensor
+    indexer_wq_b: Weight | None = None  # V4's indexer query projection, where the checkpoint has it
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,10 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
     q, acts_b = linear(qn, w.wq_b, **kw)
     out.update({ATTN_Q_NORM.name: qn, ATTN_KV_NORM.name: kvn, ATTN_WQ_B.name: q})
     out.update({ATTN_WQ_B.act_quant(k): v for k, v in acts_b.items()})
+    if w.indexer_wq_b is not None:  # the indexer's queries: the same q_norm output, its own quantization
+        iq, acts_i = linear(qn, w.indexer_wq_b, **kw)
+        out[INDEXER_WQ_B.name] = iq
+        out.update({INDEXER_WQ_B.act_quant(k): v for k, v in acts_i.items()})
     o = q if attn_core_out is None else attn_core_out
     t, g, r = o.shape[0], spec.o_groups, spec.o_lora_rank
     d = spec.n_heads * spec.head_dim // g

@@ -24,7 +24,7 @@ __all__ = [
     "LOSS_STAGES", "MOE_STAGES", "DENSE_LINEAR_STAGES", "ATTN_STAGES", "SHARED_STAGES", "DENSE_MLP_STAGES",
     "ROUTER", "DISPATCH", "MOE_ACT_QUANT", "MOE_L1", "MOE_SWIGLU", "MOE_REQUANT", "MOE_L1_FUSED", "MOE_L2",
     "MOE_COMBINE", "MOE_OUT", "MOE_BLOCK", "SHARED_EXPERT", "DENSE_MLP", "ATTN_WQ_A", "ATTN_WKV", "ATTN_Q_NORM",
-    "ATTN_KV_NORM", "ATTN_WQ_B", "ATTN_WO_A", "ATTN_WO_B", "MOE_BLOCK_STAGES", "FUSED_INPUT_ROLES",
+    "ATTN_KV_NORM", "ATTN_WQ_B", "ATTN_WO_A", "ATTN_WO_B", "INDEXER_WQ_B", "MOE_BLOCK_STAGES", "FUSED_INPUT_ROLES",
 ]
 
 
@@ -116,6 +116,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("attn.q_norm", Op.REFERENCE, "attn.wq_a", ("attn.q_norm",), kernel=False, schemas=_V4),
     Stage("attn.kv_norm", Op.REFERENCE, "attn.wkv", ("attn.kv_norm",), kernel=False, schemas=_V4),
     _linear("attn.wq_b", "attn.q_norm", "attn.wq_b"),
+    # the indexer's query projection reads the same q_norm output (layers whose checkpoint stores
+    # attn.indexer.wq_b only: verify.verdicts.model.applicable_stages skips it elsewhere)
+    _linear("indexer.wq_b", "attn.q_norm", "indexer.wq_b"),
     Stage("attn.wo_a", Op.REFERENCE, "attn.wq_b", ("attn.wo_a",), kernel=False, schemas=_V4),
     _linear("attn.wo_b", "attn.wo_a", "attn.wo_b"),
     # ---- routed experts
@@ -169,6 +172,7 @@ MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT = (stage(n) for n in ("moe.act_qu
 MOE_L1_FUSED, MOE_L2, MOE_COMBINE, MOE_OUT, MOE_BLOCK = (stage(n) for n in ("moe.l1_fused", "moe.l2", "moe.combine",
                                                                            "moe.out", "moe.block"))
 ATTN_STAGES = tuple(s for s in STAGES if s.name.startswith("attn."))
+INDEXER_WQ_B = stage("indexer.wq_b")
 SHARED_STAGES = tuple(s for s in STAGES if s.name.startswith(f"{SHARED_EXPERT}."))
 DENSE_MLP_STAGES = tuple(s for s in STAGES if s.name.startswith(f"{DENSE_MLP}."))
 ATTN_WQ_A, ATTN_WKV, ATTN_Q_NORM, ATTN_KV_NORM, ATTN_WQ_B, ATTN_WO_A, ATTN_WO_B = (

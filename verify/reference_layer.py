@@ -102,7 +102,7 @@ def moe_weights_from(layer: LayerWeights) -> MoeWeights:
 def attn_weights_from(layer: LayerWeights) -> AttnWeights:
     a = {role: to_reference_weight(lin) for role, lin in layer.attention.items()}
     return AttnWeights(a["wq_a"], a["wkv"], a["wq_b"], a["wo_a"], a["wo_b"], layer.norms["q_norm"],
-                       layer.norms["kv_norm"])
+                       layer.norms["kv_norm"], a.get("indexer.wq_b"))
 
 
 @dataclass(frozen=True)

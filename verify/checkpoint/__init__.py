@@ -11,9 +11,10 @@ an implausible value emits a `CheckpointWarning` (printed, not fatal).
 One module per concern; this package re-exports their public names:
   errors       CheckpointError and its subclasses, CheckpointWarning, open_checkpoint_file
   config       ModelConfig, QuantConfig and their parsers (config.json, hf_quant_config.json)
-  schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks
-  weights      typed linears (Nvfp4Linear, Fp8BlockLinear, Mxfp4Linear, Bf16Linear), GatedMlp,
-               Router, LayerWeights, iter_linears
+  schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks;
+               fp8_scale_encoding (which shipped FP8 scale encoding a linear's tensors are in)
+  weights      typed linears (Nvfp4Linear, Fp8BlockLinear: every FP8 encoding, Mxfp4Linear,
+               Bf16Linear), GatedMlp, Router, LayerWeights, iter_linears
   safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header scan and parser, the raw reader
   loader       Checkpoint, LayerPlan
   defects      structure_defects (every file and the index, headers only)
@@ -31,8 +32,8 @@ from verify.checkpoint.defects import INDEX_DEFECT_CODES, STRUCTURE_DEFECT_CODES
 from verify.checkpoint.errors import (
     CheckpointError, CheckpointWarning, ConfigMismatchError, ConfigValueError, DtypeMismatchError,
     MalformedConfigError, MalformedShardError, MissingIndexError, MissingTensorError, NanScaleError,
-    NotACheckpointError, ShapeMismatchError, TensorValueError, TruncatedShardError, UnreadableFileError,
-    UnsupportedSchemaError, ZeroScaleError, checkpoint_warnings_as_lines,
+    NotACheckpointError, ScaleEncodingError, ShapeMismatchError, TensorValueError, TruncatedShardError,
+    UnreadableFileError, UnsupportedSchemaError, ZeroScaleError, checkpoint_warnings_as_lines,
 )
 from verify.checkpoint.loader import Checkpoint, LayerPlan
 from verify.checkpoint.safetensors import (
@@ -44,11 +45,11 @@ from verify.checkpoint.values import (
 )
 from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
-    linear_tensor_specs,
+    linear_tensor_specs, fp8_scale_encoding,
 )
 from verify.checkpoint.weights import (
     Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
-    make_linear,
+    make_linear, FP8_SCALE_SUFFIX,
 )
 
 __all__ = [
@@ -56,16 +57,16 @@ __all__ = [
     "CheckpointError", "NotACheckpointError", "UnreadableFileError", "MissingIndexError", "MalformedConfigError",
     "ConfigValueError", "ConfigMismatchError", "TruncatedShardError", "MalformedShardError", "MissingTensorError",
     "DtypeMismatchError", "ShapeMismatchError", "NanScaleError", "ZeroScaleError", "TensorValueError",
-    "UnsupportedSchemaError", "CheckpointWarning", "checkpoint_warnings_as_lines",
+    "ScaleEncodingError", "UnsupportedSchemaError", "CheckpointWarning", "checkpoint_warnings_as_lines",
     # config
     "ModelConfig", "QuantConfig", "model_config_from_json", "quant_config_from_dir", "quant_configs_from_dir",
     "read_json_object", "NVFP4_BLOCK", "MXFP4_BLOCK", "FP8_BLOCK", "SCORING_FUNCS",
     # schema
     "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
-    "check_linear_k", "check_tensor",
+    "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
     "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
-    "iter_linears", "make_linear",
+    "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
     "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",

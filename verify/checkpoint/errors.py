@@ -16,7 +16,8 @@ __all__ = [
     "CheckpointError", "NotACheckpointError", "UnreadableFileError", "MalformedConfigError", "ConfigValueError",
     "ConfigMismatchError", "MissingIndexError", "UnsupportedSchemaError", "MalformedShardError",
     "TruncatedShardError", "MissingTensorError", "DtypeMismatchError", "ShapeMismatchError", "NanScaleError",
-    "ZeroScaleError", "TensorValueError", "CheckpointWarning", "open_checkpoint_file", "os_error_text",
+    "ZeroScaleError", "ScaleEncodingError", "TensorValueError", "CheckpointWarning", "open_checkpoint_file",
+    "os_error_text",
     "checkpoint_warnings_as_lines",
 ]
 
@@ -95,6 +96,12 @@ class ShapeMismatchError(CheckpointError):
 
 class NanScaleError(CheckpointError):
     """A scale holds NaN bytes (E4M3 0x7F/0xFF, E8M0 0xFF) or a NaN/Inf/<=0 float32 scale."""
+
+
+class ScaleEncodingError(CheckpointError):
+    """A scale stored in another encoding than its tensor's name and dtype say: E8M0 exponent bytes
+    stored as float numbers (121.0 where 2^(121-127) is meant) in an FP8 weight_scale_inv /
+    weight_scale."""
 
 
 class ZeroScaleError(CheckpointError):

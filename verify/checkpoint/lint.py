@@ -19,8 +19,13 @@ tensor data):
 then per layer:
   schema      every tensor's dtype and shape against the schema (each defect is one finding);
               quant_algo against the stored formats (NVFP4 weights under quant_algo FP8)
+  fp8         the scale encoding of each FP8 linear (info fp8_encoding: v4_e8m0_scale,
+              v3_weight_scale_inv, ct_fp8_block, modelopt_fp8_pb_wo, per_tensor); a scale of no known
+              encoding, a block grid not [ceil(N/128), ceil(K/128)] (transposed named), a 4-D grid
+              not [out_blk, 1, in_blk, 1] are schema errors
   values      NaN scale bytes (E4M3 0x7F/0xFF, E8M0 0xFF); zero/negative/NaN/Inf
-              weight_scale_2, input_scale, weight_scale_inv; a weight whose block scales are all
+              weight_scale_2, input_scale, FP8 float block scales; FP8 float block scales that are
+              E8M0 bytes stored as numbers (e8m0_bytes_as_numbers); a weight whose block scales are all
               zero; NaN/Inf in norm, router, unquantized and FP8 weights; hash-routing expert ids
               out of [0, n_routed_experts) (values.value_defects: the errors the loader raises)
   plausible   weight_scale_2 / input_scale whose implied amax is implausible (an inverted scale,
@@ -61,9 +66,9 @@ from torch import Tensor
 
 from references.nvfp4 import decode_nvfp4_block_scaled
 from verify.checkpoint import (
-    Checkpoint, CheckpointError, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear, check_linear_k,
-    check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs, plausibility_warnings,
-    structure_defects, value_defects,
+    Checkpoint, CheckpointError, Fp8BlockLinear, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear,
+    check_linear_k, check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs,
+    plausibility_warnings, structure_defects, value_defects,
 )
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
@@ -114,12 +119,12 @@ class LintReport:
 def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
     """Every dtype/shape/missing defect of layer i, one finding each (headers only)."""
     out: list[Finding] = []
-    schema = layer_schema(ck.config, i)
     names = ck.layer_names(i)
     try:
         infos = ck.headers_for(names)
     except CheckpointError as e:
         return [_error_finding(e, f"layer {i}")]
+    schema = layer_schema(ck.config, i).with_present(infos)
     for spec in schema.linear_specs():
         try:
             fmt = linear_format_of(spec.module, infos)
@@ -169,6 +174,30 @@ def _value_findings(ck: Checkpoint, layer: LayerWeights, prefix: str) -> list[Fi
                    file=file_of(d.tensor)) for d in value_defects(layer, ck.config, prefix)]
     out += [Finding("warning", d.code, d.tensor, d.message, {"value": d.value}, file=file_of(d.tensor))
             for d in plausibility_warnings(layer)]
+    return out
+
+
+_FP8_ENCODING_TEXT = {
+    "v4_e8m0_scale": "DeepSeek-V4 .scale F8_E8M0, 2^(b-127)",
+    "v3_weight_scale_inv": "DeepSeek-V3 .weight_scale_inv F32",
+    "ct_fp8_block": "compressed-tensors FP8_BLOCK .weight_scale",
+    "modelopt_fp8_pb_wo": "ModelOpt FP8_PB_WO .weight_scale 4-D [out_blk, 1, in_blk, 1]",
+    "per_tensor": "per-tensor .weight_scale (+ .input_scale)",
+}
+
+
+def _fp8_encoding_findings(ck: Checkpoint, layer: LayerWeights) -> list[Finding]:
+    """One info finding per FP8 linear naming the scale encoding the loader found (code fp8_encoding,
+    the message starts with the encoding's name: references.fp8_weight.FP8_WEIGHT_ENCODINGS)."""
+    out = []
+    for module, lin in iter_linears(layer):
+        if isinstance(lin, Fp8BlockLinear):
+            scale = f"{module}.{lin.scale_tensor_role}"
+            shard = ck.weight_map.get(scale)
+            out.append(Finding("info", "fp8_encoding", module,
+                               f"{lin.encoding}: E4M3 weight {list(lin.weight_e4m3.shape)}, block scales "
+                               f"{_FP8_ENCODING_TEXT[lin.encoding]} ({scale})",
+                               file=str(ck.directory / shard) if shard else None))
     return out
 
 
@@ -348,6 +377,7 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
         formats.update({m: fmt for m, (_, fmt, _) in plan.linears.items()})
         for n in plan.extras:
             findings.append(Finding("info", "unknown_tensor", n, "not in the schema; loaded as stored"))
+        findings.extend(_fp8_encoding_findings(ck, layer))
         findings.extend(_value_findings(ck, layer, plan.schema.prefix))
         for mlp in (layer.experts, layer.shared_experts, layer.dense_mlp):
             findings.extend(_fused_findings(mlp))

@@ -244,9 +244,9 @@ class Checkpoint:
 
     def plan_layer(self, i: int) -> "LayerPlan":
         """Validate layer i against the schema using headers only (no tensor data read)."""
-        schema = layer_schema(self.config, i)
         present = self.layer_names(i)
         infos = self.headers_for(present)
+        schema = layer_schema(self.config, i).with_present(infos)
         # A layer's linears: every LinearSpec must exist; its format comes from the stored dtypes.
         linears: dict[str, tuple[LinearSpec, str, list[TensorSpec]]] = {}
         for spec in schema.linear_specs():

@@ -8,7 +8,7 @@ Names, dtypes and shapes: shared/NVFP4_FACTS.md sections 4 and 5. Shapes are log
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Mapping
 
@@ -16,8 +16,14 @@ from verify.checkpoint.config import FP8_BLOCK, MXFP4_BLOCK, NVFP4_BLOCK, ModelC
 from verify.checkpoint.errors import DtypeMismatchError, MissingTensorError, ShapeMismatchError
 from verify.checkpoint.safetensors import TensorInfo
 
-__all__ = ["LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
-           "check_linear_k", "check_tensor"]
+__all__ = ["OPTIONAL_N_AS_STORED", "INDEXER_WQ_B", "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema",
+           "linear_format_of", "linear_tensor_specs",
+           "check_linear_k", "check_tensor", "fp8_scale_encoding"]
+
+
+OPTIONAL_N_AS_STORED = -1
+# V4's indexer query projection: q_lora_rank -> index heads x index head dim (N as stored)
+INDEXER_WQ_B = "indexer.wq_b"
 
 
 @dataclass(frozen=True)
@@ -42,7 +48,9 @@ class TensorSpec:
 
 @dataclass(frozen=True)
 class LayerSchema:
-    """Everything layer i must hold. experts: per expert e, its w1/w3/w2 LinearSpecs."""
+    """Everything layer i must hold. experts: per expert e, its w1/w3/w2 LinearSpecs. optional:
+    attention linears a layer may hold (V4's indexer wq_b): loaded where stored (with_present);
+    n = OPTIONAL_N_AS_STORED takes N from the stored weight (the config does not give it)."""
 
     prefix: str
     attention: tuple[LinearSpec, ...]
@@ -51,6 +59,19 @@ class LayerSchema:
     experts: tuple[tuple[LinearSpec, LinearSpec, LinearSpec], ...]
     shared: tuple[LinearSpec, LinearSpec, LinearSpec] | None
     dense: tuple[LinearSpec, LinearSpec, LinearSpec] | None
+    optional: tuple[LinearSpec, ...] = ()
+
+    def with_present(self, infos: Mapping[str, TensorInfo]) -> "LayerSchema":
+        """This schema with the optional linears whose `.weight` is in `infos` moved into attention
+        (N resolved from the stored weight's rows), the others dropped."""
+        found = []
+        for spec in self.optional:
+            w = infos.get(f"{spec.module}.weight")
+            if w is None:
+                continue
+            n = w.shape[0] if spec.n == OPTIONAL_N_AS_STORED and w.shape else spec.n
+            found.append(LinearSpec(spec.module, spec.role, n, spec.k))
+        return replace(self, attention=self.attention + tuple(found), optional=())
 
     def linear_specs(self) -> list[LinearSpec]:
         out = list(self.attention)
@@ -97,7 +118,8 @@ def layer_schema(cfg: ModelConfig, i: int) -> LayerSchema:
             router.append(TensorSpec(f"{p}.ffn.gate.bias", "gate_bias", ("F32",), (e_n,)))
         experts = tuple(_mlp(f"{p}.ffn.experts.{e}", h, inter, ("w1", "w3", "w2")) for e in range(e_n))
         shared = _mlp(f"{p}.ffn.shared_experts", h, inter * cfg.n_shared_experts, ("w1", "w3", "w2"))
-        return LayerSchema(p, attention, norms, tuple(router), experts, shared, None)
+        optional = (LinearSpec(f"{p}.attn.indexer.wq_b", INDEXER_WQ_B, OPTIONAL_N_AS_STORED, cfg.q_lora_rank),)
+        return LayerSchema(p, attention, norms, tuple(router), experts, shared, None, optional)
 
     p = f"model.layers.{i}"
     nh, nope, rope, v = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -149,8 +171,8 @@ def linear_format_of(module: str, infos: Mapping[str, TensorInfo]) -> str:
 
 
 def linear_tensor_specs(fmt: str, module: str, n: int, k: int, infos: Mapping[str, TensorInfo]) -> list[TensorSpec]:
-    """The tensors (dtype, shape) a linear of logical [n, k] must have in format `fmt`
-    (`infos` decides only between FP8's F32 weight_scale_inv and E8M0 scale)."""
+    """The tensors (dtype, shape) a linear of logical [n, k] must have in format `fmt` (`infos` decides
+    only FP8's scale encoding: fp8_scale_encoding; shapes are ceil-div grids)."""
     if fmt == "nvfp4":
         return [TensorSpec(f"{module}.weight", "weight", ("U8",), (n, k // 2)),
                 TensorSpec(f"{module}.weight_scale", "weight_scale", ("F8_E4M3",), (n, k // NVFP4_BLOCK)),
@@ -160,13 +182,72 @@ def linear_tensor_specs(fmt: str, module: str, n: int, k: int, infos: Mapping[st
         return [TensorSpec(f"{module}.weight", "weight", ("I8", "U8"), (n, k // 2)),
                 TensorSpec(f"{module}.scale", "scale", ("F8_E8M0",), (n, k // MXFP4_BLOCK))]
     if fmt == "fp8_block128":
-        sshape = (math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK))
-        if f"{module}.weight_scale_inv" in infos:
-            s = TensorSpec(f"{module}.weight_scale_inv", "scale_inv", ("F32",), sshape)
-        else:
-            s = TensorSpec(f"{module}.scale", "scale", ("F8_E8M0",), sshape)
-        return [TensorSpec(f"{module}.weight", "weight", ("F8_E4M3",), (n, k)), s]
+        return [TensorSpec(f"{module}.weight", "weight", ("F8_E4M3",), (n, k)),
+                *_fp8_scale_specs(fp8_scale_encoding(module, infos), module, n, k, infos)]
     return [TensorSpec(f"{module}.weight", "weight", ("BF16", "F32"), (n, k))]
+
+
+def fp8_scale_encoding(module: str, infos: Mapping[str, TensorInfo]) -> str:
+    """Which FP8 scale encoding (references.fp8_weight.FP8_WEIGHT_ENCODINGS) an F8_E4M3 weight's
+    scale tensors are in, from their names and ranks: `.scale` -> v4_e8m0_scale, `.weight_scale_inv` ->
+    v3_weight_scale_inv, `.weight_scale` 2-D -> ct_fp8_block, 4-D -> modelopt_fp8_pb_wo, 0-d or [1] ->
+    per_tensor. MissingTensorError when there is none; ShapeMismatchError for a `.weight_scale` of
+    another rank; DtypeMismatchError for a `.scale` that is not F8_E8M0 (a float copy of the bytes)."""
+    w = infos[f"{module}.weight"]
+    found = [s for s in ("scale", "weight_scale_inv", "weight_scale") if f"{module}.{s}" in infos]
+    if not found:
+        raise MissingTensorError("F8_E4M3 weight has no block scale (V4 .scale, V3 .weight_scale_inv or "
+                                 ".weight_scale)", file=w.file, tensor=f"{module}.scale")
+    if len(found) > 1:
+        raise MissingTensorError(f"F8_E4M3 weight has {len(found)} scale tensors ({', '.join(found)}): "
+                                 "which one decodes it is ambiguous", file=w.file, tensor=f"{module}.{found[1]}")
+    info = infos[f"{module}.{found[0]}"]
+    if found[0] == "scale":
+        if info.dtype != "F8_E8M0":
+            raise DtypeMismatchError(f"stored {info.dtype}, expected F8_E8M0 (a V4 block scale stored as numbers "
+                                     "reads each E8M0 byte b as b, not 2^(b-127))", file=info.file, tensor=info.name)
+        return "v4_e8m0_scale"
+    if found[0] == "weight_scale_inv":
+        return "v3_weight_scale_inv"
+    rank = len(info.shape)
+    if rank == 2:
+        return "ct_fp8_block"
+    if rank == 4:
+        return "modelopt_fp8_pb_wo"
+    if info.shape in ((), (1,)):
+        return "per_tensor"
+    raise ShapeMismatchError(f"stored shape {list(info.shape)}: an FP8 weight_scale is [] or [1] (per-tensor), "
+                             "[ceil(N/128), ceil(K/128)] (compressed-tensors FP8_BLOCK) or [out_blk, 1, in_blk, 1] "
+                             "(ModelOpt FP8_PB_WO)", file=info.file, tensor=info.name)
+
+
+def _fp8_scale_specs(encoding: str, module: str, n: int, k: int,
+                     infos: Mapping[str, TensorInfo]) -> list[TensorSpec]:
+    ob, ib = math.ceil(n / FP8_BLOCK), math.ceil(k / FP8_BLOCK)
+    if encoding == "v4_e8m0_scale":
+        return [TensorSpec(f"{module}.scale", "scale", ("F8_E8M0",), (ob, ib))]
+    if encoding == "v3_weight_scale_inv":
+        return [TensorSpec(f"{module}.weight_scale_inv", "scale_inv", ("F32",), (ob, ib))]
+    if encoding == "ct_fp8_block":
+        return [TensorSpec(f"{module}.weight_scale", "ct_scale", ("BF16", "F32"), (ob, ib))]
+    if encoding == "modelopt_fp8_pb_wo":
+        return [TensorSpec(f"{module}.weight_scale", "pb_wo_scale", ("F32",), (ob, 1, ib, 1))]
+    one = infos[f"{module}.weight_scale"].shape
+    out = [TensorSpec(f"{module}.weight_scale", "tensor_scale", ("F32",), one)]
+    if f"{module}.input_scale" in infos:
+        shape = infos[f"{module}.input_scale"].shape
+        out.append(TensorSpec(f"{module}.input_scale", "input_scale", ("F32",), shape if shape in ((), (1,)) else ()))
+    return out
+
+
+def _shape_hint(stored: tuple[int, ...], expected: tuple[int, ...]) -> str:
+    """Why a block-scale shape differs, where it is a known mistake: the grid transposed, or a 4-D
+    ModelOpt grid not laid out [out_blk, 1, in_blk, 1]."""
+    if len(expected) == 2 and len(stored) == 2 and stored == expected[::-1] and stored != expected:
+        return " (transposed: [ceil(K/128), ceil(N/128)])"
+    if len(expected) == 4:
+        return " (ModelOpt FP8_PB_WO is [out_blk, 1, in_blk, 1])"
+    return ""
 
 
 def check_linear_k(spec: LinearSpec, fmt: str, file: Path) -> None:
@@ -185,5 +266,5 @@ def check_tensor(info: TensorInfo, spec: TensorSpec) -> None:
         raise DtypeMismatchError(f"stored {info.dtype}, expected {' or '.join(spec.dtypes)}", file=info.file,
                                  tensor=info.name)
     if info.shape != spec.shape:
-        raise ShapeMismatchError(f"stored shape {list(info.shape)}, expected {list(spec.shape)}", file=info.file,
-                                 tensor=info.name)
+        raise ShapeMismatchError(f"stored shape {list(info.shape)}, expected {list(spec.shape)}"
+                                 f"{_shape_hint(info.shape, spec.shape)}", file=info.file, tensor=info.name)

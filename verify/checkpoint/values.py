@@ -1,7 +1,8 @@
 """Checks of a loaded layer's tensor values (the structural checks of files are in defects.py).
 
 `value_defects(layer, config, prefix)`: values no layer can be verified with (NaN scale bytes,
-bad global scales, all-zero block scales, NaN/Inf in norm, router, unquantized or FP8 weights,
+bad global scales, FP8 float block scales that are E8M0 bytes stored as numbers, all-zero block
+scales, NaN/Inf in norm, router, unquantized or FP8 weights,
 hash-routing expert ids out of range); `plausibility_warnings(layer)`: legal but implausible NVFP4
 global scales (an inverted weight_scale_2, input_scale 1e30 or 1e-42). They read tensor values, so
 they run after a layer is loaded: the loader raises the first defect as its `error` class and
@@ -15,8 +16,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from references.fp8_weight import check_float_scale_is_not_e8m0_bytes
 from verify.checkpoint.config import ModelConfig
-from verify.checkpoint.errors import CheckpointError, NanScaleError, TensorValueError, ZeroScaleError
+from verify.checkpoint.errors import (
+    CheckpointError, NanScaleError, ScaleEncodingError, TensorValueError, ZeroScaleError,
+)
 from verify.checkpoint.weights import (
     Bf16Linear, Fp8BlockLinear, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, iter_linears,
 )
@@ -57,6 +61,7 @@ VALUE_DEFECT_ERRORS: dict[str, type[CheckpointError]] = {
     "zero_block_scales": ZeroScaleError,
     "non_finite_weight": TensorValueError,
     "expert_id_out_of_range": TensorValueError,
+    "e8m0_bytes_as_numbers": ScaleEncodingError,
 }
 
 
@@ -103,13 +108,25 @@ def scale_defects(lin: Linear) -> list[ValueDefect]:
             out.append(ValueDefect("nan_scale_bytes", _named(m, "scale", bad),
                                    f"{int(bad.sum())} NaN E8M0 scale bytes (0xFF) of {b.numel()}"))
     elif isinstance(lin, Fp8BlockLinear):
-        t = lin.scale_inv_f32
+        role, t = lin.scale_tensor_role, lin.scale_inv_f32
         bad = ~(torch.isfinite(t) & (t > 0))
         if bool(bad.any()):
             v = _first(t, bad)
-            out.append(ValueDefect("bad_global_scale", _named(m, "weight_scale_inv", bad),
+            out.append(ValueDefect("bad_global_scale", _named(m, role, bad),
                                    f"{int(bad.sum())} of {t.numel()} block scales are zero, negative, NaN or Inf "
                                    f"(first {v})", v))
+        else:
+            try:
+                check_float_scale_is_not_e8m0_bytes(t, name=f"{lin.encoding} {role}")
+            except ValueError as e:
+                every = torch.ones_like(t, dtype=torch.bool)  # the check is of the whole grid
+                out.append(ValueDefect("e8m0_bytes_as_numbers", _named(m, role, every), str(e), _first(t, every)))
+        x = lin.input_scale_f32
+        if x is not None and not bool((torch.isfinite(x) & (x > 0)).all()):
+            bad = ~(torch.isfinite(x) & (x > 0))
+            out.append(ValueDefect("bad_global_scale", _named(m, "input_scale", bad),
+                                   f"per-tensor FP8 input_scale {_first(x, bad)} is zero, negative, NaN or Inf",
+                                   _first(x, bad)))
     return out
 
 

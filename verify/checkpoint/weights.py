@@ -15,8 +15,10 @@ from typing import ClassVar, Mapping, Union
 import torch
 from torch import Tensor
 
+from references.fp8_weight import FP8_WEIGHT_BLOCK, bf16_bits_to_f32, ceil_div
+
 __all__ = ["Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router",
-           "LayerWeights", "iter_linears", "make_linear"]
+           "LayerWeights", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
 
 
 class _LinearShape:
@@ -58,17 +60,38 @@ class Nvfp4Linear(_LinearShape):
 class Fp8BlockLinear(_LinearShape):
     """FP8 E4M3 weight with 128x128 block scales: W = fp8 * scale[n//128, k//128].
 
+    Every FP8 scale encoding that ships (references.fp8_weight.FP8_WEIGHT_ENCODINGS) maps to this one
+    type, in one of two exact scale forms the backends consume:
     weight_e4m3: [..., N, K] float8_e4m3fn.
     scale_ue8m0: [..., ceil(N/128), ceil(K/128)] float8_e8m0fnu (V4 `.scale`), or None.
-    scale_inv_f32: the same as float32 (V3 `.weight_scale_inv`), or None. Exactly one is set.
+    scale_inv_f32: the block grid as float32 [..., ceil(N/128), ceil(K/128)], or None: V3
+      `.weight_scale_inv` as stored; compressed-tensors FP8_BLOCK `.weight_scale` (a BF16 one widened by
+      bits); ModelOpt FP8_PB_WO's 4-D [ob, 1, ib, 1] as its 2-D view; per-tensor `.weight_scale`
+      repeated into every block. Exactly one of the two is set.
+    encoding: which checkpoint encoding it came from (FP8_WEIGHT_ENCODINGS; default from the scale
+      form set: v4_e8m0_scale or v3_weight_scale_inv).
+    input_scale_f32: per-tensor FP8's static activation decode scale (`.input_scale`, 0-d), else None
+      (kept for reports; the FP8 stages quantize activations dynamically per 1x128 group).
     """
 
     module: str
     weight_e4m3: Tensor
     scale_ue8m0: Tensor | None
     scale_inv_f32: Tensor | None
+    encoding: str | None = None
+    input_scale_f32: Tensor | None = None
     format: str = field(default="fp8_block128", init=False)
     _weight_attr: ClassVar[str] = "weight_e4m3"
+
+    def __post_init__(self) -> None:
+        if self.encoding is None:
+            object.__setattr__(self, "encoding",
+                               "v4_e8m0_scale" if self.scale_ue8m0 is not None else "v3_weight_scale_inv")
+
+    @property
+    def scale_tensor_role(self) -> str:
+        """The stored name (suffix) of this linear's block-scale tensor in its encoding."""
+        return FP8_SCALE_SUFFIX[self.encoding]
 
     def block_dec_scale_f32(self) -> Tensor:
         """The block scales as float32 (exact for both storages)."""
@@ -76,6 +99,36 @@ class Fp8BlockLinear(_LinearShape):
             return self.scale_inv_f32
         e = self.scale_ue8m0.view(torch.uint8).to(torch.int32)
         return torch.ldexp(torch.ones_like(e, dtype=torch.float32), e - 127).masked_fill(e == 255, float("nan"))
+
+
+# the stored suffix of each FP8 encoding's block-scale tensor (references.fp8_weight.FP8_WEIGHT_ENCODINGS)
+FP8_SCALE_SUFFIX = {"v4_e8m0_scale": "scale", "v3_weight_scale_inv": "weight_scale_inv",
+                    "ct_fp8_block": "weight_scale", "modelopt_fp8_pb_wo": "weight_scale", "per_tensor": "weight_scale"}
+# the loader's tensor roles (schema.linear_tensor_specs) of each FP8 encoding's block-scale tensor
+FP8_SCALE_ROLE = {"v4_e8m0_scale": "scale", "v3_weight_scale_inv": "scale_inv", "ct_fp8_block": "ct_scale",
+                  "modelopt_fp8_pb_wo": "pb_wo_scale", "per_tensor": "tensor_scale"}
+
+
+def _fp8_block_linear(module: str, t: Mapping[str, Tensor]) -> Fp8BlockLinear:
+    """The one typed FP8 linear from any encoding's tensors by role (FP8_SCALE_ROLE), scales exact:
+    bf16 -> float32 by bits, the 4-D [..., ob, 1, ib, 1] grid viewed 2-D, a per-tensor scale repeated
+    over the [ceil(N/128), ceil(K/128)] grid."""
+    w = t["weight"]
+    encoding = next(e for e, role in FP8_SCALE_ROLE.items() if role in t)
+    s = t[FP8_SCALE_ROLE[encoding]]
+    if encoding == "v4_e8m0_scale":
+        return Fp8BlockLinear(module, w, s, None, encoding)
+    if s.dtype == torch.bfloat16:
+        s = bf16_bits_to_f32(s)
+    if encoding == "modelopt_fp8_pb_wo":
+        s = s[..., :, 0, :, 0].contiguous()
+    input_scale = None
+    if encoding == "per_tensor":
+        lead = w.shape[:-2]
+        grid = (ceil_div(w.shape[-2], FP8_WEIGHT_BLOCK), ceil_div(w.shape[-1], FP8_WEIGHT_BLOCK))
+        s = s.reshape(*lead, 1, 1).expand(*lead, *grid).contiguous()
+        input_scale = t.get("input_scale")
+    return Fp8BlockLinear(module, w, None, s, encoding, input_scale)
 
 
 @dataclass(frozen=True)
@@ -144,13 +197,13 @@ class LayerWeights:
 
 def make_linear(fmt: str, module: str, t: Mapping[str, Tensor]) -> Linear:
     """The typed linear of format `fmt` ("nvfp4", "mxfp4", "fp8_block128", "bf16") from its tensors
-    by role (weight, weight_scale, weight_scale_2, input_scale, scale, scale_inv), as read."""
+    by role (weight, weight_scale, weight_scale_2, input_scale, scale; FP8: FP8_SCALE_ROLE), as read."""
     if fmt == "nvfp4":
         return Nvfp4Linear(module, t["weight"], t["weight_scale"], t["weight_scale_2"], t["input_scale"])
     if fmt == "mxfp4":
         return Mxfp4Linear(module, t["weight"].view(torch.uint8), t["scale"])
     if fmt == "fp8_block128":
-        return Fp8BlockLinear(module, t["weight"], t.get("scale"), t.get("scale_inv"))
+        return _fp8_block_linear(module, t)
     return Bf16Linear(module, t["weight"])
 
 

@@ -12,8 +12,9 @@ Presets:
                 top-6, shared expert; layer 0 NVFP4 attention + shared expert, layers 1-3
                 FP8 block-128 ones (NVIDIA's export); an MXFP4 `mtp.0` expert set.
   mini-v3       the same in DeepSeek-V3/R1 naming (layer 0 dense; FP8 via weight_scale_inv).
-  v4-pro-layer  layer 3 of DeepSeek-V4-Pro at full size (hidden 7168, 384 experts x 3072),
-                generated on the GPU; never committed.
+  v4-pro-layer  layer 3 of DeepSeek-V4-Pro at full size (hidden 7168, 384 experts x 3072), with
+                the indexer's FP8 wq_b (64 x 128 index heads: V3.2's, assumed), generated on the
+                GPU; never committed.
 
 Generation is bit-reproducible everywhere: one seeded verify.rng.CounterRng (integer hashing,
 then correctly rounded float ops only; log-normal gains from a table of correctly rounded
@@ -71,6 +72,9 @@ class FixturePreset:
     experts_per_shard: int = 0  # 0: one shard per layer; else split routed experts over shards
     dense_format: str = "nvfp4"
     exclude_extra: tuple[str, ...] = field(default_factory=tuple)
+    # the attention's indexer wq_b ([index_n_heads * index_head_dim, q_lora_rank], the layer's format), from a
+    # generator of its own (seed + 1): every other tensor keeps its bytes
+    with_indexer: bool = False
 
 
 _V4_MINI = dict(
@@ -84,6 +88,9 @@ _V4_PRO = dict(
     _V4_MINI, hidden_size=7168, num_hidden_layers=61, vocab_size=129280, n_routed_experts=384,
     moe_intermediate_size=3072, q_lora_rank=1536, num_attention_heads=128, head_dim=512, o_groups=16,
     o_lora_rank=1024,
+    # the indexer's heads: DeepSeek-V3.2's values (NVFP4_FACTS.md does not give V4's; N is read from the
+    # stored weight, so a checkpoint with other values loads as it is)
+    index_n_heads=64, index_head_dim=128,
 )
 _V3_MINI = dict(
     architectures=["DeepseekV3ForCausalLM"], model_type="deepseek_v3", torch_dtype="bfloat16",
@@ -100,7 +107,7 @@ PRESETS: dict[str, FixturePreset] = {
     "mini-v3": FixturePreset("mini-v3", "deepseek_v3", _V3_MINI, {0: "bf16", 1: "nvfp4", 2: "fp8", 3: "bf16"},
                              (0, 1, 2, 3), seed=20240303),
     "v4-pro-layer": FixturePreset("v4-pro-layer", "deepseek_v4", _V4_PRO, {3: "fp8"}, (3,), seed=61,
-                                  with_globals=False, experts_per_shard=64),
+                                  with_globals=False, experts_per_shard=64, with_indexer=True),
 }
 
 
@@ -254,6 +261,11 @@ def _v4_layer(preset: FixturePreset, i: int, gen: CounterRng) -> Iterator[dict[s
     t.update(make_gated_mlp_tensors(f"{p}.ffn.shared_experts", ("w1", "w3", "w2"), h,
                                     c["moe_intermediate_size"] * c["n_shared_experts"], fmt, gen, schema=preset.schema,
                                     hidden_gain=hidden_gain))
+    if preset.with_indexer:
+        own = CounterRng(preset.seed + 1, device=gen.device)
+        w = make_heavy_tailed_weight(c["index_n_heads"] * c["index_head_dim"], ql, gen=own)
+        for suffix, x in make_linear_tensors(fmt, w, own, schema=preset.schema).items():
+            t[f"{p}.attn.indexer.wq_b.{suffix}"] = x
     yield t
     yield from _experts(preset, f"{p}.ffn.experts", ("w1", "w3", "w2"), "nvfp4", gen, hidden_gain)
 
@@ -562,8 +574,10 @@ def cli_fixture(args: argparse.Namespace) -> int:
 
 def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit=None, *,
                            edit_json: dict | None = None) -> Path:
-    """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor or None
-    (None drops it from its shard and the index; edit None copies the shards as they are), and each
+    """Copy checkpoint `src` to `dst`, passing every tensor through edit(name, tensor) -> tensor, None or a
+    dict {name: tensor} (None drops it from its shard and the index; a dict replaces it by those tensors,
+    in its shard, e.g. a rename or a scale re-encoded as two tensors; edit None copies the shards as
+    they are), and each
     JSON file named in edit_json through its function (file name -> fn(dict) -> dict, e.g.
     {"config.json": lambda c: dict(c, hidden_size=256.7)}). For making defective fixtures in tests."""
     import shutil
@@ -587,9 +601,12 @@ def make_edited_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, edit=
                 .view(SAFETENSORS_DTYPES[i.dtype]).reshape(i.shape).clone() if i.nbytes else \
                 torch.empty(i.shape, dtype=SAFETENSORS_DTYPES[i.dtype])
             new = edit(name, t)
-            if new is None:
+            if new is None or isinstance(new, dict):
                 index["weight_map"].pop(name, None)
-            else:
+            if isinstance(new, dict):
+                out.update(new)
+                index["weight_map"].update({n: shard for n in new})
+            elif new is not None:
                 out[name] = new
         write_safetensors(dst / shard, out)
     index_path.write_text(json.dumps(index, indent=2))

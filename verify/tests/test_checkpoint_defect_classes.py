@@ -109,6 +109,13 @@ def _e4m3_bytes(index, byte: int) -> Callable[[torch.Tensor], torch.Tensor]:
     return fn
 
 
+def _e8m0_bytes_as_numbers(tmp: Path) -> Path:
+    """layers.1.attn.wq_a's V4 E8M0 `.scale` written as a V3 weight_scale_inv holding the bytes as numbers."""
+    name = "layers.1.attn.wq_a.scale"
+    return make_edited_checkpoint(MINI_V4, tmp / "ck", lambda n, t: {
+        "layers.1.attn.wq_a.weight_scale_inv": t.view(torch.uint8).float()} if n == name else t)
+
+
 def _zero_scales(t: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(t.view(torch.uint8)).view(t.dtype)
 
@@ -215,6 +222,9 @@ DEFECTS = {
     "fp8-weight-nan-byte": Defect(_tensor("layers.1.attn.wq_a.weight", _e4m3_bytes((0, 9), 0x7F)), 1,
                                   ("error", "non_finite_weight"), "TensorValueError",
                                   ("layers.1.attn.wq_a.weight", "[0, 9]")),
+    "fp8-e8m0-bytes-as-numbers": Defect(_e8m0_bytes_as_numbers, 1, ("error", "e8m0_bytes_as_numbers"),
+                                        "ScaleEncodingError",
+                                        ("layers.1.attn.wq_a.weight_scale_inv", "E8M0 bytes read as numbers")),
     "block-scales-all-zero-expert": Defect(_tensor("layers.3.ffn.experts.4.w1.weight_scale", _zero_scales), 3,
                                            ("error", "zero_block_scales"), "ZeroScaleError",
                                            ("layers.3.ffn.experts.4.w1.weight_scale", "1 of 16 experts")),

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from references.layer import RunOptions
-from references.stages import DENSE_MLP_STAGES, MOE_BLOCK_STAGES, SHARED_STAGES, STAGES, Stage
+from references.stages import DENSE_MLP_STAGES, INDEXER_WQ_B, MOE_BLOCK_STAGES, SHARED_STAGES, STAGES, Stage
 
 __all__ = ["Verdict", "STATUSES", "LayerCase", "applicable_stages"]
 
@@ -72,6 +72,8 @@ def applicable_stages(case: LayerCase) -> list[Stage]:
         if s in SHARED_STAGES and lw.shared_experts is None:
             continue
         if s in DENSE_MLP_STAGES and lw.dense_mlp is None:
+            continue
+        if s is INDEXER_WQ_B and INDEXER_WQ_B.weights[0] not in lw.attention:  # stored only in some checkpoints
             continue
         out.append(s)
     return out

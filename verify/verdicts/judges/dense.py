@@ -54,6 +54,8 @@ def _linear_of(case: LayerCase, role: str):
     lw = case.layer
     if group == "attn":
         return lw.attention[name]
+    if group == "indexer":  # V4's indexer wq_b: the loader keeps it with attention as "indexer.wq_b"
+        return lw.attention[role]
     mlp = {"shared": lw.shared_experts, "dense": lw.dense_mlp}[group]
     return getattr(mlp, name)
 
