@@ -464,6 +464,7 @@ _WEIGHTS = _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
 # a bug in the weights or a GEMM's output: a stage's activation bytes cannot see it (a backend that
 # quantizes without a GEMM passes them, and the bug is then not applicable, not MISSED)
 _BYTES = (Check.BYTES.value,)
+_FP8 = ("fp8_block128",)
 
 
 @dataclass(frozen=True)
@@ -473,7 +474,9 @@ class Injector:
     checks that can see it (None: any; ("sync", "graph") for CUDA-graph killers, which are 'not
     applicable' with the checks' own reason where those checks cannot run); data: what the layer or
     its inputs need for the bug to show ("ties": rows of exact ties, "w13-scales": gate and up with
-    different weight_scale_2, "router-ties": two experts with identical gate rows)."""
+    different weight_scale_2, "router-ties": two experts with identical gate rows, "fp8-swallowing": the FP8
+    wq_a row and token of _fp8_swallowing, "fp8-2d-scale-grid": a layer with an FP8 block-scale grid of more than
+    one row and column, else not applicable)."""
 
     bug: str
     facts: str
@@ -482,6 +485,8 @@ class Injector:
     checks: tuple[str, ...] | None = None
     data: str | None = None
     blind: tuple[str, ...] = ()  # checks that cannot see it: their passing verdicts do not make it served
+    formats: tuple[str, ...] | None = None  # weight formats of the stages that can see it (None: any); a layer
+    # whose stages have other formats (an NVFP4 layer for an FP8 bug) neither serves nor misses it
 
 
 INJECTORS: tuple[Injector, ...] = (
@@ -525,13 +530,13 @@ INJECTORS: tuple[Injector, ...] = (
     Injector("one-clear-winner-swapped", "router: one token, one expert", _ops(Op.ROUTER)),
     # FP8 block-128 linears (NVFP4_FACTS 5b): the activation quantizer's bytes, the weight's scales, the accumulator
     Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",
-             _ops(Op.DENSE_LINEAR), act="dynamic", checks=_BYTES),
+             _ops(Op.DENSE_LINEAR), act="dynamic", checks=_BYTES, formats=_FP8),
     Injector("e8m0-scale-read-as-a-number", "FP8 weight E8M0 scale bytes read as numbers (b, not 2^(b-127))",
-             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES),
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, formats=_FP8),
     Injector("fp8-scale-grid-transposed", "FP8 weight block-scale grid transposed", _ops(Op.DENSE_LINEAR),
-             act="dynamic", blind=_BYTES, data="fp8-2d-scale-grid"),
+             act="dynamic", blind=_BYTES, data="fp8-2d-scale-grid", formats=_FP8),
     Injector("fp8-promotion-skipped", "FP8 GEMM: 14-bit accumulator never promoted, promotion every 128 declared",
-             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, data="fp8-swallowing"),
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, data="fp8-swallowing", formats=_FP8),
 )
 
 
@@ -586,7 +591,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
                 layer, inputs = _fp8_swallowing(layer, inputs)
             run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged,
                             on_phase=None if on_phase is None else lambda ph, b=inj.bug, i=i: on_phase(b, f"layer{i} {ph}"))
-            seen = [v for v in run.verdicts if _visible(inj, v)]
+            seen = [v for v in run.verdicts if _visible(inj, v) and _of_formats(inj, layer, v.stage)]
             served |= any(v.status in ("pass", "fail") for v in seen)
             reasons += [f"layer{i} {v.stage} {v.check}: {v.message}" for v in seen if v.status not in ("pass", "fail")]
             failed += [(i, v) for v in run.failed]
@@ -629,6 +634,23 @@ def _cannot_see(inj: Injector, loaded: dict) -> str | None:
                 "scales in the same order (no byte changes; shown failing bound on a 2-D grid in "
                 "verify/tests/test_fp8_bytes.py)")
     return None
+
+
+def _of_formats(inj: Injector, layer, stage_name: str) -> bool:
+    """The stage's weights in this layer have one of the injector's formats (always true without formats)."""
+    if inj.formats is None:
+        return True
+    return bool(_stage(stage_name).weights) and all(
+        getattr(_weight_of(layer, role), "format", None) in inj.formats for role in _stage(stage_name).weights)
+
+
+def _weight_of(layer, role: str):
+    """A stage table weight role ("attn.wq_a", "shared.w1", ...) in a loaded layer, or None."""
+    group, name = role.split(".", 1)
+    if group == "attn":
+        return getattr(layer, "attention", {}).get(name)
+    holder = {"shared": "shared_experts", "dense": "dense_mlp", "experts": "experts"}.get(group)
+    return getattr(getattr(layer, holder, None), name, None) if holder else None
 
 
 def _visible(inj: Injector, v) -> bool:
