@@ -464,6 +464,7 @@ _WEIGHTS = _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
 # a bug in the weights or a GEMM's output: a stage's activation bytes cannot see it (a backend that
 # quantizes without a GEMM passes them, and the bug is then not applicable, not MISSED)
 _BYTES = (Check.BYTES.value,)
+_NOT_BYTES = tuple(c.value for c in Check if c is not Check.BYTES)  # a bug only the quantizer's bytes can see
 _FP8 = ("fp8_block128",)
 
 
@@ -530,7 +531,7 @@ INJECTORS: tuple[Injector, ...] = (
     Injector("one-clear-winner-swapped", "router: one token, one expert", _ops(Op.ROUTER)),
     # FP8 block-128 linears (NVFP4_FACTS 5b): the activation quantizer's bytes, the weight's scales, the accumulator
     Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",
-             _ops(Op.DENSE_LINEAR), act="dynamic", checks=_BYTES, formats=_FP8),
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_NOT_BYTES, formats=_FP8),
     Injector("e8m0-scale-read-as-a-number", "FP8 weight E8M0 scale bytes read as numbers (b, not 2^(b-127))",
              _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, formats=_FP8),
     Injector("fp8-scale-grid-transposed", "FP8 weight block-scale grid transposed", _ops(Op.DENSE_LINEAR),

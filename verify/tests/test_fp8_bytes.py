@@ -135,27 +135,34 @@ def test_float32_scales_compare_bits_and_the_rule_and_dtype_must_match():
         check_fp8_quantized("x", wrong_dtype, exp)
 
 
+class _LinearOnly(Backend):
+    """Serves prepare and dense_linear (the emulator's), not quantize_fp8."""
+
+    name = "linear-only"
+    _e = EmulatorBackend()
+    fp8_u_acc = _e.fp8_u_acc
+    u_acc = _e.u_acc
+    graph_safe = False
+
+    def prepare_linear(self, lin):
+        return self._e.prepare_linear(lin)
+
+    def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+        return self._e.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+
+
 def test_a_backend_without_quantize_fp8_is_not_served_on_fp8_bytes_only(ckpt):
     """A backend serving the FP8 linear but not quantize_fp8: bytes is "not served" with its sentence; the
-    other checks are judged."""
-    class LinearOnly(Backend):
-        name = "linear-only"
-        _e = EmulatorBackend()
-        fp8_u_acc = _e.fp8_u_acc
-        u_acc = _e.u_acc
-        graph_safe = False
-
-        def prepare_linear(self, lin):
-            return self._e.prepare_linear(lin)
-
-        def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
-            return self._e.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
-
-    run = _run(ckpt, 1, LinearOnly())
+    other checks are judged, and the selftest's quantizer bug is not applicable there (its passing bounds
+    cannot see it), never MISSED."""
+    run = _run(ckpt, 1, _LinearOnly())
     for name in FP8_STAGES:
         assert (run.verdict(name, "bytes").status, run.verdict(name, "bytes").message) == \
             ("not served", "not served: linear-only has no quantize_fp8")
         assert run.verdict(name, "bound").status == "pass"
+    inj = next(i for i in INJECTORS if i.bug == "fp8-ue8m0-scale-rounded-down")
+    (row,) = selftest(ckpt, _LinearOnly(), [1], tokens=16, device="cpu", injectors=(inj,))
+    assert row.status == "not applicable" and "has no quantize_fp8" in row.message, row
 
 
 # ============================================================================= the planted bugs
