@@ -44,7 +44,8 @@ from references.recipes import Recipe
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol", "FORWARD_OPS"]
+__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
+           "FORWARD_OPS"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
 
