@@ -33,6 +33,7 @@ class Op(enum.Enum):
 
     PREPARE = "prepare"                    # checkpoint bytes -> the backend's operands (host, once per layer)
     QUANTIZE = "quantize"                  # dense activation quantization (static or dynamic global scale)
+    QUANTIZE_FP8 = "quantize_fp8"          # FP8 E4M3 per-token 1x128 activation quantization (FP8 block-128 linears)
     GROUPED_QUANTIZE = "grouped_quantize"  # expert-sorted rows, one global scale per expert
     DENSE_GEMM = "dense_gemm"              # NVFP4 x NVFP4 -> bf16
     GROUPED_GEMM = "grouped_gemm"          # expert-sorted NVFP4 rows x expert stack

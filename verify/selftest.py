@@ -24,7 +24,11 @@ from typing import Callable
 import torch
 
 from references import layouts as ref_layouts
-from references.codecs import e4m3_bytes_to_f32
+from references.codecs import e4m3_bytes_to_f32, f32_to_e4m3_bytes, f32_to_ue8m0_bytes, ue8m0_bytes_to_f32
+from references.fp8_act import (FP8_ACT_GROUP, FP8_ACT_UE8M0, f32_to_e4m3_bytes_group_scaled, group_amax_f32_1x128,
+                                quantize_act_fp8_1x128)
+from references.fp8_gemm import fp8_block_gemm_narrow_acc_model
+from references.fp8_weight import fp8_weight_from_v3_weight_scale_inv, fp8_weight_from_v4_e8m0_scale
 from references.layer import RunOptions
 from references.linear import nvfp4_global_scale_for
 from references.nvfp4 import (
@@ -32,11 +36,12 @@ from references.nvfp4 import (
     unpack_e2m1x2_low_first,
 )
 from references.stages import STAGES, Check, Op, Stage
-from verify.backends import Backend, QuantizedAct, RoutingOut
+from verify.backends import Backend, Fp8QuantizedAct, QuantizedAct, RoutingOut
+from verify.backends.emulator import fp8_act_recipe_for_rule, fp8_act_scale_fmt
 from verify.backends.registry import BACKEND_HELP, backend_arg
-from verify.checkpoint import Checkpoint, GatedMlp, Nvfp4Linear
+from verify.checkpoint import Checkpoint, Fp8BlockLinear, GatedMlp, Nvfp4Linear
 from verify.config import GOLDEN_DIR, positive_int
-from verify.reference_layer import LayerInputs
+from verify.reference_layer import LayerInputs, to_reference_weight
 from verify.run import run_layer
 
 __all__ = ["INJECTORS", "Injector", "Bugged", "SelftestRow", "selftest", "with_tie_rows", "add_selftest_arguments",
@@ -188,6 +193,99 @@ def with_tie_rows(inputs: LayerInputs) -> LayerInputs:
     return LayerInputs(inputs.token_ids_i64, tied(inputs.x_attn_bf16), tied(inputs.x_ffn_bf16))
 
 
+# ============================================================================= FP8 block-128 bugs (NVFP4_FACTS 5b)
+
+
+def _e8m0_read_as_numbers(lin):
+    """A V4 `.scale` (F8_E8M0 bytes) copied into float32 as numbers: byte b becomes the scale b, not 2^(b-127)."""
+    if not isinstance(lin, Fp8BlockLinear) or lin.scale_ue8m0 is None:
+        return lin
+    return dataclasses.replace(lin, scale_ue8m0=None, scale_inv_f32=lin.scale_ue8m0.view(torch.uint8).to(torch.float32))
+
+
+def _fp8_scale_grid_transposed(lin):
+    """The [ceil(N/128), ceil(K/128)] block-scale grid laid out transposed (read back row-major): invisible
+    where the grid is one row or one column (the same bytes in the same order)."""
+    if not isinstance(lin, Fp8BlockLinear):
+        return lin
+    field = "scale_ue8m0" if lin.scale_ue8m0 is not None else "scale_inv_f32"
+    s = getattr(lin, field)
+    return dataclasses.replace(lin, **{field: s.transpose(-1, -2).contiguous().reshape(s.shape)})
+
+
+def _has_2d_fp8_scale_grid(layer) -> bool:
+    lins = [*getattr(layer, "attention", {}).values()]
+    for mlp in (getattr(layer, "shared_experts", None), getattr(layer, "dense_mlp", None)):
+        if mlp is not None:
+            lins += [mlp.w1, mlp.w3, mlp.w2]
+    return any(isinstance(lin, Fp8BlockLinear) and min(lin.block_dec_scale_f32().shape[-2:]) > 1 for lin in lins)
+
+
+def _ue8m0_rounded_down(a: Fp8QuantizedAct, x_bf16: torch.Tensor) -> Fp8QuantizedAct:
+    """a (UE8M0 rule) with every group scale rounded DOWN to a power of two (2^floor(log2(amax/448))) instead
+    of up, and its codes encoded with that scale (saturating at 448): other bytes wherever amax/448 is not a
+    power of two."""
+    if a.scale_rule != "ue8m0_ceil":
+        return a
+    m, k = x_bf16.shape
+    pad = (-k) % FP8_ACT_GROUP
+    xg = torch.nn.functional.pad(x_bf16.to(torch.float32), (0, pad)).view(m, (k + pad) // FP8_ACT_GROUP, FP8_ACT_GROUP)
+    amax = group_amax_f32_1x128(xg, amax_nan=FP8_ACT_UE8M0.amax_nan)
+    s = torch.clamp(amax, min=FP8_ACT_UE8M0.amax_floor_f32) / torch.tensor(448.0, device=amax.device)
+    down = f32_to_ue8m0_bytes(s, rounding="floor")
+    codes = f32_to_e4m3_bytes_group_scaled(xg, ue8m0_bytes_to_f32(down), encode_rule="divide").flatten(1)[:, :k]
+    return Fp8QuantizedAct(codes.contiguous(), down, a.scale_rule)
+
+
+@dataclass(frozen=True)
+class _UnpromotedFp8:
+    """An FP8 block-128 linear for the promotion-skipped bug: the checkpoint linear (its references' weight and
+    the activation scale rule its scales imply) and the wrapped backend's own operand."""
+
+    weight: object
+    scale_rule: str
+    inner: object
+
+
+_NARROW_ACC_BITS = 14           # Hopper's FP8 wgmma accumulator (NVFP4_FACTS 5b), truncating
+_NARROW_DECLARED = (2.0**-13, 128)  # what the bugged backend declares: (fp8_u_acc, fp8_promotion_interval)
+
+
+def _unpromoted(lin, inner_prepared) -> _UnpromotedFp8:
+    w = (fp8_weight_from_v4_e8m0_scale(lin.weight_e4m3, lin.scale_ue8m0, module=lin.module)
+         if lin.scale_ue8m0 is not None else
+         fp8_weight_from_v3_weight_scale_inv(lin.weight_e4m3, lin.scale_inv_f32, module=lin.module))
+    rule = {"ue8m0": "ue8m0_ceil", "f32": "f32"}[fp8_act_scale_fmt(to_reference_weight(lin))]
+    return _UnpromotedFp8(w, rule, inner_prepared)
+
+
+def _fp8_swallowing(layer, inputs: LayerInputs) -> tuple[object, LayerInputs]:
+    """Data on which a skipped float32 promotion shows (the layer's first FP8 attention projection, wq_a or
+    q_a_proj, K = 256 or more): its weight row 0 is 64 at k = 0 and 1.875 elsewhere (codes; every block scale
+    set to block [0, 0]'s), the last token's x_attn is 256 at k = 0 and 1 elsewhere. Output (last token, 0):
+    the first product is 2^14 block-scale units, every later one 1.875 (below the 14-bit accumulator's ulp of
+    2 there), so a truncating accumulator drops them all when it never promotes (error 255 x 1.875 against a
+    bound of about 330), and only group 0's 127 when it promotes every 128 (within the bound)."""
+    name = next((n for n in ("wq_a", "q_a_proj") if isinstance(layer.attention.get(n), Fp8BlockLinear)), None)
+    if name is None or layer.attention[name].weight_e4m3.shape[-1] < 2 * FP8_ACT_GROUP:
+        return layer, inputs
+    lin = layer.attention[name]
+    w = e4m3_bytes_to_f32(lin.weight_e4m3.view(torch.uint8))
+    w[0] = 1.875
+    w[0, 0] = 64.0
+    codes = f32_to_e4m3_bytes(w, saturate=True).view(torch.float8_e4m3fn)
+    field = "scale_ue8m0" if lin.scale_ue8m0 is not None else "scale_inv_f32"
+    s = getattr(lin, field)
+    flat = s.view(torch.uint8) if s.dtype == torch.float8_e8m0fnu else s
+    same = flat.reshape(-1)[:1].expand(flat.shape).clone()
+    new = dataclasses.replace(lin, weight_e4m3=codes, **{field: same.view(s.dtype)})
+    layer = dataclasses.replace(layer, attention={**layer.attention, name: new})
+    x = inputs.x_attn_bf16.clone()
+    x[-1] = 1.0
+    x[-1, 0] = 256.0
+    return layer, LayerInputs(inputs.token_ids_i64, x, inputs.x_ffn_bf16)
+
+
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -204,6 +302,8 @@ class Bugged:
         self.recipe, self.u_acc = inner.recipe, inner.u_acc
         self.fp8_u_acc = getattr(inner, "fp8_u_acc", None)  # its FP8 GEMMs' accumulator (Backend docstring)
         self.fp8_promotion_interval = getattr(inner, "fp8_promotion_interval", None)
+        if bug == "fp8-promotion-skipped":  # declares what a promoting Hopper FP8 GEMM has, computes without it
+            self.fp8_u_acc, self.fp8_promotion_interval = _NARROW_DECLARED
         self.graph_safe = getattr(inner, "graph_safe", True)
         self.supports_valid_tokens = getattr(inner, "supports_valid_tokens", False)
 
@@ -214,10 +314,15 @@ class Bugged:
     _LINEAR_BUGS = {"untransposed-scale-matrix": _transpose_scales, "n-major-weight-as-k-major": _n_major,
                     "k-vs-n-packing": _k_vs_n_packing,
                     "global-scale-inverted": _global_scale(torch.reciprocal),
-                    "global-scale-dropped": _global_scale(torch.ones_like)}
+                    "global-scale-dropped": _global_scale(torch.ones_like),
+                    "e8m0-scale-read-as-a-number": _e8m0_read_as_numbers,
+                    "fp8-scale-grid-transposed": _fp8_scale_grid_transposed}
 
     def prepare_linear(self, lin):
-        return self.inner.prepare_linear(self._LINEAR_BUGS.get(self.bug, lambda x: x)(lin))
+        w = self.inner.prepare_linear(self._LINEAR_BUGS.get(self.bug, lambda x: x)(lin))
+        if self.bug == "fp8-promotion-skipped" and isinstance(lin, Fp8BlockLinear):
+            return _unpromoted(lin, w)
+        return w
 
     def prepare_experts(self, experts):
         if self.bug in self._LINEAR_BUGS:
@@ -250,6 +355,12 @@ class Bugged:
             a = QuantizedAct((a.packed_u8 >> 4) | ((a.packed_u8 & 0xF) << 4), a.sf_swizzled_u8, a.global_dec_f32)
         if self.bug == "every-code-sign-flipped":  # the bound passes it (the GEMM's own operands), the bytes not
             a = QuantizedAct(a.packed_u8 ^ 0x88, a.sf_swizzled_u8, a.global_dec_f32)
+        return a
+
+    def quantize_fp8(self, x_bf16, *, scale_rule):
+        a = self.inner.quantize_fp8(x_bf16, scale_rule=scale_rule)
+        if self.bug == "fp8-ue8m0-scale-rounded-down":
+            a = _ue8m0_rounded_down(a, x_bf16)
         return a
 
     def grouped_quantize(self, rows_bf16, offsets_i32, *, input_dec_scale_f32=None):
@@ -314,7 +425,14 @@ class Bugged:
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
         """The CUDA-graph killers live here (dense_linear is the call the dense stages' sync and graph
-        probes capture); on a CPU tensor they are no-ops, and the probes report 'needs a CUDA device'."""
+        probes capture); on a CPU tensor they are no-ops, and the probes report 'needs a CUDA device'.
+        fp8-promotion-skipped: an FP8 linear computed by references.fp8_gemm's model of a 14-bit truncating
+        accumulator that never promotes to float32 (on the references' 1x128 activations)."""
+        if isinstance(w, _UnpromotedFp8):
+            act = quantize_act_fp8_1x128(x_bf16, recipe=fp8_act_recipe_for_rule(w.scale_rule))
+            y = fp8_block_gemm_narrow_acc_model(act, w.weight,
+                                                acc_bits=_NARROW_ACC_BITS, rounding="truncate", promotion_interval=None)
+            return y.to(torch.float32).to(torch.bfloat16)
         if self.bug == "stream-cached-at-first-call" and _on_cuda(x_bf16):
             if not hasattr(self, "_stream"):
                 self._stream = torch.cuda.current_stream(x_bf16.device)
@@ -346,6 +464,8 @@ _WEIGHTS = _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
 # a bug in the weights or a GEMM's output: a stage's activation bytes cannot see it (a backend that
 # quantizes without a GEMM passes them, and the bug is then not applicable, not MISSED)
 _BYTES = (Check.BYTES.value,)
+_NOT_BYTES = tuple(c.value for c in Check if c is not Check.BYTES)  # a bug only the quantizer's bytes can see
+_FP8 = ("fp8_block128",)
 
 
 @dataclass(frozen=True)
@@ -355,7 +475,9 @@ class Injector:
     checks that can see it (None: any; ("sync", "graph") for CUDA-graph killers, which are 'not
     applicable' with the checks' own reason where those checks cannot run); data: what the layer or
     its inputs need for the bug to show ("ties": rows of exact ties, "w13-scales": gate and up with
-    different weight_scale_2, "router-ties": two experts with identical gate rows)."""
+    different weight_scale_2, "router-ties": two experts with identical gate rows, "fp8-swallowing": the FP8
+    wq_a row and token of _fp8_swallowing, "fp8-2d-scale-grid": a layer with an FP8 block-scale grid of more than
+    one row and column, else not applicable)."""
 
     bug: str
     facts: str
@@ -364,6 +486,8 @@ class Injector:
     checks: tuple[str, ...] | None = None
     data: str | None = None
     blind: tuple[str, ...] = ()  # checks that cannot see it: their passing verdicts do not make it served
+    formats: tuple[str, ...] | None = None  # weight formats of the stages that can see it (None: any); a layer
+    # whose stages have other formats (an NVFP4 layer for an FP8 bug) neither serves nor misses it
 
 
 INJECTORS: tuple[Injector, ...] = (
@@ -405,6 +529,15 @@ INJECTORS: tuple[Injector, ...] = (
              blind=_BYTES),
     Injector("every-code-sign-flipped", "E2M1 sign bit", _ops(Op.DENSE_LINEAR)),
     Injector("one-clear-winner-swapped", "router: one token, one expert", _ops(Op.ROUTER)),
+    # FP8 block-128 linears (NVFP4_FACTS 5b): the activation quantizer's bytes, the weight's scales, the accumulator
+    Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_NOT_BYTES, formats=_FP8),
+    Injector("e8m0-scale-read-as-a-number", "FP8 weight E8M0 scale bytes read as numbers (b, not 2^(b-127))",
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, formats=_FP8),
+    Injector("fp8-scale-grid-transposed", "FP8 weight block-scale grid transposed", _ops(Op.DENSE_LINEAR),
+             act="dynamic", blind=_BYTES, data="fp8-2d-scale-grid", formats=_FP8),
+    Injector("fp8-promotion-skipped", "FP8 GEMM: 14-bit accumulator never promoted, promotion every 128 declared",
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES, data="fp8-swallowing", formats=_FP8),
 )
 
 
@@ -438,7 +571,7 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
     loaded = {i: ckpt.load_layer(i, device=device) for i in layers}
     rows = []
     for inj in injectors:
-        why = _cannot_express(inj, backend, device, ckpt.config)
+        why = _cannot_express(inj, backend, device, ckpt.config) or _cannot_see(inj, loaded)
         if why:
             rows.append(SelftestRow(inj.bug, inj.facts, "not applicable", [], [], f"not applicable on {backend.name}: "
                                     f"{why}"))
@@ -455,9 +588,11 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
             inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=11, device=device)
             if inj.data == "ties":
                 inputs = with_tie_rows(inputs)
+            if inj.data == "fp8-swallowing":
+                layer, inputs = _fp8_swallowing(layer, inputs)
             run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged,
                             on_phase=None if on_phase is None else lambda ph, b=inj.bug, i=i: on_phase(b, f"layer{i} {ph}"))
-            seen = [v for v in run.verdicts if _visible(inj, v)]
+            seen = [v for v in run.verdicts if _visible(inj, v) and _of_formats(inj, layer, v.stage)]
             served |= any(v.status in ("pass", "fail") for v in seen)
             reasons += [f"layer{i} {v.stage} {v.check}: {v.message}" for v in seen if v.status not in ("pass", "fail")]
             failed += [(i, v) for v in run.failed]
@@ -491,6 +626,32 @@ def _cannot_express(inj: Injector, backend: Backend, device: str, config=None) -
         return ("its moe_block takes no valid-token count, so a graph is never replayed with fewer tokens than "
                 "captured (the moe.block graph probe says so in its message)")
     return None
+
+
+def _cannot_see(inj: Injector, loaded: dict) -> str | None:
+    """Why the layers themselves cannot show this bug (it changes no byte of what they compute)."""
+    if inj.data == "fp8-2d-scale-grid" and not any(_has_2d_fp8_scale_grid(layer) for layer in loaded.values()):
+        return ("every FP8 block-scale grid of these layers is one row or one column: transposed, it holds the same "
+                "scales in the same order (no byte changes; shown failing bound on a 2-D grid in "
+                "verify/tests/test_fp8_bytes.py)")
+    return None
+
+
+def _of_formats(inj: Injector, layer, stage_name: str) -> bool:
+    """The stage's weights in this layer have one of the injector's formats (always true without formats)."""
+    if inj.formats is None:
+        return True
+    return bool(_stage(stage_name).weights) and all(
+        getattr(_weight_of(layer, role), "format", None) in inj.formats for role in _stage(stage_name).weights)
+
+
+def _weight_of(layer, role: str):
+    """A stage table weight role ("attn.wq_a", "shared.w1", ...) in a loaded layer, or None."""
+    group, name = role.split(".", 1)
+    if group == "attn":
+        return getattr(layer, "attention", {}).get(name)
+    holder = {"shared": "shared_experts", "dense": "dense_mlp", "experts": "experts"}.get(group)
+    return getattr(getattr(layer, holder, None), name, None) if holder else None
 
 
 def _visible(inj: Injector, v) -> bool:

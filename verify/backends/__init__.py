@@ -1,7 +1,7 @@
 """Backends: the protocol (boundary types), the `Backend` base class, the registry, and the
 adapters (emulator, sm90, sm100).
 
-- protocol.py: QuantizedAct, Dispatched, RoutingOut (the boundary tensors every backend speaks),
+- protocol.py: QuantizedAct, Fp8QuantizedAct, Dispatched, RoutingOut (the boundary tensors every backend speaks),
   BackendProtocol (the typing Protocol of a backend), FORWARD_OPS;
 - base.py: `Backend`, the base class: every op raises NotImplementedError "not served: <name> has
   no <op>" and unsupported_reason says so, until a subclass overrides the op;
@@ -14,8 +14,10 @@ adapters (emulator, sm90, sm100).
 
 from verify.backends.base import Backend
 from verify.backends.emulator import EmulatorBackend, run_moe_block
-from verify.backends.protocol import FORWARD_OPS, BackendProtocol, Dispatched, Op, QuantizedAct, RoutingOut
+from verify.backends.protocol import (FORWARD_OPS, BackendProtocol, Dispatched, Fp8QuantizedAct, Op, QuantizedAct,
+                                      RoutingOut)
 from verify.backends.registry import get_backend, registered_backend_names, registered_backends
 
-__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "Backend", "BackendProtocol", "FORWARD_OPS",
+__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "Dispatched", "RoutingOut", "Backend", "BackendProtocol",
+           "FORWARD_OPS",
            "EmulatorBackend", "run_moe_block", "get_backend", "registered_backend_names", "registered_backends"]

@@ -48,7 +48,7 @@ from torch import Tensor
 from references.layer import MoeSpec
 from references.recipes import TE, Recipe
 from references.stages import Op
-from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
+from verify.backends.protocol import Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
 
 __all__ = ["Backend", "OP_METHODS", "OPS_OF_METHOD", "declared_fp8_accumulator"]
@@ -140,6 +140,13 @@ class Backend:
         """Expert-sorted rows [R, K] bf16 with offsets int32 [E+1] -> grouped NVFP4 (per-expert 128-row
         padded 128x4 scales); input_dec_scale_f32: float32 [E] static, None: dynamic."""
         self._refuse("grouped_quantize")
+
+    def quantize_fp8(self, x_bf16: Tensor, *, scale_rule: str) -> Fp8QuantizedAct:
+        """x [M, K] bf16 -> FP8 E4M3 per token in 1x128 groups (protocol.Fp8QuantizedAct), dynamic scales under
+        scale_rule "ue8m0_ceil" (power of two rounded up, UE8M0 bytes) or "f32" (float32): the activations of
+        the backend's FP8 block-128 dense_linear, which the dense stages' bytes verdict compares with
+        references/fp8_act.py under the rule the weight's block scales imply."""
+        self._refuse("quantize_fp8")
 
     def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor:
         """a x prepare_linear(w)^T -> bf16 [M, N]."""

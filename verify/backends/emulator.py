@@ -14,17 +14,19 @@ from torch import Tensor
 from references import layouts as ref_layouts
 from references import moe as ref_moe
 from references.codecs import round_f64_to
+from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.layer import MoeSpec
 from references.linear import Nvfp4Weight, Weight, linear as ref_linear
 from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
 from verify.backends.base import Backend
-from verify.backends.protocol import BackendProtocol, Dispatched, QuantizedAct, RoutingOut
+from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, QuantizedAct, \
+    RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
 from verify.reference_layer import to_reference_weight
 
-__all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "U_FP64"]
+__all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
 
 U_FP64 = 2.0**-53  # float64 accumulation of exact products: the emulator's GEMMs
 
@@ -87,6 +89,11 @@ class EmulatorBackend(Backend):
                               input_scale_f32=input_dec_scale_f32)
         sf, _ = ref_layouts.sf_grouped_linear_to_swizzled_128x4(a.sf_u8, off)
         return QuantizedAct(a.packed_u8, sf, a.global_dec_f32)
+
+    def quantize_fp8(self, x_bf16: Tensor, *, scale_rule: str) -> Fp8QuantizedAct:
+        """references.fp8_act: FP8_ACT_UE8M0 ("ue8m0_ceil") or FP8_ACT_F32 ("f32"), x / s, NaN propagated."""
+        q = quantize_act_fp8_1x128(x_bf16, recipe=fp8_act_recipe_for_rule(scale_rule))
+        return Fp8QuantizedAct(q.e4m3_u8, q.block_dec_scale, scale_rule)
 
     # ---------------------------------------------------------------- GEMMs
 
@@ -183,6 +190,15 @@ def fp8_act_scale_fmt(w: object) -> str:
     mant, subnormal = bits & 0x7FFFFF, (bits & 0x7F800000) == 0
     pow2 = (mant == 0) | (subnormal & ((mant & (mant - 1)) == 0))
     return "ue8m0" if bool(pow2.all()) else "f32"
+
+
+def fp8_act_recipe_for_rule(scale_rule: str):
+    """The references' FP8 1x128 activation recipe of a protocol scale rule: "ue8m0_ceil" -> FP8_ACT_UE8M0
+    (DeepSeek's reference act_quant, V4), "f32" -> FP8_ACT_F32 (amax/448, x / s). ValueError otherwise."""
+    recipes = {"ue8m0_ceil": FP8_ACT_UE8M0, "f32": FP8_ACT_F32}
+    if scale_rule not in recipes:
+        raise ValueError(f"scale_rule={scale_rule!r}: expected one of {FP8_SCALE_RULES}")
+    return recipes[scale_rule]
 
 
 def _emulator_static_scales(experts: ref_moe.ExpertStack) -> tuple[Tensor, Tensor]:

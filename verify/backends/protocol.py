@@ -13,6 +13,11 @@ Boundary tensors have one representation in every backend, so verdicts can read 
   swizzled; a backend whose buffers are sized for capacity may append rows, which must be zero) +
   the float32 decode multiplier of each global scale (`global_dec_f32`, [1] dense,
   [E] grouped) that the GEMM folds into its alpha;
+- `Fp8QuantizedAct`: FP8 activations of an FP8 block-128 linear: E4M3 bytes [M, K] + one decode
+  scale per token and 128 consecutive K ([M, ceil(K/128)], the last group may be shorter) in its
+  storage form, which the scale rule decides: "ue8m0_ceil" (amax/448 rounded UP to a power of two,
+  stored as UE8M0 bytes, value 2^(b-127)) or "f32" (amax/448 as float32) (NVFP4_FACTS 5b;
+  references/fp8_act.py is the recipe);
 - `Dispatched`: expert-sorted rows (stable: within an expert, token-major order) with int32
   offsets [E+1];
 - outputs: bf16 (L1 halves float32 or bf16, as the backend computes them).
@@ -39,7 +44,8 @@ from references.recipes import Recipe
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "QuantizedAct", "Dispatched", "RoutingOut", "BackendProtocol", "FORWARD_OPS"]
+__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
+           "FORWARD_OPS"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
 
@@ -55,6 +61,24 @@ class QuantizedAct:
     @property
     def k(self) -> int:
         return 2 * self.packed_u8.shape[-1]
+
+
+FP8_SCALE_RULES = ("ue8m0_ceil", "f32")  # Fp8QuantizedAct.scale_rule: its scales as UE8M0 bytes / float32
+
+
+@dataclass(frozen=True)
+class Fp8QuantizedAct:
+    """FP8 E4M3 activations at a stage boundary: e4m3_u8 uint8 [M, K]; block_dec_scale [M, ceil(K/128)],
+    uint8 UE8M0 bytes under scale_rule "ue8m0_ceil", float32 under "f32" (see the module docstring)."""
+
+    e4m3_u8: Tensor
+    block_dec_scale: Tensor
+    scale_rule: str
+
+    @property
+    def scale_dtype(self) -> torch.dtype:
+        """The storage dtype the scale rule implies: uint8 (UE8M0 bytes) or float32."""
+        return torch.uint8 if self.scale_rule == "ue8m0_ceil" else torch.float32
 
 
 @dataclass(frozen=True)
@@ -98,6 +122,7 @@ class BackendProtocol(Protocol):
     def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
     def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
                          input_dec_scale_f32: Tensor | None = None) -> QuantizedAct: ...
+    def quantize_fp8(self, x_bf16: Tensor, *, scale_rule: str) -> Fp8QuantizedAct: ...
     def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor: ...
     def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
                      layer: str) -> Tensor | tuple[Tensor, Tensor]: ...

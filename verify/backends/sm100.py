@@ -76,6 +76,8 @@ NOT_SERVED: dict[Op, str] = {
         "sm100: swiglu_requant is not provided: the SwiGLU exists only in the L1 GEMM epilogue "
         "(grouped_gemm_swiglu), which takes the NVFP4 activations and w1|w3, never gate/up tensors "
         "(sm100's SwiGLU is exercised by l1_fused and moe_block)"),
+    Op.QUANTIZE_FP8: ("sm100: quantize_fp8 is not wired to the protocol yet: kernels/sm100's FP8 1x128 quantizer "
+                      "(quantize_fp8_1x128) has no adapter method"),
     Op.REFERENCE: "sm100: reference-only stages have no backend op",
 }
 

@@ -3,7 +3,8 @@
 Served, each by the kernels.sm90.api.Sm90Kernels method named in _SERVED (its availability is
 the op's): prepare (its own host code: kernels.sm90.host_prepare for NVFP4 dense linears,
 kernels.sm90.fp8_linear for FP8 block-128 ones, the grouped GEMM's prepare_gate_up / prepare_experts
-for expert stacks), dense quantize / GEMM / linear, and the MoE block:
+for expert stacks), dense quantize / GEMM / linear, the FP8 1x128 activation quantizer (quantize_fp8:
+the kernel dense_linear runs on FP8 weights, kernels.sm90.quantize_fp8_1x128), and the MoE block:
 grouped quantize (static per expert / dynamic, te), grouped GEMM (l1: gate and up float32 from one
 interleaved w1|w3 stack; l2: bf16), unfused SwiGLU + requant, the fused L1 + SwiGLU + requant (static
 h scale only), router (sqrtsoftplus / sigmoid, bias, hash, V3 group-limited top-k), dispatch, combine
@@ -46,13 +47,14 @@ from references.recipes import recipe_by_name
 from references.stages import Op
 from verify.backends.base import Backend
 from verify.backends.emulator import fp8_act_scale_fmt
-from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
+from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
 from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router
 
 __all__ = ["Sm90Adapter", "Sm90Fp8Linear", "fp8_block_dec_f32"]
 
 # the protocol's op -> the kernels/sm90 method whose availability decides it
-_SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.DENSE_GEMM: "gemm_act",
+_SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.QUANTIZE_FP8: "quantize_act_fp8",
+           Op.DENSE_GEMM: "gemm_act",
            Op.DENSE_LINEAR: "linear_nvfp4", Op.GROUPED_QUANTIZE: "grouped_quantize", Op.GROUPED_GEMM: "grouped_gemm",
            Op.SWIGLU_REQUANT: "swiglu_requant", Op.L1_FUSED: "l1_swiglu_requant", Op.ROUTER: "router",
            Op.DISPATCH: "dispatch", Op.COMBINE: "combine", Op.MOE_BLOCK: "moe_block"}
@@ -169,6 +171,14 @@ class Sm90Adapter(Backend):
     # ---------------------------------------------------------------- quantize and GEMMs
     def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
         return QuantizedAct(*self._impl.quantize_act(x_bf16, input_dec_scale_f32))
+
+    def quantize_fp8(self, x_bf16: Tensor, *, scale_rule: str) -> Fp8QuantizedAct:
+        """kernels.sm90.quantize_fp8_1x128 (the quantizer linear_fp8 runs): E4M3 codes [M, K] and per-token 1x128
+        decode scales (UE8M0 bytes for "ue8m0_ceil", float32 for "f32"), x / s, NaN propagated. No host sync."""
+        if scale_rule not in FP8_SCALE_RULES:
+            raise ValueError(f"scale_rule={scale_rule!r}: expected one of {FP8_SCALE_RULES}")
+        codes, scale = self._impl.quantize_act_fp8(x_bf16, scale_rule=scale_rule)
+        return Fp8QuantizedAct(codes, scale, scale_rule)
 
     def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
                          input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:

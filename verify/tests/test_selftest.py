@@ -71,6 +71,10 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
         # run: reported with that reason, never as a pass (test_graph_killers_are_caught_on_cuda runs them)
         assert row.status == "not applicable" and "need a CUDA device" in row.message, row
         return
+    if inj.data == "fp8-2d-scale-grid":  # mini-v4's FP8 grids are one row or one column: transposed, no byte
+        # changes (test_fp8_bytes.py shows it failing bound on a 2-D grid)
+        assert row.status == "not applicable" and "one row or one column" in row.message, row
+        return
     assert row.status == "caught" and not row.misblamed, row
     if inj.checks is not None:
         assert any(c.split()[-1] in inj.checks for c in row.caught_by), row

@@ -142,7 +142,7 @@ def test_sm90_refuses_a_static_fp8_input_scale_and_fp8_in_dense_gemm():
 @pytest.mark.skipif(CUDA, reason="the CPU machine's answer (a CUDA device is present here)")
 def test_sm90_on_a_cpu_machine_says_why_it_does_not_serve_the_fp8_stages():
     """Every FP8 stage of an FP8 fixture layer: the checks that run the linear are "not served" for the
-    device (no CUDA device / triton missing), never for the weight format; bytes is skipped (FP8)."""
+    device (no CUDA device / triton missing), never for the weight format (bytes too: its quantize_fp8)."""
     b = _sm90()
     reason = b.unsupported_reason(Op.DENSE_LINEAR, torch.device("cpu"))
     assert reason in ("sm90: no CUDA device", "sm90: triton is not installed"), reason
@@ -155,10 +155,7 @@ def test_sm90_on_a_cpu_machine_says_why_it_does_not_serve_the_fp8_stages():
     for name in FP8_STAGES:
         for check in stage(name).checks:
             v = run.verdict(name, check.value)
-            if check is Check.BYTES:  # needs no op: judged (skipped: FP8) even here
-                assert v.status == "skipped" and "fp8_block128" in v.message, (name, v)
-            else:
-                assert (v.status, v.message) == ("not served", reason), (name, v)
+            assert (v.status, v.message) == ("not served", reason), (name, v)  # bytes: its quantize_fp8
 
 
 # ============================================================================= the dense judge's FP8 bound
@@ -241,7 +238,7 @@ def test_a_14_bit_accumulator_declared_with_its_promotion_passes_the_bound():
     assert v["bound"].status == "pass", v["bound"]
     assert 0.2 < v["bound"].metrics["bound_ratio_y"] < 1, v["bound"].metrics  # 127 of ~340 in token 0
     assert "promoted to fp32 every 128 of K" in v["bound"].message
-    assert v["batch"].status == "pass" and v["bytes"].status == "skipped" and v["padding"].status == "skipped"
+    assert v["batch"].status == "pass" and v["bytes"].status == "not served" and v["padding"].status == "skipped"
 
 
 def test_promotion_declared_but_skipped_fails_the_bound():
@@ -265,8 +262,9 @@ def test_the_emulator_is_judged_on_its_float64_path():
 @pytest.mark.parametrize("i", FP8_LAYERS, ids=[f"layer{i}" for i in FP8_LAYERS])
 def test_gpu_sm90_serves_and_passes_the_fixture_fp8_stages(i, act):
     """On an H100 / H200: every FP8 stage of the fixture's FP8 layers through --backend sm90 passes
-    bound (the declared 2^-13 / 128 accumulator), batch, sync and graph; bytes and padding are skipped
-    (no NVFP4 boundary activations, no NVFP4 scale padding). Static runs too: FP8 stages stay dynamic."""
+    bytes (its quantize_fp8 kernel byte for byte with references/fp8_act.py), bound (the declared 2^-13 / 128
+    accumulator), batch, sync and graph; padding is skipped (no NVFP4 scale padding). Static runs too: FP8
+    stages stay dynamic."""
     if not CUDA or torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("needs a Hopper GPU (sm_90)")
     b = _sm90()
@@ -276,8 +274,8 @@ def test_gpu_sm90_serves_and_passes_the_fixture_fp8_stages(i, act):
                     options=RunOptions(act_scale=act), backend=b)
     for name in FP8_STAGES:
         got = {c.value: run.verdict(name, c.value) for c in stage(name).checks}
-        for check in ("bound", "batch", "sync", "graph"):
+        for check in ("bytes", "bound", "batch", "sync", "graph"):
             assert got[check].status == "pass", (name, check, got[check].status, got[check].message)
         assert "promoted to fp32 every 128 of K" in got["bound"].message
-        for check in ("bytes", "padding"):
-            assert got[check].status == "skipped", (name, check, got[check].message)
+        assert "UE8M0 scale bytes equal references.fp8_act" in got["bytes"].message, got["bytes"].message
+        assert got["padding"].status == "skipped", (name, got["padding"].message)

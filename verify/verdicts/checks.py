@@ -21,10 +21,10 @@ from torch import Tensor
 
 from references.stages import Check, Op, Stage
 from verify.assertions import assert_bits_equal
-from verify.backends.protocol import QuantizedAct
+from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
 from verify.verdicts.model import Verdict
 from verify.verdicts.probes import Mutation, bits, graph_probe, sync_probe
-from verify.verdicts.quantized import check_quantized
+from verify.verdicts.quantized import check_fp8_quantized, check_quantized
 
 if TYPE_CHECKING:
     from verify.verdicts.context import JudgeContext
@@ -92,8 +92,9 @@ class Outputs:
     need; each raises Skipped where the check does not apply to this stage in this run. A stage kind
     lacking one raises TypeError: its table row lists a check its judge cannot run."""
 
-    def quantized(self) -> tuple[QuantizedAct, QuantizedAct]:
-        """(the backend's quantized activations, the references' expected ones)."""
+    def quantized(self) -> tuple[QuantizedAct, QuantizedAct] | list[tuple[Fp8QuantizedAct, Fp8QuantizedAct]]:
+        """(the backend's quantized activations, the references' expected ones); FP8 1x128 activations: a list
+        of such pairs, one per scale rule."""
         raise TypeError(f"{type(self).__name__}: no quantized activations to compare (check bytes)")
 
     def batch(self, metrics: dict) -> Batch:
@@ -156,10 +157,13 @@ def needs_cuda(ctx: "JudgeContext", check: Check) -> None:
 
 
 def quantized_bytes(ctx: "JudgeContext", stage: Stage, out: Outputs, metrics: dict) -> str:
-    """bytes: the backend's quantized activations equal the references' (check_quantized)."""
+    """bytes: the backend's quantized activations equal the references' (NVFP4: check_quantized; FP8 1x128:
+    check_fp8_quantized, one comparison per scale rule the stage's weights imply)."""
     __tracebackhide__ = True
-    got, expected = out.quantized()
-    return check_quantized(stage.name, got, expected)
+    pairs = out.quantized()
+    msgs = [check_fp8_quantized(stage.name, got, expected) if isinstance(got, Fp8QuantizedAct) else
+            check_quantized(stage.name, got, expected) for got, expected in (pairs if isinstance(pairs, list) else [pairs])]
+    return "; ".join(msgs)
 
 
 def _tensors(y: object) -> tuple:

@@ -14,9 +14,9 @@ from references.stages import Stage
 from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
     assert_within_gemm_bound, describe_e4m3
 from verify.backends.base import Backend
-from verify.backends.protocol import QuantizedAct
+from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
 
-__all__ = ["check_quantized", "expected_grouped_quant", "grouped_f64", "grouped_bound", "nan_inf",
+__all__ = ["check_quantized", "check_fp8_quantized", "describe_ue8m0", "expected_grouped_quant", "grouped_f64", "grouped_bound", "nan_inf",
            "quant_act_from_reference", "clone_act"]
 
 
@@ -38,6 +38,33 @@ def check_quantized(stage: str, got: QuantizedAct, exp: QuantizedAct) -> str:
     assert_bits_equal(got.global_dec_f32.reshape(-1).to(torch.float32).cpu(),
                       exp.global_dec_f32.reshape(-1).to(torch.float32).cpu(), label=f"{stage} global decode scale")
     return "codes, scale bytes and global scale equal the emulator's"
+
+
+def describe_ue8m0(byte: int) -> str:
+    """'0x7f (2^0)': a UE8M0 scale byte and its value (0xFF is NaN)."""
+    return f"0x{byte:02x} (nan)" if byte == 0xFF else f"0x{byte:02x} (2^{byte - 127})"
+
+
+def check_fp8_quantized(stage: str, got: Fp8QuantizedAct, exp: Fp8QuantizedAct) -> str:
+    """FP8 1x128 activations byte for byte: the same scale rule, the per-token 1x128 scales (UE8M0 bytes, or
+    float32 bits; in the dtype the rule stores) and the E4M3 codes (bytewise: -0 is 0x80 in both). One
+    AssertionError naming the first mismatching index and both bytes."""
+    __tracebackhide__ = True
+    if got.scale_rule != exp.scale_rule:
+        raise AssertionError(f"{stage} FP8 activations: scale rule {got.scale_rule!r} != expected {exp.scale_rule!r} "
+                             "(the rule the weight's block scales imply)")
+    scale = got.block_dec_scale
+    if scale.dtype != exp.scale_dtype:
+        raise AssertionError(f"{stage} FP8 activation scales: dtype {scale.dtype} != {exp.scale_dtype} (scale rule "
+                             f"{exp.scale_rule!r} stores {'UE8M0 bytes' if exp.scale_dtype == torch.uint8 else 'float32'})")
+    label = f"{stage} FP8 1x128 activation scales ({exp.scale_rule})"
+    if exp.scale_rule == "ue8m0_ceil":
+        assert_bytes_equal(scale, exp.block_dec_scale, label=label, describe=describe_ue8m0)
+    else:
+        assert_bits_equal(scale.cpu(), exp.block_dec_scale.cpu(), label=label)
+    assert_bytes_equal(got.e4m3_u8, exp.e4m3_u8, label=f"{stage} FP8 E4M3 activation codes", describe=describe_e4m3)
+    words = "UE8M0 scale bytes" if exp.scale_rule == "ue8m0_ceil" else "float32 scale bits"
+    return f"E4M3 codes and {words} equal references.fp8_act ({exp.scale_rule})"
 
 
 def expected_grouped_quant(backend: Backend, rows: Tensor, offsets_i64: Tensor, scale: Tensor | None) -> QuantizedAct:

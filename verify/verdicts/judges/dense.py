@@ -1,7 +1,15 @@
 """The dense linear stages (attention projections, shared expert, dense MLP): quantize + dense GEMM.
 
-Collected: the backend's quantized activations of the stage's input (NVFP4 weights), its dense GEMM on
-them and its one-call dense_linear, per part of the stage (shared.l1: gate, up). Own check: bound.
+Collected: the backend's quantized activations of the stage's input (NVFP4 weights: quantize; FP8
+block-128 weights: quantize_fp8 under the scale rule each part's weight implies), its dense GEMM on them
+(NVFP4) and its one-call dense_linear, per part of the stage (shared.l1: gate, up). Own check: bound.
+
+bytes of an FP8 block-128 stage: the backend's quantize_fp8 of the stage input, with the activation scale
+rule the checkpoint weight's block scales imply (verify.backends.emulator.fp8_act_scale_fmt: power-of-two
+scales, as V4's E8M0 `.scale`, -> "ue8m0_ceil"; float32 ones, V3, -> "f32"), equals references/fp8_act.py
+(FP8_ACT_UE8M0 / FP8_ACT_F32) byte for byte: E4M3 codes, UE8M0 scale bytes or float32 scale bits
+(verify.verdicts.quantized.check_fp8_quantized). The rule comes from the checkpoint, not from the backend's
+prepared weight, so a prepare bug is the bound's to find.
 
 FP8 block-128 weights are judged with the backend's declared FP8 accumulator
 (verify.backends.base.declared_fp8_accumulator), not its NVFP4 u_acc: with a promotion interval (sm90:
@@ -14,7 +22,7 @@ promotion such a kernel does not do).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -29,9 +37,9 @@ from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quanti
 from references.nvfp4 import quantize_nvfp4
 from references.stages import FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, Check, Op, Stage
 from verify.assertions import assert_within_gemm_bound
-from verify.backends.emulator import fp8_act_scale_fmt
+from verify.backends.emulator import fp8_act_recipe_for_rule, fp8_act_scale_fmt
 from verify.backends.base import Backend, declared_fp8_accumulator
-from verify.backends.protocol import QuantizedAct
+from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
 from verify.metrics import stage_metrics
 from verify.reference_layer import to_reference_weight
 from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
@@ -100,6 +108,19 @@ def _is_nvfp4(lins: list) -> bool:
     return all(getattr(lin, "format", None) == "nvfp4" for lin in lins)
 
 
+def _is_fp8(lins: list) -> bool:
+    return all(getattr(lin, "format", None) == "fp8_block128" for lin in lins)
+
+
+_FP8_SCALE_RULE = {"ue8m0": "ue8m0_ceil", "f32": "f32"}  # fp8_act_scale_fmt -> protocol scale rule
+
+
+def _fp8_scale_rules(lins: list) -> list[str]:
+    """The activation scale rules the stage's FP8 weights imply, each once, in part order (the parts of one
+    stage normally agree: one rule)."""
+    return list(dict.fromkeys(_FP8_SCALE_RULE[fp8_act_scale_fmt(to_reference_weight(lin))] for lin in lins))
+
+
 @dataclass
 class DenseOutputs(Outputs):
     backend: Backend
@@ -112,12 +133,15 @@ class DenseOutputs(Outputs):
     a: QuantizedAct | None        # NVFP4: the backend's quantize(x)
     y_gemm: list[Tensor]          # NVFP4: dense_gemm(a, w) per part
     y_linear: list[Tensor]        # dense_linear(x, w) per part (NVFP4: with the static scale)
+    fp8_acts: list[Fp8QuantizedAct] = field(default_factory=list)  # FP8: quantize_fp8(x) per scale rule
 
     @property
     def nvfp4(self) -> bool:
         return self.a is not None
 
-    def quantized(self) -> tuple[QuantizedAct, QuantizedAct]:
+    def quantized(self) -> tuple[QuantizedAct, QuantizedAct] | list[tuple[Fp8QuantizedAct, Fp8QuantizedAct]]:
+        if self.fp8_acts:  # FP8 block-128: the backend's quantize_fp8 vs references/fp8_act.py, per rule
+            return [(a, _expected_fp8_act(self.x, a.scale_rule)) for a in self.fp8_acts]
         if not self.nvfp4:
             lin = self.lins[0]
             raise Skipped(f"bytes: {lin.module} is {lin.format}; only NVFP4 activations are a boundary tensor "
@@ -166,9 +190,10 @@ def _ops(ctx: JudgeContext, stage: Stage, check: Check) -> tuple[Op, ...]:
     """bytes needs only the quantizer (judged on a backend that has nothing else); every other check needs
     the backend's prepare and dense_linear, and with NVFP4 weights its dense GEMM on its own quantized
     activations too."""
-    nvfp4 = _is_nvfp4([_linear_of(ctx.case, role) for _, role in _roles(stage)])
+    lins = [_linear_of(ctx.case, role) for _, role in _roles(stage)]
+    nvfp4 = _is_nvfp4(lins)
     if check is Check.BYTES:
-        return (Op.QUANTIZE,) if nvfp4 else ()
+        return (Op.QUANTIZE,) if nvfp4 else (Op.QUANTIZE_FP8,) if _is_fp8(lins) else ()
     if check in (Check.BOUND, Check.PADDING) and nvfp4:  # both run the GEMM on the quantized boundary
         return _LINEAR_OPS + (Op.QUANTIZE, Op.DENSE_GEMM)
     return _LINEAR_OPS  # batch, sync, graph: the one-call dense_linear
@@ -183,8 +208,11 @@ def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
     prepared = [b.prepare_linear(lin) for lin in lins] if linear else []
     gemm = b.unsupported_reason(Op.DENSE_GEMM, ctx.device) is None
     x = _input(case, stage).contiguous()
-    if not _is_nvfp4(lins):  # FP8 / BF16: the one-call path only
-        return DenseOutputs(b, case, stage, x, lins, prepared, None, None, [], [b.dense_linear(x, w) for w in prepared])
+    if not _is_nvfp4(lins):  # FP8 / BF16: the one-call path (and FP8: the activation quantizer)
+        fp8_acts = [b.quantize_fp8(x, scale_rule=rule) for rule in _fp8_scale_rules(lins)] \
+            if _is_fp8(lins) and b.unsupported_reason(Op.QUANTIZE_FP8, ctx.device) is None else []
+        return DenseOutputs(b, case, stage, x, lins, prepared, None, None, [], [b.dense_linear(x, w) for w in prepared],
+                            fp8_acts)
     scale = _static_scale(case, roles[0][1])
     a = b.quantize(x, input_dec_scale_f32=scale)
     return DenseOutputs(b, case, stage, x, lins, prepared, scale, a, [b.dense_gemm(a, w) for w in prepared] if gemm else [],
@@ -250,6 +278,12 @@ def _unquantized_act_bound(backend: Backend, x: Tensor, lin, out_dtype: torch.dt
     y64, abs_dot = a64 @ w64.T, a64.abs() @ w64.abs().T
     return y64, gemm_error_bound(abs_dot, y64, torch.ones((), dtype=torch.float32), k=x.shape[1], u_acc=u,
                                  out_dtype=out_dtype)
+
+
+def _expected_fp8_act(x: Tensor, scale_rule: str) -> Fp8QuantizedAct:
+    """references/fp8_act.py's quantization of x under the scale rule, as the boundary type."""
+    q = quantize_act_fp8_1x128(x, recipe=fp8_act_recipe_for_rule(scale_rule))
+    return Fp8QuantizedAct(q.e4m3_u8, q.block_dec_scale, scale_rule)
 
 
 def _fp8_block_weight(lin) -> Fp8BlockScaledWeight:
