@@ -45,6 +45,7 @@ from verify.assertions import assert_bits_equal, assert_within_gemm_bound, asser
 from verify.backends import Backend, Dispatched, QuantizedAct
 from verify.checkpoint import GatedMlp, Nvfp4Linear
 from verify.verdicts import check_quantized, expected_grouped_quant, grouped_f64
+from verify.verdicts.probes import as_tensors
 
 __all__ = ["BadCase", "BadVerdict", "BAD_CASES", "run_bad_case", "INPUT_CLASSES"]
 
@@ -225,13 +226,9 @@ def _padding_unchanged(run: Callable[[QuantizedAct], object], a: QuantizedAct, p
     sf = a.sf_swizzled_u8.clone()
     sf[pad] = byte
     dirty = run(QuantizedAct(a.packed_u8, sf, a.global_dec_f32))
-    for i, (c, d) in enumerate(zip(_tensors(clean), _tensors(dirty))):
+    for i, (c, d) in enumerate(zip(as_tensors(clean), as_tensors(dirty))):
         assert_bits_equal(d, c, label=f"output {i} with 0x{byte:02X} in the {n_pad} scale padding bytes vs clean")
     return f"0x{byte:02X} in {n_pad} padding bytes changes no output bit"
-
-
-def _tensors(out) -> list[Tensor]:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
 
 
 # ============================================================================= grouped GEMM

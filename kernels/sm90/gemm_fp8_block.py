@@ -29,11 +29,12 @@ from the graph's pool; nothing syncs with the host. With TRITON_INTERPRET=1 it r
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "launch"]
 
@@ -50,9 +51,6 @@ _CHUNK_TARGET_CTAS = 2 * _NUM_SMS_H200  # a constant, not the device's SM count:
 _REDUCE_BLOCK = 1024
 _GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the bits do not depend on it)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def chunk_plan(n: int, k: int) -> tuple[int, int]:

@@ -49,6 +49,7 @@ from torch import Tensor
 
 from kernels.sm90._consts import BLOCK, FLT_MAX, ONE_SIXTH_F32
 from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, prepare_experts, prepare_gate_up
+from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["CompileKey", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
            "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows"]
@@ -62,9 +63,6 @@ def grouped_sf_rows(rcap: int, num_experts: int) -> int:
     multiple of 128 (the same count as kernels.sm90.quantize_grouped.sf_capacity_rows)."""
     return (rcap + 127 * min(num_experts, rcap) + 127) // 128 * 128
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

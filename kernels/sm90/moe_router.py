@@ -25,13 +25,13 @@ reuses the compiled kernels (T is a runtime argument). Softmax scoring is not pr
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels.sm90.quantize_grouped import next_pow2
+from kernels.sm90._env import triton_interpreting as _interpreted
 
 __all__ = ["SCORINGS", "CompileKey", "launch", "unsupported_reason"]
 
@@ -76,10 +76,6 @@ class CompileKey:
     n_chunks: int
     split: bool
 
-
-def _interpreted() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tests), where bf16 dot operands must be widened first."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=32)

@@ -23,11 +23,11 @@ arguments. With TRITON_INTERPRET=1 the kernel runs on CPU tensors (the CPU tests
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["FP8_GROUP", "SCALE_RULES", "CompileKey", "launch"]
 
@@ -35,9 +35,6 @@ FP8_GROUP = 128
 SCALE_RULES = ("ue8m0_ceil", "f32")
 _X_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from references.stages import Check, Op, Stage
 from verify.assertions import assert_bits_equal
 from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
 from verify.verdicts.model import Verdict
-from verify.verdicts.probes import Mutation, bits, graph_probe, sync_probe
+from verify.verdicts.probes import Mutation, as_tensors, bits, graph_probe, sync_probe
 from verify.verdicts.quantized import check_fp8_quantized, check_quantized
 
 if TYPE_CHECKING:
@@ -166,17 +166,13 @@ def quantized_bytes(ctx: "JudgeContext", stage: Stage, out: Outputs, metrics: di
     return "; ".join(msgs)
 
 
-def _tensors(y: object) -> tuple:
-    return y if isinstance(y, tuple) else (y,)
-
-
 def batch_invariance(ctx: "JudgeContext", stage: Stage, out: Outputs, metrics: dict) -> str:
     """batch: rows judged alone have the bits they have inside the batch."""
     __tracebackhide__ = True
     b = out.batch(metrics)
     full = b.full()
     for s in b.subsets:
-        for alone, inside in zip(_tensors(s.alone()), _tensors(s.inside(full))):
+        for alone, inside in zip(as_tensors(s.alone()), as_tensors(s.inside(full))):
             assert_bits_equal(alone.cpu(), inside.cpu(), label=s.label)
     return b.passed
 

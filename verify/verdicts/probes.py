@@ -11,9 +11,14 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["bits", "sync_probe", "graph_probe", "Mutation"]
+__all__ = ["as_tensors", "bits", "sync_probe", "graph_probe", "Mutation"]
 
 Mutation = tuple[str, Callable[[], object]]  # (what it changes, in words; the in-place write)
+
+
+def as_tensors(out: object) -> tuple:
+    """An op's output as a tuple of its outputs (an L1 GEMM returns (gate, up); most ops one tensor)."""
+    return tuple(out) if isinstance(out, (tuple, list)) else (out,)
 
 
 def bits(out: object) -> Tensor:
