@@ -213,14 +213,6 @@ def _fp8_scale_grid_transposed(lin):
     return dataclasses.replace(lin, **{field: s.transpose(-1, -2).contiguous().reshape(s.shape)})
 
 
-def _has_2d_fp8_scale_grid(layer) -> bool:
-    lins = [*getattr(layer, "attention", {}).values()]
-    for mlp in (getattr(layer, "shared_experts", None), getattr(layer, "dense_mlp", None)):
-        if mlp is not None:
-            lins += [mlp.w1, mlp.w3, mlp.w2]
-    return any(isinstance(lin, Fp8BlockLinear) and min(lin.block_dec_scale_f32().shape[-2:]) > 1 for lin in lins)
-
-
 def _ue8m0_rounded_down(a: Fp8QuantizedAct, x_bf16: torch.Tensor) -> Fp8QuantizedAct:
     """a (UE8M0 rule) with every group scale rounded DOWN to a power of two (2^floor(log2(amax/448))) instead
     of up, and its codes encoded with that scale (saturating at 448): other bytes wherever amax/448 is not a
@@ -628,12 +620,31 @@ def _cannot_express(inj: Injector, backend: Backend, device: str, config=None) -
     return None
 
 
+def _judged_fp8_linears(layer) -> list[tuple[str, object]]:
+    """(weight role, linear) of every FP8 block-128 linear that a dense stage of the table judges in this layer
+    (V3's FP8 attention projections have no stage: a bug there changes no verdict)."""
+    out = []
+    for s in STAGES:
+        if s.op is Op.DENSE_LINEAR and s.kernel and layer.schema in s.schemas:
+            out += [(role, lin) for role in s.weights if isinstance(lin := _weight_of(layer, role), Fp8BlockLinear)]
+    return out
+
+
 def _cannot_see(inj: Injector, loaded: dict) -> str | None:
-    """Why the layers themselves cannot show this bug (it changes no byte of what they compute)."""
-    if inj.data == "fp8-2d-scale-grid" and not any(_has_2d_fp8_scale_grid(layer) for layer in loaded.values()):
-        return ("every FP8 block-scale grid of these layers is one row or one column: transposed, it holds the same "
-                "scales in the same order (no byte changes; shown failing bound on a 2-D grid in "
+    """Why the layers themselves cannot show this bug (it changes no byte of what the judged stages compute)."""
+    judged = [lin for layer in loaded.values() for _, lin in _judged_fp8_linears(layer)]
+    if inj.bug == "e8m0-scale-read-as-a-number" and not any(lin.scale_ue8m0 is not None for lin in judged):
+        return ("no judged FP8 linear of these layers stores E8M0 scale bytes (float32 weight_scale_inv or none): "
+                "there is no byte to read as a number")
+    if inj.data == "fp8-2d-scale-grid" and not any(min(lin.block_dec_scale_f32().shape[-2:]) > 1 for lin in judged):
+        return ("every judged FP8 block-scale grid of these layers is one row or one column: transposed, it holds the "
+                "same scales in the same order (no byte changes; shown failing bound on a 2-D grid in "
                 "verify/tests/test_fp8_bytes.py)")
+    if inj.data == "fp8-swallowing" and not any(
+            role == "attn.wq_a" and lin.weight_e4m3.shape[-1] >= 2 * FP8_ACT_GROUP
+            for layer in loaded.values() for role, lin in _judged_fp8_linears(layer)):
+        return ("no judged FP8 attn.wq_a with K >= 256 in these layers to carry the data that exposes a skipped "
+                "promotion (a 14-bit accumulator passes the bound on ordinary data)")
     return None
 
 

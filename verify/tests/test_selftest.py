@@ -161,3 +161,25 @@ def test_a_failed_capture_leaves_the_current_stream_as_it_was():
     assert torch.cuda.current_stream() == before, \
         f"current stream after a failed capture: {torch.cuda.current_stream()}, before: {before}"
     torch.randn(4, device="cuda")  # the default generator is not left registered with the dead capture
+
+
+_FP8_WEIGHT_BUGS = ("e8m0-scale-read-as-a-number", "fp8-scale-grid-transposed", "fp8-promotion-skipped")
+
+
+@pytest.mark.parametrize("preset", ["mini-v4", "mini-v3"])
+def test_fp8_weight_bugs_are_not_applicable_where_no_judged_stage_could_show_them(preset, tmp_path):
+    """The FP8 weight bugs act on the FP8 linears a dense stage judges. mini-v3's FP8 linears are V3 attention
+    projections (no stage: V4 only) and shared experts with float32 weight_scale_inv and one-row / one-column
+    grids, so none of the three can change a verdict there: "not applicable", never MISSED. On mini-v4 the E8M0
+    misread and the skipped promotion are visible (its FP8 grids are 1x2 / 2x1: the transposed grid is not)."""
+    from verify.checkpoint.writer import make_checkpoint
+
+    path = GOLDEN_DIR / "mini-v4" if preset == "mini-v4" else make_checkpoint(tmp_path / preset, preset)["out"]
+    ckpt = Checkpoint.open(path)
+    loaded = {i: ckpt.load_layer(i) for i in range(4)}
+    why = {inj.bug: st._cannot_see(inj, loaded) for inj in INJECTORS if inj.bug in _FP8_WEIGHT_BUGS}
+    if preset == "mini-v3":
+        assert all(why.values()), why
+    else:
+        assert why["e8m0-scale-read-as-a-number"] is None and why["fp8-promotion-skipped"] is None, why
+        assert why["fp8-scale-grid-transposed"], why
