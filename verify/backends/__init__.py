@@ -14,10 +14,10 @@ adapters (emulator, sm90, sm100).
 
 from verify.backends.base import Backend
 from verify.backends.emulator import EmulatorBackend, run_moe_block
-from verify.backends.protocol import (FORWARD_OPS, BackendProtocol, Dispatched, Fp8QuantizedAct, Op, QuantizedAct,
-                                      RoutingOut)
+from verify.backends.protocol import (FORWARD_OPS, WEIGHT_FORMATS, BackendProtocol, Dispatched, Fp8QuantizedAct,
+                                      NumericsMode, Op, QuantizedAct, RoutingOut)
 from verify.backends.registry import get_backend, registered_backend_names, registered_backends
 
-__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "Dispatched", "RoutingOut", "Backend", "BackendProtocol",
+__all__ = ["Op", "NumericsMode", "WEIGHT_FORMATS", "QuantizedAct", "Fp8QuantizedAct", "Dispatched", "RoutingOut", "Backend", "BackendProtocol",
            "FORWARD_OPS",
            "EmulatorBackend", "run_moe_block", "get_backend", "registered_backend_names", "registered_backends"]

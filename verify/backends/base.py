@@ -28,6 +28,9 @@ What a backend declares (shown by `python -m verify backends`):
   sync and graph probes run on it (True by default: only a reference that syncs by design, like the
   emulator, declares False, and its probes are then skipped with that reason);
 - supports_valid_tokens: moe_block takes num_valid_tokens_i32 (int32 [1] on the device);
+- modes: the numerics mode of its GEMM ops (protocol.NumericsMode) per weight format, optionally per
+  op: keys (op, weight_format) or weight_format; numerics_mode(op, weight_format) reads it, defaulting to
+  W4A4 for NVFP4 weights, FP8_BLOCK for FP8 block-128 weights, W4A4 for MXFP4;
 - version: a version string of its own, or None (the registry then reports the version of the
   distribution that provides it);
 - not_served: op -> the sentence saying why this backend leaves the op out (instead of the generic
@@ -48,7 +51,8 @@ from torch import Tensor
 from references.layer import MoeSpec
 from references.recipes import TE, Recipe
 from references.stages import Op
-from verify.backends.protocol import Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
+from verify.backends.protocol import (WEIGHT_FORMATS, Dispatched, Fp8QuantizedAct, NumericsMode, QuantizedAct,
+                                      RoutingOut)
 from verify.checkpoint import GatedMlp, Linear, Router
 
 __all__ = ["Backend", "OP_METHODS", "OPS_OF_METHOD", "declared_fp8_accumulator"]
@@ -78,6 +82,9 @@ def declared_fp8_accumulator(backend: object) -> tuple[float, int | None]:
     return u, interval
 
 
+_DEFAULT_MODES = {"nvfp4": NumericsMode.W4A4, "fp8_block": NumericsMode.FP8_BLOCK, "mxfp4": NumericsMode.W4A4}
+
+
 class Backend:
     """The base class of every backend; see the module docstring."""
 
@@ -90,9 +97,19 @@ class Backend:
     graph_safe: bool = True
     supports_valid_tokens: bool = False
     version: str | None = None
+    # (op, weight_format) or weight_format -> NumericsMode; unlisted: _DEFAULT_MODES
+    modes: Mapping[object, NumericsMode] = MappingProxyType({})
     not_served: Mapping[Op, str] = MappingProxyType({})  # op -> why not, for ops a subclass leaves out
 
     # ---------------------------------------------------------------- what it serves
+
+    def numerics_mode(self, op: Op, weight_format: str) -> NumericsMode:
+        """The declared numerics mode of `op` on weights of `weight_format` (protocol.WEIGHT_FORMATS):
+        modes[(op, weight_format)], else modes[weight_format], else the default of the format."""
+        if weight_format not in WEIGHT_FORMATS:
+            raise ValueError(f"weight_format={weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+        mode = self.modes.get((op, weight_format)) or self.modes.get(weight_format) or _DEFAULT_MODES[weight_format]
+        return NumericsMode(mode)
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
         """None when this backend has `op`, else why not (not_served_reason). Subclasses call this

@@ -33,6 +33,7 @@ verify.backends.Backend and overrides what it has.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -44,10 +45,25 @@ from references.recipes import Recipe
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
+__all__ = ["Op", "NumericsMode", "WEIGHT_FORMATS", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
            "FORWARD_OPS"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))
+
+# The checkpoint weight formats a GEMM op can meet (verify.checkpoint: NVFP4 Linear / GatedMlp stacks,
+# FP8 block-128 linears, MXFP4 E8M0-block-32 experts).
+WEIGHT_FORMATS = ("nvfp4", "fp8_block", "mxfp4")
+
+
+class NumericsMode(str, enum.Enum):
+    """What a backend's GEMM op computes (its declared numerics mode; the `mode` check compares it with
+    the emulator mode its output actually matches)."""
+
+    W4A4 = "w4a4"            # NVFP4 weights x NVFP4 activations (the backend's activation recipe)
+    W4A16 = "w4a16"          # NVFP4 (or MXFP4) weights dequantized x bf16/fp16 activations
+    W4A8 = "w4a8"            # 4-bit weights x FP8 E4M3 activations
+    FP8_BLOCK = "fp8_block"  # FP8 E4M3 weights (block-128 scales) x FP8 1x128 activations
+    BF16 = "bf16"            # bf16 x bf16 (weights dequantized to bf16 first)
 
 
 @dataclass(frozen=True)
