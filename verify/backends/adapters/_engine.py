@@ -57,7 +57,8 @@ class EngineNvfp4Weight:
 def global_enc_from_amax(amax_f32: Tensor) -> Tensor:
     """S = 2688/amax in float32, at most FLT_MAX, and 1.0 where amax is 0 or S is 0 (TransformerEngine's guard)."""
     amax_f32 = amax_f32.to(torch.float32)
-    s = torch.clamp(_FP4_X_FP8_MAX / amax_f32, max=_FLT_MAX)
+    # tensor / tensor: a Python scalar divided by a tensor is computed as reciprocal x scalar (two roundings)
+    s = torch.clamp(torch.full_like(amax_f32, _FP4_X_FP8_MAX) / amax_f32, max=_FLT_MAX)
     return torch.where((amax_f32 == 0) | (s == 0), torch.ones_like(s), s)
 
 
