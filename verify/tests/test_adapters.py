@@ -265,3 +265,83 @@ def test_the_decode_check_can_fail():
     swapped = ((q.packed_u8 & 0xF) << 4) | (q.packed_u8 >> 4)
     got = nvfp4_act_to_bf16(swapped, ref_layouts.sf_linear_to_swizzled_128x4(q.sf_u8))
     assert not torch.equal(got.float(), decode_nvfp4_block_scaled(q.packed_u8, q.sf_u8))
+
+
+# ----------------------------------------------------------------------------- humming's moe_block glue (pure torch)
+
+
+def _fake_humming(monkeypatch, e: int, h: int, i: int):
+    """A HummingBackend whose GEMM is a float32 matmul per expert (the routing, sort, gather, SwiGLU, combine and
+    placement around it are the adapter's own code under test), with random bf16-valued expert weights."""
+    from verify.backends.adapters import humming as hm
+
+    g = torch.Generator().manual_seed(3)
+    w13 = torch.randn(e, 2 * i, h, generator=g).to(torch.bfloat16).float()
+    w2 = torch.randn(e, h, i, generator=g).to(torch.bfloat16).float() / 8
+
+    def weight(name, w):
+        return hm.HummingWeight(name, w.shape[1], w.shape[2], e, None, w, None, torch.ones(e), "tensor", None,
+                                torch.zeros(1), "{}")
+
+    def gemm(self, w, x_bf16, scale_2, offsets_i32=None):
+        out = torch.zeros(x_bf16.shape[0], w.n)
+        off = offsets_i32.tolist()
+        for ex in range(len(off) - 1):
+            out[off[ex]:off[ex + 1]] = x_bf16[off[ex]:off[ex + 1]].float() @ w.weight[ex].T
+        return out.to(torch.bfloat16)
+
+    monkeypatch.setattr(hm.HummingBackend, "_gemm", gemm)
+    return hm.HummingBackend(), hm.HummingExperts(weight("w13", w13), weight("w2", w2), i), w13, w2
+
+
+def _moe_case(monkeypatch, placement: str, hashed: bool):
+    """(humming moe_block's output, a per-token loop over the references' routing with the same fake GEMM)."""
+    from references.layer import MoeSpec
+    from references.router import route
+    from verify.checkpoint import Router
+
+    e, h, i, t, k = 8, 32, 16, 13, 3
+    b, experts, w13, w2 = _fake_humming(monkeypatch, e, h, i)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(t, h, generator=g).to(torch.bfloat16)
+    gate = torch.randn(e, h, generator=g).to(torch.bfloat16)
+    bias = None if hashed else torch.randn(e, generator=g) * 0.1
+    tid2eid = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(50)]) if hashed else None
+    tokens = torch.randint(0, 50, (t,), generator=g) if hashed else None
+    spec = MoeSpec(top_k=k, scoring="sqrtsoftplus", routed_scaling_factor=2.5, swiglu_limit=4.0)
+    r = b.prepare_router(Router(gate, bias, tid2eid), spec)
+    y = b.moe_block(x, r, experts, swiglu_limit=4.0, weight_placement=placement, act_scale="dynamic",
+                    token_ids_i64=tokens)
+    ref = route(x, gate, scoring="sqrtsoftplus", top_k=k, routed_scaling_factor=2.5, bias_f32=bias, tid2eid=tid2eid,
+                token_ids_i64=tokens)
+    want = torch.zeros(t, h)
+    for tok in range(t):
+        for slot in range(k):
+            ex, wt = int(ref.ids_i64[tok, slot]), float(ref.weights_f32[tok, slot])
+            gu = (x[tok].float() @ w13[ex].T).to(torch.bfloat16).float()
+            hh = torch.nn.functional.silu(gu[:i].clamp(max=4.0)) * gu[i:].clamp(-4.0, 4.0)
+            if placement == "before_w2":
+                hh = hh * wt
+            yy = (hh.to(torch.bfloat16).float() @ w2[ex].T).to(torch.bfloat16).float()
+            want[tok] += yy * (wt if placement == "after_w2" else 1.0)
+    assert y.dtype == torch.bfloat16 and y.shape == (t, h)
+    return y.float(), want
+
+
+@pytest.mark.parametrize("placement", ["after_w2", "before_w2"])
+@pytest.mark.parametrize("hashed", [False, True], ids=["scored", "hashed"])
+def test_humming_moe_block_routes_sorts_and_combines_like_a_per_token_loop(monkeypatch, placement, hashed):
+    y, want = _moe_case(monkeypatch, placement, hashed)
+    # the routing weights differ from the references' float64-once rounding by float32 ulps only
+    torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-3)
+
+
+def test_humming_moe_block_glue_check_can_fail(monkeypatch):
+    """The same comparison sees routing weights applied to the wrong slots (rolled by one along k)."""
+    from verify.backends.adapters import humming as hm
+
+    route = hm._route
+    monkeypatch.setattr(hm, "_route", lambda *a: (lambda ids, w: (ids, w.roll(1, dims=1)))(*route(*a)))
+    y, want = _moe_case(monkeypatch, "after_w2", False)
+    with pytest.raises(AssertionError):
+        torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-3)
