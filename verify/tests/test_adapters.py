@@ -108,8 +108,24 @@ def test_the_engine_adapters_declare_their_quantizer_recipe_and_w4a4(name, recip
     b = get_backend(name)
     assert b.recipe.name == recipe
     assert b.numerics_mode(Op.DENSE_LINEAR, "nvfp4") is NumericsMode.W4A4
+    assert b.numerics_mode(Op.DENSE_LINEAR, "fp8_block") is NumericsMode.FP8_BLOCK
     served = {op for op in FORWARD_OPS if op not in b.not_served}
-    assert served == {Op.QUANTIZE, Op.DENSE_GEMM, Op.DENSE_LINEAR}, served
+    fp8 = {Op.QUANTIZE_FP8} if name == "vllm" else set()
+    assert served == {Op.QUANTIZE, Op.DENSE_GEMM, Op.DENSE_LINEAR} | fp8, served
+
+
+def test_vllm_declares_its_fp8_block_accumulator():
+    from verify.backends.base import declared_fp8_accumulator
+
+    assert declared_fp8_accumulator(get_backend("vllm")) == (2.0**-13, 128)
+
+
+def test_ue8m0_bytes_of_power_of_two_scales_are_exact_and_anything_else_is_the_nan_byte():
+    e = torch.arange(-127, 128)
+    pow2 = torch.ldexp(torch.ones(e.numel()), e)
+    assert torch.equal(_common.f32_pow2_to_ue8m0_u8(pow2), (e + 127).to(torch.uint8))
+    bad = torch.tensor([3.0, 0.0, -2.0, float("inf"), float("nan"), 2.0**-128, 1.5 * 2.0**-127])
+    assert torch.equal(_common.f32_pow2_to_ue8m0_u8(bad), torch.full((7,), 0xFF, dtype=torch.uint8))
 
 
 def test_humming_pin_is_the_one_the_extra_installs():
@@ -345,3 +361,16 @@ def test_humming_moe_block_glue_check_can_fail(monkeypatch):
     y, want = _moe_case(monkeypatch, "after_w2", False)
     with pytest.raises(AssertionError):
         torch.testing.assert_close(y, want, rtol=2**-7, atol=1e-3)
+
+
+def test_vllm_gates_its_fp8_path_on_hopper_and_its_nvfp4_path_on_blackwell(tmp_path, monkeypatch, fresh_problems):
+    (tmp_path / "vllm").mkdir()
+    (tmp_path / "vllm" / "__init__.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "vllm", raising=False)
+    if _installed("vllm"):
+        pytest.skip("vllm is installed here")
+    b = get_backend("vllm")
+    assert b.unsupported_reason(Op.QUANTIZE_FP8, CPU) == \
+        "vllm: needs a CUDA device, Hopper or Blackwell (FP8 block-128; its NVFP4 path needs Blackwell); got cpu"
+    assert b.unsupported_reason(Op.QUANTIZE, CPU).startswith("vllm: needs a CUDA device, Blackwell")

@@ -20,7 +20,7 @@ from torch import Tensor
 
 __all__ = ["Package", "package_problem", "package_version", "cuda_device_problem", "e2m1_codes_to_f32",
            "swizzled_128x4_offsets", "sf_linear_to_swizzled_128x4_u8", "nvfp4_act_to_bf16",
-           "grouped_nvfp4_act_to_bf16", "grouped_padded_row_of"]
+           "grouped_nvfp4_act_to_bf16", "grouped_padded_row_of", "f32_pow2_to_ue8m0_u8"]
 
 _SF_BLOCK = 16        # NVFP4: one E4M3 scale per 16 consecutive K
 _SWIZZLE_ROWS = 128   # the 128x4 layout's row tile (grouped: each expert's rows padded to it)
@@ -176,3 +176,16 @@ def grouped_nvfp4_act_to_bf16(packed_u8: Tensor, sf_swizzled_u8: Tensor, offsets
     if offsets_i32.dtype != torch.int32 or offsets_i32.dim() != 1 or offsets_i32.numel() < 2:
         raise ValueError(f"offsets_i32: expected int32 [E+1], got {offsets_i32.dtype} {tuple(offsets_i32.shape)}")
     return _decode_rows(packed_u8, sf_swizzled_u8, grouped_padded_row_of(offsets_i32, rows))
+
+
+def f32_pow2_to_ue8m0_u8(scale_f32: Tensor) -> Tensor:
+    """float32 scales that are powers of two -> UE8M0 bytes (2^(b - 127)), exactly: a normal 2^e -> e + 127,
+    the subnormal 2^-127 -> 0. A scale that is not a power of two (or NaN, Inf, zero, negative) -> 0xFF, the NaN
+    byte, so a bytes verdict shows it instead of a rounded byte hiding it."""
+    bits = scale_f32.to(torch.float32).contiguous().view(torch.int32)
+    exponent, mantissa = (bits >> 23) & 0xFF, bits & 0x7FFFFF
+    positive = bits > 0
+    normal_pow2 = positive & (mantissa == 0) & (exponent > 0) & (exponent < 0xFF)
+    byte = torch.where(normal_pow2, exponent, torch.full_like(exponent, 0xFF))
+    byte = torch.where(positive & (exponent == 0) & (mantissa == (1 << 22)), torch.zeros_like(byte), byte)
+    return byte.to(torch.uint8)

@@ -80,7 +80,12 @@ class Nvfp4EngineBackend(Backend):
         problem = package_problem(self.package)
         if problem:
             return f"{self.name}: {problem}"
-        return cuda_device_problem(self.name, device, majors=self.majors, arch_words=self.arch_words)
+        majors, arch_words = self._devices_for(op)
+        return cuda_device_problem(self.name, device, majors=majors, arch_words=arch_words)
+
+    def _devices_for(self, op: Op) -> tuple[tuple[int, ...], str]:
+        """(compute capability majors, their description) on which `op` runs: self.majors for every op here."""
+        return self.majors, self.arch_words
 
     # ---------------------------------------------------------------- what a subclass provides
     def _quantize_nvfp4(self, x_bf16: Tensor, global_enc_f32: Tensor) -> tuple[Tensor, Tensor]:
