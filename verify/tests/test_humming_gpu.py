@@ -149,7 +149,7 @@ def test_dense_gemm_on_the_nvfp4_boundary_within_the_bound(m, n, k):
                              label=f"humming dense_gemm {m}x{n}x{k}")
 
 
-@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5, 0], [17] * 8], ids=str)
+@pytest.mark.parametrize("counts", [[3, 0, 130, 1], [0, 0, 5, 0], [17] * 4], ids=str)
 def test_grouped_gemm_on_the_nvfp4_boundary_within_the_bound(counts):
     b = _humming()
     e, h, i = len(counts), 256, 128
