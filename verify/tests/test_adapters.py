@@ -374,3 +374,39 @@ def test_vllm_gates_its_fp8_path_on_hopper_and_its_nvfp4_path_on_blackwell(tmp_p
     assert b.unsupported_reason(Op.QUANTIZE_FP8, CPU) == \
         "vllm: needs a CUDA device, Hopper or Blackwell (FP8 block-128; its NVFP4 path needs Blackwell); got cpu"
     assert b.unsupported_reason(Op.QUANTIZE, CPU).startswith("vllm: needs a CUDA device, Blackwell")
+
+
+@pytest.mark.parametrize("name", ["vllm", "flashinfer", "sgl-kernel"])
+@pytest.mark.parametrize("n,k", [(1, 16), (130, 272), (256, 1040)], ids=str)
+def test_engine_prepare_decodes_back_to_the_checkpoint(name, n, k):
+    """Their prepare (the checkpoint bytes as they are, the scales swizzled by our code) decoded back equals the
+    checkpoint's dequantized weight bit for bit (pure torch: runs without the engine)."""
+    from references.nvfp4 import quantize_nvfp4_weight_checkpoint
+    from references.recipes import MODELOPT
+    from verify.checkpoint import Nvfp4Linear
+
+    g = torch.Generator().manual_seed(n + k)
+    t = quantize_nvfp4_weight_checkpoint(torch.randn(n, k, generator=g), recipe=MODELOPT)
+    lin = Nvfp4Linear("w", t["weight"].view(torch.uint8), t["weight_scale"], t["weight_scale_2"].float(),
+                      torch.tensor(0.01))
+    b = get_backend(name)
+    got = b.dequantize_prepared(b.prepare_linear(lin))
+    want = decode_nvfp4_block_scaled(lin.weight_u8, lin.weight_scale_e4m3) * lin.weight_scale_2_f32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+def test_vllm_fp8_prepare_decodes_back_and_picks_the_scale_rule():
+    from verify.checkpoint import Fp8BlockLinear
+
+    g = torch.Generator().manual_seed(9)
+    n, k = 200, 300
+    w = (torch.randn(n, k, generator=g) * 8).to(torch.float8_e4m3fn)
+    e8m0 = torch.randint(120, 130, (2, 3), dtype=torch.uint8, generator=g).view(torch.float8_e8m0fnu)
+    b = get_backend("vllm")
+    p = b.prepare_linear(Fp8BlockLinear("wq_a", w, e8m0, None))
+    assert p.scale_rule == "ue8m0_ceil"
+    scale = torch.ldexp(torch.ones(2, 3), e8m0.view(torch.uint8).to(torch.int32) - 127)
+    want = w.float() * scale.repeat_interleave(128, 0)[:n].repeat_interleave(128, 1)[:, :k]
+    assert torch.equal(b.dequantize_prepared(p), want)
+    v3 = b.prepare_linear(Fp8BlockLinear("wq_a", w, None, torch.full((2, 3), 0.3)))
+    assert v3.scale_rule == "f32"

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from references.stages import Op
+from verify.backends.adapters import _common
 from verify.backends.adapters._common import (Package, cuda_device_problem, package_problem, package_version,
                                               sf_linear_to_swizzled_128x4_u8)
 from verify.backends.base import Backend
@@ -105,6 +106,13 @@ class Nvfp4EngineBackend(Backend):
         return EngineNvfp4Weight(lin.module, lin.weight_u8.contiguous(),
                                  sf_linear_to_swizzled_128x4_u8(lin.weight_scale_e4m3.view(torch.uint8)),
                                  lin.weight_scale_2_f32.to(torch.float32).reshape(1))
+
+    def dequantize_prepared(self, prepared: object) -> Tensor:
+        """An EngineNvfp4Weight -> float32 [N, K] in checkpoint layout: its packed codes decoded, times the E4M3
+        scales read back from the 128x4 buffer prepare swizzled (adapters._common), times weight_scale_2."""
+        w = _as_weight(prepared, self.name)
+        values = _common.nvfp4_act_to_bf16(w.packed_u8, w.sf_swizzled_u8).to(torch.float32)
+        return values * w.weight_scale_2_f32.reshape(())
 
     def quantize(self, x_bf16: Tensor, *, input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
         """The engine's quantizer with S = 1/D (static) or 2688/amax (dynamic); global_dec_f32 = D or 1/S."""

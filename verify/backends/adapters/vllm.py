@@ -99,6 +99,15 @@ class VllmBackend(Nvfp4EngineBackend):
                                       f"{self.arch_words}")
         return super().prepare_linear(lin)
 
+    def dequantize_prepared(self, prepared: object) -> Tensor:
+        """NVFP4: adapters._engine's decode; FP8 block-128: the E4M3 weight times its float32 block scale,
+        float32 [N, K]."""
+        if not isinstance(prepared, VllmFp8Linear):
+            return super().dequantize_prepared(prepared)
+        n, k = prepared.weight_e4m3.shape
+        scale = prepared.block_dec_f32.repeat_interleave(_FP8_GROUP, 0)[:n].repeat_interleave(_FP8_GROUP, 1)[:, :k]
+        return prepared.weight_e4m3.to(torch.float32) * scale
+
     # ---------------------------------------------------------------- NVFP4 (adapters._engine)
     def _quantize_nvfp4(self, x_bf16: Tensor, global_enc_f32: Tensor) -> tuple[Tensor, Tensor]:
         from vllm import _custom_ops as ops  # noqa: PLC0415 (the optional package, lazily)
