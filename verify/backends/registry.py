@@ -2,7 +2,8 @@
 and pytest's `--backend`, `auto`, `python -m verify backends`, RunConfig's validation).
 
 A backend spec (what `--backend` takes) is one of:
-- a registered name: the built-ins (BUILTINS: emulator, sm90, sm100), then the entry points of the
+- a registered name: the built-ins (BUILTINS: emulator, sm90, sm100), the shipped adapters of other people's
+  kernels (ADAPTERS: humming, vllm, flashinfer, sgl-kernel; verify/backends/adapters/), then the entry points of the
   group `nvfp4_verify.backends` of the installed distributions (a built-in's name wins);
 - "auto": the best of ours for the device (auto_backend_name): sm100 on compute capability 10,
   sm90 on 9, else (another GPU, a CPU device, no CUDA) the emulator;
@@ -34,7 +35,7 @@ from verify.backends.base import Backend
 from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
-__all__ = ["backend_spec_problem", "BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
+__all__ = ["backend_spec_problem", "BUILTINS", "ADAPTERS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
            "registered_backend_names", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
            "get_backend", "module_version"]
 
@@ -45,6 +46,14 @@ BUILTINS: dict[str, tuple[str, str | None]] = {
     "emulator": ("verify.backends.emulator:EmulatorBackend", None),
     "sm90": ("verify.backends.sm90:Sm90Adapter", "triton"),
     "sm100": ("verify.backends.sm100:Sm100Adapter", "nvidia-cutlass-dsl"),
+}
+# adapters of other people's kernels shipped with the project (verify/backends/adapters/, each an optional extra
+# that says why it cannot run where its package or device is absent); listed after ours, never picked by auto
+ADAPTERS: dict[str, tuple[str, str | None]] = {
+    "humming": ("verify.backends.adapters.humming:HummingBackend", "humming-kernels"),
+    "vllm": ("verify.backends.adapters.vllm:VllmBackend", "vllm"),
+    "flashinfer": ("verify.backends.adapters.flashinfer:FlashinferBackend", "flashinfer-python"),
+    "sgl-kernel": ("verify.backends.adapters.sgl_kernel:SglKernelBackend", "sgl-kernel"),
 }
 _PROJECT = "nvfp4-verify"
 # the help text of every --backend (static: building a parser never scans the installed packages)
@@ -70,9 +79,11 @@ def registered_backends() -> dict[str, BackendEntry]:
     so a package installed since is seen), in that order."""
     out = {name: BackendEntry(name, target, "built-in", _builtin_version(requires))
            for name, (target, requires) in BUILTINS.items()}
+    out.update({name: BackendEntry(name, target, "shipped adapter", _builtin_version(requires))
+                for name, (target, requires) in ADAPTERS.items()})
     for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in out or ep.name == AUTO:
-            continue  # a built-in's name (and "auto") cannot be taken over by an installed package
+            continue  # a built-in's or shipped adapter's name (and "auto") cannot be taken over by a package
         dist = ep.dist
         out[ep.name] = BackendEntry(ep.name, ep.value, f"entry point {dist.name if dist else '?'}",
                                     dist.version if dist else "")
@@ -146,7 +157,7 @@ def get_backend(spec: str, device: torch.device | str | None = None) -> Backend:
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        if entry.origin == "built-in":
+        if entry.origin in ("built-in", "shipped adapter"):
             raise  # one of ours without its dependencies: "backend unavailable" (verify.layer_report)
         via = f" (entry point {entry.target} of {entry.origin.removeprefix('entry point ')})" \
             if entry.origin.startswith("entry point") else ""
