@@ -40,7 +40,7 @@ from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
 __all__ = ["backend_spec_problem", "BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
-           "registered_backend_names", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
+           "registered_backend_names", "backend_specs_for", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
            "get_backend", "module_version"]
 
 AUTO = "auto"
@@ -87,6 +87,13 @@ def registered_backends() -> dict[str, BackendEntry]:
 
 def registered_backend_names() -> tuple[str, ...]:
     return tuple(registered_backends())
+
+
+def backend_specs_for(option: str) -> tuple[str, ...]:
+    """The backends a pytest run parametrizes its backend tests over for a --backend value: every registered
+    name for "auto" (each skipping with its own reason where it cannot run), else that one spec (a registered
+    name or module:attr)."""
+    return registered_backend_names() if option == AUTO else (option,)
 
 
 def backend_spec(text: str) -> str:
