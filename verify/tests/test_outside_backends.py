@@ -281,14 +281,21 @@ def test_model_runs_an_outside_backend_given_as_module_attr(outside, tmp_path):
     assert any(v["status"] == "pass" and v["check"] == "bytes" for v in _verdicts(report))
 
 
-def test_accumulator_takes_module_attr_and_probes_an_fp8_only_backend():
+def test_accumulator_takes_module_attr_and_probes_an_fp8_only_backend(tmp_path):
     """torch's rowwise variant serves no NVFP4 dense_gemm on the CPU: its FP8 paths are still probed (exit 0:
-    its declared CPU accumulator is what they measure); a backend without any GEMM is unavailable (exit 2)."""
+    its declared CPU accumulator is what they measure); an outside factory with both GEMMs gets both tables."""
     proc = _verify_with(["accumulator", "--backend", "verify.backends.adapters.torch_ops:rowwise", "--device", "cpu"])
     out = " ".join(proc.stdout.split())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "serves no NVFP4 dense_gemm on cpu" in out and "measured FP8 block-scaled GEMM accumulator" in out
     assert "is what every path measures" in out
+    (tmp_path / "outside_emu.py").write_text("from verify.backends import EmulatorBackend\n\n\n"
+                                             "class Emu(EmulatorBackend):\n    name = 'outside-emu'\n\n\n"
+                                             "def make():\n    return Emu()\n")
+    proc = _verify_with(["accumulator", "--backend", "outside_emu:make", "--device", "cpu"], tmp_path)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "outside-emu on cpu: measured GEMM accumulator" in out and "is what every path measures" in out
 
 
 def test_accumulator_through_an_entry_point_name_says_why_not(example):

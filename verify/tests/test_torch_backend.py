@@ -306,3 +306,13 @@ def test_the_registry_makes_it_for_the_device_asked_for():
         gpu = get_backend("torch", "cuda")
         assert gpu.fp8_u_acc == 2.0**-13 and gpu.fp8_promotion_interval == 128
         assert "made for cuda" in gpu.unsupported_reason(Op.ROUTER, torch.device("cpu"))
+
+
+def test_the_listing_shows_its_numerics_mode_and_accumulator():
+    from verify.backends.cli import _modes_text, describe_backend
+
+    row = describe_backend(ROWWISE, torch.device("cpu"))
+    assert row["name"] == "torch-rowwise" and row["modes"]["fp8_block"] == {"dense_linear": "fp8_block"}
+    assert "fp8_block fp8_block" in _modes_text(row["modes"]) and "CPU scaled_mm" in row["accumulator"]
+    assert {op for op, why in row["ops"].items() if why is None} == {"quantize_fp8", "dense_linear", "router",
+                                                                     "dispatch", "combine"}
