@@ -11,6 +11,9 @@ three scalings (`fp8_scaling`):
   capability 9.x only, cuBLASLt >= 12.9). M = 1 is not served: cuBLASLt's block-scaled kernels do not
   take a single row (issue 24, measured with torch 2.11 cu130 on an H100), so a row alone (the batch
   check, the probe's M = 1 paths) is "not served" with that sentence, never padded out of sight.
+  torch 2.13's CPU scaled_mm refuses the block-wise recipes ("Invalid scaling configuration"); it runs
+  TensorWise and RowWise, with bfloat16 or float32 output, accumulating in float32 (measured: 24 bits,
+  round to nearest).
 - "rowwise" (`rowwise`): one scaled_mm per 128-K group with RowWise scales (the group's activation
   scale per token, its weight block scale per output row), float32 out, the groups summed in
   float32: the DeepSeek block math from per-row GEMMs, any M. CUDA compute capability >= 8.9, and
