@@ -39,9 +39,9 @@ from verify.backends.base import Backend
 from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
-__all__ = ["backend_spec_problem", "BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
-           "registered_backend_names", "backend_specs_for", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
-           "get_backend", "module_version"]
+__all__ = ["backend_spec_problem", "BUILTINS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry",
+           "registered_backends", "registered_backend_names", "backend_specs_for", "backend_spec", "backend_arg",
+           "auto_backend_name", "resolve_backend_spec", "get_backend", "module_version"]
 
 AUTO = "auto"
 ENTRY_POINT_GROUP = "nvfp4_verify.backends"

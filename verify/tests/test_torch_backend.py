@@ -105,7 +105,8 @@ def _fp8_linear(n: int, k: int, encoding: str, seed: int = 5) -> Fp8BlockLinear:
 def _fp8_expected(x: torch.Tensor, lin: Fp8BlockLinear, b: TorchBackend):
     """(y64, bound) of the references for x and lin, under the backend's declared FP8 accumulator."""
     if lin.scale_ue8m0 is not None:
-        ref_w, recipe = fp8_weight_from_v4_e8m0_scale(lin.weight_e4m3, lin.scale_ue8m0, module=lin.module), FP8_ACT_UE8M0
+        ref_w = fp8_weight_from_v4_e8m0_scale(lin.weight_e4m3, lin.scale_ue8m0, module=lin.module)
+        recipe = FP8_ACT_UE8M0
     else:
         ref_w = fp8_weight_from_v3_weight_scale_inv(lin.weight_e4m3, lin.scale_inv_f32, module=lin.module)
         recipe = FP8_ACT_F32

@@ -34,7 +34,10 @@ need it) is not served; the op tests and the accumulator probe judge the GEMM on
 
 Router, dispatch and combine, where an engine writes them in torch: float32 logits (x.float() @ W^T),
 sqrt(softplus) / sigmoid / softmax scores, torch.topk over score + bias (or the hash table; V3
-group-limited top-k), renormalised weights x routed_scaling_factor; dispatch by a stable argsort of the
+group-limited top-k), renormalised weights x routed_scaling_factor (torch.topk leaves the order of exact
+ties unspecified: on the CPU it can keep the higher id where the references keep the lower, so an exact
+tie fails the router's ids verdict, and selftest's router-ties bug, which flips the tie rule, reads MISSED
+on it); dispatch by a stable argsort of the
 flattened ids (token-major inside an expert) with counts by scatter_add and a cumsum; combine by the
 inverse permutation (a scatter), the k rows of a token summed in slot order in float32 (deterministic:
 no atomics).
@@ -78,8 +81,8 @@ M1_BLOCKWISE = ("not served: torch's block-scaled FP8 GEMM (scaled_mm BlockWise1
                 "variant (verify.backends.adapters.torch_ops:rowwise) serves it")
 _NO_NVFP4_QUANTIZER = ("not served: torch has no NVFP4 activation quantizer op (torch's NVFP4 scaled_mm takes "
                        "quantized operands; an engine brings its own quantizer)")
-_NOT_SERVED = {op: f"not served: torch ships no NVFP4 MoE op for {op.value} (the torch backend adapts torch's own ops only)"
-               for op in
+_NOT_SERVED = {op: f"not served: torch ships no NVFP4 MoE op for {op.value} (the torch backend adapts torch's own "
+                   "ops only)" for op in
                (Op.GROUPED_QUANTIZE, Op.GROUPED_GEMM, Op.SWIGLU_REQUANT, Op.L1_FUSED, Op.MOE_BLOCK)}
 _NOT_SERVED[Op.QUANTIZE] = _NO_NVFP4_QUANTIZER
 
