@@ -317,3 +317,17 @@ def test_the_listing_shows_its_numerics_mode_and_accumulator():
     assert "fp8_block fp8_block" in _modes_text(row["modes"]) and "CPU scaled_mm" in row["accumulator"]
     assert {op for op, why in row["ops"].items() if why is None} == {"quantize_fp8", "dense_linear", "router",
                                                                      "dispatch", "combine"}
+
+
+def test_selftest_through_torch_catches_what_it_serves_and_skips_nvfp4_bugs(mini_v4):
+    """On an FP8-only backend the NVFP4 bug classes are not applicable (they cannot reach an FP8 stage), the FP8
+    ones and a one-row GEMM error are caught by the FP8 linears' verdicts."""
+    from verify.selftest import INJECTORS, selftest
+
+    b = _backend("rowwise", Op.DENSE_LINEAR)
+    want = {"swapped-nibbles": "not applicable", "global-scale-inverted": "not applicable",
+            "one-output-row-3-percent-off": "caught", "fp8-ue8m0-scale-rounded-down": "caught",
+            "e8m0-scale-read-as-a-number": "caught", "routing-weight-at-the-wrong-place": "caught"}
+    rows = selftest(mini_v4, b, [3], tokens=8, device=str(DEVICE),
+                    injectors=tuple(i for i in INJECTORS if i.bug in want))
+    assert {r.bug: r.status for r in rows} == want, [(r.bug, r.status, r.message) for r in rows]
