@@ -390,10 +390,12 @@ def _serves_fp8_dense_linear(backend: Backend, device: torch.device) -> bool:
 
 
 def probe_fp8_accumulator(backend: Backend, device: torch.device | str,
-                          paths: dict[str, tuple[int, int, int]] = FP8_PROBE_PATHS) -> list[Fp8AccumulatorReading]:
+                          paths: dict[str, tuple[int, int, int]] = FP8_PROBE_PATHS, *,
+                          not_served: dict[str, str] | None = None) -> list[Fp8AccumulatorReading]:
     """One reading per FP8 block-scaled path ((M, N, K), K a multiple of 128 with at least 3 groups) that
-    the backend serves through dense_linear on `device`; [] when it serves no FP8 block-128 dense_linear
-    (prepare_linear of an FP8 linear or its dense_linear raises NotImplementedError)."""
+    the backend serves through dense_linear on `device`; [] when it serves no FP8 block-128 dense_linear.
+    A path whose prepare_linear or dense_linear raises NotImplementedError (a shape the backend leaves out,
+    e.g. M = 1) gets no reading; `not_served` (when given) receives path -> the backend's sentence."""
     device = torch.device(device)
     if not _serves_fp8_dense_linear(backend, device):
         return []
@@ -405,10 +407,10 @@ def probe_fp8_accumulator(backend: Backend, device: torch.device | str,
         x = _fp8_act_row(k).to(torch.bfloat16).repeat(m, 1).to(device)
         try:
             y = backend.dense_linear(x, backend.prepare_linear(_fp8_linear(w, n, device))).double().cpu()
-        except NotImplementedError:
-            if out:
-                raise
-            return []
+        except NotImplementedError as e:
+            if not_served is not None:
+                not_served[path] = str(e)
+            continue
         out.append(_fp8_reading(path, (m, n, k), y, inblock, promo))
     return out
 
@@ -498,12 +500,16 @@ def cli_accumulator(args) -> int:
         raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({e})", argument="--backend") \
             from None
     reason = backend.unsupported_reason(Op.DENSE_GEMM, device)
-    if reason:
+    if reason and not _serves_fp8_dense_linear(backend, device):  # neither an NVFP4 nor an FP8 GEMM to probe
         raise DeviceUnavailableError(f"--backend {args.backend}: backend unavailable ({reason})", argument="--backend")
     console = Console()
     console.print(target_line("accumulator", checkpoint=None, backend=backend.name, device=device,
                               threads_note=getattr(args, "threads_note", None)).replace(
         "checkpoint (none)", "no checkpoint (synthetic probe data)"), highlight=False, soft_wrap=True)
+    if reason:  # FP8 only (e.g. torch on a Hopper: its NVFP4 GEMM needs a Blackwell)
+        console.print(f"{backend.name} serves no NVFP4 dense_gemm on {device} ({reason}): no NVFP4 paths probed",
+                      soft_wrap=True)
+        return _print_fp8_accumulator(console, backend, device)
     readings = probe_accumulator(backend, device)
     table = Table(title=f"{backend.name} on {device}: measured GEMM accumulator (declared u_acc = "
                         f"2^{_log2(backend.u_acc):.0f})")
@@ -527,9 +533,11 @@ def _print_fp8_accumulator(console, backend: Backend, device: torch.device) -> i
     with one red line when the declared FP8 accumulator is not what a path measures."""
     from rich.table import Table
 
-    readings = probe_fp8_accumulator(backend, device)
+    not_served: dict[str, str] = {}
+    readings = probe_fp8_accumulator(backend, device, not_served=not_served)
     if not readings:
-        console.print(f"{backend.name} serves no FP8 block-128 dense_linear on {device}: no FP8 paths probed")
+        console.print(f"{backend.name} serves no FP8 block-128 dense_linear on {device}: no FP8 paths probed"
+                      + "".join(f"; {p}: {why}" for p, why in not_served.items()), soft_wrap=True)
         return 0
     u_dec, interval = declared_fp8_accumulator(backend)
     said = "none" if interval is None else f"every {interval} of K"
@@ -541,6 +549,9 @@ def _print_fp8_accumulator(console, backend: Backend, device: torch.device) -> i
         table.add_row(r.path, " x ".join(map(str, r.shape)),
                       f"{r.effective_bits}{'+ (exact at every gap)' if r.exact_up_to else ''}",
                       r.rounding, f"2^{_log2(r.u_measured):.0f}", r.promotion_text())
+    for path, why in not_served.items():  # a shape the backend leaves out: shown, never dropped
+        shape = FP8_PROBE_PATHS.get(path)
+        table.add_row(path, " x ".join(map(str, shape)) if shape else "", "not served", "", "", why)
     console.print(table)
     try:
         check_declared_fp8_accumulator(backend, readings)

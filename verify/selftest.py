@@ -430,7 +430,7 @@ class Bugged:
                 self._stream = torch.cuda.current_stream(x_bf16.device)
             with torch.cuda.stream(self._stream):  # the capture runs on another stream: this escapes it
                 return self.inner.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
-        y = self.inner.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+        y = self._row_off(self.inner.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32))
         if self.bug == "host-sync-in-a-stage" and _on_cuda(y):
             y.reshape(-1)[0].item()  # a device -> host read: the host waits for the stream
         if self.bug == "buffer-allocated-inside-capture" and _on_cuda(y):
@@ -458,6 +458,7 @@ _WEIGHTS = _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
 _BYTES = (Check.BYTES.value,)
 _NOT_BYTES = tuple(c.value for c in Check if c is not Check.BYTES)  # a bug only the quantizer's bytes can see
 _FP8 = ("fp8_block128",)
+_NVFP4 = ("nvfp4",)  # bugs in NVFP4 weights or the NVFP4 quantizer: an FP8 or BF16 stage cannot show them
 
 
 @dataclass(frozen=True)
@@ -483,23 +484,26 @@ class Injector:
 
 
 INJECTORS: tuple[Injector, ...] = (
-    Injector("swapped-nibbles", "nibble order (element 2i in the low nibble)", _ops(Op.DENSE_LINEAR)),
-    Injector("untransposed-scale-matrix", "scale matrix layout", _WEIGHTS, blind=_BYTES),
-    Injector("n-major-weight-as-k-major", "N-major B passed as K-major", _WEIGHTS, blind=_BYTES),
-    Injector("k-vs-n-packing", "K vs N packing (codes paired along N)", _WEIGHTS, blind=_BYTES),
-    Injector("global-scale-inverted", "global-scale direction (encode vs decode)", _WEIGHTS, blind=_BYTES),
-    Injector("global-scale-dropped", "weight_scale_2 dropped from alpha", _WEIGHTS, blind=_BYTES),
+    Injector("swapped-nibbles", "nibble order (element 2i in the low nibble)", _ops(Op.DENSE_LINEAR),
+             formats=_NVFP4),
+    Injector("untransposed-scale-matrix", "scale matrix layout", _WEIGHTS, blind=_BYTES, formats=_NVFP4),
+    Injector("n-major-weight-as-k-major", "N-major B passed as K-major", _WEIGHTS, blind=_BYTES, formats=_NVFP4),
+    Injector("k-vs-n-packing", "K vs N packing (codes paired along N)", _WEIGHTS, blind=_BYTES, formats=_NVFP4),
+    Injector("global-scale-inverted", "global-scale direction (encode vs decode)", _WEIGHTS, blind=_BYTES,
+             formats=_NVFP4),
+    Injector("global-scale-dropped", "weight_scale_2 dropped from alpha", _WEIGHTS, blind=_BYTES, formats=_NVFP4),
     Injector("activation-global-scale-dropped", "activation global scale dropped (output x2400)",
-             _ops(Op.DENSE_LINEAR), act="dynamic"),
+             _ops(Op.DENSE_LINEAR), act="dynamic", formats=_NVFP4),
     Injector("one-weight-scale-2-for-gate-and-up", "gate/up with different weight_scale_2, one used",
              _ops(Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK), data="w13-scales"),
-    Injector("static-scale-used-as-dynamic", "static input_scale vs dynamic amax", _ops(Op.DENSE_LINEAR)),
+    Injector("static-scale-used-as-dynamic", "static input_scale vs dynamic amax", _ops(Op.DENSE_LINEAR),
+             formats=_NVFP4),
     Injector("global-amax-of-part-of-the-tensor", "cross-CTA amax reduction race (garbage global scale)",
-             _ops(Op.DENSE_LINEAR), act="dynamic"),
+             _ops(Op.DENSE_LINEAR), act="dynamic", formats=_NVFP4),
     Injector("e2m1-ties-away-from-zero", "ties rounded away from zero (E2M1 codes)", _ops(Op.DENSE_LINEAR),
-             act="dynamic", data="ties"),
+             act="dynamic", data="ties", formats=_NVFP4),
     Injector("e4m3-scale-ties-away-from-zero", "ties in the E4M3 block scale rounded away", _ops(Op.DENSE_LINEAR),
-             act="dynamic", data="ties"),
+             act="dynamic", data="ties", formats=_NVFP4),
     Injector("gate-up-interleave-halved", "gate/up interleave granularity",
              _ops(Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)),
     Injector("garbage-in-scale-padding", "swizzle padding read or written", _ops(Op.GROUPED_QUANTIZE, Op.SWIGLU_REQUANT)),
@@ -519,7 +523,7 @@ INJECTORS: tuple[Injector, ...] = (
     # small, local errors: a verdict that passes any of these is too loose
     Injector("one-output-row-3-percent-off", "a local GEMM error (one row)", _ops(Op.DENSE_LINEAR, Op.GROUPED_GEMM),
              blind=_BYTES),
-    Injector("every-code-sign-flipped", "E2M1 sign bit", _ops(Op.DENSE_LINEAR)),
+    Injector("every-code-sign-flipped", "E2M1 sign bit", _ops(Op.DENSE_LINEAR), formats=_NVFP4),
     Injector("one-clear-winner-swapped", "router: one token, one expert", _ops(Op.ROUTER)),
     # FP8 block-128 linears (NVFP4_FACTS 5b): the activation quantizer's bytes, the weight's scales, the accumulator
     Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",

@@ -9,6 +9,8 @@ adapters (emulator, sm90, sm100).
   module:attr), `auto`, get_backend;
 - emulator.py (references/, every op, any device), sm90.py, sm100.py: the adapters. Only sm90.py and
   sm100.py import kernels/ (the import-rule test checks it); the registry imports them lazily.
+- adapters/: other people's kernels behind the protocol, one module each (torch_ops.py: torch's scaled_mm
+  and routing ops, registered as "torch"); they import neither references/ nor kernels/.
 - cli.py: `python -m verify backends`, the registry as a table.
 """
 

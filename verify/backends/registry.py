@@ -2,13 +2,18 @@
 and pytest's `--backend`, `auto`, `python -m verify backends`, RunConfig's validation).
 
 A backend spec (what `--backend` takes) is one of:
-- a registered name: the built-ins (BUILTINS: emulator, sm90, sm100), the shipped adapters of other people's
-  kernels (ADAPTERS: humming, vllm, flashinfer, sgl-kernel; verify/backends/adapters/), then the entry points of the
-  group `nvfp4_verify.backends` of the installed distributions (a built-in's name wins);
+- a registered name: the built-ins (BUILTINS: emulator, sm90, sm100, torch), the shipped adapters of other
+  people's kernels (ADAPTERS: humming, vllm, flashinfer, sgl-kernel; verify/backends/adapters/), then the entry
+  points of the group `nvfp4_verify.backends` of the installed distributions (a built-in's name wins);
 - "auto": the best of ours for the device (auto_backend_name): sm100 on compute capability 10,
   sm90 on 9, else (another GPU, a CPU device, no CUDA) the emulator;
 - "module:attr": an importable module and an attribute of it that is a Backend subclass, a factory
-  (called with no arguments) returning a backend, or a backend instance.
+  returning a backend, or a backend instance.
+
+A class or factory is called with no arguments, or with `device=` (a torch.device) when it takes a
+keyword `device` and the caller names one (every entry point does: the device the verdicts, tests or
+probes run on), so a backend whose declarations depend on the device (torch's FP8 accumulator: the
+tensor cores' on CUDA, float32 on the CPU) is made for the device it runs on.
 
 A registered entry is a "module:attr" string too, imported only when the backend is asked for:
 the registry never imports sm90's triton or sm100's cutlass (nor any outside package) to list
@@ -35,9 +40,9 @@ from verify.backends.base import Backend
 from verify.backends.protocol import BackendProtocol
 from verify.errors import UsageError
 
-__all__ = ["backend_spec_problem", "BUILTINS", "ADAPTERS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry", "registered_backends",
-           "registered_backend_names", "backend_spec", "backend_arg", "auto_backend_name", "resolve_backend_spec",
-           "get_backend", "module_version"]
+__all__ = ["backend_spec_problem", "BUILTINS", "ADAPTERS", "ENTRY_POINT_GROUP", "AUTO", "BACKEND_HELP", "BackendEntry",
+           "registered_backends", "registered_backend_names", "backend_specs_for", "backend_spec", "backend_arg",
+           "auto_backend_name", "resolve_backend_spec", "get_backend", "module_version"]
 
 AUTO = "auto"
 ENTRY_POINT_GROUP = "nvfp4_verify.backends"
@@ -46,6 +51,7 @@ BUILTINS: dict[str, tuple[str, str | None]] = {
     "emulator": ("verify.backends.emulator:EmulatorBackend", None),
     "sm90": ("verify.backends.sm90:Sm90Adapter", "triton"),
     "sm100": ("verify.backends.sm100:Sm100Adapter", "nvidia-cutlass-dsl"),
+    "torch": ("verify.backends.adapters.torch_ops:TorchBackend", "torch"),
 }
 # adapters of other people's kernels shipped with the project (verify/backends/adapters/, each an optional extra
 # that says why it cannot run where its package or device is absent); listed after ours, never picked by auto
@@ -92,6 +98,13 @@ def registered_backends() -> dict[str, BackendEntry]:
 
 def registered_backend_names() -> tuple[str, ...]:
     return tuple(registered_backends())
+
+
+def backend_specs_for(option: str) -> tuple[str, ...]:
+    """The backends a pytest run parametrizes its backend tests over for a --backend value: every registered
+    name for "auto" (each skipping with its own reason where it cannot run), else that one spec (a registered
+    name or module:attr)."""
+    return registered_backend_names() if option == AUTO else (option,)
 
 
 def backend_spec(text: str) -> str:
@@ -165,24 +178,36 @@ def get_backend(spec: str, device: torch.device | str | None = None) -> Backend:
                          argument="--backend") from None
     if not hasattr(module, attr):
         raise UsageError(f"{where}: module {module_name!r} has no attribute {attr!r}", argument="--backend")
-    return _instantiate(getattr(module, attr), where, entry.target)
+    return _instantiate(getattr(module, attr), where, entry.target,
+                        None if device is None else torch.device(device))
 
 
-def _instantiate(obj: object, where: str, target: str) -> Backend:
+def _instantiate(obj: object, where: str, target: str, device: torch.device | None = None) -> Backend:
     """A backend from what module:attr holds: a backend (kept), a class or a factory (called with no
-    arguments; what it returns must be a backend)."""
+    arguments, or with device= when it takes that keyword and a device is named; what it returns must be
+    a backend)."""
     if _is_backend(obj) and not inspect.isclass(obj):
         return obj
     if not callable(obj):
         raise UsageError(f"{where}: {target} is a {type(obj).__name__}, not a backend (expected a "
                          "verify.backends.Backend subclass or a factory returning one)", argument="--backend")
-    made = obj()
+    made = obj(device=device) if device is not None and _takes_device(obj) else obj()
     if not _is_backend(made):
         missing = [m for m in _PROTOCOL_MEMBERS if not hasattr(made, m)]
         raise UsageError(f"{where}: {target}() returned a {type(made).__name__}, not a backend (not a "
                          f"verify.backends.Backend; lacks {', '.join(missing[:4])}"
                          f"{', ...' if len(missing) > 4 else ''})", argument="--backend")
     return made
+
+
+def _takes_device(obj: object) -> bool:
+    """Whether a class or factory takes a keyword argument `device`."""
+    try:
+        params = inspect.signature(obj).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: called with no arguments
+        return False
+    p = params.get("device")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 _PROTOCOL_MEMBERS = ("name", "recipe", "u_acc", "unsupported_reason", "quantize", "dense_gemm", "moe_block")

@@ -180,7 +180,7 @@ def _cli(monkeypatch, capsys, backend) -> tuple[int, str]:
     nvfp4_probe, fp8_probe = acc.probe_accumulator, acc.probe_fp8_accumulator
     monkeypatch.setattr(backends, "get_backend", lambda name, device=None: backend)
     monkeypatch.setattr(acc, "probe_accumulator", lambda b, d: nvfp4_probe(b, d, paths={"M=1": 1}))
-    monkeypatch.setattr(acc, "probe_fp8_accumulator", lambda b, d: fp8_probe(b, d, paths=SMALL))
+    monkeypatch.setattr(acc, "probe_fp8_accumulator", lambda b, d, **kw: fp8_probe(b, d, paths=SMALL, **kw))
     monkeypatch.setenv("COLUMNS", "200")
     rc = acc.cli_accumulator(argparse.Namespace(backend="emulator", device="cpu"))
     return rc, capsys.readouterr().out

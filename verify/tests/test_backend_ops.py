@@ -21,7 +21,8 @@ from references.recipes import MODELOPT
 from references.stages import Op
 from verify.assertions import assert_all_zero, assert_bits_equal, assert_bytes_equal, assert_codes_equal_as_values, \
     assert_within_gemm_bound, describe_e4m3
-from verify.backends import get_backend, registered_backend_names
+from verify.backends import get_backend
+from verify.backends.registry import backend_specs_for
 from verify.checkpoint import GatedMlp, Nvfp4Linear
 from verify.rng import CounterRng
 
@@ -84,10 +85,15 @@ SHAPES = [(1, 16), (3, 48), (127, 272), (130, 1040)] + ([(1, 7168), (64, 7168), 
 # static decode scales: a plausible input_scale, 1/448 (S = 448: scale bytes near 1 for the midpoints),
 # and one far too large (S = 3e-3: every block scale underflows)
 STATIC = {"static": 0.0123, "static_1/448": 1 / 448, "static_S3e-3": 1 / 3.0e-3}
-BACKENDS = registered_backend_names()
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
+def pytest_generate_tests(metafunc):
+    """backend_name: the --backend under test (auto: every registered backend, each skipping where it
+    cannot run; a name or module:attr: that one)."""
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("backend_name", backend_specs_for(metafunc.config.getoption("--backend")))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("m,k", SHAPES, ids=lambda v: str(v))
 @pytest.mark.parametrize("scale", ["dynamic", *STATIC])
@@ -126,7 +132,6 @@ if CUDA:  # DeepSeek-V4-Pro projections (N, K): wq_a, fused wq_a|wkv, shared w1|
                     (4, 130, 1040), (2, 129, 2064), (3, 200, 48), (4, 7168, 16384)]
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("m,n,k", GEMM_SHAPES, ids=lambda v: str(v))
 def test_dense_gemm_within_the_accumulation_bound(backend_name, m, n, k):
     b = _backend(backend_name, Op.PREPARE, Op.QUANTIZE, Op.DENSE_GEMM)
@@ -182,7 +187,6 @@ def _assert_grouped_within_bound(b, a, offsets, lin, y, label: str) -> None:
     assert_within_gemm_bound(y, y64, bound, label=label)
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("scale", ["dynamic", "static"])
 def test_grouped_quantize_bytes_equal_the_references(backend_name, counts, scale):
@@ -199,7 +203,6 @@ def test_grouped_quantize_bytes_equal_the_references(backend_name, counts, scale
                       label=f"{label} global decode scale per expert")
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("scale", ["dynamic", "static"])
 def test_grouped_quantize_scale_rows_past_the_experts_tiles_are_zero(backend_name, counts, scale):
@@ -210,7 +213,6 @@ def test_grouped_quantize_scale_rows_past_the_experts_tiles_are_zero(backend_nam
                     f"experts' {tiles} padded rows")
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("scale", ["dynamic", "static"])
 def test_grouped_gemm_l1_within_the_accumulation_bound(backend_name, counts, scale):
@@ -222,7 +224,6 @@ def test_grouped_gemm_l1_within_the_accumulation_bound(backend_name, counts, sca
     _assert_grouped_within_bound(b, a, offsets, mlp.w3, up, f"{b.name} grouped l1 up {counts} {scale}")
 
 
-@pytest.mark.parametrize("backend_name", BACKENDS)
 @pytest.mark.parametrize("counts", COUNTS, ids=lambda c: "-".join(map(str, c)))
 @pytest.mark.parametrize("scale", ["dynamic", "static"])
 def test_grouped_gemm_l2_within_the_accumulation_bound(backend_name, counts, scale):

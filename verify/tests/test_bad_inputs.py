@@ -17,7 +17,8 @@ import torch
 
 from references.stages import Op
 from verify.assertions import assert_within_gemm_bound
-from verify.backends import EmulatorBackend, get_backend, registered_backend_names
+from verify.backends import EmulatorBackend, get_backend
+from verify.backends.registry import backend_specs_for
 from verify.bad_inputs import BAD_CASES, BadCase, run_bad_case
 
 _DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -36,8 +37,14 @@ def _backend(name: str):
     return b
 
 
-@pytest.mark.parametrize("backend_name", registered_backend_names())
-@pytest.mark.parametrize("case", BAD_CASES, ids=lambda c: c.id)
+def pytest_generate_tests(metafunc):
+    """case x backend_name (ids <op>-<class>-<backend>): the --backend under test (auto: every registered
+    backend; else that one)."""
+    if "backend_name" in metafunc.fixturenames:
+        metafunc.parametrize("case", BAD_CASES, ids=lambda c: c.id)
+        metafunc.parametrize("backend_name", backend_specs_for(metafunc.config.getoption("--backend")))
+
+
 def test_bad_input_gives_the_defined_result_or_a_clear_refusal(case, backend_name):
     b = _backend(backend_name)
     v = run_bad_case(b, case, _DEVICE)

@@ -1,6 +1,8 @@
 """references/ and kernels/ never import each other (DESIGN.md "Layout"), the emulator imports
-nothing heavier than torch and numpy, verify/ has no import cycle, and in verify/ only the kernel
-adapters (verify/backends/sm90.py, sm100.py) import kernels/ (DESIGN "Backend protocol")."""
+nothing heavier than torch and numpy, verify/ has no import cycle, in verify/ only the kernel
+adapters (verify/backends/sm90.py, sm100.py) import kernels/ (DESIGN "Backend protocol"), and the
+adapters of other people's kernels (verify/backends/adapters/) import neither references/ nor kernels/
+nor the verify modules that wrap the references (their operands come from their own prepare)."""
 
 from __future__ import annotations
 
@@ -182,3 +184,43 @@ def test_the_kernels_rule_sees_a_planted_import(tmp_path, monkeypatch):
                  "\n\ndef _planted():\n    from kernels.sm90.api import Sm90Kernels\n")
     with pytest.raises(AssertionError, match=r"verify/backends/registry.py:\d+ imports kernels"):
         test_only_the_kernel_adapters_import_kernels()
+
+
+# ----------------------------------------------------------------------------- verify/backends/adapters/
+
+# what an adapter of someone else's kernels may not import: the references and our kernels (top-level), and
+# the verify modules that run reference code on a backend's behalf (the emulator backend, the reference layer)
+ADAPTERS_DIR = "verify/backends/adapters"
+ADAPTER_FORBIDDEN_TOP = {"references", "kernels"}
+ADAPTER_FORBIDDEN_MODULES = ("verify.backends.emulator", "verify.reference_layer")
+
+
+def _imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, dotted module) of every absolute import in a file (`from a.b import c` gives a.b and a.b.c)."""
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(node.lineno, alias.name) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            out += [(node.lineno, node.module)] + [(node.lineno, f"{node.module}.{a.name}") for a in node.names]
+    return out
+
+
+def test_adapters_import_no_reference_code():
+    files = sorted((ROOT / ADAPTERS_DIR).rglob("*.py"))
+    assert files, f"no adapter modules under {ADAPTERS_DIR}"
+    offenders = sorted({f"{p.relative_to(ROOT)}:{line} imports {mod}" for p in files
+                        for line, mod in _imported_modules(p)
+                        if mod.split(".")[0] in ADAPTER_FORBIDDEN_TOP
+                        or any(mod == f or mod.startswith(f + ".") for f in ADAPTER_FORBIDDEN_MODULES)})
+    assert not offenders, ("an adapter prepares its operands with its own code, never with references/ (nor "
+                           "kernels/):\n  " + "\n  ".join(offenders))
+
+
+@pytest.mark.parametrize("planted", ["from references.fp8_act import quantize_act_fp8_1x128",
+                                     "from verify.backends.emulator import fp8_act_scale_fmt",
+                                     "import kernels.sm90.api"], ids=["references", "emulator", "kernels"])
+def test_the_adapter_rule_sees_a_planted_import(tmp_path, monkeypatch, planted):
+    _broken_copy(tmp_path, monkeypatch, f"{ADAPTERS_DIR}/torch_ops.py", f"\n\ndef _planted():\n    {planted}\n")
+    with pytest.raises(AssertionError, match=rf"{ADAPTERS_DIR}/torch_ops.py:\d+ imports {planted.split()[1]}"):
+        test_adapters_import_no_reference_code()

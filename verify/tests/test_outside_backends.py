@@ -221,3 +221,129 @@ def test_selftest_through_an_outside_backend_catches_what_it_serves(outside):
     out = " ".join(proc.stdout.split())
     assert re.search(r"\b0 of \d+ injected bugs missed or misblamed", out), proc.stdout[-3000:]
     assert "caught" in out and "not applicable" in out
+
+
+# ----------------------------------------------------------------------------- every entry point, every kind of spec
+
+EXAMPLE = ROOT / "examples" / "nvfp4-verify-example"
+
+
+def _example_installed(where: Path) -> None:
+    """The example package as pip would install it: its module on the path (PYTHONPATH) and a .dist-info with
+    the entry points its pyproject.toml declares (read from the file, so a renamed entry point fails here)."""
+    import tomllib
+
+    meta = tomllib.loads((EXAMPLE / "pyproject.toml").read_text())["project"]
+    eps = "\n".join(f"{k} = {v}" for k, v in meta["entry-points"][ENTRY_POINT_GROUP].items())
+    _install_dist(where, eps, name=meta["name"], version=meta["version"])
+
+
+@pytest.fixture
+def example(tmp_path, monkeypatch) -> Path:
+    _example_installed(tmp_path)
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def _verify_with(args: list[str], *paths: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([*map(str, paths), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "verify", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_the_example_package_registers_by_entry_point_and_its_layer_run_passes(example, tmp_path):
+    """What .ci/run does after `pip install --no-deps ./examples/nvfp4-verify-example`: listed with its
+    distribution, and `verify layer --backend example-routing` exits 0 with router / dispatch / combine rows
+    passing and every other row "not served" with its own sentence."""
+    entry = registered_backends()["example-routing"]
+    assert entry.origin == "entry point nvfp4-verify-example" and entry.version == "0.1.0"
+    row = describe_backend("example-routing", torch.device("cpu"))
+    assert {op for op, why in row["ops"].items() if why is None} == {"router", "dispatch", "combine"}
+    out = tmp_path / "layer.json"
+    proc = _verify_with(["layer", "--backend", "example-routing", "--layers", "0,3", "--tokens", "8", "--json",
+                         str(out)], example, EXAMPLE)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    verdicts = _verdicts(json.loads(out.read_text()))
+    served = {(v["stage"], v["check"]) for v in verdicts if v["status"] == "pass"}
+    assert {("router", "ids"), ("router", "weights"), ("moe.dispatch", "exact"), ("moe.combine", "bound")} <= served
+    assert all(v["status"] in ("pass", "not served", "skipped") for v in verdicts)
+    assert all(v["message"].startswith("not served: example-routing computes no GEMM") for v in verdicts
+               if v["status"] == "not served")
+
+
+def test_model_runs_an_outside_backend_given_as_module_attr(outside, tmp_path):
+    proc = _verify(["model", "--backend", f"{MODULE}:make", "--layers", "0", "--tokens", "4", "--no-mtp",
+                    "--report-dir", str(tmp_path / "sweep")], outside)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "sweep" / "report.json").read_text())
+    assert report["backend"]["name"] == "quant-only"
+    assert any(v["status"] == "pass" and v["check"] == "bytes" for v in _verdicts(report))
+
+
+def test_accumulator_takes_module_attr_and_probes_an_fp8_only_backend(tmp_path):
+    """torch's rowwise variant serves no NVFP4 dense_gemm on the CPU: its FP8 paths are still probed (exit 0:
+    its declared CPU accumulator is what they measure); an outside factory with both GEMMs gets both tables."""
+    proc = _verify_with(["accumulator", "--backend", "verify.backends.adapters.torch_ops:rowwise", "--device", "cpu"])
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "serves no NVFP4 dense_gemm on cpu" in out and "measured FP8 block-scaled GEMM accumulator" in out
+    assert "is what every path measures" in out
+    (tmp_path / "outside_emu.py").write_text("from verify.backends import EmulatorBackend\n\n\n"
+                                             "class Emu(EmulatorBackend):\n    name = 'outside-emu'\n\n\n"
+                                             "def make():\n    return Emu()\n")
+    proc = _verify_with(["accumulator", "--backend", "outside_emu:make", "--device", "cpu"], tmp_path)
+    out = " ".join(proc.stdout.split())
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "outside-emu on cpu: measured GEMM accumulator" in out and "is what every path measures" in out
+
+
+def test_accumulator_through_an_entry_point_name_says_why_not(example):
+    proc = _verify_with(["accumulator", "--backend", "example-routing", "--device", "cpu"], example, EXAMPLE)
+    assert proc.returncode == 2 and proc.stderr.strip().startswith(
+        "verify accumulator: error: --backend example-routing: backend unavailable (not served: example-routing "
+        "computes no GEMM"), proc.stderr
+
+
+@pytest.mark.parametrize("test_file,select", [
+    ("verify/tests/test_backend_ops.py", "quantize_bytes and normal and dynamic"),
+    ("verify/tests/test_bad_inputs.py", "quantize-nan"),
+], ids=["op-tests", "bad-input-tests"])
+def test_pytest_backend_option_selects_the_op_tests_too(outside, test_file, select):
+    """`pytest --backend module:attr` runs the op and bad-input tests on that backend only (no other backend's ids)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(outside), str(ROOT)]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider", test_file,
+                           "--backend", f"{MODULE}:QuantOnly", "-k", select], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ran = [ln for ln in proc.stdout.splitlines() if "::" in ln and ("PASSED" in ln or "SKIPPED" in ln)]
+    assert any("PASSED" in ln for ln in ran) and all(f"{MODULE}:QuantOnly" in ln for ln in ran), ran[:5]
+
+
+def test_pytest_runs_the_stage_tests_on_an_entry_point_name(example):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(example), str(EXAMPLE), str(ROOT)]),
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           "verify/tests/test_layer_stages.py", "--backend", "example-routing",
+                           "-k", "layer3 and (router or dispatch or combine or wq_a) and dynamic"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert " passed" in proc.stdout and "example-routing computes no GEMM" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_a_factory_taking_device_is_made_for_the_device_asked_for(outside):
+    (outside / "dev_factory.py").write_text(textwrap.dedent('''
+        from verify.backends import Backend
+
+        class Dev(Backend):
+            name = "dev"
+            def __init__(self, device=None):
+                self.made_for = device
+
+        def make(*, device=None):
+            return Dev(device)
+    '''))
+    assert get_backend("dev_factory:make", "cpu").made_for == torch.device("cpu")
+    assert get_backend("dev_factory:Dev", "cpu").made_for == torch.device("cpu")
+    assert get_backend("dev_factory:Dev").made_for is None  # no device named: called with no arguments
+    assert get_backend(f"{MODULE}:make", "cpu").name == "quant-only"  # a factory without device: no arguments
