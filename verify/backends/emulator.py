@@ -24,6 +24,7 @@ from verify.backends.base import Backend
 from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, QuantizedAct, \
     RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
+from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the weight implies
 from verify.reference_layer import to_reference_weight
 
 __all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
@@ -177,19 +178,6 @@ class EmulatorBackend(Backend):
                              weight_placement=weight_placement, act_scale=act_scale,
                              static_scales=_emulator_static_scales(experts) if act_scale == "static" else None,
                              token_ids_i64=token_ids_i64)
-
-
-def fp8_act_scale_fmt(w: object) -> str:
-    """The FP8 activation block-scale format that goes with an FP8 weight: power-of-two (E8M0) when
-    its block scales are powers of two (DeepSeek-V4's `.scale`; E8M0 byte 0 is the float32 subnormal
-    2^-127, one mantissa bit), float32 otherwise (V3)."""
-    scales = getattr(w, "block_dec_f32", None)
-    if scales is None:
-        return "ue8m0"
-    bits = scales.view(torch.int32)
-    mant, subnormal = bits & 0x7FFFFF, (bits & 0x7F800000) == 0
-    pow2 = (mant == 0) | (subnormal & ((mant & (mant - 1)) == 0))
-    return "ue8m0" if bool(pow2.all()) else "f32"
 
 
 def fp8_act_recipe_for_rule(scale_rule: str):

@@ -41,11 +41,11 @@ import torch
 from torch import Tensor
 
 from references.layer import MoeSpec
-from references.recipes import Recipe
+from references.recipes import MODELOPT, TE, TORCHAO, VLLM, Recipe  # the recipes a backend declares
 from references.stages import Op
 from verify.checkpoint import GatedMlp, Linear, Router
 
-__all__ = ["Op", "NumericsMode", "WEIGHT_FORMATS", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
+__all__ = ["Op", "MoeSpec", "Recipe", "TE", "VLLM", "MODELOPT", "TORCHAO", "NumericsMode", "WEIGHT_FORMATS", "QuantizedAct", "Fp8QuantizedAct", "FP8_SCALE_RULES", "Dispatched", "RoutingOut", "BackendProtocol",
            "FORWARD_OPS"]
 
 FORWARD_OPS = tuple(op for op in Op if op not in (Op.PREPARE, Op.REFERENCE))

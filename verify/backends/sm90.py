@@ -15,7 +15,7 @@ verify.checkpoint.Fp8BlockLinear): the block scales are decoded here to float32 
 E8M0 byte b is built into the float32 bits of 2^(b-127), never converted as a number; V3
 weight_scale_inv is float32 already) and placed by the kernels' own prepare_fp8_weight; dense_linear
 runs linear_fp8 (dynamic per-token 1x128 E4M3 activations, then the block-scaled GEMM) with the
-activation scale rule the weight's scales imply (verify.backends.emulator.fp8_act_scale_fmt: UE8M0
+activation scale rule the weight's scales imply (verify.checkpoint.fp8_act_scale_fmt: UE8M0
 rounded up when every block scale is a power of two, as V4's are; float32 otherwise), decided once at
 prepare (no host read in the forward). The FP8 GEMM's own accumulator is declared as fp8_u_acc /
 fp8_promotion_interval (about 14 bits per 128-K group, promoted to float32 every 128 of K).
@@ -46,9 +46,8 @@ from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
 from verify.backends.base import Backend
-from verify.backends.emulator import fp8_act_scale_fmt
 from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
-from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router
+from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router, fp8_act_scale_fmt
 
 __all__ = ["Sm90Adapter", "Sm90Fp8Linear", "fp8_block_dec_f32"]
 

@@ -49,7 +49,7 @@ from verify.checkpoint.schema import (
 )
 from verify.checkpoint.weights import (
     Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
-    make_linear, FP8_SCALE_SUFFIX,
+    make_linear, FP8_SCALE_SUFFIX, fp8_act_scale_fmt,
 )
 
 __all__ = [
@@ -65,7 +65,7 @@ __all__ = [
     "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
     "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
-    "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
+    "fp8_act_scale_fmt", "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
     "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",

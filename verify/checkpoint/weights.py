@@ -17,7 +17,7 @@ from torch import Tensor
 
 from references.fp8_weight import FP8_WEIGHT_BLOCK, bf16_bits_to_f32, ceil_div
 
-__all__ = ["Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router",
+__all__ = ["fp8_act_scale_fmt", "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router",
            "LayerWeights", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
 
 
@@ -217,3 +217,16 @@ def iter_linears(layer: LayerWeights) -> list[tuple[str, Linear]]:
             for lin in (mlp.w1, mlp.w3, mlp.w2):
                 out.append((lin.module, lin))
     return out
+
+
+def fp8_act_scale_fmt(w: object) -> str:
+    """The FP8 activation block-scale format that goes with an FP8 weight: power-of-two (E8M0) when
+    its block scales are powers of two (DeepSeek-V4's `.scale`; E8M0 byte 0 is the float32 subnormal
+    2^-127, one mantissa bit), float32 otherwise (V3)."""
+    scales = getattr(w, "block_dec_f32", None)
+    if scales is None:
+        return "ue8m0"
+    bits = scales.view(torch.int32)
+    mant, subnormal = bits & 0x7FFFFF, (bits & 0x7F800000) == 0
+    pow2 = (mant == 0) | (subnormal & ((mant & (mant - 1)) == 0))
+    return "ue8m0" if bool(pow2.all()) else "f32"

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from references.stages import Op
+from verify.backends.protocol import Op
 from verify.backends.adapters import _common
 from verify.backends.adapters._common import (Package, cuda_device_problem, package_problem, package_version,
                                               sf_linear_to_swizzled_128x4_u8)

@@ -24,8 +24,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from references.recipes import TE
-from references.stages import Op
+from verify.backends.protocol import TE, Op
 from verify.backends.adapters._common import Package
 from verify.backends.adapters._engine import EngineNvfp4Weight, Nvfp4EngineBackend
 

@@ -44,8 +44,7 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from references.layer import MoeSpec
-from references.stages import Op
+from verify.backends.protocol import MoeSpec, Op
 from verify.backends.adapters._common import (Package, cuda_device_problem, grouped_nvfp4_act_to_bf16,
                                               nvfp4_act_to_bf16, package_problem, package_version)
 from verify.backends.base import Backend

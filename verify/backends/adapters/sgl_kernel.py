@@ -19,8 +19,8 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from references.recipes import VLLM as VLLM_RECIPE
-from references.stages import Op
+from verify.backends.protocol import VLLM as VLLM_RECIPE
+from verify.backends.protocol import Op
 from verify.backends.adapters._common import Package
 from verify.backends.adapters._engine import EngineNvfp4Weight, Nvfp4EngineBackend
 

@@ -33,13 +33,12 @@ from types import MappingProxyType
 import torch
 from torch import Tensor
 
-from references.recipes import VLLM as VLLM_RECIPE
-from references.stages import Op
+from verify.backends.protocol import VLLM as VLLM_RECIPE
+from verify.backends.protocol import Op
 from verify.backends.adapters._common import Package, f32_pow2_to_ue8m0_u8
 from verify.backends.adapters._engine import EngineNvfp4Weight, Nvfp4EngineBackend
-from verify.backends.emulator import fp8_act_scale_fmt
 from verify.backends.protocol import FP8_SCALE_RULES, Fp8QuantizedAct, QuantizedAct
-from verify.checkpoint import Fp8BlockLinear, Linear
+from verify.checkpoint import Fp8BlockLinear, Linear, fp8_act_scale_fmt
 
 __all__ = ["VLLM", "VllmBackend", "VllmFp8Linear"]
 
@@ -161,6 +160,6 @@ class VllmBackend(Nvfp4EngineBackend):
 
 @dataclass(frozen=True)
 class _Scales:
-    """What verify.backends.emulator.fp8_act_scale_fmt reads: the float32 block decode scales."""
+    """What verify.checkpoint.fp8_act_scale_fmt reads: the float32 block decode scales."""
 
     block_dec_f32: Tensor
