@@ -48,8 +48,8 @@ from verify.checkpoint.schema import (
     linear_tensor_specs, fp8_scale_encoding,
 )
 from verify.checkpoint.weights import (
-    Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
-    make_linear, FP8_SCALE_SUFFIX,
+    Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, MtpWeights, MTP_PROJECTIONS, Nvfp4Linear,
+    Router, iter_linears, make_linear, FP8_SCALE_SUFFIX,
 )
 
 __all__ = [
@@ -66,7 +66,7 @@ __all__ = [
     "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
     "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
-    "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
+    "MtpWeights", "MTP_PROJECTIONS", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
     "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",
