@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from references.gemm import gemm_error_bound, nvfp4_gemm_f64
-from references.stages import Op
 from references.layouts import sf_swizzled_128x4_to_linear
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale
 from references.recipes import TE
