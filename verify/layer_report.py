@@ -101,8 +101,8 @@ def select_mtp_units(ckpt: Checkpoint, asked: tuple[int, ...]) -> list:
         raise LayerRangeError(f"--layers {', '.join(f'mtp.{j}' for j in missing)}: not in the checkpoint (it holds "
                               f"MTP blocks: {have}; only DeepSeek-V4's mtp.{{j}} blocks are verified)",
                               argument="--layers")
-    return [Unit(f"mtp.{j}", "mtp", j, sum(i.nbytes for i in ckpt.headers_for(ckpt.names_with_prefix(held[j])).values()),
-                 held[j]) for j in asked]
+    nbytes = {j: sum(i.nbytes for i in ckpt.headers_for(ckpt.names_with_prefix(held[j])).values()) for j in asked}
+    return [Unit(f"mtp.{j}", "mtp", j, nbytes[j], held[j]) for j in asked]
 
 
 def layer_report(ckpt: Checkpoint, layers: list[int], *, tokens: int = GOLDEN_TOKENS, seed: int = 0,

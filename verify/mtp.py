@@ -20,9 +20,8 @@ from torch import Tensor
 
 from references.layer import RunOptions
 from references.linear import rms_norm
-from references.mtp import mtp_stages
+from references.mtp import Mxfp4ExpertStack, mtp_stages
 from references.mxfp4 import Mxfp4Weight
-from references.mtp import Mxfp4ExpertStack
 from verify.backends import Backend
 from verify.checkpoint import Checkpoint, Fp8BlockLinear, MtpWeights, iter_linears, scale_defects
 from verify.errors import NonFiniteTensorError
@@ -86,8 +85,9 @@ def _check_finite(mtp: MtpWeights, inputs: MtpInputs) -> None:
             if nan:
                 raise NonFiniteTensorError(f"{module}.weight: {nan} NaN E4M3 bytes (0x7F/0xFF) of "
                                            f"{lin.weight_e4m3.numel()}; the reference cannot run on it")
-    for name, t in [*((f"{mtp.prefix}{k}.weight", v) for k, v in mtp.norms.items()),
-                    ("MTP inputs x_e (enorm output)", inputs.x_e_bf16), ("MTP inputs x_h (hnorm output)", inputs.x_h_bf16)]:
+    named = [*((f"{mtp.prefix}{k}.weight", v) for k, v in mtp.norms.items()),
+             ("MTP inputs x_e (enorm output)", inputs.x_e_bf16), ("MTP inputs x_h (hnorm output)", inputs.x_h_bf16)]
+    for name, t in named:
         if not bool(torch.isfinite(t).all()):
             raise NonFiniteTensorError(f"{name}: {int((~torch.isfinite(t)).sum())} NaN/Inf values; the reference "
                                        "cannot run on it")
@@ -98,8 +98,8 @@ def run_reference_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, m
     """Every MTP stage tensor in `mode` (references.mtp.mtp_stages)."""
     _check_finite(mtp, inputs)
     p = mtp.projections
-    return mtp_stages(inputs.x_e_bf16, inputs.x_h_bf16, to_reference_weight(p["e_proj"]), to_reference_weight(p["h_proj"]),
-                      mtp.norms.get("ffn_norm"), _experts(mtp), mode=mode, recipe=options.recipe,
+    return mtp_stages(inputs.x_e_bf16, inputs.x_h_bf16, to_reference_weight(p["e_proj"]),
+                      to_reference_weight(p["h_proj"]), mtp.norms.get("ffn_norm"), _experts(mtp), mode=mode, recipe=options.recipe,
                       swiglu_limit=ckpt.config.swiglu_limit, eps=RMS_EPS, fp8_scale_fmt=options.fp8_scale_fmt)
 
 

@@ -413,7 +413,8 @@ class Checkpoint:
             found.setdefault(int(m.group(1)), {})[m.group(2)] = linears.pop(module)
         experts = _stack_experts(found, f"{prefix}ffn.experts", where) if found else None
         names = self.names_with_prefix(prefix)
-        used = {n for lin in [*projections.values(), *linears.values()] for n in names if n.startswith(lin.module + ".")}
+        modules = [lin.module for lin in (*projections.values(), *linears.values())]
+        used = {n for m in modules for n in names if n.startswith(m + ".")}
         used |= {n for n in names if expert_rx.match(n.rsplit(".", 1)[0])}
         rest = {n[len(prefix):]: self.get_tensor(n, device=device) for n in names if n not in used}
         norms = {k[: -len(".weight")]: rest.pop(k) for k in list(rest)
@@ -438,7 +439,8 @@ def _stack_experts(found: Mapping[int, Mapping[str, Linear]], base: str, where: 
                                      f"found {sorted(t.__name__ for t in types)}", tensor=f"{base}.0.{w}.weight")
         shapes = {(tuple(lin.weight_u8.shape), tuple(lin.scale_ue8m0.shape)) for lin in lins}
         if len(shapes) != 1:
-            raise DtypeMismatchError(f"the MTP experts' {w} differ in shape: {sorted(shapes)}", tensor=f"{base}.0.{w}.weight")
+            raise DtypeMismatchError(f"the MTP experts' {w} differ in shape: {sorted(shapes)}",
+                                     tensor=f"{base}.0.{w}.weight")
         return Mxfp4Linear(f"{base}.*.{w}", torch.stack([lin.weight_u8 for lin in lins]),
                            torch.stack([lin.scale_ue8m0.view(torch.uint8) for lin in lins]).view(torch.float8_e8m0fnu))
 

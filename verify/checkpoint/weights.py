@@ -18,7 +18,8 @@ from torch import Tensor
 from references.fp8_weight import FP8_WEIGHT_BLOCK, bf16_bits_to_f32, ceil_div
 
 __all__ = ["Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router",
-           "LayerWeights", "MtpWeights", "MTP_PROJECTIONS", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
+           "LayerWeights", "MtpWeights", "MTP_PROJECTIONS",
+           "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
 
 
 class _LinearShape:

@@ -349,7 +349,8 @@ def _mtp(preset: FixturePreset, gen: CounterRng) -> Iterator[dict[str, Tensor]]:
         t.update(make_gated_mlp_tensors(f"mtp.0.ffn.experts.{e}", ("w1", "w3", "w2"), h,
                                         c["moe_intermediate_size"], "mxfp4", gen, schema=preset.schema))
     for name in ("e_proj", "h_proj"):
-        for suffix, x in make_fp8_block128_tensors(make_heavy_tailed_weight(h, h, gen=gen), scale_storage="e8m0").items():
+        w = make_heavy_tailed_weight(h, h, gen=gen)
+        for suffix, x in make_fp8_block128_tensors(w, scale_storage="e8m0").items():
             t[f"mtp.0.{name}.{suffix}"] = x
     for name in ("enorm", "hnorm", "norm", "ffn_norm"):
         t[f"mtp.0.{name}.weight"] = (1 + 0.1 * gen.normal(h)).to(torch.bfloat16)

@@ -64,7 +64,8 @@ def test_v4_layer_typed_objects(i):
         assert lw.attention["wkv"].scale_ue8m0.shape == (1, 2)  # [ceil(64/128), ceil(256/128)]
     elif i == 2:  # the fixture writes layer 2's FP8 linears in V3's encoding (float32 `.weight_scale_inv`)
         assert lw.attention["wq_a"].scale_ue8m0 is None and lw.attention["wq_a"].encoding == "v3_weight_scale_inv"
-        assert lw.attention["wkv"].scale_inv_f32.dtype == torch.float32 and lw.attention["wkv"].scale_inv_f32.shape == (1, 2)
+        s = lw.attention["wkv"].scale_inv_f32
+        assert s.dtype == torch.float32 and s.shape == (1, 2)
     assert lw.norms["attn_sink"].dtype == torch.float32
 
 

@@ -25,7 +25,6 @@ from verify.checkpoint import (Checkpoint, Fp8BlockLinear, MissingTensorError, M
                                iter_linears)
 from verify.checkpoint.writer import make_edited_checkpoint
 from verify.config import GOLDEN_DIR
-from verify.layer_report import layer_inputs
 from verify.mtp import mtp_inputs, run_mtp
 from verify.verdicts import LayerCase, applicable_stages
 
@@ -224,15 +223,14 @@ class _Planted(EmulatorBackend):
     def prepare_experts(self, experts):
         st = super().prepare_experts(experts)
         if self.bug == "mxfp4-nibbles-swapped":  # element 2i read from the HIGH nibble
-            sw = lambda w: Mxfp4Weight(((w.packed_u8 & 0xF) << 4) | (w.packed_u8 >> 4), w.scale_u8, w.name)  # noqa: E731
-            return Mxfp4ExpertStack(sw(st.w1), sw(st.w3), sw(st.w2))
+            return Mxfp4ExpertStack(*(Mxfp4Weight(((w.packed_u8 & 0xF) << 4) | (w.packed_u8 >> 4), w.scale_u8, w.name)
+                                      for w in (st.w1, st.w3, st.w2)))
         if self.bug == "e8m0-bias-126":  # 2^(b-126): every scale doubled
-            up = lambda w: Mxfp4Weight(w.packed_u8, w.scale_u8 + 1, w.name)  # noqa: E731
-            return Mxfp4ExpertStack(up(st.w1), up(st.w3), up(st.w2))
+            return Mxfp4ExpertStack(*(Mxfp4Weight(w.packed_u8, w.scale_u8 + 1, w.name) for w in (st.w1, st.w3, st.w2)))
         if self.bug == "expert-stride-zero":  # every expert's rows through expert 0
-            first = lambda w: Mxfp4Weight(w.packed_u8[:1].expand_as(w.packed_u8), w.scale_u8[:1].expand_as(w.scale_u8),  # noqa: E731
-                                          w.name)
-            return Mxfp4ExpertStack(first(st.w1), first(st.w3), first(st.w2))
+            return Mxfp4ExpertStack(*(Mxfp4Weight(w.packed_u8[:1].expand_as(w.packed_u8),
+                                                  w.scale_u8[:1].expand_as(w.scale_u8), w.name)
+                                      for w in (st.w1, st.w3, st.w2)))
         return st
 
     def quantize_fp8(self, x_bf16, *, scale_rule):
