@@ -233,7 +233,8 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
                    help="Checkpoint directory (env NVFP4V_CHECKPOINT). Default: %(default)r (the committed "
                         "mini-v4 fixture unless NVFP4V_CHECKPOINT is set).")
     p.add_argument("--layers", default=None,
-                   help="Layers, e.g. '0,3,5-7'. Default: every layer the checkpoint holds.")
+                   help="Layers, e.g. '0,3,5-7' (`layer` also takes DeepSeek-V4 MTP blocks: 'mtp.0', '3,mtp.0'). "
+                        "Default: every layer the checkpoint holds.")
     p.add_argument("--tokens", type=positive_int, default=GOLDEN_TOKENS,
                    help="Tokens per layer (refused before any work when the run's estimated memory exceeds "
                         "the free memory). Default: %(default)r.")
