@@ -7,6 +7,7 @@ own block, and the oracle a production block is compared with bit for bit in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -23,8 +24,8 @@ from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
 from verify.backends.base import Backend
-from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, QuantizedAct, \
-    RoutingOut
+from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, NumericsMode, \
+    QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Mxfp4Linear, Router
 from verify.reference_layer import to_reference_weight
 
@@ -59,6 +60,8 @@ class EmulatorBackend(Backend):
     fp8_promotion_interval = None
     graph_safe = False  # a reference: host reads (offsets, counts) by design, never captured
     supports_valid_tokens = True
+    # the MTP block's MXFP4 experts take FP8 1x128 activations (references.mtp: W4A8), not NVFP4 ones
+    modes = MappingProxyType({"mxfp4": NumericsMode.W4A8})
 
     def __init__(self, recipe: Recipe | str = "te") -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe

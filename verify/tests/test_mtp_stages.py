@@ -282,3 +282,12 @@ def test_layer_cli_refuses_an_mtp_block_the_checkpoint_lacks(capsys):
     assert main(["layer", "--backend", "emulator", "--layers", "mtp.3"]) == 2
     err = capsys.readouterr().err
     assert "--layers mtp.3: not in the checkpoint" in err and "mtp.0" in err
+
+
+def test_the_emulator_declares_its_mxfp4_experts_w4a8():
+    """The MTP experts' activations are FP8 1x128 (references.mtp), so the emulator's numerics mode for MXFP4
+    weights is W4A8 (the base class's default for MXFP4 is W4A4)."""
+    from verify.backends.protocol import NumericsMode
+
+    assert EmulatorBackend().numerics_mode(Op.GROUPED_LINEAR_MXFP4, "mxfp4") is NumericsMode.W4A8
+    assert EmulatorBackend().numerics_mode(Op.DENSE_LINEAR, "nvfp4") is NumericsMode.W4A4
