@@ -280,6 +280,12 @@ def cli_layer(args: argparse.Namespace) -> int:
     mtp_asked, decoder_arg = split_mtp_layers(args.layers)
     args = argparse.Namespace(**{**vars(args), "layers": decoder_arg})
     config = run_config_from_args(args)
+    if mtp_asked and config.inputs is not None:
+        from verify.errors import UsageError  # noqa: PLC0415
+
+        raise UsageError(f"--inputs {config.inputs}: an MTP block ({', '.join(f'mtp.{j}' for j in mtp_asked)} in "
+                         "--layers) takes enorm / hnorm of embeddings, not a decoder layer's x_attn / x_ffn; run it "
+                         "without --inputs", argument="--inputs")
     device = torch.device(config.device)
     console = console_for_run()
     backend = backend_for_verdicts(config.backend, device) if config.backend else None

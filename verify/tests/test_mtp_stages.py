@@ -291,3 +291,14 @@ def test_the_emulator_declares_its_mxfp4_experts_w4a8():
 
     assert EmulatorBackend().numerics_mode(Op.GROUPED_LINEAR_MXFP4, "mxfp4") is NumericsMode.W4A8
     assert EmulatorBackend().numerics_mode(Op.DENSE_LINEAR, "nvfp4") is NumericsMode.W4A4
+
+
+def test_layer_cli_refuses_decoder_inputs_for_an_mtp_block(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from verify.__main__ import main
+
+    inputs = tmp_path / "x.safetensors"
+    save_file({"x_ffn": torch.zeros(4, 256, dtype=torch.bfloat16)}, str(inputs))
+    assert main(["layer", "--layers", "mtp.0", "--inputs", str(inputs)]) == 2
+    assert "an MTP block (mtp.0 in --layers) takes enorm / hnorm" in capsys.readouterr().err
