@@ -11,7 +11,12 @@ Reference tensors: a stage without `parts` produces the tensor named like the st
 one tensor per part, `f"{stage}.{part}"` (moe.l1 -> moe.l1.gate, moe.l1.up). Emulated mode adds
 the quantized bytes of a quantization stage under `f"{stage}.{field}"` (QUANT_FIELDS).
 
-Inputs named `input.*` are the layer's inputs: the attn_norm / ffn_norm outputs.
+Inputs named `input.*` are the layer's inputs: the attn_norm / ffn_norm outputs (decoder layers); the
+MTP block's enorm(embedding) and hnorm(hidden) (MTP units).
+
+Units: a row's `unit` says which kind of unit has it: "decoder" (a decoder layer) or "mtp" (DeepSeek-V4's
+MTP block `mtp.{j}.*`, references.mtp). verify.verdicts.model.applicable_stages keeps the rows of the
+unit it judges, so decoder layers never get MTP rows and MTP blocks only get theirs.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ __all__ = [
     "ROUTER", "DISPATCH", "MOE_ACT_QUANT", "MOE_L1", "MOE_SWIGLU", "MOE_REQUANT", "MOE_L1_FUSED", "MOE_L2",
     "MOE_COMBINE", "MOE_OUT", "MOE_BLOCK", "SHARED_EXPERT", "DENSE_MLP", "ATTN_WQ_A", "ATTN_WKV", "ATTN_Q_NORM",
     "ATTN_KV_NORM", "ATTN_WQ_B", "ATTN_WO_A", "ATTN_WO_B", "INDEXER_WQ_B", "MOE_BLOCK_STAGES", "FUSED_INPUT_ROLES",
+    "UNITS", "INPUT_MTP_E", "INPUT_MTP_H", "MTP_STAGES", "MTP_E_PROJ", "MTP_H_PROJ", "MTP_X_FFN", "MTP_EXPERTS_L1",
+    "MTP_EXPERTS_SWIGLU", "MTP_EXPERTS_L2",
 ]
 
 
@@ -43,6 +50,9 @@ class Op(enum.Enum):
     DISPATCH = "dispatch"                  # token-expert pairs -> expert-sorted rows + offsets
     COMBINE = "combine"                    # routing-weighted sum of L2 rows per token
     DENSE_LINEAR = "dense_linear"          # quantize + dense GEMM, one capturable call
+    # MXFP4 experts (DeepSeek-V4's MTP block), W4A8: expert-sorted bf16 rows quantized FP8 1x128 (UE8M0, rounded
+    # up) in the call, x the MXFP4 stack (E2M1, E8M0 per 32 along K) -> bf16; one capturable call
+    GROUPED_LINEAR_MXFP4 = "grouped_linear_mxfp4"
     MOE_BLOCK = "moe_block"                # router -> ... -> combine, one capturable call
     REFERENCE = "reference"                # computed by the reference layer only (norms, sums)
 
@@ -66,6 +76,9 @@ class Check(enum.Enum):
 SHARED_EXPERT, DENSE_MLP = "shared", "dense"  # name prefixes of the gated-MLP stages (same stages, two places)
 INPUT_ATTN = "input.x_attn"
 INPUT_FFN = "input.x_ffn"
+INPUT_MTP_E = "input.mtp_e"  # the MTP block's enorm(embedding of token t+1)
+INPUT_MTP_H = "input.mtp_h"  # the MTP block's hnorm(hidden state of token t)
+UNITS = ("decoder", "mtp")
 QUANT_FIELDS = ("packed_u8", "sf_u8", "global_dec_f32")
 
 
@@ -84,6 +97,7 @@ class Stage:
     loss: bool = True
     kernel: bool = True
     schemas: tuple[str, ...] = ("deepseek_v4", "deepseek_v3")
+    unit: str = "decoder"
 
     def tensor(self, part: str | None = None) -> str:
         """The reference tensor name of this stage (or of one of its parts / quantized fields)."""
@@ -106,8 +120,14 @@ _PROBES = (Check.SYNC, Check.GRAPH)  # on CUDA: host-sync probe and CUDA-graph r
 _GROUPED = (Check.BOUND, Check.BATCH, Check.PADDING, *_PROBES)
 
 
-def _linear(name: str, input_: str, role: str, *, schemas=_V4) -> Stage:
-    return Stage(name, Op.DENSE_LINEAR, input_, (role,), _GEMM, schemas=schemas)
+def _linear(name: str, input_: str, role: str, *, schemas=_V4, unit: str = "decoder") -> Stage:
+    return Stage(name, Op.DENSE_LINEAR, input_, (role,), _GEMM, schemas=schemas, unit=unit)
+
+
+# the MTP block's MXFP4 experts: the bytes of their FP8 1x128 activations (W4A8), the bound, batch invariance and
+# graph safety; no padding check: MXFP4 scales are linear [N, K/32] and the FP8 activation scales [M, K/128],
+# neither has padding
+_MXFP4_GROUPED = (Check.BYTES, Check.BOUND, Check.BATCH, *_PROBES)
 
 
 STAGES: tuple[Stage, ...] = (
@@ -148,11 +168,25 @@ STAGES: tuple[Stage, ...] = (
           schemas=("deepseek_v3",)),
     Stage(f"{DENSE_MLP}.swiglu", Op.REFERENCE, f"{DENSE_MLP}.l1", (), kernel=False, schemas=("deepseek_v3",)),
     Stage(f"{DENSE_MLP}.l2", Op.DENSE_LINEAR, f"{DENSE_MLP}.swiglu", ("dense.w2",), _GEMM, schemas=("deepseek_v3",)),
+    # ---- DeepSeek-V4's MTP block (unit "mtp"; references.mtp): FP8 block-128 projections e_proj / h_proj (the
+    # checks of every FP8 linear; padding: FP8 activations have none, the verdict says so), their normalized sum
+    # (the experts' input, the MTP attention not emulated), then the MXFP4 routed experts, W4A8 (every token
+    # through every stored expert: routing is not part of these rows)
+    _linear("mtp.e_proj", INPUT_MTP_E, "mtp.e_proj", unit="mtp"),
+    _linear("mtp.h_proj", INPUT_MTP_H, "mtp.h_proj", unit="mtp"),
+    Stage("mtp.x_ffn", Op.REFERENCE, "mtp.h_proj", ("mtp.ffn_norm",), kernel=False, schemas=_V4, unit="mtp"),
+    Stage("mtp.experts.l1", Op.GROUPED_LINEAR_MXFP4, "mtp.x_ffn", ("mtp.experts.w1", "mtp.experts.w3"),
+          _MXFP4_GROUPED, parts=("gate", "up"), schemas=_V4, unit="mtp"),
+    Stage("mtp.experts.swiglu", Op.REFERENCE, "mtp.experts.l1", (), kernel=False, schemas=_V4, unit="mtp"),
+    Stage("mtp.experts.l2", Op.GROUPED_LINEAR_MXFP4, "mtp.experts.swiglu", ("mtp.experts.w2",), _MXFP4_GROUPED,
+          schemas=_V4, unit="mtp"),
 )
 
 _BY_NAME = {s.name: s for s in STAGES}
 if len(_BY_NAME) != len(STAGES):
     raise RuntimeError("references.stages: duplicate stage names")
+if any(s.unit not in UNITS for s in STAGES):
+    raise RuntimeError(f"references.stages: a row's unit is not one of {UNITS}")
 
 
 def stage(name: str) -> Stage:
@@ -180,6 +214,8 @@ ATTN_WQ_A, ATTN_WKV, ATTN_Q_NORM, ATTN_KV_NORM, ATTN_WQ_B, ATTN_WO_A, ATTN_WO_B 
     stage(f"attn.{n}") for n in ("wq_a", "wkv", "q_norm", "kv_norm", "wq_b", "wo_a", "wo_b"))
 MOE_STAGES = (ROUTER, DISPATCH, MOE_ACT_QUANT, MOE_L1, MOE_SWIGLU, MOE_REQUANT, MOE_L1_FUSED, MOE_L2, MOE_COMBINE)
 DENSE_LINEAR_STAGES = tuple(s for s in STAGES if s.op is Op.DENSE_LINEAR)
+MTP_STAGES = tuple(s for s in STAGES if s.unit == "mtp")
+MTP_E_PROJ, MTP_H_PROJ, MTP_X_FFN, MTP_EXPERTS_L1, MTP_EXPERTS_SWIGLU, MTP_EXPERTS_L2 = MTP_STAGES
 MOE_BLOCK_STAGES = (*MOE_STAGES, MOE_BLOCK)
 # weight roles whose linears share one activation quantization (a fused GEMM: one static scale, the max)
 FUSED_INPUT_ROLES: tuple[tuple[str, ...], ...] = (

@@ -68,8 +68,41 @@ def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: in
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
 
 
-def run_id(layer: int, config_name: str) -> str:
-    return f"layer{layer}/{config_name}"
+def run_id(layer: int | str, config_name: str) -> str:
+    """"layer3/<config>"; an MTP block by its unit name: "mtp.0/<config>"."""
+    return f"layer{layer}/{config_name}" if isinstance(layer, int) else f"{layer}/{config_name}"
+
+
+_MTP_TOKEN = re.compile(r"mtp\.(\d+)")
+
+
+def split_mtp_layers(layers_arg: str | None) -> tuple[tuple[int, ...], str | None]:
+    """--layers 'mtp.0,1-3' -> ((0,), '1-3'): the MTP blocks asked for (DeepSeek-V4's mtp.{j}) and the decoder
+    layer ranges left (None when none is left)."""
+    if not layers_arg:
+        return (), layers_arg
+    parts = [p.strip() for p in layers_arg.split(",")]
+    mtp = tuple(sorted({int(m.group(1)) for p in parts if (m := _MTP_TOKEN.fullmatch(p))}))
+    rest = ",".join(p for p in parts if not _MTP_TOKEN.fullmatch(p))
+    return mtp, rest or None
+
+
+def select_mtp_units(ckpt: Checkpoint, asked: tuple[int, ...]) -> list:
+    """The units of the MTP blocks asked for (verify.units.Unit, kind "mtp"); LayerRangeError naming the ones the
+    checkpoint does not hold (DeepSeek-V4 naming mtp.{j} only)."""
+    from verify.units import Unit, mtp_prefixes  # noqa: PLC0415
+
+    if not asked:
+        return []
+    held = dict(mtp_prefixes(ckpt)) if ckpt.config.schema == "deepseek_v4" else {}
+    missing = [j for j in asked if j not in held]
+    if missing:
+        have = ", ".join(f"mtp.{j}" for j in held) or "none"
+        raise LayerRangeError(f"--layers {', '.join(f'mtp.{j}' for j in missing)}: not in the checkpoint (it holds "
+                              f"MTP blocks: {have}; only DeepSeek-V4's mtp.{{j}} blocks are verified)",
+                              argument="--layers")
+    nbytes = {j: sum(i.nbytes for i in ckpt.headers_for(ckpt.names_with_prefix(held[j])).values()) for j in asked}
+    return [Unit(f"mtp.{j}", "mtp", j, nbytes[j], held[j]) for j in asked]
 
 
 def layer_report(ckpt: Checkpoint, layers: list[int], *, tokens: int = GOLDEN_TOKENS, seed: int = 0,
@@ -200,7 +233,8 @@ def add_layer_arguments(p: argparse.ArgumentParser) -> None:
                    help="Checkpoint directory (env NVFP4V_CHECKPOINT). Default: %(default)r (the committed "
                         "mini-v4 fixture unless NVFP4V_CHECKPOINT is set).")
     p.add_argument("--layers", default=None,
-                   help="Layers, e.g. '0,3,5-7'. Default: every layer the checkpoint holds.")
+                   help="Layers, e.g. '0,3,5-7' (`layer` also takes DeepSeek-V4 MTP blocks: 'mtp.0', '3,mtp.0'). "
+                        "Default: every layer the checkpoint holds.")
     p.add_argument("--tokens", type=positive_int, default=GOLDEN_TOKENS,
                    help="Tokens per layer (refused before any work when the run's estimated memory exceeds "
                         "the free memory). Default: %(default)r.")
@@ -243,7 +277,15 @@ def cli_layer(args: argparse.Namespace) -> int:
     from verify.progress import StepProgress  # noqa: PLC0415
     from verify.units import layer_report_document, layer_result, plan_units, run_fingerprint  # noqa: PLC0415
 
+    mtp_asked, decoder_arg = split_mtp_layers(args.layers)
+    args = argparse.Namespace(**{**vars(args), "layers": decoder_arg})
     config = run_config_from_args(args)
+    if mtp_asked and config.inputs is not None:
+        from verify.errors import UsageError  # noqa: PLC0415
+
+        raise UsageError(f"--inputs {config.inputs}: an MTP block ({', '.join(f'mtp.{j}' for j in mtp_asked)} in "
+                         "--layers) takes enorm / hnorm of embeddings, not a decoder layer's x_attn / x_ffn; run it "
+                         "without --inputs", argument="--inputs")
     device = torch.device(config.device)
     console = console_for_run()
     backend = backend_for_verdicts(config.backend, device) if config.backend else None
@@ -251,28 +293,40 @@ def cli_layer(args: argparse.Namespace) -> int:
                               device=device, threads_note=getattr(args, "threads_note", None)), highlight=False)
     opened = open_run(config, device)
     ckpt, layers = opened.ckpt, opened.layers
-    console.print(opened.layers_line)
+    mtp_units = select_mtp_units(ckpt, mtp_asked)
+    if mtp_asked and decoder_arg is None:  # only MTP blocks were asked for
+        layers = ()
+    console.print(opened.layers_line if layers else f"MTP: {', '.join(u.name for u in mtp_units)} (--layers)")
     fingerprint, _ = run_fingerprint(ckpt, config, backend.name if backend else None, device)
     name = config.config_name
     results, failed, totals = {}, 0, {}
-    with StepProgress(console, len(layers), what="layers") as progress:
-        for unit in plan_units(ckpt, layers, include_mtp=False):
-            i = unit.index
+    with StepProgress(console, len(layers) + len(mtp_units), what="layers") as progress:
+        for unit in [*plan_units(ckpt, layers, include_mtp=False), *mtp_units]:
+            i = unit.index if unit.kind == "decoder" else unit.name
             t0 = time.perf_counter()
             progress.phase(unit.name, "load")
-            layer = ckpt.load_layer(i, device=device)
-            inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
-                                  inputs_file=opened.inputs_file)
+            if unit.kind == "mtp":  # DeepSeek-V4's mtp.{j} block: its own rows of the stage table (verify.mtp)
+                from verify.mtp import mtp_inputs, run_mtp  # noqa: PLC0415
+
+                layer = ckpt.load_mtp(unit.index, device=device)
+                inputs = mtp_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device)
+                run_fn = run_mtp
+            else:
+                layer = ckpt.load_layer(unit.index, device=device)
+                inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
+                                      inputs_file=opened.inputs_file)
+                run_fn = run_layer
             t_load = time.perf_counter() - t0
-            run = run_layer(ckpt, layer, inputs, options=opened.options, backend=backend,
-                            on_phase=lambda phase, u=unit.name: progress.phase(u, phase))
+            run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
+                         on_phase=lambda phase, u=unit.name: progress.phase(u, phase))
             timings = {"load": t_load, **run.timings_s, "total": time.perf_counter() - t0}
             results[run_id(i, name)] = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings,
                                                     device=device)
             progress.advance(unit.name)
             console.print(loss_table(i, name, opened.tokens, run))
-            console.print("blocks with scale 448 (saturated): " +
-                          ", ".join(f"{k} {100 * v:.2f}%" for k, v in run.saturated.items()))
+            if run.saturated:
+                console.print("blocks with scale 448 (saturated): " +
+                              ", ".join(f"{k} {100 * v:.2f}%" for k, v in run.saturated.items()))
             console.print("time: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items() if isinstance(v, float)))
             loss_failed = run.loss_failures  # a garbage loss row (NaN, empty, all zero, a gain) fails the run
             failed += len(loss_failed)
@@ -289,12 +343,13 @@ def cli_layer(args: argparse.Namespace) -> int:
         write_json(config.json, layer_report_document(results, environment=environment(), checkpoint=config.checkpoint_dir,
                                                       tokens=opened.tokens, backend=backend.name if backend else None,
                                                       fingerprint=fingerprint))
+    where = ",".join(w for w in (format_layers(layers), *(u.name for u in mtp_units)) if w)
     if backend is not None:
         style = "bold red" if failed else "bold green"
-        console.print(f"[{style}]{backend.name} on {format_layers(layers)}: " +
+        console.print(f"[{style}]{backend.name} on {where}: " +
                       ", ".join(f"{v} {k}" for k, v in totals.items()) + "[/]" +
                       ("" if failed or not totals.get("pass") else " (every verdict the backend serves here passes)")
                       + ("" if totals.get("pass") else f" ({backend.name} serves none of these stages here)"))
     elif failed:
-        console.print(f"[bold red]{failed} loss row(s) failed on {format_layers(layers)}[/]")
+        console.print(f"[bold red]{failed} loss row(s) failed on {where}[/]")
     return 1 if failed else 0

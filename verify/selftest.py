@@ -629,7 +629,7 @@ def _judged_fp8_linears(layer) -> list[tuple[str, object]]:
     (V3's FP8 attention projections have no stage: a bug there changes no verdict)."""
     out = []
     for s in STAGES:
-        if s.op is Op.DENSE_LINEAR and s.kernel and layer.schema in s.schemas:
+        if s.op is Op.DENSE_LINEAR and s.kernel and layer.schema in s.schemas and s.unit == "decoder":
             out += [(role, lin) for role in s.weights if isinstance(lin := _weight_of(layer, role), Fp8BlockLinear)]
     return out
 

@@ -265,30 +265,39 @@ def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: st
     ckpt = opened.ckpt
     t0 = time.perf_counter()
     progress.phase(unit.name, "load")
-    if unit.kind == "mtp":
+    if unit.kind == "mtp" and ckpt.config.schema != "deepseek_v4":
         linears = ckpt.load_prefix_linears(unit.prefix, device=device)
         formats = sorted({type(lin).__name__ for lin in linears.values()})
         t_load = time.perf_counter() - t0
         del linears
         note = (f"{unit.prefix}*: loaded and checked against its formats ({', '.join(formats) or 'no linears'}); "
-                "not verified: the stage table has no MTP stages")
+                "not verified: the stage table's MTP rows are DeepSeek-V4's mtp.{j} block")
         return layer_result(unit, fingerprint=fingerprint, timings_s={"load": t_load, "total": t_load},
                             rank=ctx.rank, device=device, note=note)
-    layer = ckpt.load_layer(unit.index, device=device)
-    inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
-                          inputs_file=opened.inputs_file)
+    if unit.kind == "mtp":  # DeepSeek-V4's mtp.{j}: the MTP rows of the stage table (verify.mtp)
+        from verify.mtp import mtp_inputs, run_mtp  # noqa: PLC0415
+
+        layer = ckpt.load_mtp(unit.index, device=device)
+        inputs = mtp_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device)
+        run_fn = run_mtp
+    else:
+        layer = ckpt.load_layer(unit.index, device=device)
+        inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
+                              inputs_file=opened.inputs_file)
+        run_fn = run_layer
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t_load = time.perf_counter() - t0
-    run = run_layer(ckpt, layer, inputs, options=opened.options, backend=backend,
-                    on_phase=lambda name: progress.phase(unit.name, name))
+    run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
+                 on_phase=lambda name: progress.phase(unit.name, name))
     timings = {"load": t_load, **run.timings_s}
     timings["total"] = time.perf_counter() - t0
     doc = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings, rank=ctx.rank, device=device)
     if tables:
-        console.print(loss_table(unit.index, config.config_name, opened.tokens, run))
+        label = unit.index if unit.kind == "decoder" else unit.name
+        console.print(loss_table(label, config.config_name, opened.tokens, run))
         if backend is not None:
-            console.print(verdict_table(unit.index, backend.name, run))
+            console.print(verdict_table(label, backend.name, run))
     del layer, inputs, run
     gc.collect()
     if device.type == "cuda":

@@ -201,6 +201,13 @@ class Backend:
         """x [M, K] bf16 -> bf16 [M, N]: quantize + dense GEMM as one call."""
         self._refuse("dense_linear")
 
+    def grouped_linear_mxfp4(self, rows_bf16: Tensor, offsets_i32: Tensor, experts: object, *,
+                             layer: str) -> Tensor | tuple[Tensor, Tensor]:
+        """MXFP4 experts (DeepSeek-V4's MTP block), W4A8, one call: expert-sorted rows [R, K] bf16 with offsets
+        int32 [E+1], quantized inside to FP8 E4M3 per token in 1x128 groups (scale rule "ue8m0_ceil", as
+        quantize_fp8), x prepare_experts(an MXFP4 GatedMlp) -> layer "l1": (gate, up) bf16 [R, I]; "l2": bf16 [R, H]."""
+        self._refuse("grouped_linear_mxfp4")
+
     def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
                   weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
                   num_valid_tokens_i32: Tensor | None = None) -> Tensor:

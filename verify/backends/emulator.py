@@ -7,6 +7,7 @@ own block, and the oracle a production block is compared with bit for bit in the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -17,14 +18,22 @@ from references.codecs import round_f64_to
 from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.layer import MoeSpec
 from references.linear import Nvfp4Weight, Weight, linear as ref_linear
+from references.mtp import Mxfp4ExpertStack, mxfp4_grouped_linear
+from references.mxfp4 import Mxfp4Weight
 from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
 from verify.backends.base import Backend
+<<<<<<< HEAD
 from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, QuantizedAct, \
     RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Router
 from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the weight implies
+=======
+from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, NumericsMode, \
+    QuantizedAct, RoutingOut
+from verify.checkpoint import GatedMlp, Linear, Mxfp4Linear, Router
+>>>>>>> s3-mtp
 from verify.reference_layer import to_reference_weight
 
 __all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
@@ -58,6 +67,8 @@ class EmulatorBackend(Backend):
     fp8_promotion_interval = None
     graph_safe = False  # a reference: host reads (offsets, counts) by design, never captured
     supports_valid_tokens = True
+    # the MTP block's MXFP4 experts take FP8 1x128 activations (references.mtp: W4A8), not NVFP4 ones
+    modes = MappingProxyType({"mxfp4": NumericsMode.W4A8})
 
     def __init__(self, recipe: Recipe | str = "te") -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
@@ -67,8 +78,13 @@ class EmulatorBackend(Backend):
     def prepare_linear(self, lin: Linear) -> Weight:
         return to_reference_weight(lin)
 
-    def prepare_experts(self, experts: GatedMlp) -> ref_moe.ExpertStack:
-        return ref_moe.ExpertStack(*(to_reference_weight(w) for w in (experts.w1, experts.w3, experts.w2)))
+    def prepare_experts(self, experts: GatedMlp) -> ref_moe.ExpertStack | Mxfp4ExpertStack:
+        """NVFP4 stacks -> the references' ExpertStack; MXFP4 stacks (the MTP block's experts) -> Mxfp4ExpertStack
+        (the E8M0 bytes validated: 0xFF refused)."""
+        ws = (experts.w1, experts.w3, experts.w2)
+        if all(isinstance(w, Mxfp4Linear) for w in ws):
+            return Mxfp4ExpertStack(*(Mxfp4Weight(w.weight_u8, w.scale_ue8m0, w.module) for w in ws))
+        return ref_moe.ExpertStack(*(to_reference_weight(w) for w in ws))
 
     def prepare_router(self, router: Router, spec: MoeSpec) -> _EmulatorRouter:
         return _EmulatorRouter(router.gate_weight_bf16, router.gate_bias_f32, router.tid2eid_i64, spec)
@@ -162,6 +178,20 @@ class EmulatorBackend(Backend):
         y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32,
                           fp8_scale_fmt=fp8_act_scale_fmt(w))
         return y
+
+    def grouped_linear_mxfp4(self, rows_bf16: Tensor, offsets_i32: Tensor, experts: Mxfp4ExpertStack, *,
+                             layer: str) -> Tensor | tuple[Tensor, Tensor]:
+        """references.mtp.mxfp4_grouped_linear: rows FP8 1x128 (UE8M0, rounded up), exact products summed in
+        float64, rounded once to bf16; l1 -> (gate, up), l2 -> y."""
+        if not isinstance(experts, Mxfp4ExpertStack):
+            raise TypeError(f"grouped_linear_mxfp4: experts must be an MXFP4 stack, got {type(experts).__name__}")
+        off = _offsets_i64(offsets_i32)
+        if layer == "l1":
+            return (mxfp4_grouped_linear(rows_bf16, off, experts.w1, mode="emulated"),
+                    mxfp4_grouped_linear(rows_bf16, off, experts.w3, mode="emulated"))
+        if layer == "l2":
+            return mxfp4_grouped_linear(rows_bf16, off, experts.w2, mode="emulated")
+        raise ValueError(f"layer={layer!r}: expected 'l1' or 'l2'")
 
     def moe_block(self, x_bf16: Tensor, router: _EmulatorRouter, experts: ref_moe.ExpertStack, *,
                   swiglu_limit: float | None, weight_placement: str, act_scale: str,

@@ -79,6 +79,9 @@ NOT_SERVED: dict[Op, str] = {
     Op.QUANTIZE_FP8: ("sm100: quantize_fp8 is not wired to the protocol yet: kernels/sm100's FP8 1x128 quantizer "
                       "(quantize_fp8_1x128) has no adapter method"),
     Op.REFERENCE: "sm100: reference-only stages have no backend op",
+    Op.GROUPED_LINEAR_MXFP4: (
+        "sm100: no MXFP4 GEMM (E2M1 weights with an E8M0 scale per 32 of K, W4A8) is wired yet; DeepSeek-V4 keeps "
+        "only the MTP block's routed experts in MXFP4 (mtp.*.ffn.experts), the emulator serves them"),
 }
 
 _DYNAMIC_L1_FUSED = (

@@ -38,6 +38,7 @@ shape), so that boundary op is not graph-capturable; moe_block knows top_k and n
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -110,6 +111,9 @@ class Sm90Adapter(Backend):
     """kernels.sm90.api.Sm90Kernels as a verify.backends.Backend."""
 
     supports_valid_tokens = True  # moe_block takes num_valid_tokens_i32 (int32 [1] on the device)
+    not_served = MappingProxyType({Op.GROUPED_LINEAR_MXFP4: (
+        "not served: sm90 has no MXFP4 GEMM (E2M1 weights with an E8M0 scale per 32 of K, W4A8); DeepSeek-V4 "
+        "keeps only the MTP block's routed experts in MXFP4 (mtp.*.ffn.experts), the emulator serves them")})
 
     def __init__(self) -> None:
         from kernels.sm90.api import Sm90Kernels  # noqa: PLC0415 (imports triton lazily itself)

@@ -4,7 +4,8 @@ A checkpoint directory holds `config.json`, the quantization config
 (`hf_quant_config.json`, or `quantization_config` inside config.json), and either
 `model.safetensors.index.json` with its shards or one `*.safetensors` file.
 `Checkpoint.open(dir)` reads only the JSON files; `Checkpoint.load_layer(i)` opens only the
-shards that hold layer i, validates headers against the schema, then reads exactly those bytes.
+shards that hold layer i, validates headers against the schema, then reads exactly those bytes;
+`Checkpoint.load_mtp(j)` reads DeepSeek-V4's MTP block `mtp.{j}.*` (FP8 e_proj / h_proj, MXFP4 experts).
 Any defect raises one `CheckpointError` subclass naming the file, the tensor or the config key;
 an implausible value emits a `CheckpointWarning` (printed, not fatal).
 
@@ -14,9 +15,9 @@ One module per concern; this package re-exports their public names:
   schema       LinearSpec, TensorSpec, LayerSchema, layer_schema, per-format tensor specs and checks;
                fp8_scale_encoding (which shipped FP8 scale encoding a linear's tensors are in)
   weights      typed linears (Nvfp4Linear, Fp8BlockLinear: every FP8 encoding, Mxfp4Linear,
-               Bf16Linear), GatedMlp, Router, LayerWeights, iter_linears
+               Bf16Linear), GatedMlp, Router, LayerWeights, MtpWeights (an MTP block), iter_linears
   safetensors  TensorInfo, IoStats, SAFETENSORS_DTYPES, the header scan and parser, the raw reader
-  loader       Checkpoint, LayerPlan
+  loader       Checkpoint (load_layer, load_mtp), LayerPlan
   defects      structure_defects (every file and the index, headers only)
   values       value_defects, scale_defects, plausibility_warnings (tensor values, after a layer
                is loaded)
@@ -48,8 +49,13 @@ from verify.checkpoint.schema import (
     linear_tensor_specs, fp8_scale_encoding,
 )
 from verify.checkpoint.weights import (
+<<<<<<< HEAD
     Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
     make_linear, FP8_SCALE_SUFFIX, fp8_act_scale_fmt,
+=======
+    Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, MtpWeights, MTP_PROJECTIONS, Nvfp4Linear,
+    Router, iter_linears, make_linear, FP8_SCALE_SUFFIX,
+>>>>>>> s3-mtp
 )
 
 __all__ = [
@@ -65,8 +71,13 @@ __all__ = [
     "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
     "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
+<<<<<<< HEAD
     "fp8_act_scale_fmt", "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
     "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
+=======
+    "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
+    "MtpWeights", "MTP_PROJECTIONS", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
+>>>>>>> s3-mtp
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
     "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",

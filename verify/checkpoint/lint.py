@@ -33,6 +33,9 @@ then per layer:
   fused       w1/w3 weight_scale_2 and input_scale mismatch (count, max relative difference)
   saturation  fraction of NVFP4 block scales at 448 (0x7E) and at 0 (0x00/0x80)
   nibbles     nibble-order statistic (below)
+  mtp         (whole checkpoint, DeepSeek-V4) each MTP block mtp.{j}.* loaded as its stages read it: defects are
+              errors naming the tensor; info fp8_encoding for e_proj / h_proj and mtp_mxfp4_experts for
+              the MXFP4 expert stacks
   exclude     exclude_modules consistency: an excluded module stored as NVFP4, or a
               non-NVFP4 linear that an NVFP4 config does not exclude; patterns matching nothing
 
@@ -383,8 +386,44 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
             findings.extend(_fused_findings(mlp))
         findings.extend(_saturation_findings(layer))
         findings.extend(_nibble_findings(layer))
+    if layers is None:
+        findings.extend(_mtp_findings(ck, broken))
     findings.extend(_exclude_findings(ck, formats))
     return LintReport(str(directory), ck.config.schema, tuple(_sorted(findings)))
+
+
+def _mtp_findings(ck: Checkpoint, broken: set) -> list[Finding]:
+    """DeepSeek-V4's MTP blocks (mtp.{j}.*; whole-checkpoint lint only): each loaded as the MTP stages read it
+    (Checkpoint.load_mtp: every linear's dtypes, shapes and scale bytes checked; a defect is an error finding
+    naming the tensor), then one info finding per projection naming its FP8 encoding (fp8_encoding) and one
+    per expert stack naming its MXFP4 format (mtp_mxfp4_experts)."""
+    if ck.config.schema != "deepseek_v4":
+        return []
+    from verify.units import mtp_prefixes  # noqa: PLC0415
+
+    out: list[Finding] = []
+    for j, prefix in mtp_prefixes(ck):
+        names = ck.names_with_prefix(prefix)
+        bad = sorted({str(ck.directory / ck.weight_map[n]) for n in names} & broken)
+        if bad:
+            out.append(Finding("warning", "layer_not_checked", prefix.rstrip("."),
+                               f"not checked: {len(bad)} of its files have structural errors (first "
+                               f"{Path(bad[0]).name})", file=bad[0]))
+            continue
+        try:
+            mtp = ck.load_mtp(j)
+        except CheckpointError as e:
+            out.append(_error_finding(e, prefix.rstrip(".")))
+            continue
+        out.extend(_fp8_encoding_findings(ck, mtp))
+        if mtp.experts is not None:
+            for lin in (mtp.experts.w1, mtp.experts.w3, mtp.experts.w2):
+                e_n, n, half_k = lin.weight_u8.shape
+                out.append(Finding("info", "mtp_mxfp4_experts", lin.module,
+                                   f"mxfp4: {e_n} experts, E2M1 weight [{n}, {2 * half_k}] packed low nibble first, "
+                                   f"E8M0 scale per 32 along K [{n}, {2 * half_k // 32}] (.scale, 2^(b-127); judged "
+                                   "W4A8 by the MTP stages)"))
+    return out
 
 
 def _sorted(findings: list[Finding]) -> list[Finding]:

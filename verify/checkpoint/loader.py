@@ -41,7 +41,8 @@ from verify.checkpoint.schema import (
     LayerSchema, LinearSpec, TensorSpec, check_linear_k, check_tensor, layer_schema, linear_format_of,
     linear_tensor_specs,
 )
-from verify.checkpoint.weights import GatedMlp, LayerWeights, Linear, Router, make_linear
+from verify.checkpoint.weights import (MTP_PROJECTIONS, GatedMlp, LayerWeights, Linear, MtpWeights, Mxfp4Linear, Router,
+                                      make_linear)
 
 __all__ = ["Checkpoint", "LayerPlan"]
 
@@ -360,7 +361,7 @@ class Checkpoint:
 
     def load_prefix_linears(self, prefix: str, *, device: torch.device | str = "cpu") -> dict[str, Linear]:
         """Every linear under `prefix` (e.g. "mtp.0."), format detected from dtypes, shapes as stored
-        (no schema): this is how `mtp.*` MXFP4 experts are read."""
+        (no schema): this is how `mtp.*` MXFP4 experts are read. A 1-D `.weight` is a norm, not a linear."""
         names = self.names_with_prefix(prefix)
         infos = self.headers_for(names)
         out: dict[str, Linear] = {}
@@ -368,8 +369,10 @@ class Checkpoint:
             if not n.endswith(".weight"):
                 continue
             module = n[: -len(".weight")]
-            fmt = linear_format_of(module, infos)
             w = infos[n]
+            if len(w.shape) < 2:
+                continue
+            fmt = linear_format_of(module, infos)
             n_rows, cols = w.shape[-2], w.shape[-1]
             k = cols * 2 if fmt in ("nvfp4", "mxfp4") else cols
             specs = linear_tensor_specs(fmt, module, n_rows, k, infos)
@@ -383,6 +386,65 @@ class Checkpoint:
             if bad:
                 raise self._value_error(bad[0], infos)
         return out
+
+    def load_mtp(self, j: int, *, device: torch.device | str = "cpu") -> MtpWeights:
+        """DeepSeek-V4's MTP block j (`mtp.{j}.*`) as typed objects: e_proj / h_proj (required), the stored norms
+        (enorm, hnorm, norm, attn_norm, ffn_norm), the routed experts `ffn.experts.{e}.w1|w3|w2` stacked with a
+        leading [E] (experts 0..E-1 all present, one format), every other linear and tensor as stored. Every
+        linear's dtypes, shapes and scale bytes are checked (load_prefix_linears); a missing projection is a
+        MissingTensorError, experts with gaps or mixed formats a DtypeMismatchError / MissingTensorError."""
+        if self.config.schema != "deepseek_v4":
+            raise ValueError(f"load_mtp: schema {self.config.schema!r}: V3's MTP layer continues the decoder "
+                             "numbering (model.layers.{num_hidden_layers}); only DeepSeek-V4's mtp.{j} is an MTP block")
+        prefix = f"mtp.{j}."
+        linears = self.load_prefix_linears(prefix, device=device)
+        where = self.index_path or self.directory
+        projections = {}
+        for role in MTP_PROJECTIONS:
+            lin = linears.pop(f"{prefix}{role}", None)
+            if lin is None:
+                raise MissingTensorError("the MTP block's projection is not in the weight_map", file=where,
+                                         tensor=f"{prefix}{role}.weight")
+            projections[role] = lin
+        expert_rx = re.compile(re.escape(prefix) + r"ffn\.experts\.(\d+)\.(w1|w2|w3)$")
+        found: dict[int, dict[str, Linear]] = {}
+        for module in [m for m in linears if expert_rx.match(m)]:
+            m = expert_rx.match(module)
+            found.setdefault(int(m.group(1)), {})[m.group(2)] = linears.pop(module)
+        experts = _stack_experts(found, f"{prefix}ffn.experts", where) if found else None
+        names = self.names_with_prefix(prefix)
+        modules = [lin.module for lin in (*projections.values(), *linears.values())]
+        used = {n for m in modules for n in names if n.startswith(m + ".")}
+        used |= {n for n in names if expert_rx.match(n.rsplit(".", 1)[0])}
+        rest = {n[len(prefix):]: self.get_tensor(n, device=device) for n in names if n not in used}
+        norms = {k[: -len(".weight")]: rest.pop(k) for k in list(rest)
+                 if k in ("enorm.weight", "hnorm.weight", "norm.weight", "attn_norm.weight", "ffn_norm.weight")}
+        return MtpWeights(j, self.config.schema, prefix, projections, norms, experts, linears, rest)
+
+
+def _stack_experts(found: Mapping[int, Mapping[str, Linear]], base: str, where: Path) -> GatedMlp:
+    """The experts 0..E-1 of one MTP block as GatedMlp stacks (a leading [E] on every tensor)."""
+    n = max(found) + 1
+    for e in range(n):
+        for w in ("w1", "w3", "w2"):
+            if w not in found.get(e, {}):
+                raise MissingTensorError(f"experts 0..{n - 1} are stored but this one is not", file=where,
+                                         tensor=f"{base}.{e}.{w}.weight")
+
+    def stack(w: str) -> Linear:
+        lins = [found[e][w] for e in range(n)]
+        types = {type(lin) for lin in lins}
+        if types != {Mxfp4Linear}:
+            raise DtypeMismatchError(f"the MTP experts must all be MXFP4 (I8/U8 weight + F8_E8M0 scale per 32); "
+                                     f"found {sorted(t.__name__ for t in types)}", tensor=f"{base}.0.{w}.weight")
+        shapes = {(tuple(lin.weight_u8.shape), tuple(lin.scale_ue8m0.shape)) for lin in lins}
+        if len(shapes) != 1:
+            raise DtypeMismatchError(f"the MTP experts' {w} differ in shape: {sorted(shapes)}",
+                                     tensor=f"{base}.0.{w}.weight")
+        return Mxfp4Linear(f"{base}.*.{w}", torch.stack([lin.weight_u8 for lin in lins]),
+                           torch.stack([lin.scale_ue8m0.view(torch.uint8) for lin in lins]).view(torch.float8_e8m0fnu))
+
+    return GatedMlp(stack("w1"), stack("w3"), stack("w2"))
 
 
 @dataclass(frozen=True)

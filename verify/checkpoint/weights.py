@@ -18,7 +18,8 @@ from torch import Tensor
 from references.fp8_weight import FP8_WEIGHT_BLOCK, bf16_bits_to_f32, ceil_div
 
 __all__ = ["fp8_act_scale_fmt", "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router",
-           "LayerWeights", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
+           "LayerWeights", "MtpWeights", "MTP_PROJECTIONS",
+           "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "FP8_SCALE_ROLE"]
 
 
 class _LinearShape:
@@ -195,6 +196,38 @@ class LayerWeights:
     extras: Mapping[str, Tensor]
 
 
+MTP_PROJECTIONS = ("e_proj", "h_proj")  # DeepSeek-V4 `mtp.{j}.e_proj|h_proj` (FP8 block-128 in every export)
+
+
+@dataclass(frozen=True)
+class MtpWeights:
+    """One DeepSeek-V4 MTP block `mtp.{index}.*` (prefix "mtp.{index}.").
+    projections: "e_proj", "h_proj" -> Linear (FP8 block-128 as shipped: E4M3 + E8M0 `.scale`);
+    norms: the stored ones of enorm, hnorm, norm, attn_norm, ffn_norm (bf16 [H]);
+    experts: the routed experts `ffn.experts.{e}.w1|w3|w2` as stacks with a leading [E] (MXFP4 as shipped),
+      or None when none is stored;
+    linears: every other linear under the prefix (the block's attention, shared expert ...), by module name,
+      loaded and value-checked but not verified by a stage (references.stages has rows for the projections
+      and the routed experts only);
+    extras: every other tensor under the prefix, as stored (gate, hc_*, attn_sink ...)."""
+
+    index: int
+    schema: str
+    prefix: str
+    projections: Mapping[str, Linear]
+    norms: Mapping[str, Tensor]
+    experts: GatedMlp | None
+    linears: Mapping[str, Linear]
+    extras: Mapping[str, Tensor]
+    router: None = None            # what verdict code reads of a decoder layer: an MTP block's stages have no
+    shared_experts: None = None    # router, shared-expert or dense-MLP row (applicable_stages keeps its unit's)
+    dense_mlp: None = None
+
+    @property
+    def name(self) -> str:
+        return f"mtp.{self.index}"
+
+
 def make_linear(fmt: str, module: str, t: Mapping[str, Tensor]) -> Linear:
     """The typed linear of format `fmt` ("nvfp4", "mxfp4", "fp8_block128", "bf16") from its tensors
     by role (weight, weight_scale, weight_scale_2, input_scale, scale; FP8: FP8_SCALE_ROLE), as read."""
@@ -207,9 +240,14 @@ def make_linear(fmt: str, module: str, t: Mapping[str, Tensor]) -> Linear:
     return Bf16Linear(module, t["weight"])
 
 
-def iter_linears(layer: LayerWeights) -> list[tuple[str, Linear]]:
-    """(module name, linear) for every linear of a layer (expert stacks once each)."""
+def iter_linears(layer: LayerWeights | MtpWeights) -> list[tuple[str, Linear]]:
+    """(module name, linear) for every linear of a layer or MTP block (expert stacks once each)."""
     out: list[tuple[str, Linear]] = []
+    if isinstance(layer, MtpWeights):
+        out += [(lin.module, lin) for lin in layer.projections.values()]
+        if layer.experts is not None:
+            out += [(lin.module, lin) for lin in (layer.experts.w1, layer.experts.w3, layer.experts.w2)]
+        return out + [(lin.module, lin) for lin in layer.linears.values()]
     for lin in layer.attention.values():
         out.append((lin.module, lin))
     for mlp in (layer.experts, layer.shared_experts, layer.dense_mlp):

@@ -10,7 +10,11 @@ FP8 block-128 and MXFP4 tensors are made here with the emulator's bit-level code
 Presets:
   mini-v4       4 layers (0-2 hash-routed, 3 score-routed), hidden 256, 16 experts x 128,
                 top-6, shared expert; layer 0 NVFP4 attention + shared expert, layers 1-3
-                FP8 block-128 ones (NVIDIA's export); an MXFP4 `mtp.0` expert set.
+                FP8 block-128 ones: layers 1 and 3 in DeepSeek-V4's encoding (E8M0 `.scale`, NVIDIA's
+                export), layer 2 in DeepSeek-V3's (float32 `.weight_scale_inv`, the same power-of-two
+                scale values: one model, both encodings); an MTP block `mtp.0` as DeepSeek-V4 ships it:
+                FP8 e_proj / h_proj (E8M0 `.scale`), enorm / hnorm / norm / ffn_norm, and MXFP4 routed
+                experts (I8 + E8M0 per 32; two of them, to keep the committed fixture small).
   mini-v3       the same in DeepSeek-V3/R1 naming (layer 0 dense; FP8 via weight_scale_inv).
   v4-pro-layer  layer 3 of DeepSeek-V4-Pro at full size (hidden 7168, 384 experts x 3072), with
                 the indexer's FP8 wq_b (64 x 128 index heads: V3.2's, assumed), generated on the
@@ -59,7 +63,9 @@ _ST_DTYPE = {
 @dataclass(frozen=True)
 class FixturePreset:
     """What a preset writes. formats: layer -> format of attention and shared expert
-    ("nvfp4", "fp8", "bf16"); layers: which decoder layers are written (others absent)."""
+    ("nvfp4", "fp8" (the schema's encoding: V4 E8M0 `.scale`, V3 float32 `.weight_scale_inv`), "fp8-v3"
+    (FP8 with V3's `.weight_scale_inv` under any schema), "bf16"); layers: which decoder layers are written
+    (others absent)."""
 
     name: str
     schema: str
@@ -102,7 +108,7 @@ _V3_MINI = dict(
 )
 
 PRESETS: dict[str, FixturePreset] = {
-    "mini-v4": FixturePreset("mini-v4", "deepseek_v4", _V4_MINI, {0: "nvfp4", 1: "fp8", 2: "fp8", 3: "fp8"},
+    "mini-v4": FixturePreset("mini-v4", "deepseek_v4", _V4_MINI, {0: "nvfp4", 1: "fp8", 2: "fp8-v3", 3: "fp8"},
                              (0, 1, 2, 3), seed=20240404, with_mtp=True),
     "mini-v3": FixturePreset("mini-v3", "deepseek_v3", _V3_MINI, {0: "bf16", 1: "nvfp4", 2: "fp8", 3: "bf16"},
                              (0, 1, 2, 3), seed=20240303),
@@ -204,6 +210,8 @@ def make_linear_tensors(fmt: str, w_f32: Tensor, gen: CounterRng, *, schema: str
         return t
     if fmt == "fp8":
         return make_fp8_block128_tensors(w_f32, scale_storage="e8m0" if schema == "deepseek_v4" else "f32")
+    if fmt == "fp8-v3":
+        return make_fp8_block128_tensors(w_f32, scale_storage="f32")
     if fmt == "mxfp4":
         return make_mxfp4_tensors(w_f32)
     return {"weight": w_f32.to(torch.bfloat16)}
@@ -329,13 +337,23 @@ def _globals(preset: FixturePreset, gen: CounterRng) -> dict[str, Tensor]:
 
 
 def _mtp(preset: FixturePreset, gen: CounterRng) -> Iterator[dict[str, Tensor]]:
-    """Two of the MTP block's routed experts, MXFP4 as DeepSeek-V4 keeps them (I8 + E8M0 block 32).
-    Only two, to keep the committed fixture small: the loader reads `mtp.*` without a schema."""
+    """The MTP block `mtp.0` as DeepSeek-V4 ships it (NVIDIA's NVFP4 export included): two of its routed
+    experts in MXFP4 (I8 + E8M0 block 32; only two, to keep the committed fixture small), then e_proj and
+    h_proj [H, H] in FP8 block-128 with E8M0 `.scale`, and its norms enorm, hnorm, norm, ffn_norm (bf16).
+    The experts are drawn first, so their bytes are those of the fixture before the projections were
+    added; the block's attention, shared expert and gate are not written (no stage verifies them)."""
     c = preset.config
+    h = c["hidden_size"]
     t: dict[str, Tensor] = {}
     for e in range(2):
-        t.update(make_gated_mlp_tensors(f"mtp.0.ffn.experts.{e}", ("w1", "w3", "w2"), c["hidden_size"],
+        t.update(make_gated_mlp_tensors(f"mtp.0.ffn.experts.{e}", ("w1", "w3", "w2"), h,
                                         c["moe_intermediate_size"], "mxfp4", gen, schema=preset.schema))
+    for name in ("e_proj", "h_proj"):
+        w = make_heavy_tailed_weight(h, h, gen=gen)
+        for suffix, x in make_fp8_block128_tensors(w, scale_storage="e8m0").items():
+            t[f"mtp.0.{name}.{suffix}"] = x
+    for name in ("enorm", "hnorm", "norm", "ffn_norm"):
+        t[f"mtp.0.{name}.weight"] = (1 + 0.1 * gen.normal(h)).to(torch.bfloat16)
     yield t
 
 

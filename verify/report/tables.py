@@ -135,7 +135,12 @@ class _LossTable:
                 yield f"[bold red]FAIL[/] {self.rows[k][0]}: {escape(problem)}"
 
 
-def loss_table(layer: int, name: str, tokens: int, run):
+def _unit_words(layer: int | str) -> str:
+    """A decoder layer's index -> "layer 3"; an MTP block's unit name ("mtp.0") as it is."""
+    return f"layer {layer}" if isinstance(layer, int) else layer
+
+
+def loss_table(layer: int | str, name: str, tokens: int, run):
     """One row per reference stage: emulated-vs-high cosine, SQNR, calc_diff, rel-L2, max abs and the
     NaN/Inf counts; a status column (and each failing row's problem under the table) when the loss
     metrics carry `status` / `problem`."""
@@ -146,7 +151,7 @@ def loss_table(layer: int, name: str, tokens: int, run):
                      _num(m.get("max_abs"), ".2e"), f"{m.get('nan_count', '-')}/{m.get('inf_count', '-')}"])
         statuses.append((str(m.get("status", "pass" if not m.get("problem") else "fail")), str(m.get("problem") or "")))
     has_status = any("status" in m or "problem" in m for m in run.loss.values())
-    return _LossTable(f"layer {layer}: emulated NVFP4 vs high precision ({name}, {tokens} tokens)", rows,
+    return _LossTable(f"{_unit_words(layer)}: emulated NVFP4 vs high precision ({name}, {tokens} tokens)", rows,
                       statuses if has_status else None)
 
 
@@ -201,7 +206,7 @@ class _VerdictTable:
             yield f"[{style}]{STATUS_TEXT[status][0]}[/] {stage}: " + (f"[dim]{text}[/]" if status == "skipped" else text)
 
 
-def verdict_table(layer: int, backend_name: str, run):
+def verdict_table(layer: int | str, backend_name: str, run):
     """One row per kernel stage of the layer (table order), one column per check present and the worst
     bound ratio; under the table, per stage, the first line of each failure and not-served reason and
     the distinct n/a reasons (but "needs a CUDA device", which the sync / graph cells already say)."""
@@ -224,7 +229,7 @@ def verdict_table(layer: int, backend_name: str, run):
         skipped = dict.fromkeys(first_line(v.message) for v in per
                                 if v.status == "skipped" and v.message and "CUDA device" not in v.message)
         notes += [(stage, "skipped", m) for m in skipped]
-    title = (f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; {counts['pass']} pass, "
+    title = (f"{_unit_words(layer)}: {backend_name} verdicts per stage (teacher-forced; {counts['pass']} pass, "
              f"{counts['fail']} fail, {counts['not served']} not served, {counts['skipped']} n/a)")
     return _VerdictTable(title, present, stages, cells, ratios, notes)
 

@@ -59,9 +59,13 @@ def test_v4_layer_typed_objects(i):
     else:
         assert lw.router.tid2eid_i64 is None and lw.router.gate_bias_f32.shape == (16,)
     assert lw.router.gate_weight_bf16.dtype == torch.bfloat16
-    if isinstance(lw.attention["wq_a"], Fp8BlockLinear):
+    if isinstance(lw.attention["wq_a"], Fp8BlockLinear) and i != 2:  # V4's E8M0 `.scale`
         assert lw.attention["wq_a"].scale_ue8m0.dtype == torch.float8_e8m0fnu
         assert lw.attention["wkv"].scale_ue8m0.shape == (1, 2)  # [ceil(64/128), ceil(256/128)]
+    elif i == 2:  # the fixture writes layer 2's FP8 linears in V3's encoding (float32 `.weight_scale_inv`)
+        assert lw.attention["wq_a"].scale_ue8m0 is None and lw.attention["wq_a"].encoding == "v3_weight_scale_inv"
+        s = lw.attention["wkv"].scale_inv_f32
+        assert s.dtype == torch.float32 and s.shape == (1, 2)
     assert lw.norms["attn_sink"].dtype == torch.float32
 
 
@@ -83,7 +87,12 @@ def test_v3_layer_typed_objects(mini_v3, i):
 
 def test_mtp_experts_are_mxfp4_not_nvfp4():
     lins = Checkpoint.open(MINI_V4).load_prefix_linears("mtp.0.")
-    assert lins and all(isinstance(v, Mxfp4Linear) for v in lins.values())
+    experts = {m: v for m, v in lins.items() if ".ffn.experts." in m}
+    assert experts and all(isinstance(v, Mxfp4Linear) for v in experts.values())
+    # the MTP projections are FP8 block-128 with E8M0 `.scale`, as DeepSeek-V4 ships them
+    assert {m for m in lins if m not in experts} == {"mtp.0.e_proj", "mtp.0.h_proj"}
+    assert all(isinstance(lins[m], Fp8BlockLinear) and lins[m].encoding == "v4_e8m0_scale"
+               for m in ("mtp.0.e_proj", "mtp.0.h_proj"))
     w1 = lins["mtp.0.ffn.experts.0.w1"]
     assert (w1.n, w1.k, w1.scale_ue8m0.shape) == (128, 256, (128, 8))
 
@@ -189,4 +198,4 @@ def test_describe_names_what_was_opened():
     """The one line a run can print first: which checkpoint, schema, layers, quantization, files."""
     line = Checkpoint.open(MINI_V4).describe()
     assert line == (f"checkpoint {MINI_V4}: deepseek_v4, 4 layers, 16 experts, NVFP4 (hf_quant_config.json), "
-                    "891 tensors in 10 files")
+                    "899 tensors in 10 files")  # 891 + mtp.0's e_proj / h_proj (weight, scale) and 4 norms

@@ -136,6 +136,30 @@ def test_backend_golden(backend_name, device, i, config, backends, run_cfg):
     assert not diffs, "backend golden differs:\n  " + "\n  ".join(diffs[:40])
 
 
+MTP_GOLDEN_CONFIG = "dynamic-after_w2"  # the MTP rows read no act_scale / placement option: one configuration
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("backend_name, device", BACKENDS)
+def test_backend_golden_mtp(backend_name, device, backends, run_cfg):
+    """golden/mini-v4/<backend>.json, run mtp.0/<config>/verdicts: the MTP block's verdicts (references.stages rows
+    of unit "mtp": e_proj / h_proj FP8, the MXFP4 experts), metrics and the digests of its reference tensors."""
+    from verify.mtp import mtp_inputs, run_mtp
+
+    backend = backends(backend_name, device)
+    ckpt = Checkpoint.open(GOLDEN_DIR / "mini-v4")
+    mtp = ckpt.load_mtp(0, device=device)
+    inputs = mtp_inputs(ckpt, mtp, tokens=BACKEND_GOLDEN_TOKENS, seed=0, device=device)
+    run = run_mtp(ckpt, mtp, inputs, options=GOLDEN_CONFIGS[MTP_GOLDEN_CONFIG], backend=backend)
+    got = backend_golden_run(run.digests, run.verdicts)
+    declared = {"backend": {"name": backend.name, "recipe": backend.recipe.name, "u_acc": backend.u_acc},
+                "tokens": BACKEND_GOLDEN_TOKENS}
+    path = GOLDEN_DIR / "mini-v4" / f"{backend_name}.json"
+    diffs = check_or_update_golden_run(path, f"mtp.0/{MTP_GOLDEN_CONFIG}/verdicts", got, update=run_cfg.update_golden,
+                                       env=declared)
+    assert not diffs, "backend golden differs:\n  " + "\n  ".join(diffs[:40])
+
+
 def test_backend_golden_runs_hold_statuses_metrics_and_output_digests():
     from verify.verdicts import Verdict
 

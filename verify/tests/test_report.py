@@ -90,9 +90,10 @@ def test_report_rerenders_from_json(tmp_path, capsys):
     out = tmp_path / "again.html"
     assert main(["report", str(baseline_run_dir()), "--html", str(out)]) == 0
     text = capsys.readouterr().out
-    # 134 = 116 NVFP4 and FP8 verdicts + the bytes verdicts of the 6 FP8 stages on layers 1-3 (FP8 activations
-    # became a boundary tensor: skipped -> pass)
-    assert "PASS: 134 pass, 0 fail" in text and "projected 61-layer sweep" in text
+    # 146 = 116 NVFP4 and FP8 verdicts + the bytes verdicts of the 6 FP8 stages on layers 1-3 (FP8 activations
+    # became a boundary tensor: skipped -> pass) + the 12 of the MTP block mtp.0, verified since it has stage rows
+    # (mtp.e_proj, mtp.h_proj: bytes, bound, batch; mtp.experts.l1, mtp.experts.l2: bytes, bound, batch)
+    assert "PASS: 146 pass, 0 fail" in text and "projected 61-layer sweep" in text
     assert out.read_text() == render_html(load_json(baseline_run_dir() / "report.json"))
 
 

@@ -1,4 +1,9 @@
-"""What a judge produces (Verdict, STATUSES) and what it judges (LayerCase, applicable_stages)."""
+"""What a judge produces (Verdict, STATUSES) and what it judges (LayerCase, applicable_stages).
+
+A LayerCase is one unit: a decoder layer (unit "decoder", layer a verify.checkpoint.LayerWeights) or
+DeepSeek-V4's MTP block (unit "mtp", layer a verify.checkpoint.MtpWeights). applicable_stages keeps the
+table rows of the case's unit only (references.stages.Stage.unit): a decoder layer never gets an MTP row,
+an MTP block only its own."""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import torch
 from torch import Tensor
 
 from references.layer import RunOptions
-from references.stages import DENSE_MLP_STAGES, INDEXER_WQ_B, MOE_BLOCK_STAGES, SHARED_STAGES, STAGES, Stage
+from references.stages import (DENSE_MLP_STAGES, INDEXER_WQ_B, MOE_BLOCK_STAGES, MTP_EXPERTS_L1, MTP_EXPERTS_L2,
+                               SHARED_STAGES, STAGES, UNITS, Stage)
 
 __all__ = ["Verdict", "STATUSES", "LayerCase", "applicable_stages"]
 
@@ -38,7 +44,9 @@ class Verdict:
 @dataclass
 class LayerCase:
     """Everything a layer's verdicts need: the checkpoint layer (loader types), its inputs, the
-    reference layer's emulated and high-precision stage tensors, the run options and the MoE spec."""
+    reference layer's emulated and high-precision stage tensors, the run options and the MoE spec.
+    unit: "decoder" (layer: LayerWeights) or "mtp" (layer: MtpWeights; its inputs x_attn / x_ffn are the
+    MTP block's enorm / hnorm outputs, also in emulated under references.stages.INPUT_MTP_E / _H)."""
 
     layer: object            # verify.checkpoint.LayerWeights
     schema: str
@@ -49,6 +57,11 @@ class LayerCase:
     high: dict[str, Tensor]
     options: RunOptions
     moe_spec: object | None  # references.layer.MoeSpec
+    unit: str = "decoder"
+
+    def __post_init__(self) -> None:
+        if self.unit not in UNITS:
+            raise ValueError(f"unit={self.unit!r}: expected one of {UNITS}")
 
     @property
     def static(self) -> bool:
@@ -60,12 +73,14 @@ class LayerCase:
 
 
 def applicable_stages(case: LayerCase) -> list[Stage]:
-    """The kernel stages of the table that this layer has (schema, MoE or dense MLP, shared expert), in
-    table order."""
+    """The kernel stages of the table that this unit has (its unit kind, schema; a decoder layer: MoE or
+    dense MLP, shared expert, indexer; an MTP block: the experts when stored), in table order."""
     lw = case.layer
     out = []
     for s in STAGES:
-        if not s.kernel or case.schema not in s.schemas:
+        if not s.kernel or case.schema not in s.schemas or s.unit != case.unit:
+            continue
+        if s in (MTP_EXPERTS_L1, MTP_EXPERTS_L2) and lw.experts is None:  # an MTP block stored without experts
             continue
         if s in MOE_BLOCK_STAGES and lw.experts is None:
             continue

@@ -16,6 +16,7 @@ from verify.verdicts.judges.dense import JUDGE as DENSE
 from verify.verdicts.judges.dispatch import JUDGE as DISPATCH
 from verify.verdicts.judges.grouped_gemm import JUDGE as GROUPED_GEMM
 from verify.verdicts.judges.l1_fused import JUDGE as L1_FUSED
+from verify.verdicts.judges.mxfp4_experts import JUDGE as MXFP4_EXPERTS
 from verify.verdicts.judges.router import JUDGE as ROUTER
 from verify.verdicts.judges.swiglu_requant import JUDGE as SWIGLU_REQUANT
 
@@ -31,4 +32,5 @@ JUDGES: dict[Op, Judge] = {
     Op.L1_FUSED: L1_FUSED,
     Op.COMBINE: COMBINE,
     Op.MOE_BLOCK: BLOCK,
+    Op.GROUPED_LINEAR_MXFP4: MXFP4_EXPERTS,
 }

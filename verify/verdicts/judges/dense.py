@@ -64,6 +64,8 @@ def _linear_of(case: LayerCase, role: str):
         return lw.attention[name]
     if group == "indexer":  # V4's indexer wq_b: the loader keeps it with attention as "indexer.wq_b"
         return lw.attention[role]
+    if group == "mtp":  # the MTP block's e_proj / h_proj (verify.checkpoint.MtpWeights)
+        return lw.projections[name]
     mlp = {"shared": lw.shared_experts, "dense": lw.dense_mlp}[group]
     return getattr(mlp, name)
 
