@@ -24,16 +24,10 @@ from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
 from verify.backends.base import Backend
-<<<<<<< HEAD
-from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, QuantizedAct, \
-    RoutingOut
-from verify.checkpoint import GatedMlp, Linear, Router
-from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the weight implies
-=======
 from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, NumericsMode, \
     QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Mxfp4Linear, Router
->>>>>>> s3-mtp
+from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the weight implies
 from verify.reference_layer import to_reference_weight
 
 __all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]

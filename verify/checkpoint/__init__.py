@@ -49,13 +49,8 @@ from verify.checkpoint.schema import (
     linear_tensor_specs, fp8_scale_encoding,
 )
 from verify.checkpoint.weights import (
-<<<<<<< HEAD
-    Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, Nvfp4Linear, Router, iter_linears,
-    make_linear, FP8_SCALE_SUFFIX, fp8_act_scale_fmt,
-=======
     Bf16Linear, Fp8BlockLinear, GatedMlp, LayerWeights, Linear, Mxfp4Linear, MtpWeights, MTP_PROJECTIONS, Nvfp4Linear,
-    Router, iter_linears, make_linear, FP8_SCALE_SUFFIX,
->>>>>>> s3-mtp
+    Router, iter_linears, make_linear, FP8_SCALE_SUFFIX, fp8_act_scale_fmt,
 )
 
 __all__ = [
@@ -71,13 +66,8 @@ __all__ = [
     "LinearSpec", "TensorSpec", "LayerSchema", "layer_schema", "linear_format_of", "linear_tensor_specs",
     "check_linear_k", "check_tensor", "fp8_scale_encoding",
     # weights
-<<<<<<< HEAD
-    "fp8_act_scale_fmt", "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
-    "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
-=======
     "Nvfp4Linear", "Fp8BlockLinear", "Mxfp4Linear", "Bf16Linear", "Linear", "GatedMlp", "Router", "LayerWeights",
-    "MtpWeights", "MTP_PROJECTIONS", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX",
->>>>>>> s3-mtp
+    "MtpWeights", "MTP_PROJECTIONS", "iter_linears", "make_linear", "FP8_SCALE_SUFFIX", "fp8_act_scale_fmt",
     # safetensors
     "SAFETENSORS_DTYPES", "INDEX_FILE", "TensorInfo", "IoStats", "ShardDefect", "ShardScan", "SHARD_DEFECT_CODES",
     "scan_safetensors_header", "read_safetensors_header", "read_tensor_bytes",
