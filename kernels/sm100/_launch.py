@@ -13,14 +13,21 @@ body, CompileKey and argument checks; what was the same in each lives here:
   first call) breaks CUDA-graph capture, which records on its own side stream.
 - device_i32_constant(value, device_str): a [1] int32 device buffer allocated once per
   (value, device), at warm-up, for "no limit" / "unused" pointer arguments.
+- recording_launches(): provenance: a context manager yielding a list that gets (kernel class name, arch)
+  for every launch inside it; arch is the compile target compile_for_arch built the kernel for
+  (CUTE_DSL_ARCH, checked equal to the CompileKey's arch; the key's arch where the variable is unset).
+  One list append per launch while recording, nothing otherwise (host side: graph-safe).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
 INT32_MAX = 2**31 - 1
+_BUILDS: dict[int, tuple[str, str]] = {}  # id(compiled) -> (kernel class name, the arch it was compiled for)
+_RECORDERS: list[list] = []
 
 
 def device_ptr(t, dtype_name: str, align: int = 16):
@@ -57,7 +64,20 @@ def current_stream():
 
 def launch_on_current_stream(compiled, *args) -> None:
     """Launch a compiled kernel whose last parameter is the stream, on the current stream."""
+    for launched in _RECORDERS:
+        launched.append(_BUILDS.get(id(compiled), (type(compiled).__name__, None)))
     compiled(*args, current_stream())
+
+
+@contextlib.contextmanager
+def recording_launches():
+    """Yields a list that gets (kernel name, compile arch) for every launch_on_current_stream inside the block."""
+    launched: list[tuple[str, str | None]] = []
+    _RECORDERS.append(launched)
+    try:
+        yield launched
+    finally:
+        _RECORDERS.remove(launched)
 
 
 def _check_arch(arch: str) -> None:
@@ -74,8 +94,11 @@ def compile_for_arch(kernel, args, *, arch: str, dump_dir: str | None = None):
     import cutlass.cute as cute
 
     if dump_dir is not None:
-        return cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={dump_dir}")
-    return cute.compile(kernel, *args)
+        compiled = cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={dump_dir}")
+    else:
+        compiled = cute.compile(kernel, *args)
+    _BUILDS[id(compiled)] = (type(kernel).__name__, os.environ.get("CUTE_DSL_ARCH") or arch)
+    return compiled
 
 
 def compile_keeping_ptx(kernel, args, *, arch: str, dump_dir: str):

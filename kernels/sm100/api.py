@@ -285,6 +285,13 @@ class Sm100Kernels:
                                     num_valid_rows_i32=rows)
         return self.combine(y, perm, routing.weights_f32)
 
+    def recording_launches(self):
+        """Provenance: a context manager yielding a list of (kernel name, compile arch) of every CuTe DSL kernel
+        launched inside it (kernels.sm100._launch.recording_launches)."""
+        from kernels.sm100._launch import recording_launches
+
+        return recording_launches()
+
     def cache_clear(self) -> None:
         """Forget compiled kernels (tests' fresh-cache fixture)."""
         gemm._compile.cache_clear()

@@ -48,6 +48,7 @@ the padded total lives on the device). The boundary holds the R rows unpadded:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -64,6 +65,7 @@ from references.stages import Op
 from verify.backends.base import Backend
 from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
 from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router
+from verify.provenance import KernelBuild, torch_build
 
 __all__ = ["Sm100Adapter", "Sm100Experts", "Sm100Router", "Sm100Fp8Linear", "rows_to_padded", "padded_to_rows",
            "SERVED", "NOT_SERVED"]
@@ -264,6 +266,7 @@ class Sm100Adapter(Backend):
 
     def __init__(self) -> None:
         self._impl = Sm100Kernels()
+        self._torch_device = None  # set by the routing ops (torch's kernels), read by launch_recorder
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
@@ -277,6 +280,11 @@ class Sm100Adapter(Backend):
 
     def cache_clear(self) -> None:
         self._impl.cache_clear()
+
+    def launch_recorder(self):
+        """Provenance: the CuTe DSL kernels launched inside the block (their compile arch, "cute-dsl") and, when
+        a routing op ran, torch's kernels (moe_routing) with the arch torch's build has for the device."""
+        return _sm100_recorder(self)
 
     # ---------------------------------------------------------------- prepare (host, may sync)
 
@@ -472,6 +480,7 @@ class Sm100Adapter(Backend):
 
     def _route(self, x_bf16: Tensor, router: Sm100Router, token_ids_i64: Tensor | None,
                num_valid_tokens_i32: Tensor | None = None) -> moe_routing.Routing:
+        self._torch_device = x_bf16.device
         if not isinstance(router, Sm100Router):
             raise TypeError(f"router: expected prepare_router's Sm100Router, got {type(router).__name__}")
         return self._impl.router(x_bf16, router.gate_weight_bf16, top_k=router.top_k,
@@ -487,6 +496,7 @@ class Sm100Adapter(Backend):
             raise ValueError(f"ids_i64: expected int64 [T, k], got {getattr(ids_i64, 'dtype', type(ids_i64).__name__)} "
                              f"{tuple(getattr(ids_i64, 'shape', ()))}")
         t, k = ids_i64.shape
+        self._torch_device = ids_i64.device
         perm = self._impl.permute(ids_i64, num_experts)
         flat = ids_i64.reshape(-1)
         row_of_pair = perm.row_of_pair_i64 - perm.padded_offsets_i64[flat] + perm.offsets_i64[flat]
@@ -506,6 +516,7 @@ class Sm100Adapter(Backend):
         if d.row_token_i64.numel() != t * k:
             raise ValueError(f"d: {d.row_token_i64.numel()} rows, but weights_f32 {tuple(weights_f32.shape)} "
                              f"has T*k = {t * k} pairs")
+        self._torch_device = y_rows_bf16.device
         row_of_pair = torch.empty_like(d.row_token_i64)
         row_of_pair[d.row_token_i64 * k + d.row_slot_i64] = torch.arange(t * k, device=d.row_token_i64.device)
         return moe_routing.combine_rows_bf16(y_rows_bf16, row_of_pair, weights_f32)
@@ -548,6 +559,17 @@ class Sm100Adapter(Backend):
                                       swiglu_limit=_swiglu_limit(swiglu_limit),
                                       l1_input_dec_scale_f32=s1, l2_input_dec_scale_f32=s2,
                                       num_valid_tokens_i32=num_valid_tokens_i32)
+
+
+@contextlib.contextmanager
+def _sm100_recorder(adapter: Sm100Adapter):
+    builds: list[KernelBuild] = []
+    adapter._torch_device = None
+    with adapter._impl.recording_launches() as launched:
+        yield builds
+    builds.extend(KernelBuild(f"cute:{name}", arch, "cute-dsl") for name, arch in dict.fromkeys(launched))
+    if adapter._torch_device is not None:
+        builds.append(torch_build("torch (kernels.sm100.moe_routing)", adapter._torch_device))
 
 
 def _nvfp4(lin: Linear) -> Nvfp4Linear:
