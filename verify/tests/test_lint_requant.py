@@ -218,3 +218,22 @@ def test_quant_algo_fp8_declares_every_non_excluded_linear_fp8(tmp_path):
     got = {f.tensor: f.message for f in lint_checkpoint(d, layers=[1]).errors if f.code == "declared_format_mismatch"}
     assert "layers.1.attn.wo_b" in got and "declared bf16" in got["layers.1.attn.wo_b"], got
     assert "layers.1.attn.wq_a" not in got, "declared FP8, stored FP8"
+
+
+def test_the_cli_takes_the_weight_recipe_and_exits_1_on_a_flagged_block(tmp_path, capsys):
+    import argparse
+
+    from verify.checkpoint.lint import add_lint_arguments, cli_lint
+
+    packed, sf, dec = _export_unrounded(_expert_weight(rows_tiny=(7,)), TE)
+    d = _replace_expert(tmp_path, packed, sf, dec)
+    p = argparse.ArgumentParser()
+    add_lint_arguments(p)
+    out = tmp_path / "lint.json"
+    assert cli_lint(p.parse_args(["--checkpoint", str(d), "--layers", "0", "--weight-recipe", "te",
+                                  "--json", str(out)])) == 1
+    codes = [f["code"] for f in json.loads(out.read_text())["findings"] if f["severity"] == "error"]
+    assert codes == ["requant_mismatch"], codes
+    assert "1 errors" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        p.parse_args(["--checkpoint", str(d), "--weight-recipe", "fp4"])
