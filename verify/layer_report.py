@@ -284,6 +284,9 @@ def cli_layer(args: argparse.Namespace) -> int:
                 console.print(verdict_table(i, backend.name, run))
                 for line in provenance_lines([run.provenance]):  # kernels per stage and their build arch
                     console.print(escape(line), highlight=False)
+                for v in run.verdicts:  # a kernel not built for this device (not a column of the table)
+                    if v.check == "provenance" and v.status == "fail":
+                        console.print(f"[bold red]FAIL[/] {escape(v.message)}")
                 for k, v in verdict_counts(run.verdicts).items():
                     totals[k] = totals.get(k, 0) + v
     if config.json is not None:

@@ -205,3 +205,19 @@ def test_the_emulator_reports_reference_everywhere(layer1):
     run = _run(layer1, EmulatorBackend())
     assert run.provenance["device_arch"] is None
     assert all(b == [prov.REFERENCE_BUILD.as_dict()] for b in run.provenance["stages"].values())
+
+
+def test_the_layer_cli_prints_the_kernels_and_fails_on_a_foreign_build(monkeypatch, capsys):
+    """`python -m verify layer` through a backend whose kernel was built for sm_90a, on a faked sm_100: the
+    kernels line, a FAIL line naming both archs, exit 1."""
+    import verify.layer_report as lr
+    from verify.__main__ import main
+
+    monkeypatch.setattr(prov, "device_arch", lambda device: "sm_100")
+    monkeypatch.setattr(lr, "backend_for_verdicts", lambda name, device: _FakeKernelBackend())
+    rc = main(["layer", "--backend", "emulator", "--layers", "1", "--tokens", "8"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "kernels on sm_100:" in out and "fake_gemm (sm_90a, cubin)" in out
+    assert "FAIL attn.wq_a provenance: fake_gemm was built for sm_90a (cubin) but runs on a sm_100 device" in \
+        " ".join(out.split())
