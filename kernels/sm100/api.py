@@ -56,7 +56,7 @@ def _act_dec_scale(input_dec_scale_f32: Tensor | None, global_enc_scale_f32: Ten
 
 
 class Sm100Kernels:
-    """NVFP4 on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
+    """NVFP4 and FP8 block-128 linears on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
 
     recipe_name: the activation quantizer's recipe ("te", references.recipes.TE).
     u_acc: unit roundoff declared for the GEMM accumulator: tcgen05.mma kind::mxf4nvf4

@@ -237,3 +237,27 @@ def test_the_cli_takes_the_weight_recipe_and_exits_1_on_a_flagged_block(tmp_path
     assert "1 errors" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         p.parse_args(["--checkpoint", str(d), "--weight-recipe", "fp4"])
+
+
+@pytest.mark.parametrize("case", ["clean_modelopt", "clean_te", "unrounded_te", "pow2_ceil_codes", "tensor_scale"])
+def test_the_settled_shortcut_gives_what_the_codec_gives_on_every_block(case):
+    """requant_contract counts blocks with a largest code of 6 under a normal scale as returned without the
+    codec; the exhaustive round trip must agree block for block in every count (a wrong shortcut fails here)."""
+    w = _weights(tiny_rows=(5, 9))
+    dec = global_dec_scale_from_amax(w.abs().amax().float())
+    recipe = TE if case.endswith("_te") else MODELOPT
+    if case.startswith("clean"):
+        g = dec if recipe.global_convention == "dec" else global_enc_scale_from_dec(dec)
+        q = quantize_nvfp4(w, recipe=recipe, **{f"global_{recipe.global_convention}_scale_f32": g})
+        packed, sf = q.packed_u8, q.sf_u8
+    elif case == "unrounded_te":
+        packed, sf, dec = _export_unrounded(w, TE)
+    else:
+        xb = w.reshape(w.shape[0], -1, 16)
+        t = block_scale_f32(xb.abs().amax(-1), recipe=MODELOPT, global_scale_f32=dec)
+        used = torch.exp2(torch.ceil(torch.log2(t))) if case == "pow2_ceil_codes" else torch.full_like(t, 448.0)
+        codes = f32_to_e2m1_codes(xb / (used.unsqueeze(-1) * dec), sign_rule="lt_zero").reshape(w.shape)
+        packed, sf = pack_e2m1x2_low_first(codes), f32_to_e4m3_bytes(t, saturate=True)
+    fast = requant_contract("w", packed, sf.view(torch.float8_e4m3fn), dec, recipe=recipe)
+    full = requant_contract("w", packed, sf.view(torch.float8_e4m3fn), dec, recipe=recipe, exhaustive=True)
+    assert fast == full
