@@ -14,8 +14,9 @@ body, CompileKey and argument checks; what was the same in each lives here:
 - device_i32_constant(value, device_str): a [1] int32 device buffer allocated once per
   (value, device), at warm-up, for "no limit" / "unused" pointer arguments.
 - recording_launches(): provenance: a context manager yielding a list that gets (kernel class name, arch)
-  for every launch inside it; arch is the compile target compile_for_arch built the kernel for
-  (CUTE_DSL_ARCH, checked equal to the CompileKey's arch; the key's arch where the variable is unset).
+  for every launch inside it; arch is the SASS arch of the cubin compile_for_arch built (cubin_sm_arch on
+  the ELF header of the kept cubin), else its compile target (CUTE_DSL_ARCH, checked equal to the
+  CompileKey's arch; the key's arch where the variable is unset).
   One list append per launch while recording, nothing otherwise (host side: graph-safe).
 """
 
@@ -95,10 +96,33 @@ def compile_for_arch(kernel, args, *, arch: str, dump_dir: str | None = None):
 
     if dump_dir is not None:
         compiled = cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={dump_dir}")
-    else:
-        compiled = cute.compile(kernel, *args)
-    _BUILDS[id(compiled)] = (type(kernel).__name__, os.environ.get("CUTE_DSL_ARCH") or arch)
+    else:  # the cubin is kept (in memory) so provenance reads its SASS arch from the ELF header
+        compiled = cute.compile(kernel, *args, options="--keep-cubin")
+    cubin = getattr(getattr(compiled, "artifacts", None), "CUBIN", None)
+    built = cubin_sm_arch(cubin) if isinstance(cubin, (bytes, bytearray)) else None
+    _BUILDS[id(compiled)] = (type(kernel).__name__, built or os.environ.get("CUTE_DSL_ARCH") or arch)
     return compiled
+
+
+_ELF_MAGIC = b"\x7fELF"
+_ELF64_E_FLAGS = 0x30
+_CUDA_ABI_V2 = 8  # EI_ABIVERSION from which the SM sits in bits 8..15 of e_flags (CUDA 12.8+ cubins)
+
+
+def cubin_sm_arch(cubin: bytes) -> str | None:
+    """The SASS architecture of a CUDA cubin from its ELF header, e.g. "sm_100a", or None when it is not one.
+    e_flags of EI_ABIVERSION 7 cubins: SM in bits 0..7, 0x800 marks arch-specific ("a") code (an sm_90a
+    cubin reads 0x5a0d5a); of version 8: SM in bits 8..15, 0x8 marks "a" (sm_100a: 0x600640a; sm_100f,
+    family code, 0x6006402 reads as "sm_100"). Read from cubins this DSL version wrote for sm_90a, sm_100a
+    and sm_100f (kernels.sm100 tests), not from a specification."""
+    if len(cubin) < _ELF64_E_FLAGS + 4 or cubin[:4] != _ELF_MAGIC or cubin[4] != 2:
+        return None
+    flags = int.from_bytes(cubin[_ELF64_E_FLAGS:_ELF64_E_FLAGS + 4], "little")
+    if cubin[8] >= _CUDA_ABI_V2:
+        sm, accel = (flags >> 8) & 0xFF, flags & 0x8
+    else:
+        sm, accel = flags & 0xFF, flags & 0x800
+    return f"sm_{sm}{'a' if accel else ''}" if sm else None
 
 
 def compile_keeping_ptx(kernel, args, *, arch: str, dump_dir: str):

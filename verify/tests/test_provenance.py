@@ -221,3 +221,35 @@ def test_the_layer_cli_prints_the_kernels_and_fails_on_a_foreign_build(monkeypat
     assert "kernels on sm_100:" in out and "fake_gemm (sm_90a, cubin)" in out
     assert "FAIL attn.wq_a provenance: fake_gemm was built for sm_90a (cubin) but runs on a sm_100 device" in \
         " ".join(out.split())
+
+
+@pytest.mark.parametrize("abi, flags, arch", [(7, 0x5A0D5A, "sm_90a"), (8, 0x600640A, "sm_100a"),
+                                              (8, 0x6006402, "sm_100"), (7, 0x50050, "sm_80")])
+def test_the_sass_arch_is_read_from_the_cubins_elf_header(abi, flags, arch):
+    from kernels.sm100._launch import cubin_sm_arch
+
+    header = bytearray(64)
+    header[:4], header[4], header[7], header[8] = b"\x7fELF", 2, 0x41, abi
+    header[0x30:0x34] = flags.to_bytes(4, "little")
+    assert cubin_sm_arch(bytes(header)) == arch
+    assert cubin_sm_arch(b"not an elf" + bytes(60)) is None
+
+
+@pytest.mark.cpu_compile
+def test_a_compiled_cute_kernel_records_the_arch_of_its_cubin():
+    """Compiles the sm100 FP8 quantizer for sm_100a (no GPU needed) and reads its cubin's SASS arch."""
+    import importlib.util
+    import os
+    import sys
+
+    if importlib.util.find_spec("cutlass") is None:
+        pytest.skip("nvidia-cutlass-dsl is not installed")
+    if "cutlass" in sys.modules and os.environ.get("CUTE_DSL_ARCH") != "sm_100a":
+        pytest.skip("cutlass was imported before CUTE_DSL_ARCH=sm_100a was set (the DSL reads it once)")
+    os.environ["CUTE_DSL_ARCH"] = "sm_100a"  # as test_sm100_fp8_compile: set before cutlass is imported
+    from kernels.sm100 import _launch
+    from kernels.sm100 import quantize_fp8_1x128 as q
+
+    compiled = _launch.compile_for_arch(q._kernel(q.CompileKey()), q._compile_args(), arch="sm_100a")
+    assert _launch._BUILDS[id(compiled)] == ("QuantizeFp8_1x128", "sm_100a")
+    assert _launch.cubin_sm_arch(compiled.artifacts.CUBIN) == "sm_100a"
