@@ -38,7 +38,8 @@ then per layer:
               codec; blocks whose codes do not come back are counted (error requant_mismatch, the first
               named: tensor, expert, row, block), blocks the recipe cannot reproduce by design (subnormal
               or clamped scales, ties, zero scales) are classed (info requant_by_design). What "by design"
-              means and what no byte-level check can see: verify.checkpoint.requant's docstring.
+              means, what no byte-level check can see, and why a block whose largest code is 6 under a
+              normal scale skips the codec (it provably comes back): verify.checkpoint.requant.
   exclude     exclude_modules consistency: an excluded module stored as NVFP4, or a
               non-NVFP4 linear that an NVFP4 config does not exclude; patterns matching nothing
   declared    the config's declared format per module against the stored one (error
