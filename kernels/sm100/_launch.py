@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import tempfile
 
 INT32_MAX = 2**31 - 1
 _BUILDS: dict[int, tuple[str, str]] = {}  # id(compiled) -> (kernel class name, the arch it was compiled for)
@@ -96,12 +97,23 @@ def compile_for_arch(kernel, args, *, arch: str, dump_dir: str | None = None):
 
     if dump_dir is not None:
         compiled = cute.compile(kernel, *args, options=f"--keep-ptx --dump-dir={dump_dir}")
-    else:  # the cubin is kept (in memory) so provenance reads its SASS arch from the ELF header
-        compiled = cute.compile(kernel, *args, options="--keep-cubin")
-    cubin = getattr(getattr(compiled, "artifacts", None), "CUBIN", None)
-    built = cubin_sm_arch(cubin) if isinstance(cubin, (bytes, bytearray)) else None
+        built = None
+    else:  # the cubin is kept so provenance reads its SASS arch from the ELF header; the DSL also writes it
+        # to a file (the working directory without --dump-dir), so into a directory removed right after
+        with tempfile.TemporaryDirectory(prefix="nvfp4v-cute-") as tmp:
+            compiled = cute.compile(kernel, *args, options=f"--keep-cubin --dump-dir={tmp}")
+            built = _cubin_arch_of(compiled)
     _BUILDS[id(compiled)] = (type(kernel).__name__, built or os.environ.get("CUTE_DSL_ARCH") or arch)
     return compiled
+
+
+def _cubin_arch_of(compiled) -> str | None:
+    """cubin_sm_arch of a compiled kernel's kept cubin (bytes, or the path of the dumped file), else None."""
+    cubin = getattr(getattr(compiled, "artifacts", None), "CUBIN", None)
+    if isinstance(cubin, str) and os.path.isfile(cubin):
+        with open(cubin, "rb") as f:
+            cubin = f.read()
+    return cubin_sm_arch(cubin) if isinstance(cubin, (bytes, bytearray)) else None
 
 
 _ELF_MAGIC = b"\x7fELF"

@@ -10,6 +10,7 @@ hook called as Triton calls it. The real sm90 provenance on an H100: /work/notes
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -250,6 +251,9 @@ def test_a_compiled_cute_kernel_records_the_arch_of_its_cubin():
     from kernels.sm100 import _launch
     from kernels.sm100 import quantize_fp8_1x128 as q
 
+    cwd = Path.cwd()
+    before = set(cwd.iterdir())
     compiled = _launch.compile_for_arch(q._kernel(q.CompileKey()), q._compile_args(), arch="sm_100a")
     assert _launch._BUILDS[id(compiled)] == ("QuantizeFp8_1x128", "sm_100a")
     assert _launch.cubin_sm_arch(compiled.artifacts.CUBIN) == "sm_100a"
+    assert set(cwd.iterdir()) == before, "compiling must leave no cubin file in the working directory"
