@@ -29,6 +29,7 @@ from verify.config import (DEFAULT_CHECKPOINT, GOLDEN_DIR, RunConfig, display_pa
                            positive_int, run_config_from_args, target_line)
 from verify.errors import BackendRefusedError, DeviceUnavailableError, LayerRangeError
 from verify.golden import environment
+from verify.provenance import provenance_lines
 from verify.preflight import check_inputs_for_layers, check_memory, read_inputs_file
 from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inputs_from_token_ids
 from verify.report.tables import loss_table, verdict_table
@@ -335,6 +336,11 @@ def cli_layer(args: argparse.Namespace) -> int:
             if backend is not None:
                 failed += sum(v.status == "fail" for v in run.verdicts)
                 console.print(verdict_table(i, backend.name, run))
+                for line in provenance_lines([run.provenance]):  # kernels per stage and their build arch
+                    console.print(escape(line), highlight=False)
+                for v in run.verdicts:  # a kernel not built for this device (not a column of the table)
+                    if v.check == "provenance" and v.status == "fail":
+                        console.print(f"[bold red]FAIL[/] {escape(v.message)}")
                 for k, v in verdict_counts(run.verdicts).items():
                     totals[k] = totals.get(k, 0) + v
     if config.json is not None:

@@ -20,6 +20,7 @@ from references.layer import RunOptions
 from verify.backends import Backend
 from verify.checkpoint import Checkpoint, LayerWeights
 from verify.golden import tensor_digest
+from verify.provenance import provenance_document, stage_mismatches
 from verify.reference_layer import LOSS_STAGE_OF, LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
 from verify.verdicts import LayerCase, Verdict, judge_layer
 
@@ -54,6 +55,7 @@ class LayerRun:
     saturated: dict[str, float]
     verdicts: list[Verdict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    provenance: dict | None = None  # verify.provenance.provenance_document of the backend's stages, or None
 
     def verdict(self, stage: str, check: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.stage == stage and v.check == check), None)
@@ -116,7 +118,12 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
         case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
                          emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
         phase("verdicts")
-        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase)
+        launched: dict = {}
+        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched)
+        # a stage whose kernel was not built for this device fails, naming both architectures
+        run.verdicts += [Verdict(stage, "provenance", "fail", msg, metrics)
+                         for stage, msg, metrics in stage_mismatches(launched, case.device)]
+        run.provenance = provenance_document(launched, case.device)
         run.timings_s["verdicts"] = time.perf_counter() - t2
         run.timings_s["stages"] = stage_seconds(run.verdicts)
     return run

@@ -1,4 +1,4 @@
-"""The sm100 backend: Blackwell NVFP4 kernels (CuTe DSL) behind one object for the harness.
+"""The sm100 backend: Blackwell NVFP4 and FP8 block-scaled kernels (CuTe DSL) behind one object for the harness.
 
 verify/backends/sm100.py adapts this plain class to the suite's Backend protocol; the op
 names here are this class's own method names (OPS), and nothing here imports references/
@@ -20,19 +20,22 @@ import importlib.util
 import torch
 from torch import Tensor
 
+from kernels.sm100 import gemm_fp8_blockscaled as gemm_fp8
 from kernels.sm100 import gemm_nvfp4_blockscaled as gemm
-from kernels.sm100 import host_bridge, moe_routing
+from kernels.sm100 import host_bridge, host_bridge_fp8, moe_routing
+from kernels.sm100 import quantize_fp8_1x128 as quant_fp8
 from kernels.sm100 import quantize_nvfp4_1x16 as quant
 
 __all__ = ["Sm100Kernels", "OPS", "HOST_OPS", "TORCH_OPS", "KERNEL_OPS"]
 
 # The methods below, by what they need: host code (torch only, any device), torch ops on a
 # CUDA device (routing, permutation, combine), and CuTe DSL kernels (cutlass and a B200).
-HOST_OPS = ("prepare_nvfp4_weight", "prepare_gate_up_weight")
+HOST_OPS = ("prepare_nvfp4_weight", "prepare_gate_up_weight", "prepare_fp8_block_weight")
 TORCH_OPS = ("router", "permute", "combine")
 KERNEL_OPS = (
     "quantize_nvfp4", "quantize_nvfp4_dynamic", "quantize_nvfp4_static", "gemm_nvfp4",
     "grouped_gemm_nvfp4", "grouped_gemm_swiglu", "grouped_gemm_swiglu_nvfp4", "linear_nvfp4", "moe_experts",
+    "quantize_fp8_1x128", "gemm_fp8", "linear_fp8",
 )
 OPS = HOST_OPS + TORCH_OPS + KERNEL_OPS
 
@@ -53,7 +56,7 @@ def _act_dec_scale(input_dec_scale_f32: Tensor | None, global_enc_scale_f32: Ten
 
 
 class Sm100Kernels:
-    """NVFP4 on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
+    """NVFP4 and FP8 block-128 linears on Blackwell (B200/GB200, sm_100a) with tcgen05 block-scaled MMA.
 
     recipe_name: the activation quantizer's recipe ("te", references.recipes.TE).
     u_acc: unit roundoff declared for the GEMM accumulator: tcgen05.mma kind::mxf4nvf4
@@ -61,12 +64,27 @@ class Sm100Kernels:
         B200 by the exact-arithmetic and bound tests (verify/tests/test_sm100_kernels.py).
         If a measurement shows fewer bits this number changes, never a test tolerance.
     gate_up_granularity: the w1|w3 interleave the SwiGLU GEMM needs (rows of N).
+    fp8_u_acc, fp8_promotion_interval: the FP8 block-scaled GEMM's accumulator (gemm_fp8_blockscaled):
+        tcgen05.mma kind::mxf8f6f4 applies the UE8M0 scales inside the MMA and accumulates into the fp32
+        tensor-memory accumulator from the first K block to the last, so the design implies u = 2**-24 and
+        no separate promotion step (None: all of K in one accumulator). NOT MEASURED: what the MMA keeps
+        inside one instruction has not been read on a B200; `python -m verify accumulator --backend sm100`
+        there measures it and refuses this declaration if the hardware keeps less (Hopper's FP8 MMA keeps
+        about 14 bits). fp8_accumulator_measured stays False until that run is recorded.
+    fp8_act_recipe: the FP8 1x128 activation quantizer's recipe (quantize_fp8_1x128: UE8M0 scales rounded
+        up, the only one tcgen05's UE8M0 scale operand can take exactly).
     """
 
     name = "sm100"
     recipe_name = "te"
     u_acc = 2.0**-24
     accumulator = "fp32 (tcgen05.mma kind::mxf4nvf4 block_scale, tensor memory)"
+    fp8_u_acc = gemm_fp8.ACCUMULATOR_U
+    fp8_promotion_interval = None
+    fp8_accumulator = ("fp32 tensor memory over all K (tcgen05.mma kind::mxf8f6f4 block_scale; declared from the "
+                       "design, unmeasured: `python -m verify accumulator --backend sm100` on a B200)")
+    fp8_accumulator_measured = False
+    fp8_act_recipe = "fp8_ue8m0"
     gate_up_granularity = host_bridge.GATE_UP_GRANULARITY
 
     def unsupported_reason(self, op: str, device: torch.device | str | None = None) -> str | None:
@@ -106,6 +124,12 @@ class Sm100Kernels:
         along N with gate_up_granularity (host_bridge.prepare_gate_up_weight)."""
         return host_bridge.prepare_gate_up_weight(w1_u8, w1_scale_e4m3, w1_scale_2_f32, w3_u8, w3_scale_e4m3,
                                                   w3_scale_2_f32, granularity=self.gate_up_granularity)
+
+    def prepare_fp8_block_weight(self, weight_e4m3: Tensor, scale_e8m0: Tensor) -> host_bridge_fp8.Sm100Fp8BlockWeight:
+        """One FP8 block-128 linear's checkpoint bytes (E4M3 [N, K], UE8M0 [ceil(N/128), ceil(K/128)]) -> the
+        GEMM's operands (host_bridge_fp8.prepare_fp8_block_weight: E4M3 bytes K-major, per-32 128x4 swizzled
+        scales). Load time: refuses NaN bytes naming the tensor."""
+        return host_bridge_fp8.prepare_fp8_block_weight(weight_e4m3, scale_e8m0)
 
     # ---------------------------------------------------------------- quantize
 
@@ -181,6 +205,27 @@ class Sm100Kernels:
                                    tile_expert_i32, swiglu_limit=swiglu_limit, num_valid_rows_i32=num_valid_rows_i32,
                                    h_global_enc_scale_f32=h_global_enc_scale_f32)
 
+    # ---------------------------------------------------------------- FP8 block-scaled linears
+
+    def quantize_fp8_1x128(self, x_bf16: Tensor, *,
+                           num_valid_rows_i32: Tensor | None = None) -> host_bridge_fp8.Fp8ActSm100:
+        """bf16 [M, K] -> E4M3 [M, K], UE8M0 scale bytes [M, ceil(K/128)] and the same bytes in the MMA's
+        per-32 swizzle (quantize_fp8_1x128, recipe fp8_ue8m0); rows >= n are zero. Graph-safe."""
+        return quant_fp8.launch(x_bf16, recipe=self.fp8_act_recipe, num_valid_rows_i32=num_valid_rows_i32)
+
+    def gemm_fp8(self, act: host_bridge_fp8.Fp8ActSm100, weight: host_bridge_fp8.Sm100Fp8BlockWeight, *,
+                 num_valid_rows_i32: Tensor | None = None) -> Tensor:
+        """bf16 [M, N] = (A * SFA) @ (W * SFW)^T (gemm_fp8_blockscaled, the key select_config(N) picks)."""
+        return gemm_fp8.launch(act.e4m3_u8, act.sf_swizzled_u8, weight, num_valid_rows_i32=num_valid_rows_i32)
+
+    def linear_fp8(self, x_bf16: Tensor, weight: host_bridge_fp8.Sm100Fp8BlockWeight, *,
+                   num_valid_rows_i32: Tensor | None = None) -> Tensor:
+        """One FP8 block-128 linear: dynamic per-token 1x128 quantization of x, then the block-scaled GEMM
+        -> bf16 [M, N]. No host sync, no host->device copy; compiles on a key's first call (warm up eagerly
+        before any graph capture)."""
+        act = self.quantize_fp8_1x128(x_bf16, num_valid_rows_i32=num_valid_rows_i32)
+        return self.gemm_fp8(act, weight, num_valid_rows_i32=num_valid_rows_i32)
+
     # ---------------------------------------------------------------- routing
 
     def router(self, x_bf16: Tensor, gate_weight_bf16: Tensor, *, top_k: int, routed_scaling_factor: float,
@@ -240,7 +285,16 @@ class Sm100Kernels:
                                     num_valid_rows_i32=rows)
         return self.combine(y, perm, routing.weights_f32)
 
+    def recording_launches(self):
+        """Provenance: a context manager yielding a list of (kernel name, compile arch) of every CuTe DSL kernel
+        launched inside it (kernels.sm100._launch.recording_launches)."""
+        from kernels.sm100._launch import recording_launches
+
+        return recording_launches()
+
     def cache_clear(self) -> None:
         """Forget compiled kernels (tests' fresh-cache fixture)."""
         gemm._compile.cache_clear()
         quant._compile.cache_clear()
+        gemm_fp8._compile.cache_clear()
+        quant_fp8._compile.cache_clear()

@@ -169,6 +169,28 @@ def prepare_fp8_block_weight(weight_e4m3: Tensor, scale_e8m0: Tensor) -> Sm100Fp
     return Sm100Fp8BlockWeight(w.contiguous(), ue8m0_block128x128_to_swizzled_128x4_per32(s, n=n, k=k))
 
 
+_F32_MANT_BITS = 23
+_F32_EXP_MASK = 0x7F800000
+_F32_MANT_MASK = 0x7FFFFF
+_F32_2_POW_M127_BITS = 1 << (_F32_MANT_BITS - 1)  # 2^-127, the subnormal UE8M0 byte 0 stands for
+
+
+def pow2_f32_to_ue8m0_bytes(scale_f32: Tensor) -> Tensor | None:
+    """float32 block scales that are all exact powers of two in UE8M0's range (2^-127 .. 2^127) -> their
+    UE8M0 bytes (b = the float32 exponent field; 2^-127, a float32 subnormal, -> byte 0), else None (a
+    scale the MMA's UE8M0 scales cannot carry exactly: not a power of two, zero, negative, NaN, Inf).
+    For float32 block-scale encodings (DeepSeek-V3 `weight_scale_inv` and kin) whose values happen to be
+    powers of two. Load time (reads the scales on the host once)."""
+    if not isinstance(scale_f32, Tensor) or scale_f32.dtype != torch.float32:
+        raise TypeError(f"scale_f32: expected a float32 tensor, got {getattr(scale_f32, 'dtype', type(scale_f32))}")
+    bits = scale_f32.contiguous().view(torch.int32)
+    exp = (bits & _F32_EXP_MASK) >> _F32_MANT_BITS
+    normal_pow2 = ((bits & _F32_MANT_MASK) == 0) & (exp > 0) & (exp < 0xFF) & (bits >= 0)
+    if not bool((normal_pow2 | (bits == _F32_2_POW_M127_BITS)).all()):
+        return None
+    return torch.where(normal_pow2, exp, torch.zeros_like(exp)).to(torch.uint8)
+
+
 @dataclass(frozen=True)
 class Fp8ActSm100:
     """A 1x128 FP8 activation as the sm100 quantizer leaves it.

@@ -34,7 +34,9 @@ What a backend declares (shown by `python -m verify backends`):
 - version: a version string of its own, or None (the registry then reports the version of the
   distribution that provides it);
 - not_served: op -> the sentence saying why this backend leaves the op out (instead of the generic
-  "not served: <name> has no <op>").
+  "not served: <name> has no <op>");
+- launch_recorder(): provenance (verify.provenance): a context manager recording the kernels it launches
+  inside it, each with the architecture it was built for; None by default (provenance "unknown").
 
 The method signatures here are the protocol (verify.backends.protocol.BackendProtocol repeats them
 as a typing Protocol; a test compares every registered backend's signatures with these).
@@ -125,6 +127,12 @@ class Backend:
     def not_served_reason(self, op: Op) -> str:
         """The subclass's own sentence (not_served[op]) or "not served: <name> has no <op>"."""
         return self.not_served.get(op) or f"not served: {self.name} has no {op.value}"
+
+    def launch_recorder(self):
+        """Provenance (verify.provenance): a context manager yielding a list to which every kernel this backend
+        launches inside the block is appended as a verify.provenance.KernelBuild (name, build arch, how), or
+        None: this backend does not say (its stages' provenance reads "unknown")."""
+        return None
 
     def _refuse(self, method: str):
         """The NotImplementedError of a method nobody overrode: the op's not_served_reason."""

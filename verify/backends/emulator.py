@@ -28,6 +28,7 @@ from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatche
     QuantizedAct, RoutingOut
 from verify.checkpoint import GatedMlp, Linear, Mxfp4Linear, Router
 from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the weight implies
+from verify.provenance import REFERENCE_BUILD, static_recorder
 from verify.reference_layer import to_reference_weight
 
 __all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
@@ -66,6 +67,10 @@ class EmulatorBackend(Backend):
 
     def __init__(self, recipe: Recipe | str = "te") -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
+
+    def launch_recorder(self):
+        """Provenance: every op is references/ code in torch ("reference"; verify.provenance)."""
+        return static_recorder(REFERENCE_BUILD)
 
     # ---------------------------------------------------------------- prepare
 

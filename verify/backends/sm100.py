@@ -8,11 +8,22 @@ Served, each by the kernels/sm100 method named in _SERVED (its availability is t
 - l1_fused: the L1 GEMM whose SwiGLU epilogue writes h as NVFP4 (sm100's fuse_l2_quant path),
   static h scale only;
 - router, dispatch (permute), combine: moe_routing's torch ops;
-- moe_block: Sm100Kernels.moe_experts on the routing of Sm100Kernels.router.
+- moe_block: Sm100Kernels.moe_experts on the routing of Sm100Kernels.router;
+- FP8 block-128 dense linears (prepare_linear of a verify.checkpoint.Fp8BlockLinear): kernels.sm100's own
+  host code (host_bridge_fp8 through Sm100Kernels.prepare_fp8_block_weight) turns the checkpoint's E4M3
+  bytes and UE8M0 block scales into the GEMM's per-32 swizzled operands (float32 block scales, V3
+  `weight_scale_inv` and kin, only when every one is a power of two: their UE8M0 bytes, exactly);
+  quantize_fp8 is the 1x128 UE8M0 quantizer (quantize_fp8_1x128) that dense_linear (linear_fp8: quantize,
+  then gemm_fp8_blockscaled) runs. The FP8 accumulator is declared from the design (fp8_u_acc 2^-24, no
+  separate promotion: fp32 tensor memory over all of K) and is unmeasured until
+  `python -m verify accumulator --backend sm100` runs on a B200.
 
 Refused with a sentence (unsupported_reason, or NotImplementedError where the refusal depends
 on the arguments rather than on the op):
 - swiglu_requant: the SwiGLU exists only inside the L1 GEMM epilogue; no kernel takes gate/up;
+- quantize_fp8 with the "f32" scale rule, FP8 weights whose block scales are not all powers of two, a
+  static per-tensor FP8 input_scale, an FP8 weight given to dense_gemm (tcgen05 kind::mxf8f6f4 takes UE8M0
+  scales per 32 of K; the quantizer writes UE8M0 only);
 - l1_fused with a dynamic h scale; the before_w2 routing-weight placement (moe_block, combine
   without weights); router scoring other than sqrtsoftplus, group-limited top-k, renormalize
   off (prepare_router); moe_block with static scales that differ across experts.
@@ -37,6 +48,7 @@ the padded total lives on the device). The boundary holds the R rows unpadded:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from dataclasses import dataclass
 
@@ -44,21 +56,25 @@ import torch
 from torch import Tensor
 
 from kernels.sm100 import host_bridge as hb
+from kernels.sm100 import host_bridge_fp8 as hb_fp8
 from kernels.sm100 import moe_routing
 from kernels.sm100.api import Sm100Kernels
 from references.layer import MoeSpec
 from references.recipes import recipe_by_name
 from references.stages import Op
 from verify.backends.base import Backend
-from verify.backends.protocol import Dispatched, QuantizedAct, RoutingOut
-from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
+from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
+from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router
+from verify.provenance import KernelBuild, torch_build
 
-__all__ = ["Sm100Adapter", "Sm100Experts", "Sm100Router", "rows_to_padded", "padded_to_rows", "SERVED", "NOT_SERVED"]
+__all__ = ["Sm100Adapter", "Sm100Experts", "Sm100Router", "Sm100Fp8Linear", "rows_to_padded", "padded_to_rows",
+           "SERVED", "NOT_SERVED"]
 
 # The protocol's op -> the kernels/sm100 method (Sm100Kernels.OPS) whose availability decides it.
 SERVED: dict[Op, str] = {
     Op.PREPARE: "prepare_nvfp4_weight",
     Op.QUANTIZE: "quantize_nvfp4",
+    Op.QUANTIZE_FP8: "quantize_fp8_1x128",
     Op.GROUPED_QUANTIZE: "quantize_nvfp4",
     Op.DENSE_GEMM: "gemm_nvfp4",
     Op.GROUPED_GEMM: "grouped_gemm_nvfp4",
@@ -76,8 +92,6 @@ NOT_SERVED: dict[Op, str] = {
         "sm100: swiglu_requant is not provided: the SwiGLU exists only in the L1 GEMM epilogue "
         "(grouped_gemm_swiglu), which takes the NVFP4 activations and w1|w3, never gate/up tensors "
         "(sm100's SwiGLU is exercised by l1_fused and moe_block)"),
-    Op.QUANTIZE_FP8: ("sm100: quantize_fp8 is not wired to the protocol yet: kernels/sm100's FP8 1x128 quantizer "
-                      "(quantize_fp8_1x128) has no adapter method"),
     Op.REFERENCE: "sm100: reference-only stages have no backend op",
     Op.GROUPED_LINEAR_MXFP4: (
         "sm100: no MXFP4 GEMM (E2M1 weights with an E8M0 scale per 32 of K, W4A8) is wired yet; DeepSeek-V4 keeps "
@@ -93,6 +107,10 @@ _BEFORE_W2 = (
 _COMBINE_NO_WEIGHTS = (
     "sm100: combine with weights_f32=None (the before_w2 placement) is not in kernels/sm100: "
     "moe_routing's combine always multiplies by the routing weights")
+_FP8_SCALE_RULE = "ue8m0_ceil"  # the one rule quantize_fp8_1x128 implements (protocol.FP8_SCALE_RULES)
+_FP8_F32_RULE = (
+    "sm100: quantize_fp8 with scale_rule 'f32' is not in kernels/sm100: its 1x128 quantizer writes UE8M0 scales "
+    "(rounded up to a power of two) only, the one form tcgen05.mma kind::mxf8f6f4 takes per 32 of K")
 _ROUTER_SCORING = "sqrtsoftplus"
 _PLACEMENTS = ("after_w2", "before_w2")
 _ACT_SCALES = ("dynamic", "static")
@@ -137,6 +155,16 @@ class Sm100Router:
     tid2eid_i64: Tensor | None
     top_k: int
     routed_scaling_factor: float
+
+
+@dataclass(frozen=True)
+class Sm100Fp8Linear:
+    """An FP8 block-128 checkpoint linear prepared for kernels.sm100 (prepare_linear): `weight` is
+    host_bridge_fp8.Sm100Fp8BlockWeight (E4M3 bytes [N, K], per-32 UE8M0 128x4 swizzled scales); the
+    activations are quantized with the UE8M0 rule (the only one the kernels have)."""
+
+    module: str
+    weight: hb_fp8.Sm100Fp8BlockWeight
 
 
 # ============================================================================= boundary conversions
@@ -241,10 +269,14 @@ class Sm100Adapter(Backend):
 
     def __init__(self) -> None:
         self._impl = Sm100Kernels()
+        self._torch_device = None  # set by the routing ops (torch's kernels), read by launch_recorder
         self.name = self._impl.name
         self.recipe = recipe_by_name(self._impl.recipe_name)
         self.u_acc = float(self._impl.u_acc)
-        self.accumulator = self._impl.accumulator
+        self.accumulator = f"{self._impl.accumulator}; FP8: {self._impl.fp8_accumulator}"
+        # declared from the design, not measured (Sm100Kernels docstring); the accumulator probe decides
+        self.fp8_u_acc = float(self._impl.fp8_u_acc)
+        self.fp8_promotion_interval = self._impl.fp8_promotion_interval
 
     def unsupported_reason(self, op: Op, device: torch.device) -> str | None:
         return super().unsupported_reason(op, device) or self._impl.unsupported_reason(SERVED[op], device)
@@ -252,16 +284,41 @@ class Sm100Adapter(Backend):
     def cache_clear(self) -> None:
         self._impl.cache_clear()
 
+    def launch_recorder(self):
+        """Provenance: the CuTe DSL kernels launched inside the block (their compile arch, "cute-dsl") and, when
+        a routing op ran, torch's kernels (moe_routing) with the arch torch's build has for the device."""
+        return _sm100_recorder(self)
+
     # ---------------------------------------------------------------- prepare (host, may sync)
 
-    def prepare_linear(self, lin: Linear) -> hb.Sm100Nvfp4Weight:
+    def prepare_linear(self, lin: Linear) -> hb.Sm100Nvfp4Weight | Sm100Fp8Linear:
         """One NVFP4 linear -> host_bridge.Sm100Nvfp4Weight (L = 1): packed [1, N, K/2] K-major, scales
-        [1, Np, Cp] 128x4 swizzled, weight_scale_2 [1]. On the device of lin's tensors."""
+        [1, Np, Cp] 128x4 swizzled, weight_scale_2 [1]. One FP8 block-128 linear -> Sm100Fp8Linear
+        (_prepare_fp8). On the device of lin's tensors."""
+        if isinstance(lin, Fp8BlockLinear):
+            return self._prepare_fp8(lin)
         w = _nvfp4(lin)
         if w.weight_u8.dim() != 2:
             raise ValueError(f"lin: {w.module} is a stack {tuple(w.weight_u8.shape)}; prepare_linear takes one "
                              "[N, K/2] linear (expert stacks go to prepare_experts)")
         return self._impl.prepare_nvfp4_weight(w.weight_u8, w.weight_scale_e4m3, w.weight_scale_2_f32)
+
+    def _prepare_fp8(self, lin: Fp8BlockLinear) -> Sm100Fp8Linear:
+        """E4M3 [N, K] + UE8M0 block scales -> Sm100Kernels.prepare_fp8_block_weight. float32 block scales
+        (V3 `weight_scale_inv`, compressed-tensors, ModelOpt, per-tensor) go as their UE8M0 bytes when every
+        one is a power of two (host_bridge_fp8.pow2_f32_to_ue8m0_bytes, exact); otherwise NotImplementedError:
+        the MMA's scales are powers of two."""
+        if lin.weight_e4m3.dim() != 2:
+            raise ValueError(f"{lin.module}.weight: expected a 2-D [N, K] dense weight, got shape "
+                             f"{tuple(lin.weight_e4m3.shape)}")
+        scale = lin.scale_ue8m0
+        if scale is None:
+            scale = hb_fp8.pow2_f32_to_ue8m0_bytes(lin.scale_inv_f32)
+            if scale is None:
+                raise NotImplementedError(
+                    f"sm100: {lin.module} ({lin.encoding}) has float32 block scales that are not all powers of "
+                    "two; tcgen05.mma kind::mxf8f6f4 takes UE8M0 (power-of-two) scales only")
+        return Sm100Fp8Linear(lin.module, self._impl.prepare_fp8_block_weight(lin.weight_e4m3, scale))
 
     def prepare_experts(self, experts: GatedMlp) -> Sm100Experts:
         """Stacked routed experts (w1, w3 [E, I, H/2]; w2 [E, H, I/2], NVFP4) -> Sm100Experts."""
@@ -317,6 +374,16 @@ class Sm100Adapter(Backend):
         packed, sf, _ = self._impl.quantize_nvfp4_static(x_bf16, input_dec_scale_f32)
         return QuantizedAct(packed, sf, input_dec_scale_f32.to(torch.float32).reshape(1).clone())
 
+    def quantize_fp8(self, x_bf16: Tensor, *, scale_rule: str) -> Fp8QuantizedAct:
+        """x [M, K] bf16 -> E4M3 bytes [M, K] and UE8M0 scale bytes [M, ceil(K/128)] (quantize_fp8_1x128, the
+        quantizer dense_linear runs on FP8 weights), scale_rule "ue8m0_ceil" only. No host sync."""
+        if scale_rule not in FP8_SCALE_RULES:
+            raise ValueError(f"scale_rule={scale_rule!r}: expected one of {FP8_SCALE_RULES}")
+        if scale_rule != _FP8_SCALE_RULE:
+            raise NotImplementedError(_FP8_F32_RULE)
+        act = self._impl.quantize_fp8_1x128(x_bf16)
+        return Fp8QuantizedAct(act.e4m3_u8, act.sf_ue8m0_u8, _FP8_SCALE_RULE)
+
     def grouped_quantize(self, rows_bf16: Tensor, offsets_i32: Tensor, *,
                          input_dec_scale_f32: Tensor | None = None) -> QuantizedAct:
         """Expert-sorted rows [R, K] bf16 with offsets_i32 [E+1] -> packed [R, K/2] (unpadded, the rows'
@@ -349,6 +416,9 @@ class Sm100Adapter(Backend):
     def dense_gemm(self, a: QuantizedAct, w: hb.Sm100Nvfp4Weight) -> Tensor:
         """a (packed [M, K/2], 128x4 scales, global_dec_f32 [1]) x w (prepare_linear) -> bf16 [M, N],
         alpha = a.global_dec_f32 * w's weight_scale_2 (one float32 product)."""
+        if isinstance(w, Sm100Fp8Linear):
+            raise NotImplementedError(f"sm100: {w.module} is FP8 block-128: dense_gemm takes NVFP4 activations; its "
+                                      "FP8 activations and GEMM run through dense_linear")
         if not isinstance(w, hb.Sm100Nvfp4Weight) or w.num_batches != 1:
             raise TypeError(f"w: expected prepare_linear's Sm100Nvfp4Weight of one linear, got {type(w).__name__}")
         alpha = a.global_dec_f32.to(torch.float32).reshape(1) * w.dec_scale_f32.reshape(1)
@@ -413,6 +483,7 @@ class Sm100Adapter(Backend):
 
     def _route(self, x_bf16: Tensor, router: Sm100Router, token_ids_i64: Tensor | None,
                num_valid_tokens_i32: Tensor | None = None) -> moe_routing.Routing:
+        self._torch_device = x_bf16.device
         if not isinstance(router, Sm100Router):
             raise TypeError(f"router: expected prepare_router's Sm100Router, got {type(router).__name__}")
         return self._impl.router(x_bf16, router.gate_weight_bf16, top_k=router.top_k,
@@ -428,6 +499,7 @@ class Sm100Adapter(Backend):
             raise ValueError(f"ids_i64: expected int64 [T, k], got {getattr(ids_i64, 'dtype', type(ids_i64).__name__)} "
                              f"{tuple(getattr(ids_i64, 'shape', ()))}")
         t, k = ids_i64.shape
+        self._torch_device = ids_i64.device
         perm = self._impl.permute(ids_i64, num_experts)
         flat = ids_i64.reshape(-1)
         row_of_pair = perm.row_of_pair_i64 - perm.padded_offsets_i64[flat] + perm.offsets_i64[flat]
@@ -447,15 +519,23 @@ class Sm100Adapter(Backend):
         if d.row_token_i64.numel() != t * k:
             raise ValueError(f"d: {d.row_token_i64.numel()} rows, but weights_f32 {tuple(weights_f32.shape)} "
                              f"has T*k = {t * k} pairs")
+        self._torch_device = y_rows_bf16.device
         row_of_pair = torch.empty_like(d.row_token_i64)
         row_of_pair[d.row_token_i64 * k + d.row_slot_i64] = torch.arange(t * k, device=d.row_token_i64.device)
         return moe_routing.combine_rows_bf16(y_rows_bf16, row_of_pair, weights_f32)
 
     # ---------------------------------------------------------------- whole calls
 
-    def dense_linear(self, x_bf16: Tensor, w: hb.Sm100Nvfp4Weight, *,
+    def dense_linear(self, x_bf16: Tensor, w: hb.Sm100Nvfp4Weight | Sm100Fp8Linear, *,
                      input_dec_scale_f32: Tensor | None = None) -> Tensor:
-        """x [M, K] bf16 -> bf16 [M, N]: quantize (static input_scale, else dynamic) + dense GEMM."""
+        """x [M, K] bf16 -> bf16 [M, N]. NVFP4: quantize (static input_scale, else dynamic) + dense GEMM.
+        FP8 block-128: linear_fp8 (dynamic per-token 1x128 UE8M0 activations, then the block-scaled GEMM);
+        a static per-tensor FP8 input_scale is refused."""
+        if isinstance(w, Sm100Fp8Linear):
+            if input_dec_scale_f32 is not None:
+                raise NotImplementedError(f"sm100: {w.module} is FP8 block-128 with dynamic per-token 1x128 "
+                                          "activation scales; a static per-tensor FP8 input_scale is not served")
+            return self._impl.linear_fp8(x_bf16, w.weight)
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
 
     def moe_block(self, x_bf16: Tensor, router: Sm100Router, experts: Sm100Experts, *,
@@ -482,6 +562,17 @@ class Sm100Adapter(Backend):
                                       swiglu_limit=_swiglu_limit(swiglu_limit),
                                       l1_input_dec_scale_f32=s1, l2_input_dec_scale_f32=s2,
                                       num_valid_tokens_i32=num_valid_tokens_i32)
+
+
+@contextlib.contextmanager
+def _sm100_recorder(adapter: Sm100Adapter):
+    builds: list[KernelBuild] = []
+    adapter._torch_device = None
+    with adapter._impl.recording_launches() as launched:
+        yield builds
+    builds.extend(KernelBuild(f"cute:{name}", arch, "cute-dsl") for name, arch in dict.fromkeys(launched))
+    if adapter._torch_device is not None:
+        builds.append(torch_build("torch (kernels.sm100.moe_routing)", adapter._torch_device))
 
 
 def _nvfp4(lin: Linear) -> Nvfp4Linear:

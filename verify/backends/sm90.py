@@ -49,6 +49,7 @@ from references.stages import Op
 from verify.backends.base import Backend
 from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAct, QuantizedAct, RoutingOut
 from verify.checkpoint import Fp8BlockLinear, GatedMlp, Linear, Nvfp4Linear, Router, fp8_act_scale_fmt
+from verify.provenance import triton_launch_recorder
 
 __all__ = ["Sm90Adapter", "Sm90Fp8Linear", "fp8_block_dec_f32"]
 
@@ -131,6 +132,10 @@ class Sm90Adapter(Backend):
 
     def cache_clear(self) -> None:
         self._impl.cache_clear()
+
+    def launch_recorder(self):
+        """Provenance: the Triton kernels launched inside the block, with their cubin target (verify.provenance)."""
+        return triton_launch_recorder()
 
     # ---------------------------------------------------------------- prepare (host, once per layer)
     def prepare_linear(self, lin: Linear) -> object:

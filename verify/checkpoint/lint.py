@@ -36,8 +36,20 @@ then per layer:
   mtp         (whole checkpoint, DeepSeek-V4) each MTP block mtp.{j}.* loaded as its stages read it: defects are
               errors naming the tensor; info fp8_encoding for e_proj / h_proj and mtp_mxfp4_experts for
               the MXFP4 expert stacks
+  requant     the re-quantization contract: every NVFP4 block decoded with its stored scales and
+              re-quantized by the checkpoint's recipe (--weight-recipe, default modelopt) with references'
+              codec; blocks whose codes do not come back are counted (error requant_mismatch, the first
+              named: tensor, expert, row, block), blocks the recipe cannot reproduce by design (subnormal
+              or clamped scales, ties, zero scales) are classed (info requant_by_design). What "by design"
+              means, what no byte-level check can see, and why a block whose largest code is 6 under a
+              normal scale skips the codec (it provably comes back): verify.checkpoint.requant.
   exclude     exclude_modules consistency: an excluded module stored as NVFP4, or a
               non-NVFP4 linear that an NVFP4 config does not exclude; patterns matching nothing
+  declared    the config's declared format per module against the stored one (error
+              declared_format_mismatch naming the module): quant_algo FP8 (DeepSeek-V4's
+              quantization_config, quant_method fp8) declares every non-excluded linear FP8 and the
+              excluded ones unquantized; MIXED_PRECISION's quantized_layers declares each listed module's
+              format (an FP8 module stored as BF16, an NVFP4 module stored as FP8, ...)
 
 Nibble-order statistic. Swapping the two nibbles of every byte exchanges columns 2i and 2i+1
 of a weight; the block scales (16 columns) do not move, so no statistic of one block or of one
@@ -68,19 +80,22 @@ import torch
 from torch import Tensor
 
 from references.nvfp4 import decode_nvfp4_block_scaled
+from references.recipes import RECIPES, Recipe
 from verify.checkpoint import (
     Checkpoint, CheckpointError, Fp8BlockLinear, GatedMlp, LayerWeights, MalformedShardError, Nvfp4Linear,
     check_linear_k, check_tensor, iter_linears, layer_schema, linear_format_of, linear_tensor_specs,
     plausibility_warnings, structure_defects, value_defects,
 )
+from verify.checkpoint.requant import requant_contract
 
 __all__ = ["Finding", "LintReport", "lint_checkpoint", "nibble_order_score", "add_lint_arguments", "cli_lint",
-           "Z_DECIDE", "SATURATION_WARN_FRACTION"]
+           "Z_DECIDE", "SATURATION_WARN_FRACTION", "DEFAULT_WEIGHT_RECIPE", "declared_formats"]
 
 Z_DECIDE = 4.0
 SATURATION_WARN_FRACTION = 0.01
 NIBBLE_MAX_EXPERTS = 16
 SEVERITIES = ("error", "warning", "info")
+DEFAULT_WEIGHT_RECIPE = "modelopt"  # how NVIDIA's (ModelOpt) exports and the fixtures quantize weights
 
 
 @dataclass(frozen=True)
@@ -140,6 +155,22 @@ def _schema_findings(ck: Checkpoint, i: int) -> list[Finding]:
             out.extend(_check_one(ck, infos, t))
     for t in list(schema.norms) + list(schema.router):
         out.extend(_check_one(ck, infos, t))
+    return out
+
+
+def _stored_formats(ck: Checkpoint, i: int) -> dict[str, str]:
+    """module -> stored format (schema.linear_format_of) of layer i's linears, from the headers alone, so the
+    format checks see a layer whose schema findings stop its loading (e.g. NVFP4 under quant_algo FP8)."""
+    try:
+        infos = ck.headers_for(ck.layer_names(i))
+    except CheckpointError:
+        return {}
+    out = {}
+    for spec in layer_schema(ck.config, i).with_present(infos).linear_specs():
+        try:
+            out[spec.module] = linear_format_of(spec.module, infos)
+        except CheckpointError:
+            continue  # a schema finding of its own
     return out
 
 
@@ -310,6 +341,84 @@ def _nibble_findings(layer: LayerWeights) -> list[Finding]:
     return out
 
 
+def _requant_findings(layer: LayerWeights, recipe: Recipe) -> list[Finding]:
+    """The re-quantization contract of every NVFP4 weight of a layer (verify.checkpoint.requant)."""
+    out = []
+    for module, lin in iter_linears(layer):
+        if not isinstance(lin, Nvfp4Linear):
+            continue
+        r = requant_contract(f"{module}.weight", lin.weight_u8, lin.weight_scale_e4m3, lin.weight_scale_2_f32,
+                             recipe=recipe)
+        if r.flagged:
+            e, row, blk = r.first_flagged
+            where = ("" if e is None else f"expert {e}, ") + \
+                f"row {row}, block {blk} (columns {16 * blk}..{16 * blk + 15})"
+            out.append(Finding(
+                "error", "requant_mismatch", r.tensor,
+                f"{r.flagged} of {r.blocks} blocks do not come back when re-quantized from their stored scales "
+                f"(recipe {recipe.name}); first at {where}: {r.first_reason}",
+                {"flagged": r.flagged, "blocks": r.blocks, "row": row, "block": blk,
+                 **({} if e is None else {"expert": e})}))
+        if r.by_design:
+            classes = ", ".join(f"{k} {v}" for k, v in sorted(r.by_design.items()))
+            out.append(Finding("info", "requant_by_design", r.tensor,
+                               f"{sum(r.by_design.values())} of {r.blocks} blocks do not come back by design "
+                               f"(recipe {recipe.name}): {classes}", {"blocks": r.blocks, **r.by_design}))
+    return out
+
+
+# quant_algo / quantized_layers words -> the stored format they declare (verify.checkpoint.schema.linear_format_of)
+_DECLARED = {"NVFP4": "nvfp4", "FP8": "fp8_block128", "FP8_PB_WO": "fp8_block128", "FP8_BLOCK": "fp8_block128",
+             "W4A8_MXFP4_FP8": "mxfp4", "MXFP4": "mxfp4"}
+
+
+def _quantized_layers(ck: Checkpoint) -> tuple[dict[str, str], str] | None:
+    """hf_quant_config.json's MIXED_PRECISION `quantized_layers` {module: quant_algo}, with the file; None
+    when absent (lint reads it here: the loader does not use it)."""
+    path = Path(ck.directory) / "hf_quant_config.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # the loader's own error, reported by Checkpoint.open
+    q = raw.get("quantization", raw) if isinstance(raw, dict) else {}
+    layers = q.get("quantized_layers") if isinstance(q, dict) else None
+    if not isinstance(layers, dict):
+        return None
+    return {m: str(v.get("quant_algo", "")).upper() for m, v in layers.items() if isinstance(v, dict)}, str(path)
+
+
+def declared_formats(ck: Checkpoint, modules) -> dict[str, tuple[str, str]]:
+    """module -> (declared stored format, where it is declared) for the modules the config declares: every
+    module under quant_algo FP8 (FP8 block-128, or "bf16" when excluded: unquantized), every module that
+    MIXED_PRECISION's quantized_layers lists (its algo's format). quant_algo NVFP4 is _exclude_findings'."""
+    out: dict[str, tuple[str, str]] = {}
+    q = ck.quant
+    if q is not None and q.quant_algo in ("FP8", "FP8_BLOCK", "FP8_PB_WO"):
+        for m in modules:
+            out[m] = ("bf16", f"{q.source} exclude_modules") if q.is_excluded(m) else ("fp8_block128", q.source)
+    mixed = _quantized_layers(ck)
+    if mixed is not None:
+        layers, path = mixed
+        for m in modules:
+            algo = layers.get(m)
+            if algo is not None and algo in _DECLARED:
+                out[m] = (_DECLARED[algo], f"{path} quantized_layers[{m}] = {algo}")
+    return out
+
+
+def _declared_format_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Finding]:
+    out = []
+    for module, (want, where) in sorted(declared_formats(ck, formats).items()):
+        got = formats[module]
+        if got != want:
+            out.append(Finding("error", "declared_format_mismatch", module,
+                               f"declared {want} ({where}) but stored as {got}: a loader that trusts the config "
+                               f"builds this linear as {want}", {}))
+    return out
+
+
 def _exclude_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Finding]:
     q = ck.quant
     if q is None:
@@ -334,9 +443,13 @@ def _exclude_findings(ck: Checkpoint, formats: Mapping[str, str]) -> list[Findin
 # ============================================================================= driver
 
 
-def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = None) -> LintReport:
+def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = None,
+                    weight_recipe: str = DEFAULT_WEIGHT_RECIPE) -> LintReport:
     """Lint a checkpoint directory; never raises for checkpoint defects (they become findings).
-    LayerRangeError (naming --layers) when `layers` holds an index past num_hidden_layers."""
+    LayerRangeError (naming --layers) when `layers` holds an index past num_hidden_layers.
+    weight_recipe: the recipe the checkpoint's NVFP4 weights were quantized with (references.recipes
+    name), for the re-quantization contract."""
+    recipe = RECIPES[weight_recipe]
     structure = _structure_findings(directory)
     try:
         ck = Checkpoint.open(directory, check=False)
@@ -367,6 +480,7 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
                                     f"not checked: {len(bad)} of its files have structural errors (first "
                                     f"{Path(bad[0]).name})", file=bad[0]))
             continue
+        formats.update(_stored_formats(ck, i))
         schema_f = _schema_findings(ck, i)
         findings.extend(schema_f)
         if any(f.severity == "error" for f in schema_f):
@@ -377,7 +491,6 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
         except CheckpointError as e:
             findings.append(_error_finding(e, f"layer {i}"))
             continue
-        formats.update({m: fmt for m, (_, fmt, _) in plan.linears.items()})
         for n in plan.extras:
             findings.append(Finding("info", "unknown_tensor", n, "not in the schema; loaded as stored"))
         findings.extend(_fp8_encoding_findings(ck, layer))
@@ -386,9 +499,11 @@ def lint_checkpoint(directory: str | Path, *, layers: Iterable[int] | None = Non
             findings.extend(_fused_findings(mlp))
         findings.extend(_saturation_findings(layer))
         findings.extend(_nibble_findings(layer))
+        findings.extend(_requant_findings(layer, recipe))
     if layers is None:
         findings.extend(_mtp_findings(ck, broken))
     findings.extend(_exclude_findings(ck, formats))
+    findings.extend(_declared_format_findings(ck, formats))
     return LintReport(str(directory), ck.config.schema, tuple(_sorted(findings)))
 
 
@@ -465,6 +580,9 @@ def add_lint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layers", default=None, help="Layers to lint, e.g. '0,3,5-7'. Default: %(default)r (all).")
     parser.add_argument("--show-info", action="store_true", default=False,
                         help="Show info findings in the table too. Default: %(default)r.")
+    parser.add_argument("--weight-recipe", default=DEFAULT_WEIGHT_RECIPE, choices=sorted(RECIPES),
+                        help="Recipe the NVFP4 weights were quantized with (re-quantization contract). "
+                             "Default: %(default)r.")
 
 
 def cli_lint(args: argparse.Namespace) -> int:
@@ -479,7 +597,8 @@ def cli_lint(args: argparse.Namespace) -> int:
         check_output_file_argument("--json", args.json)
     console = Console()
     console.print(f"checkpoint: {args.checkpoint}")
-    report = lint_checkpoint(args.checkpoint, layers=layers)
+    report = lint_checkpoint(args.checkpoint, layers=layers,
+                             weight_recipe=getattr(args, "weight_recipe", DEFAULT_WEIGHT_RECIPE))
     render_report(report, console=console, show_info=getattr(args, "show_info", False))
     if args.json:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2, sort_keys=True))

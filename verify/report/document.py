@@ -136,6 +136,8 @@ def unit_document(*, unit: dict, fingerprint: str, run=None, timings_s: dict, ra
                    histograms={s: error_histogram(run.emulated[s], run.high[s]) for s in run.loss},
                    verdicts=[v.as_dict() for v in run.verdicts + run.loss_failures],  # a garbage loss row fails
                    counts=verdict_counts(run.verdicts + run.loss_failures))
+        if getattr(run, "provenance", None) is not None:  # kernels per stage and their arch (verify.provenance)
+            doc["provenance"] = run.provenance
     return finite_json(doc)
 
 

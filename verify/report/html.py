@@ -14,6 +14,7 @@ import json
 import os
 from pathlib import Path
 
+from verify.provenance import provenance_rows
 from verify.report.document import as_float, stage_bound_ratios
 from verify.report.plots import STATUS_COLORS, figures
 from verify.report.tables import format_ratio
@@ -137,6 +138,17 @@ def _declarations(doc: dict) -> str:
     return out
 
 
+def _provenance(doc: dict) -> str:
+    """Which kernels each stage's verdicts launched and the architecture each was built for (verify.provenance)."""
+    docs = [u["provenance"] for u in doc["units"] if u.get("provenance")]
+    if not docs:
+        return "<p class='muted'>No kernel provenance (no backend, or reports written before it existed).</p>"
+    archs, rows = provenance_rows(docs)
+    return (f"<p>device architecture <code>{_e('/'.join(archs))}</code>; a stage whose kernel was not built for it "
+            "fails its provenance verdict</p>" + _table(["stages", "kernels (build arch, how)"],
+                                                       [[s, k] for s, k in rows]))
+
+
 def render_html(doc: dict) -> str:
     """The report page (a string)."""
     s = doc["summary"]
@@ -170,6 +182,7 @@ created {_e(doc.get('created', ''))}, schema {_e(doc['schema_version'])}</p></he
 {f'<h3>Failures</h3><ul>{failures}</ul>' if failures else ''}
 {f'<h3>Not verified</h3><ul>{not_verified}</ul>' if not_verified else ''}</section>
 <section><h2>Plots</h2><p class="muted">{legend}</p>{fig_html or '<p class="muted">No verified unit to plot.</p>'}</section>
+<section><h2>Kernels</h2>{_provenance(doc)}</section>
 <section><h2>Timings</h2>{_timings(doc)}</section>
 <section><h2>Environment and declarations</h2>{_declarations(doc)}</section>
 </main><script>{_JS}</script></body></html>

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from verify.provenance import provenance_lines
 from verify.report.document import as_float
 from verify.report.tables import Adaptive, escape, first_line, format_ratio, new_table
 
@@ -73,6 +74,8 @@ def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: b
     style = {"pass": "bold green", "fail": "bold red"}.get(s["status"], "yellow")
     console.print(f"[{style}]{s['status'].upper()}[/]: {v['pass']} pass, {v['fail']} fail, {v['not served']} not served, "
                   f"{v['skipped']} n/a over {len(doc['units'])} unit(s)")
+    for line in provenance_lines([u.get("provenance") for u in doc["units"]]):  # kernels per stage, build arch
+        console.print(escape(line), highlight=False)
     console.print(timing_line(doc))
     line = projection_line(doc)
     if line:

@@ -119,6 +119,8 @@ def test_stage_verdict(ckpt, stage_check):
     if v is None and len(whole) == 1 and whole[0].status == "skipped":  # the stage skipped as a whole (SkipStage)
         pytest.skip(f"{stage} does not apply in this run: {whole[0].message}")
     assert v is not None, f"layer{i} has {stage}, but no {stage} {check} verdict was produced (dropped silently)"
+    built_elsewhere = run.verdict(stage, "provenance")  # a kernel not built for this device fails every check
+    assert built_elsewhere is None, built_elsewhere.message
     if v.status in ("not served", "skipped"):
         pytest.skip(f"{v.status}: {v.message}")
     assert v.status == "pass", v.message

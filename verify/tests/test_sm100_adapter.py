@@ -116,11 +116,8 @@ def test_prepare_linear_gives_the_kernels_layouts(adapter, fixture_layer):
         assert w.packed_u8.is_contiguous() and w.sf_swizzled_u8.is_contiguous()
 
 
-def test_prepare_linear_refuses_fp8_and_bf16_naming_module_and_format(adapter, fixture_layer):
-    ck, _ = fixture_layer
-    fp8 = ck.load_layer(1).attention["wq_a"]
-    with pytest.raises(NotImplementedError, match=rf"sm100: {fp8.module} is fp8_block128; .*NVFP4 weights only"):
-        adapter.prepare_linear(fp8)
+def test_prepare_linear_refuses_bf16_naming_module_and_format(adapter):
+    # FP8 block-128 linears are served (test_sm100_fp8_adapter)
     bf16 = Bf16Linear("layers.0.ffn.shared.w1", torch.zeros(128, 64, dtype=torch.bfloat16))
     with pytest.raises(NotImplementedError, match=r"sm100: layers.0.ffn.shared.w1 is bf16"):
         adapter.prepare_linear(bf16)

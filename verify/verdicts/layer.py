@@ -6,6 +6,7 @@ from typing import Callable, Iterable
 
 from references.stages import Check, Stage
 from verify.backends.base import Backend
+from verify.provenance import stage_provenance
 from verify.verdicts.checks import SkipStage, not_served, verdict_of
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.judges import JUDGES
@@ -16,16 +17,20 @@ __all__ = ["judge_layer", "judge_stage"]
 
 def judge_layer(backend: Backend, case: LayerCase, *, stages: Iterable[Stage] | None = None,
                 timings: dict[str, float] | None = None,
-                on_phase: Callable[[str], None] | None = None) -> list[Verdict]:
+                on_phase: Callable[[str], None] | None = None,
+                provenance: dict | None = None) -> list[Verdict]:
     """Every verdict of the layer's kernel stages (or of `stages` only), in table order, one per check
     each row lists. Each verdict's metrics hold "seconds": its stage's seconds shared among its verdicts.
     `timings` (the caller's sink) gets "graph_probe", the seconds spent in the sync and graph probes;
-    on_phase is told as each probe starts (verify.verdicts.context.JudgeContext)."""
+    on_phase is told as each probe starts (verify.verdicts.context.JudgeContext). `provenance` (a sink) gets
+    per stage the kernels its verdicts launched (verify.provenance.stage_provenance; None: unknown)."""
     ctx = JudgeContext(backend, case, {} if timings is None else timings, on_phase)
     out: list[Verdict] = []
     for stage in applicable_stages(case) if stages is None else stages:
-        with ctx.timed_stage(stage):
+        with ctx.timed_stage(stage), stage_provenance(backend) as launched:
             verdicts = judge_stage(ctx, stage)
+        if provenance is not None:
+            provenance[stage.name] = launched
         for v in verdicts:
             v.metrics.setdefault("seconds", ctx.stage_seconds[stage.name] / max(1, len(verdicts)))
         out += verdicts
