@@ -25,12 +25,74 @@ def ue8m0_u8_to_f32(b):
 
 
 @triton.jit
+def _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+               SWAP: tl.constexpr):
+    """The FP8 tensor-core dot of 128-K group g, from zero: [BN, BT] (SWAP) or [BT, BN]. Codes past K, rows
+    past N / M and (SPLIT) groups past G load as zero."""
+    k0 = g * 128
+    w_ok = n_ok[:, None]
+    a_ok = t_ok[:, None]
+    if not EVEN_K:
+        k_ok = (k0 + kk) < K
+        w_ok = w_ok & k_ok[None, :]
+        a_ok = a_ok & k_ok[None, :]
+    if SPLIT:
+        w_ok = w_ok & (g < G)
+        a_ok = a_ok & (g < G)
+    w8 = tl.load(w_rows + k0, mask=w_ok, other=0).to(tl.float8e4nv, bitcast=True)
+    a8 = tl.load(a_rows + k0, mask=a_ok, other=0).to(tl.float8e4nv, bitcast=True)
+    if SWAP:
+        d = tl.dot(w8, tl.trans(a8))
+    else:
+        d = tl.dot(a8, tl.trans(w8))
+    return d
+
+
+@triton.jit
+def _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g, G, AS_UE8M0: tl.constexpr, SWAP: tl.constexpr,
+                 WS_VEC: tl.constexpr):
+    """f32(sa[t, g] * sw[n // 128, g]) shaped to broadcast over the dot. WS_VEC (tiles wider than 128 weight
+    rows): one weight scale per row, else the tile's one scale; the product is the same either way."""
+    sa = tl.load(sa_row + g, mask=t_ok & (g < G), other=0)
+    if AS_UE8M0:
+        sa = ue8m0_u8_to_f32(sa)
+    if WS_VEC:
+        sw = tl.load(sw_ptrs + g, mask=n_ok & (g < G), other=0.0)
+        if SWAP:
+            sigma = sa[None, :] * sw[:, None]
+        else:
+            sigma = sa[:, None] * sw[None, :]
+    else:
+        sw = tl.load(sw_ptrs + g, mask=g < G, other=0.0)
+        if SWAP:
+            sigma = (sa * sw)[None, :]
+        else:
+            sigma = (sa * sw)[:, None]
+    return sigma
+
+
+@triton.jit
+def _promote(total, part, d, sigma, g, G, CHUNK_BLOCKS: tl.constexpr, CHUNKED: tl.constexpr):
+    """Group g's dot scaled into the float32 sums: the chunk sum `part` from zero in group order, added to
+    `total` at the chunk's end (CHUNKED), else straight into `total`."""
+    if CHUNKED:
+        part += d * sigma
+        end = ((g + 1) % CHUNK_BLOCKS == 0) | (g + 1 == G)
+        total = tl.where(end, total + part, total)
+        part = tl.where(end, 0.0, part)
+    else:
+        total += d * sigma
+    return total, part
+
+
+@triton.jit
 def gemm_fp8_block_kernel(
     w_ptr, a_ptr, ws_ptr, as_ptr, out_ptr,
     M, N, K, G, stride_wn, stride_am, stride_as, stride_om, stride_oc,
     BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
     CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
-    AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr,
+    AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr, WS_VEC: tl.constexpr = False,
+    PIPE: tl.constexpr = False,
 ):
     """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
     [BT, BN], tokens the M side) = sum over the 128-K groups g of
@@ -42,6 +104,8 @@ def gemm_fp8_block_kernel(
     every 128 of K), and the chunk sums are added from zero in chunk order. SPLIT: this program owns
     the one chunk program_id(2) and writes its float32 sum to out (the partials [chunks, M, N]); the
     reduce kernel adds them in chunk order. Otherwise the program walks all chunks and writes bf16.
+    PIPE: the next group's dot is issued before the current one is scaled and added (software pipelined
+    so the tensor cores can run under the promotion math); the same operations in the same order.
     """
     # grouped raster (bits unchanged, L2 reuse): programs walk GROUP_T token tiles x all weight tiles,
     # so a wave re-reads each weight tile from L2 instead of HBM for up to GROUP_T token tiles
@@ -59,7 +123,10 @@ def gemm_fp8_block_kernel(
     kk = tl.arange(0, 128)
     w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn + kk[None, :]
     a_rows = a_ptr + t.to(tl.int64)[:, None] * stride_am + kk[None, :]
-    sw_row = ws_ptr + ((pid_n * BN) // 128) * G
+    if WS_VEC:
+        sw_ptrs = ws_ptr + (n // 128) * G
+    else:
+        sw_ptrs = ws_ptr + ((pid_n * BN) // 128) * G
     sa_row = as_ptr + t.to(tl.int64) * stride_as
     # N_ITER (CHUNK_BLOCKS when SPLIT, else all G groups) is a constexpr: the interpreter cannot run a
     # loop bounded by a runtime scalar. In SPLIT mode the last chunk's groups past G are masked off.
@@ -69,41 +136,21 @@ def gemm_fp8_block_kernel(
     else:
         total = tl.zeros((BT, BN), dtype=tl.float32)
     part = tl.zeros_like(total)
-    for i in range(0, N_ITER):
-        g = g_lo + i
-        k0 = g * 128
-        w_ok = n_ok[:, None]
-        a_ok = t_ok[:, None]
-        if not EVEN_K:
-            k_ok = (k0 + kk) < K
-            w_ok = w_ok & k_ok[None, :]
-            a_ok = a_ok & k_ok[None, :]
-        if SPLIT:
-            w_ok = w_ok & (g < G)
-            a_ok = a_ok & (g < G)
-        w = tl.load(w_rows + k0, mask=w_ok, other=0)
-        a = tl.load(a_rows + k0, mask=a_ok, other=0)
-        w8 = w.to(tl.float8e4nv, bitcast=True)
-        a8 = a.to(tl.float8e4nv, bitcast=True)
-        if SWAP:
-            d = tl.dot(w8, tl.trans(a8))
-        else:
-            d = tl.dot(a8, tl.trans(w8))
-        sw = tl.load(sw_row + g, mask=g < G, other=0.0)
-        sa = tl.load(sa_row + g, mask=t_ok & (g < G), other=0)
-        if AS_UE8M0:
-            sa = ue8m0_u8_to_f32(sa)
-        if SWAP:
-            sigma = (sa * sw)[None, :]
-        else:
-            sigma = (sa * sw)[:, None]
-        if CHUNKED:
-            part += d * sigma
-            end = ((g + 1) % CHUNK_BLOCKS == 0) | (g + 1 == G)
-            total = tl.where(end, total + part, total)
-            part = tl.where(end, 0.0, part)
-        else:
-            total += d * sigma
+    if PIPE:
+        d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo, K, G, EVEN_K, SPLIT, SWAP)
+        for i in range(1, N_ITER):
+            d_next = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo + i, K, G, EVEN_K, SPLIT, SWAP)
+            sigma = _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g_lo + i - 1, G, AS_UE8M0, SWAP, WS_VEC)
+            total, part = _promote(total, part, d, sigma, g_lo + i - 1, G, CHUNK_BLOCKS, CHUNKED)
+            d = d_next
+        sigma = _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g_lo + N_ITER - 1, G, AS_UE8M0, SWAP, WS_VEC)
+        total, part = _promote(total, part, d, sigma, g_lo + N_ITER - 1, G, CHUNK_BLOCKS, CHUNKED)
+    else:
+        for i in range(0, N_ITER):
+            g = g_lo + i
+            d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, EVEN_K, SPLIT, SWAP)
+            sigma = _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g, G, AS_UE8M0, SWAP, WS_VEC)
+            total, part = _promote(total, part, d, sigma, g, G, CHUNK_BLOCKS, CHUNKED)
     if SWAP:
         o = out_ptr + t.to(tl.int64)[None, :] * stride_om + n[:, None]
         o_ok = n_ok[:, None] & t_ok[None, :]

@@ -36,7 +36,7 @@ from torch import Tensor
 
 from kernels.sm90._env import triton_interpreting as _interpreting
 
-__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "launch"]
+__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
@@ -80,11 +80,16 @@ class CompileKey:
     even_k: bool
     act_scale_ue8m0: bool
     swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
+    group_t: int = _GROUP_T  # token tiles per raster group (L2 reuse; the bits do not depend on it)
+    pipe: bool = False  # next group's dot issued before the current one is promoted (same operations, same order)
 
     def __post_init__(self) -> None:
-        # one 128-row weight scale per tile, and a wgmma M side of 64 rows per warpgroup
-        if 128 % self.block_n or self.block_n < 16:
-            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 (one weight scale row per tile)")
+        # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
+        # wgmma M side of 64 rows per warpgroup
+        if (128 % self.block_n if self.block_n <= 128 else self.block_n % 128) or self.block_n < 16:
+            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 or be a multiple of 128")
+        if self.group_t < 1:
+            raise ValueError(f"CompileKey: group_t={self.group_t} must be >= 1")
         m_side = self.block_n if self.swap else self.block_t
         if m_side % 64 or m_side // 64 > self.num_warps // 4:
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
@@ -95,12 +100,12 @@ class CompileKey:
         return self.n_chunks > 1
 
     @staticmethod
-    def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
-        # Tiles from CPU compiles for sm_90a (ptxas register reports; no GPU sweep yet): 64 weight rows x
-        # 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227 registers, no spills); 128 x 64 on
-        # two warpgroups for batches (194 registers, 222 with two accumulators; 128 x 128 spilled: the
-        # per-token scales of the swapped layout sit along the wgmma's N, 32 of them per thread).
-        # Every choice keeps the summation order (module docstring).
+    def heuristic(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
+        """The untuned choice (shapes the committed table lacks). Tiles from CPU compiles for sm_90a (ptxas
+        register reports): 64 weight rows x 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227
+        registers, no spills); 128 x 64 on two warpgroups for batches (194 registers, 222 with two
+        accumulators; 128 x 128 spilled: the per-token scales of the swapped layout sit along the wgmma's
+        N, 32 of them per thread). Every choice keeps the summation order (module docstring)."""
         chunk_blocks, n_chunks = chunk_plan(n, k)
         chunked = n_chunks > 1
         if m <= 64:
@@ -112,6 +117,50 @@ class CompileKey:
         return CompileKey(block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, split=split,
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
                           act_scale_ue8m0=act_scale_ue8m0)
+
+    @staticmethod
+    def from_config(n: int, k: int, cfg: dict, *, act_scale_ue8m0: bool) -> "CompileKey":
+        """The key of a tunable config (gemm_fp8_block_configs: block_n, block_t, num_warps, num_stages,
+        split, swap, group_t, pipe) at N, K; the summation-order fields come from chunk_plan(N, K), so every
+        config gives the same bits. `split` is dropped where the plan has one chunk."""
+        chunk_blocks, n_chunks = chunk_plan(n, k)
+        return CompileKey(block_n=cfg["block_n"], block_t=cfg["block_t"], num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], split=bool(cfg["split"]) and n_chunks > 1,
+                          groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
+                          act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
+                          group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False))
+
+    def config(self) -> dict:
+        """The tunable fields (the inverse of from_config)."""
+        return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
+                "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
+                "pipe": self.pipe}
+
+    @staticmethod
+    def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
+        """The committed config of (N, K) at M's bucket (kernels.sm90.gemm_fp8_block_configs, the sweep's
+        winners), else the heuristic. Chosen on the host from the shape alone (graph safe). Batch invariance
+        holds across buckets: every config keeps chunk_plan(N, K)'s summation order."""
+        from kernels.sm90.gemm_fp8_block_configs import lookup
+
+        cfg = lookup(m, n, k)
+        if cfg is None:
+            return CompileKey.heuristic(m, n, k, act_scale_ue8m0=act_scale_ue8m0, num_sms=num_sms)
+        return CompileKey.from_config(n, k, cfg, act_scale_ue8m0=act_scale_ue8m0)
+
+
+def constexprs(key: CompileKey) -> dict:
+    """The kernel's constexpr arguments for `key` (the launcher and the sm_90a compile test).
+
+    A split program owns one chunk, so it sums the chunk's groups from +0 in one accumulator (CHUNKED
+    off: no second register tile). That is the unsplit kernel's chunk sum `part` exactly: the unsplit one
+    then adds 0 + part, which equals part since a sum started at +0 is never -0 (round to nearest). So the
+    partials, and the reduce's sum of them in chunk order, have the same bits."""
+    return dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
+                CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked and not key.split,
+                EVEN_K=key.even_k,
+                AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=key.group_t, WS_VEC=key.block_n > 128,
+                PIPE=key.pipe)
 
 
 @functools.lru_cache(maxsize=64)
@@ -130,10 +179,7 @@ def _compile(key: CompileKey):
         gemm_fp8_block_kernel[grid](
             w_u8, a_u8, w_dec_f32, a_scale, dst,
             m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
-            BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
-            CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
-            AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T, num_warps=key.num_warps,
-            num_stages=key.num_stages,
+            **constexprs(key), num_warps=key.num_warps, num_stages=key.num_stages,
         )
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](

@@ -42,12 +42,10 @@ def _compile(key: CompileKey):
     from triton.compiler import ASTSource
 
     from kernels.sm90._gemm_fp8_block_jit import gemm_fp8_block_kernel
-    from kernels.sm90.gemm_fp8_block import _GROUP_T
+    from kernels.sm90.gemm_fp8_block import constexprs
 
     sig = dict(_SIG, out_ptr="*fp32" if key.split else "*bf16")
-    const = dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
-                 CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
-                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T)
+    const = constexprs(key)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # pointers: torch allocations are aligned

@@ -1,0 +1,283 @@
+"""Config sweep of the sm90 FP8 block-scaled GEMM (issue 23 item 8) on the GPU: for every DeepSeek-V4-Pro FP8
+linear and M bucket, time each candidate config (kernels.sm90.gemm_fp8_block_configs.candidates) against
+torch bf16 (x @ W^T) and torch._scaled_mm blockwise (cuBLASLt, 1x128 x 128x128 scales) in the same run, keep
+only candidates whose output is bit-equal to the reference (CompileKey.heuristic at M = 4096, rows 0..M-1:
+the config check and the batch-invariance check in one), and pick the fastest per (N, K, M).
+
+Prints one table, and writes NVFP4V_REPORT_DIR/sm90_fp8_sweep.json ({"device", "copy_GBps", "rows": every
+candidate, "best": one row per (shape, M), "winners": [{"N", "K", "M", "config", "us"}]}) after every shape,
+so a run stopped by its time limit keeps what it measured. The lead commits the winners with
+`python -m kernels.sm90.gemm_fp8_block_configs --from-json OUT/sm90_fp8_sweep.json`.
+
+Compiles run first in a pool of worker processes (Triton's on-disk cache is shared, so the timing process
+only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
+NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default all), NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
+NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
+Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# (name, N, K) of every FP8 linear of a DeepSeek-V4-Pro layer (verify/checkpoint/writer.py _V4_PRO; the
+# indexer's wq_b [64 heads x 128, q_lora 1536]; the MTP block's e_proj / h_proj [H, H]; wo_a as the dense GEMM
+# of its shape)
+V4_PRO_FP8 = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536), ("wo_a", 16384, 4096),
+              ("wo_b", 7168, 16384), ("idx_wq_b", 8192, 1536), ("shared_l1", 3072, 7168),
+              ("shared_l2", 7168, 3072), ("mtp_e_h_proj", 7168, 7168)]
+L2_BYTES = 60 * 2**20
+M_MAX = 4096
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [v for v in os.environ.get(name, default).split(",") if v]
+
+
+def _operands(m_max: int, n: int, k: int, seed: int, dev: str):
+    """(act codes u8 [m_max, K], UE8M0 scales u8, x bf16, weight codes u8 [N, K], weight block scales f32):
+    activations quantized by our kernel (FP8_ACT_UE8M0's rule), weight codes from N(0, 1) with power-of-two
+    block scales (2^-12 .. 2^-6)."""
+    from kernels.sm90 import quantize_fp8_1x128
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = (torch.randn(m_max, k, generator=g, device=dev) * 2).to(torch.bfloat16)
+    codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+    w = torch.randn(n, k, generator=g, device=dev).clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    e = torch.randint(115, 121, (-(-n // 128), -(-k // 128)), generator=g, device=dev, dtype=torch.int32)
+    w_dec = (e << 23).view(torch.float32).contiguous()
+    return codes, scale, x, w.contiguous(), w_dec
+
+
+def _ue8m0_to_f32(b_u8: torch.Tensor) -> torch.Tensor:
+    return (b_u8.to(torch.int32) << 23).view(torch.float32)
+
+
+def _jobs(shapes, ms):
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    for name, n, k in shapes:
+        for m in ms:
+            for cfg in candidates(m):
+                yield name, n, k, m, cfg
+
+
+def _compile_worker(jobs: list) -> list:
+    """Runs each (name, n, k, m, cfg) once (Triton compiles it into the shared cache); errors returned."""
+    from kernels.sm90 import gemm_fp8_block
+
+    errors = []
+    ops = {}
+    for name, n, k, m, cfg in jobs:
+        try:
+            if (n, k) not in ops:
+                ops.clear()
+                torch.cuda.empty_cache()
+                ops[(n, k)] = _operands(M_MAX, n, k, 7, "cuda")
+            codes, scale, _, w, w_dec = ops[(n, k)]
+            key = gemm_fp8_block.CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+            gemm_fp8_block.launch(codes[:m], scale[:m], w, w_dec, key=key)
+            torch.cuda.synchronize()
+        except Exception as exc:  # noqa: BLE001 - reported by the timing process
+            errors.append((name, n, k, m, cfg, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+    return errors
+
+
+def precompile(shapes, ms, workers: int) -> dict:
+    """Compile every candidate in `workers` processes; {(n, k, m, config json): error} of the failures."""
+    import multiprocessing as mp
+
+    jobs = list(_jobs(shapes, ms))
+    buckets: list[list] = [[] for _ in range(max(1, workers))]
+    for i, j in enumerate(sorted(jobs, key=lambda j: (j[1], j[2], j[3], json.dumps(j[4], sort_keys=True)))):
+        buckets[i % len(buckets)].append(j)
+    # keep one shape's jobs together inside a bucket (fewer operand rebuilds)
+    buckets = [sorted(b, key=lambda j: (j[1], j[2])) for b in buckets if b]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(len(buckets)) as pool:
+        results = pool.map(_compile_worker, buckets)
+    errors = {(e[1], e[2], e[3], json.dumps(e[4], sort_keys=True)): e[5] for r in results for e in r}
+    print(f"precompiled {len(jobs)} candidate launches in {time.time() - t0:.0f} s on {len(buckets)} workers "
+          f"({len(errors)} failed)", flush=True)
+    return errors
+
+
+def _time_graph(fns, reps: int = 5) -> float:
+    from verify.tests._cuda_timing import time_graph
+
+    return time_graph(fns, reps)
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))
+
+
+def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, rows: list, best: list,
+                winners: list) -> None:
+    from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    dev = "cuda"
+    codes, scale, x, w, w_dec = _operands(M_MAX, n, k, 7, dev)
+    ref_key = gemm_fp8_block.CompileKey.heuristic(M_MAX, n, k, act_scale_ue8m0=True)
+    y_ref = gemm_fp8_block.launch(codes, scale, w, w_dec, key=ref_key)
+    copies = max(1, min(8, -(-2 * L2_BYTES // (n * k))))
+    ws = [w] + [w.clone() for _ in range(copies - 1)]
+    bcopies = max(1, min(4, -(-2 * L2_BYTES // (2 * n * k))))
+    wbs = [torch.randn(n, k, device=dev).to(torch.bfloat16) for _ in range(bcopies)]
+    w_fp8 = w.view(torch.float8_e4m3fn)
+    for m in ms:
+        a, sa, xm = codes[:m], scale[:m], x[:m].contiguous()
+        calls = max(copies, 10 if m <= 128 else 3)
+        bf16 = _time_graph([(lambda wb=wbs[i % bcopies]: xm @ wb.t()) for i in range(max(calls, bcopies))])
+        blk, blk_err = None, None
+        try:
+            sa_f32 = _ue8m0_to_f32(sa).t().contiguous().t()
+            def fn():
+                return torch._scaled_mm(a.view(torch.float8_e4m3fn), w_fp8.t(), scale_a=sa_f32, scale_b=w_dec.t(),
+                                        out_dtype=torch.bfloat16)
+            fn()
+            torch.cuda.synchronize()
+            blk = _time_graph([fn] * calls)
+        except Exception as exc:  # noqa: BLE001 - cuBLASLt has no M = 1 path: reported
+            blk_err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
+            torch.cuda.synchronize()
+        default_key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+        cands = candidates(m)
+        if default_key.config() not in cands:
+            cands = [default_key.config()] + cands
+        results = []
+        for cfg in cands:
+            tag = json.dumps(cfg, sort_keys=True)
+            row = {"name": name, "N": n, "K": k, "M": m, "config": cfg, "bf16_us": bf16 * 1e6,
+                   "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": blk_err,
+                   "is_default": cfg == default_key.config()}
+            if (n, k, m, tag) in compile_errors:
+                row["error"] = compile_errors[(n, k, m, tag)]
+                rows.append(row)
+                continue
+            try:
+                key = gemm_fp8_block.CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+                y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
+                row["bits_equal"] = _bits_equal(y, y_ref[:m])
+                t = _time_graph([(lambda wi=ws[i % copies]: gemm_fp8_block.launch(a, sa, wi, w_dec, key=key,
+                                                                                   check=False))
+                                 for i in range(calls)])
+                row["us"] = t * 1e6
+                row["x_bf16"] = bf16 / t
+                row["x_blockwise"] = None if blk is None else blk / t
+            except Exception as exc:  # noqa: BLE001 - a config that does not run is reported
+                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                torch.cuda.synchronize()
+            rows.append(row)
+            results.append(row)
+        ok = [r for r in results if r.get("bits_equal") and "us" in r]
+        differ = [r for r in results if r.get("bits_equal") is False]
+        win = min(ok, key=lambda r: r["us"]) if ok else None
+        dflt = next((r for r in results if r["is_default"] and "us" in r), None)
+        summary = {"name": name, "N": n, "K": k, "M": m, "bf16_us": bf16 * 1e6,
+                   "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": blk_err,
+                   "default_us": None if dflt is None else dflt["us"],
+                   "best_us": None if win is None else win["us"], "best_config": None if win is None else win["config"],
+                   "candidates": len(results), "bits_differ": [r["config"] for r in differ]}
+        if win is not None:
+            # the serving cost: activation quantization + the winner's GEMM, one graph
+            key = gemm_fp8_block.CompileKey.from_config(n, k, win["config"], act_scale_ue8m0=True)
+            xq = x[:m].contiguous()
+            try:
+                summary["best_with_quant_us"] = 1e6 * _time_graph(
+                    [(lambda wi=ws[i % copies]: gemm_fp8_block.launch(
+                        *quantize_fp8_1x128.launch(xq, scale_rule="ue8m0_ceil"), wi, w_dec, key=key, check=False))
+                     for i in range(calls)])
+            except Exception as exc:  # noqa: BLE001
+                summary["best_with_quant_error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+            winners.append({"N": n, "K": k, "M": m, "config": win["config"], "us": win["us"], "name": name})
+        best.append(summary)
+        _print_summary(summary)
+    del ws, wbs, codes, scale, x, w, w_dec, y_ref
+    torch.cuda.empty_cache()
+
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _print_summary(s: dict) -> None:
+    best, bf16, blk = s["best_us"], s["bf16_us"], s["blockwise_us"]
+    cfg = s["best_config"]
+    c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
+         f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
+         f"{' pipe' if cfg['pipe'] else ''}")
+    print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
+          f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
+          f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
+          f" | +quant {_fmt(s.get('best_with_quant_us'), '9.2f')} | {c}"
+          + (f" | BITS DIFFER: {len(s['bits_differ'])} configs" if s["bits_differ"] else ""), flush=True)
+
+
+def run_sweep(out_dir: str | None) -> dict:
+    from verify.tests._cuda_timing import copy_bandwidth
+
+    names = _env_list("NVFP4V_FP8_SWEEP_SHAPES", ",".join(s for s, _, _ in V4_PRO_FP8))
+    unknown = sorted(set(names) - {s for s, _, _ in V4_PRO_FP8})
+    if unknown:
+        raise ValueError(f"NVFP4V_FP8_SWEEP_SHAPES: unknown {unknown}")
+    shapes = [s for s in V4_PRO_FP8 if s[0] in names]
+    ms = [int(v) for v in _env_list("NVFP4V_FP8_SWEEP_M", "1,16,64,128,4096")]
+    if any(not 1 <= m <= M_MAX for m in ms):
+        raise ValueError(f"NVFP4V_FP8_SWEEP_M: every M must be in 1..{M_MAX}, got {ms}")
+    budget = float(os.environ.get("NVFP4V_FP8_SWEEP_BUDGET_S", "200"))
+    workers = int(os.environ.get("NVFP4V_FP8_SWEEP_WORKERS", "12"))
+    t0 = time.time()
+    bw = copy_bandwidth(warmup=20)[0]
+    dev_name = torch.cuda.get_device_name()
+    report = {"device": dev_name, "copy_GBps": bw / 1e9, "torch": torch.__version__, "M": ms, "rows": [], "best": [],
+              "winners": [], "skipped_shapes": []}
+    print(f"\n[{dev_name}] copy bandwidth (read+write) {bw / 1e9:.0f} GB/s; FP8 GEMM config sweep, M = {ms}", flush=True)
+    errors = precompile(shapes, ms, workers) if workers > 0 else {}
+    print(f"{'linear':13} {'M':>5} {'N':>6} {'K':>6} | ours best (default = committed table / heuristic) | "
+          f"torch bf16 | cuBLASLt blockwise FP8 | quantize + GEMM | winning config", flush=True)
+    for name, n, k in shapes:
+        if time.time() - t0 > budget:
+            report["skipped_shapes"].append(name)
+            print(f"{name}: skipped (budget {budget:.0f} s spent)", flush=True)
+            continue
+        sweep_shape(name, n, k, ms, errors, report["rows"], report["best"], report["winners"])
+        report["seconds"] = time.time() - t0
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            with open(os.path.join(out_dir, "sm90_fp8_sweep.json"), "w") as f:
+                json.dump(report, f, indent=1)
+    _print_targets(report)
+    return report
+
+
+def _print_targets(report: dict) -> None:
+    """The issue's targets on the winners: >= 1.8x bf16 at M <= 64, >= 1.0x cuBLASLt blockwise at M >= 128."""
+    lines = []
+    for s in report["best"]:
+        if s["best_us"] is None:
+            lines.append(f"{s['name']} M={s['M']}: no bit-equal candidate ran")
+            continue
+        if s["M"] <= 64:
+            r = s["bf16_us"] / s["best_us"]
+            lines.append(f"{s['name']} M={s['M']}: x bf16 {r:.2f} {'MET' if r >= 1.8 else 'missed'} (>= 1.8)")
+        else:
+            if s["blockwise_us"] is None:
+                lines.append(f"{s['name']} M={s['M']}: cuBLASLt blockwise n/a ({s['blockwise_error']})")
+                continue
+            r = s["blockwise_us"] / s["best_us"]
+            lines.append(f"{s['name']} M={s['M']}: x cuBLASLt blockwise {r:.2f} {'MET' if r >= 1.0 else 'missed'} "
+                         f"(>= 1.0)")
+    print("targets (issue 23 item 8) with the winners:\n  " + "\n  ".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    rep = run_sweep(os.environ.get("NVFP4V_REPORT_DIR") or (sys.argv[1] if len(sys.argv) > 1 else None))
+    sys.exit(0 if rep["winners"] else 1)
