@@ -176,7 +176,7 @@ def _compile(key: CompileKey):
         n = w_u8.shape[0]
         grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
-        gemm_fp8_block_kernel[grid](
+        compiled = gemm_fp8_block_kernel[grid](
             w_u8, a_u8, w_dec_f32, a_scale, dst,
             m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
             **constexprs(key), num_warps=key.num_warps, num_stages=key.num_stages,
@@ -184,8 +184,21 @@ def _compile(key: CompileKey):
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
                 dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        return compiled
 
     return run
+
+
+def compiled_resources(key: CompileKey) -> tuple[int, int] | None:
+    """(registers, spilled bytes) of the GEMM kernel compiled for `key` (after a launch; the sweep refuses
+    spilling configs), or None where unknown (interpreter, not launched)."""
+    info = _LAST_COMPILED.get(key)
+    if info is None or not hasattr(info, "n_regs"):
+        return None
+    return int(info.n_regs), int(info.n_spills)
+
+
+_LAST_COMPILED: dict = {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -239,5 +252,7 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key is None:
         sms = _num_sms(a_u8.device.index or 0) if a_u8.is_cuda else _NUM_SMS_H200
         key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=a_scale.dtype == torch.uint8, num_sms=sms)
-    _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
+    compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
+    if key not in _LAST_COMPILED and compiled is not None:
+        _LAST_COMPILED[key] = compiled
     return out

@@ -112,6 +112,7 @@ def _write(path: Path, table: dict, device: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--from-json", required=True, help="the sweep's sm90_fp8_sweep.json")
+    ap.add_argument("--table-file", default=__file__, help="the module to rewrite (default: this one)")
     args = ap.parse_args(argv)
     try:
         data = json.loads(Path(args.from_json).read_text())
@@ -124,8 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     for key, entries in new.items():
         if TABLE.get(key) != entries:
             print(f"N={key[0]} K={key[1]}: " + "; ".join(f"M<={m} {cfg}" for m, cfg in entries))
-    _write(Path(__file__), new, device)
-    print(f"wrote {len(new)} shapes to {__file__} (device {device})")
+    _write(Path(args.table_file), new, device)
+    print(f"wrote {len(new)} shapes to {args.table_file} (device {device})")
     return 0
 
 

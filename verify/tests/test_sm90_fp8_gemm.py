@@ -446,6 +446,31 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
                       label=f"token-major split M=128 vs M=4096 ({n}x{k})")
 
 
+@pytest.mark.parametrize("n,k", [(576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_every_sweep_candidate_bit_equal_to_heuristic(n, k):
+    """Every config the sweep may commit (kernels.sm90.gemm_fp8_block_configs.candidates, at its own M
+    bucket: split or not, token- or weight-major, pipelined, raster group) gives the bits of the heuristic
+    key at M = 4096 on rows 0..M-1: the table can hold any of them without breaking batch invariance.
+    Partial N tiles (576) and partial K (576), chunked and not."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    wt, w_dec = _weight(n, k, 51, "v4", "cuda")
+    big = _cuda_act(4096, k, 52, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    seen = set()
+    for m in (1, 16, 32, 64, 128, 4096):
+        sub = Fp8Act1x128(big.e4m3_u8[:m], big.block_dec_scale[:m], "ue8m0")
+        for cfg in candidates(m):
+            key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"M={m} {cfg} ({n}x{k})")
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
