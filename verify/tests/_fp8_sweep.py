@@ -36,6 +36,11 @@ L2_BYTES = 60 * 2**20
 M_MAX = 4096
 
 
+def _one_line(exc: BaseException, width: int) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:width] if text else ''}"
+
+
 def _env_list(name: str, default: str) -> list[str]:
     return [v for v in os.environ.get(name, default).split(",") if v]
 
@@ -85,7 +90,7 @@ def _compile_worker(jobs: list) -> list:
             gemm_fp8_block.launch(codes[:m], scale[:m], w, w_dec, key=key)
             torch.cuda.synchronize()
         except Exception as exc:  # noqa: BLE001 - reported by the timing process
-            errors.append((name, n, k, m, cfg, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"))
+            errors.append((name, n, k, m, cfg, _one_line(exc, 160)))
     return errors
 
 
@@ -108,10 +113,22 @@ def precompile(shapes, ms, workers: int) -> dict:
     return errors
 
 
+_DEVICE = "cuda"  # the CPU test of the sweep's logic sets "cpu" (Triton interpreter, wall-clock timing)
+
+
 def _time_graph(fns, reps: int = 5) -> float:
+    if _DEVICE != "cuda":
+        t0 = time.perf_counter()
+        fns[0]()
+        return time.perf_counter() - t0
     from verify.tests._cuda_timing import time_graph
 
     return time_graph(fns, reps)
+
+
+def _sync() -> None:
+    if _DEVICE == "cuda":
+        torch.cuda.synchronize()
 
 
 def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -119,13 +136,13 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 
 def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, rows: list, best: list,
-                winners: list) -> None:
+                winners: list, m_max: int = M_MAX) -> None:
     from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
     from kernels.sm90.gemm_fp8_block_configs import candidates
 
-    dev = "cuda"
-    codes, scale, x, w, w_dec = _operands(M_MAX, n, k, 7, dev)
-    ref_key = gemm_fp8_block.CompileKey.heuristic(M_MAX, n, k, act_scale_ue8m0=True)
+    dev = _DEVICE
+    codes, scale, x, w, w_dec = _operands(m_max, n, k, 7, dev)
+    ref_key = gemm_fp8_block.CompileKey.heuristic(m_max, n, k, act_scale_ue8m0=True)
     y_ref = gemm_fp8_block.launch(codes, scale, w, w_dec, key=ref_key)
     copies = max(1, min(8, -(-2 * L2_BYTES // (n * k))))
     ws = [w] + [w.clone() for _ in range(copies - 1)]
@@ -143,11 +160,11 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                 return torch._scaled_mm(a.view(torch.float8_e4m3fn), w_fp8.t(), scale_a=sa_f32, scale_b=w_dec.t(),
                                         out_dtype=torch.bfloat16)
             fn()
-            torch.cuda.synchronize()
+            _sync()
             blk = _time_graph([fn] * calls)
         except Exception as exc:  # noqa: BLE001 - cuBLASLt has no M = 1 path: reported
-            blk_err = f"{type(exc).__name__}: {str(exc).splitlines()[0][:60]}"
-            torch.cuda.synchronize()
+            blk_err = _one_line(exc, 60)
+            _sync()
         default_key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
         cands = candidates(m)
         if default_key.config() not in cands:
@@ -175,8 +192,8 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                 row["x_bf16"] = bf16 / t
                 row["x_blockwise"] = None if blk is None else blk / t
             except Exception as exc:  # noqa: BLE001 - a config that does not run is reported
-                row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                torch.cuda.synchronize()
+                row["error"] = _one_line(exc, 160)
+                _sync()
             rows.append(row)
             results.append(row)
         # winners: bit-equal to the reference and no register spills (the sm_90a compile test refuses a
@@ -202,7 +219,7 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                         *quantize_fp8_1x128.launch(xq, scale_rule="ue8m0_ceil"), wi, w_dec, key=key, check=False))
                      for i in range(calls)])
             except Exception as exc:  # noqa: BLE001
-                summary["best_with_quant_error"] = f"{type(exc).__name__}: {str(exc)[:100]}"
+                summary["best_with_quant_error"] = _one_line(exc, 100)
             winners.append({"N": n, "K": k, "M": m, "config": win["config"], "us": win["us"], "name": name})
         best.append(summary)
         _print_summary(summary)
@@ -248,7 +265,12 @@ def run_sweep(out_dir: str | None) -> dict:
     report = {"device": dev_name, "copy_GBps": bw / 1e9, "torch": torch.__version__, "M": ms, "rows": [], "best": [],
               "winners": [], "skipped_shapes": []}
     print(f"\n[{dev_name}] copy bandwidth (read+write) {bw / 1e9:.0f} GB/s; FP8 GEMM config sweep, M = {ms}", flush=True)
-    errors = precompile(shapes, ms, workers) if workers > 0 else {}
+    errors: dict = {}
+    if workers > 0:
+        try:
+            errors = precompile(shapes, ms, workers)
+        except Exception as exc:  # noqa: BLE001 - the timing loop then compiles each config itself
+            print(f"precompile failed ({_one_line(exc, 200)}): compiling in this process", flush=True)
     print(f"{'linear':13} {'M':>5} {'N':>6} {'K':>6} | ours best (default = committed table / heuristic) | "
           f"torch bf16 | cuBLASLt blockwise FP8 | quantize + GEMM | winning config", flush=True)
     for name, n, k in shapes:

@@ -8,14 +8,16 @@ written to NVFP4V_REPORT_DIR/sm90_fp8_sweep.json; commit the winners with
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
 import torch
 
-pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
 
-
+@pytest.mark.bench
+@pytest.mark.gpu
+@pytest.mark.sm90
 def test_fp8_gemm_config_sweep():
     from verify.tests._fp8_sweep import run_sweep
 
@@ -26,3 +28,42 @@ def test_fp8_gemm_config_sweep():
     assert not differ, f"configs whose output differs from the reference's bits: {differ}"
     assert all(s["best_us"] is not None for s in report["best"]), "a (shape, M) without a bit-equal candidate"
     assert torch.cuda.is_available()
+
+
+_CPU_SCRIPT = """
+import json, sys
+import verify.tests._fp8_sweep as sw
+sw._DEVICE = "cpu"
+rows, best, winners = [], [], []
+sw.sweep_shape("tiny", 192, 576, [1, 130], {}, rows, best, winners, m_max=130)
+json.dump({"rows": rows, "best": best, "winners": winners}, open(sys.argv[1], "w"), default=str)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU interpreter check of the sweep's logic")
+def test_sweep_logic_on_the_cpu_interpreter(tmp_path):
+    """The sweep's selection on a small shape under the Triton interpreter (N 192, K 576: partial weight tiles,
+    5 chunks; M = 1 and 130): every candidate runs, is compared bit for bit with the reference and timed;
+    one winner per M, bit-equal, in the table format the config writer reads."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton")
+    from kernels.sm90.gemm_fp8_block_configs import FIELDS, candidates, merged_table
+
+    repo = Path(__file__).resolve().parents[2]
+    out = tmp_path / "sweep.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(repo))
+    proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=repo, env=env, capture_output=True,
+                          text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    for m in (1, 130):
+        runs = [r for r in rep["rows"] if r["M"] == m]
+        assert len(runs) >= len(candidates(m)), (m, len(runs))
+        assert all("error" not in r and r["bits_equal"] is True and r["us"] > 0 for r in runs), runs
+    assert [(w["N"], w["K"], w["M"]) for w in rep["winners"]] == [(192, 576, 1), (192, 576, 130)]
+    assert all(set(w["config"]) == set(FIELDS) for w in rep["winners"])
+    assert all(s["best_us"] is not None and not s["bits_differ"] for s in rep["best"])
+    assert set(merged_table({}, rep["winners"])) == {(192, 576)}
