@@ -25,22 +25,27 @@ def ue8m0_u8_to_f32(b):
 
 
 @triton.jit
-def _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
-               SWAP: tl.constexpr):
+def _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, n0, t0, EVEN_K: tl.constexpr, SPLIT: tl.constexpr,
+               SWAP: tl.constexpr, TMA: tl.constexpr):
     """The FP8 tensor-core dot of 128-K group g, from zero: [BN, BT] (SWAP) or [BT, BN]. Codes past K, rows
-    past N / M and (SPLIT) groups past G load as zero."""
+    past N / M and (SPLIT) groups past G load as zero: masked loads, or (TMA) tensor-descriptor loads of the
+    tiles at rows n0 / t0, whose out-of-bounds elements the copy engine fills with zero (the same operands)."""
     k0 = g * 128
-    w_ok = n_ok[:, None]
-    a_ok = t_ok[:, None]
-    if not EVEN_K:
-        k_ok = (k0 + kk) < K
-        w_ok = w_ok & k_ok[None, :]
-        a_ok = a_ok & k_ok[None, :]
-    if SPLIT:
-        w_ok = w_ok & (g < G)
-        a_ok = a_ok & (g < G)
-    w8 = tl.load(w_rows + k0, mask=w_ok, other=0).to(tl.float8e4nv, bitcast=True)
-    a8 = tl.load(a_rows + k0, mask=a_ok, other=0).to(tl.float8e4nv, bitcast=True)
+    if TMA:
+        w8 = w_rows.load([n0, k0])
+        a8 = a_rows.load([t0, k0])
+    else:
+        w_ok = n_ok[:, None]
+        a_ok = t_ok[:, None]
+        if not EVEN_K:
+            k_ok = (k0 + kk) < K
+            w_ok = w_ok & k_ok[None, :]
+            a_ok = a_ok & k_ok[None, :]
+        if SPLIT:
+            w_ok = w_ok & (g < G)
+            a_ok = a_ok & (g < G)
+        w8 = tl.load(w_rows + k0, mask=w_ok, other=0).to(tl.float8e4nv, bitcast=True)
+        a8 = tl.load(a_rows + k0, mask=a_ok, other=0).to(tl.float8e4nv, bitcast=True)
     if SWAP:
         d = tl.dot(w8, tl.trans(a8))
     else:
@@ -92,7 +97,7 @@ def gemm_fp8_block_kernel(
     BN: tl.constexpr, BT: tl.constexpr, N_ITER: tl.constexpr, CHUNK_BLOCKS: tl.constexpr, SPLIT: tl.constexpr,
     CHUNKED: tl.constexpr, EVEN_K: tl.constexpr,
     AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr, WS_VEC: tl.constexpr = False,
-    PIPE: tl.constexpr = False,
+    PIPE: tl.constexpr = False, TMA: tl.constexpr = False,
 ):
     """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
     [BT, BN], tokens the M side) = sum over the 128-K groups g of
@@ -104,6 +109,7 @@ def gemm_fp8_block_kernel(
     every 128 of K), and the chunk sums are added from zero in chunk order. SPLIT: this program owns
     the one chunk program_id(2) and writes its float32 sum to out (the partials [chunks, M, N]); the
     reduce kernel adds them in chunk order. Otherwise the program walks all chunks and writes bf16.
+    TMA: w_ptr and a_ptr are tensor descriptors (float8e4nv [N, K] / [M, K], blocks [BN, 128] / [BT, 128]).
     PIPE: the next group's dot is issued before the current one is scaled and added (software pipelined
     so the tensor cores can run under the promotion math); the same operations in the same order.
     """
@@ -121,8 +127,14 @@ def gemm_fp8_block_kernel(
     n_ok = n < N
     t_ok = t < M
     kk = tl.arange(0, 128)
-    w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn + kk[None, :]
-    a_rows = a_ptr + t.to(tl.int64)[:, None] * stride_am + kk[None, :]
+    n0 = pid_n * BN
+    t0 = pid_t * BT
+    if TMA:
+        w_rows = w_ptr
+        a_rows = a_ptr
+    else:
+        w_rows = w_ptr + n.to(tl.int64)[:, None] * stride_wn + kk[None, :]
+        a_rows = a_ptr + t.to(tl.int64)[:, None] * stride_am + kk[None, :]
     if WS_VEC:
         sw_ptrs = ws_ptr + (n // 128) * G
     else:
@@ -137,9 +149,9 @@ def gemm_fp8_block_kernel(
         total = tl.zeros((BT, BN), dtype=tl.float32)
     part = tl.zeros_like(total)
     if PIPE:
-        d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo, K, G, EVEN_K, SPLIT, SWAP)
+        d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo, K, G, n0, t0, EVEN_K, SPLIT, SWAP, TMA)
         for i in range(1, N_ITER):
-            d_next = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo + i, K, G, EVEN_K, SPLIT, SWAP)
+            d_next = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g_lo + i, K, G, n0, t0, EVEN_K, SPLIT, SWAP, TMA)
             sigma = _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g_lo + i - 1, G, AS_UE8M0, SWAP, WS_VEC)
             total, part = _promote(total, part, d, sigma, g_lo + i - 1, G, CHUNK_BLOCKS, CHUNKED)
             d = d_next
@@ -148,7 +160,7 @@ def gemm_fp8_block_kernel(
     else:
         for i in range(0, N_ITER):
             g = g_lo + i
-            d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, EVEN_K, SPLIT, SWAP)
+            d = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, n0, t0, EVEN_K, SPLIT, SWAP, TMA)
             sigma = _group_sigma(sw_ptrs, sa_row, n_ok, t_ok, g, G, AS_UE8M0, SWAP, WS_VEC)
             total, part = _promote(total, part, d, sigma, g, G, CHUNK_BLOCKS, CHUNKED)
     if SWAP:

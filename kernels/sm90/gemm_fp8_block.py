@@ -28,6 +28,7 @@ from the graph's pool; nothing syncs with the host. With TRITON_INTERPRET=1 it r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ class CompileKey:
     swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
     group_t: int = _GROUP_T  # token tiles per raster group (L2 reuse; the bits do not depend on it)
     pipe: bool = False  # next group's dot issued before the current one is promoted (same operations, same order)
+    tma: bool = False  # operand tiles by tensor-descriptor (TMA) loads, zero-filled past the edges (same operands)
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -128,13 +130,14 @@ class CompileKey:
                           num_stages=cfg["num_stages"], split=bool(cfg["split"]) and n_chunks > 1,
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
                           act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
-                          group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False))
+                          group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
+                          tma=cfg.get("tma", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
-                "pipe": self.pipe}
+                "pipe": self.pipe, "tma": self.tma}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -160,7 +163,7 @@ def constexprs(key: CompileKey) -> dict:
                 CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked and not key.split,
                 EVEN_K=key.even_k,
                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=key.group_t, WS_VEC=key.block_n > 128,
-                PIPE=key.pipe)
+                PIPE=key.pipe, TMA=key.tma)
 
 
 @functools.lru_cache(maxsize=64)
@@ -176,8 +179,14 @@ def _compile(key: CompileKey):
         n = w_u8.shape[0]
         grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
+        w_arg, a_arg = w_u8, a_u8
+        if key.tma:  # host descriptors: kernel parameters, so a captured graph replays them as they are
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            w_arg = TensorDescriptor.from_tensor(w_u8.view(torch.float8_e4m3fn), [key.block_n, GROUP])
+            a_arg = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP])
         compiled = gemm_fp8_block_kernel[grid](
-            w_u8, a_u8, w_dec_f32, a_scale, dst,
+            w_arg, a_arg, w_dec_f32, a_scale, dst,
             m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
             **constexprs(key), num_warps=key.num_warps, num_stages=key.num_stages,
         )
@@ -232,6 +241,11 @@ def _check_inputs(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: 
         raise ValueError(f"a_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {a_u8.device}")
 
 
+def _tma_ok(a_u8: Tensor, w_u8: Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_u8, w_u8))
+
+
 def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, key: CompileKey | None = None,
            check: bool = True) -> Tensor:
     """bf16 [M, N] = (a codes x 1x128 scales) @ (w codes x 128x128 scales)^T (module docstring).
@@ -252,6 +266,8 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key is None:
         sms = _num_sms(a_u8.device.index or 0) if a_u8.is_cuda else _NUM_SMS_H200
         key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=a_scale.dtype == torch.uint8, num_sms=sms)
+    if key.tma and not _tma_ok(a_u8, w_u8):
+        key = dataclasses.replace(key, tma=False)  # the same operands by masked loads
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled

@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = ["TABLE", "FIELDS", "candidates", "lookup", "merged_table"]
 
-FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe")
+FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma")
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: none yet (no sweep committed)
@@ -45,39 +45,43 @@ def lookup(m: int, n: int, k: int, table: dict | None = None) -> dict | None:
 
 
 def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = True, group_t: int = 8,
-         pipe: bool = False) -> dict:
+         pipe: bool = False, tma: bool = False) -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
-            "group_t": group_t, "pipe": pipe}
+            "group_t": group_t, "pipe": pipe, "tma": tma}
 
 
 def candidates(m: int) -> list[dict]:
     """The configs the sweep times at M (swap: weights on the wgmma's M side, tokens its N; tok: tokens the
-    M side). Decode sizes: 64 weight rows x 16..64 tokens, split-K or not, pipeline depth, the software-
-    pipelined loop; batches: the token-major 128 x 128 / 64 x 128 tiles (the scale of a token along the
-    wgmma's M, as DeepGEMM has it), raster groups, beside the swapped 128 x 64 of the heuristic. Tiles whose
-    accumulators (total, chunk part, the dot; pipe: two dots) exceed the register file are left out."""
+    M side; tma: tensor-descriptor loads, which free the address registers: 158 instead of 209 at 128 x 128
+    split on the sm_90a compile). Decode sizes: 64 weight rows x 16..64 tokens, split-K or not, pipeline
+    depth, the software-pipelined loop; batches: the token-major 128 x 128 / 64 x 128 tiles (a token's scale
+    along the wgmma's M, as DeepGEMM has it), split-K (one accumulator per program: see
+    gemm_fp8_block.constexprs), raster groups, beside the heuristic's swapped 128 x 64. The first entry of
+    each bucket is the heuristic's choice. Tiles that spill on the sm_90a compile (BN 256, pipe with two
+    accumulators) are left out; the sweep refuses any spilling config anyway."""
     if m <= 16:
-        return [_cfg(64, 16, 4, 4, True), _cfg(64, 16, 4, 4, False), _cfg(64, 16, 4, 3, True), _cfg(64, 16, 4, 6, True),
-                _cfg(128, 16, 8, 4, True), _cfg(64, 16, 4, 4, True, pipe=True), _cfg(64, 16, 4, 6, True, pipe=True)]
+        return [_cfg(64, 16, 4, 4, True), _cfg(64, 16, 4, 4, False), _cfg(64, 16, 4, 3, True),
+                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 16, 4, 4, False, tma=True), _cfg(64, 16, 4, 6, True, tma=True),
+                _cfg(64, 16, 4, 4, True, pipe=True, tma=True), _cfg(128, 16, 8, 4, True, tma=True)]
     if m <= 32:
-        return [_cfg(64, 32, 4, 4, True), _cfg(64, 32, 4, 4, False), _cfg(64, 16, 4, 4, True),
-                _cfg(64, 32, 4, 6, True), _cfg(64, 32, 4, 4, True, pipe=True)]
+        return [_cfg(64, 32, 4, 4, True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, False, tma=True),
+                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, True, pipe=True, tma=True)]
     if m <= 64:
-        return [_cfg(64, 64, 4, 4, True), _cfg(64, 64, 4, 4, False), _cfg(64, 32, 4, 4, True), _cfg(64, 64, 4, 3, True),
-                _cfg(128, 64, 8, 4, True), _cfg(64, 64, 4, 4, True, pipe=True),
-                _cfg(128, 64, 4, 4, True, swap=False), _cfg(128, 64, 4, 4, False, swap=False)]
+        return [_cfg(64, 64, 4, 4, True), _cfg(64, 64, 4, 4, False), _cfg(64, 64, 4, 4, True, tma=True),
+                _cfg(64, 64, 4, 6, True, tma=True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(128, 64, 8, 4, True, tma=True),
+                _cfg(64, 64, 4, 4, True, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True),
+                _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
     if m <= 256:
-        return [_cfg(128, 64, 8, 4, True), _cfg(128, 64, 8, 4, False), _cfg(64, 64, 4, 4, True),
-                _cfg(128, 128, 8, 4, True, swap=False), _cfg(128, 128, 8, 4, False, swap=False),
-                _cfg(128, 64, 4, 4, True, swap=False), _cfg(128, 64, 4, 4, True, swap=False, pipe=True),
-                _cfg(128, 64, 8, 4, True, pipe=True), _cfg(128, 128, 8, 4, True, swap=False, pipe=True)]
-    # split-K at large M: one accumulator per program (the chunk's; see gemm_fp8_block.constexprs), so the
-    # 128 x 128 token-major tile has room for the pipelined loop; the reduce kernel reads the partials once
-    return [_cfg(128, 64, 8, 4, False), _cfg(128, 128, 8, 3, False, swap=False), _cfg(128, 128, 8, 4, False, swap=False),
-            _cfg(128, 128, 8, 4, False, swap=False, group_t=16), _cfg(128, 64, 4, 3, False, swap=False, group_t=16),
-            _cfg(64, 128, 8, 4, False, swap=False), _cfg(128, 128, 8, 4, True, swap=False),
-            _cfg(128, 128, 8, 4, True, swap=False, pipe=True), _cfg(128, 128, 8, 3, True, swap=False, pipe=True),
-            _cfg(128, 128, 8, 4, False, swap=False, pipe=True)]
+        return [_cfg(128, 64, 8, 4, True), _cfg(128, 64, 8, 4, False), _cfg(128, 64, 8, 4, True, tma=True),
+                _cfg(128, 64, 8, 4, True, pipe=True, tma=True), _cfg(128, 128, 8, 4, True, swap=False),
+                _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, tma=True),
+                _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
+                _cfg(128, 64, 4, 4, True, swap=False, tma=True), _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
+    return [_cfg(128, 64, 8, 4, False), _cfg(128, 128, 8, 4, False, swap=False),
+            _cfg(128, 128, 8, 4, False, swap=False, tma=True), _cfg(128, 128, 8, 3, False, swap=False, tma=True),
+            _cfg(128, 128, 8, 5, False, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, group_t=16, tma=True),
+            _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
+            _cfg(128, 128, 8, 3, True, swap=False, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True)]
 
 
 def _check_config(cfg: dict, where: str) -> dict:

@@ -33,7 +33,8 @@ def _keys() -> list[CompileKey]:
     # keys differing only in the loop's trip count compile to the same code: one per layout is enough
     by_layout = {}
     for key in sorted(keys, key=str):
-        by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap), key)
+        by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap, key.pipe, key.tma,
+                              key.num_warps, key.num_stages), key)
     return list(by_layout.values())
 
 
@@ -45,10 +46,14 @@ def _compile(key: CompileKey):
     from kernels.sm90.gemm_fp8_block import constexprs
 
     sig = dict(_SIG, out_ptr="*fp32" if key.split else "*bf16")
+    if key.tma:  # host tensor descriptors of the E4M3 operands
+        sig.update(w_ptr=f"tensordesc<fp8e4nv[{key.block_n}, 128]>", a_ptr=f"tensordesc<fp8e4nv[{key.block_t}, 128]>")
     const = constexprs(key)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # pointers: torch allocations are aligned
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(0 if key.tma else 5)}  # torch allocations are aligned
+    if key.tma:
+        attrs.update({(i,): [["tt.divisibility", 16]] for i in range(2, 5)})
     for name in ("N", "K", "stride_wn", "stride_am", "stride_om"):  # V4 shapes: multiples of 16
         attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     src = ASTSource(gemm_fp8_block_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
@@ -66,7 +71,8 @@ def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
 
 
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"
-                         f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}")
+                         f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
+                         f"-w{key.num_warps}s{key.num_stages}{'-pipe' if key.pipe else ''}{'-tma' if key.tma else ''}")
 def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")

@@ -233,17 +233,21 @@ def _case_gemm_batch_invariance(n, k) -> str:
     part = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
     assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
     base = CompileKey.for_shape(3, n, k, act_scale_ue8m0=False)
-    # (BT, BN, split, swap, pipe, group_t): every tunable field of the sweep's candidates, the software-
-    # pipelined loop (pipe) and tiles wider than one 128-row weight-scale block (BN 256) included
-    for bt, bn, split, swap, pipe, gt in ((16, 64, True, True, False, 8), (16, 64, False, True, False, 8),
-                                          (64, 128, True, True, False, 8), (128, 128, False, True, False, 8),
-                                          (64, 64, True, False, False, 8), (128, 128, False, False, False, 8),
-                                          (16, 64, True, True, True, 8), (64, 128, False, True, True, 1),
-                                          (128, 128, True, False, True, 16), (64, 256, False, False, False, 8),
-                                          (64, 256, True, False, True, 2)):
+    # (BT, BN, split, swap, pipe, group_t, tma): every tunable field of the sweep's candidates, the software-
+    # pipelined loop (pipe), tensor-descriptor loads (tma) and tiles wider than one 128-row weight-scale
+    # block (BN 256) included
+    for bt, bn, split, swap, pipe, gt, tma in (
+            (16, 64, True, True, False, 8, False), (16, 64, False, True, False, 8, False),
+            (64, 128, True, True, False, 8, False), (128, 128, False, True, False, 8, False),
+            (64, 64, True, False, False, 8, False), (128, 128, False, False, False, 8, False),
+            (16, 64, True, True, True, 8, False), (64, 128, False, True, True, 1, False),
+            (128, 128, True, False, True, 16, False), (64, 256, False, False, False, 8, False),
+            (64, 256, True, False, True, 2, False), (16, 64, True, True, False, 8, True),
+            (128, 128, False, False, False, 8, True), (128, 128, True, False, True, 8, True),
+            (64, 128, False, True, True, 8, True)):
         warps = max(4, 4 * ((bn if swap else bt) // 64))
         key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
-                            "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt})
+                            "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma})
         assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
 
