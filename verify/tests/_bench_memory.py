@@ -104,8 +104,8 @@ def moe_plans(e: int, top_k: int, h: int, i: int, tokens: tuple[int, ...]) -> di
     p.add("router gate + bias", e * h * 2 + e * 4)
     p.add("x + routing", t_max * h * 2 + route)
     gemms = r * h * 2 + r * 2 * i * 2 + 2 * r * i * 2 + r * h * 2
-    block = (t_max * e * 4 * 3 + r * 8 * 4 + r * h * 2 + r * 2 * i * 2 + 2 * r * i * 2 + 2 * r * h * 2
-             + t_max * top_k * 2 + t_max * h * 2)
+    block = (t_max * h * 4 + t_max * e * 4 * 4 + r * 8 * 4 + r * h * 2 + r * 2 * i * 2 + 2 * r * i * 2
+             + 2 * r * h * 2 + t_max * top_k * 2 + t_max * h * 2)  # x.float(), logits/scores, ids, xs, y1, .., out
     p.add("one torch call (GEMMs alone or block)", max(gemms, block))
 
     p = plans["breakdown"] = PhasePlan("MoE block breakdown (ours)")
