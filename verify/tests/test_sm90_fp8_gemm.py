@@ -534,7 +534,12 @@ def _dump_bench():
 @pytest.mark.parametrize("name,n,k", V4_PRO_SHAPES, ids=[s for s, _, _ in V4_PRO_SHAPES])
 def test_bench_fp8_gemm_v4_pro(name, n, k):
     from kernels.sm90 import gemm_fp8_block
-    from verify.tests._cuda_timing import time_graph
+    from verify.tests._cuda_timing import copy_bandwidth, time_graph
+
+    if not _BENCH_ROWS:  # the device's copy bandwidth, once per run (the same run as the ratios)
+        bw = copy_bandwidth(warmup=20)[0]
+        _BENCH_ROWS.append({"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name()})
+        print(f"\n[{torch.cuda.get_device_name()}] copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
 
     wt, w_dec = _weight(n, k, 41, "v4", "cuda")
     w_fp8 = wt.e4m3_u8.view(torch.float8_e4m3fn)
@@ -572,7 +577,9 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
                "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours,
                "x_blockwise": None if blk is None else blk / ours,
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
-               "path": f"BN{key.block_n} BT{key.block_t} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"}
+               "path": f"{'swap' if key.swap else 'tok'} BN{key.block_n} BT{key.block_t} w{key.num_warps} "
+                       f"s{key.num_stages} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"
+                       f"{' pipe' if key.pipe else ''}{' tma' if key.tma else ''}"}
         _BENCH_ROWS.append(row)
         blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
         tm_s = f"{tm * 1e6:9.2f} {bf16 / tm:6.2f} {'-' if blk is None else f'{blk / tm:6.2f}'}" if tm else " " * 21
