@@ -3,7 +3,9 @@ sweep on the GPU (verify/tests/test_sm90_fp8_sweep.py, marker bench) and committ
 
 TABLE maps (N, K) to M buckets: ((m_max, config), ...) in ascending m_max; an M takes the first bucket with
 M <= m_max, and the last bucket serves every larger M. A config holds only tunable fields (tile, warps,
-stages, split, layout, raster group, pipelining): the summation order comes from chunk_plan(N, K) alone, so
+stages, split, layout, raster group, pipelining, TMA loads; fused_q: linear_fp8 quantizes the activation
+in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it): the summation order comes from
+chunk_plan(N, K) alone, so
 every config gives the same bits and a token's result does not depend on M or on the bucket (the sweep
 refuses a candidate whose output differs by one bit from the reference config's). Chosen on the host from
 the shape at launch (graph safe: nothing is read from the device). Shapes not in the table use
@@ -25,7 +27,7 @@ from pathlib import Path
 
 __all__ = ["TABLE", "FIELDS", "candidates", "lookup", "merged_table"]
 
-FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma")
+FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q")
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: none yet (no sweep committed)
@@ -47,7 +49,7 @@ def lookup(m: int, n: int, k: int, table: dict | None = None) -> dict | None:
 def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = True, group_t: int = 8,
          pipe: bool = False, tma: bool = False) -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
-            "group_t": group_t, "pipe": pipe, "tma": tma}
+            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False}
 
 
 def candidates(m: int) -> list[dict]:

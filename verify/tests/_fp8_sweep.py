@@ -34,6 +34,7 @@ V4_PRO_FP8 = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536), (
               ("shared_l2", 7168, 3072), ("mtp_e_h_proj", 7168, 7168)]
 L2_BYTES = 60 * 2**20
 M_MAX = 4096
+FUSED_MAX_M = 16  # the fused quantize + GEMM prologue is timed for the winners at M <= 16
 
 
 def _one_line(exc: BaseException, width: int) -> str:
@@ -220,7 +221,30 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                      for i in range(calls)])
             except Exception as exc:  # noqa: BLE001
                 summary["best_with_quant_error"] = _one_line(exc, 100)
-            winners.append({"N": n, "K": k, "M": m, "config": win["config"], "us": win["us"], "name": name})
+            win_cfg = dict(win["config"])
+            if m <= FUSED_MAX_M and "best_with_quant_us" in summary:
+                # the quantizer fused into this tile's prologue (pointer loads: tma off): bit-equal bytes, scales
+                # and output required; committed (fused_q) when faster than quantize + GEMM
+                fkey = gemm_fp8_block.CompileKey.from_config(n, k, {**win_cfg, "tma": False}, act_scale_ue8m0=True)
+                try:
+                    yf, cf, sf = gemm_fp8_block.launch_fused(xq, w, w_dec, scale_rule="ue8m0_ceil", key=fkey)
+                    summary["fused_bits_equal"] = (_bits_equal(yf, y_ref[:m]) and torch.equal(cf, codes[:m])
+                                                   and torch.equal(sf, scale[:m]))
+                    summary["fused_us"] = 1e6 * _time_graph(
+                        [(lambda wi=ws[i % copies]: gemm_fp8_block.launch_fused(xq, wi, w_dec, scale_rule="ue8m0_ceil",
+                                                                                key=fkey)) for i in range(calls)])
+                    res = gemm_fp8_block.compiled_resources(gemm_fp8_block.fused_key(fkey, scale_rule="ue8m0_ceil"))
+                    summary["fused_regs"], summary["fused_spills"] = res if res is not None else (None, None)
+                    if (summary["fused_bits_equal"] and not summary["fused_spills"]
+                            and summary["fused_us"] < summary["best_with_quant_us"]):
+                        win_cfg = {**win_cfg, "tma": False, "fused_q": True} if win_cfg["tma"] else \
+                            {**win_cfg, "fused_q": True}
+                        if win_cfg != {**win["config"], "fused_q": True}:
+                            summary["fused_note"] = "the fused tile has tma off (the GEMM-only winner had it on)"
+                except Exception as exc:  # noqa: BLE001
+                    summary["fused_error"] = _one_line(exc, 120)
+            summary["committed_config"] = win_cfg
+            winners.append({"N": n, "K": k, "M": m, "config": win_cfg, "us": win["us"], "name": name})
         best.append(summary)
         _print_summary(summary)
     del ws, wbs, codes, scale, x, w, w_dec, y_ref
@@ -240,7 +264,10 @@ def _print_summary(s: dict) -> None:
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
-          f" | +quant {_fmt(s.get('best_with_quant_us'), '9.2f')} | {c}"
+          f" | +quant {_fmt(s.get('best_with_quant_us'), '9.2f')}"
+          + (f" fused {_fmt(s.get('fused_us'), '9.2f')}{'' if s.get('fused_bits_equal', True) else ' BITS DIFFER'}"
+             if "fused_us" in s else "")
+          + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")
           + (f" | {len(s['spilling'])} spilling" if s["spilling"] else "")
           + (f" | {len(s['errors'])} failed" if s["errors"] else ""), flush=True)

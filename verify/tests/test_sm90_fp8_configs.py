@@ -25,7 +25,7 @@ V4_PRO_FP8 = [(1536, 7168), (512, 7168), (65536, 1536), (16384, 4096), (7168, 16
 
 def _c(bt: int) -> dict:
     return dict(block_n=64, block_t=bt, num_warps=4, num_stages=4, split=True, swap=True, group_t=8, pipe=False,
-                tma=False)
+                tma=False, fused_q=False)
 
 
 def test_lookup_takes_the_first_bucket_holding_m_and_the_last_beyond():

@@ -252,6 +252,30 @@ def _case_gemm_batch_invariance(n, k) -> str:
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
 
 
+def _case_fused_quant_gemm(m, n, k, recipe_name, cfg_json) -> str:
+    """launch_fused (the quantizer in the GEMM's prologue) gives the separate quantizer's bytes and scales and
+    the separate GEMM's output bits, on inputs with a zero group, NaN (as the recipe treats it) and 3e4."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    recipe = RECIPES[recipe_name]
+    x = _special_input(m, k, seed=m * 7 + k, dtype=torch.bfloat16)
+    wt, w_dec = _weight(n, k, 9, "v4", "cpu")
+    codes, scale = _quantize_kernel(x, recipe)
+    y = gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec)
+    key = dataclasses.replace(CompileKey.heuristic(m, n, k, act_scale_ue8m0=recipe.scale_rule == "ue8m0_ceil"),
+                              **json.loads(cfg_json))
+    yf, cf, sf = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule=recipe.scale_rule,
+                                             encode_rule=recipe.encode_rule, amax_nan=recipe.amax_nan,
+                                             amax_floor_f32=recipe.amax_floor_f32, key=key)
+    assert_bytes_equal(cf, codes, label=f"fused codes {m}x{k} {recipe_name}")
+    _assert_scales_equal(sf, scale, label=f"fused scales {m}x{k} {recipe_name}")
+    assert_bits_equal(yf, y, label=f"fused y {m}x{n}x{k} {recipe_name} {cfg_json}")
+    return f"bytes, scales and output bit-equal ({cfg_json})"
+
+
 CASES = {
     **{f"quant-{r}-{m}x{k}-{d}": (_case_quant, (r, m, k, d))
        for r in RECIPES for (m, k, d) in ((3, 576, "bfloat16"), (9, 1024, "bfloat16"))},
@@ -266,6 +290,11 @@ CASES = {
     **{f"gemm-exact-{m}x{n}x{k}": (_case_gemm_exact, (m, n, k)) for (m, n, k) in ((1, 200, 576), (40, 130, 1024))},
     **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k))
        for (n, k) in ((4224, 1024), (192, 576))},
+    **{f"gemm-fused-quant-{m}x{n}x{k}-{r}-{i}": (_case_fused_quant_gemm, (m, n, k, r, c))
+       for i, (m, n, k, r, c) in enumerate((
+           (3, 200, 576, "fp8_ue8m0", "{}"), (5, 130, 1100, "fp8_f32", '{"split": false}'),
+           (2, 192, 576, "fp8_f32_recip", '{"pipe": true}'), (9, 256, 384, "fp8_ue8m0_nan_ignore", '{"split": true}'),
+           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}')))},
 }
 
 
@@ -448,6 +477,35 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
     sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
     assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=_token_major_key(128, n, k, split=True)), y[:128],
                       label=f"token-major split M=128 vs M=4096 ({n}x{k})")
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_fused_quant_gemm_bit_equal_and_capturable(n, k, m):
+    """launch_fused (quantizer in the GEMM's prologue, what a committed fused_q config routes linear_fp8 to):
+    the separate quantizer's bytes and scales, the separate GEMM's output bits, and graph replay equal."""
+    from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
+
+    wt, w_dec = _weight(n, k, 61, "v4", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(62)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+    y = gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec)
+    yf, cf, sf = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule="ue8m0_ceil")
+    assert_bytes_equal(cf, codes, label="fused codes")
+    assert_bytes_equal(sf, scale, label="fused scales")
+    assert_bits_equal(yf, y, label=f"fused y {m}x{n}x{k}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule="ue8m0_ceil")[0]
+    x.mul_(-2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bits_equal(out, gemm_fp8_block.launch(*quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil"), wt.e4m3_u8,
+                                                 w_dec), label="fused graph replay")
 
 
 @pytest.mark.parametrize("n,k", [(576, 7168), (7168, 576)], ids=lambda v: str(v))

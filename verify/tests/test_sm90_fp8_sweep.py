@@ -26,6 +26,8 @@ def test_fp8_gemm_config_sweep():
     differ = [(s["name"], s["M"], s["bits_differ"]) for s in report["best"] if s["bits_differ"]]
     # a config whose bits differ breaks the batch-invariance claim of gemm_fp8_block: never a silent pass
     assert not differ, f"configs whose output differs from the reference's bits: {differ}"
+    fused_differ = [(s["name"], s["M"]) for s in report["best"] if s.get("fused_bits_equal") is False]
+    assert not fused_differ, f"the fused quantize + GEMM differs from quantize then GEMM at {fused_differ}"
     assert all(s["best_us"] is not None for s in report["best"]), "a (shape, M) without a bit-equal candidate"
     assert torch.cuda.is_available()
 
@@ -66,4 +68,6 @@ def test_sweep_logic_on_the_cpu_interpreter(tmp_path):
     assert [(w["N"], w["K"], w["M"]) for w in rep["winners"]] == [(192, 576, 1), (192, 576, 130)]
     assert all(set(w["config"]) == set(FIELDS) for w in rep["winners"])
     assert all(s["best_us"] is not None and not s["bits_differ"] for s in rep["best"])
+    one = next(s for s in rep["best"] if s["M"] == 1)
+    assert one.get("fused_bits_equal") is True and one["fused_us"] > 0, one  # the fused prologue at M <= 16
     assert set(merged_table({}, rep["winners"])) == {(192, 576)}
