@@ -260,7 +260,7 @@ def test_moe_tile_sweep(t):
                             act_f16=act_f16)
         try:
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
-                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5)
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
         except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
             print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {type(exc).__name__}: "
                   f"{str(exc)[:120]}")
