@@ -453,7 +453,7 @@ def _token_major_key(m: int, n: int, k: int, *, split: bool | None = None):
 
     from kernels.sm90.gemm_fp8_block import CompileKey
 
-    key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    key = CompileKey.heuristic(m, n, k, act_scale_ue8m0=True)
     split = key.split if split is None else split
     return dataclasses.replace(key, block_n=128, block_t=128, num_warps=8, num_stages=4, swap=False,
                                split=split and key.chunked)
@@ -470,8 +470,9 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
     big = _cuda_act(4096, k, 22, FP8_ACT_UE8M0)
     from kernels.sm90.gemm_fp8_block import CompileKey
 
-    swap_key = CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True)
-    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key if swap_key.swap else None)
+    swap_key = CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True)  # weight-major whatever the table routes
+    assert swap_key.swap
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key)
     assert_bits_equal(_gemm(big, wt.e4m3_u8, w_dec, key=_token_major_key(4096, n, k, split=False)), y,
                       label=f"token-major vs weight-major M=4096 ({n}x{k})")
     sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
