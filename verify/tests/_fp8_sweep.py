@@ -11,7 +11,8 @@ so a run stopped by its time limit keeps what it measured. The lead commits the 
 
 Compiles run first in a pool of worker processes (Triton's on-disk cache is shared, so the timing process
 only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
-NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default all), NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
+NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash": the V4-Flash ones),
+NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
@@ -32,6 +33,11 @@ import torch
 V4_PRO_FP8 = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536), ("wo_a", 16384, 4096),
               ("wo_b", 7168, 16384), ("idx_wq_b", 8192, 1536), ("shared_l1", 3072, 7168),
               ("shared_l2", 7168, 3072), ("mtp_e_h_proj", 7168, 7168)]
+# V4-Flash (H 4096, q_lora 1024, 64 heads x 512, 8 x 1024, I 2048): by name only (NVFP4V_FP8_SWEEP_SHAPES=flash
+# selects all of them)
+V4_FLASH_FP8 = [("flash_wq_a", 1024, 4096), ("flash_wkv", 512, 4096), ("flash_wq_b", 32768, 1024),
+                ("flash_wo_a", 8192, 4096), ("flash_wo_b", 4096, 8192), ("flash_shared_l1", 2048, 4096),
+                ("flash_shared_l2", 4096, 2048), ("flash_mtp_e_h_proj", 4096, 4096)]
 L2_BYTES = 60 * 2**20
 M_MAX = 4096
 FUSED_MAX_M = 16  # the fused quantize + GEMM prologue is timed for the winners at M <= 16
@@ -277,10 +283,13 @@ def run_sweep(out_dir: str | None) -> dict:
     from verify.tests._cuda_timing import copy_bandwidth
 
     names = _env_list("NVFP4V_FP8_SWEEP_SHAPES", ",".join(s for s, _, _ in V4_PRO_FP8))
-    unknown = sorted(set(names) - {s for s, _, _ in V4_PRO_FP8})
+    if names == ["flash"]:
+        names = [s for s, _, _ in V4_FLASH_FP8]
+    everything = V4_PRO_FP8 + V4_FLASH_FP8
+    unknown = sorted(set(names) - {s for s, _, _ in everything})
     if unknown:
         raise ValueError(f"NVFP4V_FP8_SWEEP_SHAPES: unknown {unknown}")
-    shapes = [s for s in V4_PRO_FP8 if s[0] in names]
+    shapes = [s for s in everything if s[0] in names]
     ms = [int(v) for v in _env_list("NVFP4V_FP8_SWEEP_M", "1,16,64,128,4096")]
     if any(not 1 <= m <= M_MAX for m in ms):
         raise ValueError(f"NVFP4V_FP8_SWEEP_M: every M must be in 1..{M_MAX}, got {ms}")
