@@ -318,7 +318,8 @@ def run_sweep(out_dir: str | None) -> dict:
         report["seconds"] = time.time() - t0
         if out_dir:
             os.makedirs(out_dir, exist_ok=True)
-            with open(os.path.join(out_dir, "sm90_fp8_sweep.json"), "w") as f:
+            fname = "sm90_fp8_sweep_flash.json" if all(s[0].startswith("flash_") for s in shapes) else "sm90_fp8_sweep.json"
+            with open(os.path.join(out_dir, fname), "w") as f:
                 json.dump(report, f, indent=1)
     _print_targets(report)
     return report
