@@ -38,7 +38,10 @@ import verify.tests._fp8_sweep as sw
 sw._DEVICE = "cpu"
 rows, best, winners = [], [], []
 sw.sweep_shape("tiny", 192, 576, [1, 130], {}, rows, best, winners, m_max=130)
-json.dump({"rows": rows, "best": best, "winners": winners}, open(sys.argv[1], "w"), default=str)
+sw.M_MAX = 130
+errors = sw._compile_worker(list(sw._jobs([("tiny", 192, 576)], [1])))
+json.dump({"rows": rows, "best": best, "winners": winners, "worker_errors": errors}, open(sys.argv[1], "w"),
+          default=str)
 """
 
 
@@ -71,3 +74,4 @@ def test_sweep_logic_on_the_cpu_interpreter(tmp_path):
     one = next(s for s in rep["best"] if s["M"] == 1)
     assert one.get("fused_bits_equal") is True and one["fused_us"] > 0, one  # the fused prologue at M <= 16
     assert set(merged_table({}, rep["winners"])) == {(192, 576)}
+    assert rep["worker_errors"] == []  # the precompile worker ran every candidate and its fused variant
