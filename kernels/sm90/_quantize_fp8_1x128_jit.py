@@ -67,3 +67,41 @@ def quantize_fp8_1x128_kernel(
         tl.store(scale_ptr + soff, byte.to(tl.uint8), mask=smask)
     else:
         tl.store(scale_ptr + soff, s, mask=smask)
+
+
+@triton.jit
+def quantize_rows_1x128(x, SCALE_UE8M0: tl.constexpr, ENCODE_RECIP: tl.constexpr, NAN_PROPAGATE: tl.constexpr,
+                        AMAX_FLOOR: tl.constexpr):
+    """One 128-group of rows, float32 [R, 128] (zeros past K) -> (E4M3 codes u8 [R, 128], the stored scale
+    [R] (UE8M0 byte u8, or float32), its float32 value [R]): the operations of quantize_fp8_1x128_kernel
+    step for step on a 2-d tile (the fused GEMM prologue of kernels.sm90.gemm_fp8_block; its bytes are
+    tested equal to the quantizer's)."""
+    a = tl.abs(x)
+    amax = tl.max(tl.where(a == a, a, 0.0), axis=1)
+    if NAN_PROPAGATE:
+        has_nan = tl.max((a != a).to(tl.int32), axis=1) > 0
+        amax = tl.where(has_nan, float("nan"), amax)
+    s = tl.div_rn(tl.where(amax != amax, amax, tl.maximum(amax, AMAX_FLOOR)), 448.0)
+    if SCALE_UE8M0:
+        sb = s.to(tl.int32, bitcast=True)
+        byte = (sb >> 23) + ((sb & 0x7FFFFF) != 0).to(tl.int32)
+        byte = tl.where((s == s) & (s != float("inf")), byte, 0xFF)
+        inv = ((254 - byte) << 23).to(tl.float32, bitcast=True)
+        inv = tl.where(byte == 0xFF, float("nan"), inv)
+        y = x * inv[:, None]
+        stored = byte.to(tl.uint8)
+        # the GEMM's decode of the stored byte (_gemm_fp8_block_jit.ue8m0_u8_to_f32): 2^(byte - 127), byte 0
+        # the subnormal 2^-127, 0xFF NaN
+        bits = tl.where(byte > 0, byte << 23, 0x00400000)
+        dec = tl.where(byte == 0xFF, 0x7FC00000, bits).to(tl.float32, bitcast=True)
+    elif ENCODE_RECIP:
+        y = x * tl.div_rn(1.0, s)[:, None]
+        stored = s
+        dec = s
+    else:
+        y = tl.div_rn(x, s[:, None])
+        stored = s
+        dec = s
+    y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))
+    codes = f32_to_e4m3_sat_u8(y).to(tl.uint8)
+    return codes, stored, dec

@@ -237,6 +237,7 @@ class Sm90Kernels:
         gemm_nvfp4._compile.cache_clear()
         quantize_fp8_1x128._compile.cache_clear()
         gemm_fp8_block._compile.cache_clear()
+        gemm_fp8_block._LAST_COMPILED.clear()
         import sys  # noqa: PLC0415 (only the MoE modules already imported)
 
         for mod, fns in (("kernels.sm90.quantize_grouped", ("_compile", "_compile_amax")),

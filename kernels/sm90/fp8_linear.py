@@ -53,7 +53,16 @@ def prepare_fp8_weight(e4m3_u8: Tensor, block_dec_f32: Tensor,
 def linear_fp8(x: Tensor, weight: Sm90Fp8Weight, *, scale_rule: str, encode_rule: str = "divide",
                amax_nan: str = "propagate", amax_floor_f32: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
     """x [M, K] (bf16) -> (y bf16 [M, N], act codes u8 [M, K], act scales [M, ceil(K/128)]): dynamic
-    per-token 1x128 quantization with the given recipe fields, then the block-scaled GEMM. No host sync."""
+    per-token 1x128 quantization with the given recipe fields, then the block-scaled GEMM. No host sync.
+    Where the committed config of (N, K) at M's bucket says fused_q (the sweep measured it faster), one
+    launch quantizes in the GEMM's prologue: the same bytes, scales and output bits."""
+    if x.dim() == 2 and x.shape[0] > 0:
+        key = gemm_fp8_block.CompileKey.for_shape(x.shape[0], weight.n, weight.k,
+                                                  act_scale_ue8m0=scale_rule == "ue8m0_ceil")
+        if key.fused_q:
+            return gemm_fp8_block.launch_fused(x, weight.e4m3_u8, weight.block_dec_f32, scale_rule=scale_rule,
+                                               encode_rule=encode_rule, amax_nan=amax_nan,
+                                               amax_floor_f32=amax_floor_f32, key=key)
     codes, scale = quantize_fp8_1x128.launch(x, scale_rule=scale_rule, encode_rule=encode_rule, amax_nan=amax_nan,
                                              amax_floor_f32=amax_floor_f32)
     y = gemm_fp8_block.launch(codes, scale, weight.e4m3_u8, weight.block_dec_f32)

@@ -28,6 +28,7 @@ from the graph's pool; nothing syncs with the host. With TRITON_INTERPRET=1 it r
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -36,7 +37,8 @@ from torch import Tensor
 
 from kernels.sm90._env import triton_interpreting as _interpreting
 
-__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "launch"]
+__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch",
+           "fused_key", "launch_fused"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
@@ -80,11 +82,25 @@ class CompileKey:
     even_k: bool
     act_scale_ue8m0: bool
     swap: bool = True  # weights on the wgmma's M side (64 rows per warpgroup); False: tokens there (BT >= 64)
+    group_t: int = _GROUP_T  # token tiles per raster group (L2 reuse; the bits do not depend on it)
+    pipe: bool = False  # next group's dot issued before the current one is promoted (same operations, same order)
+    tma: bool = False  # operand tiles by tensor-descriptor (TMA) loads, zero-filled past the edges (same operands)
+    # the activation quantized in the GEMM's prologue (launch_fused: x in, y + codes + scales out; the same
+    # operands as quantize_fp8_1x128 then launch); the recipe's other fields, read only when fused_q
+    fused_q: bool = False
+    q_recip: bool = False
+    q_nan_propagate: bool = False
+    q_amax_floor: float = 0.0
 
     def __post_init__(self) -> None:
-        # one 128-row weight scale per tile, and a wgmma M side of 64 rows per warpgroup
-        if 128 % self.block_n or self.block_n < 16:
-            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 (one weight scale row per tile)")
+        # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
+        # wgmma M side of 64 rows per warpgroup
+        if (128 % self.block_n if self.block_n <= 128 else self.block_n % 128) or self.block_n < 16:
+            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 or be a multiple of 128")
+        if self.group_t < 1:
+            raise ValueError(f"CompileKey: group_t={self.group_t} must be >= 1")
+        if self.fused_q and self.tma:
+            raise ValueError("CompileKey: fused_q loads the unquantized activation by pointer: tma must be off")
         m_side = self.block_n if self.swap else self.block_t
         if m_side % 64 or m_side // 64 > self.num_warps // 4:
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
@@ -95,12 +111,12 @@ class CompileKey:
         return self.n_chunks > 1
 
     @staticmethod
-    def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
-        # Tiles from CPU compiles for sm_90a (ptxas register reports; no GPU sweep yet): 64 weight rows x
-        # 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227 registers, no spills); 128 x 64 on
-        # two warpgroups for batches (194 registers, 222 with two accumulators; 128 x 128 spilled: the
-        # per-token scales of the swapped layout sit along the wgmma's N, 32 of them per thread).
-        # Every choice keeps the summation order (module docstring).
+    def heuristic(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
+        """The untuned choice (shapes the committed table lacks). Tiles from CPU compiles for sm_90a (ptxas
+        register reports): 64 weight rows x 16..64 tokens on one warpgroup for decode sizes (80 / 134 / 227
+        registers, no spills); 128 x 64 on two warpgroups for batches (194 registers, 222 with two
+        accumulators; 128 x 128 spilled: the per-token scales of the swapped layout sit along the wgmma's
+        N, 32 of them per thread). Every choice keeps the summation order (module docstring)."""
         chunk_blocks, n_chunks = chunk_plan(n, k)
         chunked = n_chunks > 1
         if m <= 64:
@@ -113,6 +129,52 @@ class CompileKey:
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
                           act_scale_ue8m0=act_scale_ue8m0)
 
+    @staticmethod
+    def from_config(n: int, k: int, cfg: dict, *, act_scale_ue8m0: bool) -> "CompileKey":
+        """The key of a tunable config (gemm_fp8_block_configs: block_n, block_t, num_warps, num_stages,
+        split, swap, group_t, pipe) at N, K; the summation-order fields come from chunk_plan(N, K), so every
+        config gives the same bits. `split` is dropped where the plan has one chunk."""
+        chunk_blocks, n_chunks = chunk_plan(n, k)
+        return CompileKey(block_n=cfg["block_n"], block_t=cfg["block_t"], num_warps=cfg["num_warps"],
+                          num_stages=cfg["num_stages"], split=bool(cfg["split"]) and n_chunks > 1,
+                          groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
+                          act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
+                          group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
+                          tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False))
+
+    def config(self) -> dict:
+        """The tunable fields (the inverse of from_config)."""
+        return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
+                "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
+                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q}
+
+    @staticmethod
+    def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
+        """The committed config of (N, K) at M's bucket (kernels.sm90.gemm_fp8_block_configs, the sweep's
+        winners), else the heuristic. Chosen on the host from the shape alone (graph safe). Batch invariance
+        holds across buckets: every config keeps chunk_plan(N, K)'s summation order."""
+        from kernels.sm90.gemm_fp8_block_configs import lookup
+
+        cfg = lookup(m, n, k)
+        if cfg is None:
+            return CompileKey.heuristic(m, n, k, act_scale_ue8m0=act_scale_ue8m0, num_sms=num_sms)
+        return CompileKey.from_config(n, k, cfg, act_scale_ue8m0=act_scale_ue8m0)
+
+
+def constexprs(key: CompileKey) -> dict:
+    """The kernel's constexpr arguments for `key` (the launcher and the sm_90a compile test).
+
+    A split program owns one chunk, so it sums the chunk's groups from +0 in one accumulator (CHUNKED
+    off: no second register tile). That is the unsplit kernel's chunk sum `part` exactly: the unsplit one
+    then adds 0 + part, which equals part since a sum started at +0 is never -0 (round to nearest). So the
+    partials, and the reduce's sum of them in chunk order, have the same bits."""
+    return dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
+                CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked and not key.split,
+                EVEN_K=key.even_k,
+                AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=key.group_t, WS_VEC=key.block_n > 128,
+                PIPE=key.pipe, TMA=key.tma, FUSED_Q=key.fused_q, Q_RECIP=key.q_recip,
+                Q_NAN_PROPAGATE=key.q_nan_propagate, Q_AMAX_FLOOR=key.q_amax_floor)
+
 
 @functools.lru_cache(maxsize=64)
 def _compile(key: CompileKey):
@@ -122,24 +184,45 @@ def _compile(key: CompileKey):
 
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel, gemm_fp8_block_kernel
 
-    def run(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_dec_f32: Tensor, out_bf16: Tensor) -> None:
+    def run(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_dec_f32: Tensor, out_bf16: Tensor,
+            x: Tensor | None = None):
+        """fused_q: x [M, K] is quantized in the prologue into a_u8 / a_scale (outputs)."""
         m, k = a_u8.shape
         n = w_u8.shape[0]
         grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
-        gemm_fp8_block_kernel[grid](
-            w_u8, a_u8, w_dec_f32, a_scale, dst,
-            m, n, k, key.groups, w_u8.stride(0), a_u8.stride(0), a_scale.stride(0), n, m * n,
-            BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
-            CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
-            AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T, num_warps=key.num_warps,
-            num_stages=key.num_stages,
+        w_arg, a_arg = w_u8, a_u8
+        if key.tma:  # host descriptors: kernel parameters, so a captured graph replays them as they are
+            from triton.tools.tensor_descriptor import TensorDescriptor
+
+            w_arg = TensorDescriptor.from_tensor(w_u8.view(torch.float8_e4m3fn), [key.block_n, GROUP])
+            a_arg = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP])
+        extra, stride_am = {}, a_u8.stride(0)
+        if key.fused_q:
+            a_arg, extra, stride_am = x, {"codes_ptr": a_u8, "qscale_ptr": a_scale}, x.stride(0)
+        compiled = gemm_fp8_block_kernel[grid](
+            w_arg, a_arg, w_dec_f32, a_scale, dst,
+            m, n, k, key.groups, w_u8.stride(0), stride_am, a_scale.stride(0), n, m * n,
+            **constexprs(key), **extra, num_warps=key.num_warps, num_stages=key.num_stages,
         )
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
                 dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        return compiled
 
     return run
+
+
+def compiled_resources(key: CompileKey) -> tuple[int, int] | None:
+    """(registers, spilled bytes) of the GEMM kernel compiled for `key` (after a launch; the sweep refuses
+    spilling configs), or None where unknown (interpreter, not launched)."""
+    info = _LAST_COMPILED.get(key)
+    if info is None or not hasattr(info, "n_regs"):
+        return None
+    return int(info.n_regs), int(info.n_spills)
+
+
+_LAST_COMPILED: dict = {}
 
 
 @functools.lru_cache(maxsize=16)
@@ -173,6 +256,11 @@ def _check_inputs(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: 
         raise ValueError(f"a_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {a_u8.device}")
 
 
+def _tma_ok(a_u8: Tensor, w_u8: Tensor) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_u8, w_u8))
+
+
 def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, key: CompileKey | None = None,
            check: bool = True) -> Tensor:
     """bf16 [M, N] = (a codes x 1x128 scales) @ (w codes x 128x128 scales)^T (module docstring).
@@ -193,5 +281,55 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key is None:
         sms = _num_sms(a_u8.device.index or 0) if a_u8.is_cuda else _NUM_SMS_H200
         key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=a_scale.dtype == torch.uint8, num_sms=sms)
-    _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
+    if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
+        key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
+    if key.tma and not _tma_ok(a_u8, w_u8):
+        key = dataclasses.replace(key, tma=False)  # the same operands by masked loads
+    compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
+    if key not in _LAST_COMPILED and compiled is not None:
+        _LAST_COMPILED[key] = compiled
     return out
+
+
+def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
+              amax_floor_f32: float = 1e-4) -> CompileKey:
+    """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
+    return dataclasses.replace(key, act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, fused_q=True,
+                               q_recip=encode_rule == "mul_reciprocal", q_nan_propagate=amax_nan == "propagate",
+                               q_amax_floor=float(amax_floor_f32))
+
+
+def launch_fused(x: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, scale_rule: str, encode_rule: str = "divide",
+                 amax_nan: str = "propagate", amax_floor_f32: float = 1e-4,
+                 key: CompileKey | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M, K] (bf16 / fp16 / fp32) -> (y bf16 [M, N], act codes u8 [M, K], act scales [M, ceil(K/128)]): the
+    activation quantized in the GEMM's prologue (the recipe fields as quantize_fp8_1x128.launch takes them),
+    one launch (plus the chunk reduce when split). Same bytes, scales and output bits as quantize_fp8_1x128
+    then launch. key: a CompileKey whose tile fields are used (fused_q and the recipe are set here); by
+    default CompileKey.for_shape."""
+    from kernels.sm90 import quantize_fp8_1x128 as q
+
+    q._check_inputs(x, scale_rule, encode_rule, amax_nan, amax_floor_f32)
+    if not isinstance(w_u8, Tensor) or w_u8.dim() != 2 or w_u8.shape[1] != x.shape[1]:
+        raise ValueError(f"w_u8: expected [N, {x.shape[1]}] E4M3 bytes, got {tuple(getattr(w_u8, 'shape', ()))}")
+    m, k = x.shape
+    n = w_u8.shape[0]
+    g = -(-k // GROUP)
+    ue8m0 = scale_rule == "ue8m0_ceil"
+    codes = torch.empty((m, k), dtype=torch.uint8, device=x.device)
+    scale = torch.empty((m, g), dtype=torch.uint8 if ue8m0 else torch.float32, device=x.device)
+    _check_inputs(codes, scale, w_u8, w_block_dec_f32)
+    out = torch.empty((m, n), dtype=torch.bfloat16, device=x.device)
+    if m == 0 or n == 0:  # no GEMM to fuse into: the quantizer alone
+        codes, scale = q.launch(x, scale_rule=scale_rule, encode_rule=encode_rule, amax_nan=amax_nan,
+                                amax_floor_f32=amax_floor_f32)
+        return out, codes, scale
+    if key is None:
+        sms = _num_sms(x.device.index or 0) if x.is_cuda else _NUM_SMS_H200
+        key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=ue8m0, num_sms=sms)
+    key = fused_key(key, scale_rule=scale_rule, encode_rule=encode_rule, amax_nan=amax_nan,
+                    amax_floor_f32=amax_floor_f32)
+    compiled = _compile(key)(codes, scale, w_u8.view(torch.uint8), w_block_dec_f32, out, x)
+    if key not in _LAST_COMPILED and compiled is not None:
+        _LAST_COMPILED[key] = compiled
+    return out, codes, scale

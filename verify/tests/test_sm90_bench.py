@@ -30,8 +30,9 @@ _time_graph = time_graph
 @pytest.fixture(scope="module")
 def copy_bw():
     bw, t = copy_bandwidth()
-    _RESULTS["copy"].append({"bytes": 2 * 2**30, "seconds": t, "GBps": bw / 1e9})
-    print(f"\ncopy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
+    _RESULTS["copy"].append({"bytes": 2 * 2**30, "seconds": t, "GBps": bw / 1e9,
+                             "device": torch.cuda.get_device_name()})
+    print(f"\n[{torch.cuda.get_device_name()}] copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
     return bw
 
 

@@ -27,13 +27,20 @@ _SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out
 
 
 def _keys() -> list[CompileKey]:
-    keys = {CompileKey.for_shape(m, n, k, act_scale_ue8m0=True) for m in (1, 16, 64, 128, 4096) for n, k in V4_PRO}
-    keys |= {dataclasses.replace(CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True), block_n=128, block_t=128,
+    from kernels.sm90.gemm_fp8_block import fused_key
+
+    routed = {CompileKey.for_shape(m, n, k, act_scale_ue8m0=True) for m in (1, 16, 64, 128, 4096) for n, k in V4_PRO}
+    # a committed fused_q config: launch() compiles its tile unfused, linear_fp8 the fused kernel
+    keys = {dataclasses.replace(key, fused_q=False) for key in routed}
+    keys |= {fused_key(key, scale_rule="ue8m0_ceil") for key in routed if key.fused_q}
+    keys |= {dataclasses.replace(CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True), block_n=128, block_t=128,
                                  num_warps=8, num_stages=4, swap=False) for n, k in V4_PRO}
+    keys.add(fused_key(CompileKey.heuristic(1, 7168, 16384, act_scale_ue8m0=True), scale_rule="ue8m0_ceil"))
     # keys differing only in the loop's trip count compile to the same code: one per layout is enough
     by_layout = {}
     for key in sorted(keys, key=str):
-        by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap), key)
+        by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap, key.pipe, key.tma,
+                              key.fused_q, key.num_warps, key.num_stages), key)
     return list(by_layout.values())
 
 
@@ -42,15 +49,22 @@ def _compile(key: CompileKey):
     from triton.compiler import ASTSource
 
     from kernels.sm90._gemm_fp8_block_jit import gemm_fp8_block_kernel
-    from kernels.sm90.gemm_fp8_block import _GROUP_T
+    from kernels.sm90.gemm_fp8_block import constexprs
 
     sig = dict(_SIG, out_ptr="*fp32" if key.split else "*bf16")
-    const = dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
-                 CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked, EVEN_K=key.even_k,
-                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=_GROUP_T)
+    if key.tma:  # host tensor descriptors of the E4M3 operands
+        sig.update(w_ptr=f"tensordesc<fp8e4nv[{key.block_n}, 128]>", a_ptr=f"tensordesc<fp8e4nv[{key.block_t}, 128]>")
+    if key.fused_q:  # the bf16 activation in, its codes and scales out
+        sig.update(a_ptr="*bf16")
+    const = constexprs(key)
     names = list(sig) + list(const)
+    if key.fused_q:
+        names += ["codes_ptr", "qscale_ptr"]
+        sig.update(codes_ptr="*u8", qscale_ptr="*u8" if key.act_scale_ue8m0 else "*fp32")
     sig.update({name: "constexpr" for name in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(5)}  # pointers: torch allocations are aligned
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(0 if key.tma else 5)}  # torch allocations are aligned
+    if key.tma:
+        attrs.update({(i,): [["tt.divisibility", 16]] for i in range(2, 5)})
     for name in ("N", "K", "stride_wn", "stride_am", "stride_om"):  # V4 shapes: multiples of 16
         attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     src = ASTSource(gemm_fp8_block_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
@@ -68,7 +82,9 @@ def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
 
 
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"
-                         f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}")
+                         f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
+                         f"-w{key.num_warps}s{key.num_stages}{'-pipe' if key.pipe else ''}{'-tma' if key.tma else ''}"
+                         f"{'-fused' if key.fused_q else ''}")
 def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")

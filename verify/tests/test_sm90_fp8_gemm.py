@@ -233,12 +233,47 @@ def _case_gemm_batch_invariance(n, k) -> str:
     part = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
     assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
     base = CompileKey.for_shape(3, n, k, act_scale_ue8m0=False)
-    for bt, bn, split, swap in ((16, 64, True, True), (16, 64, False, True), (64, 128, True, True),
-                                (128, 128, False, True), (64, 64, True, False), (128, 128, False, False)):
+    # (BT, BN, split, swap, pipe, group_t, tma): every tunable field of the sweep's candidates, the software-
+    # pipelined loop (pipe), tensor-descriptor loads (tma) and tiles wider than one 128-row weight-scale
+    # block (BN 256) included
+    for bt, bn, split, swap, pipe, gt, tma in (
+            (16, 64, True, True, False, 8, False), (16, 64, False, True, False, 8, False),
+            (64, 128, True, True, False, 8, False), (128, 128, False, True, False, 8, False),
+            (64, 64, True, False, False, 8, False), (128, 128, False, False, False, 8, False),
+            (16, 64, True, True, True, 8, False), (64, 128, False, True, True, 1, False),
+            (128, 128, True, False, True, 16, False), (64, 256, False, False, False, 8, False),
+            (64, 256, True, False, True, 2, False), (16, 64, True, True, False, 8, True),
+            (128, 128, False, False, False, 8, True), (128, 128, True, False, True, 8, True),
+            (64, 128, False, True, True, 8, True)):
+        warps = max(4, 4 * ((bn if swap else bt) // 64))
         key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
-                            "num_warps": 8 if bn == 128 else 4, "swap": swap})
+                            "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma})
         assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
+
+
+def _case_fused_quant_gemm(m, n, k, recipe_name, cfg_json) -> str:
+    """launch_fused (the quantizer in the GEMM's prologue) gives the separate quantizer's bytes and scales and
+    the separate GEMM's output bits, on inputs with a zero group, NaN (as the recipe treats it) and 3e4."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    recipe = RECIPES[recipe_name]
+    x = _special_input(m, k, seed=m * 7 + k, dtype=torch.bfloat16)
+    wt, w_dec = _weight(n, k, 9, "v4", "cpu")
+    codes, scale = _quantize_kernel(x, recipe)
+    y = gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec)
+    key = dataclasses.replace(CompileKey.heuristic(m, n, k, act_scale_ue8m0=recipe.scale_rule == "ue8m0_ceil"),
+                              **json.loads(cfg_json))
+    yf, cf, sf = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule=recipe.scale_rule,
+                                             encode_rule=recipe.encode_rule, amax_nan=recipe.amax_nan,
+                                             amax_floor_f32=recipe.amax_floor_f32, key=key)
+    assert_bytes_equal(cf, codes, label=f"fused codes {m}x{k} {recipe_name}")
+    _assert_scales_equal(sf, scale, label=f"fused scales {m}x{k} {recipe_name}")
+    assert_bits_equal(yf, y, label=f"fused y {m}x{n}x{k} {recipe_name} {cfg_json}")
+    return f"bytes, scales and output bit-equal ({cfg_json})"
 
 
 CASES = {
@@ -255,6 +290,11 @@ CASES = {
     **{f"gemm-exact-{m}x{n}x{k}": (_case_gemm_exact, (m, n, k)) for (m, n, k) in ((1, 200, 576), (40, 130, 1024))},
     **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k))
        for (n, k) in ((4224, 1024), (192, 576))},
+    **{f"gemm-fused-quant-{m}x{n}x{k}-{r}-{i}": (_case_fused_quant_gemm, (m, n, k, r, c))
+       for i, (m, n, k, r, c) in enumerate((
+           (3, 200, 576, "fp8_ue8m0", "{}"), (5, 130, 1100, "fp8_f32", '{"split": false}'),
+           (2, 192, 576, "fp8_f32_recip", '{"pipe": true}'), (9, 256, 384, "fp8_ue8m0_nan_ignore", '{"split": true}'),
+           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}')))},
 }
 
 
@@ -413,7 +453,7 @@ def _token_major_key(m: int, n: int, k: int, *, split: bool | None = None):
 
     from kernels.sm90.gemm_fp8_block import CompileKey
 
-    key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    key = CompileKey.heuristic(m, n, k, act_scale_ue8m0=True)
     split = key.split if split is None else split
     return dataclasses.replace(key, block_n=128, block_t=128, num_warps=8, num_stages=4, swap=False,
                                split=split and key.chunked)
@@ -430,13 +470,68 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
     big = _cuda_act(4096, k, 22, FP8_ACT_UE8M0)
     from kernels.sm90.gemm_fp8_block import CompileKey
 
-    swap_key = CompileKey.for_shape(4096, n, k, act_scale_ue8m0=True)
-    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key if swap_key.swap else None)
+    swap_key = CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True)  # weight-major whatever the table routes
+    assert swap_key.swap
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=swap_key)
     assert_bits_equal(_gemm(big, wt.e4m3_u8, w_dec, key=_token_major_key(4096, n, k, split=False)), y,
                       label=f"token-major vs weight-major M=4096 ({n}x{k})")
     sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
     assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=_token_major_key(128, n, k, split=True)), y[:128],
                       label=f"token-major split M=128 vs M=4096 ({n}x{k})")
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_fused_quant_gemm_bit_equal_and_capturable(n, k, m):
+    """launch_fused (quantizer in the GEMM's prologue, what a committed fused_q config routes linear_fp8 to):
+    the separate quantizer's bytes and scales, the separate GEMM's output bits, and graph replay equal."""
+    from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
+
+    wt, w_dec = _weight(n, k, 61, "v4", "cuda")
+    g = torch.Generator(device="cuda").manual_seed(62)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+    codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+    y = gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec)
+    yf, cf, sf = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule="ue8m0_ceil")
+    assert_bytes_equal(cf, codes, label="fused codes")
+    assert_bytes_equal(sf, scale, label="fused scales")
+    assert_bits_equal(yf, y, label=f"fused y {m}x{n}x{k}")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_fp8_block.launch_fused(x, wt.e4m3_u8, w_dec, scale_rule="ue8m0_ceil")[0]
+    x.mul_(-2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_bits_equal(out, gemm_fp8_block.launch(*quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil"), wt.e4m3_u8,
+                                                 w_dec), label="fused graph replay")
+
+
+@pytest.mark.parametrize("n,k", [(576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_every_sweep_candidate_bit_equal_to_heuristic(n, k):
+    """Every config the sweep may commit (kernels.sm90.gemm_fp8_block_configs.candidates, at its own M
+    bucket: split or not, token- or weight-major, pipelined, raster group) gives the bits of the heuristic
+    key at M = 4096 on rows 0..M-1: the table can hold any of them without breaking batch invariance.
+    Partial N tiles (576) and partial K (576), chunked and not."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    wt, w_dec = _weight(n, k, 51, "v4", "cuda")
+    big = _cuda_act(4096, k, 52, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    seen = set()
+    for m in (1, 16, 32, 64, 128, 4096):
+        sub = Fp8Act1x128(big.e4m3_u8[:m], big.block_dec_scale[:m], "ue8m0")
+        for cfg in candidates(m):
+            key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"M={m} {cfg} ({n}x{k})")
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
@@ -498,7 +593,12 @@ def _dump_bench():
 @pytest.mark.parametrize("name,n,k", V4_PRO_SHAPES, ids=[s for s, _, _ in V4_PRO_SHAPES])
 def test_bench_fp8_gemm_v4_pro(name, n, k):
     from kernels.sm90 import gemm_fp8_block
-    from verify.tests._cuda_timing import time_graph
+    from verify.tests._cuda_timing import copy_bandwidth, time_graph
+
+    if not _BENCH_ROWS:  # the device's copy bandwidth, once per run (the same run as the ratios)
+        bw = copy_bandwidth(warmup=20)[0]
+        _BENCH_ROWS.append({"copy_GBps": bw / 1e9, "device": torch.cuda.get_device_name()})
+        print(f"\n[{torch.cuda.get_device_name()}] copy bandwidth (read+write): {bw / 1e9:.0f} GB/s")
 
     wt, w_dec = _weight(n, k, 41, "v4", "cuda")
     w_fp8 = wt.e4m3_u8.view(torch.float8_e4m3fn)
@@ -536,7 +636,9 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
                "token_major_us": None if tm is None else tm * 1e6, "x_bf16": bf16 / ours,
                "x_blockwise": None if blk is None else blk / ours,
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
-               "path": f"BN{key.block_n} BT{key.block_t} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"}
+               "path": f"{'swap' if key.swap else 'tok'} BN{key.block_n} BT{key.block_t} w{key.num_warps} "
+                       f"s{key.num_stages} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"
+                       f"{' pipe' if key.pipe else ''}{' tma' if key.tma else ''}"}
         _BENCH_ROWS.append(row)
         blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
         tm_s = f"{tm * 1e6:9.2f} {bf16 / tm:6.2f} {'-' if blk is None else f'{blk / tm:6.2f}'}" if tm else " " * 21

@@ -1,0 +1,140 @@
+"""Per-shape configs of the sm90 FP8 block-scaled GEMM (kernels.sm90.gemm_fp8_block), chosen by the config
+sweep on the GPU (verify/tests/test_sm90_fp8_sweep.py, marker bench) and committed here.
+
+TABLE maps (N, K) to M buckets: ((m_max, config), ...) in ascending m_max; an M takes the first bucket with
+M <= m_max, and the last bucket serves every larger M. A config holds only tunable fields (tile, warps,
+stages, split, layout, raster group, pipelining, TMA loads; fused_q: linear_fp8 quantizes the activation
+in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it): the summation order comes from
+chunk_plan(N, K) alone, so
+every config gives the same bits and a token's result does not depend on M or on the bucket (the sweep
+refuses a candidate whose output differs by one bit from the reference config's). Chosen on the host from
+the shape at launch (graph safe: nothing is read from the device). Shapes not in the table use
+CompileKey.heuristic.
+
+Committing the sweep's winners (the lead, after a GPU run):
+    python -m kernels.sm90.gemm_fp8_block_configs --from-json OUT/sm90_fp8_sweep.json
+rewrites TABLE below (entries merged with those already here; a later run's winner replaces an earlier one
+at the same N, K, m_max) and prints what changed; then run the FP8 GEMM tests and commit this file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pprint
+import sys
+from pathlib import Path
+
+__all__ = ["TABLE", "FIELDS", "candidates", "lookup", "merged_table"]
+
+FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q")
+
+# ---- TABLE (written by --from-json; edit by hand only to remove an entry)
+# device: none yet (no sweep committed)
+TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {}
+# ---- end TABLE
+
+
+def lookup(m: int, n: int, k: int, table: dict | None = None) -> dict | None:
+    """The config of (N, K) at M's bucket, or None when (N, K) has no entry."""
+    entries = (TABLE if table is None else table).get((n, k))
+    if not entries:
+        return None
+    for m_max, cfg in entries:
+        if m <= m_max:
+            return cfg
+    return entries[-1][1]
+
+
+def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = True, group_t: int = 8,
+         pipe: bool = False, tma: bool = False) -> dict:
+    return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
+            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False}
+
+
+def candidates(m: int) -> list[dict]:
+    """The configs the sweep times at M (swap: weights on the wgmma's M side, tokens its N; tok: tokens the
+    M side; tma: tensor-descriptor loads, which free the address registers: 158 instead of 209 at 128 x 128
+    split on the sm_90a compile). Decode sizes: 64 weight rows x 16..64 tokens, split-K or not, pipeline
+    depth, the software-pipelined loop; batches: the token-major 128 x 128 / 64 x 128 tiles (a token's scale
+    along the wgmma's M, as DeepGEMM has it), split-K (one accumulator per program: see
+    gemm_fp8_block.constexprs), raster groups, beside the heuristic's swapped 128 x 64. The first entry of
+    each bucket is the heuristic's choice. Tiles that spill on the sm_90a compile (BN 256, pipe with two
+    accumulators) are left out; the sweep refuses any spilling config anyway."""
+    if m <= 16:
+        return [_cfg(64, 16, 4, 4, True), _cfg(64, 16, 4, 4, False), _cfg(64, 16, 4, 3, True),
+                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 16, 4, 4, False, tma=True), _cfg(64, 16, 4, 6, True, tma=True),
+                _cfg(64, 16, 4, 4, True, pipe=True, tma=True), _cfg(128, 16, 8, 4, True, tma=True)]
+    if m <= 32:
+        return [_cfg(64, 32, 4, 4, True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, False, tma=True),
+                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, True, pipe=True, tma=True)]
+    if m <= 64:
+        return [_cfg(64, 64, 4, 4, True), _cfg(64, 64, 4, 4, False), _cfg(64, 64, 4, 4, True, tma=True),
+                _cfg(64, 64, 4, 6, True, tma=True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(128, 64, 8, 4, True, tma=True),
+                _cfg(64, 64, 4, 4, True, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True),
+                _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
+    if m <= 256:
+        return [_cfg(128, 64, 8, 4, True), _cfg(128, 64, 8, 4, False), _cfg(128, 64, 8, 4, True, tma=True),
+                _cfg(128, 64, 8, 4, True, pipe=True, tma=True), _cfg(128, 128, 8, 4, True, swap=False),
+                _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, tma=True),
+                _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
+                _cfg(128, 64, 4, 4, True, swap=False, tma=True), _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
+    return [_cfg(128, 64, 8, 4, False), _cfg(128, 128, 8, 4, False, swap=False),
+            _cfg(128, 128, 8, 4, False, swap=False, tma=True), _cfg(128, 128, 8, 3, False, swap=False, tma=True),
+            _cfg(128, 128, 8, 5, False, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, group_t=16, tma=True),
+            _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
+            _cfg(128, 128, 8, 3, True, swap=False, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True)]
+
+
+def _check_config(cfg: dict, where: str) -> dict:
+    missing = [f for f in FIELDS if f not in cfg]
+    if missing:
+        raise ValueError(f"{where}: config lacks {missing}")
+    return {f: cfg[f] for f in FIELDS}
+
+
+def merged_table(table: dict, winners: list[dict]) -> dict:
+    """table with the sweep's winners ({"N", "K", "M", "config"}, M the bucket's m_max) merged in."""
+    out = {key: dict(entries) for key, entries in table.items()}
+    for i, w in enumerate(winners):
+        try:
+            n, k, m = int(w["N"]), int(w["K"]), int(w["M"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"winners[{i}]: expected N, K, M and config, got {w}") from exc
+        out.setdefault((n, k), {})[m] = _check_config(w["config"], f"winners[{i}] (N={n}, K={k}, M={m})")
+    return {key: tuple(sorted(buckets.items())) for key, buckets in sorted(out.items())}
+
+
+def _write(path: Path, table: dict, device: str) -> None:
+    text = path.read_text()
+    start, end = "# ---- TABLE (written by --from-json; edit by hand only to remove an entry)\n", "# ---- end TABLE\n"
+    i, j = text.index(start) + len(start), text.index(end)
+    body = (f"# device: {device}\n"
+            f"TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = "
+            f"{pprint.pformat(table, width=116, sort_dicts=False)}\n")
+    path.write_text(text[:i] + body + text[j:])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--from-json", required=True, help="the sweep's sm90_fp8_sweep.json")
+    ap.add_argument("--table-file", default=__file__, help="the module to rewrite (default: this one)")
+    args = ap.parse_args(argv)
+    try:
+        data = json.loads(Path(args.from_json).read_text())
+        winners = data["winners"]
+        device = str(data.get("device", "unknown"))
+        new = merged_table(TABLE, winners)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError) as exc:
+        print(f"--from-json {args.from_json}: {exc}", file=sys.stderr)
+        return 2
+    for key, entries in new.items():
+        if TABLE.get(key) != entries:
+            print(f"N={key[0]} K={key[1]}: " + "; ".join(f"M<={m} {cfg}" for m, cfg in entries))
+    _write(Path(args.table_file), new, device)
+    print(f"wrote {len(new)} shapes to {args.table_file} (device {device})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

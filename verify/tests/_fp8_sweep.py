@@ -1,0 +1,365 @@
+"""Config sweep of the sm90 FP8 block-scaled GEMM (issue 23 item 8) on the GPU: for every DeepSeek-V4-Pro FP8
+linear and M bucket, time each candidate config (kernels.sm90.gemm_fp8_block_configs.candidates) against
+torch bf16 (x @ W^T) and torch._scaled_mm blockwise (cuBLASLt, 1x128 x 128x128 scales) in the same run, keep
+only candidates whose output is bit-equal to the reference (CompileKey.heuristic at M = 4096, rows 0..M-1:
+the config check and the batch-invariance check in one), and pick the fastest per (N, K, M).
+
+Prints one table, and writes NVFP4V_REPORT_DIR/sm90_fp8_sweep.json ({"device", "copy_GBps", "rows": every
+candidate, "best": one row per (shape, M), "winners": [{"N", "K", "M", "config", "us"}]}) after every shape,
+so a run stopped by its time limit keeps what it measured. The lead commits the winners with
+`python -m kernels.sm90.gemm_fp8_block_configs --from-json OUT/sm90_fp8_sweep.json`.
+
+Compiles run first in a pool of worker processes (Triton's on-disk cache is shared, so the timing process
+only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
+NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash": the V4-Flash ones),
+NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
+NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
+Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+# (name, N, K) of every FP8 linear of a DeepSeek-V4-Pro layer (verify/checkpoint/writer.py _V4_PRO; the
+# indexer's wq_b [64 heads x 128, q_lora 1536]; the MTP block's e_proj / h_proj [H, H]; wo_a as the dense GEMM
+# of its shape)
+V4_PRO_FP8 = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536), ("wo_a", 16384, 4096),
+              ("wo_b", 7168, 16384), ("idx_wq_b", 8192, 1536), ("shared_l1", 3072, 7168),
+              ("shared_l2", 7168, 3072), ("mtp_e_h_proj", 7168, 7168)]
+# V4-Flash (H 4096, q_lora 1024, 64 heads x 512, 8 x 1024, I 2048): by name only (NVFP4V_FP8_SWEEP_SHAPES=flash
+# selects all of them)
+V4_FLASH_FP8 = [("flash_wq_a", 1024, 4096), ("flash_wkv", 512, 4096), ("flash_wq_b", 32768, 1024),
+                ("flash_wo_a", 8192, 4096), ("flash_wo_b", 4096, 8192), ("flash_shared_l1", 2048, 4096),
+                ("flash_shared_l2", 4096, 2048), ("flash_mtp_e_h_proj", 4096, 4096)]
+L2_BYTES = 60 * 2**20
+M_MAX = 4096
+FUSED_MAX_M = 16  # the fused quantize + GEMM prologue is timed for the winners at M <= 16
+
+
+def _one_line(exc: BaseException, width: int) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:width] if text else ''}"
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [v for v in os.environ.get(name, default).split(",") if v]
+
+
+def _operands(m_max: int, n: int, k: int, seed: int, dev: str):
+    """(act codes u8 [m_max, K], UE8M0 scales u8, x bf16, weight codes u8 [N, K], weight block scales f32):
+    activations quantized by our kernel (FP8_ACT_UE8M0's rule), weight codes from N(0, 1) with power-of-two
+    block scales (2^-12 .. 2^-6)."""
+    from kernels.sm90 import quantize_fp8_1x128
+
+    g = torch.Generator(device=dev).manual_seed(seed)
+    x = (torch.randn(m_max, k, generator=g, device=dev) * 2).to(torch.bfloat16)
+    codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+    w = torch.randn(n, k, generator=g, device=dev).clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+    e = torch.randint(115, 121, (-(-n // 128), -(-k // 128)), generator=g, device=dev, dtype=torch.int32)
+    w_dec = (e << 23).view(torch.float32).contiguous()
+    return codes, scale, x, w.contiguous(), w_dec
+
+
+def _ue8m0_to_f32(b_u8: torch.Tensor) -> torch.Tensor:
+    return (b_u8.to(torch.int32) << 23).view(torch.float32)
+
+
+def _jobs(shapes, ms):
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    for name, n, k in shapes:
+        for m in ms:
+            seen = set()
+            for cfg in candidates(m):
+                yield name, n, k, m, cfg
+                # the fused quantizer on the same tile (pointer loads), timed for the winner at M <= 16:
+                # compiled (and run once) here too, so a failing fused kernel never reaches the timing process
+                fused = {**cfg, "tma": False, "fused_q": True}
+                tag = json.dumps(fused, sort_keys=True)
+                if m <= FUSED_MAX_M and tag not in seen:
+                    seen.add(tag)
+                    yield name, n, k, m, fused
+
+
+def _compile_worker(jobs: list) -> list:
+    """Runs each (name, n, k, m, cfg) once (Triton compiles it into the shared cache); errors returned."""
+    from kernels.sm90 import gemm_fp8_block
+
+    errors = []
+    ops = {}
+    for name, n, k, m, cfg in jobs:
+        try:
+            if (n, k) not in ops:
+                ops.clear()
+                if _DEVICE == "cuda":
+                    torch.cuda.empty_cache()
+                ops[(n, k)] = _operands(M_MAX, n, k, 7, _DEVICE)
+            codes, scale, x, w, w_dec = ops[(n, k)]
+            key = gemm_fp8_block.CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+            if cfg.get("fused_q"):
+                gemm_fp8_block.launch_fused(x[:m].contiguous(), w, w_dec, scale_rule="ue8m0_ceil", key=key)
+            else:
+                gemm_fp8_block.launch(codes[:m], scale[:m], w, w_dec, key=key)
+            _sync()
+        except Exception as exc:  # noqa: BLE001 - reported by the timing process
+            errors.append((name, n, k, m, cfg, _one_line(exc, 160)))
+    return errors
+
+
+def precompile(shapes, ms, workers: int) -> dict:
+    """Compile every candidate in `workers` processes; {(n, k, m, config json): error} of the failures."""
+    import multiprocessing as mp
+
+    jobs = list(_jobs(shapes, ms))
+    buckets: list[list] = [[] for _ in range(max(1, workers))]
+    for i, j in enumerate(sorted(jobs, key=lambda j: (j[1], j[2], j[3], json.dumps(j[4], sort_keys=True)))):
+        buckets[i % len(buckets)].append(j)
+    # keep one shape's jobs together inside a bucket (fewer operand rebuilds)
+    buckets = [sorted(b, key=lambda j: (j[1], j[2])) for b in buckets if b]
+    t0 = time.time()
+    with mp.get_context("spawn").Pool(len(buckets)) as pool:
+        results = pool.map(_compile_worker, buckets)
+    errors = {(e[1], e[2], e[3], json.dumps(e[4], sort_keys=True)): e[5] for r in results for e in r}
+    print(f"precompiled {len(jobs)} candidate launches in {time.time() - t0:.0f} s on {len(buckets)} workers "
+          f"({len(errors)} failed)", flush=True)
+    return errors
+
+
+_DEVICE = "cuda"  # the CPU test of the sweep's logic sets "cpu" (Triton interpreter, wall-clock timing)
+
+
+def _time_graph(fns, reps: int = 5) -> float:
+    if _DEVICE != "cuda":
+        t0 = time.perf_counter()
+        fns[0]()
+        return time.perf_counter() - t0
+    from verify.tests._cuda_timing import time_graph
+
+    return time_graph(fns, reps)
+
+
+def _sync() -> None:
+    if _DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and bool(torch.equal(a.view(torch.int16), b.view(torch.int16)))
+
+
+def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, rows: list, best: list,
+                winners: list, m_max: int = M_MAX) -> None:
+    from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    dev = _DEVICE
+    codes, scale, x, w, w_dec = _operands(m_max, n, k, 7, dev)
+    ref_key = gemm_fp8_block.CompileKey.heuristic(m_max, n, k, act_scale_ue8m0=True)
+    y_ref = gemm_fp8_block.launch(codes, scale, w, w_dec, key=ref_key)
+    copies = max(1, min(8, -(-2 * L2_BYTES // (n * k))))
+    ws = [w] + [w.clone() for _ in range(copies - 1)]
+    bcopies = max(1, min(4, -(-2 * L2_BYTES // (2 * n * k))))
+    wbs = [torch.randn(n, k, device=dev).to(torch.bfloat16) for _ in range(bcopies)]
+    w_fp8 = w.view(torch.float8_e4m3fn)
+    for m in ms:
+        a, sa, xm = codes[:m], scale[:m], x[:m].contiguous()
+        calls = max(copies, 10 if m <= 128 else 3)
+        bf16 = _time_graph([(lambda wb=wbs[i % bcopies]: xm @ wb.t()) for i in range(max(calls, bcopies))])
+        blk, blk_err = None, None
+        try:
+            sa_f32 = _ue8m0_to_f32(sa).t().contiguous().t()
+            def fn():
+                return torch._scaled_mm(a.view(torch.float8_e4m3fn), w_fp8.t(), scale_a=sa_f32, scale_b=w_dec.t(),
+                                        out_dtype=torch.bfloat16)
+            fn()
+            _sync()
+            blk = _time_graph([fn] * calls)
+        except Exception as exc:  # noqa: BLE001 - cuBLASLt has no M = 1 path: reported
+            blk_err = _one_line(exc, 60)
+            _sync()
+        default_key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+        cands = candidates(m)
+        if default_key.config() not in cands:
+            cands = [default_key.config()] + cands
+        results = []
+        for cfg in cands:
+            tag = json.dumps(cfg, sort_keys=True)
+            row = {"name": name, "N": n, "K": k, "M": m, "config": cfg, "bf16_us": bf16 * 1e6,
+                   "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": blk_err,
+                   "is_default": cfg == default_key.config()}
+            if (n, k, m, tag) in compile_errors:
+                row["error"] = compile_errors[(n, k, m, tag)]
+                rows.append(row)
+                continue
+            try:
+                key = gemm_fp8_block.CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+                y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
+                row["bits_equal"] = _bits_equal(y, y_ref[:m])
+                res = gemm_fp8_block.compiled_resources(key)
+                row["regs"], row["spills"] = res if res is not None else (None, None)
+                t = _time_graph([(lambda wi=ws[i % copies]: gemm_fp8_block.launch(a, sa, wi, w_dec, key=key,
+                                                                                   check=False))
+                                 for i in range(calls)])
+                row["us"] = t * 1e6
+                row["x_bf16"] = bf16 / t
+                row["x_blockwise"] = None if blk is None else blk / t
+            except Exception as exc:  # noqa: BLE001 - a config that does not run is reported
+                row["error"] = _one_line(exc, 160)
+                _sync()
+            rows.append(row)
+            results.append(row)
+        # winners: bit-equal to the reference and no register spills (the sm_90a compile test refuses a
+        # routed key that spills); spilling configs are timed and reported only
+        ok = [r for r in results if r.get("bits_equal") and "us" in r and not r.get("spills")]
+        differ = [r for r in results if r.get("bits_equal") is False]
+        win = min(ok, key=lambda r: r["us"]) if ok else None
+        dflt = next((r for r in results if r["is_default"] and "us" in r), None)
+        summary = {"name": name, "N": n, "K": k, "M": m, "bf16_us": bf16 * 1e6,
+                   "blockwise_us": None if blk is None else blk * 1e6, "blockwise_error": blk_err,
+                   "default_us": None if dflt is None else dflt["us"],
+                   "best_us": None if win is None else win["us"], "best_config": None if win is None else win["config"],
+                   "candidates": len(results), "bits_differ": [r["config"] for r in differ],
+                   "spilling": [r["config"] for r in results if r.get("spills")],
+                   "errors": [(r["config"], r["error"]) for r in results if "error" in r]}
+        if win is not None:
+            # the serving cost: activation quantization + the winner's GEMM, one graph
+            key = gemm_fp8_block.CompileKey.from_config(n, k, win["config"], act_scale_ue8m0=True)
+            xq = x[:m].contiguous()
+            try:
+                summary["best_with_quant_us"] = 1e6 * _time_graph(
+                    [(lambda wi=ws[i % copies]: gemm_fp8_block.launch(
+                        *quantize_fp8_1x128.launch(xq, scale_rule="ue8m0_ceil"), wi, w_dec, key=key, check=False))
+                     for i in range(calls)])
+            except Exception as exc:  # noqa: BLE001
+                summary["best_with_quant_error"] = _one_line(exc, 100)
+            win_cfg = dict(win["config"])
+            if m <= FUSED_MAX_M and "best_with_quant_us" in summary:
+                # the quantizer fused into this tile's prologue (pointer loads: tma off): bit-equal bytes, scales
+                # and output required; committed (fused_q) when faster than quantize + GEMM
+                fkey = gemm_fp8_block.CompileKey.from_config(n, k, {**win_cfg, "tma": False}, act_scale_ue8m0=True)
+                ftag = json.dumps({**win_cfg, "tma": False, "fused_q": True}, sort_keys=True)
+                try:
+                    if (n, k, m, ftag) in compile_errors:
+                        raise RuntimeError(f"precompile: {compile_errors[(n, k, m, ftag)]}")
+                    yf, cf, sf = gemm_fp8_block.launch_fused(xq, w, w_dec, scale_rule="ue8m0_ceil", key=fkey)
+                    summary["fused_bits_equal"] = (_bits_equal(yf, y_ref[:m]) and torch.equal(cf, codes[:m])
+                                                   and torch.equal(sf, scale[:m]))
+                    summary["fused_us"] = 1e6 * _time_graph(
+                        [(lambda wi=ws[i % copies]: gemm_fp8_block.launch_fused(xq, wi, w_dec, scale_rule="ue8m0_ceil",
+                                                                                key=fkey)) for i in range(calls)])
+                    res = gemm_fp8_block.compiled_resources(gemm_fp8_block.fused_key(fkey, scale_rule="ue8m0_ceil"))
+                    summary["fused_regs"], summary["fused_spills"] = res if res is not None else (None, None)
+                    if (summary["fused_bits_equal"] and not summary["fused_spills"]
+                            and summary["fused_us"] < summary["best_with_quant_us"]):
+                        win_cfg = {**win_cfg, "tma": False, "fused_q": True} if win_cfg["tma"] else \
+                            {**win_cfg, "fused_q": True}
+                        if win_cfg != {**win["config"], "fused_q": True}:
+                            summary["fused_note"] = "the fused tile has tma off (the GEMM-only winner had it on)"
+                except Exception as exc:  # noqa: BLE001
+                    summary["fused_error"] = _one_line(exc, 120)
+            summary["committed_config"] = win_cfg
+            winners.append({"N": n, "K": k, "M": m, "config": win_cfg, "us": win["us"], "name": name})
+        best.append(summary)
+        _print_summary(summary)
+    del ws, wbs, codes, scale, x, w, w_dec, y_ref
+    torch.cuda.empty_cache()
+
+
+def _fmt(v, spec=".2f", none="-"):
+    return none if v is None else format(v, spec)
+
+
+def _print_summary(s: dict) -> None:
+    best, bf16, blk = s["best_us"], s["bf16_us"], s["blockwise_us"]
+    cfg = s["best_config"]
+    c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
+         f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
+         f"{' pipe' if cfg['pipe'] else ''}")
+    print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
+          f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
+          f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
+          f" | +quant {_fmt(s.get('best_with_quant_us'), '9.2f')}"
+          + (f" fused {_fmt(s.get('fused_us'), '9.2f')}{'' if s.get('fused_bits_equal', True) else ' BITS DIFFER'}"
+             if "fused_us" in s else "")
+          + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
+          + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")
+          + (f" | {len(s['spilling'])} spilling" if s["spilling"] else "")
+          + (f" | {len(s['errors'])} failed" if s["errors"] else ""), flush=True)
+
+
+def run_sweep(out_dir: str | None) -> dict:
+    from verify.tests._cuda_timing import copy_bandwidth
+
+    names = _env_list("NVFP4V_FP8_SWEEP_SHAPES", ",".join(s for s, _, _ in V4_PRO_FP8))
+    if names == ["flash"]:
+        names = [s for s, _, _ in V4_FLASH_FP8]
+    everything = V4_PRO_FP8 + V4_FLASH_FP8
+    unknown = sorted(set(names) - {s for s, _, _ in everything})
+    if unknown:
+        raise ValueError(f"NVFP4V_FP8_SWEEP_SHAPES: unknown {unknown}")
+    shapes = [s for s in everything if s[0] in names]
+    ms = [int(v) for v in _env_list("NVFP4V_FP8_SWEEP_M", "1,16,64,128,4096")]
+    if any(not 1 <= m <= M_MAX for m in ms):
+        raise ValueError(f"NVFP4V_FP8_SWEEP_M: every M must be in 1..{M_MAX}, got {ms}")
+    budget = float(os.environ.get("NVFP4V_FP8_SWEEP_BUDGET_S", "200"))
+    workers = int(os.environ.get("NVFP4V_FP8_SWEEP_WORKERS", "12"))
+    t0 = time.time()
+    bw = copy_bandwidth(warmup=20)[0]
+    dev_name = torch.cuda.get_device_name()
+    report = {"device": dev_name, "copy_GBps": bw / 1e9, "torch": torch.__version__, "M": ms, "rows": [], "best": [],
+              "winners": [], "skipped_shapes": []}
+    print(f"\n[{dev_name}] copy bandwidth (read+write) {bw / 1e9:.0f} GB/s; FP8 GEMM config sweep, M = {ms}", flush=True)
+    errors: dict = {}
+    if workers > 0:
+        try:
+            errors = precompile(shapes, ms, workers)
+        except Exception as exc:  # noqa: BLE001 - the timing loop then compiles each config itself
+            print(f"precompile failed ({_one_line(exc, 200)}): compiling in this process", flush=True)
+    print(f"{'linear':13} {'M':>5} {'N':>6} {'K':>6} | ours best (default = committed table / heuristic) | "
+          f"torch bf16 | cuBLASLt blockwise FP8 | quantize + GEMM | winning config", flush=True)
+    for name, n, k in shapes:
+        if time.time() - t0 > budget:
+            report["skipped_shapes"].append(name)
+            print(f"{name}: skipped (budget {budget:.0f} s spent)", flush=True)
+            continue
+        sweep_shape(name, n, k, ms, errors, report["rows"], report["best"], report["winners"])
+        report["seconds"] = time.time() - t0
+        if out_dir:
+            os.makedirs(out_dir, exist_ok=True)
+            fname = "sm90_fp8_sweep_flash.json" if all(s[0].startswith("flash_") for s in shapes) else "sm90_fp8_sweep.json"
+            with open(os.path.join(out_dir, fname), "w") as f:
+                json.dump(report, f, indent=1)
+    _print_targets(report)
+    return report
+
+
+def _print_targets(report: dict) -> None:
+    """The issue's targets on the winners: >= 1.8x bf16 at M <= 64, >= 1.0x cuBLASLt blockwise at M >= 128."""
+    lines = []
+    for s in report["best"]:
+        if s["best_us"] is None:
+            lines.append(f"{s['name']} M={s['M']}: no bit-equal candidate ran")
+            continue
+        if s["M"] <= 64:
+            r = s["bf16_us"] / s["best_us"]
+            lines.append(f"{s['name']} M={s['M']}: x bf16 {r:.2f} {'MET' if r >= 1.8 else 'missed'} (>= 1.8)")
+        else:
+            if s["blockwise_us"] is None:
+                lines.append(f"{s['name']} M={s['M']}: cuBLASLt blockwise n/a ({s['blockwise_error']})")
+                continue
+            r = s["blockwise_us"] / s["best_us"]
+            lines.append(f"{s['name']} M={s['M']}: x cuBLASLt blockwise {r:.2f} {'MET' if r >= 1.0 else 'missed'} "
+                         f"(>= 1.0)")
+    print("targets (issue 23 item 8) with the winners:\n  " + "\n  ".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    rep = run_sweep(os.environ.get("NVFP4V_REPORT_DIR") or (sys.argv[1] if len(sys.argv) > 1 else None))
+    sys.exit(0 if rep["winners"] else 1)

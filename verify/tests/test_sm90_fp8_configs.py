@@ -1,0 +1,97 @@
+"""The committed config table of the sm90 FP8 GEMM (kernels/sm90/gemm_fp8_block_configs.py) on the CPU: bucket
+lookup, the merge of a sweep's winners, the --from-json writer (on a copy), and that every candidate and
+every committed config is a valid key at every DeepSeek-V4-Pro FP8 shape with the summation order of
+chunk_plan(N, K) (so any of them keeps the kernel's bits; the GPU test
+test_gpu_every_sweep_candidate_bit_equal_to_heuristic checks the bits)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kernels.sm90 import gemm_fp8_block_configs as cfgs
+from kernels.sm90.gemm_fp8_block import CompileKey, chunk_plan
+
+REPO = Path(__file__).resolve().parents[2]
+V4_PRO_FP8 = [(1536, 7168), (512, 7168), (65536, 1536), (16384, 4096), (7168, 16384), (8192, 1536), (3072, 7168),
+              (7168, 3072), (7168, 7168)]
+
+
+def _c(bt: int) -> dict:
+    return dict(block_n=64, block_t=bt, num_warps=4, num_stages=4, split=True, swap=True, group_t=8, pipe=False,
+                tma=False, fused_q=False)
+
+
+def test_lookup_takes_the_first_bucket_holding_m_and_the_last_beyond():
+    table = {(10, 20): ((1, _c(16)), (64, _c(64)), (4096, _c(32)))}
+    assert cfgs.lookup(1, 10, 20, table)["block_t"] == 16
+    assert cfgs.lookup(2, 10, 20, table)["block_t"] == 64
+    assert cfgs.lookup(64, 10, 20, table)["block_t"] == 64
+    assert cfgs.lookup(65, 10, 20, table)["block_t"] == 32
+    assert cfgs.lookup(100000, 10, 20, table)["block_t"] == 32
+    assert cfgs.lookup(1, 10, 21, table) is None
+
+
+def test_merge_replaces_same_bucket_and_sorts():
+    table = {(10, 20): ((64, _c(64)),)}
+    new = cfgs.merged_table(table, [{"N": 10, "K": 20, "M": 1, "config": _c(16)},
+                                    {"N": 10, "K": 20, "M": 64, "config": _c(32)}])
+    assert new == {(10, 20): ((1, _c(16)), (64, _c(32)))}
+    with pytest.raises(ValueError, match="winners\\[0\\]"):
+        cfgs.merged_table({}, [{"N": 1, "K": 2, "M": 3, "config": {"block_n": 64}}])
+
+
+@pytest.mark.parametrize("n,k", V4_PRO_FP8)
+def test_every_candidate_and_committed_config_is_a_valid_key_with_the_shape_s_order(n, k):
+    plan = chunk_plan(n, k)
+    configs = [(m, c) for m in (1, 16, 32, 64, 128, 4096) for c in cfgs.candidates(m)]
+    configs += [(m, c) for m, c in cfgs.TABLE.get((n, k), ())]
+    assert configs
+    for m, c in configs:
+        assert set(c) == set(cfgs.FIELDS), c
+        key = CompileKey.from_config(n, k, c, act_scale_ue8m0=True)
+        assert (key.chunk_blocks, key.n_chunks, key.groups) == (*plan, -(-k // 128)), (m, c)
+        assert key.config() == {**c, "split": c["split"] and key.chunked}
+
+
+def test_for_shape_reads_the_table(monkeypatch):
+    n, k = 7168, 16384
+    monkeypatch.setattr(cfgs, "TABLE", {(n, k): ((16, _c(16)), (4096, {**_c(64), "swap": False, "block_n": 128,
+                                                                       "num_warps": 4}))})
+    assert CompileKey.for_shape(8, n, k, act_scale_ue8m0=True).block_t == 16
+    big = CompileKey.for_shape(300, n, k, act_scale_ue8m0=True)
+    assert (big.swap, big.block_n, big.block_t) == (False, 128, 64)
+    assert CompileKey.for_shape(8, 7168, 3072, act_scale_ue8m0=True) == \
+        CompileKey.heuristic(8, 7168, 3072, act_scale_ue8m0=True)
+
+
+def test_from_json_rewrites_a_copy_of_the_table(tmp_path):
+    copy = tmp_path / "gemm_fp8_block_configs.py"
+    shutil.copy(cfgs.__file__, copy)
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"device": "NVIDIA H100 80GB HBM3", "winners": [
+        {"N": 7168, "K": 16384, "M": 1, "config": _c(16), "us": 40.0},
+        {"N": 7168, "K": 16384, "M": 4096, "config": {**_c(64), "split": False}, "us": 4000.0}]}))
+    proc = subprocess.run([sys.executable, "-m", "kernels.sm90.gemm_fp8_block_configs", "--from-json", str(sweep),
+                           "--table-file", str(copy)], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    spec = importlib.util.spec_from_file_location("written_configs", copy)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.TABLE == {(7168, 16384): ((1, _c(16)), (4096, {**_c(64), "split": False}))}
+    assert "# device: NVIDIA H100 80GB HBM3" in copy.read_text()
+    assert cfgs.lookup(2, 7168, 16384, mod.TABLE)["block_t"] == 64
+
+
+def test_from_json_refuses_a_bad_file_naming_it(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"device": "x"}')
+    proc = subprocess.run([sys.executable, "-m", "kernels.sm90.gemm_fp8_block_configs", "--from-json", str(bad),
+                           "--table-file", str(tmp_path / "none.py")], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
