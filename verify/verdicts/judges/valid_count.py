@@ -1,0 +1,57 @@
+"""The valid check of the MoE block (issue 26, item 4): the device valid-token count is honoured.
+
+A graph captured at capacity T replays any n <= T tokens (DESIGN "Backend protocol"); the rows t >= n
+of its input buffer are stale: whatever the last, larger batch left there. The check replays the block
+eagerly with a count n < T and garbage in rows t >= n (verify.adversarial.garbage_past_count "mixed": NaN /
++-Inf rows and rows of finite values 2^20 times the valid rows' amax; hash layers also get stale, in-range
+token ids there), and requires
+  - rows t < n bit-equal to the block on the first n tokens alone (eager, no count): nothing the kernel
+    derives from the padding rows (a dynamic global scale, an amax, a routing, a dispatch) reaches them;
+  - rows t >= n zero.
+A dispatch that routes the padding tokens (the sm90 bug class: the dynamic L2 scale moves with their
+rows) fails it in dynamic runs; a dynamic L1 amax over every row fails it in any run with garbage.
+Backends whose moe_block takes no count (supports_valid_tokens False) are "not served", with that reason.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from references.stages import Check, Stage
+from verify.adversarial import garbage_past_count, stale_token_ids
+from verify.assertions import assert_all_zero, assert_bits_equal
+from verify.verdicts.checks import Outputs, Skipped
+from verify.verdicts.context import JudgeContext
+
+__all__ = ["valid_count", "valid_tokens_below"]
+
+
+def valid_tokens_below(capacity: int) -> int:
+    """The count the check replays: about two thirds of the capacity, at least 1 and below it."""
+    return max(1, min(capacity - 1, (2 * capacity) // 3))
+
+
+def valid_count(ctx: JudgeContext, stage: Stage, out: Outputs, metrics: dict) -> str:
+    """valid: the block with a valid-token count n < T and garbage past it (module docstring). `out` is the
+    block judge's outputs: out.run(x, token_ids, num_valid_tokens_i32=...) runs the backend's block."""
+    __tracebackhide__ = True
+    b, case = ctx.backend, ctx.case
+    if not getattr(b, "supports_valid_tokens", False):
+        raise NotImplementedError(f"not served: the {b.name} backend's moe_block takes no valid-token count "
+                                  "(supports_valid_tokens is False), so a graph is never replayed with fewer tokens")
+    x, ids = case.x_ffn, case.token_ids_i64
+    t = x.shape[0]
+    if t < 2:
+        raise Skipped(f"{Check.VALID.value}: needs at least 2 tokens to leave rows past the count (got {t})")
+    n = valid_tokens_below(t)
+    metrics.update(capacity=t, valid_tokens=n)
+    alone = out.run(x[:n].contiguous(), None if ids is None else ids[:n].contiguous())
+    n_i32 = torch.full((1,), n, dtype=torch.int32, device=x.device)
+    vocab = None if case.layer.router.tid2eid_i64 is None else case.layer.router.tid2eid_i64.shape[0]
+    stale_ids = None if ids is None or vocab is None else stale_token_ids(ids, n, vocab)
+    y = out.run(garbage_past_count(x, n, "mixed"), ids if stale_ids is None else stale_ids, num_valid_tokens_i32=n_i32)
+    where = f"{stage.name} with {n} of {t} tokens valid and NaN / Inf / huge rows past them"
+    assert_bits_equal(y[:n].cpu(), alone.cpu(), label=f"{where}: valid rows vs the block on the {n} tokens alone")
+    assert_all_zero(y[n:].cpu(), label=f"{where}: rows past the valid count")
+    return (f"{n} of {t} tokens valid, NaN / Inf / huge rows past the count: valid rows bit-equal to the block on "
+            f"them alone, the other {t - n} rows zero")
