@@ -21,10 +21,9 @@ E4M3 block-scale bytes 0x01..0x3F, global scale   make_low_scale_linear         
   1.0 (Marlin's scale conversion underflow)
 raw partial sums above 65504 (an fp16 epilogue    make_large_partial_sum_case   GEMM bound (non-finite output)
   cast before the global scale)
-NaN / Inf / huge values in the rows past the      garbage_past_count            moe.block valid
-  valid token count
-garbage in the capacity rows of grouped           fill_capacity_rows            grouped GEMM rows < R unchanged
-  activations (not only in scale padding)
+NaN / Inf / huge values in the activation rows    garbage_past_count,           moe.block valid
+  past the valid token count (not only in the     stale_token_ids
+  scale padding)
 more than 8192 (token, expert) pairs              tokens_for_pairs_above        moe.dispatch exact, moe.combine /
                                                                                   moe.block bound
 """
@@ -38,14 +37,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verify.backends.protocol import QuantizedAct
 from verify.checkpoint import GatedMlp, Nvfp4Linear
 from verify.rng import CounterRng
 
 __all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "RouterRows", "make_router_ties",
            "make_negative_logit_router", "clamp_active_inputs", "clamp_active_fraction", "distinct_global_scales",
            "make_low_scale_linear", "LOW_SCALE_BYTES", "LargeSumCase", "make_large_partial_sum_case",
-           "garbage_past_count", "stale_token_ids", "fill_capacity_rows", "tokens_for_pairs_above",
+           "garbage_past_count", "stale_token_ids", "tokens_for_pairs_above",
            "router_tie_params", "negative_logit_params", "low_scale_params"]
 
 # fp32: 1 + e^x rounds to 1 once e^x <= 2^-24 (half an ulp of 1, a tie to even), i.e. x <= -24 ln 2 = -16.6355;
@@ -232,22 +230,6 @@ def stale_token_ids(token_ids_i64: Tensor | None, n: int, vocab: int) -> Tensor 
     out = token_ids_i64.clone()
     out[n:] = (token_ids_i64.roll(1, 0)[n:] + 1) % vocab
     return out
-
-
-def fill_capacity_rows(a: QuantizedAct, rows_cap: int, *, code_byte: int = 0xFF, scale_byte: int = 0x7F) -> QuantizedAct:
-    """Grouped activations with R routed rows, grown to a buffer of rows_cap rows as a capture at capacity
-    leaves it: packed rows R.. rows_cap hold `code_byte` (0xFF: two -6 codes), the 128x4 scale tiles past the
-    experts' tiles hold `scale_byte` (0x7F: E4M3 NaN). A grouped GEMM reads rows [offsets[0], offsets[-1])
-    only, so its rows < R must not change."""
-    r = a.packed_u8.shape[0]
-    if rows_cap < r:
-        raise ValueError(f"rows_cap={rows_cap}: below the {r} routed rows")
-    packed = torch.full((rows_cap, a.packed_u8.shape[1]), code_byte, dtype=torch.uint8, device=a.packed_u8.device)
-    packed[:r] = a.packed_u8
-    sf_rows = a.sf_swizzled_u8.shape[0] + (rows_cap - r + 127) // 128 * 128
-    sf = torch.full((sf_rows, a.sf_swizzled_u8.shape[1]), scale_byte, dtype=torch.uint8, device=a.packed_u8.device)
-    sf[: a.sf_swizzled_u8.shape[0]] = a.sf_swizzled_u8
-    return QuantizedAct(packed, sf, a.global_dec_f32)
 
 
 def tokens_for_pairs_above(limit: int, top_k: int, *, margin: int = 16) -> int:
