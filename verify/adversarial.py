@@ -40,7 +40,7 @@ from torch import Tensor
 from verify.checkpoint import GatedMlp, Nvfp4Linear
 from verify.rng import CounterRng
 
-__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "RouterRows", "make_router_ties",
+__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "HUGE_GAINS", "RouterRows", "make_router_ties",
            "make_negative_logit_router", "clamp_active_inputs", "clamp_active_fraction", "distinct_global_scales",
            "make_low_scale_linear", "LOW_SCALE_BYTES", "LargeSumCase", "make_large_partial_sum_case",
            "garbage_past_count", "stale_token_ids", "tokens_for_pairs_above",
@@ -52,6 +52,7 @@ NAIVE_SOFTPLUS_ZERO_BELOW = -24 * math.log(2.0)
 # the (token, expert) pair count above which one shipped dispatch went wrong (int16-sized / 8192-row tables)
 PAIRS_LIMIT = 8192
 GARBAGE_KINDS = ("nan-inf", "huge", "mixed")
+HUGE_GAINS = (4.0, 2.0**20, 16.0, 2.0)  # powers of two: exact in bf16 (garbage_past_count)
 LOW_SCALE_BYTES = (0x01, 0x3F)  # E4M3 block-scale bytes below 0x40 (2.0): 0x01..0x07 are the subnormals
 
 # bias levels of the tie rows: every score sqrt(softplus(l)) of |l| < 8 is below 3, so +-8 separates the groups
@@ -199,23 +200,30 @@ def make_large_partial_sum_case(m: int, n: int, k: int, *, seed: int, amax: floa
 
 def garbage_past_count(x_bf16: Tensor, n: int, kind: str = "mixed") -> Tensor:
     """A copy of x whose rows t >= n hold garbage (the stale tail of a buffer captured at capacity):
-    "nan-inf" cycles NaN, +Inf, -Inf over the elements; "huge" alternates +-2^20 times the valid rows' amax
-    (finite: a kernel that lets those rows into an amax moves every global scale); "mixed" (one pass that
-    sees both failure classes): nan-inf in the tail's even rows, huge in its odd rows."""
+    "nan-inf" cycles NaN, +Inf, -Inf over the elements; "huge": tail row i is valid row i mod n times
+    HUGE_GAINS[i mod 4] (4, 2^20, 16, 2: finite; a kernel that lets those rows into an amax moves every global
+    scale, and a kernel that quantizes them with the valid rows' scale saturates the larger elements, so their
+    gate / up, and h, outgrow the valid rows' by a margin that depends on the weights: a spread of gains, since
+    a single one can land where saturation cancels the gain); "mixed" (one pass that sees both classes):
+    nan-inf in the tail's even rows, huge in its odd rows."""
     if kind not in GARBAGE_KINDS:
         raise ValueError(f"kind={kind!r}: expected one of {GARBAGE_KINDS}")
+    if n < 1 and kind != "nan-inf":
+        raise ValueError(f"n={n}: huge garbage is made from the valid rows; needs n >= 1")
     out = x_bf16.clone()
     tail = out[n:]
     if not tail.numel():
         return out
     idx = torch.arange(tail.numel(), device=out.device).view(tail.shape)
     specials = torch.tensor([float("nan"), float("inf"), float("-inf")], device=out.device)[idx % 3]
-    amax = float(x_bf16[:n].float().abs().amax()) if n else 1.0
-    big = min(max(amax, 2.0**-10) * 2.0**20, 2.0**100)
-    huge = torch.where(idx % 2 == 0, big, -big)
+    rows = torch.arange(tail.shape[0], device=out.device)
+    shape = (-1, *([1] * (tail.dim() - 1)))
+    if kind != "nan-inf":
+        hop = rows // 2 if kind == "mixed" else rows  # the mixed pattern's huge rows are its odd ones
+        gains = torch.tensor(HUGE_GAINS, device=out.device)[hop % len(HUGE_GAINS)].view(shape)
+        huge = x_bf16[:n].float()[hop % n] * gains
     if kind == "mixed":
-        odd_row = (torch.arange(tail.shape[0], device=out.device) % 2 == 1).view(-1, *([1] * (tail.dim() - 1)))
-        tail.copy_(torch.where(odd_row, huge, specials).to(out.dtype))
+        tail.copy_(torch.where((rows % 2 == 1).view(shape), huge, specials).to(out.dtype))
     else:
         tail.copy_((specials if kind == "nan-inf" else huge).to(out.dtype))
     return out

@@ -3,13 +3,18 @@
 A graph captured at capacity T replays any n <= T tokens (DESIGN "Backend protocol"); the rows t >= n
 of its input buffer are stale: whatever the last, larger batch left there. The check replays the block
 eagerly with a count n < T and garbage in rows t >= n (verify.adversarial.garbage_past_count "mixed": NaN /
-+-Inf rows and rows of finite values 2^20 times the valid rows' amax; hash layers also get stale, in-range
-token ids there), and requires
++-Inf rows and copies of valid rows times 4, 2^20, 16, 2; hash layers also get stale, in-range token ids
+there), and requires
   - rows t < n bit-equal to the block on the first n tokens alone (eager, no count): nothing the kernel
     derives from the padding rows (a dynamic global scale, an amax, a routing, a dispatch) reaches them;
   - rows t >= n zero.
-A dispatch that routes the padding tokens (the sm90 bug class: the dynamic L2 scale moves with their
-rows) fails it in dynamic runs; a dynamic L1 amax over every row fails it in any run with garbage.
+The valid rows are the layer's x_ffn[:n] times VALID_ROWS_GAIN (2^-6, exact): SwiGLU bounds |h| by
+L * silu(L) (~100 at L = 10), which a garbage row reaches and which heavy-tailed real activations reach too
+(mini-v4's gate reaches 200; at 2^-2 its h still hits 100); at 2^-6 no valid h of mini-v4 exceeds 4, so a
+dispatch that routes the padding tokens (the sm90 bug class: the dynamic L2 scale moves with their h) fails in dynamic
+runs even where the layer's own data already saturates the clamp (whether a padding token's h outgrows the
+valid rows' depends on the weights: test_valid_count measures it on every layer and placement of mini-v4).
+A dynamic L1 amax over every row fails it in any dynamic run.
 Backends whose moe_block takes no count (supports_valid_tokens False) are "not served", with that reason.
 """
 
@@ -23,7 +28,9 @@ from verify.assertions import assert_all_zero, assert_bits_equal
 from verify.verdicts.checks import Outputs, Skipped
 from verify.verdicts.context import JudgeContext
 
-__all__ = ["valid_count", "valid_tokens_below"]
+__all__ = ["valid_count", "valid_tokens_below", "VALID_ROWS_GAIN"]
+
+VALID_ROWS_GAIN = 2.0**-6  # exact in bf16 (module docstring)
 
 
 def valid_tokens_below(capacity: int) -> int:
@@ -39,12 +46,12 @@ def valid_count(ctx: JudgeContext, stage: Stage, out: Outputs, metrics: dict) ->
     if not getattr(b, "supports_valid_tokens", False):
         raise NotImplementedError(f"not served: the {b.name} backend's moe_block takes no valid-token count "
                                   "(supports_valid_tokens is False), so a graph is never replayed with fewer tokens")
-    x, ids = case.x_ffn, case.token_ids_i64
-    t = x.shape[0]
+    ids, t = case.token_ids_i64, case.x_ffn.shape[0]
     if t < 2:
         raise Skipped(f"{Check.VALID.value}: needs at least 2 tokens to leave rows past the count (got {t})")
     n = valid_tokens_below(t)
     metrics.update(capacity=t, valid_tokens=n)
+    x = (case.x_ffn.float() * VALID_ROWS_GAIN).to(case.x_ffn.dtype)
     alone = out.run(x[:n].contiguous(), None if ids is None else ids[:n].contiguous())
     n_i32 = torch.full((1,), n, dtype=torch.int32, device=x.device)
     vocab = None if case.layer.router.tid2eid_i64 is None else case.layer.router.tid2eid_i64.shape[0]
@@ -53,5 +60,5 @@ def valid_count(ctx: JudgeContext, stage: Stage, out: Outputs, metrics: dict) ->
     where = f"{stage.name} with {n} of {t} tokens valid and NaN / Inf / huge rows past them"
     assert_bits_equal(y[:n].cpu(), alone.cpu(), label=f"{where}: valid rows vs the block on the {n} tokens alone")
     assert_all_zero(y[n:].cpu(), label=f"{where}: rows past the valid count")
-    return (f"{n} of {t} tokens valid, NaN / Inf / huge rows past the count: valid rows bit-equal to the block on "
-            f"them alone, the other {t - n} rows zero")
+    return (f"{n} of {t} tokens valid (x_ffn x {VALID_ROWS_GAIN}), NaN / Inf / huge rows past the count: valid rows "
+            f"bit-equal to the block on them alone, the other {t - n} rows zero")
