@@ -8,8 +8,8 @@ functions, so a shrunk counterexample replays from its printed arguments. These 
 generators, not references: nothing here decides what a kernel should compute.
 
 corner (public bug report)                        generator                     check that sees a backend fail it
-exact ties at the top-k boundary, duplicated      make_router_ties              router ids (an exact tie goes to the
-  biases (NaN weights, "!!!!" at long context)                                    lower id), moe.block bound
+exact ties at the top-k boundary, duplicated      make_router_ties (rows),      router ids (an exact tie goes to the
+  biases (NaN weights, "!!!!" at long context)    router_tie_layer (a layer)      lower id), moe.block bound
 f32 bias a bf16 copy would flip                   make_router_ties(bias_gap=)   router ids
 all-very-negative logits: log(1 + exp(x)) is 0    make_negative_logit_router    router ids (no bias) / weights (0/0)
   in fp32 for x <= NAIVE_SOFTPLUS_ZERO_BELOW
@@ -37,10 +37,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from verify.checkpoint import GatedMlp, Nvfp4Linear
+from verify.checkpoint import GatedMlp, Nvfp4Linear, Router
 from verify.rng import CounterRng
 
-__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "HUGE_GAINS", "RouterRows", "make_router_ties",
+__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "HUGE_GAINS", "RouterRows", "make_router_ties", "router_tie_layer",
            "make_negative_logit_router", "clamp_active_inputs", "clamp_active_fraction", "distinct_global_scales",
            "make_low_scale_linear", "LOW_SCALE_BYTES", "LargeSumCase", "make_large_partial_sum_case",
            "garbage_past_count", "stale_token_ids", "tokens_for_pairs_above",
@@ -100,6 +100,24 @@ def make_router_ties(tokens: int, experts: int, hidden: int, top_k: int, *, seed
             raise ValueError(f"bias_gap={bias_gap}: expected in (0, 2^-10) (below half a bf16 ulp of {_BIAS_TIE})")
         bias[b] = _BIAS_TIE + bias_gap
     return RouterRows(x, gate, bias, (a, b), top_k)
+
+
+def router_tie_layer(router: Router, top_k: int, *, seed: int) -> tuple[Router, tuple[int, int]]:
+    """A fixture layer's router (a checkpoint Router with a bias) rebuilt so that, on ANY input, two experts a < b
+    tie exactly at the top-k boundary of every token: b gets a's gate row and bias, k-1 drawn experts a bias of
+    +8, the rest -8, the pair 0.25 (make_router_ties' levels; the layer's own gate rows are kept otherwise).
+    Returns (router, (a, b))."""
+    if router.gate_bias_f32 is None or router.tid2eid_i64 is not None:
+        raise ValueError("router: expected a score-routed router with a bias (layers >= num_hash_layers)")
+    e = router.gate_weight_bf16.shape[0]
+    perm = CounterRng(seed).permutation(e).tolist()
+    high, (a, b) = perm[:top_k - 1], sorted(perm[top_k - 1:top_k + 1])
+    gate = router.gate_weight_bf16.clone()
+    gate[b] = gate[a]
+    bias = torch.full_like(router.gate_bias_f32, _BIAS_LOW)
+    bias[high] = _BIAS_HIGH
+    bias[a] = bias[b] = _BIAS_TIE
+    return dataclasses.replace(router, gate_weight_bf16=gate, gate_bias_f32=bias), (a, b)
 
 
 def make_negative_logit_router(tokens: int, experts: int, hidden: int, *, seed: int, lo: float = -80.0,

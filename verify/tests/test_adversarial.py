@@ -163,6 +163,28 @@ def test_a_planted_router_bug_at_the_boundary_fails_the_router_ids(planted, bias
     assert v_plain.passed, f"without the adversarial rows the bug should hide: {v_plain.summary()}"
 
 
+def test_a_tie_fixture_layer_ties_every_token_and_the_unstable_tie_break_fails_router_and_block(ckpt):
+    """router_tie_layer on mini-v4 layer 3 (its real x_ffn): the k-th and (k+1)-th keys tie exactly on every token;
+    the emulator passes the router and the block there, the unstable tie-break fails both."""
+    layer = ckpt.load_layer(3)
+    router, (a, b) = adv.router_tie_layer(layer.router, 6, seed=1)
+    layer = dataclasses.replace(layer, router=router)
+    inputs = layer_inputs(ckpt, layer, tokens=16, seed=0, device="cpu")
+    keys = router_scores_f32(router_logits_f32(inputs.x_ffn_bf16, router.gate_weight_bf16), scoring="sqrtsoftplus") \
+        + router.gate_bias_f32
+    top = torch.sort(keys, dim=1, descending=True, stable=True)
+    assert bool((top.indices[:, 5] == a).all()) and bool((top.indices[:, 6] == b).all())
+    assert_bits_equal(top.values[:, 5], top.values[:, 6], label="k-th vs (k+1)-th key of the tie layer")
+    opts = RunOptions(act_scale="dynamic")
+
+    def failed(backend):
+        return {(v.stage, v.check) for v in _judge(ckpt, layer, inputs, opts, backend, (ROUTER, MOE_BLOCK))
+                if v.status == "fail"}
+
+    assert not failed(EmulatorBackend())
+    assert {("router", "ids"), ("moe.block", "bound")} <= failed(TieBreakUnstable())
+
+
 # ============================================================================= router: all-very-negative logits
 
 
