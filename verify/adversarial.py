@@ -40,7 +40,8 @@ from torch import Tensor
 from verify.checkpoint import GatedMlp, Nvfp4Linear, Router
 from verify.rng import CounterRng
 
-__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "HUGE_GAINS", "RouterRows", "make_router_ties", "router_tie_layer",
+__all__ = ["NAIVE_SOFTPLUS_ZERO_BELOW", "PAIRS_LIMIT", "GARBAGE_KINDS", "HUGE_GAINS", "RouterRows", "make_router_ties",
+           "router_tie_layer",
            "make_negative_logit_router", "clamp_active_inputs", "clamp_active_fraction", "distinct_global_scales",
            "make_low_scale_linear", "LOW_SCALE_BYTES", "LargeSumCase", "make_large_partial_sum_case",
            "garbage_past_count", "stale_token_ids", "tokens_for_pairs_above",

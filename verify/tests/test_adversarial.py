@@ -20,7 +20,6 @@ from hypothesis import given
 from references.layer import MoeSpec, RunOptions
 from references.gemm import gemm_error_bound, nvfp4_gemm_f64
 from references import layouts as ref_layouts
-from references import moe as ref_moe
 from references.router import route, router_logits_f32, router_scores_f32, routing_weights_f32, select_experts_topk
 from references.stages import DISPATCH, MOE_BLOCK, MOE_COMBINE, MOE_L1, MOE_L1_FUSED, MOE_L2, MOE_SWIGLU, ROUTER, Op
 from verify import adversarial as adv
@@ -252,7 +251,7 @@ def test_a_naive_softplus_fails_the_router_on_very_negative_logits_only(bias):
     assert _verdict(usual, _route_with(NaiveSoftplus(), usual))[0].passed
 
 
-# ============================================================================= SwiGLU clamp: a clamp-active fixture layer
+# ====================================================================== SwiGLU clamp: a clamp-active fixture layer
 
 CLAMP_LAYER, CLAMP_GAIN_LOG2, CLAMP_TOKENS, CLAMP_MIN_FRACTION = 3, 1, 16, 0.10
 CLAMP_GOLDEN = GOLDEN_DIR / "mini-v4" / "emulator-clamp-active.json"
@@ -308,7 +307,7 @@ def test_a_dropped_clamp_fails_the_swiglu_on_the_clamp_active_layer(ckpt):
                                                                             ("moe.l1_fused", "interval")}
 
 
-# ============================================================================= distinct per-expert, per-projection global scales
+# ======================================================== distinct per-expert, per-projection global scales
 
 
 def test_distinct_global_scales_differ_per_expert_and_projection(ckpt):
@@ -337,7 +336,7 @@ def test_a_gate_up_scale_mix_up_is_caught_only_with_distinct_scales(ckpt, bug):
     assert not failed(distinct, EmulatorBackend()), "the distinct scales alone must pass"
 
 
-# ============================================================================= E4M3 scale bytes 0x01..0x3F, global scale 1.0
+# ================================================================= E4M3 scale bytes 0x01..0x3F, global scale 1.0
 
 
 @given(adv.low_scale_params())
@@ -429,7 +428,7 @@ def test_an_fp16_cast_before_the_global_scale_fails_the_gemm_bound():
                                  label="planted fp16 epilogue before the global scale")
 
 
-# ============================================================================= more than 8192 (token, expert) pairs, both placements
+# ======================================================= more than 8192 (token, expert) pairs, both placements
 
 PAIRS_TOKENS = adv.tokens_for_pairs_above(adv.PAIRS_LIMIT, 6)  # 1382 tokens, 8292 pairs on mini-v4 (top-6)
 PAIRS_STAGES = (ROUTER, DISPATCH, MOE_SWIGLU, MOE_COMBINE, MOE_BLOCK)

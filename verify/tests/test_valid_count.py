@@ -11,7 +11,6 @@ the device count fails in dynamic runs.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -25,7 +24,7 @@ from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
 from verify.reference_layer import moe_spec_from, run_reference_layer
-from verify.verdicts import LayerCase, judge_layer
+from verify.verdicts import LayerCase
 from verify.verdicts.judges.valid_count import VALID_ROWS_GAIN, valid_tokens_below
 
 TOKENS = 16
