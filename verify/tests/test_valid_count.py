@@ -212,3 +212,39 @@ def test_sm90_block_whose_dispatch_ignores_the_count_fails_the_valid_check(ckpt,
                         lambda ids, e, *, num_valid_tokens_i32=None: real(ids, e))
     v = _valid(_sm90(), _case(ckpt, layer_i, "dynamic", placement, device="cuda"))
     assert v.status == "fail", v.message
+
+
+_INTERPRETED = """
+import json, sys
+from verify.tests.test_valid_count import _case, _valid
+from verify.checkpoint import Checkpoint
+from verify.config import GOLDEN_DIR
+from verify.backends.sm90 import Sm90Adapter
+from kernels.sm90 import moe_block
+
+case = _case(Checkpoint.open(GOLDEN_DIR / "mini-v4"), 3, "dynamic", "after_w2")
+out = {"real": _valid(Sm90Adapter(), case).status}
+real = moe_block.moe_dispatch.dispatch
+moe_block.moe_dispatch.dispatch = lambda ids, e, *, num_valid_tokens_i32=None: real(ids, e)
+out["dispatch_ignores_count"] = _valid(Sm90Adapter(), case).status
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the sm90 items above run the kernels natively")
+def test_sm90_valid_check_under_the_triton_interpreter():
+    """The same two sm90 cases on the CPU (the kernels under TRITON_INTERPRET=1, about 3 minutes): the real block
+    passes, the block whose dispatch ignores the count fails (measured 2026-12-06: pass / fail)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton", reason="the sm90 kernels run under the Triton interpreter")
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _INTERPRETED], cwd=Path(__file__).resolve().parents[2], env=env,
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"real": "pass", "dispatch_ignores_count": "fail"}

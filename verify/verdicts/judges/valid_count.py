@@ -7,7 +7,10 @@ eagerly with a count n < T and garbage in rows t >= n (verify.adversarial.garbag
 there), and requires
   - rows t < n bit-equal to the block on the first n tokens alone (eager, no count): nothing the kernel
     derives from the padding rows (a dynamic global scale, an amax, a routing, a dispatch) reaches them;
-  - rows t >= n zero.
+  - rows t >= n zero;
+  - on CUDA (graph-safe backends): a graph of the block captured at capacity (n = T, clean rows) and replayed
+    after the garbage and the count n were written into its buffers gives the eager call's bits (so, with the
+    two items above, the valid rows of the replay are the block on those tokens alone).
 The valid rows are the layer's x_ffn[:n] times VALID_ROWS_GAIN (2^-6, exact): SwiGLU bounds |h| by
 L * silu(L) (~100 at L = 10), which a garbage row reaches and which heavy-tailed real activations reach too
 (mini-v4's gate reaches 200; at 2^-2 its h still hits 100); at 2^-6 no valid h of mini-v4 exceeds 4, so a
@@ -27,6 +30,7 @@ from verify.adversarial import garbage_past_count, stale_token_ids
 from verify.assertions import assert_all_zero, assert_bits_equal
 from verify.verdicts.checks import Outputs, Skipped
 from verify.verdicts.context import JudgeContext
+from verify.verdicts.probes import graph_probe
 
 __all__ = ["valid_count", "valid_tokens_below", "VALID_ROWS_GAIN"]
 
@@ -56,9 +60,25 @@ def valid_count(ctx: JudgeContext, stage: Stage, out: Outputs, metrics: dict) ->
     n_i32 = torch.full((1,), n, dtype=torch.int32, device=x.device)
     vocab = None if case.layer.router.tid2eid_i64 is None else case.layer.router.tid2eid_i64.shape[0]
     stale_ids = None if ids is None or vocab is None else stale_token_ids(ids, n, vocab)
-    y = out.run(garbage_past_count(x, n, "mixed"), ids if stale_ids is None else stale_ids, num_valid_tokens_i32=n_i32)
+    garbage, stale = garbage_past_count(x, n, "mixed"), ids if stale_ids is None else stale_ids
+    y = out.run(garbage, stale, num_valid_tokens_i32=n_i32)
     where = f"{stage.name} with {n} of {t} tokens valid and NaN / Inf / huge rows past them"
     assert_bits_equal(y[:n].cpu(), alone.cpu(), label=f"{where}: valid rows vs the block on the {n} tokens alone")
     assert_all_zero(y[n:].cpu(), label=f"{where}: rows past the valid count")
+    replay = ""
+    if x.device.type == "cuda" and getattr(b, "graph_safe", True):
+        x_buf, ids_buf = x.clone(), None if ids is None else ids.clone()
+        n_buf = torch.full((1,), t, dtype=torch.int32, device=x.device)
+
+        def stale_tail() -> None:
+            x_buf.copy_(garbage)
+            n_buf.fill_(n)
+            if ids_buf is not None:
+                ids_buf.copy_(stale)
+
+        with ctx.probe("graph probe", stage.name):
+            graph_probe(lambda: out.run(x_buf, ids_buf, num_valid_tokens_i32=n_buf),
+                        [(f"the garbage rows and a count of {n} written in place", stale_tail)], metrics)
+        replay = "; a graph captured at capacity replays it bit-equal"
     return (f"{n} of {t} tokens valid (x_ffn x {VALID_ROWS_GAIN}), NaN / Inf / huge rows past the count: valid rows "
-            f"bit-equal to the block on them alone, the other {t - n} rows zero")
+            f"bit-equal to the block on them alone, the other {t - n} rows zero{replay}")
