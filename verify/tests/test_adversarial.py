@@ -120,6 +120,22 @@ def test_every_backend_routes_exact_ties_to_the_lower_id(backend_name, bias_gap)
     assert v.passed and v.identical == v.tokens, v.summary()
 
 
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("tokens", [1, 64, 3000], ids=lambda t: f"T{t}")  # split-K (small T) and one program
+def test_sm90_router_kernel_logits_tie_bitwise(tokens):
+    """The kernel's own fp32 logits of the two identical gate rows are bitwise equal on the device (the tie the
+    ids test relies on reaches the kernel's selection as an exact tie), V4-Pro's E and H."""
+    from kernels.sm90 import moe_router
+
+    rows = adv.make_router_ties(tokens, 384, 7168, 6, seed=tokens, device="cuda")
+    a, b = rows.tied
+    ids, _, logits = moe_router.launch(rows.x_bf16, rows.gate_bf16, top_k=6, routed_scaling_factor=2.5,
+                                       bias_f32=rows.bias_f32)
+    assert_bits_equal(logits[:, a].cpu(), logits[:, b].cpu(), label=f"sm90 router logits of tied experts {a}, {b}")
+    assert bool((ids == a).any(1).all()) and not bool((ids == b).any()), "the lower id must win the exact tie"
+
+
 class TieBreakUnstable(EmulatorBackend):
     """A radix-select top-k: at a tie on the k-th key the slot takes whichever tied expert came last (the higher
     id) and its weight is left unwritten (NaN): the "!!!!" report."""
