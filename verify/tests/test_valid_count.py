@@ -150,11 +150,12 @@ def test_the_emulator_honours_the_count(ckpt, layer_i, act, placement):
 
 
 @pytest.mark.parametrize("layer_i,act,placement,caught",
-                         [(i, "dynamic", p, True) for i in range(4) for p in ("after_w2", "before_w2")]
+                         [(i, "dynamic", p, True) for i in (0, 3) for p in ("after_w2", "before_w2")]
                          + [(3, "static", "after_w2", False)], ids=lambda v: str(v))
 def test_a_dispatch_ignoring_the_count_fails_in_dynamic_runs(ckpt, layer_i, act, placement, caught):
     """The padding tokens' h moves the dynamic L2 scale: every valid row changes. With static scales the valid
-    rows are right (each expert's scale is fixed) and the rows past the count zero: nothing to fail."""
+    rows are right (each expert's scale is fixed) and the rows past the count zero: nothing to fail. Measured
+    2026-12-06: caught on all 4 mini-v4 layers in both placements (layers 0 and 3 here: hash and bias routing)."""
     v = _valid(DispatchIgnoresCount(), _case(ckpt, layer_i, act, placement))
     assert v.status == ("fail" if caught else "pass"), v.message
     if caught:
