@@ -69,6 +69,8 @@ class Check(enum.Enum):
     INTERVAL = "interval"      # fused stage: each code from some value the upstream bound allows
     BATCH = "batch"            # a token's bits do not depend on the other tokens or on M
     PADDING = "padding"        # the GEMM never reads scale padding: 0xFF / 0x7F there change no output bit
+    VALID = "valid"            # a valid-token count below capacity: valid rows bit-equal to a call on them alone,
+    #                            nothing (scales, amax) taken from the garbage rows past the count
     SYNC = "sync"              # no host synchronization in the stage
     GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
 
@@ -162,7 +164,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("moe.out", Op.REFERENCE, "moe.combine", (), kernel=False),
     # ---- the whole MoE block as one call
     Stage("moe.block", Op.MOE_BLOCK, INPUT_FFN, ("router.gate", "experts.w1", "experts.w3", "experts.w2"),
-          (Check.BATCH, Check.BOUND, Check.SYNC, Check.GRAPH), loss=False),
+          (Check.BATCH, Check.BOUND, Check.VALID, Check.SYNC, Check.GRAPH), loss=False),
     # ---- DeepSeek-V3 first_k_dense_replace layers: a plain gated MLP
     Stage(f"{DENSE_MLP}.l1", Op.DENSE_LINEAR, INPUT_FFN, ("dense.w1", "dense.w3"), _GEMM, parts=("gate", "up"),
           schemas=("deepseek_v3",)),

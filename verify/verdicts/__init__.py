@@ -39,6 +39,8 @@ Checks (references.stages.Check; DESIGN "Verdicts"):
   batch     a token's output bits do not depend on the other tokens (its row alone vs in the batch;
             grouped GEMMs: one expert's rows alone);
   padding   0xFF, then 0x7F in the activations' scale padding change no output bit;
+  valid     moe.block with a valid-token count n below capacity and garbage (NaN, Inf, huge) past it: rows
+            < n bit-equal to the block on the n tokens alone, rows >= n zero (judges/valid_count.py);
   sync      (CUDA) the stage under torch.cuda.set_sync_debug_mode("error");
   graph     (CUDA) captured once, replayed after new values and scales were written in place:
             bit-equal to eager on the new inputs; a capture error is a failed verdict.

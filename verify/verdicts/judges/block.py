@@ -4,7 +4,7 @@ Collected: the backend's moe_block on x_ffn (its own router and the experts it p
 and, for the bound, its router's expert ids on the same input. Its intermediates are not visible: the
 bound is the block interval (moe_block_bound). Own check: bound; batch (static runs only: with a dynamic
 global scale a token's bits depend on the batch's amax by design) also reports the output's drift from
-the reference combine.
+the reference combine. valid (judges/valid_count.py): a valid-token count below capacity, garbage past it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from verify.verdicts.checks import Batch, Judge, Outputs, Replay, Skipped, Subse
 from verify.verdicts.context import JudgeContext, MoeOperands
 from verify.verdicts.intervals import deq_interval, f32_down, f32_up, nonempty_experts, swiglu_interval, \
     widen_by_bf16_rounding
+from verify.verdicts.judges.valid_count import valid_count
 from verify.verdicts.model import LayerCase
 from verify.verdicts.quantized import expected_grouped_quant, grouped_f64
 
@@ -180,4 +181,4 @@ def moe_block_bound(backend: Backend, case: LayerCase, y_block: Tensor, backend_
             f"{'static' if case.static else 'dynamic'} scales, K1={a1.k}, K2={k2}{skipped})")
 
 
-JUDGE = Judge(collect, {Check.BOUND: bound})
+JUDGE = Judge(collect, {Check.BOUND: bound, Check.VALID: valid_count})
