@@ -71,8 +71,8 @@ from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAc
     RoutingOut
 from verify.checkpoint import Fp8BlockLinear, Linear, Nvfp4Linear, Router
 
-__all__ = ["TorchBackend", "TorchFp8Linear", "TorchNvfp4Linear", "TorchRouter", "FP8_SCALINGS", "BLOCKWISE_M", "ROWWISE_M1",
-           "rowwise", "tensorwise", "e8m0_bytes_to_f32", "nvfp4_sf_to_swizzled_128x4"]
+__all__ = ["TorchBackend", "TorchFp8Linear", "TorchNvfp4Linear", "TorchRouter", "FP8_SCALINGS", "BLOCKWISE_M",
+           "ROWWISE_M1", "MEASURED_ON", "rowwise", "tensorwise", "e8m0_bytes_to_f32", "nvfp4_sf_to_swizzled_128x4"]
 
 FP8_SCALINGS = ("blockwise", "rowwise", "tensorwise")
 GROUP = 128                     # the FP8 scale group / block along K (and along N for weights)
