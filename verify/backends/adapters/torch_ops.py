@@ -31,8 +31,11 @@ three scalings (`fp8_scaling`):
 Each declares its FP8 accumulator for the device it is made for (the `device` argument the registry
 passes; verify accumulator measures it and refuses another declaration): on CUDA the FP8 tensor
 cores' narrow accumulator inside a 128-K block (about 14 bits, truncating: fp8_u_acc 2^-13,
-NVFP4_FACTS 5b) with float32 promotion every 128 of K; on the CPU float32 (2^-24) inside the block,
-float32 across blocks. A static per-tensor FP8 input_scale is not served.
+NVFP4_FACTS 5b) with float32 promotion every 128 of K (what `verify accumulator --backend torch` measured
+on the blockwise paths of the H100 above, M = 32, 64, 128, 4096: 14 bits, truncating, float32 every 128;
+`verify layer --backend torch` on the full-size V4-Pro layer 3, 128 tokens: 38 pass, 0 fail, 31 not served,
+7 skipped); on the CPU float32 (2^-24) inside the block, float32 across blocks. A static per-tensor FP8
+input_scale is not served.
 
 NVFP4 dense_gemm: torch.nn.functional.scaled_mm on float4_e2m1fn_x2 operands with BlockWise1x16
 E4M3 scales in the 128x4 swizzled layout and the two global decode scales as TensorWise scales
