@@ -7,7 +7,9 @@ scale operand, the 128x4 NVFP4 swizzle) against the references; the layer's verd
 accumulator probe measuring its CPU accumulator and refusing another declaration, and reporting a path it
 leaves out (M = 1) as not served. On a GPU the same tests run on cuda where it serves them; torch's
 blockwise GEMM on an H100 and its NVFP4 GEMM on a B200 are judged where they run, skipped with the
-backend's reason elsewhere."""
+backend's reason elsewhere. The M each FP8 scaling refuses (blockwise: M not a multiple of 4; rowwise: M = 1
+on compute capability 9.x) is what an H100 with torch 2.11.0+cu130 measured: a refused M must raise the
+backend's "not served" sentence, never torch's error, and the layer's batch check and the probe show it."""
 
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from references.stages import Op
 from verify.accumulator import AccumulatorRefused, check_declared_fp8_accumulator, probe_fp8_accumulator
 from verify.assertions import assert_bytes_equal, assert_within_gemm_bound
 from verify.backends import QuantizedAct, get_backend
-from verify.backends.adapters.torch_ops import M1_BLOCKWISE, TorchBackend, e8m0_bytes_to_f32, \
+from verify.backends.adapters.torch_ops import BLOCKWISE_M, ROWWISE_M1, TorchBackend, e8m0_bytes_to_f32, \
     nvfp4_sf_to_swizzled_128x4
 from verify.checkpoint import Checkpoint, Fp8BlockLinear, Nvfp4Linear
 from verify.config import GOLDEN_DIR
@@ -41,6 +43,8 @@ from verify.run import run_layer
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 RULES = {"ue8m0_ceil": FP8_ACT_UE8M0, "f32": FP8_ACT_F32}
 ROWWISE = "verify.backends.adapters.torch_ops:rowwise"
+TENSORWISE = "verify.backends.adapters.torch_ops:tensorwise"
+CC = torch.cuda.get_device_capability(DEVICE) if DEVICE.type == "cuda" else None
 
 
 def _backend(scaling: str, *ops: Op) -> TorchBackend:
@@ -118,16 +122,21 @@ def _fp8_expected(x: torch.Tensor, lin: Fp8BlockLinear, b: TorchBackend):
 
 @pytest.mark.parametrize("scaling", ["rowwise", "tensorwise", "blockwise"])
 @pytest.mark.parametrize("encoding", ["v4", "v3"])
-@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (5, 384, 640), (48, 128, 208)], ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k", [(1, 256, 1024), (5, 384, 640), (12, 256, 384), (48, 128, 208)],
+                         ids=lambda v: str(v))
 def test_fp8_dense_linear_within_the_block_bound(scaling, encoding, m, n, k):
+    """Within the bound of its declared accumulator; an M its GEMM does not take (its own sentence, tested
+    against the measurement below) raises that sentence, not torch's error."""
     b = _backend(scaling, Op.PREPARE, Op.DENSE_LINEAR)
     lin = _fp8_linear(n, k, encoding)
     x = _x("heavy_tailed", m, k)
     w = b.prepare_linear(lin)
     assert w.scale_rule == ("ue8m0_ceil" if encoding == "v4" else "f32")
-    if scaling == "blockwise" and m == 1:
-        with pytest.raises(NotImplementedError, match="no kernel for M = 1"):
+    refused = b.fp8_gemm_m_reason(m, CC)
+    if refused:
+        with pytest.raises(NotImplementedError) as e:
             b.dense_linear(x, w)
+        assert str(e.value) == refused
         return
     y = b.dense_linear(x, w)
     y64, bound = _fp8_expected(x, lin, b)
@@ -156,16 +165,40 @@ def test_a_transposed_weight_scale_grid_fails_the_bound():
         assert_within_gemm_bound(b.dense_linear(x, b.prepare_linear(lin)), y64, bound, label="transposed grid")
 
 
-def test_blockwise_states_m1_and_where_it_runs():
+H100 = (9, 0)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 6, 7, 9, 13], ids=lambda m: f"M{m}")
+def test_blockwise_refuses_m_not_a_multiple_of_4_with_the_measurement(m):
+    """On an H100 (torch 2.11.0+cu130) M = 1, 2, 3, 5, 6, 7 failed and 4, 8, 16 ran: every M not a multiple
+    of 4 is "not served" with the measured sentence, before any GEMM (so on the CPU too)."""
+    b = TorchBackend("blockwise", "cpu")
+    assert b.fp8_gemm_m_reason(m, H100) == BLOCKWISE_M.format(m=m)
+    w = b.prepare_linear(_fp8_linear(128, 256, "v4"))
+    with pytest.raises(NotImplementedError) as e:
+        b.dense_linear(torch.zeros(m, 256, dtype=torch.bfloat16), w)
+    assert str(e.value) == BLOCKWISE_M.format(m=m)
+    assert f"this is M = {m} " in str(e.value) and "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in str(e.value)
+
+
+def test_the_m_each_scaling_takes_is_what_the_h100_measured():
+    """blockwise: M a multiple of 4 (4, 8, 16, 32, 48, 64, 128, 4096 ran); rowwise: all but M = 1 on 9.x (5, 8,
+    16, 48 ran; M = 1 failed there only: the CPU runs it); tensorwise: every M (1, 5, 48 ran)."""
+    block, row, tensor = (TorchBackend(s, "cpu") for s in ("blockwise", "rowwise", "tensorwise"))
+    assert all(block.fp8_gemm_m_reason(m, H100) is None for m in (4, 8, 12, 16, 32, 48, 64, 128, 4096))
+    assert row.fp8_gemm_m_reason(1, H100) == ROWWISE_M1 and "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130" in ROWWISE_M1
+    assert all(row.fp8_gemm_m_reason(m, H100) is None for m in (2, 4, 5, 8, 16, 48))
+    assert all(row.fp8_gemm_m_reason(m, cc) is None for m in (1, 5) for cc in (None, (8, 9), (10, 0)))
+    assert all(tensor.fp8_gemm_m_reason(m, cc) is None for m in (1, 2, 5, 48) for cc in (None, H100))
+
+
+def test_blockwise_states_where_it_runs_and_refuses_a_static_scale():
     b = TorchBackend("blockwise", "cpu")
     reason = b.unsupported_reason(Op.DENSE_LINEAR, torch.device("cpu"))
     assert "compute capability 9.x only" in reason and "rowwise" in reason
     w = b.prepare_linear(_fp8_linear(128, 256, "v4"))
-    with pytest.raises(NotImplementedError) as e:
-        b.dense_linear(torch.zeros(1, 256, dtype=torch.bfloat16, device=w.weight_e4m3.device), w)
-    assert str(e.value) == M1_BLOCKWISE
     with pytest.raises(NotImplementedError, match="static per-tensor FP8 input_scale is not served"):
-        b.dense_linear(torch.zeros(2, 256, dtype=torch.bfloat16), w, input_dec_scale_f32=torch.ones(1))
+        b.dense_linear(torch.zeros(4, 256, dtype=torch.bfloat16), w, input_dec_scale_f32=torch.ones(1))
 
 
 # ----------------------------------------------------------------------------- its own prepare
@@ -223,11 +256,13 @@ def mini_v4():
     return Checkpoint.open(GOLDEN_DIR / "mini-v4")
 
 
-@pytest.mark.parametrize("spec", ["torch", ROWWISE])
+@pytest.mark.parametrize("spec", ["torch", ROWWISE, TENSORWISE])
 @pytest.mark.parametrize("layer", [0, 3], ids=lambda i: f"layer{i}")
 def test_layer_verdicts_through_torch_pass_what_it_serves(mini_v4, spec, layer):
     """Router (hash layer 0, biased top-k layer 3), dispatch, combine and the FP8 stages' bytes pass (bound and
-    batch too where its FP8 GEMM runs here); everything else is "not served" with the torch sentences."""
+    batch too where its FP8 GEMM runs here: the batch check's rows alone (M = 1) are "not served" with the
+    measured sentence where the GEMM does not take one row); everything else is "not served" with the torch
+    sentences."""
     b = get_backend(spec, DEVICE)
     lw = mini_v4.load_layer(layer, device=str(DEVICE))
     inputs = layer_inputs(mini_v4, lw, tokens=16, seed=2, device=str(DEVICE))
@@ -244,6 +279,8 @@ def test_layer_verdicts_through_torch_pass_what_it_serves(mini_v4, spec, layer):
         assert status[(stage, "bytes")].status == "pass", status[(stage, "bytes")]
         v = status[(stage, "bound")]
         assert (v.status, v.message) == ("not served", fp8) if fp8 else v.status == "pass", v
+        v, alone = status[(stage, "batch")], fp8 or b.fp8_gemm_m_reason(1, CC)
+        assert (v.status, v.message) == ("not served", alone) if alone else v.status == "pass", v
     assert status[("moe.l1", "bound")].status == "not served" and "torch ships no NVFP4 MoE op" in \
         status[("moe.l1", "bound")].message
 
@@ -253,25 +290,31 @@ def test_layer_verdicts_through_torch_pass_what_it_serves(mini_v4, spec, layer):
 PATHS = {"M=1": (1, 128, 1024), "M=8": (8, 128, 1024)}
 
 
-def test_the_probe_measures_its_declared_fp8_accumulator():
-    b = _backend("rowwise", Op.PREPARE, Op.DENSE_LINEAR)
-    readings = probe_fp8_accumulator(b, DEVICE, paths=PATHS)
-    assert [r.path for r in readings] == list(PATHS)
+@pytest.mark.parametrize("scaling", ["rowwise", "tensorwise", "blockwise"])
+def test_the_probe_measures_its_declared_fp8_accumulator(scaling):
+    """Every path it takes is read and is its declaration; a path with an M it does not take is "not served"
+    with its sentence (on an H100: blockwise and rowwise M = 1)."""
+    b = _backend(scaling, Op.PREPARE, Op.DENSE_LINEAR)
+    not_served: dict = {}
+    readings = probe_fp8_accumulator(b, DEVICE, paths=PATHS, not_served=not_served)
+    refused = {p: why for p, (m, _, _) in PATHS.items() if (why := b.fp8_gemm_m_reason(m, CC))}
+    assert not_served == refused and [r.path for r in readings] == [p for p in PATHS if p not in refused]
+    assert readings, "the M = 8 path is taken by every scaling"
     if DEVICE.type == "cpu":  # torch's CPU scaled_mm: float32, round to nearest
         assert {(r.effective_bits, r.rounding) for r in readings} == {(24, "nearest")}, readings
     check_declared_fp8_accumulator(b, readings)
-    loose = _backend("rowwise")
+    loose = _backend(scaling)
     loose.fp8_u_acc = 2.0**-8
-    with pytest.raises(AccumulatorRefused, match="torch-rowwise: declares fp8_u_acc = 2\\^-8 .* looser"):
+    with pytest.raises(AccumulatorRefused, match=f"{b.name}: declares fp8_u_acc = 2\\^-8 .* looser"):
         check_declared_fp8_accumulator(loose, readings)
 
 
 class _NoSingleRow(TorchBackend):
-    """rowwise, refusing M = 1 as the blockwise variant does (its GEMM runs on the CPU)."""
+    """rowwise, refusing M = 1 with the blockwise variant's sentence (its GEMM runs on the CPU)."""
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
         if x_bf16.shape[0] == 1:
-            raise NotImplementedError(M1_BLOCKWISE)
+            raise NotImplementedError(BLOCKWISE_M.format(m=1))
         return super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
 
 
@@ -284,7 +327,7 @@ def test_the_probe_reports_a_path_it_leaves_out_and_reads_the_others(monkeypatch
         pytest.skip(b.unsupported_reason(Op.DENSE_LINEAR, DEVICE))
     not_served: dict = {}
     readings = probe_fp8_accumulator(b, DEVICE, paths=PATHS, not_served=not_served)
-    assert [r.path for r in readings] == ["M=8"] and not_served == {"M=1": M1_BLOCKWISE}
+    assert [r.path for r in readings] == ["M=8"] and not_served == {"M=1": BLOCKWISE_M.format(m=1)}
 
     fp8_probe = acc.probe_fp8_accumulator
     monkeypatch.setattr(backends, "get_backend", lambda name, device=None: b)
@@ -295,7 +338,7 @@ def test_the_probe_reports_a_path_it_leaves_out_and_reads_the_others(monkeypatch
     assert rc == 0, out
     if DEVICE.type == "cpu":
         assert "serves no NVFP4 dense_gemm on cpu" in out, out
-    assert "not served" in out and "no kernel for M = 1" in out, out
+    assert "not served" in out and "takes only M a multiple of 4, and this is M = 1" in out, out
     assert "is what every path measures" in out, out
 
 

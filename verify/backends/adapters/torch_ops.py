@@ -8,23 +8,34 @@ power of two, as V4's E8M0 `.scale`, float32 amax/448 otherwise), then torch's F
 three scalings (`fp8_scaling`):
 - "blockwise" ("torch"): one torch.nn.functional.scaled_mm with BlockWise1x128 activation scales and
   BlockWise128x128 weight scales (cuBLASLt's block-scaled FP8 GEMM; torch runs it on compute
-  capability 9.x only, cuBLASLt >= 12.9). M = 1 is not served: cuBLASLt's block-scaled kernels do not
-  take a single row (issue 24, measured with torch 2.11 cu130 on an H100), so a row alone (the batch
-  check, the probe's M = 1 paths) is "not served" with that sentence, never padded out of sight.
+  capability 9.x only, cuBLASLt >= 12.9). It takes only M a multiple of 4 (BLOCKWISE_M): measured on an
+  NVIDIA H100 80GB HBM3 with torch 2.11.0+cu130 (issue 24), M = 4, 8, 16 ran (N 4096, K 7168; M = 32, 48,
+  64, 128, 4096 ran in the tests, the accumulator probe and the V4-Pro layer) and M = 1, 2, 3, 5, 6, 7
+  failed (M = 1: torch's ValueError on scale_a's strides; the others CUBLAS_STATUS_NOT_SUPPORTED from
+  cuBLASLt's heuristic). M = 9..15 (12 included) were not measured: refused by the same rule until the
+  next sweep (M = 1..16) says otherwise. Any other M raises "not served" with that sentence, never padded
+  out of sight, so a row alone (the batch check, the probe's M = 1 paths) reads "not served".
   torch 2.13's CPU scaled_mm refuses the block-wise recipes ("Invalid scaling configuration"); it runs
   TensorWise and RowWise, with bfloat16 or float32 output, accumulating in float32 (measured: 24 bits,
   round to nearest).
 - "rowwise" (`rowwise`): one scaled_mm per 128-K group with RowWise scales (the group's activation
   scale per token, its weight block scale per output row), float32 out, the groups summed in
-  float32: the DeepSeek block math from per-row GEMMs, any M. CUDA compute capability >= 8.9, and
-  the CPU (torch's CPU scaled_mm).
+  float32: the DeepSeek block math from per-row GEMMs. CUDA compute capability >= 8.9, and the CPU
+  (torch's CPU scaled_mm, any M). On compute capability 9.x M = 1 is not served (ROWWISE_M1): on the
+  same H100 / torch 2.11.0+cu130, cublasLtMatmul returned CUBLAS_STATUS_NOT_SUPPORTED at M = 1 (N 128
+  and 256, K 128 per group) while M = 5, 8, 16, 48 ran; M = 2, 3, 4, 6, 7 were not measured there (served
+  here until the next sweep), nor was any other CUDA device.
 - "tensorwise" (`tensorwise`): one scaled_mm per 128-K group with TensorWise scales of 1, float32
-  out, times the float32 product of the two group scales, summed in float32. CUDA >= 8.9 and CPU.
+  out, times the float32 product of the two group scales, summed in float32. CUDA >= 8.9 and CPU. On the
+  H100 above it ran M = 1, 5 and 48 (nothing it was given failed): the variant to take for a single token.
 Each declares its FP8 accumulator for the device it is made for (the `device` argument the registry
 passes; verify accumulator measures it and refuses another declaration): on CUDA the FP8 tensor
 cores' narrow accumulator inside a 128-K block (about 14 bits, truncating: fp8_u_acc 2^-13,
-NVFP4_FACTS 5b) with float32 promotion every 128 of K; on the CPU float32 (2^-24) inside the block,
-float32 across blocks. A static per-tensor FP8 input_scale is not served.
+NVFP4_FACTS 5b) with float32 promotion every 128 of K (what `verify accumulator --backend torch` measured
+on the blockwise paths of the H100 above, M = 32, 64, 128, 4096: 14 bits, truncating, float32 every 128;
+`verify layer --backend torch` on the full-size V4-Pro layer 3, 128 tokens: 38 pass, 0 fail, 31 not served,
+7 skipped); on the CPU float32 (2^-24) inside the block, float32 across blocks. A static per-tensor FP8
+input_scale is not served.
 
 NVFP4 dense_gemm: torch.nn.functional.scaled_mm on float4_e2m1fn_x2 operands with BlockWise1x16
 E4M3 scales in the 128x4 swizzled layout and the two global decode scales as TensorWise scales
@@ -63,8 +74,8 @@ from verify.backends.protocol import FP8_SCALE_RULES, Dispatched, Fp8QuantizedAc
     RoutingOut
 from verify.checkpoint import Fp8BlockLinear, Linear, Nvfp4Linear, Router
 
-__all__ = ["TorchBackend", "TorchFp8Linear", "TorchNvfp4Linear", "TorchRouter", "FP8_SCALINGS", "M1_BLOCKWISE",
-           "rowwise", "tensorwise", "e8m0_bytes_to_f32", "nvfp4_sf_to_swizzled_128x4"]
+__all__ = ["TorchBackend", "TorchFp8Linear", "TorchNvfp4Linear", "TorchRouter", "FP8_SCALINGS", "BLOCKWISE_M",
+           "ROWWISE_M1", "MEASURED_ON", "rowwise", "tensorwise", "e8m0_bytes_to_f32", "nvfp4_sf_to_swizzled_128x4"]
 
 FP8_SCALINGS = ("blockwise", "rowwise", "tensorwise")
 GROUP = 128                     # the FP8 scale group / block along K (and along N for weights)
@@ -76,9 +87,16 @@ _E4M3_NAN = 0x7F
 U_FP32 = 2.0**-24
 U_FP8_TENSOR_CORE = 2.0**-13    # ~14 bits kept inside a 128-K block, truncating (Hopper FP8 MMA, NVFP4_FACTS 5b)
 
-M1_BLOCKWISE = ("not served: torch's block-scaled FP8 GEMM (scaled_mm BlockWise1x128 x BlockWise128x128, cuBLASLt) "
-                "has no kernel for M = 1 (a single token; issue 24, torch 2.11 cu130 on an H100); the rowwise "
-                "variant (verify.backends.adapters.torch_ops:rowwise) serves it")
+MEASURED_ON = "NVIDIA H100 80GB HBM3, torch 2.11.0+cu130"  # where the M limits below were measured (issue 24)
+BLOCKWISE_M = ("not served: torch's block-scaled FP8 GEMM (scaled_mm BlockWise1x128 x BlockWise128x128, cuBLASLt) "
+               "takes only M a multiple of 4, and this is M = {m} (measured on an " + MEASURED_ON + ": M = 4, 8, 16 "
+               "ran, M = 1, 2, 3, 5, 6, 7 failed: M = 1 with torch's ValueError on scale_a's strides, the others with "
+               "CUBLAS_STATUS_NOT_SUPPORTED from cuBLASLt's heuristic; not padded here); the tensorwise variant "
+               "(verify.backends.adapters.torch_ops:tensorwise) ran M = 1 and 5 there")
+ROWWISE_M1 = ("not served: torch's RowWise FP8 scaled_mm (cuBLASLt, one per 128-K group) fails at M = 1 on compute "
+              "capability 9.x (measured on an " + MEASURED_ON + ": cublasLtMatmul returned CUBLAS_STATUS_NOT_SUPPORTED "
+              "at M = 1, while M = 5, 8, 16, 48 ran); the tensorwise variant "
+              "(verify.backends.adapters.torch_ops:tensorwise) ran M = 1 there")
 _NO_NVFP4_QUANTIZER = ("not served: torch has no NVFP4 activation quantizer op (torch's NVFP4 scaled_mm takes "
                        "quantized operands; an engine brings its own quantizer)")
 _NOT_SERVED = {op: f"not served: torch ships no NVFP4 MoE op for {op.value} (the torch backend adapts torch's own "
@@ -229,6 +247,16 @@ class TorchBackend(Backend):
             return f"not served: torch's FP8 scaled_mm needs compute capability >= 8.9 (this is sm_{cc[0]}{cc[1]})"
         return None
 
+    def fp8_gemm_m_reason(self, m: int, cc: tuple[int, int] | None) -> str | None:
+        """Why this scaling's FP8 GEMM does not take M = m rows on a device of compute capability cc (None: the
+        CPU), or None. The limits are the ones measured on an H100 (module docstring), refused, never padded:
+        blockwise M not a multiple of 4 (it runs on 9.x only); rowwise M = 1 on 9.x."""
+        if self.fp8_scaling == "blockwise" and m % 4:
+            return BLOCKWISE_M.format(m=m)
+        if self.fp8_scaling == "rowwise" and m == 1 and cc is not None and cc[0] == 9:
+            return ROWWISE_M1
+        return None
+
     # ---------------------------------------------------------------- prepare (host, once per layer)
 
     def prepare_linear(self, lin: Linear) -> TorchFp8Linear | TorchNvfp4Linear:
@@ -329,8 +357,9 @@ class TorchBackend(Backend):
             raise NotImplementedError(f"not served: {self.name}: {w.module} is FP8 block-128 with dynamic per-token "
                                       "1x128 activation scales; a static per-tensor FP8 input_scale is not served")
         m = x_bf16.shape[0]
-        if self.fp8_scaling == "blockwise" and m == 1:
-            raise NotImplementedError(M1_BLOCKWISE)
+        why = self.fp8_gemm_m_reason(m, _cc(x_bf16.device))
+        if why:
+            raise NotImplementedError(why)
         a, s, _ = self._quantize_fp8(x_bf16, w.scale_rule)
         if self.fp8_scaling == "blockwise":
             return F.scaled_mm(a, w.weight_e4m3.t(), s.t().contiguous().t(), F.ScalingType.BlockWise1x128,
@@ -440,10 +469,11 @@ class TorchBackend(Backend):
 
 
 def rowwise(device: torch.device | str | None = None) -> TorchBackend:
-    """The torch backend with per-group RowWise FP8 GEMMs (CPU and CUDA >= 8.9; any M)."""
+    """The torch backend with per-group RowWise FP8 GEMMs (CPU and CUDA >= 8.9; M = 1 not served on 9.x)."""
     return TorchBackend("rowwise", device)
 
 
 def tensorwise(device: torch.device | str | None = None) -> TorchBackend:
-    """The torch backend with per-group TensorWise FP8 GEMMs, scales applied in float32 (CPU and CUDA >= 8.9)."""
+    """The torch backend with per-group TensorWise FP8 GEMMs, scales applied in float32 (CPU and CUDA >= 8.9;
+    any M: M = 1, 5, 48 ran on the H100)."""
     return TorchBackend("tensorwise", device)
