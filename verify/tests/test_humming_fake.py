@@ -189,3 +189,32 @@ def test_layer_runs_end_to_end_through_the_fake_humming(fake, tmp_path):
     not_served = by_status.get("not served", [])
     assert any("humming" in v["message"] for v in not_served), {v["message"] for v in not_served}
     print(sorted(passed))
+
+
+# ----------------------------------------------------------------------------- the batch check names nondeterminism
+
+
+class _Out:
+    def __init__(self, full, alone):
+        from verify.verdicts.checks import Batch, Subset
+        self._batch = Batch(full, (Subset("rows 0..1 alone", alone, lambda y: y[:2]),), "ok")
+
+    def batch(self, metrics):
+        return self._batch
+
+
+def test_the_batch_check_names_run_to_run_nondeterminism_and_still_fails_plain_batch_variance():
+    """An op whose whole-batch output changes from call to call (humming's default stream-K) fails batch with
+    "nondeterministic: the whole batch twice differs", not as a batch-variance bug; a deterministic op whose rows
+    differ alone still fails as before (assert_bits_equal's message)."""
+    from verify.verdicts.checks import batch_invariance
+
+    calls = iter(range(100))
+    noisy = _Out(lambda: torch.full((4, 8), 1.0 + (1 + next(calls)) * 2**-7), lambda: torch.ones(2, 8))
+    with pytest.raises(AssertionError, match=r"^nondeterministic: the whole batch twice differs in \d+ output bytes"):
+        batch_invariance(None, None, noisy, {})
+    variant = _Out(lambda: torch.ones(4, 8), lambda: torch.full((2, 8), 2.0))
+    with pytest.raises(AssertionError) as exc:
+        batch_invariance(None, None, variant, {})
+    assert not str(exc.value).startswith("nondeterministic") and "rows 0..1 alone" in str(exc.value)
+    assert batch_invariance(None, None, _Out(lambda: torch.ones(4, 8), lambda: torch.ones(2, 8)), {}) == "ok"
