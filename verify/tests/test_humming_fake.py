@@ -135,7 +135,8 @@ def test_humming_refuses_k_it_cannot_repack_as_not_served(fake):
 
 
 def _verify(args: list[str], path: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(ROOT)]), "OMP_NUM_THREADS": "1", "COLUMNS": "250"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(path), str(ROOT)]), "OMP_NUM_THREADS": "1",
+           "COLUMNS": "250"}
     return subprocess.run([sys.executable, "-m", "verify", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=900)
 

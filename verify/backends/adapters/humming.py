@@ -12,9 +12,9 @@ its API is young). The public API used, read from that wheel:
   asserts pad_shape_n % 8 == 0 when it compiles), so this adapter first appends zero rows (codes 0, scale
   bytes 0) up to a multiple of 8 and cuts its outputs back to N: any N works (the accumulator probe's 35
   columns included) and real layers (N a multiple of 128) are untouched. K must be a multiple of 32 (humming's
-  bf16 repack): another K is refused (NotImplementedError, "not served" with that reason). w1 and w3 are stacked into one [E, 2I, K] L1 weight, as engines fuse them: when the two
-  weight_scale_2 of an expert are equal humming keeps one float32 scale per expert; when they differ it keeps a
-  bf16 scale per channel (its choice; the prepare check sees what that rounding costs);
+  bf16 repack): another K is refused (NotImplementedError, "not served" with that reason). w1 and w3 are
+  stacked into one [E, 2I, K] L1 weight, as engines fuse them: when the two weight_scale_2 of an expert are equal
+  humming keeps one float32 scale per expert; when they differ it keeps a bf16 scale per channel (its choice; the prepare check sees what that rounding costs);
 - forward: humming.forward.humming_forward (bf16 activations: no quantization; group scales applied to the
   decoded weight before the MMA, weight_scale_2 in the epilogue), dense, or grouped over expert-sorted rows with
   compute_config gemm_type "grouped_contiguous" and the offsets int32 [E+1] as its expert_layout. The kernels
@@ -33,8 +33,10 @@ round differently from run to run: the default mode is NOT bit-deterministic for
 may differ; so a graph replay "differs from eager" without any capture bug), and its error is fp32
 accumulation within a slice plus one bf16 rounding per slice. humming's use_batch_invariant compute option
 (HummingBatchInvariantBackend, `--backend verify.backends.adapters.humming:HummingBatchInvariantBackend`)
-turns stream-K off: one float32 accumulation per output and one bf16 rounding, deterministic, the same bits for
-a row alone or in a batch. `humming` is the default mode because that is what engines run.
+turns stream-K off: one float32 accumulation per output and one bf16 rounding, deterministic (and, humming's
+promise, the same bits for a row alone or in a batch: the batch check judges it). `humming` is the default mode
+because that is what engines run; the graph and batch checks then fail with "nondeterministic: ..." (the harness
+runs eager twice before it blames a replay or a batch) wherever eager differs from itself.
 
 Ops and their declared numerics mode (Backend.modes):
 - prepare_linear (NVFP4 dense linears), prepare_experts (NVFP4 expert stacks);
@@ -52,8 +54,8 @@ Ops and their declared numerics mode (Backend.modes):
   e2m1 x E4M3 fits bf16) except the sign of zero: a GEMM's accumulator starts at +0, so a -0 weight comes out
   +0 and no GEMM can show it; compare with adapters._common.zero_sign_blind_diff (bit-exact otherwise).
 Accumulator: fp32 (bf16 wgmma, fp32 accumulate); u_acc 2^-24, measured by `python -m verify accumulator`. Under
-stream-K (above) the K slices' partial sums are added in bf16: the accumulator probe's K = 8192 path measures
-that; its other paths (K = 1024) never split K.
+stream-K (above) the K slices' partial sums are added in bf16, which u_acc does not model: the accumulator probe's
+K = 8192 path may measure it; its other paths (K = 1024) never split K.
 Not served (with the reason): quantize, grouped_quantize, quantize_fp8, swiglu_requant, l1_fused, router,
 dispatch, combine. Anywhere without the package, a CUDA device or Hopper, every op says why.
 """
@@ -157,7 +159,8 @@ class HummingBackend(Backend):
     name = _NAME
     u_acc = 2.0**-24
     accumulator = "fp32 (bf16 wgmma, fp32 accumulate; E4M3 group scales on the decoded weight, weight_scale_2 in " \
-                  "the epilogue)"
+                  "the epilogue; stream-K when K > 1024: slices' partial sums added in bf16, in arbitrary order " \
+                  "past 3 slices or with TMA output: not run-to-run deterministic)"
     modes = MappingProxyType({"nvfp4": NumericsMode.W4A16, (Op.DENSE_GEMM, "nvfp4"): NumericsMode.W4A4,
                               (Op.GROUPED_GEMM, "nvfp4"): NumericsMode.W4A4})
     not_served = _NOT_SERVED
@@ -395,6 +398,8 @@ class HummingBatchInvariantBackend(HummingBackend):
     verify.backends.adapters.humming:HummingBatchInvariantBackend`); the default is what engines run."""
 
     batch_invariant = True
+    accumulator = "fp32 (bf16 wgmma, fp32 accumulate; E4M3 group scales on the decoded weight, weight_scale_2 in " \
+                  "the epilogue; use_batch_invariant: no stream-K, one fp32 sum per output, deterministic)"
 
 
 def experts_w4a16(backend: HummingBackend, rows_bf16: Tensor, offsets_i32: Tensor, experts: HummingExperts, *,
