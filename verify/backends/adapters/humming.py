@@ -14,7 +14,8 @@ its API is young). The public API used, read from that wheel:
   columns included) and real layers (N a multiple of 128) are untouched. K must be a multiple of 32 (humming's
   bf16 repack): another K is refused (NotImplementedError, "not served" with that reason). w1 and w3 are
   stacked into one [E, 2I, K] L1 weight, as engines fuse them: when the two weight_scale_2 of an expert are equal
-  humming keeps one float32 scale per expert; when they differ it keeps a bf16 scale per channel (its choice; the prepare check sees what that rounding costs);
+  humming keeps one float32 scale per expert; when they differ it keeps a bf16 scale per channel (its choice;
+  the prepare check sees what that rounding costs);
 - forward: humming.forward.humming_forward (bf16 activations: no quantization; group scales applied to the
   decoded weight before the MMA, weight_scale_2 in the epilogue), dense, or grouped over expert-sorted rows with
   compute_config gemm_type "grouped_contiguous" and the offsets int32 [E+1] as its expert_layout. The kernels
