@@ -159,6 +159,24 @@ _FILES = {
             def __init__(self):
                 super().__init__()
                 hm._N_MULTIPLE = 1
+
+
+        class CpuHummingGroupedCrash(CpuHumming):
+            \"\"\"The same whose grouped kernels fail inside humming (as an NVRTC compile error would): the MoE stages
+            must fail with one line naming the backend and op; the run goes on.\"\"\"
+
+            def __init__(self):
+                super().__init__()
+                import humming.forward
+
+                dense = humming.forward.humming_forward
+
+                def forward(config, inputs, weight, weight_scale, expert_layout=None, **kw):
+                    if expert_layout is not None:
+                        raise RuntimeError("NVRTC_ERROR_COMPILATION: grouped kernel (planted)")
+                    return dense(config, inputs, weight, weight_scale, **kw)
+
+                humming.forward.humming_forward = forward
     """,
 }
 

@@ -219,3 +219,18 @@ def test_the_batch_check_names_run_to_run_nondeterminism_and_still_fails_plain_b
         batch_invariance(None, None, variant, {})
     assert not str(exc.value).startswith("nondeterministic") and "rows 0..1 alone" in str(exc.value)
     assert batch_invariance(None, None, _Out(lambda: torch.ones(4, 8), lambda: torch.ones(2, 8)), {}) == "ok"
+
+
+def test_a_crash_inside_humming_during_the_layer_fails_its_stages_in_one_line_and_the_run_goes_on(fake, tmp_path):
+    """humming's grouped kernels fail (planted NVRTC error): moe.l1 / moe.l2 fail with one line naming humming,
+    the op and the shape; exit 1 (a verdict failed), no traceback on the console."""
+    _, path = fake
+    out = tmp_path / "layer.json"
+    proc = _verify(["layer", "--backend", f"{BACKEND_MODULE}:CpuHummingGroupedCrash", "--layers", "0", "--tokens",
+                    "4", "--device", "cpu", "--json", str(out)], path)
+    assert proc.returncode == 1, proc.stdout[-4000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr
+    failed = [v for v in _verdicts(json.loads(out.read_text())) if v["status"] == "fail"]
+    assert failed and {v["stage"] for v in failed} <= {"moe.l1", "moe.l2", "moe.block"}, failed
+    assert all("humming crashed while its outputs were collected: HummingError: humming: " in
+               v["message"] and "NVRTC_ERROR_COMPILATION" in v["message"] for v in failed), failed[0]["message"]
