@@ -125,6 +125,17 @@ def test_dense_gemm_on_35_columns_is_padded_for_humming_and_cut_back(fake):
     assert len(readings) == 7 and all(r.effective_bits >= 24 for r in readings), readings
 
 
+def test_the_probe_skips_the_paths_a_backend_does_not_serve(fake, monkeypatch):
+    """A path whose shape the backend refuses (NotImplementedError, its reason) is not probed; the others are."""
+    from verify.accumulator import probe_accumulator
+    from verify.backends.adapters import humming as hm
+
+    mod, _ = fake
+    monkeypatch.setattr(hm, "_K_MULTIPLE", 2048)  # as if humming took K a multiple of 2048 only: K = 1024 refused
+    readings = probe_accumulator(mod.CpuHumming(), "cpu")
+    assert [r.path for r in readings] == ["M=1, K=8192 (GEMV, split-K)"]
+
+
 def test_humming_refuses_k_it_cannot_repack_as_not_served(fake):
     mod, _ = fake
     with pytest.raises(NotImplementedError, match=r"not served: humming takes K a multiple of 32 .* K = 48"):
