@@ -36,6 +36,7 @@ from verify.backends import Backend, QuantizedAct
 from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.backends.base import declared_fp8_accumulator
 from verify.checkpoint import Fp8BlockLinear, Nvfp4Linear
+from verify.errors import BackendRefusedError
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused",
            "Fp8AccumulatorReading", "probe_fp8_accumulator", "check_declared_fp8_accumulator", "FP8_PROBE_PATHS",
@@ -161,7 +162,14 @@ def probe_accumulator(backend: Backend, device: torch.device | str,
     for path, shape in paths.items():
         m, n, k = (shape, 0, K) if isinstance(shape, int) else shape
         n_small = 16 * (k // 16 - 2)
-        y = _run(backend, m, _weights(cols, device, n=n, k=k), device)[:, :len(cols)]
+        try:
+            y = _run(backend, m, _weights(cols, device, n=n, k=k), device)[:, :len(cols)]
+        except NotImplementedError:  # the backend does not serve this path's shape (its own reason): not probed
+            continue
+        except Exception as e:  # noqa: BLE001 - a crash inside the backend: one line (exit 2), not a traceback
+            raise BackendRefusedError(f"--backend {backend.name}: refused (its dense_gemm crashed on the accumulator "
+                                      f"probe's path {path!r}, M={m} K={k}: {type(e).__name__}: "
+                                      f"{' '.join(str(e).split())[:400]})", argument="--backend") from e
         exact = [bool((y[:, j] == n_small * 2.0 ** (s - 10)).all()) for j, (b, s, _) in enumerate(cols)]
         ok = [t for t, e in zip(GAPS, exact) if e]
         # the first gap that fails ends the exact range (every smaller gap must be exact too)

@@ -299,7 +299,7 @@ def _fake_humming(monkeypatch, e: int, h: int, i: int):
         return hm.HummingWeight(name, w.shape[1], w.shape[2], e, None, w, None, torch.ones(e), "tensor", None,
                                 torch.zeros(1), "{}")
 
-    def gemm(self, w, x_bf16, scale_2, offsets_i32=None):
+    def gemm(self, w, x_bf16, scale_2, offsets_i32=None, *, op="gemm"):
         out = torch.zeros(x_bf16.shape[0], w.n)
         off = offsets_i32.tolist()
         for ex in range(len(off) - 1):

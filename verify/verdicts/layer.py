@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import traceback
 from typing import Callable, Iterable
 
 from references.stages import Check, Stage
@@ -57,6 +58,11 @@ def judge_stage(ctx: JudgeContext, stage: Stage) -> list[Verdict]:
         return [not_served(stage.name, c, str(exc)) for c in stage.checks]
     except SkipStage as skip:
         return [Verdict(stage.name, skip.check.value, "skipped", skip.reason)]
+    except Exception as exc:  # noqa: BLE001 - a crash inside the backend fails its stage (one line), not the run
+        msg = (f"{stage.name}: {ctx.backend.name} crashed while its outputs were collected: {type(exc).__name__}: "
+               f"{' '.join(str(exc).split())[:400]}")
+        return [Verdict(stage.name, c.value, "fail", msg, {"traceback": traceback.format_exc(limit=-4)})
+                for c in stage.checks]
     verdicts = []
     for check in stage.checks:
         if check in unserved:

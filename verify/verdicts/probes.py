@@ -86,6 +86,17 @@ def graph_probe(forward: Callable[[], object], mutations: list[Mutation], metric
                 metrics.update(differing_bytes=diff, mutation=name)
                 failure = (f"after {name}, replay differs from eager in {diff} of {e_bits.numel()} output bytes "
                            f"(replays before it matched: {done or 'none'})")
+                eager_diff = 0
+                for _ in range(3):  # the same inputs again: is the op itself run-to-run nondeterministic?
+                    again = bits(forward())
+                    eager_diff = int((again != e_bits).sum()) if again.shape == e_bits.shape else -1
+                    if eager_diff:
+                        break
+                if eager_diff:
+                    metrics.update(eager_twice_differing_bytes=eager_diff)
+                    failure = (f"nondeterministic: eager twice differs in {eager_diff} of {e_bits.numel()} output "
+                               f"bytes on the same inputs (after {name}), so no replay can be bit-equal to eager; "
+                               f"the replay differed in {diff}")
                 break
             done.append(name)
     except Exception as exc:  # noqa: BLE001 - a capture failure is a verdict, not a crash

@@ -20,7 +20,8 @@ from torch import Tensor
 
 __all__ = ["Package", "package_problem", "package_version", "cuda_device_problem", "e2m1_codes_to_f32",
            "swizzled_128x4_offsets", "sf_linear_to_swizzled_128x4_u8", "nvfp4_act_to_bf16",
-           "grouped_nvfp4_act_to_bf16", "grouped_padded_row_of", "f32_pow2_to_ue8m0_u8"]
+           "grouped_nvfp4_act_to_bf16", "grouped_padded_row_of", "f32_pow2_to_ue8m0_u8", "ZeroSignBlindDiff",
+           "zero_sign_blind_diff"]
 
 _SF_BLOCK = 16        # NVFP4: one E4M3 scale per 16 consecutive K
 _SWIZZLE_ROWS = 128   # the 128x4 layout's row tile (grouped: each expert's rows padded to it)
@@ -189,3 +190,43 @@ def f32_pow2_to_ue8m0_u8(scale_f32: Tensor) -> Tensor:
     byte = torch.where(normal_pow2, exponent, torch.full_like(exponent, 0xFF))
     byte = torch.where(positive & (exponent == 0) & (mantissa == (1 << 22)), torch.zeros_like(byte), byte)
     return byte.to(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- decode-back comparison
+
+
+@dataclass(frozen=True)
+class ZeroSignBlindDiff:
+    """zero_sign_blind_diff's counts over `total` elements: `bits_differ` (any bit differs, or NaN on either side),
+    `zero_sign_only` (both are zeros of opposite sign), `other` = bits_differ - zero_sign_only (the ones that
+    count), `first_other` (flat index of the first of those, None when there is none)."""
+
+    total: int
+    bits_differ: int
+    zero_sign_only: int
+    other: int
+    first_other: int | None
+
+
+def zero_sign_blind_diff(got: Tensor, want: Tensor) -> ZeroSignBlindDiff:
+    """Bit-exact comparison of a weight decoded back THROUGH A GEMM with the checkpoint's decoded values, blind
+    to the sign of zero only.
+
+    Why the sign of zero: a kernel's GEMM on the identity (the only way to read a prepared weight back through
+    the kernel itself) returns sum_k 1[k == n] x w[n, k] from an accumulator that starts at +0, and
+    (+0) + (-0) = +0 in IEEE arithmetic, so a -0 weight (E2M1 code 0x8, or any code under a zero block scale
+    with its sign bit set) always comes out +0; no GEMM output can ever show that sign (a zero product adds
+    nothing to any sum that has another term). Everything else must be bit-equal: the two are the same float32
+    bits, or both are zeros (of either sign). A NaN is never equal, not even to a NaN with the same bits (a
+    decoded weight has no business being NaN). Inputs of different shapes raise ValueError naming both."""
+    if got.shape != want.shape:
+        raise ValueError(f"got: shape {tuple(got.shape)} differs from want {tuple(want.shape)}")
+    g = got.detach().to(torch.float32).reshape(-1).cpu()
+    w = want.detach().to(torch.float32).reshape(-1).cpu()
+    nan = torch.isnan(g) | torch.isnan(w)
+    bits_differ = (g.view(torch.int32) != w.view(torch.int32)) | nan
+    zero_sign_only = bits_differ & (g == 0) & (w == 0)
+    other = bits_differ & ~zero_sign_only
+    first = torch.nonzero(other)
+    return ZeroSignBlindDiff(g.numel(), int(bits_differ.sum()), int(zero_sign_only.sum()), int(other.sum()),
+                             int(first[0, 0]) if first.numel() else None)

@@ -8,14 +8,36 @@ its API is young). The public API used, read from that wheel:
   bytes: packed E2M1 [.., N, K/2] viewed as int32, E4M3 scales [.., N, K/16] linear, weight_scale_2 per tensor;
   stacked shards as `shape_n_stacks`), humming.transform.prepare_layer_config (bf16 activations and output,
   N padded to a multiple of 128), prepare_fp16_e8m0_scale and transform_humming_tensors (the weight repack and
-  the scale permutation). w1 and w3 are stacked into one [E, 2I, K] L1 weight, as engines fuse them: when the two
-  weight_scale_2 of an expert are equal humming keeps one float32 scale per expert; when they differ it keeps a
-  bf16 scale per channel (its choice; the prepare check sees what that rounding costs);
+  the scale permutation). Shapes: humming's kernels need that N padding to be a multiple of 8 (its check_shape
+  asserts pad_shape_n % 8 == 0 when it compiles), so this adapter first appends zero rows (codes 0, scale
+  bytes 0) up to a multiple of 8 and cuts its outputs back to N: any N works (the accumulator probe's 35
+  columns included) and real layers (N a multiple of 128) are untouched. K must be a multiple of 32 (humming's
+  bf16 repack): another K is refused (NotImplementedError, "not served" with that reason). w1 and w3 are
+  stacked into one [E, 2I, K] L1 weight, as engines fuse them: when the two weight_scale_2 of an expert are equal
+  humming keeps one float32 scale per expert; when they differ it keeps a bf16 scale per channel (its choice;
+  the prepare check sees what that rounding costs);
 - forward: humming.forward.humming_forward (bf16 activations: no quantization; group scales applied to the
   decoded weight before the MMA, weight_scale_2 in the epilogue), dense, or grouped over expert-sorted rows with
   compute_config gemm_type "grouped_contiguous" and the offsets int32 [E+1] as its expert_layout. The kernels
   for every M range are compiled on the first call of a shape (heuristic tuning configs, cached per layer
   config); later calls only pick a kernel by M on the host, so a warmed-up call is graph-capturable.
+  An exception inside humming (an assert of its kernel's shape checks, an NVRTC failure) is re-raised as
+  HummingError, one line naming the op, the shape and humming's failing line (a bare `assert` has no message).
+
+Determinism (read from humming 0.1.20's tuner and epilogue; measured by test_humming_gpu.py): by default humming
+runs stream-K when K > 1024 and the output tiles do not fill the GPU (tune/base.py get_config: use_stream_k).
+Each K slice accumulates in float32, but its partial tile is written in the OUTPUT dtype (bf16) and the slices
+are reduced in bf16 in global memory (epilogue/gmem_writer.cuh: __hadd2, atomicAdd on bf162, or TMA
+reduce-add). Slice 0 stores first; with the TMA output path or more than 3 slices the other slices then add in
+whatever order they finish (epilogue/pipeline.cuh barrier_acquire2), so a bf16 sum of the same partials can
+round differently from run to run: the default mode is NOT bit-deterministic for such shapes (eager twice
+may differ; so a graph replay "differs from eager" without any capture bug), and its error is fp32
+accumulation within a slice plus one bf16 rounding per slice. humming's use_batch_invariant compute option
+(HummingBatchInvariantBackend, `--backend verify.backends.adapters.humming:HummingBatchInvariantBackend`)
+turns stream-K off: one float32 accumulation per output and one bf16 rounding, deterministic (and, humming's
+promise, the same bits for a row alone or in a batch: the batch check judges it). `humming` is the default mode
+because that is what engines run; the graph and batch checks then fail with "nondeterministic: ..." (the harness
+runs eager twice before it blames a replay or a batch) wherever eager differs from itself.
 
 Ops and their declared numerics mode (Backend.modes):
 - prepare_linear (NVFP4 dense linears), prepare_experts (NVFP4 expert stacks);
@@ -28,9 +50,13 @@ Ops and their declared numerics mode (Backend.modes):
   NVFP4 values, so these ops compute W4A4 math and are declared W4A4: the accumulation bound judges Humming's
   weight decode, repack and accumulator on exactly the operands the emulator uses;
 - dequantize_prepared: Humming's own GEMM on an identity (weight_scale_2 = 1) decodes its prepared weights back
-  to float32 [N, K] ([E, N, K] for a stack), then its weight_scale_2 (channel scales read back through its own
-  permutation) multiplies in.
-Accumulator: fp32 (bf16 wgmma, fp32 accumulate); u_acc 2^-24, measured by `python -m verify accumulator`.
+  to float32 [N, K] ([E, N, K] for a stack; {"w1", "w3", "w2"} for HummingExperts), then its weight_scale_2
+  (channel scales read back through its own permutation) multiplies in. Exact (each output is one product,
+  e2m1 x E4M3 fits bf16) except the sign of zero: a GEMM's accumulator starts at +0, so a -0 weight comes out
+  +0 and no GEMM can show it; compare with adapters._common.zero_sign_blind_diff (bit-exact otherwise).
+Accumulator: fp32 (bf16 wgmma, fp32 accumulate); u_acc 2^-24, measured by `python -m verify accumulator`. Under
+stream-K (above) the K slices' partial sums are added in bf16, which u_acc does not model: the accumulator probe's
+K = 8192 path may measure it; its other paths (K = 1024) never split K.
 Not served (with the reason): quantize, grouped_quantize, quantize_fp8, swiglu_requant, l1_fused, router,
 dispatch, combine. Anywhere without the package, a CUDA device or Hopper, every op says why.
 """
@@ -38,7 +64,9 @@ dispatch, combine. Anywhere without the package, a CUDA device or Hopper, every 
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass
+from pathlib import Path
 from types import MappingProxyType
 
 import torch
@@ -52,12 +80,14 @@ from verify.backends.protocol import NumericsMode, QuantizedAct
 from verify.checkpoint import GatedMlp, Linear, Nvfp4Linear, Router
 
 __all__ = ["HUMMING", "HummingBackend", "HummingBatchInvariantBackend", "HummingWeight", "HummingExperts",
-           "HummingRouter", "experts_w4a16"]
+           "HummingRouter", "HummingError", "experts_w4a16"]
 
 HUMMING = Package("humming-kernels", "humming", extra="humming", pinned="0.1.20")
 _NAME = "humming"
 _PARAM_DTYPE = torch.bfloat16
 _PAD_N = 128          # N padded for humming's repack (multiple of 64) and four WGMMA warp tiles of 32
+_N_MULTIPLE = 8       # humming's check_shape: that padding (round_up(N, 128) - N) must be a multiple of 8
+_K_MULTIPLE = 32      # humming's bf16 weight repack
 _LOCKS = 2048         # stream-K locks per prepared weight (HummingLayer's size)
 _GROUPED = "grouped_contiguous"
 _PLACEMENTS = ("after_w2", "before_w2")
@@ -76,12 +106,18 @@ _NOT_SERVED = MappingProxyType({
 })
 
 
+class HummingError(RuntimeError):
+    """humming raised inside its own code (a kernel shape assert, an NVRTC or launch failure); the message is one
+    line naming the op, the shape and humming's failing line."""
+
+
 @dataclass(frozen=True)
 class HummingWeight:
     """One NVFP4 linear (num_experts 0) or expert stack prepared by humming: its LayerConfig and tensors (weight
     repacked, weight_scale permuted, weight_scale_2: float32 [1] / [E] for scale_2_kind "tensor", bf16 [N] /
     [E, N] in humming's channel order for "channel"), `channel_of` (the checkpoint column of each prepared
-    channel scale, "channel" only), its stream-K locks and compute config (JSON; None: dense)."""
+    channel scale, "channel" only), its stream-K locks and compute config (JSON; None: dense). n is the
+    checkpoint's N; humming holds N rounded up to a multiple of 8 (zero rows), outputs are cut back to n."""
 
     module: str
     n: int
@@ -123,7 +159,8 @@ class HummingBackend(Backend):
     name = _NAME
     u_acc = 2.0**-24
     accumulator = "fp32 (bf16 wgmma, fp32 accumulate; E4M3 group scales on the decoded weight, weight_scale_2 in " \
-                  "the epilogue)"
+                  "the epilogue; stream-K when K > 1024: slices' partial sums added in bf16, in arbitrary order " \
+                  "past 3 slices or with TMA output: not run-to-run deterministic)"
     modes = MappingProxyType({"nvfp4": NumericsMode.W4A16, (Op.DENSE_GEMM, "nvfp4"): NumericsMode.W4A4,
                               (Op.GROUPED_GEMM, "nvfp4"): NumericsMode.W4A4})
     not_served = _NOT_SERVED
@@ -194,27 +231,34 @@ class HummingBackend(Backend):
         from humming.transform import (prepare_fp16_e8m0_scale, prepare_layer_config,  # noqa: PLC0415
                                        transform_humming_bias, transform_humming_tensors)
 
-        dev = weight_u8.device if weight_u8.is_cuda else torch.device("cuda", torch.cuda.current_device())
+        dev = weight_u8.device if weight_u8.is_cuda else _cuda_device()
         n, k = weight_u8.shape[-2], 2 * weight_u8.shape[-1]
-        if k % 32:
-            raise ValueError(f"{module}.weight: K = {k} is not a multiple of 32 (humming's bf16 repack)")
-        tensors = {"weight": weight_u8.to(dev).contiguous(),
-                   "weight_scale": scale_e4m3.to(dev).view(torch.float8_e4m3fn).contiguous(),
+        if k % _K_MULTIPLE:
+            raise NotImplementedError(f"not served: {self.name} takes K a multiple of {_K_MULTIPLE} (its bf16 weight "
+                                      f"repack); {module}.weight has K = {k}")
+        weight_u8, scale_u8 = _zero_rows_to_multiple(weight_u8.to(dev), scale_e4m3.to(dev).view(torch.uint8))
+        n_stacks = [*n_stacks[:-1], n_stacks[-1] + weight_u8.shape[-2] - n]  # the zero rows join the last shard
+        tensors = {"weight": weight_u8.contiguous(),
+                   "weight_scale": scale_u8.view(torch.float8_e4m3fn).contiguous(),
                    "weight_scale_2": scale_2_f32.to(dev, torch.float32).contiguous()}
         experts = num_experts or None
-        schema, tensors = ModeloptNvfp4WeightSchema().convert_humming(
-            tensors, shape_n_stacks=n_stacks, shape_k_stacks=[k], param_dtype=_PARAM_DTYPE, num_experts=experts,
-            device=dev)
-        config = prepare_layer_config(shape_n=n, shape_k=k, weight_schema=schema, input_schema=None,
-                                      num_experts=experts, pad_n_to_multiple=_PAD_N, torch_dtype=_PARAM_DTYPE,
-                                      device=dev, tensors=tensors)
-        config, tensors = prepare_fp16_e8m0_scale(config, tensors)
-        out = transform_humming_tensors(config, tensors)
-        kind = WeightScale2Type(config.weight_scale_2_type).value
-        channel_of = None
-        if kind == "channel":  # where each checkpoint column's scale went: humming's own permutation of its indices
-            channel_of = transform_humming_bias(torch.arange(config.shape_n, dtype=torch.float32, device=dev))
-            channel_of = channel_of.to(torch.int64)
+        try:
+            schema, tensors = ModeloptNvfp4WeightSchema().convert_humming(
+                tensors, shape_n_stacks=n_stacks, shape_k_stacks=[k], param_dtype=_PARAM_DTYPE,
+                num_experts=experts, device=dev)
+            config = prepare_layer_config(shape_n=weight_u8.shape[-2], shape_k=k, weight_schema=schema,
+                                          input_schema=None, num_experts=experts, pad_n_to_multiple=_PAD_N,
+                                          torch_dtype=_PARAM_DTYPE, device=dev, tensors=tensors)
+            config, tensors = prepare_fp16_e8m0_scale(config, tensors)
+            out = transform_humming_tensors(config, tensors)
+            kind = WeightScale2Type(config.weight_scale_2_type).value
+            channel_of = None
+            if kind == "channel":  # where each checkpoint column's scale went: humming's own permutation
+                channel_of = transform_humming_bias(torch.arange(config.shape_n, dtype=torch.float32, device=dev))
+                channel_of = channel_of.to(torch.int64)
+        except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the op (HummingError)
+            raise _failure("prepare", f"{module} {n}x{k}" + (f" x{num_experts}" if num_experts else ""), exc) \
+                from exc
         compute = {"use_batch_invariant": True} if self.batch_invariant else {}
         if num_experts:
             compute["gemm_type"] = _GROUPED
@@ -225,7 +269,8 @@ class HummingBackend(Backend):
 
     # ---------------------------------------------------------------- the GEMM
     def _gemm(self, w: HummingWeight, x_bf16: Tensor, scale_2: Tensor | None,
-              offsets_i32: Tensor | None = None) -> Tensor:
+              offsets_i32: Tensor | None = None, *, op: str = "gemm") -> Tensor:
+        """humming_forward on w -> bf16 [M, w.n] (its zero rows cut off); `op` names the caller in errors."""
         from humming.forward import humming_forward  # noqa: PLC0415
 
         if x_bf16.dtype != _PARAM_DTYPE or x_bf16.dim() != 2 or x_bf16.shape[1] != w.k:
@@ -233,9 +278,14 @@ class HummingBackend(Backend):
         if (offsets_i32 is None) != (w.num_experts == 0):
             raise ValueError(f"{w.module}: a stack of {w.num_experts} experts needs offsets_i32 [E+1], a dense "
                              "linear none")
-        return humming_forward(w.config, inputs=x_bf16.contiguous(), weight=w.weight, weight_scale=w.weight_scale,
-                               weight_scale_2=scale_2, locks=w.locks, expert_layout=offsets_i32,
-                               compute_config=w.compute_config)
+        try:
+            y = humming_forward(w.config, inputs=x_bf16.contiguous(), weight=w.weight, weight_scale=w.weight_scale,
+                                weight_scale_2=scale_2, locks=w.locks, expert_layout=offsets_i32,
+                                compute_config=w.compute_config)
+        except Exception as exc:  # noqa: BLE001 - re-raised as one line naming the op (HummingError)
+            shape = f"{w.module} M={x_bf16.shape[0]} N={w.n} K={w.k}" + (f" x{w.num_experts}" if w.num_experts else "")
+            raise _failure(op, shape, exc) from exc
+        return y if y.shape[-1] == w.n else y[:, :w.n]
 
     def _scale_2_times(self, w: HummingWeight, global_dec_f32: Tensor) -> Tensor:
         """w's weight_scale_2 with the activations' global decode scale folded in ([1] dense, [E] grouped)."""
@@ -252,7 +302,8 @@ class HummingBackend(Backend):
     def dense_gemm(self, a: QuantizedAct, w: object) -> Tensor:
         """NVFP4 boundary activations decoded exactly to bf16, x the prepared weight (module docstring: W4A4 math)."""
         w = _as_weight(w, dense=True)
-        return self._gemm(w, nvfp4_act_to_bf16(a.packed_u8, a.sf_swizzled_u8), self._scale_2_times(w, a.global_dec_f32))
+        return self._gemm(w, nvfp4_act_to_bf16(a.packed_u8, a.sf_swizzled_u8), self._scale_2_times(w, a.global_dec_f32),
+                          op="dense_gemm")
 
     def grouped_gemm(self, a: QuantizedAct, offsets_i32: Tensor, experts: object, *,
                      layer: str) -> Tensor | tuple[Tensor, Tensor]:
@@ -264,7 +315,7 @@ class HummingBackend(Backend):
             raise ValueError(f"layer={layer!r}: expected 'l1' or 'l2'")
         w = experts.w13 if layer == "l1" else experts.w2
         x = grouped_nvfp4_act_to_bf16(a.packed_u8, a.sf_swizzled_u8, offsets_i32)
-        y = self._gemm(w, x, self._scale_2_times(w, a.global_dec_f32), offsets_i32)
+        y = self._gemm(w, x, self._scale_2_times(w, a.global_dec_f32), offsets_i32, op=f"grouped_gemm {layer}")
         if layer == "l2":
             return y
         return y[:, :experts.intermediate], y[:, experts.intermediate:]
@@ -272,7 +323,7 @@ class HummingBackend(Backend):
     def dense_linear(self, x_bf16: Tensor, w: object, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
         """x [M, K] bf16 -> bf16 [M, N], W4A16 (input_dec_scale_f32 has no role: activations are not quantized)."""
         w = _as_weight(w, dense=True)
-        return self._gemm(w, x_bf16, w.weight_scale_2)
+        return self._gemm(w, x_bf16, w.weight_scale_2, op="dense_linear")
 
     def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
                   weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
@@ -305,23 +356,29 @@ class HummingBackend(Backend):
         return y.sum(dim=1).to(torch.bfloat16)
 
     # ---------------------------------------------------------------- decode back (the prepare check)
-    def dequantize_prepared(self, prepared: object) -> Tensor:
-        """A HummingWeight -> float32 in checkpoint layout ([N, K]; [E, N, K] for a stack: HummingExperts' w13 is
-        w1 rows then w3 rows): humming's GEMM on the identity with weight_scale_2 = 1 (each output one exact
-        product: the decoded weight), times its weight_scale_2 (channel scales back in checkpoint order)."""
+    def dequantize_prepared(self, prepared: object) -> Tensor | dict[str, Tensor]:
+        """Prepared weights -> float32 in checkpoint layout: a HummingWeight -> [N, K] ([E, N, K] for a stack);
+        HummingExperts -> {"w1", "w3", "w2": [E, N, K]} (w13's first I rows are w1, the next I w3). Humming's GEMM
+        on the identity with weight_scale_2 = 1 (each output one exact product: the decoded weight, bf16 holds
+        e2m1 x E4M3 exactly), times its weight_scale_2 in float32 (channel scales back in checkpoint order): the
+        checkpoint's one rounding. The sign of a zero weight is not observable through a GEMM (its accumulator
+        starts at +0): -0 weights come back +0 (module docstring; compare with _common.zero_sign_blind_diff)."""
         if isinstance(prepared, HummingExperts):
-            raise TypeError(f"{self.name}.dequantize_prepared: pass experts.w13 ([E, 2I, H], w1 rows then w3 rows) "
-                            "or experts.w2, one stack at a time")
+            w13 = self.dequantize_prepared(prepared.w13)
+            i = prepared.intermediate
+            return {"w1": w13[:, :i], "w3": w13[:, i:], "w2": self.dequantize_prepared(prepared.w2)}
         w = _as_weight(prepared, dense=None)
         eye = torch.eye(w.k, dtype=_PARAM_DTYPE, device=w.weight.device)
         ones = None if w.weight_scale_2 is None else torch.ones_like(w.weight_scale_2)
         if not w.num_experts:
-            return self._gemm(w, eye, ones).to(torch.float32).t() * self._scale_2_checkpoint(w, 0)
+            return self._gemm(w, eye, ones, op="dequantize_prepared").to(torch.float32).t() * \
+                self._scale_2_checkpoint(w, 0)
         out = []
         for e in range(w.num_experts):  # all rows to expert e: offsets [0]*(e+1) + [K]*(E-e)
             offsets = torch.full((w.num_experts + 1,), w.k, dtype=torch.int32, device=w.weight.device)
             offsets[:e + 1] = 0
-            out.append(self._gemm(w, eye, ones, offsets).to(torch.float32).t() * self._scale_2_checkpoint(w, e))
+            y = self._gemm(w, eye, ones, offsets, op="dequantize_prepared")
+            out.append(y.to(torch.float32).t() * self._scale_2_checkpoint(w, e))
         return torch.stack(out)
 
     def _scale_2_checkpoint(self, w: HummingWeight, e: int) -> Tensor:
@@ -341,6 +398,8 @@ class HummingBatchInvariantBackend(HummingBackend):
     verify.backends.adapters.humming:HummingBatchInvariantBackend`); the default is what engines run."""
 
     batch_invariant = True
+    accumulator = "fp32 (bf16 wgmma, fp32 accumulate; E4M3 group scales on the decoded weight, weight_scale_2 in " \
+                  "the epilogue; use_batch_invariant: no stream-K, one fp32 sum per output, deterministic)"
 
 
 def experts_w4a16(backend: HummingBackend, rows_bf16: Tensor, offsets_i32: Tensor, experts: HummingExperts, *,
@@ -349,7 +408,7 @@ def experts_w4a16(backend: HummingBackend, rows_bf16: Tensor, offsets_i32: Tenso
     (gate|up bf16), h = silu(clamp(gate, max=L)) * clamp(up, -L, L) in float32 (times row_weight_f32 [R] when
     given: the before-w2 placement), rounded to bf16, humming's grouped L2 -> bf16 [R, H]."""
     w13, w2 = experts.w13, experts.w2
-    gate_up = backend._gemm(w13, rows_bf16, w13.weight_scale_2, offsets_i32)
+    gate_up = backend._gemm(w13, rows_bf16, w13.weight_scale_2, offsets_i32, op="moe_block l1")
     gate = gate_up[:, :experts.intermediate].to(torch.float32)
     up = gate_up[:, experts.intermediate:].to(torch.float32)
     if swiglu_limit is not None:
@@ -358,7 +417,32 @@ def experts_w4a16(backend: HummingBackend, rows_bf16: Tensor, offsets_i32: Tenso
     h = torch.nn.functional.silu(gate) * up
     if row_weight_f32 is not None:
         h = h * row_weight_f32.to(torch.float32).unsqueeze(-1)
-    return backend._gemm(w2, h.to(torch.bfloat16), w2.weight_scale_2, offsets_i32)
+    return backend._gemm(w2, h.to(torch.bfloat16), w2.weight_scale_2, offsets_i32, op="moe_block l2")
+
+
+def _cuda_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _zero_rows_to_multiple(weight_u8: Tensor, scale_u8: Tensor) -> tuple[Tensor, Tensor]:
+    """Packed weight [..., N, K/2] and its scale bytes [..., N, K/16] with zero rows appended (codes 0, scale 0)
+    up to N a multiple of _N_MULTIPLE (module docstring: humming's N padding must be a multiple of 8)."""
+    n = weight_u8.shape[-2]
+    extra = -n % _N_MULTIPLE
+    if not extra:
+        return weight_u8, scale_u8
+    pad = (0, 0, 0, extra)
+    return torch.nn.functional.pad(weight_u8, pad), torch.nn.functional.pad(scale_u8, pad)
+
+
+def _failure(op: str, shape: str, exc: BaseException) -> HummingError:
+    """humming's exception as one line: the op and shape, its type and message, and its innermost frame (a bare
+    assert has no message; its source line says what failed)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {Path(frames[-1].filename).name}:{frames[-1].lineno} `{frames[-1].line}`" if frames else ""
+    text = " ".join(str(exc).split())[:300]
+    return HummingError(f"{_NAME}: {op} on {shape} failed inside humming ({type(exc).__name__}"
+                        f"{': ' + text if text else ''}{where})")
 
 
 def _as_weight(w: object, *, dense: bool | None) -> HummingWeight:
