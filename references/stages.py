@@ -61,6 +61,8 @@ class Check(enum.Enum):
     PADDING = "padding"        # the GEMM never reads scale padding: 0xFF / 0x7F there change no output bit
     SYNC = "sync"              # no host synchronization in the stage
     GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
+    MODE = "mode"              # GEMM: the numerics mode the output matches (references.modes) is the declared one
+    PREPARE = "prepare"        # the backend's prepared weights decoded back equal the checkpoint's dequantized ones
 
 
 SHARED_EXPERT, DENSE_MLP = "shared", "dense"  # name prefixes of the gated-MLP stages (same stages, two places)
@@ -100,10 +102,11 @@ class Stage:
 
 _B, _R, _Q = (Check.BOUND,), (Check.ROUNDING,), (Check.BYTES,)
 _V4 = ("deepseek_v4",)
-# a dense linear: its activation quantization's bytes, the GEMM's bound, batch invariance, graph safety
-_GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
+# a dense linear: its activation quantization's bytes, its prepared weights, the GEMM's bound and numerics mode,
+# batch invariance, graph safety
+_GEMM = (Check.BYTES, Check.PREPARE, Check.BOUND, Check.MODE, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
 _PROBES = (Check.SYNC, Check.GRAPH)  # on CUDA: host-sync probe and CUDA-graph replay of the stage's op
-_GROUPED = (Check.BOUND, Check.BATCH, Check.PADDING, *_PROBES)
+_GROUPED = (Check.PREPARE, Check.BOUND, Check.MODE, Check.BATCH, Check.PADDING, *_PROBES)
 
 
 def _linear(name: str, input_: str, role: str, *, schemas=_V4) -> Stage:

@@ -2,7 +2,12 @@
 
 Collected: the backend's grouped_gemm on the reference's quantized activations of the stage's input
 (teacher forcing: moe.act_quant for l1, moe.requant for l2) with the experts it prepared once per layer.
-Own check: bound (each part within the accumulation bound of the float64 product of the same operands).
+Own checks: bound (each part within the accumulation bound of the float64 product of the same operands);
+mode (judges.mode: the outputs against every NVFP4 mode, w4a4 on the teacher-forced boundary, w4a16 / w4a8 /
+bf16 on the stage's unquantized rows: x_ffn's for l1, the reference's bf16 h for l2); prepare (judges.prepare:
+the backend's prepared expert stacks decoded back by its dequantize_prepared, once per layer).
+grouped_gemm takes NVFP4 activations (protocol.QuantizedAct): a backend declaring another mode for it is
+skipped by the mode check with that reason (its mode shows on moe.block and the dense linears).
 """
 
 from __future__ import annotations
@@ -13,12 +18,16 @@ import torch
 from torch import Tensor
 
 from references import layouts as ref_layouts
-from references.stages import Check, Stage, stage as table_row
+from references.modes import W4A4, grouped_mode_gemm_f64, modes_of_weight
+from references.stages import MOE_SWIGLU, Check, Op, Stage, stage as table_row
 from verify.backends.base import Backend
 from verify.backends.protocol import QuantizedAct
-from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Subset
+from verify.reference_layer import to_reference_weight
+from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
 from verify.verdicts.context import JudgeContext
-from verify.verdicts.quantized import clone_act, grouped_bound
+from verify.verdicts.judges.mode import ModeCase, candidate_bound, declared_mode, mode
+from verify.verdicts.judges.prepare import dequantized_by_backend, prepare
+from verify.verdicts.quantized import clone_act, grouped_bound, grouped_f64
 
 __all__ = ["JUDGE"]
 
@@ -32,6 +41,42 @@ class GroupedGemmOutputs(Outputs):
     a: QuantizedAct            # the teacher-forced activations
     offsets_i64: Tensor
     ys: tuple[Tensor, ...]     # one output per part (l1: gate, up; l2: y)
+    ctx: JudgeContext | None = None  # the layer (checkpoint stacks, unquantized rows) for the mode / prepare checks
+
+    def _weights(self) -> list[tuple[str, str, object]]:
+        """(label, role, checkpoint stack) per part: l1 gate w1, up w3; l2 y w2."""
+        experts = self.ctx.case.layer.experts
+        return [(label, role.removeprefix("experts."), getattr(experts, role.removeprefix("experts.")))
+                for label, role in zip(self.stage.parts or ("y",), self.stage.weights)]
+
+    def modes(self) -> list[ModeCase]:
+        declared = declared_mode(self.backend, Op.GROUPED_GEMM, "nvfp4")
+        if declared != W4A4:
+            raise Skipped(f"mode: {self.backend.name} declares grouped_gemm {declared}, but grouped_gemm takes NVFP4 "
+                          "activations (protocol.QuantizedAct): its mode shows on moe.block and the dense linears")
+        m = self.ctx.moe
+        rows = m.rows_bf16 if self.layer == "l1" else self.ctx.case.emulated[MOE_SWIGLU.name].to(torch.bfloat16)
+        scales = m.l1_input_dec_f32 if self.layer == "l1" else m.l2_input_dec_f32
+        cases = []
+        for (label, _, lin), y in zip(self._weights(), self.ys):
+            def candidates(lin=lin, y=y):
+                w = to_reference_weight(lin)
+                out = {W4A4: grouped_f64(self.backend, self.a, self.offsets_i64, lin, y.dtype)}
+                for md in modes_of_weight(w):
+                    if md != W4A4:
+                        y64, abs_dot, alpha = grouped_mode_gemm_f64(rows, self.offsets_i64, w, md,
+                                                                    recipe=self.backend.recipe, input_scale_f32=scales)
+                        out[md] = (y64, candidate_bound(self.backend, md, y64, abs_dot, alpha, k=rows.shape[1],
+                                                        out_dtype=y.dtype))
+                return out
+            cases.append(ModeCase(f"{self.stage.name}.{label}" if self.stage.parts else self.stage.name, y, declared,
+                                  candidates))
+        return cases
+
+    def prepared_weights(self, ctx: JudgeContext) -> list[tuple[str, str, Tensor, object]]:
+        decoded = ctx.shared("dequantize_prepared experts", lambda: dequantized_by_backend(self.backend, self.experts))
+        return [(f"{self.stage.name} experts.{role} stack", label, decoded[role], lin)
+                for label, role, lin in self._weights()]
 
     def run(self, act: QuantizedAct, offsets_i32: Tensor):
         return self.backend.grouped_gemm(act, offsets_i32, self.experts, layer=self.layer)
@@ -77,7 +122,7 @@ def collect(ctx: JudgeContext, stage: Stage) -> GroupedGemmOutputs:
     layer = stage.name.removeprefix("moe.")
     y = ctx.backend.grouped_gemm(a, m.offsets_i32, ctx.experts, layer=layer)
     return GroupedGemmOutputs(ctx.backend, stage, layer, ctx.experts, a, m.offsets_i64,
-                              y if isinstance(y, tuple) else (y,))
+                              y if isinstance(y, tuple) else (y,), ctx)
 
 
 def bound(ctx: JudgeContext, stage: Stage, out: GroupedGemmOutputs, metrics: dict) -> str:
@@ -92,4 +137,10 @@ def bound(ctx: JudgeContext, stage: Stage, out: GroupedGemmOutputs, metrics: dic
     return f"{'; '.join(msgs)} (u_acc {ctx.backend.u_acc:.3g}, K={out.a.k})"
 
 
-JUDGE = Judge(collect, {Check.BOUND: bound})
+def _ops(ctx: JudgeContext, stage: Stage, check: Check) -> tuple[Op, ...]:
+    """prepare: the backend's prepare (and dequantize_prepared, which the check asks for); the rest: the
+    stage's op (its prepared experts are collected with it)."""
+    return (Op.PREPARE,) if check is Check.PREPARE else (stage.op,)
+
+
+JUDGE = Judge(collect, {Check.BOUND: bound, Check.MODE: mode, Check.PREPARE: prepare}, _ops)
