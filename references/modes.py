@@ -42,11 +42,11 @@ from references.codecs import e4m3_bytes_to_f32, round_f64_to
 from references.fp8_act import quantize_act_fp8_per_tensor_static
 from references.gemm import U_FP32, gamma, half_ulp
 from references.linear import (Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, decode_weight_f64,
-                               dequantize_weight_f64, quantized_operands)
+                               dequantize_weight_f64, quantize_act_for)
 from references.recipes import Recipe
 
 __all__ = ["W4A4", "W4A16", "W4A8", "FP8_BLOCK", "BF16", "MODES", "MODES_OF_FORMAT", "modes_of_weight",
-           "w4a8_act_dec_scale_f32", "mode_operands", "mode_gemm_f64", "linear_in_mode",
+           "w4a8_act_dec_scale_f32", "mode_act_operand", "mode_operands", "mode_gemm_f64", "mode_gemm_f64_on", "linear_in_mode",
            "chunked_gemm_error_bound", "grouped_mode_gemm_f64"]
 
 W4A4, W4A16, W4A8, FP8_BLOCK, BF16 = "w4a4", "w4a16", "w4a8", "fp8_block", "bf16"
@@ -75,30 +75,48 @@ def w4a8_act_dec_scale_f32(x: Tensor, input_scale_f32: Tensor | None) -> Tensor:
     return torch.where(d8 > 0, d8, torch.ones_like(d8)).reshape(1)
 
 
-def mode_operands(x: Tensor, w: Weight, mode: str, *, recipe: Recipe, input_scale_f32: Tensor | None = None,
-                  fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor, Tensor]:
-    """(a_f64 [M, K], w_f64 [N, K], alpha_f32 0-d) of `mode` for x [M, K] and weight w (module docstring);
-    input_scale_f32: the static activation decode scale (None: dynamic). ValueError for a mode w's format
-    does not have."""
+def mode_act_operand(x: Tensor, w: Weight, mode: str, *, recipe: Recipe, input_scale_f32: Tensor | None = None,
+                     fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor]:
+    """(a_f64 [M, K], a_dec_f32 0-d): the activation operand of `mode` and the decode scale the kernel folds into
+    its alpha (w4a4: the NVFP4 global decode scale; w4a8: D8; 1 where the operand is already its value)."""
     if mode not in modes_of_weight(w):
         raise ValueError(f"mode={mode!r}: a {type(w).__name__} GEMM has modes {', '.join(modes_of_weight(w))}")
     if x.shape[-1] != w.k:
         raise ValueError(f"x {tuple(x.shape)}: last dim must be the weight's K={w.k}")
     one = torch.ones((), dtype=torch.float32, device=x.device)
     if mode in (W4A4, FP8_BLOCK):
-        a, b, alpha, _ = quantized_operands(x, w, recipe=recipe, input_scale_f32=input_scale_f32,
-                                            fp8_scale_fmt=fp8_scale_fmt)
-        return a, b, one if alpha is None else alpha.to(torch.float32).reshape(())
-    if mode == W4A16:
-        return x.to(torch.bfloat16).double(), decode_weight_f64(w), w.global_dec_f32.to(torch.float32).reshape(())
+        a, _, acts = quantize_act_for(x, w, recipe=recipe, input_scale_f32=input_scale_f32, fp8_scale_fmt=fp8_scale_fmt)
+        return a, acts["global_dec_f32"].to(torch.float32).reshape(()) if mode == W4A4 else one
     if mode == W4A8:
         d8 = w4a8_act_dec_scale_f32(x, input_scale_f32)
         q = quantize_act_fp8_per_tensor_static(x, d8, encode_rule="mul_reciprocal")
-        alpha = (d8.reshape(()) * w.global_dec_f32.to(torch.float32).reshape(())).to(torch.float32)
-        return e4m3_bytes_to_f32(q.e4m3_u8).double(), decode_weight_f64(w), alpha
+        return e4m3_bytes_to_f32(q.e4m3_u8).double(), d8.reshape(())
+    return x.to(torch.bfloat16).double(), one
+
+
+def mode_operands(x: Tensor, w: Weight, mode: str, *, recipe: Recipe, input_scale_f32: Tensor | None = None,
+                  fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor, Tensor]:
+    """(a_f64 [M, K], w_f64 [N, K], alpha_f32 0-d) of `mode` for x [M, K] and weight w (module docstring);
+    input_scale_f32: the static activation decode scale (None: dynamic). ValueError for a mode w's format
+    does not have."""
+    a, a_dec = mode_act_operand(x, w, mode, recipe=recipe, input_scale_f32=input_scale_f32,
+                                fp8_scale_fmt=fp8_scale_fmt)
+    if mode in (W4A4, W4A8, W4A16):  # the NVFP4 weight without its global scale; alpha = float32 product
+        return a, decode_weight_f64(w), (a_dec * w.global_dec_f32.to(torch.float32).reshape(())).to(torch.float32)
+    if mode == FP8_BLOCK:
+        return a, decode_weight_f64(w), a_dec
     # BF16: the weight's real values rounded once to bf16, as a dequantize-then-bf16-GEMM path holds them
     w_bf16 = w.w.to(torch.bfloat16) if isinstance(w, Bf16Weight) else round_f64_to(dequantize_weight_f64(w), torch.bfloat16)
-    return x.to(torch.bfloat16).double(), w_bf16.double(), one
+    return a, w_bf16.double(), a_dec
+
+
+def mode_gemm_f64_on(x: Tensor, w: Weight, w_values: Tensor, mode: str, **kw) -> tuple[Tensor, Tensor, Tensor]:
+    """mode_gemm_f64 with the weight's values replaced by w_values [N, K] (its real values, global scale
+    included: a backend's own decoded prepared weight): (y64, sum |a w_values|, a_dec_f32). bf16 rounds
+    w_values to bf16 as the mode does."""
+    a, a_dec = mode_act_operand(x, w, mode, **kw)
+    wv = w_values.double() if mode != BF16 else w_values.to(torch.bfloat16).double()
+    return (a @ wv.T) * a_dec.double(), a.abs() @ wv.abs().T, a_dec
 
 
 def mode_gemm_f64(x: Tensor, w: Weight, mode: str, **kw) -> tuple[Tensor, Tensor, Tensor]:

@@ -34,8 +34,8 @@ from references.fp8_weight import (Fp8BlockScaledWeight, fp8_weight_from_v3_weig
                                    fp8_weight_from_v4_e8m0_scale)
 from references.gemm import gemm_error_bound, nvfp4_gemm_f64
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
-from references.modes import FP8_BLOCK, mode_gemm_f64, modes_of_weight
-from references.nvfp4 import quantize_nvfp4
+from references.modes import FP8_BLOCK, mode_gemm_f64, mode_gemm_f64_on, modes_of_weight
+from references.nvfp4 import decode_nvfp4_block_scaled, quantize_nvfp4
 from references.stages import FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, Check, Op, Stage
 from verify.assertions import assert_within_gemm_bound
 from verify.backends.emulator import fp8_act_recipe_for_rule, fp8_act_scale_fmt
@@ -47,7 +47,7 @@ from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipp
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.model import LayerCase
 from verify.verdicts.judges.mode import ModeCase, candidate_bound, declared_mode, mode, mode_ratio
-from verify.verdicts.judges.prepare import dequantized_by_backend, prepare
+from verify.verdicts.judges.prepare import dequantized_by_backend, own_weight_if_it_differs, prepare
 from verify.verdicts.quantized import nan_inf
 
 __all__ = ["JUDGE"]
@@ -138,6 +138,7 @@ class DenseOutputs(Outputs):
     y_linear: list[Tensor]        # dense_linear(x, w) per part (NVFP4: with the static scale)
     fp8_acts: list[Fp8QuantizedAct] = field(default_factory=list)  # FP8: quantize_fp8(x) per scale rule
     _candidates: dict = field(default_factory=dict, repr=False)     # part -> {mode: (y64, bound)}, once
+    _own: dict = field(default_factory=dict, repr=False)            # part -> the backend's own weight or None
 
     @property
     def nvfp4(self) -> bool:
@@ -155,14 +156,31 @@ class DenseOutputs(Outputs):
             raise Skipped(f"mode: {lin.module} is {lin.format}: one mode (bf16), judged by the bound")
         return declared_mode(self.backend, Op.DENSE_LINEAR, fmt)
 
+    def own_weight(self, i: int) -> Tensor | None:
+        """The backend's own decoded weight of part i when it differs from the checkpoint's (the prepare check
+        fails it; judges.prepare.own_weight_if_it_differs), else None."""
+        if i not in self._own:
+            self._own[i] = own_weight_if_it_differs(self.backend, self.prepared[i], self.lins[i]) \
+                if self.prepared else None
+        return self._own[i]
+
     def candidates(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
         """{mode: (y64, bound)} of part i for every mode its weight allows (references.modes), with this
-        backend's accumulators (judges.mode.candidate_bound; fp8_block: the FP8 bound of _unquantized_act_bound)."""
+        backend's accumulators (judges.mode.candidate_bound; fp8_block: the FP8 bound of _unquantized_act_bound).
+        When the backend's prepared weight differs from the checkpoint's (the prepare check fails it), on the
+        backend's own decoded weight, the bound widened by _own_weight_slack."""
         if i not in self._candidates:
             lin, y, x = self.lins[i], self.y_linear[i], self.x
             w = to_reference_weight(lin)
+            own = self.own_weight(i)
             cands = {}
             for m in modes_of_weight(w):
+                if own is not None:
+                    y64, abs_dot, a_dec = mode_gemm_f64_on(x, w, own, m, recipe=self.backend.recipe,
+                                                           input_scale_f32=self.scale, fp8_scale_fmt=fp8_act_scale_fmt(w))
+                    cands[m] = (y64, candidate_bound(self.backend, m, y64, abs_dot, a_dec, k=x.shape[1],
+                                                     out_dtype=y.dtype) + _own_weight_slack(abs_dot, a_dec))
+                    continue
                 if m == FP8_BLOCK:
                     cands[m] = _unquantized_act_bound(self.backend, x, lin, y.dtype)
                     continue
@@ -174,7 +192,9 @@ class DenseOutputs(Outputs):
 
     def modes(self) -> list[ModeCase]:
         declared = self.declared()
-        return [ModeCase(self.stage.tensor(part), self.y_linear[i], declared, lambda i=i: self.candidates(i))
+        own = " (on the backend's own prepared weight, which the prepare check fails)"
+        return [ModeCase(self.stage.tensor(part), self.y_linear[i], declared, lambda i=i: self.candidates(i),
+                         own if self.own_weight(i) is not None else "")
                 for i, (part, _) in enumerate(_roles(self.stage))]
 
     def prepared_weights(self, ctx: JudgeContext) -> list[tuple[str, str, Tensor, object]]:
@@ -290,6 +310,14 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
             y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
                                           alpha)
             bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
+            own = out.own_weight(i)
+            if own is not None:  # prepare fails this weight: the GEMM judged on the backend's own
+                a64 = decode_nvfp4_block_scaled(a.packed_u8, a_sf, dtype=torch.float64)
+                a_dec = a.global_dec_f32.to(torch.float32).reshape(())
+                y64 = (a64 @ own.double().T) * a_dec.double()
+                abs_own = a64.abs() @ own.double().abs().T
+                bnd = gemm_error_bound(abs_own, y64, a_dec, k=k, u_acc=b.u_acc, out_dtype=y.dtype) + \
+                    _own_weight_slack(abs_own, a_dec)
         else:
             metrics.update(nan_inf(out.y_linear[i], key))
             msgs.append(_mode_judged(out, i, label, metrics, f"bound_ratio_{key}"))
@@ -302,7 +330,16 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
         msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
         if out.nvfp4:  # the one-call path (quantize + GEMM, its own alpha) against the references' operands
             msgs.append(_linear_bound(b, out, i, f"{label} (dense_linear)", metrics, key))
-    return f"{'; '.join(msgs)} ({_accumulator_words(b, out.lins[0])}, K={k}, {out.lins[0].format})"
+    own = [stage.tensor(p) for i, (p, _) in enumerate(_roles(stage)) if out.own_weight(i) is not None]
+    note = (f"; judged on the backend's own prepared weights of {', '.join(own)} (dequantize_prepared), which "
+            "differ from the checkpoint's: the prepare check fails them") if own else ""
+    return f"{'; '.join(msgs)} ({_accumulator_words(b, out.lins[0])}, K={k}, {out.lins[0].format}){note}"
+
+
+def _own_weight_slack(abs_dot: Tensor, a_dec_f32: Tensor) -> Tensor:
+    """What a backend's float32 decoded weight (one rounding of its value) and the kernel's float32 alpha (one
+    more) may differ by from the products the kernel really forms: 3 float32 unit roundoffs of |a_dec| sum |a w|."""
+    return 3 * 2.0**-24 * a_dec_f32.double().abs() * abs_dot
 
 
 def _accumulator_words(backend: Backend, lin) -> str:

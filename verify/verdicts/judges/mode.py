@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from references.gemm import bound_ratio, gemm_error_bound
-from references.modes import BF16, W4A4, W4A8, W4A16, chunked_gemm_error_bound
+from references.modes import BF16, FP8_BLOCK, W4A4, W4A8, W4A16, chunked_gemm_error_bound
 from references.stages import Op, Stage
 from verify.assertions import assert_within_gemm_bound
 from verify.backends.base import declared_fp8_accumulator
@@ -48,6 +48,7 @@ class ModeCase:
     y: Tensor
     declared: str
     candidates: Callable[[], Mapping[str, tuple[Tensor, Tensor]]]
+    note: str = ""  # e.g. "on the backend's own prepared weight (the prepare check fails it)"
 
 
 def declared_mode(backend: object, op: Op, weight_format: str) -> str:
@@ -64,13 +65,13 @@ def candidate_bound(backend: object, mode: str, y64: Tensor, abs_dot: Tensor, al
     """The accumulation bound of one mode's float64 product: u_acc over K for w4a4, w4a16, bf16 (bf16 or
     NVFP4 tensor-core products, the backend's GEMM accumulator); w4a8 with the backend's FP8 accumulator
     (fp8_u_acc, promoted to float32 every fp8_promotion_interval of K when it declares one)."""
-    if mode == W4A8:
+    if mode in (W4A8, FP8_BLOCK):  # fp8_block here only on a backend's own decoded weight (no block structure)
         u, interval = declared_fp8_accumulator(backend)
         return chunked_gemm_error_bound(abs_dot, y64, alpha_f32, k=k, u_acc=u, promotion_interval=interval,
                                         out_dtype=out_dtype)
     if mode in (W4A4, W4A16, BF16):
         return gemm_error_bound(abs_dot, y64, alpha_f32, k=k, u_acc=float(backend.u_acc), out_dtype=out_dtype)
-    raise ValueError(f"mode={mode!r}: fp8_block bounds come from references.fp8_gemm (the dense judge's)")
+    raise ValueError(f"mode={mode!r}: not a references.modes mode")
 
 
 def mode_ratio(y: Tensor, y64: Tensor, bound: Tensor) -> float:
@@ -96,16 +97,16 @@ def mode(ctx, stage: Stage, out, metrics: dict) -> str:
         words = ", ".join(f"{m} {ratios[m]:.3g}" for m in sorted(ratios, key=ratios.get))
         if case.declared in matches:
             also = [m for m in matches if m != case.declared]
-            msgs.append(f"{case.label}: declared {case.declared} matches (bound ratios {words})" +
+            msgs.append(f"{case.label}: declared {case.declared} matches (bound ratios {words}){case.note}" +
                         (f"; {', '.join(also)} match too: on this data the modes cannot be told apart" if also else ""))
         elif matches:
             best = matches[0]
             fails.append(f"{case.label}: declared {case.declared}, output matches {best} (max bound ratio "
                          f"{ratios[best]:.3g}), not {case.declared} (ratio {ratios.get(case.declared, math.inf):.3g})"
-                         f"; all ratios: {words}")
+                         f"; all ratios: {words}{case.note}")
         else:
             fails.append(f"{case.label}: declared {case.declared}, output matches no mode (bound ratios {words}): "
-                         "wrong in every mode, not a mode mix-up")
+                         f"wrong in every mode, not a mode mix-up{case.note}")
     if not msgs and not fails:
         raise Skipped("mode: no GEMM part to judge")
     if fails:

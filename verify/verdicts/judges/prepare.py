@@ -15,6 +15,11 @@ block-128 weights with E8M0 power-of-two scales; BF16 weights): there a 1-ulp di
 count the bit-equal elements; a failure names the first element, both values, and when every wrong element
 is the checkpoint value times one constant, that constant (weight_scale_2 again: "a scale applied twice").
 A backend without dequantize_prepared is "not served" with that reason.
+
+Blame: when a stage's prepared weight differs from the checkpoint (own_weight_if_it_differs), the stage's
+bound and mode checks judge the GEMM on the backend's OWN decoded weight (the dense judge): a repack bug then
+fails prepare and only prepare, and a GEMM that is also wrong still fails its bound. (The grouped stages, the
+fused L1 and the MoE block keep judging on the checkpoint weights: not done yet.)
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from references.stages import Stage
 from verify.assertions import first_mismatch
 from verify.reference_layer import to_reference_weight
 
-__all__ = ["dequantized_by_backend", "check_prepared_weight", "prepare"]
+__all__ = ["dequantized_by_backend", "check_prepared_weight", "own_weight_if_it_differs", "prepare"]
 
 
 def dequantized_by_backend(backend: object, prepared: object) -> Tensor | Mapping[str, Tensor]:
@@ -53,12 +58,8 @@ def check_prepared_weight(label: str, got: Tensor, lin, metrics: dict, key: str)
         raise AssertionError(f"{label}: dequantize_prepared gave {got.dtype}, expected float32")
     if got.numel() == 0:
         raise AssertionError(f"{label}: empty weight: nothing compared")
-    g64 = got.detach().cpu().double()
-    exp64 = exp64.cpu()
-    exact_f32 = exp64.float().double() == exp64          # the exact value is a float32: bit-equal required
-    err = (g64 - exp64).abs()
-    allowed = torch.where(exact_f32, torch.zeros_like(exp64), 2 * half_ulp(exp64, torch.float32))
-    bad = ~(err <= allowed)                               # NaN in got: bad
+    g64, exp64 = got.detach().cpu().double(), exp64.cpu()
+    bad = _mismatches(g64, exp64)
     equal = int((got.detach().cpu() == exp64.float()).sum())  # bit-equal to the float32 nearest the exact value
     metrics[f"prepare_bit_equal_{key}"] = equal / got.numel()
     metrics[f"prepare_mismatches_{key}"] = int(bad.sum())
@@ -71,6 +72,30 @@ def check_prepared_weight(label: str, got: Tensor, lin, metrics: dict, key: str)
                          f"checkpoint's dequantized ones; first at {coord}: prepared {float(g64[coord]):.9g}, "
                          f"checkpoint {float(exp64[coord]):.9g}" + _factor_note(g64, exp64, bad, lin) +
                          " (the backend's prepare, not its GEMM)")
+
+
+def _mismatches(g64: Tensor, exp64: Tensor) -> Tensor:
+    """Where the backend's value is not the exact one: bit-equal required where the exact value is a float32,
+    else within one float32 ulp (module docstring); NaN is a mismatch."""
+    exact_f32 = exp64.float().double() == exp64
+    allowed = torch.where(exact_f32, torch.zeros_like(exp64), 2 * half_ulp(exp64, torch.float32))
+    return ~((g64 - exp64).abs() <= allowed)
+
+
+def own_weight_if_it_differs(backend: object, prepared: object, lin, role: str | None = None) -> Tensor | None:
+    """The backend's decoded prepared weight (float32, checkpoint layout; role: "w1" / "w3" / "w2" of an expert
+    stack) when it serves dequantize_prepared and the decoded weight differs from the checkpoint's (the prepare
+    check fails it), else None. The GEMM checks of that stage then judge the GEMM on the backend's own weight,
+    so a repack bug fails prepare alone (module docstring)."""
+    try:
+        got = dequantized_by_backend(backend, prepared)
+    except NotImplementedError:
+        return None
+    got = got[role] if role is not None else got
+    exp64 = dequantize_weight_f64(to_reference_weight(lin))
+    if tuple(got.shape) != tuple(exp64.shape) or not bool(_mismatches(got.detach().double().cpu(), exp64.cpu()).any()):
+        return None
+    return got
 
 
 def _factor_note(g64: Tensor, exp64: Tensor, bad: Tensor, lin) -> str:
