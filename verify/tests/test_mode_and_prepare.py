@@ -78,7 +78,7 @@ def _nvfp4_dense_stages(run) -> list[str]:
     """The dense linear stages of the run whose weights are NVFP4 (their mode verdict lists w4a16)."""
     names = {s.name for s in DENSE_LINEAR_STAGES}
     return sorted(v.stage for v in run.verdicts if v.check == "mode" and v.stage in names
-                  and any(k.endswith("_w4a16") for k in v.metrics))
+                  and any(k.startswith("mode_ratio_w4a16_") for k in v.metrics))
 
 
 # ----------------------------------------------------------------------------- references.modes
@@ -129,9 +129,9 @@ def test_the_mode_check_tells_w4a4_from_w4a16_on_the_fixture_with_fp32_bounds(ck
         if v.stage in stages and v.check == "mode":
             assert v.status == "pass", v.message
             for key, r in v.metrics.items():
-                if key.endswith(f"_{computes}"):
+                if key.startswith(f"mode_ratio_{computes}_"):
                     assert r <= 1, (key, r)
-                if key.endswith(f"_{other}"):
+                if key.startswith(f"mode_ratio_{other}_"):
                     assert r > 10, (key, r)
             print(f"{computes}: {v.message}")
 
@@ -142,8 +142,8 @@ def test_the_grouped_gemm_mode_check_reports_every_candidate(ckpt):
         v = next(v for v in run.verdicts if v.stage == stage and v.check == "mode")
         assert v.status == "pass", v.message
         ratios = {k: r for k, r in v.metrics.items() if k.startswith("mode_ratio_")}
-        assert len(ratios) == 4 * len(stage_parts := [k for k in ratios if k.endswith("_w4a4")]) and stage_parts
-        assert all(r > 10 for k, r in ratios.items() if not k.endswith("_w4a4")), ratios
+        assert len(ratios) == 4 * len(stage_parts := [k for k in ratios if k.startswith("mode_ratio_w4a4_")]) and stage_parts
+        assert all(r > 10 for k, r in ratios.items() if not k.startswith("mode_ratio_w4a4_")), ratios
         print(v.message)
 
 

@@ -14,7 +14,7 @@ or all-zero comparison count as ratio inf).
   fail  the declared mode does not match, naming both: "declared w4a4, output matches w4a16 (max bound ratio
         0.3), not w4a4 (ratio 41)"; or no mode matches ("matches no mode": every ratio, smallest first; the
         bound check fails too, this says the output is not a mode mix-up).
-Metrics: mode_ratio_<part>_<mode> for every candidate.
+Metrics: mode_ratio_<mode>_<part> for every candidate (golden tolerances: verify.golden, per mode).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def mode(ctx, stage: Stage, out, metrics: dict) -> str:
         ratios = {m: mode_ratio(case.y, y64, bnd) for m, (y64, bnd) in case.candidates().items()}
         key = case.label.removeprefix(f"{stage.name}.") if case.label != stage.name else "y"
         for m, r in ratios.items():
-            metrics[f"mode_ratio_{key}_{m}"] = r
+            metrics[f"mode_ratio_{m}_{key}"] = r
         matches = sorted((m for m, r in ratios.items() if r <= 1), key=ratios.get)
         words = ", ".join(f"{m} {ratios[m]:.3g}" for m in sorted(ratios, key=ratios.get))
         if case.declared in matches:
