@@ -208,3 +208,46 @@ def test_the_emulator_decodes_its_prepared_weights_bit_equal(ckpt):
     prep = [v for v in run.verdicts if v.check == "prepare"]
     assert prep and all(v.status == "pass" for v in prep), [v.message for v in prep if v.status != "pass"]
     assert all(math.isclose(r, 1.0) for v in prep for k, r in v.metrics.items() if k.startswith("prepare_bit_equal"))
+
+
+# ----------------------------------------------------------------------------- sm90's prepared weights, decoded on the host
+
+
+def _sm90():
+    from verify.backends.sm90 import Sm90Adapter  # noqa: PLC0415 (its host prepare runs on a CPU)
+
+    return Sm90Adapter()
+
+
+@pytest.mark.parametrize("layer_index", [0, 1], ids=["layer0-nvfp4", "layer1-fp8"])
+def test_sm90_prepared_weights_decode_bit_equal_to_the_checkpoint(ckpt, layer_index):
+    """kernels.sm90.host_decode undoes the sm90 prepare (swizzled scales, the w1|w3 row interleave, FP8 block
+    scales): every dense linear and expert stack of the layer, bit for bit."""
+    from verify.verdicts.judges.prepare import check_prepared_weight  # noqa: PLC0415
+
+    b, layer = _sm90(), ckpt.load_layer(layer_index)
+    lins = list(layer.attention.values()) + [getattr(layer.shared_experts, r) for r in ("w1", "w3", "w2")]
+    for lin in lins:
+        metrics: dict = {}
+        check_prepared_weight(lin.module, b.dequantize_prepared(b.prepare_linear(lin)), lin, metrics, "y")
+        assert metrics["prepare_bit_equal_y"] == 1.0, lin.module
+    decoded = b.dequantize_prepared(b.prepare_experts(layer.experts))
+    for role in ("w1", "w3", "w2"):
+        metrics = {}
+        check_prepared_weight(role, decoded[role], getattr(layer.experts, role), metrics, role)
+        assert metrics[f"prepare_bit_equal_{role}"] == 1.0, role
+
+
+def test_sm90_decode_blames_a_swapped_gate_up_interleave_on_prepare(ckpt):
+    """The decode reads the interleave from sm90's own layout: a prepare that put up where gate belongs fails."""
+    from kernels.sm90.host_prepare_experts import prepare_gate_up  # noqa: PLC0415
+    from kernels.sm90.host_decode import grouped_weight_to_f32  # noqa: PLC0415
+    from verify.verdicts.judges.prepare import check_prepared_weight  # noqa: PLC0415
+
+    ex = ckpt.load_layer(0).experts
+    w1, w3 = ex.w1, ex.w3
+    swapped = prepare_gate_up(w3.weight_u8, w3.weight_scale_e4m3, w3.weight_scale_2_f32,
+                              w1.weight_u8, w1.weight_scale_e4m3, w1.weight_scale_2_f32)
+    gate, _ = grouped_weight_to_f32(swapped)
+    with pytest.raises(AssertionError, match="prepared values differ"):
+        check_prepared_weight("moe.l1 experts.w1", gate, w1, {}, "gate")

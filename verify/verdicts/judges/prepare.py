@@ -65,8 +65,10 @@ def check_prepared_weight(label: str, got: Tensor, lin, metrics: dict, key: str)
     metrics[f"prepare_mismatches_{key}"] = int(bad.sum())
     hit = first_mismatch(bad)
     if hit is None:
-        return (f"{label}: {got.numel()} values equal the checkpoint's dequantized ones ({equal} bit-equal, the "
-                "rest within the one float32 rounding of weight_scale_2)")
+        rest = got.numel() - equal
+        return (f"{label}: {got.numel()} values equal the checkpoint's dequantized ones (" +
+                ("all bit-equal)" if rest == 0 else
+                 f"{equal} bit-equal, {rest} within the float32 rounding of weight_scale_2)"))
     _, coord = hit
     raise AssertionError(f"{label} {tuple(got.shape)}: {int(bad.sum())}/{got.numel()} prepared values differ from the "
                          f"checkpoint's dequantized ones; first at {coord}: prepared {float(g64[coord]):.9g}, "
