@@ -146,11 +146,13 @@ def chunked_gemm_error_bound(abs_dot_f64: Tensor, y64: Tensor, alpha_f32: Tensor
 
 
 def grouped_mode_gemm_f64(rows: Tensor, offsets_i64: Tensor, w: Weight, mode: str, *, recipe: Recipe,
-                          input_scale_f32: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                          input_scale_f32: Tensor | None = None,
+                          w_values: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The grouped GEMM of `mode`: rows offsets[e]:offsets[e+1] (expert-sorted, [R, K]) times expert e of the
     stack w ([E, N, ...]), each expert's activations quantized on their own (one global / per-tensor scale per
-    expert, as the grouped quantizers do; input_scale_f32 [E] static, None dynamic). Returns (y64 [R, N],
-    abs_dot [R, N], alpha_f32 per row [R, 1]); zero-token experts are skipped."""
+    expert, as the grouped quantizers do; input_scale_f32 [E] static, None dynamic). w_values [E, N, K]: the
+    weights' values replaced (mode_gemm_f64_on; alpha is then the activation decode scale alone). Returns
+    (y64 [R, N], abs_dot [R, N], alpha_f32 per row [R, 1]); zero-token experts are skipped."""
     out = torch.zeros(rows.shape[0], w.n, dtype=torch.float64, device=rows.device)
     abs_dot = torch.zeros_like(out)
     alpha = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
@@ -159,6 +161,10 @@ def grouped_mode_gemm_f64(rows: Tensor, offsets_i64: Tensor, w: Weight, mode: st
         if lo == hi:
             continue
         scale = None if input_scale_f32 is None else input_scale_f32.reshape(-1)[e]
-        y, d, a = mode_gemm_f64(rows[lo:hi], w.expert(e), mode, recipe=recipe, input_scale_f32=scale)
+        if w_values is None:
+            y, d, a = mode_gemm_f64(rows[lo:hi], w.expert(e), mode, recipe=recipe, input_scale_f32=scale)
+        else:
+            y, d, a = mode_gemm_f64_on(rows[lo:hi], w.expert(e), w_values[e], mode, recipe=recipe,
+                                       input_scale_f32=scale)
         out[lo:hi], abs_dot[lo:hi], alpha[lo:hi] = y, d, a
     return out, abs_dot, alpha

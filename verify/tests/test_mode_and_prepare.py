@@ -196,9 +196,13 @@ def test_the_bound_still_fails_a_wrong_gemm_on_a_wrong_prepare(ckpt):
 
 
 def test_a_backend_without_dequantize_prepared_is_not_served_for_prepare(ckpt):
-    from verify.selftest import Bugged  # noqa: PLC0415 (a protocol-only wrapper: no dequantize_prepared)
+    from verify.backends import Backend  # noqa: PLC0415
 
-    run = _run(ckpt, Bugged(EmulatorBackend(), "none"))
+    class NoDecode(EmulatorBackend):
+        name = "emulator-without-dequantize-prepared"
+        dequantize_prepared = Backend.dequantize_prepared  # the base class's: not served
+
+    run = _run(ckpt, NoDecode())
     v = next(v for v in run.verdicts if v.check == "prepare")
     assert v.status == "not served" and "dequantize_prepared" in v.message
 
@@ -251,3 +255,23 @@ def test_sm90_decode_blames_a_swapped_gate_up_interleave_on_prepare(ckpt):
     gate, _ = grouped_weight_to_f32(swapped)
     with pytest.raises(AssertionError, match="prepared values differ"):
         check_prepared_weight("moe.l1 experts.w1", gate, w1, {}, "gate")
+
+
+def test_a_prepare_that_applies_the_scale_twice_to_the_experts_fails_prepare_and_not_the_grouped_gemms(ckpt):
+    """The same repack on the expert stacks: moe.l1 / moe.l2 fail prepare only (their GEMMs judged on the
+    backend's own stacks); the fused L1 and the whole block, judged on the checkpoint's weights, fail too."""
+    class ExpertsScaledTwice(EmulatorBackend):
+        name = "planted-prepare-experts-scale-twice"
+
+        def prepare_experts(self, experts):
+            st = super().prepare_experts(experts)
+            sq = [dataclasses.replace(w, global_dec_f32=(w.global_dec_f32 * w.global_dec_f32).to(torch.float32))
+                  for w in (st.w1, st.w3, st.w2)]
+            return type(st)(*sq)
+
+    run = _run(ckpt, ExpertsScaledTwice())
+    failed = {(v.stage, v.check) for v in run.failed}
+    assert failed == {("moe.l1", "prepare"), ("moe.l2", "prepare"), ("moe.l1_fused", "interval"),
+                      ("moe.block", "bound")}, "\n".join(f"{v.stage} {v.check}: {v.message[:200]}" for v in run.failed)
+    bound = next(v for v in run.verdicts if v.stage == "moe.l1" and v.check == "bound")
+    assert "own prepared" in bound.message, bound.message
