@@ -51,7 +51,9 @@ class Check(enum.Enum):
     """What a verdict compares (DESIGN "Verdicts")."""
 
     BYTES = "bytes"            # quantized bytes equal the emulator's (codes, scales, global scale)
+    PREPARE = "prepare"        # the backend's prepared weights decoded back equal the checkpoint's dequantized ones
     BOUND = "bound"            # every element within the rigorous accumulation bound (ratio <= 1)
+    MODE = "mode"              # GEMM: the numerics mode the output matches (references.modes) is the declared one
     ROUNDING = "rounding"      # elementwise: within the output dtype's rounding of the exact result
     IDS = "ids"                # router expert ids equal, near-ties reported
     WEIGHTS = "weights"        # router weights within the fp32 bound
@@ -61,8 +63,6 @@ class Check(enum.Enum):
     PADDING = "padding"        # the GEMM never reads scale padding: 0xFF / 0x7F there change no output bit
     SYNC = "sync"              # no host synchronization in the stage
     GRAPH = "graph"            # captured once, replayed on mutated inputs: bit-equal to eager
-    MODE = "mode"              # GEMM: the numerics mode the output matches (references.modes) is the declared one
-    PREPARE = "prepare"        # the backend's prepared weights decoded back equal the checkpoint's dequantized ones
 
 
 SHARED_EXPERT, DENSE_MLP = "shared", "dense"  # name prefixes of the gated-MLP stages (same stages, two places)
