@@ -91,8 +91,9 @@ def test_report_rerenders_from_json(tmp_path, capsys):
     assert main(["report", str(baseline_run_dir()), "--html", str(out)]) == 0
     text = capsys.readouterr().out
     # 134 = 116 NVFP4 and FP8 verdicts + the bytes verdicts of the 6 FP8 stages on layers 1-3 (FP8 activations
-    # became a boundary tensor: skipped -> pass)
-    assert "PASS: 134 pass, 0 fail" in text and "projected 61-layer sweep" in text
+    # became a boundary tensor: skipped -> pass); 198 = 134 + the mode and prepare verdicts of the 8 GEMM stages
+    # on each of the 4 layers (issue 24)
+    assert "PASS: 198 pass, 0 fail" in text and "projected 61-layer sweep" in text
     assert out.read_text() == render_html(load_json(baseline_run_dir() / "report.json"))
 
 
