@@ -557,7 +557,7 @@ INJECTORS: tuple[Injector, ...] = (
     # numerics mode and load-time prepare (issue 24): a dense linear that says W4A4 and computes W4A16, and a
     # repack that applies weight_scale_2 twice (prepare fails; without dequantize_prepared, the bound)
     Injector("declares-w4a4-computes-w4a16", "numerics mode: W4A16 computed where W4A4 is declared",
-             _ops(Op.DENSE_LINEAR), checks=("mode",), formats=("nvfp4",)),
+             _ops(Op.DENSE_LINEAR), blind=_BYTES, formats=("nvfp4",)),
     Injector("prepare-scale-applied-twice", "load-time repack applying weight_scale_2 twice", _WEIGHTS,
              blind=_BYTES, formats=("nvfp4",)),
     Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",
