@@ -201,18 +201,14 @@ PLANTED = {
     # block, so a bug planted only in a stage-level op the block does not call leaves it passing)
     "swapped-nibbles": (0, {(s, "bytes") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
                                                    "shared.l1", "shared.l2")}),
-    # a wrong weight operand fails every GEMM that reads it, the fused L1 included; its output matches no
-    # numerics mode, so each GEMM stage's mode check fails with its bound ("matches no mode")
-    "untransposed-scale-matrix": (0, {(s, c) for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                       "shared.l1", "shared.l2", "moe.l1", "moe.l2")
-                                      for c in ("bound", "mode")}
+    # a wrong weight operand fails every GEMM that reads it, the fused L1 included
+    "untransposed-scale-matrix": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
+                                                        "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
                                   | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
-    "global-scale-inverted": (0, {(s, c) for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                   "shared.l1", "shared.l2", "moe.l1", "moe.l2")
-                                  for c in ("bound", "mode")}
+    "global-scale-inverted": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
+                                                               "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
                               | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
-    "gate-up-interleave-halved": (0, {("moe.l1", "bound"), ("moe.l1", "mode"), ("moe.l1_fused", "interval"),
-                                      ("moe.block", "bound")}),
+    "gate-up-interleave-halved": (0, {("moe.l1", "bound"), ("moe.l1_fused", "interval"), ("moe.block", "bound")}),
     "garbage-in-scale-padding": (0, {("moe.act_quant", "bytes"), ("moe.requant", "bytes")}),
     # the emulator's fused L1 uses the same SwiGLU: both stages must see the dropped clamp
     "swiglu-clamp-dropped": (0, {("moe.swiglu", "rounding"), ("moe.l1_fused", "interval")}),

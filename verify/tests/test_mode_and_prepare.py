@@ -275,3 +275,21 @@ def test_a_prepare_that_applies_the_scale_twice_to_the_experts_fails_prepare_and
                       ("moe.block", "bound")}, "\n".join(f"{v.stage} {v.check}: {v.message[:200]}" for v in run.failed)
     bound = next(v for v in run.verdicts if v.stage == "moe.l1" and v.check == "bound")
     assert "own prepared" in bound.message, bound.message
+
+
+def test_an_output_wrong_in_every_mode_fails_the_bound_and_leaves_mode_to_it(ckpt):
+    """3 % off in every output: no mode matches; the bound fails (once), the mode check says so without
+    failing a second time (skipped, never a pass)."""
+    class ThreePercentOff(EmulatorBackend):
+        name = "planted-dense-linear-3-percent-off"
+
+        def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+            y = super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+            return (y.float() * 1.03).to(torch.bfloat16)
+
+    run = _run(ckpt, ThreePercentOff())
+    stages = _nvfp4_dense_stages(run) or sorted({v.stage for v in run.failed})
+    for s in stages:
+        got = {v.check: v for v in run.verdicts if v.stage == s}
+        assert got["bound"].status == "fail", got["bound"].message
+        assert got["mode"].status == "skipped" and "matches no mode" in got["mode"].message, got["mode"].message

@@ -11,9 +11,12 @@ or all-zero comparison count as ratio inf).
 
   pass  the declared mode matches; when other modes match too (possible on degenerate data, e.g. inputs
         that NVFP4 represents exactly), the message says the modes cannot be told apart on this data;
-  fail  the declared mode does not match, naming both: "declared w4a4, output matches w4a16 (max bound ratio
-        0.3), not w4a4 (ratio 41)"; or no mode matches ("matches no mode": every ratio, smallest first; the
-        bound check fails too, this says the output is not a mode mix-up).
+  fail  the declared mode does not match and another does, naming both: "declared w4a4, output matches w4a16
+        (max bound ratio 0.3), not w4a4 (ratio 41)";
+  skipped  no mode matches: the output is wrong in every mode, which is the bound check's failure (the bound
+        judges the declared mode or the one the output matches, so with no match it always fails: one failure,
+        where it belongs); the message gives every ratio, smallest first. A part with no match among parts
+        that fail as above still fails the check.
 Metrics: mode_ratio_<mode>_<part> for every candidate (golden tolerances: verify.golden, per mode).
 """
 
@@ -87,7 +90,7 @@ def mode_ratio(y: Tensor, y64: Tensor, bound: Tensor) -> float:
 def mode(ctx, stage: Stage, out, metrics: dict) -> str:
     """mode: each part's output matches its declared mode (module docstring)."""
     __tracebackhide__ = True
-    msgs, fails = [], []
+    msgs, fails, none = [], [], []
     for case in out.modes():
         ratios = {m: mode_ratio(case.y, y64, bnd) for m, (y64, bnd) in case.candidates().items()}
         key = case.label.removeprefix(f"{stage.name}.") if case.label != stage.name else "y"
@@ -105,10 +108,12 @@ def mode(ctx, stage: Stage, out, metrics: dict) -> str:
                          f"{ratios[best]:.3g}), not {case.declared} (ratio {ratios.get(case.declared, math.inf):.3g})"
                          f"; all ratios: {words}{case.note}")
         else:
-            fails.append(f"{case.label}: declared {case.declared}, output matches no mode (bound ratios {words}): "
-                         f"wrong in every mode, not a mode mix-up{case.note}")
-    if not msgs and not fails:
-        raise Skipped("mode: no GEMM part to judge")
+            none.append(f"{case.label}: declared {case.declared}, output matches no mode (bound ratios {words}): "
+                        f"wrong in every mode, not a mode mix-up{case.note}")
     if fails:
-        raise AssertionError("; ".join(fails))
+        raise AssertionError("; ".join(fails + none))
+    if none:
+        raise Skipped("mode: " + "; ".join(none) + " (the bound check fails it)")
+    if not msgs:
+        raise Skipped("mode: no GEMM part to judge")
     return "; ".join(msgs)
