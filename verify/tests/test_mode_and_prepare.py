@@ -15,7 +15,7 @@ from references.layer import RunOptions
 from references.linear import Nvfp4Weight, dequantize_weight_f64, linear as ref_linear
 from references.modes import BF16, MODES_OF_FORMAT, W4A4, W4A8, W4A16, linear_in_mode, mode_gemm_f64
 from references.recipes import TE
-from references.stages import DENSE_LINEAR_STAGES, Check, Op
+from references.stages import DENSE_LINEAR_STAGES, Op
 from verify.backends import EmulatorBackend, NumericsMode
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
