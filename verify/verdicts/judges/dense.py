@@ -320,7 +320,7 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
                     _own_weight_slack(abs_own, a_dec)
         else:
             metrics.update(nan_inf(out.y_linear[i], key))
-            msgs.append(_mode_judged(out, i, label, metrics, f"bound_ratio_{key}"))
+            msgs.append(_mode_judged(out, i, label, metrics, f"bound_ratio_{key}", prefix="max |y - y64| / bound = "))
             metrics[f"vs_high_{key}"] = stage_metrics(out.y_linear[i].double(), ctx.case.high[label].double())
             continue
         metrics.update(nan_inf(y, key))
@@ -397,7 +397,7 @@ def _linear_bound(backend: Backend, out: DenseOutputs, i: int, label: str, metri
     return _mode_judged(out, i, label, metrics, f"bound_ratio_linear_{key}")
 
 
-def _mode_judged(out: DenseOutputs, i: int, label: str, metrics: dict, metric: str) -> str:
+def _mode_judged(out: DenseOutputs, i: int, label: str, metrics: dict, metric: str, *, prefix: str = "") -> str:
     """The bound of part i's dense_linear output at the declared mode. When it fails there but the output is
     within the bound of another mode, the accumulation is right for the math it did: the bound passes, judged
     at that mode, and says so; the `mode` check fails it, naming both (one failure, where it belongs). When no
@@ -417,10 +417,10 @@ def _mode_judged(out: DenseOutputs, i: int, label: str, metrics: dict, metric: s
         if other is None:
             raise
         metrics[metric] = other[1]
-        return (f"{label}: {other[1]:.3g} judged as {other[0]}, the mode it matches (declared {declared}: "
+        return (f"{label}: {prefix}{other[1]:.3g} judged as {other[0]}, the mode it matches (declared {declared}: "
                 "the mode check fails it)")
     metrics[metric] = ratio
-    return f"{label}: {ratio:.3g}"
+    return f"{label}: {prefix}{ratio:.3g}"
 
 
 JUDGE = Judge(collect, {Check.BOUND: bound, Check.MODE: mode, Check.PREPARE: prepare}, _ops)
