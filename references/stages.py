@@ -61,7 +61,9 @@ class Check(enum.Enum):
     """What a verdict compares (DESIGN "Verdicts")."""
 
     BYTES = "bytes"            # quantized bytes equal the emulator's (codes, scales, global scale)
+    PREPARE = "prepare"        # the backend's prepared weights decoded back equal the checkpoint's dequantized ones
     BOUND = "bound"            # every element within the rigorous accumulation bound (ratio <= 1)
+    MODE = "mode"              # GEMM: the numerics mode the output matches (references.modes) is the declared one
     ROUNDING = "rounding"      # elementwise: within the output dtype's rounding of the exact result
     IDS = "ids"                # router expert ids equal, near-ties reported
     WEIGHTS = "weights"        # router weights within the fp32 bound
@@ -116,10 +118,11 @@ class Stage:
 
 _B, _R, _Q = (Check.BOUND,), (Check.ROUNDING,), (Check.BYTES,)
 _V4 = ("deepseek_v4",)
-# a dense linear: its activation quantization's bytes, the GEMM's bound, batch invariance, graph safety
-_GEMM = (Check.BYTES, Check.BOUND, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
+# a dense linear: its activation quantization's bytes, its prepared weights, the GEMM's bound and numerics mode,
+# batch invariance, graph safety
+_GEMM = (Check.BYTES, Check.PREPARE, Check.BOUND, Check.MODE, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
 _PROBES = (Check.SYNC, Check.GRAPH)  # on CUDA: host-sync probe and CUDA-graph replay of the stage's op
-_GROUPED = (Check.BOUND, Check.BATCH, Check.PADDING, *_PROBES)
+_GROUPED = (Check.PREPARE, Check.BOUND, Check.MODE, Check.BATCH, Check.PADDING, *_PROBES)
 
 
 def _linear(name: str, input_: str, role: str, *, schemas=_V4, unit: str = "decoder") -> Stage:

@@ -44,6 +44,8 @@ METRIC_TOLERANCES: dict[str, tuple[float, float]] = {
     "bound_ratio": (1e-12, 1e-9),
     "bound_ratio_linear": (1e-12, 1e-9),
     "max_weight_ratio": (1e-12, 1e-9),
+    # the mode check's bound ratio of each candidate mode (mode_ratio_<mode>_<part>, verify.verdicts.judges.mode)
+    **{f"mode_ratio_{m}": (1e-12, 1e-9) for m in ("w4a4", "w4a16", "w4a8", "fp8_block", "bf16")},
 }
 
 

@@ -30,13 +30,14 @@ from references.fp8_act import (FP8_ACT_GROUP, FP8_ACT_UE8M0, f32_to_e4m3_bytes_
 from references.fp8_gemm import fp8_block_gemm_narrow_acc_model
 from references.fp8_weight import fp8_weight_from_v3_weight_scale_inv, fp8_weight_from_v4_e8m0_scale
 from references.layer import RunOptions
-from references.linear import nvfp4_global_scale_for
+from references.linear import Nvfp4Weight, nvfp4_global_scale_for
+from references.modes import W4A16, linear_in_mode
 from references.nvfp4 import (
     amax_by_recipe, block_scale_f32, e2m1_codes_with_scale, e2m1_grid_values, pack_e2m1x2_low_first,
     unpack_e2m1x2_low_first,
 )
 from references.stages import STAGES, Check, Op, Stage
-from verify.backends import Backend, Fp8QuantizedAct, QuantizedAct, RoutingOut
+from verify.backends import Backend, Fp8QuantizedAct, NumericsMode, QuantizedAct, RoutingOut
 from verify.backends.emulator import fp8_act_recipe_for_rule, fp8_act_scale_fmt
 from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.checkpoint import Checkpoint, Fp8BlockLinear, GatedMlp, Nvfp4Linear
@@ -278,6 +279,14 @@ def _fp8_swallowing(layer, inputs: LayerInputs) -> tuple[object, LayerInputs]:
     return layer, LayerInputs(inputs.token_ids_i64, x, inputs.x_ffn_bf16)
 
 
+@dataclass(frozen=True)
+class _W4A16Linear:
+    """declares-w4a4-computes-w4a16: the NVFP4 weight a dense_linear multiplies in W4A16 (bf16 activations)."""
+
+    weight: Nvfp4Weight
+    inner: object  # the wrapped backend's own prepared weight (its dense_gemm on the NVFP4 boundary stays honest)
+
+
 def _on_cuda(t: torch.Tensor) -> bool:
     return t.device.type == "cuda"
 
@@ -308,9 +317,30 @@ class Bugged:
                     "global-scale-inverted": _global_scale(torch.reciprocal),
                     "global-scale-dropped": _global_scale(torch.ones_like),
                     "e8m0-scale-read-as-a-number": _e8m0_read_as_numbers,
+                    # a load-time repack folding weight_scale_2 in twice (issue 24): blamed on prepare when the
+                    # backend decodes its prepared weights (dequantize_prepared), else on the GEMMs' bound
+                    "prepare-scale-applied-twice": _global_scale(lambda s: s * s),
                     "fp8-scale-grid-transposed": _fp8_scale_grid_transposed}
 
+    def numerics_mode(self, op, weight_format):
+        """The inner backend's declaration (w4a4 by default); declares-w4a4-computes-w4a16 says w4a4 for NVFP4."""
+        if self.bug == "declares-w4a4-computes-w4a16" and weight_format == "nvfp4":
+            return NumericsMode.W4A4
+        fn = getattr(self.inner, "numerics_mode", None)
+        if fn is not None:
+            return fn(op, weight_format)
+        return NumericsMode.FP8_BLOCK if weight_format == "fp8_block" else NumericsMode.W4A4  # Backend's defaults
+
+    def dequantize_prepared(self, prepared):
+        if self.bug != "prepare-scale-applied-twice":  # the other weight bugs stay the GEMM verdicts' to catch
+            raise NotImplementedError("not served: the selftest wrapper decodes prepared weights for "
+                                      "prepare-scale-applied-twice only")
+        return self.inner.dequantize_prepared(prepared)
+
     def prepare_linear(self, lin):
+        if self.bug == "declares-w4a4-computes-w4a16" and isinstance(lin, Nvfp4Linear):
+            # dense_linear computes W4A16 with references.modes; dense_gemm keeps the inner backend's operand
+            return _W4A16Linear(to_reference_weight(lin), self.inner.prepare_linear(lin))
         w = self.inner.prepare_linear(self._LINEAR_BUGS.get(self.bug, lambda x: x)(lin))
         if self.bug == "fp8-promotion-skipped" and isinstance(lin, Fp8BlockLinear):
             return _unpromoted(lin, w)
@@ -366,7 +396,7 @@ class Bugged:
         return a
 
     def dense_gemm(self, a, w):
-        return self._row_off(self.inner.dense_gemm(a, w))
+        return self._row_off(self.inner.dense_gemm(a, w.inner if isinstance(w, _W4A16Linear) else w))
 
     def grouped_gemm(self, a, offsets_i32, experts, *, layer):
         y = self.inner.grouped_gemm(a, offsets_i32, experts, layer=layer)
@@ -420,6 +450,8 @@ class Bugged:
         probes capture); on a CPU tensor they are no-ops, and the probes report 'needs a CUDA device'.
         fp8-promotion-skipped: an FP8 linear computed by references.fp8_gemm's model of a 14-bit truncating
         accumulator that never promotes to float32 (on the references' 1x128 activations)."""
+        if isinstance(w, _W4A16Linear):
+            return linear_in_mode(x_bf16, w.weight, W4A16, recipe=self.recipe)
         if isinstance(w, _UnpromotedFp8):
             act = quantize_act_fp8_1x128(x_bf16, recipe=fp8_act_recipe_for_rule(w.scale_rule))
             y = fp8_block_gemm_narrow_acc_model(act, w.weight,
@@ -526,6 +558,12 @@ INJECTORS: tuple[Injector, ...] = (
     Injector("every-code-sign-flipped", "E2M1 sign bit", _ops(Op.DENSE_LINEAR), formats=_NVFP4),
     Injector("one-clear-winner-swapped", "router: one token, one expert", _ops(Op.ROUTER)),
     # FP8 block-128 linears (NVFP4_FACTS 5b): the activation quantizer's bytes, the weight's scales, the accumulator
+    # numerics mode and load-time prepare (issue 24): a dense linear that says W4A4 and computes W4A16, and a
+    # repack that applies weight_scale_2 twice (prepare fails; without dequantize_prepared, the bound)
+    Injector("declares-w4a4-computes-w4a16", "numerics mode: W4A16 computed where W4A4 is declared",
+             _ops(Op.DENSE_LINEAR), blind=_BYTES, formats=("nvfp4",)),
+    Injector("prepare-scale-applied-twice", "load-time repack applying weight_scale_2 twice", _WEIGHTS,
+             blind=_BYTES, formats=("nvfp4",)),
     Injector("fp8-ue8m0-scale-rounded-down", "FP8 1x128 activation UE8M0 scale rounded down, not up",
              _ops(Op.DENSE_LINEAR), act="dynamic", blind=_NOT_BYTES, formats=_FP8),
     Injector("e8m0-scale-read-as-a-number", "FP8 weight E8M0 scale bytes read as numbers (b, not 2^(b-127))",

@@ -33,6 +33,8 @@ What a backend declares (shown by `python -m verify backends`):
   W4A4 for NVFP4 weights, FP8_BLOCK for FP8 block-128 weights, W4A4 for MXFP4;
 - version: a version string of its own, or None (the registry then reports the version of the
   distribution that provides it);
+- dequantize_prepared (optional method, not an op): its prepared weights decoded back, for the prepare
+  check; not overridden = that check is "not served";
 - not_served: op -> the sentence saying why this backend leaves the op out (instead of the generic
   "not served: <name> has no <op>");
 - launch_recorder(): provenance (verify.provenance): a context manager recording the kernels it launches
@@ -152,6 +154,13 @@ class Backend:
     def prepare_router(self, router: Router, spec: MoeSpec) -> object:
         """The router's gate (and bias or hash table) with the layer's MoeSpec -> the backend's router."""
         self._refuse("prepare_router")
+
+    def dequantize_prepared(self, prepared: object) -> Tensor | Mapping[str, Tensor]:
+        """Optional (no op of its own; the `prepare` check, verify.verdicts.judges.prepare): the backend's own
+        prepared operand decoded back to float32 in checkpoint layout, after its repack, interleave and scale
+        folding: a prepare_linear result -> [N, K]; a prepare_experts result -> {"w1", "w3", "w2": [E, N, K]}."""
+        raise NotImplementedError(f"not served: {self.name} has no dequantize_prepared (it cannot decode its "
+                                  "prepared weights back)")
 
     # ---------------------------------------------------------------- forward ops (graph-capturable where graph_safe)
 

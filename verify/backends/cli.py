@@ -1,11 +1,12 @@
 """`python -m verify backends`: the registry as tables, for this machine.
 
 One summary row per backend: where it comes from (built-in, entry point <dist>, module:attr), its
-version, recipe, declared u_acc and accumulator, the declared numerics mode of the GEMM ops it serves
-here per weight format (Backend.numerics_mode), whether it is graph-safe, and how many forward ops it
-serves on the device; then, per backend, each forward op served or not with its reason. A backend
-that cannot be loaded here (a missing dependency, a broken entry point) is listed with why, and the
-listing goes on: it exits 0 whatever the backends serve (2 for a bad --backend / --device).
+version, recipe, declared u_acc, whether it is graph-safe, and how many forward ops it serves on the
+device; then, per backend, its accumulator (NVFP4 and FP8 GEMMs) and each forward op served or not with its
+reason and, for the GEMM ops, the numerics mode it declares per weight format (Backend.numerics_mode:
+"nvfp4 w4a4", "fp8 fp8_block"; the `mode` check holds it to that). A backend that cannot be loaded here (a
+missing dependency, a broken entry point) is listed with why, and the listing goes on: it exits 0 whatever
+the backends serve (2 for a bad --backend / --device). Tables fit 80 columns (long cells wrap, never cut).
 """
 
 from __future__ import annotations
@@ -14,11 +15,22 @@ import argparse
 
 import torch
 
-from verify.backends.protocol import FORWARD_OPS, WEIGHT_FORMATS, Op
+from references.stages import Op
+from verify.backends.base import declared_fp8_accumulator
+from verify.backends.protocol import FORWARD_OPS
 from verify.backends.registry import (BACKEND_HELP, BackendEntry, auto_backend_name, backend_arg, get_backend,
                                       module_version, registered_backends, resolve_backend_spec)
 
-__all__ = ["add_backends_arguments", "cli_backends", "describe_backend"]
+__all__ = ["add_backends_arguments", "cli_backends", "describe_backend", "GEMM_OP_FORMATS"]
+
+# The GEMM ops and the weight formats each can meet (dense_gemm takes NVFP4 activations and weights only;
+# dense_linear also FP8 block-128 linears; the grouped ops and the block the routed experts, NVFP4 or, in MTP
+# layers, MXFP4).
+GEMM_OP_FORMATS: dict[Op, tuple[str, ...]] = {
+    Op.DENSE_GEMM: ("nvfp4",), Op.DENSE_LINEAR: ("nvfp4", "fp8_block"), Op.GROUPED_GEMM: ("nvfp4", "mxfp4"),
+    Op.L1_FUSED: ("nvfp4",), Op.MOE_BLOCK: ("nvfp4", "mxfp4"),
+}
+_FORMAT_WORD = {"nvfp4": "nvfp4", "fp8_block": "fp8", "mxfp4": "mxfp4"}
 
 
 def add_backends_arguments(p: argparse.ArgumentParser) -> None:
@@ -31,9 +43,10 @@ def add_backends_arguments(p: argparse.ArgumentParser) -> None:
 
 def describe_backend(spec: str, device: torch.device) -> dict:
     """What the listing shows of one backend spec: spec, name (the backend's own), origin, version (its
-    declared one, then its provider's in parentheses), recipe, u_acc, accumulator, graph_safe, ops
-    ({op: None or why it is not served on `device`}), or error (why it cannot be loaded here; then
-    nothing else is known)."""
+    declared one, then its provider's in parentheses), recipe, u_acc, accumulator, fp8_accumulator ((unit
+    roundoff, promotion interval or None) of its FP8 GEMMs), graph_safe, ops ({op: None or why it is not
+    served on `device`}), modes ({GEMM op: {weight format: declared numerics mode}}, GEMM_OP_FORMATS), or
+    error (why it cannot be loaded here; then nothing else is known)."""
     entry = resolve_backend_spec(spec, device)
     row = {"spec": spec, "name": entry.name, "origin": entry.origin, "version": _version(entry)}
     try:
@@ -47,29 +60,18 @@ def describe_backend(spec: str, device: torch.device) -> dict:
     return {**row, "name": b.name, "version": version,
             "recipe": getattr(recipe, "name", str(recipe)), "u_acc": float(b.u_acc),
             "accumulator": getattr(b, "accumulator", "undeclared"), "graph_safe": getattr(b, "graph_safe", True),
-            "ops": ops, "modes": _modes(b, [op for op in _GEMM_OPS if ops[op.value] is None])}
+            "fp8_accumulator": declared_fp8_accumulator(b),
+            "ops": {op.value: b.unsupported_reason(op, device) for op in FORWARD_OPS},
+            "modes": {op.value: {fmt: _declared(b, op, fmt) for fmt in fmts} for op, fmts in GEMM_OP_FORMATS.items()}}
 
 
-_GEMM_OPS = (Op.DENSE_GEMM, Op.DENSE_LINEAR, Op.GROUPED_GEMM, Op.L1_FUSED, Op.MOE_BLOCK)
+def _declared(backend: object, op: Op, fmt: str) -> str:
+    from verify.verdicts.judges.mode import declared_mode  # noqa: PLC0415 (verdicts import the backends)
 
-
-def _modes(b, served: list) -> dict[str, dict[str, str]]:
-    """{weight format: {op: declared mode}} of the GEMM ops served here (a backend without numerics_mode, one
-    that only satisfies the protocol, declares none)."""
-    mode_of = getattr(b, "numerics_mode", None)
-    if mode_of is None:
-        return {}
-    return {fmt: {op.value: mode_of(op, fmt).value for op in served} for fmt in WEIGHT_FORMATS if served}
-
-
-def _modes_text(modes: dict[str, dict[str, str]]) -> str:
-    """"nvfp4 w4a4; fp8_block fp8_block" (one mode per format), or the ops named where a format's differ."""
-    parts = []
-    for fmt, by_op in modes.items():
-        kinds = sorted(set(by_op.values()))
-        parts.append(f"{fmt} {kinds[0]}" if len(kinds) == 1 else
-                     f"{fmt} " + ", ".join(f"{m} ({op})" for op, m in by_op.items()))
-    return "; ".join(parts) or "-"
+    try:
+        return declared_mode(backend, op, fmt)
+    except Exception as e:  # noqa: BLE001 (a listing shows a broken declaration and goes on)
+        return f"invalid ({type(e).__name__})"
 
 
 def _version(entry: BackendEntry) -> str:
@@ -85,32 +87,39 @@ def cli_backends(args: argparse.Namespace) -> int:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     specs = args.backend or list(registered_backends())
     rows = [describe_backend(s, device) for s in specs]
-    console = Console() if Console().is_terminal else Console(width=200)
+    console = Console() if Console().is_terminal else Console(width=80)
     here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     summary = Table(title=f"backends on {device} ({here}); auto = {auto_backend_name(device)}")
-    for col in ("backend", "from", "version", "recipe", "u_acc", "accumulator", "numerics (GEMMs here)", "graph-safe",
-                "forward ops here"):
+    summary.add_column("backend", no_wrap=True)
+    # a word of the origin (an entry point's distribution name) is never split across lines
+    summary.add_column("from", min_width=max((len(w) for r in rows for w in r["origin"].split()), default=4))
+    for col in ("version", "recipe", "u_acc", "graph-safe", "ops here"):
         summary.add_column(col, overflow="fold")
     for r in rows:
         label = r["spec"] if r["spec"] == r["name"] else f"{r['spec']} ({r['name']})"
         if "error" in r:
-            summary.add_row(label, r["origin"], r["version"] or "-", "", "", "", "", "",
-                            f"[bold red]not loadable[/]: {r['error']}")
+            summary.add_row(label, r["origin"], r["version"] or "-", "", "", "", "[bold red]not loadable[/]")
             continue
         served = sum(reason is None for reason in r["ops"].values())
         summary.add_row(label, r["origin"], r["version"] or "-", r["recipe"], f"2^{_log2(r['u_acc'])}",
-                        r["accumulator"], _modes_text(r["modes"]), "yes" if r["graph_safe"] else "no",
-                        f"{served}/{len(r['ops'])} served")
+                        "yes" if r["graph_safe"] else "no", f"{served}/{len(r['ops'])}")
     console.print(summary)
     for r in rows:
         if "error" in r:
+            console.print(f"[bold]{r['spec']}[/]: [bold red]not loadable[/]: {r['error']}")
             continue
-        table = Table(title=f"{r['spec']}: forward ops on {device}")
+        u8, interval = r["fp8_accumulator"]
+        fp8 = f"FP8 GEMMs u 2^{_log2(u8)}" + ("" if interval is None else f", promoted to fp32 every {interval} of K")
+        table = Table(title=f"{r['spec']}: forward ops on {device}",
+                      caption=f"accumulator: {r['accumulator']}; {fp8}", caption_justify="left")
         table.add_column("op", no_wrap=True)
         table.add_column("here", no_wrap=True)
+        table.add_column("mode", no_wrap=True)
         table.add_column("reason", overflow="fold")
         for op, reason in r["ops"].items():
-            table.add_row(op, "[green]served[/]" if reason is None else "[yellow]not served[/]", reason or "")
+            modes = r["modes"].get(op, {})
+            cell = "\n".join(f"{_FORMAT_WORD[fmt]} {m}" for fmt, m in modes.items())
+            table.add_row(op, "[green]served[/]" if reason is None else "[yellow]not served[/]", cell, reason or "")
         console.print(table)
     return 0
 

@@ -1,5 +1,12 @@
 """The emulator backend: references/ served through the backend protocol, every op, any device.
 
+Numerics modes (references.modes): the emulator computes any mode a GEMM can have. Its dense_linear computes
+the mode it declares for the weight's format (`modes`, default w4a4 / fp8_block: the references' emulated
+linear); EmulatorBackend(modes={"nvfp4": NumericsMode.W4A16}) is a W4A16 emulator, and the `mode` check
+compares any backend's output with each of these. dense_gemm and grouped_gemm take NVFP4 activations
+(protocol.QuantizedAct): w4a4 by construction. `dequantize_prepared` decodes its prepared weights (the
+references' typed weights: no repack) back for the `prepare` check.
+
 Also `run_moe_block`: the routed MoE block composed from any backend's stage ops (the emulator's
 own block, and the oracle a production block is compared with bit for bit in the sm90 tests).
 """
@@ -17,12 +24,15 @@ from references import moe as ref_moe
 from references.codecs import round_f64_to
 from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.layer import MoeSpec
-from references.linear import Nvfp4Weight, Weight, linear as ref_linear
+from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, dequantize_weight_f64, \
+    linear as ref_linear
+from references.modes import linear_in_mode
 from references.mtp import Mxfp4ExpertStack, mxfp4_grouped_linear
 from references.mxfp4 import Mxfp4Weight
 from references.nvfp4 import decode_nvfp4_block_scaled
 from references.recipes import Recipe, recipe_by_name
 from references.router import route
+from references.stages import Op
 from verify.backends.base import Backend
 from verify.backends.protocol import FP8_SCALE_RULES, BackendProtocol, Dispatched, Fp8QuantizedAct, NumericsMode, \
     QuantizedAct, RoutingOut
@@ -31,7 +41,7 @@ from verify.checkpoint import fp8_act_scale_fmt  # re-exported: the rule the wei
 from verify.provenance import REFERENCE_BUILD, static_recorder
 from verify.reference_layer import to_reference_weight
 
-__all__ = ["EmulatorBackend", "run_moe_block", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
+__all__ = ["EmulatorBackend", "run_moe_block", "weight_format_of", "fp8_act_scale_fmt", "fp8_act_recipe_for_rule", "U_FP64"]
 
 U_FP64 = 2.0**-53  # float64 accumulation of exact products: the emulator's GEMMs
 
@@ -65,8 +75,23 @@ class EmulatorBackend(Backend):
     # the MTP block's MXFP4 experts take FP8 1x128 activations (references.mtp: W4A8), not NVFP4 ones
     modes = MappingProxyType({"mxfp4": NumericsMode.W4A8})
 
-    def __init__(self, recipe: Recipe | str = "te") -> None:
+    def __init__(self, recipe: Recipe | str = "te", *, modes: dict | None = None) -> None:
         self.recipe = recipe_by_name(recipe) if isinstance(recipe, str) else recipe
+        if modes is not None:  # (op, weight_format) or weight_format -> NumericsMode (Backend.modes)
+            self.modes = {k: NumericsMode(v) for k, v in modes.items()}
+
+    def computed_mode(self, op: Op, weight_format: str) -> NumericsMode:
+        """The mode its GEMMs compute: the declared one (a planted test backend overrides this to lie)."""
+        return self.numerics_mode(op, weight_format)
+
+    # ---------------------------------------------------------------- prepare check
+
+    def dequantize_prepared(self, prepared: Weight | ref_moe.ExpertStack) -> Tensor | dict[str, Tensor]:
+        """Its prepared weights (the references' typed weights, checkpoint layout) dequantized: float32
+        [N, K], or {"w1", "w3", "w2": [E, N, K]} for the experts (one rounding of the exact float64 value)."""
+        if isinstance(prepared, ref_moe.ExpertStack):
+            return {r: dequantize_weight_f64(getattr(prepared, r)).float() for r in ("w1", "w3", "w2")}
+        return dequantize_weight_f64(prepared).float()
 
     def launch_recorder(self):
         """Provenance: every op is references/ code in torch ("reference"; verify.provenance)."""
@@ -173,7 +198,13 @@ class EmulatorBackend(Backend):
 
     def dense_linear(self, x_bf16: Tensor, w: Weight, *, input_dec_scale_f32: Tensor | None = None) -> Tensor:
         """NVFP4 (static / dynamic), FP8 block-128 (activation scales as the weight stores its own:
-        E8M0 for V4, float32 for V3) or BF16 weight -> bf16 [M, N]."""
+        E8M0 for V4, float32 for V3) or BF16 weight -> bf16 [M, N], in the mode it computes for the weight's
+        format (module docstring; w4a4 / fp8_block: the references' emulated linear)."""
+        fmt = weight_format_of(w)
+        mode = None if fmt is None else self.computed_mode(Op.DENSE_LINEAR, fmt)
+        if mode not in (None, NumericsMode.W4A4, NumericsMode.FP8_BLOCK):
+            return linear_in_mode(x_bf16, w, mode.value, recipe=self.recipe, input_scale_f32=input_dec_scale_f32,
+                                  fp8_scale_fmt=fp8_act_scale_fmt(w))
         y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32,
                           fp8_scale_fmt=fp8_act_scale_fmt(w))
         return y
@@ -207,6 +238,17 @@ class EmulatorBackend(Backend):
                              weight_placement=weight_placement, act_scale=act_scale,
                              static_scales=_emulator_static_scales(experts) if act_scale == "static" else None,
                              token_ids_i64=token_ids_i64)
+
+
+def weight_format_of(w: Weight) -> str | None:
+    """protocol.WEIGHT_FORMATS name of a references weight (None: BF16, which has one mode)."""
+    if isinstance(w, Nvfp4Weight):
+        return "nvfp4"
+    if isinstance(w, Fp8Block128Weight):
+        return "fp8_block"
+    if isinstance(w, Bf16Weight):
+        return None
+    raise TypeError(f"weight: expected a references.linear weight, got {type(w).__name__}")
 
 
 def fp8_act_recipe_for_rule(scale_rule: str):

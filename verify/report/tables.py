@@ -18,7 +18,7 @@ __all__ = ["format_ratio", "loss_table", "verdict_table", "render_text", "new_ta
 # check -> header of the narrow layout (at most 4 characters, the width of "FAIL")
 CHECK_ABBREVIATIONS = {"bytes": "byte", "bound": "bnd", "rounding": "rnd", "ids": "ids", "weights": "wts",
                        "exact": "exct", "interval": "ivl", "batch": "btch", "padding": "pad", "valid": "vld", "sync": "sync",
-                       "graph": "grph"}
+                       "graph": "grph", "mode": "mode", "prepare": "prep"}
 # status -> (wide text, narrow text, rich style)
 STATUS_TEXT = {"pass": ("pass", "ok", "green"), "fail": ("FAIL", "FAIL", "bold red"),
                "not served": ("not served", "n/s", "yellow"), "skipped": ("n/a", "n/a", "dim")}

@@ -28,6 +28,12 @@ Checks (references.stages.Check; DESIGN "Verdicts"):
             result on the same quantized operands (ratio <= 1, the backend's declared u_acc);
             dense linears: also the one-call dense_linear against the references' quantization;
             moe.block: within the block interval (moe_block_bound);
+  prepare   GEMM stages: the backend's prepared weights decoded back by its dequantize_prepared equal the
+            checkpoint's dequantized ones (judges/prepare.py; "not served" without that method); when they
+            differ, the stage's bound and mode judge the GEMM on the backend's own weights (blame on prepare);
+  mode      GEMM stages: the output matches its declared numerics mode (w4a4, w4a16, w4a8, fp8_block, bf16;
+            references.modes) within that mode's bound, naming the mode it does match otherwise
+            (judges/mode.py); no match at all is the bound's failure (mode skipped with every ratio);
   rounding  SwiGLU h: within one ulp of its dtype of the exact value (a faithful rounding);
   ids       router: expert ids equal; where the reference's k-th and (k+1)-th selection values are
             closer than their fp32 error bound the difference is a near-tie, reported, not failed

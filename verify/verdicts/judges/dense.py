@@ -34,7 +34,8 @@ from references.fp8_weight import (Fp8BlockScaledWeight, fp8_weight_from_v3_weig
                                    fp8_weight_from_v4_e8m0_scale)
 from references.gemm import gemm_error_bound, nvfp4_gemm_f64
 from references.linear import act_global_dec_f32, nvfp4_global_scale_for, quantized_operands
-from references.nvfp4 import quantize_nvfp4
+from references.modes import FP8_BLOCK, mode_gemm_f64, mode_gemm_f64_on, modes_of_weight
+from references.nvfp4 import decode_nvfp4_block_scaled, quantize_nvfp4
 from references.stages import FUSED_INPUT_ROLES, INPUT_ATTN, INPUT_FFN, Check, Op, Stage
 from verify.assertions import assert_within_gemm_bound
 from verify.backends.emulator import fp8_act_recipe_for_rule, fp8_act_scale_fmt
@@ -45,6 +46,8 @@ from verify.reference_layer import to_reference_weight
 from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.model import LayerCase
+from verify.verdicts.judges.mode import ModeCase, candidate_bound, declared_mode, mode, mode_ratio
+from verify.verdicts.judges.prepare import dequantized_by_backend, own_weight_if_it_differs, prepare
 from verify.verdicts.quantized import nan_inf
 
 __all__ = ["JUDGE"]
@@ -136,10 +139,69 @@ class DenseOutputs(Outputs):
     y_gemm: list[Tensor]          # NVFP4: dense_gemm(a, w) per part
     y_linear: list[Tensor]        # dense_linear(x, w) per part (NVFP4: with the static scale)
     fp8_acts: list[Fp8QuantizedAct] = field(default_factory=list)  # FP8: quantize_fp8(x) per scale rule
+    _candidates: dict = field(default_factory=dict, repr=False)     # part -> {mode: (y64, bound)}, once
+    _own: dict = field(default_factory=dict, repr=False)            # part -> the backend's own weight or None
 
     @property
     def nvfp4(self) -> bool:
-        return self.a is not None
+        return _is_nvfp4(self.lins)
+
+    @property
+    def weight_format(self) -> str | None:
+        """protocol.WEIGHT_FORMATS name of the stage's weights (None: BF16, one mode)."""
+        return "nvfp4" if self.nvfp4 else "fp8_block" if _is_fp8(self.lins) else None
+
+    def declared(self) -> str:
+        fmt = self.weight_format
+        if fmt is None:
+            lin = self.lins[0]
+            raise Skipped(f"mode: {lin.module} is {lin.format}: one mode (bf16), judged by the bound")
+        return declared_mode(self.backend, Op.DENSE_LINEAR, fmt)
+
+    def own_weight(self, i: int) -> Tensor | None:
+        """The backend's own decoded weight of part i when it differs from the checkpoint's (the prepare check
+        fails it; judges.prepare.own_weight_if_it_differs), else None."""
+        if i not in self._own:
+            self._own[i] = own_weight_if_it_differs(self.backend, self.prepared[i], self.lins[i]) \
+                if self.prepared else None
+        return self._own[i]
+
+    def candidates(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
+        """{mode: (y64, bound)} of part i for every mode its weight allows (references.modes), with this
+        backend's accumulators (judges.mode.candidate_bound; fp8_block: the FP8 bound of _unquantized_act_bound).
+        When the backend's prepared weight differs from the checkpoint's (the prepare check fails it), on the
+        backend's own decoded weight, the bound widened by _own_weight_slack."""
+        if i not in self._candidates:
+            lin, y, x = self.lins[i], self.y_linear[i], self.x
+            w = to_reference_weight(lin)
+            own = self.own_weight(i)
+            cands = {}
+            for m in modes_of_weight(w):
+                if own is not None:
+                    y64, abs_dot, a_dec = mode_gemm_f64_on(x, w, own, m, recipe=self.backend.recipe,
+                                                           input_scale_f32=self.scale, fp8_scale_fmt=fp8_act_scale_fmt(w))
+                    cands[m] = (y64, candidate_bound(self.backend, m, y64, abs_dot, a_dec, k=x.shape[1],
+                                                     out_dtype=y.dtype) + _own_weight_slack(abs_dot, a_dec))
+                    continue
+                if m == FP8_BLOCK:
+                    cands[m] = _unquantized_act_bound(self.backend, x, lin, y.dtype)
+                    continue
+                y64, abs_dot, alpha = mode_gemm_f64(x, w, m, recipe=self.backend.recipe, input_scale_f32=self.scale,
+                                                    fp8_scale_fmt=fp8_act_scale_fmt(w))
+                cands[m] = (y64, candidate_bound(self.backend, m, y64, abs_dot, alpha, k=x.shape[1], out_dtype=y.dtype))
+            self._candidates[i] = cands
+        return self._candidates[i]
+
+    def modes(self) -> list[ModeCase]:
+        declared = self.declared()
+        own = " (on the backend's own prepared weight, which the prepare check fails)"
+        return [ModeCase(self.stage.tensor(part), self.y_linear[i], declared, lambda i=i: self.candidates(i),
+                         own if self.own_weight(i) is not None else "")
+                for i, (part, _) in enumerate(_roles(self.stage))]
+
+    def prepared_weights(self, ctx: JudgeContext) -> list[tuple[str, str, Tensor, object]]:
+        return [(f"{self.stage.tensor(part)} weight", part or "y", dequantized_by_backend(self.backend, w), lin)
+                for (part, _), w, lin in zip(_roles(self.stage), self.prepared, self.lins)]
 
     def quantized(self) -> tuple[QuantizedAct, QuantizedAct] | list[tuple[Fp8QuantizedAct, Fp8QuantizedAct]]:
         if self.fp8_acts:  # FP8 block-128: the backend's quantize_fp8 vs references/fp8_act.py, per rule
@@ -196,7 +258,12 @@ def _ops(ctx: JudgeContext, stage: Stage, check: Check) -> tuple[Op, ...]:
     nvfp4 = _is_nvfp4(lins)
     if check is Check.BYTES:
         return (Op.QUANTIZE,) if nvfp4 else (Op.QUANTIZE_FP8,) if _is_fp8(lins) else ()
-    if check in (Check.BOUND, Check.PADDING) and nvfp4:  # both run the GEMM on the quantized boundary
+    if check is Check.PREPARE:  # and dequantize_prepared, which the check itself asks for (not an op)
+        return (Op.PREPARE,)
+    # both run the GEMM on the quantized boundary; a dense_linear declared other than w4a4 has its bound
+    # judged on its own (its activations are no NVFP4 boundary tensor)
+    w4a4 = nvfp4 and declared_mode(ctx.backend, Op.DENSE_LINEAR, "nvfp4") == "w4a4"
+    if (check is Check.PADDING and nvfp4) or (check is Check.BOUND and w4a4):
         return _LINEAR_OPS + (Op.QUANTIZE, Op.DENSE_GEMM)
     return _LINEAR_OPS  # batch, sync, graph: the one-call dense_linear
 
@@ -216,7 +283,8 @@ def collect(ctx: JudgeContext, stage: Stage) -> DenseOutputs:
         return DenseOutputs(b, case, stage, x, lins, prepared, None, None, [], [b.dense_linear(x, w) for w in prepared],
                             fp8_acts)
     scale = _static_scale(case, roles[0][1])
-    a = b.quantize(x, input_dec_scale_f32=scale)
+    a = b.quantize(x, input_dec_scale_f32=scale) if b.unsupported_reason(Op.QUANTIZE, ctx.device) is None else None
+    gemm = gemm and a is not None
     return DenseOutputs(b, case, stage, x, lins, prepared, scale, a, [b.dense_gemm(a, w) for w in prepared] if gemm else [],
                         [b.dense_linear(x, w, input_dec_scale_f32=scale) for w in prepared])
 
@@ -232,6 +300,11 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
     msgs = []
     for i, ((part, _), lin) in enumerate(zip(_roles(stage), out.lins)):
         label, key = stage.tensor(part), part or "y"
+        if out.nvfp4 and not out.y_gemm:  # no NVFP4 boundary GEMM (a dense_linear declared w4a16, w4a8, bf16)
+            metrics.update(nan_inf(out.y_linear[i], key))
+            msgs.append(_linear_bound(b, out, i, f"{label} (dense_linear)", metrics, key))
+            metrics[f"vs_high_{key}"] = stage_metrics(out.y_linear[i].double(), ctx.case.high[label].double())
+            continue
         if out.nvfp4:
             y = out.y_gemm[i]
             a_sf = ref_layouts.sf_swizzled_128x4_to_linear(a.sf_swizzled_u8, rows=m, cols=k // 16)
@@ -239,17 +312,36 @@ def bound(ctx: JudgeContext, stage: Stage, out: DenseOutputs, metrics: dict) -> 
             y64, abs_dot = nvfp4_gemm_f64(a.packed_u8, a_sf, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8),
                                           alpha)
             bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=b.u_acc, out_dtype=y.dtype)
+            own = out.own_weight(i)
+            if own is not None:  # prepare fails this weight: the GEMM judged on the backend's own
+                a64 = decode_nvfp4_block_scaled(a.packed_u8, a_sf, dtype=torch.float64)
+                a_dec = a.global_dec_f32.to(torch.float32).reshape(())
+                y64 = (a64 @ own.double().T) * a_dec.double()
+                abs_own = a64.abs() @ own.double().abs().T
+                bnd = gemm_error_bound(abs_own, y64, a_dec, k=k, u_acc=b.u_acc, out_dtype=y.dtype) + \
+                    _own_weight_slack(abs_own, a_dec)
         else:
-            y = out.y_linear[i]
-            y64, bnd = _unquantized_act_bound(b, x, lin, y.dtype)
+            metrics.update(nan_inf(out.y_linear[i], key))
+            msgs.append(_mode_judged(out, i, label, metrics, f"bound_ratio_{key}", prefix="max |y - y64| / bound = "))
+            metrics[f"vs_high_{key}"] = stage_metrics(out.y_linear[i].double(), ctx.case.high[label].double())
+            continue
         metrics.update(nan_inf(y, key))
         ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
         metrics[f"bound_ratio_{key}"] = ratio
         metrics[f"vs_high_{key}"] = stage_metrics(y.double(), ctx.case.high[label].double())
         msgs.append(f"{label}: max |y - y64| / bound = {ratio:.3g}")
         if out.nvfp4:  # the one-call path (quantize + GEMM, its own alpha) against the references' operands
-            msgs.append(_linear_bound(b, out, lin, out.y_linear[i], f"{label} (dense_linear)", metrics, key))
-    return f"{'; '.join(msgs)} ({_accumulator_words(b, out.lins[0])}, K={k}, {out.lins[0].format})"
+            msgs.append(_linear_bound(b, out, i, f"{label} (dense_linear)", metrics, key))
+    own = [stage.tensor(p) for i, (p, _) in enumerate(_roles(stage)) if out.own_weight(i) is not None]
+    note = (f"; judged on the backend's own prepared weights of {', '.join(own)} (dequantize_prepared), which "
+            "differ from the checkpoint's: the prepare check fails them") if own else ""
+    return f"{'; '.join(msgs)} ({_accumulator_words(b, out.lins[0])}, K={k}, {out.lins[0].format}){note}"
+
+
+def _own_weight_slack(abs_dot: Tensor, a_dec_f32: Tensor) -> Tensor:
+    """What a backend's float32 decoded weight (one rounding of its value) and the kernel's float32 alpha (one
+    more) may differ by from the products the kernel really forms: 3 float32 unit roundoffs of |a_dec| sum |a w|."""
+    return 3 * 2.0**-24 * a_dec_f32.double().abs() * abs_dot
 
 
 def _accumulator_words(backend: Backend, lin) -> str:
@@ -296,24 +388,41 @@ def _fp8_block_weight(lin) -> Fp8BlockScaledWeight:
     return fp8_weight_from_v3_weight_scale_inv(lin.weight_e4m3, lin.scale_inv_f32, module=lin.module)
 
 
-def _linear_bound(backend: Backend, out: DenseOutputs, lin, y: Tensor, label: str, metrics: dict, key: str) -> str:
+def _linear_bound(backend: Backend, out: DenseOutputs, i: int, label: str, metrics: dict, key: str) -> str:
     """dense_linear (the backend's single call: its own quantization, alpha and GEMM) within the bound of the
-    float64 product of the references' quantization of x (the recipe's bytes, which the bytes verdict
-    requires of the backend's quantize) and the checkpoint weight, alpha = the activation decode scale (the
-    input_scale itself when static) x weight_scale_2. A wrong alpha inside the call (global-scale
-    direction, the wrong input_scale) fails here even when dense_gemm on the boundary is right."""
+    float64 product of its declared mode (w4a4: the references' quantization of x, the recipe's bytes, which
+    the bytes verdict requires of the backend's quantize, and the checkpoint weight, alpha = the activation
+    decode scale (the input_scale itself when static) x weight_scale_2; references.modes for the others).
+    A wrong alpha inside the call (global-scale direction, the wrong input_scale) fails here even when
+    dense_gemm on the boundary is right (_mode_judged: an output of another mode is the mode check's)."""
     __tracebackhide__ = True
-    x, scale = out.x, out.scale
-    m, k = x.shape
-    q = quantize_nvfp4(x, recipe=backend.recipe, **nvfp4_global_scale_for(x, recipe=backend.recipe,
-                                                                            input_scale_f32=scale))
-    alpha = act_global_dec_f32(q, scale).to(torch.float32).reshape(()) * \
-        lin.weight_scale_2_f32.to(torch.float32).reshape(())
-    y64, abs_dot = nvfp4_gemm_f64(q.packed_u8, q.sf_u8, lin.weight_u8, lin.weight_scale_e4m3.view(torch.uint8), alpha)
-    bnd = gemm_error_bound(abs_dot, y64, alpha, k=k, u_acc=backend.u_acc, out_dtype=y.dtype)
-    ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
-    metrics[f"bound_ratio_linear_{key}"] = ratio
-    return f"{label}: {ratio:.3g}"
+    return _mode_judged(out, i, label, metrics, f"bound_ratio_linear_{key}")
 
 
-JUDGE = Judge(collect, {Check.BOUND: bound}, _ops)
+def _mode_judged(out: DenseOutputs, i: int, label: str, metrics: dict, metric: str, *, prefix: str = "") -> str:
+    """The bound of part i's dense_linear output at the declared mode. When it fails there but the output is
+    within the bound of another mode, the accumulation is right for the math it did: the bound passes, judged
+    at that mode, and says so; the `mode` check fails it, naming both (one failure, where it belongs). When no
+    mode matches, the declared mode's bound failure is raised."""
+    __tracebackhide__ = True
+    y = out.y_linear[i]
+    cands = out.candidates(i)
+    declared = out.declared() if out.weight_format is not None else next(iter(cands))
+    if declared not in cands:
+        raise AssertionError(f"{label}: declared mode {declared} is not a mode of {out.weight_format} weights "
+                             f"({', '.join(cands)})")
+    y64, bnd = cands[declared]
+    try:
+        ratio = assert_within_gemm_bound(y, y64, bnd, label=label)
+    except AssertionError:
+        other = next(((m, r) for m in cands if m != declared and (r := mode_ratio(y, *cands[m])) <= 1), None)
+        if other is None:
+            raise
+        metrics[metric] = other[1]
+        return (f"{label}: {prefix}{other[1]:.3g} judged as {other[0]}, the mode it matches (declared {declared}: "
+                "the mode check fails it)")
+    metrics[metric] = ratio
+    return f"{label}: {prefix}{ratio:.3g}"
+
+
+JUDGE = Judge(collect, {Check.BOUND: bound, Check.MODE: mode, Check.PREPARE: prepare}, _ops)
