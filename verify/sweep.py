@@ -281,7 +281,7 @@ def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: st
         torch.cuda.synchronize(device)
     t_load = time.perf_counter() - t0
     run = run_layer(ckpt, layer, inputs, options=opened.options, backend=backend,
-                    on_phase=lambda name: progress.phase(unit.name, name))
+                    on_phase=lambda name: progress.phase(unit.name, name), controls=backend is not None)
     timings = {"load": t_load, **run.timings_s}
     timings["total"] = time.perf_counter() - t0
     doc = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings, rank=ctx.rank, device=device)

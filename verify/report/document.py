@@ -33,7 +33,7 @@ __all__ = [
     "bound_ratio", "stage_bound_ratios",
 ]
 
-SCHEMA_VERSION = "1.1"  # model_report.schema.json: 1.1 readers accept 1.0 documents
+SCHEMA_VERSION = "1.2"  # model_report.schema.json: 1.2 readers accept 1.1 and 1.0 documents (1.2: controls)
 SCHEMA_PATH = Path(__file__).with_name("model_report.schema.json")
 REPORT_KIND = "nvfp4-verify.model-report"
 UNIT_KIND = "nvfp4-verify.unit"
@@ -136,6 +136,11 @@ def unit_document(*, unit: dict, fingerprint: str, run=None, timings_s: dict, ra
                    histograms={s: error_histogram(run.emulated[s], run.high[s]) for s in run.loss},
                    verdicts=[v.as_dict() for v in run.verdicts + run.loss_failures],  # a garbage loss row fails
                    counts=verdict_counts(run.verdicts + run.loss_failures))
+        if run.controls:  # negative controls (verify.verdicts.controls): kept apart from the verdicts
+            from verify.verdicts.controls import control_counts  # noqa: PLC0415
+
+            doc.update(controls=[{k: v for k, v in c.as_dict().items() if k != "metrics"} for c in run.controls],
+                       control_counts=control_counts(run.controls))
     return finite_json(doc)
 
 
@@ -209,7 +214,14 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
             w = worst.setdefault(stage, {})
             if r > w.get("bound_ratio", -math.inf):
                 w.update(bound_ratio=r, bound_ratio_unit=u["unit"]["name"])
-    status = "fail" if failures else ("pass" if counts["pass"] else "no verdicts")
+    controls: dict[str, int] = {}
+    control_failures = []
+    for u in units:
+        for k, v in u.get("control_counts", {}).items():
+            controls[k] = controls.get(k, 0) + v
+        control_failures += [{"unit": u["unit"]["name"], "stage": c["stage"], "check": c["check"],
+                              "message": c["message"].split("\n")[0]} for c in u.get("controls", []) if c["status"] == "fail"]
+    status = "fail" if failures or control_failures else ("pass" if counts["pass"] else "no verdicts")
     timings = dict(timings)
     timings["phases_s"] = {**phase_totals(units), **timings.get("phases_s", {})}
     timings["per_unit_s"] = {u["unit"]["name"]: u["timings_s"].get("total") for u in units}
@@ -217,6 +229,7 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
     doc = {"kind": REPORT_KIND, "schema_version": SCHEMA_VERSION, "created": created, "command": command,
            "run": run, "backend": backend, "environment": environment, "distributed": distributed,
            "summary": {"status": status, "verdicts": counts, "failures": failures, "worst": worst,
+                       **({"controls": controls, "control_failures": control_failures} if controls else {}),
                        "units": [u["unit"]["name"] for u in units],
                        "not_verified": {u["unit"]["name"]: u["note"] for u in units if not u["verified"]}},
            "units": units, "timings": timings}

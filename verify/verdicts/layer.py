@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable, Iterable
 
 from references.stages import Check, Stage
 from verify.backends.base import Backend
 from verify.verdicts.checks import SkipStage, not_served, verdict_of
 from verify.verdicts.context import JudgeContext
+from verify.verdicts.controls import CONTROL_TIMING, control_verdict
 from verify.verdicts.judges import JUDGES
 from verify.verdicts.model import LayerCase, Verdict, applicable_stages
 
@@ -16,23 +18,24 @@ __all__ = ["judge_layer", "judge_stage"]
 
 def judge_layer(backend: Backend, case: LayerCase, *, stages: Iterable[Stage] | None = None,
                 timings: dict[str, float] | None = None,
-                on_phase: Callable[[str], None] | None = None) -> list[Verdict]:
+                on_phase: Callable[[str], None] | None = None, controls: list[Verdict] | None = None) -> list[Verdict]:
     """Every verdict of the layer's kernel stages (or of `stages` only), in table order, one per check
     each row lists. Each verdict's metrics hold "seconds": its stage's seconds shared among its verdicts.
     `timings` (the caller's sink) gets "graph_probe", the seconds spent in the sync and graph probes;
-    on_phase is told as each probe starts (verify.verdicts.context.JudgeContext)."""
+    on_phase is told as each probe starts (verify.verdicts.context.JudgeContext). `controls` (a list, when
+    given) receives each verdict's negative control (verify.verdicts.controls), in the same order."""
     ctx = JudgeContext(backend, case, {} if timings is None else timings, on_phase)
     out: list[Verdict] = []
     for stage in applicable_stages(case) if stages is None else stages:
         with ctx.timed_stage(stage):
-            verdicts = judge_stage(ctx, stage)
+            verdicts = judge_stage(ctx, stage, controls)
         for v in verdicts:
             v.metrics.setdefault("seconds", ctx.stage_seconds[stage.name] / max(1, len(verdicts)))
         out += verdicts
     return out
 
 
-def judge_stage(ctx: JudgeContext, stage: Stage) -> list[Verdict]:
+def judge_stage(ctx: JudgeContext, stage: Stage, controls: list[Verdict] | None = None) -> list[Verdict]:
     """One row of the stage table: its judge first collects the backend's outputs for the stage, then each
     check the row lists is looked up (the judge's own checks, else the generic ones) and judged."""
     judge = JUDGES.get(stage.op)
@@ -59,4 +62,8 @@ def judge_stage(ctx: JudgeContext, stage: Stage) -> list[Verdict]:
             continue
         fn = judge.check(check, stage)
         verdicts.append(verdict_of(stage.name, check, lambda metrics: fn(ctx, stage, outputs, metrics)))
+        if controls is not None:
+            t = time.perf_counter()
+            controls.append(control_verdict(ctx, stage, check, fn, outputs, verdicts[-1]))
+            ctx.timings[CONTROL_TIMING] = ctx.timings.get(CONTROL_TIMING, 0.0) + time.perf_counter() - t
     return verdicts
