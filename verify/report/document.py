@@ -30,7 +30,7 @@ __all__ = [
     "SCHEMA_VERSION", "SCHEMA_PATH", "REPORT_KIND", "UNIT_KIND", "VOLATILE_KEYS", "PROJECTION_LAYERS",
     "PROJECTION_GPUS", "HIST_EDGES_LOG10", "finite_json", "as_float", "error_histogram", "unit_document",
     "merge_report", "normalized", "validate", "load_json", "write_json", "projection", "phase_totals",
-    "bound_ratio", "stage_bound_ratios",
+    "bound_ratio", "stage_bound_ratios", "summary_status",
 ]
 
 SCHEMA_VERSION = "1.2"  # model_report.schema.json: 1.2 readers accept 1.1 and 1.0 documents (1.2: controls)
@@ -191,6 +191,12 @@ def projection(units: list[dict], startup_s: float, *, layers: int = PROJECTION_
             "gpus": {str(n): startup_s + math.ceil(layers / n) * t for n in gpus}}
 
 
+def summary_status(failures: list, counts: dict[str, int]) -> str:
+    """The report's status, the worst that holds: fail (any failed verdict or blind control) over pass (at
+    least one verdict passed) over no verdicts."""
+    return "fail" if failures else ("pass" if counts["pass"] else "no verdicts")
+
+
 def merge_report(units: list[dict], *, run: dict, backend: dict | None, environment: dict, distributed: dict,
                  timings: dict, command: str, created: str) -> dict:
     """The model report: units in model order (decoder layers by index, then MTP blocks), a summary
@@ -221,7 +227,7 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
             controls[k] = controls.get(k, 0) + v
         control_failures += [{"unit": u["unit"]["name"], "stage": c["stage"], "check": c["check"],
                               "message": c["message"].split("\n")[0]} for c in u.get("controls", []) if c["status"] == "fail"]
-    status = "fail" if failures or control_failures else ("pass" if counts["pass"] else "no verdicts")
+    status = summary_status(failures + control_failures, counts)
     timings = dict(timings)
     timings["phases_s"] = {**phase_totals(units), **timings.get("phases_s", {})}
     timings["per_unit_s"] = {u["unit"]["name"]: u["timings_s"].get("total") for u in units}
