@@ -85,6 +85,47 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
         assert any(c.split()[-1] in inj.checks for c in row.caught_by), row
 
 
+def test_the_selftest_covers_at_least_30_distinct_bug_classes():
+    assert len({i.bug for i in INJECTORS}) == len(INJECTORS) >= 30, [i.bug for i in INJECTORS]
+
+
+# GPU-kernel bug classes (issue 26 item 8): the checks that must catch each on the fixture (layers 0 and 3)
+GPU_KERNEL_CLASSES = {
+    "barrier-dropped": {"moe.l1 bound", "moe.l2 bound"},
+    "tile-mask-off-by-one": {"attn.wq_a bound", "moe.l1 bound", "moe.l2 bound"},
+    "wrong-experts-scale": {"moe.l1 bound", "moe.l2 bound", "moe.block bound"},
+    "scale-padding-not-zero-filled": {"attn.wq_a bytes", "moe.act_quant bytes", "moe.requant bytes"},
+    "alpha-applied-twice": {"attn.wq_a bound", "shared.l2 bound"},
+    "cast-before-scale": {"attn.wq_a bound", "shared.l2 bound"},
+    "stage-output-scaled-x2": {"moe.combine bound"},
+}
+
+
+@pytest.mark.parametrize("bug", sorted(GPU_KERNEL_CLASSES))
+def test_gpu_kernel_classes_are_caught_by_their_checks(cli_run, bug):
+    row = cli_run[2][bug]
+    assert row.status == "caught" and GPU_KERNEL_CLASSES[bug] <= set(row.caught_by), row
+
+
+def test_a_pure_factor_x2_fails_the_bound_where_cosine_is_1(ckpt):
+    """A scale factor x2 on one stage (moe.combine) is invisible to cosine (1 to rounding) and must fail its
+    bound, and only its bound; the norm ratio of the stage's output says 2."""
+    from verify.metrics import stage_metrics
+
+    layer = ckpt.load_layer(3)
+    inputs = layer_inputs(ckpt, layer, tokens=16, seed=11, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(), backend=st.Bugged(EmulatorBackend(),
+                                                                                    "stage-output-scaled-x2"))
+    assert {(v.stage, v.check) for v in run.failed} == {("moe.combine", "bound")}, [v.message for v in run.failed]
+    b = EmulatorBackend()
+    y_rows = run.emulated["moe.l2"]
+    d = b.dispatch(run.emulated["router.ids"], layer.experts.w1.weight_u8.shape[0])
+    good = b.combine(y_rows.to(torch.bfloat16), d, run.emulated["router.weights"])
+    bad = st.Bugged(b, "stage-output-scaled-x2").combine(y_rows.to(torch.bfloat16), d, run.emulated["router.weights"])
+    m = stage_metrics(bad.double(), good.double())
+    assert m["cosine"] > 1 - 1e-12 and m["norm_ratio"] == 2.0, m
+
+
 def test_a_verdict_that_cannot_fail_shows_up_as_missed(ckpt, monkeypatch):
     from verify.verdicts.judges import block, combine, dense
 
