@@ -226,7 +226,8 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
         for k, v in u.get("control_counts", {}).items():
             controls[k] = controls.get(k, 0) + v
         control_failures += [{"unit": u["unit"]["name"], "stage": c["stage"], "check": c["check"],
-                              "message": c["message"].split("\n")[0]} for c in u.get("controls", []) if c["status"] == "fail"]
+                              "message": c["message"].split("\n")[0]}
+                             for c in u.get("controls", []) if c["status"] == "fail"]
     status = summary_status(failures + control_failures, counts)
     timings = dict(timings)
     timings["phases_s"] = {**phase_totals(units), **timings.get("phases_s", {})}

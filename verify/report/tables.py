@@ -209,7 +209,8 @@ class _VerdictTable:
 def verdict_table(layer: int, backend_name: str, run):
     """One row per kernel stage of the layer (table order), one column per check present and the worst
     bound ratio, then (a run with negative controls) the control row: per check, how many of its controls
-    failed their planted defect as they must, or BLIND and how many passed one; under the table, per stage, the first line of each failure and not-served reason and
+    failed their planted defect as they must, or BLIND and how many passed one; under the table, per stage,
+    the first line of each failure and not-served reason and
     the distinct n/a reasons (but "needs a CUDA device", which the sync / graph cells already say)."""
     from references.stages import Check  # noqa: PLC0415
 
@@ -232,7 +233,8 @@ def verdict_table(layer: int, backend_name: str, run):
         notes += [(stage, "skipped", m) for m in skipped]
     controls = getattr(run, "controls", None) or None
     if controls is not None:
-        notes += [(v.stage, "fail", f"control {v.check}: {first_line(v.message)}") for v in controls if v.status == "fail"]
+        notes += [(v.stage, "fail", f"control {v.check}: {first_line(v.message)}")
+                  for v in controls if v.status == "fail"]
     title = (f"layer {layer}: {backend_name} verdicts per stage (teacher-forced; {counts['pass']} pass, "
              f"{counts['fail']} fail, {counts['not served']} not served, {counts['skipped']} n/a)")
     return _VerdictTable(title, present, stages, cells, ratios, notes,

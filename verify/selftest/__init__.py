@@ -3,7 +3,7 @@
 Each injector wraps the chosen backend (any backend: it only transforms what crosses the protocol,
 the checkpoint tensors going into `prepare_*` or the boundary tensors coming out of an op) with one
 bug from NVFP4_FACTS.md sections 5b and 6 or issue 26's GPU-kernel classes, runs every stage's verdicts
-on the checkpoint's layers (the same run_layer as `verify layer`), and checks two things:
+on the checkpoint's layers (the same judge_layer as `verify layer`), and checks two things:
   caught   at least one verdict fails;
   blamed   every failing verdict belongs to a stage that uses the corrupted op (the stage table's
            ops), so the report points at the right place.

@@ -1,4 +1,6 @@
-"""selftest(): run every injected bug through the same run_layer as `verify layer` and score it.
+"""selftest(): judge every injected bug with the same verdicts as `verify layer` (verify.run.run_layer's
+judge_layer, on the references' tensors computed once per layer, activation scaling and data: they do not
+depend on the bug) and score it.
 
   caught      at least one verdict fails, each on a stage that uses the corrupted op;
   MISBLAMED   some failing verdict belongs to a stage that does not use the corrupted op;
@@ -18,12 +20,14 @@ from references.layer import RunOptions
 from references.stages import STAGES, Op, Stage
 from verify.backends import Backend
 from verify.checkpoint import Checkpoint, Fp8BlockLinear
+from verify.reference_layer import moe_spec_from
 from verify.run import run_layer
 from verify.selftest.activations import with_tie_rows
 from verify.selftest.bugged import Bugged
 from verify.selftest.fp8 import fp8_swallowing
 from verify.selftest.injectors import INJECTORS, Injector
 from verify.selftest.weights import distinct_gate_up_scales, tied_router
+from verify.verdicts import LayerCase, judge_layer
 
 __all__ = ["SelftestRow", "selftest", "score", "judged_fp8_linears", "weight_of"]
 
@@ -42,9 +46,8 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
              injectors: tuple[Injector, ...] = INJECTORS, progress=None, on_phase=None) -> list[SelftestRow]:
     """One SelftestRow per injector. progress(row) is called as each injector finishes, on_phase(bug,
     text) as each of its layer runs goes through a phase (for a progress bar)."""
-    from verify.layer_report import layer_inputs  # noqa: PLC0415 (layer_report imports the CLI machinery)
-
     loaded = {i: ckpt.load_layer(i, device=device) for i in layers}
+    cases: dict = {}  # (layer, act, data) -> its _LayerData: the references' side does not depend on the bug
     rows = []
     for inj in injectors:
         why = _cannot_express(inj, backend, device, ckpt.config) or _cannot_see(inj, loaded)
@@ -56,22 +59,17 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
             continue
         bugged = Bugged(backend, inj.bug)
         failed, served, reasons = [], False, []
-        for i, layer in loaded.items():
-            if inj.data == "router-ties":
-                layer = tied_router(layer)
-            if inj.data == "w13-scales":
-                layer = distinct_gate_up_scales(layer)
-            inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=11, device=device)
-            if inj.data == "ties":
-                inputs = with_tie_rows(inputs)
-            if inj.data == "fp8-swallowing":
-                layer, inputs = fp8_swallowing(layer, inputs)
-            run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act), backend=bugged,
-                            on_phase=None if on_phase is None else lambda ph, b=inj.bug, i=i: on_phase(b, f"layer{i} {ph}"))
-            seen = [v for v in run.verdicts if _visible(inj, v) and _of_formats(inj, layer, v.stage)]
+        for i in loaded:
+            key = (i, inj.act, inj.data)
+            if key not in cases:
+                cases[key] = _layer_data(ckpt, loaded[i], inj, tokens=tokens, device=device)
+            layer, case, loss_failures = cases[key]
+            verdicts = judge_layer(bugged, case, on_phase=None if on_phase is None else
+                                   lambda ph, b=inj.bug, i=i: on_phase(b, f"layer{i} {ph}"))
+            seen = [v for v in verdicts if _visible(inj, v) and _of_formats(inj, layer, v.stage)]
             served |= any(v.status in ("pass", "fail") for v in seen)
             reasons += [f"layer{i} {v.stage} {v.check}: {v.message}" for v in seen if v.status not in ("pass", "fail")]
-            failed += [(i, v) for v in run.failed]
+            failed += [(i, v) for v in verdicts + loss_failures if v.status == "fail"]
         status, caught, wrong = score(inj, failed, served)
         if failed:
             first = next((v.message for _, v in failed if inj.blame(_stage(v.stage))), failed[0][1].message)
@@ -84,6 +82,27 @@ def selftest(ckpt: Checkpoint, backend: Backend, layers: list[int], *, tokens: i
         if progress is not None:
             progress(rows[-1])
     return rows
+
+
+def _layer_data(ckpt: Checkpoint, layer, inj: Injector, *, tokens: int, device: str) -> tuple:
+    """(the layer with the data the injector needs, its LayerCase, its failed loss rows): what verify.run.run_layer
+    computes before judging, computed once per (layer, act, data) and shared by every injector that needs it."""
+    from verify.layer_report import layer_inputs  # noqa: PLC0415 (layer_report imports the CLI machinery)
+
+    if inj.data == "router-ties":
+        layer = tied_router(layer)
+    if inj.data == "w13-scales":
+        layer = distinct_gate_up_scales(layer)
+    inputs = layer_inputs(ckpt, layer, tokens=tokens, seed=11, device=device)
+    if inj.data == "ties":
+        inputs = with_tie_rows(inputs)
+    if inj.data == "fp8-swallowing":
+        layer, inputs = fp8_swallowing(layer, inputs)
+    reference = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=inj.act))  # references only
+    case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
+                     reference.emulated, reference.high, RunOptions(act_scale=inj.act),
+                     moe_spec_from(ckpt.config) if layer.experts is not None else None)
+    return layer, case, reference.loss_failures
 
 
 def score(inj: Injector, failed: list, served: bool) -> tuple[str, list[str], list[str]]:

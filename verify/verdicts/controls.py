@@ -91,12 +91,16 @@ class _Planted(Outputs):
 
     def batch(self, metrics: dict) -> Batch:
         b = self.real.batch(metrics)
+        if not b.subsets:
+            raise Skipped("no subset to plant (the batch check compares none here)")
         first, *rest = b.subsets
         return Batch(b.full, (Subset(first.label, lambda: _flip_first_output(first.alone()), first.inside), *rest),
                      b.passed)
 
     def padding(self) -> Padding:
         p = self.real.padding()
+        if not bool(p.pad.any()):
+            raise Skipped("no scale padding in this shape: nothing to read")
 
         def reads_padding(a: QuantizedAct):
             y = p.run(a)
@@ -171,6 +175,8 @@ def control_verdict(ctx: "JudgeContext", stage: Stage, check: Check, fn: CheckFn
                        f"{str(exc).splitlines()[0]}")
     except Skipped as exc:
         return Verdict(stage.name, check.value, "skipped", f"control ({words}): {exc}")
+    except Exception as exc:  # noqa: BLE001 - a control that cannot run shows nothing: it fails, never crashes the run
+        return Verdict(stage.name, check.value, "fail", f"control ({words}) could not run: {type(exc).__name__}: {exc}")
     if check in _BY_ASSERTION and not planted:
         return Verdict(stage.name, check.value, "fail", f"control ({words}): the check made no comparison through "
                        "verify.assertions, so nothing could be planted: it cannot be shown to fail")
