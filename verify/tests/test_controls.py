@@ -68,8 +68,8 @@ def test_controls_cost_less_than_the_rest_of_the_run(runs):
 
 def test_a_blind_check_fails_the_run_and_the_report_says_which(ckpt, monkeypatch, capsys, tmp_path):
     """The dense bound weakened to pass anything: every dense stage's bound verdict still passes (the backend
-    is right), but its control passes too: the table's control row says BLIND, the run exits 1, the JSON
-    report holds the failed controls."""
+    is right), but its control passes too: the table's control row says BLIND (BLND narrow), the run exits 1,
+    the JSON report holds the failed controls."""
     real = JUDGES[Op.DENSE_LINEAR]
     checks = {**real.checks, Check.BOUND: lambda ctx, stage, out, metrics: "passes anything"}
     monkeypatch.setitem(JUDGES, Op.DENSE_LINEAR, Judge(real.collect, checks, real.ops))
@@ -77,7 +77,7 @@ def test_a_blind_check_fails_the_run_and_the_report_says_which(ckpt, monkeypatch
     code = main(["layer", "--backend", "emulator", "--layers", "3", "--tokens", "16", "--json", str(out_json)])
     out = capsys.readouterr().out
     assert code == 1, out[-3000:]
-    assert "BLIND" in out and "PASSED a known-bad input" in out, out[-3000:]
+    assert ("BLIND" in out or "BLND" in out) and "PASSED a known-bad input" in out, out[-3000:]  # wide / narrow
     doc = json.loads(out_json.read_text())
     (unit,) = doc["runs"].values()
     blind = {(c["stage"], c["check"]) for c in unit["controls"] if c["status"] == "fail"}
