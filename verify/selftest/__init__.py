@@ -12,14 +12,13 @@ Prints a table (bug -> stage/check that caught it -> first line of the message);
 injected bug passes or is blamed on another stage.
 
 Modules, by concern: injectors (the table of bugs), bugged (the wrapping backend), weights / activations /
-fp8 (the corruptions and the data some bugs need), runner (selftest() and its scoring), cli.
+fp8 (the corruptions and the data some bugs need), runner (selftest() and its scoring), cli (`python -m
+verify selftest`: it calls this package's `selftest` and INJECTORS, so a test may wrap them here).
 """
 
 from verify.selftest.activations import with_tie_rows
 from verify.selftest.bugged import Bugged
-from verify.selftest.cli import add_selftest_arguments, cli_selftest
 from verify.selftest.injectors import INJECTORS, Injector
 from verify.selftest.runner import SelftestRow, score, selftest
 
-__all__ = ["INJECTORS", "Injector", "Bugged", "SelftestRow", "selftest", "score", "with_tie_rows",
-           "add_selftest_arguments", "cli_selftest"]
+__all__ = ["INJECTORS", "Injector", "Bugged", "SelftestRow", "selftest", "score", "with_tie_rows"]
