@@ -47,6 +47,7 @@ class Bugged:
         self.graph_safe = getattr(inner, "graph_safe", True)
         self.supports_valid_tokens = getattr(inner, "supports_valid_tokens", False)
         self._weight_scale_2: dict[int, torch.Tensor] = {}  # id(prepared NVFP4 linear) -> its weight_scale_2
+        self._gate_scale_2: torch.Tensor | None = None  # the routed experts' w1 weight_scale_2 [E]
 
     def unsupported_reason(self, op, device):
         return self.inner.unsupported_reason(op, device)
@@ -68,6 +69,8 @@ class Bugged:
         return w
 
     def prepare_experts(self, experts):
+        if isinstance(experts.w1, Nvfp4Linear):
+            self._gate_scale_2 = experts.w1.weight_scale_2_f32.reshape(-1).float()
         if self.bug in self._LINEAR_BUGS:
             experts = mlp(experts, self._LINEAR_BUGS[self.bug])
         if self.bug == "gate-up-interleave-halved":
@@ -141,6 +144,12 @@ class Bugged:
         y = tuple(self._row_off(t) for t in y) if isinstance(y, tuple) else self._row_off(y)
         if self.bug == "barrier-dropped":
             y = tuple(self._stale_rows(t) for t in y) if isinstance(y, tuple) else self._stale_rows(y)
+        if self.bug == "gate-scale-applied-twice" and isinstance(y, tuple) and self._gate_scale_2 is not None:
+            gate, up = y  # each row's expert (on the device: graph-safe), its w1 weight_scale_2 applied again
+            rows = torch.arange(gate.shape[0], device=gate.device)
+            expert = torch.searchsorted(offsets_i32[1:].to(torch.int64), rows, right=True)
+            ws2 = self._gate_scale_2.to(gate.device)[expert.clamp(max=self._gate_scale_2.numel() - 1)]
+            y = ((gate.float() * ws2[:, None]).to(gate.dtype), up)
         return y
 
     def _stale_rows(self, y):
@@ -199,6 +208,13 @@ class Bugged:
         return y
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+        y = self._dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+        if self.bug == "row-depends-on-the-batch" and x_bf16.shape[0] > 1:  # a split-K chosen by M: row 0 moves
+            y = y.clone()
+            y[0] = (y[0].float() * (1 + 2.0**-6)).to(y.dtype)
+        return y
+
+    def _dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
         """The CUDA-graph killers live here (dense_linear is the call the dense stages' sync and graph
         probes capture); on a CPU tensor they are no-ops, and the probes report 'needs a CUDA device'.
         fp8-promotion-skipped: an FP8 linear computed by references.fp8_gemm's model of a 14-bit truncating

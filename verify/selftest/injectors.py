@@ -111,6 +111,10 @@ INJECTORS: tuple[Injector, ...] = (
              _ops(Op.DENSE_LINEAR), blind=_BYTES),
     Injector("valid-count-ignored", "GPU kernel: the MoE block's valid-token count ignored (padding rows routed)",
              _ops(Op.MOE_BLOCK), checks=VALID_COUNT_CHECKS),
+    Injector("gate-scale-applied-twice", "gate weight_scale_2 applied twice (a per-expert factor on moe.l1's gate)",
+             _ops(Op.GROUPED_GEMM)),
+    Injector("row-depends-on-the-batch", "GPU kernel: a split chosen by M (row 0's bits depend on the batch)",
+             _ops(Op.DENSE_LINEAR), act="dynamic"),
     Injector("stage-output-scaled-x2", "a scale factor x2 on one stage (cosine 1: the bound / norm ratio sees it)",
              _ops(Op.COMBINE)),
 )

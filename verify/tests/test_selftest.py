@@ -98,6 +98,8 @@ GPU_KERNEL_CLASSES = {
     "alpha-applied-twice": {"attn.wq_a bound", "shared.l2 bound"},
     "cast-before-scale": {"attn.wq_a bound", "shared.l2 bound"},
     "stage-output-scaled-x2": {"moe.combine bound"},
+    "gate-scale-applied-twice": {"moe.l1 bound"},
+    "row-depends-on-the-batch": {"attn.wq_a batch", "shared.l2 batch"},
 }
 
 
