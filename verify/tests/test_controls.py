@@ -98,3 +98,11 @@ def test_the_layer_json_holds_the_controls_and_validates(ckpt, tmp_path):
                                                                               "ids", "weights", "exact", "rounding"}
     schema = json.loads(SCHEMA_PATH.read_text())
     jsonschema.validate(doc, {"$ref": "#/$defs/layer_report", "$defs": schema["$defs"]})
+
+
+def test_every_check_has_a_control_that_says_what_it_plants():
+    """A new check (references.stages.Check) gets its own control, or at least its words here: without one it
+    is controlled only through its first verify.assertions comparison, and skipped when it makes none."""
+    from verify.verdicts.controls import CONTROL_WORDS
+
+    assert set(CONTROL_WORDS) == set(Check), sorted(c.value for c in set(Check) - set(CONTROL_WORDS))

@@ -14,7 +14,9 @@ What each control plants (on this backend's own outputs, judged by the check's o
   graph     a forward with a host value baked in at capture (a counter that eager calls advance);
   ids       router: token 0's first expert replaced by its lowest-scoring unchosen expert (never a near-tie);
   weights   router: token 0's first weight scaled by 1 + 2^-10 (far outside the fp32 bound);
-  interval  fused L1: the signs of the first row's codes flipped.
+  interval  fused L1: the signs of the first row's codes flipped;
+  (a newer check without a control of its own) planted in its first verify.assertions comparison, as bound;
+            skipped when it makes none (test_controls requires words for every Check here).
 
 A control is one Verdict with the stage and check of the verdict it controls: "pass" when the check failed
 on the planted input (its message, first line), "fail" when it passed it, "skipped" where the verdict did
@@ -57,6 +59,7 @@ CONTROL_WORDS = {
     Check.INTERVAL: "the signs of row 0's codes flipped",
 }
 _BY_ASSERTION = (Check.BOUND, Check.ROUNDING, Check.EXACT)  # planted inside the check's first comparison
+_GENERIC = (Check.BYTES, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)  # planted in the Outputs they ask for
 
 
 def _flip_bit0(t: torch.Tensor) -> torch.Tensor:
@@ -80,6 +83,9 @@ class _Planted(Outputs):
 
     def __init__(self, real: Outputs, check: Check) -> None:
         self.real, self.check = real, check
+
+    def __getattr__(self, name: str):  # what the generic checks do not ask for: the real outputs'
+        return getattr(self.real, name)
 
     def quantized(self):
         pairs = self.real.quantized()
@@ -167,8 +173,15 @@ def control_verdict(ctx: "JudgeContext", stage: Stage, check: Check, fn: CheckFn
             fn(ctx, stage, _planted_router(ctx, outputs, check), metrics)
         elif check is Check.INTERVAL:
             fn(ctx, stage, _planted_interval(outputs), metrics)
-        else:
+        elif check in _GENERIC:
             fn(ctx, stage, _Planted(outputs, check), metrics)
+        else:  # a check without its own control (a newer one): planted in its first comparison, if it makes one
+            with planting_beyond_tolerance() as planted:
+                fn(ctx, stage, outputs, metrics)
+            if not planted:
+                return Verdict(stage.name, check.value, "skipped", f"control: the {check.value} check makes no "
+                               "comparison through verify.assertions and has no control of its own "
+                               "(verify.verdicts.controls)")
     except AssertionError as exc:
         where = f" ({planted[0]})" if planted else ""
         return Verdict(stage.name, check.value, "pass", f"control ({words}){where}: fails as it must: "
