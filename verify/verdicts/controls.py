@@ -18,6 +18,10 @@ What each control plants (on this backend's own outputs, judged by the check's o
   (a newer check without a control of its own) planted in its first verify.assertions comparison, as bound;
             skipped when it makes none (test_controls requires words for every Check here).
 
+The controls planted inside an assertion move `got` just past the tolerance the check hands that assertion: a
+check that loosens its own tolerance before comparing is caught by verify/tests/test_checks_can_fail.py (known-bad
+backends just past the true bound), not by its control.
+
 A control is one Verdict with the stage and check of the verdict it controls: "pass" when the check failed
 on the planted input (its message, first line), "fail" when it passed it, "skipped" where the verdict did
 not pass (a failing check needs no control: the run fails already) or nothing could be planted.
