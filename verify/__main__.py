@@ -70,7 +70,7 @@ COMMANDS = {
                "re-render a model sweep's report (rich summary, HTML) from its JSON"),
     "accumulator": ("verify.accumulator", "add_accumulator_arguments", "cli_accumulator",
                     "measure each GEMM path's accumulator bits and rounding; exit 1 if the declared u_acc is looser"),
-    "selftest": ("verify.selftest", "add_selftest_arguments", "cli_selftest",
+    "selftest": ("verify.selftest.cli", "add_selftest_arguments", "cli_selftest",
                  "inject one known bug class at a time into a backend; every one must fail its own stage"),
     "backends": ("verify.backends.cli", "add_backends_arguments", "cli_backends",
                  "list the backends (built-in, entry points, module:attr): origin, version, and each op served here"),

@@ -24,8 +24,9 @@ entries are the contract) is what they state; their messages count NaN / Inf on 
 from __future__ import annotations
 
 import math
-
-from typing import Callable
+from contextlib import contextmanager
+from contextvars import ContextVar
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -42,6 +43,7 @@ __all__ = [
     "assert_all_zero",
     "first_mismatch",
     "NONFINITE_MODES",
+    "planting_beyond_tolerance",
 ]
 
 NONFINITE_MODES = ("fail", "match")
@@ -76,6 +78,16 @@ def describe_raw(byte: int) -> str:
     return f"0x{byte:02x}"
 
 
+def _unravel(i: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The coordinate of flat index i in a row-major tensor of `shape` (torch.unravel_index's first call
+    imports for seconds, paid by the first failing assertion of a process)."""
+    coord = []
+    for n in reversed(shape):
+        i, c = divmod(i, n)
+        coord.append(c)
+    return tuple(reversed(coord))
+
+
 def first_mismatch(mask: Tensor) -> tuple[int, tuple[int, ...]] | None:
     """(flat index, coordinate) of the first True in `mask`, or None."""
     flat = mask.reshape(-1)
@@ -83,8 +95,73 @@ def first_mismatch(mask: Tensor) -> tuple[int, tuple[int, ...]] | None:
     if idx.numel() == 0:
         return None
     i = int(idx[0, 0])
-    coord = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), mask.shape)) if mask.dim() else ()
+    coord = _unravel(i, tuple(mask.shape))
     return i, coord
+
+
+# ----------------------------------------------------------------------------- negative controls
+
+_PLANT: ContextVar[list | None] = ContextVar("nvfp4v_plant", default=None)
+
+
+@contextmanager
+def planting_beyond_tolerance() -> Iterator[list[str]]:
+    """Negative controls (verify.verdicts.controls): inside, the FIRST comparison made by one of this
+    module's assertions judges a copy of its `got` moved minimally past what it tolerates: the value
+    comparisons (assert_within_gemm_bound, assert_within_ulps) one element one representable step beyond
+    its bound, the identity comparisons (assert_bytes_equal, assert_codes_equal_as_values,
+    assert_bits_equal) the lowest bit of the first element flipped. The assertion's own code then judges
+    it. The yielded list receives one line saying what was planted (empty: no comparison ran)."""
+    planted: list[str] = []
+    token = _PLANT.set(planted)
+    try:
+        yield planted
+    finally:
+        _PLANT.reset(token)
+
+
+def _plant_bit(got: Tensor, label: str) -> Tensor:
+    """got with bit 0 of its first element flipped, when a control is planting (else got itself)."""
+    planted = _PLANT.get()
+    if planted is None or planted or got.numel() == 0:
+        return got
+    int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
+    bad = got.detach().cpu().contiguous().clone()
+    flat = bad.view(int_dtype).reshape(-1)
+    flat[0] ^= 1
+    planted.append(f"{label}: bit 0 of element 0 flipped")
+    return bad
+
+
+def _next_up(x: Tensor) -> Tensor:
+    """The next representable value above the 0-d floating tensor x, in its dtype."""
+    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[x.element_size()]
+    b = x.reshape(1).clone().view(int_dtype)
+    if float(x) == 0:
+        b[0] = 1  # +-0 -> the smallest positive subnormal
+    else:
+        b[0] += 1 if float(x) > 0 else -1
+    return b.view(x.dtype).reshape(())
+
+
+def _plant_beyond(got: Tensor, expected_f64: Tensor, tol_f64: Tensor, label: str) -> Tensor:
+    """got with its first element whose expected value and tolerance are finite set to the smallest value of
+    got's dtype with |got - expected| > tol, when a control is planting (else got itself)."""
+    planted = _PLANT.get()
+    if planted is None or planted:
+        return got
+    ok = (torch.isfinite(expected_f64) & torch.isfinite(tol_f64)).reshape(-1).cpu()
+    if not bool(ok.any()):
+        return got
+    i = int(ok.to(torch.int8).argmax())
+    e, tol = float(expected_f64.reshape(-1)[i]), float(tol_f64.reshape(-1)[i])
+    c = torch.tensor(e + tol, dtype=torch.float64).to(got.dtype)
+    while not abs(float(c) - e) > tol:  # rounding to got's dtype may land inside: step up until outside
+        c = _next_up(c)
+    bad = got.detach().clone()
+    bad.reshape(-1)[i] = c.to(bad.device)
+    planted.append(f"{label}: element {i} set to {float(c)!r}, one step beyond {e!r} + {tol:.4g}")
+    return bad
 
 
 def _check_same_shape(label: str, got: Tensor, expected: Tensor) -> None:
@@ -97,6 +174,7 @@ def assert_bytes_equal(got_u8: Tensor, expected_u8: Tensor, *, label: str,
     """Every byte equal. `describe` renders a byte (describe_e2m1x2, describe_e4m3, ...)."""
     __tracebackhide__ = True
     _check_same_shape(label, got_u8, expected_u8)
+    got_u8 = _plant_bit(got_u8, label)
     got_u8 = got_u8.detach().to("cpu").view(torch.uint8) if got_u8.dtype != torch.uint8 else got_u8.detach().cpu()
     expected_u8 = expected_u8.detach().cpu()
     expected_u8 = expected_u8.view(torch.uint8) if expected_u8.dtype != torch.uint8 else expected_u8
@@ -116,7 +194,7 @@ def assert_codes_equal_as_values(got_u8: Tensor, expected_u8: Tensor, *, label: 
     the strict byte diff is reported separately with assert_bytes_equal."""
     __tracebackhide__ = True
     _check_same_shape(label, got_u8, expected_u8)
-    g, e = got_u8.detach().cpu(), expected_u8.detach().cpu()
+    g, e = _plant_bit(got_u8, label).detach().cpu(), expected_u8.detach().cpu()
 
     def canon(b: Tensor) -> Tensor:
         lo, hi = b & 0xF, b >> 4
@@ -142,6 +220,7 @@ def assert_bits_equal(got: Tensor, expected: Tensor, *, label: str) -> None:
     _check_same_shape(label, got, expected)
     if got.dtype != expected.dtype:
         raise AssertionError(f"{label}: dtype {got.dtype} != expected {expected.dtype}")
+    got = _plant_bit(got, label)
     int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[got.element_size()]
     gb, eb = got.detach().cpu().contiguous().view(int_dtype), expected.detach().cpu().contiguous().view(int_dtype)
     mask = gb != eb
@@ -227,6 +306,7 @@ def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label
     _check_nonfinite_mode(nonfinite)
     y64 = y64.to(torch.float64)
     bound_f64 = bound_f64.to(torch.float64).expand_as(y64) if bound_f64.dim() == 0 else bound_f64.to(torch.float64)
+    y = _plant_beyond(y, y64, bound_f64, label)
     _no_signal(label, y, y64, "y")
     special_bad = _special_violations(y, y64, bound_f64, nonfinite)
     finite = torch.isfinite(y64) & torch.isfinite(bound_f64)
@@ -240,7 +320,7 @@ def assert_within_gemm_bound(y: Tensor, y64: Tensor, bound_f64: Tensor, *, label
         return worst
     i, coord = hit
     j = int(torch.argmax(ratio.reshape(-1)))
-    jc = tuple(int(c) for c in torch.unravel_index(torch.tensor(j), ratio.shape))
+    jc = _unravel(j, tuple(ratio.shape))
     n_special = int(special_bad.sum())
     if nonfinite == "fail":
         specials = (f" ({n_special} of them NaN/Inf: y {int(torch.isnan(y).sum())} NaN {int(torch.isinf(y).sum())} "
@@ -287,6 +367,7 @@ def assert_within_ulps(got: Tensor, expected_f64: Tensor, *, ulps: float, label:
     p = {torch.bfloat16: 8, torch.float16: 11, torch.float32: 24, torch.float64: 53}[got.dtype]
     min_exp = math.log2(info.smallest_normal) - p + 1  # a Python float: works on any device
     ulp = torch.exp2(torch.clamp(exp - p + 1, min=min_exp))
+    got = _plant_beyond(got, e, ulps * ulp, label)
     err = (got.detach().to(torch.float64) - e).abs()
     g64 = got.detach().to(torch.float64)
     if nonfinite == "fail":

@@ -276,6 +276,7 @@ def cli_layer(args: argparse.Namespace) -> int:
     classes, which `python -m verify` prints as one line (exit status 2). The first line names the
     checkpoint, backend and device; a progress bar shows the layer and its phase."""
     from verify.progress import StepProgress  # noqa: PLC0415
+    from verify.verdicts.controls import control_counts, control_line  # noqa: PLC0415
     from verify.units import layer_report_document, layer_result, plan_units, run_fingerprint  # noqa: PLC0415
 
     mtp_asked, decoder_arg = split_mtp_layers(args.layers)
@@ -300,7 +301,7 @@ def cli_layer(args: argparse.Namespace) -> int:
     console.print(opened.layers_line if layers else f"MTP: {', '.join(u.name for u in mtp_units)} (--layers)")
     fingerprint, _ = run_fingerprint(ckpt, config, backend.name if backend else None, device)
     name = config.config_name
-    results, failed, totals = {}, 0, {}
+    results, failed, totals, controls = {}, 0, {}, {}
     with StepProgress(console, len(layers) + len(mtp_units), what="layers") as progress:
         for unit in [*plan_units(ckpt, layers, include_mtp=False), *mtp_units]:
             i = unit.index if unit.kind == "decoder" else unit.name
@@ -319,7 +320,8 @@ def cli_layer(args: argparse.Namespace) -> int:
                 run_fn = run_layer
             t_load = time.perf_counter() - t0
             run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
-                         on_phase=lambda phase, u=unit.name: progress.phase(u, phase))
+                         on_phase=lambda phase, u=unit.name: progress.phase(u, phase),
+                         controls=backend is not None)
             timings = {"load": t_load, **run.timings_s, "total": time.perf_counter() - t0}
             results[run_id(i, name)] = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings,
                                                     device=device)
@@ -334,7 +336,7 @@ def cli_layer(args: argparse.Namespace) -> int:
             for v in loss_failed:
                 console.print(f"[bold red]FAIL[/] {escape(v.message)}")
             if backend is not None:
-                failed += sum(v.status == "fail" for v in run.verdicts)
+                failed += sum(v.status == "fail" for v in run.verdicts) + len(run.control_failures)
                 console.print(verdict_table(i, backend.name, run))
                 for line in provenance_lines([run.provenance]):  # kernels per stage and their build arch
                     console.print(escape(line), highlight=False)
@@ -343,6 +345,8 @@ def cli_layer(args: argparse.Namespace) -> int:
                         console.print(f"[bold red]FAIL[/] {escape(v.message)}")
                 for k, v in verdict_counts(run.verdicts).items():
                     totals[k] = totals.get(k, 0) + v
+                for k, v in control_counts(run.controls).items():
+                    controls[k] = controls.get(k, 0) + v
     if config.json is not None:
         from verify.report.document import write_json  # noqa: PLC0415
 
@@ -356,6 +360,7 @@ def cli_layer(args: argparse.Namespace) -> int:
                       ", ".join(f"{v} {k}" for k, v in totals.items()) + "[/]" +
                       ("" if failed or not totals.get("pass") else " (every verdict the backend serves here passes)")
                       + ("" if totals.get("pass") else f" ({backend.name} serves none of these stages here)"))
+        console.print(control_line(controls))
     elif failed:
         console.print(f"[bold red]{failed} loss row(s) failed on {where}[/]")
     return 1 if failed else 0

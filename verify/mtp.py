@@ -104,9 +104,11 @@ def run_reference_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, m
 
 
 def run_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, options: RunOptions,
-            backend: Backend | None = None, on_phase: Callable[[str], None] | None = None) -> LayerRun:
+            backend: Backend | None = None, on_phase: Callable[[str], None] | None = None,
+            controls: bool = False) -> LayerRun:
     """As verify.run.run_layer, for an MTP block: the reference in both modes, loss per stage, digests and
-    (with a backend) the verdicts of the MTP rows (LayerCase unit "mtp"). The LayerRun's `layer` is j."""
+    (with a backend) the verdicts of the MTP rows (LayerCase unit "mtp") and, with `controls`, their negative
+    controls (verify.verdicts.controls). The LayerRun's `layer` is j."""
     def phase(name: str) -> None:
         if on_phase is not None:
             on_phase(name)
@@ -125,7 +127,9 @@ def run_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, options: Ru
         case = LayerCase(mtp, ckpt.config.schema, inputs.x_e_bf16, inputs.x_h_bf16, inputs.token_ids_i64, emulated,
                          high, options, None, unit="mtp")
         phase("verdicts")
-        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase)
+        control_list = [] if controls else None
+        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, controls=control_list)
+        run.controls = control_list or []
         run.timings_s["verdicts"] = time.perf_counter() - t2
         run.timings_s["stages"] = stage_seconds(run.verdicts)
     return run

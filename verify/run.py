@@ -56,6 +56,7 @@ class LayerRun:
     verdicts: list[Verdict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
     provenance: dict | None = None  # verify.provenance.provenance_document of the backend's stages, or None
+    controls: list[Verdict] = field(default_factory=list)  # negative controls (verify.verdicts.controls)
 
     def verdict(self, stage: str, check: str) -> Verdict | None:
         return next((v for v in self.verdicts if v.stage == stage and v.check == check), None)
@@ -69,9 +70,16 @@ class LayerRun:
                 for t, m in self.loss.items() if m.get("status") == "fail"]
 
     @property
+    def control_failures(self) -> list[Verdict]:
+        """A "control" verdict per check that passed its negative control (a known-bad input), blamed on
+        its stage: the check is blind there."""
+        return [Verdict(v.stage, "control", "fail", f"{v.stage} {v.check} {v.message}", {"check": v.check})
+                for v in self.controls if v.status == "fail"]
+
+    @property
     def failed(self) -> list[Verdict]:
-        """Every failed verdict, then every failed loss row: the run fails when this is not empty."""
-        return [v for v in self.verdicts if v.status == "fail"] + self.loss_failures
+        """Every failed verdict, then every failed loss row and control: the run fails when this is not empty."""
+        return [v for v in self.verdicts if v.status == "fail"] + self.loss_failures + self.control_failures
 
     def as_dict(self) -> dict:
         return {"metrics": self.loss, "digests": self.digests, "saturated_block_fraction": self.saturated,
@@ -94,12 +102,15 @@ def stage_seconds(verdicts: list[Verdict]) -> dict[str, float]:
 
 
 def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, options: RunOptions,
-              backend: Backend | None = None, on_phase: Callable[[str], None] | None = None) -> LayerRun:
+              backend: Backend | None = None, on_phase: Callable[[str], None] | None = None,
+              controls: bool = False) -> LayerRun:
     """Reference layer (both modes), loss per stage, digests and (with a backend) every stage's verdicts.
 
     on_phase(name) is called as each phase starts ("emulated", "high", "verdicts", and on CUDA
     "sync probe <stage>" / "graph probe <stage>"), for progress bars. timings_s holds the seconds of
-    each phase (PHASES) and, with a backend, "stages": the verdict seconds per stage."""
+    each phase (PHASES) and, with a backend, "stages": the verdict seconds per stage. controls: also run
+    each passing verdict's negative control (verify.verdicts.controls) into run.controls, timed as "controls"
+    (part of "verdicts")."""
     def phase(name: str) -> None:
         if on_phase is not None:
             on_phase(name)
@@ -119,7 +130,10 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
                          emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
         phase("verdicts")
         launched: dict = {}
-        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched)
+        control_list = [] if controls else None
+        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched,
+                                   controls=control_list)
+        run.controls = control_list or []
         # a stage whose kernel was not built for this device fails, naming both architectures
         run.verdicts += [Verdict(stage, "provenance", "fail", msg, metrics)
                          for stage, msg, metrics in stage_mismatches(launched, case.device)]

@@ -235,7 +235,7 @@ def _scan_done(units_dir: Path, units: list[Unit], fingerprint: str, *, fresh: b
             doc = load_json(path)
         except (OSError, ValueError):
             continue
-        if not isinstance(doc, dict) or doc.get("kind") != UNIT_KIND:
+        if not isinstance(doc, dict) or doc.get("kind") != UNIT_KIND or not _holds_unit(doc, u):
             continue
         if doc.get("fingerprint") != fingerprint:
             raise UsageError(f"--report-dir {units_dir.parent}: invalid value ({path.name} holds results of another "
@@ -243,6 +243,14 @@ def _scan_done(units_dir: Path, units: list[Unit], fingerprint: str, *, fresh: b
                              "to start over or use another --report-dir)", argument="--report-dir")
         done.append(u.name)
     return done
+
+
+def _holds_unit(doc: dict, unit: Unit) -> bool:
+    """The unit document at units/<unit>.json is that unit's (a copied or renamed file holding another unit's
+    result is redone, never reused for this one)."""
+    held = doc.get("unit")
+    return isinstance(held, dict) and held.get("name") == unit.name and held.get("kind") == unit.kind \
+        and held.get("index") == unit.index
 
 
 def _backend_declaration(backend, device: torch.device) -> dict | None:
@@ -289,7 +297,8 @@ def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: st
         torch.cuda.synchronize(device)
     t_load = time.perf_counter() - t0
     run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
-                 on_phase=lambda name: progress.phase(unit.name, name))
+                 on_phase=lambda name: progress.phase(unit.name, name),
+                 controls=backend is not None)
     timings = {"load": t_load, **run.timings_s}
     timings["total"] = time.perf_counter() - t0
     doc = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings, rank=ctx.rank, device=device)

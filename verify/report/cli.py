@@ -19,7 +19,7 @@ from pathlib import Path
 
 from verify.errors import UnreadableReportError, UsageError
 
-__all__ = ["add_report_arguments", "cli_report", "load_run", "read_document"]
+__all__ = ["add_report_arguments", "cli_report", "load_run", "read_document", "missing_units"]
 
 
 def add_report_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,8 +72,7 @@ def load_run(run_dir: Path) -> dict:
         run = plan["run"]
         planned = [u["name"] for u in run["units"]]
         docs = [d for d in docs if d["unit"]["name"] in planned and d["fingerprint"] == run["fingerprint"]]
-        have = {d["unit"]["name"] for d in docs}
-        missing = [n for n in planned if n not in have]
+        missing = missing_units(planned, docs)
         backend, command, created = plan.get("backend"), plan.get("command", ""), plan.get("created", "")
     else:
         run = {"checkpoint": "(unknown: no report.json and no sweep.json)", "checkpoint_schema": "-", "num_layers": None,
@@ -86,6 +85,12 @@ def load_run(run_dir: Path) -> dict:
     doc["summary"]["status"] = "incomplete"
     doc["summary"]["missing"] = missing
     return doc
+
+
+def missing_units(planned: list[str], docs: list[dict]) -> list[str]:
+    """The planned units, in plan order, without a unit document among docs."""
+    have = {d["unit"]["name"] for d in docs}
+    return [n for n in planned if n not in have]
 
 
 def incomplete_line(doc: dict) -> str | None:

@@ -30,10 +30,10 @@ __all__ = [
     "SCHEMA_VERSION", "SCHEMA_PATH", "REPORT_KIND", "UNIT_KIND", "VOLATILE_KEYS", "PROJECTION_LAYERS",
     "PROJECTION_GPUS", "HIST_EDGES_LOG10", "finite_json", "as_float", "error_histogram", "unit_document",
     "merge_report", "normalized", "validate", "load_json", "write_json", "projection", "phase_totals",
-    "bound_ratio", "stage_bound_ratios",
+    "bound_ratio", "stage_bound_ratios", "summary_status",
 ]
 
-SCHEMA_VERSION = "1.1"  # model_report.schema.json: 1.1 readers accept 1.0 documents
+SCHEMA_VERSION = "1.2"  # model_report.schema.json: 1.2 readers accept 1.1 and 1.0 documents (1.2: controls)
 SCHEMA_PATH = Path(__file__).with_name("model_report.schema.json")
 REPORT_KIND = "nvfp4-verify.model-report"
 UNIT_KIND = "nvfp4-verify.unit"
@@ -138,6 +138,11 @@ def unit_document(*, unit: dict, fingerprint: str, run=None, timings_s: dict, ra
                    counts=verdict_counts(run.verdicts + run.loss_failures))
         if getattr(run, "provenance", None) is not None:  # kernels per stage and their arch (verify.provenance)
             doc["provenance"] = run.provenance
+        if run.controls:  # negative controls (verify.verdicts.controls): kept apart from the verdicts
+            from verify.verdicts.controls import control_counts  # noqa: PLC0415
+
+            doc.update(controls=[{k: v for k, v in c.as_dict().items() if k != "metrics"} for c in run.controls],
+                       control_counts=control_counts(run.controls))
     return finite_json(doc)
 
 
@@ -188,6 +193,12 @@ def projection(units: list[dict], startup_s: float, *, layers: int = PROJECTION_
             "gpus": {str(n): startup_s + math.ceil(layers / n) * t for n in gpus}}
 
 
+def summary_status(failures: list, counts: dict[str, int]) -> str:
+    """The report's status, the worst that holds: fail (any failed verdict or blind control) over pass (at
+    least one verdict passed) over no verdicts."""
+    return "fail" if failures else ("pass" if counts["pass"] else "no verdicts")
+
+
 def merge_report(units: list[dict], *, run: dict, backend: dict | None, environment: dict, distributed: dict,
                  timings: dict, command: str, created: str) -> dict:
     """The model report: units in model order (decoder layers by index, then MTP blocks), a summary
@@ -211,7 +222,15 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
             w = worst.setdefault(stage, {})
             if r > w.get("bound_ratio", -math.inf):
                 w.update(bound_ratio=r, bound_ratio_unit=u["unit"]["name"])
-    status = "fail" if failures else ("pass" if counts["pass"] else "no verdicts")
+    controls: dict[str, int] = {}
+    control_failures = []
+    for u in units:
+        for k, v in u.get("control_counts", {}).items():
+            controls[k] = controls.get(k, 0) + v
+        control_failures += [{"unit": u["unit"]["name"], "stage": c["stage"], "check": c["check"],
+                              "message": c["message"].split("\n")[0]}
+                             for c in u.get("controls", []) if c["status"] == "fail"]
+    status = summary_status(failures + control_failures, counts)
     timings = dict(timings)
     timings["phases_s"] = {**phase_totals(units), **timings.get("phases_s", {})}
     timings["per_unit_s"] = {u["unit"]["name"]: u["timings_s"].get("total") for u in units}
@@ -219,6 +238,7 @@ def merge_report(units: list[dict], *, run: dict, backend: dict | None, environm
     doc = {"kind": REPORT_KIND, "schema_version": SCHEMA_VERSION, "created": created, "command": command,
            "run": run, "backend": backend, "environment": environment, "distributed": distributed,
            "summary": {"status": status, "verdicts": counts, "failures": failures, "worst": worst,
+                       **({"controls": controls, "control_failures": control_failures} if controls else {}),
                        "units": [u["unit"]["name"] for u in units],
                        "not_verified": {u["unit"]["name"]: u["note"] for u in units if not u["verified"]}},
            "units": units, "timings": timings}

@@ -17,7 +17,7 @@ from pathlib import Path
 from verify.provenance import provenance_rows
 from verify.report.document import as_float, stage_bound_ratios
 from verify.report.plots import STATUS_COLORS, figures
-from verify.report.tables import format_ratio
+from verify.report.tables import control_summary, format_ratio
 from verify.report.terminal import projection_line, timing_line
 
 __all__ = ["render_html", "write_html"]
@@ -149,6 +149,21 @@ def _provenance(doc: dict) -> str:
                                                        [[s, k] for s, k in rows]))
 
 
+def _controls(doc: dict) -> str:
+    """The negative controls per check column (schema 1.2): controls failing their known-bad input as they
+    must, and blind ones (the check passed it); empty for a report without controls."""
+    per = control_summary([c for u in doc["units"] for c in u.get("controls", [])])
+    if not per:
+        return ""
+    rows = [[check, caught, blind] for check, (caught, blind) in per.items()]
+    blind = [f"<li><b>{_e(f['unit'])} {_e(f['stage'])} {_e(f['check'])}</b>: {_e(f['message'])}</li>"
+             for f in doc["summary"].get("control_failures", [])[:200]]
+    return ("<h3>Negative controls</h3><p class=\"muted\">Each check judged once more on its stage's real output with "
+            "one planted known-bad change; it must fail.</p>" + _table(["check", "failed as they must", "blind (passed)"],
+                                                                       rows)
+            + (f"<ul>{''.join(blind)}</ul>" if blind else ""))
+
+
 def render_html(doc: dict) -> str:
     """The report page (a string)."""
     s = doc["summary"]
@@ -180,6 +195,7 @@ created {_e(doc.get('created', ''))}, schema {_e(doc['schema_version'])}</p></he
 <main>
 <section><h2>Units</h2>{_units_table(doc)}
 {f'<h3>Failures</h3><ul>{failures}</ul>' if failures else ''}
+{_controls(doc)}
 {f'<h3>Not verified</h3><ul>{not_verified}</ul>' if not_verified else ''}</section>
 <section><h2>Plots</h2><p class="muted">{legend}</p>{fig_html or '<p class="muted">No verified unit to plot.</p>'}</section>
 <section><h2>Kernels</h2>{_provenance(doc)}</section>

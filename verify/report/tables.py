@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass
 
 __all__ = ["format_ratio", "loss_table", "verdict_table", "render_text", "new_table", "Adaptive", "first_line",
-           "CHECK_ABBREVIATIONS", "STATUS_TEXT"]
+           "CHECK_ABBREVIATIONS", "STATUS_TEXT", "control_summary", "CONTROL_ROW"]
 
 # check -> header of the narrow layout (at most 4 characters, the width of "FAIL")
 CHECK_ABBREVIATIONS = {"bytes": "byte", "bound": "bnd", "rounding": "rnd", "ids": "ids", "weights": "wts",
@@ -22,6 +22,7 @@ CHECK_ABBREVIATIONS = {"bytes": "byte", "bound": "bnd", "rounding": "rnd", "ids"
 # status -> (wide text, narrow text, rich style)
 STATUS_TEXT = {"pass": ("pass", "ok", "green"), "fail": ("FAIL", "FAIL", "bold red"),
                "not served": ("not served", "n/s", "yellow"), "skipped": ("n/a", "n/a", "dim")}
+CONTROL_ROW = "control (known-bad)"  # the row under the stages: each check shown failing a planted defect
 _NOTE_LIMIT = 300  # characters of a verdict message shown under the table (the JSON report has it all)
 
 
@@ -172,6 +173,7 @@ class _VerdictTable:
     cells: dict[tuple[str, str], str]   # (stage, check) -> status
     ratios: dict[str, float]            # stage -> worst bound ratio
     notes: list[tuple[str, str, str]]   # (stage, status, message)
+    controls: dict[str, tuple[int, int]] | None = None  # check -> (controls failing as they must, blind ones)
 
     def _table(self, narrow: bool):
         table = new_table(self.title, narrow)
@@ -190,6 +192,9 @@ class _VerdictTable:
                 wide, short, style = STATUS_TEXT[status]
                 row.append(f"[{style}]{short if narrow else wide}[/]")
             table.add_row(stage, *row, _ratio_cell(self.ratios[stage]) if stage in self.ratios else "-")
+        if self.controls is not None:
+            table.add_row(f"[dim]{CONTROL_ROW}[/]", *(_control_cell(self.controls.get(c), narrow) for c in self.checks),
+                          "")
         return table
 
     def __rich_console__(self, console, options):
@@ -208,7 +213,9 @@ class _VerdictTable:
 
 def verdict_table(layer: int | str, backend_name: str, run):
     """One row per kernel stage of the layer (table order), one column per check present and the worst
-    bound ratio; under the table, per stage, the first line of each failure and not-served reason and
+    bound ratio, then (a run with negative controls) the control row: per check, how many of its controls
+    failed their planted defect as they must, or BLIND and how many passed one; under the table, per stage,
+    the first line of each failure and not-served reason and
     the distinct n/a reasons (but "needs a CUDA device", which the sync / graph cells already say)."""
     from references.stages import Check  # noqa: PLC0415
 
@@ -229,9 +236,34 @@ def verdict_table(layer: int | str, backend_name: str, run):
         skipped = dict.fromkeys(first_line(v.message) for v in per
                                 if v.status == "skipped" and v.message and "CUDA device" not in v.message)
         notes += [(stage, "skipped", m) for m in skipped]
+    controls = getattr(run, "controls", None) or None
+    if controls is not None:
+        notes += [(v.stage, "fail", f"control {v.check}: {first_line(v.message)}")
+                  for v in controls if v.status == "fail"]
     title = (f"{_unit_words(layer)}: {backend_name} verdicts per stage (teacher-forced; {counts['pass']} pass, "
              f"{counts['fail']} fail, {counts['not served']} not served, {counts['skipped']} n/a)")
-    return _VerdictTable(title, present, stages, cells, ratios, notes)
+    return _VerdictTable(title, present, stages, cells, ratios, notes,
+                         None if controls is None else control_summary(controls))
+
+
+def control_summary(controls) -> dict[str, tuple[int, int]]:
+    """Per check: (controls that failed as they must, controls the check passed: blind), from verdicts or
+    their JSON dicts (verify.verdicts.controls); skipped controls count in neither."""
+    out: dict[str, tuple[int, int]] = {}
+    for v in controls:
+        check, status = (v["check"], v["status"]) if isinstance(v, dict) else (v.check, v.status)
+        caught, blind = out.get(check, (0, 0))
+        out[check] = (caught + (status == "pass"), blind + (status == "fail"))
+    return out
+
+
+def _control_cell(counts: tuple[int, int] | None, narrow: bool) -> str:
+    if counts is None or counts == (0, 0):
+        return "[dim]-[/]"
+    caught, blind = counts
+    if blind:
+        return f"[bold red]{'BLND' if narrow else f'BLIND {blind}'}[/]"
+    return f"[green]{'ok' if narrow else f'fails {caught}/{caught}'}[/]"
 
 
 def first_line(message: str) -> str:

@@ -6,20 +6,34 @@ from pathlib import Path
 
 from verify.provenance import provenance_lines
 from verify.report.document import as_float
-from verify.report.tables import Adaptive, escape, first_line, format_ratio, new_table
+from verify.report.tables import Adaptive, control_summary, escape, first_line, format_ratio, new_table
 
-__all__ = ["print_summary", "timing_line", "projection_line"]
+__all__ = ["print_summary", "timing_line", "projection_line", "controls_line"]
+
+
+def controls_line(doc: dict) -> str | None:
+    """Per check column: how many negative controls failed their planted known-bad input as they must (and
+    how many the check passed: blind), over every unit; None for a report without controls (before 1.2)."""
+    per = control_summary([c for u in doc["units"] for c in u.get("controls", [])])
+    if not per:
+        return None
+    cells = [f"{check} [bold red]BLIND {blind}[/]/{caught + blind}" if blind else f"{check} {caught}/{caught}"
+             for check, (caught, blind) in per.items() if caught or blind]
+    blind = sum(b for _, b in per.values())
+    head = "[bold red]negative controls: a check PASSED a known-bad input[/]" if blind else \
+        "[green]negative controls (each check failing a known-bad input of its stage, as it must)[/]"
+    return f"{head}: " + ", ".join(cells)
 
 
 def timing_line(doc: dict) -> str:
     """One line: wall time and the seconds of each phase, summed over units (and ranks)."""
     t = doc["timings"]
     phases = t.get("phases_s", {})
-    order = ("startup", "load", "emulated", "high", "verdicts", "graph_probe", "report")
+    order = ("startup", "load", "emulated", "high", "verdicts", "graph_probe", "controls", "report")
     parts = [f"{k} {phases[k]:.2f} s" for k in order if isinstance(phases.get(k), (int, float))]
     wall = t.get("wall_s")
     return (f"time: wall {wall:.2f} s; " if isinstance(wall, (int, float)) else "time: ") + ", ".join(parts) + \
-        " (per phase, summed over units; graph_probe is part of verdicts)"
+        " (per phase, summed over units; graph_probe and controls are part of verdicts)"
 
 
 def projection_line(doc: dict) -> str | None:
@@ -68,6 +82,8 @@ def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: b
         console.print(f"[bold red]FAIL[/] {f['unit']} {f['stage']} {f['check']}: {escape(first_line(f['message']))}")
     if len(s["failures"]) > 20:
         console.print(f"... and {len(s['failures']) - 20} more failures (report.json)")
+    for f in s.get("control_failures", [])[:20]:
+        console.print(f"[bold red]BLIND[/] {f['unit']} {f['stage']} {f['check']}: {escape(first_line(f['message']))}")
     for name, note in s.get("not_verified", {}).items():
         console.print(f"[yellow]{name}[/]: {note}")
     v = s["verdicts"]
@@ -76,6 +92,9 @@ def print_summary(console, doc: dict, *, report_dir: Path | None = None, html: b
                   f"{v['skipped']} n/a over {len(doc['units'])} unit(s)")
     for line in provenance_lines([u.get("provenance") for u in doc["units"]]):  # kernels per stage, build arch
         console.print(escape(line), highlight=False)
+    line = controls_line(doc)
+    if line:
+        console.print(line)
     console.print(timing_line(doc))
     line = projection_line(doc)
     if line:

@@ -25,6 +25,7 @@ from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
 from verify.run import run_layer
 from verify.selftest import INJECTORS, Bugged, selftest
+from verify.selftest.fp8 import UnpromotedFp8, fp8_swallowing
 from verify.verdicts import LayerCase
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.layer import judge_stage
@@ -47,7 +48,7 @@ def _run(ckpt, layer_index: int, backend, *, data=None):
     layer = ckpt.load_layer(layer_index)
     inputs = layer_inputs(ckpt, layer, tokens=16, seed=11, device="cpu")
     if data == "fp8-swallowing":
-        layer, inputs = st._fp8_swallowing(layer, inputs)
+        layer, inputs = fp8_swallowing(layer, inputs)
     return run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="dynamic"), backend=backend)
 
 
@@ -190,7 +191,7 @@ class _Promoting(Bugged):
     promoted to float32 every 128 of K as declared."""
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
-        if isinstance(w, st._UnpromotedFp8):
+        if isinstance(w, UnpromotedFp8):
             act = quantize_act_fp8_1x128(x_bf16, recipe=FP8_ACT_UE8M0 if w.scale_rule == "ue8m0_ceil" else FP8_ACT_F32)
             y = fp8_block_gemm_narrow_acc_model(act, w.weight, acc_bits=14, rounding="truncate", promotion_interval=128)
             return y.to(torch.float32).to(torch.bfloat16)

@@ -18,7 +18,7 @@ import torch
 
 from references.layer import RunOptions
 from references.router import router_logits_f32, routing_weights_f32, select_experts_topk
-from references.stages import STAGES
+from references.stages import STAGES, Check
 from verify.backends import FORWARD_OPS, EmulatorBackend, RoutingOut, get_backend, registered_backend_names
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
@@ -46,6 +46,8 @@ def _backend_names(config) -> tuple[str, ...]:
 
 
 def pytest_generate_tests(metafunc):
+    if "control_check" in metafunc.fixturenames:
+        _generate_controls(metafunc)
     if "stage_check" not in metafunc.fixturenames:
         return
     ckpt = Checkpoint.open(_checkpoint_dir(metafunc.config))
@@ -61,6 +63,17 @@ def pytest_generate_tests(metafunc):
                                                    id=f"layer{i}-{stage.name}-{check.value}-{act}-{backend}",
                                                    marks=getattr(pytest.mark, f"layer{i}")))
     metafunc.parametrize("stage_check", params)
+
+
+def _generate_controls(metafunc):
+    """One item per (backend, layer, check column, act): `layer3-control-bound-static-emulator`."""
+    ckpt = Checkpoint.open(_checkpoint_dir(metafunc.config))
+    checks = [c.value for c in Check if any(c in s.checks for s in STAGES
+                                            if s.kernel and ckpt.config.schema in s.schemas)]
+    metafunc.parametrize("control_check", [
+        pytest.param((backend, i, check, act), id=f"layer{i}-control-{check}-{act}-{backend}",
+                     marks=getattr(pytest.mark, f"layer{i}"))
+        for backend in _backend_names(metafunc.config) for i in held_layers(ckpt) for check in checks for act in ACT])
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +117,8 @@ def _layer_run(ckpt, backend, i: int, act: str, device: str):
         inputs = layer_inputs(ckpt, layer, tokens=TOKENS, seed=SEED, device=device)
         case = LayerCase(layer, ckpt.config.schema, *([None] * 3), {}, {}, RunOptions(), None)
         _RUNS[key] = ({s.name for s in applicable_stages(case)},
-                      run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=act), backend=backend))
+                      run_layer(ckpt, layer, inputs, options=RunOptions(act_scale=act), backend=backend,
+                                controls=True))
     return _RUNS[key]
 
 
@@ -124,6 +138,21 @@ def test_stage_verdict(ckpt, stage_check):
     if v.status in ("not served", "skipped"):
         pytest.skip(f"{v.status}: {v.message}")
     assert v.status == "pass", v.message
+
+
+def test_check_fails_its_negative_control(ckpt, control_check):
+    """The check column, on this backend's real outputs of this layer, fails each stage's planted known-bad
+    input (verify.verdicts.controls): a check that passes one is blind there, and this item fails."""
+    name, i, check, act = control_check
+    backend, device = _backend_here(name)
+    _, run = _layer_run(ckpt, backend, i, act, device)
+    controls = [c for c in run.controls if c.check == check]
+    blind = [c for c in controls if c.status == "fail"]
+    assert not blind, "\n".join(c.message for c in blind)
+    shown = [c for c in controls if c.status == "pass"]
+    if not shown:
+        reasons = sorted({c.message for c in controls}) or [f"no stage of layer{i} has the {check} check here"]
+        pytest.skip(f"no {check} verdict passed in this run, so no control ran: {reasons[0]}")
 
 
 def test_every_applicable_stage_has_a_verdict_per_check(ckpt):

@@ -22,9 +22,11 @@ from verify.config import GOLDEN_DIR
 from verify.layer_report import layer_inputs
 from verify.run import run_layer
 from verify.selftest import INJECTORS, Injector, selftest, with_tie_rows
+from verify.selftest.runner import _cannot_see
+from verify.selftest.weights import distinct_gate_up_scales
 
 LAYERS = [0, 3]  # layer 0: NVFP4 attention + shared expert, hash routing; layer 3: score routing
-CUDA_ONLY = {i.bug for i in INJECTORS if i.checks is not None}
+CUDA_ONLY = {i.bug for i in INJECTORS if i.checks and set(i.checks) <= {"sync", "graph"}}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +73,9 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
         # run: reported with that reason, never as a pass (test_graph_killers_are_caught_on_cuda runs them)
         assert row.status == "not applicable" and "need a CUDA device" in row.message, row
         return
+    if inj.checks == ():  # valid-count-ignored where no check replays with a valid count (VALID_COUNT_CHECKS)
+        assert row.status == "not applicable" and "valid-token count" in row.message, row
+        return
     if inj.data == "fp8-2d-scale-grid":  # mini-v4's FP8 grids are one row or one column: transposed, no byte
         # changes (test_fp8_bytes.py shows it failing bound on a 2-D grid)
         assert row.status == "not applicable" and "one row or one column" in row.message, row
@@ -78,6 +83,49 @@ def test_each_bug_is_caught_where_it_was_put(cli_run, inj):
     assert row.status == "caught" and not row.misblamed, row
     if inj.checks is not None:
         assert any(c.split()[-1] in inj.checks for c in row.caught_by), row
+
+
+def test_the_selftest_covers_at_least_30_distinct_bug_classes():
+    assert len({i.bug for i in INJECTORS}) == len(INJECTORS) >= 30, [i.bug for i in INJECTORS]
+
+
+# GPU-kernel bug classes (issue 26 item 8): the checks that must catch each on the fixture (layers 0 and 3)
+GPU_KERNEL_CLASSES = {
+    "barrier-dropped": {"moe.l1 bound", "moe.l2 bound"},
+    "tile-mask-off-by-one": {"attn.wq_a bound", "moe.l1 bound", "moe.l2 bound"},
+    "wrong-experts-scale": {"moe.l1 bound", "moe.l2 bound", "moe.block bound"},
+    "scale-padding-not-zero-filled": {"attn.wq_a bytes", "moe.act_quant bytes", "moe.requant bytes"},
+    "alpha-applied-twice": {"attn.wq_a bound", "shared.l2 bound"},
+    "cast-before-scale": {"attn.wq_a bound", "shared.l2 bound"},
+    "stage-output-scaled-x2": {"moe.combine bound"},
+    "gate-scale-applied-twice": {"moe.l1 bound"},
+    "row-depends-on-the-batch": {"attn.wq_a batch", "shared.l2 batch"},
+}
+
+
+@pytest.mark.parametrize("bug", sorted(GPU_KERNEL_CLASSES))
+def test_gpu_kernel_classes_are_caught_by_their_checks(cli_run, bug):
+    row = cli_run[2][bug]
+    assert row.status == "caught" and GPU_KERNEL_CLASSES[bug] <= set(row.caught_by), row
+
+
+def test_a_pure_factor_x2_fails_the_bound_where_cosine_is_1(ckpt):
+    """A scale factor x2 on one stage (moe.combine) is invisible to cosine (1 to rounding) and must fail its
+    bound, and only its bound; the norm ratio of the stage's output says 2."""
+    from verify.metrics import stage_metrics
+
+    layer = ckpt.load_layer(3)
+    inputs = layer_inputs(ckpt, layer, tokens=16, seed=11, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(), backend=st.Bugged(EmulatorBackend(),
+                                                                                    "stage-output-scaled-x2"))
+    assert {(v.stage, v.check) for v in run.failed} == {("moe.combine", "bound")}, [v.message for v in run.failed]
+    b = EmulatorBackend()
+    y_rows = run.emulated["moe.l2"]
+    d = b.dispatch(run.emulated["router.ids"], layer.experts.w1.weight_u8.shape[0])
+    good = b.combine(y_rows.to(torch.bfloat16), d, run.emulated["router.weights"])
+    bad = st.Bugged(b, "stage-output-scaled-x2").combine(y_rows.to(torch.bfloat16), d, run.emulated["router.weights"])
+    m = stage_metrics(bad.double(), good.double())
+    assert m["cosine"] > 1 - 1e-12 and m["norm_ratio"] == 2.0, m
 
 
 def test_a_verdict_that_cannot_fail_shows_up_as_missed(ckpt, monkeypatch):
@@ -121,7 +169,7 @@ def test_the_data_the_injectors_need_passes_the_clean_emulator(ckpt, data):
     so a failure under the injector is the bug's."""
     layer = ckpt.load_layer(0)
     if data == "w13-scales":
-        layer = st._distinct_gate_up_scales(layer)
+        layer = distinct_gate_up_scales(layer)
     inputs = layer_inputs(ckpt, layer, tokens=16, seed=11, device="cpu")
     if data == "ties":
         inputs = with_tie_rows(inputs)
@@ -177,7 +225,7 @@ def test_fp8_weight_bugs_are_not_applicable_where_no_judged_stage_could_show_the
     path = GOLDEN_DIR / "mini-v4" if preset == "mini-v4" else make_checkpoint(tmp_path / preset, preset)["out"]
     ckpt = Checkpoint.open(path)
     loaded = {i: ckpt.load_layer(i) for i in range(4)}
-    why = {inj.bug: st._cannot_see(inj, loaded) for inj in INJECTORS if inj.bug in _FP8_WEIGHT_BUGS}
+    why = {inj.bug: _cannot_see(inj, loaded) for inj in INJECTORS if inj.bug in _FP8_WEIGHT_BUGS}
     if preset == "mini-v3":
         assert all(why.values()), why
     else:

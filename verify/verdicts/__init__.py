@@ -56,7 +56,9 @@ sink ("graph_probe"); each verdict's metrics hold "seconds", its stage's time sh
 Modules: model (Verdict, LayerCase, applicable_stages), context (JudgeContext, MoeOperands), layer
 (judge_layer), checks (the check machinery and the generic checks), probes (sync / graph probes),
 quantized (bytes comparison, expected grouped quantization, grouped float64 GEMM), intervals (the
-interval rule's arithmetic), routing (router_verdict), judges/ (one module per stage kind).
+interval rule's arithmetic), routing (router_verdict), judges/ (one module per stage kind), controls (the
+negative control of each passing verdict: the same check on the stage's real output with one planted
+known-bad change; judge_layer(..., controls=list) and run_layer(..., controls=True) run them).
 """
 
 from verify.verdicts.judges.block import moe_block_bound

@@ -33,6 +33,7 @@ __all__ = ["CheckFn", "Skipped", "SkipStage", "Outputs", "Subset", "Batch", "Pad
            "GENERIC_CHECKS", "verdict_of", "not_served", "needs_cuda"]
 
 CheckFn = Callable[["JudgeContext", Stage, "Outputs", dict], str]
+PADDING_BYTES = (0xFF, 0x7F)  # what the padding check writes into scale padding, one run each (0x7F: E4M3 NaN)
 
 
 class Skipped(Exception):
@@ -193,7 +194,7 @@ def scale_padding(ctx: "JudgeContext", stage: Stage, out: Outputs, metrics: dict
     if n_pad == 0:
         return "no padding in this shape (rows a multiple of 128, K/16 of 4): nothing to read"
     clean = bits(p.run(p.a))
-    for byte in (0xFF, 0x7F):
+    for byte in PADDING_BYTES:
         sf = p.a.sf_swizzled_u8.clone()
         sf[p.pad] = byte
         dirty = bits(p.run(QuantizedAct(p.a.packed_u8, sf, p.a.global_dec_f32)))

@@ -7,6 +7,7 @@ the lower id; hash layers compare ids exactly). Own checks: ids, weights.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +20,7 @@ from verify.verdicts.checks import Judge, Outputs, Replay
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.routing import RouterVerdict, router_verdict
 
-__all__ = ["JUDGE"]
+__all__ = ["JUDGE", "rejudged"]
 
 
 @dataclass
@@ -54,12 +55,21 @@ def collect(ctx: JudgeContext, stage: Stage) -> RouterOutputs:
     r = b.router(case.x_ffn, prep, token_ids_i64=tok)
     ref = Routing(e[ROUTER.tensor("logits")], e[ROUTER.tensor("scores")], e[ROUTER.tensor("ids")],
                   e[ROUTER.tensor("weights")], hashed=hashed)
-    rv = router_verdict(ref, r.ids_i64, r.weights_f32, x=case.x_ffn, gate_weight=lw.router.gate_weight_bf16,
-                        bias_f32=None if hashed else lw.router.gate_bias_f32, scoring=spec.scoring,
-                        routed_scaling_factor=spec.routed_scaling_factor,
-                        renormalize=spec.renormalize if spec.renormalize is not None else spec.scoring != "softmax",
-                        n_group=spec.n_group, topk_group=spec.topk_group)
-    return RouterOutputs(b, case.x_ffn, prep, tok, r, ref, rv)
+    return RouterOutputs(b, case.x_ffn, prep, tok, r, ref, _judged(ctx, ref, r))
+
+
+def _judged(ctx: JudgeContext, ref: Routing, r: RoutingOut) -> RouterVerdict:
+    lw, spec = ctx.case.layer, ctx.case.moe_spec
+    return router_verdict(ref, r.ids_i64, r.weights_f32, x=ctx.case.x_ffn, gate_weight=lw.router.gate_weight_bf16,
+                          bias_f32=None if ref.hashed else lw.router.gate_bias_f32, scoring=spec.scoring,
+                          routed_scaling_factor=spec.routed_scaling_factor,
+                          renormalize=spec.renormalize if spec.renormalize is not None else spec.scoring != "softmax",
+                          n_group=spec.n_group, topk_group=spec.topk_group)
+
+
+def rejudged(ctx: JudgeContext, out: RouterOutputs, got: RoutingOut) -> RouterOutputs:
+    """out with the backend's routing replaced by `got`, judged again (the negative controls)."""
+    return dataclasses.replace(out, got=got, rv=_judged(ctx, out.reference, got))
 
 
 def ids(ctx: JudgeContext, stage: Stage, out: RouterOutputs, metrics: dict) -> str:

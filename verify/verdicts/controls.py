@@ -1,0 +1,219 @@
+"""Negative controls: for each (stage, check) verdict that passed, the same check judged once more on the
+stage's real outputs with one minimal, known-bad change of the kind the check exists to detect. The check
+must fail it; a check that passes its control is blind here, and the control fails the run.
+
+What each control plants (on this backend's own outputs, judged by the check's own code):
+  bytes     one bit of the backend's quantized codes flipped (NVFP4 packed E2M1 / FP8 E4M3 byte 0);
+  bound, rounding, exact
+            the check's first comparison judges a `got` moved minimally past what it tolerates: one element
+            one representable step beyond its bound or ulps, or one bit of the offsets flipped
+            (verify.assertions.planting_beyond_tolerance);
+  batch     a token-dependent result: bit 0 of the first row judged alone flipped (alone != inside);
+  padding   a GEMM that reads scale padding: its output changes when the padding bytes are not zero;
+  sync      a forward that reads one output element on the host (.item());
+  graph     a forward with a host value baked in at capture (a counter that eager calls advance);
+  ids       router: token 0's first expert replaced by its lowest-scoring unchosen expert (never a near-tie);
+  weights   router: token 0's first weight scaled by 1 + 2^-10 (far outside the fp32 bound);
+  interval  fused L1: the signs of the first row's codes flipped;
+  (a newer check without a control of its own) planted in its first verify.assertions comparison, as bound;
+            skipped when it makes none (test_controls requires words for every Check here).
+
+The controls planted inside an assertion move `got` just past the tolerance the check hands that assertion: a
+check that loosens its own tolerance before comparing is caught by verify/tests/test_checks_can_fail.py (known-bad
+backends just past the true bound), not by its control.
+
+A control is one Verdict with the stage and check of the verdict it controls: "pass" when the check failed
+on the planted input (its message, first line), "fail" when it passed it, "skipped" where the verdict did
+not pass (a failing check needs no control: the run fails already) or nothing could be planted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import TYPE_CHECKING
+
+import torch
+
+from references.stages import Check, Stage
+from verify.assertions import planting_beyond_tolerance
+from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
+from verify.verdicts.checks import Batch, CheckFn, Outputs, Padding, Replay, Skipped, Subset
+from verify.verdicts.model import Verdict
+from verify.verdicts.probes import as_tensors, bits
+
+if TYPE_CHECKING:
+    from verify.verdicts.context import JudgeContext
+
+__all__ = ["CONTROL_WORDS", "CONTROL_TIMING", "control_verdict", "control_counts", "control_line"]
+
+CONTROL_TIMING = "controls"  # the timing sink's key for the seconds spent in the controls (part of "verdicts")
+
+CONTROL_WORDS = {
+    Check.BYTES: "one bit of the quantized codes flipped",
+    Check.BOUND: "one element one step beyond the bound",
+    Check.ROUNDING: "one element one step beyond the ulps",
+    Check.EXACT: "one bit of the first comparison flipped",
+    Check.BATCH: "a row alone one bit off the batch",
+    Check.PADDING: "a GEMM that reads scale padding",
+    Check.SYNC: "a host read (.item()) in the forward",
+    Check.GRAPH: "a host value baked in at capture",
+    Check.IDS: "token 0's first expert swapped for its worst unchosen one",
+    Check.WEIGHTS: "token 0's first weight x (1 + 2^-10)",
+    Check.INTERVAL: "the signs of row 0's codes flipped",
+}
+_BY_ASSERTION = (Check.BOUND, Check.ROUNDING, Check.EXACT)  # planted inside the check's first comparison
+_GENERIC = (Check.BYTES, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)  # planted in the Outputs they ask for
+
+
+def _flip_bit0(t: torch.Tensor) -> torch.Tensor:
+    """t with bit 0 of its first element flipped (a copy)."""
+    int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    bad = t.detach().contiguous().clone()
+    if bad.numel():
+        bad.view(int_dtype).reshape(-1)[0] ^= 1
+    return bad
+
+
+def _flip_first_output(out: object) -> object:
+    """An op's output (tensor or tuple of tensors) with bit 0 of its first element flipped."""
+    outs = as_tensors(out)
+    bad = (_flip_bit0(outs[0]), *outs[1:])
+    return bad if isinstance(out, (tuple, list)) else bad[0]
+
+
+class _Planted(Outputs):
+    """A stage's collected outputs with one check's input planted (the generic checks' side)."""
+
+    def __init__(self, real: Outputs, check: Check) -> None:
+        self.real, self.check = real, check
+
+    def __getattr__(self, name: str):  # what the generic checks do not ask for: the real outputs'
+        return getattr(self.real, name)
+
+    def quantized(self):
+        pairs = self.real.quantized()
+        if isinstance(pairs, list):  # FP8 1x128: the first scale rule's codes
+            got, exp = pairs[0]
+            return [(Fp8QuantizedAct(_flip_bit0(got.e4m3_u8), got.block_dec_scale, got.scale_rule), exp), *pairs[1:]]
+        got, exp = pairs
+        return QuantizedAct(_flip_bit0(got.packed_u8), got.sf_swizzled_u8, got.global_dec_f32), exp
+
+    def batch(self, metrics: dict) -> Batch:
+        b = self.real.batch(metrics)
+        if not b.subsets:
+            raise Skipped("no subset to plant (the batch check compares none here)")
+        first, *rest = b.subsets
+        return Batch(b.full, (Subset(first.label, lambda: _flip_first_output(first.alone()), first.inside), *rest),
+                     b.passed)
+
+    def padding(self) -> Padding:
+        p = self.real.padding()
+        if not bool(p.pad.any()):
+            raise Skipped("no scale padding in this shape: nothing to read")
+
+        def reads_padding(a: QuantizedAct):
+            y = p.run(a)
+            return _flip_first_output(y) if bool((a.sf_swizzled_u8[p.pad] != 0).any()) else y
+
+        return Padding(reads_padding, p.a, p.pad)
+
+    def replay(self) -> Replay:
+        r = self.real.replay()
+        if self.check is Check.SYNC:
+            def syncing():
+                y = r.forward()
+                bits(y)[:1].sum().item()  # the host waits for the stream
+                return y
+            return Replay(syncing, r.mutations, r.note)
+        counter = itertools.count(1)
+        device = bits(r.forward()).device
+
+        def baked():  # the count is a kernel argument: captured once, advanced by every eager call
+            return r.forward(), torch.full((1,), next(counter), dtype=torch.int32, device=device)
+        return Replay(baked, r.mutations, r.note)
+
+
+def _planted_router(ctx: "JudgeContext", out, check: Check):
+    """Router outputs with token 0's routing planted, re-judged by the router verdict."""
+    from verify.verdicts.judges.router import rejudged  # noqa: PLC0415 (judges import this module's package)
+
+    got = out.got
+    ids, w = got.ids_i64.clone(), got.weights_f32.clone()
+    if ids.shape[0] == 0:
+        raise Skipped("no token to plant")
+    if check is Check.IDS:
+        scores = out.reference.scores_f32[0].double().clone()
+        scores[ids[0].to(scores.device)] = float("inf")  # never one it chose
+        ids[0, 0] = int(torch.argmin(scores))
+    else:
+        w[0, 0] = w[0, 0] * (1 + 2.0**-10)
+    return rejudged(ctx, out, dataclasses.replace(got, ids_i64=ids, weights_f32=w))
+
+
+def _planted_interval(out):
+    got = out.got
+    packed = got.packed_u8.clone()
+    if packed.shape[0] == 0:
+        raise Skipped("no row to plant")
+    packed[0] ^= 0x88
+    return dataclasses.replace(out, got=QuantizedAct(packed, got.sf_swizzled_u8, got.global_dec_f32))
+
+
+def control_verdict(ctx: "JudgeContext", stage: Stage, check: Check, fn: CheckFn, outputs: Outputs,
+                    verdict: Verdict) -> Verdict:
+    """The negative control of one verdict (module docstring)."""
+    words = CONTROL_WORDS.get(check, "a planted defect")
+    if verdict.status != "pass":
+        return Verdict(stage.name, check.value, "skipped", f"control ({words}): the verdict is {verdict.status}, "
+                       "not pass")
+    metrics: dict = {}
+    planted: list[str] = []
+    try:
+        if check in _BY_ASSERTION:
+            with planting_beyond_tolerance() as planted:
+                fn(ctx, stage, outputs, metrics)
+        elif check in (Check.IDS, Check.WEIGHTS):
+            fn(ctx, stage, _planted_router(ctx, outputs, check), metrics)
+        elif check is Check.INTERVAL:
+            fn(ctx, stage, _planted_interval(outputs), metrics)
+        elif check in _GENERIC:
+            fn(ctx, stage, _Planted(outputs, check), metrics)
+        else:  # a check without its own control (a newer one): planted in its first comparison, if it makes one
+            with planting_beyond_tolerance() as planted:
+                fn(ctx, stage, outputs, metrics)
+            if not planted:
+                return Verdict(stage.name, check.value, "skipped", f"control: the {check.value} check makes no "
+                               "comparison through verify.assertions and has no control of its own "
+                               "(verify.verdicts.controls)")
+    except AssertionError as exc:
+        where = f" ({planted[0]})" if planted else ""
+        return Verdict(stage.name, check.value, "pass", f"control ({words}){where}: fails as it must: "
+                       f"{str(exc).splitlines()[0]}")
+    except Skipped as exc:
+        return Verdict(stage.name, check.value, "skipped", f"control ({words}): {exc}")
+    except Exception as exc:  # noqa: BLE001 - a control that cannot run shows nothing: it fails, never crashes the run
+        return Verdict(stage.name, check.value, "fail", f"control ({words}) could not run: {type(exc).__name__}: {exc}")
+    if check in _BY_ASSERTION and not planted:
+        return Verdict(stage.name, check.value, "fail", f"control ({words}): the check made no comparison through "
+                       "verify.assertions, so nothing could be planted: it cannot be shown to fail")
+    return Verdict(stage.name, check.value, "fail", f"control ({words}): the {check.value} check PASSED a known-bad "
+                   f"input of {stage.name}: it cannot see what it exists to detect")
+
+
+def control_counts(controls: list[Verdict]) -> dict[str, int]:
+    out = {"pass": 0, "fail": 0, "skipped": 0}
+    for v in controls:
+        out[v.status] = out.get(v.status, 0) + 1
+    return out
+
+
+def control_line(counts: dict[str, int]) -> str:
+    """The run's last line about its negative controls (rich markup), from control_counts summed over layers."""
+    caught, blind = counts.get("pass", 0), counts.get("fail", 0)
+    if blind:
+        return (f"[bold red]negative controls: {blind} check(s) PASSED a known-bad input (blind: the run fails); "
+                f"{caught} failed it as they must[/]")
+    if not caught:
+        return "[yellow]negative controls: none ran (no verdict passed here)[/]"
+    return f"[green]negative controls: all {caught} failed their known-bad input as they must[/]"
