@@ -41,8 +41,11 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 SPEC = MoeSpec(top_k=6, scoring="sqrtsoftplus", routed_scaling_factor=2.5, swiglu_limit=10.0)
 
 
+_ARCH_MARKS = {"sm90": pytest.mark.sm90, "sm100": pytest.mark.sm100}  # our GPU backends (the rest skip by reason)
+
+
 def _marks(name: str) -> list:
-    return [] if name == "emulator" else [pytest.mark.gpu, getattr(pytest.mark, name)]
+    return [pytest.mark.gpu, _ARCH_MARKS[name]] if name in _ARCH_MARKS else []
 
 
 BACKENDS = [pytest.param(n, id=n, marks=_marks(n)) for n in registered_backend_names()]
@@ -117,6 +120,11 @@ def test_every_backend_routes_exact_ties_to_the_lower_id(backend_name, bias_gap)
     b = _backend(backend_name, Op.PREPARE, Op.ROUTER)
     rows = adv.make_router_ties(64, 16, 256, 6, seed=5, device=DEVICE, bias_gap=bias_gap)
     v, _ = _verdict(rows, _route_with(b, rows))
+    if backend_name == "torch" and bias_gap == 0.0 and not v.passed:
+        # a finding, not a waiver: torch.topk (what engines call) keeps the higher expert id at some exact ties
+        # on the CPU (verify/backends/adapters/torch_ops.py); the ids verdict must catch exactly that
+        assert v.identical < v.tokens, v.summary()
+        pytest.xfail(f"finding: torch.topk breaks exact ties toward the higher id ({v.summary()})")
     assert v.passed and v.identical == v.tokens, v.summary()
 
 
