@@ -281,8 +281,9 @@ def test_layer_verdicts_through_torch_pass_what_it_serves(mini_v4, spec, layer):
         assert (v.status, v.message) == ("not served", fp8) if fp8 else v.status == "pass", v
         v, alone = status[(stage, "batch")], fp8 or b.fp8_gemm_m_reason(1, CC)
         assert (v.status, v.message) == ("not served", alone) if alone else v.status == "pass", v
-    assert status[("moe.l1", "bound")].status == "not served" and "torch ships no NVFP4 MoE op" in \
-        status[("moe.l1", "bound")].message
+    moe_l1 = status[("moe.l1", "bound")]  # the first op the bound needs that torch lacks: its MoE prepare or GEMM
+    assert moe_l1.status == "not served" and ("torch ships no NVFP4 MoE op" in moe_l1.message
+                                              or "has no prepare" in moe_l1.message), moe_l1
 
 
 # ----------------------------------------------------------------------------- the accumulator probe
@@ -353,11 +354,11 @@ def test_the_registry_makes_it_for_the_device_asked_for():
 
 
 def test_the_listing_shows_its_numerics_mode_and_accumulator():
-    from verify.backends.cli import _modes_text, describe_backend
+    from verify.backends.cli import describe_backend
 
     row = describe_backend(ROWWISE, torch.device("cpu"))
-    assert row["name"] == "torch-rowwise" and row["modes"]["fp8_block"] == {"dense_linear": "fp8_block"}
-    assert "fp8_block fp8_block" in _modes_text(row["modes"]) and "CPU scaled_mm" in row["accumulator"]
+    assert row["name"] == "torch-rowwise" and row["modes"]["dense_linear"]["fp8_block"] == "fp8_block"
+    assert "CPU scaled_mm" in row["accumulator"]
     assert {op for op, why in row["ops"].items() if why is None} == {"quantize_fp8", "dense_linear", "router",
                                                                      "dispatch", "combine"}
 
