@@ -175,32 +175,46 @@ class _VerdictTable:
     notes: list[tuple[str, str, str]]   # (stage, status, message)
     controls: dict[str, tuple[int, int]] | None = None  # check -> (controls failing as they must, blind ones)
 
-    def _table(self, narrow: bool):
-        table = new_table(self.title, narrow)
+    def _table(self, narrow: bool, checks: list[str] | None = None, title: str | None = None, ratio: bool = True):
+        checks = self.checks if checks is None else checks
+        table = new_table(self.title if title is None else title, narrow)
         fold = dict(no_wrap=not narrow, overflow="fold")
-        table.add_column("stage", **fold)
-        for c in self.checks:
+        table.add_column("stage", no_wrap=True)  # a stage name is never folded: it is what a reader looks for
+        for c in checks:
             table.add_column(CHECK_ABBREVIATIONS.get(c, c[:4]) if narrow else c, justify="center", **fold)
-        table.add_column("ratio" if narrow else "bound ratio", justify="right", **fold)
+        if ratio:
+            table.add_column("ratio" if narrow else "bound ratio", justify="right", **fold)
         for stage in self.stages:
             row = []
-            for c in self.checks:
+            for c in checks:
                 status = self.cells.get((stage, c))
                 if status is None:
                     row.append("")
                     continue
                 wide, short, style = STATUS_TEXT[status]
                 row.append(f"[{style}]{short if narrow else wide}[/]")
-            table.add_row(stage, *row, _ratio_cell(self.ratios[stage]) if stage in self.ratios else "-")
+            tail = [_ratio_cell(self.ratios[stage]) if stage in self.ratios else "-"] if ratio else []
+            table.add_row(stage, *row, *tail)
         if self.controls is not None:
-            table.add_row(f"[dim]{CONTROL_ROW}[/]", *(_control_cell(self.controls.get(c), narrow) for c in self.checks),
-                          "")
+            table.add_row(f"[dim]{CONTROL_ROW}[/]", *(_control_cell(self.controls.get(c), narrow) for c in checks),
+                          *([""] if ratio else []))
         return table
+
+    def _narrow_tables(self, console, options) -> list:
+        """The narrow layout; where even it does not fit (14 check columns next to the stage names need about
+        90 columns), the checks split over two tables with the same rows, the ratio in the second."""
+        one = self._table(narrow=True)
+        if _fits(console, options, one) or len(self.checks) < 2:
+            return [one]
+        half = (len(self.checks) + 1) // 2
+        first, second = self.checks[:half], self.checks[half:]
+        return [self._table(True, first, f"{self.title} [1/2]", ratio=False),
+                self._table(True, second, f"{self.title} [2/2]")]
 
     def __rich_console__(self, console, options):
         wide = self._table(narrow=False)
         narrow = not _fits(console, options, wide)
-        yield self._table(narrow=True) if narrow else wide
+        yield from self._narrow_tables(console, options) if narrow else [wide]
         if narrow:
             yield "[dim]" + ", ".join(f"{CHECK_ABBREVIATIONS.get(c, c[:4])} {c}" for c in self.checks
                                       if CHECK_ABBREVIATIONS.get(c, c[:4]) != c) + \

@@ -61,7 +61,8 @@ def test_the_mtp_rows_name_their_ops_weights_and_checks():
     assert list(rows) == ["mtp.e_proj", "mtp.h_proj", "mtp.x_ffn", "mtp.experts.l1", "mtp.experts.swiglu",
                           "mtp.experts.l2"]
     assert all(s.unit == "mtp" and s.schemas == ("deepseek_v4",) for s in MTP_STAGES)
-    fp8_checks = (Check.BYTES, Check.BOUND, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)
+    fp8_checks = (Check.BYTES, Check.PREPARE, Check.BOUND, Check.MODE, Check.BATCH, Check.PADDING, Check.SYNC,
+                  Check.GRAPH)
     assert rows["mtp.e_proj"].op is rows["mtp.h_proj"].op is Op.DENSE_LINEAR
     # the same checks as every FP8 linear of the decoder layers
     assert rows["mtp.e_proj"].checks == rows["mtp.h_proj"].checks == fp8_checks
@@ -154,8 +155,8 @@ def test_lint_names_the_mtp_encodings_and_expert_format():
 
 # ============================================================================= verdicts through the emulator
 
-EXPECTED_ON_CPU = {"bytes": "pass", "bound": "pass", "batch": "pass", "padding": "skipped", "sync": "skipped",
-                   "graph": "skipped"}
+EXPECTED_ON_CPU = {"bytes": "pass", "prepare": "pass", "bound": "pass", "mode": "pass", "batch": "pass",
+                   "padding": "skipped", "sync": "skipped", "graph": "skipped"}
 
 
 @pytest.mark.parametrize("stage_check", [(s.name, c.value) for s in KERNEL_MTP_ROWS for c in s.checks],
@@ -273,7 +274,8 @@ def test_layer_cli_verifies_the_mtp_block(tmp_path, capsys):
     assert {s for (s, c), st in status.items() if c == "bytes" and st == "pass"} == {
         "mtp.e_proj", "mtp.h_proj", "mtp.experts.l1", "mtp.experts.l2"}
     assert "fail" not in status.values()
-    assert "emulator on mtp.0: 12 pass, 0 fail" in capsys.readouterr().out
+    # 16 = bytes, bound, batch of the 4 rows + prepare and mode of the 2 FP8 projections (issue 24)
+    assert "emulator on mtp.0: 16 pass, 0 fail" in capsys.readouterr().out
 
 
 def test_layer_cli_refuses_an_mtp_block_the_checkpoint_lacks(capsys):
