@@ -192,8 +192,8 @@ class _MisDecoded(Outputs):
         (label, key, got, lin), *rest = weights
         if got.dtype != torch.float32:  # the check fails it already (never a pass to control)
             raise Skipped(f"{label}: decoded as {got.dtype}, not float32")
-        bad = got.detach().clone()
-        flat = bad.reshape(-1)
+        bad = got.detach().clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view of it
+        flat = bad.view(-1)
         i = int(flat.abs().argmax())
         flat.view(torch.int32)[i] += 4  # sign-magnitude: 4 ulps up in magnitude, either sign
         self.planted = f"{label}: element {i} moved from {float(got.reshape(-1)[i])!r} to {float(flat[i])!r}"
