@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from references.layer import RunOptions
 from references.stages import Check, Op
@@ -106,3 +107,33 @@ def test_every_check_has_a_control_that_says_what_it_plants():
     from verify.verdicts.controls import CONTROL_WORDS
 
     assert set(CONTROL_WORDS) == set(Check), sorted(c.value for c in set(Check) - set(CONTROL_WORDS))
+
+
+class _W4A16TransposedDecode(EmulatorBackend):
+    """humming's shape on the dense linears: W4A16 declared and computed, its decoded weights a transposed view."""
+
+    name = "emulator-w4a16-transposed-decode"
+
+    def dequantize_prepared(self, prepared):
+        w = super().dequantize_prepared(prepared)
+        return w.t().contiguous().t() if isinstance(w, torch.Tensor) else w
+
+
+def test_the_mode_prepare_and_valid_controls_fail_on_a_w4a16_backend(ckpt):
+    """The H100 report of humming (W4A16 on the dense linears): the fallback plant (one element past the first
+    comparison, the W4A4 candidate's) left the declared W4A16 matching, so the mode control passed its input and
+    the run failed as blind. The mode control re-declares the mode the output matches least and must fail naming
+    both; the prepare control plants a decoded weight that is a non-contiguous view; the valid control the block."""
+    layer = ckpt.load_layer(0)
+    inputs = layer_inputs(ckpt, layer, tokens=16, seed=0, device="cpu")
+    run = run_layer(ckpt, layer, inputs, options=RunOptions(act_scale="static"),
+                    backend=_W4A16TransposedDecode(modes={"nvfp4": "w4a16"}), controls=True)
+    passed = {(v.stage, v.check) for v in run.verdicts if v.status == "pass"}
+    mine = {(c.stage, c.check): c for c in run.controls if c.check in ("mode", "prepare", "valid")
+            and (c.stage, c.check) in passed}
+    assert {check for _, check in mine} == {"mode", "prepare", "valid"}, sorted(mine)
+    for (st, check), c in mine.items():
+        assert c.status == "pass" and "fails as it must" in c.message, (st, check, c.message)
+    dense_modes = [c.message for (st, check), c in mine.items() if check == "mode" and st.startswith("attn.")]
+    assert dense_modes and all("instead of w4a16" in m and "output matches w4a16" in m for m in dense_modes), dense_modes
+    assert not run.failed

@@ -15,6 +15,14 @@ What each control plants (on this backend's own outputs, judged by the check's o
   ids       router: token 0's first expert replaced by its lowest-scoring unchosen expert (never a near-tie);
   weights   router: token 0's first weight scaled by 1 + 2^-10 (far outside the fp32 bound);
   interval  fused L1: the signs of the first row's codes flipped;
+  mode      the output of one part re-judged as if the backend had declared the mode it matches least (the
+            largest bound ratio, > 1) instead of the one it matches: the check must fail naming both (a
+            backend whose declaration and computation differ); skipped where every mode matches (the modes
+            cannot be told apart on this data);
+  prepare   the first weight the backend decodes back (dequantize_prepared) with its largest value moved 4
+            float32 ulps away from zero (the check allows one ulp, or none where the exact value is a float32);
+  valid     the block run with a valid-token count: its last valid row (next to the garbage) one bit off, a
+            leak past the count (graph-safe: the row is picked on the device from the count);
   (a newer check without a control of its own) planted in its first verify.assertions comparison, as bound;
             skipped when it makes none (test_controls requires words for every Check here).
 
@@ -30,6 +38,7 @@ not pass (a failing check needs no control: the run fails already) or nothing co
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from typing import TYPE_CHECKING
 
@@ -61,6 +70,9 @@ CONTROL_WORDS = {
     Check.IDS: "token 0's first expert swapped for its worst unchosen one",
     Check.WEIGHTS: "token 0's first weight x (1 + 2^-10)",
     Check.INTERVAL: "the signs of row 0's codes flipped",
+    Check.MODE: "the output re-judged as declared in the mode it matches least",
+    Check.PREPARE: "one decoded weight value 4 float32 ulps off",
+    Check.VALID: "the last valid row one bit off when garbage follows it",
 }
 _BY_ASSERTION = (Check.BOUND, Check.ROUNDING, Check.EXACT)  # planted inside the check's first comparison
 _GENERIC = (Check.BYTES, Check.BATCH, Check.PADDING, Check.SYNC, Check.GRAPH)  # planted in the Outputs they ask for
@@ -134,6 +146,83 @@ class _Planted(Outputs):
         return Replay(baked, r.mutations, r.note)
 
 
+class _Redeclared(Outputs):
+    """A GEMM stage's outputs whose first part that can be told apart (its declared mode matches, another does
+    not) is re-declared in the mode it matches least: the mode check on a backend that says one mode and
+    computes another."""
+
+    def __init__(self, real: Outputs) -> None:
+        self.real = real
+        self.planted = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def modes(self):
+        from verify.verdicts.judges.mode import mode_ratio  # noqa: PLC0415 (judges import this module's package)
+
+        cases = [dataclasses.replace(c, candidates=functools.cache(c.candidates)) for c in self.real.modes()]
+        for i, c in enumerate(cases):
+            ratios = {m: mode_ratio(c.y, y64, bnd) for m, (y64, bnd) in c.candidates().items()}
+            others = {m: r for m, r in ratios.items() if m != c.declared and r > 1}
+            if ratios.get(c.declared, float("inf")) <= 1 and others:
+                worst = max(others, key=others.get)
+                self.planted = f"{c.label} declared {worst} (ratio {others[worst]:.3g}) instead of {c.declared}"
+                cases[i] = dataclasses.replace(c, declared=worst)
+                return cases
+        raise Skipped("every mode the weights allow matches the output of every part: the modes cannot be told "
+                      "apart on this data, no declaration to plant")
+
+
+class _MisDecoded(Outputs):
+    """A GEMM stage's outputs whose first decoded prepared weight has its largest value 4 float32 ulps further
+    from zero (a copy: the decoded stacks are shared by the stages of a layer)."""
+
+    def __init__(self, real: Outputs) -> None:
+        self.real = real
+        self.planted = ""
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def prepared_weights(self, ctx: "JudgeContext"):
+        weights = self.real.prepared_weights(ctx)
+        if not weights or weights[0][2].numel() == 0:
+            raise Skipped("no decoded weight to plant")
+        (label, key, got, lin), *rest = weights
+        if got.dtype != torch.float32:  # the check fails it already (never a pass to control)
+            raise Skipped(f"{label}: decoded as {got.dtype}, not float32")
+        bad = got.detach().clone(memory_format=torch.contiguous_format)  # reshape(-1) must be a view of it
+        flat = bad.view(-1)
+        i = int(flat.abs().argmax())
+        flat.view(torch.int32)[i] += 4  # sign-magnitude: 4 ulps up in magnitude, either sign
+        self.planted = f"{label}: element {i} moved from {float(got.reshape(-1)[i])!r} to {float(flat[i])!r}"
+        return [(label, key, bad, lin), *rest]
+
+
+class _LeakingBlock(Outputs):
+    """The MoE block's outputs whose run with a valid-token count n gives row n - 1 (the last valid row, next
+    to the garbage) with bit 0 of its first element flipped; picked on the device (no host read: the valid
+    check replays it in a CUDA graph when the check does not fail first)."""
+
+    def __init__(self, real: Outputs) -> None:
+        self.real = real
+
+    def __getattr__(self, name: str):
+        return getattr(self.real, name)
+
+    def run(self, x, ids, **kw):
+        y = self.real.run(x, ids, **kw)
+        n_i32 = kw.get("num_valid_tokens_i32")
+        if n_i32 is None or y.numel() == 0:
+            return y
+        int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[y.element_size()]
+        flat = y.contiguous().reshape(y.shape[0], -1)
+        rows = torch.arange(flat.shape[0], device=y.device)
+        hit = (rows == n_i32.to(y.device).long() - 1)[:, None] & (torch.arange(flat.shape[1], device=y.device) == 0)
+        return (flat.view(int_dtype) ^ hit.to(int_dtype)).view(y.dtype).reshape(y.shape)
+
+
 def _planted_router(ctx: "JudgeContext", out, check: Check):
     """Router outputs with token 0's routing planted, re-judged by the router verdict."""
     from verify.verdicts.judges.router import rejudged  # noqa: PLC0415 (judges import this module's package)
@@ -177,6 +266,14 @@ def control_verdict(ctx: "JudgeContext", stage: Stage, check: Check, fn: CheckFn
             fn(ctx, stage, _planted_router(ctx, outputs, check), metrics)
         elif check is Check.INTERVAL:
             fn(ctx, stage, _planted_interval(outputs), metrics)
+        elif check in (Check.MODE, Check.PREPARE):
+            plant = (_Redeclared if check is Check.MODE else _MisDecoded)(outputs)
+            try:
+                fn(ctx, stage, plant, metrics)
+            finally:
+                planted.extend([plant.planted] if plant.planted else [])
+        elif check is Check.VALID:
+            fn(ctx, stage, _LeakingBlock(outputs), metrics)
         elif check in _GENERIC:
             fn(ctx, stage, _Planted(outputs, check), metrics)
         else:  # a check without its own control (a newer one): planted in its first comparison, if it makes one
