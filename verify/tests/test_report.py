@@ -93,9 +93,9 @@ def test_report_rerenders_from_json(tmp_path, capsys):
     # 146 = 116 NVFP4 and FP8 verdicts + the bytes verdicts of the 6 FP8 stages on layers 1-3 (FP8 activations
     # became a boundary tensor: skipped -> pass) + the 12 of the MTP block mtp.0, verified since it has stage rows
     # (mtp.e_proj, mtp.h_proj: bytes, bound, batch; mtp.experts.l1, mtp.experts.l2: bytes, bound, batch);
-    # 150 = 146 + the moe.block valid verdict of each of the 4 decoder layers; + the mode and prepare verdicts of
-    # the GEMM stages (issue 24)
-    assert "PASS: 150 pass, 0 fail" in text and "projected 61-layer sweep" in text
+    # 150 = 146 + the moe.block valid verdict of each of the 4 decoder layers; 218 = 150 + the mode and prepare
+    # verdicts (issue 24) of the 8 GEMM stages of each of the 4 layers (64) and of mtp.e_proj / mtp.h_proj (4)
+    assert "PASS: 218 pass, 0 fail" in text and "projected 61-layer sweep" in text
     assert out.read_text() == render_html(load_json(baseline_run_dir() / "report.json"))
 
 
