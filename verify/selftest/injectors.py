@@ -124,7 +124,7 @@ INJECTORS: tuple[Injector, ...] = (
     Injector("gate-scale-applied-twice", "gate weight_scale_2 applied twice (a per-expert factor on moe.l1's gate)",
              _ops(Op.GROUPED_GEMM)),
     Injector("row-depends-on-the-batch", "GPU kernel: a split chosen by M (row 0's bits depend on the batch)",
-             _ops(Op.DENSE_LINEAR), act="dynamic"),
+             _ops(Op.DENSE_LINEAR), act="dynamic", blind=_BYTES),
     Injector("stage-output-scaled-x2", "a scale factor x2 on one stage (cosine 1: the bound / norm ratio sees it)",
              _ops(Op.COMBINE)),
 )

@@ -76,10 +76,11 @@ def _verify(args: list[str], pythonpath: Path) -> subprocess.CompletedProcess:
 
 
 def _verdicts(doc) -> list[dict]:
-    """Every verdict record (a dict with stage, check and status) anywhere in a layer report."""
+    """Every verdict record (a dict with stage, check and status) anywhere in a layer report, but the negative
+    controls (their records say whether a check failed its planted input, not what the backend computed)."""
     if isinstance(doc, dict):
         found = [doc] if {"stage", "check", "status"} <= doc.keys() else []
-        return found + [v for x in doc.values() for v in _verdicts(x)]
+        return found + [v for k, x in doc.items() if k not in ("controls", "control_failures") for v in _verdicts(x)]
     if isinstance(doc, list):
         return [v for x in doc for v in _verdicts(x)]
     return []
