@@ -18,6 +18,7 @@ from verify.assertions import first_mismatch
 from verify.backends import EmulatorBackend
 from verify.reference_layer import to_reference_weight
 from verify.verdicts.judges import prepare as prep
+from verify.tests.test_humming_fake import fake  # noqa: F401 (the CPU fake of the humming package)
 from verify.tests.test_mode_and_prepare import TOKENS, SEED, ckpt  # noqa: F401 (the mini-v4 fixture)
 from verify.layer_report import layer_inputs
 from references.layer import RunOptions
@@ -250,3 +251,31 @@ def test_the_measured_peak_of_a_chunk_stays_within_the_plan(make):
     peak = torch.cuda.max_memory_allocated() - base
     assert all(t.bad == 0 for t in tallies.values())
     assert peak <= prep.expert_chunk_peak_bytes(V4_PRO, 1), (peak / GIB, prep.expert_chunk_peak_bytes(V4_PRO, 1) / GIB)
+
+
+# ----------------------------------------------------------------------------- humming (the CPU fake of its package)
+
+
+def test_humming_decodes_an_expert_range_as_the_same_slice_of_the_whole_stack(fake):
+    """humming's dequantize_prepared(prepared, experts=range): bit-equal to the range's slice of the whole-stack
+    decode, every role; the chunked scan's verdicts equal the whole-stack oracle's."""
+    from verify.checkpoint import GatedMlp, Nvfp4Linear  # noqa: PLC0415
+    from verify.tests.test_humming_fake import _linear  # noqa: PLC0415
+
+    mod, _ = fake
+    b = mod.CpuHumming()
+    w1, other, w2 = _linear(64, 96, 1, experts=5), _linear(64, 96, 2, experts=5), _linear(96, 64, 3, experts=5)
+    w3 = Nvfp4Linear("w3", other.weight_u8, other.weight_scale_e4m3, w1.weight_scale_2_f32, w1.input_scale_f32)
+    lins = {"w1": w1, "w3": w3, "w2": w2}
+    prepared = b.prepare_experts(GatedMlp(w1, w3, w2))
+    whole = b.dequantize_prepared(prepared)
+    for r in (range(0, 2), range(2, 5), range(3, 4)):
+        part = b.dequantize_prepared(prepared, experts=r)
+        for role in ROLES:
+            assert torch.equal(part[role], whole[role][r.start:r.stop]), (role, r)
+    with pytest.raises(ValueError, match="dense weight"):
+        b.dequantize_prepared(b.prepare_linear(_linear(64, 96, 4)), experts=range(1))
+    tallies = prep.scan_prepared_experts(b, prepared, lins, chunks=[range(0, 2), range(2, 4), range(4, 5)])
+    for role in ROLES:
+        got = _verdict(lambda m: prep.check_prepared_stack(role, tallies[role], lins[role], m, role))
+        assert got == _oracle(role, whole[role], lins[role], role) and not got[0].startswith("FAIL"), got
