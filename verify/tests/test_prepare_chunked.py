@@ -116,7 +116,8 @@ def _oracle(label: str, got: torch.Tensor, lin, key: str) -> tuple[str, dict]:
         r0 = float(r.reshape(-1)[0])
         if bool(((r - r0).abs() <= 1e-6 * abs(r0)).all()):
             note = f"; every differing value is the checkpoint's x {r0:.6g}"
-            for w in lin.weight_scale_2_f32.reshape(-1).double().unique().tolist():
+            ws2 = getattr(lin, "weight_scale_2_f32", None)
+            for w in ([] if ws2 is None else ws2.reshape(-1).double().unique().tolist()):
                 if w and abs(r0 - w) <= 1e-6 * abs(w):
                     note += " (= weight_scale_2: the global scale applied twice)"
                     break
@@ -279,3 +280,18 @@ def test_humming_decodes_an_expert_range_as_the_same_slice_of_the_whole_stack(fa
     for role in ROLES:
         got = _verdict(lambda m: prep.check_prepared_stack(role, tallies[role], lins[role], m, role))
         assert got == _oracle(role, whole[role], lins[role], role) and not got[0].startswith("FAIL"), got
+
+
+@pytest.mark.parametrize("factor", [1.0, 2.0], ids=["right", "times-two"])
+def test_dense_weights_compared_in_row_blocks_give_the_whole_weight_verdicts(ckpt, monkeypatch, factor):
+    """A budget that holds a few rows: every dense linear of layers 0 (NVFP4) and 1 (FP8) compared block by
+    block gives the oracle's verdict and metrics (a wrong one: the first mismatch's row and the factor)."""
+    monkeypatch.setattr(prep, "PREPARE_CHUNK_BUDGET_BYTES", 1)
+    b = EmulatorBackend()
+    for layer_index in (0, 1):
+        layer = ckpt.load_layer(layer_index)
+        for lin in list(layer.attention.values()) + [getattr(layer.shared_experts, r) for r in ROLES]:
+            got = b.dequantize_prepared(b.prepare_linear(lin)) * factor
+            want = _oracle(lin.module, got, lin, "y")
+            assert _verdict(lambda m: prep.check_prepared_weight(lin.module, got, lin, m, "y")) == want, lin.module
+            assert want[0].startswith("FAIL") == (factor != 1.0), want[0]

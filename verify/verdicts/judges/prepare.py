@@ -104,9 +104,9 @@ class StackTally:
     ratio: float | None = None      # got / checkpoint of the first mismatch
     one_factor: bool = True         # every mismatch so far is the checkpoint's nonzero value times `ratio`
 
-    def add(self, got: Tensor, exp64: Tensor, offset: int | None = None) -> None:
+    def add(self, got: Tensor, exp64: Tensor, offset: int = 0) -> None:
         """Fold in one piece: got float32 and exp64 float64 (same shape, same device); offset: the piece's first
-        expert in the stack (None: a dense weight, one piece)."""
+        index along dim 0 in the whole weight (an expert of a stack, a row of a dense weight)."""
         g64 = got.double()
         bad = _mismatches(g64, exp64)
         self.numel += got.numel()
@@ -117,7 +117,7 @@ class StackTally:
         self.bad += n_bad
         if self.first is None:
             _, coord = first_mismatch(bad)
-            glob = coord if offset is None else (coord[0] + offset, *coord[1:])
+            glob = (coord[0] + offset, *coord[1:])
             self.first = (glob, float(g64[coord]), float(exp64[coord]))
         self._fold_factor(g64, exp64, bad, n_bad)
 
@@ -198,8 +198,11 @@ def check_prepared_weight(label: str, got: Tensor, lin, metrics: dict, key: str)
         for e in range(got.shape[0]):
             exp64 = dequantize_weight_f64(weight_experts(w, range(e, e + 1))).to(got.device)
             tally.add(got[e:e + 1].detach(), exp64, offset=e)
-    else:
-        tally.add(got.detach(), dequantize_weight_f64(w).to(got.device))
+    else:  # row blocks: the float64 comparison of a large dense weight bounded as one expert's is
+        exp64 = dequantize_weight_f64(w).to(got.device)
+        rows = max(1, PREPARE_CHUNK_BUDGET_BYTES // (2 * w.k * _COMPARE_BYTES))
+        for lo in range(0, w.n, rows):
+            tally.add(got[lo:lo + rows].detach(), exp64[lo:lo + rows], offset=lo)
     return _verdict(label, tally, lin, metrics, key)
 
 
