@@ -56,16 +56,18 @@ def nvfp4_weight_to_f32(w: Sm90Nvfp4Weight) -> Tensor:
     return _scaled(w.packed_u8.unsqueeze(0), w.sf_swizzled_u8.unsqueeze(0), w.dec_scale_f32.reshape(1))[0]
 
 
-def grouped_weight_to_f32(w: Sm90GroupedWeight) -> Tensor | tuple[Tensor, Tensor]:
-    """A plain stack -> float32 [E, N, K]; a gate_up stack -> (gate, up), each float32 [E, I, K]."""
+def grouped_weight_to_f32(w: Sm90GroupedWeight, experts: range | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    """A plain stack -> float32 [E, N, K]; a gate_up stack -> (gate, up), each float32 [E, I, K]; experts: only
+    that range of the stack ([len(experts), ...]: the prepare check decodes a bounded chunk at a time)."""
+    lo, hi = (0, w.num_experts) if experts is None else (experts.start, experts.stop)
     if not w.gate_up:
-        return _scaled(w.packed_u8, w.sf_swizzled_u8, w.dec_scale_f32.reshape(-1))
-    e, n, k = w.num_experts, w.n, w.k
-    sf = unswizzle_128x4(w.sf_swizzled_u8, n, k // 16)
+        return _scaled(w.packed_u8[lo:hi], w.sf_swizzled_u8[lo:hi], w.dec_scale_f32.reshape(-1)[lo:hi])
+    e, n, k = hi - lo, w.n, w.k
+    sf = unswizzle_128x4(w.sf_swizzled_u8[lo:hi], n, k // 16)
     halves = []
     for j in (0, 1):  # rows 2i: gate, 2i + 1: up
-        dec = w.dec_scale_f32.reshape(e, 2)[:, j].contiguous()
-        packed = w.packed_u8[:, j::2].contiguous()
+        dec = w.dec_scale_f32.reshape(w.num_experts, 2)[lo:hi, j].contiguous()
+        packed = w.packed_u8[lo:hi, j::2].contiguous()
         sf_half = sf[:, j::2].contiguous().view(torch.float8_e4m3fn).float()
         vals = e2m1_packed_to_f32(packed) * sf_half.repeat_interleave(16, dim=-1)
         halves.append(vals * dec.to(torch.float32).reshape(e, 1, 1))

@@ -155,10 +155,13 @@ class Backend:
         """The router's gate (and bias or hash table) with the layer's MoeSpec -> the backend's router."""
         self._refuse("prepare_router")
 
-    def dequantize_prepared(self, prepared: object) -> Tensor | Mapping[str, Tensor]:
+    def dequantize_prepared(self, prepared: object, *, experts: range | None = None) -> Tensor | Mapping[str, Tensor]:
         """Optional (no op of its own; the `prepare` check, verify.verdicts.judges.prepare): the backend's own
         prepared operand decoded back to float32 in checkpoint layout, after its repack, interleave and scale
-        folding: a prepare_linear result -> [N, K]; a prepare_experts result -> {"w1", "w3", "w2": [E, N, K]}."""
+        folding: a prepare_linear result -> [N, K]; a prepare_experts result -> {"w1", "w3", "w2": [E, N, K]}.
+        experts (a range; prepare_experts results only): decode only those experts, [len(experts), N, K]: the
+        check then holds one bounded chunk at a time (a full-size stack decoded whole to float32 is tens of GB).
+        An override that takes only `prepared` still works: its stacks are decoded whole, once."""
         raise NotImplementedError(f"not served: {self.name} has no dequantize_prepared (it cannot decode its "
                                   "prepared weights back)")
 

@@ -86,11 +86,18 @@ class EmulatorBackend(Backend):
 
     # ---------------------------------------------------------------- prepare check
 
-    def dequantize_prepared(self, prepared: Weight | ref_moe.ExpertStack) -> Tensor | dict[str, Tensor]:
+    def dequantize_prepared(self, prepared: Weight | ref_moe.ExpertStack, *,
+                            experts: range | None = None) -> Tensor | dict[str, Tensor]:
         """Its prepared weights (the references' typed weights, checkpoint layout) dequantized: float32
-        [N, K], or {"w1", "w3", "w2": [E, N, K]} for the experts (one rounding of the exact float64 value)."""
+        [N, K], or {"w1", "w3", "w2": [E, N, K]} for the experts (one rounding of the exact float64 value);
+        experts: only that range of the stacks ([len(experts), N, K])."""
         if isinstance(prepared, ref_moe.ExpertStack):
-            return {r: dequantize_weight_f64(getattr(prepared, r)).float() for r in ("w1", "w3", "w2")}
+            from verify.verdicts.judges.prepare import weight_experts  # noqa: PLC0415 (verdict side)
+
+            pick = (lambda w: w) if experts is None else (lambda w: weight_experts(w, experts))
+            return {r: dequantize_weight_f64(pick(getattr(prepared, r))).float() for r in ("w1", "w3", "w2")}
+        if experts is not None:
+            raise ValueError(f"experts={experts}: {type(prepared).__name__} is a dense weight, not an expert stack")
         return dequantize_weight_f64(prepared).float()
 
     def launch_recorder(self):

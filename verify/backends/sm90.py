@@ -176,16 +176,19 @@ class Sm90Adapter(Backend):
                                              scoring=spec.scoring, renormalize=renormalize, n_group=spec.n_group,
                                              topk_group=spec.topk_group)
 
-    def dequantize_prepared(self, prepared: object) -> Tensor | dict[str, Tensor]:
+    def dequantize_prepared(self, prepared: object, *, experts: range | None = None) -> Tensor | dict[str, Tensor]:
         """Its prepared weights decoded back with kernels.sm90.host_decode (float32, checkpoint layout): dense
-        NVFP4 / FP8 -> [N, K]; experts (MoeExperts: the interleaved w13 stack split back) -> {"w1", "w3", "w2"}."""
+        NVFP4 / FP8 -> [N, K]; experts (MoeExperts: the interleaved w13 stack split back) -> {"w1", "w3", "w2"};
+        experts: only that range of the stacks (the chunked prepare check)."""
         from kernels.sm90 import host_decode  # noqa: PLC0415
 
+        if hasattr(prepared, "w13"):
+            gate, up = host_decode.grouped_weight_to_f32(prepared.w13, experts)
+            return {"w1": gate, "w3": up, "w2": host_decode.grouped_weight_to_f32(prepared.w2, experts)}
+        if experts is not None:
+            raise ValueError(f"experts={experts}: {type(prepared).__name__} is a dense weight, not an expert stack")
         if isinstance(prepared, Sm90Fp8Linear):
             return host_decode.fp8_weight_to_f32(prepared.weight)
-        if hasattr(prepared, "w13"):
-            gate, up = host_decode.grouped_weight_to_f32(prepared.w13)
-            return {"w1": gate, "w3": up, "w2": host_decode.grouped_weight_to_f32(prepared.w2)}
         return host_decode.nvfp4_weight_to_f32(prepared)
 
     # ---------------------------------------------------------------- quantize and GEMMs

@@ -84,11 +84,13 @@ class Bugged:
             return fn(op, weight_format)
         return NumericsMode.FP8_BLOCK if weight_format == "fp8_block" else NumericsMode.W4A4  # Backend's defaults
 
-    def dequantize_prepared(self, prepared):
+    def dequantize_prepared(self, prepared, *, experts=None):
         if self.bug != "prepare-scale-applied-twice":  # the other weight bugs stay the GEMM verdicts' to catch
             raise NotImplementedError("not served: the selftest wrapper decodes prepared weights for "
                                       "prepare-scale-applied-twice only")
-        return self.inner.dequantize_prepared(prepared)
+        from verify.verdicts.judges.prepare import dequantized_by_backend  # noqa: PLC0415
+
+        return dequantized_by_backend(self.inner, prepared, experts)
 
     def prepare_linear(self, lin):
         if self.bug == "declares-w4a4-computes-w4a16" and isinstance(lin, Nvfp4Linear):

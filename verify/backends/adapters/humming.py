@@ -356,25 +356,28 @@ class HummingBackend(Backend):
         return y.sum(dim=1).to(torch.bfloat16)
 
     # ---------------------------------------------------------------- decode back (the prepare check)
-    def dequantize_prepared(self, prepared: object) -> Tensor | dict[str, Tensor]:
+    def dequantize_prepared(self, prepared: object, *, experts: range | None = None) -> Tensor | dict[str, Tensor]:
         """Prepared weights -> float32 in checkpoint layout: a HummingWeight -> [N, K] ([E, N, K] for a stack);
         HummingExperts -> {"w1", "w3", "w2": [E, N, K]} (w13's first I rows are w1, the next I w3). Humming's GEMM
         on the identity with weight_scale_2 = 1 (each output one exact product: the decoded weight, bf16 holds
         e2m1 x E4M3 exactly), times its weight_scale_2 in float32 (channel scales back in checkpoint order): the
         checkpoint's one rounding. The sign of a zero weight is not observable through a GEMM (its accumulator
-        starts at +0): -0 weights come back +0 (module docstring; compare with _common.zero_sign_blind_diff)."""
+        starts at +0): -0 weights come back +0 (module docstring; compare with _common.zero_sign_blind_diff).
+        experts: only that range of a stack ([len(experts), N, K]; the chunked prepare check)."""
         if isinstance(prepared, HummingExperts):
-            w13 = self.dequantize_prepared(prepared.w13)
+            w13 = self.dequantize_prepared(prepared.w13, experts=experts)
             i = prepared.intermediate
-            return {"w1": w13[:, :i], "w3": w13[:, i:], "w2": self.dequantize_prepared(prepared.w2)}
+            return {"w1": w13[:, :i], "w3": w13[:, i:], "w2": self.dequantize_prepared(prepared.w2, experts=experts)}
         w = _as_weight(prepared, dense=None)
+        if experts is not None and not w.num_experts:
+            raise ValueError(f"experts={experts}: {w.module} is a dense weight, not an expert stack")
         eye = torch.eye(w.k, dtype=_PARAM_DTYPE, device=w.weight.device)
         ones = None if w.weight_scale_2 is None else torch.ones_like(w.weight_scale_2)
         if not w.num_experts:
             return self._gemm(w, eye, ones, op="dequantize_prepared").to(torch.float32).t() * \
                 self._scale_2_checkpoint(w, 0)
         out = []
-        for e in range(w.num_experts):  # all rows to expert e: offsets [0]*(e+1) + [K]*(E-e)
+        for e in range(w.num_experts) if experts is None else experts:  # all rows to e: [0]*(e+1) + [K]*(E-e)
             offsets = torch.full((w.num_experts + 1,), w.k, dtype=torch.int32, device=w.weight.device)
             offsets[:e + 1] = 0
             y = self._gemm(w, eye, ones, offsets, op="dequantize_prepared")

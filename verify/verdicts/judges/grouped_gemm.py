@@ -29,7 +29,7 @@ from verify.reference_layer import to_reference_weight
 from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.judges.mode import ModeCase, candidate_bound, declared_mode, mode
-from verify.verdicts.judges.prepare import dequantized_by_backend, own_weight_if_it_differs, prepare
+from verify.verdicts.judges.prepare import ROLES, own_stack_if_it_differs, prepare, scan_prepared_experts
 from verify.verdicts.intervals import nonempty_experts
 from verify.verdicts.quantized import clone_act, grouped_bound, grouped_f64, nan_inf
 
@@ -53,12 +53,25 @@ class GroupedGemmOutputs(Outputs):
         return [(label, role.removeprefix("experts."), getattr(experts, role.removeprefix("experts.")))
                 for label, role in zip(self.stage.parts or ("y",), self.stage.weights)]
 
-    def own(self, role: str) -> Tensor | None:
+    def _scan(self) -> object:
+        """The prepare scan of the backend's three prepared stacks against the checkpoint's
+        (judges.prepare.scan_prepared_experts: decoded a bounded chunk of experts at a time, only the per-role
+        tallies kept), once per layer: {role: StackTally}, or the exception it raised (NotImplementedError:
+        no dequantize_prepared; AssertionError: a wrong shape or dtype)."""
+        def scan():
+            experts = self.ctx.case.layer.experts
+            try:
+                return scan_prepared_experts(self.backend, self.experts, {r: getattr(experts, r) for r in ROLES})
+            except (NotImplementedError, AssertionError) as exc:
+                return exc
+        return self.ctx.shared("prepare scan experts", scan)
+
+    def own(self, role: str):
         """The backend's own decoded stack of `role` ("w1" / "w3" / "w2") when it differs from the checkpoint's
-        (the prepare check fails it), else None; decoded once per layer."""
-        lin = getattr(self.ctx.case.layer.experts, role)
-        return self.ctx.shared(f"own experts.{role}", lambda: own_weight_if_it_differs(
-            self.backend, self.experts, lin, role))
+        (the prepare check fails it), else None: a judges.prepare.OwnStack, own[e] decoded a chunk at a time as
+        the GEMM judges read the experts the routed rows reach."""
+        scan = self._scan()
+        return None if isinstance(scan, Exception) else own_stack_if_it_differs(self.backend, self.experts, scan, role)
 
     def modes(self) -> list[ModeCase]:
         declared = declared_mode(self.backend, Op.GROUPED_GEMM, "nvfp4")
@@ -89,9 +102,11 @@ class GroupedGemmOutputs(Outputs):
                                   candidates, note))
         return cases
 
-    def prepared_weights(self, ctx: JudgeContext) -> list[tuple[str, str, Tensor, object]]:
-        decoded = ctx.shared("dequantize_prepared experts", lambda: dequantized_by_backend(self.backend, self.experts))
-        return [(f"{self.stage.name} experts.{role} stack", label, decoded[role], lin)
+    def prepared_weights(self, ctx: JudgeContext) -> list[tuple[str, str, object, object]]:
+        scan = self._scan()
+        if isinstance(scan, Exception):
+            raise scan
+        return [(f"{self.stage.name} experts.{role} stack", label, scan[role], lin)
                 for label, role, lin in self._weights()]
 
     def run(self, act: QuantizedAct, offsets_i32: Tensor):
@@ -132,10 +147,10 @@ class GroupedGemmOutputs(Outputs):
             ("new global scales", lambda: a_buf.global_dec_f32.mul_(2.0))))
 
 
-def _on_own_weights(backend: Backend, a: QuantizedAct, offsets_i64: Tensor, own: Tensor,
+def _on_own_weights(backend: Backend, a: QuantizedAct, offsets_i64: Tensor, own,
                     out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """(y64, bound) of the grouped GEMM on the boundary activations a and the backend's own decoded stack
-    own [E, N, K] (float32 values, weight_scale_2 included): per expert a_dec[e] * A_e @ own[e]^T, the bound of
+    own [E, N, K] (float32 values, weight_scale_2 included; own[e] read for the experts that have rows, in order): per expert a_dec[e] * A_e @ own[e]^T, the bound of
     references.gemm.grouped_gemm_error_bound plus 3 float32 unit roundoffs (own's rounding, the kernel's alpha)."""
     k = a.k
     a_sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i64, cols=k // 16)
