@@ -269,8 +269,13 @@ def test_the_example_package_registers_by_entry_point_and_its_layer_run_passes(e
     served = {(v["stage"], v["check"]) for v in verdicts if v["status"] == "pass"}
     assert {("router", "ids"), ("router", "weights"), ("moe.dispatch", "exact"), ("moe.combine", "bound")} <= served
     assert all(v["status"] in ("pass", "not served", "skipped") for v in verdicts)
+    # every not-served row says the backend's own sentence, but the expert stages' prepare check: the example has
+    # no prepare_experts (prepare is served for its router only), which that check names
     assert all(v["message"].startswith("not served: example-routing computes no GEMM") for v in verdicts
-               if v["status"] == "not served")
+               if v["status"] == "not served" and not (v["check"] == "prepare" and v["stage"] in ("moe.l1", "moe.l2"))
+               ), {v["message"] for v in verdicts if v["status"] == "not served"}
+    assert all(v["message"] == "not served: example-routing has no prepare" for v in verdicts
+               if v["status"] == "not served" and v["check"] == "prepare" and v["stage"] in ("moe.l1", "moe.l2"))
 
 
 def test_model_runs_an_outside_backend_given_as_module_attr(outside, tmp_path):

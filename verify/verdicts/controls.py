@@ -186,7 +186,11 @@ class _MisDecoded(Outputs):
         return getattr(self.real, name)
 
     def prepared_weights(self, ctx: "JudgeContext"):
+        from verify.verdicts.judges.prepare import StackTally  # noqa: PLC0415 (judges import this module)
+
         weights = self.real.prepared_weights(ctx)
+        if weights and isinstance(weights[0][2], StackTally):
+            return self._stack_planted(weights)
         if not weights or weights[0][2].numel() == 0:
             raise Skipped("no decoded weight to plant")
         (label, key, got, lin), *rest = weights
@@ -198,6 +202,43 @@ class _MisDecoded(Outputs):
         flat.view(torch.int32)[i] += 4  # sign-magnitude: 4 ulps up in magnitude, either sign
         self.planted = f"{label}: element {i} moved from {float(got.reshape(-1)[i])!r} to {float(flat[i])!r}"
         return [(label, key, bad, lin), *rest]
+
+
+    def _stack_planted(self, weights):
+        """An expert stack, compared chunk by chunk (judges.prepare.scan_prepared_experts): expert 0 of the first
+        role scanned again through the real comparison, its decode with the largest value 4 ulps off."""
+        from verify.verdicts.judges.prepare import scan_prepared_experts  # noqa: PLC0415
+
+        (label, key, _, lin), *rest = weights
+        role = next((r for r in ("w1", "w3", "w2") if f"experts.{r}" in label), None)
+        if role is None:
+            raise Skipped(f"{label}: no expert role to plant")
+        planter = _PlantedDecoder(self.real.backend)
+        tally = scan_prepared_experts(planter, self.real.experts, {role: lin}, chunks=[range(0, 1)])[role]
+        self.planted = f"{label}: expert 0 {planter.planted}"
+        return [(label, key, tally, lin), *rest]
+
+
+class _PlantedDecoder:
+    """A backend's dequantize_prepared whose every decoded piece has its largest value 4 float32 ulps further
+    from zero (on a contiguous copy)."""
+
+    def __init__(self, backend: object) -> None:
+        self.backend, self.planted = backend, ""
+        self.name = getattr(backend, "name", type(backend).__name__)
+
+    def dequantize_prepared(self, prepared, *, experts: range | None = None):
+        from verify.verdicts.judges.prepare import dequantized_by_backend  # noqa: PLC0415
+
+        out = {}
+        for role, got in dequantized_by_backend(self.backend, prepared, experts).items():
+            bad = got.detach().clone(memory_format=torch.contiguous_format)
+            flat = bad.view(-1)
+            i = int(flat.abs().argmax())
+            flat.view(torch.int32)[i] += 4  # sign-magnitude: 4 ulps up in magnitude, either sign
+            self.planted = f"element {i} moved from {float(got.reshape(-1)[i])!r} to {float(flat[i])!r}"
+            out[role] = bad
+        return out
 
 
 class _LeakingBlock(Outputs):

@@ -59,7 +59,9 @@ def judge_stage(ctx: JudgeContext, stage: Stage, controls: list[Verdict] | None 
     try:
         outputs = judge.collect(ctx, stage)
     except NotImplementedError as exc:  # the backend refuses this case (prepare, a static scale it lacks, ...)
-        return [not_served(stage.name, c, str(exc)) for c in stage.checks]
+        # a check whose own op is not served keeps that reason (the GEMM it lacks says more than the prepare
+        # its collection tripped on first); the others get the refusal
+        return [not_served(stage.name, c, unserved.get(c, str(exc))) for c in stage.checks]
     except SkipStage as skip:
         return [Verdict(stage.name, skip.check.value, "skipped", skip.reason)]
     except Exception as exc:  # noqa: BLE001 - a crash inside the backend fails its stage (one line), not the run
