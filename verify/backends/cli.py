@@ -90,7 +90,8 @@ def cli_backends(args: argparse.Namespace) -> int:
     console = Console() if Console().is_terminal else Console(width=80)
     here = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     summary = Table(title=f"backends on {device} ({here}); auto = {auto_backend_name(device)}")
-    summary.add_column("backend", no_wrap=True)
+    # a registered name never wraps; a long module:attr spec folds rather than squeeze every other column
+    summary.add_column("backend", no_wrap=all(len(r["spec"]) <= 24 for r in rows), overflow="fold")
     # a word of the origin (an entry point's distribution name) is never split across lines
     summary.add_column("from", min_width=max((len(w) for r in rows for w in r["origin"].split()), default=4))
     for col in ("version", "recipe", "u_acc", "graph-safe", "ops here"):
