@@ -38,6 +38,7 @@ __all__ = [
     "MODES",
     "ACT_SCALE_MODES",
     "Nvfp4Weight",
+    "weight_experts",
     "Fp8Block128Weight",
     "Bf16Weight",
     "Weight",
@@ -288,3 +289,16 @@ def rms_norm(x: Tensor, weight: Tensor, *, eps: float, mode: str) -> Tensor:
     x64 = x.double()
     y = weight.double() * x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + eps)
     return y if mode == "high" else round_f64_to(y, torch.bfloat16)
+
+
+def weight_experts(w: Weight, experts: range) -> Weight:
+    """The references' expert stack w [E, N, ...] restricted to a range of its experts (views, no copy)."""
+    lo, hi = experts.start, experts.stop
+    if isinstance(w, Nvfp4Weight):
+        return Nvfp4Weight(w.packed_u8[lo:hi], w.sf_u8[lo:hi], w.global_dec_f32[lo:hi],
+                           None if w.input_scale_f32 is None else w.input_scale_f32[lo:hi])
+    if isinstance(w, Fp8Block128Weight):
+        return Fp8Block128Weight(w.e4m3_u8[lo:hi], w.block_dec_f32[lo:hi])
+    if isinstance(w, Bf16Weight):
+        return Bf16Weight(w.w[lo:hi])
+    raise TypeError(f"weight_experts: {type(w).__name__} is no expert stack")

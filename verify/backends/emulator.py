@@ -25,7 +25,7 @@ from references.codecs import round_f64_to
 from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.layer import MoeSpec
 from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, dequantize_weight_f64, \
-    linear as ref_linear
+    linear as ref_linear, weight_experts
 from references.modes import linear_in_mode
 from references.mtp import Mxfp4ExpertStack, mxfp4_grouped_linear
 from references.mxfp4 import Mxfp4Weight
@@ -92,8 +92,6 @@ class EmulatorBackend(Backend):
         [N, K], or {"w1", "w3", "w2": [E, N, K]} for the experts (one rounding of the exact float64 value);
         experts: only that range of the stacks ([len(experts), N, K])."""
         if isinstance(prepared, ref_moe.ExpertStack):
-            from verify.verdicts.judges.prepare import weight_experts  # noqa: PLC0415 (verdict side)
-
             pick = (lambda w: w) if experts is None else (lambda w: weight_experts(w, experts))
             return {r: dequantize_weight_f64(pick(getattr(prepared, r))).float() for r in ("w1", "w3", "w2")}
         if experts is not None:

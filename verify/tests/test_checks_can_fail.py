@@ -420,7 +420,7 @@ ROWS = [
     _row("mode-ignores-the-declaration:the-best-matching-mode-taken-as-declared", _ignores_the_declaration,
          lambda ck, tmp: _fails(ck, _bugged("declares-w4a4-computes-w4a16"), 0, "static", "attn.wq_a", "mode")),
     _row("prepare-returns-success-whatever-it-found",
-         lambda mp: mp.setattr(prepare_mod, "first_mismatch", lambda mask: None),
+         lambda mp: mp.setattr(prepare_mod, "_mismatches", lambda g64, exp64: torch.zeros_like(g64, dtype=torch.bool)),
          lambda ck, tmp: _fails(ck, _bugged("prepare-scale-applied-twice"), 0, "static", "attn.wq_a", "prepare")),
     _row("prepare-tolerates-slack:8-ulps", _prepare_slack,
          lambda ck, tmp: _control_fails_as_it_must(ck, 0, "static", "attn.wq_a", "prepare")),

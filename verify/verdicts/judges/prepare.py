@@ -41,7 +41,8 @@ import torch
 from torch import Tensor
 
 from references.gemm import half_ulp
-from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, dequantize_weight_f64
+from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, dequantize_weight_f64, \
+    weight_experts
 from references.stages import Stage
 from verify.assertions import first_mismatch
 from verify.reference_layer import to_reference_weight
@@ -140,19 +141,6 @@ def _mismatches(g64: Tensor, exp64: Tensor) -> Tensor:
     exact_f32 = exp64.float().double() == exp64
     allowed = torch.where(exact_f32, torch.zeros_like(exp64), 2 * half_ulp(exp64, torch.float32))
     return ~((g64 - exp64).abs() <= allowed)
-
-
-def weight_experts(w: Weight, experts: range) -> Weight:
-    """The references' expert stack w [E, N, ...] restricted to a range of its experts (views, no copy)."""
-    lo, hi = experts.start, experts.stop
-    if isinstance(w, Nvfp4Weight):
-        return Nvfp4Weight(w.packed_u8[lo:hi], w.sf_u8[lo:hi], w.global_dec_f32[lo:hi],
-                           None if w.input_scale_f32 is None else w.input_scale_f32[lo:hi])
-    if isinstance(w, Fp8Block128Weight):
-        return Fp8Block128Weight(w.e4m3_u8[lo:hi], w.block_dec_f32[lo:hi])
-    if isinstance(w, Bf16Weight):
-        return Bf16Weight(w.w[lo:hi])
-    raise TypeError(f"weight_experts: {type(w).__name__} is no expert stack")
 
 
 def _checked_piece(label: str, got: Tensor, want_shape: tuple[int, ...], where: str = "") -> None:
