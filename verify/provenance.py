@@ -121,11 +121,14 @@ def triton_launch_recorder():
     """Records every Triton kernel launched inside the block (triton.knobs.runtime.launch_enter_hook): its
     name and the cubin target of the device it was compiled for (Triton compiles at first launch for the
     current device's target, or TRITON_OVERRIDE_ARCH's). Imports triton lazily (backends that run Triton
-    kernels only)."""
-    import triton  # noqa: PLC0415
-    from triton.runtime import driver  # noqa: PLC0415
-
+    kernels only). Without triton installed nothing can launch: the block records no kernel."""
     launched: list[KernelBuild] = []
+    try:
+        import triton  # noqa: PLC0415
+        from triton.runtime import driver  # noqa: PLC0415
+    except ImportError:  # a machine without triton: the backend serves nothing here (its not-served reasons say so)
+        yield launched
+        return
     seen: set[str] = set()
     knobs = triton.knobs.runtime
     if knobs.interpret:  # TRITON_INTERPRET: no cubin at all, the kernels run in Python on the host
