@@ -269,13 +269,15 @@ def test_the_example_package_registers_by_entry_point_and_its_layer_run_passes(e
     served = {(v["stage"], v["check"]) for v in verdicts if v["status"] == "pass"}
     assert {("router", "ids"), ("router", "weights"), ("moe.dispatch", "exact"), ("moe.combine", "bound")} <= served
     assert all(v["status"] in ("pass", "not served", "skipped") for v in verdicts)
-    # every not-served row says the backend's own sentence, but the expert stages' prepare check: the example has
-    # no prepare_experts (prepare is served for its router only), which that check names
+    # every not-served row says the backend's own sentence, but the prepare checks: the example prepares its
+    # router only, which those checks name (no prepare_experts; no prepared weight of a dense stage)
     assert all(v["message"].startswith("not served: example-routing computes no GEMM") for v in verdicts
-               if v["status"] == "not served" and not (v["check"] == "prepare" and v["stage"] in ("moe.l1", "moe.l2"))
+               if v["status"] == "not served" and v["check"] != "prepare"
                ), {v["message"] for v in verdicts if v["status"] == "not served"}
-    assert all(v["message"] == "not served: example-routing has no prepare" for v in verdicts
-               if v["status"] == "not served" and v["check"] == "prepare" and v["stage"] in ("moe.l1", "moe.l2"))
+    assert all(v["message"] == "not served: example-routing has no prepare" or
+               v["message"].startswith(f"not served: example-routing prepared no weight of {v['stage']}")
+               for v in verdicts if v["status"] == "not served" and v["check"] == "prepare")
+    assert not any(v["check"] == "prepare" and v["status"] == "pass" for v in verdicts), "nothing decoded, a pass"
 
 
 def test_model_runs_an_outside_backend_given_as_module_attr(outside, tmp_path):

@@ -327,7 +327,11 @@ def prepare(ctx, stage: Stage, out, metrics: dict) -> str:
     expert stack already compared chunk by chunk (scan_prepared_experts)."""
     __tracebackhide__ = True
     msgs, fails = [], []
-    for label, key, got, lin in out.prepared_weights(ctx):
+    weights = out.prepared_weights(ctx)
+    if not weights:  # nothing decoded is nothing compared: never a pass
+        raise NotImplementedError(f"not served: {getattr(ctx.backend, 'name', 'the backend')} prepared no weight of "
+                                  f"{stage.name} (it has no prepare for it), so there is nothing to decode back")
+    for label, key, got, lin in weights:
         try:
             msgs.append(check_prepared_stack(label, got, lin, metrics, key) if isinstance(got, StackTally) else
                         check_prepared_weight(label, got, lin, metrics, key))
