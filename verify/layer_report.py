@@ -35,7 +35,7 @@ from verify.reference_layer import RMS_EPS, LayerInputs, default_token_ids, inpu
 from verify.report.tables import loss_table, verdict_table
 from verify.run import run_layer, verdict_counts
 
-__all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_id", "layer_report", "held_layers",
+__all__ = ["GOLDEN_CONFIGS", "GOLDEN_TOKENS", "layer_inputs", "run_unit", "run_id", "layer_report", "held_layers",
            "select_layers", "add_layer_arguments", "cli_layer", "loss_table", "verdict_table", "backend_for_verdicts",
            "OpenedRun", "open_run", "display_path", "console_for_run"]
 
@@ -68,6 +68,31 @@ def layer_inputs(ckpt: Checkpoint, layer: LayerWeights, *, tokens: int, seed: in
     return LayerInputs(ids, rms_norm(h, n["attn_norm"], eps=RMS_EPS, mode="emulated"),
                        rms_norm(h, n["ffn_norm"], eps=RMS_EPS, mode="emulated"))
 
+
+
+def run_unit(opened, unit, *, seed: int, backend, device: torch.device, on_phase) -> tuple:
+    """Load one unit of `layer` / `model` (a decoder layer, or DeepSeek-V4's mtp.{j} block with its own rows of
+    the stage table, verify.mtp) and run it through the references and, with a backend, the verdicts and their
+    negative controls: (verify.run.LayerRun, seconds spent loading). `opened`: the run's OpenedRun (open_run)."""
+    ckpt = opened.ckpt
+    t0 = time.perf_counter()
+    if unit.kind == "mtp":
+        from verify.mtp import mtp_inputs, run_mtp  # noqa: PLC0415
+
+        layer = ckpt.load_mtp(unit.index, device=device)
+        inputs = mtp_inputs(ckpt, layer, tokens=opened.tokens, seed=seed, device=device)
+        run_fn = run_mtp
+    else:
+        layer = ckpt.load_layer(unit.index, device=device)
+        inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=seed, device=device,
+                              inputs_file=opened.inputs_file)
+        run_fn = run_layer
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    t_load = time.perf_counter() - t0
+    run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend, on_phase=on_phase,
+                 controls=backend is not None)
+    return run, t_load
 
 def run_id(layer: int | str, config_name: str) -> str:
     """"layer3/<config>"; an MTP block by its unit name: "mtp.0/<config>"."""
@@ -307,21 +332,8 @@ def cli_layer(args: argparse.Namespace) -> int:
             i = unit.index if unit.kind == "decoder" else unit.name
             t0 = time.perf_counter()
             progress.phase(unit.name, "load")
-            if unit.kind == "mtp":  # DeepSeek-V4's mtp.{j} block: its own rows of the stage table (verify.mtp)
-                from verify.mtp import mtp_inputs, run_mtp  # noqa: PLC0415
-
-                layer = ckpt.load_mtp(unit.index, device=device)
-                inputs = mtp_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device)
-                run_fn = run_mtp
-            else:
-                layer = ckpt.load_layer(unit.index, device=device)
-                inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
-                                      inputs_file=opened.inputs_file)
-                run_fn = run_layer
-            t_load = time.perf_counter() - t0
-            run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
-                         on_phase=lambda phase, u=unit.name: progress.phase(u, phase),
-                         controls=backend is not None)
+            run, t_load = run_unit(opened, unit, seed=config.seed, backend=backend, device=device,
+                                   on_phase=lambda phase, u=unit.name: progress.phase(u, phase))
             timings = {"load": t_load, **run.timings_s, "total": time.perf_counter() - t0}
             results[run_id(i, name)] = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings,
                                                     device=device)

@@ -27,8 +27,8 @@ from verify.checkpoint import Checkpoint, Fp8BlockLinear, MtpWeights, iter_linea
 from verify.errors import NonFiniteTensorError
 from verify.golden import tensor_digest
 from verify.reference_layer import RMS_EPS, default_token_ids, quantization_loss, to_reference_weight
-from verify.run import LayerRun, stage_seconds
-from verify.verdicts import LayerCase, judge_layer
+from verify.run import LayerRun, judge_into
+from verify.verdicts import LayerCase
 
 __all__ = ["MtpInputs", "mtp_inputs", "run_reference_mtp", "run_mtp"]
 
@@ -127,9 +127,5 @@ def run_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, options: Ru
         case = LayerCase(mtp, ckpt.config.schema, inputs.x_e_bf16, inputs.x_h_bf16, inputs.token_ids_i64, emulated,
                          high, options, None, unit="mtp")
         phase("verdicts")
-        control_list = [] if controls else None
-        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, controls=control_list)
-        run.controls = control_list or []
-        run.timings_s["verdicts"] = time.perf_counter() - t2
-        run.timings_s["stages"] = stage_seconds(run.verdicts)
+        judge_into(run, backend, case, since=t2, on_phase=on_phase, controls=controls)
     return run

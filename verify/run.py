@@ -24,7 +24,7 @@ from verify.provenance import provenance_document, stage_mismatches
 from verify.reference_layer import LOSS_STAGE_OF, LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
 from verify.verdicts import LayerCase, Verdict, judge_layer
 
-__all__ = ["LayerRun", "run_layer", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
+__all__ = ["LayerRun", "run_layer", "judge_into", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
            "stage_seconds"]
 
 # The phases of one layer's run, in order, as run_layer reports them to `on_phase` and in timings_s
@@ -129,15 +129,23 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
         case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
                          emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
         phase("verdicts")
-        launched: dict = {}
-        control_list = [] if controls else None
-        run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched,
-                                   controls=control_list)
-        run.controls = control_list or []
-        # a stage whose kernel was not built for this device fails, naming both architectures
-        run.verdicts += [Verdict(stage, "provenance", "fail", msg, metrics)
-                         for stage, msg, metrics in stage_mismatches(launched, case.device)]
-        run.provenance = provenance_document(launched, case.device)
-        run.timings_s["verdicts"] = time.perf_counter() - t2
-        run.timings_s["stages"] = stage_seconds(run.verdicts)
+        judge_into(run, backend, case, since=t2, on_phase=on_phase, controls=controls)
     return run
+
+
+def judge_into(run: LayerRun, backend: Backend, case: LayerCase, *, since: float,
+               on_phase: Callable[[str], None] | None, controls: bool) -> None:
+    """The verdict half of a unit's run (run_layer, verify.mtp.run_mtp): every stage's verdicts of `case` into
+    run.verdicts, with `controls` their negative controls into run.controls; a stage whose kernel was not built
+    for this device fails ("provenance", naming both architectures); the kernels each stage launched into
+    run.provenance; run.timings_s gains "verdicts" (seconds since `since`) and "stages"."""
+    launched: dict = {}
+    control_list = [] if controls else None
+    run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched,
+                               controls=control_list)
+    run.controls = control_list or []
+    run.verdicts += [Verdict(stage, "provenance", "fail", msg, metrics)
+                     for stage, msg, metrics in stage_mismatches(launched, case.device)]
+    run.provenance = provenance_document(launched, case.device)
+    run.timings_s["verdicts"] = time.perf_counter() - since
+    run.timings_s["stages"] = stage_seconds(run.verdicts)

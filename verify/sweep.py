@@ -266,8 +266,7 @@ def _backend_declaration(backend, device: torch.device) -> dict | None:
 def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: str, ctx: DistContext,
                  progress, console, tables: bool) -> dict:
     """Load, verify and free one unit; its document (verify.units.layer_result, as `layer --json`'s)."""
-    from verify.layer_report import layer_inputs, loss_table, verdict_table  # noqa: PLC0415
-    from verify.run import run_layer  # noqa: PLC0415
+    from verify.layer_report import loss_table, run_unit, verdict_table  # noqa: PLC0415
     from verify.units import layer_result  # noqa: PLC0415
 
     ckpt = opened.ckpt
@@ -282,23 +281,8 @@ def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: st
                 "not verified: the stage table's MTP rows are DeepSeek-V4's mtp.{j} block")
         return layer_result(unit, fingerprint=fingerprint, timings_s={"load": t_load, "total": t_load},
                             rank=ctx.rank, device=device, note=note)
-    if unit.kind == "mtp":  # DeepSeek-V4's mtp.{j}: the MTP rows of the stage table (verify.mtp)
-        from verify.mtp import mtp_inputs, run_mtp  # noqa: PLC0415
-
-        layer = ckpt.load_mtp(unit.index, device=device)
-        inputs = mtp_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device)
-        run_fn = run_mtp
-    else:
-        layer = ckpt.load_layer(unit.index, device=device)
-        inputs = layer_inputs(ckpt, layer, tokens=opened.tokens, seed=config.seed, device=device,
-                              inputs_file=opened.inputs_file)
-        run_fn = run_layer
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t_load = time.perf_counter() - t0
-    run = run_fn(ckpt, layer, inputs, options=opened.options, backend=backend,
-                 on_phase=lambda name: progress.phase(unit.name, name),
-                 controls=backend is not None)
+    run, t_load = run_unit(opened, unit, seed=config.seed, backend=backend, device=device,
+                           on_phase=lambda name: progress.phase(unit.name, name))
     timings = {"load": t_load, **run.timings_s}
     timings["total"] = time.perf_counter() - t0
     doc = layer_result(unit, run=run, fingerprint=fingerprint, timings_s=timings, rank=ctx.rank, device=device)
@@ -307,7 +291,7 @@ def _verify_unit(opened, unit: Unit, *, config, backend, device, fingerprint: st
         console.print(loss_table(label, config.config_name, opened.tokens, run))
         if backend is not None:
             console.print(verdict_table(label, backend.name, run))
-    del layer, inputs, run
+    del run
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
