@@ -2,7 +2,8 @@
 
 The GEMM bound (DESIGN "Verdicts") uses the backend's declared unit roundoff u_acc. A backend could
 declare a loose u_acc and pass anything; so the harness measures it on exact-arithmetic NVFP4 data
-and refuses a backend whose declaration is looser than the measurement.
+and refuses a backend whose declaration is looser than the measurement (it could pass anything) or
+tighter (it claims more bits than a path keeps: the bound is lied to).
 
 Probe data (global scales 1, alpha 1): output column j of row i is
     +2^(10 + b_j)  +  n small terms of 2^(s_j - 10)  -  2^(10 + b_j)
@@ -40,7 +41,7 @@ from verify.errors import BackendRefusedError
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused",
            "Fp8AccumulatorReading", "probe_fp8_accumulator", "check_declared_fp8_accumulator", "FP8_PROBE_PATHS",
-           "FP8_GAPS", "FP8_PROMOTION_GAP"]
+           "FP8_GAPS", "FP8_PROMOTION_GAP", "accumulator_claims_more_than_kept"]
 
 K = 1024
 BLOCKS = K // 16
@@ -188,17 +189,35 @@ def probe_accumulator(backend: Backend, device: torch.device | str,
     return out
 
 
-def check_declared_u_acc(backend: Backend, readings: list[AccumulatorReading]) -> None:
-    """Refuse (AccumulatorRefused) a backend whose declared u_acc is looser than a path's measured unit
-    roundoff and than fp32's 2^-24: its bound would be wider than its arithmetic needs, and a loose bound
-    passes bugs. Declaring fp32 is always allowed (a path that sums a tile's products exactly before
-    adding them measures MORE bits than 24, and fp32's gamma(K) still bounds it rigorously)."""
+def check_declared_u_acc(backend: Backend, readings: list[AccumulatorReading], *, refuse_tighter: bool = True) -> None:
+    """Refuse (AccumulatorRefused) a backend whose declared u_acc is not what its accumulator keeps:
+    - looser than a path's measured unit roundoff and than fp32's 2^-24: its bound would be wider than its
+      arithmetic needs, and a loose bound passes bugs. Declaring fp32 is always allowed (a path that sums a
+      tile's products exactly before adding them measures MORE bits than 24, and fp32's gamma(K) still bounds
+      it rigorously);
+    - tighter than a path's measured unit roundoff (accumulator_claims_more_than_kept): it claims more bits
+      than that path keeps, so its bound is lied to. A path exact at every probed gap refutes nothing.
+      refuse_tighter=False leaves that to the caller (`verify layer` fails the run and still judges)."""
     for r in readings:
         if backend.u_acc > max(r.u_measured, U_FP32) * (1 + 1e-12):
             raise AccumulatorRefused(
                 f"{backend.name}: declares u_acc = 2^{_log2(backend.u_acc):.0f} but its {r.path} accumulator keeps "
                 f"{r.effective_bits}{'+' if r.exact_up_to else ''} bits (u = 2^-{r.effective_bits}); a declaration "
                 "looser than the measurement would let the bound pass bugs")
+    claims = accumulator_claims_more_than_kept(backend, readings) if refuse_tighter else []
+    if claims:
+        raise AccumulatorRefused(claims[0])
+
+
+def accumulator_claims_more_than_kept(backend: Backend, readings: list[AccumulatorReading]) -> list[str]:
+    """One line per path whose measured accumulator keeps fewer bits than the declared u_acc claims (the
+    bound is then tighter than the arithmetic: that path's verdicts can only fail, never pass wrongly, but the
+    declaration is false). `verify layer` reports each as a failure of the run and still runs the verdicts;
+    `verify accumulator` exits 1."""
+    return [f"{backend.name}: declares u_acc = 2^{_log2(backend.u_acc):.0f} but its {r.path} accumulator keeps "
+            f"{r.effective_bits} bits ({r.rounding}, u = 2^-{r.effective_bits}); a declaration tighter than the "
+            "measurement lies to the bound"
+            for r in readings if not r.exact_up_to and backend.u_acc < r.u_measured * (1 - 1e-12)]
 
 
 def _log2(x: float) -> float:
@@ -532,7 +551,7 @@ def cli_accumulator(args) -> int:
     except AccumulatorRefused as e:
         console.print(f"[bold red]{e}[/]")
         return 1
-    console.print("[green]the declared u_acc is not looser than any measured path[/]")
+    console.print("[green]the declared u_acc is what every measured path keeps (neither looser nor tighter)[/]")
     return _print_fp8_accumulator(console, backend, device)
 
 

@@ -194,10 +194,14 @@ def _layers_noun(layers) -> str:
 VERDICT_OPS = FORWARD_OPS
 
 
-def backend_for_verdicts(name: str, device: torch.device):
+def backend_for_verdicts(name: str, device: torch.device, *, findings: list[str] | None = None):
     """The --backend that runs the verdicts on `device` (where the references run), or
     DeviceUnavailableError carrying the backend's own unsupported_reason. "auto" picks for `device`:
-    the GPU's backend on cuda, the emulator on the CPU (also on a machine that has a GPU)."""
+    the GPU's backend on cuda, the emulator on the CPU (also on a machine that has a GPU).
+    Its accumulator is measured first (verify.accumulator): a declared u_acc looser than a path keeps is
+    refused (BackendRefusedError); one tighter than a path keeps is refused too, unless `findings` is a list:
+    then each such path's line is appended there for the caller to fail the run with (its verdicts still run:
+    a bound that is too tight can only fail)."""
     try:
         backend = get_backend(name, device)  # "auto": the GPU's backend on cuda, the emulator on the CPU
     except ImportError as e:
@@ -208,12 +212,16 @@ def backend_for_verdicts(name: str, device: torch.device):
             if device.type != "cuda" and torch.cuda.is_available() else ""
         raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reasons[0]}{hint})",
                                      argument="--backend")
-    from verify.accumulator import AccumulatorRefused, check_declared_u_acc, probe_accumulator  # noqa: PLC0415
+    from verify.accumulator import (AccumulatorRefused, accumulator_claims_more_than_kept,  # noqa: PLC0415
+                                    check_declared_u_acc, probe_accumulator)
 
-    try:
-        check_declared_u_acc(backend, probe_accumulator(backend, device))
+    readings = probe_accumulator(backend, device)
+    try:  # a looser declaration is always refused; a tighter one is reported by a caller that takes findings
+        check_declared_u_acc(backend, readings, refuse_tighter=findings is None)
     except AccumulatorRefused as e:
         raise BackendRefusedError(f"--backend {name}: refused ({e})", argument="--backend") from None
+    if findings is not None:
+        findings.extend(accumulator_claims_more_than_kept(backend, readings))
     return backend
 
 
@@ -315,9 +323,12 @@ def cli_layer(args: argparse.Namespace) -> int:
                          "without --inputs", argument="--inputs")
     device = torch.device(config.device)
     console = console_for_run()
-    backend = backend_for_verdicts(config.backend, device) if config.backend else None
+    acc_findings: list[str] = []
+    backend = backend_for_verdicts(config.backend, device, findings=acc_findings) if config.backend else None
     console.print(target_line("layer", checkpoint=config.checkpoint_dir, backend=backend.name if backend else None,
                               device=device, threads_note=getattr(args, "threads_note", None)), highlight=False)
+    for line in acc_findings:  # the declared accumulator is false on a path: the run fails, the verdicts still run
+        console.print(f"[bold red]FAIL[/] accumulator: {escape(line)}", soft_wrap=True)
     opened = open_run(config, device)
     ckpt, layers = opened.ckpt, opened.layers
     mtp_units = select_mtp_units(ckpt, mtp_asked)
@@ -326,7 +337,7 @@ def cli_layer(args: argparse.Namespace) -> int:
     console.print(opened.layers_line if layers else f"MTP: {', '.join(u.name for u in mtp_units)} (--layers)")
     fingerprint, _ = run_fingerprint(ckpt, config, backend.name if backend else None, device)
     name = config.config_name
-    results, failed, totals, controls = {}, 0, {}, {}
+    results, failed, totals, controls = {}, len(acc_findings), {}, {}
     with StepProgress(console, len(layers) + len(mtp_units), what="layers") as progress:
         for unit in [*plan_units(ckpt, layers, include_mtp=False), *mtp_units]:
             i = unit.index if unit.kind == "decoder" else unit.name
@@ -364,7 +375,7 @@ def cli_layer(args: argparse.Namespace) -> int:
 
         write_json(config.json, layer_report_document(results, environment=environment(), checkpoint=config.checkpoint_dir,
                                                       tokens=opened.tokens, backend=backend.name if backend else None,
-                                                      fingerprint=fingerprint))
+                                                      fingerprint=fingerprint, accumulator_findings=acc_findings))
     where = ",".join(w for w in (format_layers(layers), *(u.name for u in mtp_units)) if w)
     if backend is not None:
         style = "bold red" if failed else "bold green"

@@ -91,11 +91,13 @@ def layer_result(unit: Unit, *, run=None, fingerprint: str, timings_s: dict, dev
 
 
 def layer_report_document(results: dict[str, dict], *, environment: dict, checkpoint, tokens: int,
-                          backend: str | None, fingerprint: str) -> dict:
+                          backend: str | None, fingerprint: str, accumulator_findings: list[str] = ()) -> dict:
     """`layer --json` (and `model --json`): the run's layer results (layer_result documents) keyed
-    `layer<i>/<config>` under "runs" (schema $defs/layer_report)."""
+    `layer<i>/<config>` under "runs" (schema $defs/layer_report); accumulator_findings: the paths whose
+    measured accumulator keeps fewer bits than the backend declares (each failed the run)."""
     from verify.report.document import SCHEMA_VERSION, finite_json  # noqa: PLC0415
 
     return finite_json({"kind": LAYER_REPORT_KIND, "schema_version": SCHEMA_VERSION, "checkpoint": str(checkpoint),
                         "tokens": tokens, "backend": backend, "fingerprint": fingerprint, "environment": environment,
-                        "runs": results, "timings": {rid: r["timings_s"] for rid, r in results.items()}})
+                        "runs": results, "timings": {rid: r["timings_s"] for rid, r in results.items()},
+                        "accumulator_findings": list(accumulator_findings)})

@@ -79,3 +79,44 @@ def test_declaring_fp32_is_allowed_when_a_path_keeps_more_bits():
     b.u_acc = 2.0**-23
     with pytest.raises(AccumulatorRefused):
         check_declared_u_acc(b, readings)
+
+
+def test_a_backend_declaring_a_tighter_u_acc_than_measured_is_refused():
+    """Claiming fp32 (2^-24) for a path that keeps 16 bits lies to the bound: refused, naming the path."""
+    from verify.accumulator import accumulator_claims_more_than_kept
+
+    b = SequentialAccumulator(16, "truncation", declared=2.0**-24)
+    readings = probe_accumulator(b, "cpu", paths={"M=1": 1})
+    with pytest.raises(AccumulatorRefused, match=r"declares u_acc = 2\^-24 but its M=1 accumulator keeps 16 bits "
+                                                 r"\(truncation, u = 2\^-16\); a declaration tighter"):
+        check_declared_u_acc(b, readings)
+    check_declared_u_acc(b, readings, refuse_tighter=False)  # left to the caller, who reports it
+    assert len(accumulator_claims_more_than_kept(b, readings)) == 1
+    b.u_acc = 2.0**-16  # the truth: accepted
+    check_declared_u_acc(b, readings)
+    assert accumulator_claims_more_than_kept(b, readings) == []
+
+
+def test_verify_layer_fails_a_run_whose_backend_claims_more_bits_than_kept(monkeypatch, tmp_path, capsys):
+    """`verify layer` reports each such path as a FAIL line, still runs the verdicts (a too-tight bound can only
+    fail) and exits 1; the JSON carries the finding. Without a findings list (selftest) the backend is refused."""
+    import json
+
+    import verify.layer_report as lr
+    from verify.__main__ import main
+    from verify.errors import BackendRefusedError
+
+    monkeypatch.setattr(lr, "get_backend", lambda name, device=None: SequentialAccumulator(16, "truncation", 2.0**-24))
+    with pytest.raises(BackendRefusedError, match=r"refused \(sequential-16-truncation: declares u_acc = 2\^-24"):
+        lr.backend_for_verdicts("emulator", torch.device("cpu"))
+    findings: list[str] = []
+    lr.backend_for_verdicts("emulator", torch.device("cpu"), findings=findings)
+    assert len(findings) == len(PROBE_PATHS) and all("tighter than the measurement" in f for f in findings)
+    out = tmp_path / "r.json"
+    rc = main(["layer", "--backend", "emulator", "--layers", "0", "--tokens", "4", "--device", "cpu",
+               "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 1, text
+    assert "FAIL accumulator: sequential-16-truncation: declares u_acc = 2^-24 but its M=1 (GEMV) accumulator" in \
+        " ".join(text.split()), text
+    assert len(json.loads(out.read_text())["accumulator_findings"]) == len(PROBE_PATHS)

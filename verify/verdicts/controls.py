@@ -13,7 +13,8 @@ What each control plants (on this backend's own outputs, judged by the check's o
   sync      a forward that reads one output element on the host (.item());
   graph     a forward with a host value baked in at capture (a counter that eager calls advance);
   ids       router: token 0's first expert replaced by its lowest-scoring unchosen expert (never a near-tie);
-  weights   router: token 0's first weight scaled by 1 + 2^-10 (far outside the fp32 bound);
+  weights   router: the first judged token's first weight scaled by 1 + 4 x its relative fp32 bound (at least
+            1 + 2^-10, at most x2);
   interval  fused L1: the signs of the first row's codes flipped;
   mode      the output of one part re-judged as if the backend had declared the mode it matches least (the
             largest bound ratio, > 1) instead of the one it matches: the check must fail naming both (a
@@ -68,7 +69,7 @@ CONTROL_WORDS = {
     Check.SYNC: "a host read (.item()) in the forward",
     Check.GRAPH: "a host value baked in at capture",
     Check.IDS: "token 0's first expert swapped for its worst unchosen one",
-    Check.WEIGHTS: "token 0's first weight x (1 + 2^-10)",
+    Check.WEIGHTS: "a token's first weight x (1 + 4 x its fp32 bound; at least 1 + 2^-10, at most 2)",
     Check.INTERVAL: "the signs of row 0's codes flipped",
     Check.MODE: "the output re-judged as declared in the mode it matches least",
     Check.PREPARE: "one decoded weight value 4 float32 ulps off",
@@ -276,8 +277,11 @@ def _planted_router(ctx: "JudgeContext", out, check: Check):
         scores = out.reference.scores_f32[0].double().clone()
         scores[ids[0].to(scores.device)] = float("inf")  # never one it chose
         ids[0, 0] = int(torch.argmin(scores))
-    else:
-        w[0, 0] = w[0, 0] * (1 + 2.0**-10)
+    else:  # 4 bounds past the reference (the fp32 bound grows with the hidden size: 2^-10 is inside it at 7168),
+        # never more than x2 (a weight applied twice is wrong whatever the check computes: a check whose bound
+        # is loose beyond that lets the control through and is shown blind)
+        t, rel = out.rv.first_weight_bound or (0, 0.0)
+        w[t, 0] = w[t, 0] * (1 + max(2.0**-10, min(1.0, 4 * rel)))
     return rejudged(ctx, out, dataclasses.replace(got, ids_i64=ids, weights_f32=w))
 
 

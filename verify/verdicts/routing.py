@@ -39,7 +39,8 @@ class RouterVerdict:
     """tokens; identical: tokens whose id sets are equal; near_ties: tokens whose sets differ within
     the bound; mismatched_tokens: differing beyond it (first 16); weight_violations: weights outside
     the bound on identical tokens; max_weight_ratio: max |w - w_ref| / bound; topk_overlap: mean
-    fraction of shared ids."""
+    fraction of shared ids; first_weight_bound: (token, bound / |w_ref|) of the first judged token's first
+    weight, or None when no token's weights were judged (a negative control plants outside it)."""
 
     tokens: int
     identical: int
@@ -48,6 +49,7 @@ class RouterVerdict:
     weight_violations: int = 0
     max_weight_ratio: float = 0.0
     topk_overlap: float = 1.0
+    first_weight_bound: tuple[int, float] | None = None
 
     @property
     def passed(self) -> bool:
@@ -143,6 +145,7 @@ def router_verdict(ref: Routing, got_ids_i64: Tensor, got_weights_f32: Tensor, *
         ratio = torch.where(torch.isfinite(ratio), ratio, torch.full_like(ratio, float("inf")))
         v.weight_violations = int((ratio > 1).sum())
         v.max_weight_ratio = float(ratio.max())
+        v.first_weight_bound = (int(rows[0]), float(bound[0, 0] / w_exp[0, 0].abs().clamp_min(1e-300)))
     return v
 
 

@@ -54,9 +54,13 @@ Ops and their declared numerics mode (Backend.modes):
   (channel scales read back through its own permutation) multiplies in. Exact (each output is one product,
   e2m1 x E4M3 fits bf16) except the sign of zero: a GEMM's accumulator starts at +0, so a -0 weight comes out
   +0 and no GEMM can show it; compare with adapters._common.zero_sign_blind_diff (bit-exact otherwise).
-Accumulator: fp32 (bf16 wgmma, fp32 accumulate); u_acc 2^-24, measured by `python -m verify accumulator`. Under
-stream-K (above) the K slices' partial sums are added in bf16, which u_acc does not model: the accumulator probe's
-K = 8192 path may measure it; its other paths (K = 1024) never split K.
+Accumulator: declared fp32 (bf16 wgmma, fp32 accumulate; u_acc 2^-24), what humming's kernels advertise. Measured
+by `python -m verify accumulator` on an H100 (humming 0.1.20, 2026-12-06): 26 bits (nearest) at M = 1 and M = 16,
+but **12 bits** (nearest) at M = 64, 128, 256 (K = 1024) and at M = 1 with K = 8192: those paths keep fewer bits
+than declared (under stream-K, above, the K slices' partial sums are added in bf16, which one u_acc cannot model).
+The probe says so: `verify accumulator` exits 1 naming each path, and `verify layer` fails the run with one
+"FAIL accumulator" line per path while its verdicts still run (a bound that is too tight can only fail: on the
+full-size layer moe.l1's bound fails at ratio 1.02). HummingBatchInvariantBackend turns stream-K off.
 Not served (with the reason): quantize, grouped_quantize, quantize_fp8, swiglu_requant, l1_fused, router,
 dispatch, combine. Anywhere without the package, a CUDA device or Hopper, every op says why.
 """
