@@ -215,7 +215,7 @@ def test_the_layer_cli_prints_the_kernels_and_fails_on_a_foreign_build(monkeypat
     from verify.__main__ import main
 
     monkeypatch.setattr(prov, "device_arch", lambda device: "sm_100")
-    monkeypatch.setattr(lr, "backend_for_verdicts", lambda name, device: _FakeKernelBackend())
+    monkeypatch.setattr(lr, "backend_for_verdicts", lambda name, device, **kw: _FakeKernelBackend())
     rc = main(["layer", "--backend", "emulator", "--layers", "1", "--tokens", "8"])
     out = capsys.readouterr().out
     assert rc == 1

@@ -56,8 +56,10 @@ Ops and their declared numerics mode (Backend.modes):
   +0 and no GEMM can show it; compare with adapters._common.zero_sign_blind_diff (bit-exact otherwise).
 Accumulator: declared fp32 (bf16 wgmma, fp32 accumulate; u_acc 2^-24), what humming's kernels advertise. Measured
 by `python -m verify accumulator` on an H100 (humming 0.1.20, 2026-12-06): 26 bits (nearest) at M = 1 and M = 16,
-but **12 bits** (nearest) at M = 64, 128, 256 (K = 1024) and at M = 1 with K = 8192: those paths keep fewer bits
-than declared (under stream-K, above, the K slices' partial sums are added in bf16, which one u_acc cannot model).
+but **12 bits** (nearest) at M = 64, 128, 256 (K = 1024), and at M = 1 with K = 8192 12 bits in one run and 5 in
+another (stream-K, above: the K slices' partial sums are added in bf16 in the order they finish, which one u_acc
+cannot model). Those paths keep fewer bits than declared. HummingBatchInvariantBackend (no stream-K) measures 26
+bits (truncation) on every path, which its fp32 declaration honours.
 The probe says so: `verify accumulator` exits 1 naming each path, and `verify layer` fails the run with one
 "FAIL accumulator" line per path while its verdicts still run (a bound that is too tight can only fail: on the
 full-size layer moe.l1's bound fails at ratio 1.02). HummingBatchInvariantBackend turns stream-K off.
