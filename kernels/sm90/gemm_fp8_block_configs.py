@@ -3,8 +3,9 @@ sweep on the GPU (verify/tests/test_sm90_fp8_sweep.py, marker bench) and committ
 
 TABLE maps (N, K) to M buckets: ((m_max, config), ...) in ascending m_max; an M takes the first bucket with
 M <= m_max, and the last bucket serves every larger M. A config holds only tunable fields (tile, warps,
-stages, split, layout, raster group, pipelining, TMA loads; fused_q: linear_fp8 quantizes the activation
-in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it): the summation order comes from
+stages, split, layout, raster group, pipelining, TMA loads, ws: the warp-specialized group loop; fused_q:
+linear_fp8 quantizes the activation in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it; a
+field in DEFAULTS may be absent: entries committed before it existed mean its default): the summation order comes from
 chunk_plan(N, K) alone, so
 every config gives the same bits and a token's result does not depend on M or on the bucket (the sweep
 refuses a candidate whose output differs by one bit from the reference config's). Chosen on the host from
