@@ -128,3 +128,25 @@ def test_from_json_refuses_a_bad_file_naming_it(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "kernels.sm90.gemm_fp8_block_configs", "--from-json", str(bad),
                            "--table-file", str(tmp_path / "none.py")], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and str(bad) in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ws_key_rules_and_the_fallbacks_that_drop_it():
+    """ws (the warp-specialized loop) only where the sm_90 pass specializes it as intended: token-major 128-token
+    tiles on num_warps 4 with TMA loads, no pipe / fused prologue; the pointer-load fallback of launch (TMA
+    alignment) and the fused key drop it for the same tile on 8 warps (bits do not depend on it)."""
+    import dataclasses
+
+    from kernels.sm90.gemm_fp8_block import fused_key, without_ws
+
+    cfg = dict(block_n=128, block_t=128, num_warps=4, num_stages=4, split=True, swap=False, tma=True, ws=True)
+    key = CompileKey.from_config(7168, 16384, cfg, act_scale_ue8m0=True)
+    assert key.ws and key.config()["ws"] is True
+    for bad in ({"tma": False}, {"block_t": 64}, {"num_warps": 8}, {"swap": True}, {"pipe": True},
+                {"fused_q": True, "tma": False}):
+        with pytest.raises(ValueError, match="ws needs"):
+            dataclasses.replace(key, **bad)
+    plain = without_ws(key)
+    assert (plain.ws, plain.num_warps) == (False, 8) and dataclasses.replace(plain, ws=True, num_warps=4) == key
+    fused = fused_key(key, scale_rule="ue8m0_ceil")
+    assert (fused.ws, fused.tma, fused.fused_q, fused.num_warps) == (False, False, True, 8)
+    assert without_ws(plain) is plain
