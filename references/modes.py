@@ -131,14 +131,19 @@ def mode_gemm_f64(x: Tensor, w: Weight, mode: str, **kw) -> tuple[Tensor, Tensor
     return (a @ b.T) * alpha.double(), a.abs() @ b.abs().T, alpha
 
 
-def grouped_linear_mode_gemm_f64(x: Tensor, w: Weight, mode: str, *, groups: int, **kw) -> tuple[Tensor, Tensor, Tensor]:
+def grouped_linear_mode_gemm_f64(x: Tensor, w: Weight, mode: str, *, groups: int, w_values: Tensor | None = None,
+                                 **kw) -> tuple[Tensor, Tensor, Tensor]:
     """mode_gemm_f64 of a grouped linear (DeepSeek-V4's wo_a, references.linear.grouped_linear): x [M, groups*K]
     quantized ONCE as a whole (one global / per-tensor scale over all of x), group g's columns times rows
-    g*N/groups:(g+1)*N/groups of w [N, K] -> (y64 [M, N], sum |a w| [M, N] (without alpha), alpha_f32 0-d)."""
+    g*N/groups:(g+1)*N/groups of w [N, K] -> (y64 [M, N], sum |a w| [M, N] (without alpha), alpha_f32 0-d).
+    w_values [N, K]: the weight's values replaced (mode_gemm_f64_on; alpha is then the activation decode scale)."""
     if groups < 1 or w.n % groups:
         raise ValueError(f"groups={groups}: must divide the weight's N={w.n}")
     a, a_dec = mode_act_operand(x, w, mode, groups=groups, **kw)
-    b, alpha = _mode_weight_operand(w, mode, a_dec)
+    if w_values is None:
+        b, alpha = _mode_weight_operand(w, mode, a_dec)
+    else:
+        b, alpha = (w_values.double() if mode != BF16 else w_values.to(torch.bfloat16).double()), a_dec
     m, n = x.shape[0], w.n
     av, bv = a.view(m, groups, w.k), b.view(groups, n // groups, w.k)
     y = torch.einsum("tgd,grd->tgr", av, bv).reshape(m, n)

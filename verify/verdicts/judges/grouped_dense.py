@@ -12,8 +12,9 @@ candidates of each mode are built per group on the REFERENCE side: FP8 block-128
 dense._unquantized_act_bound on x's group columns and a row block of the checkpoint linear; the other modes with x
 quantized once as a whole, references.modes.grouped_linear_mode_gemm_f64, and the accumulation bound over K = d),
 batch, sync and graph of the one call. No padding check: the op takes bf16 and quantizes inside the call, so there
-is no NVFP4 boundary activation whose scale padding could be filled. The bound is judged on the checkpoint's weight
-only (a prepare bug fails prepare, and the bound where it changes the products).
+is no NVFP4 boundary activation whose scale padding could be filled. When the backend's decoded weight differs from
+the checkpoint's (prepare fails it), bound and mode judge the products on the backend's own weight, as the dense
+judge does: one failure, where it belongs.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from verify.verdicts.checks import Batch, Judge, Replay, Subset
 from verify.verdicts.context import JudgeContext
 from verify.metrics import stage_metrics
 from verify.verdicts.judges.dense import (DenseOutputs, _accumulator_words, _batch_static_scale, _fp8_scale_rules,
-                                          _input, _is_fp8, _is_nvfp4, _linear_of, _mode_judged, _static_scale,
-                                          _unquantized_act_bound)
+                                          _input, _is_fp8, _is_nvfp4, _linear_of, _mode_judged,
+                                          _own_weight_slack, _static_scale, _unquantized_act_bound)
 from verify.verdicts.judges.mode import candidate_bound, declared_mode, mode
 from verify.verdicts.judges.prepare import prepare
 from verify.verdicts.quantized import nan_inf
@@ -65,21 +66,24 @@ def row_block(lin, gi: int, groups: int):
                                scale_inv_f32=cut(lin.scale_inv_f32))
 
 
-def grouped_candidates(backend: Backend, x: Tensor, lin, groups: int, scale: Tensor | None,
-                       out_dtype: torch.dtype) -> dict[str, tuple[Tensor, Tensor]]:
-    """{mode: (y64 [T, g*r], bound)} for every mode the weight allows (module docstring)."""
+def grouped_candidates(backend: Backend, x: Tensor, lin, groups: int, scale: Tensor | None, out_dtype: torch.dtype,
+                       own: Tensor | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+    """{mode: (y64 [T, g*r], bound)} for every mode the weight allows (module docstring). own: the backend's own
+    decoded weight [g*r, d] when it differs from the checkpoint's (prepare fails it): the products on it, the bound
+    widened by dense._own_weight_slack, as the dense judge does."""
     w = to_reference_weight(lin)
     d = x.shape[1] // groups
     cands = {}
     for m in modes_of_weight(w):
-        if m == FP8_BLOCK:
+        if m == FP8_BLOCK and own is None:
             per_group = [_unquantized_act_bound(backend, x[:, gi * d:(gi + 1) * d], row_block(lin, gi, groups),
                                                 out_dtype) for gi in range(groups)]
             cands[m] = tuple(torch.cat(parts, dim=1) for parts in zip(*per_group))
             continue
-        y64, abs_dot, alpha = grouped_linear_mode_gemm_f64(x, w, m, groups=groups, recipe=backend.recipe,
+        y64, abs_dot, alpha = grouped_linear_mode_gemm_f64(x, w, m, groups=groups, w_values=own, recipe=backend.recipe,
                                                            input_scale_f32=scale, fp8_scale_fmt=fp8_act_scale_fmt(w))
-        cands[m] = (y64, candidate_bound(backend, m, y64, abs_dot, alpha, k=d, out_dtype=out_dtype))
+        bnd = candidate_bound(backend, m, y64, abs_dot, alpha, k=d, out_dtype=out_dtype)
+        cands[m] = (y64, bnd if own is None else bnd + _own_weight_slack(abs_dot, alpha))
     return cands
 
 
@@ -91,13 +95,10 @@ class GroupedDenseOutputs(DenseOutputs):
         super().declared()  # BF16: Skipped, one mode
         return declared_mode(self.backend, Op.GROUPED_DENSE_LINEAR, self.weight_format)
 
-    def own_weight(self, i: int) -> Tensor | None:
-        return None  # judged on the checkpoint's weight (module docstring)
-
     def candidates(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
         if i not in self._candidates:
             self._candidates[i] = grouped_candidates(self.backend, self.x, self.lins[0], self.groups, self.scale,
-                                                     self.y_linear[0].dtype)
+                                                     self.y_linear[0].dtype, self.own_weight(0))
         return self._candidates[i]
 
     def _run(self, x: Tensor, scale: Tensor | None) -> Tensor:
@@ -160,8 +161,10 @@ def bound(ctx: JudgeContext, stage: Stage, out: GroupedDenseOutputs, metrics: di
     metrics.update(nan_inf(y, "y"))
     msg = _mode_judged(out, 0, stage.name, metrics, "bound_ratio_y", prefix="max |y - y64| / bound = ")
     metrics["vs_high_y"] = stage_metrics(y.double(), ctx.case.high[stage.name].double())
+    note = ("; judged on the backend's own prepared weight (dequantize_prepared), which differs from the "
+            "checkpoint's: the prepare check fails it") if out.own_weight(0) is not None else ""
     return (f"{msg} ({_accumulator_words(ctx.backend, lin)}, {out.groups} groups of K={out.x.shape[1] // out.groups}, "
-            f"{lin.format})")
+            f"{lin.format}){note}")
 
 
 JUDGE = Judge(collect, {Check.BOUND: bound, Check.MODE: mode, Check.PREPARE: prepare}, _ops)
