@@ -92,7 +92,8 @@ class GroupedDenseOutputs(DenseOutputs):
     groups: int = 1
 
     def declared(self) -> str:
-        super().declared()  # BF16: Skipped, one mode
+        if self.weight_format is None:
+            return super().declared()  # BF16: Skipped, one mode
         return declared_mode(self.backend, Op.GROUPED_DENSE_LINEAR, self.weight_format)
 
     def candidates(self, i: int) -> dict[str, tuple[Tensor, Tensor]]:
@@ -109,9 +110,10 @@ class GroupedDenseOutputs(DenseOutputs):
         scale = self.scale if self.scale is not None or not self.nvfp4 else _batch_static_scale(x)
         m = x.shape[0]
         rows = sorted({r % m for r in (0, -1)})
-        return Batch(lambda: self._run(x, scale), tuple(
-            Subset(f"{self.stage.name} row {r} alone vs in a batch of {m}", lambda r=r: self._run(x[r:r + 1].contiguous(), scale),
-                   lambda full, r=r: full[r:r + 1]) for r in rows), f"rows {rows} alone are bit-equal to the batch of {m}")
+        subsets = tuple(Subset(f"{self.stage.name} row {r} alone vs in a batch of {m}",
+                               lambda r=r: self._run(x[r:r + 1].contiguous(), scale), lambda full, r=r: full[r:r + 1])
+                        for r in rows)
+        return Batch(lambda: self._run(x, scale), subsets, f"rows {rows} alone are bit-equal to the batch of {m}")
 
     def padding(self):
         raise TypeError("grouped_dense_linear: no NVFP4 boundary activation (check padding)")
