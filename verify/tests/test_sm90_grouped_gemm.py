@@ -51,12 +51,13 @@ def _offsets(counts: list[int], device) -> torch.Tensor:
     return off.to(device)
 
 
-def _acts(counts: list[int], rcap: int, k: int, seed: int, device, *, extra_sf_rows: int = 128):
+def _acts(counts: list[int], rcap: int, k: int, seed: int, device, *, extra_sf_rows: int = 128, spread: float = 1.0):
     """NVFP4 activations of sum(counts) rows (te, one global scale), packed [rcap, K/2] with random bytes
-    in the capacity rows (never read), grouped swizzled scales with extra_sf_rows zero rows appended."""
+    in the capacity rows (never read), grouped swizzled scales with extra_sf_rows zero rows appended.
+    spread widens the magnitudes (exp(spread * randn)): fp32 sums that round, so the MMA order shows."""
     g = torch.Generator().manual_seed(seed)
     r = sum(counts)
-    x = (torch.randn(r, k, generator=g) * torch.exp(torch.randn(r, k, generator=g))).to(torch.bfloat16).to(device)
+    x = (torch.randn(r, k, generator=g) * torch.exp(spread * torch.randn(r, k, generator=g))).to(torch.bfloat16).to(device)
     q = quantize_nvfp4(x, recipe=TE, global_enc_scale_f32=te_global_enc_scale(x.float().abs().amax()))
     off = _offsets(counts, device)
     sw, _ = sf_grouped_linear_to_swizzled_128x4(q.sf_u8, off)
@@ -382,3 +383,145 @@ def test_host_swizzle_of_dense_and_stack_equals_the_references_layout(e, r, c):
         expected = sf_linear_to_swizzled_128x4(x[i])
         assert_bytes_equal(stack[i], expected, label=f"swizzle_128x4_stack expert {i}")
         assert_bytes_equal(swizzle_128x4(x[i]), expected, label=f"swizzle_128x4 expert {i}")
+
+
+# ------------------------------------------------------- large-token path (issue 25 item 2): bits = present path
+# CompileKey.big: the activations decoded once into fp16 planes (read by TMA), only the weights decoded per tile,
+# larger token tiles. It must give the present path's bytes on every output (a row's bits may not depend on
+# which path its batch size picks: DESIGN's batch invariance). The interpreter proves the data flow on the CPU
+# (same fp16 operand values and k order into the same two MMAs per K tile; tl.dot there is numpy's); the GPU
+# tests below prove it for the tensor cores.
+
+
+def _present_key(epi: int, bt: int, *, use_asm, clamp=False, bn=128):
+    gg = _gg()
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3, e_pad=16,
+                         use_asm=use_asm, clamp=clamp)
+
+
+def _big_key(epi: int, bt: int, *, use_asm, clamp=False, bn=128):
+    gg = _gg()
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=8, num_stages=4 if bt <= 128 else 2, e_pad=16,
+                         use_asm=use_asm, clamp=clamp, big=True)
+
+
+def _wide_stack(e: int, n: int, k: int, seed: int, device):
+    """_stack with E4M3 scales over the whole finite range (subnormals .. 448): products far apart in magnitude,
+    so the fp32 sums round and a change of the per-element MMA order changes bits."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.uint8)
+    sf = torch.randint(0x01, 0x7F, (e, n, k // 16), generator=g, dtype=torch.uint8)
+    s2 = (0.5 + torch.rand(e, generator=g)).float() * 0.02
+    return packed.to(device), sf.to(device), s2.to(device)
+
+
+def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, present_bt=None, big_bts=(16, 128),
+                        epis=(0, 1, 2), big_bn=128) -> str:
+    """Every output of the large-token path (each BT in big_bts, BN big_bn) equals the present path's bit for bit:
+    plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed + grouped scales + h_dec. The present
+    path runs with token tile present_bt, or (None) with the same (BN, BT) as each big tile: under the
+    interpreter tl.dot is numpy's matmul, whose sums depend on the tile shape, so only equal tiles compare
+    there; on the GPU the tile does not change an element's MMA sequence and any BT compares. The plain
+    output also meets the float64 bound (two identical wrong answers cannot pass)."""
+    gg = _gg()
+    a = _acts(counts, rcap, k, seed, device, spread=3.0)
+    off = a["off"].to(torch.int32)
+    args = (a["packed"], a["sf_sw"], a["dec"], off)
+    asm = (device.type == "cuda") if use_asm is None else use_asm
+    done = []
+    if 0 in epis:
+        w = _wide_stack(len(counts), n, k, seed + 1, device)
+        ws = gg.prepare_experts(*w)
+        for bt in big_bts:
+            ref = gg.grouped_gemm(*args, ws, key=_present_key(0, present_bt or bt, use_asm=asm, bn=big_bn))
+            y = gg.grouped_gemm(*args, ws, key=_big_key(0, bt, use_asm=asm, bn=big_bn))
+            assert_bits_equal(y, ref, label=f"plain, big BT {bt} vs present BT {present_bt or bt}")
+        _bound_check(f"big path plain {counts}", y, a, w, a["dec"] * w[2])
+        done.append("plain")
+    if 1 in epis or 2 in epis:
+        e, i = len(counts), n // 2
+        w13 = gg.prepare_gate_up(*_wide_stack(e, i, k, seed + 2, device), *_wide_stack(e, i, k, seed + 3, device))
+        present_l1 = {bt: gg.grouped_gemm_l1(*args, w13, key=_present_key(1, present_bt or bt, use_asm=asm, bn=big_bn))
+                      for bt in big_bts}
+        g0, u0 = present_l1[big_bts[0]]
+    if 1 in epis:
+        for bt in big_bts:
+            g1, u1 = gg.grouped_gemm_l1(*args, w13, key=_big_key(1, bt, use_asm=asm, bn=big_bn))
+            assert_bits_equal(g1, present_l1[bt][0], label=f"gate, big BT {bt} vs present BT {present_bt or bt}")
+            assert_bits_equal(u1, present_l1[bt][1], label=f"up, big BT {bt} vs present BT {present_bt or bt}")
+        done.append("gate/up")
+    if 2 in epis:
+        r = a["r"]
+        limit = float(torch.quantile(u0[:r].abs().double().cpu(), 0.7))  # clamps some of up and gate
+        h = torch.nn.functional.silu(g0[:r].clamp(max=limit)) * u0[:r].clamp(-limit, limit)
+        s2 = torch.ones(e, dtype=torch.float32, device=device)
+        for j in range(e):  # the w2 input_scale: about the amax of the expert's h / 2688 (some blocks saturate)
+            lo, hi = int(a["off"][j]), int(a["off"][j + 1])
+            if hi > lo:
+                s2[j] = float(h[lo:hi].abs().max()) * 0.9 / 2688
+        kw = dict(swiglu_limit=limit, h_input_dec_scale_f32=s2)
+        for bt in big_bts:
+            want = gg.grouped_l1_swiglu_requant(*args, w13, key=_present_key(2, present_bt or bt, use_asm=asm, clamp=True,
+                                                                              bn=big_bn), **kw)
+            assert want[0][:r].any(), "fused: the present path's h is all zero (the comparison would prove nothing)"
+            got = gg.grouped_l1_swiglu_requant(*args, w13, key=_big_key(2, bt, use_asm=asm, clamp=True, bn=big_bn), **kw)
+            for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
+                assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
+        done.append("fused")
+    return f"ok (bit-identical: {', '.join(done)}; big BT {list(big_bts)} vs present BT {present_bt or 'same'})"
+
+
+def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, use_asm=None) -> str:
+    """The workspace of the large-token path holds, for row r of the activations, plane 0 [r, 64 i + j] =
+    fp16(a[r, 128 i + 2 j] * 2^-7) and plane 1 [r, 64 i + j] = fp16(a[r, 128 i + 2 j + 1] * 2^-7) (a the
+    references' e2m1 x e4m3 decode of the checkpoint bytes; the present kernel's per-tile fp16 operands), zeros
+    past off[E] (capacity rows hold random bytes) and past K."""
+    from references.nvfp4 import decode_nvfp4_block_scaled
+
+    gg = _gg()
+    a = _acts(counts, rcap, k, seed, device)
+    e = len(counts)
+    key = _big_key(0, 128, use_asm=(device.type == "cuda") if use_asm is None else use_asm)  # e_pad 16: E <= 16
+    lo, hi = gg._decode_planes(key, a["packed"], a["sf_sw"], a["off"].to(torch.int32), e, k, -(-(k // 16) // 4))
+    r, kp = a["r"], -(-k // 128) * 128
+    dec = torch.zeros(lo.shape[0], kp, dtype=torch.float64)
+    dec[:r, :k] = decode_nvfp4_block_scaled(a["packed"][:r].cpu(), a["sf_lin"].cpu()).double() * 2.0**-7
+    dec = dec.view(-1, kp // 128, 64, 2)
+    want_lo = dec[..., 0].reshape(lo.shape).to(torch.float16)
+    want_hi = dec[..., 1].reshape(hi.shape).to(torch.float16)
+    assert torch.equal(want_lo.double().view(-1, kp // 128, 64), dec[..., 0]), "fp16 would round: not exact data"
+    assert_bits_equal(lo, want_lo, label="plane 0 (even k)")
+    assert_bits_equal(hi, want_hi, label="plane 1 (odd k)")
+    return f"ok ({r} rows, {lo.shape[0] - r} zero rows, K {k} -> {kp})"
+
+
+_INTERP_CASES.update({
+    "big_path_bits_zero_token_experts_capacity_rows_k_tail": (check_big_path_bits, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, n=64, k=160, seed=61)),
+    "big_path_bits_rows_of_next_expert_in_tile": (check_big_path_bits, dict(
+        counts=[0, 37, 5, 0, 9], rcap=56, n=32, k=96, seed=62, big_bts=(16, 32), big_bn=64)),
+    "big_path_planes_are_the_decoded_values": (check_big_planes_are_the_decoded_values, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=63)),
+})
+_BIG_INTERP = [name for name in _INTERP_CASES if name.startswith("big_")]
+
+
+@pytest.mark.parametrize("case", _BIG_INTERP)
+def test_grouped_gemm_large_token_path_interpreter(interpreter_results, case):
+    msg = interpreter_results[case]
+    assert msg.startswith("ok"), msg
+
+
+def test_large_token_path_routing_from_static_shapes():
+    """The path follows Rcap / E only (never a device value); V4-Pro: T = 4096 and 32768 (top-6, E 384) take the
+    large-token path, T <= 256 the present one."""
+    gg = _gg()
+    lim = gg.LARGE_TOKEN_MIN_ROWS_PER_EXPERT
+    for epi in (0, 1, 2):
+        for t in (1, 16, 256, 4096, 32768):
+            key = gg.CompileKey.for_shape(epi, 6 * t, 384, 6144, 7168)
+            assert key.big == (6 * t / 384 >= lim), (t, key)
+            if key.big:
+                assert key.block_t >= 128 and key.block_n == 128 and key.epi == epi, key
+        assert not gg.CompileKey.for_shape(epi, lim * 8 - 1, 8, 512, 256).big
+        assert gg.CompileKey.for_shape(epi, lim * 8, 8, 512, 256).big
