@@ -85,7 +85,7 @@ class CompileKey:
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
-                  clamp: bool = False) -> "CompileKey":
+                  clamp: bool = False, large_token: bool = True) -> "CompileKey":
         # Token tile from the mean rows per expert (swap AB: BT tokens are the MMA's narrow side): decode
         # sizes (<= 16 rows per expert) read every active expert's weights once with 16-token tiles.
         # Every (BN, BT, act_f16) gives the same bits (the per-element MMA sequence is fixed by BLOCK_K = 128;
@@ -96,7 +96,7 @@ class CompileKey:
         # - act_f16 (activations decoded once into fp16 planes) off: it was slower at every size measured
         #   (T = 4096 fused L1 20.6 ms against 12.0 ms, T = 32768 111.7 against 69.2 ms).
         mean = rcap / max(num_experts, 1)
-        if mean >= LARGE_TOKEN_MIN_ROWS_PER_EXPERT:
+        if large_token and mean >= LARGE_TOKEN_MIN_ROWS_PER_EXPERT:  # large_token=False: the present path (benches)
             return _large_token_key(epi, rcap, num_experts, use_asm=use_asm, clamp=clamp)
         bt = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 64 else 128
         warps = 4 if bt <= 32 else 8
