@@ -394,16 +394,20 @@ def test_host_swizzle_of_dense_and_stack_equals_the_references_layout(e, r, c):
 # tests below prove it for the tensor cores.
 
 
-def _present_key(epi: int, bt: int, *, use_asm, clamp=False, bn=128):
-    gg = _gg()
-    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3, e_pad=16,
-                         use_asm=use_asm, clamp=clamp)
+def _e_pad(num_experts: int) -> int:
+    return max(16, 1 << (num_experts - 1).bit_length())  # as CompileKey.for_shape pads the expert count
 
 
-def _big_key(epi: int, bt: int, *, use_asm, clamp=False, bn=128):
+def _present_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
     gg = _gg()
-    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=8, num_stages=4 if bt <= 128 else 2, e_pad=16,
-                         use_asm=use_asm, clamp=clamp, big=True)
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3,
+                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp)
+
+
+def _big_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
+    gg = _gg()
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=8, num_stages=4 if bt <= 128 else 2,
+                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp, big=True)
 
 
 def _wide_stack(e: int, n: int, k: int, seed: int, device):
@@ -429,25 +433,33 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
     off = a["off"].to(torch.int32)
     args = (a["packed"], a["sf_sw"], a["dec"], off)
     asm = (device.type == "cuda") if use_asm is None else use_asm
+    e = len(counts)
+
+    def present(epi, bt, clamp=False):
+        return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+
+    def big(epi, bt, clamp=False):
+        return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+
     done = []
     if 0 in epis:
         w = _wide_stack(len(counts), n, k, seed + 1, device)
         ws = gg.prepare_experts(*w)
         for bt in big_bts:
-            ref = gg.grouped_gemm(*args, ws, key=_present_key(0, present_bt or bt, use_asm=asm, bn=big_bn))
-            y = gg.grouped_gemm(*args, ws, key=_big_key(0, bt, use_asm=asm, bn=big_bn))
+            ref = gg.grouped_gemm(*args, ws, key=present(0, bt))
+            y = gg.grouped_gemm(*args, ws, key=big(0, bt))
             assert_bits_equal(y, ref, label=f"plain, big BT {bt} vs present BT {present_bt or bt}")
         _bound_check(f"big path plain {counts}", y, a, w, a["dec"] * w[2])
         done.append("plain")
     if 1 in epis or 2 in epis:
-        e, i = len(counts), n // 2
+        i = n // 2
         w13 = gg.prepare_gate_up(*_wide_stack(e, i, k, seed + 2, device), *_wide_stack(e, i, k, seed + 3, device))
-        present_l1 = {bt: gg.grouped_gemm_l1(*args, w13, key=_present_key(1, present_bt or bt, use_asm=asm, bn=big_bn))
+        present_l1 = {bt: gg.grouped_gemm_l1(*args, w13, key=present(1, bt))
                       for bt in big_bts}
         g0, u0 = present_l1[big_bts[0]]
     if 1 in epis:
         for bt in big_bts:
-            g1, u1 = gg.grouped_gemm_l1(*args, w13, key=_big_key(1, bt, use_asm=asm, bn=big_bn))
+            g1, u1 = gg.grouped_gemm_l1(*args, w13, key=big(1, bt))
             assert_bits_equal(g1, present_l1[bt][0], label=f"gate, big BT {bt} vs present BT {present_bt or bt}")
             assert_bits_equal(u1, present_l1[bt][1], label=f"up, big BT {bt} vs present BT {present_bt or bt}")
         done.append("gate/up")
@@ -462,10 +474,9 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
                 s2[j] = float(h[lo:hi].abs().max()) * 0.9 / 2688
         kw = dict(swiglu_limit=limit, h_input_dec_scale_f32=s2)
         for bt in big_bts:
-            want = gg.grouped_l1_swiglu_requant(*args, w13, key=_present_key(2, present_bt or bt, use_asm=asm, clamp=True,
-                                                                              bn=big_bn), **kw)
+            want = gg.grouped_l1_swiglu_requant(*args, w13, key=present(2, bt, clamp=True), **kw)
             assert want[0][:r].any(), "fused: the present path's h is all zero (the comparison would prove nothing)"
-            got = gg.grouped_l1_swiglu_requant(*args, w13, key=_big_key(2, bt, use_asm=asm, clamp=True, bn=big_bn), **kw)
+            got = gg.grouped_l1_swiglu_requant(*args, w13, key=big(2, bt, clamp=True), **kw)
             for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
                 assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
         done.append("fused")
@@ -482,7 +493,7 @@ def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, 
     gg = _gg()
     a = _acts(counts, rcap, k, seed, device)
     e = len(counts)
-    key = _big_key(0, 128, use_asm=(device.type == "cuda") if use_asm is None else use_asm)  # e_pad 16: E <= 16
+    key = _big_key(0, 128, e, use_asm=(device.type == "cuda") if use_asm is None else use_asm)
     lo, hi = gg._decode_planes(key, a["packed"], a["sf_sw"], a["off"].to(torch.int32), e, k, -(-(k // 16) // 4))
     r, kp = a["r"], -(-k // 128) * 128
     dec = torch.zeros(lo.shape[0], kp, dtype=torch.float64)
