@@ -157,7 +157,7 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
     rcap = a_packed_u8.shape[0]
     e, n = w.num_experts, w.n
     grid = (key.grid(rcap, e, n),)
-    if grid[0] == 0:
+    if grid[0] == 0 or rcap == 0:  # no rows: nothing to write (and no planes to describe)
         return
     cp4 = w.sf_swizzled_u8.shape[2] // 4
     x_lo, x_hi = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)

@@ -752,3 +752,37 @@ def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
     assert shapes == {str(key.block_t)}, f"{key}: HGMMA shapes {sorted(shapes)} (expected 64x{key.block_t}x16 F32)"
     assert "UTMALDG" in sass, f"{key}: the planes are not loaded by TMA"
     assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+
+
+@pytest.mark.parametrize("k", [7168, 3072])
+def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path):
+    """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows, 4
+    warps, E 384 padded to 512, PTX decode) compiles for sm_90 without spills; registers printed."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
+
+    sig = {"x_ptr": "*u8", "xsf_ptr": "*i32", "off_ptr": "*i32", "planes_ptr": "*fp16", "E": "i32", "HALF_K": "i32",
+           "CP4": "i32", "PLANE": "i32"}
+    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("x_ptr", "xsf_ptr", "off_ptr", "planes_ptr",
+                                                                          "HALF_K")}
+    src = ASTSource(grouped_act_decode_planes_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(ck.asm["cubin"])
+    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    print(f"grouped_act_decode_planes_kernel K={k}: {regs} registers")
+    assert stack == 0 and local == 0, f"spills (STACK {stack}, LOCAL {local}, {regs} registers)"
