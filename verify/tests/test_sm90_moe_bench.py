@@ -272,7 +272,7 @@ def test_moe_tile_sweep(t):
     out = []
     # (BN, BT, warps, stages, act_f16, big: the large-token path)
     big = [(128, 128, 8, 4, False, True), (128, 128, 8, 3, False, True), (128, 256, 8, 2, False, True),
-           (128, 64, 4, 4, False, True), (64, 128, 4, 4, False, True)]
+           (128, 64, 8, 3, False, True), (128, 64, 4, 4, False, True), (64, 128, 4, 4, False, True)]
     configs = {1: [(64, 16, 4, 4, False, False), (128, 16, 4, 4, False, False)],
                16: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False), (64, 16, 4, 3, False, False)],
                4096: [(128, 64, 8, 3, True, False), (64, 64, 4, 3, True, False), (128, 64, 8, 3, False, False),
