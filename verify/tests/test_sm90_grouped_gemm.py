@@ -719,7 +719,8 @@ def _big_compile_keys():
             key = gg.CompileKey.for_shape(epi, 6 * t, 384, n, k, clamp=epi == 2)
             keys[key, k] = None
     base = gg.CompileKey.for_shape(2, 6 * 4096, 384, 6144, 7168, clamp=True)
-    for bn, bt, warps, stages in ((128, 256, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4), (128, 128, 8, 3)):
+    for bn, bt, warps, stages in ((128, 256, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                                  (128, 128, 8, 3)):
         keys[gg.CompileKey(**{**base.__dict__, "block_n": bn, "block_t": bt, "num_warps": warps,
                               "num_stages": stages}), 7168] = None
     return list(keys)
