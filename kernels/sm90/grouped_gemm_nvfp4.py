@@ -80,10 +80,12 @@ class CompileKey:
     clamp: bool = False
     act_f16: bool = False  # decode the activations once per GEMM into fp16 planes (same values, same bits;
     # slower on the H200 at every size measured, so for_shape leaves it off)
+    big: bool = False  # the large-token path (_grouped_gemm_nvfp4_big_jit): activations decoded once into fp16
+    # planes, read by TMA; only the weights decoded per tile; same bits (see _large_token_key)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
-                  clamp: bool = False) -> "CompileKey":
+                  clamp: bool = False, large_token: bool = True) -> "CompileKey":
         # Token tile from the mean rows per expert (swap AB: BT tokens are the MMA's narrow side): decode
         # sizes (<= 16 rows per expert) read every active expert's weights once with 16-token tiles.
         # Every (BN, BT, act_f16) gives the same bits (the per-element MMA sequence is fixed by BLOCK_K = 128;
@@ -94,6 +96,8 @@ class CompileKey:
         # - act_f16 (activations decoded once into fp16 planes) off: it was slower at every size measured
         #   (T = 4096 fused L1 20.6 ms against 12.0 ms, T = 32768 111.7 against 69.2 ms).
         mean = rcap / max(num_experts, 1)
+        if large_token and mean >= LARGE_TOKEN_MIN_ROWS_PER_EXPERT:  # large_token=False: the present path (benches)
+            return _large_token_key(epi, rcap, num_experts, use_asm=use_asm, clamp=clamp)
         bt = 16 if mean <= 16 else 32 if mean <= 32 else 64 if mean <= 64 else 128
         warps = 4 if bt <= 32 else 8
         stages = 4 if bt <= 32 else 3
@@ -108,12 +112,78 @@ class CompileKey:
         return tiles * -(-n // self.block_n)
 
 
+# ---- large-token path (issue 25 item 2) -------------------------------------------------------------------
+# Routed from static shapes only (Rcap / E, never a device value: graph safe, no host sync). The bits equal the
+# present path's (same fp16 operand values, k permutation and per-element MMA sequence; tests compare the two
+# bit for bit), so a row gives the same bytes whichever path its batch takes. The threshold and the tiles are
+# first guesses from the CPU compile (registers, shared memory), to be tuned on the GPU bench.
+LARGE_TOKEN_MIN_ROWS_PER_EXPERT = 64   # mean rows per expert (Rcap / E) from which the large-token path serves
+LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this mean; off until measured
+
+
+def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, clamp: bool) -> CompileKey:
+    """BN 128 weight rows x BT 128 tokens, 8 warps, 4 stages (BT 256: 2 stages: a [256, 64] fp16 tile of each
+    plane is 64 KB a stage)."""
+    wide = rcap / max(num_experts, 1) >= LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT
+    e_pad = max(16, 1 << (num_experts - 1).bit_length())
+    return CompileKey(epi=epi, block_n=128, block_t=256 if wide else 128, num_warps=8, num_stages=2 if wide else 4,
+                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True)
+
+
+def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
+                   k: int, cp4: int) -> tuple[Tensor, Tensor]:
+    """The activations decoded once: even-k and odd-k fp16 planes [RP, K_ITERS * 64] (RP = Rcap rounded up to
+    16, zeros past off[E]); from the graph pool under capture."""
+    import triton
+
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
+
+    rcap, k_iters = a_packed_u8.shape[0], -(-k // 128)
+    rp = -(-rcap // 16) * 16
+    plane = rp * k_iters * 64
+    planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
+    grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
+        a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, num_experts, k // 2, cp4, plane,
+        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, num_warps=4)
+    return planes[:plane].view(rp, k_iters * 64), planes[plane:].view(rp, k_iters * 64)
+
+
+def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2,
+                     hsf, hdec, limit: float) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from kernels.sm90._grouped_gemm_nvfp4_big_jit import grouped_gemm_nvfp4_big_kernel
+
+    rcap = a_packed_u8.shape[0]
+    e, n = w.num_experts, w.n
+    grid = (key.grid(rcap, e, n),)
+    if grid[0] == 0 or rcap == 0:  # no rows: nothing to write (and no planes to describe)
+        return
+    cp4 = w.sf_swizzled_u8.shape[2] // 4
+    x_lo, x_hi = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)
+    # host descriptors: kernel parameters, so a captured graph replays them as they are (the planes come
+    # from the graph pool, the same addresses at every replay)
+    lo_desc = TensorDescriptor.from_tensor(x_lo, [key.block_t, 64])
+    hi_desc = TensorDescriptor.from_tensor(x_hi, [key.block_t, 64])
+    grouped_gemm_nvfp4_big_kernel[grid](
+        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), lo_desc, hi_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
+        out, out2, hsf, hdec, e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
+        0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
+        hsf.shape[1] if hsf.dim() == 2 else 4,
+        K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad, USE_ASM=key.use_asm,
+        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps, num_stages=key.num_stages)
+# ------------------------------------------------------------------------------------------------------------
+
+
 @functools.lru_cache(maxsize=64)
 def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles on the first launch: warm up before graph capture)."""
     import triton
 
     from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel, grouped_gemm_nvfp4_kernel
+
+    if key.big:
+        return functools.partial(_run_large_token, key)
 
     def run(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2, hsf, hdec,
             limit: float) -> None:

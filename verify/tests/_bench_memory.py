@@ -51,6 +51,9 @@ def _sf_rows(rows: int, num_experts: int) -> int:
     return (rows + 127 * min(num_experts, rows) + 127) // 128 * 128
 
 
+_PLANES = "large-token path: fp16 activation planes (L1 + L2)"
+
+
 def nvfp4_stack_bytes(e: int, n: int, k: int) -> int:
     return e * n * (k // 2 + k // 16) + 8 * e
 
@@ -64,6 +67,9 @@ def moe_plans(e: int, top_k: int, h: int, i: int, tokens: tuple[int, ...]) -> di
     r = t_max * top_k
     sf_h, sf_i = _sf_rows(r, e) * (h // 16), _sf_rows(r, e) * (i // 16)
     route = t_max * e * 4 * 3 + r * 8 * 8 + (e + 1) * 4 * 4  # rand / logits, ids, offsets, counts
+    # the grouped GEMMs' large-token path: the activations decoded once into fp16 planes (L1: [R, H], L2: [R, I];
+    # rows rounded up to 16, K to 128), both live inside one captured L1 + L2 call
+    planes = (r + 15) // 16 * 16 * 2 * (-(-h // 128) * 128 + -(-i // 128) * 128)
 
     plans = {}
     p = plans["copy"] = PhasePlan("copy bandwidth")
@@ -79,6 +85,7 @@ def moe_plans(e: int, top_k: int, h: int, i: int, tokens: tuple[int, ...]) -> di
     p.add("L1 out h + sf (x2: timed + reference)", 2 * (r * i // 2 + sf_i))
     p.add("unfused gate/up float32 + requant", 2 * r * i * 4 + r * i // 2 + sf_i)
     p.add("L2 out bf16", r * h * 2)
+    p.add(_PLANES, planes)
 
     p = plans["grouped_torch"] = PhasePlan("grouped GEMMs, torch bf16")
     p.add("weights w13 + w2 bf16", w13_bf16 + w2_bf16)
@@ -96,6 +103,7 @@ def moe_plans(e: int, top_k: int, h: int, i: int, tokens: tuple[int, ...]) -> di
     p.add("act quant a + sf", r * h // 2 + sf_h)
     p.add("gate/up float32 + requant h + sf", 2 * r * i * 4 + r * i // 2 + sf_i)
     p.add("L2 out bf16 + combine out", r * h * 2 + t_max * h * 2)
+    p.add(_PLANES, planes)
 
     # whole block, torch: bf16 weights, then either the GEMMs alone (xr and its outputs) or the block
     # (logits, top-k, sort, gather xs, y1, silu, h, y2, scatter y, bf16 weighted combine), whichever larger
@@ -117,6 +125,7 @@ def moe_plans(e: int, top_k: int, h: int, i: int, tokens: tuple[int, ...]) -> di
     p.add("preparation copies (raw w1 + w3, one temporary)", 2 * w13)
     p.add("routing", route)
     p.add("activations + L1 out", r * h // 2 + sf_h + 2 * (r * i // 2 + sf_i))
+    p.add(_PLANES, planes)
     return plans
 
 

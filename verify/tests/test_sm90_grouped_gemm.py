@@ -51,12 +51,14 @@ def _offsets(counts: list[int], device) -> torch.Tensor:
     return off.to(device)
 
 
-def _acts(counts: list[int], rcap: int, k: int, seed: int, device, *, extra_sf_rows: int = 128):
+def _acts(counts: list[int], rcap: int, k: int, seed: int, device, *, extra_sf_rows: int = 128, spread: float = 1.0):
     """NVFP4 activations of sum(counts) rows (te, one global scale), packed [rcap, K/2] with random bytes
-    in the capacity rows (never read), grouped swizzled scales with extra_sf_rows zero rows appended."""
+    in the capacity rows (never read), grouped swizzled scales with extra_sf_rows zero rows appended.
+    spread widens the magnitudes (exp(spread * randn)): fp32 sums that round, so the MMA order shows."""
     g = torch.Generator().manual_seed(seed)
     r = sum(counts)
-    x = (torch.randn(r, k, generator=g) * torch.exp(torch.randn(r, k, generator=g))).to(torch.bfloat16).to(device)
+    x = torch.randn(r, k, generator=g) * torch.exp(spread * torch.randn(r, k, generator=g))
+    x = x.to(torch.bfloat16).to(device)
     q = quantize_nvfp4(x, recipe=TE, global_enc_scale_f32=te_global_enc_scale(x.float().abs().amax()))
     off = _offsets(counts, device)
     sw, _ = sf_grouped_linear_to_swizzled_128x4(q.sf_u8, off)
@@ -382,3 +384,406 @@ def test_host_swizzle_of_dense_and_stack_equals_the_references_layout(e, r, c):
         expected = sf_linear_to_swizzled_128x4(x[i])
         assert_bytes_equal(stack[i], expected, label=f"swizzle_128x4_stack expert {i}")
         assert_bytes_equal(swizzle_128x4(x[i]), expected, label=f"swizzle_128x4 expert {i}")
+
+
+# ------------------------------------------------------- large-token path (issue 25 item 2): bits = present path
+# CompileKey.big: the activations decoded once into fp16 planes (read by TMA), only the weights decoded per tile,
+# larger token tiles. It must give the present path's bytes on every output (a row's bits may not depend on
+# which path its batch size picks: DESIGN's batch invariance). The interpreter proves the data flow on the CPU
+# (same fp16 operand values and k order into the same two MMAs per K tile; tl.dot there is numpy's); the GPU
+# tests below prove it for the tensor cores.
+
+
+def _e_pad(num_experts: int) -> int:
+    return max(16, 1 << (num_experts - 1).bit_length())  # as CompileKey.for_shape pads the expert count
+
+
+def _present_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
+    gg = _gg()
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=4 if bt <= 32 else 8, num_stages=3,
+                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp)
+
+
+def _big_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
+    gg = _gg()
+    return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=8, num_stages=4 if bt <= 128 else 2,
+                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp, big=True)
+
+
+def _wide_stack(e: int, n: int, k: int, seed: int, device):
+    """_stack with E4M3 scales over the whole finite range (subnormals .. 448): products far apart in magnitude,
+    so the fp32 sums round and a change of the per-element MMA order changes bits."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.uint8)
+    sf = torch.randint(0x01, 0x7F, (e, n, k // 16), generator=g, dtype=torch.uint8)
+    s2 = (0.5 + torch.rand(e, generator=g)).float() * 0.02
+    return packed.to(device), sf.to(device), s2.to(device)
+
+
+def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, present_bt=None, big_bts=(16, 128),
+                        epis=(0, 1, 2), big_bn=128) -> str:
+    """Every output of the large-token path (each BT in big_bts, BN big_bn) equals the present path's bit for bit:
+    plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed + grouped scales + h_dec. The present
+    path runs with token tile present_bt, or (None) with the same (BN, BT) as each big tile: under the
+    interpreter tl.dot is numpy's matmul, whose sums depend on the tile shape, so only equal tiles compare
+    there; on the GPU the tile does not change an element's MMA sequence and any BT compares. The plain
+    output also meets the float64 bound (two identical wrong answers cannot pass)."""
+    gg = _gg()
+    a = _acts(counts, rcap, k, seed, device, spread=3.0)
+    off = a["off"].to(torch.int32)
+    args = (a["packed"], a["sf_sw"], a["dec"], off)
+    asm = (device.type == "cuda") if use_asm is None else use_asm
+    e = len(counts)
+
+    def present(epi, bt, clamp=False):
+        return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+
+    def big(epi, bt, clamp=False):
+        return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+
+    done = []
+    if 0 in epis:
+        w = _wide_stack(len(counts), n, k, seed + 1, device)
+        ws = gg.prepare_experts(*w)
+        for bt in big_bts:
+            ref = gg.grouped_gemm(*args, ws, key=present(0, bt))
+            y = gg.grouped_gemm(*args, ws, key=big(0, bt))
+            assert_bits_equal(y, ref, label=f"plain, big BT {bt} vs present BT {present_bt or bt}")
+        _bound_check(f"big path plain {counts}", y, a, w, a["dec"] * w[2])
+        done.append("plain")
+    if 1 in epis or 2 in epis:
+        i = n // 2
+        w13 = gg.prepare_gate_up(*_wide_stack(e, i, k, seed + 2, device), *_wide_stack(e, i, k, seed + 3, device))
+        present_l1 = {bt: gg.grouped_gemm_l1(*args, w13, key=present(1, bt))
+                      for bt in big_bts}
+        g0, u0 = present_l1[big_bts[0]]
+    if 1 in epis:
+        for bt in big_bts:
+            g1, u1 = gg.grouped_gemm_l1(*args, w13, key=big(1, bt))
+            assert_bits_equal(g1, present_l1[bt][0], label=f"gate, big BT {bt} vs present BT {present_bt or bt}")
+            assert_bits_equal(u1, present_l1[bt][1], label=f"up, big BT {bt} vs present BT {present_bt or bt}")
+        done.append("gate/up")
+    if 2 in epis:
+        r = a["r"]
+        limit = float(torch.quantile(u0[:r].abs().double().cpu(), 0.7))  # clamps some of up and gate
+        h = torch.nn.functional.silu(g0[:r].clamp(max=limit)) * u0[:r].clamp(-limit, limit)
+        s2 = torch.ones(e, dtype=torch.float32, device=device)
+        for j in range(e):  # the w2 input_scale: about the amax of the expert's h / 2688 (some blocks saturate)
+            lo, hi = int(a["off"][j]), int(a["off"][j + 1])
+            if hi > lo:
+                s2[j] = float(h[lo:hi].abs().max()) * 0.9 / 2688
+        kw = dict(swiglu_limit=limit, h_input_dec_scale_f32=s2)
+        for bt in big_bts:
+            want = gg.grouped_l1_swiglu_requant(*args, w13, key=present(2, bt, clamp=True), **kw)
+            assert want[0][:r].any(), "fused: the present path's h is all zero (the comparison would prove nothing)"
+            got = gg.grouped_l1_swiglu_requant(*args, w13, key=big(2, bt, clamp=True), **kw)
+            for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
+                assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
+        done.append("fused")
+    return f"ok (bit-identical: {', '.join(done)}; big BT {list(big_bts)} vs present BT {present_bt or 'same'})"
+
+
+def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, use_asm=None) -> str:
+    """The workspace of the large-token path holds, for row r of the activations, plane 0 [r, 64 i + j] =
+    fp16(a[r, 128 i + 2 j] * 2^-7) and plane 1 [r, 64 i + j] = fp16(a[r, 128 i + 2 j + 1] * 2^-7) (a the
+    references' e2m1 x e4m3 decode of the checkpoint bytes; the present kernel's per-tile fp16 operands), zeros
+    past off[E] (capacity rows hold random bytes) and past K."""
+    from references.nvfp4 import decode_nvfp4_block_scaled
+
+    gg = _gg()
+    a = _acts(counts, rcap, k, seed, device)
+    e = len(counts)
+    key = _big_key(0, 128, e, use_asm=(device.type == "cuda") if use_asm is None else use_asm)
+    lo, hi = gg._decode_planes(key, a["packed"], a["sf_sw"], a["off"].to(torch.int32), e, k, -(-(k // 16) // 4))
+    r, kp = a["r"], -(-k // 128) * 128
+    dec = torch.zeros(lo.shape[0], kp, dtype=torch.float64)
+    dec[:r, :k] = decode_nvfp4_block_scaled(a["packed"][:r].cpu(), a["sf_lin"].cpu()).double() * 2.0**-7
+    dec = dec.view(-1, kp // 128, 64, 2)
+    want_lo = dec[..., 0].reshape(lo.shape).to(torch.float16)
+    want_hi = dec[..., 1].reshape(hi.shape).to(torch.float16)
+    assert torch.equal(want_lo.double().view(-1, kp // 128, 64), dec[..., 0]), "fp16 would round: not exact data"
+    assert_bits_equal(lo, want_lo, label="plane 0 (even k)")
+    assert_bits_equal(hi, want_hi, label="plane 1 (odd k)")
+    return f"ok ({r} rows, {lo.shape[0] - r} zero rows, K {k} -> {kp})"
+
+
+_INTERP_CASES.update({
+    "big_path_bits_zero_token_experts_capacity_rows_k_tail": (check_big_path_bits, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, n=64, k=160, seed=61)),
+    "big_path_bits_rows_of_next_expert_in_tile": (check_big_path_bits, dict(
+        counts=[0, 37, 5, 0, 9], rcap=56, n=32, k=96, seed=62, big_bts=(16, 32), big_bn=64)),
+    "big_path_planes_are_the_decoded_values": (check_big_planes_are_the_decoded_values, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=63)),
+})
+_BIG_INTERP = [name for name in _INTERP_CASES if name.startswith("big_")]
+
+
+@pytest.mark.parametrize("case", _BIG_INTERP)
+def test_grouped_gemm_large_token_path_interpreter(interpreter_results, case):
+    msg = interpreter_results[case]
+    assert msg.startswith("ok"), msg
+
+
+def test_large_token_path_routing_from_static_shapes():
+    """The path follows Rcap / E only (never a device value); V4-Pro: T = 4096 and 32768 (top-6, E 384) take the
+    large-token path, T <= 256 the present one."""
+    gg = _gg()
+    lim = gg.LARGE_TOKEN_MIN_ROWS_PER_EXPERT
+    for epi in (0, 1, 2):
+        for t in (1, 16, 256, 4096, 32768):
+            key = gg.CompileKey.for_shape(epi, 6 * t, 384, 6144, 7168)
+            assert key.big == (6 * t / 384 >= lim), (t, key)
+            if key.big:
+                assert key.block_t >= 128 and key.block_n == 128 and key.epi == epi, key
+        assert not gg.CompileKey.for_shape(epi, lim * 8 - 1, 8, 512, 256).big
+        assert gg.CompileKey.for_shape(epi, lim * 8, 8, 512, 256).big
+
+
+def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
+    """rcap - 37 rows routed over e experts (uniform; experts 0, 5 and the last get none; one hot expert with
+    700 rows): mean rows per expert near V4-Pro's T = 4096 (64)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, e, (rcap - 37 - 700,), generator=g)
+    counts = torch.bincount(ids, minlength=e)
+    counts[[0, 5, e - 1]] = 0
+    counts[7] += 700
+    return counts.tolist()
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_large_token_path_bits_equal_the_present_path_v4_like():
+    """Rcap 24576 over E 384 (V4-Pro T = 4096 rows per expert, small K / N): every output of the large-token path
+    (BT 128 and 256) equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit:
+    plain, gate/up, fused; zero-token experts, a hot expert, K = 1040 (not a multiple of 128), capacity rows."""
+    counts = _v4_like_counts(24576, 384, 71)
+    for present_bt in (64, 16):
+        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=256, k=1040, seed=72, present_bt=present_bt,
+                                  big_bts=(128, 256))
+        assert msg.startswith("ok"), msg
+    gg = _gg()
+    assert gg.CompileKey.for_shape(2, 24576, 384, 256, 1040).big  # the routing serves this shape on the new path
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_large_token_path_planes_and_small_shapes():
+    """The decoded planes on the GPU (PTX decode) hold the references' values; the bits equal the present path's
+    at small E (a token tile wider than the planes: rows past them come zero-filled by TMA)."""
+    assert check_big_planes_are_the_decoded_values(_cuda(), counts=[3, 0, 200, 1, 0, 90], rcap=300, k=1040,
+                                                   seed=73).startswith("ok")
+    assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
+                               big_bts=(128, 256)).startswith("ok")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path():
+    """The large-token path (routed by for_shape: 8 experts, Rcap 1024) captured at capacity with one routing and
+    replayed with others and new values: every output equals an eager call, and the present path's bytes."""
+    gg = _gg()
+    dev = _cuda()
+    e, k, i, rcap = 8, 1024, 256, 1024
+    assert gg.CompileKey.for_shape(2, rcap, e, 2 * i, k).big and gg.CompileKey.for_shape(0, rcap, e, 512, i).big
+    a = _acts([140, 0, 260, 40, 0, 360, 120, 100], rcap, k, 81, dev)
+    w13 = gg.prepare_gate_up(*_stack(e, i, k, 82, dev), *_stack(e, i, k, 83, dev))
+    w2 = gg.prepare_experts(*_stack(e, 512, i, 84, dev))
+    packed, dec, off = a["packed"].clone(), a["dec"].clone(), a["off"].to(torch.int32)
+    sf = torch.zeros(gg.grouped_sf_rows(rcap, e), a["sf_sw"].shape[1], dtype=torch.uint8, device=dev)
+    sf[:a["sf_sw"].shape[0]].copy_(a["sf_sw"])
+    s2 = torch.full((e,), 0.01, dtype=torch.float32, device=dev)
+    present = {epi: gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512, k if epi else i, clamp=epi == 2,
+                                            large_token=False) for epi in (0, 1, 2)}
+
+    def step(keys=None):
+        keys = keys or {}
+        gate, up = gg.grouped_gemm_l1(packed, sf, dec, off, w13, key=keys.get(1))
+        hp, hsf, hdec = gg.grouped_l1_swiglu_requant(packed, sf, dec, off, w13, swiglu_limit=10.0,
+                                                     h_input_dec_scale_f32=s2, key=keys.get(2))
+        y = gg.grouped_gemm(hp, hsf, hdec, off, w2, key=keys.get(0))
+        return gate, up, hp, hsf, y
+
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    for counts in ([0, 0, 0, 1000, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [120, 120, 120, 120, 120, 120, 120, 150]):
+        b = _acts(counts, rcap, k, sum(counts), dev)
+        packed.copy_(b["packed"])
+        sf.zero_()
+        sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
+        dec.copy_(b["dec"] * 3)
+        off.copy_(b["off"].to(torch.int32))
+        graph.replay()
+        torch.cuda.synchronize()
+        eager, old = step(), step(present)
+        for name, got, want, want_old in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager, old):
+            assert_bits_equal(got, want, label=f"large-token path, graph replay vs eager, {name}, counts {counts}")
+            assert_bits_equal(got, want_old, label=f"large-token path (graph) vs present path, {name}, counts {counts}")
+        assert outs[0][: b["r"]].any(), "gate all zero: the comparison would prove nothing"
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_large_token_path_through_the_sm90_backend():
+    """The sm90 backend's MoE ops (grouped_quantize, grouped_gemm l1 / l2, l1_fused) at a shape that routes to the
+    large-token path (16 experts, 1600 rows): each output equals the present path's on the same operands."""
+    from references.nvfp4 import quantize_nvfp4_weight_checkpoint
+    from references.recipes import MODELOPT
+    from verify.backends import get_backend
+    from verify.checkpoint import GatedMlp, Nvfp4Linear
+
+    gg = _gg()
+    dev = _cuda()
+    b = get_backend("sm90", dev)
+    e, h, i = 16, 1024, 512
+    g = torch.Generator().manual_seed(91)
+
+    def linear(n, k):
+        parts = [quantize_nvfp4_weight_checkpoint((torch.randn(n, k, generator=g) * 0.05).to(torch.bfloat16).float()
+                                                  .to(dev), recipe=MODELOPT) for _ in range(e)]
+        t = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+        return Nvfp4Linear("synthetic", t["weight"].view(torch.uint8), t["weight_scale"], t["weight_scale_2"].float(),
+                           torch.full((e,), 0.01, dtype=torch.float32, device=dev))
+
+    ex = b.prepare_experts(GatedMlp(linear(i, h), linear(i, h), linear(h, i)))
+    counts = torch.bincount(torch.randint(0, e, (1600,), generator=g), minlength=e)
+    counts[3] = 0
+    off = torch.zeros(e + 1, dtype=torch.int32)
+    off[1:] = torch.cumsum(counts, 0).to(torch.int32)
+    off = off.to(dev)
+    r = int(off[-1])
+    rows = (torch.randn(r, h, generator=g) * torch.exp(torch.randn(r, h, generator=g))).to(torch.bfloat16).to(dev)
+    d = torch.linspace(0.005, 0.02, e, dtype=torch.float32, device=dev)
+    a = b.grouped_quantize(rows, off, input_dec_scale_f32=d)
+    assert gg.CompileKey.for_shape(1, r, e, 2 * i, h).big and gg.CompileKey.for_shape(0, r, e, h, i).big
+    present = {epi: gg.CompileKey.for_shape(epi, r, e, 2 * i if epi else h, h if epi else i, clamp=epi == 2,
+                                            large_token=False) for epi in (0, 1, 2)}
+    args = (a.packed_u8, a.sf_swizzled_u8, a.global_dec_f32, off)
+    gate, up = b.grouped_gemm(a, off, ex, layer="l1")
+    g0, u0 = gg.grouped_gemm_l1(*args, ex.w13, key=present[1])
+    assert_bits_equal(gate, g0, label="backend l1 gate (large-token path) vs present path")
+    assert_bits_equal(up, u0, label="backend l1 up (large-token path) vs present path")
+    s2 = torch.full((e,), float(up.abs().max()) * 0.3 / 2688, dtype=torch.float32, device=dev)
+    hq = b.l1_fused(a, off, ex, swiglu_limit=7.0, input_dec_scale_f32=s2)
+    hp, hsf, hdec = gg.grouped_l1_swiglu_requant(*args, ex.w13, swiglu_limit=7.0, h_input_dec_scale_f32=s2,
+                                                 key=present[2])
+    assert_bits_equal(hq.packed_u8, hp, label="backend l1_fused h codes vs present path")
+    assert_bits_equal(hq.sf_swizzled_u8, hsf[:hq.sf_swizzled_u8.shape[0]], label="backend l1_fused h scales vs present")
+    y = b.grouped_gemm(hq, off, ex, layer="l2")
+    y0 = gg.grouped_gemm(hp, hsf, hdec, off, ex.w2, key=present[0])
+    assert_bits_equal(y, y0, label="backend l2 (large-token path) vs present path")
+    assert y.abs().amax() > 0 and gate.abs().amax() > 0, "all-zero outputs: the comparison would prove nothing"
+
+
+# ------------------------------------------------- large-token path: sm_90a compile on the CPU (no GPU needed)
+
+def _compile_big(key, k: int):
+    """triton.compile of grouped_gemm_nvfp4_big_kernel for sm_90 (Triton's bundled ptxas), as _run_large_token
+    launches it: host tensor descriptors [BT, 64] fp16 for the planes, torch allocations 16-byte aligned, N, K/2
+    and the scale rows multiples of 16 (V4-Pro)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.sm90._consts import FLT_MAX, ONE_SIXTH_F32
+    from kernels.sm90._grouped_gemm_nvfp4_big_jit import grouped_gemm_nvfp4_big_kernel
+
+    out = {0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi]
+    desc = f"tensordesc<fp16[{key.block_t}, 64]>"
+    sig = {"w_ptr": "*u8", "wsf_ptr": "*i32", "xlo_desc": desc, "xhi_desc": desc, "adec_ptr": "*fp32",
+           "wdec_ptr": "*fp32", "off_ptr": "*i32", "out_ptr": out, "out2_ptr": out, "hsf_ptr": "*u8",
+           "hdec_ptr": "*fp32", "E": "i32", "N": "i32", "HALF_K": "i32", "CP4": "i32", "RCAP": "i32", "NP": "i32",
+           "adec_stride": "i32", "hdec_stride": "i32", "limit": "fp32", "OUT_CP": "i32"}
+    const = dict(K_ITERS=-(-k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
+                 USE_ASM=key.use_asm, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr",
+               "N", "HALF_K", "NP")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(grouped_gemm_nvfp4_big_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": key.num_warps, "num_stages": key.num_stages})
+
+
+def _big_compile_keys():
+    """(key, K) of every large-token key for_shape routes at V4-Pro (T = 4096, 32768: fused L1, gate/up L1, L2)
+    and the BT 256 / BT 64 / BN 64 alternatives of the bench sweep (fused L1, the largest epilogue)."""
+    from kernels.sm90 import grouped_gemm_nvfp4 as gg
+
+    keys = {}
+    for t in (4096, 32768):
+        for epi, n, k in ((2, 6144, 7168), (1, 6144, 7168), (0, 7168, 3072)):
+            key = gg.CompileKey.for_shape(epi, 6 * t, 384, n, k, clamp=epi == 2)
+            keys[key, k] = None
+    base = gg.CompileKey.for_shape(2, 6 * 4096, 384, 6144, 7168, clamp=True)
+    for bn, bt, warps, stages in ((128, 256, 8, 2), (128, 64, 8, 3), (128, 64, 4, 4), (64, 128, 4, 4),
+                                  (128, 128, 8, 3)):
+        keys[gg.CompileKey(**{**base.__dict__, "block_n": bn, "block_t": bt, "num_warps": warps,
+                              "num_stages": stages}), 7168] = None
+    return list(keys)
+
+
+@pytest.mark.parametrize("key,k", _big_compile_keys(), ids=lambda v: v if isinstance(v, int) else
+                         f"epi{v.epi}-bn{v.block_n}-bt{v.block_t}-w{v.num_warps}s{v.num_stages}")
+def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
+    """SASS of the large-token kernel (CPU compile, sm_90a): no spills, the MMA is the fp16 wgmma HGMMA 64xBTx16
+    with fp32 accumulation (the present path's instruction; tokens on its N side), the planes arrive by TMA
+    (UTMALDG), no mma.sync, and the kernel fits the 227 KB of shared memory of an SM. Registers are printed."""
+    import re
+
+    assert key.big
+    ck = _compile_big(key, k)
+    tool = Path(pytest.importorskip("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(ck.asm["cubin"])
+    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    print(f"{key}: {regs} registers, dynamic shared {ck.metadata.shared} bytes")
+    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    assert ck.metadata.shared <= 227 * 1024, f"{key}: {ck.metadata.shared} bytes of shared memory"
+    sass = subprocess.run([str(tool), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    shapes = set(re.findall(r"HGMMA\.64x(\d+)x16\.F32\b", sass))
+    assert shapes == {str(key.block_t)}, f"{key}: HGMMA shapes {sorted(shapes)} (expected 64x{key.block_t}x16 F32)"
+    assert "UTMALDG" in sass, f"{key}: the planes are not loaded by TMA"
+    assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+
+
+@pytest.mark.parametrize("k", [7168, 3072])
+def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path):
+    """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows, 4
+    warps, E 384 padded to 512, PTX decode) compiles for sm_90 without spills; registers printed."""
+    import re
+
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
+
+    sig = {"x_ptr": "*u8", "xsf_ptr": "*i32", "off_ptr": "*i32", "planes_ptr": "*fp16", "E": "i32", "HALF_K": "i32",
+           "CP4": "i32", "PLANE": "i32"}
+    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("x_ptr", "xsf_ptr", "off_ptr", "planes_ptr",
+                                                                          "HALF_K")}
+    src = ASTSource(grouped_act_decode_planes_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
+    cubin = tmp_path / "kernel.cubin"
+    cubin.write_bytes(ck.asm["cubin"])
+    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    print(f"grouped_act_decode_planes_kernel K={k}: {regs} registers")
+    assert stack == 0 and local == 0, f"spills (STACK {stack}, LOCAL {local}, {regs} registers)"

@@ -180,7 +180,22 @@ def test_moe_grouped_gemm_bench():
                     res["ours_unfused_s"] = _time(unfused, t=t)
                 except Exception as exc:  # reported in the row, not fatal to the bench
                     res["unfused_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
-            res["key_l1"] = str(gg.CompileKey.for_shape(2, r, E, 2 * I, H))
+            res["key_l1"] = str(gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True))
+            if gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True).big:
+                # the large-token path serves this T: the present path's keys timed beside it (same bits)
+                k_l1 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True, large_token=False)
+                k_l2 = gg.CompileKey.for_shape(0, r, E, H, I, large_token=False)
+                res["key_l1_present"] = str(k_l1)
+                res["present_l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(
+                    a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=k_l1), t=t)
+                res["present_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=k_l2), t=t)
+                res["present_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
+                    a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=k_l1), off, w2,
+                    key=k_l2), t=t)
+                print(f"present path T={t:6d}: fused L1 {res['present_l1_fused_s'] * 1e6:9.1f} us, L2 "
+                      f"{res['present_l2_s'] * 1e6:9.1f}, L1f+L2 {res['present_fused_s'] * 1e6:9.1f} (large-token "
+                      f"path {res['ours_fused_s'] * 1e6:9.1f}: x{res['present_fused_s'] / res['ours_fused_s']:.2f})",
+                      flush=True)
             res_by_t[t] = res
             print(f"ours T={t:6d}: fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
                   f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f}, L1f+L2 "
@@ -213,6 +228,11 @@ def test_moe_grouped_gemm_bench():
         res["torch_weight_GBps"] = active * 2 * (2 * I * H + H * I) / res["torch_moe_s"] / 1e9
         res["torch_TFLOPs"] = r * flop_per_row / res["torch_moe_s"] / 1e12
         res["x_torch"] = res["torch_moe_s"] / ours
+        if "present_fused_s" in res:
+            res["present_x_torch"] = res["torch_moe_s"] / res["present_fused_s"]
+            print(f"T={t:6d} large-token path: L1f+L2 {ours * 1e6:9.1f} us (x torch {res['x_torch']:.2f}) | present "
+                  f"path {res['present_fused_s'] * 1e6:9.1f} us (x torch {res['present_x_torch']:.2f}) | torch bf16 "
+                  f"{res['torch_moe_s'] * 1e6:9.1f} us", flush=True)
         rows_out.append(res)
         print(f"T={t:6d} R={r:6d} active={active:3d} | fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
               f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f} | ours L1f+L2 {ours * 1e6:9.1f} us "
@@ -250,23 +270,30 @@ def test_moe_tile_sweep(t):
     a_dec = torch.full((E,), 0.02, dtype=torch.float32, device=dev)
     s2 = torch.full((E,), 0.05, dtype=torch.float32, device=dev)
     out = []
-    # (BN, BT, warps, stages, act_f16)
-    configs = {1: [(64, 16, 4, 4, False), (128, 16, 4, 4, False)],
-               16: [(128, 16, 4, 4, False), (64, 16, 4, 4, False), (64, 16, 4, 3, False)],
-               4096: [(128, 64, 8, 3, True), (64, 64, 4, 3, True), (128, 64, 8, 3, False), (128, 128, 8, 3, True)],
-               32768: [(128, 128, 8, 3, True), (128, 128, 8, 3, False), (64, 64, 4, 3, True), (128, 64, 8, 3, True)]}[t]
-    for bn, bt, warps, stages, act_f16 in configs:
+    # (BN, BT, warps, stages, act_f16, big: the large-token path)
+    big = [(128, 128, 8, 4, False, True), (128, 128, 8, 3, False, True), (128, 256, 8, 2, False, True),
+           (128, 64, 8, 3, False, True), (128, 64, 4, 4, False, True), (64, 128, 4, 4, False, True)]
+    configs = {1: [(64, 16, 4, 4, False, False), (128, 16, 4, 4, False, False)],
+               16: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False), (64, 16, 4, 3, False, False)],
+               4096: [(128, 64, 8, 3, True, False), (64, 64, 4, 3, True, False), (128, 64, 8, 3, False, False),
+                      (128, 128, 8, 3, True, False)] + big,
+               32768: [(128, 128, 8, 3, True, False), (128, 128, 8, 3, False, False), (64, 64, 4, 3, True, False),
+                       (128, 64, 8, 3, True, False)] + big}[t]
+    for bn, bt, warps, stages, act_f16, big_path in configs:
         key = gg.CompileKey(epi=2, block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, e_pad=512, clamp=True,
-                            act_f16=act_f16)
+                            act_f16=act_f16, big=big_path)
         try:
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
         except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
-            print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {type(exc).__name__}: "
+            print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path}: "
+                  f"{type(exc).__name__}: "
                   f"{str(exc)[:120]}")
             continue
-        out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "us": s * 1e6})
-        print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {s * 1e6:.1f} us",
+        out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "big": big_path,
+                    "us": s * 1e6})
+        print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path}: "
+              f"{s * 1e6:.1f} us",
               flush=True)
     _dump(f"sm90_moe_sweep_T{t}.json", out)
     assert out
