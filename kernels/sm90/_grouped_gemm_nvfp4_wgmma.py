@@ -43,11 +43,35 @@ DECODE_UNSCALE = gl.constexpr(16384.0)
 # nibbles (the same text as the Triton kernel's decode)
 _BYTES_ASM = gl.constexpr(bytes_to_f16x2_ptx())
 
+# _decode_halves: (row, chh, y, c, ch0, n) -> (row, n, chh, ch0, c, y), so A column L = 64 n + b (b = 16 chh + 8 ch0 +
+# 2 c + y); a_column_k_order() replays it on the host (a CPU test compares it with the Triton kernel's order)
+_A_PERM = gl.constexpr((0, 5, 1, 4, 3, 2))
+
 # the Triton kernel's elementwise helpers, compiled as Gluon functions (the same float32 / integer expressions)
 _round_to_bf16_f32 = gluon.jit(_tl_round_to_bf16_f32.fn)
 _e2m1_code = gluon.jit(_tl_e2m1_code.fn)
 _e4m3_rne_u8 = gluon.jit(_tl_e4m3_rne.fn)
 _e4m3_to_f32 = gluon.jit(_tl_e4m3_to_f32.fn)
+
+
+def a_column_k_order() -> list[int]:
+    """k (within the 128-K tile) of each A / B column, as _decode_halves builds it: the asm outputs O0..O3 over
+    (chh, y, c) hold nibble n of byte y of half 8 chh + 4 ch0 + c (O0: ch0 0, n 0; O1: 1, 0; O2: 0, 1; O3: 1, 1),
+    joined as join(join(O0, O1), join(O2, O3)), permuted by _A_PERM and flattened (row dimension dropped)."""
+    import itertools
+
+    perm = [d - 1 for d in _A_PERM.value[1:]]  # the same permutation without the row dimension
+    shape = (4, 2, 4, 2, 2)  # (chh, y, c, ch0, n)
+    src = {idx: 2 * (2 * (8 * idx[0] + 4 * idx[3] + idx[2]) + idx[1]) + idx[4]
+           for idx in itertools.product(*(range(d) for d in shape))}
+    out_shape = [shape[d] for d in perm]
+    order = []
+    for out_idx in itertools.product(*(range(d) for d in out_shape)):  # row-major flatten of the permuted tensor
+        idx = [0] * 5
+        for pos, d in enumerate(perm):
+            idx[d] = out_idx[pos]
+        order.append(src[tuple(idx)])
+    return order
 
 
 def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int) -> dict:
@@ -117,7 +141,7 @@ def _decode_halves(h4, s_e, s_o, R: gl.constexpr):
     so = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_o), 2), 3)
     o0, o1, o2, o3 = _halves_to_f16(h4)  # dims now (row, chh, y, c)
     v = gl.join(gl.join(o0 * se, o1 * so), gl.join(o2 * se, o3 * so))  # (row, chh, y, c, ch0, n)
-    return gl.reshape(gl.permute(v, [0, 5, 1, 4, 3, 2]), [R, 128])
+    return gl.reshape(gl.permute(v, _A_PERM.value), [R, 128])
 
 
 @gluon.jit
