@@ -33,15 +33,26 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
-from kernels.sm90._e2m1_ptx import bytes_to_f16x2_ptx
+from kernels.sm90._e2m1_ptx import nibble_to_f16x2
 from kernels.sm90._grouped_gemm_nvfp4_jit import _round_to_bf16_f32 as _tl_round_to_bf16_f32
 from kernels.sm90._te_math import e2m1_code_lt_zero_bits as _tl_e2m1_code, e4m3_rne_satfinite_u8 as _tl_e4m3_rne
 from kernels.sm90._te_math import e4m3_u8_to_f32 as _tl_e4m3_to_f32
 
 DECODE_UNSCALE = gl.constexpr(16384.0)
-# 4 bytes -> fp16x2 of their nibbles (e2m1 * 2^-14): $0 = low nibbles of bytes (0, 1), $1 = (2, 3), $2 / $3 the high
-# nibbles (the same text as the Triton kernel's decode)
-_BYTES_ASM = gl.constexpr(bytes_to_f16x2_ptx())
+
+
+def halves_to_f16x2_ptx() -> str:
+    """Two registers holding a 16-bit half each in bits 0-15 ($4 = h_a, $5 = h_b; bits 16-31 ignored) -> four fp16x2
+    of e2m1 * 2^-14: $0 = low nibbles of h_a's bytes (0, 1), $1 = the same of h_b, $2 / $3 their high nibbles. The
+    nibble moves are the Triton kernel's (kernels/sm90/_e2m1_ptx.nibble_to_f16x2 after the same prmt), applied to
+    the halves where they were loaded (no packing of the two halves into one register first)."""
+    lines = [".reg .b32 p, q, t, u;"]
+    for src, lo, hi in (("$4", "$0", "$2"), ("$5", "$1", "$3")):
+        lines += [f"prmt.b32 p, {src}, 0, 0x1404;", nibble_to_f16x2("p", 4, lo), nibble_to_f16x2("p", 0, hi)]
+    return "{\n" + "\n".join(lines) + "\n}\n"
+
+
+_HALVES_ASM = gl.constexpr(halves_to_f16x2_ptx())
 
 # _decode_halves: (row, chh, y, c, ch0, n) -> (row, n, chh, ch0, c, y), so A column L = 64 n + b (b = 16 chh + 8 ch0 +
 # 2 c + y); a_column_k_order() replays it on the host (a CPU test compares it with the Triton kernel's order)
@@ -74,7 +85,7 @@ def a_column_k_order() -> list[int]:
     return order
 
 
-def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int) -> dict:
+def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int, e_pad: int) -> dict:
     """Layouts of grouped_gemm_nvfp4_wgmma_kernel: BN = 16 * num_warps weight rows (one 64-row wgmma tile per
     warpgroup), BT tokens, weight rows copied in wvec-byte pieces (16, or 8 when K % 32 != 0).
 
@@ -94,10 +105,13 @@ def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int) -> dict:
         reg_bases=[[0, 0, 1, 0], [0, 1, 0, 0], [0, 2, 0, 0], [8, 0, 0, 0]],
         lane_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
         warp_bases=[[16 << i, 0, 0, 0] for i in range(lw)], block_bases=[], shape=[bn, 4, 2, 4])
-    s_rd = gl.DistributedLinearLayout(  # the 8 scale bytes (row, ch) of rows r, r + 8 (every lane of the quad)
-        reg_bases=[[0, 1], [0, 2], [0, 4], [8, 0]],
+    # weight scales: converted once per tile by the CTA (4 bytes a thread, ring -> fp16 value * 2^7, each stored
+    # twice), read back as the (s, s) pairs of rows r, r + 8 (16 fp16 a row: (ch, y); every lane of the quad)
+    s_cv = gl.BlockedLayout([1, 4], [16, 2], [num_warps, 1], [1, 0])
+    sd_rd = gl.DistributedLinearLayout(
+        reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
         lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
-        warp_bases=warps, block_bases=[], shape=[bn, 8])
+        warp_bases=warps, block_bases=[], shape=[bn, 16])
     # activation halves (tok, chh, ch0, c): the ch0 pair of one (tok, chh, c) a thread
     x4 = gl.BlockedLayout([1, 1, 2, 1], [2, 4, 1, 4], [num_warps, 1, 1, 1], [2, 3, 1, 0])
     w_cp = gl.BlockedLayout([1, wvec // 2], [32 // (64 // wvec), 64 // wvec], [num_warps, 1], [1, 0])  # halves
@@ -110,8 +124,11 @@ def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int) -> dict:
     epi = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # [BN, BT]: weight rows along lanes
     # L1 epilogues: 32 rows (16 gate/up pairs, one requant block) of one token a thread
     epi_gu = gl.BlockedLayout([32, 1], [bn // 32, 32 // (bn // 32)], [1, num_warps], [0, 1])
-    sched = gl.BlockedLayout([1], [32], [num_warps], [0])
-    return dict(H_RD=h_rd, H4=h4, S_RD=s_rd, X4=x4, W_CP=w_cp, S_CP=s_cp, RING_SH=ring_sh, S_SH=s_sh, X_SH=x_sh,
+    # schedule over the E_P experts: every warp holds all of them (lanes, then registers), so its scans and sums
+    # stay inside the warp (shuffles; no shared memory, no CTA barrier before the first weight copy)
+    assert e_pad >= 32 and e_pad & (e_pad - 1) == 0, e_pad
+    sched = gl.BlockedLayout([e_pad // 32], [32], [num_warps], [0])  # tile num_warps * e_pad: each warp a copy
+    return dict(H_RD=h_rd, H4=h4, S_CV=s_cv, SD_RD=sd_rd, X4=x4, W_CP=w_cp, S_CP=s_cp, RING_SH=ring_sh, S_SH=s_sh, X_SH=x_sh,
                 MMA=mma, EPI_L=epi, EPI_GU=epi_gu, SCHED=sched)
 
 
@@ -120,7 +137,7 @@ def _halves_to_f16(h_i16):
     """int16 halves, paired by register (h_a, h_b) -> four fp16 tensors of e2m1 * 2^-14: O0 / O1 the low nibbles
     of (bytes of h_a) / (bytes of h_b), O2 / O3 the high nibbles; in each, element a holds the half's byte 0 and
     element b its byte 1 (so the pair index reads as the byte y, and O0 / O1 as ch0 = 0 / 1)."""
-    return gl.inline_asm_elementwise(asm=_BYTES_ASM, constraints="=r,=r,=r,=r,r", args=[h_i16],
+    return gl.inline_asm_elementwise(asm=_HALVES_ASM, constraints="=r,=r,=r,=r,r,r", args=[h_i16.to(gl.int32)],
                                      dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2)
 
 
@@ -133,15 +150,33 @@ def _e4m3_to_f16_x128(s):
 
 
 @gluon.jit
-def _decode_halves(h4, s_e, s_o, R: gl.constexpr):
-    """Halves [R, 4, 2, 4] (row, chh, ch0, c) + scale bytes (int32) [R, 4] of blocks 2 chh (s_e) and 2 chh + 1
-    (s_o) -> fp16 [R, 128], column L = 64 n + b = nibble n of tile byte b = 16 chh + 8 ch0 + 2 c + y (k = 2b + n),
-    values e2m1 * e4m3 * 2^-7 (exact)."""
-    se = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_e), 2), 3)
-    so = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_o), 2), 3)
+def _apply_scales(h4, se, so, R: gl.constexpr):
+    """Halves [R, 4, 2, 4] (row, chh, ch0, c) + fp16 block scales * 2^7 of blocks 2 chh (se) and 2 chh + 1 (so),
+    broadcastable to [R, 4, 2, 4] -> fp16 [R, 128], column L = 64 n + b = nibble n of tile byte b = 16 chh + 8 ch0 +
+    2 c + y (k = 2b + n), values e2m1 * e4m3 * 2^-7 (exact)."""
     o0, o1, o2, o3 = _halves_to_f16(h4)  # dims now (row, chh, y, c)
     v = gl.join(gl.join(o0 * se, o1 * so), gl.join(o2 * se, o3 * so))  # (row, chh, y, c, ch0, n)
     return gl.reshape(gl.permute(v, _A_PERM.value), [R, 128])
+
+
+@gluon.jit
+def _decode_halves(h4, s_e, s_o, R: gl.constexpr):
+    """_apply_scales with the scale bytes (int32 [R, 4]: blocks 2 chh, 2 chh + 1) converted here."""
+    se = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_e), 2), 3)
+    so = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_o), 2), 3)
+    return _apply_scales(h4, se, so, R)
+
+
+@gluon.jit
+def _convert_scales(s_smem, s16_smem, stage, buf, kt, HW, S_CV: gl.constexpr, K_TAIL: gl.constexpr):
+    """Weight scale bytes of ring stage `stage` (K tile kt) -> fp16 value * 2^7, each twice ((s, s): the fp16x2
+    multiplier of a decoded pair), into s16_smem[buf] [BN, 16]. Blocks past K: 0, as the Triton kernel masks them."""
+    sb = s_smem.index(stage).load(S_CV).to(gl.int32)
+    if K_TAIL:
+        blk = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CV))
+        sb = gl.where((kt * 8 + blk < HW // 4)[None, :], sb, 0)
+    v = _e4m3_to_f16_x128(sb)
+    s16_smem.index(buf).store(gl.reshape(gl.join(v, v), [v.shape[0], 16]))
 
 
 @gluon.jit
@@ -156,25 +191,23 @@ def _pick(vec, idx, e):
 
 @gluon.jit
 def _schedule(off_ptr, t, E, BT: gl.constexpr, E_P: gl.constexpr, SCHED: gl.constexpr):
-    """Tile t -> (is_expert_tile, e, row0, cnt_e, off_e, pad_e, off_E, z): the Triton kernel's _schedule."""
+    """Tile t -> (is_expert_tile, e, row0, cnt_e, off_e, pad_e, off_E, z): the Triton kernel's _schedule (the same
+    integers), with two arrays kept (the inclusive tile and padded-row cumsums) and expert e's offsets reloaded."""
     idx = gl.arange(0, E_P, layout=SCHED)
     lo = gl.load(off_ptr + idx, mask=idx < E, other=0)
     hi = gl.load(off_ptr + idx + 1, mask=idx < E, other=0)
     cnt = gl.maximum(hi - lo, 0)
-    tiles = (cnt + BT - 1) // BT
-    cum = gl.associative_scan(tiles, 0, _add)  # inclusive
-    pads = (cnt + 127) // 128 * 128
-    pcum = gl.associative_scan(pads, 0, _add)
-    total = gl.sum(tiles, axis=0)
+    cum = gl.associative_scan((cnt + BT - 1) // BT, 0, _add)  # inclusive
+    pcum = gl.associative_scan((cnt + 127) // 128 * 128, 0, _add)
+    total = gl.max(cum, axis=0)
     off_end = gl.load(off_ptr + E)
-    e = gl.sum((cum <= t).to(gl.int32), axis=0)
-    e = gl.minimum(e, E - 1)
+    e = gl.minimum(gl.sum((cum <= t).to(gl.int32), axis=0), E - 1)  # first expert whose cumsum exceeds t
     cum_e = _pick(cum, idx, e)
-    tiles_e = _pick(tiles, idx, e)
-    row0 = (t - (cum_e - tiles_e)) * BT
-    cnt_e = _pick(cnt, idx, e)
-    off_e = _pick(lo, idx, e)
-    pad_e = _pick(pcum, idx, e) - _pick(pads, idx, e)
+    pcum_e = _pick(pcum, idx, e)
+    off_e = gl.load(off_ptr + e)
+    cnt_e = gl.maximum(gl.load(off_ptr + e + 1) - off_e, 0)
+    row0 = (t - (cum_e - (cnt_e + BT - 1) // BT)) * BT
+    pad_e = pcum_e - (cnt_e + 127) // 128 * 128
     return t < total, e, row0, cnt_e, off_e, pad_e, off_end, t - total
 
 
@@ -225,7 +258,7 @@ def _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh, kt, HW, K_TAIL: gl.constexpr
 def grouped_gemm_nvfp4_wgmma_kernel(
     w_ptr, wsf_ptr, x_ptr, xsf_ptr, adec_ptr, wdec_ptr, off_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
     E, N, HW, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
-    H_RD: gl.constexpr, H4: gl.constexpr, S_RD: gl.constexpr, X4: gl.constexpr, W_CP: gl.constexpr,
+    H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, X4: gl.constexpr, W_CP: gl.constexpr,
     S_CP: gl.constexpr, RING_SH: gl.constexpr, S_SH: gl.constexpr, X_SH: gl.constexpr, MMA: gl.constexpr,
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
@@ -257,6 +290,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
         w_smem = gl.allocate_shared_memory(gl.int16, [NS, BN, 32], RING_SH)
         s_smem = gl.allocate_shared_memory(gl.uint8, [NS, BN, 8], S_SH)
+        s16_smem = gl.allocate_shared_memory(gl.float16, [2, BN, 16], S_SH)  # converted scales of tiles it, it + 1
         # activations of (expert e, row tile): rows past the expert's clamped to its last row
         xt, xchh, xch0, xc = _idx4(X4, BT, 4, 2, 4)
         xhx = xchh * 8 + xch0 * 4 + xc  # [1, 4, 2, 4]
@@ -268,21 +302,26 @@ def grouped_gemm_nvfp4_wgmma_kernel(
             + ((xchh2 // 2) * 512 + (xchh2 % 2) * 2)[None, :]  # block 2 chh of the tile (2 chh + 1: one byte on)
         x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)  # B tiles it and it + 1
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        LWS: gl.constexpr = gl.SliceLayout(2, gl.SliceLayout(3, H4))
-        wchh = gl.arange(0, 4, layout=gl.SliceLayout(0, LWS))
+        LWS: gl.constexpr = gl.SliceLayout(3, H4)
         acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
         for j in gl.static_range(NS - 1):  # prologue: tiles 0 .. NS - 2
             _issue(w_smem, s_smem, j, w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
+        async_copy.wait_group(NS - 2)
+        gl.thread_barrier()  # ring tile 0 in for every thread
+        _convert_scales(s_smem, s16_smem, 0, 0, 0, HW, S_CV, K_TAIL)
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, 0, HW, K_TAIL)
         x_smem.index(0).store(_decode_halves(xh, xse, xso, BT))
         K1: gl.constexpr = 1 if K_ITERS > 1 else 0
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, K1, HW, K_TAIL)
         for it in range(0, K_ITERS):
-            async_copy.wait_group(NS - 2)
+            async_copy.wait_group(NS - 3)
             fence_async_shared()  # cp.async data and this thread's B-tile stores, before the wgmma (async proxy)
-            gl.thread_barrier()  # ring tile it and B tile it in for every thread; the last wgmma done everywhere
+            gl.thread_barrier()  # ring tiles it, it + 1, B tile it and scales of tile it in for every thread; the
+            # last wgmma done everywhere
             wh = w_smem.index(it % NS).load(H_RD)
-            ws = s_smem.index(it % NS).load(S_RD)
+            sd = s16_smem.index(it % 2).load(SD_RD)
+            # scales of tile it + 1 (past the last: unused) converted once for the CTA
+            _convert_scales(s_smem, s16_smem, (it + 1) % NS, (it + 1) % 2, it + 1, HW, S_CV, K_TAIL)
             _issue(w_smem, s_smem, (it + NS - 1) % NS, w_base, s_base, wvec0, scol, it + NS - 1, K_ITERS, HW, CP4,
                    K_TAIL)
             # B tile it + 1 (past the last: unused), from the halves loaded one tile ahead
@@ -290,13 +329,10 @@ def grouped_gemm_nvfp4_wgmma_kernel(
             xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW,
                                    K_TAIL)
             wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
-            wse, wso = gl.split(gl.reshape(ws, [BN, 4, 2]))
-            wse = gl.convert_layout(wse, LWS, assert_trivial=True).to(gl.int32)
-            wso = gl.convert_layout(wso, LWS, assert_trivial=True).to(gl.int32)
-            if K_TAIL:  # scale blocks past K (the buffer's padding columns): 0, as the Triton kernel masks them
-                wse = gl.where((it * 8 + 2 * wchh < HW // 4)[None, :], wse, 0)
-                wso = gl.where((it * 8 + 2 * wchh + 1 < HW // 4)[None, :], wso, 0)
-            a = gl.convert_layout(_decode_halves(wh, wse, wso, BN), A_OP, assert_trivial=True)
+            se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
+            se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
+            so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
+            a = gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
             acc = warpgroup_mma(a, x_smem.index(it % 2).permute([1, 0]), acc)
         async_copy.wait_group(0)
 

@@ -280,7 +280,8 @@ def wgmma_serves(rcap: int, num_experts: int) -> bool:
 @dataclass(frozen=True)
 class WgmmaKey:
     """Codegen of the register-fed kernel: epilogue, BT tokens (the wgmma N: 8 or 16), warps (BN = 16 * warps weight
-    rows, one 64-row wgmma tile per warpgroup), cp.async ring stages, the expert-count padding E_P, clamp."""
+    rows, one 64-row wgmma tile per warpgroup), cp.async ring stages, the expert-count padding E_P (a power of two
+    >= 32 and >= E), clamp."""
 
     epi: int
     block_t: int
@@ -298,7 +299,7 @@ class WgmmaKey:
         # BT 8 when there are no more rows than experts (T = 1 and 16 at E = 384, top-6: mostly one row per active
         # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order)
         bt = 8 if rcap <= num_experts else 16
-        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(16, 1 << (num_experts - 1).bit_length()), clamp=clamp)
+        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()), clamp=clamp)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
@@ -307,10 +308,10 @@ class WgmmaKey:
 
 
 @functools.lru_cache(maxsize=16)
-def _wgmma_layouts(num_warps: int, block_t: int, wvec: int) -> dict:
+def _wgmma_layouts(num_warps: int, block_t: int, wvec: int, e_pad: int) -> dict:
     from kernels.sm90._grouped_gemm_nvfp4_wgmma import grouped_wgmma_layouts
 
-    return grouped_wgmma_layouts(num_warps, block_t, wvec)
+    return grouped_wgmma_layouts(num_warps, block_t, wvec, e_pad)
 
 
 @functools.lru_cache(maxsize=64)
@@ -335,7 +336,7 @@ def _compile_wgmma(key: WgmmaKey):
             e, n, w.k // 4, w.sf_swizzled_u8.shape[2] // 4, rcap, w.sf_swizzled_u8.shape[1],
             0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
             hsf.shape[1] if hsf.dim() == 2 else 4,
-            **_wgmma_layouts(key.num_warps, key.block_t, wvec),
+            **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
             NS=key.num_stages, E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
             num_warps=key.num_warps)

@@ -427,7 +427,7 @@ def test_wgmma_grid_covers_every_row_of_every_routing(bt):
         edges = [0] + [min(c, used) for c in cuts] + [used]
         cases.append(([edges[i + 1] - edges[i] for i in range(e)], rcap))
     for counts, rcap in cases:
-        key = WgmmaKey(epi=0, block_t=bt, e_pad=16)
+        key = WgmmaKey(epi=0, block_t=bt, e_pad=32)
         rows_tiles = key.grid(rcap, len(counts), key.block_n)  # one column tile: the row-tile count
         covered = [0] * rcap
         for entry in _schedule_model(counts, rcap, bt, rows_tiles):
@@ -479,7 +479,7 @@ def _wgmma_pair(gg, op, args, epi, rcap, e, n, k, *, clamp=False, **kw):
     base = op(*args, key=gg.CompileKey.for_shape(epi, rcap, e, n, k, clamp=clamp), **kw)
     news = {}
     for bt, warps in ((8, 4), (16, 4), (16, 8)):
-        key = gg.WgmmaKey(epi=epi, block_t=bt, e_pad=max(16, 1 << (e - 1).bit_length()), num_warps=warps, clamp=clamp)
+        key = gg.WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (e - 1).bit_length()), num_warps=warps, clamp=clamp)
         news[key] = op(*args, key=key, **kw)
     return base, news
 
@@ -528,7 +528,7 @@ def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k):
         sub_off = torch.zeros_like(a["off"])
         sub_off[4:] = hi - lo
         sw, _ = sf_grouped_linear_to_swizzled_128x4(a["sf_lin"][lo:hi], sub_off)
-        key = gg.WgmmaKey(epi=0, block_t=16, e_pad=16)
+        key = gg.WgmmaKey(epi=0, block_t=16, e_pad=32)
         alone = gg.grouped_gemm(a["packed"][lo:hi].contiguous(), sw, a["dec"], sub_off.to(torch.int32), w, key=key)
         assert_bits_equal(alone.cpu(), runs["l2"][0][lo:hi].cpu(), label="expert 3 alone vs among all (wgmma)")
 
@@ -552,8 +552,8 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
     h_sf_static = torch.zeros(gg.grouped_sf_rows(rcap, e), -(-(i // 16) // 4) * 4, dtype=torch.uint8, device=dev)
 
     def step(wgmma: bool):
-        keys = ((gg.WgmmaKey(epi=1, block_t=8, e_pad=16), gg.WgmmaKey(epi=2, block_t=8, e_pad=16, clamp=True),
-                 gg.WgmmaKey(epi=0, block_t=16, e_pad=16)) if wgmma else
+        keys = ((gg.WgmmaKey(epi=1, block_t=8, e_pad=32), gg.WgmmaKey(epi=2, block_t=8, e_pad=32, clamp=True),
+                 gg.WgmmaKey(epi=0, block_t=16, e_pad=32)) if wgmma else
                 (gg.CompileKey.for_shape(1, rcap, e, 2 * i, k), gg.CompileKey.for_shape(2, rcap, e, 2 * i, k, clamp=True),
                  gg.CompileKey.for_shape(0, rcap, e, 512, i)))
         gate, up = gg.grouped_gemm_l1(packed, sf, dec, off, w13, key=keys[0])

@@ -102,8 +102,8 @@ def _grouped_routed() -> list[tuple]:
         cases.add((WgmmaKey.for_shape(0, rcap, GROUPED_E), GROUPED_H, GROUPED_I))
         cases.add((WgmmaKey.for_shape(1, rcap, GROUPED_E), 2 * GROUPED_I, GROUPED_H))
         cases.add((WgmmaKey.for_shape(2, rcap, GROUPED_E, clamp=True), 2 * GROUPED_I, GROUPED_H))
-    cases.add((WgmmaKey(epi=2, block_t=16, e_pad=16, clamp=True), 768, 1040))
-    cases.add((WgmmaKey(epi=0, block_t=8, e_pad=16), 256, 1040))
+    cases.add((WgmmaKey(epi=2, block_t=16, e_pad=32, clamp=True), 768, 1040))
+    cases.add((WgmmaKey(epi=0, block_t=8, e_pad=32), 256, 1040))
     cases.add((WgmmaKey(epi=2, block_t=16, e_pad=512, num_warps=8, clamp=True), 2 * GROUPED_I, GROUPED_H))
     return sorted(cases, key=str)
 
@@ -117,7 +117,7 @@ def _grouped_compile(key, n: int, k: int):
 
     wvec = 16 if k % 32 == 0 else 8
     sig = dict(_GSIG, out_ptr={0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi])
-    const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec), K_ITERS=-(-k // 128), K_TAIL=k % 128 != 0,
+    const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad), K_ITERS=-(-k // 128), K_TAIL=k % 128 != 0,
                  WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t, NS=key.num_stages, E_P=key.e_pad,
                  CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
     names = list(sig) + list(const)
