@@ -168,15 +168,15 @@ def _decode_halves(h4, s_e, s_o, R: gl.constexpr):
 
 
 @gluon.jit
-def _convert_scales(s_smem, s16_smem, stage, buf, kt, HW, S_CV: gl.constexpr, K_TAIL: gl.constexpr):
-    """Weight scale bytes of ring stage `stage` (K tile kt) -> fp16 value * 2^7, each twice ((s, s): the fp16x2
-    multiplier of a decoded pair), into s16_smem[buf] [BN, 16]. Blocks past K: 0, as the Triton kernel masks them."""
-    sb = s_smem.index(stage).load(S_CV).to(gl.int32)
+def _store_scales(sb, s16_dst, kt, HW, S_CV: gl.constexpr, K_TAIL: gl.constexpr):
+    """Weight scale bytes sb [BN, 8] of K tile kt (read from its ring stage) -> fp16 value * 2^7, each twice ((s, s):
+    the fp16x2 multiplier of a decoded pair), into s16_dst [BN, 16]. Blocks past K: 0, as the Triton kernel masks."""
+    sb = sb.to(gl.int32)
     if K_TAIL:
         blk = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CV))
         sb = gl.where((kt * 8 + blk < HW // 4)[None, :], sb, 0)
     v = _e4m3_to_f16_x128(sb)
-    s16_smem.index(buf).store(gl.reshape(gl.join(v, v), [v.shape[0], 16]))
+    s16_dst.store(gl.reshape(gl.join(v, v), [v.shape[0], 16]))
 
 
 @gluon.jit
@@ -222,20 +222,17 @@ def _idx4(L4: gl.constexpr, N0: gl.constexpr, N1: gl.constexpr, N2: gl.constexpr
 
 
 @gluon.jit
-def _issue(w_smem, s_smem, stage, w_base, s_base, wvec0, scol, kt, K_ITERS: gl.constexpr, HW, CP4,
-           K_TAIL: gl.constexpr):
-    """cp.async of K tile kt's weight halves and scale words into ring stage `stage` (nothing past the last
-    tile; the group is committed anyway so the wait counts stay uniform). K_TAIL: halves past K / scale words
-    past the buffer's columns are zero-filled."""
+def _issue(w_dst, s_dst, w_base, s_base, wvec0, scol, kt, K_ITERS: gl.constexpr, HW, CP4, K_TAIL: gl.constexpr):
+    """cp.async of K tile kt's weight halves and scale words into one ring stage (nothing past the last tile; the
+    group is committed anyway so the wait counts stay uniform). K_TAIL: halves past K / scale words past the
+    buffer's columns are zero-filled."""
     if kt < K_ITERS:
         if K_TAIL:
-            async_copy.async_copy_global_to_shared(w_smem.index(stage), w_base + kt * 32,
-                                                   mask=(kt * 32 + wvec0 < HW)[None, :])
-            async_copy.async_copy_global_to_shared(s_smem.index(stage), s_base + kt * 2 * 512,
-                                                   mask=(kt * 2 + scol < CP4)[None, :])
+            async_copy.async_copy_global_to_shared(w_dst, w_base + kt * 32, mask=(kt * 32 + wvec0 < HW)[None, :])
+            async_copy.async_copy_global_to_shared(s_dst, s_base + kt * 2 * 512, mask=(kt * 2 + scol < CP4)[None, :])
         else:
-            async_copy.async_copy_global_to_shared(w_smem.index(stage), w_base + kt * 32)
-            async_copy.async_copy_global_to_shared(s_smem.index(stage), s_base + kt * 2 * 512)
+            async_copy.async_copy_global_to_shared(w_dst, w_base + kt * 32)
+            async_copy.async_copy_global_to_shared(s_dst, s_base + kt * 2 * 512)
     async_copy.commit_group()
 
 
@@ -254,6 +251,42 @@ def _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh, kt, HW, K_TAIL: gl.constexpr
     return h, s_e.to(gl.int32), s_o.to(gl.int32)
 
 
+@gluon.jit
+def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base, s_base, wvec0, scol,
+            x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr,
+            S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr, K_ITERS: gl.constexpr,
+            K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
+    """K tile it (it % 4 == J): one barrier, then every shared read of this tile (ring stage J, the converted scales
+    s16_cur, the scale bytes of tile it + 1 in stage J + 1), then every write for later tiles (the cp.async of tile
+    it + 3 into stage J + 3, the scales of tile it + 1 into s16_nxt, B tile it + 1 into x_nxt), the proxy fence,
+    and the wgmma on x_cur. Ring stages and double buffers are separate allocations picked statically (the loop is
+    unrolled by 4), so Triton's barrier analysis sees that no write touches what this tile reads and adds none."""
+    w_cur, s_cur = rings[2 * J], rings[2 * J + 1]
+    s_nxt = rings[2 * ((J + 1) % 4) + 1]
+    w_iss, s_iss = rings[2 * ((J + 3) % 4)], rings[2 * ((J + 3) % 4) + 1]
+    async_copy.wait_group(1)  # tiles it and it + 1 landed (this thread's copies)
+    gl.thread_barrier()  # ... every thread's; B tile it and scales of tile it stored and fenced; last wgmma done
+    wh = w_cur.load(H_RD)
+    sd = s16_cur.load(SD_RD)
+    sb = s_nxt.load(S_CV)
+    # cp.async of tile it + 3 into the stage read in tile it - 1 (before this barrier)
+    _issue(w_iss, s_iss, w_base, s_base, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL)
+    # scales of tile it + 1 (past the last: unused) converted once for the CTA
+    _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
+    # B tile it + 1 (past the last: unused), from the halves loaded one tile ahead
+    x_nxt.store(_decode_halves(xh, xse, xso, BT))
+    fence_async_shared()  # this thread's B-tile stores before the next tile's wgmma (async proxy)
+    xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW, K_TAIL)
+    wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
+    se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
+    LWS: gl.constexpr = gl.SliceLayout(3, H4)
+    se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
+    so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
+    a = gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
+    acc = warpgroup_mma(a, x_cur.permute([1, 0]), acc)
+    return acc, xh, xse, xso
+
+
 @gluon.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
 def grouped_gemm_nvfp4_wgmma_kernel(
     w_ptr, wsf_ptr, x_ptr, xsf_ptr, adec_ptr, wdec_ptr, off_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
@@ -262,7 +295,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     S_CP: gl.constexpr, RING_SH: gl.constexpr, S_SH: gl.constexpr, X_SH: gl.constexpr, MMA: gl.constexpr,
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
-    BT: gl.constexpr, NS: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr,
+    BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr,
     FMAX: gl.constexpr,
 ):
     """The Triton kernel's contract (see its docstring and kernels.sm90.grouped_gemm_nvfp4), with the packed
@@ -288,9 +321,13 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
         soff = ((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None] + (scol * 512 + sb % 4)[None, :]
         s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
-        w_smem = gl.allocate_shared_memory(gl.int16, [NS, BN, 32], RING_SH)
-        s_smem = gl.allocate_shared_memory(gl.uint8, [NS, BN, 8], S_SH)
-        s16_smem = gl.allocate_shared_memory(gl.float16, [2, BN, 16], S_SH)  # converted scales of tiles it, it + 1
+        # the 4-stage ring, one allocation per stage (weights, scale bytes)
+        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
+        s16_0 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)  # converted scales of even / odd tiles
+        s16_1 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)
         # activations of (expert e, row tile): rows past the expert's clamped to its last row
         xt, xchh, xch0, xc = _idx4(X4, BT, 4, 2, 4)
         xhx = xchh * 8 + xch0 * 4 + xc  # [1, 4, 2, 4]
@@ -300,40 +337,39 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         xchh2 = gl.arange(0, 4, layout=gl.SliceLayout(0, LXS))
         xsoff = ((xsr // 128) * CP4 * 512 + (xsr % 32) * 16 + ((xsr // 32) % 4) * 4).to(gl.int64)[:, None] \
             + ((xchh2 // 2) * 512 + (xchh2 % 2) * 2)[None, :]  # block 2 chh of the tile (2 chh + 1: one byte on)
-        x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)  # B tiles it and it + 1
+        x_0 = gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH)  # B tiles of even / odd K tiles
+        x_1 = gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH)
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        LWS: gl.constexpr = gl.SliceLayout(3, H4)
         acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
-        for j in gl.static_range(NS - 1):  # prologue: tiles 0 .. NS - 2
-            _issue(w_smem, s_smem, j, w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
-        async_copy.wait_group(NS - 2)
+        for j in gl.static_range(3):  # prologue: tiles 0, 1, 2 into stages 0, 1, 2
+            _issue(rings[2 * j], rings[2 * j + 1], w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
+        async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
-        _convert_scales(s_smem, s16_smem, 0, 0, 0, HW, S_CV, K_TAIL)
+        _store_scales(rings[1].load(S_CV), s16_0, 0, HW, S_CV, K_TAIL)
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, 0, HW, K_TAIL)
-        x_smem.index(0).store(_decode_halves(xh, xse, xso, BT))
+        x_0.store(_decode_halves(xh, xse, xso, BT))
+        fence_async_shared()
         K1: gl.constexpr = 1 if K_ITERS > 1 else 0
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, K1, HW, K_TAIL)
-        for it in range(0, K_ITERS):
-            async_copy.wait_group(NS - 3)
-            fence_async_shared()  # cp.async data and this thread's B-tile stores, before the wgmma (async proxy)
-            gl.thread_barrier()  # ring tiles it, it + 1, B tile it and scales of tile it in for every thread; the
-            # last wgmma done everywhere
-            wh = w_smem.index(it % NS).load(H_RD)
-            sd = s16_smem.index(it % 2).load(SD_RD)
-            # scales of tile it + 1 (past the last: unused) converted once for the CTA
-            _convert_scales(s_smem, s16_smem, (it + 1) % NS, (it + 1) % 2, it + 1, HW, S_CV, K_TAIL)
-            _issue(w_smem, s_smem, (it + NS - 1) % NS, w_base, s_base, wvec0, scol, it + NS - 1, K_ITERS, HW, CP4,
-                   K_TAIL)
-            # B tile it + 1 (past the last: unused), from the halves loaded one tile ahead
-            x_smem.index((it + 1) % 2).store(_decode_halves(xh, xse, xso, BT))
-            xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW,
-                                   K_TAIL)
-            wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
-            se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
-            se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
-            so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
-            a = gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
-            acc = warpgroup_mma(a, x_smem.index(it % 2).permute([1, 0]), acc)
+        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (_k_step)
+            for j in gl.static_range(4):
+                if j % 2 == 0:
+                    acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16_0, s16_1, x_0, x_1, w_base,
+                                                s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4,
+                                                H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
+                else:
+                    acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16_1, s16_0, x_1, x_0, w_base,
+                                                s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4,
+                                                H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
+        for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
+            if j % 2 == 0:
+                acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16_0, s16_1, x_0, x_1,
+                                            w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW,
+                                            CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
+            else:
+                acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16_1, s16_0, x_1, x_0,
+                                            w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW,
+                                            CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
         async_copy.wait_group(0)
 
         adec = gl.load(adec_ptr + e64 * adec_stride)

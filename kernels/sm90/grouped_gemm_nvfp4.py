@@ -280,14 +280,13 @@ def wgmma_serves(rcap: int, num_experts: int) -> bool:
 @dataclass(frozen=True)
 class WgmmaKey:
     """Codegen of the register-fed kernel: epilogue, BT tokens (the wgmma N: 8 or 16), warps (BN = 16 * warps weight
-    rows, one 64-row wgmma tile per warpgroup), cp.async ring stages, the expert-count padding E_P (a power of two
-    >= 32 and >= E), clamp."""
+    rows, one 64-row wgmma tile per warpgroup; the cp.async ring has 4 stages), the expert-count padding E_P (a power
+    of two >= 32 and >= E), clamp."""
 
     epi: int
     block_t: int
     e_pad: int
     num_warps: int = 4
-    num_stages: int = 4
     clamp: bool = False
 
     @property
@@ -297,9 +296,13 @@ class WgmmaKey:
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "WgmmaKey":
         # BT 8 when there are no more rows than experts (T = 1 and 16 at E = 384, top-6: mostly one row per active
-        # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order)
+        # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order).
+        # Warps from the CPU compile (SASS instructions per 64 weight rows and 128-K tile): BT 8 4 warps 310 (8
+        # warps 315); BT 16 4 warps 363, 8 warps 315 (the B-tile decode spread over twice the threads); 115-127
+        # registers, no spills. Not yet timed on a GPU.
         bt = 8 if rcap <= num_experts else 16
-        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()), clamp=clamp)
+        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()),
+                        num_warps=4 if bt == 8 else 8, clamp=clamp)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
@@ -338,7 +341,7 @@ def _compile_wgmma(key: WgmmaKey):
             hsf.shape[1] if hsf.dim() == 2 else 4,
             **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
-            NS=key.num_stages, E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
+            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
             num_warps=key.num_warps)
 
     return run
