@@ -21,7 +21,17 @@ of every k16 step, i.e. bytes b with (b >> 1) & 3 == c: the 16-bit half at byte 
 chunk ch of its rows r and r + 8. Each thread reads those halves from the ring (16 two-byte loads a
 tile; the ring is XOR-swizzled by 16-byte unit so the loads of a warp hit 16 distinct banks), the
 decode turns each (byte, byte + 1) pair into the fp16x2 registers (low nibbles, high nibbles) that the
-wgmma reads, and the converts into the A layout are register renamings (asserted trivial).
+wgmma reads, and the converts into the A layout are register renamings (asserted trivial). The cost of
+that order is that every thread needs all 8 block scales of its two rows (the dense path's lanes need 2):
+the CTA converts each K tile's scale bytes once (4 a thread) into fp16 (s, s) pairs in shared memory,
+one tile ahead, and each thread reads its 16 pairs back with 4 vector loads.
+
+Pipeline, per K tile it (one CTA barrier): wait for ring tiles it, it + 1; barrier; read ring stage it % 4,
+the converted scales of tile it and the scale bytes of tile it + 1; cp.async tile it + 3 into the stage
+tile it - 1 used; convert tile it + 1's scales; decode B tile it + 1 from the activation halves loaded a
+tile earlier; fence; wgmma on B tile it. The 4 ring stages and both double buffers are separate
+allocations and the loop is unrolled by 4, so every index is static and Triton adds no barrier of its
+own (with one dynamically indexed allocation it added two more a tile).
 
 Rows of a tile past the expert's rows (or past N) are clamped to valid rows: each output element
 depends only on its own token and weight row, so their columns are computed and masked at the store.
@@ -128,7 +138,8 @@ def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int, e_pad: int) -> dic
     # stay inside the warp (shuffles; no shared memory, no CTA barrier before the first weight copy)
     assert e_pad >= 32 and e_pad & (e_pad - 1) == 0, e_pad
     sched = gl.BlockedLayout([e_pad // 32], [32], [num_warps], [0])  # tile num_warps * e_pad: each warp a copy
-    return dict(H_RD=h_rd, H4=h4, S_CV=s_cv, SD_RD=sd_rd, X4=x4, W_CP=w_cp, S_CP=s_cp, RING_SH=ring_sh, S_SH=s_sh, X_SH=x_sh,
+    return dict(H_RD=h_rd, H4=h4, S_CV=s_cv, SD_RD=sd_rd, X4=x4, W_CP=w_cp, S_CP=s_cp, RING_SH=ring_sh, S_SH=s_sh,
+                X_SH=x_sh,
                 MMA=mma, EPI_L=epi, EPI_GU=epi_gu, SCHED=sched)
 
 
@@ -319,13 +330,18 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
         sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
         scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
-        soff = ((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None] + (scol * 512 + sb % 4)[None, :]
+        soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
+                + (scol * 512 + sb % 4)[None, :])
         s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
         # the 4-stage ring, one allocation per stage (weights, scale bytes)
-        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH), gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
+        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
         s16_0 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)  # converted scales of even / odd tiles
         s16_1 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)
         # activations of (expert e, row tile): rows past the expert's clamped to its last row

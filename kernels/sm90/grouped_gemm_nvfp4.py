@@ -51,8 +51,8 @@ from kernels.sm90._consts import BLOCK, FLT_MAX, ONE_SIXTH_F32
 from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, prepare_experts, prepare_gate_up
 from kernels.sm90._env import triton_interpreting as _interpreting
 
-__all__ = ["CompileKey", "WgmmaKey", "wgmma_serves", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
-           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows"]
+__all__ = ["CompileKey", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
+           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows", "WgmmaKey", "wgmma_serves"]
 
 EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT = 0, 1, 2
 
@@ -192,7 +192,8 @@ def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | No
     if key is not None:
         return key
     asm = (not _interpreting()) if use_asm is None else use_asm
-    if USE_WGMMA and asm and not _interpreting() and wgmma_serves(a_packed_u8.shape[0], w.num_experts):
+    if (USE_WGMMA and asm and not _interpreting() and wgmma_serves(a_packed_u8.shape[0], w.num_experts)
+            and a_packed_u8.data_ptr() % 2 == 0):  # (the register-fed kernel reads the activations as int16 halves)
         return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp)
     return CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm, clamp=clamp)
 

@@ -474,63 +474,68 @@ def test_wgmma_a_operand_columns_are_the_triton_kernels_k_order():
     assert a_column_k_order() == [2 * (col % 64) + col // 64 for col in range(128)]
 
 
-def _wgmma_pair(gg, op, args, epi, rcap, e, n, k, *, clamp=False, **kw):
-    """(Triton kernel's outputs, {WgmmaKey: the register-fed kernel's outputs}) of one op on the same inputs."""
-    base = op(*args, key=gg.CompileKey.for_shape(epi, rcap, e, n, k, clamp=clamp), **kw)
-    news = {}
-    for bt, warps in ((8, 4), (16, 4), (16, 8)):
-        key = gg.WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (e - 1).bit_length()), num_warps=warps, clamp=clamp)
-        news[key] = op(*args, key=key, **kw)
-    return base, news
+WGMMA_STAGES = ("l2", "l1_gate_up", "l1_fused", "l1_fused_noclamp")
 
 
-def _as_tuple(x):
-    return x if isinstance(x, tuple) else (x,)
+def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of):
+    """One stage's outputs (a tuple) on the activations `a`: key_of(epi, clamp) gives the key to launch with."""
+    dev = a["packed"].device
+    args = (a["packed"], a["sf_sw"], a["dec"], a["off"].to(torch.int32))
+    if stage == "l2":
+        return (gg.grouped_gemm(*args, gg.prepare_experts(*_stack(e, 512, k, 62, dev)), key=key_of(0, False)),)
+    w13 = gg.prepare_gate_up(*_stack(e, 256, k, 63, dev), *_stack(e, 256, k, 64, dev))
+    if stage == "l1_gate_up":
+        return gg.grouped_gemm_l1(*args, w13, key=key_of(1, False))
+    s2 = (0.002 + 0.001 * torch.arange(e, dtype=torch.float32, device=dev)).contiguous()
+    if stage == "l1_fused":
+        return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=0.05, h_input_dec_scale_f32=s2,
+                                            key=key_of(2, True))
+    return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=None, h_input_dec_scale_f32=s2[:1].contiguous(),
+                                        key=key_of(2, False))
 
 
-@pytest.mark.parametrize("k", [1040, 7168])
+@pytest.mark.parametrize("bt,warps", [(8, 4), (16, 4), (16, 8)], ids=lambda v: str(v))
+@pytest.mark.parametrize("stage", WGMMA_STAGES)
+@pytest.mark.parametrize("k", [1040, 7168], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("counts,rcap", [([0, 1, 0, 2, 1, 0, 0, 1], 8), ([9, 0, 300, 17, 0, 1, 128, 60], 600),
                                          ([0, 0, 0, 700, 0, 0, 0, 0], 710), ([1, 3, 0, 0, 2, 0, 0, 0], 40)],
                          ids=["decode", "mixed", "hot", "capacity"])
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k):
-    """L2 (bf16), L1 gate/up (float32) and fused SwiGLU + requant (h codes, grouped scales, h_dec): every output
-    byte of the register-fed kernel (BT 8, 16; 4 and 8 warps) equals the Triton kernel's, zero-token experts and
+def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warps):
+    """Every output byte of the register-fed kernel equals the Triton kernel's: L2 (bf16), L1 gate/up (float32),
+    fused SwiGLU + requant with and without the clamp (h codes, grouped scales, h_dec); zero-token experts and
     zeroed capacity rows included (K = 1040: the masked K tail and scale padding; K = 7168: V4-Pro's H)."""
     gg = _gg()
-    dev = _cuda()
     e, r = len(counts), sum(counts)
-    a = _acts(counts, rcap, k, 61, dev)
-    off = a["off"].to(torch.int32)
-    w = gg.prepare_experts(*_stack(e, 512, k, 62, dev))
-    w13 = gg.prepare_gate_up(*_stack(e, 256, k, 63, dev), *_stack(e, 256, k, 64, dev))
-    args = (a["packed"], a["sf_sw"], a["dec"], off)
-    s2 = (0.002 + 0.001 * torch.arange(e, dtype=torch.float32, device=dev)).contiguous()
-    runs = {
-        "l2": _wgmma_pair(gg, gg.grouped_gemm, args + (w,), 0, rcap, e, 512, k),
-        "l1": _wgmma_pair(gg, gg.grouped_gemm_l1, args + (w13,), 1, rcap, e, 512, k),
-        "fused": _wgmma_pair(gg, gg.grouped_l1_swiglu_requant, args + (w13,), 2, rcap, e, 512, k, clamp=True,
-                             swiglu_limit=0.05, h_input_dec_scale_f32=s2),
-        "fused_noclamp": _wgmma_pair(gg, gg.grouped_l1_swiglu_requant, args + (w13,), 2, rcap, e, 512, k,
-                                     swiglu_limit=None, h_input_dec_scale_f32=s2[:1].contiguous()),
-    }
-    for stage, (base, news) in runs.items():
-        base = _as_tuple(base)
-        assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
-        assert not base[0][r:].any(), f"{stage}: Triton kernel's capacity rows are not zero"
-        for key, got in news.items():
-            for i, (x, y) in enumerate(zip(_as_tuple(got), base)):
-                assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, {key} vs Triton, counts {counts}, K {k}")
-    # an expert's rows alone (its own buffers, the others empty) = among all, with the register-fed kernel
+    a = _acts(counts, rcap, k, 61, _cuda())
+    base = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.CompileKey.for_shape(
+        epi, rcap, e, 512, k, clamp=clamp))
+    got = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.WgmmaKey(
+        epi=epi, block_t=bt, e_pad=32, num_warps=warps, clamp=clamp))
+    assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
+    assert not base[0][r:].any(), f"{stage}: the Triton kernel's capacity rows are not zero"
+    for i, (x, y) in enumerate(zip(got, base)):
+        assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma BT {bt} warps {warps} vs Triton, "
+                                                  f"counts {counts}, K {k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_wgmma_expert_alone_equals_among_all():
+    """An expert's rows alone (its own buffers, the other experts empty) give the bytes they give among all."""
+    gg = _gg()
+    counts, k = [9, 0, 300, 17, 0, 1, 128, 60], 7168
+    a = _acts(counts, 600, k, 65, _cuda())
+    w = gg.prepare_experts(*_stack(len(counts), 512, k, 66, _cuda()))
+    key = gg.WgmmaKey(epi=0, block_t=16, e_pad=32)
+    among = gg.grouped_gemm(a["packed"], a["sf_sw"], a["dec"], a["off"].to(torch.int32), w, key=key)
     lo, hi = int(a["off"][3]), int(a["off"][4])
-    if hi > lo:
-        sub_off = torch.zeros_like(a["off"])
-        sub_off[4:] = hi - lo
-        sw, _ = sf_grouped_linear_to_swizzled_128x4(a["sf_lin"][lo:hi], sub_off)
-        key = gg.WgmmaKey(epi=0, block_t=16, e_pad=32)
-        alone = gg.grouped_gemm(a["packed"][lo:hi].contiguous(), sw, a["dec"], sub_off.to(torch.int32), w, key=key)
-        assert_bits_equal(alone.cpu(), runs["l2"][0][lo:hi].cpu(), label="expert 3 alone vs among all (wgmma)")
+    sub_off = torch.zeros_like(a["off"])
+    sub_off[4:] = hi - lo
+    sw, _ = sf_grouped_linear_to_swizzled_128x4(a["sf_lin"][lo:hi], sub_off)
+    alone = gg.grouped_gemm(a["packed"][lo:hi].contiguous(), sw, a["dec"], sub_off.to(torch.int32), w, key=key)
+    assert_bits_equal(alone.cpu(), among[lo:hi].cpu(), label="expert 3 alone vs among all (wgmma)")
 
 
 @pytest.mark.gpu
@@ -552,10 +557,13 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
     h_sf_static = torch.zeros(gg.grouped_sf_rows(rcap, e), -(-(i // 16) // 4) * 4, dtype=torch.uint8, device=dev)
 
     def step(wgmma: bool):
-        keys = ((gg.WgmmaKey(epi=1, block_t=8, e_pad=32), gg.WgmmaKey(epi=2, block_t=8, e_pad=32, clamp=True),
-                 gg.WgmmaKey(epi=0, block_t=16, e_pad=32)) if wgmma else
-                (gg.CompileKey.for_shape(1, rcap, e, 2 * i, k), gg.CompileKey.for_shape(2, rcap, e, 2 * i, k, clamp=True),
-                 gg.CompileKey.for_shape(0, rcap, e, 512, i)))
+        if wgmma:
+            keys = (gg.WgmmaKey(epi=1, block_t=8, e_pad=32), gg.WgmmaKey(epi=2, block_t=8, e_pad=32, clamp=True),
+                    gg.WgmmaKey(epi=0, block_t=16, e_pad=32, num_warps=8))
+        else:
+            keys = (gg.CompileKey.for_shape(1, rcap, e, 2 * i, k),
+                    gg.CompileKey.for_shape(2, rcap, e, 2 * i, k, clamp=True),
+                    gg.CompileKey.for_shape(0, rcap, e, 512, i))
         gate, up = gg.grouped_gemm_l1(packed, sf, dec, off, w13, key=keys[0])
         hp, hsf, hdec = gg.grouped_l1_swiglu_requant(packed, sf, dec, off, w13, swiglu_limit=10.0,
                                                      h_input_dec_scale_f32=s2, key=keys[1])
@@ -584,4 +592,5 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
         eager, triton_eager = step(True), step(False)
         for name, got, want, ref in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager, triton_eager):
             assert_bits_equal(got.cpu(), want.cpu(), label=f"wgmma graph replay vs eager, {name}, counts {counts}")
-            assert_bits_equal(got.cpu(), ref.cpu(), label=f"wgmma graph replay vs Triton kernel, {name}, counts {counts}")
+            assert_bits_equal(got.cpu(), ref.cpu(),
+                              label=f"wgmma graph replay vs Triton kernel, {name}, counts {counts}")

@@ -185,7 +185,8 @@ def test_moe_grouped_gemm_bench():
             res["key_l1"] = str(gg.CompileKey.for_shape(2, r, E, 2 * I, H))
             if gg.wgmma_serves(r, E):  # the register-fed kernel (issue 25 item 1) against the Triton one, explicit keys
                 kw1, kw2 = gg.WgmmaKey.for_shape(2, r, E, clamp=True), gg.WgmmaKey.for_shape(0, r, E)
-                kt1, kt2 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True), gg.CompileKey.for_shape(0, r, E, H, I)
+                kt1 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True)
+                kt2 = gg.CompileKey.for_shape(0, r, E, H, I)
 
                 def l1_l2(k1, k2):
                     h = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
@@ -201,7 +202,8 @@ def test_moe_grouped_gemm_bench():
                 res["key_wgmma"] = str(kw1)
                 print(f"wgmma T={t:6d}: fused L1 {res['wgmma_l1_fused_s'] * 1e6:9.1f} us, L2 "
                       f"{res['wgmma_l2_s'] * 1e6:9.1f}, L1f+L2 {res['wgmma_fused_s'] * 1e6:9.1f} (Triton "
-                      f"{res['triton_fused_s'] * 1e6:9.1f}); bits equal to the Triton kernel: {res['wgmma_bits_equal']}",
+                      f"{res['triton_fused_s'] * 1e6:9.1f}); bits equal to the Triton kernel: "
+                      f"{res['wgmma_bits_equal']}",
                       flush=True)
             res_by_t[t] = res
             print(f"ours T={t:6d}: fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "

@@ -117,8 +117,8 @@ def _grouped_compile(key, n: int, k: int):
 
     wvec = 16 if k % 32 == 0 else 8
     sig = dict(_GSIG, out_ptr={0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi])
-    const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad), K_ITERS=-(-k // 128), K_TAIL=k % 128 != 0,
-                 WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
+    const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad), K_ITERS=-(-k // 128),
+                 K_TAIL=k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
                  CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
