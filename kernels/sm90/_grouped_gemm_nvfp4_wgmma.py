@@ -134,8 +134,8 @@ def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int, e_pad: int) -> dic
     epi = gl.BlockedLayout([1, 1], [32, 1], [1, num_warps], [0, 1])  # [BN, BT]: weight rows along lanes
     # L1 epilogues: 32 rows (16 gate/up pairs, one requant block) of one token a thread
     epi_gu = gl.BlockedLayout([32, 1], [bn // 32, 32 // (bn // 32)], [1, num_warps], [0, 1])
-    # schedule over the E_P experts: every warp holds all of them (lanes, then registers), so its scans and sums
-    # stay inside the warp (shuffles; no shared memory, no CTA barrier before the first weight copy)
+    # schedule over the E_P experts: every warp holds all of them (E_P / 32 consecutive ones a lane), so its scans
+    # and sums stay inside the warp (shuffles; no shared memory, no CTA barrier before the first weight copy)
     assert e_pad >= 32 and e_pad & (e_pad - 1) == 0, e_pad
     sched = gl.BlockedLayout([e_pad // 32], [32], [num_warps], [0])  # tile num_warps * e_pad: each warp a copy
     return dict(H_RD=h_rd, H4=h4, S_CV=s_cv, SD_RD=sd_rd, X4=x4, W_CP=w_cp, S_CP=s_cp, RING_SH=ring_sh, S_SH=s_sh,
