@@ -264,7 +264,8 @@ def test_moe_grouped_gemm_bench():
 
 @pytest.mark.parametrize("t", [1, 16, 4096, 32768])
 def test_moe_tile_sweep(t):
-    """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md)."""
+    """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md); at T <= 256
+    also the register-fed kernel's (BT, warps)."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
     torch.manual_seed(1)
@@ -303,6 +304,13 @@ def test_moe_tile_sweep(t):
         out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "us": s * 1e6})
         print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16}: {s * 1e6:.1f} us",
               flush=True)
+    if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
+        for bt, warps in ((8, 4), (8, 8), (16, 4), (16, 8)):
+            key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+            s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
+            out.append({"T": t, "wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} wgmma BT={bt} warps={warps}: {s * 1e6:.1f} us", flush=True)
     _dump(f"sm90_moe_sweep_T{t}.json", out)
     assert out
     del w13, a_packed, a_sf
