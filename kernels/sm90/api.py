@@ -243,7 +243,7 @@ class Sm90Kernels:
         for mod, fns in (("kernels.sm90.quantize_grouped", ("_compile", "_compile_amax")),
                          ("kernels.sm90.swiglu_requant", ("_compile",)), ("kernels.sm90.moe_router", ("_compile",)),
                          ("kernels.sm90.moe_dispatch", ("_compile_dispatch", "_compile_combine")),
-                         ("kernels.sm90.grouped_gemm_nvfp4", ("_compile",))):
+                         ("kernels.sm90.grouped_gemm_nvfp4", ("_compile", "_compile_wgmma"))):
             m = sys.modules.get(mod)
             for fn in fns if m is not None else ():
                 getattr(m, fn).cache_clear()

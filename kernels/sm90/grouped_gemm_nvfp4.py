@@ -52,7 +52,7 @@ from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, prepare_experts
 from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["CompileKey", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
-           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows"]
+           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows", "WgmmaKey", "wgmma_serves"]
 
 EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT = 0, 1, 2
 
@@ -258,10 +258,13 @@ def _check(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32:
 
 
 def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | None, clamp: bool = False,
-         key: CompileKey | None = None) -> CompileKey:
+         key: "CompileKey | WgmmaKey | None" = None) -> "CompileKey | WgmmaKey":
     if key is not None:
         return key
     asm = (not _interpreting()) if use_asm is None else use_asm
+    if (USE_WGMMA and asm and not _interpreting() and wgmma_serves(a_packed_u8.shape[0], w.num_experts)
+            and a_packed_u8.data_ptr() % 2 == 0):  # (the register-fed kernel reads the activations as int16 halves)
+        return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp)
     return CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm, clamp=clamp)
 
 
@@ -279,7 +282,7 @@ def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offset
                          f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
     if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
         a_sf_u8 = a_sf_u8.view(torch.uint8)
-    _compile(_key(EPI_PLAIN, a_packed_u8, w, use_asm, key=key))(
+    _launcher(_key(EPI_PLAIN, a_packed_u8, w, use_asm, key=key))(
         a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w, out, out, out, a_dec_f32, 0.0)
     return out
 
@@ -294,7 +297,7 @@ def grouped_gemm_l1(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, off
     up = torch.empty((rcap, i), dtype=torch.float32, device=a_packed_u8.device)
     if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
         a_sf_u8 = a_sf_u8.view(torch.uint8)
-    _compile(_key(EPI_GATE_UP, a_packed_u8, w13, use_asm, key=key))(
+    _launcher(_key(EPI_GATE_UP, a_packed_u8, w13, use_asm, key=key))(
         a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, gate, up, gate, a_dec_f32, 0.0)
     return gate, up
 
@@ -325,6 +328,95 @@ def grouped_l1_swiglu_requant(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: T
     limit = float(swiglu_limit or 0.0)
     if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
         a_sf_u8 = a_sf_u8.view(torch.uint8)
-    _compile(_key(EPI_SWIGLU_REQUANT, a_packed_u8, w13, use_asm, clamp=limit > 0.0, key=key))(
+    _launcher(_key(EPI_SWIGLU_REQUANT, a_packed_u8, w13, use_asm, clamp=limit > 0.0, key=key))(
         a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13, h_packed, h_packed, h_sf, s, limit)
     return h_packed, h_sf, h_dec
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Register-fed path (issue 25 item 1): kernels/sm90/_grouped_gemm_nvfp4_wgmma.py, the Gluon kernel with the dense
+# wgmma path's structure (weights decoded straight into the wgmma A operand). Same schedule, epilogues and
+# per-element MMA sequence as the Triton kernel above, so the same bits (a GPU test compares them byte for byte);
+# no split K (partial sums would change the accumulation order). Any of the three ops takes a WgmmaKey as `key`.
+
+USE_WGMMA = True  # routes wgmma_serves shapes to it: every routed key bit-equal to the Triton kernel on an H200 (98 GPU tests)
+
+
+def wgmma_serves(rcap: int, num_experts: int) -> bool:
+    """The static shapes the register-fed kernel is routed for: decode sizes, at most 16 rows per expert on
+    average (the Triton kernel's BT = 16 range: T <= 256 at E = 384, top-6)."""
+    return 0 < rcap <= 16 * num_experts
+
+
+@dataclass(frozen=True)
+class WgmmaKey:
+    """Codegen of the register-fed kernel: epilogue, BT tokens (the wgmma N: 8 or 16), warps (BN = 16 * warps weight
+    rows, one 64-row wgmma tile per warpgroup; the cp.async ring has 4 stages), the expert-count padding E_P (a power
+    of two >= 32 and >= E), clamp."""
+
+    epi: int
+    block_t: int
+    e_pad: int
+    num_warps: int = 4
+    clamp: bool = False
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.num_warps
+
+    @staticmethod
+    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "WgmmaKey":
+        # BT 8 when there are no more rows than experts (T = 1 and 16 at E = 384, top-6: mostly one row per active
+        # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order).
+        # Warps from the CPU compile (SASS instructions per 64 weight rows and 128-K tile): BT 8 4 warps 310 (8
+        # warps 315); BT 16 4 warps 363, 8 warps 315 (the B-tile decode spread over twice the threads); 115-127
+        # registers, no spills. Not yet timed on a GPU.
+        bt = 8 if rcap <= num_experts else 16
+        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()),
+                        num_warps=4 if bt == 8 else 8, clamp=clamp)
+
+    def grid(self, rcap: int, num_experts: int, n: int) -> int:
+        """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
+        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
+        return tiles * -(-n // self.block_n)
+
+
+@functools.lru_cache(maxsize=16)
+def _wgmma_layouts(num_warps: int, block_t: int, wvec: int, e_pad: int) -> dict:
+    from kernels.sm90._grouped_gemm_nvfp4_wgmma import grouped_wgmma_layouts
+
+    return grouped_wgmma_layouts(num_warps, block_t, wvec, e_pad)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_wgmma(key: WgmmaKey):
+    """The launcher for `key` (Gluon compiles on the first launch, cached by the constexprs: warm up before
+    graph capture). Weights and activations go in as int16 views (two packed bytes a half)."""
+    from kernels.sm90._grouped_gemm_nvfp4_wgmma import grouped_gemm_nvfp4_wgmma_kernel
+
+    def run(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2, hsf, hdec,
+            limit: float) -> None:
+        rcap = a_packed_u8.shape[0]
+        e, n = w.num_experts, w.n
+        if key.e_pad < e:
+            raise ValueError(f"key: e_pad = {key.e_pad} is below the {e} experts of w")
+        grid = (key.grid(rcap, e, n),)
+        if grid[0] == 0:
+            return
+        wvec = 16 if w.k % 32 == 0 else 8  # weight rows 16-byte aligned only when K % 32 == 0
+        grouped_gemm_nvfp4_wgmma_kernel[grid](
+            w.packed_u8.view(torch.int16), w.sf_swizzled_u8, a_packed_u8.view(torch.int16), a_sf_u8, a_dec_f32,
+            w.dec_scale_f32, offsets_i32, out, out2, hsf, hdec,
+            e, n, w.k // 4, w.sf_swizzled_u8.shape[2] // 4, rcap, w.sf_swizzled_u8.shape[1],
+            0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
+            hsf.shape[1] if hsf.dim() == 2 else 4,
+            **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
+            K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
+            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
+            num_warps=key.num_warps)
+
+    return run
+
+
+def _launcher(key: "CompileKey | WgmmaKey"):
+    return _compile_wgmma(key) if isinstance(key, WgmmaKey) else _compile(key)

@@ -787,3 +787,217 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path)
     regs, stack, local = map(int, found.groups())
     print(f"grouped_act_decode_planes_kernel K={k}: {regs} registers")
     assert stack == 0 and local == 0, f"spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The register-fed wgmma kernel (issue 25 item 1: kernels/sm90/_grouped_gemm_nvfp4_wgmma.py, key WgmmaKey). It must
+# give the Triton kernel's bits on every stage it serves (batch invariance compares a token alone with the batch,
+# and the path switches with T), so the GPU tests compare the two byte for byte; grouped_gemm_nvfp4.USE_WGMMA was
+# switched on after they passed on an H200 (98 passed, 2026-12-06). CPU: the routing predicate, the schedule's grid bound, the A-operand k order.
+
+
+def _schedule_model(counts: list[int], rcap: int, bt: int, grid_rows: int) -> list[tuple]:
+    """The kernels' _schedule replayed on the host: for each row tile t < grid_rows, ('expert', e, first row, rows)
+    or ('zero', first row, rows) or None (the program exits)."""
+    tiles = [-(-c // bt) for c in counts]
+    cum = [sum(tiles[: i + 1]) for i in range(len(tiles))]
+    total, off_end = cum[-1], sum(counts)
+    out = []
+    for t in range(grid_rows):
+        if t < total:
+            e = min(sum(1 for c in cum if c <= t), len(counts) - 1)
+            row0 = (t - (cum[e] - tiles[e])) * bt
+            out.append(("expert", e, sum(counts[:e]) + row0, min(bt, counts[e] - row0)))
+        else:
+            z = t - total
+            first = off_end + z * bt
+            out.append(("zero", first, max(0, min(bt, rcap - first))) if first < rcap else None)
+    return out
+
+
+@pytest.mark.parametrize("bt", [8, 16])
+def test_wgmma_grid_covers_every_row_of_every_routing(bt):
+    """WgmmaKey.grid has enough row tiles for any routing: every expert row is computed exactly once, every
+    capacity row zeroed exactly once (decode, mixed, one-hot, all-empty and full routings)."""
+    from kernels.sm90.grouped_gemm_nvfp4 import WgmmaKey
+
+    g = torch.Generator().manual_seed(bt)
+    cases = [([0, 1, 0, 2, 1, 0, 0, 1], 8), ([9, 0, 300, 17, 0, 1, 128, 60], 600), ([0, 0, 0, 700, 0, 0, 0, 0], 710),
+             ([0] * 8, 5), ([1] * 384, 384), ([16] * 6 + [0] * 378, 96)]
+    for _ in range(40):
+        e = int(torch.randint(1, 40, (1,), generator=g))
+        rcap = int(torch.randint(1, 300, (1,), generator=g))
+        cuts = torch.sort(torch.randint(0, rcap + 1, (e - 1,), generator=g)).values.tolist()
+        used = int(torch.randint(0, rcap + 1, (1,), generator=g))
+        edges = [0] + [min(c, used) for c in cuts] + [used]
+        cases.append(([edges[i + 1] - edges[i] for i in range(e)], rcap))
+    for counts, rcap in cases:
+        key = WgmmaKey(epi=0, block_t=bt, e_pad=32)
+        rows_tiles = key.grid(rcap, len(counts), key.block_n)  # one column tile: the row-tile count
+        covered = [0] * rcap
+        for entry in _schedule_model(counts, rcap, bt, rows_tiles):
+            if entry is None:
+                continue
+            first, n = (entry[2], entry[3]) if entry[0] == "expert" else (entry[1], entry[2])
+            for r in range(first, first + n):
+                covered[r] += 1
+        assert covered == [1] * rcap, f"counts {counts}, Rcap {rcap}, BT {bt}: rows covered {covered}"
+
+
+def test_wgmma_routing_is_on_and_serves_the_decode_sizes(monkeypatch):
+    """USE_WGMMA is on (switched on after an H200 run showed every routed key bit-equal to the Triton kernel);
+    wgmma_serves takes the V4-Pro decode sizes (E 384, top-6: T = 1, 16, 256) and not prefill; with it on, _key picks
+    WgmmaKey there (BT 8 while rows <= experts, else 16) and never under the interpreter or with use_asm=False; with
+    it off, the Triton kernel everywhere."""
+    from kernels.sm90 import grouped_gemm_nvfp4 as gg
+
+    assert gg.USE_WGMMA is True
+    monkeypatch.setattr(gg, "USE_WGMMA", False)
+    assert all(gg.wgmma_serves(6 * t, 384) for t in (1, 16, 256))
+    assert not any(gg.wgmma_serves(6 * t, 384) for t in (4096, 32768)) and not gg.wgmma_serves(0, 384)
+    w = gg.Sm90GroupedWeight(torch.empty(384, 64, 64, dtype=torch.uint8, device="meta"),
+                             torch.empty(384, 128, 8, dtype=torch.uint8, device="meta"),
+                             torch.empty(384, dtype=torch.float32, device="meta"))
+    a = {t: torch.empty(6 * t, 64, dtype=torch.uint8, device="meta") for t in (1, 16, 256, 4096)}
+    assert all(isinstance(gg._key(0, a[t], w, True), gg.CompileKey) for t in a)
+    monkeypatch.setattr(gg, "USE_WGMMA", True)
+    monkeypatch.setattr(gg, "_interpreting", lambda: False)
+    keys = {t: gg._key(2, a[t], w, None, clamp=True) for t in a}
+    assert [type(keys[t]).__name__ for t in a] == ["WgmmaKey", "WgmmaKey", "WgmmaKey", "CompileKey"], keys
+    assert (keys[1].block_t, keys[16].block_t, keys[256].block_t) == (8, 8, 16), keys
+    assert keys[256].epi == 2 and keys[256].clamp and keys[256].e_pad == 512
+    assert isinstance(gg._key(0, a[16], w, False), gg.CompileKey)
+    monkeypatch.setattr(gg, "_interpreting", lambda: True)
+    assert isinstance(gg._key(0, a[16], w, None), gg.CompileKey)
+
+
+def test_wgmma_a_operand_columns_are_the_triton_kernels_k_order():
+    """The register-fed kernel's A / B column L holds k = 2 (L % 64) + L // 64 of the 128-K tile: the Triton
+    kernel's tl.dot(lo) then tl.dot(hi) order (lo = even k), so each of the 8 wgmma k16 steps gets the same 16
+    products at the same positions."""
+    pytest.importorskip("triton")
+    from kernels.sm90._grouped_gemm_nvfp4_wgmma import a_column_k_order
+
+    assert a_column_k_order() == [2 * (col % 64) + col // 64 for col in range(128)]
+
+
+WGMMA_STAGES = ("l2", "l1_gate_up", "l1_fused", "l1_fused_noclamp")
+
+
+def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of):
+    """One stage's outputs (a tuple) on the activations `a`: key_of(epi, clamp) gives the key to launch with."""
+    dev = a["packed"].device
+    args = (a["packed"], a["sf_sw"], a["dec"], a["off"].to(torch.int32))
+    if stage == "l2":
+        return (gg.grouped_gemm(*args, gg.prepare_experts(*_stack(e, 512, k, 62, dev)), key=key_of(0, False)),)
+    w13 = gg.prepare_gate_up(*_stack(e, 256, k, 63, dev), *_stack(e, 256, k, 64, dev))
+    if stage == "l1_gate_up":
+        return gg.grouped_gemm_l1(*args, w13, key=key_of(1, False))
+    s2 = (0.002 + 0.001 * torch.arange(e, dtype=torch.float32, device=dev)).contiguous()
+    if stage == "l1_fused":
+        return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=0.05, h_input_dec_scale_f32=s2,
+                                            key=key_of(2, True))
+    return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=None, h_input_dec_scale_f32=s2[:1].contiguous(),
+                                        key=key_of(2, False))
+
+
+@pytest.mark.parametrize("bt,warps", [(8, 4), (16, 4), (16, 8)], ids=lambda v: str(v))
+@pytest.mark.parametrize("stage", WGMMA_STAGES)
+@pytest.mark.parametrize("k", [1040, 7168], ids=lambda k: f"K{k}")
+@pytest.mark.parametrize("counts,rcap", [([0, 1, 0, 2, 1, 0, 0, 1], 8), ([9, 0, 300, 17, 0, 1, 128, 60], 600),
+                                         ([0, 0, 0, 700, 0, 0, 0, 0], 710), ([1, 3, 0, 0, 2, 0, 0, 0], 40)],
+                         ids=["decode", "mixed", "hot", "capacity"])
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warps):
+    """Every output byte of the register-fed kernel equals the Triton kernel's: L2 (bf16), L1 gate/up (float32),
+    fused SwiGLU + requant with and without the clamp (h codes, grouped scales, h_dec); zero-token experts and
+    zeroed capacity rows included (K = 1040: the masked K tail and scale padding; K = 7168: V4-Pro's H)."""
+    gg = _gg()
+    e, r = len(counts), sum(counts)
+    a = _acts(counts, rcap, k, 61, _cuda())
+    base = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.CompileKey.for_shape(
+        epi, rcap, e, 512, k, clamp=clamp))
+    got = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.WgmmaKey(
+        epi=epi, block_t=bt, e_pad=32, num_warps=warps, clamp=clamp))
+    assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
+    assert not base[0][r:].any(), f"{stage}: the Triton kernel's capacity rows are not zero"
+    for i, (x, y) in enumerate(zip(got, base)):
+        assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma BT {bt} warps {warps} vs Triton, "
+                                                  f"counts {counts}, K {k}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_wgmma_expert_alone_equals_among_all():
+    """An expert's rows alone (its own buffers, the other experts empty) give the bytes they give among all."""
+    gg = _gg()
+    counts, k = [9, 0, 300, 17, 0, 1, 128, 60], 7168
+    a = _acts(counts, 600, k, 65, _cuda())
+    w = gg.prepare_experts(*_stack(len(counts), 512, k, 66, _cuda()))
+    key = gg.WgmmaKey(epi=0, block_t=16, e_pad=32)
+    among = gg.grouped_gemm(a["packed"], a["sf_sw"], a["dec"], a["off"].to(torch.int32), w, key=key)
+    lo, hi = int(a["off"][3]), int(a["off"][4])
+    sub_off = torch.zeros_like(a["off"])
+    sub_off[4:] = hi - lo
+    sw, _ = sf_grouped_linear_to_swizzled_128x4(a["sf_lin"][lo:hi], sub_off)
+    alone = gg.grouped_gemm(a["packed"][lo:hi].contiguous(), sw, a["dec"], sub_off.to(torch.int32), w, key=key)
+    assert_bits_equal(alone.cpu(), among[lo:hi].cpu(), label="expert 3 alone vs among all (wgmma)")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
+    """The register-fed kernel captured at capacity with one routing, replayed with others (zero-token experts, a
+    hot expert, fewer rows) and new values: every output byte equals an eager call, and the Triton kernel's."""
+    gg = _gg()
+    dev = _cuda()
+    e, k, i, rcap = 8, 1024, 256, 64
+    a = _acts([4, 0, 6, 10, 0, 9, 3, 2], rcap, k, 71, dev)
+    w13 = gg.prepare_gate_up(*_stack(e, i, k, 72, dev), *_stack(e, i, k, 73, dev))
+    w2 = gg.prepare_experts(*_stack(e, 512, i, 74, dev))
+    packed, dec, off = a["packed"].clone(), a["dec"].clone(), a["off"].to(torch.int32)
+    sf = torch.zeros(gg.grouped_sf_rows(rcap, e), a["sf_sw"].shape[1], dtype=torch.uint8, device=dev)
+    sf[:a["sf_sw"].shape[0]].copy_(a["sf_sw"])
+    s2 = torch.full((e,), 0.01, dtype=torch.float32, device=dev)
+    h_packed = torch.zeros(rcap, i // 2, dtype=torch.uint8, device=dev)
+    h_sf_static = torch.zeros(gg.grouped_sf_rows(rcap, e), -(-(i // 16) // 4) * 4, dtype=torch.uint8, device=dev)
+
+    def step(wgmma: bool):
+        if wgmma:
+            keys = (gg.WgmmaKey(epi=1, block_t=8, e_pad=32), gg.WgmmaKey(epi=2, block_t=8, e_pad=32, clamp=True),
+                    gg.WgmmaKey(epi=0, block_t=16, e_pad=32, num_warps=8))
+        else:
+            keys = (gg.CompileKey.for_shape(1, rcap, e, 2 * i, k),
+                    gg.CompileKey.for_shape(2, rcap, e, 2 * i, k, clamp=True),
+                    gg.CompileKey.for_shape(0, rcap, e, 512, i))
+        gate, up = gg.grouped_gemm_l1(packed, sf, dec, off, w13, key=keys[0])
+        hp, hsf, hdec = gg.grouped_l1_swiglu_requant(packed, sf, dec, off, w13, swiglu_limit=10.0,
+                                                     h_input_dec_scale_f32=s2, key=keys[1])
+        y = gg.grouped_gemm(h_packed, h_sf_static, hdec, off, w2, key=keys[2])
+        return gate, up, hp, hsf, y
+
+    step(True)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step(True)
+    for counts in ([0, 0, 0, 60, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [8, 8, 8, 8, 8, 8, 8, 8]):
+        b = _acts(counts, rcap, k, sum(counts), dev)
+        packed.copy_(b["packed"])
+        sf.zero_()
+        sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
+        dec.copy_(b["dec"] * 3)
+        off.copy_(b["off"].to(torch.int32))
+        h_packed.copy_(b["packed"][:, : i // 2].flip(0).contiguous())
+        h_sf_static.zero_()
+        hs, _ = sf_grouped_linear_to_swizzled_128x4(torch.full((b["r"], i // 16), 0x38, dtype=torch.uint8, device=dev),
+                                                    b["off"])
+        h_sf_static[:hs.shape[0]].copy_(hs)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager, triton_eager = step(True), step(False)
+        for name, got, want, ref in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager, triton_eager):
+            assert_bits_equal(got.cpu(), want.cpu(), label=f"wgmma graph replay vs eager, {name}, counts {counts}")
+            assert_bits_equal(got.cpu(), ref.cpu(),
+                              label=f"wgmma graph replay vs Triton kernel, {name}, counts {counts}")

@@ -2,7 +2,9 @@
 
 384 experts, top-6, hidden 7168, intermediate 3072; uniform random routing (each token's 6 distinct experts
 drawn uniformly), T in {1, 16, 256, 4096, 32768} tokens, R = 6T expert rows. Measured in one process:
-- ours: L1 (fused SwiGLU + te requant epilogue) + L2 (grouped_gemm on the L1's h); the unfused L1 (gate/up
+- ours: L1 (fused SwiGLU + te requant epilogue) + L2 (grouped_gemm on the L1's h), as routed; where
+  grouped_gemm_nvfp4.wgmma_serves (T <= 256) also the Triton kernel and the register-fed wgmma kernel by explicit
+  keys (L1 fused + L2, bits compared: the test fails if they differ); the unfused L1 (gate/up
   float32) + the unfused SwiGLU + requant kernel (kernels.sm90.swiglu_requant, when present) + L2; each GEMM
   alone;
 - torch bf16 on the same routing: torch._grouped_mm for L1 (w1|w3, [E, 7168, 6144]) and L2 ([E, 3072, 7168]),
@@ -196,6 +198,28 @@ def test_moe_grouped_gemm_bench():
                       f"{res['present_l2_s'] * 1e6:9.1f}, L1f+L2 {res['present_fused_s'] * 1e6:9.1f} (large-token "
                       f"path {res['ours_fused_s'] * 1e6:9.1f}: x{res['present_fused_s'] / res['ours_fused_s']:.2f})",
                       flush=True)
+            if gg.wgmma_serves(r, E):  # the register-fed kernel (issue 25 item 1) against the Triton one, explicit keys
+                kw1, kw2 = gg.WgmmaKey.for_shape(2, r, E, clamp=True), gg.WgmmaKey.for_shape(0, r, E)
+                kt1 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True)
+                kt2 = gg.CompileKey.for_shape(0, r, E, H, I)
+
+                def l1_l2(k1, k2):
+                    h = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                     h_input_dec_scale_f32=s2, key=k1)
+                    return h + (gg.grouped_gemm(*h, off, w2, key=k2),)
+
+                res["wgmma_bits_equal"] = all(torch.equal(x, y) for x, y in zip(l1_l2(kw1, kw2), l1_l2(kt1, kt2)))
+                res["triton_fused_s"] = _time(lambda: l1_l2(kt1, kt2), t=t)
+                res["wgmma_fused_s"] = _time(lambda: l1_l2(kw1, kw2), t=t)
+                res["wgmma_l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(
+                    a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kw1), t=t)
+                res["wgmma_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kw2), t=t)
+                res["key_wgmma"] = str(kw1)
+                print(f"wgmma T={t:6d}: fused L1 {res['wgmma_l1_fused_s'] * 1e6:9.1f} us, L2 "
+                      f"{res['wgmma_l2_s'] * 1e6:9.1f}, L1f+L2 {res['wgmma_fused_s'] * 1e6:9.1f} (Triton "
+                      f"{res['triton_fused_s'] * 1e6:9.1f}); bits equal to the Triton kernel: "
+                      f"{res['wgmma_bits_equal']}",
+                      flush=True)
             res_by_t[t] = res
             print(f"ours T={t:6d}: fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
                   f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f}, L1f+L2 "
@@ -240,16 +264,28 @@ def test_moe_grouped_gemm_bench():
               + (f", unfused {res['ours_unfused_s'] * 1e6:9.1f}" if "ours_unfused_s" in res else "")
               + f" | torch bf16 {res['torch_moe_s'] * 1e6:9.1f} us (L1 {res['torch_l1_s'] * 1e6:.1f}; "
               f"{res['torch_TFLOPs']:.0f} TFLOP/s) | x torch {res['x_torch']:.2f}", flush=True)
+        if "wgmma_fused_s" in res:  # present (Triton, explicit key) vs register-fed vs torch, the same run
+            for name in ("triton", "wgmma"):
+                sec = res[f"{name}_fused_s"]
+                res[f"{name}_x_torch"] = res["torch_moe_s"] / sec
+                res[f"{name}_pct_copy"] = 100 * active * (l1_bytes + l2_bytes) / sec / bw
+            print(f"T={t:6d} L1f+L2: Triton {res['triton_fused_s'] * 1e6:9.1f} us ({res['triton_pct_copy']:.0f}% copy, "
+                  f"x torch {res['triton_x_torch']:.2f}) | wgmma {res['wgmma_fused_s'] * 1e6:9.1f} us "
+                  f"({res['wgmma_pct_copy']:.0f}% copy, x torch {res['wgmma_x_torch']:.2f}) | bits equal "
+                  f"{res['wgmma_bits_equal']}", flush=True)
     report["rows"] = rows_out
     report["peaks_GiB"] = {k: {"measured": m / GiB, "plan": p / GiB} for k, (m, p) in peaks.items()}
     _dump("sm90_moe_bench.json", report)
     assert all(r_["ours_fused_s"] > 0 and r_["torch_moe_s"] > 0 for r_ in rows_out)
+    unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False]
+    assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
     _assert_peaks_within_plan(peaks)
 
 
 @pytest.mark.parametrize("t", [1, 16, 4096, 32768])
 def test_moe_tile_sweep(t):
-    """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md)."""
+    """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md); at T <= 256
+    also the register-fed kernel's (BT, warps)."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
     torch.manual_seed(1)
@@ -295,6 +331,13 @@ def test_moe_tile_sweep(t):
         print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path}: "
               f"{s * 1e6:.1f} us",
               flush=True)
+    if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
+        for bt, warps in ((8, 4), (8, 8), (16, 4), (16, 8)):
+            key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+            s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
+            out.append({"T": t, "wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} wgmma BT={bt} warps={warps}: {s * 1e6:.1f} us", flush=True)
     _dump(f"sm90_moe_sweep_T{t}.json", out)
     assert out
     del w13, a_packed, a_sf

@@ -76,3 +76,88 @@ def test_sm90_wgmma_kernel_compiles_without_spills(key, tmp_path):
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32", sass)
     assert hgmma and set(hgmma) == {str(key.block_y)}, f"{key}: HGMMA shapes {sorted(set(hgmma))}"
     assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % key.block_y in ck.asm["ptx"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The register-fed grouped (MoE) kernel (kernels/sm90/_grouped_gemm_nvfp4_wgmma.py, issue 25 item 1): every key that
+# grouped_gemm_nvfp4.WgmmaKey.for_shape gives at DeepSeek-V4-Pro sizes (E 384, top-6, H 7168, I 3072; T = 1, 16,
+# 256: L1 gate/up and fused SwiGLU + requant with K = H, L2 with K = I), plus a K-tail key (K = 1040: masked copies,
+# 8-byte rows) and the 8-warp variant. The A-operand converts are asserted trivial inside the kernel, so a layout
+# that would need a shared-memory round trip of the decoded weights fails the compile itself.
+
+GROUPED_E, GROUPED_H, GROUPED_I = 384, 7168, 3072
+_GSIG = {"w_ptr": "*i16", "wsf_ptr": "*u8", "x_ptr": "*i16", "xsf_ptr": "*u8", "adec_ptr": "*fp32",
+         "wdec_ptr": "*fp32", "off_ptr": "*i32", "out_ptr": "*bf16", "out2_ptr": "*fp32", "hsf_ptr": "*u8",
+         "hdec_ptr": "*fp32", "E": "i32", "N": "i32", "HW": "i32", "CP4": "i32", "RCAP": "i32", "NP": "i32",
+         "adec_stride": "i32", "hdec_stride": "i32", "limit": "fp32", "OUT_CP": "i32"}
+
+
+def _grouped_routed() -> list[tuple]:
+    from kernels.sm90.grouped_gemm_nvfp4 import WgmmaKey, wgmma_serves
+
+    cases = set()
+    for t in (1, 16, 256):
+        rcap = 6 * t
+        assert wgmma_serves(rcap, GROUPED_E), t
+        cases.add((WgmmaKey.for_shape(0, rcap, GROUPED_E), GROUPED_H, GROUPED_I))
+        cases.add((WgmmaKey.for_shape(1, rcap, GROUPED_E), 2 * GROUPED_I, GROUPED_H))
+        cases.add((WgmmaKey.for_shape(2, rcap, GROUPED_E, clamp=True), 2 * GROUPED_I, GROUPED_H))
+    cases.add((WgmmaKey(epi=2, block_t=16, e_pad=32, clamp=True), 768, 1040))
+    cases.add((WgmmaKey(epi=0, block_t=8, e_pad=32), 256, 1040))
+    cases.add((WgmmaKey(epi=2, block_t=16, e_pad=512, num_warps=4, clamp=True), 2 * GROUPED_I, GROUPED_H))
+    return sorted(cases, key=str)
+
+
+def _grouped_compile(key, n: int, k: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.sm90._consts import FLT_MAX, ONE_SIXTH_F32
+    from kernels.sm90._grouped_gemm_nvfp4_wgmma import grouped_gemm_nvfp4_wgmma_kernel, grouped_wgmma_layouts
+
+    wvec = 16 if k % 32 == 0 else 8
+    sig = dict(_GSIG, out_ptr={0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi])
+    const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad), K_ITERS=-(-k // 128),
+                 K_TAIL=k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
+                 CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}  # pointers: torch allocations are aligned
+    attrs[(names.index("N"),)] = [["tt.divisibility", 16]]
+    if (k // 4) % 16 == 0:  # what Triton's specialization sees for HW = K / 4 at launch
+        attrs[(names.index("HW"),)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(grouped_gemm_nvfp4_wgmma_kernel, sig, {(names.index(n_),): v for n_, v in const.items()},
+                         attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+
+
+def test_grouped_wgmma_routes_cover_the_decode_sizes():
+    """The routed keys include both token tiles (BT 8 at T = 1 and 16, BT 16 at T = 256) and all three epilogues."""
+    cases = _grouped_routed()
+    assert {key.block_t for key, _, _ in cases} == {8, 16}, cases
+    assert {key.epi for key, _, _ in cases} == {0, 1, 2}, cases
+
+
+@pytest.mark.parametrize("case", _grouped_routed(),
+                         ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-n{c[1]}-k{c[2]}")
+def test_grouped_wgmma_kernel_compiles_without_spills(case, tmp_path):
+    """No spills; at most 128 registers for the V4-Pro keys (16 warps fit an SM's register file; the K-tail keys
+    serve correctness tests only and may take a few more); only
+    HGMMA.64xBTx16 with fp32 accumulation and the A operand from registers (no shared-memory descriptor for A),
+    8 per 128-K tile (8 k16 steps, the Triton kernel's count; the K loop is unrolled by 4, the tail by K_ITERS % 4)."""
+    key, n, k = case
+    ck = _grouped_compile(key, n, k)
+    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    print(f"{key} N={n} K={k}: {regs} registers")
+    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    if k % 128 == 0:
+        assert regs <= 128, f"{key}: {regs} registers (> 128: fewer than 16 warps per SM)"
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
+    tiles = 4 + (-(-k // 128)) % 4
+    assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA shapes {hgmma}"
+    assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
+    assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % key.block_t in ck.asm["ptx"]
