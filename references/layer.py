@@ -33,10 +33,8 @@ from references.linear import (
     Fp8Block128Weight,
     Nvfp4Weight,
     Weight,
-    decode_weight_f64,
-    dequantize_weight_f64,
+    grouped_linear,
     linear,
-    quantize_act_for,
     rms_norm,
 )
 from references.recipes import TE, Recipe
@@ -215,7 +213,7 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
         out[INDEXER_WQ_B.name] = iq
         out.update({INDEXER_WQ_B.act_quant(k): v for k, v in acts_i.items()})
     o = q if attn_core_out is None else attn_core_out
-    t, g, r = o.shape[0], spec.o_groups, spec.o_lora_rank
+    g, r = spec.o_groups, spec.o_lora_rank
     d = spec.n_heads * spec.head_dim // g
     if o.dim() != 2 or o.shape[1] != g * d:
         raise ValueError(f"attn_core_out {tuple(o.shape)}: expected [T, {g * d}] (heads * head_dim)")
@@ -226,16 +224,9 @@ def attention_projections(x: Tensor, w: AttnWeights, spec: AttnSpec, *, mode: st
     if isinstance(w.wo_a, (Fp8Block128Weight, Nvfp4Weight)) and d % block:
         raise ValueError(f"wo_a: the group width {d} must be a multiple of the {block}-element activation "
                          "block, else one block would straddle two groups")
-    if mode == "high":
-        wa = dequantize_weight_f64(w.wo_a).view(g, r, d)
-        oa = torch.einsum("tgd,grd->tgr", o.double().view(t, g, d), wa).reshape(t, g * r)
-    else:
-        a, alpha, acts = quantize_act_for(o, w.wo_a, recipe=options.recipe, act_scale=options.act_scale,
-                                          fp8_scale_fmt=options.fp8_scale_fmt)
-        out.update({ATTN_WO_A.act_quant(k): v for k, v in acts.items()})
-        b = decode_weight_f64(w.wo_a).view(g, r, d)
-        oa = torch.einsum("tgd,grd->tgr", a.view(t, g, d), b).reshape(t, g * r)
-        oa = round_f64_to(oa if alpha is None else oa * alpha.double(), torch.bfloat16)
+    oa, acts = grouped_linear(o, w.wo_a, groups=g, mode=mode, recipe=options.recipe, act_scale=options.act_scale,
+                              fp8_scale_fmt=options.fp8_scale_fmt)
+    out.update({ATTN_WO_A.act_quant(k): v for k, v in acts.items()})
     y, acts_o = linear(oa, w.wo_b, **kw)
     out.update({ATTN_WO_A.name: oa, ATTN_WO_B.name: y})
     out.update({ATTN_WO_B.act_quant(k): v for k, v in acts_o.items()})

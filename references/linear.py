@@ -39,6 +39,7 @@ __all__ = [
     "ACT_SCALE_MODES",
     "Nvfp4Weight",
     "weight_experts",
+    "grouped_linear",
     "Fp8Block128Weight",
     "Bf16Weight",
     "Weight",
@@ -281,6 +282,32 @@ def linear(x: Tensor, w: Weight, *, mode: str, recipe: Recipe, act_scale: str = 
     a, b, alpha, acts = quantized_operands(x, w, recipe=recipe, act_scale=act_scale, input_scale_f32=input_scale_f32,
                                            fp8_scale_fmt=fp8_scale_fmt)
     y = a @ b.T
+    return round_f64_to(y if alpha is None else y * alpha.double(), out_dtype), acts
+
+
+def grouped_linear(x: Tensor, w: Weight, *, groups: int, mode: str, recipe: Recipe, act_scale: str = "dynamic",
+                   input_scale_f32: Tensor | None = None, out_dtype: torch.dtype = torch.bfloat16,
+                   fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, dict[str, Tensor]]:
+    """DeepSeek-V4's wo_a in `mode`: x [M, groups*K] and one weight w [groups*R, K]; group g's columns times
+    rows g*R:(g+1)*R of w (einsum "tgd,grd->tgr") -> [M, groups*R]. Returns (y, quantized-activation tensors).
+
+    emulated: x quantized ONCE as a whole (quantize_act_for: one NVFP4 global scale over all of x; FP8 1x128
+    per token, whose blocks never straddle two groups when K is a multiple of 128), y = round_{out_dtype}(
+    einsum(a_f64, w_f64) * alpha), one rounding of the exact result. high: float64 x times dequantized W.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {MODES}")
+    t, n, k = x.shape[0], w.n, w.k
+    if groups < 1 or n % groups or x.shape[-1] != groups * k:
+        raise ValueError(f"x {tuple(x.shape)}, weight [{n}, {k}], groups={groups}: expected x [M, groups * K] and "
+                         "N divisible by groups")
+    if mode == "high":
+        wa = dequantize_weight_f64(w).view(groups, n // groups, k)
+        return torch.einsum("tgd,grd->tgr", x.double().view(t, groups, k), wa).reshape(t, n), {}
+    a, alpha, acts = quantize_act_for(x, w, recipe=recipe, act_scale=act_scale, input_scale_f32=input_scale_f32,
+                                      fp8_scale_fmt=fp8_scale_fmt)
+    b = decode_weight_f64(w).view(groups, n // groups, k)
+    y = torch.einsum("tgd,grd->tgr", a.view(t, groups, k), b).reshape(t, n)
     return round_f64_to(y if alpha is None else y * alpha.double(), out_dtype), acts
 
 

@@ -47,7 +47,7 @@ from references.recipes import Recipe
 
 __all__ = ["W4A4", "W4A16", "W4A8", "FP8_BLOCK", "BF16", "MODES", "MODES_OF_FORMAT", "modes_of_weight",
            "w4a8_act_dec_scale_f32", "mode_act_operand", "mode_operands", "mode_gemm_f64", "mode_gemm_f64_on", "linear_in_mode",
-           "chunked_gemm_error_bound", "grouped_mode_gemm_f64"]
+           "chunked_gemm_error_bound", "grouped_mode_gemm_f64", "grouped_linear_mode_gemm_f64"]
 
 W4A4, W4A16, W4A8, FP8_BLOCK, BF16 = "w4a4", "w4a16", "w4a8", "fp8_block", "bf16"
 MODES = (W4A4, W4A16, W4A8, FP8_BLOCK, BF16)
@@ -76,13 +76,14 @@ def w4a8_act_dec_scale_f32(x: Tensor, input_scale_f32: Tensor | None) -> Tensor:
 
 
 def mode_act_operand(x: Tensor, w: Weight, mode: str, *, recipe: Recipe, input_scale_f32: Tensor | None = None,
-                     fp8_scale_fmt: str = "ue8m0") -> tuple[Tensor, Tensor]:
+                     fp8_scale_fmt: str = "ue8m0", groups: int = 1) -> tuple[Tensor, Tensor]:
     """(a_f64 [M, K], a_dec_f32 0-d): the activation operand of `mode` and the decode scale the kernel folds into
-    its alpha (w4a4: the NVFP4 global decode scale; w4a8: D8; 1 where the operand is already its value)."""
+    its alpha (w4a4: the NVFP4 global decode scale; w4a8: D8; 1 where the operand is already its value).
+    groups > 1: x [M, groups*K] of a grouped linear (grouped_linear_mode_gemm_f64), quantized as a whole."""
     if mode not in modes_of_weight(w):
         raise ValueError(f"mode={mode!r}: a {type(w).__name__} GEMM has modes {', '.join(modes_of_weight(w))}")
-    if x.shape[-1] != w.k:
-        raise ValueError(f"x {tuple(x.shape)}: last dim must be the weight's K={w.k}")
+    if x.shape[-1] != groups * w.k:
+        raise ValueError(f"x {tuple(x.shape)}: last dim must be groups={groups} times the weight's K={w.k}")
     one = torch.ones((), dtype=torch.float32, device=x.device)
     if mode in (W4A4, FP8_BLOCK):
         a, _, acts = quantize_act_for(x, w, recipe=recipe, input_scale_f32=input_scale_f32, fp8_scale_fmt=fp8_scale_fmt)
@@ -101,13 +102,18 @@ def mode_operands(x: Tensor, w: Weight, mode: str, *, recipe: Recipe, input_scal
     does not have."""
     a, a_dec = mode_act_operand(x, w, mode, recipe=recipe, input_scale_f32=input_scale_f32,
                                 fp8_scale_fmt=fp8_scale_fmt)
+    return (a, *_mode_weight_operand(w, mode, a_dec))
+
+
+def _mode_weight_operand(w: Weight, mode: str, a_dec: Tensor) -> tuple[Tensor, Tensor]:
+    """(w_f64 [N, K], alpha_f32 0-d) of `mode` given the activation decode scale (mode_operands)."""
     if mode in (W4A4, W4A8, W4A16):  # the NVFP4 weight without its global scale; alpha = float32 product
-        return a, decode_weight_f64(w), (a_dec * w.global_dec_f32.to(torch.float32).reshape(())).to(torch.float32)
+        return decode_weight_f64(w), (a_dec * w.global_dec_f32.to(torch.float32).reshape(())).to(torch.float32)
     if mode == FP8_BLOCK:
-        return a, decode_weight_f64(w), a_dec
+        return decode_weight_f64(w), a_dec
     # BF16: the weight's real values rounded once to bf16, as a dequantize-then-bf16-GEMM path holds them
     w_bf16 = w.w.to(torch.bfloat16) if isinstance(w, Bf16Weight) else round_f64_to(dequantize_weight_f64(w), torch.bfloat16)
-    return a, w_bf16.double(), a_dec
+    return w_bf16.double(), a_dec
 
 
 def mode_gemm_f64_on(x: Tensor, w: Weight, w_values: Tensor, mode: str, **kw) -> tuple[Tensor, Tensor, Tensor]:
@@ -123,6 +129,26 @@ def mode_gemm_f64(x: Tensor, w: Weight, mode: str, **kw) -> tuple[Tensor, Tensor
     """(y64 = alpha * a @ w^T, sum_k |a_k w_k| (without alpha), alpha_f32) of `mode` (mode_operands)."""
     a, b, alpha = mode_operands(x, w, mode, **kw)
     return (a @ b.T) * alpha.double(), a.abs() @ b.abs().T, alpha
+
+
+def grouped_linear_mode_gemm_f64(x: Tensor, w: Weight, mode: str, *, groups: int, w_values: Tensor | None = None,
+                                 **kw) -> tuple[Tensor, Tensor, Tensor]:
+    """mode_gemm_f64 of a grouped linear (DeepSeek-V4's wo_a, references.linear.grouped_linear): x [M, groups*K]
+    quantized ONCE as a whole (one global / per-tensor scale over all of x), group g's columns times rows
+    g*N/groups:(g+1)*N/groups of w [N, K] -> (y64 [M, N], sum |a w| [M, N] (without alpha), alpha_f32 0-d).
+    w_values [N, K]: the weight's values replaced (mode_gemm_f64_on; alpha is then the activation decode scale)."""
+    if groups < 1 or w.n % groups:
+        raise ValueError(f"groups={groups}: must divide the weight's N={w.n}")
+    a, a_dec = mode_act_operand(x, w, mode, groups=groups, **kw)
+    if w_values is None:
+        b, alpha = _mode_weight_operand(w, mode, a_dec)
+    else:
+        b, alpha = (w_values.double() if mode != BF16 else w_values.to(torch.bfloat16).double()), a_dec
+    m, n = x.shape[0], w.n
+    av, bv = a.view(m, groups, w.k), b.view(groups, n // groups, w.k)
+    y = torch.einsum("tgd,grd->tgr", av, bv).reshape(m, n)
+    abs_dot = torch.einsum("tgd,grd->tgr", av.abs(), bv.abs()).reshape(m, n)
+    return y * alpha.double(), abs_dot, alpha
 
 
 def linear_in_mode(x: Tensor, w: Weight, mode: str, *, out_dtype: torch.dtype = torch.bfloat16, **kw) -> Tensor:

@@ -517,7 +517,7 @@ def cli_accumulator(args) -> int:
 
     from verify.backends import get_backend  # noqa: PLC0415
     from verify.config import check_env_backend, target_line  # noqa: PLC0415
-    from verify.errors import DeviceUnavailableError, UsageError  # noqa: PLC0415
+    from verify.errors import DeviceUnavailableError  # noqa: PLC0415
 
     check_env_backend(args.backend)
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)

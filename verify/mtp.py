@@ -11,7 +11,6 @@ meaning, only the data it is judged on.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -25,9 +24,8 @@ from references.mxfp4 import Mxfp4Weight
 from verify.backends import Backend
 from verify.checkpoint import Checkpoint, Fp8BlockLinear, MtpWeights, iter_linears, scale_defects
 from verify.errors import NonFiniteTensorError
-from verify.golden import tensor_digest
-from verify.reference_layer import RMS_EPS, default_token_ids, quantization_loss, to_reference_weight
-from verify.run import LayerRun, judge_into
+from verify.reference_layer import RMS_EPS, default_token_ids, to_reference_weight
+from verify.run import LayerRun, judge_into, reference_run
 from verify.verdicts import LayerCase
 
 __all__ = ["MtpInputs", "mtp_inputs", "run_reference_mtp", "run_mtp"]
@@ -109,23 +107,10 @@ def run_mtp(ckpt: Checkpoint, mtp: MtpWeights, inputs: MtpInputs, *, options: Ru
     """As verify.run.run_layer, for an MTP block: the reference in both modes, loss per stage, digests and
     (with a backend) the verdicts of the MTP rows (LayerCase unit "mtp") and, with `controls`, their negative
     controls (verify.verdicts.controls). The LayerRun's `layer` is j."""
-    def phase(name: str) -> None:
-        if on_phase is not None:
-            on_phase(name)
-
-    t0 = time.perf_counter()
-    phase("emulated")
-    emulated = run_reference_mtp(ckpt, mtp, inputs, mode="emulated", options=options)
-    t1 = time.perf_counter()
-    phase("high")
-    high = run_reference_mtp(ckpt, mtp, inputs, mode="high", options=options)
-    t2 = time.perf_counter()
-    run = LayerRun(mtp.index, emulated, high, quantization_loss(emulated, high),
-                   {k: tensor_digest(v) for k, v in emulated.items()}, {},
-                   timings_s={"emulated": t1 - t0, "high": t2 - t1})
+    run = reference_run(mtp.index, lambda mode: run_reference_mtp(ckpt, mtp, inputs, mode=mode, options=options),
+                        on_phase, saturated=False)
     if backend is not None:
-        case = LayerCase(mtp, ckpt.config.schema, inputs.x_e_bf16, inputs.x_h_bf16, inputs.token_ids_i64, emulated,
-                         high, options, None, unit="mtp")
-        phase("verdicts")
-        judge_into(run, backend, case, since=t2, on_phase=on_phase, controls=controls)
+        case = LayerCase(mtp, ckpt.config.schema, inputs.x_e_bf16, inputs.x_h_bf16, inputs.token_ids_i64,
+                         run.emulated, run.high, options, None, unit="mtp")
+        judge_into(run, backend, case, on_phase=on_phase, controls=controls)
     return run

@@ -24,7 +24,7 @@ from verify.provenance import provenance_document, stage_mismatches
 from verify.reference_layer import LOSS_STAGE_OF, LayerInputs, moe_spec_from, quantization_loss, run_reference_layer
 from verify.verdicts import LayerCase, Verdict, judge_layer
 
-__all__ = ["LayerRun", "run_layer", "judge_into", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
+__all__ = ["LayerRun", "run_layer", "judge_into", "reference_run", "verdict_counts", "E4M3_MAX_BYTE", "saturated_block_fractions", "PHASES",
            "stage_seconds"]
 
 # The phases of one layer's run, in order, as run_layer reports them to `on_phase` and in timings_s
@@ -111,34 +111,45 @@ def run_layer(ckpt: Checkpoint, layer: LayerWeights, inputs: LayerInputs, *, opt
     each phase (PHASES) and, with a backend, "stages": the verdict seconds per stage. controls: also run
     each passing verdict's negative control (verify.verdicts.controls) into run.controls, timed as "controls"
     (part of "verdicts")."""
-    def phase(name: str) -> None:
-        if on_phase is not None:
-            on_phase(name)
-
-    t0 = time.perf_counter()
-    phase("emulated")
-    emulated = run_reference_layer(ckpt, layer, inputs, mode="emulated", options=options)
-    t1 = time.perf_counter()
-    phase("high")
-    high = run_reference_layer(ckpt, layer, inputs, mode="high", options=options)
-    t2 = time.perf_counter()
-    run = LayerRun(layer.index, emulated, high, quantization_loss(emulated, high),
-                   {k: tensor_digest(v) for k, v in emulated.items()}, saturated_block_fractions(emulated),
-                   timings_s={"emulated": t1 - t0, "high": t2 - t1})
+    run = reference_run(layer.index, lambda mode: run_reference_layer(ckpt, layer, inputs, mode=mode, options=options),
+                        on_phase, saturated=True)
     if backend is not None:
         case = LayerCase(layer, ckpt.config.schema, inputs.x_attn_bf16, inputs.x_ffn_bf16, inputs.token_ids_i64,
-                         emulated, high, options, moe_spec_from(ckpt.config) if layer.experts is not None else None)
-        phase("verdicts")
-        judge_into(run, backend, case, since=t2, on_phase=on_phase, controls=controls)
+                         run.emulated, run.high, options,
+                         moe_spec_from(ckpt.config) if layer.experts is not None else None)
+        judge_into(run, backend, case, on_phase=on_phase, controls=controls)
     return run
 
 
-def judge_into(run: LayerRun, backend: Backend, case: LayerCase, *, since: float,
-               on_phase: Callable[[str], None] | None, controls: bool) -> None:
+def reference_run(index: int, reference: Callable[[str], dict[str, Tensor]],
+                  on_phase: Callable[[str], None] | None, *, saturated: bool) -> LayerRun:
+    """The reference half of a unit's run (run_layer, verify.mtp.run_mtp): `reference(mode)` in the "emulated"
+    then the "high" mode, the quantization loss per stage, the digests, with `saturated` the fractions of
+    saturated blocks, timed per phase; on_phase(name) as each phase starts."""
+    t0 = time.perf_counter()
+    if on_phase is not None:
+        on_phase("emulated")
+    emulated = reference("emulated")
+    t1 = time.perf_counter()
+    if on_phase is not None:
+        on_phase("high")
+    high = reference("high")
+    t2 = time.perf_counter()
+    return LayerRun(index, emulated, high, quantization_loss(emulated, high),
+                    {k: tensor_digest(v) for k, v in emulated.items()},
+                    saturated_block_fractions(emulated) if saturated else {},
+                    timings_s={"emulated": t1 - t0, "high": t2 - t1})
+
+
+def judge_into(run: LayerRun, backend: Backend, case: LayerCase, *, on_phase: Callable[[str], None] | None,
+               controls: bool) -> None:
     """The verdict half of a unit's run (run_layer, verify.mtp.run_mtp): every stage's verdicts of `case` into
     run.verdicts, with `controls` their negative controls into run.controls; a stage whose kernel was not built
     for this device fails ("provenance", naming both architectures); the kernels each stage launched into
     run.provenance; run.timings_s gains "verdicts" (seconds since `since`) and "stages"."""
+    since = time.perf_counter()
+    if on_phase is not None:
+        on_phase("verdicts")
     launched: dict = {}
     control_list = [] if controls else None
     run.verdicts = judge_layer(backend, case, timings=run.timings_s, on_phase=on_phase, provenance=launched,

@@ -221,6 +221,15 @@ class Backend:
         """x [M, K] bf16 -> bf16 [M, N]: quantize + dense GEMM as one call."""
         self._refuse("dense_linear")
 
+    def grouped_dense_linear(self, x_bf16: Tensor, w: object, *, groups: int,
+                             input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """DeepSeek-V4's wo_a, one call: x [M, groups*d] bf16 and w = prepare_linear of the WHOLE checkpoint
+        linear [groups*r, d] -> bf16 [M, groups*r], y[:, g*r:(g+1)*r] = x[:, g*d:(g+1)*d] @ W[g*r:(g+1)*r]^T
+        (einsum "tgd,grd->tgr"). x is quantized as a whole, as dense_linear quantizes its input (FP8: 1x128
+        per token; NVFP4: one global scale over all of x, static from input_dec_scale_f32 or dynamic); d is a
+        multiple of the activation block, so no block straddles two groups."""
+        self._refuse("grouped_dense_linear")
+
     def grouped_linear_mxfp4(self, rows_bf16: Tensor, offsets_i32: Tensor, experts: object, *,
                              layer: str) -> Tensor | tuple[Tensor, Tensor]:
         """MXFP4 experts (DeepSeek-V4's MTP block), W4A8, one call: expert-sorted rows [R, K] bf16 with offsets

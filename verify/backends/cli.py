@@ -24,10 +24,11 @@ from verify.backends.registry import (BACKEND_HELP, BackendEntry, auto_backend_n
 __all__ = ["add_backends_arguments", "cli_backends", "describe_backend", "GEMM_OP_FORMATS"]
 
 # The GEMM ops and the weight formats each can meet (dense_gemm takes NVFP4 activations and weights only;
-# dense_linear also FP8 block-128 linears; the grouped ops and the block the routed experts, NVFP4 or, in MTP
-# layers, MXFP4).
+# dense_linear and grouped_dense_linear (V4's wo_a) also FP8 block-128 linears; the grouped ops and the block the
+# routed experts, NVFP4 or, in MTP layers, MXFP4).
 GEMM_OP_FORMATS: dict[Op, tuple[str, ...]] = {
-    Op.DENSE_GEMM: ("nvfp4",), Op.DENSE_LINEAR: ("nvfp4", "fp8_block"), Op.GROUPED_GEMM: ("nvfp4", "mxfp4"),
+    Op.DENSE_GEMM: ("nvfp4",), Op.DENSE_LINEAR: ("nvfp4", "fp8_block"), Op.GROUPED_DENSE_LINEAR: ("nvfp4", "fp8_block"),
+    Op.GROUPED_GEMM: ("nvfp4", "mxfp4"),
     Op.L1_FUSED: ("nvfp4",), Op.MOE_BLOCK: ("nvfp4", "mxfp4"),
 }
 _FORMAT_WORD = {"nvfp4": "nvfp4", "fp8_block": "fp8", "mxfp4": "mxfp4"}

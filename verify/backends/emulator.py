@@ -25,8 +25,8 @@ from references.codecs import round_f64_to
 from references.fp8_act import FP8_ACT_F32, FP8_ACT_UE8M0, quantize_act_fp8_1x128
 from references.layer import MoeSpec
 from references.linear import Bf16Weight, Fp8Block128Weight, Nvfp4Weight, Weight, dequantize_weight_f64, \
-    linear as ref_linear, weight_experts
-from references.modes import linear_in_mode
+    grouped_linear as ref_grouped_linear, linear as ref_linear, weight_experts
+from references.modes import grouped_linear_mode_gemm_f64, linear_in_mode
 from references.mtp import Mxfp4ExpertStack, mxfp4_grouped_linear
 from references.mxfp4 import Mxfp4Weight
 from references.nvfp4 import decode_nvfp4_block_scaled
@@ -213,6 +213,19 @@ class EmulatorBackend(Backend):
         y, _ = ref_linear(x_bf16, w, mode="emulated", recipe=self.recipe, input_scale_f32=input_dec_scale_f32,
                           fp8_scale_fmt=fp8_act_scale_fmt(w))
         return y
+
+    def grouped_dense_linear(self, x_bf16: Tensor, w: Weight, *, groups: int,
+                             input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """DeepSeek-V4's wo_a: references.linear.grouped_linear (what the reference layer's emulated attn.wo_a
+        computes: x quantized once as a whole, each group's columns times its row block, one rounding), or, for a
+        mode other than w4a4 / fp8_block, references.modes.grouped_linear_mode_gemm_f64 rounded once."""
+        fmt = weight_format_of(w)
+        mode = None if fmt is None else self.computed_mode(Op.GROUPED_DENSE_LINEAR, fmt)
+        kw = dict(recipe=self.recipe, input_scale_f32=input_dec_scale_f32, fp8_scale_fmt=fp8_act_scale_fmt(w))
+        if mode not in (None, NumericsMode.W4A4, NumericsMode.FP8_BLOCK):
+            return round_f64_to(grouped_linear_mode_gemm_f64(x_bf16, w, mode.value, groups=groups, **kw)[0],
+                                torch.bfloat16)
+        return ref_grouped_linear(x_bf16, w, groups=groups, mode="emulated", **kw)[0]
 
     def grouped_linear_mxfp4(self, rows_bf16: Tensor, offsets_i32: Tensor, experts: Mxfp4ExpertStack, *,
                              layer: str) -> Tensor | tuple[Tensor, Tensor]:

@@ -93,6 +93,10 @@ NOT_SERVED: dict[Op, str] = {
         "(grouped_gemm_swiglu), which takes the NVFP4 activations and w1|w3, never gate/up tensors "
         "(sm100's SwiGLU is exercised by l1_fused and moe_block)"),
     Op.REFERENCE: "sm100: reference-only stages have no backend op",
+    Op.GROUPED_DENSE_LINEAR: (
+        "sm100: DeepSeek-V4's grouped wo_a linear (grouped_dense_linear) is not wired: its per-group row blocks of "
+        "the prepared weights are untested on sm100 and cannot be run here (no Blackwell device); the emulator and "
+        "sm90 serve it"),
     Op.GROUPED_LINEAR_MXFP4: (
         "sm100: no MXFP4 GEMM (E2M1 weights with an E8M0 scale per 32 of K, W4A8) is wired yet; DeepSeek-V4 keeps "
         "only the MTP block's routed experts in MXFP4 (mtp.*.ffn.experts), the emulator serves them"),

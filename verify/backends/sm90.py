@@ -3,8 +3,10 @@
 Served, each by the kernels.sm90.api.Sm90Kernels method named in _SERVED (its availability is
 the op's): prepare (its own host code: kernels.sm90.host_prepare for NVFP4 dense linears,
 kernels.sm90.fp8_linear for FP8 block-128 ones, the grouped GEMM's prepare_gate_up / prepare_experts
-for expert stacks), dense quantize / GEMM / linear, the FP8 1x128 activation quantizer (quantize_fp8:
-the kernel dense_linear runs on FP8 weights, kernels.sm90.quantize_fp8_1x128), and the MoE block:
+for expert stacks), dense quantize / GEMM / linear, the grouped dense linear of V4's wo_a (per group its
+dense FP8 / NVFP4 path on the group's columns and the group's row block of its own prepared weight), the FP8
+1x128 activation quantizer (quantize_fp8: the kernel dense_linear runs on FP8 weights,
+kernels.sm90.quantize_fp8_1x128), and the MoE block:
 grouped quantize (static per expert / dynamic, te), grouped GEMM (l1: gate and up float32 from one
 interleaved w1|w3 stack; l2: bf16), unfused SwiGLU + requant, the fused L1 + SwiGLU + requant (static
 h scale only), router (sqrtsoftplus / sigmoid, bias, hash, V3 group-limited top-k), dispatch, combine
@@ -56,7 +58,8 @@ __all__ = ["Sm90Adapter", "Sm90Fp8Linear", "fp8_block_dec_f32"]
 # the protocol's op -> the kernels/sm90 method whose availability decides it
 _SERVED = {Op.PREPARE: "prepare_nvfp4_weight", Op.QUANTIZE: "quantize_act", Op.QUANTIZE_FP8: "quantize_act_fp8",
            Op.DENSE_GEMM: "gemm_act",
-           Op.DENSE_LINEAR: "linear_nvfp4", Op.GROUPED_QUANTIZE: "grouped_quantize", Op.GROUPED_GEMM: "grouped_gemm",
+           Op.DENSE_LINEAR: "linear_nvfp4", Op.GROUPED_DENSE_LINEAR: "linear_nvfp4",
+           Op.GROUPED_QUANTIZE: "grouped_quantize", Op.GROUPED_GEMM: "grouped_gemm",
            Op.SWIGLU_REQUANT: "swiglu_requant", Op.L1_FUSED: "l1_swiglu_requant", Op.ROUTER: "router",
            Op.DISPATCH: "dispatch", Op.COMBINE: "combine", Op.MOE_BLOCK: "moe_block"}
 _DYNAMIC_L1_FUSED = ("sm90: l1_fused needs a static h scale (input_dec_scale_f32, w2's input_scale per expert): the "
@@ -288,6 +291,30 @@ class Sm90Adapter(Backend):
             return self._impl.linear_fp8(x_bf16, w.weight, scale_rule=w.scale_rule)
         return self._impl.linear_nvfp4(x_bf16, w, input_dec_scale_f32)
 
+    def grouped_dense_linear(self, x_bf16: Tensor, w: object, *, groups: int,
+                             input_dec_scale_f32: Tensor | None = None) -> Tensor:
+        """DeepSeek-V4's wo_a, one capturable call: per group the dense path on x's group columns (a device copy)
+        and the group's row block of its own prepared weight (views). FP8: linear_fp8 per group (its per-token
+        1x128 activations are the whole x's: no block straddles a group). NVFP4: x quantized ONCE (one global
+        scale over all of x, as the stage requires), then gemm_act per group on the group's code columns and
+        scale column tiles; needs d a multiple of 64 (whole 128x4 scale tiles) and r of 128 (whole weight
+        row tiles)."""
+        d, r = _group_dims(x_bf16, w, groups)
+        if isinstance(w, Sm90Fp8Linear):
+            if input_dec_scale_f32 is not None:
+                raise NotImplementedError(f"sm90: {w.module} is FP8 block-128 with dynamic per-token 1x128 activation "
+                                          "scales; a static per-tensor FP8 input_scale is not served")
+            return torch.cat([self._impl.linear_fp8(x_bf16[:, g * d:(g + 1) * d].contiguous(), _fp8_rows(w, g, r),
+                                                    scale_rule=w.scale_rule) for g in range(groups)], dim=1)
+        if d % _SF_TILE_K or r % _SF_TILE_ROWS:
+            raise NotImplementedError(f"sm90: an NVFP4 grouped linear needs the group width ({d}) a multiple of "
+                                      f"{_SF_TILE_K} and the group's rows ({r}) of {_SF_TILE_ROWS}: whole 128x4 scale "
+                                      "tiles per group")
+        packed, sf, dec = self._impl.quantize_act(x_bf16, input_dec_scale_f32)
+        return torch.cat([self._impl.gemm_act(packed[:, g * d // 2:(g + 1) * d // 2].contiguous(),
+                                              _sf_col_tiles(sf, x_bf16.shape[0], g, d), dec, _nvfp4_rows(w, g, r))
+                          for g in range(groups)], dim=1)
+
     def moe_block(self, x_bf16: Tensor, router: object, experts: object, *, swiglu_limit: float | None,
                   weight_placement: str, act_scale: str, token_ids_i64: Tensor | None = None,
                   num_valid_tokens_i32: Tensor | None = None) -> Tensor:
@@ -300,3 +327,46 @@ class Sm90Adapter(Backend):
         return self._impl.moe_block(x_bf16, router, experts, swiglu_limit=swiglu_limit,
                                     weight_placement=weight_placement, act_scale=act_scale,
                                     token_ids_i64=token_ids_i64, num_valid_tokens_i32=num_valid_tokens_i32)
+
+
+_SF_TILE_ROWS, _SF_TILE_K = 128, 64  # a 128x4 scale tile: 128 rows x 4 scales of 16 elements
+_SF_TILE_BYTES = _SF_TILE_ROWS * 4
+_FP8_BLOCK_ROWS = 128
+
+
+def _group_dims(x: Tensor, w: object, groups: int) -> tuple[int, int]:
+    """(d, r) of a grouped linear: x [M, groups*d], the prepared weight [groups*r, d]; ValueError otherwise."""
+    n, k = (w.weight.n, w.weight.k) if isinstance(w, Sm90Fp8Linear) else (w.n, w.k)
+    if groups < 1 or n % groups or x.dim() != 2 or x.shape[1] != groups * k:
+        raise ValueError(f"grouped_dense_linear: x {tuple(x.shape)} and weight [{n}, {k}] are not [M, groups*d] and "
+                         f"[groups*r, d] for groups={groups}")
+    return k, n // groups
+
+
+def _fp8_rows(w: Sm90Fp8Linear, g: int, r: int):
+    """Rows g*r:(g+1)*r of a prepared FP8 weight (views): its codes and the block-scale rows that cover them,
+    which needs each group's rows inside whole 128-row blocks (r a multiple of 128 or a divisor of it)."""
+    from kernels.sm90.fp8_linear import Sm90Fp8Weight  # noqa: PLC0415
+
+    if r % _FP8_BLOCK_ROWS and _FP8_BLOCK_ROWS % r:
+        raise NotImplementedError(f"sm90: {w.module}: a group's {r} rows straddle the 128-row weight blocks")
+    lo = g * r // _FP8_BLOCK_ROWS
+    return Sm90Fp8Weight(w.weight.e4m3_u8[g * r:(g + 1) * r],
+                         w.weight.block_dec_f32[lo:lo + -(-r // _FP8_BLOCK_ROWS)])
+
+
+def _nvfp4_rows(w, g: int, r: int):
+    """Rows g*r:(g+1)*r of a prepared NVFP4 weight (views): r a multiple of 128, so its swizzled scales are whole
+    row tiles, contiguous in memory (tile order: row tile, then column tile)."""
+    from kernels.sm90.host_prepare import Sm90Nvfp4Weight  # noqa: PLC0415
+
+    return Sm90Nvfp4Weight(w.packed_u8[g * r:(g + 1) * r], w.sf_swizzled_u8[g * r:(g + 1) * r], w.dec_scale_f32)
+
+
+def _sf_col_tiles(sf: Tensor, m: int, g: int, d: int) -> Tensor:
+    """Group g's activation scales: its column tiles of every row tile of the swizzled buffer of m rows (memory
+    order row tile, column tile, 512 bytes each), copied on the device into a [Mp, d/16] buffer of the same layout."""
+    mp = -(-m // _SF_TILE_ROWS) * _SF_TILE_ROWS
+    t = d // _SF_TILE_K
+    tiles = sf.reshape(mp // _SF_TILE_ROWS, -1, _SF_TILE_BYTES)
+    return tiles[:, g * t:(g + 1) * t].contiguous().view(mp, t * 4)

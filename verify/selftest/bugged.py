@@ -274,6 +274,13 @@ class Bugged:
             y = (y.float() * ones).to(y.dtype)
         return y
 
+    def grouped_dense_linear(self, x_bf16, w, *, groups, input_dec_scale_f32=None):
+        """The wrapped backend's grouped linear (V4's wo_a) on its own prepared weight: prepare's and the
+        quantizers' bugs reach it (through prepare_linear and the bytes check), dense_linear's forward bugs do not
+        (a prepared operand wrapped for one of those is unwrapped first)."""
+        inner = w.inner if isinstance(w, (_W4A16Linear, UnpromotedFp8)) else w
+        return self.inner.grouped_dense_linear(x_bf16, inner, groups=groups, input_dec_scale_f32=input_dec_scale_f32)
+
     def moe_block(self, x_bf16, router, experts, **kw):
         if self.bug == "replay-breaks-when-token-count-changes" and on_cuda(x_bf16) \
                 and torch.cuda.is_current_stream_capturing():

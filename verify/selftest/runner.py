@@ -136,11 +136,12 @@ def _cannot_express(inj: Injector, backend: Backend, device: str, config=None) -
 
 
 def judged_fp8_linears(layer) -> list[tuple[str, object]]:
-    """(weight role, linear) of every FP8 block-128 linear that a dense stage of the table judges in this layer
+    """(weight role, linear) of every FP8 block-128 linear that a dense (or grouped: wo_a) stage judges in this layer
     (V3's FP8 attention projections have no stage: a bug there changes no verdict)."""
     out = []
     for s in STAGES:
-        if s.op is Op.DENSE_LINEAR and s.kernel and layer.schema in s.schemas and s.unit == "decoder":
+        if s.op in (Op.DENSE_LINEAR, Op.GROUPED_DENSE_LINEAR) and s.kernel and layer.schema in s.schemas \
+                and s.unit == "decoder":
             out += [(role, lin) for role in s.weights if isinstance(lin := weight_of(layer, role), Fp8BlockLinear)]
     return out
 

@@ -31,7 +31,7 @@ from verify.verdicts.context import JudgeContext
 from verify.verdicts.layer import judge_stage
 from verify.verdicts.quantized import check_fp8_quantized
 
-FP8_STAGES = ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b", "shared.l1", "shared.l2")
+FP8_STAGES = ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_a", "attn.wo_b", "shared.l1", "shared.l2")
 CPU = torch.device("cpu")
 
 
@@ -137,7 +137,7 @@ def test_float32_scales_compare_bits_and_the_rule_and_dtype_must_match():
 
 
 class _LinearOnly(Backend):
-    """Serves prepare and dense_linear (the emulator's), not quantize_fp8."""
+    """Serves prepare, dense_linear and grouped_dense_linear (the emulator's), not quantize_fp8."""
 
     name = "linear-only"
     _e = EmulatorBackend()
@@ -150,6 +150,9 @@ class _LinearOnly(Backend):
 
     def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
         return self._e.dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+
+    def grouped_dense_linear(self, x_bf16, w, *, groups, input_dec_scale_f32=None):
+        return self._e.grouped_dense_linear(x_bf16, w, groups=groups, input_dec_scale_f32=input_dec_scale_f32)
 
 
 def test_a_backend_without_quantize_fp8_is_not_served_on_fp8_bytes_only(ckpt):

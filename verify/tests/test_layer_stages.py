@@ -226,18 +226,17 @@ def _tied_layer(layer):
     return dataclasses.replace(layer, router=dataclasses.replace(r, gate_weight_bf16=g, gate_bias_f32=b))
 
 
+# layer 0's NVFP4 linears: the dense ones and the grouped attn.wo_a (the same prepare_linear and quantize)
+_NVFP4_LINEARS = ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_a", "attn.wo_b", "shared.l1", "shared.l2")
 PLANTED = {
     # bug: (layer, failing (stage, check) verdicts; nothing else may fail). A bug in an op the MoE block
     # runs (router, grouped GEMM weights) also fails the block's bound (moe.block runs the backend's own
     # block, so a bug planted only in a stage-level op the block does not call leaves it passing)
-    "swapped-nibbles": (0, {(s, "bytes") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                   "shared.l1", "shared.l2")}),
+    "swapped-nibbles": (0, {(s, "bytes") for s in _NVFP4_LINEARS}),
     # a wrong weight operand fails every GEMM that reads it, the fused L1 included
-    "untransposed-scale-matrix": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                        "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
+    "untransposed-scale-matrix": (0, {(s, "bound") for s in (*_NVFP4_LINEARS, "moe.l1", "moe.l2")}
                                   | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
-    "global-scale-inverted": (0, {(s, "bound") for s in ("attn.wq_a", "attn.wkv", "attn.wq_b", "attn.wo_b",
-                                                               "shared.l1", "shared.l2", "moe.l1", "moe.l2")}
+    "global-scale-inverted": (0, {(s, "bound") for s in (*_NVFP4_LINEARS, "moe.l1", "moe.l2")}
                               | {("moe.l1_fused", "interval"), ("moe.block", "bound")}),
     "gate-up-interleave-halved": (0, {("moe.l1", "bound"), ("moe.l1_fused", "interval"), ("moe.block", "bound")}),
     "garbage-in-scale-padding": (0, {("moe.act_quant", "bytes"), ("moe.requant", "bytes")}),

@@ -15,7 +15,7 @@ from references.layer import RunOptions
 from references.linear import Nvfp4Weight, dequantize_weight_f64, linear as ref_linear
 from references.modes import BF16, MODES_OF_FORMAT, W4A4, W4A8, W4A16, linear_in_mode, mode_gemm_f64
 from references.recipes import TE
-from references.stages import DENSE_LINEAR_STAGES, Op
+from references.stages import ATTN_WO_A, DENSE_LINEAR_STAGES, Op
 from verify.backends import EmulatorBackend, NumericsMode
 from verify.checkpoint import Checkpoint
 from verify.config import GOLDEN_DIR
@@ -75,8 +75,9 @@ def _run(ckpt, backend, layer_index: int = 0, act: str = "static"):
 
 
 def _nvfp4_dense_stages(run) -> list[str]:
-    """The dense linear stages of the run whose weights are NVFP4 (their mode verdict lists w4a16)."""
-    names = {s.name for s in DENSE_LINEAR_STAGES}
+    """The dense linear stages of the run (and the grouped attn.wo_a) whose weights are NVFP4 (their mode verdict
+    lists w4a16)."""
+    names = {s.name for s in (*DENSE_LINEAR_STAGES, ATTN_WO_A)}
     return sorted(v.stage for v in run.verdicts if v.check == "mode" and v.stage in names
                   and any(k.startswith("mode_ratio_w4a16_") for k in v.metrics))
 
@@ -189,6 +190,9 @@ def test_the_bound_still_fails_a_wrong_gemm_on_a_wrong_prepare(ckpt):
         def dense_gemm(self, a, w):
             return (super().dense_gemm(a, w).float() * 1.03).to(torch.bfloat16)
 
+        def grouped_dense_linear(self, x_bf16, w, **kw):  # attn.wo_a's one call, off the same way
+            return (super().grouped_dense_linear(x_bf16, w, **kw).float() * 1.03).to(torch.bfloat16)
+
     run = _run(ckpt, AlsoWrongGemm())
     failed = {(v.stage, v.check) for v in run.failed}
     stages = _nvfp4_dense_stages(run)
@@ -286,6 +290,9 @@ def test_an_output_wrong_in_every_mode_fails_the_bound_and_leaves_mode_to_it(ckp
         def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
             y = super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
             return (y.float() * 1.03).to(torch.bfloat16)
+
+        def grouped_dense_linear(self, x_bf16, w, **kw):  # attn.wo_a's one call, off the same way
+            return (super().grouped_dense_linear(x_bf16, w, **kw).float() * 1.03).to(torch.bfloat16)
 
     run = _run(ckpt, ThreePercentOff())
     stages = _nvfp4_dense_stages(run) or sorted({v.stage for v in run.failed})

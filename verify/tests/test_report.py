@@ -94,8 +94,9 @@ def test_report_rerenders_from_json(tmp_path, capsys):
     # became a boundary tensor: skipped -> pass) + the 12 of the MTP block mtp.0, verified since it has stage rows
     # (mtp.e_proj, mtp.h_proj: bytes, bound, batch; mtp.experts.l1, mtp.experts.l2: bytes, bound, batch);
     # 150 = 146 + the moe.block valid verdict of each of the 4 decoder layers; 218 = 150 + the mode and prepare
-    # verdicts (issue 24) of the 8 GEMM stages of each of the 4 layers (64) and of mtp.e_proj / mtp.h_proj (4)
-    assert "PASS: 218 pass, 0 fail" in text and "projected 61-layer sweep" in text
+    # verdicts (issue 24) of the 8 GEMM stages of each of the 4 layers (64) and of mtp.e_proj / mtp.h_proj (4);
+    # 238 = 218 + attn.wo_a's bytes, prepare, bound, mode and batch on each of the 4 layers (issue 23: a kernel stage)
+    assert "PASS: 238 pass, 0 fail" in text and "projected 61-layer sweep" in text
     assert out.read_text() == render_html(load_json(baseline_run_dir() / "report.json"))
 
 

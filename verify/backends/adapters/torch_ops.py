@@ -103,6 +103,9 @@ _NOT_SERVED = {op: f"not served: torch ships no NVFP4 MoE op for {op.value} (the
                    "ops only)" for op in
                (Op.GROUPED_QUANTIZE, Op.GROUPED_GEMM, Op.SWIGLU_REQUANT, Op.L1_FUSED, Op.MOE_BLOCK)}
 _NOT_SERVED[Op.QUANTIZE] = _NO_NVFP4_QUANTIZER
+_NOT_SERVED[Op.GROUPED_DENSE_LINEAR] = (
+    "not served: torch: DeepSeek-V4's grouped wo_a linear is not adapted (its prepared FP8 operand holds whole-N "
+    "copies per 128-K group and cuBLASLt's padded scale layout, no row-block view per output group)")
 
 
 def _cc(device: torch.device) -> tuple[int, int] | None:

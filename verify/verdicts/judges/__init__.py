@@ -14,6 +14,7 @@ from verify.verdicts.judges.block import JUDGE as BLOCK
 from verify.verdicts.judges.combine import JUDGE as COMBINE
 from verify.verdicts.judges.dense import JUDGE as DENSE
 from verify.verdicts.judges.dispatch import JUDGE as DISPATCH
+from verify.verdicts.judges.grouped_dense import JUDGE as GROUPED_DENSE
 from verify.verdicts.judges.grouped_gemm import JUDGE as GROUPED_GEMM
 from verify.verdicts.judges.l1_fused import JUDGE as L1_FUSED
 from verify.verdicts.judges.mxfp4_experts import JUDGE as MXFP4_EXPERTS
@@ -24,6 +25,7 @@ __all__ = ["JUDGES"]
 
 JUDGES: dict[Op, Judge] = {
     Op.DENSE_LINEAR: DENSE,
+    Op.GROUPED_DENSE_LINEAR: GROUPED_DENSE,
     Op.ROUTER: ROUTER,
     Op.DISPATCH: DISPATCH,
     Op.GROUPED_QUANTIZE: ACT_QUANT,
