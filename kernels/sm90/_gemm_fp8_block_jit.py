@@ -131,7 +131,7 @@ def gemm_fp8_block_kernel(
     AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr, WS_VEC: tl.constexpr = False,
     PIPE: tl.constexpr = False, TMA: tl.constexpr = False,
     FUSED_Q: tl.constexpr = False, Q_RECIP: tl.constexpr = False, Q_NAN_PROPAGATE: tl.constexpr = False,
-    Q_AMAX_FLOOR: tl.constexpr = 0.0, codes_ptr=None, qscale_ptr=None,
+    Q_AMAX_FLOOR: tl.constexpr = 0.0, WS: tl.constexpr = False, codes_ptr=None, qscale_ptr=None,
 ):
     """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
     [BT, BN], tokens the M side) = sum over the 128-K groups g of
@@ -150,6 +150,10 @@ def gemm_fp8_block_kernel(
     after the separate quantizer.
     PIPE: the next group's dot is issued before the current one is scaled and added (software pipelined
     so the tensor cores can run under the promotion math); the same operations in the same order.
+    WS: the group loop is tl.range(warp_specialize=True): Triton's automatic warp specialization (sm_90 with
+    num_warps=4: a TMA producer warpgroup and two math warpgroups of 64 token rows, 12 warps; each math
+    warpgroup runs this loop body on its rows, the same operations in the same order). The interpreter
+    ignores the flag (it runs the plain loop).
     """
     # grouped raster (bits unchanged, L2 reuse): programs walk GROUP_T token tiles x all weight tiles,
     # so a wave re-reads each weight tile from L2 instead of HBM for up to GROUP_T token tiles
@@ -207,7 +211,7 @@ def gemm_fp8_block_kernel(
                              FUSED_Q)
         total, part = _promote(total, part, d, sigma, g_lo + N_ITER - 1, G, CHUNK_BLOCKS, CHUNKED)
     else:
-        for i in range(0, N_ITER):
+        for i in tl.range(0, N_ITER, warp_specialize=WS):
             g = g_lo + i
             d, sa_q = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, n0, t0, codes_rows, qscale_row, EVEN_K,
                                  SPLIT, SWAP, TMA, FUSED_Q, AS_UE8M0, Q_RECIP, Q_NAN_PROPAGATE, Q_AMAX_FLOOR)

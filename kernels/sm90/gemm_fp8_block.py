@@ -38,7 +38,7 @@ from torch import Tensor
 from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch",
-           "fused_key", "launch_fused"]
+           "fused_key", "launch_fused", "without_ws"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
@@ -91,6 +91,12 @@ class CompileKey:
     q_recip: bool = False
     q_nan_propagate: bool = False
     q_amax_floor: float = 0.0
+    # Triton's automatic warp specialization of the group loop (tl.range(warp_specialize=True)): on sm_90 the
+    # pass turns num_warps=4 into 12 warps (a TMA producer warpgroup and two math warpgroups of 64 token rows
+    # each, setmaxnreg, mbarriers), so one group's promotion overlaps the other warpgroup's wgmma. Only with
+    # num_warps=4 (at 8 the pass leaves the loop as it is), token-major 128-token tiles (a 64-token tile is
+    # computed twice, once per math warpgroup) and TMA loads. The same operations per element, same order.
+    ws: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -101,8 +107,13 @@ class CompileKey:
             raise ValueError(f"CompileKey: group_t={self.group_t} must be >= 1")
         if self.fused_q and self.tma:
             raise ValueError("CompileKey: fused_q loads the unquantized activation by pointer: tma must be off")
+        if self.ws and (self.swap or not self.tma or self.pipe or self.fused_q or self.num_warps != 4
+                        or self.block_t != 128):
+            raise ValueError(f"CompileKey: ws needs swap=False, tma, no pipe / fused_q, num_warps=4 and "
+                             f"block_t=128, got swap={self.swap} tma={self.tma} pipe={self.pipe} "
+                             f"fused_q={self.fused_q} num_warps={self.num_warps} block_t={self.block_t}")
         m_side = self.block_n if self.swap else self.block_t
-        if m_side % 64 or m_side // 64 > self.num_warps // 4:
+        if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
                              f"64 rows per warpgroup of num_warps={self.num_warps}")
 
@@ -132,21 +143,21 @@ class CompileKey:
     @staticmethod
     def from_config(n: int, k: int, cfg: dict, *, act_scale_ue8m0: bool) -> "CompileKey":
         """The key of a tunable config (gemm_fp8_block_configs: block_n, block_t, num_warps, num_stages,
-        split, swap, group_t, pipe) at N, K; the summation-order fields come from chunk_plan(N, K), so every
-        config gives the same bits. `split` is dropped where the plan has one chunk."""
+        split, swap, group_t, pipe, tma, fused_q, ws; a field the config lacks takes the key's default) at
+        N, K; the summation-order fields come from chunk_plan(N, K), so every config gives the same bits. `split` is dropped where the plan has one chunk."""
         chunk_blocks, n_chunks = chunk_plan(n, k)
         return CompileKey(block_n=cfg["block_n"], block_t=cfg["block_t"], num_warps=cfg["num_warps"],
                           num_stages=cfg["num_stages"], split=bool(cfg["split"]) and n_chunks > 1,
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
                           act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
                           group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
-                          tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False))
+                          tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
-                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q}
+                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -173,7 +184,7 @@ def constexprs(key: CompileKey) -> dict:
                 EVEN_K=key.even_k,
                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=key.group_t, WS_VEC=key.block_n > 128,
                 PIPE=key.pipe, TMA=key.tma, FUSED_Q=key.fused_q, Q_RECIP=key.q_recip,
-                Q_NAN_PROPAGATE=key.q_nan_propagate, Q_AMAX_FLOOR=key.q_amax_floor)
+                Q_NAN_PROPAGATE=key.q_nan_propagate, Q_AMAX_FLOOR=key.q_amax_floor, WS=key.ws)
 
 
 @functools.lru_cache(maxsize=64)
@@ -256,6 +267,12 @@ def _check_inputs(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: 
         raise ValueError(f"a_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {a_u8.device}")
 
 
+def without_ws(key: CompileKey) -> CompileKey:
+    """`key` without warp specialization: the same tile on two warpgroups of 4 warps (8 warps; the bits do
+    not depend on it)."""
+    return dataclasses.replace(key, ws=False, num_warps=max(key.num_warps, 8)) if key.ws else key
+
+
 def _tma_ok(a_u8: Tensor, w_u8: Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides."""
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_u8, w_u8))
@@ -284,7 +301,7 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
     if key.tma and not _tma_ok(a_u8, w_u8):
-        key = dataclasses.replace(key, tma=False)  # the same operands by masked loads
+        key = dataclasses.replace(without_ws(key), tma=False)  # the same operands by masked loads
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
@@ -294,9 +311,9 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
 def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
-    return dataclasses.replace(key, act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, fused_q=True,
-                               q_recip=encode_rule == "mul_reciprocal", q_nan_propagate=amax_nan == "propagate",
-                               q_amax_floor=float(amax_floor_f32))
+    return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False,
+                               fused_q=True, q_recip=encode_rule == "mul_reciprocal",
+                               q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
 
 def launch_fused(x: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, scale_rule: str, encode_rule: str = "divide",

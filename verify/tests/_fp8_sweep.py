@@ -12,7 +12,8 @@ so a run stopped by its time limit keeps what it measured. The lead commits the 
 Compiles run first in a pool of worker processes (Triton's on-disk cache is shared, so the timing process
 only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
 NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash": the V4-Flash ones),
-NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
+NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buckets alone, the warp-specialized
+candidates among them),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
@@ -228,6 +229,10 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                    "candidates": len(results), "bits_differ": [r["config"] for r in differ],
                    "spilling": [r["config"] for r in results if r.get("spills")],
                    "errors": [(r["config"], r["error"]) for r in results if "error" in r]}
+        if any(r["config"].get("ws") for r in results):  # the warp-specialized loop against the rest, same run
+            for tag, pick in (("ws", True), ("no_ws", False)):
+                mine = [r for r in ok if bool(r["config"].get("ws")) is pick]
+                summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if win is not None:
             # the serving cost: activation quantization + the winner's GEMM, one graph
             key = gemm_fp8_block.CompileKey.from_config(n, k, win["config"], act_scale_ue8m0=True)
@@ -281,7 +286,7 @@ def _print_summary(s: dict) -> None:
     cfg = s["best_config"]
     c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
          f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
-         f"{' pipe' if cfg['pipe'] else ''}")
+         f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
@@ -289,6 +294,8 @@ def _print_summary(s: dict) -> None:
           + (f" fused {_fmt(s.get('fused_us'), '9.2f')}{'' if s.get('fused_bits_equal', True) else ' BITS DIFFER'}"
              if "fused_us" in s else "")
           + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
+          + (f" | ws best {_fmt(s['best_ws_us'], '.2f')} us vs {_fmt(s['best_no_ws_us'], '.2f')} without"
+             if "best_ws_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")
           + (f" | {len(s['spilling'])} spilling" if s["spilling"] else "")
           + (f" | {len(s['errors'])} failed" if s["errors"] else ""), flush=True)

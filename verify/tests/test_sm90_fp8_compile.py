@@ -4,7 +4,9 @@ Every key CompileKey.for_shape routes to on the DeepSeek-V4-Pro FP8 shapes (M = 
 4096), and the token-major layout (swap=False) at M = 4096, is compiled for sm_90 (Triton's bundled
 ptxas) and its SASS checked: no register spills, and the group dot is the FP8 wgmma
 (QGMMA ...E4M3.E4M3, the tokens or weight rows on the right side), not an fp16 upcast or mma.sync.
-GPU numerics are in test_sm90_fp8_gemm.py.
+GPU numerics are in test_sm90_fp8_gemm.py. The warp-specialized candidates (CompileKey.ws, the sweep's
+M > 64 buckets) must really be specialized: ttg.warp_specialize in the TTGIR, setmaxnreg in the PTX, 12
+warps from num_warps=4 (at num_warps=8 Triton 3.6 leaves the loop as it is: tested, hence the key's rule).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
+from kernels.sm90.gemm_fp8_block_configs import candidates  # noqa: E402
 
 V4_PRO = [(1536, 7168), (65536, 1536), (512, 7168), (16384, 4096), (7168, 16384), (3072, 7168), (7168, 3072)]
 _SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out_ptr": "*bf16", "M": "i32",
@@ -36,15 +39,21 @@ def _keys() -> list[CompileKey]:
     keys |= {dataclasses.replace(CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True), block_n=128, block_t=128,
                                  num_warps=8, num_stages=4, swap=False) for n, k in V4_PRO}
     keys.add(fused_key(CompileKey.heuristic(1, 7168, 16384, act_scale_ue8m0=True), scale_rule="ue8m0_ceil"))
+    # the sweep's warp-specialized candidates at a chunked (wo_b) and a one-chunk (wq_b) shape
+    keys |= {CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for m in (128, 4096) for c in candidates(m)
+             if c.get("ws") for n, k in ((7168, 16384), (65536, 1536))}
     # keys differing only in the loop's trip count compile to the same code: one per layout is enough
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap, key.pipe, key.tma,
-                              key.fused_q, key.num_warps, key.num_stages), key)
+                              key.fused_q, key.num_warps, key.num_stages, key.ws), key)
     return list(by_layout.values())
 
 
-def _compile(key: CompileKey):
+_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+
+
+def _compile(key: CompileKey, num_warps: int | None = None):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -69,7 +78,7 @@ def _compile(key: CompileKey):
         attrs[(names.index(name),)] = [["tt.divisibility", 16]]
     src = ASTSource(gemm_fp8_block_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": key.num_warps, "num_stages": key.num_stages})
+                          options={"num_warps": num_warps or key.num_warps, "num_stages": key.num_stages})
 
 
 def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
@@ -84,7 +93,7 @@ def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"
                          f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"-w{key.num_warps}s{key.num_stages}{'-pipe' if key.pipe else ''}{'-tma' if key.tma else ''}"
-                         f"{'-fused' if key.fused_q else ''}")
+                         f"{'-fused' if key.fused_q else ''}{'-ws' if key.ws else ''}")
 def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
@@ -97,3 +106,17 @@ def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
     assert shapes == {str(wide)}, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64x{wide}x32 E4M3)"
     assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+    assert ck.metadata.shared <= _SMEM_MAX, f"{key}: {ck.metadata.shared} bytes of shared memory"
+    specialized = ("ttg.warp_specialize" in ck.asm["ttgir"], "setmaxnreg" in ck.asm["ptx"], ck.metadata.num_warps)
+    assert specialized == ((True, True, 12) if key.ws else (False, False, key.num_warps)), (key, specialized)
+
+
+def test_warp_specialize_needs_num_warps_4_on_sm90():
+    """Triton 3.6 specializes the group loop on sm_90 from num_warps=4 only (at 8 it compiles the plain loop,
+    silently): so CompileKey refuses ws with 8 warps, and this test notices a Triton that changes it."""
+    base = dict(block_n=128, block_t=128, num_warps=4, num_stages=4, split=False, swap=False, tma=True, ws=True)
+    key = CompileKey.from_config(7168, 3072, base, act_scale_ue8m0=True)
+    with pytest.raises(ValueError, match="ws needs"):
+        CompileKey.from_config(7168, 3072, {**base, "num_warps": 8}, act_scale_ue8m0=True)
+    ck = _compile(key, num_warps=8)
+    assert "ttg.warp_specialize" not in ck.asm["ttgir"] and ck.metadata.num_warps == 8

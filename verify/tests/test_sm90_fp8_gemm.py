@@ -249,6 +249,13 @@ def _case_gemm_batch_invariance(n, k) -> str:
         key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
                             "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma})
         assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
+    # ws (the warp-specialized loop of the sweep's M > 64 candidates): the interpreter ignores
+    # tl.range(warp_specialize=...) and runs the plain loop, so this checks the key's plumbing (num_warps 4 with
+    # 128-token tiles, TMA), not the specialized code; the GPU test test_gpu_ws_tiles_bit_equal does that
+    for bn, split in ((128, False), (128, True), (64, True)):
+        key = CompileKey(**{**base.__dict__, "block_t": 128, "block_n": bn, "split": split and base.chunked,
+                            "num_warps": 4, "swap": False, "pipe": False, "tma": True, "ws": True})
+        assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
 
 
@@ -478,6 +485,31 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
     sub = Fp8Act1x128(big.e4m3_u8[:128].clone(), big.block_dec_scale[:128].clone(), "ue8m0")
     assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=_token_major_key(128, n, k, split=True)), y[:128],
                       label=f"token-major split M=128 vs M=4096 ({n}x{k})")
+
+
+@pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (7168, 576), (576, 7168)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_ws_tiles_bit_equal(n, k):
+    """The warp-specialized group loop (CompileKey.ws: 12 warps from num_warps 4, a TMA producer and two math
+    warpgroups) gives the weight-major heuristic's bits: unsplit and split at M = 4096, split at M = 128 and
+    at M = 200 (a partial 128-token tile), partial N / K (576); and the launched kernel is specialized."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    wt, w_dec = _weight(n, k, 23, "v4", "cuda")
+    big = _cuda_act(4096, k, 24, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    base = CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True)
+    for m, bn, split in ((4096, 128, False), (4096, 128, True), (128, 128, True), (200, 64, True), (128, 128, False)):
+        key = dataclasses.replace(base, block_n=bn, block_t=128, num_warps=4, num_stages=4, swap=False, tma=True,
+                                  ws=True, split=split and base.chunked)
+        sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), "ue8m0")
+        assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"ws M={m} {key.config()} ({n}x{k})")
+        compiled = gemm_fp8_block._LAST_COMPILED.get(key)
+        assert compiled is not None and compiled.metadata.num_warps == 12, (key, getattr(compiled, "metadata", None))
 
 
 @pytest.mark.parametrize("m", [1, 16, 64])
