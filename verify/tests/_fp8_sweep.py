@@ -13,7 +13,8 @@ Compiles run first in a pool of worker processes (Triton's on-disk cache is shar
 only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
 NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash": the V4-Flash ones),
 NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buckets alone, the warp-specialized
-candidates among them),
+candidates among them; 1,16,64 the launch-bound sizes, where the single-launch split-K (reduce="ticket") and the
+fused quantizer compete),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
@@ -233,6 +234,10 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
             for tag, pick in (("ws", True), ("no_ws", False)):
                 mine = [r for r in ok if bool(r["config"].get("ws")) is pick]
                 summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
+            for tag, pick in (("ticket", True), ("reduce_kernel", False)):
+                mine = [r for r in ok if r["config"]["split"] and (r["config"].get("reduce") == "ticket") is pick]
+                summary[f"best_split_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if win is not None:
             # the serving cost: activation quantization + the winner's GEMM, one graph
             key = gemm_fp8_block.CompileKey.from_config(n, k, win["config"], act_scale_ue8m0=True)
@@ -286,7 +291,8 @@ def _print_summary(s: dict) -> None:
     cfg = s["best_config"]
     c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
          f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
-         f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}")
+         f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}"
+         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
@@ -296,6 +302,8 @@ def _print_summary(s: dict) -> None:
           + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
           + (f" | ws best {_fmt(s['best_ws_us'], '.2f')} us vs {_fmt(s['best_no_ws_us'], '.2f')} without"
              if "best_ws_us" in s else "")
+          + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
+             f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")
           + (f" | {len(s['spilling'])} spilling" if s["spilling"] else "")
           + (f" | {len(s['errors'])} failed" if s["errors"] else ""), flush=True)

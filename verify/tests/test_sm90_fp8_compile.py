@@ -66,17 +66,17 @@ def _compile(key: CompileKey, num_warps: int | None = None):
     if key.fused_q:  # the bf16 activation in, its codes and scales out
         sig.update(a_ptr="*bf16")
     const = constexprs(key)
-    names = list(sig) + list(const)
     if key.fused_q:
-        names += ["codes_ptr", "qscale_ptr"]
         sig.update(codes_ptr="*u8", qscale_ptr="*u8" if key.act_scale_ue8m0 else "*fp32")
+    if key.split and key.reduce == "ticket":  # the bf16 output the tile's last program writes, its counters
+        sig.update(y_ptr="*bf16", ctr_ptr="*i32")
     sig.update({name: "constexpr" for name in const})
-    attrs = {(i,): [["tt.divisibility", 16]] for i in range(0 if key.tma else 5)}  # torch allocations are aligned
-    if key.tma:
-        attrs.update({(i,): [["tt.divisibility", 16]] for i in range(2, 5)})
-    for name in ("N", "K", "stride_wn", "stride_am", "stride_om"):  # V4 shapes: multiples of 16
-        attrs[(names.index(name),)] = [["tt.divisibility", 16]]
-    src = ASTSource(gemm_fp8_block_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    index = gemm_fp8_block_kernel.arg_names.index  # positions in the kernel's parameter list
+    aligned = ["ws_ptr", "as_ptr", "out_ptr"] + ([] if key.tma else ["w_ptr", "a_ptr"])  # torch allocations
+    aligned += [name for name in ("codes_ptr", "qscale_ptr", "y_ptr", "ctr_ptr") if name in sig]
+    aligned += ["N", "K", "stride_wn", "stride_am", "stride_om"]  # V4 shapes: multiples of 16
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = ASTSource(gemm_fp8_block_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps or key.num_warps, "num_stages": key.num_stages})
 

@@ -283,6 +283,55 @@ def _case_fused_quant_gemm(m, n, k, recipe_name, cfg_json) -> str:
     return f"bytes, scales and output bit-equal ({cfg_json})"
 
 
+def _ticket_launch(key, act: Fp8Act1x128, w_u8, w_dec):
+    """One launch of `key` into an output pre-filled with NaN (0x7FC0): a reduce that never ran cannot pass."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+
+    out = torch.full((act.e4m3_u8.shape[0], w_u8.shape[0]), float("nan"), dtype=torch.bfloat16)
+    if key.tma and not gemm_fp8_block._tma_ok(act.e4m3_u8, w_u8):  # as launch() does (16-byte row strides)
+        key = dataclasses.replace(key, tma=False)
+    gemm_fp8_block._compile(key)(act.e4m3_u8, act.block_dec_scale, w_u8, w_dec, out)
+    return out
+
+
+def _case_ticket_split(n, k, tiles_json) -> str:
+    """reduce="ticket" (the tile's last program adds the chunk partials, one launch) gives the bits of the
+    split with the reduce launch and of the unsplit kernel, at M = 1, 5, 20 and 70 (partial token tiles,
+    several token tiles under the raster), for each tile of tiles_json (weight- / token-major, TMA, pipe; the
+    4-chunk unrolled reduce of small tiles and the plain one); launched repeatedly on the SAME counters (a
+    64-counter eager buffer, so every launch takes slice 0), every counter back at zero after each launch."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey, _Tickets
+
+    cpu = torch.device("cpu")
+    tickets = gemm_fp8_block._tickets[cpu] = _Tickets(cpu, eager=128, captured=64)
+    wt, w_dec = _weight(n, k, 71, "v4", "cpu")
+    act = _activation(70, k, 72, FP8_ACT_UE8M0, "cpu")
+    base = CompileKey.heuristic(70, n, k, act_scale_ue8m0=True)
+    assert base.n_chunks > 1, "a one-chunk shape has nothing to reduce"
+    launches = 0
+    for m in (1, 5, 20, 70):
+        sub = Fp8Act1x128(act.e4m3_u8[:m], act.block_dec_scale[:m], "ue8m0")
+        for tile in json.loads(tiles_json):
+            if m > 20 and tile["block_t"] < 32:
+                continue  # the 16-token tiles are the decode tiles; 70 rows run the wider ones (interpreter time)
+            key = dataclasses.replace(base, split=True, reduce="ticket", **tile)
+            unsplit = _gemm(sub, wt.e4m3_u8, w_dec, key=dataclasses.replace(key, split=False, reduce="kernel"))
+            split = _gemm(sub, wt.e4m3_u8, w_dec, key=dataclasses.replace(key, reduce="kernel"))
+            assert_bits_equal(split, unsplit, label=f"split + reduce launch vs unsplit M={m} {tile} ({n}x{k})")
+            for rep in range(2):
+                assert_bits_equal(_ticket_launch(key, sub, wt.e4m3_u8, w_dec), split,
+                                  label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
+                launches += 1
+                assert tickets.nonzero() == 0, f"counters not reset after ticket launch M={m} {tile}"
+    assert tickets.eager_next <= 128 and launches > 4
+    return f"{base.n_chunks} chunks of {base.chunk_blocks} groups: {launches} ticket launches bit-equal, counters reset"
+
+
 CASES = {
     **{f"quant-{r}-{m}x{k}-{d}": (_case_quant, (r, m, k, d))
        for r in RECIPES for (m, k, d) in ((3, 576, "bfloat16"), (9, 1024, "bfloat16"))},
@@ -301,7 +350,19 @@ CASES = {
        for i, (m, n, k, r, c) in enumerate((
            (3, 200, 576, "fp8_ue8m0", "{}"), (5, 130, 1100, "fp8_f32", '{"split": false}'),
            (2, 192, 576, "fp8_f32_recip", '{"pipe": true}'), (9, 256, 384, "fp8_ue8m0_nan_ignore", '{"split": true}'),
-           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}')))},
+           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}'),
+           (3, 192, 576, "fp8_ue8m0", '{"split": true, "reduce": "ticket"}'),
+           (17, 130, 1100, "fp8_f32", '{"split": true, "reduce": "ticket", "pipe": true}')))},
+    # N 192 / K 576: 5 chunks of 1 group, partial K; N 130 / K 1100: 9 chunks, partial N and K tiles; N 2112 /
+    # K 1100: 5 chunks of 2 groups (the last one group), 33 weight tiles
+    **{f"gemm-ticket-split-{n}x{k}-{i}": (_case_ticket_split, (n, k, tiles))
+       for i, (n, k, tiles) in enumerate((
+           (192, 576, json.dumps([dict(block_n=64, block_t=16), dict(block_n=64, block_t=32, tma=True),
+                                  dict(block_n=128, block_t=64, num_warps=4, swap=False, tma=True),
+                                  dict(block_n=64, block_t=64, num_warps=4, swap=False, pipe=True)])),
+           (130, 1100, json.dumps([dict(block_n=64, block_t=16, tma=True),
+                                   dict(block_n=128, block_t=64, num_warps=8, pipe=True)])),
+           (2112, 1100, json.dumps([dict(block_n=64, block_t=16)]))))},
 }
 
 
@@ -670,6 +731,7 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
                "path": f"{'swap' if key.swap else 'tok'} BN{key.block_n} BT{key.block_t} w{key.num_warps} "
                        f"s{key.num_stages} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"
+                       f"{' ticket' if key.reduce == 'ticket' else ''}"
                        f"{' pipe' if key.pipe else ''}{' tma' if key.tma else ''}"}
         _BENCH_ROWS.append(row)
         blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
