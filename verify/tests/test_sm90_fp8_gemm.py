@@ -296,39 +296,56 @@ def _ticket_launch(key, act: Fp8Act1x128, w_u8, w_dec):
     return out
 
 
-def _case_ticket_split(n, k, tiles_json) -> str:
+def _cancelling_chunks(m: int, n: int, k: int, chunk_blocks: int):
+    """(act, weight codes u8, weight block scales f32) whose chunk-1 partials are exactly minus the chunk-0
+    ones and 2^12 times larger than the rest: chunk 1's activation codes and scales copy chunk 0's, its weight
+    codes are chunk 0's with the sign bit flipped, same block scales, both chunks' scales times 2^12. Summed in
+    chunk order the two cancel exactly ((0 + p0) + p1 = 0) and the small chunks survive; in most other orders
+    p0 swallows the low bits of a small chunk first, so a reduce that reorders the chunks changes the bf16
+    output (a reduce with chunks 1 and 2 swapped, or reversed, fails the ticket case: tried)."""
+    act = _activation(m, k, 72, FP8_ACT_UE8M0, "cpu")
+    wt, w_dec = _weight(n, k, 71, "v4", "cpu")
+    a, sa, w, sw = act.e4m3_u8.clone(), act.block_dec_scale.clone(), wt.e4m3_u8.clone(), w_dec.clone()
+    cb, width = chunk_blocks, chunk_blocks * 128
+    assert 2 * width <= k
+    a[:, width:2 * width] = a[:, :width]
+    sa[:, cb:2 * cb] = sa[:, :cb]
+    w[:, width:2 * width] = w[:, :width] ^ 0x80
+    sw[:, cb:2 * cb] = sw[:, :cb]
+    sw[:, :2 * cb] *= 2.0**12
+    return Fp8Act1x128(a, sa, "ue8m0"), w, sw.contiguous()
+
+
+def _case_ticket_split(n, k, runs_json) -> str:
     """reduce="ticket" (the tile's last program adds the chunk partials, one launch) gives the bits of the
-    split with the reduce launch and of the unsplit kernel, at M = 1, 5, 20 and 70 (partial token tiles,
-    several token tiles under the raster), for each tile of tiles_json (weight- / token-major, TMA, pipe; the
-    4-chunk unrolled reduce of small tiles and the plain one); launched repeatedly on the SAME counters (a
-    64-counter eager buffer, so every launch takes slice 0), every counter back at zero after each launch."""
+    split with the reduce launch and of the unsplit kernel, for each (M, tile) of runs_json (M = 1..70: partial
+    token tiles and several token tiles under the raster; weight- / token-major, TMA, pipe; the 4-chunk
+    unrolled reduce of small tiles and the plain one), on operands where a reordered reduce fails
+    (_cancelling_chunks); each launched twice on the SAME counters (a 64-counter eager buffer: every launch
+    takes slice 0), every counter back at zero after each launch."""
     import dataclasses
 
     from kernels.sm90 import gemm_fp8_block
     from kernels.sm90.gemm_fp8_block import CompileKey, _Tickets
 
     cpu = torch.device("cpu")
-    tickets = gemm_fp8_block._tickets[cpu] = _Tickets(cpu, eager=128, captured=64)
-    wt, w_dec = _weight(n, k, 71, "v4", "cpu")
-    act = _activation(70, k, 72, FP8_ACT_UE8M0, "cpu")
+    tickets = gemm_fp8_block._tickets[cpu] = _Tickets(cpu, eager=64, captured=64)
     base = CompileKey.heuristic(70, n, k, act_scale_ue8m0=True)
-    assert base.n_chunks > 1, "a one-chunk shape has nothing to reduce"
+    assert base.n_chunks > 2, "the case needs three chunks or more"
+    act, w_u8, w_dec = _cancelling_chunks(70, n, k, base.chunk_blocks)
     launches = 0
-    for m in (1, 5, 20, 70):
+    for m, tile in json.loads(runs_json):
         sub = Fp8Act1x128(act.e4m3_u8[:m], act.block_dec_scale[:m], "ue8m0")
-        for tile in json.loads(tiles_json):
-            if m > 20 and tile["block_t"] < 32:
-                continue  # the 16-token tiles are the decode tiles; 70 rows run the wider ones (interpreter time)
-            key = dataclasses.replace(base, split=True, reduce="ticket", **tile)
-            unsplit = _gemm(sub, wt.e4m3_u8, w_dec, key=dataclasses.replace(key, split=False, reduce="kernel"))
-            split = _gemm(sub, wt.e4m3_u8, w_dec, key=dataclasses.replace(key, reduce="kernel"))
-            assert_bits_equal(split, unsplit, label=f"split + reduce launch vs unsplit M={m} {tile} ({n}x{k})")
-            for rep in range(2):
-                assert_bits_equal(_ticket_launch(key, sub, wt.e4m3_u8, w_dec), split,
-                                  label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
-                launches += 1
-                assert tickets.nonzero() == 0, f"counters not reset after ticket launch M={m} {tile}"
-    assert tickets.eager_next <= 128 and launches > 4
+        key = dataclasses.replace(base, split=True, reduce="ticket", **tile)
+        unsplit = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, split=False, reduce="kernel"))
+        split = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, reduce="kernel"))
+        assert_bits_equal(split, unsplit, label=f"split + reduce launch vs unsplit M={m} {tile} ({n}x{k})")
+        for rep in range(2):
+            assert_bits_equal(_ticket_launch(key, sub, w_u8, w_dec), split,
+                              label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
+            launches += 1
+            assert tickets.eager_next == 64, "the launch did not take counter slice 0"
+            assert tickets.nonzero() == 0, f"counters not reset after ticket launch M={m} {tile}"
     return f"{base.n_chunks} chunks of {base.chunk_blocks} groups: {launches} ticket launches bit-equal, counters reset"
 
 
@@ -355,14 +372,16 @@ CASES = {
            (17, 130, 1100, "fp8_f32", '{"split": true, "reduce": "ticket", "pipe": true}')))},
     # N 192 / K 576: 5 chunks of 1 group, partial K; N 130 / K 1100: 9 chunks, partial N and K tiles; N 2112 /
     # K 1100: 5 chunks of 2 groups (the last one group), 33 weight tiles
-    **{f"gemm-ticket-split-{n}x{k}-{i}": (_case_ticket_split, (n, k, tiles))
-       for i, (n, k, tiles) in enumerate((
-           (192, 576, json.dumps([dict(block_n=64, block_t=16), dict(block_n=64, block_t=32, tma=True),
-                                  dict(block_n=128, block_t=64, num_warps=4, swap=False, tma=True),
-                                  dict(block_n=64, block_t=64, num_warps=4, swap=False, pipe=True)])),
-           (130, 1100, json.dumps([dict(block_n=64, block_t=16, tma=True),
-                                   dict(block_n=128, block_t=64, num_warps=8, pipe=True)])),
-           (2112, 1100, json.dumps([dict(block_n=64, block_t=16)]))))},
+    **{f"gemm-ticket-split-{n}x{k}-{i}": (_case_ticket_split, (n, k, json.dumps(runs)))
+       for i, (n, k, runs) in enumerate((
+           (192, 576, [(m, dict(block_n=64, block_t=16, num_warps=4)) for m in (1, 5, 20)]
+            + [(20, dict(block_n=64, block_t=32, num_warps=4, tma=True)),
+               (70, dict(block_n=128, block_t=64, num_warps=4, swap=False, tma=True)),
+               (70, dict(block_n=64, block_t=64, num_warps=4, swap=False, pipe=True))]),
+           (130, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4, tma=True)), (20, dict(block_n=64, block_t=16, num_warps=4)),
+                        (70, dict(block_n=128, block_t=64, num_warps=8, pipe=True))]),
+           (2112, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4)), (5, dict(block_n=64, block_t=16, num_warps=4)),
+                         (20, dict(block_n=64, block_t=32, num_warps=4))])))},
 }
 
 
