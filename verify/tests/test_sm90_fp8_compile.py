@@ -42,11 +42,18 @@ def _keys() -> list[CompileKey]:
     # the sweep's warp-specialized candidates at a chunked (wo_b) and a one-chunk (wq_b) shape
     keys |= {CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for m in (128, 4096) for c in candidates(m)
              if c.get("ws") for n, k in ((7168, 16384), (65536, 1536))}
-    # keys differing only in the loop's trip count compile to the same code: one per layout is enough
+    # the single-launch split-K candidates (reduce="ticket") at wkv (28 chunks: the unrolled reduce) and w2
+    # (3 chunks: its tail), and with the fused quantizer (M <= 16: quantize, GEMM and reduce in one launch)
+    ticket = {CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for m in (1, 16, 32, 64, 128, 4096)
+              for c in candidates(m) if c["reduce"] == "ticket" for n, k in ((512, 7168), (7168, 3072))}
+    keys |= ticket | {fused_key(key, scale_rule="ue8m0_ceil") for key in ticket if key.swap and key.block_t == 16}
+    # keys differing only in the loop's trip count compile to the same code: one per layout is enough (the
+    # chunk count matters to the ticket reduce: its trip count and unrolled tail)
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.split, key.chunked, key.swap, key.pipe, key.tma,
-                              key.fused_q, key.num_warps, key.num_stages, key.ws), key)
+                              key.fused_q, key.num_warps, key.num_stages, key.ws, key.reduce,
+                              key.n_chunks if key.reduce == "ticket" else 0), key)
     return list(by_layout.values())
 
 
@@ -93,7 +100,8 @@ def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"
                          f"{key.block_t}-{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"-w{key.num_warps}s{key.num_stages}{'-pipe' if key.pipe else ''}{'-tma' if key.tma else ''}"
-                         f"{'-fused' if key.fused_q else ''}{'-ws' if key.ws else ''}")
+                         f"{'-fused' if key.fused_q else ''}{'-ws' if key.ws else ''}"
+                         f"{f'-ticket{key.n_chunks}' if key.reduce == 'ticket' else ''}")
 def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
@@ -109,6 +117,16 @@ def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     assert ck.metadata.shared <= _SMEM_MAX, f"{key}: {ck.metadata.shared} bytes of shared memory"
     specialized = ("ttg.warp_specialize" in ck.asm["ttgir"], "setmaxnreg" in ck.asm["ptx"], ck.metadata.num_warps)
     assert specialized == ((True, True, 12) if key.ws else (False, False, key.num_warps)), (key, specialized)
+    # reduce="ticket": partials stored, a CTA barrier, the ticket taken by an acq_rel gpu-scope atomic, the
+    # partials read back at L2 and the counter reset; the reduce launch's path has none of it
+    ptx = ck.asm["ptx"]
+    ticket = key.split and key.reduce == "ticket"
+    found = (bool(re.search(r"atom\.global\.gpu\.acq_rel\.add\.u32", ptx)),
+             bool(re.search(r"atom\.global\.gpu\.relaxed\.exch\.b32", ptx)), "ld.global.cg" in ptx)
+    assert found == (ticket,) * 3, (key, found)
+    if ticket:  # the barrier right before the ticket (every thread's partial stored first)
+        assert re.search(r"bar\.sync\s+0;\s*(?:\S[^\n]*\n\s*){0,8}?@%p\d+ atom\.global\.gpu\.acq_rel", ptx), key
+        print(f"{key.config()} x {key.n_chunks} chunks: {regs} registers")
 
 
 def test_warp_specialize_needs_num_warps_4_on_sm90():

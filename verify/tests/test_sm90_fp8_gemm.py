@@ -672,6 +672,113 @@ def test_gpu_linear_graph_replay_bit_equal_and_deterministic(m, n, k):
         assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"graph replay {i}")
 
 
+def _ticket_tables(n: int, k: int) -> dict:
+    """A table routing (N, K) at every M bucket to a split config with reduce="ticket" (decode tiles with the
+    fused quantizer at M <= 16, token-major 128 x 64 with TMA above), for the tests of linear_fp8's path."""
+    from kernels.sm90.gemm_fp8_block_configs import FIELDS
+
+    def cfg(**kw):
+        base = dict(block_n=64, block_t=16, num_warps=4, num_stages=4, split=True, swap=True, group_t=8, pipe=False,
+                    tma=False, fused_q=False, ws=False, reduce="ticket")
+        return {f: {**base, **kw}[f] for f in FIELDS}
+
+    return {(n, k): ((16, cfg(fused_q=True)), (4096, cfg(block_n=128, block_t=64, swap=False, tma=True)))}
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 200])
+@pytest.mark.parametrize("n,k", [(512, 7168), (1536, 7168), (576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_ticket_split_bit_equal_graph_replay_counters_reset(n, k, m):
+    """reduce="ticket" (one launch: each output tile's last program adds the chunk partials in chunk order)
+    gives the bits of the split with the reduce launch, of the unsplit kernel and of the M = 4096 reference
+    rows, for every ticket candidate of M's bucket; captured in a CUDA graph and replayed 3 times on new
+    activations it equals eager, and every ticket counter is back at zero after each launch and replay."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    wt, w_dec = _weight(n, k, 81, "v4", "cuda")
+    big = _cuda_act(4096, k, 82, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    a, sa = big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone()
+    sub = Fp8Act1x128(a, sa, "ue8m0")
+    keys = [CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for c in candidates(m) if c["reduce"] == "ticket"]
+    assert keys and all(key.reduce == "ticket" and key.split for key in keys), keys
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for key in keys:
+        got = _gemm(sub, wt.e4m3_u8, w_dec, key=key)
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after {key.config()}"
+        assert_bits_equal(got, y[:m], label=f"ticket M={m} {key.config()} vs M=4096 rows ({n}x{k})")
+        for ref in (dataclasses.replace(key, reduce="kernel"), dataclasses.replace(key, split=False, reduce="kernel")):
+            assert_bits_equal(got, _gemm(sub, wt.e4m3_u8, w_dec, key=ref), label=f"ticket vs {ref.config()}")
+    key = keys[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_fp8_block.launch(a, sa, wt.e4m3_u8, w_dec, key=key)
+    for i in range(3):
+        rows = torch.randint(0, 4096, (m,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(i))
+        a.copy_(big.e4m3_u8[rows])
+        sa.copy_(big.block_dec_scale[rows])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after replay {i}"
+        assert_bits_equal(out, y[rows], label=f"ticket graph replay {i} M={m} {key.config()} ({n}x{k})")
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(512, 7168), (1536, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_linear_fp8_ticket_one_launch_graph_replay(n, k, m, monkeypatch):
+    """linear_fp8 through a table of reduce="ticket" configs (the fused quantizer at M <= 16): bytes, scales
+    and output bit-equal to quantize + GEMM with the reduce launch; ONE kernel per call at M <= 16 (quantize,
+    GEMM and reduce; two at M = 64: quantize, GEMM + reduce), counted by the profiler; graph replay 3 times
+    bit-equal with the counters back at zero."""
+    from kernels.sm90 import gemm_fp8_block, gemm_fp8_block_configs, quantize_fp8_1x128
+    from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
+
+    wt, w_dec = _weight(n, k, 91, "v4", "cuda")
+    weight = prepare_fp8_weight(wt.e4m3_u8, w_dec)
+    g = torch.Generator(device="cuda").manual_seed(92)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+
+    def separate():
+        codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+        return gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec), codes, scale
+
+    y, codes, scale = separate()  # the committed / heuristic route (reduce launch or unsplit)
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", _ticket_tables(n, k))
+    key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    assert key.split and key.reduce == "ticket" and key.fused_q is (m <= 16), key
+    yt, ct, st = linear_fp8(x, weight, scale_rule="ue8m0_ceil")
+    assert_bytes_equal(ct, codes, label="codes")
+    assert_bytes_equal(st, scale, label="scales")
+    assert_bits_equal(yt, y, label=f"linear_fp8 ticket M={m} ({n}x{k})")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        linear_fp8(x, weight, scale_rule="ue8m0_ceil")
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == (1 if m <= 16 else 2) and not any("reduce" in name for name in kernels), kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for i in range(3):
+        x.copy_((torch.randn(m, k, generator=g, device="cuda") * (i + 2)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after replay {i}"
+        monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {})
+        ref = separate()[0]
+        monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", _ticket_tables(n, k))
+        assert_bits_equal(out, ref, label=f"linear_fp8 ticket graph replay {i} M={m} ({n}x{k})")
+
+
 # ============================================================================= bench
 
 _BENCH_M = [1, 16, 64, 128, 4096]
