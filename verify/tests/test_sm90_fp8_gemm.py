@@ -378,9 +378,11 @@ CASES = {
             + [(20, dict(block_n=64, block_t=32, num_warps=4, tma=True)),
                (70, dict(block_n=128, block_t=64, num_warps=4, swap=False, tma=True)),
                (70, dict(block_n=64, block_t=64, num_warps=4, swap=False, pipe=True))]),
-           (130, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4, tma=True)), (20, dict(block_n=64, block_t=16, num_warps=4)),
+           (130, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4, tma=True)),
+                        (20, dict(block_n=64, block_t=16, num_warps=4)),
                         (70, dict(block_n=128, block_t=64, num_warps=8, pipe=True))]),
-           (2112, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4)), (5, dict(block_n=64, block_t=16, num_warps=4)),
+           (2112, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4)),
+                         (5, dict(block_n=64, block_t=16, num_warps=4)),
                          (20, dict(block_n=64, block_t=32, num_warps=4))])))},
 }
 
