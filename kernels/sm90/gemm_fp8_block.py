@@ -411,8 +411,8 @@ def launch_fused(x: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, scale_rule
     """x [M, K] (bf16 / fp16 / fp32) -> (y bf16 [M, N], act codes u8 [M, K], act scales [M, ceil(K/128)]): the
     activation quantized in the GEMM's prologue (the recipe fields as quantize_fp8_1x128.launch takes them),
     one launch (plus the chunk reduce when split with reduce="kernel"; with "ticket" one launch in all).
-    Same bytes, scales and output bits as quantize_fp8_1x128 then launch. key: a CompileKey whose tile fields are used (fused_q and the recipe are set here); by
-    default CompileKey.for_shape."""
+    Same bytes, scales and output bits as quantize_fp8_1x128 then launch. key: a CompileKey whose tile fields
+    are used (fused_q and the recipe are set here); by default CompileKey.for_shape."""
     from kernels.sm90 import quantize_fp8_1x128 as q
 
     q._check_inputs(x, scale_rule, encode_rule, amax_nan, amax_floor_f32)
