@@ -224,12 +224,11 @@ def gemm_fp8_block_kernel(
             sigma = _group_sigma(sw_ptrs, sa_row, sa_q, n_ok, t_ok, g, G, AS_UE8M0, SWAP, WS_VEC, FUSED_Q)
             total, part = _promote(total, part, d, sigma, g, G, CHUNK_BLOCKS, CHUNKED)
     if SWAP:
-        o_off = t.to(tl.int64)[None, :] * stride_om + n[:, None]
+        o = out_ptr + t.to(tl.int64)[None, :] * stride_om + n[:, None]
         o_ok = n_ok[:, None] & t_ok[None, :]
     else:
-        o_off = t.to(tl.int64)[:, None] * stride_om + n[None, :]
+        o = out_ptr + t.to(tl.int64)[:, None] * stride_om + n[None, :]
         o_ok = t_ok[:, None] & n_ok[None, :]
-    o = out_ptr + o_off
     if SPLIT:
         tl.store(o + tl.program_id(2).to(tl.int64) * stride_oc, total, mask=o_ok)
         if TICKET:
