@@ -18,6 +18,7 @@ matmul vs torch._scaled_mm blockwise (1x128 x 128x128) at M = 1, 16, 64, 128, 40
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -316,13 +317,36 @@ def _cancelling_chunks(m: int, n: int, k: int, chunk_blocks: int):
     return Fp8Act1x128(a, sa, "ue8m0"), w, sw.contiguous()
 
 
+@contextlib.contextmanager
+def _split_arrival_rotated():
+    """Interpreter only: the split programs of output tile (x, y) run in the order z = r, r + 1, ... (mod the
+    split count), r = (7x + 3y + 1) mod it, instead of 0, 1, ...: the last program to arrive, the one that
+    reduces, is a different chunk from tile to tile (often not the last chunk), as on a GPU."""
+    from triton.runtime import interpreter
+
+    cls = interpreter.InterpreterBuilder
+    original = cls.set_grid_idx
+
+    def rotated(self, x, y, z):
+        nz = self.grid_dim[2]
+        return original(self, x, y, (z + 7 * x + 3 * y + 1) % nz)
+
+    cls.set_grid_idx = rotated
+    try:
+        yield
+    finally:
+        cls.set_grid_idx = original
+
+
 def _case_ticket_split(n, k, runs_json) -> str:
     """reduce="ticket" (the tile's last program adds the chunk partials, one launch) gives the bits of the
     split with the reduce launch and of the unsplit kernel, for each (M, tile) of runs_json (M = 1..70: partial
     token tiles and several token tiles under the raster; weight- / token-major, TMA, pipe; the 4-chunk
     unrolled reduce of small tiles and the plain one), on operands where a reordered reduce fails
     (_cancelling_chunks); each launched twice on the SAME counters (a 64-counter eager buffer: every launch
-    takes slice 0), every counter back at zero after each launch."""
+    takes slice 0), the second time with the split programs' arrival order rotated per output tile
+    (_split_arrival_rotated: the reducing program is then mostly not the last chunk's), every counter back at
+    zero after each launch."""
     import dataclasses
 
     from kernels.sm90 import gemm_fp8_block
@@ -340,9 +364,10 @@ def _case_ticket_split(n, k, runs_json) -> str:
         unsplit = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, split=False, reduce="kernel"))
         split = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, reduce="kernel"))
         assert_bits_equal(split, unsplit, label=f"split + reduce launch vs unsplit M={m} {tile} ({n}x{k})")
-        for rep in range(2):
-            assert_bits_equal(_ticket_launch(key, sub, w_u8, w_dec), split,
-                              label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
+        for rep in range(2):  # the second launch with the arrival order rotated per tile
+            with _split_arrival_rotated() if rep else contextlib.nullcontext():
+                got = _ticket_launch(key, sub, w_u8, w_dec)
+            assert_bits_equal(got, split, label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
             launches += 1
             assert tickets.eager_next == 64, "the launch did not take counter slice 0"
             assert tickets.nonzero() == 0, f"counters not reset after ticket launch M={m} {tile}"
