@@ -131,7 +131,9 @@ def gemm_fp8_block_kernel(
     AS_UE8M0: tl.constexpr, SWAP: tl.constexpr, GROUP_T: tl.constexpr, WS_VEC: tl.constexpr = False,
     PIPE: tl.constexpr = False, TMA: tl.constexpr = False,
     FUSED_Q: tl.constexpr = False, Q_RECIP: tl.constexpr = False, Q_NAN_PROPAGATE: tl.constexpr = False,
-    Q_AMAX_FLOOR: tl.constexpr = 0.0, codes_ptr=None, qscale_ptr=None,
+    Q_AMAX_FLOOR: tl.constexpr = 0.0, WS: tl.constexpr = False, codes_ptr=None, qscale_ptr=None,
+    TICKET: tl.constexpr = False, N_CHUNKS: tl.constexpr = 1, REDUCE_UNROLL: tl.constexpr = 1, y_ptr=None,
+    ctr_ptr=None,
 ):
     """out^T tile [BN weight rows, BT tokens] (SWAP: weights the wgmma's M side; else the out tile
     [BT, BN], tokens the M side) = sum over the 128-K groups g of
@@ -150,6 +152,14 @@ def gemm_fp8_block_kernel(
     after the separate quantizer.
     PIPE: the next group's dot is issued before the current one is scaled and added (software pipelined
     so the tensor cores can run under the promotion math); the same operations in the same order.
+    TICKET (with SPLIT): the chunk partials are reduced here, not by chunk_reduce_kernel: after storing its
+    partial the program takes a ticket on its output tile's counter (ctr_ptr[tile], int32, zero before the
+    launch); the program drawing the last one adds the N_CHUNKS partials in chunk order from zero (the reduce
+    kernel's operations), writes bf16 to y_ptr and resets the counter (_ticket_reduce).
+    WS: the group loop is tl.range(warp_specialize=True): Triton's automatic warp specialization (sm_90 with
+    num_warps=4: a TMA producer warpgroup and two math warpgroups of 64 token rows, 12 warps; each math
+    warpgroup runs this loop body on its rows, the same operations in the same order). The interpreter
+    ignores the flag (it runs the plain loop).
     """
     # grouped raster (bits unchanged, L2 reuse): programs walk GROUP_T token tiles x all weight tiles,
     # so a wave re-reads each weight tile from L2 instead of HBM for up to GROUP_T token tiles
@@ -207,7 +217,7 @@ def gemm_fp8_block_kernel(
                              FUSED_Q)
         total, part = _promote(total, part, d, sigma, g_lo + N_ITER - 1, G, CHUNK_BLOCKS, CHUNKED)
     else:
-        for i in range(0, N_ITER):
+        for i in tl.range(0, N_ITER, warp_specialize=WS):
             g = g_lo + i
             d, sa_q = _group_dot(w_rows, a_rows, n_ok, t_ok, kk, g, K, G, n0, t0, codes_rows, qscale_row, EVEN_K,
                                  SPLIT, SWAP, TMA, FUSED_Q, AS_UE8M0, Q_RECIP, Q_NAN_PROPAGATE, Q_AMAX_FLOOR)
@@ -221,8 +231,52 @@ def gemm_fp8_block_kernel(
         o_ok = t_ok[:, None] & n_ok[None, :]
     if SPLIT:
         tl.store(o + tl.program_id(2).to(tl.int64) * stride_oc, total, mask=o_ok)
+        if TICKET:
+            tile0 = t0.to(tl.int64) * stride_om + n0  # the tile's first element; int32 offsets inside it
+            if SWAP:
+                off = (t - t0)[None, :] * stride_om + (n - n0)[:, None]
+            else:
+                off = (t - t0)[:, None] * stride_om + (n - n0)[None, :]
+            _ticket_reduce(out_ptr + tile0, y_ptr + tile0, off, o_ok, ctr_ptr + pid, stride_oc, N_CHUNKS,
+                           REDUCE_UNROLL)
     else:
         tl.store(o, round_f32_to_bf16_bits(total).to(tl.bfloat16), mask=o_ok)
+
+
+@triton.jit
+def _ticket_reduce(part_base, y_base, off, ok, ctr, stride_oc, N_CHUNKS: tl.constexpr, UNROLL: tl.constexpr):
+    """The in-kernel split-K reduce of one output tile: part_base + off are chunk 0's partials of the tile
+    (off: int32 offsets inside the tile, so no 64-bit pointer tile stays live), y_base + off its bf16
+    outputs, ctr its ticket counter. Every program of the tile stores its partial first; the CTA barrier
+    puts every thread's stores before the ticket, which one thread takes with an acq_rel atomic at gpu scope
+    (release: the partials are visible to whoever draws a later ticket; acquire: the last drawer sees every
+    earlier one's). Whichever program arrives last adds the partials from zero in chunk order 0..N_CHUNKS-1,
+    exactly as chunk_reduce_kernel does (so the bits do not depend on the arrival order), loading at L2 (.cg:
+    never a stale L1 line), then resets the counter for the next launch or graph replay. UNROLL 4 (small
+    tiles): four chunks' loads are issued before their four additions (one L2 round trip per four chunks);
+    a chunk past N_CHUNKS is neither loaded nor added."""
+    tl.debug_barrier()
+    ticket = tl.atomic_add(ctr, 1, sem="acq_rel", scope="gpu")
+    if ticket == N_CHUNKS - 1:
+        total = tl.zeros(off.shape, dtype=tl.float32)
+        p = part_base
+        if UNROLL == 4:
+            for c in range(0, N_CHUNKS, 4):
+                x0 = tl.load(p + off, mask=ok, other=0.0, cache_modifier=".cg")
+                x1 = tl.load(p + stride_oc + off, mask=ok & (c + 1 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                x2 = tl.load(p + 2 * stride_oc + off, mask=ok & (c + 2 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                x3 = tl.load(p + 3 * stride_oc + off, mask=ok & (c + 3 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                total += x0
+                total = tl.where(c + 1 < N_CHUNKS, total + x1, total)
+                total = tl.where(c + 2 < N_CHUNKS, total + x2, total)
+                total = tl.where(c + 3 < N_CHUNKS, total + x3, total)
+                p += 4 * stride_oc
+        else:
+            for _ in range(0, N_CHUNKS):
+                total += tl.load(p + off, mask=ok, other=0.0, cache_modifier=".cg")
+                p += stride_oc
+        tl.store(y_base + off, round_f32_to_bf16_bits(total).to(tl.bfloat16), mask=ok)
+        tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

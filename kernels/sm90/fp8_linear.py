@@ -55,7 +55,9 @@ def linear_fp8(x: Tensor, weight: Sm90Fp8Weight, *, scale_rule: str, encode_rule
     """x [M, K] (bf16) -> (y bf16 [M, N], act codes u8 [M, K], act scales [M, ceil(K/128)]): dynamic
     per-token 1x128 quantization with the given recipe fields, then the block-scaled GEMM. No host sync.
     Where the committed config of (N, K) at M's bucket says fused_q (the sweep measured it faster), one
-    launch quantizes in the GEMM's prologue: the same bytes, scales and output bits."""
+    launch quantizes in the GEMM's prologue: the same bytes, scales and output bits. Where it also says
+    reduce="ticket" (a split config whose chunk partials each output tile's last program adds), the whole
+    linear is that one launch; the ticket counters are made by the first such call (outside capture)."""
     if x.dim() == 2 and x.shape[0] > 0:
         key = gemm_fp8_block.CompileKey.for_shape(x.shape[0], weight.n, weight.k,
                                                   act_scale_ue8m0=scale_rule == "ue8m0_ceil")

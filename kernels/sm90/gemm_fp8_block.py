@@ -16,20 +16,23 @@ must be told. The float32 sum is rounded once to bf16 (RNE).
 Summation order (deterministic and batch-invariant): the groups are cut into chunks by
 chunk_plan(N, K), a function of N and K only; the scaled group dots of a chunk are added from zero
 in group order, and the chunk sums from zero in chunk order. Small grids (few tokens) run one
-program per chunk and add the chunk partials in a second kernel in chunk order; large grids walk
-the chunks in one program. Both give the same bits, so a row's result depends neither on M nor on
-the split. The kernel is "swap AB": the weights are the MMA's M side (64 rows per warpgroup, so
+program per chunk and add the chunk partials in chunk order, in a second kernel (reduce="kernel")
+or in the program of each output tile that arrives last (reduce="ticket": one launch, _Tickets);
+large grids walk the chunks in one program. All give the same bits, so a row's result depends
+neither on M nor on the split. The kernel is "swap AB": the weights are the MMA's M side (64 rows per warpgroup, so
 every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero rows). Partial K
 (K % 128 != 0, e.g. 576) is masked in the loads; no scale beyond ceil(K/128) is read.
 
 Per-call buffers (the chunk partials) come from torch.empty, so under CUDA-graph capture they come
-from the graph's pool; nothing syncs with the host. With TRITON_INTERPRET=1 it runs on CPU tensors.
+from the graph's pool; nothing syncs with the host. The ticket counters of reduce="ticket" are made
+once per device by the first such launch, outside capture (_Tickets). With TRITON_INTERPRET=1 it runs on CPU tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +41,7 @@ from torch import Tensor
 from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch",
-           "fused_key", "launch_fused"]
+           "fused_key", "launch_fused", "without_ws", "REDUCES"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
@@ -52,6 +55,9 @@ _NUM_SMS_H200 = 132
 _CHUNK_TARGET_CTAS = 2 * _NUM_SMS_H200  # a constant, not the device's SM count: the bits stay device-independent
 _REDUCE_BLOCK = 1024
 _GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the bits do not depend on it)
+# how a split GEMM's chunk partials become the output: "kernel" (chunk_reduce_kernel, a second launch) or
+# "ticket" (the last program of each output tile adds them in the same kernel: one launch)
+REDUCES = ("kernel", "ticket")
 
 
 
@@ -91,6 +97,16 @@ class CompileKey:
     q_recip: bool = False
     q_nan_propagate: bool = False
     q_amax_floor: float = 0.0
+    # Triton's automatic warp specialization of the group loop (tl.range(warp_specialize=True)): on sm_90 the
+    # pass turns num_warps=4 into 12 warps (a TMA producer warpgroup and two math warpgroups of 64 token rows
+    # each, setmaxnreg, mbarriers), so one group's promotion overlaps the other warpgroup's wgmma. Only with
+    # num_warps=4 (at 8 the pass leaves the loop as it is), token-major 128-token tiles (a 64-token tile is
+    # computed twice, once per math warpgroup) and TMA loads. The same operations per element, same order.
+    ws: bool = False
+    # split only: who adds the chunk partials in chunk order. "kernel": chunk_reduce_kernel, a second launch;
+    # "ticket": the program of each output tile that takes the last ticket, in the GEMM's launch (the same
+    # additions in the same order, so the same bits; counters in _Tickets). An unsplit key has "kernel".
+    reduce: str = "kernel"
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -101,8 +117,17 @@ class CompileKey:
             raise ValueError(f"CompileKey: group_t={self.group_t} must be >= 1")
         if self.fused_q and self.tma:
             raise ValueError("CompileKey: fused_q loads the unquantized activation by pointer: tma must be off")
+        if self.ws and (self.swap or not self.tma or self.pipe or self.fused_q or self.num_warps != 4
+                        or self.block_t != 128):
+            raise ValueError(f"CompileKey: ws needs swap=False, tma, no pipe / fused_q, num_warps=4 and "
+                             f"block_t=128, got swap={self.swap} tma={self.tma} pipe={self.pipe} "
+                             f"fused_q={self.fused_q} num_warps={self.num_warps} block_t={self.block_t}")
+        if self.reduce not in REDUCES:
+            raise ValueError(f"CompileKey: reduce={self.reduce!r} must be one of {REDUCES}")
+        if self.reduce == "ticket" and (not self.split or self.ws):
+            raise ValueError(f"CompileKey: reduce='ticket' needs split and no ws, got split={self.split} ws={self.ws}")
         m_side = self.block_n if self.swap else self.block_t
-        if m_side % 64 or m_side // 64 > self.num_warps // 4:
+        if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
                              f"64 rows per warpgroup of num_warps={self.num_warps}")
 
@@ -132,21 +157,24 @@ class CompileKey:
     @staticmethod
     def from_config(n: int, k: int, cfg: dict, *, act_scale_ue8m0: bool) -> "CompileKey":
         """The key of a tunable config (gemm_fp8_block_configs: block_n, block_t, num_warps, num_stages,
-        split, swap, group_t, pipe) at N, K; the summation-order fields come from chunk_plan(N, K), so every
-        config gives the same bits. `split` is dropped where the plan has one chunk."""
+        split, swap, group_t, pipe, tma, fused_q, ws, reduce; a field the config lacks takes the key's default)
+        at N, K; the summation-order fields come from chunk_plan(N, K), so every config gives the same bits.
+        `split` (and with it reduce="ticket") is dropped where the plan has one chunk."""
         chunk_blocks, n_chunks = chunk_plan(n, k)
+        split = bool(cfg["split"]) and n_chunks > 1
         return CompileKey(block_n=cfg["block_n"], block_t=cfg["block_t"], num_warps=cfg["num_warps"],
-                          num_stages=cfg["num_stages"], split=bool(cfg["split"]) and n_chunks > 1,
+                          num_stages=cfg["num_stages"], split=split,
                           groups=-(-k // GROUP), chunk_blocks=chunk_blocks, n_chunks=n_chunks, even_k=k % GROUP == 0,
                           act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
                           group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
-                          tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False))
+                          tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False),
+                          reduce=cfg.get("reduce", "kernel") if split else "kernel")
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
-                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q}
+                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -167,13 +195,16 @@ def constexprs(key: CompileKey) -> dict:
     A split program owns one chunk, so it sums the chunk's groups from +0 in one accumulator (CHUNKED
     off: no second register tile). That is the unsplit kernel's chunk sum `part` exactly: the unsplit one
     then adds 0 + part, which equals part since a sum started at +0 is never -0 (round to nearest). So the
-    partials, and the reduce's sum of them in chunk order, have the same bits."""
+    partials, and the reduce's sum of them in chunk order, have the same bits. TICKET: that sum is done by
+    the tile's last program (the same additions: _ticket_reduce)."""
     return dict(BN=key.block_n, BT=key.block_t, N_ITER=key.chunk_blocks if key.split else key.groups,
                 CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split, CHUNKED=key.chunked and not key.split,
                 EVEN_K=key.even_k,
                 AS_UE8M0=key.act_scale_ue8m0, SWAP=key.swap, GROUP_T=key.group_t, WS_VEC=key.block_n > 128,
                 PIPE=key.pipe, TMA=key.tma, FUSED_Q=key.fused_q, Q_RECIP=key.q_recip,
-                Q_NAN_PROPAGATE=key.q_nan_propagate, Q_AMAX_FLOOR=key.q_amax_floor)
+                Q_NAN_PROPAGATE=key.q_nan_propagate, Q_AMAX_FLOOR=key.q_amax_floor, WS=key.ws,
+                TICKET=key.split and key.reduce == "ticket", N_CHUNKS=key.n_chunks,
+                REDUCE_UNROLL=4 if key.block_n * key.block_t <= 16 * 32 * key.num_warps else 1)
 
 
 @functools.lru_cache(maxsize=64)
@@ -200,17 +231,86 @@ def _compile(key: CompileKey):
         extra, stride_am = {}, a_u8.stride(0)
         if key.fused_q:
             a_arg, extra, stride_am = x, {"codes_ptr": a_u8, "qscale_ptr": a_scale}, x.stride(0)
+        ticket = key.split and key.reduce == "ticket"
+        if ticket:  # the tile's last program writes out_bf16 (one counter per output tile: grid[0] x grid[1])
+            extra.update(y_ptr=out_bf16, ctr_ptr=_tile_tickets(a_u8.device, grid[0] * grid[1]))
         compiled = gemm_fp8_block_kernel[grid](
             w_arg, a_arg, w_dec_f32, a_scale, dst,
             m, n, k, key.groups, w_u8.stride(0), stride_am, a_scale.stride(0), n, m * n,
             **constexprs(key), **extra, num_warps=key.num_warps, num_stages=key.num_stages,
         )
-        if key.split:
+        if key.split and not ticket:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
                 dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
         return compiled
 
     return run
+
+
+class _Tickets:
+    """Split-K ticket counters of one device for reduce="ticket" (int32, zero between launches: the last
+    program of each output tile resets its counter). The scheme of kernels.sm90.gemm_nvfp4's wgmma path.
+
+    Made by the first ticket launch on the device, outside CUDA-graph capture; on a GPU that launch waits
+    once for the zero fill (one host synchronisation, like the first launch's compile), so no stream can use
+    a counter before it is zero. Launches outside capture take 64-counter-aligned slices of `eager` round
+    robin; a launch being captured takes a slice of `captured` that no other launch ever gets (a graph keeps
+    its slice for its lifetime), and running out of those is an error, never reuse. So two launches share
+    counters only if both run eagerly with more than `eager` counters' worth of eager launches issued between
+    them and still overlap in time. The sizes are arguments for the tests (a small eager buffer makes
+    consecutive launches reuse the same counters)."""
+
+    def __init__(self, device: torch.device, eager: int = 1 << 20, captured: int = 1 << 22):
+        self.eager = torch.zeros(eager, dtype=torch.int32, device=device)
+        self.captured = torch.zeros(captured, dtype=torch.int32, device=device)
+        if self.eager.is_cuda:
+            torch.cuda.current_stream(device).synchronize()
+        self.eager_next = 0
+        self.captured_next = 0
+        self.lock = threading.Lock()
+
+    def take(self, tiles: int, capturing: bool) -> Tensor:
+        span = -(-tiles // 64) * 64
+        with self.lock:
+            if capturing:
+                if self.captured_next + span > self.captured.numel():
+                    raise RuntimeError(
+                        f"gemm_fp8_block: captured ticket launches on {self.captured.device} need more than "
+                        f"{self.captured.numel()} split-K tickets (graph slices are never reused); capture fewer "
+                        "GEMMs or make _Tickets with a larger `captured`")
+                start = self.captured_next
+                self.captured_next += span
+                return self.captured[start:start + tiles]
+            if span > self.eager.numel():
+                raise ValueError(f"gemm_fp8_block: {tiles} output tiles exceed the {self.eager.numel()} split-K "
+                                 "tickets")
+            if self.eager_next + span > self.eager.numel():
+                self.eager_next = 0
+            start = self.eager_next
+            self.eager_next += span
+            return self.eager[start:start + tiles]
+
+    def nonzero(self) -> int:
+        """Counters not back at zero (tests; synchronises on a GPU)."""
+        return int(self.eager.count_nonzero()) + int(self.captured.count_nonzero())
+
+
+_tickets: dict[torch.device, _Tickets] = {}
+_tickets_made = threading.Lock()
+
+
+def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
+    """`tiles` zeroed split-K ticket counters for one reduce="ticket" launch (see _Tickets)."""
+    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    entry = _tickets.get(device)
+    if entry is None:
+        if capturing:
+            raise RuntimeError(
+                f"gemm_fp8_block: the split-K ticket counters of {device} are made by the first reduce='ticket' "
+                "launch; make one launch outside CUDA-graph capture first (the kernels are compiled there too)")
+        with _tickets_made:  # two threads' first launches make one buffer
+            entry = _tickets.get(device) or _tickets.setdefault(device, _Tickets(device))
+    return entry.take(tiles, capturing)
 
 
 def compiled_resources(key: CompileKey) -> tuple[int, int] | None:
@@ -256,6 +356,12 @@ def _check_inputs(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: 
         raise ValueError(f"a_u8: expected CUDA tensors (or TRITON_INTERPRET=1), got {a_u8.device}")
 
 
+def without_ws(key: CompileKey) -> CompileKey:
+    """`key` without warp specialization: the same tile on two warpgroups of 4 warps (8 warps; the bits do
+    not depend on it)."""
+    return dataclasses.replace(key, ws=False, num_warps=max(key.num_warps, 8)) if key.ws else key
+
+
 def _tma_ok(a_u8: Tensor, w_u8: Tensor) -> bool:
     """Tensor descriptors need 16-byte aligned bases and row strides."""
     return all(t.data_ptr() % 16 == 0 and t.stride(0) % 16 == 0 for t in (a_u8, w_u8))
@@ -284,7 +390,7 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
     if key.tma and not _tma_ok(a_u8, w_u8):
-        key = dataclasses.replace(key, tma=False)  # the same operands by masked loads
+        key = dataclasses.replace(without_ws(key), tma=False)  # the same operands by masked loads
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
@@ -294,9 +400,9 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
 def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
-    return dataclasses.replace(key, act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, fused_q=True,
-                               q_recip=encode_rule == "mul_reciprocal", q_nan_propagate=amax_nan == "propagate",
-                               q_amax_floor=float(amax_floor_f32))
+    return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False,
+                               fused_q=True, q_recip=encode_rule == "mul_reciprocal",
+                               q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
 
 def launch_fused(x: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, scale_rule: str, encode_rule: str = "divide",
@@ -304,9 +410,9 @@ def launch_fused(x: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor, *, scale_rule
                  key: CompileKey | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """x [M, K] (bf16 / fp16 / fp32) -> (y bf16 [M, N], act codes u8 [M, K], act scales [M, ceil(K/128)]): the
     activation quantized in the GEMM's prologue (the recipe fields as quantize_fp8_1x128.launch takes them),
-    one launch (plus the chunk reduce when split). Same bytes, scales and output bits as quantize_fp8_1x128
-    then launch. key: a CompileKey whose tile fields are used (fused_q and the recipe are set here); by
-    default CompileKey.for_shape."""
+    one launch (plus the chunk reduce when split with reduce="kernel"; with "ticket" one launch in all).
+    Same bytes, scales and output bits as quantize_fp8_1x128 then launch. key: a CompileKey whose tile fields
+    are used (fused_q and the recipe are set here); by default CompileKey.for_shape."""
     from kernels.sm90 import quantize_fp8_1x128 as q
 
     q._check_inputs(x, scale_rule, encode_rule, amax_nan, amax_floor_f32)

@@ -3,8 +3,10 @@ sweep on the GPU (verify/tests/test_sm90_fp8_sweep.py, marker bench) and committ
 
 TABLE maps (N, K) to M buckets: ((m_max, config), ...) in ascending m_max; an M takes the first bucket with
 M <= m_max, and the last bucket serves every larger M. A config holds only tunable fields (tile, warps,
-stages, split, layout, raster group, pipelining, TMA loads; fused_q: linear_fp8 quantizes the activation
-in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it): the summation order comes from
+stages, split, layout, raster group, pipelining, TMA loads, ws: the warp-specialized group loop; reduce: who
+adds a split's chunk partials, "kernel" (a second launch) or "ticket" (the tile's last program); fused_q:
+linear_fp8 quantizes the activation in the GEMM's prologue with this tile, gemm_fp8_block.launch ignores it; a
+field in DEFAULTS may be absent: entries committed before it existed mean its default): the summation order comes from
 chunk_plan(N, K) alone, so
 every config gives the same bits and a token's result does not depend on M or on the bucket (the sweep
 refuses a candidate whose output differs by one bit from the reference config's). Chosen on the host from
@@ -25,9 +27,13 @@ import pprint
 import sys
 from pathlib import Path
 
-__all__ = ["TABLE", "FIELDS", "candidates", "lookup", "merged_table"]
+__all__ = ["TABLE", "FIELDS", "DEFAULTS", "candidates", "lookup", "merged_table"]
 
-FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q")
+FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q", "ws",
+          "reduce")
+# fields added after configs were committed: an entry (or a sweep's winner) without one means this default, so
+# older tables and sweep files keep their meaning
+DEFAULTS = {"ws": False, "reduce": "kernel"}
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: NVIDIA H100 80GB HBM3
@@ -541,9 +547,20 @@ def lookup(m: int, n: int, k: int, table: dict | None = None) -> dict | None:
 
 
 def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = True, group_t: int = 8,
-         pipe: bool = False, tma: bool = False) -> dict:
+         pipe: bool = False, tma: bool = False, ws: bool = False, reduce: str = "kernel") -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
-            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False}
+            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False, "ws": ws, "reduce": reduce}
+
+
+def _tk(bn: int, bt: int, warps: int, stages: int, swap: bool = True, tma: bool = True) -> dict:
+    """A split config whose chunk partials the last program of each output tile reduces (one launch)."""
+    return _cfg(bn, bt, warps, stages, True, swap=swap, tma=tma, reduce="ticket")
+
+
+def _ws(bn: int, stages: int, split: bool, group_t: int = 8) -> dict:
+    """Token-major bn x 128 tokens, TMA loads, the group loop warp-specialized (num_warps 4 -> 12 warps on sm_90:
+    a TMA producer warpgroup and two math warpgroups of 64 tokens; CompileKey.ws)."""
+    return _cfg(bn, 128, 4, stages, split, swap=False, group_t=group_t, tma=True, ws=True)
 
 
 def candidates(m: int) -> list[dict]:
@@ -554,37 +571,51 @@ def candidates(m: int) -> list[dict]:
     along the wgmma's M, as DeepGEMM has it), split-K (one accumulator per program: see
     gemm_fp8_block.constexprs), raster groups, beside the heuristic's swapped 128 x 64. The first entry of
     each bucket is the heuristic's choice. Tiles that spill on the sm_90a compile (BN 256, pipe with two
-    accumulators) are left out; the sweep refuses any spilling config anyway."""
+    accumulators) are left out; the sweep refuses any spilling config anyway. ws (M > 64): the warp-specialized
+    group loop on token-major 128 / 64 x 128 tiles (sm_90a compile: 12 warps, setmaxnreg 232 for the math
+    warpgroups, no spills; shared memory 115-197 KB at 3-5 stages, so split tiles stop at 4 stages).
+    reduce="ticket" (_tk): the split configs of the launch-bound sizes (small N at M <= 64) in one launch, the
+    chunk partials reduced by each output tile's last program; with pointer loads at M <= 16 too, the tile
+    the fused quantizer (fused_q, pointer loads) takes, so quantize + GEMM + reduce can be one launch."""
     if m <= 16:
         return [_cfg(64, 16, 4, 4, True), _cfg(64, 16, 4, 4, False), _cfg(64, 16, 4, 3, True),
                 _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 16, 4, 4, False, tma=True), _cfg(64, 16, 4, 6, True, tma=True),
-                _cfg(64, 16, 4, 4, True, pipe=True, tma=True), _cfg(128, 16, 8, 4, True, tma=True)]
+                _cfg(64, 16, 4, 4, True, pipe=True, tma=True), _cfg(128, 16, 8, 4, True, tma=True),
+                _tk(64, 16, 4, 4), _tk(64, 16, 4, 4, tma=False), _tk(64, 16, 4, 6)]
     if m <= 32:
         return [_cfg(64, 32, 4, 4, True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, False, tma=True),
-                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, True, pipe=True, tma=True)]
+                _cfg(64, 16, 4, 4, True, tma=True), _cfg(64, 32, 4, 4, True, pipe=True, tma=True), _tk(64, 32, 4, 4)]
     if m <= 64:
         return [_cfg(64, 64, 4, 4, True), _cfg(64, 64, 4, 4, False), _cfg(64, 64, 4, 4, True, tma=True),
                 _cfg(64, 64, 4, 6, True, tma=True), _cfg(64, 32, 4, 4, True, tma=True), _cfg(128, 64, 8, 4, True, tma=True),
                 _cfg(64, 64, 4, 4, True, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True),
-                _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
+                _cfg(128, 64, 4, 4, False, swap=False, tma=True), _tk(128, 64, 4, 4, swap=False), _tk(64, 64, 4, 4)]
     if m <= 256:
         return [_cfg(128, 64, 8, 4, True), _cfg(128, 64, 8, 4, False), _cfg(128, 64, 8, 4, True, tma=True),
                 _cfg(128, 64, 8, 4, True, pipe=True, tma=True), _cfg(128, 128, 8, 4, True, swap=False),
                 _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, tma=True),
                 _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
-                _cfg(128, 64, 4, 4, True, swap=False, tma=True), _cfg(128, 64, 4, 4, False, swap=False, tma=True)]
+                _cfg(128, 64, 4, 4, True, swap=False, tma=True), _cfg(128, 64, 4, 4, False, swap=False, tma=True),
+                _ws(128, 4, True), _ws(128, 4, False), _ws(64, 4, True), _ws(128, 3, True),
+                _tk(128, 64, 4, 4, swap=False), _tk(128, 128, 8, 4, swap=False)]
     return [_cfg(128, 64, 8, 4, False), _cfg(128, 128, 8, 4, False, swap=False),
             _cfg(128, 128, 8, 4, False, swap=False, tma=True), _cfg(128, 128, 8, 3, False, swap=False, tma=True),
             _cfg(128, 128, 8, 5, False, swap=False, tma=True), _cfg(128, 128, 8, 4, False, swap=False, group_t=16, tma=True),
             _cfg(128, 128, 8, 4, True, swap=False, tma=True), _cfg(128, 128, 8, 4, True, swap=False, pipe=True, tma=True),
-            _cfg(128, 128, 8, 3, True, swap=False, pipe=True, tma=True), _cfg(128, 64, 4, 4, True, swap=False, tma=True)]
+            _cfg(128, 128, 8, 3, True, swap=False, pipe=True, tma=True),
+            _cfg(128, 64, 4, 4, True, swap=False, tma=True),
+            _ws(128, 4, False), _ws(128, 3, False), _ws(128, 4, False, group_t=16), _ws(128, 4, True),
+            _tk(128, 128, 8, 4, swap=False)]
 
 
 def _check_config(cfg: dict, where: str) -> dict:
-    missing = [f for f in FIELDS if f not in cfg]
+    """cfg's FIELDS in order, a missing field of DEFAULTS filled with its default (an older sweep's winner)."""
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: config must be a dict, got {type(cfg).__name__}")
+    missing = [f for f in FIELDS if f not in cfg and f not in DEFAULTS]
     if missing:
         raise ValueError(f"{where}: config lacks {missing}")
-    return {f: cfg[f] for f in FIELDS}
+    return {f: cfg.get(f, DEFAULTS.get(f)) for f in FIELDS}
 
 
 def merged_table(table: dict, winners: list[dict]) -> dict:

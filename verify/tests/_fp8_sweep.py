@@ -12,7 +12,9 @@ so a run stopped by its time limit keeps what it measured. The lead commits the 
 Compiles run first in a pool of worker processes (Triton's on-disk cache is shared, so the timing process
 only loads them); a candidate that fails to compile or launch is reported, not fatal. Environment:
 NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash": the V4-Flash ones),
-NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096),
+NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buckets alone, the warp-specialized
+candidates among them; 1,16,64 the launch-bound sizes, where the single-launch split-K (reduce="ticket") and the
+fused quantizer compete),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
@@ -228,6 +230,14 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                    "candidates": len(results), "bits_differ": [r["config"] for r in differ],
                    "spilling": [r["config"] for r in results if r.get("spills")],
                    "errors": [(r["config"], r["error"]) for r in results if "error" in r]}
+        if any(r["config"].get("ws") for r in results):  # the warp-specialized loop against the rest, same run
+            for tag, pick in (("ws", True), ("no_ws", False)):
+                mine = [r for r in ok if bool(r["config"].get("ws")) is pick]
+                summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
+            for tag, pick in (("ticket", True), ("reduce_kernel", False)):
+                mine = [r for r in ok if r["config"]["split"] and (r["config"].get("reduce") == "ticket") is pick]
+                summary[f"best_split_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if win is not None:
             # the serving cost: activation quantization + the winner's GEMM, one graph
             key = gemm_fp8_block.CompileKey.from_config(n, k, win["config"], act_scale_ue8m0=True)
@@ -241,35 +251,66 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
                 summary["best_with_quant_error"] = _one_line(exc, 100)
             win_cfg = dict(win["config"])
             if m <= FUSED_MAX_M and "best_with_quant_us" in summary:
-                # the quantizer fused into this tile's prologue (pointer loads: tma off): bit-equal bytes, scales
-                # and output required; committed (fused_q) when faster than quantize + GEMM
-                fkey = gemm_fp8_block.CompileKey.from_config(n, k, {**win_cfg, "tma": False}, act_scale_ue8m0=True)
-                ftag = json.dumps({**win_cfg, "tma": False, "fused_q": True}, sort_keys=True)
-                try:
-                    if (n, k, m, ftag) in compile_errors:
-                        raise RuntimeError(f"precompile: {compile_errors[(n, k, m, ftag)]}")
-                    yf, cf, sf = gemm_fp8_block.launch_fused(xq, w, w_dec, scale_rule="ue8m0_ceil", key=fkey)
-                    summary["fused_bits_equal"] = (_bits_equal(yf, y_ref[:m]) and torch.equal(cf, codes[:m])
-                                                   and torch.equal(sf, scale[:m]))
-                    summary["fused_us"] = 1e6 * _time_graph(
-                        [(lambda wi=ws[i % copies]: gemm_fp8_block.launch_fused(xq, wi, w_dec, scale_rule="ue8m0_ceil",
-                                                                                key=fkey)) for i in range(calls)])
-                    res = gemm_fp8_block.compiled_resources(gemm_fp8_block.fused_key(fkey, scale_rule="ue8m0_ceil"))
-                    summary["fused_regs"], summary["fused_spills"] = res if res is not None else (None, None)
-                    if (summary["fused_bits_equal"] and not summary["fused_spills"]
-                            and summary["fused_us"] < summary["best_with_quant_us"]):
-                        win_cfg = {**win_cfg, "tma": False, "fused_q": True} if win_cfg["tma"] else \
-                            {**win_cfg, "fused_q": True}
-                        if win_cfg != {**win["config"], "fused_q": True}:
-                            summary["fused_note"] = "the fused tile has tma off (the GEMM-only winner had it on)"
-                except Exception as exc:  # noqa: BLE001
-                    summary["fused_error"] = _one_line(exc, 120)
+                # the quantizer fused into a tile's prologue (pointer loads: tma off), tried on the winner's tile and
+                # on the fastest single-launch split-K tile (reduce="ticket": then quantize + GEMM + reduce is one
+                # launch); bit-equal bytes, scales and output required; the fastest is committed (fused_q) when it
+                # beats quantize + the winner's GEMM (the serving cost; launch() then runs that tile unfused)
+                tickets = [r for r in ok if r["config"].get("reduce") == "ticket" and r["config"]["split"]]
+                tiles = [("winner", win_cfg)]
+                if tickets:
+                    tk = min(tickets, key=lambda r: r["us"])["config"]
+                    if {**tk, "tma": False} != {**win_cfg, "tma": False}:
+                        tiles.append(("ticket", dict(tk)))
+                fused = []
+                for src, tile in tiles:
+                    res = _time_fused(tile, n, k, m, xq, w, ws, w_dec, y_ref, codes, scale, copies, calls,
+                                      compile_errors)
+                    summary["fused_ticket" if src == "ticket" else "fused"] = res
+                    if res.get("bits_equal") and not res.get("spills") and "us" in res:
+                        fused.append((res["us"], src, tile))
+                first = summary["fused"]  # the winner's tile: the fields the report always had
+                summary.update({f"fused_{f}": first[f] for f in ("us", "regs", "spills", "error") if f in first})
+                equal = [summary[t]["bits_equal"] for t in ("fused", "fused_ticket")
+                         if "bits_equal" in summary.get(t, {})]
+                if equal:  # every fused tile tried (the bench test refuses a False)
+                    summary["fused_bits_equal"] = all(equal)
+                if fused and min(f[0] for f in fused) < summary["best_with_quant_us"]:
+                    us, src, tile = min(fused, key=lambda f: f[0])
+                    summary["fused_committed_from"] = src
+                    summary["fused_committed_us"] = us
+                    win_cfg = {**tile, "tma": False, "fused_q": True}
+                    if win_cfg != {**win["config"], "fused_q": True}:
+                        summary["fused_note"] = (f"the fused tile ({src}) differs from the GEMM-only winner"
+                                                 + (" (tma off)" if src == "winner" else ""))
             summary["committed_config"] = win_cfg
             winners.append({"N": n, "K": k, "M": m, "config": win_cfg, "us": win["us"], "name": name})
         best.append(summary)
         _print_summary(summary)
     del ws, wbs, codes, scale, x, w, w_dec, y_ref
     torch.cuda.empty_cache()
+
+
+def _time_fused(tile: dict, n, k, m, xq, w, ws, w_dec, y_ref, codes, scale, copies, calls, compile_errors) -> dict:
+    """launch_fused on `tile` (tma off): {"bits_equal", "us", "regs", "spills"} or {"error"}."""
+    from kernels.sm90 import gemm_fp8_block
+
+    out: dict = {}
+    fkey = gemm_fp8_block.CompileKey.from_config(n, k, {**tile, "tma": False}, act_scale_ue8m0=True)
+    ftag = json.dumps({**tile, "tma": False, "fused_q": True}, sort_keys=True)
+    try:
+        if (n, k, m, ftag) in compile_errors:
+            raise RuntimeError(f"precompile: {compile_errors[(n, k, m, ftag)]}")
+        yf, cf, sf = gemm_fp8_block.launch_fused(xq, w, w_dec, scale_rule="ue8m0_ceil", key=fkey)
+        out["bits_equal"] = _bits_equal(yf, y_ref[:m]) and torch.equal(cf, codes[:m]) and torch.equal(sf, scale[:m])
+        out["us"] = 1e6 * _time_graph(
+            [(lambda wi=ws[i % copies]: gemm_fp8_block.launch_fused(xq, wi, w_dec, scale_rule="ue8m0_ceil", key=fkey))
+             for i in range(calls)])
+        res = gemm_fp8_block.compiled_resources(gemm_fp8_block.fused_key(fkey, scale_rule="ue8m0_ceil"))
+        out["regs"], out["spills"] = res if res is not None else (None, None)
+    except Exception as exc:  # noqa: BLE001 - reported in the summary
+        out["error"] = _one_line(exc, 120)
+        _sync()
+    return out
 
 
 def _fmt(v, spec=".2f", none="-"):
@@ -281,14 +322,21 @@ def _print_summary(s: dict) -> None:
     cfg = s["best_config"]
     c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
          f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
-         f"{' pipe' if cfg['pipe'] else ''}")
+         f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}"
+         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
           f" | +quant {_fmt(s.get('best_with_quant_us'), '9.2f')}"
           + (f" fused {_fmt(s.get('fused_us'), '9.2f')}{'' if s.get('fused_bits_equal', True) else ' BITS DIFFER'}"
              if "fused_us" in s else "")
+          + (f" fused ticket tile {_fmt(s['fused_ticket'].get('us'), '.2f')}"
+             f"{'' if s['fused_ticket'].get('bits_equal', True) else ' BITS DIFFER'}" if "fused_ticket" in s else "")
           + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
+          + (f" | ws best {_fmt(s['best_ws_us'], '.2f')} us vs {_fmt(s['best_no_ws_us'], '.2f')} without"
+             if "best_ws_us" in s else "")
+          + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
+             f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")
           + (f" | {len(s['spilling'])} spilling" if s["spilling"] else "")
           + (f" | {len(s['errors'])} failed" if s["errors"] else ""), flush=True)

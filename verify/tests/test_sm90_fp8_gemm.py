@@ -18,6 +18,7 @@ matmul vs torch._scaled_mm blockwise (1x128 x 128x128) at M = 1, 16, 64, 128, 40
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -249,6 +250,13 @@ def _case_gemm_batch_invariance(n, k) -> str:
         key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
                             "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma})
         assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
+    # ws (the warp-specialized loop of the sweep's M > 64 candidates): the interpreter ignores
+    # tl.range(warp_specialize=...) and runs the plain loop, so this checks the key's plumbing (num_warps 4 with
+    # 128-token tiles, TMA), not the specialized code; the GPU test test_gpu_ws_tiles_bit_equal does that
+    for bn, split in ((128, False), (128, True), (64, True)):
+        key = CompileKey(**{**base.__dict__, "block_t": 128, "block_n": bn, "split": split and base.chunked,
+                            "num_warps": 4, "swap": False, "pipe": False, "tma": True, "ws": True})
+        assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
     return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
 
 
@@ -276,6 +284,96 @@ def _case_fused_quant_gemm(m, n, k, recipe_name, cfg_json) -> str:
     return f"bytes, scales and output bit-equal ({cfg_json})"
 
 
+def _ticket_launch(key, act: Fp8Act1x128, w_u8, w_dec):
+    """One launch of `key` into an output pre-filled with NaN (0x7FC0): a reduce that never ran cannot pass."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+
+    out = torch.full((act.e4m3_u8.shape[0], w_u8.shape[0]), float("nan"), dtype=torch.bfloat16)
+    if key.tma and not gemm_fp8_block._tma_ok(act.e4m3_u8, w_u8):  # as launch() does (16-byte row strides)
+        key = dataclasses.replace(key, tma=False)
+    gemm_fp8_block._compile(key)(act.e4m3_u8, act.block_dec_scale, w_u8, w_dec, out)
+    return out
+
+
+def _cancelling_chunks(m: int, n: int, k: int, chunk_blocks: int):
+    """(act, weight codes u8, weight block scales f32) whose chunk-1 partials are exactly minus the chunk-0
+    ones and 2^12 times larger than the rest: chunk 1's activation codes and scales copy chunk 0's, its weight
+    codes are chunk 0's with the sign bit flipped, same block scales, both chunks' scales times 2^12. Summed in
+    chunk order the two cancel exactly ((0 + p0) + p1 = 0) and the small chunks survive; in most other orders
+    p0 swallows the low bits of a small chunk first, so a reduce that reorders the chunks changes the bf16
+    output (a reduce with chunks 1 and 2 swapped, or reversed, fails the ticket case: tried)."""
+    act = _activation(m, k, 72, FP8_ACT_UE8M0, "cpu")
+    wt, w_dec = _weight(n, k, 71, "v4", "cpu")
+    a, sa, w, sw = act.e4m3_u8.clone(), act.block_dec_scale.clone(), wt.e4m3_u8.clone(), w_dec.clone()
+    cb, width = chunk_blocks, chunk_blocks * 128
+    assert 2 * width <= k
+    a[:, width:2 * width] = a[:, :width]
+    sa[:, cb:2 * cb] = sa[:, :cb]
+    w[:, width:2 * width] = w[:, :width] ^ 0x80
+    sw[:, cb:2 * cb] = sw[:, :cb]
+    sw[:, :2 * cb] *= 2.0**12
+    return Fp8Act1x128(a, sa, "ue8m0"), w, sw.contiguous()
+
+
+@contextlib.contextmanager
+def _split_arrival_rotated():
+    """Interpreter only: the split programs of output tile (x, y) run in the order z = r, r + 1, ... (mod the
+    split count), r = (7x + 3y + 1) mod it, instead of 0, 1, ...: the last program to arrive, the one that
+    reduces, is a different chunk from tile to tile (often not the last chunk), as on a GPU."""
+    from triton.runtime import interpreter
+
+    cls = interpreter.InterpreterBuilder
+    original = cls.set_grid_idx
+
+    def rotated(self, x, y, z):
+        nz = self.grid_dim[2]
+        return original(self, x, y, (z + 7 * x + 3 * y + 1) % nz)
+
+    cls.set_grid_idx = rotated
+    try:
+        yield
+    finally:
+        cls.set_grid_idx = original
+
+
+def _case_ticket_split(n, k, runs_json) -> str:
+    """reduce="ticket" (the tile's last program adds the chunk partials, one launch) gives the bits of the
+    split with the reduce launch and of the unsplit kernel, for each (M, tile) of runs_json (M = 1..70: partial
+    token tiles and several token tiles under the raster; weight- / token-major, TMA, pipe; the 4-chunk
+    unrolled reduce of small tiles and the plain one), on operands where a reordered reduce fails
+    (_cancelling_chunks); each launched twice on the SAME counters (a 64-counter eager buffer: every launch
+    takes slice 0), the second time with the split programs' arrival order rotated per output tile
+    (_split_arrival_rotated: the reducing program is then mostly not the last chunk's), every counter back at
+    zero after each launch."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey, _Tickets
+
+    cpu = torch.device("cpu")
+    tickets = gemm_fp8_block._tickets[cpu] = _Tickets(cpu, eager=64, captured=64)
+    base = CompileKey.heuristic(70, n, k, act_scale_ue8m0=True)
+    assert base.n_chunks > 2, "the case needs three chunks or more"
+    act, w_u8, w_dec = _cancelling_chunks(70, n, k, base.chunk_blocks)
+    launches = 0
+    for m, tile in json.loads(runs_json):
+        sub = Fp8Act1x128(act.e4m3_u8[:m], act.block_dec_scale[:m], "ue8m0")
+        key = dataclasses.replace(base, split=True, reduce="ticket", **tile)
+        unsplit = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, split=False, reduce="kernel"))
+        split = _gemm(sub, w_u8, w_dec, key=dataclasses.replace(key, reduce="kernel"))
+        assert_bits_equal(split, unsplit, label=f"split + reduce launch vs unsplit M={m} {tile} ({n}x{k})")
+        for rep in range(2):  # the second launch with the arrival order rotated per tile
+            with _split_arrival_rotated() if rep else contextlib.nullcontext():
+                got = _ticket_launch(key, sub, w_u8, w_dec)
+            assert_bits_equal(got, split, label=f"ticket launch {rep} vs split + reduce launch M={m} {tile} ({n}x{k})")
+            launches += 1
+            assert tickets.eager_next == 64, "the launch did not take counter slice 0"
+            assert tickets.nonzero() == 0, f"counters not reset after ticket launch M={m} {tile}"
+    return f"{base.n_chunks} chunks of {base.chunk_blocks} groups: {launches} ticket launches bit-equal, counters reset"
+
+
 CASES = {
     **{f"quant-{r}-{m}x{k}-{d}": (_case_quant, (r, m, k, d))
        for r in RECIPES for (m, k, d) in ((3, 576, "bfloat16"), (9, 1024, "bfloat16"))},
@@ -294,7 +392,23 @@ CASES = {
        for i, (m, n, k, r, c) in enumerate((
            (3, 200, 576, "fp8_ue8m0", "{}"), (5, 130, 1100, "fp8_f32", '{"split": false}'),
            (2, 192, 576, "fp8_f32_recip", '{"pipe": true}'), (9, 256, 384, "fp8_ue8m0_nan_ignore", '{"split": true}'),
-           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}')))},
+           (20, 256, 384, "fp8_f32_floor1e-10", '{"swap": false, "block_t": 64, "block_n": 128}'),
+           (3, 192, 576, "fp8_ue8m0", '{"split": true, "reduce": "ticket"}'),
+           (17, 130, 1100, "fp8_f32", '{"split": true, "reduce": "ticket", "pipe": true}')))},
+    # N 192 / K 576: 5 chunks of 1 group, partial K; N 130 / K 1100: 9 chunks, partial N and K tiles; N 2112 /
+    # K 1100: 5 chunks of 2 groups (the last one group), 33 weight tiles
+    **{f"gemm-ticket-split-{n}x{k}-{i}": (_case_ticket_split, (n, k, json.dumps(runs)))
+       for i, (n, k, runs) in enumerate((
+           (192, 576, [(m, dict(block_n=64, block_t=16, num_warps=4)) for m in (1, 5, 20)]
+            + [(20, dict(block_n=64, block_t=32, num_warps=4, tma=True)),
+               (70, dict(block_n=128, block_t=64, num_warps=4, swap=False, tma=True)),
+               (70, dict(block_n=64, block_t=64, num_warps=4, swap=False, pipe=True))]),
+           (130, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4, tma=True)),
+                        (20, dict(block_n=64, block_t=16, num_warps=4)),
+                        (70, dict(block_n=128, block_t=64, num_warps=8, pipe=True))]),
+           (2112, 1100, [(1, dict(block_n=64, block_t=16, num_warps=4)),
+                         (5, dict(block_n=64, block_t=16, num_warps=4)),
+                         (20, dict(block_n=64, block_t=32, num_warps=4))])))},
 }
 
 
@@ -480,6 +594,31 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
                       label=f"token-major split M=128 vs M=4096 ({n}x{k})")
 
 
+@pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (7168, 576), (576, 7168)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_ws_tiles_bit_equal(n, k):
+    """The warp-specialized group loop (CompileKey.ws: 12 warps from num_warps 4, a TMA producer and two math
+    warpgroups) gives the weight-major heuristic's bits: unsplit and split at M = 4096, split at M = 128 and
+    at M = 200 (a partial 128-token tile), partial N / K (576); and the launched kernel is specialized."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    wt, w_dec = _weight(n, k, 23, "v4", "cuda")
+    big = _cuda_act(4096, k, 24, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    base = CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True)
+    for m, bn, split in ((4096, 128, False), (4096, 128, True), (128, 128, True), (200, 64, True), (128, 128, False)):
+        key = dataclasses.replace(base, block_n=bn, block_t=128, num_warps=4, num_stages=4, swap=False, tma=True,
+                                  ws=True, split=split and base.chunked)
+        sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), "ue8m0")
+        assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"ws M={m} {key.config()} ({n}x{k})")
+        compiled = gemm_fp8_block._LAST_COMPILED.get(key)
+        assert compiled is not None and compiled.metadata.num_warps == 12, (key, getattr(compiled, "metadata", None))
+
+
 @pytest.mark.parametrize("m", [1, 16, 64])
 @pytest.mark.parametrize("n,k", [(1536, 7168), (512, 7168), (7168, 16384), (65536, 1536), (7168, 576)],
                          ids=lambda v: str(v))
@@ -560,6 +699,113 @@ def test_gpu_linear_graph_replay_bit_equal_and_deterministic(m, n, k):
         assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"graph replay {i}")
 
 
+def _ticket_tables(n: int, k: int) -> dict:
+    """A table routing (N, K) at every M bucket to a split config with reduce="ticket" (decode tiles with the
+    fused quantizer at M <= 16, token-major 128 x 64 with TMA above), for the tests of linear_fp8's path."""
+    from kernels.sm90.gemm_fp8_block_configs import FIELDS
+
+    def cfg(**kw):
+        base = dict(block_n=64, block_t=16, num_warps=4, num_stages=4, split=True, swap=True, group_t=8, pipe=False,
+                    tma=False, fused_q=False, ws=False, reduce="ticket")
+        return {f: {**base, **kw}[f] for f in FIELDS}
+
+    return {(n, k): ((16, cfg(fused_q=True)), (4096, cfg(block_n=128, block_t=64, swap=False, tma=True)))}
+
+
+@pytest.mark.parametrize("m", [1, 16, 64, 200])
+@pytest.mark.parametrize("n,k", [(512, 7168), (1536, 7168), (576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_ticket_split_bit_equal_graph_replay_counters_reset(n, k, m):
+    """reduce="ticket" (one launch: each output tile's last program adds the chunk partials in chunk order)
+    gives the bits of the split with the reduce launch, of the unsplit kernel and of the M = 4096 reference
+    rows, for every ticket candidate of M's bucket; captured in a CUDA graph and replayed 3 times on new
+    activations it equals eager, and every ticket counter is back at zero after each launch and replay."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from kernels.sm90.gemm_fp8_block_configs import candidates
+
+    wt, w_dec = _weight(n, k, 81, "v4", "cuda")
+    big = _cuda_act(4096, k, 82, FP8_ACT_UE8M0)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True))
+    a, sa = big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone()
+    sub = Fp8Act1x128(a, sa, "ue8m0")
+    keys = [CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for c in candidates(m) if c["reduce"] == "ticket"]
+    assert keys and all(key.reduce == "ticket" and key.split for key in keys), keys
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for key in keys:
+        got = _gemm(sub, wt.e4m3_u8, w_dec, key=key)
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after {key.config()}"
+        assert_bits_equal(got, y[:m], label=f"ticket M={m} {key.config()} vs M=4096 rows ({n}x{k})")
+        for ref in (dataclasses.replace(key, reduce="kernel"), dataclasses.replace(key, split=False, reduce="kernel")):
+            assert_bits_equal(got, _gemm(sub, wt.e4m3_u8, w_dec, key=ref), label=f"ticket vs {ref.config()}")
+    key = keys[0]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = gemm_fp8_block.launch(a, sa, wt.e4m3_u8, w_dec, key=key)
+    for i in range(3):
+        rows = torch.randint(0, 4096, (m,), device="cuda", generator=torch.Generator(device="cuda").manual_seed(i))
+        a.copy_(big.e4m3_u8[rows])
+        sa.copy_(big.block_dec_scale[rows])
+        graph.replay()
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after replay {i}"
+        assert_bits_equal(out, y[rows], label=f"ticket graph replay {i} M={m} {key.config()} ({n}x{k})")
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("n,k", [(512, 7168), (1536, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_linear_fp8_ticket_one_launch_graph_replay(n, k, m, monkeypatch):
+    """linear_fp8 through a table of reduce="ticket" configs (the fused quantizer at M <= 16): bytes, scales
+    and output bit-equal to quantize + GEMM with the reduce launch; ONE kernel per call at M <= 16 (quantize,
+    GEMM and reduce; two at M = 64: quantize, GEMM + reduce), counted by the profiler; graph replay 3 times
+    bit-equal with the counters back at zero."""
+    from kernels.sm90 import gemm_fp8_block, gemm_fp8_block_configs, quantize_fp8_1x128
+    from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
+
+    wt, w_dec = _weight(n, k, 91, "v4", "cuda")
+    weight = prepare_fp8_weight(wt.e4m3_u8, w_dec)
+    g = torch.Generator(device="cuda").manual_seed(92)
+    x = (torch.randn(m, k, generator=g, device="cuda") * 3).to(torch.bfloat16)
+
+    def separate():
+        codes, scale = quantize_fp8_1x128.launch(x, scale_rule="ue8m0_ceil")
+        return gemm_fp8_block.launch(codes, scale, wt.e4m3_u8, w_dec), codes, scale
+
+    y, codes, scale = separate()  # the committed / heuristic route (reduce launch or unsplit)
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", _ticket_tables(n, k))
+    key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    assert key.split and key.reduce == "ticket" and key.fused_q is (m <= 16), key
+    yt, ct, st = linear_fp8(x, weight, scale_rule="ue8m0_ceil")
+    assert_bytes_equal(ct, codes, label="codes")
+    assert_bytes_equal(st, scale, label="scales")
+    assert_bits_equal(yt, y, label=f"linear_fp8 ticket M={m} ({n}x{k})")
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        linear_fp8(x, weight, scale_rule="ue8m0_ceil")
+        torch.cuda.synchronize()
+    kernels = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    assert len(kernels) == (1 if m <= 16 else 2) and not any("reduce" in name for name in kernels), kernels
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    dev = torch.device("cuda", torch.cuda.current_device())
+    for i in range(3):
+        x.copy_((torch.randn(m, k, generator=g, device="cuda") * (i + 2)).to(torch.bfloat16))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert gemm_fp8_block._tickets[dev].nonzero() == 0, f"counters left after replay {i}"
+        monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {})
+        ref = separate()[0]
+        monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", _ticket_tables(n, k))
+        assert_bits_equal(out, ref, label=f"linear_fp8 ticket graph replay {i} M={m} ({n}x{k})")
+
+
 # ============================================================================= bench
 
 _BENCH_M = [1, 16, 64, 128, 4096]
@@ -638,6 +884,7 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
                "TFLOPs": 2 * m * n * k / ours / 1e12, "weight_GBps": n * k / ours / 1e9,
                "path": f"{'swap' if key.swap else 'tok'} BN{key.block_n} BT{key.block_t} w{key.num_warps} "
                        f"s{key.num_stages} {'split ' + str(key.n_chunks) if key.split else 'one pass'}"
+                       f"{' ticket' if key.reduce == 'ticket' else ''}"
                        f"{' pipe' if key.pipe else ''}{' tma' if key.tma else ''}"}
         _BENCH_ROWS.append(row)
         blk_s = f"{row['blockwise_us']:9.2f} {row['x_blockwise']:6.2f}" if blk is not None else f"   n/a ({why})"
