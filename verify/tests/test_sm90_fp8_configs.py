@@ -69,14 +69,13 @@ def test_every_candidate_and_committed_config_is_a_valid_key_with_the_shape_s_or
                                 "reduce": c.get("reduce", "kernel") if split else "kernel"}
 
 
-def test_candidates_carry_every_field_and_ws_only_above_m_64():
-    """Candidates are written out whole (the --from-json writer commits them as they are); the warp-specialized
-    ones (at most 4 per bucket, so the sweep's time stays bounded) only where M > 64 (128-token tiles)."""
+def test_candidates_carry_every_field_and_no_ws():
+    """Candidates are written out whole (the --from-json writer commits them as they are); none is warp-specialized
+    (ws gave no result on an H200: launches refuse it, test_a_ws_launch_on_a_device_is_refused)."""
     for m in (1, 16, 32, 64, 128, 4096):
         cands = cfgs.candidates(m)
         assert all(set(c) == set(cfgs.FIELDS) for c in cands), m
-        ws = [c for c in cands if c["ws"]]
-        assert (0 < len(ws) <= 4) if m > 64 else not ws, (m, ws)
+        assert not [c for c in cands if c["ws"]], m
         assert len({json.dumps(c, sort_keys=True) for c in cands}) == len(cands), m
         assert all(not c["ws"] for c in cands[:1]), "the bucket's first entry is the heuristic's choice"
         ticket = [c for c in cands if c["reduce"] == "ticket"]
@@ -183,3 +182,23 @@ def test_ticket_reduce_key_rules():
     fused = fused_key(key, scale_rule="ue8m0_ceil")
     assert (fused.fused_q, fused.split, fused.reduce) == (True, True, "ticket")
     assert dataclasses.replace(key, tma=True, num_stages=6).reduce == "ticket"
+
+
+def test_a_ws_launch_on_a_device_is_refused(monkeypatch):
+    """A ws key (compiles for sm_90a, gave no result on an H200) is refused at its first launch on a device, with the
+    switch named, unless NVFP4V_FP8_WS_EXPERIMENT=1; a key without ws is not refused."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    base = CompileKey.heuristic(4096, 7168, 16384, act_scale_ue8m0=True)
+    key = dataclasses.replace(base, block_n=128, block_t=128, num_warps=4, num_stages=4, swap=False, tma=True,
+                              ws=True, split=False)
+    monkeypatch.setattr(gemm_fp8_block, "_interpreting", lambda: False)
+    monkeypatch.delenv(gemm_fp8_block.WS_EXPERIMENT_ENV, raising=False)
+    with pytest.raises(RuntimeError, match="NVFP4V_FP8_WS_EXPERIMENT=1"):
+        gemm_fp8_block._refuse_ws_on_a_device(key)
+    gemm_fp8_block._refuse_ws_on_a_device(base)
+    monkeypatch.setenv(gemm_fp8_block.WS_EXPERIMENT_ENV, "1")
+    gemm_fp8_block._refuse_ws_on_a_device(key)

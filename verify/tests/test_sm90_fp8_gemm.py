@@ -597,6 +597,9 @@ def test_gpu_gemm_token_major_tiles_bit_equal_to_weight_major(n, k):
 @pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (7168, 576), (576, 7168)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
+@pytest.mark.skipif(os.environ.get("NVFP4V_FP8_WS_EXPERIMENT") != "1",
+                    reason="ws experiment only (NVFP4V_FP8_WS_EXPERIMENT=1): on an H200 this test gave no result "
+                           "in 60 s twice (2026-12-06), so ws launches are refused and the sweep has no ws candidates")
 def test_gpu_ws_tiles_bit_equal(n, k):
     """The warp-specialized group loop (CompileKey.ws: 12 warps from num_warps 4, a TMA producer and two math
     warpgroups) gives the weight-major heuristic's bits: unsplit and split at M = 4096, split at M = 128 and
