@@ -83,6 +83,83 @@ def _split_gate_up(acc, BN: tl.constexpr, BT: tl.constexpr):
     return tl.split(a)
 
 
+@triton.jit
+def _store_tile(acc, e64, pid_n, loc, off_e, pad_e, cnt_e, wr, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
+                hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP,
+                EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, CLAMP: tl.constexpr,
+                ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr):
+    """acc [BN, BT] (decode scale undone) of expert e's local rows `loc` -> the EPI output (see the module
+    docstring: bf16 L2 / gate, up float32 / fused SwiGLU + te requant); both grouped kernels end here."""
+    adec = tl.load(adec_ptr + e64 * adec_stride)
+    rows = off_e + loc                         # global activation rows
+    row_ok = loc < cnt_e
+    if EPI == 0:
+        alpha = adec * tl.load(wdec_ptr + e64)
+        o = rows.to(tl.int64)[None, :] * N + wr[:, None]
+        tl.store(out_ptr + o, _round_to_bf16_f32(acc * alpha).to(tl.bfloat16), mask=(wr < N)[:, None] & row_ok[None, :])
+    else:
+        g, u = _split_gate_up(acc, BN, BT)
+        g = g * (adec * tl.load(wdec_ptr + e64 * 2))
+        u = u * (adec * tl.load(wdec_ptr + e64 * 2 + 1))
+        I = N // 2
+        ic = pid_n * (BN // 2) + tl.arange(0, BN // 2)   # intermediate columns
+        if EPI == 1:
+            o = rows.to(tl.int64)[None, :] * I + ic[:, None]
+            m = (ic < I)[:, None] & row_ok[None, :]
+            tl.store(out_ptr + o, g, mask=m)
+            tl.store(out2_ptr + o, u, mask=m)
+        else:
+            if CLAMP:
+                u = tl.minimum(tl.maximum(u, -limit), limit)
+                g = tl.minimum(g, limit)
+            h = (g / (1.0 + tl.exp(-g))) * u
+            h = _round_to_bf16_f32(h)   # h is bf16 at the stage boundary (as the unfused path)
+            # NVFP4 te, static: S = 1 / input_scale (float32 division), per 16 columns of a row
+            s_enc = tl.div_rn(1.0, tl.load(hdec_ptr + e64 * hdec_stride))
+            NB: tl.constexpr = BN // 32
+            hb = tl.reshape(h, (NB, 16, BT))
+            v = tl.max(tl.abs(hb), axis=1)        # maxnum: NaN elements ignored
+            v = tl.where(v == v, v, 0.0)
+            scale_f32 = tl.minimum(v * (s_enc * ONE_SIXTH), FMAX, propagate_nan=tl.PropagateNan.ALL)
+            sf_u8 = e4m3_rne_satfinite_u8(scale_f32)           # [NB, BT]
+            inv_s = tl.div_rn(1.0, s_enc)
+            enc = tl.div_rn(1.0, e4m3_u8_to_f32(sf_u8) * inv_s)
+            enc = tl.minimum(enc, FMAX, propagate_nan=tl.PropagateNan.ALL)
+            codes = e2m1_code_lt_zero_bits(hb * enc[:, None, :])  # [NB, 16, BT]
+            lo, hi = tl.split(tl.permute(tl.reshape(codes, (NB, 8, 2, BT)), (0, 1, 3, 2)))
+            byte = (lo | (hi << 4)).to(tl.uint8)                 # [NB, 8, BT]
+            blk = pid_n * NB + tl.arange(0, NB)
+            col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]   # byte column of h_packed
+            po = rows.to(tl.int64)[None, None, :] * (I // 2) + col[:, :, None]
+            tl.store(out_ptr + po, byte, mask=(col < I // 2)[:, :, None] & row_ok[None, None, :])
+            srow = pad_e + loc
+            so = ((((srow // 128) * (OUT_CP // 4))[None, :] + (blk // 4)[:, None]) * 512
+                  + ((srow % 32) * 16 + ((srow // 32) % 4) * 4)[None, :] + (blk % 4)[:, None])
+            tl.store(hsf_ptr + so.to(tl.int64), sf_u8.to(tl.uint8),
+                     mask=(blk < I // 16)[:, None] & row_ok[None, :])
+
+
+@triton.jit
+def _store_zero_tile(z, off_end, pid_n, wr, out_ptr, out2_ptr, N, RCAP,
+                     EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr):
+    """Capacity rows past off[E]: zeros (BT rows of this column tile for zero tile z)."""
+    zr = off_end + z * BT + tl.arange(0, BT)
+    zok = (zr < RCAP) & (z * BT < RCAP - off_end)
+    if EPI == 0:
+        zo = zr.to(tl.int64)[None, :] * N + wr[:, None]
+        tl.store(out_ptr + zo, tl.zeros((BN, BT), dtype=tl.bfloat16), mask=(wr < N)[:, None] & zok[None, :])
+    elif EPI == 1:
+        zic = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        zo = zr.to(tl.int64)[None, :] * (N // 2) + zic[:, None]
+        zm = (zic < N // 2)[:, None] & zok[None, :]
+        tl.store(out_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
+        tl.store(out2_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
+    else:
+        zcol = pid_n * (BN // 4) + tl.arange(0, BN // 4)
+        zo = zr.to(tl.int64)[None, :] * (N // 4) + zcol[:, None]
+        tl.store(out_ptr + zo, tl.zeros((BN // 4, BT), dtype=tl.uint8), mask=(zcol < N // 4)[:, None] & zok[None, :])
+
+
 @triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit", "PLANE"])
 def grouped_gemm_nvfp4_kernel(
     w_ptr, wsf_ptr, x_ptr, xsf_ptr, adec_ptr, wdec_ptr, off_ptr,
@@ -117,70 +194,10 @@ def grouped_gemm_nvfp4_kernel(
             acc = tl.dot(w_lo, tl.trans(x_lo), acc)
             acc = tl.dot(w_hi, tl.trans(x_hi), acc)
         acc = acc * DECODE_UNSCALE  # exact
-        adec = tl.load(adec_ptr + e64 * adec_stride)
-        rows = off_e + loc                         # global activation rows
-        row_ok = loc < cnt_e
-        if EPI == 0:
-            alpha = adec * tl.load(wdec_ptr + e64)
-            o = rows.to(tl.int64)[None, :] * N + wr[:, None]
-            tl.store(out_ptr + o, _round_to_bf16_f32(acc * alpha).to(tl.bfloat16), mask=(wr < N)[:, None] & row_ok[None, :])
-        else:
-            g, u = _split_gate_up(acc, BN, BT)
-            g = g * (adec * tl.load(wdec_ptr + e64 * 2))
-            u = u * (adec * tl.load(wdec_ptr + e64 * 2 + 1))
-            I = N // 2
-            ic = pid_n * (BN // 2) + tl.arange(0, BN // 2)   # intermediate columns
-            if EPI == 1:
-                o = rows.to(tl.int64)[None, :] * I + ic[:, None]
-                m = (ic < I)[:, None] & row_ok[None, :]
-                tl.store(out_ptr + o, g, mask=m)
-                tl.store(out2_ptr + o, u, mask=m)
-            else:
-                if CLAMP:
-                    u = tl.minimum(tl.maximum(u, -limit), limit)
-                    g = tl.minimum(g, limit)
-                h = (g / (1.0 + tl.exp(-g))) * u
-                h = _round_to_bf16_f32(h)   # h is bf16 at the stage boundary (as the unfused path)
-                # NVFP4 te, static: S = 1 / input_scale (float32 division), per 16 columns of a row
-                s_enc = tl.div_rn(1.0, tl.load(hdec_ptr + e64 * hdec_stride))
-                NB: tl.constexpr = BN // 32
-                hb = tl.reshape(h, (NB, 16, BT))
-                v = tl.max(tl.abs(hb), axis=1)        # maxnum: NaN elements ignored
-                v = tl.where(v == v, v, 0.0)
-                scale_f32 = tl.minimum(v * (s_enc * ONE_SIXTH), FMAX, propagate_nan=tl.PropagateNan.ALL)
-                sf_u8 = e4m3_rne_satfinite_u8(scale_f32)           # [NB, BT]
-                inv_s = tl.div_rn(1.0, s_enc)
-                enc = tl.div_rn(1.0, e4m3_u8_to_f32(sf_u8) * inv_s)
-                enc = tl.minimum(enc, FMAX, propagate_nan=tl.PropagateNan.ALL)
-                codes = e2m1_code_lt_zero_bits(hb * enc[:, None, :])  # [NB, 16, BT]
-                lo, hi = tl.split(tl.permute(tl.reshape(codes, (NB, 8, 2, BT)), (0, 1, 3, 2)))
-                byte = (lo | (hi << 4)).to(tl.uint8)                 # [NB, 8, BT]
-                blk = pid_n * NB + tl.arange(0, NB)
-                col = blk[:, None] * 8 + tl.arange(0, 8)[None, :]   # byte column of h_packed
-                po = rows.to(tl.int64)[None, None, :] * (I // 2) + col[:, :, None]
-                tl.store(out_ptr + po, byte, mask=(col < I // 2)[:, :, None] & row_ok[None, None, :])
-                srow = pad_e + loc
-                so = ((((srow // 128) * (OUT_CP // 4))[None, :] + (blk // 4)[:, None]) * 512
-                      + ((srow % 32) * 16 + ((srow // 32) % 4) * 4)[None, :] + (blk % 4)[:, None])
-                tl.store(hsf_ptr + so.to(tl.int64), sf_u8.to(tl.uint8),
-                         mask=(blk < I // 16)[:, None] & row_ok[None, :])
+        _store_tile(acc, e64, pid_n, loc, off_e, pad_e, cnt_e, wr, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
+                    hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
     else:
-        # capacity rows past off[E]: zeros (BT rows of this column tile per zero tile)
-        zr = off_end + z * BT + tl.arange(0, BT)
-        zok = (zr < RCAP) & (z * BT < RCAP - off_end)
-        if EPI == 0:
-            zo = zr.to(tl.int64)[None, :] * N + wr[:, None]
-            tl.store(out_ptr + zo, tl.zeros((BN, BT), dtype=tl.bfloat16), mask=(wr < N)[:, None] & zok[None, :])
-        elif EPI == 1:
-            zic = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-            zo = zr.to(tl.int64)[None, :] * (N // 2) + zic[:, None]
-            zm = (zic < N // 2)[:, None] & zok[None, :]
-            tl.store(out_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
-            tl.store(out2_ptr + zo, tl.zeros((BN // 2, BT), dtype=tl.float32), mask=zm)
-        else:
-            zcol = pid_n * (BN // 4) + tl.arange(0, BN // 4)
-            zo = zr.to(tl.int64)[None, :] * (N // 4) + zcol[:, None]
-            tl.store(out_ptr + zo, tl.zeros((BN // 4, BT), dtype=tl.uint8), mask=(zcol < N // 4)[:, None] & zok[None, :])
+        _store_zero_tile(z, off_end, pid_n, wr, out_ptr, out2_ptr, N, RCAP, EPI, BN, BT)
 
 
 @triton.jit(do_not_specialize=["PLANE"])
