@@ -17,7 +17,7 @@ Summation order (deterministic and batch-invariant): the groups are cut into chu
 chunk_plan(N, K), a function of N and K only; the scaled group dots of a chunk are added from zero
 in group order, and the chunk sums from zero in chunk order. Small grids (few tokens) run one
 program per chunk and add the chunk partials in chunk order, in a second kernel (reduce="kernel")
-or in the program of each output tile that arrives last (reduce="ticket": one launch, _Tickets);
+or in the program of each output tile that arrives last (reduce="ticket": one launch, kernels.sm90._tickets);
 large grids walk the chunks in one program. All give the same bits, so a row's result depends
 neither on M nor on the split. The kernel is "swap AB": the weights are the MMA's M side (64 rows per warpgroup, so
 every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero rows). Partial K
@@ -25,21 +25,22 @@ every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero ro
 
 Per-call buffers (the chunk partials) come from torch.empty, so under CUDA-graph capture they come
 from the graph's pool; nothing syncs with the host. The ticket counters of reduce="ticket" are made
-once per device by the first such launch, outside capture (_Tickets). With TRITON_INTERPRET=1 it runs on CPU tensors.
+once per device by the first such launch, outside capture (kernels.sm90._tickets). With TRITON_INTERPRET=1
+it runs on CPU tensors.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 import functools
-import threading
+import os
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels.sm90._env import triton_interpreting as _interpreting
+from kernels.sm90._tickets import Tickets, tile_tickets
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch",
            "fused_key", "launch_fused", "without_ws", "REDUCES"]
@@ -106,7 +107,7 @@ class CompileKey:
     ws: bool = False
     # split only: who adds the chunk partials in chunk order. "kernel": chunk_reduce_kernel, a second launch;
     # "ticket": the program of each output tile that takes the last ticket, in the GEMM's launch (the same
-    # additions in the same order, so the same bits; counters in _Tickets). An unsplit key has "kernel".
+    # additions in the same order, so the same bits; counters in kernels.sm90._tickets). An unsplit key has "kernel".
     reduce: str = "kernel"
 
     def __post_init__(self) -> None:
@@ -262,70 +263,12 @@ def _compile(key: CompileKey):
     return run
 
 
-class _Tickets:
-    """Split-K ticket counters of one device for reduce="ticket" (int32, zero between launches: the last
-    program of each output tile resets its counter). The scheme of kernels.sm90.gemm_nvfp4's wgmma path.
-
-    Made by the first ticket launch on the device, outside CUDA-graph capture; on a GPU that launch waits
-    once for the zero fill (one host synchronisation, like the first launch's compile), so no stream can use
-    a counter before it is zero. Launches outside capture take 64-counter-aligned slices of `eager` round
-    robin; a launch being captured takes a slice of `captured` that no other launch ever gets (a graph keeps
-    its slice for its lifetime), and running out of those is an error, never reuse. So two launches share
-    counters only if both run eagerly with more than `eager` counters' worth of eager launches issued between
-    them and still overlap in time. The sizes are arguments for the tests (a small eager buffer makes
-    consecutive launches reuse the same counters)."""
-
-    def __init__(self, device: torch.device, eager: int = 1 << 20, captured: int = 1 << 22):
-        self.eager = torch.zeros(eager, dtype=torch.int32, device=device)
-        self.captured = torch.zeros(captured, dtype=torch.int32, device=device)
-        if self.eager.is_cuda:
-            torch.cuda.current_stream(device).synchronize()
-        self.eager_next = 0
-        self.captured_next = 0
-        self.lock = threading.Lock()
-
-    def take(self, tiles: int, capturing: bool) -> Tensor:
-        span = -(-tiles // 64) * 64
-        with self.lock:
-            if capturing:
-                if self.captured_next + span > self.captured.numel():
-                    raise RuntimeError(
-                        f"gemm_fp8_block: captured ticket launches on {self.captured.device} need more than "
-                        f"{self.captured.numel()} split-K tickets (graph slices are never reused); capture fewer "
-                        "GEMMs or make _Tickets with a larger `captured`")
-                start = self.captured_next
-                self.captured_next += span
-                return self.captured[start:start + tiles]
-            if span > self.eager.numel():
-                raise ValueError(f"gemm_fp8_block: {tiles} output tiles exceed the {self.eager.numel()} split-K "
-                                 "tickets")
-            if self.eager_next + span > self.eager.numel():
-                self.eager_next = 0
-            start = self.eager_next
-            self.eager_next += span
-            return self.eager[start:start + tiles]
-
-    def nonzero(self) -> int:
-        """Counters not back at zero (tests; synchronises on a GPU)."""
-        return int(self.eager.count_nonzero()) + int(self.captured.count_nonzero())
-
-
-_tickets: dict[torch.device, _Tickets] = {}
-_tickets_made = threading.Lock()
+_tickets: dict[torch.device, Tickets] = {}
 
 
 def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
-    """`tiles` zeroed split-K ticket counters for one reduce="ticket" launch (see _Tickets)."""
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-    entry = _tickets.get(device)
-    if entry is None:
-        if capturing:
-            raise RuntimeError(
-                f"gemm_fp8_block: the split-K ticket counters of {device} are made by the first reduce='ticket' "
-                "launch; make one launch outside CUDA-graph capture first (the kernels are compiled there too)")
-        with _tickets_made:  # two threads' first launches make one buffer
-            entry = _tickets.get(device) or _tickets.setdefault(device, _Tickets(device))
-    return entry.take(tiles, capturing)
+    """`tiles` zeroed split-K ticket counters for one reduce="ticket" launch (see kernels.sm90._tickets)."""
+    return tile_tickets(_tickets, "gemm_fp8_block", device, tiles)
 
 
 def compiled_resources(key: CompileKey) -> tuple[int, int] | None:

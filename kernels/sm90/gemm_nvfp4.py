@@ -30,13 +30,13 @@ CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 from __future__ import annotations
 
 import functools
-import threading
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from kernels.sm90._consts import BLOCK
+from kernels.sm90._tickets import Tickets, tile_tickets
 
 __all__ = ["CompileKey", "launch"]
 
@@ -305,70 +305,12 @@ def _compile(key: CompileKey):
     return run
 
 
-class _Tickets:
-    """Split-K ticket counters of one device for the wgmma path (int32, zero between launches: the
-    kernel's last CTA of each output tile resets its counter).
-
-    Made by the first launch on the device, outside CUDA-graph capture; that launch waits once for
-    the zero fill (one host synchronisation, like the first launch's compile), so no stream can use
-    a counter before it is zero. Launches outside capture take 256-byte slices of `eager` round
-    robin; a launch being captured takes a slice of `captured` that no other launch ever gets
-    (a graph keeps its slice for its lifetime), and running out of those is an error, never reuse.
-    So two launches share counters only if both run eagerly with more than 2^20 counters' worth
-    of eager launches issued between them and still overlap in time."""
-
-    EAGER = 1 << 20
-    CAPTURED = 1 << 22
-
-    def __init__(self, device: torch.device):
-        self.eager = torch.zeros(self.EAGER, dtype=torch.int32, device=device)
-        self.captured = torch.zeros(self.CAPTURED, dtype=torch.int32, device=device)
-        torch.cuda.current_stream(device).synchronize()
-        self.eager_next = 0
-        self.captured_next = 0
-        self.lock = threading.Lock()
-
-    def take(self, tiles: int, capturing: bool) -> Tensor:
-        span = -(-tiles // 64) * 64
-        with self.lock:
-            if capturing:
-                if self.captured_next + span > self.CAPTURED:
-                    raise RuntimeError(
-                        f"gemm_nvfp4: captured wgmma launches on {self.captured.device} need more than "
-                        f"{self.CAPTURED} split-K tickets (graph slices are never reused); capture fewer GEMMs "
-                        "or raise _Tickets.CAPTURED")
-                start = self.captured_next
-                self.captured_next += span
-                return self.captured[start:start + tiles]
-            if span > self.EAGER:
-                raise ValueError(f"gemm_nvfp4: {tiles} output tiles exceed the {self.EAGER} split-K tickets")
-            if self.eager_next + span > self.EAGER:
-                self.eager_next = 0
-            start = self.eager_next
-            self.eager_next += span
-            return self.eager[start:start + tiles]
-
-    def nonzero(self) -> int:
-        """Counters not back at zero (tests; synchronises)."""
-        return int(self.eager.count_nonzero()) + int(self.captured.count_nonzero())
-
-
-_tickets: dict[torch.device, _Tickets] = {}
-_tickets_made = threading.Lock()
+_tickets: dict[torch.device, Tickets] = {}
 
 
 def _tile_tickets(device: torch.device, tiles: int) -> Tensor:
-    """`tiles` zeroed split-K ticket counters for one launch of the wgmma path (see _Tickets)."""
-    capturing = torch.cuda.is_current_stream_capturing()
-    entry = _tickets.get(device)
-    if entry is None:
-        if capturing:
-            raise RuntimeError(
-                f"gemm_nvfp4: the split-K ticket buffer of {device} is created by the first launch; make one "
-                "launch outside CUDA-graph capture first (the kernels are compiled there too)")
-        with _tickets_made:  # two threads' first launches make one buffer
-            entry = _tickets.get(device) or _tickets.setdefault(device, _Tickets(device))
-    return entry.take(tiles, capturing)
+    """`tiles` zeroed split-K ticket counters for one launch of the wgmma path (see kernels.sm90._tickets)."""
+    return tile_tickets(_tickets, "gemm_nvfp4", device, tiles)
 
 
 def _check_operand(name: str, packed: Tensor, sf: Tensor, k: int | None) -> int:

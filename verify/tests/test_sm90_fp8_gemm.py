@@ -350,10 +350,11 @@ def _case_ticket_split(n, k, runs_json) -> str:
     import dataclasses
 
     from kernels.sm90 import gemm_fp8_block
-    from kernels.sm90.gemm_fp8_block import CompileKey, _Tickets
+    from kernels.sm90._tickets import Tickets
+    from kernels.sm90.gemm_fp8_block import CompileKey
 
     cpu = torch.device("cpu")
-    tickets = gemm_fp8_block._tickets[cpu] = _Tickets(cpu, eager=64, captured=64)
+    tickets = gemm_fp8_block._tickets[cpu] = Tickets(cpu, eager=64, captured=64, owner="gemm_fp8_block")
     base = CompileKey.heuristic(70, n, k, act_scale_ue8m0=True)
     assert base.n_chunks > 2, "the case needs three chunks or more"
     act, w_u8, w_dec = _cancelling_chunks(70, n, k, base.chunk_blocks)
