@@ -260,21 +260,22 @@ def _ticket_reduce(part_base, y_base, off, ok, ctr, stride_oc, N_CHUNKS: tl.cons
     if ticket == N_CHUNKS - 1:
         total = tl.zeros(off.shape, dtype=tl.float32)
         p = part_base
+        s64 = tl.full((), 0, tl.int64) + stride_oc  # M * N: chunk c at c * s64 (64-bit: 3 * M * N may pass 2^31)
         if UNROLL == 4:
             for c in range(0, N_CHUNKS, 4):
                 x0 = tl.load(p + off, mask=ok, other=0.0, cache_modifier=".cg")
-                x1 = tl.load(p + stride_oc + off, mask=ok & (c + 1 < N_CHUNKS), other=0.0, cache_modifier=".cg")
-                x2 = tl.load(p + 2 * stride_oc + off, mask=ok & (c + 2 < N_CHUNKS), other=0.0, cache_modifier=".cg")
-                x3 = tl.load(p + 3 * stride_oc + off, mask=ok & (c + 3 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                x1 = tl.load(p + s64 + off, mask=ok & (c + 1 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                x2 = tl.load(p + 2 * s64 + off, mask=ok & (c + 2 < N_CHUNKS), other=0.0, cache_modifier=".cg")
+                x3 = tl.load(p + 3 * s64 + off, mask=ok & (c + 3 < N_CHUNKS), other=0.0, cache_modifier=".cg")
                 total += x0
                 total = tl.where(c + 1 < N_CHUNKS, total + x1, total)
                 total = tl.where(c + 2 < N_CHUNKS, total + x2, total)
                 total = tl.where(c + 3 < N_CHUNKS, total + x3, total)
-                p += 4 * stride_oc
+                p += 4 * s64
         else:
             for _ in range(0, N_CHUNKS):
                 total += tl.load(p + off, mask=ok, other=0.0, cache_modifier=".cg")
-                p += stride_oc
+                p += s64
         tl.store(y_base + off, round_f32_to_bf16_bits(total).to(tl.bfloat16), mask=ok)
         tl.atomic_xchg(ctr, 0, sem="relaxed", scope="gpu")
 

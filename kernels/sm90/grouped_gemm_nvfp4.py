@@ -148,6 +148,12 @@ def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offset
     return planes[:plane].view(rp, k_iters * 64), planes[plane:].view(rp, k_iters * 64)
 
 
+def _check_e_pad(key, num_experts: int) -> None:
+    """An explicit key's expert padding must hold every expert (the schedule reads E_P lanes of the offsets)."""
+    if key.e_pad < num_experts:
+        raise ValueError(f"key: e_pad = {key.e_pad} is below the {num_experts} experts of w")
+
+
 def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2,
                      hsf, hdec, limit: float) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -156,6 +162,7 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
 
     rcap = a_packed_u8.shape[0]
     e, n = w.num_experts, w.n
+    _check_e_pad(key, e)
     grid = (key.grid(rcap, e, n),)
     if grid[0] == 0 or rcap == 0:  # no rows: nothing to write (and no planes to describe)
         return
@@ -189,6 +196,7 @@ def _compile(key: CompileKey):
             limit: float) -> None:
         rcap = a_packed_u8.shape[0]
         e, n = w.num_experts, w.n
+        _check_e_pad(key, e)
         grid = (key.grid(rcap, e, n),)
         if grid[0] == 0:
             return
@@ -360,6 +368,16 @@ class WgmmaKey:
     num_warps: int = 4
     clamp: bool = False
 
+    def __post_init__(self):
+        if self.epi not in (EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT):
+            raise ValueError(f"WgmmaKey: epi = {self.epi!r}, expected 0 (bf16), 1 (gate/up) or 2 (fused SwiGLU)")
+        if self.block_t not in (8, 16, 32, 64):
+            raise ValueError(f"WgmmaKey: block_t = {self.block_t!r}, expected 8, 16, 32 or 64 tokens")
+        if self.num_warps not in (4, 8, 16):
+            raise ValueError(f"WgmmaKey: num_warps = {self.num_warps!r}, expected 4, 8 or 16 (whole warpgroups)")
+        if not isinstance(self.e_pad, int) or self.e_pad < 32 or self.e_pad & (self.e_pad - 1):
+            raise ValueError(f"WgmmaKey: e_pad = {self.e_pad!r}, expected a power of two >= 32")
+
     @property
     def block_n(self) -> int:
         return 16 * self.num_warps
@@ -370,7 +388,8 @@ class WgmmaKey:
         # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order).
         # Warps from the CPU compile (SASS instructions per 64 weight rows and 128-K tile): BT 8 4 warps 310 (8
         # warps 315); BT 16 4 warps 363, 8 warps 315 (the B-tile decode spread over twice the threads); 115-127
-        # registers, no spills. Not yet timed on a GPU.
+        # registers, no spills. These routed keys were timed on an H200 (NOTES.md, "Measured on an H200"); the
+        # other (BT, warps) pairs of the tile sweep were not.
         bt = 8 if rcap <= num_experts else 16
         return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()),
                         num_warps=4 if bt == 8 else 8, clamp=clamp)
@@ -398,8 +417,10 @@ def _compile_wgmma(key: WgmmaKey):
             limit: float) -> None:
         rcap = a_packed_u8.shape[0]
         e, n = w.num_experts, w.n
-        if key.e_pad < e:
-            raise ValueError(f"key: e_pad = {key.e_pad} is below the {e} experts of w")
+        _check_e_pad(key, e)
+        if a_packed_u8.data_ptr() % 2:
+            raise ValueError("a_packed_u8: the register-fed kernel reads it as int16 halves: its data must start at "
+                             f"an even address (got {a_packed_u8.data_ptr():#x}); pass a Triton CompileKey instead")
         grid = (key.grid(rcap, e, n),)
         if grid[0] == 0:
             return

@@ -4,9 +4,10 @@ Every key CompileKey.for_shape routes to on the DeepSeek-V4-Pro FP8 shapes (M = 
 4096), and the token-major layout (swap=False) at M = 4096, is compiled for sm_90 (Triton's bundled
 ptxas) and its SASS checked: no register spills, and the group dot is the FP8 wgmma
 (QGMMA ...E4M3.E4M3, the tokens or weight rows on the right side), not an fp16 upcast or mma.sync.
-GPU numerics are in test_sm90_fp8_gemm.py. The warp-specialized candidates (CompileKey.ws, the sweep's
-M > 64 buckets) must really be specialized: ttg.warp_specialize in the TTGIR, setmaxnreg in the PTX, 12
-warps from num_warps=4 (at num_warps=8 Triton 3.6 leaves the loop as it is: tested, hence the key's rule).
+GPU numerics are in test_sm90_fp8_gemm.py. The warp-specialized tiles (CompileKey.ws; no longer sweep
+candidates and refused at launch on a device: no result on an H200) must still really be specialized when
+compiled: ttg.warp_specialize in the TTGIR, setmaxnreg in the PTX, 12 warps from num_warps=4 (at num_warps=8
+Triton 3.6 leaves the loop as it is: tested, hence the key's rule).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
-from kernels.sm90.gemm_fp8_block_configs import candidates  # noqa: E402
+from kernels.sm90.gemm_fp8_block_configs import _ws, candidates  # noqa: E402
 
 V4_PRO = [(1536, 7168), (65536, 1536), (512, 7168), (16384, 4096), (7168, 16384), (3072, 7168), (7168, 3072)]
 _SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out_ptr": "*bf16", "M": "i32",
@@ -39,9 +40,11 @@ def _keys() -> list[CompileKey]:
     keys |= {dataclasses.replace(CompileKey.heuristic(4096, n, k, act_scale_ue8m0=True), block_n=128, block_t=128,
                                  num_warps=8, num_stages=4, swap=False) for n, k in V4_PRO}
     keys.add(fused_key(CompileKey.heuristic(1, 7168, 16384, act_scale_ue8m0=True), scale_rule="ue8m0_ceil"))
-    # the sweep's warp-specialized candidates at a chunked (wo_b) and a one-chunk (wq_b) shape
-    keys |= {CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for m in (128, 4096) for c in candidates(m)
-             if c.get("ws") for n, k in ((7168, 16384), (65536, 1536))}
+    # the warp-specialized tiles (no longer sweep candidates: refused at launch on a device, see
+    # gemm_fp8_block._refuse_ws_on_a_device) at a chunked (wo_b) and a one-chunk (wq_b) shape: what Triton builds
+    keys |= {CompileKey.from_config(n, k, _ws(bn, stages, split), act_scale_ue8m0=True)
+             for bn, stages, split in ((128, 4, False), (128, 4, True), (64, 4, True))
+             for n, k in ((7168, 16384), (65536, 1536))}
     # the single-launch split-K candidates (reduce="ticket") at wkv (28 chunks: the unrolled reduce) and w2
     # (3 chunks: its tail), and with the fused quantizer (M <= 16: quantize, GEMM and reduce in one launch)
     ticket = {CompileKey.from_config(n, k, c, act_scale_ue8m0=True) for m in (1, 16, 32, 64, 128, 4096)

@@ -917,7 +917,7 @@ def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warp
     e, r = len(counts), sum(counts)
     a = _acts(counts, rcap, k, 61, _cuda())
     base = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.CompileKey.for_shape(
-        epi, rcap, e, 512, k, clamp=clamp))
+        epi, rcap, e, 512, k, clamp=clamp, large_token=False))  # the per-tile Triton kernel, whatever rows/expert
     got = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.WgmmaKey(
         epi=epi, block_t=bt, e_pad=32, num_warps=warps, clamp=clamp))
     assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
@@ -1001,3 +1001,17 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
             assert_bits_equal(got.cpu(), want.cpu(), label=f"wgmma graph replay vs eager, {name}, counts {counts}")
             assert_bits_equal(got.cpu(), ref.cpu(),
                               label=f"wgmma graph replay vs Triton kernel, {name}, counts {counts}")
+
+
+def test_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
+    """A WgmmaKey the register-fed kernel cannot build is refused when made, naming the field (not a bare assert
+    deep in the layout code); an explicit key whose expert padding is below the experts is refused at launch by
+    every grouped path."""
+    gg = _gg()
+    for bad, field in ((dict(epi=3), "epi"), (dict(block_t=12), "block_t"), (dict(num_warps=6), "num_warps"),
+                       (dict(e_pad=16), "e_pad"), (dict(e_pad=48), "e_pad")):
+        with pytest.raises(ValueError, match=f"WgmmaKey: {field} = "):
+            gg.WgmmaKey(**{**dict(epi=0, block_t=8, e_pad=32), **bad})
+    assert gg.WgmmaKey(epi=2, block_t=16, e_pad=512, num_warps=8, clamp=True).block_n == 128
+    with pytest.raises(ValueError, match="key: e_pad = 16 is below the 40 experts of w"):
+        gg._check_e_pad(gg.CompileKey.for_shape(0, 6, 16, 512, 512), 40)
