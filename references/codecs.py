@@ -20,6 +20,8 @@ All functions are vectorized, device-agnostic (CPU or CUDA tensors) and pure.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -162,8 +164,9 @@ def f32_to_e2m1_codes(x_f32: Tensor, *, sign_rule: str = "signbit") -> Tensor:
     return (mag | (negative.to(torch.int32) << 3)).to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
 def _e2m1_table_f32(device: torch.device) -> Tensor:
-    """The 16 E2M1 values, built from the code fields with integer ops."""
+    """The 16 E2M1 values, built from the code fields with integer ops (once per device: callers only index it)."""
     code = torch.arange(16, dtype=torch.int32, device=device)
     sign = (code >> 3) << 31
     exp = (code >> 1) & 0x3
@@ -208,8 +211,10 @@ def f32_to_e4m3_bytes(x_f32: Tensor, *, saturate: bool) -> Tensor:
     return sign | mag.to(torch.uint8)
 
 
+@functools.lru_cache(maxsize=None)
 def _e4m3_table_f32(device: torch.device) -> Tensor:
-    """The 256 E4M3 values (0x7F/0xFF NaN), built from the byte fields with integer ops."""
+    """The 256 E4M3 values (0x7F/0xFF NaN), built from the byte fields with integer ops (once per device: callers
+    only index it)."""
     byte = torch.arange(256, dtype=torch.int32, device=device)
     sign = (byte >> 7) << 31
     exp = (byte >> 3) & 0xF
