@@ -1015,3 +1015,29 @@ def test_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert gg.WgmmaKey(epi=2, block_t=16, e_pad=512, num_warps=8, clamp=True).block_n == 128
     with pytest.raises(ValueError, match="key: e_pad = 16 is below the 40 experts of w"):
         gg._check_e_pad(gg.CompileKey.for_shape(0, 6, 16, 512, 512), 40)
+
+
+@pytest.mark.parametrize("stage", WGMMA_STAGES)
+@pytest.mark.parametrize("tokens", [1, 16], ids=lambda t: f"T{t}")
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_wgmma_routed_keys_at_384_experts_bits_equal_the_triton_kernel(tokens, stage):
+    """The keys the routing really takes at V4-Pro's 384 experts (WgmmaKey.for_shape: E_P 512, the 16-per-lane
+    schedule layout) against the per-tile Triton kernel, byte for byte; small N and K keep it quick."""
+    gg = _gg()
+    e, k = 384, 256
+    g = torch.Generator().manual_seed(90 + tokens)
+    experts = torch.randperm(e, generator=g)[:6 * tokens]
+    counts = torch.bincount(experts, minlength=e).tolist()
+    rcap = 6 * tokens
+    a = _acts(counts, rcap, k, 91, _cuda())
+    keys = {epi: gg.WgmmaKey.for_shape(epi, rcap, e, clamp=clamp) for epi, clamp in ((0, False), (1, False),
+                                                                                     (2, False), (2, True))}
+    assert all(key.e_pad == 512 for key in keys.values()), keys
+    base = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.CompileKey.for_shape(
+        epi, rcap, e, 512, k, clamp=clamp, large_token=False))
+    got = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.WgmmaKey.for_shape(epi, rcap, e, clamp=clamp))
+    assert base[0][:rcap].any(), f"{stage}: all-zero output (nothing compared)"
+    for i, (x, y) in enumerate(zip(got, base)):
+        assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, routed wgmma key vs Triton at E = 384, "
+                                                  f"T = {tokens}")
