@@ -36,11 +36,11 @@ from references.stages import Op
 from verify.backends import Backend, QuantizedAct
 from verify.backends.registry import BACKEND_HELP, backend_arg
 from verify.backends.base import declared_fp8_accumulator
-from verify.checkpoint import Fp8BlockLinear, Nvfp4Linear
+from verify.checkpoint import Fp8BlockLinear, GatedMlp, Nvfp4Linear
 from verify.errors import BackendRefusedError
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused",
-           "Fp8AccumulatorReading", "probe_fp8_accumulator", "check_declared_fp8_accumulator", "FP8_PROBE_PATHS",
+           "Fp8AccumulatorReading", "probe_fp8_accumulator", "probe_grouped_accumulator", "GROUPED_PROBE_PATHS", "check_declared_fp8_accumulator", "FP8_PROBE_PATHS",
            "FP8_GAPS", "FP8_PROMOTION_GAP", "accumulator_claims_more_than_kept"]
 
 K = 1024
@@ -58,6 +58,15 @@ PROBE_PATHS = {
     "M=64 (Triton swap-AB, split-K)": (64, 0, K),
     "M=128 (Triton 128x128, split-K)": (128, 0, K),
     "M=256 (fp16 GEMM)": (256, 0, K),
+}
+# grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
+# columns padded to 128, K = 1024); the sm90 routing (kernels/sm90/grouped_gemm_nvfp4.py) takes the register-fed
+# wgmma kernel at <= 16 rows per expert, the large-token path (activations decoded once) at >= 64, the per-tile
+# Triton kernel between.
+GROUPED_PROBE_PATHS = {
+    "grouped L2, 1 row per expert (sm90: register-fed wgmma)": (8, 1),
+    "grouped L2, 32 rows per expert (sm90: per-tile Triton)": (8, 32),
+    "grouped L2, 64 rows per expert (sm90: large-token)": (8, 64),
 }
 _CODE = {0.5: 1, 1.0: 2, 1.5: 3, 2.0: 4, 3.0: 5, 4.0: 6, 6.0: 7}
 
@@ -150,6 +159,60 @@ def _run(backend: Backend, m: int, lin: Nvfp4Linear, device) -> Tensor:
     return backend.dense_gemm(a, backend.prepare_linear(lin)).float().cpu()
 
 
+def _run_grouped(backend: Backend, experts: int, rows: int, lin: Nvfp4Linear, device) -> Tensor:
+    """The probe rows through the backend's grouped L2 GEMM: `experts` experts holding lin's weights, `rows` rows
+    each (every row the probe's activation row); w1 / w3 zero (L2 does not read them)."""
+    from references.layouts import sf_grouped_linear_to_swizzled_128x4  # noqa: PLC0415 (the boundary layout)
+
+    a_p, a_s = _a_row(lin.k)
+    r = experts * rows
+    off = torch.arange(experts + 1, dtype=torch.int64) * rows
+    sw, _ = sf_grouped_linear_to_swizzled_128x4(a_s.repeat(r, 1), off)
+    a = QuantizedAct(a_p.repeat(r, 1).to(device), sw.contiguous().to(device),
+                     torch.ones(1, dtype=torch.float32, device=device))
+
+    def stack(t: Tensor) -> Tensor:
+        return t.unsqueeze(0).expand(experts, *t.shape).contiguous()
+
+    n, k = lin.n, lin.k
+    ones = torch.ones(experts, dtype=torch.float32, device=device)
+    zero = Nvfp4Linear("accumulator-probe.w13", torch.zeros(experts, k, n // 2, dtype=torch.uint8, device=device),
+                       torch.zeros(experts, k, n // 16, dtype=torch.uint8, device=device).view(torch.float8_e4m3fn),
+                       ones, ones)
+    w2 = Nvfp4Linear("accumulator-probe.w2", stack(lin.weight_u8), stack(lin.weight_scale_e4m3), ones, ones)
+    y = backend.grouped_gemm(a, off.to(torch.int32).to(device), backend.prepare_experts(GatedMlp(zero, zero, w2)),
+                             layer="l2")
+    return y.float().cpu()
+
+
+def _read_path(path: str, k: int, run) -> AccumulatorReading:
+    """The reading of one path: run(cols) -> its outputs [rows, len(cols)] (float32) on the gap columns `cols`."""
+    cols = _gap_columns(GAPS)
+    n_small = 16 * (k // 16 - 2)
+    y = run(cols)
+    exact = [bool((y[:, j] == n_small * 2.0 ** (s - 10)).all()) for j, (b, s, _) in enumerate(cols)]
+    ok = [t for t, e in zip(GAPS, exact) if e]
+    # the first gap that fails ends the exact range (every smaller gap must be exact too)
+    first_bad = next((t for t, e in zip(GAPS, exact) if not e), None)
+    p_eff = (first_bad if first_bad is not None else GAPS[-1] + 1)
+    if first_bad is not None and any(t > first_bad for t in ok):
+        p_eff = first_bad  # non-monotone: report the conservative width
+    rounding = "n/a"
+    if first_bad is not None:
+        try:  # small terms of 0.75 ulp of the big one: nearest rounds each up to an ulp, truncation drops it
+            yr = run(_gap_columns([first_bad], frac=1.5))
+            rounding = "nearest" if bool((yr[:, 0] != 0).all()) else "truncation"
+        except KeyError:  # 1.5 x the small term is not an E2M1 code at this gap
+            rounding = "unprobed"
+    return AccumulatorReading(path, p_eff, first_bad is None, rounding, 2.0 ** -p_eff)
+
+
+def _refused(backend: Backend, op: str, path: str, shape: str, e: Exception) -> BackendRefusedError:
+    return BackendRefusedError(f"--backend {backend.name}: refused (its {op} crashed on the accumulator probe's path "
+                               f"{path!r}, {shape}: {type(e).__name__}: {' '.join(str(e).split())[:400]})",
+                               argument="--backend")
+
+
 def probe_accumulator(backend: Backend, device: torch.device | str,
                       paths: dict[str, int | tuple[int, int, int]] = PROBE_PATHS) -> list[AccumulatorReading]:
     """One reading per GEMM path ((M, N, K), or M with N = the gap columns and K = 1024) the backend serves on
@@ -158,34 +221,37 @@ def probe_accumulator(backend: Backend, device: torch.device | str,
     device = torch.device(device)
     if backend.unsupported_reason(Op.DENSE_GEMM, device) or backend.unsupported_reason(Op.PREPARE, device):
         return []
-    cols = _gap_columns(GAPS)
     out = []
     for path, shape in paths.items():
         m, n, k = (shape, 0, K) if isinstance(shape, int) else shape
-        n_small = 16 * (k // 16 - 2)
         try:
-            y = _run(backend, m, _weights(cols, device, n=n, k=k), device)[:, :len(cols)]
+            out.append(_read_path(path, k, lambda cols, m=m, n=n, k=k: _run(
+                backend, m, _weights(cols, device, n=n, k=k), device)[:, :len(cols)]))
         except NotImplementedError:  # the backend does not serve this path's shape (its own reason): not probed
             continue
         except Exception as e:  # noqa: BLE001 - a crash inside the backend: one line (exit 2), not a traceback
-            raise BackendRefusedError(f"--backend {backend.name}: refused (its dense_gemm crashed on the accumulator "
-                                      f"probe's path {path!r}, M={m} K={k}: {type(e).__name__}: "
-                                      f"{' '.join(str(e).split())[:400]})", argument="--backend") from e
-        exact = [bool((y[:, j] == n_small * 2.0 ** (s - 10)).all()) for j, (b, s, _) in enumerate(cols)]
-        ok = [t for t, e in zip(GAPS, exact) if e]
-        # the first gap that fails ends the exact range (every smaller gap must be exact too)
-        first_bad = next((t for t, e in zip(GAPS, exact) if not e), None)
-        p_eff = (first_bad if first_bad is not None else GAPS[-1] + 1)
-        if first_bad is not None and any(t > first_bad for t in ok):
-            p_eff = first_bad  # non-monotone: report the conservative width
-        rounding = "n/a"
-        if first_bad is not None:
-            try:  # small terms of 0.75 ulp of the big one: nearest rounds each up to an ulp, truncation drops it
-                yr = _run(backend, m, _weights(_gap_columns([first_bad], frac=1.5), device, n=n, k=k), device)
-                rounding = "nearest" if bool((yr[:, 0] != 0).all()) else "truncation"
-            except KeyError:  # 1.5 x the small term is not an E2M1 code at this gap
-                rounding = "unprobed"
-        out.append(AccumulatorReading(path, p_eff, first_bad is None, rounding, 2.0 ** -p_eff))
+            raise _refused(backend, "dense_gemm", path, f"M={m} K={k}", e) from e
+    return out
+
+
+def probe_grouped_accumulator(backend: Backend, device: torch.device | str,
+                              paths: dict[str, tuple[int, int]] = GROUPED_PROBE_PATHS) -> list[AccumulatorReading]:
+    """One reading per grouped (MoE) GEMM path (experts, rows per expert) the backend serves on `device`: the same
+    probe rows and gap columns as the dense paths, through prepare_experts and the grouped L2 GEMM; none where the
+    backend serves no grouped GEMM."""
+    device = torch.device(device)
+    if (backend.unsupported_reason(Op.GROUPED_GEMM, device)
+            or backend.unsupported_reason(Op.PREPARE, device)):
+        return []
+    out = []
+    for path, (experts, rows) in paths.items():
+        try:
+            out.append(_read_path(path, K, lambda cols, e=experts, r=rows: _run_grouped(
+                backend, e, r, _weights(cols, device, n=128, k=K), device)[:, :len(cols)]))
+        except NotImplementedError:
+            continue
+        except Exception as e:  # noqa: BLE001 - a crash inside the backend: one line (exit 2), not a traceback
+            raise _refused(backend, "grouped_gemm", path, f"E={experts} x {rows} rows, K={K}", e) from e
     return out
 
 
@@ -537,8 +603,8 @@ def cli_accumulator(args) -> int:
         console.print(f"{backend.name} serves no NVFP4 dense_gemm on {device} ({reason}): no NVFP4 paths probed",
                       soft_wrap=True)
         return _print_fp8_accumulator(console, backend, device)
-    readings = probe_accumulator(backend, device)
-    table = Table(title=f"{backend.name} on {device}: measured GEMM accumulator (declared u_acc = "
+    readings = probe_accumulator(backend, device) + probe_grouped_accumulator(backend, device)
+    table = Table(title=f"{backend.name} on {device}: measured GEMM accumulator, dense and grouped (declared u_acc = "
                         f"2^{_log2(backend.u_acc):.0f})")
     for col in ("path", "effective mantissa bits", "rounding", "u measured"):
         table.add_column(col)

@@ -120,3 +120,61 @@ def test_verify_layer_fails_a_run_whose_backend_claims_more_bits_than_kept(monke
     assert "FAIL accumulator: sequential-16-truncation: declares u_acc = 2^-24 but its M=1 (GEMV) accumulator" in \
         " ".join(text.split()), text
     assert len(json.loads(out.read_text())["accumulator_findings"]) == len(PROBE_PATHS)
+
+
+class GroupedSequentialAccumulator(SequentialAccumulator):
+    """The emulator's dense GEMM (exact) but a grouped L2 GEMM accumulating one product at a time in a p-bit
+    register: a backend whose MoE path keeps fewer bits than its dense one."""
+
+    def prepare_experts(self, experts):
+        return experts
+
+    def grouped_gemm(self, a, offsets_i32, experts, *, layer):
+        assert layer == "l2", layer
+        off = offsets_i32.long().tolist()
+        r = a.packed_u8.shape[0]
+        out = torch.zeros(r, experts.w2.n, dtype=torch.bfloat16)
+        sf = ref_layouts.sf_grouped_swizzled_128x4_to_linear(a.sf_swizzled_u8, offsets_i32.long(), cols=a.k // 16)
+        x = decode_nvfp4_block_scaled(a.packed_u8, sf, dtype=torch.float64)
+        for e in range(len(off) - 1):
+            b = decode_nvfp4_block_scaled(experts.w2.weight_u8[e], experts.w2.weight_scale_e4m3[e].view(torch.uint8),
+                                          dtype=torch.float64)
+            acc = torch.zeros(off[e + 1] - off[e], b.shape[0], dtype=torch.float64)
+            for k in range(x.shape[1]):
+                acc = _truncate(acc + x[off[e]:off[e + 1], k:k + 1] * b[:, k][None, :], self.bits)
+            out[off[e]:off[e + 1]] = acc.to(torch.bfloat16)
+        return out
+
+    def dense_gemm(self, a, w):
+        return EmulatorBackend.dense_gemm(self, a, w)
+
+
+def test_the_grouped_paths_are_probed_exact_on_the_emulator():
+    from verify.accumulator import GROUPED_PROBE_PATHS, probe_grouped_accumulator
+
+    readings = probe_grouped_accumulator(EmulatorBackend(), "cpu")
+    assert [r.path for r in readings] == list(GROUPED_PROBE_PATHS)
+    assert all(r.exact_up_to and r.effective_bits == GAPS[-1] + 1 for r in readings), readings
+
+
+def test_a_grouped_path_that_keeps_fewer_bits_than_declared_is_measured_and_refused():
+    """Dense exact, grouped 12-bit truncation, declared fp32: the grouped probe reads 12 bits (truncation) on every
+    grouped path and the declaration is refused naming the grouped path (the dense probe alone would pass it)."""
+    from verify.accumulator import probe_grouped_accumulator
+
+    b = GroupedSequentialAccumulator(12, "truncation", declared=2.0**-24)
+    check_declared_u_acc(b, probe_accumulator(b, "cpu", paths={"M=1": 1}))  # the dense path hides it
+    readings = probe_grouped_accumulator(b, "cpu", paths={"grouped L2, 2 rows per expert": (3, 2)})
+    assert [(r.effective_bits, r.rounding, r.exact_up_to) for r in readings] == [(12, "truncation", False)], readings
+    with pytest.raises(AccumulatorRefused, match=r"grouped L2, 2 rows per expert accumulator keeps 12 bits"):
+        check_declared_u_acc(b, readings)
+
+
+def test_the_accumulator_cli_lists_the_grouped_paths(capsys, monkeypatch):
+    from verify.__main__ import main
+    from verify.accumulator import GROUPED_PROBE_PATHS
+
+    monkeypatch.setenv("COLUMNS", "250")  # one table row a line
+    assert main(["accumulator", "--backend", "emulator", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert all(path in out for path in GROUPED_PROBE_PATHS), out
