@@ -213,9 +213,13 @@ def backend_for_verdicts(name: str, device: torch.device, *, findings: list[str]
         raise DeviceUnavailableError(f"--backend {name}: backend unavailable ({reasons[0]}{hint})",
                                      argument="--backend")
     from verify.accumulator import (AccumulatorRefused, accumulator_claims_more_than_kept,  # noqa: PLC0415
-                                    check_declared_u_acc, probe_accumulator)
+                                    check_declared_u_acc, probe_accumulator, probe_grouped_accumulator)
 
     readings = probe_accumulator(backend, device)
+    try:
+        readings += probe_grouped_accumulator(backend, device)
+    except BackendRefusedError:  # its grouped GEMM crashed: the MoE stages' verdicts fail with that crash, in one line
+        pass
     try:  # a looser declaration is always refused; a tighter one is reported by a caller that takes findings
         check_declared_u_acc(backend, readings, refuse_tighter=findings is None)
     except AccumulatorRefused as e:

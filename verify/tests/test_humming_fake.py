@@ -36,7 +36,11 @@ def fake(tmp_path, monkeypatch):
     monkeypatch.setattr(hm, "_N_MULTIPLE", hm._N_MULTIPLE)   # CpuHummingUnpadded changes it: undone after
     monkeypatch.setattr(hm, "_cuda_device", hm._cuda_device)  # cpu_humming changes it: undone after
     import importlib
-    return importlib.import_module(BACKEND_MODULE), tmp_path
+    yield importlib.import_module(BACKEND_MODULE), tmp_path
+    # the fake package imported during the test leaves with it (monkeypatch restores only what it deleted): a later
+    # test must find humming not installed, as on this machine
+    for mod in [m for m in sys.modules if m == "humming" or m.startswith("humming.") or m == BACKEND_MODULE]:
+        sys.modules.pop(mod, None)
 
 
 def _linear(n: int, k: int, seed: int, experts: int | None = None, gain: float = 1.0) -> Nvfp4Linear:
