@@ -282,7 +282,7 @@ def test_moe_grouped_gemm_bench():
     _assert_peaks_within_plan(peaks)
 
 
-@pytest.mark.parametrize("t", [1, 16, 4096, 32768])
+@pytest.mark.parametrize("t", [1, 16, 256, 4096, 32768])
 def test_moe_tile_sweep(t):
     """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md); at T <= 256
     also the register-fed kernel's (BT, warps)."""
@@ -311,6 +311,7 @@ def test_moe_tile_sweep(t):
            (128, 64, 8, 3, False, True), (128, 64, 4, 4, False, True), (64, 128, 4, 4, False, True)]
     configs = {1: [(64, 16, 4, 4, False, False), (128, 16, 4, 4, False, False)],
                16: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False), (64, 16, 4, 3, False, False)],
+               256: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False)],
                4096: [(128, 64, 8, 3, True, False), (64, 64, 4, 3, True, False), (128, 64, 8, 3, False, False),
                       (128, 128, 8, 3, True, False)] + big,
                32768: [(128, 128, 8, 3, True, False), (128, 128, 8, 3, False, False), (64, 64, 4, 3, True, False),
