@@ -360,13 +360,17 @@ def wgmma_serves(rcap: int, num_experts: int) -> bool:
 class WgmmaKey:
     """Codegen of the register-fed kernel: epilogue, BT tokens (the wgmma N: 8 or 16), warps (BN = 16 * warps weight
     rows, one 64-row wgmma tile per warpgroup; the cp.async ring has 4 stages), the expert-count padding E_P (a power
-    of two >= 32 and >= E), clamp."""
+    of two >= 32 and >= E), clamp, and a register cap `max_registers` (0: the compiler's choice; else ptxas's
+    maxrregcount: register allocation only, the same instructions and arithmetic, so the same bits: a cap of 96 on
+    the BT 8 / 4-warp keys lets 5 CTAs share an SM instead of 4, what the T = 1 grid of 576 weight strips of the
+    fused L1 needs to run in one wave)."""
 
     epi: int
     block_t: int
     e_pad: int
     num_warps: int = 4
     clamp: bool = False
+    max_registers: int = 0
 
     def __post_init__(self):
         if self.epi not in (EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT):
@@ -377,6 +381,10 @@ class WgmmaKey:
             raise ValueError(f"WgmmaKey: num_warps = {self.num_warps!r}, expected 4, 8 or 16 (whole warpgroups)")
         if not isinstance(self.e_pad, int) or self.e_pad < 32 or self.e_pad & (self.e_pad - 1):
             raise ValueError(f"WgmmaKey: e_pad = {self.e_pad!r}, expected a power of two >= 32")
+        if not isinstance(self.max_registers, int) or self.max_registers and (
+                self.max_registers % 8 or not 64 <= self.max_registers <= 248):
+            raise ValueError(f"WgmmaKey: max_registers = {self.max_registers!r}, expected 0 (no cap) or a multiple "
+                             "of 8 in 64..248")
 
     @property
     def block_n(self) -> int:
@@ -389,10 +397,13 @@ class WgmmaKey:
         # Warps from the CPU compile (SASS instructions per 64 weight rows and 128-K tile): BT 8 4 warps 310 (8
         # warps 315); BT 16 4 warps 363, 8 warps 315 (the B-tile decode spread over twice the threads); 115-127
         # registers, no spills. These routed keys were timed on an H200 (NOTES.md, "Measured on an H200"); the
-        # other (BT, warps) pairs of the tile sweep were not.
+        # other (BT, warps) pairs of the tile sweep were not. BT 8 / 4 warps capped at 96 registers (115 uncapped; no
+        # spills, the same arithmetic in the SASS: test_sm90_wgmma_compile.py): 5 CTAs an SM instead of 4, so the 576
+        # weight strips of the T = 1 fused L1 (6 experts x 6144 / 64) fit one wave of 660 (528 left a second wave of
+        # 48 strips running alone, each a chain of 56 K tiles). BT 16 spills under such a cap (64 bytes at 96).
         bt = 8 if rcap <= num_experts else 16
         return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()),
-                        num_warps=4 if bt == 8 else 8, clamp=clamp)
+                        num_warps=4 if bt == 8 else 8, clamp=clamp, max_registers=96 if bt == 8 else 0)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
@@ -434,7 +445,7 @@ def _compile_wgmma(key: WgmmaKey):
             **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
             E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
-            num_warps=key.num_warps)
+            num_warps=key.num_warps, **({"maxnreg": key.max_registers} if key.max_registers else {}))
 
     return run
 

@@ -901,7 +901,8 @@ def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of):
                                         key=key_of(2, False))
 
 
-@pytest.mark.parametrize("bt,warps", [(8, 4), (16, 4), (16, 8)], ids=lambda v: str(v))
+@pytest.mark.parametrize("bt,warps,cap", [(8, 4, 0), (8, 4, 96), (16, 4, 0), (16, 8, 0)],
+                         ids=lambda v: str(v))
 @pytest.mark.parametrize("stage", WGMMA_STAGES)
 @pytest.mark.parametrize("k", [1040, 7168], ids=lambda k: f"K{k}")
 @pytest.mark.parametrize("counts,rcap", [([0, 1, 0, 2, 1, 0, 0, 1], 8), ([9, 0, 300, 17, 0, 1, 128, 60], 600),
@@ -909,7 +910,7 @@ def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of):
                          ids=["decode", "mixed", "hot", "capacity"])
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warps):
+def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warps, cap):
     """Every output byte of the register-fed kernel equals the Triton kernel's: L2 (bf16), L1 gate/up (float32),
     fused SwiGLU + requant with and without the clamp (h codes, grouped scales, h_dec); zero-token experts and
     zeroed capacity rows included (K = 1040: the masked K tail and scale padding; K = 7168: V4-Pro's H)."""
@@ -919,12 +920,12 @@ def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warp
     base = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.CompileKey.for_shape(
         epi, rcap, e, 512, k, clamp=clamp, large_token=False))  # the per-tile Triton kernel, whatever rows/expert
     got = _wgmma_stage(gg, stage, a, e, k, lambda epi, clamp: gg.WgmmaKey(
-        epi=epi, block_t=bt, e_pad=32, num_warps=warps, clamp=clamp))
+        epi=epi, block_t=bt, e_pad=32, num_warps=warps, clamp=clamp, max_registers=cap))
     assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
     assert not base[0][r:].any(), f"{stage}: the Triton kernel's capacity rows are not zero"
     for i, (x, y) in enumerate(zip(got, base)):
-        assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma BT {bt} warps {warps} vs Triton, "
-                                                  f"counts {counts}, K {k}")
+        assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma BT {bt} warps {warps} cap {cap} vs "
+                                                  f"Triton, counts {counts}, K {k}")
 
 
 @pytest.mark.gpu

@@ -333,12 +333,13 @@ def test_moe_tile_sweep(t):
               f"{s * 1e6:.1f} us",
               flush=True)
     if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
-        for bt, warps in ((8, 4), (8, 8), (16, 4), (16, 8)):
-            key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+        for bt, warps, cap in ((8, 4, 0), (8, 4, 96), (8, 8, 0), (16, 4, 0), (16, 8, 0)):  # cap: max_registers
+            key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True, max_registers=cap)
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
-            out.append({"T": t, "wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
-            print(f"sweep fused L1 T={t} wgmma BT={bt} warps={warps}: {s * 1e6:.1f} us", flush=True)
+            out.append({"T": t, "wgmma": True, "BT": bt, "warps": warps, "max_registers": cap, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} wgmma BT={bt} warps={warps} max_registers={cap}: {s * 1e6:.1f} us",
+                  flush=True)
     _dump(f"sm90_moe_sweep_T{t}.json", out)
     assert out
     del w13, a_packed, a_sf

@@ -9,6 +9,8 @@ need shared memory fails the compile itself). GPU numerics are in test_sm90_gemm
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -128,7 +130,8 @@ def _grouped_compile(key, n: int, k: int):
         attrs[(names.index("HW"),)] = [["tt.divisibility", 16]]
     src = GluonASTSource(grouped_gemm_nvfp4_wgmma_kernel, sig, {(names.index(n_),): v for n_, v in const.items()},
                          attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+    options = {"num_warps": key.num_warps} | ({"maxnreg": key.max_registers} if key.max_registers else {})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
 
 
 def test_grouped_wgmma_routes_cover_the_decode_sizes():
@@ -155,9 +158,44 @@ def test_grouped_wgmma_kernel_compiles_without_spills(case, tmp_path):
     assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
     if k % 128 == 0:
         assert regs <= 128, f"{key}: {regs} registers (> 128: fewer than 16 warps per SM)"
+    if key.max_registers:
+        assert regs <= key.max_registers, f"{key}: {regs} registers above its cap"
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
     tiles = 4 + (-(-k // 128)) % 4
     assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA shapes {hgmma}"
     assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
     assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % key.block_t in ck.asm["ptx"]
+
+
+_ARITH = re.compile(r"/\*[0-9a-f]{4}\*/\s+(?:@!?U?P\w+\s+)?"
+                    r"((?:FFMA|FMUL|FADD|FMNMX|HFMA2|HMUL2|HADD2|HGMMA|F2F|F2FP|I2F|F2I)[A-Za-z0-9_.]*)")
+
+
+@pytest.mark.parametrize("case", [c for c in _grouped_routed() if c[0].max_registers],
+                         ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-n{c[1]}-k{c[2]}")
+def test_grouped_wgmma_register_cap_keeps_the_arithmetic(case, tmp_path):
+    """A routed key's register cap (WgmmaKey.max_registers: 5 CTAs an SM at T = 1 / 16) changes register allocation
+    only: the capped and the uncapped kernel issue the same floating-point and conversion instructions, the same
+    number of each (a cap that made ptxas split or fuse an FMA, or re-round, would show here), with no spills."""
+    key, n, k = case
+    sass = {}
+    for cap in (key.max_registers, 0):
+        ck = _grouped_compile(dataclasses.replace(key, max_registers=cap), n, k)
+        usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
+        assert re.search(r"STACK:0 SHARED:\d+ LOCAL:0", usage), f"{key} cap {cap}: spills: {usage}"
+        sass[cap] = collections.Counter(_ARITH.findall(_cuobjdump(ck.asm["cubin"], tmp_path, "-sass")))
+    assert sass[0] and sass[0]["HGMMA.64x%dx16.F32" % key.block_t] > 0, sass[0]
+    assert sass[key.max_registers] == sass[0], (
+        f"{key}: the register cap changed the arithmetic: capped {sorted(sass[key.max_registers].items())}, "
+        f"uncapped {sorted(sass[0].items())}")
+
+
+def test_wgmma_key_refuses_a_register_cap_ptxas_cannot_take():
+    from kernels.sm90.grouped_gemm_nvfp4 import WgmmaKey
+
+    for bad in (100, 8, 256, 96.0):
+        with pytest.raises(ValueError, match="max_registers"):
+            WgmmaKey(epi=0, block_t=8, e_pad=32, max_registers=bad)
+    assert WgmmaKey.for_shape(0, 6, 384).max_registers == 96
+    assert WgmmaKey.for_shape(0, 6 * 256, 384).max_registers == 0  # BT 16 spills under a cap
