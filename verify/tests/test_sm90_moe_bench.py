@@ -27,6 +27,7 @@ tests' JSON) under NVFP4V_REPORT_DIR when set.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -215,6 +216,18 @@ def test_moe_grouped_gemm_bench():
                     a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kw1), t=t)
                 res["wgmma_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kw2), t=t)
                 res["key_wgmma"] = str(kw1)
+                if kw1.block_t == 8:  # the register cap (WgmmaKey.max_registers) of the routed BT 8 keys, same run
+                    caps = {}
+                    for cap in (0, 80, 96):
+                        c1, c2 = (dataclasses.replace(k_, max_registers=cap) for k_ in (kw1, kw2))
+                        caps[cap] = {"l1_fused_us": 1e6 * _time(lambda: gg.grouped_l1_swiglu_requant(
+                            a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=c1),
+                            t=t), "l2_us": 1e6 * _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=c2), t=t),
+                            "bits_equal": all(torch.equal(x, y) for x, y in zip(l1_l2(c1, c2), l1_l2(kt1, kt2)))}
+                    res["wgmma_register_caps"] = caps
+                    print(f"wgmma register cap T={t:6d}: " + "; ".join(
+                        f"cap {c or 'none'}: fused L1 {v['l1_fused_us']:.1f} us, L2 {v['l2_us']:.1f}, bits equal "
+                        f"{v['bits_equal']}" for c, v in caps.items()), flush=True)
                 print(f"wgmma T={t:6d}: fused L1 {res['wgmma_l1_fused_s'] * 1e6:9.1f} us, L2 "
                       f"{res['wgmma_l2_s'] * 1e6:9.1f}, L1f+L2 {res['wgmma_fused_s'] * 1e6:9.1f} (Triton "
                       f"{res['triton_fused_s'] * 1e6:9.1f}); bits equal to the Triton kernel: "
@@ -277,7 +290,8 @@ def test_moe_grouped_gemm_bench():
     report["peaks_GiB"] = {k: {"measured": m / GiB, "plan": p / GiB} for k, (m, p) in peaks.items()}
     _dump("sm90_moe_bench.json", report)
     assert all(r_["ours_fused_s"] > 0 and r_["torch_moe_s"] > 0 for r_ in rows_out)
-    unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False]
+    unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False
+               or any(not v["bits_equal"] for v in r_.get("wgmma_register_caps", {}).values())]
     assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
     _assert_peaks_within_plan(peaks)
 
