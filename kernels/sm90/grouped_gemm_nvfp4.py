@@ -82,6 +82,8 @@ class CompileKey:
     # slower on the H200 at every size measured, so for_shape leaves it off)
     big: bool = False  # the large-token path (_grouped_gemm_nvfp4_big_jit): activations decoded once into fp16
     # planes, read by TMA; only the weights decoded per tile; same bits (see _large_token_key)
+    k128: bool = False  # (with big) one K = 128 MMA per K tile over the tile-interleaved activations (the same
+    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_k128_kernel)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
@@ -105,6 +107,10 @@ class CompileKey:
         return CompileKey(epi=epi, block_n=64 if rcap <= 16 else 128, block_t=bt, num_warps=warps, num_stages=stages,
                           e_pad=e_pad, use_asm=use_asm, clamp=clamp, act_f16=False)
 
+    def __post_init__(self):
+        if self.k128 and not self.big:
+            raise ValueError("CompileKey: k128 = True needs big = True (a variant of the large-token path)")
+
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
         R/BT + (experts with rows), zero tiles ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1."""
@@ -119,6 +125,7 @@ class CompileKey:
 # first guesses from the CPU compile (registers, shared memory), to be tuned on the GPU bench.
 LARGE_TOKEN_MIN_ROWS_PER_EXPERT = 64   # mean rows per expert (Rcap / E) from which the large-token path serves
 LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this mean; off until measured
+LARGE_TOKEN_K128 = False  # the k128 variant (one K = 128 MMA per tile, same bits) for routed keys; not yet measured
 
 
 def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, clamp: bool) -> CompileKey:
@@ -127,13 +134,14 @@ def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, cl
     wide = rcap / max(num_experts, 1) >= LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT
     e_pad = max(16, 1 << (num_experts - 1).bit_length())
     return CompileKey(epi=epi, block_n=128, block_t=256 if wide else 128, num_warps=8, num_stages=2 if wide else 4,
-                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True)
+                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=LARGE_TOKEN_K128)
 
 
 def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
-                   k: int, cp4: int) -> tuple[Tensor, Tensor]:
-    """The activations decoded once: even-k and odd-k fp16 planes [RP, K_ITERS * 64] (RP = Rcap rounded up to
-    16, zeros past off[E]); from the graph pool under capture."""
+                   k: int, cp4: int) -> tuple[Tensor, ...]:
+    """The activations decoded once (RP = Rcap rounded up to 16 rows, zeros past off[E]; from the graph pool under
+    capture): even-k and odd-k fp16 planes [RP, K_ITERS * 64], or with key.k128 one tensor [RP, K_ITERS * 128]
+    (K tile i at columns 128 i.., its 64 even k then its 64 odd k), returned as a 1-tuple. Same size either way."""
     import triton
 
     from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
@@ -144,7 +152,9 @@ def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offset
     planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
     grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
         a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, num_experts, k // 2, cp4, plane,
-        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, num_warps=4)
+        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, TILE128=key.k128, num_warps=4)
+    if key.k128:
+        return (planes.view(rp, k_iters * 128),)
     return planes[:plane].view(rp, k_iters * 64), planes[plane:].view(rp, k_iters * 64)
 
 
@@ -158,7 +168,7 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
                      hsf, hdec, limit: float) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from kernels.sm90._grouped_gemm_nvfp4_big_jit import grouped_gemm_nvfp4_big_kernel
+    from kernels.sm90 import _grouped_gemm_nvfp4_big_jit as big
 
     rcap = a_packed_u8.shape[0]
     e, n = w.num_experts, w.n
@@ -167,13 +177,14 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
     if grid[0] == 0 or rcap == 0:  # no rows: nothing to write (and no planes to describe)
         return
     cp4 = w.sf_swizzled_u8.shape[2] // 4
-    x_lo, x_hi = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)
+    planes = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)
     # host descriptors: kernel parameters, so a captured graph replays them as they are (the planes come
     # from the graph pool, the same addresses at every replay)
-    lo_desc = TensorDescriptor.from_tensor(x_lo, [key.block_t, 64])
-    hi_desc = TensorDescriptor.from_tensor(x_hi, [key.block_t, 64])
-    grouped_gemm_nvfp4_big_kernel[grid](
-        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), lo_desc, hi_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
+    width = 128 if key.k128 else 64
+    descs = [TensorDescriptor.from_tensor(p, [key.block_t, width]) for p in planes]
+    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
+    kernel[grid](
+        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), *descs, a_dec_f32, w.dec_scale_f32, offsets_i32,
         out, out2, hsf, hdec, e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
         0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
         hsf.shape[1] if hsf.dim() == 2 else 4,
