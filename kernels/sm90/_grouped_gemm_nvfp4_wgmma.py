@@ -263,6 +263,37 @@ def _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh, kt, HW, K_TAIL: gl.constexpr
 
 
 @gluon.jit
+def _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr, S_CP: gl.constexpr,
+                  WVEC: gl.constexpr, BN: gl.constexpr):
+    """Copy addresses of column tile pid_n of expert e (K tile 0; _issue adds the tile): weight halves [BN, 32]
+    (rows past N clamped, WVEC bytes a copy), scale words [BN, 8]; and wvec0 / scol, _issue's K-tail masks."""
+    wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
+    wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
+    wvec0 = wcol // (WVEC // 2) * (WVEC // 2)  # first half of each copy: the K-tail mask per copy (HW % 4 == 0)
+    w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
+        gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
+    sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
+    sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
+    scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
+    soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
+            + (scol * 512 + sb % 4)[None, :])
+    s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
+    return w_base, s_base, wvec0, scol
+
+
+@gluon.jit
+def _decode_a(wh, sd, H4: gl.constexpr, A_OP: gl.constexpr, BN: gl.constexpr):
+    """Weight halves wh [BN, 32] (H_RD) and converted scale pairs sd [BN, 16] (SD_RD) of one K tile -> the wgmma A
+    operand [BN, 128] (A_OP; column L = 64 n + b <-> k = 2 b + n), every convert a register renaming."""
+    wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
+    se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
+    LWS: gl.constexpr = gl.SliceLayout(3, H4)
+    se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
+    so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
+    return gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
+
+
+@gluon.jit
 def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base, s_base, wvec0, scol,
             x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr,
             S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr, K_ITERS: gl.constexpr,
@@ -288,13 +319,7 @@ def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base
     x_nxt.store(_decode_halves(xh, xse, xso, BT))
     fence_async_shared()  # this thread's B-tile stores before the next tile's wgmma (async proxy)
     xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW, K_TAIL)
-    wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
-    se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
-    LWS: gl.constexpr = gl.SliceLayout(3, H4)
-    se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
-    so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
-    a = gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
-    acc = warpgroup_mma(a, x_cur.permute([1, 0]), acc)
+    acc = warpgroup_mma(_decode_a(wh, sd, H4, A_OP, BN), x_cur.permute([1, 0]), acc)
     return acc, xh, xse, xso
 
 
@@ -409,18 +434,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     e64 = e.to(gl.int64)
     I = N // 2
     if is_tile:
-        # weight copies: rows of this column tile (past N clamped), WVEC bytes a copy
-        wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
-        wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
-        wvec0 = wcol // (WVEC // 2) * (WVEC // 2)  # first half of each copy: the K-tail mask per copy (HW % 4 == 0)
-        w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
-            gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
-        sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
-        sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
-        scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
-        soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
-                + (scol * 512 + sb % 4)[None, :])
-        s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
+        w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
         # the 4-stage ring, one allocation per stage (weights, scale bytes)
         rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
                  gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
