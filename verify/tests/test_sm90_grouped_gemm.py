@@ -447,7 +447,7 @@ def _wide_stack(e: int, n: int, k: int, seed: int, device):
 
 
 def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, present_bt=None, big_bts=(16, 128),
-                        epis=(0, 1, 2), big_bn=128, k128=False, versus="present", exact=False) -> str:
+                        epis=(0, 1, 2), big_bn=128, k128=False, versus="present", exact=False, wgmma=False) -> str:
     """Every output of the large-token path (each BT in big_bts, BN big_bn; k128: its one-MMA-per-tile variant)
     equals the present path's bit for bit: plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed
     + grouped scales + h_dec. The present path runs with token tile present_bt, or (None) with the same (BN, BT)
@@ -456,7 +456,8 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
     compares. versus="big": the reference is the large-token path's two-MMA variant instead (same tile). exact:
     operands whose every sum is exact (_exact_acts), which is what the interpreter can prove for k128 (one K = 128
     numpy matmul is not the sum of two K = 64 ones on rounding data). The plain output also meets the float64
-    bound (two identical wrong answers cannot pass)."""
+    bound (two identical wrong answers cannot pass). wgmma: the large-token path's register-fed Gluon variant
+    (BigWgmmaKey, BN = big_bn = 16 x warps; GPU only) instead of the Triton kernel."""
     gg = _gg()
     a = (_exact_acts(counts, rcap, k, seed, device) if exact else _acts(counts, rcap, k, seed, device, spread=3.0))
     stack = _exact_stack if exact else _wide_stack
@@ -471,6 +472,8 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
         return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
 
     def big(epi, bt, clamp=False):
+        if wgmma:
+            return gg.BigWgmmaKey(epi=epi, block_t=bt, e_pad=max(32, _e_pad(e)), num_warps=big_bn // 16, clamp=clamp)
         return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn, k128=k128)
 
     done = []
@@ -512,7 +515,8 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
             for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
                 assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
         done.append("fused")
-    return (f"ok (bit-identical: {', '.join(done)}; big{' k128' if k128 else ''} BT {list(big_bts)} vs {versus} BT "
+    name = "big wgmma" if wgmma else "big k128" if k128 else "big"
+    return (f"ok (bit-identical: {', '.join(done)}; {name} BT {list(big_bts)} vs {versus} BT "
             f"{present_bt or 'same'}{', exact data' if exact else ''})")
 
 
@@ -595,6 +599,41 @@ def test_large_token_path_routing_from_static_shapes():
         assert gg.CompileKey.for_shape(epi, lim * 8, 8, 512, 256).big
 
 
+def test_large_token_variant_is_one_module_constant(monkeypatch):
+    """LARGE_TOKEN_VARIANT picks the kernel of every routed large-token key (a one-line switch): "two_mma" (the
+    measured Triton kernel, the default until the GPU bench decides), "k128" (CompileKey.k128), "wgmma"
+    (BigWgmmaKey, only with the PTX decode outside the interpreter); shapes below the threshold never change."""
+    gg = _gg()
+    assert gg.LARGE_TOKEN_VARIANT == "two_mma"
+    rcap, e = 6 * 4096, 384
+    for variant, want in (("two_mma", "two_mma"), ("k128", "k128"), ("wgmma", "wgmma")):
+        monkeypatch.setattr(gg, "LARGE_TOKEN_VARIANT", variant)
+        for epi in (0, 1, 2):
+            key = gg.CompileKey.for_shape(epi, rcap, e, 6144, 7168, clamp=epi == 2)
+            got = gg._large_token_variant(key, epi, rcap, e, epi == 2, True)
+            kind = "wgmma" if isinstance(got, gg.BigWgmmaKey) else "k128" if got.k128 else "two_mma"
+            assert kind == want and got.epi == epi and got.clamp == (epi == 2), (variant, got)
+            if variant == "wgmma":  # the portable decode (use_asm=False) keeps the Triton key
+                assert gg._large_token_variant(key, epi, rcap, e, epi == 2, False) == key
+            small = gg.CompileKey.for_shape(epi, 6 * 256, e, 6144, 7168, clamp=epi == 2)
+            assert gg._large_token_variant(small, epi, 6 * 256, e, epi == 2, True) == small
+
+
+def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
+    gg = _gg()
+    for kw, field in ((dict(epi=3), "epi"), (dict(epi=0, block_t=32), "block_t"), (dict(epi=0, num_warps=16),
+                                                                                    "num_warps"),
+                      (dict(epi=0, e_pad=48), "e_pad"), (dict(epi=0, e_pad=16), "e_pad")):
+        with pytest.raises(ValueError, match=f"BigWgmmaKey: {field}"):
+            gg.BigWgmmaKey(**kw)
+    with pytest.raises(ValueError, match="k128"):
+        gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
+    key = gg.BigWgmmaKey.for_shape(2, 6 * 4096, 384, clamp=True)
+    assert (key.block_t, key.block_n, key.e_pad, key.k128) == (128, 128, 512, True)
+    assert key.grid(6 * 4096, 384, 6144) == gg.CompileKey.for_shape(2, 6 * 4096, 384, 6144, 7168).grid(
+        6 * 4096, 384, 6144)
+
+
 def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
     """rcap - 37 rows routed over e experts (uniform; experts 0, 5 and the last get none; one hot expert with
     700 rows): mean rows per expert near V4-Pro's T = 4096 (64)."""
@@ -608,16 +647,18 @@ def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("k128", [False, True], ids=["two_mma", "k128"])
-def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(k128):
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     """Rcap 24576 over E 384 (V4-Pro T = 4096 rows per expert, small K / N): every output of the large-token path
-    (BT 128 and 256; both variants: two K = 64 MMAs per tile, or k128's one K = 128 MMA) equals the present path's
-    (BT 64, the present key at this shape; and BT 16) bit for bit: plain, gate/up, fused; zero-token experts, a
-    hot expert, K = 1040 (not a multiple of 128), capacity rows. k128 also at BT 64."""
+    (two_mma: the Triton kernel's two K = 64 MMAs per tile, BT 128 and 256; k128: its one K = 128 MMA, BT 64, 128,
+    256; wgmma: the register-fed Gluon kernel, BT 64 and 128, BN 128 and 64) equals the present path's (BT 64, the
+    present key at this shape; and BT 16) bit for bit: plain, gate/up, fused; zero-token experts, a hot expert,
+    K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail), capacity rows."""
     counts = _v4_like_counts(24576, 384, 71)
-    for present_bt in (64, 16):
+    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128)}[variant]
+    for present_bt, bn in ((64, 128), (16, 128), (64, 64)) if variant == "wgmma" else ((64, 128), (16, 128)):
         msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=256, k=1040, seed=72, present_bt=present_bt,
-                                  big_bts=(64, 128, 256) if k128 else (128, 256), k128=k128)
+                                  big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant == "wgmma")
         assert msg.startswith("ok"), msg
     gg = _gg()
     assert gg.CompileKey.for_shape(2, 24576, 384, 256, 1040).big  # the routing serves this shape on the new path
@@ -625,23 +666,28 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(k128):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("k128", [False, True], ids=["two_mma", "k128"])
-def test_gpu_large_token_path_planes_and_small_shapes(k128):
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+def test_gpu_large_token_path_planes_and_small_shapes(variant):
     """The decoded planes on the GPU (PTX decode) hold the references' values; the bits equal the present path's
-    at small E (a token tile wider than the planes: rows past them come zero-filled by TMA)."""
+    at small E (a token tile wider than the planes: rows past them come zero-filled by TMA; wgmma: K_ITERS 2, only
+    tail tiles, and a column tile past N; K = 1664: 13 tiles, the unrolled loop and a tail)."""
+    k128 = variant != "two_mma"
     assert check_big_planes_are_the_decoded_values(_cuda(), counts=[3, 0, 200, 1, 0, 90], rcap=300, k=1040,
                                                    seed=73, k128=k128).startswith("ok")
+    bts = (64, 128) if variant == "wgmma" else (128, 256)
     assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
-                               big_bts=(128, 256), k128=k128).startswith("ok")
+                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
+    assert check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=128, k=1664, seed=75, present_bt=16,
+                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
 
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("k128", [False, True], ids=["routed", "k128"])
-def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(k128):
-    """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on) captured
-    at capacity with one routing and replayed with others and new values: every output equals an eager call, and
-    the present path's bytes."""
+@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma"])
+def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
+    """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
+    register-fed BigWgmmaKey.for_shape keys) captured at capacity with one routing and replayed with others and new
+    values: every output equals an eager call, and the present path's bytes."""
     gg = _gg()
     dev = _cuda()
     e, k, i, rcap = 8, 1024, 256, 1024
@@ -655,9 +701,13 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(k12
     s2 = torch.full((e,), 0.01, dtype=torch.float32, device=dev)
     present = {epi: gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512, k if epi else i, clamp=epi == 2,
                                             large_token=False) for epi in (0, 1, 2)}
-    ours = {epi: dataclasses.replace(gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512, k if epi else i,
-                                                             clamp=epi == 2), k128=True)
-            for epi in (0, 1, 2)} if k128 else None
+    ours = None
+    if variant == "k128":
+        ours = {epi: dataclasses.replace(gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512,
+                                                                 k if epi else i, clamp=epi == 2), k128=True)
+                for epi in (0, 1, 2)}
+    elif variant == "wgmma":
+        ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
 
     def step(keys=None):
         keys = keys or {}

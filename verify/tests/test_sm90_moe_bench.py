@@ -199,10 +199,15 @@ def test_moe_grouped_gemm_bench():
                       f"{res['present_l2_s'] * 1e6:9.1f}, L1f+L2 {res['present_fused_s'] * 1e6:9.1f} (large-token "
                       f"path {res['ours_fused_s'] * 1e6:9.1f}: x{res['present_fused_s'] / res['ours_fused_s']:.2f})",
                       flush=True)
-                # the large-token path's variants (explicit keys, same bits): two MMAs per K tile, one K = 128 MMA
-                for name, k128 in (("big2", False), ("k128", True)):
-                    kv1 = dataclasses.replace(gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True), k128=k128)
-                    kv2 = dataclasses.replace(gg.CompileKey.for_shape(0, r, E, H, I), k128=k128)
+                # the large-token path's variants (explicit keys, same bits): two MMAs per K tile, one K = 128 MMA,
+                # the register-fed Gluon kernel (gg.LARGE_TOKEN_VARIANT routes one of them)
+                for name in ("big2", "k128", "wgmma"):
+                    if name == "wgmma":
+                        kv1, kv2 = gg.BigWgmmaKey.for_shape(2, r, E, clamp=True), gg.BigWgmmaKey.for_shape(0, r, E)
+                    else:
+                        kv1 = dataclasses.replace(gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True),
+                                                  k128=name == "k128")
+                        kv2 = dataclasses.replace(gg.CompileKey.for_shape(0, r, E, H, I), k128=name == "k128")
                     res[f"key_l1_{name}"] = str(kv1)
                     h_ref = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                          h_input_dec_scale_f32=s2, key=k_l1)
@@ -281,13 +286,14 @@ def test_moe_grouped_gemm_bench():
             print(f"T={t:6d} large-token path: L1f+L2 {ours * 1e6:9.1f} us (x torch {res['x_torch']:.2f}) | present "
                   f"path {res['present_fused_s'] * 1e6:9.1f} us (x torch {res['present_x_torch']:.2f}) | torch bf16 "
                   f"{res['torch_moe_s'] * 1e6:9.1f} us", flush=True)
-            for name in ("big2", "k128"):
+            for name in ("big2", "k128", "wgmma"):
                 res[f"{name}_x_torch"] = res["torch_moe_s"] / res[f"{name}_fused_s"]
-            print(f"T={t:6d} L1f+L2 variants: big2 (two MMAs / tile) {res['big2_fused_s'] * 1e6:9.1f} us (x torch "
-                  f"{res['big2_x_torch']:.2f}) | k128 (one K = 128 MMA / tile) {res['k128_fused_s'] * 1e6:9.1f} us "
-                  f"(x torch {res['k128_x_torch']:.2f}, x big2 {res['big2_fused_s'] / res['k128_fused_s']:.2f}) | "
-                  f"present {res['present_fused_s'] * 1e6:9.1f} us | bits equal to present: big2 "
-                  f"{res['big2_bits_equal']}, k128 {res['k128_bits_equal']}", flush=True)
+            print(f"T={t:6d} L1f+L2 large-token variants (us, x torch, x big2, bits equal to present): "
+                  + " | ".join(f"{name} {res[f'{name}_fused_s'] * 1e6:9.1f} x{res[f'{name}_x_torch']:.2f} "
+                               f"x{res['big2_fused_s'] / res[f'{name}_fused_s']:.2f} {res[f'{name}_bits_equal']}"
+                               for name in ("big2", "k128", "wgmma"))
+                  + f" | present {res['present_fused_s'] * 1e6:9.1f} | torch bf16 {res['torch_moe_s'] * 1e6:9.1f}",
+                  flush=True)
         rows_out.append(res)
         print(f"T={t:6d} R={r:6d} active={active:3d} | fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
               f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f} | ours L1f+L2 {ours * 1e6:9.1f} us "
@@ -310,7 +316,8 @@ def test_moe_grouped_gemm_bench():
     assert all(r_["ours_fused_s"] > 0 and r_["torch_moe_s"] > 0 for r_ in rows_out)
     unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False]
     assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
-    unequal = [(r_["T"], name) for r_ in rows_out for name in ("big2", "k128") if r_.get(f"{name}_bits_equal") is False]
+    unequal = [(r_["T"], name) for r_ in rows_out for name in ("big2", "k128", "wgmma")
+               if r_.get(f"{name}_bits_equal") is False]
     assert not unequal, f"large-token variants: bits differ from the present path at (T, variant) {unequal}"
     _assert_peaks_within_plan(peaks)
 
@@ -318,7 +325,8 @@ def test_moe_grouped_gemm_bench():
 @pytest.mark.parametrize("t", [1, 16, 4096, 32768])
 def test_moe_tile_sweep(t):
     """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md); at T <= 256
-    also the register-fed kernel's (BT, warps)."""
+    also the register-fed kernel's (BT, warps); at the large-token sizes the Triton large-token kernel (big=True,
+    k128 False / True) and its register-fed Gluon variant (big wgmma: BT, warps)."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
     torch.manual_seed(1)
@@ -366,6 +374,14 @@ def test_moe_tile_sweep(t):
         print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path} "
               f"k128={k128}: {s * 1e6:.1f} us",
               flush=True)
+    if gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True).big:  # the large-token register-fed variant's keys
+        for bt, warps in ((128, 8), (64, 8), (128, 4), (64, 4)):
+            key = gg.BigWgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+            s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
+            out.append({"T": t, "big_wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} big wgmma BT={bt} warps={warps} (BN {16 * warps}): {s * 1e6:.1f} us",
+                  flush=True)
     if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
         for bt, warps in ((8, 4), (8, 8), (16, 4), (16, 8)):
             key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
