@@ -64,7 +64,7 @@ def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, 
                 H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr,
                 K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
     """K tile it (it % 4 == J; see the module docstring)."""
-    w_cur, s_cur = rings[2 * J], rings[2 * J + 1]
+    w_cur = rings[2 * J]
     s_nxt = rings[2 * ((J + 1) % 4) + 1]
     w_iss, s_iss = rings[2 * ((J + 3) % 4)], rings[2 * ((J + 3) % 4) + 1]
     async_copy.wait_group(1)  # weight tiles it and it + 1 landed (this thread's copies)
