@@ -62,3 +62,53 @@ def grouped_gemm_nvfp4_big_kernel(
                     hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
     else:
         _store_zero_tile(z, off_end, pid_n, wr, out_ptr, out2_ptr, N, RCAP, EPI, BN, BT)
+
+
+# ---- k128 variant (CompileKey.k128): one K = 128 MMA per K tile -------------------------------------------------
+# The same per-element MMA sequence in one tl.dot: the weight tile [BN, 128] is the decoded even-k half then the odd-k
+# half (columns 0..63 k = kb + 2j, 64..127 k = kb + 2j + 1), the token tile [BT, 128] one TMA load of the
+# tile-interleaved activations (grouped_act_decode_planes_kernel with TILE128: the same 64 even k then 64 odd k per
+# K tile). Triton issues the K = 128 dot as 8 wgmma k16 steps in column order: steps 0-3 over the even k, 4-7 over
+# the odd k, one fp32 accumulator chain: exactly the two-dot sequence above, so the same bits. With one dot per
+# tile the MMA is no longer waited on between the halves (only the async wgmma of tile i is in flight while tile
+# i + 1 decodes).
+
+
+@triton.jit
+def _cat_k(lo, hi, ROWS: tl.constexpr):
+    """[ROWS, 64] even-k and odd-k halves -> [ROWS, 128]: columns 0..63 lo, 64..127 hi."""
+    return tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, 128))
+
+
+@triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
+def grouped_gemm_nvfp4_big_k128_kernel(
+    w_ptr, wsf_ptr, x_desc, adec_ptr, wdec_ptr, off_ptr,
+    out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
+    E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
+    K_ITERS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, E_P: tl.constexpr,
+    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
+):
+    """x_desc: tensor descriptor of the tile-interleaved fp16 activations [RP, K_ITERS * 128], block [BT, 128].
+    Everything else as grouped_gemm_nvfp4_big_kernel."""
+    NT = tl.cdiv(N, BN)
+    pid = tl.program_id(0)
+    pid_n = pid % NT
+    t = pid // NT
+    is_tile, e, row0, cnt_e, off_e, pad_e, off_end, z = _schedule(off_ptr, t, E, BT, E_P)
+    e64 = e.to(tl.int64)
+    loc = row0 + tl.arange(0, BT)                  # local rows of expert e
+    wr = pid_n * BN + tl.arange(0, BN)             # weight rows (output columns) of this tile
+    if is_tile:
+        w_e = w_ptr + e64 * N * HALF_K
+        wsf_e = wsf_ptr + e64 * NP * CP4
+        r0 = off_e + row0                          # first global row of the token tile
+        acc = tl.zeros((BN, BT), dtype=tl.float32)
+        for it in range(0, K_ITERS):
+            w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, it * 128, HALF_K, CP4, BN, 128, USE_ASM)
+            x = x_desc.load([r0, it * 128])
+            acc = tl.dot(_cat_k(w_lo, w_hi, BN), tl.trans(x), acc)
+        acc = acc * DECODE_UNSCALE  # exact
+        _store_tile(acc, e64, pid_n, loc, off_e, pad_e, cnt_e, wr, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
+                    hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
+    else:
+        _store_zero_tile(z, off_end, pid_n, wr, out_ptr, out2_ptr, N, RCAP, EPI, BN, BT)

@@ -203,11 +203,13 @@ def grouped_gemm_nvfp4_kernel(
 @triton.jit(do_not_specialize=["PLANE"])
 def grouped_act_decode_planes_kernel(x_ptr, xsf_ptr, off_ptr, planes_ptr, E, HALF_K, CP4, PLANE,
                                      K_ITERS: tl.constexpr, BLOCK_R: tl.constexpr, E_P: tl.constexpr,
-                                     USE_ASM: tl.constexpr):
+                                     USE_ASM: tl.constexpr, TILE128: tl.constexpr = False):
     """Large-count path, step 1: the grouped activations [Rcap, K] -> two fp16 planes [Rcap, K_ITERS*64]
     (even k, odd k of each 128-wide K tile) of e2m1 * e4m3 * 2^-7 (exact), exactly the values the GEMM
     would decode per tile, so X_F16 gives the same bits. Row r of expert e (off[e] <= r < off[e+1]) reads
-    its scales at row pad_e + r - off[e]; rows past off[E] and K past the end are zero."""
+    its scales at row pad_e + r - off[e]; rows past off[E] and K past the end are zero.
+    TILE128 (the large-token path's k128 variant): one tensor [Rcap, K_ITERS*128] instead, K tile i at
+    columns 128 i .. 128 i + 127, its 64 even k then its 64 odd k (PLANE unused)."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * 128
     idx = tl.arange(0, E_P)
@@ -235,6 +237,11 @@ def grouped_act_decode_planes_kernel(x_ptr, xsf_ptr, off_ptr, planes_ptr, E, HAL
     c = kb // 16 + tl.arange(0, 8)
     sc = tl.where((c < HALF_K // 8)[None, :], sc, 0)
     x_lo, x_hi = _decode(b, sc, BLOCK_R, 128, USE_ASM)
-    o = rows.to(tl.int64)[:, None] * (K_ITERS * 64) + (kb // 2 + tl.arange(0, 64))[None, :]
-    tl.store(planes_ptr + o, x_lo)
-    tl.store(planes_ptr + PLANE + o, x_hi)
+    if TILE128:
+        o = rows.to(tl.int64)[:, None] * (K_ITERS * 128) + (kb + tl.arange(0, 64))[None, :]
+        tl.store(planes_ptr + o, x_lo)
+        tl.store(planes_ptr + 64 + o, x_hi)
+    else:
+        o = rows.to(tl.int64)[:, None] * (K_ITERS * 64) + (kb // 2 + tl.arange(0, 64))[None, :]
+        tl.store(planes_ptr + o, x_lo)
+        tl.store(planes_ptr + PLANE + o, x_hi)

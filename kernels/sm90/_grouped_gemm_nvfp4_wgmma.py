@@ -263,6 +263,37 @@ def _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh, kt, HW, K_TAIL: gl.constexpr
 
 
 @gluon.jit
+def _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr, S_CP: gl.constexpr,
+                  WVEC: gl.constexpr, BN: gl.constexpr):
+    """Copy addresses of column tile pid_n of expert e (K tile 0; _issue adds the tile): weight halves [BN, 32]
+    (rows past N clamped, WVEC bytes a copy), scale words [BN, 8]; and wvec0 / scol, _issue's K-tail masks."""
+    wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
+    wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
+    wvec0 = wcol // (WVEC // 2) * (WVEC // 2)  # first half of each copy: the K-tail mask per copy (HW % 4 == 0)
+    w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
+        gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
+    sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
+    sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
+    scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
+    soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
+            + (scol * 512 + sb % 4)[None, :])
+    s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
+    return w_base, s_base, wvec0, scol
+
+
+@gluon.jit
+def _decode_a(wh, sd, H4: gl.constexpr, A_OP: gl.constexpr, BN: gl.constexpr):
+    """Weight halves wh [BN, 32] (H_RD) and converted scale pairs sd [BN, 16] (SD_RD) of one K tile -> the wgmma A
+    operand [BN, 128] (A_OP; column L = 64 n + b <-> k = 2 b + n), every convert a register renaming."""
+    wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
+    se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
+    LWS: gl.constexpr = gl.SliceLayout(3, H4)
+    se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
+    so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
+    return gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
+
+
+@gluon.jit
 def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base, s_base, wvec0, scol,
             x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr,
             S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr, K_ITERS: gl.constexpr,
@@ -288,14 +319,96 @@ def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base
     x_nxt.store(_decode_halves(xh, xse, xso, BT))
     fence_async_shared()  # this thread's B-tile stores before the next tile's wgmma (async proxy)
     xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW, K_TAIL)
-    wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
-    se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
-    LWS: gl.constexpr = gl.SliceLayout(3, H4)
-    se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
-    so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
-    a = gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
-    acc = warpgroup_mma(a, x_cur.permute([1, 0]), acc)
+    acc = warpgroup_mma(_decode_a(wh, sd, H4, A_OP, BN), x_cur.permute([1, 0]), acc)
     return acc, xh, xse, xso
+
+
+@gluon.jit
+def _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr, N,
+              I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L: gl.constexpr, EPI_GU: gl.constexpr, EPI: gl.constexpr,
+              BN: gl.constexpr, BT: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr, FMAX: gl.constexpr):
+    """acc [BN, BT] (MMA layout, decode scale not yet undone) of expert e's local rows row0.. (I = N // 2) -> the EPI
+    output (the Triton kernel's float32 expressions); the large-token wgmma kernel ends here too."""
+    adec = gl.load(adec_ptr + e64 * adec_stride)
+    if EPI == 0:
+        acc = gl.convert_layout(acc, EPI_L) * DECODE_UNSCALE  # exact
+        loc = row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, EPI_L))  # local rows of expert e
+        rows = off_e + loc
+        row_ok = loc < cnt_e
+        wn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI_L))
+        alpha = adec * gl.load(wdec_ptr + e64)
+        o = rows.to(gl.int64)[None, :] * N + wn[:, None]
+        gl.store(out_ptr + o, _round_to_bf16_f32(acc * alpha).to(gl.bfloat16),
+                 mask=(wn < N)[:, None] & row_ok[None, :])
+    else:
+        acc = gl.convert_layout(acc, EPI_GU) * DECODE_UNSCALE  # exact
+        g, u = gl.split(gl.permute(gl.reshape(acc, [BN // 2, 2, BT]), [0, 2, 1]))
+        g = g * (adec * gl.load(wdec_ptr + e64 * 2))
+        u = u * (adec * gl.load(wdec_ptr + e64 * 2 + 1))
+        if EPI == 1:
+            GL: gl.constexpr = g.type.layout
+            ic = pid_n * (BN // 2) + gl.arange(0, BN // 2, layout=gl.SliceLayout(1, GL))
+            rows1 = off_e + row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, GL))
+            ok1 = rows1 - off_e < cnt_e
+            o = rows1.to(gl.int64)[None, :] * I + ic[:, None]
+            m = (ic < I)[:, None] & ok1[None, :]
+            gl.store(out_ptr + o, g, mask=m)
+            gl.store(out2_ptr + o, u, mask=m)
+        else:
+            if CLAMP:
+                u = gl.minimum(gl.maximum(u, -limit), limit)
+                g = gl.minimum(g, limit)
+            h = (g / (1.0 + gl.exp(-g))) * u
+            h = _round_to_bf16_f32(h)  # h is bf16 at the stage boundary (as the unfused path)
+            s_enc = gl.div_rn(1.0, gl.load(hdec_ptr + e64 * hdec_stride))
+            NB: gl.constexpr = BN // 32
+            hb = gl.reshape(h, [NB, 16, BT])
+            v = gl.max(gl.abs(hb), axis=1)  # maxnum: NaN elements ignored
+            v = gl.where(v == v, v, 0.0)
+            scale_f32 = gl.minimum(v * (s_enc * ONE_SIXTH), FMAX, propagate_nan=tl.PropagateNan.ALL)
+            sf_u8 = _e4m3_rne_u8(scale_f32)  # [NB, BT]
+            inv_s = gl.div_rn(1.0, s_enc)
+            enc = gl.div_rn(1.0, _e4m3_to_f32(sf_u8) * inv_s)
+            enc = gl.minimum(enc, FMAX, propagate_nan=tl.PropagateNan.ALL)
+            codes = _e2m1_code(hb * gl.expand_dims(enc, 1))  # [NB, 16, BT]
+            lo, hi = gl.split(gl.permute(gl.reshape(codes, [NB, 8, 2, BT]), [0, 1, 3, 2]))
+            byte = (lo | (hi << 4)).to(gl.uint8)  # [NB, 8, BT]
+            BL: gl.constexpr = byte.type.layout
+            blk = pid_n * NB + gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, BL)))
+            col = blk[:, None] * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, BL)))[None, :]
+            locb = row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, gl.SliceLayout(1, BL)))
+            po = (off_e + locb).to(gl.int64)[None, None, :] * (I // 2) + col[:, :, None]
+            gl.store(out_ptr + po, byte, mask=(col < I // 2)[:, :, None] & (locb < cnt_e)[None, None, :])
+            SL: gl.constexpr = sf_u8.type.layout
+            blk2 = pid_n * NB + gl.arange(0, NB, layout=gl.SliceLayout(1, SL))
+            srow = pad_e + row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, SL))
+            so = ((((srow // 128) * (OUT_CP // 4))[None, :] + (blk2 // 4)[:, None]) * 512
+                  + ((srow % 32) * 16 + ((srow // 32) % 4) * 4)[None, :] + (blk2 % 4)[:, None])
+            gl.store(hsf_ptr + so.to(gl.int64), sf_u8.to(gl.uint8),
+                     mask=(blk2 < I // 16)[:, None] & (srow - pad_e < cnt_e)[None, :])
+
+
+@gluon.jit
+def _zero_tile(z, off_end, pid_n, out_ptr, out2_ptr, N, RCAP, EPI_L: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
+               BT: gl.constexpr):
+    """Capacity rows past off[E]: zeros (BT rows of this column tile per zero tile z)."""
+    ZL: gl.constexpr = EPI_L
+    zr = off_end + z * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, ZL))
+    zok = (zr < RCAP) & (z * BT < RCAP - off_end)
+    if EPI == 0:
+        wz = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ZL))
+        zo = zr.to(gl.int64)[None, :] * N + wz[:, None]
+        gl.store(out_ptr + zo, gl.zeros([BN, BT], gl.bfloat16, ZL), mask=(wz < N)[:, None] & zok[None, :])
+    elif EPI == 1:
+        zic = pid_n * (BN // 2) + gl.arange(0, BN // 2, layout=gl.SliceLayout(1, ZL))
+        zo = zr.to(gl.int64)[None, :] * (N // 2) + zic[:, None]
+        zm = (zic < N // 2)[:, None] & zok[None, :]
+        gl.store(out_ptr + zo, gl.zeros([BN // 2, BT], gl.float32, ZL), mask=zm)
+        gl.store(out2_ptr + zo, gl.zeros([BN // 2, BT], gl.float32, ZL), mask=zm)
+    else:
+        zcol = pid_n * (BN // 4) + gl.arange(0, BN // 4, layout=gl.SliceLayout(1, ZL))
+        zo = zr.to(gl.int64)[None, :] * (N // 4) + zcol[:, None]
+        gl.store(out_ptr + zo, gl.zeros([BN // 4, BT], gl.uint8, ZL), mask=(zcol < N // 4)[:, None] & zok[None, :])
 
 
 @gluon.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
@@ -321,18 +434,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     e64 = e.to(gl.int64)
     I = N // 2
     if is_tile:
-        # weight copies: rows of this column tile (past N clamped), WVEC bytes a copy
-        wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
-        wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
-        wvec0 = wcol // (WVEC // 2) * (WVEC // 2)  # first half of each copy: the K-tail mask per copy (HW % 4 == 0)
-        w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
-            gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
-        sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
-        sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
-        scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
-        soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
-                + (scol * 512 + sb % 4)[None, :])
-        s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
+        w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
         # the 4-stage ring, one allocation per stage (weights, scale bytes)
         rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
                  gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
@@ -387,80 +489,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
                                             w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW,
                                             CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
         async_copy.wait_group(0)
-
-        adec = gl.load(adec_ptr + e64 * adec_stride)
-        if EPI == 0:
-            acc = gl.convert_layout(acc, EPI_L) * DECODE_UNSCALE  # exact
-            loc = row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, EPI_L))  # local rows of expert e
-            rows = off_e + loc
-            row_ok = loc < cnt_e
-            wn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, EPI_L))
-            alpha = adec * gl.load(wdec_ptr + e64)
-            o = rows.to(gl.int64)[None, :] * N + wn[:, None]
-            gl.store(out_ptr + o, _round_to_bf16_f32(acc * alpha).to(gl.bfloat16),
-                     mask=(wn < N)[:, None] & row_ok[None, :])
-        else:
-            acc = gl.convert_layout(acc, EPI_GU) * DECODE_UNSCALE  # exact
-            g, u = gl.split(gl.permute(gl.reshape(acc, [BN // 2, 2, BT]), [0, 2, 1]))
-            g = g * (adec * gl.load(wdec_ptr + e64 * 2))
-            u = u * (adec * gl.load(wdec_ptr + e64 * 2 + 1))
-            if EPI == 1:
-                GL: gl.constexpr = g.type.layout
-                ic = pid_n * (BN // 2) + gl.arange(0, BN // 2, layout=gl.SliceLayout(1, GL))
-                rows1 = off_e + row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, GL))
-                ok1 = rows1 - off_e < cnt_e
-                o = rows1.to(gl.int64)[None, :] * I + ic[:, None]
-                m = (ic < I)[:, None] & ok1[None, :]
-                gl.store(out_ptr + o, g, mask=m)
-                gl.store(out2_ptr + o, u, mask=m)
-            else:
-                if CLAMP:
-                    u = gl.minimum(gl.maximum(u, -limit), limit)
-                    g = gl.minimum(g, limit)
-                h = (g / (1.0 + gl.exp(-g))) * u
-                h = _round_to_bf16_f32(h)  # h is bf16 at the stage boundary (as the unfused path)
-                s_enc = gl.div_rn(1.0, gl.load(hdec_ptr + e64 * hdec_stride))
-                NB: gl.constexpr = BN // 32
-                hb = gl.reshape(h, [NB, 16, BT])
-                v = gl.max(gl.abs(hb), axis=1)  # maxnum: NaN elements ignored
-                v = gl.where(v == v, v, 0.0)
-                scale_f32 = gl.minimum(v * (s_enc * ONE_SIXTH), FMAX, propagate_nan=tl.PropagateNan.ALL)
-                sf_u8 = _e4m3_rne_u8(scale_f32)  # [NB, BT]
-                inv_s = gl.div_rn(1.0, s_enc)
-                enc = gl.div_rn(1.0, _e4m3_to_f32(sf_u8) * inv_s)
-                enc = gl.minimum(enc, FMAX, propagate_nan=tl.PropagateNan.ALL)
-                codes = _e2m1_code(hb * gl.expand_dims(enc, 1))  # [NB, 16, BT]
-                lo, hi = gl.split(gl.permute(gl.reshape(codes, [NB, 8, 2, BT]), [0, 1, 3, 2]))
-                byte = (lo | (hi << 4)).to(gl.uint8)  # [NB, 8, BT]
-                BL: gl.constexpr = byte.type.layout
-                blk = pid_n * NB + gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, BL)))
-                col = blk[:, None] * 8 + gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, BL)))[None, :]
-                locb = row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, gl.SliceLayout(1, BL)))
-                po = (off_e + locb).to(gl.int64)[None, None, :] * (I // 2) + col[:, :, None]
-                gl.store(out_ptr + po, byte, mask=(col < I // 2)[:, :, None] & (locb < cnt_e)[None, None, :])
-                SL: gl.constexpr = sf_u8.type.layout
-                blk2 = pid_n * NB + gl.arange(0, NB, layout=gl.SliceLayout(1, SL))
-                srow = pad_e + row0 + gl.arange(0, BT, layout=gl.SliceLayout(0, SL))
-                so = ((((srow // 128) * (OUT_CP // 4))[None, :] + (blk2 // 4)[:, None]) * 512
-                      + ((srow % 32) * 16 + ((srow // 32) % 4) * 4)[None, :] + (blk2 % 4)[:, None])
-                gl.store(hsf_ptr + so.to(gl.int64), sf_u8.to(gl.uint8),
-                         mask=(blk2 < I // 16)[:, None] & (srow - pad_e < cnt_e)[None, :])
+        _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
+                  N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
     else:
-        # capacity rows past off[E]: zeros (BT rows of this column tile per zero tile)
-        ZL: gl.constexpr = EPI_L
-        zr = off_end + z * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, ZL))
-        zok = (zr < RCAP) & (z * BT < RCAP - off_end)
-        if EPI == 0:
-            wz = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, ZL))
-            zo = zr.to(gl.int64)[None, :] * N + wz[:, None]
-            gl.store(out_ptr + zo, gl.zeros([BN, BT], gl.bfloat16, ZL), mask=(wz < N)[:, None] & zok[None, :])
-        elif EPI == 1:
-            zic = pid_n * (BN // 2) + gl.arange(0, BN // 2, layout=gl.SliceLayout(1, ZL))
-            zo = zr.to(gl.int64)[None, :] * (N // 2) + zic[:, None]
-            zm = (zic < N // 2)[:, None] & zok[None, :]
-            gl.store(out_ptr + zo, gl.zeros([BN // 2, BT], gl.float32, ZL), mask=zm)
-            gl.store(out2_ptr + zo, gl.zeros([BN // 2, BT], gl.float32, ZL), mask=zm)
-        else:
-            zcol = pid_n * (BN // 4) + gl.arange(0, BN // 4, layout=gl.SliceLayout(1, ZL))
-            zo = zr.to(gl.int64)[None, :] * (N // 4) + zcol[:, None]
-            gl.store(out_ptr + zo, gl.zeros([BN // 4, BT], gl.uint8, ZL), mask=(zcol < N // 4)[:, None] & zok[None, :])
+        _zero_tile(z, off_end, pid_n, out_ptr, out2_ptr, N, RCAP, EPI_L, EPI, BN, BT)

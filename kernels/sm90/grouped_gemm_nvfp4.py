@@ -52,7 +52,8 @@ from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, prepare_experts
 from kernels.sm90._env import triton_interpreting as _interpreting
 
 __all__ = ["CompileKey", "Sm90GroupedWeight", "prepare_experts", "prepare_gate_up", "grouped_gemm",
-           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows", "WgmmaKey", "wgmma_serves"]
+           "grouped_gemm_l1", "grouped_l1_swiglu_requant", "grouped_sf_rows", "WgmmaKey", "wgmma_serves",
+           "BigWgmmaKey"]
 
 EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT = 0, 1, 2
 
@@ -82,6 +83,8 @@ class CompileKey:
     # slower on the H200 at every size measured, so for_shape leaves it off)
     big: bool = False  # the large-token path (_grouped_gemm_nvfp4_big_jit): activations decoded once into fp16
     # planes, read by TMA; only the weights decoded per tile; same bits (see _large_token_key)
+    k128: bool = False  # (with big) one K = 128 MMA per K tile over the tile-interleaved activations (the same
+    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_k128_kernel)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
@@ -105,6 +108,10 @@ class CompileKey:
         return CompileKey(epi=epi, block_n=64 if rcap <= 16 else 128, block_t=bt, num_warps=warps, num_stages=stages,
                           e_pad=e_pad, use_asm=use_asm, clamp=clamp, act_f16=False)
 
+    def __post_init__(self):
+        if self.k128 and not self.big:
+            raise ValueError("CompileKey: k128 = True needs big = True (a variant of the large-token path)")
+
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
         R/BT + (experts with rows), zero tiles ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1."""
@@ -119,6 +126,11 @@ class CompileKey:
 # first guesses from the CPU compile (registers, shared memory), to be tuned on the GPU bench.
 LARGE_TOKEN_MIN_ROWS_PER_EXPERT = 64   # mean rows per expert (Rcap / E) from which the large-token path serves
 LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this mean; off until measured
+# The kernel the routed large-token keys run (all three give the same bits; the GPU bench's rows compare their times):
+#   "two_mma": _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel (Triton, two K = 64 MMAs a K tile; measured),
+#   "k128":    grouped_gemm_nvfp4_big_k128_kernel (Triton, one K = 128 MMA a K tile: CompileKey.k128),
+#   "wgmma":   _grouped_gemm_nvfp4_big_wgmma (Gluon, weights decoded into the wgmma A registers: BigWgmmaKey).
+LARGE_TOKEN_VARIANT = "two_mma"
 
 
 def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, clamp: bool) -> CompileKey:
@@ -127,13 +139,14 @@ def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, cl
     wide = rcap / max(num_experts, 1) >= LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT
     e_pad = max(16, 1 << (num_experts - 1).bit_length())
     return CompileKey(epi=epi, block_n=128, block_t=256 if wide else 128, num_warps=8, num_stages=2 if wide else 4,
-                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True)
+                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=LARGE_TOKEN_VARIANT == "k128")
 
 
 def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
-                   k: int, cp4: int) -> tuple[Tensor, Tensor]:
-    """The activations decoded once: even-k and odd-k fp16 planes [RP, K_ITERS * 64] (RP = Rcap rounded up to
-    16, zeros past off[E]); from the graph pool under capture."""
+                   k: int, cp4: int) -> tuple[Tensor, ...]:
+    """The activations decoded once (RP = Rcap rounded up to 16 rows, zeros past off[E]; from the graph pool under
+    capture): even-k and odd-k fp16 planes [RP, K_ITERS * 64], or with key.k128 one tensor [RP, K_ITERS * 128]
+    (K tile i at columns 128 i.., its 64 even k then its 64 odd k), returned as a 1-tuple. Same size either way."""
     import triton
 
     from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
@@ -144,7 +157,9 @@ def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offset
     planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
     grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
         a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, num_experts, k // 2, cp4, plane,
-        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, num_warps=4)
+        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, TILE128=key.k128, num_warps=4)
+    if key.k128:
+        return (planes.view(rp, k_iters * 128),)
     return planes[:plane].view(rp, k_iters * 64), planes[plane:].view(rp, k_iters * 64)
 
 
@@ -158,7 +173,7 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
                      hsf, hdec, limit: float) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from kernels.sm90._grouped_gemm_nvfp4_big_jit import grouped_gemm_nvfp4_big_kernel
+    from kernels.sm90 import _grouped_gemm_nvfp4_big_jit as big
 
     rcap = a_packed_u8.shape[0]
     e, n = w.num_experts, w.n
@@ -167,18 +182,106 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
     if grid[0] == 0 or rcap == 0:  # no rows: nothing to write (and no planes to describe)
         return
     cp4 = w.sf_swizzled_u8.shape[2] // 4
-    x_lo, x_hi = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)
+    planes = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, cp4)
     # host descriptors: kernel parameters, so a captured graph replays them as they are (the planes come
     # from the graph pool, the same addresses at every replay)
-    lo_desc = TensorDescriptor.from_tensor(x_lo, [key.block_t, 64])
-    hi_desc = TensorDescriptor.from_tensor(x_hi, [key.block_t, 64])
-    grouped_gemm_nvfp4_big_kernel[grid](
-        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), lo_desc, hi_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
+    width = 128 if key.k128 else 64
+    descs = [TensorDescriptor.from_tensor(p, [key.block_t, width]) for p in planes]
+    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
+    kernel[grid](
+        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), *descs, a_dec_f32, w.dec_scale_f32, offsets_i32,
         out, out2, hsf, hdec, e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
         0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
         hsf.shape[1] if hsf.dim() == 2 else 4,
         K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad, USE_ASM=key.use_asm,
         CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps, num_stages=key.num_stages)
+
+
+@dataclass(frozen=True)
+class BigWgmmaKey:
+    """Codegen of the large-token path's register-fed variant (_grouped_gemm_nvfp4_big_wgmma, Gluon): epilogue, BT
+    tokens (the wgmma N: 64 or 128), warps (BN = 16 * warps weight rows), the expert-count padding E_P (a power of
+    two >= 32 and >= E), clamp. Its activations are the k128 layout's (the PTX decode)."""
+
+    epi: int
+    block_t: int = 128
+    e_pad: int = 512
+    num_warps: int = 8
+    clamp: bool = False
+
+    k128 = True     # (what _decode_planes reads: the tile-interleaved layout, PTX decode)
+    use_asm = True
+
+    def __post_init__(self):
+        if self.epi not in (EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT):
+            raise ValueError(f"BigWgmmaKey: epi = {self.epi!r}, expected 0 (bf16), 1 (gate/up) or 2 (fused SwiGLU)")
+        if self.block_t not in (64, 128):
+            raise ValueError(f"BigWgmmaKey: block_t = {self.block_t!r}, expected 64 or 128 tokens")
+        if self.num_warps not in (4, 8):
+            raise ValueError(f"BigWgmmaKey: num_warps = {self.num_warps!r}, expected 4 or 8 (whole warpgroups)")
+        if not isinstance(self.e_pad, int) or self.e_pad < 32 or self.e_pad & (self.e_pad - 1):
+            raise ValueError(f"BigWgmmaKey: e_pad = {self.e_pad!r}, expected a power of two >= 32")
+
+    @property
+    def block_n(self) -> int:
+        return 16 * self.num_warps
+
+    @staticmethod
+    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "BigWgmmaKey":
+        # BT 128, 8 warps (BN 128): the Triton large-token kernel's tile; the sweep rows time BT 64 and 4 warps
+        return BigWgmmaKey(epi=epi, block_t=128, e_pad=max(32, 1 << (num_experts - 1).bit_length()), num_warps=8,
+                           clamp=clamp)
+
+    def grid(self, rcap: int, num_experts: int, n: int) -> int:
+        """CompileKey.grid with this key's tile."""
+        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
+        return tiles * -(-n // self.block_n)
+
+
+@functools.lru_cache(maxsize=16)
+def _big_wgmma_layouts(num_warps: int, block_t: int, wvec: int, e_pad: int) -> dict:
+    from kernels.sm90._grouped_gemm_nvfp4_big_wgmma import big_wgmma_layouts
+
+    return big_wgmma_layouts(num_warps, block_t, wvec, e_pad)
+
+
+@functools.lru_cache(maxsize=64)
+def _compile_big_wgmma(key: BigWgmmaKey):
+    """The launcher for `key` (Gluon compiles on the first launch: warm up before graph capture)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.sm90._grouped_gemm_nvfp4_big_wgmma import grouped_gemm_nvfp4_big_wgmma_kernel
+
+    def run(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w: Sm90GroupedWeight, out, out2, hsf, hdec,
+            limit: float) -> None:
+        rcap = a_packed_u8.shape[0]
+        e, n = w.num_experts, w.n
+        _check_e_pad(key, e)
+        grid = (key.grid(rcap, e, n),)
+        if grid[0] == 0 or rcap == 0:
+            return
+        wvec = 16 if w.k % 32 == 0 else 8  # weight rows 16-byte aligned only when K % 32 == 0
+        lay = _big_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad)
+        (x,) = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, w.sf_swizzled_u8.shape[2] // 4)
+        # a host descriptor (a kernel parameter: a captured graph replays it; x from the graph pool)
+        x_desc = TensorDescriptor.from_tensor(x, [key.block_t, 128], lay["X_SH"])
+        grouped_gemm_nvfp4_big_wgmma_kernel[grid](
+            w.packed_u8.view(torch.int16), w.sf_swizzled_u8, x_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
+            out, out2, hsf, hdec, e, n, w.k // 4, w.sf_swizzled_u8.shape[2] // 4, rcap, w.sf_swizzled_u8.shape[1],
+            0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
+            hsf.shape[1] if hsf.dim() == 2 else 4, **lay,
+            K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
+            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps)
+
+    return run
+
+
+def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int, clamp: bool, asm: bool):
+    """A routed large-token CompileKey -> the kernel LARGE_TOKEN_VARIANT names (the Gluon one needs the PTX decode
+    and a GPU; elsewhere the Triton key stays)."""
+    if key.big and LARGE_TOKEN_VARIANT == "wgmma" and asm and not _interpreting():
+        return BigWgmmaKey.for_shape(epi, rcap, num_experts, clamp=clamp)
+    return key
 # ------------------------------------------------------------------------------------------------------------
 
 
@@ -273,7 +376,8 @@ def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | No
     if (USE_WGMMA and asm and not _interpreting() and wgmma_serves(a_packed_u8.shape[0], w.num_experts)
             and a_packed_u8.data_ptr() % 2 == 0):  # (the register-fed kernel reads the activations as int16 halves)
         return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp)
-    return CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm, clamp=clamp)
+    return _large_token_variant(CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm,
+                                                     clamp=clamp), epi, a_packed_u8.shape[0], w.num_experts, clamp, asm)
 
 
 def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
@@ -450,5 +554,7 @@ def _compile_wgmma(key: WgmmaKey):
     return run
 
 
-def _launcher(key: "CompileKey | WgmmaKey"):
+def _launcher(key: "CompileKey | WgmmaKey | BigWgmmaKey"):
+    if isinstance(key, BigWgmmaKey):
+        return _compile_big_wgmma(key)
     return _compile_wgmma(key) if isinstance(key, WgmmaKey) else _compile(key)

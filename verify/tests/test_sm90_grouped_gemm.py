@@ -20,8 +20,10 @@ garbage in the scale padding changing nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -404,10 +406,34 @@ def _present_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
                          e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp)
 
 
-def _big_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128):
+def _big_key(epi: int, bt: int, e: int, *, use_asm, clamp=False, bn=128, k128=False):
     gg = _gg()
     return gg.CompileKey(epi=epi, block_n=bn, block_t=bt, num_warps=8, num_stages=4 if bt <= 128 else 2,
-                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp, big=True)
+                         e_pad=_e_pad(e), use_asm=use_asm, clamp=clamp, big=True, k128=k128)
+
+
+def _exact_acts(counts, rcap: int, k: int, seed: int, device) -> dict:
+    """_acts' layout with random codes and every scale byte 0x38 (1.0): all products are multiples of 2^-16 (in the
+    kernels' 2^-14 decode units, e2m1 x e2m1 = multiples of 1/4) far below 2^24 of them, so every fp32 sum is exact
+    in any order and any split of K: two paths agree bit for bit exactly when they pair the same weight and token
+    values (the k map), whatever the MMA order (the interpreter's tl.dot is numpy's matmul)."""
+    g = torch.Generator().manual_seed(seed)
+    r = sum(counts)
+    off = _offsets(counts, device)
+    sf_lin = torch.full((r, k // 16), 0x38, dtype=torch.uint8, device=device)
+    sw, _ = sf_grouped_linear_to_swizzled_128x4(sf_lin, off)
+    sw = torch.cat([sw, torch.zeros(128, sw.shape[1], dtype=torch.uint8, device=device)])
+    packed = torch.randint(0, 256, (rcap, k // 2), generator=g, dtype=torch.uint8).to(device)
+    a_dec = (0.5 + torch.rand(len(counts), generator=g)).float().to(device) * 0.01
+    return dict(packed=packed, sf_sw=sw.contiguous(), sf_lin=sf_lin, dec=a_dec, off=off, r=r, rcap=rcap, k=k)
+
+
+def _exact_stack(e: int, n: int, k: int, seed: int, device):
+    """Random codes, every scale byte 0x38 (1.0): see _exact_acts."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (e, n, k // 2), generator=g, dtype=torch.uint8)
+    s2 = (0.5 + torch.rand(e, generator=g)).float() * 0.02
+    return packed.to(device), torch.full((e, n, k // 16), 0x38, dtype=torch.uint8, device=device), s2.to(device)
 
 
 def _wide_stack(e: int, n: int, k: int, seed: int, device):
@@ -421,29 +447,38 @@ def _wide_stack(e: int, n: int, k: int, seed: int, device):
 
 
 def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, present_bt=None, big_bts=(16, 128),
-                        epis=(0, 1, 2), big_bn=128) -> str:
-    """Every output of the large-token path (each BT in big_bts, BN big_bn) equals the present path's bit for bit:
-    plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed + grouped scales + h_dec. The present
-    path runs with token tile present_bt, or (None) with the same (BN, BT) as each big tile: under the
-    interpreter tl.dot is numpy's matmul, whose sums depend on the tile shape, so only equal tiles compare
-    there; on the GPU the tile does not change an element's MMA sequence and any BT compares. The plain
-    output also meets the float64 bound (two identical wrong answers cannot pass)."""
+                        epis=(0, 1, 2), big_bn=128, k128=False, versus="present", exact=False, wgmma=False) -> str:
+    """Every output of the large-token path (each BT in big_bts, BN big_bn; k128: its one-MMA-per-tile variant)
+    equals the present path's bit for bit: plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed
+    + grouped scales + h_dec. The present path runs with token tile present_bt, or (None) with the same (BN, BT)
+    as each big tile: under the interpreter tl.dot is numpy's matmul, whose sums depend on the tile shape, so
+    only equal tiles compare there; on the GPU the tile does not change an element's MMA sequence and any BT
+    compares. versus="big": the reference is the large-token path's two-MMA variant instead (same tile). exact:
+    operands whose every sum is exact (_exact_acts), which is what the interpreter can prove for k128 (one K = 128
+    numpy matmul is not the sum of two K = 64 ones on rounding data). The plain output also meets the float64
+    bound (two identical wrong answers cannot pass). wgmma: the large-token path's register-fed Gluon variant
+    (BigWgmmaKey, BN = big_bn = 16 x warps; GPU only) instead of the Triton kernel."""
     gg = _gg()
-    a = _acts(counts, rcap, k, seed, device, spread=3.0)
+    a = (_exact_acts(counts, rcap, k, seed, device) if exact else _acts(counts, rcap, k, seed, device, spread=3.0))
+    stack = _exact_stack if exact else _wide_stack
     off = a["off"].to(torch.int32)
     args = (a["packed"], a["sf_sw"], a["dec"], off)
     asm = (device.type == "cuda") if use_asm is None else use_asm
     e = len(counts)
 
     def present(epi, bt, clamp=False):
+        if versus == "big":
+            return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
         return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
 
     def big(epi, bt, clamp=False):
-        return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+        if wgmma:
+            return gg.BigWgmmaKey(epi=epi, block_t=bt, e_pad=max(32, _e_pad(e)), num_warps=big_bn // 16, clamp=clamp)
+        return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn, k128=k128)
 
     done = []
     if 0 in epis:
-        w = _wide_stack(len(counts), n, k, seed + 1, device)
+        w = stack(len(counts), n, k, seed + 1, device)
         ws = gg.prepare_experts(*w)
         for bt in big_bts:
             ref = gg.grouped_gemm(*args, ws, key=present(0, bt))
@@ -453,7 +488,7 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
         done.append("plain")
     if 1 in epis or 2 in epis:
         i = n // 2
-        w13 = gg.prepare_gate_up(*_wide_stack(e, i, k, seed + 2, device), *_wide_stack(e, i, k, seed + 3, device))
+        w13 = gg.prepare_gate_up(*stack(e, i, k, seed + 2, device), *stack(e, i, k, seed + 3, device))
         present_l1 = {bt: gg.grouped_gemm_l1(*args, w13, key=present(1, bt))
                       for bt in big_bts}
         g0, u0 = present_l1[big_bts[0]]
@@ -480,22 +515,32 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
             for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
                 assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
         done.append("fused")
-    return f"ok (bit-identical: {', '.join(done)}; big BT {list(big_bts)} vs present BT {present_bt or 'same'})"
+    name = "big wgmma" if wgmma else "big k128" if k128 else "big"
+    return (f"ok (bit-identical: {', '.join(done)}; {name} BT {list(big_bts)} vs {versus} BT "
+            f"{present_bt or 'same'}{', exact data' if exact else ''})")
 
 
-def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, use_asm=None) -> str:
+def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, use_asm=None, k128=False) -> str:
     """The workspace of the large-token path holds, for row r of the activations, plane 0 [r, 64 i + j] =
     fp16(a[r, 128 i + 2 j] * 2^-7) and plane 1 [r, 64 i + j] = fp16(a[r, 128 i + 2 j + 1] * 2^-7) (a the
     references' e2m1 x e4m3 decode of the checkpoint bytes; the present kernel's per-tile fp16 operands), zeros
-    past off[E] (capacity rows hold random bytes) and past K."""
+    past off[E] (capacity rows hold random bytes) and past K. k128: one tensor [RP, K_ITERS * 128] whose columns
+    128 i + j hold plane 0's 64 i + j and 128 i + 64 + j plane 1's (each K tile: 64 even k, then 64 odd k)."""
     from references.nvfp4 import decode_nvfp4_block_scaled
 
     gg = _gg()
     a = _acts(counts, rcap, k, seed, device)
     e = len(counts)
-    key = _big_key(0, 128, e, use_asm=(device.type == "cuda") if use_asm is None else use_asm)
-    lo, hi = gg._decode_planes(key, a["packed"], a["sf_sw"], a["off"].to(torch.int32), e, k, -(-(k // 16) // 4))
+    key = _big_key(0, 128, e, use_asm=(device.type == "cuda") if use_asm is None else use_asm, k128=k128)
+    planes = gg._decode_planes(key, a["packed"], a["sf_sw"], a["off"].to(torch.int32), e, k, -(-(k // 16) // 4))
     r, kp = a["r"], -(-k // 128) * 128
+    if k128:
+        (x,) = planes
+        assert tuple(x.shape) == (-(-rcap // 16) * 16, kp) and x.is_contiguous(), tuple(x.shape)
+        tiles = x.view(x.shape[0], kp // 128, 2, 64)
+        lo, hi = tiles[:, :, 0].reshape(x.shape[0], kp // 2), tiles[:, :, 1].reshape(x.shape[0], kp // 2)
+    else:
+        lo, hi = planes
     dec = torch.zeros(lo.shape[0], kp, dtype=torch.float64)
     dec[:r, :k] = decode_nvfp4_block_scaled(a["packed"][:r].cpu(), a["sf_lin"].cpu()).double() * 2.0**-7
     dec = dec.view(-1, kp // 128, 64, 2)
@@ -504,7 +549,7 @@ def check_big_planes_are_the_decoded_values(device, *, counts, rcap, k, seed=0, 
     assert torch.equal(want_lo.double().view(-1, kp // 128, 64), dec[..., 0]), "fp16 would round: not exact data"
     assert_bits_equal(lo, want_lo, label="plane 0 (even k)")
     assert_bits_equal(hi, want_hi, label="plane 1 (odd k)")
-    return f"ok ({r} rows, {lo.shape[0] - r} zero rows, K {k} -> {kp})"
+    return f"ok ({r} rows, {lo.shape[0] - r} zero rows, K {k} -> {kp}{', k128 layout' if k128 else ''})"
 
 
 _INTERP_CASES.update({
@@ -514,6 +559,21 @@ _INTERP_CASES.update({
         counts=[0, 37, 5, 0, 9], rcap=56, n=32, k=96, seed=62, big_bts=(16, 32), big_bn=64)),
     "big_path_planes_are_the_decoded_values": (check_big_planes_are_the_decoded_values, dict(
         counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=63)),
+    # the k128 variant (one K = 128 MMA per tile): its tile-interleaved activations hold the decoded values; on exact
+    # data it equals the two-MMA variant (same tile) on every output, so it pairs each weight k with the same token k
+    # (the column -> k map of both operands); on rounding data it meets the float64 bound (check_big_path_bits' plain)
+    "big_k128_planes_are_the_decoded_values": (check_big_planes_are_the_decoded_values, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=63, k128=True)),
+    "big_k128_exact_data_equals_the_two_mma_variant": (check_big_path_bits, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, n=64, k=160, seed=64, k128=True, versus="big", exact=True)),
+    "big_k128_exact_data_rows_of_next_expert_in_tile": (check_big_path_bits, dict(
+        counts=[0, 37, 5, 0, 9], rcap=56, n=32, k=96, seed=65, big_bts=(16, 32), big_bn=64, k128=True, versus="big",
+        exact=True)),
+    "big_k128_rounding_data_within_the_bound": (lambda device, use_asm, **kw: check_plain(
+        device, use_asm=use_asm, key=_big_key(0, 32, 5, use_asm=use_asm, k128=True), **kw), dict(
+        counts=[3, 0, 40, 1, 0], rcap=50, n=64, k=160, seed=67)),
+    "big_k128_exact_data_equals_the_present_path": (check_big_path_bits, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, n=64, k=160, seed=66, k128=True, exact=True)),
 })
 _BIG_INTERP = [name for name in _INTERP_CASES if name.startswith("big_")]
 
@@ -539,6 +599,41 @@ def test_large_token_path_routing_from_static_shapes():
         assert gg.CompileKey.for_shape(epi, lim * 8, 8, 512, 256).big
 
 
+def test_large_token_variant_is_one_module_constant(monkeypatch):
+    """LARGE_TOKEN_VARIANT picks the kernel of every routed large-token key (a one-line switch): "two_mma" (the
+    measured Triton kernel, the default until the GPU bench decides), "k128" (CompileKey.k128), "wgmma"
+    (BigWgmmaKey, only with the PTX decode outside the interpreter); shapes below the threshold never change."""
+    gg = _gg()
+    assert gg.LARGE_TOKEN_VARIANT in ("two_mma", "k128", "wgmma"), gg.LARGE_TOKEN_VARIANT
+    rcap, e = 6 * 4096, 384
+    for variant, want in (("two_mma", "two_mma"), ("k128", "k128"), ("wgmma", "wgmma")):
+        monkeypatch.setattr(gg, "LARGE_TOKEN_VARIANT", variant)
+        for epi in (0, 1, 2):
+            key = gg.CompileKey.for_shape(epi, rcap, e, 6144, 7168, clamp=epi == 2)
+            got = gg._large_token_variant(key, epi, rcap, e, epi == 2, True)
+            kind = "wgmma" if isinstance(got, gg.BigWgmmaKey) else "k128" if got.k128 else "two_mma"
+            assert kind == want and got.epi == epi and got.clamp == (epi == 2), (variant, got)
+            if variant == "wgmma":  # the portable decode (use_asm=False) keeps the Triton key
+                assert gg._large_token_variant(key, epi, rcap, e, epi == 2, False) == key
+            small = gg.CompileKey.for_shape(epi, 6 * 256, e, 6144, 7168, clamp=epi == 2)
+            assert gg._large_token_variant(small, epi, 6 * 256, e, epi == 2, True) == small
+
+
+def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
+    gg = _gg()
+    for kw, field in ((dict(epi=3), "epi"), (dict(epi=0, block_t=32), "block_t"), (dict(epi=0, num_warps=16),
+                                                                                    "num_warps"),
+                      (dict(epi=0, e_pad=48), "e_pad"), (dict(epi=0, e_pad=16), "e_pad")):
+        with pytest.raises(ValueError, match=f"BigWgmmaKey: {field}"):
+            gg.BigWgmmaKey(**kw)
+    with pytest.raises(ValueError, match="k128"):
+        gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
+    key = gg.BigWgmmaKey.for_shape(2, 6 * 4096, 384, clamp=True)
+    assert (key.block_t, key.block_n, key.e_pad, key.k128) == (128, 128, 512, True)
+    assert key.grid(6 * 4096, 384, 6144) == gg.CompileKey.for_shape(2, 6 * 4096, 384, 6144, 7168).grid(
+        6 * 4096, 384, 6144)
+
+
 def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
     """rcap - 37 rows routed over e experts (uniform; experts 0, 5 and the last get none; one hot expert with
     700 rows): mean rows per expert near V4-Pro's T = 4096 (64)."""
@@ -552,14 +647,18 @@ def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_large_token_path_bits_equal_the_present_path_v4_like():
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     """Rcap 24576 over E 384 (V4-Pro T = 4096 rows per expert, small K / N): every output of the large-token path
-    (BT 128 and 256) equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit:
-    plain, gate/up, fused; zero-token experts, a hot expert, K = 1040 (not a multiple of 128), capacity rows."""
+    (two_mma: the Triton kernel's two K = 64 MMAs per tile, BT 128 and 256; k128: its one K = 128 MMA, BT 64, 128,
+    256; wgmma: the register-fed Gluon kernel, BT 64 and 128, BN 128 and 64) equals the present path's (BT 64, the
+    present key at this shape; and BT 16) bit for bit: plain, gate/up, fused; zero-token experts, a hot expert,
+    K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail), capacity rows."""
     counts = _v4_like_counts(24576, 384, 71)
-    for present_bt in (64, 16):
+    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128)}[variant]
+    for present_bt, bn in ((64, 128), (16, 128), (64, 64)) if variant == "wgmma" else ((64, 128), (16, 128)):
         msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=256, k=1040, seed=72, present_bt=present_bt,
-                                  big_bts=(128, 256))
+                                  big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant == "wgmma")
         assert msg.startswith("ok"), msg
     gg = _gg()
     assert gg.CompileKey.for_shape(2, 24576, 384, 256, 1040).big  # the routing serves this shape on the new path
@@ -567,20 +666,28 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like():
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_large_token_path_planes_and_small_shapes():
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+def test_gpu_large_token_path_planes_and_small_shapes(variant):
     """The decoded planes on the GPU (PTX decode) hold the references' values; the bits equal the present path's
-    at small E (a token tile wider than the planes: rows past them come zero-filled by TMA)."""
+    at small E (a token tile wider than the planes: rows past them come zero-filled by TMA; wgmma: K_ITERS 2, only
+    tail tiles, and a column tile past N; K = 1664: 13 tiles, the unrolled loop and a tail)."""
+    k128 = variant != "two_mma"
     assert check_big_planes_are_the_decoded_values(_cuda(), counts=[3, 0, 200, 1, 0, 90], rcap=300, k=1040,
-                                                   seed=73).startswith("ok")
+                                                   seed=73, k128=k128).startswith("ok")
+    bts = (64, 128) if variant == "wgmma" else (128, 256)
     assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
-                               big_bts=(128, 256)).startswith("ok")
+                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
+    assert check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=128, k=1664, seed=75, present_bt=16,
+                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
 
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path():
-    """The large-token path (routed by for_shape: 8 experts, Rcap 1024) captured at capacity with one routing and
-    replayed with others and new values: every output equals an eager call, and the present path's bytes."""
+@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma"])
+def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
+    """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
+    register-fed BigWgmmaKey.for_shape keys) captured at capacity with one routing and replayed with others and new
+    values: every output equals an eager call, and the present path's bytes."""
     gg = _gg()
     dev = _cuda()
     e, k, i, rcap = 8, 1024, 256, 1024
@@ -594,6 +701,13 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path():
     s2 = torch.full((e,), 0.01, dtype=torch.float32, device=dev)
     present = {epi: gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512, k if epi else i, clamp=epi == 2,
                                             large_token=False) for epi in (0, 1, 2)}
+    ours = None
+    if variant == "k128":
+        ours = {epi: dataclasses.replace(gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512,
+                                                                 k if epi else i, clamp=epi == 2), k128=True)
+                for epi in (0, 1, 2)}
+    elif variant == "wgmma":
+        ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
 
     def step(keys=None):
         keys = keys or {}
@@ -603,11 +717,11 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path():
         y = gg.grouped_gemm(hp, hsf, hdec, off, w2, key=keys.get(0))
         return gate, up, hp, hsf, y
 
-    step()
+    step(ours)
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        outs = step()
+        outs = step(ours)
     for counts in ([0, 0, 0, 1000, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [120, 120, 120, 120, 120, 120, 120, 150]):
         b = _acts(counts, rcap, k, sum(counts), dev)
         packed.copy_(b["packed"])
@@ -617,7 +731,7 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path():
         off.copy_(b["off"].to(torch.int32))
         graph.replay()
         torch.cuda.synchronize()
-        eager, old = step(), step(present)
+        eager, old = step(ours), step(present)
         for name, got, want, want_old in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager, old):
             assert_bits_equal(got, want, label=f"large-token path, graph replay vs eager, {name}, counts {counts}")
             assert_bits_equal(got, want_old, label=f"large-token path (graph) vs present path, {name}, counts {counts}")
@@ -688,11 +802,14 @@ def _compile_big(key, k: int):
     from triton.compiler import ASTSource
 
     from kernels.sm90._consts import FLT_MAX, ONE_SIXTH_F32
-    from kernels.sm90._grouped_gemm_nvfp4_big_jit import grouped_gemm_nvfp4_big_kernel
+    from kernels.sm90 import _grouped_gemm_nvfp4_big_jit as big
 
     out = {0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi]
-    desc = f"tensordesc<fp16[{key.block_t}, 64]>"
-    sig = {"w_ptr": "*u8", "wsf_ptr": "*i32", "xlo_desc": desc, "xhi_desc": desc, "adec_ptr": "*fp32",
+    if key.k128:  # one descriptor [BT, 128] over the tile-interleaved activations
+        descs = {"x_desc": f"tensordesc<fp16[{key.block_t}, 128]>"}
+    else:
+        descs = {"xlo_desc": f"tensordesc<fp16[{key.block_t}, 64]>", "xhi_desc": f"tensordesc<fp16[{key.block_t}, 64]>"}
+    sig = {"w_ptr": "*u8", "wsf_ptr": "*i32", **descs, "adec_ptr": "*fp32",
            "wdec_ptr": "*fp32", "off_ptr": "*i32", "out_ptr": out, "out2_ptr": out, "hsf_ptr": "*u8",
            "hdec_ptr": "*fp32", "E": "i32", "N": "i32", "HALF_K": "i32", "CP4": "i32", "RCAP": "i32", "NP": "i32",
            "adec_stride": "i32", "hdec_stride": "i32", "limit": "fp32", "OUT_CP": "i32"}
@@ -703,7 +820,8 @@ def _compile_big(key, k: int):
     aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr",
                "N", "HALF_K", "NP")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    src = ASTSource(grouped_gemm_nvfp4_big_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
+    src = ASTSource(kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": key.num_warps, "num_stages": key.num_stages})
 
@@ -723,17 +841,30 @@ def _big_compile_keys():
                                   (128, 128, 8, 3)):
         keys[gg.CompileKey(**{**base.__dict__, "block_n": bn, "block_t": bt, "num_warps": warps,
                               "num_stages": stages}), 7168] = None
+    # the k128 variant (one K = 128 MMA per tile) of every key above: the bench's candidates
+    for key, k in list(keys):
+        keys[dataclasses.replace(key, k128=True), k] = None
     return list(keys)
 
 
+def _wgmma_waits_per_tile(sass: str, hgmma: int) -> list[int]:
+    """The WARPGROUP.DEPBAR.LE gsb0 counts from the K loop's first HGMMA to its last (one K tile of `hgmma`: the
+    loop is not unrolled): 0 is a blocking wait for every MMA in flight."""
+    lines = sass.splitlines()
+    at = [i for i, line in enumerate(lines) if "HGMMA" in line][:hgmma]
+    return [int(m, 16) for line in lines[at[0]:at[-1] + 3]
+            for m in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", line)]
+
+
 @pytest.mark.parametrize("key,k", _big_compile_keys(), ids=lambda v: v if isinstance(v, int) else
-                         f"epi{v.epi}-bn{v.block_n}-bt{v.block_t}-w{v.num_warps}s{v.num_stages}")
+                         f"epi{v.epi}-bn{v.block_n}-bt{v.block_t}-w{v.num_warps}s{v.num_stages}{'-k128' * v.k128}")
 def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
     """SASS of the large-token kernel (CPU compile, sm_90a): no spills, the MMA is the fp16 wgmma HGMMA 64xBTx16
     with fp32 accumulation (the present path's instruction; tokens on its N side), the planes arrive by TMA
-    (UTMALDG), no mma.sync, and the kernel fits the 227 KB of shared memory of an SM. Registers are printed."""
-    import re
-
+    (UTMALDG), no mma.sync, and the kernel fits the 227 KB of shared memory of an SM. Registers are printed.
+    Per K tile 8 HGMMA; the two-MMA variant waits for every MMA in flight (DEPBAR gsb0 0) between its halves, the
+    k128 variant never inside the tile (its waits leave the previous steps in flight: the MMA of one tile overlaps
+    the decode of the next)."""
     assert key.big
     ck = _compile_big(key, k)
     tool = Path(pytest.importorskip("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -753,12 +884,23 @@ def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
     assert shapes == {str(key.block_t)}, f"{key}: HGMMA shapes {sorted(shapes)} (expected 64x{key.block_t}x16 F32)"
     assert "UTMALDG" in sass, f"{key}: the planes are not loaded by TMA"
     assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+    hgmma = len(re.findall(r"\bHGMMA\.", sass))
+    want = 8 * key.block_n // (16 * key.num_warps)  # 8 k16 steps x the 64-row wgmma tiles of one warpgroup
+    waits = _wgmma_waits_per_tile(sass, want)
+    print(f"{key}: {hgmma} HGMMA (K loop not unrolled: one K tile), wgmma waits in the tile {waits}")
+    assert hgmma == want, f"{key}: {hgmma} HGMMA in the kernel (expected {want}: one K tile of 8 k16 steps)"
+    if key.k128:
+        assert waits and 0 not in waits, f"{key}: a blocking wgmma wait inside the K tile ({waits})"
+    else:
+        assert 0 in waits, f"{key}: no wait between the two MMAs ({waits}): the SASS reading is off"
 
 
+@pytest.mark.parametrize("tile128", [False, True], ids=["planes", "k128"])
 @pytest.mark.parametrize("k", [7168, 3072])
-def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path):
+def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tile128, tmp_path):
     """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows, 4
-    warps, E 384 padded to 512, PTX decode) compiles for sm_90 without spills; registers printed."""
+    warps, E 384 padded to 512, PTX decode; the two planes or the k128 variant's tile-interleaved tensor) compiles
+    for sm_90 without spills; registers printed."""
     import re
 
     triton = pytest.importorskip("triton")
@@ -769,7 +911,7 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path)
 
     sig = {"x_ptr": "*u8", "xsf_ptr": "*i32", "off_ptr": "*i32", "planes_ptr": "*fp16", "E": "i32", "HALF_K": "i32",
            "CP4": "i32", "PLANE": "i32"}
-    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True)
+    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True, TILE128=tile128)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("x_ptr", "xsf_ptr", "off_ptr", "planes_ptr",
@@ -785,7 +927,7 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tmp_path)
     found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
     assert found, usage
     regs, stack, local = map(int, found.groups())
-    print(f"grouped_act_decode_planes_kernel K={k}: {regs} registers")
+    print(f"grouped_act_decode_planes_kernel K={k} TILE128={tile128}: {regs} registers")
     assert stack == 0 and local == 0, f"spills (STACK {stack}, LOCAL {local}, {regs} registers)"
 
 

@@ -199,6 +199,34 @@ def test_moe_grouped_gemm_bench():
                       f"{res['present_l2_s'] * 1e6:9.1f}, L1f+L2 {res['present_fused_s'] * 1e6:9.1f} (large-token "
                       f"path {res['ours_fused_s'] * 1e6:9.1f}: x{res['present_fused_s'] / res['ours_fused_s']:.2f})",
                       flush=True)
+                # the large-token path's variants (explicit keys, same bits): two MMAs per K tile, one K = 128 MMA,
+                # the register-fed Gluon kernel (gg.LARGE_TOKEN_VARIANT routes one of them)
+                for name in ("big2", "k128", "wgmma"):
+                    if name == "wgmma":
+                        kv1, kv2 = gg.BigWgmmaKey.for_shape(2, r, E, clamp=True), gg.BigWgmmaKey.for_shape(0, r, E)
+                    else:
+                        kv1 = dataclasses.replace(gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True),
+                                                  k128=name == "k128")
+                        kv2 = dataclasses.replace(gg.CompileKey.for_shape(0, r, E, H, I), k128=name == "k128")
+                    res[f"key_l1_{name}"] = str(kv1)
+                    h_ref = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                         h_input_dec_scale_f32=s2, key=k_l1)
+                    h_got = gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                         h_input_dec_scale_f32=s2, key=kv1)
+                    same = all(torch.equal(x, y) for x, y in zip(h_got, h_ref))
+                    del h_got
+                    y_ref = gg.grouped_gemm(*h_ref, off, w2, key=k_l2)
+                    res[f"{name}_bits_equal"] = same and torch.equal(gg.grouped_gemm(*h_ref, off, w2, key=kv2), y_ref)
+                    del h_ref, y_ref
+                    res[f"{name}_l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(
+                        a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kv1), t=t)
+                    res[f"{name}_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kv2), t=t)
+                    res[f"{name}_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
+                        a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kv1), off,
+                        w2, key=kv2), t=t)
+                    print(f"large-token {name} T={t:6d}: fused L1 {res[f'{name}_l1_fused_s'] * 1e6:9.1f} us, L2 "
+                          f"{res[f'{name}_l2_s'] * 1e6:9.1f}, L1f+L2 {res[f'{name}_fused_s'] * 1e6:9.1f}; bits equal to "
+                          f"the present path: {res[f'{name}_bits_equal']}", flush=True)
             if gg.wgmma_serves(r, E):  # the register-fed kernel (issue 25 item 1) against the Triton one, explicit keys
                 kw1, kw2 = gg.WgmmaKey.for_shape(2, r, E, clamp=True), gg.WgmmaKey.for_shape(0, r, E)
                 kt1 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True)
@@ -270,6 +298,14 @@ def test_moe_grouped_gemm_bench():
             print(f"T={t:6d} large-token path: L1f+L2 {ours * 1e6:9.1f} us (x torch {res['x_torch']:.2f}) | present "
                   f"path {res['present_fused_s'] * 1e6:9.1f} us (x torch {res['present_x_torch']:.2f}) | torch bf16 "
                   f"{res['torch_moe_s'] * 1e6:9.1f} us", flush=True)
+            for name in ("big2", "k128", "wgmma"):
+                res[f"{name}_x_torch"] = res["torch_moe_s"] / res[f"{name}_fused_s"]
+            print(f"T={t:6d} L1f+L2 large-token variants (us, x torch, x big2, bits equal to present): "
+                  + " | ".join(f"{name} {res[f'{name}_fused_s'] * 1e6:9.1f} x{res[f'{name}_x_torch']:.2f} "
+                               f"x{res['big2_fused_s'] / res[f'{name}_fused_s']:.2f} {res[f'{name}_bits_equal']}"
+                               for name in ("big2", "k128", "wgmma"))
+                  + f" | present {res['present_fused_s'] * 1e6:9.1f} | torch bf16 {res['torch_moe_s'] * 1e6:9.1f}",
+                  flush=True)
         rows_out.append(res)
         print(f"T={t:6d} R={r:6d} active={active:3d} | fused L1 {res['l1_fused_s'] * 1e6:9.1f} us, L1 gate/up "
               f"{res['l1_gate_up_s'] * 1e6:9.1f}, L2 {res['l2_s'] * 1e6:9.1f} | ours L1f+L2 {ours * 1e6:9.1f} us "
@@ -293,13 +329,17 @@ def test_moe_grouped_gemm_bench():
     unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False
                or any(not v["bits_equal"] for v in r_.get("wgmma_register_caps", {}).values())]
     assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
+    unequal = [(r_["T"], name) for r_ in rows_out for name in ("big2", "k128", "wgmma")
+               if r_.get(f"{name}_bits_equal") is False]
+    assert not unequal, f"large-token variants: bits differ from the present path at (T, variant) {unequal}"
     _assert_peaks_within_plan(peaks)
 
 
 @pytest.mark.parametrize("t", [1, 16, 256, 4096, 32768])
 def test_moe_tile_sweep(t):
     """Token-tile / warps / stages sweep of the fused L1 and the L2 at one token count (for NOTES.md); at T <= 256
-    also the register-fed kernel's (BT, warps)."""
+    also the register-fed kernel's (BT, warps); at the large-token sizes the Triton large-token kernel (big=True,
+    k128 False / True) and its register-fed Gluon variant (big wgmma: BT, warps)."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
     torch.manual_seed(1)
@@ -320,9 +360,10 @@ def test_moe_tile_sweep(t):
     a_dec = torch.full((E,), 0.02, dtype=torch.float32, device=dev)
     s2 = torch.full((E,), 0.05, dtype=torch.float32, device=dev)
     out = []
-    # (BN, BT, warps, stages, act_f16, big: the large-token path)
+    # (BN, BT, warps, stages, act_f16, big: the large-token path[, k128: its one-MMA-per-tile variant])
     big = [(128, 128, 8, 4, False, True), (128, 128, 8, 3, False, True), (128, 256, 8, 2, False, True),
            (128, 64, 8, 3, False, True), (128, 64, 4, 4, False, True), (64, 128, 4, 4, False, True)]
+    big += [c + (True,) for c in big]
     configs = {1: [(64, 16, 4, 4, False, False), (128, 16, 4, 4, False, False)],
                16: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False), (64, 16, 4, 3, False, False)],
                256: [(128, 16, 4, 4, False, False), (64, 16, 4, 4, False, False)],
@@ -330,22 +371,31 @@ def test_moe_tile_sweep(t):
                       (128, 128, 8, 3, True, False)] + big,
                32768: [(128, 128, 8, 3, True, False), (128, 128, 8, 3, False, False), (64, 64, 4, 3, True, False),
                        (128, 64, 8, 3, True, False)] + big}[t]
-    for bn, bt, warps, stages, act_f16, big_path in configs:
+    for bn, bt, warps, stages, act_f16, big_path, *k128 in configs:
+        k128 = bool(k128 and k128[0])
         key = gg.CompileKey(epi=2, block_n=bn, block_t=bt, num_warps=warps, num_stages=stages, e_pad=512, clamp=True,
-                            act_f16=act_f16, big=big_path)
+                            act_f16=act_f16, big=big_path, k128=k128)
         try:
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
         except Exception as exc:  # a config that does not compile (shared memory) is reported, not fatal
-            print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path}: "
+            print(f"T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path} k128={k128}: "
                   f"{type(exc).__name__}: "
                   f"{str(exc)[:120]}")
             continue
         out.append({"T": t, "BN": bn, "BT": bt, "warps": warps, "stages": stages, "act_f16": act_f16, "big": big_path,
-                    "us": s * 1e6})
-        print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path}: "
-              f"{s * 1e6:.1f} us",
+                    "k128": k128, "us": s * 1e6})
+        print(f"sweep fused L1 T={t} BN={bn} BT={bt} warps={warps} stages={stages} act_f16={act_f16} big={big_path} "
+              f"k128={k128}: {s * 1e6:.1f} us",
               flush=True)
+    if gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True).big:  # the large-token register-fed variant's keys
+        for bt, warps in ((128, 8), (64, 8), (128, 4), (64, 4)):
+            key = gg.BigWgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+            s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
+                                                           h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
+            out.append({"T": t, "big_wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} big wgmma BT={bt} warps={warps} (BN {16 * warps}): {s * 1e6:.1f} us",
+                  flush=True)
     if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
         for bt, warps, cap in ((8, 4, 0), (8, 4, 96), (8, 8, 0), (16, 4, 0), (16, 8, 0)):  # cap: max_registers
             key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True, max_registers=cap)

@@ -162,7 +162,7 @@ def test_grouped_wgmma_kernel_compiles_without_spills(case, tmp_path):
         assert regs <= key.max_registers, f"{key}: {regs} registers above its cap"
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
-    tiles = 4 + (-(-k // 128)) % 4
+    tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
     assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA shapes {hgmma}"
     assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
     assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % key.block_t in ck.asm["ptx"]
@@ -199,3 +199,81 @@ def test_wgmma_key_refuses_a_register_cap_ptxas_cannot_take():
             WgmmaKey(epi=0, block_t=8, e_pad=32, max_registers=bad)
     assert WgmmaKey.for_shape(0, 6, 384).max_registers == 96
     assert WgmmaKey.for_shape(0, 6 * 256, 384).max_registers == 0  # BT 16 spills under a cap
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The large-token path's register-fed variant (kernels/sm90/_grouped_gemm_nvfp4_big_wgmma.py, key BigWgmmaKey): the
+# wgmma kernel's weight ring and A-operand decode, token tiles [BT, 128] of the k128-layout activations by TMA, one
+# async wgmma in flight. Keys: BigWgmmaKey.for_shape at V4-Pro T = 4096 / 32768 (fused L1, gate/up L1, L2), BT 64,
+# 4 warps, a K-tail key (K = 1040) and the GPU small-shape tests' K = 256 (no unrolled loop) and 1664.
+
+def _big_wgmma_cases() -> list[tuple]:
+    from kernels.sm90.grouped_gemm_nvfp4 import BigWgmmaKey
+
+    cases = set()
+    for t in (4096, 32768):
+        rcap = 6 * t
+        cases.add((BigWgmmaKey.for_shape(0, rcap, GROUPED_E), GROUPED_H, GROUPED_I))
+        cases.add((BigWgmmaKey.for_shape(1, rcap, GROUPED_E), 2 * GROUPED_I, GROUPED_H))
+        cases.add((BigWgmmaKey.for_shape(2, rcap, GROUPED_E, clamp=True), 2 * GROUPED_I, GROUPED_H))
+    cases.add((BigWgmmaKey(epi=2, block_t=64, e_pad=512, clamp=True), 2 * GROUPED_I, GROUPED_H))
+    cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=512, num_warps=4, clamp=True), 2 * GROUPED_I, GROUPED_H))
+    cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True), 768, 1040))
+    cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=32, num_warps=4), 192, 256))  # K_ITERS 2: only tail tiles
+    cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32), 128, 1664))  # 13 tiles (the GPU small-shape tests)
+    return sorted(cases, key=str)
+
+
+def _big_wgmma_compile(key, n: int, k: int):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.sm90._consts import FLT_MAX, ONE_SIXTH_F32
+    from kernels.sm90._grouped_gemm_nvfp4_big_wgmma import big_wgmma_layouts, grouped_gemm_nvfp4_big_wgmma_kernel
+
+    wvec = 16 if k % 32 == 0 else 8
+    lay = big_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad)
+    sig = {name: ty for name, ty in _GSIG.items() if name not in ("x_ptr", "xsf_ptr")}
+    sig = {"w_ptr": sig.pop("w_ptr"), "wsf_ptr": sig.pop("wsf_ptr"),
+           "x_desc": f"tensordesc<fp16[{key.block_t}, 128],{lay['X_SH']!r}>", **sig}
+    sig["out_ptr"] = {0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi]
+    const = dict(lay, K_ITERS=-(-k // 128), K_TAIL=k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n,
+                 BT=key.block_t, E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+    names = list(sig) + list(const)
+    sig.update({name: "constexpr" for name in const})
+    aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr", "N")
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
+    if (k // 4) % 16 == 0:
+        attrs[(names.index("HW"),)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(grouped_gemm_nvfp4_big_wgmma_kernel, sig,
+                         {(names.index(n_),): v for n_, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+
+
+@pytest.mark.parametrize("case", _big_wgmma_cases(),
+                         ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-n{c[1]}-k{c[2]}")
+def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
+    """No spills, fits the 227 KB of shared memory; only HGMMA.64xBTx16 F32 with the A operand from registers, 8 per
+    128-K tile (the K loop unrolled by 4, the tail by K_ITERS % 4); the token tiles by TMA (UTMALDG); per K tile one
+    wgmma wait, leaving that tile's wgmma in flight (WARPGROUP.DEPBAR.LE gsb0 1: the MMA of one tile overlaps the
+    next tile's decode), full waits only after the loop and before the K_ITERS % 4 tail tiles (without that one ptxas
+    serializes every wgmma of the kernel, C7513). Registers and shared memory printed."""
+    key, n, k = case
+    ck = _big_wgmma_compile(key, n, k)
+    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
+    hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
+    waits = [int(v, 16) for v in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)]
+    print(f"{key} N={n} K={k}: {regs} registers, shared {ck.metadata.shared} B, {len(hgmma)} HGMMA for {tiles} K "
+          f"tiles, wgmma waits {waits}")
+    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    assert ck.metadata.shared <= 227 * 1024, f"{key}: {ck.metadata.shared} bytes of shared memory"
+    assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA {hgmma}"
+    assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
+    assert "UTMALDG" in sass, f"{key}: the token tiles are not loaded by TMA"
+    full = 1 + ((-(-k // 128)) % 4 != 0)  # after the loop (and before a K_ITERS % 4 tail: ptxas would serialize)
+    assert waits.count(1) == tiles and waits.count(0) == full and len(waits) == tiles + full, f"{key}: waits {waits}"

@@ -1,0 +1,164 @@
+"""Gluon body of the large-token path's register-fed variant (kernels.sm90.grouped_gemm_nvfp4.BigWgmmaKey; issue 25).
+
+The large-token path (CompileKey.big, _grouped_gemm_nvfp4_big_jit) with the register-fed structure of
+_grouped_gemm_nvfp4_wgmma: the BN weight rows of an expert are the wgmma A operand, decoded from a cp.async ring
+straight into the A-fragment registers (the wgmma kernel's own helpers: _weight_bases, _issue, _store_scales,
+_decode_a; no shared-memory round trip of the decoded weights), and the B operand is a [BT, 128] fp16 token tile of
+the activations decoded once per GEMM in the k128 layout (grouped_act_decode_planes_kernel with TILE128: per K tile
+64 even k, then 64 odd k), brought by TMA into a 4-stage ring with one mbarrier a stage. No activation decode in the
+loop. BT 64 or 128 tokens (the wgmma N), BN = 16 * warps weight rows (one 64-row wgmma tile per warpgroup).
+
+Bits: A column L = 64 n + b holds k = 2 b + n (the wgmma kernel's order: L < 64 the even k, L >= 64 the odd k), and
+B column L of the k128 layout holds the same k, so one wgmma over K = 128 issues the present path's 8 k16 steps
+(steps 0-3 over the even k, 4-7 over the odd k) with the same fp16 values, in one fp32 accumulation chain over the K
+tiles; the epilogue is the wgmma kernel's (_epilogue: the Triton kernel's float32 expressions). So every output
+element sees the present per-element MMA sequence: the same bytes (GPU tests in test_sm90_grouped_gemm.py).
+
+Pipeline, per K tile it (one CTA barrier; the loop is unrolled by 4 so every ring index is static):
+  wait for weight ring tiles it, it + 1 (cp.async) ; barrier
+  read ring stage it % 4 (weight halves), the converted scales of tile it, the scale bytes of tile it + 1
+  cp.async weight tile it + 3 into the stage tile it - 1 used; TMA of token tile it + 2 into the B stage of
+  tile it - 2 (its wgmma finished: every warpgroup waited for it in tile it - 1, before this barrier)
+  convert tile it + 1's scales; decode the A operand of tile it (registers)
+  wait for token tile it (mbarrier); async wgmma of tile it; wait until only it is in flight (tile it - 1 done).
+So the MMA of tile it runs while tile it + 1's weights are decoded. The A registers of tile it - 1 are kept alive
+until that wait (a dependency of the wait), as the hardware reads them while the wgmma runs.
+
+Token rows past the planes come zero-filled by TMA; rows of the next expert inside a tile land in token columns the
+epilogue masks (an output element depends only on its own token and weight row).
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy
+from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+
+from kernels.sm90._grouped_gemm_nvfp4_wgmma import (_decode_a, _epilogue, _issue, _schedule, _store_scales,
+                                                    _weight_bases, _zero_tile, grouped_wgmma_layouts)
+
+XS = 4  # token-tile ring stages (prefetch distance XS - 2 = 2 tiles)
+
+
+def big_wgmma_layouts(num_warps: int, bt: int, wvec: int, e_pad: int) -> dict:
+    """The wgmma kernel's layouts (grouped_wgmma_layouts) with the MMA's N = bt tokens (64 or 128) and the token
+    tile's NVMMA shared layout (X_SH, also the host tensor descriptor's)."""
+    assert bt in (64, 128), bt
+    lay = grouped_wgmma_layouts(num_warps, 64, wvec, e_pad)
+    lay["MMA"] = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, bt, 16])
+    for name in ("X4",):  # the activation-decode layout of the wgmma kernel: unused here
+        lay.pop(name)
+    return lay
+
+
+@gluon.jit
+def _x_issue(x_desc, xs, bars, r0, kt, K_ITERS: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
+    """TMA of token tile kt ([BT, 128] at row r0, column 128 kt) into B stage J, completing on mbarrier J (nothing
+    past the last tile)."""
+    ok = kt < K_ITERS
+    mbarrier.expect(bars.index(J), BT * 128 * 2, pred=ok)
+    tma.async_copy_global_to_shared(x_desc, [r0, kt * 128], bars.index(J), xs[J], pred=ok)
+
+
+@gluon.jit
+def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4,
+                H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr,
+                K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
+    """K tile it (it % 4 == J; see the module docstring)."""
+    w_cur = rings[2 * J]
+    s_nxt = rings[2 * ((J + 1) % 4) + 1]
+    w_iss, s_iss = rings[2 * ((J + 3) % 4)], rings[2 * ((J + 3) % 4) + 1]
+    async_copy.wait_group(1)  # weight tiles it and it + 1 landed (this thread's copies)
+    gl.thread_barrier()  # ... every thread's; scales of tile it stored; every warpgroup's wgmma of tile it - 2 done
+    wh = w_cur.load(H_RD)
+    sd = s16_cur.load(SD_RD)
+    sb = s_nxt.load(S_CV)
+    _issue(w_iss, s_iss, w_base, s_base, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL)
+    _x_issue(x_desc, xs, bars, r0, it + 2, K_ITERS, BT, (J + 2) % 4)
+    _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
+    a = _decode_a(wh, sd, H4, A_OP, BN)
+    mbarrier.wait(bars.index(J), (it // 4) & 1)  # token tile it landed
+    acc = warpgroup_mma(a, xs[J].permute([1, 0]), acc, is_async=True)
+    acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])  # tile it - 1's wgmma done: its A registers free
+    return acc, a
+
+
+@gluon.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
+def grouped_gemm_nvfp4_big_wgmma_kernel(
+    w_ptr, wsf_ptr, x_desc, adec_ptr, wdec_ptr, off_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
+    E, N, HW, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
+    H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, W_CP: gl.constexpr,
+    S_CP: gl.constexpr, RING_SH: gl.constexpr, S_SH: gl.constexpr, X_SH: gl.constexpr, MMA: gl.constexpr,
+    EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
+    K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
+    BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr, FMAX: gl.constexpr,
+):
+    """grouped_gemm_nvfp4_wgmma_kernel's contract for the weights (w_ptr [E, N, K/4] i16, wsf_ptr u8 128x4 per
+    expert, HW = K / 4) and outputs; x_desc: a tensor descriptor (block [BT, 128], layout X_SH) of the activations
+    decoded in the k128 layout, fp16 [RP, K_ITERS * 128]. Grid = BigWgmmaKey.grid programs, N tile fastest."""
+    NT = gl.cdiv(N, BN)
+    pid = gl.program_id(0)
+    pid_n = pid % NT
+    t = pid // NT
+    is_tile, e, row0, cnt_e, off_e, pad_e, off_end, z = _schedule(off_ptr, t, E, BT, E_P, SCHED)
+    e64 = e.to(gl.int64)
+    I = N // 2
+    if is_tile:
+        w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
+        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
+        s16_0 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)  # converted scales of even / odd tiles
+        s16_1 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)
+        xs = (gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
+              gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
+              gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
+              gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH))
+        bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+        for j in gl.static_range(4):
+            mbarrier.init(bars.index(j), count=1)
+        r0 = off_e + row0  # first global row of the token tile
+        A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
+        a_prev = gl.zeros([BN, 128], gl.float16, layout=A_OP)
+        for j in gl.static_range(3):  # prologue: weight tiles 0, 1, 2 into stages 0, 1, 2
+            _issue(rings[2 * j], rings[2 * j + 1], w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
+        gl.thread_barrier()  # the barriers initialised for every thread before a TMA can complete on them
+        for j in gl.static_range(2):  # token tiles 0, 1 into B stages 0, 1
+            _x_issue(x_desc, xs, bars, r0, j, K_ITERS, BT, j)
+        async_copy.wait_group(2)
+        gl.thread_barrier()  # ring tile 0 in for every thread
+        _store_scales(rings[1].load(S_CV), s16_0, 0, HW, S_CV, K_TAIL)
+        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles
+            for j in gl.static_range(4):
+                if j % 2 == 0:
+                    acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16_0, s16_1, xs, bars, x_desc, r0,
+                                              w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
+                                              K_ITERS, K_TAIL, BN, BT, j)
+                else:
+                    acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16_1, s16_0, xs, bars, x_desc, r0,
+                                              w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
+                                              K_ITERS, K_TAIL, BN, BT, j)
+        if K_ITERS % 4 != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
+            acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
+        for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
+            if j % 2 == 0:
+                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16_0, s16_1, xs, bars, x_desc,
+                                          r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
+                                          K_ITERS, K_TAIL, BN, BT, j)
+            else:
+                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16_1, s16_0, xs, bars, x_desc,
+                                          r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
+                                          K_ITERS, K_TAIL, BN, BT, j)
+        acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
+        async_copy.wait_group(0)
+        for j in gl.static_range(4):
+            mbarrier.invalidate(bars.index(j))
+        _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
+                  N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
+    else:
+        _zero_tile(z, off_end, pid_n, out_ptr, out2_ptr, N, RCAP, EPI_L, EPI, BN, BT)
