@@ -23,6 +23,10 @@ neither on M nor on the split. The kernel is "swap AB": the weights are the MMA'
 every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero rows). Partial K
 (K % 128 != 0, e.g. 576) is masked in the loads; no scale beyond ceil(K/128) is read.
 
+A config may name the Gluon kernel instead (CompileKey.gluon, kernels.sm90._gemm_fp8_block_gluon: token-major
+tiles for M >= 128, a TMA ring with mbarriers, the next group's asynchronous wgmma in flight while the current one
+is promoted): the same operations per element in the same order, so the same bits.
+
 Per-call buffers (the chunk partials) come from torch.empty, so under CUDA-graph capture they come
 from the graph's pool; nothing syncs with the host. The ticket counters of reduce="ticket" are made
 once per device by the first such launch, outside capture (kernels.sm90._tickets). With TRITON_INTERPRET=1

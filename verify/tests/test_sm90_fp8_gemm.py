@@ -933,35 +933,54 @@ def _gluon_keys(m: int, n: int, k: int, ue8m0: bool) -> list:
     return sorted(keys, key=str)
 
 
-@pytest.mark.parametrize("recipe", ["fp8_ue8m0", "fp8_f32"])
-@pytest.mark.parametrize("name,n,k", GLUON_SHAPES, ids=[s[0] for s in GLUON_SHAPES])
-@pytest.mark.gpu
-@pytest.mark.sm90
-def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
-    """The Gluon kernel (every sweep candidate of the M = 128 and M = 4096 buckets: 128 x 128 / 128 x 64 / 64 x 128,
-    split or not, ring depth 3-6, raster group 8 / 16) gives the Triton kernel's bits: against the Triton kernel's
-    same tile (gluon off) and the weight-major heuristic's M = 4096 rows, at M = 128, 200 (a partial token tile) and
-    4096, with UE8M0 and float32 activation scales; chunked and one-chunk plans, partial N / K (576)."""
-    import dataclasses
-
+def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) -> None:
+    """Each Gluon key of keys_of_bucket(bucket) at M = 128, 200 (a partial token tile) and 4096 gives the bits of the
+    Triton kernel with the same chunk plan (the weight-major heuristic at M = 4096, rows 0..M-1), and really ran."""
     from kernels.sm90 import gemm_fp8_block
     from kernels.sm90.gemm_fp8_block import CompileKey
 
     r = RECIPES[recipe]
     ue8m0 = r.scale_storage == "ue8m0"
-    wt, w_dec = _weight(n, k, 91, "v4", "cuda")
-    big = _cuda_act(4096, k, 92, r)
+    wt, w_dec = _weight(n, k, seed, "v4", "cuda")
+    big = _cuda_act(4096, k, seed + 1, r)
     y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=ue8m0))
     assert bool(torch.isfinite(y.float()).all()) and bool((y != 0).any()), "reference output: non-finite or all zero"
     for m, bucket in ((128, 128), (200, 128), (4096, 4096)):
         sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), big.scale_storage)
-        for key in _gluon_keys(bucket, n, k, ue8m0):
+        keys = keys_of_bucket(bucket, ue8m0)
+        assert keys and all(key.gluon for key in keys), keys
+        for key in keys:
             got = _gemm(sub, wt.e4m3_u8, w_dec, key=key)
             assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, f"{key.config()}: the Gluon kernel did not run"
-            label = f"gluon M={m} {key.config()} {name} ({n}x{k}) {recipe}"
-            assert_bits_equal(got, y[:m], label=label + " vs M=4096 heuristic rows")
-            assert_bits_equal(got, _gemm(sub, wt.e4m3_u8, w_dec, key=dataclasses.replace(key, gluon=False)),
-                              label=label + " vs the Triton kernel's tile")
+            assert_bits_equal(got, y[:m], label=f"gluon M={m} {key.config()} ({n}x{k}) {recipe} vs the Triton "
+                                                f"heuristic's M=4096 rows")
+
+
+@pytest.mark.parametrize("recipe", ["fp8_ue8m0", "fp8_f32"])
+@pytest.mark.parametrize("name,n,k", GLUON_SHAPES, ids=[s[0] for s in GLUON_SHAPES])
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
+    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket, one pass at 4096) gives the Triton kernel's
+    bits at the 9 V4-Pro FP8 shapes and partial N / K (576), M = 128, 200, 4096, UE8M0 and float32 activation scales
+    (chunked and one-chunk plans)."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from verify.tests._fp8_sweep import _gl
+
+    def keys(bucket, ue8m0):
+        return [CompileKey.from_config(n, k, _gl(128, 128, 4, bucket <= 256), act_scale_ue8m0=ue8m0)]
+
+    _check_gluon_keys(n, k, recipe, keys, 91)
+
+
+@pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
+    """Every Gluon config the sweep may commit (verify/tests/_fp8_sweep.candidates at M's bucket: 128 x 128 / 128 x 64
+    / 64 x 128, split or not, ring depth 3-6, raster group 8 / 16) gives the Triton kernel's bits: chunked (wo_b)
+    and one-chunk (wq_b) plans, partial N and partial K."""
+    _check_gluon_keys(n, k, "fp8_ue8m0", lambda bucket, ue8m0: _gluon_keys(bucket, n, k, ue8m0), 95)
 
 
 @pytest.mark.parametrize("m,n,k", [(128, 1536, 7168), (200, 7168, 576), (4096, 65536, 1536), (4096, 7168, 16384)],

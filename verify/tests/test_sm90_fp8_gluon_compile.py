@@ -28,12 +28,16 @@ REPO = Path(__file__).resolve().parents[2]
 _SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
 # wo_b (3 chunks of 43 groups), wq_b (one chunk), wkv (28 chunks of 2 groups), a partial K (576)
 _SHAPES = [(7168, 16384), (65536, 1536), (512, 7168), (7168, 576)]
+V4_PRO_FP8_SHAPES = [(n, k) for _, n, k in V4_PRO_FP8]
 
 
 def _keys() -> list[CompileKey]:
-    """Every Gluon sweep candidate at the shapes above and both activation-scale modes, one per code layout."""
+    """Every Gluon sweep candidate at the shapes above and both activation-scale modes, and every Gluon key the
+    committed table routes a V4-Pro FP8 linear to (M = 128, 200, 4096), one per code layout."""
     keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for m in (128, 4096) for c in candidates(m)
             if c.get("gluon") for n, k in _SHAPES for ue8m0 in (True, False)}
+    keys |= {key for m in (128, 200, 4096) for n, k in V4_PRO_FP8_SHAPES for ue8m0 in (True, False)
+             if (key := CompileKey.for_shape(m, n, k, act_scale_ue8m0=ue8m0)).gluon}
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
@@ -153,8 +157,6 @@ def test_gluon_key_rules_and_config_round_trip():
     assert not [c for m in (1, 16, 32, 64) for c in candidates(m) if c.get("gluon")]
     assert all([c for c in candidates(m) if c.get("gluon")] for m in (128, 256, 4096))
 
-
-V4_PRO_FP8_SHAPES = [(n, k) for _, n, k in V4_PRO_FP8]
 
 _CPU_SCRIPT = r"""
 import dataclasses, json, sys
