@@ -163,3 +163,110 @@ def gemm_fp8_block_gluon_kernel(
         gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
     else:
         gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def _tile_origin(tile, num_n, M, BM: gl.constexpr, BN: gl.constexpr, GROUP_T: gl.constexpr):
+    """(first token row, first weight row) of output tile number `tile`: the grouped raster of the tile kernel."""
+    width = GROUP_T * num_n
+    first_t = (tile // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    return (first_t + (tile % width) % rows_t) * BM, ((tile % width) // rows_t) * BN
+
+
+@gluon.jit
+def _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM: gl.constexpr,
+                BN: gl.constexpr, NS: gl.constexpr, GROUP_T: gl.constexpr):
+    """The TMA loads of this program's flat iteration j (its tile j // G, group j % G) into stage j % NS (none past
+    the program's last iteration n_all)."""
+    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+    k0 = (j % G) * 128
+    s = j % NS
+    ok = j < n_all
+    mbarrier.expect(ready.index(s), (BM + BN) * 128, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
+
+
+@gluon.jit
+def _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+    t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t < M, 1) & gl.expand_dims(n < N, 0)
+    gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_persistent_kernel(
+    w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr,
+    AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_kernel unsplit, persistent (CompileKey.persistent): program p of the grid's P (at most one
+    per SM) computes the output tiles p, p + P, ... in the tile kernel's raster order, its (tile, group) pairs one flat
+    sequence, so the ring already holds the next tile's first groups, and its first wgmma runs, while a tile's last
+    group is promoted and stored. Per tile the same operations in the same order as the tile kernel (same bits)."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_tiles = gl.cdiv(M, BM) * num_n
+    n_all = ((n_tiles - pid + nprog - 1) // nprog) * G  # this program's (tile, group) iterations
+
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+    fence_async_shared()
+    for j in gl.static_range(NS):
+        _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
+
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    total = zero
+    part = zero
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
+                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+    else:
+        total_smem = a_ring  # unused
+
+    mbarrier.wait(ready.index(0), 0)
+    acc = warpgroup_mma(a_ring.index(0), w_ring.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    for j in range(0, n_all - 1):
+        g = j % G
+        t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+        t = t0 + gl.arange(0, BM, layout=row_l)
+        sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, g, AS_UE8M0)
+        s1 = (j + 1) % NS
+        mbarrier.wait(ready.index(s1), ((j + 1) // NS) & 1)
+        acc_next = warpgroup_mma(a_ring.index(s1), w_ring.index(s1).permute((1, 0)), zero, use_acc=False,
+                                 is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        gl.thread_barrier()  # both warpgroups past iteration j's wgmma: its stage takes iteration j + NS
+        _issue_load(j + NS, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS,
+                    GROUP_T)
+        total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+        if g == G - 1:  # the tile's last group: store it, the sums back to zero for the next tile
+            if CHUNKED:
+                _store_tile(total_smem.load(layout), out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+                total_smem.store(gl.zeros_like(part))
+            else:
+                _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+                total = gl.zeros_like(total)
+        acc = acc_next
+    j = n_all - 1
+    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+    t = t0 + gl.arange(0, BM, layout=row_l)
+    sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, G - 1, AS_UE8M0)
+    d = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    total, part = _promote(d, sigma, total, part, total_smem, G - 1, G, CHUNK_BLOCKS, CHUNKED, layout)
+    for s in gl.static_range(NS):
+        mbarrier.invalidate(ready.index(s))
+    if CHUNKED:
+        total = total_smem.load(layout)
+    _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)

@@ -119,6 +119,10 @@ class CompileKey:
     # same operations per element in the same order (the same bits). Needs swap=False, tma, block_t 64 / 128 on
     # block_t // 16 warps, block_n 64 / 128, no pipe / fused_q / ws, reduce "kernel"; num_stages is its ring depth.
     gluon: bool = False
+    # with gluon, unsplit: the persistent Gluon kernel (one program per SM walks output tiles in raster order, its
+    # (tile, group) pairs one flat sequence: the next tile's loads and first wgmma overlap a tile's last promotion
+    # and store); the same operations per tile (same bits)
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -144,6 +148,9 @@ class CompileKey:
             raise ValueError(f"CompileKey: gluon needs swap=False, tma, no pipe / fused_q / ws, reduce='kernel', "
                              f"block_t 64 / 128 on block_t // 16 warps, block_n 64 / 128 and num_stages >= 2, got "
                              f"{self.config()}")
+        if self.persistent and (not self.gluon or self.split):
+            raise ValueError(f"CompileKey: persistent needs gluon and no split, got gluon={self.gluon} "
+                             f"split={self.split}")
         m_side = self.block_n if self.swap else self.block_t
         if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
@@ -186,14 +193,15 @@ class CompileKey:
                           act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
                           group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
                           tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False),
-                          reduce=cfg.get("reduce", "kernel") if split else "kernel", gluon=cfg.get("gluon", False))
+                          reduce=cfg.get("reduce", "kernel") if split else "kernel", gluon=cfg.get("gluon", False),
+                          persistent=cfg.get("persistent", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
                 "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce,
-                "gluon": self.gluon}
+                "gluon": self.gluon, "persistent": self.persistent}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -228,9 +236,10 @@ def constexprs(key: CompileKey) -> dict:
 
 def gluon_constexprs(key: CompileKey) -> dict:
     """The Gluon kernel's constexpr arguments for `key` (launcher and sm_90a compile test): a split program sums
-    its one chunk in one accumulator, as in constexprs."""
-    return dict(BN=key.block_n, BM=key.block_t, NS=key.num_stages, CHUNK_BLOCKS=key.chunk_blocks, SPLIT=key.split,
-                CHUNKED=key.chunked and not key.split, AS_UE8M0=key.act_scale_ue8m0, GROUP_T=key.group_t)
+    its one chunk in one accumulator, as in constexprs; the persistent kernel has no SPLIT."""
+    const = dict(BN=key.block_n, BM=key.block_t, NS=key.num_stages, CHUNK_BLOCKS=key.chunk_blocks,
+                 CHUNKED=key.chunked and not key.split, AS_UE8M0=key.act_scale_ue8m0, GROUP_T=key.group_t)
+    return const if key.persistent else dict(const, SPLIT=key.split)
 
 
 def gluon_operand_layouts(key: CompileKey):
@@ -303,7 +312,8 @@ def _compile_gluon(key: CompileKey):
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from kernels.sm90._gemm_fp8_block_gluon import gemm_fp8_block_gluon_kernel
+    from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_kernel,
+                                                    gemm_fp8_block_gluon_persistent_kernel)
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel
 
     w_layout, a_layout = gluon_operand_layouts(key)
@@ -316,6 +326,11 @@ def _compile_gluon(key: CompileKey):
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
         w_desc = TensorDescriptor.from_tensor(w_u8.view(torch.float8_e4m3fn), [key.block_n, GROUP], w_layout)
         a_desc = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP], a_layout)
+        if key.persistent:  # one program per SM at most (the bits do not depend on the grid)
+            sms = _num_sms(a_u8.device.index or 0)
+            return gemm_fp8_block_gluon_persistent_kernel[(min(grid[0] * grid[1], sms),)](
+                w_desc, a_desc, w_dec_f32, a_scale, out_bf16, m, n, key.groups, a_scale.stride(0), n,
+                **const, num_warps=key.num_warps)
         compiled = gemm_fp8_block_gluon_kernel[grid](
             w_desc, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
             **const, num_warps=key.num_warps)
@@ -412,10 +427,10 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
     if key.gluon and _interpreting():  # no Gluon interpreter: the Triton kernel's same tile (the same bits)
-        key = dataclasses.replace(key, gluon=False)
+        key = dataclasses.replace(key, gluon=False, persistent=False)
     if key.tma and not _tma_ok(a_u8, w_u8):
         # the same operands by masked loads (the Gluon kernel's tile on the Triton kernel: the same bits)
-        key = dataclasses.replace(without_ws(key), tma=False, gluon=False)
+        key = dataclasses.replace(without_ws(key), tma=False, gluon=False, persistent=False)
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
@@ -426,7 +441,7 @@ def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", 
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
     return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, gluon=False,
-                               fused_q=True, q_recip=encode_rule == "mul_reciprocal",
+                               persistent=False, fused_q=True, q_recip=encode_rule == "mul_reciprocal",
                                q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
 

@@ -81,11 +81,16 @@ def _gl(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
     return {**_cfg(bn, bt, bt // 16, stages, split, swap=False, group_t=group_t, tma=True), "gluon": True}
 
 
+def _glp(bn: int, bt: int, stages: int, group_t: int = 8) -> dict:
+    """The persistent Gluon kernel (CompileKey.persistent: one program per SM walking the output tiles, unsplit)."""
+    return {**_gl(bn, bt, stages, False, group_t), "persistent": True}
+
+
 def candidates(m: int) -> list[dict]:
     """The configs timed at M: the committed candidates (kernels.sm90.gemm_fp8_block_configs.candidates, the first
     the heuristic's choice) and, for M >= 128, the Gluon kernel's tiles (TMA ring, asynchronous wgmma with the next
     group's dot in flight during the promotion): 128 x 128 / 128 x 64 / 64 x 128, split-K or not, ring depth 3-6,
-    raster group 8 / 16. The same bits as every other candidate (the sweep refuses one that differs)."""
+    raster group 8 / 16, and at M = 4096 the persistent kernel (_glp). The same bits as every other candidate (the sweep refuses one that differs)."""
     from kernels.sm90.gemm_fp8_block_configs import candidates as table_candidates
 
     out = table_candidates(m)
@@ -96,7 +101,8 @@ def candidates(m: int) -> list[dict]:
                       _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False)]
     return out + [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
                   _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
-                  _gl(64, 128, 6, False), _gl(128, 64, 6, False)]
+                  _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
+                  _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4)]
 
 
 def _jobs(shapes, ms):

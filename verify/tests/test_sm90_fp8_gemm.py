@@ -961,14 +961,15 @@ def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) ->
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
-    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket, one pass at 4096) gives the Triton kernel's
-    bits at the 9 V4-Pro FP8 shapes and partial N / K (576), M = 128, 200, 4096, UE8M0 and float32 activation scales
-    (chunked and one-chunk plans)."""
+    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket; one pass and persistent at 4096) gives the Triton
+    kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), M = 128, 200, 4096, UE8M0 and float32
+    activation scales (chunked and one-chunk plans)."""
     from kernels.sm90.gemm_fp8_block import CompileKey
-    from verify.tests._fp8_sweep import _gl
+    from verify.tests._fp8_sweep import _gl, _glp
 
     def keys(bucket, ue8m0):
-        return [CompileKey.from_config(n, k, _gl(128, 128, 4, bucket <= 256), act_scale_ue8m0=ue8m0)]
+        cfgs = [_gl(128, 128, 4, True)] if bucket <= 256 else [_gl(128, 128, 4, False), _glp(128, 128, 4)]
+        return [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
 
     _check_gluon_keys(n, k, recipe, keys, 91)
 
@@ -988,15 +989,15 @@ def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
-    """linear_fp8 routed to a Gluon config by the table (split at M <= 256, unsplit above): captured once and
+    """linear_fp8 routed to a Gluon config by the table (split at M <= 256, persistent above): captured once and
     replayed on new activations, bit-equal to eager (host tensor descriptors are kernel parameters: the captured
     launch reads the same buffers); the routed launch is the Gluon kernel."""
     from kernels.sm90 import gemm_fp8_block, gemm_fp8_block_configs
     from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
     from kernels.sm90.gemm_fp8_block import CompileKey
-    from verify.tests._fp8_sweep import _gl
+    from verify.tests._fp8_sweep import _gl, _glp
 
-    table = {(n, k): ((256, _gl(128, 128, 4, True)), (8192, _gl(128, 128, 4, False)))}
+    table = {(n, k): ((256, _gl(128, 128, 4, True)), (8192, _glp(128, 128, 4)))}
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
     key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
     assert key.gluon, key

@@ -41,7 +41,7 @@ def _keys() -> list[CompileKey]:
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
-                              key.act_scale_ue8m0), key)
+                              key.act_scale_ue8m0, key.persistent), key)
     return list(by_layout.values())
 
 
@@ -49,13 +49,18 @@ def _compile(key: CompileKey):
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    from kernels.sm90._gemm_fp8_block_gluon import gemm_fp8_block_gluon_kernel as kernel
+    from kernels.sm90 import _gemm_fp8_block_gluon as gluon_kernels
+
+    kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
+              else gluon_kernels.gemm_fp8_block_gluon_kernel)
 
     w_layout, a_layout = gluon_operand_layouts(key)
     sig = {"w_desc": f"tensordesc<fp8e4nv[{key.block_n}, 128],{w_layout!r}>",
            "a_desc": f"tensordesc<fp8e4nv[{key.block_t}, 128],{a_layout!r}>", "ws_ptr": "*fp32",
            "as_ptr": "*u8" if key.act_scale_ue8m0 else "*fp32", "out_ptr": "*fp32" if key.split else "*bf16",
-           "M": "i32", "N": "i32", "G": "i32", "stride_as": "i32", "stride_om": "i32", "stride_oc": "i32"}
+           "M": "i32", "N": "i32", "G": "i32", "stride_as": "i32", "stride_om": "i32"}
+    if not key.persistent:
+        sig["stride_oc"] = "i32"
     const = gluon_constexprs(key)
     sig.update({name: "constexpr" for name in const})
     index = kernel.arg_names.index
@@ -82,7 +87,8 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
 
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"bm{key.block_t}-bn{key.block_n}-s{key.num_stages}-"
                          f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
-                         f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}")
+                         f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
+                         f"{'-persistent' if key.persistent else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
@@ -108,12 +114,16 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     assert set(re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir)) == {str(2**30)}, key
     assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx), f"{key}: no wgmma.wait_group 1"
     # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
-    # a chunk's end): twice, the loop's body and the last group's
+    # a chunk's end): twice, the loop's body and the last group's (the persistent kernel: its bf16 store twice too)
     per_thread = key.block_t * key.block_n // (32 * key.num_warps)
     rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
     fma, mul, add = _promotion_ops(ptx)
     chunk_add = key.chunked and not key.split
     assert (fma, mul, add) == (2 * per_thread, 2 * rows, 2 * per_thread if chunk_add else 0), (key, fma, mul, add)
+    stores = len(re.findall(r"\bst\.global", ptx))
+    # the output tile's stores: bf16 pairs (split: float32 partials one by one); the persistent kernel has two
+    want = (per_thread if key.split else per_thread // 2) * (2 if key.persistent else 1)
+    assert stores == want, (key, stores, want)
     qgmma = len(re.findall(r"\bQGMMA\b", sass))
     print(f"{key.config()} chunked={key.chunked} even_k={key.even_k} ue8m0={key.act_scale_ue8m0}: {regs} registers, "
           f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG")
@@ -149,6 +159,11 @@ def test_gluon_key_rules_and_config_round_trip():
                 {"block_n": 256}, {"num_stages": 1}, {"split": True, "reduce": "ticket"}):
         with pytest.raises(ValueError, match="gluon needs"):
             CompileKey.from_config(7168, 16384, {**base, **bad}, act_scale_ue8m0=True)
+    for bad in ({"split": True}, {"gluon": False, "num_warps": 8}):
+        with pytest.raises(ValueError, match="persistent needs"):
+            CompileKey.from_config(7168, 16384, {**base, "persistent": True, **bad}, act_scale_ue8m0=True)
+    assert [c for c in candidates(4096) if c.get("persistent")] and not [c for c in candidates(128)
+                                                                        if c.get("persistent")]
     # the fused quantizer runs on the Triton kernel (pointer loads of the unquantized activation)
     key = CompileKey.from_config(7168, 16384, base, act_scale_ue8m0=True)
     fk = fused_key(key, scale_rule="ue8m0_ceil")
@@ -163,7 +178,7 @@ import dataclasses, json, sys
 import torch
 from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
 from kernels.sm90.gemm_fp8_block import CompileKey
-from verify.tests._fp8_sweep import _gl
+from verify.tests._fp8_sweep import _gl, _glp
 n, k = 192, 576
 g = torch.Generator().manual_seed(5)
 x = (torch.randn(130, k, generator=g) * 3).to(torch.bfloat16)
@@ -174,29 +189,30 @@ for rule in ("ue8m0_ceil", "f32"):
     a, sa = quantize_fp8_1x128.launch(x, scale_rule=rule)
     ue8m0 = rule == "ue8m0_ceil"
     ref = gemm_fp8_block.launch(a, sa, w, w_dec, key=CompileKey.heuristic(130, n, k, act_scale_ue8m0=ue8m0))
-    for split in (False, True):
-        key = CompileKey.from_config(n, k, _gl(128, 128, 3, split), act_scale_ue8m0=ue8m0)
+    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3))):
+        key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=ue8m0)
         y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
-        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False))
+        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False))
         out[f"{rule}-{split}"] = [bool(torch.equal(y.view(torch.int16), ref.view(torch.int16))),
                                   bool(torch.equal(tri.view(torch.int16), ref.view(torch.int16))),
-                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split]
+                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent]
 json.dump(out, open(sys.argv[1], "w"))
 """
 
 
 def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
     """There is no Gluon interpreter: launch() runs a Gluon key's tile on the Triton kernel there (the same
-    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split or not)."""
+    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split and
+    persistent)."""
     out = tmp_path / "gluon_interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rep = json.loads(out.read_text())
-    assert sorted(rep) == ["f32-False", "f32-True", "ue8m0_ceil-False", "ue8m0_ceil-True"], rep
-    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split) in rep.items():
-        assert gluon and chunked and split == tag.endswith("True"), (tag, rep[tag])
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "p")], rep
+    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent) in rep.items():
+        assert gluon and chunked and split == tag.endswith("True") and persistent == tag.endswith("p"), (tag, rep[tag])
         assert nonzero and gluon_eq and triton_eq, (tag, rep[tag])
 
 
