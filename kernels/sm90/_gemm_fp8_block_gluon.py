@@ -167,10 +167,11 @@ def gemm_fp8_block_gluon_kernel(
 
 @gluon.jit
 def _tile_origin(tile, num_n, M, BM: gl.constexpr, BN: gl.constexpr, GROUP_T: gl.constexpr):
-    """(first token row, first weight row) of output tile number `tile`: the grouped raster of the tile kernel."""
+    """(first token row, first weight row) of output tile number `tile`: the grouped raster of the tile kernel. A
+    tile past the last (a predicated-off load's) gets some origin, never a division by zero."""
     width = GROUP_T * num_n
     first_t = (tile // width) * GROUP_T
-    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    rows_t = gl.maximum(gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T), 1)
     return (first_t + (tile % width) % rows_t) * BM, ((tile % width) // rows_t) * BN
 
 

@@ -16,7 +16,8 @@ NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash
 NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buckets alone, the warp-specialized
 candidates among them; 1,16,64 the launch-bound sizes, where the single-launch split-K (reduce="ticket") and the
 fused quantizer compete),
-NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
+NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12),
+NVFP4V_FP8_SWEEP_GLUON (default 1; 0 leaves the Gluon kernel's candidates out).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
 
@@ -94,7 +95,7 @@ def candidates(m: int) -> list[dict]:
     from kernels.sm90.gemm_fp8_block_configs import candidates as table_candidates
 
     out = table_candidates(m)
-    if m < 128:
+    if m < 128 or os.environ.get("NVFP4V_FP8_SWEEP_GLUON", "1") == "0":
         return out
     if m <= 256:
         return out + [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
