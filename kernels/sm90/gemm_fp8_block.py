@@ -23,6 +23,10 @@ neither on M nor on the split. The kernel is "swap AB": the weights are the MMA'
 every tile is a wgmma), the tokens its N side (16..128 wide, padded with zero rows). Partial K
 (K % 128 != 0, e.g. 576) is masked in the loads; no scale beyond ceil(K/128) is read.
 
+A config may name the Gluon kernel instead (CompileKey.gluon, kernels.sm90._gemm_fp8_block_gluon: token-major
+tiles for M >= 128, a TMA ring with mbarriers, the next group's asynchronous wgmma in flight while the current one
+is promoted): the same operations per element in the same order, so the same bits.
+
 Per-call buffers (the chunk partials) come from torch.empty, so under CUDA-graph capture they come
 from the graph's pool; nothing syncs with the host. The ticket counters of reduce="ticket" are made
 once per device by the first such launch, outside capture (kernels.sm90._tickets). With TRITON_INTERPRET=1
@@ -42,7 +46,8 @@ from torch import Tensor
 from kernels.sm90._env import triton_interpreting as _interpreting
 from kernels.sm90._tickets import Tickets, tile_tickets
 
-__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "launch",
+__all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "gluon_constexprs",
+           "gluon_operand_layouts", "launch",
            "fused_key", "launch_fused", "without_ws", "REDUCES"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
@@ -109,6 +114,15 @@ class CompileKey:
     # "ticket": the program of each output tile that takes the last ticket, in the GEMM's launch (the same
     # additions in the same order, so the same bits; counters in kernels.sm90._tickets). An unsplit key has "kernel".
     reduce: str = "kernel"
+    # the Gluon kernel (kernels.sm90._gemm_fp8_block_gluon; token-major tiles for M >= 128): TMA ring with
+    # mbarriers, asynchronous wgmma with the next group's dot in flight while the current one is promoted; the
+    # same operations per element in the same order (the same bits). Needs swap=False, tma, block_t 64 / 128 on
+    # block_t // 16 warps, block_n 64 / 128, no pipe / fused_q / ws, reduce "kernel"; num_stages is its ring depth.
+    gluon: bool = False
+    # with gluon, unsplit: the persistent Gluon kernel (one program per SM walks output tiles in raster order, its
+    # (tile, group) pairs one flat sequence: the next tile's loads and first wgmma overlap a tile's last promotion
+    # and store); the same operations per tile (same bits)
+    persistent: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -128,6 +142,15 @@ class CompileKey:
             raise ValueError(f"CompileKey: reduce={self.reduce!r} must be one of {REDUCES}")
         if self.reduce == "ticket" and (not self.split or self.ws):
             raise ValueError(f"CompileKey: reduce='ticket' needs split and no ws, got split={self.split} ws={self.ws}")
+        if self.gluon and (self.swap or not self.tma or self.pipe or self.fused_q or self.ws or self.reduce != "kernel"
+                           or self.block_t not in (64, 128) or self.block_n not in (64, 128)
+                           or self.num_warps != self.block_t // 16 or self.num_stages < 2):
+            raise ValueError(f"CompileKey: gluon needs swap=False, tma, no pipe / fused_q / ws, reduce='kernel', "
+                             f"block_t 64 / 128 on block_t // 16 warps, block_n 64 / 128 and num_stages >= 2, got "
+                             f"{self.config()}")
+        if self.persistent and (not self.gluon or self.split):
+            raise ValueError(f"CompileKey: persistent needs gluon and no split, got gluon={self.gluon} "
+                             f"split={self.split}")
         m_side = self.block_n if self.swap else self.block_t
         if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
@@ -170,13 +193,15 @@ class CompileKey:
                           act_scale_ue8m0=act_scale_ue8m0, swap=cfg.get("swap", True),
                           group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
                           tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False),
-                          reduce=cfg.get("reduce", "kernel") if split else "kernel")
+                          reduce=cfg.get("reduce", "kernel") if split else "kernel", gluon=cfg.get("gluon", False),
+                          persistent=cfg.get("persistent", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
-                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce}
+                "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce,
+                "gluon": self.gluon, "persistent": self.persistent}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -209,6 +234,22 @@ def constexprs(key: CompileKey) -> dict:
                 REDUCE_UNROLL=4 if key.block_n * key.block_t <= 16 * 32 * key.num_warps else 1)
 
 
+def gluon_constexprs(key: CompileKey) -> dict:
+    """The Gluon kernel's constexpr arguments for `key` (launcher and sm_90a compile test): a split program sums
+    its one chunk in one accumulator, as in constexprs; the persistent kernel has no SPLIT."""
+    const = dict(BN=key.block_n, BM=key.block_t, NS=key.num_stages, CHUNK_BLOCKS=key.chunk_blocks,
+                 CHUNKED=key.chunked and not key.split, AS_UE8M0=key.act_scale_ue8m0, GROUP_T=key.group_t)
+    return const if key.persistent else dict(const, SPLIT=key.split)
+
+
+def gluon_operand_layouts(key: CompileKey):
+    """The shared layouts of the Gluon kernel's TMA blocks: (weights [block_n, 128], activations [block_t, 128])."""
+    from triton.experimental.gluon import language as gl
+
+    return tuple(gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv)
+                 for rows in (key.block_n, key.block_t))
+
+
 WS_EXPERIMENT_ENV = "NVFP4V_FP8_WS_EXPERIMENT"
 
 
@@ -228,6 +269,8 @@ def _compile(key: CompileKey):
     import triton
 
     _refuse_ws_on_a_device(key)
+    if key.gluon:
+        return _compile_gluon(key)
 
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel, gemm_fp8_block_kernel
 
@@ -256,6 +299,42 @@ def _compile(key: CompileKey):
             **constexprs(key), **extra, num_warps=key.num_warps, num_stages=key.num_stages,
         )
         if key.split and not ticket:
+            chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
+                dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
+        return compiled
+
+    return run
+
+
+def _compile_gluon(key: CompileKey):
+    """The launcher of the Gluon kernel for `key` (host tensor descriptors: kernel parameters, graph safe; a split
+    key's chunk partials reduced by chunk_reduce_kernel, as the Triton path's reduce="kernel")."""
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_kernel,
+                                                    gemm_fp8_block_gluon_persistent_kernel)
+    from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel
+
+    w_layout, a_layout = gluon_operand_layouts(key)
+    const = gluon_constexprs(key)
+
+    def run(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_dec_f32: Tensor, out_bf16: Tensor, x: Tensor | None = None):
+        m, k = a_u8.shape
+        n = w_u8.shape[0]
+        grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
+        dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
+        w_desc = TensorDescriptor.from_tensor(w_u8.view(torch.float8_e4m3fn), [key.block_n, GROUP], w_layout)
+        a_desc = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP], a_layout)
+        if key.persistent:  # one program per SM at most (the bits do not depend on the grid)
+            sms = _num_sms(a_u8.device.index or 0)
+            return gemm_fp8_block_gluon_persistent_kernel[(min(grid[0] * grid[1], sms),)](
+                w_desc, a_desc, w_dec_f32, a_scale, out_bf16, m, n, key.groups, a_scale.stride(0), n,
+                **const, num_warps=key.num_warps)
+        compiled = gemm_fp8_block_gluon_kernel[grid](
+            w_desc, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
+            **const, num_warps=key.num_warps)
+        if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
                 dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
         return compiled
@@ -347,8 +426,11 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
         key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=a_scale.dtype == torch.uint8, num_sms=sms)
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
+    if key.gluon and _interpreting():  # no Gluon interpreter: the Triton kernel's same tile (the same bits)
+        key = dataclasses.replace(key, gluon=False, persistent=False)
     if key.tma and not _tma_ok(a_u8, w_u8):
-        key = dataclasses.replace(without_ws(key), tma=False)  # the same operands by masked loads
+        # the same operands by masked loads (the Gluon kernel's tile on the Triton kernel: the same bits)
+        key = dataclasses.replace(without_ws(key), tma=False, gluon=False, persistent=False)
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
@@ -358,8 +440,8 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
 def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
-    return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False,
-                               fused_q=True, q_recip=encode_rule == "mul_reciprocal",
+    return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, gluon=False,
+                               persistent=False, fused_q=True, q_recip=encode_rule == "mul_reciprocal",
                                q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
 

@@ -30,10 +30,10 @@ from pathlib import Path
 __all__ = ["TABLE", "FIELDS", "DEFAULTS", "candidates", "lookup", "merged_table"]
 
 FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q", "ws",
-          "reduce")
+          "reduce", "gluon", "persistent")
 # fields added after configs were committed: an entry (or a sweep's winner) without one means this default, so
 # older tables and sweep files keep their meaning
-DEFAULTS = {"ws": False, "reduce": "kernel"}
+DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False}
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: NVIDIA H100 80GB HBM3 (H100 run 2); M <= 64 of wkv, wq_a, wo_b, l1, l2: NVIDIA H200 (ticket sweep)
@@ -579,7 +579,8 @@ def lookup(m: int, n: int, k: int, table: dict | None = None) -> dict | None:
 def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = True, group_t: int = 8,
          pipe: bool = False, tma: bool = False, ws: bool = False, reduce: str = "kernel") -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
-            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False, "ws": ws, "reduce": reduce}
+            "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False, "ws": ws, "reduce": reduce,
+            "gluon": False, "persistent": False}
 
 
 def _tk(bn: int, bt: int, warps: int, stages: int, swap: bool = True, tma: bool = True) -> dict:

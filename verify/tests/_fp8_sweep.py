@@ -1,5 +1,6 @@
 """Config sweep of the sm90 FP8 block-scaled GEMM (issue 23 item 8) on the GPU: for every DeepSeek-V4-Pro FP8
-linear and M bucket, time each candidate config (kernels.sm90.gemm_fp8_block_configs.candidates) against
+linear and M bucket, time each candidate config (candidates below: the committed ones of
+kernels.sm90.gemm_fp8_block_configs.candidates, plus the Gluon kernel's tiles at M >= 128) against
 torch bf16 (x @ W^T) and torch._scaled_mm blockwise (cuBLASLt, 1x128 x 128x128 scales) in the same run, keep
 only candidates whose output is bit-equal to the reference (CompileKey.heuristic at M = 4096, rows 0..M-1:
 the config check and the batch-invariance check in one), and pick the fastest per (N, K, M).
@@ -15,7 +16,8 @@ NVFP4V_FP8_SWEEP_SHAPES (names, comma-separated; default the V4-Pro ones; "flash
 NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buckets alone, the warp-specialized
 candidates among them; 1,16,64 the launch-bound sizes, where the single-launch split-K (reduce="ticket") and the
 fused quantizer compete),
-NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12).
+NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12),
+NVFP4V_FP8_SWEEP_GLUON (default 1; 0 leaves the Gluon kernel's candidates out).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
 
@@ -73,9 +75,38 @@ def _ue8m0_to_f32(b_u8: torch.Tensor) -> torch.Tensor:
     return (b_u8.to(torch.int32) << 23).view(torch.float32)
 
 
-def _jobs(shapes, ms):
-    from kernels.sm90.gemm_fp8_block_configs import candidates
+def _gl(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
+    """A Gluon kernel config (CompileKey.gluon): token-major bt x bn on bt // 16 warps, a TMA ring of `stages`."""
+    from kernels.sm90.gemm_fp8_block_configs import _cfg
 
+    return {**_cfg(bn, bt, bt // 16, stages, split, swap=False, group_t=group_t, tma=True), "gluon": True}
+
+
+def _glp(bn: int, bt: int, stages: int, group_t: int = 8) -> dict:
+    """The persistent Gluon kernel (CompileKey.persistent: one program per SM walking the output tiles, unsplit)."""
+    return {**_gl(bn, bt, stages, False, group_t), "persistent": True}
+
+
+def candidates(m: int) -> list[dict]:
+    """The configs timed at M: the committed candidates (kernels.sm90.gemm_fp8_block_configs.candidates, the first
+    the heuristic's choice) and, for M >= 128, the Gluon kernel's tiles (TMA ring, asynchronous wgmma with the next
+    group's dot in flight during the promotion): 128 x 128 / 128 x 64 / 64 x 128, split-K or not, ring depth 3-6,
+    raster group 8 / 16, and at M = 4096 the persistent kernel (_glp). The same bits as every other candidate (the sweep refuses one that differs)."""
+    from kernels.sm90.gemm_fp8_block_configs import candidates as table_candidates
+
+    out = table_candidates(m)
+    if m < 128 or os.environ.get("NVFP4V_FP8_SWEEP_GLUON", "1") == "0":
+        return out
+    if m <= 256:
+        return out + [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
+                      _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False)]
+    return out + [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
+                  _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
+                  _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
+                  _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4)]
+
+
+def _jobs(shapes, ms):
     for name, n, k in shapes:
         for m in ms:
             seen = set()
@@ -159,7 +190,6 @@ def _bits_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, rows: list, best: list,
                 winners: list, m_max: int = M_MAX) -> None:
     from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
-    from kernels.sm90.gemm_fp8_block_configs import candidates
 
     dev = _DEVICE
     codes, scale, x, w, w_dec = _operands(m_max, n, k, 7, dev)
@@ -233,6 +263,10 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
         if any(r["config"].get("ws") for r in results):  # the warp-specialized loop against the rest, same run
             for tag, pick in (("ws", True), ("no_ws", False)):
                 mine = [r for r in ok if bool(r["config"].get("ws")) is pick]
+                summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("gluon") for r in results):  # the Gluon kernel against the Triton one, same run
+            for tag, pick in (("gluon", True), ("triton", False)):
+                mine = [r for r in ok if bool(r["config"].get("gluon")) is pick]
                 summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
             for tag, pick in (("ticket", True), ("reduce_kernel", False)):
@@ -323,7 +357,7 @@ def _print_summary(s: dict) -> None:
     c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
          f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
          f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}"
-         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}")
+         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}{' gluon' if cfg.get('gluon') else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
@@ -335,6 +369,8 @@ def _print_summary(s: dict) -> None:
           + f" | {c}{' +fused_q' if (s.get('committed_config') or {}).get('fused_q') else ''}"
           + (f" | ws best {_fmt(s['best_ws_us'], '.2f')} us vs {_fmt(s['best_no_ws_us'], '.2f')} without"
              if "best_ws_us" in s else "")
+          + (f" | gluon best {_fmt(s['best_gluon_us'], '.2f')} us vs triton {_fmt(s['best_triton_us'], '.2f')}"
+             if "best_gluon_us" in s else "")
           + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
              f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")

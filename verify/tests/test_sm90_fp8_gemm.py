@@ -914,3 +914,109 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
 if __name__ == "__main__":
     if sys.argv[1] == "--cases":
         Path(sys.argv[2]).write_text(json.dumps(_run_cases(sys.argv[3:])))
+
+
+# ============================================================================= the Gluon kernel (CompileKey.gluon)
+# the 9 V4-Pro FP8 linears of the sweep (verify/tests/_fp8_sweep.V4_PRO_FP8) and the partial N / K shapes
+GLUON_SHAPES = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536), ("wo_a", 16384, 4096),
+                ("wo_b", 7168, 16384), ("idx_wq_b", 8192, 1536), ("shared_l1", 3072, 7168),
+                ("shared_l2", 7168, 3072), ("mtp_e_h_proj", 7168, 7168), *PARTIAL_SHAPES]
+
+
+def _gluon_keys(m: int, n: int, k: int, ue8m0: bool) -> list:
+    """Every Gluon config the sweep times at M's bucket (verify/tests/_fp8_sweep.candidates), as keys of (N, K)."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from verify.tests._fp8_sweep import candidates
+
+    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in candidates(m) if c.get("gluon")}
+    assert keys, m
+    return sorted(keys, key=str)
+
+
+def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) -> None:
+    """Each Gluon key of keys_of_bucket(bucket) at M = 128, 200 (a partial token tile) and 4096 gives the bits of the
+    Triton kernel with the same chunk plan (the weight-major heuristic at M = 4096, rows 0..M-1), and really ran."""
+    from kernels.sm90 import gemm_fp8_block
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
+    r = RECIPES[recipe]
+    ue8m0 = r.scale_storage == "ue8m0"
+    wt, w_dec = _weight(n, k, seed, "v4", "cuda")
+    big = _cuda_act(4096, k, seed + 1, r)
+    y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=ue8m0))
+    assert bool(torch.isfinite(y.float()).all()) and bool((y != 0).any()), "reference output: non-finite or all zero"
+    for m, bucket in ((128, 128), (200, 128), (4096, 4096)):
+        sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), big.scale_storage)
+        keys = keys_of_bucket(bucket, ue8m0)
+        assert keys and all(key.gluon for key in keys), keys
+        for key in keys:
+            got = _gemm(sub, wt.e4m3_u8, w_dec, key=key)
+            assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, f"{key.config()}: the Gluon kernel did not run"
+            assert_bits_equal(got, y[:m], label=f"gluon M={m} {key.config()} ({n}x{k}) {recipe} vs the Triton "
+                                                f"heuristic's M=4096 rows")
+
+
+@pytest.mark.parametrize("recipe", ["fp8_ue8m0", "fp8_f32"])
+@pytest.mark.parametrize("name,n,k", GLUON_SHAPES, ids=[s[0] for s in GLUON_SHAPES])
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
+    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket; one pass and persistent at 4096) gives the Triton
+    kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), M = 128, 200, 4096, UE8M0 and float32
+    activation scales (chunked and one-chunk plans)."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from verify.tests._fp8_sweep import _gl, _glp
+
+    def keys(bucket, ue8m0):
+        cfgs = [_gl(128, 128, 4, True)] if bucket <= 256 else [_gl(128, 128, 4, False), _glp(128, 128, 4)]
+        return [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
+
+    _check_gluon_keys(n, k, recipe, keys, 91)
+
+
+@pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (576, 7168), (7168, 576)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
+    """Every Gluon config the sweep may commit (verify/tests/_fp8_sweep.candidates at M's bucket: 128 x 128 / 128 x 64
+    / 64 x 128, split or not, ring depth 3-6, raster group 8 / 16) gives the Triton kernel's bits: chunked (wo_b)
+    and one-chunk (wq_b) plans, partial N and partial K."""
+    _check_gluon_keys(n, k, "fp8_ue8m0", lambda bucket, ue8m0: _gluon_keys(bucket, n, k, ue8m0), 95)
+
+
+@pytest.mark.parametrize("m,n,k", [(128, 1536, 7168), (200, 7168, 576), (4096, 65536, 1536), (4096, 7168, 16384)],
+                         ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
+    """linear_fp8 routed to a Gluon config by the table (split at M <= 256, persistent above): captured once and
+    replayed on new activations, bit-equal to eager (host tensor descriptors are kernel parameters: the captured
+    launch reads the same buffers); the routed launch is the Gluon kernel."""
+    from kernels.sm90 import gemm_fp8_block, gemm_fp8_block_configs
+    from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from verify.tests._fp8_sweep import _gl, _glp
+
+    table = {(n, k): ((256, _gl(128, 128, 4, True)), (8192, _glp(128, 128, 4)))}
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
+    key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
+    assert key.gluon, key
+    wt, w_dec = _weight(n, k, 93, "v4", "cuda")
+    weight = prepare_fp8_weight(wt.e4m3_u8, w_dec)
+    g = torch.Generator(device="cuda").manual_seed(94)
+    x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
+    x.copy_(torch.randn(m, k, generator=g, device="cuda"))
+    eager = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, "the routed launch did not run the Gluon kernel"
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {})
+    assert_bits_equal(eager, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label="gluon vs the heuristic")
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    for i in range(3):
+        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"gluon graph replay {i}")

@@ -1,0 +1,273 @@
+"""Gluon body of kernels.sm90.gemm_fp8_block for CompileKey.gluon (token-major tiles at M >= 128; imported lazily
+by its _compile). The same operations per output element, in the same order, as _gemm_fp8_block_jit's token-major
+TMA path, so the same bits (kernels/sm90/NOTES_FP8.md, "Gluon kernel").
+
+Structure (DeepGEMM's on sm90, written here from the idea): tokens on the wgmma's M side (64 rows per warpgroup:
+BM 64 on 4 warps, 128 on 8), BN 64 / 128 weight rows (inside one 128-row weight-scale block, so the weight scale is
+one scalar per tile and group); both operands by TMA into an NS-stage shared ring, one mbarrier per stage (zero fill
+past M, N and K); per 128-K group one asynchronous wgmma (E4M3 x E4M3 -> fp32, both operands from shared) started
+from zero, the next group's wgmma issued before the current one is waited for and promoted (two group
+accumulators, one in flight); a stage is refilled once both warpgroups are past its wgmma (a CTA barrier).
+The promotion is the Triton kernel's: sigma = f32(sa[t, g] * sw[n // 128, g]) (mul.f32), then fma(dot, sigma, sum),
+the chunk sum from +0 added to the running total at the chunk's end (add.f32). With more than one chunk the
+running total lives in shared memory (each thread reads back only what it wrote: no barrier), so the registers
+hold two group accumulators and the chunk sum.
+"""
+
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                               warpgroup_mma_wait)
+
+
+@gluon.jit
+def _round_f32_to_bf16_bits(y):
+    """The Triton kernel's round_f32_to_bf16_bits (RNE on the bit pattern, NaN quieted): the same bf16 bits."""
+    b = y.to(gl.uint32, bitcast=True)
+    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
+    r = gl.where(y != y, b | 0x00400000, r)
+    return r.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _ue8m0_u8_to_f32(b):
+    """UE8M0 byte -> float32 2^(b-127) (byte 0 the subnormal 2^-127, 0xFF NaN), exact (the Triton kernel's)."""
+    e = b.to(gl.int32)
+    bits = gl.where(e > 0, e << 23, 0x00400000)
+    bits = gl.where(e == 0xFF, 0x7FC00000, bits)
+    return bits.to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _sigma(sa_ptrs, t_ok, sw_ptr, g, AS_UE8M0: gl.constexpr):
+    """f32(sa[t, g] * sw[tile's block, g]) as a [BM, 1] column (rows past M: scale 0, their codes are zero)."""
+    sa = gl.load(sa_ptrs + g, mask=t_ok, other=0)
+    if AS_UE8M0:
+        sa = _ue8m0_u8_to_f32(sa)
+    sw = gl.load(sw_ptr + g)
+    return gl.expand_dims(sa * sw, 1)
+
+
+@gluon.jit
+def _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr,
+             layout: gl.constexpr):
+    """Group g's dot scaled into the float32 sums, as _gemm_fp8_block_jit._promote: the chunk sum `part` from
+    zero in group order, added to the running total (shared memory) at the chunk's end (CHUNKED), else straight
+    into `total` (registers)."""
+    if CHUNKED:
+        part = part + d * sigma
+        if ((g + 1) % CHUNK_BLOCKS == 0) | (g + 1 == G):
+            total_smem.store(total_smem.load(layout) + part)
+            part = gl.zeros_like(part)
+    else:
+        total = total + d * sigma
+    return total, part
+
+
+@gluon.constexpr_function
+def _mma_layout(bm, bn):
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[bm // 16, 1], instr_shape=[16, bn, 32])
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_kernel(
+    w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om, stride_oc,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+    CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """out tile [BM tokens, BN weight rows] = sum over the 128-K groups g of dot(A[t, g], W[n, g]) *
+    (sa[t, g] * sw[n // 128, g]) in float32, in chunk_plan's order (gemm_fp8_block_kernel's docstring): w_desc /
+    a_desc are tensor descriptors of the E4M3 codes W [N, K] / A [M, K] (blocks [BN, 128] / [BM, 128]).
+    SPLIT: this program sums chunk program_id(2) alone (one accumulator from zero: the unsplit chunk sum's bits)
+    and stores it float32 at out_ptr + chunk * stride_oc (the reduce kernel adds the chunks in order); else the
+    program walks every chunk and stores bf16. Grouped raster as the Triton kernel's (GROUP_T token tiles)."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, layout)
+
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(1) * num_n + gl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
+    t0 = pid_t * BM
+    n0 = pid_n * BN
+    t = t0 + gl.arange(0, BM, layout=row_l)
+    n = n0 + gl.arange(0, BN, layout=col_l)
+    t_ok = t < M
+    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
+    sw_ptr = ws_ptr + (n0 // 128) * G
+    if SPLIT:
+        g_lo = gl.program_id(2) * CHUNK_BLOCKS
+        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
+    else:
+        g_lo = 0
+        n_iter = G
+
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+    fence_async_shared()
+    nbytes: gl.constexpr = (BM + BN) * 128
+    for j in gl.static_range(NS):
+        ok = j < n_iter
+        mbarrier.expect(ready.index(j), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [t0, (g_lo + j) * 128], ready.index(j), a_ring.index(j), pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [n0, (g_lo + j) * 128], ready.index(j), w_ring.index(j), pred=ok)
+
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    total = zero
+    part = zero
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
+                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+    else:
+        total_smem = a_ring  # unused
+
+    mbarrier.wait(ready.index(0), 0)
+    acc = warpgroup_mma(a_ring.index(0), w_ring.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    for i in range(0, n_iter - 1):
+        g = g_lo + i
+        sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g, AS_UE8M0)
+        s1 = (i + 1) % NS
+        mbarrier.wait(ready.index(s1), ((i + 1) // NS) & 1)
+        acc_next = warpgroup_mma(a_ring.index(s1), w_ring.index(s1).permute((1, 0)), zero, use_acc=False,
+                                 is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        # both warpgroups past group i's wgmma: its stage takes group i + NS
+        gl.thread_barrier()
+        s = i % NS
+        ok = i + NS < n_iter
+        mbarrier.expect(ready.index(s), nbytes, pred=ok)
+        tma.async_copy_global_to_shared(a_desc, [t0, (g + NS) * 128], ready.index(s), a_ring.index(s), pred=ok)
+        tma.async_copy_global_to_shared(w_desc, [n0, (g + NS) * 128], ready.index(s), w_ring.index(s), pred=ok)
+        total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+        acc = acc_next
+    g = g_lo + n_iter - 1
+    sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g, AS_UE8M0)
+    d = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+    for j in gl.static_range(NS):
+        mbarrier.invalidate(ready.index(j))
+    if CHUNKED:
+        total = total_smem.load(layout)
+
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
+    if SPLIT:
+        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
+    else:
+        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def _tile_origin(tile, num_n, M, BM: gl.constexpr, BN: gl.constexpr, GROUP_T: gl.constexpr):
+    """(first token row, first weight row) of output tile number `tile`: the grouped raster of the tile kernel. A
+    tile past the last (a predicated-off load's) gets some origin, never a division by zero."""
+    width = GROUP_T * num_n
+    first_t = (tile // width) * GROUP_T
+    rows_t = gl.maximum(gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T), 1)
+    return (first_t + (tile % width) % rows_t) * BM, ((tile % width) // rows_t) * BN
+
+
+@gluon.jit
+def _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM: gl.constexpr,
+                BN: gl.constexpr, NS: gl.constexpr, GROUP_T: gl.constexpr):
+    """The TMA loads of this program's flat iteration j (its tile j // G, group j % G) into stage j % NS (none past
+    the program's last iteration n_all)."""
+    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+    k0 = (j % G) * 128
+    s = j % NS
+    ok = j < n_all
+    mbarrier.expect(ready.index(s), (BM + BN) * 128, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
+
+
+@gluon.jit
+def _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr):
+    t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t < M, 1) & gl.expand_dims(n < N, 0)
+    gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_persistent_kernel(
+    w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr,
+    AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_kernel unsplit, persistent (CompileKey.persistent): program p of the grid's P (at most one
+    per SM) computes the output tiles p, p + P, ... in the tile kernel's raster order, its (tile, group) pairs one flat
+    sequence, so the ring already holds the next tile's first groups, and its first wgmma runs, while a tile's last
+    group is promoted and stored. Per tile the same operations in the same order as the tile kernel (same bits)."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(0)
+    nprog = gl.num_programs(0)
+    n_tiles = gl.cdiv(M, BM) * num_n
+    n_all = ((n_tiles - pid + nprog - 1) // nprog) * G  # this program's (tile, group) iterations
+
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+    fence_async_shared()
+    for j in gl.static_range(NS):
+        _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
+
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    total = zero
+    part = zero
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
+                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+    else:
+        total_smem = a_ring  # unused
+
+    mbarrier.wait(ready.index(0), 0)
+    acc = warpgroup_mma(a_ring.index(0), w_ring.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
+    for j in range(0, n_all - 1):
+        g = j % G
+        t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+        t = t0 + gl.arange(0, BM, layout=row_l)
+        sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, g, AS_UE8M0)
+        s1 = (j + 1) % NS
+        mbarrier.wait(ready.index(s1), ((j + 1) // NS) & 1)
+        acc_next = warpgroup_mma(a_ring.index(s1), w_ring.index(s1).permute((1, 0)), zero, use_acc=False,
+                                 is_async=True)
+        d = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
+        gl.thread_barrier()  # both warpgroups past iteration j's wgmma: its stage takes iteration j + NS
+        _issue_load(j + NS, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS,
+                    GROUP_T)
+        total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+        if g == G - 1:  # the tile's last group: store it, the sums back to zero for the next tile
+            if CHUNKED:
+                _store_tile(total_smem.load(layout), out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+                total_smem.store(gl.zeros_like(part))
+            else:
+                _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+                total = gl.zeros_like(total)
+        acc = acc_next
+    j = n_all - 1
+    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+    t = t0 + gl.arange(0, BM, layout=row_l)
+    sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, G - 1, AS_UE8M0)
+    d = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+    total, part = _promote(d, sigma, total, part, total_smem, G - 1, G, CHUNK_BLOCKS, CHUNKED, layout)
+    for s in gl.static_range(NS):
+        mbarrier.invalidate(ready.index(s))
+    if CHUNKED:
+        total = total_smem.load(layout)
+    _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)

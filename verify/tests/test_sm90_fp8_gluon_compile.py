@@ -1,0 +1,235 @@
+"""The Gluon FP8 block-scaled GEMM (CompileKey.gluon, kernels.sm90._gemm_fp8_block_gluon) on the CPU: every key
+the sweep may commit compiles for sm_90a (Triton's bundled ptxas) without spills, to the E4M3 wgmma fed by the
+tensor copy engine, with the next group's wgmma in flight while the current one is promoted, and with the
+promotion contracted exactly as the Triton kernel's (same bits: mul.f32 for the scale product, fma.rn.f32 of dot,
+scale and sum, add.f32 at a chunk's end); the key's rules, its config round trip and the routing (no Gluon under
+the interpreter, pointer loads where TMA cannot take the operands, the fused quantizer on the Triton kernel).
+GPU bits (Gluon = Triton for the same chunk plan) and graph replay: test_sm90_fp8_gemm.py, marker gpu.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
+
+from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
+from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, candidates  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+# wo_b (3 chunks of 43 groups), wq_b (one chunk), wkv (28 chunks of 2 groups), a partial K (576)
+_SHAPES = [(7168, 16384), (65536, 1536), (512, 7168), (7168, 576)]
+V4_PRO_FP8_SHAPES = [(n, k) for _, n, k in V4_PRO_FP8]
+
+
+def _keys() -> list[CompileKey]:
+    """Every Gluon sweep candidate at the shapes above and both activation-scale modes, and every Gluon key the
+    committed table routes a V4-Pro FP8 linear to (M = 128, 200, 4096), one per code layout."""
+    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for m in (128, 4096) for c in candidates(m)
+            if c.get("gluon") for n, k in _SHAPES for ue8m0 in (True, False)}
+    keys |= {key for m in (128, 200, 4096) for n, k in V4_PRO_FP8_SHAPES for ue8m0 in (True, False)
+             if (key := CompileKey.for_shape(m, n, k, act_scale_ue8m0=ue8m0)).gluon}
+    by_layout = {}
+    for key in sorted(keys, key=str):
+        by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
+                              key.act_scale_ue8m0, key.persistent), key)
+    return list(by_layout.values())
+
+
+def _compile(key: CompileKey):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.sm90 import _gemm_fp8_block_gluon as gluon_kernels
+
+    kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
+              else gluon_kernels.gemm_fp8_block_gluon_kernel)
+
+    w_layout, a_layout = gluon_operand_layouts(key)
+    sig = {"w_desc": f"tensordesc<fp8e4nv[{key.block_n}, 128],{w_layout!r}>",
+           "a_desc": f"tensordesc<fp8e4nv[{key.block_t}, 128],{a_layout!r}>", "ws_ptr": "*fp32",
+           "as_ptr": "*u8" if key.act_scale_ue8m0 else "*fp32", "out_ptr": "*fp32" if key.split else "*bf16",
+           "M": "i32", "N": "i32", "G": "i32", "stride_as": "i32", "stride_om": "i32"}
+    if not key.persistent:
+        sig["stride_oc"] = "i32"
+    const = gluon_constexprs(key)
+    sig.update({name: "constexpr" for name in const})
+    index = kernel.arg_names.index
+    aligned = ["ws_ptr", "as_ptr", "out_ptr", "N", "stride_om"]  # torch allocations, V4 shapes
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in aligned}
+    src = GluonASTSource(kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+
+
+def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not tool.exists():
+        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
+    path = tmp_path / "kernel.cubin"
+    path.write_bytes(cubin)
+    return subprocess.run([str(tool), *flags, str(path)], check=True, capture_output=True, text=True).stdout
+
+
+def _promotion_ops(ptx: str) -> tuple[int, int, int]:
+    """(fma.rn.f32, mul.f32, add.f32) instructions in a PTX listing."""
+    return (len(re.findall(r"\bfma\.rn\.f32\b", ptx)), len(re.findall(r"\bmul\.(?:rn\.)?f32\b", ptx)),
+            len(re.findall(r"\badd\.(?:rn\.)?f32\b", ptx)))
+
+
+@pytest.mark.parametrize("key", _keys(), ids=lambda key: f"bm{key.block_t}-bn{key.block_n}-s{key.num_stages}-"
+                         f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
+                         f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
+                         f"{'-persistent' if key.persistent else ''}")
+def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
+    ck = _compile(key)
+    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
+    assert shapes == {str(key.block_n)}, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64x{key.block_n}x32 E4M3)"
+    assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+    # operands by the copy engine: the ring's prologue (NS stages x 2 operands) and the refill in the loop (left
+    # out by the compiler where a split program's chunk has no more groups than stages)
+    utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
+    n_max = key.chunk_blocks if key.split else key.groups
+    want = 2 * key.num_stages + 2 if n_max > key.num_stages else 2 * n_max
+    assert utmaldg >= want, f"{key}: {utmaldg} UTMALDG (expected >= {want})"
+    assert ck.metadata.shared <= _SMEM_MAX, f"{key}: {ck.metadata.shared} bytes of shared memory"
+    assert ck.metadata.num_warps == key.block_t // 16 and "setmaxnreg" not in ck.asm["ptx"], key  # not specialized
+    ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    # no promotion inside the wgmma chain (the Triton kernel's setting: 2^30 on sm_90), asynchronous wgmma with one
+    # group left in flight while the previous one is promoted
+    assert set(re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir)) == {str(2**30)}, key
+    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx), f"{key}: no wgmma.wait_group 1"
+    # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
+    # a chunk's end): twice, the loop's body and the last group's (the persistent kernel: its bf16 store twice too)
+    per_thread = key.block_t * key.block_n // (32 * key.num_warps)
+    rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
+    fma, mul, add = _promotion_ops(ptx)
+    chunk_add = key.chunked and not key.split
+    assert (fma, mul, add) == (2 * per_thread, 2 * rows, 2 * per_thread if chunk_add else 0), (key, fma, mul, add)
+    stores = len(re.findall(r"\bst\.global", ptx))
+    # the output tile's stores: bf16 pairs (split: float32 partials one by one); the persistent kernel has two
+    want = (per_thread if key.split else per_thread // 2) * (2 if key.persistent else 1)
+    assert stores == want, (key, stores, want)
+    qgmma = len(re.findall(r"\bQGMMA\b", sass))
+    print(f"{key.config()} chunked={key.chunked} even_k={key.even_k} ue8m0={key.act_scale_ue8m0}: {regs} registers, "
+          f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG")
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_kernel_contracts_the_promotion_the_same_way(split):
+    """The reference the Gluon kernel's bits are held to: the Triton kernel's token-major TMA tile contracts
+    d * sigma + sum into one fma.rn.f32 per element (mul.f32 only for sa * sw, add.f32 only at a chunk's end), the
+    operations the Gluon kernel spells out (test above); maxNumImpreciseAcc 2^30 on both."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    try:
+        from test_sm90_fp8_compile import _compile as triton_compile
+    finally:
+        sys.path.pop(0)
+    key = CompileKey.from_config(7168, 16384, {**_gl(128, 128, 4, split), "gluon": False, "num_warps": 8},
+                                 act_scale_ue8m0=True)
+    ck = triton_compile(key)
+    per_thread = 128 * 128 // 256
+    fma, mul, add = _promotion_ops(ck.asm["ptx"])
+    assert (fma, mul, add) == (per_thread, 2, 0 if split else per_thread), (fma, mul, add)
+    assert set(re.findall(r"maxNumImpreciseAcc = (\d+)", ck.asm["ttgir"])) == {str(2**30)}
+
+
+def test_gluon_key_rules_and_config_round_trip():
+    base = _gl(128, 128, 4, False)
+    for n, k in V4_PRO_FP8_SHAPES:
+        for cfg in (c for m in (128, 4096) for c in candidates(m) if c.get("gluon")):
+            key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
+            assert key.gluon and not key.swap and key.tma and key.num_warps == key.block_t // 16
+            assert CompileKey.from_config(n, k, key.config(), act_scale_ue8m0=True) == key
+    for bad in ({"swap": True}, {"tma": False}, {"pipe": True}, {"num_warps": 4}, {"block_t": 32, "num_warps": 2},
+                {"block_n": 256}, {"num_stages": 1}, {"split": True, "reduce": "ticket"}):
+        with pytest.raises(ValueError, match="gluon needs"):
+            CompileKey.from_config(7168, 16384, {**base, **bad}, act_scale_ue8m0=True)
+    for bad in ({"split": True}, {"gluon": False, "num_warps": 8}):
+        with pytest.raises(ValueError, match="persistent needs"):
+            CompileKey.from_config(7168, 16384, {**base, "persistent": True, **bad}, act_scale_ue8m0=True)
+    assert [c for c in candidates(4096) if c.get("persistent")] and not [c for c in candidates(128)
+                                                                        if c.get("persistent")]
+    # the fused quantizer runs on the Triton kernel (pointer loads of the unquantized activation)
+    key = CompileKey.from_config(7168, 16384, base, act_scale_ue8m0=True)
+    fk = fused_key(key, scale_rule="ue8m0_ceil")
+    assert fk.fused_q and not fk.gluon and not fk.tma
+    # the sweep offers Gluon tiles at M >= 128 only
+    assert not [c for m in (1, 16, 32, 64) for c in candidates(m) if c.get("gluon")]
+    assert all([c for c in candidates(m) if c.get("gluon")] for m in (128, 256, 4096))
+
+
+_CPU_SCRIPT = r"""
+import dataclasses, json, sys
+import torch
+from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
+from kernels.sm90.gemm_fp8_block import CompileKey
+from verify.tests._fp8_sweep import _gl, _glp
+n, k = 192, 576
+g = torch.Generator().manual_seed(5)
+x = (torch.randn(130, k, generator=g) * 3).to(torch.bfloat16)
+w = torch.randn(n, k, generator=g).clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
+w_dec = torch.ldexp(torch.ones(2, 5), torch.randint(-9, -5, (2, 5), generator=g)).contiguous()
+out = {}
+for rule in ("ue8m0_ceil", "f32"):
+    a, sa = quantize_fp8_1x128.launch(x, scale_rule=rule)
+    ue8m0 = rule == "ue8m0_ceil"
+    ref = gemm_fp8_block.launch(a, sa, w, w_dec, key=CompileKey.heuristic(130, n, k, act_scale_ue8m0=ue8m0))
+    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3))):
+        key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=ue8m0)
+        y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
+        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False))
+        out[f"{rule}-{split}"] = [bool(torch.equal(y.view(torch.int16), ref.view(torch.int16))),
+                                  bool(torch.equal(tri.view(torch.int16), ref.view(torch.int16))),
+                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent]
+json.dump(out, open(sys.argv[1], "w"))
+"""
+
+
+def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
+    """There is no Gluon interpreter: launch() runs a Gluon key's tile on the Triton kernel there (the same
+    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split and
+    persistent)."""
+    out = tmp_path / "gluon_interp.json"
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "p")], rep
+    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent) in rep.items():
+        assert gluon and chunked and split == tag.endswith("True") and persistent == tag.endswith("p"), (tag, rep[tag])
+        assert nonzero and gluon_eq and triton_eq, (tag, rep[tag])
+
+
+def test_gluon_falls_back_to_pointer_loads_where_tma_cannot(monkeypatch):
+    """An operand TMA cannot describe (base or row stride not 16-byte aligned) sends a Gluon key to the Triton
+    kernel's same tile with pointer loads (the same operands, so the same bits)."""
+    import torch
+
+    from kernels.sm90 import gemm_fp8_block
+
+    seen = []
+    monkeypatch.setattr(gemm_fp8_block, "_compile", lambda key: seen.append(key) or (lambda *a, **kw: None))
+    monkeypatch.setattr(gemm_fp8_block, "_interpreting", lambda: False)
+    key = CompileKey.from_config(192, 584, _gl(128, 128, 4, False), act_scale_ue8m0=True)
+    a = torch.zeros(130, 584, dtype=torch.uint8)
+    sa = torch.zeros(130, 5, dtype=torch.uint8)
+    w = torch.zeros(192, 584, dtype=torch.uint8)
+    wd = torch.ones(2, 5)
+    gemm_fp8_block.launch(a, sa, w, wd, key=key, check=False)  # K 584: rows 584 bytes apart, not a multiple of 16
+    assert seen == [dataclasses.replace(key, gluon=False, tma=False)], seen
