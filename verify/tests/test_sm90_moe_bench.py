@@ -244,18 +244,19 @@ def test_moe_grouped_gemm_bench():
                     a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kw1), t=t)
                 res["wgmma_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kw2), t=t)
                 res["key_wgmma"] = str(kw1)
-                if kw1.block_t == 8:  # the register cap (WgmmaKey.max_registers) of the routed BT 8 keys, same run
-                    caps = {}
-                    for cap in (0, 80, 96):
-                        c1, c2 = (dataclasses.replace(k_, max_registers=cap) for k_ in (kw1, kw2))
-                        caps[cap] = {"l1_fused_us": 1e6 * _time(lambda: gg.grouped_l1_swiglu_requant(
-                            a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=c1),
-                            t=t), "l2_us": 1e6 * _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=c2), t=t),
-                            "bits_equal": all(torch.equal(x, y) for x, y in zip(l1_l2(c1, c2), l1_l2(kt1, kt2)))}
-                    res["wgmma_register_caps"] = caps
-                    print(f"wgmma register cap T={t:6d}: " + "; ".join(
-                        f"cap {c or 'none'}: fused L1 {v['l1_fused_us']:.1f} us, L2 {v['l2_us']:.1f}, bits equal "
-                        f"{v['bits_equal']}" for c, v in caps.items()), flush=True)
+                # BT 8 / 4-warp keys at register caps none / 80 / 96 (WgmmaKey.max_registers: 4 / 6 / 5 CTAs an SM),
+                # timed beside the routed key in the same run, each compared with the Triton kernel's bits
+                caps = {}
+                for cap in (0, 80, 96):
+                    c1, c2 = (dataclasses.replace(k_, block_t=8, num_warps=4, max_registers=cap) for k_ in (kw1, kw2))
+                    caps[cap] = {"l1_fused_us": 1e6 * _time(lambda: gg.grouped_l1_swiglu_requant(
+                        a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=c1),
+                        t=t), "l2_us": 1e6 * _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=c2), t=t),
+                        "bits_equal": all(torch.equal(x, y) for x, y in zip(l1_l2(c1, c2), l1_l2(kt1, kt2)))}
+                res["wgmma_register_caps"] = caps
+                print(f"wgmma BT 8 register cap T={t:6d} (routed {kw1}): " + "; ".join(
+                    f"cap {c or 'none'}: fused L1 {v['l1_fused_us']:.1f} us, L2 {v['l2_us']:.1f}, bits equal "
+                    f"{v['bits_equal']}" for c, v in caps.items()), flush=True)
                 print(f"wgmma T={t:6d}: fused L1 {res['wgmma_l1_fused_s'] * 1e6:9.1f} us, L2 "
                       f"{res['wgmma_l2_s'] * 1e6:9.1f}, L1f+L2 {res['wgmma_fused_s'] * 1e6:9.1f} (Triton "
                       f"{res['triton_fused_s'] * 1e6:9.1f}); bits equal to the Triton kernel: "
