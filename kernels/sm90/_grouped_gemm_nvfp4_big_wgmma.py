@@ -31,7 +31,8 @@ epilogue masks (an output element depends only on its own token and weight row).
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
 from kernels.sm90._grouped_gemm_nvfp4_wgmma import (_decode_a, _epilogue, _issue, _schedule, _store_scales,
                                                     _weight_bases, _zero_tile, grouped_wgmma_layouts)
@@ -121,6 +122,7 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
         bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(4):
             mbarrier.init(bars.index(j), count=1)
+        fence_async_shared()  # the initialised barriers visible to the async proxy (TMA) before the first copy
         r0 = off_e + row0  # first global row of the token tile
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
