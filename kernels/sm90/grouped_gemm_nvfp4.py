@@ -133,13 +133,20 @@ LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this m
 LARGE_TOKEN_VARIANT = "two_mma"
 
 
+def _large_token_variant_name() -> str:
+    """LARGE_TOKEN_VARIANT, checked where it is read (a typo would otherwise route two_mma silently)."""
+    if LARGE_TOKEN_VARIANT not in ("two_mma", "k128", "wgmma"):
+        raise ValueError(f"LARGE_TOKEN_VARIANT: {LARGE_TOKEN_VARIANT!r}, expected two_mma | k128 | wgmma")
+    return LARGE_TOKEN_VARIANT
+
+
 def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, clamp: bool) -> CompileKey:
     """BN 128 weight rows x BT 128 tokens, 8 warps, 4 stages (BT 256: 2 stages: a [256, 64] fp16 tile of each
     plane is 64 KB a stage)."""
     wide = rcap / max(num_experts, 1) >= LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT
     e_pad = max(16, 1 << (num_experts - 1).bit_length())
     return CompileKey(epi=epi, block_n=128, block_t=256 if wide else 128, num_warps=8, num_stages=2 if wide else 4,
-                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=LARGE_TOKEN_VARIANT == "k128")
+                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=_large_token_variant_name() == "k128")
 
 
 def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
@@ -248,6 +255,9 @@ def _big_wgmma_layouts(num_warps: int, block_t: int, wvec: int, e_pad: int) -> d
 @functools.lru_cache(maxsize=64)
 def _compile_big_wgmma(key: BigWgmmaKey):
     """The launcher for `key` (Gluon compiles on the first launch: warm up before graph capture)."""
+    if _interpreting():
+        raise ValueError(f"key: {key} is a Gluon kernel's (sm_90a GPU only); under TRITON_INTERPRET=1 pass a "
+                         "CompileKey")
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from kernels.sm90._grouped_gemm_nvfp4_big_wgmma import grouped_gemm_nvfp4_big_wgmma_kernel
@@ -278,8 +288,8 @@ def _compile_big_wgmma(key: BigWgmmaKey):
 
 def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int, clamp: bool, asm: bool):
     """A routed large-token CompileKey -> the kernel LARGE_TOKEN_VARIANT names (the Gluon one needs the PTX decode
-    and a GPU; elsewhere the Triton key stays)."""
-    if key.big and LARGE_TOKEN_VARIANT == "wgmma" and asm and not _interpreting():
+    and a GPU; elsewhere the Triton key stays). A LARGE_TOKEN_VARIANT outside two_mma | k128 | wgmma: ValueError."""
+    if _large_token_variant_name() == "wgmma" and key.big and asm and not _interpreting():
         return BigWgmmaKey.for_shape(epi, rcap, num_experts, clamp=clamp)
     return key
 # ------------------------------------------------------------------------------------------------------------

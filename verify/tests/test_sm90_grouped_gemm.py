@@ -619,6 +619,34 @@ def test_large_token_variant_is_one_module_constant(monkeypatch):
             assert gg._large_token_variant(small, epi, 6 * 256, e, epi == 2, True) == small
 
 
+def test_large_token_variant_typo_raises_instead_of_routing_two_mma(monkeypatch):
+    """A LARGE_TOKEN_VARIANT outside the three kernels is a one-line ValueError wherever it is read (the routing of a
+    large-token shape and of a small one, and the large-token key itself), never a silent two_mma."""
+    gg = _gg()
+    rcap, e = 6 * 4096, 384
+    key = gg.CompileKey.for_shape(0, rcap, e, 6144, 7168)
+    small = gg.CompileKey.for_shape(0, 6 * 16, e, 6144, 7168)
+    monkeypatch.setattr(gg, "LARGE_TOKEN_VARIANT", "wgmm")
+    msg = "LARGE_TOKEN_VARIANT: 'wgmm', expected two_mma | k128 | wgmma"
+    for got in (lambda: gg._large_token_variant(key, 0, rcap, e, False, True),
+                lambda: gg._large_token_variant(small, 0, 6 * 16, e, False, True),
+                lambda: gg.CompileKey.for_shape(0, rcap, e, 6144, 7168)):
+        with pytest.raises(ValueError, match=re.escape(msg)) as err:
+            got()
+        assert "\n" not in str(err.value), err.value
+
+
+def test_big_wgmma_key_under_the_interpreter_raises_naming_the_key(monkeypatch):
+    """An explicit BigWgmmaKey under TRITON_INTERPRET=1: a one-line ValueError naming `key` (the Gluon kernel cannot
+    run in the interpreter), before any Gluon import or launch."""
+    gg = _gg()
+    monkeypatch.setattr(gg, "_interpreting", lambda: True)
+    key = gg.BigWgmmaKey(epi=1, block_t=64, e_pad=1024, num_warps=4)  # a key no GPU test compiles (lru cache)
+    with pytest.raises(ValueError, match=r"^key: BigWgmmaKey\(epi=1, .*TRITON_INTERPRET=1") as err:
+        gg._launcher(key)
+    assert "\n" not in str(err.value), err.value
+
+
 def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     gg = _gg()
     for kw, field in ((dict(epi=3), "epi"), (dict(epi=0, block_t=32), "block_t"), (dict(epi=0, num_warps=16),
