@@ -84,7 +84,7 @@ class CompileKey:
     big: bool = False  # the large-token path (_grouped_gemm_nvfp4_big_jit): activations decoded once into fp16
     # planes, read by TMA; only the weights decoded per tile; same bits (see _large_token_key)
     k128: bool = False  # (with big) one K = 128 MMA per K tile over the tile-interleaved activations (the same
-    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_k128_kernel)
+    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel, K128)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
@@ -128,7 +128,7 @@ LARGE_TOKEN_MIN_ROWS_PER_EXPERT = 64   # mean rows per expert (Rcap / E) from wh
 LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this mean; off until measured
 # The kernel the routed large-token keys run (all three give the same bits; the GPU bench's rows compare their times):
 #   "two_mma": _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel (Triton, two K = 64 MMAs a K tile; measured),
-#   "k128":    grouped_gemm_nvfp4_big_k128_kernel (Triton, one K = 128 MMA a K tile: CompileKey.k128),
+#   "k128":    the same kernel with K128 (Triton, one K = 128 MMA a K tile: CompileKey.k128),
 #   "wgmma":   _grouped_gemm_nvfp4_big_wgmma (Gluon, weights decoded into the wgmma A registers: BigWgmmaKey).
 LARGE_TOKEN_VARIANT = "two_mma"
 
@@ -194,14 +194,15 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
     # from the graph pool, the same addresses at every replay)
     width = 128 if key.k128 else 64
     descs = [TensorDescriptor.from_tensor(p, [key.block_t, width]) for p in planes]
-    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
-    kernel[grid](
-        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), *descs, a_dec_f32, w.dec_scale_f32, offsets_i32,
+    x_desc, xhi_desc = descs if len(descs) == 2 else (descs[0], None)  # k128: one descriptor (xhi_desc constexpr)
+    big.grouped_gemm_nvfp4_big_kernel[grid](
+        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), x_desc, xhi_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
         out, out2, hsf, hdec, e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
         0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
         hsf.shape[1] if hsf.dim() == 2 else 4,
         K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad, USE_ASM=key.use_asm,
-        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps, num_stages=key.num_stages)
+        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128, num_warps=key.num_warps,
+        num_stages=key.num_stages)
 
 
 @dataclass(frozen=True)
