@@ -66,6 +66,14 @@ def grouped_sf_rows(rcap: int, num_experts: int) -> int:
 
 
 
+def _grid(rcap: int, num_experts: int, n: int, bt: int, bn: int) -> int:
+    """Programs of every grouped kernel (CompileKey, WgmmaKey, BigWgmmaKey: .grid with the key's tile): (row-tile
+    bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <= R/BT + (experts with rows), zero tiles
+    ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1. Static shapes only (graph safe)."""
+    tiles = rcap // bt + min(num_experts, rcap) + 1
+    return tiles * -(-n // bn)
+
+
 @dataclass(frozen=True)
 class CompileKey:
     """Everything codegen reads: epilogue, tile (BN weight rows x BT tokens x 128 K), warps, stages,
@@ -113,10 +121,7 @@ class CompileKey:
             raise ValueError("CompileKey: k128 = True needs big = True (a variant of the large-token path)")
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
-        R/BT + (experts with rows), zero tiles ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 # ---- large-token path (issue 25 item 2) -------------------------------------------------------------------
@@ -241,9 +246,7 @@ class BigWgmmaKey:
                            clamp=clamp)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """CompileKey.grid with this key's tile."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 @functools.lru_cache(maxsize=16)
@@ -521,9 +524,7 @@ class WgmmaKey:
                         num_warps=4 if bt == 8 else 8, clamp=clamp, max_registers=96 if bt == 8 else 0)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 @functools.lru_cache(maxsize=16)
