@@ -16,6 +16,14 @@ operands of the same values, fp32 accumulation; so every output element sees the
 sequence and the bits equal the present path's at any BT (the token tile is the MMA's N side). Larger
 token tiles (BT 128 / 256) let one decoded weight tile feed more MMA work.
 
+The k128 variant (K128 True, CompileKey.k128; the same kernel, one constexpr): one K = 128 MMA per K tile, the same
+per-element MMA sequence in one tl.dot: the weight tile [BN, 128] is the decoded even-k half then the odd-k half
+(columns 0..63 k = kb + 2j, 64..127 k = kb + 2j + 1), the token tile [BT, 128] one TMA load of the tile-interleaved
+activations (grouped_act_decode_planes_kernel with TILE128: the same 64 even k then 64 odd k per K tile). Triton
+issues the K = 128 dot as 8 wgmma k16 steps in column order: steps 0-3 over the even k, 4-7 over the odd k, one fp32
+accumulator chain: exactly the two-dot sequence, so the same bits. With one dot per tile the MMA is no longer waited
+on between the halves (only the async wgmma of tile i is in flight while tile i + 1 decodes).
+
 The epilogue (_store_tile / _store_zero_tile) is grouped_gemm_nvfp4_kernel's own (one function in
 _grouped_gemm_nvfp4_jit for both kernels); the bit-identity tests (interpreter and GPU) pin the two paths to the
 same bytes.
@@ -28,52 +36,6 @@ from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _load_decoded
 from kernels.sm90._grouped_gemm_nvfp4_jit import _schedule, _store_tile, _store_zero_tile
 
 
-@triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
-def grouped_gemm_nvfp4_big_kernel(
-    w_ptr, wsf_ptr, xlo_desc, xhi_desc, adec_ptr, wdec_ptr, off_ptr,
-    out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
-    E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
-    K_ITERS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, E_P: tl.constexpr,
-    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
-):
-    """xlo_desc / xhi_desc: tensor descriptors of the even-k / odd-k fp16 planes [RP, K_ITERS * 64], blocks
-    [BT, 64]. Everything else as grouped_gemm_nvfp4_kernel (BLOCK_K 128)."""
-    NT = tl.cdiv(N, BN)
-    pid = tl.program_id(0)
-    pid_n = pid % NT
-    t = pid // NT
-    is_tile, e, row0, cnt_e, off_e, pad_e, off_end, z = _schedule(off_ptr, t, E, BT, E_P)
-    e64 = e.to(tl.int64)
-    loc = row0 + tl.arange(0, BT)                  # local rows of expert e
-    wr = pid_n * BN + tl.arange(0, BN)             # weight rows (output columns) of this tile
-    if is_tile:
-        w_e = w_ptr + e64 * N * HALF_K
-        wsf_e = wsf_ptr + e64 * NP * CP4
-        r0 = off_e + row0                          # first global row of the token tile
-        acc = tl.zeros((BN, BT), dtype=tl.float32)
-        for it in range(0, K_ITERS):
-            w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, it * 128, HALF_K, CP4, BN, 128, USE_ASM)
-            x_lo = xlo_desc.load([r0, it * 64])
-            x_hi = xhi_desc.load([r0, it * 64])
-            acc = tl.dot(w_lo, tl.trans(x_lo), acc)
-            acc = tl.dot(w_hi, tl.trans(x_hi), acc)
-        acc = acc * DECODE_UNSCALE  # exact
-        _store_tile(acc, e64, pid_n, loc, off_e, pad_e, cnt_e, wr, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
-                    hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
-    else:
-        _store_zero_tile(z, off_end, pid_n, wr, out_ptr, out2_ptr, N, RCAP, EPI, BN, BT)
-
-
-# ---- k128 variant (CompileKey.k128): one K = 128 MMA per K tile -------------------------------------------------
-# The same per-element MMA sequence in one tl.dot: the weight tile [BN, 128] is the decoded even-k half then the odd-k
-# half (columns 0..63 k = kb + 2j, 64..127 k = kb + 2j + 1), the token tile [BT, 128] one TMA load of the
-# tile-interleaved activations (grouped_act_decode_planes_kernel with TILE128: the same 64 even k then 64 odd k per
-# K tile). Triton issues the K = 128 dot as 8 wgmma k16 steps in column order: steps 0-3 over the even k, 4-7 over
-# the odd k, one fp32 accumulator chain: exactly the two-dot sequence above, so the same bits. With one dot per
-# tile the MMA is no longer waited on between the halves (only the async wgmma of tile i is in flight while tile
-# i + 1 decodes).
-
-
 @triton.jit
 def _cat_k(lo, hi, ROWS: tl.constexpr):
     """[ROWS, 64] even-k and odd-k halves -> [ROWS, 128]: columns 0..63 lo, 64..127 hi."""
@@ -81,15 +43,17 @@ def _cat_k(lo, hi, ROWS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
-def grouped_gemm_nvfp4_big_k128_kernel(
-    w_ptr, wsf_ptr, x_desc, adec_ptr, wdec_ptr, off_ptr,
+def grouped_gemm_nvfp4_big_kernel(
+    w_ptr, wsf_ptr, x_desc, xhi_desc, adec_ptr, wdec_ptr, off_ptr,
     out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
     E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
     K_ITERS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, E_P: tl.constexpr,
-    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
+    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr, K128: tl.constexpr,
 ):
-    """x_desc: tensor descriptor of the tile-interleaved fp16 activations [RP, K_ITERS * 128], block [BT, 128].
-    Everything else as grouped_gemm_nvfp4_big_kernel."""
+    """K128 False (two MMAs a K tile): x_desc / xhi_desc are tensor descriptors of the even-k / odd-k fp16 planes
+    [RP, K_ITERS * 64], blocks [BT, 64]. K128 True (CompileKey.k128, one MMA a K tile): x_desc is the descriptor of
+    the tile-interleaved fp16 activations [RP, K_ITERS * 128], block [BT, 128], and xhi_desc None. Everything else as
+    grouped_gemm_nvfp4_kernel (BLOCK_K 128)."""
     NT = tl.cdiv(N, BN)
     pid = tl.program_id(0)
     pid_n = pid % NT
@@ -105,8 +69,14 @@ def grouped_gemm_nvfp4_big_k128_kernel(
         acc = tl.zeros((BN, BT), dtype=tl.float32)
         for it in range(0, K_ITERS):
             w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, it * 128, HALF_K, CP4, BN, 128, USE_ASM)
-            x = x_desc.load([r0, it * 128])
-            acc = tl.dot(_cat_k(w_lo, w_hi, BN), tl.trans(x), acc)
+            if K128:
+                x = x_desc.load([r0, it * 128])
+                acc = tl.dot(_cat_k(w_lo, w_hi, BN), tl.trans(x), acc)
+            else:
+                x_lo = x_desc.load([r0, it * 64])
+                x_hi = xhi_desc.load([r0, it * 64])
+                acc = tl.dot(w_lo, tl.trans(x_lo), acc)
+                acc = tl.dot(w_hi, tl.trans(x_hi), acc)
         acc = acc * DECODE_UNSCALE  # exact
         _store_tile(acc, e64, pid_n, loc, off_e, pad_e, cnt_e, wr, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
                     hdec_ptr, N, adec_stride, hdec_stride, limit, OUT_CP, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)

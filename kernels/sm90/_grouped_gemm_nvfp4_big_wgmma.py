@@ -31,10 +31,11 @@ epilogue masks (an output element depends only on its own token and weight row).
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
-from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
 
-from kernels.sm90._grouped_gemm_nvfp4_wgmma import (_decode_a, _epilogue, _issue, _schedule, _store_scales,
-                                                    _weight_bases, _zero_tile, grouped_wgmma_layouts)
+from kernels.sm90._grouped_gemm_nvfp4_wgmma import (_alloc_weight_ring, _decode_a, _epilogue, _issue, _schedule,
+                                                    _store_scales, _weight_bases, _zero_tile, grouped_wgmma_layouts)
 
 XS = 4  # token-tile ring stages (prefetch distance XS - 2 = 2 tiles)
 
@@ -104,16 +105,7 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
     I = N // 2
     if is_tile:
         w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
-        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
-        s16_0 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)  # converted scales of even / odd tiles
-        s16_1 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)
+        rings, s16 = _alloc_weight_ring(BN, RING_SH, S_SH)  # the wgmma kernel's weight ring and scale buffers
         xs = (gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
               gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
               gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
@@ -121,6 +113,7 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
         bars = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
         for j in gl.static_range(4):
             mbarrier.init(bars.index(j), count=1)
+        fence_async_shared()  # the initialised barriers visible to the async proxy (TMA) before the first copy
         r0 = off_e + row0  # first global row of the token tile
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
@@ -132,28 +125,18 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
             _x_issue(x_desc, xs, bars, r0, j, K_ITERS, BT, j)
         async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
-        _store_scales(rings[1].load(S_CV), s16_0, 0, HW, S_CV, K_TAIL)
-        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles
+        _store_scales(rings[1].load(S_CV), s16[0], 0, HW, S_CV, K_TAIL)
+        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (s16[j % 2])
             for j in gl.static_range(4):
-                if j % 2 == 0:
-                    acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16_0, s16_1, xs, bars, x_desc, r0,
-                                              w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
-                                              K_ITERS, K_TAIL, BN, BT, j)
-                else:
-                    acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16_1, s16_0, xs, bars, x_desc, r0,
-                                              w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
-                                              K_ITERS, K_TAIL, BN, BT, j)
+                acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
+                                          x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
+                                          A_OP, K_ITERS, K_TAIL, BN, BT, j)
         if K_ITERS % 4 != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
             acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
         for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
-            if j % 2 == 0:
-                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16_0, s16_1, xs, bars, x_desc,
-                                          r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
-                                          K_ITERS, K_TAIL, BN, BT, j)
-            else:
-                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16_1, s16_0, xs, bars, x_desc,
-                                          r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
-                                          K_ITERS, K_TAIL, BN, BT, j)
+            acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
+                                      x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
+                                      K_ITERS, K_TAIL, BN, BT, j)
         acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
         async_copy.wait_group(0)
         for j in gl.static_range(4):

@@ -294,6 +294,23 @@ def _decode_a(wh, sd, H4: gl.constexpr, A_OP: gl.constexpr, BN: gl.constexpr):
 
 
 @gluon.jit
+def _alloc_weight_ring(BN: gl.constexpr, RING_SH: gl.constexpr, S_SH: gl.constexpr):
+    """The 4-stage cp.async weight ring, one allocation per stage: rings = (weights [BN, 32] i16, scale bytes [BN, 8]
+    u8) x 4 stages, flat; and s16, the converted scales [BN, 16] f16 of even / odd K tiles (a double buffer). Separate
+    allocations, picked statically, so Triton's barrier analysis sees which stage a write touches (_k_step)."""
+    rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+             gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+             gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+             gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+             gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+             gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
+             gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
+             gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
+    s16 = (gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH), gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH))
+    return rings, s16
+
+
+@gluon.jit
 def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base, s_base, wvec0, scol,
             x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr,
             S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr, K_ITERS: gl.constexpr,
@@ -435,17 +452,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     I = N // 2
     if is_tile:
         w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
-        # the 4-stage ring, one allocation per stage (weights, scale bytes)
-        rings = (gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH),
-                 gl.allocate_shared_memory(gl.int16, [BN, 32], RING_SH),
-                 gl.allocate_shared_memory(gl.uint8, [BN, 8], S_SH))
-        s16_0 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)  # converted scales of even / odd tiles
-        s16_1 = gl.allocate_shared_memory(gl.float16, [BN, 16], S_SH)
+        rings, s16 = _alloc_weight_ring(BN, RING_SH, S_SH)
         # activations of (expert e, row tile): rows past the expert's clamped to its last row
         xt, xchh, xch0, xc = _idx4(X4, BT, 4, 2, 4)
         xhx = xchh * 8 + xch0 * 4 + xc  # [1, 4, 2, 4]
@@ -455,39 +462,31 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         xchh2 = gl.arange(0, 4, layout=gl.SliceLayout(0, LXS))
         xsoff = ((xsr // 128) * CP4 * 512 + (xsr % 32) * 16 + ((xsr // 32) % 4) * 4).to(gl.int64)[:, None] \
             + ((xchh2 // 2) * 512 + (xchh2 % 2) * 2)[None, :]  # block 2 chh of the tile (2 chh + 1: one byte on)
-        x_0 = gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH)  # B tiles of even / odd K tiles
-        x_1 = gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH)
+        xb = (gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),  # B tiles of even / odd K tiles
+              gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH))
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
         for j in gl.static_range(3):  # prologue: tiles 0, 1, 2 into stages 0, 1, 2
             _issue(rings[2 * j], rings[2 * j + 1], w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
         async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
-        _store_scales(rings[1].load(S_CV), s16_0, 0, HW, S_CV, K_TAIL)
+        _store_scales(rings[1].load(S_CV), s16[0], 0, HW, S_CV, K_TAIL)
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, 0, HW, K_TAIL)
-        x_0.store(_decode_halves(xh, xse, xso, BT))
+        xb[0].store(_decode_halves(xh, xse, xso, BT))
         fence_async_shared()
         K1: gl.constexpr = 1 if K_ITERS > 1 else 0
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, K1, HW, K_TAIL)
         for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (_k_step)
             for j in gl.static_range(4):
-                if j % 2 == 0:
-                    acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16_0, s16_1, x_0, x_1, w_base,
-                                                s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4,
-                                                H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
-                else:
-                    acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16_1, s16_0, x_1, x_0, w_base,
-                                                s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4,
-                                                H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
+                acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
+                                            xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr,
+                                            xoff, xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
+                                            K_TAIL, BN, BT, j)
         for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
-            if j % 2 == 0:
-                acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16_0, s16_1, x_0, x_1,
-                                            w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW,
-                                            CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
-            else:
-                acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16_1, s16_0, x_1, x_0,
-                                            w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW,
-                                            CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN, BT, j)
+            acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
+                                        xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff,
+                                        xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN,
+                                        BT, j)
         async_copy.wait_group(0)
         _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
                   N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)

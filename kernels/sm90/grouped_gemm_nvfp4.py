@@ -66,6 +66,14 @@ def grouped_sf_rows(rcap: int, num_experts: int) -> int:
 
 
 
+def _grid(rcap: int, num_experts: int, n: int, bt: int, bn: int) -> int:
+    """Programs of every grouped kernel (CompileKey, WgmmaKey, BigWgmmaKey: .grid with the key's tile): (row-tile
+    bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <= R/BT + (experts with rows), zero tiles
+    ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1. Static shapes only (graph safe)."""
+    tiles = rcap // bt + min(num_experts, rcap) + 1
+    return tiles * -(-n // bn)
+
+
 @dataclass(frozen=True)
 class CompileKey:
     """Everything codegen reads: epilogue, tile (BN weight rows x BT tokens x 128 K), warps, stages,
@@ -84,7 +92,7 @@ class CompileKey:
     big: bool = False  # the large-token path (_grouped_gemm_nvfp4_big_jit): activations decoded once into fp16
     # planes, read by TMA; only the weights decoded per tile; same bits (see _large_token_key)
     k128: bool = False  # (with big) one K = 128 MMA per K tile over the tile-interleaved activations (the same
-    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_k128_kernel)
+    # per-element MMA sequence as the two K = 64 MMAs: _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel, K128)
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, n: int, k: int, *, use_asm: bool = True,
@@ -113,10 +121,7 @@ class CompileKey:
             raise ValueError("CompileKey: k128 = True needs big = True (a variant of the large-token path)")
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """Programs: (row-tile bound) x (column tiles). Row tiles: expert tiles sum_e ceil(cnt_e/BT) <=
-        R/BT + (experts with rows), zero tiles ceil((Rcap - R)/BT); together <= Rcap//BT + min(E, Rcap) + 1."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 # ---- large-token path (issue 25 item 2) -------------------------------------------------------------------
@@ -128,9 +133,16 @@ LARGE_TOKEN_MIN_ROWS_PER_EXPERT = 64   # mean rows per expert (Rcap / E) from wh
 LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this mean; off until measured
 # The kernel the routed large-token keys run (all three give the same bits; the GPU bench's rows compare their times):
 #   "two_mma": _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel (Triton, two K = 64 MMAs a K tile; measured),
-#   "k128":    grouped_gemm_nvfp4_big_k128_kernel (Triton, one K = 128 MMA a K tile: CompileKey.k128),
+#   "k128":    the same kernel with K128 (Triton, one K = 128 MMA a K tile: CompileKey.k128),
 #   "wgmma":   _grouped_gemm_nvfp4_big_wgmma (Gluon, weights decoded into the wgmma A registers: BigWgmmaKey).
 LARGE_TOKEN_VARIANT = "two_mma"
+
+
+def _large_token_variant_name() -> str:
+    """LARGE_TOKEN_VARIANT, checked where it is read (a typo would otherwise route two_mma silently)."""
+    if LARGE_TOKEN_VARIANT not in ("two_mma", "k128", "wgmma"):
+        raise ValueError(f"LARGE_TOKEN_VARIANT: {LARGE_TOKEN_VARIANT!r}, expected two_mma | k128 | wgmma")
+    return LARGE_TOKEN_VARIANT
 
 
 def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, clamp: bool) -> CompileKey:
@@ -139,7 +151,7 @@ def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, cl
     wide = rcap / max(num_experts, 1) >= LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT
     e_pad = max(16, 1 << (num_experts - 1).bit_length())
     return CompileKey(epi=epi, block_n=128, block_t=256 if wide else 128, num_warps=8, num_stages=2 if wide else 4,
-                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=LARGE_TOKEN_VARIANT == "k128")
+                      e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=_large_token_variant_name() == "k128")
 
 
 def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
@@ -187,14 +199,15 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
     # from the graph pool, the same addresses at every replay)
     width = 128 if key.k128 else 64
     descs = [TensorDescriptor.from_tensor(p, [key.block_t, width]) for p in planes]
-    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
-    kernel[grid](
-        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), *descs, a_dec_f32, w.dec_scale_f32, offsets_i32,
+    x_desc, xhi_desc = descs if len(descs) == 2 else (descs[0], None)  # k128: one descriptor (xhi_desc constexpr)
+    big.grouped_gemm_nvfp4_big_kernel[grid](
+        w.packed_u8, w.sf_swizzled_u8.view(torch.int32), x_desc, xhi_desc, a_dec_f32, w.dec_scale_f32, offsets_i32,
         out, out2, hsf, hdec, e, n, w.k // 2, cp4, rcap, w.sf_swizzled_u8.shape[1],
         0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
         hsf.shape[1] if hsf.dim() == 2 else 4,
         K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad, USE_ASM=key.use_asm,
-        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps, num_stages=key.num_stages)
+        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128, num_warps=key.num_warps,
+        num_stages=key.num_stages)
 
 
 @dataclass(frozen=True)
@@ -233,9 +246,7 @@ class BigWgmmaKey:
                            clamp=clamp)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """CompileKey.grid with this key's tile."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 @functools.lru_cache(maxsize=16)
@@ -248,6 +259,9 @@ def _big_wgmma_layouts(num_warps: int, block_t: int, wvec: int, e_pad: int) -> d
 @functools.lru_cache(maxsize=64)
 def _compile_big_wgmma(key: BigWgmmaKey):
     """The launcher for `key` (Gluon compiles on the first launch: warm up before graph capture)."""
+    if _interpreting():
+        raise ValueError(f"key: {key} is a Gluon kernel's (sm_90a GPU only); under TRITON_INTERPRET=1 pass a "
+                         "CompileKey")
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     from kernels.sm90._grouped_gemm_nvfp4_big_wgmma import grouped_gemm_nvfp4_big_wgmma_kernel
@@ -278,8 +292,8 @@ def _compile_big_wgmma(key: BigWgmmaKey):
 
 def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int, clamp: bool, asm: bool):
     """A routed large-token CompileKey -> the kernel LARGE_TOKEN_VARIANT names (the Gluon one needs the PTX decode
-    and a GPU; elsewhere the Triton key stays)."""
-    if key.big and LARGE_TOKEN_VARIANT == "wgmma" and asm and not _interpreting():
+    and a GPU; elsewhere the Triton key stays). A LARGE_TOKEN_VARIANT outside two_mma | k128 | wgmma: ValueError."""
+    if _large_token_variant_name() == "wgmma" and key.big and asm and not _interpreting():
         return BigWgmmaKey.for_shape(epi, rcap, num_experts, clamp=clamp)
     return key
 # ------------------------------------------------------------------------------------------------------------
@@ -510,9 +524,7 @@ class WgmmaKey:
                         num_warps=4 if bt == 8 else 8, clamp=clamp, max_registers=96 if bt == 8 else 0)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
-        """The Triton kernel's bound (CompileKey.grid) with this key's tile."""
-        tiles = rcap // self.block_t + min(num_experts, rcap) + 1
-        return tiles * -(-n // self.block_n)
+        return _grid(rcap, num_experts, n, self.block_t, self.block_n)
 
 
 @functools.lru_cache(maxsize=16)

@@ -619,6 +619,34 @@ def test_large_token_variant_is_one_module_constant(monkeypatch):
             assert gg._large_token_variant(small, epi, 6 * 256, e, epi == 2, True) == small
 
 
+def test_large_token_variant_typo_raises_instead_of_routing_two_mma(monkeypatch):
+    """A LARGE_TOKEN_VARIANT outside the three kernels is a one-line ValueError wherever it is read (the routing of a
+    large-token shape and of a small one, and the large-token key itself), never a silent two_mma."""
+    gg = _gg()
+    rcap, e = 6 * 4096, 384
+    key = gg.CompileKey.for_shape(0, rcap, e, 6144, 7168)
+    small = gg.CompileKey.for_shape(0, 6 * 16, e, 6144, 7168)
+    monkeypatch.setattr(gg, "LARGE_TOKEN_VARIANT", "wgmm")
+    msg = "LARGE_TOKEN_VARIANT: 'wgmm', expected two_mma | k128 | wgmma"
+    for got in (lambda: gg._large_token_variant(key, 0, rcap, e, False, True),
+                lambda: gg._large_token_variant(small, 0, 6 * 16, e, False, True),
+                lambda: gg.CompileKey.for_shape(0, rcap, e, 6144, 7168)):
+        with pytest.raises(ValueError, match=re.escape(msg)) as err:
+            got()
+        assert "\n" not in str(err.value), err.value
+
+
+def test_big_wgmma_key_under_the_interpreter_raises_naming_the_key(monkeypatch):
+    """An explicit BigWgmmaKey under TRITON_INTERPRET=1: a one-line ValueError naming `key` (the Gluon kernel cannot
+    run in the interpreter), before any Gluon import or launch."""
+    gg = _gg()
+    monkeypatch.setattr(gg, "_interpreting", lambda: True)
+    key = gg.BigWgmmaKey(epi=1, block_t=64, e_pad=1024, num_warps=4)  # a key no GPU test compiles (lru cache)
+    with pytest.raises(ValueError, match=r"^key: BigWgmmaKey\(epi=1, .*TRITON_INTERPRET=1") as err:
+        gg._launcher(key)
+    assert "\n" not in str(err.value), err.value
+
+
 def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     gg = _gg()
     for kw, field in ((dict(epi=3), "epi"), (dict(epi=0, block_t=32), "block_t"), (dict(epi=0, num_warps=16),
@@ -805,23 +833,23 @@ def _compile_big(key, k: int):
     from kernels.sm90 import _grouped_gemm_nvfp4_big_jit as big
 
     out = {0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi]
-    if key.k128:  # one descriptor [BT, 128] over the tile-interleaved activations
-        descs = {"x_desc": f"tensordesc<fp16[{key.block_t}, 128]>"}
+    if key.k128:  # one descriptor [BT, 128] over the tile-interleaved activations; xhi_desc None (a constexpr)
+        descs = {"x_desc": f"tensordesc<fp16[{key.block_t}, 128]>", "xhi_desc": "constexpr"}
     else:
-        descs = {"xlo_desc": f"tensordesc<fp16[{key.block_t}, 64]>", "xhi_desc": f"tensordesc<fp16[{key.block_t}, 64]>"}
+        descs = {"x_desc": f"tensordesc<fp16[{key.block_t}, 64]>", "xhi_desc": f"tensordesc<fp16[{key.block_t}, 64]>"}
     sig = {"w_ptr": "*u8", "wsf_ptr": "*i32", **descs, "adec_ptr": "*fp32",
            "wdec_ptr": "*fp32", "off_ptr": "*i32", "out_ptr": out, "out2_ptr": out, "hsf_ptr": "*u8",
            "hdec_ptr": "*fp32", "E": "i32", "N": "i32", "HALF_K": "i32", "CP4": "i32", "RCAP": "i32", "NP": "i32",
            "adec_stride": "i32", "hdec_stride": "i32", "limit": "fp32", "OUT_CP": "i32"}
     const = dict(K_ITERS=-(-k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
-                 USE_ASM=key.use_asm, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+                 USE_ASM=key.use_asm, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr",
                "N", "HALF_K", "NP")
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    kernel = big.grouped_gemm_nvfp4_big_k128_kernel if key.k128 else big.grouped_gemm_nvfp4_big_kernel
-    src = ASTSource(kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    const.update({"xhi_desc": None} if key.k128 else {})
+    src = ASTSource(big.grouped_gemm_nvfp4_big_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": key.num_warps, "num_stages": key.num_stages})
 
