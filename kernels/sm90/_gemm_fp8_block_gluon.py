@@ -12,7 +12,8 @@ across the loop's back edge or a branch: ptxas would copy the accumulator there 
 C7517); a stage is refilled once both warpgroups are past its wgmma (a CTA barrier).
 The promotion is the Triton kernel's: sigma = f32(sa[t, g] * sw[n // 128, g]) (mul.f32), then fma(dot, sigma, sum),
 the chunk sum from +0 added to the running total at the chunk's end (add.f32). With more than one chunk the
-running total lives in shared memory (each thread reads back only what it wrote: no barrier), so the registers
+running total lives in shared memory (swizzled: no bank conflicts; each thread reads back only what it wrote, but
+Triton's membar pass still puts a CTA barrier (BAR.SYNC) between the store and the next load), so the registers
 hold two group accumulators and the chunk sum.
 """
 
@@ -21,23 +22,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-
-@gluon.jit
-def _round_f32_to_bf16_bits(y):
-    """The Triton kernel's round_f32_to_bf16_bits (RNE on the bit pattern, NaN quieted): the same bf16 bits."""
-    b = y.to(gl.uint32, bitcast=True)
-    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
-    r = gl.where(y != y, b | 0x00400000, r)
-    return r.to(gl.float32, bitcast=True)
+from kernels.sm90._gemm_fp8_block_jit import round_f32_to_bf16_bits as _tl_round_f32_to_bf16_bits
+from kernels.sm90._gemm_fp8_block_jit import ue8m0_u8_to_f32 as _tl_ue8m0_u8_to_f32
 
 
-@gluon.jit
-def _ue8m0_u8_to_f32(b):
-    """UE8M0 byte -> float32 2^(b-127) (byte 0 the subnormal 2^-127, 0xFF NaN), exact (the Triton kernel's)."""
-    e = b.to(gl.int32)
-    bits = gl.where(e > 0, e << 23, 0x00400000)
-    bits = gl.where(e == 0xFF, 0x7FC00000, bits)
-    return bits.to(gl.float32, bitcast=True)
+# the Triton kernel's elementwise helpers, compiled as Gluon functions (the same integer / float32 expressions)
+_round_f32_to_bf16_bits = gluon.jit(_tl_round_f32_to_bf16_bits.fn)
+_ue8m0_u8_to_f32 = gluon.jit(_tl_ue8m0_u8_to_f32.fn)
 
 
 @gluon.jit
@@ -66,9 +57,37 @@ def _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS: gl.constexpr
     return total, part
 
 
+# the running total's shared layout: a warp's store / load of its accumulator fragment (two float32 at rows lane / 4
+# of its 16, column 2 (lane % 4) + 8 j) touches 8 rows at one column group; rows BN * 4 bytes apart would put them on
+# the same banks (8-way conflicts). Swizzled by 8-float vectors (vector index XOR row % 8), the 8 rows land on 8
+# different vectors: 64 words twice on each of the 32 banks, two wavefronts (the least for 64 words); no padding
+# (128 x 128 chunked at 5 stages already uses 229 KB of the 232448 bytes a block may have).
+_TOTAL_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+
+
 @gluon.constexpr_function
 def _mma_layout(bm, bn):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[bm // 16, 1], instr_shape=[16, bn, 32])
+
+
+@gluon.jit
+def _ring(a_desc, w_desc, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
+    """The NS-stage shared ring of both operands' [rows, 128] blocks and its mbarriers (one a stage), initialised."""
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+    fence_async_shared()
+    return a_ring, w_ring, ready
+
+
+@gluon.jit
+def _load_stage(s, t0, n0, k0, ok, a_desc, w_desc, a_ring, w_ring, ready):
+    """Stage s <- the activation block at (t0, k0) and the weight block at (n0, k0) by TMA, if ok."""
+    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
 
 
 @gluon.jit
@@ -88,12 +107,7 @@ def _retire(d, i, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, s
     """Iteration i's wgmma is done (d): once both warpgroups are past it (a CTA barrier) its stage takes iteration
     i + NS, then group g_lo + i is promoted."""
     gl.thread_barrier()
-    s = i % NS
-    ok = i + NS < n_iter
-    nbytes: gl.constexpr = (a_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    mbarrier.expect(ready.index(s), nbytes, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [t0, (g_lo + i + NS) * 128], ready.index(s), a_ring.index(s), pred=ok)
-    tma.async_copy_global_to_shared(w_desc, [n0, (g_lo + i + NS) * 128], ready.index(s), w_ring.index(s), pred=ok)
+    _load_stage(i % NS, t0, n0, (g_lo + i + NS) * 128, i + NS < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
     sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + i, AS_UE8M0)
     return _promote(d, sigma, total, part, total_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
 
@@ -136,25 +150,15 @@ def gemm_fp8_block_gluon_kernel(
         g_lo = 0
         n_iter = G
 
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
     for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-    fence_async_shared()
-    nbytes: gl.constexpr = (BM + BN) * 128
-    for j in gl.static_range(NS):
-        ok = j < n_iter
-        mbarrier.expect(ready.index(j), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [t0, (g_lo + j) * 128], ready.index(j), a_ring.index(j), pred=ok)
-        tma.async_copy_global_to_shared(w_desc, [n0, (g_lo + j) * 128], ready.index(j), w_ring.index(j), pred=ok)
+        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
 
     zero = gl.zeros([BM, BN], gl.float32, layout=layout)
     total = zero
     part = zero
     if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
-                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
     else:
         total_smem = a_ring  # unused
 
@@ -208,12 +212,7 @@ def _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, 
     """The TMA loads of this program's flat iteration j (its tile j // G, group j % G) into stage j % NS (none past
     the program's last iteration n_all)."""
     t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
-    k0 = (j % G) * 128
-    s = j % NS
-    ok = j < n_all
-    mbarrier.expect(ready.index(s), (BM + BN) * 128, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
-    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
+    _load_stage(j % NS, t0, n0, (j % G) * 128, j < n_all, a_desc, w_desc, a_ring, w_ring, ready)
 
 
 @gluon.jit
@@ -260,7 +259,8 @@ def gemm_fp8_block_gluon_persistent_kernel(
     """gemm_fp8_block_gluon_kernel unsplit, persistent (CompileKey.persistent): program p of the grid's P (at most one
     per SM) computes the output tiles p, p + P, ... in the tile kernel's raster order, its (tile, group) pairs one flat
     sequence, so the ring already holds the next tile's first groups (and, where the tile's last group is an even
-    iteration, the next tile's first wgmma runs) while a tile's last group is promoted and stored. Per tile the same operations in the same order as the tile kernel (same bits)."""
+    iteration, the next tile's first wgmma runs) while a tile's last group is promoted and stored. Per tile the same
+    operations in the same order as the tile kernel (same bits)."""
     layout: gl.constexpr = _mma_layout(BM, BN)
 
     num_n = gl.cdiv(N, BN)
@@ -269,12 +269,7 @@ def gemm_fp8_block_gluon_persistent_kernel(
     n_tiles = gl.cdiv(M, BM) * num_n
     n_all = ((n_tiles - pid + nprog - 1) // nprog) * G  # this program's (tile, group) iterations
 
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-    fence_async_shared()
+    a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
     for j in gl.static_range(NS):
         _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
 
@@ -282,8 +277,7 @@ def gemm_fp8_block_gluon_persistent_kernel(
     total = zero
     part = zero
     if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
-                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
     else:
         total_smem = a_ring  # unused
 

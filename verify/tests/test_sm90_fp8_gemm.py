@@ -687,6 +687,22 @@ def test_gpu_every_sweep_candidate_bit_equal_to_heuristic(n, k):
             assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"M={m} {cfg} ({n}x{k})")
 
 
+def _check_graph_replay(x: torch.Tensor, weight, g: torch.Generator, label: str) -> None:
+    """linear_fp8(x, weight) (UE8M0 activation scales, compiled by an eager call before) captured once in a CUDA
+    graph, then x refilled with new activations 3 times: each replay bit-equal to an eager call on the same x."""
+    from kernels.sm90.fp8_linear import linear_fp8
+
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    for i in range(3):
+        x.copy_(torch.randn(*x.shape, generator=g, device="cuda") * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"{label} {i}")
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
@@ -702,15 +718,7 @@ def test_gpu_linear_graph_replay_bit_equal_and_deterministic(m, n, k):
     x.copy_(torch.randn(m, k, generator=g, device="cuda"))
     eager = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]           # compiles (warm-up)
     assert_bits_equal(linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], eager, label="eager twice")
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
-    for i in range(3):
-        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"graph replay {i}")
+    _check_graph_replay(x, weight, g, "graph replay")
 
 
 def _ticket_tables(n: int, k: int) -> dict:
@@ -1024,12 +1032,4 @@ def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {})
     assert_bits_equal(eager, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label="gluon vs the heuristic")
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
-    for i in range(3):
-        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"gluon graph replay {i}")
+    _check_graph_replay(x, weight, g, "gluon graph replay")

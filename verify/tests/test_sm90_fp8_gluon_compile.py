@@ -1,9 +1,10 @@
 """The Gluon FP8 block-scaled GEMM (CompileKey.gluon, kernels.sm90._gemm_fp8_block_gluon) on the CPU: every key
 the sweep may commit compiles for sm_90a (Triton's bundled ptxas) without spills, to the E4M3 wgmma fed by the
-tensor copy engine, with the next group's wgmma in flight while the current one is promoted, and with the
-promotion contracted exactly as the Triton kernel's (same bits: mul.f32 for the scale product, fma.rn.f32 of dot,
-scale and sum, add.f32 at a chunk's end); the key's rules, its config round trip and the routing (no Gluon under
-the interpreter, pointer loads where TMA cannot take the operands, the fused quantizer on the Triton kernel).
+tensor copy engine, with the odd group's wgmma in flight while the even one is promoted (in the SASS: DEPBAR 0x1;
+no ptxas serialization warning), and with the promotion contracted exactly as the Triton kernel's (same bits:
+mul.f32 for the scale product, fma.rn.f32 of dot, scale and sum, add.f32 at a chunk's end); the key's rules, its
+config round trip and the routing (no Gluon under the interpreter, pointer loads where TMA cannot take the
+operands, the fused quantizer on the Triton kernel).
 GPU bits (Gluon = Triton for the same chunk plan) and graph replay: test_sm90_fp8_gemm.py, marker gpu.
 """
 
