@@ -6,11 +6,14 @@ Structure (DeepGEMM's on sm90, written here from the idea): tokens on the wgmma'
 BM 64 on 4 warps, 128 on 8), BN 64 / 128 weight rows (inside one 128-row weight-scale block, so the weight scale is
 one scalar per tile and group); both operands by TMA into an NS-stage shared ring, one mbarrier per stage (zero fill
 past M, N and K); per 128-K group one asynchronous wgmma (E4M3 x E4M3 -> fp32, both operands from shared) started
-from zero, the next group's wgmma issued before the current one is waited for and promoted (two group
-accumulators, one in flight); a stage is refilled once both warpgroups are past its wgmma (a CTA barrier).
+from zero, two groups per loop iteration into two accumulators of fixed roles (even / odd groups): both wgmmas
+issued, the even group waited for and promoted while the odd group's runs, then the odd group (no wgmma in flight
+across the loop's back edge or a branch: ptxas would copy the accumulator there and serialize every wgmma, C7514 /
+C7517); a stage is refilled once both warpgroups are past its wgmma (a CTA barrier).
 The promotion is the Triton kernel's: sigma = f32(sa[t, g] * sw[n // 128, g]) (mul.f32), then fma(dot, sigma, sum),
 the chunk sum from +0 added to the running total at the chunk's end (add.f32). With more than one chunk the
-running total lives in shared memory (each thread reads back only what it wrote: no barrier), so the registers
+running total lives in shared memory (swizzled: no bank conflicts; each thread reads back only what it wrote, but
+Triton's membar pass still puts a CTA barrier (BAR.SYNC) between the store and the next load), so the registers
 hold two group accumulators and the chunk sum.
 """
 
@@ -19,23 +22,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
-
-@gluon.jit
-def _round_f32_to_bf16_bits(y):
-    """The Triton kernel's round_f32_to_bf16_bits (RNE on the bit pattern, NaN quieted): the same bf16 bits."""
-    b = y.to(gl.uint32, bitcast=True)
-    r = (b + (0x7FFF + ((b >> 16) & 1))) & 0xFFFF0000
-    r = gl.where(y != y, b | 0x00400000, r)
-    return r.to(gl.float32, bitcast=True)
+from kernels.sm90._gemm_fp8_block_jit import round_f32_to_bf16_bits as _tl_round_f32_to_bf16_bits
+from kernels.sm90._gemm_fp8_block_jit import ue8m0_u8_to_f32 as _tl_ue8m0_u8_to_f32
 
 
-@gluon.jit
-def _ue8m0_u8_to_f32(b):
-    """UE8M0 byte -> float32 2^(b-127) (byte 0 the subnormal 2^-127, 0xFF NaN), exact (the Triton kernel's)."""
-    e = b.to(gl.int32)
-    bits = gl.where(e > 0, e << 23, 0x00400000)
-    bits = gl.where(e == 0xFF, 0x7FC00000, bits)
-    return bits.to(gl.float32, bitcast=True)
+# the Triton kernel's elementwise helpers, compiled as Gluon functions (the same integer / float32 expressions)
+_round_f32_to_bf16_bits = gluon.jit(_tl_round_f32_to_bf16_bits.fn)
+_ue8m0_u8_to_f32 = gluon.jit(_tl_ue8m0_u8_to_f32.fn)
 
 
 @gluon.jit
@@ -64,9 +57,59 @@ def _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS: gl.constexpr
     return total, part
 
 
+# the running total's shared layout: a warp's store / load of its accumulator fragment (two float32 at rows lane / 4
+# of its 16, column 2 (lane % 4) + 8 j) touches 8 rows at one column group; rows BN * 4 bytes apart would put them on
+# the same banks (8-way conflicts). Swizzled by 8-float vectors (vector index XOR row % 8), the 8 rows land on 8
+# different vectors: 64 words twice on each of the 32 banks, two wavefronts (the least for 64 words); no padding
+# (128 x 128 chunked at 5 stages already uses 229 KB of the 232448 bytes a block may have).
+_TOTAL_LAYOUT = gl.constexpr(gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
+
+
 @gluon.constexpr_function
 def _mma_layout(bm, bn):
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[bm // 16, 1], instr_shape=[16, bn, 32])
+
+
+@gluon.jit
+def _ring(a_desc, w_desc, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr):
+    """The NS-stage shared ring of both operands' [rows, 128] blocks and its mbarriers (one a stage), initialised."""
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+    fence_async_shared()
+    return a_ring, w_ring, ready
+
+
+@gluon.jit
+def _load_stage(s, t0, n0, k0, ok, a_desc, w_desc, a_ring, w_ring, ready):
+    """Stage s <- the activation block at (t0, k0) and the weight block at (n0, k0) by TMA, if ok."""
+    mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes, pred=ok)
+    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
+    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
+
+
+@gluon.jit
+def _issue_mma(i, a_ring, w_ring, ready, acc, NS: gl.constexpr):
+    """Wait for iteration i's stage and start its wgmma from zero (asynchronous) into acc's registers (use_acc off:
+    their values are not read; passing them ties the loop's accumulator to its registers, no copy of a wgmma's
+    registers while it runs)."""
+    s = i % NS
+    mbarrier.wait(ready.index(s), (i // NS) & 1)
+    return warpgroup_mma(a_ring.index(s), w_ring.index(s).permute((1, 0)), acc, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _retire(d, i, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs, t_ok, sw_ptr, total, part,
+            total_smem, G, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr,
+            AS_UE8M0: gl.constexpr, layout: gl.constexpr):
+    """Iteration i's wgmma is done (d): once both warpgroups are past it (a CTA barrier) its stage takes iteration
+    i + NS, then group g_lo + i is promoted."""
+    gl.thread_barrier()
+    _load_stage(i % NS, t0, n0, (g_lo + i + NS) * 128, i + NS < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
+    sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + i, AS_UE8M0)
+    return _promote(d, sigma, total, part, total_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
 
 
 @gluon.jit
@@ -107,51 +150,39 @@ def gemm_fp8_block_gluon_kernel(
         g_lo = 0
         n_iter = G
 
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
     for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-    fence_async_shared()
-    nbytes: gl.constexpr = (BM + BN) * 128
-    for j in gl.static_range(NS):
-        ok = j < n_iter
-        mbarrier.expect(ready.index(j), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [t0, (g_lo + j) * 128], ready.index(j), a_ring.index(j), pred=ok)
-        tma.async_copy_global_to_shared(w_desc, [n0, (g_lo + j) * 128], ready.index(j), w_ring.index(j), pred=ok)
+        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
 
     zero = gl.zeros([BM, BN], gl.float32, layout=layout)
     total = zero
     part = zero
     if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
-                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
     else:
         total_smem = a_ring  # unused
 
-    mbarrier.wait(ready.index(0), 0)
-    acc = warpgroup_mma(a_ring.index(0), w_ring.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    for i in range(0, n_iter - 1):
-        g = g_lo + i
-        sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g, AS_UE8M0)
-        s1 = (i + 1) % NS
-        mbarrier.wait(ready.index(s1), ((i + 1) // NS) & 1)
-        acc_next = warpgroup_mma(a_ring.index(s1), w_ring.index(s1).permute((1, 0)), zero, use_acc=False,
-                                 is_async=True)
-        d = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        # both warpgroups past group i's wgmma: its stage takes group i + NS
-        gl.thread_barrier()
-        s = i % NS
-        ok = i + NS < n_iter
-        mbarrier.expect(ready.index(s), nbytes, pred=ok)
-        tma.async_copy_global_to_shared(a_desc, [t0, (g + NS) * 128], ready.index(s), a_ring.index(s), pred=ok)
-        tma.async_copy_global_to_shared(w_desc, [n0, (g + NS) * 128], ready.index(s), w_ring.index(s), pred=ok)
-        total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
-        acc = acc_next
-    g = g_lo + n_iter - 1
-    sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g, AS_UE8M0)
-    d = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+    # two groups per iteration, fixed roles (acc0 the even groups, acc1 the odd ones, each wgmma writing over its own
+    # accumulator's registers): the even group is promoted while the odd group's wgmma runs; no wgmma is in flight
+    # across the loop's back edge or a branch, else ptxas copies the accumulator there and serializes every wgmma
+    acc0 = zero
+    acc1 = zero
+    for p in range(0, n_iter // 2):
+        i = 2 * p
+        acc0 = _issue_mma(i, a_ring, w_ring, ready, acc0, NS)
+        acc1 = _issue_mma(i + 1, a_ring, w_ring, ready, acc1, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+        total, part = _retire(acc0, i, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs, t_ok,
+                              sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
+        total, part = _retire(acc1, i + 1, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs,
+                              t_ok, sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+    if n_iter % 2 == 1:  # the last group of an odd count (its load issued: no refill)
+        i = n_iter - 1
+        acc0 = _issue_mma(i, a_ring, w_ring, ready, acc0, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
+        total, part = _promote(acc0, _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + i, AS_UE8M0), total, part, total_smem,
+                               g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
     for j in gl.static_range(NS):
         mbarrier.invalidate(ready.index(j))
     if CHUNKED:
@@ -181,12 +212,7 @@ def _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, 
     """The TMA loads of this program's flat iteration j (its tile j // G, group j % G) into stage j % NS (none past
     the program's last iteration n_all)."""
     t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
-    k0 = (j % G) * 128
-    s = j % NS
-    ok = j < n_all
-    mbarrier.expect(ready.index(s), (BM + BN) * 128, pred=ok)
-    tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s), pred=ok)
-    tma.async_copy_global_to_shared(w_desc, [n0, k0], ready.index(s), w_ring.index(s), pred=ok)
+    _load_stage(j % NS, t0, n0, (j % G) * 128, j < n_all, a_desc, w_desc, a_ring, w_ring, ready)
 
 
 @gluon.jit
@@ -199,6 +225,31 @@ def _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout: gl.constexpr, B
 
 
 @gluon.jit
+def _retire_flat(d, j, w_desc, a_desc, a_ring, w_ring, ready, ws_ptr, as_ptr, out_ptr, pid, nprog, num_n, M, N, G,
+                 n_all, stride_as, stride_om, total, part, total_smem, BM: gl.constexpr, BN: gl.constexpr,
+                 NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr,
+                 GROUP_T: gl.constexpr, layout: gl.constexpr):
+    """The persistent kernel's _retire: flat iteration j's wgmma is done (d); once both warpgroups are past it its
+    stage takes iteration j + NS; its group promoted; at a tile's last group the tile is stored and the sums go
+    back to zero."""
+    gl.thread_barrier()
+    _issue_load(j + NS, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
+    g = j % G
+    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
+    t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, g, AS_UE8M0)
+    total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
+    if g == G - 1:  # the tile's last group: store it, the sums back to zero for the next tile
+        if CHUNKED:
+            _store_tile(total_smem.load(layout), out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+            total_smem.store(gl.zeros_like(part))
+        else:
+            _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
+            total = gl.zeros_like(total)
+    return total, part
+
+
+@gluon.jit
 def gemm_fp8_block_gluon_persistent_kernel(
     w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
     M, N, G, stride_as, stride_om,
@@ -207,10 +258,10 @@ def gemm_fp8_block_gluon_persistent_kernel(
 ):
     """gemm_fp8_block_gluon_kernel unsplit, persistent (CompileKey.persistent): program p of the grid's P (at most one
     per SM) computes the output tiles p, p + P, ... in the tile kernel's raster order, its (tile, group) pairs one flat
-    sequence, so the ring already holds the next tile's first groups, and its first wgmma runs, while a tile's last
-    group is promoted and stored. Per tile the same operations in the same order as the tile kernel (same bits)."""
+    sequence, so the ring already holds the next tile's first groups (and, where the tile's last group is an even
+    iteration, the next tile's first wgmma runs) while a tile's last group is promoted and stored. Per tile the same
+    operations in the same order as the tile kernel (same bits)."""
     layout: gl.constexpr = _mma_layout(BM, BN)
-    row_l: gl.constexpr = gl.SliceLayout(1, layout)
 
     num_n = gl.cdiv(N, BN)
     pid = gl.program_id(0)
@@ -218,12 +269,7 @@ def gemm_fp8_block_gluon_persistent_kernel(
     n_tiles = gl.cdiv(M, BM) * num_n
     n_all = ((n_tiles - pid + nprog - 1) // nprog) * G  # this program's (tile, group) iterations
 
-    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-    fence_async_shared()
+    a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
     for j in gl.static_range(NS):
         _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
 
@@ -231,43 +277,32 @@ def gemm_fp8_block_gluon_persistent_kernel(
     total = zero
     part = zero
     if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN],
-                                               gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0]), zero)
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
     else:
         total_smem = a_ring  # unused
 
-    mbarrier.wait(ready.index(0), 0)
-    acc = warpgroup_mma(a_ring.index(0), w_ring.index(0).permute((1, 0)), zero, use_acc=False, is_async=True)
-    for j in range(0, n_all - 1):
-        g = j % G
-        t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
-        t = t0 + gl.arange(0, BM, layout=row_l)
-        sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, g, AS_UE8M0)
-        s1 = (j + 1) % NS
-        mbarrier.wait(ready.index(s1), ((j + 1) // NS) & 1)
-        acc_next = warpgroup_mma(a_ring.index(s1), w_ring.index(s1).permute((1, 0)), zero, use_acc=False,
-                                 is_async=True)
-        d = warpgroup_mma_wait(num_outstanding=1, deps=(acc, ))
-        gl.thread_barrier()  # both warpgroups past iteration j's wgmma: its stage takes iteration j + NS
-        _issue_load(j + NS, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS,
-                    GROUP_T)
-        total, part = _promote(d, sigma, total, part, total_smem, g, G, CHUNK_BLOCKS, CHUNKED, layout)
-        if g == G - 1:  # the tile's last group: store it, the sums back to zero for the next tile
-            if CHUNKED:
-                _store_tile(total_smem.load(layout), out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
-                total_smem.store(gl.zeros_like(part))
-            else:
-                _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)
-                total = gl.zeros_like(total)
-        acc = acc_next
-    j = n_all - 1
-    t0, n0 = _tile_origin(pid + (j // G) * nprog, num_n, M, BM, BN, GROUP_T)
-    t = t0 + gl.arange(0, BM, layout=row_l)
-    sigma = _sigma(as_ptr + t.to(gl.int64) * stride_as, t < M, ws_ptr + (n0 // 128) * G, G - 1, AS_UE8M0)
-    d = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-    total, part = _promote(d, sigma, total, part, total_smem, G - 1, G, CHUNK_BLOCKS, CHUNKED, layout)
+    # two (tile, group) iterations per loop iteration, fixed roles, no wgmma in flight across the back edge: as the
+    # tile kernel's loop
+    acc0 = zero
+    acc1 = zero
+    for p in range(0, n_all // 2):
+        q = 2 * p
+        acc0 = _issue_mma(q, a_ring, w_ring, ready, acc0, NS)
+        acc1 = _issue_mma(q + 1, a_ring, w_ring, ready, acc1, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+        total, part = _retire_flat(acc0, q, w_desc, a_desc, a_ring, w_ring, ready, ws_ptr, as_ptr, out_ptr, pid,
+                                   nprog, num_n, M, N, G, n_all, stride_as, stride_om, total, part, total_smem, BM, BN,
+                                   NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, GROUP_T, layout)
+        acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
+        total, part = _retire_flat(acc1, q + 1, w_desc, a_desc, a_ring, w_ring, ready, ws_ptr, as_ptr, out_ptr, pid,
+                                   nprog, num_n, M, N, G, n_all, stride_as, stride_om, total, part, total_smem, BM, BN,
+                                   NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, GROUP_T, layout)
+    if n_all % 2 == 1:
+        q = n_all - 1
+        acc0 = _issue_mma(q, a_ring, w_ring, ready, acc0, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
+        total, part = _retire_flat(acc0, q, w_desc, a_desc, a_ring, w_ring, ready, ws_ptr, as_ptr, out_ptr, pid,
+                                   nprog, num_n, M, N, G, n_all, stride_as, stride_om, total, part, total_smem, BM, BN,
+                                   NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, GROUP_T, layout)
     for s in gl.static_range(NS):
         mbarrier.invalidate(ready.index(s))
-    if CHUNKED:
-        total = total_smem.load(layout)
-    _store_tile(total, out_ptr, t0, n0, M, N, stride_om, layout, BM, BN)

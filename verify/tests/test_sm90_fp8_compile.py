@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +21,7 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
 from kernels.sm90.gemm_fp8_block_configs import _ws, candidates  # noqa: E402
+from verify.tests._sass import _cuobjdump  # noqa: E402
 
 V4_PRO = [(1536, 7168), (65536, 1536), (512, 7168), (16384, 4096), (7168, 16384), (3072, 7168), (7168, 3072)]
 _SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out_ptr": "*bf16", "M": "i32",
@@ -90,15 +89,6 @@ def _compile(key: CompileKey, num_warps: int | None = None):
     src = ASTSource(gemm_fp8_block_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32),
                           options={"num_warps": num_warps or key.num_warps, "num_stages": key.num_stages})
-
-
-def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([str(tool), *flags, str(path)], check=True, capture_output=True, text=True).stdout
 
 
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"{'swap' if key.swap else 'tok'}-bn{key.block_n}-bt"

@@ -687,6 +687,22 @@ def test_gpu_every_sweep_candidate_bit_equal_to_heuristic(n, k):
             assert_bits_equal(_gemm(sub, wt.e4m3_u8, w_dec, key=key), y[:m], label=f"M={m} {cfg} ({n}x{k})")
 
 
+def _check_graph_replay(x: torch.Tensor, weight, g: torch.Generator, label: str) -> None:
+    """linear_fp8(x, weight) (UE8M0 activation scales, compiled by an eager call before) captured once in a CUDA
+    graph, then x refilled with new activations 3 times: each replay bit-equal to an eager call on the same x."""
+    from kernels.sm90.fp8_linear import linear_fp8
+
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
+    for i in range(3):
+        x.copy_(torch.randn(*x.shape, generator=g, device="cuda") * (i + 1))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"{label} {i}")
+
+
 @pytest.mark.parametrize("m,n,k", [(1, 1536, 7168), (16, 512, 7168), (128, 7168, 3072), (4096, 3072, 7168)],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
@@ -702,15 +718,7 @@ def test_gpu_linear_graph_replay_bit_equal_and_deterministic(m, n, k):
     x.copy_(torch.randn(m, k, generator=g, device="cuda"))
     eager = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]           # compiles (warm-up)
     assert_bits_equal(linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], eager, label="eager twice")
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
-    for i in range(3):
-        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"graph replay {i}")
+    _check_graph_replay(x, weight, g, "graph replay")
 
 
 def _ticket_tables(n: int, k: int) -> dict:
@@ -933,10 +941,25 @@ def _gluon_keys(m: int, n: int, k: int, ue8m0: bool) -> list:
     return sorted(keys, key=str)
 
 
-def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) -> None:
-    """Each Gluon key of keys_of_bucket(bucket) at M = 128, 200 (a partial token tile) and 4096 gives the bits of the
-    Triton kernel with the same chunk plan (the weight-major heuristic at M = 4096, rows 0..M-1), and really ran."""
+def _ran_gluon(key, call):
+    """call()'s result, asserting that it launched the Gluon kernel for `key` (launch records the key it really
+    compiled: a fallback to the Triton kernel records another key, so `key` is dropped first)."""
     from kernels.sm90 import gemm_fp8_block
+
+    gemm_fp8_block._LAST_COMPILED.pop(key, None)
+    out = call()
+    assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, f"{key.config()}: the Gluon kernel did not run"
+    return out
+
+
+# (M, its bucket): the 128 bucket at a full and a partial token tile; every 4096-bucket key (M = 257..4096 routes
+# there) at M = 200, 1000, 4000 (partial last tiles, persistent programs with unequal tile counts) and 4096
+GLUON_MS = ((128, 128), (200, 128), (200, 4096), (1000, 4096), (4000, 4096), (4096, 4096))
+
+
+def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) -> None:
+    """Each Gluon key of keys_of_bucket(bucket) at the Ms of GLUON_MS gives the bits of the Triton kernel with the
+    same chunk plan (the weight-major heuristic at M = 4096, rows 0..M-1), and really ran."""
     from kernels.sm90.gemm_fp8_block import CompileKey
 
     r = RECIPES[recipe]
@@ -945,13 +968,12 @@ def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) ->
     big = _cuda_act(4096, k, seed + 1, r)
     y = _gemm(big, wt.e4m3_u8, w_dec, key=CompileKey.heuristic(4096, n, k, act_scale_ue8m0=ue8m0))
     assert bool(torch.isfinite(y.float()).all()) and bool((y != 0).any()), "reference output: non-finite or all zero"
-    for m, bucket in ((128, 128), (200, 128), (4096, 4096)):
+    for m, bucket in GLUON_MS:
         sub = Fp8Act1x128(big.e4m3_u8[:m].clone(), big.block_dec_scale[:m].clone(), big.scale_storage)
         keys = keys_of_bucket(bucket, ue8m0)
         assert keys and all(key.gluon for key in keys), keys
         for key in keys:
-            got = _gemm(sub, wt.e4m3_u8, w_dec, key=key)
-            assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, f"{key.config()}: the Gluon kernel did not run"
+            got = _ran_gluon(key, lambda: _gemm(sub, wt.e4m3_u8, w_dec, key=key))
             assert_bits_equal(got, y[:m], label=f"gluon M={m} {key.config()} ({n}x{k}) {recipe} vs the Triton "
                                                 f"heuristic's M=4096 rows")
 
@@ -962,7 +984,7 @@ def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) ->
 @pytest.mark.sm90
 def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
     """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket; one pass and persistent at 4096) gives the Triton
-    kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), M = 128, 200, 4096, UE8M0 and float32
+    kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), the Ms of GLUON_MS, UE8M0 and float32
     activation scales (chunked and one-chunk plans)."""
     from kernels.sm90.gemm_fp8_block import CompileKey
     from verify.tests._fp8_sweep import _gl, _glp
@@ -992,7 +1014,7 @@ def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
     """linear_fp8 routed to a Gluon config by the table (split at M <= 256, persistent above): captured once and
     replayed on new activations, bit-equal to eager (host tensor descriptors are kernel parameters: the captured
     launch reads the same buffers); the routed launch is the Gluon kernel."""
-    from kernels.sm90 import gemm_fp8_block, gemm_fp8_block_configs
+    from kernels.sm90 import gemm_fp8_block_configs
     from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
     from kernels.sm90.gemm_fp8_block import CompileKey
     from verify.tests._fp8_sweep import _gl, _glp
@@ -1006,17 +1028,8 @@ def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
     g = torch.Generator(device="cuda").manual_seed(94)
     x = torch.empty(m, k, device="cuda", dtype=torch.bfloat16)
     x.copy_(torch.randn(m, k, generator=g, device="cuda"))
-    eager = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
-    assert gemm_fp8_block._LAST_COMPILED.get(key) is not None, "the routed launch did not run the Gluon kernel"
+    eager = _ran_gluon(key, lambda: linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0])
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {})
     assert_bits_equal(eager, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label="gluon vs the heuristic")
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0]
-    for i in range(3):
-        x.copy_(torch.randn(m, k, generator=g, device="cuda") * (i + 1))
-        graph.replay()
-        torch.cuda.synchronize()
-        assert_bits_equal(out, linear_fp8(x, weight, scale_rule="ue8m0_ceil")[0], label=f"gluon graph replay {i}")
+    _check_graph_replay(x, weight, g, "gluon graph replay")

@@ -1,9 +1,10 @@
 """The Gluon FP8 block-scaled GEMM (CompileKey.gluon, kernels.sm90._gemm_fp8_block_gluon) on the CPU: every key
 the sweep may commit compiles for sm_90a (Triton's bundled ptxas) without spills, to the E4M3 wgmma fed by the
-tensor copy engine, with the next group's wgmma in flight while the current one is promoted, and with the
-promotion contracted exactly as the Triton kernel's (same bits: mul.f32 for the scale product, fma.rn.f32 of dot,
-scale and sum, add.f32 at a chunk's end); the key's rules, its config round trip and the routing (no Gluon under
-the interpreter, pointer loads where TMA cannot take the operands, the fused quantizer on the Triton kernel).
+tensor copy engine, with the odd group's wgmma in flight while the even one is promoted (in the SASS: DEPBAR 0x1;
+no ptxas serialization warning), and with the promotion contracted exactly as the Triton kernel's (same bits:
+mul.f32 for the scale product, fma.rn.f32 of dot, scale and sum, add.f32 at a chunk's end); the key's rules, its
+config round trip and the routing (no Gluon under the interpreter, pointer loads where TMA cannot take the
+operands, the fused quantizer on the Triton kernel).
 GPU bits (Gluon = Triton for the same chunk plan) and graph replay: test_sm90_fp8_gemm.py, marker gpu.
 """
 
@@ -23,6 +24,7 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
 from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, candidates  # noqa: E402
+from verify.tests._sass import _cuobjdump, ptxas_log, wgmma_depbars, wgmma_serialization_warnings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 _SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
@@ -70,15 +72,6 @@ def _compile(key: CompileKey):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
 
 
-def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([str(tool), *flags, str(path)], check=True, capture_output=True, text=True).stdout
-
-
 def _promotion_ops(ptx: str) -> tuple[int, int, int]:
     """(fma.rn.f32, mul.f32, add.f32) instructions in a PTX listing."""
     return (len(re.findall(r"\bfma\.rn\.f32\b", ptx)), len(re.findall(r"\bmul\.(?:rn\.)?f32\b", ptx)),
@@ -112,21 +105,28 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     # no promotion inside the wgmma chain (the Triton kernel's setting: 2^30 on sm_90), asynchronous wgmma with one
     # group left in flight while the previous one is promoted
     assert set(re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir)) == {str(2**30)}, key
-    assert re.search(r"wgmma\.wait_group\.sync\.aligned\s+1;", ptx), f"{key}: no wgmma.wait_group 1"
+    # ... and the SASS keeps it so: ptxas neither serializes the wgmma nor injects waits (C7514 / C7517, which a
+    # PTX wait_group 1 does not rule out), and the two-group loop waits for its even group with the odd group's
+    # wgmma in flight (one DEPBAR 0x1), then for both (0x0), the odd count's last group (0x0)
+    warnings = wgmma_serialization_warnings(ptxas_log(ptx, tmp_path))
+    assert not warnings, f"{key}: ptxas serializes the wgmma: {warnings}"
+    depbars = wgmma_depbars(sass)
+    assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
     # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
-    # a chunk's end): twice, the loop's body and the last group's (the persistent kernel: its bf16 store twice too)
+    # a chunk's end): three times, the loop's two groups and the odd count's last group (the persistent kernel: its
+    # bf16 store three times too, one per promotion)
     per_thread = key.block_t * key.block_n // (32 * key.num_warps)
     rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
     fma, mul, add = _promotion_ops(ptx)
     chunk_add = key.chunked and not key.split
-    assert (fma, mul, add) == (2 * per_thread, 2 * rows, 2 * per_thread if chunk_add else 0), (key, fma, mul, add)
+    assert (fma, mul, add) == (3 * per_thread, 3 * rows, 3 * per_thread if chunk_add else 0), (key, fma, mul, add)
     stores = len(re.findall(r"\bst\.global", ptx))
-    # the output tile's stores: bf16 pairs (split: float32 partials one by one); the persistent kernel has two
-    want = (per_thread if key.split else per_thread // 2) * (2 if key.persistent else 1)
+    # the output tile's stores: bf16 pairs (split: float32 partials one by one)
+    want = (per_thread if key.split else per_thread // 2) * (3 if key.persistent else 1)
     assert stores == want, (key, stores, want)
     qgmma = len(re.findall(r"\bQGMMA\b", sass))
     print(f"{key.config()} chunked={key.chunked} even_k={key.even_k} ue8m0={key.act_scale_ue8m0}: {regs} registers, "
-          f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG")
+          f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG, DEPBAR {depbars}")
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -12,14 +12,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import re
-import subprocess
-from pathlib import Path
 
 import pytest
 
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_nvfp4 import CompileKey  # noqa: E402
+from verify.tests._sass import _cuobjdump  # noqa: E402
 
 PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
 _SIG = {"w_ptr": "*i32", "wsf_ptr": "*u8", "xp_ptr": "*fp16", "xsf_ptr": "*u8", "alpha_ptr": "*fp32",
@@ -47,15 +46,6 @@ def _compile(key: CompileKey):
     attrs[(names.index("KW"),)] = [["tt.divisibility", 16]]  # K % 128 == 0
     src = GluonASTSource(gemm_nvfp4_wgmma_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
-
-
-def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
-    path = tmp_path / "kernel.cubin"
-    path.write_bytes(cubin)
-    return subprocess.run([str(tool), *flags, str(path)], check=True, capture_output=True, text=True).stdout
 
 
 def test_sm90_wgmma_routes_exist():
