@@ -135,7 +135,9 @@ LARGE_TOKEN_BT256_MIN_ROWS_PER_EXPERT = 1 << 30  # BT 256 (2 stages) from this m
 #   "two_mma": _grouped_gemm_nvfp4_big_jit.grouped_gemm_nvfp4_big_kernel (Triton, two K = 64 MMAs a K tile; measured),
 #   "k128":    the same kernel with K128 (Triton, one K = 128 MMA a K tile: CompileKey.k128),
 #   "wgmma":   _grouped_gemm_nvfp4_big_wgmma (Gluon, weights decoded into the wgmma A registers: BigWgmmaKey).
-LARGE_TOKEN_VARIANT = "two_mma"
+# Routed: "wgmma", from the H100 run of 2026-12-07 (NOTES.md): every output byte equal to the present path (GPU tests
+# and the bench), fused L1 + L2 at T = 4096 14961 us (two_mma 16574, k128 17761), T = 32768 68550 (75953, 80758).
+LARGE_TOKEN_VARIANT = "wgmma"
 
 
 def _large_token_variant_name() -> str:
@@ -510,18 +512,17 @@ class WgmmaKey:
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "WgmmaKey":
-        # BT 8 when there are no more rows than experts (T = 1 and 16 at E = 384, top-6: mostly one row per active
-        # expert), else 16; the bits do not depend on BT (the per-element MMA sequence is fixed by the K order).
-        # Warps from the CPU compile (SASS instructions per 64 weight rows and 128-K tile): BT 8 4 warps 310 (8
-        # warps 315); BT 16 4 warps 363, 8 warps 315 (the B-tile decode spread over twice the threads); 115-127
-        # registers, no spills. These routed keys were timed on an H200 (NOTES.md, "Measured on an H200"); the
-        # other (BT, warps) pairs of the tile sweep were not. BT 8 / 4 warps capped at 96 registers (115 uncapped; no
-        # spills, the same arithmetic in the SASS: test_sm90_wgmma_compile.py): 5 CTAs an SM instead of 4, so the 576
-        # weight strips of the T = 1 fused L1 (6 experts x 6144 / 64) fit one wave of 660 (528 left a second wave of
-        # 48 strips running alone, each a chain of 56 K tiles). BT 16 spills under such a cap (64 bytes at 96).
-        bt = 8 if rcap <= num_experts else 16
-        return WgmmaKey(epi=epi, block_t=bt, e_pad=max(32, 1 << (num_experts - 1).bit_length()),
-                        num_warps=4 if bt == 8 else 8, clamp=clamp, max_registers=96 if bt == 8 else 0)
+        # BT 8 / 4 warps at every routed T: on an H100 (NOTES.md, "Session of 2026-12-07") BT 8 beat BT 16 / 8 warps
+        # at T = 256 too (fused L1 4695 against 5422 us, L2 2387 against 2836: 4 rows per active expert, so the
+        # 16-token tile was mostly empty); the bits do not depend on BT (the per-element MMA sequence is fixed by the
+        # K order). The L1 keys (gate/up, fused) capped at 96 registers while Rcap <= E (115 uncapped; no spills, the
+        # same arithmetic in the SASS: test_sm90_wgmma_compile.py): 5 CTAs an SM instead of 4, so the 576 weight
+        # strips of the T = 1 fused L1 (6 experts x 6144 / 64) fit one wave of 660 (fused L1 114.1 -> 93.7 us; T = 16
+        # 1022 -> 1006). Not the L2 (T = 1: 672 strips, one wave short of 660 either way: 51.7 uncapped, 56.6 at 96)
+        # and not at T = 256 (4695 uncapped, 4742 at 96). BT 16 spills under such a cap (64 bytes at 96).
+        cap = 96 if epi != EPI_PLAIN and rcap <= num_experts else 0
+        return WgmmaKey(epi=epi, block_t=8, e_pad=max(32, 1 << (num_experts - 1).bit_length()), num_warps=4,
+                        clamp=clamp, max_registers=cap)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         return _grid(rcap, num_experts, n, self.block_t, self.block_n)

@@ -1017,8 +1017,9 @@ def test_wgmma_grid_covers_every_row_of_every_routing(bt):
 def test_wgmma_routing_is_on_and_serves_the_decode_sizes(monkeypatch):
     """USE_WGMMA is on (switched on after an H200 run showed every routed key bit-equal to the Triton kernel);
     wgmma_serves takes the V4-Pro decode sizes (E 384, top-6: T = 1, 16, 256) and not prefill; with it on, _key picks
-    WgmmaKey there (BT 8 while rows <= experts, else 16) and never under the interpreter or with use_asm=False; with
-    it off, the Triton kernel everywhere."""
+    WgmmaKey there (BT 8, 4 warps: measured fastest at T = 1, 16 and 256) and never under the interpreter or with
+    use_asm=False; with it off, the Triton kernel at decode sizes. Prefill (T = 4096) takes the large-token path's
+    routed variant (LARGE_TOKEN_VARIANT "wgmma": BigWgmmaKey) either way."""
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
 
     assert gg.USE_WGMMA is True
@@ -1029,12 +1030,14 @@ def test_wgmma_routing_is_on_and_serves_the_decode_sizes(monkeypatch):
                              torch.empty(384, 128, 8, dtype=torch.uint8, device="meta"),
                              torch.empty(384, dtype=torch.float32, device="meta"))
     a = {t: torch.empty(6 * t, 64, dtype=torch.uint8, device="meta") for t in (1, 16, 256, 4096)}
-    assert all(isinstance(gg._key(0, a[t], w, True), gg.CompileKey) for t in a)
+    assert all(isinstance(gg._key(0, a[t], w, True), gg.CompileKey) for t in (1, 16, 256))
+    assert gg.LARGE_TOKEN_VARIANT == "wgmma" and isinstance(gg._key(0, a[4096], w, True), gg.BigWgmmaKey)
     monkeypatch.setattr(gg, "USE_WGMMA", True)
     monkeypatch.setattr(gg, "_interpreting", lambda: False)
     keys = {t: gg._key(2, a[t], w, None, clamp=True) for t in a}
-    assert [type(keys[t]).__name__ for t in a] == ["WgmmaKey", "WgmmaKey", "WgmmaKey", "CompileKey"], keys
-    assert (keys[1].block_t, keys[16].block_t, keys[256].block_t) == (8, 8, 16), keys
+    assert [type(keys[t]).__name__ for t in a] == ["WgmmaKey", "WgmmaKey", "WgmmaKey", "BigWgmmaKey"], keys
+    assert (keys[1].block_t, keys[16].block_t, keys[256].block_t) == (8, 8, 8), keys
+    assert (keys[1].max_registers, keys[16].max_registers, keys[256].max_registers) == (96, 96, 0), keys
     assert keys[256].epi == 2 and keys[256].clamp and keys[256].e_pad == 512
     assert isinstance(gg._key(0, a[16], w, False), gg.CompileKey)
     monkeypatch.setattr(gg, "_interpreting", lambda: True)

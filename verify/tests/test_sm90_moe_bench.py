@@ -216,17 +216,18 @@ def test_moe_grouped_gemm_bench():
                     same = all(torch.equal(x, y) for x, y in zip(h_got, h_ref))
                     del h_got
                     y_ref = gg.grouped_gemm(*h_ref, off, w2, key=k_l2)
-                    res[f"{name}_bits_equal"] = same and torch.equal(gg.grouped_gemm(*h_ref, off, w2, key=kv2), y_ref)
+                    res[f"lt_{name}_bits_equal"] = same and torch.equal(gg.grouped_gemm(*h_ref, off, w2, key=kv2),
+                                                                        y_ref)
                     del h_ref, y_ref
-                    res[f"{name}_l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(
+                    res[f"lt_{name}_l1_fused_s"] = _time(lambda: gg.grouped_l1_swiglu_requant(
                         a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kv1), t=t)
-                    res[f"{name}_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kv2), t=t)
-                    res[f"{name}_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
+                    res[f"lt_{name}_l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2, key=kv2), t=t)
+                    res[f"lt_{name}_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
                         a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2, key=kv1), off,
                         w2, key=kv2), t=t)
-                    print(f"large-token {name} T={t:6d}: fused L1 {res[f'{name}_l1_fused_s'] * 1e6:9.1f} us, L2 "
-                          f"{res[f'{name}_l2_s'] * 1e6:9.1f}, L1f+L2 {res[f'{name}_fused_s'] * 1e6:9.1f}; bits equal to "
-                          f"the present path: {res[f'{name}_bits_equal']}", flush=True)
+                    print(f"large-token {name} T={t:6d}: fused L1 {res[f'lt_{name}_l1_fused_s'] * 1e6:9.1f} us, L2 "
+                          f"{res[f'lt_{name}_l2_s'] * 1e6:9.1f}, L1f+L2 {res[f'lt_{name}_fused_s'] * 1e6:9.1f}; bits "
+                          f"equal to the present path: {res[f'lt_{name}_bits_equal']}", flush=True)
             if gg.wgmma_serves(r, E):  # the register-fed kernel (issue 25 item 1) against the Triton one, explicit keys
                 kw1, kw2 = gg.WgmmaKey.for_shape(2, r, E, clamp=True), gg.WgmmaKey.for_shape(0, r, E)
                 kt1 = gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True)
@@ -300,10 +301,11 @@ def test_moe_grouped_gemm_bench():
                   f"path {res['present_fused_s'] * 1e6:9.1f} us (x torch {res['present_x_torch']:.2f}) | torch bf16 "
                   f"{res['torch_moe_s'] * 1e6:9.1f} us", flush=True)
             for name in ("big2", "k128", "wgmma"):
-                res[f"{name}_x_torch"] = res["torch_moe_s"] / res[f"{name}_fused_s"]
+                res[f"lt_{name}_x_torch"] = res["torch_moe_s"] / res[f"lt_{name}_fused_s"]
             print(f"T={t:6d} L1f+L2 large-token variants (us, x torch, x big2, bits equal to present): "
-                  + " | ".join(f"{name} {res[f'{name}_fused_s'] * 1e6:9.1f} x{res[f'{name}_x_torch']:.2f} "
-                               f"x{res['big2_fused_s'] / res[f'{name}_fused_s']:.2f} {res[f'{name}_bits_equal']}"
+                  + " | ".join(f"{name} {res[f'lt_{name}_fused_s'] * 1e6:9.1f} x{res[f'lt_{name}_x_torch']:.2f} "
+                               f"x{res['lt_big2_fused_s'] / res[f'lt_{name}_fused_s']:.2f} "
+                               f"{res[f'lt_{name}_bits_equal']}"
                                for name in ("big2", "k128", "wgmma"))
                   + f" | present {res['present_fused_s'] * 1e6:9.1f} | torch bf16 {res['torch_moe_s'] * 1e6:9.1f}",
                   flush=True)
@@ -331,7 +333,7 @@ def test_moe_grouped_gemm_bench():
                or any(not v["bits_equal"] for v in r_.get("wgmma_register_caps", {}).values())]
     assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
     unequal = [(r_["T"], name) for r_ in rows_out for name in ("big2", "k128", "wgmma")
-               if r_.get(f"{name}_bits_equal") is False]
+               if r_.get(f"lt_{name}_bits_equal") is False]
     assert not unequal, f"large-token variants: bits differ from the present path at (T, variant) {unequal}"
     _assert_peaks_within_plan(peaks)
 

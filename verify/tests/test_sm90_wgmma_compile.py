@@ -187,8 +187,10 @@ def test_wgmma_key_refuses_a_register_cap_ptxas_cannot_take():
     for bad in (100, 8, 256, 96.0):
         with pytest.raises(ValueError, match="max_registers"):
             WgmmaKey(epi=0, block_t=8, e_pad=32, max_registers=bad)
-    assert WgmmaKey.for_shape(0, 6, 384).max_registers == 96
-    assert WgmmaKey.for_shape(0, 6 * 256, 384).max_registers == 0  # BT 16 spills under a cap
+    assert WgmmaKey.for_shape(2, 6, 384, clamp=True).max_registers == 96  # fused L1 at T = 1: one wave
+    assert WgmmaKey.for_shape(1, 6 * 16, 384).max_registers == 96
+    assert WgmmaKey.for_shape(0, 6, 384).max_registers == 0  # L2: measured slower capped (NOTES.md)
+    assert WgmmaKey.for_shape(2, 6 * 256, 384, clamp=True).max_registers == 0  # T = 256: measured slower capped
 
 
 # ---------------------------------------------------------------------------------------------------------------
