@@ -23,7 +23,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
-from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, candidates  # noqa: E402
+from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, candidates  # noqa: E402
 from verify.tests._sass import _cuobjdump, ptxas_log, wgmma_depbars, wgmma_serialization_warnings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def _keys() -> list[CompileKey]:
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
-                              key.act_scale_ue8m0, key.persistent), key)
+                              key.act_scale_ue8m0, key.persistent, key.acc3), key)
     return list(by_layout.values())
 
 
@@ -54,7 +54,7 @@ def _compile(key: CompileKey):
     from kernels.sm90 import _gemm_fp8_block_gluon as gluon_kernels
 
     kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
-              else gluon_kernels.gemm_fp8_block_gluon_kernel)
+              else gluon_kernels.gemm_fp8_block_gluon_acc3_kernel if key.acc3 else gluon_kernels.gemm_fp8_block_gluon_kernel)
 
     w_layout, a_layout = gluon_operand_layouts(key)
     sig = {"w_desc": f"tensordesc<fp8e4nv[{key.block_n}, 128],{w_layout!r}>",
@@ -81,7 +81,7 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"bm{key.block_t}-bn{key.block_n}-s{key.num_stages}-"
                          f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
-                         f"{'-persistent' if key.persistent else ''}")
+                         f"{'-persistent' if key.persistent else ''}{'-acc3' if key.acc3 else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
@@ -111,15 +111,24 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     warnings = wgmma_serialization_warnings(ptxas_log(ptx, tmp_path))
     assert not warnings, f"{key}: ptxas serializes the wgmma: {warnings}"
     depbars = wgmma_depbars(sass)
-    assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
+    if key.acc3:
+        # group 0 waited for before the loop (0x0); in the loop each of the three waits but the last leaves the next
+        # group's wgmma in flight (0x1 0x1, then 0x0: that group's promotion runs under the next iteration's first
+        # wgmma); the tail of two groups (0x1 0x0) and of one (0x0)
+        assert depbars == [0, 1, 1, 0, 1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x0, 0x1 0x1 0x0, 0x1 0x0, 0x0)"
+    else:
+        assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
     # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
     # a chunk's end): three times, the loop's two groups and the odd count's last group (the persistent kernel: its
-    # bf16 store three times too, one per promotion)
+    # bf16 store three times too, one per promotion); acc3: seven times (the loop's three, the two-group tail's two,
+    # the one-group tail's one, the last group)
     per_thread = key.block_t * key.block_n // (32 * key.num_warps)
     rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
     fma, mul, add = _promotion_ops(ptx)
     chunk_add = key.chunked and not key.split
-    assert (fma, mul, add) == (3 * per_thread, 3 * rows, 3 * per_thread if chunk_add else 0), (key, fma, mul, add)
+    sites = 7 if key.acc3 else 3
+    assert (fma, mul, add) == (sites * per_thread, sites * rows, sites * per_thread if chunk_add else 0), (key, fma, mul,
+                                                                                                          add)
     stores = len(re.findall(r"\bst\.global", ptx))
     # the output tile's stores: bf16 pairs (split: float32 partials one by one)
     want = (per_thread if key.split else per_thread // 2) * (3 if key.persistent else 1)
@@ -162,6 +171,16 @@ def test_gluon_key_rules_and_config_round_trip():
     for bad in ({"split": True}, {"gluon": False, "num_warps": 8}):
         with pytest.raises(ValueError, match="persistent needs"):
             CompileKey.from_config(7168, 16384, {**base, "persistent": True, **bad}, act_scale_ue8m0=True)
+    # acc3: the two-accumulator Gluon kernel's rules, plus not persistent and 64 weight rows (128 spills)
+    acc3 = _gl3(128, 4, False)
+    assert CompileKey.from_config(7168, 16384, acc3, act_scale_ue8m0=True).acc3
+    for bad in ({"block_n": 128}, {"persistent": True}, {"gluon": False, "num_warps": 8}):
+        with pytest.raises(ValueError, match="acc3 needs"):
+            CompileKey.from_config(7168, 16384, {**acc3, **bad}, act_scale_ue8m0=True)
+    for m in (128, 4096):
+        acc3s = [c for c in candidates(m) if c.get("acc3")]
+        assert acc3s and all(c["gluon"] and c["block_n"] == 64 and not c["persistent"] for c in acc3s), (m, acc3s)
+    assert not [c for c in candidates(64) if c.get("acc3")]
     assert [c for c in candidates(4096) if c.get("persistent")] and not [c for c in candidates(128)
                                                                         if c.get("persistent")]
     # the fused quantizer runs on the Triton kernel (pointer loads of the unquantized activation)
@@ -178,7 +197,7 @@ import dataclasses, json, sys
 import torch
 from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
 from kernels.sm90.gemm_fp8_block import CompileKey
-from verify.tests._fp8_sweep import _gl, _glp
+from verify.tests._fp8_sweep import _gl, _gl3, _glp
 n, k = 192, 576
 g = torch.Generator().manual_seed(5)
 x = (torch.randn(130, k, generator=g) * 3).to(torch.bfloat16)
@@ -189,30 +208,33 @@ for rule in ("ue8m0_ceil", "f32"):
     a, sa = quantize_fp8_1x128.launch(x, scale_rule=rule)
     ue8m0 = rule == "ue8m0_ceil"
     ref = gemm_fp8_block.launch(a, sa, w, w_dec, key=CompileKey.heuristic(130, n, k, act_scale_ue8m0=ue8m0))
-    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3))):
+    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3)),
+                       ("a3", _gl3(128, 3, True))):
         key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=ue8m0)
         y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
-        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False))
+        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False,
+                                                                                 acc3=False))
         out[f"{rule}-{split}"] = [bool(torch.equal(y.view(torch.int16), ref.view(torch.int16))),
                                   bool(torch.equal(tri.view(torch.int16), ref.view(torch.int16))),
-                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent]
+                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent, key.acc3]
 json.dump(out, open(sys.argv[1], "w"))
 """
 
 
 def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
     """There is no Gluon interpreter: launch() runs a Gluon key's tile on the Triton kernel there (the same
-    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split and
-    persistent)."""
+    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split,
+    persistent and the three-accumulator loop split)."""
     out = tmp_path / "gluon_interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rep = json.loads(out.read_text())
-    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "p")], rep
-    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent) in rep.items():
-        assert gluon and chunked and split == tag.endswith("True") and persistent == tag.endswith("p"), (tag, rep[tag])
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "a3", "p")], rep
+    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent, acc3) in rep.items():
+        assert gluon and chunked and split == tag.endswith(("True", "a3")), (tag, rep[tag])
+        assert persistent == tag.endswith("p") and acc3 == tag.endswith("a3"), (tag, rep[tag])
         assert nonzero and gluon_eq and triton_eq, (tag, rep[tag])
 
 
