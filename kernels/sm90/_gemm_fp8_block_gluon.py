@@ -306,3 +306,227 @@ def gemm_fp8_block_gluon_persistent_kernel(
                                    NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, GROUP_T, layout)
     for s in gl.static_range(NS):
         mbarrier.invalidate(ready.index(s))
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_acc3_kernel(
+    w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om, stride_oc,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+    CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_kernel with every promotion under a wgmma (CompileKey.acc3): three accumulators of fixed
+    roles, three groups an iteration. Group 0 is issued and waited for before the loop (nothing to overlap with yet);
+    its result, done, waits in acc2 for its promotion. An iteration takes groups j, j + 1, j + 2 (j = 1 + 3 p):
+    wgmma j into acc0, then the waiting group j - 1 (acc2, done) promoted while it runs; wgmma j + 1 into acc1, wait
+    for j (one left in flight), j promoted while j + 1 runs; wgmma j + 2 into acc2, wait for j + 1, j + 1 promoted
+    while j + 2 runs; wait for j + 2 (none in flight), whose promotion goes to the next iteration's first wgmma. So
+    nothing is in flight across the back edge or a branch (a done accumulator crosses it: no copy of a running
+    wgmma's registers, no ptxas serialization), and every group but the last is promoted while a later group's
+    wgmma runs. The same promotions in group order (same bits as the tile kernel and the Triton kernel)."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, layout)
+
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(1) * num_n + gl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
+    t0 = pid_t * BM
+    n0 = pid_n * BN
+    t = t0 + gl.arange(0, BM, layout=row_l)
+    n = n0 + gl.arange(0, BN, layout=col_l)
+    t_ok = t < M
+    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
+    sw_ptr = ws_ptr + (n0 // 128) * G
+    if SPLIT:
+        g_lo = gl.program_id(2) * CHUNK_BLOCKS
+        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
+    else:
+        g_lo = 0
+        n_iter = G
+
+    a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
+    for j in gl.static_range(NS):
+        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
+
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    total = zero
+    part = zero
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
+    else:
+        total_smem = a_ring  # unused
+
+    acc0 = zero
+    acc1 = zero
+    acc2 = _issue_mma(0, a_ring, w_ring, ready, zero, NS)  # group 0 (n_iter >= 1): done, promoted in the loop
+    acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc2, ))
+    for p in range(0, (n_iter - 1) // 3):
+        q = 1 + 3 * p
+        acc0 = _issue_mma(q, a_ring, w_ring, ready, acc0, NS)
+        total, part = _retire(acc2, q - 1, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs,
+                              t_ok, sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc1 = _issue_mma(q + 1, a_ring, w_ring, ready, acc1, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+        total, part = _retire(acc0, q, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs, t_ok,
+                              sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc2 = _issue_mma(q + 2, a_ring, w_ring, ready, acc2, NS)
+        acc1 = warpgroup_mma_wait(num_outstanding=1, deps=(acc1, ))
+        total, part = _retire(acc1, q + 1, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs,
+                              t_ok, sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc2 = warpgroup_mma_wait(num_outstanding=0, deps=(acc2, ))
+    # the (n_iter - 1) % 3 groups left, the waiting group promoted under the first (refills predicated as in the
+    # loop: with 2 stages the waiting group's stage still takes the last group)
+    q = n_iter - (n_iter - 1) % 3
+    if (n_iter - 1) % 3 == 2:
+        acc0 = _issue_mma(q, a_ring, w_ring, ready, acc0, NS)
+        total, part = _retire(acc2, q - 1, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs,
+                              t_ok, sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc1 = _issue_mma(q + 1, a_ring, w_ring, ready, acc1, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+        total, part = _retire(acc0, q, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs, t_ok,
+                              sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
+        acc2 = acc1
+    elif (n_iter - 1) % 3 == 1:
+        acc0 = _issue_mma(q, a_ring, w_ring, ready, acc0, NS)
+        total, part = _retire(acc2, q - 1, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, sa_ptrs,
+                              t_ok, sw_ptr, total, part, total_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
+        acc2 = acc0
+    # the last group (n_iter - 1), done, in acc2
+    total, part = _promote(acc2, _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + n_iter - 1, AS_UE8M0), total, part, total_smem,
+                           g_lo + n_iter - 1, G, CHUNK_BLOCKS, CHUNKED, layout)
+    for s in gl.static_range(NS):
+        mbarrier.invalidate(ready.index(s))
+    if CHUNKED:
+        total = total_smem.load(layout)
+
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
+    if SPLIT:
+        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
+    else:
+        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def _producer(a_desc, w_desc, a_ring, w_ring, ready, empty, t0, n0, g_lo, n_iter, NS: gl.constexpr):
+    """The producer partition (one warp): group i's operands into stage i % NS once the consumers released the
+    stage's previous use (empty; a fresh barrier passes parity 1, so the first NS loads do not wait)."""
+    for i in range(n_iter):
+        s = i % NS
+        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
+        _load_stage(s, t0, n0, (g_lo + i) * 128, True, a_desc, w_desc, a_ring, w_ring, ready)
+
+
+@gluon.jit
+def _consume(d, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS: gl.constexpr,
+             CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, layout: gl.constexpr):
+    """Group g_lo + i's wgmma is done (d): once every consumer warp is past it (a barrier of the consumer
+    partition) its stage goes back to the producer (one arrival), then the group is promoted."""
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(i % NS), count=1)
+    sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + i, AS_UE8M0)
+    return _promote(d, sigma, total, part, total_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
+
+
+@gluon.jit
+def _consumer(a_ring, w_ring, ready, empty, total_smem, out_ptr, t, n, sa_ptrs, t_ok, sw_ptr, g_lo, n_iter, N, G,
+              stride_om, stride_oc, BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr,
+              CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr):
+    """The math partition (the kernel's warps): the two-accumulator loop of gemm_fp8_block_gluon_kernel (no refill:
+    a stage is released to the producer instead) and the store."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    total = zero
+    part = zero
+    acc0 = zero
+    acc1 = zero
+    for p in range(0, n_iter // 2):
+        i = 2 * p
+        acc0 = _issue_mma(i, a_ring, w_ring, ready, acc0, NS)
+        acc1 = _issue_mma(i + 1, a_ring, w_ring, ready, acc1, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=1, deps=(acc0, ))
+        total, part = _consume(acc0, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS,
+                               CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+        acc1 = warpgroup_mma_wait(num_outstanding=0, deps=(acc1, ))
+        total, part = _consume(acc1, i + 1, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS,
+                               CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+    if n_iter % 2 == 1:
+        i = n_iter - 1
+        acc0 = _issue_mma(i, a_ring, w_ring, ready, acc0, NS)
+        acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
+        total, part = _consume(acc0, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS,
+                               CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
+    if CHUNKED:
+        total = total_smem.load(layout)
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
+    if SPLIT:
+        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
+    else:
+        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_producer_kernel(
+    w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om, stride_oc,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+    CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_kernel with a producer warp (CompileKey.producer, gl.warp_specialize): one extra warp
+    issues every TMA load of the tile into the ring (ready barriers: expect + copies; empty barriers: the consumers'
+    release), the kernel's warps run the two-accumulator wgmma loop and the promotions without any load issue.
+    Both partitions walk the same n_iter groups (every wait has its arrival: the producer waits for the release of
+    group i - NS, which the consumers give for every group; n_iter >= 1). Same operations per element in the same
+    order (same bits)."""
+    layout: gl.constexpr = _mma_layout(BM, BN)
+    row_l: gl.constexpr = gl.SliceLayout(1, layout)
+    col_l: gl.constexpr = gl.SliceLayout(0, layout)
+
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(1) * num_n + gl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
+    t0 = pid_t * BM
+    n0 = pid_n * BN
+    t = t0 + gl.arange(0, BM, layout=row_l)
+    n = n0 + gl.arange(0, BN, layout=col_l)
+    t_ok = t < M
+    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
+    sw_ptr = ws_ptr + (n0 // 128) * G
+    if SPLIT:
+        g_lo = gl.program_id(2) * CHUNK_BLOCKS
+        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
+    else:
+        g_lo = 0
+        n_iter = G
+
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=1)
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT,
+                                               gl.zeros([BM, BN], gl.float32, layout=layout))
+    else:
+        total_smem = a_ring  # unused
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_consumer, (a_ring, w_ring, ready, empty, total_smem, out_ptr, t, n, sa_ptrs, t_ok, sw_ptr, g_lo, n_iter, N,
+                     G, stride_om, stride_oc, BM, BN, NS, CHUNK_BLOCKS, SPLIT, CHUNKED, AS_UE8M0)),
+        (_producer, (a_desc, w_desc, a_ring, w_ring, ready, empty, t0, n0, g_lo, n_iter, NS)),
+    ], [1], [40])

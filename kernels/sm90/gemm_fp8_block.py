@@ -123,6 +123,15 @@ class CompileKey:
     # (tile, group) pairs one flat sequence: the next tile's loads and first wgmma overlap a tile's last promotion
     # and store); the same operations per tile (same bits)
     persistent: bool = False
+    # with gluon, not persistent, block_n 64: the three-accumulator loop (gemm_fp8_block_gluon_acc3_kernel: group 0
+    # done before the loop, then three groups an iteration, each promotion while a later group's wgmma runs, a done
+    # accumulator across the back edge); the same promotions in the same order (same bits). block_n 128 spills (four
+    # 64-register tiles a thread: three accumulators and the sum; sm_90a compile, 2026-12-07)
+    acc3: bool = False
+    # with gluon, not persistent, not acc3: a producer warp (gemm_fp8_block_gluon_producer_kernel, gl.warp_specialize:
+    # one extra warp issues the tile's TMA loads into the ring, empty / ready mbarriers per stage; the kernel's warps
+    # run the two-accumulator wgmma loop and the promotions); the same operations in the same order (same bits)
+    producer: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -151,6 +160,13 @@ class CompileKey:
         if self.persistent and (not self.gluon or self.split):
             raise ValueError(f"CompileKey: persistent needs gluon and no split, got gluon={self.gluon} "
                              f"split={self.split}")
+        if self.acc3 and (not self.gluon or self.persistent or self.block_n != 64):
+            raise ValueError(f"CompileKey: acc3 needs gluon, not persistent and block_n=64 (three accumulators and the "
+                             f"sums in registers), got gluon={self.gluon} persistent={self.persistent} "
+                             f"block_n={self.block_n}")
+        if self.producer and (not self.gluon or self.persistent or self.acc3):
+            raise ValueError(f"CompileKey: producer needs gluon, not persistent and not acc3, got gluon={self.gluon} "
+                             f"persistent={self.persistent} acc3={self.acc3}")
         m_side = self.block_n if self.swap else self.block_t
         if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
@@ -194,14 +210,16 @@ class CompileKey:
                           group_t=cfg.get("group_t", _GROUP_T), pipe=cfg.get("pipe", False),
                           tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False),
                           reduce=cfg.get("reduce", "kernel") if split else "kernel", gluon=cfg.get("gluon", False),
-                          persistent=cfg.get("persistent", False))
+                          persistent=cfg.get("persistent", False), acc3=cfg.get("acc3", False),
+                          producer=cfg.get("producer", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
         return {"block_n": self.block_n, "block_t": self.block_t, "num_warps": self.num_warps,
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
                 "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce,
-                "gluon": self.gluon, "persistent": self.persistent}
+                "gluon": self.gluon, "persistent": self.persistent, "acc3": self.acc3,
+                "producer": self.producer}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -312,8 +330,9 @@ def _compile_gluon(key: CompileKey):
     import triton
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_kernel,
-                                                    gemm_fp8_block_gluon_persistent_kernel)
+    from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_acc3_kernel, gemm_fp8_block_gluon_kernel,
+                                                    gemm_fp8_block_gluon_persistent_kernel,
+                                                    gemm_fp8_block_gluon_producer_kernel)
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel
 
     w_layout, a_layout = gluon_operand_layouts(key)
@@ -331,7 +350,9 @@ def _compile_gluon(key: CompileKey):
             return gemm_fp8_block_gluon_persistent_kernel[(min(grid[0] * grid[1], sms),)](
                 w_desc, a_desc, w_dec_f32, a_scale, out_bf16, m, n, key.groups, a_scale.stride(0), n,
                 **const, num_warps=key.num_warps)
-        compiled = gemm_fp8_block_gluon_kernel[grid](
+        kernel = (gemm_fp8_block_gluon_acc3_kernel if key.acc3 else gemm_fp8_block_gluon_producer_kernel
+                  if key.producer else gemm_fp8_block_gluon_kernel)
+        compiled = kernel[grid](
             w_desc, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
             **const, num_warps=key.num_warps)
         if key.split:
@@ -427,10 +448,11 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
     if key.gluon and _interpreting():  # no Gluon interpreter: the Triton kernel's same tile (the same bits)
-        key = dataclasses.replace(key, gluon=False, persistent=False)
+        key = dataclasses.replace(key, gluon=False, persistent=False, acc3=False, producer=False)
     if key.tma and not _tma_ok(a_u8, w_u8):
         # the same operands by masked loads (the Gluon kernel's tile on the Triton kernel: the same bits)
-        key = dataclasses.replace(without_ws(key), tma=False, gluon=False, persistent=False)
+        key = dataclasses.replace(without_ws(key), tma=False, gluon=False, persistent=False, acc3=False,
+                                  producer=False)
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
@@ -441,7 +463,8 @@ def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", 
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
     return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, gluon=False,
-                               persistent=False, fused_q=True, q_recip=encode_rule == "mul_reciprocal",
+                               persistent=False, acc3=False, producer=False, fused_q=True,
+                               q_recip=encode_rule == "mul_reciprocal",
                                q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
 

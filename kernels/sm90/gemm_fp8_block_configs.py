@@ -30,10 +30,10 @@ from pathlib import Path
 __all__ = ["TABLE", "FIELDS", "DEFAULTS", "candidates", "lookup", "merged_table"]
 
 FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q", "ws",
-          "reduce", "gluon", "persistent")
+          "reduce", "gluon", "persistent", "acc3", "producer")
 # fields added after configs were committed: an entry (or a sweep's winner) without one means this default, so
 # older tables and sweep files keep their meaning
-DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False}
+DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False, "acc3": False, "producer": False}
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: NVIDIA H100 80GB HBM3
@@ -652,7 +652,7 @@ def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = Tr
          pipe: bool = False, tma: bool = False, ws: bool = False, reduce: str = "kernel") -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
             "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False, "ws": ws, "reduce": reduce,
-            "gluon": False, "persistent": False}
+            "gluon": False, "persistent": False, "acc3": False, "producer": False}
 
 
 def _tk(bn: int, bt: int, warps: int, stages: int, swap: bool = True, tma: bool = True) -> dict:

@@ -87,11 +87,25 @@ def _glp(bn: int, bt: int, stages: int, group_t: int = 8) -> dict:
     return {**_gl(bn, bt, stages, False, group_t), "persistent": True}
 
 
+def _gl3(bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
+    """The three-accumulator Gluon loop (CompileKey.acc3: every promotion under a later group's wgmma), bt tokens x
+    64 weight rows (the only width that fits: three accumulators and the sums in registers)."""
+    return {**_gl(64, bt, stages, split, group_t), "acc3": True}
+
+
+def _glw(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
+    """The Gluon kernel with a producer warp (CompileKey.producer: gl.warp_specialize, one warp issues the TMA loads,
+    the bt // 16 math warps only wgmma and promote)."""
+    return {**_gl(bn, bt, stages, split, group_t), "producer": True}
+
+
 def candidates(m: int) -> list[dict]:
     """The configs timed at M: the committed candidates (kernels.sm90.gemm_fp8_block_configs.candidates, the first
     the heuristic's choice) and, for M >= 128, the Gluon kernel's tiles (TMA ring, asynchronous wgmma with the next
     group's dot in flight during the promotion): 128 x 128 / 128 x 64 / 64 x 128, split-K or not, ring depth 3-6,
-    raster group 8 / 16, and at M = 4096 the persistent kernel (_glp). The same bits as every other candidate (the sweep refuses one that differs)."""
+    raster group 8 / 16, at M = 4096 the persistent kernel (_glp), the three-accumulator loop at 128 tokens x
+    64 weight rows (_gl3) and the producer-warp kernel (_glw). The same bits as every other candidate (the sweep
+    refuses one that differs)."""
     from kernels.sm90.gemm_fp8_block_configs import candidates as table_candidates
 
     out = table_candidates(m)
@@ -99,11 +113,14 @@ def candidates(m: int) -> list[dict]:
         return out
     if m <= 256:
         return out + [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
-                      _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False)]
+                      _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False), _gl3(128, 4, True),
+                      _gl3(128, 4, False), _glw(128, 128, 4, True), _glw(128, 128, 4, False), _glw(64, 128, 4, True)]
     return out + [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
                   _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
                   _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
-                  _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4)]
+                  _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4), _gl3(128, 4, False),
+                  _gl3(128, 6, False), _gl3(128, 6, False, group_t=16), _glw(128, 128, 4, False),
+                  _glw(128, 128, 5, False), _glw(128, 128, 4, False, group_t=16), _glw(64, 128, 6, False)]
 
 
 def _jobs(shapes, ms):
@@ -268,6 +285,14 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
             for tag, pick in (("gluon", True), ("triton", False)):
                 mine = [r for r in ok if bool(r["config"].get("gluon")) is pick]
                 summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("acc3") for r in results):  # the three-accumulator loop against the two-accumulator one
+            for tag, pick in (("acc3", True), ("acc2", False)):
+                mine = [r for r in ok if r["config"].get("gluon") and bool(r["config"].get("acc3")) is pick]
+                summary[f"best_gluon_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("producer") for r in results):  # the producer warp against the math warps' own loads
+            for tag, pick in (("producer", True), ("no_producer", False)):
+                mine = [r for r in ok if r["config"].get("gluon") and bool(r["config"].get("producer")) is pick]
+                summary[f"best_gluon_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
             for tag, pick in (("ticket", True), ("reduce_kernel", False)):
                 mine = [r for r in ok if r["config"]["split"] and (r["config"].get("reduce") == "ticket") is pick]
@@ -357,7 +382,9 @@ def _print_summary(s: dict) -> None:
     c = ("-" if cfg is None else f"{'swap' if cfg['swap'] else 'tok'} BN{cfg['block_n']} BT{cfg['block_t']} "
          f"w{cfg['num_warps']} s{cfg['num_stages']} {'split' if cfg['split'] else 'pass'} g{cfg['group_t']}"
          f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}"
-         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}{' gluon' if cfg.get('gluon') else ''}")
+         f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}{' gluon' if cfg.get('gluon') else ''}"
+         f"{' persistent' if cfg.get('persistent') else ''}{' acc3' if cfg.get('acc3') else ''}"
+         f"{' producer' if cfg.get('producer') else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
@@ -371,6 +398,10 @@ def _print_summary(s: dict) -> None:
              if "best_ws_us" in s else "")
           + (f" | gluon best {_fmt(s['best_gluon_us'], '.2f')} us vs triton {_fmt(s['best_triton_us'], '.2f')}"
              if "best_gluon_us" in s else "")
+          + (f" | gluon acc3 {_fmt(s['best_gluon_acc3_us'], '.2f')} us vs acc2 {_fmt(s['best_gluon_acc2_us'], '.2f')}"
+             if "best_gluon_acc3_us" in s else "")
+          + (f" | gluon producer {_fmt(s['best_gluon_producer_us'], '.2f')} us vs "
+             f"{_fmt(s['best_gluon_no_producer_us'], '.2f')} without" if "best_gluon_producer_us" in s else "")
           + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
              f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")

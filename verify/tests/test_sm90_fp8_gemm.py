@@ -983,14 +983,18 @@ def _check_gluon_keys(n: int, k: int, recipe: str, keys_of_bucket, seed: int) ->
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
-    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket; one pass and persistent at 4096) gives the Triton
-    kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), the Ms of GLUON_MS, UE8M0 and float32
-    activation scales (chunked and one-chunk plans)."""
+    """The Gluon kernel's 128 x 128 tile (split-K at M's 128 bucket; one pass and persistent at 4096) and the
+    three-accumulator loop's 128 x 64 tile (CompileKey.acc3; split at 128, one pass at 4096) and the producer-warp
+    kernel's 128 x 128 tile (CompileKey.producer; split at 128, one pass at 4096) give the Triton kernel's
+    bits at the 9 V4-Pro FP8 shapes and partial N / K (576), the Ms of GLUON_MS, UE8M0 and float32 activation scales
+    (chunked and one-chunk plans; the acc3 loop's tails of 0, 1 and 2 groups: unsplit G = 56 / 128 / 32 / 5 leave
+    1, G = 12 / 24 leave 2, split chunks of 10 / 16 / 19 groups leave 0)."""
     from kernels.sm90.gemm_fp8_block import CompileKey
-    from verify.tests._fp8_sweep import _gl, _glp
+    from verify.tests._fp8_sweep import _gl, _gl3, _glp, _glw
 
     def keys(bucket, ue8m0):
-        cfgs = [_gl(128, 128, 4, True)] if bucket <= 256 else [_gl(128, 128, 4, False), _glp(128, 128, 4)]
+        cfgs = ([_gl(128, 128, 4, True), _gl3(128, 4, True), _glw(128, 128, 4, True)] if bucket <= 256
+                else [_gl(128, 128, 4, False), _glp(128, 128, 4), _gl3(128, 4, False), _glw(128, 128, 4, False)])
         return [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
 
     _check_gluon_keys(n, k, recipe, keys, 91)
@@ -1001,7 +1005,8 @@ def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
 @pytest.mark.sm90
 def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
     """Every Gluon config the sweep may commit (verify/tests/_fp8_sweep.candidates at M's bucket: 128 x 128 / 128 x 64
-    / 64 x 128, split or not, ring depth 3-6, raster group 8 / 16) gives the Triton kernel's bits: chunked (wo_b)
+    / 64 x 128, split or not, ring depth 3-6, raster group 8 / 16, persistent, the three-accumulator loop, the producer
+    warp) gives the Triton kernel's bits: chunked (wo_b)
     and one-chunk (wq_b) plans, partial N and partial K."""
     _check_gluon_keys(n, k, "fp8_ue8m0", lambda bucket, ue8m0: _gluon_keys(bucket, n, k, ue8m0), 95)
 

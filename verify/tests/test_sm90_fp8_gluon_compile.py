@@ -23,7 +23,7 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
-from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, candidates  # noqa: E402
+from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates  # noqa: E402
 from verify.tests._sass import _cuobjdump, ptxas_log, wgmma_depbars, wgmma_serialization_warnings  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,7 +43,7 @@ def _keys() -> list[CompileKey]:
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
-                              key.act_scale_ue8m0, key.persistent), key)
+                              key.act_scale_ue8m0, key.persistent, key.acc3, key.producer), key)
     return list(by_layout.values())
 
 
@@ -54,6 +54,8 @@ def _compile(key: CompileKey):
     from kernels.sm90 import _gemm_fp8_block_gluon as gluon_kernels
 
     kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
+              else gluon_kernels.gemm_fp8_block_gluon_acc3_kernel if key.acc3
+              else gluon_kernels.gemm_fp8_block_gluon_producer_kernel if key.producer
               else gluon_kernels.gemm_fp8_block_gluon_kernel)
 
     w_layout, a_layout = gluon_operand_layouts(key)
@@ -81,7 +83,8 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
 @pytest.mark.parametrize("key", _keys(), ids=lambda key: f"bm{key.block_t}-bn{key.block_n}-s{key.num_stages}-"
                          f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
-                         f"{'-persistent' if key.persistent else ''}")
+                         f"{'-persistent' if key.persistent else ''}{'-acc3' if key.acc3 else ''}"
+                         f"{'-producer' if key.producer else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
@@ -96,12 +99,25 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     # operands by the copy engine: the ring's prologue (NS stages x 2 operands) and the refill in the loop (left
     # out by the compiler where a split program's chunk has no more groups than stages)
     utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
-    n_max = key.chunk_blocks if key.split else key.groups
-    want = 2 * key.num_stages + 2 if n_max > key.num_stages else 2 * n_max
+    n_max = key.chunk_blocks if key.split else key.groups  # the most groups a program sums
+    want = 2 if key.producer else 2 * key.num_stages + 2 if n_max > key.num_stages else 2 * n_max
     assert utmaldg >= want, f"{key}: {utmaldg} UTMALDG (expected >= {want})"
     assert ck.metadata.shared <= _SMEM_MAX, f"{key}: {ck.metadata.shared} bytes of shared memory"
-    assert ck.metadata.num_warps == key.block_t // 16 and "setmaxnreg" not in ck.asm["ptx"], key  # not specialized
     ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
+    if key.producer:
+        # warp-specialized: the math warps and one producer warp (a warpgroup of 4 allocated), registers moved from the
+        # producer to the math warps (setmaxnreg), the producer's loads alone in the SASS (2 UTMALDG: its one loop);
+        # a stage released by one thread of the math warps (one mbarrier.arrive per retire site, predicated) after a
+        # barrier of the math warps only (bar.sync 0, 32 x their warps)
+        assert ck.metadata.num_warps == key.block_t // 16 + 4, (key, ck.metadata.num_warps)
+        assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+\d+", ptx), key
+        assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+\d+", ptx), key
+        assert utmaldg == 2, (key, utmaldg)
+        releases = re.findall(r"(@%p\d+)?\s*mbarrier\.arrive\.shared::cta\.b64", ptx)
+        assert len(releases) == 3 and all(releases), (key, releases)
+        assert re.search(rf"bar\.sync\s+0,\s*{32 * key.block_t // 16}\s*;", ptx), key
+    else:
+        assert ck.metadata.num_warps == key.block_t // 16 and "setmaxnreg" not in ptx, key  # not specialized
     # no promotion inside the wgmma chain (the Triton kernel's setting: 2^30 on sm_90), asynchronous wgmma with one
     # group left in flight while the previous one is promoted
     assert set(re.findall(r"maxNumImpreciseAcc = (\d+)", ttgir)) == {str(2**30)}, key
@@ -111,22 +127,34 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     warnings = wgmma_serialization_warnings(ptxas_log(ptx, tmp_path))
     assert not warnings, f"{key}: ptxas serializes the wgmma: {warnings}"
     depbars = wgmma_depbars(sass)
-    assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
+    if key.acc3:
+        # group 0 waited for before the loop (0x0); in the loop each of the three waits but the last leaves the next
+        # group's wgmma in flight (0x1 0x1, then 0x0: that group's promotion runs under the next iteration's first
+        # wgmma); the tail of two groups (0x1 0x0: folded away where a split chunk has 2 groups) and of one (0x0)
+        want = [0, 1, 1, 0] + ([1, 0] if n_max >= 3 else []) + [0]
+        assert depbars == want, f"{key}: DEPBAR counts {depbars} (expected {want})"
+    else:  # the two-accumulator loop (the producer kernel's too)
+        assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
     # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
     # a chunk's end): three times, the loop's two groups and the odd count's last group (the persistent kernel: its
-    # bf16 store three times too, one per promotion)
+    # bf16 store three times too, one per promotion); acc3: seven times (the loop's three, the two-group tail's two,
+    # the one-group tail's one, the last group; five where the two-group tail is folded away)
     per_thread = key.block_t * key.block_n // (32 * key.num_warps)
     rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
     fma, mul, add = _promotion_ops(ptx)
     chunk_add = key.chunked and not key.split
-    assert (fma, mul, add) == (3 * per_thread, 3 * rows, 3 * per_thread if chunk_add else 0), (key, fma, mul, add)
+    sites = (7 if n_max >= 3 else 5) if key.acc3 else 3
+    want = (sites * per_thread, sites * rows, sites * per_thread if chunk_add else 0)
+    assert (fma, mul, add) == want, (key, fma, mul, add)
     stores = len(re.findall(r"\bst\.global", ptx))
     # the output tile's stores: bf16 pairs (split: float32 partials one by one)
     want = (per_thread if key.split else per_thread // 2) * (3 if key.persistent else 1)
     assert stores == want, (key, stores, want)
     qgmma = len(re.findall(r"\bQGMMA\b", sass))
+    moved = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)  # the producer kernel's
+    moved = f", setmaxnreg {moved}" if moved else ""
     print(f"{key.config()} chunked={key.chunked} even_k={key.even_k} ue8m0={key.act_scale_ue8m0}: {regs} registers, "
-          f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG, DEPBAR {depbars}")
+          f"{ck.metadata.shared} B shared, {qgmma} QGMMA, {utmaldg} UTMALDG, DEPBAR {depbars}{moved}")
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -162,6 +190,21 @@ def test_gluon_key_rules_and_config_round_trip():
     for bad in ({"split": True}, {"gluon": False, "num_warps": 8}):
         with pytest.raises(ValueError, match="persistent needs"):
             CompileKey.from_config(7168, 16384, {**base, "persistent": True, **bad}, act_scale_ue8m0=True)
+    # acc3: the two-accumulator Gluon kernel's rules, plus not persistent and 64 weight rows (128 spills)
+    for bad in ({"persistent": True}, {"acc3": True, "block_n": 64}, {"gluon": False, "num_warps": 8}):
+        with pytest.raises(ValueError, match="producer needs"):
+            CompileKey.from_config(7168, 16384, {**_glw(128, 128, 4, False), **bad}, act_scale_ue8m0=True)
+    for m in (128, 4096):
+        assert [c for c in candidates(m) if c.get("producer")], m
+    acc3 = _gl3(128, 4, False)
+    assert CompileKey.from_config(7168, 16384, acc3, act_scale_ue8m0=True).acc3
+    for bad in ({"block_n": 128}, {"persistent": True}, {"gluon": False, "num_warps": 8}):
+        with pytest.raises(ValueError, match="acc3 needs"):
+            CompileKey.from_config(7168, 16384, {**acc3, **bad}, act_scale_ue8m0=True)
+    for m in (128, 4096):
+        acc3s = [c for c in candidates(m) if c.get("acc3")]
+        assert acc3s and all(c["gluon"] and c["block_n"] == 64 and not c["persistent"] for c in acc3s), (m, acc3s)
+    assert not [c for c in candidates(64) if c.get("acc3")]
     assert [c for c in candidates(4096) if c.get("persistent")] and not [c for c in candidates(128)
                                                                         if c.get("persistent")]
     # the fused quantizer runs on the Triton kernel (pointer loads of the unquantized activation)
@@ -178,7 +221,7 @@ import dataclasses, json, sys
 import torch
 from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
 from kernels.sm90.gemm_fp8_block import CompileKey
-from verify.tests._fp8_sweep import _gl, _glp
+from verify.tests._fp8_sweep import _gl, _gl3, _glp, _glw
 n, k = 192, 576
 g = torch.Generator().manual_seed(5)
 x = (torch.randn(130, k, generator=g) * 3).to(torch.bfloat16)
@@ -189,30 +232,35 @@ for rule in ("ue8m0_ceil", "f32"):
     a, sa = quantize_fp8_1x128.launch(x, scale_rule=rule)
     ue8m0 = rule == "ue8m0_ceil"
     ref = gemm_fp8_block.launch(a, sa, w, w_dec, key=CompileKey.heuristic(130, n, k, act_scale_ue8m0=ue8m0))
-    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3))):
+    for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3)),
+                       ("a3", _gl3(128, 3, True)), ("w", _glw(128, 128, 3, False))):
         key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=ue8m0)
         y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
-        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False))
+        tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False,
+                                                                                 acc3=False, producer=False))
         out[f"{rule}-{split}"] = [bool(torch.equal(y.view(torch.int16), ref.view(torch.int16))),
                                   bool(torch.equal(tri.view(torch.int16), ref.view(torch.int16))),
-                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent]
+                                  bool((ref != 0).any()), key.gluon, key.chunked, key.split, key.persistent, key.acc3,
+                                  key.producer]
 json.dump(out, open(sys.argv[1], "w"))
 """
 
 
 def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
     """There is no Gluon interpreter: launch() runs a Gluon key's tile on the Triton kernel there (the same
-    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split and
-    persistent)."""
+    operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split,
+    persistent, the three-accumulator loop split and the producer-warp kernel)."""
     out = tmp_path / "gluon_interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rep = json.loads(out.read_text())
-    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "p")], rep
-    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent) in rep.items():
-        assert gluon and chunked and split == tag.endswith("True") and persistent == tag.endswith("p"), (tag, rep[tag])
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "a3", "p", "w")], rep
+    for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent, acc3, producer) in rep.items():
+        assert gluon and chunked and split == tag.endswith(("True", "a3")), (tag, rep[tag])
+        assert persistent == tag.endswith("p") and acc3 == tag.endswith("a3"), (tag, rep[tag])
+        assert producer == tag.endswith("w"), (tag, rep[tag])
         assert nonzero and gluon_eq and triton_eq, (tag, rep[tag])
 
 
