@@ -17,7 +17,8 @@ NVFP4V_FP8_SWEEP_M (default 1,16,64,128,4096; e.g. 128,4096 times the M > 64 buc
 candidates among them; 1,16,64 the launch-bound sizes, where the single-launch split-K (reduce="ticket") and the
 fused quantizer compete),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12),
-NVFP4V_FP8_SWEEP_GLUON (default 1; 0 leaves the Gluon kernel's candidates out).
+NVFP4V_FP8_SWEEP_GLUON (default 1; 0 leaves the Gluon kernel's candidates out), NVFP4V_FP8_SWEEP_PRODUCER (default 1;
+0 leaves the producer-warp candidates out: run their GPU bit test under a timeout first, a deadlock would stall the sweep).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
 
@@ -111,11 +112,18 @@ def candidates(m: int) -> list[dict]:
     out = table_candidates(m)
     if m < 128 or os.environ.get("NVFP4V_FP8_SWEEP_GLUON", "1") == "0":
         return out
+    gluon = _gluon_candidates(m)
+    if os.environ.get("NVFP4V_FP8_SWEEP_PRODUCER", "1") == "0":
+        gluon = [c for c in gluon if not c.get("producer")]
+    return out + gluon
+
+
+def _gluon_candidates(m: int) -> list[dict]:
     if m <= 256:
-        return out + [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
+        return [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
                       _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False), _gl3(128, 4, True),
                       _gl3(128, 4, False), _glw(128, 128, 4, True), _glw(128, 128, 4, False), _glw(64, 128, 4, True)]
-    return out + [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
+    return [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
                   _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
                   _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
                   _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4), _gl3(128, 4, False),
