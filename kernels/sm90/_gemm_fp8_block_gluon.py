@@ -113,6 +113,69 @@ def _retire(d, i, g_lo, n_iter, t0, n0, a_desc, w_desc, a_ring, w_ring, ready, s
 
 
 @gluon.jit
+def _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM: gl.constexpr, BN: gl.constexpr, CHUNK_BLOCKS: gl.constexpr,
+                SPLIT: gl.constexpr, GROUP_T: gl.constexpr, layout: gl.constexpr):
+    """This program's output tile (grouped raster of GROUP_T token tiles, as the Triton kernel's) and its groups:
+    (t0, n0, token rows t, weight rows n, t < M, the token scales' row pointers, the weight scales' row pointer,
+    first group g_lo, group count n_iter: chunk program_id(2) alone when SPLIT, else all G)."""
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(1) * num_n + gl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    pid_t = first_t + (pid % width) % rows_t
+    pid_n = (pid % width) // rows_t
+    t0 = pid_t * BM
+    n0 = pid_n * BN
+    t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
+    n = n0 + gl.arange(0, BN, layout=gl.SliceLayout(0, layout))
+    t_ok = t < M
+    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
+    sw_ptr = ws_ptr + (n0 // 128) * G
+    if SPLIT:
+        g_lo = gl.program_id(2) * CHUNK_BLOCKS
+        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
+    else:
+        g_lo = 0
+        n_iter = G
+    return t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter
+
+
+@gluon.jit
+def _prefetch(t0, n0, g_lo, n_iter, a_desc, w_desc, a_ring, w_ring, ready, NS: gl.constexpr):
+    """The ring's first fill: groups g_lo .. g_lo + NS - 1 into stages 0 .. NS - 1 (none past n_iter)."""
+    for j in gl.static_range(NS):
+        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
+
+
+@gluon.jit
+def _sums(a_ring, BM: gl.constexpr, BN: gl.constexpr, CHUNKED: gl.constexpr, layout: gl.constexpr):
+    """Zeros for the running sums and, when CHUNKED, the running total's shared buffer, zero-filled (else a_ring
+    stands in, unused)."""
+    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    if CHUNKED:
+        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
+    else:
+        total_smem = a_ring  # unused
+    return zero, total_smem
+
+
+@gluon.jit
+def _store_out(total, total_smem, out_ptr, t, n, t_ok, N, stride_om, stride_oc, SPLIT: gl.constexpr,
+               CHUNKED: gl.constexpr, layout: gl.constexpr):
+    """The tile's sum (in total_smem when CHUNKED): float32 at chunk program_id(2)'s slice when SPLIT (the reduce
+    kernel adds the chunks in order), else rounded to bf16 as the Triton kernel does."""
+    if CHUNKED:
+        total = total_smem.load(layout)
+    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
+    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
+    if SPLIT:
+        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
+    else:
+        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+
+
+@gluon.jit
 def gemm_fp8_block_gluon_kernel(
     w_desc, a_desc, ws_ptr, as_ptr, out_ptr,
     M, N, G, stride_as, stride_om, stride_oc,
@@ -126,41 +189,15 @@ def gemm_fp8_block_gluon_kernel(
     and stores it float32 at out_ptr + chunk * stride_oc (the reduce kernel adds the chunks in order); else the
     program walks every chunk and stores bf16. Grouped raster as the Triton kernel's (GROUP_T token tiles)."""
     layout: gl.constexpr = _mma_layout(BM, BN)
-    row_l: gl.constexpr = gl.SliceLayout(1, layout)
-    col_l: gl.constexpr = gl.SliceLayout(0, layout)
-
-    num_n = gl.cdiv(N, BN)
-    pid = gl.program_id(1) * num_n + gl.program_id(0)
-    width = GROUP_T * num_n
-    first_t = (pid // width) * GROUP_T
-    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
-    pid_t = first_t + (pid % width) % rows_t
-    pid_n = (pid % width) // rows_t
-    t0 = pid_t * BM
-    n0 = pid_n * BN
-    t = t0 + gl.arange(0, BM, layout=row_l)
-    n = n0 + gl.arange(0, BN, layout=col_l)
-    t_ok = t < M
-    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
-    sw_ptr = ws_ptr + (n0 // 128) * G
-    if SPLIT:
-        g_lo = gl.program_id(2) * CHUNK_BLOCKS
-        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
-    else:
-        g_lo = 0
-        n_iter = G
+    t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter = _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM, BN,
+                                                                    CHUNK_BLOCKS, SPLIT, GROUP_T, layout)
 
     a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
-    for j in gl.static_range(NS):
-        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
+    _prefetch(t0, n0, g_lo, n_iter, a_desc, w_desc, a_ring, w_ring, ready, NS)
 
-    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    zero, total_smem = _sums(a_ring, BM, BN, CHUNKED, layout)
     total = zero
     part = zero
-    if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
-    else:
-        total_smem = a_ring  # unused
 
     # two groups per iteration, fixed roles (acc0 the even groups, acc1 the odd ones, each wgmma writing over its own
     # accumulator's registers): the even group is promoted while the odd group's wgmma runs; no wgmma is in flight
@@ -185,15 +222,7 @@ def gemm_fp8_block_gluon_kernel(
                                g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
     for j in gl.static_range(NS):
         mbarrier.invalidate(ready.index(j))
-    if CHUNKED:
-        total = total_smem.load(layout)
-
-    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
-    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
-    if SPLIT:
-        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
-    else:
-        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+    _store_out(total, total_smem, out_ptr, t, n, t_ok, N, stride_om, stride_oc, SPLIT, CHUNKED, layout)
 
 
 @gluon.jit
@@ -273,13 +302,9 @@ def gemm_fp8_block_gluon_persistent_kernel(
     for j in gl.static_range(NS):
         _issue_load(j, w_desc, a_desc, a_ring, w_ring, ready, pid, nprog, num_n, M, G, n_all, BM, BN, NS, GROUP_T)
 
-    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    zero, total_smem = _sums(a_ring, BM, BN, CHUNKED, layout)
     total = zero
     part = zero
-    if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
-    else:
-        total_smem = a_ring  # unused
 
     # two (tile, group) iterations per loop iteration, fixed roles, no wgmma in flight across the back edge: as the
     # tile kernel's loop
@@ -325,41 +350,15 @@ def gemm_fp8_block_gluon_acc3_kernel(
     wgmma's registers, no ptxas serialization), and every group but the last is promoted while a later group's
     wgmma runs. The same promotions in group order (same bits as the tile kernel and the Triton kernel)."""
     layout: gl.constexpr = _mma_layout(BM, BN)
-    row_l: gl.constexpr = gl.SliceLayout(1, layout)
-    col_l: gl.constexpr = gl.SliceLayout(0, layout)
-
-    num_n = gl.cdiv(N, BN)
-    pid = gl.program_id(1) * num_n + gl.program_id(0)
-    width = GROUP_T * num_n
-    first_t = (pid // width) * GROUP_T
-    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
-    pid_t = first_t + (pid % width) % rows_t
-    pid_n = (pid % width) // rows_t
-    t0 = pid_t * BM
-    n0 = pid_n * BN
-    t = t0 + gl.arange(0, BM, layout=row_l)
-    n = n0 + gl.arange(0, BN, layout=col_l)
-    t_ok = t < M
-    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
-    sw_ptr = ws_ptr + (n0 // 128) * G
-    if SPLIT:
-        g_lo = gl.program_id(2) * CHUNK_BLOCKS
-        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
-    else:
-        g_lo = 0
-        n_iter = G
+    t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter = _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM, BN,
+                                                                    CHUNK_BLOCKS, SPLIT, GROUP_T, layout)
 
     a_ring, w_ring, ready = _ring(a_desc, w_desc, BM, BN, NS)
-    for j in gl.static_range(NS):
-        _load_stage(j, t0, n0, (g_lo + j) * 128, j < n_iter, a_desc, w_desc, a_ring, w_ring, ready)
+    _prefetch(t0, n0, g_lo, n_iter, a_desc, w_desc, a_ring, w_ring, ready, NS)
 
-    zero = gl.zeros([BM, BN], gl.float32, layout=layout)
+    zero, total_smem = _sums(a_ring, BM, BN, CHUNKED, layout)
     total = zero
     part = zero
-    if CHUNKED:
-        total_smem = gl.allocate_shared_memory(gl.float32, [BM, BN], _TOTAL_LAYOUT, zero)
-    else:
-        total_smem = a_ring  # unused
 
     acc0 = zero
     acc1 = zero
@@ -403,15 +402,7 @@ def gemm_fp8_block_gluon_acc3_kernel(
                            g_lo + n_iter - 1, G, CHUNK_BLOCKS, CHUNKED, layout)
     for s in gl.static_range(NS):
         mbarrier.invalidate(ready.index(s))
-    if CHUNKED:
-        total = total_smem.load(layout)
-
-    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
-    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
-    if SPLIT:
-        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
-    else:
-        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+    _store_out(total, total_smem, out_ptr, t, n, t_ok, N, stride_om, stride_oc, SPLIT, CHUNKED, layout)
 
 
 @gluon.jit
@@ -463,14 +454,7 @@ def _consumer(a_ring, w_ring, ready, empty, total_smem, out_ptr, t, n, sa_ptrs, 
         acc0 = warpgroup_mma_wait(num_outstanding=0, deps=(acc0, ))
         total, part = _consume(acc0, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS,
                                CHUNK_BLOCKS, CHUNKED, AS_UE8M0, layout)
-    if CHUNKED:
-        total = total_smem.load(layout)
-    o = out_ptr + gl.expand_dims(t.to(gl.int64) * stride_om, 1) + gl.expand_dims(n, 0)
-    o_ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(n < N, 0)
-    if SPLIT:
-        gl.store(o + gl.program_id(2).to(gl.int64) * stride_oc, total, mask=o_ok)
-    else:
-        gl.store(o, _round_f32_to_bf16_bits(total).to(gl.bfloat16), mask=o_ok)
+    _store_out(total, total_smem, out_ptr, t, n, t_ok, N, stride_om, stride_oc, SPLIT, CHUNKED, layout)
 
 
 @gluon.jit
@@ -487,29 +471,8 @@ def gemm_fp8_block_gluon_producer_kernel(
     group i - NS, which the consumers give for every group; n_iter >= 1). Same operations per element in the same
     order (same bits)."""
     layout: gl.constexpr = _mma_layout(BM, BN)
-    row_l: gl.constexpr = gl.SliceLayout(1, layout)
-    col_l: gl.constexpr = gl.SliceLayout(0, layout)
-
-    num_n = gl.cdiv(N, BN)
-    pid = gl.program_id(1) * num_n + gl.program_id(0)
-    width = GROUP_T * num_n
-    first_t = (pid // width) * GROUP_T
-    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
-    pid_t = first_t + (pid % width) % rows_t
-    pid_n = (pid % width) // rows_t
-    t0 = pid_t * BM
-    n0 = pid_n * BN
-    t = t0 + gl.arange(0, BM, layout=row_l)
-    n = n0 + gl.arange(0, BN, layout=col_l)
-    t_ok = t < M
-    sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
-    sw_ptr = ws_ptr + (n0 // 128) * G
-    if SPLIT:
-        g_lo = gl.program_id(2) * CHUNK_BLOCKS
-        n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
-    else:
-        g_lo = 0
-        n_iter = G
+    t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter = _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM, BN,
+                                                                    CHUNK_BLOCKS, SPLIT, GROUP_T, layout)
 
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
     w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, BN, 128], w_desc.layout)
