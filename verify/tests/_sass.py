@@ -27,6 +27,17 @@ def _cuobjdump(cubin: bytes, tmp_path: Path, *flags: str) -> str:
                           text=True).stdout
 
 
+def registers_without_spills(cubin: bytes, tmp_path: Path, what: str) -> int:
+    """The kernel's registers a thread (cuobjdump -res-usage); fails the test, naming `what`, where it spills (stack
+    or local memory)."""
+    usage = _cuobjdump(cubin, tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+    assert found, usage
+    regs, stack, local = map(int, found.groups())
+    assert stack == 0 and local == 0, f"{what}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    return regs
+
+
 def ptxas_log(ptx: str, tmp_path: Path, arch: str = "sm_90a") -> str:
     """ptxas -v's log for `ptx` (the same assembler Triton ran): its warnings, registers, spills."""
     src, out = tmp_path / "kernel.ptx", tmp_path / "kernel_ptxas.cubin"

@@ -21,7 +21,7 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
 from kernels.sm90.gemm_fp8_block_configs import _ws, candidates  # noqa: E402
-from verify.tests._sass import _cuobjdump  # noqa: E402
+from verify.tests._sass import _cuobjdump, registers_without_spills  # noqa: E402
 
 V4_PRO = [(1536, 7168), (65536, 1536), (512, 7168), (16384, 4096), (7168, 16384), (3072, 7168), (7168, 3072)]
 _SIG = {"w_ptr": "*u8", "a_ptr": "*u8", "ws_ptr": "*fp32", "as_ptr": "*u8", "out_ptr": "*bf16", "M": "i32",
@@ -98,11 +98,7 @@ def _compile(key: CompileKey, num_warps: int | None = None):
                          f"{f'-ticket{key.n_chunks}' if key.reduce == 'ticket' else ''}")
 def test_sm90_fp8_gemm_compiles_to_fp8_wgmma_without_spills(key, tmp_path):
     ck = _compile(key)
-    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert found, usage
-    regs, stack, local = map(int, found.groups())
-    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     wide = key.block_t if key.swap else key.block_n  # the wgmma's N: tokens (swap AB) or weight rows
     shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))

@@ -24,7 +24,8 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
 from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates  # noqa: E402
-from verify.tests._sass import _cuobjdump, ptxas_log, wgmma_depbars, wgmma_serialization_warnings  # noqa: E402
+from verify.tests._sass import (  # noqa: E402
+    _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
 REPO = Path(__file__).resolve().parents[2]
 _SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
@@ -87,11 +88,7 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
                          f"{'-producer' if key.producer else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
-    usage = _cuobjdump(ck.asm["cubin"], tmp_path, "-res-usage")
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert found, usage
-    regs, stack, local = map(int, found.groups())
-    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
     assert shapes == {str(key.block_n)}, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64x{key.block_n}x32 E4M3)"

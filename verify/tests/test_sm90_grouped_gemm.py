@@ -38,6 +38,7 @@ from references.moe import requant as ref_requant, swiglu as ref_swiglu
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale, unpack_e2m1x2_low_first
 from references.recipes import TE
 from verify.assertions import assert_bits_equal, assert_within_gemm_bound
+from verify.tests._sass import _cuobjdump, registers_without_spills
 
 GPU = [pytest.mark.gpu, pytest.mark.sm90]
 U_ACC = 2.0**-24  # the sm90 backend's declared accumulator (fp16 MMA, fp32 accumulation)
@@ -69,6 +70,18 @@ def _acts(counts: list[int], rcap: int, k: int, seed: int, device, *, extra_sf_r
     packed[:r] = q.packed_u8
     a_dec = (0.5 + torch.rand(len(counts), generator=g)).float().to(device) * 0.01
     return dict(packed=packed, sf_sw=sw.contiguous(), sf_lin=q.sf_u8, dec=a_dec, off=off, r=r, rcap=rcap, k=k)
+
+
+def _refill(counts, rcap, k, dev, packed, sf, dec, off):
+    """New routing and activations (_acts of `counts`, decode scales x 3) copied into a captured graph's input
+    buffers in place; returns the _acts dict."""
+    b = _acts(counts, rcap, k, sum(counts), dev)
+    packed.copy_(b["packed"])
+    sf.zero_()
+    sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
+    dec.copy_(b["dec"] * 3)
+    off.copy_(b["off"].to(torch.int32))
+    return b
 
 
 def _stack(e: int, n: int, k: int, seed: int, device):
@@ -352,12 +365,7 @@ def test_gpu_cuda_graph_replay_new_routing_equals_eager():
     with torch.cuda.graph(graph):
         outs = step()
     for counts in ([0, 0, 0, 200, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [30, 30, 30, 30, 30, 30, 30, 46]):
-        b = _acts(counts, rcap, k, sum(counts), dev)
-        packed.copy_(b["packed"])
-        sf.zero_()
-        sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
-        dec.copy_(b["dec"] * 3)
-        off.copy_(b["off"].to(torch.int32))
+        b = _refill(counts, rcap, k, dev, packed, sf, dec, off)
         hb = b["packed"][:, : i // 2].flip(0).contiguous()
         h_packed.copy_(hb)
         h_sf_static.zero_()
@@ -751,12 +759,7 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(var
     with torch.cuda.graph(graph):
         outs = step(ours)
     for counts in ([0, 0, 0, 1000, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [120, 120, 120, 120, 120, 120, 120, 150]):
-        b = _acts(counts, rcap, k, sum(counts), dev)
-        packed.copy_(b["packed"])
-        sf.zero_()
-        sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
-        dec.copy_(b["dec"] * 3)
-        off.copy_(b["off"].to(torch.int32))
+        b = _refill(counts, rcap, k, dev, packed, sf, dec, off)
         graph.replay()
         torch.cuda.synchronize()
         eager, old = step(ours), step(present)
@@ -895,19 +898,10 @@ def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
     the decode of the next)."""
     assert key.big
     ck = _compile_big(key, k)
-    tool = Path(pytest.importorskip("triton").__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(ck.asm["cubin"])
-    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert found, usage
-    regs, stack, local = map(int, found.groups())
+    regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     print(f"{key}: {regs} registers, dynamic shared {ck.metadata.shared} bytes")
-    assert stack == 0 and local == 0, f"{key}: spills (STACK {stack}, LOCAL {local}, {regs} registers)"
     assert ck.metadata.shared <= 227 * 1024, f"{key}: {ck.metadata.shared} bytes of shared memory"
-    sass = subprocess.run([str(tool), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     shapes = set(re.findall(r"HGMMA\.64x(\d+)x16\.F32\b", sass))
     assert shapes == {str(key.block_t)}, f"{key}: HGMMA shapes {sorted(shapes)} (expected 64x{key.block_t}x16 F32)"
     assert "UTMALDG" in sass, f"{key}: the planes are not loaded by TMA"
@@ -929,7 +923,6 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tile128, 
     """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows, 4
     warps, E 384 padded to 512, PTX decode; the two planes or the k128 variant's tile-interleaved tensor) compiles
     for sm_90 without spills; registers printed."""
-    import re
 
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -946,17 +939,8 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tile128, 
                                                                           "HALF_K")}
     src = ASTSource(grouped_act_decode_planes_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    if not tool.exists():
-        pytest.skip(f"triton: no bundled cuobjdump at {tool}")
-    cubin = tmp_path / "kernel.cubin"
-    cubin.write_bytes(ck.asm["cubin"])
-    usage = subprocess.run([str(tool), "-res-usage", str(cubin)], check=True, capture_output=True, text=True).stdout
-    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
-    assert found, usage
-    regs, stack, local = map(int, found.groups())
-    print(f"grouped_act_decode_planes_kernel K={k} TILE128={tile128}: {regs} registers")
-    assert stack == 0 and local == 0, f"spills (STACK {stack}, LOCAL {local}, {regs} registers)"
+    what = f"grouped_act_decode_planes_kernel K={k} TILE128={tile128}"
+    print(f"{what}: {registers_without_spills(ck.asm['cubin'], tmp_path, what)} registers")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1157,12 +1141,7 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
     with torch.cuda.graph(graph):
         outs = step(True)
     for counts in ([0, 0, 0, 60, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 2, 0], [8, 8, 8, 8, 8, 8, 8, 8]):
-        b = _acts(counts, rcap, k, sum(counts), dev)
-        packed.copy_(b["packed"])
-        sf.zero_()
-        sf[:b["sf_sw"].shape[0]].copy_(b["sf_sw"])
-        dec.copy_(b["dec"] * 3)
-        off.copy_(b["off"].to(torch.int32))
+        b = _refill(counts, rcap, k, dev, packed, sf, dec, off)
         h_packed.copy_(b["packed"][:, : i // 2].flip(0).contiguous())
         h_sf_static.zero_()
         hs, _ = sf_grouped_linear_to_swizzled_128x4(torch.full((b["r"], i // 16), 0x38, dtype=torch.uint8, device=dev),
