@@ -6,7 +6,9 @@ straight into the A-fragment registers (the wgmma kernel's own helpers: _weight_
 _decode_a; no shared-memory round trip of the decoded weights), and the B operand is a [BT, 128] fp16 token tile of
 the activations decoded once per GEMM in the k128 layout (grouped_act_decode_planes_kernel with TILE128: per K tile
 64 even k, then 64 odd k), brought by TMA into a 4-stage ring with one mbarrier a stage. No activation decode in the
-loop. BT 64 or 128 tokens (the wgmma N), BN = 16 * warps weight rows (one 64-row wgmma tile per warpgroup).
+loop. BT 64 or 128 tokens (the wgmma N), BN = 16 * warps * R_WG weight rows: R_WG (BigWgmmaKey.rows_per_wg) row
+blocks of 16 * warps rows, one 64-row wgmma tile per warpgroup each, so a token tile brought in by TMA feeds R_WG
+wgmmas (R_WG 2: half the token-tile traffic per weight row).
 
 Bits: A column L = 64 n + b holds k = 2 b + n (the wgmma kernel's order: L < 64 the even k, L >= 64 the odd k), and
 B column L of the k128 layout holds the same k, so one wgmma over K = 128 issues the present path's 8 k16 steps
@@ -23,6 +25,16 @@ Pipeline, per K tile it (one CTA barrier; the loop is unrolled by 4 so every rin
   wait for token tile it (mbarrier); async wgmma of tile it; wait until only it is in flight (tile it - 1 done).
 So the MMA of tile it runs while tile it + 1's weights are decoded. The A registers of tile it - 1 are kept alive
 until that wait (a dependency of the wait), as the hardware reads them while the wgmma runs.
+
+R_WG 2 (_big_k_step_r2): the same barrier, reads and copies, then per tile it, staggered by one row block:
+  decode block 0 (rows 0 .. BNB - 1 of the stage); wait for token tile it; async wgmma (block 0, tile it);
+  wait until one wgmma is in flight (block 1 of tile it - 1 done: its A registers free);
+  decode block 1 (rows BNB .. BN - 1); async wgmma (block 1, tile it); wait until one is in flight (block 0 done).
+So one 64-row wgmma is always in flight while the next block decodes, and only two blocks' A registers are alive
+(block 0 of tile it, block 1 of tile it - 1). Both blocks' wgmmas in flight during the next tile's decode (the
+R_WG 1 order with two wgmmas) keeps four alive: 255 registers and 64-72 bytes of stack at BT 64 (CPU compile).
+Each block is its own [BNB, BT] accumulator and is its own K = 128 wgmma chain over the K tiles in order (the R_WG 1
+sequence), and its epilogue is _epilogue's for column tile R_WG pid_n + b of BNB rows: the same bits.
 
 Token rows past the planes come zero-filled by TMA; rows of the next expert inside a tile land in token columns the
 epilogue masks (an output element depends only on its own token and weight row).
@@ -83,6 +95,38 @@ def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, 
     return acc, a
 
 
+@gluon.jit
+def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, w_base, s_base, wvec0, scol,
+                   HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr,
+                   A_OP: gl.constexpr, K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BNB: gl.constexpr,
+                   BT: gl.constexpr, J: gl.constexpr):
+    """K tile it (it % 4 == J) of two row blocks (R_WG 2; block b: rows b BNB .. of the ring stage, the converted
+    scales and the accumulator acc<b>), both on token tile it, staggered by one block (see the module docstring):
+    block 0's wgmma is issued, then the wait for block 1 of tile it - 1, then block 1 decoded and issued, then the wait
+    for block 0 of tile it. Returns block 1's A registers (alive until the next tile's first wait)."""
+    w_cur = rings[2 * J]
+    s_nxt = rings[2 * ((J + 1) % 4) + 1]
+    w_iss, s_iss = rings[2 * ((J + 3) % 4)], rings[2 * ((J + 3) % 4) + 1]
+    async_copy.wait_group(1)  # weight tiles it and it + 1 landed (this thread's copies)
+    gl.thread_barrier()  # ... every thread's; scales of tile it stored; every wgmma of tile it - 2 done
+    wh = w_cur.slice(0, BNB).load(H_RD)
+    sd = s16_cur.slice(0, BNB).load(SD_RD)
+    sb = s_nxt.load(S_CV)
+    _issue(w_iss, s_iss, w_base, s_base, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL)
+    _x_issue(x_desc, xs, bars, r0, it + 2, K_ITERS, BT, (J + 2) % 4)
+    _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
+    a0 = _decode_a(wh, sd, H4, A_OP, BNB)
+    mbarrier.wait(bars.index(J), (it // 4) & 1)  # token tile it landed
+    acc0 = warpgroup_mma(a0, xs[J].permute([1, 0]), acc0, is_async=True)
+    # block 1 of tile it - 1 done (its A registers free); block 0 of tile it in flight
+    acc0, acc1, a1_prev = warpgroup_mma_wait(1, deps=[acc0, acc1, a1_prev])
+    # block 1 of tile it (its ring rows and scales stay unwritten until the next tile's barrier)
+    a1 = _decode_a(w_cur.slice(BNB, BNB).load(H_RD), s16_cur.slice(BNB, BNB).load(SD_RD), H4, A_OP, BNB)
+    acc1 = warpgroup_mma(a1, xs[J].permute([1, 0]), acc1, is_async=True)
+    acc0, acc1, a0 = warpgroup_mma_wait(1, deps=[acc0, acc1, a0])  # block 0 of tile it done; block 1 in flight
+    return acc0, acc1, a1
+
+
 @gluon.jit(do_not_specialize=["RCAP", "adec_stride", "hdec_stride", "limit"])
 def grouped_gemm_nvfp4_big_wgmma_kernel(
     w_ptr, wsf_ptr, x_desc, adec_ptr, wdec_ptr, off_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
@@ -92,6 +136,7 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
     BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr, FMAX: gl.constexpr,
+    R_WG: gl.constexpr,
 ):
     """grouped_gemm_nvfp4_wgmma_kernel's contract for the weights (w_ptr [E, N, K/4] i16, wsf_ptr u8 128x4 per
     expert, HW = K / 4) and outputs; x_desc: a tensor descriptor (block [BT, 128], layout X_SH) of the activations
@@ -116,8 +161,14 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
         fence_async_shared()  # the initialised barriers visible to the async proxy (TMA) before the first copy
         r0 = off_e + row0  # first global row of the token tile
         A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
-        acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
-        a_prev = gl.zeros([BN, 128], gl.float16, layout=A_OP)
+        BNB: gl.constexpr = BN // R_WG  # rows of one row block (one 64-row wgmma tile per warpgroup)
+        if R_WG == 1:
+            acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
+            a_prev = gl.zeros([BN, 128], gl.float16, layout=A_OP)
+        else:  # two row blocks: rows 0 .. BNB - 1 and BNB .. BN - 1, an accumulator each
+            acc0 = gl.zeros([BNB, BT], gl.float32, layout=MMA)
+            acc1 = gl.zeros([BNB, BT], gl.float32, layout=MMA)
+            a1_prev = gl.zeros([BNB, 128], gl.float16, layout=A_OP)
         for j in gl.static_range(3):  # prologue: weight tiles 0, 1, 2 into stages 0, 1, 2
             _issue(rings[2 * j], rings[2 * j + 1], w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
         gl.thread_barrier()  # the barriers initialised for every thread before a TMA can complete on them
@@ -126,22 +177,47 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
         async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
         _store_scales(rings[1].load(S_CV), s16[0], 0, HW, S_CV, K_TAIL)
-        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (s16[j % 2])
-            for j in gl.static_range(4):
-                acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
-                                          x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
+        if R_WG == 1:
+            for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (s16[j % 2])
+                for j in gl.static_range(4):
+                    acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
+                                              x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
+                                              A_OP, K_ITERS, K_TAIL, BN, BT, j)
+            if K_ITERS % 4 != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
+                acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
+            for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
+                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
+                                          bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
                                           A_OP, K_ITERS, K_TAIL, BN, BT, j)
-        if K_ITERS % 4 != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
-            acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
-        for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
-            acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
-                                      x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP,
-                                      K_ITERS, K_TAIL, BN, BT, j)
-        acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
+            acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
+        else:
+            for it4 in range(0, K_ITERS // 4):  # the same unrolled loop, two row blocks a tile
+                for j in gl.static_range(4):
+                    acc0, acc1, a1_prev = _big_k_step_r2(
+                        4 * it4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
+                        x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
+                        K_TAIL, BNB, BT, j)
+            if K_ITERS % 4 != 0:  # (as above: every wgmma done before the tail)
+                acc0, acc1, a1_prev = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])
+            for j in gl.static_range(K_ITERS % 4):
+                acc0, acc1, a1_prev = _big_k_step_r2(
+                    K_ITERS // 4 * 4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
+                    bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
+                    K_TAIL, BNB, BT, j)
+            acc0, acc1 = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])[:2]
         async_copy.wait_group(0)
         for j in gl.static_range(4):
             mbarrier.invalidate(bars.index(j))
-        _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
-                  N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
+        if R_WG == 1:
+            _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr,
+                      hdec_ptr, N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP,
+                      ONE_SIXTH, FMAX)
+        else:  # row block b is column tile R_WG pid_n + b of BNB rows (the epilogues' gate/up pairs, quant blocks)
+            _epilogue(acc0, e64, R_WG * pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr,
+                      hsf_ptr, hdec_ptr, N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BNB, BT,
+                      CLAMP, ONE_SIXTH, FMAX)
+            _epilogue(acc1, e64, R_WG * pid_n + 1, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr,
+                      hsf_ptr, hdec_ptr, N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BNB, BT,
+                      CLAMP, ONE_SIXTH, FMAX)
     else:
         _zero_tile(z, off_end, pid_n, out_ptr, out2_ptr, N, RCAP, EPI_L, EPI, BN, BT)

@@ -215,14 +215,17 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
 @dataclass(frozen=True)
 class BigWgmmaKey:
     """Codegen of the large-token path's register-fed variant (_grouped_gemm_nvfp4_big_wgmma, Gluon): epilogue, BT
-    tokens (the wgmma N: 64 or 128), warps (BN = 16 * warps weight rows), the expert-count padding E_P (a power of
-    two >= 32 and >= E), clamp. Its activations are the k128 layout's (the PTX decode)."""
+    tokens (the wgmma N: 64 or 128), warps, the expert-count padding E_P (a power of two >= 32 and >= E), clamp, and
+    rows_per_wg: the 64-row wgmma tiles (row blocks) each warpgroup owns, 1 or 2 (2: two wgmmas a K tile on the same
+    token tile, so each token tile brought in feeds twice the weight rows). BN = 16 * warps * rows_per_wg weight rows.
+    Its activations are the k128 layout's (the PTX decode)."""
 
     epi: int
     block_t: int = 128
     e_pad: int = 512
     num_warps: int = 8
     clamp: bool = False
+    rows_per_wg: int = 1
 
     k128 = True     # (what _decode_planes reads: the tile-interleaved layout, PTX decode)
     use_asm = True
@@ -236,10 +239,13 @@ class BigWgmmaKey:
             raise ValueError(f"BigWgmmaKey: num_warps = {self.num_warps!r}, expected 4 or 8 (whole warpgroups)")
         if not isinstance(self.e_pad, int) or self.e_pad < 32 or self.e_pad & (self.e_pad - 1):
             raise ValueError(f"BigWgmmaKey: e_pad = {self.e_pad!r}, expected a power of two >= 32")
+        if self.rows_per_wg not in (1, 2):
+            raise ValueError(f"BigWgmmaKey: rows_per_wg = {self.rows_per_wg!r}, expected 1 or 2 (64-row wgmma tiles "
+                             "a warpgroup)")
 
     @property
     def block_n(self) -> int:
-        return 16 * self.num_warps
+        return 16 * self.num_warps * self.rows_per_wg
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "BigWgmmaKey":
@@ -287,7 +293,8 @@ def _compile_big_wgmma(key: BigWgmmaKey):
             0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
             hsf.shape[1] if hsf.dim() == 2 else 4, **lay,
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
-            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, num_warps=key.num_warps)
+            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, R_WG=key.rows_per_wg,
+            num_warps=key.num_warps)
 
     return run
 

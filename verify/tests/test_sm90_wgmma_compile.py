@@ -222,7 +222,8 @@ def _big_wgmma_compile(key, n: int, k: int):
            "x_desc": f"tensordesc<fp16[{key.block_t}, 128],{lay['X_SH']!r}>", **sig}
     sig["out_ptr"] = {0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi]
     const = dict(lay, K_ITERS=-(-k // 128), K_TAIL=k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n,
-                 BT=key.block_t, E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+                 BT=key.block_t, E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
+                 R_WG=key.rows_per_wg)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr", "N")
