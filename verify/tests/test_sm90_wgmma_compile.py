@@ -18,7 +18,8 @@ import pytest
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
 from kernels.sm90.gemm_nvfp4 import CompileKey  # noqa: E402
-from verify.tests._sass import _cuobjdump, registers_without_spills  # noqa: E402
+from verify.tests._sass import (  # noqa: E402
+    _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
 PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
 _SIG = {"w_ptr": "*i32", "wsf_ptr": "*u8", "xp_ptr": "*fp16", "xsf_ptr": "*u8", "alpha_ptr": "*fp32",
@@ -205,6 +206,17 @@ def _big_wgmma_cases() -> list[tuple]:
     cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True), 768, 1040))
     cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=32, num_warps=4), 192, 256))  # K_ITERS 2: only tail tiles
     cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32), 128, 1664))  # 13 tiles (the GPU small-shape tests)
+    # two row blocks a warpgroup (rows_per_wg 2): BT 64 with 8 warps (BN 256) and 4 warps (BN 128), the three
+    # epilogues at V4-Pro size, a K tail, K 256 (only tail tiles; N 192: block 1 of tile 1 past N) and 13 tiles
+    # (N 128 < BN 256: block 1 wholly past N). BT 128 with 4 warps spills (32 B stack) and is not a key to time.
+    for warps in (8, 4):
+        cases.add((BigWgmmaKey(epi=2, block_t=64, e_pad=512, num_warps=warps, clamp=True, rows_per_wg=2),
+                   2 * GROUPED_I, GROUPED_H))
+        cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=512, num_warps=warps, rows_per_wg=2), GROUPED_H, GROUPED_I))
+    cases.add((BigWgmmaKey(epi=1, block_t=64, e_pad=512, rows_per_wg=2), 2 * GROUPED_I, GROUPED_H))
+    cases.add((BigWgmmaKey(epi=2, block_t=64, e_pad=32, clamp=True, rows_per_wg=2), 768, 1040))
+    cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=32, num_warps=4, rows_per_wg=2), 192, 256))
+    cases.add((BigWgmmaKey(epi=1, block_t=64, e_pad=32, rows_per_wg=2), 128, 1664))
     return sorted(cases, key=str)
 
 
@@ -236,25 +248,30 @@ def _big_wgmma_compile(key, n: int, k: int):
 
 
 @pytest.mark.parametrize("case", _big_wgmma_cases(),
-                         ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-n{c[1]}-k{c[2]}")
+                         ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-r{c[0].rows_per_wg}-n{c[1]}"
+                                       f"-k{c[2]}")
 def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
     """No spills, fits the 227 KB of shared memory; only HGMMA.64xBTx16 F32 with the A operand from registers, 8 per
-    128-K tile (the K loop unrolled by 4, the tail by K_ITERS % 4); the token tiles by TMA (UTMALDG); per K tile one
-    wgmma wait, leaving that tile's wgmma in flight (WARPGROUP.DEPBAR.LE gsb0 1: the MMA of one tile overlaps the
-    next tile's decode), full waits only after the loop and before the K_ITERS % 4 tail tiles (without that one ptxas
-    serializes every wgmma of the kernel, C7513). Registers and shared memory printed."""
+    128-K tile and row block (rows_per_wg R: 8 R; the K loop unrolled by 4, the tail by K_ITERS % 4); the token tiles
+    by TMA (UTMALDG); per K tile and row block one wgmma wait, leaving the wgmma just issued in flight
+    (WARPGROUP.DEPBAR.LE gsb0 1: the MMA of one block overlaps the next block's decode), full waits only after the
+    loop and before the K_ITERS % 4 tail tiles (without that one ptxas serializes every wgmma of the kernel, C7513);
+    ptxas reports no wgmma serialization (C7510-C7520). Registers and shared memory printed."""
     key, n, k = case
     ck = _big_wgmma_compile(key, n, k)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
+    r = key.rows_per_wg
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
-    waits = [int(v, 16) for v in re.findall(r"WARPGROUP\.DEPBAR\.LE gsb0, (0x[0-9a-f]+)", sass)]
+    waits = wgmma_depbars(sass)
     print(f"{key} N={n} K={k}: {regs} registers, shared {ck.metadata.shared} B, {len(hgmma)} HGMMA for {tiles} K "
           f"tiles, wgmma waits {waits}")
     assert ck.metadata.shared <= 227 * 1024, f"{key}: {ck.metadata.shared} bytes of shared memory"
-    assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA {hgmma}"
-    assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
+    assert len(hgmma) == 8 * r * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA {hgmma}"
+    assert len(re.findall(r"HGMMA", sass)) == 8 * r * tiles, f"{key}: HGMMA other than the register-A steps"
     assert "UTMALDG" in sass, f"{key}: the token tiles are not loaded by TMA"
     full = 1 + ((-(-k // 128)) % 4 != 0)  # after the loop (and before a K_ITERS % 4 tail: ptxas would serialize)
-    assert waits.count(1) == tiles and waits.count(0) == full and len(waits) == tiles + full, f"{key}: waits {waits}"
+    assert waits.count(1) == r * tiles and waits.count(0) == full and len(waits) == r * tiles + full, \
+        f"{key}: waits {waits}"
+    assert not (warn := wgmma_serialization_warnings(ptxas_log(ck.asm["ptx"], tmp_path))), f"{key}: ptxas {warn}"
