@@ -455,7 +455,8 @@ def _wide_stack(e: int, n: int, k: int, seed: int, device):
 
 
 def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, present_bt=None, big_bts=(16, 128),
-                        epis=(0, 1, 2), big_bn=128, k128=False, versus="present", exact=False, wgmma=False) -> str:
+                        epis=(0, 1, 2), big_bn=128, k128=False, versus="present", exact=False, wgmma=False,
+                        rows_per_wg=1, present_bn=None) -> str:
     """Every output of the large-token path (each BT in big_bts, BN big_bn; k128: its one-MMA-per-tile variant)
     equals the present path's bit for bit: plain bf16 [Rcap, N], gate/up float32 [Rcap, N/2 each], fused h packed
     + grouped scales + h_dec. The present path runs with token tile present_bt, or (None) with the same (BN, BT)
@@ -465,7 +466,9 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
     operands whose every sum is exact (_exact_acts), which is what the interpreter can prove for k128 (one K = 128
     numpy matmul is not the sum of two K = 64 ones on rounding data). The plain output also meets the float64
     bound (two identical wrong answers cannot pass). wgmma: the large-token path's register-fed Gluon variant
-    (BigWgmmaKey, BN = big_bn = 16 x warps; GPU only) instead of the Triton kernel."""
+    (BigWgmmaKey, BN = big_bn = 16 x warps x rows_per_wg; GPU only) instead of the Triton kernel. present_bn: the
+    present path's BN when not big_bn (its Triton kernel has no 256-row tile; on the GPU BN does not change an
+    element's MMA sequence)."""
     gg = _gg()
     a = (_exact_acts(counts, rcap, k, seed, device) if exact else _acts(counts, rcap, k, seed, device, spread=3.0))
     stack = _exact_stack if exact else _wide_stack
@@ -477,11 +480,12 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
     def present(epi, bt, clamp=False):
         if versus == "big":
             return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
-        return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=big_bn)
+        return _present_key(epi, present_bt or bt, e, use_asm=asm, clamp=clamp, bn=present_bn or big_bn)
 
     def big(epi, bt, clamp=False):
         if wgmma:
-            return gg.BigWgmmaKey(epi=epi, block_t=bt, e_pad=max(32, _e_pad(e)), num_warps=big_bn // 16, clamp=clamp)
+            return gg.BigWgmmaKey(epi=epi, block_t=bt, e_pad=max(32, _e_pad(e)), num_warps=big_bn // (16 * rows_per_wg),
+                                  clamp=clamp, rows_per_wg=rows_per_wg)
         return _big_key(epi, bt, e, use_asm=asm, clamp=clamp, bn=big_bn, k128=k128)
 
     done = []
@@ -523,7 +527,7 @@ def check_big_path_bits(device, *, counts, rcap, n, k, seed=0, use_asm=None, pre
             for name, x, y in zip(("h_packed", "h_sf", "h_dec"), got, want):
                 assert_bits_equal(x, y, label=f"fused {name}, big BT {bt} vs present BT {present_bt or bt}")
         done.append("fused")
-    name = "big wgmma" if wgmma else "big k128" if k128 else "big"
+    name = f"big wgmma (rows_per_wg {rows_per_wg}, BN {big_bn})" if wgmma else "big k128" if k128 else "big"
     return (f"ok (bit-identical: {', '.join(done)}; {name} BT {list(big_bts)} vs {versus} BT "
             f"{present_bt or 'same'}{', exact data' if exact else ''})")
 
@@ -659,9 +663,14 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     gg = _gg()
     for kw, field in ((dict(epi=3), "epi"), (dict(epi=0, block_t=32), "block_t"), (dict(epi=0, num_warps=16),
                                                                                     "num_warps"),
-                      (dict(epi=0, e_pad=48), "e_pad"), (dict(epi=0, e_pad=16), "e_pad")):
+                      (dict(epi=0, e_pad=48), "e_pad"), (dict(epi=0, e_pad=16), "e_pad"),
+                      (dict(epi=0, rows_per_wg=0), "rows_per_wg"), (dict(epi=0, rows_per_wg=4), "rows_per_wg")):
         with pytest.raises(ValueError, match=f"BigWgmmaKey: {field}"):
             gg.BigWgmmaKey(**kw)
+    r2 = gg.BigWgmmaKey(epi=2, block_t=64, num_warps=8, clamp=True, rows_per_wg=2)  # two 64-row blocks a warpgroup
+    assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
+    assert r2.grid(6 * 4096, 384, 6144) == (6 * 4096 // 64 + 384 + 1) * 6144 // 256
+    assert gg.BigWgmmaKey(epi=0).rows_per_wg == 1  # the default: the kernel as measured
     with pytest.raises(ValueError, match="k128"):
         gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
     key = gg.BigWgmmaKey.for_shape(2, 6 * 4096, 384, clamp=True)
@@ -683,18 +692,23 @@ def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2"])
 def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     """Rcap 24576 over E 384 (V4-Pro T = 4096 rows per expert, small K / N): every output of the large-token path
     (two_mma: the Triton kernel's two K = 64 MMAs per tile, BT 128 and 256; k128: its one K = 128 MMA, BT 64, 128,
-    256; wgmma: the register-fed Gluon kernel, BT 64 and 128, BN 128 and 64) equals the present path's (BT 64, the
-    present key at this shape; and BT 16) bit for bit: plain, gate/up, fused; zero-token experts, a hot expert,
-    K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail), capacity rows."""
+    256; wgmma: the register-fed Gluon kernel, BT 64 and 128, BN 128 and 64; wgmma_r2: the same with two 64-row
+    blocks a warpgroup (rows_per_wg 2), BT 64, BN 256 (8 warps; N 384: the second column tile's block 1 past N) and
+    128 (4 warps)) equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit: plain,
+    gate/up, fused; zero-token experts, a hot expert, K = 1040 (not a multiple of 128: the weight K tail, a
+    K_ITERS % 4 tail), capacity rows."""
     counts = _v4_like_counts(24576, 384, 71)
-    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128)}[variant]
-    for present_bt, bn in ((64, 128), (16, 128), (64, 64)) if variant == "wgmma" else ((64, 128), (16, 128)):
-        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=256, k=1040, seed=72, present_bt=present_bt,
-                                  big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant == "wgmma")
+    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128), "wgmma_r2": (64,)}[variant]
+    tiles = {"wgmma": ((64, 128), (16, 128), (64, 64)), "wgmma_r2": ((64, 256), (16, 256), (64, 128))}
+    n = 384 if variant == "wgmma_r2" else 256
+    for present_bt, bn in tiles.get(variant, ((64, 128), (16, 128))):
+        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=n, k=1040, seed=72, present_bt=present_bt,
+                                  big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant.startswith("wgmma"),
+                                  rows_per_wg=2 if variant == "wgmma_r2" else 1, present_bn=min(bn, 128))
         assert msg.startswith("ok"), msg
     gg = _gg()
     assert gg.CompileKey.for_shape(2, 24576, 384, 256, 1040).big  # the routing serves this shape on the new path
@@ -702,28 +716,34 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma"])
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2"])
 def test_gpu_large_token_path_planes_and_small_shapes(variant):
     """The decoded planes on the GPU (PTX decode) hold the references' values; the bits equal the present path's
     at small E (a token tile wider than the planes: rows past them come zero-filled by TMA; wgmma: K_ITERS 2, only
-    tail tiles, and a column tile past N; K = 1664: 13 tiles, the unrolled loop and a tail)."""
+    tail tiles, and a column tile past N; K = 1664: 13 tiles, the unrolled loop and a tail; wgmma_r2: rows_per_wg 2 at
+    BN 128 (4 warps) and 256 (8 warps: N 192 and 128, so row block 1 partly or wholly past N)."""
     k128 = variant != "two_mma"
     assert check_big_planes_are_the_decoded_values(_cuda(), counts=[3, 0, 200, 1, 0, 90], rcap=300, k=1040,
                                                    seed=73, k128=k128).startswith("ok")
-    bts = (64, 128) if variant == "wgmma" else (128, 256)
-    assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
-                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
-    assert check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=128, k=1664, seed=75, present_bt=16,
-                               big_bts=bts, k128=variant == "k128", wgmma=variant == "wgmma").startswith("ok")
+    bts = {"wgmma": (64, 128), "wgmma_r2": (64,)}.get(variant, (128, 256))
+    wg = dict(k128=variant == "k128", wgmma=variant.startswith("wgmma"))
+    for bn in (128, 256) if variant == "wgmma_r2" else (128,):
+        if variant == "wgmma_r2":
+            wg.update(rows_per_wg=2, big_bn=bn, present_bn=128)
+        assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
+                                   big_bts=bts, **wg).startswith("ok")
+        assert check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=128, k=1664, seed=75,
+                                   present_bt=16, big_bts=bts, **wg).startswith("ok")
 
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma"])
+@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma", "wgmma_r2"])
 def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
     """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
-    register-fed BigWgmmaKey.for_shape keys) captured at capacity with one routing and replayed with others and new
-    values: every output equals an eager call, and the present path's bytes."""
+    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64, 8 warps: BN 256) captured at capacity
+    with one routing and replayed with others and new values: every output equals an eager call, and the present
+    path's bytes."""
     gg = _gg()
     dev = _cuda()
     e, k, i, rcap = 8, 1024, 256, 1024
@@ -744,6 +764,9 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(var
                 for epi in (0, 1, 2)}
     elif variant == "wgmma":
         ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
+    elif variant == "wgmma_r2":
+        ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=64, e_pad=32, num_warps=8, clamp=epi == 2, rows_per_wg=2)
+                for epi in (0, 1, 2)}
 
     def step(keys=None):
         keys = keys or {}
