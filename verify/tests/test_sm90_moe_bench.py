@@ -392,13 +392,14 @@ def test_moe_tile_sweep(t):
               f"k128={k128}: {s * 1e6:.1f} us",
               flush=True)
     if gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True).big:  # the large-token register-fed variant's keys
-        for bt, warps in ((128, 8), (64, 8), (128, 4), (64, 4)):
-            key = gg.BigWgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True)
+        # rows_per_wg 2: two 64-row blocks a warpgroup on each token tile (BN 256 with 8 warps, 128 with 4)
+        for bt, warps, rows in ((128, 8, 1), (64, 8, 1), (128, 4, 1), (64, 4, 1), (64, 8, 2), (64, 4, 2)):
+            key = gg.BigWgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True, rows_per_wg=rows)
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)
-            out.append({"T": t, "big_wgmma": True, "BT": bt, "warps": warps, "us": s * 1e6})
-            print(f"sweep fused L1 T={t} big wgmma BT={bt} warps={warps} (BN {16 * warps}): {s * 1e6:.1f} us",
-                  flush=True)
+            out.append({"T": t, "big_wgmma": True, "BT": bt, "warps": warps, "rows_per_wg": rows, "us": s * 1e6})
+            print(f"sweep fused L1 T={t} big wgmma BT={bt} warps={warps} rows_per_wg={rows} (BN {key.block_n}): "
+                  f"{s * 1e6:.1f} us", flush=True)
     if gg.wgmma_serves(r, E):  # the register-fed kernel's keys (BT, warps), same inputs
         for bt, warps, cap in ((8, 4, 0), (8, 4, 96), (8, 8, 0), (16, 4, 0), (16, 8, 0)):  # cap: max_registers
             key = gg.WgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True, max_registers=cap)
