@@ -42,6 +42,10 @@ pytestmark = [pytest.mark.bench, pytest.mark.gpu, pytest.mark.sm90]
 E, TOPK, H, I = 384, 6, 7168, 3072
 TOKENS = tuple(int(t) for t in os.environ.get("NVFP4V_MOE_TOKENS", "1,16,256,4096,32768").split(","))
 PLANS = moe_plans(E, TOPK, H, I, TOKENS)
+# the large-token path's variants timed at the T it serves (same bits): the Triton kernel's two MMAs a K tile, its one
+# K = 128 MMA, the register-fed Gluon kernel (routed key), and that kernel with two 64-row blocks a warpgroup
+# (BigWgmmaKey.rows_per_wg 2, BT 64, 8 / 4 warps)
+_LT_VARIANTS = ("big2", "k128", "wgmma", "wgmma_r2_w8", "wgmma_r2_w4")
 
 
 def _time(fn, calls: int = 3, reps: int = 7, t: int = 0) -> float:
@@ -201,9 +205,12 @@ def test_moe_grouped_gemm_bench():
                       flush=True)
                 # the large-token path's variants (explicit keys, same bits): two MMAs per K tile, one K = 128 MMA,
                 # the register-fed Gluon kernel (gg.LARGE_TOKEN_VARIANT routes one of them)
-                for name in ("big2", "k128", "wgmma"):
+                for name in _LT_VARIANTS:
                     if name == "wgmma":
                         kv1, kv2 = gg.BigWgmmaKey.for_shape(2, r, E, clamp=True), gg.BigWgmmaKey.for_shape(0, r, E)
+                    elif name.startswith("wgmma_r2"):  # rows_per_wg 2, BT 64, 8 / 4 warps (BN 256 / 128)
+                        kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2), block_t=64,
+                                                        num_warps=int(name[-1]), rows_per_wg=2) for epi in (2, 0))
                     else:
                         kv1 = dataclasses.replace(gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True),
                                                   k128=name == "k128")
@@ -300,13 +307,13 @@ def test_moe_grouped_gemm_bench():
             print(f"T={t:6d} large-token path: L1f+L2 {ours * 1e6:9.1f} us (x torch {res['x_torch']:.2f}) | present "
                   f"path {res['present_fused_s'] * 1e6:9.1f} us (x torch {res['present_x_torch']:.2f}) | torch bf16 "
                   f"{res['torch_moe_s'] * 1e6:9.1f} us", flush=True)
-            for name in ("big2", "k128", "wgmma"):
+            for name in _LT_VARIANTS:
                 res[f"lt_{name}_x_torch"] = res["torch_moe_s"] / res[f"lt_{name}_fused_s"]
             print(f"T={t:6d} L1f+L2 large-token variants (us, x torch, x big2, bits equal to present): "
                   + " | ".join(f"{name} {res[f'lt_{name}_fused_s'] * 1e6:9.1f} x{res[f'lt_{name}_x_torch']:.2f} "
                                f"x{res['lt_big2_fused_s'] / res[f'lt_{name}_fused_s']:.2f} "
                                f"{res[f'lt_{name}_bits_equal']}"
-                               for name in ("big2", "k128", "wgmma"))
+                               for name in _LT_VARIANTS)
                   + f" | present {res['present_fused_s'] * 1e6:9.1f} | torch bf16 {res['torch_moe_s'] * 1e6:9.1f}",
                   flush=True)
         rows_out.append(res)
@@ -332,7 +339,7 @@ def test_moe_grouped_gemm_bench():
     unequal = [r_["T"] for r_ in rows_out if r_.get("wgmma_bits_equal") is False
                or any(not v["bits_equal"] for v in r_.get("wgmma_register_caps", {}).values())]
     assert not unequal, f"register-fed grouped kernel: bits differ from the Triton kernel at T = {unequal}"
-    unequal = [(r_["T"], name) for r_ in rows_out for name in ("big2", "k128", "wgmma")
+    unequal = [(r_["T"], name) for r_ in rows_out for name in _LT_VARIANTS
                if r_.get(f"lt_{name}_bits_equal") is False]
     assert not unequal, f"large-token variants: bits differ from the present path at (T, variant) {unequal}"
     _assert_peaks_within_plan(peaks)
