@@ -249,9 +249,16 @@ class BigWgmmaKey:
 
     @staticmethod
     def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "BigWgmmaKey":
-        # BT 128, 8 warps (BN 128): the Triton large-token kernel's tile; the sweep rows time BT 64 and 4 warps
-        return BigWgmmaKey(epi=epi, block_t=128, e_pad=max(32, 1 << (num_experts - 1).bit_length()), num_warps=8,
-                           clamp=clamp)
+        # Fewer than 128 rows an expert on average (Rcap < 128 E; V4-Pro T = 4096: 64): BT 64, 4 warps, two row blocks
+        # a warpgroup (BN 128, 2 CTAs an SM): a BT 128 tile would be about half empty, and each fp16 token tile
+        # feeds 128 weight rows with a quarter of the routed key's token bytes a weight row. H100 (NOTES.md, "Two row
+        # blocks a warpgroup"), V4-Pro T = 4096 fused L1 + L2: 12089 us against 14916 (BT 128, 8 warps, R 1) and
+        # 13623 (BT 64, 8 warps, R 2). At 128 or more (T = 32768: 512) BT 128, 8 warps, R 1: 68777 us against 72571
+        # (R 2, 4 warps) and 79881 (R 2, 8 warps). Every variant has the present path's bits (the GPU bit tests).
+        e_pad = max(32, 1 << (num_experts - 1).bit_length())
+        if rcap < 128 * num_experts:
+            return BigWgmmaKey(epi=epi, block_t=64, e_pad=e_pad, num_warps=4, clamp=clamp, rows_per_wg=2)
+        return BigWgmmaKey(epi=epi, block_t=128, e_pad=e_pad, num_warps=8, clamp=clamp)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         return _grid(rcap, num_experts, n, self.block_t, self.block_n)

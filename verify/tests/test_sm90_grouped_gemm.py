@@ -673,10 +673,14 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert gg.BigWgmmaKey(epi=0).rows_per_wg == 1  # the default: the kernel as measured
     with pytest.raises(ValueError, match="k128"):
         gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
-    key = gg.BigWgmmaKey.for_shape(2, 6 * 4096, 384, clamp=True)
-    assert (key.block_t, key.block_n, key.e_pad, key.k128) == (128, 128, 512, True)
-    assert key.grid(6 * 4096, 384, 6144) == gg.CompileKey.for_shape(2, 6 * 4096, 384, 6144, 7168).grid(
-        6 * 4096, 384, 6144)
+    key = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True)  # >= 128 rows an expert: BT 128, 8 warps, R 1
+    assert (key.block_t, key.num_warps, key.rows_per_wg, key.block_n, key.e_pad, key.k128) == (128, 8, 1, 128, 512, True)
+    assert key.grid(6 * 32768, 384, 6144) == gg.CompileKey.for_shape(2, 6 * 32768, 384, 6144, 7168).grid(
+        6 * 32768, 384, 6144)
+    for rcap in (6 * 4096, 128 * 384 - 1):  # fewer than 128 rows an expert (V4-Pro T = 4096: 64): BT 64, 4 warps, R 2
+        key = gg.BigWgmmaKey.for_shape(0, rcap, 384)
+        assert (key.block_t, key.num_warps, key.rows_per_wg, key.block_n) == (64, 4, 2, 128), (rcap, key)
+    assert gg.BigWgmmaKey.for_shape(0, 128 * 384, 384).block_t == 128
 
 
 def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
@@ -738,10 +742,10 @@ def test_gpu_large_token_path_planes_and_small_shapes(variant):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma", "wgmma_r2"])
+@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma", "wgmma_r2", "wgmma_r2_w4"])
 def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
     """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
-    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64, 8 warps: BN 256) captured at capacity
+    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64, 8 / 4 warps: BN 256 / 128) captured at capacity
     with one routing and replayed with others and new values: every output equals an eager call, and the present
     path's bytes."""
     gg = _gg()
@@ -764,9 +768,9 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(var
                 for epi in (0, 1, 2)}
     elif variant == "wgmma":
         ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
-    elif variant == "wgmma_r2":
-        ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=64, e_pad=32, num_warps=8, clamp=epi == 2, rows_per_wg=2)
-                for epi in (0, 1, 2)}
+    elif variant.startswith("wgmma_r2"):  # 8 warps (BN 256) or 4 (BN 128: what for_shape routes below 128 rows an expert)
+        ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=64, e_pad=32, num_warps=4 if variant.endswith("w4") else 8,
+                                    clamp=epi == 2, rows_per_wg=2) for epi in (0, 1, 2)}
 
     def step(keys=None):
         keys = keys or {}

@@ -206,8 +206,9 @@ def test_moe_grouped_gemm_bench():
                 # the large-token path's variants (explicit keys, same bits): two MMAs per K tile, one K = 128 MMA,
                 # the register-fed Gluon kernel (gg.LARGE_TOKEN_VARIANT routes one of them)
                 for name in _LT_VARIANTS:
-                    if name == "wgmma":
-                        kv1, kv2 = gg.BigWgmmaKey.for_shape(2, r, E, clamp=True), gg.BigWgmmaKey.for_shape(0, r, E)
+                    if name == "wgmma":  # BT 128, 8 warps, one row block a warpgroup (BN 128)
+                        kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2),
+                                                        block_t=128, num_warps=8, rows_per_wg=1) for epi in (2, 0))
                     elif name.startswith("wgmma_r2"):  # rows_per_wg 2, BT 64, 8 / 4 warps (BN 256 / 128)
                         kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2), block_t=64,
                                                         num_warps=int(name[-1]), rows_per_wg=2) for epi in (2, 0))
