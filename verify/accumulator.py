@@ -40,7 +40,8 @@ from verify.checkpoint import Fp8BlockLinear, GatedMlp, Nvfp4Linear
 from verify.errors import BackendRefusedError
 
 __all__ = ["AccumulatorReading", "probe_accumulator", "check_declared_u_acc", "PROBE_PATHS", "AccumulatorRefused",
-           "Fp8AccumulatorReading", "probe_fp8_accumulator", "probe_grouped_accumulator", "GROUPED_PROBE_PATHS", "check_declared_fp8_accumulator", "FP8_PROBE_PATHS",
+           "Fp8AccumulatorReading", "probe_fp8_accumulator", "probe_grouped_accumulator", "GROUPED_PROBE_PATHS",
+           "check_declared_fp8_accumulator", "FP8_PROBE_PATHS", "FP8_PROBE_PATHS_GPU", "fp8_probe_paths",
            "FP8_GAPS", "FP8_PROMOTION_GAP", "accumulator_claims_more_than_kept"]
 
 K = 1024
@@ -344,6 +345,18 @@ FP8_PROBE_PATHS = {
     "M=128, N=16896 (128x64, one chunk)": (128, 16896, 1024),
     "M=4096, N=2048 (128x64, chunks in one program)": (4096, 2048, 1024),
 }
+# On a GPU also the shapes whose committed sm90 config (kernels/sm90/gemm_fp8_block_configs.TABLE, H100 sweep) is a
+# Gluon kernel: a 128 x 128 tile split (shared l1 at M <= 128) and the producer-warp kernel (wq_a at M <= 4096). Not
+# on the CPU: the emulator would spend minutes on them in float64 and no Gluon kernel runs there.
+FP8_PROBE_PATHS_GPU = {
+    "M=128, N=3072, K=7168 (Gluon 128x128, split: shared l1)": (128, 3072, 7168),
+    "M=256, N=1536, K=7168 (Gluon producer warp: wq_a)": (256, 1536, 7168),
+}
+
+
+def fp8_probe_paths(device: torch.device | str) -> dict[str, tuple[int, int, int]]:
+    """The FP8 paths `verify accumulator` probes on `device`: FP8_PROBE_PATHS, and on CUDA FP8_PROBE_PATHS_GPU."""
+    return FP8_PROBE_PATHS | (FP8_PROBE_PATHS_GPU if torch.device(device).type == "cuda" else {})
 
 
 @dataclass(frozen=True)
@@ -627,7 +640,7 @@ def _print_fp8_accumulator(console, backend: Backend, device: torch.device) -> i
     from rich.table import Table
 
     not_served: dict[str, str] = {}
-    readings = probe_fp8_accumulator(backend, device, not_served=not_served)
+    readings = probe_fp8_accumulator(backend, device, paths=fp8_probe_paths(device), not_served=not_served)
     if not readings:
         console.print(f"{backend.name} serves no FP8 block-128 dense_linear on {device}: no FP8 paths probed"
                       + "".join(f"; {p}: {why}" for p, why in not_served.items()), soft_wrap=True)

@@ -75,6 +75,19 @@ def test_the_default_paths_cover_m1_and_a_large_batch():
     assert 1 in ms and max(ms) >= 4096
 
 
+def test_on_a_gpu_the_probe_adds_the_shapes_the_sm90_table_sends_to_gluon_kernels():
+    """The GPU-only paths are shapes whose committed sm90 config is a Gluon kernel (the split tile, the producer
+    warp), so the accumulator table lists those kernels too; the CPU probes only FP8_PROBE_PATHS."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
+    from verify.accumulator import FP8_PROBE_PATHS_GPU, fp8_probe_paths
+
+    assert fp8_probe_paths("cpu") == FP8_PROBE_PATHS
+    assert fp8_probe_paths("cuda") == FP8_PROBE_PATHS | FP8_PROBE_PATHS_GPU
+    keys = {path: CompileKey.for_shape(m, n, k, act_scale_ue8m0=True) for path, (m, n, k) in FP8_PROBE_PATHS_GPU.items()}
+    assert all(key.gluon for key in keys.values()), keys
+    assert any(key.producer for key in keys.values()) and any(not key.producer for key in keys.values()), keys
+
+
 @pytest.mark.parametrize("rounding", ["truncate", "nearest"])
 def test_a_14_bit_accumulator_promoted_every_128_measures_14_bits_its_rounding_and_128(rounding):
     b = _hopper_like(rounding=rounding, declared_u=2.0**-13 if rounding == "truncate" else 2.0**-14)
@@ -180,7 +193,8 @@ def _cli(monkeypatch, capsys, backend) -> tuple[int, str]:
     nvfp4_probe, fp8_probe = acc.probe_accumulator, acc.probe_fp8_accumulator
     monkeypatch.setattr(backends, "get_backend", lambda name, device=None: backend)
     monkeypatch.setattr(acc, "probe_accumulator", lambda b, d: nvfp4_probe(b, d, paths={"M=1": 1}))
-    monkeypatch.setattr(acc, "probe_fp8_accumulator", lambda b, d, **kw: fp8_probe(b, d, paths=SMALL, **kw))
+    monkeypatch.setattr(acc, "probe_fp8_accumulator",  # the CLI passes its paths: replaced by the small one
+                        lambda b, d, paths=None, **kw: fp8_probe(b, d, paths=SMALL, **kw))
     monkeypatch.setenv("COLUMNS", "200")
     rc = acc.cli_accumulator(argparse.Namespace(backend="emulator", device="cpu"))
     return rc, capsys.readouterr().out

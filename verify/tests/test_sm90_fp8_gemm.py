@@ -1011,20 +1011,24 @@ def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
     _check_gluon_keys(n, k, "fp8_ue8m0", lambda bucket, ue8m0: _gluon_keys(bucket, n, k, ue8m0), 95)
 
 
-@pytest.mark.parametrize("m,n,k", [(128, 1536, 7168), (200, 7168, 576), (4096, 65536, 1536), (4096, 7168, 16384)],
+@pytest.mark.parametrize("m,n,k,big", [(128, 1536, 7168, "persistent"), (200, 7168, 576, "persistent"),
+                                       (4096, 65536, 1536, "persistent"), (4096, 7168, 16384, "persistent"),
+                                       (4096, 1536, 7168, "producer"), (1000, 3072, 7168, "producer")],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_gluon_graph_replay_bit_equal(m, n, k, monkeypatch):
-    """linear_fp8 routed to a Gluon config by the table (split at M <= 256, persistent above): captured once and
-    replayed on new activations, bit-equal to eager (host tensor descriptors are kernel parameters: the captured
-    launch reads the same buffers); the routed launch is the Gluon kernel."""
+def test_gpu_gluon_graph_replay_bit_equal(m, n, k, big, monkeypatch):
+    """linear_fp8 routed to a Gluon config by the table (split at M <= 256; above it persistent or the producer-warp
+    kernel): captured once and replayed on new activations, bit-equal to eager (host tensor descriptors are kernel
+    parameters: the captured launch reads the same buffers); the routed launch is the Gluon kernel."""
     from kernels.sm90 import gemm_fp8_block_configs
     from kernels.sm90.fp8_linear import linear_fp8, prepare_fp8_weight
     from kernels.sm90.gemm_fp8_block import CompileKey
-    from verify.tests._fp8_sweep import _gl, _glp
+    from verify.tests._fp8_sweep import _gl, _glp, _glw
 
-    table = {(n, k): ((256, _gl(128, 128, 4, True)), (8192, _glp(128, 128, 4)))}
+    # above M 256: the persistent tile, or the producer-warp kernel (the committed table's M = 4096 pick on 6 shapes)
+    table = {(n, k): ((256, _gl(128, 128, 4, True)),
+                      (8192, _glp(128, 128, 4) if big == "persistent" else _glw(128, 128, 4, False)))}
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
     key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
     assert key.gluon, key

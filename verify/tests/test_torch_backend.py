@@ -332,7 +332,8 @@ def test_the_probe_reports_a_path_it_leaves_out_and_reads_the_others(monkeypatch
 
     fp8_probe = acc.probe_fp8_accumulator
     monkeypatch.setattr(backends, "get_backend", lambda name, device=None: b)
-    monkeypatch.setattr(acc, "probe_fp8_accumulator", lambda bb, d, **kw: fp8_probe(bb, d, paths=PATHS, **kw))
+    monkeypatch.setattr(acc, "probe_fp8_accumulator",  # the CLI passes its paths: replaced by PATHS
+                        lambda bb, d, paths=None, **kw: fp8_probe(bb, d, paths=PATHS, **kw))
     monkeypatch.setenv("COLUMNS", "250")
     rc = acc.cli_accumulator(argparse.Namespace(backend="torch", device=str(DEVICE)))
     out = " ".join(capsys.readouterr().out.split())
