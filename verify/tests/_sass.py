@@ -176,3 +176,11 @@ def local_memory_in_loops(sass: str) -> list[str]:
 def local_memory_instructions(sass: str) -> list[str]:
     """Every STL / LDL of the SASS as `address: instruction` lines."""
     return [f"{addr:#x}: {text}" for insns in _functions(sass) for addr, text in insns if _LOCAL.match(text)]
+
+
+def resource_usage(cubin: bytes, tmp_path: Path) -> dict[str, int]:
+    """cuobjdump -res-usage's REG, STACK, SHARED and LOCAL of the kernel."""
+    usage = _cuobjdump(cubin, tmp_path, "-res-usage")
+    found = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", usage)
+    assert found, usage
+    return dict(zip(("REG", "STACK", "SHARED", "LOCAL"), map(int, found.groups())))
