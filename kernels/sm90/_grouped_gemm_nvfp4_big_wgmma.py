@@ -184,7 +184,8 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
     I = N // 2
     if is_tile:
         if R_WG == 2 and BT == 128 and not K_TAIL:  # int32 offsets from the expert's base pointers (_weight_offsets)
-            wsrc, wvec0, scol = _weight_offsets(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
+            wsrc, wvec0, scol = _weight_offsets(w_ptr, wsf_ptr, e64, pid_n, N, K_ITERS * 32, CP4, NP, W_CP, S_CP, WVEC,
+                                                BN)
         else:
             w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC,
                                                         BN)
