@@ -33,6 +33,11 @@ R_WG 2 (_big_k_step_r2): the same barrier, reads and copies, then per tile it, s
 So one 64-row wgmma is always in flight while the next block decodes, and only two blocks' A registers are alive
 (block 0 of tile it, block 1 of tile it - 1). Both blocks' wgmmas in flight during the next tile's decode (the
 R_WG 1 order with two wgmmas) keeps four alive: 255 registers and 64-72 bytes of stack at BT 64 (CPU compile).
+At BT 128 (two [64, 128] fp32 accumulators a warpgroup: 128 registers) the copy addresses of the weight ring are
+int32 offsets from the expert's two base pointers (_weight_offsets / _issue_w; with K % 128 == 0, the row stride
+HW = 32 K_ITERS a constant) instead of _weight_bases' 64-bit pointer tensors: the same addresses in fewer registers,
+so ptxas keeps everything the K loop reads in registers (255, 0-8 bytes of stack used only outside the loop; the
+pointer tensors needed 24-48 bytes, reloaded inside the loop). Every other key runs the unchanged instructions.
 Each block is its own [BNB, BT] accumulator and is its own K = 128 wgmma chain over the K tiles in order (the R_WG 1
 sequence), and its epilogue is _epilogue's for column tile R_WG pid_n + b of BNB rows: the same bits.
 
