@@ -671,6 +671,8 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
     assert r2.grid(6 * 4096, 384, 6144) == (6 * 4096 // 64 + 384 + 1) * 6144 // 256
     assert gg.BigWgmmaKey(epi=0).rows_per_wg == 1  # the default: the kernel as measured
+    r2 = gg.BigWgmmaKey(epi=0, block_t=128, rows_per_wg=2)  # BT 128, two row blocks (compile test: no loop spills)
+    assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
     with pytest.raises(ValueError, match="k128"):
         gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
     key = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True)  # >= 128 rows an expert: BT 128, 8 warps, R 1
