@@ -225,6 +225,7 @@ def _big_wgmma_cases() -> list[tuple]:
         cases.add((BigWgmmaKey(epi=epi, block_t=128, e_pad=512, clamp=epi == 2, rows_per_wg=2), n, k))
     cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=512, num_warps=4, clamp=True, rows_per_wg=2), 2 * GROUPED_I,
                GROUPED_H))
+    cases.add((BigWgmmaKey(epi=0, block_t=128, e_pad=512, num_warps=4, rows_per_wg=2), GROUPED_H, GROUPED_I))
     cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True, rows_per_wg=2), 768, 1040))
     cases.add((BigWgmmaKey(epi=0, block_t=128, e_pad=32, num_warps=4, rows_per_wg=2), 192, 256))
     cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32, rows_per_wg=2), 128, 1664))
