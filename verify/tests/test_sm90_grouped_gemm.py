@@ -21,6 +21,7 @@ garbage in the scale padding changing nothing.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -706,8 +707,8 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     blocks a warpgroup (rows_per_wg 2), BT 64, BN 256 (8 warps; N 384: the second column tile's block 1 past N) and
     128 (4 warps); wgmma_r2_bt128: the same at BT 128 (255 registers, a stack of prologue values outside the loop))
     equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit: plain, gate/up, fused;
-    zero-token experts, a hot expert, K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail),
-    capacity rows."""
+    zero-token experts, a hot expert, K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail; and
+    K = 1024 for wgmma_r2_bt128), capacity rows."""
     counts = _v4_like_counts(24576, 384, 71)
     bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128), "wgmma_r2": (64,),
            "wgmma_r2_bt128": (128,)}[variant]
@@ -715,8 +716,10 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     tiles = {"wgmma": ((64, 128), (16, 128), (64, 64))} | dict.fromkeys(("wgmma_r2", "wgmma_r2_bt128"),
                                                                          ((64, 256), (16, 256), (64, 128)))
     n = 384 if r2 else 256
-    for present_bt, bn in tiles.get(variant, ((64, 128), (16, 128))):
-        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=n, k=1040, seed=72, present_bt=present_bt,
+    # BT 128 R 2 also at K 1024: without a K tail its copies take the int32 offsets from each expert's base pointers
+    ks = (1040, 1024) if variant == "wgmma_r2_bt128" else (1040,)
+    for (present_bt, bn), k in itertools.product(tiles.get(variant, ((64, 128), (16, 128))), ks):
+        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=n, k=k, seed=72, present_bt=present_bt,
                                   big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant.startswith("wgmma"),
                                   rows_per_wg=2 if r2 else 1, present_bn=min(bn, 128))
         assert msg.startswith("ok"), msg
