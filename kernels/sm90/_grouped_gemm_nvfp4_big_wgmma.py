@@ -103,6 +103,7 @@ def _issue_w(w_dst, s_dst, wsrc, wvec0, scol, kt, K_ITERS: gl.constexpr, HW, CP4
     if len(wsrc) == 2:
         _issue(w_dst, s_dst, wsrc[0], wsrc[1], wvec0, scol, kt, K_ITERS, HW, CP4, K_TAIL)
     else:
+        gl.static_assert(not K_TAIL, "_weight_offsets' copies have no K-tail masks")
         w_off = gl.max_contiguous(gl.multiple_of(wsrc[2] + kt * 32, [1, WVEC // 2]), [1, WVEC // 2])
         s_off = gl.max_contiguous(gl.multiple_of(wsrc[3] + kt * 2 * 512, [1, 4]), [1, 4])
         if kt < K_ITERS:  # (no K tail here: _weight_offsets serves K % 128 == 0 only)
