@@ -33,6 +33,11 @@ R_WG 2 (_big_k_step_r2): the same barrier, reads and copies, then per tile it, s
 So one 64-row wgmma is always in flight while the next block decodes, and only two blocks' A registers are alive
 (block 0 of tile it, block 1 of tile it - 1). Both blocks' wgmmas in flight during the next tile's decode (the
 R_WG 1 order with two wgmmas) keeps four alive: 255 registers and 64-72 bytes of stack at BT 64 (CPU compile).
+At BT 128 (two [64, 128] fp32 accumulators a warpgroup: 128 registers) the copy addresses of the weight ring are
+int32 offsets from the expert's two base pointers (_weight_offsets / _issue_w; with K % 128 == 0, the row stride
+HW = 32 K_ITERS a constant) instead of _weight_bases' 64-bit pointer tensors: the same addresses in fewer registers,
+so ptxas keeps everything the K loop reads in registers (255, 0-8 bytes of stack used only outside the loop; the
+pointer tensors needed 24-48 bytes, reloaded inside the loop). Every other key runs the unchanged instructions.
 Each block is its own [BNB, BT] accumulator and is its own K = 128 wgmma chain over the K tiles in order (the R_WG 1
 sequence), and its epilogue is _epilogue's for column tile R_WG pid_n + b of BNB rows: the same bits.
 
@@ -73,6 +78,41 @@ def _x_issue(x_desc, xs, bars, r0, kt, K_ITERS: gl.constexpr, BT: gl.constexpr, 
 
 
 @gluon.jit
+def _weight_offsets(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr, S_CP: gl.constexpr,
+                    WVEC: gl.constexpr, BN: gl.constexpr):
+    """_weight_bases' copy addresses as the expert's two base pointers (scalars) and int32 element offsets
+    (w_off [BN, 32], s_off [BN, 8]; the same addresses, fewer registers a thread: one word an offset, not a
+    64-bit pointer), with wvec0 / scol."""
+    wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
+    wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
+    wvec0 = wcol // (WVEC // 2) * (WVEC // 2)
+    w_off = (wr * HW)[:, None] + wcol[None, :]
+    sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
+    sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
+    scol = sb // 4
+    s_off = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
+             + (scol * 512 + sb % 4)[None, :])
+    return (w_ptr + e64 * N * HW, wsf_ptr + e64 * NP * CP4 * 4, w_off, s_off), wvec0, scol
+
+
+@gluon.jit
+def _issue_w(w_dst, s_dst, wsrc, wvec0, scol, kt, K_ITERS: gl.constexpr, HW, CP4, K_TAIL: gl.constexpr,
+             WVEC: gl.constexpr):
+    """_issue with the copy sources wsrc: (w_base, s_base) pointer tensors (_weight_bases; _issue itself), or
+    (w_e, s_e, w_off, s_off) from _weight_offsets (the same addresses: base + offset + the tile's)."""
+    if len(wsrc) == 2:
+        _issue(w_dst, s_dst, wsrc[0], wsrc[1], wvec0, scol, kt, K_ITERS, HW, CP4, K_TAIL)
+    else:
+        gl.static_assert(not K_TAIL, "_weight_offsets' copies have no K-tail masks")
+        w_off = gl.max_contiguous(gl.multiple_of(wsrc[2] + kt * 32, [1, WVEC // 2]), [1, WVEC // 2])
+        s_off = gl.max_contiguous(gl.multiple_of(wsrc[3] + kt * 2 * 512, [1, 4]), [1, 4])
+        if kt < K_ITERS:  # (no K tail here: _weight_offsets serves K % 128 == 0 only)
+            async_copy.async_copy_global_to_shared(w_dst, wsrc[0] + w_off)
+            async_copy.async_copy_global_to_shared(s_dst, wsrc[1] + s_off)
+        async_copy.commit_group()
+
+
+@gluon.jit
 def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4,
                 H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr,
                 K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
@@ -96,10 +136,10 @@ def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, 
 
 
 @gluon.jit
-def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, w_base, s_base, wvec0, scol,
+def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, wsrc, wvec0, scol,
                    HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr,
                    A_OP: gl.constexpr, K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BNB: gl.constexpr,
-                   BT: gl.constexpr, J: gl.constexpr):
+                   BT: gl.constexpr, J: gl.constexpr, WVEC: gl.constexpr):
     """K tile it (it % 4 == J) of two row blocks (R_WG 2; block b: rows b BNB .. of the ring stage, the converted
     scales and the accumulator acc<b>), both on token tile it, staggered by one block (see the module docstring):
     block 0's wgmma is issued, then the wait for block 1 of tile it - 1, then block 1 decoded and issued, then the wait
@@ -112,7 +152,7 @@ def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x
     wh = w_cur.slice(0, BNB).load(H_RD)
     sd = s16_cur.slice(0, BNB).load(SD_RD)
     sb = s_nxt.load(S_CV)
-    _issue(w_iss, s_iss, w_base, s_base, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL)
+    _issue_w(w_iss, s_iss, wsrc, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL, WVEC)
     _x_issue(x_desc, xs, bars, r0, it + 2, K_ITERS, BT, (J + 2) % 4)
     _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
     a0 = _decode_a(wh, sd, H4, A_OP, BNB)
@@ -149,7 +189,13 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
     e64 = e.to(gl.int64)
     I = N // 2
     if is_tile:
-        w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC, BN)
+        if R_WG == 2 and BT == 128 and not K_TAIL:  # int32 offsets from the expert's base pointers (_weight_offsets)
+            wsrc, wvec0, scol = _weight_offsets(w_ptr, wsf_ptr, e64, pid_n, N, K_ITERS * 32, CP4, NP, W_CP, S_CP, WVEC,
+                                                BN)
+        else:
+            w_base, s_base, wvec0, scol = _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP, S_CP, WVEC,
+                                                        BN)
+            wsrc = (w_base, s_base)
         rings, s16 = _alloc_weight_ring(BN, RING_SH, S_SH)  # the wgmma kernel's weight ring and scale buffers
         xs = (gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
               gl.allocate_shared_memory(gl.float16, [BT, 128], X_SH),
@@ -170,7 +216,7 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
             acc1 = gl.zeros([BNB, BT], gl.float32, layout=MMA)
             a1_prev = gl.zeros([BNB, 128], gl.float16, layout=A_OP)
         for j in gl.static_range(3):  # prologue: weight tiles 0, 1, 2 into stages 0, 1, 2
-            _issue(rings[2 * j], rings[2 * j + 1], w_base, s_base, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL)
+            _issue_w(rings[2 * j], rings[2 * j + 1], wsrc, wvec0, scol, j, K_ITERS, HW, CP4, K_TAIL, WVEC)
         gl.thread_barrier()  # the barriers initialised for every thread before a TMA can complete on them
         for j in gl.static_range(2):  # token tiles 0, 1 into B stages 0, 1
             _x_issue(x_desc, xs, bars, r0, j, K_ITERS, BT, j)
@@ -195,15 +241,15 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
                 for j in gl.static_range(4):
                     acc0, acc1, a1_prev = _big_k_step_r2(
                         4 * it4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
-                        x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                        K_TAIL, BNB, BT, j)
+                        x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
+                        K_TAIL, BNB, BT, j, WVEC)
             if K_ITERS % 4 != 0:  # (as above: every wgmma done before the tail)
                 acc0, acc1, a1_prev = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])
             for j in gl.static_range(K_ITERS % 4):
                 acc0, acc1, a1_prev = _big_k_step_r2(
                     K_ITERS // 4 * 4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
-                    bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                    K_TAIL, BNB, BT, j)
+                    bars, x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
+                    K_TAIL, BNB, BT, j, WVEC)
             acc0, acc1 = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])[:2]
         async_copy.wait_group(0)
         for j in gl.static_range(4):

@@ -218,7 +218,10 @@ class BigWgmmaKey:
     tokens (the wgmma N: 64 or 128), warps, the expert-count padding E_P (a power of two >= 32 and >= E), clamp, and
     rows_per_wg: the 64-row wgmma tiles (row blocks) each warpgroup owns, 1 or 2 (2: two wgmmas a K tile on the same
     token tile, so each token tile brought in feeds twice the weight rows). BN = 16 * warps * rows_per_wg weight rows.
-    Its activations are the k128 layout's (the PTX decode)."""
+    BT 128 with rows_per_wg 2 (8 warps: BN 256; 4 warps: BN 128) compiles to 255 registers with at most 8 B of stack,
+    stored before the K loop and reloaded after it (the compile test checks that no local memory is touched inside a
+    loop); with a K tail (K % 128 != 0) it reloads inside the loop: correct, not a key to time. Its activations are the
+    k128 layout's (the PTX decode)."""
 
     epi: int
     block_t: int = 128
@@ -290,6 +293,8 @@ def _compile_big_wgmma(key: BigWgmmaKey):
         if grid[0] == 0 or rcap == 0:
             return
         wvec = 16 if w.k % 32 == 0 else 8  # weight rows 16-byte aligned only when K % 32 == 0
+        if key.block_t == 128 and key.rows_per_wg == 2 and max(n * w.k // 4, w.sf_swizzled_u8[0].numel()) >= 2**31:
+            raise ValueError(f"w: {n} x {w.k} weights an expert: over the int32 copy offsets of {key}")
         lay = _big_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad)
         (x,) = _decode_planes(key, a_packed_u8, a_sf_u8, offsets_i32, e, w.k, w.sf_swizzled_u8.shape[2] // 4)
         # a host descriptor (a kernel parameter: a captured graph replays it; x from the graph pool)

@@ -21,6 +21,7 @@ garbage in the scale padding changing nothing.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import re
@@ -671,6 +672,8 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
     assert r2.grid(6 * 4096, 384, 6144) == (6 * 4096 // 64 + 384 + 1) * 6144 // 256
     assert gg.BigWgmmaKey(epi=0).rows_per_wg == 1  # the default: the kernel as measured
+    r2 = gg.BigWgmmaKey(epi=0, block_t=128, rows_per_wg=2)  # BT 128, two row blocks (compile test: no loop spills)
+    assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
     with pytest.raises(ValueError, match="k128"):
         gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
     key = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True)  # >= 128 rows an expert: BT 128, 8 warps, R 1
@@ -696,23 +699,29 @@ def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2"])
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2", "wgmma_r2_bt128"])
 def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
     """Rcap 24576 over E 384 (V4-Pro T = 4096 rows per expert, small K / N): every output of the large-token path
     (two_mma: the Triton kernel's two K = 64 MMAs per tile, BT 128 and 256; k128: its one K = 128 MMA, BT 64, 128,
     256; wgmma: the register-fed Gluon kernel, BT 64 and 128, BN 128 and 64; wgmma_r2: the same with two 64-row
     blocks a warpgroup (rows_per_wg 2), BT 64, BN 256 (8 warps; N 384: the second column tile's block 1 past N) and
-    128 (4 warps)) equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit: plain,
-    gate/up, fused; zero-token experts, a hot expert, K = 1040 (not a multiple of 128: the weight K tail, a
-    K_ITERS % 4 tail), capacity rows."""
+    128 (4 warps); wgmma_r2_bt128: the same at BT 128 (255 registers, a stack of prologue values outside the loop))
+    equals the present path's (BT 64, the present key at this shape; and BT 16) bit for bit: plain, gate/up, fused;
+    zero-token experts, a hot expert, K = 1040 (not a multiple of 128: the weight K tail, a K_ITERS % 4 tail; and
+    K = 1024 for wgmma_r2_bt128), capacity rows."""
     counts = _v4_like_counts(24576, 384, 71)
-    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128), "wgmma_r2": (64,)}[variant]
-    tiles = {"wgmma": ((64, 128), (16, 128), (64, 64)), "wgmma_r2": ((64, 256), (16, 256), (64, 128))}
-    n = 384 if variant == "wgmma_r2" else 256
-    for present_bt, bn in tiles.get(variant, ((64, 128), (16, 128))):
-        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=n, k=1040, seed=72, present_bt=present_bt,
+    bts = {"two_mma": (128, 256), "k128": (64, 128, 256), "wgmma": (64, 128), "wgmma_r2": (64,),
+           "wgmma_r2_bt128": (128,)}[variant]
+    r2 = variant.startswith("wgmma_r2")
+    tiles = {"wgmma": ((64, 128), (16, 128), (64, 64))} | dict.fromkeys(("wgmma_r2", "wgmma_r2_bt128"),
+                                                                         ((64, 256), (16, 256), (64, 128)))
+    n = 384 if r2 else 256
+    # BT 128 R 2 also at K 1024: without a K tail its copies take the int32 offsets from each expert's base pointers
+    ks = (1040, 1024) if variant == "wgmma_r2_bt128" else (1040,)
+    for (present_bt, bn), k in itertools.product(tiles.get(variant, ((64, 128), (16, 128))), ks):
+        msg = check_big_path_bits(_cuda(), counts=counts, rcap=24576, n=n, k=k, seed=72, present_bt=present_bt,
                                   big_bts=bts, big_bn=bn, k128=variant == "k128", wgmma=variant.startswith("wgmma"),
-                                  rows_per_wg=2 if variant == "wgmma_r2" else 1, present_bn=min(bn, 128))
+                                  rows_per_wg=2 if r2 else 1, present_bn=min(bn, 128))
         assert msg.startswith("ok"), msg
     gg = _gg()
     assert gg.CompileKey.for_shape(2, 24576, 384, 256, 1040).big  # the routing serves this shape on the new path
@@ -720,19 +729,21 @@ def test_gpu_large_token_path_bits_equal_the_present_path_v4_like(variant):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2"])
+@pytest.mark.parametrize("variant", ["two_mma", "k128", "wgmma", "wgmma_r2", "wgmma_r2_bt128"])
 def test_gpu_large_token_path_planes_and_small_shapes(variant):
     """The decoded planes on the GPU (PTX decode) hold the references' values; the bits equal the present path's
     at small E (a token tile wider than the planes: rows past them come zero-filled by TMA; wgmma: K_ITERS 2, only
     tail tiles, and a column tile past N; K = 1664: 13 tiles, the unrolled loop and a tail; wgmma_r2: rows_per_wg 2 at
-    BN 128 (4 warps) and 256 (8 warps: N 192 and 128, so row block 1 partly or wholly past N)."""
+    BN 128 (4 warps) and 256 (8 warps: N 192 and 128, so row block 1 partly or wholly past N); wgmma_r2_bt128: the
+    same at BT 128."""
     k128 = variant != "two_mma"
     assert check_big_planes_are_the_decoded_values(_cuda(), counts=[3, 0, 200, 1, 0, 90], rcap=300, k=1040,
                                                    seed=73, k128=k128).startswith("ok")
-    bts = {"wgmma": (64, 128), "wgmma_r2": (64,)}.get(variant, (128, 256))
+    bts = {"wgmma": (64, 128), "wgmma_r2": (64,), "wgmma_r2_bt128": (128,)}.get(variant, (128, 256))
     wg = dict(k128=variant == "k128", wgmma=variant.startswith("wgmma"))
-    for bn in (128, 256) if variant == "wgmma_r2" else (128,):
-        if variant == "wgmma_r2":
+    r2 = variant.startswith("wgmma_r2")
+    for bn in (128, 256) if r2 else (128,):
+        if r2:
             wg.update(rows_per_wg=2, big_bn=bn, present_bn=128)
         assert check_big_path_bits(_cuda(), counts=[0, 50, 3, 0], rcap=60, n=192, k=256, seed=74, present_bt=16,
                                    big_bts=bts, **wg).startswith("ok")
@@ -742,12 +753,13 @@ def test_gpu_large_token_path_planes_and_small_shapes(variant):
 
 @pytest.mark.gpu
 @pytest.mark.sm90
-@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma", "wgmma_r2", "wgmma_r2_w4"])
+@pytest.mark.parametrize("variant", ["routed", "k128", "wgmma", "wgmma_r2", "wgmma_r2_w4", "wgmma_r2_bt128",
+                                     "wgmma_r2_bt128_w4"])
 def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
     """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
-    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64, 8 / 4 warps: BN 256 / 128) captured at capacity
-    with one routing and replayed with others and new values: every output equals an eager call, and the present
-    path's bytes."""
+    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64 or (_bt128) 128, 8 / 4 warps: BN 256 /
+    128) captured at capacity with one routing and replayed with others and new values: every output equals an eager
+    call, and the present path's bytes."""
     gg = _gg()
     dev = _cuda()
     e, k, i, rcap = 8, 1024, 256, 1024
@@ -769,8 +781,9 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(var
     elif variant == "wgmma":
         ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
     elif variant.startswith("wgmma_r2"):  # 8 warps (BN 256) or 4 (BN 128: what for_shape routes below 128 rows an expert)
-        ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=64, e_pad=32, num_warps=4 if variant.endswith("w4") else 8,
-                                    clamp=epi == 2, rows_per_wg=2) for epi in (0, 1, 2)}
+        ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=128 if "bt128" in variant else 64, e_pad=32,
+                                    num_warps=4 if variant.endswith("w4") else 8, clamp=epi == 2, rows_per_wg=2)
+                for epi in (0, 1, 2)}
 
     def step(keys=None):
         keys = keys or {}

@@ -44,8 +44,9 @@ TOKENS = tuple(int(t) for t in os.environ.get("NVFP4V_MOE_TOKENS", "1,16,256,409
 PLANS = moe_plans(E, TOPK, H, I, TOKENS)
 # the large-token path's variants timed at the T it serves (same bits): the Triton kernel's two MMAs a K tile, its one
 # K = 128 MMA, the register-fed Gluon kernel (routed key), and that kernel with two 64-row blocks a warpgroup
-# (BigWgmmaKey.rows_per_wg 2, BT 64, 8 / 4 warps)
-_LT_VARIANTS = ("big2", "k128", "wgmma", "wgmma_r2_w8", "wgmma_r2_w4")
+# (BigWgmmaKey.rows_per_wg 2, BT 64, 8 / 4 warps; and BT 128, 8 warps: BN 256, half the token bytes a weight row of the
+# routed BT 128 key)
+_LT_VARIANTS = ("big2", "k128", "wgmma", "wgmma_r2_w8", "wgmma_r2_w4", "wgmma_r2_bt128")
 
 
 def _time(fn, calls: int = 3, reps: int = 7, t: int = 0) -> float:
@@ -209,6 +210,9 @@ def test_moe_grouped_gemm_bench():
                     if name == "wgmma":  # BT 128, 8 warps, one row block a warpgroup (BN 128)
                         kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2),
                                                         block_t=128, num_warps=8, rows_per_wg=1) for epi in (2, 0))
+                    elif name == "wgmma_r2_bt128":  # rows_per_wg 2, BT 128, 8 warps (BN 256)
+                        kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2),
+                                                        block_t=128, num_warps=8, rows_per_wg=2) for epi in (2, 0))
                     elif name.startswith("wgmma_r2"):  # rows_per_wg 2, BT 64, 8 / 4 warps (BN 256 / 128)
                         kv1, kv2 = (dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, r, E, clamp=epi == 2), block_t=64,
                                                         num_warps=int(name[-1]), rows_per_wg=2) for epi in (2, 0))
@@ -401,7 +405,8 @@ def test_moe_tile_sweep(t):
               flush=True)
     if gg.CompileKey.for_shape(2, r, E, 2 * I, H, clamp=True).big:  # the large-token register-fed variant's keys
         # rows_per_wg 2: two 64-row blocks a warpgroup on each token tile (BN 256 with 8 warps, 128 with 4)
-        for bt, warps, rows in ((128, 8, 1), (64, 8, 1), (128, 4, 1), (64, 4, 1), (64, 8, 2), (64, 4, 2)):
+        for bt, warps, rows in ((128, 8, 1), (64, 8, 1), (128, 4, 1), (64, 4, 1), (64, 8, 2), (64, 4, 2), (128, 8, 2),
+                                (128, 4, 2)):
             key = gg.BigWgmmaKey(epi=2, block_t=bt, e_pad=512, num_warps=warps, clamp=True, rows_per_wg=rows)
             s = _time(lambda: gg.grouped_l1_swiglu_requant(a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0,
                                                            h_input_dec_scale_f32=s2, key=key), calls=2, reps=5, t=t)

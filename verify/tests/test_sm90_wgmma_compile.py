@@ -19,7 +19,8 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90.gemm_nvfp4 import CompileKey  # noqa: E402
 from verify.tests._sass import (  # noqa: E402
-    _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
+    _cuobjdump, instructions_in_loops, local_memory_in_loops, local_memory_instructions, ptxas_log,
+    registers_without_spills, resource_usage, wgmma_depbars, wgmma_serialization_warnings)
 
 PROJ = [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]
 _SIG = {"w_ptr": "*i32", "wsf_ptr": "*u8", "xp_ptr": "*fp16", "xsf_ptr": "*u8", "alpha_ptr": "*fp32",
@@ -208,7 +209,7 @@ def _big_wgmma_cases() -> list[tuple]:
     cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32), 128, 1664))  # 13 tiles (the GPU small-shape tests)
     # two row blocks a warpgroup (rows_per_wg 2): BT 64 with 8 warps (BN 256) and 4 warps (BN 128), the three
     # epilogues at V4-Pro size, a K tail, K 256 (only tail tiles; N 192: block 1 of tile 1 past N) and 13 tiles
-    # (N 128 < BN 256: block 1 wholly past N). BT 128 with 4 warps spills (32 B stack) and is not a key to time.
+    # (N 128 < BN 256: block 1 wholly past N).
     for warps in (8, 4):
         cases.add((BigWgmmaKey(epi=2, block_t=64, e_pad=512, num_warps=warps, clamp=True, rows_per_wg=2),
                    2 * GROUPED_I, GROUPED_H))
@@ -217,7 +218,29 @@ def _big_wgmma_cases() -> list[tuple]:
     cases.add((BigWgmmaKey(epi=2, block_t=64, e_pad=32, clamp=True, rows_per_wg=2), 768, 1040))
     cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=32, num_warps=4, rows_per_wg=2), 192, 256))
     cases.add((BigWgmmaKey(epi=1, block_t=64, e_pad=32, rows_per_wg=2), 128, 1664))
+    # BT 128, two row blocks (8 warps: BN 256, 4 warps: BN 128): 255 registers, at most a few words of stack outside
+    # the K loop (_STACK_OUTSIDE_LOOPS); the three epilogues at V4-Pro size, a K tail, K 256 and 13 tiles
+    for epi in (0, 1, 2):
+        n, k = (GROUPED_H, GROUPED_I) if epi == 0 else (2 * GROUPED_I, GROUPED_H)
+        cases.add((BigWgmmaKey(epi=epi, block_t=128, e_pad=512, clamp=epi == 2, rows_per_wg=2), n, k))
+    cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=512, num_warps=4, clamp=True, rows_per_wg=2), 2 * GROUPED_I,
+               GROUPED_H))
+    cases.add((BigWgmmaKey(epi=0, block_t=128, e_pad=512, num_warps=4, rows_per_wg=2), GROUPED_H, GROUPED_I))
+    cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True, rows_per_wg=2), 768, 1040))
+    cases.add((BigWgmmaKey(epi=0, block_t=128, e_pad=32, num_warps=4, rows_per_wg=2), 192, 256))
+    cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32, rows_per_wg=2), 128, 1664))
     return sorted(cases, key=str)
+
+
+# (block_t, rows_per_wg) of the keys whose compile may keep a few values on the stack, on the condition that every
+# local-memory access lies outside the loops (local_memory_in_loops): BT 128 with two row blocks a warpgroup needs 255
+# registers; with its weight copy addresses as int32 offsets (_weight_offsets, K % 128 == 0) ptxas parks 0-2 words
+# before the K loop and reloads them after it. Every other key: no stack and no local memory at all.
+_STACK_OUTSIDE_LOOPS = {(128, 2)}
+# ... except with a K tail (K % 128 != 0: the 64-bit copy pointers of _weight_bases, as before): 56 B of stack, stores
+# and reloads inside the K loop. Correct (the GPU bit tests run it) but not a key to time or route; the test records
+# it as an expected failure of the loop check alone (every other check runs), and fails once it is clean.
+_LOCAL_MEMORY_IN_LOOP_KNOWN = {(128, 2, True)}  # (block_t, rows_per_wg, K tail)
 
 
 def _big_wgmma_compile(key, n: int, k: int):
@@ -251,22 +274,35 @@ def _big_wgmma_compile(key, n: int, k: int):
                          ids=lambda c: f"epi{c[0].epi}-bt{c[0].block_t}-w{c[0].num_warps}-r{c[0].rows_per_wg}-n{c[1]}"
                                        f"-k{c[2]}")
 def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
-    """No spills, fits the 227 KB of shared memory; only HGMMA.64xBTx16 F32 with the A operand from registers, 8 per
-    128-K tile and row block (rows_per_wg R: 8 R; the K loop unrolled by 4, the tail by K_ITERS % 4); the token tiles
-    by TMA (UTMALDG); per K tile and row block one wgmma wait, leaving the wgmma just issued in flight
+    """No spills (BT 128 with two row blocks: a few words of stack, but no local memory inside a loop; see
+    _STACK_OUTSIDE_LOOPS), fits the 227 KB of shared memory; only HGMMA.64xBTx16 F32 with the A operand from
+    registers, 8 per 128-K tile and row block (rows_per_wg R: 8 R; the K loop unrolled by 4, the tail by K_ITERS % 4);
+    the token tiles by TMA (UTMALDG); per K tile and row block one wgmma wait, leaving the wgmma just issued in flight
     (WARPGROUP.DEPBAR.LE gsb0 1: the MMA of one block overlaps the next block's decode), full waits only after the
     loop and before the K_ITERS % 4 tail tiles (without that one ptxas serializes every wgmma of the kernel, C7513);
-    ptxas reports no wgmma serialization (C7510-C7520). Registers and shared memory printed."""
+    ptxas reports no wgmma serialization (C7510-C7520). Registers, stack and shared memory printed."""
     key, n, k = case
     ck = _big_wgmma_compile(key, n, k)
-    regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    inside = []
+    if (key.block_t, key.rows_per_wg) in _STACK_OUTSIDE_LOOPS:
+        use = resource_usage(ck.asm["cubin"], tmp_path)
+        regs, stack = use["REG"], use["STACK"]
+        inside = local_memory_in_loops(sass)
+        known = (key.block_t, key.rows_per_wg, k % 128 != 0) in _LOCAL_MEMORY_IN_LOOP_KNOWN
+        assert known or not inside, f"{key}: local memory inside a loop: {inside}"
+        if k >= 512:  # the check sees the K loop: the unrolled loop's 4 tiles of HGMMA are inside a loop
+            looped = [line for line in instructions_in_loops(sass) if "HGMMA" in line]
+            assert len(looped) == 8 * key.rows_per_wg * 4, f"{key}: {len(looped)} HGMMA inside loops"
+        spills = local_memory_instructions(sass)
+    else:
+        regs, stack, spills = registers_without_spills(ck.asm["cubin"], tmp_path, str(key)), 0, []
     tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
     r = key.rows_per_wg
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
     waits = wgmma_depbars(sass)
-    print(f"{key} N={n} K={k}: {regs} registers, shared {ck.metadata.shared} B, {len(hgmma)} HGMMA for {tiles} K "
-          f"tiles, wgmma waits {waits}")
+    print(f"{key} N={n} K={k}: {regs} registers, stack {stack} B ({len(spills)} STL / LDL, {len(inside)} in a loop), "
+          f"shared {ck.metadata.shared} B, {len(hgmma)} HGMMA for {tiles} K tiles, wgmma waits {waits}")
     assert ck.metadata.shared <= 227 * 1024, f"{key}: {ck.metadata.shared} bytes of shared memory"
     assert len(hgmma) == 8 * r * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA {hgmma}"
     assert len(re.findall(r"HGMMA", sass)) == 8 * r * tiles, f"{key}: HGMMA other than the register-A steps"
@@ -275,3 +311,94 @@ def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
     assert waits.count(1) == r * tiles and waits.count(0) == full and len(waits) == r * tiles + full, \
         f"{key}: waits {waits}"
     assert not (warn := wgmma_serialization_warnings(ptxas_log(ck.asm["ptx"], tmp_path))), f"{key}: ptxas {warn}"
+    if (key.block_t, key.rows_per_wg, k % 128 != 0) in _LOCAL_MEMORY_IN_LOOP_KNOWN:
+        assert inside, f"{key}: no local memory inside a loop any more: drop it from _LOCAL_MEMORY_IN_LOOP_KNOWN"
+        pytest.xfail(f"{key} N={n} K={k}: {len(inside)} STL / LDL inside the K loop (K tail: 64-bit copy pointers)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The loop finder behind _STACK_OUTSIDE_LOOPS (verify/tests/_sass.py: local_memory_in_loops), on hand-written SASS in
+# cuobjdump's format: it must report a spill store / reload inside a loop, including in the out-of-line blocks a loop
+# jumps to and returns from (an mbarrier try-wait spin) and in a subroutine a loop calls, and must not report the
+# ones before or after the loop (the unconditional jump back from an out-of-line block after the loop is no loop).
+
+def _sass(*lines: str) -> str:
+    body = "\n".join(f"        /*{16 * i:04x}*/                   {text} ;   /* 0x0000000000000000 */"
+                     for i, text in enumerate(lines))
+    return f"\tcode for sm_90a\n\t\tFunction : k\n{body}\n"
+
+
+_PRE, _POST = "STL [R1], R2", "LDL.LU R2, [R1]"
+
+
+def test_local_memory_outside_the_loop_passes():
+    sass = _sass(_PRE, "HGMMA.64x128x16.F32 R24, R168, gdesc[UR44], R24", "@P0 BRA 0x10", _POST, "EXIT")
+    assert [line.split(": ")[1] for line in instructions_in_loops(sass)] == [
+        "HGMMA.64x128x16.F32 R24, R168, gdesc[UR44], R24", "@P0 BRA 0x10"]
+    assert local_memory_in_loops(sass) == [] and len(local_memory_instructions(sass)) == 2
+
+
+def test_local_memory_inside_the_loop_is_reported():
+    """The deliberately broken case: a reload between the loop's branch target and its backward branch."""
+    sass = _sass(_PRE, "HGMMA.64x128x16.F32 R24, R168, gdesc[UR44], R24", "LDL R3, [R1+0x4]", "@P0 BRA 0x10",
+                 _POST, "EXIT")
+    assert local_memory_in_loops(sass) == ["0x20: LDL R3, [R1+0x4]"]
+
+
+def test_local_memory_in_an_out_of_line_block_of_the_loop_is_reported():
+    """The loop waits on an mbarrier in a spin block placed after EXIT; a store there runs every iteration. A store in
+    the spin block of a wait after the loop (which jumps back to before the loop's end address) does not."""
+    sass = _sass(_PRE,                                # 0x00
+                 "@!P1 BRA 0x70",                     # 0x10: loop head, to the spin block
+                 "HGMMA.64x128x16.F32 R24, R168, gdesc[UR44], R24",  # 0x20
+                 "@P0 BRA 0x10",                      # 0x30: back edge
+                 "@!P2 BRA 0xa0",                     # 0x40: a wait after the loop
+                 _POST,                               # 0x50
+                 "EXIT",                              # 0x60
+                 "STL [R1+0x8], R4",                  # 0x70: the loop's spin block (broken: a store in it)
+                 "@!P1 BRA 0x70",                     # 0x80
+                 "BRA 0x20",                          # 0x90: back into the loop
+                 "STL [R1+0xc], R5",                  # 0xa0: the spin block of the wait after the loop
+                 "@!P2 BRA 0xa0",                     # 0xb0
+                 "BRA 0x50")                          # 0xc0: back, to after the loop
+    assert local_memory_in_loops(sass) == ["0x70: STL [R1+0x8], R4", "0xa0: STL [R1+0xc], R5"]
+    # the wait after the loop spins on itself (0xa0 .. 0xb0: a loop of its own); without its store only the
+    # loop's spin block is reported, and the reload at 0x50 (inside the address range 0x20 .. 0xc0) is not
+    fixed = sass.replace("STL [R1+0xc], R5", "SYNCS.PHASECHK.TRANS64.TRYWAIT P2, [UR4], R0")
+    assert local_memory_in_loops(fixed) == ["0x70: STL [R1+0x8], R4"]
+    assert local_memory_in_loops(fixed.replace("STL [R1+0x8], R4", "NOP")) == []
+
+
+def test_local_memory_in_a_subroutine_called_from_the_loop_is_reported():
+    sass = _sass("@P0 BRA 0x30",                      # 0x00: skip the loop
+                 "CALL.REL.NOINC 0x60",               # 0x10: loop body calls the subroutine
+                 "@P1 BRA 0x10",                      # 0x20
+                 "CALL.REL.NOINC 0x80",               # 0x30: a call after the loop
+                 "EXIT",                              # 0x40
+                 "BRA 0x50",                          # 0x50: padding
+                 "LDL R7, [R1]",                      # 0x60: called from the loop
+                 "RET.REL.NODEC R12 0x0",             # 0x70
+                 "LDL R8, [R1+0x4]",                  # 0x80: called only after the loop
+                 "RET.REL.NODEC R12 0x0")             # 0x90
+    assert local_memory_in_loops(sass) == ["0x60: LDL R7, [R1]"]
+
+
+def test_local_memory_in_loops_refuses_an_indirect_jump():
+    with pytest.raises(ValueError, match="indirect"):
+        local_memory_in_loops(_sass("BRX R2 -0x10", "EXIT"))
+
+
+def test_local_memory_check_fails_on_a_spill_moved_into_the_k_loop(tmp_path):
+    """The deliberately broken case on a real compile: the BT 128 / rows_per_wg 2 L2 kernel (a stored word, reloaded
+    after the K loop) passes, and the same SASS with one instruction of its K loop (the one before the loop's first
+    HGMMA) replaced by a reload is reported."""
+    from kernels.sm90.grouped_gemm_nvfp4 import BigWgmmaKey
+
+    key = BigWgmmaKey(epi=0, block_t=128, e_pad=512, rows_per_wg=2)
+    sass = _cuobjdump(_big_wgmma_compile(key, GROUPED_H, GROUPED_I).asm["cubin"], tmp_path, "-sass")
+    assert local_memory_instructions(sass) and local_memory_in_loops(sass) == []
+    first = next(line for line in instructions_in_loops(sass) if "HGMMA" in line)
+    addr = int(first.split(":")[0], 16) - 16
+    found = re.search(rf"(/\*{addr:04x}\*/\s+)([^;]*)", sass)
+    broken = sass[:found.start(2)] + "LDL R3, [R1+0x4] " + sass[found.end(2):]
+    assert local_memory_in_loops(broken) == [f"{addr:#x}: LDL R3, [R1+0x4]"]
