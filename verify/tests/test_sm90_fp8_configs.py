@@ -124,12 +124,26 @@ def test_from_json_rewrites_a_copy_of_the_table(tmp_path):
     spec = importlib.util.spec_from_file_location("written_configs", copy)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    # merged into the committed table: this shape's M buckets replaced where the sweep has a winner, kept elsewhere
-    buckets = {**dict(cfgs.TABLE.get((7168, 16384), ())), 1: _c(16), 4096: ws}
+    # merged into the committed table: this shape's M buckets replaced where the sweep has a winner, kept elsewhere;
+    # written compact (a DEFAULTS-valued field left out: it reads back as that default)
+    buckets = {**dict(cfgs.TABLE.get((7168, 16384), ())), 1: cfgs.compact(_c(16)), 4096: cfgs.compact(ws)}
     assert mod.TABLE == {**cfgs.TABLE, (7168, 16384): tuple(sorted(buckets.items()))}
     assert "# device: NVIDIA H100 80GB HBM3" in copy.read_text()
-    assert cfgs.lookup(3000, 7168, 16384, mod.TABLE) == ws  # the 4096 bucket the sweep wrote, ws kept
+    assert cfgs.lookup(3000, 7168, 16384, mod.TABLE) == cfgs.compact(ws)  # the 4096 bucket the sweep wrote, ws kept
+    assert cfgs.lookup(3000, 7168, 16384, mod.TABLE)["ws"] and "gluon" not in cfgs.lookup(3000, 7168, 16384, mod.TABLE)
+    for cfg in (_c(16), ws):  # the compact form is the same key
+        assert CompileKey.from_config(7168, 16384, cfgs.compact(cfg), act_scale_ue8m0=True) == \
+            CompileKey.from_config(7168, 16384, cfg, act_scale_ue8m0=True)
     assert CompileKey.from_config(7168, 16384, cfgs.lookup(3000, 7168, 16384, mod.TABLE), act_scale_ue8m0=True).ws
+
+
+def test_the_committed_table_holds_no_default_valued_field():
+    """The writer leaves out what DEFAULTS says (a field added later reads as its default), so an entry lists the
+    fields that matter for it and nothing else."""
+    entries = [cfg for buckets in cfgs.TABLE.values() for _, cfg in buckets]
+    assert entries and all(cfgs.compact(cfg) == cfg for cfg in entries)
+    assert cfgs.compact({**_c(16), "gluon": True}) == {k: v for k, v in {**_c(16), "gluon": True}.items()
+                                                       if k not in ("ws", "reduce", "persistent", "acc3", "producer")}
 
 
 def test_from_json_refuses_a_bad_file_naming_it(tmp_path):
