@@ -52,7 +52,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_wait)
 
 from kernels.sm90._grouped_gemm_nvfp4_wgmma import (_alloc_weight_ring, _decode_a, _epilogue, _issue, _schedule,
-                                                    _store_scales, _weight_bases, _zero_tile, grouped_wgmma_layouts)
+                                                    _store_scales, _weight_bases, _weight_index, _zero_tile,
+                                                    grouped_wgmma_layouts)
 
 XS = 4  # token-tile ring stages (prefetch distance XS - 2 = 2 tiles)
 
@@ -83,15 +84,8 @@ def _weight_offsets(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constex
     """_weight_bases' copy addresses as the expert's two base pointers (scalars) and int32 element offsets
     (w_off [BN, 32], s_off [BN, 8]; the same addresses, fewer registers a thread: one word an offset, not a
     64-bit pointer), with wvec0 / scol."""
-    wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
-    wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
-    wvec0 = wcol // (WVEC // 2) * (WVEC // 2)
+    wr, wcol, s_off, wvec0, scol = _weight_index(pid_n, N, CP4, W_CP, S_CP, WVEC, BN)
     w_off = (wr * HW)[:, None] + wcol[None, :]
-    sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
-    sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
-    scol = sb // 4
-    s_off = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
-             + (scol * 512 + sb % 4)[None, :])
     return (w_ptr + e64 * N * HW, wsf_ptr + e64 * NP * CP4 * 4, w_off, s_off), wvec0, scol
 
 

@@ -263,20 +263,29 @@ def _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh, kt, HW, K_TAIL: gl.constexpr
 
 
 @gluon.jit
-def _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr, S_CP: gl.constexpr,
-                  WVEC: gl.constexpr, BN: gl.constexpr):
-    """Copy addresses of column tile pid_n of expert e (K tile 0; _issue adds the tile): weight halves [BN, 32]
-    (rows past N clamped, WVEC bytes a copy), scale words [BN, 8]; and wvec0 / scol, _issue's K-tail masks."""
+def _weight_index(pid_n, N, CP4, W_CP: gl.constexpr, S_CP: gl.constexpr, WVEC: gl.constexpr, BN: gl.constexpr):
+    """The copy index math of column tile pid_n (K tile 0): weight rows wr [BN] (past N clamped) and half columns
+    wcol [32] (WVEC bytes a copy), scale-word offsets soff [BN, 8] in the expert's 128x4 layout; and wvec0 / scol,
+    _issue's K-tail masks. _weight_bases makes 64-bit pointers of it, the big kernel's _weight_offsets int32 offsets."""
     wr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, W_CP)), N - 1)
     wcol = gl.arange(0, 32, layout=gl.SliceLayout(0, W_CP))
     wvec0 = wcol // (WVEC // 2) * (WVEC // 2)  # first half of each copy: the K-tail mask per copy (HW % 4 == 0)
-    w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
-        gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
     sr = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, S_CP)), N - 1)
     sb = gl.arange(0, 8, layout=gl.SliceLayout(0, S_CP))
     scol = sb // 4  # scale word (4 blocks) of the tile: 0 or 1
     soff = (((sr // 128) * CP4 * 512 + (sr % 32) * 16 + ((sr // 32) % 4) * 4)[:, None]
             + (scol * 512 + sb % 4)[None, :])
+    return wr, wcol, soff, wvec0, scol
+
+
+@gluon.jit
+def _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr, S_CP: gl.constexpr,
+                  WVEC: gl.constexpr, BN: gl.constexpr):
+    """Copy addresses of column tile pid_n of expert e (K tile 0; _issue adds the tile): weight halves [BN, 32]
+    (rows past N clamped, WVEC bytes a copy), scale words [BN, 8]; and wvec0 / scol, _issue's K-tail masks."""
+    wr, wcol, soff, wvec0, scol = _weight_index(pid_n, N, CP4, W_CP, S_CP, WVEC, BN)
+    w_base = w_ptr + e64 * N * HW + gl.max_contiguous(
+        gl.multiple_of((wr.to(gl.int64) * HW)[:, None] + wcol[None, :], [1, WVEC // 2]), [1, WVEC // 2])
     s_base = wsf_ptr + e64 * NP * CP4 * 4 + gl.max_contiguous(gl.multiple_of(soff, [1, 4]), [1, 4])
     return w_base, s_base, wvec0, scol
 
