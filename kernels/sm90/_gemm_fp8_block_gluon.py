@@ -118,13 +118,7 @@ def _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM: gl.constexpr, BN: gl.con
     """This program's output tile (grouped raster of GROUP_T token tiles, as the Triton kernel's) and its groups:
     (t0, n0, token rows t, weight rows n, t < M, the token scales' row pointers, the weight scales' row pointer,
     first group g_lo, group count n_iter: chunk program_id(2) alone when SPLIT, else all G)."""
-    num_n = gl.cdiv(N, BN)
-    pid = gl.program_id(1) * num_n + gl.program_id(0)
-    width = GROUP_T * num_n
-    first_t = (pid // width) * GROUP_T
-    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
-    pid_t = first_t + (pid % width) % rows_t
-    pid_n = (pid % width) // rows_t
+    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
     t0 = pid_t * BM
     n0 = pid_n * BN
     t = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, layout))
@@ -132,13 +126,31 @@ def _tile_start(M, N, G, as_ptr, ws_ptr, stride_as, BM: gl.constexpr, BN: gl.con
     t_ok = t < M
     sa_ptrs = as_ptr + t.to(gl.int64) * stride_as
     sw_ptr = ws_ptr + (n0 // 128) * G
+    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+    return t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter
+
+
+@gluon.jit
+def _raster(M, N, BM: gl.constexpr, BN: gl.constexpr, GROUP_T: gl.constexpr):
+    """(token tile, weight tile) of this program: the grouped raster of GROUP_T token tiles (the Triton kernel's)."""
+    num_n = gl.cdiv(N, BN)
+    pid = gl.program_id(1) * num_n + gl.program_id(0)
+    width = GROUP_T * num_n
+    first_t = (pid // width) * GROUP_T
+    rows_t = gl.minimum(gl.cdiv(M, BM) - first_t, GROUP_T)
+    return first_t + (pid % width) % rows_t, (pid % width) // rows_t
+
+
+@gluon.jit
+def _groups(G, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr):
+    """(first group, group count) of this program: chunk program_id(2) alone when SPLIT, else all G."""
     if SPLIT:
         g_lo = gl.program_id(2) * CHUNK_BLOCKS
         n_iter = gl.minimum(G - g_lo, CHUNK_BLOCKS)
     else:
         g_lo = 0
         n_iter = G
-    return t0, n0, t, n, t_ok, sa_ptrs, sw_ptr, g_lo, n_iter
+    return g_lo, n_iter
 
 
 @gluon.jit
@@ -492,4 +504,139 @@ def gemm_fp8_block_gluon_producer_kernel(
         (_consumer, (a_ring, w_ring, ready, empty, total_smem, out_ptr, t, n, sa_ptrs, t_ok, sw_ptr, g_lo, n_iter, N,
                      G, stride_om, stride_oc, BM, BN, NS, CHUNK_BLOCKS, SPLIT, CHUNKED, AS_UE8M0)),
         (_producer, (a_desc, w_desc, a_ring, w_ring, ready, empty, t0, n0, g_lo, n_iter, NS)),
+    ], [1], [40])
+
+
+# CompileKey.block_n == 192 (with producer): 192 weight rows a tile as two pieces that each lie in one 128-row
+# weight-scale block (so each piece's weight scale is one scalar per group, as in the 128-wide tile): tile p covers
+# rows [192 p, 192 p + 192); for even p the 128-row piece is its first 128 rows and the 64-row piece the rest, for
+# odd p (192 p = 64 mod 128) the 64-row piece comes first. Both pieces are power-of-two register tiles (Gluon's
+# shapes), each its own wgmma (64 x 128 and 64 x 64 per warpgroup) reading the same token tile from shared memory.
+WIDE_BN = gl.constexpr(192)
+
+
+@gluon.jit
+def _wide_rows(pid_n):
+    """(first row of the 128-row piece, first row of the 64-row piece) of weight tile pid_n."""
+    odd = pid_n % 2
+    return pid_n * WIDE_BN + 64 * odd, pid_n * WIDE_BN + 128 - 128 * odd
+
+
+@gluon.jit
+def _scale_row(ws_ptr, r, N, G):
+    """The weight-scale row of the piece starting at row r. A piece past N (its rows zero-filled by TMA, none
+    stored) reads the last row instead of one past the end."""
+    return ws_ptr + gl.minimum(r // 128, gl.cdiv(N, 128) - 1) * G
+
+
+@gluon.jit
+def _wide_producer(a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo, n_iter,
+                   NS: gl.constexpr):
+    """The producer partition (one warp) of the 192-row tile: group i's token block and both weight pieces into
+    stage i % NS once the consumers released the stage's previous use (as _producer). A piece that starts past N
+    (an edge tile) is loaded from row N - 1 instead (a box that overlaps the tensor; its columns are not stored)."""
+    r128 = gl.minimum(r128, N - 1)
+    r64 = gl.minimum(r64, N - 1)
+    for i in range(n_iter):
+        s = i % NS
+        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
+        k0 = (g_lo + i) * 128
+        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes +
+                        v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s))
+        tma.async_copy_global_to_shared(w_desc, [r128, k0], ready.index(s), w_ring.index(s))
+        tma.async_copy_global_to_shared(v_desc, [r64, k0], ready.index(s), v_ring.index(s))
+
+
+@gluon.jit
+def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr, M, N,
+                   G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM: gl.constexpr, NS: gl.constexpr,
+                   CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr):
+    """The math partition of the 192-row tile: per group both pieces' wgmmas issued (128 rows, then 64), the
+    128-row piece waited for and promoted while the 64-row piece's wgmma runs, then the 64-row piece waited for,
+    the stage released (a barrier of the math warps, one arrival) and the piece promoted. One accumulator per piece
+    (96 registers a thread at 128 tokens) and the sums (96): two accumulator sets would not fit. Each element is
+    promoted as in the 128-wide tile: f32(sa * sw) of its piece's block, one fma, the chunk sum added at a chunk's
+    end (same bits). Nothing in flight across the back edge."""
+    lw: gl.constexpr = _mma_layout(BM, 128)
+    lv: gl.constexpr = _mma_layout(BM, 64)
+    r128, r64 = _wide_rows(pid_n)
+    sw_w = _scale_row(ws_ptr, r128, N, G)
+    sw_v = _scale_row(ws_ptr, r64, N, G)
+    tw = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lw))
+    tv = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lv))
+    sa_w = as_ptr + tw.to(gl.int64) * stride_as
+    sa_v = as_ptr + tv.to(gl.int64) * stride_as
+    zw = gl.zeros([BM, 128], gl.float32, layout=lw)
+    zv = gl.zeros([BM, 64], gl.float32, layout=lv)
+    total_w = zw
+    part_w = zw
+    total_v = zv
+    part_v = zv
+    acc_w = zw
+    acc_v = zv
+    for i in range(n_iter):
+        s = i % NS
+        g = g_lo + i
+        mbarrier.wait(ready.index(s), (i // NS) & 1)
+        acc_w = warpgroup_mma(a_ring.index(s), w_ring.index(s).permute((1, 0)), acc_w, use_acc=False, is_async=True)
+        acc_v = warpgroup_mma(a_ring.index(s), v_ring.index(s).permute((1, 0)), acc_v, use_acc=False, is_async=True)
+        acc_w = warpgroup_mma_wait(num_outstanding=1, deps=(acc_w, ))
+        total_w, part_w = _promote(acc_w, _sigma(sa_w, tw < M, sw_w, g, AS_UE8M0), total_w, part_w, total_w_smem, g,
+                                   G, CHUNK_BLOCKS, CHUNKED, lw)
+        acc_v = warpgroup_mma_wait(num_outstanding=0, deps=(acc_v, ))
+        gl.thread_barrier()
+        mbarrier.arrive(empty.index(s), count=1)
+        total_v, part_v = _promote(acc_v, _sigma(sa_v, tv < M, sw_v, g, AS_UE8M0), total_v, part_v, total_v_smem, g,
+                                   G, CHUNK_BLOCKS, CHUNKED, lv)
+    _store_out(total_w, total_w_smem, out_ptr, tw, r128 + gl.arange(0, 128, layout=gl.SliceLayout(0, lw)), tw < M,
+               N, stride_om, stride_oc, SPLIT, CHUNKED, lw)
+    _store_out(total_v, total_v_smem, out_ptr, tv, r64 + gl.arange(0, 64, layout=gl.SliceLayout(0, lv)), tv < M, N,
+               stride_om, stride_oc, SPLIT, CHUNKED, lv)
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_wide_kernel(
+    w_desc, v_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om, stride_oc,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+    CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_producer_kernel on BM tokens x 192 weight rows (CompileKey.block_n 192 with producer): a
+    token tile loaded once feeds 1.5x the MMA of the 128-wide tile. w_desc / v_desc: descriptors of the same weight
+    codes W [N, K] with blocks [128, 128] / [64, 128] (the two pieces, _wide_rows); a_desc as the tile kernel's.
+    The grid's axis 0 is cdiv(N, 192) (BN, kept for the launcher's signature, is 192). Same raster, same chunk
+    handling (SPLIT / CHUNKED) and the same operations per element in the same order as the other Gluon kernels
+    (same bits). Deadlock freedom as the producer kernel's: both partitions walk the same n_iter >= 1 groups, the
+    consumers release every group after its wgmmas are done, before they wait for the next."""
+    gl.static_assert(BN == WIDE_BN)
+    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
+    t0 = pid_t * BM
+    r128, r64 = _wide_rows(pid_n)
+    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, 128, 128], w_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [NS, 64, 128], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=1)
+    if CHUNKED:  # the running totals of both pieces in shared memory (the chunk sums in registers)
+        total_w_smem = gl.allocate_shared_memory(gl.float32, [BM, 128], _TOTAL_LAYOUT,
+                                                 gl.zeros([BM, 128], gl.float32, layout=_mma_layout(BM, 128)))
+        total_v_smem = gl.allocate_shared_memory(gl.float32, [BM, 64], _TOTAL_LAYOUT,
+                                                 gl.zeros([BM, 64], gl.float32, layout=_mma_layout(BM, 64)))
+    else:
+        total_w_smem = a_ring  # unused
+        total_v_smem = a_ring  # unused
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_wide_consumer, (a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr,
+                          M, N, G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM, NS, CHUNK_BLOCKS,
+                          SPLIT, CHUNKED, AS_UE8M0)),
+        (_wide_producer, (a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
+                          n_iter, NS)),
     ], [1], [40])

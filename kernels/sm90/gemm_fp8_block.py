@@ -48,7 +48,7 @@ from kernels.sm90._tickets import Tickets, tile_tickets
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "gluon_constexprs",
            "gluon_operand_layouts", "launch",
-           "fused_key", "launch_fused", "without_ws", "REDUCES"]
+           "fused_key", "launch_fused", "without_ws", "REDUCES", "WIDE_BN", "triton_tile", "wide_shared_bytes"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is
@@ -65,6 +65,15 @@ _GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the 
 # how a split GEMM's chunk partials become the output: "kernel" (chunk_reduce_kernel, a second launch) or
 # "ticket" (the last program of each output tile adds them in the same kernel: one launch)
 REDUCES = ("kernel", "ticket")
+WIDE_BN = 192  # the producer-warp Gluon kernel's wide tile (CompileKey.producer)
+_SMEM_BLOCK_MAX = 232448 - 1024  # the H100's / H200's opt-in shared memory per block, less Triton's static 1 KB
+
+
+def wide_shared_bytes(block_t: int, num_stages: int, chunked: bool) -> int:
+    """Shared memory of gemm_fp8_block_gluon_wide_kernel: a ring stage holds the [block_t, 128] token block and the
+    [128, 128] + [64, 128] weight pieces (E4M3), two mbarriers; the running totals [block_t, 128 + 64] float32
+    when one program walks several chunks."""
+    return num_stages * ((block_t + WIDE_BN) * GROUP + 16) + (block_t * WIDE_BN * 4 if chunked else 0)
 
 
 
@@ -130,14 +139,20 @@ class CompileKey:
     acc3: bool = False
     # with gluon, not persistent, not acc3: a producer warp (gemm_fp8_block_gluon_producer_kernel, gl.warp_specialize:
     # one extra warp issues the tile's TMA loads into the ring, empty / ready mbarriers per stage; the kernel's warps
-    # run the two-accumulator wgmma loop and the promotions); the same operations in the same order (same bits)
+    # run the two-accumulator wgmma loop and the promotions); the same operations in the same order (same bits).
+    # With block_n 192 (WIDE_BN): gemm_fp8_block_gluon_wide_kernel, 192 weight rows a tile as a 128-row and a 64-row
+    # piece (each inside one weight-scale block), one accumulator per piece (the two-accumulator loop would not fit
+    # the registers); the token tile loaded once feeds 1.5x the MMA of the 128-wide tile (same bits)
     producer: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
         # wgmma M side of 64 rows per warpgroup
-        if (128 % self.block_n if self.block_n <= 128 else self.block_n % 128) or self.block_n < 16:
-            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 or be a multiple of 128")
+        if self.block_n == WIDE_BN:
+            self._check_wide()
+        elif (128 % self.block_n if self.block_n <= 128 else self.block_n % 128) or self.block_n < 16:
+            raise ValueError(f"CompileKey: block_n={self.block_n} must divide 128 or be a multiple of 128 "
+                             f"({WIDE_BN}: Gluon with producer only)")
         if self.group_t < 1:
             raise ValueError(f"CompileKey: group_t={self.group_t} must be >= 1")
         if self.fused_q and self.tma:
@@ -152,10 +167,11 @@ class CompileKey:
         if self.reduce == "ticket" and (not self.split or self.ws):
             raise ValueError(f"CompileKey: reduce='ticket' needs split and no ws, got split={self.split} ws={self.ws}")
         if self.gluon and (self.swap or not self.tma or self.pipe or self.fused_q or self.ws or self.reduce != "kernel"
-                           or self.block_t not in (64, 128) or self.block_n not in (64, 128)
+                           or self.block_t not in (64, 128) or self.block_n not in (64, 128, WIDE_BN)
                            or self.num_warps != self.block_t // 16 or self.num_stages < 2):
             raise ValueError(f"CompileKey: gluon needs swap=False, tma, no pipe / fused_q / ws, reduce='kernel', "
-                             f"block_t 64 / 128 on block_t // 16 warps, block_n 64 / 128 and num_stages >= 2, got "
+                             f"block_t 64 / 128 on block_t // 16 warps, block_n 64 / 128 ({WIDE_BN} with producer) "
+                             f"and num_stages >= 2, got "
                              f"{self.config()}")
         if self.persistent and (not self.gluon or self.split):
             raise ValueError(f"CompileKey: persistent needs gluon and no split, got gluon={self.gluon} "
@@ -171,6 +187,20 @@ class CompileKey:
         if m_side % 64 or m_side // 64 > (2 if self.ws else 1) * (self.num_warps // 4):
             raise ValueError(f"CompileKey: the wgmma M side ({'block_n' if self.swap else 'block_t'}={m_side}) must be "
                              f"64 rows per warpgroup of num_warps={self.num_warps}")
+
+    def _check_wide(self) -> None:
+        """block_n WIDE_BN: the producer-warp Gluon kernel only (gemm_fp8_block_gluon_wide_kernel), its ring (token
+        block and both weight pieces a stage) and, when it walks several chunks in one program, both pieces' float32
+        running totals within the 227 KB of shared memory a block may have."""
+        if not (self.gluon and self.producer) or self.swap or self.persistent or self.acc3:
+            raise ValueError(f"CompileKey: block_n={WIDE_BN} needs gluon and producer (not persistent, not acc3), got "
+                             f"gluon={self.gluon} producer={self.producer} persistent={self.persistent} "
+                             f"acc3={self.acc3} swap={self.swap}")
+        smem = wide_shared_bytes(self.block_t, self.num_stages, self.chunked and not self.split)
+        if smem > _SMEM_BLOCK_MAX:
+            raise ValueError(f"CompileKey: block_n={WIDE_BN} with block_t={self.block_t} and num_stages="
+                             f"{self.num_stages}{' chunked' if self.chunked and not self.split else ''} needs "
+                             f"{smem} bytes of shared memory (at most {_SMEM_BLOCK_MAX})")
 
     @property
     def chunked(self) -> bool:
@@ -261,11 +291,12 @@ def gluon_constexprs(key: CompileKey) -> dict:
 
 
 def gluon_operand_layouts(key: CompileKey):
-    """The shared layouts of the Gluon kernel's TMA blocks: (weights [block_n, 128], activations [block_t, 128])."""
+    """The shared layouts of the Gluon kernel's TMA blocks: (weights [block_n, 128], activations [block_t, 128]); the
+    192-wide tile's weight pieces [128, 128] and [64, 128] share one (the same 128-byte swizzle)."""
     from triton.experimental.gluon import language as gl
 
     return tuple(gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv)
-                 for rows in (key.block_n, key.block_t))
+                 for rows in (128 if key.block_n == WIDE_BN else key.block_n, key.block_t))
 
 
 WS_EXPERIMENT_ENV = "NVFP4V_FP8_WS_EXPERIMENT"
@@ -332,7 +363,8 @@ def _compile_gluon(key: CompileKey):
 
     from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_acc3_kernel, gemm_fp8_block_gluon_kernel,
                                                     gemm_fp8_block_gluon_persistent_kernel,
-                                                    gemm_fp8_block_gluon_producer_kernel)
+                                                    gemm_fp8_block_gluon_producer_kernel,
+                                                    gemm_fp8_block_gluon_wide_kernel)
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel
 
     w_layout, a_layout = gluon_operand_layouts(key)
@@ -343,17 +375,23 @@ def _compile_gluon(key: CompileKey):
         n = w_u8.shape[0]
         grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
-        w_desc = TensorDescriptor.from_tensor(w_u8.view(torch.float8_e4m3fn), [key.block_n, GROUP], w_layout)
+        w_fp8 = w_u8.view(torch.float8_e4m3fn)
         a_desc = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP], a_layout)
         if key.persistent:  # one program per SM at most (the bits do not depend on the grid)
             sms = _num_sms(a_u8.device.index or 0)
+            w_desc = TensorDescriptor.from_tensor(w_fp8, [key.block_n, GROUP], w_layout)
             return gemm_fp8_block_gluon_persistent_kernel[(min(grid[0] * grid[1], sms),)](
                 w_desc, a_desc, w_dec_f32, a_scale, out_bf16, m, n, key.groups, a_scale.stride(0), n,
                 **const, num_warps=key.num_warps)
-        kernel = (gemm_fp8_block_gluon_acc3_kernel if key.acc3 else gemm_fp8_block_gluon_producer_kernel
-                  if key.producer else gemm_fp8_block_gluon_kernel)
+        if key.block_n == WIDE_BN:  # the two weight pieces' blocks (_gemm_fp8_block_gluon._wide_rows)
+            kernel = gemm_fp8_block_gluon_wide_kernel
+            w_descs = [TensorDescriptor.from_tensor(w_fp8, [rows, GROUP], w_layout) for rows in (128, 64)]
+        else:
+            kernel = (gemm_fp8_block_gluon_acc3_kernel if key.acc3 else gemm_fp8_block_gluon_producer_kernel
+                      if key.producer else gemm_fp8_block_gluon_kernel)
+            w_descs = [TensorDescriptor.from_tensor(w_fp8, [key.block_n, GROUP], w_layout)]
         compiled = kernel[grid](
-            w_desc, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
+            *w_descs, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
             **const, num_warps=key.num_warps)
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
@@ -448,22 +486,31 @@ def launch(a_u8: Tensor, a_scale: Tensor, w_u8: Tensor, w_block_dec_f32: Tensor,
     if key.fused_q:  # a table config may fuse the quantizer for linear_fp8; here the input is quantized
         key = dataclasses.replace(key, fused_q=False, q_recip=False, q_nan_propagate=False, q_amax_floor=0.0)
     if key.gluon and _interpreting():  # no Gluon interpreter: the Triton kernel's same tile (the same bits)
-        key = dataclasses.replace(key, gluon=False, persistent=False, acc3=False, producer=False)
+        key = triton_tile(key)
     if key.tma and not _tma_ok(a_u8, w_u8):
         # the same operands by masked loads (the Gluon kernel's tile on the Triton kernel: the same bits)
-        key = dataclasses.replace(without_ws(key), tma=False, gluon=False, persistent=False, acc3=False,
-                                  producer=False)
+        key = dataclasses.replace(triton_tile(without_ws(key)), tma=False)
     compiled = _compile(key)(a_u8.view(torch.uint8), a_scale, w_u8.view(torch.uint8), w_block_dec_f32, out)
     if key not in _LAST_COMPILED and compiled is not None:
         _LAST_COMPILED[key] = compiled
     return out
 
 
+def triton_tile(key: CompileKey) -> CompileKey:
+    """A Gluon key's tile on the Triton kernel (no Gluon interpreter; operands TMA cannot take; the fused quantizer):
+    the same token-major tile, 64 weight rows for the 192-wide one (the Triton kernel's tiles divide 128); the
+    same operations per element in the same order (the same bits)."""
+    if not key.gluon:
+        return key
+    return dataclasses.replace(key, gluon=False, persistent=False, acc3=False, producer=False,
+                               block_n=64 if key.block_n == WIDE_BN else key.block_n)
+
+
 def fused_key(key: CompileKey, *, scale_rule: str, encode_rule: str = "divide", amax_nan: str = "propagate",
               amax_floor_f32: float = 1e-4) -> CompileKey:
     """`key`'s tile with the quantizer fused for the recipe (what launch_fused compiles)."""
-    return dataclasses.replace(without_ws(key), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False, gluon=False,
-                               persistent=False, acc3=False, producer=False, fused_q=True,
+    return dataclasses.replace(triton_tile(without_ws(key)), act_scale_ue8m0=scale_rule == "ue8m0_ceil", tma=False,
+                               fused_q=True,
                                q_recip=encode_rule == "mul_reciprocal",
                                q_nan_propagate=amax_nan == "propagate", q_amax_floor=float(amax_floor_f32))
 
