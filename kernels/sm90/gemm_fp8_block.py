@@ -189,13 +189,14 @@ class CompileKey:
                              f"64 rows per warpgroup of num_warps={self.num_warps}")
 
     def _check_wide(self) -> None:
-        """block_n WIDE_BN: the producer-warp Gluon kernel only (gemm_fp8_block_gluon_wide_kernel), its ring (token
-        block and both weight pieces a stage) and, when it walks several chunks in one program, both pieces' float32
-        running totals within the 227 KB of shared memory a block may have."""
-        if not (self.gluon and self.producer) or self.swap or self.persistent or self.acc3:
-            raise ValueError(f"CompileKey: block_n={WIDE_BN} needs gluon and producer (not persistent, not acc3), got "
-                             f"gluon={self.gluon} producer={self.producer} persistent={self.persistent} "
-                             f"acc3={self.acc3} swap={self.swap}")
+        """block_n WIDE_BN: the producer-warp Gluon kernel only (gemm_fp8_block_gluon_wide_kernel) on 128 tokens
+        (two math warpgroups: the size compiled and tested), its ring (token block and both weight pieces a stage)
+        and, when it walks several chunks in one program, both pieces' float32 running totals within the 227 KB of
+        shared memory a block may have."""
+        if not (self.gluon and self.producer) or self.swap or self.persistent or self.acc3 or self.block_t != 128:
+            raise ValueError(f"CompileKey: block_n={WIDE_BN} needs gluon and producer (not persistent, not acc3) and "
+                             f"block_t=128, got gluon={self.gluon} producer={self.producer} persistent="
+                             f"{self.persistent} acc3={self.acc3} swap={self.swap} block_t={self.block_t}")
         smem = wide_shared_bytes(self.block_t, self.num_stages, self.chunked and not self.split)
         if smem > _SMEM_BLOCK_MAX:
             raise ValueError(f"CompileKey: block_n={WIDE_BN} with block_t={self.block_t} and num_stages="

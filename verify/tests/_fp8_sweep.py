@@ -18,7 +18,11 @@ candidates among them; 1,16,64 the launch-bound sizes, where the single-launch s
 fused quantizer compete),
 NVFP4V_FP8_SWEEP_BUDGET_S (default 200: no new shape starts after it), NVFP4V_FP8_SWEEP_WORKERS (default 12),
 NVFP4V_FP8_SWEEP_GLUON (default 1; 0 leaves the Gluon kernel's candidates out), NVFP4V_FP8_SWEEP_PRODUCER (default 1;
-0 leaves the producer-warp candidates out: run their GPU bit test under a timeout first, a deadlock would stall the sweep).
+0 leaves the producer-warp candidates out: run their GPU bit test under a timeout first, a deadlock would stall the sweep),
+NVFP4V_FP8_SWEEP_ONLY (default unset; "wide": only the 128 x 192 producer-warp candidates (_glw with block_n 192),
+each shape's committed pick (the table's config at M's bucket, else the heuristic) timed beside them as always, with
+torch bf16 and cuBLASLt: one short run for the new tile). A candidate is timed only at shapes whose key takes it
+(shape_candidates: the 192-wide tile's ring and running totals must fit the shared memory).
 Run: `python -m verify.tests._fp8_sweep` or the bench test verify/tests/test_sm90_fp8_sweep.py.
 """
 
@@ -100,6 +104,20 @@ def _glw(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
     return {**_gl(bn, bt, stages, split, group_t), "producer": True}
 
 
+def shape_candidates(m: int, n: int, k: int) -> list[dict]:
+    """candidates(m) whose key (N, K) takes: a 128 x 192 producer-warp config whose ring and running totals (a
+    chunked plan walked in one program) exceed the shared memory is left out at that shape (CompileKey refuses it)."""
+    from kernels.sm90.gemm_fp8_block import WIDE_BN, _SMEM_BLOCK_MAX, chunk_plan, wide_shared_bytes
+
+    chunked = chunk_plan(n, k)[1] > 1
+
+    def fits(c: dict) -> bool:
+        return c["block_n"] != WIDE_BN or wide_shared_bytes(c["block_t"], c["num_stages"],
+                                                            chunked and not c["split"]) <= _SMEM_BLOCK_MAX
+
+    return [c for c in candidates(m) if fits(c)]
+
+
 def candidates(m: int) -> list[dict]:
     """The configs timed at M: the committed candidates (kernels.sm90.gemm_fp8_block_configs.candidates, the first
     the heuristic's choice) and, for M >= 128, the Gluon kernel's tiles (TMA ring, asynchronous wgmma with the next
@@ -107,8 +125,14 @@ def candidates(m: int) -> list[dict]:
     raster group 8 / 16, at M = 4096 the persistent kernel (_glp), the three-accumulator loop at 128 tokens x
     64 weight rows (_gl3) and the producer-warp kernel (_glw). The same bits as every other candidate (the sweep
     refuses one that differs)."""
+    from kernels.sm90.gemm_fp8_block import WIDE_BN
     from kernels.sm90.gemm_fp8_block_configs import candidates as table_candidates
 
+    only = os.environ.get("NVFP4V_FP8_SWEEP_ONLY", "")
+    if only not in ("", "wide"):
+        raise ValueError(f"NVFP4V_FP8_SWEEP_ONLY: expected unset or 'wide', got {only!r}")
+    if only == "wide":  # the 128 x 192 tile alone (sweep_shape adds the committed pick)
+        return [c for c in _gluon_candidates(m) if c["block_n"] == WIDE_BN] if m >= 128 else []
     out = table_candidates(m)
     if m < 128 or os.environ.get("NVFP4V_FP8_SWEEP_GLUON", "1") == "0":
         return out
@@ -122,20 +146,30 @@ def _gluon_candidates(m: int) -> list[dict]:
     if m <= 256:
         return [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
                       _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False), _gl3(128, 4, True),
-                      _gl3(128, 4, False), _glw(128, 128, 4, True), _glw(128, 128, 4, False), _glw(64, 128, 4, True)]
+                      _gl3(128, 4, False), _glw(128, 128, 4, True), _glw(128, 128, 4, False), _glw(64, 128, 4, True),
+                      _glw(192, 128, 3, True), _glw(192, 128, 4, True), _glw(192, 128, 3, False)]
     return [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
                   _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
                   _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
                   _glp(128, 128, 4, group_t=16), _glp(64, 128, 4), _glp(128, 64, 4), _gl3(128, 4, False),
                   _gl3(128, 6, False), _gl3(128, 6, False, group_t=16), _glw(128, 128, 4, False),
-                  _glw(128, 128, 5, False), _glw(128, 128, 4, False, group_t=16), _glw(64, 128, 6, False)]
+                  _glw(128, 128, 5, False), _glw(128, 128, 4, False, group_t=16), _glw(64, 128, 6, False),
+                  _glw(192, 128, 3, False), _glw(192, 128, 4, False), _glw(192, 128, 5, False),
+                  _glw(192, 128, 3, False, group_t=16)]
 
 
 def _jobs(shapes, ms):
+    from kernels.sm90.gemm_fp8_block import CompileKey
+
     for name, n, k in shapes:
         for m in ms:
             seen = set()
-            for cfg in candidates(m):
+            cands = shape_candidates(m, n, k)
+            if os.environ.get("NVFP4V_FP8_SWEEP_ONLY"):  # the committed pick and the reference too (sweep_shape's)
+                picks = [CompileKey.for_shape(m, n, k, act_scale_ue8m0=True).config(),
+                         CompileKey.heuristic(M_MAX, n, k, act_scale_ue8m0=True).config()]
+                cands = [c for i, c in enumerate(picks) if c not in picks[:i] + cands] + cands
+            for cfg in cands:
                 yield name, n, k, m, cfg
                 # the fused quantizer on the same tile (pointer loads), timed for the winner at M <= 16:
                 # compiled (and run once) here too, so a failing fused kernel never reaches the timing process
@@ -242,7 +276,7 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
             blk_err = _one_line(exc, 60)
             _sync()
         default_key = gemm_fp8_block.CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
-        cands = candidates(m)
+        cands = shape_candidates(m, n, k)
         if default_key.config() not in cands:
             cands = [default_key.config()] + cands
         results = []
@@ -301,6 +335,10 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
             for tag, pick in (("producer", True), ("no_producer", False)):
                 mine = [r for r in ok if r["config"].get("gluon") and bool(r["config"].get("producer")) is pick]
                 summary[f"best_gluon_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"]["block_n"] == gemm_fp8_block.WIDE_BN for r in results):  # 128 x 192 against the rest
+            for tag, pick in (("wide", True), ("narrow", False)):
+                mine = [r for r in ok if (r["config"]["block_n"] == gemm_fp8_block.WIDE_BN) is pick]
+                summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
             for tag, pick in (("ticket", True), ("reduce_kernel", False)):
                 mine = [r for r in ok if r["config"]["split"] and (r["config"].get("reduce") == "ticket") is pick]
@@ -410,6 +448,8 @@ def _print_summary(s: dict) -> None:
              if "best_gluon_acc3_us" in s else "")
           + (f" | gluon producer {_fmt(s['best_gluon_producer_us'], '.2f')} us vs "
              f"{_fmt(s['best_gluon_no_producer_us'], '.2f')} without" if "best_gluon_producer_us" in s else "")
+          + (f" | wide 192 {_fmt(s['best_wide_us'], '.2f')} us vs {_fmt(s['best_narrow_us'], '.2f')} narrower"
+             if "best_wide_us" in s else "")
           + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
              f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")

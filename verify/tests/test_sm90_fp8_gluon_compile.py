@@ -22,8 +22,9 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
-from kernels.sm90.gemm_fp8_block import CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts  # noqa: E402
-from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates  # noqa: E402
+from kernels.sm90.gemm_fp8_block import (  # noqa: E402
+    WIDE_BN, CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts)
+from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates, shape_candidates  # noqa: E402
 from verify.tests._sass import (  # noqa: E402
     _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
@@ -37,8 +38,8 @@ V4_PRO_FP8_SHAPES = [(n, k) for _, n, k in V4_PRO_FP8]
 def _keys() -> list[CompileKey]:
     """Every Gluon sweep candidate at the shapes above and both activation-scale modes, and every Gluon key the
     committed table routes a V4-Pro FP8 linear to (M = 128, 200, 4096), one per code layout."""
-    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for m in (128, 4096) for c in candidates(m)
-            if c.get("gluon") for n, k in _SHAPES for ue8m0 in (True, False)}
+    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for m in (128, 4096) for n, k in _SHAPES
+            for c in shape_candidates(m, n, k) if c.get("gluon") for ue8m0 in (True, False)}
     keys |= {key for m in (128, 200, 4096) for n, k in V4_PRO_FP8_SHAPES for ue8m0 in (True, False)
              if (key := CompileKey.for_shape(m, n, k, act_scale_ue8m0=ue8m0)).gluon}
     by_layout = {}
@@ -54,13 +55,17 @@ def _compile(key: CompileKey):
 
     from kernels.sm90 import _gemm_fp8_block_gluon as gluon_kernels
 
+    wide = key.block_n == WIDE_BN
     kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
               else gluon_kernels.gemm_fp8_block_gluon_acc3_kernel if key.acc3
+              else gluon_kernels.gemm_fp8_block_gluon_wide_kernel if wide
               else gluon_kernels.gemm_fp8_block_gluon_producer_kernel if key.producer
               else gluon_kernels.gemm_fp8_block_gluon_kernel)
 
     w_layout, a_layout = gluon_operand_layouts(key)
-    sig = {"w_desc": f"tensordesc<fp8e4nv[{key.block_n}, 128],{w_layout!r}>",
+    # the 192-wide tile: two descriptors of the weights, its 128-row and 64-row pieces
+    w_descs = {"w_desc": 128, "v_desc": 64} if wide else {"w_desc": key.block_n}
+    sig = {**{name: f"tensordesc<fp8e4nv[{rows}, 128],{w_layout!r}>" for name, rows in w_descs.items()},
            "a_desc": f"tensordesc<fp8e4nv[{key.block_t}, 128],{a_layout!r}>", "ws_ptr": "*fp32",
            "as_ptr": "*u8" if key.act_scale_ue8m0 else "*fp32", "out_ptr": "*fp32" if key.split else "*bf16",
            "M": "i32", "N": "i32", "G": "i32", "stride_as": "i32", "stride_om": "i32"}
@@ -85,19 +90,21 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
                          f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
                          f"{'-persistent' if key.persistent else ''}{'-acc3' if key.acc3 else ''}"
-                         f"{'-producer' if key.producer else ''}")
+                         f"{'-producer' if key.producer else ''}{'-wide' if key.block_n == WIDE_BN else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    wide = key.block_n == WIDE_BN  # a 128-row and a 64-row weight piece: a wgmma each, 4 QGMMA (K 128) a group each
     shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
-    assert shapes == {str(key.block_n)}, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64x{key.block_n}x32 E4M3)"
+    want = {"128", "64"} if wide else {str(key.block_n)}
+    assert shapes == want, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64 x {sorted(want)} x 32 E4M3)"
     assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
     # operands by the copy engine: the ring's prologue (NS stages x 2 operands) and the refill in the loop (left
     # out by the compiler where a split program's chunk has no more groups than stages)
     utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
     n_max = key.chunk_blocks if key.split else key.groups  # the most groups a program sums
-    want = 2 if key.producer else 2 * key.num_stages + 2 if n_max > key.num_stages else 2 * n_max
+    want = 3 if wide else 2 if key.producer else 2 * key.num_stages + 2 if n_max > key.num_stages else 2 * n_max
     assert utmaldg >= want, f"{key}: {utmaldg} UTMALDG (expected >= {want})"
     assert ck.metadata.shared <= _SMEM_MAX, f"{key}: {ck.metadata.shared} bytes of shared memory"
     ttgir, ptx = ck.asm["ttgir"], ck.asm["ptx"]
@@ -109,9 +116,13 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
         assert ck.metadata.num_warps == key.block_t // 16 + 4, (key, ck.metadata.num_warps)
         assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+\d+", ptx), key
         assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+\d+", ptx), key
-        assert utmaldg == 2, (key, utmaldg)
+        assert utmaldg == (3 if wide else 2), (key, utmaldg)  # wide: the token block and both weight pieces
         releases = re.findall(r"(@%p\d+)?\s*mbarrier\.arrive\.shared::cta\.b64", ptx)
-        assert len(releases) == 3 and all(releases), (key, releases)
+        assert len(releases) == (1 if wide else 3) and all(releases), (key, releases)  # wide: one group a loop
+        if wide:  # 168 at launch (12 warps), the math warps raised to 240 (96 + 96 tile registers), the producer 40
+            assert re.search(r"\.maxnreg\s+168\b", ptx), key
+            assert {("inc", "240"), ("inc", "40"), ("dec", "24")} <= set(
+                re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)), key
         assert re.search(rf"bar\.sync\s+0,\s*{32 * key.block_t // 16}\s*;", ptx), key
     else:
         assert ck.metadata.num_warps == key.block_t // 16 and "setmaxnreg" not in ptx, key  # not specialized
@@ -130,6 +141,8 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
         # wgmma); the tail of two groups (0x1 0x0: folded away where a split chunk has 2 groups) and of one (0x0)
         want = [0, 1, 1, 0] + ([1, 0] if n_max >= 3 else []) + [0]
         assert depbars == want, f"{key}: DEPBAR counts {depbars} (expected {want})"
+    elif wide:  # one group a loop iteration: the 64-row piece's wgmma in flight while the 128-row one is promoted
+        assert depbars == [1, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop)"
     else:  # the two-accumulator loop (the producer kernel's too)
         assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
     # the promotion contracted as in the Triton kernel (mul for sa * sw, one fma per element, one add per element at
@@ -140,8 +153,9 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     rows = 2  # token rows per thread in the wgmma accumulator layout (lane / 4 and lane / 4 + 8 of its warp's 16)
     fma, mul, add = _promotion_ops(ptx)
     chunk_add = key.chunked and not key.split
-    sites = (7 if n_max >= 3 else 5) if key.acc3 else 3
-    want = (sites * per_thread, sites * rows, sites * per_thread if chunk_add else 0)
+    # wide: one site a piece (the loop's one group), sa * sw per row and piece (its own weight-scale block)
+    sites = (7 if n_max >= 3 else 5) if key.acc3 else 1 if wide else 3
+    want = (sites * per_thread, sites * rows * (2 if wide else 1), sites * per_thread if chunk_add else 0)
     assert (fma, mul, add) == want, (key, fma, mul, add)
     stores = len(re.findall(r"\bst\.global", ptx))
     # the output tile's stores: bf16 pairs (split: float32 partials one by one)
@@ -176,7 +190,7 @@ def test_triton_kernel_contracts_the_promotion_the_same_way(split):
 def test_gluon_key_rules_and_config_round_trip():
     base = _gl(128, 128, 4, False)
     for n, k in V4_PRO_FP8_SHAPES:
-        for cfg in (c for m in (128, 4096) for c in candidates(m) if c.get("gluon")):
+        for cfg in (c for m in (128, 4096) for c in shape_candidates(m, n, k) if c.get("gluon")):
             key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=True)
             assert key.gluon and not key.swap and key.tma and key.num_warps == key.block_t // 16
             assert CompileKey.from_config(n, k, key.config(), act_scale_ue8m0=True) == key
@@ -193,6 +207,29 @@ def test_gluon_key_rules_and_config_round_trip():
             CompileKey.from_config(7168, 16384, {**_glw(128, 128, 4, False), **bad}, act_scale_ue8m0=True)
     for m in (128, 4096):
         assert [c for c in candidates(m) if c.get("producer")], m
+    # block_n 192: the producer-warp kernel's wide tile only, 128 tokens, its shared memory within 227 KB
+    wide = _glw(WIDE_BN, 128, 3, False)
+    assert CompileKey.from_config(7168, 16384, wide, act_scale_ue8m0=True).block_n == WIDE_BN
+    assert CompileKey.from_config(65536, 1536, {**wide, "num_stages": 5}, act_scale_ue8m0=True).num_stages == 5
+    assert CompileKey.from_config(7168, 16384, {**wide, "num_stages": 5, "split": True}, act_scale_ue8m0=True).split
+    for bad in ({"producer": False}, {"gluon": False, "num_warps": 8}, {"acc3": True}, {"persistent": True},
+                {"block_t": 64, "num_warps": 4}, {"swap": True}):
+        with pytest.raises(ValueError, match="block_n=192 needs gluon and producer") as err:
+            CompileKey.from_config(7168, 16384, {**wide, **bad}, act_scale_ue8m0=True)
+        assert "\n" not in str(err.value)
+    for n, k, stages in ((7168, 16384, 4), (65536, 1536, 6)):  # chunked: totals 96 KB; one chunk: the ring alone
+        with pytest.raises(ValueError, match="bytes of shared memory"):
+            CompileKey.from_config(n, k, {**wide, "num_stages": stages}, act_scale_ue8m0=True)
+    with pytest.raises(ValueError, match="must divide 128"):
+        CompileKey.from_config(7168, 16384, {**base, "gluon": False, "num_warps": 8, "block_n": 96},
+                               act_scale_ue8m0=True)
+    for m in (128, 4096):
+        wides = [c for c in candidates(m) if c["block_n"] == WIDE_BN]
+        assert wides and all(c["producer"] and c["block_t"] == 128 for c in wides), m
+        assert shape_candidates(m, 65536, 1536) == candidates(m)
+    # a 4- or 5-stage one-pass wide config does not fit a chunked plan: left out there, kept where one chunk
+    left_out = [c for c in candidates(4096) if c not in shape_candidates(4096, 7168, 16384)]
+    assert left_out and all(c["block_n"] == WIDE_BN and c["num_stages"] > 3 for c in left_out), left_out
     acc3 = _gl3(128, 4, False)
     assert CompileKey.from_config(7168, 16384, acc3, act_scale_ue8m0=True).acc3
     for bad in ({"block_n": 128}, {"persistent": True}, {"gluon": False, "num_warps": 8}):
@@ -219,7 +256,7 @@ import torch
 from kernels.sm90 import gemm_fp8_block, quantize_fp8_1x128
 from kernels.sm90.gemm_fp8_block import CompileKey
 from verify.tests._fp8_sweep import _gl, _gl3, _glp, _glw
-n, k = 192, 576
+n, k = 192, 576  # (the 192-wide tile: one tile, 5 chunks)
 g = torch.Generator().manual_seed(5)
 x = (torch.randn(130, k, generator=g) * 3).to(torch.bfloat16)
 w = torch.randn(n, k, generator=g).clamp_(-448, 448).to(torch.float8_e4m3fn).view(torch.uint8)
@@ -230,7 +267,7 @@ for rule in ("ue8m0_ceil", "f32"):
     ue8m0 = rule == "ue8m0_ceil"
     ref = gemm_fp8_block.launch(a, sa, w, w_dec, key=CompileKey.heuristic(130, n, k, act_scale_ue8m0=ue8m0))
     for split, cfg in ((False, _gl(128, 128, 3, False)), (True, _gl(128, 128, 3, True)), ("p", _glp(128, 128, 3)),
-                       ("a3", _gl3(128, 3, True)), ("w", _glw(128, 128, 3, False))):
+                       ("a3", _gl3(128, 3, True)), ("w", _glw(128, 128, 3, False)), ("w192", _glw(192, 128, 3, False))):
         key = CompileKey.from_config(n, k, cfg, act_scale_ue8m0=ue8m0)
         y = gemm_fp8_block.launch(a, sa, w, w_dec, key=key)
         tri = gemm_fp8_block.launch(a, sa, w, w_dec, key=dataclasses.replace(key, gluon=False, persistent=False,
@@ -246,18 +283,19 @@ json.dump(out, open(sys.argv[1], "w"))
 def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
     """There is no Gluon interpreter: launch() runs a Gluon key's tile on the Triton kernel there (the same
     operations, so the same bits: the heuristic's output at M = 130, N 192, K 576, 5 chunks, split, not split,
-    persistent, the three-accumulator loop split and the producer-warp kernel)."""
+    persistent, the three-accumulator loop split and the producer-warp kernel, 128 and 192 weight rows: the 192-wide
+    tile runs as 64-row Triton tiles)."""
     out = tmp_path / "gluon_interp.json"
     env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", _CPU_SCRIPT, str(out)], cwd=REPO, env=env, capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rep = json.loads(out.read_text())
-    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "a3", "p", "w")], rep
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "a3", "p", "w", "w192")], rep
     for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent, acc3, producer) in rep.items():
         assert gluon and chunked and split == tag.endswith(("True", "a3")), (tag, rep[tag])
         assert persistent == tag.endswith("p") and acc3 == tag.endswith("a3"), (tag, rep[tag])
-        assert producer == tag.endswith("w"), (tag, rep[tag])
+        assert producer == tag.endswith(("w", "w192")), (tag, rep[tag])
         assert nonzero and gluon_eq and triton_eq, (tag, rep[tag])
 
 
@@ -278,3 +316,8 @@ def test_gluon_falls_back_to_pointer_loads_where_tma_cannot(monkeypatch):
     wd = torch.ones(2, 5)
     gemm_fp8_block.launch(a, sa, w, wd, key=key, check=False)  # K 584: rows 584 bytes apart, not a multiple of 16
     assert seen == [dataclasses.replace(key, gluon=False, tma=False)], seen
+    # the 192-wide producer tile: the Triton kernel's 64-row tiles (its tiles divide 128), same tokens and stages
+    wide = CompileKey.from_config(192, 584, _glw(WIDE_BN, 128, 3, False), act_scale_ue8m0=True)
+    gemm_fp8_block.launch(a, sa, w, wd, key=wide, check=False)
+    assert seen[1] == dataclasses.replace(wide, gluon=False, tma=False, producer=False, block_n=64), seen
+    assert fused_key(wide, scale_rule="ue8m0_ceil").block_n == 64
