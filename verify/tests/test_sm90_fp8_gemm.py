@@ -934,9 +934,10 @@ GLUON_SHAPES = [("wq_a", 1536, 7168), ("wkv", 512, 7168), ("wq_b", 65536, 1536),
 def _gluon_keys(m: int, n: int, k: int, ue8m0: bool) -> list:
     """Every Gluon config the sweep times at M's bucket (verify/tests/_fp8_sweep.candidates), as keys of (N, K)."""
     from kernels.sm90.gemm_fp8_block import CompileKey
-    from verify.tests._fp8_sweep import candidates
+    from verify.tests._fp8_sweep import shape_candidates
 
-    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in candidates(m) if c.get("gluon")}
+    keys = {CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in shape_candidates(m, n, k)
+            if c.get("gluon")}
     assert keys, m
     return sorted(keys, key=str)
 
@@ -998,6 +999,30 @@ def test_gpu_gluon_bit_equal_to_triton(name, n, k, recipe):
         return [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
 
     _check_gluon_keys(n, k, recipe, keys, 91)
+
+
+@pytest.mark.parametrize("recipe", ["fp8_ue8m0", "fp8_f32"])
+@pytest.mark.parametrize("name,n,k", GLUON_SHAPES, ids=[s[0] for s in GLUON_SHAPES])
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_gluon_wide_bit_equal_to_triton(name, n, k, recipe):
+    """The producer-warp kernel's 128 x 192 tile (CompileKey.block_n 192: a 128-row and a 64-row weight piece a
+    tile, in either order) gives the Triton kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), the Ms
+    of GLUON_MS (M tails 200 / 1000 / 4000), UE8M0 and float32 activation scales: split at M's 128 bucket, one pass
+    (running totals in shared memory where chunked) at 4096, 3 ring stages (every shape) and 5 where the plan has one
+    chunk. Edge tiles: N 7168 / 65536 end on a tile whose 128-row piece lies wholly past N (loaded from row N - 1, not
+    stored), N 512 on one whose 64-row piece does; N 576 / 1536 / 3072 end on whole tiles."""
+    from kernels.sm90.gemm_fp8_block import WIDE_BN, CompileKey, chunk_plan
+    from verify.tests._fp8_sweep import _glw
+
+    def keys(bucket, ue8m0):
+        cfgs = ([_glw(WIDE_BN, 128, 3, True)] if bucket <= 256 else
+                [_glw(WIDE_BN, 128, 3, False)] + ([_glw(WIDE_BN, 128, 5, False)] if chunk_plan(n, k)[1] == 1 else []))
+        keys = [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
+        assert all(key.block_n == WIDE_BN and key.producer for key in keys), keys
+        return keys
+
+    _check_gluon_keys(n, k, recipe, keys, 97)
 
 
 @pytest.mark.parametrize("n,k", [(7168, 16384), (65536, 1536), (576, 7168), (7168, 576)], ids=lambda v: str(v))

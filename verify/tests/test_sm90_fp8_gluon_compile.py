@@ -291,7 +291,8 @@ def test_gluon_key_under_the_interpreter_runs_the_triton_tile(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rep = json.loads(out.read_text())
-    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in ("False", "True", "a3", "p", "w", "w192")], rep
+    tags = ("False", "True", "a3", "p", "w", "w192")
+    assert sorted(rep) == [f"{r}-{s}" for r in ("f32", "ue8m0_ceil") for s in tags], rep
     for tag, (gluon_eq, triton_eq, nonzero, gluon, chunked, split, persistent, acc3, producer) in rep.items():
         assert gluon and chunked and split == tag.endswith(("True", "a3")), (tag, rep[tag])
         assert persistent == tag.endswith("p") and acc3 == tag.endswith("a3"), (tag, rep[tag])

@@ -32,6 +32,32 @@ def test_fp8_gemm_config_sweep():
     assert torch.cuda.is_available()
 
 
+def test_sweep_only_wide_times_the_192_tile_beside_the_committed_pick(monkeypatch):
+    """NVFP4V_FP8_SWEEP_ONLY=wide: the 128 x 192 producer-warp candidates alone at M >= 128 (none below), each shape's
+    committed pick and the reference key precompiled with them (sweep_shape times the pick beside them); a 4- or
+    5-stage one-pass wide config only where the plan has one chunk (the running totals would not fit); an unknown
+    value is refused."""
+    from kernels.sm90.gemm_fp8_block import WIDE_BN, CompileKey
+    from verify.tests import _fp8_sweep as sw
+
+    every = sw.candidates(4096)
+    monkeypatch.setenv("NVFP4V_FP8_SWEEP_ONLY", "wide")
+    for m in (128, 4096):
+        only = sw.candidates(m)
+        assert only and all(c["block_n"] == WIDE_BN and c["producer"] for c in only), only
+        assert all(c in every for c in sw.candidates(4096))
+    assert sw.candidates(64) == []
+    assert [c["num_stages"] for c in sw.shape_candidates(4096, 7168, 16384)] == [3, 3]
+    assert [c["num_stages"] for c in sw.shape_candidates(4096, 65536, 1536)] == [3, 4, 5, 3]
+    jobs = [cfg for _, n, k, m, cfg in sw._jobs([("wo_b", 7168, 16384)], [4096])]
+    pick = CompileKey.for_shape(4096, 7168, 16384, act_scale_ue8m0=True).config()
+    ref = CompileKey.heuristic(4096, 7168, 16384, act_scale_ue8m0=True).config()
+    assert jobs == [pick, ref] + sw.shape_candidates(4096, 7168, 16384), jobs
+    monkeypatch.setenv("NVFP4V_FP8_SWEEP_ONLY", "narrow")
+    with pytest.raises(ValueError, match="NVFP4V_FP8_SWEEP_ONLY"):
+        sw.candidates(4096)
+
+
 _CPU_SCRIPT = """
 import json, sys
 import verify.tests._fp8_sweep as sw
