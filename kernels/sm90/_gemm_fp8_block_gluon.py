@@ -549,24 +549,75 @@ def _wide_producer(a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty,
 
 
 @gluon.jit
+def _issue_v(i, a_ring, v_ring, acc, NS: gl.constexpr):
+    """The 64-row piece's wgmma of group i into acc's registers (asynchronous, from zero), issued after the 128-row
+    piece's of the same group: its stage's ready wait already passed."""
+    s = i % NS
+    return warpgroup_mma(a_ring.index(s), v_ring.index(s).permute((1, 0)), acc, use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _release(i, empty, NS: gl.constexpr):
+    """Group i's stage back to the producer once every math warp is past its wgmmas (a barrier of the consumer
+    partition, then one arrival)."""
+    gl.thread_barrier()
+    mbarrier.arrive(empty.index(i % NS), count=1)
+
+
+@gluon.jit
+def _wide_sigma(as_ptr, sa_rows, sw_ptr, g, AS_UE8M0: gl.constexpr, layout: gl.constexpr):
+    """_sigma for one piece of the 192-row tile: the token scales loaded in the 128-row piece's accumulator layout
+    (one set of row offsets for both pieces, rows past M clamped to M - 1: those rows' operands are zero-filled
+    and never stored, so no mask) and moved to the piece's `layout`, whose rows lie in the same threads (the same
+    wgmma M side: a free move), then f32(sa[t, g] * sw[piece's block, g]) as a [BM, 1] column."""
+    sa = gl.load(as_ptr + sa_rows + g)
+    if AS_UE8M0:
+        sa = _ue8m0_u8_to_f32(sa)
+    return gl.expand_dims(gl.convert_layout(sa, gl.SliceLayout(1, layout)) * gl.load(sw_ptr + g), 1)
+
+
+@gluon.jit
+def _wide_group(i, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_ptr, sa_rows, sw_w, sw_v, total_w,
+                part_w, total_w_smem, total_v, part_v, total_v_smem, G, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr,
+                CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, lw: gl.constexpr, lv: gl.constexpr):
+    """Group i alone: both pieces' wgmmas issued, the 128-row piece promoted while the 64-row one's runs, then the
+    64-row piece waited for, its stage released, promoted (nothing left in flight)."""
+    acc_w = _issue_mma(i, a_ring, w_ring, ready, acc_w, NS)
+    acc_v = _issue_v(i, a_ring, v_ring, acc_v, NS)
+    acc_w = warpgroup_mma_wait(num_outstanding=1, deps=(acc_w, ))
+    total_w, part_w = _promote(acc_w, _wide_sigma(as_ptr, sa_rows, sw_w, g_lo + i, AS_UE8M0, lw), total_w, part_w, total_w_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, lw)
+    acc_v = warpgroup_mma_wait(num_outstanding=0, deps=(acc_v, ))
+    _release(i, empty, NS)
+    total_v, part_v = _promote(acc_v, _wide_sigma(as_ptr, sa_rows, sw_v, g_lo + i, AS_UE8M0, lv), total_v, part_v,
+                               total_v_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, lv)
+    return acc_w, acc_v, total_w, part_w, total_v, part_v
+
+
+@gluon.jit
 def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr, M, N,
                    G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM: gl.constexpr, NS: gl.constexpr,
                    CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr):
-    """The math partition of the 192-row tile: per group both pieces' wgmmas issued (128 rows, then 64), the
-    128-row piece waited for and promoted while the 64-row piece's wgmma runs, then the 64-row piece waited for,
-    the stage released (a barrier of the math warps, one arrival) and the piece promoted. One accumulator per piece
-    (96 registers a thread at 128 tokens) and the sums (96): two accumulator sets would not fit. Each element is
-    promoted as in the 128-wide tile: f32(sa * sw) of its piece's block, one fma, the chunk sum added at a chunk's
-    end (same bits). Nothing in flight across the back edge."""
+    """The math partition of the 192-row tile. One accumulator per piece (96 registers a thread at 128 tokens) and
+    the sums (96): two accumulator sets would not fit. CHUNKED with UE8M0 token scales (the running totals in shared
+    memory, the chunk sums in registers): two groups i, i + 1 per loop iteration, each piece's wgmma issued as soon as its accumulator is
+    free, so every promotion but the iteration's last runs under a wgmma: W(i) and V(i) issued (the 128-row piece W,
+    the 64-row piece V); W(i) waited for and promoted under V(i); W(i + 1) issued; V(i) waited for, its stage
+    released, promoted under W(i + 1); V(i + 1) issued; W(i + 1) promoted under V(i + 1); V(i + 1) waited for,
+    released, promoted (the one promotion not under a wgmma); an odd count's last group alone after the loop (as a
+    loop instead, 4 bytes spill at wo_b). Otherwise one group an iteration (_wide_group: W promoted under V, V's
+    promotion not under a wgmma), where the two-group loop spills on the sm_90a compile: split or one chunk (the
+    totals in registers: 360-432 bytes of stack), float32 token scales (8 bytes at wq_a, idx_wq_b, shared_l1: one
+    register around the next wgmma's issue). Nothing in flight across a back edge or a branch. Each element is
+    promoted as in the 128-wide tile, groups in order: f32(sa * sw) of its piece's block, one fma, the chunk sum added at a
+    chunk's end (same bits). Deadlock freedom: before waiting for group i + 1's stage the consumers have released
+    every group up to i - 1, and the load of i + 1 needs only the release of i + 1 - NS <= i - 1 (NS >= 2)."""
     lw: gl.constexpr = _mma_layout(BM, 128)
     lv: gl.constexpr = _mma_layout(BM, 64)
     r128, r64 = _wide_rows(pid_n)
     sw_w = _scale_row(ws_ptr, r128, N, G)
     sw_v = _scale_row(ws_ptr, r64, N, G)
     tw = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lw))
-    tv = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lv))
-    sa_w = as_ptr + tw.to(gl.int64) * stride_as
-    sa_v = as_ptr + tv.to(gl.int64) * stride_as
+    sa_rows = gl.minimum(tw, M - 1).to(gl.int64) * stride_as
     zw = gl.zeros([BM, 128], gl.float32, layout=lw)
     zv = gl.zeros([BM, 64], gl.float32, layout=lv)
     total_w = zw
@@ -575,22 +626,45 @@ def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_s
     part_v = zv
     acc_w = zw
     acc_v = zv
-    for i in range(n_iter):
-        s = i % NS
-        g = g_lo + i
-        mbarrier.wait(ready.index(s), (i // NS) & 1)
-        acc_w = warpgroup_mma(a_ring.index(s), w_ring.index(s).permute((1, 0)), acc_w, use_acc=False, is_async=True)
-        acc_v = warpgroup_mma(a_ring.index(s), v_ring.index(s).permute((1, 0)), acc_v, use_acc=False, is_async=True)
+    PAIRS: gl.constexpr = CHUNKED and AS_UE8M0
+    for p in range(0, n_iter // 2 if PAIRS else 0):
+        i = 2 * p
+        acc_w = _issue_mma(i, a_ring, w_ring, ready, acc_w, NS)
+        acc_v = _issue_v(i, a_ring, v_ring, acc_v, NS)
         acc_w = warpgroup_mma_wait(num_outstanding=1, deps=(acc_w, ))
-        total_w, part_w = _promote(acc_w, _sigma(sa_w, tw < M, sw_w, g, AS_UE8M0), total_w, part_w, total_w_smem, g,
-                                   G, CHUNK_BLOCKS, CHUNKED, lw)
+        sigma = _wide_sigma(as_ptr, sa_rows, sw_w, g_lo + i, AS_UE8M0, lw)
+        total_w, part_w = _promote(acc_w, sigma, total_w, part_w, total_w_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED,
+                                   lw)
+        acc_w = _issue_mma(i + 1, a_ring, w_ring, ready, acc_w, NS)
+        acc_v = warpgroup_mma_wait(num_outstanding=1, deps=(acc_v, ))
+        _release(i, empty, NS)
+        sigma = _wide_sigma(as_ptr, sa_rows, sw_v, g_lo + i, AS_UE8M0, lv)
+        total_v, part_v = _promote(acc_v, sigma, total_v, part_v, total_v_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED,
+                                   lv)
+        acc_v = _issue_v(i + 1, a_ring, v_ring, acc_v, NS)
+        acc_w = warpgroup_mma_wait(num_outstanding=1, deps=(acc_w, ))
+        sigma = _wide_sigma(as_ptr, sa_rows, sw_w, g_lo + i + 1, AS_UE8M0, lw)
+        total_w, part_w = _promote(acc_w, sigma, total_w, part_w, total_w_smem, g_lo + i + 1, G, CHUNK_BLOCKS,
+                                   CHUNKED, lw)
         acc_v = warpgroup_mma_wait(num_outstanding=0, deps=(acc_v, ))
-        gl.thread_barrier()
-        mbarrier.arrive(empty.index(s), count=1)
-        total_v, part_v = _promote(acc_v, _sigma(sa_v, tv < M, sw_v, g, AS_UE8M0), total_v, part_v, total_v_smem, g,
-                                   G, CHUNK_BLOCKS, CHUNKED, lv)
+        _release(i + 1, empty, NS)
+        sigma = _wide_sigma(as_ptr, sa_rows, sw_v, g_lo + i + 1, AS_UE8M0, lv)
+        total_v, part_v = _promote(acc_v, sigma, total_v, part_v, total_v_smem, g_lo + i + 1, G, CHUNK_BLOCKS,
+                                   CHUNKED, lv)
+    if PAIRS:  # an odd count's last group
+        if n_iter % 2 == 1:
+            acc_w, acc_v, total_w, part_w, total_v, part_v = _wide_group(
+                n_iter - 1, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_ptr, sa_rows, sw_w, sw_v,
+                total_w, part_w, total_w_smem, total_v, part_v, total_v_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0,
+                lw, lv)
+    else:  # one group an iteration (the running totals in registers: the two-group loop spills them)
+        for i in range(0, n_iter):
+            acc_w, acc_v, total_w, part_w, total_v, part_v = _wide_group(
+                i, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_ptr, sa_rows, sw_w, sw_v, total_w,
+                part_w, total_w_smem, total_v, part_v, total_v_smem, G, NS, CHUNK_BLOCKS, CHUNKED, AS_UE8M0, lw, lv)
     _store_out(total_w, total_w_smem, out_ptr, tw, r128 + gl.arange(0, 128, layout=gl.SliceLayout(0, lw)), tw < M,
                N, stride_om, stride_oc, SPLIT, CHUNKED, lw)
+    tv = t0 + gl.arange(0, BM, layout=gl.SliceLayout(1, lv))
     _store_out(total_v, total_v_smem, out_ptr, tv, r64 + gl.arange(0, 64, layout=gl.SliceLayout(0, lv)), tv < M, N,
                stride_om, stride_oc, SPLIT, CHUNKED, lv)
 
