@@ -15,6 +15,8 @@ the chunk sum from +0 added to the running total at the chunk's end (add.f32). W
 running total lives in shared memory (swizzled: no bank conflicts; each thread reads back only what it wrote, but
 Triton's membar pass still puts a CTA barrier (BAR.SYNC) between the store and the next load), so the registers
 hold two group accumulators and the chunk sum.
+The producer-warp kernel also takes 192 weight rows a tile (gemm_fp8_block_gluon_wide_kernel, CompileKey.block_n 192):
+a 128-row and a 64-row piece, each inside one weight-scale block, one accumulator each (NOTES_FP8.md, "Wide tile").
 """
 
 from triton.experimental import gluon
