@@ -1031,7 +1031,8 @@ def test_gpu_gluon_wide_bit_equal_to_triton(name, n, k, recipe):
 def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
     """Every Gluon config the sweep may commit (verify/tests/_fp8_sweep.candidates at M's bucket: 128 x 128 / 128 x 64
     / 64 x 128, split or not, ring depth 3-6, raster group 8 / 16, persistent, the three-accumulator loop, the producer
-    warp) gives the Triton kernel's bits: chunked (wo_b)
+    warp at 128 and 192 weight rows; shape_candidates: those the shape's key takes) gives the Triton kernel's bits:
+    chunked (wo_b)
     and one-chunk (wq_b) plans, partial N and partial K."""
     _check_gluon_keys(n, k, "fp8_ue8m0", lambda bucket, ue8m0: _gluon_keys(bucket, n, k, ue8m0), 95)
 
