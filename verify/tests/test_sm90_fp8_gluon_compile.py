@@ -122,6 +122,13 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
         releases = re.findall(r"(@%p\d+)?\s*mbarrier\.arrive\.shared::cta\.b64", ptx)
         # wide: 3 with the two-group loop (chunked: two in the loop, an odd count's last group), else 1
         assert len(releases) == (3 if pairs or not wide else 1) and all(releases), (key, releases)
+        if wide:
+            # a group's two wgmmas issued back to back (no CTA barrier between them: a second wait on the stage's
+            # ready barrier put one there): the 128-row piece's 4 QGMMA then the 64-row piece's 4, in the one-group
+            # body (the loop, or the two-group loop's odd tail) and the two-group loop's first group
+            issue = re.findall(r"QGMMA\.64x(\d+)x32|(BAR\.SYNC)|(SYNCS\.PHASECHK)", sass)
+            seq = "".join("W" if q == "128" else "V" if q == "64" else "|" for q, _, _ in issue)
+            assert seq.count("WWWWVVVV") == (2 if pairs else 1), (key, seq)
         if wide:  # 168 at launch (12 warps), the math warps raised to 240 (96 + 96 tile registers), the producer 40
             assert re.search(r"\.maxnreg\s+168\b", ptx), key
             assert {("inc", "240"), ("inc", "40"), ("dec", "24")} <= set(
