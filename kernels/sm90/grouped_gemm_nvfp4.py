@@ -251,17 +251,20 @@ class BigWgmmaKey:
         return 16 * self.num_warps * self.rows_per_wg
 
     @staticmethod
-    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "BigWgmmaKey":
+    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False, k_tail: bool = False) -> "BigWgmmaKey":
         # Fewer than 128 rows an expert on average (Rcap < 128 E; V4-Pro T = 4096: 64): BT 64, 4 warps, two row blocks
         # a warpgroup (BN 128, 2 CTAs an SM): a BT 128 tile would be about half empty, and each fp16 token tile
         # feeds 128 weight rows with a quarter of the routed key's token bytes a weight row. H100 (NOTES.md, "Two row
         # blocks a warpgroup"), V4-Pro T = 4096 fused L1 + L2: 12089 us against 14916 (BT 128, 8 warps, R 1) and
-        # 13623 (BT 64, 8 warps, R 2). At 128 or more (T = 32768: 512) BT 128, 8 warps, R 1: 68777 us against 72571
-        # (R 2, 4 warps) and 79881 (R 2, 8 warps). Every variant has the present path's bits (the GPU bit tests).
+        # 13623 (BT 64, 8 warps, R 2); H200 (session 8): 12767 against 13414 (BT 128, R 2). At 128 or more (T = 32768:
+        # 512) BT 128, 8 warps, R 2 (BN 256): H200 (NOTES.md, "Measured on an H200 (2026-12-07, session 8)") 62353 us
+        # against 69494 (BT 128, R 1), 72712 (BT 64, R 2, 4 warps), 80875 (8 warps). With a K tail (K % 128 != 0) R 1:
+        # that key reloads spilled registers inside its K loop (test_sm90_wgmma_compile.py, an expected failure).
+        # Every variant has the present path's bits (the GPU bit tests), so the switch keeps batch invariance.
         e_pad = max(32, 1 << (num_experts - 1).bit_length())
         if rcap < 128 * num_experts:
             return BigWgmmaKey(epi=epi, block_t=64, e_pad=e_pad, num_warps=4, clamp=clamp, rows_per_wg=2)
-        return BigWgmmaKey(epi=epi, block_t=128, e_pad=e_pad, num_warps=8, clamp=clamp)
+        return BigWgmmaKey(epi=epi, block_t=128, e_pad=e_pad, num_warps=8, clamp=clamp, rows_per_wg=1 if k_tail else 2)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         return _grid(rcap, num_experts, n, self.block_t, self.block_n)
@@ -311,11 +314,12 @@ def _compile_big_wgmma(key: BigWgmmaKey):
     return run
 
 
-def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int, clamp: bool, asm: bool):
+def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int, clamp: bool, asm: bool, *,
+                         k_tail: bool = False):
     """A routed large-token CompileKey -> the kernel LARGE_TOKEN_VARIANT names (the Gluon one needs the PTX decode
     and a GPU; elsewhere the Triton key stays). A LARGE_TOKEN_VARIANT outside two_mma | k128 | wgmma: ValueError."""
     if _large_token_variant_name() == "wgmma" and key.big and asm and not _interpreting():
-        return BigWgmmaKey.for_shape(epi, rcap, num_experts, clamp=clamp)
+        return BigWgmmaKey.for_shape(epi, rcap, num_experts, clamp=clamp, k_tail=k_tail)
     return key
 # ------------------------------------------------------------------------------------------------------------
 
@@ -412,7 +416,8 @@ def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | No
             and a_packed_u8.data_ptr() % 2 == 0):  # (the register-fed kernel reads the activations as int16 halves)
         return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp)
     return _large_token_variant(CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm,
-                                                     clamp=clamp), epi, a_packed_u8.shape[0], w.num_experts, clamp, asm)
+                                                     clamp=clamp), epi, a_packed_u8.shape[0], w.num_experts, clamp, asm,
+                               k_tail=w.k % 128 != 0)
 
 
 def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,

@@ -676,10 +676,12 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert (r2.block_n, dataclasses.replace(r2, num_warps=4).block_n) == (256, 128)
     with pytest.raises(ValueError, match="k128"):
         gg.CompileKey(epi=0, block_n=128, block_t=128, num_warps=8, num_stages=4, e_pad=16, k128=True)
-    key = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True)  # >= 128 rows an expert: BT 128, 8 warps, R 1
-    assert (key.block_t, key.num_warps, key.rows_per_wg, key.block_n, key.e_pad, key.k128) == (128, 8, 1, 128, 512, True)
-    assert key.grid(6 * 32768, 384, 6144) == gg.CompileKey.for_shape(2, 6 * 32768, 384, 6144, 7168).grid(
-        6 * 32768, 384, 6144)
+    key = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True)  # >= 128 rows an expert: BT 128, 8 warps, R 2
+    assert (key.block_t, key.num_warps, key.rows_per_wg, key.block_n, key.e_pad, key.k128) == (128, 8, 2, 256, 512, True)
+    tail = gg.BigWgmmaKey.for_shape(2, 6 * 32768, 384, clamp=True, k_tail=True)  # a K tail: R 1 (no loop spills)
+    assert (tail.block_t, tail.num_warps, tail.rows_per_wg, tail.block_n) == (128, 8, 1, 128)
+    present_grid = gg.CompileKey.for_shape(2, 6 * 32768, 384, 6144, 7168).grid(6 * 32768, 384, 6144)  # BN 128
+    assert (tail.grid(6 * 32768, 384, 6144), key.grid(6 * 32768, 384, 6144)) == (present_grid, present_grid // 2)
     for rcap in (6 * 4096, 128 * 384 - 1):  # fewer than 128 rows an expert (V4-Pro T = 4096: 64): BT 64, 4 warps, R 2
         key = gg.BigWgmmaKey.for_shape(0, rcap, 384)
         assert (key.block_t, key.num_warps, key.rows_per_wg, key.block_n) == (64, 4, 2, 128), (rcap, key)
@@ -757,8 +759,8 @@ def test_gpu_large_token_path_planes_and_small_shapes(variant):
                                      "wgmma_r2_bt128_w4"])
 def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(variant):
     """The large-token path (routed by for_shape: 8 experts, Rcap 1024; or the routed keys with k128 on; or the
-    register-fed BigWgmmaKey.for_shape keys; or its rows_per_wg 2 keys, BT 64 or (_bt128) 128, 8 / 4 warps: BN 256 /
-    128) captured at capacity with one routing and replayed with others and new values: every output equals an eager
+    register-fed kernel at BT 128 with one row block a warpgroup; or its rows_per_wg 2 keys, BT 64 or (_bt128) 128,
+    8 / 4 warps: BN 256 / 128) captured at capacity with one routing and replayed with others and new values: every output equals an eager
     call, and the present path's bytes."""
     gg = _gg()
     dev = _cuda()
@@ -778,8 +780,9 @@ def test_gpu_large_token_path_graph_replay_equals_eager_and_the_present_path(var
         ours = {epi: dataclasses.replace(gg.CompileKey.for_shape(epi, rcap, e, 2 * i if epi else 512,
                                                                  k if epi else i, clamp=epi == 2), k128=True)
                 for epi in (0, 1, 2)}
-    elif variant == "wgmma":
-        ours = {epi: gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2) for epi in (0, 1, 2)}
+    elif variant == "wgmma":  # one row block a warpgroup (what for_shape routes at >= 128 rows an expert with a K tail)
+        ours = {epi: dataclasses.replace(gg.BigWgmmaKey.for_shape(epi, rcap, e, clamp=epi == 2), block_t=128,
+                                         num_warps=8, rows_per_wg=1) for epi in (0, 1, 2)}
     elif variant.startswith("wgmma_r2"):  # 8 warps (BN 256) or 4 (BN 128: what for_shape routes below 128 rows an expert)
         ours = {epi: gg.BigWgmmaKey(epi=epi, block_t=128 if "bt128" in variant else 64, e_pad=32,
                                     num_warps=4 if variant.endswith("w4") else 8, clamp=epi == 2, rows_per_wg=2)
