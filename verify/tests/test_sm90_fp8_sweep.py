@@ -49,10 +49,20 @@ def test_sweep_only_wide_times_the_192_tile_beside_the_committed_pick(monkeypatc
     assert sw.candidates(64) == []
     assert [c["num_stages"] for c in sw.shape_candidates(4096, 7168, 16384)] == [3, 3]
     assert [c["num_stages"] for c in sw.shape_candidates(4096, 65536, 1536)] == [3, 4, 5, 3]
-    jobs = [cfg for _, n, k, m, cfg in sw._jobs([("wo_b", 7168, 16384)], [4096])]
-    pick = CompileKey.for_shape(4096, 7168, 16384, act_scale_ue8m0=True).config()
+    from kernels.sm90 import gemm_fp8_block_configs
+
+    wide = sw.shape_candidates(4096, 7168, 16384)
     ref = CompileKey.heuristic(4096, 7168, 16384, act_scale_ue8m0=True).config()
-    assert jobs == [pick, ref] + sw.shape_candidates(4096, 7168, 16384), jobs
+    # a committed pick that is not a wide candidate: timed first, then the reference, then the wide candidates
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {(7168, 16384): ((8192, sw._glw(128, 128, 4, False)),)})
+    pick = CompileKey.for_shape(4096, 7168, 16384, act_scale_ue8m0=True).config()
+    assert pick not in wide and pick != ref
+    jobs = [cfg for _, n, k, m, cfg in sw._jobs([("wo_b", 7168, 16384)], [4096])]
+    assert jobs == [pick, ref] + wide, jobs
+    # a committed pick that is one of them (the table after the H200 run): not timed twice
+    monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", {(7168, 16384): ((8192, wide[0]),)})
+    jobs = [cfg for _, n, k, m, cfg in sw._jobs([("wo_b", 7168, 16384)], [4096])]
+    assert jobs == [ref] + wide, jobs
     monkeypatch.setenv("NVFP4V_FP8_SWEEP_ONLY", "narrow")
     with pytest.raises(ValueError, match="NVFP4V_FP8_SWEEP_ONLY"):
         sw.candidates(4096)
