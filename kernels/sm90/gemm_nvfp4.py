@@ -22,7 +22,9 @@ Configs (see CompileKey.for_shape):
 - Other M <= 64 (K % 128 != 0, or 33 <= M <= 64 at N <= 2048): the Triton swap-AB kernel
   (the weights' decoded tile reaches wgmma through shared memory), a fixed-order split-K
   reduce kernel; for large K the activations are decoded once into two fp16 planes.
-- M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM.
+- M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM (CompileKey.f16_gemm: the Triton
+  pointer-load kernel, or the Gluon TMA / producer-warp persistent kernel, the same bits; decode_pair: both
+  operands decoded in one launch).
 Per-call buffers (split-K partials, decoded activations) come from torch.empty, so under
 CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 """
@@ -76,6 +78,10 @@ class CompileKey:
     act_f16: bool = False  # decode the activations once per GEMM into fp16 (Triton path: two planes; wgmma: mma order)
     wgmma: int = 0  # 1..: the Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
     # block_y = BT tokens per CTA, split-K reduced in-kernel; act_f16: activations decoded once per GEMM)
+    # predecode's fp16 GEMM: "triton" (gemm_f16_alpha_kernel, pointer loads) or "gluon" (_gemm_f16_gluon: TMA ring,
+    # producer warp, persistent; block_x x block_y = BM x BN on 8 warps, num_stages ring stages); the same bits
+    f16_gemm: str = "triton"
+    decode_pair: bool = False  # predecode: both operands decoded in one launch (the same bytes)
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -133,6 +139,15 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
 
+
+    @staticmethod
+    def predecode_gluon(*, block_m: int = 128, block_n: int = 256, stages: int = 4,
+                        decode_pair: bool = True) -> "CompileKey":
+        """The predecode path with the Gluon fp16 GEMM (block_m x block_n tiles, 64-wide K stages, 8 warps and a
+        producer warp): the same output bytes as the Triton GEMM's key for_shape gives at M >= 256."""
+        return CompileKey(swap_ab=False, block_x=block_m, block_y=block_n, block_k=64, num_warps=8,
+                          num_stages=stages, split=1, use_asm=True, predecode=True, f16_gemm="gluon",
+                          decode_pair=decode_pair)
 
     @staticmethod
     def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
@@ -208,6 +223,45 @@ def _compile(key: CompileKey):
             splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
                 ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
+    if key.f16_gemm not in ("triton", "gluon") or (key.f16_gemm == "gluon" and (
+            not key.predecode or key.block_k != 64 or key.num_warps != 8 or key.split != 1)):
+        raise ValueError(f"CompileKey: f16_gemm must be 'triton' or 'gluon' (the latter with predecode, block_k 64, "
+                         f"8 warps, split 1), got {key}")
+    if key.f16_gemm == "gluon":
+        from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
+
+        f16_layouts = gluon_operand_layouts(key.block_x, key.block_y)
+
+    def decode_pair(a_p, a_sf, m, b_p, b_sf, n, k, cp4):
+        """decode_f16 of both operands in one launch (decode_nvfp4_pair_to_f16_kernel: the same bytes)."""
+        from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_pair_to_f16_kernel
+
+        a16 = torch.empty((m, k), dtype=torch.float16, device=a_p.device)
+        b16 = torch.empty((n, k), dtype=torch.float16, device=a_p.device)
+        br, bk = _DECODE_TILE
+        decode_nvfp4_pair_to_f16_kernel[(triton.cdiv(m, br) + triton.cdiv(n, br), triton.cdiv(k, bk))](
+            a_p, a_sf.view(torch.int32), a16, m, b_p, b_sf.view(torch.int32), b16, n, k // 2, cp4,
+            BLOCK_R=br, BLOCK_K=bk, USE_ASM=key.use_asm, num_warps=4)
+        return a16, b16
+
+    def f16_gemm(a16, b16, alpha_f32, out_bf16):
+        """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the key's fp16 GEMM."""
+        m, n = out_bf16.shape
+        k = a16.shape[1]
+        tiles = triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y)
+        if key.f16_gemm == "gluon":  # host descriptors: kernel parameters, so a captured graph replays them
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+            a_desc = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0])
+            b_desc = TensorDescriptor.from_tensor(b16, [key.block_y, 64], f16_layouts[1])
+            gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
+                a_desc, b_desc, alpha_f32, out_bf16, m, n, k, BM=key.block_x, BN=key.block_y, NS=key.num_stages,
+                GROUP_M=8, num_warps=8)
+            return
+        gemm_f16_alpha_kernel[(tiles,)](a16, b16, alpha_f32, out_bf16, m, n, k,
+                                        BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
+                                        GROUP_M=8, num_warps=key.num_warps, num_stages=key.num_stages)
+
     if key.wgmma:
         from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
         from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
@@ -257,12 +311,12 @@ def _compile(key: CompileKey):
             # Large M is MMA-bound: decode each operand once (exact fp16, 4 bytes per
             # element of traffic, small next to the 2*M*N*K MMA work), then a pipelined
             # fp16 GEMM whose loads feed wgmma directly.
-            a16 = decode_f16(a_packed_u8, a_sf_u8, m, k, cp4)
-            b16 = decode_f16(b_packed_u8, b_sf_u8, n, k, cp4)
-            grid = (triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y),)
-            gemm_f16_alpha_kernel[grid](a16, b16, alpha_f32, out_bf16, m, n, k,
-                                        BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
-                                        GROUP_M=8, num_warps=key.num_warps, num_stages=key.num_stages)
+            if key.decode_pair:
+                a16, b16 = decode_pair(a_packed_u8, a_sf_u8, m, b_packed_u8, b_sf_u8, n, k, cp4)
+            else:
+                a16 = decode_f16(a_packed_u8, a_sf_u8, m, k, cp4)
+                b16 = decode_f16(b_packed_u8, b_sf_u8, n, k, cp4)
+            f16_gemm(a16, b16, alpha_f32, out_bf16)
             return
         if key.act_f16:
             # decode the M activation rows once (fp16 planes, zero-padded to the tiles),
