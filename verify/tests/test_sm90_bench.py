@@ -241,20 +241,31 @@ def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, n, k):
     t_bf16 = _time_graph([lambda: torch.matmul(xb, wb.T)] * 3)
     del xb, wb
     flops = 2 * m * n * k
-    times, mismatches = {}, []
+    times, gemm_times, decode_times, mismatches = {}, {}, {}, []
     ref = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=keys["triton"])
     for name, key in keys.items():
         y = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key)
         if not torch.equal(y.view(torch.int16), ref.view(torch.int16)):
             mismatches.append(f"{name}: {int((y.view(torch.int16) != ref.view(torch.int16)).sum())} elements differ")
-        del y
         times[name] = _time_graph([(lambda key=key: gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key))] * 3)
+        # the two steps apart: the fp16 GEMM alone on decoded operands, the decode alone (one launch or two)
+        parts = gemm_nvfp4._compile(key)
+        a16, b16 = parts.decode_operands(a_p, a_sf, w_p, w_sf)
+        gemm_times[name] = _time_graph([lambda parts=parts: parts.f16_gemm(a16, b16, alpha, y)] * 3)
+        decode_times["pair" if key.decode_pair else "two"] = _time_graph(
+            [lambda parts=parts: parts.decode_operands(a_p, a_sf, w_p, w_sf)] * 3)
+        del y, a16, b16
     row = {"M": m, "N": n, "K": k, "torch_bf16_us": t_bf16 * 1e6, "device": torch.cuda.get_device_name(),
            "us": {name: t * 1e6 for name, t in times.items()},
-           "x_torch": {name: t_bf16 / t for name, t in times.items()}, "bits_equal": not mismatches}
+           "x_torch": {name: t_bf16 / t for name, t in times.items()}, "bits_equal": not mismatches,
+           "f16_gemm_us": {name: t * 1e6 for name, t in gemm_times.items()},
+           "decode_us": {name: t * 1e6 for name, t in decode_times.items()}}
     _RESULTS["gemm"].append(row)
     _dump()
     cells = "  ".join(f"{name} {t * 1e6:7.1f} us x{t_bf16 / t:4.2f}" for name, t in times.items())
     print(f"\nf16 GEMM M={m} N={n:5d} K={k:5d}: torch bf16 {t_bf16 * 1e6:7.1f} us "
           f"({flops / t_bf16 / 1e12:5.0f} TFLOP/s)  {cells}  bits {'equal' if not mismatches else 'DIFFER'}")
+    print("    fp16 GEMM alone: " + "  ".join(f"{name} {t * 1e6:7.1f} us {flops / t / 1e12:4.0f} TFLOP/s"
+                                            for name, t in gemm_times.items())
+          + "  decode: " + "  ".join(f"{name} {t * 1e6:6.1f} us" for name, t in decode_times.items()))
     assert not mismatches, f"M={m} N={n} K={k}: output bytes differ from the Triton path: {mismatches}"
