@@ -356,9 +356,10 @@ def test_sm90_gemm_wgmma_key_refuses_k_not_multiple_of_128():
 # key explicit: every M gives the Triton kernel's bytes), more tiles than SMs with a ragged last wave
 _F16_GEMM_SHAPES = [(4096, 2048, 7168), (4096, 6144, 7168), (4096, 7168, 3072), (4096, 7168, 16384),
                     (300, 2050, 7184), (257, 130, 1040), (1, 200, 80), (33, 384, 48), (2000, 4100, 1024)]
-# both wgmma widths (64x256x16 and the Triton kernel's 64x128x16 twice), both decode launches
+# both wgmma widths (64x256x16 and the Triton kernel's 64x128x16 twice), both decode launches, A decoded in the GEMM
 _F16_GEMM_KEYS = [dict(block_m=128, block_n=256, stages=4), dict(block_m=256, block_n=128, stages=4),
-                  dict(block_m=128, block_n=256, stages=3, decode_pair=False)]
+                  dict(block_m=128, block_n=256, stages=3, decode_pair=False),
+                  dict(block_m=128, block_n=256, stages=4, fuse_a=True)]
 
 
 def _random_nvfp4(rows: int, k: int, seed: int):
@@ -437,7 +438,9 @@ def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
     key = CompileKey.predecode_gluon()
     assert (key.predecode, key.f16_gemm, key.block_x, key.block_y, key.block_k, key.num_stages) == (
         True, "gluon", 128, 256, 64, 4)
+    assert CompileKey.predecode_gluon(fuse_a=True).fuse_a and not CompileKey.predecode_gluon(fuse_a=True).decode_pair
     for bad in (dict(f16_gemm="cublas"), dict(predecode=False), dict(block_k=128), dict(num_warps=4),
-                dict(split=2)):
+                dict(split=2), dict(fuse_a=True, block_x=256), dict(fuse_a=True, decode_pair=True),
+                dict(fuse_a=True, f16_gemm="triton")):
         with pytest.raises(ValueError, match="f16_gemm"):
             gemm_nvfp4._compile(dataclasses.replace(key, **bad))
