@@ -394,16 +394,17 @@ def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k):
         assert_bits_equal(y, y_old, label=f"gluon f16 GEMM {kw} vs triton {m}x{n}x{k}")
 
 
-@pytest.mark.parametrize("m,n,k", [(4096, 2048, 7168), (300, 2050, 7184)], ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k,fuse_a", [(4096, 2048, 7168, False), (300, 2050, 7184, False),
+                                           (300, 2050, 7184, True)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k):
+def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k, fuse_a):
     """The Gluon key captured into a CUDA graph (descriptors and decoded operands from the graph's pool), replayed
     on new activation bytes and a new alpha: the bytes of an eager launch on the same inputs."""
     from kernels.sm90 import gemm_nvfp4
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
-    key = CompileKey.predecode_gluon()
+    key = CompileKey.predecode_gluon(fuse_a=fuse_a)
     a_p, a_sf = _random_nvfp4(m, k, 61)
     b_p, b_sf = _random_nvfp4(n, k, 62)
     alpha = torch.tensor(1.0e-3, device="cuda")
