@@ -173,14 +173,15 @@ def _producer_fused_a(ap_ptr, asf_ptr, b_desc, a_ring, b_ring, ready, empty, M, 
 
 
 @gluon.jit
-def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, ap_ptr, asf_ptr, M, N, K, CP4,
+def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, ap_ptr, asf_ptr, M, N, K, HALF_K, CP4,
                                 BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr,
                                 FUSE_A: gl.constexpr):
     """out_bf16 = bf16((A16 @ B16^T * 2^14) * alpha): a_desc / b_desc tensor descriptors of A16 [M, K] / B16 [N, K]
     fp16 (blocks [BM, 64] / [BN, 64], zero fill past the edges), alpha_ptr one float32, out_ptr [M, N] bf16.
     FUSE_A: A is not predecoded: ap_ptr / asf_ptr are its packed bytes [M, K/2] and 128x4-swizzled scales (int32
-    words, CP4 a row block), decoded by the producer partition (4 warps) into the ring (a_desc unused); else those
-    three are unused. Grid: at most one program per SM (any count gives the same bits)."""
+    words, CP4 a row block; HALF_K = K / 2 its row stride, an argument so that Triton sees its divisibility and
+    loads 16 bytes a thread), decoded by the producer partition (4 warps) into the ring (a_desc unused); else those
+    four are unused. Grid: at most one program per SM (any count gives the same bits)."""
     if FUSE_A:
         a_ring = gl.allocate_shared_memory(gl.float16, [NS, BM, BK], _a_smem_layout(BM))
     else:
@@ -199,7 +200,7 @@ def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, ap_ptr, asf_
         gl.warp_specialize([
             (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM, BN, NS,
                          GROUP_M)),
-            (_producer_fused_a, (ap_ptr, asf_ptr, b_desc, a_ring, b_ring, ready, empty, M, K // 2, CP4, num_m, num_n,
+            (_producer_fused_a, (ap_ptr, asf_ptr, b_desc, a_ring, b_ring, ready, empty, M, HALF_K, CP4, num_m, num_n,
                                  k_iters, BM, BN, NS, GROUP_M)),
         ], [4], [_FUSED_PRODUCER_REGS])
     else:

@@ -264,7 +264,7 @@ def _compile(key: CompileKey):
                 a_desc, ap, asf, cp4 = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0]), \
                     out_bf16, out_bf16, 0
             gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
-                a_desc, b_desc, alpha_f32, out_bf16, ap, asf, m, n, k, cp4, BM=key.block_x, BN=key.block_y,
+                a_desc, b_desc, alpha_f32, out_bf16, ap, asf, m, n, k, k // 2, cp4, BM=key.block_x, BN=key.block_y,
                 NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a, num_warps=8)
             return
         gemm_f16_alpha_kernel[(tiles,)](a16, b16, alpha_f32, out_bf16, m, n, k,

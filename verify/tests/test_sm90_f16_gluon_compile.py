@@ -36,13 +36,14 @@ def _compile(key: CompileKey):
     sig = {"a_desc": f"tensordesc<fp16[{key.block_x}, 64],{la!r}>",
            "b_desc": f"tensordesc<fp16[{key.block_y}, 64],{lb!r}>",
            "alpha_ptr": "*fp32", "out_ptr": "*bf16", "ap_ptr": "*u8" if key.fuse_a else "*bf16",
-           "asf_ptr": "*i32" if key.fuse_a else "*bf16", "M": "i32", "N": "i32", "K": "i32", "CP4": "i32"}
+           "asf_ptr": "*i32" if key.fuse_a else "*bf16", "M": "i32", "N": "i32", "K": "i32", "HALF_K": "i32",
+           "CP4": "i32"}
     const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a)
     sig.update({name: "constexpr" for name in const})
     index = gemm_f16_alpha_gluon_kernel.arg_names.index
     # torch allocations and the V4 shapes (N, K multiples of 16): what the launch specializes to
     attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("alpha_ptr", "out_ptr", "ap_ptr", "asf_ptr", "N",
-                                                                    "K")}
+                                                                    "K", "HALF_K")}
     src = GluonASTSource(gemm_f16_alpha_gluon_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
 
@@ -70,6 +71,7 @@ def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key,
         assert moved == {("inc", "240"), ("dec", "192"), ("dec", "24"), ("inc", "112")}, (key, moved)
         assert utmaldg == 1, (key, utmaldg)
         assert len(re.findall(r"\bSTS\.128\b", sass)) >= key.block_x * 64 * 2 // 128 // 16, key
+        assert re.findall(r"\bLDG\.E\.128\b", sass), key  # A's packed bytes, 16 a load (K % 32 == 0)
         assert re.search(r"bar\.sync\s+\d+,\s*128\s*;", ptx) and "fence.proxy.async.shared::cta" in ptx, key
     else:
         assert ("inc", "240") in moved and ("inc", "40") in moved, (key, moved)
