@@ -221,6 +221,27 @@ def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
 
 
 @triton.jit
+def decode_nvfp4_pair_to_f16_kernel(a_ptr, asf_ptr, a_out_ptr, RA, b_ptr, bsf_ptr, b_out_ptr, RB, HALF_K, CP4,
+                                    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Large-M path, step 1 in one launch for both operands: decode_nvfp4_to_f16_kernel's tiles of A (the first
+    cdiv(RA, BLOCK_R) row tiles of the grid) then of B, each element decoded by the same code (same bytes)."""
+    tiles_a = tl.cdiv(RA, BLOCK_R)
+    pid = tl.program_id(0)
+    if pid < tiles_a:
+        p_ptr, sf_ptr, out_ptr, R, r0 = a_ptr, asf_ptr, a_out_ptr, RA, pid * BLOCK_R
+    else:
+        p_ptr, sf_ptr, out_ptr, R, r0 = b_ptr, bsf_ptr, b_out_ptr, RB, (pid - tiles_a) * BLOCK_R
+    rows = r0 + tl.arange(0, BLOCK_R)
+    kb = tl.program_id(1) * BLOCK_K
+    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+    K = HALF_K * 2
+    vals = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K))
+    cols = kb + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], vals,
+             mask=(rows < R)[:, None] & (cols < K)[None, :])
+
+
+@triton.jit
 def gemm_f16_alpha_kernel(a_ptr, b_ptr, alpha_ptr, out_ptr, M, N, K,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                           GROUP_M: tl.constexpr):

@@ -22,7 +22,9 @@ Configs (see CompileKey.for_shape):
 - Other M <= 64 (K % 128 != 0, or 33 <= M <= 64 at N <= 2048): the Triton swap-AB kernel
   (the weights' decoded tile reaches wgmma through shared memory), a fixed-order split-K
   reduce kernel; for large K the activations are decoded once into two fp16 planes.
-- M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM.
+- M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM (CompileKey.f16_gemm: the Triton
+  pointer-load kernel, or the Gluon TMA / producer-warp persistent kernel, the same bits; decode_pair: both
+  operands decoded in one launch).
 Per-call buffers (split-K partials, decoded activations) come from torch.empty, so under
 CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 """
@@ -76,6 +78,11 @@ class CompileKey:
     act_f16: bool = False  # decode the activations once per GEMM into fp16 (Triton path: two planes; wgmma: mma order)
     wgmma: int = 0  # 1..: the Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup;
     # block_y = BT tokens per CTA, split-K reduced in-kernel; act_f16: activations decoded once per GEMM)
+    # predecode's fp16 GEMM: "triton" (gemm_f16_alpha_kernel, pointer loads) or "gluon" (_gemm_f16_gluon: TMA ring,
+    # producer warp, persistent; block_x x block_y = BM x BN on 8 warps, num_stages ring stages); the same bits
+    f16_gemm: str = "triton"
+    decode_pair: bool = False  # predecode: both operands decoded in one launch (the same bytes)
+    fuse_a: bool = False  # f16_gemm "gluon", block_x 128: A decoded inside the GEMM (producer warps), B predecoded
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -133,6 +140,16 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
 
+
+    @staticmethod
+    def predecode_gluon(*, block_m: int = 128, block_n: int = 256, stages: int = 4,
+                        decode_pair: bool = True, fuse_a: bool = False) -> "CompileKey":
+        """The predecode path with the Gluon fp16 GEMM (block_m x block_n tiles, 64-wide K stages, 8 warps and a
+        producer warp; fuse_a: A decoded by 4 producer warps in the GEMM, only B predecoded): the same output
+        bytes as the Triton GEMM's key for_shape gives at M >= 256."""
+        return CompileKey(swap_ab=False, block_x=block_m, block_y=block_n, block_k=64, num_warps=8,
+                          num_stages=stages, split=1, use_asm=True, predecode=True, f16_gemm="gluon",
+                          decode_pair=decode_pair and not fuse_a, fuse_a=fuse_a)
 
     @staticmethod
     def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
@@ -208,6 +225,61 @@ def _compile(key: CompileKey):
             splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
                 ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
+    if key.f16_gemm not in ("triton", "gluon") or (key.f16_gemm == "gluon" and (
+            not key.predecode or key.block_k != 64 or key.num_warps != 8 or key.split != 1)) or (
+            key.fuse_a and (key.f16_gemm != "gluon" or key.block_x != 128 or key.decode_pair)):
+        raise ValueError(f"CompileKey: f16_gemm must be 'triton' or 'gluon' (the latter with predecode, block_k 64, "
+                         f"8 warps, split 1; fuse_a with gluon, block_x 128, no decode_pair), got {key}")
+    if key.f16_gemm == "gluon":
+        from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
+
+        f16_layouts = gluon_operand_layouts(key.block_x, key.block_y)
+
+    def decode_pair(a_p, a_sf, m, b_p, b_sf, n, k, cp4):
+        """decode_f16 of both operands in one launch (decode_nvfp4_pair_to_f16_kernel: the same bytes)."""
+        from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_pair_to_f16_kernel
+
+        a16 = torch.empty((m, k), dtype=torch.float16, device=a_p.device)
+        b16 = torch.empty((n, k), dtype=torch.float16, device=a_p.device)
+        br, bk = _DECODE_TILE
+        decode_nvfp4_pair_to_f16_kernel[(triton.cdiv(m, br) + triton.cdiv(n, br), triton.cdiv(k, bk))](
+            a_p, a_sf.view(torch.int32), a16, m, b_p, b_sf.view(torch.int32), b16, n, k // 2, cp4,
+            BLOCK_R=br, BLOCK_K=bk, USE_ASM=key.use_asm, num_warps=4)
+        return a16, b16
+
+    def f16_gemm(a16, b16, alpha_f32, out_bf16):
+        """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the key's fp16 GEMM (fuse_a: a16 is A's (packed,
+        swizzled scales), decoded in the GEMM)."""
+        m, n = out_bf16.shape
+        k = b16.shape[1]
+        tiles = triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y)
+        if key.f16_gemm == "gluon":  # host descriptors: kernel parameters, so a captured graph replays them
+            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+            b_desc = TensorDescriptor.from_tensor(b16, [key.block_y, 64], f16_layouts[1])
+            if key.fuse_a:  # a_desc unused
+                a_desc, (ap, asf) = b_desc, a16
+                asf, cp4 = asf.view(torch.int32), asf.shape[1] // 4
+            else:  # ap / asf unused
+                a_desc, ap, asf, cp4 = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0]), \
+                    out_bf16, out_bf16, 0
+            gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
+                a_desc, b_desc, alpha_f32, out_bf16, ap, asf, m, n, k, k // 2, cp4, BM=key.block_x, BN=key.block_y,
+                NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a, num_warps=8)
+            return
+        gemm_f16_alpha_kernel[(tiles,)](a16, b16, alpha_f32, out_bf16, m, n, k,
+                                        BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
+                                        GROUP_M=8, num_warps=key.num_warps, num_stages=key.num_stages)
+
+    def decode_operands(a_p, a_sf, b_p, b_sf):
+        """The predecode path's step 1: (A16 [M, K], B16 [N, K]) fp16, one launch or two (key.decode_pair)."""
+        m, n, k, cp4 = a_p.shape[0], b_p.shape[0], a_p.shape[1] * 2, a_sf.shape[1] // 4
+        if key.fuse_a:  # A decoded inside the GEMM
+            return (a_p, a_sf), decode_f16(b_p, b_sf, n, k, cp4)
+        if key.decode_pair:
+            return decode_pair(a_p, a_sf, m, b_p, b_sf, n, k, cp4)
+        return decode_f16(a_p, a_sf, m, k, cp4), decode_f16(b_p, b_sf, n, k, cp4)
+
     if key.wgmma:
         from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
         from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
@@ -257,12 +329,8 @@ def _compile(key: CompileKey):
             # Large M is MMA-bound: decode each operand once (exact fp16, 4 bytes per
             # element of traffic, small next to the 2*M*N*K MMA work), then a pipelined
             # fp16 GEMM whose loads feed wgmma directly.
-            a16 = decode_f16(a_packed_u8, a_sf_u8, m, k, cp4)
-            b16 = decode_f16(b_packed_u8, b_sf_u8, n, k, cp4)
-            grid = (triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y),)
-            gemm_f16_alpha_kernel[grid](a16, b16, alpha_f32, out_bf16, m, n, k,
-                                        BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
-                                        GROUP_M=8, num_warps=key.num_warps, num_stages=key.num_stages)
+            a16, b16 = decode_operands(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8)
+            f16_gemm(a16, b16, alpha_f32, out_bf16)
             return
         if key.act_f16:
             # decode the M activation rows once (fp16 planes, zero-padded to the tiles),
@@ -302,6 +370,9 @@ def _compile(key: CompileKey):
         )
         splitk_finish(ws, alpha_f32, out_bf16)
 
+    if key.predecode:  # the two steps apart, for the bench's split of the time (scales as launch reshapes them)
+        run.decode_operands = decode_operands
+        run.f16_gemm = f16_gemm
     return run
 
 

@@ -212,3 +212,61 @@ def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
     _dump()
     print(f"\nwgmma cfg M={m} N={n} K={k} {cfg} split{key.split}: {t * 1e6:8.2f} us "
           f"roofline {100 * w_bytes / copy_bw / t:5.1f}%")
+
+
+# the predecode path's fp16 GEMM variants timed at M = 4096: name -> CompileKey.predecode_gluon arguments
+_F16_GEMM_VARIANTS = {"g128x256s4": dict(block_m=128, block_n=256, stages=4),
+                      "g128x256s4-2dec": dict(block_m=128, block_n=256, stages=4, decode_pair=False),
+                      "g128x256s3": dict(block_m=128, block_n=256, stages=3),
+                      "g256x128s4": dict(block_m=256, block_n=128, stages=4),
+                      "g128x256s4-fuseA": dict(block_m=128, block_n=256, stages=4, fuse_a=True)}
+
+
+@pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
+def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, n, k):
+    """M = 4096, one run: torch.matmul bf16, the predecode path with the Triton fp16 GEMM (for_shape's key) and
+    with the Gluon fp16 GEMM (CompileKey.f16_gemm = "gluon": _F16_GEMM_VARIANTS), each the whole launch (decode
+    included); every Gluon variant's output bytes must equal the Triton path's (checked after the table line)."""
+    from kernels.sm90 import gemm_nvfp4
+
+    m = 4096
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    w_p, w_sf = _nvfp4_weight(n, k, 1)
+    a_p, a_sf = _nvfp4_weight(m, k, 99)
+    alpha = torch.tensor(1e-3, device="cuda")
+    keys = {"triton": gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=sms)}
+    keys.update({name: gemm_nvfp4.CompileKey.predecode_gluon(**kw) for name, kw in _F16_GEMM_VARIANTS.items()})
+    assert keys["triton"].predecode and keys["triton"].f16_gemm == "triton", keys["triton"]
+    xb = torch.randn(m, k, device="cuda").to(torch.bfloat16)
+    wb = torch.randn(n, k, device="cuda").to(torch.bfloat16)
+    t_bf16 = _time_graph([lambda: torch.matmul(xb, wb.T)] * 3)
+    del xb, wb
+    flops = 2 * m * n * k
+    times, gemm_times, decode_times, mismatches = {}, {}, {}, []
+    ref = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=keys["triton"])
+    for name, key in keys.items():
+        y = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key)
+        if not torch.equal(y.view(torch.int16), ref.view(torch.int16)):
+            mismatches.append(f"{name}: {int((y.view(torch.int16) != ref.view(torch.int16)).sum())} elements differ")
+        times[name] = _time_graph([(lambda key=key: gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key))] * 3)
+        # the two steps apart: the fp16 GEMM alone on decoded operands, the decode alone (one launch or two)
+        parts = gemm_nvfp4._compile(key)
+        a16, b16 = parts.decode_operands(a_p, a_sf, w_p, w_sf)
+        gemm_times[name] = _time_graph([lambda parts=parts: parts.f16_gemm(a16, b16, alpha, y)] * 3)
+        decode_times["pair" if key.decode_pair else "B only" if key.fuse_a else "two"] = _time_graph(
+            [lambda parts=parts: parts.decode_operands(a_p, a_sf, w_p, w_sf)] * 3)
+        del y, a16, b16
+    row = {"M": m, "N": n, "K": k, "torch_bf16_us": t_bf16 * 1e6, "device": torch.cuda.get_device_name(),
+           "us": {name: t * 1e6 for name, t in times.items()},
+           "x_torch": {name: t_bf16 / t for name, t in times.items()}, "bits_equal": not mismatches,
+           "f16_gemm_us": {name: t * 1e6 for name, t in gemm_times.items()},
+           "decode_us": {name: t * 1e6 for name, t in decode_times.items()}}
+    _RESULTS["gemm"].append(row)
+    _dump()
+    cells = "  ".join(f"{name} {t * 1e6:7.1f} us x{t_bf16 / t:4.2f}" for name, t in times.items())
+    print(f"\nf16 GEMM M={m} N={n:5d} K={k:5d}: torch bf16 {t_bf16 * 1e6:7.1f} us "
+          f"({flops / t_bf16 / 1e12:5.0f} TFLOP/s)  {cells}  bits {'equal' if not mismatches else 'DIFFER'}")
+    print("    fp16 GEMM alone: " + "  ".join(f"{name} {t * 1e6:7.1f} us {flops / t / 1e12:4.0f} TFLOP/s"
+                                            for name, t in gemm_times.items())
+          + "  decode: " + "  ".join(f"{name} {t * 1e6:6.1f} us" for name, t in decode_times.items()))
+    assert not mismatches, f"M={m} N={n} K={k}: output bytes differ from the Triton path: {mismatches}"

@@ -348,3 +348,100 @@ def test_sm90_gemm_wgmma_key_refuses_k_not_multiple_of_128():
     alpha = torch.tensor(1.0, device="cuda")
     with pytest.raises(ValueError, match="K % 128 == 0, got K = 1040"):
         gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=_wgmma_key(16, 256, 1024))
+
+
+# ---- the predecode path's Gluon fp16 GEMM (CompileKey.f16_gemm = "gluon") against the Triton one -----------------
+# (m, n, k): the bench's four shapes at M = 4096, then tails: M, N not multiples of the tiles (300 rows, 2050 and
+# 130 weight rows), K not a multiple of 64 (7184 = 112.25 x 64, 1040, 80), a single K stage (48), M below 256 (the
+# key explicit: every M gives the Triton kernel's bytes), more tiles than SMs with a ragged last wave
+_F16_GEMM_SHAPES = [(4096, 2048, 7168), (4096, 6144, 7168), (4096, 7168, 3072), (4096, 7168, 16384),
+                    (300, 2050, 7184), (257, 130, 1040), (1, 200, 80), (33, 384, 48), (2000, 4100, 1024)]
+# both wgmma widths (64x256x16 and the Triton kernel's 64x128x16 twice), both decode launches, A decoded in the GEMM
+_F16_GEMM_KEYS = [dict(block_m=128, block_n=256, stages=4), dict(block_m=256, block_n=128, stages=4),
+                  dict(block_m=128, block_n=256, stages=3, decode_pair=False),
+                  dict(block_m=128, block_n=256, stages=4, fuse_a=True)]
+
+
+def _random_nvfp4(rows: int, k: int, seed: int):
+    """Random packed codes (every E2M1 code) and finite E4M3 scales 2^-4 .. 2^2 (no NaN byte 0x7F), swizzled
+    buffer sized for `rows` (what gemm_nvfp4.launch takes)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    packed = torch.randint(0, 256, (rows, k // 2), generator=g, device="cuda", dtype=torch.uint8)
+    sf = torch.randint(0x18, 0x48, ((rows + 127) // 128 * 128, (k // 16 + 3) // 4 * 4), generator=g,
+                       device="cuda", dtype=torch.uint8)
+    return packed, sf
+
+
+@pytest.mark.parametrize("m,n,k", _F16_GEMM_SHAPES, ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k):
+    """Every Gluon fp16 GEMM key gives the Triton predecode kernel's output bytes (one fp32 chain per element, the
+    same k16 wgmma steps in the same order, the same epilogue), on random codes (non-zero output checked)."""
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    a_p, a_sf = _random_nvfp4(m, k, 51)
+    b_p, b_sf = _random_nvfp4(n, k, 52)
+    alpha = torch.tensor(1.0e-3, device="cuda")
+    old = CompileKey.for_shape(max(m, 256), n, k)
+    assert old.predecode and old.f16_gemm == "triton", old
+    y_old = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=old)
+    assert torch.isfinite(y_old.float()).all() and (y_old != 0).float().mean() > 0.9, f"degenerate output {m}x{n}x{k}"
+    for kw in _F16_GEMM_KEYS:
+        key = CompileKey.predecode_gluon(**kw)
+        y = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=key)
+        assert_bits_equal(y, y_old, label=f"gluon f16 GEMM {kw} vs triton {m}x{n}x{k}")
+
+
+@pytest.mark.parametrize("m,n,k,fuse_a", [(4096, 2048, 7168, False), (300, 2050, 7184, False),
+                                           (300, 2050, 7184, True)], ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k, fuse_a):
+    """The Gluon key captured into a CUDA graph (descriptors and decoded operands from the graph's pool), replayed
+    on new activation bytes and a new alpha: the bytes of an eager launch on the same inputs."""
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    key = CompileKey.predecode_gluon(fuse_a=fuse_a)
+    a_p, a_sf = _random_nvfp4(m, k, 61)
+    b_p, b_sf = _random_nvfp4(n, k, 62)
+    alpha = torch.tensor(1.0e-3, device="cuda")
+    gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=key)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y_graph = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=key)
+    a2_p, a2_sf = _random_nvfp4(m, k, 63)
+    a_p.copy_(a2_p)
+    a_sf.copy_(a2_sf)
+    alpha.fill_(7.0e-4)
+    graph.replay()
+    torch.cuda.synchronize()
+    y_eager = gemm_nvfp4.launch(a2_p, a2_sf, b_p, b_sf, alpha, key=key)
+    assert (y_eager != 0).float().mean() > 0.9, f"degenerate output {m}x{n}x{k}"
+    assert_bits_equal(y_graph, y_eager, label=f"gluon f16 GEMM graph replay vs eager {m}x{n}x{k}")
+    y_old = gemm_nvfp4.launch(a2_p, a2_sf, b_p, b_sf, alpha, key=CompileKey.for_shape(max(m, 256), n, k))
+    assert_bits_equal(y_graph, y_old, label=f"gluon f16 GEMM graph replay vs triton {m}x{n}x{k}")
+
+
+def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
+    """The default routing keeps the Triton fp16 GEMM; a Gluon key needs the predecode path's shape of key."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    for n, k in [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384)]:
+        key = CompileKey.for_shape(4096, n, k)
+        assert key.predecode and key.f16_gemm == "triton" and not key.decode_pair, key
+    key = CompileKey.predecode_gluon()
+    assert (key.predecode, key.f16_gemm, key.block_x, key.block_y, key.block_k, key.num_stages) == (
+        True, "gluon", 128, 256, 64, 4)
+    assert CompileKey.predecode_gluon(fuse_a=True).fuse_a and not CompileKey.predecode_gluon(fuse_a=True).decode_pair
+    for bad in (dict(f16_gemm="cublas"), dict(predecode=False), dict(block_k=128), dict(num_warps=4),
+                dict(split=2), dict(fuse_a=True, block_x=256), dict(fuse_a=True, decode_pair=True),
+                dict(fuse_a=True, f16_gemm="triton")):
+        with pytest.raises(ValueError, match="f16_gemm"):
+            gemm_nvfp4._compile(dataclasses.replace(key, **bad))

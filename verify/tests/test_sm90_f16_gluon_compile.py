@@ -1,0 +1,122 @@
+"""The predecode path's Gluon fp16 GEMM (CompileKey.f16_gemm = "gluon", kernels.sm90._gemm_f16_gluon) on the CPU:
+every bench variant compiles for sm_90a (Triton's bundled ptxas) without spills, warp-specialized (8 math warps, one
+producer warp whose two TMA loads are the only ones), to fp16 wgmma of the tile's width (k16: 4 a 64-wide K stage,
+and a 64-row warpgroup tile repeated for BM 256), one wgmma group left in flight while the previous stage is released
+(DEPBAR 0x1 in the loop, 0x0 at the tile's end), no ptxas serialization warning (C7510-C7520), and the epilogue the
+Triton kernel's: two fp32 multiplies per element (2^14, then alpha) and a round-to-nearest bf16 conversion.
+GPU bits (Gluon = Triton, every M) and graph replay: test_sm90_gemm.py, marker gpu; timing: test_sm90_bench.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
+
+from kernels.sm90.gemm_nvfp4 import CompileKey  # noqa: E402
+from verify.tests._sass import (  # noqa: E402
+    _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
+
+_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+# the bench's variants (verify/tests/test_sm90_bench.py _F16_GEMM_VARIANTS) and a 128 x 128 tile
+_KEYS = [CompileKey.predecode_gluon(block_m=bm, block_n=bn, stages=ns, fuse_a=fuse)
+         for bm, bn, ns, fuse in ((128, 256, 4, False), (128, 256, 3, False), (256, 128, 4, False),
+                                  (128, 128, 5, False), (128, 256, 4, True), (128, 256, 3, True))]
+
+
+def _compile(key: CompileKey):
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
+
+    la, lb = gluon_operand_layouts(key.block_x, key.block_y)
+    sig = {"a_desc": f"tensordesc<fp16[{key.block_x}, 64],{la!r}>",
+           "b_desc": f"tensordesc<fp16[{key.block_y}, 64],{lb!r}>",
+           "alpha_ptr": "*fp32", "out_ptr": "*bf16", "ap_ptr": "*u8" if key.fuse_a else "*bf16",
+           "asf_ptr": "*i32" if key.fuse_a else "*bf16", "M": "i32", "N": "i32", "K": "i32", "HALF_K": "i32",
+           "CP4": "i32"}
+    const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a)
+    sig.update({name: "constexpr" for name in const})
+    index = gemm_f16_alpha_gluon_kernel.arg_names.index
+    # torch allocations and the V4 shapes (N, K multiples of 16): what the launch specializes to
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("alpha_ptr", "out_ptr", "ap_ptr", "asf_ptr", "N",
+                                                                    "K", "HALF_K")}
+    src = GluonASTSource(gemm_f16_alpha_gluon_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+
+
+@pytest.mark.parametrize("key", _KEYS, ids=lambda key: f"{key.block_x}x{key.block_y}-s{key.num_stages}"
+                         f"{'-fuse_a' if key.fuse_a else ''}")
+def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key, tmp_path):
+    ck = _compile(key)
+    regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
+    sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
+    ptx = ck.asm["ptx"]
+    shapes = set(re.findall(r"HGMMA\.(64x\d+x16)\.F32\b", sass))
+    assert shapes == {f"64x{key.block_y}x16"}, f"{key}: HGMMA shapes {sorted(shapes)}"
+    assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
+    hgmma = len(re.findall(r"\bHGMMA\b", sass))
+    assert hgmma == 4 * key.block_x // 64 // 2, f"{key}: {hgmma} HGMMA (4 k16 steps x row tiles a warpgroup)"
+    # warp-specialized: 8 math warps + a producer warpgroup (one warp of it, or all 4 with fuse_a), registers moved
+    # to the math warps (fuse_a: the math warps drop to 192, the producer rises to 112), the producer's TMA loads
+    # the only ones (fuse_a: B's alone; A by 16-byte shared stores of the decoded block, after a barrier of the
+    # producer's 128 threads and a fence the ready barrier's second arrival)
+    assert ck.metadata.num_warps == 12, (key, ck.metadata.num_warps)
+    moved = set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+    utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
+    if key.fuse_a:
+        assert moved == {("inc", "240"), ("dec", "192"), ("dec", "24"), ("inc", "112")}, (key, moved)
+        assert utmaldg == 1, (key, utmaldg)
+        assert len(re.findall(r"\bSTS\.128\b", sass)) >= key.block_x * 64 * 2 // 128 // 16, key
+        assert re.findall(r"\bLDG\.E\.128\b", sass), key  # A's packed bytes, 16 a load (K % 32 == 0)
+        assert re.search(r"bar\.sync\s+\d+,\s*128\s*;", ptx) and "fence.proxy.async.shared::cta" in ptx, key
+    else:
+        assert ("inc", "240") in moved and ("inc", "40") in moved, (key, moved)
+        assert utmaldg == 2, (key, utmaldg)
+    smem = ck.metadata.shared
+    assert key.num_stages * (key.block_x + key.block_y) * 64 * 2 <= smem <= _SMEM_MAX, (key, smem)
+    assert "STL" not in sass and "LDL" not in sass, key  # no local memory in any partition
+    warnings = wgmma_serialization_warnings(ptxas_log(ptx, tmp_path))
+    assert not warnings, f"{key}: ptxas serializes the wgmma: {warnings}"
+    assert wgmma_depbars(sass) == [1, 0], (key, wgmma_depbars(sass))
+    # the epilogue: (acc * 2^14) * alpha, two fp32 multiplies per element, no fma; rounded once to bf16 (pairs)
+    per_thread = key.block_x * key.block_y // 256
+    muls = len(re.findall(r"\bmul\.(?:rn\.)?f32\b", ptx))
+    fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
+    cvts = len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", ptx))
+    assert (muls, fmas, cvts) == (2 * per_thread, 0, per_thread // 2), (key, muls, fmas, cvts)
+    print(f"{key.block_x}x{key.block_y} s{key.num_stages}: {regs} registers, {smem} B shared, {hgmma} HGMMA, "
+          f"{utmaldg} UTMALDG")
+
+
+def test_triton_f16_gemm_epilogue_is_the_same():
+    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (for_shape's 256 x 128 tile at
+    M = 4096) multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels.sm90._gemm_nvfp4_jit import gemm_f16_alpha_kernel
+
+    key = CompileKey.for_shape(4096, 7168, 16384)
+    sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
+           "K": "i32"}
+    const = dict(BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k, GROUP_M=8)
+    sig.update({name: "constexpr" for name in const})
+    index = gemm_f16_alpha_kernel.arg_names.index
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("a_ptr", "b_ptr", "alpha_ptr", "out_ptr", "N",
+                                                                    "K")}
+    src = ASTSource(gemm_f16_alpha_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options={"num_warps": key.num_warps, "num_stages": key.num_stages})
+    ptx = ck.asm["ptx"]
+    per_thread = key.block_x * key.block_y // (32 * key.num_warps)
+    muls = len(re.findall(r"\bmul\.(?:rn\.)?f32\b", ptx))
+    fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
+    cvts = len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", ptx)) * 2 + len(re.findall(r"\bcvt\.rn\.bf16\.f32\b", ptx))
+    assert (muls, fmas, cvts) == (2 * per_thread, 0, per_thread), (muls, fmas, cvts)
+    # its MMAs: fp16 wgmma k16, the 64 x 128 instruction (the Gluon kernel's 64 x 256 gives each element the same
+    # k16 steps in the same order: the GPU test compares the bytes)
+    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k16)\.f32\.f16\.f16", ptx)) == {"m64n128k16"}
