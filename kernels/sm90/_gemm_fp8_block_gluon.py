@@ -587,7 +587,8 @@ def _wide_group(i, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_
     acc_w = _issue_mma(i, a_ring, w_ring, ready, acc_w, NS)
     acc_v = _issue_v(i, a_ring, v_ring, acc_v, NS)
     acc_w = warpgroup_mma_wait(num_outstanding=1, deps=(acc_w, ))
-    total_w, part_w = _promote(acc_w, _wide_sigma(as_ptr, sa_rows, sw_w, g_lo + i, AS_UE8M0, lw), total_w, part_w, total_w_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, lw)
+    total_w, part_w = _promote(acc_w, _wide_sigma(as_ptr, sa_rows, sw_w, g_lo + i, AS_UE8M0, lw), total_w, part_w,
+                               total_w_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, lw)
     acc_v = warpgroup_mma_wait(num_outstanding=0, deps=(acc_v, ))
     _release(i, empty, NS)
     total_v, part_v = _promote(acc_v, _wide_sigma(as_ptr, sa_rows, sw_v, g_lo + i, AS_UE8M0, lv), total_v, part_v,
@@ -599,20 +600,20 @@ def _wide_group(i, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_
 def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr, M, N,
                    G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM: gl.constexpr, NS: gl.constexpr,
                    CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr):
-    """The math partition of the 192-row tile. One accumulator per piece (96 registers a thread at 128 tokens) and
-    the sums (96): two accumulator sets would not fit. CHUNKED with UE8M0 token scales (the running totals in shared
-    memory, the chunk sums in registers): two groups i, i + 1 per loop iteration, each piece's wgmma issued as soon as its accumulator is
-    free, so every promotion but the iteration's last runs under a wgmma: W(i) and V(i) issued (the 128-row piece W,
-    the 64-row piece V); W(i) waited for and promoted under V(i); W(i + 1) issued; V(i) waited for, its stage
-    released, promoted under W(i + 1); V(i + 1) issued; W(i + 1) promoted under V(i + 1); V(i + 1) waited for,
-    released, promoted (the one promotion not under a wgmma); an odd count's last group alone after the loop (as a
-    loop instead, 4 bytes spill at wo_b). Otherwise one group an iteration (_wide_group: W promoted under V, V's
-    promotion not under a wgmma), where the two-group loop spills on the sm_90a compile: split or one chunk (the
-    totals in registers: 360-432 bytes of stack), float32 token scales (8 bytes at wq_a, idx_wq_b, shared_l1: one
-    register around the next wgmma's issue). Nothing in flight across a back edge or a branch. Each element is
-    promoted as in the 128-wide tile, groups in order: f32(sa * sw) of its piece's block, one fma, the chunk sum added at a
-    chunk's end (same bits). Deadlock freedom: before waiting for group i + 1's stage the consumers have released
-    every group up to i - 1, and the load of i + 1 needs only the release of i + 1 - NS <= i - 1 (NS >= 2)."""
+    """The math partition of the 192-row tile. One accumulator per piece (96 registers a thread at 128 tokens) and the
+    sums (96): two accumulator sets would not fit. CHUNKED with UE8M0 token scales (the running totals in shared
+    memory, the chunk sums in registers): two groups i, i + 1 per loop iteration, each piece's wgmma issued as soon
+    as its accumulator is free, so every promotion but the iteration's last runs under a wgmma: W(i) and V(i) issued
+    (the 128-row piece W, the 64-row piece V); W(i) waited for and promoted under V(i); W(i + 1) issued; V(i) waited
+    for, its stage released, promoted under W(i + 1); V(i + 1) issued; W(i + 1) promoted under V(i + 1); V(i + 1)
+    waited for, released, promoted (the one promotion not under a wgmma); an odd count's last group alone after the
+    loop (as a loop instead, 4 bytes spill at wo_b). Otherwise one group an iteration (_wide_group: W promoted under
+    V, V's promotion not under a wgmma), where the two-group loop spills on the sm_90a compile: split or one chunk
+    (the totals in registers: 360-432 bytes of stack), float32 token scales (8 bytes at wq_a, idx_wq_b, shared_l1:
+    one register around the next wgmma's issue). Nothing in flight across a back edge or a branch. Each element is
+    promoted as in the 128-wide tile, groups in order: f32(sa * sw) of its piece's block, one fma, the chunk sum
+    added at a chunk's end (same bits). Deadlock freedom: before waiting for group i + 1's stage the consumers have
+    released every group up to i - 1, and the load of i + 1 needs only the release of i + 1 - NS <= i - 1 (NS >= 2)."""
     lw: gl.constexpr = _mma_layout(BM, 128)
     lv: gl.constexpr = _mma_layout(BM, 64)
     r128, r64 = _wide_rows(pid_n)
@@ -683,8 +684,9 @@ def gemm_fp8_block_gluon_wide_kernel(
     codes W [N, K] with blocks [128, 128] / [64, 128] (the two pieces, _wide_rows); a_desc as the tile kernel's.
     The grid's axis 0 is cdiv(N, 192) (BN, kept for the launcher's signature, is 192). Same raster, same chunk
     handling (SPLIT / CHUNKED) and the same operations per element in the same order as the other Gluon kernels
-    (same bits). Deadlock freedom as the producer kernel's: both partitions walk the same n_iter >= 1 groups, the
-    consumers release every group after its wgmmas are done, before they wait for the next."""
+    (same bits). Deadlock freedom: both partitions walk the same n_iter >= 1 groups and the consumers release every
+    group once its wgmmas are done; the two-group loop waits for group i + 1 before it releases i, which needs only
+    i + 1 - NS <= i - 1 released (NS >= 2, the key's rule): the argument in full is _wide_consumer's docstring."""
     gl.static_assert(BN == WIDE_BN)
     pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
     t0 = pid_t * BM

@@ -210,7 +210,14 @@ def splitk_reduce_kernel(ws_ptr, alpha_ptr, out_ptr, numel, SPLIT: tl.constexpr,
 def decode_nvfp4_to_f16_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
                                BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
     """Large-M path, step 1: e2m1 * e4m3 block scale * 2^-7 -> fp16 [R, K] (exact), natural k order."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    _decode_rows_to_f16(p_ptr, sf_ptr, out_ptr, tl.program_id(0) * BLOCK_R, R, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
+
+
+@triton.jit
+def _decode_rows_to_f16(p_ptr, sf_ptr, out_ptr, r0, R, HALF_K, CP4,
+                        BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of K tile program_id(1): e2m1 * e4m3 * 2^-7 -> fp16 in natural k order (exact)."""
+    rows = r0 + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * BLOCK_K
     lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
     K = HALF_K * 2
@@ -231,14 +238,7 @@ def decode_nvfp4_pair_to_f16_kernel(a_ptr, asf_ptr, a_out_ptr, RA, b_ptr, bsf_pt
         p_ptr, sf_ptr, out_ptr, R, r0 = a_ptr, asf_ptr, a_out_ptr, RA, pid * BLOCK_R
     else:
         p_ptr, sf_ptr, out_ptr, R, r0 = b_ptr, bsf_ptr, b_out_ptr, RB, (pid - tiles_a) * BLOCK_R
-    rows = r0 + tl.arange(0, BLOCK_R)
-    kb = tl.program_id(1) * BLOCK_K
-    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
-    K = HALF_K * 2
-    vals = tl.reshape(tl.join(lo, hi), (BLOCK_R, BLOCK_K))
-    cols = kb + tl.arange(0, BLOCK_K)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], vals,
-             mask=(rows < R)[:, None] & (cols < K)[None, :])
+    _decode_rows_to_f16(p_ptr, sf_ptr, out_ptr, r0, R, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
 
 
 @triton.jit

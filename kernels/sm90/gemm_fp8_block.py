@@ -194,8 +194,8 @@ class CompileKey:
         and, when it walks several chunks in one program, both pieces' float32 running totals within the 227 KB of
         shared memory a block may have."""
         if not (self.gluon and self.producer) or self.swap or self.persistent or self.acc3 or self.block_t != 128:
-            raise ValueError(f"CompileKey: block_n={WIDE_BN} needs gluon and producer (not persistent, not acc3) and "
-                             f"block_t=128, got gluon={self.gluon} producer={self.producer} persistent="
+            raise ValueError(f"CompileKey: block_n={WIDE_BN} needs gluon and producer (not persistent, not acc3, not "
+                             f"swap) and block_t=128, got gluon={self.gluon} producer={self.producer} persistent="
                              f"{self.persistent} acc3={self.acc3} swap={self.swap} block_t={self.block_t}")
         smem = wide_shared_bytes(self.block_t, self.num_stages, self.chunked and not self.split)
         if smem > _SMEM_BLOCK_MAX:

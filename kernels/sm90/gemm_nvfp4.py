@@ -187,6 +187,34 @@ class CompileKey:
                           num_stages=1, split=split, use_asm=True, gemv_tokens=m if m <= 2 else 4)
 
 
+_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+
+
+def _check_f16_gemm(key: CompileKey) -> None:
+    """The predecode fp16 GEMM fields of `key`: one ValueError naming the first field the kernels cannot build."""
+    if key.f16_gemm not in ("triton", "gluon"):
+        raise ValueError(f"CompileKey.f16_gemm: {key.f16_gemm!r}, expected 'triton' or 'gluon'")
+    if key.fuse_a and key.f16_gemm != "gluon":
+        raise ValueError("CompileKey.fuse_a: A is decoded inside the Gluon fp16 GEMM only (f16_gemm 'gluon')")
+    if key.f16_gemm == "triton":
+        return
+    for field, got, ok in (("predecode", key.predecode, (True,)), ("block_k", key.block_k, (64,)),
+                           ("num_warps", key.num_warps, (8,)), ("split", key.split, (1,)),
+                           ("block_x", key.block_x, (128, 256)), ("block_y", key.block_y, (128, 256))):
+        if got not in ok:
+            raise ValueError(f"CompileKey.{field}: {got} with f16_gemm 'gluon', expected one of {ok}")
+    if key.block_x == key.block_y == 256:
+        raise ValueError("CompileKey.block_x: 256 x 256 tiles need 256 accumulator registers a math thread; "
+                         "f16_gemm 'gluon' takes 128 x 128, 128 x 256 or 256 x 128")
+    if key.fuse_a and (key.block_x != 128 or key.decode_pair):
+        raise ValueError(f"CompileKey.fuse_a: needs block_x 128 and decode_pair off, got block_x {key.block_x}, "
+                         f"decode_pair {key.decode_pair}")
+    ring = key.num_stages * (key.block_x + key.block_y) * key.block_k * 2
+    if key.num_stages < 2 or ring > _SMEM_MAX:
+        raise ValueError(f"CompileKey.num_stages: {key.num_stages} stages of {key.block_x} x {key.block_y} fp16 tiles "
+                         f"need {ring} B of shared memory (at least 2 stages, at most {_SMEM_MAX} B)")
+
+
 @functools.lru_cache(maxsize=64)
 def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles each kernel on its first launch: warm up
@@ -225,11 +253,7 @@ def _compile(key: CompileKey):
             splitk_reduce_kernel[(triton.cdiv(numel, _REDUCE_BLOCK),)](
                 ws, alpha_f32, out_bf16, numel, SPLIT=key.split, BLOCK=_REDUCE_BLOCK, num_warps=4)
 
-    if key.f16_gemm not in ("triton", "gluon") or (key.f16_gemm == "gluon" and (
-            not key.predecode or key.block_k != 64 or key.num_warps != 8 or key.split != 1)) or (
-            key.fuse_a and (key.f16_gemm != "gluon" or key.block_x != 128 or key.decode_pair)):
-        raise ValueError(f"CompileKey: f16_gemm must be 'triton' or 'gluon' (the latter with predecode, block_k 64, "
-                         f"8 warps, split 1; fuse_a with gluon, block_x 128, no decode_pair), got {key}")
+    _check_f16_gemm(key)
     if key.f16_gemm == "gluon":
         from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
 

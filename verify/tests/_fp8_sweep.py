@@ -105,17 +105,19 @@ def _glw(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
 
 
 def shape_candidates(m: int, n: int, k: int) -> list[dict]:
-    """candidates(m) whose key (N, K) takes: a 128 x 192 producer-warp config whose ring and running totals (a
-    chunked plan walked in one program) exceed the shared memory is left out at that shape (CompileKey refuses it)."""
-    from kernels.sm90.gemm_fp8_block import WIDE_BN, _SMEM_BLOCK_MAX, chunk_plan, wide_shared_bytes
+    """candidates(m) whose key (N, K) takes, by the key's own rules (CompileKey.from_config): e.g. a 128 x 192
+    producer-warp config whose ring and running totals (a chunked plan walked in one program) exceed the shared
+    memory is left out at that shape."""
+    from kernels.sm90.gemm_fp8_block import CompileKey
 
-    chunked = chunk_plan(n, k)[1] > 1
+    def takes(c: dict) -> bool:
+        try:
+            CompileKey.from_config(n, k, c, act_scale_ue8m0=True)
+        except ValueError:
+            return False
+        return True
 
-    def fits(c: dict) -> bool:
-        return c["block_n"] != WIDE_BN or wide_shared_bytes(c["block_t"], c["num_stages"],
-                                                            chunked and not c["split"]) <= _SMEM_BLOCK_MAX
-
-    return [c for c in candidates(m) if fits(c)]
+    return [c for c in candidates(m) if takes(c)]
 
 
 def candidates(m: int) -> list[dict]:

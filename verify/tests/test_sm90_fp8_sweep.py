@@ -40,12 +40,12 @@ def test_sweep_only_wide_times_the_192_tile_beside_the_committed_pick(monkeypatc
     from kernels.sm90.gemm_fp8_block import WIDE_BN, CompileKey
     from verify.tests import _fp8_sweep as sw
 
-    every = sw.candidates(4096)
+    every = {m: sw.candidates(m) for m in (128, 4096)}
     monkeypatch.setenv("NVFP4V_FP8_SWEEP_ONLY", "wide")
     for m in (128, 4096):
         only = sw.candidates(m)
         assert only and all(c["block_n"] == WIDE_BN and c["producer"] for c in only), only
-        assert all(c in every for c in sw.candidates(4096))
+        assert all(c in every[m] for c in only), (m, only)  # a subset of the full sweep's candidates at that M
     assert sw.candidates(64) == []
     assert [c["num_stages"] for c in sw.shape_candidates(4096, 7168, 16384)] == [3, 3]
     assert [c["num_stages"] for c in sw.shape_candidates(4096, 65536, 1536)] == [3, 4, 5, 3]

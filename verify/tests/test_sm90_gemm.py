@@ -372,11 +372,12 @@ def _random_nvfp4(rows: int, k: int, seed: int):
     return packed, sf
 
 
+@pytest.mark.parametrize("kw", _F16_GEMM_KEYS, ids=lambda kw: "-".join(f"{k}{v}" for k, v in kw.items()))
 @pytest.mark.parametrize("m,n,k", _F16_GEMM_SHAPES, ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k):
-    """Every Gluon fp16 GEMM key gives the Triton predecode kernel's output bytes (one fp32 chain per element, the
+def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k, kw):
+    """A Gluon fp16 GEMM key gives the Triton predecode kernel's output bytes (one fp32 chain per element, the
     same k16 wgmma steps in the same order, the same epilogue), on random codes (non-zero output checked)."""
     from kernels.sm90 import gemm_nvfp4
     from kernels.sm90.gemm_nvfp4 import CompileKey
@@ -388,10 +389,8 @@ def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k):
     assert old.predecode and old.f16_gemm == "triton", old
     y_old = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=old)
     assert torch.isfinite(y_old.float()).all() and (y_old != 0).float().mean() > 0.9, f"degenerate output {m}x{n}x{k}"
-    for kw in _F16_GEMM_KEYS:
-        key = CompileKey.predecode_gluon(**kw)
-        y = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=key)
-        assert_bits_equal(y, y_old, label=f"gluon f16 GEMM {kw} vs triton {m}x{n}x{k}")
+    y = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=CompileKey.predecode_gluon(**kw))
+    assert_bits_equal(y, y_old, label=f"gluon f16 GEMM {kw} vs triton {m}x{n}x{k}")
 
 
 @pytest.mark.parametrize("m,n,k,fuse_a", [(4096, 2048, 7168, False), (300, 2050, 7184, False),
@@ -440,8 +439,15 @@ def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
     assert (key.predecode, key.f16_gemm, key.block_x, key.block_y, key.block_k, key.num_stages) == (
         True, "gluon", 128, 256, 64, 4)
     assert CompileKey.predecode_gluon(fuse_a=True).fuse_a and not CompileKey.predecode_gluon(fuse_a=True).decode_pair
-    for bad in (dict(f16_gemm="cublas"), dict(predecode=False), dict(block_k=128), dict(num_warps=4),
-                dict(split=2), dict(fuse_a=True, block_x=256), dict(fuse_a=True, decode_pair=True),
-                dict(fuse_a=True, f16_gemm="triton")):
-        with pytest.raises(ValueError, match="f16_gemm"):
+    # each refusal names the field (one line), before anything compiles
+    for field, bad in (("f16_gemm", dict(f16_gemm="cublas")), ("predecode", dict(predecode=False)),
+                       ("block_k", dict(block_k=128)), ("num_warps", dict(num_warps=4)), ("split", dict(split=2)),
+                       ("block_x", dict(block_x=64)), ("block_y", dict(block_y=64)),
+                       ("block_x", dict(block_x=256, block_y=256)),
+                       ("fuse_a", dict(fuse_a=True, block_x=256, block_y=128)),
+                       ("fuse_a", dict(fuse_a=True, decode_pair=True)), ("fuse_a", dict(fuse_a=True, f16_gemm="triton")),
+                       ("num_stages", dict(num_stages=5)), ("num_stages", dict(num_stages=1))):
+        with pytest.raises(ValueError, match=rf"^CompileKey\.{field}: [^\n]*$"):
             gemm_nvfp4._compile(dataclasses.replace(key, **bad))
+    for ok in (dict(num_stages=3), dict(block_x=256, block_y=128), dict(block_y=128, num_stages=5)):  # 147456 / 196608 / 163840 B
+        gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **ok))

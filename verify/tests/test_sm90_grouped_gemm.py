@@ -688,6 +688,24 @@ def test_big_wgmma_key_refuses_what_its_kernel_cannot_build_naming_the_field():
     assert gg.BigWgmmaKey.for_shape(0, 128 * 384, 384).block_t == 128
 
 
+def test_routed_large_token_key_keeps_one_row_block_with_a_k_tail(monkeypatch):
+    """The production router (_key, what every launch without an explicit key takes) passes the weights' K: at 128
+    or more rows an expert BT 128 / R 2, except with a K tail (K % 128 != 0), where the R 2 key reloads spills inside
+    its K loop (test_sm90_wgmma_compile.py's expected failure): R 1 there. Both have the present path's bits, so only
+    this test sees a dropped k_tail."""
+    import types
+
+    gg = _gg()
+    monkeypatch.setattr(gg, "_interpreting", lambda: False)  # the GPU routing, decided on the CPU from shapes only
+    e, rcap = 8, 8 * 128
+    for k, rows_per_wg in ((1024, 2), (1040, 1)):
+        for epi, n in ((0, 512), (1, 512), (2, 512)):
+            w = types.SimpleNamespace(num_experts=e, n=n, k=k)
+            a = torch.empty(rcap, k // 2, dtype=torch.uint8)
+            key = gg._key(epi, a, w, True, clamp=epi == 2)
+            assert isinstance(key, gg.BigWgmmaKey) and (key.block_t, key.rows_per_wg) == (128, rows_per_wg), (k, key)
+
+
 def _v4_like_counts(rcap: int, e: int, seed: int) -> list[int]:
     """rcap - 37 rows routed over e experts (uniform; experts 0, 5 and the last get none; one hot expert with
     700 rows): mean rows per expert near V4-Pro's T = 4096 (64)."""
