@@ -445,9 +445,22 @@ def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
                        ("block_x", dict(block_x=64)), ("block_y", dict(block_y=64)),
                        ("block_x", dict(block_x=256, block_y=256)),
                        ("fuse_a", dict(fuse_a=True, block_x=256, block_y=128)),
-                       ("fuse_a", dict(fuse_a=True, decode_pair=True)), ("fuse_a", dict(fuse_a=True, f16_gemm="triton")),
+                       ("fuse_a", dict(fuse_a=True, decode_pair=True)),
+                       ("fuse_a", dict(fuse_a=True, f16_gemm="triton")),
                        ("num_stages", dict(num_stages=5)), ("num_stages", dict(num_stages=1))):
         with pytest.raises(ValueError, match=rf"^CompileKey\.{field}: [^\n]*$"):
-            gemm_nvfp4._compile(dataclasses.replace(key, **bad))
-    for ok in (dict(num_stages=3), dict(block_x=256, block_y=128), dict(block_y=128, num_stages=5)):  # 147456 / 196608 / 163840 B
+            gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **bad))
+    # rings of 147456, 196608 and 163840 B
+    for ok in (dict(num_stages=3), dict(block_x=256, block_y=128), dict(block_y=128, num_stages=5)):
         gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **ok))
+
+
+def test_sm90_gemm_f16_gemm_key_refused_before_compiling():
+    """_compile (every launch's first step) applies those rules before it builds anything."""
+    import dataclasses
+
+    pytest.importorskip("triton", reason="the launcher imports triton (the README's CPU venv has none)")
+    from kernels.sm90 import gemm_nvfp4
+
+    with pytest.raises(ValueError, match=r"^CompileKey\.num_stages: "):
+        gemm_nvfp4._compile(dataclasses.replace(gemm_nvfp4.CompileKey.predecode_gluon(), num_stages=5))
