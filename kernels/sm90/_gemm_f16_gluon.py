@@ -22,12 +22,12 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                warpgroup_mma_wait)
 
+from kernels.sm90._consts import DECODE_UNSCALE
 from kernels.sm90._gemm_nvfp4_jit import _e2m1_nibbles_to_f16_asm as _tl_e2m1_nibbles_to_f16_asm
 from kernels.sm90._gemm_nvfp4_jit import _e4m3_u8_to_f16_x128 as _tl_e4m3_u8_to_f16_x128
 
 _FUSED_PRODUCER_REGS = gl.constexpr(112)  # a FUSE_A producer thread (4 warps); the 8 math warps drop to 192
-# the decode scale undone in the epilogue (exact): kernels.sm90._gemm_nvfp4_jit.DECODE_UNSCALE
-_DECODE_UNSCALE = gl.constexpr(16384.0)
+_DECODE_UNSCALE = gl.constexpr(DECODE_UNSCALE)  # the decode scale undone in the epilogue (exact)
 BK = gl.constexpr(64)  # K elements per ring stage: 4 wgmma k16 steps, gemm_f16_alpha_kernel's BLOCK_K
 
 

@@ -16,6 +16,7 @@ fp32 accumulation, 2^14 (exact) and alpha (a GPU scalar) in the epilogue.
 import triton
 import triton.language as tl
 
+from kernels.sm90._consts import DECODE_UNSCALE as _DECODE_UNSCALE
 from kernels.sm90._e2m1_ptx import block_to_f16x2_ptx, bytes_to_f16x2_ptx
 
 # Decode (exact, in fp16): the E2M1 code's 3 magnitude bits go to fp16 bits 9-11 and its
@@ -25,7 +26,7 @@ from kernels.sm90._e2m1_ptx import block_to_f16x2_ptx, bytes_to_f16x2_ptx
 # two operands is the true product * 2^-14 and the fp32 accumulator is the true sum *
 # 2^-14, with the same roundings (a power-of-2 factor far from under/overflow): the
 # epilogue multiplies by 2^14, exactly, before alpha.
-DECODE_UNSCALE = tl.constexpr(16384.0)
+DECODE_UNSCALE = tl.constexpr(_DECODE_UNSCALE)
 
 
 @triton.jit

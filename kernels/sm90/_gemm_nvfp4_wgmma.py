@@ -37,9 +37,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from kernels.sm90._consts import DECODE_UNSCALE as _DECODE_UNSCALE
 from kernels.sm90._e2m1_ptx import word_pair_to_f16x2_ptx
 
-DECODE_UNSCALE = gl.constexpr(16384.0)
+DECODE_UNSCALE = gl.constexpr(_DECODE_UNSCALE)
 # nibble r of two words -> one fp16x2 of e2m1 * 2^-14 (word 0 low half, word 1 high half): prmt pairs
 # the words' 16-bit halves, then per nibble the sign goes to bit 15 and the magnitude to bits 9-11
 _PAIR_ASM = gl.constexpr(word_pair_to_f16x2_ptx())

@@ -43,12 +43,13 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from kernels.sm90._consts import DECODE_UNSCALE as _DECODE_UNSCALE
 from kernels.sm90._e2m1_ptx import nibble_to_f16x2
 from kernels.sm90._grouped_gemm_nvfp4_jit import _round_to_bf16_f32 as _tl_round_to_bf16_f32
 from kernels.sm90._te_math import e2m1_code_lt_zero_bits as _tl_e2m1_code, e4m3_rne_satfinite_u8 as _tl_e4m3_rne
 from kernels.sm90._te_math import e4m3_u8_to_f32 as _tl_e4m3_to_f32
 
-DECODE_UNSCALE = gl.constexpr(16384.0)
+DECODE_UNSCALE = gl.constexpr(_DECODE_UNSCALE)
 
 
 def halves_to_f16x2_ptx() -> str:

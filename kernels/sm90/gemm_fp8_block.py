@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernels.sm90._consts import SMEM_BLOCK_MAX
 from kernels.sm90._env import triton_interpreting as _interpreting
 from kernels.sm90._tickets import Tickets, tile_tickets
 
@@ -66,7 +67,7 @@ _GROUP_T = 8  # token tiles per raster group (L2 reuse of the weight tiles; the 
 # "ticket" (the last program of each output tile adds them in the same kernel: one launch)
 REDUCES = ("kernel", "ticket")
 WIDE_BN = 192  # the producer-warp Gluon kernel's wide tile (CompileKey.producer)
-_SMEM_BLOCK_MAX = 232448 - 1024  # the H100's / H200's opt-in shared memory per block, less Triton's static 1 KB
+_SMEM_BLOCK_MAX = SMEM_BLOCK_MAX - 1024  # the H100's / H200's opt-in shared memory per block, less Triton's static 1 KB
 
 
 def wide_shared_bytes(block_t: int, num_stages: int, chunked: bool) -> int:

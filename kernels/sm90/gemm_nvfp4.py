@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.sm90._consts import BLOCK
+from kernels.sm90._consts import BLOCK, SMEM_BLOCK_MAX
 from kernels.sm90._tickets import Tickets, tile_tickets
 
 __all__ = ["CompileKey", "launch"]
@@ -187,9 +187,6 @@ class CompileKey:
                           num_stages=1, split=split, use_asm=True, gemv_tokens=m if m <= 2 else 4)
 
 
-_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
-
-
 def _check_f16_gemm(key: CompileKey) -> None:
     """The predecode fp16 GEMM fields of `key`: one ValueError naming the first field the kernels cannot build."""
     if key.f16_gemm not in ("triton", "gluon"):
@@ -209,10 +206,10 @@ def _check_f16_gemm(key: CompileKey) -> None:
     if key.fuse_a and (key.block_x != 128 or key.decode_pair):
         raise ValueError(f"CompileKey.fuse_a: needs block_x 128 and decode_pair off, got block_x {key.block_x}, "
                          f"decode_pair {key.decode_pair}")
-    ring = key.num_stages * (key.block_x + key.block_y) * key.block_k * 2
-    if key.num_stages < 2 or ring > _SMEM_MAX:
+    ring = key.num_stages * ((key.block_x + key.block_y) * key.block_k * 2 + 16)  # fp16 tiles, ready / empty barriers
+    if key.num_stages < 2 or ring > SMEM_BLOCK_MAX:
         raise ValueError(f"CompileKey.num_stages: {key.num_stages} stages of {key.block_x} x {key.block_y} fp16 tiles "
-                         f"need {ring} B of shared memory (at least 2 stages, at most {_SMEM_MAX} B)")
+                         f"need {ring} B of shared memory (at least 2 stages, at most {SMEM_BLOCK_MAX} B)")
 
 
 @functools.lru_cache(maxsize=64)

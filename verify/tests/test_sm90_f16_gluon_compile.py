@@ -15,11 +15,12 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
+from kernels.sm90._consts import SMEM_BLOCK_MAX  # noqa: E402
 from kernels.sm90.gemm_nvfp4 import CompileKey  # noqa: E402
 from verify.tests._sass import (  # noqa: E402
     _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
-_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+_SMEM_MAX = SMEM_BLOCK_MAX  # the H100's / H200's opt-in shared memory per block (227 KB)
 # the bench's variants (verify/tests/test_sm90_bench.py _F16_GEMM_VARIANTS) and a 128 x 128 tile
 _KEYS = [CompileKey.predecode_gluon(block_m=bm, block_n=bn, stages=ns, fuse_a=fuse)
          for bm, bn, ns, fuse in ((128, 256, 4, False), (128, 256, 3, False), (256, 128, 4, False),

@@ -19,6 +19,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
+from kernels.sm90._consts import SMEM_BLOCK_MAX  # noqa: E402
 from kernels.sm90.gemm_fp8_block import CompileKey  # noqa: E402
 from kernels.sm90.gemm_fp8_block_configs import _ws, candidates  # noqa: E402
 from verify.tests._sass import _cuobjdump, registers_without_spills  # noqa: E402
@@ -60,7 +61,7 @@ def _keys() -> list[CompileKey]:
     return list(by_layout.values())
 
 
-_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+_SMEM_MAX = SMEM_BLOCK_MAX  # the H100's / H200's opt-in shared memory per block (227 KB)
 
 
 def _compile(key: CompileKey, num_warps: int | None = None):

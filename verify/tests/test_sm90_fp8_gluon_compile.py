@@ -22,6 +22,7 @@ import pytest
 
 triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
 
+from kernels.sm90._consts import SMEM_BLOCK_MAX  # noqa: E402
 from kernels.sm90.gemm_fp8_block import (  # noqa: E402
     WIDE_BN, CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts)
 from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates, shape_candidates  # noqa: E402
@@ -29,7 +30,7 @@ from verify.tests._sass import (  # noqa: E402
     _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
 REPO = Path(__file__).resolve().parents[2]
-_SMEM_MAX = 232448  # the H100's / H200's opt-in shared memory per block (227 KB)
+_SMEM_MAX = SMEM_BLOCK_MAX  # the H100's / H200's opt-in shared memory per block (227 KB)
 # wo_b (3 chunks of 43 groups), wq_b (one chunk), wkv (28 chunks of 2 groups), a partial K (576)
 _SHAPES = [(7168, 16384), (65536, 1536), (512, 7168), (7168, 576)]
 V4_PRO_FP8_SHAPES = [(n, k) for _, n, k in V4_PRO_FP8]

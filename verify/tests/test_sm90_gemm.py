@@ -450,7 +450,7 @@ def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
                        ("num_stages", dict(num_stages=5)), ("num_stages", dict(num_stages=1))):
         with pytest.raises(ValueError, match=rf"^CompileKey\.{field}: [^\n]*$"):
             gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **bad))
-    # rings of 147456, 196608 and 163840 B
+    # rings of 147456, 196608 and 163840 B of tiles (plus 16 B of barriers a stage)
     for ok in (dict(num_stages=3), dict(block_x=256, block_y=128), dict(block_y=128, num_stages=5)):
         gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **ok))
 
