@@ -50,7 +50,7 @@ GAPS = tuple(range(4, 39))  # t = 20 + b - s, b in [-8, 8], s in [-10, 8]: the b
 # path -> (M, N, K): the shape selects the kernel variant (sm90 routing, kernels/sm90/gemm_nvfp4.py for_shape:
 # M <= 2 GEMV (one-warp CTAs when N > 2048; split-K when K is long), 3 <= M <= 32 Gluon wgmma with in-kernel
 # split-K, M = 64 Triton swap-AB with split-K, 65 <= M < 256 Triton 128x128 with split-K, M >= 256 the fp16
-# GEMM on predecoded weights). N counts columns (gap columns first, zero weights after); a plain int is M.
+# GEMM on predecoded weights: Triton at M < 512, the Gluon persistent kernel from 512). N counts columns (gap columns first, zero weights after); a plain int is M.
 PROBE_PATHS = {
     "M=1 (GEMV)": (1, 0, K),
     "M=1, N=4096 (one-warp GEMV)": (1, 4096, K),
@@ -58,7 +58,8 @@ PROBE_PATHS = {
     "M=16 (wgmma, split-K)": (16, 0, K),
     "M=64 (Triton swap-AB, split-K)": (64, 0, K),
     "M=128 (Triton 128x128, split-K)": (128, 0, K),
-    "M=256 (fp16 GEMM)": (256, 0, K),
+    "M=256 (Triton fp16 GEMM)": (256, 0, K),
+    "M=512 (Gluon fp16 GEMM)": (512, 0, K),
 }
 # grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
 # columns padded to 128, K = 1024); the sm90 routing (kernels/sm90/grouped_gemm_nvfp4.py) takes the register-fed

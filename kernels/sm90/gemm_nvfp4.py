@@ -23,8 +23,8 @@ Configs (see CompileKey.for_shape):
   (the weights' decoded tile reaches wgmma through shared memory), a fixed-order split-K
   reduce kernel; for large K the activations are decoded once into two fp16 planes.
 - M >= 256: both operands decoded once to fp16, then a pipelined fp16 GEMM (CompileKey.f16_gemm: the Triton
-  pointer-load kernel, or the Gluon TMA / producer-warp persistent kernel, the same bits; decode_pair: both
-  operands decoded in one launch).
+  pointer-load kernel at M 256 .. 511, the Gluon TMA / producer-warp persistent kernel from M 512, the same bits;
+  decode_pair: both operands decoded in one launch).
 Per-call buffers (split-K partials, decoded activations) come from torch.empty, so under
 CUDA-graph capture they come from the graph's pool; nothing syncs with the host.
 """
@@ -45,6 +45,7 @@ __all__ = ["CompileKey", "launch"]
 _NUM_SMS_H200 = 132
 _REDUCE_BLOCK = 1024
 _PREDECODE_MIN_M = 256
+_GLUON_F16_MIN_M = 512  # the Gluon fp16 GEMM measured faster at M 512 .. 4096 (H100, NOTES.md); 256 .. 511 unmeasured
 _GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
 _WGMMA_MAX_M = 64
@@ -96,10 +97,12 @@ class CompileKey:
                 return CompileKey._gemv(m, n, k, num_sms, 4, block_n=4, block_kb=64)
             return CompileKey._gemv(m, n, k, num_sms, ctas_per_sm)
         if m >= _PREDECODE_MIN_M:
-            # H200 sweep at M = 4096 (NOTES.md), x torch bf16: 256x128x64, 4 stages 0.63-0.67 on the four
-            # projection shapes, 128x256 (3 or 4 stages) 0.56-0.62, 128x128 0.58-0.60
-            return CompileKey(swap_ab=False, block_x=256, block_y=128, block_k=64, num_warps=8, num_stages=4,
-                              split=1, use_asm=use_asm, predecode=True)
+            # H100, one run (NOTES.md, session 9), x torch bf16 on the four projection shapes, the same bytes: the
+            # Gluon 128 x 256 persistent kernel with one decode launch 0.34-0.57 (M 512) .. 0.76-0.86 (M 4096), the
+            # Triton 256 x 128 kernel 0.25-0.45 .. 0.60-0.66
+            if m >= _GLUON_F16_MIN_M and use_asm:
+                return CompileKey.predecode_gluon()
+            return CompileKey.predecode_triton(use_asm=use_asm)
         if 3 <= m <= _WGMMA_MAX_M and k % 128 == 0 and use_asm and ctas_per_sm is None and (m <= 32 or n > 2048):
             # Gluon wgmma path: weights decoded into the register A operand, split-K reduced in-kernel.
             # Split-K target (CTAs per SM) from the H200 sweeps in NOTES.md (current status): M <= 16 best at 4
@@ -140,6 +143,14 @@ class CompileKey:
                           num_warps=warps, num_stages=stages, split=split, use_asm=use_asm,
                           act_f16=m <= 64 and act_f16)
 
+
+    @staticmethod
+    def predecode_triton(*, use_asm: bool = True) -> "CompileKey":
+        """The predecode path with the Triton fp16 GEMM (256 x 128 x 64 tiles, 4 stages; H200 sweep at M = 4096 in
+        NOTES.md: 0.63-0.67 x torch bf16, 128 x 256 0.56-0.62, 128 x 128 0.58-0.60): for_shape's key at M 256 .. 511,
+        and the bytes the Gluon keys are held to."""
+        return CompileKey(swap_ab=False, block_x=256, block_y=128, block_k=64, num_warps=8, num_stages=4,
+                          split=1, use_asm=use_asm, predecode=True)
 
     @staticmethod
     def predecode_gluon(*, block_m: int = 128, block_n: int = 256, stages: int = 4,

@@ -214,7 +214,7 @@ def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
           f"roofline {100 * w_bytes / copy_bw / t:5.1f}%")
 
 
-# the predecode path's fp16 GEMM variants timed at M = 4096: name -> CompileKey.predecode_gluon arguments
+# the predecode path's fp16 GEMM variants (M 512 .. 4096): name -> CompileKey.predecode_gluon arguments
 _F16_GEMM_VARIANTS = {"g128x256s4": dict(block_m=128, block_n=256, stages=4),
                       "g128x256s4-2dec": dict(block_m=128, block_n=256, stages=4, decode_pair=False),
                       "g128x256s3": dict(block_m=128, block_n=256, stages=3),
@@ -223,18 +223,18 @@ _F16_GEMM_VARIANTS = {"g128x256s4": dict(block_m=128, block_n=256, stages=4),
 
 
 @pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
-def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, n, k):
-    """M = 4096, one run: torch.matmul bf16, the predecode path with the Triton fp16 GEMM (for_shape's key) and
-    with the Gluon fp16 GEMM (CompileKey.f16_gemm = "gluon": _F16_GEMM_VARIANTS), each the whole launch (decode
-    included); every Gluon variant's output bytes must equal the Triton path's (checked after the table line)."""
+@pytest.mark.parametrize("m", [512, 1024, 2048, 4096])
+def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, m, n, k):
+    """M 512 .. 4096, one run: torch.matmul bf16, the predecode path with the Triton fp16 GEMM (predecode_triton,
+    for_shape's key below M 512) and with the Gluon fp16 GEMM (f16_gemm "gluon": _F16_GEMM_VARIANTS, g128x256s4 the
+    routed one), each the whole launch (decode included); every Gluon variant's output bytes must equal the Triton
+    path's (checked after the table line)."""
     from kernels.sm90 import gemm_nvfp4
 
-    m = 4096
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     w_p, w_sf = _nvfp4_weight(n, k, 1)
     a_p, a_sf = _nvfp4_weight(m, k, 99)
     alpha = torch.tensor(1e-3, device="cuda")
-    keys = {"triton": gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=sms)}
+    keys = {"triton": gemm_nvfp4.CompileKey.predecode_triton()}
     keys.update({name: gemm_nvfp4.CompileKey.predecode_gluon(**kw) for name, kw in _F16_GEMM_VARIANTS.items()})
     assert keys["triton"].predecode and keys["triton"].f16_gemm == "triton", keys["triton"]
     xb = torch.randn(m, k, device="cuda").to(torch.bfloat16)

@@ -94,14 +94,13 @@ def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key,
 
 
 def test_triton_f16_gemm_epilogue_is_the_same():
-    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (for_shape's 256 x 128 tile at
-    M = 4096) multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
+    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (predecode_triton's 256 x 128 tile) multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from kernels.sm90._gemm_nvfp4_jit import gemm_f16_alpha_kernel
 
-    key = CompileKey.for_shape(4096, 7168, 16384)
+    key = CompileKey.predecode_triton()
     sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
            "K": "i32"}
     const = dict(BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k, GROUP_M=8)

@@ -385,8 +385,7 @@ def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k, kw):
     a_p, a_sf = _random_nvfp4(m, k, 51)
     b_p, b_sf = _random_nvfp4(n, k, 52)
     alpha = torch.tensor(1.0e-3, device="cuda")
-    old = CompileKey.for_shape(max(m, 256), n, k)
-    assert old.predecode and old.f16_gemm == "triton", old
+    old = CompileKey.predecode_triton()
     y_old = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=old)
     assert torch.isfinite(y_old.float()).all() and (y_old != 0).float().mean() > 0.9, f"degenerate output {m}x{n}x{k}"
     y = gemm_nvfp4.launch(a_p, a_sf, b_p, b_sf, alpha, key=CompileKey.predecode_gluon(**kw))
@@ -421,20 +420,27 @@ def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k, fuse_a):
     y_eager = gemm_nvfp4.launch(a2_p, a2_sf, b_p, b_sf, alpha, key=key)
     assert (y_eager != 0).float().mean() > 0.9, f"degenerate output {m}x{n}x{k}"
     assert_bits_equal(y_graph, y_eager, label=f"gluon f16 GEMM graph replay vs eager {m}x{n}x{k}")
-    y_old = gemm_nvfp4.launch(a2_p, a2_sf, b_p, b_sf, alpha, key=CompileKey.for_shape(max(m, 256), n, k))
+    y_old = gemm_nvfp4.launch(a2_p, a2_sf, b_p, b_sf, alpha, key=CompileKey.predecode_triton())
     assert_bits_equal(y_graph, y_old, label=f"gluon f16 GEMM graph replay vs triton {m}x{n}x{k}")
 
 
 def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
-    """The default routing keeps the Triton fp16 GEMM; a Gluon key needs the predecode path's shape of key."""
+    """The routing: the Triton fp16 GEMM at M 256 .. 511, the Gluon one (128 x 256, 4 stages, one decode launch)
+    from M 512 (Triton again without the inline-asm decode); a Gluon key needs the predecode path's shape of key."""
     import dataclasses
 
     from kernels.sm90 import gemm_nvfp4
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
     for n, k in [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384)]:
-        key = CompileKey.for_shape(4096, n, k)
-        assert key.predecode and key.f16_gemm == "triton" and not key.decode_pair, key
+        for m in (256, 511):
+            key = CompileKey.for_shape(m, n, k)
+            assert key == CompileKey.predecode_triton() and key.f16_gemm == "triton" and not key.decode_pair, key
+        for m in (512, 4096, 65536):
+            key = CompileKey.for_shape(m, n, k)
+            assert key == CompileKey.predecode_gluon() and key.decode_pair and not key.fuse_a, key
+        key = CompileKey.for_shape(4096, n, k, use_asm=False)
+        assert key.predecode and key.f16_gemm == "triton" and not key.use_asm, key
     key = CompileKey.predecode_gluon()
     assert (key.predecode, key.f16_gemm, key.block_x, key.block_y, key.block_k, key.num_stages) == (
         True, "gluon", 128, 256, 64, 4)
