@@ -217,33 +217,36 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
         async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
         _store_scales(rings[1].load(S_CV), s16[0], 0, HW, S_CV, K_TAIL)
+        # the loop runs from two trips on (one constant trip, K 512 .. 639, failed Triton 3.6's lowering to LLVM, as
+        # in the wgmma kernel); the rest of the tiles unrolled after it
+        LOOP: gl.constexpr = K_ITERS // 4 if K_ITERS >= 8 else 0
         if R_WG == 1:
-            for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (s16[j % 2])
+            for it4 in range(0, LOOP):  # unrolled by 4: static ring stages and double-buffer roles (s16[j % 2])
                 for j in gl.static_range(4):
                     acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
                                               x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
                                               A_OP, K_ITERS, K_TAIL, BN, BT, j)
-            if K_ITERS % 4 != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
+            if K_ITERS - 4 * LOOP != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
                 acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
-            for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
-                acc, a_prev = _big_k_step(K_ITERS // 4 * 4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
+            for j in gl.static_range(K_ITERS - 4 * LOOP):  # the last tiles (tile index % 4 == j % 4)
+                acc, a_prev = _big_k_step(4 * LOOP + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
                                           bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
-                                          A_OP, K_ITERS, K_TAIL, BN, BT, j)
+                                          A_OP, K_ITERS, K_TAIL, BN, BT, j % 4)
             acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
         else:
-            for it4 in range(0, K_ITERS // 4):  # the same unrolled loop, two row blocks a tile
+            for it4 in range(0, LOOP):  # the same unrolled loop, two row blocks a tile
                 for j in gl.static_range(4):
                     acc0, acc1, a1_prev = _big_k_step_r2(
                         4 * it4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
                         x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
                         K_TAIL, BNB, BT, j, WVEC)
-            if K_ITERS % 4 != 0:  # (as above: every wgmma done before the tail)
+            if K_ITERS - 4 * LOOP != 0:  # (as above: every wgmma done before the tail)
                 acc0, acc1, a1_prev = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])
-            for j in gl.static_range(K_ITERS % 4):
+            for j in gl.static_range(K_ITERS - 4 * LOOP):
                 acc0, acc1, a1_prev = _big_k_step_r2(
-                    K_ITERS // 4 * 4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
+                    4 * LOOP + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
                     bars, x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                    K_TAIL, BNB, BT, j, WVEC)
+                    K_TAIL, BNB, BT, j % 4, WVEC)
             acc0, acc1 = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])[:2]
         async_copy.wait_group(0)
         for j in gl.static_range(4):

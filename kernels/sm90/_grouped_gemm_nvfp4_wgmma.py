@@ -486,17 +486,20 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         fence_async_shared()
         K1: gl.constexpr = 1 if K_ITERS > 1 else 0
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, K1, HW, K_TAIL)
-        for it4 in range(0, K_ITERS // 4):  # unrolled by 4: static ring stages and double-buffer roles (_k_step)
+        # the loop runs from two trips on: a loop of one constant trip (K 512 .. 639) made Triton 3.6's TritonGPU ->
+        # LLVM lowering fail (an LLVM assertion); those 4 tiles go to the unrolled rest instead
+        LOOP: gl.constexpr = K_ITERS // 4 if K_ITERS >= 8 else 0
+        for it4 in range(0, LOOP):  # unrolled by 4: static ring stages and double-buffer roles (_k_step)
             for j in gl.static_range(4):
                 acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
                                             xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr,
                                             xoff, xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
                                             K_TAIL, BN, BT, j)
-        for j in gl.static_range(K_ITERS % 4):  # the last K_ITERS % 4 tiles (tile index % 4 == j)
-            acc, xh, xse, xso = _k_step(K_ITERS // 4 * 4 + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
+        for j in gl.static_range(K_ITERS - 4 * LOOP):  # the last tiles, unrolled (tile index % 4 == j % 4)
+            acc, xh, xse, xso = _k_step(4 * LOOP + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
                                         xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff,
                                         xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN,
-                                        BT, j)
+                                        BT, j % 4)
         async_copy.wait_group(0)
         _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
                   N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)

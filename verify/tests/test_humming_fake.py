@@ -122,11 +122,11 @@ def test_dequantize_prepared_of_experts_gives_w1_w3_w2_in_checkpoint_layout(fake
 
 def test_dense_gemm_on_35_columns_is_padded_for_humming_and_cut_back(fake):
     """The accumulator probe's shape (N = 35): humming's `assert pad_shape[1] % 8 == 0` would fire unpadded."""
-    from verify.accumulator import probe_accumulator
+    from verify.accumulator import PROBE_PATHS, probe_accumulator
 
     mod, _ = fake
     readings = probe_accumulator(mod.CpuHumming(), "cpu")
-    assert len(readings) == 7 and all(r.effective_bits >= 24 for r in readings), readings
+    assert [r.path for r in readings] == list(PROBE_PATHS) and all(r.effective_bits >= 24 for r in readings), readings
 
 
 def test_the_probe_skips_the_paths_a_backend_does_not_serve(fake, monkeypatch):

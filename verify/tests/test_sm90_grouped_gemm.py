@@ -1255,3 +1255,29 @@ def test_gpu_wgmma_routed_keys_at_384_experts_bits_equal_the_triton_kernel(token
     for i, (x, y) in enumerate(zip(got, base)):
         assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, routed wgmma key vs Triton at E = 384, "
                                                   f"T = {tokens}")
+
+
+@pytest.mark.gpu
+@pytest.mark.sm90
+@pytest.mark.parametrize("k", [512, 592], ids=lambda k: f"K{k}")
+def test_gpu_register_fed_kernels_at_four_and_five_k_tiles(k):
+    """K = 512 (4 K tiles) and 592 (5, a K tail): the K loop of both register-fed kernels, which had one constant
+    trip there and failed Triton's lowering to LLVM, is unrolled instead. Every output byte equals the Triton
+    kernel's: the decode-size kernel (WgmmaKey, every stage) and the large-token one (BigWgmmaKey, one and two row
+    blocks a warpgroup)."""
+    gg = _gg()
+    counts, rcap = [9, 0, 300, 17, 0, 1, 128, 60], 600
+    a = _acts(counts, rcap, k, 91, _cuda())
+    for stage in WGMMA_STAGES:
+        base = _wgmma_stage(gg, stage, a, len(counts), k, lambda epi, clamp: gg.CompileKey.for_shape(
+            epi, rcap, len(counts), 512, k, clamp=clamp, large_token=False))
+        got = _wgmma_stage(gg, stage, a, len(counts), k, lambda epi, clamp: gg.WgmmaKey(
+            epi=epi, block_t=8, e_pad=32, clamp=clamp))
+        assert base[0][:sum(counts)].any(), f"{stage}: all-zero output (nothing compared)"
+        for i, (x, y) in enumerate(zip(got, base)):
+            assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma K {k} vs Triton")
+    for r2, bn in ((1, 128), (2, 128), (2, 256)):
+        wg = dict(rows_per_wg=2, big_bn=bn, present_bn=128) if r2 == 2 else {}
+        msg = check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=192, k=k, seed=92, present_bt=16,
+                                  big_bts=(64, 128), wgmma=True, **wg)
+        assert msg.startswith("ok"), f"large-token wgmma K {k} rows_per_wg {r2} BN {bn}: {msg}"

@@ -94,6 +94,7 @@ def _grouped_routed() -> list[tuple]:
         cases.add((WgmmaKey.for_shape(2, rcap, GROUPED_E, clamp=True), 2 * GROUPED_I, GROUPED_H))
     cases.add((WgmmaKey(epi=2, block_t=16, e_pad=32, clamp=True), 768, 1040))
     cases.add((WgmmaKey(epi=0, block_t=8, e_pad=32), 256, 1040))
+    cases.add((WgmmaKey(epi=0, block_t=8, e_pad=32), 256, 512))  # 4 K tiles: one loop trip failed Triton's lowering
     cases.add((WgmmaKey(epi=2, block_t=16, e_pad=512, num_warps=4, clamp=True), 2 * GROUPED_I, GROUPED_H))
     return sorted(cases, key=str)
 
@@ -135,7 +136,8 @@ def test_grouped_wgmma_kernel_compiles_without_spills(case, tmp_path):
     """No spills; at most 128 registers for the V4-Pro keys (16 warps fit an SM's register file; the K-tail keys
     serve correctness tests only and may take a few more); only
     HGMMA.64xBTx16 with fp32 accumulation and the A operand from registers (no shared-memory descriptor for A),
-    8 per 128-K tile (8 k16 steps, the Triton kernel's count; the K loop is unrolled by 4, the tail by K_ITERS % 4)."""
+    8 per 128-K tile (8 k16 steps, the Triton kernel's count; the K loop, run from two trips on, is unrolled by 4,
+    the remaining tiles one by one)."""
     key, n, k = case
     ck = _grouped_compile(key, n, k)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
@@ -146,7 +148,9 @@ def test_grouped_wgmma_kernel_compiles_without_spills(case, tmp_path):
         assert regs <= key.max_registers, f"{key}: {regs} registers above its cap"
     sass = _cuobjdump(ck.asm["cubin"], tmp_path, "-sass")
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
-    tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
+    k_iters = -(-k // 128)
+    loop = k_iters // 4 if k_iters >= 8 else 0  # the kernel's LOOP: one trip's 4 tiles + the unrolled rest
+    tiles = (4 if loop else 0) + k_iters - 4 * loop
     assert len(hgmma) == 8 * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA shapes {hgmma}"
     assert len(re.findall(r"HGMMA", sass)) == 8 * tiles, f"{key}: HGMMA other than the register-A steps"
     assert "wgmma.mma_async.sync.aligned.m64n%dk16.f32.f16.f16" % key.block_t in ck.asm["ptx"]
@@ -229,6 +233,9 @@ def _big_wgmma_cases() -> list[tuple]:
     cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True, rows_per_wg=2), 768, 1040))
     cases.add((BigWgmmaKey(epi=0, block_t=128, e_pad=32, num_warps=4, rows_per_wg=2), 192, 256))
     cases.add((BigWgmmaKey(epi=1, block_t=128, e_pad=32, rows_per_wg=2), 128, 1664))
+    # 4 K tiles: a K loop of one trip failed Triton's lowering (now unrolled, no loop)
+    cases.add((BigWgmmaKey(epi=0, block_t=64, e_pad=32, num_warps=4, rows_per_wg=2), 256, 512))
+    cases.add((BigWgmmaKey(epi=2, block_t=128, e_pad=32, clamp=True), 768, 512))
     return sorted(cases, key=str)
 
 
@@ -291,13 +298,15 @@ def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
         inside = local_memory_in_loops(sass)
         known = (key.block_t, key.rows_per_wg, k % 128 != 0) in _LOCAL_MEMORY_IN_LOOP_KNOWN
         assert known or not inside, f"{key}: local memory inside a loop: {inside}"
-        if k >= 512:  # the check sees the K loop: the unrolled loop's 4 tiles of HGMMA are inside a loop
+        if -(-k // 128) >= 8:  # the check sees the K loop (two trips or more): its 4 tiles of HGMMA are inside it
             looped = [line for line in instructions_in_loops(sass) if "HGMMA" in line]
             assert len(looped) == 8 * key.rows_per_wg * 4, f"{key}: {len(looped)} HGMMA inside loops"
         spills = local_memory_instructions(sass)
     else:
         regs, stack, spills = registers_without_spills(ck.asm["cubin"], tmp_path, str(key)), 0, []
-    tiles = (4 if k >= 512 else 0) + (-(-k // 128)) % 4
+    k_iters = -(-k // 128)
+    loop = k_iters // 4 if k_iters >= 8 else 0  # the kernel's LOOP: one trip's 4 tiles + the unrolled rest
+    tiles = (4 if loop else 0) + k_iters - 4 * loop
     r = key.rows_per_wg
     hgmma = re.findall(r"HGMMA\.64x(\d+)x16\.F32 R\d+, R\d+, gdesc", sass)
     waits = wgmma_depbars(sass)
@@ -307,7 +316,7 @@ def test_big_wgmma_kernel_compiles_without_spills(case, tmp_path):
     assert len(hgmma) == 8 * r * tiles and set(hgmma) == {str(key.block_t)}, f"{key}: register-A HGMMA {hgmma}"
     assert len(re.findall(r"HGMMA", sass)) == 8 * r * tiles, f"{key}: HGMMA other than the register-A steps"
     assert "UTMALDG" in sass, f"{key}: the token tiles are not loaded by TMA"
-    full = 1 + ((-(-k // 128)) % 4 != 0)  # after the loop (and before a K_ITERS % 4 tail: ptxas would serialize)
+    full = 1 + (k_iters - 4 * loop != 0)  # after the loop (and before the unrolled rest: ptxas would serialize)
     assert waits.count(1) == r * tiles and waits.count(0) == full and len(waits) == r * tiles + full, \
         f"{key}: waits {waits}"
     assert not (warn := wgmma_serialization_warnings(ptxas_log(ck.asm["ptx"], tmp_path))), f"{key}: ptxas {warn}"
