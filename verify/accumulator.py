@@ -50,7 +50,8 @@ GAPS = tuple(range(4, 39))  # t = 20 + b - s, b in [-8, 8], s in [-10, 8]: the b
 # path -> (M, N, K): the shape selects the kernel variant (sm90 routing, kernels/sm90/gemm_nvfp4.py for_shape:
 # M <= 2 GEMV (one-warp CTAs when N > 2048; split-K when K is long), 3 <= M <= 32 Gluon wgmma with in-kernel
 # split-K, M = 64 Triton swap-AB with split-K, 65 <= M < 256 Triton 128x128 with split-K, M >= 256 the fp16
-# GEMM on predecoded weights: Triton at M < 512, the Gluon persistent kernel from 512). N counts columns (gap columns first, zero weights after); a plain int is M.
+# GEMM on predecoded weights: Triton at M < 512, the Gluon persistent kernel from 512). N counts columns (gap
+# columns first, zero weights after); a plain int is M.
 PROBE_PATHS = {
     "M=1 (GEMV)": (1, 0, K),
     "M=1, N=4096 (one-warp GEMV)": (1, 4096, K),

@@ -94,7 +94,8 @@ def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key,
 
 
 def test_triton_f16_gemm_epilogue_is_the_same():
-    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (predecode_triton's 256 x 128 tile) multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
+    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (predecode_triton's 256 x 128 tile)
+    multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
