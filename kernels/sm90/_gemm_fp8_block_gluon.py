@@ -430,12 +430,19 @@ def _producer(a_desc, w_desc, a_ring, w_ring, ready, empty, t0, n0, g_lo, n_iter
 
 
 @gluon.jit
-def _consume(d, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS: gl.constexpr,
-             CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, layout: gl.constexpr):
-    """Group g_lo + i's wgmma is done (d): once every consumer warp is past it (a barrier of the consumer
-    partition) its stage goes back to the producer (one arrival), then the group is promoted."""
+def _release(i, empty, NS: gl.constexpr):
+    """Group i's stage back to the producer once every math warp is past its wgmmas (a barrier of the consumer
+    partition, then one arrival)."""
     gl.thread_barrier()
     mbarrier.arrive(empty.index(i % NS), count=1)
+
+
+@gluon.jit
+def _consume(d, i, empty, sa_ptrs, t_ok, sw_ptr, g_lo, total, part, total_smem, G, NS: gl.constexpr,
+             CHUNK_BLOCKS: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, layout: gl.constexpr):
+    """Group g_lo + i's wgmma is done (d): its stage goes back to the producer (_release), then the group is
+    promoted."""
+    _release(i, empty, NS)
     sigma = _sigma(sa_ptrs, t_ok, sw_ptr, g_lo + i, AS_UE8M0)
     return _promote(d, sigma, total, part, total_smem, g_lo + i, G, CHUNK_BLOCKS, CHUNKED, layout)
 
@@ -556,14 +563,6 @@ def _issue_v(i, a_ring, v_ring, acc, NS: gl.constexpr):
     piece's of the same group: its stage's ready wait already passed."""
     s = i % NS
     return warpgroup_mma(a_ring.index(s), v_ring.index(s).permute((1, 0)), acc, use_acc=False, is_async=True)
-
-
-@gluon.jit
-def _release(i, empty, NS: gl.constexpr):
-    """Group i's stage back to the producer once every math warp is past its wgmmas (a barrier of the consumer
-    partition, then one arrival)."""
-    gl.thread_barrier()
-    mbarrier.arrive(empty.index(i % NS), count=1)
 
 
 @gluon.jit
