@@ -2,7 +2,7 @@
 kernels.sm90.gemm_nvfp4): out_bf16[M, N] = bf16((acc * 2^14) * alpha), acc = A16[M, K] @ B16[N, K]^T in float32,
 A16 / B16 the operands decode_nvfp4_to_f16_kernel wrote (e2m1 * e4m3 * 2^-7 each, exact).
 
-Same bits as gemm_f16_alpha_kernel (the Triton kernel it replaces, kept as f16_gemm == "triton"): per output element
+Same bits as gemm_f16_alpha_kernel (the Triton kernel, f16_gemm == "triton", routed at M 256 .. 511): per element
 one float32 accumulator from +0, the K tiles of BK = 64 in increasing order, each tile 4 fp16 wgmma k16 steps in
 increasing k (both kernels hand a [rows, 64] x [64, cols] product to the same wgmma instructions), zeros past M, N and
 K (TMA zero fill here, masked loads there: the same zero products), then the same epilogue: acc * 2^14 (exact),
@@ -23,10 +23,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                                warpgroup_mma_wait)
 
 from kernels.sm90._consts import DECODE_UNSCALE
-from kernels.sm90._gemm_nvfp4_jit import _e2m1_nibbles_to_f16_asm as _tl_e2m1_nibbles_to_f16_asm
-from kernels.sm90._gemm_nvfp4_jit import _e4m3_u8_to_f16_x128 as _tl_e4m3_u8_to_f16_x128
 
-_FUSED_PRODUCER_REGS = gl.constexpr(112)  # a FUSE_A producer thread (4 warps); the 8 math warps drop to 192
 _DECODE_UNSCALE = gl.constexpr(DECODE_UNSCALE)  # the decode scale undone in the epilogue (exact)
 BK = gl.constexpr(64)  # K elements per ring stage: 4 wgmma k16 steps, gemm_f16_alpha_kernel's BLOCK_K
 
@@ -108,107 +105,28 @@ def _consumer(a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num
         _store_tile(acc, alpha, out_ptr, m0, n0, M, N, BM, BN, layout)
 
 
-# ---- FUSE_A: A decoded from NVFP4 by the producer partition (4 warps) straight into the ring ----------------------
-# The packed bytes [BM, 32] of a K block (16 a thread: one 16-byte load, two rows a thread at BM 128) and the
-# block-scale word of each row (one int32 = the 4 E4M3 scales of the 64 elements: the 128x4 swizzle keeps them
-# together), decoded by _gemm_nvfp4_jit's helpers (the same integer / fp16 operations as decode_nvfp4_to_f16_kernel,
-# so the same fp16 values, zeros past M and K as the TMA fill), interleaved to natural k and stored into the stage.
-_A_BYTES_LAYOUT = gl.constexpr(gl.BlockedLayout([1, 16], [16, 2], [4, 1], [1, 0]))
-_e2m1_nibbles_to_f16_asm = gluon.jit(_tl_e2m1_nibbles_to_f16_asm.fn)
-_e4m3_u8_to_f16_x128 = gluon.jit(_tl_e4m3_u8_to_f16_x128.fn)
-
-
-@gluon.constexpr_function
-def _a_smem_layout(bm):
-    return gl.NVMMASharedLayout.get_default_for([bm, 64], gl.float16)
-
-
-@gluon.jit
-def _load_a_block(ap_ptr, asf_ptr, m0, kk, M, HALF_K, CP4, BM: gl.constexpr):
-    """A's packed bytes [BM, 32] (u8, zero past M and K) and the rows' scale words [BM] (int32, zero past M) of K
-    block kk: decode_nvfp4_to_f16_kernel's _load_raw for a 64-wide block."""
-    rows = m0 + gl.arange(0, BM, layout=gl.SliceLayout(1, _A_BYTES_LAYOUT))
-    pcols = kk * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, _A_BYTES_LAYOUT))
-    row_ok = rows < M
-    b = gl.load(ap_ptr + gl.expand_dims(rows.to(gl.int64) * HALF_K, 1) + gl.expand_dims(pcols, 0),
-                mask=gl.expand_dims(row_ok, 1) & gl.expand_dims(pcols < HALF_K, 0), other=0)
-    woff = ((rows // 128) * CP4 + kk) * 128 + (rows % 32) * 4 + (rows // 32) % 4
-    w = gl.load(asf_ptr + woff, mask=row_ok & (kk < CP4), other=0)
-    return b, w
-
-
-@gluon.jit
-def _decode_a_block(b, w, kk, HALF_K, BM: gl.constexpr):
-    """[BM, 64] fp16 in natural k order: e2m1 * e4m3 block scale * 2^-7 (byte j: elements 2j (low nibble) and
-    2j + 1, block j // 8, whose scale is byte (j // 8) % 4 of the row's word; blocks past K scale 0)."""
-    pcols = kk * 32 + gl.arange(0, 32, layout=gl.SliceLayout(0, _A_BYTES_LAYOUT))
-    sc = (gl.expand_dims(w, 1) >> gl.expand_dims(((pcols // 8) % 4) * 8, 0)) & 0xFF
-    sc = gl.where(gl.expand_dims(pcols < HALF_K, 0), sc, 0)
-    s16 = _e4m3_u8_to_f16_x128(sc)
-    lo, hi = _e2m1_nibbles_to_f16_asm(b)
-    return gl.reshape(gl.join(lo * s16, hi * s16), [BM, BK])
-
-
-@gluon.jit
-def _producer_fused_a(ap_ptr, asf_ptr, b_desc, a_ring, b_ring, ready, empty, M, HALF_K, CP4, num_m, num_n, k_iters,
-                      BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr):
-    """The FUSE_A producer partition (4 warps): per (tile, K block) pair c, A's raw bytes loaded first (in flight
-    while the stage is still in use), then, once stage c % NS is released: B's TMA load (expect: one of the stage's
-    two arrivals), A decoded and stored, made visible to the wgmma (async proxy) by every thread, a barrier of the
-    partition, the second arrival."""
-    c = 0
-    for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
-        m0, n0 = _tile_origin(tile, num_m, num_n, BM, BN, GROUP_M)
-        for kk in range(k_iters):
-            s = c % NS
-            b, w = _load_a_block(ap_ptr, asf_ptr, m0, kk, M, HALF_K, CP4, BM)
-            mbarrier.wait(empty.index(s), ((c // NS) & 1) ^ 1)
-            mbarrier.expect(ready.index(s), b_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(b_desc, [n0, kk * BK], ready.index(s), b_ring.index(s))
-            a_ring.index(s).store(_decode_a_block(b, w, kk, HALF_K, BM))
-            fence_async_shared()
-            gl.thread_barrier()
-            mbarrier.arrive(ready.index(s), count=1)
-            c += 1
-
-
-@gluon.jit(do_not_specialize=["M", "CP4"])  # used in masks / scale-word offsets only: fewer compiled variants
-def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, ap_ptr, asf_ptr, M, N, K, HALF_K, CP4,
-                                BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr,
-                                FUSE_A: gl.constexpr):
+@gluon.jit(do_not_specialize=["M"])  # in masks and the raster only: one compiled variant for every M
+def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
+                                NS: gl.constexpr, GROUP_M: gl.constexpr):
     """out_bf16 = bf16((A16 @ B16^T * 2^14) * alpha): a_desc / b_desc tensor descriptors of A16 [M, K] / B16 [N, K]
     fp16 (blocks [BM, 64] / [BN, 64], zero fill past the edges), alpha_ptr one float32, out_ptr [M, N] bf16.
-    FUSE_A: A is not predecoded: ap_ptr / asf_ptr are its packed bytes [M, K/2] and 128x4-swizzled scales (int32
-    words, CP4 a row block; HALF_K = K / 2 its row stride, an argument so that Triton sees its divisibility and
-    loads 16 bytes a thread), decoded by the producer partition (4 warps) into the ring (a_desc unused); else those
-    four are unused. Grid: at most one program per SM (any count gives the same bits)."""
-    if FUSE_A:
-        a_ring = gl.allocate_shared_memory(gl.float16, [NS, BM, BK], _a_smem_layout(BM))
-    else:
-        a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, BK], a_desc.layout)
+    Grid: at most one program per SM (any count gives the same bits)."""
+    a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, BK], a_desc.layout)
     b_ring = gl.allocate_shared_memory(b_desc.dtype, [NS, BN, BK], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
     for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=2 if FUSE_A else 1)
+        mbarrier.init(ready.index(j), count=1)
         mbarrier.init(empty.index(j), count=1)
     fence_async_shared()
     num_m = gl.cdiv(M, BM)
     num_n = gl.cdiv(N, BN)
     k_iters = gl.cdiv(K, BK)
-    if FUSE_A:
-        gl.warp_specialize([
-            (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM, BN, NS,
-                         GROUP_M)),
-            (_producer_fused_a, (ap_ptr, asf_ptr, b_desc, a_ring, b_ring, ready, empty, M, HALF_K, CP4, num_m, num_n,
-                                 k_iters, BM, BN, NS, GROUP_M)),
-        ], [4], [_FUSED_PRODUCER_REGS])
-    else:
-        gl.warp_specialize([
-            (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM, BN, NS,
-                         GROUP_M)),
-            (_producer, (a_desc, b_desc, a_ring, b_ring, ready, empty, num_m, num_n, k_iters, BM, BN, NS, GROUP_M)),
-        ], [1], [40])
+    gl.warp_specialize([
+        (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM, BN, NS,
+                     GROUP_M)),
+        (_producer, (a_desc, b_desc, a_ring, b_ring, ready, empty, num_m, num_n, k_iters, BM, BN, NS, GROUP_M)),
+    ], [1], [40])
 
 
 def gluon_operand_layouts(block_m: int, block_n: int):

@@ -83,7 +83,6 @@ class CompileKey:
     # producer warp, persistent; block_x x block_y = BM x BN on 8 warps, num_stages ring stages); the same bits
     f16_gemm: str = "triton"
     decode_pair: bool = False  # predecode: both operands decoded in one launch (the same bytes)
-    fuse_a: bool = False  # f16_gemm "gluon", block_x 128: A decoded inside the GEMM (producer warps), B predecoded
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -154,13 +153,12 @@ class CompileKey:
 
     @staticmethod
     def predecode_gluon(*, block_m: int = 128, block_n: int = 256, stages: int = 4,
-                        decode_pair: bool = True, fuse_a: bool = False) -> "CompileKey":
+                        decode_pair: bool = True) -> "CompileKey":
         """The predecode path with the Gluon fp16 GEMM (block_m x block_n tiles, 64-wide K stages, 8 warps and a
-        producer warp; fuse_a: A decoded by 4 producer warps in the GEMM, only B predecoded): the same output
-        bytes as the Triton GEMM's key for_shape gives at M >= 256."""
+        producer warp): the same output bytes as predecode_triton's key; for_shape's key from M 512."""
         return CompileKey(swap_ab=False, block_x=block_m, block_y=block_n, block_k=64, num_warps=8,
                           num_stages=stages, split=1, use_asm=True, predecode=True, f16_gemm="gluon",
-                          decode_pair=decode_pair and not fuse_a, fuse_a=fuse_a)
+                          decode_pair=decode_pair)
 
     @staticmethod
     def _wgmma(m: int, n: int, k: int, num_sms: int = _NUM_SMS_H200, *, warps: int = 4, reps: int = 1,
@@ -202,8 +200,6 @@ def _check_f16_gemm(key: CompileKey) -> None:
     """The predecode fp16 GEMM fields of `key`: one ValueError naming the first field the kernels cannot build."""
     if key.f16_gemm not in ("triton", "gluon"):
         raise ValueError(f"CompileKey.f16_gemm: {key.f16_gemm!r}, expected 'triton' or 'gluon'")
-    if key.fuse_a and key.f16_gemm != "gluon":
-        raise ValueError("CompileKey.fuse_a: A is decoded inside the Gluon fp16 GEMM only (f16_gemm 'gluon')")
     if key.f16_gemm == "triton":
         return
     for field, got, ok in (("predecode", key.predecode, (True,)), ("block_k", key.block_k, (64,)),
@@ -214,9 +210,6 @@ def _check_f16_gemm(key: CompileKey) -> None:
     if key.block_x == key.block_y == 256:
         raise ValueError("CompileKey.block_x: 256 x 256 tiles need 256 accumulator registers a math thread; "
                          "f16_gemm 'gluon' takes 128 x 128, 128 x 256 or 256 x 128")
-    if key.fuse_a and (key.block_x != 128 or key.decode_pair):
-        raise ValueError(f"CompileKey.fuse_a: needs block_x 128 and decode_pair off, got block_x {key.block_x}, "
-                         f"decode_pair {key.decode_pair}")
     ring = key.num_stages * ((key.block_x + key.block_y) * key.block_k * 2 + 16)  # fp16 tiles, ready / empty barriers
     if key.num_stages < 2 or ring > SMEM_BLOCK_MAX:
         raise ValueError(f"CompileKey.num_stages: {key.num_stages} stages of {key.block_x} x {key.block_y} fp16 tiles "
@@ -263,6 +256,8 @@ def _compile(key: CompileKey):
 
     _check_f16_gemm(key)
     if key.f16_gemm == "gluon":
+        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
         from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
 
         f16_layouts = gluon_operand_layouts(key.block_x, key.block_y)
@@ -280,24 +275,16 @@ def _compile(key: CompileKey):
         return a16, b16
 
     def f16_gemm(a16, b16, alpha_f32, out_bf16):
-        """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the key's fp16 GEMM (fuse_a: a16 is A's (packed,
-        swizzled scales), decoded in the GEMM)."""
+        """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the key's fp16 GEMM."""
         m, n = out_bf16.shape
         k = b16.shape[1]
         tiles = triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y)
         if key.f16_gemm == "gluon":  # host descriptors: kernel parameters, so a captured graph replays them
-            from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
+            a_desc = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0])
             b_desc = TensorDescriptor.from_tensor(b16, [key.block_y, 64], f16_layouts[1])
-            if key.fuse_a:  # a_desc unused
-                a_desc, (ap, asf) = b_desc, a16
-                asf, cp4 = asf.view(torch.int32), asf.shape[1] // 4
-            else:  # ap / asf unused
-                a_desc, ap, asf, cp4 = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0]), \
-                    out_bf16, out_bf16, 0
             gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
-                a_desc, b_desc, alpha_f32, out_bf16, ap, asf, m, n, k, k // 2, cp4, BM=key.block_x, BN=key.block_y,
-                NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a, num_warps=8)
+                a_desc, b_desc, alpha_f32, out_bf16, m, n, k, BM=key.block_x, BN=key.block_y, NS=key.num_stages,
+                GROUP_M=8, num_warps=8)
             return
         gemm_f16_alpha_kernel[(tiles,)](a16, b16, alpha_f32, out_bf16, m, n, k,
                                         BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k,
@@ -306,8 +293,6 @@ def _compile(key: CompileKey):
     def decode_operands(a_p, a_sf, b_p, b_sf):
         """The predecode path's step 1: (A16 [M, K], B16 [N, K]) fp16, one launch or two (key.decode_pair)."""
         m, n, k, cp4 = a_p.shape[0], b_p.shape[0], a_p.shape[1] * 2, a_sf.shape[1] // 4
-        if key.fuse_a:  # A decoded inside the GEMM
-            return (a_p, a_sf), decode_f16(b_p, b_sf, n, k, cp4)
         if key.decode_pair:
             return decode_pair(a_p, a_sf, m, b_p, b_sf, n, k, cp4)
         return decode_f16(a_p, a_sf, m, k, cp4), decode_f16(b_p, b_sf, n, k, cp4)

@@ -218,8 +218,7 @@ def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
 _F16_GEMM_VARIANTS = {"g128x256s4": dict(block_m=128, block_n=256, stages=4),
                       "g128x256s4-2dec": dict(block_m=128, block_n=256, stages=4, decode_pair=False),
                       "g128x256s3": dict(block_m=128, block_n=256, stages=3),
-                      "g256x128s4": dict(block_m=256, block_n=128, stages=4),
-                      "g128x256s4-fuseA": dict(block_m=128, block_n=256, stages=4, fuse_a=True)}
+                      "g256x128s4": dict(block_m=256, block_n=128, stages=4)}
 
 
 @pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
@@ -253,7 +252,7 @@ def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, m, n, k):
         parts = gemm_nvfp4._compile(key)
         a16, b16 = parts.decode_operands(a_p, a_sf, w_p, w_sf)
         gemm_times[name] = _time_graph([lambda parts=parts: parts.f16_gemm(a16, b16, alpha, y)] * 3)
-        decode_times["pair" if key.decode_pair else "B only" if key.fuse_a else "two"] = _time_graph(
+        decode_times["pair" if key.decode_pair else "two"] = _time_graph(
             [lambda parts=parts: parts.decode_operands(a_p, a_sf, w_p, w_sf)] * 3)
         del y, a16, b16
     row = {"M": m, "N": n, "K": k, "torch_bf16_us": t_bf16 * 1e6, "device": torch.cuda.get_device_name(),

@@ -22,9 +22,8 @@ from verify.tests._sass import (  # noqa: E402
 
 _SMEM_MAX = SMEM_BLOCK_MAX  # the H100's / H200's opt-in shared memory per block (227 KB)
 # the bench's variants (verify/tests/test_sm90_bench.py _F16_GEMM_VARIANTS) and a 128 x 128 tile
-_KEYS = [CompileKey.predecode_gluon(block_m=bm, block_n=bn, stages=ns, fuse_a=fuse)
-         for bm, bn, ns, fuse in ((128, 256, 4, False), (128, 256, 3, False), (256, 128, 4, False),
-                                  (128, 128, 5, False), (128, 256, 4, True), (128, 256, 3, True))]
+_KEYS = [CompileKey.predecode_gluon(block_m=bm, block_n=bn, stages=ns)
+         for bm, bn, ns in ((128, 256, 4), (128, 256, 3), (256, 128, 4), (128, 128, 5))]
 
 
 def _compile(key: CompileKey):
@@ -36,21 +35,17 @@ def _compile(key: CompileKey):
     la, lb = gluon_operand_layouts(key.block_x, key.block_y)
     sig = {"a_desc": f"tensordesc<fp16[{key.block_x}, 64],{la!r}>",
            "b_desc": f"tensordesc<fp16[{key.block_y}, 64],{lb!r}>",
-           "alpha_ptr": "*fp32", "out_ptr": "*bf16", "ap_ptr": "*u8" if key.fuse_a else "*bf16",
-           "asf_ptr": "*i32" if key.fuse_a else "*bf16", "M": "i32", "N": "i32", "K": "i32", "HALF_K": "i32",
-           "CP4": "i32"}
-    const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8, FUSE_A=key.fuse_a)
+           "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
+    const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8)
     sig.update({name: "constexpr" for name in const})
     index = gemm_f16_alpha_gluon_kernel.arg_names.index
     # torch allocations and the V4 shapes (N, K multiples of 16): what the launch specializes to
-    attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("alpha_ptr", "out_ptr", "ap_ptr", "asf_ptr", "N",
-                                                                    "K", "HALF_K")}
+    attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("alpha_ptr", "out_ptr", "N", "K")}
     src = GluonASTSource(gemm_f16_alpha_gluon_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
 
 
-@pytest.mark.parametrize("key", _KEYS, ids=lambda key: f"{key.block_x}x{key.block_y}-s{key.num_stages}"
-                         f"{'-fuse_a' if key.fuse_a else ''}")
+@pytest.mark.parametrize("key", _KEYS, ids=lambda key: f"{key.block_x}x{key.block_y}-s{key.num_stages}")
 def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
@@ -61,22 +56,13 @@ def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key,
     assert not re.search(r"\bHMMA\b", sass), f"{key}: an mma.sync (HMMA) in the SASS"
     hgmma = len(re.findall(r"\bHGMMA\b", sass))
     assert hgmma == 4 * key.block_x // 64 // 2, f"{key}: {hgmma} HGMMA (4 k16 steps x row tiles a warpgroup)"
-    # warp-specialized: 8 math warps + a producer warpgroup (one warp of it, or all 4 with fuse_a), registers moved
-    # to the math warps (fuse_a: the math warps drop to 192, the producer rises to 112), the producer's TMA loads
-    # the only ones (fuse_a: B's alone; A by 16-byte shared stores of the decoded block, after a barrier of the
-    # producer's 128 threads and a fence the ready barrier's second arrival)
+    # warp-specialized: 8 math warps + a producer warpgroup (one warp of it), registers moved to the math warps, the
+    # producer's two TMA loads the only ones
     assert ck.metadata.num_warps == 12, (key, ck.metadata.num_warps)
     moved = set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
     utmaldg = len(re.findall(r"\bUTMALDG\b", sass))
-    if key.fuse_a:
-        assert moved == {("inc", "240"), ("dec", "192"), ("dec", "24"), ("inc", "112")}, (key, moved)
-        assert utmaldg == 1, (key, utmaldg)
-        assert len(re.findall(r"\bSTS\.128\b", sass)) >= key.block_x * 64 * 2 // 128 // 16, key
-        assert re.findall(r"\bLDG\.E\.128\b", sass), key  # A's packed bytes, 16 a load (K % 32 == 0)
-        assert re.search(r"bar\.sync\s+\d+,\s*128\s*;", ptx) and "fence.proxy.async.shared::cta" in ptx, key
-    else:
-        assert ("inc", "240") in moved and ("inc", "40") in moved, (key, moved)
-        assert utmaldg == 2, (key, utmaldg)
+    assert ("inc", "240") in moved and ("inc", "40") in moved, (key, moved)
+    assert utmaldg == 2, (key, utmaldg)
     smem = ck.metadata.shared
     assert key.num_stages * (key.block_x + key.block_y) * 64 * 2 <= smem <= _SMEM_MAX, (key, smem)
     assert "STL" not in sass and "LDL" not in sass, key  # no local memory in any partition

@@ -356,10 +356,9 @@ def test_sm90_gemm_wgmma_key_refuses_k_not_multiple_of_128():
 # key explicit: every M gives the Triton kernel's bytes), more tiles than SMs with a ragged last wave
 _F16_GEMM_SHAPES = [(4096, 2048, 7168), (4096, 6144, 7168), (4096, 7168, 3072), (4096, 7168, 16384),
                     (300, 2050, 7184), (257, 130, 1040), (1, 200, 80), (33, 384, 48), (2000, 4100, 1024)]
-# both wgmma widths (64x256x16 and the Triton kernel's 64x128x16 twice), both decode launches, A decoded in the GEMM
+# both wgmma widths (64x256x16 and the Triton kernel's 64x128x16 twice), both decode launches
 _F16_GEMM_KEYS = [dict(block_m=128, block_n=256, stages=4), dict(block_m=256, block_n=128, stages=4),
-                  dict(block_m=128, block_n=256, stages=3, decode_pair=False),
-                  dict(block_m=128, block_n=256, stages=4, fuse_a=True)]
+                  dict(block_m=128, block_n=256, stages=3, decode_pair=False)]
 
 
 def _random_nvfp4(rows: int, k: int, seed: int):
@@ -392,17 +391,16 @@ def test_sm90_gemm_gluon_f16_gemm_same_bytes_as_triton(m, n, k, kw):
     assert_bits_equal(y, y_old, label=f"gluon f16 GEMM {kw} vs triton {m}x{n}x{k}")
 
 
-@pytest.mark.parametrize("m,n,k,fuse_a", [(4096, 2048, 7168, False), (300, 2050, 7184, False),
-                                           (300, 2050, 7184, True)], ids=lambda v: str(v))
+@pytest.mark.parametrize("m,n,k", [(4096, 2048, 7168), (300, 2050, 7184)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k, fuse_a):
+def test_sm90_gemm_gluon_f16_gemm_graph_replay_equals_eager(m, n, k):
     """The Gluon key captured into a CUDA graph (descriptors and decoded operands from the graph's pool), replayed
     on new activation bytes and a new alpha: the bytes of an eager launch on the same inputs."""
     from kernels.sm90 import gemm_nvfp4
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
-    key = CompileKey.predecode_gluon(fuse_a=fuse_a)
+    key = CompileKey.predecode_gluon()
     a_p, a_sf = _random_nvfp4(m, k, 61)
     b_p, b_sf = _random_nvfp4(n, k, 62)
     alpha = torch.tensor(1.0e-3, device="cuda")
@@ -438,21 +436,17 @@ def test_sm90_gemm_f16_gemm_key_rules_without_gpu():
             assert key == CompileKey.predecode_triton() and key.f16_gemm == "triton" and not key.decode_pair, key
         for m in (512, 4096, 65536):
             key = CompileKey.for_shape(m, n, k)
-            assert key == CompileKey.predecode_gluon() and key.decode_pair and not key.fuse_a, key
+            assert key == CompileKey.predecode_gluon() and key.decode_pair, key
         key = CompileKey.for_shape(4096, n, k, use_asm=False)
         assert key.predecode and key.f16_gemm == "triton" and not key.use_asm, key
     key = CompileKey.predecode_gluon()
     assert (key.predecode, key.f16_gemm, key.block_x, key.block_y, key.block_k, key.num_stages) == (
         True, "gluon", 128, 256, 64, 4)
-    assert CompileKey.predecode_gluon(fuse_a=True).fuse_a and not CompileKey.predecode_gluon(fuse_a=True).decode_pair
     # each refusal names the field (one line), before anything compiles
     for field, bad in (("f16_gemm", dict(f16_gemm="cublas")), ("predecode", dict(predecode=False)),
                        ("block_k", dict(block_k=128)), ("num_warps", dict(num_warps=4)), ("split", dict(split=2)),
                        ("block_x", dict(block_x=64)), ("block_y", dict(block_y=64)),
                        ("block_x", dict(block_x=256, block_y=256)),
-                       ("fuse_a", dict(fuse_a=True, block_x=256, block_y=128)),
-                       ("fuse_a", dict(fuse_a=True, decode_pair=True)),
-                       ("fuse_a", dict(fuse_a=True, f16_gemm="triton")),
                        ("num_stages", dict(num_stages=5)), ("num_stages", dict(num_stages=1))):
         with pytest.raises(ValueError, match=rf"^CompileKey\.{field}: [^\n]*$"):
             gemm_nvfp4._check_f16_gemm(dataclasses.replace(key, **bad))
