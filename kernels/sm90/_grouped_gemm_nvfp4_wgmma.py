@@ -202,6 +202,21 @@ def _pick(vec, idx, e):
 
 
 @gluon.jit
+def _launch_dependents():
+    """griddepcontrol.launch_dependents: the next kernel of the stream, when it was launched as a programmatic
+    dependent (PDL), may start once every program of this one has passed here. A no-op otherwise."""
+    gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [], dtype=gl.int32, is_pure=False,
+                              pack=1)
+
+
+@gluon.jit
+def _wait_for_previous_kernel():
+    """griddepcontrol.wait: blocks until the previous kernel of the stream has completed and its writes are
+    visible (a no-op when this kernel was launched normally)."""
+    gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _schedule(off_ptr, t, E, BT: gl.constexpr, E_P: gl.constexpr, SCHED: gl.constexpr):
     """Tile t -> (is_expert_tile, e, row0, cnt_e, off_e, pad_e, off_E, z): the Triton kernel's _schedule (the same
     integers), with two arrays kept (the inclusive tile and padded-row cumsums) and expert e's offsets reloaded."""
@@ -447,12 +462,21 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
     BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr,
-    FMAX: gl.constexpr,
+    FMAX: gl.constexpr, PDL: gl.constexpr,
 ):
     """The Triton kernel's contract (see its docstring and kernels.sm90.grouped_gemm_nvfp4), with the packed
     operands viewed as int16 halves: w_ptr [E, N, K/4] i16, x_ptr [Rcap, K/4] i16 (HW = K / 4 halves a row);
     wsf_ptr [E, NP, 4 * CP4] u8 (128x4 per expert), xsf_ptr the grouped 128x4 u8 buffer. Grid =
-    CompileKey.grid programs, N tile fastest."""
+    CompileKey.grid programs, N tile fastest.
+
+    PDL (WgmmaKey.pdl, launched as a programmatic dependent): the tile schedule (the offsets), the weight ring's
+    first three tiles and their scales run before griddepcontrol.wait, i.e. during the previous kernel's tail;
+    the activations, their scales and decode scales are read and every output is written after it. So the offsets
+    must have been complete when the previous kernel started: true for the MoE order (dispatch, quantize, L1, L2:
+    L2 is the dependent of L1, which was launched normally). Every program lets its own dependents launch at its
+    start (launch_dependents): they take only SM slots this grid leaves free, as all its programs are resident by
+    then."""
+    _launch_dependents()
     NT = gl.cdiv(N, BN)
     pid = gl.program_id(0)
     pid_n = pid % NT
@@ -481,6 +505,8 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         async_copy.wait_group(2)
         gl.thread_barrier()  # ring tile 0 in for every thread
         _store_scales(rings[1].load(S_CV), s16[0], 0, HW, S_CV, K_TAIL)
+        if PDL:  # the previous kernel's outputs (the activations) from here on
+            _wait_for_previous_kernel()
         xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, 0, HW, K_TAIL)
         xb[0].store(_decode_halves(xh, xse, xso, BT))
         fence_async_shared()
@@ -504,4 +530,6 @@ def grouped_gemm_nvfp4_wgmma_kernel(
         _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
                   N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)
     else:
+        if PDL:
+            _wait_for_previous_kernel()
         _zero_tile(z, off_end, pid_n, out_ptr, out2_ptr, N, RCAP, EPI_L, EPI, BN, BT)

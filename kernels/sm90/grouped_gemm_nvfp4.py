@@ -408,13 +408,13 @@ def _check(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32:
 
 
 def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | None, clamp: bool = False,
-         key: "CompileKey | WgmmaKey | None" = None) -> "CompileKey | WgmmaKey":
+         key: "CompileKey | WgmmaKey | None" = None, pdl: bool = False) -> "CompileKey | WgmmaKey":
     if key is not None:
         return key
     asm = (not _interpreting()) if use_asm is None else use_asm
     if (USE_WGMMA and asm and not _interpreting() and wgmma_serves(a_packed_u8.shape[0], w.num_experts)
             and a_packed_u8.data_ptr() % 2 == 0):  # (the register-fed kernel reads the activations as int16 halves)
-        return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp)
+        return WgmmaKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, clamp=clamp, pdl=pdl)
     return _large_token_variant(CompileKey.for_shape(epi, a_packed_u8.shape[0], w.num_experts, w.n, w.k, use_asm=asm,
                                                      clamp=clamp), epi, a_packed_u8.shape[0], w.num_experts, clamp, asm,
                                k_tail=w.k % 128 != 0)
@@ -422,8 +422,13 @@ def _key(epi: int, a_packed_u8: Tensor, w: Sm90GroupedWeight, use_asm: bool | No
 
 def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offsets_i32: Tensor,
                  w: Sm90GroupedWeight, *, out: Tensor | None = None, use_asm: bool | None = None,
-                 key: CompileKey | None = None) -> Tensor:
-    """bf16 [Rcap, N]: expert e's rows times alpha_e * W_e^T; capacity rows zero (see the module docstring)."""
+                 key: CompileKey | None = None, pdl: bool = False) -> Tensor:
+    """bf16 [Rcap, N]: expert e's rows times alpha_e * W_e^T; capacity rows zero (see the module docstring).
+
+    pdl: where the register-fed kernel serves the shape, launch it as a programmatic dependent of the kernel
+    before it in the stream (WgmmaKey.pdl): its tile schedule and weight prologue overlap that kernel's tail. Only
+    for a caller whose previous launch is the grouped L1 (or the unfused SwiGLU requant) and whose offsets were
+    complete before that launch: the MoE block's order (kernels.sm90.moe_block). The same bits either way."""
     _check(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w, gate_up=False)
     rcap = a_packed_u8.shape[0]
     if out is None:
@@ -434,7 +439,7 @@ def grouped_gemm(a_packed_u8: Tensor, a_sf_u8: Tensor, a_dec_f32: Tensor, offset
                          f"{getattr(out, 'dtype', type(out))} {tuple(getattr(out, 'shape', ()))}")
     if isinstance(a_sf_u8, Tensor) and a_sf_u8.dtype == torch.float8_e4m3fn:
         a_sf_u8 = a_sf_u8.view(torch.uint8)
-    _launcher(_key(EPI_PLAIN, a_packed_u8, w, use_asm, key=key))(
+    _launcher(_key(EPI_PLAIN, a_packed_u8, w, use_asm, key=key, pdl=pdl))(
         a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w, out, out, out, a_dec_f32, 0.0)
     return out
 
@@ -507,7 +512,10 @@ class WgmmaKey:
     of two >= 32 and >= E), clamp, and a register cap `max_registers` (0: the compiler's choice; else ptxas's
     maxrregcount: register allocation only, the same instructions and arithmetic, so the same bits: a cap of 96 on
     the BT 8 / 4-warp keys lets 5 CTAs share an SM instead of 4, what the T = 1 grid of 576 weight strips of the
-    fused L1 needs to run in one wave)."""
+    fused L1 needs to run in one wave). `pdl`: launched as a programmatic dependent of the previous kernel
+    (griddepcontrol: the schedule and the weight ring's prologue run during that kernel's tail, the activations are
+    read after its completion; launch control only, the same instructions on the data, so the same bits). Every key
+    lets its own dependents launch from its start."""
 
     epi: int
     block_t: int
@@ -515,6 +523,7 @@ class WgmmaKey:
     num_warps: int = 4
     clamp: bool = False
     max_registers: int = 0
+    pdl: bool = False
 
     def __post_init__(self):
         if self.epi not in (EPI_PLAIN, EPI_GATE_UP, EPI_SWIGLU_REQUANT):
@@ -535,7 +544,7 @@ class WgmmaKey:
         return 16 * self.num_warps
 
     @staticmethod
-    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False) -> "WgmmaKey":
+    def for_shape(epi: int, rcap: int, num_experts: int, *, clamp: bool = False, pdl: bool = False) -> "WgmmaKey":
         # BT 8 / 4 warps at every routed T: on an H100 (NOTES.md, "Session of 2026-12-07") BT 8 beat BT 16 / 8 warps
         # at T = 256 too (fused L1 4695 against 5422 us, L2 2387 against 2836: 4 rows per active expert, so the
         # 16-token tile was mostly empty); the bits do not depend on BT (the per-element MMA sequence is fixed by the
@@ -546,7 +555,7 @@ class WgmmaKey:
         # and not at T = 256 (4695 uncapped, 4742 at 96). BT 16 spills under such a cap (64 bytes at 96).
         cap = 96 if epi != EPI_PLAIN and rcap <= num_experts else 0
         return WgmmaKey(epi=epi, block_t=8, e_pad=max(32, 1 << (num_experts - 1).bit_length()), num_warps=4,
-                        clamp=clamp, max_registers=cap)
+                        clamp=clamp, max_registers=cap, pdl=pdl)
 
     def grid(self, rcap: int, num_experts: int, n: int) -> int:
         return _grid(rcap, num_experts, n, self.block_t, self.block_n)
@@ -585,8 +594,9 @@ def _compile_wgmma(key: WgmmaKey):
             hsf.shape[1] if hsf.dim() == 2 else 4,
             **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
-            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
-            num_warps=key.num_warps, **({"maxnreg": key.max_registers} if key.max_registers else {}))
+            E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, PDL=key.pdl,
+            num_warps=key.num_warps, launch_pdl=key.pdl,
+            **({"maxnreg": key.max_registers} if key.max_registers else {}))
 
     return run
 

@@ -36,6 +36,10 @@ __all__ = ["MoeRouter", "MoeExperts", "prepare_router", "prepare_moe_experts", "
 
 PLACEMENTS = ("after_w2", "before_w2")
 ACT_SCALES = ("dynamic", "static")
+# L2 launched as a programmatic dependent of the L1 launch before it (grouped_gemm's pdl: its schedule and weight
+# prologue overlap L1's tail where the register-fed kernel serves T; the same bits). Safe here: the offsets come
+# from dispatch, complete before L1 (launched normally) started.
+L2_PDL = True
 
 
 @dataclass(frozen=True)
@@ -154,6 +158,6 @@ def launch(x_bf16: Tensor, router: MoeRouter, experts: MoeExperts, *, swiglu_lim
         _, (h_packed, h_sf, h_dec) = swiglu_requant.launch(gate, up, d.offsets_i32, swiglu_limit=swiglu_limit,
                                                            row_weight_f32=row_w,
                                                            input_dec_scale_f32=s2 if static else None)
-    y_rows = gg.grouped_gemm(h_packed, h_sf, h_dec, d.offsets_i32, experts.w2)
+    y_rows = gg.grouped_gemm(h_packed, h_sf, h_dec, d.offsets_i32, experts.w2, pdl=L2_PDL)
     return moe_dispatch.combine(y_rows, d.row_of_pair_i32, None if before else weights.contiguous(), num_tokens=t,
                                 top_k=k, num_valid_tokens_i32=num_valid_tokens_i32)

@@ -1164,11 +1164,14 @@ def test_gpu_wgmma_expert_alone_equals_among_all():
     assert_bits_equal(alone.cpu(), among[lo:hi].cpu(), label="expert 3 alone vs among all (wgmma)")
 
 
+@pytest.mark.parametrize("pdl", [False, True], ids=["l2-normal", "l2-pdl"])
 @pytest.mark.gpu
 @pytest.mark.sm90
-def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
+def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel(pdl):
     """The register-fed kernel captured at capacity with one routing, replayed with others (zero-token experts, a
-    hot expert, fewer rows) and new values: every output byte equals an eager call, and the Triton kernel's."""
+    hot expert, fewer rows) and new values: every output byte equals an eager call, and the Triton kernel's.
+    l2-pdl: L2 launched as a programmatic dependent of the fused L1 right before it (WgmmaKey.pdl, as the MoE
+    block launches it): it reads the h_dec that L1 writes, so a read before L1 completed would show here."""
     gg = _gg()
     dev = _cuda()
     e, k, i, rcap = 8, 1024, 256, 64
@@ -1185,7 +1188,7 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
     def step(wgmma: bool):
         if wgmma:
             keys = (gg.WgmmaKey(epi=1, block_t=8, e_pad=32), gg.WgmmaKey(epi=2, block_t=8, e_pad=32, clamp=True),
-                    gg.WgmmaKey(epi=0, block_t=16, e_pad=32, num_warps=8))
+                    gg.WgmmaKey(epi=0, block_t=16, e_pad=32, num_warps=8, pdl=pdl))
         else:
             keys = (gg.CompileKey.for_shape(1, rcap, e, 2 * i, k),
                     gg.CompileKey.for_shape(2, rcap, e, 2 * i, k, clamp=True),
@@ -1194,7 +1197,10 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
         hp, hsf, hdec = gg.grouped_l1_swiglu_requant(packed, sf, dec, off, w13, swiglu_limit=10.0,
                                                      h_input_dec_scale_f32=s2, key=keys[1])
         y = gg.grouped_gemm(h_packed, h_sf_static, hdec, off, w2, key=keys[2])
-        return gate, up, hp, hsf, y
+        hp2, hsf2, hdec2 = gg.grouped_l1_swiglu_requant(packed, sf, dec, off, w13, swiglu_limit=10.0,
+                                                        h_input_dec_scale_f32=s2, key=keys[1])
+        y_h = gg.grouped_gemm(hp2, hsf2, hdec2, off, w2, key=keys[2])  # right after the L1 that writes its input
+        return gate, up, hp, hsf, y, y_h
 
     step(True)
     torch.cuda.synchronize()
@@ -1211,7 +1217,8 @@ def test_gpu_wgmma_cuda_graph_replay_equals_eager_and_the_triton_kernel():
         graph.replay()
         torch.cuda.synchronize()
         eager, triton_eager = step(True), step(False)
-        for name, got, want, ref in zip(("gate", "up", "h_packed", "h_sf", "l2"), outs, eager, triton_eager):
+        for name, got, want, ref in zip(("gate", "up", "h_packed", "h_sf", "l2", "l2 of the fused L1's h"), outs,
+                                        eager, triton_eager):
             assert_bits_equal(got.cpu(), want.cpu(), label=f"wgmma graph replay vs eager, {name}, counts {counts}")
             assert_bits_equal(got.cpu(), ref.cpu(),
                               label=f"wgmma graph replay vs Triton kernel, {name}, counts {counts}")

@@ -138,6 +138,7 @@ def _torch_grouped_moe(x, w13_bf16, w2_bf16, offs):
 
 def test_moe_grouped_gemm_bench():
     from kernels.sm90 import grouped_gemm_nvfp4 as gg
+    from kernels.sm90 import moe_block
 
     try:
         from kernels.sm90 import swiglu_requant
@@ -177,8 +178,19 @@ def test_moe_grouped_gemm_bench():
                 a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2), t=t)
             res["l1_gate_up_s"] = _time(lambda: gg.grouped_gemm_l1(a_packed, a_sf, a_dec, off, w13), t=t)
             res["l2_s"] = _time(lambda: gg.grouped_gemm(hp, hsf, hdec, off, w2), t=t)
+            # L2 as the MoE block launches it (kernels.sm90.moe_block: a programmatic dependent of L1 where the
+            # register-fed kernel serves T), and launched normally beside it: the same bits, asserted
             res["ours_fused_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
+                a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2), off, w2,
+                pdl=moe_block.L2_PDL), t=t)
+            res["ours_fused_no_pdl_s"] = _time(lambda: gg.grouped_gemm(*gg.grouped_l1_swiglu_requant(
                 a_packed, a_sf, a_dec, off, w13, swiglu_limit=10.0, h_input_dec_scale_f32=s2), off, w2), t=t)
+            y_pdl = gg.grouped_gemm(hp, hsf, hdec, off, w2, pdl=True)
+            res["pdl_bits_equal"] = torch.equal(y_pdl, gg.grouped_gemm(hp, hsf, hdec, off, w2))
+            del y_pdl
+            print(f"T={t:6d} L1f+L2: L2 pdl={moe_block.L2_PDL} {res['ours_fused_s'] * 1e6:9.1f} us, L2 launched "
+                  f"normally {res['ours_fused_no_pdl_s'] * 1e6:9.1f} us; bits equal {res['pdl_bits_equal']}",
+                  flush=True)
             if swiglu_requant is not None:
                 def unfused():
                     gate, up = gg.grouped_gemm_l1(a_packed, a_sf, a_dec, off, w13)

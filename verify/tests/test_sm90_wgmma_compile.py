@@ -110,7 +110,7 @@ def _grouped_compile(key, n: int, k: int):
     sig = dict(_GSIG, out_ptr={0: "*bf16", 1: "*fp32", 2: "*u8"}[key.epi])
     const = dict(grouped_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad), K_ITERS=-(-k // 128),
                  K_TAIL=k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
-                 CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX)
+                 CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, PDL=key.pdl)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     attrs = {(i,): [["tt.divisibility", 16]] for i in range(11)}  # pointers: torch allocations are aligned
