@@ -19,6 +19,8 @@ Presets:
   v4-pro-layer  layer 3 of DeepSeek-V4-Pro at full size (hidden 7168, 384 experts x 3072), with
                 the indexer's FP8 wq_b (64 x 128 index heads: V3.2's, assumed), generated on the
                 GPU; never committed.
+  v4-pro-layer-nvfp4  the same layer with attention, indexer and shared expert in NVFP4 (an
+                all-NVFP4 export): dense NVFP4 linears at full size; GPU only, never committed.
 
 Generation is bit-reproducible everywhere: one seeded verify.rng.CounterRng (integer hashing,
 then correctly rounded float ops only; log-normal gains from a table of correctly rounded
@@ -114,6 +116,10 @@ PRESETS: dict[str, FixturePreset] = {
                              (0, 1, 2, 3), seed=20240303),
     "v4-pro-layer": FixturePreset("v4-pro-layer", "deepseek_v4", _V4_PRO, {3: "fp8"}, (3,), seed=61,
                                   with_globals=False, experts_per_shard=64, with_indexer=True),
+    # the same layer with attention, indexer and shared expert in NVFP4 (an all-NVFP4 export): dense NVFP4 linears
+    # at full size (K 1536 .. 16384), where a backend whose summation order depends on M shows it in the batch check
+    "v4-pro-layer-nvfp4": FixturePreset("v4-pro-layer-nvfp4", "deepseek_v4", _V4_PRO, {3: "nvfp4"}, (3,), seed=61,
+                                        with_globals=False, experts_per_shard=64, with_indexer=True),
 }
 
 
@@ -492,7 +498,7 @@ def add_fixture_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="Directory to write the checkpoint into.")
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="Which fixture. Default: %(default)r.")
     parser.add_argument("--device", default="auto",
-                        help="Where to generate: cpu, cuda, or auto (cuda for v4-pro-layer, else cpu). "
+                        help="Where to generate: cpu, cuda, or auto (cuda for the v4-pro-layer presets, else cpu). "
                              "Default: %(default)r.")
     parser.add_argument("--seed", type=int, default=None, help="Override the preset's seed. Default: %(default)r.")
     parser.add_argument("--time-load", action="store_true", default=False,
@@ -505,7 +511,7 @@ def add_fixture_arguments(parser: argparse.ArgumentParser) -> None:
 def _resolve_device(arg: str, preset: str) -> str:
     if arg != "auto":
         return arg
-    return "cuda" if preset == "v4-pro-layer" and torch.cuda.is_available() else "cpu"
+    return "cuda" if preset.startswith("v4-pro-layer") and torch.cuda.is_available() else "cpu"
 
 
 def time_layer_load(directory: str | os.PathLike, layer: int, *, device: str, repeats: int = 2) -> list[dict]:

@@ -116,6 +116,22 @@ def test_v4_pro_layer_code_path_on_cpu_at_reduced_size(tmp_path):
     assert ck.config.num_layers == 61 and ck.config.n_routed_experts == 6
 
 
+def test_v4_pro_layer_nvfp4_preset_has_nvfp4_dense_linears_at_reduced_size(tmp_path):
+    """v4-pro-layer-nvfp4: the v4-pro-layer bytes path with attention, the indexer's wq_b and the shared expert in
+    NVFP4 (every other setting of the FP8 preset), checked at a small size."""
+    p = PRESETS["v4-pro-layer-nvfp4"]
+    assert dataclasses.replace(p, name="v4-pro-layer", formats={3: "fp8"}) == PRESETS["v4-pro-layer"]
+    small = dataclasses.replace(p, config=dict(p.config, hidden_size=256, n_routed_experts=6, moe_intermediate_size=128,
+                                               vocab_size=512, num_attention_heads=4, head_dim=64, q_lora_rank=128,
+                                               o_groups=2, o_lora_rank=64, index_n_heads=2), experts_per_shard=2)
+    make_checkpoint(tmp_path / "pro", small)
+    lw = Checkpoint.open(tmp_path / "pro").load_layer(3)
+    dense = dict(lw.attention) | {f"shared.{r}": getattr(lw.shared_experts, r) for r in ("w1", "w2", "w3")}
+    assert len(dense) >= 8 and all(isinstance(lin, Nvfp4Linear) for lin in dense.values()), \
+        {n: type(lin).__name__ for n, lin in dense.items()}
+    assert isinstance(lw.experts.w1, Nvfp4Linear)
+
+
 def test_full_size_preset_matches_deepseek_v4_pro():
     c = PRESETS["v4-pro-layer"].config
     assert (c["hidden_size"], c["n_routed_experts"], c["moe_intermediate_size"], c["num_experts_per_tok"]) == \

@@ -43,7 +43,7 @@ from verify.backends.base import Backend, declared_fp8_accumulator
 from verify.backends.protocol import Fp8QuantizedAct, QuantizedAct
 from verify.metrics import stage_metrics
 from verify.reference_layer import to_reference_weight
-from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, Subset
+from verify.verdicts.checks import Batch, Judge, Outputs, Padding, Replay, Skipped, row_batch
 from verify.verdicts.context import JudgeContext
 from verify.verdicts.model import LayerCase
 from verify.verdicts.judges.mode import ModeCase, candidate_bound, declared_mode, mode, mode_ratio
@@ -222,12 +222,7 @@ class DenseOutputs(Outputs):
         def run(xx: Tensor) -> Tensor:
             return self.backend.dense_linear(xx, w, input_dec_scale_f32=scale)
 
-        m = x.shape[0]
-        rows = [r % m for r in (0, -1)]
-        return Batch(lambda: run(x), tuple(
-            Subset(f"{self.stage.name} row {r} alone vs in a batch of {m}", lambda r=r: run(x[r:r + 1].contiguous()),
-                   lambda full, r=r: full[r:r + 1]) for r in rows),
-            f"rows {sorted(set(rows))} alone are bit-equal to the batch of {m}")
+        return row_batch(self.stage.name, x, run)
 
     def padding(self) -> Padding:
         if not self.nvfp4:

@@ -29,7 +29,7 @@ from references.stages import Check, Op, Stage
 from verify.backends.base import Backend
 from verify.backends.emulator import fp8_act_scale_fmt
 from verify.reference_layer import to_reference_weight
-from verify.verdicts.checks import Batch, Judge, Replay, Subset
+from verify.verdicts.checks import Batch, Judge, Replay, row_batch
 from verify.verdicts.context import JudgeContext
 from verify.metrics import stage_metrics
 from verify.verdicts.judges.dense import (DenseOutputs, _accumulator_words, _batch_static_scale, _fp8_scale_rules,
@@ -108,12 +108,7 @@ class GroupedDenseOutputs(DenseOutputs):
     def batch(self, metrics: dict) -> Batch:
         x = self.x
         scale = self.scale if self.scale is not None or not self.nvfp4 else _batch_static_scale(x)
-        m = x.shape[0]
-        rows = sorted({r % m for r in (0, -1)})
-        subsets = tuple(Subset(f"{self.stage.name} row {r} alone vs in a batch of {m}",
-                               lambda r=r: self._run(x[r:r + 1].contiguous(), scale), lambda full, r=r: full[r:r + 1])
-                        for r in rows)
-        return Batch(lambda: self._run(x, scale), subsets, f"rows {rows} alone are bit-equal to the batch of {m}")
+        return row_batch(self.stage.name, x, lambda xx: self._run(xx, scale))
 
     def padding(self):
         raise TypeError("grouped_dense_linear: no NVFP4 boundary activation (check padding)")
