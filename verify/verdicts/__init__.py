@@ -42,7 +42,8 @@ Checks (references.stages.Check; DESIGN "Verdicts"):
   exact     dispatch: rows, slots and offsets identical;
   interval  moe.l1_fused (static runs): each scale byte and code one that some h inside the L1
             bound gives (the interval rule);
-  batch     a token's output bits do not depend on the other tokens (its row alone vs in the batch;
+  batch     a token's output bits do not depend on the other tokens or on M (dense linears: the end rows
+            alone and the first 2, 3, 4, 8 .. 256 rows as batches of their own vs in the batch, checks.row_batch;
             grouped GEMMs: one expert's rows alone);
   padding   0xFF, then 0x7F in the activations' scale padding change no output bit;
   valid     moe.block with a valid-token count n below capacity and garbage (NaN, Inf, huge) past it: rows
