@@ -247,6 +247,8 @@ class Bugged:
         if self.bug == "row-depends-on-the-batch" and x_bf16.shape[0] > 1:  # a split-K chosen by M: row 0 moves
             y = y.clone()
             y[0] = (y[0].float() * (1 + 2.0**-6)).to(y.dtype)
+        if self.bug == "path-of-a-middle-batch-size" and 3 <= x_bf16.shape[0] <= 8:  # last bit of every output
+            y = (y.view(torch.int16) ^ 1).view(y.dtype)
         return y
 
     def _dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):

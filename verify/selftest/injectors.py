@@ -127,6 +127,9 @@ INJECTORS: tuple[Injector, ...] = (
              _ops(Op.GROUPED_GEMM)),
     Injector("row-depends-on-the-batch", "GPU kernel: a split chosen by M (row 0's bits depend on the batch)",
              _ops(*_DENSE), act="dynamic", blind=_BYTES),
+    Injector("path-of-a-middle-batch-size", "GPU kernel: another path (K split) for 3 <= M <= 8, one bf16 ulp off "
+             "there; a row alone and the whole batch are right (the sm90 dense NVFP4 GEMM's defect class)",
+             _ops(*_DENSE), checks=("batch",)),
     Injector("stage-output-scaled-x2", "a scale factor x2 on one stage (cosine 1: the bound / norm ratio sees it)",
              _ops(Op.COMBINE)),
 )

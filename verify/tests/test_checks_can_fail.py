@@ -110,6 +110,20 @@ class BatchVariant(EmulatorBackend):
         return y
 
 
+class MidBatchVariant(EmulatorBackend):
+    """A dense linear with a third path for 3 <= M <= 16 (another K split), one bf16 ulp off there: a row alone and
+    the whole batch are right, so only a batch of a middle size shows it (the sm90 dense NVFP4 GEMM's defect class,
+    kernels/sm90/NOTES.md session 10)."""
+
+    name = "mid-batch-variant"
+
+    def dense_linear(self, x_bf16, w, *, input_dec_scale_f32=None):
+        y = super().dense_linear(x_bf16, w, input_dec_scale_f32=input_dec_scale_f32)
+        if 3 <= x_bf16.shape[0] <= 16:
+            y = (y.view(torch.int16) ^ 1).view(y.dtype)
+        return y
+
+
 class GemmRowOff(EmulatorBackend):
     """A dense GEMM on the NVFP4 boundary with row 0 3 % off; its one-call dense_linear is right (the bound must
     judge the path it names, not the other one)."""
@@ -384,6 +398,9 @@ ROWS = [
          lambda mp: mp.setattr(checks_mod, "assert_bits_equal",
                                lambda got, expected, *, label: assertions_mod.assert_bits_equal(got, got, label=label)),
          lambda ck, tmp: _fails(ck, BatchVariant(), 0, "static", "attn.wq_a", "batch")),
+    _row("batch-compares-fewer-batch-sizes:end-rows-alone-only",
+         lambda mp: mp.setattr(checks_mod, "ROW_BATCH_SIZES", ()),
+         lambda ck, tmp: _fails(ck, MidBatchVariant(), 0, "static", "attn.wq_a", "batch")),
     _row("padding-skips-a-step-of-its-series:0x7F",
          lambda mp: mp.setattr(checks_mod, "PADDING_BYTES", (0xFF,)),
          lambda ck, tmp: _fails(ck, NanSentinelPadding(), 3, "static", "moe.l1", "padding")),
