@@ -425,15 +425,11 @@ def gemv_nvfp4_kernel(
 
 @triton.jit
 def decode_nvfp4_to_f16_mma_order_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
-                                         BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr,
-                                         LAUNCH_DEPENDENTS: tl.constexpr = False):
+                                         BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr):
     """Step 1 of the Gluon wgmma path with X_F16: the activations [R, K] (K % 128 == 0) -> fp16
     [R, K] of e2m1 * e4m3 block scale * 2^-7 (exact), each 128-element K tile stored in the
     kernel's logical MMA order: natural k = 32c + 16i + 8e + r goes to 16r + 8i + 2c + e (see
-    _gemm_nvfp4_wgmma), so the B tile is a plain K-major copy. LAUNCH_DEPENDENTS (GPU only): every
-    program lets the GEMM launched after it as a programmatic dependent start (griddepcontrol)."""
-    if LAUNCH_DEPENDENTS:
-        tl.extra.cuda.gdc_launch_dependents()
+    _gemm_nvfp4_wgmma), so the B tile is a plain K-major copy."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * 128
     lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, 128, USE_ASM)

@@ -132,23 +132,6 @@ def _issue(w_smem, s_smem, x_smem, stage, w_base, s_base, x_base, kt, it1, X_F16
 
 
 @gluon.jit
-def _issue_w(w_smem, s_smem, stage, w_base, s_base, kt, it1):
-    """_issue's weight part alone (raw weight words and their scale bytes of K tile kt), one commit group."""
-    if kt < it1:
-        async_copy.async_copy_global_to_shared(w_smem.index(stage), w_base + kt * 16)
-        async_copy.async_copy_global_to_shared(s_smem.index(stage), s_base + kt * 2 * 512)
-    async_copy.commit_group()
-
-
-@gluon.jit
-def _issue_x(x_smem, stage, x_base, kt, it1):
-    """_issue's fp16 activation tile alone, one commit group."""
-    if kt < it1:
-        async_copy.async_copy_global_to_shared(x_smem.index(stage), x_base + kt * 128)
-    async_copy.commit_group()
-
-
-@gluon.jit
 def _load_x(xp_ptr, xsf_ptr, xoff, xsoff, kt):
     """Packed activation words [BT, 4, 2, 2] and scale bytes [BT, 4, 2] of K tile kt."""
     return gl.load(xp_ptr + xoff + kt * 16), gl.load(xsf_ptr + xsoff + kt * 2 * 512)
@@ -161,16 +144,12 @@ def gemm_nvfp4_wgmma_kernel(
     W_RD: gl.constexpr, S_RD: gl.constexpr, W_SPLIT: gl.constexpr, X_SPLIT: gl.constexpr,
     W_CP: gl.constexpr, S_CP: gl.constexpr, X_CP: gl.constexpr, RING_SH: gl.constexpr, X_SH: gl.constexpr,
     MMA: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, NS: gl.constexpr, SPLIT: gl.constexpr,
-    X_F16: gl.constexpr, PDL: gl.constexpr = False,
+    X_F16: gl.constexpr,
 ):
     """out[t, n] = bf16(alpha * sum_k W[n, k] X[t, k]) for a [BN, BT] tile. w_ptr / xp_ptr: packed E2M1
     [N, K/2] / [M, K/2] viewed as int32 (KW = K / 8 words a row); wsf_ptr / xsf_ptr: their 128x4-swizzled
     E4M3 scale bytes (CP4 = K / 64 column groups); K % 128 == 0. Grid (cdiv(N, BN), cdiv(M, BT), SPLIT);
-    SPLIT > 1 needs ws_ptr (fp32 [SPLIT, M, N]) and ctr_ptr (int32, one zero per output tile).
-    PDL (with X_F16; launched as a programmatic dependent of the activation decode): the weight ring's prologue
-    is copied before griddepcontrol.wait, during the decode; the fp16 activations, the partials, the tickets and
-    the output after it. Its groups: NS - 1 weight groups, then NS - 1 activation groups, then one whole stage a
-    tile, so wait_group(NS - 2) at tile i still finds the weights and activations of tile i complete."""
+    SPLIT > 1 needs ws_ptr (fp32 [SPLIT, M, N]) and ctr_ptr (int32, one zero per output tile)."""
     pid_n = gl.program_id(0)
     pid_m = gl.program_id(1)
     pid_s = gl.program_id(2)
@@ -210,15 +189,8 @@ def gemm_nvfp4_wgmma_kernel(
             + ((xblk // 4) * 512 + xblk % 4)[None, :, :]
         x_base = w_base  # unused
         x_smem = gl.allocate_shared_memory(gl.float16, [2, BT, 128], X_SH)  # B tiles it and it + 1
-    if PDL and X_F16:  # weights of tiles it0 .. it0 + NS - 2 first; the activations once the decode has finished
-        for j in gl.static_range(NS - 1):
-            _issue_w(w_smem, s_smem, j, w_base, s_base, it0 + j, it1)
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32, is_pure=False, pack=1)
-        for j in gl.static_range(NS - 1):
-            _issue_x(x_smem, j, x_base, it0 + j, it1)
-    else:
-        for j in gl.static_range(NS - 1):  # prologue: tiles it0 .. it0 + NS - 2
-            _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, it0 + j, it1, X_F16)
+    for j in gl.static_range(NS - 1):  # prologue: tiles it0 .. it0 + NS - 2
+        _issue(w_smem, s_smem, x_smem, j, w_base, s_base, x_base, it0 + j, it1, X_F16)
     if not X_F16:  # (an empty split, it0 >= it1, loads the last tile and adds nothing)
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0, it1 - 1))
         x_smem.index(0).store(_decode_tile(xw, xs, BT))

@@ -49,8 +49,6 @@ _GLUON_F16_MIN_M = 512  # the Gluon fp16 GEMM measured faster at M 512 .. 4096 (
 _GEMV_MAX_M = 2  # H200: M = 4 ran 2.2-2.4x the M = 1 time, slower than the MMA path from M = 3
 _DECODE_TILE = (64, 256)
 _WGMMA_MAX_M = 64
-# the act_f16 wgmma keys launch the GEMM as a programmatic dependent of the activation decode (CompileKey.pdl)
-WGMMA_PDL = True
 
 
 def _split_k(tiles: int, k_iters: int, ctas: int, max_split: int | None = None) -> int:
@@ -85,9 +83,6 @@ class CompileKey:
     # producer warp, persistent; block_x x block_y = BM x BN on 8 warps, num_stages ring stages); the same bits
     f16_gemm: str = "triton"
     decode_pair: bool = False  # predecode: both operands decoded in one launch (the same bytes)
-    # wgmma with act_f16: the GEMM launched as a programmatic dependent of the activation decode (griddepcontrol:
-    # its weight prologue overlaps the decode; launch control only, the same bits)
-    pdl: bool = False
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, num_sms: int = _NUM_SMS_H200, use_asm: bool = True,
@@ -178,7 +173,7 @@ class CompileKey:
         tiles = -(-n // bn) * -(-m // bt)
         split = _split_k(tiles, k // 128, per_sm * num_sms, max_split)
         return CompileKey(swap_ab=True, block_x=bn, block_y=bt, block_k=128, num_warps=warps, num_stages=stages,
-                          split=split, use_asm=True, act_f16=act_f16, wgmma=reps, pdl=act_f16 and WGMMA_PDL)
+                          split=split, use_asm=True, act_f16=act_f16, wgmma=reps)
 
     @staticmethod
     def _gemv(m: int, n: int, k: int, num_sms: int, ctas_per_sm: int | None,
@@ -314,8 +309,7 @@ def _compile(key: CompileKey):
         cp4 = a_sf_u8.shape[1] // 4
         if key.wgmma:
             # weight decode + wgmma + split-K reduce (in-kernel tickets) in one kernel, after the
-            # activation decode kernel when act_f16 (pdl: as its programmatic dependent)
-            pdl = key.pdl and key.act_f16
+            # activation decode kernel when act_f16
             if k % 128:
                 raise ValueError(f"gemm_nvfp4: the wgmma key {key} needs K % 128 == 0, got K = {k}")
             k_iters = k // 128
@@ -328,12 +322,12 @@ def _compile(key: CompileKey):
                 x = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
                 decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
                     a_packed_u8, a_sf_u8.view(torch.int32), x, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True,
-                    LAUNCH_DEPENDENTS=pdl, num_warps=4)
+                    num_warps=4)
             gemm_nvfp4_wgmma_kernel[grid](
                 b_packed_u8.view(torch.int32), b_sf_u8, x, a_sf_u8, alpha_f32, out_bf16,
                 ws, ctr, n, m, k // 8, cp4, k_iters, per, **wg_layouts,
                 BN=key.block_x, BT=key.block_y, NS=key.num_stages, SPLIT=key.split, X_F16=key.act_f16,
-                PDL=pdl, num_warps=key.num_warps, launch_pdl=pdl)
+                num_warps=key.num_warps)
             return
         if key.gemv_tokens:
             # CUDA-core path (M <= 4): fp16x2 block dot products, fp32 accumulation
