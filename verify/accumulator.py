@@ -14,7 +14,7 @@ reaches p (round to nearest: a term of half an ulp ties to even and is lost; tru
 too): the largest gap whose column comes out exact gives the effective bits p_eff = t + 1. A
 second set of columns puts small terms of 0.75 ulp at the measured width: round-to-nearest keeps
 each (rounded up to an ulp), truncation drops them. Each path is probed with its own token count
-(M selects the kernel path on sm90: GEMV, swap-AB wgmma, fp16 GEMM), K = 1024.
+(M selects the kernel on sm90: the register-fed wgmma kernel or the fp16 GEMM), K = 1024 or 8192.
 
 FP8 block-scaled paths (section "FP8 block-scaled paths" below: probe_fp8_accumulator,
 check_declared_fp8_accumulator): through the backend's own FP8 dense_linear, the narrow accumulator's
@@ -48,19 +48,20 @@ K = 1024
 BLOCKS = K // 16
 GAPS = tuple(range(4, 39))  # t = 20 + b - s, b in [-8, 8], s in [-10, 8]: the big term's exponent over the small's
 # path -> (M, N, K): the shape selects the kernel variant (sm90 routing, kernels/sm90/gemm_nvfp4.py for_shape:
-# M <= 2 GEMV (one-warp CTAs when N > 2048; split-K when K is long), 3 <= M <= 32 Gluon wgmma with in-kernel
-# split-K, M = 64 Triton swap-AB with split-K, 65 <= M < 256 Triton 128x128 with split-K, M >= 256 the fp16
-# GEMM on predecoded weights: Triton at M < 512, the Gluon persistent kernel from 512). N counts columns (gap
-# columns first, zero weights after); a plain int is M.
+# every M sums an output in chunk_plan(N, K)'s chunks, M < 256 by the register-fed wgmma kernel (a chunk a CTA, the
+# chunk sums added by the tile's last CTA; activations decoded in-kernel at M <= 2, once per GEMM above 16), M >= 256
+# by the Gluon fp16 GEMM on predecoded operands with a chunk and a total accumulator). The same summation at every M,
+# so the readings should agree; each kernel is probed all the same. N counts columns (gap columns first, zero weights
+# after); a plain int is M.
 PROBE_PATHS = {
-    "M=1 (GEMV)": (1, 0, K),
-    "M=1, N=4096 (one-warp GEMV)": (1, 4096, K),
-    "M=1, K=8192 (GEMV, split-K)": (1, 0, 8192),
-    "M=16 (wgmma, split-K)": (16, 0, K),
-    "M=64 (Triton swap-AB, split-K)": (64, 0, K),
-    "M=128 (Triton 128x128, split-K)": (128, 0, K),
-    "M=256 (Triton fp16 GEMM)": (256, 0, K),
-    "M=512 (Gluon fp16 GEMM)": (512, 0, K),
+    "M=1 (wgmma, a chunk a CTA)": (1, 0, K),
+    "M=1, N=4096 (wgmma, 6 CTAs an SM)": (1, 4096, K),
+    "M=1, K=8192 (wgmma, 32 chunks)": (1, 0, 8192),
+    "M=16 (wgmma)": (16, 0, K),
+    "M=64 (wgmma, activations decoded once)": (64, 0, K),
+    "M=128 (wgmma, two token tiles)": (128, 0, K),
+    "M=256 (Gluon fp16 GEMM, chunked)": (256, 0, K),
+    "M=512, K=8192 (Gluon fp16 GEMM, 32 chunks)": (512, 0, 8192),
 }
 # grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
 # columns padded to 128, K = 1024); the sm90 routing (kernels/sm90/grouped_gemm_nvfp4.py) takes the register-fed

@@ -9,19 +9,16 @@ top of each half; the masks keep the halves apart. Plain strings: no triton impo
 
 from __future__ import annotations
 
-__all__ = ["nibble_to_f16x2", "bytes_to_f16x2_ptx", "block_to_f16x2_ptx", "word_pair_to_f16x2_ptx"]
+__all__ = ["nibble_to_f16x2", "bytes_to_f16x2_ptx", "word_pair_to_f16x2_ptx"]
 
 _SHIFTS = (0, 4, 8, 12)
 
 
-def nibble_to_f16x2(src: str, shift: int, dst: str, *, times: str | None = None) -> str:
-    """One fp16x2 of e2m1 * 2^-14 from the nibble at bits (12 - shift).. of each half of `src`
-    (optionally times the fp16x2 register `times`, exact for powers of two). Uses q, t, u."""
+def nibble_to_f16x2(src: str, shift: int, dst: str) -> str:
+    """One fp16x2 of e2m1 * 2^-14 from the nibble at bits (12 - shift).. of each half of `src`. Uses q, t, u."""
     sign = f"and.b32 u, {src}, 0x80008000;" if shift == 0 else f"shl.b32 q, {src}, {shift}; and.b32 u, q, 0x80008000;"
     mag = f"shr.b32 t, {src}, 3;" if shift == 0 else f"shl.b32 t, {src}, {shift - 3};"
-    if times is None:
-        return f"{sign} {mag} and.b32 t, t, 0x0E000E00; or.b32 {dst}, u, t;"
-    return f"{sign} {mag} and.b32 t, t, 0x0E000E00; or.b32 t, u, t; mul.rn.f16x2 {dst}, t, {times};"
+    return f"{sign} {mag} and.b32 t, t, 0x0E000E00; or.b32 {dst}, u, t;"
 
 
 def _wrap(lines: list[str]) -> str:
@@ -34,19 +31,6 @@ def bytes_to_f16x2_ptx() -> str:
     return _wrap([".reg .b32 p, q, t, u;",
                   "prmt.b32 p, $4, 0, 0x1404;", nibble_to_f16x2("p", 4, "$0"), nibble_to_f16x2("p", 0, "$2"),
                   "prmt.b32 p, $4, 0, 0x3424;", nibble_to_f16x2("p", 4, "$1"), nibble_to_f16x2("p", 0, "$3")])
-
-
-def block_to_f16x2_ptx(*, times_2_14: bool = False) -> str:
-    """One 16-element block as an int64 ($8) -> 8 fp16x2 ($0..$7): the 32-bit half lo then hi, each
-    nibble shift 0, 4, 8, 12; times_2_14 multiplies by 2^14 (fp16 0x7400: values e2m1 * 1, exact)."""
-    lines = [".reg .b32 q, t, u, lo, hi, c;" if times_2_14 else ".reg .b32 q, t, u, lo, hi;"]
-    if times_2_14:
-        lines.append("mov.b32 c, 0x74007400;")
-    lines.append("mov.b64 {lo, hi}, $8;")
-    for h, src in enumerate(("lo", "hi")):
-        lines += [nibble_to_f16x2(src, s, f"${4 * h + j}", times="c" if times_2_14 else None)
-                  for j, s in enumerate(_SHIFTS)]
-    return _wrap(lines)
 
 
 def word_pair_to_f16x2_ptx() -> str:

@@ -82,34 +82,60 @@ def _store_tile(acc, alpha, out_ptr, m0, n0, M, N, BM: gl.constexpr, BN: gl.cons
 
 
 @gluon.jit
-def _consumer(a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM: gl.constexpr,
-              BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr):
+def _k_block(a_ring, b_ring, ready, empty, acc, c, kk, NS: gl.constexpr):
+    """K block kk of a tile (ring use c): its async wgmma into acc, one group left in flight, then the previous K
+    block's stage released (its wgmma is done; none at the tile's first block)."""
+    s = c % NS
+    mbarrier.wait(ready.index(s), (c // NS) & 1)
+    acc = warpgroup_mma(a_ring.index(s), b_ring.index(s).permute((1, 0)), acc, is_async=True)
+    acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_ring.index(s), b_ring.index(s)))
+    _release(empty, c + NS - 1, kk > 0, NS)
+    return acc
+
+
+@gluon.jit
+def _consumer(a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, chunk_iters,
+              BM: gl.constexpr, BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr, CHUNKED: gl.constexpr):
     """The math partition (the kernel's warps): per tile one accumulator chain over the K blocks in order (async
     wgmma, one group left in flight; the stage of the previous group released once it is done), then the
-    epilogue."""
+    epilogue. CHUNKED: the chain restarts from +0 every chunk_iters K blocks (a loop over chunks, each ending in a
+    full wgmma wait, so the fp32 add reads a finished accumulator); the chunk sums are added to the tile's total in
+    chunk order (the first chunk's sum is the total), the total is what the epilogue scales."""
     layout: gl.constexpr = acc_layout(BM, BN, gl.num_warps())
     alpha = gl.load(alpha_ptr)
     c = 0
     for tile in range(gl.program_id(0), num_m * num_n, gl.num_programs(0)):
         m0, n0 = _tile_origin(tile, num_m, num_n, BM, BN, GROUP_M)
-        acc = gl.zeros([BM, BN], gl.float32, layout=layout)
-        for kk in range(k_iters):
-            s = c % NS
-            mbarrier.wait(ready.index(s), (c // NS) & 1)
-            acc = warpgroup_mma(a_ring.index(s), b_ring.index(s).permute((1, 0)), acc, is_async=True)
-            acc, _, _ = warpgroup_mma_wait(num_outstanding=1, deps=(acc, a_ring.index(s), b_ring.index(s)))
-            _release(empty, c + NS - 1, kk > 0, NS)  # the previous K block's stage: its wgmma is done
-            c += 1
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        if CHUNKED:
+            total = gl.zeros([BM, BN], gl.float32, layout=layout)
+            for k0 in range(0, k_iters, chunk_iters):
+                acc = gl.zeros([BM, BN], gl.float32, layout=layout)
+                for kk in range(k0, gl.minimum(k0 + chunk_iters, k_iters)):
+                    acc = _k_block(a_ring, b_ring, ready, empty, acc, c, kk, NS)
+                    c += 1
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                if k0 == 0:
+                    total = acc
+                else:
+                    total = total + acc
+            acc = total
+        else:
+            acc = gl.zeros([BM, BN], gl.float32, layout=layout)
+            for kk in range(k_iters):
+                acc = _k_block(a_ring, b_ring, ready, empty, acc, c, kk, NS)
+                c += 1
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         _release(empty, c + NS - 1, True, NS)  # the tile's last stage
         _store_tile(acc, alpha, out_ptr, m0, n0, M, N, BM, BN, layout)
 
 
 @gluon.jit(do_not_specialize=["M"])  # in masks and the raster only: one compiled variant for every M
-def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, M, N, K, BM: gl.constexpr, BN: gl.constexpr,
-                                NS: gl.constexpr, GROUP_M: gl.constexpr):
+def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, M, N, K, chunk_iters, BM: gl.constexpr,
+                                BN: gl.constexpr, NS: gl.constexpr, GROUP_M: gl.constexpr, CHUNKED: gl.constexpr):
     """out_bf16 = bf16((A16 @ B16^T * 2^14) * alpha): a_desc / b_desc tensor descriptors of A16 [M, K] / B16 [N, K]
     fp16 (blocks [BM, 64] / [BN, 64], zero fill past the edges), alpha_ptr one float32, out_ptr [M, N] bf16.
+    CHUNKED: K cut into chunks of chunk_iters 64-wide blocks (the chain restarts at each, the chunk sums added in
+    order; kernels.sm90.gemm_nvfp4.chunk_plan), else one chain (chunk_iters unused).
     Grid: at most one program per SM (any count gives the same bits)."""
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, BK], a_desc.layout)
     b_ring = gl.allocate_shared_memory(b_desc.dtype, [NS, BN, BK], b_desc.layout)
@@ -123,8 +149,8 @@ def gemm_f16_alpha_gluon_kernel(a_desc, b_desc, alpha_ptr, out_ptr, M, N, K, BM:
     num_n = gl.cdiv(N, BN)
     k_iters = gl.cdiv(K, BK)
     gl.warp_specialize([
-        (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, BM, BN, NS,
-                     GROUP_M)),
+        (_consumer, (a_ring, b_ring, ready, empty, alpha_ptr, out_ptr, M, N, num_m, num_n, k_iters, chunk_iters,
+                     BM, BN, NS, GROUP_M, CHUNKED)),
         (_producer, (a_desc, b_desc, a_ring, b_ring, ready, empty, num_m, num_n, k_iters, BM, BN, NS, GROUP_M)),
     ], [1], [40])
 

@@ -117,7 +117,7 @@ def test_verify_layer_fails_a_run_whose_backend_claims_more_bits_than_kept(monke
                "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 1, text
-    assert "FAIL accumulator: sequential-16-truncation: declares u_acc = 2^-24 but its M=1 (GEMV) accumulator" in \
+    assert "FAIL accumulator: sequential-16-truncation: declares u_acc = 2^-24 but its M=1 (wgmma, a chunk a CTA) accumulator" in \
         " ".join(text.split()), text
     assert len(json.loads(out.read_text())["accumulator_findings"]) == len(PROBE_PATHS)
 

@@ -137,7 +137,7 @@ def test_the_probe_skips_the_paths_a_backend_does_not_serve(fake, monkeypatch):
     mod, _ = fake
     monkeypatch.setattr(hm, "_K_MULTIPLE", 2048)  # as if humming took K a multiple of 2048 only: K = 1024 refused
     readings = probe_accumulator(mod.CpuHumming(), "cpu")
-    assert [r.path for r in readings] == ["M=1, K=8192 (GEMV, split-K)"]
+    assert [r.path for r in readings] == ["M=1, K=8192 (wgmma, 32 chunks)", "M=512, K=8192 (Gluon fp16 GEMM, 32 chunks)"]
 
 
 def test_humming_refuses_k_it_cannot_repack_as_not_served(fake):
@@ -160,7 +160,7 @@ def test_accumulator_cli_measures_every_path_through_the_fake(fake):
     _, path = fake
     proc = _verify(["accumulator", "--backend", f"{BACKEND_MODULE}:CpuHumming", "--device", "cpu"], path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "M=1, K=8192 (GEMV, split-K)" in proc.stdout and "Traceback" not in proc.stderr
+    assert "M=1, K=8192 (wgmma, 32 chunks)" in proc.stdout and "Traceback" not in proc.stderr
 
 
 def test_a_crash_inside_humming_is_one_line_naming_the_backend_and_op(fake):

@@ -93,7 +93,7 @@ def test_sm90_bench_gemm(copy_bw, n, k, m):
     a_p, a_sf = _nvfp4_weight(m, k, 99)
     alpha = torch.tensor(1e-3, device="cuda")
     calls = max(copies, 8 if m <= 64 else 3)
-    key = gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=torch.cuda.get_device_properties(0).multi_processor_count)
+    key = gemm_nvfp4.CompileKey.for_shape(m, n, k)
     fns = [(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key)) for i in range(calls)]
     t = _time_graph(fns)
     del ws
@@ -112,77 +112,8 @@ def test_sm90_bench_gemm(copy_bw, n, k, m):
     _dump()
     print(f"\ngemm M={m:5d} N={n:5d} K={k:5d}: {t * 1e6:8.2f} us {flops / t / 1e12:7.1f} TFLOP/s "
           f"{w_bytes / t / 1e9:6.0f} GB/s(w)  bf16 {t_bf16 * 1e6:8.2f} us  x{t_bf16 / t:5.2f}  "
-          f"roofline {100 * roofline_t / t:5.1f}%  [{key.block_x}x{key.block_y}x{key.block_k} s{key.split}]")
-
-
-@pytest.mark.parametrize("m", [1, 64])
-@pytest.mark.parametrize("bx,by,bk,warps,stages,per_sm", [
-    (64, 16, 128, 4, 4, 4), (64, 16, 128, 4, 3, 6), (64, 16, 128, 4, 3, 8), (64, 16, 128, 4, 2, 8),
-    (64, 64, 128, 4, 4, 2), (64, 64, 128, 4, 3, 4), (64, 64, 64, 4, 4, 4)],
-    ids=lambda v: str(v))
-def test_sm90_bench_gemm_decode_configs(copy_bw, m, bx, by, bk, warps, stages, per_sm):
-    """Config exploration for decode sizes (weight-bandwidth bound) at N = 7168, K = 16384:
-    tile, pipeline depth and the split-K target of CTAs per SM."""
-    from kernels.sm90 import gemm_nvfp4
-
-    if (m <= 16) != (by == 16):
-        pytest.skip("tile is for the other M")
-    n, k = 7168, 16384
-    w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
-    copies = 3
-    ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
-    a_p, a_sf = _nvfp4_weight(m, k, 99)
-    alpha = torch.tensor(1e-3, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    k_iters = -(-k // bk)
-    want = min(-(-per_sm * sms // -(-n // bx)), k_iters)
-    per = -(-k_iters // want)
-    key = gemm_nvfp4.CompileKey(swap_ab=True, block_x=bx, block_y=by, block_k=bk, num_warps=warps,
-                                num_stages=stages, split=-(-k_iters // per), use_asm=True)
-    t = _time_graph([(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key))
-                     for i in range(6)])
-    print(f"\ndecode cfg M={m} {bx}x{by}x{bk} w{warps} st{stages} split{key.split}: {t * 1e6:8.2f} us "
-          f"{w_bytes / t / 1e9:6.0f} GB/s  roofline {100 * w_bytes / copy_bw / t:5.1f}%")
-
-
-@pytest.mark.parametrize("m", [1, 2])
-@pytest.mark.parametrize("block_n,block_kb,per_sm", [
-    (4, 256, 2), (8, 256, 2), (4, 128, 4), (8, 128, 4), (8, 64, 8), (4, 64, 8)], ids=lambda v: str(v))
-@pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
-def test_sm90_bench_gemv_configs(copy_bw, n, k, m, block_n, block_kb, per_sm):
-    """Config exploration for the CUDA-core path (M <= 2): rows per CTA, K words per trip
-    (= 64 x warps) and the split-K target of CTAs per SM."""
-    from kernels.sm90 import gemm_nvfp4
-
-    w_bytes = n * k // 2 + (n + 127) // 128 * 128 * ((k // 16 + 3) // 4 * 4)
-    copies = max(1, min(24, -(-3 * L2_BYTES // w_bytes)))
-    ws = [_nvfp4_weight(n, k, i) for i in range(copies)]
-    a_p, a_sf = _nvfp4_weight(m, k, 99)
-    alpha = torch.tensor(1e-3, device="cuda")
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
-    key = gemm_nvfp4.CompileKey._gemv(m, n, k, sms, per_sm, block_n=block_n, block_kb=block_kb)
-    t = _time_graph([(lambda w=ws[i % copies]: gemm_nvfp4.launch(a_p, a_sf, w[0], w[1], alpha, key=key))
-                     for i in range(max(copies, 8))])
-    print(f"\ngemv cfg M={m} N={n} K={k} bn{block_n} bkb{key.block_k // 16} w{key.num_warps} per_sm{per_sm} "
-          f"split{key.split}: {t * 1e6:8.2f} us {w_bytes / t / 1e9:6.0f} GB/s  "
-          f"roofline {100 * w_bytes / copy_bw / t:5.1f}%")
-
-
-@pytest.mark.parametrize("bm,bn,bk,warps,stages", [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4),
-                                                   (256, 128, 64, 8, 3), (128, 128, 128, 8, 3), (64, 256, 64, 8, 4)],
-                         ids=lambda v: str(v))
-def test_sm90_bench_gemm_large_m_tiles(copy_bw, bm, bn, bk, warps, stages):
-    """Tile exploration for M = 4096, N = 2048, K = 7168 (the predecode path's fp16 GEMM)."""
-    from kernels.sm90 import gemm_nvfp4
-
-    m, n, k = 4096, 2048, 7168
-    w_p, w_sf = _nvfp4_weight(n, k, 1)
-    a_p, a_sf = _nvfp4_weight(m, k, 99)
-    alpha = torch.tensor(1e-3, device="cuda")
-    key = gemm_nvfp4.CompileKey(swap_ab=False, block_x=bm, block_y=bn, block_k=bk, num_warps=warps,
-                                num_stages=stages, split=1, use_asm=True, predecode=True)
-    t = _time_graph([(lambda: gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key))] * 3)
-    print(f"\nlarge-M tile {bm}x{bn}x{bk} w{warps} st{stages}: {t * 1e6:8.2f} us {2 * m * n * k / t / 1e12:6.1f} TFLOP/s")
+          f"roofline {100 * roofline_t / t:5.1f}%  [{'predecode' if key.predecode else 'wgmma'} "
+          f"{key.block_x}x{key.block_y} split {key.split} chunk {key.chunk}]")
 
 
 @pytest.mark.parametrize("m", [3, 16, 32, 64])
@@ -190,13 +121,13 @@ def test_sm90_bench_gemm_large_m_tiles(copy_bw, bm, bn, bk, warps, stages):
 @pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
 def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
     """The Gluon wgmma path (split-K target p CTAs/SM, x1: activations decoded once per GEMM, x0: in
-    every CTA, r2: two 64-row tiles per warpgroup) against the for_shape key, same shapes and weight
-    rotation as test_sm90_bench_gemm."""
+    every CTA, r2: two 64-row tiles per warpgroup) against the for_shape key (the chunk plan), same shapes and weight
+    rotation as test_sm90_bench_gemm. Exploration only: an explicit split that depends on M is not batch invariant."""
     from kernels.sm90 import gemm_nvfp4
 
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     if cfg == "for_shape":
-        key = gemm_nvfp4.CompileKey.for_shape(m, n, k, num_sms=sms)
+        key = gemm_nvfp4.CompileKey.for_shape(m, n, k)
     else:
         reps = 2 if cfg.startswith("r2") else 1
         per_sm, act = cfg.removeprefix("r2").removeprefix("p").split("x")
@@ -214,38 +145,39 @@ def test_sm90_bench_gemm_wgmma_configs(copy_bw, n, k, m, cfg):
           f"roofline {100 * w_bytes / copy_bw / t:5.1f}%")
 
 
-# the predecode path's fp16 GEMM variants (M 512 .. 4096): name -> CompileKey.predecode_gluon arguments
-_F16_GEMM_VARIANTS = {"g128x256s4": dict(block_m=128, block_n=256, stages=4),
-                      "g128x256s4-2dec": dict(block_m=128, block_n=256, stages=4, decode_pair=False),
-                      "g128x256s3": dict(block_m=128, block_n=256, stages=3),
-                      "g256x128s4": dict(block_m=256, block_n=128, stages=4)}
+# the predecode path's fp16 GEMM variants (M 512 .. 4096): name -> CompileKey fields replaced in the
+# routed key (chunked 128 x 128 tiles: 4 stages routed, 5, two decode launches); "one-chain" is session 10's routed
+# key (128 x 256, one natural-order chain: other bits, the cost of batch invariance)
+_F16_GEMM_VARIANTS = {"chunked-s5": dict(num_stages=5), "chunked-2dec": dict(decode_pair=False),
+                      "one-chain": dict(block_y=256, chunk=0, mma_order=False)}
 
 
 @pytest.mark.parametrize("n,k", GEMM_NK, ids=lambda v: str(v))
 @pytest.mark.parametrize("m", [512, 1024, 2048, 4096])
 def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, m, n, k):
-    """M 512 .. 4096, one run: torch.matmul bf16, the predecode path with the Triton fp16 GEMM (predecode_triton,
-    for_shape's key below M 512) and with the Gluon fp16 GEMM (f16_gemm "gluon": _F16_GEMM_VARIANTS, g128x256s4 the
-    routed one), each the whole launch (decode included); every Gluon variant's output bytes must equal the Triton
-    path's (checked after the table line)."""
+    """M 512 .. 4096, one run: torch.matmul bf16, for_shape's predecode key ("routed") and _F16_GEMM_VARIANTS, each
+    the whole launch (decode included); the chunked variants' output bytes must equal the routed key's (checked
+    after the table line; "one-chain" sums in another order and is timed only)."""
+    import dataclasses
+
     from kernels.sm90 import gemm_nvfp4
 
     w_p, w_sf = _nvfp4_weight(n, k, 1)
     a_p, a_sf = _nvfp4_weight(m, k, 99)
     alpha = torch.tensor(1e-3, device="cuda")
-    keys = {"triton": gemm_nvfp4.CompileKey.predecode_triton()}
-    keys.update({name: gemm_nvfp4.CompileKey.predecode_gluon(**kw) for name, kw in _F16_GEMM_VARIANTS.items()})
-    assert keys["triton"].predecode and keys["triton"].f16_gemm == "triton", keys["triton"]
+    keys = {"routed": gemm_nvfp4.CompileKey.for_shape(m, n, k)}
+    assert keys["routed"].predecode and keys["routed"].chunk, keys["routed"]
+    keys.update({name: dataclasses.replace(keys["routed"], **kw) for name, kw in _F16_GEMM_VARIANTS.items()})
     xb = torch.randn(m, k, device="cuda").to(torch.bfloat16)
     wb = torch.randn(n, k, device="cuda").to(torch.bfloat16)
     t_bf16 = _time_graph([lambda: torch.matmul(xb, wb.T)] * 3)
     del xb, wb
     flops = 2 * m * n * k
     times, gemm_times, decode_times, mismatches = {}, {}, {}, []
-    ref = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=keys["triton"])
+    ref = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=keys["routed"])
     for name, key in keys.items():
         y = gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key)
-        if not torch.equal(y.view(torch.int16), ref.view(torch.int16)):
+        if key.chunk and not torch.equal(y.view(torch.int16), ref.view(torch.int16)):
             mismatches.append(f"{name}: {int((y.view(torch.int16) != ref.view(torch.int16)).sum())} elements differ")
         times[name] = _time_graph([(lambda key=key: gemm_nvfp4.launch(a_p, a_sf, w_p, w_sf, alpha, key=key))] * 3)
         # the two steps apart: the fp16 GEMM alone on decoded operands, the decode alone (one launch or two)
@@ -268,4 +200,4 @@ def test_sm90_bench_gemm_large_m_f16_gemm(copy_bw, m, n, k):
     print("    fp16 GEMM alone: " + "  ".join(f"{name} {t * 1e6:7.1f} us {flops / t / 1e12:4.0f} TFLOP/s"
                                             for name, t in gemm_times.items())
           + "  decode: " + "  ".join(f"{name} {t * 1e6:6.1f} us" for name, t in decode_times.items()))
-    assert not mismatches, f"M={m} N={n} K={k}: output bytes differ from the Triton path: {mismatches}"
+    assert not mismatches, f"M={m} N={n} K={k}: output bytes differ from the routed key's: {mismatches}"

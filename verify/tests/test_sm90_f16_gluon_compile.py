@@ -1,10 +1,12 @@
-"""The predecode path's Gluon fp16 GEMM (CompileKey.f16_gemm = "gluon", kernels.sm90._gemm_f16_gluon) on the CPU:
+"""The predecode path's Gluon fp16 GEMM (kernels.sm90._gemm_f16_gluon) on the CPU:
 every bench variant compiles for sm_90a (Triton's bundled ptxas) without spills, warp-specialized (8 math warps, one
 producer warp whose two TMA loads are the only ones), to fp16 wgmma of the tile's width (k16: 4 a 64-wide K stage,
 and a 64-row warpgroup tile repeated for BM 256), one wgmma group left in flight while the previous stage is released
-(DEPBAR 0x1 in the loop, 0x0 at the tile's end), no ptxas serialization warning (C7510-C7520), and the epilogue the
-Triton kernel's: two fp32 multiplies per element (2^14, then alpha) and a round-to-nearest bf16 conversion.
-GPU bits (Gluon = Triton, every M) and graph replay: test_sm90_gemm.py, marker gpu; timing: test_sm90_bench.py.
+(DEPBAR 0x1 in the loop, 0x0 at a chunk's and the tile's end), no ptxas serialization warning (C7510-C7520), the
+chunked keys' one fp32 add per element (a chunk's sum into the total), and the register-fed wgmma kernel's epilogue:
+two fp32 multiplies per element (2^14, then alpha) and a round-to-nearest bf16 conversion.
+GPU bits (the fp16 GEMM = the wgmma kernel, every M) and graph replay: test_sm90_gemm.py, marker gpu; timing:
+test_sm90_bench.py.
 """
 
 from __future__ import annotations
@@ -21,9 +23,11 @@ from verify.tests._sass import (  # noqa: E402
     _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
 
 _SMEM_MAX = SMEM_BLOCK_MAX  # the H100's / H200's opt-in shared memory per block (227 KB)
-# the bench's variants (verify/tests/test_sm90_bench.py _F16_GEMM_VARIANTS) and a 128 x 128 tile
+# the bench's variants (verify/tests/test_sm90_bench.py _F16_GEMM_VARIANTS), a 128 x 128 tile, and the chunked
+# 128 x 128 keys for_shape routes (chunk and total accumulators)
 _KEYS = [CompileKey.predecode_gluon(block_m=bm, block_n=bn, stages=ns)
-         for bm, bn, ns in ((128, 256, 4), (128, 256, 3), (256, 128, 4), (128, 128, 5))]
+         for bm, bn, ns in ((128, 256, 4), (128, 256, 3), (256, 128, 4), (128, 128, 5))] + [
+    CompileKey.predecode_gluon(block_n=128, stages=ns, mma_order=True, chunk=4) for ns in (4, 5)]
 
 
 def _compile(key: CompileKey):
@@ -35,8 +39,8 @@ def _compile(key: CompileKey):
     la, lb = gluon_operand_layouts(key.block_x, key.block_y)
     sig = {"a_desc": f"tensordesc<fp16[{key.block_x}, 64],{la!r}>",
            "b_desc": f"tensordesc<fp16[{key.block_y}, 64],{lb!r}>",
-           "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32"}
-    const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8)
+           "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "chunk_iters": "i32"}
+    const = dict(BM=key.block_x, BN=key.block_y, NS=key.num_stages, GROUP_M=8, CHUNKED=key.chunk > 0)
     sig.update({name: "constexpr" for name in const})
     index = gemm_f16_alpha_gluon_kernel.arg_names.index
     # torch allocations and the V4 shapes (N, K multiples of 16): what the launch specializes to
@@ -45,7 +49,8 @@ def _compile(key: CompileKey):
     return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
 
 
-@pytest.mark.parametrize("key", _KEYS, ids=lambda key: f"{key.block_x}x{key.block_y}-s{key.num_stages}")
+@pytest.mark.parametrize("key", _KEYS, ids=lambda key: f"{key.block_x}x{key.block_y}-s{key.num_stages}"
+                         + ("-chunked" if key.chunk else ""))
 def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
@@ -75,35 +80,8 @@ def test_gluon_f16_gemm_compiles_to_a_specialized_wgmma_ring_without_spills(key,
     fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
     cvts = len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", ptx))
     assert (muls, fmas, cvts) == (2 * per_thread, 0, per_thread // 2), (key, muls, fmas, cvts)
+    # chunked: each chunk's finished sum added to the total, one fp32 add per element (round to nearest); else none
+    adds = len(re.findall(r"\badd\.(?:rn\.)?f32\b", ptx))
+    assert adds == (per_thread if key.chunk else 0), (key, adds)
     print(f"{key.block_x}x{key.block_y} s{key.num_stages}: {regs} registers, {smem} B shared, {hgmma} HGMMA, "
           f"{utmaldg} UTMALDG")
-
-
-def test_triton_f16_gemm_epilogue_is_the_same():
-    """The reference the Gluon kernel's bits are held to: gemm_f16_alpha_kernel (predecode_triton's 256 x 128 tile)
-    multiplies twice per element (2^14, alpha) and converts to bf16 with round-to-nearest, no fma."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    from kernels.sm90._gemm_nvfp4_jit import gemm_f16_alpha_kernel
-
-    key = CompileKey.predecode_triton()
-    sig = {"a_ptr": "*fp16", "b_ptr": "*fp16", "alpha_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32", "N": "i32",
-           "K": "i32"}
-    const = dict(BLOCK_M=key.block_x, BLOCK_N=key.block_y, BLOCK_K=key.block_k, GROUP_M=8)
-    sig.update({name: "constexpr" for name in const})
-    index = gemm_f16_alpha_kernel.arg_names.index
-    attrs = {(index(name),): [["tt.divisibility", 16]] for name in ("a_ptr", "b_ptr", "alpha_ptr", "out_ptr", "N",
-                                                                    "K")}
-    src = ASTSource(gemm_f16_alpha_kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                        options={"num_warps": key.num_warps, "num_stages": key.num_stages})
-    ptx = ck.asm["ptx"]
-    per_thread = key.block_x * key.block_y // (32 * key.num_warps)
-    muls = len(re.findall(r"\bmul\.(?:rn\.)?f32\b", ptx))
-    fmas = len(re.findall(r"\bfma\.rn\.f32\b", ptx))
-    cvts = len(re.findall(r"\bcvt\.rn\.bf16x2\.f32\b", ptx)) * 2 + len(re.findall(r"\bcvt\.rn\.bf16\.f32\b", ptx))
-    assert (muls, fmas, cvts) == (2 * per_thread, 0, per_thread), (muls, fmas, cvts)
-    # its MMAs: fp16 wgmma k16, the 64 x 128 instruction (the Gluon kernel's 64 x 256 gives each element the same
-    # k16 steps in the same order: the GPU test compares the bytes)
-    assert set(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m64n\d+k16)\.f32\.f16\.f16", ptx)) == {"m64n128k16"}
