@@ -1,20 +1,24 @@
-"""Gluon fp16 GEMM of the dense NVFP4 predecode path (CompileKey.f16_gemm == "gluon"; imported lazily by
-kernels.sm90.gemm_nvfp4): out_bf16[M, N] = bf16((acc * 2^14) * alpha), acc = A16[M, K] @ B16[N, K]^T in float32,
-A16 / B16 the operands decode_nvfp4_to_f16_kernel wrote (e2m1 * e4m3 * 2^-7 each, exact).
+"""Gluon fp16 GEMM of the dense NVFP4 predecode path (imported lazily by kernels.sm90.gemm_nvfp4):
+out_bf16[M, N] = bf16((acc * 2^14) * alpha), acc = A16[M, K] @ B16[N, K]^T in float32, A16 / B16 the operands
+decode_nvfp4_to_f16_kernel / decode_nvfp4_pair_to_f16_kernel wrote (e2m1 * e4m3 * 2^-7 each, exact).
 
-Same bits as gemm_f16_alpha_kernel (the Triton kernel, f16_gemm == "triton", routed at M 256 .. 511): per element
-one float32 accumulator from +0, the K tiles of BK = 64 in increasing order, each tile 4 fp16 wgmma k16 steps in
-increasing k (both kernels hand a [rows, 64] x [64, cols] product to the same wgmma instructions), zeros past M, N and
-K (TMA zero fill here, masked loads there: the same zero products), then the same epilogue: acc * 2^14 (exact),
-times alpha, one rounding to bf16 (round to nearest even), rows and columns past M and N not stored.
+Per element: the K blocks of BK = 64 in increasing order, each 4 fp16 wgmma k16 steps in increasing k, zeros past M,
+N and K (TMA zero fill: zero products). One float32 chain from +0 over all of K, or (CHUNKED) a chain from +0 per
+chunk of chunk_iters K blocks, the chunk sums added to the total in chunk order. On operands decoded in the wgmma
+order (MMA_ORDER) with kernels.sm90.gemm_nvfp4.chunk_plan's chunks this is, step for step, what the register-fed
+wgmma kernel (_gemm_nvfp4_wgmma) computes, so the two give the same bits (batch invariance across the M at which
+gemm_nvfp4 switches kernels). Epilogue: acc * 2^14 (exact), times alpha, one rounding to bf16 (round to nearest
+even), rows and columns past M and N not stored.
 
-Structure: persistent (one program per SM at most; program p takes output tiles p, p + P, ... in the Triton kernel's
-grouped raster), warp-specialized (gl.warp_specialize): one producer warp issues the TMA loads of both operands'
-[BM, 64] / [BN, 64] blocks into an NS-stage shared ring (ready barriers: expect + copies; empty barriers: the
-consumers' release), running ahead across tile boundaries; the kernel's warps (two warpgroups: BM = 128 gives each
-64 rows x BN, BM = 256 each 128 rows) run the wgmma chain, one asynchronous wgmma group in flight (wait(1) before
-a stage is released), and the epilogue (bf16 stores from the accumulator registers) while the producer already
-fills the ring with the next tile's first K blocks.
+Structure: persistent (one program per SM at most; program p takes output tiles p, p + P, ... in a grouped raster:
+GROUP_M row tiles of A per group, down the group's column first), warp-specialized (gl.warp_specialize): one
+producer warp issues the TMA loads of both operands' [BM, 64] / [BN, 64] blocks into an NS-stage shared ring (ready
+barriers: expect + copies; empty barriers: the consumers' release), running ahead across tile boundaries; the
+kernel's warps (two warpgroups: BM = 128 gives each 64 rows x BN, BM = 256 each 128 rows) run the wgmma chain, one
+asynchronous wgmma group in flight (wait(1) before a stage is released; a full wait at each chunk's end before its
+sum is read), and the epilogue (bf16 stores from the accumulator registers) while the producer already fills the
+ring with the next tile's first K blocks. A chunked tile keeps two accumulators (128 x 128 tiles: 64 + 64 registers
+a math thread).
 """
 
 from triton.experimental import gluon
@@ -25,7 +29,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from kernels.sm90._consts import DECODE_UNSCALE
 
 _DECODE_UNSCALE = gl.constexpr(DECODE_UNSCALE)  # the decode scale undone in the epilogue (exact)
-BK = gl.constexpr(64)  # K elements per ring stage: 4 wgmma k16 steps, gemm_f16_alpha_kernel's BLOCK_K
+BK = gl.constexpr(64)  # K elements per ring stage: 4 wgmma k16 steps
 
 
 @gluon.constexpr_function
@@ -37,8 +41,8 @@ def acc_layout(bm, bn, num_warps):
 
 @gluon.jit
 def _tile_origin(tile, num_m, num_n, BM: gl.constexpr, BN: gl.constexpr, GROUP_M: gl.constexpr):
-    """(first row of A, first row of B) of output tile number `tile`: gemm_f16_alpha_kernel's grouped raster
-    (GROUP_M row tiles of A per group, down the group's column first)."""
+    """(first row of A, first row of B) of output tile number `tile`: the grouped raster (GROUP_M row tiles of A
+    per group, down the group's column first)."""
     width = GROUP_M * num_n
     first_m = (tile // width) * GROUP_M
     size_m = gl.minimum(num_m - first_m, GROUP_M)

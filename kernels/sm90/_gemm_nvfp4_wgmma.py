@@ -1,4 +1,4 @@
-"""Gluon body of the small-M (3 <= M <= 64) path of kernels.sm90.gemm_nvfp4: one GEMM kernel.
+"""Gluon body of the M < 256 path of kernels.sm90.gemm_nvfp4 (K % 128 == 0): one GEMM kernel.
 
 acc[n, t] = sum_k W[n, k] X[t, k] with wgmma (fp16 x fp16 -> fp32): the weights are the
 register A operand (64 rows of N per warpgroup), the BT tokens the shared-memory B operand
@@ -19,7 +19,8 @@ register A operand (64 rows of N per warpgroup), the BT tokens the shared-memory
   (X_F16), or decoded in every CTA from the packed words loaded one tile ahead into a
   double-buffered B tile. Either way one barrier per K tile covers the ring, the B tile
   and the previous wgmma.
-- Split K: each CTA of a split writes its fp32 partial to the workspace, then takes a
+- Split K (for routed keys the chunks of gemm_nvfp4.chunk_plan: one CTA a chunk, whatever M is): each CTA of a
+  split writes its fp32 partial to the workspace, then takes a
   ticket on its output tile's counter (acq_rel, gpu scope, after a CTA barrier); the CTA
   drawing the last ticket sums the SPLIT partials in split order 0..SPLIT-1 (the same
   order whichever CTA is last: deterministic), applies alpha, writes bf16 and resets the
