@@ -225,7 +225,7 @@ def gemm_nvfp4_wgmma_kernel(
     if SPLIT == 1:
         gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
     else:
-        nm = (N * M).to(gl.int64)  # one split's partials (N * M < 2^31; N or M may be a specialized constexpr 1)
+        nm = gl.to_tensor(N).to(gl.int64) * M  # one split's partials (N or M, or both, may be a specialized constexpr 1)
         gl.store(ws_ptr + pid_s * nm + off, acc, mask=mask)
         gl.thread_barrier()  # every thread's partial is written before the ticket releases them
         tile = ctr_ptr + pid_n * gl.num_programs(1) + pid_m

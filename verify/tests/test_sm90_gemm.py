@@ -85,7 +85,7 @@ def _exact_operand(rows, k, seed):
 
 
 @pytest.mark.parametrize("m,n,k", [(1, 2048, 7168), (3, 7168, 3072), (16, 7168, 3072), (128, 1024, 7168),
-                                   (4096, 512, 4096)], ids=lambda v: str(v))
+                                   (4096, 512, 4096), (1, 1, 1024), (2, 1, 256), (1, 3, 384)], ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
 def test_sm90_gemm_exact_data_has_zero_error(m, n, k):

@@ -58,6 +58,29 @@ def test_sm90_wgmma_routes_exist():
     assert {key.block_y for key in keys} >= {8, 16, 32, 64}, keys
 
 
+@pytest.mark.parametrize("ones", [("N", "M"), ("M",), ("N",)], ids="-".join)
+def test_sm90_wgmma_kernel_compiles_with_n_or_m_specialized_to_1(ones):
+    """Triton passes an integer argument equal to 1 as a constant: the kernel compiles with N, M or both = 1 (the
+    accumulator probe's M = 1, N = 1 GEMM; for_shape routes M = 1 here since the GEMV was removed, session 11)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
+
+    key = CompileKey.for_shape(1, 1, 1024)
+    assert key.wgmma and key.split > 1, key
+    sig = dict(_SIG, xp_ptr="*i32")
+    const = dict(wgmma_layouts(key.num_warps, key.wgmma, key.block_y), BN=key.block_x, BT=key.block_y,
+                 NS=key.num_stages, SPLIT=key.split, X_F16=key.act_f16, **{name: 1 for name in ones})
+    names = list(_SIG) + [n for n in const if n not in _SIG]
+    sig.update({name: "constexpr" for name in const})
+    attrs = {(i,): [["tt.divisibility", 16]] for i in range(8)}  # pointers: torch allocations are aligned
+    attrs[(names.index("KW"),)] = [["tt.divisibility", 16]]
+    src = GluonASTSource(gemm_nvfp4_wgmma_kernel, sig, {(names.index(n),): v for n, v in const.items()}, attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+    assert "wgmma.mma_async" in ck.asm["ptx"], ones
+
+
 @pytest.mark.parametrize("key", _routed_keys(), ids=lambda key: f"bn{key.block_x}-bt{key.block_y}-s{key.split}")
 def test_sm90_wgmma_kernel_compiles_without_spills(key, tmp_path):
     ck = _compile(key)
