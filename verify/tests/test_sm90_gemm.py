@@ -156,7 +156,9 @@ y = be.gemm_nvfp4(xp, xsf, wp, wsf, alpha)
 y1 = be.gemm_nvfp4(xp[:3], xsf[:128], wp, wsf, alpha)
 # the Gluon wgmma path (K % 128 == 0): in-kernel activation decode with split-K tickets (16 tokens,
 # N = 2048) and the act_f16 ring (32 tokens), row tails
-for m, n, k in ((16, 2048, 1024), (32, 7168, 3072), (16, 200, 384)):
+# M = 1 (a chunk a CTA), and M >= 256: the chunked fp16 GEMM on mma-order operands (K 1024) and one chain (K 272)
+for m, n, k in ((16, 2048, 1024), (32, 7168, 3072), (16, 200, 384), (1, 200, 1024), (300, 2048, 1024),
+                (260, 200, 272)):
     xq, xqs, s2 = be.quantize_nvfp4_dynamic(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     wq, wqs, t2 = be.quantize_nvfp4_dynamic(torch.randn(n, k, device="cuda").to(torch.bfloat16))
     be.gemm_nvfp4(xq, xqs, wq, wqs, (1 / s2) * (1 / t2))
@@ -165,20 +167,42 @@ print("sanitizer case ran", tuple(y.shape), tuple(y1.shape))
 """
 
 
-@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
-@pytest.mark.gpu
-@pytest.mark.sm90
-def test_sm90_compute_sanitizer_clean(tool):
+# racecheck reports one hazard in the warp-specialized Gluon fp16 GEMM (H100, session 11), inside Triton's
+# warp_specialize hand-off, not the kernel's rings: the worker warps read a state byte (LDS.U8 [0x300a8 + warp],
+# SASS +0x100) after `BAR.SYNC 0x1`, the default partition writes it (STS [0x300b0], +0xf80) before its `BAR.SYNC
+# 0x1`, so the two are ordered by named barrier 1; racecheck does not see that order. The kernel is racechecked on
+# its own below (strict xfail: it fails, as a finding, once racecheck or Triton changes); the rest excludes it.
+_WS_KERNEL = "gemm_f16_alpha_gluon_kernel"
+
+
+def _sanitize(tool: str, *filters: str):
     exe = shutil.which("compute-sanitizer") or "/usr/local/cuda/bin/compute-sanitizer"
     if not os.path.exists(exe):
         pytest.skip("compute-sanitizer not found on this machine")
     from verify.config import REPO_ROOT
 
-    r = subprocess.run([exe, "--tool", tool, "--error-exitcode", "99", sys.executable, "-c", _SANITIZER_SCRIPT],
-                       cwd=REPO_ROOT, capture_output=True, text=True, timeout=500)
+    r = subprocess.run([exe, "--tool", tool, "--error-exitcode", "99", *filters, sys.executable, "-c",
+                        _SANITIZER_SCRIPT], cwd=REPO_ROOT, capture_output=True, text=True, timeout=500)
     tail = (r.stdout + r.stderr)[-3000:]
-    assert r.returncode == 0, f"compute-sanitizer {tool} exit {r.returncode}:\n{tail}"
+    assert r.returncode == 0, f"compute-sanitizer {tool} {' '.join(filters)} exit {r.returncode}:\n{tail}"
     assert "ERROR SUMMARY: 0 errors" in tail or "RACECHECK SUMMARY: 0 hazards" in tail, tail
+    assert "sanitizer case ran" in tail, tail
+
+
+@pytest.mark.parametrize("tool", ["memcheck", "racecheck"])
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_compute_sanitizer_clean(tool):
+    """memcheck of every kernel the case launches; racecheck of all but the warp-specialized fp16 GEMM."""
+    _sanitize(tool, *(("--kernel-name-exclude", f"kns={_WS_KERNEL}") if tool == "racecheck" else ()))
+
+
+@pytest.mark.xfail(strict=True, reason="racecheck: a hazard in Triton's warp_specialize hand-off (named barrier 1 "
+                                       "orders it; see the comment above), H100 session 11")
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_racecheck_warp_specialized_fp16_gemm():
+    _sanitize("racecheck", "--kernel-name", f"kns={_WS_KERNEL}")
 
 
 # (m, n, k, warps, reps, stages, per_sm, act_f16): the wgmma path (BT = 8..64 tokens per CTA, split-K
