@@ -41,7 +41,6 @@ device-side tile schedule maps programs to (expert, row tile) (_grouped_gemm_nvf
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 
 import torch
