@@ -584,3 +584,28 @@ def test_chunk_plan_depends_on_n_and_k_only_and_keys_follow_it():
     for m in (1, 64, 4096):
         key = CompileKey.for_shape(m, 2050, 7184)
         assert key.predecode and not key.mma_order and key.chunk == 0, key
+
+
+def test_wgmma_key_whose_split_is_not_the_chunk_count_is_refused_before_launch():
+    """A wgmma key carries chunk_plan's (tiles per chunk, split); launched on a K whose tiles cut into another number
+    of chunks it refuses with one line naming both, before any kernel runs (CPU tensors: nothing is launched)."""
+    import dataclasses
+
+    pytest.importorskip("triton", reason="the launcher imports triton (the README's CPU venv has none)")
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    key = CompileKey.for_shape(16, 2048, 7168)  # 14 chunks of 4 tiles
+    run = gemm_nvfp4._compile(key)
+    m, n, k = 16, 2048, 3072  # 24 tiles: 6 chunks of 4
+    args = (torch.zeros(m, k // 2, dtype=torch.uint8), torch.zeros(128, k // 16, dtype=torch.uint8),
+            torch.zeros(n, k // 2, dtype=torch.uint8), torch.zeros(n, k // 16, dtype=torch.uint8),
+            torch.ones(()), torch.empty(m, n, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match=r"^gemm_nvfp4: the wgmma key .* cuts K = 3072 into 6 chunks of 4 tiles, "
+                                         r"not its split 14$"):
+        run(*args)
+    with pytest.raises(ValueError, match=r"^gemm_nvfp4: the wgmma key .* needs K % 128 == 0, got K = 3088$"):
+        run(*(torch.zeros(m, 1544, dtype=torch.uint8),) + args[1:2] + (torch.zeros(n, 1544, dtype=torch.uint8),)
+            + args[3:])
+    with pytest.raises(ValueError, match=r"^CompileKey\.block_y: 128 with wgmma 1"):
+        gemm_nvfp4._compile(dataclasses.replace(key, block_y=128))
