@@ -60,8 +60,7 @@ PROBE_PATHS = {
     "M=16 (wgmma)": (16, 0, K),
     "M=64 (wgmma, activations decoded once)": (64, 0, K),
     "M=128 (wgmma, two token tiles)": (128, 0, K),
-    "M=256 (Gluon fp16 GEMM, chunked)": (256, 0, K),
-    "M=512, K=8192 (Gluon fp16 GEMM, 32 chunks)": (512, 0, 8192),
+    "M=256 (Gluon fp16 GEMM, chunked: 8 chunks of 128 at this N and K)": (256, 0, K),
 }
 # grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
 # columns padded to 128, K = 1024); the sm90 routing (kernels/sm90/grouped_gemm_nvfp4.py) takes the register-fed
