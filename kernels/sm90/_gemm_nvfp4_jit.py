@@ -116,9 +116,10 @@ def _decode_rows_to_f16(p_ptr, sf_ptr, out_ptr, r0, R, HALF_K, CP4,
                         BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, USE_ASM: tl.constexpr,
                         MMA_ORDER: tl.constexpr):
     """Rows r0 .. r0 + BLOCK_R of K tile program_id(1): e2m1 * e4m3 * 2^-7 -> fp16 (exact), in natural k order, or
-    with MMA_ORDER (K % 128 == 0, BLOCK_K % 128 == 0) each 128-element tile permuted as
-    decode_nvfp4_to_f16_mma_order_kernel does (natural 32c + 16i + 8e + r at 16r + 8i + 2c + e): a natural-order
-    GEMM over such operands issues each k16 wgmma step over the products the register-fed wgmma path sums in it."""
+    with MMA_ORDER (K % 128 == 0, BLOCK_K % 128 == 0) each 128-element tile in the register-fed wgmma kernel's
+    logical order (natural 32c + 16i + 8e + r at 16r + 8i + 2c + e, see _gemm_nvfp4_wgmma): that kernel's act_f16
+    activations, and the predecode operands on which a natural-order GEMM issues each k16 wgmma step over the
+    products the wgmma kernel sums in it."""
     rows = r0 + tl.arange(0, BLOCK_R)
     kb = tl.program_id(1) * BLOCK_K
     lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM)
@@ -145,19 +146,3 @@ def decode_nvfp4_pair_to_f16_kernel(a_ptr, asf_ptr, a_out_ptr, RA, b_ptr, bsf_pt
     else:
         p_ptr, sf_ptr, out_ptr, R, r0 = b_ptr, bsf_ptr, b_out_ptr, RB, (pid - tiles_a) * BLOCK_R
     _decode_rows_to_f16(p_ptr, sf_ptr, out_ptr, r0, R, HALF_K, CP4, BLOCK_R, BLOCK_K, USE_ASM, MMA_ORDER)
-
-
-@triton.jit
-def decode_nvfp4_to_f16_mma_order_kernel(p_ptr, sf_ptr, out_ptr, R, HALF_K, CP4,
-                                         BLOCK_R: tl.constexpr, USE_ASM: tl.constexpr):
-    """Step 1 of the Gluon wgmma path with X_F16: the activations [R, K] (K % 128 == 0) -> fp16
-    [R, K] of e2m1 * e4m3 block scale * 2^-7 (exact), each 128-element K tile stored in the
-    kernel's logical MMA order: natural k = 32c + 16i + 8e + r goes to 16r + 8i + 2c + e (see
-    _gemm_nvfp4_wgmma), so the B tile is a plain K-major copy."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    kb = tl.program_id(1) * 128
-    lo, hi = _load_decoded(p_ptr, sf_ptr, rows, R, kb, HALF_K, CP4, BLOCK_R, 128, USE_ASM)
-    v = tl.reshape(tl.join(lo, hi), (BLOCK_R, 4, 2, 2, 8))  # (row, c, i, e, r)
-    v = tl.reshape(tl.permute(v, (0, 4, 2, 1, 3)), (BLOCK_R, 128))
-    cols = kb + tl.arange(0, 128)
-    tl.store(out_ptr + rows.to(tl.int64)[:, None] * (HALF_K * 2) + cols[None, :], v, mask=(rows < R)[:, None])

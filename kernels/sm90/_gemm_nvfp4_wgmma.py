@@ -15,7 +15,7 @@ register A operand (64 rows of N per warpgroup), the BT tokens the shared-memory
   get the same permutation of k, so every product W[n, k] X[t, k] meets its partner and
   only the fp32 accumulation order changes.
 - Activations (B tile, [BT, 128] fp16, NVMMA swizzled): either decoded once per GEMM by
-  _gemm_nvfp4_jit.decode_nvfp4_to_f16_mma_order_kernel and copied through the ring
+  _gemm_nvfp4_jit.decode_nvfp4_to_f16_kernel (MMA_ORDER) and copied through the ring
   (X_F16), or decoded in every CTA from the packed words loaded one tile ahead into a
   double-buffered B tile. Either way one barrier per K tile covers the ring, the B tile
   and the previous wgmma.

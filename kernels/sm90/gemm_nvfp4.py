@@ -58,6 +58,11 @@ def _split_k(tiles: int, k_iters: int, ctas: int, max_split: int | None = None) 
     return -(-k_iters // per)
 
 
+def _token_tile(m: int) -> int:
+    """The wgmma kernel's BT: the smallest of 8, 16, 32, 64 tokens that holds M (64-token tiles above 64)."""
+    return next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
+
+
 def chunk_plan(n: int, k: int) -> tuple[int, int]:
     """(tiles_per_chunk, n_chunks): K's 128-element tiles (K % 128 == 0) cut into n_chunks chunks of tiles_per_chunk
     (the last may be shorter), a function of N and K only, so every M sums an output element in the same order.
@@ -106,8 +111,7 @@ class CompileKey:
         if m < _PREDECODE_MIN_M and use_asm:
             # activations decoded once per GEMM (act_f16) except at M <= 2 and at M <= 16 with N <= 2048 (in-kernel
             # decode 10.5 against 11.0 us at M = 16, tied at M = 3; H200 sweep, NOTES.md); the bits do not depend on it
-            bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
-            return CompileKey(block_x=64, block_y=bt, num_warps=4, num_stages=3, split=chunks,
+            return CompileKey(block_x=64, block_y=_token_tile(m), num_warps=4, num_stages=3, split=chunks,
                               act_f16=m > 16 or (m > 2 and n > 2048), wgmma=1, chunk=per)
         if chunks == 1:
             return CompileKey.predecode_gluon(mma_order=True, use_asm=use_asm)
@@ -128,9 +132,7 @@ class CompileKey:
         # decoded in registers into the wgmma A operand (64 rows per warpgroup, reps tiles), the BT tokens the B
         # tile (decoded in every CTA, or once per GEMM when act_f16), split-K reduced in-kernel; split K until
         # ~per_sm CTAs per SM (at most max_split)
-        if stages < 2:
-            raise ValueError(f"CompileKey._wgmma: stages = {stages}, the cp.async ring needs >= 2")
-        bt = next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
+        bt = _token_tile(m)
         bn = 16 * warps * reps
         tiles = -(-n // bn) * -(-m // bt)
         split = _split_k(tiles, k // 128, per_sm * num_sms, max_split)
@@ -180,8 +182,16 @@ def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles each kernel on its first launch: warm up
     before CUDA-graph capture)."""
     _check_key(key)
-    import triton
+    return _predecode_launcher(key) if key.predecode else _wgmma_launcher(key)
 
+
+def _predecode_launcher(key: CompileKey):
+    """The predecode path: both operands decoded to fp16 (one launch or two), then the Gluon fp16 GEMM; the two
+    steps are also attributes of the launcher (decode_operands, f16_gemm) for the bench's split of the time."""
+    import triton
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
     from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_pair_to_f16_kernel, decode_nvfp4_to_f16_kernel
 
     def decode_f16(p, sf, rows, k, cp4):
@@ -212,35 +222,36 @@ def _compile(key: CompileKey):
             return decode_pair(a_p, a_sf, m, b_p, b_sf, n, k, cp4)
         return decode_f16(a_p, a_sf, m, k, cp4), decode_f16(b_p, b_sf, n, k, cp4)
 
-    if key.predecode:
-        from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+    f16_layouts = gluon_operand_layouts(key.block_x, key.block_y)
 
-        from kernels.sm90._gemm_f16_gluon import gemm_f16_alpha_gluon_kernel, gluon_operand_layouts
+    def f16_gemm(a16, b16, alpha_f32, out_bf16):
+        """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the Gluon fp16 GEMM (chunked when key.chunk)."""
+        m, n = out_bf16.shape
+        k = b16.shape[1]
+        tiles = triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y)
+        # host descriptors: kernel parameters, so a captured graph replays them
+        a_desc = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0])
+        b_desc = TensorDescriptor.from_tensor(b16, [key.block_y, 64], f16_layouts[1])
+        gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
+            a_desc, b_desc, alpha_f32, out_bf16, m, n, k, 2 * key.chunk, BM=key.block_x, BN=key.block_y,
+            NS=key.num_stages, GROUP_M=8, CHUNKED=key.chunk > 0, num_warps=8)
 
-        f16_layouts = gluon_operand_layouts(key.block_x, key.block_y)
+    def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
+        # decode each operand once (exact fp16, 4 bytes per element of traffic), then the pipelined fp16 GEMM
+        a16, b16 = decode_operands(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8)
+        f16_gemm(a16, b16, alpha_f32, out_bf16)
 
-        def f16_gemm(a16, b16, alpha_f32, out_bf16):
-            """out_bf16 = bf16((a16 @ b16^T * 2^14) * alpha) by the Gluon fp16 GEMM (chunked when key.chunk)."""
-            m, n = out_bf16.shape
-            k = b16.shape[1]
-            tiles = triton.cdiv(m, key.block_x) * triton.cdiv(n, key.block_y)
-            # host descriptors: kernel parameters, so a captured graph replays them
-            a_desc = TensorDescriptor.from_tensor(a16, [key.block_x, 64], f16_layouts[0])
-            b_desc = TensorDescriptor.from_tensor(b16, [key.block_y, 64], f16_layouts[1])
-            gemm_f16_alpha_gluon_kernel[(min(tiles, _num_sms(out_bf16.device)),)](
-                a_desc, b_desc, alpha_f32, out_bf16, m, n, k, 2 * key.chunk, BM=key.block_x, BN=key.block_y,
-                NS=key.num_stages, GROUP_M=8, CHUNKED=key.chunk > 0, num_warps=8)
+    run.decode_operands = decode_operands  # the two steps apart, for the bench's split of the time
+    run.f16_gemm = f16_gemm
+    return run
 
-        def run(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8, alpha_f32, out_bf16) -> None:
-            # decode each operand once (exact fp16, 4 bytes per element of traffic), then the pipelined fp16 GEMM
-            a16, b16 = decode_operands(a_packed_u8, a_sf_u8, b_packed_u8, b_sf_u8)
-            f16_gemm(a16, b16, alpha_f32, out_bf16)
 
-        run.decode_operands = decode_operands  # the two steps apart, for the bench's split of the time
-        run.f16_gemm = f16_gemm
-        return run
+def _wgmma_launcher(key: CompileKey):
+    """The register-fed wgmma path: (the activation decode when act_f16, then) one GEMM kernel with the split-K
+    partials added by each output tile's last CTA."""
+    import triton
 
-    from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_mma_order_kernel
+    from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_kernel
     from kernels.sm90._gemm_nvfp4_wgmma import gemm_nvfp4_wgmma_kernel, wgmma_layouts
 
     wg_layouts = wgmma_layouts(key.num_warps, key.wgmma, key.block_y)
@@ -267,8 +278,9 @@ def _compile(key: CompileKey):
         x = a_packed_u8.view(torch.int32)
         if key.act_f16:  # activations decoded once (fp16, logical mma order), copied into the ring
             x = torch.empty((m, k), dtype=torch.float16, device=out_bf16.device)
-            decode_nvfp4_to_f16_mma_order_kernel[(triton.cdiv(m, 16), k // 128)](
-                a_packed_u8, a_sf_u8.view(torch.int32), x, m, k // 2, cp4, BLOCK_R=16, USE_ASM=True, num_warps=4)
+            decode_nvfp4_to_f16_kernel[(triton.cdiv(m, 16), k // 128)](
+                a_packed_u8, a_sf_u8.view(torch.int32), x, m, k // 2, cp4, BLOCK_R=16, BLOCK_K=128, USE_ASM=True,
+                MMA_ORDER=True, num_warps=4)
         gemm_nvfp4_wgmma_kernel[grid](
             b_packed_u8.view(torch.int32), b_sf_u8, x, a_sf_u8, alpha_f32, out_bf16,
             ws, ctr, n, m, k // 8, cp4, k_iters, per, **wg_layouts,

@@ -526,32 +526,32 @@ def test_gpu_dense_row_bits_do_not_depend_on_m(n, k):
 
 _MMA_ORDER_DECODE_CASE = r"""
 import torch
-from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_kernel, decode_nvfp4_to_f16_mma_order_kernel
+from kernels.sm90._gemm_nvfp4_jit import decode_nvfp4_to_f16_kernel
 g = torch.Generator().manual_seed(5)
 rows, k = 40, 640
 p = torch.randint(0, 256, (rows, k // 2), generator=g, dtype=torch.uint8)
 sf = torch.randint(0x20, 0x48, ((rows + 127) // 128 * 128, k // 16), generator=g, dtype=torch.uint8)
-want = torch.empty((rows, k), dtype=torch.float16)
-decode_nvfp4_to_f16_mma_order_kernel[(3, k // 128)](p, sf.view(torch.int32), want, rows, k // 2, k // 64,
-                                                    BLOCK_R=16, USE_ASM=False)
-got = torch.full((rows, k), float("nan"), dtype=torch.float16)
-decode_nvfp4_to_f16_kernel[(1, 3)](p, sf.view(torch.int32), got, rows, k // 2, k // 64, BLOCK_R=64, BLOCK_K=256,
-                                   USE_ASM=False, MMA_ORDER=True)
-nat = torch.empty((rows, k), dtype=torch.float16)
-decode_nvfp4_to_f16_kernel[(1, 3)](p, sf.view(torch.int32), nat, rows, k // 2, k // 64, BLOCK_R=64, BLOCK_K=256,
-                                   USE_ASM=False, MMA_ORDER=False)
+def decode(block_r, block_k, mma_order):
+    out = torch.full((rows, k), float("nan"), dtype=torch.float16)
+    decode_nvfp4_to_f16_kernel[(-(-rows // block_r), -(-k // block_k))](
+        p, sf.view(torch.int32), out, rows, k // 2, k // 64, BLOCK_R=block_r, BLOCK_K=block_k, USE_ASM=False,
+        MMA_ORDER=mma_order)
+    return out
+nat = decode(64, 256, False)
 perm = torch.tensor([32 * c + 16 * i + 8 * e + r for r in range(8) for i in range(2) for c in range(4)
                      for e in range(2)])
-tiles = nat.view(rows, k // 128, 128)[:, :, perm].reshape(rows, k)
-print("equal", torch.equal(got.view(torch.int16), want.view(torch.int16)),
-      torch.equal(tiles.view(torch.int16), want.view(torch.int16)), int(got.isnan().sum()))
+want = nat.view(rows, k // 128, 128)[:, :, perm].reshape(rows, k)
+act = decode(16, 128, True)  # the wgmma kernel's act_f16 launch
+pre = decode(64, 256, True)  # the predecode launch (K = 640: a half-masked last block)
+print("equal", torch.equal(act.view(torch.int16), want.view(torch.int16)),
+      torch.equal(pre.view(torch.int16), want.view(torch.int16)), int(act.isnan().sum() + pre.isnan().sum()))
 """
 
 
 def test_predecode_mma_order_decode_matches_the_wgmma_order_on_cpu():
-    """The predecode path's decode with MMA_ORDER (256-wide K blocks, K = 640: a half-masked last block) writes the
-    bytes of decode_nvfp4_to_f16_mma_order_kernel (the wgmma path's activation order), which are the natural-order
-    decode permuted inside each 128-element tile (natural 32c + 16i + 8e + r at 16r + 8i + 2c + e); Triton
+    """decode_nvfp4_to_f16_kernel with MMA_ORDER, as the wgmma kernel's act_f16 launch (16 rows x 128) and as the
+    predecode launch (64 rows x 256, K = 640: a half-masked last block), writes the natural-order decode permuted
+    inside each 128-element tile (natural 32c + 16i + 8e + r at 16r + 8i + 2c + e), every element written; Triton
     interpreter, arithmetic decode."""
     pytest.importorskip("triton", reason="triton: not installed (the sm90 kernels need it)")
     repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
