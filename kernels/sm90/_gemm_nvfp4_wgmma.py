@@ -19,12 +19,16 @@ register A operand (64 rows of N per warpgroup), the BT tokens the shared-memory
   (X_F16), or decoded in every CTA from the packed words loaded one tile ahead into a
   double-buffered B tile. Either way one barrier per K tile covers the ring, the B tile
   and the previous wgmma.
-- Split K (for routed keys the chunks of gemm_nvfp4.chunk_plan: one CTA a chunk, whatever M is): each CTA of a
-  split writes its fp32 partial to the workspace, then takes a
+- Split K (for routed keys the chunks of gemm_nvfp4.chunk_plan: one CTA a chunk): each CTA of a
+  split writes its fp32 partial to the workspace (tile-major: a [BN, BT] block a tile and split, so the addresses
+  are a base and fixed offsets; [SPLIT, M, N] offsets took 230 registers at BT 64, this 162), then takes a
   ticket on its output tile's counter (acq_rel, gpu scope, after a CTA barrier); the CTA
   drawing the last ticket sums the SPLIT partials in split order 0..SPLIT-1 (the same
   order whichever CTA is last: deterministic), applies alpha, writes bf16 and resets the
   counter to zero for the next launch (CUDA-graph replay included). No reduce kernel.
+  SPLIT == 1 with several chunks (iters_per_split < k_iters): the CTA walks every chunk of its tile, each chain from
+  +0, the chunk sums (x 2^14) added in chunk order, the first being the total: the same operations as the reduce
+  above, so the same bits, without partials in memory (a second accumulator: 139 registers at BT 64).
 
 Values: E2M1 codes become fp16 e2m1 * 2^-14 by bit moves (_e2m1_ptx), times the block
 scale as fp16 e4m3 * 2^7, so both operands hold e2m1 * e4m3 * 2^-7 (exact in fp16: at
@@ -139,6 +143,33 @@ def _load_x(xp_ptr, xsf_ptr, xoff, xsoff, kt):
 
 
 @gluon.jit
+def _k_tile(it, it0, it1, acc, xw, xs, w_smem, s_smem, x_smem, w_base, s_base, x_base, xp_ptr, xsf_ptr, xoff, xsoff,
+            W_RD: gl.constexpr, S_RD: gl.constexpr, W_SPLIT: gl.constexpr, L3W: gl.constexpr, A_OP: gl.constexpr,
+            BN: gl.constexpr, BT: gl.constexpr, NS: gl.constexpr, X_F16: gl.constexpr):
+    """K tile `it` of the CTA's tiles it0 .. it1 - 1: ring tile in, the tile NS - 1 ahead issued, the B tile (decoded
+    one tile ahead unless X_F16), the weights decoded into the A operand, acc += wgmma. Returns (acc, xw, xs): the
+    activation words of the next tile to decode (unchanged when X_F16)."""
+    i = it - it0
+    async_copy.wait_group(NS - 2)
+    fence_async_shared()  # cp.async data and this thread's B-tile stores, before the wgmma (async proxy)
+    gl.thread_barrier()  # ring tile it (and B tile it) in for every thread; the last wgmma done everywhere
+    w = w_smem.index(i % NS).load(W_RD)
+    s = s_smem.index(i % NS).load(S_RD)
+    _issue(w_smem, s_smem, x_smem, (i + NS - 1) % NS, w_base, s_base, x_base, it + NS - 1, it1, X_F16)
+    if X_F16:
+        b = x_smem.index(i % NS)
+    else:  # B tile it + 1 (past it1: unused), from the words loaded one tile ahead
+        x_smem.index((i + 1) % 2).store(_decode_tile(xw, xs, BT))
+        xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it + 2, it1 - 1))
+        b = x_smem.index(i % 2)
+    w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
+    s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3W, assert_trivial=True)
+    a = gl.convert_layout(_decode_tile(w, s, BN), A_OP, assert_trivial=True)
+    acc = warpgroup_mma(a, b.permute([1, 0]), acc)
+    return acc, xw, xs
+
+
+@gluon.jit
 def gemm_nvfp4_wgmma_kernel(
     w_ptr, wsf_ptr, xp_ptr, xsf_ptr, alpha_ptr, out_ptr, ws_ptr, ctr_ptr,
     N, M, KW, CP4, k_iters, iters_per_split,
@@ -166,9 +197,12 @@ def gemm_nvfp4_wgmma_kernel(
     s_smem = gl.allocate_shared_memory(gl.uint8, [NS, BN, 8], RING_SH)
     A_OP: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
     L3W: gl.constexpr = gl.SliceLayout(3, W_SPLIT)
-    acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
+    # the CTA's 128-K tiles: chunk pid_s of the plan (iters_per_split tiles a chunk), or every chunk (SPLIT == 1)
     it0 = pid_s * iters_per_split
-    it1 = gl.minimum(it0 + iters_per_split, k_iters)
+    if SPLIT == 1:
+        it1 = k_iters
+    else:
+        it1 = gl.minimum(it0 + iters_per_split, k_iters)
     if X_F16:
         # pre-decoded fp16 activations [M, K] (logical order): their [BT, 128] tile rides in the ring
         xt = gl.minimum(pid_m * BT + gl.arange(0, BT, layout=gl.SliceLayout(1, X_CP)), M - 1)
@@ -176,6 +210,7 @@ def gemm_nvfp4_wgmma_kernel(
         x_base = xp_ptr + gl.max_contiguous(gl.multiple_of((xt.to(gl.int64) * KW * 8)[:, None] + xk[None, :],
                                                            [1, 128]), [1, 128])
         x_smem = gl.allocate_shared_memory(gl.float16, [NS, BT, 128], X_SH)
+        xw, xs, xoff, xsoff = 0, 0, 0, 0  # unused (no in-kernel activation decode)
     else:
         # packed activations, decoded here: word 4c + 2i + e of token t's tile row, scale byte of block 2c + i
         L3: gl.constexpr = gl.SliceLayout(3, X_SPLIT)
@@ -196,27 +231,28 @@ def gemm_nvfp4_wgmma_kernel(
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0, it1 - 1))
         x_smem.index(0).store(_decode_tile(xw, xs, BT))
         xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it0 + 1, it1 - 1))
-    for it in range(it0, it1):
-        i = it - it0
-        async_copy.wait_group(NS - 2)
-        fence_async_shared()  # cp.async data and this thread's B-tile stores, before the wgmma (async proxy)
-        gl.thread_barrier()  # ring tile it (and B tile it) in for every thread; the last wgmma done everywhere
-        w = w_smem.index(i % NS).load(W_RD)
-        s = s_smem.index(i % NS).load(S_RD)
-        _issue(w_smem, s_smem, x_smem, (i + NS - 1) % NS, w_base, s_base, x_base, it + NS - 1, it1, X_F16)
-        if X_F16:
-            b = x_smem.index(i % NS)
-        else:  # B tile it + 1 (past it1: unused), from the words loaded one tile ahead
-            x_smem.index((i + 1) % 2).store(_decode_tile(xw, xs, BT))
-            xw, xs = _load_x(xp_ptr, xsf_ptr, xoff, xsoff, gl.minimum(it + 2, it1 - 1))
-            b = x_smem.index(i % 2)
-        w = gl.convert_layout(gl.reshape(w, [BN, 4, 2, 2]), W_SPLIT, assert_trivial=True)
-        s = gl.convert_layout(gl.reshape(s, [BN, 4, 2]), L3W, assert_trivial=True)
-        a = gl.convert_layout(_decode_tile(w, s, BN), A_OP, assert_trivial=True)
-        acc = warpgroup_mma(a, b.permute([1, 0]), acc)
+    if SPLIT == 1:
+        # one CTA walks every chunk of the plan: each chain from +0, the chunk sums (x 2^14) added in chunk order
+        # (the first is the total): the ops the ticket reduce of a split over the same chunks performs
+        total = gl.zeros([BN, BT], gl.float32, layout=MMA)
+        for c0 in range(it0, it1, iters_per_split):
+            acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
+            for it in range(c0, gl.minimum(c0 + iters_per_split, it1)):
+                acc, xw, xs = _k_tile(it, it0, it1, acc, xw, xs, w_smem, s_smem, x_smem, w_base, s_base, x_base,
+                                      xp_ptr, xsf_ptr, xoff, xsoff, W_RD, S_RD, W_SPLIT, L3W, A_OP, BN, BT, NS, X_F16)
+            if c0 == it0:
+                total = acc * DECODE_UNSCALE
+            else:
+                total = total + acc * DECODE_UNSCALE
+        acc = total
+    else:  # one chunk a CTA
+        acc = gl.zeros([BN, BT], gl.float32, layout=MMA)
+        for it in range(it0, it1):
+            acc, xw, xs = _k_tile(it, it0, it1, acc, xw, xs, w_smem, s_smem, x_smem, w_base, s_base, x_base,
+                                  xp_ptr, xsf_ptr, xoff, xsoff, W_RD, S_RD, W_SPLIT, L3W, A_OP, BN, BT, NS, X_F16)
+        acc = acc * DECODE_UNSCALE
     async_copy.wait_group(0)
 
-    acc = acc * DECODE_UNSCALE
     rn = pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, MMA))
     tm = pid_m * BT + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))
     mask = (rn < N)[:, None] & (tm < M)[None, :]
@@ -225,14 +261,20 @@ def gemm_nvfp4_wgmma_kernel(
     if SPLIT == 1:
         gl.store(out_ptr + off, (acc * alpha).to(gl.bfloat16), mask=mask)
     else:
-        nm = gl.to_tensor(N).to(gl.int64) * M  # one split's partials (N or M, or both, may be a specialized constexpr 1)
-        gl.store(ws_ptr + pid_s * nm + off, acc, mask=mask)
+        # partials tile-major: split sp of output tile (pid_n, pid_m) is a [BN, BT] block at ws_ptr + (sp * tiles +
+        # tile) * BN * BT (fp32, row r at r * BT): offsets fixed per register, few address registers to keep
+        tile = pid_n * gl.num_programs(1) + pid_m
+        tiles = gl.num_programs(0) * gl.num_programs(1)
+        loc = (gl.arange(0, BN, layout=gl.SliceLayout(1, MMA)) * BT)[:, None] \
+            + gl.arange(0, BT, layout=gl.SliceLayout(0, MMA))[None, :]
+        ws_tile = ws_ptr + tile.to(gl.int64) * (BN * BT)
+        step = tiles.to(gl.int64) * (BN * BT)  # one split's partials
+        gl.store(ws_tile + pid_s * step + loc, acc, mask=mask)
         gl.thread_barrier()  # every thread's partial is written before the ticket releases them
-        tile = ctr_ptr + pid_n * gl.num_programs(1) + pid_m
-        ticket = gl.atomic_add(tile, 1, sem="acq_rel", scope="gpu")
+        ticket = gl.atomic_add(ctr_ptr + tile, 1, sem="acq_rel", scope="gpu")
         if ticket == SPLIT - 1:  # the last CTA of this tile: all partials are visible
-            total = gl.load(ws_ptr + off, mask=mask, other=0.0, cache_modifier=".cg")
-            for sp in gl.static_range(1, SPLIT):
-                total += gl.load(ws_ptr + sp * nm + off, mask=mask, other=0.0, cache_modifier=".cg")
+            total = gl.load(ws_tile + loc, mask=mask, other=0.0, cache_modifier=".cg")
+            for sp in range(1, SPLIT):  # a loop, not unrolled: SPLIT loads in flight would cost registers
+                total += gl.load(ws_tile + sp * step + loc, mask=mask, other=0.0, cache_modifier=".cg")
             gl.store(out_ptr + off, (total * alpha).to(gl.bfloat16), mask=mask)
-            gl.atomic_xchg(tile, 0, sem="relaxed", scope="gpu")
+            gl.atomic_xchg(ctr_ptr + tile, 0, sem="relaxed", scope="gpu")

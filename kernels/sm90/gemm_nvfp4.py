@@ -17,7 +17,9 @@ the register-fed kernel's logical k order, below) added in chunk order in fp32, 
 Two kernels compute exactly that (CompileKey.for_shape):
 - M < 256: the Gluon wgmma kernel (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
   wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide, several token tiles above
-  64); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets). The activations are
+  64); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), while the output tiles
+  are fewer than _LOOP_MIN_TILES; from there (split 1) each CTA walks every chunk itself, restarting its chain at
+  each chunk and adding the chunk sums in the same order (no partials in memory). The activations are
   decoded once per GEMM into fp16 by a small Triton kernel first (act_f16), except at M <= 2 and at M <= 16 with
   N <= 2048, where each CTA decodes its own (the same values).
 - M >= 256: both operands decoded once to fp16 in that logical order (decode_pair: one launch), then the persistent
@@ -45,6 +47,7 @@ __all__ = ["CompileKey", "chunk_plan", "launch"]
 _NUM_SMS_H200 = 132
 _CHUNK_SMS = 132  # the chunk plan's SM count: a constant, so the summation order does not depend on the device
 _PREDECODE_MIN_M = 256
+_LOOP_MIN_TILES = 132  # wgmma path: output tiles from which a CTA walks every chunk itself (no split-K)
 _DECODE_TILE = (64, 256)
 
 
@@ -83,14 +86,15 @@ class CompileKey:
     block_y: int  # wgmma: BT tokens a CTA (8, 16, 32, 64); predecode: the fp16 GEMM's BN
     num_warps: int
     num_stages: int
-    split: int  # wgmma: CTAs along K (the partials added in order by the last ticket); predecode: 1
+    split: int  # wgmma: CTAs along K (the partials added in order by the last ticket; 1: a CTA walks every chunk)
     use_asm: bool = True  # the inline-PTX E2M1 decode (False: the arithmetic one, same values; predecode only)
     predecode: bool = False  # both operands decoded to fp16, then the Gluon fp16 GEMM
     act_f16: bool = False  # wgmma: activations decoded once per GEMM (fp16, mma order) instead of in every CTA
     wgmma: int = 0  # 1..: the Gluon wgmma path, K % 128 == 0 (value = 64-row wgmma tiles per warpgroup)
     decode_pair: bool = False  # predecode: both operands decoded in one launch (the same bytes)
     # 128-K tiles per chunk of chunk_plan (0: one chain over K, or for an explicit wgmma key K split evenly).
-    # wgmma: each CTA of the split sums one chunk (split = the number of chunks); predecode: the fp16 GEMM restarts
+    # wgmma: each CTA of the split sums one chunk (split = the number of chunks), or with split 1 one CTA sums every
+    # chunk of its tile in order (the same operations, no partials); predecode: the fp16 GEMM restarts
     # its chain every chunk and adds the chunk sums in order (needs mma_order and 128 x 128 tiles)
     chunk: int = 0
     mma_order: bool = False  # predecode: operands decoded in the wgmma path's logical k order (K % 128 == 0)
@@ -100,7 +104,8 @@ class CompileKey:
         """The routed key. Batch invariant (DESIGN: a token's bits do not depend on M): at every M an output
         element is the same sequence of fp32 operations. K % 128 == 0: chunk_plan(N, K)'s chunks, each a chain of
         k16 wgmma steps from +0 over the 128-K tiles' logical MMA order, the chunk sums added in chunk order; M <
-        256 by the register-fed wgmma kernel (one CTA a chunk, the partials added by the last ticket), M >= 256 by
+        256 by the register-fed wgmma kernel (one CTA a chunk, the partials added by the last ticket, or, once the
+        output tiles alone fill the GPU, one CTA walking every chunk of its tile), M >= 256 by
         the predecode path (operands decoded in that order, the Gluon fp16 GEMM with a chunk and a total
         accumulator: 128 x 128 tiles when there is more than one chunk). Other K: the predecode path at every M,
         one chain in natural k order. use_asm=False (arithmetic decode) takes the predecode path at every M: the
@@ -111,7 +116,12 @@ class CompileKey:
         if m < _PREDECODE_MIN_M and use_asm:
             # activations decoded once per GEMM (act_f16) except at M <= 2 and at M <= 16 with N <= 2048 (in-kernel
             # decode 10.5 against 11.0 us at M = 16, tied at M = 3; H200 sweep, NOTES.md); the bits do not depend on it
-            return CompileKey(block_x=64, block_y=_token_tile(m), num_warps=4, num_stages=3, split=chunks,
+            # one CTA a chunk (the partials added by the tile's last CTA) while the output tiles alone do not fill
+            # the GPU; once they do, each CTA walks all chunks itself (split 1: no partials, the same adds)
+            bt = _token_tile(m)
+            tiles = -(-n // 64) * -(-m // bt)
+            return CompileKey(block_x=64, block_y=bt, num_warps=4, num_stages=3,
+                              split=chunks if tiles < _LOOP_MIN_TILES else 1,
                               act_f16=m > 16 or (m > 2 and n > 2048), wgmma=1, chunk=per)
         if chunks == 1:
             return CompileKey.predecode_gluon(mma_order=True, use_asm=use_asm)
@@ -266,12 +276,14 @@ def _wgmma_launcher(key: CompileKey):
             raise ValueError(f"gemm_nvfp4: the wgmma key {key} needs K % 128 == 0, got K = {k}")
         k_iters = k // 128
         per = key.chunk or triton.cdiv(k_iters, key.split)
-        if triton.cdiv(k_iters, per) != key.split:
+        if key.split not in (1, triton.cdiv(k_iters, per)):
             raise ValueError(f"gemm_nvfp4: the wgmma key {key} cuts K = {k} into {triton.cdiv(k_iters, per)} "
                              f"chunks of {per} tiles, not its split {key.split}")
         grid = (triton.cdiv(n, key.block_x), triton.cdiv(m, key.block_y), key.split)
-        if key.split > 1:  # fp32 partials [split, M, N] (per call: a CUDA graph takes them from its pool)
-            ws = torch.empty((key.split, m, n), dtype=torch.float32, device=out_bf16.device)
+        if key.split > 1:  # fp32 partials, tile-major [split, tiles, BN x BT] (per call: a CUDA graph takes them
+            # from its pool)
+            ws = torch.empty((key.split, grid[0] * grid[1], key.block_x * key.block_y), dtype=torch.float32,
+                             device=out_bf16.device)
             ctr = _tile_tickets(out_bf16.device, grid[0] * grid[1])
         else:
             ws = ctr = out_bf16

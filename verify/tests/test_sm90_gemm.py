@@ -503,6 +503,42 @@ def test_sm90_gemm_f16_gemm_key_refused_before_compiling():
 _INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 128, 255, 256, 300)
 
 
+# (m, n, k, act_f16): the wgmma kernel with every chunk in one CTA (split 1: the chain restarts at each chunk, the
+# chunk sums added in order) against one chunk a CTA (split = the chunk count, the tile's last CTA adds the
+# partials): token and row tails, a short last chunk (K 3200: 25 tiles in chunks of 4 at N 2050), in-kernel
+# activation decode and act_f16, 8 warps
+_LOOP_CASES = [(64, 2048, 7168, True), (70, 2050, 3200, True), (5, 7168, 3072, False), (200, 6144, 7168, True),
+               (33, 130, 16384, False), (255, 7168, 3072, True)]
+
+
+@pytest.mark.parametrize("m,n,k,act_f16", _LOOP_CASES, ids=lambda v: str(v))
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_sm90_gemm_wgmma_chunk_loop_same_bytes_as_one_chunk_a_cta(m, n, k, act_f16):
+    """Split 1 (a CTA walks every chunk) and split = chunks (a CTA a chunk, 4 and 8 warps) give the same bf16 bits,
+    and the routed key's: the same fp32 operations per element, whichever CTA does them."""
+    import dataclasses
+
+    from kernels.sm90 import gemm_nvfp4
+    from kernels.sm90.gemm_nvfp4 import CompileKey, chunk_plan
+
+    a_p, _, a_sw, a_dec = _operand(m, k, 31, heavy=True)
+    b_p, _, b_sw, b_dec = _operand(n, k, 32, heavy=True)
+    alpha = (a_dec * b_dec).reshape(()).float()
+    per, chunks = chunk_plan(n, k)
+    assert chunks > 1, (n, k)
+    split = CompileKey(block_x=64, block_y=next(b for b in (8, 16, 32, 64) if b >= min(m, 64)), num_warps=4,
+                       num_stages=3, split=chunks, act_f16=act_f16, wgmma=1, chunk=per)
+    ys = {"split": gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=split)}
+    for name, kw in (("loop", dict(split=1)), ("loop 8 warps", dict(split=1, block_x=128, num_warps=8)),
+                     ("split 8 warps", dict(block_x=128, num_warps=8))):
+        ys[name] = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha, key=dataclasses.replace(split, **kw))
+    ys["routed"] = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha)
+    for name, y in ys.items():
+        assert_bits_equal(y.cpu(), ys["split"].cpu(), label=f"{name} vs one chunk a CTA ({chunks} chunks of {per}), "
+                                                          f"{m} x {n} x {k}, act_f16 {act_f16}")
+
+
 @pytest.mark.parametrize("n,k", [(2048, 7168), (7168, 3072), (6144, 7168), (7168, 16384), (512, 7168),
                                  (2050, 7184)], ids=lambda v: str(v))
 @pytest.mark.gpu
@@ -575,8 +611,8 @@ def test_chunk_plan_depends_on_n_and_k_only_and_keys_follow_it():
         assert 1 <= per <= tiles and (chunks - 1) * per < tiles <= chunks * per, (n, k, per, chunks)
         for m in _INVARIANCE_MS + (511, 512, 4096):
             key = CompileKey.for_shape(m, n, k)
-            if key.wgmma:
-                assert (m, key.split, key.chunk) == (m, chunks, per) and m < 256, (n, k, m, key)
+            if key.wgmma:  # one chunk a CTA, or (split 1) every chunk in one CTA
+                assert key.split in (chunks, 1) and key.chunk == per and m < 256, (n, k, m, key)
             else:
                 assert key.predecode and key.mma_order and m >= 256, (n, k, m, key)
                 assert key.chunk == (per if chunks > 1 else 0), (n, k, m, key)
