@@ -48,9 +48,9 @@ K = 1024
 BLOCKS = K // 16
 GAPS = tuple(range(4, 39))  # t = 20 + b - s, b in [-8, 8], s in [-10, 8]: the big term's exponent over the small's
 # path -> (M, N, K): the shape selects the kernel variant (sm90 routing, kernels/sm90/gemm_nvfp4.py for_shape:
-# every M sums an output in chunk_plan(N, K)'s chunks, M < 256 by the register-fed wgmma kernel (a chunk a CTA, the
-# chunk sums added by the tile's last CTA, or every chunk in one CTA once the output tiles fill the GPU; activations
-# decoded in-kernel at M <= 2, once per GEMM above 16), M >= 256
+# every M sums an output in chunk_plan(N, K)'s chunks, M < 1024 by the register-fed wgmma kernel (a chunk a CTA, the
+# chunk sums added by the tile's last CTA, or every chunk in one CTA where the routing says so; activations
+# decoded in-kernel at M <= 2, once per GEMM above 16), M >= 1024
 # by the Gluon fp16 GEMM on predecoded operands with a chunk and a total accumulator). The same summation at every M,
 # so the readings should agree; each kernel is probed all the same. N counts columns (gap columns first, zero weights
 # after); a plain int is M.
@@ -62,7 +62,7 @@ PROBE_PATHS = {
     "M=64 (wgmma, activations decoded once)": (64, 0, K),
     "M=128 (wgmma, two token tiles)": (128, 0, K),
     "M=128, N=8192 (wgmma, every chunk in one CTA)": (128, 8192, K),
-    "M=256 (Gluon fp16 GEMM, chunked: 8 chunks of 128 at this N and K)": (256, 0, K),
+    "M=1024 (Gluon fp16 GEMM, chunked: 8 chunks of 128 at this N and K)": (1024, 0, K),
 }
 # grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
 # columns padded to 128, K = 1024); the sm90 routing (kernels/sm90/grouped_gemm_nvfp4.py) takes the register-fed

@@ -15,14 +15,14 @@ Batch invariance (DESIGN: a token's bits do not depend on M). K % 128 == 0: chun
 tiles into chunks; an output element is, at every M, the chunks' k16 wgmma chains (each from +0, over its tiles in
 the register-fed kernel's logical k order, below) added in chunk order in fp32, times 2^14 and alpha, one rounding.
 Two kernels compute exactly that (CompileKey.for_shape):
-- M < 256: the Gluon wgmma kernel (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
+- M < 1024: the Gluon wgmma kernel (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
   wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide, several token tiles above
-  64); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), while the output tiles
-  are fewer than _LOOP_MIN_TILES; from there (split 1) each CTA walks every chunk itself, restarting its chain at
-  each chunk and adding the chunk sums in the same order (no partials in memory). The activations are
+  64); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), or (split 1, where
+  _walks_every_chunk says so: mostly M > 64 with many output tiles, and M >= 256) each CTA walks every chunk
+  itself, restarting its chain at each chunk and adding the chunk sums in the same order. The activations are
   decoded once per GEMM into fp16 by a small Triton kernel first (act_f16), except at M <= 2 and at M <= 16 with
   N <= 2048, where each CTA decodes its own (the same values).
-- M >= 256: both operands decoded once to fp16 in that logical order (decode_pair: one launch), then the persistent
+- M >= 1024: both operands decoded once to fp16 in that logical order (decode_pair: one launch), then the persistent
   Gluon fp16 GEMM (_gemm_f16_gluon: TMA ring, producer warp) with a chunk and a total accumulator (128 x 128
   tiles; 128 x 256 when K is one chunk).
 K % 128 != 0 (no V4 shape): the predecode path at every M, one chain over K in natural order. use_asm=False
@@ -46,8 +46,7 @@ __all__ = ["CompileKey", "chunk_plan", "launch"]
 
 _NUM_SMS_H200 = 132
 _CHUNK_SMS = 132  # the chunk plan's SM count: a constant, so the summation order does not depend on the device
-_PREDECODE_MIN_M = 256
-_LOOP_MIN_TILES = 132  # wgmma path: output tiles from which a CTA walks every chunk itself (no split-K)
+_PREDECODE_MIN_M = 1024
 _DECODE_TILE = (64, 256)
 
 
@@ -64,6 +63,19 @@ def _split_k(tiles: int, k_iters: int, ctas: int, max_split: int | None = None) 
 def _token_tile(m: int) -> int:
     """The wgmma kernel's BT: the smallest of 8, 16, 32, 64 tokens that holds M (64-token tiles above 64)."""
     return next(b for b in (8, 16, 32, 64) if b >= min(m, 64))
+
+
+def _walks_every_chunk(m: int, n: int, k: int) -> bool:
+    """Whether the wgmma key of an M < _PREDECODE_MIN_M GEMM has each CTA walk every chunk (split 1) rather than one
+    chunk a CTA (split = chunks): the same bits either way. From the H100 sweep (session 12, NOTES.md): walking wins
+    from M 256 on (over the chunked fp16 GEMM too, up to M 512), and above M 64 once there are >= 96 output tiles of
+    64 x 64; at M 64 (one token tile, the CTA's K walked serially) only for K <= 4096; below M 64 never."""
+    tiles = -(-n // 64) * -(-m // _token_tile(m))
+    if m >= 256:
+        return True
+    if m < 64 or tiles < 96:
+        return False
+    return m > 64 or k <= 4096
 
 
 def chunk_plan(n: int, k: int) -> tuple[int, int]:
@@ -104,8 +116,8 @@ class CompileKey:
         """The routed key. Batch invariant (DESIGN: a token's bits do not depend on M): at every M an output
         element is the same sequence of fp32 operations. K % 128 == 0: chunk_plan(N, K)'s chunks, each a chain of
         k16 wgmma steps from +0 over the 128-K tiles' logical MMA order, the chunk sums added in chunk order; M <
-        256 by the register-fed wgmma kernel (one CTA a chunk, the partials added by the last ticket, or, once the
-        output tiles alone fill the GPU, one CTA walking every chunk of its tile), M >= 256 by
+        1024 by the register-fed wgmma kernel (one CTA a chunk, the partials added by the last ticket, or one CTA
+        walking every chunk of its tile: _walks_every_chunk), M >= 1024 by
         the predecode path (operands decoded in that order, the Gluon fp16 GEMM with a chunk and a total
         accumulator: 128 x 128 tiles when there is more than one chunk). Other K: the predecode path at every M,
         one chain in natural k order. use_asm=False (arithmetic decode) takes the predecode path at every M: the
@@ -116,12 +128,10 @@ class CompileKey:
         if m < _PREDECODE_MIN_M and use_asm:
             # activations decoded once per GEMM (act_f16) except at M <= 2 and at M <= 16 with N <= 2048 (in-kernel
             # decode 10.5 against 11.0 us at M = 16, tied at M = 3; H200 sweep, NOTES.md); the bits do not depend on it
-            # one CTA a chunk (the partials added by the tile's last CTA) while the output tiles alone do not fill
-            # the GPU; once they do, each CTA walks all chunks itself (split 1: no partials, the same adds)
-            bt = _token_tile(m)
-            tiles = -(-n // 64) * -(-m // bt)
-            return CompileKey(block_x=64, block_y=bt, num_warps=4, num_stages=3,
-                              split=chunks if tiles < _LOOP_MIN_TILES else 1,
+            # one CTA a chunk (the partials added by the tile's last CTA), or each CTA walking every chunk itself
+            # (split 1: no partials, the same adds) where that was faster (_walks_every_chunk)
+            return CompileKey(block_x=64, block_y=_token_tile(m), num_warps=4, num_stages=3,
+                              split=1 if _walks_every_chunk(m, n, k) else chunks,
                               act_f16=m > 16 or (m > 2 and n > 2048), wgmma=1, chunk=per)
         if chunks == 1:
             return CompileKey.predecode_gluon(mma_order=True, use_asm=use_asm)

@@ -156,9 +156,10 @@ y = be.gemm_nvfp4(xp, xsf, wp, wsf, alpha)
 y1 = be.gemm_nvfp4(xp[:3], xsf[:128], wp, wsf, alpha)
 # the Gluon wgmma path (K % 128 == 0): in-kernel activation decode with split-K tickets (16 tokens,
 # N = 2048) and the act_f16 ring (32 tokens), row tails
-# M = 1 (a chunk a CTA), and M >= 256: the chunked fp16 GEMM on mma-order operands (K 1024) and one chain (K 272)
+# M = 1 (a chunk a CTA), M = 300 (a CTA walks every chunk), and M >= 1024: the chunked fp16 GEMM on mma-order
+# operands (K 1024); K 272: one natural-order chain at every M
 for m, n, k in ((16, 2048, 1024), (32, 7168, 3072), (16, 200, 384), (1, 200, 1024), (300, 2048, 1024),
-                (260, 200, 272)):
+                (1030, 2048, 1024), (260, 200, 272)):
     xq, xqs, s2 = be.quantize_nvfp4_dynamic(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     wq, wqs, t2 = be.quantize_nvfp4_dynamic(torch.randn(n, k, device="cuda").to(torch.bfloat16))
     be.gemm_nvfp4(xq, xqs, wq, wqs, (1 / s2) * (1 / t2))
@@ -496,11 +497,11 @@ def test_sm90_gemm_f16_gemm_key_refused_before_compiling():
 # M <= 2, wgmma K splits that depended on M, Triton kernels over even-then-odd k, the fp16 GEMM one natural-order
 # chain): measured on an H100 (session 10) 1 of 2048 outputs of a lone row differed from the M = 512 batch at 2048 x
 # 7168, 1389 of 917504 at M 128 for 7168 x 16384. Now every M follows chunk_plan(N, K) in the wgmma path's logical k
-# order (the register-fed wgmma kernel below M 256, the chunked Gluon fp16 GEMM on operands decoded in that order
-# from 256); K % 128 != 0 takes one path at every M. The layer verdict's batch check runs the same comparison on a
+# order (the register-fed wgmma kernel below M 1024, a chunk a CTA or every chunk in one CTA, the chunked Gluon fp16
+# GEMM on operands decoded in that order from 1024); K % 128 != 0 takes one path at every M. The layer verdict's batch check runs the same comparison on a
 # fixture's rows (verify.verdicts.checks.row_batch).
 
-_INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 128, 255, 256, 300)
+_INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 128, 255, 256, 300, 512, 1000)
 
 
 # (m, n, k, act_f16): the wgmma kernel with every chunk in one CTA (split 1: the chain restarts at each chunk, the
@@ -545,10 +546,10 @@ def test_sm90_gemm_wgmma_chunk_loop_same_bytes_as_one_chunk_a_cta(m, n, k, act_f
 @pytest.mark.sm90
 def test_gpu_dense_row_bits_do_not_depend_on_m(n, k):
     """The first m rows as a batch of their own (every path for_shape picks by M) against the same rows inside a
-    batch of 512 (the chunked fp16 GEMM), bf16 bits."""
+    batch of 1024 (the chunked fp16 GEMM), bf16 bits."""
     from kernels.sm90 import gemm_nvfp4
 
-    a_p, a_sf, a_sw, a_dec = _operand(512, k, 11, heavy=True)
+    a_p, a_sf, a_sw, a_dec = _operand(1024, k, 11, heavy=True)
     b_p, _, b_sw, b_dec = _operand(n, k, 12, heavy=True)
     alpha = (a_dec * b_dec).reshape(()).float()
     full = gemm_nvfp4.launch(a_p, a_sw, b_p, b_sw, alpha)
@@ -556,7 +557,7 @@ def test_gpu_dense_row_bits_do_not_depend_on_m(n, k):
         y = gemm_nvfp4.launch(a_p[:m].contiguous(), sf_linear_to_swizzled_128x4(a_sf[:m].contiguous()), b_p, b_sw,
                               alpha)
         key = gemm_nvfp4.CompileKey.for_shape(m, n, k)
-        assert_bits_equal(y.cpu(), full[:m].cpu(), label=f"rows 0..{m - 1} as a batch of {m} vs in a batch of 512, "
+        assert_bits_equal(y.cpu(), full[:m].cpu(), label=f"rows 0..{m - 1} as a batch of {m} vs in a batch of 1024, "
                                                          f"N x K {n} x {k} (key {key})")
 
 
@@ -609,12 +610,12 @@ def test_chunk_plan_depends_on_n_and_k_only_and_keys_follow_it():
         per, chunks = chunk_plan(n, k)
         tiles = k // 128
         assert 1 <= per <= tiles and (chunks - 1) * per < tiles <= chunks * per, (n, k, per, chunks)
-        for m in _INVARIANCE_MS + (511, 512, 4096):
+        for m in _INVARIANCE_MS + (1023, 1024, 4096):
             key = CompileKey.for_shape(m, n, k)
             if key.wgmma:  # one chunk a CTA, or (split 1) every chunk in one CTA
-                assert key.split in (chunks, 1) and key.chunk == per and m < 256, (n, k, m, key)
+                assert key.split in (chunks, 1) and key.chunk == per and m < 1024, (n, k, m, key)
             else:
-                assert key.predecode and key.mma_order and m >= 256, (n, k, m, key)
+                assert key.predecode and key.mma_order and m >= 1024, (n, k, m, key)
                 assert key.chunk == (per if chunks > 1 else 0), (n, k, m, key)
                 assert (key.block_x, key.block_y) == ((128, 128) if chunks > 1 else (128, 256)), (n, k, m, key)
     for m in (1, 64, 4096):
