@@ -61,7 +61,7 @@ PROBE_PATHS = {
     "M=16 (wgmma)": (16, 0, K),
     "M=64 (wgmma, activations decoded once)": (64, 0, K),
     "M=128 (wgmma, two token tiles)": (128, 0, K),
-    "M=128, N=8192 (wgmma, every chunk in one CTA)": (128, 8192, K),
+    "M=256 (wgmma, every chunk in one CTA)": (256, 0, K),
     "M=1024 (Gluon fp16 GEMM, chunked: 8 chunks of 128 at this N and K)": (1024, 0, K),
 }
 # grouped (MoE) paths: path -> (experts E, rows per expert) of a grouped L2 GEMM on the same probe rows (N = the gap
