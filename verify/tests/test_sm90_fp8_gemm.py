@@ -8,9 +8,9 @@ the kernel module's declared U_ACC and PROMOTION_INTERVAL); weights from the che
 references.fp8_weight (V4 UE8M0 `scale`, V3 `weight_scale_inv`), decoded to float32 block scales as
 the sm90 adapter does.
 
-CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in ONE subprocess (the
-interpreter must be chosen before triton decorates the kernels); each case is one test item reading
-that run's JSON. GPU (markers gpu, sm90): the same checks at DeepSeek-V4-Pro / V4-Flash FP8 shapes,
+CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in child processes (the
+interpreter must be chosen before triton decorates the kernels; two side by side,
+verify/tests/_interpreter_children.py); each case is one test item reading that run's JSON. GPU (markers gpu, sm90): the same checks at DeepSeek-V4-Pro / V4-Flash FP8 shapes,
 batch invariance (a row alone, in a batch of 64 and of 4096: bit-equal), CUDA-graph replay
 bit-equal to eager, determinism. Bench (marker bench, never in the default run): ours vs torch bf16
 matmul vs torch._scaled_mm blockwise (1x128 x 128x128) at M = 1, 16, 64, 128, 4096.
@@ -22,9 +22,7 @@ import contextlib
 import functools
 import json
 import os
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -40,9 +38,9 @@ from references.fp8_act import (
 from references.fp8_gemm import fp8_block_gemm_error_bound, fp8_block_gemm_f64
 from references.fp8_weight import fp8_weight_from_v3_weight_scale_inv, fp8_weight_from_v4_e8m0_scale
 from verify.assertions import assert_bits_equal, assert_bytes_equal, assert_within_gemm_bound
+from verify.tests._interpreter_children import child_main, run_cases
 
 CUDA = torch.cuda.is_available()
-REPO = Path(__file__).resolve().parents[2]
 GPU = [pytest.mark.gpu, pytest.mark.sm90]
 
 # every recipe the kernel can express: the three shipped ones, NaN ignored (fmaxf kernels), vLLM's floor
@@ -220,44 +218,58 @@ def _case_gemm_exact(m, n, k) -> str:
     return "bit-equal to the float64 result rounded once"
 
 
-def _case_gemm_batch_invariance(n, k) -> str:
+# (BT, BN, split, swap, pipe, group_t, tma): every tunable field of the sweep's candidates, the software-pipelined
+# loop (pipe), tensor-descriptor loads (tma) and tiles wider than one 128-row weight-scale block (BN 256) included
+_INVARIANCE_KEYS = (
+    (16, 64, True, True, False, 8, False), (16, 64, False, True, False, 8, False),
+    (64, 128, True, True, False, 8, False), (128, 128, False, True, False, 8, False),
+    (64, 64, True, False, False, 8, False), (128, 128, False, False, False, 8, False),
+    (16, 64, True, True, True, 8, False), (64, 128, False, True, True, 1, False),
+    (128, 128, True, False, True, 16, False), (64, 256, False, False, False, 8, False),
+    (64, 256, True, False, True, 2, False), (16, 64, True, True, False, 8, True),
+    (128, 128, False, False, False, 8, True), (128, 128, True, False, True, 8, True),
+    (64, 128, False, True, True, 8, True))
+_INVARIANCE_PARTS = ("rows", "keys0", "keys1", "ws")  # one interpreter case each (they balance over the children)
+
+
+def _case_gemm_batch_invariance(n, k, part) -> str:
     """Rows alone (M = 1: 16-token tiles, split into chunks) equal the same rows in a batch of 70
-    (128 x 64 tiles) and of 20; and explicit keys (split or not, other token tiles) give the same bits."""
+    (128 x 64 tiles) and of 20 (part "rows"); explicit keys (split or not, other token tiles) give the routed
+    key's bits on those 20 rows (parts "keys0" / "keys1": the two halves of _INVARIANCE_KEYS; "ws")."""
     from kernels.sm90.gemm_fp8_block import CompileKey
 
     wt, w_dec = _weight(n, k, 5, "v4", "cpu")
     act = _activation(70, k, 6, FP8_ACT_F32, "cpu")
-    y = _gemm(act, wt.e4m3_u8, w_dec)
-    for r in (0, 33, 69):
-        one = Fp8Act1x128(act.e4m3_u8[r:r + 1], act.block_dec_scale[r:r + 1], "f32")
-        assert_bits_equal(_gemm(one, wt.e4m3_u8, w_dec)[0], y[r], label=f"row {r} alone vs in M=70 ({n}x{k})")
-    part = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
-    assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
+    part20 = Fp8Act1x128(act.e4m3_u8[:20], act.block_dec_scale[:20], "f32")
     base = CompileKey.for_shape(3, n, k, act_scale_ue8m0=False)
-    # (BT, BN, split, swap, pipe, group_t, tma): every tunable field of the sweep's candidates, the software-
-    # pipelined loop (pipe), tensor-descriptor loads (tma) and tiles wider than one 128-row weight-scale
-    # block (BN 256) included
-    for bt, bn, split, swap, pipe, gt, tma in (
-            (16, 64, True, True, False, 8, False), (16, 64, False, True, False, 8, False),
-            (64, 128, True, True, False, 8, False), (128, 128, False, True, False, 8, False),
-            (64, 64, True, False, False, 8, False), (128, 128, False, False, False, 8, False),
-            (16, 64, True, True, True, 8, False), (64, 128, False, True, True, 1, False),
-            (128, 128, True, False, True, 16, False), (64, 256, False, False, False, 8, False),
-            (64, 256, True, False, True, 2, False), (16, 64, True, True, False, 8, True),
-            (128, 128, False, False, False, 8, True), (128, 128, True, False, True, 8, True),
-            (64, 128, False, True, True, 8, True)):
-        warps = max(4, 4 * ((bn if swap else bt) // 64))
-        key = CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
-                            "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma})
-        assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
-    # ws (the warp-specialized loop of the sweep's M > 64 candidates): the interpreter ignores
-    # tl.range(warp_specialize=...) and runs the plain loop, so this checks the key's plumbing (num_warps 4 with
-    # 128-token tiles, TMA), not the specialized code; the GPU test test_gpu_ws_tiles_bit_equal does that
-    for bn, split in ((128, False), (128, True), (64, True)):
-        key = CompileKey(**{**base.__dict__, "block_t": 128, "block_n": bn, "split": split and base.chunked,
-                            "num_warps": 4, "swap": False, "pipe": False, "tma": True, "ws": True})
-        assert_bits_equal(_gemm(part, wt.e4m3_u8, w_dec, key=key), y[:20], label=f"key {key}")
-    return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows and keys bit-equal"
+    if part == "rows":
+        y = _gemm(act, wt.e4m3_u8, w_dec)
+        for r in (0, 33, 69):
+            one = Fp8Act1x128(act.e4m3_u8[r:r + 1], act.block_dec_scale[r:r + 1], "f32")
+            assert_bits_equal(_gemm(one, wt.e4m3_u8, w_dec)[0], y[r], label=f"row {r} alone vs in M=70 ({n}x{k})")
+        assert_bits_equal(_gemm(part20, wt.e4m3_u8, w_dec), y[:20], label=f"rows 0..19 in M=20 vs M=70 ({n}x{k})")
+        return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: rows alone, in 20 and in 70 bit-equal"
+    y20 = _gemm(part20, wt.e4m3_u8, w_dec)  # the routed key at M = 20 ("rows": equal to the same rows in M = 70)
+    keys = []
+    if part in ("keys0", "keys1"):
+        half = (len(_INVARIANCE_KEYS) + 1) // 2
+        for bt, bn, split, swap, pipe, gt, tma in (_INVARIANCE_KEYS[:half] if part == "keys0"
+                                                   else _INVARIANCE_KEYS[half:]):
+            warps = max(4, 4 * ((bn if swap else bt) // 64))
+            keys.append(CompileKey(**{**base.__dict__, "block_t": bt, "block_n": bn, "split": split and base.chunked,
+                                      "num_warps": warps, "swap": swap, "pipe": pipe, "group_t": gt, "tma": tma}))
+    elif part == "ws":
+        # ws (the warp-specialized loop of the sweep's M > 64 candidates): the interpreter ignores
+        # tl.range(warp_specialize=...) and runs the plain loop, so this checks the key's plumbing (num_warps 4 with
+        # 128-token tiles, TMA), not the specialized code; the GPU test test_gpu_ws_tiles_bit_equal does that
+        for bn, split in ((128, False), (128, True), (64, True)):
+            keys.append(CompileKey(**{**base.__dict__, "block_t": 128, "block_n": bn, "split": split and base.chunked,
+                                      "num_warps": 4, "swap": False, "pipe": False, "tma": True, "ws": True}))
+    else:
+        raise ValueError(f"part: {part!r}, expected one of {_INVARIANCE_PARTS}")
+    for key in keys:
+        assert_bits_equal(_gemm(part20, wt.e4m3_u8, w_dec, key=key), y20, label=f"key {key}")
+    return f"chunk plan {base.chunk_blocks} x {base.n_chunks}: {len(keys)} keys bit-equal to the routed key"
 
 
 def _case_fused_quant_gemm(m, n, k, recipe_name, cfg_json) -> str:
@@ -387,8 +399,8 @@ CASES = {
                                (5, 130, 1024, "v3", "fp8_f32"), (70, 256, 384, "v4", "fp8_f32"),
                                (3, 64, 200, "v3", "fp8_ue8m0"), (17, 576, 576, "v4", "fp8_ue8m0"))},
     **{f"gemm-exact-{m}x{n}x{k}": (_case_gemm_exact, (m, n, k)) for (m, n, k) in ((1, 200, 576), (40, 130, 1024))},
-    **{f"gemm-batch-invariance-{n}x{k}": (_case_gemm_batch_invariance, (n, k))
-       for (n, k) in ((4224, 1024), (192, 576))},
+    **{f"gemm-batch-invariance-{n}x{k}-{part}": (_case_gemm_batch_invariance, (n, k, part))
+       for (n, k) in ((4224, 1024), (192, 576)) for part in _INVARIANCE_PARTS},
     **{f"gemm-fused-quant-{m}x{n}x{k}-{r}-{i}": (_case_fused_quant_gemm, (m, n, k, r, c))
        for i, (m, n, k, r, c) in enumerate((
            (3, 200, 576, "fp8_ue8m0", "{}"), (5, 130, 1100, "fp8_f32", '{"split": false}'),
@@ -413,40 +425,18 @@ CASES = {
 }
 
 
-def _run_cases(names: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in names:
-        fn, args = CASES[name]
-        try:
-            out[name] = {"ok": True, "message": fn(*args)}
-        except Exception as exc:  # noqa: BLE001 - reported per case to the parent test
-            out[name] = {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
-    return out
+# CPU seconds of the interpreter's longest cases (measured on a CI-like 2-core host; the others take about 1 s):
+# only how the cases are dealt to the children (verify/tests/_interpreter_children.py) depends on them
+_CPU_SECONDS = {"gemm-batch-invariance-4224x1024-rows": 30.4, "gemm-batch-invariance-4224x1024-keys0": 56.8,
+                "gemm-batch-invariance-4224x1024-keys1": 26.9, "gemm-batch-invariance-4224x1024-ws": 21.4,
+                "gemm-ticket-split-2112x1100-2": 61.1, "gemm-ticket-split-192x576-0": 11.2,
+                "gemm-ticket-split-130x1100-1": 9.6}
+
 
 
 @pytest.fixture(scope="module")
 def interpreter_results(tmp_path_factory):
-    pytest.importorskip("triton", reason="the CPU cases run the kernels under the Triton interpreter: "
-                                         "pip install triton==3.6.0 (.ci/run does)")
-    tmp = tmp_path_factory.mktemp("sm90_fp8")
-    # this checkout first on the path: the children run this file as a script
-    path_env = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=path_env, OMP_NUM_THREADS="1")
-    # two children, each half of the cases (alternate ones: similar work), run side by side: the interpreter is
-    # single-threaded Python, so on CI's two cores this halves the fixture's wall time; every case still runs once
-    names = list(CASES)
-    runs = [(tmp / f"results{i}.json", names[i::2]) for i in range(2)]
-    procs = [(path, subprocess.Popen([sys.executable, __file__, "--cases", str(path), *part], cwd=REPO, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-             for path, part in runs]
-    results = {}
-    for path, proc in procs:
-        out, err = proc.communicate(timeout=2400)
-        if proc.returncode != 0 or not path.exists():
-            pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{out[-3000:]}\n{err[-3000:]}")
-        results.update(json.loads(path.read_text()))
-    assert sorted(results) == sorted(names), "an interpreter child lost cases"
-    return results
+    return run_cases(__file__, list(CASES), tmp_path_factory.mktemp("sm90_fp8"), cpu_seconds=_CPU_SECONDS)
 
 
 @pytest.mark.skipif(CUDA, reason="CPU interpreter cases (on a GPU the kernels run natively in the GPU tests)")
@@ -920,8 +910,7 @@ def test_bench_fp8_gemm_v4_pro(name, n, k):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "--cases":
-        Path(sys.argv[2]).write_text(json.dumps(_run_cases(sys.argv[3:])))
+    child_main(sys.argv[1:], CASES)
 
 
 # ============================================================================= the Gluon kernel (CompileKey.gluon)

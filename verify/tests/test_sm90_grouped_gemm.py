@@ -10,9 +10,9 @@ Verdicts (DESIGN "Verdicts"):
   either way (the kernel evaluates h in float32: a bf16 rounding boundary within that distance may go
   either way). Padding and capacity rows zero.
 
-CPU: the cases run under the Triton interpreter (TRITON_INTERPRET=1, portable decode) in one
-subprocess (the interpreter is chosen when Triton kernels are defined, so it cannot share a process
-with compiled kernels). GPU (markers gpu, sm90): the same checks with the PTX decode at larger shapes,
+CPU: the cases run under the Triton interpreter (TRITON_INTERPRET=1, portable decode) in child
+processes (the interpreter is chosen when Triton kernels are defined, so it cannot share a process
+with compiled kernels; two side by side, verify/tests/_interpreter_children.py). GPU (markers gpu, sm90): the same checks with the PTX decode at larger shapes,
 every token-tile config bit-identical, an expert's rows alone vs among all, two runs identical, CUDA
 graph captured at capacity and replayed with a new routing and new values bit-identical to eager,
 garbage in the scale padding changing nothing.
@@ -22,12 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
-import os
 import re
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -39,11 +35,11 @@ from references.moe import requant as ref_requant, swiglu as ref_swiglu
 from references.nvfp4 import quantize_nvfp4, te_global_enc_scale, unpack_e2m1x2_low_first
 from references.recipes import TE
 from verify.assertions import assert_bits_equal, assert_within_gemm_bound
+from verify.tests._interpreter_children import child_main, run_cases
 from verify.tests._sass import _cuobjdump, registers_without_spills
 
 GPU = [pytest.mark.gpu, pytest.mark.sm90]
 U_ACC = 2.0**-24  # the sm90 backend's declared accumulator (fp16 MMA, fp32 accumulation)
-ROOT = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------- cases
@@ -199,32 +195,33 @@ _INTERP_CASES = {
 }
 
 
-def _interpreter_main() -> None:
-    """Run every interpreter case on the CPU (TRITON_INTERPRET=1 set by the caller); print JSON results."""
-    out = {}
-    for name, (fn, kw) in _INTERP_CASES.items():
-        try:
-            out[name] = fn(torch.device("cpu"), use_asm=False, **kw)
-        except Exception as exc:  # reported per case by the pytest side
-            out[name] = f"FAILED {type(exc).__name__}: {exc}"
-    print("RESULTS " + json.dumps(out))
+def _interp_case(fn, kw: dict) -> str:
+    """One interpreter case on the CPU (TRITON_INTERPRET=1 set by the parent): its "ok ..." line, or raises."""
+    msg = fn(torch.device("cpu"), use_asm=False, **kw)
+    if not msg.startswith("ok"):
+        raise AssertionError(msg)
+    return msg
+
+
+# CPU seconds of the longest cases (a CI-like 2-core host; the others take under 1 s): how the cases are dealt to the
+# interpreter children depends on them, nothing else
+_INTERP_CPU_SECONDS = {"big_path_bits_zero_token_experts_capacity_rows_k_tail": 4.9,
+                       "big_path_bits_rows_of_next_expert_in_tile": 4.5,
+                       "big_k128_exact_data_equals_the_two_mma_variant": 4.3,
+                       "big_k128_exact_data_rows_of_next_expert_in_tile": 6.1,
+                       "big_k128_exact_data_equals_the_present_path": 6.1}
 
 
 @pytest.fixture(scope="module")
-def interpreter_results():
-    pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    proc = subprocess.run([sys.executable, "-c", "from verify.tests.test_sm90_grouped_gemm import _interpreter_main; "
-                           "_interpreter_main()"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULTS ")), None)
-    assert line is not None, f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return json.loads(line[len("RESULTS "):])
+def interpreter_results(tmp_path_factory):
+    return run_cases(__file__, list(_INTERP_CASES), tmp_path_factory.mktemp("sm90_grouped"),
+                     cpu_seconds=_INTERP_CPU_SECONDS)
 
 
 @pytest.mark.parametrize("case", list(_INTERP_CASES))
 def test_grouped_gemm_interpreter(interpreter_results, case):
-    msg = interpreter_results[case]
-    assert msg.startswith("ok"), msg
+    r = interpreter_results[case]
+    assert r["ok"], r["message"]
 
 
 def test_bad_inputs_are_refused_with_the_argument_named():
@@ -593,8 +590,8 @@ _BIG_INTERP = [name for name in _INTERP_CASES if name.startswith("big_")]
 
 @pytest.mark.parametrize("case", _BIG_INTERP)
 def test_grouped_gemm_large_token_path_interpreter(interpreter_results, case):
-    msg = interpreter_results[case]
-    assert msg.startswith("ok"), msg
+    r = interpreter_results[case]
+    assert r["ok"], r["message"]
 
 
 def test_large_token_path_routing_from_static_shapes():
@@ -1286,3 +1283,7 @@ def test_gpu_register_fed_kernels_at_four_and_five_k_tiles(k):
         msg = check_big_path_bits(_cuda(), counts=[0, 150, 3, 0, 77], rcap=240, n=192, k=k, seed=92, present_bt=16,
                                   big_bts=(64, 128), wgmma=True, **wg)
         assert msg.startswith("ok"), f"large-token wgmma K {k} rows_per_wg {r2} BN {bn}: {msg}"
+
+
+if __name__ == "__main__":  # an interpreter child of interpreter_results (verify/tests/_interpreter_children.py)
+    child_main(sys.argv[1:], {name: (_interp_case, case) for name, case in _INTERP_CASES.items()})

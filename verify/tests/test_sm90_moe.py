@@ -1,9 +1,10 @@
 """The sm90 MoE block beyond the stage verdicts (which test_layer_stages / test_backend_ops run over
 backends): router, dispatch, combine, grouped quantize, SwiGLU + requant and the whole block.
 
-CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in ONE subprocess (the
+CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in child processes (the
 interpreter must be chosen before triton decorates the kernels, and this process may already hold
-compiled ones); each case below is one test item reading that run's JSON. Expected values come from
+compiled ones; two side by side, verify/tests/_interpreter_children.py); each case below is one test item
+reading that run's JSON. Expected values come from
 references/ (router, dispatch, combine, quantize bytes), from the emulator's stage composition on the
 same backend ops (verify.backends.run_moe_block: the block equals its own stages, bit for bit), and
 from the block itself on fewer tokens (valid-token count). `slow` (minutes each under the interpreter):
@@ -26,6 +27,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from verify.tests._interpreter_children import child_main, run_cases
 
 CUDA = torch.cuda.is_available()
 REPO = Path(__file__).resolve().parents[2]
@@ -277,27 +280,8 @@ BLOCK_CASES = {f"block-layer{i}-{a}-{p}": (_case_block, (i, a, p))
                                  (0, "static", "before_w2"))}
 
 
-def _run_cases(names: list[str]) -> dict[str, dict]:
-    out = {}
-    for name in names:
-        fn, args = {**CASES, **BLOCK_CASES}[name]
-        try:
-            out[name] = {"ok": True, "message": fn(*args)}
-        except Exception as exc:  # noqa: BLE001 - reported per case to the parent test
-            out[name] = {"ok": False, "message": f"{type(exc).__name__}: {exc}"}
-    return out
-
-
 def _interpret(tmp_path_factory, names) -> dict[str, dict]:
-    pytest.importorskip("triton", reason="the CPU cases run the kernels under the Triton interpreter: "
-                                         "pip install triton==3.6.0 (.ci/run does)")
-    path = tmp_path_factory.mktemp("sm90_moe") / "results.json"
-    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, __file__, "--cases", str(path), *names], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=2400)
-    if proc.returncode != 0 or not path.exists():
-        pytest.fail(f"interpreter run failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(path.read_text())
+    return run_cases(__file__, names, tmp_path_factory.mktemp("sm90_moe"))
 
 
 @pytest.fixture(scope="module")
@@ -501,6 +485,6 @@ def _verdicts_main(path: str) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1] == "--cases":
-        Path(sys.argv[2]).write_text(json.dumps(_run_cases(sys.argv[3:])))
+        child_main(sys.argv[1:], {**CASES, **BLOCK_CASES})
     elif sys.argv[1] == "--verdicts":
         _verdicts_main(sys.argv[2])
