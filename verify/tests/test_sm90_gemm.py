@@ -156,10 +156,10 @@ y = be.gemm_nvfp4(xp, xsf, wp, wsf, alpha)
 y1 = be.gemm_nvfp4(xp[:3], xsf[:128], wp, wsf, alpha)
 # the Gluon wgmma path (K % 128 == 0): in-kernel activation decode with split-K tickets (16 tokens,
 # N = 2048) and the act_f16 ring (32 tokens), row tails
-# M = 1 (a chunk a CTA), M = 300 (a CTA walks every chunk), and M >= 1024: the chunked fp16 GEMM on mma-order
-# operands (K 1024); K 272: one natural-order chain at every M
+# M = 1 (a chunk a CTA), M = 300 (a CTA walks every chunk), M = 80 (32-token tiles, every chunk in a CTA), and
+# M >= 1024: the chunked fp16 GEMM on mma-order operands (K 1024); K 272: one natural-order chain at every M
 for m, n, k in ((16, 2048, 1024), (32, 7168, 3072), (16, 200, 384), (1, 200, 1024), (300, 2048, 1024),
-                (1030, 2048, 1024), (260, 200, 272)):
+                (80, 7168, 1024), (1030, 2048, 1024), (260, 200, 272)):
     xq, xqs, s2 = be.quantize_nvfp4_dynamic(torch.randn(m, k, device="cuda").to(torch.bfloat16))
     wq, wqs, t2 = be.quantize_nvfp4_dynamic(torch.randn(n, k, device="cuda").to(torch.bfloat16))
     be.gemm_nvfp4(xq, xqs, wq, wqs, (1 / s2) * (1 / t2))
@@ -501,7 +501,7 @@ def test_sm90_gemm_f16_gemm_key_refused_before_compiling():
 # GEMM on operands decoded in that order from 1024); K % 128 != 0 takes one path at every M. The layer verdict's batch check runs the same comparison on a
 # fixture's rows (verify.verdicts.checks.row_batch).
 
-_INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 128, 255, 256, 300, 512, 1000)
+_INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 96, 127, 128, 160, 255, 256, 300, 512, 1000)
 
 
 # (m, n, k, act_f16): the wgmma kernel with every chunk in one CTA (split 1: the chain restarts at each chunk, the
@@ -509,7 +509,7 @@ _INVARIANCE_MS = (1, 2, 3, 8, 16, 17, 33, 64, 65, 128, 255, 256, 300, 512, 1000)
 # partials): token and row tails, a short last chunk (K 3200: 25 tiles in chunks of 4 at N 2050), in-kernel
 # activation decode and act_f16, 8 warps
 _LOOP_CASES = [(64, 2048, 7168, True), (70, 2050, 3200, True), (5, 7168, 3072, False), (200, 6144, 7168, True),
-               (33, 130, 16384, False), (255, 7168, 3072, True)]
+               (33, 130, 16384, False), (255, 7168, 3072, True), (96, 7168, 16384, True), (161, 2050, 7168, True)]
 
 
 @pytest.mark.parametrize("m,n,k,act_f16", _LOOP_CASES, ids=lambda v: str(v))
@@ -597,6 +597,24 @@ def test_predecode_mma_order_decode_matches_the_wgmma_order_on_cpu():
                          timeout=600, cwd=repo)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-4:] == ["equal", "True", "True", "0"], out.stdout[-2000:]
+
+
+def test_routed_token_tile_is_32_where_the_last_64_token_tile_would_be_half_empty():
+    """64 < M < 256: 32-token tiles when M % 64 is 1 .. 32 (no more tiles' worth of weight decodes than padding
+    saved) and the 32-token tiles give >= 96 output tiles (every CTA then walks every chunk), 64 otherwise; below 64
+    the smallest tile that holds M; from 256 on 64."""
+    from kernels.sm90.gemm_nvfp4 import CompileKey
+
+    want = {1: 8, 9: 16, 17: 32, 33: 64, 64: 64, 65: 32, 80: 32, 96: 32, 97: 64, 112: 64, 127: 64, 128: 64,
+            129: 32, 160: 32, 161: 64, 192: 64, 200: 32, 224: 32, 225: 64, 255: 64, 256: 64, 288: 64, 1000: 64}
+    for n, k in [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]:
+        got = {m: CompileKey.for_shape(m, n, k).block_y for m in want}
+        # wq_a's N 1536 at M 65 .. 96: 24 x 3 = 72 output tiles of 32 tokens, a chunk a CTA: 64-token tiles as before
+        exp = {m: 64 if n == 1536 and 64 < m <= 96 else b for m, b in want.items()}
+        assert got == exp, {m: (got[m], exp[m]) for m in want if got[m] != exp[m]}
+        for m in (65, 80, 96, 160, 200):
+            key = CompileKey.for_shape(m, n, k)
+            assert key.wgmma and key.act_f16 and (key.split == 1) == (key.block_y == 32 or m >= 129), (m, n, k, key)
 
 
 def test_chunk_plan_depends_on_n_and_k_only_and_keys_follow_it():

@@ -29,7 +29,7 @@ _SIG = {"w_ptr": "*i32", "wsf_ptr": "*u8", "xp_ptr": "*fp16", "xsf_ptr": "*u8", 
 
 
 def _routed_keys() -> list[CompileKey]:
-    keys = {CompileKey.for_shape(m, n, k) for m in (3, 8, 16, 32, 64, 128, 200) for n, k in PROJ}
+    keys = {CompileKey.for_shape(m, n, k) for m in (3, 8, 16, 32, 64, 96, 128, 160, 200) for n, k in PROJ}
     return sorted((key for key in keys if key.wgmma), key=str)
 
 
