@@ -17,8 +17,8 @@ the register-fed kernel's logical k order, below) added in chunk order in fp32, 
 Two kernels compute exactly that (CompileKey.for_shape):
 - M < 1024: the Gluon wgmma kernel (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
   wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide, several token tiles above
-  64: 32 wide at M 65 .. 96 and 129 .. 160, where the last 64-token tile would be at most half full, when the
-  CTAs walk every chunk); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), or (split 1, where
+  64: 32 wide where the last 64-token tile would be at most half full, 64 < M < 256, and the CTAs walk
+  every chunk); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), or (split 1, where
   _walks_every_chunk says so: mostly M > 64 with many output tiles, and M >= 256) each CTA walks every chunk
   itself, restarting its chain at each chunk and adding the chunk sums in the same order. The activations are
   decoded once per GEMM into fp16 by a small Triton kernel first (act_f16), except at M <= 2 and at M <= 16 with
@@ -67,14 +67,14 @@ def _token_tile(m: int) -> int:
 
 
 def _routed_token_tile(m: int, n: int) -> int:
-    """The routed wgmma key's BT: _token_tile, except 32-token tiles for M in 65 .. 96 and 129 .. 160, where the last
-    64-token tile would be at most half full (3 weight decodes a row tile instead of 2, 5 instead of 3, for a third or
-    a sixth fewer padded tokens), when the 32-token tiles give >= 96 output tiles (so the CTAs walk every chunk: the
-    only form measured with them). H100 (session 13, NOTES.md): at M 65 / 80 / 96 / 160 the walking kernel with BT 32
-    was the fastest bit-equal candidate on 15 of 16 shapes (M 96, 7168 x 16384: 110.3 us routed against 142.3
-    before); at M 112 and 127 (last tile more than half full) BT 64 stayed ahead, and at M 200 (7 decodes instead of
-    4) BT 32 lost by 6-60 %. The bits do not depend on BT (every candidate bit-equal)."""
-    if 64 < m <= 160 and 1 <= m % 64 <= 32 and -(-n // 64) * -(-m // 32) >= 96:
+    """The routed wgmma key's BT: _token_tile, except 32-token tiles for 64 < M < 256 when the last 64-token tile would
+    be at most half full (M % 64 in 1 .. 32: fewer padded tokens for one more weight decode a row tile) and the
+    32-token tiles give >= 96 output tiles (so the CTAs walk every chunk: the only form measured with them). H100
+    (session 13, NOTES.md): at M 65 / 80 / 96 / 160 the walking kernel with BT 32 was the fastest bit-equal candidate
+    on 15 of 16 shapes (M 96, 7168 x 16384: 110.3 us routed against 142.3 before); at M 200 BT 32 beat BT 64 on all
+    four shapes (40.8 / 96.4 / 54.1 / 233.9 against 57.6 / 117.8 / 62.8 / 247.4 us, two calls); at M 112 and 127
+    (last tile more than half full) BT 64 stayed ahead. The bits do not depend on BT (every candidate bit-equal)."""
+    if 64 < m < 256 and 1 <= m % 64 <= 32 and -(-n // 64) * -(-m // 32) >= 96:
         return 32
     return _token_tile(m)
 

@@ -600,19 +600,19 @@ def test_predecode_mma_order_decode_matches_the_wgmma_order_on_cpu():
 
 
 def test_routed_token_tile_is_32_where_the_last_64_token_tile_would_be_half_empty():
-    """M 65 .. 96 and 129 .. 160 (the last 64-token tile at most half full, 3 or 5 tiles of 32 instead of 2 or 3 of
-    64): 32-token tiles when they give >= 96 output tiles (every CTA then walks every chunk); 64 elsewhere above 64
-    (M 200: 7 tiles of 32 against 4 of 64 lost on the H100); below 64 the smallest tile that holds M."""
+    """64 < M < 256: 32-token tiles when M % 64 is 1 .. 32 (the last 64-token tile at most half full) and the
+    32-token tiles give >= 96 output tiles (every CTA then walks every chunk), 64 otherwise; below 64 the smallest
+    tile that holds M; from 256 on 64."""
     from kernels.sm90.gemm_nvfp4 import CompileKey
 
     want = {1: 8, 9: 16, 17: 32, 33: 64, 64: 64, 65: 32, 80: 32, 96: 32, 97: 64, 112: 64, 127: 64, 128: 64,
-            129: 32, 160: 32, 161: 64, 192: 64, 200: 64, 224: 64, 225: 64, 255: 64, 256: 64, 288: 64, 1000: 64}
+            129: 32, 160: 32, 161: 64, 192: 64, 200: 32, 224: 32, 225: 64, 255: 64, 256: 64, 288: 64, 1000: 64}
     for n, k in [(2048, 7168), (6144, 7168), (7168, 3072), (7168, 16384), (1536, 7168)]:
         got = {m: CompileKey.for_shape(m, n, k).block_y for m in want}
         # wq_a's N 1536 at M 65 .. 96: 24 x 3 = 72 output tiles of 32 tokens, a chunk a CTA: 64-token tiles as before
         exp = {m: 64 if n == 1536 and 64 < m <= 96 else b for m, b in want.items()}
         assert got == exp, {m: (got[m], exp[m]) for m in want if got[m] != exp[m]}
-        for m in (65, 80, 96, 160):
+        for m in (65, 80, 96, 160, 200):
             key = CompileKey.for_shape(m, n, k)
             assert key.wgmma and key.act_f16 and (key.split == 1) == (key.block_y == 32 or m >= 129), (m, n, k, key)
 
