@@ -17,8 +17,8 @@ the register-fed kernel's logical k order, below) added in chunk order in fp32, 
 Two kernels compute exactly that (CompileKey.for_shape):
 - M < 1024: the Gluon wgmma kernel (_gemm_nvfp4_wgmma): "swap AB", the weights decoded in registers straight into the
   wgmma's A operand (64 rows of N per warpgroup), the tokens the B operand (8..64 wide, several token tiles above
-  64: 32 wide where the last 64-token tile would be at most half full, 64 < M < 256, and the CTAs walk
-  every chunk); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), or (split 1, where
+  64: 32 wide where the last 64-token tile would be at most half full, 64 < M < 256, and the CTAs walk every
+  chunk); one CTA a chunk, the chunk sums added in chunk order by the tile's last CTA (tickets), or (split 1, where
   _walks_every_chunk says so: mostly M > 64 with many output tiles, and M >= 256) each CTA walks every chunk
   itself, restarting its chain at each chunk and adding the chunk sums in the same order. The activations are
   decoded once per GEMM into fp16 by a small Triton kernel first (act_f16), except at M <= 2 and at M <= 16 with
@@ -48,6 +48,7 @@ __all__ = ["CompileKey", "chunk_plan", "launch"]
 _NUM_SMS_H200 = 132
 _CHUNK_SMS = 132  # the chunk plan's SM count: a constant, so the summation order does not depend on the device
 _PREDECODE_MIN_M = 1024
+_WALK_MIN_TILES = 96  # output tiles (64 weight rows x BT tokens) from which a CTA walks every chunk above M 64
 _DECODE_TILE = (64, 256)
 
 
@@ -69,12 +70,13 @@ def _token_tile(m: int) -> int:
 def _routed_token_tile(m: int, n: int) -> int:
     """The routed wgmma key's BT: _token_tile, except 32-token tiles for 64 < M < 256 when the last 64-token tile would
     be at most half full (M % 64 in 1 .. 32: fewer padded tokens for one more weight decode a row tile) and the
-    32-token tiles give >= 96 output tiles (so the CTAs walk every chunk: the only form measured with them). H100
-    (session 13, NOTES.md): at M 65 / 80 / 96 / 160 the walking kernel with BT 32 was the fastest bit-equal candidate
-    on 15 of 16 shapes (M 96, 7168 x 16384: 110.3 us routed against 142.3 before); at M 200 BT 32 beat BT 64 on all
-    four shapes (40.8 / 96.4 / 54.1 / 233.9 against 57.6 / 117.8 / 62.8 / 247.4 us, two calls); at M 112 and 127
-    (last tile more than half full) BT 64 stayed ahead. The bits do not depend on BT (every candidate bit-equal)."""
-    if 64 < m < 256 and 1 <= m % 64 <= 32 and -(-n // 64) * -(-m // 32) >= 96:
+    32-token tiles give >= _WALK_MIN_TILES output tiles (so the CTAs walk every chunk: the only form measured with
+    them). H100 (session 13, NOTES.md): at M 65 / 80 / 96 / 160 the walking kernel with BT 32 was the fastest
+    bit-equal candidate on 15 of 16 shapes (M 96, 7168 x 16384: 110.3 us routed against 142.3 before); at M 200 BT 32
+    beat BT 64 on all four shapes (40.8 / 96.4 / 54.1 / 233.9 against 57.6 / 117.8 / 62.8 / 247.4 us, two calls); at M
+    112 and 127 (last tile more than half full) BT 64 stayed ahead. The bits do not depend on BT (every candidate
+    bit-equal)."""
+    if 64 < m < 256 and 1 <= m % 64 <= 32 and -(-n // 64) * -(-m // 32) >= _WALK_MIN_TILES:
         return 32
     return _token_tile(m)
 
@@ -82,13 +84,13 @@ def _routed_token_tile(m: int, n: int) -> int:
 def _walks_every_chunk(m: int, n: int, k: int) -> bool:
     """Whether the wgmma key of an M < _PREDECODE_MIN_M GEMM has each CTA walk every chunk (split 1) rather than one
     chunk a CTA (split = chunks): the same bits either way. From the H100 sweep (session 12, NOTES.md): walking wins
-    from M 256 on (over the chunked fp16 GEMM too, up to M 512), and above M 64 once there are >= 96 output tiles of
-    64 x _routed_token_tile(M, N); at M 64 (one token tile, the CTA's K walked serially) only for K <= 4096; below M 64
-    never."""
+    from M 256 on (over the chunked fp16 GEMM too, up to M 512), and above M 64 once there are >= _WALK_MIN_TILES
+    output tiles of 64 x _routed_token_tile(M, N); at M 64 (one token tile, the CTA's K walked serially) only for
+    K <= 4096; below M 64 never."""
     tiles = -(-n // 64) * -(-m // _routed_token_tile(m, n))
     if m >= 256:
         return True
-    if m < 64 or tiles < 96:
+    if m < 64 or tiles < _WALK_MIN_TILES:
         return False
     return m > 64 or k <= 4096
 

@@ -10,9 +10,10 @@ the sm90 adapter does.
 
 CPU: every kernel runs under the Triton interpreter (TRITON_INTERPRET=1) in child processes (the
 interpreter must be chosen before triton decorates the kernels; two side by side,
-verify/tests/_interpreter_children.py); each case is one test item reading that run's JSON. GPU (markers gpu, sm90): the same checks at DeepSeek-V4-Pro / V4-Flash FP8 shapes,
-batch invariance (a row alone, in a batch of 64 and of 4096: bit-equal), CUDA-graph replay
-bit-equal to eager, determinism. Bench (marker bench, never in the default run): ours vs torch bf16
+verify/tests/_interpreter_children.py); each case is one test item reading that run's JSON. GPU
+(markers gpu, sm90): the same checks at DeepSeek-V4-Pro / V4-Flash FP8 shapes, batch invariance (a
+row alone, in a batch of 64 and of 4096: bit-equal), CUDA-graph replay bit-equal to eager,
+determinism. Bench (marker bench, never in the default run): ours vs torch bf16
 matmul vs torch._scaled_mm blockwise (1x128 x 128x128) at M = 1, 16, 64, 128, 4096.
 """
 
