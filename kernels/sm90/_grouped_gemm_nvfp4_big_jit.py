@@ -32,8 +32,8 @@ same bytes.
 import triton
 import triton.language as tl
 
-from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _load_decoded
-from kernels.sm90._grouped_gemm_nvfp4_jit import _schedule, _store_tile, _store_zero_tile
+from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE
+from kernels.sm90._grouped_gemm_nvfp4_jit import _load_weight_tile, _schedule, _store_tile, _store_zero_tile
 
 
 @triton.jit
@@ -49,6 +49,7 @@ def grouped_gemm_nvfp4_big_kernel(
     E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP,
     K_ITERS: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, E_P: tl.constexpr,
     USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr, K128: tl.constexpr,
+    W_FRAG: tl.constexpr,
 ):
     """K128 False (two MMAs a K tile): x_desc / xhi_desc are tensor descriptors of the even-k / odd-k fp16 planes
     [RP, K_ITERS * 64], blocks [BT, 64]. K128 True (CompileKey.k128, one MMA a K tile): x_desc is the descriptor of
@@ -68,7 +69,7 @@ def grouped_gemm_nvfp4_big_kernel(
         r0 = off_e + row0                          # first global row of the token tile
         acc = tl.zeros((BN, BT), dtype=tl.float32)
         for it in range(0, K_ITERS):
-            w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, it * 128, HALF_K, CP4, BN, 128, USE_ASM)
+            w_lo, w_hi = _load_weight_tile(w_e, wsf_e, wr, N, it * 128, HALF_K, CP4, BN, 128, USE_ASM, W_FRAG)
             if K128:
                 x = x_desc.load([r0, it * 128])
                 acc = tl.dot(_cat_k(w_lo, w_hi, BN), tl.trans(x), acc)

@@ -109,7 +109,8 @@ def _issue_w(w_dst, s_dst, wsrc, wvec0, scol, kt, K_ITERS: gl.constexpr, HW, CP4
 @gluon.jit
 def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4,
                 H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr,
-                K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
+                K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr,
+                W_FRAG: gl.constexpr):
     """K tile it (it % 4 == J; see the module docstring)."""
     w_cur = rings[2 * J]
     s_nxt = rings[2 * ((J + 1) % 4) + 1]
@@ -122,7 +123,7 @@ def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, 
     _issue(w_iss, s_iss, w_base, s_base, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL)
     _x_issue(x_desc, xs, bars, r0, it + 2, K_ITERS, BT, (J + 2) % 4)
     _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
-    a = _decode_a(wh, sd, H4, A_OP, BN)
+    a = _decode_a(wh, sd, H4, A_OP, BN, W_FRAG)
     mbarrier.wait(bars.index(J), (it // 4) & 1)  # token tile it landed
     acc = warpgroup_mma(a, xs[J].permute([1, 0]), acc, is_async=True)
     acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])  # tile it - 1's wgmma done: its A registers free
@@ -133,7 +134,7 @@ def _big_k_step(it, acc, a_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, 
 def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x_desc, r0, wsrc, wvec0, scol,
                    HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr, S_CV: gl.constexpr, SD_RD: gl.constexpr,
                    A_OP: gl.constexpr, K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, BNB: gl.constexpr,
-                   BT: gl.constexpr, J: gl.constexpr, WVEC: gl.constexpr):
+                   BT: gl.constexpr, J: gl.constexpr, WVEC: gl.constexpr, W_FRAG: gl.constexpr):
     """K tile it (it % 4 == J) of two row blocks (R_WG 2; block b: rows b BNB .. of the ring stage, the converted
     scales and the accumulator acc<b>), both on token tile it, staggered by one block (see the module docstring):
     block 0's wgmma is issued, then the wait for block 1 of tile it - 1, then block 1 decoded and issued, then the wait
@@ -149,13 +150,13 @@ def _big_k_step_r2(it, acc0, acc1, a1_prev, rings, s16_cur, s16_nxt, xs, bars, x
     _issue_w(w_iss, s_iss, wsrc, wvec0, scol, it + 3, K_ITERS, HW, CP4, K_TAIL, WVEC)
     _x_issue(x_desc, xs, bars, r0, it + 2, K_ITERS, BT, (J + 2) % 4)
     _store_scales(sb, s16_nxt, it + 1, HW, S_CV, K_TAIL)
-    a0 = _decode_a(wh, sd, H4, A_OP, BNB)
+    a0 = _decode_a(wh, sd, H4, A_OP, BNB, W_FRAG)
     mbarrier.wait(bars.index(J), (it // 4) & 1)  # token tile it landed
     acc0 = warpgroup_mma(a0, xs[J].permute([1, 0]), acc0, is_async=True)
     # block 1 of tile it - 1 done (its A registers free); block 0 of tile it in flight
     acc0, acc1, a1_prev = warpgroup_mma_wait(1, deps=[acc0, acc1, a1_prev])
     # block 1 of tile it (its ring rows and scales stay unwritten until the next tile's barrier)
-    a1 = _decode_a(w_cur.slice(BNB, BNB).load(H_RD), s16_cur.slice(BNB, BNB).load(SD_RD), H4, A_OP, BNB)
+    a1 = _decode_a(w_cur.slice(BNB, BNB).load(H_RD), s16_cur.slice(BNB, BNB).load(SD_RD), H4, A_OP, BNB, W_FRAG)
     acc1 = warpgroup_mma(a1, xs[J].permute([1, 0]), acc1, is_async=True)
     acc0, acc1, a0 = warpgroup_mma_wait(1, deps=[acc0, acc1, a0])  # block 0 of tile it done; block 1 in flight
     return acc0, acc1, a1
@@ -170,11 +171,12 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
     BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr, FMAX: gl.constexpr,
-    R_WG: gl.constexpr,
+    R_WG: gl.constexpr, W_FRAG: gl.constexpr,
 ):
     """grouped_gemm_nvfp4_wgmma_kernel's contract for the weights (w_ptr [E, N, K/4] i16, wsf_ptr u8 128x4 per
     expert, HW = K / 4) and outputs; x_desc: a tensor descriptor (block [BT, 128], layout X_SH) of the activations
-    decoded in the k128 layout, fp16 [RP, K_ITERS * 128]. Grid = BigWgmmaKey.grid programs, N tile fastest."""
+    decoded in the k128 layout, fp16 [RP, K_ITERS * 128]. Grid = BigWgmmaKey.grid programs, N tile fastest. W_FRAG:
+    the weights in the fragment order (Sm90GroupedWeight.fragment_order; the same A operand)."""
     NT = gl.cdiv(N, BN)
     pid = gl.program_id(0)
     pid_n = pid % NT
@@ -225,13 +227,13 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
                 for j in gl.static_range(4):
                     acc, a_prev = _big_k_step(4 * it4 + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
                                               x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
-                                              A_OP, K_ITERS, K_TAIL, BN, BT, j)
+                                              A_OP, K_ITERS, K_TAIL, BN, BT, j, W_FRAG)
             if K_ITERS - 4 * LOOP != 0:  # (every wgmma done before the tail: else ptxas serializes all of them, C7513)
                 acc, a_prev = warpgroup_mma_wait(0, deps=[acc, a_prev])
             for j in gl.static_range(K_ITERS - 4 * LOOP):  # the last tiles (tile index % 4 == j % 4)
                 acc, a_prev = _big_k_step(4 * LOOP + j, acc, a_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
                                           bars, x_desc, r0, w_base, s_base, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD,
-                                          A_OP, K_ITERS, K_TAIL, BN, BT, j % 4)
+                                          A_OP, K_ITERS, K_TAIL, BN, BT, j % 4, W_FRAG)
             acc = warpgroup_mma_wait(0, deps=[acc, a_prev])[0]
         else:
             for it4 in range(0, LOOP):  # the same unrolled loop, two row blocks a tile
@@ -239,14 +241,14 @@ def grouped_gemm_nvfp4_big_wgmma_kernel(
                     acc0, acc1, a1_prev = _big_k_step_r2(
                         4 * it4 + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs, bars,
                         x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                        K_TAIL, BNB, BT, j, WVEC)
+                        K_TAIL, BNB, BT, j, WVEC, W_FRAG)
             if K_ITERS - 4 * LOOP != 0:  # (as above: every wgmma done before the tail)
                 acc0, acc1, a1_prev = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])
             for j in gl.static_range(K_ITERS - 4 * LOOP):
                 acc0, acc1, a1_prev = _big_k_step_r2(
                     4 * LOOP + j, acc0, acc1, a1_prev, rings, s16[j % 2], s16[(j + 1) % 2], xs,
                     bars, x_desc, r0, wsrc, wvec0, scol, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                    K_TAIL, BNB, BT, j % 4, WVEC)
+                    K_TAIL, BNB, BT, j % 4, WVEC, W_FRAG)
             acc0, acc1 = warpgroup_mma_wait(0, deps=[acc0, acc1, a1_prev])[:2]
         async_copy.wait_group(0)
         for j in gl.static_range(4):

@@ -26,13 +26,49 @@ the same bits alone or among others. No atomics: deterministic.
 Rows of expert e: activation rows off[e] .. off[e+1] (packed [Rcap, K/2]); its scale rows start at
 pad_e = sum_{j<e} ceil(cnt_j/128)*128 of the grouped 128x4 buffer. Masked loads never touch other
 experts' rows or any scale padding.
+
+Weights in the fragment order (Sm90GroupedWeight.fragment_order, W_FRAG: the layout the register-fed Gluon
+kernels decode in fewer instructions) are turned back into the checkpoint's bytes right after their load
+(_from_fragment_order, integer ops on the tile), so this kernel's arithmetic is the same for either order.
 """
 
 import triton
 import triton.language as tl
 
-from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _decode, _load_decoded
+from kernels.sm90._e2m1_ptx import FRAGMENT_MAG_SHIFTS, FRAGMENT_SIGN_BITS
+from kernels.sm90._gemm_nvfp4_jit import DECODE_UNSCALE, _decode, _load_decoded, _load_raw
 from kernels.sm90._te_math import e2m1_code_lt_zero_bits, e4m3_rne_satfinite_u8, e4m3_u8_to_f32
+
+# field j of a fragment-order half: sign at bit _FS<j> (moved to bit 3 of the code), magnitude at bits _FM<j> .. + 2
+_FS0, _FS1, _FS2, _FS3 = (tl.constexpr(b - 3) for b in FRAGMENT_SIGN_BITS)
+_FM0, _FM1, _FM2, _FM3 = (tl.constexpr(b) for b in FRAGMENT_MAG_SHIFTS)
+
+
+@triton.jit
+def _from_fragment_order(b, ROWS: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Packed weight bytes [ROWS, BLOCK_K / 2] (int) in the fragment order -> the checkpoint's bytes (uint8, element
+    2i in the low nibble). Per 16-byte unit of a row: checkpoint half hx = 4 ch0 + c holds bytes (y = 0, 1) of
+    nibbles (n = 0, 1); the fragment-order half 4 y + c holds, as field j = ch0 + 2 n, nibble n of byte y of
+    checkpoint half 4 ch0 + c (kernels/sm90/host_prepare_experts.to_fragment_order writes it)."""
+    v = tl.reshape(b.to(tl.int32), (ROWS, BLOCK_K // 32, 2, 4, 2))  # (row, unit, y, c, byte of the half)
+    lo, hi = tl.split(v)
+    h = lo | (hi << 8)
+    f0 = ((h >> _FS0) & 8) | ((h >> _FM0) & 7)
+    f1 = ((h >> _FS1) & 8) | ((h >> _FM1) & 7)
+    f2 = ((h >> _FS2) & 8) | ((h >> _FM2) & 7)
+    f3 = ((h >> _FS3) & 8) | ((h >> _FM3) & 7)
+    byte = tl.join(f0 | (f2 << 4), f1 | (f3 << 4))  # (row, unit, y, c, ch0)
+    return tl.reshape(tl.permute(byte, (0, 1, 4, 3, 2)), (ROWS, BLOCK_K // 2)).to(tl.uint8)
+
+
+@triton.jit
+def _load_weight_tile(w_e, wsf_e, wr, N, kb, HALF_K, CP4, BN: tl.constexpr, BLOCK_K: tl.constexpr,
+                      USE_ASM: tl.constexpr, W_FRAG: tl.constexpr):
+    """_load_decoded of a weight K tile, in either byte order (W_FRAG: the fragment order)."""
+    b, s = _load_raw(w_e, wsf_e, wr, N, kb, HALF_K, CP4, BLOCK_K)
+    if W_FRAG:
+        b = _from_fragment_order(b, BN, BLOCK_K)
+    return _decode(b, s, BN, BLOCK_K, USE_ASM)
 
 
 @triton.jit
@@ -166,7 +202,7 @@ def grouped_gemm_nvfp4_kernel(
     out_ptr, out2_ptr, hsf_ptr, hdec_ptr, planes_ptr,
     E, N, HALF_K, CP4, RCAP, NP, adec_stride, hdec_stride, limit, OUT_CP, PLANE,
     K_ITERS: tl.constexpr, X_F16: tl.constexpr, EPI: tl.constexpr, BN: tl.constexpr, BT: tl.constexpr, BLOCK_K: tl.constexpr, E_P: tl.constexpr,
-    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr,
+    USE_ASM: tl.constexpr, CLAMP: tl.constexpr, ONE_SIXTH: tl.constexpr, FMAX: tl.constexpr, W_FRAG: tl.constexpr,
 ):
     NT = tl.cdiv(N, BN)
     pid = tl.program_id(0)
@@ -184,7 +220,7 @@ def grouped_gemm_nvfp4_kernel(
         acc = tl.zeros((BN, BT), dtype=tl.float32)
         for it in range(0, K_ITERS):
             kb = it * BLOCK_K
-            w_lo, w_hi = _load_decoded(w_e, wsf_e, wr, N, kb, HALF_K, CP4, BN, BLOCK_K, USE_ASM)
+            w_lo, w_hi = _load_weight_tile(w_e, wsf_e, wr, N, kb, HALF_K, CP4, BN, BLOCK_K, USE_ASM, W_FRAG)
             if X_F16:  # the same fp16 values, decoded once per GEMM (grouped_act_decode_planes_kernel)
                 xo = (off_e + loc).to(tl.int64)[:, None] * (K_ITERS * BLOCK_K // 2) + (kb // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
                 x_lo = tl.load(planes_ptr + xo, mask=(loc < cnt_e)[:, None], other=0.0)

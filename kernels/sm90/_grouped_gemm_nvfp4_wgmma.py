@@ -44,7 +44,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from kernels.sm90._consts import DECODE_UNSCALE as _DECODE_UNSCALE
-from kernels.sm90._e2m1_ptx import nibble_to_f16x2
+from kernels.sm90._e2m1_ptx import fragment_halves_to_f16x2_ptx, halves_to_f16x2_ptx
 from kernels.sm90._grouped_gemm_nvfp4_jit import _round_to_bf16_f32 as _tl_round_to_bf16_f32
 from kernels.sm90._te_math import e2m1_code_lt_zero_bits as _tl_e2m1_code, e4m3_rne_satfinite_u8 as _tl_e4m3_rne
 from kernels.sm90._te_math import e4m3_u8_to_f32 as _tl_e4m3_to_f32
@@ -52,18 +52,8 @@ from kernels.sm90._te_math import e4m3_u8_to_f32 as _tl_e4m3_to_f32
 DECODE_UNSCALE = gl.constexpr(_DECODE_UNSCALE)
 
 
-def halves_to_f16x2_ptx() -> str:
-    """Two registers holding a 16-bit half each in bits 0-15 ($4 = h_a, $5 = h_b; bits 16-31 ignored) -> four fp16x2
-    of e2m1 * 2^-14: $0 = low nibbles of h_a's bytes (0, 1), $1 = the same of h_b, $2 / $3 their high nibbles. The
-    nibble moves are the Triton kernel's (kernels/sm90/_e2m1_ptx.nibble_to_f16x2 after the same prmt), applied to
-    the halves where they were loaded (no packing of the two halves into one register first)."""
-    lines = [".reg .b32 p, q, t, u;"]
-    for src, lo, hi in (("$4", "$0", "$2"), ("$5", "$1", "$3")):
-        lines += [f"prmt.b32 p, {src}, 0, 0x1404;", nibble_to_f16x2("p", 4, lo), nibble_to_f16x2("p", 0, hi)]
-    return "{\n" + "\n".join(lines) + "\n}\n"
-
-
 _HALVES_ASM = gl.constexpr(halves_to_f16x2_ptx())
+_FRAGMENT_HALVES_ASM = gl.constexpr(fragment_halves_to_f16x2_ptx())  # weights in the fragment order
 
 # _decode_halves: (row, chh, y, c, ch0, n) -> (row, n, chh, ch0, c, y), so A column L = 64 n + b (b = 16 chh + 8 ch0 +
 # 2 c + y); a_column_k_order() replays it on the host (a CPU test compares it with the Triton kernel's order)
@@ -145,12 +135,21 @@ def grouped_wgmma_layouts(num_warps: int, bt: int, wvec: int, e_pad: int) -> dic
 
 
 @gluon.jit
-def _halves_to_f16(h_i16):
+def _halves_to_f16(h_i16, FRAG: gl.constexpr):
     """int16 halves, paired by register (h_a, h_b) -> four fp16 tensors of e2m1 * 2^-14: O0 / O1 the low nibbles
     of (bytes of h_a) / (bytes of h_b), O2 / O3 the high nibbles; in each, element a holds the half's byte 0 and
-    element b its byte 1 (so the pair index reads as the byte y, and O0 / O1 as ch0 = 0 / 1)."""
-    return gl.inline_asm_elementwise(asm=_HALVES_ASM, constraints="=r,=r,=r,=r,r,r", args=[h_i16.to(gl.int32)],
-                                     dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2)
+    element b its byte 1 (so the pair index reads as the byte y, and O0 / O1 as ch0 = 0 / 1). FRAG: the halves are
+    in the fragment order (host_prepare_experts.to_fragment_order: h_a holds byte 0 and h_b byte 1 of the two
+    checkpoint halves, field j = nibble j // 2 of checkpoint half j % 2), decoded by the 12-instruction asm into the
+    same four outputs."""
+    if FRAG:
+        o = gl.inline_asm_elementwise(asm=_FRAGMENT_HALVES_ASM, constraints="=r,=r,=r,=r,r,r",
+                                      args=[h_i16.to(gl.int32)], dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                      is_pure=True, pack=2)
+    else:
+        o = gl.inline_asm_elementwise(asm=_HALVES_ASM, constraints="=r,=r,=r,=r,r,r", args=[h_i16.to(gl.int32)],
+                                      dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2)
+    return o
 
 
 @gluon.jit
@@ -162,11 +161,12 @@ def _e4m3_to_f16_x128(s):
 
 
 @gluon.jit
-def _apply_scales(h4, se, so, R: gl.constexpr):
+def _apply_scales(h4, se, so, R: gl.constexpr, FRAG: gl.constexpr):
     """Halves [R, 4, 2, 4] (row, chh, ch0, c) + fp16 block scales * 2^7 of blocks 2 chh (se) and 2 chh + 1 (so),
     broadcastable to [R, 4, 2, 4] -> fp16 [R, 128], column L = 64 n + b = nibble n of tile byte b = 16 chh + 8 ch0 +
-    2 c + y (k = 2b + n), values e2m1 * e4m3 * 2^-7 (exact)."""
-    o0, o1, o2, o3 = _halves_to_f16(h4)  # dims now (row, chh, y, c)
+    2 c + y (k = 2b + n), values e2m1 * e4m3 * 2^-7 (exact). FRAG: the halves in the fragment order (weights
+    prepared so; the same columns, values and bits)."""
+    o0, o1, o2, o3 = _halves_to_f16(h4, FRAG)  # dims now (row, chh, y, c)
     v = gl.join(gl.join(o0 * se, o1 * so), gl.join(o2 * se, o3 * so))  # (row, chh, y, c, ch0, n)
     return gl.reshape(gl.permute(v, _A_PERM.value), [R, 128])
 
@@ -176,7 +176,7 @@ def _decode_halves(h4, s_e, s_o, R: gl.constexpr):
     """_apply_scales with the scale bytes (int32 [R, 4]: blocks 2 chh, 2 chh + 1) converted here."""
     se = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_e), 2), 3)
     so = gl.expand_dims(gl.expand_dims(_e4m3_to_f16_x128(s_o), 2), 3)
-    return _apply_scales(h4, se, so, R)
+    return _apply_scales(h4, se, so, R, False)
 
 
 @gluon.jit
@@ -307,15 +307,16 @@ def _weight_bases(w_ptr, wsf_ptr, e64, pid_n, N, HW, CP4, NP, W_CP: gl.constexpr
 
 
 @gluon.jit
-def _decode_a(wh, sd, H4: gl.constexpr, A_OP: gl.constexpr, BN: gl.constexpr):
+def _decode_a(wh, sd, H4: gl.constexpr, A_OP: gl.constexpr, BN: gl.constexpr, FRAG: gl.constexpr):
     """Weight halves wh [BN, 32] (H_RD) and converted scale pairs sd [BN, 16] (SD_RD) of one K tile -> the wgmma A
-    operand [BN, 128] (A_OP; column L = 64 n + b <-> k = 2 b + n), every convert a register renaming."""
+    operand [BN, 128] (A_OP; column L = 64 n + b <-> k = 2 b + n), every convert a register renaming. FRAG: the
+    weights are in the fragment order (the same operand)."""
     wh = gl.convert_layout(gl.reshape(wh, [BN, 4, 2, 4]), H4, assert_trivial=True)
     se, so = gl.split(gl.permute(gl.reshape(sd, [BN, 4, 2, 2]), [0, 1, 3, 2]))  # (row, chh, y) each
     LWS: gl.constexpr = gl.SliceLayout(3, H4)
     se = gl.expand_dims(gl.convert_layout(se, LWS, assert_trivial=True), 3)
     so = gl.expand_dims(gl.convert_layout(so, LWS, assert_trivial=True), 3)
-    return gl.convert_layout(_apply_scales(wh, se, so, BN), A_OP, assert_trivial=True)
+    return gl.convert_layout(_apply_scales(wh, se, so, BN, FRAG), A_OP, assert_trivial=True)
 
 
 @gluon.jit
@@ -339,7 +340,7 @@ def _alloc_weight_ring(BN: gl.constexpr, RING_SH: gl.constexpr, S_SH: gl.constex
 def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base, s_base, wvec0, scol,
             x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, HW, CP4, H_RD: gl.constexpr, H4: gl.constexpr,
             S_CV: gl.constexpr, SD_RD: gl.constexpr, A_OP: gl.constexpr, K_ITERS: gl.constexpr,
-            K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr):
+            K_TAIL: gl.constexpr, BN: gl.constexpr, BT: gl.constexpr, J: gl.constexpr, W_FRAG: gl.constexpr):
     """K tile it (it % 4 == J): one barrier, then every shared read of this tile (ring stage J, the converted scales
     s16_cur, the scale bytes of tile it + 1 in stage J + 1), then every write for later tiles (the cp.async of tile
     it + 3 into stage J + 3, the scales of tile it + 1 into s16_nxt, B tile it + 1 into x_nxt), the proxy fence,
@@ -361,7 +362,7 @@ def _k_step(it, acc, xh, xse, xso, rings, s16_cur, s16_nxt, x_cur, x_nxt, w_base
     x_nxt.store(_decode_halves(xh, xse, xso, BT))
     fence_async_shared()  # this thread's B-tile stores before the next tile's wgmma (async proxy)
     xh, xse, xso = _load_x(x_ptr, xsf_ptr, xoff, xhx, xsoff, xchh2, gl.minimum(it + 2, K_ITERS - 1), HW, K_TAIL)
-    acc = warpgroup_mma(_decode_a(wh, sd, H4, A_OP, BN), x_cur.permute([1, 0]), acc)
+    acc = warpgroup_mma(_decode_a(wh, sd, H4, A_OP, BN, W_FRAG), x_cur.permute([1, 0]), acc)
     return acc, xh, xse, xso
 
 
@@ -462,7 +463,7 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     EPI_L: gl.constexpr, EPI_GU: gl.constexpr, SCHED: gl.constexpr,
     K_ITERS: gl.constexpr, K_TAIL: gl.constexpr, WVEC: gl.constexpr, EPI: gl.constexpr, BN: gl.constexpr,
     BT: gl.constexpr, E_P: gl.constexpr, CLAMP: gl.constexpr, ONE_SIXTH: gl.constexpr,
-    FMAX: gl.constexpr, PDL: gl.constexpr,
+    FMAX: gl.constexpr, PDL: gl.constexpr, W_FRAG: gl.constexpr,
 ):
     """The Triton kernel's contract (see its docstring and kernels.sm90.grouped_gemm_nvfp4), with the packed
     operands viewed as int16 halves: w_ptr [E, N, K/4] i16, x_ptr [Rcap, K/4] i16 (HW = K / 4 halves a row);
@@ -475,7 +476,10 @@ def grouped_gemm_nvfp4_wgmma_kernel(
     must have been complete when the previous kernel started: true for the MoE order (dispatch, quantize, L1, L2:
     L2 is the dependent of L1, which was launched normally). Every program lets its own dependents launch at its
     start (launch_dependents): they take only SM slots this grid leaves free, as all its programs are resident by
-    then."""
+    then.
+
+    W_FRAG: w_ptr holds the weights in the fragment order (Sm90GroupedWeight.fragment_order; the same operand, bits
+    and outputs, fewer decode instructions); the activations are always in the checkpoint order."""
     _launch_dependents()
     NT = gl.cdiv(N, BN)
     pid = gl.program_id(0)
@@ -520,12 +524,12 @@ def grouped_gemm_nvfp4_wgmma_kernel(
                 acc, xh, xse, xso = _k_step(4 * it4 + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
                                             xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr,
                                             xoff, xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS,
-                                            K_TAIL, BN, BT, j)
+                                            K_TAIL, BN, BT, j, W_FRAG)
         for j in gl.static_range(K_ITERS - 4 * LOOP):  # the last tiles, unrolled (tile index % 4 == j % 4)
             acc, xh, xse, xso = _k_step(4 * LOOP + j, acc, xh, xse, xso, rings, s16[j % 2], s16[(j + 1) % 2],
                                         xb[j % 2], xb[(j + 1) % 2], w_base, s_base, wvec0, scol, x_ptr, xsf_ptr, xoff,
                                         xhx, xsoff, xchh2, HW, CP4, H_RD, H4, S_CV, SD_RD, A_OP, K_ITERS, K_TAIL, BN,
-                                        BT, j % 4)
+                                        BT, j % 4, W_FRAG)
         async_copy.wait_group(0)
         _epilogue(acc, e64, pid_n, row0, cnt_e, off_e, pad_e, adec_ptr, wdec_ptr, out_ptr, out2_ptr, hsf_ptr, hdec_ptr,
                   N, I, adec_stride, hdec_stride, limit, OUT_CP, EPI_L, EPI_GU, EPI, BN, BT, CLAMP, ONE_SIXTH, FMAX)

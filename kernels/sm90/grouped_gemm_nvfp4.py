@@ -207,8 +207,8 @@ def _run_large_token(key: CompileKey, a_packed_u8, a_sf_u8, a_dec_f32, offsets_i
         0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
         hsf.shape[1] if hsf.dim() == 2 else 4,
         K_ITERS=-(-w.k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad, USE_ASM=key.use_asm,
-        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128, num_warps=key.num_warps,
-        num_stages=key.num_stages)
+        CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128, W_FRAG=w.fragment_order,
+        num_warps=key.num_warps, num_stages=key.num_stages)
 
 
 @dataclass(frozen=True)
@@ -308,7 +308,7 @@ def _compile_big_wgmma(key: BigWgmmaKey):
             hsf.shape[1] if hsf.dim() == 2 else 4, **lay,
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
             E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, R_WG=key.rows_per_wg,
-            num_warps=key.num_warps)
+            W_FRAG=w.fragment_order, num_warps=key.num_warps)
 
     return run
 
@@ -357,7 +357,7 @@ def _compile(key: CompileKey):
             0 if a_dec_f32.numel() == 1 else 1, 0 if hdec.numel() == 1 else 1, float(limit),
             hsf.shape[1] if hsf.dim() == 2 else 4, plane,
             K_ITERS=k_iters, X_F16=key.act_f16, EPI=key.epi, BN=key.block_n, BT=key.block_t, BLOCK_K=128, E_P=key.e_pad, USE_ASM=key.use_asm,
-            CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX,
+            CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, W_FRAG=w.fragment_order,
             num_warps=key.num_warps, num_stages=key.num_stages)
 
     return run
@@ -594,7 +594,7 @@ def _compile_wgmma(key: WgmmaKey):
             **_wgmma_layouts(key.num_warps, key.block_t, wvec, key.e_pad),
             K_ITERS=-(-w.k // 128), K_TAIL=w.k % 128 != 0, WVEC=wvec, EPI=key.epi, BN=key.block_n, BT=key.block_t,
             E_P=key.e_pad, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, PDL=key.pdl,
-            num_warps=key.num_warps, launch_pdl=key.pdl,
+            W_FRAG=w.fragment_order, num_warps=key.num_warps, launch_pdl=key.pdl,
             **({"maxnreg": key.max_registers} if key.max_registers else {}))
 
     return run

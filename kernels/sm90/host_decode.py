@@ -17,7 +17,7 @@ from torch import Tensor
 
 from kernels.sm90.fp8_linear import Sm90Fp8Weight
 from kernels.sm90.host_prepare import Sm90Nvfp4Weight
-from kernels.sm90.host_prepare_experts import Sm90GroupedWeight
+from kernels.sm90.host_prepare_experts import Sm90GroupedWeight, from_fragment_order
 
 __all__ = ["unswizzle_128x4", "e2m1_packed_to_f32", "nvfp4_weight_to_f32", "grouped_weight_to_f32",
            "fp8_weight_to_f32"]
@@ -60,14 +60,17 @@ def grouped_weight_to_f32(w: Sm90GroupedWeight, experts: range | None = None) ->
     """A plain stack -> float32 [E, N, K]; a gate_up stack -> (gate, up), each float32 [E, I, K]; experts: only
     that range of the stack ([len(experts), ...]: the prepare check decodes a bounded chunk at a time)."""
     lo, hi = (0, w.num_experts) if experts is None else (experts.start, experts.stop)
+    packed_all = w.packed_u8[lo:hi]
+    if w.fragment_order:  # back to the checkpoint's bytes (host_prepare_experts.from_fragment_order)
+        packed_all = from_fragment_order(packed_all)
     if not w.gate_up:
-        return _scaled(w.packed_u8[lo:hi], w.sf_swizzled_u8[lo:hi], w.dec_scale_f32.reshape(-1)[lo:hi])
+        return _scaled(packed_all, w.sf_swizzled_u8[lo:hi], w.dec_scale_f32.reshape(-1)[lo:hi])
     e, n, k = hi - lo, w.n, w.k
     sf = unswizzle_128x4(w.sf_swizzled_u8[lo:hi], n, k // 16)
     halves = []
     for j in (0, 1):  # rows 2i: gate, 2i + 1: up
         dec = w.dec_scale_f32.reshape(w.num_experts, 2)[lo:hi, j].contiguous()
-        packed = w.packed_u8[lo:hi, j::2].contiguous()
+        packed = packed_all[:, j::2].contiguous()
         sf_half = sf[:, j::2].contiguous().view(torch.float8_e4m3fn).float()
         vals = e2m1_packed_to_f32(packed) * sf_half.repeat_interleave(16, dim=-1)
         halves.append(vals * dec.to(torch.float32).reshape(e, 1, 1))

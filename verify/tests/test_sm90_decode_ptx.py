@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from kernels.sm90._e2m1_ptx import bytes_to_f16x2_ptx, word_pair_to_f16x2_ptx
+from kernels.sm90._e2m1_ptx import (bytes_to_f16x2_ptx, fragment_halves_to_f16x2_ptx, halves_to_f16x2_ptx,
+                                     word_pair_to_f16x2_ptx)
 from references.codecs import e2m1_codes_to_f32
 
 M32 = 0xFFFFFFFF
@@ -99,3 +100,75 @@ def test_every_code_in_every_position():
         r = run_ptx(word_pair_to_f16x2_ptx(), {"$8": w, "$9": w ^ 0x88888888})
         for n in range(8):
             _expect(r[f"${n}"], (code, code ^ 8), 2.0**-14, f"code {code} nibble {n}")
+
+
+# ---- the fragment order of the grouped GEMM's prepared weights (kernels/sm90/host_prepare_experts) -----------------
+
+def _half(b: torch.Tensor, i: int) -> int:
+    return int(b[2 * i]) | int(b[2 * i + 1]) << 8
+
+
+def _unit_pairs_agree(unit: torch.Tensor) -> None:
+    """For each lane c of a 16-byte unit: halves_to_f16x2_ptx on checkpoint halves (c, 4 + c) and
+    fragment_halves_to_f16x2_ptx on the same positions of the prepared unit give the same four registers, bit for
+    bit (junk in bits 16-31 of the inputs, which both must ignore)."""
+    from kernels.sm90.host_prepare_experts import to_fragment_order
+
+    prep = to_fragment_order(unit.reshape(1, 16)).reshape(16)
+    for c in range(4):
+        want = run_ptx(halves_to_f16x2_ptx(), {"$4": _half(unit, c) | 0xABCD0000, "$5": _half(unit, 4 + c)})
+        got = run_ptx(fragment_halves_to_f16x2_ptx(), {"$4": _half(prep, c) | 0x12340000,
+                                                      "$5": _half(prep, 4 + c) | 0xFFFF0000})
+        for j in range(4):
+            assert got[f"${j}"] == want[f"${j}"], (
+                f"lane {c} output ${j}: fragment order {got[f'${j}']:#010x}, checkpoint order {want[f'${j}']:#010x} "
+                f"(unit {unit.tolist()}, prepared {prep.tolist()})")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_fragment_decode_equals_the_checkpoint_decode(seed):
+    unit = torch.randint(0, 256, (16,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    _unit_pairs_agree(unit)
+
+
+def test_fragment_decode_every_code_in_every_nibble():
+    """Each of the 16 codes alone in each of the unit's 32 nibbles (the rest a second code), so a field that a shift
+    moves into the wrong place, or a bit from the other half that a mask lets through, shows."""
+    for code in range(16):
+        for pos in range(32):
+            nib = [code ^ 0x9] * 32
+            nib[pos] = code
+            unit = torch.tensor([nib[2 * b] | nib[2 * b + 1] << 4 for b in range(16)], dtype=torch.uint8)
+            _unit_pairs_agree(unit)
+
+
+def test_halves_decode_puts_low_then_high_nibbles_of_each_halfs_bytes():
+    """halves_to_f16x2_ptx itself against the E2M1 table: $0 / $1 low nibbles of the bytes of h_a / h_b, $2 / $3
+    their high nibbles (the contract the fragment decode is compared with above)."""
+    for seed in SEEDS[:16]:
+        a, b = (int(v) for v in np.random.default_rng(seed).integers(0, 2**16, size=2))
+        r = run_ptx(halves_to_f16x2_ptx(), {"$4": a, "$5": b})
+        _expect(r["$0"], (a & 15, (a >> 8) & 15), 2.0**-14, "$0 low nibbles of h_a's bytes")
+        _expect(r["$1"], (b & 15, (b >> 8) & 15), 2.0**-14, "$1 low nibbles of h_b's bytes")
+        _expect(r["$2"], ((a >> 4) & 15, a >> 12), 2.0**-14, "$2 high nibbles of h_a's bytes")
+        _expect(r["$3"], ((b >> 4) & 15, b >> 12), 2.0**-14, "$3 high nibbles of h_b's bytes")
+
+
+def test_fragment_decode_is_shorter():
+    """What the order is for: fewer instructions a pair of halves (PTX: 14 against 20)."""
+    count = lambda ptx: sum(1 for s in ptx.strip()[1:-1].split(";") if s.strip() and not s.strip().startswith(".reg"))  # noqa: E731
+    assert (count(fragment_halves_to_f16x2_ptx()), count(halves_to_f16x2_ptx())) == (14, 20)
+
+
+def test_fragment_order_round_trips_in_place_and_refuses_a_partial_unit():
+    from kernels.sm90.host_prepare_experts import from_fragment_order, to_fragment_order
+
+    x = torch.randint(0, 256, (3, 5, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = to_fragment_order(x, chunk=2)
+    assert not torch.equal(x, y) and torch.equal(from_fragment_order(y), x)
+    z = x.clone()
+    assert to_fragment_order(z, out=z) is z and torch.equal(z, y)
+    ones = lambda t: sum(int(((t >> b) & 1).sum()) for b in range(8))  # noqa: E731
+    assert ones(x) == ones(y), "the order only moves bits: the count of set bits is kept"
+    with pytest.raises(ValueError, match="packed_u8"):
+        to_fragment_order(torch.zeros(4, 24, dtype=torch.uint8))

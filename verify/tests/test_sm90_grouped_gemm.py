@@ -903,7 +903,8 @@ def _compile_big(key, k: int):
            "hdec_ptr": "*fp32", "E": "i32", "N": "i32", "HALF_K": "i32", "CP4": "i32", "RCAP": "i32", "NP": "i32",
            "adec_stride": "i32", "hdec_stride": "i32", "limit": "fp32", "OUT_CP": "i32"}
     const = dict(K_ITERS=-(-k // 128), EPI=key.epi, BN=key.block_n, BT=key.block_t, E_P=key.e_pad,
-                 USE_ASM=key.use_asm, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128)
+                 USE_ASM=key.use_asm, CLAMP=key.clamp, ONE_SIXTH=ONE_SIXTH_F32, FMAX=FLT_MAX, K128=key.k128,
+                 W_FRAG=k % 32 == 0)  # prepare's default order
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     aligned = ("w_ptr", "wsf_ptr", "adec_ptr", "wdec_ptr", "off_ptr", "out_ptr", "out2_ptr", "hsf_ptr", "hdec_ptr",
@@ -1099,21 +1100,83 @@ def test_wgmma_a_operand_columns_are_the_triton_kernels_k_order():
 WGMMA_STAGES = ("l2", "l1_gate_up", "l1_fused", "l1_fused_noclamp")
 
 
-def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of):
-    """One stage's outputs (a tuple) on the activations `a`: key_of(epi, clamp) gives the key to launch with."""
+def _wgmma_stage(gg, stage: str, a: dict, e: int, k: int, key_of, *, frag: bool | None = None, n2: int = 512,
+                 i: int = 256, use_asm: bool | None = None):
+    """One stage's outputs (a tuple) on the activations `a`: key_of(epi, clamp) gives the key to launch with; frag:
+    the weights' byte order (None: prepare's default), n2 / i: L2's N and L1's I."""
     dev = a["packed"].device
     args = (a["packed"], a["sf_sw"], a["dec"], a["off"].to(torch.int32))
     if stage == "l2":
-        return (gg.grouped_gemm(*args, gg.prepare_experts(*_stack(e, 512, k, 62, dev)), key=key_of(0, False)),)
-    w13 = gg.prepare_gate_up(*_stack(e, 256, k, 63, dev), *_stack(e, 256, k, 64, dev))
+        w2 = gg.prepare_experts(*_stack(e, n2, k, 62, dev), fragment_order=frag)
+        return (gg.grouped_gemm(*args, w2, key=key_of(0, False), use_asm=use_asm),)
+    w13 = gg.prepare_gate_up(*_stack(e, i, k, 63, dev), *_stack(e, i, k, 64, dev), fragment_order=frag)
     if stage == "l1_gate_up":
-        return gg.grouped_gemm_l1(*args, w13, key=key_of(1, False))
+        return gg.grouped_gemm_l1(*args, w13, key=key_of(1, False), use_asm=use_asm)
     s2 = (0.002 + 0.001 * torch.arange(e, dtype=torch.float32, device=dev)).contiguous()
     if stage == "l1_fused":
         return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=0.05, h_input_dec_scale_f32=s2,
-                                            key=key_of(2, True))
+                                            key=key_of(2, True), use_asm=use_asm)
     return gg.grouped_l1_swiglu_requant(*args, w13, swiglu_limit=None, h_input_dec_scale_f32=s2[:1].contiguous(),
-                                        key=key_of(2, False))
+                                        key=key_of(2, False), use_asm=use_asm)
+
+
+def check_fragment_order_bits(device, *, counts, rcap, k, seed=0, use_asm=None, key_of=None, n2=512, i=256,
+                              label="routed") -> str:
+    """Weights in the fragment order (prepare's default where K % 32 == 0) give every output byte of the
+    checkpoint-order weights: L2 (bf16), L1 gate/up (float32), fused SwiGLU + requant with and without the clamp,
+    through the keys key_of(epi, clamp) gives (None: the routed ones)."""
+    gg = _gg()
+    e, r = len(counts), sum(counts)
+    a = _acts(counts, rcap, k, seed, device)
+    key_of = key_of or (lambda epi, clamp: None)
+    for stage in WGMMA_STAGES:
+        base = _wgmma_stage(gg, stage, a, e, k, key_of, frag=False, n2=n2, i=i, use_asm=use_asm)
+        got = _wgmma_stage(gg, stage, a, e, k, key_of, frag=True, n2=n2, i=i, use_asm=use_asm)
+        assert base[0][:r].any(), f"{stage}: all-zero output (nothing compared)"
+        for j, (x, y) in enumerate(zip(got, base)):
+            assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {j} ({label} keys), fragment order vs "
+                                                      f"checkpoint order, counts {counts}, K {k}")
+    return f"ok ({len(WGMMA_STAGES)} stages, {label} keys, K {k})"
+
+
+def test_prepare_puts_the_fragment_order_where_k_allows_it():
+    """prepare's default: the fragment order for K % 32 == 0 (every V4 stack), the checkpoint's otherwise; asking for
+    it where K % 32 != 0 is refused naming the argument; the stored bytes are the checkpoint's permuted (not equal,
+    same multiset of bits), and the prepare check's decode sees the same weights either way."""
+    from kernels.sm90.host_decode import grouped_weight_to_f32
+
+    gg = _gg()
+    w = _stack(3, 40, 96, 5, torch.device("cpu"))
+    frag, ckpt = gg.prepare_experts(*w), gg.prepare_experts(*w, fragment_order=False)
+    assert frag.fragment_order and not ckpt.fragment_order
+    assert torch.equal(ckpt.packed_u8, w[0]) and not torch.equal(frag.packed_u8, w[0])
+    assert_bits_equal(grouped_weight_to_f32(frag), grouped_weight_to_f32(ckpt), label="decoded plain stack")
+    w1, w3 = _stack(3, 24, 96, 6, torch.device("cpu")), _stack(3, 24, 96, 7, torch.device("cpu"))
+    g_frag, g_ckpt = gg.prepare_gate_up(*w1, *w3), gg.prepare_gate_up(*w1, *w3, fragment_order=False)
+    assert g_frag.fragment_order and not g_ckpt.fragment_order
+    for x, y, name in zip(grouped_weight_to_f32(g_frag, range(1, 3)), grouped_weight_to_f32(g_ckpt, range(1, 3)),
+                          ("gate", "up")):
+        assert_bits_equal(x, y, label=f"decoded {name} half, experts 1..2")
+    odd = _stack(2, 16, 48, 8, torch.device("cpu"))
+    assert not gg.prepare_experts(*odd).fragment_order
+    with pytest.raises(ValueError, match="fragment_order"):
+        gg.prepare_experts(*odd, fragment_order=True)
+
+
+_FRAG_INTERP = {
+    "fragment_order_bits_routed_triton_keys": (check_fragment_order_bits, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=256, seed=81, n2=64, i=32)),
+    "fragment_order_bits_large_token_triton_keys": (lambda device, use_asm, **kw: check_fragment_order_bits(
+        device, use_asm=use_asm, key_of=lambda epi, clamp: _big_key(epi, 16, 5, use_asm=use_asm, clamp=clamp),
+        label="large-token Triton", **kw), dict(counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=82, n2=64, i=32)),
+}
+_INTERP_CASES.update(_FRAG_INTERP)
+
+
+@pytest.mark.parametrize("case", list(_FRAG_INTERP))
+def test_grouped_gemm_fragment_order_interpreter(interpreter_results, case):
+    r = interpreter_results[case]
+    assert r["ok"], r["message"]
 
 
 @pytest.mark.parametrize("bt,warps,cap", [(8, 4, 0), (8, 4, 96), (16, 4, 0), (16, 8, 0)],
@@ -1141,6 +1204,34 @@ def test_gpu_wgmma_bits_equal_the_triton_kernel(counts, rcap, k, stage, bt, warp
     for i, (x, y) in enumerate(zip(got, base)):
         assert_bits_equal(x.cpu(), y.cpu(), label=f"{stage} output {i}, wgmma BT {bt} warps {warps} cap {cap} vs "
                                                   f"Triton, counts {counts}, K {k}")
+
+
+_FRAG_GPU_KEYS = {  # key families that read the weights, each with the fragment-order decode of its own kind
+    "wgmma": lambda rcap, e: lambda epi, clamp: _gg().WgmmaKey(epi=epi, block_t=8, e_pad=32, clamp=clamp),
+    "wgmma_cap96": lambda rcap, e: lambda epi, clamp: _gg().WgmmaKey(epi=epi, block_t=8, e_pad=32, clamp=clamp,
+                                                                     max_registers=96),
+    "triton": lambda rcap, e: lambda epi, clamp: _gg().CompileKey.for_shape(epi, rcap, e, 512, 7168, clamp=clamp,
+                                                                            large_token=False),
+    "big_wgmma": lambda rcap, e: lambda epi, clamp: _gg().BigWgmmaKey(epi=epi, block_t=64, e_pad=32, clamp=clamp),
+    "big_wgmma_r2_bt128": lambda rcap, e: lambda epi, clamp: _gg().BigWgmmaKey(
+        epi=epi, block_t=128, e_pad=32, clamp=clamp, rows_per_wg=2),
+    "big_triton": lambda rcap, e: lambda epi, clamp: _big_key(epi, 128, e, use_asm=True, clamp=clamp),
+}
+
+
+@pytest.mark.parametrize("family", list(_FRAG_GPU_KEYS))
+@pytest.mark.parametrize("k", [7168, 1056], ids=lambda k: f"K{k}")
+@pytest.mark.gpu
+@pytest.mark.sm90
+def test_gpu_fragment_order_bits_equal_checkpoint_order(family, k):
+    """On the GPU, every key family that reads the weights (the register-fed kernel with and without its register
+    cap, the Triton kernel, the large-token Gluon kernel with one and two row blocks, the large-token Triton kernel)
+    gives the same output bytes for fragment-order weights (12-instruction decode, or the Triton un-permute) as for
+    the checkpoint's: L2, L1 gate/up, fused with and without the clamp; K 7168 (V4-Pro) and 1056 (a K tail)."""
+    counts, rcap = [9, 0, 300, 17, 0, 1, 128, 60], 600
+    msg = check_fragment_order_bits(_cuda(), counts=counts, rcap=rcap, k=k, seed=83,
+                                    key_of=_FRAG_GPU_KEYS[family](rcap, len(counts)), label=family)
+    assert msg.startswith("ok"), msg
 
 
 @pytest.mark.gpu
