@@ -209,7 +209,9 @@ _INTERP_CPU_SECONDS = {"big_path_bits_zero_token_experts_capacity_rows_k_tail": 
                        "big_path_bits_rows_of_next_expert_in_tile": 4.5,
                        "big_k128_exact_data_equals_the_two_mma_variant": 4.3,
                        "big_k128_exact_data_rows_of_next_expert_in_tile": 6.1,
-                       "big_k128_exact_data_equals_the_present_path": 6.1}
+                       "big_k128_exact_data_equals_the_present_path": 6.1,
+                       "fragment_order_bits_routed_triton_keys": 5.9,
+                       "fragment_order_bits_large_token_triton_keys": 5.4}
 
 
 @pytest.fixture(scope="module")
