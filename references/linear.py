@@ -16,6 +16,7 @@ from its loader. Nothing here picks a device: tensors stay where they are given.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -136,14 +137,45 @@ def _expand_blocks(scale: Tensor, n: int, k: int) -> Tensor:
     return scale.repeat_interleave(FP8_BLOCK, dim=-2)[..., :n, :].repeat_interleave(FP8_BLOCK, dim=-1)[..., :k]
 
 
+# Decoded weights of recent calls: a verdict decodes the same weight for every candidate, check and injected bug
+# (the CPU selftest: 51 000 decodes of a few dozen weights, experts as views of their stack). Keyed by where the
+# bytes are (address, shape, strides, dtype, device) and the version counter a view shares with its base (an in-place
+# write bumps it: a changed weight is decoded again); an entry holds its input tensors, so their memory cannot be
+# reused while it lives. A hit returns a copy (a caller may write into its result). Bounded in bytes.
+_DECODE_MEMO: OrderedDict[tuple, tuple[tuple[Tensor, ...], Tensor]] = OrderedDict()
+_DECODE_MEMO_BYTES = 256 << 20  # float64 results kept at most (the oldest go first)
+_DECODE_MEMO_ENTRY_BYTES = 32 << 20  # larger results are not kept
+_decode_memo_held = 0
+
+
+def _decoded_memo(inputs: tuple[Tensor, ...], decode) -> Tensor:
+    global _decode_memo_held
+    key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) for t in inputs)
+    hit = _DECODE_MEMO.get(key)
+    if hit is not None:
+        _DECODE_MEMO.move_to_end(key)
+        return hit[1].clone()
+    out = decode()
+    size = out.numel() * out.element_size()
+    if size <= _DECODE_MEMO_ENTRY_BYTES:
+        _DECODE_MEMO[key] = (inputs, out.clone())
+        _decode_memo_held += size
+        while _decode_memo_held > _DECODE_MEMO_BYTES:
+            _, (_, old) = _DECODE_MEMO.popitem(last=False)
+            _decode_memo_held -= old.numel() * old.element_size()
+    return out
+
+
 def decode_weight_f64(w: Weight) -> Tensor:
     """The weight without its per-tensor global scale, float64 [..., N, K] (exact):
-    NVFP4 e2m1 * block scale; FP8 e4m3 * block scale (the whole value); BF16 as is."""
+    NVFP4 e2m1 * block scale; FP8 e4m3 * block scale (the whole value); BF16 as is. Recent results are
+    remembered (_decoded_memo: by the byte tensors' place and version; a new tensor each call)."""
     if isinstance(w, Nvfp4Weight):
-        return decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64)
+        return _decoded_memo((w.packed_u8, w.sf_u8),
+                             lambda: decode_nvfp4_block_scaled(w.packed_u8, w.sf_u8, dtype=torch.float64))
     if isinstance(w, Fp8Block128Weight):
-        vals = e4m3_bytes_to_f32(w.e4m3_u8).double()
-        return vals * _expand_blocks(w.block_dec_f32.double(), w.n, w.k)
+        return _decoded_memo((w.e4m3_u8, w.block_dec_f32), lambda: e4m3_bytes_to_f32(w.e4m3_u8).double()
+                             * _expand_blocks(w.block_dec_f32.double(), w.n, w.k))
     return w.w.double()
 
 
