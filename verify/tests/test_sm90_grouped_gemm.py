@@ -263,9 +263,13 @@ def test_grouped_sf_rows_bounds_every_routing():
 def test_gate_up_interleave_is_by_row():
     gg = _gg()
     w1, w3 = _stack(2, 8, 32, 1, "cpu"), _stack(2, 8, 32, 2, "cpu")
-    w13 = gg.prepare_gate_up(*w1, *w3)
-    assert torch.equal(w13.packed_u8[:, 0::2], w1[0]) and torch.equal(w13.packed_u8[:, 1::2], w3[0])
-    assert torch.equal(w13.dec_scale_f32, torch.stack([w1[2], w3[2]], 1))
+    from kernels.sm90.host_prepare_experts import from_fragment_order
+
+    for frag in (False, True):  # the interleave acts on rows; the fragment order permutes bits inside each row
+        w13 = gg.prepare_gate_up(*w1, *w3, fragment_order=frag)
+        packed = from_fragment_order(w13.packed_u8) if frag else w13.packed_u8
+        assert torch.equal(packed[:, 0::2], w1[0]) and torch.equal(packed[:, 1::2], w3[0]), frag
+        assert torch.equal(w13.dec_scale_f32, torch.stack([w1[2], w3[2]], 1))
 
 
 # ----------------------------------------------------------------------------------------- GPU
