@@ -3,10 +3,13 @@ clamped SwiGLU + NVFP4 requantization epilogue.
 
 API (A2's MoE block calls these; shapes are static, everything else is read on the device):
 
-  prepare_experts(w_u8 [E, N, K/2] u8, w_scale_e4m3 [E, N, K/16] (linear), w_scale_2_f32 [E] | [E, 1])
+  prepare_experts(w_u8 [E, N, K/2] u8, w_scale_e4m3 [E, N, K/16] (linear), w_scale_2_f32 [E] | [E, 1], *,
+                  fragment_order=None)
       -> Sm90GroupedWeight                                         (host, once per layer; L2)
-  prepare_gate_up(w1_u8, w1_scale_e4m3, w1_scale_2_f32, w3_u8, w3_scale_e4m3, w3_scale_2_f32)
+  prepare_gate_up(w1_u8, w1_scale_e4m3, w1_scale_2_f32, w3_u8, w3_scale_e4m3, w3_scale_2_f32, *, fragment_order=None)
       -> Sm90GroupedWeight (gate_up)                               (host, once per layer; L1)
+  (fragment_order None: the packed bits permuted into the register-fed kernels' decode order wherever K % 32 == 0;
+  every kernel here reads either order with the same bits: host_prepare_experts)
   grouped_gemm(a_packed_u8 [Rcap, K/2], a_sf_u8 [Rs, Cp], a_dec_f32 [E] | [1], offsets_i32 [E+1], w, *, out=None)
       -> bf16 [Rcap, N]
   grouped_gemm_l1(a_packed_u8, a_sf_u8, a_dec_f32, offsets_i32, w13) -> (gate, up) float32 [Rcap, I] each
