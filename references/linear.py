@@ -150,6 +150,8 @@ _decode_memo_held = 0
 
 def _decoded_memo(inputs: tuple[Tensor, ...], decode) -> Tensor:
     global _decode_memo_held
+    if any(t.is_inference() for t in inputs):  # no version counter to key on (torch.inference_mode tensors)
+        return decode()
     key = tuple((t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device, t._version) for t in inputs)
     hit = _DECODE_MEMO.get(key)
     if hit is not None:

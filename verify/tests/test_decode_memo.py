@@ -86,3 +86,13 @@ def test_the_memo_stays_within_its_byte_bound(monkeypatch):
     for w in ws:
         decode_weight_f64(w.expert(0))
     assert len(lin._DECODE_MEMO) == 3 and lin._decode_memo_held == 3 * 8 * 8 * 64
+
+
+def test_inference_mode_weights_are_decoded_every_time(monkeypatch):
+    """Tensors made under torch.inference_mode have no version counter: never remembered (decoded each call)."""
+    calls = _counting(monkeypatch)
+    with torch.inference_mode():
+        w = _nvfp4(5)
+    a, b = decode_weight_f64(w.expert(2)), decode_weight_f64(w.expert(2))
+    assert calls[0] == 2 and not lin._DECODE_MEMO
+    assert_bits_equal(a, b, label="two decodes of one inference-mode expert")
