@@ -142,14 +142,9 @@ def _halves_to_f16(h_i16, FRAG: gl.constexpr):
     in the fragment order (host_prepare_experts.to_fragment_order: h_a holds byte 0 and h_b byte 1 of the two
     checkpoint halves, field j = nibble j // 2 of checkpoint half j % 2), decoded by the 12-instruction asm into the
     same four outputs."""
-    if FRAG:
-        o = gl.inline_asm_elementwise(asm=_FRAGMENT_HALVES_ASM, constraints="=r,=r,=r,=r,r,r",
-                                      args=[h_i16.to(gl.int32)], dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
-                                      is_pure=True, pack=2)
-    else:
-        o = gl.inline_asm_elementwise(asm=_HALVES_ASM, constraints="=r,=r,=r,=r,r,r", args=[h_i16.to(gl.int32)],
-                                      dtype=(gl.float16, gl.float16, gl.float16, gl.float16), is_pure=True, pack=2)
-    return o
+    return gl.inline_asm_elementwise(asm=_FRAGMENT_HALVES_ASM if FRAG else _HALVES_ASM, constraints="=r,=r,=r,=r,r,r",
+                                     args=[h_i16.to(gl.int32)], dtype=(gl.float16, gl.float16, gl.float16, gl.float16),
+                                     is_pure=True, pack=2)
 
 
 @gluon.jit

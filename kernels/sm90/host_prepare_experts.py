@@ -107,9 +107,22 @@ def _check_stack(name: str, w_u8: Tensor, w_scale_e4m3: Tensor, w_scale_2_f32: T
 _UNIT = 16  # bytes of a fragment-order unit: two checkpoint halves of each of 4 lanes, both bytes
 
 
+def _check_units(packed_u8: Tensor) -> None:
+    if packed_u8.dtype != torch.uint8 or packed_u8.shape[-1] % _UNIT:
+        raise ValueError(f"packed_u8: expected uint8 [..., K/2] with K % 32 == 0, got {packed_u8.dtype} "
+                         f"{tuple(packed_u8.shape)}")
+
+
+def _units(packed_u8: Tensor) -> Tensor:
+    """uint8 [..., K/2] (K % 32 == 0) -> int32 [..., K/32, 2, 4, 2]: each row's 16-byte units as (half pair, lane,
+    byte); a one-line ValueError naming packed_u8 otherwise."""
+    _check_units(packed_u8)
+    return packed_u8.reshape(*packed_u8.shape[:-1], packed_u8.shape[-1] // _UNIT, 2, 4, 2).to(torch.int32)
+
+
 def _fragment_fields(packed: Tensor) -> list[Tensor]:
     """[..., K/2] bytes -> the four fields (int32 codes [..., K/32, 2 (y), 4 (c)]) of the fragment-order halves."""
-    p = packed.reshape(*packed.shape[:-1], packed.shape[-1] // _UNIT, 2, 4, 2).to(torch.int32)  # (unit, ch0, c, y)
+    p = _units(packed)  # (unit, ch0, c, y)
     lo, hi = p & 0xF, p >> 4
     return [f.transpose(-1, -2) for f in (lo[..., 0, :, :], lo[..., 1, :, :], hi[..., 0, :, :], hi[..., 1, :, :])]
 
@@ -119,9 +132,7 @@ def to_fragment_order(packed_u8: Tensor, *, out: Tensor | None = None, chunk: in
     fragment order (module docstring), into `out` (a new tensor if None; `out` may be packed_u8 itself when it is
     contiguous: each chunk is read whole before it is written). Integer ops on the bit fields; the leading dimension
     is processed `chunk` entries at a time (a V4-Pro stack is 8.5 GB: its int32 fields would not fit at once)."""
-    if packed_u8.dtype != torch.uint8 or packed_u8.shape[-1] % _UNIT:
-        raise ValueError(f"packed_u8: expected uint8 [..., K/2] with K % 32 == 0, got {packed_u8.dtype} "
-                         f"{tuple(packed_u8.shape)}")
+    _check_units(packed_u8)
     if out is None:
         out = torch.empty(packed_u8.shape, dtype=torch.uint8, device=packed_u8.device)
     elif out.shape != packed_u8.shape or out.dtype != torch.uint8 or not out.is_contiguous():
@@ -140,10 +151,7 @@ def to_fragment_order(packed_u8: Tensor, *, out: Tensor | None = None, chunk: in
 
 def from_fragment_order(packed_u8: Tensor) -> Tensor:
     """The inverse of to_fragment_order: fragment-order bytes [..., K/2] -> the checkpoint's bytes."""
-    if packed_u8.dtype != torch.uint8 or packed_u8.shape[-1] % _UNIT:
-        raise ValueError(f"packed_u8: expected uint8 [..., K/2] with K % 32 == 0, got {packed_u8.dtype} "
-                         f"{tuple(packed_u8.shape)}")
-    p = packed_u8.reshape(*packed_u8.shape[:-1], packed_u8.shape[-1] // _UNIT, 2, 4, 2).to(torch.int32)
+    p = _units(packed_u8)
     h = p[..., 0] | (p[..., 1] << 8)  # (unit, y, c)
     f = [(((h >> sign) & 1) << 3) | ((h >> mag) & 7) for sign, mag in zip(FRAGMENT_SIGN_BITS, FRAGMENT_MAG_SHIFTS)]
     byte = torch.stack((f[0] | (f[2] << 4), f[1] | (f[3] << 4)), dim=-3)  # (unit, ch0, y, c)
