@@ -239,15 +239,17 @@ def grouped_gemm_nvfp4_kernel(
 @triton.jit(do_not_specialize=["PLANE"])
 def grouped_act_decode_planes_kernel(x_ptr, xsf_ptr, off_ptr, planes_ptr, E, HALF_K, CP4, PLANE,
                                      K_ITERS: tl.constexpr, BLOCK_R: tl.constexpr, E_P: tl.constexpr,
-                                     USE_ASM: tl.constexpr, TILE128: tl.constexpr = False):
+                                     USE_ASM: tl.constexpr, TILE128: tl.constexpr = False, KT_PER: tl.constexpr = 1):
     """Large-count path, step 1: the grouped activations [Rcap, K] -> two fp16 planes [Rcap, K_ITERS*64]
     (even k, odd k of each 128-wide K tile) of e2m1 * e4m3 * 2^-7 (exact), exactly the values the GEMM
     would decode per tile, so X_F16 gives the same bits. Row r of expert e (off[e] <= r < off[e+1]) reads
     its scales at row pad_e + r - off[e]; rows past off[E] and K past the end are zero.
     TILE128 (the large-token path's k128 variant): one tensor [Rcap, K_ITERS*128] instead, K tile i at
-    columns 128 i .. 128 i + 127, its 64 even k then its 64 odd k (PLANE unused)."""
+    columns 128 i .. 128 i + 127, its 64 even k then its 64 odd k (PLANE unused).
+    A program decodes BLOCK_R rows x KT_PER K tiles (tiles KT_PER * pid1 ..; past K_ITERS nothing): the rows'
+    expert lookup (a scan and three reductions over the E_P offsets, most of the instructions of a 16 x 128 tile)
+    is done once for its KT_PER tiles."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    kb = tl.program_id(1) * 128
     idx = tl.arange(0, E_P)
     lo = tl.load(off_ptr + idx, mask=idx < E, other=0)
     hi = tl.load(off_ptr + idx + 1, mask=idx < E, other=0)
@@ -262,22 +264,30 @@ def grouped_act_decode_planes_kernel(x_ptr, xsf_ptr, off_ptr, planes_ptr, E, HAL
     pad_r = tl.sum(tl.where(sel, pstart[None, :], 0), axis=1)
     ok = rows < off_end
     srow = tl.where(ok, pad_r + rows - off_r, 0)
-    pcols = kb // 2 + tl.arange(0, 64)
-    b = tl.load(x_ptr + rows.to(tl.int64)[:, None] * HALF_K + pcols[None, :],
-                mask=ok[:, None] & (pcols < HALF_K)[None, :], other=0)
-    c4 = kb // 64 + tl.arange(0, 2)
-    woff = (((srow // 128) * CP4)[:, None] + c4[None, :]) * 128 + ((srow % 32) * 4 + (srow // 32) % 4)[:, None]
-    w = tl.load(xsf_ptr + woff, mask=ok[:, None] & (c4 < CP4)[None, :], other=0)
-    sc = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
-    sc = tl.reshape(sc, (BLOCK_R, 8))
-    c = kb // 16 + tl.arange(0, 8)
-    sc = tl.where((c < HALF_K // 8)[None, :], sc, 0)
-    x_lo, x_hi = _decode(b, sc, BLOCK_R, 128, USE_ASM)
+    xrow = rows.to(tl.int64)[:, None] * HALF_K
+    srow_off = ((srow // 128) * CP4)[:, None] * 128 + ((srow % 32) * 4 + (srow // 32) % 4)[:, None]
     if TILE128:
-        o = rows.to(tl.int64)[:, None] * (K_ITERS * 128) + (kb + tl.arange(0, 64))[None, :]
-        tl.store(planes_ptr + o, x_lo)
-        tl.store(planes_ptr + 64 + o, x_hi)
+        orow = rows.to(tl.int64)[:, None] * (K_ITERS * 128)
     else:
-        o = rows.to(tl.int64)[:, None] * (K_ITERS * 64) + (kb // 2 + tl.arange(0, 64))[None, :]
-        tl.store(planes_ptr + o, x_lo)
-        tl.store(planes_ptr + PLANE + o, x_hi)
+        orow = rows.to(tl.int64)[:, None] * (K_ITERS * 64)
+    for j in tl.static_range(KT_PER):
+        kt = tl.program_id(1) * KT_PER + j
+        if kt < K_ITERS:
+            kb = kt * 128
+            pcols = kb // 2 + tl.arange(0, 64)
+            b = tl.load(x_ptr + xrow + pcols[None, :], mask=ok[:, None] & (pcols < HALF_K)[None, :], other=0)
+            c4 = kb // 64 + tl.arange(0, 2)
+            w = tl.load(xsf_ptr + srow_off + c4[None, :] * 128, mask=ok[:, None] & (c4 < CP4)[None, :], other=0)
+            sc = (w[:, :, None] >> (tl.arange(0, 4) * 8)[None, None, :]) & 0xFF
+            sc = tl.reshape(sc, (BLOCK_R, 8))
+            c = kb // 16 + tl.arange(0, 8)
+            sc = tl.where((c < HALF_K // 8)[None, :], sc, 0)
+            x_lo, x_hi = _decode(b, sc, BLOCK_R, 128, USE_ASM)
+            if TILE128:
+                o = orow + (kb + tl.arange(0, 64))[None, :]
+                tl.store(planes_ptr + o, x_lo)
+                tl.store(planes_ptr + 64 + o, x_hi)
+            else:
+                o = orow + (kb // 2 + tl.arange(0, 64))[None, :]
+                tl.store(planes_ptr + o, x_lo)
+                tl.store(planes_ptr + PLANE + o, x_hi)

@@ -158,22 +158,36 @@ def _large_token_key(epi: int, rcap: int, num_experts: int, *, use_asm: bool, cl
                       e_pad=e_pad, use_asm=use_asm, clamp=clamp, big=True, k128=_large_token_variant_name() == "k128")
 
 
+# K tiles a program of grouped_act_decode_planes_kernel decodes (its rows' expert lookup done once for them)
+ACT_DECODE_KT_PER = 8
+
+
+def _launch_act_decode(a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, planes: Tensor, num_experts: int,
+                       k: int, cp4: int, plane: int, e_pad: int, use_asm: bool, tile128: bool) -> None:
+    """grouped_act_decode_planes_kernel over the activations: 16 rows x ACT_DECODE_KT_PER K tiles a program."""
+    import triton
+
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
+
+    k_iters = -(-k // 128)
+    grid = (triton.cdiv(a_packed_u8.shape[0], 16), triton.cdiv(k_iters, ACT_DECODE_KT_PER))
+    grouped_act_decode_planes_kernel[grid](
+        a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, num_experts, k // 2, cp4, plane,
+        K_ITERS=k_iters, BLOCK_R=16, E_P=e_pad, USE_ASM=use_asm, TILE128=tile128, KT_PER=ACT_DECODE_KT_PER,
+        num_warps=4)
+
+
 def _decode_planes(key: CompileKey, a_packed_u8: Tensor, a_sf_u8: Tensor, offsets_i32: Tensor, num_experts: int,
                    k: int, cp4: int) -> tuple[Tensor, ...]:
     """The activations decoded once (RP = Rcap rounded up to 16 rows, zeros past off[E]; from the graph pool under
     capture): even-k and odd-k fp16 planes [RP, K_ITERS * 64], or with key.k128 one tensor [RP, K_ITERS * 128]
     (K tile i at columns 128 i.., its 64 even k then its 64 odd k), returned as a 1-tuple. Same size either way."""
-    import triton
-
-    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel
-
     rcap, k_iters = a_packed_u8.shape[0], -(-k // 128)
     rp = -(-rcap // 16) * 16
     plane = rp * k_iters * 64
     planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
-    grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
-        a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, num_experts, k // 2, cp4, plane,
-        K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, TILE128=key.k128, num_warps=4)
+    _launch_act_decode(a_packed_u8, a_sf_u8, offsets_i32, planes, num_experts, k, cp4, plane, key.e_pad, key.use_asm,
+                       key.k128)
     if key.k128:
         return (planes.view(rp, k_iters * 128),)
     return planes[:plane].view(rp, k_iters * 64), planes[plane:].view(rp, k_iters * 64)
@@ -331,7 +345,7 @@ def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles on the first launch: warm up before graph capture)."""
     import triton
 
-    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_act_decode_planes_kernel, grouped_gemm_nvfp4_kernel
+    from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_gemm_nvfp4_kernel
 
     if key.big:
         return functools.partial(_run_large_token, key)
@@ -350,9 +364,8 @@ def _compile(key: CompileKey):
         if key.act_f16:  # fp16 planes [2, Rcap, k_iters * 64] (from the graph pool under capture)
             plane = -(-rcap // 16) * 16 * k_iters * 64  # rows padded to the decode tile: every store in bounds
             planes = torch.empty((2 * plane,), dtype=torch.float16, device=a_packed_u8.device)
-            grouped_act_decode_planes_kernel[(triton.cdiv(rcap, 16), k_iters)](
-                a_packed_u8, a_sf_u8.view(torch.int32), offsets_i32, planes, e, w.k // 2, cp4, plane,
-                K_ITERS=k_iters, BLOCK_R=16, E_P=key.e_pad, USE_ASM=key.use_asm, num_warps=4)
+            _launch_act_decode(a_packed_u8, a_sf_u8, offsets_i32, planes, e, w.k, cp4, plane, key.e_pad, key.use_asm,
+                               False)
         grouped_gemm_nvfp4_kernel[grid](
             w.packed_u8, w.sf_swizzled_u8.view(torch.int32), a_packed_u8, a_sf_u8.view(torch.int32),
             a_dec_f32, w.dec_scale_f32, offsets_i32, out, out2, hsf, hdec, planes,

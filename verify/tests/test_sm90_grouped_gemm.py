@@ -580,6 +580,12 @@ _INTERP_CASES.update({
     # (the column -> k map of both operands); on rounding data it meets the float64 bound (check_big_path_bits' plain)
     "big_k128_planes_are_the_decoded_values": (check_big_planes_are_the_decoded_values, dict(
         counts=[3, 0, 20, 1, 0], rcap=30, k=160, seed=63, k128=True)),
+    # K 1184: 10 K tiles (the last one 32 wide), more than a decode program's ACT_DECODE_KT_PER = 8, so two programs
+    # share each row block's tiles and the second stops at K_ITERS
+    "big_path_planes_span_two_decode_programs": (check_big_planes_are_the_decoded_values, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=1184, seed=68)),
+    "big_k128_planes_span_two_decode_programs": (check_big_planes_are_the_decoded_values, dict(
+        counts=[3, 0, 20, 1, 0], rcap=30, k=1184, seed=69, k128=True)),
     "big_k128_exact_data_equals_the_two_mma_variant": (check_big_path_bits, dict(
         counts=[3, 0, 20, 1, 0], rcap=30, n=64, k=160, seed=64, k128=True, versus="big", exact=True)),
     "big_k128_exact_data_rows_of_next_expert_in_tile": (check_big_path_bits, dict(
@@ -985,9 +991,9 @@ def test_large_token_kernel_compiles_for_sm90_without_spills(key, k, tmp_path):
 @pytest.mark.parametrize("tile128", [False, True], ids=["planes", "k128"])
 @pytest.mark.parametrize("k", [7168, 3072])
 def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tile128, tmp_path):
-    """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows, 4
-    warps, E 384 padded to 512, PTX decode; the two planes or the k128 variant's tile-interleaved tensor) compiles
-    for sm_90 without spills; registers printed."""
+    """Step 1 of the large-token path (grouped_act_decode_planes_kernel as _decode_planes launches it: 16 rows x
+    ACT_DECODE_KT_PER K tiles, 4 warps, E 384 padded to 512, PTX decode; the two planes or the k128 variant's
+    tile-interleaved tensor) compiles for sm_90 without spills; registers printed."""
 
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -997,7 +1003,9 @@ def test_large_token_planes_decode_compiles_for_sm90_without_spills(k, tile128, 
 
     sig = {"x_ptr": "*u8", "xsf_ptr": "*i32", "off_ptr": "*i32", "planes_ptr": "*fp16", "E": "i32", "HALF_K": "i32",
            "CP4": "i32", "PLANE": "i32"}
-    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True, TILE128=tile128)
+    from kernels.sm90.grouped_gemm_nvfp4 import ACT_DECODE_KT_PER
+
+    const = dict(K_ITERS=-(-k // 128), BLOCK_R=16, E_P=512, USE_ASM=True, TILE128=tile128, KT_PER=ACT_DECODE_KT_PER)
     names = list(sig) + list(const)
     sig.update({name: "constexpr" for name in const})
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in ("x_ptr", "xsf_ptr", "off_ptr", "planes_ptr",
