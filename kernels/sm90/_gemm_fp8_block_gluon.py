@@ -717,3 +717,87 @@ def gemm_fp8_block_gluon_wide_kernel(
         (_wide_producer, (a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
                           n_iter, NS)),
     ], [1], [40])
+
+
+# CompileKey.dual (with block_n 192): the 192-row tile's two math warpgroups as two partitions of their own, each
+# running _wide_consumer on its 64 tokens (its own token block in the ring, its own running totals) and releasing a
+# stage on its own (empty barriers of count 2). In the one-partition kernel both warpgroups meet at a barrier before
+# every release, so they promote at the same time and the tensor cores wait for the slower; apart, one warpgroup's
+# wgmmas run while the other promotes (DeepGEMM's and CUTLASS's cooperative consumers). Each element's operations
+# are _wide_consumer's in the same order (same bits).
+@gluon.jit
+def _dual_producer(a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
+                   n_iter, NS: gl.constexpr):
+    """_wide_producer with the token tile as two 64-row blocks (one per consumer partition): group i's four blocks
+    into stage i % NS once both consumers released its previous use."""
+    r128 = gl.minimum(r128, N - 1)
+    r64 = gl.minimum(r64, N - 1)
+    for i in range(n_iter):
+        s = i % NS
+        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
+        k0 = (g_lo + i) * 128
+        mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes +
+                        v_desc.block_type.nbytes)
+        tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring0.index(s))
+        tma.async_copy_global_to_shared(a_desc, [t0 + 64, k0], ready.index(s), a_ring1.index(s))
+        tma.async_copy_global_to_shared(w_desc, [r128, k0], ready.index(s), w_ring.index(s))
+        tma.async_copy_global_to_shared(v_desc, [r64, k0], ready.index(s), v_ring.index(s))
+
+
+@gluon.jit
+def gemm_fp8_block_gluon_dual_kernel(
+    w_desc, v_desc, a_desc, ws_ptr, as_ptr, out_ptr,
+    M, N, G, stride_as, stride_om, stride_oc,
+    BN: gl.constexpr, BM: gl.constexpr, NS: gl.constexpr, CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr,
+    CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr, GROUP_T: gl.constexpr,
+):
+    """gemm_fp8_block_gluon_wide_kernel (BM = 128 tokens x 192 weight rows) with its two math warpgroups as two
+    partitions (launched with num_warps=4: the default partition is token rows t0 .. t0 + 63, a worker partition of 4
+    warps rows t0 + 64 .. t0 + 127, a third of 1 warp the producer). a_desc: the activation codes with [64, 128]
+    blocks. Same raster, chunk handling and per-element operations as the wide kernel (same bits). Deadlock freedom:
+    as the wide kernel's, per consumer: each releases every group it waited for, the producer waits for both
+    releases of group i - NS, and a consumer waiting for group i + 1 has released every group up to i - 1; the other
+    consumer's wait for group j needs only releases of groups <= j - NS, which it does not hold back (each consumer's
+    progress depends on the producer alone)."""
+    gl.static_assert(BN == WIDE_BN)
+    gl.static_assert(BM == 128)
+    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
+    t0 = pid_t * BM
+    r128, r64 = _wide_rows(pid_n)
+    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+
+    a_ring0 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
+    a_ring1 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, 128, 128], w_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [NS, 64, 128], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=2)
+    if CHUNKED:  # each consumer's running totals of both pieces in shared memory (the chunk sums in registers)
+        tw0 = gl.allocate_shared_memory(gl.float32, [64, 128], _TOTAL_LAYOUT,
+                                        gl.zeros([64, 128], gl.float32, layout=_mma_layout(64, 128)))
+        tv0 = gl.allocate_shared_memory(gl.float32, [64, 64], _TOTAL_LAYOUT,
+                                        gl.zeros([64, 64], gl.float32, layout=_mma_layout(64, 64)))
+        tw1 = gl.allocate_shared_memory(gl.float32, [64, 128], _TOTAL_LAYOUT,
+                                        gl.zeros([64, 128], gl.float32, layout=_mma_layout(64, 128)))
+        tv1 = gl.allocate_shared_memory(gl.float32, [64, 64], _TOTAL_LAYOUT,
+                                        gl.zeros([64, 64], gl.float32, layout=_mma_layout(64, 64)))
+    else:
+        tw0 = a_ring0  # unused
+        tv0 = a_ring0
+        tw1 = a_ring0
+        tv1 = a_ring0
+    fence_async_shared()
+
+    gl.warp_specialize([
+        (_wide_consumer, (a_ring0, w_ring, v_ring, ready, empty, tw0, tv0, out_ptr, as_ptr, ws_ptr, M, N, G, stride_as,
+                          stride_om, stride_oc, t0, pid_n, g_lo, n_iter, 64, NS, CHUNK_BLOCKS, SPLIT, CHUNKED,
+                          AS_UE8M0)),
+        (_wide_consumer, (a_ring1, w_ring, v_ring, ready, empty, tw1, tv1, out_ptr, as_ptr, ws_ptr, M, N, G, stride_as,
+                          stride_om, stride_oc, t0 + 64, pid_n, g_lo, n_iter, 64, NS, CHUNK_BLOCKS, SPLIT, CHUNKED,
+                          AS_UE8M0)),
+        (_dual_producer, (a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N,
+                          g_lo, n_iter, NS)),
+    ], [4, 1], [240, 40])

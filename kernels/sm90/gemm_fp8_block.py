@@ -145,6 +145,11 @@ class CompileKey:
     # piece (each inside one weight-scale block), one accumulator per piece (the two-accumulator loop would not fit
     # the registers); the token tile loaded once feeds 1.5x the MMA of the 128-wide tile (same bits)
     producer: bool = False
+    # with block_n 192: the two math warpgroups as two partitions of their own (gemm_fp8_block_gluon_dual_kernel,
+    # launched with 4 warps a partition: num_warps stays the 8 math warps), each with its own 64-token block in the
+    # ring and its own running totals, each releasing a stage by itself (no barrier between them: one promotes while
+    # the other's wgmmas run); the same operations in the same order (same bits)
+    dual: bool = False
 
     def __post_init__(self) -> None:
         # whole 128-row weight-scale blocks per tile (one scale, or one per row when wider than 128), and a
@@ -180,6 +185,9 @@ class CompileKey:
         if self.acc3 and (not self.gluon or self.persistent or self.block_n != 64):
             raise ValueError(f"CompileKey: acc3 needs gluon, not persistent and block_n=64 (three accumulators and the "
                              f"sums in registers), got gluon={self.gluon} persistent={self.persistent} "
+                             f"block_n={self.block_n}")
+        if self.dual and self.block_n != WIDE_BN:
+            raise ValueError(f"CompileKey: dual needs block_n={WIDE_BN} (the wide tile's two warpgroups), got "
                              f"block_n={self.block_n}")
         if self.producer and (not self.gluon or self.persistent or self.acc3):
             raise ValueError(f"CompileKey: producer needs gluon, not persistent and not acc3, got gluon={self.gluon} "
@@ -243,7 +251,7 @@ class CompileKey:
                           tma=cfg.get("tma", False), fused_q=cfg.get("fused_q", False), ws=cfg.get("ws", False),
                           reduce=cfg.get("reduce", "kernel") if split else "kernel", gluon=cfg.get("gluon", False),
                           persistent=cfg.get("persistent", False), acc3=cfg.get("acc3", False),
-                          producer=cfg.get("producer", False))
+                          producer=cfg.get("producer", False), dual=cfg.get("dual", False))
 
     def config(self) -> dict:
         """The tunable fields (the inverse of from_config)."""
@@ -251,7 +259,7 @@ class CompileKey:
                 "num_stages": self.num_stages, "split": self.split, "swap": self.swap, "group_t": self.group_t,
                 "pipe": self.pipe, "tma": self.tma, "fused_q": self.fused_q, "ws": self.ws, "reduce": self.reduce,
                 "gluon": self.gluon, "persistent": self.persistent, "acc3": self.acc3,
-                "producer": self.producer}
+                "producer": self.producer, "dual": self.dual}
 
     @staticmethod
     def for_shape(m: int, n: int, k: int, *, act_scale_ue8m0: bool, num_sms: int = _NUM_SMS_H200) -> "CompileKey":
@@ -298,7 +306,13 @@ def gluon_operand_layouts(key: CompileKey):
     from triton.experimental.gluon import language as gl
 
     return tuple(gl.NVMMASharedLayout.get_default_for([rows, GROUP], gl.float8e4nv)
-                 for rows in (128 if key.block_n == WIDE_BN else key.block_n, key.block_t))
+                 for rows in (128 if key.block_n == WIDE_BN else key.block_n, 64 if key.dual else key.block_t))
+
+
+def launch_warps(key: CompileKey) -> int:
+    """num_warps of the Gluon launch: the key's math warps, or 4 for a dual key (its default partition: the other
+    math warpgroup and the producer warp are worker partitions)."""
+    return 4 if key.dual else key.num_warps
 
 
 WS_EXPERIMENT_ENV = "NVFP4V_FP8_WS_EXPERIMENT"
@@ -365,6 +379,7 @@ def _compile_gluon(key: CompileKey):
 
     from kernels.sm90._gemm_fp8_block_gluon import (gemm_fp8_block_gluon_acc3_kernel, gemm_fp8_block_gluon_kernel,
                                                     gemm_fp8_block_gluon_persistent_kernel,
+                                                    gemm_fp8_block_gluon_dual_kernel,
                                                     gemm_fp8_block_gluon_producer_kernel,
                                                     gemm_fp8_block_gluon_wide_kernel)
     from kernels.sm90._gemm_fp8_block_jit import chunk_reduce_kernel
@@ -378,7 +393,9 @@ def _compile_gluon(key: CompileKey):
         grid = (triton.cdiv(n, key.block_n), triton.cdiv(m, key.block_t), key.n_chunks if key.split else 1)
         dst = torch.empty((key.n_chunks, m, n), dtype=torch.float32, device=a_u8.device) if key.split else out_bf16
         w_fp8 = w_u8.view(torch.float8_e4m3fn)
-        a_desc = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn), [key.block_t, GROUP], a_layout)
+        # dual: the token tile as two 64-row blocks, one per math partition
+        a_desc = TensorDescriptor.from_tensor(a_u8.view(torch.float8_e4m3fn),
+                                              [64 if key.dual else key.block_t, GROUP], a_layout)
         if key.persistent:  # one program per SM at most (the bits do not depend on the grid)
             sms = _num_sms(a_u8.device.index or 0)
             w_desc = TensorDescriptor.from_tensor(w_fp8, [key.block_n, GROUP], w_layout)
@@ -386,7 +403,7 @@ def _compile_gluon(key: CompileKey):
                 w_desc, a_desc, w_dec_f32, a_scale, out_bf16, m, n, key.groups, a_scale.stride(0), n,
                 **const, num_warps=key.num_warps)
         if key.block_n == WIDE_BN:  # the two weight pieces' blocks (_gemm_fp8_block_gluon._wide_rows)
-            kernel = gemm_fp8_block_gluon_wide_kernel
+            kernel = gemm_fp8_block_gluon_dual_kernel if key.dual else gemm_fp8_block_gluon_wide_kernel
             w_descs = [TensorDescriptor.from_tensor(w_fp8, [rows, GROUP], w_layout) for rows in (128, 64)]
         else:
             kernel = (gemm_fp8_block_gluon_acc3_kernel if key.acc3 else gemm_fp8_block_gluon_producer_kernel
@@ -394,7 +411,7 @@ def _compile_gluon(key: CompileKey):
             w_descs = [TensorDescriptor.from_tensor(w_fp8, [key.block_n, GROUP], w_layout)]
         compiled = kernel[grid](
             *w_descs, a_desc, w_dec_f32, a_scale, dst, m, n, key.groups, a_scale.stride(0), n, m * n,
-            **const, num_warps=key.num_warps)
+            **const, num_warps=launch_warps(key))
         if key.split:
             chunk_reduce_kernel[(triton.cdiv(m * n, _REDUCE_BLOCK),)](
                 dst, out_bf16, m * n, N_CHUNKS=key.n_chunks, BLOCK=_REDUCE_BLOCK, num_warps=4)
@@ -504,7 +521,7 @@ def triton_tile(key: CompileKey) -> CompileKey:
     same operations per element in the same order (the same bits)."""
     if not key.gluon:
         return key
-    return dataclasses.replace(key, gluon=False, persistent=False, acc3=False, producer=False,
+    return dataclasses.replace(key, gluon=False, persistent=False, acc3=False, producer=False, dual=False,
                                block_n=64 if key.block_n == WIDE_BN else key.block_n)
 
 

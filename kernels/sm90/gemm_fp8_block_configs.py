@@ -30,10 +30,11 @@ from pathlib import Path
 __all__ = ["TABLE", "FIELDS", "DEFAULTS", "candidates", "compact", "lookup", "merged_table"]
 
 FIELDS = ("block_n", "block_t", "num_warps", "num_stages", "split", "swap", "group_t", "pipe", "tma", "fused_q", "ws",
-          "reduce", "gluon", "persistent", "acc3", "producer")
+          "reduce", "gluon", "persistent", "acc3", "producer", "dual")
 # fields added after configs were committed: an entry (or a sweep's winner) without one means this default, so
 # older tables and sweep files keep their meaning
-DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False, "acc3": False, "producer": False}
+DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False, "acc3": False, "producer": False,
+            "dual": False}
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
 # device: NVIDIA H100 80GB HBM3; the block_n 192 entries (wo_a, wo_b, shared l1, MTP e/h_proj at M <= 4096, wo_b at M <= 128): NVIDIA H200 (2026-12-07, session 8, NVFP4V_FP8_SWEEP_ONLY=wide)

@@ -104,6 +104,12 @@ def _glw(bn: int, bt: int, stages: int, split: bool, group_t: int = 8) -> dict:
     return {**_gl(bn, bt, stages, split, group_t), "producer": True}
 
 
+def _gld(stages: int, split: bool, group_t: int = 8) -> dict:
+    """The 128 x 192 producer tile with its two math warpgroups as two partitions (CompileKey.dual: each releases a
+    stage by itself, so one promotes while the other's wgmmas run)."""
+    return {**_glw(192, 128, stages, split, group_t), "dual": True}
+
+
 def shape_candidates(m: int, n: int, k: int) -> list[dict]:
     """candidates(m) whose key (N, K) takes, by the key's own rules (CompileKey.from_config): e.g. a 128 x 192
     producer-warp config whose ring and running totals (a chunked plan walked in one program) exceed the shared
@@ -149,7 +155,8 @@ def _gluon_candidates(m: int) -> list[dict]:
         return [_gl(128, 128, 4, True), _gl(128, 128, 4, False), _gl(128, 128, 3, True), _gl(64, 128, 4, True),
                       _gl(64, 128, 4, False), _gl(128, 64, 4, True), _gl(128, 64, 4, False), _gl3(128, 4, True),
                       _gl3(128, 4, False), _glw(128, 128, 4, True), _glw(128, 128, 4, False), _glw(64, 128, 4, True),
-                      _glw(192, 128, 3, True), _glw(192, 128, 4, True), _glw(192, 128, 3, False)]
+                      _glw(192, 128, 3, True), _glw(192, 128, 4, True), _glw(192, 128, 3, False), _gld(3, True),
+                      _gld(3, False)]
     return [_gl(128, 128, 4, False), _gl(128, 128, 3, False), _gl(128, 128, 5, False),
                   _gl(128, 128, 4, False, group_t=16), _gl(128, 128, 4, True), _gl(64, 128, 4, False),
                   _gl(64, 128, 6, False), _gl(128, 64, 6, False), _glp(128, 128, 4), _glp(128, 128, 3),
@@ -157,7 +164,8 @@ def _gluon_candidates(m: int) -> list[dict]:
                   _gl3(128, 6, False), _gl3(128, 6, False, group_t=16), _glw(128, 128, 4, False),
                   _glw(128, 128, 5, False), _glw(128, 128, 4, False, group_t=16), _glw(64, 128, 6, False),
                   _glw(192, 128, 3, False), _glw(192, 128, 4, False), _glw(192, 128, 5, False),
-                  _glw(192, 128, 3, False, group_t=16)]
+                  _glw(192, 128, 3, False, group_t=16), _gld(3, False), _gld(4, False), _gld(5, False),
+                  _gld(3, False, group_t=16)]
 
 
 def _jobs(shapes, ms):
@@ -341,6 +349,11 @@ def sweep_shape(name: str, n: int, k: int, ms: list[int], compile_errors: dict, 
             for tag, pick in (("wide", True), ("narrow", False)):
                 mine = [r for r in ok if (r["config"]["block_n"] == gemm_fp8_block.WIDE_BN) is pick]
                 summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
+        if any(r["config"].get("dual") for r in results):  # the 192-wide tile's warpgroups apart against together
+            for tag, pick in (("dual", True), ("wide_one_partition", False)):
+                mine = [r for r in ok if r["config"]["block_n"] == gemm_fp8_block.WIDE_BN
+                        and bool(r["config"].get("dual")) is pick]
+                summary[f"best_{tag}_us"] = min(r["us"] for r in mine) if mine else None
         if any(r["config"].get("reduce") == "ticket" for r in results):  # one launch against split + reduce launch
             for tag, pick in (("ticket", True), ("reduce_kernel", False)):
                 mine = [r for r in ok if r["config"]["split"] and (r["config"].get("reduce") == "ticket") is pick]
@@ -432,7 +445,7 @@ def _print_summary(s: dict) -> None:
          f"{' pipe' if cfg['pipe'] else ''}{' tma' if cfg['tma'] else ''}{' ws' if cfg.get('ws') else ''}"
          f"{' ticket' if cfg.get('reduce') == 'ticket' else ''}{' gluon' if cfg.get('gluon') else ''}"
          f"{' persistent' if cfg.get('persistent') else ''}{' acc3' if cfg.get('acc3') else ''}"
-         f"{' producer' if cfg.get('producer') else ''}")
+         f"{' producer' if cfg.get('producer') else ''}{' dual' if cfg.get('dual') else ''}")
     print(f"{s['name']:13} {s['M']:5} {s['N']:6} {s['K']:6} | best {_fmt(best, '9.2f')} us "
           f"(default {_fmt(s['default_us'], '9.2f')}) | bf16 {bf16:9.2f} x{_fmt(None if best is None else bf16 / best)}"
           f" | cuBLASLt blockwise {_fmt(blk, '9.2f', 'n/a')} x{_fmt(None if best is None or blk is None else blk / best)}"
@@ -452,6 +465,8 @@ def _print_summary(s: dict) -> None:
              f"{_fmt(s['best_gluon_no_producer_us'], '.2f')} without" if "best_gluon_producer_us" in s else "")
           + (f" | wide 192 {_fmt(s['best_wide_us'], '.2f')} us vs {_fmt(s['best_narrow_us'], '.2f')} narrower"
              if "best_wide_us" in s else "")
+          + (f" | dual {_fmt(s['best_dual_us'], '.2f')} us vs {_fmt(s['best_wide_one_partition_us'], '.2f')} one"
+             f" partition" if "best_dual_us" in s else "")
           + (f" | split best: ticket {_fmt(s['best_split_ticket_us'], '.2f')} us, reduce launch "
              f"{_fmt(s['best_split_reduce_kernel_us'], '.2f')} us" if "best_split_ticket_us" in s else "")
           + (f" | BITS DIFFER: {len(s['bits_differ'])} configs {s['bits_differ']}" if s["bits_differ"] else "")

@@ -1000,14 +1000,16 @@ def test_gpu_gluon_wide_bit_equal_to_triton(name, n, k, recipe):
     tile, in either order) gives the Triton kernel's bits at the 9 V4-Pro FP8 shapes and partial N / K (576), the Ms
     of GLUON_MS (M tails 200 / 1000 / 4000), UE8M0 and float32 activation scales: split at M's 128 bucket, one pass
     (running totals in shared memory where chunked) at 4096, 3 ring stages (every shape) and 5 where the plan has one
-    chunk. Edge tiles: N 7168 / 65536 end on a tile whose 128-row piece lies wholly past N (loaded from row N - 1, not
-    stored), N 512 on one whose 64-row piece does; N 576 / 1536 / 3072 end on whole tiles."""
+    chunk; each also with its two math warpgroups as two partitions (CompileKey.dual). Edge tiles: N 7168 / 65536 end
+    on a tile whose 128-row piece lies wholly past N (loaded from row N - 1, not stored), N 512 on one whose 64-row
+    piece does; N 576 / 1536 / 3072 end on whole tiles."""
     from kernels.sm90.gemm_fp8_block import WIDE_BN, CompileKey, chunk_plan
     from verify.tests._fp8_sweep import _glw
 
     def keys(bucket, ue8m0):
         cfgs = ([_glw(WIDE_BN, 128, 3, True)] if bucket <= 256 else
                 [_glw(WIDE_BN, 128, 3, False)] + ([_glw(WIDE_BN, 128, 5, False)] if chunk_plan(n, k)[1] == 1 else []))
+        cfgs += [{**c, "dual": True} for c in cfgs]  # the same tiles with the warpgroups as two partitions
         keys = [CompileKey.from_config(n, k, c, act_scale_ue8m0=ue8m0) for c in cfgs]
         assert all(key.block_n == WIDE_BN and key.producer for key in keys), keys
         return keys

@@ -24,7 +24,7 @@ triton = pytest.importorskip("triton", reason="triton: not installed (the sm90 k
 
 from kernels.sm90._consts import SMEM_BLOCK_MAX  # noqa: E402
 from kernels.sm90.gemm_fp8_block import (  # noqa: E402
-    WIDE_BN, CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts)
+    WIDE_BN, CompileKey, fused_key, gluon_constexprs, gluon_operand_layouts, launch_warps)
 from verify.tests._fp8_sweep import V4_PRO_FP8, _gl, _gl3, _glw, candidates, shape_candidates  # noqa: E402
 from verify.tests._sass import (  # noqa: E402
     _cuobjdump, ptxas_log, registers_without_spills, wgmma_depbars, wgmma_serialization_warnings)
@@ -46,7 +46,7 @@ def _keys() -> list[CompileKey]:
     by_layout = {}
     for key in sorted(keys, key=str):
         by_layout.setdefault((key.block_n, key.block_t, key.num_stages, key.split, key.chunked, key.even_k,
-                              key.act_scale_ue8m0, key.persistent, key.acc3, key.producer), key)
+                              key.act_scale_ue8m0, key.persistent, key.acc3, key.producer, key.dual), key)
     return list(by_layout.values())
 
 
@@ -59,6 +59,7 @@ def _compile(key: CompileKey):
     wide = key.block_n == WIDE_BN
     kernel = (gluon_kernels.gemm_fp8_block_gluon_persistent_kernel if key.persistent
               else gluon_kernels.gemm_fp8_block_gluon_acc3_kernel if key.acc3
+              else gluon_kernels.gemm_fp8_block_gluon_dual_kernel if key.dual
               else gluon_kernels.gemm_fp8_block_gluon_wide_kernel if wide
               else gluon_kernels.gemm_fp8_block_gluon_producer_kernel if key.producer
               else gluon_kernels.gemm_fp8_block_gluon_kernel)
@@ -67,7 +68,7 @@ def _compile(key: CompileKey):
     # the 192-wide tile: two descriptors of the weights, its 128-row and 64-row pieces
     w_descs = {"w_desc": 128, "v_desc": 64} if wide else {"w_desc": key.block_n}
     sig = {**{name: f"tensordesc<fp8e4nv[{rows}, 128],{w_layout!r}>" for name, rows in w_descs.items()},
-           "a_desc": f"tensordesc<fp8e4nv[{key.block_t}, 128],{a_layout!r}>", "ws_ptr": "*fp32",
+           "a_desc": f"tensordesc<fp8e4nv[{64 if key.dual else key.block_t}, 128],{a_layout!r}>", "ws_ptr": "*fp32",
            "as_ptr": "*u8" if key.act_scale_ue8m0 else "*fp32", "out_ptr": "*fp32" if key.split else "*bf16",
            "M": "i32", "N": "i32", "G": "i32", "stride_as": "i32", "stride_om": "i32"}
     if not key.persistent:
@@ -78,7 +79,7 @@ def _compile(key: CompileKey):
     aligned = ["ws_ptr", "as_ptr", "out_ptr", "N", "stride_om"]  # torch allocations, V4 shapes
     attrs = {(index(name),): [["tt.divisibility", 16]] for name in aligned}
     src = GluonASTSource(kernel, sig, {(index(n),): v for n, v in const.items()}, attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": key.num_warps})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": launch_warps(key)})
 
 
 def _promotion_ops(ptx: str) -> tuple[int, int, int]:
@@ -91,7 +92,8 @@ def _promotion_ops(ptx: str) -> tuple[int, int, int]:
                          f"{'split' if key.split else 'pass'}-{'chunked' if key.chunked else 'one'}"
                          f"{'' if key.even_k else '-partialk'}-{'ue8m0' if key.act_scale_ue8m0 else 'f32'}"
                          f"{'-persistent' if key.persistent else ''}{'-acc3' if key.acc3 else ''}"
-                         f"{'-producer' if key.producer else ''}{'-wide' if key.block_n == WIDE_BN else ''}")
+                         f"{'-producer' if key.producer else ''}{'-wide' if key.block_n == WIDE_BN else ''}"
+                         f"{'-dual' if key.dual else ''}")
 def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     ck = _compile(key)
     regs = registers_without_spills(ck.asm["cubin"], tmp_path, str(key))
@@ -99,6 +101,8 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     wide = key.block_n == WIDE_BN  # a 128-row and a 64-row weight piece: a wgmma each, 4 QGMMA (K 128) a group each
     # the 192-wide tile's two-group loop: totals in shared memory and UE8M0 token scales (elsewhere it spills)
     pairs = wide and key.chunked and not key.split and key.act_scale_ue8m0
+    # dual: the wide consumer's code twice (a partition each, 64 tokens), the token tile as two TMA blocks
+    copies = 2 if key.dual else 1
     shapes = set(re.findall(r"QGMMA\.64x(\d+)x32\.F32\.E4M3\.E4M3", sass))
     want = {"128", "64"} if wide else {str(key.block_n)}
     assert shapes == want, f"{key}: QGMMA shapes {sorted(shapes)} (expected 64 x {sorted(want)} x 32 E4M3)"
@@ -119,22 +123,33 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
         assert ck.metadata.num_warps == key.block_t // 16 + 4, (key, ck.metadata.num_warps)
         assert re.search(r"setmaxnreg\.inc\.sync\.aligned\.u32\s+\d+", ptx), key
         assert re.search(r"setmaxnreg\.dec\.sync\.aligned\.u32\s+\d+", ptx), key
-        assert utmaldg == (3 if wide else 2), (key, utmaldg)  # wide: the token block and both weight pieces
+        # wide: the token block (dual: two) and both weight pieces
+        assert utmaldg == (3 + key.dual if wide else 2), (key, utmaldg)
         releases = re.findall(r"(@%p\d+)?\s*mbarrier\.arrive\.shared::cta\.b64", ptx)
         # wide: 3 with the two-group loop (chunked: two in the loop, an odd count's last group), else 1
-        assert len(releases) == (3 if pairs or not wide else 1) and all(releases), (key, releases)
+        assert len(releases) == copies * (3 if pairs or not wide else 1) and all(releases), (key, releases)
         if wide:
             # a group's two wgmmas issued back to back (no CTA barrier between them: a second wait on the stage's
             # ready barrier put one there): the 128-row piece's 4 QGMMA then the 64-row piece's 4, in the one-group
             # body (the loop, or the two-group loop's odd tail) and the two-group loop's first group
             issue = re.findall(r"QGMMA\.64x(\d+)x32|(BAR\.SYNC)|(SYNCS\.PHASECHK)", sass)
             seq = "".join("W" if q == "128" else "V" if q == "64" else "|" for q, _, _ in issue)
-            assert seq.count("WWWWVVVV") == (2 if pairs else 1), (key, seq)
-        if wide:  # 168 at launch (12 warps), the math warps raised to 240 (96 + 96 tile registers), the producer 40
+            assert seq.count("WWWWVVVV") == copies * (2 if pairs else 1), (key, seq)
+        if key.dual:
+            # 168 at launch; in the partitions the worker consumer at 240, the default one at 224, the producer 40:
+            # 128 x (240 + 224 + 40) = 64512 of the 65536 registers; each consumer's barrier its own 128 threads
+            # (two named barriers, no barrier across both warpgroups), each stage's empty barrier waits for 2 releases
+            moved = set(re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx))
+            assert re.search(r"\.maxnreg\s+168\b", ptx) and {("inc", "240"), ("dec", "224"), ("dec", "40")} <= moved, (
+                key, moved)
+            named = set(re.findall(r"bar\.sync\s+(\d+),\s*(\d+)\s*;", ptx))
+            assert {c for _, c in named} == {"128"} and len({b for b, _ in named}) == 2, (key, named)
+            assert re.search(r"mbarrier\.init\.shared::cta\.b64 \[%r\d+\], 2;", ptx), key
+        elif wide:  # 168 at launch (12 warps), the math warps raised to 240 (96 + 96 tile registers), the producer 40
             assert re.search(r"\.maxnreg\s+168\b", ptx), key
             assert {("inc", "240"), ("inc", "40"), ("dec", "24")} <= set(
                 re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)), key
-        assert re.search(rf"bar\.sync\s+0,\s*{32 * key.block_t // 16}\s*;", ptx), key
+        assert key.dual or re.search(rf"bar\.sync\s+0,\s*{32 * key.block_t // 16}\s*;", ptx), key
     else:
         assert ck.metadata.num_warps == key.block_t // 16 and "setmaxnreg" not in ptx, key  # not specialized
     # no promotion inside the wgmma chain (the Triton kernel's setting: 2^30 on sm_90), asynchronous wgmma with one
@@ -155,7 +170,7 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     elif wide:
         # chunked: the two-group loop (W(i) promoted under V(i), V(i) under W(i + 1), W(i + 1) under V(i + 1): 0x1 three
         # times, then 0x0), an odd count's last group (0x1 0x0); else one group an iteration (0x1 0x0)
-        want = [1, 1, 1, 0, 1, 0] if pairs else [1, 0]
+        want = ([1, 1, 1, 0, 1, 0] if pairs else [1, 0]) * copies
         assert depbars == want, f"{key}: DEPBAR counts {depbars} (expected {want})"
     else:  # the two-accumulator loop (the producer kernel's too)
         assert depbars == [1, 0, 0], f"{key}: DEPBAR counts {depbars} (expected 0x1 0x0 in the loop, 0x0 after it)"
@@ -169,11 +184,12 @@ def test_gluon_compiles_to_fp8_wgmma_tma_ring_without_spills(key, tmp_path):
     chunk_add = key.chunked and not key.split
     # wide: one site a piece (the loop's one group), sa * sw per row and piece (its own weight-scale block)
     sites = (7 if n_max >= 3 else 5) if key.acc3 else (3 if pairs else 1) if wide else 3
+    sites *= copies
     want = (sites * per_thread, sites * rows * (2 if wide else 1), sites * per_thread if chunk_add else 0)
     assert (fma, mul, add) == want, (key, fma, mul, add)
     stores = len(re.findall(r"\bst\.global", ptx))
     # the output tile's stores: bf16 pairs (split: float32 partials one by one)
-    want = (per_thread if key.split else per_thread // 2) * (3 if key.persistent else 1)
+    want = (per_thread if key.split else per_thread // 2) * (3 if key.persistent else 1) * copies
     assert stores == want, (key, stores, want)
     qgmma = len(re.findall(r"\bQGMMA\b", sass))
     moved = re.findall(r"setmaxnreg\.(inc|dec)\.sync\.aligned\.u32\s+(\d+)", ptx)  # the producer kernel's
@@ -245,6 +261,12 @@ def test_gluon_key_rules_and_config_round_trip():
                 {"block_t": 64, "num_warps": 4}, {"swap": True}):
         with pytest.raises(ValueError, match="block_n=192 needs gluon and producer") as err:
             CompileKey.from_config(7168, 16384, {**wide, **bad}, act_scale_ue8m0=True)
+    # dual: the 192-wide tile's warpgroups as partitions; other widths refused, the field round-trips
+    dual = CompileKey.from_config(7168, 16384, {**wide, "dual": True}, act_scale_ue8m0=True)
+    assert dual.dual and CompileKey.from_config(7168, 16384, dual.config(), act_scale_ue8m0=True) == dual
+    assert not CompileKey.from_config(7168, 16384, wide, act_scale_ue8m0=True).dual  # absent: the default
+    with pytest.raises(ValueError, match="dual needs block_n=192"):
+        CompileKey.from_config(7168, 16384, {**_glw(128, 128, 4, False), "dual": True}, act_scale_ue8m0=True)
         assert "\n" not in str(err.value)
     for n, k, stages in ((7168, 16384, 4), (65536, 1536, 6)):  # chunked: totals 96 KB; one chunk: the ring alone
         with pytest.raises(ValueError, match="bytes of shared memory"):
