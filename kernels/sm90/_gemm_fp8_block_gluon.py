@@ -598,12 +598,14 @@ def _wide_group(i, g_lo, a_ring, w_ring, v_ring, ready, empty, acc_w, acc_v, as_
 @gluon.jit
 def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr, M, N,
                    G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM: gl.constexpr, NS: gl.constexpr,
-                   CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr):
+                   CHUNK_BLOCKS: gl.constexpr, SPLIT: gl.constexpr, CHUNKED: gl.constexpr, AS_UE8M0: gl.constexpr,
+                   TWO_GROUPS: gl.constexpr = True):
     """The math partition of the 192-row tile. One accumulator per piece (96 registers a thread at 128 tokens) and the
     sums (96): two accumulator sets would not fit. CHUNKED with UE8M0 token scales (the running totals in shared
     memory, the chunk sums in registers): two groups i, i + 1 per loop iteration, each piece's wgmma issued as soon
     as its accumulator is free, so every promotion but the iteration's last runs under a wgmma: W(i) and V(i) issued
-    (the 128-row piece W, the 64-row piece V); W(i) waited for and promoted under V(i); W(i + 1) issued; V(i) waited
+    (the 128-row piece W, the 64-row piece V; TWO_GROUPS off: the dual kernel's consumers, where the other
+    warpgroup's wgmmas cover the promotions); W(i) waited for and promoted under V(i); W(i + 1) issued; V(i) waited
     for, its stage released, promoted under W(i + 1); V(i + 1) issued; W(i + 1) promoted under V(i + 1); V(i + 1)
     waited for, released, promoted (the one promotion not under a wgmma); an odd count's last group alone after the
     loop (as a loop instead, 4 bytes spill at wo_b). Otherwise one group an iteration (_wide_group: W promoted under
@@ -628,7 +630,7 @@ def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_s
     part_v = zv
     acc_w = zw
     acc_v = zv
-    PAIRS: gl.constexpr = CHUNKED and AS_UE8M0
+    PAIRS: gl.constexpr = CHUNKED and AS_UE8M0 and TWO_GROUPS
     for p in range(0, n_iter // 2 if PAIRS else 0):
         i = 2 * p
         acc_w = _issue_mma(i, a_ring, w_ring, ready, acc_w, NS)
@@ -723,8 +725,10 @@ def gemm_fp8_block_gluon_wide_kernel(
 # running _wide_consumer on its 64 tokens (its own token block in the ring, its own running totals) and releasing a
 # stage on its own (empty barriers of count 2). In the one-partition kernel both warpgroups meet at a barrier before
 # every release, so they promote at the same time and the tensor cores wait for the slower; apart, one warpgroup's
-# wgmmas run while the other promotes (DeepGEMM's and CUTLASS's cooperative consumers). Each element's operations
-# are _wide_consumer's in the same order (same bits).
+# wgmmas run while the other promotes (DeepGEMM's and CUTLASS's cooperative consumers), so each consumer runs the
+# one-group loop (TWO_GROUPS off: the two-group loop kept one register across the K loop in local memory at N 7168 on
+# the sm_90a compile) with 240 registers, the producer warp 24. Each element's operations are _wide_consumer's in the
+# same order (same bits).
 @gluon.jit
 def _dual_producer(a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
                    n_iter, NS: gl.constexpr):
@@ -794,10 +798,10 @@ def gemm_fp8_block_gluon_dual_kernel(
     gl.warp_specialize([
         (_wide_consumer, (a_ring0, w_ring, v_ring, ready, empty, tw0, tv0, out_ptr, as_ptr, ws_ptr, M, N, G, stride_as,
                           stride_om, stride_oc, t0, pid_n, g_lo, n_iter, 64, NS, CHUNK_BLOCKS, SPLIT, CHUNKED,
-                          AS_UE8M0)),
+                          AS_UE8M0, False)),
         (_wide_consumer, (a_ring1, w_ring, v_ring, ready, empty, tw1, tv1, out_ptr, as_ptr, ws_ptr, M, N, G, stride_as,
                           stride_om, stride_oc, t0 + 64, pid_n, g_lo, n_iter, 64, NS, CHUNK_BLOCKS, SPLIT, CHUNKED,
-                          AS_UE8M0)),
+                          AS_UE8M0, False)),
         (_dual_producer, (a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N,
                           g_lo, n_iter, NS)),
-    ], [4, 1], [240, 40])
+    ], [4, 1], [240, 24])
