@@ -1032,7 +1032,8 @@ def test_gpu_every_gluon_sweep_candidate_bit_equal_to_triton(n, k):
 @pytest.mark.parametrize("m,n,k,big", [(128, 1536, 7168, "persistent"), (200, 7168, 576, "persistent"),
                                        (4096, 65536, 1536, "persistent"), (4096, 7168, 16384, "persistent"),
                                        (4096, 1536, 7168, "producer"), (1000, 3072, 7168, "producer"),
-                                       (4096, 16384, 4096, "wide"), (1000, 7168, 16384, "wide")],
+                                       (4096, 16384, 4096, "wide"), (1000, 7168, 16384, "wide"),
+                                       (4096, 65536, 1536, "dual"), (1000, 7168, 16384, "dual")],
                          ids=lambda v: str(v))
 @pytest.mark.gpu
 @pytest.mark.sm90
@@ -1047,7 +1048,8 @@ def test_gpu_gluon_graph_replay_bit_equal(m, n, k, big, monkeypatch):
 
     # above M 256: the persistent tile, the producer-warp kernel, or its 128 x 192 tile (block_n 192: the committed
     # table's M = 4096 pick on wo_a, wo_b, shared l1, MTP e/h_proj)
-    above = {"persistent": _glp(128, 128, 4), "producer": _glw(128, 128, 4, False), "wide": _glw(192, 128, 3, False)}
+    above = {"persistent": _glp(128, 128, 4), "producer": _glw(128, 128, 4, False), "wide": _glw(192, 128, 3, False),
+             "dual": {**_glw(192, 128, 3, False), "dual": True}}
     table = {(n, k): ((256, _gl(128, 128, 4, True)), (8192, above[big]))}
     monkeypatch.setattr(gemm_fp8_block_configs, "TABLE", table)
     key = CompileKey.for_shape(m, n, k, act_scale_ue8m0=True)
