@@ -37,7 +37,9 @@ DEFAULTS = {"ws": False, "reduce": "kernel", "gluon": False, "persistent": False
             "dual": False}
 
 # ---- TABLE (written by --from-json; edit by hand only to remove an entry)
-# device: NVIDIA H100 80GB HBM3; the block_n 192 entries (wo_a, wo_b, shared l1, MTP e/h_proj at M <= 4096, wo_b at M <= 128): NVIDIA H200 (2026-12-07, session 8, NVFP4V_FP8_SWEEP_ONLY=wide)
+# device: NVIDIA H100 80GB HBM3; wq_b (65536 x 1536) at M <= 4096 the dual tile and wo_b at M <= 4096 with raster
+# group 8: H100 (session 15, NVFP4V_FP8_SWEEP_ONLY=wide); the other block_n 192 entries (wo_a, shared l1, MTP e/h_proj
+# at M <= 4096, wo_b at M <= 128): NVIDIA H200 (2026-12-07, session 8, NVFP4V_FP8_SWEEP_ONLY=wide)
 TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {(512, 7168): ((1,
                 {'block_n': 64,
                  'block_t': 16,
@@ -386,7 +388,7 @@ TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {(512, 7168): ((1,
                    'num_stages': 3,
                    'split': False,
                    'swap': False,
-                   'group_t': 16,
+                   'group_t': 8,
                    'pipe': False,
                    'tma': True,
                    'fused_q': False,
@@ -551,16 +553,19 @@ TABLE: dict[tuple[int, int], tuple[tuple[int, dict], ...]] = {(512, 7168): ((1,
                    'tma': True,
                    'fused_q': False}),
                  (4096,
-                  {'block_n': 128,
+                  {'block_n': 192,
                    'block_t': 128,
                    'num_warps': 8,
-                   'num_stages': 4,
+                   'num_stages': 3,
                    'split': False,
                    'swap': False,
-                   'group_t': 16,
+                   'group_t': 8,
                    'pipe': False,
                    'tma': True,
-                   'fused_q': False}))}
+                   'fused_q': False,
+                   'gluon': True,
+                   'producer': True,
+                   'dual': True}))}
 # ---- end TABLE
 
 
