@@ -584,7 +584,7 @@ def _cfg(bn: int, bt: int, warps: int, stages: int, split: bool, swap: bool = Tr
          pipe: bool = False, tma: bool = False, ws: bool = False, reduce: str = "kernel") -> dict:
     return {"block_n": bn, "block_t": bt, "num_warps": warps, "num_stages": stages, "split": split, "swap": swap,
             "group_t": group_t, "pipe": pipe, "tma": tma, "fused_q": False, "ws": ws, "reduce": reduce,
-            "gluon": False, "persistent": False, "acc3": False, "producer": False}
+            "gluon": False, "persistent": False, "acc3": False, "producer": False, "dual": False}
 
 
 def _tk(bn: int, bt: int, warps: int, stages: int, swap: bool = True, tma: bool = True) -> dict:

@@ -26,7 +26,7 @@ V4_PRO_FP8 = [(1536, 7168), (512, 7168), (65536, 1536), (16384, 4096), (7168, 16
 def _c(bt: int, ws: bool = False, reduce: str = "kernel") -> dict:
     return dict(block_n=64, block_t=bt, num_warps=4, num_stages=4, split=True, swap=True, group_t=8, pipe=False,
                 tma=False, fused_q=False, ws=ws, reduce=reduce, gluon=False, persistent=False, acc3=False,
-                producer=False)
+                producer=False, dual=False)
 
 
 def test_lookup_takes_the_first_bucket_holding_m_and_the_last_beyond():
@@ -48,7 +48,8 @@ def test_merge_replaces_same_bucket_and_sorts():
         cfgs.merged_table({}, [{"N": 1, "K": 2, "M": 3, "config": {"block_n": 64}}])
     # an older sweep's winner (no "ws", no "reduce") is completed with the defaults; a new one keeps its value;
     # table entries already there are kept as they are
-    old = {k: v for k, v in _c(16).items() if k not in ("ws", "reduce", "gluon", "persistent", "acc3", "producer")}
+    old = {k: v for k, v in _c(16).items() if k not in ("ws", "reduce", "gluon", "persistent", "acc3", "producer",
+                                                          "dual")}
     new = cfgs.merged_table({(10, 20): ((64, old),)}, [{"N": 10, "K": 20, "M": 1, "config": old},
                                                        {"N": 10, "K": 20, "M": 4096, "config": _c(64, ws=True)}])
     assert new == {(10, 20): ((1, _c(16)), (64, old), (4096, _c(64, ws=True)))}
@@ -143,7 +144,8 @@ def test_the_committed_table_holds_no_default_valued_field():
     entries = [cfg for buckets in cfgs.TABLE.values() for _, cfg in buckets]
     assert entries and all(cfgs.compact(cfg) == cfg for cfg in entries)
     assert cfgs.compact({**_c(16), "gluon": True}) == {k: v for k, v in {**_c(16), "gluon": True}.items()
-                                                       if k not in ("ws", "reduce", "persistent", "acc3", "producer")}
+                                                       if k not in ("ws", "reduce", "persistent", "acc3", "producer",
+                                                                    "dual")}
 
 
 def test_from_json_refuses_a_bad_file_naming_it(tmp_path):
