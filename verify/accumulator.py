@@ -350,13 +350,15 @@ FP8_PROBE_PATHS = {
     "M=4096, N=2048 (128x64, chunks in one program)": (4096, 2048, 1024),
 }
 # On a GPU also the shapes whose committed sm90 config (kernels/sm90/gemm_fp8_block_configs.TABLE) is a Gluon
-# kernel: a 128 x 128 tile split (shared l1 at M <= 128), the producer-warp kernel (wq_a at M <= 4096) and its
-# 128 x 192 tile (wo_a at M <= 4096). Not on the CPU: the emulator would spend minutes on them in float64 and no
+# kernel: a 128 x 128 tile split (shared l1 at M <= 128), the producer-warp kernel (wq_a at M <= 4096), its
+# 128 x 192 tile (wo_a at M <= 4096) and that tile with its warpgroups as two partitions (CompileKey.dual: wq_b at
+# M <= 4096). Not on the CPU: the emulator would spend minutes on them in float64 and no
 # Gluon kernel runs there.
 FP8_PROBE_PATHS_GPU = {
     "M=128, N=3072, K=7168 (Gluon 128x128, split: shared l1)": (128, 3072, 7168),
     "M=256, N=1536, K=7168 (Gluon producer warp: wq_a)": (256, 1536, 7168),
     "M=256, N=16384, K=4096 (Gluon producer warp, 128x192 tile: wo_a)": (256, 16384, 4096),
+    "M=256, N=65536, K=1536 (Gluon 128x192 tile, warpgroups as two partitions: wq_b)": (256, 65536, 1536),
 }
 
 

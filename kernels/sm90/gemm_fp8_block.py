@@ -49,7 +49,8 @@ from kernels.sm90._tickets import Tickets, tile_tickets
 
 __all__ = ["U_ACC", "PROMOTION_INTERVAL", "ACCUMULATOR", "CompileKey", "chunk_plan", "constexprs", "gluon_constexprs",
            "gluon_operand_layouts", "launch",
-           "fused_key", "launch_fused", "without_ws", "REDUCES", "WIDE_BN", "triton_tile", "wide_shared_bytes"]
+           "fused_key", "launch_fused", "without_ws", "REDUCES", "WIDE_BN", "triton_tile", "wide_shared_bytes",
+           "launch_warps"]
 
 # The FP8 wgmma accumulator inside one 128-K group: about 14 significant bits (measured for cuBLASLt's
 # FP8 paths on the H100, issue 23); rounding not known, so the truncation reading (u = 2^(1-14)) is

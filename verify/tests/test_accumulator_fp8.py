@@ -77,7 +77,7 @@ def test_the_default_paths_cover_m1_and_a_large_batch():
 
 def test_on_a_gpu_the_probe_adds_the_shapes_the_sm90_table_sends_to_gluon_kernels():
     """The GPU-only paths are shapes whose committed sm90 config is a Gluon kernel (the split tile, the producer
-    warp, its 128 x 192 tile), so the accumulator table lists those kernels too; the CPU probes only FP8_PROBE_PATHS."""
+    warp, its 128 x 192 tile, that tile with its warpgroups as partitions), so the accumulator table lists those kernels too; the CPU probes only FP8_PROBE_PATHS."""
     from kernels.sm90.gemm_fp8_block import CompileKey
     from verify.accumulator import FP8_PROBE_PATHS_GPU, fp8_probe_paths
 
@@ -86,7 +86,8 @@ def test_on_a_gpu_the_probe_adds_the_shapes_the_sm90_table_sends_to_gluon_kernel
     keys = {path: CompileKey.for_shape(m, n, k, act_scale_ue8m0=True) for path, (m, n, k) in FP8_PROBE_PATHS_GPU.items()}
     assert all(key.gluon for key in keys.values()), keys
     assert any(key.producer for key in keys.values()) and any(not key.producer for key in keys.values()), keys
-    assert sorted(key.block_n for key in keys.values()) == [128, 128, 192], keys  # the 128 x 192 producer tile too
+    assert sorted(key.block_n for key in keys.values()) == [128, 128, 192, 192], keys  # the 128 x 192 producer tile
+    assert sorted(key.dual for key in keys.values()) == [False, False, False, True], keys  # and its dual form
 
 
 @pytest.mark.parametrize("rounding", ["truncate", "nearest"])
