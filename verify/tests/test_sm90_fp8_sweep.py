@@ -35,8 +35,8 @@ def test_fp8_gemm_config_sweep():
 def test_sweep_only_wide_times_the_192_tile_beside_the_committed_pick(monkeypatch):
     """NVFP4V_FP8_SWEEP_ONLY=wide: the 128 x 192 producer-warp candidates alone at M >= 128 (none below), each shape's
     committed pick and the reference key precompiled with them (sweep_shape times the pick beside them); a 4- or
-    5-stage one-pass wide config only where the plan has one chunk (the running totals would not fit); an unknown
-    value is refused."""
+    5-stage one-pass wide config only where the plan has one chunk (the running totals would not fit), each also as
+    the dual tile; an unknown value is refused."""
     from kernels.sm90.gemm_fp8_block import WIDE_BN, CompileKey
     from verify.tests import _fp8_sweep as sw
 
@@ -47,8 +47,11 @@ def test_sweep_only_wide_times_the_192_tile_beside_the_committed_pick(monkeypatc
         assert only and all(c["block_n"] == WIDE_BN and c["producer"] for c in only), only
         assert all(c in every[m] for c in only), (m, only)  # a subset of the full sweep's candidates at that M
     assert sw.candidates(64) == []
-    assert [c["num_stages"] for c in sw.shape_candidates(4096, 7168, 16384)] == [3, 3]
-    assert [c["num_stages"] for c in sw.shape_candidates(4096, 65536, 1536)] == [3, 4, 5, 3]
+    # the one-partition tile's candidates, then the same with the warpgroups as partitions (dual)
+    assert [(c["num_stages"], c.get("dual", False)) for c in sw.shape_candidates(4096, 7168, 16384)] == [
+        (3, False), (3, False), (3, True), (3, True)]
+    assert [(c["num_stages"], c.get("dual", False)) for c in sw.shape_candidates(4096, 65536, 1536)] == [
+        (3, False), (4, False), (5, False), (3, False), (3, True), (4, True), (5, True), (3, True)]
     from kernels.sm90 import gemm_fp8_block_configs
 
     wide = sw.shape_candidates(4096, 7168, 16384)
