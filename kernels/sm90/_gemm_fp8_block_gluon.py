@@ -674,6 +674,35 @@ def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_s
 
 
 @gluon.jit
+def _wide_ring(w_desc, v_desc, NS: gl.constexpr, RELEASES: gl.constexpr):
+    """The 192-row tile's weight rings (the 128-row and the 64-row piece) and a stage's ready / empty mbarriers (the
+    empty one takes RELEASES arrivals a use: one per consumer partition), initialised."""
+    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, 128, 128], w_desc.layout)
+    v_ring = gl.allocate_shared_memory(v_desc.dtype, [NS, 64, 128], v_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for j in gl.static_range(NS):
+        mbarrier.init(ready.index(j), count=1)
+        mbarrier.init(empty.index(j), count=RELEASES)
+    return w_ring, v_ring, ready, empty
+
+
+@gluon.jit
+def _wide_totals(BM: gl.constexpr, CHUNKED: gl.constexpr, unused):
+    """The running totals of both pieces for BM token rows in shared memory, zero-filled, when CHUNKED (the chunk
+    sums stay in registers); else `unused` stands in for both."""
+    if CHUNKED:
+        total_w = gl.allocate_shared_memory(gl.float32, [BM, 128], _TOTAL_LAYOUT,
+                                            gl.zeros([BM, 128], gl.float32, layout=_mma_layout(BM, 128)))
+        total_v = gl.allocate_shared_memory(gl.float32, [BM, 64], _TOTAL_LAYOUT,
+                                            gl.zeros([BM, 64], gl.float32, layout=_mma_layout(BM, 64)))
+    else:
+        total_w = unused
+        total_v = unused
+    return total_w, total_v
+
+
+@gluon.jit
 def gemm_fp8_block_gluon_wide_kernel(
     w_desc, v_desc, a_desc, ws_ptr, as_ptr, out_ptr,
     M, N, G, stride_as, stride_om, stride_oc,
@@ -695,21 +724,8 @@ def gemm_fp8_block_gluon_wide_kernel(
     g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
 
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, 128, 128], w_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [NS, 64, 128], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-        mbarrier.init(empty.index(j), count=1)
-    if CHUNKED:  # the running totals of both pieces in shared memory (the chunk sums in registers)
-        total_w_smem = gl.allocate_shared_memory(gl.float32, [BM, 128], _TOTAL_LAYOUT,
-                                                 gl.zeros([BM, 128], gl.float32, layout=_mma_layout(BM, 128)))
-        total_v_smem = gl.allocate_shared_memory(gl.float32, [BM, 64], _TOTAL_LAYOUT,
-                                                 gl.zeros([BM, 64], gl.float32, layout=_mma_layout(BM, 64)))
-    else:
-        total_w_smem = a_ring  # unused
-        total_v_smem = a_ring  # unused
+    w_ring, v_ring, ready, empty = _wide_ring(w_desc, v_desc, NS, 1)
+    total_w_smem, total_v_smem = _wide_totals(BM, CHUNKED, a_ring)
     fence_async_shared()
 
     gl.warp_specialize([
@@ -772,27 +788,9 @@ def gemm_fp8_block_gluon_dual_kernel(
 
     a_ring0 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
     a_ring1 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
-    w_ring = gl.allocate_shared_memory(w_desc.dtype, [NS, 128, 128], w_desc.layout)
-    v_ring = gl.allocate_shared_memory(v_desc.dtype, [NS, 64, 128], v_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for j in gl.static_range(NS):
-        mbarrier.init(ready.index(j), count=1)
-        mbarrier.init(empty.index(j), count=2)
-    if CHUNKED:  # each consumer's running totals of both pieces in shared memory (the chunk sums in registers)
-        tw0 = gl.allocate_shared_memory(gl.float32, [64, 128], _TOTAL_LAYOUT,
-                                        gl.zeros([64, 128], gl.float32, layout=_mma_layout(64, 128)))
-        tv0 = gl.allocate_shared_memory(gl.float32, [64, 64], _TOTAL_LAYOUT,
-                                        gl.zeros([64, 64], gl.float32, layout=_mma_layout(64, 64)))
-        tw1 = gl.allocate_shared_memory(gl.float32, [64, 128], _TOTAL_LAYOUT,
-                                        gl.zeros([64, 128], gl.float32, layout=_mma_layout(64, 128)))
-        tv1 = gl.allocate_shared_memory(gl.float32, [64, 64], _TOTAL_LAYOUT,
-                                        gl.zeros([64, 64], gl.float32, layout=_mma_layout(64, 64)))
-    else:
-        tw0 = a_ring0  # unused
-        tv0 = a_ring0
-        tw1 = a_ring0
-        tv1 = a_ring0
+    w_ring, v_ring, ready, empty = _wide_ring(w_desc, v_desc, NS, 2)  # a stage comes back once both consumers release it
+    tw0, tv0 = _wide_totals(64, CHUNKED, a_ring0)  # each consumer's own running totals
+    tw1, tv1 = _wide_totals(64, CHUNKED, a_ring0)
     fence_async_shared()
 
     gl.warp_specialize([
