@@ -539,20 +539,24 @@ def _scale_row(ws_ptr, r, N, G):
 
 
 @gluon.jit
-def _wide_producer(a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo, n_iter,
-                   NS: gl.constexpr):
+def _wide_producer(a_desc, w_desc, v_desc, a_ring, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
+                   n_iter, NS: gl.constexpr, TWO_A: gl.constexpr = False):
     """The producer partition (one warp) of the 192-row tile: group i's token block and both weight pieces into
     stage i % NS once the consumers released the stage's previous use (as _producer). A piece that starts past N
-    (an edge tile) is loaded from row N - 1 instead (a box that overlaps the tensor; its columns are not stored)."""
+    (an edge tile) is loaded from row N - 1 instead (a box that overlaps the tensor; its columns are not stored).
+    TWO_A (the dual kernel): the token tile as two 64-row blocks, rows t0 .. into a_ring, t0 + 64 .. into a_ring1
+    (else a_ring1 is unused)."""
     r128 = gl.minimum(r128, N - 1)
     r64 = gl.minimum(r64, N - 1)
     for i in range(n_iter):
         s = i % NS
         mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
         k0 = (g_lo + i) * 128
-        mbarrier.expect(ready.index(s), a_desc.block_type.nbytes + w_desc.block_type.nbytes +
+        mbarrier.expect(ready.index(s), (2 if TWO_A else 1) * a_desc.block_type.nbytes + w_desc.block_type.nbytes +
                         v_desc.block_type.nbytes)
         tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring.index(s))
+        if TWO_A:
+            tma.async_copy_global_to_shared(a_desc, [t0 + 64, k0], ready.index(s), a_ring1.index(s))
         tma.async_copy_global_to_shared(w_desc, [r128, k0], ready.index(s), w_ring.index(s))
         tma.async_copy_global_to_shared(v_desc, [r64, k0], ready.index(s), v_ring.index(s))
 
@@ -732,7 +736,7 @@ def gemm_fp8_block_gluon_wide_kernel(
         (_wide_consumer, (a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_smem, out_ptr, as_ptr, ws_ptr,
                           M, N, G, stride_as, stride_om, stride_oc, t0, pid_n, g_lo, n_iter, BM, NS, CHUNK_BLOCKS,
                           SPLIT, CHUNKED, AS_UE8M0)),
-        (_wide_producer, (a_desc, w_desc, v_desc, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
+        (_wide_producer, (a_desc, w_desc, v_desc, a_ring, a_ring, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
                           n_iter, NS)),
     ], [1], [40])
 
@@ -745,25 +749,6 @@ def gemm_fp8_block_gluon_wide_kernel(
 # one-group loop (TWO_GROUPS off: the two-group loop kept one register across the K loop in local memory at N 7168 on
 # the sm_90a compile) with 240 registers, the producer warp 24. Each element's operations are _wide_consumer's in the
 # same order (same bits).
-@gluon.jit
-def _dual_producer(a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N, g_lo,
-                   n_iter, NS: gl.constexpr):
-    """_wide_producer with the token tile as two 64-row blocks (one per consumer partition): group i's four blocks
-    into stage i % NS once both consumers released its previous use."""
-    r128 = gl.minimum(r128, N - 1)
-    r64 = gl.minimum(r64, N - 1)
-    for i in range(n_iter):
-        s = i % NS
-        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
-        k0 = (g_lo + i) * 128
-        mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + w_desc.block_type.nbytes +
-                        v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(a_desc, [t0, k0], ready.index(s), a_ring0.index(s))
-        tma.async_copy_global_to_shared(a_desc, [t0 + 64, k0], ready.index(s), a_ring1.index(s))
-        tma.async_copy_global_to_shared(w_desc, [r128, k0], ready.index(s), w_ring.index(s))
-        tma.async_copy_global_to_shared(v_desc, [r64, k0], ready.index(s), v_ring.index(s))
-
-
 @gluon.jit
 def gemm_fp8_block_gluon_dual_kernel(
     w_desc, v_desc, a_desc, ws_ptr, as_ptr, out_ptr,
@@ -800,6 +785,6 @@ def gemm_fp8_block_gluon_dual_kernel(
         (_wide_consumer, (a_ring1, w_ring, v_ring, ready, empty, tw1, tv1, out_ptr, as_ptr, ws_ptr, M, N, G, stride_as,
                           stride_om, stride_oc, t0 + 64, pid_n, g_lo, n_iter, 64, NS, CHUNK_BLOCKS, SPLIT, CHUNKED,
                           AS_UE8M0, False)),
-        (_dual_producer, (a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N,
-                          g_lo, n_iter, NS)),
+        (_wide_producer, (a_desc, w_desc, v_desc, a_ring0, a_ring1, w_ring, v_ring, ready, empty, t0, r128, r64, N,
+                          g_lo, n_iter, NS, True)),
     ], [4, 1], [240, 24])
