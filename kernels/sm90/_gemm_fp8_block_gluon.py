@@ -678,6 +678,17 @@ def _wide_consumer(a_ring, w_ring, v_ring, ready, empty, total_w_smem, total_v_s
 
 
 @gluon.jit
+def _wide_tile(M, N, G, BM: gl.constexpr, BN: gl.constexpr, GROUP_T: gl.constexpr, CHUNK_BLOCKS: gl.constexpr,
+               SPLIT: gl.constexpr):
+    """The 192-row tile's program: (first token row t0, weight tile pid_n, first rows of its 128-row and 64-row
+    pieces, first group g_lo, group count n_iter), in the other Gluon kernels' raster order."""
+    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
+    r128, r64 = _wide_rows(pid_n)
+    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+    return pid_t * BM, pid_n, r128, r64, g_lo, n_iter
+
+
+@gluon.jit
 def _wide_ring(w_desc, v_desc, NS: gl.constexpr, RELEASES: gl.constexpr):
     """The 192-row tile's weight rings (the 128-row and the 64-row piece) and a stage's ready / empty mbarriers (the
     empty one takes RELEASES arrivals a use: one per consumer partition), initialised."""
@@ -722,10 +733,7 @@ def gemm_fp8_block_gluon_wide_kernel(
     group once its wgmmas are done; the two-group loop waits for group i + 1 before it releases i, which needs only
     i + 1 - NS <= i - 1 released (NS >= 2, the key's rule): the argument in full is _wide_consumer's docstring."""
     gl.static_assert(BN == WIDE_BN)
-    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
-    t0 = pid_t * BM
-    r128, r64 = _wide_rows(pid_n)
-    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+    t0, pid_n, r128, r64, g_lo, n_iter = _wide_tile(M, N, G, BM, BN, GROUP_T, CHUNK_BLOCKS, SPLIT)
 
     a_ring = gl.allocate_shared_memory(a_desc.dtype, [NS, BM, 128], a_desc.layout)
     w_ring, v_ring, ready, empty = _wide_ring(w_desc, v_desc, NS, 1)
@@ -766,14 +774,11 @@ def gemm_fp8_block_gluon_dual_kernel(
     progress depends on the producer alone)."""
     gl.static_assert(BN == WIDE_BN)
     gl.static_assert(BM == 128)
-    pid_t, pid_n = _raster(M, N, BM, BN, GROUP_T)
-    t0 = pid_t * BM
-    r128, r64 = _wide_rows(pid_n)
-    g_lo, n_iter = _groups(G, CHUNK_BLOCKS, SPLIT)
+    t0, pid_n, r128, r64, g_lo, n_iter = _wide_tile(M, N, G, BM, BN, GROUP_T, CHUNK_BLOCKS, SPLIT)
 
     a_ring0 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
     a_ring1 = gl.allocate_shared_memory(a_desc.dtype, [NS, 64, 128], a_desc.layout)
-    w_ring, v_ring, ready, empty = _wide_ring(w_desc, v_desc, NS, 2)  # a stage comes back once both consumers release it
+    w_ring, v_ring, ready, empty = _wide_ring(w_desc, v_desc, NS, 2)  # a stage is free once both consumers released it
     tw0, tv0 = _wide_totals(64, CHUNKED, a_ring0)  # each consumer's own running totals
     tw1, tv1 = _wide_totals(64, CHUNKED, a_ring0)
     fence_async_shared()

@@ -343,8 +343,6 @@ def _large_token_variant(key: CompileKey, epi: int, rcap: int, num_experts: int,
 @functools.lru_cache(maxsize=64)
 def _compile(key: CompileKey):
     """The launcher for `key` (Triton compiles on the first launch: warm up before graph capture)."""
-    import triton
-
     from kernels.sm90._grouped_gemm_nvfp4_jit import grouped_gemm_nvfp4_kernel
 
     if key.big:

@@ -77,7 +77,8 @@ def test_the_default_paths_cover_m1_and_a_large_batch():
 
 def test_on_a_gpu_the_probe_adds_the_shapes_the_sm90_table_sends_to_gluon_kernels():
     """The GPU-only paths are shapes whose committed sm90 config is a Gluon kernel (the split tile, the producer
-    warp, its 128 x 192 tile, that tile with its warpgroups as partitions), so the accumulator table lists those kernels too; the CPU probes only FP8_PROBE_PATHS."""
+    warp, its 128 x 192 tile, that tile with its warpgroups as partitions), so the accumulator table lists those
+    kernels too; the CPU probes only FP8_PROBE_PATHS."""
     from kernels.sm90.gemm_fp8_block import CompileKey
     from verify.accumulator import FP8_PROBE_PATHS_GPU, fp8_probe_paths
 
